@@ -1,0 +1,965 @@
+#include <coap3/coap.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <netdb.h>
+#include <signal.h>
+
+#include "conn.h"
+#include "log.h"
+#include "proto.h"
+#include "tls.h"
+#include "util.h"
+
+/* Publishes in flight at once: enough to keep a loopback link busy,
+ * bounded so a stalled cloud cannot make us buffer without limit. */
+#define CONN_WINDOW 32
+#define TOKEN_MAX 8
+
+typedef enum ConnState {
+        CONN_IDLE,
+        CONN_RESOLVING,
+        CONN_CONNECTING, /* TCP + TLS + CSM */
+        CONN_CONNECTED,  /* established, requests may flow */
+        CONN_BACKOFF,
+} ConnState;
+
+typedef struct Token {
+        uint8_t len;
+        uint8_t s[TOKEN_MAX];
+} Token;
+
+typedef struct OutEvent {
+        struct OutEvent *next;
+        char *name;
+        char *data;
+        size_t data_len;
+        uint32_t ttl;
+        uint32_t flags;
+        bool in_flight;
+        Token token;
+} OutEvent;
+
+typedef struct Subscription {
+        char *prefix;
+        Token token;
+        bool confirmed;
+} Subscription;
+
+struct Conn {
+        sd_event *event;
+        Registry *registry;
+        const Config *config;
+        ConnHooks hooks;
+
+        coap_context_t *ctx;
+        coap_session_t *session;
+        ConnState state;
+
+        /* Strings libcoap keeps pointers to while a session lives. */
+        char *host;
+        TlsFiles files;
+        TlsHostCheck host_check;
+        coap_dtls_pki_t pki;
+
+        sd_event_source *io_source;
+        sd_event_source *kick_source;     /* defer: run libcoap after we queued output */
+        sd_event_source *flush_source;    /* defer: start sending after connect (Trap B) */
+        sd_event_source *teardown_source; /* defer: drop a dead session outside libcoap */
+        sd_event_source *timer_source;    /* connect timeout, keepalive, backoff */
+        /* Name resolution runs in glibc's getaddrinfo_a() helper and
+         * signals completion with CONN_RESOLVE_SIGNAL on our loop. */
+        struct gaicb resolve_req;
+        struct gaicb *resolve_list[1];
+        struct addrinfo resolve_hints;
+        bool resolving;
+        sd_event_source *resolve_source;
+
+        unsigned failures;
+        uint64_t connected_at;
+        uint64_t last_rx;
+        uint64_t ping_sent; /* 0 = none outstanding */
+        char *teardown_reason;
+
+        OutEvent *queue_head, *queue_tail;
+        size_t queued, in_flight;
+
+        Subscription *subs;
+        size_t n_subs;
+        uint64_t describe_generation;
+};
+
+static void conn_schedule(Conn *c);
+static void conn_teardown(Conn *c, const char *reason);
+
+static uint64_t now_ms(void) {
+        return now_usec() / 1000;
+}
+
+static void set_state(Conn *c, ConnState s, const char *status) {
+        bool was = c->state == CONN_CONNECTED;
+
+        c->state = s;
+        if (c->hooks.state_changed && (status || was != (s == CONN_CONNECTED)))
+                c->hooks.state_changed(c->hooks.userdata, s == CONN_CONNECTED, status ? status : "");
+}
+
+/* --- driving libcoap from sd-event ------------------------------------- */
+
+static void coap_process(Conn *c) {
+        coap_io_process(c->ctx, COAP_IO_NO_WAIT);
+}
+
+static int on_coap_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        coap_process(userdata);
+        return 0;
+}
+
+static int on_kick(sd_event_source *s, void *userdata) {
+        coap_process(userdata);
+        return 0;
+}
+
+/* Output queued from outside a libcoap callback is written by the next
+ * coap_io_process(); run it once the current handler returns. */
+static void kick(Conn *c) {
+        sd_event_source_set_enabled(c->kick_source, SD_EVENT_ONESHOT);
+}
+
+/* --- outgoing requests ------------------------------------------------- */
+
+static bool token_eq(const Token *t, coap_bin_const_t b) {
+        return t->len == b.length && memcmp(t->s, b.s, b.length) == 0;
+}
+
+static coap_pdu_t *new_request(Conn *c, coap_pdu_code_t code, Token *ret_token) {
+        coap_pdu_t *pdu = coap_new_pdu(COAP_MESSAGE_CON, code, c->session);
+        size_t len = 0;
+
+        if (!pdu)
+                return NULL;
+        coap_session_new_token(c->session, &len, ret_token->s);
+        ret_token->len = (uint8_t)len;
+        if (!coap_add_token(pdu, len, ret_token->s)) {
+                coap_delete_pdu(pdu);
+                return NULL;
+        }
+        return pdu;
+}
+
+/* Uri-Path "first" then one option per '/'-separated segment of rest. */
+static int add_path(coap_pdu_t *pdu, const char *first, const char *rest) {
+        const char *p = rest;
+
+        if (!coap_add_option(pdu, COAP_OPTION_URI_PATH, strlen(first), (const uint8_t *)first))
+                return -ENOMEM;
+        while (p && *p) {
+                const char *slash = strchr(p, '/');
+                size_t n = slash ? (size_t)(slash - p) : strlen(p);
+
+                if (n > 0 && !coap_add_option(pdu, COAP_OPTION_URI_PATH, n, (const uint8_t *)p))
+                        return -ENOMEM;
+                p = slash ? slash + 1 : NULL;
+        }
+        return 0;
+}
+
+static int send_event(Conn *c, OutEvent *e) {
+        uint8_t buf[4];
+        coap_pdu_t *pdu = new_request(c, COAP_REQUEST_CODE_POST, &e->token);
+
+        if (!pdu)
+                return -ENOMEM;
+        if (add_path(pdu, PROTO_PATH_EVENT, e->name) < 0 ||
+            !coap_add_option(pdu, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), e->ttl), buf) ||
+            ((e->flags & TETHER_EVENT_PRIVATE) &&
+             !coap_add_option(pdu, COAP_OPTION_URI_QUERY, strlen(PROTO_QUERY_PRIVATE),
+                              (const uint8_t *)PROTO_QUERY_PRIVATE)) ||
+            (e->data_len > 0 && !coap_add_data(pdu, e->data_len, (const uint8_t *)e->data))) {
+                coap_delete_pdu(pdu);
+                return -ENOMEM;
+        }
+        if (coap_send(c->session, pdu) == COAP_INVALID_MID)
+                return -EIO;
+        e->in_flight = true;
+        c->in_flight++;
+        return 0;
+}
+
+static void flush_queue(Conn *c) {
+        if (c->state != CONN_CONNECTED)
+                return;
+        for (OutEvent *e = c->queue_head; e && c->in_flight < CONN_WINDOW; e = e->next) {
+                if (e->in_flight)
+                        continue;
+                if (send_event(c, e) < 0) {
+                        conn_teardown(c, "failed to send an event");
+                        return;
+                }
+        }
+        kick(c);
+}
+
+static void out_event_free(OutEvent *e) {
+        free(e->name);
+        free(e->data);
+        free(e);
+}
+
+/* Remove the in-flight event with this token; true if found. */
+static OutEvent *queue_take(Conn *c, coap_bin_const_t token) {
+        for (OutEvent **p = &c->queue_head, *prev = NULL; *p; prev = *p, p = &(*p)->next) {
+                OutEvent *e = *p;
+
+                if (!e->in_flight || !token_eq(&e->token, token))
+                        continue;
+                *p = e->next;
+                if (c->queue_tail == e)
+                        c->queue_tail = prev;
+                c->queued--;
+                c->in_flight--;
+                return e;
+        }
+        return NULL;
+}
+
+int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint32_t flags) {
+        size_t len = data ? strlen(data) : 0;
+        OutEvent *e;
+        int r;
+
+        if (!name)
+                return -EINVAL;
+        r = proto_name_check(name, strlen(name), PROTO_NAME_EVENT);
+        if (r < 0)
+                return r;
+        if (len > c->config->max_payload)
+                return -E2BIG;
+        if (data && proto_utf8_check(data, len) < 0)
+                return -EINVAL;
+        if (c->queued >= c->config->max_queued_events)
+                return -ENOBUFS;
+        e = calloc(1, sizeof(*e));
+        if (!e)
+                return -ENOMEM;
+        e->name = strdup(name);
+        e->data = data ? strdup(data) : NULL;
+        if (!e->name || (data && !e->data)) {
+                out_event_free(e);
+                return -ENOMEM;
+        }
+        e->data_len = len;
+        e->ttl = ttl ? ttl : PROTO_DEFAULT_TTL;
+        e->flags = flags;
+        if (c->queue_tail)
+                c->queue_tail->next = e;
+        else
+                c->queue_head = e;
+        c->queue_tail = e;
+        c->queued++;
+        if (c->state == CONN_CONNECTED && c->in_flight < CONN_WINDOW)
+                flush_queue(c);
+        return 0;
+}
+
+size_t conn_queued(Conn *c) {
+        return c->queued;
+}
+
+static int send_subscribe(Conn *c, Subscription *s, bool cancel) {
+        uint8_t buf[4];
+        coap_pdu_t *pdu;
+
+        if (cancel) {
+                pdu = coap_new_pdu(COAP_MESSAGE_CON, COAP_REQUEST_CODE_GET, c->session);
+                if (pdu && !coap_add_token(pdu, s->token.len, s->token.s)) {
+                        coap_delete_pdu(pdu);
+                        pdu = NULL;
+                }
+        } else
+                pdu = new_request(c, COAP_REQUEST_CODE_GET, &s->token);
+        if (!pdu)
+                return -ENOMEM;
+        if (!coap_add_option(pdu, COAP_OPTION_OBSERVE,
+                             coap_encode_var_safe(buf, sizeof(buf),
+                                                  cancel ? COAP_OBSERVE_CANCEL : COAP_OBSERVE_ESTABLISH),
+                             buf) ||
+            add_path(pdu, PROTO_PATH_EVENT, s->prefix) < 0) {
+                coap_delete_pdu(pdu);
+                return -ENOMEM;
+        }
+        s->confirmed = false;
+        return coap_send(c->session, pdu) == COAP_INVALID_MID ? -EIO : 0;
+}
+
+static void subs_free(Conn *c) {
+        for (size_t i = 0; i < c->n_subs; i++)
+                free(c->subs[i].prefix);
+        free(c->subs);
+        c->subs = NULL;
+        c->n_subs = 0;
+}
+
+/* Make the cloud's view match the registry: cancel prefixes no longer
+ * wanted, subscribe new ones. On a fresh connection nothing is known to
+ * the cloud, so everything is (re)subscribed. */
+static void sync_subscriptions(Conn *c, bool fresh) {
+        const char *const *prefixes;
+        size_t n = registry_prefixes(c->registry, &prefixes);
+        Subscription *next = calloc(n + 1, sizeof(Subscription));
+
+        if (!next) {
+                log_error("Out of memory while updating subscriptions");
+                return;
+        }
+        for (size_t i = 0; i < n; i++) {
+                Subscription *old = NULL;
+
+                for (size_t k = 0; k < c->n_subs && !fresh && !old; k++)
+                        if (c->subs[k].prefix && streq(c->subs[k].prefix, prefixes[i]))
+                                old = &c->subs[k];
+                if (old) {
+                        next[i] = *old;
+                        old->prefix = NULL; /* moved */
+                        continue;
+                }
+                next[i].prefix = strdup(prefixes[i]);
+                if (!next[i].prefix || send_subscribe(c, &next[i], false) < 0)
+                        log_warning("Failed to subscribe to '%s'", prefixes[i]);
+        }
+        for (size_t k = 0; k < c->n_subs && !fresh; k++)
+                if (c->subs[k].prefix && send_subscribe(c, &c->subs[k], true) < 0)
+                        log_warning("Failed to unsubscribe from '%s'", c->subs[k].prefix);
+        subs_free(c);
+        c->subs = next;
+        c->n_subs = n;
+        kick(c);
+}
+
+static void send_describe_changed(Conn *c) {
+        Token t;
+        coap_pdu_t *pdu = new_request(c, COAP_REQUEST_CODE_POST, &t);
+
+        if (!pdu)
+                return;
+        if (add_path(pdu, PROTO_PATH_DESCRIBE, NULL) < 0 || coap_send(c->session, pdu) == COAP_INVALID_MID)
+                log_warning("Failed to tell the cloud that the describe data changed");
+        kick(c);
+}
+
+void conn_registry_changed(Conn *c) {
+        if (c->state != CONN_CONNECTED)
+                return;
+        sync_subscriptions(c, false);
+        if (registry_generation(c->registry) != c->describe_generation) {
+                c->describe_generation = registry_generation(c->registry);
+                send_describe_changed(c);
+        }
+}
+
+/* --- incoming ---------------------------------------------------------- */
+
+static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *sent, const coap_pdu_t *rcvd,
+                                   const coap_mid_t mid) {
+        Conn *c = coap_session_get_app_data(session);
+        coap_bin_const_t token = coap_pdu_get_token(rcvd);
+        coap_pdu_code_t code = coap_pdu_get_code(rcvd);
+        const uint8_t *data = NULL;
+        size_t len = 0;
+        OutEvent *e;
+
+        if (!c || session != c->session)
+                return COAP_RESPONSE_OK;
+        c->last_rx = now_ms();
+        (void)coap_get_data(rcvd, &len, &data);
+
+        e = queue_take(c, token);
+        if (e) {
+                if (COAP_RESPONSE_CLASS(code) != 2)
+                        /* The cloud refused the event for good (bad name, too
+                         * large): retrying cannot help, so it is dropped
+                         * and counted in the log. */
+                        log_warning("Cloud refused event '%s' with %d.%02d: %.*s", e->name,
+                                    COAP_RESPONSE_CLASS(code), code & 0x1f, (int)len, (const char *)data);
+                out_event_free(e);
+                flush_queue(c);
+                return COAP_RESPONSE_OK;
+        }
+
+        for (size_t i = 0; i < c->n_subs; i++) {
+                Subscription *s = &c->subs[i];
+                coap_opt_iterator_t it;
+                ProtoEvent ev = {};
+
+                if (!token_eq(&s->token, token))
+                        continue;
+                if (COAP_RESPONSE_CLASS(code) != 2) {
+                        log_warning("Cloud refused subscription '%s' with %d.%02d: %.*s", s->prefix,
+                                    COAP_RESPONSE_CLASS(code), code & 0x1f, (int)len, (const char *)data);
+                        return COAP_RESPONSE_OK;
+                }
+                if (!s->confirmed && len == 0) {
+                        s->confirmed = coap_check_option(rcvd, COAP_OPTION_OBSERVE, &it) != NULL;
+                        return COAP_RESPONSE_OK;
+                }
+                if (proto_event_decode(data, len, &ev) < 0) {
+                        log_warning("Ignoring malformed event notification for '%s'", s->prefix);
+                        return COAP_RESPONSE_OK;
+                }
+                registry_dispatch(c->registry, ev.name, ev.data);
+                proto_event_done(&ev);
+                return COAP_RESPONSE_OK;
+        }
+        return COAP_RESPONSE_OK;
+}
+
+static void respond_text(coap_pdu_t *resp, coap_pdu_code_t code, const char *fmt, ...) _printf_(3, 4);
+static void respond_text(coap_pdu_t *resp, coap_pdu_code_t code, const char *fmt, ...) {
+        char buf[256];
+        uint8_t cf[2];
+        va_list ap;
+        int n;
+
+        va_start(ap, fmt);
+        n = vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        if (n < 0)
+                n = 0;
+        if ((size_t)n >= sizeof(buf))
+                n = sizeof(buf) - 1;
+        coap_pdu_set_code(resp, code);
+        coap_add_option(resp, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(cf, sizeof(cf), PROTO_CF_TEXT),
+                        cf);
+        coap_add_data(resp, (size_t)n, (const uint8_t *)buf);
+}
+
+static void respond_data(coap_pdu_t *resp, coap_pdu_code_t code, unsigned format, const char *data,
+                         size_t len) {
+        uint8_t cf[2];
+
+        coap_pdu_set_code(resp, code);
+        coap_add_option(resp, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(cf, sizeof(cf), format), cf);
+        coap_add_data(resp, len, (const uint8_t *)data);
+}
+
+static void handle_call(Conn *c, const char *name, const coap_pdu_t *req, coap_pdu_t *resp) {
+        _cleanup_free_ char *arg = NULL;
+        const uint8_t *data = NULL;
+        char result[12];
+        int32_t value;
+        size_t len = 0;
+        int r;
+
+        (void)coap_get_data(req, &len, &data);
+        if (len > c->config->max_payload)
+                return respond_text(resp, COAP_RESPONSE_CODE_REQUEST_TOO_LARGE,
+                                    "argument is %zu bytes, the limit is %zu", len, c->config->max_payload);
+        if (proto_utf8_check((const char *)data, len) < 0)
+                return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "argument is not UTF-8 text");
+        arg = strndup(len ? (const char *)data : "", len);
+        if (!arg)
+                return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "out of memory");
+
+        r = registry_call(c->registry, name, arg, &value);
+        if (r == -ENOENT)
+                return respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "unknown function '%s'", name);
+        if (r == -EINVAL)
+                return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "function '%s' rejected the argument",
+                                    name);
+        if (r == -EBUSY)
+                return respond_text(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, "function '%s' is busy", name);
+        if (r < 0) {
+                log_warning_errno(r, "Function '%s' failed: %m", name);
+                return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "function '%s' failed: %s", name,
+                                    strerror(-r));
+        }
+        r = proto_result_format(value, result);
+        respond_data(resp, COAP_RESPONSE_CODE_CHANGED, PROTO_CF_TEXT, result, (size_t)r);
+}
+
+static void handle_read(Conn *c, const char *name, coap_pdu_t *resp) {
+        _cleanup_free_ char *value = NULL;
+        size_t len;
+        int r;
+
+        r = registry_read(c->registry, name, &value, &len);
+        if (r == -ENOENT)
+                return respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "unknown variable '%s'", name);
+        if (r == -EBUSY)
+                return respond_text(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, "variable '%s' is busy", name);
+        if (r < 0) {
+                log_warning_errno(r, "Reading variable '%s' failed: %m", name);
+                return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "reading variable '%s' failed: %s",
+                                    name, strerror(-r));
+        }
+        if (len > c->config->max_payload)
+                return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR,
+                                    "variable '%s' is %zu bytes, over the limit of %zu", name, len,
+                                    c->config->max_payload);
+        respond_data(resp, COAP_RESPONSE_CODE_CONTENT, PROTO_CF_JSON, value, len);
+}
+
+static void handle_describe(Conn *c, coap_pdu_t *resp) {
+        _cleanup_free_ char *d = NULL;
+        size_t len;
+        int r;
+
+        r = c->hooks.describe(c->hooks.userdata, &d, &len);
+        if (r < 0)
+                return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "describe failed: %s",
+                                    strerror(-r));
+        respond_data(resp, COAP_RESPONSE_CODE_CONTENT, PROTO_CF_JSON, d, len);
+}
+
+static void on_request(coap_resource_t *resource, coap_session_t *session, const coap_pdu_t *req,
+                       const coap_string_t *query, coap_pdu_t *resp) {
+        Conn *c = coap_session_get_app_data(session);
+        coap_pdu_code_t method = coap_pdu_get_code(req);
+        coap_string_t *path = coap_get_uri_path(req);
+        _cleanup_free_ char *p = NULL;
+        const char *name;
+
+        if (!c)
+                return respond_text(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, "not ready");
+        c->last_rx = now_ms();
+        if (!path)
+                return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "no path");
+        p = strndup((const char *)path->s, path->length);
+        coap_delete_string(path);
+        if (!p)
+                return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "out of memory");
+
+        if (streq(p, PROTO_PATH_DESCRIBE))
+                return method == COAP_REQUEST_CODE_GET
+                               ? handle_describe(c, resp)
+                               : respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED, "use GET on /d");
+        if (streq(p, PROTO_PATH_OTA))
+                return respond_text(resp, COAP_RESPONSE_CODE_NOT_IMPLEMENTED, "OTA is not implemented yet");
+
+        if (startswith(p, PROTO_PATH_FUNCTION "/") || startswith(p, PROTO_PATH_VARIABLE "/")) {
+                bool is_fn = p[0] == PROTO_PATH_FUNCTION[0];
+
+                name = p + 2;
+                if (proto_name_check(name, strlen(name), PROTO_NAME_FUNCTION) < 0)
+                        return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "invalid name '%.64s'", name);
+                if (is_fn)
+                        return method == COAP_REQUEST_CODE_POST
+                                       ? handle_call(c, name, req, resp)
+                                       : respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED,
+                                                      "use POST to call a function");
+                return method == COAP_REQUEST_CODE_GET
+                               ? handle_read(c, name, resp)
+                               : respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED,
+                                              "use GET to read a variable");
+        }
+        respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "no resource '%.64s'", p);
+}
+
+static void on_pong(coap_session_t *session, const coap_pdu_t *rcvd, const coap_mid_t mid) {
+        Conn *c = coap_session_get_app_data(session);
+
+        if (c && session == c->session)
+                c->last_rx = now_ms();
+}
+
+/* --- connection lifecycle ---------------------------------------------- */
+
+static void arm_timer(Conn *c, uint64_t at_ms) {
+        sd_event_source_set_time(c->timer_source, at_ms * 1000);
+        sd_event_source_set_enabled(c->timer_source, SD_EVENT_ONESHOT);
+}
+
+static int on_flush(sd_event_source *s, void *userdata) {
+        Conn *c = userdata;
+        char status[300];
+
+        if (c->state != CONN_CONNECTING || !c->session ||
+            coap_session_get_state(c->session) != COAP_SESSION_STATE_ESTABLISHED)
+                return 0;
+        c->connected_at = c->last_rx = now_ms();
+        c->ping_sent = 0;
+        snprintf(status, sizeof(status), "Connected to %s:%u", c->host, c->config->cloud_port);
+        log_info("%s", status);
+        set_state(c, CONN_CONNECTED, status);
+        arm_timer(c, c->last_rx + c->config->keepalive_ms);
+        c->describe_generation = registry_generation(c->registry);
+        sync_subscriptions(c, true);
+        /* Everything that was in flight when the last connection died is
+         * sent again: the cloud answers each, and issue 6 makes those
+         * answers de-duplicate. */
+        for (OutEvent *e = c->queue_head; e; e = e->next)
+                e->in_flight = false;
+        c->in_flight = 0;
+        flush_queue(c);
+        return 0;
+}
+
+static int on_coap_event(coap_session_t *session, const coap_event_t event) {
+        Conn *c = coap_session_get_app_data(session);
+
+        if (!c || session != c->session)
+                return 0;
+        switch (event) {
+        case COAP_EVENT_TCP_CONNECTED:
+                (void)tls_session_set_nodelay(session);
+                break;
+        case COAP_EVENT_SESSION_CONNECTED:
+                /* Too early to build PDUs here (LIBCOAP-NOTES, trap B). */
+                sd_event_source_set_enabled(c->flush_source, SD_EVENT_ONESHOT);
+                break;
+        case COAP_EVENT_DTLS_ERROR:
+                if (c->host_check.failure[0])
+                        conn_teardown(c, c->host_check.failure);
+                else
+                        conn_teardown(c, "TLS handshake failed: certificate refused by either side");
+                break;
+        case COAP_EVENT_TCP_FAILED:
+                conn_teardown(c, "TCP connection failed");
+                break;
+        case COAP_EVENT_TCP_CLOSED:
+        case COAP_EVENT_DTLS_CLOSED:
+        case COAP_EVENT_SESSION_CLOSED:
+        case COAP_EVENT_SESSION_FAILED:
+                conn_teardown(c, "connection closed by peer");
+                break;
+        default:
+                break;
+        }
+        return 0;
+}
+
+static int connect_to(Conn *c, const struct sockaddr *sa, socklen_t salen) {
+        coap_address_t dst;
+
+        coap_address_init(&dst);
+        memcpy(&dst.addr, sa, salen);
+        dst.size = salen;
+        if (sa->sa_family == AF_INET)
+                dst.addr.sin.sin_port = htons(c->config->cloud_port);
+        else
+                dst.addr.sin6.sin6_port = htons(c->config->cloud_port);
+
+        c->host_check.host = c->host;
+        tls_pki_init(&c->pki, &c->files, &c->host_check);
+        c->session = coap_new_client_session_pki(c->ctx, NULL, &dst, COAP_PROTO_TLS, &c->pki);
+        if (!c->session)
+                return -ECONNREFUSED;
+        coap_session_set_app_data(c->session, c);
+        set_state(c, CONN_CONNECTING, NULL);
+        arm_timer(c, now_ms() + c->config->connect_timeout_ms);
+        kick(c);
+        return 0;
+}
+
+static void resolve_cancel(Conn *c) {
+        if (!c->resolving)
+                return;
+        /* A lookup cannot always be cancelled; wait for it (bounded by the
+         * resolver's own timeouts) so glibc never writes into freed memory. */
+        if (gai_cancel(&c->resolve_req) == EAI_NOTCANCELED) {
+                const struct gaicb *l[1] = { &c->resolve_req };
+                while (gai_suspend(l, 1, NULL) == EAI_INTR)
+                        ;
+        }
+        if (c->resolve_req.ar_result)
+                freeaddrinfo(c->resolve_req.ar_result);
+        c->resolve_req.ar_result = NULL;
+        c->resolving = false;
+}
+
+static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        Conn *c = userdata;
+        struct addrinfo *ai;
+        char reason[300];
+        int ret;
+
+        if (!c->resolving || gai_error(&c->resolve_req) == EAI_INPROGRESS)
+                return 0;
+        c->resolving = false;
+        ret = gai_error(&c->resolve_req);
+        ai = c->resolve_req.ar_result;
+        c->resolve_req.ar_result = NULL;
+        if (c->state != CONN_RESOLVING) {
+                if (ai)
+                        freeaddrinfo(ai);
+                return 0;
+        }
+        if (ret != 0 || !ai) {
+                snprintf(reason, sizeof(reason), "cannot resolve '%s': %s", c->host, gai_strerror(ret));
+                conn_teardown(c, reason);
+                return 0;
+        }
+        if (connect_to(c, ai->ai_addr, ai->ai_addrlen) < 0)
+                conn_teardown(c, "cannot create a session");
+        freeaddrinfo(ai);
+        return 0;
+}
+
+static int begin_connect(Conn *c) {
+        struct sigevent sev = { .sigev_notify = SIGEV_SIGNAL, .sigev_signo = CONN_RESOLVE_SIGNAL };
+        const char *path;
+        int r;
+
+        r = tls_files_check(&c->files, &path);
+        if (r < 0) {
+                char reason[512];
+                snprintf(reason, sizeof(reason), "cannot read '%s': %s", path, strerror(-r));
+                conn_teardown(c, reason);
+                return r;
+        }
+        set_state(c, CONN_RESOLVING, NULL);
+        arm_timer(c, now_ms() + c->config->connect_timeout_ms);
+        c->resolve_hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
+        c->resolve_req = (struct gaicb){ .ar_name = c->host, .ar_request = &c->resolve_hints };
+        c->resolve_list[0] = &c->resolve_req;
+        r = getaddrinfo_a(GAI_NOWAIT, c->resolve_list, 1, &sev);
+        if (r != 0) {
+                conn_teardown(c, "cannot start name resolution");
+                return -EAGAIN;
+        }
+        c->resolving = true;
+        return 0;
+}
+
+/* Equal jitter: half the exponential delay fixed, half random. */
+static uint64_t backoff_ms(Conn *c) {
+        uint64_t base = c->config->reconnect_min_ms, max = c->config->reconnect_max_ms;
+        unsigned n = c->failures < 30 ? c->failures : 30;
+        uint64_t d = base << n;
+
+        if (d > max || d < base)
+                d = max;
+        return d / 2 + (uint64_t)((double)(d / 2) * ((double)random() / RAND_MAX));
+}
+
+static void drop_session(Conn *c) {
+        coap_session_t *s = c->session;
+
+        c->session = NULL;
+        if (s) {
+                coap_session_set_no_observe_cancel(s);
+                coap_session_release(s);
+        }
+        for (OutEvent *e = c->queue_head; e; e = e->next)
+                e->in_flight = false;
+        c->in_flight = 0;
+        for (size_t i = 0; i < c->n_subs; i++)
+                c->subs[i].confirmed = false;
+}
+
+static int on_teardown(sd_event_source *s, void *userdata) {
+        Conn *c = userdata;
+        uint64_t delay;
+        char status[512];
+
+        if (c->state == CONN_CONNECTED && now_ms() - c->connected_at >= c->config->stable_ms)
+                c->failures = 0;
+        drop_session(c);
+        delay = backoff_ms(c);
+        c->failures++;
+        snprintf(status, sizeof(status), "Disconnected from %s:%u (%s); retrying in %.1f s", c->host,
+                 c->config->cloud_port, c->teardown_reason ? c->teardown_reason : "unknown reason",
+                 delay / 1000.0);
+        log_warning("%s", status);
+        set_state(c, CONN_BACKOFF, status);
+        arm_timer(c, now_ms() + delay);
+        return 0;
+}
+
+/* Never release a session inside a libcoap callback: defer it. */
+static void conn_teardown(Conn *c, const char *reason) {
+        if (c->state == CONN_BACKOFF || c->state == CONN_IDLE)
+                return;
+        if (!c->teardown_reason) {
+                free(c->teardown_reason);
+                c->teardown_reason = strdup(reason);
+        }
+        sd_event_source_set_enabled(c->teardown_source, SD_EVENT_ONESHOT);
+}
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        Conn *c = userdata;
+        uint64_t now = now_ms();
+
+        switch (c->state) {
+        case CONN_BACKOFF:
+        case CONN_IDLE:
+                free(c->teardown_reason);
+                c->teardown_reason = NULL;
+                begin_connect(c);
+                break;
+        case CONN_RESOLVING:
+        case CONN_CONNECTING:
+                conn_teardown(c, "connect timed out");
+                break;
+        case CONN_CONNECTED:
+                if (c->ping_sent && c->last_rx < c->ping_sent) {
+                        if (now >= c->ping_sent + c->config->keepalive_timeout_ms) {
+                                conn_teardown(c, "keepalive timed out");
+                                break;
+                        }
+                        arm_timer(c, c->ping_sent + c->config->keepalive_timeout_ms);
+                        break;
+                }
+                c->ping_sent = 0;
+                if (now >= c->last_rx + c->config->keepalive_ms) {
+                        if (coap_session_send_ping(c->session) == COAP_INVALID_MID) {
+                                conn_teardown(c, "failed to send keepalive");
+                                break;
+                        }
+                        c->ping_sent = now;
+                        kick(c);
+                        arm_timer(c, now + c->config->keepalive_timeout_ms);
+                } else
+                        arm_timer(c, c->last_rx + c->config->keepalive_ms);
+                break;
+        }
+        return 0;
+}
+
+static void conn_schedule(Conn *c) {
+        arm_timer(c, now_ms());
+}
+
+static int copy_settings(Conn *c, const Config *cfg) {
+        char *host = strdup(cfg->cloud_host), *ca = strdup(cfg->ca_file), *cert = strdup(cfg->cert_file),
+             *key = strdup(cfg->key_file);
+
+        if (!host || !ca || !cert || !key) {
+                free(host), free(ca), free(cert), free(key);
+                return -ENOMEM;
+        }
+        free(c->host);
+        free((char *)c->files.ca_file);
+        free((char *)c->files.cert_file);
+        free((char *)c->files.key_file);
+        c->host = host;
+        c->files = (TlsFiles){ .ca_file = ca, .cert_file = cert, .key_file = key };
+        return 0;
+}
+
+static void coap_log_to_ours(coap_log_t level, const char *message) {
+        size_t n = strlen(message);
+
+        while (n > 0 && message[n - 1] == '\n')
+                n--;
+        log_internal(level <= LOG_ERR ? LOG_WARNING : LOG_DEBUG, 0, "libcoap: %.*s", (int)n, message);
+}
+
+int conn_new(sd_event *event, Registry *reg, const Config *cfg, const ConnHooks *hooks, Conn **ret) {
+        _cleanup_(conn_freep) Conn *c = NULL;
+        coap_resource_t *unknown;
+        int r;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        c->event = sd_event_ref(event);
+        c->registry = reg;
+        c->config = cfg;
+        c->hooks = *hooks;
+        r = copy_settings(c, cfg);
+        if (r < 0)
+                return r;
+
+        coap_startup();
+        coap_set_log_handler(coap_log_to_ours);
+        coap_set_log_level(getenv("TETHER_COAP_DEBUG") ? LOG_DEBUG : LOG_ERR);
+        coap_dtls_set_log_level(getenv("TETHER_COAP_DEBUG") ? LOG_DEBUG : LOG_ERR);
+        c->ctx = coap_new_context(NULL);
+        if (!c->ctx)
+                return -ENOMEM;
+        coap_register_response_handler(c->ctx, on_response);
+        coap_register_event_handler(c->ctx, on_coap_event);
+        coap_register_pong_handler(c->ctx, on_pong);
+        /* The cloud's requests land on one catch-all resource. */
+        unknown = coap_resource_unknown_init(NULL);
+        if (!unknown)
+                return -ENOMEM;
+        coap_register_request_handler(unknown, COAP_REQUEST_GET, on_request);
+        coap_register_request_handler(unknown, COAP_REQUEST_POST, on_request);
+        coap_add_resource(c->ctx, unknown);
+
+        r = sd_event_add_io(event, &c->io_source, coap_context_get_coap_fd(c->ctx), EPOLLIN, on_coap_io, c);
+        if (r < 0)
+                return r;
+        r = sd_event_add_defer(event, &c->kick_source, on_kick, c);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &c->flush_source, on_flush, c);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &c->teardown_source, on_teardown, c);
+        if (r >= 0)
+                r = sd_event_add_time(event, &c->timer_source, CLOCK_MONOTONIC, 0, 1000, on_timer, c);
+        if (r < 0)
+                return r;
+        sd_event_source_set_enabled(c->kick_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(c->flush_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(c->teardown_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(c->timer_source, SD_EVENT_OFF);
+        /* Let libcoap's socket work come before deferred work. */
+        sd_event_source_set_priority(c->teardown_source, SD_EVENT_PRIORITY_IDLE);
+
+        r = sd_event_add_signal(event, &c->resolve_source, CONN_RESOLVE_SIGNAL, on_resolved, c);
+        if (r < 0)
+                return r;
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+int conn_start(Conn *c) {
+        c->state = CONN_IDLE;
+        conn_schedule(c);
+        return 0;
+}
+
+int conn_reconfigure(Conn *c, const Config *cfg) {
+        bool changed = config_cloud_changed(c->config, cfg);
+        int r;
+
+        c->config = cfg;
+        if (!changed)
+                return 0;
+        log_info("Cloud settings changed, reconnecting to %s:%u", cfg->cloud_host, cfg->cloud_port);
+        resolve_cancel(c);
+        drop_session(c);
+        r = copy_settings(c, cfg);
+        if (r < 0)
+                return r;
+        c->failures = 0;
+        set_state(c, CONN_IDLE, "Reconnecting (configuration changed)");
+        conn_schedule(c);
+        return 0;
+}
+
+bool conn_is_connected(Conn *c) {
+        return c && c->state == CONN_CONNECTED;
+}
+
+Conn *conn_free(Conn *c) {
+        if (!c)
+                return NULL;
+        resolve_cancel(c);
+        sd_event_source_disable_unref(c->resolve_source);
+        drop_session(c);
+        if (c->ctx)
+                coap_free_context(c->ctx);
+        sd_event_source_disable_unref(c->io_source);
+        sd_event_source_disable_unref(c->kick_source);
+        sd_event_source_disable_unref(c->flush_source);
+        sd_event_source_disable_unref(c->teardown_source);
+        sd_event_source_disable_unref(c->timer_source);
+        while (c->queue_head) {
+                OutEvent *e = c->queue_head;
+                c->queue_head = e->next;
+                out_event_free(e);
+        }
+        subs_free(c);
+        free(c->host);
+        free((char *)c->files.ca_file);
+        free((char *)c->files.cert_file);
+        free((char *)c->files.key_file);
+        free(c->teardown_reason);
+        sd_event_unref(c->event);
+        free(c);
+        return NULL;
+}

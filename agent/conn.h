@@ -1,0 +1,49 @@
+/* The agent's one connection to the cloud: libcoap client session over
+ * TLS/TCP, driven by the agent's sd-event loop; keepalive, reconnect with
+ * backoff and jitter, the requests the cloud sends us (describe, call,
+ * read), and the requests we send (publish, subscribe). */
+#pragma once
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#include "config.h"
+#include "registry.h"
+
+typedef struct Conn Conn;
+
+/* Signal used to learn that an asynchronous name lookup finished. The
+ * caller must block it (with the other signals sd-event handles) before
+ * conn_new(). */
+#define CONN_RESOLVE_SIGNAL (SIGRTMIN + 1)
+
+typedef struct ConnHooks {
+        void *userdata;
+        /* Connection state changed; status is a human line for STATUS=. */
+        void (*state_changed)(void *userdata, bool connected, const char *status);
+        /* Describe JSON for GET /d; caller of the hook frees *ret. */
+        int (*describe)(void *userdata, char **ret, size_t *ret_len);
+} ConnHooks;
+
+/* cfg is borrowed and must stay valid until conn_reconfigure() or
+ * conn_free(); reg is borrowed for the life of the Conn. */
+int conn_new(sd_event *event, Registry *reg, const Config *cfg, const ConnHooks *hooks, Conn **ret);
+Conn *conn_free(Conn *c);
+static inline void conn_freep(Conn **c) { conn_free(*c); }
+
+/* Start connecting (non-blocking). */
+int conn_start(Conn *c);
+/* Swap in a new config. Reconnects only when the cloud settings changed. */
+int conn_reconfigure(Conn *c, const Config *cfg);
+/* Queue an event for the cloud. name/data copied. -EINVAL bad name or
+ * data, -E2BIG data over MaxPayload, -ENOBUFS queue full. */
+int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint32_t flags);
+/* The registry's subscriptions or describe data changed: bring the cloud
+ * up to date (re-subscribe; ask it to fetch describe again). */
+void conn_registry_changed(Conn *c);
+
+bool conn_is_connected(Conn *c);
+/* Events queued and not yet acknowledged by the cloud. */
+size_t conn_queued(Conn *c);

@@ -1,0 +1,283 @@
+#include <dirent.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+
+#include "log.h"
+#include "plugin-host.h"
+#include "proto.h"
+#include "util.h"
+
+struct tether_host {
+        PluginHost *host;
+        void *dl;
+        const struct tether_plugin_descriptor *desc;
+        char *name;
+        char *path;
+        void *userdata;
+};
+
+struct PluginHost {
+        sd_event *event;
+        Registry *registry;
+        const Config *config;
+        PluginHostHooks hooks;
+        tether_host **plugins;
+        size_t n_plugins;
+        tether_host *initializing; /* set while init() runs */
+};
+
+/* --- the host API plugins call ------------------------------------------ */
+
+static int api_function_add(tether_host *p, const char *name, tether_function_fn fn, void *userdata) {
+        return registry_function_add(p->host->registry, p, name, fn, userdata);
+}
+
+static int api_variable_add(tether_host *p, const char *name, uint32_t type, tether_variable_fn get,
+                            void *userdata) {
+        return registry_variable_add(p->host->registry, p, name, type, get, userdata);
+}
+
+static int api_variable_changed(tether_host *p, const char *name) {
+        _cleanup_free_ char *value = NULL, *event = NULL;
+        size_t len;
+        int r;
+
+        r = registry_read(p->host->registry, name, &value, &len);
+        if (r < 0)
+                return r;
+        if (asprintf(&event, "tether/var/%s", name) < 0)
+                return -ENOMEM;
+        return p->host->hooks.publish(p->host->hooks.userdata, event, value, 0, TETHER_EVENT_PRIVATE);
+}
+
+static int api_event_source_add(tether_host *p, const char *name) {
+        return registry_event_add(p->host->registry, p, name);
+}
+
+static int api_publish(tether_host *p, const char *name, const char *data, uint32_t ttl, uint32_t flags) {
+        return p->host->hooks.publish(p->host->hooks.userdata, name, data, ttl, flags);
+}
+
+static int api_subscribe(tether_host *p, const char *prefix, tether_event_fn fn, void *userdata) {
+        return registry_subscription_add(p->host->registry, p, prefix, fn, userdata,
+                                         p->host->config->max_subscriptions);
+}
+
+static sd_event *api_event(tether_host *p) {
+        return p->host->event;
+}
+
+static const char *api_config_get(tether_host *p, const char *key) {
+        return key ? config_plugin_get(p->host->config, p->name, key) : NULL;
+}
+
+static void api_log(tether_host *p, int priority, const char *fmt, ...) {
+        char buf[1024];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        log_internal(priority < LOG_EMERG ? LOG_EMERG : priority > LOG_DEBUG ? LOG_DEBUG : priority, 0,
+                     "plugin %s: %s", p->name, buf);
+}
+
+static const struct tether_host_api host_api = {
+        .struct_size = sizeof(struct tether_host_api),
+        .abi_major = TETHER_PLUGIN_ABI_MAJOR,
+        .abi_minor = TETHER_PLUGIN_ABI_MINOR,
+        .function_add = api_function_add,
+        .variable_add = api_variable_add,
+        .variable_changed = api_variable_changed,
+        .event_source_add = api_event_source_add,
+        .publish = api_publish,
+        .subscribe = api_subscribe,
+        .event = api_event,
+        .config_get = api_config_get,
+        .log = api_log,
+};
+
+/* --- loading ------------------------------------------------------------ */
+
+static void plugin_free(tether_host *p) {
+        if (!p)
+                return;
+        free(p->name);
+        free(p->path);
+        if (p->dl)
+                dlclose(p->dl);
+        free(p);
+}
+
+/* The smallest descriptor we understand: through fini. */
+#define DESC_MIN_SIZE (offsetof(struct tether_plugin_descriptor, fini) + sizeof(void *))
+
+static int plugin_load_one(PluginHost *h, const char *path) {
+        tether_host *p;
+        const struct tether_plugin_descriptor *d;
+        tether_host **n;
+        int r;
+
+        p = calloc(1, sizeof(*p));
+        if (!p)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        p->host = h;
+        p->path = strdup(path);
+        p->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        if (!p->dl) {
+                log_error("Failed to load plugin '%s': %s", path, dlerror());
+                plugin_free(p);
+                return -ELIBBAD;
+        }
+        d = dlsym(p->dl, TETHER_PLUGIN_SYMBOL);
+        if (!d) {
+                log_error("Plugin '%s' has no '%s' symbol, skipping", path, TETHER_PLUGIN_SYMBOL);
+                plugin_free(p);
+                return -ELIBBAD;
+        }
+        if (d->abi_major != TETHER_PLUGIN_ABI_MAJOR) {
+                log_error("Plugin '%s' was built for plugin ABI %u.%u, this agent has ABI %u.%u: refusing to load it",
+                          path, d->abi_major, d->abi_minor, TETHER_PLUGIN_ABI_MAJOR, TETHER_PLUGIN_ABI_MINOR);
+                plugin_free(p);
+                return -ELIBBAD;
+        }
+        if (d->struct_size < DESC_MIN_SIZE || !d->name || !d->init ||
+            proto_name_check(d->name, strlen(d->name), PROTO_NAME_DEVICE) < 0) {
+                log_error("Plugin '%s' has a malformed descriptor, skipping", path);
+                plugin_free(p);
+                return -ELIBBAD;
+        }
+        for (size_t i = 0; i < h->n_plugins; i++)
+                if (streq(h->plugins[i]->name, d->name)) {
+                        log_error("Plugin '%s' is named '%s' like '%s', skipping", path, d->name,
+                                  h->plugins[i]->path);
+                        plugin_free(p);
+                        return -EEXIST;
+                }
+        p->desc = d;
+        p->name = strdup(d->name);
+        if (!p->name || !p->path) {
+                plugin_free(p);
+                return log_error_errno(-ENOMEM, "Out of memory");
+        }
+        if (!config_plugin_enabled(h->config, p->name)) {
+                log_info("Plugin '%s' is disabled by configuration", p->name);
+                plugin_free(p);
+                return 0;
+        }
+
+        h->initializing = p;
+        r = d->init(&host_api, p, &p->userdata);
+        h->initializing = NULL;
+        if (r < 0) {
+                log_error_errno(r, "Plugin '%s' failed to initialize: %m; continuing without it", p->name);
+                registry_remove_owner(h->registry, p);
+                if (d->fini)
+                        d->fini(p->userdata);
+                plugin_free(p);
+                return r;
+        }
+        n = realloc(h->plugins, (h->n_plugins + 1) * sizeof(*n));
+        if (!n) {
+                registry_remove_owner(h->registry, p);
+                if (d->fini)
+                        d->fini(p->userdata);
+                plugin_free(p);
+                return log_error_errno(-ENOMEM, "Out of memory");
+        }
+        h->plugins = n;
+        h->plugins[h->n_plugins++] = p;
+        log_info("Loaded plugin '%s' %s from '%s'", p->name, d->version ? d->version : "", path);
+        return 1;
+}
+
+static int cmp_str(const void *a, const void *b) {
+        return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+void plugin_host_unload(PluginHost *h) {
+        /* Reverse order: later plugins may rely on earlier ones. */
+        while (h->n_plugins > 0) {
+                tether_host *p = h->plugins[--h->n_plugins];
+
+                registry_remove_owner(h->registry, p);
+                if (p->desc->fini)
+                        p->desc->fini(p->userdata);
+                plugin_free(p);
+        }
+}
+
+int plugin_host_load(PluginHost *h, const Config *cfg) {
+        char **paths = NULL;
+        size_t n = 0;
+        struct dirent *de;
+        DIR *d;
+
+        plugin_host_unload(h);
+        h->config = cfg;
+        d = opendir(cfg->plugin_dir);
+        if (!d) {
+                if (errno == ENOENT) {
+                        log_info("Plugin directory '%s' does not exist, no plugins loaded", cfg->plugin_dir);
+                        return 0;
+                }
+                return log_error_errno(errno, "Cannot open plugin directory '%s': %m", cfg->plugin_dir);
+        }
+        while ((de = readdir(d))) {
+                size_t l = strlen(de->d_name);
+                char **np;
+
+                if (de->d_name[0] == '.' || l < 4 || !streq(de->d_name + l - 3, ".so"))
+                        continue;
+                np = realloc(paths, (n + 1) * sizeof(char *));
+                if (!np)
+                        break;
+                paths = np;
+                if (asprintf(&paths[n], "%s/%s", cfg->plugin_dir, de->d_name) < 0)
+                        break;
+                n++;
+        }
+        closedir(d);
+        if (n > 0)
+                qsort(paths, n, sizeof(char *), cmp_str);
+        for (size_t i = 0; i < n; i++) {
+                (void)plugin_load_one(h, paths[i]);
+                free(paths[i]);
+        }
+        free(paths);
+        return (int)h->n_plugins;
+}
+
+json_t *plugin_host_describe(PluginHost *h) {
+        json_t *a = json_array();
+
+        for (size_t i = 0; a && i < h->n_plugins; i++) {
+                const char *v = h->plugins[i]->desc->version;
+                json_array_append_new(a, json_pack("{s:s, s:s}", "name", h->plugins[i]->name, "version",
+                                                   v ? v : ""));
+        }
+        return a;
+}
+
+int plugin_host_new(sd_event *event, Registry *reg, const PluginHostHooks *hooks, PluginHost **ret) {
+        PluginHost *h = calloc(1, sizeof(*h));
+
+        if (!h)
+                return -ENOMEM;
+        h->event = sd_event_ref(event);
+        h->registry = reg;
+        h->hooks = *hooks;
+        *ret = h;
+        return 0;
+}
+
+PluginHost *plugin_host_free(PluginHost *h) {
+        if (!h)
+                return NULL;
+        plugin_host_unload(h);
+        free(h->plugins);
+        sd_event_unref(h->event);
+        free(h);
+        return NULL;
+}

@@ -1,0 +1,331 @@
+/* tether-cloudd configuration: keyfile (inih), command line, token file. */
+#include "config.h"
+
+#include <getopt.h>
+#include <ini.h>
+#include <limits.h>
+#include <netdb.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "cloud.h"
+#include "log.h"
+#include "util.h"
+
+#define CONFIG_MAX_TOKENS 4096
+
+typedef struct ConfigParser {
+        CloudConfig *config;
+        FILE *file;
+        unsigned line; /* line of the key being handled */
+        int error;     /* first error, negative errno */
+} ConfigParser;
+
+static void help(void) {
+        printf("%s [OPTIONS...]\n\n"
+               "The tether device cloud: CoAP over TLS for devices, HTTP API for users.\n\n"
+               "  -h --help           Show this help\n"
+               "     --version        Show the version\n"
+               "  -c --config=FILE    Read FILE instead of %s\n",
+               program_invocation_short_name, CLOUD_DEFAULT_CONFIG);
+}
+
+int config_parse_argv(int argc, char *argv[], const char **ret_path) {
+        enum { ARG_VERSION = 0x100 };
+        static const struct option options[] = {
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, ARG_VERSION },
+                { "config", required_argument, NULL, 'c' },
+                {},
+        };
+        const char *path = CLOUD_DEFAULT_CONFIG;
+        int c;
+
+        optind = 0;
+        while ((c = getopt_long(argc, argv, "hc:", options, NULL)) >= 0) {
+                switch (c) {
+                case 'h':
+                        help();
+                        return 1;
+                case ARG_VERSION:
+                        printf("%s %s\n", CLOUD_PROGRAM, PACKAGE_VERSION);
+                        return 1;
+                case 'c':
+                        path = optarg;
+                        break;
+                default:
+                        return -EINVAL; /* getopt printed the reason */
+                }
+        }
+        if (optind < argc)
+                return log_error_errno(-EINVAL, "Unexpected argument '%s'.", argv[optind]);
+        *ret_path = path;
+        return 0;
+}
+
+CloudConfig *config_free(CloudConfig *c) {
+        if (!c)
+                return NULL;
+        free(c->path);
+        free(c->coap_listen);
+        free(c->ca_file);
+        free(c->cert_file);
+        free(c->key_file);
+        free(c->api_listen);
+        free(c->token_file);
+        if (c->token_digests)
+                OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
+        free(c->token_digests);
+        free(c);
+        return NULL;
+}
+
+static int parse_uint(const char *s, unsigned min, unsigned max, unsigned *ret) {
+        unsigned long v;
+        char *end;
+
+        if (!*s || *s == '-' || *s == '+')
+                return -EINVAL;
+        errno = 0;
+        v = strtoul(s, &end, 10);
+        if (errno != 0 || *end)
+                return -EINVAL;
+        if (v < min || v > max)
+                return -ERANGE;
+        *ret = (unsigned)v;
+        return 0;
+}
+
+static int set_string(char **dst, const char *value) {
+        char *s;
+
+        if (!*value)
+                return -EINVAL;
+        s = strdup(value);
+        if (!s)
+                return -ENOMEM;
+        free(*dst);
+        *dst = s;
+        return 0;
+}
+
+typedef enum { KEY_STRING, KEY_UINT } KeyType;
+
+typedef struct ConfigKey {
+        const char *section;
+        const char *name;
+        KeyType type;
+        size_t offset;
+        unsigned min, max;
+} ConfigKey;
+
+#define STR_KEY(sec, n, field) { sec, n, KEY_STRING, offsetof(CloudConfig, field), 0, 0 }
+#define UINT_KEY(sec, n, field, lo, hi) { sec, n, KEY_UINT, offsetof(CloudConfig, field), lo, hi }
+
+static const ConfigKey config_keys[] = {
+        STR_KEY("Cloud", "Listen", coap_listen),
+        UINT_KEY("Cloud", "Port", coap_port, 0, 65535),
+        STR_KEY("Cloud", "CAFile", ca_file),
+        STR_KEY("Cloud", "Certificate", cert_file),
+        STR_KEY("Cloud", "Key", key_file),
+        UINT_KEY("Cloud", "MaxPayload", max_payload, 1, PROTO_HARD_PAYLOAD_MAX),
+        UINT_KEY("Cloud", "MaxSubscriptions", max_subscriptions, 0, 4096),
+        UINT_KEY("Cloud", "PingSec", ping_sec, 1, 86400),
+        UINT_KEY("Cloud", "DeviceTimeoutSec", device_timeout_sec, 1, 86400),
+        UINT_KEY("Cloud", "CallTimeoutSec", call_timeout_sec, 1, 3600),
+        STR_KEY("API", "Listen", api_listen),
+        UINT_KEY("API", "Port", api_port, 0, 65535),
+        STR_KEY("API", "TokenFile", token_file),
+};
+
+/* inih handler: 1 to continue, 0 marks this line as the failing one. */
+static int config_handler(void *userdata, const char *section, const char *name, const char *value) {
+        ConfigParser *p = userdata;
+        const char *file = p->config->path;
+        int r;
+
+        for (size_t i = 0; i < ELEMENTSOF(config_keys); i++) {
+                const ConfigKey *k = &config_keys[i];
+                void *field = (uint8_t *)p->config + k->offset;
+
+                if (!streq(k->section, section) || !streq(k->name, name))
+                        continue;
+                if (k->type == KEY_STRING)
+                        r = set_string(field, value);
+                else
+                        r = parse_uint(value, k->min, k->max, field);
+                if (r == -ENOMEM) {
+                        p->error = p->error ?: r;
+                        return 0;
+                }
+                if (r < 0) {
+                        if (k->type == KEY_UINT)
+                                log_error("%s:%u: Invalid value '%s' for %s= in [%s] (expected %u..%u).",
+                                          file, p->line, value, name, section, k->min, k->max);
+                        else
+                                log_error("%s:%u: Empty value for %s= in [%s].", file, p->line, name,
+                                          section);
+                        p->error = p->error ?: -EINVAL;
+                        return 0;
+                }
+                return 1;
+        }
+        if (!streq(section, "Cloud") && !streq(section, "API"))
+                log_warning("%s:%u: Unknown section [%s], ignoring %s=.", file, p->line, section, name);
+        else
+                log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", file, p->line, name, section);
+        return 1;
+}
+
+/* fgets() that counts lines, so warnings can name them too. */
+static char *config_reader(char *str, int num, void *stream) {
+        ConfigParser *p = stream;
+        char *s = fgets(str, num, p->file);
+        size_t n;
+
+        if (s && (n = strlen(s)) > 0 && s[n - 1] == '\n')
+                p->line++;
+        else if (s && feof(p->file))
+                p->line++;
+        /* The handler for this line runs before the next read. */
+        return s;
+}
+
+static int token_digest(const char *token, size_t len, uint8_t out[static CONFIG_TOKEN_DIGEST_SIZE]) {
+        unsigned n = CONFIG_TOKEN_DIGEST_SIZE;
+
+        if (!EVP_Digest(token, len, out, &n, EVP_sha256(), NULL))
+                return -EIO;
+        return 0;
+}
+
+static int config_load_tokens(CloudConfig *c) {
+        _cleanup_fclose_ FILE *f = NULL;
+        _cleanup_free_ char *line = NULL;
+        size_t cap = 0;
+        unsigned lineno = 0;
+        ssize_t n;
+
+        f = fopen(c->token_file, "re");
+        if (!f)
+                return log_error_errno(errno, "Failed to open TokenFile '%s': %m", c->token_file);
+        while ((n = getline(&line, &cap, f)) >= 0) {
+                char *s = line, *e = line + n;
+                void *m;
+
+                lineno++;
+                while (s < e && (*s == ' ' || *s == '\t'))
+                        s++;
+                while (e > s && (e[-1] == '\n' || e[-1] == '\r' || e[-1] == ' ' || e[-1] == '\t'))
+                        e--;
+                if (s == e || *s == '#')
+                        continue;
+                for (char *q = s; q < e; q++)
+                        if (*q <= ' ' || *q == 0x7f) {
+                                OPENSSL_cleanse(line, cap);
+                                return log_error_errno(-EINVAL, "%s:%u: Token contains whitespace or control characters.",
+                                                       c->token_file, lineno);
+                        }
+                if (c->n_tokens >= CONFIG_MAX_TOKENS) {
+                        OPENSSL_cleanse(line, cap);
+                        return log_error_errno(-E2BIG, "%s:%u: More than %u tokens.", c->token_file, lineno,
+                                               CONFIG_MAX_TOKENS);
+                }
+                m = reallocarray(c->token_digests, c->n_tokens + 1, CONFIG_TOKEN_DIGEST_SIZE);
+                if (!m)
+                        return log_error_errno(-ENOMEM, "Out of memory.");
+                c->token_digests = m;
+                if (token_digest(s, e - s, c->token_digests[c->n_tokens]) < 0)
+                        return log_error_errno(-EIO, "Failed to hash a token.");
+                c->n_tokens++;
+        }
+        if (line)
+                OPENSSL_cleanse(line, cap);
+        if (ferror(f))
+                return log_error_errno(-EIO, "Failed to read TokenFile '%s'.", c->token_file);
+        if (c->n_tokens == 0)
+                log_warning("TokenFile '%s' holds no tokens: every API request will be refused.", c->token_file);
+        return 0;
+}
+
+bool config_token_valid(const CloudConfig *c, const char *token) {
+        uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
+        bool ok = false;
+
+        if (!token || !*token || token_digest(token, strlen(token), digest) < 0)
+                return false;
+        /* Compare with every token, no early exit. */
+        for (size_t i = 0; i < c->n_tokens; i++)
+                ok |= CRYPTO_memcmp(digest, c->token_digests[i], sizeof(digest)) == 0;
+        return ok;
+}
+
+int config_load(const char *path, CloudConfig **ret) {
+        _cleanup_(config_freep) CloudConfig *c = NULL;
+        ConfigParser p = {};
+        int r;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return log_error_errno(-ENOMEM, "Out of memory.");
+        c->path = strdup(path);
+        c->coap_listen = strdup("0.0.0.0");
+        c->api_listen = strdup("127.0.0.1");
+        if (!c->path || !c->coap_listen || !c->api_listen)
+                return log_error_errno(-ENOMEM, "Out of memory.");
+        c->coap_port = PROTO_DEFAULT_PORT;
+        c->max_payload = PROTO_DEFAULT_PAYLOAD_MAX;
+        c->max_subscriptions = 32;
+        c->ping_sec = 30;
+        c->device_timeout_sec = 90;
+        c->call_timeout_sec = 10;
+        c->api_port = 8080;
+
+        p.config = c;
+        p.file = fopen(path, "re");
+        if (!p.file)
+                return log_error_errno(errno, "Failed to open configuration file '%s': %m", path);
+        r = ini_parse_stream(config_reader, &p, config_handler, &p);
+        fclose(p.file);
+        if (p.error < 0)
+                return p.error;
+        if (r != 0)
+                /* A syntax error inih found itself (no handler call). */
+                return log_error_errno(-EINVAL, "%s:%d: Syntax error.", path, r);
+
+        if (!c->ca_file || !c->cert_file || !c->key_file)
+                return log_error_errno(-EINVAL, "%s: [Cloud] CAFile=, Certificate= and Key= are required.", path);
+        if (!c->token_file)
+                return log_error_errno(-EINVAL, "%s: [API] TokenFile= is required.", path);
+        if (c->device_timeout_sec <= c->ping_sec)
+                log_warning("%s: DeviceTimeoutSec=%u is not above PingSec=%u: idle devices will be dropped.",
+                            path, c->device_timeout_sec, c->ping_sec);
+        r = config_load_tokens(c);
+        if (r < 0)
+                return r;
+
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+int config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
+                           socklen_t *ret_len) {
+        struct addrinfo hints = { .ai_flags = AI_PASSIVE | AI_NUMERICSERV, .ai_socktype = SOCK_STREAM };
+        struct addrinfo *res = NULL;
+        char service[8];
+        int r;
+
+        snprintf(service, sizeof(service), "%u", port);
+        r = getaddrinfo(host, service, &hints, &res);
+        if (r != 0)
+                return r == EAI_SYSTEM ? -errno : -EADDRNOTAVAIL;
+        if (!res || res->ai_addrlen > sizeof(*ret)) {
+                freeaddrinfo(res);
+                return -EADDRNOTAVAIL;
+        }
+        memset(ret, 0, sizeof(*ret));
+        memcpy(ret, res->ai_addr, res->ai_addrlen);
+        *ret_len = res->ai_addrlen;
+        freeaddrinfo(res);
+        return 0;
+}

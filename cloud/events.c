@@ -1,0 +1,301 @@
+/* Events: device publishes (POST /e/{name}), device subscriptions
+ * (GET /e/{prefix} with Observe) and the router that feeds SSE clients and
+ * subscribed devices. Notifications are PDUs we build ourselves: libcoap's
+ * observe machinery coalesces notifications and would lose events. */
+#include "config.h"
+
+#include "cloud.h"
+#include "log.h"
+#include "util.h"
+
+typedef struct Subscription {
+        Device *device;
+        uint8_t token[8];
+        size_t token_len;
+        uint32_t seq; /* Observe sequence, 24 bits */
+        char *prefix;
+        bool dead; /* device gone while routing; freed after */
+        struct Subscription *prev, *next;
+} Subscription;
+
+static struct {
+        const CloudConfig *config;
+        Subscription *head;
+        unsigned routing; /* events_route() on the stack */
+        bool need_sweep;
+} events;
+
+void events_init(const CloudConfig *config) { events.config = config; }
+
+static void subscription_free(Subscription *s) {
+        if (s->prev)
+                s->prev->next = s->next;
+        else
+                events.head = s->next;
+        if (s->next)
+                s->next->prev = s->prev;
+        free(s->prefix);
+        free(s);
+}
+
+void events_device_gone(Device *d) {
+        Subscription *s, *next;
+
+        for (s = events.head; s; s = next) {
+                next = s->next;
+                if (s->device != d)
+                        continue;
+                if (events.routing > 0) {
+                        s->dead = true;
+                        s->device = NULL;
+                        events.need_sweep = true;
+                } else
+                        subscription_free(s);
+        }
+}
+
+static void events_sweep(void) {
+        Subscription *s, *next;
+
+        events.need_sweep = false;
+        for (s = events.head; s; s = next) {
+                next = s->next;
+                if (s->dead)
+                        subscription_free(s);
+        }
+}
+
+void events_stop(void) {
+        while (events.head)
+                subscription_free(events.head);
+}
+
+static void events_reply(coap_pdu_t *response, coap_pdu_code_t code, const char *text) {
+        uint8_t buf[4];
+
+        coap_pdu_set_code(response, code);
+        if (!text)
+                return;
+        coap_add_option(response, COAP_OPTION_CONTENT_FORMAT,
+                        coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_TEXT), buf);
+        coap_add_data(response, strlen(text), (const uint8_t *)text);
+}
+
+static bool events_query_private(const coap_pdu_t *request) {
+        coap_opt_iterator_t it;
+        coap_opt_filter_t filter;
+        coap_opt_t *opt;
+
+        coap_option_filter_clear(&filter);
+        coap_option_filter_set(&filter, COAP_OPTION_URI_QUERY);
+        coap_option_iterator_init(request, &it, &filter);
+        while ((opt = coap_option_next(&it)))
+                if (coap_opt_length(opt) == strlen(PROTO_QUERY_PRIVATE) &&
+                    memcmp(coap_opt_value(opt), PROTO_QUERY_PRIVATE, strlen(PROTO_QUERY_PRIVATE)) == 0)
+                        return true;
+        return false;
+}
+
+static void events_publish(Device *d, const coap_pdu_t *request, const char *name, coap_pdu_t *response) {
+        _cleanup_free_ char *data = NULL;
+        char published_at[32];
+        const uint8_t *payload = NULL;
+        coap_opt_iterator_t it;
+        coap_opt_t *opt;
+        size_t len = 0;
+        ProtoEvent e;
+        int r;
+
+        r = proto_name_check(name, strlen(name), PROTO_NAME_EVENT);
+        if (r < 0) {
+                events_reply(response, COAP_RESPONSE_CODE(400),
+                             r == -ENAMETOOLONG ? "event name too long" : "invalid event name");
+                return;
+        }
+        (void)coap_get_data(request, &len, &payload);
+        if (len > events.config->max_payload) {
+                events_reply(response, COAP_RESPONSE_CODE(413), "event data too large");
+                return;
+        }
+        if (proto_utf8_check((const char *)payload, len) < 0) {
+                events_reply(response, COAP_RESPONSE_CODE(400), "event data is not UTF-8 text");
+                return;
+        }
+        data = malloc(len + 1);
+        if (!data) {
+                events_reply(response, COAP_RESPONSE_CODE(500), "out of memory");
+                return;
+        }
+        if (len > 0)
+                memcpy(data, payload, len);
+        data[len] = 0;
+
+        proto_timestamp_now(published_at);
+        e = (ProtoEvent){
+                .name = (char *)name,
+                .data = data,
+                .ttl = PROTO_DEFAULT_TTL,
+                .private_ = events_query_private(request),
+                .published_at = published_at,
+                .coreid = (char *)device_id(d),
+        };
+        opt = coap_check_option(request, COAP_OPTION_MAXAGE, &it);
+        if (opt)
+                e.ttl = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
+
+        events_route(&e, d);
+        coap_pdu_set_code(response, COAP_RESPONSE_CODE(201));
+}
+
+static Subscription *events_find(const Device *d, coap_bin_const_t token) {
+        for (Subscription *s = events.head; s; s = s->next)
+                if (s->device == d && s->token_len == token.length &&
+                    memcmp(s->token, token.s, token.length) == 0)
+                        return s;
+        return NULL;
+}
+
+static void events_subscribe(Device *d, const coap_pdu_t *request, const char *prefix, coap_pdu_t *response) {
+        coap_bin_const_t token = coap_pdu_get_token(request);
+        coap_opt_iterator_t it;
+        coap_opt_t *opt;
+        Subscription *s;
+        unsigned action, count = 0;
+        uint8_t buf[4];
+        char *p;
+
+        opt = coap_check_option(request, COAP_OPTION_OBSERVE, &it);
+        if (!opt) {
+                events_reply(response, COAP_RESPONSE_CODE(400), "subscribe with Observe 0, cancel with Observe 1");
+                return;
+        }
+        action = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
+        if (action == COAP_OBSERVE_CANCEL) {
+                s = events_find(d, token);
+                if (s) {
+                        log_debug("Device '%s' unsubscribed from '%s'.", device_id(d), s->prefix);
+                        subscription_free(s);
+                }
+                coap_pdu_set_code(response, COAP_RESPONSE_CODE(205));
+                return;
+        }
+        if (action != COAP_OBSERVE_ESTABLISH) {
+                events_reply(response, COAP_RESPONSE_CODE(400), "bad Observe value");
+                return;
+        }
+        if (proto_name_check(prefix, strlen(prefix), PROTO_NAME_PREFIX) < 0) {
+                events_reply(response, COAP_RESPONSE_CODE(400), "invalid event prefix");
+                return;
+        }
+        if (token.length > sizeof(s->token)) {
+                events_reply(response, COAP_RESPONSE_CODE(400), "bad token");
+                return;
+        }
+        p = strdup(prefix);
+        if (!p) {
+                events_reply(response, COAP_RESPONSE_CODE(500), "out of memory");
+                return;
+        }
+        s = events_find(d, token);
+        if (s) {
+                /* Same token again: the subscription now has this prefix. */
+                free(s->prefix);
+                s->prefix = p;
+        } else {
+                for (Subscription *i = events.head; i; i = i->next)
+                        count += i->device == d;
+                if (count >= events.config->max_subscriptions) {
+                        free(p);
+                        events_reply(response, COAP_RESPONSE_CODE(403), "subscription limit reached");
+                        return;
+                }
+                s = calloc(1, sizeof(*s));
+                if (!s) {
+                        free(p);
+                        events_reply(response, COAP_RESPONSE_CODE(500), "out of memory");
+                        return;
+                }
+                s->device = d;
+                s->prefix = p;
+                s->token_len = token.length;
+                memcpy(s->token, token.s, token.length);
+                s->next = events.head;
+                if (events.head)
+                        events.head->prev = s;
+                events.head = s;
+        }
+        s->seq = (s->seq + 1) & 0xffffff;
+        log_debug("Device '%s' subscribed to '%s'.", device_id(d), s->prefix);
+        coap_pdu_set_code(response, COAP_RESPONSE_CODE(205));
+        coap_add_option(response, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf), s->seq), buf);
+}
+
+void events_handle_request(Device *d, coap_session_t *session, const coap_pdu_t *request,
+                           const char *path, coap_pdu_t *response) {
+        if (coap_pdu_get_code(request) == COAP_REQUEST_CODE_POST)
+                events_publish(d, request, path, response);
+        else
+                events_subscribe(d, request, path, response);
+}
+
+static int events_notify(Subscription *s, coap_session_t *session, const char *json, size_t len) {
+        uint8_t buf[4];
+        coap_pdu_t *pdu;
+
+        pdu = coap_pdu_init(COAP_MESSAGE_NON, COAP_RESPONSE_CODE(205), coap_new_message_id(session),
+                            coap_session_max_pdu_size(session));
+        if (!pdu)
+                return -ENOMEM;
+        s->seq = (s->seq + 1) & 0xffffff;
+        if (!coap_add_token(pdu, s->token_len, s->token) ||
+            !coap_add_option(pdu, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf), s->seq), buf) ||
+            !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
+                             coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_JSON), buf) ||
+            !coap_add_data(pdu, len, (const uint8_t *)json)) {
+                coap_delete_pdu(pdu);
+                return -E2BIG;
+        }
+        if (coap_send(session, pdu) == COAP_INVALID_MID)
+                return -EIO;
+        return 0;
+}
+
+void events_route(const ProtoEvent *e, const Device *source) {
+        _cleanup_free_ char *json = NULL;
+        Subscription *s, *next;
+        bool sent = false;
+        size_t len = 0;
+        int r;
+
+        api_deliver_event(e);
+
+        /* Sending can close a session, whose subscriptions then die:
+         * they are only marked while we walk the list. */
+        events.routing++;
+        for (s = events.head; s; s = next) {
+                coap_session_t *session;
+
+                next = s->next;
+                if (s->dead || s->device == source || !proto_prefix_match(s->prefix, e->name))
+                        continue;
+                session = device_session(s->device);
+                if (!session)
+                        continue;
+                if (!json) {
+                        r = proto_event_encode(e, &json, &len);
+                        if (r < 0) {
+                                log_error_errno(r, "Failed to encode event '%s': %m", e->name);
+                                break;
+                        }
+                }
+                r = events_notify(s, session, json, len);
+                if (r < 0)
+                        log_warning_errno(r, "Failed to deliver event '%s' to device '%s': %m", e->name,
+                                          device_id(s->device));
+                sent = true;
+        }
+        if (--events.routing == 0 && events.need_sweep)
+                events_sweep();
+        if (sent)
+                devices_kick();
+}

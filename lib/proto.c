@@ -1,0 +1,329 @@
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+
+#include "proto.h"
+#include "util.h"
+
+static bool name_char_ok(char c, ProtoNameKind kind) {
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+            c == '-')
+                return true;
+        if (c == '.')
+                return kind != PROTO_NAME_DEVICE;
+        if (c == '/')
+                return kind == PROTO_NAME_EVENT || kind == PROTO_NAME_PREFIX;
+        return false;
+}
+
+int proto_name_check(const char *name, size_t len, ProtoNameKind kind) {
+        size_t max = (kind == PROTO_NAME_EVENT || kind == PROTO_NAME_PREFIX) ? TETHER_EVENT_NAME_MAX
+                     : kind == PROTO_NAME_DEVICE                             ? PROTO_DEVICE_ID_MAX
+                                                                             : TETHER_NAME_MAX;
+        if (!name)
+                return -EINVAL;
+        if (len == 0)
+                return kind == PROTO_NAME_PREFIX ? 0 : -EINVAL;
+        if (len > max)
+                return -ENAMETOOLONG;
+        for (size_t i = 0; i < len; i++) {
+                if (!name_char_ok(name[i], kind))
+                        return -EINVAL;
+                /* Event names map onto Uri-Path segments: no empty ones. */
+                if (name[i] == '/' && (i == 0 || name[i - 1] == '/'))
+                        return -EINVAL;
+        }
+        if (kind == PROTO_NAME_EVENT && name[len - 1] == '/')
+                return -EINVAL;
+        return 0;
+}
+
+bool proto_prefix_match(const char *prefix, const char *name) {
+        return strncmp(name, prefix, strlen(prefix)) == 0;
+}
+
+int proto_utf8_check(const char *buf, size_t len) {
+        const unsigned char *s = (const unsigned char *)buf;
+        size_t i = 0;
+
+        while (i < len) {
+                unsigned char c = s[i];
+                size_t n;
+                uint32_t cp;
+
+                if (c == 0)
+                        return -EILSEQ;
+                if (c < 0x80) {
+                        i++;
+                        continue;
+                }
+                if ((c & 0xe0) == 0xc0)
+                        n = 1, cp = c & 0x1f;
+                else if ((c & 0xf0) == 0xe0)
+                        n = 2, cp = c & 0x0f;
+                else if ((c & 0xf8) == 0xf0)
+                        n = 3, cp = c & 0x07;
+                else
+                        return -EILSEQ;
+                if (i + n >= len)
+                        return -EILSEQ;
+                for (size_t k = 1; k <= n; k++) {
+                        if ((s[i + k] & 0xc0) != 0x80)
+                                return -EILSEQ;
+                        cp = (cp << 6) | (s[i + k] & 0x3f);
+                }
+                /* Overlong forms, surrogates and out-of-range code points. */
+                if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000) ||
+                    cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+                        return -EILSEQ;
+                i += n + 1;
+        }
+        return 0;
+}
+
+static const char *const type_names[] = {
+        [TETHER_TYPE_BOOL] = "bool",
+        [TETHER_TYPE_INT32] = "int32",
+        [TETHER_TYPE_DOUBLE] = "double",
+        [TETHER_TYPE_STRING] = "string",
+};
+
+const char *proto_type_to_string(uint32_t type) {
+        if (type >= ELEMENTSOF(type_names) || !type_names[type])
+                return NULL;
+        return type_names[type];
+}
+
+uint32_t proto_type_from_string(const char *s) {
+        for (uint32_t t = 1; t < ELEMENTSOF(type_names); t++)
+                if (s && streq(s, type_names[t]))
+                        return t;
+        return 0;
+}
+
+int proto_result_format(int32_t value, char buf[static 12]) {
+        return snprintf(buf, 12, "%" PRId32, value);
+}
+
+int proto_result_parse(const uint8_t *buf, size_t len, int32_t *ret_value) {
+        int64_t v = 0;
+        bool neg = false;
+        size_t i = 0;
+
+        if (!buf || len == 0 || len > 11)
+                return -EBADMSG;
+        if (buf[0] == '-') {
+                neg = true;
+                i = 1;
+                if (len == 1)
+                        return -EBADMSG;
+        }
+        for (; i < len; i++) {
+                if (buf[i] < '0' || buf[i] > '9')
+                        return -EBADMSG;
+                v = v * 10 + (buf[i] - '0');
+        }
+        if (neg)
+                v = -v;
+        if (v < INT32_MIN || v > INT32_MAX)
+                return -EBADMSG;
+        *ret_value = (int32_t)v;
+        return 0;
+}
+
+static int json_dump_take(json_t *j, char **ret, size_t *ret_len) {
+        char *s = json_dumps(j, JSON_COMPACT | JSON_ENCODE_ANY | JSON_REAL_PRECISION(17));
+
+        json_decref(j);
+        if (!s)
+                return -ENOMEM;
+        if (ret_len)
+                *ret_len = strlen(s);
+        *ret = s;
+        return 0;
+}
+
+int proto_value_encode(const struct tether_value *v, char **ret, size_t *ret_len) {
+        json_t *j;
+
+        switch (v->type) {
+        case TETHER_TYPE_BOOL:
+                j = json_boolean(v->b);
+                break;
+        case TETHER_TYPE_INT32:
+                j = json_integer(v->i);
+                break;
+        case TETHER_TYPE_DOUBLE:
+                j = json_real(v->d);
+                if (!j)
+                        return -ERANGE; /* NaN and infinities have no JSON form */
+                break;
+        case TETHER_TYPE_STRING:
+                if (!v->s)
+                        return -EINVAL;
+                j = json_string(v->s);
+                if (!j)
+                        return -EILSEQ;
+                break;
+        default:
+                return -EINVAL;
+        }
+        if (!j)
+                return -ENOMEM;
+        return json_dump_take(j, ret, ret_len);
+}
+
+int proto_value_decode(const uint8_t *buf, size_t len, json_t **ret_json, uint32_t *ret_type) {
+        json_t *j;
+        uint32_t t;
+
+        if (!buf)
+                return -EBADMSG;
+        j = json_loadb((const char *)buf, len, JSON_DECODE_ANY | JSON_REJECT_DUPLICATES, NULL);
+        if (!j)
+                return -EBADMSG;
+        if (json_is_boolean(j))
+                t = TETHER_TYPE_BOOL;
+        else if (json_is_integer(j) && json_integer_value(j) >= INT32_MIN &&
+                 json_integer_value(j) <= INT32_MAX)
+                t = TETHER_TYPE_INT32;
+        else if (json_is_real(j))
+                t = TETHER_TYPE_DOUBLE;
+        else if (json_is_string(j))
+                t = TETHER_TYPE_STRING;
+        else {
+                json_decref(j);
+                return -EBADMSG;
+        }
+        *ret_json = j;
+        *ret_type = t;
+        return 0;
+}
+
+void proto_event_done(ProtoEvent *e) {
+        if (!e)
+                return;
+        free(e->name);
+        free(e->data);
+        free(e->published_at);
+        free(e->coreid);
+        memset(e, 0, sizeof(*e));
+}
+
+int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len) {
+        json_t *j;
+
+        if (!e->name || proto_name_check(e->name, strlen(e->name), PROTO_NAME_EVENT) < 0)
+                return -EINVAL;
+        j = json_pack("{s:s, s:s?, s:i, s:s?, s:s?}", "name", e->name, "data", e->data, "ttl",
+                      (json_int_t)e->ttl, "published_at", e->published_at, "coreid", e->coreid);
+        if (!j)
+                return -EINVAL;
+        if (e->private_ && json_object_set_new(j, "private", json_true()) < 0) {
+                json_decref(j);
+                return -ENOMEM;
+        }
+        return json_dump_take(j, ret, ret_len);
+}
+
+int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret) {
+        const char *name = NULL, *data = NULL, *at = NULL, *coreid = NULL;
+        json_int_t ttl = PROTO_DEFAULT_TTL;
+        int priv = 0;
+        ProtoEvent e = {};
+        json_t *j;
+        int r = -EBADMSG;
+
+        if (!buf)
+                return -EBADMSG;
+        j = json_loadb((const char *)buf, len, JSON_REJECT_DUPLICATES, NULL);
+        if (!j)
+                return -EBADMSG;
+        if (json_unpack(j, "{s:s, s?s, s?I, s?s, s?s, s?b}", "name", &name, "data", &data, "ttl", &ttl,
+                        "published_at", &at, "coreid", &coreid, "private", &priv) < 0)
+                goto out;
+        if (proto_name_check(name, strlen(name), PROTO_NAME_EVENT) < 0 || ttl < 0 || ttl > UINT32_MAX)
+                goto out;
+        r = -ENOMEM;
+        e.name = strdup(name);
+        e.data = data ? strdup(data) : NULL;
+        e.published_at = at ? strdup(at) : NULL;
+        e.coreid = coreid ? strdup(coreid) : NULL;
+        if (!e.name || (data && !e.data) || (at && !e.published_at) || (coreid && !e.coreid)) {
+                proto_event_done(&e);
+                goto out;
+        }
+        e.ttl = (uint32_t)ttl;
+        e.private_ = priv;
+        *ret = e;
+        r = 0;
+out:
+        json_decref(j);
+        return r;
+}
+
+static bool json_is_string_array(json_t *a) {
+        size_t i;
+        json_t *v;
+
+        if (!json_is_array(a))
+                return false;
+        json_array_foreach(a, i, v) if (!json_is_string(v)) return false;
+        return true;
+}
+
+int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
+        json_t *j, *functions, *variables, *plugins, *events, *v;
+        const char *key;
+        size_t i;
+
+        if (!buf)
+                return -EBADMSG;
+        j = json_loadb((const char *)buf, len, JSON_REJECT_DUPLICATES, NULL);
+        if (!j)
+                return -EBADMSG;
+        if (!json_is_object(j) || !json_is_string(json_object_get(j, "agent")) ||
+            !json_is_string(json_object_get(j, "version")))
+                goto bad;
+        functions = json_object_get(j, "functions");
+        variables = json_object_get(j, "variables");
+        plugins = json_object_get(j, "plugins");
+        events = json_object_get(j, "events");
+        if (!json_is_string_array(functions) || !json_is_object(variables) || !json_is_array(plugins) ||
+            (events && !json_is_string_array(events)))
+                goto bad;
+        json_array_foreach(functions, i, v) {
+                const char *s = json_string_value(v);
+                if (proto_name_check(s, strlen(s), PROTO_NAME_FUNCTION) < 0)
+                        goto bad;
+        }
+        json_object_foreach(variables, key, v) {
+                if (proto_name_check(key, strlen(key), PROTO_NAME_VARIABLE) < 0 ||
+                    proto_type_from_string(json_string_value(v)) == 0)
+                        goto bad;
+        }
+        json_array_foreach(plugins, i, v) {
+                if (!json_is_object(v) || !json_is_string(json_object_get(v, "name")))
+                        goto bad;
+        }
+        *ret = j;
+        return 0;
+bad:
+        json_decref(j);
+        return -EBADMSG;
+}
+
+void proto_timestamp_now(char buf[static 32]) {
+        struct timeval tv;
+        struct tm tm;
+
+        gettimeofday(&tv, NULL);
+        gmtime_r(&tv.tv_sec, &tm);
+        char date[24];
+
+        strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%S", &tm);
+        snprintf(buf, 32, "%.20s.%03dZ", date, (int)(tv.tv_usec / 1000) % 1000);
+}

@@ -1,0 +1,92 @@
+/* The tether wire protocol between tetherd and tether-cloudd: constants,
+ * name rules and payload codecs (docs/protocol.md is the reference).
+ * Pure functions: no logging, no I/O; negative errno on failure and
+ * ret_* parameters untouched on failure. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <jansson.h>
+
+#include "tether/plugin.h"
+
+#define PROTO_DEFAULT_PORT 5684
+#define PROTO_DEFAULT_PAYLOAD_MAX 16384u /* bytes, argument/data/string value */
+#define PROTO_HARD_PAYLOAD_MAX 65536u    /* no configuration may exceed this */
+#define PROTO_DEFAULT_TTL 60u
+#define PROTO_DEVICE_ID_MAX 64
+
+/* Resource path prefixes (first Uri-Path segment). */
+#define PROTO_PATH_DESCRIBE "d"
+#define PROTO_PATH_FUNCTION "f"
+#define PROTO_PATH_VARIABLE "v"
+#define PROTO_PATH_EVENT "e"
+#define PROTO_PATH_OTA "o"
+
+/* Uri-Query flag marking a published event private. */
+#define PROTO_QUERY_PRIVATE "private"
+
+/* CoAP Content-Format numbers used. */
+#define PROTO_CF_TEXT 0
+#define PROTO_CF_JSON 50
+
+typedef enum ProtoNameKind {
+        PROTO_NAME_FUNCTION, /* [A-Za-z0-9_.-]{1,64} */
+        PROTO_NAME_VARIABLE, /* same */
+        PROTO_NAME_EVENT,    /* [A-Za-z0-9_.-/]{1,128}, no empty segment */
+        PROTO_NAME_PREFIX,   /* like EVENT but may be empty or end in '/' */
+        PROTO_NAME_DEVICE,   /* [A-Za-z0-9_-]{1,64} */
+} ProtoNameKind;
+
+/* 0 if valid; -EINVAL (bad character/empty), -ENAMETOOLONG. */
+int proto_name_check(const char *name, size_t len, ProtoNameKind kind);
+
+/* True if name starts with prefix (the empty prefix matches all). */
+bool proto_prefix_match(const char *prefix, const char *name);
+
+/* 0 if buf[0..len) is valid UTF-8 without NUL bytes, else -EILSEQ. */
+int proto_utf8_check(const char *buf, size_t len);
+
+/* Type names on the wire: "bool", "int32", "double", "string". */
+const char *proto_type_to_string(uint32_t type);
+/* 0 on failure. */
+uint32_t proto_type_from_string(const char *s);
+
+/* Function result: decimal int32 in ASCII, no sign for >= 0. buf must
+ * hold 12 bytes; returns the length. */
+int proto_result_format(int32_t value, char buf[static 12]);
+/* -EBADMSG unless the payload is exactly a decimal int32. */
+int proto_result_parse(const uint8_t *buf, size_t len, int32_t *ret_value);
+
+/* Variable value: one JSON scalar (true/false, integer, real with a
+ * decimal point or exponent, string). *ret is malloc'd text, NUL
+ * terminated; caller frees. -EINVAL for an unknown type. */
+int proto_value_encode(const struct tether_value *v, char **ret, size_t *ret_len);
+/* Parse a variable payload into a JSON scalar and its type. The caller
+ * owns *ret_json (json_decref). -EBADMSG if not exactly one scalar. */
+int proto_value_decode(const uint8_t *buf, size_t len, json_t **ret_json, uint32_t *ret_type);
+
+/* An event as carried in subscription notifications and stored by the
+ * cloud. Strings are owned by the struct; free with proto_event_done(). */
+typedef struct ProtoEvent {
+        char *name;
+        char *data;         /* may be NULL */
+        uint32_t ttl;
+        bool private_;
+        char *published_at; /* RFC 3339 UTC, e.g. 2026-11-25T23:59:59.123Z */
+        char *coreid;       /* publishing device id, or "api" */
+} ProtoEvent;
+
+void proto_event_done(ProtoEvent *e);
+/* JSON object {"name","data","ttl","published_at","coreid"[,"private"]}. */
+int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len);
+int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret);
+
+/* Describe data (GET /d): validate a payload and return the parsed object.
+ * Shape: {"agent":str,"version":str,"plugins":[{"name","version"}...],
+ * "functions":[str...],"variables":{name:type...},"events":[str...]}. */
+int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret);
+
+/* RFC 3339 UTC timestamp with milliseconds of the current wall clock. */
+void proto_timestamp_now(char buf[static 32]);

@@ -1,0 +1,165 @@
+/* Unit tests for tetherd's configuration parser (agent/config.c). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <sys/stat.h>
+
+#include "agent/config.h"
+#include "util.h"
+
+static char dir[] = "/tmp/tether-config-test-XXXXXX";
+
+static void write_file(const char *name, const char *text) {
+        char path[256];
+        FILE *f;
+
+        snprintf(path, sizeof(path), "%s/%s", dir, name);
+        f = fopen(path, "we");
+        assert_non_null(f);
+        fputs(text, f);
+        fclose(f);
+}
+
+static const char base[] = "[Cloud]\nHost=cloud.example\nCAFile=/ca.crt\n"
+                           "[Device]\nCertificate=/d.crt\nKey=/d.key\n";
+
+static int load(const char *text, Config **ret, char **ret_error) {
+        char path[256];
+
+        write_file("tetherd.conf", text);
+        snprintf(path, sizeof(path), "%s/tetherd.conf", dir);
+        return config_load(path, ret, ret_error);
+}
+
+static void test_defaults(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+
+        assert_int_equal(load(base, &c, NULL), 0);
+        assert_string_equal(c->cloud_host, "cloud.example");
+        assert_int_equal(c->cloud_port, 5684);
+        assert_int_equal(c->keepalive_ms, 30000);
+        assert_int_equal(c->reconnect_min_ms, 1000);
+        assert_int_equal(c->reconnect_max_ms, 60000);
+        assert_int_equal(c->max_payload, 16384);
+        assert_int_equal(c->max_subscriptions, 32);
+        assert_true(config_plugin_enabled(c, "anything"));
+}
+
+static void test_values_and_plugins(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        char text[1024];
+
+        snprintf(text, sizeof(text),
+                 "%s[Cloud]\nPort=6000\n[Connection]\nKeepaliveSec=2.5\nReconnectMinSec=0.2\n"
+                 "[Limits]\nMaxPayload=4096\n[Plugins]\nEnable=example, gpio\nDisable=gpio\n"
+                 "[Plugin example]\nLabel=hello world\nIntervalSec=1\n",
+                 base);
+        assert_int_equal(load(text, &c, NULL), 0);
+        assert_int_equal(c->cloud_port, 6000);
+        assert_int_equal(c->keepalive_ms, 2500);
+        assert_int_equal(c->reconnect_min_ms, 200);
+        assert_int_equal(c->max_payload, 4096);
+        assert_true(config_plugin_enabled(c, "example"));
+        assert_false(config_plugin_enabled(c, "gpio"));
+        assert_false(config_plugin_enabled(c, "sensors"));
+        assert_string_equal(config_plugin_get(c, "example", "Label"), "hello world");
+        assert_null(config_plugin_get(c, "example", "Missing"));
+        assert_null(config_plugin_get(c, "other", "Label"));
+}
+
+static void expect_error(const char *text, const char *needle) {
+        _cleanup_(config_freep) Config *c = NULL;
+        _cleanup_free_ char *error = NULL;
+
+        assert_int_equal(load(text, &c, &error), -EINVAL);
+        assert_null(c);
+        assert_non_null(error);
+        if (!strstr(error, needle))
+                fail_msg("error '%s' does not contain '%s'", error, needle);
+}
+
+static void test_errors_name_file_and_line(void **state) {
+        char text[512];
+
+        snprintf(text, sizeof(text), "%s[Cloud]\nPort=70000\n", base);
+        expect_error(text, "tetherd.conf:8: invalid port '70000'");
+        snprintf(text, sizeof(text), "%s[Connection]\n\nKeepaliveSec=soon\n", base);
+        expect_error(text, "tetherd.conf:9: invalid duration 'soon'");
+        snprintf(text, sizeof(text), "%s[Limits]\nMaxPayload=99999999\n", base);
+        expect_error(text, ":8: invalid value '99999999' for MaxPayload=");
+        snprintf(text, sizeof(text), "%s[Connection]\nReconnectMinSec=10\nReconnectMaxSec=5\n", base);
+        expect_error(text, "ReconnectMinSec= is larger");
+        expect_error("[Cloud]\nHost=x\n", "[Cloud] CAFile= is required");
+        expect_error("[Cloud\nHost=x\n", "tetherd.conf:1: syntax error");
+        snprintf(text, sizeof(text), "%s[Plugin bad name]\nX=1\n", base);
+        expect_error(text, "invalid plugin name");
+}
+
+static void test_unknown_keys_only_warn(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        char text[512];
+
+        snprintf(text, sizeof(text), "%s[Cloud]\nColour=blue\n[Whatever]\nX=1\n", base);
+        assert_int_equal(load(text, &c, NULL), 0);
+}
+
+static void test_dropins_in_order(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        char d[300];
+
+        snprintf(d, sizeof(d), "%s/tetherd.conf.d", dir);
+        assert_int_equal(mkdir(d, 0755), 0);
+        write_file("tetherd.conf.d/20-late.conf", "[Cloud]\nPort=7002\n");
+        write_file("tetherd.conf.d/10-early.conf", "[Cloud]\nPort=7001\nHost=other\n");
+        write_file("tetherd.conf.d/ignored.txt", "[Cloud]\nPort=1\n");
+        assert_int_equal(load(base, &c, NULL), 0);
+        assert_int_equal(c->cloud_port, 7002);
+        assert_string_equal(c->cloud_host, "other");
+        write_file("tetherd.conf.d/30-bad.conf", "[Cloud]\nPort=x\n");
+        config_free(TAKE_PTR(c));
+        expect_error(base, "30-bad.conf:2:");
+        for (const char *f = "20-late.conf\0" "10-early.conf\0" "ignored.txt\0" "30-bad.conf\0"; *f;
+             f += strlen(f) + 1) {
+                char path[400];
+                snprintf(path, sizeof(path), "%s/%s", d, f);
+                assert_int_equal(unlink(path), 0);
+        }
+        assert_int_equal(rmdir(d), 0);
+}
+
+static void test_cloud_changed(void **state) {
+        _cleanup_(config_freep) Config *a = NULL, *b = NULL;
+        char text[512];
+
+        assert_int_equal(load(base, &a, NULL), 0);
+        snprintf(text, sizeof(text), "%s[Plugin example]\nLabel=x\n", base);
+        assert_int_equal(load(text, &b, NULL), 0);
+        assert_false(config_cloud_changed(a, b));
+        free(b->cloud_host);
+        b->cloud_host = strdup("elsewhere");
+        assert_true(config_cloud_changed(a, b));
+}
+
+static int setup(void **state) {
+        return mkdtemp(dir) ? 0 : -1;
+}
+
+static int teardown(void **state) {
+        char cmd[300];
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+        return system(cmd) == 0 ? 0 : -1;
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_defaults),
+                cmocka_unit_test(test_values_and_plugins),
+                cmocka_unit_test(test_errors_name_file_and_line),
+                cmocka_unit_test(test_unknown_keys_only_warn),
+                cmocka_unit_test(test_dropins_in_order),
+                cmocka_unit_test(test_cloud_changed),
+        };
+        return cmocka_run_group_tests(tests, setup, teardown);
+}

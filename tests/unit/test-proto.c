@@ -1,0 +1,175 @@
+/* Unit tests for the wire codecs and name rules (lib/proto.c). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "proto.h"
+#include "util.h"
+
+static void test_names(void **state) {
+        char long_name[TETHER_EVENT_NAME_MAX + 2];
+
+        assert_int_equal(proto_name_check("echo", 4, PROTO_NAME_FUNCTION), 0);
+        assert_int_equal(proto_name_check("a.b-c_9", 7, PROTO_NAME_VARIABLE), 0);
+        assert_int_equal(proto_name_check("", 0, PROTO_NAME_FUNCTION), -EINVAL);
+        assert_int_equal(proto_name_check("a/b", 3, PROTO_NAME_FUNCTION), -EINVAL);
+        assert_int_equal(proto_name_check("sp ace", 6, PROTO_NAME_FUNCTION), -EINVAL);
+        assert_int_equal(proto_name_check("gpio/relay1", 11, PROTO_NAME_EVENT), 0);
+        assert_int_equal(proto_name_check("/lead", 5, PROTO_NAME_EVENT), -EINVAL);
+        assert_int_equal(proto_name_check("a//b", 4, PROTO_NAME_EVENT), -EINVAL);
+        assert_int_equal(proto_name_check("trail/", 6, PROTO_NAME_EVENT), -EINVAL);
+        assert_int_equal(proto_name_check("trail/", 6, PROTO_NAME_PREFIX), 0);
+        assert_int_equal(proto_name_check("", 0, PROTO_NAME_PREFIX), 0);
+        assert_int_equal(proto_name_check("dev.1", 5, PROTO_NAME_DEVICE), -EINVAL);
+        assert_int_equal(proto_name_check("a\0b", 3, PROTO_NAME_EVENT), -EINVAL);
+
+        memset(long_name, 'x', sizeof(long_name));
+        assert_int_equal(proto_name_check(long_name, TETHER_NAME_MAX, PROTO_NAME_FUNCTION), 0);
+        assert_int_equal(proto_name_check(long_name, TETHER_NAME_MAX + 1, PROTO_NAME_FUNCTION), -ENAMETOOLONG);
+        assert_int_equal(proto_name_check(long_name, TETHER_EVENT_NAME_MAX, PROTO_NAME_EVENT), 0);
+        assert_int_equal(proto_name_check(long_name, TETHER_EVENT_NAME_MAX + 1, PROTO_NAME_EVENT),
+                         -ENAMETOOLONG);
+
+        assert_true(proto_prefix_match("", "anything"));
+        assert_true(proto_prefix_match("gpio/", "gpio/relay1"));
+        assert_false(proto_prefix_match("gpio/", "gpi"));
+}
+
+static void test_utf8(void **state) {
+        assert_int_equal(proto_utf8_check("plain", 5), 0);
+        assert_int_equal(proto_utf8_check("gr\xc3\xbc\xc3\x9f", 6), 0);         /* grüß */
+        assert_int_equal(proto_utf8_check("\xf0\x9f\x98\x80", 4), 0);           /* emoji */
+        assert_int_equal(proto_utf8_check("\xc3", 1), -EILSEQ);                 /* truncated */
+        assert_int_equal(proto_utf8_check("\xc0\xaf", 2), -EILSEQ);             /* overlong */
+        assert_int_equal(proto_utf8_check("\xed\xa0\x80", 3), -EILSEQ);         /* surrogate */
+        assert_int_equal(proto_utf8_check("\xf4\x90\x80\x80", 4), -EILSEQ);     /* > U+10FFFF */
+        assert_int_equal(proto_utf8_check("a\0b", 3), -EILSEQ);
+        assert_int_equal(proto_utf8_check("\xff", 1), -EILSEQ);
+        assert_int_equal(proto_utf8_check("", 0), 0);
+}
+
+static void test_result(void **state) {
+        char buf[12];
+        int32_t v = 7;
+
+        assert_int_equal(proto_result_format(42, buf), 2);
+        assert_string_equal(buf, "42");
+        proto_result_format(INT32_MIN, buf);
+        assert_string_equal(buf, "-2147483648");
+        assert_int_equal(proto_result_parse((const uint8_t *)buf, strlen(buf), &v), 0);
+        assert_int_equal(v, INT32_MIN);
+        assert_int_equal(proto_result_parse((const uint8_t *)"2147483648", 10, &v), -EBADMSG);
+        assert_int_equal(proto_result_parse((const uint8_t *)"-", 1, &v), -EBADMSG);
+        assert_int_equal(proto_result_parse((const uint8_t *)"1 ", 2, &v), -EBADMSG);
+        assert_int_equal(proto_result_parse((const uint8_t *)"", 0, &v), -EBADMSG);
+        assert_int_equal(proto_result_parse(NULL, 0, &v), -EBADMSG);
+        assert_int_equal(v, INT32_MIN); /* untouched on failure */
+}
+
+static void roundtrip_value(struct tether_value in, const char *wire) {
+        _cleanup_free_ char *s = NULL;
+        json_t *j = NULL;
+        uint32_t type = 0;
+        size_t len;
+
+        assert_int_equal(proto_value_encode(&in, &s, &len), 0);
+        assert_string_equal(s, wire);
+        assert_int_equal(len, strlen(wire));
+        assert_int_equal(proto_value_decode((const uint8_t *)s, len, &j, &type), 0);
+        assert_int_equal(type, in.type);
+        json_decref(j);
+}
+
+static void test_values(void **state) {
+        struct tether_value v = { .type = TETHER_TYPE_DOUBLE, .d = 1.0 / 0.0 };
+        char *s = NULL;
+        json_t *j = NULL;
+        uint32_t type;
+
+        roundtrip_value((struct tether_value){ .type = TETHER_TYPE_BOOL, .b = 1 }, "true");
+        roundtrip_value((struct tether_value){ .type = TETHER_TYPE_INT32, .i = -17 }, "-17");
+        roundtrip_value((struct tether_value){ .type = TETHER_TYPE_DOUBLE, .d = 3.0 }, "3.0");
+        roundtrip_value((struct tether_value){ .type = TETHER_TYPE_DOUBLE, .d = 21.5 }, "21.5");
+        roundtrip_value((struct tether_value){ .type = TETHER_TYPE_STRING, .s = "a \"q\"" }, "\"a \\\"q\\\"\"");
+
+        assert_int_equal(proto_value_encode(&v, &s, NULL), -ERANGE); /* no JSON for inf */
+        v = (struct tether_value){ .type = 99 };
+        assert_int_equal(proto_value_encode(&v, &s, NULL), -EINVAL);
+        v = (struct tether_value){ .type = TETHER_TYPE_STRING, .s = "\xff" };
+        assert_int_equal(proto_value_encode(&v, &s, NULL), -EILSEQ);
+        assert_null(s);
+
+        assert_int_equal(proto_value_decode((const uint8_t *)"[1]", 3, &j, &type), -EBADMSG);
+        assert_int_equal(proto_value_decode((const uint8_t *)"null", 4, &j, &type), -EBADMSG);
+        assert_int_equal(proto_value_decode((const uint8_t *)"1 2", 3, &j, &type), -EBADMSG);
+        assert_int_equal(proto_value_decode((const uint8_t *)"99999999999", 11, &j, &type), -EBADMSG);
+        assert_null(j);
+}
+
+static void test_events(void **state) {
+        ProtoEvent e = { .name = "room/light", .data = "on", .ttl = 60, .private_ = true,
+                         .published_at = "2026-11-25T23:59:59.123Z", .coreid = "api" };
+        ProtoEvent d = {};
+        _cleanup_free_ char *s = NULL;
+        size_t len;
+
+        assert_int_equal(proto_event_encode(&e, &s, &len), 0);
+        assert_int_equal(proto_event_decode((const uint8_t *)s, len, &d), 0);
+        assert_string_equal(d.name, "room/light");
+        assert_string_equal(d.data, "on");
+        assert_int_equal(d.ttl, 60);
+        assert_true(d.private_);
+        assert_string_equal(d.coreid, "api");
+        proto_event_done(&d);
+
+        /* data is optional; a bad name, wrong types or junk are refused */
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\"}", 12, &d), 0);
+        assert_null(d.data);
+        assert_int_equal(d.ttl, PROTO_DEFAULT_TTL);
+        proto_event_done(&d);
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"/a\"}", 13, &d), -EBADMSG);
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":1}", 10, &d), -EBADMSG);
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\",\"ttl\":-1}", 21, &d), -EBADMSG);
+        assert_int_equal(proto_event_decode((const uint8_t *)"{", 1, &d), -EBADMSG);
+        e.name = "bad name";
+        assert_int_equal(proto_event_encode(&e, &s, &len), -EINVAL);
+}
+
+static void test_describe(void **state) {
+        static const char good[] = "{\"agent\":\"tetherd\",\"version\":\"0.1.0\",\"plugins\":[{\"name\":\"x\"}],"
+                                   "\"functions\":[\"echo\"],\"variables\":{\"c\":\"int32\"},\"events\":[\"x/\"]}";
+        static const char badtype[] = "{\"agent\":\"t\",\"version\":\"1\",\"plugins\":[],\"functions\":[],"
+                                      "\"variables\":{\"c\":\"float\"}}";
+        static const char badname[] = "{\"agent\":\"t\",\"version\":\"1\",\"plugins\":[],\"functions\":[\"a b\"],"
+                                      "\"variables\":{}}";
+        json_t *j = NULL;
+
+        assert_int_equal(proto_describe_decode((const uint8_t *)good, strlen(good), &j), 0);
+        assert_string_equal(json_string_value(json_object_get(json_object_get(j, "variables"), "c")), "int32");
+        json_decref(j);
+        j = NULL;
+        assert_int_equal(proto_describe_decode((const uint8_t *)badtype, strlen(badtype), &j), -EBADMSG);
+        assert_int_equal(proto_describe_decode((const uint8_t *)badname, strlen(badname), &j), -EBADMSG);
+        assert_int_equal(proto_describe_decode((const uint8_t *)"[]", 2, &j), -EBADMSG);
+        assert_null(j);
+}
+
+static void test_types(void **state) {
+        assert_string_equal(proto_type_to_string(TETHER_TYPE_INT32), "int32");
+        assert_null(proto_type_to_string(0));
+        assert_null(proto_type_to_string(77));
+        assert_int_equal(proto_type_from_string("double"), TETHER_TYPE_DOUBLE);
+        assert_int_equal(proto_type_from_string("float"), 0);
+        assert_int_equal(proto_type_from_string(NULL), 0);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_names),  cmocka_unit_test(test_utf8),  cmocka_unit_test(test_result),
+                cmocka_unit_test(test_values), cmocka_unit_test(test_events), cmocka_unit_test(test_describe),
+                cmocka_unit_test(test_types),
+        };
+        return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,1185 @@
+/* tether: the user CLI for tether-cloudd's HTTP API (Particle Cloud API
+ * shapes, docs/protocol.md). One libcurl easy handle per run, jansson for
+ * JSON. docs/cli.md is the user's reference, including the exit codes.
+ *
+ * Every failure is reported as exactly one line "tether: <reason>" on
+ * stderr; stdout carries only results, so scripts can consume it. */
+#include <curl/curl.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+
+#include "log.h"
+#include "proto.h"
+#include "util.h"
+
+#define TETHER_DEFAULT_API "http://127.0.0.1:8080"
+#define TETHER_DEFAULT_TIMEOUT_MS 30000L /* above the cloud's 10 s call timeout */
+#define TETHER_CONNECT_TIMEOUT_MS 10000L
+#define TETHER_RESPONSE_MAX (8u << 20)   /* bytes of one JSON response */
+#define TETHER_SSE_EVENT_MAX (1u << 20)  /* bytes of one event's data lines */
+#define TETHER_ERROR_TEXT_MAX 300        /* bytes of server error text we print */
+/* The cloud sends a keepalive comment every 15 s; three missed ones mean
+ * the stream is dead even if TCP has not noticed. */
+#define TETHER_STREAM_STALL_SEC 45L
+
+/* Exit codes, documented in docs/cli.md. */
+enum {
+        EXIT_FAILURE_ = 1,  /* anything else */
+        EXIT_USAGE = 2,     /* bad command line or invalid name, nothing sent */
+        EXIT_NOT_FOUND = 3, /* HTTP 404: unknown device, function or variable */
+        EXIT_OFFLINE = 4,   /* HTTP 503: device offline or busy */
+        EXIT_AUTH = 5,      /* HTTP 401/403: missing or bad token */
+        EXIT_TIMEOUT = 6,   /* HTTP 504 or no answer in time */
+        EXIT_CONNECT = 7,   /* could not reach the API (refused, DNS, TLS) */
+};
+
+static struct {
+        const char *api;
+        const char *token;
+        const char *cacert;
+        const char *device; /* subscribe --device */
+        long timeout_ms;    /* -1: the command's default */
+        long long ttl;      /* -1: not given */
+        unsigned long count;
+        bool json;
+        bool private_;
+} arg = {
+        .timeout_ms = -1,
+        .ttl = -1,
+};
+
+static volatile sig_atomic_t interrupted;
+
+typedef struct Buffer {
+        char *data;
+        size_t len, cap, max;
+} Buffer;
+
+static void buffer_done(Buffer *b) {
+        free(b->data);
+        *b = (Buffer){};
+}
+
+/* 0 or -ENOMEM/-EFBIG. Keeps the data NUL terminated. */
+static int buffer_append(Buffer *b, const char *p, size_t n) {
+        if (n > b->max - b->len)
+                return -EFBIG;
+        if (b->len + n + 1 > b->cap) {
+                size_t cap = b->cap ? b->cap : 4096;
+                while (cap < b->len + n + 1)
+                        cap *= 2;
+                char *d = realloc(b->data, cap);
+                if (!d)
+                        return -ENOMEM;
+                b->data = d;
+                b->cap = cap;
+        }
+        memcpy(b->data + b->len, p, n);
+        b->len += n;
+        b->data[b->len] = '\0';
+        return 0;
+}
+
+typedef struct Api {
+        CURL *curl;
+        struct curl_slist *headers;
+        char *base; /* API URL without trailing '/' */
+        char errbuf[CURL_ERROR_SIZE];
+        Buffer body;
+        long status;
+        const char *what_400; /* how to word an HTTP 400 for this request */
+} Api;
+
+static void api_done(Api *a) {
+        curl_slist_free_all(a->headers);
+        if (a->curl)
+                curl_easy_cleanup(a->curl);
+        free(a->base);
+        buffer_done(&a->body);
+}
+
+/* Exit code for a negative errno returned by a command. */
+static int exit_code_from_errno(int r) {
+        switch (-r) {
+        case 0:
+                return EXIT_SUCCESS;
+        case EINVAL:
+        case ENAMETOOLONG:
+        case EILSEQ:
+        case E2BIG:
+                return EXIT_USAGE;
+        case ENOENT:
+                return EXIT_NOT_FOUND;
+        case EHOSTDOWN:
+                return EXIT_OFFLINE;
+        case EACCES:
+        case EPERM:
+                return EXIT_AUTH;
+        case ETIMEDOUT:
+                return EXIT_TIMEOUT;
+        case ECONNREFUSED:
+        case EHOSTUNREACH:
+        case ECONNABORTED:
+                return EXIT_CONNECT;
+        default:
+                return EXIT_FAILURE_;
+        }
+}
+
+static int usage_error(const char *fmt, ...) _printf_(1, 2);
+static int usage_error(const char *fmt, ...) {
+        char msg[512];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+        log_error("%s (see 'tether --help')", msg);
+        return -EINVAL;
+}
+
+static int name_check(const char *name, ProtoNameKind kind) {
+        static const char *const what[] = {
+                [PROTO_NAME_FUNCTION] = "function name",
+                [PROTO_NAME_VARIABLE] = "variable name",
+                [PROTO_NAME_EVENT] = "event name",
+                [PROTO_NAME_PREFIX] = "event prefix",
+                [PROTO_NAME_DEVICE] = "device ID",
+        };
+        static const char *const rule[] = {
+                [PROTO_NAME_FUNCTION] = "[A-Za-z0-9_.-], at most 64 bytes",
+                [PROTO_NAME_VARIABLE] = "[A-Za-z0-9_.-], at most 64 bytes",
+                [PROTO_NAME_EVENT] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
+                [PROTO_NAME_PREFIX] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
+                [PROTO_NAME_DEVICE] = "[A-Za-z0-9_-], at most 64 bytes",
+        };
+        int r = proto_name_check(name, strlen(name), kind);
+
+        if (r < 0) {
+                log_error("Invalid %s '%s': use %s", what[kind], name, rule[kind]);
+                return -EINVAL;
+        }
+        return 0;
+}
+
+static int payload_check(const char *s, const char *what) {
+        size_t len = strlen(s);
+
+        if (len > PROTO_HARD_PAYLOAD_MAX) {
+                log_error("The %s is %zu bytes, more than any cloud accepts (%u)", what, len,
+                          PROTO_HARD_PAYLOAD_MAX);
+                return -E2BIG;
+        }
+        if (proto_utf8_check(s, len) < 0) {
+                log_error("The %s is not valid UTF-8", what);
+                return -EILSEQ;
+        }
+        return 0;
+}
+
+/* Copy server text into one printable line of bounded length. */
+static void one_line(const char *in, char *out, size_t size) {
+        size_t j = 0;
+
+        for (size_t i = 0; in[i] && j + 1 < size; i++) {
+                unsigned char c = (unsigned char)in[i];
+                out[j++] = (c < 0x20 || c == 0x7f) ? ' ' : (char)c;
+        }
+        while (j > 0 && out[j - 1] == ' ')
+                j--;
+        out[j] = '\0';
+}
+
+/* The server's diagnostic: "error" (plus "info", the device's own text,
+ * when there is one), else "error_description" or "message", else the
+ * body itself if it is not JSON. */
+static void error_text(const Buffer *body, char *out, size_t size) {
+        const char *e = NULL, *info = NULL;
+        _cleanup_free_ char *joined = NULL;
+        json_t *j;
+
+        out[0] = '\0';
+        if (!body->data || body->len == 0)
+                return;
+        j = json_loadb(body->data, body->len, 0, NULL);
+        if (!j) {
+                one_line(body->data, out, size);
+                return;
+        }
+        if (json_is_object(j)) {
+                e = json_string_value(json_object_get(j, "error"));
+                if (e)
+                        info = json_string_value(json_object_get(j, "info"));
+                else if (!(e = json_string_value(json_object_get(j, "error_description"))))
+                        e = json_string_value(json_object_get(j, "message"));
+        }
+        if (e && info && *info && !streq(e, info) && asprintf(&joined, "%s: %s", e, info) >= 0)
+                e = joined;
+        if (e)
+                one_line(e, out, size);
+        json_decref(j);
+}
+
+/* what: the request's object, for the wording of a 400 ("argument"). */
+static int http_error(Api *a, const char *what) {
+        char text[TETHER_ERROR_TEXT_MAX + 1], detail[TETHER_ERROR_TEXT_MAX + 3] = "";
+        long s = a->status;
+
+        error_text(&a->body, text, sizeof(text));
+        if (text[0])
+                snprintf(detail, sizeof(detail), ": %s", text);
+
+        switch (s) {
+        case 400:
+                log_error("%s (HTTP 400)%s", what ? what : "Bad request", detail);
+                return -EBADMSG;
+        case 401:
+                if (!arg.token)
+                        log_error("No API token given, use --token or TETHER_TOKEN (HTTP 401)%s", detail);
+                else
+                        log_error("Authentication failed, check the API token (HTTP 401)%s", detail);
+                return -EACCES;
+        case 403:
+                log_error("Forbidden (HTTP 403)%s", detail);
+                return -EPERM;
+        case 404:
+                log_error("Not found (HTTP 404)%s", detail);
+                return -ENOENT;
+        case 413:
+                log_error("Too large (HTTP 413)%s", detail);
+                return -EMSGSIZE;
+        case 502:
+                log_error("The device reported an error (HTTP 502)%s", detail);
+                return -EREMOTEIO;
+        case 503:
+                log_error("Device offline or busy (HTTP 503)%s", detail);
+                return -EHOSTDOWN;
+        case 504:
+                log_error("Timed out waiting for the device (HTTP 504)%s", detail);
+                return -ETIMEDOUT;
+        default:
+                log_error("Request failed (HTTP %ld)%s", s, detail);
+                return -EPROTO;
+        }
+}
+
+static int curl_error(Api *a, CURLcode c) {
+        const char *why = a->errbuf[0] ? a->errbuf : curl_easy_strerror(c);
+
+        switch (c) {
+        case CURLE_COULDNT_CONNECT:
+                log_error("Cannot connect to %s: %s", a->base, why);
+                return -ECONNREFUSED;
+        case CURLE_COULDNT_RESOLVE_HOST:
+        case CURLE_COULDNT_RESOLVE_PROXY:
+                log_error("Cannot resolve the host of %s: %s", a->base, why);
+                return -EHOSTUNREACH;
+        case CURLE_OPERATION_TIMEDOUT:
+                log_error("Request to %s timed out: %s", a->base, why);
+                return -ETIMEDOUT;
+        case CURLE_SSL_CONNECT_ERROR:
+        case CURLE_PEER_FAILED_VERIFICATION:
+        case CURLE_SSL_CACERT_BADFILE:
+        case CURLE_SSL_CERTPROBLEM:
+        case CURLE_SSL_CIPHER:
+        case CURLE_SSL_ISSUER_ERROR:
+                log_error("TLS error talking to %s: %s", a->base, why);
+                return -ECONNABORTED;
+        case CURLE_UNSUPPORTED_PROTOCOL:
+        case CURLE_URL_MALFORMAT:
+                log_error("Invalid API URL '%s': %s", a->base, why);
+                return -EINVAL;
+        case CURLE_GOT_NOTHING:
+        case CURLE_RECV_ERROR:
+        case CURLE_SEND_ERROR:
+        case CURLE_PARTIAL_FILE:
+                log_error("Connection to %s lost: %s", a->base, why);
+                return -ECONNRESET;
+        default:
+                log_error("Request to %s failed: %s", a->base, why);
+                return -EIO;
+        }
+}
+
+static size_t body_write(char *p, size_t size, size_t n, void *userdata) {
+        Api *a = userdata;
+
+        if (buffer_append(&a->body, p, n) < 0)
+                return 0; /* CURLE_WRITE_ERROR */
+        return n;
+}
+
+static int api_open(Api *a) {
+        const char *api = arg.api ?: getenv("TETHER_API");
+        _cleanup_free_ char *auth = NULL;
+        size_t len;
+
+        if (!api || !*api)
+                api = TETHER_DEFAULT_API;
+        if (!startswith(api, "http://") && !startswith(api, "https://"))
+                return usage_error("Invalid API URL '%s': must start with http:// or https://", api);
+        a->base = strdup(api);
+        if (!a->base)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        len = strlen(a->base);
+        while (len > 0 && a->base[len - 1] == '/')
+                a->base[--len] = '\0';
+
+        if (!arg.token) {
+                const char *t = getenv("TETHER_TOKEN");
+                if (t && *t)
+                        arg.token = t;
+        }
+        if (arg.token) {
+                if (strpbrk(arg.token, "\r\n"))
+                        return usage_error("The API token must not contain line breaks");
+                if (asprintf(&auth, "Authorization: Bearer %s", arg.token) < 0)
+                        return log_error_errno(-ENOMEM, "Out of memory");
+                a->headers = curl_slist_append(a->headers, auth);
+        }
+        /* No "Expect: 100-continue" round trip for larger arguments. */
+        a->headers = curl_slist_append(a->headers, "Expect:");
+        if (!a->headers)
+                return log_error_errno(-ENOMEM, "Out of memory");
+
+        a->curl = curl_easy_init();
+        if (!a->curl)
+                return log_error_errno(-ENOMEM, "Failed to initialize libcurl");
+        a->body.max = TETHER_RESPONSE_MAX;
+
+        curl_easy_setopt(a->curl, CURLOPT_ERRORBUFFER, a->errbuf);
+        curl_easy_setopt(a->curl, CURLOPT_USERAGENT, "tether/" PACKAGE_VERSION);
+        curl_easy_setopt(a->curl, CURLOPT_HTTPHEADER, a->headers);
+        curl_easy_setopt(a->curl, CURLOPT_TCP_NODELAY, 1L);
+        /* Names may contain "." and "..": send them as they are. */
+        curl_easy_setopt(a->curl, CURLOPT_PATH_AS_IS, 1L);
+        curl_easy_setopt(a->curl, CURLOPT_PROTOCOLS_STR, "http,https");
+        curl_easy_setopt(a->curl, CURLOPT_FOLLOWLOCATION, 0L);
+        if (arg.cacert)
+                curl_easy_setopt(a->curl, CURLOPT_CAINFO, arg.cacert);
+        return 0;
+}
+
+static void api_set_timeouts(Api *a, long total_ms) {
+        long connect_ms = TETHER_CONNECT_TIMEOUT_MS;
+
+        if (total_ms > 0 && total_ms < connect_ms)
+                connect_ms = total_ms;
+        curl_easy_setopt(a->curl, CURLOPT_CONNECTTIMEOUT_MS, connect_ms);
+        curl_easy_setopt(a->curl, CURLOPT_TIMEOUT_MS, total_ms > 0 ? total_ms : 0L);
+}
+
+/* Perform one request; form != NULL makes it a POST with that
+ * x-www-form-urlencoded body. On success (2xx) the raw body is in
+ * a->body and, if ret is not NULL, *ret is its parsed JSON (caller
+ * decrefs). Failures are logged once; negative errno. */
+static int api_request(Api *a, const char *path, const char *form, json_t **ret) {
+        _cleanup_free_ char *url = NULL;
+        json_error_t jerr;
+        CURLcode c;
+        json_t *j;
+
+        if (asprintf(&url, "%s%s", a->base, path) < 0)
+                return log_error_errno(-ENOMEM, "Out of memory");
+
+        buffer_done(&a->body);
+        a->body.max = TETHER_RESPONSE_MAX;
+        a->errbuf[0] = '\0';
+        curl_easy_setopt(a->curl, CURLOPT_URL, url);
+        if (form) {
+                curl_easy_setopt(a->curl, CURLOPT_POSTFIELDS, form);
+                curl_easy_setopt(a->curl, CURLOPT_POSTFIELDSIZE, (long)strlen(form));
+        } else
+                curl_easy_setopt(a->curl, CURLOPT_HTTPGET, 1L);
+        curl_easy_setopt(a->curl, CURLOPT_WRITEFUNCTION, body_write);
+        curl_easy_setopt(a->curl, CURLOPT_WRITEDATA, a);
+        api_set_timeouts(a, arg.timeout_ms >= 0 ? arg.timeout_ms : TETHER_DEFAULT_TIMEOUT_MS);
+
+        c = curl_easy_perform(a->curl);
+        if (c == CURLE_WRITE_ERROR) {
+                log_error("The response from %s is larger than %u bytes", a->base, TETHER_RESPONSE_MAX);
+                return -EFBIG;
+        }
+        if (c != CURLE_OK)
+                return curl_error(a, c);
+
+        curl_easy_getinfo(a->curl, CURLINFO_RESPONSE_CODE, &a->status);
+        if (a->status < 200 || a->status > 299)
+                return http_error(a, a->what_400);
+
+        if (!ret)
+                return 0;
+        j = json_loadb(a->body.data ?: "", a->body.len, 0, &jerr);
+        if (!j) {
+                log_error("Malformed JSON from %s: %s", url, jerr.text);
+                return -EBADMSG;
+        }
+        *ret = j;
+        return 0;
+}
+
+static int print_raw_body(const Api *a) {
+        size_t len = a->body.len;
+
+        while (len > 0 && (a->body.data[len - 1] == '\n' || a->body.data[len - 1] == '\r'))
+                len--;
+        fwrite(a->body.data, 1, len, stdout);
+        putchar('\n');
+        return 0;
+}
+
+static char *form_field(Api *a, const char *name, const char *value) {
+        char *esc = curl_easy_escape(a->curl, value, (int)strlen(value)), *s = NULL;
+
+        if (!esc)
+                return NULL;
+        if (asprintf(&s, "%s=%s", name, esc) < 0)
+                s = NULL;
+        curl_free(esc);
+        return s;
+}
+
+static const char *json_string_or(json_t *o, const char *key, const char *fallback) {
+        const char *s = json_string_value(json_object_get(o, key));
+        return s && *s ? s : fallback;
+}
+
+/* Shortest "%g" text that reads back as the same double, with ".0"
+ * appended to integral values so a double still looks like one. */
+static void format_double(double v, char *buf, size_t size) {
+        for (int p = 1; p <= 17; p++) {
+                snprintf(buf, size, "%.*g", p, v);
+                if (strtod(buf, NULL) == v)
+                        break;
+        }
+        if (!strpbrk(buf, ".eEn"))
+                strncat(buf, ".0", size - strlen(buf) - 1);
+}
+
+/* ---- commands ------------------------------------------------------------- */
+
+static int cmd_list(Api *a, char **args, int n) {
+        json_t *devices, *d;
+        size_t i, w = 2;
+        int r;
+
+        if (n != 0)
+                return usage_error("'list' takes no arguments");
+        r = api_request(a, "/v1/devices", NULL, &devices);
+        if (r < 0)
+                return r;
+        if (!json_is_array(devices)) {
+                json_decref(devices);
+                log_error("Malformed response from %s: expected a list of devices", a->base);
+                return -EBADMSG;
+        }
+        if (arg.json) {
+                json_decref(devices);
+                return print_raw_body(a);
+        }
+
+        json_array_foreach(devices, i, d) {
+                size_t l = strlen(json_string_or(d, "id", "?"));
+                if (l > w)
+                        w = l;
+        }
+        printf("%-*s  %-7s  %s\n", (int)w, "ID", "STATUS", "LAST HEARD");
+        json_array_foreach(devices, i, d) {
+                printf("%-*s  %-7s  %s\n", (int)w, json_string_or(d, "id", "?"),
+                       json_is_true(json_object_get(d, "connected")) ? "online" : "offline",
+                       json_string_or(d, "last_heard", "never"));
+        }
+        json_decref(devices);
+        return 0;
+}
+
+static int cmd_describe(Api *a, char **args, int n) {
+        _cleanup_free_ char *path = NULL;
+        json_t *dev, *fns, *vars, *v;
+        const char *key;
+        size_t i, w = 0;
+        int r;
+
+        if (n != 1)
+                return usage_error("'describe' takes one argument, DEVICE");
+        r = name_check(args[0], PROTO_NAME_DEVICE);
+        if (r < 0)
+                return r;
+        if (asprintf(&path, "/v1/devices/%s", args[0]) < 0)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        r = api_request(a, path, NULL, &dev);
+        if (r < 0)
+                return r;
+        if (!json_is_object(dev)) {
+                json_decref(dev);
+                log_error("Malformed response from %s: expected a device object", a->base);
+                return -EBADMSG;
+        }
+        if (arg.json) {
+                json_decref(dev);
+                return print_raw_body(a);
+        }
+
+        printf("id:         %s\n", json_string_or(dev, "id", args[0]));
+        if (json_string_value(json_object_get(dev, "name")))
+                printf("name:       %s\n", json_string_or(dev, "name", ""));
+        printf("status:     %s\n", json_is_true(json_object_get(dev, "connected")) ? "online" : "offline");
+        printf("last heard: %s\n", json_string_or(dev, "last_heard", "never"));
+
+        fns = json_object_get(dev, "functions");
+        if (!json_is_array(fns))
+                printf("functions:  (unknown)\n");
+        else if (json_array_size(fns) == 0)
+                printf("functions:  (none)\n");
+        else {
+                printf("functions:\n");
+                json_array_foreach(fns, i, v)
+                        if (json_is_string(v))
+                                printf("  %s\n", json_string_value(v));
+        }
+
+        vars = json_object_get(dev, "variables");
+        if (!json_is_object(vars))
+                printf("variables:  (unknown)\n");
+        else if (json_object_size(vars) == 0)
+                printf("variables:  (none)\n");
+        else {
+                printf("variables:\n");
+                json_object_foreach(vars, key, v)
+                        if (strlen(key) > w)
+                                w = strlen(key);
+                json_object_foreach(vars, key, v)
+                        printf("  %-*s  %s\n", (int)w, key, json_is_string(v) ? json_string_value(v) : "?");
+        }
+        json_decref(dev);
+        return 0;
+}
+
+static int cmd_call(Api *a, char **args, int n) {
+        _cleanup_free_ char *path = NULL, *form = NULL;
+        const char *argument = n >= 3 ? args[2] : "";
+        json_t *res, *rv;
+        int r;
+
+        if (n < 2 || n > 3)
+                return usage_error("'call' takes DEVICE FUNCTION [ARGUMENT]");
+        r = name_check(args[0], PROTO_NAME_DEVICE);
+        if (r < 0)
+                return r;
+        r = name_check(args[1], PROTO_NAME_FUNCTION);
+        if (r < 0)
+                return r;
+        r = payload_check(argument, "argument");
+        if (r < 0)
+                return r;
+
+        if (asprintf(&path, "/v1/devices/%s/%s", args[0], args[1]) < 0 ||
+            !(form = form_field(a, "arg", argument)))
+                return log_error_errno(-ENOMEM, "Out of memory");
+        /* Names and UTF-8 were checked here: a 400 is about the argument. */
+        a->what_400 = "The device rejected the argument";
+        r = api_request(a, path, form, &res);
+        if (r < 0)
+                return r;
+        rv = json_object_get(res, "return_value");
+        if (!json_is_integer(rv)) {
+                json_decref(res);
+                log_error("Malformed response from %s: no integer \"return_value\"", a->base);
+                return -EBADMSG;
+        }
+        if (arg.json)
+                print_raw_body(a);
+        else
+                printf("%" JSON_INTEGER_FORMAT "\n", json_integer_value(rv));
+        json_decref(res);
+        return 0;
+}
+
+static int cmd_get(Api *a, char **args, int n) {
+        _cleanup_free_ char *path = NULL;
+        json_t *res, *v;
+        char num[64];
+        int r;
+
+        if (n != 2)
+                return usage_error("'get' takes DEVICE VARIABLE");
+        r = name_check(args[0], PROTO_NAME_DEVICE);
+        if (r < 0)
+                return r;
+        r = name_check(args[1], PROTO_NAME_VARIABLE);
+        if (r < 0)
+                return r;
+        if (asprintf(&path, "/v1/devices/%s/%s", args[0], args[1]) < 0)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        r = api_request(a, path, NULL, &res);
+        if (r < 0)
+                return r;
+        v = json_object_get(res, "result");
+        if (!v) {
+                json_decref(res);
+                log_error("Malformed response from %s: no \"result\"", a->base);
+                return -EBADMSG;
+        }
+
+        if (arg.json)
+                print_raw_body(a);
+        else if (json_is_string(v)) {
+                fwrite(json_string_value(v), 1, json_string_length(v), stdout);
+                putchar('\n');
+        } else if (json_is_integer(v))
+                printf("%" JSON_INTEGER_FORMAT "\n", json_integer_value(v));
+        else if (json_is_real(v)) {
+                format_double(json_real_value(v), num, sizeof(num));
+                printf("%s\n", num);
+        } else if (json_is_boolean(v))
+                printf("%s\n", json_is_true(v) ? "true" : "false");
+        else {
+                _cleanup_free_ char *s = json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY);
+                printf("%s\n", s ?: "null");
+        }
+        json_decref(res);
+        return 0;
+}
+
+static int cmd_publish(Api *a, char **args, int n) {
+        _cleanup_free_ char *f_name = NULL, *f_data = NULL, *form = NULL;
+        const char *data = n >= 2 ? args[1] : NULL;
+        json_t *res;
+        int r;
+
+        if (n < 1 || n > 2)
+                return usage_error("'publish' takes NAME [DATA]");
+        r = name_check(args[0], PROTO_NAME_EVENT);
+        if (r < 0)
+                return r;
+        if (data) {
+                r = payload_check(data, "event data");
+                if (r < 0)
+                        return r;
+        }
+
+        f_name = form_field(a, "name", args[0]);
+        if (data)
+                f_data = form_field(a, "data", data);
+        if (!f_name || (data && !f_data) ||
+            asprintf(&form, "%s%s%s%s", f_name, data ? "&" : "", data ? f_data : "",
+                     arg.private_ ? "&private=true" : "") < 0)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        if (arg.ttl >= 0) {
+                char *f;
+                if (asprintf(&f, "%s&ttl=%lld", form, arg.ttl) < 0)
+                        return log_error_errno(-ENOMEM, "Out of memory");
+                free(form);
+                form = f;
+        }
+
+        r = api_request(a, "/v1/devices/events", form, &res);
+        if (r < 0)
+                return r;
+        if (json_is_false(json_object_get(res, "ok"))) {
+                char text[TETHER_ERROR_TEXT_MAX + 1];
+                error_text(&a->body, text, sizeof(text));
+                json_decref(res);
+                log_error("The cloud did not accept the event%s%s", text[0] ? ": " : "", text);
+                return -EPROTO;
+        }
+        json_decref(res);
+        if (arg.json)
+                print_raw_body(a);
+        return 0;
+}
+
+/* ---- subscribe: a server-sent event stream -------------------------------- */
+
+typedef struct Stream {
+        Api *api;
+        Buffer line;      /* the line being received */
+        Buffer data;      /* data lines of the event being received */
+        char *event;      /* its "event:" field */
+        bool skip_lf;     /* last chunk ended in CR: a following LF belongs to it */
+        bool checked;     /* status and content type looked at */
+        bool failed;      /* non-200: the body is collected into api->body */
+        bool stdout_gone; /* EPIPE: the reader went away */
+        int write_error;  /* other stdout errors, negative errno */
+        unsigned long received;
+} Stream;
+
+static bool stream_done(const Stream *s) {
+        return (arg.count > 0 && s->received >= arg.count) || s->stdout_gone || s->write_error < 0;
+}
+
+/* Human format: one line per event, so control characters in the data
+ * are escaped; --json gives the exact data. */
+static void print_escaped(const char *s) {
+        for (; *s; s++) {
+                unsigned char c = (unsigned char)*s;
+                if (c == '\n')
+                        fputs("\\n", stdout);
+                else if (c == '\r')
+                        fputs("\\r", stdout);
+                else if (c == '\t')
+                        fputs("\\t", stdout);
+                else if (c < 0x20 || c == 0x7f)
+                        printf("\\x%02x", c);
+                else
+                        putchar(c);
+        }
+}
+
+static void stream_dispatch(Stream *s) {
+        json_t *ev, *data, *ttl, *priv;
+        const char *name = s->event ?: "message";
+        json_error_t jerr;
+
+        if (s->data.len == 0)
+                goto out;
+        /* The last data line's newline is not part of the value. */
+        s->data.data[--s->data.len] = '\0';
+
+        ev = json_loadb(s->data.data, s->data.len, 0, &jerr);
+        if (!json_is_object(ev)) {
+                json_decref(ev);
+                log_warning("Warning: ignoring event '%s' with malformed data: %s", name,
+                            ev ? "not a JSON object" : jerr.text);
+                goto out;
+        }
+        data = json_object_get(ev, "data");
+        ttl = json_object_get(ev, "ttl");
+        priv = json_object_get(ev, "private");
+
+        if (arg.json) {
+                json_t *o = json_pack("{s:s, s:O?, s:O?, s:O?, s:O?}", "name", name, "data", data, "ttl",
+                                      ttl, "published_at", json_object_get(ev, "published_at"), "coreid",
+                                      json_object_get(ev, "coreid"));
+                if (o && json_is_true(priv))
+                        json_object_set_new(o, "private", json_true());
+                char *text = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+                if (text)
+                        printf("%s\n", text);
+                else
+                        log_warning("Warning: failed to format event '%s'", name);
+                free(text);
+                json_decref(o);
+        } else {
+                const char *d = json_string_value(data);
+                fputs(name, stdout);
+                if (d && *d) {
+                        putchar(' ');
+                        print_escaped(d);
+                } else if (data && !json_is_null(data) && !json_is_string(data)) {
+                        char *t = json_dumps(data, JSON_COMPACT | JSON_ENCODE_ANY);
+                        printf(" %s", t ?: "");
+                        free(t);
+                }
+                printf(" (from %s at %s)\n", json_string_or(ev, "coreid", "?"),
+                       json_string_or(ev, "published_at", "?"));
+        }
+        json_decref(ev);
+
+        if (fflush(stdout) != 0 || ferror(stdout)) {
+                if (errno == EPIPE)
+                        s->stdout_gone = true;
+                else
+                        s->write_error = -errno;
+                return;
+        }
+        s->received++;
+out:
+        free(s->event);
+        s->event = NULL;
+        s->data.len = 0;
+}
+
+static int stream_line(Stream *s, char *line, size_t len) {
+        const char *value;
+        size_t flen;
+        char *colon;
+
+        if (len == 0) {
+                stream_dispatch(s);
+                return 0;
+        }
+        if (line[0] == ':') /* comment: ":ok", keepalives */
+                return 0;
+
+        colon = memchr(line, ':', len);
+        flen = colon ? (size_t)(colon - line) : len;
+        value = colon ? colon + 1 : line + len;
+        if (*value == ' ')
+                value++;
+
+        if (flen == 5 && strncmp(line, "event", 5) == 0) {
+                free(s->event);
+                s->event = strdup(value);
+                if (!s->event)
+                        return -ENOMEM;
+        } else if (flen == 4 && strncmp(line, "data", 4) == 0) {
+                int r = buffer_append(&s->data, value, strlen(value));
+                if (r == 0)
+                        r = buffer_append(&s->data, "\n", 1);
+                if (r < 0)
+                        return r;
+        }
+        /* "id" and "retry" are not used: the CLI does not reconnect. */
+        return 0;
+}
+
+static size_t stream_write(char *p, size_t size, size_t n, void *userdata) {
+        Stream *s = userdata;
+        Api *a = s->api;
+
+        if (!s->checked) {
+                const char *ct = NULL;
+
+                s->checked = true;
+                curl_easy_getinfo(a->curl, CURLINFO_RESPONSE_CODE, &a->status);
+                curl_easy_getinfo(a->curl, CURLINFO_CONTENT_TYPE, &ct);
+                if (a->status != 200)
+                        s->failed = true;
+                else if (!ct || strncasecmp(ct, "text/event-stream", 17) != 0) {
+                        log_error("Unexpected response from %s: Content-Type '%s', not an event stream",
+                                  a->base, ct ?: "");
+                        s->write_error = -EPROTO;
+                        return 0;
+                }
+                /* Test scripts wait for this line before they publish. */
+                if (!s->failed) {
+                        char *url = NULL;
+                        curl_easy_getinfo(a->curl, CURLINFO_EFFECTIVE_URL, &url);
+                        log_info("Subscribed to %s", url ?: a->base);
+                }
+        }
+        if (s->failed)
+                return buffer_append(&a->body, p, n) < 0 ? 0 : n;
+
+        for (size_t i = 0; i < n && !stream_done(s); i++) {
+                char c = p[i];
+
+                if (s->skip_lf) {
+                        s->skip_lf = false;
+                        if (c == '\n')
+                                continue;
+                }
+                if (c == '\r' || c == '\n') {
+                        s->skip_lf = c == '\r';
+                        int r = stream_line(s, s->line.data ?: (char *)"", s->line.len);
+                        s->line.len = 0;
+                        if (r < 0) {
+                                log_error("An event from %s is larger than %u bytes", a->base,
+                                          TETHER_SSE_EVENT_MAX);
+                                s->write_error = -EFBIG;
+                                return 0;
+                        }
+                        continue;
+                }
+                if (buffer_append(&s->line, &c, 1) < 0) {
+                        log_error("An event from %s is larger than %u bytes", a->base, TETHER_SSE_EVENT_MAX);
+                        s->write_error = -EFBIG;
+                        return 0;
+                }
+        }
+        /* Returning short ends the transfer (CURLE_WRITE_ERROR). */
+        return stream_done(s) ? 0 : n;
+}
+
+static int stream_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                           curl_off_t ulnow) {
+        return interrupted ? 1 : 0;
+}
+
+static void on_signal(int sig) {
+        interrupted = 1;
+}
+
+static int cmd_subscribe(Api *a, char **args, int n) {
+        _cleanup_free_ char *path = NULL;
+        const char *prefix = n >= 1 ? args[0] : "";
+        struct sigaction sa = { .sa_handler = on_signal };
+        Stream s = { .api = a };
+        unsigned long long start;
+        CURLcode c;
+        int r;
+
+        if (n > 1)
+                return usage_error("'subscribe' takes at most one argument, PREFIX");
+        r = name_check(prefix, PROTO_NAME_PREFIX);
+        if (r < 0)
+                return r;
+        if (arg.device) {
+                r = name_check(arg.device, PROTO_NAME_DEVICE);
+                if (r < 0)
+                        return r;
+        }
+        if (asprintf(&path, "%s/v1/devices/%s%sevents%s%s", a->base, arg.device ?: "", arg.device ? "/" : "",
+                     *prefix ? "/" : "", prefix) < 0)
+                return log_error_errno(-ENOMEM, "Out of memory");
+
+        /* No SA_RESTART: a signal should interrupt libcurl's poll(). */
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+
+        a->headers = curl_slist_append(a->headers, "Accept: text/event-stream");
+        if (!a->headers)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        buffer_done(&a->body);
+        a->body.max = TETHER_RESPONSE_MAX;
+        s.line.max = TETHER_SSE_EVENT_MAX;
+        s.data.max = TETHER_SSE_EVENT_MAX;
+
+        curl_easy_setopt(a->curl, CURLOPT_URL, path);
+        curl_easy_setopt(a->curl, CURLOPT_HTTPHEADER, a->headers);
+        curl_easy_setopt(a->curl, CURLOPT_HTTPGET, 1L);
+        curl_easy_setopt(a->curl, CURLOPT_WRITEFUNCTION, stream_write);
+        curl_easy_setopt(a->curl, CURLOPT_WRITEDATA, &s);
+        curl_easy_setopt(a->curl, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(a->curl, CURLOPT_XFERINFOFUNCTION, stream_progress);
+        curl_easy_setopt(a->curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
+        curl_easy_setopt(a->curl, CURLOPT_LOW_SPEED_TIME, TETHER_STREAM_STALL_SEC);
+        curl_easy_setopt(a->curl, CURLOPT_TCP_KEEPALIVE, 1L);
+        /* Without --timeout the stream runs until interrupted. */
+        api_set_timeouts(a, arg.timeout_ms > 0 ? arg.timeout_ms : 0);
+
+        start = now_usec();
+        c = curl_easy_perform(a->curl);
+
+        if (s.failed) {
+                r = http_error(a, NULL);
+                goto out;
+        }
+        if (s.write_error < 0) {
+                if (s.write_error != -EPROTO && s.write_error != -EFBIG)
+                        log_error_errno(s.write_error, "Failed to write to standard output: %m");
+                r = s.write_error;
+                goto out;
+        }
+        if (s.stdout_gone || (arg.count > 0 && s.received >= arg.count)) {
+                r = 0;
+                goto out;
+        }
+
+        if (c == CURLE_ABORTED_BY_CALLBACK && interrupted) {
+                if (arg.count > 0) {
+                        log_error("Interrupted after %lu of %lu events", s.received, arg.count);
+                        r = -EINTR;
+                } else
+                        r = 0;
+        } else if (c == CURLE_OPERATION_TIMEDOUT && s.checked && arg.timeout_ms > 0 &&
+                   now_usec() - start >= (unsigned long long)arg.timeout_ms * 1000ULL) {
+                /* --timeout bounds a collection; only a missed --count fails. */
+                if (arg.count > 0) {
+                        log_error("Timed out after %.3g s with %lu of %lu events", arg.timeout_ms / 1000.0,
+                                  s.received, arg.count);
+                        r = -ETIMEDOUT;
+                } else
+                        r = 0;
+        } else if (c == CURLE_OPERATION_TIMEDOUT && s.checked) {
+                log_error("The event stream from %s stalled: nothing received for %ld s", a->base,
+                          TETHER_STREAM_STALL_SEC);
+                r = -ETIMEDOUT;
+        } else if (c == CURLE_OK) {
+                log_error("The event stream from %s was closed by the server", a->base);
+                r = -ECONNRESET;
+        } else
+                r = curl_error(a, c);
+out:
+        buffer_done(&s.line);
+        buffer_done(&s.data);
+        free(s.event);
+        return r;
+}
+
+/* ---- command line --------------------------------------------------------- */
+
+static void help(void) {
+        printf("Usage: tether [OPTIONS] COMMAND [ARGS...]\n"
+               "\n"
+               "Drive a tether cloud through its HTTP API.\n"
+               "\n"
+               "Commands:\n"
+               "  list                          list devices: ID, online/offline, last heard\n"
+               "  describe DEVICE               show a device's functions and variables\n"
+               "  call DEVICE FUNCTION [ARG]    call a function, print its return value\n"
+               "  get DEVICE VARIABLE           read a variable, print its value\n"
+               "  publish NAME [DATA]           publish an event\n"
+               "        --private                 mark it private\n"
+               "        --ttl SECONDS             time to live (cloud default: 60)\n"
+               "  subscribe [PREFIX]            print events as they arrive, one per line\n"
+               "        --device DEVICE           only events from this device\n"
+               "        --count N                 exit 0 after N events\n"
+               "\n"
+               "Options:\n"
+               "  --api URL         API base URL (default: $TETHER_API, else " TETHER_DEFAULT_API ")\n"
+               "  --token TOKEN     bearer token (default: $TETHER_TOKEN)\n"
+               "  --cacert FILE     CA certificate(s) to verify an https:// API\n"
+               "  --json            print the cloud's JSON (subscribe: one object per line)\n"
+               "  --timeout SECONDS give up after this long (default 30; subscribe: none)\n"
+               "  -h, --help        show this help\n"
+               "  --version         show the version\n"
+               "\n"
+               "Put \"--\" before an argument that starts with '-'.\n"
+               "Exit status: 0 ok, 1 error, 2 usage, 3 not found, 4 device offline or busy,\n"
+               "5 authentication, 6 timeout, 7 cannot reach the API.\n");
+}
+
+enum {
+        OPT_API = 0x100,
+        OPT_TOKEN,
+        OPT_CACERT,
+        OPT_JSON,
+        OPT_TIMEOUT,
+        OPT_VERSION,
+        OPT_PRIVATE,
+        OPT_TTL,
+        OPT_DEVICE,
+        OPT_COUNT,
+};
+
+typedef int (*CommandFunc)(Api *a, char **args, int n);
+
+static const struct {
+        const char *name;
+        CommandFunc func;
+} commands[] = {
+        { "list", cmd_list },       { "describe", cmd_describe }, { "call", cmd_call },
+        { "get", cmd_get },         { "publish", cmd_publish },   { "subscribe", cmd_subscribe },
+};
+
+static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
+        static const struct option options[] = {
+                { "api", required_argument, NULL, OPT_API },
+                { "token", required_argument, NULL, OPT_TOKEN },
+                { "cacert", required_argument, NULL, OPT_CACERT },
+                { "json", no_argument, NULL, OPT_JSON },
+                { "timeout", required_argument, NULL, OPT_TIMEOUT },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, OPT_VERSION },
+                { "private", no_argument, NULL, OPT_PRIVATE },
+                { "ttl", required_argument, NULL, OPT_TTL },
+                { "device", required_argument, NULL, OPT_DEVICE },
+                { "count", required_argument, NULL, OPT_COUNT },
+                {},
+        };
+        const char *cmd;
+        char *end;
+        int c;
+
+        opterr = 0;
+        while ((c = getopt_long(argc, argv, ":h", options, NULL)) >= 0) {
+                switch (c) {
+                case 'h':
+                        help();
+                        return 0;
+                case OPT_VERSION:
+                        printf("tether %s\n", PACKAGE_VERSION);
+                        return 0;
+                case OPT_API:
+                        arg.api = optarg;
+                        break;
+                case OPT_TOKEN:
+                        arg.token = optarg[0] ? optarg : NULL;
+                        break;
+                case OPT_CACERT:
+                        arg.cacert = optarg;
+                        break;
+                case OPT_JSON:
+                        arg.json = true;
+                        break;
+                case OPT_TIMEOUT: {
+                        errno = 0;
+                        double t = strtod(optarg, &end);
+                        if (errno || end == optarg || *end || !(t > 0) || t > 86400.0)
+                                return usage_error("Invalid --timeout '%s': expected seconds, 0 < S <= 86400",
+                                                   optarg);
+                        arg.timeout_ms = (long)(t * 1000.0 + 0.5);
+                        if (arg.timeout_ms < 1)
+                                arg.timeout_ms = 1;
+                        break;
+                }
+                case OPT_PRIVATE:
+                        arg.private_ = true;
+                        break;
+                case OPT_TTL:
+                        errno = 0;
+                        arg.ttl = strtoll(optarg, &end, 10);
+                        if (errno || end == optarg || *end || arg.ttl < 0 || arg.ttl > UINT32_MAX)
+                                return usage_error("Invalid --ttl '%s': expected seconds, 0-%" PRIu32, optarg,
+                                                   UINT32_MAX);
+                        break;
+                case OPT_DEVICE:
+                        arg.device = optarg;
+                        break;
+                case OPT_COUNT: {
+                        errno = 0;
+                        long long v = strtoll(optarg, &end, 10);
+                        if (errno || end == optarg || *end || v < 1 || (unsigned long long)v > ULONG_MAX)
+                                return usage_error("Invalid --count '%s': expected a positive number", optarg);
+                        arg.count = (unsigned long)v;
+                        break;
+                }
+                case ':':
+                        return usage_error("Option '%s' needs an argument", argv[optind - 1]);
+                default: {
+                        const char *o = argv[optind - 1];
+                        if (o[0] == '-' && o[1] >= '0' && o[1] <= '9')
+                                return usage_error("Unknown option '%s'; put \"--\" before an argument "
+                                                   "that starts with '-'",
+                                                   o);
+                        return usage_error("Unknown option '%s'", o);
+                }
+                }
+        }
+
+        if (optind >= argc)
+                return usage_error("Missing command");
+        cmd = argv[optind];
+        *ret_func = NULL;
+        for (size_t i = 0; i < ELEMENTSOF(commands); i++)
+                if (streq(commands[i].name, cmd))
+                        *ret_func = commands[i].func;
+        if (!*ret_func)
+                return usage_error("Unknown command '%s'", cmd);
+
+        if ((arg.private_ || arg.ttl >= 0) && !streq(cmd, "publish"))
+                return usage_error("--private and --ttl are options of 'publish'");
+        if ((arg.device || arg.count > 0) && !streq(cmd, "subscribe"))
+                return usage_error("--device and --count are options of 'subscribe'");
+
+        *ret_optind = optind + 1;
+        return 1;
+}
+
+int main(int argc, char **argv) {
+        _cleanup_(api_done) Api a = {};
+        CommandFunc func = NULL;
+        int r, first = 0;
+
+        log_open("tether");
+        /* A reader that goes away must be an EPIPE we can handle, not a
+         * signal that kills us mid-line. */
+        signal(SIGPIPE, SIG_IGN);
+
+        r = parse_argv(argc, argv, &func, &first);
+        if (r <= 0)
+                return r < 0 ? EXIT_USAGE : EXIT_SUCCESS;
+
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+                log_error("Failed to initialize libcurl");
+                return EXIT_FAILURE_;
+        }
+        r = api_open(&a);
+        if (r >= 0)
+                r = func(&a, argv + first, argc - first);
+
+        if (r >= 0 && (fflush(stdout) != 0 || ferror(stdout)) && errno != EPIPE)
+                r = log_error_errno(-errno, "Failed to write to standard output: %m");
+
+        api_done(&a);
+        a = (Api){};
+        curl_global_cleanup();
+        return exit_code_from_errno(r);
+}
