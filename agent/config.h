@@ -1,0 +1,65 @@
+/* tetherd configuration: a keyfile (/etc/tether/tetherd.conf) plus drop-ins
+ * (tetherd.conf.d/\*.conf, in lexical order, later keys win). Unknown keys
+ * warn with FILE:LINE; bad values fail the load with FILE:LINE. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CONFIG_DEFAULT_PATH SYSCONFDIR "/tether/tetherd.conf"
+
+typedef struct ConfigPair {
+        char *key;
+        char *value;
+} ConfigPair;
+
+/* "[Plugin NAME]" sections, handed to plugins through config_get(). */
+typedef struct PluginSection {
+        char *name;
+        ConfigPair *pairs;
+        size_t n_pairs;
+} PluginSection;
+
+typedef struct Config {
+        /* [Cloud] */
+        char *cloud_host;
+        uint16_t cloud_port;
+        char *ca_file;
+        /* [Device] */
+        char *cert_file;
+        char *key_file;
+        /* [Connection], durations in milliseconds */
+        uint64_t keepalive_ms;
+        uint64_t keepalive_timeout_ms;
+        uint64_t connect_timeout_ms;
+        uint64_t reconnect_min_ms;
+        uint64_t reconnect_max_ms;
+        uint64_t stable_ms;
+        /* [Limits] */
+        size_t max_payload;
+        unsigned max_subscriptions;
+        unsigned max_queued_events;
+        /* [Plugins] */
+        char *plugin_dir;
+        char **plugin_enable; /* NULL-terminated, NULL = all */
+        char **plugin_disable;
+        PluginSection *plugins;
+        size_t n_plugins;
+} Config;
+
+/* Load path and its ".d" drop-in directory. On a bad value returns
+ * -EINVAL and, when ret_error is given, a malloc'd "FILE:LINE: reason". */
+int config_load(const char *path, Config **ret, char **ret_error);
+/* Parse one file into an existing config (used by config_load and tests). */
+int config_parse_file(Config *c, const char *path, char **ret_error);
+Config *config_new(void);
+Config *config_free(Config *c);
+static inline void config_freep(Config **c) { config_free(*c); }
+
+/* Whether two configs differ in anything that needs a new connection. */
+bool config_cloud_changed(const Config *a, const Config *b);
+/* Value for key in "[Plugin name]", or NULL. */
+const char *config_plugin_get(const Config *c, const char *plugin, const char *key);
+/* Whether the plugin of this name is enabled by Enable=/Disable=. */
+bool config_plugin_enabled(const Config *c, const char *plugin);
