@@ -754,6 +754,8 @@ static int on_teardown(sd_event_source *s, void *userdata) {
 
         if (c->state == CONN_CONNECTED && now_ms() - c->connected_at >= c->config->stable_ms)
                 c->failures = 0;
+        /* A lookup that timed out must not write into the next one's request. */
+        resolve_cancel(c);
         drop_session(c);
         delay = backoff_ms(c);
         c->failures++;
