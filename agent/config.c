@@ -279,7 +279,7 @@ static int handler(void *user, const char *section, const char *name, const char
                 const char *pname = section + strlen("Plugin ");
                 PluginSection *p;
 
-                if (proto_name_check(pname, strlen(pname), PROTO_NAME_DEVICE) < 0)
+                if (proto_name_check(pname, strlen(pname), PROTO_NAME_PLUGIN) < 0)
                         return fail(s, "invalid plugin name '%s' in section header", pname);
                 p = plugin_section(s->config, pname);
                 if (!p || plugin_set(p, name, value) < 0)

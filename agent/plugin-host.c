@@ -29,12 +29,22 @@ struct PluginHost {
 
 /* --- the host API plugins call ------------------------------------------ */
 
+/* Registration is only allowed while the plugin's init() runs: that is
+ * when the agent collects what it tells the cloud. */
+#define REQUIRE_INIT(p)                                  \
+        do {                                             \
+                if ((p)->host->initializing != (p))      \
+                        return -EBUSY;                   \
+        } while (0)
+
 static int api_function_add(tether_host *p, const char *name, tether_function_fn fn, void *userdata) {
+        REQUIRE_INIT(p);
         return registry_function_add(p->host->registry, p, name, fn, userdata);
 }
 
 static int api_variable_add(tether_host *p, const char *name, uint32_t type, tether_variable_fn get,
                             void *userdata) {
+        REQUIRE_INIT(p);
         return registry_variable_add(p->host->registry, p, name, type, get, userdata);
 }
 
@@ -52,6 +62,7 @@ static int api_variable_changed(tether_host *p, const char *name) {
 }
 
 static int api_event_source_add(tether_host *p, const char *name) {
+        REQUIRE_INIT(p);
         return registry_event_add(p->host->registry, p, name);
 }
 
@@ -60,6 +71,7 @@ static int api_publish(tether_host *p, const char *name, const char *data, uint3
 }
 
 static int api_subscribe(tether_host *p, const char *prefix, tether_event_fn fn, void *userdata) {
+        REQUIRE_INIT(p);
         return registry_subscription_add(p->host->registry, p, prefix, fn, userdata,
                                          p->host->config->max_subscriptions);
 }
@@ -143,7 +155,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 return -ELIBBAD;
         }
         if (d->struct_size < DESC_MIN_SIZE || !d->name || !d->init ||
-            proto_name_check(d->name, strlen(d->name), PROTO_NAME_DEVICE) < 0) {
+            proto_name_check(d->name, strlen(d->name), PROTO_NAME_PLUGIN) < 0) {
                 log_error("Plugin '%s' has a malformed descriptor, skipping", path);
                 plugin_free(p);
                 return -ELIBBAD;

@@ -36,10 +36,12 @@ typedef enum ProtoNameKind {
         PROTO_NAME_VARIABLE, /* same */
         PROTO_NAME_EVENT,    /* [A-Za-z0-9_.-/]{1,128}, no empty segment */
         PROTO_NAME_PREFIX,   /* like EVENT but may be empty or end in '/' */
-        PROTO_NAME_DEVICE,   /* [A-Za-z0-9_-]{1,64} */
+        PROTO_NAME_DEVICE,   /* [A-Za-z0-9_-]{1,64}, not "api" or "events" */
+        PROTO_NAME_PLUGIN,   /* [A-Za-z0-9_-]{1,64} */
 } ProtoNameKind;
 
-/* 0 if valid; -EINVAL (bad character/empty), -ENAMETOOLONG. */
+/* 0 if valid; -EINVAL (bad character/empty), -ENAMETOOLONG, -EADDRINUSE
+ * for a reserved device id ("api", "events"). */
 int proto_name_check(const char *name, size_t len, ProtoNameKind kind);
 
 /* True if name starts with prefix (the empty prefix matches all). */

@@ -617,8 +617,9 @@ static int cmd_device(const char *dir) {
         if (arg.id) {
                 r = proto_name_check(arg.id, strlen(arg.id), PROTO_NAME_DEVICE);
                 if (r < 0)
-                        return log_error_errno(r, "Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}",
-                                               arg.id, PROTO_DEVICE_ID_MAX);
+                        return log_error_errno(r, "Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}%s",
+                                               arg.id, PROTO_DEVICE_ID_MAX,
+                                               r == -EADDRINUSE ? " and not be 'api' or 'events'" : "");
                 id = strdup(arg.id);
                 if (!id)
                         return log_error_errno(-ENOMEM, "Out of memory");

@@ -149,13 +149,15 @@ static int name_check(const char *name, ProtoNameKind kind) {
                 [PROTO_NAME_EVENT] = "event name",
                 [PROTO_NAME_PREFIX] = "event prefix",
                 [PROTO_NAME_DEVICE] = "device ID",
+                [PROTO_NAME_PLUGIN] = "plugin name",
         };
         static const char *const rule[] = {
                 [PROTO_NAME_FUNCTION] = "[A-Za-z0-9_.-], at most 64 bytes",
                 [PROTO_NAME_VARIABLE] = "[A-Za-z0-9_.-], at most 64 bytes",
                 [PROTO_NAME_EVENT] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
                 [PROTO_NAME_PREFIX] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
-                [PROTO_NAME_DEVICE] = "[A-Za-z0-9_-], at most 64 bytes",
+                [PROTO_NAME_DEVICE] = "[A-Za-z0-9_-], at most 64 bytes, not 'api' or 'events'",
+                [PROTO_NAME_PLUGIN] = "[A-Za-z0-9_-], at most 64 bytes",
         };
         int r = proto_name_check(name, strlen(name), kind);
 

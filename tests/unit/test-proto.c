@@ -23,6 +23,9 @@ static void test_names(void **state) {
         assert_int_equal(proto_name_check("trail/", 6, PROTO_NAME_PREFIX), 0);
         assert_int_equal(proto_name_check("", 0, PROTO_NAME_PREFIX), 0);
         assert_int_equal(proto_name_check("dev.1", 5, PROTO_NAME_DEVICE), -EINVAL);
+        assert_int_equal(proto_name_check("api", 3, PROTO_NAME_DEVICE), -EADDRINUSE);
+        assert_int_equal(proto_name_check("events", 6, PROTO_NAME_DEVICE), -EADDRINUSE);
+        assert_int_equal(proto_name_check("api", 3, PROTO_NAME_FUNCTION), 0);
         assert_int_equal(proto_name_check("a\0b", 3, PROTO_NAME_EVENT), -EINVAL);
 
         memset(long_name, 'x', sizeof(long_name));
@@ -122,6 +125,15 @@ static void test_events(void **state) {
         assert_int_equal(d.ttl, 60);
         assert_true(d.private_);
         assert_string_equal(d.coreid, "api");
+        proto_event_done(&d);
+
+        /* TTLs use the whole uint32 range */
+        e.ttl = UINT32_MAX;
+        free(s);
+        assert_int_equal(proto_event_encode(&e, &s, &len), 0);
+        assert_non_null(strstr(s, "\"ttl\":4294967295"));
+        assert_int_equal(proto_event_decode((const uint8_t *)s, len, &d), 0);
+        assert_int_equal(d.ttl, UINT32_MAX);
         proto_event_done(&d);
 
         /* data is optional; a bad name, wrong types or junk are refused */
