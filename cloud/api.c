@@ -18,8 +18,13 @@
 #define API_SSE_KEEPALIVE_USEC (10 * USEC_PER_SEC)
 #define API_SSE_QUEUE_MAX (1024 * 1024) /* bytes queued per stream before we drop it */
 #define API_SSE_BLOCK 16384
-#define API_CONNECTION_TIMEOUT_SEC 120
+/* Idle time before MHD closes a connection (event streams send a comment
+ * every 10 s; suspended requests do not time out). */
+#define API_CONNECTION_TIMEOUT_SEC 30
 #define API_CONNECTION_LIMIT 4096 /* MHD's default is FD_SETSIZE - 4 */
+/* Request bodies held at once, all connections together: past this a
+ * request is answered 503 and its body is read and dropped. */
+#define API_BODY_TOTAL_MAX (8 * 1024 * 1024)
 #define API_DIAG_MAX 256
 
 typedef struct ApiRequest {
@@ -29,6 +34,8 @@ typedef struct ApiRequest {
         char *body;
         size_t body_len;
         bool body_too_large;
+        bool body_overload; /* API_BODY_TOTAL_MAX reached while it came in */
+        bool authorized;    /* token from the header or query checked and good */
 
         bool dispatched;
         bool suspended;
@@ -58,6 +65,7 @@ static struct {
         sd_event_source *io, *timer, *defer, *keepalive;
         ApiRequest *requests;
         size_t body_max;
+        size_t body_total; /* bytes in all requests' body buffers */
         unsigned n_streams;
         bool running;
         bool stopping;
@@ -237,18 +245,19 @@ fail:
         return NULL;
 }
 
-/* A parameter as text: strings as they are, numbers and booleans in their
- * JSON spelling. Returns false if absent or null. buf holds the text for
+/* A parameter as text: strings as they are (they may hold NUL bytes: check
+ * *ret_len), numbers and booleans in their JSON spelling. Returns 1, 0 if
+ * absent or null, -EINVAL for an array or object. buf holds the text for
  * non-strings. */
-static bool api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
+static int api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
         json_t *v = params ? json_object_get(params, key) : NULL;
 
         if (!v || json_is_null(v))
-                return false;
+                return 0;
         if (json_is_string(v)) {
                 *ret = json_string_value(v);
                 *ret_len = json_string_length(v);
-                return true;
+                return 1;
         }
         if (json_is_integer(v))
                 snprintf(buf, 32, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
@@ -257,27 +266,53 @@ static bool api_param(json_t *params, const char *key, const char **ret, size_t 
         else if (json_is_boolean(v))
                 snprintf(buf, 32, "%s", json_is_true(v) ? "true" : "false");
         else
-                return false;
+                return -EINVAL;
         *ret = buf;
         *ret_len = strlen(buf);
-        return true;
+        return 1;
+}
+
+/* A parameter that must be plain text (no NUL byte): 1, 0 if absent, -EINVAL. */
+static int api_param_text(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
+        int r = api_param(params, key, ret, ret_len, buf);
+
+        if (r > 0 && memchr(*ret, 0, *ret_len))
+                return -EINVAL;
+        return r;
+}
+
+/* The token from the Authorization header or the query string. Returns
+ * true if either is present (then *ret_token is the token, or NULL if it
+ * is unusable: another scheme, NUL bytes), false if the token can only be
+ * in the body. */
+static bool api_token_outside_body(struct MHD_Connection *connection, const char **ret_token) {
+        const char *h = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+        const char *t = NULL;
+        size_t n = 0;
+
+        if (h) {
+                if (strncasecmp(h, "Bearer ", 7) != 0) {
+                        *ret_token = NULL;
+                        return true;
+                }
+                for (h += 7; *h == ' '; h++)
+                        ;
+                *ret_token = h;
+                return true;
+        }
+        if (MHD_lookup_connection_value_n(connection, MHD_GET_ARGUMENT_KIND, "access_token",
+                                          strlen("access_token"), &t, &n) == MHD_YES) {
+                *ret_token = t && strlen(t) == n ? t : NULL;
+                return true;
+        }
+        return false;
 }
 
 static const char *api_token(ApiRequest *req, json_t *params) {
-        const char *h = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND,
-                                                    MHD_HTTP_HEADER_AUTHORIZATION);
         const char *t;
         json_t *v;
 
-        if (h) {
-                if (strncasecmp(h, "Bearer ", 7) != 0)
-                        return NULL;
-                for (h += 7; *h == ' '; h++)
-                        ;
-                return h;
-        }
-        t = MHD_lookup_connection_value(req->connection, MHD_GET_ARGUMENT_KIND, "access_token");
-        if (t)
+        if (api_token_outside_body(req->connection, &t))
                 return t;
         v = params ? json_object_get(params, "access_token") : NULL;
         if (json_is_string(v) && !memchr(json_string_value(v), 0, json_string_length(v)))
@@ -287,14 +322,21 @@ static const char *api_token(ApiRequest *req, json_t *params) {
 
 /* ---- device calls --------------------------------------------------------- */
 
+/* The device's diagnostic as a C string: cut to fit at a character
+ * boundary, empty unless it is clean UTF-8 text. */
 static void api_copy_diag(const uint8_t *data, size_t len, char out[static API_DIAG_MAX]) {
-        if (len >= API_DIAG_MAX)
+        out[0] = 0;
+        if (!data || len == 0)
+                return;
+        if (len >= API_DIAG_MAX) {
+                /* data[len] is the first byte left out: if it continues a
+                 * character, leave out that character's first bytes too. */
                 len = API_DIAG_MAX - 1;
-        /* Cut at a character boundary, then accept only clean text. */
-        while (len > 0 && (data[len - 1] & 0xc0) == 0x80 && proto_utf8_check((const char *)data, len) < 0)
-                len--;
+                for (size_t k = 0; k < 3 && len > 0 && (data[len] & 0xc0) == 0x80; k++)
+                        len--;
+        }
         if (proto_utf8_check((const char *)data, len) < 0)
-                len = 0;
+                return;
         memcpy(out, data, len);
         out[len] = 0;
 }
@@ -311,6 +353,9 @@ static void api_call_done(int error, unsigned code, const uint8_t *data, size_t 
         api_copy_diag(data, len, diag);
         if (error == -ETIMEDOUT)
                 api_set_errorf(req, MHD_HTTP_GATEWAY_TIMEOUT, "Timed out waiting for device '%s'", id);
+        else if (error == -ECONNRESET)
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                               "Device '%s' reconnected before answering; the request was lost", id);
         else if (error < 0)
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' went offline", id);
         else if (cls == 2 && req->is_function) {
@@ -364,8 +409,16 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                 api_set_errorf(req, MHD_HTTP_BAD_REQUEST, "Invalid %s name", function ? "function" : "variable");
                 return;
         }
-        if (function && !api_param(params, "args", &arg, &arg_len, buf))
-                (void)api_param(params, "arg", &arg, &arg_len, buf);
+        if (function) {
+                r = api_param(params, "args", &arg, &arg_len, buf);
+                if (r == 0)
+                        r = api_param(params, "arg", &arg, &arg_len, buf);
+                if (r < 0) {
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST, "The argument must be text, a number or a boolean",
+                                      NULL);
+                        return;
+                }
+        }
         if (arg_len > api.config->max_payload) {
                 api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Argument longer than %u bytes",
                                api.config->max_payload);
@@ -385,10 +438,14 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                          req, &req->call);
         if (r == -ENOTCONN)
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' is offline", device_id(d));
+        else if (r == -ENOBUFS)
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                               "Device '%s' is not reading what is sent to it; try again later", device_id(d));
         else if (r == -E2BIG)
                 api_set_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request too large for the device", NULL);
         else if (r < 0)
-                api_set_errorf(req, MHD_HTTP_INTERNAL_SERVER_ERROR, "Failed to send the request: %s", strerror(-r));
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Failed to send the request to device '%s': %s",
+                               device_id(d), strerror(-r));
         else {
                 MHD_suspend_connection(req->connection);
                 req->suspended = true;
@@ -417,16 +474,23 @@ static void api_publish(ApiRequest *req, json_t *params) {
         bool priv = false;
         unsigned ttl = PROTO_DEFAULT_TTL;
         ProtoEvent e;
+        int r;
 
-        if (!api_param(params, "name", &name, &name_len, buf)) {
+        r = api_param_text(params, "name", &name, &name_len, buf);
+        if (r == 0) {
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Event name is required", NULL);
                 return;
         }
-        if (memchr(name, 0, name_len) || proto_name_check(name, name_len, PROTO_NAME_EVENT) < 0) {
+        if (r < 0 || proto_name_check(name, name_len, PROTO_NAME_EVENT) < 0) {
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid event name", NULL);
                 return;
         }
-        if (api_param(params, "data", &data, &data_len, buf)) {
+        r = api_param(params, "data", &data, &data_len, buf);
+        if (r < 0) {
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Event data must be text, a number or a boolean", NULL);
+                return;
+        }
+        if (r > 0) {
                 if (data_len > api.config->max_payload) {
                         api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Event data longer than %u bytes",
                                        api.config->max_payload);
@@ -440,11 +504,17 @@ static void api_publish(ApiRequest *req, json_t *params) {
                 if (!data_copy)
                         return;
         }
-        if (api_param(params, "private", &s, &len, buf) && !api_parse_bool(s, &priv)) {
+        r = api_param_text(params, "private", &s, &len, buf);
+        if (r < 0 || (r > 0 && !api_parse_bool(s, &priv))) {
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid value for private", NULL);
                 return;
         }
-        if (api_param(params, "ttl", &s, &len, buf)) {
+        r = api_param_text(params, "ttl", &s, &len, buf);
+        if (r < 0) {
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid value for ttl", NULL);
+                return;
+        }
+        if (r > 0) {
                 char *end;
                 unsigned long v;
 
@@ -553,8 +623,12 @@ void api_deliver_event(const ProtoEvent *e) {
 
         if (api.n_streams == 0)
                 return;
-        j = json_pack("{s:s?, s:i, s:s, s:s}", "data", e->data, "ttl", (json_int_t)e->ttl, "published_at",
+        j = json_pack("{s:s?, s:I, s:s, s:s}", "data", e->data, "ttl", (json_int_t)e->ttl, "published_at",
                       e->published_at, "coreid", e->coreid);
+        if (j && e->private_ && json_object_set_new(j, "private", json_true()) < 0) {
+                json_decref(j);
+                j = NULL;
+        }
         if (!j)
                 return;
         json = json_dumps(j, JSON_COMPACT);
@@ -626,6 +700,20 @@ static bool match_events(const char *path, const char **ret_prefix) {
         return false;
 }
 
+static void api_body_free(ApiRequest *req) {
+        api.body_total -= req->body_len;
+        free(req->body);
+        req->body = NULL;
+        req->body_len = 0;
+}
+
+static enum MHD_Result api_unauthorized(ApiRequest *req) {
+        api_set_json(req, MHD_HTTP_UNAUTHORIZED,
+                     json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
+                               "The access token was not found or is invalid"));
+        return api_queue(req);
+}
+
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
         _cleanup_(json_decrefp) json_t *params = NULL;
         bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
@@ -636,6 +724,10 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes", api.body_max);
                 return api_queue(req);
         }
+        if (req->body_overload) {
+                api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Too many requests in progress; try again", NULL);
+                return api_queue(req);
+        }
         if (req->body_len > 0) {
                 const char *ct = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND,
                                                               MHD_HTTP_HEADER_CONTENT_TYPE);
@@ -643,8 +735,8 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 if (ct && strncasecmp(ct, "application/json", 16) == 0) {
                         params = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, NULL);
                         if (!json_is_object(params)) {
-                                if (!config_token_valid(api.config, api_token(req, NULL)))
-                                        goto unauthorized;
+                                if (!req->authorized && !config_token_valid(api.config, api_token(req, NULL)))
+                                        return api_unauthorized(req);
                                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Body is not a JSON object", NULL);
                                 return api_queue(req);
                         }
@@ -652,9 +744,11 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                         params = api_parse_form(req->body, req->body_len);
                 if (!params)
                         return MHD_NO;
+                /* Parsed: a call may now wait for its device without it. */
+                api_body_free(req);
         }
-        if (!config_token_valid(api.config, api_token(req, params)))
-                goto unauthorized;
+        if (!req->authorized && !config_token_valid(api.config, api_token(req, params)))
+                return api_unauthorized(req);
 
         if (!startswith(url, "/v1/"))
                 goto not_found;
@@ -721,11 +815,6 @@ no_device:
 not_found:
         api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
         return api_queue(req);
-unauthorized:
-        api_set_json(req, MHD_HTTP_UNAUTHORIZED,
-                     json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
-                               "The access token was not found or is invalid"));
-        return api_queue(req);
 }
 
 static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection, const char *url,
@@ -734,7 +823,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
         ApiRequest *req = *con_cls;
 
         if (!req) {
-                const char *cl;
+                const char *cl, *token;
 
                 req = calloc(1, sizeof(*req));
                 if (!req)
@@ -745,6 +834,14 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         api.requests->prev = req;
                 api.requests = req;
                 *con_cls = req;
+                /* A token in the header or the query is checked before a
+                 * byte of the body is read; only a request whose token can
+                 * only be in its body has the body buffered first. */
+                if (api_token_outside_body(connection, &token)) {
+                        if (!config_token_valid(api.config, token))
+                                return api_unauthorized(req);
+                        req->authorized = true;
+                }
                 /* Refuse a declared oversize body before it is sent. */
                 cl = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
                 if (cl && strtoull(cl, NULL, 10) > api.body_max) {
@@ -758,14 +855,20 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 size_t n = *upload_data_size;
 
                 *upload_data_size = 0;
-                if (req->body_too_large)
+                if (req->body_too_large || req->body_overload)
                         return MHD_YES;
                 if (req->body_len + n > api.body_max) {
                         /* Keep reading, keep nothing; 413 once it is over. */
                         req->body_too_large = true;
-                        free(req->body);
-                        req->body = NULL;
-                        req->body_len = 0;
+                        api_body_free(req);
+                        return MHD_YES;
+                }
+                if (api.body_total + n > API_BODY_TOTAL_MAX) {
+                        /* Keep reading, keep nothing; 503 once it is over. */
+                        if (!req->body_overload)
+                                log_warning("Request bodies in progress hold %zu bytes; answering 503.", api.body_total);
+                        req->body_overload = true;
+                        api_body_free(req);
                         return MHD_YES;
                 }
                 {
@@ -776,6 +879,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         memcpy(b + req->body_len, upload_data, n);
                         req->body = b;
                         req->body_len += n;
+                        api.body_total += n;
                         b[req->body_len] = 0;
                 }
                 return MHD_YES;
@@ -807,7 +911,7 @@ static void api_request_free(ApiRequest *req) {
         devices_call_cancel(req->call);
         if (req->response)
                 MHD_destroy_response(req->response);
-        free(req->body);
+        api_body_free(req);
         free(req->name);
         free(req->prefix);
         free(req->filter_id);
@@ -863,7 +967,9 @@ int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
                                       MHD_OPTION_NOTIFY_COMPLETED, api_completed, NULL,
                                       MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONNECTION_TIMEOUT_SEC,
                                       MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
-                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT, MHD_OPTION_END);
+                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT,
+                                      MHD_OPTION_PER_IP_CONNECTION_LIMIT, config->max_connections_per_ip,
+                                      MHD_OPTION_END);
         if (!api.daemon)
                 return log_error_errno(-EADDRNOTAVAIL, "Failed to start the HTTP API on '%s' port %u.",
                                        config->api_listen, config->api_port);

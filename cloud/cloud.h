@@ -42,6 +42,7 @@ typedef struct CloudConfig {
         char *api_listen;
         unsigned api_port;
         char *token_file;
+        unsigned max_connections_per_ip; /* 0: no limit */
 
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];

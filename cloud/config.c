@@ -136,6 +136,7 @@ static const ConfigKey config_keys[] = {
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
         STR_KEY("API", "TokenFile", token_file),
+        UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
 };
 
 /* inih handler: 1 to continue, 0 marks this line as the failing one. */
