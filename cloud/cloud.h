@@ -37,6 +37,9 @@ typedef struct CloudConfig {
         unsigned ping_sec;
         unsigned device_timeout_sec;
         unsigned call_timeout_sec;
+        unsigned handshake_timeout_sec; /* accept to bound device */
+        unsigned max_handshakes;        /* sessions not yet bound to a device */
+        unsigned max_queued_bytes;      /* sent to a device, not known to be read */
 
         /* [API] */
         char *api_listen;
@@ -99,14 +102,16 @@ unsigned devices_online_count(void);
 
 /* Completion of a request to a device. error is 0 with the response
  * code and payload (valid only during the call), or -ETIMEDOUT (no answer
- * within CallTimeoutSec) or -ENOTCONN (the session closed). Never called
+ * within CallTimeoutSec), -ENOTCONN (the session closed) or -ECONNRESET
+ * (the device connected again; the old session is gone). Never called
  * from within devices_call(). */
 typedef void (*device_call_fn)(int error, unsigned code, const uint8_t *data, size_t len,
                                void *userdata);
 
 /* Send "METHOD /path0/name" with an optional payload to the device.
- * Returns -ENOTCONN if the device has no established session, -E2BIG if
- * the PDU cannot be built within the session's limits. On success the
+ * Returns -ENOTCONN if the device has no established session, -ENOBUFS if
+ * it has not read MaxQueuedBytes sent to it, -E2BIG if the PDU cannot be
+ * built within the session's limits. On success the
  * callback runs exactly once unless devices_call_cancel() is called
  * first; *ret_call (may be NULL) identifies the call until then. */
 int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
@@ -114,6 +119,14 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
                  DeviceCall **ret_call);
 /* Forget a pending call; its callback will not run. NULL is fine. */
 void devices_call_cancel(DeviceCall *call);
+
+/* Queue pdu (always taken) on the device's session, counting len payload
+ * bytes against MaxQueuedBytes. -ENOTCONN, -ENOBUFS (the device has not
+ * read MaxQueuedBytes: pdu dropped), -EIO. */
+int device_send(Device *d, coap_pdu_t *pdu, size_t len);
+/* An event (len bytes of JSON) could not be delivered to d for error (from
+ * device_send, or -E2BIG): logged once per episode or connection. */
+void device_event_undeliverable(Device *d, const char *name, size_t len, int error);
 
 /* ---- events.c ------------------------------------------------------- */
 

@@ -133,6 +133,9 @@ static const ConfigKey config_keys[] = {
         UINT_KEY("Cloud", "PingSec", ping_sec, 1, 86400),
         UINT_KEY("Cloud", "DeviceTimeoutSec", device_timeout_sec, 1, 86400),
         UINT_KEY("Cloud", "CallTimeoutSec", call_timeout_sec, 1, 3600),
+        UINT_KEY("Cloud", "HandshakeTimeoutSec", handshake_timeout_sec, 1, 3600),
+        UINT_KEY("Cloud", "MaxHandshakes", max_handshakes, 1, 1000000),
+        UINT_KEY("Cloud", "MaxQueuedBytes", max_queued_bytes, 1024, 1U << 30),
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
         STR_KEY("API", "TokenFile", token_file),
@@ -280,6 +283,9 @@ int config_load(const char *path, CloudConfig **ret) {
         c->ping_sec = 30;
         c->device_timeout_sec = 90;
         c->call_timeout_sec = 10;
+        c->handshake_timeout_sec = 15;
+        c->max_handshakes = 1024;
+        c->max_queued_bytes = 1024 * 1024;
         c->api_port = 8080;
 
         p.config = c;
