@@ -22,8 +22,8 @@
 #define TETHER_RESPONSE_MAX (8u << 20)   /* bytes of one JSON response */
 #define TETHER_SSE_EVENT_MAX (1u << 20)  /* bytes of one event's data lines */
 #define TETHER_ERROR_TEXT_MAX 300        /* bytes of server error text we print */
-/* The cloud sends a keepalive comment every 15 s; three missed ones mean
- * the stream is dead even if TCP has not noticed. */
+/* The cloud sends a keepalive comment every 10 s; 45 s without one (four
+ * missed) means the stream is dead even if TCP has not noticed. */
 #define TETHER_STREAM_STALL_SEC 45L
 
 /* Exit codes, documented in docs/cli.md. */
