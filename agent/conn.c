@@ -531,9 +531,10 @@ static void on_request(coap_resource_t *resource, coap_session_t *session, const
         _cleanup_free_ char *p = NULL;
         const char *name;
 
+        /* A request from the cloud does not prove it reads what we send:
+         * only Pongs and responses to our requests count as liveness. */
         if (!c)
                 return respond_text(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, "not ready");
-        c->last_rx = now_ms();
         if (!path)
                 return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "no path");
         p = strndup((const char *)path->s, path->length);
