@@ -29,6 +29,10 @@
 #include "gpio-config.h"
 
 #define GPIO_PULSE_MAX_MS 60000u
+/* Timer accuracy for pulses and debounce. sd-event's default (accuracy 0)
+ * is 250 ms of slack for coalescing: a 20 ms debounce would report up to a
+ * quarter second late and a 100 ms pulse could last 350 ms. */
+#define GPIO_TIMER_ACCURACY_USEC 100u
 #define GPIO_DEFAULT_CONSUMER "tetherd"
 
 typedef struct Gpio Gpio;
@@ -238,7 +242,7 @@ static int on_line_io(sd_event_source *s, int fd, uint32_t revents, void *userda
                 return 0;
         }
         if (sd_event_add_time(g->api->event(g->host), &l->debounce, CLOCK_MONOTONIC,
-                              now + l->config.debounce_ms * 1000ull, 0, on_debounced, l) < 0)
+                              now + l->config.debounce_ms * 1000ull, GPIO_TIMER_ACCURACY_USEC, on_debounced, l) < 0)
                 g->api->log(g->host, LOG_ERR, "line '%s': cannot arm the debounce timer", l->config.name);
         return 0;
 }
@@ -410,8 +414,8 @@ static int fn_pulse(void *userdata, const char *arg, int32_t *ret_result) {
                 return before;
         }
         sd_event_now(g->api->event(g->host), CLOCK_MONOTONIC, &now);
-        r = sd_event_add_time(g->api->event(g->host), &l->pulse, CLOCK_MONOTONIC, now + ms * 1000ull, 0,
-                              on_pulse_end, l);
+        r = sd_event_add_time(g->api->event(g->host), &l->pulse, CLOCK_MONOTONIC, now + ms * 1000ull,
+                              GPIO_TIMER_ACCURACY_USEC, on_pulse_end, l);
         if (r < 0)
                 return r;
         l->pulse_restore = before;
