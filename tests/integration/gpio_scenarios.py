@@ -246,10 +246,11 @@ def reload_keeps_outputs_and_releases_removed_lines(w, sim):
     text = text.replace("[Line plain]", "[Unused plain]")
     with open(a.lines_file, "w") as f:
         f.write(text)
-    mark = a.mark()
+    mark, notified = a.mark(), w.notify.mark()
     a.signal(signal.SIGHUP)
     a.wait_line(r"Reloaded configuration", start=mark)
     a.wait_line(r"unknown section \[Unused plain\]", start=mark)
+    w.wait_online(dev, notified)  # the cloud has fetched the new describe data
     expect(sim.level(1) == 1, "relay1 went back to its default on reload")
     expect(sim.requested(1), "relay1 not requested after reload")
     expect(get(w, dev, "gpio.relay1") == 1, "relay1 reads wrong after reload")
@@ -261,14 +262,17 @@ def reload_keeps_outputs_and_releases_removed_lines(w, sim):
     # lines, and the agent keeps serving.
     with open(a.lines_file, "a") as f:
         f.write("\n[Line broken]\nChip=x\nOffset=banana\n")
-    mark = a.mark()
+    mark, notified = a.mark(), w.notify.mark()
     a.signal(signal.SIGHUP)
     a.wait_line(r"gpio-lines\.conf:\d+: invalid Offset='banana'", start=mark)
     a.wait_line(r"Plugin 'gpio' failed to initialize", start=mark)
     a.wait_line(r"Reloaded configuration", start=mark)
+    w.wait_online(dev, notified)
     expect(not sim.requested(1), "lines still held by a plugin that failed to load")
     r = w.tether("describe", dev, "--json")
     expect("gpio.write" not in json.loads(r.stdout)["functions"], "failed plugin's functions still listed")
+    r = w.tether("call", dev, "gpio.write", "relay1,1", check=False)
+    expect(r.returncode != 0 and "unknown function" in r.stderr, f"failed plugin still answers: {r.stderr!r}")
 
 
 SCENARIOS = [outputs_start_at_default_and_follow_writes, pulse_does_not_block, edges_become_events,

@@ -135,10 +135,11 @@ def test_appear_and_vanish_on_reload(w):
     sysfs_tree.write(a.root, "class/hwmon/hwmon7/name", "nvme\n")
     sysfs_tree.write(a.root, "class/hwmon/hwmon7/temp1_input", "38850\n")
 
-    mark = a.mark()
+    mark, notified = a.mark(), w.notify.mark()
     a.signal(signal.SIGHUP)
     a.wait_line(r"Reloaded configuration", start=mark)
     a.wait_line(r"plugin sensors: first sample", start=mark)
+    w.wait_online(dev, notified)  # the cloud has fetched the new describe data
     info = json.loads(w.tether("describe", dev, "--json").stdout)
     expect("hwmon.pwmfan.fan1" not in info["variables"], "vanished sensor still offered after reload")
     expect(info["units"].get("hwmon.nvme.temp1") == "°C", f"new sensor not offered: {info['variables']}")
