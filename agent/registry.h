@@ -22,6 +22,9 @@ int registry_function_add(Registry *r, const void *owner, const char *name, teth
                           void *userdata);
 int registry_variable_add(Registry *r, const void *owner, const char *name, uint32_t type,
                           tether_variable_fn get, void *userdata);
+/* Set (or with NULL/"" clear) the unit of owner's variable name; copied.
+ * -ENOENT no such variable of this owner, -EINVAL invalid unit. */
+int registry_variable_unit(Registry *r, const void *owner, const char *name, const char *unit);
 int registry_event_add(Registry *r, const void *owner, const char *name);
 /* -EDQUOT once max distinct prefixes would be exceeded. */
 int registry_subscription_add(Registry *r, const void *owner, const char *prefix, tether_event_fn fn,

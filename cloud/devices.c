@@ -352,9 +352,11 @@ json_t *device_to_json(const Device *d, bool details) {
         {
                 json_t *f = d->describe ? json_object_get(d->describe, "functions") : NULL;
                 json_t *v = d->describe ? json_object_get(d->describe, "variables") : NULL;
+                json_t *u = d->describe ? json_object_get(d->describe, "units") : NULL;
 
                 if (json_object_set_new(j, "functions", f ? json_deep_copy(f) : json_array()) < 0 ||
-                    json_object_set_new(j, "variables", v ? json_deep_copy(v) : json_object()) < 0) {
+                    json_object_set_new(j, "variables", v ? json_deep_copy(v) : json_object()) < 0 ||
+                    (u && json_object_set_new(j, "units", json_deep_copy(u)) < 0)) {
                         json_decref(j);
                         return NULL;
                 }

@@ -284,7 +284,7 @@ static bool json_is_string_array(json_t *a) {
 }
 
 int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
-        json_t *j, *functions, *variables, *plugins, *events, *v;
+        json_t *j, *functions, *variables, *plugins, *events, *units, *v;
         const char *key;
         size_t i;
 
@@ -316,6 +316,17 @@ int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
         json_array_foreach(plugins, i, v) {
                 if (!json_is_object(v) || !json_is_string(json_object_get(v, "name")))
                         goto bad;
+        }
+        /* Optional (ABI 1.1 agents): units of variables, {name: unit}. */
+        units = json_object_get(j, "units");
+        if (units) {
+                if (!json_is_object(units))
+                        goto bad;
+                json_object_foreach(units, key, v) {
+                        if (!json_object_get(variables, key) || !json_is_string(v) ||
+                            json_string_length(v) > PROTO_UNIT_MAX)
+                                goto bad;
+                }
         }
         *ret = j;
         return 0;

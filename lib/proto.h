@@ -16,6 +16,7 @@
 #define PROTO_HARD_PAYLOAD_MAX 65536u    /* no configuration may exceed this */
 #define PROTO_DEFAULT_TTL 60u
 #define PROTO_DEVICE_ID_MAX 64
+#define PROTO_UNIT_MAX 16 /* bytes of a variable unit in describe data (TETHER_UNIT_MAX) */
 
 /* Resource path prefixes (first Uri-Path segment). */
 #define PROTO_PATH_DESCRIBE "d"
@@ -87,7 +88,8 @@ int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret);
 
 /* Describe data (GET /d): validate a payload and return the parsed object.
  * Shape: {"agent":str,"version":str,"plugins":[{"name","version"}...],
- * "functions":[str...],"variables":{name:type...},"events":[str...]}. */
+ * "functions":[str...],"variables":{name:type...},"events":[str...],
+ * "units":{variable:unit...}}; events and units are optional. */
 int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret);
 
 /* RFC 3339 UTC timestamp with milliseconds of the current wall clock. */

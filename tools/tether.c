@@ -501,7 +501,7 @@ static int cmd_list(Api *a, char **args, int n) {
 
 static int cmd_describe(Api *a, char **args, int n) {
         _cleanup_free_ char *path = NULL;
-        json_t *dev, *fns, *vars, *v;
+        json_t *dev, *fns, *vars, *units, *v;
         const char *key;
         size_t i, w = 0;
         int r;
@@ -545,6 +545,7 @@ static int cmd_describe(Api *a, char **args, int n) {
         }
 
         vars = json_object_get(dev, "variables");
+        units = json_object_get(dev, "units");
         if (!json_is_object(vars))
                 printf("variables:  (unknown)\n");
         else if (json_object_size(vars) == 0)
@@ -554,8 +555,16 @@ static int cmd_describe(Api *a, char **args, int n) {
                 json_object_foreach(vars, key, v)
                         if (strlen(key) > w)
                                 w = strlen(key);
-                json_object_foreach(vars, key, v)
-                        printf("  %-*s  %s\n", (int)w, key, json_is_string(v) ? json_string_value(v) : "?");
+                json_object_foreach(vars, key, v) {
+                        const char *unit = json_string_value(json_object_get(units, key));
+
+                        const char *type = json_is_string(v) ? json_string_value(v) : "?";
+
+                        if (unit)
+                                printf("  %-*s  %-6s  %s\n", (int)w, key, type, unit);
+                        else
+                                printf("  %-*s  %s\n", (int)w, key, type);
+                }
         }
         json_decref(dev);
         return 0;

@@ -30,6 +30,12 @@ TETHER = os.path.join(BUILD, "tools", "tether")
 PKI = os.path.join(BUILD, "tools", "tether-pki")
 PLUGINS = os.path.join(BUILD, "plugins", "example", ".libs")
 TEST_PLUGINS = os.path.join(BUILD, "tests", "plugins", ".libs")
+# Every in-tree plugin's shared object, by name.
+BUILT_PLUGINS = {name: os.path.join(BUILD, "plugins", name, ".libs", name + ".so")
+                 for name in ("example", "gpio", "sensors", "system")}
+# The simulated GPIO chip (tests/gpiosim), preloaded into tetherd.
+GPIOSIM_LIB = os.path.join(BUILD, "tests", "gpiosim", ".libs", "gpiosim.so")
+sys.path.insert(0, os.path.join(SRC, "tests", "gpiosim"))
 
 # Valgrind or other wrappers for the daemons, e.g. "valgrind -q --error-exitcode=99".
 WRAPPER = os.environ.get("TETHER_TEST_WRAPPER", "").split()
@@ -172,6 +178,7 @@ class World:
         self.keep = keep or os.environ.get("TETHER_TEST_KEEP")
         self.notify = NotifySocket(os.path.join(self.dir, "notify.sock"))
         self.daemons = []
+        self.cleanups = []  # run after the daemons stopped, pass or fail
         self.cloud = None
         self.coap_port = self.api_port = None
         self.pki("ca", self.path("pki"))
@@ -257,11 +264,40 @@ IntervalSec=0
 {extra}""")
         return conf
 
-    def start_agent(self, name="agent", wait_online=True, **kw):
+    def plugin_dir(self, *names):
+        """A plugin directory holding (links to) the named in-tree plugins."""
+        pdir = self.path("plugins-" + "-".join(names))
+        os.makedirs(pdir, exist_ok=True)
+        for n in names:
+            so = BUILT_PLUGINS[n]
+            if not os.path.exists(so):
+                raise Failure(f"{so} is not built")
+            link = os.path.join(pdir, n + ".so")
+            if not os.path.lexists(link):
+                os.symlink(so, link)
+        return pdir
+
+    def gpiosim(self, chips=(("gpiochip0", 32, "tether-sim"),)):
+        """Set up a simulated GPIO chip directory; returns (GpioSim, env)
+        for start_agent(env=...): tetherd then runs with the simulator
+        preloaded in place of libgpiod."""
+        from gpiosim import GpioSim  # noqa: E402 - found through sys.path above
+        if not os.path.exists(GPIOSIM_LIB):
+            raise Failure(f"{GPIOSIM_LIB} is not built (make check builds it)")
+        d = self.path("gpiosim")
+        GpioSim.write_chips(d, chips)
+        env = {"TETHER_GPIOSIM": d, "LD_PRELOAD": GPIOSIM_LIB,
+               # An ASan build wants its runtime first; the preload is on purpose.
+               "ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"}
+        return GpioSim(d), env
+
+    def start_agent(self, name="agent", wait_online=True, env=None, **kw):
         dev_id, cert, key = kw.pop("device", None) or self.new_device()
         conf = self.agent_conf(name, cert, key, **kw)
         mark = self.notify.mark()
-        d = Daemon(name, [TETHERD, "--config", conf], self.env(), self.dir)
+        e = self.env()
+        e.update(env or {})
+        d = Daemon(name, [TETHERD, "--config", conf], e, self.dir)
         d.device_id = dev_id
         d.conf = conf
         self.daemons.append(d)
@@ -285,6 +321,13 @@ IntervalSec=0
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=self.token)
         return Subscriber([TETHER, "subscribe", "--json", *args], env)
 
+    def run_cleanups(self, errors):
+        while self.cleanups:
+            try:
+                self.cleanups.pop()()
+            except Exception as e:  # noqa: BLE001 - report, keep cleaning
+                errors.append(f"cleanup failed: {e}")
+
     def close(self):
         errors = []
         for d in reversed(self.daemons):
@@ -294,6 +337,7 @@ IntervalSec=0
                     errors.append(f"{d.name} exited with {rc}")
             except Failure as e:
                 errors.append(str(e))
+        self.run_cleanups(errors)
         self.notify.close()
         if self.keep:
             print(f"kept {self.dir}")
@@ -384,6 +428,10 @@ def run(tests):
             if w:
                 for d in w.daemons:
                     d.kill()
+                cleanup_errors = []
+                w.run_cleanups(cleanup_errors)
+                for msg in cleanup_errors:
+                    print(f"# {msg}")
                 print(f"# logs kept in {w.dir}")
                 for d in w.daemons:
                     print(f"# --- {d.name} ---")
