@@ -472,9 +472,9 @@ static void handle_call(Conn *c, const char *name, const coap_pdu_t *req, coap_p
         if (!arg)
                 return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "out of memory");
 
-        r = registry_call(c->registry, name, arg, &value);
-        if (r == -ENOENT)
+        if (!registry_has_function(c->registry, name))
                 return respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "unknown function '%s'", name);
+        r = registry_call(c->registry, name, arg, &value);
         if (r == -EINVAL)
                 return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "function '%s' rejected the argument",
                                     name);
@@ -494,9 +494,9 @@ static void handle_read(Conn *c, const char *name, coap_pdu_t *resp) {
         size_t len;
         int r;
 
-        r = registry_read(c->registry, name, &value, &len);
-        if (r == -ENOENT)
+        if (!registry_has_variable(c->registry, name))
                 return respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "unknown variable '%s'", name);
+        r = registry_read(c->registry, name, &value, &len);
         if (r == -EBUSY)
                 return respond_text(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, "variable '%s' is busy", name);
         if (r < 0) {

@@ -191,6 +191,14 @@ void registry_remove_owner(Registry *r, const void *owner) {
         (void)rebuild_prefixes(r);
 }
 
+bool registry_has_function(Registry *r, const char *name) {
+        return find(r, ENTRY_FUNCTION, name) != NULL;
+}
+
+bool registry_has_variable(Registry *r, const char *name) {
+        return find(r, ENTRY_VARIABLE, name) != NULL;
+}
+
 int registry_call(Registry *r, const char *name, const char *arg, int32_t *ret_result) {
         Entry *e = find(r, ENTRY_FUNCTION, name);
         int32_t result = 0;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -31,7 +32,12 @@ int registry_subscription_add(Registry *r, const void *owner, const char *prefix
                               void *userdata, unsigned max_prefixes);
 void registry_remove_owner(Registry *r, const void *owner);
 
-/* Call a function: -ENOENT unknown, else what the function returned. */
+/* Whether a function or variable of that name is registered. */
+bool registry_has_function(Registry *r, const char *name);
+bool registry_has_variable(Registry *r, const char *name);
+
+/* Call a function: -ENOENT unknown (but a function may return -ENOENT
+ * itself: check registry_has_function() first), else what it returned. */
 int registry_call(Registry *r, const char *name, const char *arg, int32_t *ret_result);
 /* Read a variable as its wire encoding (malloc'd, caller frees):
  * -ENOENT unknown, -EPROTO getter changed the type or gave no string, else

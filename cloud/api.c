@@ -394,7 +394,10 @@ static void api_call_done(int error, unsigned code, const uint8_t *data, size_t 
                 char text[64];
 
                 snprintf(text, sizeof(text), "Device error %u.%02u", cls, code & 0x1f);
-                api_set_error(req, MHD_HTTP_BAD_GATEWAY, diag[0] ? diag : text, diag[0] ? text : NULL);
+                /* 5.03 is the device saying "busy, try again": pass that on. */
+                api_set_error(req,
+                              code == COAP_RESPONSE_CODE(503) ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_BAD_GATEWAY,
+                              diag[0] ? diag : text, diag[0] ? text : NULL);
         }
         api_resume(req);
 }

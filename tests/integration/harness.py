@@ -256,7 +256,7 @@ KeepaliveSec=5
 KeepaliveTimeoutSec=3
 ReconnectMinSec=0.2
 ReconnectMaxSec=2
-ConnectTimeoutSec=5
+ConnectTimeoutSec={5 * SLOW}
 [Plugins]
 Directory={plugin_dir}
 [Plugin example]

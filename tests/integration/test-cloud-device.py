@@ -521,7 +521,7 @@ def test_device_error_answers(w):
     st, j = answered(code(5, 0), b"")
     expect(st == 502 and j == {"ok": False, "error": "Device error 5.00"}, f"5.00, no text: {st} {j}")
     st, j = answered(code(5, 3), b"busy")
-    expect(st == 502 and j["error"] == "busy" and j["info"] == "Device error 5.03", f"5.03: {st} {j}")
+    expect(st == 503 and j["error"] == "busy" and j["info"] == "Device error 5.03", f"5.03: {st} {j}")
     st, j = answered(code(4, 4), b"")
     expect(st == 404 and j["error"] == "Function 'f' not found", f"4.04: {st} {j}")
     # 254 ASCII bytes then 'é': the 255-byte cut falls inside it.
