@@ -1,9 +1,11 @@
 /* Run by the integration harness under TEST_EMULATOR (cross builds): can
  * the emulator run a program that creates a thread? tetherd's name lookup
- * (getaddrinfo_a) and libcurl's resolver in tether both do. qemu-user 7.2
- * (Debian 12) was seen hanging in the first pthread_create on a 6.18
- * host kernel; the harness then skips with that reason instead of timing
- * out test by test. */
+ * (getaddrinfo_a) and libcurl's resolver in tether both do. If it cannot,
+ * the harness skips with that reason instead of timing
+ * out test by test. Seen: qemu-aarch64 7.2 with -L /usr/aarch64-linux-gnu
+ * (the cross toolchain's ld.so) while the multiarch libc6:arm64 was also
+ * installed: the loader of one build with the libc.so of another hung in
+ * pthread_create; configure now picks one sysroot. */
 #include <pthread.h>
 #include <stdio.h>
 

@@ -86,12 +86,16 @@ def test_access_control(w):
     except KeyError:
         raise Skip("no 'nobody' user")
     os.chmod(w.dir, 0o755)  # let nobody reach the socket; the agent decides
+    user = (nobody.pw_uid, nobody.pw_gid)
+    r = subprocess.run(["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups",
+                        *EMULATOR, TETHERCTL, "--version"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Skip(f"user nobody cannot run {TETHERCTL} (is the build directory private?): {r.stderr.strip()}")
     w.start_cloud()
     a = w.start_agent()
     mode = stat.S_IMODE(os.stat(a.socket).st_mode)
     expect(mode == 0o666, f"socket mode {mode:o}")
 
-    user = (nobody.pw_uid, nobody.pw_gid)
     mark = a.mark()
     r = w.tetherctl(a, "status", check=False, user=user)
     expect(r.returncode == 3 and "permission denied" in r.stderr, f"nobody allowed: {r.returncode} {r.stderr!r}")

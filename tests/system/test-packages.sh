@@ -107,7 +107,7 @@ step "Debian $suite root (mmdebstrap, cached in $cache)"
 deps=$(for d in "${debs[@]}"; do dpkg-deb -f "$d" Depends; done | tr ',' '\n' |
     sed -e 's/(.*)//' -e 's/|.*//' -e 's/:any//' -e 's/[[:space:]]//g' | grep -v '^$')
 packages=$(printf '%s\n' "${BASE_PACKAGES[@]}" $deps | sort -u | tr '\n' ',' | sed 's/,$//')
-key=$(printf '%s\n%s\n%s\n' "$suite" "$packages" "v1" | sha256sum | cut -c1-16)
+key=$(printf '%s\n%s\n%s\n' "$suite" "$packages" "v3" | sha256sum | cut -c1-16)
 root="$cache/rootfs-$suite-$key"
 log "    packages: $packages"
 if [ -d "$root" ]; then
@@ -117,7 +117,8 @@ else
     rm -rf "$root.tmp"
     start=$SECONDS
     if ! mmdebstrap --variant=apt --include="$packages" --format=directory \
-        --customize-hook='chroot "$1" systemctl mask console-getty.service getty@.service systemd-networkd-wait-online.service >/dev/null 2>&1 || true' \
+        --customize-hook='printf "127.0.0.1\tlocalhost\n::1\tip6-localhost ip6-loopback\n" > "$1/etc/hosts"' \
+        --customize-hook='chroot "$1" systemctl mask console-getty.service getty@.service >/dev/null 2>&1 || true' \
         "$suite" "$root.tmp" >"$scratch/mmdebstrap.log" 2>&1; then
         tail -n 30 "$scratch/mmdebstrap.log"
         rm -rf "$root.tmp"
