@@ -45,6 +45,17 @@ static int agent_describe(void *userdata, char **ret, size_t *ret_len) {
         return r;
 }
 
+/* STATUS= for systemd, kept for tetherctl status. */
+static void agent_set_status(Agent *a, const char *status) {
+        char *copy = strdup(status);
+
+        if (copy) {
+                free(a->status);
+                a->status = copy;
+        }
+        sd_notifyf(false, "STATUS=%s", status);
+}
+
 static void agent_state_changed(void *userdata, bool connected, const char *status) {
         Agent *a = userdata;
 
@@ -52,14 +63,8 @@ static void agent_state_changed(void *userdata, bool connected, const char *stat
                 a->connected_usec = 0;
         else if (a->connected_usec == 0)
                 a->connected_usec = now_usec();
-        if (status && *status) {
-                char *copy = strdup(status);
-                if (copy) {
-                        free(a->status);
-                        a->status = copy;
-                }
-                sd_notifyf(false, "STATUS=%s", status);
-        }
+        if (status && *status)
+                agent_set_status(a, status);
 }
 
 /* What "tetherctl status" shows: the describe document plus the state of
@@ -186,7 +191,7 @@ int main(int argc, char *argv[]) {
                 {},
         };
         _cleanup_(agent_done) Agent a = {};
-        _cleanup_free_ char *error = NULL;
+        _cleanup_free_ char *error = NULL, *status = NULL;
         bool check_only = false;
         sigset_t mask;
         int r, c;
@@ -269,7 +274,9 @@ int main(int argc, char *argv[]) {
         log_info("tetherd %s starting, %d plugin(s) running, cloud %s:%u", PACKAGE_VERSION, r < 0 ? 0 : r,
                  a.config->cloud_host, a.config->cloud_port);
         conn_start(a.conn);
-        sd_notifyf(false, "READY=1\nSTATUS=Connecting to %s:%u", a.config->cloud_host, a.config->cloud_port);
+        if (asprintf(&status, "Connecting to %s:%u", a.config->cloud_host, a.config->cloud_port) >= 0)
+                agent_set_status(&a, status);
+        sd_notify(false, "READY=1");
 
         r = sd_event_loop(a.event);
         plugin_host_unload(a.plugins);

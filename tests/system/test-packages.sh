@@ -253,6 +253,20 @@ echo "$status_line" | grep -q 'Connected to localhost:5684' || fail "status line
 sed -n '1,6p' "$scratch/status.txt" | sed 's/^/    /'
 ctr tetherctl status | sed 's/^/    /'
 
+step "tetherctl as a member of group tether, and refused as another user"
+# Through the shipped unit's sandbox (PrivateUsers=: peer credentials are
+# seen through the agent's user namespace).
+ctr systemd-sysusers --inline 'u tethertest-op - "operator"' 'm tethertest-op tether' 'u tethertest-other - "someone else"'
+ctr runuser -u tethertest-op -- tetherctl status >/dev/null || fail "a member of group tether cannot use tetherctl"
+ctr runuser -u tethertest-op -- tetherctl publish shell/test hello || fail "a member of group tether cannot publish"
+ok "tethertest-op (in group tether): status and publish allowed"
+rc=0
+ctr runuser -u tethertest-other -- tetherctl status >/dev/null 2>"$scratch/denied.err" || rc=$?
+[ $rc -eq 3 ] || fail "a user outside group tether got exit $rc: $(cat "$scratch/denied.err")"
+ok "tethertest-other: exit 3, $(cat "$scratch/denied.err")"
+ctr journalctl -u tetherd -o cat | grep 'refused a request' | tail -n 1 | sed 's/^/    | /'
+ctr sh -c 'for u in tethertest-op tethertest-other; do sed -i "/^$u:/d" /etc/passwd /etc/shadow /etc/group /etc/gshadow; done; sed -i "s/,tethertest-op//; s/:tethertest-op$/:/" /etc/group /etc/gshadow'
+
 # ---------------------------------------------------------------------------
 step "systemctl reload tetherd keeps the connection"
 pid_before=$(ctr systemctl show -p MainPID --value tetherd)
