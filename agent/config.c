@@ -43,7 +43,9 @@ Config *config_new(void) {
         c->max_subscriptions = 32;
         c->max_queued_events = 1000;
         c->plugin_dir = strdup(PLUGINDIR);
-        if (!c->plugin_dir)
+        c->local_socket = strdup(CONFIG_DEFAULT_SOCKET);
+        c->local_group = strdup(CONFIG_DEFAULT_GROUP);
+        if (!c->plugin_dir || !c->local_socket || !c->local_group)
                 return config_free(c);
         return c;
 }
@@ -56,6 +58,8 @@ Config *config_free(Config *c) {
         free(c->cert_file);
         free(c->key_file);
         free(c->plugin_dir);
+        free(c->local_socket);
+        free(c->local_group);
         strv_free(c->plugin_enable);
         strv_free(c->plugin_disable);
         for (size_t i = 0; i < c->n_plugins; i++) {
@@ -190,7 +194,7 @@ static int plugin_set(PluginSection *p, const char *key, const char *value) {
         return 0;
 }
 
-typedef enum KeyType { KEY_STRING, KEY_PORT, KEY_SECONDS, KEY_UINT, KEY_WORDS } KeyType;
+typedef enum KeyType { KEY_STRING, KEY_STRING_EMPTY, KEY_PORT, KEY_SECONDS, KEY_UINT, KEY_WORDS } KeyType;
 
 typedef struct KeyDef {
         const char *section;
@@ -219,6 +223,8 @@ static const KeyDef keys[] = {
         { "Plugins", "Directory", KEY_STRING, F(plugin_dir), 0, 0 },
         { "Plugins", "Enable", KEY_WORDS, F(plugin_enable), 0, 0 },
         { "Plugins", "Disable", KEY_WORDS, F(plugin_disable), 0, 0 },
+        { "Local", "Socket", KEY_STRING, F(local_socket), 0, 0 },
+        { "Local", "Group", KEY_STRING_EMPTY, F(local_group), 0, 0 },
 };
 #undef F
 
@@ -231,6 +237,9 @@ static int apply_key(ParseState *s, const KeyDef *k, const char *value) {
         case KEY_STRING:
                 if (!*value)
                         return fail(s, "%s= must not be empty", k->key);
+                r = set_string(field, value);
+                break;
+        case KEY_STRING_EMPTY:
                 r = set_string(field, value);
                 break;
         case KEY_PORT:
@@ -382,6 +391,12 @@ static int config_validate(const Config *c, const char *path, char **ret_error) 
                                               : NULL;
         if (missing) {
                 if (ret_error && asprintf(ret_error, "%s: %s is required", path, missing) < 0)
+                        *ret_error = NULL;
+                return -EINVAL;
+        }
+        if (c->local_socket[0] != '/' || strlen(c->local_socket) >= 108) {
+                if (ret_error && asprintf(ret_error, "%s: [Local] Socket= must be an absolute path shorter than 108 bytes",
+                                          path) < 0)
                         *ret_error = NULL;
                 return -EINVAL;
         }

@@ -28,6 +28,7 @@ TETHERD = os.path.join(BUILD, "agent", "tetherd")
 CLOUDD = os.path.join(BUILD, "cloud", "tether-cloudd")
 TETHER = os.path.join(BUILD, "tools", "tether")
 PKI = os.path.join(BUILD, "tools", "tether-pki")
+TETHERCTL = os.path.join(BUILD, "tools", "tetherctl")
 PLUGINS = os.path.join(BUILD, "plugins", "example", ".libs")
 TEST_PLUGINS = os.path.join(BUILD, "tests", "plugins", ".libs")
 # Every in-tree plugin's shared object, by name.
@@ -37,13 +38,21 @@ BUILT_PLUGINS = {name: os.path.join(BUILD, "plugins", name, ".libs", name + ".so
 GPIOSIM_LIB = os.path.join(BUILD, "tests", "gpiosim", ".libs", "gpiosim.so")
 sys.path.insert(0, os.path.join(SRC, "tests", "gpiosim"))
 
+# An emulator for every program we built, when they were cross-built for
+# another architecture: "qemu-aarch64 -L /usr/aarch64-linux-gnu" (set by
+# configure when cross-compiling, see Makefile.am).
+EMULATOR = os.environ.get("TETHER_TEST_EMULATOR", "").split()
 # Valgrind or other wrappers for the daemons, e.g. "valgrind -q --error-exitcode=99".
 WRAPPER = os.environ.get("TETHER_TEST_WRAPPER", "").split()
-SLOW = 10 if WRAPPER else 1
+SLOW = 10 if WRAPPER else 3 if EMULATOR else 1
 
 
 class Failure(Exception):
     pass
+
+
+class Skip(Exception):
+    """A test function that cannot run here; the reason is printed."""
 
 
 def skip(reason):
@@ -108,7 +117,7 @@ class Daemon:
         self.lines = []
         self.cond = threading.Condition()
         self.log = open(os.path.join(logdir, f"{name}.log"), "a")
-        self.proc = subprocess.Popen(WRAPPER + argv, env=env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(WRAPPER + EMULATOR + argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -167,11 +176,34 @@ class Daemon:
         self.thread.join(5)
 
 
+def check_emulator():
+    """Under an emulator (cross builds), skip the whole file if it cannot
+    run a program that creates a thread: tetherd's resolver and tether's
+    libcurl need threads (see tests/emulator/thread-probe.c)."""
+    if not EMULATOR:
+        return
+    probe = os.path.join(BUILD, "tests", "emulator", "thread-probe")
+    result = probe + ".result"  # one probe per build, not one per test file
+    if os.path.exists(result):
+        ok = open(result).read().strip() == "ok"
+    else:
+        try:
+            r = subprocess.run(EMULATOR + [probe], capture_output=True, text=True, timeout=20)
+            ok = r.returncode == 0 and "threads ok" in r.stdout
+        except subprocess.TimeoutExpired:
+            ok = False
+        with open(result, "w") as f:
+            f.write("ok\n" if ok else "hangs\n")
+    if not ok:
+        skip(f"'{' '.join(EMULATOR)}' cannot run a program that creates a thread (it hangs in "
+             "pthread_create), and tetherd's resolver and tether's libcurl need threads")
+
+
 class World:
     """A scratch directory with a PKI, a cloud and any number of agents."""
 
     def __init__(self, keep=False):
-        for path in (TETHERD, CLOUDD, TETHER, PKI):
+        for path in (TETHERD, CLOUDD, TETHER, PKI, TETHERCTL):
             if not os.access(path, os.X_OK):
                 raise Failure(f"{path} is not built")
         self.dir = tempfile.mkdtemp(prefix="tether-test-")
@@ -189,7 +221,7 @@ class World:
         return os.path.join(self.dir, *parts)
 
     def pki(self, *args):
-        r = subprocess.run([PKI, *args], capture_output=True, text=True)
+        r = subprocess.run(EMULATOR + [PKI, *args], capture_output=True, text=True)
         if r.returncode != 0:
             raise Failure(f"tether-pki {' '.join(args)} failed: {r.stderr.strip()}")
         return r.stdout
@@ -259,6 +291,8 @@ ReconnectMaxSec=2
 ConnectTimeoutSec={5 * SLOW}
 [Plugins]
 Directory={plugin_dir}
+[Local]
+Socket={self.path(name + ".sock")}
 [Plugin example]
 IntervalSec=0
 {extra}""")
@@ -300,6 +334,7 @@ IntervalSec=0
         d = Daemon(name, [TETHERD, "--config", conf], e, self.dir)
         d.device_id = dev_id
         d.conf = conf
+        d.socket = self.path(name + ".sock")
         self.daemons.append(d)
         if wait_online:
             self.wait_online(dev_id, mark)
@@ -311,7 +346,8 @@ IntervalSec=0
 
     def tether(self, *args, check=True, timeout=30, token=None):
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=token or self.token)
-        r = subprocess.run([TETHER, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        r = subprocess.run(EMULATOR + [TETHER, *args], capture_output=True, text=True, env=env,
+                           timeout=timeout * SLOW)
         if check and r.returncode != 0:
             raise Failure(f"tether {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
@@ -319,7 +355,18 @@ IntervalSec=0
     def subscribe(self, *args):
         """Start `tether subscribe --json ...`; returns a Subscriber."""
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=self.token)
-        return Subscriber([TETHER, "subscribe", "--json", *args], env)
+        return Subscriber(EMULATOR + [TETHER, "subscribe", "--json", *args], env)
+
+    def tetherctl(self, agent, *args, check=True, timeout=30, user=None):
+        """Run tetherctl against agent's socket; user: run as that user
+        (setpriv, no supplementary groups), which needs root."""
+        argv = EMULATOR + [TETHERCTL, "--socket", agent.socket, *args]
+        if user:
+            argv = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", *argv]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * SLOW)
+        if check and r.returncode != 0:
+            raise Failure(f"tetherctl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
 
     def run_cleanups(self, errors):
         while self.cleanups:
@@ -412,6 +459,7 @@ class Subscriber:
 
 def run(tests):
     """Run test functions, each with a fresh World; TAP-ish output."""
+    check_emulator()
     failed = 0
     print(f"1..{len(tests)}")
     for i, t in enumerate(tests, 1):
@@ -422,6 +470,10 @@ def run(tests):
             w.close()
             w = None
             print(f"ok {i} - {t.__name__}")
+        except Skip as e:
+            print(f"ok {i} - {t.__name__} # SKIP {e}")
+            if w:
+                w.close()
         except Exception as e:  # noqa: BLE001 - report every failure the same way
             failed += 1
             print(f"not ok {i} - {t.__name__}: {e}")
