@@ -307,4 +307,4 @@ def test_stream_fields(w):
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
-                  test_stream_fields]))
+                  test_stream_fields], emulated="ok"))

@@ -542,4 +542,4 @@ if __name__ == "__main__":
                   test_post_d_flood_one_describe_at_a_time, test_bad_describe_documents,
                   test_publish_errors_and_private, test_subscription_limit_and_unsubscribe,
                   test_oversize_for_device_max_message_size_logged_once, test_call_timeout_and_offline,
-                  test_session_replaced_by_same_device, test_device_error_answers]))
+                  test_session_replaced_by_same_device, test_device_error_answers], emulated='its memory and timeout bounds are timed for native speed'))

@@ -161,4 +161,4 @@ def test_reload_keeps_connection(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_call_get_publish_subscribe, test_errors_keep_agent_serving, test_plugin_failures,
-                  test_plugin_errors_reach_the_api, test_reload_keeps_connection]))
+                  test_plugin_errors_reach_the_api, test_reload_keeps_connection], emulated="ok"))

@@ -112,4 +112,4 @@ if __name__ == "__main__":
     reason = available()
     if reason:
         skip(reason)
-    sys.exit(run([bind(s, KernelSim) for s in SCENARIOS]))
+    sys.exit(run([bind(s, KernelSim) for s in SCENARIOS], emulated='needs the kernel gpio-sim of the machine running the tests'))

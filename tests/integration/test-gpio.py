@@ -58,4 +58,4 @@ def test_simulator_covers_the_plugin(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_simulator_covers_the_plugin] + [bind(s, FakeSim) for s in SCENARIOS]))
+    sys.exit(run([test_simulator_covers_the_plugin] + [bind(s, FakeSim) for s in SCENARIOS], emulated='the simulated chip is LD_PRELOADed, which qemu-user would apply to itself'))

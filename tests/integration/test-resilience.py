@@ -31,4 +31,4 @@ def test_cloud_restart(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_cloud_restart]))
+    sys.exit(run([test_cloud_restart], emulated="ok"))

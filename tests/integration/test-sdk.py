@@ -88,4 +88,4 @@ if __name__ == "__main__":
     for tool in ("make", "pkg-config"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
             skip(f"{tool} is not installed")
-    sys.exit(run([test_out_of_tree_plugins]))
+    sys.exit(run([test_out_of_tree_plugins], emulated='builds plugins with the native compiler and pkg-config'))

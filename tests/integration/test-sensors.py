@@ -168,4 +168,4 @@ def test_bad_config_keeps_agent(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_values_units_and_errors, test_changes_publish_and_get_follows, test_periodic_publish,
-                  test_appear_and_vanish_on_reload, test_bad_config_keeps_agent]))
+                  test_appear_and_vanish_on_reload, test_bad_config_keeps_agent], emulated="ok"))

@@ -74,4 +74,4 @@ if __name__ == "__main__":
     reason = available()
     if reason:
         skip(reason)
-    sys.exit(run([test_restart_through_systemd]))
+    sys.exit(run([test_restart_through_systemd], emulated='needs systemd as init'))

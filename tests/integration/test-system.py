@@ -174,4 +174,4 @@ def test_reboot_opt_in_and_bad_config(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_variables_on_this_machine, test_fake_proc_and_malformed, test_restart_allow_list,
-                  test_reboot_opt_in_and_bad_config]))
+                  test_reboot_opt_in_and_bad_config], emulated='compares against /proc of the machine, which qemu-user passes through unchanged'))

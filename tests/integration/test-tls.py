@@ -46,4 +46,4 @@ def test_cloud_from_unknown_ca_refused(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_device_from_other_ca_refused, test_cloud_with_wrong_host_name_refused,
-                  test_cloud_from_unknown_ca_refused]))
+                  test_cloud_from_unknown_ca_refused], emulated="ok"))
