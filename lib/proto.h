@@ -26,6 +26,10 @@
 
 /* Uri-Query flag marking a published event private. */
 #define PROTO_QUERY_PRIVATE "private"
+/* Uri-Query options of a publish: the event's sequence number (decimal,
+ * 1..2^64-1) and the device's outbox epoch (16 lowercase hex digits). */
+#define PROTO_QUERY_SEQ "seq="
+#define PROTO_QUERY_EPOCH "epoch="
 
 /* CoAP Content-Format numbers used. */
 #define PROTO_CF_TEXT 0

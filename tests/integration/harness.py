@@ -234,8 +234,18 @@ TokenFile={self.path('tokens')}
     def api(self):
         return f"http://127.0.0.1:{self.api_port}"
 
-    def agent_conf(self, name, cert, key, host="localhost", plugin_dir=PLUGINS, extra="", ca=None):
+    def agent_conf(self, name, cert, key, host="localhost", plugin_dir=PLUGINS, extra="", ca=None,
+                   connection=None, state_dir=None):
+        """Write NAME.conf. Each agent has its own state directory (its
+        outbox) in the test's scratch directory; connection replaces the
+        [Connection] settings."""
         conf = self.path(f"{name}.conf")
+        state_dir = state_dir or self.path(f"{name}-state")
+        connection = connection or """KeepaliveSec=5
+KeepaliveTimeoutSec=3
+ReconnectMinSec=0.2
+ReconnectMaxSec=2
+ConnectTimeoutSec=5"""
         with open(conf, "w") as f:
             f.write(f"""[Cloud]
 Host={host}
@@ -245,11 +255,9 @@ CAFile={ca or self.path('pki', 'ca.crt')}
 Certificate={cert}
 Key={key}
 [Connection]
-KeepaliveSec=5
-KeepaliveTimeoutSec=3
-ReconnectMinSec=0.2
-ReconnectMaxSec=2
-ConnectTimeoutSec=5
+{connection}
+[State]
+Directory={state_dir}
 [Plugins]
 Directory={plugin_dir}
 [Plugin example]
