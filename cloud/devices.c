@@ -496,6 +496,16 @@ static void device_unbind(Device *d, const char *reason) {
                 call_complete(d->calls, -ENOTCONN, 0, NULL, 0);
 }
 
+void device_disconnect(Device *d, const char *reason) {
+        Conn *c = d->conn;
+
+        if (!c)
+                return;
+        /* Unbound at once, so what else arrives on the session is refused. */
+        device_unbind(d, reason);
+        conn_queue_close(c);
+}
+
 static int device_ping_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Device *d = userdata;
         uint64_t now = now_usec();
