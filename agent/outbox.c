@@ -39,6 +39,8 @@
  * at least this much. */
 #define OUTBOX_COMPACT_MIN (1u << 20)
 #define OUTBOX_COPY_BUF (64u * 1024)
+/* Sequence numbers never get near this; a file that claims more is damaged. */
+#define OUTBOX_SEQ_LIMIT (UINT64_C(1) << 62)
 
 typedef struct Entry {
         uint64_t seq;
@@ -318,12 +320,13 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
                 if (rc->header)
                         return 0; /* only the first counts */
                 if (record_get_u8(&r, &version) < 0 || version != OUTBOX_VERSION ||
-                    record_get_u64(&r, &rc->o->epoch) < 0 || record_get_u64(&r, &rc->header_next_seq) < 0)
+                    record_get_u64(&r, &rc->o->epoch) < 0 || record_get_u64(&r, &rc->header_next_seq) < 0 ||
+                    rc->header_next_seq >= OUTBOX_SEQ_LIMIT)
                         return 0;
                 rc->header = true;
                 return 0;
         case REC_ACK:
-                if (rc->header && record_get_u64(&r, &v) == 0 && v > rc->head)
+                if (rc->header && record_get_u64(&r, &v) == 0 && v > rc->head && v < OUTBOX_SEQ_LIMIT)
                         rc->head = v;
                 return 0;
         case REC_EVENT: {
@@ -340,7 +343,7 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
                         return 0;
                 }
                 /* Sequence numbers only grow; anything else is not ours. */
-                if (v == 0 || v <= rc->last_seq)
+                if (v == 0 || v <= rc->last_seq || v >= OUTBOX_SEQ_LIMIT)
                         return 0;
                 rc->last_seq = v;
                 e = (Entry){ .seq = v, .off = offset, .size = (uint32_t)record_size(len) };

@@ -222,6 +222,7 @@ typedef struct Copy {
         uint8_t *pending;
         size_t len;
         int error;
+        uint64_t last_id; /* events are copied only with growing ids */
 } Copy;
 
 static int copy_flush(Copy *c) {
@@ -254,10 +255,14 @@ static int copy_bytes(Copy *c, const void *p, size_t n) {
 
 static int copy_event(const uint8_t *payload, size_t len, size_t offset, void *userdata) {
         Copy *c = userdata;
+        EventView v;
 
-        if (len == 0 || payload[0] != REC_EVENT)
+        /* The same events recovery accepted: valid, ids growing. */
+        if (len == 0 || payload[0] != REC_EVENT || event_view(payload, len, &v) < 0 || v.id <= c->last_id ||
+            v.id == UINT64_MAX)
                 return 0;
-        /* A valid record: its bytes go over as they are. */
+        c->last_id = v.id;
+        /* Its bytes go over as they are. */
         return copy_bytes(c, payload - RECORD_HEADER_SIZE, record_size(len));
 }
 
@@ -349,7 +354,8 @@ static int journal_compact(void) {
 
 typedef struct Recovery {
         bool header;
-        uint64_t events, headless;
+        size_t header_end; /* events before the header are not ours */
+        uint64_t events, headless, last_id;
         int error;
 } Recovery;
 
@@ -361,8 +367,12 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
         (void)record_get_u8(&r, &type);
         if (type == REC_HEADER) {
                 if (!rc->header && record_get_u8(&r, &version) == 0 && version == JOURNAL_VERSION &&
-                    record_get_u64(&r, &journal.epoch) == 0 && record_get_u64(&r, &journal.next_id) == 0)
+                    record_get_u64(&r, &journal.epoch) == 0 && record_get_u64(&r, &journal.next_id) == 0) {
                         rc->header = true;
+                        rc->header_end = offset + record_size(len);
+                        if (journal.next_id == 0 || journal.next_id == UINT64_MAX)
+                                journal.next_id = 1;
+                }
                 return 0;
         }
         if (!rc->header) {
@@ -382,8 +392,10 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
         if (type == REC_EVENT) {
                 EventView v;
 
-                if (event_view(payload, len, &v) < 0)
+                /* Ids only grow; anything else is damage come back to life. */
+                if (event_view(payload, len, &v) < 0 || v.id <= rc->last_id || v.id == UINT64_MAX)
                         return 0;
+                rc->last_id = v.id;
                 rc->events++;
                 if (v.id >= journal.next_id)
                         journal.next_id = v.id + 1;
@@ -439,7 +451,7 @@ static int journal_recover(void) {
                 log_warning("Event journal '%s/%s': skipped %zu damaged byte(s) in %zu place(s), the first at "
                             "offset %zu (a write torn by a crash?).",
                             dir, JOURNAL_FILE, skipped, places, first);
-                r = journal_rewrite(map, (size_t)st.st_size, 0);
+                r = journal_rewrite(map, (size_t)st.st_size, rc.header_end);
                 if (r < 0) {
                         log_warning_errno(r, "Failed to rewrite the event journal: %m");
                         /* Appending after the last good record is still fine. */
