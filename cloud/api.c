@@ -189,9 +189,11 @@ static void api_copy_diag(const uint8_t *data, size_t len, char out[static API_D
         /* Cut at a character boundary, then accept only clean text. */
         while (len > 0 && (data[len - 1] & 0xc0) == 0x80 && proto_utf8_check((const char *)data, len) < 0)
                 len--;
-        if (proto_utf8_check((const char *)data, len) < 0)
+        if (len > 0 && proto_utf8_check((const char *)data, len) < 0)
                 len = 0;
-        memcpy(out, data, len);
+        /* data is NULL when a call failed without an answer. */
+        if (len > 0)
+                memcpy(out, data, len);
         out[len] = 0;
 }
 
