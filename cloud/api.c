@@ -53,6 +53,7 @@ typedef struct ApiRequest {
         /* Replaying the journal after Last-Event-ID: live events are not
          * pushed until the cursor reaches the end. */
         bool catching_up;
+        bool replay_started;
         JournalCursor cursor;
 } ApiRequest;
 
@@ -448,7 +449,23 @@ static void api_sse_catch_up(ApiRequest *req) {
                 uint64_t id;
                 int n, r;
 
+                uint64_t want = req->cursor.last_id + 1;
+
                 r = journal_cursor_next(&req->cursor, &e, &id);
+                if (r > 0 && !req->replay_started) {
+                        req->replay_started = true;
+                        /* The journal keeps the newest events only: say so
+                         * when some the client asked for are gone. */
+                        if (id > want) {
+                                char note[96];
+                                int k = snprintf(note, sizeof(note),
+                                                 ":%" PRIu64 " event(s) before this are no longer in the journal\n\n",
+                                                 id - want);
+
+                                if (api_sse_append(req, note, (size_t)k) < 0)
+                                        req->dropped = true;
+                        }
+                }
                 if (r <= 0) {
                         if (r < 0)
                                 log_warning_errno(r, "Failed to read the event journal for a stream: %m");

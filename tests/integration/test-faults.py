@@ -12,7 +12,9 @@ that the subscriber saw exactly 1..N: nothing missing, nothing twice, in
 order. Counts go to the log; the last line sums them up."""
 
 import datetime
+import http.client
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,8 +105,10 @@ def wait_proc(p, timeout):
 
 
 def test_cloud_sigkill_restarts(w):
-    """20 SIGKILLs of the cloud while the pump publishes 4000 events."""
-    w.start_cloud(timing=CLOUD_FAST)
+    """20 SIGKILLs of the cloud while the pump publishes 4000 events. The
+    journal is small enough to be rewritten a few times on the way."""
+    journal = "[Events]\nJournalMaxBytes=262144\n"
+    w.start_cloud(timing=CLOUD_FAST, extra=journal)
     coap, api = w.coap_port, w.api_port
     device = w.new_device()
     sub = new_subscriber(w, device[0])
@@ -131,7 +135,7 @@ def test_cloud_sigkill_restarts(w):
             a.signal(signal.SIGCONT)
         mark = w.notify.mark()
         t0 = time.monotonic()
-        w.start_cloud(port=coap, api_port=api, timing=CLOUD_FAST)
+        w.start_cloud(port=coap, api_port=api, timing=CLOUD_FAST, extra=journal)
         w.wait_online(device[0], mark)
         took.append(time.monotonic() - t0)
     wait_numbers(sub, total, 60)
@@ -142,6 +146,105 @@ def test_cloud_sigkill_restarts(w):
     print(f"# cloud SIGKILL x{restarts}: {total} published, {n} received once, in order; "
           f"{dup} resends dropped by the cloud; back online in {min(took):.2f}..{max(took):.2f} s")
     sub.close()
+
+
+RETRY = re.compile(r"retrying in ([0-9.]+) s")
+
+
+def wait_retries(agent, start, n, timeout=10):
+    """The first n backoff delays the agent logged from line start on."""
+    deadline = time.monotonic() + timeout
+    with agent.cond:
+        while True:
+            delays = [float(m.group(1)) for m in map(RETRY.search, agent.lines[start:]) if m]
+            if len(delays) >= n:
+                return delays[:n]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Failure(f"the agent logged {len(delays)} of {n} reconnect attempts")
+            agent.cond.wait(min(left, 0.5))
+
+
+def sse_lines(w, path, last_event_id, until, timeout=10):
+    """Read an event stream with a Last-Event-ID until a line matches."""
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=timeout)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {w.token}", "Last-Event-ID": last_event_id})
+    r = conn.getresponse()
+    expect(r.status == 200, f"stream answered {r.status}")
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = r.fp.readline().decode().rstrip("\n")
+        lines.append(line)
+        if re.search(until, line):
+            conn.close()
+            return lines
+    conn.close()
+    raise Failure(f"the stream never sent /{until}/; got {lines[-5:]}")
+
+
+def test_journal_replay(w):
+    """The journal keeps its newer half when it outgrows JournalMaxBytes,
+    delivery stays exactly-once through the rewrites, and a client resuming
+    from an event that is gone is told so and gets what is left."""
+    max_bytes = 65536
+    w.start_cloud(timing=CLOUD_FAST, extra=f"[Events]\nJournalMaxBytes={max_bytes}\n")
+    device = w.new_device()
+    sub = new_subscriber(w, device[0])
+    total = 3000
+    w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST, extra=pump_conf(f"1,{total},3000"))
+    wait_numbers(sub, total, 60)
+    n = check_exactly_once(sub, total, "journal rewrites")
+    size = os.path.getsize(w.path("cloud-state", "events.journal"))
+    expect(size <= max_bytes + 1024, f"the journal is {size} bytes, JournalMaxBytes={max_bytes}")
+    last_id = [e["id"] for e in sub.snapshot() if e.get("name") == "pump/n"][-1]
+    epoch, newest = last_id.split("-")
+    lines = sse_lines(w, f"/v1/devices/{device[0]}/events/pump", f"{epoch}-1", rf"^id: {last_id}$")
+    gone = [line for line in lines if "no longer in the journal" in line]
+    ids = [int(line.split("-")[1]) for line in lines if line.startswith("id: ")]
+    expect(gone and ids == list(range(ids[0], int(newest) + 1)),
+           f"replay from id 1 after rewrites: {gone}, ids {ids[:3]}..{ids[-3:]}")
+    lines = sse_lines(w, "/v1/events", "0123456789abcdef-5", r"^id: ")
+    expect(any("from another journal" in line for line in lines), f"foreign Last-Event-ID: {lines}")
+    print(f"# journal rewrites: {total} published, {n} received once, in order; journal {size} bytes "
+          f"(JournalMaxBytes={max_bytes}); a client resuming from id 1 was told '{gone[0][1:]}' and got ids "
+          f"{ids[0]}..{ids[-1]}")
+    sub.close()
+
+
+def test_backoff(w):
+    """Reconnect delays grow exponentially with jitter in [1/2, 1], stop at
+    ReconnectMaxSec, and start small again only after a connection held
+    for StableSec (AGENT_FAST: 0.1 s, 0.5 s, 2 s)."""
+    base, cap, stable = 0.1, 0.5, 2.0
+    w.start_cloud(timing=CLOUD_FAST)
+    coap, api = w.coap_port, w.api_port
+    a = w.start_agent(connection=AGENT_FAST)
+
+    def outage(n):
+        mark = a.mark()
+        w.cloud.kill()
+        delays = wait_retries(a, mark, n)
+        mark_n = w.notify.mark()
+        w.start_cloud(port=coap, api_port=api, timing=CLOUD_FAST)
+        w.wait_online(a.device_id, mark_n)
+        return delays
+
+    def bounds(i, first_n):
+        d = min(base * 2 ** (first_n + i), cap)
+        return d / 2 - 0.05, d + 0.05  # logged with one decimal
+
+    # Connected long enough before: the first retry is back at the base.
+    time.sleep(stable + 0.5)  # the stable period is a duration, not an event
+    delays = outage(7)
+    print(f"# backoff after a stable connection: {delays}")
+    for i, d in enumerate(delays):
+        lo, hi = bounds(i, 0)
+        expect(lo <= d <= hi, f"retry {i + 1} waited {d} s, expected {lo:.2f}..{hi:.2f}")
+    expect(max(delays) <= cap + 0.05, f"backoff beyond ReconnectMaxSec: {delays}")
+    # Cut again at once: no reset, the delays go on from the cap.
+    delays = outage(2)
+    print(f"# backoff right after a reconnect: {delays}")
+    expect(delays[0] >= cap / 2 - 0.05, f"the backoff was reset by a short connection: {delays}")
 
 
 def test_cloud_sigstop(w):
@@ -243,6 +346,7 @@ def test_agent_sigkill(w):
             print(f"# call in flight when the agent died: exit {rc} after {t:.2f} s: {err}")
             expect(rc == 4 and t < CALL_TIMEOUT, f"call in flight at the agent's death: exit {rc} after {t:.2f} s")
             accepted = at_kill = 0
+        notify_mark = w.notify.mark()
         a = w.run_agent(f"agent-{i + 2}", conf, device)
         waiting = a.wait_line(r"event\(s\) waiting", timeout=5)
         # Everything before this marker was sent first: the outbox keeps order.
@@ -253,6 +357,8 @@ def test_agent_sigkill(w):
         got = numbers(sub)
         last = max(got)
         expect(last >= accepted, f"the plugin had {accepted} accepted but only {last} arrived")
+        # The agent says when its outbox is empty again.
+        w.notify.wait(lambda m: m.get("X_TETHER_OUTBOX") == "0", 10, "X_TETHER_OUTBOX=0", notify_mark)
         check_exactly_once(sub, last, f"agent SIGKILL {i + 1}")
         TOTALS["published"] -= last  # counted once at the end
         TOTALS["received"] -= last
@@ -404,5 +510,5 @@ def summary(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_cloud_sigkill_restarts, test_cloud_sigstop, test_silent_network_drops, test_agent_sigkill,
+    sys.exit(run([test_cloud_sigkill_restarts, test_journal_replay, test_backoff, test_cloud_sigstop, test_silent_network_drops, test_agent_sigkill,
                   test_disk_full, test_clock_steps, summary]))
