@@ -7,6 +7,7 @@ waited for as they arrive. Every wait has a deadline so a broken daemon
 fails the test instead of hanging it.
 """
 
+import ctypes
 import json
 import os
 import random
@@ -48,6 +49,16 @@ class Skip(Exception):
 def skip(reason):
     print(f"SKIP: {reason}")
     sys.exit(77)
+
+
+def _die_with_parent():
+    """In a child before exec: SIGTERM when the test process dies, so no
+    `subscribe --resume` outlives a crashed test."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class NotifySocket:
@@ -109,7 +120,8 @@ class Daemon:
         self.log = open(os.path.join(logdir, f"{name}.log"), "a")
         # prefix: e.g. "ip netns exec NS", which exec()s: the pid stays ours.
         self.proc = subprocess.Popen(list(prefix) + WRAPPER + argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -329,9 +341,12 @@ IntervalSec=0
         return r
 
     def subscribe(self, *args):
-        """Start `tether subscribe --json ...`; returns a Subscriber."""
+        """Start `tether subscribe --json ...`; returns a Subscriber, which
+        is closed with the World (or the test process) at the latest."""
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=self.token)
-        return Subscriber([TETHER, "subscribe", "--json", *args], env)
+        sub = Subscriber([TETHER, "subscribe", "--json", *args], env)
+        self.cleanups.append(sub.close)
+        return sub
 
     def run_cleanups(self):
         while self.cleanups:
@@ -362,7 +377,7 @@ IntervalSec=0
 class Subscriber:
     def __init__(self, argv, env):
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.events = []
         self.errors = []
         self.cond = threading.Condition()
@@ -435,7 +450,11 @@ class Subscriber:
     def close(self):
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(5)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def run(tests):
