@@ -155,6 +155,8 @@ int journal_open(sd_event *event, const CloudConfig *config);
 void journal_close(void);
 /* Whether this device's event (epoch, seq) was delivered already. */
 bool journal_seen(const char *device, uint64_t epoch, uint64_t seq);
+/* The highest seq delivered for the device in this epoch, 0 if none. */
+uint64_t journal_last_seq(const char *device, uint64_t epoch);
 /* Append e (seq 0: no sequence number, not de-duplicated). *ret_id is
  * its id. A negative errno (-ENOSPC...) when it could not be written:
  * then nothing changed. */

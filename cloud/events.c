@@ -162,6 +162,16 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
         if (opt)
                 e.ttl = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
 
+        if (q.has_seq) {
+                uint64_t last = journal_last_seq(device_id(d), q.epoch);
+
+                /* Numbers the device never sent: its outbox dropped them
+                 * (Overflow=drop-oldest) or we refused them. */
+                if (last > 0 && q.seq > last + 1)
+                        log_info("Device '%s' skipped event(s) %" PRIu64 "..%" PRIu64 " (epoch %016" PRIx64
+                                 "): dropped by the device or refused.",
+                                 device_id(d), last + 1, q.seq - 1, q.epoch);
+        }
         r = journal_append(&e, q.epoch, q.has_seq ? q.seq : 0, &id);
         if (r < 0) {
                 /* Not stored, not routed: the device keeps it and sends it

@@ -149,6 +149,12 @@ bool journal_seen(const char *device, uint64_t epoch, uint64_t seq) {
         return s && s->epoch == epoch && seq <= s->last_seq;
 }
 
+uint64_t journal_last_seq(const char *device, uint64_t epoch) {
+        DeviceState *s = state_find(device, strlen(device));
+
+        return s && s->epoch == epoch ? s->last_seq : 0;
+}
+
 uint64_t journal_epoch(void) { return journal.epoch; }
 
 uint64_t journal_last_id(void) { return journal.next_id - 1; }

@@ -377,6 +377,57 @@ def test_agent_sigkill(w):
     sub.close()
 
 
+def test_outbox_full(w):
+    """A full outbox while the cloud is away: Overflow=reject refuses new
+    events (the plugin retries, nothing is lost); Overflow=drop-oldest keeps
+    the newest, and the loss is counted and logged on both sides."""
+    w.start_cloud(timing=CLOUD_FAST)
+    coap, api = w.coap_port, w.api_port
+    device = w.new_device()
+    sub = new_subscriber(w, device[0])
+    limit, total = 100, 600
+    state = w.path("agent-state")
+    for policy in ("reject", "drop-oldest"):
+        first = 1 if policy == "reject" else total + 1
+        # The cloud is away while the run is published: the outbox fills.
+        w.cloud.kill()
+        conf = w.agent_conf(f"agent-{policy}", device[1], device[2], plugin_dir=TEST_PLUGINS,
+                            connection=AGENT_FAST, state_dir=state,
+                            extra=pump_conf(f"{first},{total},2000") +
+                            f"[Outbox]\nMaxEvents={limit}\nOverflow={policy}\n")
+        a = w.run_agent(f"agent-{policy}", conf, device, wait_online=False)
+        if policy == "reject":
+            a.wait_line("Outbox full: refused", timeout=20)
+        else:
+            a.wait_line("done: accepted", timeout=20)
+            a.wait_line("Outbox full: dropped", timeout=20)
+        mark_n = w.notify.mark()
+        w.start_cloud(port=coap, api_port=api, timing=CLOUD_FAST)
+        w.wait_online(device[0], mark_n)
+        last = first + total - 1
+        if policy == "reject":
+            wait_numbers(sub, last, 30)
+            check_exactly_once(sub, last, "Overflow=reject")
+            print(f"# Overflow=reject, MaxEvents={limit}: {total} published (the plugin retried refused ones), "
+                  f"{total} received once, in order")
+        else:
+            sub.wait(lambda e, last=last: e.get("name") == "pump/n" and e.get("data") == str(last), 30,
+                     what=f"event {last}")
+            got = numbers(sub)[total:]
+            expect(got == list(range(last - limit + 1, last + 1)),
+                   f"drop-oldest kept {len(got)}: {got[:3]}..{got[-3:]}, expected the newest {limit}")
+            gap = w.cloud.wait_line(r"skipped event\(s\)", timeout=5)
+            a.stop()
+            # The last word on drops comes at exit, with the total.
+            said = [line for line in a.lines if "Outbox full: dropped" in line]
+            expect(said and f"({total - limit} in all)" in said[-1], f"drops not reported right: {said}")
+            print(f"# Overflow=drop-oldest, MaxEvents={limit}: {total} published, the newest {len(got)} "
+                  f"received once, in order; the agent: '{said[-1].split(': ', 1)[-1]}'; the cloud: "
+                  f"'{gap.split(': ', 1)[-1]}'")
+        a.stop()
+    sub.close()
+
+
 def mount_tmpfs(w, path, size):
     os.makedirs(path, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", path],
@@ -511,4 +562,4 @@ def summary(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_cloud_sigkill_restarts, test_journal_replay, test_backoff, test_cloud_sigstop, test_silent_network_drops, test_agent_sigkill,
-                  test_disk_full, test_clock_steps, summary]))
+                  test_outbox_full, test_disk_full, test_clock_steps, summary]))
