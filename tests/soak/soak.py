@@ -60,8 +60,12 @@ class Calls(threading.Thread):
         while self.period and not self.stop.wait(self.period):
             args = ["get", self.dev, "next"] if i % 2 else ["get", self.dev, "running"]
             i += 1
-            r = subprocess.run([TETHER, *args, "--timeout", "5"], env=env, capture_output=True)
-            if r.returncode == 0:
+            try:
+                r = subprocess.run([TETHER, *args, "--timeout", "5"], env=env, capture_output=True)
+                ok = r.returncode == 0
+            except OSError:
+                ok = False
+            if ok:
                 self.ok += 1
             else:
                 self.failed += 1
@@ -112,7 +116,7 @@ def main():
                 got = numbers(sub)
                 try:
                     published = int(w.tether("get", device[0], "next", check=False, timeout=10).stdout.strip()) - 1
-                except ValueError:
+                except (ValueError, OSError, subprocess.TimeoutExpired):
                     published = -1
                 row = (ag, cl)
                 first = first or row
