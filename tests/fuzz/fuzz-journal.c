@@ -12,8 +12,21 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+static char dir[] = "/dev/shm/tether-fuzz-journal-XXXXXX"; /* fsync is cheap there */
+
+/* libFuzzer ends with exit(): leave nothing behind. */
+static void remove_dir(void) {
+        static const char *const files[] = { "events.journal", "events.journal.lock", "events.journal.tmp", "events.journal.corrupt" };
+        char path[128];
+
+        for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+                snprintf(path, sizeof(path), "%s/%s", dir, files[i]);
+                (void)unlink(path);
+        }
+        (void)rmdir(dir);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-        static char dir[] = "/dev/shm/tether-fuzz-journal-XXXXXX"; /* fsync is cheap there */
         static CloudConfig config = { .journal_max_bytes = 1 << 20, .journal_sync_ms = 1000 };
         static sd_event *event;
         JournalCursor c;
@@ -26,6 +39,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 log_set_max_level(-1);
                 if (!mkdtemp(dir) || sd_event_new(&event) < 0)
                         abort();
+                atexit(remove_dir);
                 config.state_dir = dir;
         }
         snprintf(path, sizeof(path), "%s/events.journal.corrupt", dir);

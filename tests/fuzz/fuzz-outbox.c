@@ -12,8 +12,21 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+static char dir[] = "/dev/shm/tether-fuzz-outbox-XXXXXX"; /* fsync is cheap there */
+
+/* libFuzzer ends with exit(): leave nothing behind. */
+static void remove_dir(void) {
+        static const char *const files[] = { "outbox", "outbox.lock", "outbox.tmp", "outbox.corrupt" };
+        char path[128];
+
+        for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+                snprintf(path, sizeof(path), "%s/%s", dir, files[i]);
+                (void)unlink(path);
+        }
+        (void)rmdir(dir);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
-        static char dir[] = "/dev/shm/tether-fuzz-outbox-XXXXXX"; /* fsync is cheap there */
         static bool made;
         OutboxLimits limits = { .max_events = 1000, .max_bytes = 1 << 20 };
         char path[128];
@@ -25,6 +38,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (!made) {
                 if (!mkdtemp(dir))
                         abort();
+                atexit(remove_dir);
                 made = true;
         }
         snprintf(path, sizeof(path), "%s/outbox.corrupt", dir);
