@@ -47,7 +47,9 @@ Config *config_new(void) {
         c->outbox_sync_ms = 100;
         c->plugin_dir = strdup(PLUGINDIR);
         c->state_dir = strdup(CONFIG_DEFAULT_STATE_DIR);
-        if (!c->plugin_dir || !c->state_dir)
+        c->local_socket = strdup(CONFIG_DEFAULT_SOCKET);
+        c->local_group = strdup(CONFIG_DEFAULT_GROUP);
+        if (!c->plugin_dir || !c->state_dir || !c->local_socket || !c->local_group)
                 return config_free(c);
         return c;
 }
@@ -61,6 +63,8 @@ Config *config_free(Config *c) {
         free(c->key_file);
         free(c->plugin_dir);
         free(c->state_dir);
+        free(c->local_socket);
+        free(c->local_group);
         strv_free(c->plugin_enable);
         strv_free(c->plugin_disable);
         for (size_t i = 0; i < c->n_plugins; i++) {
@@ -195,7 +199,16 @@ static int plugin_set(PluginSection *p, const char *key, const char *value) {
         return 0;
 }
 
-typedef enum KeyType { KEY_STRING, KEY_PORT, KEY_SECONDS, KEY_UINT, KEY_U64, KEY_WORDS, KEY_OVERFLOW } KeyType;
+typedef enum KeyType {
+        KEY_STRING,
+        KEY_STRING_EMPTY,
+        KEY_PORT,
+        KEY_SECONDS,
+        KEY_UINT,
+        KEY_U64,
+        KEY_WORDS,
+        KEY_OVERFLOW,
+} KeyType;
 
 typedef struct KeyDef {
         const char *section;
@@ -230,6 +243,8 @@ static const KeyDef keys[] = {
         { "Plugins", "Directory", KEY_STRING, F(plugin_dir), 0, 0 },
         { "Plugins", "Enable", KEY_WORDS, F(plugin_enable), 0, 0 },
         { "Plugins", "Disable", KEY_WORDS, F(plugin_disable), 0, 0 },
+        { "Local", "Socket", KEY_STRING, F(local_socket), 0, 0 },
+        { "Local", "Group", KEY_STRING_EMPTY, F(local_group), 0, 0 },
 };
 #undef F
 
@@ -242,6 +257,9 @@ static int apply_key(ParseState *s, const KeyDef *k, const char *value) {
         case KEY_STRING:
                 if (!*value)
                         return fail(s, "%s= must not be empty", k->key);
+                r = set_string(field, value);
+                break;
+        case KEY_STRING_EMPTY:
                 r = set_string(field, value);
                 break;
         case KEY_PORT:
@@ -306,7 +324,7 @@ static int handler(void *user, const char *section, const char *name, const char
                 const char *pname = section + strlen("Plugin ");
                 PluginSection *p;
 
-                if (proto_name_check(pname, strlen(pname), PROTO_NAME_DEVICE) < 0)
+                if (proto_name_check(pname, strlen(pname), PROTO_NAME_PLUGIN) < 0)
                         return fail(s, "invalid plugin name '%s' in section header", pname);
                 p = plugin_section(s->config, pname);
                 if (!p || plugin_set(p, name, value) < 0)
@@ -413,6 +431,12 @@ static int config_validate(const Config *c, const char *path, char **ret_error) 
                                               : NULL;
         if (missing) {
                 if (ret_error && asprintf(ret_error, "%s: %s is required", path, missing) < 0)
+                        *ret_error = NULL;
+                return -EINVAL;
+        }
+        if (c->local_socket[0] != '/' || strlen(c->local_socket) >= 108) {
+                if (ret_error && asprintf(ret_error, "%s: [Local] Socket= must be an absolute path shorter than 108 bytes",
+                                          path) < 0)
                         *ret_error = NULL;
                 return -EINVAL;
         }

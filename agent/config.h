@@ -8,6 +8,8 @@
 #include <stdint.h>
 
 #define CONFIG_DEFAULT_PATH SYSCONFDIR "/tether/tetherd.conf"
+#define CONFIG_DEFAULT_SOCKET "/run/tether/tetherd.sock"
+#define CONFIG_DEFAULT_GROUP "tether"
 #define CONFIG_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether"
 
 /* [Outbox] Overflow= */
@@ -59,6 +61,9 @@ typedef struct Config {
         char **plugin_disable;
         PluginSection *plugins;
         size_t n_plugins;
+        /* [Local]: tetherctl's socket and who may use it */
+        char *local_socket;
+        char *local_group; /* "" = root and the agent's user only */
 } Config;
 
 /* Load path and its ".d" drop-in directory. On a bad value returns

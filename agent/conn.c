@@ -41,6 +41,13 @@ typedef struct InFlight {
         Token token;
 } InFlight;
 
+typedef struct Lookup {
+        struct Lookup *next;
+        struct gaicb req;
+        struct addrinfo hints;
+        char host[];
+} Lookup;
+
 typedef struct Subscription {
         char *prefix;
         Token token;
@@ -69,11 +76,11 @@ struct Conn {
         sd_event_source *teardown_source; /* defer: drop a dead session outside libcoap */
         sd_event_source *timer_source;    /* connect timeout, keepalive, backoff */
         /* Name resolution runs in glibc's getaddrinfo_a() helper and
-         * signals completion with CONN_RESOLVE_SIGNAL on our loop. */
-        struct gaicb resolve_req;
-        struct gaicb *resolve_list[1];
-        struct addrinfo resolve_hints;
-        bool resolving;
+         * signals completion with CONN_RESOLVE_SIGNAL on our loop. A lookup
+         * that could not be cancelled stays on "stale" until glibc is done
+         * with it. */
+        Lookup *lookup;
+        Lookup *stale;
         sd_event_source *resolve_source;
 
         unsigned failures;
@@ -171,6 +178,11 @@ static int add_path(coap_pdu_t *pdu, const char *first, const char *rest) {
                         return -ENOMEM;
                 p = slash ? slash + 1 : NULL;
         }
+        /* A prefix "gpio/" must not match "gpiox": keep its trailing slash
+         * as an empty last segment. */
+        if (rest && *rest && rest[strlen(rest) - 1] == '/' &&
+            !coap_add_option(pdu, COAP_OPTION_URI_PATH, 0, NULL))
+                return -ENOMEM;
         return 0;
 }
 
@@ -551,9 +563,9 @@ static void handle_call(Conn *c, const char *name, const coap_pdu_t *req, coap_p
         if (!arg)
                 return respond_text(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, "out of memory");
 
-        r = registry_call(c->registry, name, arg, &value);
-        if (r == -ENOENT)
+        if (!registry_has_function(c->registry, name))
                 return respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "unknown function '%s'", name);
+        r = registry_call(c->registry, name, arg, &value);
         if (r == -EINVAL)
                 return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "function '%s' rejected the argument",
                                     name);
@@ -573,9 +585,9 @@ static void handle_read(Conn *c, const char *name, coap_pdu_t *resp) {
         size_t len;
         int r;
 
-        r = registry_read(c->registry, name, &value, &len);
-        if (r == -ENOENT)
+        if (!registry_has_variable(c->registry, name))
                 return respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "unknown variable '%s'", name);
+        r = registry_read(c->registry, name, &value, &len);
         if (r == -EBUSY)
                 return respond_text(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, "variable '%s' is busy", name);
         if (r < 0) {
@@ -610,9 +622,10 @@ static void on_request(coap_resource_t *resource, coap_session_t *session, const
         _cleanup_free_ char *p = NULL;
         const char *name;
 
+        /* A request from the cloud does not prove it reads what we send:
+         * only Pongs and responses to our requests count as liveness. */
         if (!c)
                 return respond_text(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, "not ready");
-        c->last_rx = now_ms();
         if (!path)
                 return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "no path");
         p = strndup((const char *)path->s, path->length);
@@ -739,20 +752,38 @@ static int connect_to(Conn *c, const struct sockaddr *sa, socklen_t salen) {
         return 0;
 }
 
+static void lookup_free(Lookup *l) {
+        if (l->req.ar_result)
+                freeaddrinfo(l->req.ar_result);
+        free(l);
+}
+
+/* Stop caring about the current lookup. glibc may still be writing into
+ * it, so a lookup it could not cancel is kept until it completes. */
 static void resolve_cancel(Conn *c) {
-        if (!c->resolving)
+        Lookup *l = TAKE_PTR(c->lookup);
+
+        if (!l)
                 return;
-        /* A lookup cannot always be cancelled; wait for it (bounded by the
-         * resolver's own timeouts) so glibc never writes into freed memory. */
-        if (gai_cancel(&c->resolve_req) == EAI_NOTCANCELED) {
-                const struct gaicb *l[1] = { &c->resolve_req };
-                while (gai_suspend(l, 1, NULL) == EAI_INTR)
-                        ;
+        if (gai_cancel(&l->req) == EAI_NOTCANCELED) {
+                l->next = c->stale;
+                c->stale = l;
+                return;
         }
-        if (c->resolve_req.ar_result)
-                freeaddrinfo(c->resolve_req.ar_result);
-        c->resolve_req.ar_result = NULL;
-        c->resolving = false;
+        lookup_free(l);
+}
+
+static void reap_stale(Conn *c) {
+        for (Lookup **p = &c->stale; *p;) {
+                Lookup *l = *p;
+
+                if (gai_error(&l->req) == EAI_INPROGRESS) {
+                        p = &l->next;
+                        continue;
+                }
+                *p = l->next;
+                lookup_free(l);
+        }
 }
 
 static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -761,12 +792,12 @@ static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, vo
         char reason[300];
         int ret;
 
-        if (!c->resolving || gai_error(&c->resolve_req) == EAI_INPROGRESS)
+        reap_stale(c);
+        if (!c->lookup || gai_error(&c->lookup->req) == EAI_INPROGRESS)
                 return 0;
-        c->resolving = false;
-        ret = gai_error(&c->resolve_req);
-        ai = c->resolve_req.ar_result;
-        c->resolve_req.ar_result = NULL;
+        ret = gai_error(&c->lookup->req);
+        ai = TAKE_PTR(c->lookup->req.ar_result);
+        lookup_free(TAKE_PTR(c->lookup));
         if (c->state != CONN_RESOLVING) {
                 if (ai)
                         freeaddrinfo(ai);
@@ -785,7 +816,9 @@ static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, vo
 
 static int begin_connect(Conn *c) {
         struct sigevent sev = { .sigev_notify = SIGEV_SIGNAL, .sigev_signo = CONN_RESOLVE_SIGNAL };
+        struct gaicb *list[1];
         const char *path;
+        Lookup *l;
         int r;
 
         r = tls_files_check(&c->files, &path);
@@ -795,17 +828,25 @@ static int begin_connect(Conn *c) {
                 conn_teardown(c, reason);
                 return r;
         }
+        resolve_cancel(c);
+        l = calloc(1, sizeof(Lookup) + strlen(c->host) + 1);
+        if (!l) {
+                conn_teardown(c, "out of memory");
+                return -ENOMEM;
+        }
+        strcpy(l->host, c->host);
+        l->hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
+        l->req = (struct gaicb){ .ar_name = l->host, .ar_request = &l->hints };
+        list[0] = &l->req;
         set_state(c, CONN_RESOLVING, NULL);
         arm_timer(c, now_ms() + c->config->connect_timeout_ms);
-        c->resolve_hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
-        c->resolve_req = (struct gaicb){ .ar_name = c->host, .ar_request = &c->resolve_hints };
-        c->resolve_list[0] = &c->resolve_req;
-        r = getaddrinfo_a(GAI_NOWAIT, c->resolve_list, 1, &sev);
+        r = getaddrinfo_a(GAI_NOWAIT, list, 1, &sev);
         if (r != 0) {
+                free(l);
                 conn_teardown(c, "cannot start name resolution");
                 return -EAGAIN;
         }
-        c->resolving = true;
+        c->lookup = l;
         return 0;
 }
 
@@ -841,6 +882,8 @@ static int on_teardown(sd_event_source *s, void *userdata) {
 
         if (c->state == CONN_CONNECTED && now_ms() - c->connected_at >= c->config->stable_ms)
                 c->failures = 0;
+        /* A lookup that timed out must not write into the next one's request. */
+        resolve_cancel(c);
         drop_session(c);
         delay = backoff_ms(c);
         c->failures++;
@@ -877,6 +920,8 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
                 begin_connect(c);
                 break;
         case CONN_RESOLVING:
+                conn_teardown(c, "name lookup timed out");
+                break;
         case CONN_CONNECTING:
                 conn_teardown(c, "connect timed out");
                 break;
@@ -1032,6 +1077,9 @@ Conn *conn_free(Conn *c) {
         if (!c)
                 return NULL;
         resolve_cancel(c);
+        reap_stale(c);
+        /* Lookups still running belong to glibc's worker until they end:
+         * leaving them allocated at exit is safer than freeing them. */
         sd_event_source_disable_unref(c->resolve_source);
         drop_session(c);
         if (c->ctx)

@@ -8,9 +8,11 @@
 
 #include "config.h"
 #include "conn.h"
+#include "local-api.h"
 #include "log.h"
 #include "outbox.h"
 #include "plugin-host.h"
+#include "proto.h"
 #include "registry.h"
 #include "util.h"
 
@@ -22,6 +24,10 @@ typedef struct Agent {
         PluginHost *plugins;
         Outbox *outbox;
         Conn *conn;
+        LocalApi *local;
+        char *status;           /* last STATUS= line */
+        uint64_t started_usec;  /* CLOCK_MONOTONIC */
+        uint64_t connected_usec; /* 0 while not connected */
         /* X_TETHER_OUTBOX= notifications, at most one per interval. */
         sd_event_source *notify_source;
         size_t queued, queued_notified;
@@ -109,9 +115,83 @@ static int agent_describe(void *userdata, char **ret, size_t *ret_len) {
         return r;
 }
 
+/* STATUS= for systemd, kept for tetherctl status. */
+static void agent_set_status(Agent *a, const char *status) {
+        char *copy = strdup(status);
+
+        if (copy) {
+                free(a->status);
+                a->status = copy;
+        }
+        sd_notifyf(false, "STATUS=%s", status);
+}
+
 static void agent_state_changed(void *userdata, bool connected, const char *status) {
+        Agent *a = userdata;
+
+        if (!connected)
+                a->connected_usec = 0;
+        else if (a->connected_usec == 0)
+                a->connected_usec = now_usec();
         if (status && *status)
-                sd_notifyf(false, "STATUS=%s", status);
+                agent_set_status(a, status);
+}
+
+/* What "tetherctl status" shows: the describe document plus the state of
+ * the connection. */
+static json_t *agent_status(void *userdata) {
+        Agent *a = userdata;
+        _cleanup_free_ char *describe = NULL;
+        json_t *st, *variables, *values;
+        const char *name;
+        json_t *type;
+        size_t len;
+        uint64_t now = now_usec();
+
+        if (agent_describe(a, &describe, &len) < 0)
+                return NULL;
+        st = json_loadb(describe, len, 0, NULL);
+        if (!st)
+                return NULL;
+        values = json_object();
+        variables = json_object_get(st, "variables");
+        json_object_foreach(variables, name, type) {
+                _cleanup_free_ char *v = NULL;
+                size_t vlen;
+                json_t *value = NULL;
+
+                if (registry_read(a->registry, name, &v, &vlen) >= 0)
+                        (void)proto_value_decode((const uint8_t *)v, vlen, &value, &(uint32_t){ 0 });
+                json_object_set_new(values, name, value ? value : json_null());
+        }
+        if (json_object_update_new(st, json_pack("{s:b, s:s, s:s, s:i, s:f, s:f, s:I, s:o}", "connected",
+                                             conn_is_connected(a->conn), "state", a->status ? a->status : "",
+                                             "cloud_host", a->config->cloud_host, "cloud_port",
+                                             (int)a->config->cloud_port, "uptime_sec",
+                                             (now - a->started_usec) / 1e6, "connected_sec",
+                                             a->connected_usec ? (now - a->connected_usec) / 1e6 : 0.0,
+                                             "queued_events", (json_int_t)conn_queued(a->conn), "values",
+                                             values)) < 0) {
+                json_decref(st);
+                return NULL;
+        }
+        return st;
+}
+
+/* (Re)open the local API with the current configuration. Failing to is
+ * logged, never fatal: the cloud connection matters more. */
+static void agent_local_api_configure(Agent *a) {
+        int missing = 0, r;
+
+        r = local_api_configure(a->local, a->config->local_socket, a->config->local_group,
+                                LOCAL_API_REQUEST_MAX(a->config->max_payload), &missing);
+        if (r < 0)
+                log_error_errno(r, "Failed to listen on '%s', tetherctl will not work: %m",
+                                a->config->local_socket);
+        if (missing)
+                log_warning("Group '%s' ([Local] Group=) does not exist: only root and the agent's user may use "
+                            "tetherctl",
+                            a->config->local_group);
 }
 
 static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -150,6 +230,7 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         config_free(a->config);
         a->config = TAKE_PTR(next);
         r = plugin_host_load(a->plugins, a->config);
+        agent_local_api_configure(a);
         log_info("Reloaded configuration, %d plugin(s) running", r < 0 ? 0 : r);
         conn_registry_changed(a->conn);
         sd_notify(false, "READY=1");
@@ -170,6 +251,7 @@ static void help(void) {
 }
 
 static void agent_done(Agent *a) {
+        local_api_free(a->local);
         plugin_host_free(a->plugins);
         conn_free(a->conn);
         outbox_free(a->outbox);
@@ -178,6 +260,7 @@ static void agent_done(Agent *a) {
         config_free(a->config);
         sd_event_unref(a->event);
         free(a->config_path);
+        free(a->status);
 }
 
 int main(int argc, char *argv[]) {
@@ -189,7 +272,7 @@ int main(int argc, char *argv[]) {
                 {},
         };
         _cleanup_(agent_done) Agent a = {};
-        _cleanup_free_ char *error = NULL;
+        _cleanup_free_ char *error = NULL, *status = NULL;
         bool check_only = false;
         sigset_t mask;
         int r, c;
@@ -273,12 +356,18 @@ int main(int argc, char *argv[]) {
         if (r < 0)
                 return 1;
         r = plugin_host_load(a.plugins, a.config);
+        a.started_usec = now_usec();
+        if (local_api_new(a.event, &(LocalApiHooks){ .userdata = &a, .status = agent_status, .publish = agent_publish },
+                          &a.local) < 0)
+                return log_error("Out of memory"), 1;
+        agent_local_api_configure(&a);
         log_info("tetherd %s starting, %d plugin(s) running, cloud %s:%u", PACKAGE_VERSION, r < 0 ? 0 : r,
                  a.config->cloud_host, a.config->cloud_port);
         conn_start(a.conn);
+        if (asprintf(&status, "Connecting to %s:%u", a.config->cloud_host, a.config->cloud_port) >= 0)
+                agent_set_status(&a, status);
         a.queued = outbox_count(a.outbox);
-        sd_notifyf(false, "READY=1\nSTATUS=Connecting to %s:%u\nX_TETHER_OUTBOX=%zu", a.config->cloud_host,
-                   a.config->cloud_port, a.queued);
+        sd_notifyf(false, "READY=1\nX_TETHER_OUTBOX=%zu", a.queued);
         a.queued_notified = a.queued;
         a.queued_known = true;
 

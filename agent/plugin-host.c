@@ -17,8 +17,17 @@ struct tether_host {
         void *userdata;
 };
 
+/* What plugins keep across reloads (stash_set), by plugin name. */
+typedef struct StashEntry {
+        char *plugin;
+        char *key;
+        char *value;
+} StashEntry;
+
 struct PluginHost {
         sd_event *event;
+        StashEntry *stash;
+        size_t n_stash;
         Registry *registry;
         const Config *config;
         PluginHostHooks hooks;
@@ -29,12 +38,22 @@ struct PluginHost {
 
 /* --- the host API plugins call ------------------------------------------ */
 
+/* Registration is only allowed while the plugin's init() runs: that is
+ * when the agent collects what it tells the cloud. */
+#define REQUIRE_INIT(p)                                  \
+        do {                                             \
+                if ((p)->host->initializing != (p))      \
+                        return -EBUSY;                   \
+        } while (0)
+
 static int api_function_add(tether_host *p, const char *name, tether_function_fn fn, void *userdata) {
+        REQUIRE_INIT(p);
         return registry_function_add(p->host->registry, p, name, fn, userdata);
 }
 
 static int api_variable_add(tether_host *p, const char *name, uint32_t type, tether_variable_fn get,
                             void *userdata) {
+        REQUIRE_INIT(p);
         return registry_variable_add(p->host->registry, p, name, type, get, userdata);
 }
 
@@ -52,6 +71,7 @@ static int api_variable_changed(tether_host *p, const char *name) {
 }
 
 static int api_event_source_add(tether_host *p, const char *name) {
+        REQUIRE_INIT(p);
         return registry_event_add(p->host->registry, p, name);
 }
 
@@ -60,6 +80,7 @@ static int api_publish(tether_host *p, const char *name, const char *data, uint3
 }
 
 static int api_subscribe(tether_host *p, const char *prefix, tether_event_fn fn, void *userdata) {
+        REQUIRE_INIT(p);
         return registry_subscription_add(p->host->registry, p, prefix, fn, userdata,
                                          p->host->config->max_subscriptions);
 }
@@ -83,6 +104,97 @@ static void api_log(tether_host *p, int priority, const char *fmt, ...) {
                      "plugin %s: %s", p->name, buf);
 }
 
+static int api_variable_unit(tether_host *p, const char *name, const char *unit) {
+        return registry_variable_unit(p->host->registry, p, name, unit);
+}
+
+static const char *api_agent_version(tether_host *p) {
+        return PACKAGE_VERSION;
+}
+
+static int api_plugin_info(tether_host *p, uint32_t index, const char **ret_name, const char **ret_version) {
+        const tether_host *q;
+
+        if (index >= p->host->n_plugins)
+                return -ERANGE;
+        q = p->host->plugins[index];
+        if (ret_name)
+                *ret_name = q->name;
+        if (ret_version)
+                *ret_version = q->desc->version ? q->desc->version : "";
+        return 0;
+}
+
+static StashEntry *stash_find(PluginHost *h, const char *plugin, const char *key, size_t *ret_count) {
+        StashEntry *found = NULL;
+        size_t n = 0;
+
+        for (size_t i = 0; i < h->n_stash; i++) {
+                if (!streq(h->stash[i].plugin, plugin))
+                        continue;
+                n++;
+                if (key && streq(h->stash[i].key, key))
+                        found = &h->stash[i];
+        }
+        if (ret_count)
+                *ret_count = n;
+        return found;
+}
+
+static int api_stash_set(tether_host *p, const char *key, const char *value) {
+        PluginHost *h = p->host;
+        StashEntry *e, *n;
+        size_t count;
+        char *v;
+
+        if (!key || proto_name_check(key, strlen(key), PROTO_NAME_VARIABLE) < 0)
+                return -EINVAL;
+        if (value && strlen(value) > TETHER_STASH_VALUE_MAX)
+                return -E2BIG;
+        e = stash_find(h, p->name, key, &count);
+        if (!value) {
+                if (e) {
+                        free(e->plugin);
+                        free(e->key);
+                        free(e->value);
+                        *e = h->stash[--h->n_stash];
+                }
+                return 0;
+        }
+        v = strdup(value);
+        if (!v)
+                return -ENOMEM;
+        if (e) {
+                free(e->value);
+                e->value = v;
+                return 0;
+        }
+        if (count >= TETHER_STASH_KEYS) {
+                free(v);
+                return -ENOSPC;
+        }
+        n = realloc(h->stash, (h->n_stash + 1) * sizeof(*n));
+        if (!n) {
+                free(v);
+                return -ENOMEM;
+        }
+        h->stash = n;
+        n[h->n_stash] = (StashEntry){ .plugin = strdup(p->name), .key = strdup(key), .value = v };
+        if (!n[h->n_stash].plugin || !n[h->n_stash].key) {
+                free(n[h->n_stash].plugin);
+                free(n[h->n_stash].key);
+                free(v);
+                return -ENOMEM;
+        }
+        h->n_stash++;
+        return 0;
+}
+
+static const char *api_stash_get(tether_host *p, const char *key) {
+        StashEntry *e = key ? stash_find(p->host, p->name, key, NULL) : NULL;
+        return e ? e->value : NULL;
+}
+
 static const struct tether_host_api host_api = {
         .struct_size = sizeof(struct tether_host_api),
         .abi_major = TETHER_PLUGIN_ABI_MAJOR,
@@ -96,6 +208,11 @@ static const struct tether_host_api host_api = {
         .event = api_event,
         .config_get = api_config_get,
         .log = api_log,
+        .variable_unit = api_variable_unit,
+        .agent_version = api_agent_version,
+        .plugin_info = api_plugin_info,
+        .stash_set = api_stash_set,
+        .stash_get = api_stash_get,
 };
 
 /* --- loading ------------------------------------------------------------ */
@@ -143,7 +260,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 return -ELIBBAD;
         }
         if (d->struct_size < DESC_MIN_SIZE || !d->name || !d->init ||
-            proto_name_check(d->name, strlen(d->name), PROTO_NAME_DEVICE) < 0) {
+            proto_name_check(d->name, strlen(d->name), PROTO_NAME_PLUGIN) < 0) {
                 log_error("Plugin '%s' has a malformed descriptor, skipping", path);
                 plugin_free(p);
                 return -ELIBBAD;
@@ -277,6 +394,12 @@ PluginHost *plugin_host_free(PluginHost *h) {
                 return NULL;
         plugin_host_unload(h);
         free(h->plugins);
+        for (size_t i = 0; i < h->n_stash; i++) {
+                free(h->stash[i].plugin);
+                free(h->stash[i].key);
+                free(h->stash[i].value);
+        }
+        free(h->stash);
         sd_event_unref(h->event);
         free(h);
         return NULL;

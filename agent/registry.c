@@ -11,6 +11,7 @@ typedef struct Entry {
         char *name; /* prefix for subscriptions */
         const void *owner;
         uint32_t type;
+        char *unit; /* variables: NULL or a unit ("°C") */
         union {
                 tether_function_fn fn;
                 tether_variable_fn get;
@@ -34,8 +35,10 @@ Registry *registry_new(void) {
 Registry *registry_free(Registry *r) {
         if (!r)
                 return NULL;
-        for (size_t i = 0; i < r->n_entries; i++)
+        for (size_t i = 0; i < r->n_entries; i++) {
                 free(r->entries[i].name);
+                free(r->entries[i].unit);
+        }
         free(r->entries);
         free(r->prefixes);
         free(r);
@@ -77,6 +80,7 @@ static int add(Registry *r, const Entry *e) {
                 return -ENOMEM;
         r->entries = n;
         n[r->n_entries] = *e;
+        n[r->n_entries].unit = NULL;
         n[r->n_entries].name = strdup(e->name);
         if (!n[r->n_entries].name)
                 return -ENOMEM;
@@ -115,6 +119,33 @@ int registry_variable_add(Registry *r, const void *owner, const char *name, uint
                                 .get = get, .userdata = userdata });
 }
 
+int registry_variable_unit(Registry *r, const void *owner, const char *name, const char *unit) {
+        Entry *e;
+        char *copy = NULL;
+
+        if (!name)
+                return -EINVAL;
+        e = find(r, ENTRY_VARIABLE, name);
+        if (!e || e->owner != owner)
+                return -ENOENT;
+        if (unit && *unit) {
+                size_t len = strlen(unit);
+
+                if (len > TETHER_UNIT_MAX || proto_utf8_check(unit, len) < 0)
+                        return -EINVAL;
+                for (const char *p = unit; *p; p++)
+                        if ((unsigned char)*p < 0x20 || *p == 0x7f)
+                                return -EINVAL;
+                copy = strdup(unit);
+                if (!copy)
+                        return -ENOMEM;
+        }
+        free(e->unit);
+        e->unit = copy;
+        r->generation++;
+        return 0;
+}
+
 int registry_event_add(Registry *r, const void *owner, const char *name) {
         int k;
 
@@ -149,6 +180,7 @@ void registry_remove_owner(Registry *r, const void *owner) {
         for (size_t i = 0; i < r->n_entries; i++) {
                 if (r->entries[i].owner == owner) {
                         free(r->entries[i].name);
+                        free(r->entries[i].unit);
                         continue;
                 }
                 r->entries[w++] = r->entries[i];
@@ -157,6 +189,14 @@ void registry_remove_owner(Registry *r, const void *owner) {
                 r->generation++;
         r->n_entries = w;
         (void)rebuild_prefixes(r);
+}
+
+bool registry_has_function(Registry *r, const char *name) {
+        return find(r, ENTRY_FUNCTION, name) != NULL;
+}
+
+bool registry_has_variable(Registry *r, const char *name) {
+        return find(r, ENTRY_VARIABLE, name) != NULL;
 }
 
 int registry_call(Registry *r, const char *name, const char *arg, int32_t *ret_result) {
@@ -196,7 +236,7 @@ int registry_read(Registry *r, const char *name, char **ret, size_t *ret_len) {
 
 int registry_describe(Registry *r, json_t *plugins, size_t max_payload, unsigned max_subscriptions,
                       char **ret, size_t *ret_len) {
-        json_t *d, *functions, *variables, *events;
+        json_t *d, *functions, *variables, *events, *units = NULL;
         char *s;
         int k = -ENOMEM;
 
@@ -219,6 +259,17 @@ int registry_describe(Registry *r, json_t *plugins, size_t max_payload, unsigned
                         goto out;
                 if (e->kind == ENTRY_EVENT && json_array_append_new(events, json_string(e->name)) < 0)
                         goto out;
+                if (e->kind == ENTRY_VARIABLE && e->unit) {
+                        /* Only present when some variable has a unit, so
+                         * describe data stays as it was for plugins without. */
+                        if (!units) {
+                                units = json_object();
+                                if (!units || json_object_set_new(d, "units", units) < 0)
+                                        goto out;
+                        }
+                        if (json_object_set_new(units, e->name, json_string(e->unit)) < 0)
+                                goto out;
+                }
         }
         s = json_dumps(d, JSON_COMPACT);
         if (!s)

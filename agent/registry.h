@@ -5,6 +5,7 @@
 #pragma once
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -22,13 +23,21 @@ int registry_function_add(Registry *r, const void *owner, const char *name, teth
                           void *userdata);
 int registry_variable_add(Registry *r, const void *owner, const char *name, uint32_t type,
                           tether_variable_fn get, void *userdata);
+/* Set (or with NULL/"" clear) the unit of owner's variable name; copied.
+ * -ENOENT no such variable of this owner, -EINVAL invalid unit. */
+int registry_variable_unit(Registry *r, const void *owner, const char *name, const char *unit);
 int registry_event_add(Registry *r, const void *owner, const char *name);
 /* -EDQUOT once max distinct prefixes would be exceeded. */
 int registry_subscription_add(Registry *r, const void *owner, const char *prefix, tether_event_fn fn,
                               void *userdata, unsigned max_prefixes);
 void registry_remove_owner(Registry *r, const void *owner);
 
-/* Call a function: -ENOENT unknown, else what the function returned. */
+/* Whether a function or variable of that name is registered. */
+bool registry_has_function(Registry *r, const char *name);
+bool registry_has_variable(Registry *r, const char *name);
+
+/* Call a function: -ENOENT unknown (but a function may return -ENOENT
+ * itself: check registry_has_function() first), else what it returned. */
 int registry_call(Registry *r, const char *name, const char *arg, int32_t *ret_result);
 /* Read a variable as its wire encoding (malloc'd, caller frees):
  * -ENOENT unknown, -EPROTO getter changed the type or gave no string, else

@@ -68,15 +68,15 @@ fail:
         return NULL;
 }
 
-bool api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
+int api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
         json_t *v = params ? json_object_get(params, key) : NULL;
 
         if (!v || json_is_null(v))
-                return false;
+                return 0;
         if (json_is_string(v)) {
                 *ret = json_string_value(v);
                 *ret_len = json_string_length(v);
-                return true;
+                return 1;
         }
         if (json_is_integer(v))
                 snprintf(buf, 32, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
@@ -85,10 +85,39 @@ bool api_param(json_t *params, const char *key, const char **ret, size_t *ret_le
         else if (json_is_boolean(v))
                 snprintf(buf, 32, "%s", json_is_true(v) ? "true" : "false");
         else
-                return false;
+                return -EINVAL;
         *ret = buf;
         *ret_len = strlen(buf);
-        return true;
+        return 1;
+}
+
+int api_param_text(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
+        int r = api_param(params, key, ret, ret_len, buf);
+
+        if (r > 0 && memchr(*ret, 0, *ret_len))
+                return -EINVAL;
+        return r;
+}
+
+bool api_outside_token(const ApiInput *in, const char **ret_token) {
+        const char *h = in->authorization;
+
+        if (h) {
+                if (strncasecmp(h, "Bearer ", 7) != 0) {
+                        *ret_token = NULL;
+                        return true;
+                }
+                for (h += 7; *h == ' '; h++)
+                        ;
+                *ret_token = h;
+                return true;
+        }
+        if (in->query_token_present) {
+                *ret_token = in->query_token && strlen(in->query_token) == in->query_token_len ? in->query_token
+                                                                                                 : NULL;
+                return true;
+        }
+        return false;
 }
 
 static bool parse_bool(const char *s, bool *ret) {
@@ -164,17 +193,7 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
         }
 
         /* The token: Authorization header, then ?access_token=, then the body. */
-        if (in->authorization) {
-                const char *h = in->authorization;
-
-                if (strncasecmp(h, "Bearer ", 7) == 0) {
-                        for (h += 7; *h == ' '; h++)
-                                ;
-                        p.token = h;
-                }
-        } else if (in->query_token)
-                p.token = in->query_token;
-        else {
+        if (!api_outside_token(in, &p.token)) {
                 json_t *v = p.params ? json_object_get(p.params, "access_token") : NULL;
 
                 if (json_is_string(v) && !memchr(json_string_value(v), 0, json_string_length(v)))
@@ -248,6 +267,7 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
         size_t name_len, data_len = 0, len;
         char buf[32];
         ApiPublish out = { .ttl = PROTO_DEFAULT_TTL };
+        int r;
 
 #define FAIL(status, text)                 \
         do {                               \
@@ -256,13 +276,17 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
                 return -EINVAL;            \
         } while (0)
 
-        if (!api_param(params, "name", &name, &name_len, buf))
+        r = api_param_text(params, "name", &name, &name_len, buf);
+        if (r == 0)
                 FAIL(MHD_HTTP_BAD_REQUEST, "Event name is required");
-        if (memchr(name, 0, name_len) || proto_name_check(name, name_len, PROTO_NAME_EVENT) < 0)
+        if (r < 0 || proto_name_check(name, name_len, PROTO_NAME_EVENT) < 0)
                 FAIL(MHD_HTTP_BAD_REQUEST, "Invalid event name");
         memcpy(out.name, name, name_len);
         out.name[name_len] = 0;
-        if (api_param(params, "data", &data, &data_len, buf)) {
+        r = api_param(params, "data", &data, &data_len, buf);
+        if (r < 0)
+                FAIL(MHD_HTTP_BAD_REQUEST, "Event data must be text, a number or a boolean");
+        if (r > 0) {
                 if (data_len > max_payload)
                         FAIL(MHD_HTTP_CONTENT_TOO_LARGE, "Event data too long");
                 if (proto_utf8_check(data, data_len) < 0)
@@ -275,9 +299,13 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
                 out.data = data;
                 out.data_len = data_len;
         }
-        if (api_param(params, "private", &s, &len, buf) && !parse_bool(s, &out.private_))
+        r = api_param_text(params, "private", &s, &len, buf);
+        if (r < 0 || (r > 0 && !parse_bool(s, &out.private_)))
                 FAIL(MHD_HTTP_BAD_REQUEST, "Invalid value for private");
-        if (api_param(params, "ttl", &s, &len, buf)) {
+        r = api_param_text(params, "ttl", &s, &len, buf);
+        if (r < 0)
+                FAIL(MHD_HTTP_BAD_REQUEST, "Invalid value for ttl");
+        if (r > 0) {
                 char *end;
                 unsigned long v;
 

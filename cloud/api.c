@@ -19,8 +19,13 @@
 #define API_SSE_KEEPALIVE_USEC (10 * USEC_PER_SEC)
 #define API_SSE_QUEUE_MAX (1024 * 1024) /* bytes queued per stream before we drop it */
 #define API_SSE_BLOCK 16384
-#define API_CONNECTION_TIMEOUT_SEC 120
+/* Idle time before MHD closes a connection (event streams send a comment
+ * every 10 s; suspended requests do not time out). */
+#define API_CONNECTION_TIMEOUT_SEC 30
 #define API_CONNECTION_LIMIT 4096 /* MHD's default is FD_SETSIZE - 4 */
+/* Request bodies held at once, all connections together: past this a
+ * request is answered 503 and its body is read and dropped. */
+#define API_BODY_TOTAL_MAX (8 * 1024 * 1024)
 #define API_DIAG_MAX 256
 
 typedef struct ApiRequest {
@@ -30,6 +35,8 @@ typedef struct ApiRequest {
         char *body;
         size_t body_len;
         bool body_too_large;
+        bool body_overload; /* API_BODY_TOTAL_MAX reached while it came in */
+        bool authorized;    /* token from the header or query checked and good */
 
         bool dispatched;
         bool suspended;
@@ -64,6 +71,7 @@ static struct {
         sd_event_source *io, *timer, *defer, *keepalive;
         ApiRequest *requests;
         size_t body_max;
+        size_t body_total; /* bytes in all requests' body buffers */
         unsigned n_streams;
         bool running;
         bool stopping;
@@ -182,19 +190,34 @@ static enum MHD_Result api_queue(ApiRequest *req) {
         return ret;
 }
 
+/* ---- request parameters --------------------------------------------------- */
+
+/* The token outside the body (api_outside_token()), from the request. */
+static void api_input_token(struct MHD_Connection *connection, ApiInput *in) {
+        in->authorization = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+        in->query_token_present = MHD_lookup_connection_value_n(connection, MHD_GET_ARGUMENT_KIND, "access_token",
+                                                                strlen("access_token"), &in->query_token,
+                                                                &in->query_token_len) == MHD_YES;
+}
+
 /* ---- device calls --------------------------------------------------------- */
 
+/* The device's diagnostic as a C string: cut to fit at a character
+ * boundary, empty unless it is clean UTF-8 text. */
 static void api_copy_diag(const uint8_t *data, size_t len, char out[static API_DIAG_MAX]) {
-        if (len >= API_DIAG_MAX)
+        out[0] = 0;
+        if (!data || len == 0)
+                return;
+        if (len >= API_DIAG_MAX) {
+                /* data[len] is the first byte left out: if it continues a
+                 * character, leave out that character's first bytes too. */
                 len = API_DIAG_MAX - 1;
-        /* Cut at a character boundary, then accept only clean text. */
-        while (len > 0 && (data[len - 1] & 0xc0) == 0x80 && proto_utf8_check((const char *)data, len) < 0)
-                len--;
-        if (len > 0 && proto_utf8_check((const char *)data, len) < 0)
-                len = 0;
-        /* data is NULL when a call failed without an answer. */
-        if (len > 0)
-                memcpy(out, data, len);
+                for (size_t k = 0; k < 3 && len > 0 && (data[len] & 0xc0) == 0x80; k++)
+                        len--;
+        }
+        if (proto_utf8_check((const char *)data, len) < 0)
+                return;
+        memcpy(out, data, len);
         out[len] = 0;
 }
 
@@ -210,6 +233,9 @@ static void api_call_done(int error, unsigned code, const uint8_t *data, size_t 
         api_copy_diag(data, len, diag);
         if (error == -ETIMEDOUT)
                 api_set_errorf(req, MHD_HTTP_GATEWAY_TIMEOUT, "Timed out waiting for device '%s'", id);
+        else if (error == -ECONNRESET)
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                               "Device '%s' reconnected before answering; the request was lost", id);
         else if (error < 0)
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' went offline", id);
         else if (cls == 2 && req->is_function) {
@@ -248,7 +274,10 @@ static void api_call_done(int error, unsigned code, const uint8_t *data, size_t 
                 char text[64];
 
                 snprintf(text, sizeof(text), "Device error %u.%02u", cls, code & 0x1f);
-                api_set_error(req, MHD_HTTP_BAD_GATEWAY, diag[0] ? diag : text, diag[0] ? text : NULL);
+                /* 5.03 is the device saying "busy, try again": pass that on. */
+                api_set_error(req,
+                              code == COAP_RESPONSE_CODE(503) ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_BAD_GATEWAY,
+                              diag[0] ? diag : text, diag[0] ? text : NULL);
         }
         api_resume(req);
 }
@@ -263,8 +292,16 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                 api_set_errorf(req, MHD_HTTP_BAD_REQUEST, "Invalid %s name", function ? "function" : "variable");
                 return;
         }
-        if (function && !api_param(params, "args", &arg, &arg_len, buf))
-                (void)api_param(params, "arg", &arg, &arg_len, buf);
+        if (function) {
+                r = api_param(params, "args", &arg, &arg_len, buf);
+                if (r == 0)
+                        r = api_param(params, "arg", &arg, &arg_len, buf);
+                if (r < 0) {
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST, "The argument must be text, a number or a boolean",
+                                      NULL);
+                        return;
+                }
+        }
         if (arg_len > api.config->max_payload) {
                 api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Argument longer than %u bytes",
                                api.config->max_payload);
@@ -284,10 +321,14 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                          req, &req->call);
         if (r == -ENOTCONN)
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' is offline", device_id(d));
+        else if (r == -ENOBUFS)
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                               "Device '%s' is not reading what is sent to it; try again later", device_id(d));
         else if (r == -E2BIG)
                 api_set_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request too large for the device", NULL);
         else if (r < 0)
-                api_set_errorf(req, MHD_HTTP_INTERNAL_SERVER_ERROR, "Failed to send the request: %s", strerror(-r));
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Failed to send the request to device '%s': %s",
+                               device_id(d), strerror(-r));
         else {
                 MHD_suspend_connection(req->connection);
                 req->suspended = true;
@@ -428,8 +469,12 @@ static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
         json_t *j;
         int n;
 
-        j = json_pack("{s:s?, s:i, s:s?, s:s?}", "data", e->data, "ttl", (json_int_t)e->ttl, "published_at",
+        j = json_pack("{s:s?, s:I, s:s?, s:s?}", "data", e->data, "ttl", (json_int_t)e->ttl, "published_at",
                       e->published_at, "coreid", e->coreid);
+        if (j && e->private_ && json_object_set_new(j, "private", json_true()) < 0) {
+                json_decref(j);
+                j = NULL;
+        }
         if (!j)
                 return -ENOMEM;
         json = json_dumps(j, JSON_COMPACT);
@@ -552,6 +597,20 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
 
 /* ---- routing --------------------------------------------------------------------- */
 
+static void api_body_free(ApiRequest *req) {
+        api.body_total -= req->body_len;
+        free(req->body);
+        req->body = NULL;
+        req->body_len = 0;
+}
+
+static enum MHD_Result api_unauthorized(ApiRequest *req) {
+        api_set_json(req, MHD_HTTP_UNAUTHORIZED,
+                     json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
+                               "The access token was not found or is invalid"));
+        return api_queue(req);
+}
+
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
         _cleanup_(api_parsed_done) ApiParsed p = {};
         ApiInput in = {
@@ -559,9 +618,6 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 .url = url,
                 .content_type = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND,
                                                             MHD_HTTP_HEADER_CONTENT_TYPE),
-                .authorization = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND,
-                                                             MHD_HTTP_HEADER_AUTHORIZATION),
-                .query_token = MHD_lookup_connection_value(req->connection, MHD_GET_ARGUMENT_KIND, "access_token"),
                 .last_event_id = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND, "Last-Event-ID"),
                 .body = req->body,
                 .body_len = req->body_len,
@@ -572,14 +628,19 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes", api.body_max);
                 return api_queue(req);
         }
-        if (api_parse_request(&in, &p) < 0)
-                return MHD_NO;
-        if (!config_token_valid(api.config, p.token)) {
-                api_set_json(req, MHD_HTTP_UNAUTHORIZED,
-                             json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
-                                       "The access token was not found or is invalid"));
+        if (req->body_overload) {
+                api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Too many requests in progress; try again", NULL);
                 return api_queue(req);
         }
+        /* A token in the header or the query was checked before the body
+         * came in (api_handler); otherwise it can only be in the body. */
+        api_input_token(req->connection, &in);
+        if (api_parse_request(&in, &p) < 0)
+                return MHD_NO;
+        /* Parsed: a call may now wait for its device without the body. */
+        api_body_free(req);
+        if (!req->authorized && !config_token_valid(api.config, p.token))
+                return api_unauthorized(req);
         switch (p.route) {
         case API_ROUTE_BAD_BODY:
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Body is not a JSON object", NULL);
@@ -626,7 +687,8 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
         ApiRequest *req = *con_cls;
 
         if (!req) {
-                const char *cl;
+                const char *cl, *token;
+                ApiInput in = {};
 
                 req = calloc(1, sizeof(*req));
                 if (!req)
@@ -637,6 +699,15 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         api.requests->prev = req;
                 api.requests = req;
                 *con_cls = req;
+                /* A token in the header or the query is checked before a
+                 * byte of the body is read; only a request whose token can
+                 * only be in its body has the body buffered first. */
+                api_input_token(connection, &in);
+                if (api_outside_token(&in, &token)) {
+                        if (!config_token_valid(api.config, token))
+                                return api_unauthorized(req);
+                        req->authorized = true;
+                }
                 /* Refuse a declared oversize body before it is sent. */
                 cl = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
                 if (cl && strtoull(cl, NULL, 10) > api.body_max) {
@@ -650,14 +721,20 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 size_t n = *upload_data_size;
 
                 *upload_data_size = 0;
-                if (req->body_too_large)
+                if (req->body_too_large || req->body_overload)
                         return MHD_YES;
                 if (req->body_len + n > api.body_max) {
                         /* Keep reading, keep nothing; 413 once it is over. */
                         req->body_too_large = true;
-                        free(req->body);
-                        req->body = NULL;
-                        req->body_len = 0;
+                        api_body_free(req);
+                        return MHD_YES;
+                }
+                if (api.body_total + n > API_BODY_TOTAL_MAX) {
+                        /* Keep reading, keep nothing; 503 once it is over. */
+                        if (!req->body_overload)
+                                log_warning("Request bodies in progress hold %zu bytes; answering 503.", api.body_total);
+                        req->body_overload = true;
+                        api_body_free(req);
                         return MHD_YES;
                 }
                 {
@@ -668,6 +745,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         memcpy(b + req->body_len, upload_data, n);
                         req->body = b;
                         req->body_len += n;
+                        api.body_total += n;
                         b[req->body_len] = 0;
                 }
                 return MHD_YES;
@@ -700,7 +778,7 @@ static void api_request_free(ApiRequest *req) {
         journal_cursor_done(&req->cursor);
         if (req->response)
                 MHD_destroy_response(req->response);
-        free(req->body);
+        api_body_free(req);
         free(req->name);
         free(req->prefix);
         free(req->filter_id);
@@ -756,7 +834,9 @@ int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
                                       MHD_OPTION_NOTIFY_COMPLETED, api_completed, NULL,
                                       MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONNECTION_TIMEOUT_SEC,
                                       MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
-                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT, MHD_OPTION_END);
+                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT,
+                                      MHD_OPTION_PER_IP_CONNECTION_LIMIT, config->max_connections_per_ip,
+                                      MHD_OPTION_END);
         if (!api.daemon)
                 return log_error_errno(-EADDRNOTAVAIL, "Failed to start the HTTP API on '%s' port %u.",
                                        config->api_listen, config->api_port);

@@ -39,11 +39,15 @@ typedef struct CloudConfig {
         unsigned ping_sec;
         unsigned device_timeout_sec;
         unsigned call_timeout_sec;
+        unsigned handshake_timeout_sec; /* accept to bound device */
+        unsigned max_handshakes;        /* sessions not yet bound to a device */
+        unsigned max_queued_bytes;      /* sent to a device, not known to be read */
 
         /* [API] */
         char *api_listen;
         unsigned api_port;
         char *token_file;
+        unsigned max_connections_per_ip; /* 0: no limit */
 
         /* [State] */
         char *state_dir;
@@ -109,14 +113,16 @@ unsigned devices_online_count(void);
 
 /* Completion of a request to a device. error is 0 with the response
  * code and payload (valid only during the call), or -ETIMEDOUT (no answer
- * within CallTimeoutSec) or -ENOTCONN (the session closed). Never called
+ * within CallTimeoutSec), -ENOTCONN (the session closed) or -ECONNRESET
+ * (the device connected again; the old session is gone). Never called
  * from within devices_call(). */
 typedef void (*device_call_fn)(int error, unsigned code, const uint8_t *data, size_t len,
                                void *userdata);
 
 /* Send "METHOD /path0/name" with an optional payload to the device.
- * Returns -ENOTCONN if the device has no established session, -E2BIG if
- * the PDU cannot be built within the session's limits. On success the
+ * Returns -ENOTCONN if the device has no established session, -ENOBUFS if
+ * it has not read MaxQueuedBytes sent to it, -E2BIG if the PDU cannot be
+ * built within the session's limits. On success the
  * callback runs exactly once unless devices_call_cancel() is called
  * first; *ret_call (may be NULL) identifies the call until then. */
 int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
@@ -124,6 +130,14 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
                  DeviceCall **ret_call);
 /* Forget a pending call; its callback will not run. NULL is fine. */
 void devices_call_cancel(DeviceCall *call);
+
+/* Queue pdu (always taken) on the device's session, counting len payload
+ * bytes against MaxQueuedBytes. -ENOTCONN, -ENOBUFS (the device has not
+ * read MaxQueuedBytes: pdu dropped), -EIO. */
+int device_send(Device *d, coap_pdu_t *pdu, size_t len);
+/* An event (len bytes of JSON) could not be delivered to d for error (from
+ * device_send, or -E2BIG): logged once per episode or connection. */
+void device_event_undeliverable(Device *d, const char *name, size_t len, int error);
 
 /* ---- events.c ------------------------------------------------------- */
 
@@ -186,13 +200,16 @@ int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id);
 /* ---- api-request.c -------------------------------------------------- */
 
 /* What api_parse_request() looks at: the request line, three headers
- * (NULL when absent), the access_token query parameter and the body. */
+ * (NULL when absent), the access_token query parameter (which may hold NUL
+ * bytes: query_token_len is its real length) and the body. */
 typedef struct ApiInput {
         const char *method;
         const char *url;
         const char *content_type;
         const char *authorization;
         const char *query_token;
+        size_t query_token_len;
+        bool query_token_present;
         const char *last_event_id;
         const char *body;
         size_t body_len;
@@ -231,9 +248,17 @@ void api_parsed_done(ApiParsed *p);
 /* application/x-www-form-urlencoded into a JSON object of strings (not
  * checked for UTF-8 here: every use checks). NULL on OOM. */
 json_t *api_parse_form(const char *body, size_t len);
-/* A parameter as text: strings as they are, numbers and booleans in their
- * JSON spelling (written to buf). false if absent or null. */
-bool api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]);
+/* A parameter as text: strings as they are (they may hold NUL bytes: check
+ * *ret_len), numbers and booleans in their JSON spelling (written to buf).
+ * Returns 1, 0 if absent or null, -EINVAL for an array or object. */
+int api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]);
+/* The same for a parameter that must be plain text (no NUL byte). */
+int api_param_text(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]);
+/* The token from the Authorization header or the query string. Returns
+ * true if either is present (then *ret_token is the token, or NULL if it
+ * is unusable: another scheme, NUL bytes), false if the token can only be
+ * in the body. */
+bool api_outside_token(const ApiInput *in, const char **ret_token);
 /* An SSE id "EPOCH-ID" (hex, decimal): 0 or -EINVAL. */
 int api_parse_last_event_id(const char *s, uint64_t *ret_epoch, uint64_t *ret_id);
 

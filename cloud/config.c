@@ -134,12 +134,16 @@ static const ConfigKey config_keys[] = {
         UINT_KEY("Cloud", "PingSec", ping_sec, 1, 86400),
         UINT_KEY("Cloud", "DeviceTimeoutSec", device_timeout_sec, 1, 86400),
         UINT_KEY("Cloud", "CallTimeoutSec", call_timeout_sec, 1, 3600),
+        UINT_KEY("Cloud", "HandshakeTimeoutSec", handshake_timeout_sec, 1, 3600),
+        UINT_KEY("Cloud", "MaxHandshakes", max_handshakes, 1, 1000000),
+        UINT_KEY("Cloud", "MaxQueuedBytes", max_queued_bytes, 1024, 1U << 30),
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
         STR_KEY("API", "TokenFile", token_file),
         STR_KEY("State", "Directory", state_dir),
         UINT_KEY("Events", "JournalMaxBytes", journal_max_bytes, 65536, 1u << 31),
         UINT_KEY("Events", "SyncIntervalMsec", journal_sync_ms, 0, 60000),
+        UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
 };
 
 /* inih handler: 1 to continue, 0 marks this line as the failing one. */
@@ -285,6 +289,9 @@ int config_load(const char *path, CloudConfig **ret) {
         c->ping_sec = 30;
         c->device_timeout_sec = 90;
         c->call_timeout_sec = 10;
+        c->handshake_timeout_sec = 15;
+        c->max_handshakes = 1024;
+        c->max_queued_bytes = 1024 * 1024;
         c->api_port = 8080;
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;

@@ -3,10 +3,19 @@
  * See LIBCOAP-NOTES.md for the libcoap 4.3.1 behaviour relied on here:
  * server sessions are freed by libcoap only once nobody holds a reference
  * and their state is NONE; over TCP responses are matched by token only and
- * unanswered requests never time out, so the pending table is ours. */
+ * unanswered requests never time out, so the pending table is ours.
+ *
+ * libcoap queues without limit whatever cannot be written at once (its
+ * per-session delay queue), so we count what we hand it for each device and
+ * what the device has provably read: all bytes before a Ping it answered or
+ * a request it answered (TCP delivers in order). A device that has not
+ * read MaxQueuedBytes gets no more events or calls until it catches up;
+ * one that keeps sending requests regardless is disconnected. Only those
+ * answers prove that a device is alive, never what it sends on its own. */
 #include "config.h"
 
 #include <dirent.h>
+#include <inttypes.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -22,12 +31,18 @@
 #define USEC_PER_MSEC 1000ULL
 #define DEVICES_LISTEN_BACKLOG 4096
 #define DEVICES_DIAG_MAX 120
+/* Counted per message on top of its payload: header, token, options and
+ * libcoap's own bookkeeping for a queued PDU. */
+#define DEVICES_MSG_OVERHEAD 128
+/* At most one warning per kind in this many µs when clients misbehave in bulk. */
+#define DEVICES_WARN_INTERVAL (10 * USEC_PER_SEC)
 
 typedef struct Conn Conn;
 
 struct DeviceCall {
         Device *device;
         uint64_t token;
+        uint64_t tx_mark; /* the device's tx_bytes once this request was queued */
         sd_event_source *timer;
         device_call_fn cb;
         void *userdata;
@@ -39,11 +54,20 @@ struct Device {
         Conn *conn;       /* bound connection, NULL while offline */
         json_t *describe; /* last GET /d answer, or NULL */
         uint64_t last_heard; /* CLOCK_REALTIME µs of the last message */
-        uint64_t last_rx;    /* CLOCK_MONOTONIC µs of the last message */
+        uint64_t last_alive; /* CLOCK_MONOTONIC µs of the last Pong or answer to us */
         uint64_t next_ping;  /* CLOCK_MONOTONIC µs */
+        /* Bytes handed to libcoap for the session (with DEVICES_MSG_OVERHEAD
+         * per message) and how many of them the device has provably read. */
+        uint64_t tx_bytes, tx_read;
+        uint64_t ping_mark;    /* tx_bytes when the outstanding Ping went out */
+        bool ping_outstanding; /* at most one Ping in flight */
+        bool warned_too_big;   /* logged that its Max-Message-Size is too small */
+        uint64_t dropped_events; /* since it stopped reading */
         char last_ip[INET6_ADDRSTRLEN];
         sd_event_source *ping_timer;
         sd_event_source *describe_defer;
+        DeviceCall *describe_call; /* the GET /d in flight, or NULL */
+        bool describe_again;       /* POST /d while it was in flight */
         DeviceCall *calls; /* pending requests to this device */
         Device *hash_next;
         Device *list_next;
@@ -55,9 +79,18 @@ struct Conn {
         Device *device;  /* set once established and bound */
         bool referenced; /* we hold a coap_session_reference() */
         bool closing;    /* queued for closing from the loop */
+        bool unbound;    /* on the unbound list (accepted, no device yet) */
+        uint64_t accepted; /* CLOCK_MONOTONIC µs */
         Conn *hash_next;
         Conn *close_next;
+        Conn *unbound_prev, *unbound_next; /* oldest first */
 };
+
+/* Counts events of one kind and logs them at most every DEVICES_WARN_INTERVAL. */
+typedef struct WarnLimit {
+        uint64_t last;
+        uint64_t suppressed;
+} WarnLimit;
 
 static struct {
         sd_event *event;
@@ -76,6 +109,14 @@ static struct {
         Conn **conn_buckets;
         size_t conn_nbuckets, n_conns;
         Conn *close_queue;
+
+        /* Sessions without a device yet, oldest first, for HandshakeTimeoutSec
+         * and MaxHandshakes. */
+        Conn *unbound_head, *unbound_tail;
+        size_t n_unbound;
+        sd_event_source *handshake_timer;
+        WarnLimit warn_handshake_timeout, warn_handshake_evicted;
+        uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
 
         uint64_t next_token;
 } devices;
@@ -234,12 +275,41 @@ static Conn *conn_new(coap_session_t *session) {
         return c;
 }
 
+static void conn_unbound_remove(Conn *c) {
+        if (!c->unbound)
+                return;
+        if (c->unbound_prev)
+                c->unbound_prev->unbound_next = c->unbound_next;
+        else
+                devices.unbound_head = c->unbound_next;
+        if (c->unbound_next)
+                c->unbound_next->unbound_prev = c->unbound_prev;
+        else
+                devices.unbound_tail = c->unbound_prev;
+        c->unbound_prev = c->unbound_next = NULL;
+        c->unbound = false;
+        devices.n_unbound--;
+}
+
+static void conn_unbound_add(Conn *c) {
+        c->accepted = now_usec();
+        c->unbound = true;
+        c->unbound_prev = devices.unbound_tail;
+        if (devices.unbound_tail)
+                devices.unbound_tail->unbound_next = c;
+        else
+                devices.unbound_head = c;
+        devices.unbound_tail = c;
+        devices.n_unbound++;
+}
+
 /* Unlink and free; the caller has dealt with the session reference. */
 static void conn_free(Conn *c) {
         Conn **p;
 
         if (!c)
                 return;
+        conn_unbound_remove(c);
         for (p = &devices.conn_buckets[hash_pointer(c->session) & (devices.conn_nbuckets - 1)]; *p;
              p = &(*p)->hash_next)
                 if (*p == c) {
@@ -282,9 +352,11 @@ json_t *device_to_json(const Device *d, bool details) {
         {
                 json_t *f = d->describe ? json_object_get(d->describe, "functions") : NULL;
                 json_t *v = d->describe ? json_object_get(d->describe, "variables") : NULL;
+                json_t *u = d->describe ? json_object_get(d->describe, "units") : NULL;
 
                 if (json_object_set_new(j, "functions", f ? json_deep_copy(f) : json_array()) < 0 ||
-                    json_object_set_new(j, "variables", v ? json_deep_copy(v) : json_object()) < 0) {
+                    json_object_set_new(j, "variables", v ? json_deep_copy(v) : json_object()) < 0 ||
+                    (u && json_object_set_new(j, "units", json_deep_copy(u)) < 0)) {
                         json_decref(j);
                         return NULL;
                 }
@@ -344,6 +416,140 @@ void devices_kick(void) {
                 (void)sd_event_source_set_enabled(devices.kick, SD_EVENT_ONESHOT);
 }
 
+/* ---- what a device has read, and whether it is alive -------------------- */
+
+static void devices_notify_status(const char *key, const char *id) {
+        (void)sd_notifyf(0, "STATUS=%u devices online\n%s=%s", devices.n_online, key, id);
+}
+
+/* One warning per DEVICES_WARN_INTERVAL; *ret_suppressed is how many were
+ * not logged since the last one. */
+static bool warn_limit(WarnLimit *w, uint64_t *ret_suppressed) {
+        uint64_t now = now_usec();
+
+        if (w->last != 0 && now < w->last + DEVICES_WARN_INTERVAL) {
+                w->suppressed++;
+                return false;
+        }
+        w->last = now;
+        *ret_suppressed = w->suppressed;
+        w->suppressed = 0;
+        return true;
+}
+
+static uint64_t device_unread(const Device *d) {
+        return d->tx_bytes - d->tx_read;
+}
+
+/* Any message: for "last_heard" only, not proof that the device reads. */
+static void device_heard(Device *d) {
+        d->last_heard = realtime_usec();
+}
+
+/* A Pong to our Ping or an answer to our request: the device is alive
+ * and has read every byte up to mark. */
+static void device_alive(Device *d, uint64_t mark) {
+        d->last_alive = now_usec();
+        device_heard(d);
+        if (mark > d->tx_read)
+                d->tx_read = mark;
+        if (d->dropped_events > 0 && device_unread(d) < devices.config->max_queued_bytes) {
+                log_info("Device '%s' reads again; %" PRIu64 " events were not delivered to it.", d->id,
+                         d->dropped_events);
+                d->dropped_events = 0;
+        }
+}
+
+static void device_arm_ping(Device *d) {
+        uint64_t deadline = d->last_alive + (uint64_t)devices.config->device_timeout_sec * USEC_PER_SEC;
+        uint64_t next = d->ping_outstanding || d->next_ping > deadline ? deadline : d->next_ping;
+
+        (void)sd_event_source_set_time(d->ping_timer, next);
+        (void)sd_event_source_set_enabled(d->ping_timer, SD_EVENT_ONESHOT);
+}
+
+/* Ping unless a Ping is in flight: its Pong proves that the device has read
+ * everything sent before it. Not from within a libcoap callback for the
+ * device's own session. */
+static void device_ping(Device *d) {
+        coap_session_t *session = device_session(d);
+
+        if (d->ping_outstanding || !session)
+                return;
+        d->next_ping = now_usec() + (uint64_t)devices.config->ping_sec * USEC_PER_SEC;
+        d->tx_bytes += DEVICES_MSG_OVERHEAD;
+        if (coap_session_send_ping(session) != COAP_INVALID_MID && d->conn) {
+                d->ping_mark = d->tx_bytes;
+                d->ping_outstanding = true;
+        }
+        if (d->conn)
+                device_arm_ping(d);
+        devices_kick();
+}
+
+/* Count a message of n payload bytes just queued for the device; returns
+ * the count up to and including it. Asks for proof of reading at half of
+ * MaxQueuedBytes, so that a device that reads is never held back. */
+static uint64_t device_account(Device *d, size_t n) {
+        uint64_t mark;
+
+        d->tx_bytes += n + DEVICES_MSG_OVERHEAD;
+        mark = d->tx_bytes;
+        if (device_unread(d) >= devices.config->max_queued_bytes / 2)
+                device_ping(d);
+        return mark;
+}
+
+static int device_send_pdu(Device *d, coap_pdu_t *pdu, size_t len, uint64_t *ret_mark) {
+        coap_session_t *session = device_session(d);
+        uint64_t mark;
+
+        if (!session) {
+                coap_delete_pdu(pdu);
+                return -ENOTCONN;
+        }
+        if (device_unread(d) >= devices.config->max_queued_bytes) {
+                coap_delete_pdu(pdu);
+                return -ENOBUFS;
+        }
+        if (coap_send(session, pdu) == COAP_INVALID_MID) {
+                devices_kick();
+                return -EIO;
+        }
+        mark = device_account(d, len);
+        devices_kick();
+        if (ret_mark)
+                *ret_mark = mark;
+        return 0;
+}
+
+int device_send(Device *d, coap_pdu_t *pdu, size_t len) {
+        return device_send_pdu(d, pdu, len, NULL);
+}
+
+void device_event_undeliverable(Device *d, const char *name, size_t len, int error) {
+        coap_session_t *session = device_session(d);
+
+        switch (error) {
+        case -ENOBUFS:
+                if (d->dropped_events++ == 0)
+                        log_warning("Device '%s' has not read %" PRIu64 " bytes sent to it (MaxQueuedBytes=%u): "
+                                    "events for it are dropped until it reads.",
+                                    d->id, device_unread(d), devices.config->max_queued_bytes);
+                break;
+        case -E2BIG:
+                if (d->warned_too_big)
+                        break;
+                d->warned_too_big = true;
+                log_warning("Device '%s' takes messages of at most %zu bytes (its Max-Message-Size): event '%s' "
+                            "(%zu bytes) and other events too large for it are not delivered to it.",
+                            d->id, session ? coap_session_max_pdu_size(session) : 0, name, len);
+                break;
+        default:
+                log_warning_errno(error, "Failed to deliver event '%s' to device '%s': %m", name, d->id);
+        }
+}
+
 /* ---- pending calls ----------------------------------------------------- */
 
 static void call_unlink(DeviceCall *c) {
@@ -394,6 +600,8 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
 
         if (!session)
                 return -ENOTCONN;
+        if (device_unread(d) >= devices.config->max_queued_bytes)
+                return -ENOBUFS;
         c = calloc(1, sizeof(*c));
         if (!c)
                 return -ENOMEM;
@@ -425,18 +633,14 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
                 free(c);
                 return r;
         }
-        if (coap_send(session, pdu) == COAP_INVALID_MID) {
-                sd_event_source_disable_unref(c->timer);
-                free(c);
-                devices_kick();
-                return -EIO;
-        }
-        devices_kick();
+        r = device_send_pdu(d, pdu, len, &c->tx_mark);
         /* A failed write may have closed the session inside coap_send(). */
-        if (d->conn != conn) {
+        if (r >= 0 && d->conn != conn)
+                r = -ENOTCONN;
+        if (r < 0) {
                 sd_event_source_disable_unref(c->timer);
                 free(c);
-                return -ENOTCONN;
+                return r;
         }
         c->next = d->calls;
         if (d->calls)
@@ -449,23 +653,6 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
 
 /* ---- device lifecycle -------------------------------------------------- */
 
-static void devices_notify_status(const char *key, const char *id) {
-        (void)sd_notifyf(0, "STATUS=%u devices online\n%s=%s", devices.n_online, key, id);
-}
-
-static void device_seen(Device *d) {
-        d->last_rx = now_usec();
-        d->last_heard = realtime_usec();
-}
-
-static void device_arm_ping(Device *d) {
-        uint64_t deadline = d->last_rx + (uint64_t)devices.config->device_timeout_sec * USEC_PER_SEC;
-        uint64_t next = d->next_ping < deadline ? d->next_ping : deadline;
-
-        (void)sd_event_source_set_time(d->ping_timer, next);
-        (void)sd_event_source_set_enabled(d->ping_timer, SD_EVENT_ONESHOT);
-}
-
 static void conn_queue_close(Conn *c) {
         if (c->closing)
                 return;
@@ -475,10 +662,11 @@ static void conn_queue_close(Conn *c) {
         (void)sd_event_source_set_enabled(devices.close_defer, SD_EVENT_ONESHOT);
 }
 
-/* The device's session is gone or replaced: answer its pending calls,
- * drop its subscriptions, report it offline. The session reference stays
- * with the Conn (released when libcoap reports the close). */
-static void device_unbind(Device *d, const char *reason) {
+/* The device's session is gone or replaced: answer its pending calls with
+ * error (-ENOTCONN, or -ECONNRESET when a new session replaced it), drop
+ * its subscriptions, report it offline. The session reference stays with
+ * the Conn (released when libcoap reports the close). */
+static void device_unbind(Device *d, const char *reason, int error) {
         Conn *c = d->conn;
 
         if (!c)
@@ -489,11 +677,25 @@ static void device_unbind(Device *d, const char *reason) {
         d->ping_timer = sd_event_source_disable_unref(d->ping_timer);
         d->describe_defer = sd_event_source_disable_unref(d->describe_defer);
         events_device_gone(d);
+        if (d->dropped_events > 0)
+                log_info("Device '%s': %" PRIu64 " events were not delivered to it.", d->id, d->dropped_events);
         log_info("Device '%s' disconnected (%s).", d->id, reason);
         devices_notify_status("X_TETHER_OFFLINE", d->id);
         /* Callbacks may start new calls on this device: they fail at once. */
         while (d->calls)
-                call_complete(d->calls, -ENOTCONN, 0, NULL, 0);
+                call_complete(d->calls, error, 0, NULL, 0);
+        d->describe_again = false;
+}
+
+/* Close the device's session from the loop (not from a libcoap callback
+ * for that session). */
+static void device_close(Device *d, const char *reason) {
+        coap_session_t *session = d->conn->session;
+
+        device_unbind(d, reason, -ENOTCONN);
+        if (coap_session_get_state(session) != COAP_SESSION_STATE_NONE)
+                coap_session_disconnected(session, COAP_NACK_NOT_DELIVERABLE);
+        devices_kick();
 }
 
 void device_disconnect(Device *d, const char *reason) {
@@ -501,45 +703,41 @@ void device_disconnect(Device *d, const char *reason) {
 
         if (!c)
                 return;
-        /* Unbound at once, so what else arrives on the session is refused. */
-        device_unbind(d, reason);
+        /* Unbound at once, so what else arrives on the session is refused;
+         * closed from the loop, as this runs inside a libcoap callback. */
+        device_unbind(d, reason, -ENOTCONN);
         conn_queue_close(c);
 }
 
 static int device_ping_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Device *d = userdata;
         uint64_t now = now_usec();
-        coap_session_t *session;
 
         if (!d->conn)
                 return 0;
-        session = d->conn->session;
-        if (now >= d->last_rx + (uint64_t)devices.config->device_timeout_sec * USEC_PER_SEC) {
-                log_warning("Device '%s' silent for %us, closing its session.", d->id,
-                            devices.config->device_timeout_sec);
-                device_unbind(d, "timed out");
-                if (coap_session_get_state(session) != COAP_SESSION_STATE_NONE)
-                        coap_session_disconnected(session, COAP_NACK_NOT_DELIVERABLE);
-                devices_kick();
+        if (now >= d->last_alive + (uint64_t)devices.config->device_timeout_sec * USEC_PER_SEC) {
+                log_warning("Device '%s' answered nothing for %us (no Pong, no response), closing its session.",
+                            d->id, devices.config->device_timeout_sec);
+                device_close(d, "timed out");
                 return 0;
         }
-        if (now >= d->next_ping) {
-                if (coap_session_get_state(session) == COAP_SESSION_STATE_ESTABLISHED)
-                        (void)coap_session_send_ping(session);
-                d->next_ping = now + (uint64_t)devices.config->ping_sec * USEC_PER_SEC;
-                devices_kick();
-        }
-        device_arm_ping(d);
+        if (now >= d->next_ping)
+                device_ping(d);
+        if (d->conn)
+                device_arm_ping(d);
         return 0;
 }
+
+static int describe_defer_cb(sd_event_source *s, void *userdata);
 
 static void describe_done(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
         Device *d = userdata;
         json_t *j = NULL;
         int r;
 
-        if (error == -ENOTCONN)
-                return; /* went offline; logged there */
+        d->describe_call = NULL;
+        if (error == -ENOTCONN || error == -ECONNRESET)
+                return; /* went offline or reconnected; logged there */
         if (error < 0)
                 log_warning_errno(error, "Device '%s' did not answer GET /d: %m", d->id);
         else if (code != COAP_RESPONSE_CODE_CONTENT)
@@ -553,8 +751,15 @@ static void describe_done(int error, unsigned code, const uint8_t *data, size_t 
                           json_array_size(json_object_get(j, "functions")),
                           json_object_size(json_object_get(j, "variables")));
         }
-        if (d->conn)
-                devices_notify_status("X_TETHER_ONLINE", d->id);
+        if (!d->conn)
+                return;
+        devices_notify_status("X_TETHER_ONLINE", d->id);
+        /* POST /d arrived while this GET /d was out: the answer may be stale. */
+        if (d->describe_again && !d->describe_defer) {
+                d->describe_again = false;
+                if (sd_event_add_defer(devices.event, &d->describe_defer, describe_defer_cb, d) < 0)
+                        log_warning("Cannot schedule GET /d for device '%s'.", d->id);
+        }
 }
 
 static int describe_defer_cb(sd_event_source *s, void *userdata) {
@@ -563,7 +768,7 @@ static int describe_defer_cb(sd_event_source *s, void *userdata) {
 
         d->describe_defer = sd_event_source_disable_unref(d->describe_defer);
         r = devices_call(d, COAP_REQUEST_CODE_GET, PROTO_PATH_DESCRIBE, NULL, NULL, 0, describe_done, d,
-                         NULL);
+                         &d->describe_call);
         if (r < 0) {
                 log_warning_errno(r, "Failed to send GET /d to device '%s': %m", d->id);
                 if (d->conn)
@@ -580,6 +785,7 @@ static void conn_bind(Conn *c) {
         Device *d;
         int r;
 
+        conn_unbound_remove(c);
         format_address(coap_session_get_addr_remote(c->session), ip, addr);
         if (!id) {
                 log_warning("Session from %s has no device identity, closing it.", addr);
@@ -595,7 +801,7 @@ static void conn_bind(Conn *c) {
         if (d->conn) {
                 Conn *old = d->conn;
 
-                device_unbind(d, "replaced by a new session");
+                device_unbind(d, "replaced by a new session", -ECONNRESET);
                 conn_queue_close(old);
         }
         r = sd_event_add_time(devices.event, &d->ping_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
@@ -614,8 +820,13 @@ static void conn_bind(Conn *c) {
         d->conn = c;
         devices.n_online++;
         snprintf(d->last_ip, sizeof(d->last_ip), "%s", ip);
-        device_seen(d);
-        d->next_ping = d->last_rx + (uint64_t)devices.config->ping_sec * USEC_PER_SEC;
+        d->tx_bytes = d->tx_read = d->ping_mark = 0;
+        d->ping_outstanding = false;
+        d->warned_too_big = false;
+        d->dropped_events = 0;
+        d->describe_again = false;
+        device_alive(d, 0);
+        d->next_ping = d->last_alive + (uint64_t)devices.config->ping_sec * USEC_PER_SEC;
         device_arm_ping(d);
         log_info("Device '%s' connected from %s.", d->id, addr);
         (void)sd_notifyf(0, "STATUS=%u devices online", devices.n_online);
@@ -627,8 +838,9 @@ static int devices_close_cb(sd_event_source *s, void *userdata) {
 
                 devices.close_queue = c->close_next;
                 c->closing = false;
+                conn_unbound_remove(c);
                 if (c->device)
-                        device_unbind(c->device, "closed");
+                        device_unbind(c->device, "closed", -ENOTCONN);
                 /* Our event handler releases the reference on the close. */
                 if (coap_session_get_state(c->session) != COAP_SESSION_STATE_NONE)
                         coap_session_disconnected(c->session, COAP_NACK_NOT_DELIVERABLE);
@@ -641,14 +853,77 @@ static int devices_close_cb(sd_event_source *s, void *userdata) {
         return 0;
 }
 
+/* Sessions that have not become a device within HandshakeTimeoutSec. */
+static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        uint64_t timeout = (uint64_t)devices.config->handshake_timeout_sec * USEC_PER_SEC;
+        uint64_t now = now_usec(), n = 0, suppressed;
+        Conn *c;
+
+        while ((c = devices.unbound_head) && c->accepted + timeout <= now) {
+                conn_unbound_remove(c);
+                conn_queue_close(c);
+                n++;
+        }
+        if (n > 0 && warn_limit(&devices.warn_handshake_timeout, &suppressed))
+                log_warning("Closed %" PRIu64 " sessions that did not complete the TLS handshake within "
+                            "HandshakeTimeoutSec=%us (and %" PRIu64 " unreported before).",
+                            n + suppressed, devices.config->handshake_timeout_sec, suppressed);
+        if (c) {
+                (void)sd_event_source_set_time(s, c->accepted + timeout);
+                (void)sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        }
+        return 0;
+}
+
+/* A new session waits for its handshake; beyond MaxHandshakes the oldest
+ * waiting one is closed (a flood of idle connections cannot lock devices
+ * out for longer than a handshake takes). */
+static void conn_wait_handshake(Conn *c) {
+        uint64_t suppressed;
+
+        conn_unbound_add(c);
+        if (devices.unbound_head == c) {
+                (void)sd_event_source_set_time(devices.handshake_timer,
+                                               c->accepted +
+                                                       (uint64_t)devices.config->handshake_timeout_sec * USEC_PER_SEC);
+                (void)sd_event_source_set_enabled(devices.handshake_timer, SD_EVENT_ONESHOT);
+        }
+        if (devices.n_unbound > devices.config->max_handshakes) {
+                Conn *oldest = devices.unbound_head;
+
+                conn_unbound_remove(oldest);
+                conn_queue_close(oldest);
+                if (warn_limit(&devices.warn_handshake_evicted, &suppressed))
+                        log_warning("More than MaxHandshakes=%u sessions in the TLS handshake: closed the "
+                                    "oldest (%" PRIu64 " closed so since the last report).",
+                                    devices.config->max_handshakes, suppressed + 1);
+        }
+}
+
 static void conn_setup_socket(coap_session_t *session) {
         coap_tls_library_t lib;
         void *tls = coap_session_get_tls(session, &lib);
         int r;
 
-        /* Idle sessions then hold no OpenSSL read/write buffers. */
-        if (tls && lib == COAP_TLS_LIBRARY_OPENSSL)
-                SSL_set_mode((SSL *)tls, SSL_MODE_RELEASE_BUFFERS);
+        if (tls && lib == COAP_TLS_LIBRARY_OPENSSL) {
+                SSL *ssl = tls;
+                SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+
+                /* Idle sessions then hold no OpenSSL read/write buffers. */
+                SSL_set_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
+                /* libcoap sets no session id context, so OpenSSL refuses every
+                 * resumption with an internal-error alert: issue no tickets
+                 * and keep no session cache, and clients do full handshakes
+                 * (which also run the certificate checks that identify the
+                 * device). The context is shared: later sessions inherit it. */
+                SSL_set_options(ssl, SSL_OP_NO_TICKET);
+                SSL_set_num_tickets(ssl, 0);
+                if (ctx) {
+                        SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+                        SSL_CTX_set_num_tickets(ctx, 0);
+                        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+                }
+        }
         /* Accepted sockets inherit TCP_NODELAY from the listener when we could
          * set it there; otherwise find this socket (costs a /proc scan). */
         if (!devices.listener_nodelay && (r = tls_session_set_nodelay(session)) < 0)
@@ -660,11 +935,13 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
 
         switch (event) {
         case COAP_EVENT_SERVER_SESSION_NEW:
-                if (!conn_new(session)) {
+                c = conn_new(session);
+                if (!c) {
                         log_error("Out of memory accepting a session.");
                         return 0;
                 }
                 conn_setup_socket(session);
+                conn_wait_handshake(c);
                 break;
         case COAP_EVENT_SESSION_CONNECTED:
                 c = conn_find(session);
@@ -681,7 +958,8 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 if (!c)
                         break;
                 if (c->device)
-                        device_unbind(c->device, event == COAP_EVENT_DTLS_ERROR ? "TLS error" : "connection closed");
+                        device_unbind(c->device, event == COAP_EVENT_DTLS_ERROR ? "TLS error" : "connection closed",
+                                      -ENOTCONN);
                 if (c->referenced && coap_session_get_state(session) == COAP_SESSION_STATE_NONE) {
                         /* libcoap frees server sessions only from its own
                          * loop, so releasing here is safe. */
@@ -692,7 +970,7 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
         case COAP_EVENT_SERVER_SESSION_DEL:
                 c = conn_find(session);
                 if (c && c->device)
-                        device_unbind(c->device, "session deleted");
+                        device_unbind(c->device, "session deleted", -ENOTCONN);
                 conn_free(c);
                 tls_session_forget(session);
                 break;
@@ -725,6 +1003,27 @@ static void devices_reply(coap_pdu_t *response, coap_pdu_code_t code, const char
         coap_add_data(response, (size_t)n, (const uint8_t *)text);
 }
 
+/* Something the device sends costs us an answer (a response, a Pong) that
+ * libcoap queues if the device does not read: count it, and disconnect a
+ * device that keeps sending without reading. */
+static bool device_answer_fits(Conn *c, Device *d) {
+        d->tx_bytes += DEVICES_MSG_OVERHEAD;
+        if (device_unread(d) >= devices.config->max_queued_bytes / 2 && !d->ping_outstanding && d->next_ping > 0) {
+                /* A busy device that reads gets its Ping soon (from the
+                 * loop, not inside libcoap's handling of its session). */
+                d->next_ping = 0;
+                device_arm_ping(d);
+        }
+        if (device_unread(d) < devices.hard_queue_limit)
+                return true;
+        if (!c->closing)
+                log_warning("Device '%s' keeps sending but has not read %" PRIu64 " bytes sent to it, "
+                            "closing its session.",
+                            d->id, device_unread(d));
+        conn_queue_close(c);
+        return false;
+}
+
 static void devices_request_handler(coap_resource_t *resource, coap_session_t *session,
                                     const coap_pdu_t *request, const coap_string_t *query,
                                     coap_pdu_t *response) {
@@ -742,7 +1041,11 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
                 devices_reply(response, COAP_RESPONSE_CODE(503), "session not ready");
                 return;
         }
-        device_seen(d);
+        device_heard(d);
+        if (!device_answer_fits(c, d)) {
+                devices_reply(response, COAP_RESPONSE_CODE(503), "not reading");
+                return;
+        }
 
         coap_option_filter_clear(&filter);
         coap_option_filter_set(&filter, COAP_OPTION_URI_PATH);
@@ -769,13 +1072,16 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
                 rest[rest_len] = 0;
         }
         if (streq(first, PROTO_PATH_DESCRIBE) && nseg == 1) {
-                /* The device's describe data changed (it reloaded): fetch it again. */
+                /* The device's describe data changed (it reloaded): fetch it
+                 * again; one GET /d at a time however often it asks. */
                 if (coap_pdu_get_code(request) != COAP_REQUEST_CODE_POST) {
                         devices_reply(response, COAP_RESPONSE_CODE(405), "use POST on /d");
                         return;
                 }
-                if (!d->describe_defer &&
-                    sd_event_add_defer(devices.event, &d->describe_defer, describe_defer_cb, d) < 0) {
+                if (d->describe_call)
+                        d->describe_again = true;
+                else if (!d->describe_defer &&
+                         sd_event_add_defer(devices.event, &d->describe_defer, describe_defer_cb, d) < 0) {
                         devices_reply(response, COAP_RESPONSE_CODE(500), "cannot schedule describe");
                         return;
                 }
@@ -816,12 +1122,14 @@ static coap_response_t devices_response_handler(coap_session_t *session, const c
 
         if (!d)
                 return COAP_RESPONSE_OK;
-        device_seen(d);
+        device_heard(d);
         if (token.length == 0 || token.length > 8)
                 return COAP_RESPONSE_OK;
         t = coap_decode_var_bytes8(token.s, token.length);
         for (DeviceCall *call = d->calls; call; call = call->next)
                 if (call->token == t) {
+                        /* The answer proves it read the request. */
+                        device_alive(d, call->tx_mark);
                         (void)coap_get_data(received, &len, &data);
                         call_complete(call, 0, coap_pdu_get_code(received), data, len);
                         return COAP_RESPONSE_OK;
@@ -832,9 +1140,34 @@ static coap_response_t devices_response_handler(coap_session_t *session, const c
 
 static void devices_pong_handler(coap_session_t *session, const coap_pdu_t *received, const coap_mid_t mid) {
         Conn *c = conn_find(session);
+        Device *d = c ? c->device : NULL;
 
-        if (c && c->device)
-                device_seen(c->device);
+        if (!d)
+                return;
+        if (!d->ping_outstanding) {
+                /* Unasked-for Pongs would vouch for data the device never read. */
+                if (!c->closing)
+                        log_warning("Device '%s' sent a Pong to no Ping, closing its session.", d->id);
+                conn_queue_close(c);
+                return;
+        }
+        d->ping_outstanding = false;
+        device_alive(d, d->ping_mark);
+        /* More than half of MaxQueuedBytes still unread: ask again soon. */
+        if (device_unread(d) >= devices.config->max_queued_bytes / 2)
+                d->next_ping = 0;
+        device_arm_ping(d);
+}
+
+/* The device's own Ping: libcoap answers it with a Pong we must count; it
+ * is not proof that the device reads what we send. */
+static void devices_ping_handler(coap_session_t *session, const coap_pdu_t *received, const coap_mid_t mid) {
+        Conn *c = conn_find(session);
+
+        if (c && c->device) {
+                device_heard(c->device);
+                (void)device_answer_fits(c, c->device);
+        }
 }
 
 /* ---- setup and teardown ------------------------------------------------ */
@@ -891,6 +1224,9 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         devices.event = event;
         devices.config = config;
         devices.next_token = 0;
+        /* Past MaxQueuedBytes a device gets no events or calls; only its own
+         * requests (each costs an answer) can push it further. */
+        devices.hard_queue_limit = 2 * (uint64_t)config->max_queued_bytes + config->max_payload + 1024;
         devices.tls_files = (TlsFiles){ config->ca_file, config->cert_file, config->key_file };
         r = tls_files_check(&devices.tls_files, &bad);
         if (r < 0)
@@ -913,7 +1249,11 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         coap_register_event_handler(devices.ctx, devices_event_handler);
         coap_register_response_handler(devices.ctx, devices_response_handler);
         coap_register_pong_handler(devices.ctx, devices_pong_handler);
-        coap_register_ping_handler(devices.ctx, devices_pong_handler);
+        coap_register_ping_handler(devices.ctx, devices_ping_handler);
+        /* libcoap frees sessions nobody references (not yet a device) after
+         * this long idle (default 300 s): a backstop behind our own
+         * handshake deadline (which also catches trickling peers). */
+        coap_context_set_session_timeout(devices.ctx, config->handshake_timeout_sec + 1);
 
         res = coap_resource_unknown_init(devices_request_handler);
         if (!res)
@@ -962,6 +1302,11 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
                 r = sd_event_add_defer(event, &devices.close_defer, devices_close_cb, NULL);
         if (r >= 0)
                 r = sd_event_source_set_enabled(devices.close_defer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_time(event, &devices.handshake_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
+                                      devices_handshake_timer_cb, NULL);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(devices.handshake_timer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add CoAP event sources: %m");
         return 0;
@@ -1009,6 +1354,7 @@ void devices_stop(void) {
         devices.timer = sd_event_source_disable_unref(devices.timer);
         devices.kick = sd_event_source_disable_unref(devices.kick);
         devices.close_defer = sd_event_source_disable_unref(devices.close_defer);
+        devices.handshake_timer = sd_event_source_disable_unref(devices.handshake_timer);
         if (devices.ctx)
                 coap_free_context(devices.ctx);
         coap_cleanup();

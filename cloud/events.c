@@ -294,9 +294,7 @@ static int events_notify(Subscription *s, coap_session_t *session, const char *j
                 coap_delete_pdu(pdu);
                 return -E2BIG;
         }
-        if (coap_send(session, pdu) == COAP_INVALID_MID)
-                return -EIO;
-        return 0;
+        return device_send(s->device, pdu, len);
 }
 
 void events_route(const ProtoEvent *e, const Device *source, uint64_t id) {
@@ -329,8 +327,7 @@ void events_route(const ProtoEvent *e, const Device *source, uint64_t id) {
                 }
                 r = events_notify(s, session, json, len);
                 if (r < 0)
-                        log_warning_errno(r, "Failed to deliver event '%s' to device '%s': %m", e->name,
-                                          device_id(s->device));
+                        device_event_undeliverable(s->device, e->name, len, r);
                 sent = true;
         }
         if (--events.routing == 0 && events.need_sweep)

@@ -13,15 +13,19 @@ static bool name_char_ok(char c, ProtoNameKind kind) {
             c == '-')
                 return true;
         if (c == '.')
-                return kind != PROTO_NAME_DEVICE;
+                return kind != PROTO_NAME_DEVICE && kind != PROTO_NAME_PLUGIN;
         if (c == '/')
                 return kind == PROTO_NAME_EVENT || kind == PROTO_NAME_PREFIX;
         return false;
 }
 
+/* Device ids that would be ambiguous in the API: "api" is the coreid of
+ * events published through the API, "events" is a path under /v1/devices. */
+static const char *const reserved_device_ids[] = { "api", "events" };
+
 int proto_name_check(const char *name, size_t len, ProtoNameKind kind) {
         size_t max = (kind == PROTO_NAME_EVENT || kind == PROTO_NAME_PREFIX) ? TETHER_EVENT_NAME_MAX
-                     : kind == PROTO_NAME_DEVICE                             ? PROTO_DEVICE_ID_MAX
+                     : kind == PROTO_NAME_DEVICE || kind == PROTO_NAME_PLUGIN ? PROTO_DEVICE_ID_MAX
                                                                              : TETHER_NAME_MAX;
         if (!name)
                 return -EINVAL;
@@ -38,6 +42,10 @@ int proto_name_check(const char *name, size_t len, ProtoNameKind kind) {
         }
         if (kind == PROTO_NAME_EVENT && name[len - 1] == '/')
                 return -EINVAL;
+        if (kind == PROTO_NAME_DEVICE)
+                for (size_t i = 0; i < ELEMENTSOF(reserved_device_ids); i++)
+                        if (len == strlen(reserved_device_ids[i]) && memcmp(name, reserved_device_ids[i], len) == 0)
+                                return -EADDRINUSE;
         return 0;
 }
 
@@ -218,7 +226,7 @@ int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len) {
 
         if (!e->name || proto_name_check(e->name, strlen(e->name), PROTO_NAME_EVENT) < 0)
                 return -EINVAL;
-        j = json_pack("{s:s, s:s?, s:i, s:s?, s:s?}", "name", e->name, "data", e->data, "ttl",
+        j = json_pack("{s:s, s:s?, s:I, s:s?, s:s?}", "name", e->name, "data", e->data, "ttl",
                       (json_int_t)e->ttl, "published_at", e->published_at, "coreid", e->coreid);
         if (!j)
                 return -EINVAL;
@@ -276,7 +284,7 @@ static bool json_is_string_array(json_t *a) {
 }
 
 int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
-        json_t *j, *functions, *variables, *plugins, *events, *v;
+        json_t *j, *functions, *variables, *plugins, *events, *units, *v;
         const char *key;
         size_t i;
 
@@ -308,6 +316,17 @@ int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
         json_array_foreach(plugins, i, v) {
                 if (!json_is_object(v) || !json_is_string(json_object_get(v, "name")))
                         goto bad;
+        }
+        /* Optional (ABI 1.1 agents): units of variables, {name: unit}. */
+        units = json_object_get(j, "units");
+        if (units) {
+                if (!json_is_object(units))
+                        goto bad;
+                json_object_foreach(units, key, v) {
+                        if (!json_object_get(variables, key) || !json_is_string(v) ||
+                            json_string_length(v) > PROTO_UNIT_MAX)
+                                goto bad;
+                }
         }
         *ret = j;
         return 0;

@@ -16,6 +16,7 @@
 #define PROTO_HARD_PAYLOAD_MAX 65536u    /* no configuration may exceed this */
 #define PROTO_DEFAULT_TTL 60u
 #define PROTO_DEVICE_ID_MAX 64
+#define PROTO_UNIT_MAX 16 /* bytes of a variable unit in describe data (TETHER_UNIT_MAX) */
 
 /* Resource path prefixes (first Uri-Path segment). */
 #define PROTO_PATH_DESCRIBE "d"
@@ -40,10 +41,12 @@ typedef enum ProtoNameKind {
         PROTO_NAME_VARIABLE, /* same */
         PROTO_NAME_EVENT,    /* [A-Za-z0-9_.-/]{1,128}, no empty segment */
         PROTO_NAME_PREFIX,   /* like EVENT but may be empty or end in '/' */
-        PROTO_NAME_DEVICE,   /* [A-Za-z0-9_-]{1,64} */
+        PROTO_NAME_DEVICE,   /* [A-Za-z0-9_-]{1,64}, not "api" or "events" */
+        PROTO_NAME_PLUGIN,   /* [A-Za-z0-9_-]{1,64} */
 } ProtoNameKind;
 
-/* 0 if valid; -EINVAL (bad character/empty), -ENAMETOOLONG. */
+/* 0 if valid; -EINVAL (bad character/empty), -ENAMETOOLONG, -EADDRINUSE
+ * for a reserved device id ("api", "events"). */
 int proto_name_check(const char *name, size_t len, ProtoNameKind kind);
 
 /* True if name starts with prefix (the empty prefix matches all). */
@@ -89,7 +92,8 @@ int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret);
 
 /* Describe data (GET /d): validate a payload and return the parsed object.
  * Shape: {"agent":str,"version":str,"plugins":[{"name","version"}...],
- * "functions":[str...],"variables":{name:type...},"events":[str...]}. */
+ * "functions":[str...],"variables":{name:type...},"events":[str...],
+ * "units":{variable:unit...}}; events and units are optional. */
 int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret);
 
 /* The Uri-Query options of a publish (POST /e/{name}). */

@@ -42,6 +42,7 @@
         }
 DEFINE_FREEP(EVP_PKEY, EVP_PKEY_free)
 DEFINE_FREEP(X509, X509_free)
+DEFINE_FREEP(X509_REQ, X509_REQ_free)
 DEFINE_FREEP(X509_EXTENSION, X509_EXTENSION_free)
 DEFINE_FREEP(BIO, BIO_free_all)
 DEFINE_FREEP(BIGNUM, BN_free)
@@ -617,8 +618,9 @@ static int cmd_device(const char *dir) {
         if (arg.id) {
                 r = proto_name_check(arg.id, strlen(arg.id), PROTO_NAME_DEVICE);
                 if (r < 0)
-                        return log_error_errno(r, "Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}",
-                                               arg.id, PROTO_DEVICE_ID_MAX);
+                        return log_error_errno(r, "Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}%s",
+                                               arg.id, PROTO_DEVICE_ID_MAX,
+                                               r == -EADDRINUSE ? " and not be 'api' or 'events'" : "");
                 id = strdup(arg.id);
                 if (!id)
                         return log_error_errno(-ENOMEM, "Out of memory");
@@ -658,6 +660,61 @@ static int cmd_device(const char *dir) {
         if (r < 0)
                 return r;
 
+        printf("%s\n", id);
+        return 0;
+}
+
+/* Sign a device's certificate signing request: the device made its key
+ * and keeps it; only the public key and the requested CN (the device ID)
+ * are taken from the CSR, every extension is ours. */
+static int cmd_sign(const char *dir, const char *csr_path) {
+        _cleanup_free_ char *prefix = NULL, *crt_path = NULL;
+        _cleanup_(EVP_PKEY_freep) EVP_PKEY *ca_key = NULL;
+        _cleanup_(X509_freep) X509 *ca = NULL, *cert = NULL;
+        _cleanup_(X509_REQ_freep) X509_REQ *req = NULL;
+        _cleanup_fclose_ FILE *f = NULL;
+        EVP_PKEY *pub;
+        char id[PROTO_DEVICE_ID_MAX + 2];
+        int r, n;
+
+        f = streq(csr_path, "-") ? NULL : fopen(csr_path, "re");
+        if (!f && !streq(csr_path, "-"))
+                return log_error_errno(-errno, "Failed to open the request '%s': %m", csr_path);
+        req = PEM_read_X509_REQ(f ? f : stdin, NULL, no_passphrase, NULL);
+        if (!req)
+                return log_ssl_error("Failed to read a PEM certificate request from '%s'", csr_path);
+        pub = X509_REQ_get0_pubkey(req);
+        if (!pub || X509_REQ_verify(req, pub) != 1)
+                return log_ssl_error("The request '%s' is not signed by its own key", csr_path);
+        n = X509_NAME_get_text_by_NID(X509_REQ_get_subject_name(req), NID_commonName, id, sizeof(id));
+        if (n <= 0)
+                return log_error_errno(-EINVAL, "The request '%s' has no subject CN (the device ID)", csr_path);
+        r = proto_name_check(id, (size_t)n, PROTO_NAME_DEVICE);
+        if (r < 0 || strlen(id) != (size_t)n)
+                return log_error_errno(-EINVAL, "Invalid device ID '%s' in '%s': must match [A-Za-z0-9_-]{1,%d}",
+                                       id, csr_path, PROTO_DEVICE_ID_MAX);
+
+        if (arg.out)
+                prefix = strdup(arg.out);
+        else if (asprintf(&prefix, "%s/devices/%s", dir, id) < 0)
+                prefix = NULL;
+        if (!prefix || asprintf(&crt_path, "%s.crt", prefix) < 0)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        r = ca_load(dir, &ca, &ca_key);
+        if (r < 0)
+                return r;
+        r = mkdir_parent(crt_path);
+        if (r < 0)
+                return r;
+        r = refuse_existing(crt_path);
+        if (r < 0)
+                return r;
+        r = leaf_make(LEAF_DEVICE, ca, ca_key, pub, id, NULL, 0, arg.days ?: PKI_LEAF_DAYS, &cert);
+        if (r < 0)
+                return r;
+        r = write_cert(crt_path, cert);
+        if (r < 0)
+                return r;
         printf("%s\n", id);
         return 0;
 }
@@ -723,6 +780,10 @@ static void help(void) {
                "                                 create a device certificate (CN = ID, default\n"
                "                                 24 random hex digits) as PREFIX.crt/.key, default\n"
                "                                 DIR/devices/ID.crt/.key; prints the ID\n"
+               "  sign DIR CSR [--out PREFIX]    sign a device's certificate request (PEM, '-' for\n"
+               "                                 stdin) with DIR/ca.*; writes PREFIX.crt, default\n"
+               "                                 DIR/devices/ID.crt (ID = the request's CN); prints\n"
+               "                                 the ID\n"
                "  token FILE                     append a random API token to FILE (created 0600)\n"
                "                                 and print it\n"
                "\n"
@@ -796,6 +857,8 @@ int main(int argc, char **argv) {
                 allowed = OPT_BIT(OPT_DAYS) | OPT_BIT(OPT_FORCE);
         else if (streq(cmd, "device"))
                 allowed = OPT_BIT(OPT_ID) | OPT_BIT(OPT_OUT) | OPT_BIT(OPT_DAYS) | OPT_BIT(OPT_FORCE);
+        else if (streq(cmd, "sign"))
+                allowed = OPT_BIT(OPT_OUT) | OPT_BIT(OPT_DAYS) | OPT_BIT(OPT_FORCE);
         else if (streq(cmd, "token"))
                 allowed = 0;
         else
@@ -865,6 +928,10 @@ int main(int argc, char **argv) {
                 if (n_pos != 1)
                         return usage_error("'device' takes one argument, DIR");
                 r = cmd_device(pos[0]);
+        } else if (streq(cmd, "sign")) {
+                if (n_pos != 2)
+                        return usage_error("'sign' takes two arguments, DIR and CSR");
+                r = cmd_sign(pos[0], pos[1]);
         } else {
                 if (n_pos != 1)
                         return usage_error("'token' takes one argument, FILE");

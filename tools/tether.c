@@ -22,8 +22,8 @@
 #define TETHER_RESPONSE_MAX (8u << 20)   /* bytes of one JSON response */
 #define TETHER_SSE_EVENT_MAX (1u << 20)  /* bytes of one event's data lines */
 #define TETHER_ERROR_TEXT_MAX 300        /* bytes of server error text we print */
-/* The cloud sends a keepalive comment every 15 s; three missed ones mean
- * the stream is dead even if TCP has not noticed. */
+/* The cloud sends a keepalive comment every 10 s; 45 s without one (four
+ * missed) means the stream is dead even if TCP has not noticed. */
 #define TETHER_STREAM_STALL_SEC 45L
 /* subscribe --resume: wait before connecting again. */
 #define TETHER_RESUME_MIN_MS 100L
@@ -153,13 +153,15 @@ static int name_check(const char *name, ProtoNameKind kind) {
                 [PROTO_NAME_EVENT] = "event name",
                 [PROTO_NAME_PREFIX] = "event prefix",
                 [PROTO_NAME_DEVICE] = "device ID",
+                [PROTO_NAME_PLUGIN] = "plugin name",
         };
         static const char *const rule[] = {
                 [PROTO_NAME_FUNCTION] = "[A-Za-z0-9_.-], at most 64 bytes",
                 [PROTO_NAME_VARIABLE] = "[A-Za-z0-9_.-], at most 64 bytes",
                 [PROTO_NAME_EVENT] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
                 [PROTO_NAME_PREFIX] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
-                [PROTO_NAME_DEVICE] = "[A-Za-z0-9_-], at most 64 bytes",
+                [PROTO_NAME_DEVICE] = "[A-Za-z0-9_-], at most 64 bytes, not 'api' or 'events'",
+                [PROTO_NAME_PLUGIN] = "[A-Za-z0-9_-], at most 64 bytes",
         };
         int r = proto_name_check(name, strlen(name), kind);
 
@@ -503,7 +505,7 @@ static int cmd_list(Api *a, char **args, int n) {
 
 static int cmd_describe(Api *a, char **args, int n) {
         _cleanup_free_ char *path = NULL;
-        json_t *dev, *fns, *vars, *v;
+        json_t *dev, *fns, *vars, *units, *v;
         const char *key;
         size_t i, w = 0;
         int r;
@@ -547,6 +549,7 @@ static int cmd_describe(Api *a, char **args, int n) {
         }
 
         vars = json_object_get(dev, "variables");
+        units = json_object_get(dev, "units");
         if (!json_is_object(vars))
                 printf("variables:  (unknown)\n");
         else if (json_object_size(vars) == 0)
@@ -556,8 +559,16 @@ static int cmd_describe(Api *a, char **args, int n) {
                 json_object_foreach(vars, key, v)
                         if (strlen(key) > w)
                                 w = strlen(key);
-                json_object_foreach(vars, key, v)
-                        printf("  %-*s  %s\n", (int)w, key, json_is_string(v) ? json_string_value(v) : "?");
+                json_object_foreach(vars, key, v) {
+                        const char *unit = json_string_value(json_object_get(units, key));
+
+                        const char *type = json_is_string(v) ? json_string_value(v) : "?";
+
+                        if (unit)
+                                printf("  %-*s  %-6s  %s\n", (int)w, key, type, unit);
+                        else
+                                printf("  %-*s  %s\n", (int)w, key, type);
+                }
         }
         json_decref(dev);
         return 0;

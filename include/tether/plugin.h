@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 #define TETHER_PLUGIN_ABI_MAJOR 1
-#define TETHER_PLUGIN_ABI_MINOR 0
+#define TETHER_PLUGIN_ABI_MINOR 1
 
 /* Name of the one exported symbol. */
 #define TETHER_PLUGIN_SYMBOL "tether_plugin"
@@ -49,6 +49,9 @@ extern "C" {
 /* Limits the host enforces; see docs/protocol.md. */
 #define TETHER_NAME_MAX 64       /* function and variable names, bytes */
 #define TETHER_EVENT_NAME_MAX 128 /* event names and prefixes, bytes */
+#define TETHER_UNIT_MAX 16        /* variable units (ABI 1.1), bytes */
+#define TETHER_STASH_VALUE_MAX 1024 /* stash values (ABI 1.1), bytes */
+#define TETHER_STASH_KEYS 256       /* stash keys per plugin (ABI 1.1) */
 
 typedef struct tether_host tether_host; /* opaque, owned by the agent */
 
@@ -130,7 +133,44 @@ struct tether_host_api {
         void (*log)(tether_host *host, int priority, const char *fmt, ...)
                 __attribute__((format(printf, 3, 4)));
 
-        void *reserved[8];
+        /* ---- ABI 1.1: these took five of the reserved slots, so
+         * struct_size did not change. A plugin that may run on an older
+         * agent checks api->abi_minor >= 1 before calling them (an agent
+         * of ABI 1.0 has NULL here). */
+
+        /* Attach a unit to a variable this plugin registered, e.g. "°C",
+         * "V", "Pa", "s" (UTF-8, printable, at most TETHER_UNIT_MAX bytes).
+         * It is listed in the describe data's "units" object. unit is
+         * copied; NULL or "" removes it. -ENOENT if this plugin has no
+         * variable of that name, -EINVAL for an invalid unit. */
+        int (*variable_unit)(tether_host *host, const char *name, const char *unit);
+
+        /* The agent's version string, e.g. "0.1.0"; owned by the host,
+         * static. */
+        const char *(*agent_version)(tether_host *host);
+
+        /* Name and version of the index-th running plugin (0-based, in load
+         * order; the calling plugin included). The list is complete once
+         * loading has finished, so call it from getters and callbacks, not
+         * from init(). The strings are owned by the host and valid until the
+         * calling plugin's fini(). -ERANGE past the last plugin. */
+        int (*plugin_info)(tether_host *host, uint32_t index, const char **ret_name,
+                           const char **ret_version);
+
+        /* A small key/value store kept by the agent for this plugin (by
+         * plugin name) across reloads, but not across agent restarts: lets
+         * a plugin tell a reload from a start and carry state over, e.g. the
+         * value an output line had. Keys follow variable name rules; values
+         * are NUL-terminated strings of at most TETHER_STASH_VALUE_MAX bytes,
+         * at most TETHER_STASH_KEYS keys per plugin. stash_set copies key and
+         * value; a NULL value deletes the key. stash_get returns the value
+         * (owned by the host, valid until the next stash_set of that key)
+         * or NULL. stash_set: -EINVAL bad key, -E2BIG value too long,
+         * -ENOSPC too many keys, -ENOMEM. */
+        int (*stash_set)(tether_host *host, const char *key, const char *value);
+        const char *(*stash_get)(tether_host *host, const char *key);
+
+        void *reserved[3];
 };
 
 struct tether_plugin_descriptor {

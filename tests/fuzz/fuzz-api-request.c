@@ -40,6 +40,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 .content_type = parts[2] && *parts[2] ? parts[2] : NULL,
                 .authorization = parts[3] && *parts[3] ? parts[3] : NULL,
                 .query_token = parts[4] && *parts[4] ? parts[4] : NULL,
+                .query_token_len = parts[4] ? strlen(parts[4]) : 0,
+                .query_token_present = parts[4] && *parts[4],
                 .last_event_id = parts[5] && *parts[5] ? parts[5] : NULL,
                 .body = p,
                 .body_len = (size_t)(buf + size - p),
@@ -52,7 +54,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
                         if (!parsed.name || strlen(parsed.device) == 0)
                                 abort();
-                        (void)api_param(parsed.params, "args", &arg, &len, tmp);
+                        if (api_param(parsed.params, "args", &arg, &len, tmp) > 0 && !arg)
+                                abort();
                 }
                 if (parsed.route == API_ROUTE_PUBLISH || parsed.params) {
                         ApiPublish pub;

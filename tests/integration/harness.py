@@ -30,12 +30,23 @@ TETHERD = os.path.join(BUILD, "agent", "tetherd")
 CLOUDD = os.path.join(BUILD, "cloud", "tether-cloudd")
 TETHER = os.path.join(BUILD, "tools", "tether")
 PKI = os.path.join(BUILD, "tools", "tether-pki")
+TETHERCTL = os.path.join(BUILD, "tools", "tetherctl")
 PLUGINS = os.path.join(BUILD, "plugins", "example", ".libs")
 TEST_PLUGINS = os.path.join(BUILD, "tests", "plugins", ".libs")
+# Every in-tree plugin's shared object, by name.
+BUILT_PLUGINS = {name: os.path.join(BUILD, "plugins", name, ".libs", name + ".so")
+                 for name in ("example", "gpio", "sensors", "system")}
+# The simulated GPIO chip (tests/gpiosim), preloaded into tetherd.
+GPIOSIM_LIB = os.path.join(BUILD, "tests", "gpiosim", ".libs", "gpiosim.so")
+sys.path.insert(0, os.path.join(SRC, "tests", "gpiosim"))
 
+# An emulator for every program we built, when they were cross-built for
+# another architecture: "qemu-aarch64 -L /usr/aarch64-linux-gnu" (set by
+# configure when cross-compiling, see Makefile.am).
+EMULATOR = os.environ.get("TETHER_TEST_EMULATOR", "").split()
 # Valgrind or other wrappers for the daemons, e.g. "valgrind -q --error-exitcode=99".
 WRAPPER = os.environ.get("TETHER_TEST_WRAPPER", "").split()
-SLOW = 10 if WRAPPER else 1
+SLOW = 10 if WRAPPER else 3 if EMULATOR else 1
 
 
 class Failure(Exception):
@@ -43,7 +54,7 @@ class Failure(Exception):
 
 
 class Skip(Exception):
-    """Raised by a test that cannot run here; run() reports it as skipped."""
+    """A test function that cannot run here; the reason is printed."""
 
 
 def skip(reason):
@@ -53,7 +64,7 @@ def skip(reason):
 
 def _die_with_parent():
     """In a child before exec: SIGTERM when the test process dies, so no
-    `subscribe --resume` outlives a crashed test."""
+    daemon or `subscribe --resume` outlives a crashed test."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -119,7 +130,7 @@ class Daemon:
         self.cond = threading.Condition()
         self.log = open(os.path.join(logdir, f"{name}.log"), "a")
         # prefix: e.g. "ip netns exec NS", which exec()s: the pid stays ours.
-        self.proc = subprocess.Popen(list(prefix) + WRAPPER + argv, env=env, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(list(prefix) + WRAPPER + EMULATOR + argv, env=env, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      preexec_fn=_die_with_parent)
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -195,18 +206,41 @@ class Daemon:
         self.thread.join(5)
 
 
+def check_emulator():
+    """Under an emulator (cross builds), skip the whole file if it cannot
+    run a program that creates a thread: tetherd's resolver and tether's
+    libcurl need threads (see tests/emulator/thread-probe.c)."""
+    if not EMULATOR:
+        return
+    probe = os.path.join(BUILD, "tests", "emulator", "thread-probe")
+    result = probe + ".result"  # one probe per build, not one per test file
+    if os.path.exists(result):
+        ok = open(result).read().strip() == "ok"
+    else:
+        try:
+            r = subprocess.run(EMULATOR + [probe], capture_output=True, text=True, timeout=20)
+            ok = r.returncode == 0 and "threads ok" in r.stdout
+        except subprocess.TimeoutExpired:
+            ok = False
+        with open(result, "w") as f:
+            f.write("ok\n" if ok else "hangs\n")
+    if not ok:
+        skip(f"'{' '.join(EMULATOR)}' cannot run a program that creates a thread (it hangs in "
+             "pthread_create), and tetherd's resolver and tether's libcurl need threads")
+
+
 class World:
     """A scratch directory with a PKI, a cloud and any number of agents."""
 
     def __init__(self, keep=False):
-        for path in (TETHERD, CLOUDD, TETHER, PKI):
+        for path in (TETHERD, CLOUDD, TETHER, PKI, TETHERCTL):
             if not os.access(path, os.X_OK):
                 raise Failure(f"{path} is not built")
         self.dir = tempfile.mkdtemp(prefix="tether-test-")
         self.keep = keep or os.environ.get("TETHER_TEST_KEEP")
         self.notify = NotifySocket(os.path.join(self.dir, "notify.sock"))
         self.daemons = []
-        self.cleanups = []  # run at the end whatever happened, last first
+        self.cleanups = []  # run after the daemons stopped, pass or fail
         self.cloud = None
         self.coap_port = self.api_port = None
         self.pki("ca", self.path("pki"))
@@ -217,7 +251,7 @@ class World:
         return os.path.join(self.dir, *parts)
 
     def pki(self, *args):
-        r = subprocess.run([PKI, *args], capture_output=True, text=True)
+        r = subprocess.run(EMULATOR + [PKI, *args], capture_output=True, text=True)
         if r.returncode != 0:
             raise Failure(f"tether-pki {' '.join(args)} failed: {r.stderr.strip()}")
         return r.stdout
@@ -238,7 +272,7 @@ class World:
         return e
 
     def start_cloud(self, extra="", cert=None, key=None, port=0, api_port=0, listen="127.0.0.1",
-                    timing=None, state_dir=None, extra_env=None):
+                    timing=None, state_dir=None, env=None):
         """Start tether-cloudd; a restart with the same state_dir (by
         default the test's cloud-state) keeps its event journal. timing
         replaces the PingSec/DeviceTimeoutSec/CallTimeoutSec lines."""
@@ -264,9 +298,9 @@ TokenFile={self.path('tokens')}
 Directory={state_dir or self.path('cloud-state')}
 {extra}""")
         mark = self.notify.mark()
-        env = self.env()
-        env.update(extra_env or {})
-        self.cloud = Daemon("cloud", [CLOUDD, "--config", conf], env, self.dir)
+        e = self.env()
+        e.update(env or {})
+        self.cloud = Daemon("cloud", [CLOUDD, "--config", conf], e, self.dir)
         self.daemons.append(self.cloud)
         m = self.notify.wait(lambda m: m.get("READY") == "1" and "X_COAP_PORT" in m, 20,
                              "tether-cloudd READY=1", mark)
@@ -285,11 +319,11 @@ Directory={state_dir or self.path('cloud-state')}
         [Connection] settings."""
         conf = self.path(f"{name}.conf")
         state_dir = state_dir or self.path(f"{name}-state")
-        connection = connection or """KeepaliveSec=5
+        connection = connection or f"""KeepaliveSec=5
 KeepaliveTimeoutSec=3
 ReconnectMinSec=0.2
 ReconnectMaxSec=2
-ConnectTimeoutSec=5"""
+ConnectTimeoutSec={5 * SLOW}"""
         with open(conf, "w") as f:
             f.write(f"""[Cloud]
 Host={host}
@@ -304,26 +338,57 @@ Key={key}
 Directory={state_dir}
 [Plugins]
 Directory={plugin_dir}
+[Local]
+Socket={self.path(name + ".sock")}
 [Plugin example]
 IntervalSec=0
 {extra}""")
         return conf
 
-    def start_agent(self, name="agent", wait_online=True, extra_env=None, prefix=(), **kw):
+    def plugin_dir(self, *names):
+        """A plugin directory holding (links to) the named in-tree plugins."""
+        pdir = self.path("plugins-" + "-".join(names))
+        os.makedirs(pdir, exist_ok=True)
+        for n in names:
+            so = BUILT_PLUGINS[n]
+            if not os.path.exists(so):
+                raise Failure(f"{so} is not built")
+            link = os.path.join(pdir, n + ".so")
+            if not os.path.lexists(link):
+                os.symlink(so, link)
+        return pdir
+
+    def gpiosim(self, chips=(("gpiochip0", 32, "tether-sim"),)):
+        """Set up a simulated GPIO chip directory; returns (GpioSim, env)
+        for start_agent(env=...): tetherd then runs with the simulator
+        preloaded in place of libgpiod."""
+        from gpiosim import GpioSim  # noqa: E402 - found through sys.path above
+        if not os.path.exists(GPIOSIM_LIB):
+            raise Failure(f"{GPIOSIM_LIB} is not built (make check builds it)")
+        d = self.path("gpiosim")
+        GpioSim.write_chips(d, chips)
+        env = {"TETHER_GPIOSIM": d, "LD_PRELOAD": GPIOSIM_LIB,
+               # An ASan build wants its runtime first; the preload is on purpose.
+               "ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"}
+        return GpioSim(d), env
+
+    def start_agent(self, name="agent", wait_online=True, env=None, prefix=(), **kw):
         device = kw.pop("device", None) or self.new_device()
         conf = self.agent_conf(name, device[1], device[2], **kw)
-        return self.run_agent(name, conf, device, wait_online, extra_env, prefix)
+        return self.run_agent(name, conf, device, wait_online, env, prefix)
 
-    def run_agent(self, name, conf, device, wait_online=True, extra_env=None, prefix=()):
+    def run_agent(self, name, conf, device, wait_online=True, env=None, prefix=()):
         """Start tetherd with an existing config (a restart keeps the
-        device and, with it, the state directory)."""
+        device and, with it, the state directory). The local API socket is
+        the one agent_conf(name) wrote."""
         mark = self.notify.mark()
-        env = self.env()
-        env.update(extra_env or {})
-        d = Daemon(name, [TETHERD, "--config", conf], env, self.dir, prefix)
+        e = self.env()
+        e.update(env or {})
+        d = Daemon(name, [TETHERD, "--config", conf], e, self.dir, prefix)
         d.device = device
         d.device_id = device[0]
         d.conf = conf
+        d.socket = self.path(os.path.basename(conf)[:-len(".conf")] + ".sock")
         self.daemons.append(d)
         if wait_online:
             self.wait_online(device[0], mark)
@@ -335,7 +400,8 @@ IntervalSec=0
 
     def tether(self, *args, check=True, timeout=30, token=None):
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=token or self.token)
-        r = subprocess.run([TETHER, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        r = subprocess.run(EMULATOR + [TETHER, *args], capture_output=True, text=True, env=env,
+                           timeout=timeout * SLOW)
         if check and r.returncode != 0:
             raise Failure(f"tether {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
@@ -344,16 +410,27 @@ IntervalSec=0
         """Start `tether subscribe --json ...`; returns a Subscriber, which
         is closed with the World (or the test process) at the latest."""
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=self.token)
-        sub = Subscriber([TETHER, "subscribe", "--json", *args], env)
+        sub = Subscriber(EMULATOR + [TETHER, "subscribe", "--json", *args], env)
         self.cleanups.append(sub.close)
         return sub
 
-    def run_cleanups(self):
+    def tetherctl(self, agent, *args, check=True, timeout=30, user=None):
+        """Run tetherctl against agent's socket; user: run as that user
+        (setpriv, no supplementary groups), which needs root."""
+        argv = EMULATOR + [TETHERCTL, "--socket", agent.socket, *args]
+        if user:
+            argv = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", *argv]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * SLOW)
+        if check and r.returncode != 0:
+            raise Failure(f"tetherctl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def run_cleanups(self, errors):
         while self.cleanups:
             try:
                 self.cleanups.pop()()
             except Exception as e:  # noqa: BLE001 - report, keep cleaning
-                print(f"# cleanup failed: {e}")
+                errors.append(f"cleanup failed: {e}")
 
     def close(self):
         errors = []
@@ -364,7 +441,7 @@ IntervalSec=0
                     errors.append(f"{d.name} exited with {rc}")
             except Failure as e:
                 errors.append(str(e))
-        self.run_cleanups()
+        self.run_cleanups(errors)
         self.notify.close()
         if self.keep:
             print(f"kept {self.dir}")
@@ -460,6 +537,7 @@ class Subscriber:
 def run(tests):
     """Run test functions, each with a fresh World; TAP-ish output. A test
     may raise Skip(reason); if every test skipped, the exit status is 77."""
+    check_emulator()
     failed = skipped = 0
     print(f"1..{len(tests)}")
     for i, t in enumerate(tests, 1):
@@ -474,17 +552,17 @@ def run(tests):
             skipped += 1
             print(f"ok {i} - {t.__name__} # SKIP {e}")
             if w:
-                for d in w.daemons:
-                    d.kill()
-                w.run_cleanups()
-                shutil.rmtree(w.dir, ignore_errors=True)
+                w.close()
         except Exception as e:  # noqa: BLE001 - report every failure the same way
             failed += 1
             print(f"not ok {i} - {t.__name__}: {e}")
             if w:
                 for d in w.daemons:
                     d.kill()
-                w.run_cleanups()
+                cleanup_errors = []
+                w.run_cleanups(cleanup_errors)
+                for msg in cleanup_errors:
+                    print(f"# {msg}")
                 print(f"# logs kept in {w.dir}")
                 for d in w.daemons:
                     print(f"# --- {d.name} ---")

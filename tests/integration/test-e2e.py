@@ -111,6 +111,28 @@ def test_plugin_failures(w):
     expect(r.stdout.strip() == "3", "agent not serving with broken plugins around")
 
 
+def test_plugin_errors_reach_the_api(w):
+    pdir = w.path("plugins")
+    os.mkdir(pdir)
+    shutil.copy(os.path.join(TEST_PLUGINS, "errors.so"), pdir)
+    w.start_cloud()
+    a = w.start_agent(plugin_dir=pdir)
+    dev = a.device_id
+    # A plugin's own ENOENT is a failure of the plugin, not an unknown name.
+    for arg, status in (("ENOENT", "502"), ("EIO", "502"), ("EBUSY", "503"), ("EINVAL", "400")):
+        r = w.tether("call", dev, "fail", arg, check=False)
+        expect(r.returncode != 0 and "not found" not in r.stderr.lower(),
+               f"fail {arg}: {r.returncode} {r.stderr!r}")
+        expect(status in r.stderr or (status == "400" and "argument" in r.stderr),
+               f"fail {arg}: expected {status}, got {r.stderr!r}")
+    r = w.tether("call", dev, "fail", "ENOENT", "--json", check=False)
+    expect("No such file or directory" in r.stdout + r.stderr, f"errno text missing: {r.stdout!r} {r.stderr!r}")
+    r = w.tether("get", dev, "broken", check=False)
+    expect(r.returncode != 0 and "Input/output error" in r.stderr, f"broken variable: {r.stderr!r}")
+    r = w.tether("call", dev, "fail", "fine")
+    expect(r.stdout.strip() == "0", "agent not serving after plugin errors")
+
+
 def test_reload_keeps_connection(w):
     w.start_cloud()
     a = w.start_agent()
@@ -139,4 +161,4 @@ def test_reload_keeps_connection(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_call_get_publish_subscribe, test_errors_keep_agent_serving, test_plugin_failures,
-                  test_reload_keeps_connection]))
+                  test_plugin_errors_reach_the_api, test_reload_keeps_connection]))

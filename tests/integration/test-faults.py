@@ -531,12 +531,12 @@ def test_clock_steps(w):
         return {"LD_PRELOAD": WALLCLOCK, "TETHER_TEST_CLOCK_FILE": path,
                 "ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"}
 
-    w.start_cloud(timing=CLOUD_FAST, extra_env=faked(cloud_clock))
+    w.start_cloud(timing=CLOUD_FAST, env=faked(cloud_clock))
     device = w.new_device()
     sub = new_subscriber(w, device[0])
     total = scaled(800)
     a = w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
-                      extra=pump_conf(f"1,{total},{scaled(200)}"), extra_env=faked(agent_clock))
+                      extra=pump_conf(f"1,{total},{scaled(200)}"), env=faked(agent_clock))
     with open(f"/proc/{a.proc.pid}/maps") as f:
         expect("wallclock.so" in f.read(), "the clock shim is not loaded into tetherd")
     mark = a.mark()

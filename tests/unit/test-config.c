@@ -187,6 +187,25 @@ static int teardown(void **state) {
         return system(cmd) == 0 ? 0 : -1;
 }
 
+static void test_local_api(void **state) {
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL, *e = NULL;
+        _cleanup_free_ char *error = NULL;
+        char text[1024];
+
+        assert_int_equal(load(base, &c, NULL), 0);
+        assert_string_equal(c->local_socket, "/run/tether/tetherd.sock");
+        assert_string_equal(c->local_group, "tether");
+
+        snprintf(text, sizeof(text), "%s[Local]\nSocket=/tmp/x.sock\nGroup=\n", base);
+        assert_int_equal(load(text, &d, NULL), 0);
+        assert_string_equal(d->local_socket, "/tmp/x.sock");
+        assert_string_equal(d->local_group, ""); /* empty: root and the agent's user only */
+
+        snprintf(text, sizeof(text), "%s[Local]\nSocket=relative.sock\n", base);
+        assert_int_equal(load(text, &e, &error), -EINVAL);
+        assert_non_null(strstr(error, "[Local] Socket= must be an absolute path"));
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
@@ -196,6 +215,7 @@ int main(void) {
                 cmocka_unit_test(test_unknown_keys_only_warn),
                 cmocka_unit_test(test_dropins_in_order),
                 cmocka_unit_test(test_cloud_changed),
+                cmocka_unit_test(test_local_api),
         };
         return cmocka_run_group_tests(tests, setup, teardown);
 }

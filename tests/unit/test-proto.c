@@ -23,6 +23,9 @@ static void test_names(void **state) {
         assert_int_equal(proto_name_check("trail/", 6, PROTO_NAME_PREFIX), 0);
         assert_int_equal(proto_name_check("", 0, PROTO_NAME_PREFIX), 0);
         assert_int_equal(proto_name_check("dev.1", 5, PROTO_NAME_DEVICE), -EINVAL);
+        assert_int_equal(proto_name_check("api", 3, PROTO_NAME_DEVICE), -EADDRINUSE);
+        assert_int_equal(proto_name_check("events", 6, PROTO_NAME_DEVICE), -EADDRINUSE);
+        assert_int_equal(proto_name_check("api", 3, PROTO_NAME_FUNCTION), 0);
         assert_int_equal(proto_name_check("a\0b", 3, PROTO_NAME_EVENT), -EINVAL);
 
         memset(long_name, 'x', sizeof(long_name));
@@ -124,6 +127,15 @@ static void test_events(void **state) {
         assert_string_equal(d.coreid, "api");
         proto_event_done(&d);
 
+        /* TTLs use the whole uint32 range */
+        e.ttl = UINT32_MAX;
+        free(s);
+        assert_int_equal(proto_event_encode(&e, &s, &len), 0);
+        assert_non_null(strstr(s, "\"ttl\":4294967295"));
+        assert_int_equal(proto_event_decode((const uint8_t *)s, len, &d), 0);
+        assert_int_equal(d.ttl, UINT32_MAX);
+        proto_event_done(&d);
+
         /* data is optional; a bad name, wrong types or junk are refused */
         assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\"}", 12, &d), 0);
         assert_null(d.data);
@@ -156,6 +168,28 @@ static void test_describe(void **state) {
         assert_null(j);
 }
 
+static void test_describe_units(void **state) {
+#define D(units) "{\"agent\":\"t\",\"version\":\"1\",\"plugins\":[],\"functions\":[]," \
+                 "\"variables\":{\"t\":\"double\"}" units "}"
+        static const char good[] = D(",\"units\":{\"t\":\"\u00b0C\"}");
+        static const char unknown[] = D(",\"units\":{\"nosuch\":\"V\"}");
+        static const char notstring[] = D(",\"units\":{\"t\":5}");
+        static const char toolong[] = D(",\"units\":{\"t\":\"12345678901234567\"}");
+        static const char notobject[] = D(",\"units\":[]");
+#undef D
+        json_t *j = NULL;
+
+        assert_int_equal(proto_describe_decode((const uint8_t *)good, strlen(good), &j), 0);
+        assert_string_equal(json_string_value(json_object_get(json_object_get(j, "units"), "t")), "\u00b0C");
+        json_decref(j);
+        j = NULL;
+        assert_int_equal(proto_describe_decode((const uint8_t *)unknown, strlen(unknown), &j), -EBADMSG);
+        assert_int_equal(proto_describe_decode((const uint8_t *)notstring, strlen(notstring), &j), -EBADMSG);
+        assert_int_equal(proto_describe_decode((const uint8_t *)toolong, strlen(toolong), &j), -EBADMSG);
+        assert_int_equal(proto_describe_decode((const uint8_t *)notobject, strlen(notobject), &j), -EBADMSG);
+        assert_null(j);
+}
+
 static void test_types(void **state) {
         assert_string_equal(proto_type_to_string(TETHER_TYPE_INT32), "int32");
         assert_null(proto_type_to_string(0));
@@ -169,6 +203,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_names),  cmocka_unit_test(test_utf8),  cmocka_unit_test(test_result),
                 cmocka_unit_test(test_values), cmocka_unit_test(test_events), cmocka_unit_test(test_describe),
+                cmocka_unit_test(test_describe_units),
                 cmocka_unit_test(test_types),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);

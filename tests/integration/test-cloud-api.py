@@ -1,0 +1,310 @@
+#!/usr/bin/env python3
+"""tether-cloudd's HTTP API at the byte level: authentication in all its
+places, what is read before the token is checked, body limits, parameter
+validation and the event stream's fields (docs/cloud.md)."""
+
+import json
+import os
+import resource
+import select
+import socket
+import sys
+import time
+import urllib.parse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import SLOW, Failure, expect, run  # noqa: E402
+from fakedev import CHANGED, CONTENT, POST, connect, memory_checks, rss_kb  # noqa: E402
+
+
+class Reply:
+    def __init__(self, raw):
+        self.raw = raw
+        head, _, body = raw.partition(b"\r\n\r\n")
+        lines = head.decode(errors="replace").split("\r\n")
+        self.status = int(lines[0].split()[1]) if lines[0].startswith("HTTP/") else 0
+        self.headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+        self.body = body
+
+    def json(self):
+        body = self.body
+        if self.headers.get("transfer-encoding") == "chunked":
+            out, rest = b"", body
+            while rest:
+                size, _, rest = rest.partition(b"\r\n")
+                n = int(size, 16)
+                if n == 0:
+                    break
+                out, rest = out + rest[:n], rest[n + 2:]
+            body = out
+        return json.loads(body)
+
+    def __repr__(self):
+        return f"Reply({self.status} {self.body[:200]!r})"
+
+
+def exchange(port, data, timeout=5, until_close=False):
+    """Send raw bytes, read one HTTP response (headers plus Content-Length
+    body, or up to the first event-stream line); the deadline is an error."""
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(data)
+        return read_reply(s, timeout)
+    finally:
+        s.close()
+
+
+def read_reply(s, timeout=5):
+    deadline = time.monotonic() + timeout * SLOW
+    buf = b""
+    while True:
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        if sep:
+            r = Reply(buf)
+            n = r.headers.get("content-length")
+            if n is not None and len(body) >= int(n):
+                return r
+            if r.headers.get("content-type") == "text/event-stream" and b"\n\n" in body:
+                return r
+            if r.headers.get("transfer-encoding") == "chunked" and body.endswith(b"0\r\n\r\n"):
+                return r
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Failure(f"no complete HTTP response in time; got {buf[:300]!r}")
+        s.settimeout(left)
+        try:
+            d = s.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            d = b""
+        if not d:
+            if sep:
+                return Reply(buf)
+            raise Failure(f"connection closed; got {buf[:300]!r}")
+        buf += d
+
+
+def req(method, path, headers=(), body=b""):
+    h = [f"{method} {path} HTTP/1.1", "Host: test", "Connection: close"] + list(headers)
+    if body or method == "POST":
+        h.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(h) + "\r\n\r\n").encode() + body
+
+
+def form(**kw):
+    return urllib.parse.urlencode(kw).encode()
+
+
+FORM = "Content-Type: application/x-www-form-urlencoded"
+JSON = "Content-Type: application/json"
+
+
+def test_auth_matrix(w):
+    w.start_cloud()
+    P, T = w.api_port, w.token
+    ok = [
+        ("bearer header", req("GET", "/v1/devices", [f"Authorization: Bearer {T}"])),
+        ("lowercase scheme", req("GET", "/v1/devices", [f"authorization: bearer {T}"])),
+        ("query", req("GET", f"/v1/devices?access_token={T}")),
+        ("form body", req("POST", "/v1/devices/events", [FORM], form(name="a", access_token=T))),
+        ("JSON body", req("POST", "/v1/devices/events", [JSON],
+                          json.dumps({"name": "a", "access_token": T}).encode())),
+    ]
+    for what, data in ok:
+        r = exchange(P, data)
+        expect(r.status == 200, f"{what}: {r}")
+    bad = [
+        ("no token", req("GET", "/v1/devices")),
+        ("wrong token", req("GET", "/v1/devices", ["Authorization: Bearer " + "0" * 40])),
+        ("wrong scheme", req("GET", "/v1/devices", [f"Authorization: Basic {T}"])),
+        ("query token with a NUL", req("GET", f"/v1/devices?access_token={T}%00x")),
+        ("bad header, good body token", req("POST", "/v1/devices/events", [FORM, "Authorization: Bearer nope"],
+                                            form(name="a", access_token=T))),
+        ("bad query, good body token", req("POST", "/v1/devices/events?access_token=nope", [FORM],
+                                           form(name="a", access_token=T))),
+        ("stream without token", req("GET", "/v1/events")),
+        ("device stream without token", req("GET", "/v1/devices/abc/events")),
+        ("devices stream without token", req("GET", "/v1/devices/events/x")),
+        ("form with a NUL in the token", req("POST", "/v1/devices/events", [FORM],
+                                             f"name=a&access_token={T}%00".encode())),
+    ]
+    for what, data in bad:
+        r = exchange(P, data)
+        expect(r.status == 401 and r.json().get("error") == "invalid_token" and
+               r.headers.get("www-authenticate", "").startswith("Bearer"), f"{what}: {r}")
+    r = exchange(P, req("GET", f"/v1/events?access_token={T}"))
+    expect(r.status == 200 and r.headers.get("content-type") == "text/event-stream" and b":ok" in r.body,
+           f"stream with a query token: {r}")
+
+
+def test_token_checked_before_the_body(w):
+    """With a token in the header or query, a bad one is answered before
+    the body is sent; an oversize Content-Length is refused at once."""
+    w.start_cloud()
+    P, T = w.api_port, w.token
+    heads = [
+        ("bad bearer", req("POST", "/v1/devices/events", [FORM, "Authorization: Bearer nope"])
+         .replace(b"Content-Length: 0", b"Content-Length: 50000"), 401),
+        ("bad query token", req("POST", "/v1/devices/events?access_token=nope", [FORM])
+         .replace(b"Content-Length: 0", b"Content-Length: 50000"), 401),
+        ("oversize, good token", req("POST", "/v1/devices/events", [FORM, f"Authorization: Bearer {T}"])
+         .replace(b"Content-Length: 0", b"Content-Length: 10000000"), 413),
+        ("oversize, no token", req("POST", "/v1/devices/events", [FORM])
+         .replace(b"Content-Length: 0", b"Content-Length: 10000000"), 413),
+    ]
+    for what, data, status in heads:
+        r = exchange(P, data)  # headers only: the body never comes
+        expect(r.status == status, f"{what}: {r}")
+    # Chunked: no length to refuse up front; 413 once it is over the limit.
+    chunk = b"a" * 60000
+    body = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(4)) + b"0\r\n\r\n"
+    data = (f"POST /v1/devices/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {T}\r\n{FORM}\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + body
+    r = exchange(P, data)
+    expect(r.status == 413 and "larger than" in r.json()["error"], f"chunked oversize: {r}")
+
+
+def test_unauthenticated_bodies_cost_bounded_memory(w):
+    """Finding 3: bodies were buffered in full before the token was looked
+    at. Now a bad header token costs nothing, and bodies whose token can
+    only be in the body are held up to a global cap (then 503)."""
+    w.start_cloud()
+    P = w.api_port
+    pid = w.cloud.proc.pid
+    n_conn, size = 1000, 53000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n_conn + 100:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n_conn + 200), hard))
+        n_conn = min(n_conn, min(hard, n_conn + 200) - 100)
+    for what, auth in (("bad bearer", "Authorization: Bearer nope\r\n"), ("no token", "")):
+        before = rss_kb(pid)
+        head = (f"POST /v1/devices/events HTTP/1.1\r\nHost: t\r\n{auth}{FORM}\r\n"
+                f"Content-Length: {size}\r\n\r\n").encode()
+        socks = []
+        for i in range(n_conn):
+            s = socket.create_connection(("127.0.0.1", P))
+            s.setblocking(False)
+            pending = head + b"a" * (size - 1000)
+            try:
+                sent = s.send(pending)
+                pending = pending[sent:]
+            except (BlockingIOError, ConnectionError):
+                pass
+            socks.append([s, pending])
+        # Push the rest of each partial body as the cloud takes it (or closes).
+        deadline = time.monotonic() + 15 * SLOW
+        while any(p for _, p in socks) and time.monotonic() < deadline:
+            _, writable, _ = select.select([], [s for s, p in socks if p], [], 0.5)
+            for entry in socks:
+                s, p = entry
+                if s in writable:
+                    try:
+                        entry[1] = p[s.send(p):]
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        entry[1] = b""
+        grown = (rss_kb(pid) - before) / 1024
+        print(f"# {n_conn} connections, {what}, {size - 1000} bytes of a {size}-byte body each: "
+              f"cloud RSS grew {grown:.1f} MB")
+        statuses = {}
+        if what == "bad bearer":
+            if memory_checks(pid):
+                expect(grown < 10, f"{what}: cloud RSS grew {grown:.1f} MB")
+            for s, _ in socks:
+                s.setblocking(True)
+                r = read_reply(s, 10)
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+            expect(statuses == {401: n_conn}, f"answers: {statuses}")
+        else:
+            # 8 MiB of bodies at most, plus libmicrohttpd's own buffer per connection.
+            if memory_checks(pid):
+                expect(grown < 8 + n_conn * 40 / 1024 + 5, f"{what}: cloud RSS grew {grown:.1f} MB")
+            # The end of every body: held ones get 401, the rest 503.
+            for s, _ in socks:
+                s.setblocking(True)
+                s.sendall(b"a" * 1000)
+            for s, _ in socks:
+                r = read_reply(s, 10)
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+            print(f"# answers: {statuses}")
+            expect(set(statuses) <= {401, 503} and statuses.get(503, 0) > 0 and statuses.get(401, 0) > 0,
+                   f"answers: {statuses}")
+        for s, _ in socks:
+            s.close()
+    w.cloud.wait_line(r"Request bodies in progress hold \d+ bytes; answering 503")
+
+
+def test_bodies_and_parameters(w):
+    w.start_cloud()
+    d, dev = connect(w)
+    P, T = w.api_port, w.token
+    auth = f"Authorization: Bearer {T}"
+
+    def post(path, body, ctype=FORM):
+        return exchange(P, req("POST", path, [auth, ctype], body))
+    for body in (b"[1,2]", b'"text"', b"{broken"):
+        r = post("/v1/devices/events", body, JSON)
+        expect(r.status == 400 and r.json()["error"] == "Body is not a JSON object", f"{body!r}: {r}")
+    r = exchange(P, req("POST", "/v1/devices/events", [JSON], b"[1]"))
+    expect(r.status == 401, f"not an object, no token: {r}")
+
+    bad = [
+        (b"name=a&ttl=60%00junk", FORM, "ttl"),
+        (b"name=a&private=1%00zz", FORM, "private"),
+        (b"name=a&ttl=4294967296", FORM, "ttl"),
+        (b"name=a&ttl=-1", FORM, "ttl"),
+        (b"name=a%00b", FORM, "name"),
+        (b'{"name":"a","ttl":[60]}', JSON, "ttl"),
+        (b'{"name":"a","private":{}}', JSON, "private"),
+        (b'{"name":"a","data":{"x":1}}', JSON, "data"),
+        (b'{"name":["a"]}', JSON, "name"),
+        (b"name=a&data=%ff", FORM, "data"),
+    ]
+    for body, ctype, field in bad:
+        r = post("/v1/devices/events", body, ctype)
+        expect(r.status == 400 and field in r.json()["error"].lower(), f"{body!r}: {r}")
+
+    # Arguments: arrays and objects are refused before anything reaches the
+    # device; numbers and booleans go as their JSON text.
+    for body in (b'{"args":[1,2]}', b'{"args":{"a":1}}', b'{"arg":[1]}'):
+        r = post(f"/v1/devices/{dev}/f", body, JSON)
+        expect(r.status == 400 and "argument" in r.json()["error"], f"{body!r}: {r}")
+    for body, want in ((b'{"args":5}', b"5"), (b'{"args":true}', b"true"), (b'{"arg":"x y"}', b"x y")):
+        s = socket.create_connection(("127.0.0.1", P))
+        s.sendall(req("POST", f"/v1/devices/{dev}/f", [auth, JSON], body))
+        m = d.wait_for(lambda m: m.code == POST, what="POST /f/f")
+        expect(m.path == "f/f" and m.payload == want, f"{body!r} reached the device as {m}")
+        d.answer(m, CHANGED, b"1")
+        r = read_reply(s)
+        s.close()
+        expect(r.status == 200 and r.json()["return_value"] == 1, f"{body!r}: {r}")
+
+
+def test_stream_fields(w):
+    """Finding 9 and the 2^31 TTL: the event stream carries "private" and
+    TTLs up to 2^32-1, as do device notifications."""
+    w.start_cloud()
+    d, dev = connect(w)
+    d.subscribe("s/")
+    sub = w.subscribe("s/").wait_ready()
+    T = w.token
+    for priv, ttl in ((True, 3000000000), (False, 4294967295), (False, 60)):
+        body = form(name=f"s/{ttl}", data="d", ttl=ttl, **({"private": "true"} if priv else {}))
+        r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {T}", FORM], body))
+        expect(r.status == 200, f"publish: {r}")
+        ev = sub.wait(lambda e: e.get("name") == f"s/{ttl}", what=f"s/{ttl}")
+        expect(ev["ttl"] == ttl and ev.get("private", False) is priv and ev["coreid"] == "api",
+               f"stream event {ev}")
+        m = d.wait_for(lambda m: m.code == CONTENT and m.payload, what="notification")
+        j = m.json()
+        expect(j["name"] == f"s/{ttl}" and j["ttl"] == ttl and j.get("private", False) is priv,
+               f"notification {j}")
+    sub.close()
+
+
+if __name__ == "__main__":
+    sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
+                  test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
+                  test_stream_fields]))

@@ -1,0 +1,384 @@
+#!/usr/bin/env bash
+# System test: the built .deb packages in a real Debian 12 booted with
+# systemd-nspawn.
+#
+#   tests/system/test-packages.sh DEBDIR
+#
+# A Debian bookworm root is built with mmdebstrap (cached under
+# $TETHER_ROOTFS_CACHE, default /var/cache/tether-test, keyed on a hash of
+# its package list, which includes every dependency of the packages under
+# test; with no mirror argument mmdebstrap reuses the host's apt sources),
+# copied to a scratch directory and booted with
+# "systemd-nspawn -b --register=no --keep-unit --private-network".
+# Commands run inside with nsenter. The container has only a loopback
+# network: the cloud and the agent talk to each other inside it.
+#
+# Steps, each logged with "==> [N] ...": install the packages, check the
+# user, key and units, make a PKI and start tether-cloudd, enroll the
+# device (tetherctl csr -> tether-pki sign), systemctl start tetherd until
+# the device is online in the cloud, the STATUS line, reload keeping the
+# connection, watchdog kill and restart of a stopped agent, apt-get remove
+# (state kept) and purge (nothing left behind).
+#
+# Exit 77 (skip) with the reason when this machine cannot boot a container.
+set -uo pipefail
+
+debdir=${1:-}
+cache=${TETHER_ROOTFS_CACHE:-/var/cache/tether-test}
+suite=bookworm
+# Packages the root gets besides what the .debs depend on.
+BASE_PACKAGES=(systemd systemd-sysv dbus apt man-db)
+STEP=0
+T0=$SECONDS
+
+log() { echo "$(printf '%4ds' $((SECONDS - T0))) $*"; }
+step() { STEP=$((STEP + 1)); log "==> [$STEP] $*"; }
+ok() { log "    ok: $*"; }
+fail() { log "FAIL: $*"; exit 1; }
+skip() { echo "SKIP: $*"; exit 77; }
+
+[ -n "$debdir" ] && [ -d "$debdir" ] || { echo "usage: $0 DEBDIR" >&2; exit 2; }
+debdir=$(cd "$debdir" && pwd)
+[ "$(id -u)" -eq 0 ] || skip "needs root (mmdebstrap, systemd-nspawn)"
+for tool in mmdebstrap systemd-nspawn nsenter; do
+    command -v "$tool" >/dev/null || skip "$tool is not installed (tools/dev packaging-deps)"
+done
+shopt -s nullglob
+debs=()
+for d in "$debdir"/tether-{agent,cloud,cli}_*.deb; do debs+=("$d"); done
+[ ${#debs[@]} -eq 3 ] || fail "expected tether-agent, tether-cloud and tether-cli .debs in $debdir, found: ${debs[*]:-none}"
+arch=$(dpkg-deb -f "${debs[0]}" Architecture)
+[ "$arch" = "$(dpkg --print-architecture)" ] || skip "packages are for $arch, this machine is $(dpkg --print-architecture)"
+
+scratch=$(mktemp -d /var/tmp/tether-systest.XXXXXX)
+machine="tether-systest-$$"
+nspawn_pid=
+init_pid=
+
+# Run a command inside the container (all its namespaces), clean env.
+ctr() {
+    nsenter -t "$init_pid" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 SYSTEMD_PAGER= \
+        SYSTEMD_COLORS=0 TERM=dumb "$@"
+}
+
+# wait_for TIMEOUT DESCRIPTION COMMAND...: the command's state has no
+# notification we can block on from outside, so poll it against a deadline.
+wait_for() {
+    local timeout=$1 what=$2 start=$SECONDS
+    shift 2
+    local deadline=$((SECONDS + timeout))
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.2
+    done
+    log "    ($what after $((SECONDS - start)) s)"
+}
+
+cleanup() {
+    local rc=$?
+    if [ -n "$init_pid" ] && kill -0 "$init_pid" 2>/dev/null; then
+        if [ $rc -ne 0 ] && [ $rc -ne 77 ]; then
+            echo "--- journal of the failed run (last 80 lines) ---"
+            ctr journalctl --no-pager -n 80 -o short-monotonic 2>/dev/null | sed 's/^/    /'
+        fi
+        # SIGRTMIN+4 asks systemd for poweroff.target, no bus needed.
+        kill -s SIGRTMIN+4 "$init_pid" 2>/dev/null
+    fi
+    if [ -n "$nspawn_pid" ]; then
+        for _ in $(seq 75); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
+        if kill -0 "$nspawn_pid" 2>/dev/null; then
+            log "container did not power off in 15 s, killing it"
+            [ -n "$init_pid" ] && kill -KILL "$init_pid" 2>/dev/null
+            kill -TERM "$nspawn_pid" 2>/dev/null
+            for _ in $(seq 50); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
+            kill -KILL "$nspawn_pid" 2>/dev/null
+        fi
+        wait "$nspawn_pid" 2>/dev/null
+    fi
+    rm -rf "$scratch"
+    log "cleaned up (exit $rc)"
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------
+step "Debian $suite root (mmdebstrap, cached in $cache)"
+# The plugin packages' dependencies too (the container has no network);
+# dependencies on our own packages come from the .debs themselves.
+deps=$(for d in "${debs[@]}" "$debdir"/tether-plugin-*_*.deb; do dpkg-deb -f "$d" Depends; done | tr ',' '\n' |
+    sed -e 's/(.*)//' -e 's/|.*//' -e 's/:any//' -e 's/[[:space:]]//g' | grep -v '^$' | grep -v '^tether-')
+packages=$(printf '%s\n' "${BASE_PACKAGES[@]}" $deps | sort -u | tr '\n' ',' | sed 's/,$//')
+key=$(printf '%s\n%s\n%s\n' "$suite" "$packages" "v3" | sha256sum | cut -c1-16)
+root="$cache/rootfs-$suite-$key"
+log "    packages: $packages"
+if [ -d "$root" ]; then
+    ok "cache hit: $root"
+else
+    mkdir -p "$cache"
+    rm -rf "$root.tmp"
+    start=$SECONDS
+    if ! mmdebstrap --variant=apt --include="$packages" --format=directory \
+        --customize-hook='printf "127.0.0.1\tlocalhost\n::1\tip6-localhost ip6-loopback\n" > "$1/etc/hosts"' \
+        --customize-hook='chroot "$1" systemctl mask console-getty.service getty@.service >/dev/null 2>&1 || true' \
+        "$suite" "$root.tmp" >"$scratch/mmdebstrap.log" 2>&1; then
+        tail -n 30 "$scratch/mmdebstrap.log"
+        rm -rf "$root.tmp"
+        fail "mmdebstrap failed"
+    fi
+    mv "$root.tmp" "$root"
+    ok "built $root in $((SECONDS - start)) s"
+fi
+cp -a "$root" "$scratch/root"
+ok "copied to $scratch/root"
+
+# ---------------------------------------------------------------------------
+step "boot it: systemd-nspawn -b --register=no --keep-unit --private-network"
+systemd-nspawn -D "$scratch/root" -b --register=no --keep-unit --private-network -M "$machine" \
+    --console=pipe --bind-ro="$debdir":/debs </dev/null >"$scratch/boot.log" 2>&1 &
+nspawn_pid=$!
+deadline=$((SECONDS + 30))
+# nspawn forks helpers first; the container's init is the child that has
+# become systemd.
+until init_pid=$(pgrep -P "$nspawn_pid" | head -n1) && [ -n "$init_pid" ] &&
+    [ "$(cat "/proc/$init_pid/comm" 2>/dev/null)" = systemd ]; do
+    if ! kill -0 "$nspawn_pid" 2>/dev/null; then
+        tail -n 20 "$scratch/boot.log"
+        init_pid=
+        skip "systemd-nspawn cannot boot a container here (see the boot log above)"
+    fi
+    [ $SECONDS -lt $deadline ] || { tail -n 20 "$scratch/boot.log"; fail "no container init after 30 s"; }
+    sleep 0.1
+done
+# systemctl needs the manager's socket; it appears early in the boot.
+bus_up() { nsenter -t "$init_pid" -a test -S /run/systemd/private; }
+wait_for 30 "manager socket up" bus_up || { tail -n 30 "$scratch/boot.log"; skip "the container's systemd did not come up"; }
+state=$(timeout 90 nsenter -t "$init_pid" -a systemctl is-system-running --wait 2>"$scratch/state.err")
+case $state in
+    running) ok "booted: system is running (container init is host PID $init_pid)" ;;
+    degraded) ok "booted: degraded; failed units: $(ctr systemctl --failed --no-legend --plain | awk '{print $1}' | tr '\n' ' ')" ;;
+    *) tail -n 30 "$scratch/boot.log" "$scratch/state.err"; skip "the container did not finish booting (state '${state:-none}')" ;;
+esac
+ctr systemctl --version | head -n1 | sed 's/^/    /'
+
+# Files before anything of ours is installed, to prove purge leaves none
+# (caches and logs of other tools excluded: apt, dpkg, man-db, journal).
+snapshot() {
+    ctr find / -xdev \( -path /proc -o -path /sys -o -path /dev -o -path /run -o -path /tmp -o -path /var/tmp \
+        -o -path /var/log -o -path /var/cache/apt -o -path /var/cache/debconf -o -path /var/lib/apt \
+        -o -path /var/lib/dpkg -o -path /var/cache/ldconfig -o -path /var/cache/man -o -path /debs -o -path /root \
+        -o -path /var/lib/systemd/catalog -o -path /var/lib/systemd/random-seed \) -prune -o -print |
+        grep -v -E '^/etc/(passwd|group|shadow|gshadow)-?$' | sort
+}
+snapshot >"$scratch/files-before"
+
+# ---------------------------------------------------------------------------
+step "apt-get install ./tether-{agent,cloud,cli}_*.deb"
+names=()
+for d in "${debs[@]}"; do names+=("/debs/$(basename "$d")"); done
+ctr env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${names[@]}" \
+    >"$scratch/install.log" 2>&1 || { tail -n 30 "$scratch/install.log"; fail "apt-get install failed"; }
+grep -E '^(Setting up|Unpacking) tether' "$scratch/install.log" | sed 's/^/    /'
+ctr dpkg-query -W -f='    ${Package} ${Version} ${Status}\n' tether-agent tether-cloud tether-cli
+
+step "user, groups, device key, directories"
+ctr id tether | grep -q '(gpio)' || fail "user tether is not ctr group gpio: $(ctr id tether)"
+ok "$(ctr id tether)"
+ctr id tether-cloud >/dev/null || fail "no user tether-cloud"
+keystat=$(ctr stat -c '%a %U:%G' /var/lib/tether/device.key) || fail "no device key after install"
+[ "$keystat" = "600 tether:tether" ] || fail "device key is $keystat, expected 600 tether:tether"
+ok "device key /var/lib/tether/device.key: $keystat"
+key_sum=$(ctr sha256sum /var/lib/tether/device.key | cut -d' ' -f1)
+dirstat=$(ctr stat -c '%a %U:%G' /var/lib/tether)
+[ "$dirstat" = "750 tether:tether" ] || fail "/var/lib/tether is $dirstat"
+ok "/var/lib/tether: $dirstat"
+ctr grep -q '^/etc/tether/tetherd.conf$' /var/lib/dpkg/info/tether-agent.conffiles || fail "tetherd.conf is not a conffile"
+ok "conffiles: $(ctr cat /var/lib/dpkg/info/tether-agent.conffiles /var/lib/dpkg/info/tether-cloud.conffiles | tr '\n' ' ')"
+
+step "units: enabled state, systemd-analyze verify and security"
+[ "$(ctr systemctl is-enabled tetherd.service)" = enabled ] || fail "tetherd.service not enabled by the package"
+[ "$(ctr systemctl is-enabled tether-cloudd.service)" = disabled ] || fail "tether-cloudd.service should be installed disabled"
+ok "tetherd.service enabled, tether-cloudd.service disabled (needs its PKI first)"
+for u in tetherd.service tether-cloudd.service; do
+    out=$(ctr systemd-analyze verify "$u" 2>&1)
+    [ -z "$out" ] || fail "systemd-analyze verify $u: $out"
+    ok "systemd-analyze verify $u: clean"
+done
+for u in tetherd.service tether-cloudd.service; do
+    ctr systemd-analyze security --no-pager "$u" >"$scratch/security-$u.txt" 2>&1
+    exposure=$(grep -o 'Overall exposure level for .*' "$scratch/security-$u.txt")
+    log "    systemd-analyze security: $exposure"
+    grep -E '^✗' "$scratch/security-$u.txt" | sed 's/^/        /' | head -n 20
+done
+# Freshly installed, before enrollment, the agent is up (READY=1) and says
+# where it connects. (It does not retry until restarted when its CA or
+# certificate is missing at the first attempt: agent/conn.c, reported.)
+[ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd) after install"
+ok "before enrollment: tetherd active, status: $(ctr systemctl show -p StatusText --value tetherd)"
+
+# ---------------------------------------------------------------------------
+step "cloud: PKI with tether-pki, systemctl enable --now tether-cloudd"
+ctr tether-pki ca /etc/tether/pki >/dev/null
+ctr tether-pki server /etc/tether/pki localhost 127.0.0.1 >/dev/null
+ctr sh -ec 'install -m 0644 /etc/tether/pki/ca.crt /etc/tether/ca.crt
+    install -m 0644 /etc/tether/pki/server.crt /etc/tether/cloud.crt
+    install -m 0640 -g tether-cloud /etc/tether/pki/server.key /etc/tether/cloud.key
+    tether-pki token /etc/tether/api-tokens > /etc/tether/token
+    chgrp tether-cloud /etc/tether/api-tokens; chmod 0640 /etc/tether/api-tokens'
+token=$(ctr cat /etc/tether/token | tail -n1)
+ctr systemctl enable --now tether-cloudd.service 2>&1 | sed 's/^/    /'
+[ "$(ctr systemctl is-active tether-cloudd)" = active ] || fail "tether-cloudd is $(ctr systemctl is-active tether-cloudd)"
+ok "tether-cloudd active: $(ctr systemctl show -p StatusText --value tether-cloudd)"
+
+step "enroll the device: tetherctl csr -> tether-pki sign"
+ctr systemctl stop tetherd.service
+ctr sh -c 'tetherctl csr > /tmp/device.csr' 2>"$scratch/csr.err" || fail "tetherctl csr: $(cat "$scratch/csr.err")"
+dev=$(awk '{print $NF}' "$scratch/csr.err")
+signed=$(ctr tether-pki sign /etc/tether/pki /tmp/device.csr --out /var/lib/tether/device)
+[ "$signed" = "$dev" ] || fail "tether-pki signed '$signed', the CSR asked for '$dev'"
+ok "device $dev: /var/lib/tether/device.crt signed by the cloud's CA; the key never left the device"
+
+# ---------------------------------------------------------------------------
+step "systemctl start tetherd: active, and online in the cloud"
+ctr systemctl start tetherd.service || fail "systemctl start tetherd failed"
+[ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd)"
+ok "tetherd.service active (Type=notify: READY=1 received)"
+online() { ctr env TETHER_TOKEN="$token" tether list | awk -v d="$dev" '$1 == d && $2 == "online" { f = 1 } END { exit !f }'; }
+wait_for 30 "device online" online || fail "device $dev not online in the cloud: $(ctr env TETHER_TOKEN="$token" tether list 2>&1)"
+ok "$(ctr env TETHER_TOKEN="$token" tether list | sed -n 2p)"
+ctr env TETHER_TOKEN="$token" tether list | sed 's/^/    /'
+
+step "systemctl status shows the STATUS line naming the cloud"
+ctr systemctl status --no-pager tetherd >"$scratch/status.txt" 2>&1
+status_line=$(grep -E '^ +Status: ' "$scratch/status.txt") || { cat "$scratch/status.txt"; fail "no Status: line"; }
+echo "$status_line" | grep -q 'Connected to localhost:5684' || fail "status line does not name the cloud: $status_line"
+sed -n '1,6p' "$scratch/status.txt" | sed 's/^/    /'
+ctr tetherctl status | sed 's/^/    /'
+
+step "tetherctl as a member of group tether, and refused as another user"
+# Through the shipped unit's sandbox (PrivateUsers=: peer credentials are
+# seen through the agent's user namespace).
+ctr systemd-sysusers --inline 'u tethertest-op - "operator"' 'm tethertest-op tether' 'u tethertest-other - "someone else"'
+ctr runuser -u tethertest-op -- tetherctl status >/dev/null || fail "a member of group tether cannot use tetherctl"
+ctr runuser -u tethertest-op -- tetherctl publish shell/test hello || fail "a member of group tether cannot publish"
+ok "tethertest-op (in group tether): status and publish allowed"
+rc=0
+ctr runuser -u tethertest-other -- tetherctl status >/dev/null 2>"$scratch/denied.err" || rc=$?
+[ $rc -eq 3 ] || fail "a user outside group tether got exit $rc: $(cat "$scratch/denied.err")"
+ok "tethertest-other: exit 3, $(cat "$scratch/denied.err")"
+ctr journalctl -u tetherd -o cat | grep 'refused a request' | tail -n 1 | sed 's/^/    | /'
+ctr sh -c 'for u in tethertest-op tethertest-other; do sed -i "/^$u:/d" /etc/passwd /etc/shadow /etc/group /etc/gshadow; done; sed -i "s/,tethertest-op//; s/:tethertest-op$/:/" /etc/group /etc/gshadow'
+
+# ---------------------------------------------------------------------------
+step "systemctl reload tetherd keeps the connection"
+pid_before=$(ctr systemctl show -p MainPID --value tetherd)
+# Journal positions, so only what follows is looked at.
+cursor() { ctr journalctl -n 1 --show-cursor -o cat | sed -n 's/^-- cursor: //p'; }
+since=$(cursor)
+connected_before=$(ctr tetherctl status --json | grep -o '"connected_sec": [0-9.]*' | awk '{print $2}')
+ctr systemctl reload tetherd || fail "systemctl reload failed"
+reloaded() { ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q 'Reloaded configuration'; }
+wait_for 10 "reload logged" reloaded ||
+    fail "no 'Reloaded configuration' in the journal"
+pid_after=$(ctr systemctl show -p MainPID --value tetherd)
+[ "$pid_before" = "$pid_after" ] || fail "MainPID changed on reload ($pid_before -> $pid_after)"
+ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q Disconnected && fail "the agent reconnected on reload"
+ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep -q "$dev.*disconnected" && fail "the cloud saw the device go"
+connected_after=$(ctr tetherctl status --json | grep -o '"connected_sec": [0-9.]*' | awk '{print $2}')
+awk -v a="$connected_after" -v b="$connected_before" 'BEGIN { exit !(a > b) }' ||
+    fail "connected_sec went from $connected_before to $connected_after: the connection restarted"
+ok "same MainPID $pid_after, no disconnect in agent or cloud journal, connected for $(printf %.2f "$connected_before") s -> $(printf %.2f "$connected_after") s"
+ctr journalctl -u tetherd --after-cursor "$since" -o cat | sed 's/^/    | /'
+
+# ---------------------------------------------------------------------------
+step "a hung agent (SIGSTOP) is killed by the watchdog and restarted"
+log "    shipped WatchdogUSec=$(ctr systemctl show -p WatchdogUSec --value tetherd); a runtime drop-in shortens it to 3s for the test"
+ctr mkdir -p /run/systemd/system/tetherd.service.d
+ctr sh -c 'printf "[Service]\nWatchdogSec=3\n" > /run/systemd/system/tetherd.service.d/50-test-watchdog.conf'
+ctr systemctl daemon-reload
+ctr systemctl restart tetherd
+wait_for 30 "device online again" online || fail "device not online after restart"
+pid=$(ctr systemctl show -p MainPID --value tetherd)
+restarts=$(ctr systemctl show -p NRestarts --value tetherd)
+since=$(cursor)
+ctr kill -STOP "$pid"
+log "    sent SIGSTOP to tetherd (PID $pid in the container), NRestarts=$restarts"
+restarted() {
+    local p n
+    p=$(ctr systemctl show -p MainPID --value tetherd)
+    n=$(ctr systemctl show -p NRestarts --value tetherd)
+    [ "$n" -gt "$restarts" ] && [ "$p" != "$pid" ] && [ "$p" != 0 ] && [ "$(ctr systemctl is-active tetherd)" = active ]
+}
+wait_for 30 "killed and restarted" restarted || fail "tetherd was not restarted: $(ctr systemctl status --no-pager tetherd 2>&1 | head -n 12)"
+ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -E 'Watchdog timeout|Main process exited|Scheduled restart|Started' |
+    sed 's/^/    | /'
+# PID 1's line can reach the journal after the restart is visible.
+watchdog_logged() { ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q 'Watchdog timeout'; }
+wait_for 10 "watchdog timeout in the journal" watchdog_logged || fail "no watchdog timeout in the journal"
+wait_for 30 "device online after the restart" online || fail "device not online after the watchdog restart"
+ok "NRestarts=$(ctr systemctl show -p NRestarts --value tetherd), new MainPID $(ctr systemctl show -p MainPID --value tetherd), device online"
+ctr rm -rf /run/systemd/system/tetherd.service.d
+ctr systemctl daemon-reload
+
+# ---------------------------------------------------------------------------
+step "plugin packages: tether-plugin-{gpio,sensors,system} load inside tetherd's sandbox"
+plugin_debs=()
+for d in "$debdir"/tether-plugin-{gpio,sensors,system}_*.deb; do plugin_debs+=("/debs/$(basename "$d")"); done
+plugin_pkgs=""
+if [ ${#plugin_debs[@]} -eq 3 ]; then
+    plugin_pkgs="tether-plugin-gpio tether-plugin-sensors tether-plugin-system"
+    ctr env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${plugin_debs[@]}" \
+        >"$scratch/plugins.log" 2>&1 || { tail -n 30 "$scratch/plugins.log"; fail "installing the plugin packages failed"; }
+    ctr systemctl daemon-reload
+    # The drop-ins change the sandbox, which needs a restart, not a reload.
+    ctr systemctl restart tetherd
+    wait_for 30 "device online with the plugins" online || fail "device not online after installing plugins"
+    have_uptime() { ctr env TETHER_TOKEN="$token" tether get "$dev" system.uptime >/dev/null 2>&1; }
+    wait_for 30 "system.uptime readable through the cloud" have_uptime ||
+        fail "system.uptime not readable: $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.uptime 2>&1)"
+    ok "system.uptime = $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.uptime) s, system.load1 = $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.load1)"
+    ctr journalctl -u tetherd -o cat | grep -E "Loaded plugin" | tail -n 3 | sed 's/^/    | /'
+    for p in gpio sensors system; do
+        ctr journalctl -u tetherd -o cat | grep -q "Loaded plugin '$p'" || fail "plugin '$p' did not load in the sandbox"
+    done
+    ok "all three plugins loaded; drop-ins: $(ctr ls /lib/systemd/system/tetherd.service.d | tr '\n' ' ')"
+else
+    log "    plugin packages not in $debdir: skipped"
+fi
+
+# ---------------------------------------------------------------------------
+step "apt-get remove: services gone, state and configuration kept"
+ctr env DEBIAN_FRONTEND=noninteractive apt-get remove -y tether-agent tether-cloud tether-cli $plugin_pkgs >"$scratch/remove.log" 2>&1 ||
+    { tail -n 20 "$scratch/remove.log"; fail "apt-get remove failed"; }
+for u in tetherd tether-cloudd; do
+    st=$(ctr systemctl show -p LoadState --value "$u.service")
+    [ "$st" = not-found ] || fail "$u.service still loaded ($st) after remove"
+done
+ctr pgrep -x tetherd >/dev/null && fail "tetherd still running after remove"
+ctr pgrep -x tether-cloudd >/dev/null && fail "tether-cloudd still running after remove"
+[ "$(ctr sha256sum /var/lib/tether/device.key | cut -d' ' -f1)" = "$key_sum" ] || fail "device key changed or gone after remove"
+ctr test -f /var/lib/tether/device.crt || fail "device certificate gone after remove"
+ctr test -f /etc/tether/tetherd.conf || fail "tetherd.conf gone after remove"
+ok "units not-found, no processes; kept: device key (same sha256), device.crt, /etc/tether/tetherd.conf"
+ctr dpkg-query -W -f='    ${Package} ${Status}\n' 'tether-*' 2>/dev/null
+# Packages without conffiles (tether-cli) are gone already; purge the rest.
+left_pkgs=$(ctr dpkg-query -W -f='${Package} ${db:Status-Abbrev}\n' 'tether-*' 2>/dev/null | awk '$2 == "rc" { print $1 }')
+
+step "apt-get purge: nothing left behind"
+ctr env DEBIAN_FRONTEND=noninteractive apt-get purge -y $left_pkgs >"$scratch/purge.log" 2>&1 ||
+    { tail -n 20 "$scratch/purge.log"; fail "apt-get purge failed"; }
+ctr test -e /var/lib/tether && fail "/var/lib/tether left after purge"
+ctr test -e /etc/tether/tetherd.conf && fail "/etc/tether/tetherd.conf left after purge"
+# What the test itself put there as the cloud's operator is the operator's to delete.
+log "    operator files the test made (not the packages'): $(ctr find /etc/tether -type f | sort | tr '\n' ' ')"
+ctr rm -rf /etc/tether/pki /etc/tether/ca.crt /etc/tether/cloud.crt /etc/tether/cloud.key /etc/tether/api-tokens \
+    /etc/tether/token /tmp/device.csr
+ctr rmdir /etc/tether 2>/dev/null
+snapshot >"$scratch/files-after"
+left=$(comm -13 "$scratch/files-before" "$scratch/files-after")
+[ -z "$left" ] || fail "left behind after purge: $left"
+[ -z "$(ctr dpkg-query -W 'tether-*' 2>/dev/null)" ] || fail "dpkg still knows: $(ctr dpkg-query -W 'tether-*' 2>&1)"
+ok "no file or directory that was not there before install; dpkg knows no tether package"
+ok "kept on purge by Debian convention (system users are never deleted): $(ctr getent passwd tether tether-cloud | cut -d: -f1 | tr '\n' ' ')"
+
+log "PASS: all $STEP steps in $((SECONDS - T0)) s"

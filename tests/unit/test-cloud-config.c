@@ -1,0 +1,250 @@
+/* Unit tests for tether-cloudd's configuration (cloud/config.c): keyfile
+ * values and limits, the API token file, the command line. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <sys/stat.h>
+
+#include "cloud/cloud.h"
+#include "util.h"
+
+static char dir[] = "/tmp/tether-cloud-config-test-XXXXXX";
+
+static void write_file(const char *name, const char *text) {
+        char path[256];
+        FILE *f;
+
+        snprintf(path, sizeof(path), "%s/%s", dir, name);
+        f = fopen(path, "we");
+        assert_non_null(f);
+        fputs(text, f);
+        fclose(f);
+}
+
+/* The required keys, the token file given by name (relative to dir). */
+static int load_with(const char *tokens_name, const char *extra, CloudConfig **ret) {
+        char text[4096], path[256];
+
+        snprintf(text, sizeof(text),
+                 "[Cloud]\nCAFile=/ca.crt\nCertificate=/c.crt\nKey=/c.key\n[API]\nTokenFile=%s/%s\n%s", dir,
+                 tokens_name, extra);
+        write_file("cloud.conf", text);
+        snprintf(path, sizeof(path), "%s/cloud.conf", dir);
+        return config_load(path, ret);
+}
+
+static int load(const char *extra, CloudConfig **ret) {
+        return load_with("tokens", extra, ret);
+}
+
+static int setup(void **state) {
+        assert_non_null(mkdtemp(dir));
+        write_file("tokens", "secret-token-1\n");
+        return 0;
+}
+
+static int teardown(void **state) {
+        char cmd[512];
+
+        snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+        return system(cmd) == 0 ? 0 : -1;
+}
+
+static void test_defaults(void **state) {
+        _cleanup_(config_freep) CloudConfig *c = NULL;
+
+        assert_int_equal(load("", &c), 0);
+        assert_string_equal(c->coap_listen, "0.0.0.0");
+        assert_int_equal(c->coap_port, 5684);
+        assert_int_equal(c->max_payload, 16384);
+        assert_int_equal(c->max_subscriptions, 32);
+        assert_int_equal(c->ping_sec, 30);
+        assert_int_equal(c->device_timeout_sec, 90);
+        assert_int_equal(c->call_timeout_sec, 10);
+        assert_int_equal(c->handshake_timeout_sec, 15);
+        assert_int_equal(c->max_handshakes, 1024);
+        assert_int_equal(c->max_queued_bytes, 1024 * 1024);
+        assert_string_equal(c->api_listen, "127.0.0.1");
+        assert_int_equal(c->api_port, 8080);
+        assert_int_equal(c->max_connections_per_ip, 0);
+        assert_int_equal(c->n_tokens, 1);
+}
+
+static void test_values(void **state) {
+        _cleanup_(config_freep) CloudConfig *c = NULL;
+
+        assert_int_equal(load("[Cloud]\nListen=::\nPort=0\nMaxPayload=65536\nMaxSubscriptions=0\nPingSec=1\n"
+                              "DeviceTimeoutSec=2\nCallTimeoutSec=3600\nHandshakeTimeoutSec=4\nMaxHandshakes=5\n"
+                              "MaxQueuedBytes=1024\n[API]\nListen=::1\nPort=65535\nMaxConnectionsPerIP=7\n",
+                              &c),
+                         0);
+        assert_string_equal(c->coap_listen, "::");
+        assert_int_equal(c->coap_port, 0);
+        assert_int_equal(c->max_payload, 65536);
+        assert_int_equal(c->max_subscriptions, 0);
+        assert_int_equal(c->ping_sec, 1);
+        assert_int_equal(c->device_timeout_sec, 2);
+        assert_int_equal(c->call_timeout_sec, 3600);
+        assert_int_equal(c->handshake_timeout_sec, 4);
+        assert_int_equal(c->max_handshakes, 5);
+        assert_int_equal(c->max_queued_bytes, 1024);
+        assert_string_equal(c->api_listen, "::1");
+        assert_int_equal(c->api_port, 65535);
+        assert_int_equal(c->max_connections_per_ip, 7);
+}
+
+static void expect_invalid(const char *extra) {
+        CloudConfig *c = NULL;
+
+        if (load(extra, &c) != -EINVAL)
+                fail_msg("accepted: %s", extra);
+        assert_null(c);
+}
+
+static void test_bad_values(void **state) {
+        static const char *const bad[] = {
+                "[Cloud]\nPort=65536\n",          "[Cloud]\nPort=-1\n",
+                "[Cloud]\nPort=+5\n",             "[Cloud]\nPort=5x\n",
+                "[Cloud]\nPort=\n",               "[Cloud]\nMaxPayload=0\n",
+                "[Cloud]\nMaxPayload=65537\n",    "[Cloud]\nPingSec=0\n",
+                "[Cloud]\nMaxQueuedBytes=1023\n", "[Cloud]\nMaxHandshakes=0\n",
+                "[Cloud]\nHandshakeTimeoutSec=0\n", "[Cloud]\nCAFile=\n",
+                "[API]\nPort=99999999999999999999\n", "[API]\nMaxConnectionsPerIP=x\n",
+                "[Cloud\nPort=1\n",
+        };
+
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++)
+                expect_invalid(bad[i]);
+}
+
+static void test_required(void **state) {
+        char path[256];
+        CloudConfig *c = NULL;
+
+        write_file("partial.conf", "[Cloud]\nCAFile=/ca.crt\nCertificate=/c.crt\n[API]\nTokenFile=/t\n");
+        snprintf(path, sizeof(path), "%s/partial.conf", dir);
+        assert_int_equal(config_load(path, &c), -EINVAL);
+        assert_null(c);
+        write_file("partial.conf", "[Cloud]\nCAFile=/ca.crt\nCertificate=/c.crt\nKey=/k\n");
+        assert_int_equal(config_load(path, &c), -EINVAL);
+        snprintf(path, sizeof(path), "%s/missing.conf", dir);
+        assert_int_equal(config_load(path, &c), -ENOENT);
+}
+
+static void test_unknown_keys_only_warn(void **state) {
+        _cleanup_(config_freep) CloudConfig *c = NULL;
+
+        assert_int_equal(load("[Cloud]\nNoSuchKey=1\n[Elsewhere]\nKey=2\n", &c), 0);
+        assert_int_equal(c->coap_port, 5684);
+}
+
+static void test_token_file(void **state) {
+        _cleanup_(config_freep) CloudConfig *c = NULL;
+
+        write_file("tokens-mixed", "# a comment\n\n   \n  token-one  \r\n\ttoken-two\t\n#not-a-token\ntoken-three");
+        assert_int_equal(load_with("tokens-mixed", "", &c), 0);
+        assert_int_equal(c->n_tokens, 3);
+        assert_true(config_token_valid(c, "token-one"));
+        assert_true(config_token_valid(c, "token-two"));
+        assert_true(config_token_valid(c, "token-three"));
+        assert_false(config_token_valid(c, "not-a-token"));
+        assert_false(config_token_valid(c, "#not-a-token"));
+        assert_false(config_token_valid(c, "token-one "));
+        assert_false(config_token_valid(c, " token-one"));
+        assert_false(config_token_valid(c, "token-on"));
+        assert_false(config_token_valid(c, "token-onee"));
+        assert_false(config_token_valid(c, "TOKEN-ONE"));
+        assert_false(config_token_valid(c, ""));
+        assert_false(config_token_valid(c, NULL));
+}
+
+static void test_token_file_empty_refuses_everything(void **state) {
+        _cleanup_(config_freep) CloudConfig *c = NULL;
+
+        write_file("tokens-empty", "# nothing here\n\n");
+        assert_int_equal(load_with("tokens-empty", "", &c), 0);
+        assert_int_equal(c->n_tokens, 0);
+        assert_false(config_token_valid(c, "# nothing here"));
+        assert_false(config_token_valid(c, ""));
+}
+
+static void test_token_file_errors(void **state) {
+        static const char *const bad[] = { "good\nin valid\n", "tab\tinside\n", "bell\a\n", "del\x7f\n" };
+        CloudConfig *c = NULL;
+
+        for (size_t i = 0; i < ELEMENTSOF(bad); i++) {
+                write_file("tokens-bad", bad[i]);
+                assert_int_equal(load_with("tokens-bad", "", &c), -EINVAL);
+                assert_null(c);
+        }
+        assert_int_equal(load_with("no-such-file", "", &c), -ENOENT);
+        assert_null(c);
+}
+
+static void test_token_file_limit(void **state) {
+        _cleanup_free_ char *text = NULL;
+        CloudConfig *c = NULL;
+        size_t n = 4097, len = 0;
+
+        text = malloc(n * 16 + 1);
+        assert_non_null(text);
+        for (size_t i = 0; i < n; i++)
+                len += (size_t)sprintf(text + len, "tok-%zu\n", i);
+        write_file("tokens-many", text);
+        assert_int_equal(load_with("tokens-many", "", &c), -E2BIG);
+        assert_null(c);
+        /* One fewer is fine. */
+        *strstr(text, "tok-4096\n") = 0;
+        write_file("tokens-many", text);
+        assert_int_equal(load_with("tokens-many", "", &c), 0);
+        assert_int_equal(c->n_tokens, 4096);
+        assert_true(config_token_valid(c, "tok-4095"));
+        config_free(c);
+}
+
+static void test_argv(void **state) {
+        const char *path = NULL;
+        char *a1[] = { (char *)"tether-cloudd", (char *)"--config", (char *)"/x.conf", NULL };
+        char *a2[] = { (char *)"tether-cloudd", (char *)"-c", (char *)"/y.conf", NULL };
+        char *a3[] = { (char *)"tether-cloudd", (char *)"extra", NULL };
+        char *a4[] = { (char *)"tether-cloudd", NULL };
+
+        assert_int_equal(config_parse_argv(3, a1, &path), 0);
+        assert_string_equal(path, "/x.conf");
+        assert_int_equal(config_parse_argv(3, a2, &path), 0);
+        assert_string_equal(path, "/y.conf");
+        assert_int_equal(config_parse_argv(2, a3, &path), -EINVAL);
+        assert_int_equal(config_parse_argv(1, a4, &path), 0);
+        assert_string_equal(path, CLOUD_DEFAULT_CONFIG);
+}
+
+static void test_resolve_address(void **state) {
+        struct sockaddr_storage ss;
+        socklen_t sl;
+
+        assert_int_equal(config_resolve_address("127.0.0.1", 80, &ss, &sl), 0);
+        assert_int_equal(ss.ss_family, AF_INET);
+        assert_int_equal(ntohs(((struct sockaddr_in *)&ss)->sin_port), 80);
+        assert_int_equal(config_resolve_address("::", 0, &ss, &sl), 0);
+        assert_int_equal(ss.ss_family, AF_INET6);
+}
+
+int main(void) {
+        const struct CMUnitTest tests[] = {
+                cmocka_unit_test(test_defaults),
+                cmocka_unit_test(test_values),
+                cmocka_unit_test(test_bad_values),
+                cmocka_unit_test(test_required),
+                cmocka_unit_test(test_unknown_keys_only_warn),
+                cmocka_unit_test(test_token_file),
+                cmocka_unit_test(test_token_file_empty_refuses_everything),
+                cmocka_unit_test(test_token_file_errors),
+                cmocka_unit_test(test_token_file_limit),
+                cmocka_unit_test(test_argv),
+                cmocka_unit_test(test_resolve_address),
+        };
+
+        return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,514 @@
+/* tetherctl: the device-side CLI. Talks to tetherd over its local socket
+ * (one JSON request, one JSON response per connection; agent/local-api.h)
+ * and makes the device key and certificate request for enrollment.
+ *
+ * Failures are one line "tetherctl: <reason>" on stderr; stdout carries
+ * only results. Exit codes: 0 ok, 1 failure, 2 usage, 3 permission
+ * denied, 4 the agent is not running (cannot connect). */
+#include <fcntl.h>
+#include <getopt.h>
+#include <jansson.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include "log.h"
+#include "proto.h"
+#include "util.h"
+
+#define TETHERCTL_DEFAULT_SOCKET "/run/tether/tetherd.sock"
+#define TETHERCTL_DEFAULT_KEY LOCALSTATEDIR "/lib/tether/device.key"
+#define TETHERCTL_TIMEOUT_MS 10000
+#define TETHERCTL_RESPONSE_MAX (4u << 20)
+/* The default device ID: this many bytes of SHA-256 over the public key,
+ * in hex (24 digits, like a Particle device ID). */
+#define TETHERCTL_ID_BYTES 12
+
+enum {
+        EXIT_USAGE = 2,
+        EXIT_DENIED = 3,
+        EXIT_NOT_RUNNING = 4,
+};
+
+static struct {
+        const char *socket;
+        const char *key;
+        const char *id;
+        long long ttl;
+        bool private_;
+        bool json;
+} arg = {
+        .ttl = -1,
+};
+
+static int usage_error(const char *fmt, ...) _printf_(1, 2);
+static int usage_error(const char *fmt, ...) {
+        char msg[512];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(msg, sizeof(msg), fmt, ap);
+        va_end(ap);
+        log_error("%s (see 'tetherctl --help')", msg);
+        return EXIT_USAGE;
+}
+
+/* --- talking to tetherd ---------------------------------------------------- */
+
+static int wait_fd(int fd, short events, long long deadline_usec) {
+        long long left = deadline_usec - (long long)now_usec();
+        struct pollfd p = { .fd = fd, .events = events };
+        int r;
+
+        if (left <= 0)
+                return -ETIMEDOUT;
+        r = poll(&p, 1, (int)((left + 999) / 1000));
+        if (r < 0)
+                return errno == EINTR ? 0 : -errno;
+        return r == 0 ? -ETIMEDOUT : 0;
+}
+
+/* Send one request, return the parsed response (caller decrefs) or an exit
+ * code after reporting. */
+static int request(json_t *req, json_t **ret) {
+        struct sockaddr_un sa = { .sun_family = AF_UNIX };
+        _cleanup_close_ int fd = -1;
+        _cleanup_free_ char *out = NULL, *in = NULL;
+        size_t out_len, out_done = 0, in_len = 0;
+        long long deadline = (long long)now_usec() + TETHERCTL_TIMEOUT_MS * 1000LL;
+        json_error_t err;
+        json_t *resp;
+        int r;
+
+        if (strlen(arg.socket) >= sizeof(sa.sun_path))
+                return usage_error("Socket path '%s' is too long", arg.socket);
+        memcpy(sa.sun_path, arg.socket, strlen(arg.socket));
+        out = json_dumps(req, JSON_COMPACT);
+        in = malloc(TETHERCTL_RESPONSE_MAX + 1);
+        if (!out || !in)
+                return log_error("Out of memory"), 1;
+        out_len = strlen(out);
+
+        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (fd < 0)
+                return log_error_errno(errno, "Cannot create a socket: %m"), 1;
+        if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+                r = errno;
+                if (r == ENOENT || r == ECONNREFUSED)
+                        return log_error("tetherd is not running (nothing listens on '%s')", arg.socket),
+                               EXIT_NOT_RUNNING;
+                if (r == EACCES)
+                        return log_error("Permission denied to connect to '%s'", arg.socket), EXIT_DENIED;
+                return log_error_errno(r, "Cannot connect to '%s': %m", arg.socket), 1;
+        }
+        while (out_done < out_len) {
+                ssize_t n = send(fd, out + out_done, out_len - out_done, MSG_NOSIGNAL);
+
+                if (n < 0 && errno == EAGAIN) {
+                        r = wait_fd(fd, POLLOUT, deadline);
+                        if (r < 0)
+                                return log_error_errno(r, "Sending to tetherd failed: %m"), 1;
+                        continue;
+                }
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0) {
+                        /* The agent may refuse us before reading the request:
+                         * its answer is still there to read. */
+                        if (errno == EPIPE || errno == ECONNRESET)
+                                break;
+                        return log_error_errno(errno, "Sending to tetherd failed: %m"), 1;
+                }
+                out_done += (size_t)n;
+        }
+        (void)shutdown(fd, SHUT_WR);
+        for (;;) {
+                ssize_t n = recv(fd, in + in_len, TETHERCTL_RESPONSE_MAX - in_len, 0);
+
+                if (n < 0 && errno == EAGAIN) {
+                        r = wait_fd(fd, POLLIN, deadline);
+                        if (r < 0)
+                                return log_error_errno(r, "No answer from tetherd: %m"), 1;
+                        continue;
+                }
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return log_error_errno(errno, "Reading from tetherd failed: %m"), 1;
+                if (n == 0)
+                        break;
+                in_len += (size_t)n;
+                if (in_len >= TETHERCTL_RESPONSE_MAX)
+                        return log_error("The answer from tetherd is larger than %u bytes", TETHERCTL_RESPONSE_MAX),
+                               1;
+        }
+        resp = json_loadb(in, in_len, 0, &err);
+        if (!resp || !json_is_object(resp)) {
+                json_decref(resp);
+                return log_error("tetherd sent an answer that is not a JSON object"), 1;
+        }
+        if (!json_is_true(json_object_get(resp, "ok"))) {
+                const char *e = json_string_value(json_object_get(resp, "error"));
+                json_int_t code = json_integer_value(json_object_get(resp, "errno"));
+
+                log_error("%s", e ? e : "tetherd refused the request");
+                json_decref(resp);
+                return code == EACCES ? EXIT_DENIED : 1;
+        }
+        *ret = resp;
+        return 0;
+}
+
+static void print_duration(double sec) {
+        unsigned long long s = (unsigned long long)sec;
+
+        if (s >= 86400)
+                printf("%llud %02lluh %02llum", s / 86400, s % 86400 / 3600, s % 3600 / 60);
+        else if (s >= 3600)
+                printf("%lluh %02llum %02llus", s / 3600, s % 3600 / 60, s % 60);
+        else if (s >= 60)
+                printf("%llum %02llus", s / 60, s % 60);
+        else
+                printf("%.1fs", sec);
+}
+
+static void print_list(const char *label, json_t *a) {
+        size_t i;
+        json_t *v;
+
+        printf("%-12s", label);
+        if (json_array_size(a) == 0)
+                printf("(none)");
+        json_array_foreach(a, i, v) printf("%s%s", i ? " " : "", json_string_value(v));
+        printf("\n");
+}
+
+static int cmd_status(void) {
+        json_t *resp = NULL, *st, *v, *values, *plugins;
+        const char *name;
+        size_t i;
+        int r;
+
+        r = request(json_pack("{s:s}", "method", "status"), &resp);
+        if (r != 0)
+                return r;
+        st = json_object_get(resp, "status");
+        if (arg.json) {
+                char *s = json_dumps(st, JSON_INDENT(2));
+                printf("%s\n", s ? s : "null");
+                free(s);
+                json_decref(resp);
+                return 0;
+        }
+        printf("%-12s%s\n", "State:", json_is_true(json_object_get(st, "connected")) ? "connected" : "not connected");
+        printf("%-12s%s\n", "Status:", json_string_value(json_object_get(st, "state")));
+        printf("%-12s%s:%lld\n", "Cloud:", json_string_value(json_object_get(st, "cloud_host")),
+               (long long)json_integer_value(json_object_get(st, "cloud_port")));
+        printf("%-12s", "Uptime:");
+        print_duration(json_number_value(json_object_get(st, "uptime_sec")));
+        if (json_is_true(json_object_get(st, "connected"))) {
+                printf(", connected for ");
+                print_duration(json_number_value(json_object_get(st, "connected_sec")));
+        }
+        printf("\n%-12s%s\n", "Version:", json_string_value(json_object_get(st, "version")));
+        printf("%-12s%lld\n", "Queued:", (long long)json_integer_value(json_object_get(st, "queued_events")));
+        plugins = json_object_get(st, "plugins");
+        printf("%-12s", "Plugins:");
+        if (json_array_size(plugins) == 0)
+                printf("(none)");
+        json_array_foreach(plugins, i, v) printf("%s%s %s", i ? ", " : "", json_string_value(json_object_get(v, "name")),
+                                                 json_string_value(json_object_get(v, "version")));
+        printf("\n");
+        print_list("Functions:", json_object_get(st, "functions"));
+        print_list("Events:", json_object_get(st, "events"));
+        values = json_object_get(st, "values");
+        printf("Variables:%s\n", json_object_size(json_object_get(st, "variables")) ? "" : "  (none)");
+        json_object_foreach(json_object_get(st, "variables"), name, v) {
+                char *val = json_dumps(json_object_get(values, name), JSON_ENCODE_ANY);
+                printf("  %-24s %-7s %s\n", name, json_string_value(v), val ? val : "?");
+                free(val);
+        }
+        json_decref(resp);
+        return 0;
+}
+
+static int cmd_publish(const char *name, const char *data) {
+        json_t *req, *resp = NULL;
+        int r;
+
+        r = proto_name_check(name, strlen(name), PROTO_NAME_EVENT);
+        if (r < 0)
+                return usage_error("Invalid event name '%s'", name);
+        req = json_pack("{s:s, s:s, s:b}", "method", "publish", "name", name, "private", arg.private_);
+        if (req && data && json_object_set_new(req, "data", json_string(data)) < 0)
+                req = (json_decref(req), NULL);
+        if (req && arg.ttl >= 0 && json_object_set_new(req, "ttl", json_integer(arg.ttl)) < 0)
+                req = (json_decref(req), NULL);
+        if (!req)
+                return log_error(data && !json_string(data) ? "Event data is not valid UTF-8" : "Out of memory"),
+                       data ? EXIT_USAGE : 1;
+        r = request(req, &resp);
+        json_decref(resp);
+        return r;
+}
+
+/* --- enrollment ------------------------------------------------------------ */
+
+static int ssl_error(const char *what) {
+        unsigned long e = ERR_get_error();
+        char buf[256] = "";
+
+        if (e)
+                ERR_error_string_n(e, buf, sizeof(buf));
+        ERR_clear_error();
+        log_error("%s%s%s", what, *buf ? ": " : "", buf);
+        return 1;
+}
+
+/* Write the key so that it never exists with a wider mode, is never half
+ * written under its final name, and never replaces an existing file. */
+static int cmd_genkey(const char *path) {
+        _cleanup_free_ char *tmp = NULL, *dir = NULL;
+        _cleanup_close_ int fd = -1;
+        EVP_PKEY *key = NULL;
+        BIO *mem = NULL;
+        char *data, *slash;
+        long len;
+        int r = 1;
+
+        if (access(path, F_OK) == 0)
+                return log_error("'%s' already exists; not replacing a device key", path), 1;
+        if (asprintf(&tmp, "%s.tmp-XXXXXX", path) < 0 || !(dir = strdup(path)))
+                return log_error("Out of memory"), 1;
+        slash = strrchr(dir, '/');
+        if (slash)
+                *(slash == dir ? slash + 1 : slash) = '\0';
+        else
+                strcpy(dir, ".");
+
+        key = EVP_EC_gen("P-256");
+        mem = BIO_new(BIO_s_mem());
+        if (!key || !mem || !PEM_write_bio_PrivateKey(mem, key, NULL, NULL, 0, NULL, NULL)) {
+                r = ssl_error("Failed to generate an EC P-256 key");
+                goto out;
+        }
+        len = BIO_get_mem_data(mem, &data);
+        fd = mkostemp(tmp, O_CLOEXEC); /* mode 0600 */
+        if (fd < 0) {
+                log_error_errno(errno, "Failed to create '%s': %m", tmp);
+                goto out;
+        }
+        if (write(fd, data, (size_t)len) != len || fsync(fd) < 0) {
+                log_error_errno(errno ? errno : EIO, "Failed to write '%s': %m", tmp);
+                goto unlink;
+        }
+        if (link(tmp, path) < 0) {
+                log_error_errno(errno, errno == EEXIST ? "'%s' already exists; not replacing a device key"
+                                                       : "Failed to create '%s': %m",
+                                path);
+                goto unlink;
+        }
+        (void)unlink(tmp);
+        {
+                _cleanup_close_ int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                if (dfd >= 0)
+                        (void)fsync(dfd);
+        }
+        fprintf(stderr, "Wrote a new EC P-256 device key to '%s'\n", path);
+        r = 0;
+        goto out;
+unlink:
+        (void)unlink(tmp);
+out:
+        BIO_free(mem);
+        EVP_PKEY_free(key);
+        return r;
+}
+
+static int key_load(const char *path, EVP_PKEY **ret) {
+        _cleanup_fclose_ FILE *f = fopen(path, "re");
+
+        if (!f)
+                return log_error_errno(errno, "Cannot open the device key '%s': %m", path), 1;
+        *ret = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+        if (!*ret)
+                return ssl_error("Cannot read the device key");
+        return 0;
+}
+
+/* The default device ID: derived from the public key, so the same key
+ * always asks for the same ID. */
+static int key_id(EVP_PKEY *key, char ret[static TETHERCTL_ID_BYTES * 2 + 1]) {
+        unsigned char *der = NULL, md[EVP_MAX_MD_SIZE];
+        unsigned md_len = 0;
+        int len = i2d_PUBKEY(key, &der);
+
+        if (len <= 0 || !EVP_Digest(der, (size_t)len, md, &md_len, EVP_sha256(), NULL)) {
+                OPENSSL_free(der);
+                return ssl_error("Cannot hash the public key");
+        }
+        OPENSSL_free(der);
+        for (size_t i = 0; i < TETHERCTL_ID_BYTES; i++)
+                sprintf(ret + 2 * i, "%02x", md[i]);
+        return 0;
+}
+
+static int cmd_csr(void) {
+        char idbuf[TETHERCTL_ID_BYTES * 2 + 1];
+        const char *id = arg.id;
+        EVP_PKEY *key = NULL;
+        X509_REQ *req = NULL;
+        int r;
+
+        if (id && proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) < 0)
+                return usage_error("Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}", id, PROTO_DEVICE_ID_MAX);
+        r = key_load(arg.key, &key);
+        if (r != 0)
+                return r;
+        if (!id) {
+                r = key_id(key, idbuf);
+                if (r != 0)
+                        goto out;
+                id = idbuf;
+        }
+        r = 1;
+        req = X509_REQ_new();
+        if (!req || !X509_REQ_set_version(req, X509_REQ_VERSION_1) ||
+            !X509_NAME_add_entry_by_NID(X509_REQ_get_subject_name(req), NID_commonName, MBSTRING_ASC,
+                                        (const unsigned char *)id, -1, -1, 0) ||
+            !X509_REQ_set_pubkey(req, key) || X509_REQ_sign(req, key, EVP_sha256()) <= 0 ||
+            !PEM_write_X509_REQ(stdout, req)) {
+                r = ssl_error("Failed to make the certificate request");
+                goto out;
+        }
+        fprintf(stderr, "Certificate request for device ID %s\n", id);
+        r = 0;
+out:
+        X509_REQ_free(req);
+        EVP_PKEY_free(key);
+        return r;
+}
+
+/* --- command line ---------------------------------------------------------- */
+
+static void help(void) {
+        printf("Usage: tetherctl [OPTIONS] COMMAND [ARGS...]\n"
+               "\n"
+               "Control the local tether agent (tetherd) and enroll the device.\n"
+               "\n"
+               "Commands:\n"
+               "  status [--json]             connection, cloud, uptime, plugins, functions,\n"
+               "                              variables with their current values\n"
+               "  publish NAME [DATA]         publish an event through the agent\n"
+               "          [--ttl SEC] [--private]\n"
+               "  genkey [PATH]               make a new device key (EC P-256, mode 0600); never\n"
+               "                              replaces an existing file (default %s)\n"
+               "  csr [--key PATH] [--id ID]  print a PEM certificate request for the device key;\n"
+               "                              the ID defaults to 24 hex digits of the key's hash\n"
+               "\n"
+               "Options:\n"
+               "  -s, --socket PATH   tetherd's socket (default $TETHER_SOCKET or %s)\n"
+               "  -h, --help          show this help\n"
+               "      --version       show the version\n"
+               "\n"
+               "Exit status: 0 ok, 1 failure, 2 usage, 3 permission denied, 4 tetherd not running.\n",
+               TETHERCTL_DEFAULT_KEY, TETHERCTL_DEFAULT_SOCKET);
+}
+
+enum { OPT_TTL = 0x100, OPT_PRIVATE, OPT_JSON, OPT_KEY, OPT_ID, OPT_VERSION };
+
+int main(int argc, char *argv[]) {
+        static const struct option options[] = {
+                { "socket", required_argument, NULL, 's' },
+                { "ttl", required_argument, NULL, OPT_TTL },
+                { "private", no_argument, NULL, OPT_PRIVATE },
+                { "json", no_argument, NULL, OPT_JSON },
+                { "key", required_argument, NULL, OPT_KEY },
+                { "id", required_argument, NULL, OPT_ID },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, OPT_VERSION },
+                {},
+        };
+        const char *cmd;
+        char **pos;
+        int n_pos, c, r;
+
+        log_open("tetherctl");
+        arg.socket = getenv("TETHER_SOCKET");
+        if (!arg.socket || !*arg.socket)
+                arg.socket = TETHERCTL_DEFAULT_SOCKET;
+        arg.key = TETHERCTL_DEFAULT_KEY;
+        opterr = 0;
+        while ((c = getopt_long(argc, argv, ":s:h", options, NULL)) >= 0) {
+                switch (c) {
+                case 's':
+                        arg.socket = optarg;
+                        break;
+                case OPT_TTL: {
+                        char *end;
+                        errno = 0;
+                        arg.ttl = strtoll(optarg, &end, 10);
+                        if (errno || end == optarg || *end || arg.ttl < 0 || arg.ttl > UINT32_MAX)
+                                return usage_error("Invalid --ttl '%s'", optarg);
+                        break;
+                }
+                case OPT_PRIVATE:
+                        arg.private_ = true;
+                        break;
+                case OPT_JSON:
+                        arg.json = true;
+                        break;
+                case OPT_KEY:
+                        arg.key = optarg;
+                        break;
+                case OPT_ID:
+                        arg.id = optarg;
+                        break;
+                case 'h':
+                        help();
+                        return 0;
+                case OPT_VERSION:
+                        printf("tetherctl %s\n", PACKAGE_VERSION);
+                        return 0;
+                case ':':
+                        return usage_error("Option '%s' needs an argument", argv[optind - 1]);
+                default:
+                        return usage_error("Unknown option '%s'", argv[optind - 1]);
+                }
+        }
+        if (optind >= argc)
+                return usage_error("Missing command");
+        cmd = argv[optind];
+        pos = argv + optind + 1;
+        n_pos = argc - optind - 1;
+
+        if (streq(cmd, "status")) {
+                if (n_pos != 0)
+                        return usage_error("'status' takes no arguments");
+                r = cmd_status();
+        } else if (streq(cmd, "publish")) {
+                if (n_pos < 1 || n_pos > 2)
+                        return usage_error("'publish' takes NAME and optionally DATA");
+                r = cmd_publish(pos[0], n_pos > 1 ? pos[1] : NULL);
+        } else if (streq(cmd, "genkey")) {
+                if (n_pos > 1)
+                        return usage_error("'genkey' takes at most one argument, PATH");
+                r = cmd_genkey(n_pos ? pos[0] : arg.key);
+        } else if (streq(cmd, "csr")) {
+                if (n_pos != 0)
+                        return usage_error("'csr' takes no arguments");
+                r = cmd_csr();
+        } else
+                return usage_error("Unknown command '%s'", cmd);
+        if (fflush(stdout) != 0) {
+                log_error_errno(errno, "Failed to write to standard output: %m");
+                return 1;
+        }
+        return r;
+}
