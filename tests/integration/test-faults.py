@@ -21,13 +21,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (BUILD, TEST_PLUGINS, TETHER, WRAPPER, Failure, NetNs, Skip,  # noqa: E402
+from harness import (BUILD, SLOW, TEST_PLUGINS, TETHER, WRAPPER, Failure, NetNs, Skip,  # noqa: E402
                      expect, run)
 
-# Under valgrind (TETHER_TEST_WRAPPER) the daemons run many times slower:
-# timings ten times longer, a tenth of the events, no timing or memory
-# figures checked.
-SCALE = 10 if WRAPPER else 1
+# Under valgrind (TETHER_TEST_WRAPPER) or an emulator (cross builds) the
+# daemons run many times slower: timings SLOW times longer, 1/SLOW of the
+# events; under valgrind no timing or memory figures are checked.
+SCALE = SLOW
 
 # Small timings so that many faults fit in a CI run.
 AGENT_FAST = f"""KeepaliveSec={0.5 * SCALE}
