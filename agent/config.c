@@ -41,11 +41,15 @@ Config *config_new(void) {
         c->stable_ms = 60000;
         c->max_payload = PROTO_DEFAULT_PAYLOAD_MAX;
         c->max_subscriptions = 32;
-        c->max_queued_events = 1000;
+        c->outbox_max_events = 10000;
+        c->outbox_max_bytes = 8 * 1024 * 1024;
+        c->outbox_overflow = CONFIG_OVERFLOW_REJECT;
+        c->outbox_sync_ms = 100;
         c->plugin_dir = strdup(PLUGINDIR);
+        c->state_dir = strdup(CONFIG_DEFAULT_STATE_DIR);
         c->local_socket = strdup(CONFIG_DEFAULT_SOCKET);
         c->local_group = strdup(CONFIG_DEFAULT_GROUP);
-        if (!c->plugin_dir || !c->local_socket || !c->local_group)
+        if (!c->plugin_dir || !c->state_dir || !c->local_socket || !c->local_group)
                 return config_free(c);
         return c;
 }
@@ -58,6 +62,7 @@ Config *config_free(Config *c) {
         free(c->cert_file);
         free(c->key_file);
         free(c->plugin_dir);
+        free(c->state_dir);
         free(c->local_socket);
         free(c->local_group);
         strv_free(c->plugin_enable);
@@ -194,7 +199,16 @@ static int plugin_set(PluginSection *p, const char *key, const char *value) {
         return 0;
 }
 
-typedef enum KeyType { KEY_STRING, KEY_STRING_EMPTY, KEY_PORT, KEY_SECONDS, KEY_UINT, KEY_WORDS } KeyType;
+typedef enum KeyType {
+        KEY_STRING,
+        KEY_STRING_EMPTY,
+        KEY_PORT,
+        KEY_SECONDS,
+        KEY_UINT,
+        KEY_U64,
+        KEY_WORDS,
+        KEY_OVERFLOW,
+} KeyType;
 
 typedef struct KeyDef {
         const char *section;
@@ -219,7 +233,13 @@ static const KeyDef keys[] = {
         { "Connection", "StableSec", KEY_SECONDS, F(stable_ms), 0, 0 },
         { "Limits", "MaxPayload", KEY_UINT, F(max_payload), 64, PROTO_HARD_PAYLOAD_MAX },
         { "Limits", "MaxSubscriptions", KEY_UINT, F(max_subscriptions), 0, 1024 },
-        { "Limits", "MaxQueuedEvents", KEY_UINT, F(max_queued_events), 1, 1000000 },
+        { "State", "Directory", KEY_STRING, F(state_dir), 0, 0 },
+        { "Outbox", "MaxEvents", KEY_UINT, F(outbox_max_events), 1, 10000000 },
+        { "Outbox", "MaxBytes", KEY_U64, F(outbox_max_bytes), 4096, (uint64_t)1 << 40 },
+        { "Outbox", "Overflow", KEY_OVERFLOW, F(outbox_overflow), 0, 0 },
+        { "Outbox", "SyncIntervalSec", KEY_SECONDS, F(outbox_sync_ms), 0, 0 },
+        /* The old name, from before the outbox was persistent. */
+        { "Limits", "MaxQueuedEvents", KEY_UINT, F(outbox_max_events), 1, 10000000 },
         { "Plugins", "Directory", KEY_STRING, F(plugin_dir), 0, 0 },
         { "Plugins", "Enable", KEY_WORDS, F(plugin_enable), 0, 0 },
         { "Plugins", "Disable", KEY_WORDS, F(plugin_disable), 0, 0 },
@@ -264,6 +284,22 @@ static int apply_key(ParseState *s, const KeyDef *k, const char *value) {
                 else
                         *(unsigned *)field = (unsigned)u;
                 break;
+        case KEY_U64:
+                r = parse_uint(value, k->max, &u);
+                if (r < 0 || u < k->min)
+                        return fail(s, "invalid value '%s' for %s= (%llu..%llu)", value, k->key,
+                                    (unsigned long long)k->min, (unsigned long long)k->max);
+                *(uint64_t *)field = u;
+                break;
+        case KEY_OVERFLOW:
+                if (streq(value, "reject"))
+                        *(unsigned *)field = CONFIG_OVERFLOW_REJECT;
+                else if (streq(value, "drop-oldest"))
+                        *(unsigned *)field = CONFIG_OVERFLOW_DROP_OLDEST;
+                else
+                        return fail(s, "invalid value '%s' for %s= (reject or drop-oldest)", value, k->key);
+                r = 0;
+                break;
         case KEY_WORDS: {
                 char **v = split_words(value);
                 if (!v)
@@ -296,8 +332,12 @@ static int handler(void *user, const char *section, const char *name, const char
                 return 1;
         }
         for (size_t i = 0; i < ELEMENTSOF(keys); i++)
-                if (streq(keys[i].section, section) && streq(keys[i].key, name))
+                if (streq(keys[i].section, section) && streq(keys[i].key, name)) {
+                        if (streq(name, "MaxQueuedEvents"))
+                                log_warning("%s:%u: [Limits] MaxQueuedEvents= is now [Outbox] MaxEvents=", s->path,
+                                            s->line);
                         return apply_key(s, &keys[i], value);
+                }
 
         log_warning("%s:%u: unknown key '%s' in section [%s], ignoring", s->path, s->line, name, section);
         return 1;

@@ -10,6 +10,13 @@
 #define CONFIG_DEFAULT_PATH SYSCONFDIR "/tether/tetherd.conf"
 #define CONFIG_DEFAULT_SOCKET "/run/tether/tetherd.sock"
 #define CONFIG_DEFAULT_GROUP "tether"
+#define CONFIG_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether"
+
+/* [Outbox] Overflow= */
+typedef enum ConfigOverflow {
+        CONFIG_OVERFLOW_REJECT,
+        CONFIG_OVERFLOW_DROP_OLDEST,
+} ConfigOverflow;
 
 typedef struct ConfigPair {
         char *key;
@@ -41,7 +48,13 @@ typedef struct Config {
         /* [Limits] */
         size_t max_payload;
         unsigned max_subscriptions;
-        unsigned max_queued_events;
+        /* [State] */
+        char *state_dir;
+        /* [Outbox] ([Limits] MaxQueuedEvents= is an old name of MaxEvents=) */
+        unsigned outbox_max_events;
+        uint64_t outbox_max_bytes;
+        unsigned outbox_overflow; /* ConfigOverflow */
+        uint64_t outbox_sync_ms;  /* 0: fsync every event */
         /* [Plugins] */
         char *plugin_dir;
         char **plugin_enable; /* NULL-terminated, NULL = all */

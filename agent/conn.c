@@ -7,6 +7,7 @@
 
 #include "conn.h"
 #include "log.h"
+#include "outbox.h"
 #include "proto.h"
 #include "tls.h"
 #include "util.h"
@@ -15,6 +16,11 @@
  * bounded so a stalled cloud cannot make us buffer without limit. */
 #define CONN_WINDOW 32
 #define TOKEN_MAX 8
+/* Acknowledgement records and compaction when SyncIntervalSec=0 (each
+ * append syncs by itself then). */
+#define CONN_SYNC_DEFAULT_MS 100
+/* At most one line about a full or failing outbox this often. */
+#define CONN_OUTBOX_LOG_MS 10000
 
 typedef enum ConnState {
         CONN_IDLE,
@@ -29,16 +35,11 @@ typedef struct Token {
         uint8_t s[TOKEN_MAX];
 } Token;
 
-typedef struct OutEvent {
-        struct OutEvent *next;
-        char *name;
-        char *data;
-        size_t data_len;
-        uint32_t ttl;
-        uint32_t flags;
-        bool in_flight;
+/* A publish request on the wire, waiting for the cloud's receipt. */
+typedef struct InFlight {
+        uint64_t seq; /* 0: free slot */
         Token token;
-} OutEvent;
+} InFlight;
 
 typedef struct Lookup {
         struct Lookup *next;
@@ -87,9 +88,18 @@ struct Conn {
         uint64_t last_rx;
         uint64_t ping_sent; /* 0 = none outstanding */
         char *teardown_reason;
+        bool closing; /* a teardown is pending: receipts are not trusted */
 
-        OutEvent *queue_head, *queue_tail;
-        size_t queued, in_flight;
+        Outbox *outbox;
+        InFlight in_flight[CONN_WINDOW];
+        size_t n_in_flight;
+        uint64_t sent_through; /* highest seq sent on this session */
+        sd_event_source *sync_source; /* timer: outbox_sync() */
+        /* What has been said in the log about a full or failing outbox. */
+        uint64_t outbox_logged_at;
+        uint64_t logged_dropped, logged_rejected, logged_write_errors, logged_refused;
+        int last_write_error;
+        uint64_t refused; /* events the cloud refused for good (4.xx) */
 
         Subscription *subs;
         size_t n_subs;
@@ -176,68 +186,126 @@ static int add_path(coap_pdu_t *pdu, const char *first, const char *rest) {
         return 0;
 }
 
-static int send_event(Conn *c, OutEvent *e) {
+static int send_event(Conn *c, const OutboxEvent *e, Token *ret_token) {
+        char seq[32], epoch[32];
         uint8_t buf[4];
-        coap_pdu_t *pdu = new_request(c, COAP_REQUEST_CODE_POST, &e->token);
+        coap_pdu_t *pdu = new_request(c, COAP_REQUEST_CODE_POST, ret_token);
 
         if (!pdu)
                 return -ENOMEM;
+        snprintf(seq, sizeof(seq), PROTO_QUERY_SEQ "%" PRIu64, e->seq);
+        snprintf(epoch, sizeof(epoch), PROTO_QUERY_EPOCH "%016" PRIx64, outbox_epoch(c->outbox));
         if (add_path(pdu, PROTO_PATH_EVENT, e->name) < 0 ||
             !coap_add_option(pdu, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), e->ttl), buf) ||
             ((e->flags & TETHER_EVENT_PRIVATE) &&
              !coap_add_option(pdu, COAP_OPTION_URI_QUERY, strlen(PROTO_QUERY_PRIVATE),
                               (const uint8_t *)PROTO_QUERY_PRIVATE)) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_QUERY, strlen(seq), (const uint8_t *)seq) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_QUERY, strlen(epoch), (const uint8_t *)epoch) ||
             (e->data_len > 0 && !coap_add_data(pdu, e->data_len, (const uint8_t *)e->data))) {
                 coap_delete_pdu(pdu);
                 return -ENOMEM;
         }
         if (coap_send(c->session, pdu) == COAP_INVALID_MID)
                 return -EIO;
-        e->in_flight = true;
-        c->in_flight++;
         return 0;
 }
 
+static void in_flight_clear(Conn *c) {
+        memset(c->in_flight, 0, sizeof(c->in_flight));
+        c->n_in_flight = 0;
+        c->sent_through = 0;
+}
+
+/* Send queued events, oldest first, until the window is full. */
 static void flush_queue(Conn *c) {
+        size_t slot = 0;
+
         if (c->state != CONN_CONNECTED)
                 return;
-        for (OutEvent *e = c->queue_head; e && c->in_flight < CONN_WINDOW; e = e->next) {
-                if (e->in_flight)
-                        continue;
-                if (send_event(c, e) < 0) {
+        while (c->n_in_flight < CONN_WINDOW) {
+                OutboxEvent e;
+                int r = outbox_next(c->outbox, c->sent_through, &e);
+
+                if (r == -ENOENT)
+                        break;
+                if (r < 0) {
+                        log_warning_errno(r, "Failed to read the outbox: %m");
+                        break;
+                }
+                while (c->in_flight[slot].seq != 0)
+                        slot++;
+                if (send_event(c, &e, &c->in_flight[slot].token) < 0) {
                         conn_teardown(c, "failed to send an event");
                         return;
                 }
+                c->in_flight[slot].seq = e.seq;
+                c->n_in_flight++;
+                c->sent_through = e.seq;
         }
         kick(c);
 }
 
-static void out_event_free(OutEvent *e) {
-        free(e->name);
-        free(e->data);
-        free(e);
+static InFlight *in_flight_take(Conn *c, coap_bin_const_t token) {
+        for (size_t i = 0; i < CONN_WINDOW; i++)
+                if (c->in_flight[i].seq != 0 && token_eq(&c->in_flight[i].token, token)) {
+                        c->n_in_flight--;
+                        return &c->in_flight[i];
+                }
+        return NULL;
 }
 
-/* Remove the in-flight event with this token; true if found. */
-static OutEvent *queue_take(Conn *c, coap_bin_const_t token) {
-        for (OutEvent **p = &c->queue_head, *prev = NULL; *p; prev = *p, p = &(*p)->next) {
-                OutEvent *e = *p;
+static void schedule_sync(Conn *c) {
+        uint64_t ms = c->config->outbox_sync_ms ?: CONN_SYNC_DEFAULT_MS;
+        int enabled = SD_EVENT_OFF;
 
-                if (!e->in_flight || !token_eq(&e->token, token))
-                        continue;
-                *p = e->next;
-                if (c->queue_tail == e)
-                        c->queue_tail = prev;
-                c->queued--;
-                c->in_flight--;
-                return e;
-        }
-        return NULL;
+        if (!outbox_dirty(c->outbox))
+                return;
+        (void)sd_event_source_get_enabled(c->sync_source, &enabled);
+        if (enabled != SD_EVENT_OFF)
+                return;
+        sd_event_source_set_time(c->sync_source, (now_ms() + ms) * 1000);
+        sd_event_source_set_enabled(c->sync_source, SD_EVENT_ONESHOT);
+}
+
+/* One line, now and then, about events the outbox could not keep: never
+ * silent, never a flood. */
+static void report_outbox(Conn *c, bool force) {
+        const OutboxStats *st = outbox_stats(c->outbox);
+        uint64_t now = now_ms();
+
+        if (st->dropped == c->logged_dropped && st->rejected == c->logged_rejected &&
+            st->write_errors == c->logged_write_errors && c->refused == c->logged_refused)
+                return;
+        if (!force && c->outbox_logged_at != 0 && now - c->outbox_logged_at < CONN_OUTBOX_LOG_MS)
+                return;
+        if (st->dropped != c->logged_dropped)
+                log_warning("Outbox full: dropped the %" PRIu64 " oldest event(s) (%" PRIu64 " in all)",
+                            st->dropped - c->logged_dropped, st->dropped);
+        if (st->rejected != c->logged_rejected)
+                log_warning("Outbox full: refused %" PRIu64 " new event(s) (%" PRIu64 " in all)",
+                            st->rejected - c->logged_rejected, st->rejected);
+        if (st->write_errors != c->logged_write_errors)
+                log_warning_errno(c->last_write_error,
+                                  "Failed to write %" PRIu64 " event(s) to the outbox (%" PRIu64 " in all): %m",
+                                  st->write_errors - c->logged_write_errors, st->write_errors);
+        if (c->refused != c->logged_refused)
+                log_warning("The cloud refused %" PRIu64 " event(s) for good (%" PRIu64 " in all)",
+                            c->refused - c->logged_refused, c->refused);
+        c->logged_dropped = st->dropped;
+        c->logged_rejected = st->rejected;
+        c->logged_write_errors = st->write_errors;
+        c->logged_refused = c->refused;
+        c->outbox_logged_at = now;
+}
+
+static void queue_changed(Conn *c) {
+        if (c->hooks.queue_changed)
+                c->hooks.queue_changed(c->hooks.userdata, outbox_count(c->outbox));
 }
 
 int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint32_t flags) {
         size_t len = data ? strlen(data) : 0;
-        OutEvent *e;
         int r;
 
         if (!name)
@@ -249,33 +317,34 @@ int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint
                 return -E2BIG;
         if (data && proto_utf8_check(data, len) < 0)
                 return -EINVAL;
-        if (c->queued >= c->config->max_queued_events)
-                return -ENOBUFS;
-        e = calloc(1, sizeof(*e));
-        if (!e)
-                return -ENOMEM;
-        e->name = strdup(name);
-        e->data = data ? strdup(data) : NULL;
-        if (!e->name || (data && !e->data)) {
-                out_event_free(e);
-                return -ENOMEM;
+        r = outbox_append(c->outbox, name, data, len, ttl ? ttl : PROTO_DEFAULT_TTL, flags, NULL);
+        if (r < 0) {
+                if (r != -ENOBUFS && r != -E2BIG)
+                        c->last_write_error = r;
+                report_outbox(c, false);
+                return r;
         }
-        e->data_len = len;
-        e->ttl = ttl ? ttl : PROTO_DEFAULT_TTL;
-        e->flags = flags;
-        if (c->queue_tail)
-                c->queue_tail->next = e;
-        else
-                c->queue_head = e;
-        c->queue_tail = e;
-        c->queued++;
-        if (c->state == CONN_CONNECTED && c->in_flight < CONN_WINDOW)
+        report_outbox(c, false);
+        schedule_sync(c);
+        queue_changed(c);
+        if (c->state == CONN_CONNECTED && c->n_in_flight < CONN_WINDOW)
                 flush_queue(c);
         return 0;
 }
 
 size_t conn_queued(Conn *c) {
-        return c->queued;
+        return outbox_count(c->outbox);
+}
+
+static int on_sync(sd_event_source *s, uint64_t usec, void *userdata) {
+        Conn *c = userdata;
+        int r = outbox_sync(c->outbox);
+
+        if (r < 0)
+                log_warning_errno(r, "Failed to sync the outbox: %m");
+        report_outbox(c, false);
+        schedule_sync(c);
+        return 0;
 }
 
 static int send_subscribe(Conn *c, Subscription *s, bool cancel) {
@@ -378,22 +447,44 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
         coap_pdu_code_t code = coap_pdu_get_code(rcvd);
         const uint8_t *data = NULL;
         size_t len = 0;
-        OutEvent *e;
+        InFlight *f;
 
         if (!c || session != c->session)
                 return COAP_RESPONSE_OK;
         c->last_rx = now_ms();
         (void)coap_get_data(rcvd, &len, &data);
 
-        e = queue_take(c, token);
-        if (e) {
-                if (COAP_RESPONSE_CLASS(code) != 2)
-                        /* The cloud refused the event for good (bad name, too
-                         * large): retrying cannot help, so it is dropped
-                         * and counted in the log. */
-                        log_warning("Cloud refused event '%s' with %d.%02d: %.*s", e->name,
+        f = in_flight_take(c, token);
+        if (f) {
+                uint64_t seq = f->seq;
+
+                f->seq = 0;
+                /* After a 5.xx nothing later on this session counts: the
+                 * event it refused must go first on the next one. */
+                if (c->closing)
+                        return COAP_RESPONSE_OK;
+                if (COAP_RESPONSE_CLASS(code) == 5) {
+                        /* The cloud could not store it (its disk, say): the
+                         * event stays queued and goes again, in order, on
+                         * a new connection. */
+                        log_warning("Cloud could not take event %" PRIu64 " (%d.%02d: %.*s), reconnecting", seq,
                                     COAP_RESPONSE_CLASS(code), code & 0x1f, (int)len, (const char *)data);
-                out_event_free(e);
+                        conn_teardown(c, "the cloud could not take an event");
+                        return COAP_RESPONSE_OK;
+                }
+                if (COAP_RESPONSE_CLASS(code) != 2) {
+                        /* Refused for good (bad name, too large): retrying
+                         * cannot help, so it is dropped and counted. */
+                        OutboxEvent e;
+                        bool known = outbox_next(c->outbox, seq - 1, &e) == 0 && e.seq == seq;
+
+                        log_warning("Cloud refused event '%s' with %d.%02d: %.*s", known ? e.name : "?",
+                                    COAP_RESPONSE_CLASS(code), code & 0x1f, (int)len, (const char *)data);
+                        c->refused++;
+                }
+                (void)outbox_ack(c->outbox, seq);
+                schedule_sync(c);
+                queue_changed(c);
                 flush_queue(c);
                 return COAP_RESPONSE_OK;
         }
@@ -597,12 +688,9 @@ static int on_flush(sd_event_source *s, void *userdata) {
         arm_timer(c, c->last_rx + c->config->keepalive_ms);
         c->describe_generation = registry_generation(c->registry);
         sync_subscriptions(c, true);
-        /* Everything that was in flight when the last connection died is
-         * sent again: the cloud answers each, and issue 6 makes those
-         * answers de-duplicate. */
-        for (OutEvent *e = c->queue_head; e; e = e->next)
-                e->in_flight = false;
-        c->in_flight = 0;
+        /* Everything not acknowledged when the last connection died is sent
+         * again, in order; the cloud drops what it already delivered. */
+        in_flight_clear(c);
         flush_queue(c);
         return 0;
 }
@@ -777,13 +865,12 @@ static void drop_session(Conn *c) {
         coap_session_t *s = c->session;
 
         c->session = NULL;
+        c->closing = false;
         if (s) {
                 coap_session_set_no_observe_cancel(s);
                 coap_session_release(s);
         }
-        for (OutEvent *e = c->queue_head; e; e = e->next)
-                e->in_flight = false;
-        c->in_flight = 0;
+        in_flight_clear(c);
         for (size_t i = 0; i < c->n_subs; i++)
                 c->subs[i].confirmed = false;
 }
@@ -813,6 +900,7 @@ static int on_teardown(sd_event_source *s, void *userdata) {
 static void conn_teardown(Conn *c, const char *reason) {
         if (c->state == CONN_BACKOFF || c->state == CONN_IDLE)
                 return;
+        c->closing = true;
         if (!c->teardown_reason) {
                 free(c->teardown_reason);
                 c->teardown_reason = strdup(reason);
@@ -891,7 +979,8 @@ static void coap_log_to_ours(coap_log_t level, const char *message) {
         log_internal(level <= LOG_ERR ? LOG_WARNING : LOG_DEBUG, 0, "libcoap: %.*s", (int)n, message);
 }
 
-int conn_new(sd_event *event, Registry *reg, const Config *cfg, const ConnHooks *hooks, Conn **ret) {
+int conn_new(sd_event *event, Registry *reg, Outbox *outbox, const Config *cfg, const ConnHooks *hooks,
+             Conn **ret) {
         _cleanup_(conn_freep) Conn *c = NULL;
         coap_resource_t *unknown;
         int r;
@@ -901,6 +990,7 @@ int conn_new(sd_event *event, Registry *reg, const Config *cfg, const ConnHooks 
                 return -ENOMEM;
         c->event = sd_event_ref(event);
         c->registry = reg;
+        c->outbox = outbox;
         c->config = cfg;
         c->hooks = *hooks;
         r = copy_settings(c, cfg);
@@ -935,8 +1025,11 @@ int conn_new(sd_event *event, Registry *reg, const Config *cfg, const ConnHooks 
                 r = sd_event_add_defer(event, &c->teardown_source, on_teardown, c);
         if (r >= 0)
                 r = sd_event_add_time(event, &c->timer_source, CLOCK_MONOTONIC, 0, 1000, on_timer, c);
+        if (r >= 0)
+                r = sd_event_add_time(event, &c->sync_source, CLOCK_MONOTONIC, 0, 1000, on_sync, c);
         if (r < 0)
                 return r;
+        sd_event_source_set_enabled(c->sync_source, SD_EVENT_OFF);
         sd_event_source_set_enabled(c->kick_source, SD_EVENT_OFF);
         sd_event_source_set_enabled(c->flush_source, SD_EVENT_OFF);
         sd_event_source_set_enabled(c->teardown_source, SD_EVENT_OFF);
@@ -996,10 +1089,12 @@ Conn *conn_free(Conn *c) {
         sd_event_source_disable_unref(c->flush_source);
         sd_event_source_disable_unref(c->teardown_source);
         sd_event_source_disable_unref(c->timer_source);
-        while (c->queue_head) {
-                OutEvent *e = c->queue_head;
-                c->queue_head = e->next;
-                out_event_free(e);
+        sd_event_source_disable_unref(c->sync_source);
+        if (c->outbox) {
+                int r = outbox_sync(c->outbox);
+                if (r < 0)
+                        log_warning_errno(r, "Failed to sync the outbox: %m");
+                report_outbox(c, true);
         }
         subs_free(c);
         free(c->host);

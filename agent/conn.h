@@ -10,6 +10,7 @@
 #include <systemd/sd-event.h>
 
 #include "config.h"
+#include "outbox.h"
 #include "registry.h"
 
 typedef struct Conn Conn;
@@ -25,11 +26,16 @@ typedef struct ConnHooks {
         void (*state_changed)(void *userdata, bool connected, const char *status);
         /* Describe JSON for GET /d; caller of the hook frees *ret. */
         int (*describe)(void *userdata, char **ret, size_t *ret_len);
+        /* The number of events waiting in the outbox changed (may be NULL). */
+        void (*queue_changed)(void *userdata, size_t queued);
 } ConnHooks;
 
 /* cfg is borrowed and must stay valid until conn_reconfigure() or
- * conn_free(); reg is borrowed for the life of the Conn. */
-int conn_new(sd_event *event, Registry *reg, const Config *cfg, const ConnHooks *hooks, Conn **ret);
+ * conn_free(); reg and outbox are borrowed for the life of the Conn (the
+ * Conn sends what the outbox holds, acknowledges it, and syncs it on a
+ * timer; conn_free() syncs it once more). */
+int conn_new(sd_event *event, Registry *reg, Outbox *outbox, const Config *cfg, const ConnHooks *hooks,
+             Conn **ret);
 Conn *conn_free(Conn *c);
 static inline void conn_freep(Conn **c) { conn_free(*c); }
 
@@ -37,8 +43,12 @@ static inline void conn_freep(Conn **c) { conn_free(*c); }
 int conn_start(Conn *c);
 /* Swap in a new config. Reconnects only when the cloud settings changed. */
 int conn_reconfigure(Conn *c, const Config *cfg);
-/* Queue an event for the cloud. name/data copied. -EINVAL bad name or
- * data, -E2BIG data over MaxPayload, -ENOBUFS queue full. */
+/* Accept an event for the cloud: the one entry point for every producer
+ * (plugins, the local API). Returns only once the event is in the outbox
+ * file; from then on it is delivered in order, exactly once (see
+ * docs/protocol.md). name/data are copied. -EINVAL bad name or data,
+ * -E2BIG data over MaxPayload, -ENOBUFS outbox full (Overflow=reject),
+ * -ENOSPC/-EIO the outbox could not be written. */
 int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint32_t flags);
 /* The registry's subscriptions or describe data changed: bring the cloud
  * up to date (re-subscribe; ask it to fetch describe again). */

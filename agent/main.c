@@ -1,6 +1,7 @@
 /* tetherd: the device agent. One sd-event loop drives the cloud
  * connection, the plugins' fds and timers, and signals. */
 #include <getopt.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
@@ -9,6 +10,7 @@
 #include "conn.h"
 #include "local-api.h"
 #include "log.h"
+#include "outbox.h"
 #include "plugin-host.h"
 #include "proto.h"
 #include "registry.h"
@@ -20,12 +22,80 @@ typedef struct Agent {
         Config *config;
         Registry *registry;
         PluginHost *plugins;
+        Outbox *outbox;
         Conn *conn;
         LocalApi *local;
         char *status;           /* last STATUS= line */
         uint64_t started_usec;  /* CLOCK_MONOTONIC */
         uint64_t connected_usec; /* 0 while not connected */
+        /* X_TETHER_OUTBOX= notifications, at most one per interval. */
+        sd_event_source *notify_source;
+        size_t queued, queued_notified;
+        bool queued_known;
 } Agent;
+
+#define AGENT_NOTIFY_OUTBOX_USEC 100000
+
+static void outbox_limits(const Config *c, OutboxLimits *ret) {
+        *ret = (OutboxLimits){
+                .max_events = c->outbox_max_events,
+                .max_bytes = c->outbox_max_bytes,
+                .overflow = c->outbox_overflow == CONFIG_OVERFLOW_DROP_OLDEST ? OUTBOX_DROP_OLDEST : OUTBOX_REJECT,
+                .sync_always = c->outbox_sync_ms == 0,
+        };
+}
+
+static int open_outbox(Agent *a) {
+        const OutboxStats *st;
+        OutboxLimits limits;
+        int r;
+
+        outbox_limits(a->config, &limits);
+        r = outbox_open(a->config->state_dir, &limits, &a->outbox);
+        if (r == -EBUSY)
+                return log_error_errno(r, "The outbox in '%s' is in use by another tetherd", a->config->state_dir);
+        if (r < 0)
+                return log_error_errno(r, "Failed to open the outbox in '%s': %m", a->config->state_dir);
+        st = outbox_stats(a->outbox);
+        if (st->recreated)
+                log_error("The outbox file in '%s' was unreadable; kept it as '%s.corrupt' and started a new one",
+                          a->config->state_dir, OUTBOX_FILE);
+        if (st->damaged_bytes > 0)
+                log_warning("Outbox '%s/%s': skipped %zu damaged byte(s) in %zu place(s), the first at offset "
+                            "%" PRIu64 " (a write torn by a crash?)",
+                            a->config->state_dir, OUTBOX_FILE, st->damaged_bytes, st->damaged_places,
+                            st->first_damage);
+        log_info("Outbox '%s/%s': %" PRIu64 " event(s) waiting, epoch %016" PRIx64 ", next sequence number %" PRIu64,
+                 a->config->state_dir, OUTBOX_FILE, st->recovered, outbox_epoch(a->outbox),
+                 outbox_next_seq(a->outbox));
+        return 0;
+}
+
+static int on_notify_outbox(sd_event_source *s, uint64_t usec, void *userdata) {
+        Agent *a = userdata;
+
+        if (a->queued_known && a->queued == a->queued_notified)
+                return 0;
+        a->queued_known = true;
+        a->queued_notified = a->queued;
+        (void)sd_notifyf(false, "X_TETHER_OUTBOX=%zu", a->queued);
+        /* Whatever changes next waits a full interval. */
+        sd_event_source_set_time(s, usec + AGENT_NOTIFY_OUTBOX_USEC);
+        sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+static void agent_queue_changed(void *userdata, size_t queued) {
+        Agent *a = userdata;
+        int enabled = SD_EVENT_OFF;
+
+        a->queued = queued;
+        (void)sd_event_source_get_enabled(a->notify_source, &enabled);
+        if (enabled == SD_EVENT_OFF) {
+                sd_event_source_set_time(a->notify_source, now_usec() + AGENT_NOTIFY_OUTBOX_USEC);
+                sd_event_source_set_enabled(a->notify_source, SD_EVENT_ONESHOT);
+        }
+}
 
 static int agent_publish(void *userdata, const char *name, const char *data, uint32_t ttl, uint32_t flags) {
         Agent *a = userdata;
@@ -143,6 +213,15 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
                 sd_notify(false, "READY=1");
                 return 0;
         }
+        if (!streq(next->state_dir, a->config->state_dir))
+                log_warning("[State] Directory= changed to '%s': the outbox stays in '%s' until a restart",
+                            next->state_dir, a->config->state_dir);
+        {
+                OutboxLimits limits;
+
+                outbox_limits(next, &limits);
+                outbox_set_limits(a->outbox, &limits);
+        }
         /* Plugins hold pointers into the old config: unload them first. */
         plugin_host_unload(a->plugins);
         r = conn_reconfigure(a->conn, next);
@@ -175,6 +254,8 @@ static void agent_done(Agent *a) {
         local_api_free(a->local);
         plugin_host_free(a->plugins);
         conn_free(a->conn);
+        outbox_free(a->outbox);
+        sd_event_source_disable_unref(a->notify_source);
         registry_free(a->registry);
         config_free(a->config);
         sd_event_unref(a->event);
@@ -256,8 +337,17 @@ int main(int argc, char *argv[]) {
         a.registry = registry_new();
         if (!a.registry)
                 return 1;
-        r = conn_new(a.event, a.registry, a.config,
-                     &(ConnHooks){ .userdata = &a, .state_changed = agent_state_changed, .describe = agent_describe },
+        if (open_outbox(&a) < 0)
+                return 1;
+        r = sd_event_add_time(a.event, &a.notify_source, CLOCK_MONOTONIC, 0, 10000, on_notify_outbox, &a);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add a timer: %m"), 1;
+        sd_event_source_set_enabled(a.notify_source, SD_EVENT_OFF);
+        r = conn_new(a.event, a.registry, a.outbox, a.config,
+                     &(ConnHooks){ .userdata = &a,
+                                   .state_changed = agent_state_changed,
+                                   .describe = agent_describe,
+                                   .queue_changed = agent_queue_changed },
                      &a.conn);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the cloud connection: %m"), 1;
@@ -276,7 +366,10 @@ int main(int argc, char *argv[]) {
         conn_start(a.conn);
         if (asprintf(&status, "Connecting to %s:%u", a.config->cloud_host, a.config->cloud_port) >= 0)
                 agent_set_status(&a, status);
-        sd_notify(false, "READY=1");
+        a.queued = outbox_count(a.outbox);
+        sd_notifyf(false, "READY=1\nX_TETHER_OUTBOX=%zu", a.queued);
+        a.queued_notified = a.queued;
+        a.queued_known = true;
 
         r = sd_event_loop(a.event);
         plugin_host_unload(a.plugins);

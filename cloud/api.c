@@ -4,6 +4,7 @@
  * when the answer, a timeout or an event arrives. */
 #include "config.h"
 
+#include <inttypes.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <stdarg.h>
@@ -56,6 +57,11 @@ typedef struct ApiRequest {
         char *filter_id; /* only events from this device */
         char *buf;
         size_t buf_off, buf_len, buf_cap;
+        /* Replaying the journal after Last-Event-ID: live events are not
+         * pushed until the cursor reaches the end. */
+        bool catching_up;
+        bool replay_started;
+        JournalCursor cursor;
 } ApiRequest;
 
 static struct {
@@ -186,138 +192,12 @@ static enum MHD_Result api_queue(ApiRequest *req) {
 
 /* ---- request parameters --------------------------------------------------- */
 
-static int hexval(char c) {
-        if (c >= '0' && c <= '9')
-                return c - '0';
-        if (c >= 'a' && c <= 'f')
-                return c - 'a' + 10;
-        if (c >= 'A' && c <= 'F')
-                return c - 'A' + 10;
-        return -1;
-}
-
-/* application/x-www-form-urlencoded into a JSON object of strings (not
- * checked for UTF-8 here: every use checks). */
-static json_t *api_parse_form(const char *body, size_t len) {
-        json_t *o = json_object();
-        const char *p = body, *end = body + len;
-
-        if (!o)
-                return NULL;
-        while (p < end) {
-                const char *amp = memchr(p, '&', end - p) ?: end;
-                const char *eq = memchr(p, '=', amp - p);
-                _cleanup_free_ char *key = NULL, *val = NULL;
-                size_t klen = 0, vlen = 0;
-                char *out[2] = { NULL, NULL };
-                size_t *outlen[2] = { &klen, &vlen };
-                const char *from[2] = { p, eq ? eq + 1 : amp }, *to[2] = { eq ?: amp, amp };
-
-                for (int k = 0; k < 2; k++) {
-                        char *o2 = malloc(to[k] - from[k] + 1);
-                        size_t n = 0;
-
-                        if (!o2)
-                                goto fail;
-                        for (const char *q = from[k]; q < to[k]; q++) {
-                                if (*q == '+')
-                                        o2[n++] = ' ';
-                                else if (*q == '%' && to[k] - q >= 3 && hexval(q[1]) >= 0 && hexval(q[2]) >= 0) {
-                                        o2[n++] = (char)(hexval(q[1]) * 16 + hexval(q[2]));
-                                        q += 2;
-                                } else
-                                        o2[n++] = *q;
-                        }
-                        o2[n] = 0;
-                        out[k] = o2;
-                        *outlen[k] = n;
-                }
-                key = out[0];
-                val = out[1];
-                if (klen > 0 && !memchr(key, 0, klen) &&
-                    json_object_set_new_nocheck(o, key, json_stringn_nocheck(val, vlen)) < 0)
-                        goto fail;
-                p = amp + 1;
-        }
-        return o;
-fail:
-        json_decref(o);
-        return NULL;
-}
-
-/* A parameter as text: strings as they are (they may hold NUL bytes: check
- * *ret_len), numbers and booleans in their JSON spelling. Returns 1, 0 if
- * absent or null, -EINVAL for an array or object. buf holds the text for
- * non-strings. */
-static int api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
-        json_t *v = params ? json_object_get(params, key) : NULL;
-
-        if (!v || json_is_null(v))
-                return 0;
-        if (json_is_string(v)) {
-                *ret = json_string_value(v);
-                *ret_len = json_string_length(v);
-                return 1;
-        }
-        if (json_is_integer(v))
-                snprintf(buf, 32, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
-        else if (json_is_real(v))
-                snprintf(buf, 32, "%.17g", json_real_value(v));
-        else if (json_is_boolean(v))
-                snprintf(buf, 32, "%s", json_is_true(v) ? "true" : "false");
-        else
-                return -EINVAL;
-        *ret = buf;
-        *ret_len = strlen(buf);
-        return 1;
-}
-
-/* A parameter that must be plain text (no NUL byte): 1, 0 if absent, -EINVAL. */
-static int api_param_text(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
-        int r = api_param(params, key, ret, ret_len, buf);
-
-        if (r > 0 && memchr(*ret, 0, *ret_len))
-                return -EINVAL;
-        return r;
-}
-
-/* The token from the Authorization header or the query string. Returns
- * true if either is present (then *ret_token is the token, or NULL if it
- * is unusable: another scheme, NUL bytes), false if the token can only be
- * in the body. */
-static bool api_token_outside_body(struct MHD_Connection *connection, const char **ret_token) {
-        const char *h = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
-        const char *t = NULL;
-        size_t n = 0;
-
-        if (h) {
-                if (strncasecmp(h, "Bearer ", 7) != 0) {
-                        *ret_token = NULL;
-                        return true;
-                }
-                for (h += 7; *h == ' '; h++)
-                        ;
-                *ret_token = h;
-                return true;
-        }
-        if (MHD_lookup_connection_value_n(connection, MHD_GET_ARGUMENT_KIND, "access_token",
-                                          strlen("access_token"), &t, &n) == MHD_YES) {
-                *ret_token = t && strlen(t) == n ? t : NULL;
-                return true;
-        }
-        return false;
-}
-
-static const char *api_token(ApiRequest *req, json_t *params) {
-        const char *t;
-        json_t *v;
-
-        if (api_token_outside_body(req->connection, &t))
-                return t;
-        v = params ? json_object_get(params, "access_token") : NULL;
-        if (json_is_string(v) && !memchr(json_string_value(v), 0, json_string_length(v)))
-                return json_string_value(v);
-        return NULL;
+/* The token outside the body (api_outside_token()), from the request. */
+static void api_input_token(struct MHD_Connection *connection, ApiInput *in) {
+        in->authorization = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+        in->query_token_present = MHD_lookup_connection_value_n(connection, MHD_GET_ARGUMENT_KIND, "access_token",
+                                                                strlen("access_token"), &in->query_token,
+                                                                &in->query_token_len) == MHD_YES;
 }
 
 /* ---- device calls --------------------------------------------------------- */
@@ -457,91 +337,41 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
 
 /* ---- publish ----------------------------------------------------------------- */
 
-static bool api_parse_bool(const char *s, bool *ret) {
-        if (streq(s, "true") || streq(s, "1") || streq(s, "yes")) {
-                *ret = true;
-                return true;
-        }
-        if (streq(s, "false") || streq(s, "0") || streq(s, "no") || !*s) {
-                *ret = false;
-                return true;
-        }
-        return false;
-}
-
 static void api_publish(ApiRequest *req, json_t *params) {
-        const char *name, *data = NULL, *s;
-        size_t name_len, data_len = 0, len;
-        char buf[32], published_at[32];
-        _cleanup_free_ char *name_copy = NULL, *data_copy = NULL;
-        bool priv = false;
-        unsigned ttl = PROTO_DEFAULT_TTL;
+        _cleanup_free_ char *data = NULL;
+        char published_at[32];
+        const char *error;
+        unsigned status;
+        ApiPublish in;
         ProtoEvent e;
+        uint64_t id;
         int r;
 
-        r = api_param_text(params, "name", &name, &name_len, buf);
-        if (r == 0) {
-                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Event name is required", NULL);
+        if (api_parse_publish(params, api.config->max_payload, &in, &status, &error) < 0) {
+                if (status == MHD_HTTP_CONTENT_TOO_LARGE)
+                        api_set_errorf(req, status, "Event data longer than %u bytes", api.config->max_payload);
+                else
+                        api_set_error(req, status, error, NULL);
                 return;
         }
-        if (r < 0 || proto_name_check(name, name_len, PROTO_NAME_EVENT) < 0) {
-                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid event name", NULL);
-                return;
-        }
-        r = api_param(params, "data", &data, &data_len, buf);
-        if (r < 0) {
-                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Event data must be text, a number or a boolean", NULL);
-                return;
-        }
-        if (r > 0) {
-                if (data_len > api.config->max_payload) {
-                        api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Event data longer than %u bytes",
-                                       api.config->max_payload);
-                        return;
-                }
-                if (proto_utf8_check(data, data_len) < 0) {
-                        api_set_error(req, MHD_HTTP_BAD_REQUEST, "Event data is not UTF-8 text", NULL);
-                        return;
-                }
-                data_copy = strndup(data, data_len);
-                if (!data_copy)
-                        return;
-        }
-        r = api_param_text(params, "private", &s, &len, buf);
-        if (r < 0 || (r > 0 && !api_parse_bool(s, &priv))) {
-                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid value for private", NULL);
-                return;
-        }
-        r = api_param_text(params, "ttl", &s, &len, buf);
-        if (r < 0) {
-                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid value for ttl", NULL);
-                return;
-        }
-        if (r > 0) {
-                char *end;
-                unsigned long v;
-
-                errno = 0;
-                v = strtoul(s, &end, 10);
-                if (!*s || *end || errno || *s == '-' || v > UINT32_MAX) {
-                        api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid value for ttl", NULL);
-                        return;
-                }
-                ttl = (unsigned)v;
-        }
-        name_copy = strndup(name, name_len);
-        if (!name_copy)
+        if (in.data && !(data = strndup(in.data, in.data_len)))
                 return;
         proto_timestamp_now(published_at);
         e = (ProtoEvent){
-                .name = name_copy,
-                .data = data_copy,
-                .ttl = ttl,
-                .private_ = priv,
+                .name = in.name,
+                .data = data,
+                .ttl = in.ttl,
+                .private_ = in.private_,
                 .published_at = published_at,
                 .coreid = (char *)"api",
         };
-        events_route(&e, NULL);
+        r = journal_append(&e, 0, 0, &id);
+        if (r < 0) {
+                log_warning_errno(r, "Failed to store an event from the API: %m");
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot store the event now: %s", strerror(-r));
+                return;
+        }
+        events_route(&e, NULL, id);
         api_set_json(req, MHD_HTTP_OK, json_pack("{s:b}", "ok", 1));
 }
 
@@ -575,12 +405,20 @@ static int api_sse_append(ApiRequest *req, const char *s, size_t n) {
         return 0;
 }
 
+static void api_sse_catch_up(ApiRequest *req);
+
 static ssize_t api_sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         ApiRequest *req = cls;
         size_t n = req->buf_len - req->buf_off;
 
         if (req->dropped)
                 return MHD_CONTENT_READER_END_WITH_ERROR;
+        if (n == 0 && req->catching_up) {
+                api_sse_catch_up(req);
+                if (req->dropped)
+                        return MHD_CONTENT_READER_END_WITH_ERROR;
+                n = req->buf_len - req->buf_off;
+        }
         if (n == 0) {
                 if (req->ending)
                         return MHD_CONTENT_READER_END_OF_STREAM;
@@ -619,35 +457,87 @@ static void api_sse_push(ApiRequest *req, const char *s, size_t n) {
         api_resume(req);
 }
 
-void api_deliver_event(const ProtoEvent *e) {
-        _cleanup_free_ char *msg = NULL, *json = NULL;
+static bool api_sse_matches(const ApiRequest *req, const ProtoEvent *e) {
+        if (!proto_prefix_match(req->prefix, e->name))
+                return false;
+        return !req->filter_id || (e->coreid && streq(req->filter_id, e->coreid) && !streq(e->coreid, "api"));
+}
+
+/* One SSE message; the id lets a client resume (Last-Event-ID). */
+static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
+        _cleanup_free_ char *json = NULL;
         json_t *j;
         int n;
 
-        if (api.n_streams == 0)
-                return;
-        j = json_pack("{s:s?, s:I, s:s, s:s}", "data", e->data, "ttl", (json_int_t)e->ttl, "published_at",
+        j = json_pack("{s:s?, s:I, s:s?, s:s?}", "data", e->data, "ttl", (json_int_t)e->ttl, "published_at",
                       e->published_at, "coreid", e->coreid);
         if (j && e->private_ && json_object_set_new(j, "private", json_true()) < 0) {
                 json_decref(j);
                 j = NULL;
         }
         if (!j)
-                return;
+                return -ENOMEM;
         json = json_dumps(j, JSON_COMPACT);
         json_decref(j);
         if (!json)
-                return;
-        n = asprintf(&msg, "event: %s\ndata: %s\n\n", e->name, json);
-        if (n < 0) {
-                msg = NULL;
-                return;
+                return -ENOMEM;
+        n = asprintf(ret, "id: %016" PRIx64 "-%" PRIu64 "\nevent: %s\ndata: %s\n\n", journal_epoch(), id, e->name,
+                     json);
+        return n < 0 ? -ENOMEM : n;
+}
+
+/* Fill the stream's buffer from the journal; at its end, go live. */
+static void api_sse_catch_up(ApiRequest *req) {
+        while (req->catching_up && req->buf_len - req->buf_off < API_SSE_BLOCK) {
+                _cleanup_free_ char *msg = NULL;
+                ProtoEvent e;
+                uint64_t id;
+                int n, r;
+
+                uint64_t want = req->cursor.last_id + 1;
+
+                r = journal_cursor_next(&req->cursor, &e, &id);
+                if (r > 0 && !req->replay_started) {
+                        req->replay_started = true;
+                        /* The journal keeps the newest events only: say so
+                         * when some the client asked for are gone. */
+                        if (id > want) {
+                                char note[96];
+                                int k = snprintf(note, sizeof(note),
+                                                 ":%" PRIu64 " event(s) before this are no longer in the journal\n\n",
+                                                 id - want);
+
+                                if (api_sse_append(req, note, (size_t)k) < 0)
+                                        req->dropped = true;
+                        }
+                }
+                if (r <= 0) {
+                        if (r < 0)
+                                log_warning_errno(r, "Failed to read the event journal for a stream: %m");
+                        req->catching_up = false;
+                        journal_cursor_done(&req->cursor);
+                        return;
+                }
+                n = api_sse_matches(req, &e) ? api_sse_format(&e, id, &msg) : 0;
+                proto_event_done(&e);
+                if (n > 0 && api_sse_append(req, msg, (size_t)n) < 0)
+                        req->dropped = true;
         }
+}
+
+void api_deliver_event(const ProtoEvent *e, uint64_t id) {
+        _cleanup_free_ char *msg = NULL;
+        int n = 0;
+
+        if (api.n_streams == 0)
+                return;
         for (ApiRequest *req = api.requests; req; req = req->next) {
-                if (!req->sse || !proto_prefix_match(req->prefix, e->name))
+                if (!req->sse || req->catching_up || !api_sse_matches(req, e))
                         continue;
-                if (req->filter_id && !(e->coreid && streq(req->filter_id, e->coreid) && !streq(e->coreid, "api")))
-                        continue;
+                if (!msg && (n = api_sse_format(e, id, &msg)) < 0) {
+                        msg = NULL;
+                        return;
+                }
                 api_sse_push(req, msg, (size_t)n);
         }
 }
@@ -660,7 +550,8 @@ static int api_keepalive_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-static enum MHD_Result api_stream(ApiRequest *req, const char *prefix, const char *device) {
+static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
+        const char *prefix = p->prefix, *device = p->stream_device ? p->device : NULL;
         struct MHD_Response *resp;
         enum MHD_Result ret;
 
@@ -673,6 +564,22 @@ static enum MHD_Result api_stream(ApiRequest *req, const char *prefix, const cha
                 return MHD_NO;
         if (api_sse_append(req, ":ok\n\n", 5) < 0)
                 return MHD_NO;
+        if (p->has_last_event_id && p->last_epoch == journal_epoch()) {
+                journal_cursor_init(&req->cursor, p->last_id);
+                req->catching_up = true;
+        } else {
+                _cleanup_free_ char *here = NULL;
+                int n;
+
+                /* An id without data moves the client's Last-Event-ID to
+                 * "now" (WHATWG SSE dispatch): if this stream breaks before
+                 * the first event, a reconnect still misses nothing. */
+                n = asprintf(&here, "%sid: %016" PRIx64 "-%" PRIu64 "\n\n",
+                             p->has_last_event_id ? ":Last-Event-ID is from another journal\n" : "",
+                             journal_epoch(), journal_last_id());
+                if (n < 0 || api_sse_append(req, here, (size_t)n) < 0)
+                        return MHD_NO;
+        }
         resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, API_SSE_BLOCK, api_sse_reader, req, NULL);
         if (!resp)
                 return MHD_NO;
@@ -690,19 +597,6 @@ static enum MHD_Result api_stream(ApiRequest *req, const char *prefix, const cha
 
 /* ---- routing --------------------------------------------------------------------- */
 
-/* "events" or "events/PREFIX": *ret_prefix is the prefix ("" for all). */
-static bool match_events(const char *path, const char **ret_prefix) {
-        if (streq(path, "events")) {
-                *ret_prefix = "";
-                return true;
-        }
-        if (startswith(path, "events/")) {
-                *ret_prefix = path + 7;
-                return true;
-        }
-        return false;
-}
-
 static void api_body_free(ApiRequest *req) {
         api.body_total -= req->body_len;
         free(req->body);
@@ -718,10 +612,17 @@ static enum MHD_Result api_unauthorized(ApiRequest *req) {
 }
 
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
-        _cleanup_(json_decrefp) json_t *params = NULL;
-        bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
-        bool post = streq(method, MHD_HTTP_METHOD_POST);
-        const char *rest, *prefix;
+        _cleanup_(api_parsed_done) ApiParsed p = {};
+        ApiInput in = {
+                .method = method,
+                .url = url,
+                .content_type = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND,
+                                                            MHD_HTTP_HEADER_CONTENT_TYPE),
+                .last_event_id = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND, "Last-Event-ID"),
+                .body = req->body,
+                .body_len = req->body_len,
+        };
+        Device *d;
 
         if (req->body_too_large) {
                 api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes", api.body_max);
@@ -731,92 +632,52 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Too many requests in progress; try again", NULL);
                 return api_queue(req);
         }
-        if (req->body_len > 0) {
-                const char *ct = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND,
-                                                              MHD_HTTP_HEADER_CONTENT_TYPE);
-
-                if (ct && strncasecmp(ct, "application/json", 16) == 0) {
-                        params = json_loadb(req->body, req->body_len, JSON_REJECT_DUPLICATES, NULL);
-                        if (!json_is_object(params)) {
-                                if (!req->authorized && !config_token_valid(api.config, api_token(req, NULL)))
-                                        return api_unauthorized(req);
-                                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Body is not a JSON object", NULL);
-                                return api_queue(req);
-                        }
-                } else
-                        params = api_parse_form(req->body, req->body_len);
-                if (!params)
-                        return MHD_NO;
-                /* Parsed: a call may now wait for its device without it. */
-                api_body_free(req);
-        }
-        if (!req->authorized && !config_token_valid(api.config, api_token(req, params)))
+        /* A token in the header or the query was checked before the body
+         * came in (api_handler); otherwise it can only be in the body. */
+        api_input_token(req->connection, &in);
+        if (api_parse_request(&in, &p) < 0)
+                return MHD_NO;
+        /* Parsed: a call may now wait for its device without the body. */
+        api_body_free(req);
+        if (!req->authorized && !config_token_valid(api.config, p.token))
                 return api_unauthorized(req);
-
-        if (!startswith(url, "/v1/"))
-                goto not_found;
-        rest = url + 4;
-
-        if (match_events(rest, &prefix)) {
-                if (!get)
-                        goto not_found;
-                return api_stream(req, prefix, NULL);
-        }
-        if (streq(rest, "devices")) {
-                if (!get)
-                        goto not_found;
+        switch (p.route) {
+        case API_ROUTE_BAD_BODY:
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Body is not a JSON object", NULL);
+                break;
+        case API_ROUTE_STREAM:
+                return api_stream(req, &p);
+        case API_ROUTE_LIST:
                 api_set_json(req, MHD_HTTP_OK, devices_to_json());
-                return api_queue(req);
-        }
-        if (!startswith(rest, "devices/"))
-                goto not_found;
-        rest += 8;
-        if (match_events(rest, &prefix)) {
-                if (get)
-                        return api_stream(req, prefix, NULL);
-                if (post && streq(rest, "events")) {
-                        api_publish(req, params);
-                        return api_queue(req);
-                }
-                goto not_found;
-        }
-        {
-                const char *slash = strchr(rest, '/');
-                char id[PROTO_DEVICE_ID_MAX + 1];
-                size_t n = slash ? (size_t)(slash - rest) : strlen(rest);
-                Device *d;
-
-                if (n == 0 || n > PROTO_DEVICE_ID_MAX)
-                        goto no_device;
-                memcpy(id, rest, n);
-                id[n] = 0;
-                rest = slash ? slash + 1 : "";
-                /* A device's stream may open before it ever connected. */
-                if (get && match_events(rest, &prefix) &&
-                    proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) == 0)
-                        return api_stream(req, prefix, id);
-                d = devices_find(id);
+                break;
+        case API_ROUTE_PUBLISH:
+                api_publish(req, p.params);
+                break;
+        case API_ROUTE_DEVICE:
+        case API_ROUTE_DEVICE_BAD_METHOD:
+        case API_ROUTE_CALL:
+        case API_ROUTE_READ:
+                d = devices_find(p.device);
                 if (!d)
-                        goto no_device;
-                if (!*rest) {
-                        if (!get)
-                                goto not_found;
+                        api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
+                else if (p.route == API_ROUTE_DEVICE)
                         api_set_json(req, MHD_HTTP_OK, device_to_json(d, true));
-                        return api_queue(req);
+                else if (p.route == API_ROUTE_DEVICE_BAD_METHOD)
+                        api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
+                else {
+                        api_device_call(req, d, p.name, p.route == API_ROUTE_CALL, p.params);
+                        if (req->suspended)
+                                return MHD_YES;
                 }
-                if (strchr(rest, '/') || (!get && !post))
-                        goto not_found;
-                api_device_call(req, d, rest, post, params);
-                if (req->suspended)
-                        return MHD_YES;
-                return api_queue(req);
+                break;
+        case API_ROUTE_NO_DEVICE:
+                api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
+                break;
+        case API_ROUTE_NOT_FOUND:
+        default:
+                api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
+                break;
         }
-
-no_device:
-        api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
-        return api_queue(req);
-not_found:
-        api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
         return api_queue(req);
 }
 
@@ -827,6 +688,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
 
         if (!req) {
                 const char *cl, *token;
+                ApiInput in = {};
 
                 req = calloc(1, sizeof(*req));
                 if (!req)
@@ -840,7 +702,8 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 /* A token in the header or the query is checked before a
                  * byte of the body is read; only a request whose token can
                  * only be in its body has the body buffered first. */
-                if (api_token_outside_body(connection, &token)) {
+                api_input_token(connection, &in);
+                if (api_outside_token(&in, &token)) {
                         if (!config_token_valid(api.config, token))
                                 return api_unauthorized(req);
                         req->authorized = true;
@@ -912,6 +775,7 @@ static void api_request_free(ApiRequest *req) {
         if (req->sse)
                 api.n_streams--;
         devices_call_cancel(req->call);
+        journal_cursor_done(&req->cursor);
         if (req->response)
                 MHD_destroy_response(req->response);
         api_body_free(req);

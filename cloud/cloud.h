@@ -2,6 +2,7 @@
  *   config.c   config_   keyfile, command line, API tokens
  *   devices.c  devices_  libcoap server, device registry, requests to devices
  *   events.c   events_   device publish/subscribe and the event router
+ *   journal.c  journal_  the event journal: de-duplication, SSE replay
  *   api.c      api_      HTTP API on libmicrohttpd (Particle Cloud API shapes)
  *   main.c               sd-event loop, sd_notify, signals
  * Everything runs on one sd-event loop; no threads. Errors are negative
@@ -19,6 +20,7 @@
 
 #define CLOUD_PROGRAM "tether-cloudd"
 #define CLOUD_DEFAULT_CONFIG SYSCONFDIR "/tether/tether-cloudd.conf"
+#define CLOUD_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether-cloud"
 #define CONFIG_TOKEN_DIGEST_SIZE 32 /* SHA-256 */
 
 /* ---- config.c ------------------------------------------------------- */
@@ -46,6 +48,12 @@ typedef struct CloudConfig {
         unsigned api_port;
         char *token_file;
         unsigned max_connections_per_ip; /* 0: no limit */
+
+        /* [State] */
+        char *state_dir;
+        /* [Events] */
+        unsigned journal_max_bytes;
+        unsigned journal_sync_ms; /* 0: fsync every event */
 
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
@@ -93,6 +101,9 @@ const char *device_id(const Device *d);
 bool device_connected(const Device *d);
 /* The device's session if it is ESTABLISHED, else NULL. */
 coap_session_t *device_session(const Device *d);
+/* Close the device's session now: requests still arriving on it are
+ * refused (5.03), pending calls fail, the device reconnects. */
+void device_disconnect(Device *d, const char *reason);
 /* A new JSON object in the Particle device shape; with details, also
  * "functions" and "variables" from the describe cache. NULL on OOM. */
 json_t *device_to_json(const Device *d, bool details);
@@ -141,13 +152,135 @@ void events_handle_request(Device *d, coap_session_t *session, const coap_pdu_t 
 void events_device_gone(Device *d);
 
 /* Route an event to SSE clients and to devices' subscriptions; source is
- * the publishing device (it does not get its own event) or NULL. */
-void events_route(const ProtoEvent *e, const Device *source);
+ * the publishing device (it does not get its own event) or NULL; id is
+ * its journal id (journal_append()). */
+void events_route(const ProtoEvent *e, const Device *source, uint64_t id);
+
+/* ---- journal.c ------------------------------------------------------ */
+
+/* Every event the cloud routes is first appended to the journal file
+ * StateDirectory/events.journal, with an id that grows by one per event.
+ * The journal knows, per device and epoch, the highest sequence number
+ * delivered (docs/protocol.md, "Delivery"), and SSE streams read it back
+ * to replay what a client missed (Last-Event-ID). Bounded by
+ * JournalMaxBytes: the oldest events are dropped when it is rewritten. */
+int journal_open(sd_event *event, const CloudConfig *config);
+/* Syncs and closes. */
+void journal_close(void);
+/* Whether this device's event (epoch, seq) was delivered already. */
+bool journal_seen(const char *device, uint64_t epoch, uint64_t seq);
+/* The highest seq delivered for the device in this epoch, 0 if none. */
+uint64_t journal_last_seq(const char *device, uint64_t epoch);
+/* Append e (seq 0: no sequence number, not de-duplicated). *ret_id is
+ * its id. A negative errno (-ENOSPC...) when it could not be written:
+ * then nothing changed. */
+int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *ret_id);
+/* The journal's epoch: random, made with the file; ids from a journal with
+ * another epoch mean nothing here. */
+uint64_t journal_epoch(void);
+/* The id of the last event appended (0: none yet). */
+uint64_t journal_last_id(void);
+
+/* Reading the journal in order, from after a given id. */
+typedef struct JournalCursor {
+        uint64_t generation; /* of the file the offset is in; 0: seek */
+        uint64_t offset;
+        uint64_t last_id;
+        uint8_t *buf; /* a window of the file */
+        uint64_t buf_off;
+        size_t buf_len, buf_cap;
+} JournalCursor;
+
+void journal_cursor_init(JournalCursor *c, uint64_t after_id);
+void journal_cursor_done(JournalCursor *c);
+/* 1 and the next event (the caller proto_event_done()s it) with its id;
+ * 0 at the end of the journal; negative errno on a read error. */
+int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id);
+
+/* ---- api-request.c -------------------------------------------------- */
+
+/* What api_parse_request() looks at: the request line, three headers
+ * (NULL when absent), the access_token query parameter (which may hold NUL
+ * bytes: query_token_len is its real length) and the body. */
+typedef struct ApiInput {
+        const char *method;
+        const char *url;
+        const char *content_type;
+        const char *authorization;
+        const char *query_token;
+        size_t query_token_len;
+        bool query_token_present;
+        const char *last_event_id;
+        const char *body;
+        size_t body_len;
+} ApiInput;
+
+typedef enum ApiRoute {
+        API_ROUTE_NOT_FOUND,
+        API_ROUTE_BAD_BODY,          /* Content-Type JSON but not an object */
+        API_ROUTE_STREAM,            /* GET .../events[/PREFIX] */
+        API_ROUTE_LIST,              /* GET /v1/devices */
+        API_ROUTE_PUBLISH,           /* POST /v1/devices/events */
+        API_ROUTE_NO_DEVICE,         /* a device ID that cannot exist */
+        API_ROUTE_DEVICE,            /* GET /v1/devices/ID */
+        API_ROUTE_DEVICE_BAD_METHOD, /* anything else on /v1/devices/ID[/X] */
+        API_ROUTE_CALL,              /* POST /v1/devices/ID/FN */
+        API_ROUTE_READ,              /* GET /v1/devices/ID/VAR */
+} ApiRoute;
+
+typedef struct ApiParsed {
+        ApiRoute route;
+        json_t *params; /* form or JSON body as an object, or NULL; owned */
+        const char *token; /* into the input or params; NULL if none */
+        char device[PROTO_DEVICE_ID_MAX + 1];
+        bool stream_device; /* STREAM: only events from device */
+        const char *prefix; /* STREAM: into the URL */
+        const char *name;   /* CALL, READ: into the URL, not checked yet */
+        bool has_last_event_id;
+        uint64_t last_epoch, last_id;
+} ApiParsed;
+
+/* Parse and route a request. Only -ENOMEM fails; everything the client
+ * got wrong is a route. *ret is the caller's (api_parsed_done()). */
+int api_parse_request(const ApiInput *in, ApiParsed *ret);
+void api_parsed_done(ApiParsed *p);
+
+/* application/x-www-form-urlencoded into a JSON object of strings (not
+ * checked for UTF-8 here: every use checks). NULL on OOM. */
+json_t *api_parse_form(const char *body, size_t len);
+/* A parameter as text: strings as they are (they may hold NUL bytes: check
+ * *ret_len), numbers and booleans in their JSON spelling (written to buf).
+ * Returns 1, 0 if absent or null, -EINVAL for an array or object. */
+int api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]);
+/* The same for a parameter that must be plain text (no NUL byte). */
+int api_param_text(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]);
+/* The token from the Authorization header or the query string. Returns
+ * true if either is present (then *ret_token is the token, or NULL if it
+ * is unusable: another scheme, NUL bytes), false if the token can only be
+ * in the body. */
+bool api_outside_token(const ApiInput *in, const char **ret_token);
+/* An SSE id "EPOCH-ID" (hex, decimal): 0 or -EINVAL. */
+int api_parse_last_event_id(const char *s, uint64_t *ret_epoch, uint64_t *ret_id);
+
+/* POST /v1/devices/events parameters; strings point into params. */
+typedef struct ApiPublish {
+        char name[TETHER_EVENT_NAME_MAX + 1];
+        const char *data; /* NULL: no data */
+        size_t data_len;
+        char data_buf[32];
+        bool private_;
+        uint32_t ttl;
+} ApiPublish;
+
+/* 0, or -EINVAL with the HTTP status and a message for the client. */
+int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, unsigned *ret_status,
+                      const char **ret_error);
 
 /* ---- api.c ---------------------------------------------------------- */
 
 int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port);
 /* Answer or drop every open request and stop the HTTP server. */
 void api_stop(void);
-/* Queue an event for every matching SSE client. */
-void api_deliver_event(const ProtoEvent *e);
+/* Queue an event (journal id) for every matching SSE client that is not
+ * catching up from the journal. */
+void api_deliver_event(const ProtoEvent *e, uint64_t id);

@@ -73,6 +73,7 @@ CloudConfig *config_free(CloudConfig *c) {
         free(c->key_file);
         free(c->api_listen);
         free(c->token_file);
+        free(c->state_dir);
         if (c->token_digests)
                 OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
         free(c->token_digests);
@@ -139,6 +140,9 @@ static const ConfigKey config_keys[] = {
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
         STR_KEY("API", "TokenFile", token_file),
+        STR_KEY("State", "Directory", state_dir),
+        UINT_KEY("Events", "JournalMaxBytes", journal_max_bytes, 65536, 1u << 31),
+        UINT_KEY("Events", "SyncIntervalMsec", journal_sync_ms, 0, 60000),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
 };
 
@@ -174,7 +178,8 @@ static int config_handler(void *userdata, const char *section, const char *name,
                 }
                 return 1;
         }
-        if (!streq(section, "Cloud") && !streq(section, "API"))
+        if (!streq(section, "Cloud") && !streq(section, "API") && !streq(section, "State") &&
+            !streq(section, "Events"))
                 log_warning("%s:%u: Unknown section [%s], ignoring %s=.", file, p->line, section, name);
         else
                 log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", file, p->line, name, section);
@@ -275,7 +280,8 @@ int config_load(const char *path, CloudConfig **ret) {
         c->path = strdup(path);
         c->coap_listen = strdup("0.0.0.0");
         c->api_listen = strdup("127.0.0.1");
-        if (!c->path || !c->coap_listen || !c->api_listen)
+        c->state_dir = strdup(CLOUD_DEFAULT_STATE_DIR);
+        if (!c->path || !c->coap_listen || !c->api_listen || !c->state_dir)
                 return log_error_errno(-ENOMEM, "Out of memory.");
         c->coap_port = PROTO_DEFAULT_PORT;
         c->max_payload = PROTO_DEFAULT_PAYLOAD_MAX;
@@ -287,6 +293,8 @@ int config_load(const char *path, CloudConfig **ret) {
         c->max_handshakes = 1024;
         c->max_queued_bytes = 1024 * 1024;
         c->api_port = 8080;
+        c->journal_max_bytes = 16 * 1024 * 1024;
+        c->journal_sync_ms = 100;
 
         p.config = c;
         p.file = fopen(path, "re");

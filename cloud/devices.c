@@ -698,6 +698,17 @@ static void device_close(Device *d, const char *reason) {
         devices_kick();
 }
 
+void device_disconnect(Device *d, const char *reason) {
+        Conn *c = d->conn;
+
+        if (!c)
+                return;
+        /* Unbound at once, so what else arrives on the session is refused;
+         * closed from the loop, as this runs inside a libcoap callback. */
+        device_unbind(d, reason, -ENOTCONN);
+        conn_queue_close(c);
+}
+
 static int device_ping_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Device *d = userdata;
         uint64_t now = now_usec();

@@ -4,6 +4,8 @@
  * observe machinery coalesces notifications and would lose events. */
 #include "config.h"
 
+#include <inttypes.h>
+
 #include "cloud.h"
 #include "log.h"
 #include "util.h"
@@ -81,7 +83,8 @@ static void events_reply(coap_pdu_t *response, coap_pdu_code_t code, const char 
         coap_add_data(response, strlen(text), (const uint8_t *)text);
 }
 
-static bool events_query_private(const coap_pdu_t *request) {
+static int events_query(const coap_pdu_t *request, ProtoPublishQuery *ret) {
+        ProtoPublishQuery q = {};
         coap_opt_iterator_t it;
         coap_opt_filter_t filter;
         coap_opt_t *opt;
@@ -90,18 +93,22 @@ static bool events_query_private(const coap_pdu_t *request) {
         coap_option_filter_set(&filter, COAP_OPTION_URI_QUERY);
         coap_option_iterator_init(request, &it, &filter);
         while ((opt = coap_option_next(&it)))
-                if (coap_opt_length(opt) == strlen(PROTO_QUERY_PRIVATE) &&
-                    memcmp(coap_opt_value(opt), PROTO_QUERY_PRIVATE, strlen(PROTO_QUERY_PRIVATE)) == 0)
-                        return true;
-        return false;
+                if (proto_publish_query_add(&q, coap_opt_value(opt), coap_opt_length(opt)) < 0)
+                        return -EINVAL;
+        if (proto_publish_query_check(&q) < 0)
+                return -EINVAL;
+        *ret = q;
+        return 0;
 }
 
 static void events_publish(Device *d, const coap_pdu_t *request, const char *name, coap_pdu_t *response) {
         _cleanup_free_ char *data = NULL;
         char published_at[32];
         const uint8_t *payload = NULL;
+        ProtoPublishQuery q;
         coap_opt_iterator_t it;
         coap_opt_t *opt;
+        uint64_t id;
         size_t len = 0;
         ProtoEvent e;
         int r;
@@ -110,6 +117,18 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
         if (r < 0) {
                 events_reply(response, COAP_RESPONSE_CODE(400),
                              r == -ENAMETOOLONG ? "event name too long" : "invalid event name");
+                return;
+        }
+        if (events_query(request, &q) < 0) {
+                events_reply(response, COAP_RESPONSE_CODE(400), "invalid seq= or epoch=");
+                return;
+        }
+        if (q.has_seq && journal_seen(device_id(d), q.epoch, q.seq)) {
+                /* A resend of what we already delivered (its receipt was
+                 * lost with a connection): the receipt again, no routing. */
+                log_info("Device '%s' resent event %" PRIu64 " (epoch %016" PRIx64 "), already delivered.",
+                         device_id(d), q.seq, q.epoch);
+                events_reply(response, COAP_RESPONSE_CODE(201), "duplicate");
                 return;
         }
         (void)coap_get_data(request, &len, &payload);
@@ -135,7 +154,7 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 .name = (char *)name,
                 .data = data,
                 .ttl = PROTO_DEFAULT_TTL,
-                .private_ = events_query_private(request),
+                .private_ = q.private_,
                 .published_at = published_at,
                 .coreid = (char *)device_id(d),
         };
@@ -143,7 +162,27 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
         if (opt)
                 e.ttl = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
 
-        events_route(&e, d);
+        if (q.has_seq) {
+                uint64_t last = journal_last_seq(device_id(d), q.epoch);
+
+                /* Numbers the device never sent: its outbox dropped them
+                 * (Overflow=drop-oldest) or we refused them. */
+                if (last > 0 && q.seq > last + 1)
+                        log_info("Device '%s' skipped event(s) %" PRIu64 "..%" PRIu64 " (epoch %016" PRIx64
+                                 "): dropped by the device or refused.",
+                                 device_id(d), last + 1, q.seq - 1, q.epoch);
+        }
+        r = journal_append(&e, q.epoch, q.has_seq ? q.seq : 0, &id);
+        if (r < 0) {
+                /* Not stored, not routed: the device keeps it and sends it
+                 * again. Nothing later on this session may overtake it. */
+                log_warning_errno(r, "Failed to store an event from device '%s', closing its session: %m",
+                                  device_id(d));
+                events_reply(response, COAP_RESPONSE_CODE(503), "cannot store the event now");
+                device_disconnect(d, "event journal write failed");
+                return;
+        }
+        events_route(&e, d, id);
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(201));
 }
 
@@ -258,14 +297,14 @@ static int events_notify(Subscription *s, coap_session_t *session, const char *j
         return device_send(s->device, pdu, len);
 }
 
-void events_route(const ProtoEvent *e, const Device *source) {
+void events_route(const ProtoEvent *e, const Device *source, uint64_t id) {
         _cleanup_free_ char *json = NULL;
         Subscription *s, *next;
         bool sent = false;
         size_t len = 0;
         int r;
 
-        api_deliver_event(e);
+        api_deliver_event(e, id);
 
         /* Sending can close a session, whose subscriptions then die:
          * they are only marked while we walk the list. */

@@ -64,6 +64,9 @@ static int run(int argc, char *argv[]) {
         }
 
         events_init(config);
+        r = journal_open(event, config);
+        if (r < 0)
+                goto out;
         r = devices_start(event, config, &coap_port);
         if (r < 0)
                 goto out;
@@ -88,6 +91,7 @@ out:
         api_stop();
         devices_stop();
         events_stop();
+        journal_close();
         sd_event_unref(event);
         return r < 0 ? r : 0;
 }

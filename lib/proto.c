@@ -335,6 +335,67 @@ bad:
         return -EBADMSG;
 }
 
+static bool has_prefix(const uint8_t *opt, size_t len, const char *prefix, size_t *ret_plen) {
+        size_t n = strlen(prefix);
+
+        if (len < n || memcmp(opt, prefix, n) != 0)
+                return false;
+        *ret_plen = n;
+        return true;
+}
+
+int proto_publish_query_add(ProtoPublishQuery *q, const uint8_t *opt, size_t len) {
+        size_t n;
+
+        if (len == strlen(PROTO_QUERY_PRIVATE) && memcmp(opt, PROTO_QUERY_PRIVATE, len) == 0) {
+                q->private_ = true;
+                return 0;
+        }
+        if (has_prefix(opt, len, PROTO_QUERY_SEQ, &n)) {
+                uint64_t v = 0;
+
+                if (q->has_seq || len == n || len - n > 20)
+                        return -EINVAL;
+                for (size_t i = n; i < len; i++) {
+                        unsigned d = (unsigned)opt[i] - '0';
+
+                        if (d > 9 || v > (UINT64_MAX - d) / 10)
+                                return -EINVAL;
+                        v = v * 10 + d;
+                }
+                if (v == 0)
+                        return -EINVAL;
+                q->seq = v;
+                q->has_seq = true;
+                return 0;
+        }
+        if (has_prefix(opt, len, PROTO_QUERY_EPOCH, &n)) {
+                uint64_t v = 0;
+
+                if (q->has_epoch || len == n || len - n > 16)
+                        return -EINVAL;
+                for (size_t i = n; i < len; i++) {
+                        uint8_t c = opt[i];
+                        unsigned d = c >= '0' && c <= '9'   ? (unsigned)(c - '0')
+                                     : c >= 'a' && c <= 'f' ? (unsigned)(c - 'a' + 10)
+                                     : c >= 'A' && c <= 'F' ? (unsigned)(c - 'A' + 10)
+                                                            : 16;
+
+                        if (d > 15)
+                                return -EINVAL;
+                        v = v << 4 | d;
+                }
+                q->epoch = v;
+                q->has_epoch = true;
+                return 0;
+        }
+        return 0;
+}
+
+int proto_publish_query_check(const ProtoPublishQuery *q) {
+        return q->has_seq == q->has_epoch ? 0 : -EINVAL;
+}
+
 void proto_timestamp_now(char buf[static 32]) {
         struct timeval tv;
         struct tm tm;

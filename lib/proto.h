@@ -27,6 +27,10 @@
 
 /* Uri-Query flag marking a published event private. */
 #define PROTO_QUERY_PRIVATE "private"
+/* Uri-Query options of a publish: the event's sequence number (decimal,
+ * 1..2^64-1) and the device's outbox epoch (16 lowercase hex digits). */
+#define PROTO_QUERY_SEQ "seq="
+#define PROTO_QUERY_EPOCH "epoch="
 
 /* CoAP Content-Format numbers used. */
 #define PROTO_CF_TEXT 0
@@ -91,6 +95,21 @@ int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret);
  * "functions":[str...],"variables":{name:type...},"events":[str...],
  * "units":{variable:unit...}}; events and units are optional. */
 int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret);
+
+/* The Uri-Query options of a publish (POST /e/{name}). */
+typedef struct ProtoPublishQuery {
+        bool private_;
+        bool has_seq, has_epoch;
+        uint64_t seq;   /* 1..2^64-1 */
+        uint64_t epoch; /* any, sent as 16 hex digits */
+} ProtoPublishQuery;
+
+/* Take one Uri-Query option (len bytes, not NUL terminated) into q,
+ * which starts zeroed. Unknown options are ignored. -EINVAL for a
+ * malformed or repeated seq= or epoch=. */
+int proto_publish_query_add(ProtoPublishQuery *q, const uint8_t *opt, size_t len);
+/* After the last option: -EINVAL if only one of seq= and epoch= came. */
+int proto_publish_query_check(const ProtoPublishQuery *q);
 
 /* RFC 3339 UTC timestamp with milliseconds of the current wall clock. */
 void proto_timestamp_now(char buf[static 32]);

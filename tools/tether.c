@@ -25,6 +25,9 @@
 /* The cloud sends a keepalive comment every 10 s; 45 s without one (four
  * missed) means the stream is dead even if TCP has not noticed. */
 #define TETHER_STREAM_STALL_SEC 45L
+/* subscribe --resume: wait before connecting again. */
+#define TETHER_RESUME_MIN_MS 100L
+#define TETHER_RESUME_MAX_MS 2000L
 
 /* Exit codes, documented in docs/cli.md. */
 enum {
@@ -47,6 +50,7 @@ static struct {
         unsigned long count;
         bool json;
         bool private_;
+        bool resume; /* subscribe --resume */
 } arg = {
         .timeout_ms = -1,
         .ttl = -1,
@@ -711,6 +715,9 @@ typedef struct Stream {
         Buffer line;      /* the line being received */
         Buffer data;      /* data lines of the event being received */
         char *event;      /* its "event:" field */
+        char *pending_id; /* its "id:" field */
+        char *last_id;    /* the id of the last event printed (Last-Event-ID) */
+        bool opened;      /* this attempt got a 200 stream */
         bool skip_lf;     /* last chunk ended in CR: a following LF belongs to it */
         bool checked;     /* status and content type looked at */
         bool failed;      /* non-200: the body is collected into api->body */
@@ -746,6 +753,10 @@ static void stream_dispatch(Stream *s) {
         const char *name = s->event ?: "message";
         json_error_t jerr;
 
+        if (s->pending_id) {
+                free(s->last_id);
+                s->last_id = TAKE_PTR(s->pending_id);
+        }
         if (s->data.len == 0)
                 goto out;
         /* The last data line's newline is not part of the value. */
@@ -768,6 +779,8 @@ static void stream_dispatch(Stream *s) {
                                       json_object_get(ev, "coreid"));
                 if (o && json_is_true(priv))
                         json_object_set_new(o, "private", json_true());
+                if (o && s->last_id)
+                        json_object_set_new(o, "id", json_string(s->last_id));
                 char *text = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
                 if (text)
                         printf("%s\n", text);
@@ -834,8 +847,14 @@ static int stream_line(Stream *s, char *line, size_t len) {
                         r = buffer_append(&s->data, "\n", 1);
                 if (r < 0)
                         return r;
+        } else if (flen == 2 && strncmp(line, "id", 2) == 0) {
+                /* Becomes the last event ID when the event is dispatched. */
+                free(s->pending_id);
+                s->pending_id = strdup(value);
+                if (!s->pending_id)
+                        return -ENOMEM;
         }
-        /* "id" and "retry" are not used: the CLI does not reconnect. */
+        /* "retry" is not used: --resume has its own pace. */
         return 0;
 }
 
@@ -859,6 +878,7 @@ static size_t stream_write(char *p, size_t size, size_t n, void *userdata) {
                 }
                 /* Test scripts wait for this line before they publish. */
                 if (!s->failed) {
+                        s->opened = true;
                         char *url = NULL;
                         curl_easy_getinfo(a->curl, CURLINFO_EFFECTIVE_URL, &url);
                         log_info("Subscribed to %s", url ?: a->base);
@@ -906,13 +926,116 @@ static void on_signal(int sig) {
         interrupted = 1;
 }
 
+/* One connection of a subscription. *ret_transient says whether
+ * --resume should connect again. */
+static int subscribe_once(Api *a, const char *path, Stream *s, unsigned long long start, bool *ret_transient) {
+        _cleanup_free_ char *last = NULL;
+        struct curl_slist *headers = NULL;
+        long left_ms = 0;
+        CURLcode c;
+        int r;
+
+        *ret_transient = false;
+        for (struct curl_slist *h = a->headers; h; h = h->next)
+                if (!(headers = curl_slist_append(headers, h->data)))
+                        goto oom;
+        if (!(headers = curl_slist_append(headers, "Accept: text/event-stream")))
+                goto oom;
+        if (s->last_id) {
+                if (strpbrk(s->last_id, "\r\n") || asprintf(&last, "Last-Event-ID: %s", s->last_id) < 0)
+                        last = NULL;
+                if (last && !(headers = curl_slist_append(headers, last)))
+                        goto oom;
+        }
+        buffer_done(&a->body);
+        a->body.max = TETHER_RESPONSE_MAX;
+        a->status = 0;
+        a->errbuf[0] = 0;
+        s->line.len = s->data.len = 0;
+        free(s->event);
+        free(s->pending_id);
+        s->event = s->pending_id = NULL;
+        s->skip_lf = s->checked = s->failed = s->opened = false;
+
+        curl_easy_setopt(a->curl, CURLOPT_URL, path);
+        curl_easy_setopt(a->curl, CURLOPT_HTTPHEADER, headers);
+        curl_easy_setopt(a->curl, CURLOPT_HTTPGET, 1L);
+        curl_easy_setopt(a->curl, CURLOPT_WRITEFUNCTION, stream_write);
+        curl_easy_setopt(a->curl, CURLOPT_WRITEDATA, s);
+        curl_easy_setopt(a->curl, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(a->curl, CURLOPT_XFERINFOFUNCTION, stream_progress);
+        curl_easy_setopt(a->curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
+        curl_easy_setopt(a->curl, CURLOPT_LOW_SPEED_TIME, TETHER_STREAM_STALL_SEC);
+        curl_easy_setopt(a->curl, CURLOPT_TCP_KEEPALIVE, 1L);
+        /* Without --timeout the stream runs until interrupted. */
+        if (arg.timeout_ms > 0) {
+                left_ms = arg.timeout_ms - (long)((now_usec() - start) / 1000ULL);
+                if (left_ms < 1)
+                        left_ms = 1;
+        }
+        api_set_timeouts(a, left_ms);
+
+        c = curl_easy_perform(a->curl);
+        curl_easy_setopt(a->curl, CURLOPT_HTTPHEADER, a->headers);
+        curl_slist_free_all(headers);
+
+        if (s->failed) {
+                r = http_error(a, NULL);
+                /* 503: the cloud is shutting down. */
+                *ret_transient = a->status == 503;
+                return r;
+        }
+        if (s->write_error < 0) {
+                if (s->write_error != -EPROTO && s->write_error != -EFBIG)
+                        log_error_errno(s->write_error, "Failed to write to standard output: %m");
+                return s->write_error;
+        }
+        if (s->stdout_gone || (arg.count > 0 && s->received >= arg.count))
+                return 0;
+
+        if (c == CURLE_ABORTED_BY_CALLBACK && interrupted) {
+                if (arg.count > 0) {
+                        log_error("Interrupted after %lu of %lu events", s->received, arg.count);
+                        return -EINTR;
+                }
+                return 0;
+        }
+        if (c == CURLE_OPERATION_TIMEDOUT && arg.timeout_ms > 0 &&
+            now_usec() - start >= (unsigned long long)arg.timeout_ms * 1000ULL) {
+                /* --timeout bounds a collection; only a missed --count fails. */
+                if (arg.count > 0) {
+                        log_error("Timed out after %.3g s with %lu of %lu events", arg.timeout_ms / 1000.0,
+                                  s->received, arg.count);
+                        return -ETIMEDOUT;
+                }
+                return 0;
+        }
+        if (c == CURLE_OPERATION_TIMEDOUT && s->checked) {
+                log_error("The event stream from %s stalled: nothing received for %ld s", a->base,
+                          TETHER_STREAM_STALL_SEC);
+                *ret_transient = true;
+                return -ETIMEDOUT;
+        }
+        if (c == CURLE_OK) {
+                log_error("The event stream from %s was closed by the server", a->base);
+                *ret_transient = true;
+                return -ECONNRESET;
+        }
+        r = curl_error(a, c);
+        *ret_transient = r == -ECONNREFUSED || r == -ECONNRESET || r == -ETIMEDOUT;
+        return r;
+oom:
+        curl_slist_free_all(headers);
+        return log_error_errno(-ENOMEM, "Out of memory");
+}
+
 static int cmd_subscribe(Api *a, char **args, int n) {
         _cleanup_free_ char *path = NULL;
         const char *prefix = n >= 1 ? args[0] : "";
         struct sigaction sa = { .sa_handler = on_signal };
         Stream s = { .api = a };
         unsigned long long start;
-        CURLcode c;
+        long delay_ms = 0;
         int r;
 
         if (n > 1)
@@ -934,73 +1057,47 @@ static int cmd_subscribe(Api *a, char **args, int n) {
         sigaction(SIGINT, &sa, NULL);
         sigaction(SIGTERM, &sa, NULL);
 
-        a->headers = curl_slist_append(a->headers, "Accept: text/event-stream");
-        if (!a->headers)
-                return log_error_errno(-ENOMEM, "Out of memory");
-        buffer_done(&a->body);
-        a->body.max = TETHER_RESPONSE_MAX;
         s.line.max = TETHER_SSE_EVENT_MAX;
         s.data.max = TETHER_SSE_EVENT_MAX;
-
-        curl_easy_setopt(a->curl, CURLOPT_URL, path);
-        curl_easy_setopt(a->curl, CURLOPT_HTTPHEADER, a->headers);
-        curl_easy_setopt(a->curl, CURLOPT_HTTPGET, 1L);
-        curl_easy_setopt(a->curl, CURLOPT_WRITEFUNCTION, stream_write);
-        curl_easy_setopt(a->curl, CURLOPT_WRITEDATA, &s);
-        curl_easy_setopt(a->curl, CURLOPT_NOPROGRESS, 0L);
-        curl_easy_setopt(a->curl, CURLOPT_XFERINFOFUNCTION, stream_progress);
-        curl_easy_setopt(a->curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
-        curl_easy_setopt(a->curl, CURLOPT_LOW_SPEED_TIME, TETHER_STREAM_STALL_SEC);
-        curl_easy_setopt(a->curl, CURLOPT_TCP_KEEPALIVE, 1L);
-        /* Without --timeout the stream runs until interrupted. */
-        api_set_timeouts(a, arg.timeout_ms > 0 ? arg.timeout_ms : 0);
-
         start = now_usec();
-        c = curl_easy_perform(a->curl);
+        for (;;) {
+                bool transient;
+                struct timespec ts;
 
-        if (s.failed) {
-                r = http_error(a, NULL);
-                goto out;
+                r = subscribe_once(a, path, &s, start, &transient);
+                if (!arg.resume || !transient || interrupted)
+                        break;
+                /* Back soon after a stream that worked, slower while the
+                 * cloud stays away. */
+                delay_ms = s.opened ? TETHER_RESUME_MIN_MS
+                                    : (delay_ms * 2 < TETHER_RESUME_MAX_MS ? (delay_ms * 2 ?: TETHER_RESUME_MIN_MS)
+                                                                           : TETHER_RESUME_MAX_MS);
+                if (arg.timeout_ms > 0 &&
+                    (long)((now_usec() - start) / 1000ULL) + delay_ms >= arg.timeout_ms) {
+                        if (arg.count > 0) {
+                                log_error("Timed out after %.3g s with %lu of %lu events", arg.timeout_ms / 1000.0,
+                                          s.received, arg.count);
+                                r = -ETIMEDOUT;
+                        } else
+                                r = 0;
+                        break;
+                }
+                log_info("Reconnecting in %.1f s%s%s", delay_ms / 1000.0, s.last_id ? ", resuming after " : "",
+                         s.last_id ?: "");
+                ts = (struct timespec){ .tv_sec = delay_ms / 1000, .tv_nsec = delay_ms % 1000 * 1000000L };
+                (void)nanosleep(&ts, NULL); /* a signal ends it early */
+                if (interrupted) {
+                        r = arg.count > 0 ? -EINTR : 0;
+                        if (arg.count > 0)
+                                log_error("Interrupted after %lu of %lu events", s.received, arg.count);
+                        break;
+                }
         }
-        if (s.write_error < 0) {
-                if (s.write_error != -EPROTO && s.write_error != -EFBIG)
-                        log_error_errno(s.write_error, "Failed to write to standard output: %m");
-                r = s.write_error;
-                goto out;
-        }
-        if (s.stdout_gone || (arg.count > 0 && s.received >= arg.count)) {
-                r = 0;
-                goto out;
-        }
-
-        if (c == CURLE_ABORTED_BY_CALLBACK && interrupted) {
-                if (arg.count > 0) {
-                        log_error("Interrupted after %lu of %lu events", s.received, arg.count);
-                        r = -EINTR;
-                } else
-                        r = 0;
-        } else if (c == CURLE_OPERATION_TIMEDOUT && s.checked && arg.timeout_ms > 0 &&
-                   now_usec() - start >= (unsigned long long)arg.timeout_ms * 1000ULL) {
-                /* --timeout bounds a collection; only a missed --count fails. */
-                if (arg.count > 0) {
-                        log_error("Timed out after %.3g s with %lu of %lu events", arg.timeout_ms / 1000.0,
-                                  s.received, arg.count);
-                        r = -ETIMEDOUT;
-                } else
-                        r = 0;
-        } else if (c == CURLE_OPERATION_TIMEDOUT && s.checked) {
-                log_error("The event stream from %s stalled: nothing received for %ld s", a->base,
-                          TETHER_STREAM_STALL_SEC);
-                r = -ETIMEDOUT;
-        } else if (c == CURLE_OK) {
-                log_error("The event stream from %s was closed by the server", a->base);
-                r = -ECONNRESET;
-        } else
-                r = curl_error(a, c);
-out:
         buffer_done(&s.line);
         buffer_done(&s.data);
         free(s.event);
+        free(s.pending_id);
+        free(s.last_id);
         return r;
 }
 
@@ -1022,6 +1119,8 @@ static void help(void) {
                "  subscribe [PREFIX]            print events as they arrive, one per line\n"
                "        --device DEVICE           only events from this device\n"
                "        --count N                 exit 0 after N events\n"
+               "        --resume                  reconnect when the stream ends and resume\n"
+               "                                  after the last event (Last-Event-ID)\n"
                "\n"
                "Options:\n"
                "  --api URL         API base URL (default: $TETHER_API, else " TETHER_DEFAULT_API ")\n"
@@ -1048,6 +1147,7 @@ enum {
         OPT_TTL,
         OPT_DEVICE,
         OPT_COUNT,
+        OPT_RESUME,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1073,6 +1173,7 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "ttl", required_argument, NULL, OPT_TTL },
                 { "device", required_argument, NULL, OPT_DEVICE },
                 { "count", required_argument, NULL, OPT_COUNT },
+                { "resume", no_argument, NULL, OPT_RESUME },
                 {},
         };
         const char *cmd;
@@ -1132,6 +1233,9 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         arg.count = (unsigned long)v;
                         break;
                 }
+                case OPT_RESUME:
+                        arg.resume = true;
+                        break;
                 case ':':
                         return usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
@@ -1157,8 +1261,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
 
         if ((arg.private_ || arg.ttl >= 0) && !streq(cmd, "publish"))
                 return usage_error("--private and --ttl are options of 'publish'");
-        if ((arg.device || arg.count > 0) && !streq(cmd, "subscribe"))
-                return usage_error("--device and --count are options of 'subscribe'");
+        if ((arg.device || arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
+                return usage_error("--device, --count and --resume are options of 'subscribe'");
 
         *ret_optind = optind + 1;
         return 1;

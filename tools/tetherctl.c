@@ -75,8 +75,9 @@ static int wait_fd(int fd, short events, long long deadline_usec) {
 }
 
 /* Send one request, return the parsed response (caller decrefs) or an exit
- * code after reporting. */
+ * code after reporting. Takes the reference to req (NULL: out of memory). */
 static int request(json_t *req, json_t **ret) {
+        _cleanup_(json_decrefp) json_t *owned = req;
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int fd = -1;
         _cleanup_free_ char *out = NULL, *in = NULL;
@@ -89,7 +90,7 @@ static int request(json_t *req, json_t **ret) {
         if (strlen(arg.socket) >= sizeof(sa.sun_path))
                 return usage_error("Socket path '%s' is too long", arg.socket);
         memcpy(sa.sun_path, arg.socket, strlen(arg.socket));
-        out = json_dumps(req, JSON_COMPACT);
+        out = req ? json_dumps(req, JSON_COMPACT) : NULL;
         in = malloc(TETHERCTL_RESPONSE_MAX + 1);
         if (!out || !in)
                 return log_error("Out of memory"), 1;
@@ -251,7 +252,8 @@ static int cmd_publish(const char *name, const char *data) {
         if (req && arg.ttl >= 0 && json_object_set_new(req, "ttl", json_integer(arg.ttl)) < 0)
                 req = (json_decref(req), NULL);
         if (!req)
-                return log_error(data && !json_string(data) ? "Event data is not valid UTF-8" : "Out of memory"),
+                return log_error(data && proto_utf8_check(data, strlen(data)) < 0 ? "Event data is not valid UTF-8"
+                                                                                   : "Out of memory"),
                        data ? EXIT_USAGE : 1;
         r = request(req, &resp);
         json_decref(resp);

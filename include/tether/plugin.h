@@ -108,9 +108,11 @@ struct tether_host_api {
 
         /* Publish an event. name and data are copied before return; data
          * may be NULL. ttl in seconds (0 = default 60). flags:
-         * TETHER_EVENT_*. Returns 0 once the agent has accepted the event
-         * (queued); -EINVAL bad name, -E2BIG data too large, -ENOBUFS queue
-         * full. */
+         * TETHER_EVENT_*. Returns 0 once the agent has accepted the event:
+         * written to its persistent outbox, delivered in order and once.
+         * Otherwise nothing was kept and a later retry is safe: -EINVAL bad
+         * name, -E2BIG data too large, -ENOBUFS outbox full, -ENOSPC or
+         * -EIO the outbox could not be written. */
         int (*publish)(tether_host *host, const char *name, const char *data, uint32_t ttl, uint32_t flags);
 
         /* Subscribe to cloud events whose name starts with prefix. The

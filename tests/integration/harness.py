@@ -7,8 +7,10 @@ waited for as they arrive. Every wait has a deadline so a broken daemon
 fails the test instead of hanging it.
 """
 
+import ctypes
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -58,6 +60,16 @@ class Skip(Exception):
 def skip(reason):
     print(f"SKIP: {reason}")
     sys.exit(77)
+
+
+def _die_with_parent():
+    """In a child before exec: SIGTERM when the test process dies, so no
+    daemon or `subscribe --resume` outlives a crashed test."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class NotifySocket:
@@ -111,14 +123,16 @@ class NotifySocket:
 class Daemon:
     """A child process whose stderr lines are collected and can be awaited."""
 
-    def __init__(self, name, argv, env, logdir):
+    def __init__(self, name, argv, env, logdir, prefix=()):
         self.name = name
         self.killed = False
         self.lines = []
         self.cond = threading.Condition()
         self.log = open(os.path.join(logdir, f"{name}.log"), "a")
-        self.proc = subprocess.Popen(WRAPPER + EMULATOR + argv, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # prefix: e.g. "ip netns exec NS", which exec()s: the pid stays ours.
+        self.proc = subprocess.Popen(list(prefix) + WRAPPER + EMULATOR + argv, env=env, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     preexec_fn=_die_with_parent)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -154,6 +168,22 @@ class Daemon:
 
     def signal(self, sig):
         self.proc.send_signal(sig)
+
+    def count(self, pattern, start=0):
+        rx = re.compile(pattern)
+        with self.cond:
+            return sum(1 for line in self.lines[start:] if rx.search(line))
+
+    def status(self):
+        """VmRSS and RssAnon in KiB and the number of open fds."""
+        fields = {}
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "RssAnon"):
+                    fields[k] = int(v.split()[0])
+        fields["fds"] = len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+        return fields
 
     def stop(self, timeout=10):
         if self.proc.poll() is None:
@@ -241,27 +271,36 @@ class World:
         e.setdefault("TETHER_LOG_LEVEL", "info")
         return e
 
-    def start_cloud(self, extra="", cert=None, key=None, port=0, api_port=0):
+    def start_cloud(self, extra="", cert=None, key=None, port=0, api_port=0, listen="127.0.0.1",
+                    timing=None, state_dir=None, env=None):
+        """Start tether-cloudd; a restart with the same state_dir (by
+        default the test's cloud-state) keeps its event journal. timing
+        replaces the PingSec/DeviceTimeoutSec/CallTimeoutSec lines."""
         cert = cert or self.path("pki", "server.crt")
         key = key or self.path("pki", "server.key")
         conf = self.path("cloud.conf")
+        timing = timing or """PingSec=5
+DeviceTimeoutSec=15
+CallTimeoutSec=5"""
         with open(conf, "w") as f:
             f.write(f"""[Cloud]
-Listen=127.0.0.1
+Listen={listen}
 Port={port}
 CAFile={self.path('pki', 'ca.crt')}
 Certificate={cert}
 Key={key}
-PingSec=5
-DeviceTimeoutSec=15
-CallTimeoutSec=5
+{timing}
 [API]
 Listen=127.0.0.1
 Port={api_port}
 TokenFile={self.path('tokens')}
+[State]
+Directory={state_dir or self.path('cloud-state')}
 {extra}""")
         mark = self.notify.mark()
-        self.cloud = Daemon("cloud", [CLOUDD, "--config", conf], self.env(), self.dir)
+        e = self.env()
+        e.update(env or {})
+        self.cloud = Daemon("cloud", [CLOUDD, "--config", conf], e, self.dir)
         self.daemons.append(self.cloud)
         m = self.notify.wait(lambda m: m.get("READY") == "1" and "X_COAP_PORT" in m, 20,
                              "tether-cloudd READY=1", mark)
@@ -273,8 +312,18 @@ TokenFile={self.path('tokens')}
     def api(self):
         return f"http://127.0.0.1:{self.api_port}"
 
-    def agent_conf(self, name, cert, key, host="localhost", plugin_dir=PLUGINS, extra="", ca=None):
+    def agent_conf(self, name, cert, key, host="localhost", plugin_dir=PLUGINS, extra="", ca=None,
+                   connection=None, state_dir=None):
+        """Write NAME.conf. Each agent has its own state directory (its
+        outbox) in the test's scratch directory; connection replaces the
+        [Connection] settings."""
         conf = self.path(f"{name}.conf")
+        state_dir = state_dir or self.path(f"{name}-state")
+        connection = connection or f"""KeepaliveSec=5
+KeepaliveTimeoutSec=3
+ReconnectMinSec=0.2
+ReconnectMaxSec=2
+ConnectTimeoutSec={5 * SLOW}"""
         with open(conf, "w") as f:
             f.write(f"""[Cloud]
 Host={host}
@@ -284,11 +333,9 @@ CAFile={ca or self.path('pki', 'ca.crt')}
 Certificate={cert}
 Key={key}
 [Connection]
-KeepaliveSec=5
-KeepaliveTimeoutSec=3
-ReconnectMinSec=0.2
-ReconnectMaxSec=2
-ConnectTimeoutSec={5 * SLOW}
+{connection}
+[State]
+Directory={state_dir}
 [Plugins]
 Directory={plugin_dir}
 [Local]
@@ -325,19 +372,26 @@ IntervalSec=0
                "ASAN_OPTIONS": os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"}
         return GpioSim(d), env
 
-    def start_agent(self, name="agent", wait_online=True, env=None, **kw):
-        dev_id, cert, key = kw.pop("device", None) or self.new_device()
-        conf = self.agent_conf(name, cert, key, **kw)
+    def start_agent(self, name="agent", wait_online=True, env=None, prefix=(), **kw):
+        device = kw.pop("device", None) or self.new_device()
+        conf = self.agent_conf(name, device[1], device[2], **kw)
+        return self.run_agent(name, conf, device, wait_online, env, prefix)
+
+    def run_agent(self, name, conf, device, wait_online=True, env=None, prefix=()):
+        """Start tetherd with an existing config (a restart keeps the
+        device and, with it, the state directory). The local API socket is
+        the one agent_conf(name) wrote."""
         mark = self.notify.mark()
         e = self.env()
         e.update(env or {})
-        d = Daemon(name, [TETHERD, "--config", conf], e, self.dir)
-        d.device_id = dev_id
+        d = Daemon(name, [TETHERD, "--config", conf], e, self.dir, prefix)
+        d.device = device
+        d.device_id = device[0]
         d.conf = conf
-        d.socket = self.path(name + ".sock")
+        d.socket = self.path(os.path.basename(conf)[:-len(".conf")] + ".sock")
         self.daemons.append(d)
         if wait_online:
-            self.wait_online(dev_id, mark)
+            self.wait_online(device[0], mark)
         return d
 
     def wait_online(self, dev_id, start=0, timeout=20):
@@ -353,9 +407,12 @@ IntervalSec=0
         return r
 
     def subscribe(self, *args):
-        """Start `tether subscribe --json ...`; returns a Subscriber."""
+        """Start `tether subscribe --json ...`; returns a Subscriber, which
+        is closed with the World (or the test process) at the latest."""
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=self.token)
-        return Subscriber(EMULATOR + [TETHER, "subscribe", "--json", *args], env)
+        sub = Subscriber(EMULATOR + [TETHER, "subscribe", "--json", *args], env)
+        self.cleanups.append(sub.close)
+        return sub
 
     def tetherctl(self, agent, *args, check=True, timeout=30, user=None):
         """Run tetherctl against agent's socket; user: run as that user
@@ -397,7 +454,7 @@ IntervalSec=0
 class Subscriber:
     def __init__(self, argv, env):
         self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.events = []
         self.errors = []
         self.cond = threading.Condition()
@@ -437,6 +494,22 @@ class Subscriber:
         with self.cond:
             self.cond.notify_all()
 
+    def wait_until(self, cond, timeout=10, what="events"):
+        """Wait until cond(list of all events so far) is true."""
+        deadline = time.monotonic() + timeout * SLOW
+        with self.cond:
+            while not cond(self.events):
+                if self.proc.poll() is not None:
+                    raise Failure(f"tether subscribe exited ({self.proc.returncode}): {self.errors[-5:]}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Failure(f"timed out waiting for {what}")
+                self.cond.wait(min(left, 0.5))
+
+    def snapshot(self):
+        with self.cond:
+            return list(self.events)
+
     def wait(self, pred, timeout=10, what="event"):
         deadline = time.monotonic() + timeout * SLOW
         with self.cond:
@@ -454,11 +527,16 @@ class Subscriber:
     def close(self):
         if self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(5)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def run(tests, emulated=""):
-    """Run test functions, each with a fresh World; TAP-ish output.
+    """Run test functions, each with a fresh World; TAP-ish output. A test
+    may raise Skip(reason); if every test skipped, the exit status is 77.
 
     Under the cross-build emulator (TETHER_TEST_EMULATOR) a file runs only
     if it passes emulated="ok"; otherwise emulated names why it is left to
@@ -467,7 +545,7 @@ def run(tests, emulated=""):
     if EMULATOR and emulated != "ok":
         skip(f"not run under {EMULATOR[0]}: {emulated or 'left to the native run'}")
     check_emulator()
-    failed = 0
+    failed = skipped = 0
     print(f"1..{len(tests)}")
     for i, t in enumerate(tests, 1):
         w = None
@@ -478,6 +556,7 @@ def run(tests, emulated=""):
             w = None
             print(f"ok {i} - {t.__name__}")
         except Skip as e:
+            skipped += 1
             print(f"ok {i} - {t.__name__} # SKIP {e}")
             if w:
                 w.close()
@@ -497,9 +576,79 @@ def run(tests, emulated=""):
                     for line in d.lines[-40:]:
                         print(f"#   {line}")
         sys.stdout.flush()
-    return 1 if failed else 0
+    if failed:
+        return 1
+    return 77 if skipped == len(tests) else 0
 
 
 def expect(cond, msg):
     if not cond:
         raise Failure(msg)
+
+
+class NetNs:
+    """A network namespace joined to the host by a veth pair: the agent
+    runs inside (prefix), the cloud listens on the host end (host_ip), and
+    drop() makes the namespace's nftables drop every packet silently: no
+    FIN, no RST, like a dead uplink. Names and the /30 subnet are unique;
+    close() (registered as a World cleanup) removes it all."""
+
+    def __init__(self, world):
+        if os.geteuid() != 0:
+            raise Skip("network namespaces need root")
+        for tool in ("ip", "nft"):
+            if not shutil.which(tool):
+                raise Skip(f"'{tool}' is not installed (tools/dev deps installs iproute2 and nftables)")
+        tag = f"{os.getpid() % 100000}{random.randrange(100)}"
+        self.name = f"tether-test-{tag}"
+        self.host_if = f"tth{tag}"[:15]
+        self.ns_if = f"ttn{tag}"[:15]
+        used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+        for _ in range(100):
+            b, c = random.randrange(200, 250), random.randrange(0, 256)
+            d = random.randrange(0, 64) * 4
+            self.host_ip, self.ns_ip = f"10.{b}.{c}.{d + 1}", f"10.{b}.{c}.{d + 2}"
+            if f"10.{b}.{c}." not in used:
+                break
+        self.dropping = False
+        world.cleanups.append(self.close)
+        steps = [["ip", "netns", "add", self.name],
+                 ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if],
+                 ["ip", "link", "set", self.ns_if, "netns", self.name],
+                 ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
+                 ["ip", "link", "set", self.host_if, "up"],
+                 ["ip", "-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if],
+                 ["ip", "-n", self.name, "link", "set", self.ns_if, "up"],
+                 ["ip", "-n", self.name, "link", "set", "lo", "up"]]
+        for cmd in steps:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise Skip(f"cannot set up a network namespace ({' '.join(cmd)}: {r.stderr.strip()})")
+        r = self.nft("list", "tables")
+        if r.returncode != 0:
+            raise Skip(f"nftables does not work here: {r.stderr.strip()}")
+
+    @property
+    def prefix(self):
+        return ["ip", "netns", "exec", self.name]
+
+    def nft(self, *args, stdin=None):
+        return subprocess.run(self.prefix + ["nft", *args], capture_output=True, text=True, input=stdin)
+
+    def drop(self, on=True):
+        if on and not self.dropping:
+            rules = ("table inet tether_drop {\n"
+                     " chain input { type filter hook input priority 0; policy drop; }\n"
+                     " chain output { type filter hook output priority 0; policy drop; }\n}\n")
+            r = self.nft("-f", "-", stdin=rules)
+        elif not on and self.dropping:
+            r = self.nft("delete", "table", "inet", "tether_drop")
+        else:
+            return
+        if r.returncode != 0:
+            raise Failure(f"nft failed: {r.stderr.strip()}")
+        self.dropping = on
+
+    def close(self):
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)

@@ -69,6 +69,35 @@ static void test_values_and_plugins(void **state) {
         assert_null(config_plugin_get(c, "other", "Label"));
 }
 
+static void test_state_and_outbox(void **state) {
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL;
+        char text[1024];
+
+        assert_int_equal(load(base, &c, NULL), 0);
+        assert_string_equal(c->state_dir, CONFIG_DEFAULT_STATE_DIR);
+        assert_int_equal(c->outbox_max_events, 10000);
+        assert_int_equal(c->outbox_max_bytes, 8 * 1024 * 1024);
+        assert_int_equal(c->outbox_overflow, CONFIG_OVERFLOW_REJECT);
+        assert_int_equal(c->outbox_sync_ms, 100);
+
+        snprintf(text, sizeof(text),
+                 "%s[State]\nDirectory=/srv/tether\n[Outbox]\nMaxEvents=5\nMaxBytes=65536\n"
+                 "Overflow=drop-oldest\nSyncIntervalSec=0\n",
+                 base);
+        assert_int_equal(load(text, &d, NULL), 0);
+        assert_string_equal(d->state_dir, "/srv/tether");
+        assert_int_equal(d->outbox_max_events, 5);
+        assert_int_equal(d->outbox_max_bytes, 65536);
+        assert_int_equal(d->outbox_overflow, CONFIG_OVERFLOW_DROP_OLDEST);
+        assert_int_equal(d->outbox_sync_ms, 0);
+        config_free(TAKE_PTR(d));
+
+        /* The old name still works. */
+        snprintf(text, sizeof(text), "%s[Limits]\nMaxQueuedEvents=77\n", base);
+        assert_int_equal(load(text, &d, NULL), 0);
+        assert_int_equal(d->outbox_max_events, 77);
+}
+
 static void expect_error(const char *text, const char *needle) {
         _cleanup_(config_freep) Config *c = NULL;
         _cleanup_free_ char *error = NULL;
@@ -95,6 +124,12 @@ static void test_errors_name_file_and_line(void **state) {
         expect_error("[Cloud\nHost=x\n", "tetherd.conf:1: syntax error");
         snprintf(text, sizeof(text), "%s[Plugin bad name]\nX=1\n", base);
         expect_error(text, "invalid plugin name");
+        snprintf(text, sizeof(text), "%s[Outbox]\nOverflow=sometimes\n", base);
+        expect_error(text, ":8: invalid value 'sometimes' for Overflow= (reject or drop-oldest)");
+        snprintf(text, sizeof(text), "%s[Outbox]\nMaxBytes=10\n", base);
+        expect_error(text, ":8: invalid value '10' for MaxBytes=");
+        snprintf(text, sizeof(text), "%s[Outbox]\nMaxEvents=0\n", base);
+        expect_error(text, ":8: invalid value '0' for MaxEvents=");
 }
 
 static void test_unknown_keys_only_warn(void **state) {
@@ -175,6 +210,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
                 cmocka_unit_test(test_values_and_plugins),
+                cmocka_unit_test(test_state_and_outbox),
                 cmocka_unit_test(test_errors_name_file_and_line),
                 cmocka_unit_test(test_unknown_keys_only_warn),
                 cmocka_unit_test(test_dropins_in_order),

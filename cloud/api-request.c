@@ -1,0 +1,321 @@
+/* Parsing and routing of HTTP API requests (cloud.h, "api-request.c"):
+ * pure functions of the request's method, URL, a few headers and body,
+ * so they can be fuzzed without a server. api.c acts on the result. */
+#include "config.h"
+
+#include <inttypes.h>
+#include <microhttpd.h>
+
+#include "cloud.h"
+#include "util.h"
+
+static int hexval(char c) {
+        if (c >= '0' && c <= '9')
+                return c - '0';
+        if (c >= 'a' && c <= 'f')
+                return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F')
+                return c - 'A' + 10;
+        return -1;
+}
+
+json_t *api_parse_form(const char *body, size_t len) {
+        json_t *o = json_object();
+        const char *p = body, *end = body + len;
+
+        if (!o)
+                return NULL;
+        while (p < end) {
+                const char *amp = memchr(p, '&', end - p) ?: end;
+                const char *eq = memchr(p, '=', amp - p);
+                _cleanup_free_ char *key = NULL, *val = NULL;
+                size_t klen = 0, vlen = 0;
+                char *out[2] = { NULL, NULL };
+                size_t *outlen[2] = { &klen, &vlen };
+                const char *from[2] = { p, eq ? eq + 1 : amp }, *to[2] = { eq ?: amp, amp };
+
+                for (int k = 0; k < 2; k++) {
+                        char *o2 = malloc(to[k] - from[k] + 1);
+                        size_t n = 0;
+
+                        if (!o2) {
+                                free(out[0]);
+                                goto fail;
+                        }
+                        for (const char *q = from[k]; q < to[k]; q++) {
+                                if (*q == '+')
+                                        o2[n++] = ' ';
+                                else if (*q == '%' && to[k] - q >= 3 && hexval(q[1]) >= 0 && hexval(q[2]) >= 0) {
+                                        o2[n++] = (char)(hexval(q[1]) * 16 + hexval(q[2]));
+                                        q += 2;
+                                } else
+                                        o2[n++] = *q;
+                        }
+                        o2[n] = 0;
+                        out[k] = o2;
+                        *outlen[k] = n;
+                }
+                key = out[0];
+                val = out[1];
+                if (klen > 0 && !memchr(key, 0, klen) &&
+                    json_object_set_new_nocheck(o, key, json_stringn_nocheck(val, vlen)) < 0)
+                        goto fail;
+                p = amp + 1;
+        }
+        return o;
+fail:
+        json_decref(o);
+        return NULL;
+}
+
+int api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
+        json_t *v = params ? json_object_get(params, key) : NULL;
+
+        if (!v || json_is_null(v))
+                return 0;
+        if (json_is_string(v)) {
+                *ret = json_string_value(v);
+                *ret_len = json_string_length(v);
+                return 1;
+        }
+        if (json_is_integer(v))
+                snprintf(buf, 32, "%" JSON_INTEGER_FORMAT, json_integer_value(v));
+        else if (json_is_real(v))
+                snprintf(buf, 32, "%.17g", json_real_value(v));
+        else if (json_is_boolean(v))
+                snprintf(buf, 32, "%s", json_is_true(v) ? "true" : "false");
+        else
+                return -EINVAL;
+        *ret = buf;
+        *ret_len = strlen(buf);
+        return 1;
+}
+
+int api_param_text(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]) {
+        int r = api_param(params, key, ret, ret_len, buf);
+
+        if (r > 0 && memchr(*ret, 0, *ret_len))
+                return -EINVAL;
+        return r;
+}
+
+bool api_outside_token(const ApiInput *in, const char **ret_token) {
+        const char *h = in->authorization;
+
+        if (h) {
+                if (strncasecmp(h, "Bearer ", 7) != 0) {
+                        *ret_token = NULL;
+                        return true;
+                }
+                for (h += 7; *h == ' '; h++)
+                        ;
+                *ret_token = h;
+                return true;
+        }
+        if (in->query_token_present) {
+                *ret_token = in->query_token && strlen(in->query_token) == in->query_token_len ? in->query_token
+                                                                                                 : NULL;
+                return true;
+        }
+        return false;
+}
+
+static bool parse_bool(const char *s, bool *ret) {
+        if (streq(s, "true") || streq(s, "1") || streq(s, "yes")) {
+                *ret = true;
+                return true;
+        }
+        if (streq(s, "false") || streq(s, "0") || streq(s, "no") || !*s) {
+                *ret = false;
+                return true;
+        }
+        return false;
+}
+
+int api_parse_last_event_id(const char *s, uint64_t *ret_epoch, uint64_t *ret_id) {
+        uint64_t epoch = 0, id = 0;
+        size_t n = 0;
+
+        for (; hexval(*s) >= 0; s++, n++) {
+                if (n >= 16)
+                        return -EINVAL;
+                epoch = epoch << 4 | (uint64_t)hexval(*s);
+        }
+        if (n == 0 || *s++ != '-' || !*s)
+                return -EINVAL;
+        for (n = 0; *s; s++, n++) {
+                unsigned d = (unsigned)*s - '0';
+
+                if (d > 9 || n >= 20 || id > (UINT64_MAX - d) / 10)
+                        return -EINVAL;
+                id = id * 10 + d;
+        }
+        *ret_epoch = epoch;
+        *ret_id = id;
+        return 0;
+}
+
+/* "events" or "events/PREFIX": *ret_prefix is the prefix ("" for all). */
+static bool match_events(const char *path, const char **ret_prefix) {
+        if (streq(path, "events")) {
+                *ret_prefix = "";
+                return true;
+        }
+        if (startswith(path, "events/")) {
+                *ret_prefix = path + 7;
+                return true;
+        }
+        return false;
+}
+
+void api_parsed_done(ApiParsed *p) {
+        json_decref(p->params);
+        *p = (ApiParsed){};
+}
+
+int api_parse_request(const ApiInput *in, ApiParsed *ret) {
+        bool get = streq(in->method, MHD_HTTP_METHOD_GET) || streq(in->method, MHD_HTTP_METHOD_HEAD);
+        bool post = streq(in->method, MHD_HTTP_METHOD_POST);
+        ApiParsed p = { .route = API_ROUTE_NOT_FOUND };
+        const char *rest, *prefix, *slash;
+        size_t n;
+
+        if (in->body_len > 0) {
+                if (in->content_type && strncasecmp(in->content_type, "application/json", 16) == 0) {
+                        p.params = json_loadb(in->body, in->body_len, JSON_REJECT_DUPLICATES, NULL);
+                        if (!json_is_object(p.params)) {
+                                json_decref(p.params);
+                                p.params = NULL;
+                                p.route = API_ROUTE_BAD_BODY;
+                        }
+                } else if (!(p.params = api_parse_form(in->body, in->body_len)))
+                        return -ENOMEM;
+        }
+
+        /* The token: Authorization header, then ?access_token=, then the body. */
+        if (!api_outside_token(in, &p.token)) {
+                json_t *v = p.params ? json_object_get(p.params, "access_token") : NULL;
+
+                if (json_is_string(v) && !memchr(json_string_value(v), 0, json_string_length(v)))
+                        p.token = json_string_value(v);
+        }
+        if (in->last_event_id && api_parse_last_event_id(in->last_event_id, &p.last_epoch, &p.last_id) == 0)
+                p.has_last_event_id = true;
+        if (p.route == API_ROUTE_BAD_BODY)
+                goto done;
+
+        if (!startswith(in->url, "/v1/"))
+                goto done;
+        rest = in->url + 4;
+        if (match_events(rest, &prefix)) {
+                if (get) {
+                        p.route = API_ROUTE_STREAM;
+                        p.prefix = prefix;
+                }
+                goto done;
+        }
+        if (streq(rest, "devices")) {
+                if (get)
+                        p.route = API_ROUTE_LIST;
+                goto done;
+        }
+        if (!startswith(rest, "devices/"))
+                goto done;
+        rest += 8;
+        if (match_events(rest, &prefix)) {
+                if (get) {
+                        p.route = API_ROUTE_STREAM;
+                        p.prefix = prefix;
+                } else if (post && streq(rest, "events"))
+                        p.route = API_ROUTE_PUBLISH;
+                goto done;
+        }
+        slash = strchr(rest, '/');
+        n = slash ? (size_t)(slash - rest) : strlen(rest);
+        if (n == 0 || n > PROTO_DEVICE_ID_MAX) {
+                p.route = API_ROUTE_NO_DEVICE;
+                goto done;
+        }
+        memcpy(p.device, rest, n);
+        p.device[n] = 0;
+        rest = slash ? slash + 1 : "";
+        /* A device's stream may open before it ever connected. */
+        if (get && match_events(rest, &prefix) && proto_name_check(p.device, n, PROTO_NAME_DEVICE) == 0) {
+                p.route = API_ROUTE_STREAM;
+                p.prefix = prefix;
+                p.stream_device = true;
+                goto done;
+        }
+        if (!*rest) {
+                p.route = get ? API_ROUTE_DEVICE : API_ROUTE_DEVICE_BAD_METHOD;
+                goto done;
+        }
+        if (strchr(rest, '/') || (!get && !post)) {
+                p.route = API_ROUTE_DEVICE_BAD_METHOD;
+                goto done;
+        }
+        p.route = post ? API_ROUTE_CALL : API_ROUTE_READ;
+        p.name = rest;
+done:
+        *ret = p;
+        return 0;
+}
+
+int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, unsigned *ret_status,
+                      const char **ret_error) {
+        const char *name, *data = NULL, *s;
+        size_t name_len, data_len = 0, len;
+        char buf[32];
+        ApiPublish out = { .ttl = PROTO_DEFAULT_TTL };
+        int r;
+
+#define FAIL(status, text)                 \
+        do {                               \
+                *ret_status = (status);    \
+                *ret_error = (text);       \
+                return -EINVAL;            \
+        } while (0)
+
+        r = api_param_text(params, "name", &name, &name_len, buf);
+        if (r == 0)
+                FAIL(MHD_HTTP_BAD_REQUEST, "Event name is required");
+        if (r < 0 || proto_name_check(name, name_len, PROTO_NAME_EVENT) < 0)
+                FAIL(MHD_HTTP_BAD_REQUEST, "Invalid event name");
+        memcpy(out.name, name, name_len);
+        out.name[name_len] = 0;
+        r = api_param(params, "data", &data, &data_len, buf);
+        if (r < 0)
+                FAIL(MHD_HTTP_BAD_REQUEST, "Event data must be text, a number or a boolean");
+        if (r > 0) {
+                if (data_len > max_payload)
+                        FAIL(MHD_HTTP_CONTENT_TOO_LARGE, "Event data too long");
+                if (proto_utf8_check(data, data_len) < 0)
+                        FAIL(MHD_HTTP_BAD_REQUEST, "Event data is not UTF-8 text");
+                if (data == buf) {
+                        /* A number or boolean, spelled out in buf. */
+                        memcpy(out.data_buf, buf, sizeof(out.data_buf));
+                        data = out.data_buf;
+                }
+                out.data = data;
+                out.data_len = data_len;
+        }
+        r = api_param_text(params, "private", &s, &len, buf);
+        if (r < 0 || (r > 0 && !parse_bool(s, &out.private_)))
+                FAIL(MHD_HTTP_BAD_REQUEST, "Invalid value for private");
+        r = api_param_text(params, "ttl", &s, &len, buf);
+        if (r < 0)
+                FAIL(MHD_HTTP_BAD_REQUEST, "Invalid value for ttl");
+        if (r > 0) {
+                char *end;
+                unsigned long v;
+
+                errno = 0;
+                v = strtoul(s, &end, 10);
+                if (!*s || *end || errno || *s == '-' || v > UINT32_MAX)
+                        FAIL(MHD_HTTP_BAD_REQUEST, "Invalid value for ttl");
+                out.ttl = (uint32_t)v;
+        }
+#undef FAIL
+        *ret = out;
+        return 0;
+}

@@ -1,0 +1,688 @@
+/* The event journal (cloud.h): an append-only file of every routed event,
+ * in lib/record.h frames. Record types (first payload byte):
+ *
+ *   'H' version u8, epoch u64, next_id u64          first record of a file
+ *   'S' device bytes, epoch u64, last_seq u64        device state (rewrites)
+ *   'E' id u64, coreid bytes, epoch u64, seq u64, ttl u32, private u8,
+ *       published_at bytes, name bytes, has_data u8, data bytes
+ *
+ * The append is the commit point of an event: once it is in the file the
+ * event counts as delivered (a resend is dropped) and SSE clients that
+ * reconnect with Last-Event-ID read it back from here. Writes reach the
+ * kernel before the event is routed and acknowledged, so a crash of the
+ * cloud cannot lose an acknowledged event; fdatasync() is batched
+ * (SyncIntervalMsec=). When the file grows past JournalMaxBytes it is
+ * rewritten with the device states and its newer half. */
+#include "config.h"
+
+#include <fcntl.h>
+#include <inttypes.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+
+#include "cloud.h"
+#include "log.h"
+#include "record.h"
+#include "util.h"
+
+#define JOURNAL_FILE "events.journal"
+#define JOURNAL_LOCK_FILE "events.journal.lock"
+#define JOURNAL_CORRUPT_FILE "events.journal.corrupt"
+#define JOURNAL_MAGIC 0x314a4354u /* "TCJ1" on disk */
+#define JOURNAL_VERSION 1
+#define REC_HEADER 'H'
+#define REC_STATE 'S'
+#define REC_EVENT 'E'
+#define JOURNAL_WINDOW (64u * 1024)
+#define JOURNAL_FIELD_MAX (TETHER_EVENT_NAME_MAX + PROTO_HARD_PAYLOAD_MAX + 256)
+
+typedef struct DeviceState {
+        char *id;
+        uint64_t epoch;
+        uint64_t last_seq;
+        struct DeviceState *next;
+} DeviceState;
+
+static struct {
+        const CloudConfig *config;
+        int dir_fd, lock_fd, fd;
+        uint64_t epoch;
+        uint64_t next_id;
+        uint64_t end;
+        uint64_t generation; /* bumped when the file is replaced */
+        bool unsynced;
+        sd_event_source *sync_timer;
+
+        DeviceState **buckets;
+        size_t nbuckets, n_states;
+
+        uint8_t *buf;
+        size_t buf_cap;
+} journal = { .dir_fd = -1, .lock_fd = -1, .fd = -1 };
+
+/* ---- device states ------------------------------------------------------- */
+
+static uint64_t hash_string(const char *s, size_t n) {
+        uint64_t h = 0xcbf29ce484222325ULL;
+
+        for (size_t i = 0; i < n; i++)
+                h = (h ^ (uint8_t)s[i]) * 0x100000001b3ULL;
+        return h;
+}
+
+static DeviceState *state_find(const char *id, size_t n) {
+        if (journal.nbuckets == 0)
+                return NULL;
+        for (DeviceState *s = journal.buckets[hash_string(id, n) & (journal.nbuckets - 1)]; s; s = s->next)
+                if (strlen(s->id) == n && memcmp(s->id, id, n) == 0)
+                        return s;
+        return NULL;
+}
+
+static int state_grow(void) {
+        size_t n = journal.nbuckets ? journal.nbuckets * 2 : 64;
+        DeviceState **b = calloc(n, sizeof(*b));
+
+        if (!b)
+                return -ENOMEM;
+        for (size_t k = 0; k < journal.nbuckets; k++)
+                for (DeviceState *s = journal.buckets[k], *next; s; s = next) {
+                        size_t i = hash_string(s->id, strlen(s->id)) & (n - 1);
+
+                        next = s->next;
+                        s->next = b[i];
+                        b[i] = s;
+                }
+        free(journal.buckets);
+        journal.buckets = b;
+        journal.nbuckets = n;
+        return 0;
+}
+
+/* The device delivered (epoch, seq): remember the highest per epoch. A
+ * new epoch (a wiped outbox) starts over. */
+static int state_update(const char *id, size_t n, uint64_t epoch, uint64_t seq) {
+        DeviceState *s = state_find(id, n);
+        size_t i;
+
+        if (s) {
+                if (s->epoch != epoch) {
+                        s->epoch = epoch;
+                        s->last_seq = seq;
+                } else if (seq > s->last_seq)
+                        s->last_seq = seq;
+                return 0;
+        }
+        if (journal.n_states >= journal.nbuckets && state_grow() < 0)
+                return -ENOMEM;
+        s = calloc(1, sizeof(*s));
+        if (!s || !(s->id = strndup(id, n))) {
+                free(s);
+                return -ENOMEM;
+        }
+        s->epoch = epoch;
+        s->last_seq = seq;
+        i = hash_string(id, n) & (journal.nbuckets - 1);
+        s->next = journal.buckets[i];
+        journal.buckets[i] = s;
+        journal.n_states++;
+        return 0;
+}
+
+static void states_free(void) {
+        for (size_t k = 0; k < journal.nbuckets; k++)
+                for (DeviceState *s = journal.buckets[k], *next; s; s = next) {
+                        next = s->next;
+                        free(s->id);
+                        free(s);
+                }
+        free(journal.buckets);
+        journal.buckets = NULL;
+        journal.nbuckets = journal.n_states = 0;
+}
+
+bool journal_seen(const char *device, uint64_t epoch, uint64_t seq) {
+        DeviceState *s = state_find(device, strlen(device));
+
+        return s && s->epoch == epoch && seq <= s->last_seq;
+}
+
+uint64_t journal_last_seq(const char *device, uint64_t epoch) {
+        DeviceState *s = state_find(device, strlen(device));
+
+        return s && s->epoch == epoch ? s->last_seq : 0;
+}
+
+uint64_t journal_epoch(void) { return journal.epoch; }
+
+uint64_t journal_last_id(void) { return journal.next_id - 1; }
+
+/* ---- records --------------------------------------------------------------- */
+
+typedef struct EventView {
+        uint64_t id, epoch, seq;
+        uint32_t ttl;
+        uint8_t private_, has_data;
+        const uint8_t *coreid, *published_at, *name, *data;
+        size_t coreid_len, published_at_len, name_len, data_len;
+} EventView;
+
+static int event_view(const uint8_t *payload, size_t len, EventView *v) {
+        RecordReader r = { .p = payload, .left = len };
+        uint8_t type;
+
+        if (record_get_u8(&r, &type) < 0 || type != REC_EVENT || record_get_u64(&r, &v->id) < 0 ||
+            record_get_bytes(&r, PROTO_DEVICE_ID_MAX, &v->coreid, &v->coreid_len) < 0 ||
+            record_get_u64(&r, &v->epoch) < 0 || record_get_u64(&r, &v->seq) < 0 ||
+            record_get_u32(&r, &v->ttl) < 0 || record_get_u8(&r, &v->private_) < 0 ||
+            record_get_bytes(&r, 64, &v->published_at, &v->published_at_len) < 0 ||
+            record_get_bytes(&r, TETHER_EVENT_NAME_MAX, &v->name, &v->name_len) < 0 ||
+            record_get_u8(&r, &v->has_data) < 0 ||
+            record_get_bytes(&r, PROTO_HARD_PAYLOAD_MAX, &v->data, &v->data_len) < 0 || r.left != 0)
+                return -EBADMSG;
+        if (v->coreid_len == 0 || memchr(v->coreid, 0, v->coreid_len) || v->name_len == 0 ||
+            memchr(v->name, 0, v->name_len) || memchr(v->published_at, 0, v->published_at_len) ||
+            memchr(v->data, 0, v->data_len))
+                return -EBADMSG;
+        return 0;
+}
+
+static int event_from_view(const EventView *v, ProtoEvent *ret) {
+        ProtoEvent e = {
+                .name = strndup((const char *)v->name, v->name_len),
+                .data = v->has_data ? strndup((const char *)v->data, v->data_len) : NULL,
+                .ttl = v->ttl,
+                .private_ = v->private_,
+                .published_at = strndup((const char *)v->published_at, v->published_at_len),
+                .coreid = strndup((const char *)v->coreid, v->coreid_len),
+        };
+
+        if (!e.name || (v->has_data && !e.data) || !e.published_at || !e.coreid) {
+                proto_event_done(&e);
+                return -ENOMEM;
+        }
+        *ret = e;
+        return 0;
+}
+
+static int buf_reserve(size_t n) {
+        uint8_t *b;
+
+        if (n <= journal.buf_cap)
+                return 0;
+        b = realloc(journal.buf, n);
+        if (!b)
+                return -ENOMEM;
+        journal.buf = b;
+        journal.buf_cap = n;
+        return 0;
+}
+
+/* ---- rewriting ----------------------------------------------------------- */
+
+typedef struct Copy {
+        int fd;
+        uint64_t off;
+        uint8_t *pending;
+        size_t len;
+        int error;
+        uint64_t last_id; /* events are copied only with growing ids */
+} Copy;
+
+static int copy_flush(Copy *c) {
+        int r;
+
+        if (c->len == 0 || c->error < 0)
+                return c->error;
+        r = record_pwrite_all(c->fd, c->pending, c->len, c->off);
+        if (r < 0)
+                return c->error = r;
+        c->off += c->len;
+        c->len = 0;
+        return 0;
+}
+
+static int copy_bytes(Copy *c, const void *p, size_t n) {
+        if (c->len + n > JOURNAL_WINDOW && copy_flush(c) < 0)
+                return c->error;
+        if (n > JOURNAL_WINDOW) {
+                int r = record_pwrite_all(c->fd, p, n, c->off);
+                if (r < 0)
+                        return c->error = r;
+                c->off += n;
+                return 0;
+        }
+        memcpy(c->pending + c->len, p, n);
+        c->len += n;
+        return 0;
+}
+
+static int copy_event(const uint8_t *payload, size_t len, size_t offset, void *userdata) {
+        Copy *c = userdata;
+        EventView v;
+
+        /* The same events recovery accepted: valid, ids growing. */
+        if (len == 0 || payload[0] != REC_EVENT || event_view(payload, len, &v) < 0 || v.id <= c->last_id ||
+            v.id == UINT64_MAX)
+                return 0;
+        c->last_id = v.id;
+        /* Its bytes go over as they are. */
+        return copy_bytes(c, payload - RECORD_HEADER_SIZE, record_size(len));
+}
+
+/* Write a new file: header, device states, and the valid events of
+ * old[from..old_len) (old may be NULL). */
+static int journal_rewrite(const uint8_t *old, size_t old_len, size_t from) {
+        _cleanup_free_ uint8_t *pending = malloc(JOURNAL_WINDOW);
+        Copy c = { .fd = -1, .pending = pending };
+        uint8_t rec[RECORD_HEADER_SIZE + 64 + PROTO_DEVICE_ID_MAX];
+        RecordWriter w;
+        int r;
+
+        if (!pending)
+                return -ENOMEM;
+        r = record_file_begin(journal.dir_fd, JOURNAL_FILE, &c.fd);
+        if (r < 0)
+                return r;
+        w = (RecordWriter){ .buf = rec + RECORD_HEADER_SIZE, .cap = sizeof(rec) - RECORD_HEADER_SIZE };
+        record_put_u8(&w, REC_HEADER);
+        record_put_u8(&w, JOURNAL_VERSION);
+        record_put_u64(&w, journal.epoch);
+        record_put_u64(&w, journal.next_id);
+        record_seal(JOURNAL_MAGIC, rec, w.len);
+        r = copy_bytes(&c, rec, record_size(w.len));
+        for (size_t k = 0; r >= 0 && k < journal.nbuckets; k++)
+                for (DeviceState *s = journal.buckets[k]; r >= 0 && s; s = s->next) {
+                        w = (RecordWriter){ .buf = rec + RECORD_HEADER_SIZE, .cap = sizeof(rec) - RECORD_HEADER_SIZE };
+                        record_put_u8(&w, REC_STATE);
+                        record_put_bytes(&w, s->id, strlen(s->id));
+                        record_put_u64(&w, s->epoch);
+                        record_put_u64(&w, s->last_seq);
+                        record_seal(JOURNAL_MAGIC, rec, w.len);
+                        r = copy_bytes(&c, rec, record_size(w.len));
+                }
+        if (r >= 0 && old && from < old_len) {
+                int64_t k = record_scan(JOURNAL_MAGIC, old + from, old_len - from, copy_event, &c, NULL, NULL, NULL);
+                if (k < 0)
+                        r = (int)k;
+        }
+        if (r >= 0)
+                r = copy_flush(&c);
+        if (r >= 0)
+                r = record_file_commit(journal.dir_fd, JOURNAL_FILE, c.fd);
+        if (r < 0) {
+                record_file_abort(journal.dir_fd, JOURNAL_FILE, c.fd);
+                return r;
+        }
+        if (journal.fd >= 0)
+                close(journal.fd);
+        journal.fd = c.fd;
+        journal.end = c.off;
+        journal.generation++;
+        journal.unsynced = false;
+        return 0;
+}
+
+typedef struct Cut {
+        size_t want, at;
+        bool found;
+} Cut;
+
+static int find_cut(const uint8_t *payload, size_t len, size_t offset, void *userdata) {
+        Cut *c = userdata;
+
+        if (!c->found && offset >= c->want && len > 0 && payload[0] == REC_EVENT) {
+                c->at = offset;
+                c->found = true;
+        }
+        return 0;
+}
+
+/* Keep the newer half of the events. */
+static int journal_compact(void) {
+        Cut cut = { .want = (size_t)(journal.end - journal.config->journal_max_bytes / 2) };
+        size_t len = (size_t)journal.end;
+        void *map;
+        int r;
+
+        map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, journal.fd, 0);
+        if (map == MAP_FAILED)
+                return -errno;
+        (void)record_scan(JOURNAL_MAGIC, map, len, find_cut, &cut, NULL, NULL, NULL);
+        r = journal_rewrite(map, len, cut.found ? cut.at : len);
+        munmap(map, len);
+        return r;
+}
+
+/* ---- recovery ------------------------------------------------------------- */
+
+typedef struct Recovery {
+        bool header;
+        size_t header_end; /* events before the header are not ours */
+        uint64_t events, headless, last_id;
+        int error;
+} Recovery;
+
+static int recover_record(const uint8_t *payload, size_t len, size_t offset, void *userdata) {
+        Recovery *rc = userdata;
+        RecordReader r = { .p = payload, .left = len };
+        uint8_t type = 0, version;
+
+        (void)record_get_u8(&r, &type);
+        if (type == REC_HEADER) {
+                if (!rc->header && record_get_u8(&r, &version) == 0 && version == JOURNAL_VERSION &&
+                    record_get_u64(&r, &journal.epoch) == 0 && record_get_u64(&r, &journal.next_id) == 0) {
+                        rc->header = true;
+                        rc->header_end = offset + record_size(len);
+                        if (journal.next_id == 0 || journal.next_id == UINT64_MAX)
+                                journal.next_id = 1;
+                }
+                return 0;
+        }
+        if (!rc->header) {
+                rc->headless++;
+                return 0;
+        }
+        if (type == REC_STATE) {
+                const uint8_t *id;
+                size_t n;
+                uint64_t epoch, seq;
+
+                if (record_get_bytes(&r, PROTO_DEVICE_ID_MAX, &id, &n) < 0 || n == 0 ||
+                    record_get_u64(&r, &epoch) < 0 || record_get_u64(&r, &seq) < 0)
+                        return 0;
+                return rc->error = state_update((const char *)id, n, epoch, seq);
+        }
+        if (type == REC_EVENT) {
+                EventView v;
+
+                /* Ids only grow; anything else is damage come back to life. */
+                if (event_view(payload, len, &v) < 0 || v.id <= rc->last_id || v.id == UINT64_MAX)
+                        return 0;
+                rc->last_id = v.id;
+                rc->events++;
+                if (v.id >= journal.next_id)
+                        journal.next_id = v.id + 1;
+                if (v.seq > 0)
+                        return rc->error = state_update((const char *)v.coreid, v.coreid_len, v.epoch, v.seq);
+        }
+        return 0;
+}
+
+static int create_fresh(void) {
+        uint64_t e = 0;
+
+        while (e == 0)
+                if (getrandom(&e, sizeof(e), 0) != sizeof(e))
+                        return -errno ?: -EIO;
+        journal.epoch = e;
+        journal.next_id = 1;
+        states_free();
+        return journal_rewrite(NULL, 0, 0);
+}
+
+static int journal_recover(void) {
+        const char *dir = journal.config->state_dir;
+        Recovery rc = {};
+        size_t skipped = 0, places = 0, first = 0;
+        struct stat st;
+        int64_t end;
+        void *map;
+        int r;
+
+        if (fstat(journal.fd, &st) < 0)
+                return -errno;
+        if (st.st_size == 0)
+                return create_fresh();
+        map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, journal.fd, 0);
+        if (map == MAP_FAILED)
+                return -errno;
+        end = record_scan(JOURNAL_MAGIC, map, (size_t)st.st_size, recover_record, &rc, &skipped, &places, &first);
+        if (end < 0 || rc.error < 0) {
+                munmap(map, (size_t)st.st_size);
+                return rc.error < 0 ? rc.error : (int)end;
+        }
+        if (!rc.header) {
+                munmap(map, (size_t)st.st_size);
+                log_error("The event journal '%s/%s' is unreadable; kept it as '%s' and started a new one.", dir,
+                          JOURNAL_FILE, JOURNAL_CORRUPT_FILE);
+                if (renameat(journal.dir_fd, JOURNAL_FILE, journal.dir_fd, JOURNAL_CORRUPT_FILE) < 0)
+                        return -errno;
+                return create_fresh();
+        }
+        journal.end = (uint64_t)end;
+        if (skipped > 0) {
+                log_warning("Event journal '%s/%s': skipped %zu damaged byte(s) in %zu place(s), the first at "
+                            "offset %zu (a write torn by a crash?).",
+                            dir, JOURNAL_FILE, skipped, places, first);
+                r = journal_rewrite(map, (size_t)st.st_size, rc.header_end);
+                if (r < 0) {
+                        log_warning_errno(r, "Failed to rewrite the event journal: %m");
+                        /* Appending after the last good record is still fine. */
+                        if (ftruncate(journal.fd, (off_t)journal.end) < 0)
+                                r = -errno;
+                        else
+                                r = 0;
+                }
+                munmap(map, (size_t)st.st_size);
+                if (r < 0)
+                        return r;
+        } else
+                munmap(map, (size_t)st.st_size);
+        log_info("Event journal '%s/%s': %" PRIu64 " event(s), %zu device(s), next id %" PRIu64 ".", dir,
+                 JOURNAL_FILE, rc.events, journal.n_states, journal.next_id);
+        return 0;
+}
+
+/* ---- appending and syncing ------------------------------------------------- */
+
+static int journal_sync_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        if (journal.unsynced && journal.fd >= 0) {
+                if (fdatasync(journal.fd) < 0)
+                        log_warning_errno(errno, "Failed to sync the event journal: %m");
+                journal.unsynced = false;
+        }
+        return 0;
+}
+
+int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *ret_id) {
+        size_t name_len = strlen(e->name), data_len = e->data ? strlen(e->data) : 0,
+               coreid_len = e->coreid ? strlen(e->coreid) : 0,
+               at_len = e->published_at ? strlen(e->published_at) : 0;
+        size_t cap = 64 + name_len + data_len + coreid_len + at_len;
+        uint64_t id = journal.next_id;
+        RecordWriter w;
+        int r;
+
+        if (journal.fd < 0)
+                return -EBADF;
+        r = buf_reserve(RECORD_HEADER_SIZE + cap);
+        if (r < 0)
+                return r;
+        w = (RecordWriter){ .buf = journal.buf + RECORD_HEADER_SIZE, .cap = cap };
+        record_put_u8(&w, REC_EVENT);
+        record_put_u64(&w, id);
+        record_put_bytes(&w, e->coreid ?: "", coreid_len);
+        record_put_u64(&w, epoch);
+        record_put_u64(&w, seq);
+        record_put_u32(&w, e->ttl);
+        record_put_u8(&w, e->private_);
+        record_put_bytes(&w, e->published_at ?: "", at_len);
+        record_put_bytes(&w, e->name, name_len);
+        record_put_u8(&w, e->data != NULL);
+        record_put_bytes(&w, e->data ?: "", data_len);
+        if (w.overflow || w.len > RECORD_PAYLOAD_MAX)
+                return -E2BIG;
+        record_seal(JOURNAL_MAGIC, journal.buf, w.len);
+        r = record_pwrite_all(journal.fd, journal.buf, record_size(w.len), journal.end);
+        if (r < 0) {
+                (void)ftruncate(journal.fd, (off_t)journal.end);
+                return r;
+        }
+        if (seq > 0 && coreid_len > 0) {
+                r = state_update(e->coreid, coreid_len, epoch, seq);
+                if (r < 0) {
+                        (void)ftruncate(journal.fd, (off_t)journal.end);
+                        return r;
+                }
+        }
+        journal.end += record_size(w.len);
+        journal.next_id++;
+        if (journal.config->journal_sync_ms == 0) {
+                if (fdatasync(journal.fd) < 0)
+                        log_warning_errno(errno, "Failed to sync the event journal: %m");
+        } else if (!journal.unsynced) {
+                journal.unsynced = true;
+                (void)sd_event_source_set_time_relative(journal.sync_timer,
+                                                        (uint64_t)journal.config->journal_sync_ms * 1000);
+                (void)sd_event_source_set_enabled(journal.sync_timer, SD_EVENT_ONESHOT);
+        }
+        if (journal.end > journal.config->journal_max_bytes) {
+                r = journal_compact();
+                if (r < 0)
+                        log_warning_errno(r, "Failed to rewrite the event journal (%" PRIu64 " bytes): %m",
+                                          journal.end);
+        }
+        *ret_id = id;
+        return 0;
+}
+
+/* ---- reading ------------------------------------------------------------- */
+
+void journal_cursor_init(JournalCursor *c, uint64_t after_id) {
+        *c = (JournalCursor){ .last_id = after_id };
+}
+
+void journal_cursor_done(JournalCursor *c) {
+        free(c->buf);
+        *c = (JournalCursor){};
+}
+
+/* The record at off, through the cursor's window on the file. */
+static int cursor_record(JournalCursor *c, uint64_t off, const uint8_t **ret_payload, size_t *ret_len,
+                         size_t *ret_size) {
+        /* At most: look, read a window, read the whole (large) record. */
+        for (int attempt = 0; attempt < 3; attempt++) {
+                if (off >= c->buf_off && off < c->buf_off + c->buf_len) {
+                        size_t at = (size_t)(off - c->buf_off);
+                        int r = record_parse(JOURNAL_MAGIC, c->buf + at, c->buf_len - at, ret_payload, ret_len,
+                                             ret_size);
+
+                        if (r == 0)
+                                return 0;
+                        if (r != -EAGAIN)
+                                return r;
+                }
+                {
+                        uint64_t left = journal.end - off;
+                        size_t want = JOURNAL_WINDOW, n;
+                        ssize_t k;
+
+                        /* A record larger than the window: read it whole. */
+                        if (c->buf_len > 0 && off >= c->buf_off && off < c->buf_off + c->buf_len &&
+                            c->buf_len - (size_t)(off - c->buf_off) >= RECORD_HEADER_SIZE) {
+                                const uint8_t *h = c->buf + (off - c->buf_off);
+                                size_t need = RECORD_HEADER_SIZE + ((size_t)h[4] | (size_t)h[5] << 8 |
+                                                                    (size_t)h[6] << 16 | (size_t)h[7] << 24);
+                                if (need > want)
+                                        want = need;
+                        }
+                        n = left < want ? (size_t)left : want;
+                        if (n > c->buf_cap) {
+                                uint8_t *b = realloc(c->buf, n);
+                                if (!b)
+                                        return -ENOMEM;
+                                c->buf = b;
+                                c->buf_cap = n;
+                        }
+                        k = pread(journal.fd, c->buf, n, (off_t)off);
+                        if (k < 0)
+                                return -errno;
+                        c->buf_off = off;
+                        c->buf_len = (size_t)k;
+                }
+        }
+        return -EBADMSG;
+}
+
+int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id) {
+        if (journal.fd < 0)
+                return 0;
+        if (c->generation != journal.generation) {
+                /* New cursor or the file was rewritten: find our place by id. */
+                c->generation = journal.generation;
+                c->offset = 0;
+                c->buf_len = 0;
+        }
+        while (c->offset < journal.end) {
+                const uint8_t *payload;
+                size_t len, size;
+                EventView v;
+                int r = cursor_record(c, c->offset, &payload, &len, &size);
+
+                if (r < 0)
+                        return r;
+                c->offset += size;
+                if (len == 0 || payload[0] != REC_EVENT || event_view(payload, len, &v) < 0 ||
+                    v.id <= c->last_id)
+                        continue;
+                r = event_from_view(&v, ret);
+                if (r < 0)
+                        return r;
+                c->last_id = v.id;
+                *ret_id = v.id;
+                return 1;
+        }
+        return 0;
+}
+
+/* ---- open and close --------------------------------------------------------- */
+
+int journal_open(sd_event *event, const CloudConfig *config) {
+        const char *dir = config->state_dir;
+        int r;
+
+        journal.config = config;
+        journal.generation = 1;
+        if (mkdir(dir, 0700) < 0 && errno != EEXIST)
+                return log_error_errno(errno, "Failed to create the state directory '%s': %m", dir);
+        journal.dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (journal.dir_fd < 0)
+                return log_error_errno(errno, "Failed to open the state directory '%s': %m", dir);
+        journal.lock_fd = openat(journal.dir_fd, JOURNAL_LOCK_FILE, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (journal.lock_fd < 0)
+                return log_error_errno(errno, "Failed to create '%s/%s': %m", dir, JOURNAL_LOCK_FILE);
+        if (flock(journal.lock_fd, LOCK_EX | LOCK_NB) < 0)
+                return log_error_errno(errno == EWOULDBLOCK ? -EBUSY : errno,
+                                       "The event journal in '%s' is in use by another tether-cloudd: %m", dir);
+        journal.fd = openat(journal.dir_fd, JOURNAL_FILE, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        if (journal.fd < 0 && errno != ENOENT)
+                return log_error_errno(errno, "Failed to open '%s/%s': %m", dir, JOURNAL_FILE);
+        r = journal.fd < 0 ? create_fresh() : journal_recover();
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the event journal in '%s': %m", dir);
+        r = sd_event_add_time(event, &journal.sync_timer, CLOCK_MONOTONIC, 0, 10000, journal_sync_cb, NULL);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(journal.sync_timer, SD_EVENT_OFF);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add the journal timer: %m");
+        return 0;
+}
+
+void journal_close(void) {
+        if (journal.fd >= 0) {
+                if (journal.unsynced && fdatasync(journal.fd) < 0)
+                        log_warning_errno(errno, "Failed to sync the event journal: %m");
+                close(journal.fd);
+        }
+        if (journal.lock_fd >= 0)
+                close(journal.lock_fd);
+        if (journal.dir_fd >= 0)
+                close(journal.dir_fd);
+        journal.sync_timer = sd_event_source_disable_unref(journal.sync_timer);
+        states_free();
+        free(journal.buf);
+        journal = (typeof(journal)){ .dir_fd = -1, .lock_fd = -1, .fd = -1 };
+}

@@ -1,0 +1,74 @@
+/* libFuzzer target: the HTTP API's request parsing and routing
+ * (cloud/api-request.c). The input is the request's parts separated by
+ * newlines: method, URL, Content-Type, Authorization, access_token,
+ * Last-Event-ID, then the body (the rest, newlines included). An empty
+ * part is an absent header. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cloud/cloud.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+        char *buf = malloc(size + 1), *p, *parts[6] = {};
+        ApiParsed parsed;
+        ApiInput in;
+        size_t k = 0;
+
+        if (!buf)
+                return 0;
+        memcpy(buf, data, size);
+        buf[size] = 0;
+        p = buf;
+        while (k < 6) {
+                char *nl = memchr(p, '\n', (size_t)(buf + size - p));
+
+                parts[k++] = p;
+                if (!nl) {
+                        p = buf + size;
+                        break;
+                }
+                *nl = 0;
+                p = nl + 1;
+        }
+        /* Headers cannot hold NUL; MHD gives C strings. */
+        in = (ApiInput){
+                .method = parts[0] ? parts[0] : "GET",
+                .url = parts[1] ? parts[1] : "/",
+                .content_type = parts[2] && *parts[2] ? parts[2] : NULL,
+                .authorization = parts[3] && *parts[3] ? parts[3] : NULL,
+                .query_token = parts[4] && *parts[4] ? parts[4] : NULL,
+                .query_token_len = parts[4] ? strlen(parts[4]) : 0,
+                .query_token_present = parts[4] && *parts[4],
+                .last_event_id = parts[5] && *parts[5] ? parts[5] : NULL,
+                .body = p,
+                .body_len = (size_t)(buf + size - p),
+        };
+        if (api_parse_request(&in, &parsed) == 0) {
+                if (parsed.route == API_ROUTE_CALL || parsed.route == API_ROUTE_READ) {
+                        const char *arg;
+                        size_t len;
+                        char tmp[32];
+
+                        if (!parsed.name || strlen(parsed.device) == 0)
+                                abort();
+                        if (api_param(parsed.params, "args", &arg, &len, tmp) > 0 && !arg)
+                                abort();
+                }
+                if (parsed.route == API_ROUTE_PUBLISH || parsed.params) {
+                        ApiPublish pub;
+                        unsigned status;
+                        const char *error;
+
+                        if (api_parse_publish(parsed.params, 16384, &pub, &status, &error) == 0 &&
+                            (proto_name_check(pub.name, strlen(pub.name), PROTO_NAME_EVENT) < 0 ||
+                             pub.data_len > 16384))
+                                abort();
+                }
+                api_parsed_done(&parsed);
+        }
+        free(buf);
+        return 0;
+}
