@@ -313,7 +313,10 @@ wait_for 30 "killed and restarted" restarted || fail "tetherd was not restarted:
 ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -E 'Watchdog timeout|Main process exited|Scheduled restart|Started' |
     sed 's/^/    | /'
 # PID 1's line can reach the journal after the restart is visible.
-watchdog_logged() { ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q 'Watchdog timeout'; }
+# (The whole journal, not -u/--after-cursor: PID 1's line was seen missing
+# from that view while present in the journal. The 3 s watchdog exists only
+# in this step, so any such line is this step's.)
+watchdog_logged() { ctr journalctl -o cat | grep -q 'tetherd.service: Watchdog timeout'; }
 wait_for 10 "watchdog timeout in the journal" watchdog_logged || fail "no watchdog timeout in the journal"
 wait_for 30 "device online after the restart" online || fail "device not online after the watchdog restart"
 ok "NRestarts=$(ctr systemctl show -p NRestarts --value tetherd), new MainPID $(ctr systemctl show -p MainPID --value tetherd), device online"
