@@ -64,6 +64,21 @@ static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
         return 1;
 }
 
+/* Server side, called by libcoap with the SSL while it handles the
+ * ClientHello, before any ticket could be sent. libcoap sets no session id
+ * context, so OpenSSL would refuse every resumption with an internal-error
+ * alert: issue no tickets at all, and clients do full handshakes (which
+ * also run the certificate checks that identify the device). */
+static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
+        SSL *ssl = tls_session;
+
+        if (ssl) {
+                SSL_set_options(ssl, SSL_OP_NO_TICKET);
+                SSL_set_num_tickets(ssl, 0);
+        }
+        return 1;
+}
+
 void tls_pki_init(coap_dtls_pki_t *ret_pki, const TlsFiles *files, TlsHostCheck *check) {
         const char *expected_host = check ? check->host : NULL;
 
@@ -77,6 +92,7 @@ void tls_pki_init(coap_dtls_pki_t *ret_pki, const TlsFiles *files, TlsHostCheck 
                 .cert_chain_verify_depth = 3,
                 .validate_cn_call_back = check ? client_cn_cb : server_cn_cb,
                 .cn_call_back_arg = check,
+                .additional_tls_setup_call_back = check ? NULL : server_tls_setup,
                 .client_sni = (char *)expected_host,
                 .pki_key.key_type = COAP_PKI_KEY_PEM,
                 .pki_key.key.pem.ca_file = files->ca_file,
