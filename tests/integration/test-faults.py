@@ -200,7 +200,8 @@ def test_journal_replay(w):
     w.start_cloud(timing=CLOUD_FAST, extra=f"[Events]\nJournalMaxBytes={max_bytes}\n")
     device = w.new_device()
     sub = new_subscriber(w, device[0])
-    total = scaled(3000)
+    # Enough events to outgrow the smallest journal, however slow the daemons.
+    total = max(scaled(3000), 1500)
     w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
                   extra=pump_conf(f"1,{total},{scaled(3000)}"))
     wait_numbers(sub, total, 60)
