@@ -476,7 +476,7 @@ def test_disk_full(w):
     first_run, total = scaled(700), scaled(1400)
     a = w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
                       extra=pump_conf(f"1,{first_run},{scaled(400)}"), state_dir=agent_state)
-    wait_numbers(sub, 100, 20)
+    wait_numbers(sub, scaled(100), 20)
     # Agent side: the cloud goes away, the outbox fills the disk.
     filler = fill(agent_state, 16 * 1024)
     w.cloud.kill()
@@ -535,7 +535,8 @@ def test_clock_steps(w):
     w.start_cloud(timing=CLOUD_FAST, env=faked(cloud_clock))
     device = w.new_device()
     sub = new_subscriber(w, device[0])
-    total = scaled(800)
+    # Not scaled down: every step needs events after it to show.
+    total = 800
     a = w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
                       extra=pump_conf(f"1,{total},{scaled(200)}"), env=faked(agent_clock))
     with open(f"/proc/{a.proc.pid}/maps") as f:
