@@ -200,7 +200,8 @@ def test_journal_replay(w):
     w.start_cloud(timing=CLOUD_FAST, extra=f"[Events]\nJournalMaxBytes={max_bytes}\n")
     device = w.new_device()
     sub = new_subscriber(w, device[0])
-    total = scaled(3000)
+    # Enough events to outgrow the smallest journal, however slow the daemons.
+    total = max(scaled(3000), 1500)
     w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
                   extra=pump_conf(f"1,{total},{scaled(3000)}"))
     wait_numbers(sub, total, 60)
@@ -472,10 +473,11 @@ def test_disk_full(w):
     coap, api = w.coap_port, w.api_port
     device = w.new_device()
     sub = new_subscriber(w, device[0])
-    first_run, total = scaled(700), scaled(1400)
+    # Not scaled down: the disk must fill up while the run goes on.
+    first_run, total = 700, 1400
     a = w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
                       extra=pump_conf(f"1,{first_run},{scaled(400)}"), state_dir=agent_state)
-    wait_numbers(sub, 100, 20)
+    wait_numbers(sub, scaled(100), 20)
     # Agent side: the cloud goes away, the outbox fills the disk.
     filler = fill(agent_state, 16 * 1024)
     w.cloud.kill()
@@ -534,7 +536,8 @@ def test_clock_steps(w):
     w.start_cloud(timing=CLOUD_FAST, env=faked(cloud_clock))
     device = w.new_device()
     sub = new_subscriber(w, device[0])
-    total = scaled(800)
+    # Not scaled down: every step needs events after it to show.
+    total = 800
     a = w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
                       extra=pump_conf(f"1,{total},{scaled(200)}"), env=faked(agent_clock))
     with open(f"/proc/{a.proc.pid}/maps") as f:
