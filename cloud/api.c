@@ -49,6 +49,10 @@ typedef struct ApiRequest {
         char *filter_id; /* only events from this device */
         char *buf;
         size_t buf_off, buf_len, buf_cap;
+
+        /* /v1/ota/...: handled by ota.c */
+        bool ota;
+        OtaRequest *ota_state;
 } ApiRequest;
 
 static struct {
@@ -105,6 +109,11 @@ static int api_defer_cb(sd_event_source *s, void *userdata) {
 /* MHD must run after a resume, not only when a socket wakes it. */
 static void api_schedule(void) {
         (void)sd_event_source_set_enabled(api.defer, SD_EVENT_ONESHOT);
+}
+
+void api_kick(void) {
+        if (api.defer)
+                api_schedule();
 }
 
 static void api_resume(ApiRequest *req) {
@@ -283,6 +292,12 @@ static const char *api_token(ApiRequest *req, json_t *params) {
         if (json_is_string(v) && !memchr(json_string_value(v), 0, json_string_length(v)))
                 return json_string_value(v);
         return NULL;
+}
+
+bool api_connection_authorized(struct MHD_Connection *connection) {
+        ApiRequest req = { .connection = connection };
+
+        return config_token_valid(api.config, api_token(&req, NULL));
 }
 
 /* ---- device calls --------------------------------------------------------- */
@@ -629,7 +644,7 @@ static bool match_events(const char *path, const char **ret_prefix) {
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
         _cleanup_(json_decrefp) json_t *params = NULL;
         bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
-        bool post = streq(method, MHD_HTTP_METHOD_POST);
+        bool post = streq(method, MHD_HTTP_METHOD_POST), put = streq(method, MHD_HTTP_METHOD_PUT);
         const char *rest, *prefix;
 
         if (req->body_too_large) {
@@ -701,6 +716,14 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 d = devices_find(id);
                 if (!d)
                         goto no_device;
+                if (!*rest && put) {
+                        /* Particle's "update the device": here, start an OTA job. */
+                        json_t *body = NULL;
+                        unsigned status = ota_api_start_job(d, params, &body);
+
+                        api_set_json(req, status, body);
+                        return api_queue(req);
+                }
                 if (!*rest) {
                         if (!get)
                                 goto not_found;
@@ -745,6 +768,14 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         api.requests->prev = req;
                 api.requests = req;
                 *con_cls = req;
+                if (ota_api_owns(url)) {
+                        /* Artifact uploads stream to disk: no body limit here. */
+                        req->ota = true;
+                        if (!api_connection_authorized(connection))
+                                goto unauthorized;
+                        return (enum MHD_Result)ota_api_handler(connection, url, method, upload_data,
+                                                                upload_data_size, &req->ota_state);
+                }
                 /* Refuse a declared oversize body before it is sent. */
                 cl = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
                 if (cl && strtoull(cl, NULL, 10) > api.body_max) {
@@ -754,6 +785,10 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 }
                 return MHD_YES;
         }
+        if (req->ota)
+                return req->response ? api_queue(req)
+                                     : (enum MHD_Result)ota_api_handler(connection, url, method, upload_data,
+                                                                        upload_data_size, &req->ota_state);
         if (*upload_data_size > 0) {
                 size_t n = *upload_data_size;
 
@@ -793,6 +828,11 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 return api_queue(req);
         }
         return api_dispatch(req, url, method);
+unauthorized:
+        api_set_json(req, MHD_HTTP_UNAUTHORIZED,
+                     json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
+                               "The access token was not found or is invalid"));
+        return api_queue(req);
 }
 
 static void api_request_free(ApiRequest *req) {
@@ -805,6 +845,7 @@ static void api_request_free(ApiRequest *req) {
         if (req->sse)
                 api.n_streams--;
         devices_call_cancel(req->call);
+        ota_api_request_free(req->ota_state);
         if (req->response)
                 MHD_destroy_response(req->response);
         free(req->body);
@@ -900,6 +941,7 @@ int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
 void api_stop(void) {
         if (api.daemon) {
                 api.stopping = true;
+                ota_api_shutdown();
                 /* MHD must not be stopped with suspended connections. */
                 for (ApiRequest *req = api.requests; req; req = req->next) {
                         devices_call_cancel(req->call);
