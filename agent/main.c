@@ -1,5 +1,6 @@
 /* tetherd: the device agent. One sd-event loop drives the cloud
  * connection, the plugins' fds and timers, and signals. */
+#include <coap3/coap.h>
 #include <getopt.h>
 #include <signal.h>
 #include <systemd/sd-daemon.h>
@@ -8,6 +9,7 @@
 #include "config.h"
 #include "conn.h"
 #include "log.h"
+#include "ota.h"
 #include "plugin-host.h"
 #include "registry.h"
 #include "util.h"
@@ -19,6 +21,7 @@ typedef struct Agent {
         Registry *registry;
         PluginHost *plugins;
         Conn *conn;
+        Ota *ota;
 } Agent;
 
 static int agent_publish(void *userdata, const char *name, const char *data, uint32_t ttl, uint32_t flags) {
@@ -40,8 +43,47 @@ static int agent_describe(void *userdata, char **ret, size_t *ret_len) {
 }
 
 static void agent_state_changed(void *userdata, bool connected, const char *status) {
+        Agent *a = userdata;
+
         if (status && *status)
                 sd_notifyf(false, "STATUS=%s", status);
+        if (a->ota)
+                ota_connection_changed(a->ota, connected);
+}
+
+static unsigned agent_ota_request(void *userdata, const char *job, const uint8_t *data, size_t len, char *text,
+                                  size_t text_size) {
+        Agent *a = userdata;
+
+        if (!a->ota) {
+                snprintf(text, text_size, "busy: starting up");
+                return COAP_RESPONSE_CODE(503);
+        }
+        return ota_handle_request(a->ota, job, data, len, text, text_size);
+}
+
+/* For OTA plugin packages: load the plugins that are on disk now. */
+static void agent_reload_plugins(void *userdata) {
+        Agent *a = userdata;
+        int r;
+
+        plugin_host_unload(a->plugins);
+        r = plugin_host_load(a->plugins, a->config);
+        log_info("Reloaded plugins, %d running", r < 0 ? 0 : r);
+        conn_registry_changed(a->conn);
+}
+
+static bool agent_plugin_running(void *userdata, const char *name) {
+        Agent *a = userdata;
+        json_t *list = plugin_host_describe(a->plugins), *p;
+        bool found = false;
+        size_t i;
+
+        json_array_foreach(list, i, p)
+                if (streq(json_string_value(json_object_get(p, "name")) ?: "", name))
+                        found = true;
+        json_decref(list);
+        return found;
 }
 
 static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -71,6 +113,7 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         config_free(a->config);
         a->config = TAKE_PTR(next);
         r = plugin_host_load(a->plugins, a->config);
+        ota_reconfigure(a->ota, a->config);
         log_info("Reloaded configuration, %d plugin(s) running", r < 0 ? 0 : r);
         conn_registry_changed(a->conn);
         sd_notify(false, "READY=1");
@@ -92,7 +135,9 @@ static void help(void) {
 
 static void agent_done(Agent *a) {
         plugin_host_free(a->plugins);
+        /* The connection first: it answers OTA's open requests as it goes. */
         conn_free(a->conn);
+        ota_free(a->ota);
         registry_free(a->registry);
         config_free(a->config);
         sd_event_unref(a->event);
@@ -174,7 +219,10 @@ int main(int argc, char *argv[]) {
         if (!a.registry)
                 return 1;
         r = conn_new(a.event, a.registry, a.config,
-                     &(ConnHooks){ .userdata = &a, .state_changed = agent_state_changed, .describe = agent_describe },
+                     &(ConnHooks){ .userdata = &a,
+                                   .state_changed = agent_state_changed,
+                                   .describe = agent_describe,
+                                   .ota_request = agent_ota_request },
                      &a.conn);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the cloud connection: %m"), 1;
@@ -183,6 +231,13 @@ int main(int argc, char *argv[]) {
         if (r < 0)
                 return 1;
         r = plugin_host_load(a.plugins, a.config);
+        if (ota_new(a.event, a.conn, a.config, a.config_path,
+                    &(OtaHooks){ .userdata = &a,
+                                 .reload_plugins = agent_reload_plugins,
+                                 .plugin_running = agent_plugin_running },
+                    &a.ota) < 0)
+                return log_error("Failed to set up OTA"), 1;
+        (void)ota_start(a.ota);
         log_info("tetherd %s starting, %d plugin(s) running, cloud %s:%u", PACKAGE_VERSION, r < 0 ? 0 : r,
                  a.config->cloud_host, a.config->cloud_port);
         conn_start(a.conn);

@@ -1,6 +1,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdio.h>
 #include <string.h>
@@ -94,10 +95,10 @@ int debfile_control_parse(const char *text, size_t len, DebControl *ret) {
         return 0;
 }
 
-/* Run argv, collect up to max bytes of stdout; stderr goes to /dev/null.
- * Returns the exit status (>= 0) or -errno. */
-static int run_capture(const char *const argv[], char *buf, size_t max, size_t *ret_len) {
+int debfile_run_capture(const char *const argv[], char *buf, size_t max, size_t *ret_len) {
         posix_spawn_file_actions_t fa;
+        posix_spawnattr_t attr;
+        sigset_t none;
         int pipefd[2], status, r;
         size_t len = 0;
         pid_t pid;
@@ -108,7 +109,13 @@ static int run_capture(const char *const argv[], char *buf, size_t max, size_t *
         posix_spawn_file_actions_addopen(&fa, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
         posix_spawn_file_actions_adddup2(&fa, pipefd[1], STDOUT_FILENO);
         posix_spawn_file_actions_addopen(&fa, STDERR_FILENO, "/dev/null", O_WRONLY, 0);
-        r = posix_spawnp(&pid, argv[0], &fa, NULL, (char *const *)argv, environ);
+        /* The child starts with no signal blocked, whatever our mask is. */
+        sigemptyset(&none);
+        posix_spawnattr_init(&attr);
+        posix_spawnattr_setsigmask(&attr, &none);
+        posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+        r = posix_spawnp(&pid, argv[0], &fa, &attr, (char *const *)argv, environ);
+        posix_spawnattr_destroy(&attr);
         posix_spawn_file_actions_destroy(&fa);
         close(pipefd[1]);
         if (r != 0) {
@@ -153,7 +160,7 @@ int debfile_control_read(const char *path, DebControl *ret) {
         if (access(path, R_OK) < 0)
                 return -errno;
         debfile_control_argv(path, argv);
-        r = run_capture(argv, buf, DEBFILE_CONTROL_MAX, &len);
+        r = debfile_run_capture(argv, buf, DEBFILE_CONTROL_MAX, &len);
         if (r < 0)
                 return r == -E2BIG ? -EBADMSG : r;
         if (r == 127)
@@ -218,7 +225,7 @@ int debfile_native_arch(char **ret) {
         size_t len = 0;
         int r;
 
-        r = run_capture(argv, buf, sizeof(buf) - 1, &len);
+        r = debfile_run_capture(argv, buf, sizeof(buf) - 1, &len);
         if (r < 0)
                 return r;
         if (r != 0)

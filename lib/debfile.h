@@ -36,6 +36,11 @@ int debfile_sha256(const char *path, char ret_hex[static 65], uint64_t *ret_size
 /* The same over an open fd from its current offset to the end. */
 int debfile_sha256_fd(int fd, char ret_hex[static 65], uint64_t *ret_size);
 
+/* Run argv (PATH is searched; stdin and stderr are /dev/null), collect up
+ * to max bytes of its stdout into buf. Returns its exit status (>= 0; 127
+ * if it could not be run) or -errno (-E2BIG: more output than max). */
+int debfile_run_capture(const char *const argv[], char *buf, size_t max, size_t *ret_len);
+
 /* The dpkg architecture of this machine (dpkg --print-architecture,
  * blocks), malloc'd. */
 int debfile_native_arch(char **ret);

@@ -356,7 +356,7 @@ void ota_crash_point(const char *name) {
                 char name[32];
                 unsigned n;
         } seen[16];
-        const char *want = getenv("TETHER_OTA_CRASH_AT"), *hash;
+        const char *want = getenv("TETHER_OTA_CRASH_AT"), *hash, *once;
         unsigned count = 0, nth = 1;
         size_t wlen;
 
@@ -369,7 +369,7 @@ void ota_crash_point(const char *name) {
                 nth = (unsigned)strtoul(hash + 1, NULL, 10);
         if (wlen == 0) {
                 /* "#N": the N-th crash point of any name */
-                if (total == nth)
+                if (total == nth && (!(once = getenv("TETHER_OTA_CRASH_ONCE")) || !*once || unlink(once) == 0))
                         raise(SIGKILL);
                 return;
         }
@@ -386,8 +386,14 @@ void ota_crash_point(const char *name) {
                         break;
                 }
         }
-        if (count == nth)
-                raise(SIGKILL);
+        if (count != nth)
+                return;
+        /* With TETHER_OTA_CRASH_ONCE=FILE, only the process that removes
+         * FILE crashes: one crash across restarts. */
+        once = getenv("TETHER_OTA_CRASH_ONCE");
+        if (once && *once && unlink(once) < 0)
+                return;
+        raise(SIGKILL);
 }
 
 void ota_health_done(OtaHealth *h) {

@@ -116,7 +116,9 @@ int ota_journal_transition(const char *dir, OtaJournal *j, OtaState state, const
 
 /* Crash points for tests: when $TETHER_OTA_CRASH_AT names this point
  * ("installing", or "installing#2" for its second passage, or "#N" for the
- * N-th crash point of any name), the process kills itself with SIGKILL. */
+ * N-th crash point of any name), the process kills itself with SIGKILL.
+ * With $TETHER_OTA_CRASH_ONCE=FILE only a process that can remove FILE
+ * does, so restarted processes (which inherit the environment) go on. */
 void ota_crash_point(const char *name);
 
 /* Write a small file atomically (tmp, fsync, rename, fsync dir). */
