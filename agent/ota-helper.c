@@ -992,9 +992,14 @@ static int helper_init(Helper *h, const Config *cfg) {
         h->chroot_root = !streq(cfg->ota.dpkg_root, "/");
         if (asprintf(&h->admindir, "%s/var/lib/dpkg", h->chroot_root ? cfg->ota.dpkg_root : "") < 0)
                 return -ENOMEM;
-        /* Files we put in the agent's directory must stay the agent's. */
-        if (stat(cfg->ota.state_dir, &st) < 0)
+        /* Files we put in the agent's directory must stay the agent's. The
+         * agent owns its parent: refuse a symlink planted there to make us
+         * write elsewhere. */
+        if (lstat(cfg->ota.state_dir, &st) < 0)
                 return log_error_errno(errno, "Cannot find the OTA state directory '%s': %m", cfg->ota.state_dir);
+        if (!S_ISDIR(st.st_mode))
+                return log_error_errno(-ENOTDIR, "The OTA state directory '%s' is not a directory (a symlink?)",
+                                       cfg->ota.state_dir);
         h->owner = st.st_uid;
         h->group = st.st_gid;
         r = mkdir_p(cfg->ota.cache_dir, 0755);

@@ -24,7 +24,9 @@
 #     crash-loops (crash-loop, from systemd's NRestarts), a postinst that
 #     fails (install-failed);
 #   - the agent killed (SIGKILL to its cgroup) during the trial: the
-#     update still ends, committed.
+#     update still ends, committed;
+#   - Launcher=transient (tetherd as root): the helper runs as the transient
+#     tether-ota-install.service, whose name refuses a second start.
 # Exit 77 (skip) with the reason when this machine cannot do it.
 set -uo pipefail
 
@@ -203,6 +205,7 @@ variant 3.0 0 '[Cloud]\nPort=1\n'
 variant 3.1 0 '[Connection]\nKeepaliveSec=banana\n'
 variant 3.2 0 '' 'echo "postinst of 3.2: failing on purpose" >&2; exit 1'
 variant 2.1 0
+variant 2.2 0
 ok "made $(cd "$scratch/debs" && ls | tr '\n' ' ')"
 
 # ---------------------------------------------------------------------------
@@ -390,5 +393,33 @@ job_json=$(tether_ctr ota status "$job" --json)
 [ "$(field state)" = committed ] || fail "2.1 ended $(field state): $(field reason)"
 log "    history: $(history)"
 back_online 2.1
+
+step "2.2 with Launcher=transient (tetherd as root): StartTransientUnit, the unit name as the lock"
+ctr mkdir -p /etc/systemd/system/tetherd.service.d /etc/tether/tetherd.conf.d
+ctr sh -c 'printf "[Service]\nUser=root\nGroup=root\n" >/etc/systemd/system/tetherd.service.d/50-ota-test-root.conf'
+ctr sh -c 'printf "[OTA]\nLauncher=transient\n" >/etc/tether/tetherd.conf.d/50-ota-test-transient.conf'
+ctr systemctl daemon-reload
+ctr systemctl restart tetherd
+wait_for 30 "device online as root" online || fail "device not online after the restart as root"
+tether_ctr ota "$dev" /root/tether-agent_2.2.deb --key /root/update.key --no-wait >"$scratch/job" 2>"$scratch/ota.err" ||
+    { cat "$scratch/ota.err"; fail "cannot start the 2.2 job"; }
+job=$(cat "$scratch/job")
+wait_for 60 "job in trial" in_trial || fail "2.2 never reached the trial"
+[ "$(ctr systemctl is-active tether-ota-install.service)" = active ] ||
+    fail "the helper does not run as tether-ota-install.service"
+if ctr systemd-run --quiet --unit=tether-ota-install.service /bin/true 2>"$scratch/second.err"; then
+    fail "a second tether-ota-install.service could be started"
+fi
+ok "a second start is refused: $(head -n1 "$scratch/second.err")"
+wait_for 90 "job final" final || fail "2.2 did not end"
+job_json=$(tether_ctr ota status "$job" --json)
+[ "$(field state)" = committed ] || fail "2.2 ended $(field state): $(field reason)"
+ctr journalctl -o cat --no-pager | grep -q "Started tether-ota-install.service" ||
+    fail "no tether-ota-install.service in the journal"
+ctr rm -f /etc/systemd/system/tetherd.service.d/50-ota-test-root.conf /etc/tether/tetherd.conf.d/50-ota-test-transient.conf
+ctr chown -R tether:tether /var/lib/tether
+ctr systemctl daemon-reload
+ctr systemctl restart tetherd
+back_online 2.2
 
 log "PASS: all $STEP steps in $((SECONDS - T0)) s"

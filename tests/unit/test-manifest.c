@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 
+#include "debfile.h"
 #include "debversion.h"
 #include "manifest.h"
 #include "util.h"
@@ -411,12 +412,38 @@ static void test_versions(void **state) {
         }
 }
 
+static void test_control_parse(void **state) {
+        static const char good[] = "Package: tether-agent\nVersion: 1:0.2.0-1\nArchitecture: arm64\n"
+                                   "Installed-Size: 1234\n";
+        DebControl c = {};
+
+        assert_int_equal(debfile_control_parse(good, strlen(good), &c), 0);
+        assert_string_equal(c.package, "tether-agent");
+        assert_string_equal(c.version, "1:0.2.0-1");
+        assert_string_equal(c.architecture, "arm64");
+        assert_int_equal(c.installed_size, 1234);
+        debfile_control_done(&c);
+        /* Installed-Size is optional, the others are not */
+        assert_int_equal(debfile_control_parse("Package: a\nVersion: 1\nArchitecture: all\n", 40, &c), 0);
+        assert_int_equal(c.installed_size, 0);
+        debfile_control_done(&c);
+        assert_int_equal(debfile_control_parse("Package: a\nVersion: 1\n", 22, &c), -EBADMSG);
+        assert_int_equal(debfile_control_parse("Package: a\nPackage: b\nVersion: 1\nArchitecture: all\n", 51, &c),
+                         -EBADMSG);
+        assert_int_equal(debfile_control_parse("Package: a b\nVersion: 1\nArchitecture: all\n", 42, &c),
+                         -EBADMSG);
+        assert_int_equal(debfile_control_parse("garbage", 7, &c), -EBADMSG);
+        assert_int_equal(debfile_control_parse("Package: a\nVersion: 1\nArchitecture: all\nInstalled-Size: x\n",
+                                               58, &c),
+                         -EBADMSG);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_sign_open),      cmocka_unit_test(test_unknown_key_and_rotation),
                 cmocka_unit_test(test_envelope_malformed), cmocka_unit_test(test_body),
                 cmocka_unit_test(test_check),          cmocka_unit_test(test_keyring_dir),
-                cmocka_unit_test(test_versions),
+                cmocka_unit_test(test_versions),       cmocka_unit_test(test_control_parse),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
