@@ -261,7 +261,10 @@ static void on_report_answer(int error, unsigned code, const uint8_t *data, size
         if (seq > o->acked_seq)
                 o->acked_seq = seq;
         if (o->have_job && ota_state_final(o->j.state) && o->j.seq <= o->acked_seq && !o->j.delivered) {
-                /* Delivered: from now on a restart does not send it again. */
+                /* Delivered: from now on a restart does not send it again
+                 * (a crash before this save sends it again; the cloud
+                 * applies each seq once). */
+                ota_crash_point("delivering");
                 o->j.delivered = true;
                 save(o);
                 ota_crash_point("delivered");
@@ -683,7 +686,8 @@ static void check_control(Ota *o) {
         int fds[2], r;
         pid_t pid;
 
-        if (state_path(o, OTA_DOWNLOAD_FILE, &path) < 0 || pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0) {
+        if (state_path(o, OTA_DOWNLOAD_FILE, &path) < 0 || pipe2(fds, O_CLOEXEC) < 0 ||
+            fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0) {
                 (void)move(o, OTA_STATE_FAILED, "io", "cannot check the package");
                 return;
         }

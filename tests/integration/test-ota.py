@@ -311,6 +311,30 @@ def test_killed_during_rollback(w):
     expect_v1_back(o, j, "install-failed")
 
 
+def test_final_report_exactly_once(w):
+    """Killed after the cloud acknowledged the final report but before the
+    agent journaled that: the restarted agent sends it again, the cloud
+    records it once."""
+    o = OtaWorld(w)
+    o.start_cloud()
+    o.install_v1()
+    a = o.start_agent(env=crash_env(w, "delivering"))
+    o.seed(o.v1)
+    v2 = plugin_deb(o.debs, "2.0")
+    job = o.start_job(o.sign(v2, o.upload(v2)))
+    a.proc.wait(60)
+    j = o.job(job)
+    expect(j["state"] == "committed", f"the cloud has {j['state']}")
+    expect(not o.journal()["delivered"], "the journal says delivered before the crash point")
+    seq = j["seq"]
+    a2 = restart(o, a, "agent2")
+    a2.wait_line(r"the cloud has the final state 'committed'")
+    expect(o.journal()["delivered"], "not delivered after the restart")
+    j = o.job(job)
+    finals = [h for h in j["history"] if h["state"] == "committed"]
+    expect(len(finals) == 1 and j["seq"] == seq, f"the resent report changed the job: {j}")
+
+
 def test_job_busy_and_retry(w):
     """A second job while one runs is refused with 'busy'; the first ends."""
     o = setup(w)
@@ -334,4 +358,4 @@ if __name__ == "__main__":
                   test_rejected_before_touching_anything, test_no_space, test_dpkg_locked_deferred,
                   test_killed_during_download_resumes, test_killed_after_download, test_killed_during_unpack,
                   test_killed_during_postinst, test_killed_during_trial, test_killed_during_rollback,
-                  test_job_busy_and_retry]))
+                  test_final_report_exactly_once, test_job_busy_and_retry]))
