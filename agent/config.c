@@ -49,7 +49,26 @@ Config *config_new(void) {
         c->state_dir = strdup(CONFIG_DEFAULT_STATE_DIR);
         c->local_socket = strdup(CONFIG_DEFAULT_SOCKET);
         c->local_group = strdup(CONFIG_DEFAULT_GROUP);
-        if (!c->plugin_dir || !c->state_dir || !c->local_socket || !c->local_group)
+        c->ota.keyring = strdup(SYSCONFDIR "/tether/ota-keys");
+        c->ota.state_dir = strdup(LOCALSTATEDIR "/lib/tether/ota");
+        c->ota.cache_dir = strdup(LOCALSTATEDIR "/lib/tether-ota");
+        c->ota.launcher = strdup("path");
+        c->ota.helper = strdup(OTA_HELPER_PATH);
+        c->ota.agent_package = strdup("tether-agent");
+        c->ota.agent_unit = strdup("tetherd.service");
+        c->ota.dpkg_root = strdup("/");
+        c->ota.trial_ms = 60000;
+        c->ota.health_timeout_ms = 300000;
+        c->ota.lock_timeout_ms = 300000;
+        c->ota.low_speed_ms = 60000;
+        c->ota.low_speed_bytes = 1024;
+        c->ota.download_attempts = 5;
+        c->ota.progress_interval_ms = 1000;
+        c->ota.min_free_mb = 16;
+        c->ota.max_transitions = 64;
+        if (!c->plugin_dir || !c->state_dir || !c->local_socket || !c->local_group || !c->ota.keyring ||
+            !c->ota.state_dir || !c->ota.cache_dir || !c->ota.launcher || !c->ota.helper || !c->ota.agent_package ||
+            !c->ota.agent_unit || !c->ota.dpkg_root)
                 return config_free(c);
         return c;
 }
@@ -76,6 +95,15 @@ Config *config_free(Config *c) {
                 free(c->plugins[i].name);
         }
         free(c->plugins);
+        free(c->ota.keyring);
+        free(c->ota.state_dir);
+        free(c->ota.cache_dir);
+        free(c->ota.ca_file);
+        free(c->ota.launcher);
+        free(c->ota.helper);
+        free(c->ota.agent_package);
+        free(c->ota.agent_unit);
+        free(c->ota.dpkg_root);
         free(c);
         return NULL;
 }
@@ -245,6 +273,24 @@ static const KeyDef keys[] = {
         { "Plugins", "Disable", KEY_WORDS, F(plugin_disable), 0, 0 },
         { "Local", "Socket", KEY_STRING, F(local_socket), 0, 0 },
         { "Local", "Group", KEY_STRING_EMPTY, F(local_group), 0, 0 },
+        { "OTA", "Keyring", KEY_STRING, F(ota.keyring), 0, 0 },
+        { "OTA", "StateDirectory", KEY_STRING, F(ota.state_dir), 0, 0 },
+        { "OTA", "CacheDirectory", KEY_STRING, F(ota.cache_dir), 0, 0 },
+        { "OTA", "CAFile", KEY_STRING, F(ota.ca_file), 0, 0 },
+        { "OTA", "Launcher", KEY_STRING, F(ota.launcher), 0, 0 },
+        { "OTA", "Helper", KEY_STRING, F(ota.helper), 0, 0 },
+        { "OTA", "AgentPackage", KEY_STRING, F(ota.agent_package), 0, 0 },
+        { "OTA", "AgentUnit", KEY_STRING, F(ota.agent_unit), 0, 0 },
+        { "OTA", "DpkgRoot", KEY_STRING, F(ota.dpkg_root), 0, 0 },
+        { "OTA", "TrialSec", KEY_SECONDS, F(ota.trial_ms), 0, 0 },
+        { "OTA", "HealthTimeoutSec", KEY_SECONDS, F(ota.health_timeout_ms), 100, 0 },
+        { "OTA", "LockTimeoutSec", KEY_SECONDS, F(ota.lock_timeout_ms), 0, 0 },
+        { "OTA", "LowSpeedSec", KEY_SECONDS, F(ota.low_speed_ms), 1000, 0 },
+        { "OTA", "LowSpeedBytes", KEY_UINT, F(ota.low_speed_bytes), 1, 1u << 30 },
+        { "OTA", "DownloadAttempts", KEY_UINT, F(ota.download_attempts), 1, 1000 },
+        { "OTA", "ProgressIntervalSec", KEY_SECONDS, F(ota.progress_interval_ms), 100, 0 },
+        { "OTA", "MinFreeMB", KEY_UINT, F(ota.min_free_mb), 0, 1u << 20 },
+        { "OTA", "MaxTransitions", KEY_UINT, F(ota.max_transitions), 4, 10000 },
 };
 #undef F
 
@@ -437,6 +483,12 @@ static int config_validate(const Config *c, const char *path, char **ret_error) 
         if (c->local_socket[0] != '/' || strlen(c->local_socket) >= 108) {
                 if (ret_error && asprintf(ret_error, "%s: [Local] Socket= must be an absolute path shorter than 108 bytes",
                                           path) < 0)
+                        *ret_error = NULL;
+                return -EINVAL;
+        }
+        if (!streq(c->ota.launcher, "path") && !streq(c->ota.launcher, "exec") &&
+            !streq(c->ota.launcher, "transient")) {
+                if (ret_error && asprintf(ret_error, "%s: [OTA] Launcher= must be path, exec or transient", path) < 0)
                         *ret_error = NULL;
                 return -EINVAL;
         }

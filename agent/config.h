@@ -30,6 +30,28 @@ typedef struct PluginSection {
         size_t n_pairs;
 } PluginSection;
 
+/* [OTA]: read by tetherd and by tether-ota-helper (docs/ota.md) */
+typedef struct OtaConfig {
+        char *keyring;          /* directory of trusted update keys (*.pem) */
+        char *state_dir;        /* the agent's journal, download, verdicts */
+        char *cache_dir;        /* the helper's: packages kept for rollback, floors */
+        char *ca_file;          /* CA for downloads; NULL: [Cloud] CAFile= */
+        char *launcher;         /* "path", "exec" or "transient" */
+        char *helper;           /* tether-ota-helper (exec, transient) */
+        char *agent_package;    /* the package whose update is a self-update */
+        char *agent_unit;       /* systemd unit of the agent */
+        char *dpkg_root;        /* "/" or a scratch root (tests) */
+        uint64_t trial_ms;      /* connected this long after an update = healthy */
+        uint64_t health_timeout_ms; /* no verdict this long = unhealthy */
+        uint64_t lock_timeout_ms;   /* dpkg lock held this long = deferred */
+        uint64_t low_speed_ms;      /* download below LowSpeedBytes/s this long = retry */
+        unsigned low_speed_bytes;
+        unsigned download_attempts;
+        uint64_t progress_interval_ms;
+        unsigned min_free_mb;   /* kept free besides what the update needs */
+        unsigned max_transitions;
+} OtaConfig;
+
 typedef struct Config {
         /* [Cloud] */
         char *cloud_host;
@@ -64,6 +86,7 @@ typedef struct Config {
         /* [Local]: tetherctl's socket and who may use it */
         char *local_socket;
         char *local_group; /* "" = root and the agent's user only */
+        OtaConfig ota;
 } Config;
 
 /* Load path and its ".d" drop-in directory. On a bad value returns

@@ -48,6 +48,16 @@ typedef struct Lookup {
         char host[];
 } Lookup;
 
+/* A request of ours waiting for its answer (conn_request()). */
+typedef struct Pending {
+        struct Pending *next;
+        Conn *conn;
+        Token token;
+        sd_event_source *timer;
+        conn_request_fn cb;
+        void *userdata;
+} Pending;
+
 typedef struct Subscription {
         char *prefix;
         Token token;
@@ -104,6 +114,8 @@ struct Conn {
         Subscription *subs;
         size_t n_subs;
         uint64_t describe_generation;
+
+        Pending *pending;
 };
 
 static void conn_schedule(Conn *c);
@@ -438,6 +450,68 @@ void conn_registry_changed(Conn *c) {
         }
 }
 
+static int on_request_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        Pending *q = userdata;
+        Conn *c = q->conn;
+
+        for (Pending **p = &c->pending; *p; p = &(*p)->next)
+                if (*p == q) {
+                        *p = q->next;
+                        break;
+                }
+        sd_event_source_disable_unref(q->timer);
+        q->cb(-ETIMEDOUT, 0, NULL, 0, q->userdata);
+        free(q);
+        return 0;
+}
+
+int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload, size_t len,
+                 int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata) {
+        Pending *q;
+        coap_pdu_t *pdu;
+        uint8_t cf[2];
+        int r;
+
+        if (c->state != CONN_CONNECTED || !c->session)
+                return -ENOTCONN;
+        q = calloc(1, sizeof(*q));
+        if (!q)
+                return -ENOMEM;
+        pdu = new_request(c, (coap_pdu_code_t)method, &q->token);
+        if (!pdu) {
+                free(q);
+                return -ENOMEM;
+        }
+        if (add_path(pdu, path0, rest) < 0 ||
+            (content_format >= 0 &&
+             !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
+                              coap_encode_var_safe(cf, sizeof(cf), (unsigned)content_format), cf)) ||
+            (len > 0 && !coap_add_data(pdu, len, payload))) {
+                coap_delete_pdu(pdu);
+                free(q);
+                return -E2BIG;
+        }
+        r = sd_event_add_time_relative(c->event, &q->timer, CLOCK_MONOTONIC, timeout_ms * 1000, 10000,
+                                       on_request_timeout, q);
+        if (r < 0) {
+                coap_delete_pdu(pdu);
+                free(q);
+                return r;
+        }
+        if (coap_send(c->session, pdu) == COAP_INVALID_MID) {
+                sd_event_source_disable_unref(q->timer);
+                free(q);
+                return -EIO;
+        }
+        q->conn = c;
+        q->cb = cb;
+        q->userdata = userdata;
+        q->next = c->pending;
+        c->pending = q;
+        kick(c);
+        return 0;
+}
+
 /* --- incoming ---------------------------------------------------------- */
 
 static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *sent, const coap_pdu_t *rcvd,
@@ -453,6 +527,18 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                 return COAP_RESPONSE_OK;
         c->last_rx = now_ms();
         (void)coap_get_data(rcvd, &len, &data);
+
+        for (Pending **p = &c->pending; *p; p = &(*p)->next) {
+                Pending *q = *p;
+
+                if (!token_eq(&q->token, token))
+                        continue;
+                *p = q->next;
+                sd_event_source_disable_unref(q->timer);
+                q->cb(0, code, data, len, q->userdata);
+                free(q);
+                return COAP_RESPONSE_OK;
+        }
 
         f = in_flight_take(c, token);
         if (f) {
@@ -637,8 +723,21 @@ static void on_request(coap_resource_t *resource, coap_session_t *session, const
                 return method == COAP_REQUEST_CODE_GET
                                ? handle_describe(c, resp)
                                : respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED, "use GET on /d");
-        if (streq(p, PROTO_PATH_OTA))
-                return respond_text(resp, COAP_RESPONSE_CODE_NOT_IMPLEMENTED, "OTA is not implemented yet");
+        if (startswith(p, PROTO_PATH_OTA "/") && !strchr(p + 2, '/') && c->hooks.ota_request) {
+                const uint8_t *data = NULL;
+                size_t len = 0;
+                char text[256] = "";
+                unsigned code;
+
+                if (method != COAP_REQUEST_CODE_POST)
+                        return respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED, "use POST on /o/JOB");
+                (void)coap_get_data(req, &len, &data);
+                code = c->hooks.ota_request(c->hooks.userdata, p + 2, data, len, text, sizeof(text));
+                if (text[0])
+                        return respond_text(resp, (coap_pdu_code_t)code, "%s", text);
+                coap_pdu_set_code(resp, (coap_pdu_code_t)code);
+                return;
+        }
 
         if (startswith(p, PROTO_PATH_FUNCTION "/") || startswith(p, PROTO_PATH_VARIABLE "/")) {
                 bool is_fn = p[0] == PROTO_PATH_FUNCTION[0];
@@ -861,11 +960,27 @@ static uint64_t backoff_ms(Conn *c) {
         return d / 2 + (uint64_t)((double)(d / 2) * ((double)random() / RAND_MAX));
 }
 
+/* Answer every request still waiting: the connection they went out on is
+ * gone. Callbacks may start new requests; those fail at once. */
+static void fail_pending(Conn *c) {
+        Pending *list = TAKE_PTR(c->pending);
+
+        while (list) {
+                Pending *q = list;
+
+                list = q->next;
+                sd_event_source_disable_unref(q->timer);
+                q->cb(-ENOTCONN, 0, NULL, 0, q->userdata);
+                free(q);
+        }
+}
+
 static void drop_session(Conn *c) {
         coap_session_t *s = c->session;
 
         c->session = NULL;
         c->closing = false;
+        fail_pending(c);
         if (s) {
                 coap_session_set_no_observe_cancel(s);
                 coap_session_release(s);

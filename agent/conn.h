@@ -28,7 +28,16 @@ typedef struct ConnHooks {
         int (*describe)(void *userdata, char **ret, size_t *ret_len);
         /* The number of events waiting in the outbox changed (may be NULL). */
         void (*queue_changed)(void *userdata, size_t queued);
+        /* POST /o/{job} from the cloud (start an OTA job). Returns the CoAP
+         * response code and writes a diagnostic into text. NULL: 4.04. */
+        unsigned (*ota_request)(void *userdata, const char *job, const uint8_t *data, size_t len, char *text,
+                                size_t text_size);
 } ConnHooks;
+
+/* The answer to conn_request(): error is 0 with the response code and
+ * payload (valid during the call only), -ENOTCONN if the connection went
+ * before an answer came, -ETIMEDOUT if none came in time. */
+typedef void (*conn_request_fn)(int error, unsigned code, const uint8_t *data, size_t len, void *userdata);
 
 /* cfg is borrowed and must stay valid until conn_reconfigure() or
  * conn_free(); reg and outbox are borrowed for the life of the Conn (the
@@ -53,6 +62,12 @@ int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint
 /* The registry's subscriptions or describe data changed: bring the cloud
  * up to date (re-subscribe; ask it to fetch describe again). */
 void conn_registry_changed(Conn *c);
+
+/* Send METHOD /path0[/rest] with a payload (copied; content_format < 0:
+ * none) to the cloud. Only while connected (-ENOTCONN otherwise); cb then
+ * runs exactly once, never from within this call. */
+int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload, size_t len,
+                 int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata);
 
 bool conn_is_connected(Conn *c);
 /* Events queued and not yet acknowledged by the cloud. */

@@ -1,5 +1,6 @@
 /* tetherd: the device agent. One sd-event loop drives the cloud
  * connection, the plugins' fds and timers, and signals. */
+#include <coap3/coap.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
@@ -11,6 +12,7 @@
 #include "local-api.h"
 #include "log.h"
 #include "outbox.h"
+#include "ota.h"
 #include "plugin-host.h"
 #include "proto.h"
 #include "registry.h"
@@ -32,6 +34,7 @@ typedef struct Agent {
         sd_event_source *notify_source;
         size_t queued, queued_notified;
         bool queued_known;
+        Ota *ota;
 } Agent;
 
 #define AGENT_NOTIFY_OUTBOX_USEC 100000
@@ -135,6 +138,8 @@ static void agent_state_changed(void *userdata, bool connected, const char *stat
                 a->connected_usec = now_usec();
         if (status && *status)
                 agent_set_status(a, status);
+        if (a->ota)
+                ota_connection_changed(a->ota, connected);
 }
 
 /* What "tetherctl status" shows: the describe document plus the state of
@@ -194,6 +199,41 @@ static void agent_local_api_configure(Agent *a) {
                             a->config->local_group);
 }
 
+static unsigned agent_ota_request(void *userdata, const char *job, const uint8_t *data, size_t len, char *text,
+                                  size_t text_size) {
+        Agent *a = userdata;
+
+        if (!a->ota) {
+                snprintf(text, text_size, "busy: starting up");
+                return COAP_RESPONSE_CODE(503);
+        }
+        return ota_handle_request(a->ota, job, data, len, text, text_size);
+}
+
+/* For OTA plugin packages: load the plugins that are on disk now. */
+static void agent_reload_plugins(void *userdata) {
+        Agent *a = userdata;
+        int r;
+
+        plugin_host_unload(a->plugins);
+        r = plugin_host_load(a->plugins, a->config);
+        log_info("Reloaded plugins, %d running", r < 0 ? 0 : r);
+        conn_registry_changed(a->conn);
+}
+
+static bool agent_plugin_running(void *userdata, const char *name) {
+        Agent *a = userdata;
+        json_t *list = plugin_host_describe(a->plugins), *p;
+        bool found = false;
+        size_t i;
+
+        json_array_foreach(list, i, p)
+                if (streq(json_string_value(json_object_get(p, "name")) ?: "", name))
+                        found = true;
+        json_decref(list);
+        return found;
+}
+
 static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         Agent *a = userdata;
         _cleanup_(config_freep) Config *next = NULL;
@@ -231,6 +271,7 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         a->config = TAKE_PTR(next);
         r = plugin_host_load(a->plugins, a->config);
         agent_local_api_configure(a);
+        ota_reconfigure(a->ota, a->config);
         log_info("Reloaded configuration, %d plugin(s) running", r < 0 ? 0 : r);
         conn_registry_changed(a->conn);
         sd_notify(false, "READY=1");
@@ -253,9 +294,11 @@ static void help(void) {
 static void agent_done(Agent *a) {
         local_api_free(a->local);
         plugin_host_free(a->plugins);
+        /* The connection first: it answers OTA's open requests as it goes. */
         conn_free(a->conn);
         outbox_free(a->outbox);
         sd_event_source_disable_unref(a->notify_source);
+        ota_free(a->ota);
         registry_free(a->registry);
         config_free(a->config);
         sd_event_unref(a->event);
@@ -347,7 +390,8 @@ int main(int argc, char *argv[]) {
                      &(ConnHooks){ .userdata = &a,
                                    .state_changed = agent_state_changed,
                                    .describe = agent_describe,
-                                   .queue_changed = agent_queue_changed },
+                                   .queue_changed = agent_queue_changed,
+                                   .ota_request = agent_ota_request },
                      &a.conn);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the cloud connection: %m"), 1;
@@ -361,6 +405,13 @@ int main(int argc, char *argv[]) {
                           &a.local) < 0)
                 return log_error("Out of memory"), 1;
         agent_local_api_configure(&a);
+        if (ota_new(a.event, a.conn, a.config, a.config_path,
+                    &(OtaHooks){ .userdata = &a,
+                                 .reload_plugins = agent_reload_plugins,
+                                 .plugin_running = agent_plugin_running },
+                    &a.ota) < 0)
+                return log_error("Failed to set up OTA"), 1;
+        (void)ota_start(a.ota);
         log_info("tetherd %s starting, %d plugin(s) running, cloud %s:%u", PACKAGE_VERSION, r < 0 ? 0 : r,
                  a.config->cloud_host, a.config->cloud_port);
         conn_start(a.conn);

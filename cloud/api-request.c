@@ -175,7 +175,7 @@ void api_parsed_done(ApiParsed *p) {
 
 int api_parse_request(const ApiInput *in, ApiParsed *ret) {
         bool get = streq(in->method, MHD_HTTP_METHOD_GET) || streq(in->method, MHD_HTTP_METHOD_HEAD);
-        bool post = streq(in->method, MHD_HTTP_METHOD_POST);
+        bool post = streq(in->method, MHD_HTTP_METHOD_POST), put = streq(in->method, MHD_HTTP_METHOD_PUT);
         ApiParsed p = { .route = API_ROUTE_NOT_FOUND };
         const char *rest, *prefix, *slash;
         size_t n;
@@ -247,7 +247,7 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 goto done;
         }
         if (!*rest) {
-                p.route = get ? API_ROUTE_DEVICE : API_ROUTE_DEVICE_BAD_METHOD;
+                p.route = get ? API_ROUTE_DEVICE : put ? API_ROUTE_UPDATE : API_ROUTE_DEVICE_BAD_METHOD;
                 goto done;
         }
         if (strchr(rest, '/') || (!get && !post)) {

@@ -62,6 +62,10 @@ typedef struct ApiRequest {
         bool catching_up;
         bool replay_started;
         JournalCursor cursor;
+
+        /* /v1/ota/...: handled by ota.c */
+        bool ota;
+        OtaRequest *ota_state;
 } ApiRequest;
 
 static struct {
@@ -119,6 +123,11 @@ static int api_defer_cb(sd_event_source *s, void *userdata) {
 /* MHD must run after a resume, not only when a socket wakes it. */
 static void api_schedule(void) {
         (void)sd_event_source_set_enabled(api.defer, SD_EVENT_ONESHOT);
+}
+
+void api_kick(void) {
+        if (api.defer)
+                api_schedule();
 }
 
 static void api_resume(ApiRequest *req) {
@@ -198,6 +207,14 @@ static void api_input_token(struct MHD_Connection *connection, ApiInput *in) {
         in->query_token_present = MHD_lookup_connection_value_n(connection, MHD_GET_ARGUMENT_KIND, "access_token",
                                                                 strlen("access_token"), &in->query_token,
                                                                 &in->query_token_len) == MHD_YES;
+}
+
+bool api_connection_authorized(struct MHD_Connection *connection) {
+        ApiInput in = {};
+        const char *token;
+
+        api_input_token(connection, &in);
+        return api_outside_token(&in, &token) && config_token_valid(api.config, token);
 }
 
 /* ---- device calls --------------------------------------------------------- */
@@ -670,6 +687,20 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                                 return MHD_YES;
                 }
                 break;
+        case API_ROUTE_UPDATE: {
+                /* Particle's "update the device": here, start an OTA job. */
+                json_t *body = NULL;
+                unsigned status;
+
+                d = devices_find(p.device);
+                if (!d) {
+                        api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
+                        break;
+                }
+                status = ota_api_start_job(d, p.params, &body);
+                api_set_json(req, status, body);
+                break;
+        }
         case API_ROUTE_NO_DEVICE:
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 break;
@@ -699,6 +730,14 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         api.requests->prev = req;
                 api.requests = req;
                 *con_cls = req;
+                if (ota_api_owns(url)) {
+                        /* Artifact uploads stream to disk: no body limit here. */
+                        req->ota = true;
+                        if (!api_connection_authorized(connection))
+                                        return api_unauthorized(req);
+                        return (enum MHD_Result)ota_api_handler(connection, url, method, upload_data,
+                                                                upload_data_size, &req->ota_state);
+                }
                 /* A token in the header or the query is checked before a
                  * byte of the body is read; only a request whose token can
                  * only be in its body has the body buffered first. */
@@ -717,6 +756,10 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 }
                 return MHD_YES;
         }
+        if (req->ota)
+                return req->response ? api_queue(req)
+                                     : (enum MHD_Result)ota_api_handler(connection, url, method, upload_data,
+                                                                        upload_data_size, &req->ota_state);
         if (*upload_data_size > 0) {
                 size_t n = *upload_data_size;
 
@@ -776,6 +819,7 @@ static void api_request_free(ApiRequest *req) {
                 api.n_streams--;
         devices_call_cancel(req->call);
         journal_cursor_done(&req->cursor);
+        ota_api_request_free(req->ota_state);
         if (req->response)
                 MHD_destroy_response(req->response);
         api_body_free(req);
@@ -873,6 +917,7 @@ int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
 void api_stop(void) {
         if (api.daemon) {
                 api.stopping = true;
+                ota_api_shutdown();
                 /* MHD must not be stopped with suspended connections. */
                 for (ApiRequest *req = api.requests; req; req = req->next) {
                         devices_call_cancel(req->call);

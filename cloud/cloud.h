@@ -4,6 +4,7 @@
  *   events.c   events_   device publish/subscribe and the event router
  *   journal.c  journal_  the event journal: de-duplication, SSE replay
  *   api.c      api_      HTTP API on libmicrohttpd (Particle Cloud API shapes)
+ *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS
  *   main.c               sd-event loop, sd_notify, signals
  * Everything runs on one sd-event loop; no threads. Errors are negative
  * errno values; ret_* parameters are untouched on failure. */
@@ -17,6 +18,8 @@
 #include <systemd/sd-event.h>
 
 #include "proto.h"
+
+struct MHD_Connection;
 
 #define CLOUD_PROGRAM "tether-cloudd"
 #define CLOUD_DEFAULT_CONFIG SYSCONFDIR "/tether/tether-cloudd.conf"
@@ -54,6 +57,13 @@ typedef struct CloudConfig {
         /* [Events] */
         unsigned journal_max_bytes;
         unsigned journal_sync_ms; /* 0: fsync every event */
+
+        /* [OTA]: artifact hosting is on when ota_dir is set */
+        char *ota_dir;
+        char *ota_listen; /* NULL: [Cloud] Listen= */
+        unsigned ota_port;
+        char *ota_public_url; /* NULL: https://LISTEN:PORT */
+        unsigned ota_max_artifact_mb;
 
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
@@ -223,6 +233,7 @@ typedef enum ApiRoute {
         API_ROUTE_PUBLISH,           /* POST /v1/devices/events */
         API_ROUTE_NO_DEVICE,         /* a device ID that cannot exist */
         API_ROUTE_DEVICE,            /* GET /v1/devices/ID */
+        API_ROUTE_UPDATE,            /* PUT /v1/devices/ID (an OTA job) */
         API_ROUTE_DEVICE_BAD_METHOD, /* anything else on /v1/devices/ID[/X] */
         API_ROUTE_CALL,              /* POST /v1/devices/ID/FN */
         API_ROUTE_READ,              /* GET /v1/devices/ID/VAR */
@@ -284,3 +295,31 @@ void api_stop(void);
 /* Queue an event (journal id) for every matching SSE client that is not
  * catching up from the journal. */
 void api_deliver_event(const ProtoEvent *e, uint64_t id);
+/* Run the HTTP server soon (after resuming a connection from outside). */
+void api_kick(void);
+/* Whether the request carries a valid token in the Authorization header
+ * or the access_token query parameter. */
+bool api_connection_authorized(struct MHD_Connection *connection);
+
+/* ---- ota.c ---------------------------------------------------------- */
+
+typedef struct OtaRequest OtaRequest;
+
+/* Start artifact hosting (HTTPS with client certificates) when
+ * [OTA] ArtifactDirectory= is set; *ret_port is its port, 0 when off. */
+int ota_start(sd_event *event, const CloudConfig *config, unsigned *ret_port);
+void ota_stop(void);
+/* Whether the API request for url belongs to ota.c (/v1/ota/...). */
+bool ota_api_owns(const char *url);
+/* MHD access handler for those requests (the token is checked by api.c);
+ * *state is ota.c's, freed by ota_api_request_free(). */
+int ota_api_handler(struct MHD_Connection *connection, const char *url, const char *method,
+                    const char *upload_data, size_t *upload_data_size, OtaRequest **state);
+OtaRequest *ota_api_request_free(OtaRequest *state);
+/* Resume every waiting request before the API server stops. */
+void ota_api_shutdown(void);
+/* PUT /v1/devices/ID with "manifest": start a job. Returns the HTTP
+ * status and sets *ret_body (a new JSON object). */
+unsigned ota_api_start_job(Device *d, json_t *params, json_t **ret_body);
+/* A device's request on /o/JOB (a status report). */
+void ota_device_request(Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response);

@@ -74,6 +74,9 @@ CloudConfig *config_free(CloudConfig *c) {
         free(c->api_listen);
         free(c->token_file);
         free(c->state_dir);
+        free(c->ota_listen);
+        free(c->ota_dir);
+        free(c->ota_public_url);
         if (c->token_digests)
                 OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
         free(c->token_digests);
@@ -144,6 +147,11 @@ static const ConfigKey config_keys[] = {
         UINT_KEY("Events", "JournalMaxBytes", journal_max_bytes, 65536, 1u << 31),
         UINT_KEY("Events", "SyncIntervalMsec", journal_sync_ms, 0, 60000),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
+        STR_KEY("OTA", "ArtifactDirectory", ota_dir),
+        STR_KEY("OTA", "Listen", ota_listen),
+        UINT_KEY("OTA", "Port", ota_port, 0, 65535),
+        STR_KEY("OTA", "PublicURL", ota_public_url),
+        UINT_KEY("OTA", "MaxArtifactMB", ota_max_artifact_mb, 1, 1048576),
 };
 
 /* inih handler: 1 to continue, 0 marks this line as the failing one. */
@@ -179,7 +187,7 @@ static int config_handler(void *userdata, const char *section, const char *name,
                 return 1;
         }
         if (!streq(section, "Cloud") && !streq(section, "API") && !streq(section, "State") &&
-            !streq(section, "Events"))
+            !streq(section, "Events") && !streq(section, "OTA"))
                 log_warning("%s:%u: Unknown section [%s], ignoring %s=.", file, p->line, section, name);
         else
                 log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", file, p->line, name, section);
@@ -295,6 +303,8 @@ int config_load(const char *path, CloudConfig **ret) {
         c->api_port = 8080;
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;
+        c->ota_port = 5685;
+        c->ota_max_artifact_mb = 1024;
 
         p.config = c;
         p.file = fopen(path, "re");
@@ -312,6 +322,8 @@ int config_load(const char *path, CloudConfig **ret) {
                 return log_error_errno(-EINVAL, "%s: [Cloud] CAFile=, Certificate= and Key= are required.", path);
         if (!c->token_file)
                 return log_error_errno(-EINVAL, "%s: [API] TokenFile= is required.", path);
+        if (c->ota_public_url && !startswith(c->ota_public_url, "https://"))
+                return log_error_errno(-EINVAL, "%s: [OTA] PublicURL= must start with https://.", path);
         if (c->device_timeout_sec <= c->ping_sec)
                 log_warning("%s: DeviceTimeoutSec=%u is not above PingSec=%u: idle devices will be dropped.",
                             path, c->device_timeout_sec, c->ping_sec);

@@ -1105,8 +1105,8 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
         }
         if (streq(first, PROTO_PATH_EVENT))
                 devices_reply(response, COAP_RESPONSE_CODE(400), "name too long");
-        else if (streq(first, PROTO_PATH_OTA))
-                devices_reply(response, COAP_RESPONSE_CODE(501), "OTA status reports are not implemented");
+        else if (streq(first, PROTO_PATH_OTA) && nseg == 2 && !too_long)
+                ota_device_request(d, request, rest, response);
         else
                 devices_reply(response, COAP_RESPONSE_CODE(404), "unknown resource");
 }

@@ -31,7 +31,7 @@ static int run(int argc, char *argv[]) {
         _cleanup_(config_freep) CloudConfig *config = NULL;
         sd_event *event = NULL;
         const char *path;
-        unsigned coap_port = 0, api_port = 0;
+        unsigned coap_port = 0, api_port = 0, ota_port = 0;
         sigset_t mask;
         int r;
 
@@ -73,6 +73,9 @@ static int run(int argc, char *argv[]) {
         r = api_start(event, config, &api_port);
         if (r < 0)
                 goto out;
+        r = ota_start(event, config, &ota_port);
+        if (r < 0)
+                goto out;
 
         log_info("Listening for devices on %s port %u, HTTP API on %s port %u.", config->coap_listen, coap_port,
                  config->api_listen, api_port);
@@ -80,8 +83,9 @@ static int run(int argc, char *argv[]) {
                          "READY=1\n"
                          "STATUS=Listening: devices on port %u, API on port %u; 0 devices online\n"
                          "X_COAP_PORT=%u\n"
-                         "X_API_PORT=%u",
-                         coap_port, api_port, coap_port, api_port);
+                         "X_API_PORT=%u\n"
+                         "X_OTA_PORT=%u",
+                         coap_port, api_port, coap_port, api_port, ota_port);
 
         r = sd_event_loop(event);
         if (r < 0)
@@ -89,6 +93,7 @@ static int run(int argc, char *argv[]) {
         (void)sd_notify(0, "STOPPING=1\nSTATUS=Stopping");
 out:
         api_stop();
+        ota_stop();
         devices_stop();
         events_stop();
         journal_close();

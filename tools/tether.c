@@ -14,14 +14,13 @@
 
 #include "log.h"
 #include "proto.h"
+#include "tether-cli.h"
 #include "util.h"
 
 #define TETHER_DEFAULT_API "http://127.0.0.1:8080"
 #define TETHER_DEFAULT_TIMEOUT_MS 30000L /* above the cloud's 10 s call timeout */
 #define TETHER_CONNECT_TIMEOUT_MS 10000L
-#define TETHER_RESPONSE_MAX (8u << 20)   /* bytes of one JSON response */
 #define TETHER_SSE_EVENT_MAX (1u << 20)  /* bytes of one event's data lines */
-#define TETHER_ERROR_TEXT_MAX 300        /* bytes of server error text we print */
 /* The cloud sends a keepalive comment every 10 s; 45 s without one (four
  * missed) means the stream is dead even if TCP has not noticed. */
 #define TETHER_STREAM_STALL_SEC 45L
@@ -29,47 +28,21 @@
 #define TETHER_RESUME_MIN_MS 100L
 #define TETHER_RESUME_MAX_MS 2000L
 
-/* Exit codes, documented in docs/cli.md. */
-enum {
-        EXIT_FAILURE_ = 1,  /* anything else */
-        EXIT_USAGE = 2,     /* bad command line or invalid name, nothing sent */
-        EXIT_NOT_FOUND = 3, /* HTTP 404: unknown device, function or variable */
-        EXIT_OFFLINE = 4,   /* HTTP 503: device offline or busy */
-        EXIT_AUTH = 5,      /* HTTP 401/403: missing or bad token */
-        EXIT_TIMEOUT = 6,   /* HTTP 504 or no answer in time */
-        EXIT_CONNECT = 7,   /* could not reach the API (refused, DNS, TLS) */
-};
-
-static struct {
-        const char *api;
-        const char *token;
-        const char *cacert;
-        const char *device; /* subscribe --device */
-        long timeout_ms;    /* -1: the command's default */
-        long long ttl;      /* -1: not given */
-        unsigned long count;
-        bool json;
-        bool private_;
-        bool resume; /* subscribe --resume */
-} arg = {
+CliArgs arg = {
         .timeout_ms = -1,
         .ttl = -1,
+        .ota_expires = -1,
 };
 
 static volatile sig_atomic_t interrupted;
 
-typedef struct Buffer {
-        char *data;
-        size_t len, cap, max;
-} Buffer;
-
-static void buffer_done(Buffer *b) {
+void buffer_done(Buffer *b) {
         free(b->data);
         *b = (Buffer){};
 }
 
 /* 0 or -ENOMEM/-EFBIG. Keeps the data NUL terminated. */
-static int buffer_append(Buffer *b, const char *p, size_t n) {
+int buffer_append(Buffer *b, const char *p, size_t n) {
         if (n > b->max - b->len)
                 return -EFBIG;
         if (b->len + n + 1 > b->cap) {
@@ -88,16 +61,6 @@ static int buffer_append(Buffer *b, const char *p, size_t n) {
         return 0;
 }
 
-typedef struct Api {
-        CURL *curl;
-        struct curl_slist *headers;
-        char *base; /* API URL without trailing '/' */
-        char errbuf[CURL_ERROR_SIZE];
-        Buffer body;
-        long status;
-        const char *what_400; /* how to word an HTTP 400 for this request */
-} Api;
-
 static void api_done(Api *a) {
         curl_slist_free_all(a->headers);
         if (a->curl)
@@ -107,7 +70,7 @@ static void api_done(Api *a) {
 }
 
 /* Exit code for a negative errno returned by a command. */
-static int exit_code_from_errno(int r) {
+int exit_code_from_errno(int r) {
         switch (-r) {
         case 0:
                 return EXIT_SUCCESS;
@@ -119,7 +82,10 @@ static int exit_code_from_errno(int r) {
         case ENOENT:
                 return EXIT_NOT_FOUND;
         case EHOSTDOWN:
+        case EBUSY:
                 return EXIT_OFFLINE;
+        case ECANCELED:
+                return EXIT_NOT_COMMITTED;
         case EACCES:
         case EPERM:
                 return EXIT_AUTH;
@@ -134,8 +100,7 @@ static int exit_code_from_errno(int r) {
         }
 }
 
-static int usage_error(const char *fmt, ...) _printf_(1, 2);
-static int usage_error(const char *fmt, ...) {
+int usage_error(const char *fmt, ...) {
         char msg[512];
         va_list ap;
 
@@ -146,7 +111,7 @@ static int usage_error(const char *fmt, ...) {
         return -EINVAL;
 }
 
-static int name_check(const char *name, ProtoNameKind kind) {
+int name_check(const char *name, ProtoNameKind kind) {
         static const char *const what[] = {
                 [PROTO_NAME_FUNCTION] = "function name",
                 [PROTO_NAME_VARIABLE] = "variable name",
@@ -203,7 +168,7 @@ static void one_line(const char *in, char *out, size_t size) {
 /* The server's diagnostic: "error" (plus "info", the device's own text,
  * when there is one), else "error_description" or "message", else the
  * body itself if it is not JSON. */
-static void error_text(const Buffer *body, char *out, size_t size) {
+void error_text(const Buffer *body, char *out, size_t size) {
         const char *e = NULL, *info = NULL;
         _cleanup_free_ char *joined = NULL;
         json_t *j;
@@ -231,7 +196,7 @@ static void error_text(const Buffer *body, char *out, size_t size) {
 }
 
 /* what: the request's object, for the wording of a 400 ("argument"). */
-static int http_error(Api *a, const char *what) {
+int http_error(Api *a, const char *what) {
         char text[TETHER_ERROR_TEXT_MAX + 1], detail[TETHER_ERROR_TEXT_MAX + 3] = "";
         long s = a->status;
 
@@ -273,7 +238,7 @@ static int http_error(Api *a, const char *what) {
         }
 }
 
-static int curl_error(Api *a, CURLcode c) {
+int curl_error(Api *a, CURLcode c) {
         const char *why = a->errbuf[0] ? a->errbuf : curl_easy_strerror(c);
 
         switch (c) {
@@ -311,7 +276,7 @@ static int curl_error(Api *a, CURLcode c) {
         }
 }
 
-static size_t body_write(char *p, size_t size, size_t n, void *userdata) {
+size_t body_write(char *p, size_t size, size_t n, void *userdata) {
         Api *a = userdata;
 
         if (buffer_append(&a->body, p, n) < 0)
@@ -370,7 +335,7 @@ static int api_open(Api *a) {
         return 0;
 }
 
-static void api_set_timeouts(Api *a, long total_ms) {
+void api_set_timeouts(Api *a, long total_ms) {
         long connect_ms = TETHER_CONNECT_TIMEOUT_MS;
 
         if (total_ms > 0 && total_ms < connect_ms)
@@ -383,7 +348,7 @@ static void api_set_timeouts(Api *a, long total_ms) {
  * x-www-form-urlencoded body. On success (2xx) the raw body is in
  * a->body and, if ret is not NULL, *ret is its parsed JSON (caller
  * decrefs). Failures are logged once; negative errno. */
-static int api_request(Api *a, const char *path, const char *form, json_t **ret) {
+int api_request(Api *a, const char *path, const char *form, json_t **ret) {
         _cleanup_free_ char *url = NULL;
         json_error_t jerr;
         CURLcode c;
@@ -428,7 +393,7 @@ static int api_request(Api *a, const char *path, const char *form, json_t **ret)
         return 0;
 }
 
-static int print_raw_body(const Api *a) {
+int print_raw_body(const Api *a) {
         size_t len = a->body.len;
 
         while (len > 0 && (a->body.data[len - 1] == '\n' || a->body.data[len - 1] == '\r'))
@@ -438,7 +403,7 @@ static int print_raw_body(const Api *a) {
         return 0;
 }
 
-static char *form_field(Api *a, const char *name, const char *value) {
+char *form_field(Api *a, const char *name, const char *value) {
         char *esc = curl_easy_escape(a->curl, value, (int)strlen(value)), *s = NULL;
 
         if (!esc)
@@ -449,7 +414,7 @@ static char *form_field(Api *a, const char *name, const char *value) {
         return s;
 }
 
-static const char *json_string_or(json_t *o, const char *key, const char *fallback) {
+const char *json_string_or(json_t *o, const char *key, const char *fallback) {
         const char *s = json_string_value(json_object_get(o, key));
         return s && *s ? s : fallback;
 }
@@ -1121,6 +1086,7 @@ static void help(void) {
                "        --count N                 exit 0 after N events\n"
                "        --resume                  reconnect when the stream ends and resume\n"
                "                                  after the last event (Last-Event-ID)\n"
+               "  ota ...                       signed package updates ('tether ota --help')\n"
                "\n"
                "Options:\n"
                "  --api URL         API base URL (default: $TETHER_API, else " TETHER_DEFAULT_API ")\n"
@@ -1148,6 +1114,15 @@ enum {
         OPT_DEVICE,
         OPT_COUNT,
         OPT_RESUME,
+        OPT_KEY,
+        OPT_URL,
+        OPT_MANIFEST,
+        OPT_OUTPUT,
+        OPT_MIN_VERSION,
+        OPT_PLUGIN,
+        OPT_EXPIRES,
+        OPT_VALID_FOR,
+        OPT_NO_WAIT,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1158,6 +1133,7 @@ static const struct {
 } commands[] = {
         { "list", cmd_list },       { "describe", cmd_describe }, { "call", cmd_call },
         { "get", cmd_get },         { "publish", cmd_publish },   { "subscribe", cmd_subscribe },
+        { "ota", cmd_ota },
 };
 
 static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
@@ -1174,9 +1150,19 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "device", required_argument, NULL, OPT_DEVICE },
                 { "count", required_argument, NULL, OPT_COUNT },
                 { "resume", no_argument, NULL, OPT_RESUME },
+                { "key", required_argument, NULL, OPT_KEY },
+                { "url", required_argument, NULL, OPT_URL },
+                { "manifest", required_argument, NULL, OPT_MANIFEST },
+                { "output", required_argument, NULL, OPT_OUTPUT },
+                { "min-version", required_argument, NULL, OPT_MIN_VERSION },
+                { "plugin", required_argument, NULL, OPT_PLUGIN },
+                { "expires", required_argument, NULL, OPT_EXPIRES },
+                { "valid-for", required_argument, NULL, OPT_VALID_FOR },
+                { "no-wait", no_argument, NULL, OPT_NO_WAIT },
                 {},
         };
         const char *cmd;
+        bool ota_opts = false, help_seen = false;
         char *end;
         int c;
 
@@ -1184,8 +1170,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
         while ((c = getopt_long(argc, argv, ":h", options, NULL)) >= 0) {
                 switch (c) {
                 case 'h':
-                        help();
-                        return 0;
+                        help_seen = true;
+                        break;
                 case OPT_VERSION:
                         printf("tether %s\n", PACKAGE_VERSION);
                         return 0;
@@ -1236,6 +1222,57 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 case OPT_RESUME:
                         arg.resume = true;
                         break;
+                case OPT_KEY:
+                        arg.ota_key = optarg;
+                        ota_opts = true;
+                        break;
+                case OPT_URL:
+                        arg.ota_url = optarg;
+                        ota_opts = true;
+                        break;
+                case OPT_MANIFEST:
+                        arg.ota_manifest = optarg;
+                        ota_opts = true;
+                        break;
+                case OPT_OUTPUT:
+                        arg.ota_output = optarg;
+                        ota_opts = true;
+                        break;
+                case OPT_MIN_VERSION:
+                        arg.ota_min_version = optarg;
+                        ota_opts = true;
+                        break;
+                case OPT_PLUGIN:
+                        arg.ota_plugin = optarg;
+                        ota_opts = true;
+                        break;
+                case OPT_EXPIRES:
+                        errno = 0;
+                        arg.ota_expires = strtoll(optarg, &end, 10);
+                        if (errno || end == optarg || *end || arg.ota_expires < 0)
+                                return usage_error("Invalid --expires '%s': expected Unix time in seconds", optarg);
+                        ota_opts = true;
+                        break;
+                case OPT_VALID_FOR: {
+                        long long mult = 1;
+                        errno = 0;
+                        arg.ota_valid_for = strtoll(optarg, &end, 10);
+                        if (*end == 'd' || *end == 'h' || *end == 'm' || *end == 's') {
+                                mult = *end == 'd' ? 86400 : *end == 'h' ? 3600 : *end == 'm' ? 60 : 1;
+                                end++;
+                        }
+                        if (errno || end == optarg || *end || arg.ota_valid_for <= 0 ||
+                            arg.ota_valid_for > 3650LL * 86400 / mult)
+                                return usage_error("Invalid --valid-for '%s': expected a duration like 3600, 12h or 7d",
+                                                   optarg);
+                        arg.ota_valid_for *= mult;
+                        ota_opts = true;
+                        break;
+                }
+                case OPT_NO_WAIT:
+                        arg.ota_no_wait = true;
+                        ota_opts = true;
+                        break;
                 case ':':
                         return usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
@@ -1249,6 +1286,13 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 }
         }
 
+        if (help_seen) {
+                if (optind < argc && streq(argv[optind], "ota"))
+                        ota_help();
+                else
+                        help();
+                return 0;
+        }
         if (optind >= argc)
                 return usage_error("Missing command");
         cmd = argv[optind];
@@ -1263,6 +1307,9 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 return usage_error("--private and --ttl are options of 'publish'");
         if ((arg.device || arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
                 return usage_error("--device, --count and --resume are options of 'subscribe'");
+        if (ota_opts && !streq(cmd, "ota"))
+                return usage_error("--key, --url, --manifest, --output, --min-version, --plugin, --expires, "
+                                   "--valid-for and --no-wait are options of 'ota'");
 
         *ret_optind = optind + 1;
         return 1;

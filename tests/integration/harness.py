@@ -90,6 +90,8 @@ class NotifySocket:
                 data = self.sock.recv(65536)
             except OSError:
                 return
+            if not data:  # shut down by close()
+                return
             fields = {}
             for line in data.decode(errors="replace").splitlines():
                 if "=" in line:
@@ -117,6 +119,15 @@ class NotifySocket:
             return len(self.messages)
 
     def close(self):
+        # Wake the reader and wait for it before the fd is closed: a reader
+        # still in recv() when its fd number is reused by the next World's
+        # socket would steal that World's messages (seen as a READY=1 that
+        # never arrived).
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
         self.sock.close()
 
 

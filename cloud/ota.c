@@ -1,0 +1,1126 @@
+/* OTA in tether-cloudd (docs/ota.md, docs/cloud.md):
+ *   - jobs: PUT /v1/devices/ID with a signed manifest sends POST /o/JOB to
+ *     the device; its answer and its status reports (POST /o/JOB from the
+ *     device) move the job; the API serves jobs, with long polling, and
+ *     every report is also an event "tether/ota/JOB" from the device;
+ *   - artifacts: PUT /v1/ota/artifacts/SHA256 stores a .deb (checked
+ *     against its SHA-256) in [OTA] ArtifactDirectory=, and a second
+ *     libmicrohttpd daemon serves it to devices over HTTPS, only to clients
+ *     with a certificate from the device CA, with Range support.
+ *
+ * libmicrohttpd is built with GnuTLS in Debian, so the artifact server's
+ * TLS is GnuTLS: MHD requests a client certificate (MHD_OPTION_HTTPS_MEM_TRUST)
+ * and we verify it per request with gnutls_certificate_verify_peers2(),
+ * refusing with 403 what does not chain to the device CA. The cloud never
+ * verifies manifest signatures (it has no keyring): devices do. */
+#include "config.h"
+
+#include <fcntl.h>
+#include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
+#include <microhttpd.h>
+#include <openssl/evp.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cloud.h"
+#include "log.h"
+#include "manifest.h"
+#include "util.h"
+
+#define USEC_PER_SEC 1000000ULL
+#define USEC_PER_MSEC 1000ULL
+#define OTA_JOB_ID_LEN 16
+#define OTA_JOBS_MAX 4096
+#define OTA_HISTORY_MAX 64
+#define OTA_REPORT_MAX 4096
+#define OTA_WAIT_USEC (25 * USEC_PER_SEC)
+#define OTA_PEM_MAX (256 * 1024)
+
+typedef struct OtaJob {
+        char id[OTA_JOB_ID_LEN + 1];
+        char *device;
+        char *package;
+        char *version;
+        char *state;
+        char *code;   /* rejection/rollback code, or NULL */
+        char *reason; /* human text, or NULL */
+        uint64_t bytes, total;
+        uint64_t seq;        /* bumped on every change: long polling waits on it */
+        uint64_t device_seq; /* last state report applied (reports are de-duplicated) */
+        json_t *history;     /* [{"state","at"[,"code","reason"]}] */
+        char created[32], updated[32];
+        struct OtaJob *next;
+} OtaJob;
+
+typedef enum OtaRequestKind {
+        OTA_REQ_UPLOAD,
+        OTA_REQ_ARTIFACT,
+        OTA_REQ_JOB,
+        OTA_REQ_JOBS,
+        OTA_REQ_NONE,
+} OtaRequestKind;
+
+struct OtaRequest {
+        OtaRequestKind kind;
+        struct MHD_Connection *connection;
+        unsigned status; /* a response decided early (0: none) */
+        json_t *body;
+
+        /* upload */
+        char sha256[65];
+        int fd;
+        char *tmp_path;
+        EVP_MD_CTX *md;
+        uint64_t received, expected;
+        bool exists;
+
+        /* job status, long polling */
+        char job[OTA_JOB_ID_LEN + 1];
+        long long wait_seq; /* -1: answer at once */
+        bool suspended;
+        bool expired;
+        sd_event_source *timer;
+        struct OtaRequest *wait_prev, *wait_next;
+};
+
+static struct {
+        sd_event *event;
+        const CloudConfig *config;
+        struct MHD_Daemon *daemon; /* artifact server */
+        sd_event_source *io, *timer, *defer;
+        char *key_pem, *cert_pem, *ca_pem;
+        char *public_url;
+        unsigned port;
+        OtaJob *jobs;
+        size_t n_jobs;
+        OtaRequest *waiters;
+        bool running; /* between ota_start() and ota_stop() */
+} ota = { .port = 0 };
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static void timestamp(char buf[static 32]) {
+        proto_timestamp_now(buf);
+}
+
+static bool job_id_valid(const char *s, size_t n) {
+        if (n != OTA_JOB_ID_LEN)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+                        return false;
+        return true;
+}
+
+static int read_pem(const char *path, char **ret) {
+        _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+        _cleanup_free_ char *buf = NULL;
+        size_t len = 0;
+
+        if (fd < 0)
+                return -errno;
+        buf = malloc(OTA_PEM_MAX + 1);
+        if (!buf)
+                return -ENOMEM;
+        for (;;) {
+                ssize_t n = read(fd, buf + len, OTA_PEM_MAX - len);
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n < 0)
+                        return -errno;
+                if (n == 0)
+                        break;
+                len += (size_t)n;
+                if (len >= OTA_PEM_MAX)
+                        return -EFBIG;
+        }
+        buf[len] = 0;
+        *ret = TAKE_PTR(buf);
+        return 0;
+}
+
+static bool state_final(const char *s) {
+        return s && (streq(s, "committed") || streq(s, "rolled-back") || streq(s, "rejected") ||
+                     streq(s, "deferred") || streq(s, "failed"));
+}
+
+static bool state_known(const char *s) {
+        static const char *const states[] = { "accepted",   "downloading", "downloaded", "rejected",
+                                              "deferred",   "installing",  "installed",  "trial",
+                                              "committed",  "rolling-back", "rolled-back", "failed" };
+
+        for (size_t i = 0; i < ELEMENTSOF(states); i++)
+                if (streq(states[i], s))
+                        return true;
+        return false;
+}
+
+/* ---- jobs ----------------------------------------------------------------- */
+
+static OtaJob *job_find(const char *id) {
+        for (OtaJob *j = ota.jobs; j; j = j->next)
+                if (streq(j->id, id))
+                        return j;
+        return NULL;
+}
+
+static void job_free(OtaJob *j) {
+        free(j->device);
+        free(j->package);
+        free(j->version);
+        free(j->state);
+        free(j->code);
+        free(j->reason);
+        json_decref(j->history);
+        free(j);
+}
+
+/* Keep the table bounded: forget the oldest finished job. */
+static void jobs_prune(void) {
+        OtaJob **victim = NULL;
+
+        if (ota.n_jobs < OTA_JOBS_MAX)
+                return;
+        for (OtaJob **p = &ota.jobs; *p; p = &(*p)->next)
+                if (state_final((*p)->state))
+                        victim = p; /* the list is newest first: the last one wins */
+        if (!victim)
+                return;
+        {
+                OtaJob *j = *victim;
+                *victim = j->next;
+                job_free(j);
+                ota.n_jobs--;
+        }
+}
+
+static OtaJob *job_new(const char *id, const char *device, const char *package, const char *version) {
+        OtaJob *j = calloc(1, sizeof(*j));
+
+        if (!j)
+                return NULL;
+        snprintf(j->id, sizeof(j->id), "%s", id);
+        j->device = strdup(device);
+        j->package = package ? strdup(package) : NULL;
+        j->version = version ? strdup(version) : NULL;
+        j->history = json_array();
+        if (!j->device || (package && !j->package) || (version && !j->version) || !j->history) {
+                job_free(j);
+                return NULL;
+        }
+        timestamp(j->created);
+        memcpy(j->updated, j->created, sizeof(j->created));
+        jobs_prune();
+        j->next = ota.jobs;
+        ota.jobs = j;
+        ota.n_jobs++;
+        return j;
+}
+
+static json_t *job_to_json(const OtaJob *j) {
+        json_t *o = json_pack("{s:s, s:s, s:s?, s:s?, s:s?, s:s?, s:s?, s:b, s:I, s:s, s:s, s:O}", "job", j->id,
+                              "device", j->device, "package", j->package, "version", j->version, "state",
+                              j->state, "code", j->code, "reason", j->reason, "final", state_final(j->state), "seq",
+                              (json_int_t)j->seq, "created_at", j->created, "updated_at", j->updated, "history",
+                              j->history);
+
+        if (o && j->total > 0 &&
+            json_object_set_new(o, "progress", json_pack("{s:I, s:I}", "bytes", (json_int_t)j->bytes, "total",
+                                                         (json_int_t)j->total)) < 0) {
+                json_decref(o);
+                return NULL;
+        }
+        return o;
+}
+
+static void waiters_wake(const OtaJob *j);
+
+static int set_str(char **dst, const char *v) {
+        char *c = NULL;
+
+        if (v && !(c = strdup(v)))
+                return -ENOMEM;
+        free(*dst);
+        *dst = c;
+        return 0;
+}
+
+/* Move a job to state (with optional code and reason), remember it in the
+ * history, tell API waiters and event streams. */
+static void job_set_state(OtaJob *j, const char *state, const char *code, const char *reason) {
+        bool changed = !j->state || !streq(j->state, state);
+        ProtoEvent e = {};
+        _cleanup_free_ char *data = NULL;
+        char name[TETHER_EVENT_NAME_MAX + 1], at[32];
+        uint64_t id;
+        json_t *ev;
+        int r;
+
+        if (set_str(&j->state, state) < 0 || set_str(&j->code, code) < 0 || set_str(&j->reason, reason) < 0) {
+                log_error("Out of memory updating OTA job %s.", j->id);
+                return;
+        }
+        timestamp(j->updated);
+        j->seq++;
+        if (changed) {
+                json_t *h = json_pack("{s:s, s:s}", "state", state, "at", j->updated);
+
+                if (h && code)
+                        json_object_set_new(h, "code", json_string(code));
+                if (h && reason)
+                        json_object_set_new(h, "reason", json_string(reason));
+                if (h && json_array_size(j->history) < OTA_HISTORY_MAX)
+                        json_array_append_new(j->history, h);
+                else
+                        json_decref(h);
+                log_info("OTA job %s on device '%s': %s%s%s%s", j->id, j->device, state, reason ? " (" : "",
+                         reason ? reason : "", reason ? ")" : "");
+        }
+        waiters_wake(j);
+
+        /* Every change is also an event from the device. */
+        ev = json_pack("{s:s, s:s, s:s?, s:s?, s:s?, s:s?, s:b}", "job", j->id, "state", state, "code", code,
+                       "reason", reason, "package", j->package, "version", j->version, "final",
+                       state_final(state));
+        if (ev && j->total > 0) {
+                json_object_set_new(ev, "bytes", json_integer((json_int_t)j->bytes));
+                json_object_set_new(ev, "total", json_integer((json_int_t)j->total));
+        }
+        data = ev ? json_dumps(ev, JSON_COMPACT) : NULL;
+        json_decref(ev);
+        if (!data)
+                return;
+        snprintf(name, sizeof(name), "tether/ota/%s", j->id);
+        proto_timestamp_now(at);
+        e = (ProtoEvent){ .name = name, .data = data, .ttl = PROTO_DEFAULT_TTL, .published_at = at,
+                          .coreid = j->device };
+        /* Journaled like every routed event, so that subscribers that
+         * resume (Last-Event-ID) see every state. The job's own record
+         * does not depend on it. */
+        r = journal_append(&e, 0, 0, &id);
+        if (r < 0) {
+                log_warning_errno(r, "Failed to store the event for job %s (%s), not routing it: %m", j->id, state);
+                return;
+        }
+        events_route(&e, devices_find(j->device), id);
+}
+
+/* The device's answer to POST /o/JOB. */
+static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
+        _cleanup_free_ char *id = userdata, *text = NULL;
+        OtaJob *j = job_find(id);
+        const char *colon;
+        char rcode[32] = "";
+
+        if (!j)
+                return;
+        if (error == -ETIMEDOUT) {
+                /* It may still have taken the job: its reports would say so. */
+                if (j->state && streq(j->state, "sent"))
+                        job_set_state(j, "failed", "no-answer", "the device did not answer the update request");
+                return;
+        }
+        if (error < 0) {
+                if (j->state && streq(j->state, "sent"))
+                        job_set_state(j, "failed", "offline", "the device went offline before it answered");
+                return;
+        }
+        if (code >> 5 == 2) {
+                /* Reports may have overtaken the answer. */
+                if (j->state && streq(j->state, "sent"))
+                        job_set_state(j, "accepted", NULL, NULL);
+                return;
+        }
+        /* "CODE: reason" text from the device */
+        text = strndup(len ? (const char *)data : "", len);
+        if (!text || proto_utf8_check(text, strlen(text)) < 0) {
+                free(text);
+                text = strdup("the device refused the update");
+        }
+        colon = text ? strstr(text, ": ") : NULL;
+        if (colon && (size_t)(colon - text) < sizeof(rcode) &&
+            strspn(text, "abcdefghijklmnopqrstuvwxyz-") == (size_t)(colon - text)) {
+                memcpy(rcode, text, (size_t)(colon - text));
+                rcode[colon - text] = 0;
+                job_set_state(j, "rejected", rcode, colon + 2);
+        } else
+                job_set_state(j, "rejected", code == COAP_RESPONSE_CODE(503) ? "busy" : "refused", text);
+}
+
+unsigned ota_api_start_job(Device *d, json_t *params, json_t **ret_body) {
+        json_t *m = json_object_get(params, "manifest");
+        char id[OTA_JOB_ID_LEN + 1];
+        uint8_t rnd[OTA_JOB_ID_LEN / 2];
+        ManifestEnvelope env;
+        Manifest man = {};
+        const char *text, *err = NULL;
+        size_t len;
+        OtaJob *j;
+        char *cb_id;
+        int r;
+
+        if (!json_is_string(m)) {
+                if (json_object_get(params, "file"))
+                        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error",
+                                              "Firmware files are not supported: send a signed tether manifest as "
+                                              "\"manifest\" (tether ota DEVICE FILE.deb)");
+                else
+                        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", "\"manifest\" is required");
+                return MHD_HTTP_BAD_REQUEST;
+        }
+        text = json_string_value(m);
+        len = json_string_length(m);
+        /* Shape only: the device verifies the signature, we cannot. */
+        if (manifest_envelope_split((const uint8_t *)text, len, &env) < 0 ||
+            manifest_body_parse(env.body, env.body_len, &man, &err) < 0) {
+                *ret_body = json_pack("{s:b, s:s, s:s?}", "ok", 0, "error", "Not a signed tether manifest", "info",
+                                      err);
+                return MHD_HTTP_BAD_REQUEST;
+        }
+        if (!device_connected(d)) {
+                manifest_done(&man);
+                *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", "Device is offline");
+                return MHD_HTTP_SERVICE_UNAVAILABLE;
+        }
+        do {
+                static const char digits[] = "0123456789abcdef";
+
+                if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) {
+                        manifest_done(&man);
+                        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", "No randomness for a job id");
+                        return MHD_HTTP_INTERNAL_SERVER_ERROR;
+                }
+                for (size_t i = 0; i < sizeof(rnd); i++) {
+                        id[2 * i] = digits[rnd[i] >> 4];
+                        id[2 * i + 1] = digits[rnd[i] & 15];
+                }
+                id[OTA_JOB_ID_LEN] = 0;
+        } while (job_find(id));
+
+        j = job_new(id, device_id(d), man.package, man.version);
+        manifest_done(&man);
+        cb_id = strdup(id);
+        if (!j || !cb_id) {
+                free(cb_id);
+                *ret_body = NULL;
+                return MHD_HTTP_INTERNAL_SERVER_ERROR;
+        }
+        r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, id, text, len, job_sent, cb_id, NULL);
+        if (r < 0) {
+                free(cb_id);
+                job_set_state(j, "failed", "offline", "the update request could not be sent");
+                *ret_body = json_pack("{s:b, s:s, s:o}", "ok", 0, "error",
+                                      r == -ENOTCONN ? "Device is offline" : "Failed to send the update request",
+                                      "job", job_to_json(j));
+                return r == -ENOTCONN ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_BAD_GATEWAY;
+        }
+        job_set_state(j, "sent", NULL, NULL);
+        *ret_body = json_pack("{s:b, s:s, s:o}", "ok", 1, "id", device_id(d), "job", job_to_json(j));
+        return MHD_HTTP_OK;
+}
+
+/* ---- device reports ------------------------------------------------------ */
+
+static void reply_text(coap_pdu_t *response, coap_pdu_code_t code, const char *text) {
+        uint8_t buf[4];
+
+        coap_pdu_set_code(response, code);
+        coap_add_option(response, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_TEXT),
+                        buf);
+        coap_add_data(response, strlen(text), (const uint8_t *)text);
+}
+
+static const char *json_str(json_t *o, const char *key) {
+        json_t *v = json_object_get(o, key);
+
+        if (!json_is_string(v) || strlen(json_string_value(v)) != json_string_length(v) ||
+            proto_utf8_check(json_string_value(v), json_string_length(v)) < 0 || json_string_length(v) > 512)
+                return NULL;
+        return json_string_value(v);
+}
+
+void ota_device_request(Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response) {
+        const uint8_t *data = NULL;
+        size_t len = 0;
+        json_t *o, *seqv;
+        const char *state;
+        OtaJob *j;
+
+        if (coap_pdu_get_code(request) != COAP_REQUEST_CODE_POST)
+                return reply_text(response, COAP_RESPONSE_CODE(405), "use POST on /o/JOB");
+        if (!job_id_valid(job, strlen(job)))
+                return reply_text(response, COAP_RESPONSE_CODE(400), "invalid job id");
+        (void)coap_get_data(request, &len, &data);
+        if (len > OTA_REPORT_MAX)
+                return reply_text(response, COAP_RESPONSE_CODE(413), "report too large");
+        o = json_loadb((const char *)data, len, JSON_REJECT_DUPLICATES, NULL);
+        state = json_is_object(o) ? json_str(o, "state") : NULL;
+        if (!state || !state_known(state)) {
+                json_decref(o);
+                return reply_text(response, COAP_RESPONSE_CODE(400), "malformed report");
+        }
+        j = job_find(job);
+        if (j && !streq(j->device, device_id(d))) {
+                json_decref(o);
+                return reply_text(response, COAP_RESPONSE_CODE(403), "job belongs to another device");
+        }
+        if (!j) {
+                /* A job from before this cloud started: learn it from the report. */
+                j = job_new(job, device_id(d), json_str(o, "package"), json_str(o, "version"));
+                if (!j) {
+                        json_decref(o);
+                        return reply_text(response, COAP_RESPONSE_CODE(500), "out of memory");
+                }
+        }
+        seqv = json_object_get(o, "seq");
+        if (json_is_integer(seqv)) {
+                /* A state report: each applied once, however often it is sent. */
+                json_int_t seq = json_integer_value(seqv);
+
+                if (seq > 0 && (uint64_t)seq > j->device_seq) {
+                        j->device_seq = (uint64_t)seq;
+                        if (json_is_integer(json_object_get(o, "total"))) {
+                                j->total = (uint64_t)json_integer_value(json_object_get(o, "total"));
+                                j->bytes = (uint64_t)json_integer_value(json_object_get(o, "bytes"));
+                        }
+                        job_set_state(j, state, json_str(o, "code"), json_str(o, "reason"));
+                }
+        } else if (streq(state, "downloading") && j->state && streq(j->state, "downloading")) {
+                /* Progress: best effort, only while downloading. */
+                j->bytes = (uint64_t)json_integer_value(json_object_get(o, "bytes"));
+                j->total = (uint64_t)json_integer_value(json_object_get(o, "total"));
+                timestamp(j->updated);
+                j->seq++;
+                waiters_wake(j);
+        }
+        json_decref(o);
+        coap_pdu_set_code(response, COAP_RESPONSE_CODE(204));
+}
+
+/* ---- API: waiting for a job to change ----------------------------------------- */
+
+static void waiter_unlink(OtaRequest *r) {
+        if (!r->suspended)
+                return;
+        if (r->wait_prev)
+                r->wait_prev->wait_next = r->wait_next;
+        else
+                ota.waiters = r->wait_next;
+        if (r->wait_next)
+                r->wait_next->wait_prev = r->wait_prev;
+        r->wait_prev = r->wait_next = NULL;
+        r->timer = sd_event_source_disable_unref(r->timer);
+}
+
+static void waiter_resume(OtaRequest *r) {
+        if (!r->suspended)
+                return;
+        waiter_unlink(r);
+        r->suspended = false;
+        MHD_resume_connection(r->connection);
+        api_kick();
+}
+
+static void waiters_wake(const OtaJob *j) {
+        for (OtaRequest *r = ota.waiters, *next; r; r = next) {
+                next = r->wait_next;
+                if (streq(r->job, j->id))
+                        waiter_resume(r);
+        }
+}
+
+static int waiter_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        OtaRequest *r = userdata;
+
+        r->expired = true;
+        waiter_resume(r);
+        return 0;
+}
+
+void ota_api_shutdown(void) {
+        while (ota.waiters) {
+                ota.waiters->expired = true;
+                waiter_resume(ota.waiters);
+        }
+}
+
+OtaRequest *ota_api_request_free(OtaRequest *r) {
+        if (!r)
+                return NULL;
+        waiter_unlink(r);
+        if (r->fd >= 0)
+                close(r->fd);
+        if (r->tmp_path) {
+                (void)unlink(r->tmp_path);
+                free(r->tmp_path);
+        }
+        EVP_MD_CTX_free(r->md);
+        json_decref(r->body);
+        free(r);
+        return NULL;
+}
+
+/* ---- API: requests --------------------------------------------------------------- */
+
+static enum MHD_Result queue_json(struct MHD_Connection *c, unsigned status, json_t *j) {
+        struct MHD_Response *resp;
+        enum MHD_Result ret;
+        char *s;
+
+        if (!j)
+                return MHD_NO;
+        s = json_dumps(j, JSON_COMPACT);
+        json_decref(j);
+        if (!s)
+                return MHD_NO;
+        resp = MHD_create_response_from_buffer(strlen(s), s, MHD_RESPMEM_MUST_FREE);
+        if (!resp) {
+                free(s);
+                return MHD_NO;
+        }
+        (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+        ret = MHD_queue_response(c, status, resp);
+        MHD_destroy_response(resp);
+        return ret;
+}
+
+static enum MHD_Result queue_error(struct MHD_Connection *c, unsigned status, const char *error) {
+        return queue_json(c, status, json_pack("{s:b, s:s}", "ok", 0, "error", error));
+}
+
+static char *artifact_url(const char *sha256) {
+        char *u;
+
+        if (asprintf(&u, "%s/ota/%s.deb", ota.public_url, sha256) < 0)
+                return NULL;
+        return u;
+}
+
+static int artifact_path(const char *sha256, char **ret) {
+        return asprintf(ret, "%s/%s.deb", ota.config->ota_dir, sha256) < 0 ? -ENOMEM : 0;
+}
+
+static json_t *artifact_json(const char *sha256, uint64_t size) {
+        _cleanup_free_ char *url = artifact_url(sha256);
+
+        return url ? json_pack("{s:b, s:s, s:I, s:s}", "ok", 1, "sha256", sha256, "size", (json_int_t)size, "url",
+                               url)
+                   : NULL;
+}
+
+bool ota_api_owns(const char *url) {
+        return startswith(url, "/v1/ota/") || streq(url, "/v1/ota");
+}
+
+static int upload_begin(OtaRequest *r) {
+        const char *cl = MHD_lookup_connection_value(r->connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        _cleanup_free_ char *final = NULL;
+        uint64_t max = (uint64_t)ota.config->ota_max_artifact_mb << 20;
+        struct stat st;
+        char *end;
+
+        if (!cl) {
+                r->status = MHD_HTTP_LENGTH_REQUIRED;
+                return 0;
+        }
+        errno = 0;
+        r->expected = strtoull(cl, &end, 10);
+        if (errno || *end || r->expected == 0) {
+                r->status = MHD_HTTP_BAD_REQUEST;
+                return 0;
+        }
+        if (r->expected > max) {
+                r->status = MHD_HTTP_CONTENT_TOO_LARGE;
+                return 0;
+        }
+        if (artifact_path(r->sha256, &final) < 0)
+                return -ENOMEM;
+        if (stat(final, &st) == 0) {
+                r->exists = true; /* read and drop the body */
+                return 0;
+        }
+        if (asprintf(&r->tmp_path, "%s/.upload-%s-XXXXXX", ota.config->ota_dir, r->sha256) < 0) {
+                r->tmp_path = NULL;
+                return -ENOMEM;
+        }
+        r->fd = mkostemp(r->tmp_path, O_CLOEXEC);
+        if (r->fd < 0) {
+                log_error_errno(errno, "Cannot create '%s': %m", r->tmp_path);
+                free(r->tmp_path);
+                r->tmp_path = NULL;
+                r->status = MHD_HTTP_INTERNAL_SERVER_ERROR;
+                return 0;
+        }
+        (void)fchmod(r->fd, 0644);
+        r->md = EVP_MD_CTX_new();
+        if (!r->md || EVP_DigestInit_ex(r->md, EVP_sha256(), NULL) != 1)
+                return -ENOMEM;
+        return 0;
+}
+
+static void upload_write(OtaRequest *r, const char *data, size_t n) {
+        if (r->status || r->exists)
+                return;
+        if (r->received + n > r->expected) {
+                r->status = MHD_HTTP_BAD_REQUEST;
+                return;
+        }
+        while (n > 0) {
+                ssize_t w = write(r->fd, data, n);
+
+                if (w < 0 && errno == EINTR)
+                        continue;
+                if (w < 0) {
+                        log_error_errno(errno, "Cannot write '%s': %m", r->tmp_path);
+                        r->status = errno == ENOSPC ? MHD_HTTP_INSUFFICIENT_STORAGE : MHD_HTTP_INTERNAL_SERVER_ERROR;
+                        return;
+                }
+                EVP_DigestUpdate(r->md, data, (size_t)w);
+                r->received += (uint64_t)w;
+                data += w;
+                n -= (size_t)w;
+        }
+}
+
+static enum MHD_Result upload_end(OtaRequest *r) {
+        static const char digits[] = "0123456789abcdef";
+        _cleanup_free_ char *final = NULL;
+        uint8_t md[32];
+        unsigned mdlen = sizeof(md);
+        char hex[65];
+        _cleanup_close_ int dfd = -1;
+
+        if (r->exists) {
+                struct stat st;
+
+                if (artifact_path(r->sha256, &final) < 0 || stat(final, &st) < 0)
+                        return queue_error(r->connection, MHD_HTTP_INTERNAL_SERVER_ERROR, "Artifact vanished");
+                return queue_json(r->connection, MHD_HTTP_OK, artifact_json(r->sha256, (uint64_t)st.st_size));
+        }
+        if (r->status == 0 && r->received != r->expected)
+                r->status = MHD_HTTP_BAD_REQUEST;
+        if (r->status)
+                return queue_error(r->connection, r->status,
+                                   r->status == MHD_HTTP_INSUFFICIENT_STORAGE ? "No space left for the artifact"
+                                                                              : "Upload failed");
+        EVP_DigestFinal_ex(r->md, md, &mdlen);
+        for (unsigned i = 0; i < 32; i++) {
+                hex[2 * i] = digits[md[i] >> 4];
+                hex[2 * i + 1] = digits[md[i] & 15];
+        }
+        hex[64] = 0;
+        if (!streq(hex, r->sha256))
+                return queue_json(r->connection, MHD_HTTP_BAD_REQUEST,
+                                  json_pack("{s:b, s:s, s:s}", "ok", 0, "error",
+                                            "The upload does not match its SHA-256", "info", hex));
+        if (artifact_path(r->sha256, &final) < 0)
+                return MHD_NO;
+        /* tmp -> fsync -> rename -> fsync(dir): all or nothing after a crash. */
+        if (fsync(r->fd) < 0 || rename(r->tmp_path, final) < 0) {
+                log_error_errno(errno, "Cannot store artifact '%s': %m", final);
+                return queue_error(r->connection, MHD_HTTP_INTERNAL_SERVER_ERROR, "Cannot store the artifact");
+        }
+        free(r->tmp_path);
+        r->tmp_path = NULL;
+        dfd = open(ota.config->ota_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0)
+                (void)fsync(dfd);
+        log_info("Stored OTA artifact %s (%" PRIu64 " bytes).", r->sha256, r->received);
+        return queue_json(r->connection, MHD_HTTP_CREATED, artifact_json(r->sha256, r->received));
+}
+
+static enum MHD_Result job_answer(OtaRequest *r) {
+        OtaJob *j = job_find(r->job);
+
+        if (!j)
+                return queue_error(r->connection, MHD_HTTP_NOT_FOUND, "No such job");
+        /* Long polling: hold the request until the job changes or time is up. */
+        if (r->wait_seq >= 0 && j->seq <= (uint64_t)r->wait_seq && !r->expired && ota.running) {
+                int k = sd_event_add_time_relative(ota.event, &r->timer, CLOCK_MONOTONIC, OTA_WAIT_USEC,
+                                                   100 * USEC_PER_MSEC, waiter_timeout, r);
+                if (k >= 0) {
+                        r->suspended = true;
+                        r->wait_next = ota.waiters;
+                        if (ota.waiters)
+                                ota.waiters->wait_prev = r;
+                        ota.waiters = r;
+                        MHD_suspend_connection(r->connection);
+                        return MHD_YES;
+                }
+        }
+        return queue_json(r->connection, MHD_HTTP_OK, job_to_json(j));
+}
+
+static enum MHD_Result jobs_answer(OtaRequest *r) {
+        json_t *a = json_array();
+
+        for (OtaJob *j = ota.jobs; a && j; j = j->next)
+                if (json_array_append_new(a, job_to_json(j)) < 0) {
+                        json_decref(a);
+                        a = NULL;
+                }
+        return queue_json(r->connection, MHD_HTTP_OK, a);
+}
+
+int ota_api_handler(struct MHD_Connection *connection, const char *url, const char *method,
+                    const char *upload_data, size_t *upload_data_size, OtaRequest **state) {
+        OtaRequest *r = *state;
+        bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
+        const char *rest = url + strlen("/v1/ota");
+
+        if (!r) {
+                r = calloc(1, sizeof(*r));
+                if (!r)
+                        return MHD_NO;
+                r->connection = connection;
+                r->fd = -1;
+                r->wait_seq = -1;
+                r->kind = OTA_REQ_NONE;
+                *state = r;
+                if (startswith(rest, "/artifacts/") && manifest_sha256_valid(rest + 11)) {
+                        memcpy(r->sha256, rest + 11, 65);
+                        if (!ota.config->ota_dir)
+                                r->status = MHD_HTTP_SERVICE_UNAVAILABLE;
+                        else if (streq(method, MHD_HTTP_METHOD_PUT)) {
+                                r->kind = OTA_REQ_UPLOAD;
+                                if (upload_begin(r) < 0)
+                                        return MHD_NO;
+                        } else if (get)
+                                r->kind = OTA_REQ_ARTIFACT;
+                } else if (startswith(rest, "/jobs/") && get && job_id_valid(rest + 6, strlen(rest + 6))) {
+                        const char *w = MHD_lookup_connection_value(connection, MHD_GET_ARGUMENT_KIND, "wait");
+                        char *end;
+
+                        r->kind = OTA_REQ_JOB;
+                        memcpy(r->job, rest + 6, OTA_JOB_ID_LEN + 1);
+                        if (w) {
+                                errno = 0;
+                                r->wait_seq = strtoll(w, &end, 10);
+                                if (errno || *end || r->wait_seq < 0)
+                                        r->status = MHD_HTTP_BAD_REQUEST;
+                        }
+                } else if (streq(rest, "/jobs") && get)
+                        r->kind = OTA_REQ_JOBS;
+                return MHD_YES;
+        }
+        if (*upload_data_size > 0) {
+                if (r->kind == OTA_REQ_UPLOAD)
+                        upload_write(r, upload_data, *upload_data_size);
+                *upload_data_size = 0;
+                return MHD_YES;
+        }
+        if (r->suspended)
+                return MHD_YES;
+        if (r->status && r->kind != OTA_REQ_UPLOAD)
+                goto error;
+        switch (r->kind) {
+        case OTA_REQ_UPLOAD:
+                return upload_end(r);
+        case OTA_REQ_ARTIFACT: {
+                _cleanup_free_ char *path = NULL;
+                struct stat st;
+
+                if (artifact_path(r->sha256, &path) < 0)
+                        return MHD_NO;
+                if (stat(path, &st) < 0)
+                        return queue_error(connection, MHD_HTTP_NOT_FOUND, "No such artifact");
+                return queue_json(connection, MHD_HTTP_OK, artifact_json(r->sha256, (uint64_t)st.st_size));
+        }
+        case OTA_REQ_JOB:
+                return job_answer(r);
+        case OTA_REQ_JOBS:
+                return jobs_answer(r);
+        case OTA_REQ_NONE:
+                return queue_error(connection, MHD_HTTP_NOT_FOUND, "Not found");
+        }
+error:
+        return queue_error(connection, r->status,
+                           r->status == MHD_HTTP_SERVICE_UNAVAILABLE   ? "OTA artifacts are not enabled ([OTA] ArtifactDirectory=)"
+                           : r->status == MHD_HTTP_CONTENT_TOO_LARGE   ? "Artifact too large ([OTA] MaxArtifactMB=)"
+                           : r->status == MHD_HTTP_LENGTH_REQUIRED     ? "Content-Length required"
+                                                                       : "Bad request");
+}
+
+/* ---- the artifact server (HTTPS, client certificates) --------------------------- */
+
+/* The device ID of a verified client certificate, or NULL. */
+static bool client_verified(struct MHD_Connection *c, char id[static PROTO_DEVICE_ID_MAX + 1]) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+        gnutls_session_t s = ci ? (gnutls_session_t)ci->tls_session : NULL;
+        const gnutls_datum_t *peers;
+        gnutls_x509_crt_t crt;
+        unsigned status = 0, n = 0;
+        size_t len = PROTO_DEVICE_ID_MAX + 1;
+        bool ok;
+
+        if (!s || gnutls_certificate_verify_peers2(s, &status) != GNUTLS_E_SUCCESS || status != 0)
+                return false;
+        peers = gnutls_certificate_get_peers(s, &n);
+        if (!peers || n == 0 || gnutls_x509_crt_init(&crt) != GNUTLS_E_SUCCESS)
+                return false;
+        ok = gnutls_x509_crt_import(crt, &peers[0], GNUTLS_X509_FMT_DER) == GNUTLS_E_SUCCESS &&
+             gnutls_x509_crt_get_dn_by_oid(crt, GNUTLS_OID_X520_COMMON_NAME, 0, 0, id, &len) == GNUTLS_E_SUCCESS &&
+             proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) == 0;
+        gnutls_x509_crt_deinit(crt);
+        return ok;
+}
+
+static enum MHD_Result queue_text(struct MHD_Connection *c, unsigned status, const char *text) {
+        struct MHD_Response *resp = MHD_create_response_from_buffer(strlen(text), (void *)text, MHD_RESPMEM_PERSISTENT);
+        enum MHD_Result ret;
+
+        if (!resp)
+                return MHD_NO;
+        (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain");
+        ret = MHD_queue_response(c, status, resp);
+        MHD_destroy_response(resp);
+        return ret;
+}
+
+/* "bytes=A-" or "bytes=A-B" (one range); false for anything else, which
+ * is then ignored (RFC 9110 allows serving the whole representation). */
+static bool parse_range(const char *h, uint64_t size, uint64_t *ret_from, uint64_t *ret_to, bool *ret_unsatisfiable) {
+        unsigned long long a, b = 0;
+        char *end;
+
+        *ret_unsatisfiable = false;
+        if (!h || !startswith(h, "bytes=") || h[6] < '0' || h[6] > '9')
+                return false;
+        errno = 0;
+        a = strtoull(h + 6, &end, 10);
+        if (errno || *end != '-')
+                return false;
+        if (end[1]) {
+                char *e2;
+                b = strtoull(end + 1, &e2, 10);
+                if (errno || *e2 || b < a)
+                        return false;
+        }
+        if (a >= size) {
+                *ret_unsatisfiable = true;
+                return true;
+        }
+        *ret_from = a;
+        *ret_to = end[1] && b < size ? b : size - 1;
+        return true;
+}
+
+static enum MHD_Result artifact_handler(void *cls, struct MHD_Connection *c, const char *url, const char *method,
+                                        const char *version, const char *upload_data, size_t *upload_data_size,
+                                        void **con_cls) {
+        char id[PROTO_DEVICE_ID_MAX + 1] = "", sha[65], etag[70], cr[96];
+        _cleanup_free_ char *path = NULL;
+        const char *range, *if_range;
+        struct MHD_Response *resp;
+        uint64_t from = 0, to = 0;
+        bool ranged, unsat = false;
+        enum MHD_Result ret;
+        struct stat st;
+        int fd;
+
+        if (!*con_cls) {
+                *con_cls = (void *)1; /* answer on the second call, after the headers */
+                return MHD_YES;
+        }
+        if (*upload_data_size) {
+                *upload_data_size = 0;
+                return MHD_YES;
+        }
+        if (!client_verified(c, id))
+                return queue_text(c, MHD_HTTP_FORBIDDEN, "a device certificate from this cloud's CA is required\n");
+        if (!streq(method, MHD_HTTP_METHOD_GET) && !streq(method, MHD_HTTP_METHOD_HEAD))
+                return queue_text(c, MHD_HTTP_METHOD_NOT_ALLOWED, "GET only\n");
+        if (!startswith(url, "/ota/") || strlen(url) != 5 + 64 + 4 || !streq(url + 69, ".deb"))
+                return queue_text(c, MHD_HTTP_NOT_FOUND, "no such artifact\n");
+        memcpy(sha, url + 5, 64);
+        sha[64] = 0;
+        if (!manifest_sha256_valid(sha) || artifact_path(sha, &path) < 0)
+                return queue_text(c, MHD_HTTP_NOT_FOUND, "no such artifact\n");
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st) < 0) {
+                if (fd >= 0)
+                        close(fd);
+                return queue_text(c, MHD_HTTP_NOT_FOUND, "no such artifact\n");
+        }
+        snprintf(etag, sizeof(etag), "\"%s\"", sha);
+        range = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
+        if_range = MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_IF_RANGE);
+        ranged = (!if_range || streq(if_range, etag)) && parse_range(range, (uint64_t)st.st_size, &from, &to, &unsat);
+        if (ranged && unsat) {
+                close(fd);
+                resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+                if (!resp)
+                        return MHD_NO;
+                snprintf(cr, sizeof(cr), "bytes */%lld", (long long)st.st_size);
+                (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_RANGE, cr);
+                ret = MHD_queue_response(c, MHD_HTTP_RANGE_NOT_SATISFIABLE, resp);
+                MHD_destroy_response(resp);
+                return ret;
+        }
+        if (!ranged) {
+                from = 0;
+                to = st.st_size > 0 ? (uint64_t)st.st_size - 1 : 0;
+        }
+        resp = MHD_create_response_from_fd_at_offset64(st.st_size > 0 ? to - from + 1 : 0, fd, from);
+        if (!resp) {
+                close(fd);
+                return MHD_NO;
+        }
+        (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_ETAG, etag);
+        (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
+        (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/vnd.debian.binary-package");
+        if (ranged) {
+                snprintf(cr, sizeof(cr), "bytes %" PRIu64 "-%" PRIu64 "/%lld", from, to, (long long)st.st_size);
+                (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_RANGE, cr);
+        }
+        log_debug("Device '%s' fetches artifact %s from byte %" PRIu64 ".", id, sha, from);
+        ret = MHD_queue_response(c, ranged ? MHD_HTTP_PARTIAL_CONTENT : MHD_HTTP_OK, resp);
+        MHD_destroy_response(resp);
+        return ret;
+}
+
+static void ota_update_timer(void) {
+        MHD_UNSIGNED_LONG_LONG ms;
+
+        if (MHD_get_timeout(ota.daemon, &ms) != MHD_YES)
+                (void)sd_event_source_set_enabled(ota.timer, SD_EVENT_OFF);
+        else if (ms == 0) {
+                (void)sd_event_source_set_enabled(ota.timer, SD_EVENT_OFF);
+                (void)sd_event_source_set_enabled(ota.defer, SD_EVENT_ONESHOT);
+        } else {
+                (void)sd_event_source_set_time_relative(ota.timer, (uint64_t)ms * USEC_PER_MSEC);
+                (void)sd_event_source_set_enabled(ota.timer, SD_EVENT_ONESHOT);
+        }
+}
+
+static int ota_run_cb(sd_event_source *s, void *userdata) {
+        (void)MHD_run(ota.daemon);
+        ota_update_timer();
+        return 0;
+}
+
+static int ota_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        return ota_run_cb(s, userdata);
+}
+
+static int ota_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        return ota_run_cb(s, userdata);
+}
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+static void ota_mhd_log(void *cls, const char *fmt, va_list ap) {
+        char buf[512];
+        size_t n;
+
+        vsnprintf(buf, sizeof(buf), fmt, ap);
+        n = strlen(buf);
+        while (n > 0 && buf[n - 1] == '\n')
+                buf[--n] = 0;
+        /* Once running, MHD mostly reports clients that failed TLS or went away. */
+        log_internal(ota.running ? LOG_DEBUG : LOG_WARNING, 0, "libmicrohttpd (OTA): %s", buf);
+}
+#pragma GCC diagnostic pop
+
+static int make_dir(const char *path) {
+        if (mkdir(path, 0755) < 0 && errno != EEXIST)
+                return -errno;
+        return 0;
+}
+
+int ota_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
+        const char *listen_addr = config->ota_listen ? config->ota_listen : config->coap_listen;
+        const union MHD_DaemonInfo *info;
+        struct sockaddr_storage ss;
+        socklen_t sl;
+        unsigned flags = MHD_USE_EPOLL | MHD_USE_TLS | MHD_USE_ERROR_LOG;
+        int r;
+
+        ota.event = event;
+        ota.config = config;
+        ota.running = true;
+        *ret_port = 0;
+        if (!config->ota_dir)
+                return 0;
+        r = make_dir(config->ota_dir);
+        if (r < 0)
+                return log_error_errno(r, "Cannot create [OTA] ArtifactDirectory= '%s': %m", config->ota_dir);
+        if (!MHD_is_feature_supported(MHD_FEATURE_TLS))
+                return log_error_errno(-EOPNOTSUPP, "libmicrohttpd was built without TLS: cannot serve OTA artifacts.");
+        if ((r = read_pem(config->key_file, &ota.key_pem)) < 0 || (r = read_pem(config->cert_file, &ota.cert_pem)) < 0 ||
+            (r = read_pem(config->ca_file, &ota.ca_pem)) < 0)
+                return log_error_errno(r, "Cannot read the cloud's TLS files for the OTA server: %m");
+        r = config_resolve_address(listen_addr, config->ota_port, &ss, &sl);
+        if (r < 0)
+                return log_error_errno(r, "Invalid [OTA] Listen= address '%s'.", listen_addr);
+        if (ss.ss_family == AF_INET6)
+                flags |= MHD_USE_DUAL_STACK;
+        ota.daemon = MHD_start_daemon(flags, (uint16_t)config->ota_port, NULL, NULL, artifact_handler, NULL,
+                                      MHD_OPTION_EXTERNAL_LOGGER, ota_mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
+                                      (struct sockaddr *)&ss, MHD_OPTION_HTTPS_MEM_KEY, ota.key_pem,
+                                      MHD_OPTION_HTTPS_MEM_CERT, ota.cert_pem, MHD_OPTION_HTTPS_MEM_TRUST, ota.ca_pem,
+                                      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120, MHD_OPTION_CONNECTION_LIMIT,
+                                      (unsigned)1024, MHD_OPTION_END);
+        if (!ota.daemon)
+                return log_error_errno(-EADDRNOTAVAIL, "Failed to start the OTA artifact server on '%s' port %u.",
+                                       listen_addr, config->ota_port);
+        info = MHD_get_daemon_info(ota.daemon, MHD_DAEMON_INFO_BIND_PORT);
+        if (!info)
+                return log_error_errno(-EIO, "Cannot get the OTA server's port.");
+        ota.port = info->port;
+        if (config->ota_public_url)
+                ota.public_url = strdup(config->ota_public_url);
+        else if (strchr(listen_addr, ':'))
+                r = asprintf(&ota.public_url, "https://[%s]:%u", listen_addr, ota.port);
+        else
+                r = asprintf(&ota.public_url, "https://%s:%u", listen_addr, ota.port);
+        if (!ota.public_url || r < 0)
+                return log_error_errno(-ENOMEM, "Out of memory.");
+        /* no trailing slash */
+        for (size_t n = strlen(ota.public_url); n > 0 && ota.public_url[n - 1] == '/'; n--)
+                ota.public_url[n - 1] = 0;
+        info = MHD_get_daemon_info(ota.daemon, MHD_DAEMON_INFO_EPOLL_FD);
+        if (!info)
+                return log_error_errno(-EIO, "Cannot get the OTA server's epoll fd.");
+        r = sd_event_add_io(event, &ota.io, info->epoll_fd, EPOLLIN, ota_io_cb, NULL);
+        if (r >= 0)
+                r = sd_event_add_time(event, &ota.timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC, ota_timer_cb, NULL);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(ota.timer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &ota.defer, ota_run_cb, NULL);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(ota.defer, SD_EVENT_OFF);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add OTA event sources: %m");
+        ota_update_timer();
+        log_info("Serving OTA artifacts from '%s' at %s/ota/.", config->ota_dir, ota.public_url);
+        *ret_port = ota.port;
+        return 0;
+}
+
+void ota_stop(void) {
+        ota.running = false;
+        ota_api_shutdown();
+        if (ota.daemon) {
+                MHD_stop_daemon(ota.daemon);
+                ota.daemon = NULL;
+        }
+        ota.io = sd_event_source_disable_unref(ota.io);
+        ota.timer = sd_event_source_disable_unref(ota.timer);
+        ota.defer = sd_event_source_disable_unref(ota.defer);
+        while (ota.jobs) {
+                OtaJob *j = ota.jobs;
+                ota.jobs = j->next;
+                job_free(j);
+        }
+        ota.n_jobs = 0;
+        free(ota.key_pem);
+        free(ota.cert_pem);
+        free(ota.ca_pem);
+        free(ota.public_url);
+        ota.key_pem = ota.cert_pem = ota.ca_pem = ota.public_url = NULL;
+}

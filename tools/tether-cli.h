@@ -1,0 +1,91 @@
+/* What the parts of the tether CLI share: the command line, the HTTP
+ * client on one libcurl easy handle, and the error reporting of
+ * docs/cli.md (one "tether: reason" line, exit codes by errno). */
+#pragma once
+
+#include <curl/curl.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "proto.h"
+#include "util.h"
+
+#define TETHER_RESPONSE_MAX (8u << 20) /* bytes of one JSON response */
+#define TETHER_ERROR_TEXT_MAX 300      /* bytes of server error text we print */
+
+/* Exit codes, documented in docs/cli.md. */
+enum {
+        EXIT_FAILURE_ = 1,  /* anything else */
+        EXIT_USAGE = 2,     /* bad command line or invalid name, nothing sent */
+        EXIT_NOT_FOUND = 3, /* HTTP 404: unknown device, function or variable */
+        EXIT_OFFLINE = 4,   /* HTTP 503: device offline or busy */
+        EXIT_AUTH = 5,      /* HTTP 401/403: missing or bad token */
+        EXIT_TIMEOUT = 6,   /* HTTP 504 or no answer in time */
+        EXIT_CONNECT = 7,   /* could not reach the API (refused, DNS, TLS) */
+        EXIT_NOT_COMMITTED = 8, /* ota: the update ended without a commit */
+};
+
+typedef struct CliArgs {
+        const char *api;
+        const char *token;
+        const char *cacert;
+        const char *device; /* subscribe --device */
+        long timeout_ms;    /* -1: the command's default */
+        long long ttl;      /* -1: not given */
+        unsigned long count;
+        bool json;
+        bool private_;
+        bool resume; /* subscribe --resume */
+        /* ota */
+        const char *ota_key;      /* --key: the update signing key */
+        const char *ota_url;      /* --url */
+        const char *ota_manifest; /* --manifest: a manifest signed beforehand */
+        const char *ota_output;   /* --output */
+        const char *ota_min_version;
+        const char *ota_plugin;
+        long long ota_expires;    /* --expires (Unix time), -1: --valid-for */
+        long long ota_valid_for;  /* --valid-for seconds, 0: default */
+        bool ota_no_wait;
+} CliArgs;
+
+extern CliArgs arg;
+
+typedef struct Buffer {
+        char *data;
+        size_t len, cap, max;
+} Buffer;
+
+void buffer_done(Buffer *b);
+int buffer_append(Buffer *b, const char *p, size_t n);
+
+typedef struct Api {
+        CURL *curl;
+        struct curl_slist *headers;
+        char *base; /* API URL without trailing '/' */
+        char errbuf[CURL_ERROR_SIZE];
+        Buffer body;
+        long status;
+        const char *what_400; /* how to word an HTTP 400 for this request */
+} Api;
+
+/* Log "reason (see 'tether --help')"; returns -EINVAL (exit 2). */
+int usage_error(const char *fmt, ...) _printf_(1, 2);
+int name_check(const char *name, ProtoNameKind kind);
+int exit_code_from_errno(int r);
+/* The server's diagnostic from a JSON error body, on one line. */
+void error_text(const Buffer *body, char *out, size_t size);
+/* Log an HTTP error status (a->status, a->body) once; negative errno. */
+int http_error(Api *a, const char *what);
+int curl_error(Api *a, CURLcode c);
+size_t body_write(char *p, size_t size, size_t n, void *userdata);
+void api_set_timeouts(Api *a, long total_ms);
+/* GET (form == NULL) or POST a form; on 2xx *ret is the JSON body. */
+int api_request(Api *a, const char *path, const char *form, json_t **ret);
+int print_raw_body(const Api *a);
+char *form_field(Api *a, const char *name, const char *value);
+const char *json_string_or(json_t *o, const char *key, const char *fallback);
+
+/* tether-ota.c: "tether ota ..." */
+int cmd_ota(Api *a, char **args, int n);
+void ota_help(void);
