@@ -664,6 +664,8 @@ static OtaOutcome h_prepare(void *userdata, OtaJournal *j, char **code, char **r
 
 /* ---- install, restore --------------------------------------------------------------- */
 
+static void agent_unit_revive(Helper *h, bool start);
+
 static OtaOutcome h_install(void *userdata, OtaJournal *j, char **code, char **reason) {
         Helper *h = userdata;
         _cleanup_free_ char *in = NULL, *err = NULL;
@@ -682,6 +684,7 @@ static OtaOutcome h_install(void *userdata, OtaJournal *j, char **code, char **r
                 set(reason, "the cached package changed before installation");
                 return OTA_FAIL;
         }
+        agent_unit_revive(h, false);
         r = run_dpkg(h, true, &err, "--install", in);
         if (r == -EAGAIN) {
                 set(code, "dpkg-locked");
@@ -694,6 +697,31 @@ static OtaOutcome h_install(void *userdata, OtaJournal *j, char **code, char **r
                 return OTA_FAIL;
         }
         return OTA_OK;
+}
+
+/* Under systemd, make sure the agent's unit can start again: a version that
+ * crash-looped may have used up its start limit, and then the postinst's
+ * restart (or ours) would be refused and the restored agent never run.
+ * reset-failed before dpkg; after it, start the unit if it is not running. */
+static void agent_unit_revive(Helper *h, bool start) {
+        _cleanup_(sd_bus_error_free) sd_bus_error e = SD_BUS_ERROR_NULL;
+        _cleanup_(sd_bus_flush_close_unrefp) sd_bus *bus = NULL;
+        const char *unit = h->cfg->ota.agent_unit;
+        int r;
+
+        if (h->chroot_root || !unit || access("/run/systemd/system", F_OK) < 0 || sd_bus_open_system(&bus) < 0)
+                return;
+        r = sd_bus_call_method(bus, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                               "org.freedesktop.systemd1.Manager", "ResetFailedUnit", &e, NULL, "s", unit);
+        if (r < 0 && !sd_bus_error_has_name(&e, "org.freedesktop.systemd1.NoSuchUnit"))
+                log_warning("Cannot reset the failed state of %s: %s", unit, e.message ? e.message : strerror(-r));
+        sd_bus_error_free(&e);
+        if (!start)
+                return;
+        r = sd_bus_call_method(bus, "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+                               "org.freedesktop.systemd1.Manager", "StartUnit", &e, NULL, "ss", unit, "replace");
+        if (r < 0)
+                log_warning("Cannot start %s after the rollback: %s", unit, e.message ? e.message : strerror(-r));
 }
 
 static OtaOutcome h_restore(void *userdata, OtaJournal *j, char **code, char **reason) {
@@ -711,6 +739,7 @@ static OtaOutcome h_restore(void *userdata, OtaJournal *j, char **code, char **r
         o = lock_for(h, 3 * h->cfg->ota.lock_timeout_ms, code, reason);
         if (o != OTA_OK)
                 return OTA_FAIL;
+        agent_unit_revive(h, false);
         if (h->prev_version) {
                 r = run_dpkg(h, true, &err, "--install", h->prev_deb);
                 if (r < 0) {
@@ -743,6 +772,8 @@ static OtaOutcome h_restore(void *userdata, OtaJournal *j, char **code, char **r
                 return OTA_FAIL;
         }
         log_info("Job %s: %s is back at %s", j->job, h->package, h->prev_version ? h->prev_version : "not installed");
+        /* StartUnit is a no-op when the postinst already started it. */
+        agent_unit_revive(h, true);
         return OTA_OK;
 }
 

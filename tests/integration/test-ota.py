@@ -358,4 +358,6 @@ if __name__ == "__main__":
                   test_rejected_before_touching_anything, test_no_space, test_dpkg_locked_deferred,
                   test_killed_during_download_resumes, test_killed_after_download, test_killed_during_unpack,
                   test_killed_during_postinst, test_killed_during_trial, test_killed_during_rollback,
-                  test_final_report_exactly_once, test_job_busy_and_retry]))
+                  test_final_report_exactly_once, test_job_busy_and_retry],
+                 emulated="installs packages with the host's dpkg into a scratch root; its timing "
+                 "bounds (trial, lock waits) are set for native speed"))
