@@ -106,7 +106,7 @@ if [ -n "$debdir" ]; then
     step "agent package from $debdir"
     base=$(ls "$debdir"/tether-agent_*.deb 2>/dev/null | head -n1)
     [ -n "$base" ] || fail "no tether-agent_*.deb in $debdir"
-    dpkg-deb -c "$base" | grep -q tether-ota-helper || skip "$base does not ship tether-ota-helper yet"
+    dpkg-deb -c "$base" | grep tether-ota-helper >/dev/null || fail "$base does not ship tether-ota-helper"
 
     for d in "$debdir"/tether-cloud_*.deb "$debdir"/tether-cli_*.deb; do
         [ -f "$d" ] || fail "no $d"
@@ -175,6 +175,8 @@ EOF
     cp "$scratch/stage/usr/bin/tether" "$scratch/stage/usr/bin/tether-pki" "$scratch/ctr/usr/local/bin/"
 fi
 ok "$(dpkg-deb -f "$base" Package Version Architecture | tr '\n' ' ')"
+# The version installed first is called 1.0 below, whatever its number.
+[ "$base" = "$scratch/debs/tether-agent_1.0.deb" ] || cp "$base" "$scratch/debs/tether-agent_1.0.deb"
 
 # variant VERSION [FILLER_BYTES] [DROPIN_TEXT] [POSTINST_TAIL]: a copy of the
 # base package with another version and, optionally, a big file, a tetherd
@@ -214,7 +216,8 @@ libs=$(for f in "$scratch/ctr"/usr/local/sbin/* "$scratch/ctr"/usr/local/bin/* "
     "$scratch"/stage/usr/libexec/tether/tether-ota-helper; do [ -f "$f" ] && ldd "$f"; done 2>/dev/null |
     awk '$3 ~ /^\// {print $3}' | sort -u | while read -r l; do dpkg -S "$(readlink -f "$l")" 2>/dev/null ||
     dpkg -S "$l" 2>/dev/null; done | cut -d: -f1 | sort -u)
-deps=$(dpkg-deb -f "$base" Depends | tr ',' '\n' | sed -e 's/(.*)//' -e 's/|.*//' -e 's/[[:space:]]//g' | grep -v '^$')
+deps=$(for d in "$base" ${debdir:+"$debdir"/tether-cloud_*.deb "$debdir"/tether-cli_*.deb}; do
+    dpkg-deb -f "$d" Depends; echo; done | tr ',' '\n' | sed -e 's/(.*)//' -e 's/|.*//' -e 's/[[:space:]]//g' | grep -v '^$')
 packages=$(printf '%s\n' "${BASE_PACKAGES[@]}" $libs $deps | grep -v '^tether' | sort -u | tr '\n' ',' | sed 's/,$//')
 key=$(printf '%s\n%s\n%s\n' "$suite" "$packages" "ota-v1" | sha256sum | cut -c1-16)
 root="$cache/rootfs-$suite-$key"
@@ -253,7 +256,14 @@ mkdir -p "$scratch/root/etc/tether/ota-keys" "$scratch/root/root"
 cp "$pki/ca.crt" "$scratch/root/etc/tether/ca.crt"
 cp "$pki/devices/$dev.crt" "$scratch/root/etc/tether/device.crt"
 cp "$pki/devices/$dev.key" "$scratch/root/etc/tether/device.key"
-cat >"$scratch/root/etc/tether/tetherd.conf" <<EOF
+# The packaged tetherd.conf is a conffile: the test's settings go into a
+# drop-in there (read after it); the minimal package has no tetherd.conf.
+conf="$scratch/root/etc/tether/tetherd.conf"
+if [ -n "$debdir" ]; then
+    mkdir -p "$scratch/root/etc/tether/tetherd.conf.d"
+    conf="$scratch/root/etc/tether/tetherd.conf.d/00-ota-test.conf"
+fi
+cat >"$conf" <<EOF
 [Cloud]
 Host=localhost
 CAFile=/etc/tether/ca.crt
@@ -396,7 +406,10 @@ back_online 2.1
 
 step "2.2 with Launcher=transient (tetherd as root): StartTransientUnit, the unit name as the lock"
 ctr mkdir -p /etc/systemd/system/tetherd.service.d /etc/tether/tetherd.conf.d
-ctr sh -c 'printf "[Service]\nUser=root\nGroup=root\n" >/etc/systemd/system/tetherd.service.d/50-ota-test-root.conf'
+# Root with the right to manage units (systemd checks CAP_SYS_ADMIN of a
+# root caller); the packaged unit's sandbox drops every capability, and
+# its system call filter refuses chown, which dpkg-deb's tar does as root.
+ctr sh -c 'printf "[Service]\nUser=root\nGroup=root\nPrivateUsers=no\nCapabilityBoundingSet=CAP_SYS_ADMIN CAP_DAC_OVERRIDE CAP_CHOWN CAP_FOWNER\nSystemCallFilter=\n" >/etc/systemd/system/tetherd.service.d/50-ota-test-root.conf'
 ctr sh -c 'printf "[OTA]\nLauncher=transient\n" >/etc/tether/tetherd.conf.d/50-ota-test-transient.conf'
 ctr systemctl daemon-reload
 ctr systemctl restart tetherd
