@@ -505,6 +505,80 @@ static bool deb_is(const char *path, const char *package, const char *version) {
                streq(c.version, version);
 }
 
+/* Rebuild the installed version's .deb from the files dpkg knows about,
+ * with dpkg-repack (Recommends of tether-agent), into ours. Used when
+ * neither our cache nor apt's has it, e.g. on the first update after the
+ * package was installed from a file or apt deleted what it downloaded.
+ * Modified conffiles go into it as they are on disk, which is what a
+ * rollback should restore anyway. */
+static int repack(Helper *h, const char *package, const char *version, const char *ours) {
+        _cleanup_free_ char *tmpl = NULL, *root = NULL, *found = NULL;
+        const char *argv[5];
+        size_t n = 0;
+        DIR *d;
+        struct dirent *de;
+        int st, r = -ENOENT;
+        pid_t pid;
+
+        if (asprintf(&tmpl, "%s/repack.XXXXXX", h->cache_dir) < 0 || !mkdtemp(tmpl))
+                return log_warning_errno(-errno, "Cannot make a directory for dpkg-repack: %m");
+        argv[n++] = "dpkg-repack";
+        if (h->chroot_root) {
+                if (asprintf(&root, "--root=%s", h->cfg->ota.dpkg_root) < 0)
+                        return -ENOMEM;
+                argv[n++] = root;
+        }
+        argv[n++] = package;
+        argv[n] = NULL;
+        pid = fork();
+        if (pid < 0)
+                return -errno;
+        if (pid == 0) {
+                int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+
+                dup2(null, STDIN_FILENO);
+                dup2(null, STDOUT_FILENO);
+                if (chdir(tmpl) < 0)
+                        _exit(126);
+                setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+                execvp("dpkg-repack", (char *const *)argv);
+                _exit(127);
+        }
+        while (waitpid(pid, &st, 0) < 0)
+                if (errno != EINTR)
+                        return -errno;
+        d = opendir(tmpl);
+        while (d && (de = readdir(d))) {
+                _cleanup_free_ char *path = NULL;
+
+                if (de->d_name[0] == '.')
+                        continue;
+                if (asprintf(&path, "%s/%s", tmpl, de->d_name) < 0)
+                        break;
+                if (!found && WIFEXITED(st) && WEXITSTATUS(st) == 0 && endswith(de->d_name, ".deb") &&
+                    deb_is(path, package, version))
+                        found = TAKE_PTR(path);
+                else
+                        (void)unlink(path);
+        }
+        if (d)
+                closedir(d);
+        if (found) {
+                r = rename(found, ours) < 0 ? -errno : 0;
+                if (r < 0)
+                        (void)unlink(found);
+        }
+        (void)rmdir(tmpl);
+        if (r >= 0)
+                log_info("Rebuilt %s %s for rollback with dpkg-repack: %s", package, version, ours);
+        else if (WIFEXITED(st) && WEXITSTATUS(st) == 127)
+                log_warning("No .deb of %s %s for rollback, and dpkg-repack is not installed", package, version);
+        else
+                log_warning("dpkg-repack %s did not give a .deb of version %s (%s %d)", package, version,
+                            WIFEXITED(st) ? "exit status" : "signal", WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
+        return r;
+}
+
 /* The .deb of the installed version: ours, or apt's (copied to ours). */
 static char *find_rollback_deb(Helper *h, const char *package, const char *version, const char *arch) {
         _cleanup_free_ char *name = cached_name(package, version, arch), *ours = NULL, *apts = NULL;
@@ -533,6 +607,8 @@ static char *find_rollback_deb(Helper *h, const char *package, const char *versi
                         }
                 }
         }
+        if (repack(h, package, version, ours) >= 0)
+                return TAKE_PTR(ours);
         return NULL;
 }
 
@@ -637,7 +713,8 @@ static OtaOutcome h_prepare(void *userdata, OtaJournal *j, char **code, char **r
                 if (!h->prev_deb) {
                         set(code, "no-rollback");
                         set(reason,
-                            "no .deb of the installed %s %s to roll back to (keep one with 'tether-ota-helper seed FILE.deb')",
+                            "no .deb of the installed %s %s to roll back to (install dpkg-repack, or keep one with "
+                            "'tether-ota-helper seed FILE.deb')",
                             m.package, h->prev_version);
                         helper_forget(h);
                         return OTA_REJECT;

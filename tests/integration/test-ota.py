@@ -8,13 +8,14 @@ self-update under systemd."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import expect, run  # noqa: E402
+from harness import Skip, expect, run  # noqa: E402
 from otakit import OtaWorld, blocking_script, broken_plugin, build_deb, native_arch, plugin_deb  # noqa: E402
 
 
@@ -83,6 +84,26 @@ def test_postinst_fails_rolls_back(w):
     expect_v1_back(o, job, "install-failed")
     expect("post-installation script" in (job.get("reason") or ""),
            f"reason does not name the postinst: {job.get('reason')}")
+
+
+def test_rollback_package_repacked(w):
+    """Nothing seeded and nothing in apt's cache: the helper rebuilds the
+    installed version's .deb with dpkg-repack and rolls back to it."""
+    if not shutil.which("dpkg-repack"):
+        raise Skip("dpkg-repack is not installed (tools/dev deps installs it)")
+    o = OtaWorld(w)
+    o.start_cloud()
+    o.install_v1()
+    o.start_agent()
+    pkgs = os.path.join(o.cache, "pkgs")
+    expect(not os.path.isdir(pkgs) or not os.listdir(pkgs), "the rollback cache is not empty before the job")
+    v2 = plugin_deb(o.debs, "2.0", scripts={"postinst": "#!/bin/sh\nexit 1\n"})
+    r = o.run_cli(v2)
+    expect(r.returncode == 8, f"exit {r.returncode}: {r.stderr}")
+    job = json.loads(r.stdout.strip().splitlines()[-1])
+    expect_v1_back(o, job, "install-failed")
+    kept = os.listdir(pkgs)
+    expect(len(kept) == 1 and kept[0].startswith("tether-plugin-example_1.0_"), f"cache after the job: {kept}")
 
 
 def test_plugin_fails_to_load_rolls_back(w):
@@ -354,7 +375,8 @@ def test_job_busy_and_retry(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_plugin_update_commits, test_postinst_fails_rolls_back, test_plugin_fails_to_load_rolls_back,
+    sys.exit(run([test_plugin_update_commits, test_postinst_fails_rolls_back, test_rollback_package_repacked,
+                  test_plugin_fails_to_load_rolls_back,
                   test_rejected_before_touching_anything, test_no_space, test_dpkg_locked_deferred,
                   test_killed_during_download_resumes, test_killed_after_download, test_killed_during_unpack,
                   test_killed_during_postinst, test_killed_during_trial, test_killed_during_rollback,

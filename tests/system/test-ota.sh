@@ -40,8 +40,10 @@ top=$(cd "$(dirname "$0")/../.." && pwd)
 host_build=${top_builddir:-$top/build}
 cache=${TETHER_ROOTFS_CACHE:-/var/cache/tether-test}
 suite=bookworm
-# python3: a dpkg lock holder that uses fcntl like apt (the lock step).
-BASE_PACKAGES=(systemd systemd-sysv dbus apt passwd python3)
+# python3: a dpkg lock holder that uses fcntl like apt (the lock step);
+# dpkg-repack: tether-agent's Recommends (the rollback package when none
+# was kept).
+BASE_PACKAGES=(systemd systemd-sysv dbus apt passwd python3 dpkg-repack)
 STEP=0
 T0=$SECONDS
 
@@ -306,10 +308,11 @@ wait_for 30 "device online" online || fail "device not online: $(tether_ctr list
 uptime_ok() { tether_ctr get "$dev" system.uptime >/dev/null 2>&1; }
 wait_for 10 "system.uptime readable" uptime_ok || fail "the system plugin does not serve"
 ok "tetherd $(ctr systemctl is-active tetherd), tether-ota-helper.path enabled and active, system plugin serving"
-for p in tether-agent_1.0 tether-plugin-system_1.0; do
-    ctr /usr/libexec/tether/tether-ota-helper seed "/root/$p.deb" >/dev/null || fail "seeding $p failed"
-done
-ok "the installed versions kept for rollback in /var/lib/tether-ota/pkgs"
+# The plugin's package is kept by hand; the agent's is not: the first
+# update rebuilds it with dpkg-repack (checked after the first rollback).
+ctr /usr/libexec/tether/tether-ota-helper seed /root/tether-plugin-system_1.0.deb >/dev/null ||
+    fail "seeding tether-plugin-system failed"
+ok "tether-plugin-system 1.0 kept for rollback in /var/lib/tether-ota/pkgs"
 
 installed() { ctr dpkg-query -W -f='${Version} ${db:Status-Abbrev}' "${1:-tether-agent}" | sed 's/ *$//'; }
 # update PACKAGE_VERSION [tether ota options]: run `tether ota` in the
@@ -379,6 +382,9 @@ back_online 2.0
 ctr journalctl -u tether-ota-helper.service -o cat --no-pager | grep 'trial -> committed' >/dev/null ||
     fail "the helper's journal has no commit"
 log "    figure: 10 MB agent package, tether ota start to committed: ${took} s (TrialSec=3)"
+ctr journalctl -u tether-ota-helper.service -o cat --no-pager | grep "Rebuilt tether-agent .* with dpkg-repack" >/dev/null ||
+    fail "the helper did not rebuild the installed tether-agent with dpkg-repack"
+ok "the installed tether-agent was rebuilt with dpkg-repack for rollback"
 
 step "3.0, an agent that cannot reach the cloud: rolled back (unhealthy)"
 update tether-agent_3.0
