@@ -1072,24 +1072,6 @@ static void h_log(void *userdata, int priority, const char *text) {
 
 /* ---- commands ------------------------------------------------------------------------------- */
 
-static int mkdir_p(const char *path, mode_t mode) {
-        _cleanup_free_ char *p = strdup(path);
-
-        if (!p)
-                return -ENOMEM;
-        for (char *s = p + 1; *s; s++) {
-                if (*s != '/')
-                        continue;
-                *s = 0;
-                if (mkdir(p, 0755) < 0 && errno != EEXIST)
-                        return -errno;
-                *s = '/';
-        }
-        if (mkdir(p, mode) < 0 && errno != EEXIST)
-                return -errno;
-        return 0;
-}
-
 static int helper_init(Helper *h, const Config *cfg) {
         _cleanup_free_ char *pkgs = NULL;
         struct stat st;
@@ -1110,9 +1092,9 @@ static int helper_init(Helper *h, const Config *cfg) {
                                        cfg->ota.state_dir);
         h->owner = st.st_uid;
         h->group = st.st_gid;
-        r = mkdir_p(cfg->ota.cache_dir, 0755);
+        r = ota_mkdir_p(cfg->ota.cache_dir, 0755);
         if (r >= 0 && asprintf(&pkgs, "%s/pkgs", cfg->ota.cache_dir) >= 0)
-                r = mkdir_p(pkgs, 0755);
+                r = ota_mkdir_p(pkgs, 0755);
         if (r < 0)
                 return log_error_errno(r, "Cannot create '%s': %m", cfg->ota.cache_dir);
         r = debfile_native_arch(&h->arch);

@@ -1009,24 +1009,6 @@ void ota_reconfigure(Ota *o, const Config *cfg) {
         keyring_reload(o);
 }
 
-static int mkdir_p(const char *path, mode_t mode) {
-        _cleanup_free_ char *p = strdup(path);
-
-        if (!p)
-                return -ENOMEM;
-        for (char *s = p + 1; *s; s++) {
-                if (*s != '/')
-                        continue;
-                *s = 0;
-                if (mkdir(p, 0755) < 0 && errno != EEXIST)
-                        return -errno;
-                *s = '/';
-        }
-        if (mkdir(p, mode) < 0 && errno != EEXIST)
-                return -errno;
-        return 0;
-}
-
 int ota_new(sd_event *event, Conn *conn, const Config *cfg, const char *config_path, const OtaHooks *hooks,
             Ota **ret) {
         _cleanup_(ota_freep) Ota *o = calloc(1, sizeof(Ota));
@@ -1054,7 +1036,7 @@ int ota_new(sd_event *event, Conn *conn, const Config *cfg, const char *config_p
         if (r < 0)
                 log_warning_errno(r, "Cannot ask dpkg for this machine's architecture (only 'all' packages will be "
                                      "accepted): %m");
-        r = mkdir_p(cfg->ota.state_dir, 0750);
+        r = ota_mkdir_p(cfg->ota.state_dir, 0750);
         if (r < 0)
                 log_warning_errno(r, "Cannot create the OTA state directory '%s': %m", cfg->ota.state_dir);
         else {

@@ -842,7 +842,7 @@ static void api_completed(void *cls, struct MHD_Connection *connection, void **c
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wformat-nonliteral"
-static void api_mhd_log(void *cls, const char *fmt, va_list ap) {
+void api_log_mhd(bool running, const char *server, const char *fmt, va_list ap) {
         char buf[512];
         size_t n;
 
@@ -850,10 +850,15 @@ static void api_mhd_log(void *cls, const char *fmt, va_list ap) {
         n = strlen(buf);
         while (n > 0 && buf[n - 1] == '\n')
                 buf[--n] = 0;
-        /* Once running, MHD mostly reports clients that went away. */
-        log_internal(api.running ? LOG_DEBUG : LOG_WARNING, 0, "libmicrohttpd: %s", buf);
+        /* Once running, MHD mostly reports clients that went away or
+         * failed their TLS handshake: not worth a warning each. */
+        log_internal(running ? LOG_DEBUG : LOG_WARNING, 0, "libmicrohttpd%s: %s", server, buf);
 }
 #pragma GCC diagnostic pop
+
+static void api_mhd_log(void *cls, const char *fmt, va_list ap) {
+        api_log_mhd(api.running, "", fmt, ap);
+}
 
 int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         const union MHD_DaemonInfo *info;

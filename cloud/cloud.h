@@ -12,6 +12,7 @@
 
 #include <coap3/coap.h>
 #include <jansson.h>
+#include <stdarg.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -297,6 +298,9 @@ void api_stop(void);
 void api_deliver_event(const ProtoEvent *e, uint64_t id);
 /* Run the HTTP server soon (after resuming a connection from outside). */
 void api_kick(void);
+/* Log a libmicrohttpd message (its MHD_OPTION_EXTERNAL_LOGGER): a warning
+ * while starting, debug once running. */
+void api_log_mhd(bool running, const char *server, const char *fmt, va_list ap);
 /* Whether the request carries a valid token in the Authorization header
  * or the access_token query parameter. */
 bool api_connection_authorized(struct MHD_Connection *connection);

@@ -1010,20 +1010,9 @@ static int ota_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         return ota_run_cb(s, userdata);
 }
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wformat-nonliteral"
 static void ota_mhd_log(void *cls, const char *fmt, va_list ap) {
-        char buf[512];
-        size_t n;
-
-        vsnprintf(buf, sizeof(buf), fmt, ap);
-        n = strlen(buf);
-        while (n > 0 && buf[n - 1] == '\n')
-                buf[--n] = 0;
-        /* Once running, MHD mostly reports clients that failed TLS or went away. */
-        log_internal(ota.running ? LOG_DEBUG : LOG_WARNING, 0, "libmicrohttpd (OTA): %s", buf);
+        api_log_mhd(ota.running, " (OTA)", fmt, ap);
 }
-#pragma GCC diagnostic pop
 
 static int make_dir(const char *path) {
         if (mkdir(path, 0755) < 0 && errno != EEXIST)

@@ -121,6 +121,8 @@ int ota_journal_transition(const char *dir, OtaJournal *j, OtaState state, const
  * does, so restarted processes (which inherit the environment) go on. */
 void ota_crash_point(const char *name);
 
+/* mkdir -p: missing parents 0755, the directory itself with mode. */
+int ota_mkdir_p(const char *path, mode_t mode);
 /* Write a small file atomically (tmp, fsync, rename, fsync dir). */
 int ota_write_file_atomic(const char *dir, const char *name, const char *data, size_t len, mode_t mode,
                           uid_t owner, gid_t group);
