@@ -592,9 +592,12 @@ static int on_inotify(sd_event_source *s, const struct inotify_event *ev, void *
 
 /* ---- download and checks ----------------------------------------------------------- */
 
-static void download_failed(Ota *o, int error, const char *text, bool restart) {
+static void download_failed(Ota *o, int error, const char *why_failed, bool restart) {
+        char text[512];
         uint64_t delay;
 
+        /* why_failed may point into the download: copy it before freeing. */
+        snprintf(text, sizeof(text), "%s", why_failed ? why_failed : "unknown error");
         o->download = ota_download_free(o->download);
         sd_event_source_set_enabled(o->progress_timer, SD_EVENT_OFF);
         if (restart) {
