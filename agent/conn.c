@@ -920,6 +920,10 @@ static int begin_connect(Conn *c) {
         Lookup *l;
         int r;
 
+        /* An attempt has begun from here on: every failure below goes
+         * through conn_teardown() and the backoff, which ignores failures
+         * in CONN_IDLE and CONN_BACKOFF (the states we are called in). */
+        set_state(c, CONN_RESOLVING, NULL);
         r = tls_files_check(&c->files, &path);
         if (r < 0) {
                 char reason[512];
@@ -937,7 +941,6 @@ static int begin_connect(Conn *c) {
         l->hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
         l->req = (struct gaicb){ .ar_name = l->host, .ar_request = &l->hints };
         list[0] = &l->req;
-        set_state(c, CONN_RESOLVING, NULL);
         arm_timer(c, now_ms() + c->config->connect_timeout_ms);
         r = getaddrinfo_a(GAI_NOWAIT, list, 1, &sev);
         if (r != 0) {

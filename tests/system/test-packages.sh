@@ -211,8 +211,7 @@ for u in tetherd.service tether-cloudd.service; do
     grep -E '^✗' "$scratch/security-$u.txt" | sed 's/^/        /' | head -n 20
 done
 # Freshly installed, before enrollment, the agent is up (READY=1) and says
-# where it connects. (It does not retry until restarted when its CA or
-# certificate is missing at the first attempt: agent/conn.c, reported.)
+# where it connects (it retries until its CA and certificate are there).
 [ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd) after install"
 ok "before enrollment: tetherd active, status: $(ctr systemctl show -p StatusText --value tetherd)"
 
