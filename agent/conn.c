@@ -1,3 +1,4 @@
+#include <arpa/inet.h>
 #include <coap3/coap.h>
 #include <errno.h>
 #include <inttypes.h>
@@ -92,6 +93,13 @@ struct Conn {
         Lookup *lookup;
         Lookup *stale;
         sd_event_source *resolve_source;
+        /* What the lookup returned, in getaddrinfo's order. A failure to
+         * connect to one address (TCP, TLS, CSM or the connect timeout)
+         * moves on to addr_next; only when none is left do we back off. */
+        struct addrinfo *addrs;
+        struct addrinfo *addr_next;
+        char address_ip[INET6_ADDRSTRLEN]; /* the address being tried */
+        char address[INET6_ADDRSTRLEN + 8]; /* the same with the port: "[::1]:5684" */
 
         unsigned failures;
         uint64_t connected_at;
@@ -120,6 +128,7 @@ struct Conn {
 
 static void conn_schedule(Conn *c);
 static void conn_teardown(Conn *c, const char *reason);
+static void addrs_free(Conn *c);
 
 static uint64_t now_ms(void) {
         return now_usec() / 1000;
@@ -781,7 +790,12 @@ static int on_flush(sd_event_source *s, void *userdata) {
                 return 0;
         c->connected_at = c->last_rx = now_ms();
         c->ping_sent = 0;
-        snprintf(status, sizeof(status), "Connected to %s:%u", c->host, c->config->cloud_port);
+        addrs_free(c);
+        if (streq(c->host, c->address_ip))
+                snprintf(status, sizeof(status), "Connected to %s:%u", c->host, c->config->cloud_port);
+        else
+                snprintf(status, sizeof(status), "Connected to %s:%u (%s)", c->host, c->config->cloud_port,
+                         c->address_ip);
         log_info("%s", status);
         set_state(c, CONN_CONNECTED, status);
         arm_timer(c, c->last_rx + c->config->keepalive_ms);
@@ -828,6 +842,30 @@ static int on_coap_event(coap_session_t *session, const coap_event_t event) {
         return 0;
 }
 
+static void addrs_free(Conn *c) {
+        if (c->addrs)
+                freeaddrinfo(c->addrs);
+        c->addrs = c->addr_next = NULL;
+}
+
+/* Remember which address we are connecting to, for the log. */
+static void set_address(Conn *c, const struct sockaddr *sa) {
+        struct sockaddr_in6 sin6;
+        struct sockaddr_in sin;
+
+        if (sa->sa_family == AF_INET6) {
+                memcpy(&sin6, sa, sizeof(sin6));
+                if (!inet_ntop(AF_INET6, &sin6.sin6_addr, c->address_ip, sizeof(c->address_ip)))
+                        strcpy(c->address_ip, "?");
+                snprintf(c->address, sizeof(c->address), "[%s]:%u", c->address_ip, c->config->cloud_port);
+        } else {
+                memcpy(&sin, sa, sizeof(sin));
+                if (!inet_ntop(AF_INET, &sin.sin_addr, c->address_ip, sizeof(c->address_ip)))
+                        strcpy(c->address_ip, "?");
+                snprintf(c->address, sizeof(c->address), "%s:%u", c->address_ip, c->config->cloud_port);
+        }
+}
+
 static int connect_to(Conn *c, const struct sockaddr *sa, socklen_t salen) {
         coap_address_t dst;
 
@@ -849,6 +887,28 @@ static int connect_to(Conn *c, const struct sockaddr *sa, socklen_t salen) {
         arm_timer(c, now_ms() + c->config->connect_timeout_ms);
         kick(c);
         return 0;
+}
+
+/* Start connecting to the next resolved address a session can be made
+ * for. 0 if one is being connected to; -ENOENT if none is left (then
+ * c->address names the last one tried). */
+static int connect_next(Conn *c) {
+        while (c->addr_next) {
+                struct addrinfo *ai = c->addr_next;
+
+                c->addr_next = ai->ai_next;
+                if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
+                    ai->ai_addrlen > sizeof(((coap_address_t *)NULL)->addr))
+                        continue;
+                set_address(c, ai->ai_addr);
+                if (connect_to(c, ai->ai_addr, ai->ai_addrlen) == 0)
+                        return 0;
+                if (c->addr_next)
+                        log_warning("Failed to connect to %s:%u at %s (cannot create a session), trying the next "
+                                    "address",
+                                    c->host, c->config->cloud_port, c->address);
+        }
+        return -ENOENT;
 }
 
 static void lookup_free(Lookup *l) {
@@ -907,9 +967,13 @@ static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, vo
                 conn_teardown(c, reason);
                 return 0;
         }
-        if (connect_to(c, ai->ai_addr, ai->ai_addrlen) < 0)
-                conn_teardown(c, "cannot create a session");
-        freeaddrinfo(ai);
+        addrs_free(c);
+        c->addrs = c->addr_next = ai;
+        strcpy(c->address, "no usable address");
+        if (connect_next(c) < 0) {
+                snprintf(reason, sizeof(reason), "%s: cannot create a session", c->address);
+                conn_teardown(c, reason);
+        }
         return 0;
 }
 
@@ -920,6 +984,10 @@ static int begin_connect(Conn *c) {
         Lookup *l;
         int r;
 
+        /* An attempt has begun from here on: every failure below goes
+         * through conn_teardown() and the backoff, which ignores failures
+         * in CONN_IDLE and CONN_BACKOFF (the states we are called in). */
+        set_state(c, CONN_RESOLVING, NULL);
         r = tls_files_check(&c->files, &path);
         if (r < 0) {
                 char reason[512];
@@ -937,7 +1005,6 @@ static int begin_connect(Conn *c) {
         l->hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
         l->req = (struct gaicb){ .ar_name = l->host, .ar_request = &l->hints };
         list[0] = &l->req;
-        set_state(c, CONN_RESOLVING, NULL);
         arm_timer(c, now_ms() + c->config->connect_timeout_ms);
         r = getaddrinfo_a(GAI_NOWAIT, list, 1, &sev);
         if (r != 0) {
@@ -992,19 +1059,36 @@ static void drop_session(Conn *c) {
 
 static int on_teardown(sd_event_source *s, void *userdata) {
         Conn *c = userdata;
+        const char *why = c->teardown_reason ? c->teardown_reason : "unknown reason";
         uint64_t delay;
-        char status[512];
+        char reason[512], status[768];
 
         if (c->state == CONN_CONNECTED && now_ms() - c->connected_at >= c->config->stable_ms)
                 c->failures = 0;
         /* A lookup that timed out must not write into the next one's request. */
         resolve_cancel(c);
+        if (c->state != CONN_CONNECTING)
+                snprintf(reason, sizeof(reason), "%s", why);
+        else if (!c->addr_next)
+                snprintf(reason, sizeof(reason), "%s: %s", c->address, why);
+        else {
+                /* This address failed; the next one gets its own attempt
+                 * (and ConnectTimeoutSec) right away, without a backoff. */
+                log_warning("Failed to connect to %s:%u at %s (%s), trying the next address", c->host,
+                            c->config->cloud_port, c->address, why);
+                drop_session(c);
+                free(c->teardown_reason);
+                c->teardown_reason = NULL;
+                if (connect_next(c) == 0)
+                        return 0;
+                snprintf(reason, sizeof(reason), "%s: cannot create a session", c->address);
+        }
         drop_session(c);
+        addrs_free(c);
         delay = backoff_ms(c);
         c->failures++;
         snprintf(status, sizeof(status), "Disconnected from %s:%u (%s); retrying in %.1f s", c->host,
-                 c->config->cloud_port, c->teardown_reason ? c->teardown_reason : "unknown reason",
-                 delay / 1000.0);
+                 c->config->cloud_port, reason, delay / 1000.0);
         log_warning("%s", status);
         set_state(c, CONN_BACKOFF, status);
         arm_timer(c, now_ms() + delay);
@@ -1175,6 +1259,7 @@ int conn_reconfigure(Conn *c, const Config *cfg) {
         log_info("Cloud settings changed, reconnecting to %s:%u", cfg->cloud_host, cfg->cloud_port);
         resolve_cancel(c);
         drop_session(c);
+        addrs_free(c);
         r = copy_settings(c, cfg);
         if (r < 0)
                 return r;
@@ -1197,6 +1282,7 @@ Conn *conn_free(Conn *c) {
          * leaving them allocated at exit is safer than freeing them. */
         sd_event_source_disable_unref(c->resolve_source);
         drop_session(c);
+        addrs_free(c);
         if (c->ctx)
                 coap_free_context(c->ctx);
         sd_event_source_disable_unref(c->io_source);

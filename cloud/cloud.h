@@ -83,6 +83,11 @@ int config_load(const char *path, CloudConfig **ret);
 CloudConfig *config_free(CloudConfig *c);
 static inline void config_freep(CloudConfig **c) { config_free(*c); }
 
+/* Read TokenFile again (the path from the configuration loaded at start)
+ * and replace the tokens with its. On failure (logged, like at start) the
+ * tokens stay as they were. */
+int config_reload_tokens(CloudConfig *c);
+
 /* True if token (NUL-terminated) is one of the configured tokens;
  * constant time in the token's content. */
 bool config_token_valid(const CloudConfig *c, const char *token);

@@ -277,6 +277,25 @@ bool config_token_valid(const CloudConfig *c, const char *token) {
         return ok;
 }
 
+int config_reload_tokens(CloudConfig *c) {
+        CloudConfig next = { .token_file = c->token_file };
+        int r;
+
+        r = config_load_tokens(&next);
+        if (r < 0) {
+                if (next.token_digests)
+                        OPENSSL_cleanse(next.token_digests, next.n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
+                free(next.token_digests);
+                return r;
+        }
+        if (c->token_digests)
+                OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
+        free(c->token_digests);
+        c->token_digests = next.token_digests;
+        c->n_tokens = next.n_tokens;
+        return 0;
+}
+
 int config_load(const char *path, CloudConfig **ret) {
         _cleanup_(config_freep) CloudConfig *c = NULL;
         ConfigParser p = {};

@@ -16,6 +16,21 @@ static int main_signal_cb(sd_event_source *s, const struct signalfd_siginfo *si,
         return sd_event_exit(sd_event_source_get_event(s), 0);
 }
 
+/* SIGHUP: read the API tokens again. Nothing else is touched, so device
+ * sessions, calls in flight and event streams go on as they were. */
+static int main_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        CloudConfig *config = userdata;
+        size_t before = config->n_tokens;
+
+        (void)sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", now_usec());
+        if (config_reload_tokens(config) < 0)
+                log_error("Reload failed, keeping the %zu API token(s) loaded before.", before);
+        else
+                log_info("Reloaded %zu API token(s) from '%s'.", config->n_tokens, config->token_file);
+        (void)sd_notify(0, "READY=1");
+        return 0;
+}
+
 /* One file descriptor per device session: take the hard limit. */
 static void main_raise_nofile(void) {
         struct rlimit rl;
@@ -47,6 +62,7 @@ static int run(int argc, char *argv[]) {
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
         sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGHUP);
         if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
                 return log_error_errno(errno, "Failed to block signals: %m");
 
@@ -56,6 +72,8 @@ static int run(int argc, char *argv[]) {
         r = sd_event_add_signal(event, NULL, SIGTERM, main_signal_cb, NULL);
         if (r >= 0)
                 r = sd_event_add_signal(event, NULL, SIGINT, main_signal_cb, NULL);
+        if (r >= 0)
+                r = sd_event_add_signal(event, NULL, SIGHUP, main_reload_cb, config);
         if (r >= 0)
                 r = sd_event_set_watchdog(event, true);
         if (r < 0) {

@@ -283,10 +283,11 @@ class World:
         return e
 
     def start_cloud(self, extra="", cert=None, key=None, port=0, api_port=0, listen="127.0.0.1",
-                    timing=None, state_dir=None, env=None):
+                    timing=None, state_dir=None, env=None, prefix=()):
         """Start tether-cloudd; a restart with the same state_dir (by
         default the test's cloud-state) keeps its event journal. timing
-        replaces the PingSec/DeviceTimeoutSec/CallTimeoutSec lines."""
+        replaces the PingSec/DeviceTimeoutSec/CallTimeoutSec lines;
+        prefix runs it inside a network namespace (NetNs.prefix)."""
         cert = cert or self.path("pki", "server.crt")
         key = key or self.path("pki", "server.key")
         conf = self.path("cloud.conf")
@@ -311,7 +312,7 @@ Directory={state_dir or self.path('cloud-state')}
         mark = self.notify.mark()
         e = self.env()
         e.update(env or {})
-        self.cloud = Daemon("cloud", [CLOUDD, "--config", conf], e, self.dir)
+        self.cloud = Daemon("cloud", [CLOUDD, "--config", conf], e, self.dir, prefix)
         self.daemons.append(self.cloud)
         m = self.notify.wait(lambda m: m.get("READY") == "1" and "X_COAP_PORT" in m, 20,
                              "tether-cloudd READY=1", mark)
@@ -602,42 +603,59 @@ class NetNs:
     runs inside (prefix), the cloud listens on the host end (host_ip), and
     drop() makes the namespace's nftables drop every packet silently: no
     FIN, no RST, like a dead uplink. Names and the /30 subnet are unique;
-    close() (registered as a World cleanup) removes it all."""
+    close() (registered as a World cleanup) removes it all.
 
-    def __init__(self, world):
+    With uplink=False it has only its loopback (up, 127.0.0.1 and ::1),
+    and neither veth nor nftables. hosts, if given, is the namespace's
+    /etc/hosts: `ip netns exec` bind-mounts /etc/netns/NAME/hosts over it."""
+
+    def __init__(self, world, uplink=True, hosts=None):
         if os.geteuid() != 0:
             raise Skip("network namespaces need root")
-        for tool in ("ip", "nft"):
+        for tool in ("ip", "nft") if uplink else ("ip",):
             if not shutil.which(tool):
                 raise Skip(f"'{tool}' is not installed (tools/dev deps installs iproute2 and nftables)")
         tag = f"{os.getpid() % 100000}{random.randrange(100)}"
         self.name = f"tether-test-{tag}"
         self.host_if = f"tth{tag}"[:15]
         self.ns_if = f"ttn{tag}"[:15]
-        used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
-        for _ in range(100):
-            b, c = random.randrange(200, 250), random.randrange(0, 256)
-            d = random.randrange(0, 64) * 4
-            self.host_ip, self.ns_ip = f"10.{b}.{c}.{d + 1}", f"10.{b}.{c}.{d + 2}"
-            if f"10.{b}.{c}." not in used:
-                break
+        self.etc = None  # /etc/netns/NAME, once made
         self.dropping = False
+        self.uplink = uplink
         world.cleanups.append(self.close)
-        steps = [["ip", "netns", "add", self.name],
-                 ["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if],
-                 ["ip", "link", "set", self.ns_if, "netns", self.name],
-                 ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
-                 ["ip", "link", "set", self.host_if, "up"],
-                 ["ip", "-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if],
-                 ["ip", "-n", self.name, "link", "set", self.ns_if, "up"],
-                 ["ip", "-n", self.name, "link", "set", "lo", "up"]]
+        steps = [["ip", "netns", "add", self.name]]
+        if uplink:
+            used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+            for _ in range(100):
+                b, c = random.randrange(200, 250), random.randrange(0, 256)
+                d = random.randrange(0, 64) * 4
+                self.host_ip, self.ns_ip = f"10.{b}.{c}.{d + 1}", f"10.{b}.{c}.{d + 2}"
+                if f"10.{b}.{c}." not in used:
+                    break
+            steps += [["ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if],
+                      ["ip", "link", "set", self.ns_if, "netns", self.name],
+                      ["ip", "addr", "add", f"{self.host_ip}/30", "dev", self.host_if],
+                      ["ip", "link", "set", self.host_if, "up"],
+                      ["ip", "-n", self.name, "addr", "add", f"{self.ns_ip}/30", "dev", self.ns_if],
+                      ["ip", "-n", self.name, "link", "set", self.ns_if, "up"]]
+        steps.append(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        if hosts is not None:
+            etc = os.path.join("/etc/netns", self.name)
+            try:
+                os.makedirs(etc)
+                self.etc = etc
+                with open(os.path.join(etc, "hosts"), "w") as f:
+                    f.write(hosts)
+            except OSError as e:
+                raise Skip(f"cannot write {etc}/hosts for the namespace: {e}")
         for cmd in steps:
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode != 0:
                 raise Skip(f"cannot set up a network namespace ({' '.join(cmd)}: {r.stderr.strip()})")
-        r = self.nft("list", "tables")
-        if r.returncode != 0:
-            raise Skip(f"nftables does not work here: {r.stderr.strip()}")
+        if uplink:
+            r = self.nft("list", "tables")
+            if r.returncode != 0:
+                raise Skip(f"nftables does not work here: {r.stderr.strip()}")
 
     @property
     def prefix(self):
@@ -660,6 +678,13 @@ class NetNs:
             raise Failure(f"nft failed: {r.stderr.strip()}")
         self.dropping = on
 
+    def run(self, argv, **kw):
+        """subprocess.run(argv) inside the namespace."""
+        return subprocess.run(self.prefix + list(argv), **kw)
+
     def close(self):
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
-        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        if self.uplink:
+            subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
+        if self.etc:
+            shutil.rmtree(self.etc, ignore_errors=True)

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""The agent comes back by itself when the cloud goes away."""
+"""The agent comes back by itself when the cloud goes away, and connects
+by itself once its certificate files appear."""
 
 import os
+import re
+import shutil
 import sys
 import time
 
@@ -30,5 +33,61 @@ def test_cloud_restart(w):
         expect(r.stdout.strip() == str(i + 1), f"call after restart returned {r.stdout!r}")
 
 
+def missing_at_start(w, which):
+    """Start the agent with one of its TLS files missing: it must say so,
+    keep retrying with its backoff, and connect once the file is there,
+    with no restart or reload."""
+    w.start_cloud()
+    device = w.new_device()
+    files = {"ca": w.path("pki", "ca.crt"), "cert": device[1], "key": device[2]}
+    late = w.path("late", os.path.basename(files[which]))
+    files[which] = late
+    os.makedirs(w.path("late"))
+    a = w.start_agent(device=(device[0], files["cert"], files["key"]), ca=files["ca"], wait_online=False)
+    failure = rf"cannot read '{re.escape(late)}': No such file or directory\); retrying in"
+    a.wait_line(failure)
+    a.wait_line(failure, start=a.mark())  # and again, after its backoff
+    mark = w.notify.mark()
+    src = w.path("pki", "ca.crt") if which == "ca" else device[1] if which == "cert" else device[2]
+    shutil.copy(src, late + ".tmp")
+    os.rename(late + ".tmp", late)
+    w.wait_online(device[0], mark)
+    r = w.tether("call", device[0], "add", "2,3")
+    expect(r.stdout.strip() == "5", f"call returned {r.stdout!r}")
+
+
+def test_ca_missing_at_start(w):
+    missing_at_start(w, "ca")
+
+
+def test_certificate_missing_at_start(w):
+    missing_at_start(w, "cert")
+
+
+def test_key_missing_at_start(w):
+    missing_at_start(w, "key")
+
+
+def test_ca_missing_on_reconnect(w):
+    """The CA file goes away while the agent is connected and the cloud
+    restarts: the agent keeps retrying until the file is back."""
+    ca = w.path("agent-ca.crt")
+    shutil.copy(w.path("pki", "ca.crt"), ca)
+    w.start_cloud()
+    a = w.start_agent(ca=ca)
+    coap, api = w.coap_port, w.api_port
+    os.rename(ca, ca + ".away")
+    mark = a.mark()
+    w.cloud.stop()
+    w.start_cloud(port=coap, api_port=api)
+    failure = rf"cannot read '{re.escape(ca)}': No such file or directory\); retrying in"
+    a.wait_line(failure, start=mark)
+    a.wait_line(failure, start=a.mark())
+    mark = w.notify.mark()
+    os.rename(ca + ".away", ca)
+    w.wait_online(a.device_id, mark)
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_cloud_restart], emulated="ok"))
+    sys.exit(run([test_cloud_restart, test_ca_missing_at_start, test_certificate_missing_at_start,
+                  test_key_missing_at_start, test_ca_missing_on_reconnect], emulated="ok"))

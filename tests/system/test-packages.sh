@@ -16,8 +16,8 @@
 # Steps, each logged with "==> [N] ...": install the packages, check the
 # user, key and units, make a PKI and start tether-cloudd, enroll the
 # device (tetherctl csr -> tether-pki sign), systemctl start tetherd until
-# the device is online in the cloud, the STATUS line, reload keeping the
-# connection, watchdog kill and restart of a stopped agent, apt-get remove
+# the device is online in the cloud, the STATUS line, reload (agent, then
+# cloud) keeping the connection, watchdog kill and restart of a stopped agent, apt-get remove
 # (state kept) and purge (nothing left behind).
 #
 # Exit 77 (skip) with the reason when this machine cannot boot a container.
@@ -211,8 +211,7 @@ for u in tetherd.service tether-cloudd.service; do
     grep -E '^✗' "$scratch/security-$u.txt" | sed 's/^/        /' | head -n 20
 done
 # Freshly installed, before enrollment, the agent is up (READY=1) and says
-# where it connects. (It does not retry until restarted when its CA or
-# certificate is missing at the first attempt: agent/conn.c, reported.)
+# where it connects (it retries until its CA and certificate are there).
 [ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd) after install"
 ok "before enrollment: tetherd active, status: $(ctr systemctl show -p StatusText --value tetherd)"
 
@@ -289,6 +288,25 @@ awk -v a="$connected_after" -v b="$connected_before" 'BEGIN { exit !(a > b) }' |
     fail "connected_sec went from $connected_before to $connected_after: the connection restarted"
 ok "same MainPID $pid_after, no disconnect in agent or cloud journal, connected for $(printf %.2f "$connected_before") s -> $(printf %.2f "$connected_after") s"
 ctr journalctl -u tetherd --after-cursor "$since" -o cat | sed 's/^/    | /'
+
+# ---------------------------------------------------------------------------
+step "systemctl reload tether-cloudd: a new API token works, the device stays connected"
+cloud_pid=$(ctr systemctl show -p MainPID --value tether-cloudd)
+since=$(cursor)
+new_token=$(ctr tether-pki token /etc/tether/api-tokens 2>/dev/null | tail -n 1)
+[ -n "$new_token" ] || fail "tether-pki token made no token"
+ctr env TETHER_TOKEN="$new_token" tether list >/dev/null 2>&1 && fail "a token not loaded yet was accepted"
+ctr systemctl reload tether-cloudd || fail "systemctl reload tether-cloudd failed"
+cloud_reloaded() { ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep -q 'Reloaded 2 API token(s)'; }
+wait_for 10 "cloud reload logged" cloud_reloaded || fail "no 'Reloaded 2 API token(s)' in the cloud's journal"
+[ "$(ctr systemctl show -p MainPID --value tether-cloudd)" = "$cloud_pid" ] || fail "tether-cloudd's MainPID changed on reload"
+[ "$(ctr systemctl is-active tether-cloudd)" = active ] || fail "tether-cloudd is $(ctr systemctl is-active tether-cloudd) after reload"
+ctr env TETHER_TOKEN="$new_token" tether list >/dev/null || fail "the new token is refused after the reload"
+online || fail "device $dev not online after the cloud's reload"
+ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q Disconnected && fail "the agent reconnected on the cloud's reload"
+ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep -q "$dev.*disconnected" && fail "the cloud dropped the device on reload"
+ok "same MainPID $cloud_pid, the new token works, the device stayed online without reconnecting"
+ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | sed 's/^/    | /'
 
 # ---------------------------------------------------------------------------
 step "a hung agent (SIGSTOP) is killed by the watchdog and restarted"
