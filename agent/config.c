@@ -1,23 +1,12 @@
-#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
-#include <ini.h>
 #include <limits.h>
-#include <math.h>
-#include <stdarg.h>
 
 #include "config.h"
+#include "keyfile.h"
 #include "log.h"
 #include "proto.h"
 #include "util.h"
-
-typedef struct ParseState {
-        Config *config;
-        const char *path;
-        FILE *f;
-        unsigned line;
-        char *error;
-} ParseState;
 
 static void strv_free(char **v) {
         if (!v)
@@ -108,60 +97,6 @@ Config *config_free(Config *c) {
         return NULL;
 }
 
-static int fail(ParseState *s, const char *fmt, ...) _printf_(2, 3);
-static int fail(ParseState *s, const char *fmt, ...) {
-        char msg[512];
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(msg, sizeof(msg), fmt, ap);
-        va_end(ap);
-        if (!s->error && asprintf(&s->error, "%s:%u: %s", s->path, s->line, msg) < 0)
-                s->error = NULL;
-        return 0; /* tells inih to stop with an error */
-}
-
-static int set_string(char **dst, const char *value) {
-        char *v = strdup(value);
-
-        if (!v)
-                return -ENOMEM;
-        free(*dst);
-        *dst = v;
-        return 0;
-}
-
-static int parse_uint(const char *value, uint64_t max, uint64_t *ret) {
-        unsigned long long v;
-        char *end;
-
-        if (!*value || !isdigit((unsigned char)*value))
-                return -EINVAL;
-        errno = 0;
-        v = strtoull(value, &end, 10);
-        if (errno || *end || v > max)
-                return -ERANGE;
-        *ret = v;
-        return 0;
-}
-
-/* Seconds with an optional fraction ("0.25"), returned in milliseconds. */
-static int parse_seconds(const char *value, uint64_t min_ms, uint64_t *ret_ms) {
-        double v;
-        char *end;
-
-        if (!*value || !(isdigit((unsigned char)*value) || *value == '.'))
-                return -EINVAL;
-        errno = 0;
-        v = strtod(value, &end);
-        if (errno || *end || !isfinite(v) || v < 0 || v > 86400.0 * 365)
-                return -ERANGE;
-        if ((uint64_t)llround(v * 1000.0) < min_ms)
-                return -ERANGE;
-        *ret_ms = (uint64_t)llround(v * 1000.0);
-        return 0;
-}
-
 static char **split_words(const char *value) {
         _cleanup_free_ char *copy = strdup(value);
         char **v = NULL, *tok, *save = NULL;
@@ -212,7 +147,7 @@ static int plugin_set(PluginSection *p, const char *key, const char *value) {
 
         for (size_t i = 0; i < p->n_pairs; i++)
                 if (streq(p->pairs[i].key, key))
-                        return set_string(&p->pairs[i].value, value);
+                        return keyfile_set_string(&p->pairs[i].value, value);
         n = realloc(p->pairs, (p->n_pairs + 1) * sizeof(*n));
         if (!n)
                 return -ENOMEM;
@@ -227,199 +162,151 @@ static int plugin_set(PluginSection *p, const char *key, const char *value) {
         return 0;
 }
 
-typedef enum KeyType {
-        KEY_STRING,
-        KEY_STRING_EMPTY,
-        KEY_PORT,
-        KEY_SECONDS,
-        KEY_UINT,
-        KEY_U64,
-        KEY_WORDS,
-        KEY_OVERFLOW,
-} KeyType;
-
-typedef struct KeyDef {
-        const char *section;
-        const char *key;
-        KeyType type;
-        size_t offset;
-        uint64_t min, max; /* UINT: range; SECONDS: min in ms */
-} KeyDef;
+/* Types of our own, beside keyfile.h's. */
+enum {
+        KEY_WORDS = KEYFILE_TYPE_OWN, /* char **, words split at blanks and commas */
+        KEY_OVERFLOW,                 /* ConfigOverflow */
+};
 
 #define F(m) offsetof(Config, m)
-static const KeyDef keys[] = {
-        { "Cloud", "Host", KEY_STRING, F(cloud_host), 0, 0 },
-        { "Cloud", "Port", KEY_PORT, F(cloud_port), 1, 65535 },
-        { "Cloud", "CAFile", KEY_STRING, F(ca_file), 0, 0 },
-        { "Device", "Certificate", KEY_STRING, F(cert_file), 0, 0 },
-        { "Device", "Key", KEY_STRING, F(key_file), 0, 0 },
-        { "Connection", "KeepaliveSec", KEY_SECONDS, F(keepalive_ms), 100, 0 },
-        { "Connection", "KeepaliveTimeoutSec", KEY_SECONDS, F(keepalive_timeout_ms), 100, 0 },
-        { "Connection", "ConnectTimeoutSec", KEY_SECONDS, F(connect_timeout_ms), 100, 0 },
-        { "Connection", "ReconnectMinSec", KEY_SECONDS, F(reconnect_min_ms), 10, 0 },
-        { "Connection", "ReconnectMaxSec", KEY_SECONDS, F(reconnect_max_ms), 10, 0 },
-        { "Connection", "StableSec", KEY_SECONDS, F(stable_ms), 0, 0 },
-        { "Limits", "MaxPayload", KEY_UINT, F(max_payload), 64, PROTO_HARD_PAYLOAD_MAX },
-        { "Limits", "MaxSubscriptions", KEY_UINT, F(max_subscriptions), 0, 1024 },
-        { "State", "Directory", KEY_STRING, F(state_dir), 0, 0 },
-        { "Outbox", "MaxEvents", KEY_UINT, F(outbox_max_events), 1, 10000000 },
-        { "Outbox", "MaxBytes", KEY_U64, F(outbox_max_bytes), 4096, (uint64_t)1 << 40 },
+static const KeyfileKey keys[] = {
+        { "Cloud", "Host", KEYFILE_STRING, F(cloud_host), 0, 0 },
+        { "Cloud", "Port", KEYFILE_U16, F(cloud_port), 1, 65535 },
+        { "Cloud", "CAFile", KEYFILE_STRING, F(ca_file), 0, 0 },
+        { "Device", "Certificate", KEYFILE_STRING, F(cert_file), 0, 0 },
+        { "Device", "Key", KEYFILE_STRING, F(key_file), 0, 0 },
+        { "Connection", "KeepaliveSec", KEYFILE_SECONDS, F(keepalive_ms), 100, 0 },
+        { "Connection", "KeepaliveTimeoutSec", KEYFILE_SECONDS, F(keepalive_timeout_ms), 100, 0 },
+        { "Connection", "ConnectTimeoutSec", KEYFILE_SECONDS, F(connect_timeout_ms), 100, 0 },
+        { "Connection", "ReconnectMinSec", KEYFILE_SECONDS, F(reconnect_min_ms), 10, 0 },
+        { "Connection", "ReconnectMaxSec", KEYFILE_SECONDS, F(reconnect_max_ms), 10, 0 },
+        { "Connection", "StableSec", KEYFILE_SECONDS, F(stable_ms), 0, 0 },
+        { "Limits", "MaxPayload", KEYFILE_SIZE, F(max_payload), 64, PROTO_HARD_PAYLOAD_MAX },
+        { "Limits", "MaxSubscriptions", KEYFILE_UINT, F(max_subscriptions), 0, 1024 },
+        { "State", "Directory", KEYFILE_STRING, F(state_dir), 0, 0 },
+        { "Outbox", "MaxEvents", KEYFILE_UINT, F(outbox_max_events), 1, 10000000 },
+        { "Outbox", "MaxBytes", KEYFILE_U64, F(outbox_max_bytes), 4096, (uint64_t)1 << 40 },
         { "Outbox", "Overflow", KEY_OVERFLOW, F(outbox_overflow), 0, 0 },
-        { "Outbox", "SyncIntervalSec", KEY_SECONDS, F(outbox_sync_ms), 0, 0 },
+        { "Outbox", "SyncIntervalSec", KEYFILE_SECONDS, F(outbox_sync_ms), 0, 0 },
         /* The old name, from before the outbox was persistent. */
-        { "Limits", "MaxQueuedEvents", KEY_UINT, F(outbox_max_events), 1, 10000000 },
-        { "Plugins", "Directory", KEY_STRING, F(plugin_dir), 0, 0 },
+        { "Limits", "MaxQueuedEvents", KEYFILE_UINT, F(outbox_max_events), 1, 10000000 },
+        { "Plugins", "Directory", KEYFILE_STRING, F(plugin_dir), 0, 0 },
         { "Plugins", "Enable", KEY_WORDS, F(plugin_enable), 0, 0 },
         { "Plugins", "Disable", KEY_WORDS, F(plugin_disable), 0, 0 },
-        { "Local", "Socket", KEY_STRING, F(local_socket), 0, 0 },
-        { "Local", "Group", KEY_STRING_EMPTY, F(local_group), 0, 0 },
-        { "OTA", "Keyring", KEY_STRING, F(ota.keyring), 0, 0 },
-        { "OTA", "StateDirectory", KEY_STRING, F(ota.state_dir), 0, 0 },
-        { "OTA", "CacheDirectory", KEY_STRING, F(ota.cache_dir), 0, 0 },
-        { "OTA", "CAFile", KEY_STRING, F(ota.ca_file), 0, 0 },
-        { "OTA", "Launcher", KEY_STRING, F(ota.launcher), 0, 0 },
-        { "OTA", "Helper", KEY_STRING, F(ota.helper), 0, 0 },
-        { "OTA", "AgentPackage", KEY_STRING, F(ota.agent_package), 0, 0 },
-        { "OTA", "AgentUnit", KEY_STRING, F(ota.agent_unit), 0, 0 },
-        { "OTA", "DpkgRoot", KEY_STRING, F(ota.dpkg_root), 0, 0 },
-        { "OTA", "TrialSec", KEY_SECONDS, F(ota.trial_ms), 0, 0 },
-        { "OTA", "HealthTimeoutSec", KEY_SECONDS, F(ota.health_timeout_ms), 100, 0 },
-        { "OTA", "LockTimeoutSec", KEY_SECONDS, F(ota.lock_timeout_ms), 0, 0 },
-        { "OTA", "LowSpeedSec", KEY_SECONDS, F(ota.low_speed_ms), 1000, 0 },
-        { "OTA", "LowSpeedBytes", KEY_UINT, F(ota.low_speed_bytes), 1, 1u << 30 },
-        { "OTA", "DownloadAttempts", KEY_UINT, F(ota.download_attempts), 1, 1000 },
-        { "OTA", "ProgressIntervalSec", KEY_SECONDS, F(ota.progress_interval_ms), 100, 0 },
-        { "OTA", "MinFreeMB", KEY_UINT, F(ota.min_free_mb), 0, 1u << 20 },
-        { "OTA", "MaxTransitions", KEY_UINT, F(ota.max_transitions), 4, 10000 },
+        { "Local", "Socket", KEYFILE_STRING, F(local_socket), 0, 0 },
+        { "Local", "Group", KEYFILE_STRING_EMPTY, F(local_group), 0, 0 },
+        { "OTA", "Keyring", KEYFILE_STRING, F(ota.keyring), 0, 0 },
+        { "OTA", "StateDirectory", KEYFILE_STRING, F(ota.state_dir), 0, 0 },
+        { "OTA", "CacheDirectory", KEYFILE_STRING, F(ota.cache_dir), 0, 0 },
+        { "OTA", "CAFile", KEYFILE_STRING, F(ota.ca_file), 0, 0 },
+        { "OTA", "Launcher", KEYFILE_STRING, F(ota.launcher), 0, 0 },
+        { "OTA", "Helper", KEYFILE_STRING, F(ota.helper), 0, 0 },
+        { "OTA", "AgentPackage", KEYFILE_STRING, F(ota.agent_package), 0, 0 },
+        { "OTA", "AgentUnit", KEYFILE_STRING, F(ota.agent_unit), 0, 0 },
+        { "OTA", "DpkgRoot", KEYFILE_STRING, F(ota.dpkg_root), 0, 0 },
+        { "OTA", "TrialSec", KEYFILE_SECONDS, F(ota.trial_ms), 0, 0 },
+        { "OTA", "HealthTimeoutSec", KEYFILE_SECONDS, F(ota.health_timeout_ms), 100, 0 },
+        { "OTA", "LockTimeoutSec", KEYFILE_SECONDS, F(ota.lock_timeout_ms), 0, 0 },
+        { "OTA", "LowSpeedSec", KEYFILE_SECONDS, F(ota.low_speed_ms), 1000, 0 },
+        { "OTA", "LowSpeedBytes", KEYFILE_UINT, F(ota.low_speed_bytes), 1, 1u << 30 },
+        { "OTA", "DownloadAttempts", KEYFILE_UINT, F(ota.download_attempts), 1, 1000 },
+        { "OTA", "ProgressIntervalSec", KEYFILE_SECONDS, F(ota.progress_interval_ms), 100, 0 },
+        { "OTA", "MinFreeMB", KEYFILE_UINT, F(ota.min_free_mb), 0, 1u << 20 },
+        { "OTA", "MaxTransitions", KEYFILE_UINT, F(ota.max_transitions), 4, 10000 },
 };
 #undef F
 
-static int apply_key(ParseState *s, const KeyDef *k, const char *value) {
-        void *field = (char *)s->config + k->offset;
-        uint64_t u;
+static int apply_key(KeyfileParser *p, const KeyfileKey *k, const char *value) {
+        void *field = (uint8_t *)p->userdata + k->offset;
         int r;
 
         switch (k->type) {
-        case KEY_STRING:
-                if (!*value)
-                        return fail(s, "%s= must not be empty", k->key);
-                r = set_string(field, value);
-                break;
-        case KEY_STRING_EMPTY:
-                r = set_string(field, value);
-                break;
-        case KEY_PORT:
-                r = parse_uint(value, 65535, &u);
-                if (r < 0 || u < 1)
-                        return fail(s, "invalid port '%s' for %s=", value, k->key);
-                *(uint16_t *)field = (uint16_t)u;
-                break;
-        case KEY_SECONDS:
-                r = parse_seconds(value, k->min, field);
-                if (r < 0)
-                        return fail(s, "invalid duration '%s' for %s= (seconds, at least %.3f)", value,
-                                    k->key, k->min / 1000.0);
-                break;
-        case KEY_UINT:
-                r = parse_uint(value, k->max, &u);
-                if (r < 0 || u < k->min)
-                        return fail(s, "invalid value '%s' for %s= (%llu..%llu)", value, k->key,
-                                    (unsigned long long)k->min, (unsigned long long)k->max);
-                if (k->offset == offsetof(Config, max_payload))
-                        *(size_t *)field = (size_t)u;
-                else
-                        *(unsigned *)field = (unsigned)u;
-                break;
-        case KEY_U64:
-                r = parse_uint(value, k->max, &u);
-                if (r < 0 || u < k->min)
-                        return fail(s, "invalid value '%s' for %s= (%llu..%llu)", value, k->key,
-                                    (unsigned long long)k->min, (unsigned long long)k->max);
-                *(uint64_t *)field = u;
-                break;
         case KEY_OVERFLOW:
                 if (streq(value, "reject"))
                         *(unsigned *)field = CONFIG_OVERFLOW_REJECT;
                 else if (streq(value, "drop-oldest"))
                         *(unsigned *)field = CONFIG_OVERFLOW_DROP_OLDEST;
                 else
-                        return fail(s, "invalid value '%s' for %s= (reject or drop-oldest)", value, k->key);
-                r = 0;
-                break;
+                        return keyfile_fail(p, -EINVAL, "invalid value '%s' for %s= (reject or drop-oldest)", value,
+                                            k->name);
+                return 1;
         case KEY_WORDS: {
                 char **v = split_words(value);
                 if (!v)
-                        return fail(s, "out of memory");
+                        return keyfile_fail(p, -EINVAL, "out of memory");
                 strv_free(*(char ***)field);
                 *(char ***)field = v;
-                r = 0;
-                break;
+                return 1;
         }
-        default:
-                r = -EINVAL;
         }
+
+        r = keyfile_set(k, p->userdata, value);
+        if (r == -ENOMEM)
+                return keyfile_fail(p, -EINVAL, "cannot set %s=: %s", k->name, strerror(-r));
         if (r < 0)
-                return fail(s, "cannot set %s=: %s", k->key, strerror(-r));
+                switch (k->type) {
+                case KEYFILE_STRING:
+                        return keyfile_fail(p, -EINVAL, "%s= must not be empty", k->name);
+                case KEYFILE_U16:
+                        return keyfile_fail(p, -EINVAL, "invalid port '%s' for %s=", value, k->name);
+                case KEYFILE_SECONDS:
+                        return keyfile_fail(p, -EINVAL, "invalid duration '%s' for %s= (seconds, at least %.3f)",
+                                            value, k->name, k->min / 1000.0);
+                default:
+                        return keyfile_fail(p, -EINVAL, "invalid value '%s' for %s= (%llu..%llu)", value, k->name,
+                                            (unsigned long long)k->min, (unsigned long long)k->max);
+                }
         return 1;
 }
 
-static int handler(void *user, const char *section, const char *name, const char *value) {
-        ParseState *s = user;
+static int handler(KeyfileParser *p, const char *section, const char *name, const char *value) {
+        const KeyfileKey *k;
 
         if (startswith(section, "Plugin ")) {
                 const char *pname = section + strlen("Plugin ");
-                PluginSection *p;
+                PluginSection *ps;
 
                 if (proto_name_check(pname, strlen(pname), PROTO_NAME_PLUGIN) < 0)
-                        return fail(s, "invalid plugin name '%s' in section header", pname);
-                p = plugin_section(s->config, pname);
-                if (!p || plugin_set(p, name, value) < 0)
-                        return fail(s, "out of memory");
+                        return keyfile_fail(p, -EINVAL, "invalid plugin name '%s' in section header", pname);
+                ps = plugin_section(p->userdata, pname);
+                if (!ps || plugin_set(ps, name, value) < 0)
+                        return keyfile_fail(p, -EINVAL, "out of memory");
                 return 1;
         }
-        for (size_t i = 0; i < ELEMENTSOF(keys); i++)
-                if (streq(keys[i].section, section) && streq(keys[i].key, name)) {
-                        if (streq(name, "MaxQueuedEvents"))
-                                log_warning("%s:%u: [Limits] MaxQueuedEvents= is now [Outbox] MaxEvents=", s->path,
-                                            s->line);
-                        return apply_key(s, &keys[i], value);
-                }
+        k = keyfile_find_key(keys, ELEMENTSOF(keys), section, name);
+        if (k) {
+                if (streq(name, "MaxQueuedEvents"))
+                        log_warning("%s:%u: [Limits] MaxQueuedEvents= is now [Outbox] MaxEvents=", p->path, p->line);
+                return apply_key(p, k, value);
+        }
 
-        log_warning("%s:%u: unknown key '%s' in section [%s], ignoring", s->path, s->line, name, section);
+        log_warning("%s:%u: unknown key '%s' in section [%s], ignoring", p->path, p->line, name, section);
         return 1;
 }
 
-/* inih reads line by line through us, so we know the current line. */
-static char *reader(char *str, int num, void *stream) {
-        ParseState *s = stream;
-        char *r = fgets(str, num, s->f);
-
-        if (r)
-                s->line++;
-        return r;
-}
-
 int config_parse_file(Config *c, const char *path, char **ret_error) {
-        ParseState s = { .config = c, .path = path };
+        _cleanup_(keyfile_parser_done) KeyfileParser p = { .path = path, .userdata = c };
+        _cleanup_fclose_ FILE *f = NULL;
         int r;
 
-        s.f = fopen(path, "re");
-        if (!s.f) {
+        f = fopen(path, "re");
+        if (!f) {
                 r = -errno;
                 if (ret_error && asprintf(ret_error, "%s: %s", path, strerror(-r)) < 0)
                         *ret_error = NULL;
                 return r;
         }
-        r = ini_parse_stream(reader, &s, handler, &s);
-        fclose(s.f);
+        r = keyfile_parse(&p, f, handler);
         if (r == 0)
                 return 0;
-        if (!s.error && asprintf(&s.error, "%s:%d: syntax error", path, r) < 0)
-                s.error = NULL;
+        if (r == -EBADMSG)
+                keyfile_fail(&p, -EINVAL, "syntax error");
+        else if (r == -ENOMEM && !p.message)
+                keyfile_fail(&p, -ENOMEM, "out of memory");
+        if (!p.message)
+                return -ENOMEM; /* not even the message could be allocated */
         if (ret_error)
-                *ret_error = s.error;
-        else
-                free(s.error);
+                *ret_error = TAKE_PTR(p.message);
         return -EINVAL;
 }
 

@@ -200,26 +200,6 @@ static size_t put_ack(uint64_t head, uint8_t *p) {
         return record_size(w.len);
 }
 
-static int write_at(Outbox *o, const void *p, size_t len, uint64_t off) {
-        const uint8_t *b = p;
-
-        while (len > 0) {
-                ssize_t n = o->pwrite_fn(o->fd, b, len, (off_t)off);
-
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        return -errno;
-                }
-                if (n == 0)
-                        return -EIO;
-                b += n;
-                len -= (size_t)n;
-                off += (uint64_t)n;
-        }
-        return 0;
-}
-
 /* Rewrite the file with only what is queued. On failure nothing changes. */
 static int compact(Outbox *o) {
         _cleanup_free_ uint8_t *copy = NULL;
@@ -550,7 +530,7 @@ int outbox_append(Outbox *o, const char *name, const char *data, size_t data_len
                 return -E2BIG;
         record_seal(OUTBOX_MAGIC, o->buf + ack, w.len);
 
-        r = write_at(o, o->buf, total, o->end);
+        r = record_pwrite_all_with(o->pwrite_fn, o->fd, o->buf, total, o->end);
         if (r >= 0 && o->limits.sync_always && fdatasync(o->fd) < 0)
                 r = -errno;
         if (r < 0) {
@@ -689,7 +669,7 @@ int outbox_sync(Outbox *o) {
         if (o->head != o->head_written) {
                 size_t n = put_ack(o->head, rec);
 
-                r = write_at(o, rec, n, o->end);
+                r = record_pwrite_all_with(o->pwrite_fn, o->fd, rec, n, o->end);
                 if (r < 0) {
                         (void)ftruncate(o->fd, (off_t)o->end);
                         return r;

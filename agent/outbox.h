@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "record.h"
+
 #define OUTBOX_FILE "outbox"
 /* A record's type byte, then its fields (lib/record.h frames them). */
 #define OUTBOX_MAGIC 0x31424f54u /* "TOB1" on disk */
@@ -106,5 +108,5 @@ const OutboxStats *outbox_stats(const Outbox *o);
 
 /* Test seam: the function that writes appended records (default pwrite).
  * A test makes it write part of a record to play a torn write. */
-typedef ssize_t (*outbox_pwrite_fn)(int fd, const void *buf, size_t n, off_t off);
+typedef record_pwrite_fn outbox_pwrite_fn;
 void outbox_set_pwrite(Outbox *o, outbox_pwrite_fn fn);

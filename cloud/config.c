@@ -2,24 +2,17 @@
 #include "config.h"
 
 #include <getopt.h>
-#include <ini.h>
 #include <limits.h>
 #include <netdb.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include "cloud.h"
+#include "keyfile.h"
 #include "log.h"
 #include "util.h"
 
 #define CONFIG_MAX_TOKENS 4096
-
-typedef struct ConfigParser {
-        CloudConfig *config;
-        FILE *file;
-        unsigned line; /* line of the key being handled */
-        int error;     /* first error, negative errno */
-} ConfigParser;
 
 static void help(void) {
         printf("%s [OPTIONS...]\n\n"
@@ -84,49 +77,10 @@ CloudConfig *config_free(CloudConfig *c) {
         return NULL;
 }
 
-static int parse_uint(const char *s, unsigned min, unsigned max, unsigned *ret) {
-        unsigned long v;
-        char *end;
+#define STR_KEY(sec, n, field) { sec, n, KEYFILE_STRING, offsetof(CloudConfig, field), 0, 0 }
+#define UINT_KEY(sec, n, field, lo, hi) { sec, n, KEYFILE_UINT, offsetof(CloudConfig, field), lo, hi }
 
-        if (!*s || *s == '-' || *s == '+')
-                return -EINVAL;
-        errno = 0;
-        v = strtoul(s, &end, 10);
-        if (errno != 0 || *end)
-                return -EINVAL;
-        if (v < min || v > max)
-                return -ERANGE;
-        *ret = (unsigned)v;
-        return 0;
-}
-
-static int set_string(char **dst, const char *value) {
-        char *s;
-
-        if (!*value)
-                return -EINVAL;
-        s = strdup(value);
-        if (!s)
-                return -ENOMEM;
-        free(*dst);
-        *dst = s;
-        return 0;
-}
-
-typedef enum { KEY_STRING, KEY_UINT } KeyType;
-
-typedef struct ConfigKey {
-        const char *section;
-        const char *name;
-        KeyType type;
-        size_t offset;
-        unsigned min, max;
-} ConfigKey;
-
-#define STR_KEY(sec, n, field) { sec, n, KEY_STRING, offsetof(CloudConfig, field), 0, 0 }
-#define UINT_KEY(sec, n, field, lo, hi) { sec, n, KEY_UINT, offsetof(CloudConfig, field), lo, hi }
-
-static const ConfigKey config_keys[] = {
+static const KeyfileKey config_keys[] = {
         STR_KEY("Cloud", "Listen", coap_listen),
         UINT_KEY("Cloud", "Port", coap_port, 0, 65535),
         STR_KEY("Cloud", "CAFile", ca_file),
@@ -154,58 +108,55 @@ static const ConfigKey config_keys[] = {
         UINT_KEY("OTA", "MaxArtifactMB", ota_max_artifact_mb, 1, 1048576),
 };
 
-/* inih handler: 1 to continue, 0 marks this line as the failing one. */
-static int config_handler(void *userdata, const char *section, const char *name, const char *value) {
-        ConfigParser *p = userdata;
-        const char *file = p->config->path;
+/* Every bad value is logged, not only the first. */
+static void config_log_error(const char *message) {
+        log_error("%s", message);
+}
+
+/* 1 to continue, 0 (keyfile_fail) marks this line as a failing one. */
+static int config_handler(KeyfileParser *p, const char *section, const char *name, const char *value) {
+        const KeyfileKey *k = keyfile_find_key(config_keys, ELEMENTSOF(config_keys), section, name);
         int r;
 
-        for (size_t i = 0; i < ELEMENTSOF(config_keys); i++) {
-                const ConfigKey *k = &config_keys[i];
-                void *field = (uint8_t *)p->config + k->offset;
-
-                if (!streq(k->section, section) || !streq(k->name, name))
-                        continue;
-                if (k->type == KEY_STRING)
-                        r = set_string(field, value);
-                else
-                        r = parse_uint(value, k->min, k->max, field);
-                if (r == -ENOMEM) {
-                        p->error = p->error ?: r;
-                        return 0;
-                }
-                if (r < 0) {
-                        if (k->type == KEY_UINT)
-                                log_error("%s:%u: Invalid value '%s' for %s= in [%s] (expected %u..%u).",
-                                          file, p->line, value, name, section, k->min, k->max);
-                        else
-                                log_error("%s:%u: Empty value for %s= in [%s].", file, p->line, name,
-                                          section);
-                        p->error = p->error ?: -EINVAL;
-                        return 0;
-                }
+        if (k) {
+                r = keyfile_set(k, p->userdata, value);
+                if (r == -ENOMEM)
+                        return keyfile_fail(p, r, "Out of memory.");
+                if (r < 0 && k->type == KEYFILE_UINT)
+                        return keyfile_fail(p, -EINVAL, "Invalid value '%s' for %s= in [%s] (expected %llu..%llu).",
+                                            value, name, section, (unsigned long long)k->min,
+                                            (unsigned long long)k->max);
+                if (r < 0)
+                        return keyfile_fail(p, -EINVAL, "Empty value for %s= in [%s].", name, section);
                 return 1;
         }
         if (!streq(section, "Cloud") && !streq(section, "API") && !streq(section, "State") &&
             !streq(section, "Events") && !streq(section, "OTA"))
-                log_warning("%s:%u: Unknown section [%s], ignoring %s=.", file, p->line, section, name);
+                log_warning("%s:%u: Unknown section [%s], ignoring %s=.", p->path, p->line, section, name);
         else
-                log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", file, p->line, name, section);
+                log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", p->path, p->line, name, section);
         return 1;
 }
 
-/* fgets() that counts lines, so warnings can name them too. */
-static char *config_reader(char *str, int num, void *stream) {
-        ConfigParser *p = stream;
-        char *s = fgets(str, num, p->file);
-        size_t n;
+static int config_parse_keyfile(CloudConfig *c, const char *path) {
+        _cleanup_(keyfile_parser_done) KeyfileParser p = {
+                .path = path,
+                .userdata = c,
+                .on_error = config_log_error,
+        };
+        _cleanup_fclose_ FILE *f = NULL;
+        int r;
 
-        if (s && (n = strlen(s)) > 0 && s[n - 1] == '\n')
-                p->line++;
-        else if (s && feof(p->file))
-                p->line++;
-        /* The handler for this line runs before the next read. */
-        return s;
+        f = fopen(path, "re");
+        if (!f)
+                return log_error_errno(errno, "Failed to open configuration file '%s': %m", path);
+        r = keyfile_parse(&p, f, config_handler);
+        if (r == -EBADMSG)
+                /* A syntax error inih found itself (no handler call). */
+                return log_error_errno(-EINVAL, "%s:%u: Syntax error.", path, p.line);
+        if (r == -ENOMEM && !p.error)
+                return log_error_errno(r, "Out of memory.");
+        return r; /* a bad value was logged by config_log_error() */
 }
 
 static int token_digest(const char *token, size_t len, uint8_t out[static CONFIG_TOKEN_DIGEST_SIZE]) {
@@ -298,7 +249,6 @@ int config_reload_tokens(CloudConfig *c) {
 
 int config_load(const char *path, CloudConfig **ret) {
         _cleanup_(config_freep) CloudConfig *c = NULL;
-        ConfigParser p = {};
         int r;
 
         c = calloc(1, sizeof(*c));
@@ -325,17 +275,9 @@ int config_load(const char *path, CloudConfig **ret) {
         c->ota_port = 5685;
         c->ota_max_artifact_mb = 1024;
 
-        p.config = c;
-        p.file = fopen(path, "re");
-        if (!p.file)
-                return log_error_errno(errno, "Failed to open configuration file '%s': %m", path);
-        r = ini_parse_stream(config_reader, &p, config_handler, &p);
-        fclose(p.file);
-        if (p.error < 0)
-                return p.error;
-        if (r != 0)
-                /* A syntax error inih found itself (no handler call). */
-                return log_error_errno(-EINVAL, "%s:%d: Syntax error.", path, r);
+        r = config_parse_keyfile(c, path);
+        if (r < 0)
+                return r;
 
         if (!c->ca_file || !c->cert_file || !c->key_file)
                 return log_error_errno(-EINVAL, "%s: [Cloud] CAFile=, Certificate= and Key= are required.", path);

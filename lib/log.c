@@ -42,6 +42,7 @@ void log_open(const char *program) {
 
 void log_set_max_level(int level) { log_max_level = level; }
 int log_get_max_level(void) { return log_max_level; }
+const char *log_get_program(void) { return log_program; }
 
 int log_internal(int level, int error, const char *fmt, ...) {
         int saved = errno;

@@ -10,6 +10,8 @@
 void log_open(const char *program);
 void log_set_max_level(int level);
 int log_get_max_level(void);
+/* The name given to log_open() ("tether" before). */
+const char *log_get_program(void);
 /* Returns -abs(error) (or 0 when error is 0), so callers can
  * "return log_error_errno(r, ...)". errno is set to abs(error) for %m. */
 int log_internal(int level, int error, const char *fmt, ...) _printf_(3, 4);

@@ -232,10 +232,14 @@ void record_file_abort(int dir_fd, const char *name, int fd) {
 }
 
 int record_pwrite_all(int fd, const void *buf, size_t len, uint64_t off) {
+        return record_pwrite_all_with(pwrite, fd, buf, len, off);
+}
+
+int record_pwrite_all_with(record_pwrite_fn fn, int fd, const void *buf, size_t len, uint64_t off) {
         const uint8_t *p = buf;
 
         while (len > 0) {
-                ssize_t n = pwrite(fd, p, len, (off_t)off);
+                ssize_t n = fn(fd, p, len, (off_t)off);
 
                 if (n < 0) {
                         if (errno == EINTR)

@@ -17,6 +17,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #define RECORD_HEADER_SIZE 12u
 #define RECORD_PAYLOAD_MAX (1u << 20)
@@ -86,3 +87,7 @@ void record_file_abort(int dir_fd, const char *name, int fd);
 /* pwrite() all of buf at off: -EIO on a short write that made no progress,
  * else the errno of the failing call. */
 int record_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
+/* The same through fn, pwrite() or a stand-in with its contract (tests
+ * make it write part of a record, then crash or fail). */
+typedef ssize_t (*record_pwrite_fn)(int fd, const void *buf, size_t n, off_t off);
+int record_pwrite_all_with(record_pwrite_fn fn, int fd, const void *buf, size_t len, uint64_t off);

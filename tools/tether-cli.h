@@ -8,6 +8,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "cli-common.h"
 #include "proto.h"
 #include "util.h"
 
@@ -17,7 +18,7 @@
 /* Exit codes, documented in docs/cli.md. */
 enum {
         EXIT_FAILURE_ = 1,  /* anything else */
-        EXIT_USAGE = 2,     /* bad command line or invalid name, nothing sent */
+        EXIT_USAGE = CLI_EXIT_USAGE, /* bad command line or invalid name, nothing sent */
         EXIT_NOT_FOUND = 3, /* HTTP 404: unknown device, function or variable */
         EXIT_OFFLINE = 4,   /* HTTP 503: device offline or busy */
         EXIT_AUTH = 5,      /* HTTP 401/403: missing or bad token */
@@ -69,8 +70,6 @@ typedef struct Api {
         const char *what_400; /* how to word an HTTP 400 for this request */
 } Api;
 
-/* Log "reason (see 'tether --help')"; returns -EINVAL (exit 2). */
-int usage_error(const char *fmt, ...) _printf_(1, 2);
 int name_check(const char *name, ProtoNameKind kind);
 int exit_code_from_errno(int r);
 /* The server's diagnostic from a JSON error body, on one line. */

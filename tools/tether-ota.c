@@ -111,7 +111,7 @@ static int ota_keygen(char **args, int n) {
         int r;
 
         if (n != 2)
-                return usage_error("'ota keygen' takes PRIVATE.pem PUBLIC.pem");
+                return cli_usage_error("'ota keygen' takes PRIVATE.pem PUBLIC.pem");
         k = EVP_PKEY_Q_keygen(NULL, NULL, "ED25519");
         if (!k)
                 return log_error_errno(-EIO, "Failed to generate an Ed25519 key");
@@ -154,7 +154,7 @@ static int ota_keyid(char **args, int n) {
         int r;
 
         if (n != 1)
-                return usage_error("'ota keyid' takes KEY.pem");
+                return cli_usage_error("'ota keyid' takes KEY.pem");
         r = read_file(args[0], 16384, &pem, &len);
         if (r < 0)
                 return r;
@@ -202,11 +202,11 @@ static int make_manifest(const DebInfo *deb, const char *url, char **ret, size_t
         int r;
 
         if (!kp)
-                return usage_error("No update key: give --key FILE or set TETHER_OTA_KEY (or --manifest)");
+                return cli_usage_error("No update key: give --key FILE or set TETHER_OTA_KEY (or --manifest)");
         if (arg.ota_min_version && debversion_check(arg.ota_min_version) < 0)
-                return usage_error("Invalid --min-version '%s': not a Debian version", arg.ota_min_version);
+                return cli_usage_error("Invalid --min-version '%s': not a Debian version", arg.ota_min_version);
         if (arg.ota_plugin && proto_name_check(arg.ota_plugin, strlen(arg.ota_plugin), PROTO_NAME_PLUGIN) < 0)
-                return usage_error("Invalid --plugin '%s'", arg.ota_plugin);
+                return cli_usage_error("Invalid --plugin '%s'", arg.ota_plugin);
         r = read_file(kp, 16384, &pem, &len);
         if (r < 0)
                 return r;
@@ -255,9 +255,9 @@ static int ota_sign(char **args, int n) {
         int r;
 
         if (n != 1)
-                return usage_error("'ota sign' takes FILE.deb");
+                return cli_usage_error("'ota sign' takes FILE.deb");
         if (!arg.ota_url)
-                return usage_error("'ota sign' needs --url URL (where devices download the package)");
+                return cli_usage_error("'ota sign' needs --url URL (where devices download the package)");
         r = deb_info(args[0], &deb);
         if (r < 0)
                 return r;
@@ -405,7 +405,7 @@ static int ota_upload(Api *a, char **args, int n) {
         int r;
 
         if (n != 1)
-                return usage_error("'ota upload' takes FILE.deb");
+                return cli_usage_error("'ota upload' takes FILE.deb");
         r = deb_info(args[0], &deb);
         if (r < 0)
                 return r;
@@ -585,7 +585,7 @@ static int ota_start(Api *a, const char *device, const char *path) {
         if (r < 0)
                 return r;
         if (!arg.ota_manifest && !key_path())
-                return usage_error("No update key: give --key FILE or set TETHER_OTA_KEY, or --manifest FILE");
+                return cli_usage_error("No update key: give --key FILE or set TETHER_OTA_KEY, or --manifest FILE");
         r = deb_info(path, &deb);
         if (r < 0)
                 return r;
@@ -637,9 +637,9 @@ static int ota_status(Api *a, char **args, int n) {
         int r;
 
         if (n != 1)
-                return usage_error("'ota status' takes JOB");
+                return cli_usage_error("'ota status' takes JOB");
         if (proto_name_check(args[0], strlen(args[0]), PROTO_NAME_DEVICE) < 0)
-                return usage_error("Invalid job id '%s'", args[0]);
+                return cli_usage_error("Invalid job id '%s'", args[0]);
         r = job_get(a, args[0], -1, &job);
         if (r < 0)
                 return r;
@@ -654,7 +654,7 @@ static int ota_jobs(Api *a, char **args, int n) {
         int r;
 
         if (n != 0)
-                return usage_error("'ota jobs' takes no arguments");
+                return cli_usage_error("'ota jobs' takes no arguments");
         r = api_request(a, "/v1/ota/jobs", NULL, &jobs);
         if (r < 0)
                 return r;
@@ -673,7 +673,7 @@ int cmd_ota(Api *a, char **args, int n) {
         int r;
 
         if (n < 1)
-                return usage_error("'ota' needs a command or DEVICE FILE.deb ('tether ota --help')");
+                return cli_usage_error("'ota' needs a command or DEVICE FILE.deb ('tether ota --help')");
         if (streq(args[0], "keygen"))
                 return ota_keygen(args + 1, n - 1);
         if (streq(args[0], "keyid"))
@@ -691,7 +691,7 @@ int cmd_ota(Api *a, char **args, int n) {
                 n--;
         }
         if (n != 2)
-                return usage_error("'ota' takes DEVICE FILE.deb");
+                return cli_usage_error("'ota' takes DEVICE FILE.deb");
         r = ota_start(a, args[0], args[1]);
         return r == -ECANCELED ? -ECANCELED : r;
 }

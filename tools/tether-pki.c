@@ -20,6 +20,7 @@
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
 
+#include "cli-common.h"
 #include "log.h"
 #include "proto.h"
 #include "util.h"
@@ -810,18 +811,6 @@ enum {
 /* Which options each command accepts, by bit (1 << (opt - OPT_CN)). */
 #define OPT_BIT(o) (1u << ((o) - OPT_CN))
 
-static int usage_error(const char *fmt, ...) _printf_(1, 2);
-static int usage_error(const char *fmt, ...) {
-        char msg[512];
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(msg, sizeof(msg), fmt, ap);
-        va_end(ap);
-        log_error("%s (see 'tether-pki --help')", msg);
-        return 2;
-}
-
 int main(int argc, char **argv) {
         static const struct option options[] = {
                 { "cn", required_argument, NULL, OPT_CN },
@@ -841,7 +830,7 @@ int main(int argc, char **argv) {
         log_open("tether-pki");
 
         if (argc < 2)
-                return usage_error("Missing command");
+                return cli_usage_error("Missing command"), CLI_EXIT_USAGE;
         if (streq(argv[1], "--help") || streq(argv[1], "-h")) {
                 help();
                 return 0;
@@ -862,7 +851,7 @@ int main(int argc, char **argv) {
         else if (streq(cmd, "token"))
                 allowed = 0;
         else
-                return usage_error("Unknown command '%s'", cmd);
+                return cli_usage_error("Unknown command '%s'", cmd), CLI_EXIT_USAGE;
 
         /* Parse the command's own argv so options may follow the arguments. */
         opterr = 0;
@@ -883,7 +872,7 @@ int main(int argc, char **argv) {
                         break;
                 case OPT_OUT:
                         if (optarg[0] == '\0')
-                                return usage_error("--out must not be empty");
+                                return cli_usage_error("--out must not be empty"), CLI_EXIT_USAGE;
                         arg.out = optarg;
                         break;
                 case OPT_DAYS: {
@@ -891,8 +880,8 @@ int main(int argc, char **argv) {
                         errno = 0;
                         long d = strtol(optarg, &end, 10);
                         if (errno || end == optarg || *end || d < 1 || d > PKI_MAX_DAYS)
-                                return usage_error("Invalid --days '%s': expected 1-%ld", optarg,
-                                                   PKI_MAX_DAYS);
+                                return cli_usage_error("Invalid --days '%s': expected 1-%ld", optarg, PKI_MAX_DAYS),
+                                       CLI_EXIT_USAGE;
                         arg.days = d;
                         break;
                 }
@@ -900,9 +889,9 @@ int main(int argc, char **argv) {
                         arg.force = true;
                         break;
                 case ':':
-                        return usage_error("Option '%s' needs an argument", argv[optind]);
+                        return cli_usage_error("Option '%s' needs an argument", argv[optind]), CLI_EXIT_USAGE;
                 default:
-                        return usage_error("Unknown option '%s'", argv[optind]);
+                        return cli_usage_error("Unknown option '%s'", argv[optind]), CLI_EXIT_USAGE;
                 }
                 if (c >= OPT_CN && c <= OPT_FORCE)
                         used |= OPT_BIT(c);
@@ -910,7 +899,8 @@ int main(int argc, char **argv) {
         if (used & ~allowed) {
                 for (const struct option *o = options; o->name; o++)
                         if (o->val >= OPT_CN && o->val <= OPT_FORCE && (used & ~allowed & OPT_BIT(o->val)))
-                                return usage_error("Option '--%s' is not valid for '%s'", o->name, cmd);
+                                return cli_usage_error("Option '--%s' is not valid for '%s'", o->name, cmd),
+                                       CLI_EXIT_USAGE;
         }
 
         pos = argv + 1 + optind;
@@ -918,23 +908,23 @@ int main(int argc, char **argv) {
 
         if (streq(cmd, "ca")) {
                 if (n_pos != 1)
-                        return usage_error("'ca' takes one argument, DIR");
+                        return cli_usage_error("'ca' takes one argument, DIR"), CLI_EXIT_USAGE;
                 r = cmd_ca(pos[0]);
         } else if (streq(cmd, "server")) {
                 if (n_pos < 2)
-                        return usage_error("'server' takes DIR and at least one HOST");
+                        return cli_usage_error("'server' takes DIR and at least one HOST"), CLI_EXIT_USAGE;
                 r = cmd_server(pos[0], pos + 1, (size_t)n_pos - 1);
         } else if (streq(cmd, "device")) {
                 if (n_pos != 1)
-                        return usage_error("'device' takes one argument, DIR");
+                        return cli_usage_error("'device' takes one argument, DIR"), CLI_EXIT_USAGE;
                 r = cmd_device(pos[0]);
         } else if (streq(cmd, "sign")) {
                 if (n_pos != 2)
-                        return usage_error("'sign' takes two arguments, DIR and CSR");
+                        return cli_usage_error("'sign' takes two arguments, DIR and CSR"), CLI_EXIT_USAGE;
                 r = cmd_sign(pos[0], pos[1]);
         } else {
                 if (n_pos != 1)
-                        return usage_error("'token' takes one argument, FILE");
+                        return cli_usage_error("'token' takes one argument, FILE"), CLI_EXIT_USAGE;
                 r = cmd_token(pos[0]);
         }
         if (r < 0)

@@ -10,7 +10,6 @@
 #include <jansson.h>
 #include <limits.h>
 #include <signal.h>
-#include <stdarg.h>
 
 #include "log.h"
 #include "proto.h"
@@ -98,17 +97,6 @@ int exit_code_from_errno(int r) {
         default:
                 return EXIT_FAILURE_;
         }
-}
-
-int usage_error(const char *fmt, ...) {
-        char msg[512];
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(msg, sizeof(msg), fmt, ap);
-        va_end(ap);
-        log_error("%s (see 'tether --help')", msg);
-        return -EINVAL;
 }
 
 int name_check(const char *name, ProtoNameKind kind) {
@@ -292,7 +280,7 @@ static int api_open(Api *a) {
         if (!api || !*api)
                 api = TETHER_DEFAULT_API;
         if (!startswith(api, "http://") && !startswith(api, "https://"))
-                return usage_error("Invalid API URL '%s': must start with http:// or https://", api);
+                return cli_usage_error("Invalid API URL '%s': must start with http:// or https://", api);
         a->base = strdup(api);
         if (!a->base)
                 return log_error_errno(-ENOMEM, "Out of memory");
@@ -307,7 +295,7 @@ static int api_open(Api *a) {
         }
         if (arg.token) {
                 if (strpbrk(arg.token, "\r\n"))
-                        return usage_error("The API token must not contain line breaks");
+                        return cli_usage_error("The API token must not contain line breaks");
                 if (asprintf(&auth, "Authorization: Bearer %s", arg.token) < 0)
                         return log_error_errno(-ENOMEM, "Out of memory");
                 a->headers = curl_slist_append(a->headers, auth);
@@ -439,7 +427,7 @@ static int cmd_list(Api *a, char **args, int n) {
         int r;
 
         if (n != 0)
-                return usage_error("'list' takes no arguments");
+                return cli_usage_error("'list' takes no arguments");
         r = api_request(a, "/v1/devices", NULL, &devices);
         if (r < 0)
                 return r;
@@ -476,7 +464,7 @@ static int cmd_describe(Api *a, char **args, int n) {
         int r;
 
         if (n != 1)
-                return usage_error("'describe' takes one argument, DEVICE");
+                return cli_usage_error("'describe' takes one argument, DEVICE");
         r = name_check(args[0], PROTO_NAME_DEVICE);
         if (r < 0)
                 return r;
@@ -546,7 +534,7 @@ static int cmd_call(Api *a, char **args, int n) {
         int r;
 
         if (n < 2 || n > 3)
-                return usage_error("'call' takes DEVICE FUNCTION [ARGUMENT]");
+                return cli_usage_error("'call' takes DEVICE FUNCTION [ARGUMENT]");
         r = name_check(args[0], PROTO_NAME_DEVICE);
         if (r < 0)
                 return r;
@@ -586,7 +574,7 @@ static int cmd_get(Api *a, char **args, int n) {
         int r;
 
         if (n != 2)
-                return usage_error("'get' takes DEVICE VARIABLE");
+                return cli_usage_error("'get' takes DEVICE VARIABLE");
         r = name_check(args[0], PROTO_NAME_DEVICE);
         if (r < 0)
                 return r;
@@ -632,7 +620,7 @@ static int cmd_publish(Api *a, char **args, int n) {
         int r;
 
         if (n < 1 || n > 2)
-                return usage_error("'publish' takes NAME [DATA]");
+                return cli_usage_error("'publish' takes NAME [DATA]");
         r = name_check(args[0], PROTO_NAME_EVENT);
         if (r < 0)
                 return r;
@@ -1004,7 +992,7 @@ static int cmd_subscribe(Api *a, char **args, int n) {
         int r;
 
         if (n > 1)
-                return usage_error("'subscribe' takes at most one argument, PREFIX");
+                return cli_usage_error("'subscribe' takes at most one argument, PREFIX");
         r = name_check(prefix, PROTO_NAME_PREFIX);
         if (r < 0)
                 return r;
@@ -1191,8 +1179,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         errno = 0;
                         double t = strtod(optarg, &end);
                         if (errno || end == optarg || *end || !(t > 0) || t > 86400.0)
-                                return usage_error("Invalid --timeout '%s': expected seconds, 0 < S <= 86400",
-                                                   optarg);
+                                return cli_usage_error("Invalid --timeout '%s': expected seconds, 0 < S <= 86400",
+                                                       optarg);
                         arg.timeout_ms = (long)(t * 1000.0 + 0.5);
                         if (arg.timeout_ms < 1)
                                 arg.timeout_ms = 1;
@@ -1205,8 +1193,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         errno = 0;
                         arg.ttl = strtoll(optarg, &end, 10);
                         if (errno || end == optarg || *end || arg.ttl < 0 || arg.ttl > UINT32_MAX)
-                                return usage_error("Invalid --ttl '%s': expected seconds, 0-%" PRIu32, optarg,
-                                                   UINT32_MAX);
+                                return cli_usage_error("Invalid --ttl '%s': expected seconds, 0-%" PRIu32, optarg,
+                                                       UINT32_MAX);
                         break;
                 case OPT_DEVICE:
                         arg.device = optarg;
@@ -1215,7 +1203,7 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         errno = 0;
                         long long v = strtoll(optarg, &end, 10);
                         if (errno || end == optarg || *end || v < 1 || (unsigned long long)v > ULONG_MAX)
-                                return usage_error("Invalid --count '%s': expected a positive number", optarg);
+                                return cli_usage_error("Invalid --count '%s': expected a positive number", optarg);
                         arg.count = (unsigned long)v;
                         break;
                 }
@@ -1250,7 +1238,7 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         errno = 0;
                         arg.ota_expires = strtoll(optarg, &end, 10);
                         if (errno || end == optarg || *end || arg.ota_expires < 0)
-                                return usage_error("Invalid --expires '%s': expected Unix time in seconds", optarg);
+                                return cli_usage_error("Invalid --expires '%s': expected Unix time in seconds", optarg);
                         ota_opts = true;
                         break;
                 case OPT_VALID_FOR: {
@@ -1263,8 +1251,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         }
                         if (errno || end == optarg || *end || arg.ota_valid_for <= 0 ||
                             arg.ota_valid_for > 3650LL * 86400 / mult)
-                                return usage_error("Invalid --valid-for '%s': expected a duration like 3600, 12h or 7d",
-                                                   optarg);
+                                return cli_usage_error(
+                                        "Invalid --valid-for '%s': expected a duration like 3600, 12h or 7d", optarg);
                         arg.ota_valid_for *= mult;
                         ota_opts = true;
                         break;
@@ -1274,14 +1262,14 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         ota_opts = true;
                         break;
                 case ':':
-                        return usage_error("Option '%s' needs an argument", argv[optind - 1]);
+                        return cli_usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
                         const char *o = argv[optind - 1];
                         if (o[0] == '-' && o[1] >= '0' && o[1] <= '9')
-                                return usage_error("Unknown option '%s'; put \"--\" before an argument "
-                                                   "that starts with '-'",
-                                                   o);
-                        return usage_error("Unknown option '%s'", o);
+                                return cli_usage_error("Unknown option '%s'; put \"--\" before an argument "
+                                                       "that starts with '-'",
+                                                       o);
+                        return cli_usage_error("Unknown option '%s'", o);
                 }
                 }
         }
@@ -1294,22 +1282,22 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 return 0;
         }
         if (optind >= argc)
-                return usage_error("Missing command");
+                return cli_usage_error("Missing command");
         cmd = argv[optind];
         *ret_func = NULL;
         for (size_t i = 0; i < ELEMENTSOF(commands); i++)
                 if (streq(commands[i].name, cmd))
                         *ret_func = commands[i].func;
         if (!*ret_func)
-                return usage_error("Unknown command '%s'", cmd);
+                return cli_usage_error("Unknown command '%s'", cmd);
 
         if ((arg.private_ || arg.ttl >= 0) && !streq(cmd, "publish"))
-                return usage_error("--private and --ttl are options of 'publish'");
+                return cli_usage_error("--private and --ttl are options of 'publish'");
         if ((arg.device || arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
-                return usage_error("--device, --count and --resume are options of 'subscribe'");
+                return cli_usage_error("--device, --count and --resume are options of 'subscribe'");
         if (ota_opts && !streq(cmd, "ota"))
-                return usage_error("--key, --url, --manifest, --output, --min-version, --plugin, --expires, "
-                                   "--valid-for and --no-wait are options of 'ota'");
+                return cli_usage_error("--key, --url, --manifest, --output, --min-version, --plugin, --expires, "
+                                       "--valid-for and --no-wait are options of 'ota'");
 
         *ret_optind = optind + 1;
         return 1;

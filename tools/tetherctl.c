@@ -18,6 +18,7 @@
 #include <openssl/pem.h>
 #include <openssl/x509.h>
 
+#include "cli-common.h"
 #include "log.h"
 #include "proto.h"
 #include "util.h"
@@ -31,7 +32,7 @@
 #define TETHERCTL_ID_BYTES 12
 
 enum {
-        EXIT_USAGE = 2,
+        EXIT_USAGE = CLI_EXIT_USAGE,
         EXIT_DENIED = 3,
         EXIT_NOT_RUNNING = 4,
 };
@@ -46,18 +47,6 @@ static struct {
 } arg = {
         .ttl = -1,
 };
-
-static int usage_error(const char *fmt, ...) _printf_(1, 2);
-static int usage_error(const char *fmt, ...) {
-        char msg[512];
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(msg, sizeof(msg), fmt, ap);
-        va_end(ap);
-        log_error("%s (see 'tetherctl --help')", msg);
-        return EXIT_USAGE;
-}
 
 /* --- talking to tetherd ---------------------------------------------------- */
 
@@ -88,7 +77,7 @@ static int request(json_t *req, json_t **ret) {
         int r;
 
         if (strlen(arg.socket) >= sizeof(sa.sun_path))
-                return usage_error("Socket path '%s' is too long", arg.socket);
+                return cli_usage_error("Socket path '%s' is too long", arg.socket), EXIT_USAGE;
         memcpy(sa.sun_path, arg.socket, strlen(arg.socket));
         out = req ? json_dumps(req, JSON_COMPACT) : NULL;
         in = malloc(TETHERCTL_RESPONSE_MAX + 1);
@@ -245,7 +234,7 @@ static int cmd_publish(const char *name, const char *data) {
 
         r = proto_name_check(name, strlen(name), PROTO_NAME_EVENT);
         if (r < 0)
-                return usage_error("Invalid event name '%s'", name);
+                return cli_usage_error("Invalid event name '%s'", name), EXIT_USAGE;
         req = json_pack("{s:s, s:s, s:b}", "method", "publish", "name", name, "private", arg.private_);
         if (req && data && json_object_set_new(req, "data", json_string(data)) < 0)
                 req = (json_decref(req), NULL);
@@ -369,7 +358,9 @@ static int cmd_csr(void) {
         int r;
 
         if (id && proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) < 0)
-                return usage_error("Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}", id, PROTO_DEVICE_ID_MAX);
+                return cli_usage_error("Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}", id,
+                                       PROTO_DEVICE_ID_MAX),
+                       EXIT_USAGE;
         r = key_load(arg.key, &key);
         if (r != 0)
                 return r;
@@ -457,7 +448,7 @@ int main(int argc, char *argv[]) {
                         errno = 0;
                         arg.ttl = strtoll(optarg, &end, 10);
                         if (errno || end == optarg || *end || arg.ttl < 0 || arg.ttl > UINT32_MAX)
-                                return usage_error("Invalid --ttl '%s'", optarg);
+                                return cli_usage_error("Invalid --ttl '%s'", optarg), EXIT_USAGE;
                         break;
                 }
                 case OPT_PRIVATE:
@@ -479,35 +470,35 @@ int main(int argc, char *argv[]) {
                         printf("tetherctl %s\n", PACKAGE_VERSION);
                         return 0;
                 case ':':
-                        return usage_error("Option '%s' needs an argument", argv[optind - 1]);
+                        return cli_usage_error("Option '%s' needs an argument", argv[optind - 1]), EXIT_USAGE;
                 default:
-                        return usage_error("Unknown option '%s'", argv[optind - 1]);
+                        return cli_usage_error("Unknown option '%s'", argv[optind - 1]), EXIT_USAGE;
                 }
         }
         if (optind >= argc)
-                return usage_error("Missing command");
+                return cli_usage_error("Missing command"), EXIT_USAGE;
         cmd = argv[optind];
         pos = argv + optind + 1;
         n_pos = argc - optind - 1;
 
         if (streq(cmd, "status")) {
                 if (n_pos != 0)
-                        return usage_error("'status' takes no arguments");
+                        return cli_usage_error("'status' takes no arguments"), EXIT_USAGE;
                 r = cmd_status();
         } else if (streq(cmd, "publish")) {
                 if (n_pos < 1 || n_pos > 2)
-                        return usage_error("'publish' takes NAME and optionally DATA");
+                        return cli_usage_error("'publish' takes NAME and optionally DATA"), EXIT_USAGE;
                 r = cmd_publish(pos[0], n_pos > 1 ? pos[1] : NULL);
         } else if (streq(cmd, "genkey")) {
                 if (n_pos > 1)
-                        return usage_error("'genkey' takes at most one argument, PATH");
+                        return cli_usage_error("'genkey' takes at most one argument, PATH"), EXIT_USAGE;
                 r = cmd_genkey(n_pos ? pos[0] : arg.key);
         } else if (streq(cmd, "csr")) {
                 if (n_pos != 0)
-                        return usage_error("'csr' takes no arguments");
+                        return cli_usage_error("'csr' takes no arguments"), EXIT_USAGE;
                 r = cmd_csr();
         } else
-                return usage_error("Unknown command '%s'", cmd);
+                return cli_usage_error("Unknown command '%s'", cmd), EXIT_USAGE;
         if (fflush(stdout) != 0) {
                 log_error_errno(errno, "Failed to write to standard output: %m");
                 return 1;
