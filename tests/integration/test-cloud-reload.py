@@ -57,6 +57,9 @@ def test_sighup_reloads_tokens(w):
     w.start_cloud()
     a = w.start_agent()
     dev = a.device_id
+    # The agent is online when it says so; the cloud logs the session a
+    # moment later (much later under ASan): count from after that line.
+    w.cloud.wait_line(rf"Device '{dev}' connected")
     sub = w.subscribe("example/").wait_ready()  # opened with the old token
     notify_mark, cloud_mark = w.notify.mark(), w.cloud.mark()
 
@@ -92,6 +95,9 @@ def test_bad_token_file_keeps_tokens(w):
     old = w.token
     w.start_cloud()
     a = w.start_agent()
+    # The agent is online when it says so; the cloud logs the session a
+    # moment later (much later under ASan): count from after that line.
+    w.cloud.wait_line(rf"Device '{a.device_id}' connected")
     notify_mark, cloud_mark = w.notify.mark(), w.cloud.mark()
     new = w.pki("token", w.path("new-token")).strip()
 
