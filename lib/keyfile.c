@@ -3,20 +3,39 @@
 #include <ini.h>
 #include <math.h>
 #include <stdarg.h>
+#include <string.h>
 
 #include "keyfile.h"
 
-/* inih reads line by line through us, so the handler knows its line. The
- * count is inih's own (a line longer than inih's buffer is read in pieces
- * and counts once per piece), so that it agrees with the line inih
- * returns for a syntax error. */
+/* inih reads line by line through us, into its own buffer of num bytes
+ * (INI_MAX_LINE, 200 in Debian's libinih). It would cut a longer line there
+ * and parse the rest as a line of its own, so we refuse a line of more than
+ * num - 1 bytes (not counting "\n" or "\r\n"): its rest is skipped, inih
+ * gets an empty line instead and parsing goes on. One call is one line of
+ * the file, so p->line and the line inih returns for a syntax error are the
+ * file's. */
 static char *keyfile_reader(char *str, int num, void *stream) {
         KeyfileParser *p = stream;
-        char *r = fgets(str, num, p->file);
+        size_t len;
+        int c;
 
-        if (r)
-                p->line++;
-        return r;
+        if (!fgets(str, num, p->file))
+                return NULL;
+        p->line++;
+        len = strlen(str);
+        if (len + 1 < (size_t)num || str[len - 1] == '\n')
+                return str; /* the whole line; the last one may lack the newline */
+        /* The buffer is full: the line fits only if its end comes next. */
+        c = getc(p->file);
+        if (c == '\r')
+                c = getc(p->file);
+        if (c == '\n' || c == EOF)
+                return str;
+        while (c != '\n' && c != EOF)
+                c = getc(p->file);
+        keyfile_fail(p, -EINVAL, "line longer than %d bytes", num - 1);
+        strcpy(str, "\n");
+        return str;
 }
 
 static int keyfile_ini_handler(void *user, const char *section, const char *name, const char *value) {

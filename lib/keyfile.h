@@ -36,9 +36,11 @@ struct KeyfileParser {
 
 /* Read f (named p->path) with inih, calling handler for every key with
  * p->line set; parsing goes on after a bad line so that later lines are
- * seen too. Returns 0; p->error when a handler failed; -EBADMSG when inih
- * found a syntax error itself (p->line is its line, p->message untouched);
- * -ENOMEM. f stays open. */
+ * seen too. A line longer than inih's buffer allows (199 bytes in Debian,
+ * not counting its end) fails as "line longer than N bytes" rather than
+ * being cut. Returns 0; p->error when a handler or a line's length failed;
+ * -EBADMSG when inih found a syntax error itself (p->line is its line,
+ * p->message untouched); -ENOMEM. f stays open. */
 int keyfile_parse(KeyfileParser *p, FILE *f, keyfile_handler_t handler);
 /* Frees p->message. */
 void keyfile_parser_done(KeyfileParser *p);

@@ -20,7 +20,8 @@ static bool name_char_ok(char c, ProtoNameKind kind) {
 }
 
 /* Device ids that would be ambiguous in the API: "api" is the coreid of
- * events published through the API, "events" is a path under /v1/devices. */
+ * events published through the API, "events" is a path under /v1/devices.
+ * proto_device_id_problem() names them. */
 static const char *const reserved_device_ids[] = { "api", "events" };
 
 int proto_name_check(const char *name, size_t len, ProtoNameKind kind) {
@@ -47,6 +48,14 @@ int proto_name_check(const char *name, size_t len, ProtoNameKind kind) {
                         if (len == strlen(reserved_device_ids[i]) && memcmp(name, reserved_device_ids[i], len) == 0)
                                 return -EADDRINUSE;
         return 0;
+}
+
+const char *proto_device_id_problem(int error) {
+        _Static_assert(PROTO_DEVICE_ID_MAX == 64, "the pattern below names the limit");
+
+        if (error == -EADDRINUSE)
+                return "'api' and 'events' are reserved by the API";
+        return "must match [A-Za-z0-9_-]{1,64}";
 }
 
 bool proto_prefix_match(const char *prefix, const char *name) {

@@ -48,6 +48,10 @@ typedef enum ProtoNameKind {
 /* 0 if valid; -EINVAL (bad character/empty), -ENAMETOOLONG, -EADDRINUSE
  * for a reserved device id ("api", "events"). */
 int proto_name_check(const char *name, size_t len, ProtoNameKind kind);
+/* Why proto_name_check(..., PROTO_NAME_DEVICE) refused an id, from its
+ * error, for "Invalid device ID 'ID': REASON": a reserved id or the
+ * pattern. A static string. */
+const char *proto_device_id_problem(int error);
 
 /* True if name starts with prefix (the empty prefix matches all). */
 bool proto_prefix_match(const char *prefix, const char *name);

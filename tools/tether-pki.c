@@ -619,9 +619,8 @@ static int cmd_device(const char *dir) {
         if (arg.id) {
                 r = proto_name_check(arg.id, strlen(arg.id), PROTO_NAME_DEVICE);
                 if (r < 0)
-                        return log_error_errno(r, "Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}%s",
-                                               arg.id, PROTO_DEVICE_ID_MAX,
-                                               r == -EADDRINUSE ? " and not be 'api' or 'events'" : "");
+                        return log_error_errno(r, "Invalid device ID '%s': %s", arg.id,
+                                               proto_device_id_problem(r));
                 id = strdup(arg.id);
                 if (!id)
                         return log_error_errno(-ENOMEM, "Out of memory");
@@ -690,10 +689,10 @@ static int cmd_sign(const char *dir, const char *csr_path) {
         n = X509_NAME_get_text_by_NID(X509_REQ_get_subject_name(req), NID_commonName, id, sizeof(id));
         if (n <= 0)
                 return log_error_errno(-EINVAL, "The request '%s' has no subject CN (the device ID)", csr_path);
-        r = proto_name_check(id, (size_t)n, PROTO_NAME_DEVICE);
-        if (r < 0 || strlen(id) != (size_t)n)
-                return log_error_errno(-EINVAL, "Invalid device ID '%s' in '%s': must match [A-Za-z0-9_-]{1,%d}",
-                                       id, csr_path, PROTO_DEVICE_ID_MAX);
+        r = strlen(id) == (size_t)n ? proto_name_check(id, (size_t)n, PROTO_NAME_DEVICE) : -EINVAL;
+        if (r < 0)
+                return log_error_errno(-EINVAL, "Invalid device ID '%s' in '%s': %s", id, csr_path,
+                                       proto_device_id_problem(r));
 
         if (arg.out)
                 prefix = strdup(arg.out);
@@ -790,7 +789,7 @@ static void help(void) {
                "\n"
                "Options:\n"
                "  --cn NAME      CA subject common name (default \"" PKI_DEFAULT_CA_CN "\")\n"
-               "  --id ID        device ID, [A-Za-z0-9_-]{1,64}\n"
+               "  --id ID        device ID, [A-Za-z0-9_-]{1,64}, not 'api' or 'events'\n"
                "  --out PREFIX   device output path prefix\n"
                "  --days N       validity in days (default: CA %ld, server and device %ld)\n"
                "  --force        overwrite existing certificate and key files\n"

@@ -105,7 +105,6 @@ int name_check(const char *name, ProtoNameKind kind) {
                 [PROTO_NAME_VARIABLE] = "variable name",
                 [PROTO_NAME_EVENT] = "event name",
                 [PROTO_NAME_PREFIX] = "event prefix",
-                [PROTO_NAME_DEVICE] = "device ID",
                 [PROTO_NAME_PLUGIN] = "plugin name",
         };
         static const char *const rule[] = {
@@ -113,13 +112,15 @@ int name_check(const char *name, ProtoNameKind kind) {
                 [PROTO_NAME_VARIABLE] = "[A-Za-z0-9_.-], at most 64 bytes",
                 [PROTO_NAME_EVENT] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
                 [PROTO_NAME_PREFIX] = "[A-Za-z0-9_.-/] without empty segments, at most 128 bytes",
-                [PROTO_NAME_DEVICE] = "[A-Za-z0-9_-], at most 64 bytes, not 'api' or 'events'",
                 [PROTO_NAME_PLUGIN] = "[A-Za-z0-9_-], at most 64 bytes",
         };
         int r = proto_name_check(name, strlen(name), kind);
 
         if (r < 0) {
-                log_error("Invalid %s '%s': use %s", what[kind], name, rule[kind]);
+                if (kind == PROTO_NAME_DEVICE) /* say whether reserved */
+                        log_error("Invalid device ID '%s': %s", name, proto_device_id_problem(r));
+                else
+                        log_error("Invalid %s '%s': use %s", what[kind], name, rule[kind]);
                 return -EINVAL;
         }
         return 0;

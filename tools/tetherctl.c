@@ -357,10 +357,12 @@ static int cmd_csr(void) {
         X509_REQ *req = NULL;
         int r;
 
-        if (id && proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) < 0)
-                return cli_usage_error("Invalid device ID '%s': must match [A-Za-z0-9_-]{1,%d}", id,
-                                       PROTO_DEVICE_ID_MAX),
-                       EXIT_USAGE;
+        if (id) {
+                r = proto_name_check(id, strlen(id), PROTO_NAME_DEVICE);
+                if (r < 0)
+                        return cli_usage_error("Invalid device ID '%s': %s", id, proto_device_id_problem(r)),
+                               EXIT_USAGE;
+        }
         r = key_load(arg.key, &key);
         if (r != 0)
                 return r;

@@ -222,13 +222,36 @@ static int validate(ParseState *s) {
         return 0;
 }
 
+/* inih reads line by line through us, into its own buffer of num bytes
+ * (INI_MAX_LINE, 200 in Debian's libinih). It would cut a longer line there
+ * and parse the rest as a line of its own, so we refuse a line of more than
+ * num - 1 bytes (not counting "\n" or "\r\n"): its rest is skipped and
+ * inih gets an empty line instead. One call is one line of the file, so
+ * s->line and the line inih returns for a syntax error are the file's.
+ * (lib/keyfile.c does the same for the daemons; a plugin builds against
+ * the SDK only.) */
 static char *reader(char *str, int num, void *stream) {
         ParseState *s = stream;
-        char *r = fgets(str, num, s->f);
+        size_t len;
+        int c;
 
-        if (r)
-                s->line++;
-        return r;
+        if (!fgets(str, num, s->f))
+                return NULL;
+        s->line++;
+        len = strlen(str);
+        if (len + 1 < (size_t)num || str[len - 1] == '\n')
+                return str; /* the whole line; the last one may lack the newline */
+        /* The buffer is full: the line fits only if its end comes next. */
+        c = getc(s->f);
+        if (c == '\r')
+                c = getc(s->f);
+        if (c == '\n' || c == EOF)
+                return str;
+        while (c != '\n' && c != EOF)
+                c = getc(s->f);
+        fail(s, s->line, "line longer than %d bytes", num - 1);
+        strcpy(str, "\n");
+        return str;
 }
 
 void gpio_config_done(GpioConfig *c) {

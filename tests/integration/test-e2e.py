@@ -150,6 +150,8 @@ def test_reload_keeps_connection(w):
     expect(not any("Disconnected" in line for line in a.lines[mark:]), "agent reconnected on reload")
 
     # A broken config on reload is refused and the agent keeps running.
+    with open(a.conf) as f:
+        good = f.read()
     with open(a.conf, "a") as f:
         f.write("[Connection]\nKeepaliveSec=banana\n")
     mark = a.mark()
@@ -157,6 +159,19 @@ def test_reload_keeps_connection(w):
     a.wait_line(r"Reload failed.*KeepaliveSec", start=mark)
     r = w.tether("call", dev, "echo", "abc")
     expect(r.stdout.strip() == "3", "agent not serving after a failed reload")
+
+    # So is a line longer than libinih reads (199 bytes): not cut, with its
+    # rest ("Label=cut") read as a key of its own.
+    line = "Label=" + "x" * 193 + "Label=cut"
+    with open(a.conf, "w") as f:
+        f.write(good + line + "\n")
+    n = (good + line).count("\n") + 1
+    mark = a.mark()
+    a.signal(signal.SIGHUP)
+    a.wait_line(r"Reload failed, keeping the running configuration: .*:%d: line longer than 199 bytes" % n,
+                start=mark)
+    r = w.tether("get", dev, "label")
+    expect(r.stdout.strip() == "reloaded", f"label after a refused reload is {r.stdout!r}")
 
 
 if __name__ == "__main__":

@@ -205,7 +205,31 @@ def test_enrollment(w):
                                    w.path("pki"), w.path("bad.csr")], capture_output=True, text=True)
     expect(r.returncode == 1, f"garbage CSR accepted: {r.stdout}")
 
+    # A bad device ID says why: a reserved one is not a bad pattern.
+    reserved = "'api' and 'events' are reserved by the API"
+    pattern = "must match [A-Za-z0-9_-]{1,64}"
+    for bad, why in (("api", reserved), ("events", reserved), ("a.b", pattern), ("x" * 65, pattern)):
+        r = ctl("csr", "--key", key, "--id", bad, check=False)
+        expect(r.returncode == 2 and f"Invalid device ID '{bad}': {why}" in r.stderr,
+               f"csr --id {bad}: {r.returncode} {r.stderr!r}")
+        r = subprocess.run(EMULATOR + [PKI, "device", "--id", bad, w.path("pki")], capture_output=True, text=True)
+        expect(r.returncode != 0 and f"Invalid device ID '{bad}': {why}" in r.stderr,
+               f"pki device --id {bad}: {r.returncode} {r.stderr!r}")
+    # tetherctl makes no request with a bad ID: openssl does, for sign to refuse.
+    for bad, why in (("api", reserved), ("a.b", pattern)):
+        csr = w.path(f"bad-id-{bad}.csr")
+        subprocess.run(["openssl", "req", "-new", "-key", key, "-subj", f"/CN={bad}", "-out", csr], check=True,
+                       capture_output=True)
+        r = subprocess.run(EMULATOR + [PKI, "sign", w.path("pki"), csr], capture_output=True, text=True)
+        expect(r.returncode == 1 and f"Invalid device ID '{bad}' in '{csr}': {why}" in r.stderr,
+               f"sign CN={bad}: {r.returncode} {r.stderr!r}")
+        expect(not os.path.exists(w.path("pki", "devices", bad + ".crt")), f"sign CN={bad} wrote a certificate")
+
     w.start_cloud()
+    for bad, why in (("api", reserved), ("a.b", pattern)):
+        r = w.tether("call", bad, "echo", "x", check=False)
+        expect(r.returncode != 0 and f"Invalid device ID '{bad}': {why}" in r.stderr,
+               f"tether call {bad}: {r.returncode} {r.stderr!r}")
     a = w.start_agent(device=(dev, crt, key))
     r = w.tether("call", a.device_id, "echo", "enrolled")
     expect(r.stdout.strip() == "8", f"enrolled device did not answer: {r.stdout!r}")

@@ -5,7 +5,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "cloud/cloud.h"
 #include "util.h"
@@ -117,6 +119,97 @@ static void test_bad_values(void **state) {
 
         for (size_t i = 0; i < ELEMENTSOF(bad); i++)
                 expect_invalid(bad[i]);
+}
+
+/* load() with what it logs (stderr) in *ret_log, malloc'd. */
+static int load_logged(const char *extra, CloudConfig **ret, char **ret_log) {
+        char path[256], *log;
+        int saved, fd, r;
+        FILE *f;
+        long n;
+
+        snprintf(path, sizeof(path), "%s/stderr", dir);
+        fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        assert_true(fd >= 0);
+        fflush(stderr);
+        saved = dup(STDERR_FILENO);
+        assert_true(saved >= 0);
+        assert_true(dup2(fd, STDERR_FILENO) >= 0);
+        assert_int_equal(close(fd), 0);
+        r = load(extra, ret);
+        fflush(stderr);
+        assert_true(dup2(saved, STDERR_FILENO) >= 0);
+        assert_int_equal(close(saved), 0);
+
+        f = fopen(path, "re");
+        assert_non_null(f);
+        assert_int_equal(fseek(f, 0, SEEK_END), 0);
+        n = ftell(f);
+        rewind(f);
+        log = calloc(1, (size_t)n + 1);
+        assert_non_null(log);
+        assert_int_equal(fread(log, 1, (size_t)n, f), (size_t)n);
+        fclose(f);
+        *ret_log = log;
+        return r;
+}
+
+/* Debian's libinih reads a line into 200 bytes (INI_MAX_LINE): 199 and the
+ * line end fit. A longer line is refused, not cut with its rest read as a
+ * line of its own. */
+#define LONGEST_LINE 199
+
+/* "KEY=/vvv..." of len bytes. */
+static char *long_line(const char *key, size_t len) {
+        char *s = malloc(len + 1);
+
+        assert_non_null(s);
+        assert_true(len > strlen(key) + 2);
+        memset(s, 'v', len);
+        memcpy(s, key, strlen(key));
+        memcpy(s + strlen(key), "=/", 2);
+        s[len] = '\0';
+        return s;
+}
+
+static void expect_logged(const char *extra, const char *needle) {
+        _cleanup_free_ char *log = NULL;
+        CloudConfig *c = NULL;
+
+        assert_int_equal(load_logged(extra, &c, &log), -EINVAL);
+        assert_null(c);
+        if (!strstr(log, needle))
+                fail_msg("log '%s' does not contain '%s'", log, needle);
+}
+
+static void test_long_lines(void **state) {
+        _cleanup_(config_freep) CloudConfig *c = NULL;
+        _cleanup_free_ char *state_dir = long_line("Directory", LONGEST_LINE);
+        _cleanup_free_ char *ota_dir = long_line("ArtifactDirectory", LONGEST_LINE);
+        _cleanup_free_ char *over = long_line("Directory", LONGEST_LINE + 1);
+        _cleanup_free_ char *cut = long_line("Directory", LONGEST_LINE + 40);
+        char extra[2048];
+
+        /* The longest line, ending in "\n", "\r\n" or the end of the file,
+         * is read whole, and the lines after it keep their numbers. */
+        snprintf(extra, sizeof(extra), "[State]\n%s\n[OTA]\n%s\r\n[State]\n%s", state_dir, ota_dir, state_dir);
+        assert_int_equal(load(extra, &c), 0);
+        assert_string_equal(c->state_dir, state_dir + strlen("Directory="));
+        assert_string_equal(c->ota_dir, ota_dir + strlen("ArtifactDirectory="));
+        snprintf(extra, sizeof(extra), "[State]\n%s\n[OTA]\n%s\r\n[Cloud]\nPort=x\n", state_dir, ota_dir);
+        expect_logged(extra, "cloud.conf:12: Invalid value 'x' for Port=");
+
+        /* One byte more is an error on its line, whatever the line end. */
+        snprintf(extra, sizeof(extra), "[State]\n%s\n", over);
+        expect_logged(extra, "cloud.conf:8: line longer than 199 bytes");
+        snprintf(extra, sizeof(extra), "[State]\n%s\r\n", over);
+        expect_logged(extra, "cloud.conf:8: line longer than 199 bytes");
+        snprintf(extra, sizeof(extra), "[State]\n%s", over);
+        expect_logged(extra, "cloud.conf:8: line longer than 199 bytes");
+        /* Not a cut Directory= with its rest an unknown key (a warning). */
+        memcpy(cut + LONGEST_LINE, "Port=1", strlen("Port=1"));
+        snprintf(extra, sizeof(extra), "[State]\n%s\n", cut);
+        expect_logged(extra, "cloud.conf:8: line longer than 199 bytes");
 }
 
 static void test_required(void **state) {
@@ -236,6 +329,7 @@ int main(void) {
                 cmocka_unit_test(test_defaults),
                 cmocka_unit_test(test_values),
                 cmocka_unit_test(test_bad_values),
+                cmocka_unit_test(test_long_lines),
                 cmocka_unit_test(test_required),
                 cmocka_unit_test(test_unknown_keys_only_warn),
                 cmocka_unit_test(test_token_file),

@@ -132,6 +132,59 @@ static void test_errors_name_file_and_line(void **state) {
         expect_error(text, ":8: invalid value '0' for MaxEvents=");
 }
 
+/* Debian's libinih reads a line into 200 bytes (INI_MAX_LINE): 199 and the
+ * line end fit. A longer line is refused, not cut with its rest read as a
+ * line of its own. */
+#define LONGEST_LINE 199
+
+/* "KEY=" and as many 'v' as make a line of len bytes. */
+static char *long_line(const char *key, size_t len) {
+        char *s = malloc(len + 1);
+
+        assert_non_null(s);
+        assert_true(len > strlen(key) + 1);
+        memset(s, 'v', len);
+        memcpy(s, key, strlen(key));
+        s[strlen(key)] = '=';
+        s[len] = '\0';
+        return s;
+}
+
+static void test_long_lines(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        _cleanup_free_ char *longest = long_line("Label", LONGEST_LINE);
+        _cleanup_free_ char *over = long_line("Label", LONGEST_LINE + 1);
+        _cleanup_free_ char *host = long_line("Host", LONGEST_LINE + 40);
+        char text[2048];
+
+        /* The longest line, ending in "\n", "\r\n" or the end of the file,
+         * is read whole, and the lines after it keep their numbers. */
+        snprintf(text, sizeof(text), "%s[Plugin a]\n%s\n[Plugin b]\n%s\r\n[Plugin c]\n%s", base, longest, longest,
+                 longest);
+        assert_int_equal(load(text, &c, NULL), 0);
+        assert_string_equal(config_plugin_get(c, "a", "Label"), longest + strlen("Label="));
+        assert_string_equal(config_plugin_get(c, "b", "Label"), longest + strlen("Label="));
+        assert_string_equal(config_plugin_get(c, "c", "Label"), longest + strlen("Label="));
+        snprintf(text, sizeof(text), "%s[Plugin a]\n%s\n[Plugin b]\n%s\r\n[Cloud]\nPort=x\n", base, longest,
+                 longest);
+        expect_error(text, "tetherd.conf:12: invalid port 'x'");
+
+        /* One byte more is an error on its line, whatever the line end. */
+        snprintf(text, sizeof(text), "%s[Plugin a]\n%s\n", base, over);
+        expect_error(text, "tetherd.conf:8: line longer than 199 bytes");
+        snprintf(text, sizeof(text), "%s[Plugin a]\n%s\r\n", base, over);
+        expect_error(text, "tetherd.conf:8: line longer than 199 bytes");
+        snprintf(text, sizeof(text), "%s[Plugin a]\n%s", base, over);
+        expect_error(text, "tetherd.conf:8: line longer than 199 bytes");
+        /* The rest of the line is not read as a key of its own ("Port=1"
+         * would have been valid), nor as a syntax error. */
+        memcpy(host + LONGEST_LINE, "Port=1", strlen("Port=1"));
+        snprintf(text, sizeof(text), "%s[Cloud]\n%s\n", base, host);
+        expect_error(text, "tetherd.conf:8: line longer than 199 bytes");
+        snprintf(text, sizeof(text), "%s[Cloud]\n# %s\n[Cloud]\nPort=1\n", base, host);
+        expect_error(text, "tetherd.conf:8: line longer than 199 bytes");
+}
+
 static void test_unknown_keys_only_warn(void **state) {
         _cleanup_(config_freep) Config *c = NULL;
         char text[512];
@@ -212,6 +265,7 @@ int main(void) {
                 cmocka_unit_test(test_values_and_plugins),
                 cmocka_unit_test(test_state_and_outbox),
                 cmocka_unit_test(test_errors_name_file_and_line),
+                cmocka_unit_test(test_long_lines),
                 cmocka_unit_test(test_unknown_keys_only_warn),
                 cmocka_unit_test(test_dropins_in_order),
                 cmocka_unit_test(test_cloud_changed),

@@ -112,6 +112,62 @@ static void test_errors(void **state) {
         }
 }
 
+/* Debian's libinih reads a line into 200 bytes (INI_MAX_LINE): 199 and the
+ * line end fit. A longer line is refused, not cut with its rest read as a
+ * line of its own. */
+#define LONGEST_LINE 199
+
+/* "Chip=vvv..." of len bytes, in buf. */
+static const char *chip_line(char *buf, size_t len) {
+        memset(buf, 'v', len);
+        memcpy(buf, "Chip=", 5);
+        buf[len] = '\0';
+        return buf;
+}
+
+static void expect_error(const char *text, const char *needle) {
+        GpioConfig c = {};
+        char *error = NULL;
+
+        assert_int_equal(parse(text, &c, &error), -EINVAL);
+        assert_non_null(error);
+        if (!strstr(error, needle))
+                fail_msg("'%s' does not contain '%s'", error, needle);
+        assert_null(c.lines);
+        free(error);
+}
+
+static void test_long_lines(void **state) {
+        static const char *const ends[] = { "\n", "\r\n", "" };
+        char longest[LONGEST_LINE + 1], over[LONGEST_LINE + 2], cut[LONGEST_LINE + 16], text[1024];
+
+        chip_line(longest, LONGEST_LINE);
+        chip_line(over, LONGEST_LINE + 1);
+        /* The longest line, ending in "\n", "\r\n" or the end of the file,
+         * is read whole; one byte more is an error on its line. */
+        for (size_t i = 0; i < sizeof(ends) / sizeof(ends[0]); i++) {
+                GpioConfig c = {};
+                char *error = NULL;
+
+                snprintf(text, sizeof(text), "[Line a]\nOffset=1\nDirection=input\n%s%s", longest, ends[i]);
+                assert_int_equal(parse(text, &c, &error), 0);
+                assert_null(error);
+                assert_int_equal(c.n_lines, 1);
+                assert_string_equal(c.lines[0].chip, longest + strlen("Chip="));
+                gpio_config_done(&c);
+
+                snprintf(text, sizeof(text), "[Line a]\nOffset=1\nDirection=input\n%s%s", over, ends[i]);
+                expect_error(text, "lines.conf:4: line longer than 199 bytes");
+        }
+        /* Lines after a long one keep their numbers. */
+        snprintf(text, sizeof(text), "[Line a]\n%s\n%s\r\nOffset=banana\nDirection=input\n", longest, longest);
+        expect_error(text, "lines.conf:4: invalid Offset='banana'");
+        /* Not a cut Chip= with its rest read as "Offset=1". */
+        snprintf(cut, sizeof(cut), "%sOffset=1", longest);
+        snprintf(text, sizeof(text), "[Line a]\n%s\nDirection=input\n", cut);
+        expect_error(text, "lines.conf:2: line longer than 199 bytes");
+}
+
 static void test_names(void **state) {
         char long_name[GPIO_LINE_NAME_MAX + 2];
 
@@ -143,6 +199,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_good),
                 cmocka_unit_test(test_errors),
+                cmocka_unit_test(test_long_lines),
                 cmocka_unit_test(test_names),
                 cmocka_unit_test(test_other_sections_and_empty),
         };

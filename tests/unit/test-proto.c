@@ -26,6 +26,10 @@ static void test_names(void **state) {
         assert_int_equal(proto_name_check("api", 3, PROTO_NAME_DEVICE), -EADDRINUSE);
         assert_int_equal(proto_name_check("events", 6, PROTO_NAME_DEVICE), -EADDRINUSE);
         assert_int_equal(proto_name_check("api", 3, PROTO_NAME_FUNCTION), 0);
+        /* The reason names what failed: a reserved id is not a bad pattern. */
+        assert_string_equal(proto_device_id_problem(-EADDRINUSE), "'api' and 'events' are reserved by the API");
+        assert_string_equal(proto_device_id_problem(-EINVAL), "must match [A-Za-z0-9_-]{1,64}");
+        assert_string_equal(proto_device_id_problem(-ENAMETOOLONG), "must match [A-Za-z0-9_-]{1,64}");
         assert_int_equal(proto_name_check("a\0b", 3, PROTO_NAME_EVENT), -EINVAL);
 
         memset(long_name, 'x', sizeof(long_name));
