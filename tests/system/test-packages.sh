@@ -276,13 +276,13 @@ cursor() { ctr journalctl -n 1 --show-cursor -o cat | sed -n 's/^-- cursor: //p'
 since=$(cursor)
 connected_before=$(ctr tetherctl status --json | grep -o '"connected_sec": [0-9.]*' | awk '{print $2}')
 ctr systemctl reload tetherd || fail "systemctl reload failed"
-reloaded() { ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q 'Reloaded configuration'; }
+reloaded() { ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep 'Reloaded configuration' >/dev/null; }
 wait_for 10 "reload logged" reloaded ||
     fail "no 'Reloaded configuration' in the journal"
 pid_after=$(ctr systemctl show -p MainPID --value tetherd)
 [ "$pid_before" = "$pid_after" ] || fail "MainPID changed on reload ($pid_before -> $pid_after)"
-ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q Disconnected && fail "the agent reconnected on reload"
-ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep -q "$dev.*disconnected" && fail "the cloud saw the device go"
+ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep Disconnected >/dev/null && fail "the agent reconnected on reload"
+ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep "$dev.*disconnected" >/dev/null && fail "the cloud saw the device go"
 connected_after=$(ctr tetherctl status --json | grep -o '"connected_sec": [0-9.]*' | awk '{print $2}')
 awk -v a="$connected_after" -v b="$connected_before" 'BEGIN { exit !(a > b) }' ||
     fail "connected_sec went from $connected_before to $connected_after: the connection restarted"
@@ -297,14 +297,14 @@ new_token=$(ctr tether-pki token /etc/tether/api-tokens 2>/dev/null | tail -n 1)
 [ -n "$new_token" ] || fail "tether-pki token made no token"
 ctr env TETHER_TOKEN="$new_token" tether list >/dev/null 2>&1 && fail "a token not loaded yet was accepted"
 ctr systemctl reload tether-cloudd || fail "systemctl reload tether-cloudd failed"
-cloud_reloaded() { ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep -q 'Reloaded 2 API token(s)'; }
+cloud_reloaded() { ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep 'Reloaded 2 API token(s)' >/dev/null; }
 wait_for 10 "cloud reload logged" cloud_reloaded || fail "no 'Reloaded 2 API token(s)' in the cloud's journal"
 [ "$(ctr systemctl show -p MainPID --value tether-cloudd)" = "$cloud_pid" ] || fail "tether-cloudd's MainPID changed on reload"
 [ "$(ctr systemctl is-active tether-cloudd)" = active ] || fail "tether-cloudd is $(ctr systemctl is-active tether-cloudd) after reload"
 ctr env TETHER_TOKEN="$new_token" tether list >/dev/null || fail "the new token is refused after the reload"
 online || fail "device $dev not online after the cloud's reload"
-ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -q Disconnected && fail "the agent reconnected on the cloud's reload"
-ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep -q "$dev.*disconnected" && fail "the cloud dropped the device on reload"
+ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep Disconnected >/dev/null && fail "the agent reconnected on the cloud's reload"
+ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep "$dev.*disconnected" >/dev/null && fail "the cloud dropped the device on reload"
 ok "same MainPID $cloud_pid, the new token works, the device stayed online without reconnecting"
 ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | sed 's/^/    | /'
 
@@ -334,7 +334,7 @@ ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep -E 'Watchdog tim
 # (The whole journal, not -u/--after-cursor: PID 1's line was seen missing
 # from that view while present in the journal. The 3 s watchdog exists only
 # in this step, so any such line is this step's.)
-watchdog_logged() { ctr journalctl -o cat | grep -q 'tetherd.service: Watchdog timeout'; }
+watchdog_logged() { ctr journalctl -o cat | grep 'tetherd.service: Watchdog timeout' >/dev/null; }
 wait_for 10 "watchdog timeout in the journal" watchdog_logged || fail "no watchdog timeout in the journal"
 wait_for 30 "device online after the restart" online || fail "device not online after the watchdog restart"
 ok "NRestarts=$(ctr systemctl show -p NRestarts --value tetherd), new MainPID $(ctr systemctl show -p MainPID --value tetherd), device online"
@@ -360,7 +360,7 @@ if [ ${#plugin_debs[@]} -eq 3 ]; then
     ok "system.uptime = $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.uptime) s, system.load1 = $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.load1)"
     ctr journalctl -u tetherd -o cat | grep -E "Loaded plugin" | tail -n 3 | sed 's/^/    | /'
     for p in gpio sensors system; do
-        ctr journalctl -u tetherd -o cat | grep -q "Loaded plugin '$p'" || fail "plugin '$p' did not load in the sandbox"
+        ctr journalctl -u tetherd -o cat | grep "Loaded plugin '$p'" >/dev/null || fail "plugin '$p' did not load in the sandbox"
     done
     ok "all three plugins loaded; drop-ins: $(ctr ls /lib/systemd/system/tetherd.service.d | tr '\n' ' ')"
 else
