@@ -422,19 +422,6 @@ static OtaOutcome h_lock(void *userdata, OtaJournal *j, char **code, char **reas
 
 /* ---- prepare: verify everything again, out of the agent's reach ---------------------- */
 
-static char *floor_for(Helper *h, const char *package) {
-        _cleanup_free_ char *path = NULL, *text = NULL;
-        json_t *f;
-        char *v = NULL;
-
-        if (cache_path(h, "floors.json", &path) < 0 || ota_read_file(path, 65536, &text, NULL) < 0)
-                return NULL;
-        f = json_loads(text, 0, NULL);
-        if (json_is_string(json_object_get(f, package)))
-                v = strdup(json_string_value(json_object_get(f, package)));
-        json_decref(f);
-        return v;
-}
 
 /* Copy the agent's download into the cache, hashing the copy. */
 static int copy_in(Helper *h, const char *from, uint64_t size, char sha[static 65]) {
@@ -635,7 +622,7 @@ static OtaOutcome h_prepare(void *userdata, OtaJournal *j, char **code, char **r
                 set(reason, "helper: %s", err ? err : "no manifest");
                 return OTA_REJECT;
         }
-        floor = floor_for(h, m.package);
+        floor = ota_floor_for(h->cache_dir, m.package);
         rej = manifest_check(&m, (int64_t)time(NULL), h->arch, floor, &text);
         if (rej != MANIFEST_OK) {
                 set(code, "%s", manifest_reject_to_string(rej));

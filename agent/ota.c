@@ -137,22 +137,6 @@ static void keyring_reload(Ota *o) {
         o->keyring = k;
 }
 
-/* The floor for a package: the helper raises it on commits. */
-static char *floor_for(Ota *o, const char *package) {
-        _cleanup_free_ char *path = NULL, *text = NULL;
-        json_t *f;
-        char *v = NULL;
-
-        if (asprintf(&path, "%s/floors.json", o->config->ota.cache_dir) < 0 ||
-            ota_read_file(path, 65536, &text, NULL) < 0)
-                return NULL;
-        f = json_loads(text, 0, NULL);
-        if (json_is_string(json_object_get(f, package)))
-                v = strdup(json_string_value(json_object_get(f, package)));
-        json_decref(f);
-        return v;
-}
-
 static uint64_t fs_free(const char *path, dev_t *ret_dev) {
         struct statvfs sv;
         struct stat st;
@@ -870,7 +854,7 @@ unsigned ota_handle_request(Ota *o, const char *job, const uint8_t *data, size_t
                              "%s: %s", manifest_reject_to_string(rej), err);
         }
         {
-                _cleanup_free_ char *floor = floor_for(o, m.package);
+                _cleanup_free_ char *floor = ota_floor_for(o->config->ota.cache_dir, m.package);
 
                 rej = manifest_check(&m, (int64_t)time(NULL), o->arch, floor, &why);
         }

@@ -123,6 +123,20 @@ void ota_journal_done(OtaJournal *j) {
         *j = (OtaJournal){};
 }
 
+char *ota_floor_for(const char *cache_dir, const char *package) {
+        _cleanup_free_ char *path = NULL, *text = NULL;
+        json_t *f;
+        char *v = NULL;
+
+        if (asprintf(&path, "%s/floors.json", cache_dir) < 0 || ota_read_file(path, 65536, &text, NULL) < 0)
+                return NULL;
+        f = json_loads(text, 0, NULL);
+        if (json_is_string(json_object_get(f, package)))
+                v = strdup(json_string_value(json_object_get(f, package)));
+        json_decref(f);
+        return v;
+}
+
 int ota_mkdir_p(const char *path, mode_t mode) {
         _cleanup_free_ char *p = strdup(path);
 

@@ -121,6 +121,9 @@ int ota_journal_transition(const char *dir, OtaJournal *j, OtaState state, const
  * does, so restarted processes (which inherit the environment) go on. */
 void ota_crash_point(const char *name);
 
+/* The version floor for package (CACHE_DIR/floors.json, raised by the
+ * helper on commits): a new string, or NULL when there is none. */
+char *ota_floor_for(const char *cache_dir, const char *package);
 /* mkdir -p: missing parents 0755, the directory itself with mode. */
 int ota_mkdir_p(const char *path, mode_t mode);
 /* Write a small file atomically (tmp, fsync, rename, fsync dir). */

@@ -44,14 +44,8 @@ suite=bookworm
 # dpkg-repack: tether-agent's Recommends (the rollback package when none
 # was kept).
 BASE_PACKAGES=(systemd systemd-sysv dbus apt passwd python3 dpkg-repack)
-STEP=0
-T0=$SECONDS
-
-log() { echo "$(printf '%4ds' $((SECONDS - T0))) $*"; }
-step() { STEP=$((STEP + 1)); log "==> [$STEP] $*"; }
-ok() { log "    ok: $*"; }
-fail() { log "FAIL: $*"; exit 1; }
-skip() { echo "SKIP: $*"; exit 77; }
+JOURNAL_LINES=120
+. "$(dirname "$0")/lib.sh"
 
 [ -n "$debdir" ] && [ -d "$debdir" ] || { echo "usage: $0 DEBDIR" >&2; exit 2; }
 debdir=$(cd "$debdir" && pwd)
@@ -64,50 +58,8 @@ for b in tools/tether tools/tether-pki; do
 done
 
 scratch=$(mktemp -d /var/tmp/tether-systest-ota.XXXXXX)
-nspawn_pid=
-init_pid=
 
-ctr() {
-    nsenter -t "$init_pid" -a env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        LANG=C.UTF-8 SYSTEMD_PAGER= SYSTEMD_COLORS=0 TERM=dumb "$@"
-}
-
-wait_for() {
-    local timeout=$1 what=$2 start=$SECONDS
-    shift 2
-    local deadline=$((SECONDS + timeout))
-    until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || return 1
-        sleep 0.2
-    done
-    log "    ($what after $((SECONDS - start)) s)"
-}
-
-cleanup() {
-    local rc=$?
-    if [ -n "$init_pid" ] && kill -0 "$init_pid" 2>/dev/null; then
-        if [ $rc -ne 0 ] && [ $rc -ne 77 ]; then
-            echo "--- journal of the failed run (last 120 lines) ---"
-            ctr journalctl --no-pager -n 120 -o short-monotonic 2>/dev/null | sed 's/^/    /'
-        fi
-        kill -s SIGRTMIN+4 "$init_pid" 2>/dev/null
-    fi
-    if [ -n "$nspawn_pid" ]; then
-        for _ in $(seq 75); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
-        if kill -0 "$nspawn_pid" 2>/dev/null; then
-            [ -n "$init_pid" ] && kill -KILL "$init_pid" 2>/dev/null
-            kill -TERM "$nspawn_pid" 2>/dev/null
-            for _ in $(seq 50); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
-            kill -KILL "$nspawn_pid" 2>/dev/null
-        fi
-        wait "$nspawn_pid" 2>/dev/null
-    fi
-    [ -n "${TETHER_TEST_KEEP:-}" ] && [ $rc -ne 0 ] && { echo "kept $scratch"; exit $rc; }
-    rm -rf "$scratch"
-    log "cleaned up (exit $rc)"
-    exit $rc
-}
-trap cleanup EXIT
+trap container_cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------
@@ -192,29 +144,8 @@ step "Debian $suite root (mmdebstrap, cached in $cache)"
 deps=$(for d in "$base" "$plugin_base" "$debdir"/tether-cloud_*.deb "$debdir"/tether-cli_*.deb; do
     dpkg-deb -f "$d" Depends; echo; done | tr ',' '\n' | sed -e 's/(.*)//' -e 's/|.*//' -e 's/[[:space:]]//g' | grep -v '^$')
 packages=$(printf '%s\n' "${BASE_PACKAGES[@]}" $deps | grep -v '^tether' | sort -u | tr '\n' ',' | sed 's/,$//')
-key=$(printf '%s\n%s\n%s\n' "$suite" "$packages" "ota-v1" | sha256sum | cut -c1-16)
-root="$cache/rootfs-$suite-$key"
-log "    packages: $packages"
-if [ -d "$root" ]; then
-    ok "cache hit: $root"
-else
-    mkdir -p "$cache"
-    rm -rf "$root.tmp"
-    if ! mmdebstrap --variant=apt --include="$packages" --format=directory \
-        --customize-hook='chroot "$1" systemctl mask console-getty.service getty@.service systemd-networkd-wait-online.service >/dev/null 2>&1 || true' \
-        "$suite" "$root.tmp" >"$scratch/mmdebstrap.log" 2>&1; then
-        tail -n 30 "$scratch/mmdebstrap.log"
-        rm -rf "$root.tmp"
-        skip "mmdebstrap failed (no mirror reachable?)"
-    fi
-    mv "$root.tmp" "$root"
-    ok "built $root"
-fi
-cp -a "$root" "$scratch/root"
+container_root "$suite" "$packages" ota-v2
 cp -a "$scratch/ctr/." "$scratch/root/"
-# The agent and the cloud certificate use the name localhost.
-grep -qs '^127.0.0.1[[:space:]].*localhost' "$scratch/root/etc/hosts" ||
-    printf '127.0.0.1 localhost\n' >>"$scratch/root/etc/hosts"
 
 # PKI, update keys and configuration, made on the host.
 pki="$scratch/root/etc/tether/pki"
@@ -269,25 +200,7 @@ cp "$scratch"/debs/*.deb "$scratch/root/root/"
 
 # ---------------------------------------------------------------------------
 step "boot it: systemd-nspawn -b --register=no --keep-unit --private-network"
-systemd-nspawn -D "$scratch/root" -b --register=no --keep-unit --private-network -M "tether-ota-$$" \
-    --console=pipe </dev/null >"$scratch/boot.log" 2>&1 &
-nspawn_pid=$!
-deadline=$((SECONDS + 30))
-until init_pid=$(pgrep -P "$nspawn_pid" | head -n1) && [ -n "$init_pid" ] &&
-    [ "$(cat "/proc/$init_pid/comm" 2>/dev/null)" = systemd ]; do
-    if ! kill -0 "$nspawn_pid" 2>/dev/null; then
-        tail -n 20 "$scratch/boot.log"
-        init_pid=
-        skip "systemd-nspawn cannot boot a container here"
-    fi
-    [ $SECONDS -lt $deadline ] || fail "no container init after 30 s"
-    sleep 0.1
-done
-bus_up() { nsenter -t "$init_pid" -a test -S /run/systemd/private; }
-wait_for 30 "manager socket up" bus_up || skip "the container's systemd did not come up"
-state=$(timeout 90 nsenter -t "$init_pid" -a systemctl is-system-running --wait 2>/dev/null)
-case $state in running | degraded) ok "booted ($state), container init is host PID $init_pid" ;;
-*) skip "the container did not finish booting (state '${state:-none}')" ;; esac
+container_boot "tether-ota-$$"
 
 step "cloud (transient unit), tether-agent and tether-plugin-system installed with dpkg, device online"
 ctr mkdir -p /root/cloud-state

@@ -28,14 +28,7 @@ cache=${TETHER_ROOTFS_CACHE:-/var/cache/tether-test}
 suite=bookworm
 # Packages the root gets besides what the .debs depend on.
 BASE_PACKAGES=(systemd systemd-sysv dbus apt man-db)
-STEP=0
-T0=$SECONDS
-
-log() { echo "$(printf '%4ds' $((SECONDS - T0))) $*"; }
-step() { STEP=$((STEP + 1)); log "==> [$STEP] $*"; }
-ok() { log "    ok: $*"; }
-fail() { log "FAIL: $*"; exit 1; }
-skip() { echo "SKIP: $*"; exit 77; }
+. "$(dirname "$0")/lib.sh"
 
 [ -n "$debdir" ] && [ -d "$debdir" ] || { echo "usage: $0 DEBDIR" >&2; exit 2; }
 debdir=$(cd "$debdir" && pwd)
@@ -52,54 +45,8 @@ arch=$(dpkg-deb -f "${debs[0]}" Architecture)
 
 scratch=$(mktemp -d /var/tmp/tether-systest.XXXXXX)
 machine="tether-systest-$$"
-nspawn_pid=
-init_pid=
 
-# Run a command inside the container (all its namespaces), clean env.
-ctr() {
-    nsenter -t "$init_pid" -a env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 SYSTEMD_PAGER= \
-        SYSTEMD_COLORS=0 TERM=dumb "$@"
-}
-
-# wait_for TIMEOUT DESCRIPTION COMMAND...: the command's state has no
-# notification we can block on from outside, so poll it against a deadline.
-wait_for() {
-    local timeout=$1 what=$2 start=$SECONDS
-    shift 2
-    local deadline=$((SECONDS + timeout))
-    until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || return 1
-        sleep 0.2
-    done
-    log "    ($what after $((SECONDS - start)) s)"
-}
-
-cleanup() {
-    local rc=$?
-    if [ -n "$init_pid" ] && kill -0 "$init_pid" 2>/dev/null; then
-        if [ $rc -ne 0 ] && [ $rc -ne 77 ]; then
-            echo "--- journal of the failed run (last 80 lines) ---"
-            ctr journalctl --no-pager -n 80 -o short-monotonic 2>/dev/null | sed 's/^/    /'
-        fi
-        # SIGRTMIN+4 asks systemd for poweroff.target, no bus needed.
-        kill -s SIGRTMIN+4 "$init_pid" 2>/dev/null
-    fi
-    if [ -n "$nspawn_pid" ]; then
-        for _ in $(seq 75); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
-        if kill -0 "$nspawn_pid" 2>/dev/null; then
-            log "container did not power off in 15 s, killing it"
-            [ -n "$init_pid" ] && kill -KILL "$init_pid" 2>/dev/null
-            kill -TERM "$nspawn_pid" 2>/dev/null
-            for _ in $(seq 50); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
-            kill -KILL "$nspawn_pid" 2>/dev/null
-        fi
-        wait "$nspawn_pid" 2>/dev/null
-    fi
-    rm -rf "$scratch"
-    log "cleaned up (exit $rc)"
-    exit $rc
-}
-trap cleanup EXIT
+trap container_cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------------------
@@ -109,56 +56,12 @@ step "Debian $suite root (mmdebstrap, cached in $cache)"
 deps=$(for d in "${debs[@]}" "$debdir"/tether-plugin-*_*.deb; do dpkg-deb -f "$d" Depends; done | tr ',' '\n' |
     sed -e 's/(.*)//' -e 's/|.*//' -e 's/:any//' -e 's/[[:space:]]//g' | grep -v '^$' | grep -v '^tether-')
 packages=$(printf '%s\n' "${BASE_PACKAGES[@]}" $deps | sort -u | tr '\n' ',' | sed 's/,$//')
-key=$(printf '%s\n%s\n%s\n' "$suite" "$packages" "v3" | sha256sum | cut -c1-16)
-root="$cache/rootfs-$suite-$key"
-log "    packages: $packages"
-if [ -d "$root" ]; then
-    ok "cache hit: $root"
-else
-    mkdir -p "$cache"
-    rm -rf "$root.tmp"
-    start=$SECONDS
-    if ! mmdebstrap --variant=apt --include="$packages" --format=directory \
-        --customize-hook='printf "127.0.0.1\tlocalhost\n::1\tip6-localhost ip6-loopback\n" > "$1/etc/hosts"' \
-        --customize-hook='chroot "$1" systemctl mask console-getty.service getty@.service >/dev/null 2>&1 || true' \
-        "$suite" "$root.tmp" >"$scratch/mmdebstrap.log" 2>&1; then
-        tail -n 30 "$scratch/mmdebstrap.log"
-        rm -rf "$root.tmp"
-        fail "mmdebstrap failed"
-    fi
-    mv "$root.tmp" "$root"
-    ok "built $root in $((SECONDS - start)) s"
-fi
-cp -a "$root" "$scratch/root"
+container_root "$suite" "$packages" v4
 ok "copied to $scratch/root"
 
 # ---------------------------------------------------------------------------
 step "boot it: systemd-nspawn -b --register=no --keep-unit --private-network"
-systemd-nspawn -D "$scratch/root" -b --register=no --keep-unit --private-network -M "$machine" \
-    --console=pipe --bind-ro="$debdir":/debs </dev/null >"$scratch/boot.log" 2>&1 &
-nspawn_pid=$!
-deadline=$((SECONDS + 30))
-# nspawn forks helpers first; the container's init is the child that has
-# become systemd.
-until init_pid=$(pgrep -P "$nspawn_pid" | head -n1) && [ -n "$init_pid" ] &&
-    [ "$(cat "/proc/$init_pid/comm" 2>/dev/null)" = systemd ]; do
-    if ! kill -0 "$nspawn_pid" 2>/dev/null; then
-        tail -n 20 "$scratch/boot.log"
-        init_pid=
-        skip "systemd-nspawn cannot boot a container here (see the boot log above)"
-    fi
-    [ $SECONDS -lt $deadline ] || { tail -n 20 "$scratch/boot.log"; fail "no container init after 30 s"; }
-    sleep 0.1
-done
-# systemctl needs the manager's socket; it appears early in the boot.
-bus_up() { nsenter -t "$init_pid" -a test -S /run/systemd/private; }
-wait_for 30 "manager socket up" bus_up || { tail -n 30 "$scratch/boot.log"; skip "the container's systemd did not come up"; }
-state=$(timeout 90 nsenter -t "$init_pid" -a systemctl is-system-running --wait 2>"$scratch/state.err")
-case $state in
-    running) ok "booted: system is running (container init is host PID $init_pid)" ;;
-    degraded) ok "booted: degraded; failed units: $(ctr systemctl --failed --no-legend --plain | awk '{print $1}' | tr '\n' ' ')" ;;
-    *) tail -n 30 "$scratch/boot.log" "$scratch/state.err"; skip "the container did not finish booting (state '${state:-none}')" ;;
-esac
+container_boot "$machine" --bind-ro="$debdir":/debs
 ctr systemctl --version | head -n1 | sed 's/^/    /'
 
 # Files before anything of ours is installed, to prove purge leaves none
