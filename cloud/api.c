@@ -52,7 +52,10 @@ typedef struct ApiRequest {
         /* an event stream */
         bool sse;
         bool dropped; /* end the stream with an error */
-        bool ending;  /* end the stream cleanly (shutdown) */
+        bool ending;  /* end the stream cleanly (shutdown, token revoked) */
+        /* SHA-256 of the token it was opened with, checked again after a
+         * reload (api_end_revoked_streams()); never the token itself. */
+        uint8_t token_digest[CONFIG_TOKEN_DIGEST_SIZE];
         char *prefix;
         char *filter_id; /* only events from this device */
         char *buf;
@@ -549,7 +552,7 @@ void api_deliver_event(const ProtoEvent *e, uint64_t id) {
         if (api.n_streams == 0)
                 return;
         for (ApiRequest *req = api.requests; req; req = req->next) {
-                if (!req->sse || req->catching_up || !api_sse_matches(req, e))
+                if (!req->sse || req->ending || req->catching_up || !api_sse_matches(req, e))
                         continue;
                 if (!msg && (n = api_sse_format(e, id, &msg)) < 0) {
                         msg = NULL;
@@ -559,9 +562,29 @@ void api_deliver_event(const ProtoEvent *e, uint64_t id) {
         }
 }
 
+unsigned api_end_revoked_streams(void) {
+        unsigned n = 0;
+
+        for (ApiRequest *req = api.requests; req; req = req->next) {
+                if (!req->sse || req->ending || req->dropped ||
+                    config_token_digest_valid(api.config, req->token_digest))
+                        continue;
+                /* What is queued already goes out, then the end of the
+                 * stream; nothing new is queued (api_deliver_event()). */
+                req->ending = true;
+                if (req->catching_up) {
+                        req->catching_up = false;
+                        journal_cursor_done(&req->cursor);
+                }
+                api_resume(req);
+                n++;
+        }
+        return n;
+}
+
 static int api_keepalive_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         for (ApiRequest *req = api.requests; req; req = req->next)
-                if (req->sse && req->buf_len == req->buf_off)
+                if (req->sse && !req->ending && req->buf_len == req->buf_off)
                         api_sse_push(req, ":\n\n", 3);
         (void)sd_event_source_set_time_relative(s, API_SSE_KEEPALIVE_USEC);
         return 0;
@@ -576,6 +599,10 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid event prefix", NULL);
                 return api_queue(req);
         }
+        /* The token was checked: keep its digest to check it again when
+         * the tokens are reloaded. */
+        if (config_token_digest(p->token, req->token_digest) < 0)
+                return MHD_NO;
         req->prefix = strdup(prefix);
         if (!req->prefix || (device && !(req->filter_id = strdup(device))))
                 return MHD_NO;

@@ -92,6 +92,13 @@ int config_reload_tokens(CloudConfig *c);
  * constant time in the token's content. */
 bool config_token_valid(const CloudConfig *c, const char *token);
 
+/* The SHA-256 of token (NUL-terminated), what is kept to check it again
+ * later (config_token_digest_valid()) without keeping the token itself.
+ * -EINVAL for a NULL or empty token, -EIO if hashing failed. */
+int config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]);
+/* True if digest is one of the configured tokens' (constant time). */
+bool config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]);
+
 /* Resolve a numeric or host-name listen address plus port. */
 int config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
                            socklen_t *ret_len);
@@ -301,6 +308,10 @@ void api_stop(void);
 /* Queue an event (journal id) for every matching SSE client that is not
  * catching up from the journal. */
 void api_deliver_event(const ProtoEvent *e, uint64_t id);
+/* End every event stream whose token is no longer valid (after a reload
+ * of the tokens): cleanly, after what is already queued for it. Returns
+ * how many were ended. */
+unsigned api_end_revoked_streams(void);
 /* Run the HTTP server soon (after resuming a connection from outside). */
 void api_kick(void);
 /* Log a libmicrohttpd message (its MHD_OPTION_EXTERNAL_LOGGER): a warning

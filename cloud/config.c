@@ -216,16 +216,27 @@ static int config_load_tokens(CloudConfig *c) {
         return 0;
 }
 
-bool config_token_valid(const CloudConfig *c, const char *token) {
-        uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
+int config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]) {
+        if (!token || !*token)
+                return -EINVAL;
+        return token_digest(token, strlen(token), ret);
+}
+
+bool config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]) {
         bool ok = false;
 
-        if (!token || !*token || token_digest(token, strlen(token), digest) < 0)
-                return false;
         /* Compare with every token, no early exit. */
         for (size_t i = 0; i < c->n_tokens; i++)
-                ok |= CRYPTO_memcmp(digest, c->token_digests[i], sizeof(digest)) == 0;
+                ok |= CRYPTO_memcmp(digest, c->token_digests[i], CONFIG_TOKEN_DIGEST_SIZE) == 0;
         return ok;
+}
+
+bool config_token_valid(const CloudConfig *c, const char *token) {
+        uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
+
+        if (config_token_digest(token, digest) < 0)
+                return false;
+        return config_token_digest_valid(c, digest);
 }
 
 int config_reload_tokens(CloudConfig *c) {

@@ -16,8 +16,9 @@ static int main_signal_cb(sd_event_source *s, const struct signalfd_siginfo *si,
         return sd_event_exit(sd_event_source_get_event(s), 0);
 }
 
-/* SIGHUP: read the API tokens again. Nothing else is touched, so device
- * sessions, calls in flight and event streams go on as they were. */
+/* SIGHUP: read the API tokens again. Event streams opened with a token
+ * that is gone end; device sessions, calls in flight and the other event
+ * streams go on as they were. */
 static int main_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         CloudConfig *config = userdata;
         size_t before = config->n_tokens;
@@ -25,8 +26,10 @@ static int main_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si,
         (void)sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", now_usec());
         if (config_reload_tokens(config) < 0)
                 log_error("Reload failed, keeping the %zu API token(s) loaded before.", before);
-        else
+        else {
                 log_info("Reloaded %zu API token(s) from '%s'.", config->n_tokens, config->token_file);
+                log_info("Closed %u event stream(s) whose token was removed.", api_end_revoked_streams());
+        }
         (void)sd_notify(0, "READY=1");
         return 0;
 }

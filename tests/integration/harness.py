@@ -418,10 +418,11 @@ IntervalSec=0
             raise Failure(f"tether {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
-    def subscribe(self, *args):
-        """Start `tether subscribe --json ...`; returns a Subscriber, which
-        is closed with the World (or the test process) at the latest."""
-        env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=self.token)
+    def subscribe(self, *args, token=None):
+        """Start `tether subscribe --json ...` (with token, by default the
+        World's); returns a Subscriber, which is closed with the World (or
+        the test process) at the latest."""
+        env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=token or self.token)
         sub = Subscriber(EMULATOR + [TETHER, "subscribe", "--json", *args], env)
         self.cleanups.append(sub.close)
         return sub
@@ -535,6 +536,13 @@ class Subscriber:
                 if left <= 0:
                     raise Failure(f"timed out waiting for {what}; got {self.events}")
                 self.cond.wait(min(left, 0.5))
+
+    def wait_exit(self, timeout=10, what="tether subscribe to exit"):
+        """Wait for the process to end on its own; returns its exit code."""
+        try:
+            return self.proc.wait(timeout * SLOW)
+        except subprocess.TimeoutExpired:
+            raise Failure(f"timed out waiting for {what}; got {self.snapshot()}") from None
 
     def close(self):
         if self.proc.poll() is None:

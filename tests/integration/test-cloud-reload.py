@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """SIGHUP makes tether-cloudd read its token file again (docs/cloud.md,
 "Reload"): new tokens work, removed ones get 401, a bad file keeps the
-tokens it had; device sessions and event streams stay up throughout."""
+tokens it had; event streams opened with a removed token end, device
+sessions and the other event streams stay up throughout."""
 
 import json
 import os
@@ -31,15 +32,27 @@ def write_tokens(w, *lines):
     os.rename(path + ".tmp", path)
 
 
-def reload(w, expect_line):
-    """SIGHUP; wait for RELOADING=1, then READY=1, and the log line."""
+def reload(w, expect_line, closed=None):
+    """SIGHUP; wait for RELOADING=1, then READY=1, and the log line; with
+    closed, also for the line saying how many event streams were ended."""
     mark, log = w.notify.mark(), w.cloud.mark()
     w.cloud.signal(signal.SIGHUP)
     reloading = w.notify.wait(lambda m: m.get("RELOADING") == "1", 10, "RELOADING=1", mark)
     expect("MONOTONIC_USEC" in reloading, f"RELOADING=1 without MONOTONIC_USEC=: {reloading}")
     at = w.notify.messages.index(reloading)
     w.notify.wait(lambda m: m.get("READY") == "1", 10, "READY=1 after RELOADING=1", at + 1)
-    return w.cloud.wait_line(expect_line, start=log)
+    line = w.cloud.wait_line(expect_line, start=log)
+    if closed is not None:
+        w.cloud.wait_line(rf"Closed {closed} event stream\(s\) whose token was removed\.", start=log)
+    return line
+
+
+def ended_cleanly(sub, what):
+    """The stream's end came from the server (not an error), with a deadline."""
+    rc = sub.wait_exit(what=what)
+    expect(rc != 0, f"{what}: tether subscribe exited {rc} without --resume")
+    expect(any("was closed by the server" in line for line in sub.errors),
+           f"{what}: the stream did not end cleanly: {sub.errors[-5:]}")
 
 
 def stayed_connected(w, agent, dev, notify_mark, cloud_mark):
@@ -60,34 +73,44 @@ def test_sighup_reloads_tokens(w):
     # The agent is online when it says so; the cloud logs the session a
     # moment later (much later under ASan): count from after that line.
     w.cloud.wait_line(rf"Device '{dev}' connected")
-    sub = w.subscribe("example/").wait_ready()  # opened with the old token
+    # A second token, kept through the change below.
+    keep = w.pki("token", w.path("keep-token")).strip()
+    write_tokens(w, old, keep)
+    reload(w, r"Reloaded 2 API token\(s\)", closed=0)
+    gone = w.subscribe("example/").wait_ready()  # opened with the token removed below
+    sub = w.subscribe("example/", token=keep).wait_ready()
     notify_mark, cloud_mark = w.notify.mark(), w.cloud.mark()
 
     new = w.pki("token", w.path("new-token")).strip()
     also = w.pki("token", w.path("new-token")).strip()
-    write_tokens(w, "# after the change", new, "", also)
+    write_tokens(w, "# after the change", new, "", also, keep)
     expect(status(w, new) == 401, "a token not loaded yet was accepted")
     expect(status(w, old) == 200, "the old token stopped working before the reload")
 
-    reload(w, r"Reloaded 2 API token\(s\) from '.*tokens'")
+    reload(w, r"Reloaded 3 API token\(s\) from '.*tokens'", closed=1)
     expect(status(w, new) == 200, "the new token is refused after the reload")
     expect(status(w, also) == 200, "the second new token is refused after the reload")
+    expect(status(w, keep) == 200, "the kept token is refused after the reload")
     expect(status(w, old) == 401, "the removed token still works after the reload")
+    # The stream opened with the removed token ends: revocation cuts it.
+    ended_cleanly(gone, "the end of the stream opened with the removed token")
 
     # The device is still there, on the same session, and answers.
     r = w.tether("call", dev, "add", "2,3", token=new)
     expect(r.stdout.strip() == "5", f"call after the reload returned {r.stdout!r}")
     devices = json.loads(w.tether("list", "--json", token=new).stdout)
     expect(any(d.get("id") == dev and d.get("connected") for d in devices), f"device not connected: {devices}")
-    # The stream opened before the reload still delivers, from the device
-    # (echo publishes example/echo) and from the API.
+    # The stream opened with the kept token before the reload still
+    # delivers, from the device (echo publishes example/echo) and the API.
     w.tether("call", dev, "echo", "after-reload", token=new)
     w.tether("publish", "example/api", "after-reload", token=new)
     sub.wait(lambda e: e.get("name") == "example/echo" and e.get("data") == "after-reload",
              what="the device's event on the stream opened before the reload")
     sub.wait(lambda e: e.get("name") == "example/api" and e.get("data") == "after-reload",
              what="the API's event on the stream opened before the reload")
-    expect(sub.proc.poll() is None, "the event stream ended")
+    expect(sub.proc.poll() is None, "the event stream with the kept token ended")
+    expect(not any(e.get("data") == "after-reload" for e in gone.snapshot()),
+           f"the stream with the removed token got events after the reload: {gone.snapshot()}")
     stayed_connected(w, a, dev, notify_mark, cloud_mark)
 
 
@@ -98,6 +121,7 @@ def test_bad_token_file_keeps_tokens(w):
     # The agent is online when it says so; the cloud logs the session a
     # moment later (much later under ASan): count from after that line.
     w.cloud.wait_line(rf"Device '{a.device_id}' connected")
+    sub = w.subscribe("example/").wait_ready()  # with the old token
     notify_mark, cloud_mark = w.notify.mark(), w.cloud.mark()
     new = w.pki("token", w.path("new-token")).strip()
 
@@ -112,10 +136,13 @@ def test_bad_token_file_keeps_tokens(w):
     os.unlink(w.path("tokens"))
     reload(w, r"Failed to open TokenFile '.*tokens': No such file or directory")
     expect(status(w, old) == 200, "the old token stopped working after a failed reload")
+    # A failed reload ends no stream (the line comes before READY=1).
+    expect(w.cloud.count(r"Closed \d+ event stream", cloud_mark) == 0, "a failed reload closed event streams")
 
-    # Fixed: the next SIGHUP takes it.
+    # Fixed: the next SIGHUP takes it, and ends the old token's stream.
     write_tokens(w, new)
-    reload(w, r"Reloaded 1 API token\(s\)")
+    reload(w, r"Reloaded 1 API token\(s\)", closed=1)
+    ended_cleanly(sub, "the end of the stream opened with the removed token")
     expect(status(w, new) == 200, "the new token is refused after the reload")
     expect(status(w, old) == 401, "the removed token still works after the reload")
     stayed_connected(w, a, a.device_id, notify_mark, cloud_mark)
