@@ -632,14 +632,29 @@ static int ota_start(Api *a, const char *device, const char *path) {
         return r;
 }
 
+/* A job id is the cloud's: 16 lowercase hex digits (docs/protocol.md, "OTA"). */
+#define OTA_JOB_ID_LEN 16
+
+static bool job_id_valid(const char *s) {
+        size_t n = strlen(s);
+
+        if (n != OTA_JOB_ID_LEN)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+                        return false;
+        return true;
+}
+
 static int ota_status(Api *a, char **args, int n) {
         json_t *job = NULL;
         int r;
 
         if (n != 1)
                 return cli_usage_error("'ota status' takes JOB");
-        if (proto_name_check(args[0], strlen(args[0]), PROTO_NAME_DEVICE) < 0)
-                return cli_usage_error("Invalid job id '%s'", args[0]);
+        if (!job_id_valid(args[0]))
+                return cli_usage_error("Invalid job id '%s': a job id is %d lowercase hex digits", args[0],
+                                       OTA_JOB_ID_LEN);
         r = job_get(a, args[0], -1, &job);
         if (r < 0)
                 return r;

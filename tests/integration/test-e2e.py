@@ -83,6 +83,16 @@ def test_errors_keep_agent_serving(w):
     expect(r.returncode != 0 and ("token" in r.stderr or "401" in r.stderr), f"bad token: {r.stderr!r}")
     r = w.tether("call", "nodevice", "echo", "x", check=False)
     expect(r.returncode != 0, "unknown device accepted")
+    # OTA job ids are 16 lowercase hex digits (docs/protocol.md, "OTA"):
+    # anything else is a usage error, nothing sent; a well-formed unknown
+    # one reaches the cloud, which does not know it.
+    for bad in ("api", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdef0", dev):
+        r = w.tether("ota", "status", bad, check=False)
+        expect(r.returncode == 2 and "16 lowercase hex digits" in r.stderr,
+               f"ota status {bad!r}: {r.returncode} {r.stderr!r}")
+    r = w.tether("ota", "status", "0123456789abcdef", check=False)
+    expect(r.returncode not in (0, 2) and "Invalid job id" not in r.stderr,
+           f"ota status of an unknown job: {r.returncode} {r.stderr!r}")
 
     r = w.tether("call", dev, "echo", "still")
     expect(r.stdout.strip() == "5", f"agent stopped serving after errors: {r.stdout!r}")
