@@ -816,17 +816,6 @@ static unsigned reply(char *text, size_t size, unsigned code, const char *fmt, .
         return code;
 }
 
-static bool job_id_valid(const char *job) {
-        size_t n = strlen(job);
-
-        if (n == 0 || n > OTA_JOB_ID_MAX)
-                return false;
-        for (size_t i = 0; i < n; i++)
-                if (!((job[i] >= '0' && job[i] <= '9') || (job[i] >= 'a' && job[i] <= 'f')))
-                        return false;
-        return true;
-}
-
 unsigned ota_handle_request(Ota *o, const char *job, const uint8_t *data, size_t len, char *text, size_t text_size) {
         _cleanup_free_ char *why = NULL;
         ManifestReject rej = MANIFEST_OK;
@@ -834,7 +823,7 @@ unsigned ota_handle_request(Ota *o, const char *job, const uint8_t *data, size_t
         Manifest m = {};
         int r;
 
-        if (!job_id_valid(job))
+        if (!ota_job_id_valid(job, strlen(job)))
                 return reply(text, text_size, COAP_RESPONSE_CODE_BAD_REQUEST, "malformed: invalid job id");
         if (o->have_job && streq(o->j.job, job))
                 return reply(text, text_size, COAP_RESPONSE_CODE_CREATED, "%s", ""); /* a retry */

@@ -27,11 +27,12 @@
 #include "cloud.h"
 #include "log.h"
 #include "manifest.h"
+#include "ota-journal.h"
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
 #define USEC_PER_MSEC 1000ULL
-#define OTA_JOB_ID_LEN 16
+#define OTA_JOB_ID_LEN OTA_JOB_ID_MAX
 #define OTA_JOBS_MAX 4096
 #define OTA_HISTORY_MAX 64
 #define OTA_REPORT_MAX 4096
@@ -103,15 +104,6 @@ static struct {
 
 static void timestamp(char buf[static 32]) {
         proto_timestamp_now(buf);
-}
-
-static bool job_id_valid(const char *s, size_t n) {
-        if (n != OTA_JOB_ID_LEN)
-                return false;
-        for (size_t i = 0; i < n; i++)
-                if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-                        return false;
-        return true;
 }
 
 static int read_pem(const char *path, char **ret) {
@@ -451,7 +443,7 @@ void ota_device_request(Device *d, const coap_pdu_t *request, const char *job, c
 
         if (coap_pdu_get_code(request) != COAP_REQUEST_CODE_POST)
                 return reply_text(response, COAP_RESPONSE_CODE(405), "use POST on /o/JOB");
-        if (!job_id_valid(job, strlen(job)))
+        if (!ota_job_id_valid(job, strlen(job)))
                 return reply_text(response, COAP_RESPONSE_CODE(400), "invalid job id");
         (void)coap_get_data(request, &len, &data);
         if (len > OTA_REPORT_MAX)
@@ -790,7 +782,7 @@ int ota_api_handler(struct MHD_Connection *connection, const char *url, const ch
                                         return MHD_NO;
                         } else if (get)
                                 r->kind = OTA_REQ_ARTIFACT;
-                } else if (startswith(rest, "/jobs/") && get && job_id_valid(rest + 6, strlen(rest + 6))) {
+                } else if (startswith(rest, "/jobs/") && get && ota_job_id_valid(rest + 6, strlen(rest + 6))) {
                         const char *w = MHD_lookup_connection_value(connection, MHD_GET_ARGUMENT_KIND, "wait");
                         char *end;
 

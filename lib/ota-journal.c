@@ -123,6 +123,15 @@ void ota_journal_done(OtaJournal *j) {
         *j = (OtaJournal){};
 }
 
+bool ota_job_id_valid(const char *s, size_t n) {
+        if (n != OTA_JOB_ID_MAX)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+                        return false;
+        return true;
+}
+
 char *ota_floor_for(const char *cache_dir, const char *package) {
         _cleanup_free_ char *path = NULL, *text = NULL;
         json_t *f;

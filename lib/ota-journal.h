@@ -20,6 +20,7 @@
 #define OTA_HEALTH_FILE "health.json"
 #define OTA_REQUEST_FILE "request"
 #define OTA_DOWNLOAD_FILE "download.part"
+/* A job id is the cloud's: 16 lowercase hex digits (docs/protocol.md). */
 #define OTA_JOB_ID_MAX 16
 #define OTA_DEFAULT_MAX_TRANSITIONS 64
 /* Room above the limit so that a job stopped by it can still roll back
@@ -124,6 +125,8 @@ void ota_crash_point(const char *name);
 /* The version floor for package (CACHE_DIR/floors.json, raised by the
  * helper on commits): a new string, or NULL when there is none. */
 char *ota_floor_for(const char *cache_dir, const char *package);
+/* Whether s[0..n) is a job id: exactly OTA_JOB_ID_MAX lowercase hex digits. */
+bool ota_job_id_valid(const char *s, size_t n);
 /* mkdir -p: missing parents 0755, the directory itself with mode. */
 int ota_mkdir_p(const char *path, mode_t mode);
 /* Write a small file atomically (tmp, fsync, rename, fsync dir). */

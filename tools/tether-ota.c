@@ -14,6 +14,7 @@
 #include "debversion.h"
 #include "log.h"
 #include "manifest.h"
+#include "ota-journal.h"
 #include "tether-cli.h"
 
 #define OTA_DEFAULT_VALID_SEC (7 * 86400LL)
@@ -632,29 +633,15 @@ static int ota_start(Api *a, const char *device, const char *path) {
         return r;
 }
 
-/* A job id is the cloud's: 16 lowercase hex digits (docs/protocol.md, "OTA"). */
-#define OTA_JOB_ID_LEN 16
-
-static bool job_id_valid(const char *s) {
-        size_t n = strlen(s);
-
-        if (n != OTA_JOB_ID_LEN)
-                return false;
-        for (size_t i = 0; i < n; i++)
-                if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-                        return false;
-        return true;
-}
-
 static int ota_status(Api *a, char **args, int n) {
         json_t *job = NULL;
         int r;
 
         if (n != 1)
                 return cli_usage_error("'ota status' takes JOB");
-        if (!job_id_valid(args[0]))
+        if (!ota_job_id_valid(args[0], strlen(args[0])))
                 return cli_usage_error("Invalid job id '%s': a job id is %d lowercase hex digits", args[0],
-                                       OTA_JOB_ID_LEN);
+                                       OTA_JOB_ID_MAX);
         r = job_get(a, args[0], -1, &job);
         if (r < 0)
                 return r;
