@@ -9,13 +9,17 @@ misbehave; the cloud's own artifact server is what test-ota.py uses."""
 
 import http.server
 import os
+import pty
+import re
+import select
 import ssl
 import subprocess
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import expect, run  # noqa: E402
+from harness import EMULATOR, TETHER, Failure, expect, run  # noqa: E402
 from otakit import OtaWorld, plugin_deb  # noqa: E402
 
 MB = 1024 * 1024
@@ -158,6 +162,56 @@ def test_stall_times_out_and_resumes(w):
     expect(len(reqs) == 2 and reqs[1]["range"], f"requests: {reqs}")
 
 
+def test_progress_reaches_the_cli(w):
+    """The first response stops after 6 MB of about 10 and stalls for
+    LowSpeedSec: the device's progress reports reach the cloud, and
+    `tether ota` on a terminal draws them as a bar between its live state
+    lines, until the job is committed."""
+    o, v2, data = world(w)
+    srv = FakeServer(w, data, "stall")
+    manifest = w.path("stall.manifest")
+    with open(manifest, "w") as f:
+        f.write(o.sign(v2, srv.url))
+    master, slave = pty.openpty()
+    env = dict(os.environ, TETHER_API=w.api, TETHER_TOKEN=w.token)
+    p = subprocess.Popen(EMULATOR + [TETHER, "ota", o.agent.device_id, v2, "--manifest", manifest],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                p.kill()
+                raise Failure(f"tether ota did not end; terminal so far: {out[-2000:]!r}")
+            ready, _, _ = select.select([master], [], [], 1)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the CLI exited and the terminal is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        p.wait(30)
+        stdout = p.stdout.read().decode()
+    finally:
+        os.close(master)
+        srv.close()
+    text = out.decode(errors="replace")
+    expect(p.returncode == 0, f"tether ota exit {p.returncode}: {text[-2000:]}")
+    expect(re.search(r"uploading\s+\[#+\]\s+100%", text), f"no finished upload bar: {text[-2000:]}")
+    shown = [int(x) for x in re.findall(r"downloading\s+\[[#.]+\]\s+(\d+)%", text)]
+    part = CUT * 100 // len(data)
+    expect(part in shown, f"the download bar never showed the stalled {part}% (shown: {shown})")
+    print(f"# download bar showed {sorted(set(shown))} %")
+    states = re.findall(r"Job [0-9a-f]{16}: ([a-z-]+)", text)
+    want = ["downloaded", "installing", "installed", "trial", "committed"]
+    expect([s for s in states if s in want] == want, f"live states {states}, expected {want} in order")
+    expect(" committed " in stdout, f"final line: {stdout!r}")
+
+
 def test_partial_file_changed_on_disk(w):
     """Killed after a checkpoint; the partial file is damaged before the
     restart: its prefix no longer matches, the download starts over."""
@@ -224,5 +278,5 @@ def test_artifact_server_wants_client_certificates(w):
 if __name__ == "__main__":
     sys.exit(run([test_dropped_connection_resumes, test_range_ignored_restarts, test_etag_changed_restarts,
                   test_etag_changed_on_206_restarts, test_416_restarts, test_stall_times_out_and_resumes,
-                  test_partial_file_changed_on_disk, test_ca_is_pinned, test_artifact_server_wants_client_certificates],
+                  test_progress_reaches_the_cli, test_partial_file_changed_on_disk, test_ca_is_pinned, test_artifact_server_wants_client_certificates],
                  emulated="its stall and resume timing is set for native speed"))
