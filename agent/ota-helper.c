@@ -507,8 +507,6 @@ static int repack(Helper *h, const char *package, const char *version, const cha
         int st, r = -ENOENT;
         pid_t pid;
 
-        if (asprintf(&tmpl, "%s/repack.XXXXXX", h->cache_dir) < 0 || !mkdtemp(tmpl))
-                return log_warning_errno(-errno, "Cannot make a directory for dpkg-repack: %m");
         argv[n++] = "dpkg-repack";
         if (h->chroot_root) {
                 if (asprintf(&root, "--root=%s", h->cfg->ota.dpkg_root) < 0)
@@ -517,9 +515,14 @@ static int repack(Helper *h, const char *package, const char *version, const cha
         }
         argv[n++] = package;
         argv[n] = NULL;
+        if (asprintf(&tmpl, "%s/repack.XXXXXX", h->cache_dir) < 0 || !mkdtemp(tmpl))
+                return log_warning_errno(-errno, "Cannot make a directory for dpkg-repack: %m");
         pid = fork();
-        if (pid < 0)
-                return -errno;
+        if (pid < 0) {
+                r = -errno;
+                (void)rmdir(tmpl);
+                return r;
+        }
         if (pid == 0) {
                 int null = open("/dev/null", O_RDWR | O_CLOEXEC);
 
