@@ -9,7 +9,7 @@
 #include <stdint.h>
 #include <systemd/sd-event.h>
 
-#include "config.h"
+#include "agent-config.h"
 #include "outbox.h"
 #include "registry.h"
 

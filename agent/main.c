@@ -7,7 +7,7 @@
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 
-#include "config.h"
+#include "agent-config.h"
 #include "conn.h"
 #include "local-api.h"
 #include "log.h"

@@ -34,7 +34,7 @@
 #include <openssl/evp.h>
 #include <time.h>
 
-#include "config.h"
+#include "agent-config.h"
 #include "debfile.h"
 #include "debversion.h"
 #include "log.h"

@@ -12,7 +12,7 @@
 #include <stdint.h>
 #include <systemd/sd-event.h>
 
-#include "config.h"
+#include "agent-config.h"
 #include "conn.h"
 
 typedef struct Ota Ota;

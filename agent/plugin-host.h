@@ -6,7 +6,7 @@
 #include <jansson.h>
 #include <systemd/sd-event.h>
 
-#include "config.h"
+#include "agent-config.h"
 #include "registry.h"
 #include "tether/plugin.h"
 

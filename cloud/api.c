@@ -217,7 +217,7 @@ bool api_connection_authorized(struct MHD_Connection *connection) {
         const char *token;
 
         api_input_token(connection, &in);
-        return api_outside_token(&in, &token) && config_token_valid(api.config, token);
+        return api_outside_token(&in, &token) && cloud_config_token_valid(api.config, token);
 }
 
 /* ---- device calls --------------------------------------------------------- */
@@ -567,7 +567,7 @@ unsigned api_end_revoked_streams(void) {
 
         for (ApiRequest *req = api.requests; req; req = req->next) {
                 if (!req->sse || req->ending || req->dropped ||
-                    config_token_digest_valid(api.config, req->token_digest))
+                    cloud_config_token_digest_valid(api.config, req->token_digest))
                         continue;
                 /* What is queued already goes out, then the end of the
                  * stream; nothing new is queued (api_deliver_event()). */
@@ -601,7 +601,7 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
         }
         /* The token was checked: keep its digest to check it again when
          * the tokens are reloaded. */
-        if (config_token_digest(p->token, req->token_digest) < 0)
+        if (cloud_config_token_digest(p->token, req->token_digest) < 0)
                 return MHD_NO;
         req->prefix = strdup(prefix);
         if (!req->prefix || (device && !(req->filter_id = strdup(device))))
@@ -683,7 +683,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 return MHD_NO;
         /* Parsed: a call may now wait for its device without the body. */
         api_body_free(req);
-        if (!req->authorized && !config_token_valid(api.config, p.token))
+        if (!req->authorized && !cloud_config_token_valid(api.config, p.token))
                 return api_unauthorized(req);
         switch (p.route) {
         case API_ROUTE_BAD_BODY:
@@ -770,7 +770,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                  * only be in its body has the body buffered first. */
                 api_input_token(connection, &in);
                 if (api_outside_token(&in, &token)) {
-                        if (!config_token_valid(api.config, token))
+                        if (!cloud_config_token_valid(api.config, token))
                                 return api_unauthorized(req);
                         req->authorized = true;
                 }
@@ -899,7 +899,7 @@ int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         /* Room for a MaxPayload argument even when every byte is escaped. */
         api.body_max = (size_t)config->max_payload * 3 + 4096;
 
-        r = config_resolve_address(config->api_listen, config->api_port, &ss, &sl);
+        r = cloud_config_resolve_address(config->api_listen, config->api_port, &ss, &sl);
         if (r < 0)
                 return log_error_errno(r, "Invalid [API] Listen= address '%s'.", config->api_listen);
         if (ss.ss_family == AF_INET6)

@@ -1,5 +1,5 @@
 /* tether-cloudd: the reference device cloud. Modules and their prefixes:
- *   config.c   config_   keyfile, command line, API tokens
+ *   config.c   cloud_config_  keyfile, command line, API tokens
  *   devices.c  devices_  libcoap server, device registry, requests to devices
  *   events.c   events_   device publish/subscribe and the event router
  *   journal.c  journal_  the event journal: de-duplication, SSE replay
@@ -74,33 +74,33 @@ typedef struct CloudConfig {
 /* Parse the command line. Returns 0 and sets *ret_path (pointing into argv
  * or to the default) to run; 1 if --help/--version was handled and the
  * program should exit successfully; -EINVAL on a usage error (logged). */
-int config_parse_argv(int argc, char *argv[], const char **ret_path);
+int cloud_config_parse_argv(int argc, char *argv[], const char **ret_path);
 
 /* Read the keyfile at path and the token file it names. Logs every
  * problem as "FILE:LINE: ..." and returns a negative errno on the first
- * bad value. *ret is owned by the caller (config_free). */
-int config_load(const char *path, CloudConfig **ret);
-CloudConfig *config_free(CloudConfig *c);
-static inline void config_freep(CloudConfig **c) { config_free(*c); }
+ * bad value. *ret is owned by the caller (cloud_config_free). */
+int cloud_config_load(const char *path, CloudConfig **ret);
+CloudConfig *cloud_config_free(CloudConfig *c);
+static inline void cloud_config_freep(CloudConfig **c) { cloud_config_free(*c); }
 
 /* Read TokenFile again (the path from the configuration loaded at start)
  * and replace the tokens with its. On failure (logged, like at start) the
  * tokens stay as they were. */
-int config_reload_tokens(CloudConfig *c);
+int cloud_config_reload_tokens(CloudConfig *c);
 
 /* True if token (NUL-terminated) is one of the configured tokens;
  * constant time in the token's content. */
-bool config_token_valid(const CloudConfig *c, const char *token);
+bool cloud_config_token_valid(const CloudConfig *c, const char *token);
 
 /* The SHA-256 of token (NUL-terminated), what is kept to check it again
- * later (config_token_digest_valid()) without keeping the token itself.
+ * later (cloud_config_token_digest_valid()) without keeping the token itself.
  * -EINVAL for a NULL or empty token, -EIO if hashing failed. */
-int config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]);
+int cloud_config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]);
 /* True if digest is one of the configured tokens' (constant time). */
-bool config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]);
+bool cloud_config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]);
 
 /* Resolve a numeric or host-name listen address plus port. */
-int config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
+int cloud_config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
                            socklen_t *ret_len);
 
 /* ---- devices.c ------------------------------------------------------ */
@@ -327,8 +327,8 @@ typedef struct OtaRequest OtaRequest;
 
 /* Start artifact hosting (HTTPS with client certificates) when
  * [OTA] ArtifactDirectory= is set; *ret_port is its port, 0 when off. */
-int ota_start(sd_event *event, const CloudConfig *config, unsigned *ret_port);
-void ota_stop(void);
+int ota_server_start(sd_event *event, const CloudConfig *config, unsigned *ret_port);
+void ota_server_stop(void);
 /* Whether the API request for url belongs to ota.c (/v1/ota/...). */
 bool ota_api_owns(const char *url);
 /* MHD access handler for those requests (the token is checked by api.c);

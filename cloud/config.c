@@ -23,7 +23,7 @@ static void help(void) {
                program_invocation_short_name, CLOUD_DEFAULT_CONFIG);
 }
 
-int config_parse_argv(int argc, char *argv[], const char **ret_path) {
+int cloud_config_parse_argv(int argc, char *argv[], const char **ret_path) {
         enum { ARG_VERSION = 0x100 };
         static const struct option options[] = {
                 { "help", no_argument, NULL, 'h' },
@@ -56,7 +56,7 @@ int config_parse_argv(int argc, char *argv[], const char **ret_path) {
         return 0;
 }
 
-CloudConfig *config_free(CloudConfig *c) {
+CloudConfig *cloud_config_free(CloudConfig *c) {
         if (!c)
                 return NULL;
         free(c->path);
@@ -109,12 +109,12 @@ static const KeyfileKey config_keys[] = {
 };
 
 /* Every bad value is logged, not only the first. */
-static void config_log_error(const char *message) {
+static void cloud_config_log_error(const char *message) {
         log_error("%s", message);
 }
 
 /* 1 to continue, 0 (keyfile_fail) marks this line as a failing one. */
-static int config_handler(KeyfileParser *p, const char *section, const char *name, const char *value) {
+static int cloud_config_handler(KeyfileParser *p, const char *section, const char *name, const char *value) {
         const KeyfileKey *k = keyfile_find_key(config_keys, ELEMENTSOF(config_keys), section, name);
         int r;
 
@@ -138,11 +138,11 @@ static int config_handler(KeyfileParser *p, const char *section, const char *nam
         return 1;
 }
 
-static int config_parse_keyfile(CloudConfig *c, const char *path) {
+static int cloud_config_parse_keyfile(CloudConfig *c, const char *path) {
         _cleanup_(keyfile_parser_done) KeyfileParser p = {
                 .path = path,
                 .userdata = c,
-                .on_error = config_log_error,
+                .on_error = cloud_config_log_error,
         };
         _cleanup_fclose_ FILE *f = NULL;
         int r;
@@ -150,13 +150,13 @@ static int config_parse_keyfile(CloudConfig *c, const char *path) {
         f = fopen(path, "re");
         if (!f)
                 return log_error_errno(errno, "Failed to open configuration file '%s': %m", path);
-        r = keyfile_parse(&p, f, config_handler);
+        r = keyfile_parse(&p, f, cloud_config_handler);
         if (r == -EBADMSG)
                 /* A syntax error inih found itself (no handler call). */
                 return log_error_errno(-EINVAL, "%s:%u: Syntax error.", path, p.line);
         if (r == -ENOMEM && !p.error)
                 return log_error_errno(r, "Out of memory.");
-        return r; /* a bad value was logged by config_log_error() */
+        return r; /* a bad value was logged by cloud_config_log_error() */
 }
 
 static int token_digest(const char *token, size_t len, uint8_t out[static CONFIG_TOKEN_DIGEST_SIZE]) {
@@ -167,7 +167,7 @@ static int token_digest(const char *token, size_t len, uint8_t out[static CONFIG
         return 0;
 }
 
-static int config_load_tokens(CloudConfig *c) {
+static int cloud_config_load_tokens(CloudConfig *c) {
         _cleanup_fclose_ FILE *f = NULL;
         _cleanup_free_ char *line = NULL;
         size_t cap = 0;
@@ -216,13 +216,13 @@ static int config_load_tokens(CloudConfig *c) {
         return 0;
 }
 
-int config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]) {
+int cloud_config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]) {
         if (!token || !*token)
                 return -EINVAL;
         return token_digest(token, strlen(token), ret);
 }
 
-bool config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]) {
+bool cloud_config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]) {
         bool ok = false;
 
         /* Compare with every token, no early exit. */
@@ -231,19 +231,19 @@ bool config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static
         return ok;
 }
 
-bool config_token_valid(const CloudConfig *c, const char *token) {
+bool cloud_config_token_valid(const CloudConfig *c, const char *token) {
         uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
 
-        if (config_token_digest(token, digest) < 0)
+        if (cloud_config_token_digest(token, digest) < 0)
                 return false;
-        return config_token_digest_valid(c, digest);
+        return cloud_config_token_digest_valid(c, digest);
 }
 
-int config_reload_tokens(CloudConfig *c) {
+int cloud_config_reload_tokens(CloudConfig *c) {
         CloudConfig next = { .token_file = c->token_file };
         int r;
 
-        r = config_load_tokens(&next);
+        r = cloud_config_load_tokens(&next);
         if (r < 0) {
                 if (next.token_digests)
                         OPENSSL_cleanse(next.token_digests, next.n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
@@ -258,8 +258,8 @@ int config_reload_tokens(CloudConfig *c) {
         return 0;
 }
 
-int config_load(const char *path, CloudConfig **ret) {
-        _cleanup_(config_freep) CloudConfig *c = NULL;
+int cloud_config_load(const char *path, CloudConfig **ret) {
+        _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
         int r;
 
         c = calloc(1, sizeof(*c));
@@ -286,7 +286,7 @@ int config_load(const char *path, CloudConfig **ret) {
         c->ota_port = 5685;
         c->ota_max_artifact_mb = 1024;
 
-        r = config_parse_keyfile(c, path);
+        r = cloud_config_parse_keyfile(c, path);
         if (r < 0)
                 return r;
 
@@ -299,7 +299,7 @@ int config_load(const char *path, CloudConfig **ret) {
         if (c->device_timeout_sec <= c->ping_sec)
                 log_warning("%s: DeviceTimeoutSec=%u is not above PingSec=%u: idle devices will be dropped.",
                             path, c->device_timeout_sec, c->ping_sec);
-        r = config_load_tokens(c);
+        r = cloud_config_load_tokens(c);
         if (r < 0)
                 return r;
 
@@ -307,7 +307,7 @@ int config_load(const char *path, CloudConfig **ret) {
         return 0;
 }
 
-int config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
+int cloud_config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
                            socklen_t *ret_len) {
         struct addrinfo hints = { .ai_flags = AI_PASSIVE | AI_NUMERICSERV, .ai_socktype = SOCK_STREAM };
         struct addrinfo *res = NULL;

@@ -37,7 +37,7 @@
 /* At most one warning per kind in this many µs when clients misbehave in bulk. */
 #define DEVICES_WARN_INTERVAL (10 * USEC_PER_SEC)
 
-typedef struct Conn Conn;
+typedef struct Session Session;
 
 struct DeviceCall {
         Device *device;
@@ -51,7 +51,7 @@ struct DeviceCall {
 
 struct Device {
         char *id;
-        Conn *conn;       /* bound connection, NULL while offline */
+        Session *conn;       /* bound connection, NULL while offline */
         json_t *describe; /* last GET /d answer, or NULL */
         uint64_t last_heard; /* CLOCK_REALTIME µs of the last message */
         uint64_t last_alive; /* CLOCK_MONOTONIC µs of the last Pong or answer to us */
@@ -74,16 +74,16 @@ struct Device {
 };
 
 /* One per libcoap server session, from SERVER_SESSION_NEW to _DEL. */
-struct Conn {
+struct Session {
         coap_session_t *session;
         Device *device;  /* set once established and bound */
         bool referenced; /* we hold a coap_session_reference() */
         bool closing;    /* queued for closing from the loop */
         bool unbound;    /* on the unbound list (accepted, no device yet) */
         uint64_t accepted; /* CLOCK_MONOTONIC µs */
-        Conn *hash_next;
-        Conn *close_next;
-        Conn *unbound_prev, *unbound_next; /* oldest first */
+        Session *hash_next;
+        Session *close_next;
+        Session *unbound_prev, *unbound_next; /* oldest first */
 };
 
 /* Counts events of one kind and logs them at most every DEVICES_WARN_INTERVAL. */
@@ -106,13 +106,13 @@ static struct {
         Device *dev_head, *dev_tail;
         unsigned n_online;
 
-        Conn **conn_buckets;
+        Session **conn_buckets;
         size_t conn_nbuckets, n_conns;
-        Conn *close_queue;
+        Session *close_queue;
 
         /* Sessions without a device yet, oldest first, for HandshakeTimeoutSec
          * and MaxHandshakes. */
-        Conn *unbound_head, *unbound_tail;
+        Session *unbound_head, *unbound_tail;
         size_t n_unbound;
         sd_event_source *handshake_timer;
         WarnLimit warn_handshake_timeout, warn_handshake_evicted;
@@ -227,14 +227,14 @@ static Device *device_new(const char *id) {
         return d;
 }
 
-static int conn_table_grow(void) {
+static int session_table_grow(void) {
         size_t n = devices.conn_nbuckets ? devices.conn_nbuckets * 2 : 64;
-        Conn **b = calloc(n, sizeof(*b));
+        Session **b = calloc(n, sizeof(*b));
 
         if (!b)
                 return -ENOMEM;
         for (size_t k = 0; k < devices.conn_nbuckets; k++) {
-                Conn *c = devices.conn_buckets[k], *next;
+                Session *c = devices.conn_buckets[k], *next;
                 for (; c; c = next) {
                         size_t i = hash_pointer(c->session) & (n - 1);
                         next = c->hash_next;
@@ -248,21 +248,21 @@ static int conn_table_grow(void) {
         return 0;
 }
 
-static Conn *conn_find(const coap_session_t *session) {
+static Session *session_find(const coap_session_t *session) {
         if (devices.conn_nbuckets == 0)
                 return NULL;
-        for (Conn *c = devices.conn_buckets[hash_pointer(session) & (devices.conn_nbuckets - 1)]; c;
+        for (Session *c = devices.conn_buckets[hash_pointer(session) & (devices.conn_nbuckets - 1)]; c;
              c = c->hash_next)
                 if (c->session == session)
                         return c;
         return NULL;
 }
 
-static Conn *conn_new(coap_session_t *session) {
-        Conn *c;
+static Session *session_new(coap_session_t *session) {
+        Session *c;
         size_t i;
 
-        if (devices.n_conns >= devices.conn_nbuckets && conn_table_grow() < 0)
+        if (devices.n_conns >= devices.conn_nbuckets && session_table_grow() < 0)
                 return NULL;
         c = calloc(1, sizeof(*c));
         if (!c)
@@ -275,7 +275,7 @@ static Conn *conn_new(coap_session_t *session) {
         return c;
 }
 
-static void conn_unbound_remove(Conn *c) {
+static void session_unbound_remove(Session *c) {
         if (!c->unbound)
                 return;
         if (c->unbound_prev)
@@ -291,7 +291,7 @@ static void conn_unbound_remove(Conn *c) {
         devices.n_unbound--;
 }
 
-static void conn_unbound_add(Conn *c) {
+static void session_unbound_add(Session *c) {
         c->accepted = now_usec();
         c->unbound = true;
         c->unbound_prev = devices.unbound_tail;
@@ -304,12 +304,12 @@ static void conn_unbound_add(Conn *c) {
 }
 
 /* Unlink and free; the caller has dealt with the session reference. */
-static void conn_free(Conn *c) {
-        Conn **p;
+static void session_free(Session *c) {
+        Session **p;
 
         if (!c)
                 return;
-        conn_unbound_remove(c);
+        session_unbound_remove(c);
         for (p = &devices.conn_buckets[hash_pointer(c->session) & (devices.conn_nbuckets - 1)]; *p;
              p = &(*p)->hash_next)
                 if (*p == c) {
@@ -591,7 +591,7 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
                  const void *payload, size_t len, device_call_fn cb, void *userdata,
                  DeviceCall **ret_call) {
         coap_session_t *session = device_session(d);
-        Conn *conn = d->conn;
+        Session *conn = d->conn;
         uint8_t token[8];
         size_t token_len;
         DeviceCall *c;
@@ -653,7 +653,7 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
 
 /* ---- device lifecycle -------------------------------------------------- */
 
-static void conn_queue_close(Conn *c) {
+static void session_queue_close(Session *c) {
         if (c->closing)
                 return;
         c->closing = true;
@@ -665,9 +665,9 @@ static void conn_queue_close(Conn *c) {
 /* The device's session is gone or replaced: answer its pending calls with
  * error (-ENOTCONN, or -ECONNRESET when a new session replaced it), drop
  * its subscriptions, report it offline. The session reference stays with
- * the Conn (released when libcoap reports the close). */
+ * the Session (released when libcoap reports the close). */
 static void device_unbind(Device *d, const char *reason, int error) {
-        Conn *c = d->conn;
+        Session *c = d->conn;
 
         if (!c)
                 return;
@@ -699,14 +699,14 @@ static void device_close(Device *d, const char *reason) {
 }
 
 void device_disconnect(Device *d, const char *reason) {
-        Conn *c = d->conn;
+        Session *c = d->conn;
 
         if (!c)
                 return;
         /* Unbound at once, so what else arrives on the session is refused;
          * closed from the loop, as this runs inside a libcoap callback. */
         device_unbind(d, reason, -ENOTCONN);
-        conn_queue_close(c);
+        session_queue_close(c);
 }
 
 static int device_ping_cb(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -779,30 +779,30 @@ static int describe_defer_cb(sd_event_source *s, void *userdata) {
 
 /* COAP_EVENT_SESSION_CONNECTED: TLS and CSM done, the peer is known. No
  * PDU is built here (LIBCOAP-NOTES Trap B); GET /d goes out from a defer. */
-static void conn_bind(Conn *c) {
+static void session_bind(Session *c) {
         const char *id = tls_session_peer_id(c->session);
         char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
         Device *d;
         int r;
 
-        conn_unbound_remove(c);
+        session_unbound_remove(c);
         format_address(coap_session_get_addr_remote(c->session), ip, addr);
         if (!id) {
                 log_warning("Session from %s has no device identity, closing it.", addr);
-                conn_queue_close(c);
+                session_queue_close(c);
                 return;
         }
         d = devices_find(id) ?: device_new(id);
         if (!d) {
                 log_error("Out of memory registering device '%s'.", id);
-                conn_queue_close(c);
+                session_queue_close(c);
                 return;
         }
         if (d->conn) {
-                Conn *old = d->conn;
+                Session *old = d->conn;
 
                 device_unbind(d, "replaced by a new session", -ECONNRESET);
-                conn_queue_close(old);
+                session_queue_close(old);
         }
         r = sd_event_add_time(devices.event, &d->ping_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
                               device_ping_cb, d);
@@ -811,7 +811,7 @@ static void conn_bind(Conn *c) {
         if (r < 0) {
                 log_error_errno(r, "Failed to set up device '%s': %m", id);
                 d->ping_timer = sd_event_source_disable_unref(d->ping_timer);
-                conn_queue_close(c);
+                session_queue_close(c);
                 return;
         }
         coap_session_reference(c->session);
@@ -834,11 +834,11 @@ static void conn_bind(Conn *c) {
 
 static int devices_close_cb(sd_event_source *s, void *userdata) {
         while (devices.close_queue) {
-                Conn *c = devices.close_queue;
+                Session *c = devices.close_queue;
 
                 devices.close_queue = c->close_next;
                 c->closing = false;
-                conn_unbound_remove(c);
+                session_unbound_remove(c);
                 if (c->device)
                         device_unbind(c->device, "closed", -ENOTCONN);
                 /* Our event handler releases the reference on the close. */
@@ -857,11 +857,11 @@ static int devices_close_cb(sd_event_source *s, void *userdata) {
 static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         uint64_t timeout = (uint64_t)devices.config->handshake_timeout_sec * USEC_PER_SEC;
         uint64_t now = now_usec(), n = 0, suppressed;
-        Conn *c;
+        Session *c;
 
         while ((c = devices.unbound_head) && c->accepted + timeout <= now) {
-                conn_unbound_remove(c);
-                conn_queue_close(c);
+                session_unbound_remove(c);
+                session_queue_close(c);
                 n++;
         }
         if (n > 0 && warn_limit(&devices.warn_handshake_timeout, &suppressed))
@@ -878,10 +878,10 @@ static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *u
 /* A new session waits for its handshake; beyond MaxHandshakes the oldest
  * waiting one is closed (a flood of idle connections cannot lock devices
  * out for longer than a handshake takes). */
-static void conn_wait_handshake(Conn *c) {
+static void session_wait_handshake(Session *c) {
         uint64_t suppressed;
 
-        conn_unbound_add(c);
+        session_unbound_add(c);
         if (devices.unbound_head == c) {
                 (void)sd_event_source_set_time(devices.handshake_timer,
                                                c->accepted +
@@ -889,10 +889,10 @@ static void conn_wait_handshake(Conn *c) {
                 (void)sd_event_source_set_enabled(devices.handshake_timer, SD_EVENT_ONESHOT);
         }
         if (devices.n_unbound > devices.config->max_handshakes) {
-                Conn *oldest = devices.unbound_head;
+                Session *oldest = devices.unbound_head;
 
-                conn_unbound_remove(oldest);
-                conn_queue_close(oldest);
+                session_unbound_remove(oldest);
+                session_queue_close(oldest);
                 if (warn_limit(&devices.warn_handshake_evicted, &suppressed))
                         log_warning("More than MaxHandshakes=%u sessions in the TLS handshake: closed the "
                                     "oldest (%" PRIu64 " closed so since the last report).",
@@ -900,7 +900,7 @@ static void conn_wait_handshake(Conn *c) {
         }
 }
 
-static void conn_setup_socket(coap_session_t *session) {
+static void session_setup_socket(coap_session_t *session) {
         coap_tls_library_t lib;
         void *tls = coap_session_get_tls(session, &lib);
         int r;
@@ -931,22 +931,22 @@ static void conn_setup_socket(coap_session_t *session) {
 }
 
 static int devices_event_handler(coap_session_t *session, const coap_event_t event) {
-        Conn *c;
+        Session *c;
 
         switch (event) {
         case COAP_EVENT_SERVER_SESSION_NEW:
-                c = conn_new(session);
+                c = session_new(session);
                 if (!c) {
                         log_error("Out of memory accepting a session.");
                         return 0;
                 }
-                conn_setup_socket(session);
-                conn_wait_handshake(c);
+                session_setup_socket(session);
+                session_wait_handshake(c);
                 break;
         case COAP_EVENT_SESSION_CONNECTED:
-                c = conn_find(session);
+                c = session_find(session);
                 if (c && !c->device && !c->closing)
-                        conn_bind(c);
+                        session_bind(c);
                 break;
         case COAP_EVENT_DTLS_CLOSED:
         case COAP_EVENT_DTLS_ERROR:
@@ -954,7 +954,7 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
         case COAP_EVENT_TCP_FAILED:
         case COAP_EVENT_SESSION_CLOSED:
         case COAP_EVENT_SESSION_FAILED:
-                c = conn_find(session);
+                c = session_find(session);
                 if (!c)
                         break;
                 if (c->device)
@@ -968,10 +968,10 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 }
                 break;
         case COAP_EVENT_SERVER_SESSION_DEL:
-                c = conn_find(session);
+                c = session_find(session);
                 if (c && c->device)
                         device_unbind(c->device, "session deleted", -ENOTCONN);
-                conn_free(c);
+                session_free(c);
                 tls_session_forget(session);
                 break;
         default:
@@ -1006,7 +1006,7 @@ static void devices_reply(coap_pdu_t *response, coap_pdu_code_t code, const char
 /* Something the device sends costs us an answer (a response, a Pong) that
  * libcoap queues if the device does not read: count it, and disconnect a
  * device that keeps sending without reading. */
-static bool device_answer_fits(Conn *c, Device *d) {
+static bool device_answer_fits(Session *c, Device *d) {
         d->tx_bytes += DEVICES_MSG_OVERHEAD;
         if (device_unread(d) >= devices.config->max_queued_bytes / 2 && !d->ping_outstanding && d->next_ping > 0) {
                 /* A busy device that reads gets its Ping soon (from the
@@ -1020,7 +1020,7 @@ static bool device_answer_fits(Conn *c, Device *d) {
                 log_warning("Device '%s' keeps sending but has not read %" PRIu64 " bytes sent to it, "
                             "closing its session.",
                             d->id, device_unread(d));
-        conn_queue_close(c);
+        session_queue_close(c);
         return false;
 }
 
@@ -1034,7 +1034,7 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
         coap_opt_t *opt;
         unsigned nseg = 0;
         bool too_long = false;
-        Conn *c = conn_find(session);
+        Session *c = session_find(session);
         Device *d = c ? c->device : NULL;
 
         if (!d) {
@@ -1113,7 +1113,7 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
 
 static coap_response_t devices_response_handler(coap_session_t *session, const coap_pdu_t *sent,
                                                 const coap_pdu_t *received, const coap_mid_t mid) {
-        Conn *c = conn_find(session);
+        Session *c = session_find(session);
         Device *d = c ? c->device : NULL;
         coap_bin_const_t token = coap_pdu_get_token(received);
         const uint8_t *data = NULL;
@@ -1139,7 +1139,7 @@ static coap_response_t devices_response_handler(coap_session_t *session, const c
 }
 
 static void devices_pong_handler(coap_session_t *session, const coap_pdu_t *received, const coap_mid_t mid) {
-        Conn *c = conn_find(session);
+        Session *c = session_find(session);
         Device *d = c ? c->device : NULL;
 
         if (!d)
@@ -1148,7 +1148,7 @@ static void devices_pong_handler(coap_session_t *session, const coap_pdu_t *rece
                 /* Unasked-for Pongs would vouch for data the device never read. */
                 if (!c->closing)
                         log_warning("Device '%s' sent a Pong to no Ping, closing its session.", d->id);
-                conn_queue_close(c);
+                session_queue_close(c);
                 return;
         }
         d->ping_outstanding = false;
@@ -1162,7 +1162,7 @@ static void devices_pong_handler(coap_session_t *session, const coap_pdu_t *rece
 /* The device's own Ping: libcoap answers it with a Pong we must count; it
  * is not proof that the device reads what we send. */
 static void devices_ping_handler(coap_session_t *session, const coap_pdu_t *received, const coap_mid_t mid) {
-        Conn *c = conn_find(session);
+        Session *c = session_find(session);
 
         if (c && c->device) {
                 device_heard(c->device);
@@ -1263,7 +1263,7 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         coap_register_request_handler(res, COAP_REQUEST_DELETE, devices_request_handler);
         coap_add_resource(devices.ctx, res);
 
-        r = config_resolve_address(config->coap_listen, config->coap_port, &ss, &sl);
+        r = cloud_config_resolve_address(config->coap_listen, config->coap_port, &ss, &sl);
         if (r < 0)
                 return log_error_errno(r, "Invalid [Cloud] Listen= address '%s'.", config->coap_listen);
         coap_address_init(&addr);
@@ -1331,13 +1331,13 @@ void devices_stop(void) {
                 coap_register_event_handler(devices.ctx, NULL);
         for (size_t k = 0; k < devices.conn_nbuckets; k++)
                 while (devices.conn_buckets[k]) {
-                        Conn *c = devices.conn_buckets[k];
+                        Session *c = devices.conn_buckets[k];
 
                         if (c->referenced)
                                 coap_session_release(c->session);
                         tls_session_forget(c->session);
                         c->closing = false;
-                        conn_free(c);
+                        session_free(c);
                 }
         devices.close_queue = NULL;
         for (d = devices.dev_head; d; d = next_d) {

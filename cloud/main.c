@@ -24,7 +24,7 @@ static int main_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si,
         size_t before = config->n_tokens;
 
         (void)sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", now_usec());
-        if (config_reload_tokens(config) < 0)
+        if (cloud_config_reload_tokens(config) < 0)
                 log_error("Reload failed, keeping the %zu API token(s) loaded before.", before);
         else {
                 log_info("Reloaded %zu API token(s) from '%s'.", config->n_tokens, config->token_file);
@@ -46,17 +46,17 @@ static void main_raise_nofile(void) {
 }
 
 static int run(int argc, char *argv[]) {
-        _cleanup_(config_freep) CloudConfig *config = NULL;
+        _cleanup_(cloud_config_freep) CloudConfig *config = NULL;
         sd_event *event = NULL;
         const char *path;
         unsigned coap_port = 0, api_port = 0, ota_port = 0;
         sigset_t mask;
         int r;
 
-        r = config_parse_argv(argc, argv, &path);
+        r = cloud_config_parse_argv(argc, argv, &path);
         if (r != 0)
                 return r;
-        r = config_load(path, &config);
+        r = cloud_config_load(path, &config);
         if (r < 0)
                 return r;
 
@@ -94,7 +94,7 @@ static int run(int argc, char *argv[]) {
         r = api_start(event, config, &api_port);
         if (r < 0)
                 goto out;
-        r = ota_start(event, config, &ota_port);
+        r = ota_server_start(event, config, &ota_port);
         if (r < 0)
                 goto out;
 
@@ -114,7 +114,7 @@ static int run(int argc, char *argv[]) {
         (void)sd_notify(0, "STOPPING=1\nSTATUS=Stopping");
 out:
         api_stop();
-        ota_stop();
+        ota_server_stop();
         devices_stop();
         events_stop();
         journal_close();

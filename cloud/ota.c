@@ -97,7 +97,7 @@ static struct {
         OtaJob *jobs;
         size_t n_jobs;
         OtaRequest *waiters;
-        bool running; /* between ota_start() and ota_stop() */
+        bool running; /* between ota_server_start() and ota_server_stop() */
 } ota = { .port = 0 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -1012,7 +1012,7 @@ static int make_dir(const char *path) {
         return 0;
 }
 
-int ota_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
+int ota_server_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         const char *listen_addr = config->ota_listen ? config->ota_listen : config->coap_listen;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
@@ -1034,7 +1034,7 @@ int ota_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         if ((r = read_pem(config->key_file, &ota.key_pem)) < 0 || (r = read_pem(config->cert_file, &ota.cert_pem)) < 0 ||
             (r = read_pem(config->ca_file, &ota.ca_pem)) < 0)
                 return log_error_errno(r, "Cannot read the cloud's TLS files for the OTA server: %m");
-        r = config_resolve_address(listen_addr, config->ota_port, &ss, &sl);
+        r = cloud_config_resolve_address(listen_addr, config->ota_port, &ss, &sl);
         if (r < 0)
                 return log_error_errno(r, "Invalid [OTA] Listen= address '%s'.", listen_addr);
         if (ss.ss_family == AF_INET6)
@@ -1083,7 +1083,7 @@ int ota_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         return 0;
 }
 
-void ota_stop(void) {
+void ota_server_stop(void) {
         ota.running = false;
         ota_api_shutdown();
         if (ota.daemon) {

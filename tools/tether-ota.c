@@ -574,7 +574,7 @@ static int start_job(Api *a, const char *device, const char *manifest, json_t **
         return 0;
 }
 
-static int ota_start(Api *a, const char *device, const char *path) {
+static int ota_job_start(Api *a, const char *device, const char *path) {
         _cleanup_(deb_info_done) DebInfo deb = {};
         _cleanup_free_ char *url = NULL, *manifest = NULL;
         size_t len = 0;
@@ -694,6 +694,6 @@ int cmd_ota(Api *a, char **args, int n) {
         }
         if (n != 2)
                 return cli_usage_error("'ota' takes DEVICE FILE.deb");
-        r = ota_start(a, args[0], args[1]);
+        r = ota_job_start(a, args[0], args[1]);
         return r == -ECANCELED ? -ECANCELED : r;
 }

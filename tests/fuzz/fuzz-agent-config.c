@@ -1,4 +1,4 @@
-/* libFuzzer target: tetherd's configuration parser (agent/config.c) on a
+/* libFuzzer target: tetherd's configuration parser (agent/agent-config.c) on a
  * keyfile of arbitrary content. Warnings are silenced; errors must come
  * back as -EINVAL with a message, never crash. */
 #include <stdint.h>
@@ -7,7 +7,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "agent/config.h"
+#include "agent/agent-config.h"
 #include "log.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);

@@ -26,7 +26,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (ftruncate(fd, 0) < 0 || pwrite(fd, data, size, 0) != (ssize_t)size)
                 abort();
         snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
-        if (config_load(path, &c) == 0)
-                config_free(c);
+        if (cloud_config_load(path, &c) == 0)
+                cloud_config_free(c);
         return 0;
 }

@@ -34,7 +34,7 @@ static int load_with(const char *tokens_name, const char *extra, CloudConfig **r
                  tokens_name, extra);
         write_file("cloud.conf", text);
         snprintf(path, sizeof(path), "%s/cloud.conf", dir);
-        return config_load(path, ret);
+        return cloud_config_load(path, ret);
 }
 
 static int load(const char *extra, CloudConfig **ret) {
@@ -55,7 +55,7 @@ static int teardown(void **state) {
 }
 
 static void test_defaults(void **state) {
-        _cleanup_(config_freep) CloudConfig *c = NULL;
+        _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
 
         assert_int_equal(load("", &c), 0);
         assert_string_equal(c->coap_listen, "0.0.0.0");
@@ -75,7 +75,7 @@ static void test_defaults(void **state) {
 }
 
 static void test_values(void **state) {
-        _cleanup_(config_freep) CloudConfig *c = NULL;
+        _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
 
         assert_int_equal(load("[Cloud]\nListen=::\nPort=0\nMaxPayload=65536\nMaxSubscriptions=0\nPingSec=1\n"
                               "DeviceTimeoutSec=2\nCallTimeoutSec=3600\nHandshakeTimeoutSec=4\nMaxHandshakes=5\n"
@@ -183,7 +183,7 @@ static void expect_logged(const char *extra, const char *needle) {
 }
 
 static void test_long_lines(void **state) {
-        _cleanup_(config_freep) CloudConfig *c = NULL;
+        _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
         _cleanup_free_ char *state_dir = long_line("Directory", LONGEST_LINE);
         _cleanup_free_ char *ota_dir = long_line("ArtifactDirectory", LONGEST_LINE);
         _cleanup_free_ char *over = long_line("Directory", LONGEST_LINE + 1);
@@ -218,49 +218,49 @@ static void test_required(void **state) {
 
         write_file("partial.conf", "[Cloud]\nCAFile=/ca.crt\nCertificate=/c.crt\n[API]\nTokenFile=/t\n");
         snprintf(path, sizeof(path), "%s/partial.conf", dir);
-        assert_int_equal(config_load(path, &c), -EINVAL);
+        assert_int_equal(cloud_config_load(path, &c), -EINVAL);
         assert_null(c);
         write_file("partial.conf", "[Cloud]\nCAFile=/ca.crt\nCertificate=/c.crt\nKey=/k\n");
-        assert_int_equal(config_load(path, &c), -EINVAL);
+        assert_int_equal(cloud_config_load(path, &c), -EINVAL);
         snprintf(path, sizeof(path), "%s/missing.conf", dir);
-        assert_int_equal(config_load(path, &c), -ENOENT);
+        assert_int_equal(cloud_config_load(path, &c), -ENOENT);
 }
 
 static void test_unknown_keys_only_warn(void **state) {
-        _cleanup_(config_freep) CloudConfig *c = NULL;
+        _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
 
         assert_int_equal(load("[Cloud]\nNoSuchKey=1\n[Elsewhere]\nKey=2\n", &c), 0);
         assert_int_equal(c->coap_port, 5684);
 }
 
 static void test_token_file(void **state) {
-        _cleanup_(config_freep) CloudConfig *c = NULL;
+        _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
 
         write_file("tokens-mixed", "# a comment\n\n   \n  token-one  \r\n\ttoken-two\t\n#not-a-token\ntoken-three");
         assert_int_equal(load_with("tokens-mixed", "", &c), 0);
         assert_int_equal(c->n_tokens, 3);
-        assert_true(config_token_valid(c, "token-one"));
-        assert_true(config_token_valid(c, "token-two"));
-        assert_true(config_token_valid(c, "token-three"));
-        assert_false(config_token_valid(c, "not-a-token"));
-        assert_false(config_token_valid(c, "#not-a-token"));
-        assert_false(config_token_valid(c, "token-one "));
-        assert_false(config_token_valid(c, " token-one"));
-        assert_false(config_token_valid(c, "token-on"));
-        assert_false(config_token_valid(c, "token-onee"));
-        assert_false(config_token_valid(c, "TOKEN-ONE"));
-        assert_false(config_token_valid(c, ""));
-        assert_false(config_token_valid(c, NULL));
+        assert_true(cloud_config_token_valid(c, "token-one"));
+        assert_true(cloud_config_token_valid(c, "token-two"));
+        assert_true(cloud_config_token_valid(c, "token-three"));
+        assert_false(cloud_config_token_valid(c, "not-a-token"));
+        assert_false(cloud_config_token_valid(c, "#not-a-token"));
+        assert_false(cloud_config_token_valid(c, "token-one "));
+        assert_false(cloud_config_token_valid(c, " token-one"));
+        assert_false(cloud_config_token_valid(c, "token-on"));
+        assert_false(cloud_config_token_valid(c, "token-onee"));
+        assert_false(cloud_config_token_valid(c, "TOKEN-ONE"));
+        assert_false(cloud_config_token_valid(c, ""));
+        assert_false(cloud_config_token_valid(c, NULL));
 }
 
 static void test_token_file_empty_refuses_everything(void **state) {
-        _cleanup_(config_freep) CloudConfig *c = NULL;
+        _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
 
         write_file("tokens-empty", "# nothing here\n\n");
         assert_int_equal(load_with("tokens-empty", "", &c), 0);
         assert_int_equal(c->n_tokens, 0);
-        assert_false(config_token_valid(c, "# nothing here"));
-        assert_false(config_token_valid(c, ""));
+        assert_false(cloud_config_token_valid(c, "# nothing here"));
+        assert_false(cloud_config_token_valid(c, ""));
 }
 
 static void test_token_file_errors(void **state) {
@@ -293,8 +293,8 @@ static void test_token_file_limit(void **state) {
         write_file("tokens-many", text);
         assert_int_equal(load_with("tokens-many", "", &c), 0);
         assert_int_equal(c->n_tokens, 4096);
-        assert_true(config_token_valid(c, "tok-4095"));
-        config_free(c);
+        assert_true(cloud_config_token_valid(c, "tok-4095"));
+        cloud_config_free(c);
 }
 
 static void test_argv(void **state) {
@@ -304,12 +304,12 @@ static void test_argv(void **state) {
         char *a3[] = { (char *)"tether-cloudd", (char *)"extra", NULL };
         char *a4[] = { (char *)"tether-cloudd", NULL };
 
-        assert_int_equal(config_parse_argv(3, a1, &path), 0);
+        assert_int_equal(cloud_config_parse_argv(3, a1, &path), 0);
         assert_string_equal(path, "/x.conf");
-        assert_int_equal(config_parse_argv(3, a2, &path), 0);
+        assert_int_equal(cloud_config_parse_argv(3, a2, &path), 0);
         assert_string_equal(path, "/y.conf");
-        assert_int_equal(config_parse_argv(2, a3, &path), -EINVAL);
-        assert_int_equal(config_parse_argv(1, a4, &path), 0);
+        assert_int_equal(cloud_config_parse_argv(2, a3, &path), -EINVAL);
+        assert_int_equal(cloud_config_parse_argv(1, a4, &path), 0);
         assert_string_equal(path, CLOUD_DEFAULT_CONFIG);
 }
 
@@ -317,10 +317,10 @@ static void test_resolve_address(void **state) {
         struct sockaddr_storage ss;
         socklen_t sl;
 
-        assert_int_equal(config_resolve_address("127.0.0.1", 80, &ss, &sl), 0);
+        assert_int_equal(cloud_config_resolve_address("127.0.0.1", 80, &ss, &sl), 0);
         assert_int_equal(ss.ss_family, AF_INET);
         assert_int_equal(ntohs(((struct sockaddr_in *)&ss)->sin_port), 80);
-        assert_int_equal(config_resolve_address("::", 0, &ss, &sl), 0);
+        assert_int_equal(cloud_config_resolve_address("::", 0, &ss, &sl), 0);
         assert_int_equal(ss.ss_family, AF_INET6);
 }
 

@@ -1,4 +1,4 @@
-/* Unit tests for tetherd's configuration parser (agent/config.c). */
+/* Unit tests for tetherd's configuration parser (agent/agent-config.c). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -6,7 +6,7 @@
 #include <cmocka.h>
 #include <sys/stat.h>
 
-#include "agent/config.h"
+#include "agent/agent-config.h"
 #include "util.h"
 
 static char dir[] = "/tmp/tether-config-test-XXXXXX";

@@ -2,7 +2,7 @@
 #include <errno.h>
 #include <limits.h>
 
-#include "config.h"
+#include "agent-config.h"
 #include "keyfile.h"
 #include "log.h"
 #include "proto.h"
