@@ -818,7 +818,7 @@ static int on_coap_event(coap_session_t *session, const coap_event_t event) {
                 (void)tls_session_set_nodelay(session);
                 break;
         case COAP_EVENT_SESSION_CONNECTED:
-                /* Too early to build PDUs here (LIBCOAP-NOTES, trap B). */
+                /* Too early to build PDUs here (docs/design/libcoap.md, trap B). */
                 sd_event_source_set_enabled(c->flush_source, SD_EVENT_ONESHOT);
                 break;
         case COAP_EVENT_DTLS_ERROR:

@@ -1,6 +1,6 @@
 /* The device side of tether-cloudd: the libcoap TLS server on the sd-event
  * loop, the device registry, and requests from the cloud to devices.
- * See LIBCOAP-NOTES.md for the libcoap 4.3.1 behaviour relied on here:
+ * See docs/design/libcoap.md for the libcoap 4.3.1 behaviour relied on here:
  * server sessions are freed by libcoap only once nobody holds a reference
  * and their state is NONE; over TCP responses are matched by token only and
  * unanswered requests never time out, so the pending table is ours.
@@ -778,7 +778,7 @@ static int describe_defer_cb(sd_event_source *s, void *userdata) {
 }
 
 /* COAP_EVENT_SESSION_CONNECTED: TLS and CSM done, the peer is known. No
- * PDU is built here (LIBCOAP-NOTES Trap B); GET /d goes out from a defer. */
+ * PDU is built here (docs/design/libcoap.md, trap B); GET /d goes out from a defer. */
 static void session_bind(Session *c) {
         const char *id = tls_session_peer_id(c->session);
         char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];

@@ -1,5 +1,5 @@
 /* TLS setup shared by tetherd and tether-cloudd on top of libcoap's PKI
- * support, plus the checks libcoap 4.3.1 leaves to us (LIBCOAP-NOTES.md):
+ * support, plus the checks libcoap 4.3.1 leaves to us (docs/design/libcoap.md):
  * the cloud's host name, the device identity, TCP_NODELAY. */
 #pragma once
 
@@ -36,7 +36,7 @@ const char *tls_session_peer_id(coap_session_t *session);
  * COAP_EVENT_SERVER_SESSION_DEL. */
 void tls_session_forget(coap_session_t *session);
 
-/* Set TCP_NODELAY on the session's socket (see LIBCOAP-NOTES.md: Nagle
+/* Set TCP_NODELAY on the session's socket (docs/design/libcoap.md: Nagle
  * plus delayed ACK add ~20 ms to the handshake). 0 or negative errno. */
 int tls_session_set_nodelay(coap_session_t *session);
 

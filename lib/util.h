@@ -1,5 +1,5 @@
 /* Small helpers shared by every tether program: cleanup attributes and
- * the negative-errno conventions of STYLE.md. Header only. */
+ * the negative-errno conventions of HACKING.md. Header only. */
 #pragma once
 
 #include <errno.h>

@@ -3,7 +3,7 @@
  * with TCP_NODELAY, timed with CLOCK_MONOTONIC. Prints figures (median,
  * p90, p99, max, calls/s per repetition and overall, optionally the memory
  * of the agent and cloud processes); it never judges them. How to read and
- * compare the figures: /work/shared/design/BENCHMARKS.md.
+ * compare the figures: docs/design/benchmarks.md.
  *
  * Only libcurl and libc: it is built with "make tests/bench/bench-call". */
 #include <curl/curl.h>

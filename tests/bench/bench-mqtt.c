@@ -1,6 +1,6 @@
 /* The peer figure for a function call: an MQTT v5 request/response through
- * a Mosquitto broker (BENCHMARKS.md). A responder client answers every
- * message on "tether/bench/req" on the request's Response Topic with its
+ * a Mosquitto broker (docs/design/benchmarks.md). A responder client answers
+ * every message on "tether/bench/req" on the request's Response Topic with its
  * Correlation Data; the requester times each round trip. Both use TLS with
  * client certificates and TCP_NODELAY, like tether's device leg.
  *
@@ -113,7 +113,7 @@ static int call(struct mosquitto *m, Requester *r, uint32_t id) {
         mosquitto_property_add_string(&props, MQTT_PROP_RESPONSE_TOPIC, RESP_TOPIC);
         mosquitto_property_add_binary(&props, MQTT_PROP_CORRELATION_DATA, &id, sizeof(id));
         r->waiting = id;
-        /* 16-byte request, like the function-call argument in BENCHMARKS.md. */
+        /* 16-byte request, the size of the baseline function-call argument. */
         mosquitto_publish_v5(m, NULL, REQ_TOPIC, 16, "0123456789abcdef", qos, false, props);
         mosquitto_property_free_all(&props);
         while (r->waiting) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Side by side in one run (BENCHMARKS.md): a tether function call through
-# tether-cloudd's HTTP API to tetherd and back, against an MQTT v5
-# request/response through Mosquitto (QoS 0 and 1), all on loopback with
+# Side by side in one run (docs/design/benchmarks.md): a tether function
+# call through tether-cloudd's HTTP API to tetherd and back, against an MQTT
+# v5 request/response through Mosquitto (QoS 0 and 1), all on loopback with
 # TLS client certificates. Repetitions are interleaved so machine noise
 # hits every contender alike. Prints figures; never pass/fail.
 #
