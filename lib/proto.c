@@ -250,9 +250,9 @@ int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len) {
 int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret) {
         const char *name = NULL, *data = NULL, *at = NULL, *coreid = NULL, *received = NULL;
         json_int_t ttl = PROTO_DEFAULT_TTL;
+        json_t *j, *data_json = NULL;
         int priv = 0;
         ProtoEvent e = {};
-        json_t *j;
         int r = -EBADMSG;
 
         if (!buf)
@@ -260,10 +260,16 @@ int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret) {
         j = json_loadb((const char *)buf, len, JSON_REJECT_DUPLICATES, NULL);
         if (!j)
                 return -EBADMSG;
-        if (json_unpack(j, "{s:s, s?s, s?I, s?s, s?s, s?b, s?s}", "name", &name, "data", &data, "ttl", &ttl,
+        /* data is null for an event without data (proto_event_encode()). */
+        if (json_unpack(j, "{s:s, s?o, s?I, s?s, s?s, s?b, s?s}", "name", &name, "data", &data_json, "ttl", &ttl,
                         "published_at", &at, "coreid", &coreid, "private", &priv, "received_at",
                         &received) < 0)
                 goto out;
+        if (data_json && !json_is_null(data_json)) {
+                if (!json_is_string(data_json))
+                        goto out;
+                data = json_string_value(data_json);
+        }
         if (proto_name_check(name, strlen(name), PROTO_NAME_EVENT) < 0 || ttl < 0 || ttl > UINT32_MAX)
                 goto out;
         r = -ENOMEM;

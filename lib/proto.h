@@ -106,8 +106,9 @@ typedef struct ProtoEvent {
 
 void proto_event_done(ProtoEvent *e);
 /* JSON object {"name","data","ttl","published_at","coreid","received_at"
- * [,"private"]}; received_at is published_at when e has none. Decoding
- * takes received_at as optional (NULL when absent). */
+ * [,"private"]}; data is null when e has none, received_at is published_at
+ * when e has none. Decoding takes data (absent or null: NULL) and
+ * received_at (absent: NULL) as optional. */
 int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len);
 int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret);
 

@@ -145,6 +145,17 @@ static void test_events(void **state) {
         assert_null(d.data);
         assert_int_equal(d.ttl, PROTO_DEFAULT_TTL);
         proto_event_done(&d);
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\",\"data\":1}", 21, &d), -EBADMSG);
+        /* An event without data goes out with "data":null and comes back. */
+        e.data = NULL;
+        free(s);
+        assert_int_equal(proto_event_encode(&e, &s, &len), 0);
+        assert_non_null(strstr(s, "\"data\":null"));
+        assert_int_equal(proto_event_decode((const uint8_t *)s, len, &d), 0);
+        assert_null(d.data);
+        assert_string_equal(d.name, "room/light");
+        proto_event_done(&d);
+        e.data = "on";
         assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"/a\"}", 13, &d), -EBADMSG);
         assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":1}", 10, &d), -EBADMSG);
         assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\",\"ttl\":-1}", 21, &d), -EBADMSG);
