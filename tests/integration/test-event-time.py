@@ -184,7 +184,8 @@ def test_agent_clock_wrong(w):
                    f"{name}: published_at {ev['published_at']} is not the agent's clock")
         else:
             expect(pub == rcv, f"{name}: published_at {ev['published_at']} is not the receive time")
-        print(f"# agent clock {offset:+d} s: published_at {ev['published_at']}, received_at {ev['received_at']}")
+        print(f"# agent clock {offset:+d} s: published_at {ev['published_at']}, "
+              f"received_at {ev['received_at']}")
     w.cloud.wait_line(r"published an event with time=\d+ \(ms\), more than 60 s ahead")
 
 

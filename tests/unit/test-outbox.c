@@ -469,7 +469,8 @@ static void hand_header(Hand *h, uint8_t version, uint64_t epoch, uint64_t next_
 }
 
 /* tail: bytes after the data (a version 1 event has none). */
-static void hand_event(Hand *h, uint64_t seq, const char *name, const char *data, const void *tail, size_t tail_len) {
+static void hand_event(Hand *h, uint64_t seq, const char *name, const char *data, const void *tail,
+                       size_t tail_len) {
         RecordWriter w = hand_begin(h);
 
         record_put_u8(&w, 'E');
