@@ -208,7 +208,7 @@ static int add_path(coap_pdu_t *pdu, const char *first, const char *rest) {
 }
 
 static int send_event(Conn *c, const OutboxEvent *e, Token *ret_token) {
-        char seq[32], epoch[32];
+        char seq[32], epoch[32], stamp[32];
         uint8_t buf[4];
         coap_pdu_t *pdu = new_request(c, COAP_REQUEST_CODE_POST, ret_token);
 
@@ -216,6 +216,9 @@ static int send_event(Conn *c, const OutboxEvent *e, Token *ret_token) {
                 return -ENOMEM;
         snprintf(seq, sizeof(seq), PROTO_QUERY_SEQ "%" PRIu64, e->seq);
         snprintf(epoch, sizeof(epoch), PROTO_QUERY_EPOCH "%016" PRIx64, outbox_epoch(c->outbox));
+        /* When it was published; events queued by an agent that did not
+         * keep the time go without (the cloud then uses its own). */
+        snprintf(stamp, sizeof(stamp), PROTO_QUERY_TIME "%" PRIu64, e->time_ms);
         if (add_path(pdu, PROTO_PATH_EVENT, e->name) < 0 ||
             !coap_add_option(pdu, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), e->ttl), buf) ||
             ((e->flags & TETHER_EVENT_PRIVATE) &&
@@ -223,6 +226,8 @@ static int send_event(Conn *c, const OutboxEvent *e, Token *ret_token) {
                               (const uint8_t *)PROTO_QUERY_PRIVATE)) ||
             !coap_add_option(pdu, COAP_OPTION_URI_QUERY, strlen(seq), (const uint8_t *)seq) ||
             !coap_add_option(pdu, COAP_OPTION_URI_QUERY, strlen(epoch), (const uint8_t *)epoch) ||
+            (e->time_ms > 0 &&
+             !coap_add_option(pdu, COAP_OPTION_URI_QUERY, strlen(stamp), (const uint8_t *)stamp)) ||
             (e->data_len > 0 && !coap_add_data(pdu, e->data_len, (const uint8_t *)e->data))) {
                 coap_delete_pdu(pdu);
                 return -ENOMEM;

@@ -2,8 +2,15 @@
  * (lib/record.h), each starting with a type byte:
  *
  *   'H' version u8, epoch u64, next_seq u64      first record of a file
- *   'E' seq u64, ttl u32, flags u32, name bytes, data bytes   an event
+ *   'E' seq u64, ttl u32, flags u32, name bytes, data bytes, time u64
+ *                         an event; time is the wall clock at append
  *   'A' head u64          every event with a lower seq is finished
+ *
+ * Version 1 files have no time in their events. Their records stay
+ * readable (an event without one has time 0) and a version 1 file is
+ * rewritten as version 2 when it is opened, so that the header says what
+ * the records may hold: an older agent sets a version 2 file aside as
+ * damaged instead of skipping events it cannot read.
  *
  * Appends go at the end; acknowledgements only move the head, written
  * lazily as an 'A' record (losing one in a crash means a resend, which the
@@ -19,20 +26,22 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "outbox.h"
 #include "record.h"
 #include "util.h"
 
-#define OUTBOX_VERSION 1
+#define OUTBOX_VERSION 2
+#define OUTBOX_VERSION_UNTIMED 1 /* events without a time */
 #define REC_HEADER 'H'
 #define REC_EVENT 'E'
 #define REC_ACK 'A'
 #define OUTBOX_CORRUPT_FILE "outbox.corrupt"
 #define OUTBOX_LOCK_FILE "outbox.lock"
-/* Fixed part of an event payload: type, seq, ttl, flags, two lengths. */
-#define EVENT_FIXED (1 + 8 + 4 + 4 + 4 + 4)
+/* Fixed part of an event payload: type, seq, ttl, flags, two lengths, time. */
+#define EVENT_FIXED (1 + 8 + 4 + 4 + 4 + 4 + 8)
 #define HEADER_PAYLOAD (1 + 1 + 8 + 8)
 #define ACK_PAYLOAD (1 + 8)
 /* Compaction once finished events take more room than queued ones and
@@ -166,6 +175,15 @@ static size_t ring_find(const Outbox *o, uint64_t seq) {
 
 /* ---- writing ------------------------------------------------------------ */
 
+/* 0 (unknown) for a clock before 1970. */
+static uint64_t wall_clock_ms(void) {
+        struct timespec ts;
+
+        if (clock_gettime(CLOCK_REALTIME, &ts) < 0 || ts.tv_sec < 0)
+                return 0;
+        return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
 static int buf_reserve(Outbox *o, size_t n) {
         uint8_t *b;
 
@@ -265,6 +283,7 @@ static int compact(Outbox *o) {
 typedef struct Recovery {
         Outbox *o;
         bool header;
+        uint8_t version;
         uint64_t header_next_seq;
         uint64_t last_seq;
         uint64_t head;
@@ -272,16 +291,22 @@ typedef struct Recovery {
         int error;
 } Recovery;
 
+/* An event record of either version: the time is there or not (0). */
 static int decode_event(const uint8_t *payload, size_t len, uint64_t *ret_seq, uint32_t *ret_ttl,
                         uint32_t *ret_flags, const uint8_t **ret_name, size_t *ret_name_len,
-                        const uint8_t **ret_data, size_t *ret_data_len) {
+                        const uint8_t **ret_data, size_t *ret_data_len, uint64_t *ret_time) {
         RecordReader r = { .p = payload, .left = len };
         uint8_t type;
 
         if (record_get_u8(&r, &type) < 0 || type != REC_EVENT || record_get_u64(&r, ret_seq) < 0 ||
             record_get_u32(&r, ret_ttl) < 0 || record_get_u32(&r, ret_flags) < 0 ||
             record_get_bytes(&r, RECORD_PAYLOAD_MAX, ret_name, ret_name_len) < 0 ||
-            record_get_bytes(&r, RECORD_PAYLOAD_MAX, ret_data, ret_data_len) < 0 || r.left != 0)
+            record_get_bytes(&r, RECORD_PAYLOAD_MAX, ret_data, ret_data_len) < 0)
+                return -EBADMSG;
+        *ret_time = 0;
+        if (r.left > 0 && record_get_u64(&r, ret_time) < 0)
+                return -EBADMSG;
+        if (r.left != 0)
                 return -EBADMSG;
         if (*ret_name_len == 0 || memchr(*ret_name, 0, *ret_name_len))
                 return -EBADMSG;
@@ -299,11 +324,13 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
         case REC_HEADER:
                 if (rc->header)
                         return 0; /* only the first counts */
-                if (record_get_u8(&r, &version) < 0 || version != OUTBOX_VERSION ||
+                if (record_get_u8(&r, &version) < 0 || version < OUTBOX_VERSION_UNTIMED ||
+                    version > OUTBOX_VERSION ||
                     record_get_u64(&r, &rc->o->epoch) < 0 || record_get_u64(&r, &rc->header_next_seq) < 0 ||
                     rc->header_next_seq >= OUTBOX_SEQ_LIMIT)
                         return 0;
                 rc->header = true;
+                rc->version = version;
                 return 0;
         case REC_ACK:
                 if (rc->header && record_get_u64(&r, &v) == 0 && v > rc->head && v < OUTBOX_SEQ_LIMIT)
@@ -313,10 +340,11 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
                 const uint8_t *name, *data;
                 size_t name_len, data_len;
                 uint32_t ttl, flags;
+                uint64_t at;
                 Entry e;
                 int k;
 
-                if (decode_event(payload, len, &v, &ttl, &flags, &name, &name_len, &data, &data_len) < 0)
+                if (decode_event(payload, len, &v, &ttl, &flags, &name, &name_len, &data, &data_len, &at) < 0)
                         return 0;
                 if (!rc->header) {
                         rc->headless++;
@@ -409,7 +437,10 @@ static int recover(Outbox *o) {
                  * the last good record is still safe. */
                 if (compact(o) < 0 && ftruncate(o->fd, (off_t)o->end) < 0)
                         return -errno;
-        }
+        } else if (rc.version < OUTBOX_VERSION)
+                /* Upgrade the header. If that fails, the file still works
+                 * for us: this version reads the records of both. */
+                (void)compact(o);
         return 0;
 }
 
@@ -526,6 +557,7 @@ int outbox_append(Outbox *o, const char *name, const char *data, size_t data_len
         record_put_u32(&w, flags);
         record_put_bytes(&w, name, name_len);
         record_put_bytes(&w, data, data_len);
+        record_put_u64(&w, wall_clock_ms());
         if (w.overflow)
                 return -E2BIG;
         record_seal(OUTBOX_MAGIC, o->buf + ack, w.len);
@@ -576,7 +608,7 @@ static int read_entry(Outbox *o, const Entry *e, OutboxEvent *ret) {
         const uint8_t *payload, *name, *data;
         size_t plen, size, name_len, data_len;
         uint32_t ttl, flags;
-        uint64_t seq;
+        uint64_t seq, at;
         ssize_t n;
         int r;
 
@@ -588,7 +620,7 @@ static int read_entry(Outbox *o, const Entry *e, OutboxEvent *ret) {
                 return -errno;
         if ((size_t)n != e->size ||
             record_parse(OUTBOX_MAGIC, o->buf, e->size, &payload, &plen, &size) < 0 || size != e->size ||
-            decode_event(payload, plen, &seq, &ttl, &flags, &name, &name_len, &data, &data_len) < 0 ||
+            decode_event(payload, plen, &seq, &ttl, &flags, &name, &name_len, &data, &data_len, &at) < 0 ||
             seq != e->seq)
                 return -EBADMSG;
         r = event_reserve(o, name_len + data_len + 2);
@@ -606,6 +638,7 @@ static int read_entry(Outbox *o, const Entry *e, OutboxEvent *ret) {
                 .data_len = data_len,
                 .ttl = ttl,
                 .flags = flags,
+                .time_ms = at,
         };
         return 0;
 }

@@ -8,7 +8,10 @@
  * Every event gets a sequence number, increasing by one per event, and the
  * outbox has an epoch: a random number made when the file is created. The
  * pair (epoch, seq) identifies an event to the cloud, which drops resends
- * it has already delivered (docs/protocol.md, "Delivery").
+ * it has already delivered (docs/protocol.md, "Delivery"). Every event
+ * also keeps the wall-clock time of its outbox_append(), which the cloud
+ * reports as its publish time when it finds it sane (docs/protocol.md,
+ * "Event time").
  *
  * File I/O and queue logic only: no logging, no event loop. Errors are
  * negative errno values. */
@@ -49,6 +52,9 @@ typedef struct OutboxEvent {
         size_t data_len;
         uint32_t ttl;
         uint32_t flags;
+        /* Wall clock at outbox_append(), ms since 1970-01-01T00:00:00Z;
+         * 0: unknown (written by an agent that did not keep it). */
+        uint64_t time_ms;
 } OutboxEvent;
 
 typedef struct OutboxStats {
@@ -79,8 +85,9 @@ static inline void outbox_freep(Outbox **o) { outbox_free(*o); }
 void outbox_set_limits(Outbox *o, const OutboxLimits *limits);
 
 /* Append an event (name NUL terminated, data of data_len bytes, may be
- * NULL when data_len is 0). Nothing is checked but sizes: names and data
- * are the caller's business. On success *ret_seq (may be NULL) is its
+ * NULL when data_len is 0), stamped with the wall clock (CLOCK_REALTIME)
+ * of now. Nothing is checked but sizes: names and data are the caller's
+ * business. On success *ret_seq (may be NULL) is its
  * sequence number. -ENOBUFS: full and Overflow=reject; -E2BIG: one event
  * larger than MaxBytes; a write error (-ENOSPC, -EIO...) leaves the queue
  * as it was. */

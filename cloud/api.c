@@ -489,8 +489,10 @@ static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
         json_t *j;
         int n;
 
-        j = json_pack("{s:s?, s:I, s:s?, s:s?}", "data", e->data, "ttl", (json_int_t)e->ttl, "published_at",
-                      e->published_at, "coreid", e->coreid);
+        /* Particle's shape, plus received_at (docs/protocol.md, "Event time"). */
+        j = json_pack("{s:s?, s:I, s:s?, s:s?, s:s?}", "data", e->data, "ttl", (json_int_t)e->ttl,
+                      "published_at", e->published_at, "coreid", e->coreid, "received_at",
+                      e->received_at ?: e->published_at);
         if (j && e->private_ && json_object_set_new(j, "private", json_true()) < 0) {
                 json_decref(j);
                 j = NULL;

@@ -20,11 +20,16 @@ typedef struct Subscription {
         struct Subscription *prev, *next;
 } Subscription;
 
+/* At most one line about devices' insane clocks this often. */
+#define EVENTS_CLOCK_LOG_USEC (60ULL * 1000000)
+
 static struct {
         const CloudConfig *config;
         Subscription *head;
         unsigned routing; /* events_route() on the stack */
         bool need_sweep;
+        uint64_t clock_logged_at; /* CLOCK_MONOTONIC */
+        uint64_t clock_unlogged;  /* insane times since that line */
 } events;
 
 void events_init(const CloudConfig *config) { events.config = config; }
@@ -101,9 +106,38 @@ static int events_query(const coap_pdu_t *request, ProtoPublishQuery *ret) {
         return 0;
 }
 
+/* When the event happened: the device's publish time if it sent one and
+ * it is sane, else the time it arrived (now_ms, also received_at).
+ * docs/protocol.md, "Event time". */
+static void events_time(Device *d, const ProtoPublishQuery *q, uint64_t now_ms, char published_at[static 32],
+                        char received_at[static 32]) {
+        const char *problem;
+        uint64_t now;
+
+        if (proto_timestamp_format(now_ms, received_at) < 0)
+                snprintf(received_at, 32, "9999-12-31T23:59:59.999Z"); /* a cloud clock past 9999 */
+        memcpy(published_at, received_at, 32);
+        if (!q->has_time)
+                return;
+        problem = proto_publish_time_problem(q->time_ms, now_ms);
+        if (!problem && proto_timestamp_format(q->time_ms, published_at) == 0)
+                return;
+        /* A device with a bad clock stamps every event with it: say so
+         * now and then, not for each event. */
+        events.clock_unlogged++;
+        now = now_usec();
+        if (events.clock_logged_at != 0 && now - events.clock_logged_at < EVENTS_CLOCK_LOG_USEC)
+                return;
+        log_notice("Device '%s' published an event with time=%" PRIu64 " (ms), %s: using the time it arrived "
+                   "instead (%" PRIu64 " such event(s) since the last message).",
+                   device_id(d), q->time_ms, problem ?: "out of range", events.clock_unlogged);
+        events.clock_logged_at = now;
+        events.clock_unlogged = 0;
+}
+
 static void events_publish(Device *d, const coap_pdu_t *request, const char *name, coap_pdu_t *response) {
         _cleanup_free_ char *data = NULL;
-        char published_at[32];
+        char published_at[32], received_at[32];
         const uint8_t *payload = NULL;
         ProtoPublishQuery q;
         coap_opt_iterator_t it;
@@ -120,7 +154,7 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 return;
         }
         if (events_query(request, &q) < 0) {
-                events_reply(response, COAP_RESPONSE_CODE(400), "invalid seq= or epoch=");
+                events_reply(response, COAP_RESPONSE_CODE(400), "invalid seq=, epoch= or time=");
                 return;
         }
         if (q.has_seq && journal_seen(device_id(d), q.epoch, q.seq)) {
@@ -149,7 +183,7 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 memcpy(data, payload, len);
         data[len] = 0;
 
-        proto_timestamp_now(published_at);
+        events_time(d, &q, proto_time_now_ms(), published_at, received_at);
         e = (ProtoEvent){
                 .name = (char *)name,
                 .data = data,
@@ -157,6 +191,7 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 .private_ = q.private_,
                 .published_at = published_at,
                 .coreid = (char *)device_id(d),
+                .received_at = received_at,
         };
         opt = coap_check_option(request, COAP_OPTION_MAXAGE, &it);
         if (opt)

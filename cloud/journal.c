@@ -4,7 +4,14 @@
  *   'H' version u8, epoch u64, next_id u64          first record of a file
  *   'S' device bytes, epoch u64, last_seq u64        device state (rewrites)
  *   'E' id u64, coreid bytes, epoch u64, seq u64, ttl u32, private u8,
- *       published_at bytes, name bytes, has_data u8, data bytes
+ *       published_at bytes, name bytes, has_data u8, data bytes,
+ *       received_at bytes
+ *
+ * Version 1 files have no received_at in their events: it was then the
+ * same as published_at, and such records read back that way. A version 1
+ * file is rewritten as version 2 when it is opened (its records as they
+ * are), so that an older cloud sets a version 2 file aside as unreadable
+ * instead of skipping events it cannot parse.
  *
  * The append is the commit point of an event: once it is in the file the
  * event counts as delivered (a resend is dropped) and SSE clients that
@@ -31,7 +38,8 @@
 #define JOURNAL_LOCK_FILE "events.journal.lock"
 #define JOURNAL_CORRUPT_FILE "events.journal.corrupt"
 #define JOURNAL_MAGIC 0x314a4354u /* "TCJ1" on disk */
-#define JOURNAL_VERSION 1
+#define JOURNAL_VERSION 2
+#define JOURNAL_VERSION_NO_RECEIVED 1 /* events without received_at */
 #define REC_HEADER 'H'
 #define REC_STATE 'S'
 #define REC_EVENT 'E'
@@ -165,8 +173,8 @@ typedef struct EventView {
         uint64_t id, epoch, seq;
         uint32_t ttl;
         uint8_t private_, has_data;
-        const uint8_t *coreid, *published_at, *name, *data;
-        size_t coreid_len, published_at_len, name_len, data_len;
+        const uint8_t *coreid, *published_at, *name, *data, *received_at;
+        size_t coreid_len, published_at_len, name_len, data_len, received_at_len;
 } EventView;
 
 static int event_view(const uint8_t *payload, size_t len, EventView *v) {
@@ -180,11 +188,18 @@ static int event_view(const uint8_t *payload, size_t len, EventView *v) {
             record_get_bytes(&r, 64, &v->published_at, &v->published_at_len) < 0 ||
             record_get_bytes(&r, TETHER_EVENT_NAME_MAX, &v->name, &v->name_len) < 0 ||
             record_get_u8(&r, &v->has_data) < 0 ||
-            record_get_bytes(&r, PROTO_HARD_PAYLOAD_MAX, &v->data, &v->data_len) < 0 || r.left != 0)
+            record_get_bytes(&r, PROTO_HARD_PAYLOAD_MAX, &v->data, &v->data_len) < 0)
+                return -EBADMSG;
+        /* Written by version 1: it arrived when it was published. */
+        v->received_at = v->published_at;
+        v->received_at_len = v->published_at_len;
+        if (r.left > 0 && record_get_bytes(&r, 64, &v->received_at, &v->received_at_len) < 0)
+                return -EBADMSG;
+        if (r.left != 0)
                 return -EBADMSG;
         if (v->coreid_len == 0 || memchr(v->coreid, 0, v->coreid_len) || v->name_len == 0 ||
             memchr(v->name, 0, v->name_len) || memchr(v->published_at, 0, v->published_at_len) ||
-            memchr(v->data, 0, v->data_len))
+            memchr(v->data, 0, v->data_len) || memchr(v->received_at, 0, v->received_at_len))
                 return -EBADMSG;
         return 0;
 }
@@ -197,9 +212,10 @@ static int event_from_view(const EventView *v, ProtoEvent *ret) {
                 .private_ = v->private_,
                 .published_at = strndup((const char *)v->published_at, v->published_at_len),
                 .coreid = strndup((const char *)v->coreid, v->coreid_len),
+                .received_at = strndup((const char *)v->received_at, v->received_at_len),
         };
 
-        if (!e.name || (v->has_data && !e.data) || !e.published_at || !e.coreid) {
+        if (!e.name || (v->has_data && !e.data) || !e.published_at || !e.coreid || !e.received_at) {
                 proto_event_done(&e);
                 return -ENOMEM;
         }
@@ -360,6 +376,7 @@ static int journal_compact(void) {
 
 typedef struct Recovery {
         bool header;
+        uint8_t version;
         size_t header_end; /* events before the header are not ours */
         uint64_t events, headless, last_id;
         int error;
@@ -372,9 +389,11 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
 
         (void)record_get_u8(&r, &type);
         if (type == REC_HEADER) {
-                if (!rc->header && record_get_u8(&r, &version) == 0 && version == JOURNAL_VERSION &&
+                if (!rc->header && record_get_u8(&r, &version) == 0 &&
+                    version >= JOURNAL_VERSION_NO_RECEIVED && version <= JOURNAL_VERSION &&
                     record_get_u64(&r, &journal.epoch) == 0 && record_get_u64(&r, &journal.next_id) == 0) {
                         rc->header = true;
+                        rc->version = version;
                         rc->header_end = offset + record_size(len);
                         if (journal.next_id == 0 || journal.next_id == UINT64_MAX)
                                 journal.next_id = 1;
@@ -453,10 +472,14 @@ static int journal_recover(void) {
                 return create_fresh();
         }
         journal.end = (uint64_t)end;
-        if (skipped > 0) {
-                log_warning("Event journal '%s/%s': skipped %zu damaged byte(s) in %zu place(s), the first at "
-                            "offset %zu (a write torn by a crash?).",
-                            dir, JOURNAL_FILE, skipped, places, first);
+        if (skipped > 0 || rc.version < JOURNAL_VERSION) {
+                if (skipped > 0)
+                        log_warning("Event journal '%s/%s': skipped %zu damaged byte(s) in %zu place(s), the "
+                                    "first at offset %zu (a write torn by a crash?).",
+                                    dir, JOURNAL_FILE, skipped, places, first);
+                else
+                        log_info("Event journal '%s/%s': upgrading from version %u to %u.", dir, JOURNAL_FILE,
+                                 rc.version, JOURNAL_VERSION);
                 r = journal_rewrite(map, (size_t)st.st_size, rc.header_end);
                 if (r < 0) {
                         log_warning_errno(r, "Failed to rewrite the event journal: %m");
@@ -491,7 +514,9 @@ int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *
         size_t name_len = strlen(e->name), data_len = e->data ? strlen(e->data) : 0,
                coreid_len = e->coreid ? strlen(e->coreid) : 0,
                at_len = e->published_at ? strlen(e->published_at) : 0;
-        size_t cap = 64 + name_len + data_len + coreid_len + at_len;
+        const char *received = e->received_at ?: e->published_at ?: "";
+        size_t received_len = strlen(received);
+        size_t cap = 64 + name_len + data_len + coreid_len + at_len + received_len;
         uint64_t id = journal.next_id;
         RecordWriter w;
         int r;
@@ -513,6 +538,7 @@ int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *
         record_put_bytes(&w, e->name, name_len);
         record_put_u8(&w, e->data != NULL);
         record_put_bytes(&w, e->data ?: "", data_len);
+        record_put_bytes(&w, received, received_len);
         if (w.overflow || w.len > RECORD_PAYLOAD_MAX)
                 return -E2BIG;
         record_seal(JOURNAL_MAGIC, journal.buf, w.len);

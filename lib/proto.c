@@ -2,7 +2,6 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/time.h>
 #include <time.h>
 
 #include "proto.h"
@@ -227,6 +226,7 @@ void proto_event_done(ProtoEvent *e) {
         free(e->data);
         free(e->published_at);
         free(e->coreid);
+        free(e->received_at);
         memset(e, 0, sizeof(*e));
 }
 
@@ -235,8 +235,9 @@ int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len) {
 
         if (!e->name || proto_name_check(e->name, strlen(e->name), PROTO_NAME_EVENT) < 0)
                 return -EINVAL;
-        j = json_pack("{s:s, s:s?, s:I, s:s?, s:s?}", "name", e->name, "data", e->data, "ttl",
-                      (json_int_t)e->ttl, "published_at", e->published_at, "coreid", e->coreid);
+        j = json_pack("{s:s, s:s?, s:I, s:s?, s:s?, s:s?}", "name", e->name, "data", e->data, "ttl",
+                      (json_int_t)e->ttl, "published_at", e->published_at, "coreid", e->coreid, "received_at",
+                      e->received_at ?: e->published_at);
         if (!j)
                 return -EINVAL;
         if (e->private_ && json_object_set_new(j, "private", json_true()) < 0) {
@@ -247,11 +248,11 @@ int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len) {
 }
 
 int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret) {
-        const char *name = NULL, *data = NULL, *at = NULL, *coreid = NULL;
+        const char *name = NULL, *data = NULL, *at = NULL, *coreid = NULL, *received = NULL;
         json_int_t ttl = PROTO_DEFAULT_TTL;
+        json_t *j, *data_json = NULL;
         int priv = 0;
         ProtoEvent e = {};
-        json_t *j;
         int r = -EBADMSG;
 
         if (!buf)
@@ -259,9 +260,16 @@ int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret) {
         j = json_loadb((const char *)buf, len, JSON_REJECT_DUPLICATES, NULL);
         if (!j)
                 return -EBADMSG;
-        if (json_unpack(j, "{s:s, s?s, s?I, s?s, s?s, s?b}", "name", &name, "data", &data, "ttl", &ttl,
-                        "published_at", &at, "coreid", &coreid, "private", &priv) < 0)
+        /* data is null for an event without data (proto_event_encode()). */
+        if (json_unpack(j, "{s:s, s?o, s?I, s?s, s?s, s?b, s?s}", "name", &name, "data", &data_json, "ttl", &ttl,
+                        "published_at", &at, "coreid", &coreid, "private", &priv, "received_at",
+                        &received) < 0)
                 goto out;
+        if (data_json && !json_is_null(data_json)) {
+                if (!json_is_string(data_json))
+                        goto out;
+                data = json_string_value(data_json);
+        }
         if (proto_name_check(name, strlen(name), PROTO_NAME_EVENT) < 0 || ttl < 0 || ttl > UINT32_MAX)
                 goto out;
         r = -ENOMEM;
@@ -269,7 +277,9 @@ int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret) {
         e.data = data ? strdup(data) : NULL;
         e.published_at = at ? strdup(at) : NULL;
         e.coreid = coreid ? strdup(coreid) : NULL;
-        if (!e.name || (data && !e.data) || (at && !e.published_at) || (coreid && !e.coreid)) {
+        e.received_at = received ? strdup(received) : NULL;
+        if (!e.name || (data && !e.data) || (at && !e.published_at) || (coreid && !e.coreid) ||
+            (received && !e.received_at)) {
                 proto_event_done(&e);
                 goto out;
         }
@@ -353,6 +363,23 @@ static bool has_prefix(const uint8_t *opt, size_t len, const char *prefix, size_
         return true;
 }
 
+/* 1 to 20 decimal digits, no sign, below 2^64. */
+static int parse_decimal(const uint8_t *p, size_t len, uint64_t *ret) {
+        uint64_t v = 0;
+
+        if (len == 0 || len > 20)
+                return -EINVAL;
+        for (size_t i = 0; i < len; i++) {
+                unsigned d = (unsigned)p[i] - '0';
+
+                if (d > 9 || v > (UINT64_MAX - d) / 10)
+                        return -EINVAL;
+                v = v * 10 + d;
+        }
+        *ret = v;
+        return 0;
+}
+
 int proto_publish_query_add(ProtoPublishQuery *q, const uint8_t *opt, size_t len) {
         size_t n;
 
@@ -361,21 +388,21 @@ int proto_publish_query_add(ProtoPublishQuery *q, const uint8_t *opt, size_t len
                 return 0;
         }
         if (has_prefix(opt, len, PROTO_QUERY_SEQ, &n)) {
-                uint64_t v = 0;
+                uint64_t v;
 
-                if (q->has_seq || len == n || len - n > 20)
-                        return -EINVAL;
-                for (size_t i = n; i < len; i++) {
-                        unsigned d = (unsigned)opt[i] - '0';
-
-                        if (d > 9 || v > (UINT64_MAX - d) / 10)
-                                return -EINVAL;
-                        v = v * 10 + d;
-                }
-                if (v == 0)
+                if (q->has_seq || parse_decimal(opt + n, len - n, &v) < 0 || v == 0)
                         return -EINVAL;
                 q->seq = v;
                 q->has_seq = true;
+                return 0;
+        }
+        if (has_prefix(opt, len, PROTO_QUERY_TIME, &n)) {
+                uint64_t v;
+
+                if (q->has_time || parse_decimal(opt + n, len - n, &v) < 0)
+                        return -EINVAL;
+                q->time_ms = v;
+                q->has_time = true;
                 return 0;
         }
         if (has_prefix(opt, len, PROTO_QUERY_EPOCH, &n)) {
@@ -405,14 +432,45 @@ int proto_publish_query_check(const ProtoPublishQuery *q) {
         return q->has_seq == q->has_epoch ? 0 : -EINVAL;
 }
 
-void proto_timestamp_now(char buf[static 32]) {
-        struct timeval tv;
+int proto_timestamp_format(uint64_t ms, char buf[static 32]) {
+        /* 9999-12-31T23:59:59.999Z: four-digit years only. */
+        const uint64_t max = UINT64_C(253402300799999);
+        time_t sec;
         struct tm tm;
-
-        gettimeofday(&tv, NULL);
-        gmtime_r(&tv.tv_sec, &tm);
         char date[24];
 
+        if (ms > max)
+                return -ERANGE;
+        sec = (time_t)(ms / 1000);
+        if (!gmtime_r(&sec, &tm))
+                return -ERANGE;
         strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%S", &tm);
-        snprintf(buf, 32, "%.20s.%03dZ", date, (int)(tv.tv_usec / 1000) % 1000);
+        snprintf(buf, 32, "%.20s.%03uZ", date, (unsigned)(ms % 1000));
+        return 0;
+}
+
+uint64_t proto_time_now_ms(void) {
+        struct timespec ts;
+
+        if (clock_gettime(CLOCK_REALTIME, &ts) < 0 || ts.tv_sec < 0)
+                return 0;
+        return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+void proto_timestamp_now(char buf[static 32]) {
+        if (proto_timestamp_format(proto_time_now_ms(), buf) < 0)
+                snprintf(buf, 32, "9999-12-31T23:59:59.999Z");
+}
+
+const char *proto_publish_time_problem(uint64_t device_ms, uint64_t now_ms) {
+        _Static_assert(PROTO_TIME_SKEW_MS == 60000 && PROTO_TIME_MAX_AGE_MS == UINT64_C(2592000000),
+                       "the reasons below name the limits");
+
+        if (device_ms < PROTO_TIME_FLOOR_MS)
+                return "before 2025-01-01T00:00:00Z";
+        if (device_ms > now_ms && device_ms - now_ms > PROTO_TIME_SKEW_MS)
+                return "more than 60 s ahead of the cloud's clock";
+        if (device_ms < now_ms && now_ms - device_ms > PROTO_TIME_MAX_AGE_MS)
+                return "more than 30 days behind the cloud's clock";
+        return NULL;
 }

@@ -31,6 +31,20 @@
  * 1..2^64-1) and the device's outbox epoch (16 lowercase hex digits). */
 #define PROTO_QUERY_SEQ "seq="
 #define PROTO_QUERY_EPOCH "epoch="
+/* Uri-Query option of a publish: when the device published the event, by
+ * its wall clock, in milliseconds since 1970-01-01T00:00:00Z (decimal,
+ * 0..2^64-1). Optional: devices that do not send it get the time the
+ * cloud received the event. */
+#define PROTO_QUERY_TIME "time="
+
+/* The cloud takes a device's publish time only when it is sane
+ * (proto_publish_time_problem(), docs/protocol.md "Event time"): not
+ * before this floor (2025-01-01T00:00:00Z), not more than
+ * PROTO_TIME_SKEW_MS after the cloud's clock, not more than
+ * PROTO_TIME_MAX_AGE_MS before it. */
+#define PROTO_TIME_FLOOR_MS UINT64_C(1735689600000)
+#define PROTO_TIME_SKEW_MS UINT64_C(60000)
+#define PROTO_TIME_MAX_AGE_MS (UINT64_C(30) * 24 * 3600 * 1000)
 
 /* CoAP Content-Format numbers used. */
 #define PROTO_CF_TEXT 0
@@ -87,10 +101,14 @@ typedef struct ProtoEvent {
         bool private_;
         char *published_at; /* RFC 3339 UTC, e.g. 2026-11-25T23:59:59.123Z */
         char *coreid;       /* publishing device id, or "api" */
+        char *received_at;  /* when the cloud got it, RFC 3339 UTC; NULL: published_at */
 } ProtoEvent;
 
 void proto_event_done(ProtoEvent *e);
-/* JSON object {"name","data","ttl","published_at","coreid"[,"private"]}. */
+/* JSON object {"name","data","ttl","published_at","coreid","received_at"
+ * [,"private"]}; data is null when e has none, received_at is published_at
+ * when e has none. Decoding takes data (absent or null: NULL) and
+ * received_at (absent: NULL) as optional. */
 int proto_event_encode(const ProtoEvent *e, char **ret, size_t *ret_len);
 int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret);
 
@@ -103,17 +121,28 @@ int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret);
 /* The Uri-Query options of a publish (POST /e/{name}). */
 typedef struct ProtoPublishQuery {
         bool private_;
-        bool has_seq, has_epoch;
-        uint64_t seq;   /* 1..2^64-1 */
-        uint64_t epoch; /* any, sent as 16 hex digits */
+        bool has_seq, has_epoch, has_time;
+        uint64_t seq;     /* 1..2^64-1 */
+        uint64_t epoch;   /* any, sent as 16 hex digits */
+        uint64_t time_ms; /* any; whether it is sane is the cloud's call */
 } ProtoPublishQuery;
 
 /* Take one Uri-Query option (len bytes, not NUL terminated) into q,
  * which starts zeroed. Unknown options are ignored. -EINVAL for a
- * malformed or repeated seq= or epoch=. */
+ * malformed or repeated seq=, epoch= or time=. */
 int proto_publish_query_add(ProtoPublishQuery *q, const uint8_t *opt, size_t len);
 /* After the last option: -EINVAL if only one of seq= and epoch= came. */
 int proto_publish_query_check(const ProtoPublishQuery *q);
 
 /* RFC 3339 UTC timestamp with milliseconds of the current wall clock. */
 void proto_timestamp_now(char buf[static 32]);
+/* The same for ms milliseconds since 1970-01-01T00:00:00Z; -ERANGE past
+ * the year 9999 (buf untouched). */
+int proto_timestamp_format(uint64_t ms, char buf[static 32]);
+/* The wall clock in milliseconds since 1970-01-01T00:00:00Z (0 if the
+ * clock is before that). */
+uint64_t proto_time_now_ms(void);
+/* Whether a device's publish time device_ms is sane for a cloud whose
+ * clock says now_ms: NULL if so, else why not (a static string for a log
+ * line, e.g. "more than 60 s ahead of the cloud's clock"). */
+const char *proto_publish_time_problem(uint64_t device_ms, uint64_t now_ms);

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Write the binary seed files of the fuzz corpora for the outbox and the
 event journal (tests/fuzz/corpus/fuzz-{outbox,journal}/): small valid
-files in the formats of agent/outbox.c and cloud/journal.c, and a few
-damaged ones. Run from anywhere; the files are in the tree already."""
+files in the formats of agent/outbox.c and cloud/journal.c (both
+versions: 1, as older daemons wrote them, and 2, whose events carry the
+publish time or the receive time), and a few damaged ones. Run from
+anywhere; the files are in the tree already."""
 
 import os
 import struct
@@ -25,8 +27,9 @@ OUTBOX = 0x31424f54  # "TOB1"
 JOURNAL = 0x314a4354  # "TCJ1"
 
 
-def outbox_event(seq, name, data, ttl=60, flags=0):
-    return record(OUTBOX, b"E" + struct.pack("<QII", seq, ttl, flags) + blob(name) + blob(data))
+def outbox_event(seq, name, data, ttl=60, flags=0, time=None):
+    tail = struct.pack("<Q", time) if time is not None else b""
+    return record(OUTBOX, b"E" + struct.pack("<QII", seq, ttl, flags) + blob(name) + blob(data) + tail)
 
 
 def outbox_files():
@@ -40,12 +43,16 @@ def outbox_files():
     middle[len(head) + 60] ^= 0xff
     yield "damaged-middle", bytes(middle)
     yield "no-header", events
+    head2 = record(OUTBOX, b"H" + bytes([2]) + struct.pack("<QQ", 0x0123456789abcdef, 1))
+    timed = b"".join(outbox_event(i, b"pump/n", str(i).encode(), time=1764064800000 + i) for i in range(1, 4))
+    yield "queue-v2", head2 + ack(1) + timed + outbox_event(4, b"pump/n", b"4")
 
 
-def journal_event(eid, coreid, epoch, seq, name, data, private=0):
+def journal_event(eid, coreid, epoch, seq, name, data, private=0, received_at=None):
+    tail = blob(received_at) if received_at is not None else b""
     return record(JOURNAL, b"E" + struct.pack("<Q", eid) + blob(coreid) + struct.pack("<QQI", epoch, seq, 60) +
                   bytes([private]) + blob(b"2026-11-25T23:59:59.123Z") + blob(name) +
-                  bytes([data is not None]) + blob(data or b""))
+                  bytes([data is not None]) + blob(data or b"") + tail)
 
 
 def journal_files():
@@ -59,6 +66,10 @@ def journal_files():
     damaged = bytearray(head + state + events)
     damaged[len(head) + len(state) + 40] ^= 0x55
     yield "damaged-middle", bytes(damaged)
+    head2 = record(JOURNAL, b"H" + bytes([2]) + struct.pack("<QQ", 0x5f0c2a9e8d7b6a51, 1))
+    received = b"".join(journal_event(i, b"0a1b2c3d4e5f60718293a4b5", 7, 100 + i, b"room/light", b"on",
+                                      received_at=b"2026-11-26T00:10:00.000Z") for i in range(1, 3))
+    yield "journal-v2", head2 + state + received + journal_event(3, b"api", 0, 0, b"cmd/all", b"x")
 
 
 for target, files in (("fuzz-outbox", outbox_files()), ("fuzz-journal", journal_files())):

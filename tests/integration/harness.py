@@ -8,6 +8,7 @@ fails the test instead of hanging it.
 """
 
 import ctypes
+import http.client
 import json
 import os
 import random
@@ -696,3 +697,82 @@ class NetNs:
             subprocess.run(["ip", "link", "del", self.host_if], capture_output=True)
         if self.etc:
             shutil.rmtree(self.etc, ignore_errors=True)
+
+
+class EventStream:
+    """The raw SSE stream of GET /v1/events/PREFIX of World w's cloud
+    (tether subscribe --json keeps only Particle's fields), read in a
+    thread: every message as {"id","event","data"} with data parsed;
+    first_id is the id: line the stream opens with. Closed with the World."""
+
+    def __init__(self, w, prefix="", last_event_id=None):
+        self.conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=30 * SLOW)
+        headers = {"Authorization": f"Bearer {w.token}"}
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        self.conn.request("GET", "/v1/events/" + prefix, headers=headers)
+        self.resp = self.conn.getresponse()
+        if self.resp.status != 200:
+            raise Failure(f"event stream: HTTP {self.resp.status}")
+        self.messages, self.first_id, self.ended = [], None, False
+        self.cond = threading.Condition()
+        threading.Thread(target=self._run, daemon=True).start()
+        w.cleanups.append(self.close)
+
+    def _run(self):
+        msg = {}
+        try:
+            for raw in self.resp:
+                line = raw.decode().rstrip("\n")
+                with self.cond:
+                    if line == "":
+                        if "data" in msg:
+                            self.messages.append(msg)
+                        elif "id" in msg and self.first_id is None:
+                            self.first_id = msg["id"]
+                        msg = {}
+                        self.cond.notify_all()
+                    elif line.startswith("id: "):
+                        msg["id"] = line[4:]
+                    elif line.startswith("event: "):
+                        msg["event"] = line[7:]
+                    elif line.startswith("data: "):
+                        msg["data"] = json.loads(line[6:])
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+        with self.cond:
+            self.ended = True
+            self.cond.notify_all()
+
+    def wait(self, pred, timeout=10, what="event"):
+        deadline = time.monotonic() + timeout * SLOW
+        with self.cond:
+            while True:
+                for m in self.messages:
+                    if pred(m):
+                        return m
+                if self.ended:
+                    raise Failure(f"the event stream ended waiting for {what}; got {self.messages}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Failure(f"timed out waiting for {what}; got {self.messages}")
+                self.cond.wait(min(left, 0.5))
+
+    def wait_first_id(self, timeout=10):
+        deadline = time.monotonic() + timeout * SLOW
+        with self.cond:
+            while self.first_id is None:
+                if self.ended or time.monotonic() > deadline:
+                    raise Failure("the event stream sent no id: line")
+                self.cond.wait(0.5)
+        return self.first_id
+
+    def named(self, name, timeout=10):
+        return self.wait(lambda m: m.get("event") == name, timeout, f"event '{name}'")
+
+    def close(self):
+        try:
+            self.resp.close()
+            self.conn.close()
+        except OSError:
+            pass

@@ -59,6 +59,11 @@ def test_call_get_publish_subscribe(w):
     sub.wait(lambda e: e.get("name") == "tether/var/last_event" and e.get("data") == '"off-7"',
              what="second last_event change")
     sub.close()
+    # An event without data reaches the plugin too (it travels as "data":null).
+    mark = a.mark()
+    w.tether("publish", "example/cmd/empty")
+    a.wait_line(r"received event 'example/cmd/empty'", start=mark)
+    expect(a.count("malformed event notification", mark) == 0, "the agent refused an event without data")
 
 
 def test_errors_keep_agent_serving(w):

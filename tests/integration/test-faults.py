@@ -21,8 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (BUILD, SLOW, TEST_PLUGINS, TETHER, WRAPPER, Failure, NetNs, Skip,  # noqa: E402
-                     expect, run)
+from harness import (BUILD, SLOW, TEST_PLUGINS, TETHER, WRAPPER, EventStream, Failure, NetNs,  # noqa: E402
+                     Skip, expect, run)
 
 # Under valgrind (TETHER_TEST_WRAPPER) or an emulator (cross builds) the
 # daemons run many times slower: timings SLOW times longer, 1/SLOW of the
@@ -517,7 +517,9 @@ def test_clock_steps(w):
     """Wall clocks stepped forward and back (as NTP does) under agent and
     cloud: no reconnect, nothing lost or repeated. tests/clock/wallclock.c
     steps the realtime clock of these processes only; CLOCK_MONOTONIC, which
-    every deadline in tether uses, stays real."""
+    every deadline in tether uses, stays real. The cloud's steps show in
+    received_at; the agent's in published_at when its clock is sane
+    (docs/protocol.md, "Event time"), not when it is a day ahead."""
     if not os.path.exists(WALLCLOCK):
         raise Skip(f"{WALLCLOCK} is not built")
     agent_clock, cloud_clock = w.path("agent.clock"), w.path("cloud.clock")
@@ -536,6 +538,7 @@ def test_clock_steps(w):
     w.start_cloud(timing=CLOUD_FAST, env=faked(cloud_clock))
     device = w.new_device()
     sub = new_subscriber(w, device[0])
+    stream = EventStream(w, "pump/")
     # Not scaled down: every step needs events after it to show.
     total = 800
     a = w.start_agent(device=device, plugin_dir=TEST_PLUGINS, connection=AGENT_FAST,
@@ -546,24 +549,34 @@ def test_clock_steps(w):
     hour, day = 3600, 86400
     plan = [(agent_clock, 26 * hour), (cloud_clock, -20 * 60), (agent_clock, 0), (cloud_clock, 2 * day),
             (cloud_clock, 0), (agent_clock, -hour), (agent_clock, 0)]
-    stamps = []
     for path, offset in plan:
         wait_numbers(sub, min(len(numbers(sub)) + 100, total), 20)
         step(path, offset)
     wait_numbers(sub, total, 60)
-    for e in sub.snapshot():
-        if e.get("name") == "pump/n":
-            stamps.append(e["published_at"])
+    stream.wait(lambda m: m["data"]["data"] == str(total), 10, f"event {total} on the raw stream")
+    with stream.cond:
+        stamps = [(m["data"]["received_at"], m["data"]["published_at"]) for m in stream.messages]
     n = check_exactly_once(sub, total, "clock steps")
     dropped = a.count("Disconnected from", mark)
     expect(dropped == 0, f"the agent reconnected {dropped} time(s) when the clocks stepped")
-    # The cloud stamps events with its wall clock: its steps show there.
-    times = [datetime.datetime.fromisoformat(s.replace("Z", "+00:00")) for s in stamps]
+
+    def parse(s):
+        return datetime.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    # The cloud stamps received_at with its wall clock: its steps show there.
+    times = [parse(r) for r, _ in stamps]
     jumps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
     back, ahead = min(jumps), max(jumps)
+    # published_at is the agent's clock when sane: an hour behind the
+    # cloud's (the agent's step) or two days (the cloud's) is, ahead by a
+    # day (the agent's step) or 20 minutes (the cloud's) is not.
+    lead = [(parse(p) - parse(r)).total_seconds() for r, p in stamps]
     print(f"# clock steps {', '.join(f'{os.path.basename(p)} {o:+d} s' for p, o in plan)}: {total} published, {n} received once, in order, "
-          f"no reconnect; the cloud's timestamps jumped {back:+.0f} s and {ahead:+.0f} s")
+          f"no reconnect; the cloud's timestamps jumped {back:+.0f} s and {ahead:+.0f} s; published_at was "
+          f"{min(lead):+.0f} s to {max(lead):+.0f} s from received_at")
     expect(back < -15 * 60 and ahead > 86400, "the cloud's clock steps do not show in its timestamps")
+    expect(any(-hour - 100 < x < -hour + 100 for x in lead), "the agent's clock an hour behind does not show")
+    expect(any(-2 * day - 100 < x < -2 * day + 100 for x in lead), "the cloud's clock 2 days ahead does not show")
+    expect(max(lead) <= 60, "a device time ahead of the cloud's clock was taken")
     sub.close()
 
 

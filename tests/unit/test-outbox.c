@@ -1,6 +1,7 @@
 /* Unit tests for the persistent outbox (agent/outbox.c): order, limits,
- * overflow policies, compaction, and recovery after a crash in the middle
- * of a write (a child process dies inside the write, the parent reopens). */
+ * overflow policies, compaction, recovery after a crash in the middle
+ * of a write (a child process dies inside the write, the parent reopens),
+ * and the files of version 1, whose events have no publish time. */
 #include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -9,6 +10,7 @@
 #include <cmocka.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <time.h>
 
 #include "agent/outbox.h"
 #include "util.h"
@@ -345,21 +347,22 @@ static void test_damage_in_the_middle(void **state) {
         }
         outbox_free(o);
         size = file_size();
-        /* Each event record is 12 + 25 + 3 + 2 = 42 bytes; the header and
-         * first ack take 12 + 18 + 12 + 9 = 51. Flip a byte inside the
-         * third event. */
+        /* Each event record is 12 + 33 + 3 + 2 = 50 bytes (header, fixed
+         * part with the time, name, data); the file's header and first
+         * ack take 12 + 18 + 12 + 9 = 51. Flip a byte inside the third
+         * event. */
         snprintf(path, sizeof(path), "%s/outbox", dir);
         fd = open(path, O_RDWR);
         assert_true(fd >= 0);
-        assert_int_equal(pwrite(fd, "X", 1, 51 + 2 * 42 + 20), 1);
+        assert_int_equal(pwrite(fd, "X", 1, 51 + 2 * 50 + 20), 1);
         close(fd);
         assert_int_equal(file_size(), size);
 
         o = open_ok(&roomy);
         assert_int_equal(outbox_stats(o)->recovered, 4);
         assert_int_equal(outbox_stats(o)->damaged_places, 1);
-        assert_int_equal(outbox_stats(o)->damaged_bytes, 42);
-        assert_int_equal(outbox_stats(o)->first_damage, 51 + 2 * 42);
+        assert_int_equal(outbox_stats(o)->damaged_bytes, 50);
+        assert_int_equal(outbox_stats(o)->first_damage, 51 + 2 * 50);
         queued(o, buf, sizeof(buf));
         assert_string_equal(buf, "mid=v1 mid=v2 mid=v4 mid=v5");
         outbox_free(o);
@@ -432,6 +435,180 @@ static void test_sync_always(void **state) {
         outbox_free(o);
 }
 
+static uint64_t wall_ms(void) {
+        struct timespec ts;
+
+        assert_int_equal(clock_gettime(CLOCK_REALTIME, &ts), 0);
+        return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Records built by hand, as an agent of an older version wrote them. */
+typedef struct Hand {
+        uint8_t buf[4096];
+        size_t len;
+} Hand;
+
+static RecordWriter hand_begin(Hand *h) {
+        return (RecordWriter){ .buf = h->buf + h->len + RECORD_HEADER_SIZE, .cap = 512 };
+}
+
+static void hand_end(Hand *h, RecordWriter *w) {
+        assert_false(w->overflow);
+        record_seal(OUTBOX_MAGIC, h->buf + h->len, w->len);
+        h->len += record_size(w->len);
+}
+
+static void hand_header(Hand *h, uint8_t version, uint64_t epoch, uint64_t next_seq) {
+        RecordWriter w = hand_begin(h);
+
+        record_put_u8(&w, 'H');
+        record_put_u8(&w, version);
+        record_put_u64(&w, epoch);
+        record_put_u64(&w, next_seq);
+        hand_end(h, &w);
+}
+
+/* tail: bytes after the data (a version 1 event has none). */
+static void hand_event(Hand *h, uint64_t seq, const char *name, const char *data, const void *tail,
+                       size_t tail_len) {
+        RecordWriter w = hand_begin(h);
+
+        record_put_u8(&w, 'E');
+        record_put_u64(&w, seq);
+        record_put_u32(&w, 30);
+        record_put_u32(&w, 0);
+        record_put_bytes(&w, name, strlen(name));
+        record_put_bytes(&w, data, strlen(data));
+        if (tail_len > 0) {
+                assert_true(w.len + tail_len <= w.cap);
+                memcpy(w.buf + w.len, tail, tail_len);
+                w.len += tail_len;
+        }
+        hand_end(h, &w);
+}
+
+static void hand_write(const Hand *h) {
+        char path[256];
+        FILE *f;
+
+        snprintf(path, sizeof(path), "%s/outbox", dir);
+        f = fopen(path, "we");
+        assert_non_null(f);
+        assert_int_equal(fwrite(h->buf, 1, h->len, f), h->len);
+        assert_int_equal(fclose(f), 0);
+}
+
+/* The version byte of the file's header record. */
+static int file_version(void) {
+        uint8_t head[RECORD_HEADER_SIZE + 2];
+        char path[256];
+        FILE *f;
+
+        snprintf(path, sizeof(path), "%s/outbox", dir);
+        f = fopen(path, "re");
+        assert_non_null(f);
+        assert_int_equal(fread(head, 1, sizeof(head), f), sizeof(head));
+        fclose(f);
+        assert_int_equal(head[RECORD_HEADER_SIZE], 'H');
+        return head[RECORD_HEADER_SIZE + 1];
+}
+
+static void test_publish_time_kept(void **state) {
+        uint64_t before = wall_ms(), after, t1;
+        Outbox *o = open_ok(&roomy);
+        OutboxEvent e;
+
+        append(o, "t/one", "1");
+        append(o, "t/two", "2");
+        after = wall_ms();
+        assert_int_equal(outbox_next(o, 0, &e), 0);
+        assert_in_range(e.time_ms, before, after);
+        t1 = e.time_ms;
+        assert_int_equal(outbox_next(o, 1, &e), 0);
+        assert_in_range(e.time_ms, t1, after);
+        outbox_free(o);
+        assert_int_equal(file_version(), 2);
+
+        /* A restart keeps it: it is in the file. */
+        o = open_ok(&roomy);
+        assert_int_equal(outbox_next(o, 0, &e), 0);
+        assert_int_equal(e.time_ms, t1);
+        assert_string_equal(e.name, "t/one");
+        outbox_free(o);
+}
+
+static void test_version1_file(void **state) {
+        uint64_t before, after;
+        Hand h = {};
+        Outbox *o;
+        OutboxEvent e;
+        char buf[256];
+
+        hand_header(&h, 1, 0x0123456789abcdefULL, 1);
+        hand_event(&h, 1, "old/one", "1", NULL, 0);
+        hand_event(&h, 2, "old/two", "22", NULL, 0);
+        hand_write(&h);
+
+        o = open_ok(&roomy);
+        assert_int_equal(outbox_stats(o)->recovered, 2);
+        assert_false(outbox_stats(o)->recreated);
+        assert_int_equal(outbox_stats(o)->damaged_bytes, 0);
+        assert_int_equal(outbox_epoch(o), 0x0123456789abcdefULL);
+        assert_int_equal(outbox_next(o, 0, &e), 0);
+        assert_int_equal(e.seq, 1);
+        assert_string_equal(e.name, "old/one");
+        assert_int_equal(e.ttl, 30);
+        assert_int_equal(e.time_ms, 0); /* not known */
+        /* Opening it made it a version 2 file, the old records as they were. */
+        assert_int_equal(file_version(), 2);
+        before = wall_ms();
+        assert_int_equal(append(o, "new/three", "3"), 3);
+        after = wall_ms();
+        outbox_free(o);
+
+        o = open_ok(&roomy);
+        queued(o, buf, sizeof(buf));
+        assert_string_equal(buf, "old/one=1 old/two=22 new/three=3");
+        assert_int_equal(outbox_next(o, 1, &e), 0);
+        assert_int_equal(e.time_ms, 0);
+        assert_int_equal(outbox_next(o, 2, &e), 0);
+        assert_in_range(e.time_ms, before, after);
+        outbox_free(o);
+}
+
+static void test_event_tails(void **state) {
+        static const uint8_t stamp[8] = { 1, 2, 3, 4, 5, 6, 7, 0 }, odd[3] = { 1, 2, 3 };
+        Hand h = {};
+        Outbox *o;
+        OutboxEvent e;
+        char buf[256];
+
+        /* An event may end after its data or after a u64 time; any other
+         * tail is not an event of ours. */
+        hand_header(&h, 2, 7, 1);
+        hand_event(&h, 1, "a", "1", stamp, sizeof(stamp));
+        hand_event(&h, 2, "b", "2", odd, sizeof(odd));
+        hand_event(&h, 3, "c", "3", NULL, 0);
+        hand_write(&h);
+        o = open_ok(&roomy);
+        queued(o, buf, sizeof(buf));
+        assert_string_equal(buf, "a=1 c=3");
+        assert_int_equal(outbox_next(o, 0, &e), 0);
+        assert_int_equal(e.time_ms, 0x0007060504030201ULL);
+        outbox_free(o);
+
+        /* A version this agent does not know: set aside, not misread. */
+        clean_dir();
+        h = (Hand){};
+        hand_header(&h, 3, 7, 1);
+        hand_event(&h, 1, "a", "1", stamp, sizeof(stamp));
+        hand_write(&h);
+        o = open_ok(&roomy);
+        assert_true(outbox_stats(o)->recreated);
+        assert_int_equal(outbox_count(o), 0);
+        outbox_free(o);
+}
+
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup(test_order_ack_reopen, setup),
@@ -446,6 +623,9 @@ int main(void) {
                 cmocka_unit_test_setup(test_disk_full, setup),
                 cmocka_unit_test_setup(test_foreign_file, setup),
                 cmocka_unit_test_setup(test_sync_always, setup),
+                cmocka_unit_test_setup(test_publish_time_kept, setup),
+                cmocka_unit_test_setup(test_version1_file, setup),
+                cmocka_unit_test_setup(test_event_tails, setup),
         };
         char cmd[128];
         int r;

@@ -145,12 +145,126 @@ static void test_events(void **state) {
         assert_null(d.data);
         assert_int_equal(d.ttl, PROTO_DEFAULT_TTL);
         proto_event_done(&d);
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\",\"data\":1}", 21, &d), -EBADMSG);
+        /* An event without data goes out with "data":null and comes back. */
+        e.data = NULL;
+        free(s);
+        assert_int_equal(proto_event_encode(&e, &s, &len), 0);
+        assert_non_null(strstr(s, "\"data\":null"));
+        assert_int_equal(proto_event_decode((const uint8_t *)s, len, &d), 0);
+        assert_null(d.data);
+        assert_string_equal(d.name, "room/light");
+        proto_event_done(&d);
+        e.data = "on";
         assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"/a\"}", 13, &d), -EBADMSG);
         assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":1}", 10, &d), -EBADMSG);
         assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\",\"ttl\":-1}", 21, &d), -EBADMSG);
         assert_int_equal(proto_event_decode((const uint8_t *)"{", 1, &d), -EBADMSG);
         e.name = "bad name";
         assert_int_equal(proto_event_encode(&e, &s, &len), -EINVAL);
+}
+
+static void test_event_received_at(void **state) {
+        ProtoEvent e = { .name = "a", .data = "x", .ttl = 60, .published_at = "2026-11-25T10:00:00.000Z",
+                         .coreid = "d" };
+        ProtoEvent d = {};
+        _cleanup_free_ char *s = NULL, *t = NULL;
+        size_t len;
+
+        /* Without one, received_at is published_at. */
+        assert_int_equal(proto_event_encode(&e, &s, &len), 0);
+        assert_non_null(strstr(s, "\"received_at\":\"2026-11-25T10:00:00.000Z\""));
+        e.received_at = "2026-11-25T10:05:00.000Z";
+        assert_int_equal(proto_event_encode(&e, &t, &len), 0);
+        assert_int_equal(proto_event_decode((const uint8_t *)t, len, &d), 0);
+        assert_string_equal(d.published_at, "2026-11-25T10:00:00.000Z");
+        assert_string_equal(d.received_at, "2026-11-25T10:05:00.000Z");
+        proto_event_done(&d);
+        /* Older clouds send none; it must be a string when there. */
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\"}", 12, &d), 0);
+        assert_null(d.received_at);
+        proto_event_done(&d);
+        assert_int_equal(proto_event_decode((const uint8_t *)"{\"name\":\"a\",\"received_at\":1}", 29, &d),
+                         -EBADMSG);
+}
+
+static int query(ProtoPublishQuery *q, const char *opt) {
+        return proto_publish_query_add(q, (const uint8_t *)opt, strlen(opt));
+}
+
+static void test_publish_query(void **state) {
+        ProtoPublishQuery q = {};
+
+        assert_int_equal(query(&q, "private"), 0);
+        assert_int_equal(query(&q, "seq=18446744073709551615"), 0);
+        assert_int_equal(query(&q, "epoch=0123456789abcdef"), 0);
+        assert_int_equal(query(&q, "time=1764064800123"), 0);
+        assert_int_equal(query(&q, "future=1"), 0); /* unknown: ignored */
+        assert_int_equal(proto_publish_query_check(&q), 0);
+        assert_true(q.private_ && q.has_seq && q.has_epoch && q.has_time);
+        assert_int_equal(q.seq, UINT64_MAX);
+        assert_int_equal(q.epoch, 0x0123456789abcdefULL);
+        assert_int_equal(q.time_ms, 1764064800123ULL);
+        /* Once only, decimal digits only, below 2^64. */
+        assert_int_equal(query(&q, "time=1"), -EINVAL);
+        q = (ProtoPublishQuery){};
+        assert_int_equal(query(&q, "time="), -EINVAL);
+        assert_int_equal(query(&q, "time=-1"), -EINVAL);
+        assert_int_equal(query(&q, "time=+1"), -EINVAL);
+        assert_int_equal(query(&q, "time=1.5"), -EINVAL);
+        assert_int_equal(query(&q, "time=18446744073709551616"), -EINVAL);
+        assert_int_equal(query(&q, "time=000000000000000000001"), -EINVAL);
+        assert_false(q.has_time);
+        /* 0 is a time (a clock in 1970); whether it is sane is the cloud's call. */
+        assert_int_equal(query(&q, "time=0"), 0);
+        assert_true(q.has_time);
+        assert_int_equal(q.time_ms, 0);
+        /* time= alone is fine: devices without an outbox may send it. */
+        assert_int_equal(proto_publish_query_check(&q), 0);
+        q = (ProtoPublishQuery){};
+        assert_int_equal(query(&q, "seq=0"), -EINVAL);
+        assert_int_equal(query(&q, "seq=1"), 0);
+        assert_int_equal(proto_publish_query_check(&q), -EINVAL);
+}
+
+static void test_timestamps(void **state) {
+        char buf[32];
+        uint64_t now = proto_time_now_ms();
+
+        assert_int_equal(proto_timestamp_format(0, buf), 0);
+        assert_string_equal(buf, "1970-01-01T00:00:00.000Z");
+        assert_int_equal(proto_timestamp_format(1764064800123ULL, buf), 0);
+        assert_string_equal(buf, "2025-11-25T10:00:00.123Z");
+        assert_int_equal(proto_timestamp_format(253402300799999ULL, buf), 0);
+        assert_string_equal(buf, "9999-12-31T23:59:59.999Z");
+        assert_int_equal(proto_timestamp_format(253402300800000ULL, buf), -ERANGE);
+        assert_string_equal(buf, "9999-12-31T23:59:59.999Z"); /* untouched */
+        assert_int_equal(proto_timestamp_format(UINT64_MAX, buf), -ERANGE);
+        assert_true(now > PROTO_TIME_FLOOR_MS);
+        proto_timestamp_now(buf);
+        assert_int_equal(strlen(buf), 24);
+        assert_int_equal(buf[23], 'Z');
+}
+
+static void test_publish_time_rules(void **state) {
+        const uint64_t now = 1796000000000ULL; /* 2026-11-29 */
+
+        assert_null(proto_publish_time_problem(now, now));
+        assert_null(proto_publish_time_problem(now - 1000, now));
+        /* The floor: 2025-01-01T00:00:00Z and later. */
+        assert_null(proto_publish_time_problem(PROTO_TIME_FLOOR_MS, PROTO_TIME_FLOOR_MS + 1000));
+        assert_string_equal(proto_publish_time_problem(PROTO_TIME_FLOOR_MS - 1, PROTO_TIME_FLOOR_MS),
+                            "before 2025-01-01T00:00:00Z");
+        assert_string_equal(proto_publish_time_problem(0, now), "before 2025-01-01T00:00:00Z");
+        /* Up to 60 s ahead of the cloud. */
+        assert_null(proto_publish_time_problem(now + PROTO_TIME_SKEW_MS, now));
+        assert_string_equal(proto_publish_time_problem(now + PROTO_TIME_SKEW_MS + 1, now),
+                            "more than 60 s ahead of the cloud's clock");
+        assert_string_equal(proto_publish_time_problem(UINT64_MAX, now), "more than 60 s ahead of the cloud's clock");
+        /* Up to 30 days old. */
+        assert_null(proto_publish_time_problem(now - PROTO_TIME_MAX_AGE_MS, now));
+        assert_string_equal(proto_publish_time_problem(now - PROTO_TIME_MAX_AGE_MS - 1, now),
+                            "more than 30 days behind the cloud's clock");
 }
 
 static void test_describe(void **state) {
@@ -209,6 +323,10 @@ int main(void) {
                 cmocka_unit_test(test_values), cmocka_unit_test(test_events), cmocka_unit_test(test_describe),
                 cmocka_unit_test(test_describe_units),
                 cmocka_unit_test(test_types),
+                cmocka_unit_test(test_event_received_at),
+                cmocka_unit_test(test_publish_query),
+                cmocka_unit_test(test_timestamps),
+                cmocka_unit_test(test_publish_time_rules),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
