@@ -731,6 +731,8 @@ static void stream_dispatch(Stream *s) {
                 json_t *o = json_pack("{s:s, s:O?, s:O?, s:O?, s:O?}", "name", name, "data", data, "ttl",
                                       ttl, "published_at", json_object_get(ev, "published_at"), "coreid",
                                       json_object_get(ev, "coreid"));
+                if (o && json_object_get(ev, "received_at"))
+                        json_object_set(o, "received_at", json_object_get(ev, "received_at"));
                 if (o && json_is_true(priv))
                         json_object_set_new(o, "private", json_true());
                 if (o && s->last_id)

@@ -85,11 +85,16 @@ def test_offline_publish_keeps_its_time(w):
     expect(rcv - pub >= 2500, f"only {rcv - pub} ms between publish and delivery")
 
     # Online, the two are close: the device's clock is this machine's.
+    # tether subscribe --json passes both times through.
+    sub = w.subscribe("offline/").wait_ready()
     before = now_ms()
     w.tetherctl(a, "publish", "offline/two", "2")
     ev = stream.named("offline/two")["data"]
     pub, rcv = ms(ev["published_at"]), ms(ev["received_at"])
     expect(before <= pub <= rcv <= now_ms(), f"online event times {ev}")
+    line = sub.wait(lambda e: e.get("name") == "offline/two", what="offline/two from tether subscribe")
+    expect(line.get("published_at") == ev["published_at"] and line.get("received_at") == ev["received_at"],
+           f"tether subscribe --json printed {line}, the stream carried {ev}")
 
 
 def fakedev_publish(d, name, query):
