@@ -219,6 +219,10 @@ static int run_dpkg(Helper *h, bool frontend_locked, char **ret_error, const cha
                 /* A scratch root has no shell to chroot into: run the
                  * maintainer scripts on the host, with DPKG_ROOT set. */
                 argv[n++] = "--force-script-chrootless";
+                /* A scratch root may be a developer's own (tools/dev):
+                 * dpkg refuses to run unprivileged unless told. */
+                if (geteuid() != 0)
+                        argv[n++] = "--force-not-root";
         }
         argv[n++] = "--force-confdef";
         argv[n++] = "--force-confold";

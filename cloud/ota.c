@@ -774,8 +774,10 @@ int ota_api_handler(struct MHD_Connection *connection, const char *url, const ch
                 *state = r;
                 if (startswith(rest, "/artifacts/") && manifest_sha256_valid(rest + 11)) {
                         memcpy(r->sha256, rest + 11, 65);
+                        /* Not 503: the cloud's configuration is the cause, not
+                         * a device or a load that may change by itself. */
                         if (!ota.config->ota_dir)
-                                r->status = MHD_HTTP_SERVICE_UNAVAILABLE;
+                                r->status = MHD_HTTP_NOT_IMPLEMENTED;
                         else if (streq(method, MHD_HTTP_METHOD_PUT)) {
                                 r->kind = OTA_REQ_UPLOAD;
                                 if (upload_begin(r) < 0)
@@ -830,7 +832,9 @@ int ota_api_handler(struct MHD_Connection *connection, const char *url, const ch
         }
 error:
         return queue_error(connection, r->status,
-                           r->status == MHD_HTTP_SERVICE_UNAVAILABLE   ? "OTA artifacts are not enabled ([OTA] ArtifactDirectory=)"
+                           r->status == MHD_HTTP_NOT_IMPLEMENTED
+                                   ? "OTA artifact hosting is not enabled on this cloud "
+                                     "(set [OTA] ArtifactDirectory= in tether-cloudd.conf)"
                            : r->status == MHD_HTTP_CONTENT_TOO_LARGE   ? "Artifact too large ([OTA] MaxArtifactMB=)"
                            : r->status == MHD_HTTP_LENGTH_REQUIRED     ? "Content-Length required"
                                                                        : "Bad request");

@@ -25,6 +25,7 @@ enum {
         EXIT_TIMEOUT = 6,   /* HTTP 504 or no answer in time */
         EXIT_CONNECT = 7,   /* could not reach the API (refused, DNS, TLS) */
         EXIT_NOT_COMMITTED = 8, /* ota: the update ended without a commit */
+        EXIT_NOT_ENABLED = 9, /* HTTP 501: the cloud's configuration does not enable it */
 };
 
 typedef struct CliArgs {

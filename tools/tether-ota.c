@@ -52,7 +52,8 @@ void ota_help(void) {
                "  --json              print the job as JSON\n"
                "\n"
                "Exit status: 0 committed, 8 the update ended without being committed\n"
-               "(rejected, deferred, rolled back, failed), otherwise as for other commands.\n");
+               "(rejected, deferred, rolled back, failed), 9 the cloud does not host OTA\n"
+               "artifacts ([OTA] ArtifactDirectory= unset), otherwise as for other commands.\n");
 }
 
 static int read_file(const char *path, size_t max, char **ret, size_t *ret_len) {
@@ -454,8 +455,8 @@ static void job_show(json_t *job, char **last_state, bool tty) {
                 return;
         if (tty && *last_state && streq(*last_state, "downloading"))
                 fputc('\n', stderr);
-        log_info("Job %s: %s%s%s", json_string_or(job, "job", "?"), state, reason ? " (" : "",
-                 reason ? reason : "");
+        log_info("Job %s: %s%s%s%s", json_string_or(job, "job", "?"), state, reason ? " (" : "",
+                 reason ? reason : "", reason ? ")" : "");
         free(*last_state);
         *last_state = strdup(state);
 }

@@ -85,6 +85,8 @@ int exit_code_from_errno(int r) {
                 return EXIT_OFFLINE;
         case ECANCELED:
                 return EXIT_NOT_COMMITTED;
+        case EOPNOTSUPP:
+                return EXIT_NOT_ENABLED;
         case EACCES:
         case EPERM:
                 return EXIT_AUTH;
@@ -212,6 +214,11 @@ int http_error(Api *a, const char *what) {
         case 413:
                 log_error("Too large (HTTP 413)%s", detail);
                 return -EMSGSIZE;
+        case 501:
+                /* A feature the cloud's configuration leaves off, not a
+                 * device problem: say so, with the cloud's own hint. */
+                log_error("The cloud does not offer this (HTTP 501)%s", detail);
+                return -EOPNOTSUPP;
         case 502:
                 log_error("The device reported an error (HTTP 502)%s", detail);
                 return -EREMOTEIO;
@@ -1090,7 +1097,8 @@ static void help(void) {
                "\n"
                "Put \"--\" before an argument that starts with '-'.\n"
                "Exit status: 0 ok, 1 error, 2 usage, 3 not found, 4 device offline or busy,\n"
-               "5 authentication, 6 timeout, 7 cannot reach the API.\n");
+               "5 authentication, 6 timeout, 7 cannot reach the API, 8 an update not committed,\n"
+               "9 not enabled on this cloud (HTTP 501).\n");
 }
 
 enum {

@@ -7,14 +7,16 @@ import json
 import os
 import resource
 import select
+import shutil
 import socket
 import sys
 import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SLOW, Failure, expect, run  # noqa: E402
+from harness import SLOW, Failure, Skip, expect, run  # noqa: E402
 from fakedev import CHANGED, CONTENT, POST, connect, memory_checks, rss_kb  # noqa: E402
+from otakit import build_deb  # noqa: E402
 
 
 class Reply:
@@ -304,7 +306,31 @@ def test_stream_fields(w):
     sub.close()
 
 
+def test_ota_artifacts_not_enabled(w):
+    """A cloud without [OTA] ArtifactDirectory= says so with its own status
+    (501, not the 503 of an offline device), and tether ota exits 9 with
+    the cloud's hint, never "offline" (docs/cli.md)."""
+    if not shutil.which("dpkg-deb"):
+        raise Skip("dpkg-deb is not installed (tether ota reads the package's control fields)")
+    w.start_cloud()
+    a = w.start_agent()
+    sha = "0" * 64
+    for method in ("GET", "PUT"):
+        r = exchange(w.api_port, req(method, f"/v1/ota/artifacts/{sha}", [f"Authorization: Bearer {w.token}"],
+                                     b"x" if method == "PUT" else b""))
+        expect(r.status == 501 and "ArtifactDirectory=" in r.json().get("error", ""), f"{method}: {r}")
+    deb = build_deb(w.path(), "tether-hello", "1.0", files={"/usr/share/tether-hello/hello.txt": b"hello\n"},
+                    arch="all")
+    key = w.path("update.key")
+    w.tether("ota", "keygen", key, w.path("update.pem"))
+    for args in (("ota", "upload", deb), ("ota", a.device_id, deb, "--key", key)):
+        r = w.tether(*args, check=False)
+        expect(r.returncode == 9, f"tether {' '.join(args[:2])}: exit {r.returncode}, expected 9: {r.stderr}")
+        expect("HTTP 501" in r.stderr and "ArtifactDirectory=" in r.stderr and "offline" not in r.stderr.lower(),
+               f"tether {' '.join(args[:2])}: {r.stderr}")
+
+
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
-                  test_stream_fields], emulated="ok"))
+                  test_stream_fields, test_ota_artifacts_not_enabled], emulated="ok"))

@@ -64,9 +64,12 @@ def test_out_of_tree_plugins(w):
     with open(w.path("doubler.c"), "w") as f:
         f.write(smallest_plugin_from_docs())
     cc = shlex.split(os.environ.get("CC", "cc"))
-    for src, so in ((os.path.join(SRC, "plugins", "example", "example.c"), "example.so"),
-                    (w.path("doubler.c"), "doubler.so")):
-        argv = [*cc, "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+    # The docs' sample builds warning-free as it stands; the example
+    # plugin leaves callback parameters unused.
+    for src, so, extra in ((os.path.join(SRC, "plugins", "example", "example.c"), "example.so",
+                            ["-Wno-unused-parameter"]),
+                           (w.path("doubler.c"), "doubler.so", [])):
+        argv = [*cc, "-shared", "-fPIC", "-Wall", "-Wextra", "-Werror", *extra,
                 *shlex.split(cflags), "-o", os.path.join(out, so), src]
         r = subprocess.run(argv, capture_output=True, text=True)
         if r.returncode != 0:
