@@ -1,3 +1,13 @@
+/* Unloading: a plugin's init() may add sources to the agent's loop through
+ * the raw sd_event* the host API hands out, so the host cannot see or
+ * remove them. A plugin that forgets one in fini() would have the loop call
+ * into code that dlclose() unmapped. So every plugin whose init() ran is
+ * pinned with RTLD_NODELETE (its code stays mapped until the agent exits),
+ * and its tether_host handle is never freed either: once unloaded it is
+ * "retired" (host calls that act return -ESTALE, log() still works) and
+ * reused when a plugin of the same name loads again, so retired handles
+ * are bounded by the number of distinct plugin names. docs/plugins.md,
+ * "Unloading", says what this means for plugin authors. */
 #include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
@@ -15,6 +25,7 @@ struct tether_host {
         char *name;
         char *path;
         void *userdata;
+        bool retired; /* unloaded; kept for sources the plugin left behind */
 };
 
 /* What plugins keep across reloads (stash_set), by plugin name. */
@@ -33,6 +44,8 @@ struct PluginHost {
         PluginHostHooks hooks;
         tether_host **plugins;
         size_t n_plugins;
+        tether_host **retired; /* unloaded plugins' handles, one per name */
+        size_t n_retired;
         tether_host *initializing; /* set while init() runs */
 };
 
@@ -62,6 +75,8 @@ static int api_variable_changed(tether_host *p, const char *name) {
         size_t len;
         int r;
 
+        if (p->retired)
+                return -ESTALE;
         r = registry_read(p->host->registry, name, &value, &len);
         if (r < 0)
                 return r;
@@ -76,6 +91,8 @@ static int api_event_source_add(tether_host *p, const char *name) {
 }
 
 static int api_publish(tether_host *p, const char *name, const char *data, uint32_t ttl, uint32_t flags) {
+        if (p->retired)
+                return -ESTALE;
         return p->host->hooks.publish(p->host->hooks.userdata, name, data, ttl, flags);
 }
 
@@ -90,7 +107,7 @@ static sd_event *api_event(tether_host *p) {
 }
 
 static const char *api_config_get(tether_host *p, const char *key) {
-        return key ? config_plugin_get(p->host->config, p->name, key) : NULL;
+        return key && !p->retired ? config_plugin_get(p->host->config, p->name, key) : NULL;
 }
 
 static void api_log(tether_host *p, int priority, const char *fmt, ...) {
@@ -101,10 +118,12 @@ static void api_log(tether_host *p, int priority, const char *fmt, ...) {
         vsnprintf(buf, sizeof(buf), fmt, ap);
         va_end(ap);
         log_internal(priority < LOG_EMERG ? LOG_EMERG : priority > LOG_DEBUG ? LOG_DEBUG : priority, 0,
-                     "plugin %s: %s", p->name, buf);
+                     "plugin %s%s: %s", p->name, p->retired ? " (unloaded)" : "", buf);
 }
 
 static int api_variable_unit(tether_host *p, const char *name, const char *unit) {
+        if (p->retired)
+                return -ESTALE;
         return registry_variable_unit(p->host->registry, p, name, unit);
 }
 
@@ -147,6 +166,8 @@ static int api_stash_set(tether_host *p, const char *key, const char *value) {
         size_t count;
         char *v;
 
+        if (p->retired)
+                return -ESTALE;
         if (!key || proto_name_check(key, strlen(key), PROTO_NAME_VARIABLE) < 0)
                 return -EINVAL;
         if (value && strlen(value) > TETHER_STASH_VALUE_MAX)
@@ -191,7 +212,7 @@ static int api_stash_set(tether_host *p, const char *key, const char *value) {
 }
 
 static const char *api_stash_get(tether_host *p, const char *key) {
-        StashEntry *e = key ? stash_find(p->host, p->name, key, NULL) : NULL;
+        StashEntry *e = key && !p->retired ? stash_find(p->host, p->name, key, NULL) : NULL;
         return e ? e->value : NULL;
 }
 
@@ -227,13 +248,48 @@ static void plugin_free(tether_host *p) {
         free(p);
 }
 
+/* After fini() (or a failed init()): the code stays mapped (RTLD_NODELETE)
+ * and the handle is kept, for whatever sources the plugin left in the loop. */
+static void plugin_retire(PluginHost *h, tether_host *p) {
+        tether_host **n;
+
+        if (p->dl)
+                dlclose(p->dl);
+        p->dl = NULL;
+        p->desc = NULL;
+        p->userdata = NULL;
+        p->retired = true;
+        n = realloc(h->retired, (h->n_retired + 1) * sizeof(*n));
+        if (!n) {
+                /* Leak the handle rather than free what a source may use. */
+                log_error("Out of memory retiring plugin '%s'", p->name);
+                return;
+        }
+        h->retired = n;
+        h->retired[h->n_retired++] = p;
+}
+
+/* The retired handle of a plugin named name, taken off the list, or NULL. */
+static tether_host *plugin_unretire(PluginHost *h, const char *name) {
+        for (size_t i = 0; i < h->n_retired; i++)
+                if (streq(h->retired[i]->name, name)) {
+                        tether_host *p = h->retired[i];
+
+                        h->retired[i] = h->retired[--h->n_retired];
+                        p->retired = false;
+                        return p;
+                }
+        return NULL;
+}
+
 /* The smallest descriptor we understand: through fini. */
 #define DESC_MIN_SIZE (offsetof(struct tether_plugin_descriptor, fini) + sizeof(void *))
 
 static int plugin_load_one(PluginHost *h, const char *path) {
-        tether_host *p;
+        tether_host *p, *old;
         const struct tether_plugin_descriptor *d;
         tether_host **n;
+        void *pin;
         int r;
 
         p = calloc(1, sizeof(*p));
@@ -283,6 +339,23 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 plugin_free(p);
                 return 0;
         }
+        /* From here on its code runs: pin it (see the top of this file). */
+        pin = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD | RTLD_NODELETE);
+        if (!pin) {
+                log_error("Failed to pin plugin '%s' in memory: %s", path, dlerror());
+                plugin_free(p);
+                return -ELIBBAD;
+        }
+        dlclose(pin);
+        old = plugin_unretire(h, p->name);
+        if (old) {
+                old->dl = TAKE_PTR(p->dl);
+                free(old->path);
+                old->path = TAKE_PTR(p->path);
+                plugin_free(p);
+                p = old;
+        }
+        p->desc = d;
 
         h->initializing = p;
         r = d->init(&host_api, p, &p->userdata);
@@ -292,7 +365,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 registry_remove_owner(h->registry, p);
                 if (d->fini)
                         d->fini(p->userdata);
-                plugin_free(p);
+                plugin_retire(h, p);
                 return r;
         }
         n = realloc(h->plugins, (h->n_plugins + 1) * sizeof(*n));
@@ -300,7 +373,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 registry_remove_owner(h->registry, p);
                 if (d->fini)
                         d->fini(p->userdata);
-                plugin_free(p);
+                plugin_retire(h, p);
                 return log_error_errno(-ENOMEM, "Out of memory");
         }
         h->plugins = n;
@@ -321,7 +394,7 @@ void plugin_host_unload(PluginHost *h) {
                 registry_remove_owner(h->registry, p);
                 if (p->desc->fini)
                         p->desc->fini(p->userdata);
-                plugin_free(p);
+                plugin_retire(h, p);
         }
 }
 
@@ -394,6 +467,10 @@ PluginHost *plugin_host_free(PluginHost *h) {
                 return NULL;
         plugin_host_unload(h);
         free(h->plugins);
+        /* The loop has stopped: no source left behind runs any more. */
+        for (size_t i = 0; i < h->n_retired; i++)
+                plugin_free(h->retired[i]);
+        free(h->retired);
         for (size_t i = 0; i < h->n_stash; i++) {
                 free(h->stash[i].plugin);
                 free(h->stash[i].key);
