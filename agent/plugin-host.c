@@ -7,11 +7,23 @@
  * "retired" (host calls that act return -ESTALE, log() still works) and
  * reused when a plugin of the same name loads again, so retired handles
  * are bounded by the number of distinct plugin names. docs/plugins.md,
- * "Unloading", says what this means for plugin authors. */
+ * "Unloading", says what this means for plugin authors.
+ *
+ * A pinned object stays in the dynamic loader's list under the names it
+ * was opened with, and dlopen() of such a name returns it again, even after
+ * a package upgrade replaced the file. So a plugin is opened by a name that
+ * stands for its file's device and inode, not its path: the first time
+ * "/proc/self/fd/N" of an fd on the file, kept open for as long as the
+ * object stays loaded (so the name never comes back for another file),
+ * and the same name again whenever the path still has that device and
+ * inode. A replaced file has a new inode: it gets a new fd and a new
+ * object, next to the old one. */
 #include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
+#include <sys/stat.h>
 
 #include "log.h"
 #include "plugin-host.h"
@@ -47,6 +59,14 @@ struct PluginHost {
         tether_host **retired; /* unloaded plugins' handles, one per name */
         size_t n_retired;
         tether_host *initializing; /* set while init() runs */
+        /* Objects that stay loaded (pinned) and the fd each was opened
+         * through, kept open: see the top of this file. */
+        struct {
+                int fd;
+                dev_t dev;
+                ino_t ino;
+        } *pins;
+        size_t n_pins;
 };
 
 /* --- the host API plugins call ------------------------------------------ */
@@ -285,7 +305,8 @@ static tether_host *plugin_unretire(PluginHost *h, const char *name) {
 /* The smallest descriptor we understand: through fini. */
 #define DESC_MIN_SIZE (offsetof(struct tether_plugin_descriptor, fini) + sizeof(void *))
 
-static int plugin_load_one(PluginHost *h, const char *path) {
+/* self: the name to dlopen() path by. */
+static int plugin_load_at(PluginHost *h, const char *path, const char *self) {
         tether_host *p, *old;
         const struct tether_plugin_descriptor *d;
         tether_host **n;
@@ -297,7 +318,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 return log_error_errno(-ENOMEM, "Out of memory");
         p->host = h;
         p->path = strdup(path);
-        p->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        p->dl = dlopen(self, RTLD_NOW | RTLD_LOCAL);
         if (!p->dl) {
                 log_error("Failed to load plugin '%s': %s", path, dlerror());
                 plugin_free(p);
@@ -340,7 +361,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 return 0;
         }
         /* From here on its code runs: pin it (see the top of this file). */
-        pin = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD | RTLD_NODELETE);
+        pin = dlopen(self, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD | RTLD_NODELETE);
         if (!pin) {
                 log_error("Failed to pin plugin '%s' in memory: %s", path, dlerror());
                 plugin_free(p);
@@ -380,6 +401,45 @@ static int plugin_load_one(PluginHost *h, const char *path) {
         h->plugins[h->n_plugins++] = p;
         log_info("Loaded plugin '%s' %s from '%s'", p->name, d->version ? d->version : "", path);
         return 1;
+}
+
+static int plugin_load_one(PluginHost *h, const char *path) {
+        _cleanup_close_ int fd = -1;
+        typeof(h->pins) n;
+        struct stat st;
+        char self[64];
+        void *still;
+        int r;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st) < 0)
+                return log_error_errno(errno, "Failed to open plugin '%s': %m", path);
+        for (size_t i = 0; i < h->n_pins; i++)
+                if (h->pins[i].dev == st.st_dev && h->pins[i].ino == st.st_ino) {
+                        /* Loaded before and still mapped: by its old name. */
+                        snprintf(self, sizeof(self), "/proc/self/fd/%d", h->pins[i].fd);
+                        return plugin_load_at(h, path, self);
+                }
+        snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
+        r = plugin_load_at(h, path, self);
+
+        /* The object may have stayed loaded: pinned, or made undeletable by
+         * the loader itself (a C++ plugin's unique symbols do that). Then
+         * keep the fd its name refers to. */
+        still = dlopen(self, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+        if (!still)
+                return r;
+        dlclose(still);
+        n = realloc(h->pins, (h->n_pins + 1) * sizeof(*n));
+        /* Out of memory: leak the fd rather than let its name be reused. */
+        if (n) {
+                h->pins = n;
+                h->pins[h->n_pins].fd = fd;
+                h->pins[h->n_pins].dev = st.st_dev;
+                h->pins[h->n_pins++].ino = st.st_ino;
+        }
+        fd = -1;
+        return r;
 }
 
 static int cmp_str(const void *a, const void *b) {
@@ -471,6 +531,9 @@ PluginHost *plugin_host_free(PluginHost *h) {
         for (size_t i = 0; i < h->n_retired; i++)
                 plugin_free(h->retired[i]);
         free(h->retired);
+        for (size_t i = 0; i < h->n_pins; i++)
+                close(h->pins[i].fd);
+        free(h->pins);
         for (size_t i = 0; i < h->n_stash; i++) {
                 free(h->stash[i].plugin);
                 free(h->stash[i].key);
