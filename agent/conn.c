@@ -4,6 +4,8 @@
 #include <inttypes.h>
 #include <math.h>
 #include <netdb.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
 #include <signal.h>
 
 #include "conn.h"
@@ -100,6 +102,7 @@ struct Conn {
         struct addrinfo *addr_next;
         char address_ip[INET6_ADDRSTRLEN]; /* the address being tried */
         char address[INET6_ADDRSTRLEN + 8]; /* the same with the port: "[::1]:5684" */
+        char device_id[PROTO_DEVICE_ID_MAX + 1]; /* our certificate's CN, "" until read */
 
         unsigned failures;
         uint64_t connected_at;
@@ -786,6 +789,27 @@ static void arm_timer(Conn *c, uint64_t at_ms) {
         sd_event_source_set_enabled(c->timer_source, SD_EVENT_ONESHOT);
 }
 
+/* Our device id is the CN of our certificate, as the cloud sees it. Read
+ * again on every connection: the certificate may have been renewed. */
+static void read_device_id(Conn *c) {
+        FILE *f = fopen(c->files.cert_file, "re");
+        X509 *x = f ? PEM_read_X509(f, NULL, NULL, NULL) : NULL;
+        char cn[PROTO_DEVICE_ID_MAX + 1];
+        int n = x ? X509_NAME_get_text_by_NID(X509_get_subject_name(x), NID_commonName, cn, sizeof(cn)) : -1;
+
+        if (n > 0 && proto_name_check(cn, (size_t)n, PROTO_NAME_DEVICE) >= 0)
+                memcpy(c->device_id, cn, (size_t)n + 1);
+        X509_free(x);
+        if (f)
+                fclose(f);
+}
+
+const char *conn_device_id(Conn *c) {
+        if (!c->device_id[0])
+                read_device_id(c);
+        return c->device_id[0] ? c->device_id : NULL;
+}
+
 static int on_flush(sd_event_source *s, void *userdata) {
         Conn *c = userdata;
         char status[300];
@@ -801,7 +825,11 @@ static int on_flush(sd_event_source *s, void *userdata) {
         else
                 snprintf(status, sizeof(status), "Connected to %s:%u (%s)", c->host, c->config->cloud_port,
                          c->address_ip);
-        log_info("%s", status);
+        read_device_id(c);
+        log_struct(LOG_INFO,
+                   &(LogFields){ .message_id = LOG_MESSAGE_CLOUD_CONNECTED, .device_id = conn_device_id(c),
+                                 .peer = c->address },
+                   "%s", status);
         set_state(c, CONN_CONNECTED, status);
         arm_timer(c, c->last_rx + c->config->keepalive_ms);
         c->describe_generation = registry_generation(c->registry);
@@ -1067,6 +1095,7 @@ static int on_teardown(sd_event_source *s, void *userdata) {
         const char *why = c->teardown_reason ? c->teardown_reason : "unknown reason";
         uint64_t delay;
         char reason[512], status[768];
+        bool was_connected = c->state == CONN_CONNECTED;
 
         if (c->state == CONN_CONNECTED && now_ms() - c->connected_at >= c->config->stable_ms)
                 c->failures = 0;
@@ -1094,7 +1123,13 @@ static int on_teardown(sd_event_source *s, void *userdata) {
         c->failures++;
         snprintf(status, sizeof(status), "Disconnected from %s:%u (%s); retrying in %.1f s", c->host,
                  c->config->cloud_port, reason, delay / 1000.0);
-        log_warning("%s", status);
+        if (was_connected)
+                log_struct(LOG_WARNING,
+                           &(LogFields){ .message_id = LOG_MESSAGE_CLOUD_DISCONNECTED, .device_id = conn_device_id(c),
+                                         .peer = c->address },
+                           "%s", status);
+        else
+                log_warning("%s", status);
         set_state(c, CONN_BACKOFF, status);
         arm_timer(c, now_ms() + delay);
         return 0;

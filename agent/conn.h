@@ -70,5 +70,9 @@ int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, 
                  int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata);
 
 bool conn_is_connected(Conn *c);
+/* Our device id (the CN of [Device] Certificate=), read at each connection
+ * or on first use; NULL if the certificate has none that is valid. Owned by
+ * the Conn. */
+const char *conn_device_id(Conn *c);
 /* Events queued and not yet acknowledged by the cloud. */
 size_t conn_queued(Conn *c);

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
+#include <systemd/sd-journal.h>
 
 #include "agent-config.h"
 #include "conn.h"
@@ -321,6 +322,7 @@ int main(int argc, char *argv[]) {
         int r, c;
 
         log_open("tetherd");
+        log_set_journal_sender(sd_journal_sendv);
         while ((c = getopt_long(argc, argv, "c:h", opts, NULL)) >= 0) {
                 switch (c) {
                 case 'c':

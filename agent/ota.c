@@ -192,6 +192,23 @@ static void remove_file(Ota *o, const char *name) {
                 log_warning_errno(errno, "Cannot remove '%s': %m", p);
 }
 
+/* A state change of the job, with TETHER_JOB_ID and TETHER_DEVICE_ID for
+ * the journal; the two outcomes an operator looks for get a MESSAGE_ID. */
+static void log_transition(Ota *o, OtaState from, const char *how) {
+        OtaState to = o->j.state;
+        LogFields f = {
+                .message_id = to == OTA_STATE_COMMITTED     ? LOG_MESSAGE_OTA_COMMITTED
+                              : to == OTA_STATE_ROLLED_BACK ? LOG_MESSAGE_OTA_ROLLED_BACK
+                                                            : NULL,
+                .device_id = conn_device_id(o->conn),
+                .job_id = o->j.job,
+        };
+
+        log_struct(ota_state_final(to) && to != OTA_STATE_COMMITTED ? LOG_WARNING : LOG_INFO, &f,
+                   "OTA job %s: %s -> %s%s%s%s%s", o->j.job, ota_state_to_string(from), ota_state_to_string(to),
+                   o->j.reason ? " (" : "", o->j.reason ? o->j.reason : "", o->j.reason ? ")" : "", how);
+}
+
 /* Journal a move; the transition limit turns it into the way out. */
 static int move(Ota *o, OtaState next, const char *code, const char *reason) {
         OtaState from = o->j.state;
@@ -208,12 +225,7 @@ static int move(Ota *o, OtaState next, const char *code, const char *reason) {
         }
         if (r < 0)
                 return log_error_errno(r, "Cannot write the OTA journal in '%s': %m", o->config->ota.state_dir);
-        if (ota_state_final(o->j.state) && o->j.state != OTA_STATE_COMMITTED)
-                log_warning("OTA job %s: %s -> %s%s%s%s", o->j.job, ota_state_to_string(from),
-                            ota_state_to_string(o->j.state), o->j.reason ? " (" : "", o->j.reason ? o->j.reason : "",
-                            o->j.reason ? ")" : "");
-        else
-                log_info("OTA job %s: %s -> %s", o->j.job, ota_state_to_string(from), ota_state_to_string(o->j.state));
+        log_transition(o, from, "");
         report_state(o);
         return 0;
 }
@@ -566,9 +578,7 @@ static int on_inotify(sd_event_source *s, const struct inotify_event *ev, void *
         ota_journal_done(&o->j);
         o->j = j;
         if (before != o->j.state)
-                log_info("OTA job %s: %s -> %s%s%s%s (helper)", o->j.job, ota_state_to_string(before),
-                         ota_state_to_string(o->j.state), o->j.reason ? " (" : "", o->j.reason ? o->j.reason : "",
-                         o->j.reason ? ")" : "");
+                log_transition(o, before, " (helper)");
         report_state(o);
         health_check(o);
         return 0;

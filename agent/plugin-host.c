@@ -1,7 +1,29 @@
+/* Unloading: a plugin's init() may add sources to the agent's loop through
+ * the raw sd_event* the host API hands out, so the host cannot see or
+ * remove them. A plugin that forgets one in fini() would have the loop call
+ * into code that dlclose() unmapped. So every plugin whose init() ran is
+ * pinned with RTLD_NODELETE (its code stays mapped until the agent exits),
+ * and its tether_host handle is never freed either: once unloaded it is
+ * "retired" (host calls that act return -ESTALE, log() still works) and
+ * reused when a plugin of the same name loads again, so retired handles
+ * are bounded by the number of distinct plugin names. docs/plugins.md,
+ * "Unloading", says what this means for plugin authors.
+ *
+ * A pinned object stays in the dynamic loader's list under the names it
+ * was opened with, and dlopen() of such a name returns it again, even after
+ * a package upgrade replaced the file. So a plugin is opened by a name that
+ * stands for its file's device and inode, not its path: the first time
+ * "/proc/self/fd/N" of an fd on the file, kept open for as long as the
+ * object stays loaded (so the name never comes back for another file),
+ * and the same name again whenever the path still has that device and
+ * inode. A replaced file has a new inode: it gets a new fd and a new
+ * object, next to the old one. */
 #include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
+#include <sys/stat.h>
 
 #include "log.h"
 #include "plugin-host.h"
@@ -15,6 +37,7 @@ struct tether_host {
         char *name;
         char *path;
         void *userdata;
+        bool retired; /* unloaded; kept for sources the plugin left behind */
 };
 
 /* What plugins keep across reloads (stash_set), by plugin name. */
@@ -33,7 +56,17 @@ struct PluginHost {
         PluginHostHooks hooks;
         tether_host **plugins;
         size_t n_plugins;
+        tether_host **retired; /* unloaded plugins' handles, one per name */
+        size_t n_retired;
         tether_host *initializing; /* set while init() runs */
+        /* Objects that stay loaded (pinned) and the fd each was opened
+         * through, kept open: see the top of this file. */
+        struct {
+                int fd;
+                dev_t dev;
+                ino_t ino;
+        } *pins;
+        size_t n_pins;
 };
 
 /* --- the host API plugins call ------------------------------------------ */
@@ -62,6 +95,8 @@ static int api_variable_changed(tether_host *p, const char *name) {
         size_t len;
         int r;
 
+        if (p->retired)
+                return -ESTALE;
         r = registry_read(p->host->registry, name, &value, &len);
         if (r < 0)
                 return r;
@@ -76,6 +111,8 @@ static int api_event_source_add(tether_host *p, const char *name) {
 }
 
 static int api_publish(tether_host *p, const char *name, const char *data, uint32_t ttl, uint32_t flags) {
+        if (p->retired)
+                return -ESTALE;
         return p->host->hooks.publish(p->host->hooks.userdata, name, data, ttl, flags);
 }
 
@@ -90,7 +127,7 @@ static sd_event *api_event(tether_host *p) {
 }
 
 static const char *api_config_get(tether_host *p, const char *key) {
-        return key ? config_plugin_get(p->host->config, p->name, key) : NULL;
+        return key && !p->retired ? config_plugin_get(p->host->config, p->name, key) : NULL;
 }
 
 static void api_log(tether_host *p, int priority, const char *fmt, ...) {
@@ -101,10 +138,12 @@ static void api_log(tether_host *p, int priority, const char *fmt, ...) {
         vsnprintf(buf, sizeof(buf), fmt, ap);
         va_end(ap);
         log_internal(priority < LOG_EMERG ? LOG_EMERG : priority > LOG_DEBUG ? LOG_DEBUG : priority, 0,
-                     "plugin %s: %s", p->name, buf);
+                     "plugin %s%s: %s", p->name, p->retired ? " (unloaded)" : "", buf);
 }
 
 static int api_variable_unit(tether_host *p, const char *name, const char *unit) {
+        if (p->retired)
+                return -ESTALE;
         return registry_variable_unit(p->host->registry, p, name, unit);
 }
 
@@ -147,6 +186,8 @@ static int api_stash_set(tether_host *p, const char *key, const char *value) {
         size_t count;
         char *v;
 
+        if (p->retired)
+                return -ESTALE;
         if (!key || proto_name_check(key, strlen(key), PROTO_NAME_VARIABLE) < 0)
                 return -EINVAL;
         if (value && strlen(value) > TETHER_STASH_VALUE_MAX)
@@ -191,7 +232,7 @@ static int api_stash_set(tether_host *p, const char *key, const char *value) {
 }
 
 static const char *api_stash_get(tether_host *p, const char *key) {
-        StashEntry *e = key ? stash_find(p->host, p->name, key, NULL) : NULL;
+        StashEntry *e = key && !p->retired ? stash_find(p->host, p->name, key, NULL) : NULL;
         return e ? e->value : NULL;
 }
 
@@ -227,13 +268,49 @@ static void plugin_free(tether_host *p) {
         free(p);
 }
 
+/* After fini() (or a failed init()): the code stays mapped (RTLD_NODELETE)
+ * and the handle is kept, for whatever sources the plugin left in the loop. */
+static void plugin_retire(PluginHost *h, tether_host *p) {
+        tether_host **n;
+
+        if (p->dl)
+                dlclose(p->dl);
+        p->dl = NULL;
+        p->desc = NULL;
+        p->userdata = NULL;
+        p->retired = true;
+        n = realloc(h->retired, (h->n_retired + 1) * sizeof(*n));
+        if (!n) {
+                /* Leak the handle rather than free what a source may use. */
+                log_error("Out of memory retiring plugin '%s'", p->name);
+                return;
+        }
+        h->retired = n;
+        h->retired[h->n_retired++] = p;
+}
+
+/* The retired handle of a plugin named name, taken off the list, or NULL. */
+static tether_host *plugin_unretire(PluginHost *h, const char *name) {
+        for (size_t i = 0; i < h->n_retired; i++)
+                if (streq(h->retired[i]->name, name)) {
+                        tether_host *p = h->retired[i];
+
+                        h->retired[i] = h->retired[--h->n_retired];
+                        p->retired = false;
+                        return p;
+                }
+        return NULL;
+}
+
 /* The smallest descriptor we understand: through fini. */
 #define DESC_MIN_SIZE (offsetof(struct tether_plugin_descriptor, fini) + sizeof(void *))
 
-static int plugin_load_one(PluginHost *h, const char *path) {
-        tether_host *p;
+/* self: the name to dlopen() path by. */
+static int plugin_load_at(PluginHost *h, const char *path, const char *self) {
+        tether_host *p, *old;
         const struct tether_plugin_descriptor *d;
         tether_host **n;
+        void *pin;
         int r;
 
         p = calloc(1, sizeof(*p));
@@ -241,7 +318,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 return log_error_errno(-ENOMEM, "Out of memory");
         p->host = h;
         p->path = strdup(path);
-        p->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+        p->dl = dlopen(self, RTLD_NOW | RTLD_LOCAL);
         if (!p->dl) {
                 log_error("Failed to load plugin '%s': %s", path, dlerror());
                 plugin_free(p);
@@ -283,6 +360,23 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 plugin_free(p);
                 return 0;
         }
+        /* From here on its code runs: pin it (see the top of this file). */
+        pin = dlopen(self, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD | RTLD_NODELETE);
+        if (!pin) {
+                log_error("Failed to pin plugin '%s' in memory: %s", path, dlerror());
+                plugin_free(p);
+                return -ELIBBAD;
+        }
+        dlclose(pin);
+        old = plugin_unretire(h, p->name);
+        if (old) {
+                old->dl = TAKE_PTR(p->dl);
+                free(old->path);
+                old->path = TAKE_PTR(p->path);
+                plugin_free(p);
+                p = old;
+        }
+        p->desc = d;
 
         h->initializing = p;
         r = d->init(&host_api, p, &p->userdata);
@@ -292,7 +386,7 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 registry_remove_owner(h->registry, p);
                 if (d->fini)
                         d->fini(p->userdata);
-                plugin_free(p);
+                plugin_retire(h, p);
                 return r;
         }
         n = realloc(h->plugins, (h->n_plugins + 1) * sizeof(*n));
@@ -300,13 +394,52 @@ static int plugin_load_one(PluginHost *h, const char *path) {
                 registry_remove_owner(h->registry, p);
                 if (d->fini)
                         d->fini(p->userdata);
-                plugin_free(p);
+                plugin_retire(h, p);
                 return log_error_errno(-ENOMEM, "Out of memory");
         }
         h->plugins = n;
         h->plugins[h->n_plugins++] = p;
         log_info("Loaded plugin '%s' %s from '%s'", p->name, d->version ? d->version : "", path);
         return 1;
+}
+
+static int plugin_load_one(PluginHost *h, const char *path) {
+        _cleanup_close_ int fd = -1;
+        typeof(h->pins) n;
+        struct stat st;
+        char self[64];
+        void *still;
+        int r;
+
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fstat(fd, &st) < 0)
+                return log_error_errno(errno, "Failed to open plugin '%s': %m", path);
+        for (size_t i = 0; i < h->n_pins; i++)
+                if (h->pins[i].dev == st.st_dev && h->pins[i].ino == st.st_ino) {
+                        /* Loaded before and still mapped: by its old name. */
+                        snprintf(self, sizeof(self), "/proc/self/fd/%d", h->pins[i].fd);
+                        return plugin_load_at(h, path, self);
+                }
+        snprintf(self, sizeof(self), "/proc/self/fd/%d", fd);
+        r = plugin_load_at(h, path, self);
+
+        /* The object may have stayed loaded: pinned, or made undeletable by
+         * the loader itself (a C++ plugin's unique symbols do that). Then
+         * keep the fd its name refers to. */
+        still = dlopen(self, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+        if (!still)
+                return r;
+        dlclose(still);
+        n = realloc(h->pins, (h->n_pins + 1) * sizeof(*n));
+        /* Out of memory: leak the fd rather than let its name be reused. */
+        if (n) {
+                h->pins = n;
+                h->pins[h->n_pins].fd = fd;
+                h->pins[h->n_pins].dev = st.st_dev;
+                h->pins[h->n_pins++].ino = st.st_ino;
+        }
+        fd = -1;
+        return r;
 }
 
 static int cmp_str(const void *a, const void *b) {
@@ -321,7 +454,7 @@ void plugin_host_unload(PluginHost *h) {
                 registry_remove_owner(h->registry, p);
                 if (p->desc->fini)
                         p->desc->fini(p->userdata);
-                plugin_free(p);
+                plugin_retire(h, p);
         }
 }
 
@@ -394,6 +527,13 @@ PluginHost *plugin_host_free(PluginHost *h) {
                 return NULL;
         plugin_host_unload(h);
         free(h->plugins);
+        /* The loop has stopped: no source left behind runs any more. */
+        for (size_t i = 0; i < h->n_retired; i++)
+                plugin_free(h->retired[i]);
+        free(h->retired);
+        for (size_t i = 0; i < h->n_pins; i++)
+                close(h->pins[i].fd);
+        free(h->pins);
         for (size_t i = 0; i < h->n_stash; i++) {
                 free(h->stash[i].plugin);
                 free(h->stash[i].key);

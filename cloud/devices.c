@@ -64,6 +64,7 @@ struct Device {
         bool warned_too_big;   /* logged that its Max-Message-Size is too small */
         uint64_t dropped_events; /* since it stopped reading */
         char last_ip[INET6_ADDRSTRLEN];
+        char last_addr[INET6_ADDRSTRLEN + 8]; /* with the port, for the log */
         sd_event_source *ping_timer;
         sd_event_source *describe_defer;
         DeviceCall *describe_call; /* the GET /d in flight, or NULL */
@@ -115,7 +116,7 @@ static struct {
         Session *unbound_head, *unbound_tail;
         size_t n_unbound;
         sd_event_source *handshake_timer;
-        WarnLimit warn_handshake_timeout, warn_handshake_evicted;
+        WarnLimit warn_handshake_timeout, warn_handshake_evicted, warn_refused;
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
 
         uint64_t next_token;
@@ -679,7 +680,9 @@ static void device_unbind(Device *d, const char *reason, int error) {
         events_device_gone(d);
         if (d->dropped_events > 0)
                 log_info("Device '%s': %" PRIu64 " events were not delivered to it.", d->id, d->dropped_events);
-        log_info("Device '%s' disconnected (%s).", d->id, reason);
+        log_struct(LOG_INFO,
+                   &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_DISCONNECTED, .device_id = d->id, .peer = d->last_addr },
+                   "Device '%s' disconnected (%s).", d->id, reason);
         devices_notify_status("X_TETHER_OFFLINE", d->id);
         /* Callbacks may start new calls on this device: they fail at once. */
         while (d->calls)
@@ -788,7 +791,8 @@ static void session_bind(Session *c) {
         session_unbound_remove(c);
         format_address(coap_session_get_addr_remote(c->session), ip, addr);
         if (!id) {
-                log_warning("Session from %s has no device identity, closing it.", addr);
+                log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
+                           "Session from %s has no device identity, closing it.", addr);
                 session_queue_close(c);
                 return;
         }
@@ -828,7 +832,9 @@ static void session_bind(Session *c) {
         device_alive(d, 0);
         d->next_ping = d->last_alive + (uint64_t)devices.config->ping_sec * USEC_PER_SEC;
         device_arm_ping(d);
-        log_info("Device '%s' connected from %s.", d->id, addr);
+        snprintf(d->last_addr, sizeof(d->last_addr), "%s", addr);
+        log_struct(LOG_INFO, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_CONNECTED, .device_id = d->id, .peer = addr },
+                   "Device '%s' connected from %s.", d->id, addr);
         (void)sd_notifyf(0, "STATUS=%u devices online", devices.n_online);
 }
 
@@ -930,6 +936,21 @@ static void session_setup_socket(coap_session_t *session) {
                 log_debug_errno(r, "Failed to set TCP_NODELAY: %m");
 }
 
+/* A TLS handshake that failed: the peer's certificate was not accepted
+ * (or it spoke no TLS). Rate-limited like the other per-session warnings:
+ * anyone can connect. */
+static void session_refused(coap_session_t *session) {
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+        uint64_t suppressed;
+
+        if (!warn_limit(&devices.warn_refused, &suppressed))
+                return;
+        format_address(coap_session_get_addr_remote(session), ip, addr);
+        log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
+                   "Refused a session from %s: the TLS handshake failed (%" PRIu64 " more not logged).", addr,
+                   suppressed);
+}
+
 static int devices_event_handler(coap_session_t *session, const coap_event_t event) {
         Session *c;
 
@@ -957,6 +978,8 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 c = session_find(session);
                 if (!c)
                         break;
+                if (event == COAP_EVENT_DTLS_ERROR && !c->device && !c->closing)
+                        session_refused(session);
                 if (c->device)
                         device_unbind(c->device, event == COAP_EVENT_DTLS_ERROR ? "TLS error" : "connection closed",
                                       -ENOTCONN);

@@ -6,6 +6,7 @@
 #include <sys/resource.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
+#include <systemd/sd-journal.h>
 
 #include "cloud.h"
 #include "log.h"
@@ -126,6 +127,7 @@ int main(int argc, char *argv[]) {
         int r;
 
         log_open(CLOUD_PROGRAM);
+        log_set_journal_sender(sd_journal_sendv);
         r = run(argc, argv);
         return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -3,17 +3,22 @@
 tether-plugin.pc into a scratch root; plugins/example/example.c and the
 smallest plugin of docs/plugins.md are compiled with nothing but
 `pkg-config --cflags tether-plugin` (no -I into this source tree, no
-config.h), and the agent loads and serves them."""
+config.h), and the agent loads and serves them. And a plugin that leaves
+its sd-event sources behind in fini() cannot crash the agent once it is
+unloaded (docs/plugins.md, "Unloading")."""
 
 import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BUILD, SRC, Failure, expect, run, skip  # noqa: E402
+from harness import BUILD, PLUGINS, SLOW, SRC, TEST_PLUGINS, Failure, expect, run, skip  # noqa: E402
 
 
 def install_sdk(root):
@@ -87,8 +92,66 @@ def test_out_of_tree_plugins(w):
     expect(info["variables"].get("counter") == "int32", f"example's variables missing: {info['variables']}")
 
 
+def ticks(path):
+    try:
+        with open(path) as f:
+            return f.read().count("tick ")
+    except FileNotFoundError:
+        return 0
+
+
+def wait_ticks(path, at_least, agent, what):
+    deadline = time.monotonic() + 10 * SLOW
+    while ticks(path) < at_least:
+        if agent.proc.poll() is not None:
+            raise Failure(f"tetherd died ({agent.proc.returncode}) {what}")
+        if time.monotonic() > deadline:
+            raise Failure(f"no tick {at_least} in {path} {what}")
+        time.sleep(0.05)
+
+
+def test_sources_left_behind_cannot_crash_the_agent(w):
+    """tests/plugins/leaky.c adds a timer and an io source and never removes
+    them. A reload that disables it unloads it; its sources keep firing in
+    its code, which must still be mapped: with a plain dlclose() the agent
+    jumps into unmapped memory and dies of SIGSEGV at the next tick."""
+    pdir = w.path("plugins")
+    os.mkdir(pdir)
+    shutil.copy(os.path.join(TEST_PLUGINS, "leaky.so"), pdir)
+    shutil.copy(os.path.join(PLUGINS, "example.so"), pdir)
+    out = w.path("ticks")
+    w.start_cloud()
+    a = w.start_agent(plugin_dir=pdir, extra=f"[Plugin leaky]\nFile={out}\n")
+    dev = a.device_id
+    a.wait_line(r"plugin leaky: timer and io source added")
+    wait_ticks(out, 2, a, "while the plugin was loaded")
+
+    with open(a.conf, "a") as f:
+        f.write("[Plugins]\nDisable=leaky\n")
+    mark = a.mark()
+    a.signal(signal.SIGHUP)
+    a.wait_line(r"Reloaded configuration", start=mark)
+    expect(a.count(r"Loaded plugin 'leaky'", start=mark) == 0, "leaky was loaded again")
+    after = ticks(out)
+    wait_ticks(out, after + 5, a, "after the plugin was unloaded")
+    r = w.tether("call", dev, "echo", "still here", check=False)
+    expect(a.proc.poll() is None, f"tetherd exited ({a.proc.returncode}) after unloading leaky")
+    expect(r.returncode == 0 and r.stdout.strip() == "10", f"agent not serving after the unload: {r.stderr!r}")
+
+    # Enabled again, it loads into the code that stayed mapped.
+    with open(a.conf) as f:
+        conf = f.read()
+    with open(a.conf, "w") as f:
+        f.write(conf.replace("[Plugins]\nDisable=leaky\n", ""))
+    mark = a.mark()
+    a.signal(signal.SIGHUP)
+    a.wait_line(r"Reloaded configuration, 2 plugin\(s\) running", start=mark)
+    a.wait_line(r"Loaded plugin 'leaky'", start=mark)
+    wait_ticks(out, ticks(out) + 5, a, "after the plugin was loaded again")
+
+
 if __name__ == "__main__":
     for tool in ("make", "pkg-config"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
             skip(f"{tool} is not installed")
-    sys.exit(run([test_out_of_tree_plugins], emulated='builds plugins with the native compiler and pkg-config'))
+    sys.exit(run([test_out_of_tree_plugins, test_sources_left_behind_cannot_crash_the_agent], emulated='builds plugins with the native compiler and pkg-config'))

@@ -16,7 +16,8 @@
 # Steps, each logged with "==> [N] ...": install the packages, check the
 # user, key and units, make a PKI and start tether-cloudd, enroll the
 # device (tetherctl csr -> tether-pki sign), systemctl start tetherd until
-# the device is online in the cloud, the STATUS line, reload (agent, then
+# the device is online in the cloud, the STATUS line, the journal's
+# structured fields and message catalogs, reload (agent, then
 # cloud) keeping the connection, watchdog kill and restart of a stopped agent, apt-get remove
 # (state kept) and purge (nothing left behind).
 #
@@ -170,6 +171,47 @@ ctr runuser -u tethertest-other -- tetherctl status >/dev/null 2>"$scratch/denie
 ok "tethertest-other: exit 3, $(cat "$scratch/denied.err")"
 ctr journalctl -u tetherd -o cat | grep 'refused a request' | tail -n 1 | sed 's/^/    | /'
 ctr sh -c 'for u in tethertest-op tethertest-other; do sed -i "/^$u:/d" /etc/passwd /etc/shadow /etc/group /etc/gshadow; done; sed -i "s/,tethertest-op//; s/:tethertest-op$/:/" /etc/group /etc/gshadow'
+
+# ---------------------------------------------------------------------------
+step "journal: connections found by MESSAGE_ID and TETHER_DEVICE_ID, explained by the catalogs"
+# The ids of lib/log.h (docs/man/tetherd.8, tether-cloudd.8, "JOURNAL").
+id_device_connected=8ccaab62229c43b483c3c0e7fac4b6b0
+id_cloud_connected=e9689acb650d4e52bfa51c62bd3e3f88
+# Output is captured before grep looks at it: a grep -q that stops early
+# would kill journalctl with SIGPIPE and, under pipefail, fail the test.
+for side in cloud agent; do
+    if [ $side = cloud ]; then id=$id_device_connected unit=tether-cloudd.service text="Device '$dev' connected from "
+    else id=$id_cloud_connected unit=tetherd.service text="Connected to localhost:5684"; fi
+    found() { out=$(ctr journalctl -o verbose MESSAGE_ID=$id TETHER_DEVICE_ID="$dev" 2>&1); [[ $out == *"$text"* ]]; }
+    wait_for 10 "$side's connected message in the journal" found ||
+        fail "journalctl MESSAGE_ID=$id TETHER_DEVICE_ID=$dev has no '$text': $out"
+    for field in "_SYSTEMD_UNIT=$unit" "TETHER_PEER=" "SYSLOG_IDENTIFIER=${unit%.service}" "PRIORITY=6"; do
+        [[ $out == *"$field"* ]] || fail "the $side's connected message has no $field: $out"
+    done
+    ok "$side: journalctl MESSAGE_ID=$id TETHER_DEVICE_ID=$dev -> $(grep -o 'TETHER_PEER=.*' <<<"$out" | head -n 1), from $unit"
+done
+# A device id that never connected finds nothing: the match is on the field.
+out=$(ctr journalctl -o cat MESSAGE_ID=$id_device_connected TETHER_DEVICE_ID=no-such-device 2>&1)
+[[ $out == *"connected"* ]] && fail "TETHER_DEVICE_ID=no-such-device matched: $out"
+# The catalogs: installed by the packages, compiled by systemd's dpkg trigger.
+catalog=$(ctr journalctl --list-catalog 2>&1)
+for id in $id_device_connected 3473fcfe0d5d42d8b454b0f4f0fe7447 3dbf9d5ac43a48ef9ef8221e0f35b15f \
+          $id_cloud_connected 646e3774ebaa4fa19d25f9036071b16a 151f530498d74ab6959bd926ca2b7a49 \
+          ad6856305bc1453ebbb9d1ee79fb567d; do
+    grep -E "^$id tether: " >/dev/null <<<"$catalog" || fail "journalctl --list-catalog has no tether entry $id"
+done
+ok "journalctl --list-catalog: all 7 tether ids"
+grep ' tether: ' <<<"$catalog" | sed 's/^/    | /'
+# (The explanation comes with the "short" output, not with -o cat.)
+explained=$(ctr journalctl --catalog --no-pager MESSAGE_ID=$id_device_connected TETHER_DEVICE_ID="$dev" 2>&1)
+[[ $explained == *"Subject: Device $dev connected to the tether cloud"* ]] ||
+    fail "journalctl --catalog does not explain the cloud's message with the device filled in: $explained"
+sed -n '1,6p' <<<"$explained" | sed 's/^/    | /'
+explained=$(ctr journalctl --catalog --no-pager MESSAGE_ID=$id_cloud_connected TETHER_DEVICE_ID="$dev" 2>&1)
+[[ $explained == *"Subject: tetherd connected to the tether cloud as $dev"* ]] ||
+    fail "journalctl --catalog does not explain the agent's message: $explained"
+sed -n '1,6p' <<<"$explained" | sed 's/^/    | /'
+ok "journalctl --catalog explains both, with @TETHER_DEVICE_ID@ filled in"
 
 # ---------------------------------------------------------------------------
 step "systemctl reload tetherd keeps the connection"
