@@ -391,6 +391,7 @@ int ota_journal_transition(const char *dir, OtaJournal *j, OtaState state, const
         return 0;
 }
 
+#if ENABLE_FAULT_INJECTION
 void ota_crash_point(const char *name) {
         static unsigned total;
         static struct {
@@ -436,6 +437,7 @@ void ota_crash_point(const char *name) {
                 return;
         raise(SIGKILL);
 }
+#endif
 
 void ota_health_done(OtaHealth *h) {
         if (!h)
