@@ -314,6 +314,7 @@ int ota_journal_load(const char *dir, OtaJournal *ret) {
         if (j.state == _OTA_STATE_MAX || j.state == OTA_STATE_NONE || !j.manifest)
                 return -EBADMSG;
         *ret = j;
+        /* cppcheck-suppress unreadVariable ; moved to *ret; the _cleanup_ handler reads it */
         j = (OtaJournal){};
         return 0;
 }
