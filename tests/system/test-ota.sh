@@ -112,7 +112,7 @@ step "crash points: none in the ${#shipped[@]} shipped packages, in both program
 found=$(crash_points "${shipped[@]}")
 [ -z "$found" ] || fail "the shipped packages in $debdir contain the crash points (TETHER_OTA_CRASH_AT) in:
 $found"
-ok "no program in $(cd "$debdir" && echo *.deb) has them"
+ok "no program in the ${#shipped[@]} packages in $debdir has them"
 found=$(crash_points "$fi_base")
 for p in /usr/sbin/tetherd /usr/libexec/tether/tether-ota-helper; do
     printf '%s\n' "$found" | grep -x "$p" >/dev/null || fail "$fi_base is not a fault-injection build: no crash points in $p"
@@ -185,7 +185,9 @@ deps=$(for d in "$base" "$plugin_base" "$debdir"/tether-cloud_*.deb "$debdir"/te
     dpkg-deb -f "$d" Depends; echo; done | tr ',' '\n' | sed -e 's/(.*)//' -e 's/|.*//' -e 's/[[:space:]]//g' | grep -v '^$')
 packages=$(printf '%s\n' "${BASE_PACKAGES[@]}" $deps | grep -v '^tether' | sort -u | tr '\n' ',' | sed 's/,$//')
 container_root "$suite" "$packages" ota-v2
-cp -a "$scratch/ctr/." "$scratch/root/"
+# The root's /lib is a symlink to usr/lib (merged /usr): keep it.
+tar -C "$scratch/ctr" -cf - . | tar -C "$scratch/root" -xf - --keep-directory-symlink ||
+    fail "cannot copy the cloud and CLI packages' files into the root"
 
 # PKI, update keys and configuration, made on the host.
 pki="$scratch/root/etc/tether/pki"
