@@ -102,9 +102,9 @@ crash_points() {
     x=$(mktemp -d "$scratch/unpacked.XXXXXX")
     for f in "$@"; do dpkg-deb -x "$f" "$x" || fail "dpkg-deb -x $f failed"; done
     # grep -l prints each matching file once; no pipe, so no SIGPIPE.
-    for f in $(grep -rlaF TETHER_OTA_CRASH_AT "$x"); do
+    while IFS= read -r -d '' f; do
         [ "$(head -c 4 "$f" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] && found+="${f#"$x"}"$'\n'
-    done
+    done < <(grep -rlaFZ TETHER_OTA_CRASH_AT "$x")
     rm -rf "$x"
     printf '%s' "$found"
 }
