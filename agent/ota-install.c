@@ -129,7 +129,6 @@ int ota_install_run(const OtaInstallParams *p, const OtaInstallOps *ops) {
                                 if (r < 0 || j.state != OTA_STATE_ROLLING_BACK)
                                         break;
                         }
-                        first = false;
                         o = ops->restore(ops->userdata, &j, &code, &reason);
                         if (o == OTA_OK) {
                                 /* The old version must come back healthy too. */

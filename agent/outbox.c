@@ -370,7 +370,7 @@ static int random_epoch(uint64_t *ret) {
 
         while (v == 0)
                 if (getrandom(&v, sizeof(v), 0) != sizeof(v))
-                        return -errno ?: -EIO;
+                        return errno > 0 ? -errno : -EIO;
         *ret = v;
         return 0;
 }

@@ -172,7 +172,7 @@ void events_stop(void);
 void events_handle_request(Device *d, coap_session_t *session, const coap_pdu_t *request,
                            const char *path, coap_pdu_t *response);
 /* The device's session closed: its subscriptions die. */
-void events_device_gone(Device *d);
+void events_device_gone(const Device *d);
 
 /* Route an event to SSE clients and to devices' subscriptions; source is
  * the publishing device (it does not get its own event) or NULL; id is

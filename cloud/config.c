@@ -318,7 +318,9 @@ int cloud_config_resolve_address(const char *host, unsigned port, struct sockadd
         r = getaddrinfo(host, service, &hints, &res);
         if (r != 0)
                 return r == EAI_SYSTEM ? -errno : -EADDRNOTAVAIL;
-        if (!res || res->ai_addrlen > sizeof(*ret)) {
+        if (!res)
+                return -EADDRNOTAVAIL;
+        if (res->ai_addrlen > sizeof(*ret)) {
                 freeaddrinfo(res);
                 return -EADDRNOTAVAIL;
         }

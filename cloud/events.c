@@ -45,7 +45,7 @@ static void subscription_free(Subscription *s) {
         free(s);
 }
 
-void events_device_gone(Device *d) {
+void events_device_gone(const Device *d) {
         Subscription *s, *next;
 
         for (s = events.head; s; s = next) {

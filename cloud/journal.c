@@ -435,7 +435,7 @@ static int create_fresh(void) {
 
         while (e == 0)
                 if (getrandom(&e, sizeof(e), 0) != sizeof(e))
-                        return -errno ?: -EIO;
+                        return errno > 0 ? -errno : -EIO;
         journal.epoch = e;
         journal.next_id = 1;
         states_free();

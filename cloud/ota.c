@@ -244,7 +244,7 @@ static int set_str(char **dst, const char *v) {
  * history, tell API waiters and event streams. */
 static void job_set_state(OtaJob *j, const char *state, const char *code, const char *reason) {
         bool changed = !j->state || !streq(j->state, state);
-        ProtoEvent e = {};
+        ProtoEvent e;
         _cleanup_free_ char *data = NULL;
         char name[TETHER_EVENT_NAME_MAX + 1], at[32];
         uint64_t id;

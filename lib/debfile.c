@@ -43,10 +43,12 @@ static bool field_value_ok(const char *v, size_t n) {
 
 int debfile_control_parse(const char *text, size_t len, DebControl *ret) {
         _cleanup_(debfile_control_done) DebControl c = {};
-        const char *p = text, *end = text + len;
+        const char *p, *end;
 
         if (!text || len > DEBFILE_CONTROL_MAX || memchr(text, 0, len))
                 return -EBADMSG;
+        p = text;
+        end = text + len;
         while (p < end) {
                 const char *nl = memchr(p, '\n', (size_t)(end - p)) ?: end;
                 const char *colon = memchr(p, ':', (size_t)(nl - p)), *v;
@@ -91,6 +93,7 @@ int debfile_control_parse(const char *text, size_t len, DebControl *ret) {
         if (!c.package || !c.version || !c.architecture)
                 return -EBADMSG;
         *ret = c;
+        /* cppcheck-suppress unreadVariable ; moved to *ret; the _cleanup_ handler reads it */
         c = (DebControl){};
         return 0;
 }

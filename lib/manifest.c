@@ -78,11 +78,13 @@ static int take_hex_line(const uint8_t **p, const uint8_t *end, const char *pref
 
 int manifest_envelope_split(const uint8_t *buf, size_t len, ManifestEnvelope *ret) {
         static const char magic[] = MANIFEST_FORMAT "\n";
-        const uint8_t *p = buf, *end = buf + len;
+        const uint8_t *p, *end;
         ManifestEnvelope env = {};
 
         if (!buf)
                 return -EBADMSG;
+        p = buf;
+        end = buf + len;
         if (len > MANIFEST_MAX)
                 return -E2BIG;
         if (len < sizeof(magic) - 1 || memcmp(p, magic, sizeof(magic) - 1) != 0)
@@ -277,6 +279,7 @@ int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const ch
                 error = "\"plugin\" is not a plugin name";
         else {
                 *ret = m;
+                /* cppcheck-suppress unreadVariable ; moved to *ret; the _cleanup_ handler reads it */
                 m = (Manifest){};
                 return 0;
         }
@@ -586,7 +589,7 @@ ManifestReject manifest_check(const Manifest *m, int64_t now, const char *arch, 
         time_t t = (time_t)m->expires;
         struct tm tm;
         const char *min = NULL;
-        int n = 0;
+        int n;
 
         *ret_text = NULL;
         if (now >= m->expires) {

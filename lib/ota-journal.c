@@ -314,6 +314,7 @@ int ota_journal_load(const char *dir, OtaJournal *ret) {
         if (j.state == _OTA_STATE_MAX || j.state == OTA_STATE_NONE || !j.manifest)
                 return -EBADMSG;
         *ret = j;
+        /* cppcheck-suppress unreadVariable ; moved to *ret; the _cleanup_ handler reads it */
         j = (OtaJournal){};
         return 0;
 }
@@ -391,6 +392,7 @@ int ota_journal_transition(const char *dir, OtaJournal *j, OtaState state, const
         return 0;
 }
 
+#if ENABLE_FAULT_INJECTION
 void ota_crash_point(const char *name) {
         static unsigned total;
         static struct {
@@ -436,6 +438,7 @@ void ota_crash_point(const char *name) {
                 return;
         raise(SIGKILL);
 }
+#endif
 
 void ota_health_done(OtaHealth *h) {
         if (!h)

@@ -119,8 +119,17 @@ int ota_journal_transition(const char *dir, OtaJournal *j, OtaState state, const
  * ("installing", or "installing#2" for its second passage, or "#N" for the
  * N-th crash point of any name), the process kills itself with SIGKILL.
  * With $TETHER_OTA_CRASH_ONCE=FILE only a process that can remove FILE
- * does, so restarted processes (which inherit the environment) go on. */
+ * does, so restarted processes (which inherit the environment) go on.
+ *
+ * Compiled in only by ./configure --enable-fault-injection (test builds);
+ * otherwise a no-op that reads no environment, so the binaries as they
+ * ship cannot be made to kill themselves (docs/design/fault-injection.md). */
+#if ENABLE_FAULT_INJECTION
 void ota_crash_point(const char *name);
+#else
+static inline void ota_crash_point(const char *name) {
+}
+#endif
 
 /* The version floor for package (CACHE_DIR/floors.json, raised by the
  * helper on commits): a new string, or NULL when there is none. */

@@ -756,6 +756,7 @@ static int cmd_token(const char *path) {
         if (fsync(fd) < 0)
                 return log_error_errno(-errno, "Failed to sync '%s': %m", path);
         if (close(fd) < 0) {
+                /* cppcheck-suppress unreadVariable ; closed above; the _cleanup_ handler reads it */
                 fd = -1;
                 return log_error_errno(-errno, "Failed to write '%s': %m", path);
         }

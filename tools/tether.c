@@ -1340,6 +1340,7 @@ int main(int argc, char **argv) {
                 r = log_error_errno(-errno, "Failed to write to standard output: %m");
 
         api_done(&a);
+        /* cppcheck-suppress unreadVariable ; done above; the _cleanup_ handler reads it */
         a = (Api){};
         curl_global_cleanup();
         return exit_code_from_errno(r);

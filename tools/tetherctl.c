@@ -66,6 +66,7 @@ static int wait_fd(int fd, short events, long long deadline_usec) {
 /* Send one request, return the parsed response (caller decrefs) or an exit
  * code after reporting. Takes the reference to req (NULL: out of memory). */
 static int request(json_t *req, json_t **ret) {
+        /* cppcheck-suppress unreadVariable ; the _cleanup_ handler drops the reference */
         _cleanup_(json_decrefp) json_t *owned = req;
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         _cleanup_close_ int fd = -1;
@@ -372,7 +373,6 @@ static int cmd_csr(void) {
                         goto out;
                 id = idbuf;
         }
-        r = 1;
         req = X509_REQ_new();
         if (!req || !X509_REQ_set_version(req, X509_REQ_VERSION_1) ||
             !X509_NAME_add_entry_by_NID(X509_REQ_get_subject_name(req), NID_commonName, MBSTRING_ASC,

@@ -507,7 +507,7 @@ int sensors_discover(const char *root, unsigned sources, SensorSpec **ret, size_
         Collect c = { .skip = skip_fn, .userdata = userdata };
         int r = 0;
 
-        if (r >= 0 && (sources & (1u << SENSOR_SOURCE_HWMON)))
+        if (sources & (1u << SENSOR_SOURCE_HWMON))
                 r = discover_hwmon(&c, root);
         if (r >= 0 && (sources & (1u << SENSOR_SOURCE_THERMAL)))
                 r = discover_thermal(&c, root);

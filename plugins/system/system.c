@@ -259,7 +259,7 @@ static int var_load15(void *userdata, struct tether_value *ret) {
 static int meminfo(System *s, const char *key, struct tether_value *ret) {
         char *text = NULL, *line;
         size_t klen = strlen(key);
-        int r = -EBADMSG;
+        int r;
 
         r = proc_read(s, "meminfo", &text);
         if (r < 0)

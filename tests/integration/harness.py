@@ -63,6 +63,18 @@ def skip(reason):
     sys.exit(77)
 
 
+def needs_fault_injection():
+    """Raise Skip unless the build has the OTA crash points
+    (TETHER_OTA_CRASH_AT, ./configure --enable-fault-injection)."""
+    try:
+        with open(os.path.join(BUILD, "config.h")) as f:
+            if "#define ENABLE_FAULT_INJECTION 1" in f.read():
+                return
+    except OSError:
+        pass
+    raise Skip("the crash points need a build with ./configure --enable-fault-injection")
+
+
 def _die_with_parent():
     """In a child before exec: SIGTERM when the test process dies, so no
     daemon or `subscribe --resume` outlives a crashed test."""

@@ -19,7 +19,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EMULATOR, TETHER, Failure, expect, run  # noqa: E402
+from harness import EMULATOR, TETHER, Failure, expect, needs_fault_injection, run  # noqa: E402
 from otakit import OtaWorld, plugin_deb  # noqa: E402
 
 MB = 1024 * 1024
@@ -215,6 +215,7 @@ def test_progress_reaches_the_cli(w):
 def test_partial_file_changed_on_disk(w):
     """Killed after a checkpoint; the partial file is damaged before the
     restart: its prefix no longer matches, the download starts over."""
+    needs_fault_injection()
     o = OtaWorld(w)
     o.start_cloud()
     o.install_v1()

@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Skip, expect, run  # noqa: E402
+from harness import Skip, expect, needs_fault_injection, run  # noqa: E402
 from otakit import OtaWorld, blocking_script, broken_plugin, build_deb, native_arch, plugin_deb  # noqa: E402
 
 
@@ -224,6 +224,7 @@ def test_dpkg_locked_deferred(w):
 
 
 def crash_env(w, point):
+    needs_fault_injection()
     flag = w.path(f"crash-once-{point}")
     open(flag, "w").close()
     return {"TETHER_OTA_CRASH_AT": point, "TETHER_OTA_CRASH_ONCE": flag}

@@ -4,14 +4,21 @@
 # tests/system/test-packages.sh: a cached mmdebstrap root, nsenter into the
 # container, every wait polled against a deadline).
 #
-#   tests/system/test-ota.sh DEBDIR
+#   tests/system/test-ota.sh DEBDIR FI_DEBDIR
 #
 # DEBDIR holds the built tether-agent, tether-cloud, tether-cli and
-# tether-plugin-system .debs. The packaged tether-agent is installed first
-# ("1.0" below, whatever its version); 2.0, 3.0, ... are copies of it made
-# with dpkg-deb, some of them broken on purpose.
+# tether-plugin-system .debs as they ship; FI_DEBDIR the test variant
+# built with the OTA crash points (tools/dev deb --fault-injection). The
+# packaged tether-agent is installed first ("1.0" below, whatever its
+# version); 2.0, 3.0, ... are copies of it made with dpkg-deb, some of them
+# broken on purpose. Only the steps that kill tetherd or the helper at a
+# crash point (TETHER_OTA_CRASH_AT) run the test variant: an update to
+# 2.1.5, a copy of it, switches to it, and 2.2 and 2.3 are copies of it;
+# every other version is a copy of the shipped package, and no program in
+# DEBDIR may contain the crash points (docs/design/fault-injection.md).
 #
 # What it shows (each a step, "==> [N] ..."):
+#   - the shipped packages have no crash points, the test variant has;
 #   - a 10 MB agent update through `tether ota` is committed: the helper,
 #     started by tether-ota-helper.path, survives the postinst restarting
 #     tetherd (its own cgroup), the new agent proves itself (connected for
@@ -27,8 +34,8 @@
 #     architecture, expired manifest, version below the minimum, not
 #     enough space (the state directory on a 4 MB tmpfs);
 #   - killed (SIGKILL) during the download, after it, during dpkg's unpack
-#     (a blocking preinst), during the postinst, during the trial, during
-#     the rollback: the device ends on a healthy version and reports it;
+#     (a blocking preinst), during the postinst, during the rollback,
+#     during the trial: the device ends on a healthy version and reports it;
 #   - the dpkg lock held by another process: deferred, the lock untouched;
 #   - Launcher=transient (tetherd as root): the helper runs as the transient
 #     tether-ota-install.service, whose name refuses a second start.
@@ -36,6 +43,7 @@
 set -uo pipefail
 
 debdir=${1:-}
+fi_debdir=${2:-}
 top=$(cd "$(dirname "$0")/../.." && pwd)
 host_build=${top_builddir:-$top/build}
 cache=${TETHER_ROOTFS_CACHE:-/var/cache/tether-test}
@@ -47,8 +55,12 @@ BASE_PACKAGES=(systemd systemd-sysv dbus apt passwd python3 dpkg-repack)
 JOURNAL_LINES=120
 . "$(dirname "$0")/lib.sh"
 
-[ -n "$debdir" ] && [ -d "$debdir" ] || { echo "usage: $0 DEBDIR" >&2; exit 2; }
+[ -n "$debdir" ] && [ -d "$debdir" ] || { echo "usage: $0 DEBDIR FI_DEBDIR" >&2; exit 2; }
 debdir=$(cd "$debdir" && pwd)
+[ -n "$fi_debdir" ] || skip "the crash-point steps need the packages built with fault injection" \
+    "(tools/dev deb --fault-injection) as the second argument"
+[ -d "$fi_debdir" ] || { echo "$0: no directory $fi_debdir" >&2; exit 2; }
+fi_debdir=$(cd "$fi_debdir" && pwd)
 [ "$(id -u)" -eq 0 ] || skip "needs root (mmdebstrap, systemd-nspawn)"
 for tool in mmdebstrap systemd-nspawn nsenter dpkg-deb; do
     command -v "$tool" >/dev/null || skip "$tool is not installed (tools/dev packaging-deps)"
@@ -67,9 +79,11 @@ mkdir -p "$scratch/debs" "$scratch/ctr"
 step "packages from $debdir"
 shopt -s nullglob
 base=("$debdir"/tether-agent_*.deb) plugin_base=("$debdir"/tether-plugin-system_*.deb)
+fi_base=("$fi_debdir"/tether-agent_*.deb) shipped=("$debdir"/*.deb)
 [ ${#base[@]} -eq 1 ] && [ ${#plugin_base[@]} -eq 1 ] ||
     fail "expected one tether-agent and one tether-plugin-system .deb in $debdir"
-base=${base[0]} plugin_base=${plugin_base[0]}
+[ ${#fi_base[@]} -eq 1 ] || fail "expected one tether-agent .deb in $fi_debdir"
+base=${base[0]} plugin_base=${plugin_base[0]} fi_base=${fi_base[0]}
 shopt -u nullglob
 arch=$(dpkg-deb -f "$base" Architecture)
 [ "$arch" = "$(dpkg --print-architecture)" ] || skip "packages are for $arch, this machine is $(dpkg --print-architecture)"
@@ -79,6 +93,31 @@ for d in "$debdir"/tether-cloud_*.deb "$debdir"/tether-cli_*.deb; do
     dpkg-deb -x "$d" "$scratch/ctr"
 done
 ok "$(dpkg-deb -f "$base" Package Version Architecture | tr '\n' ' ')"
+
+# crash_points DEB...: the programs and libraries (ELF files) in the
+# packages that carry the crash-point switch, one a line. Documentation
+# may name it; a program must not.
+crash_points() {
+    local x f found=""
+    x=$(mktemp -d "$scratch/unpacked.XXXXXX")
+    for f in "$@"; do dpkg-deb -x "$f" "$x" || fail "dpkg-deb -x $f failed"; done
+    # grep -l prints each matching file once; no pipe, so no SIGPIPE.
+    while IFS= read -r -d '' f; do
+        [ "$(head -c 4 "$f" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] && found+="${f#"$x"}"$'\n'
+    done < <(grep -rlaFZ TETHER_OTA_CRASH_AT "$x")
+    rm -rf "$x"
+    printf '%s' "$found"
+}
+step "crash points: none in the ${#shipped[@]} shipped packages, in both programs of the test variant"
+found=$(crash_points "${shipped[@]}")
+[ -z "$found" ] || fail "the shipped packages in $debdir contain the crash points (TETHER_OTA_CRASH_AT) in:
+$found"
+ok "no program in the ${#shipped[@]} packages in $debdir has them"
+found=$(crash_points "$fi_base")
+for p in /usr/sbin/tetherd /usr/libexec/tether/tether-ota-helper; do
+    printf '%s\n' "$found" | grep -x "$p" >/dev/null || fail "$fi_base is not a fault-injection build: no crash points in $p"
+done
+ok "$(basename "$fi_base"): $(printf '%s' "$found" | tr '\n' ' ')"
 
 # variant BASE NAME VERSION [OPTIONS]: a copy of BASE with another version
 # as $scratch/debs/NAME_VERSION.deb. Options: filler=BYTES (a big file),
@@ -127,8 +166,9 @@ variant "$base" $A 3.0 'dropin=[Cloud]\nPort=1\n'
 variant "$base" $A 3.1 'dropin=[Connection]\nKeepaliveSec=banana\n'
 variant "$base" $A 3.2 'postinst=echo "postinst of 3.2: failing on purpose" >&2; exit 1'
 variant "$base" $A 2.1
-variant "$base" $A 2.2 filler=$((10 * 1024 * 1024))
-variant "$base" $A 2.3
+variant "$fi_base" $A 2.1.5
+variant "$fi_base" $A 2.2 filler=$((10 * 1024 * 1024))
+variant "$fi_base" $A 2.3
 variant "$base" $A 2.4 'preinst=if [ "$1" = upgrade ]; then echo unpacking >/run/ota-test-marker; exec sleep 600; fi'
 variant "$base" $A 2.5 'postinst=if [ "$1" = configure ]; then echo configuring >/run/ota-test-marker; exec sleep 600; fi'
 variant "$base" $A 2.6 'postinst=exit 1'
@@ -145,7 +185,9 @@ deps=$(for d in "$base" "$plugin_base" "$debdir"/tether-cloud_*.deb "$debdir"/te
     dpkg-deb -f "$d" Depends; echo; done | tr ',' '\n' | sed -e 's/(.*)//' -e 's/|.*//' -e 's/[[:space:]]//g' | grep -v '^$')
 packages=$(printf '%s\n' "${BASE_PACKAGES[@]}" $deps | grep -v '^tether' | sort -u | tr '\n' ',' | sed 's/,$//')
 container_root "$suite" "$packages" ota-v2
-cp -a "$scratch/ctr/." "$scratch/root/"
+# The root's /lib is a symlink to usr/lib (merged /usr): keep it.
+tar -C "$scratch/ctr" -cf - . | tar -C "$scratch/root" -xf - --keep-directory-symlink ||
+    fail "cannot copy the cloud and CLI packages' files into the root"
 
 # PKI, update keys and configuration, made on the host.
 pki="$scratch/root/etc/tether/pki"
@@ -263,7 +305,7 @@ start_job() {
         --data-binary @"$scratch/put.json" "http://127.0.0.1:8080/v1/devices/$dev" |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["job"]["job"])') || fail "PUT /v1/devices/$dev failed"
 }
-job_final() { job_json=$(tether_ctr ota status "$job" --json) && printf '%s' "$job_json" | grep -q '"final":true'; }
+job_final() { job_json=$(tether_ctr ota status "$job" --json) && [[ $job_json == *'"final":true'* ]]; }
 wait_final() { wait_for "${1:-90}" "job final" job_final || fail "job $job did not end: $(tether_ctr ota status "$job" 2>&1)"; }
 host_tether() { netx env TETHER_API=http://127.0.0.1:8080 TETHER_TOKEN="$token" "$host_build/tools/tether" "$@"; }
 dpkg_status() { ctr sha256sum /var/lib/dpkg/status | cut -c1-64; }
@@ -397,7 +439,7 @@ update tether-agent_2.1
 [ $rc -eq 8 ] || fail "tether ota exit $rc, expected 8"
 expect_job deferred dpkg-locked
 log "    reason: $(field reason)"
-field reason | grep -q "$holder" || fail "the reason does not name the holder $holder"
+[[ $(field reason) == *"$holder"* ]] || fail "the reason does not name the holder $holder"
 ctr test -e /var/lib/dpkg/lock-frontend || fail "the lock file was removed"
 [ "$(ctr systemctl is-active test-dpkg-lock)" = active ] || fail "the lock holder is gone"
 [ "$(dpkg_status)" = "$before" ] || fail "dpkg's status file changed"
@@ -405,6 +447,14 @@ ctr systemctl stop test-dpkg-lock
 back_online 2.0
 
 # ---------------------------------------------------------------------------
+# From here to the helper's crash, 2.1.5, 2.2 and 2.3 are the test variant
+# with crash points; rollbacks go back to one of them.
+step "2.1.5, the test variant with crash points: committed"
+update tether-agent_2.1.5
+[ $rc -eq 0 ] || { cat "$scratch/ota.err"; fail "tether ota exit $rc"; }
+expect_job committed
+back_online 2.1.5
+
 step "killed during the download (tetherd, after its first 4 MiB checkpoint): resumed, committed"
 crash_env tetherd download-checkpoint
 ctr systemctl restart tetherd
@@ -449,6 +499,17 @@ expect_job rolled-back
 log "    code: $(field code), reason: $(field reason)"
 back_online 2.3
 
+step "the helper killed during the rollback (crash point rolling-back): rolled back"
+crash_env tether-ota-helper rolling-back
+update tether-agent_2.6
+expect_job rolled-back install-failed
+ctr journalctl -u tether-ota-helper.service -o cat --no-pager | grep "rolling-back" >/dev/null ||
+    fail "no rollback in the helper's journal"
+ctr test -e /run/ota-test-crash && fail "the helper never reached its crash point"
+crash_env_off
+log "    history: $(history)"
+back_online 2.3
+
 step "the agent killed (SIGKILL, whole cgroup) during the trial: committed"
 tether_ctr ota "$dev" /root/tether-agent_2.7.deb --key /root/update.key --no-wait >"$scratch/job" 2>"$scratch/ota.err" ||
     { cat "$scratch/ota.err"; fail "cannot start the 2.7 job"; }
@@ -458,17 +519,6 @@ wait_for 60 "job in trial" in_trial || fail "2.7 never reached the trial"
 ctr systemctl kill --signal=SIGKILL tetherd
 wait_final 90
 expect_job committed
-log "    history: $(history)"
-back_online 2.7
-
-step "the helper killed during the rollback (crash point rolling-back): rolled back"
-crash_env tether-ota-helper rolling-back
-update tether-agent_2.6
-expect_job rolled-back install-failed
-ctr journalctl -u tether-ota-helper.service -o cat --no-pager | grep "rolling-back" >/dev/null ||
-    fail "no rollback in the helper's journal"
-ctr test -e /run/ota-test-crash && fail "the helper never reached its crash point"
-crash_env_off
 log "    history: $(history)"
 back_online 2.7
 
