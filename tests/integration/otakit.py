@@ -13,7 +13,7 @@ import subprocess
 import time
 import urllib.request
 
-from harness import BUILD, PLUGINS, TEST_PLUGINS, TETHER, Daemon, Failure, skip
+from harness import BUILD, PLUGINS, TEST_PLUGINS, TETHER, Daemon, Failure, seconds, skip, whole_seconds
 
 HELPER = os.path.join(BUILD, "agent", "tether-ota-helper")
 PLUGIN_DIR = "usr/lib/tether/plugins"
@@ -139,7 +139,7 @@ Launcher=exec
 Helper={HELPER}
 DpkgRoot={self.root}
 TrialSec=1
-HealthTimeoutSec=15
+HealthTimeoutSec={whole_seconds(15)}
 LockTimeoutSec=2
 LowSpeedSec=5
 ProgressIntervalSec=0.2
@@ -203,7 +203,7 @@ MinFreeMB=1
                                               "Content-Type": "application/json"},
                                      data=json.dumps(body).encode() if body is not None else None)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=seconds(timeout)) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
@@ -231,7 +231,7 @@ MinFreeMB=1
 
     def wait_job(self, job, pred=lambda j: j["final"], timeout=60, what="a final state"):
         """Long-poll the cloud until pred(job) holds."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + seconds(timeout)
         j = self.job(job)
         while not pred(j):
             if time.monotonic() > deadline:
@@ -275,7 +275,7 @@ MinFreeMB=1
         try:
             p = select.poll()
             p.register(fd, select.POLLIN)
-            if not p.poll(timeout * 1000):
+            if not p.poll(int(seconds(timeout) * 1000)):
                 raise Failure(f"nothing came through {path} in {timeout} s")
             return os.read(fd, 100).decode().strip()
         finally:

@@ -19,7 +19,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EMULATOR, TETHER, Failure, expect, run  # noqa: E402
+from harness import EMULATOR, TETHER, Failure, expect, run, seconds  # noqa: E402
 from otakit import OtaWorld, plugin_deb  # noqa: E402
 
 MB = 1024 * 1024
@@ -178,7 +178,7 @@ def test_progress_reaches_the_cli(w):
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     out = b""
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + seconds(120)
     try:
         while True:
             if time.monotonic() > deadline:
