@@ -8,6 +8,7 @@ self-update).
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -280,6 +281,34 @@ MinFreeMB=1
             return os.read(fd, 100).decode().strip()
         finally:
             os.close(fd)
+
+
+# Every state of a committed update, from the cloud's first.
+COMMIT_PATH = ["sent", "accepted", "downloading", "downloaded", "installing", "installed", "trial", "committed"]
+
+
+def reported_in_order(reported, path):
+    """The cloud hears the state the device is in whenever it can send a
+    report: states the device passed while a report was in flight are not
+    reported one by one (report_state() in agent/ota.c). So what it heard
+    is path with some states left out, in path's order, each once."""
+    it = iter(path)
+    return all(s in it for s in reported)
+
+
+def device_path(agent, job):
+    """The states the device itself went through for job, from the
+    transitions tetherd and tether-ota-helper log."""
+    path = []
+    rx = re.compile(r"^(?:tetherd: OTA job|tether-ota-helper: Job) %s: ([a-z-]+) -> ([a-z-]+)(.*)$" % job)
+    for line in agent.lines:
+        m = rx.match(line)
+        if not m or m.group(3).endswith(" (helper)"):  # tetherd seeing what the helper wrote
+            continue
+        if not path:
+            path.append(m.group(1))
+        path.append(m.group(2))
+    return path
 
 
 def blocking_script(phase_args, signal_fifo, word):
