@@ -296,12 +296,15 @@ def reported_in_order(reported, path):
     return all(s in it for s in reported)
 
 
-def device_path(agent, job):
+def device_path(agent, job, final):
     """The states the device itself went through for job, from the
-    transitions tetherd and tether-ota-helper log."""
+    transitions tetherd and tether-ota-helper log, once one of them logged
+    the one to final (the helper may say so after the cloud has it)."""
     path = []
-    rx = re.compile(r"^(?:tetherd: OTA job|tether-ota-helper: Job) %s: ([a-z-]+) -> ([a-z-]+)(.*)$" % job)
-    for line in agent.lines:
+    head = r"^(?:tetherd: OTA job|tether-ota-helper: Job) %s: " % job
+    agent.wait_line(head + r"[a-z-]+ -> %s(?!.* \(helper\)$)" % final)
+    rx = re.compile(head + r"([a-z-]+) -> ([a-z-]+)(.*)$")
+    for line in list(agent.lines):
         m = rx.match(line)
         if not m or m.group(3).endswith(" (helper)"):  # tetherd seeing what the helper wrote
             continue

@@ -51,7 +51,7 @@ def test_plugin_update_commits(w):
     expect(job["state"] == "committed", f"job ended {job['state']}")
     states = [h["state"] for h in job["history"]]
     expect(reported_in_order(states, COMMIT_PATH) and states[0] == "sent", f"history {states}")
-    went = device_path(o.agent, job["job"])
+    went = device_path(o.agent, job["job"], "committed")
     expect(went == COMMIT_PATH[1:], f"the device went through {went}")
     expect(o.installed() == "2.0 ii", f"dpkg says {o.installed()}")
     # the agent learns the cloud has it from the cloud's answer: after the CLI did
@@ -118,7 +118,7 @@ def test_plugin_fails_to_load_rolls_back(w):
     states = [h["state"] for h in job["history"]]
     expect(reported_in_order(states, COMMIT_PATH[:-1] + ["rolling-back", "rolled-back"]) and
            states[-1] == "rolled-back", f"history {states}")
-    went = device_path(o.agent, job["job"])
+    went = device_path(o.agent, job["job"], "rolled-back")
     expect(went[-3:] == ["trial", "rolling-back", "rolled-back"], f"the device went through {went}")
 
 
