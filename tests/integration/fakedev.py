@@ -276,13 +276,13 @@ def connect(w, device=None, describe=None, **kw):
     return d, dev_id
 
 
-def rss_kb(pid):
-    """Resident memory of a process, kB."""
+def rss_kb(pid, field="VmRSS"):
+    """Resident memory of a process, kB; field="VmHWM": its peak so far."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise Failure(f"no VmRSS for {pid}")
+    raise Failure(f"no {field} for {pid}")
 
 
 def memory_checks(pid):

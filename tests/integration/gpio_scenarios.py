@@ -20,7 +20,7 @@ import re
 import signal
 import time
 
-from harness import expect
+from harness import expect, seconds
 
 LINES = """
 [Line relay1]
@@ -57,7 +57,7 @@ Offset=5
 Direction=input
 Bias=pull-down
 Edge=both
-Debounce=500
+Debounce={debounce}
 
 [Line plain]
 Chip={chip}
@@ -65,6 +65,10 @@ Offset=6
 Direction=input
 Bias=pull-down
 """
+
+# Longer than the gaps between the edges of a burst the test makes, with
+# one command to the simulator each.
+DEBOUNCE_MS = int(seconds(0.5) * 1000)
 
 GHOST = """
 [Line ghost]
@@ -78,7 +82,7 @@ Default=1
 def start(w, sim, extra_lines=""):
     lines = w.path("gpio-lines.conf")
     with open(lines, "w") as f:
-        f.write(LINES.format(chip=sim.chip) + extra_lines)
+        f.write(LINES.format(chip=sim.chip, debounce=DEBOUNCE_MS) + extra_lines)
     w.start_cloud()
     a = w.start_agent(plugin_dir=w.plugin_dir("gpio"), env=sim.env,
                       extra=f"[Plugin gpio]\nLinesFile={lines}\n")
@@ -132,27 +136,26 @@ def pulse_does_not_block(w, sim):
     a = start(w, sim)
     dev = a.device_id
     sim.wait(1, 0)
-    expect(call(w, dev, "gpio.pulse", "relay1,1500") == "1", "gpio.pulse did not return 1")
-    # The call came back while the line is still high: the pulse runs on a
-    # timer, and the agent serves other calls meanwhile.
+    # The longest pulse there is (GPIO_PULSE_MAX_MS in plugins/gpio/gpio.c):
+    # still high after the calls below however slow they are. The call
+    # came back while the line is high: the pulse runs on a timer, and the
+    # agent serves other calls meanwhile.
+    expect(call(w, dev, "gpio.pulse", "relay1,60000") == "1", "gpio.pulse did not return 1")
     expect(sim.level(1) == 1, "relay1 not high during the pulse")
     expect(call(w, dev, "gpio.read", "relay1") == "1", "agent not serving during a pulse")
     r = call(w, dev, "gpio.pulse", "relay1,100", check=False)
     expect(r.returncode != 0 and "busy" in r.stderr, f"a pulse during a pulse: {r.returncode} {r.stderr!r}")
-    sim.wait(1, 0, timeout=10)  # ...and it ends by itself
 
-    # Pulse with an explicit value from a high line goes low and back.
+    # A write ends a pulse in progress: the next pulse is not busy. It has
+    # an explicit value: from a high line it goes low and, by itself, back.
+    # Long enough to be seen low after the call came back (TIME_FACTOR).
     call(w, dev, "gpio.write", "relay1,1")
     sim.wait(1, 1)
-    expect(call(w, dev, "gpio.pulse", "relay1,200,0") == "0", "pulse to 0 did not return 0")
-    sim.wait(1, 0)
-    sim.wait(1, 1)
-
-    # A write overrides a pulse in progress: the next pulse is not busy.
-    call(w, dev, "gpio.pulse", "relay1,5000,0")
-    call(w, dev, "gpio.write", "relay1,1")
-    expect(call(w, dev, "gpio.pulse", "relay1,100,0") == "0", "a write did not end the pulse")
-    sim.wait(1, 1)
+    ms = int(seconds(1.5) * 1000)
+    expect(call(w, dev, "gpio.pulse", f"relay1,{ms},0") == "0", "a write did not end the pulse")
+    expect(sim.level(1) == 0, f"relay1 not low during a {ms} ms pulse to 0")
+    sim.wait(1, 1)  # ...and it ends by itself
+    expect(call(w, dev, "gpio.read", "relay1") == "1", "relay1 does not read 1 after the pulse")
 
 
 def edges_become_events(w, sim):
@@ -184,7 +187,7 @@ def edges_become_events(w, sim):
     expect(edge_data(ev)["value"] == 1, f"door: the first event is {ev} (a falling edge slipped through?)")
     expect(get(w, dev, "gpio.door") == 1, "door at level 0 does not read logical 1")
 
-    # bouncy: 500 ms debounce. Nine quick edges (a bouncing contact ending
+    # bouncy: DEBOUNCE_MS debounce. Nine quick edges (a bouncing contact ending
     # high) make one event, with the final value. Events arrive in order,
     # so anything the burst produced on its own would come first.
     for level in (1, 0, 1, 0, 1, 0, 1, 0, 1):

@@ -5,11 +5,21 @@ Nothing here sleeps to synchronise: daemons report readiness and device
 state through sd_notify (the harness owns NOTIFY_SOCKET), and log lines are
 waited for as they arrive. Every wait has a deadline so a broken daemon
 fails the test instead of hanging it.
+
+Every time window a test relies on (a wait's deadline, a timeout or a
+pulse it configures, a bound on how long something took) is multiplied by
+one factor, TIME_FACTOR, so that a machine busy with other work (two
+suites at once on two cores) passes: windows are generous, and nothing is
+ever waited out for its full length when the awaited thing happens sooner.
+
+Run some test functions of a file only by naming them:
+python3 tests/integration/test-foo.py test_bar test_baz.
 """
 
 import ctypes
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -47,11 +57,90 @@ sys.path.insert(0, os.path.join(SRC, "tests", "gpiosim"))
 EMULATOR = os.environ.get("TETHER_TEST_EMULATOR", "").split()
 # Valgrind or other wrappers for the daemons, e.g. "valgrind -q --error-exitcode=99".
 WRAPPER = os.environ.get("TETHER_TEST_WRAPPER", "").split()
-SLOW = 10 if WRAPPER else 3 if EMULATOR else 1
+# How many times slower than native the daemons run: tests publish that
+# many times fewer events under a wrapper or an emulator.
+SLOWDOWN = 10 if WRAPPER else 3 if EMULATOR else 1
+
+
+def _time_factor():
+    v = os.environ.get("TETHER_TEST_TIME_FACTOR")
+    if not v:
+        return 3 * SLOWDOWN
+    try:
+        f = float(v)
+    except ValueError:
+        f = 0
+    if not 0.1 <= f <= 1000:
+        sys.exit(f"TETHER_TEST_TIME_FACTOR='{v}' is not a number from 0.1 to 1000")
+    return f
+
+
+# The one factor for every time window of the tests (see above): from
+# TETHER_TEST_TIME_FACTOR, by default 3 (3 times the slowdown under a
+# wrapper or an emulator).
+TIME_FACTOR = _time_factor()
+SLOW = TIME_FACTOR  # the older name, for time windows too
+
+
+def seconds(s):
+    """A time window of s seconds on an idle machine, as this run allows it."""
+    return s * TIME_FACTOR
+
+
+def whole_seconds(s):
+    """seconds(s) rounded up, for settings that take whole seconds."""
+    return math.ceil(seconds(s))
 
 
 class Failure(Exception):
     pass
+
+
+def poll(cond, timeout, what, interval=0.05):
+    """Check cond() until it returns something true, and return that: for
+    state nothing notifies us of (a sysfs value, a unit's invocation).
+    Failure after timeout seconds (times TIME_FACTOR)."""
+    deadline = time.monotonic() + timeout * TIME_FACTOR
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise Failure(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def server_connections(port):
+    """The established TCP connections to local port `port` in this network
+    namespace, from the kernel (ss -ti): {peer address: (bytes received,
+    bytes not yet read by the server)}."""
+    if not shutil.which("ss"):
+        raise Skip("'ss' is not installed (tools/dev deps installs iproute2)")
+    r = subprocess.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Failure(f"ss failed: {r.stderr.strip()}")
+    conns, peer = {}, None
+    for line in r.stdout.splitlines():
+        if not line[:1].isspace():
+            f = line.split()
+            peer, unread = f[3], int(f[0])
+            conns[peer] = (0, unread)
+        elif peer:
+            m = re.search(r"\bbytes_received:(\d+)", line)
+            if m:
+                conns[peer] = (int(m.group(1)), conns[peer][1])
+    return conns
+
+
+def wait_request_read(port, before, timeout=10, what="the request"):
+    """Until a connection to port that is not in before (a
+    server_connections() result) has brought data that the server has
+    read: a single-threaded daemon has then acted on it."""
+    def read():
+        return [p for p, (got, unread) in server_connections(port).items()
+                if p not in before and got > 0 and unread == 0]
+    poll(read, timeout, f"{what} to reach the server on port {port}")
 
 
 class Skip(Exception):
@@ -116,7 +205,7 @@ class NotifySocket:
 
     def wait(self, pred, timeout, what, start=0):
         """Wait for a message (index >= start) matching pred; return it."""
-        deadline = time.monotonic() + timeout * SLOW
+        deadline = time.monotonic() + timeout * TIME_FACTOR
         with self.cond:
             while True:
                 for m in self.messages[start:]:
@@ -140,7 +229,7 @@ class NotifySocket:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.thread.join(5)
+        self.thread.join(seconds(5))
         self.sock.close()
 
 
@@ -177,7 +266,7 @@ class Daemon:
 
     def wait_line(self, pattern, timeout=10, start=0):
         rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout * SLOW
+        deadline = time.monotonic() + timeout * TIME_FACTOR
         with self.cond:
             while True:
                 for line in self.lines[start:]:
@@ -213,12 +302,12 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout * SLOW)
+                self.proc.wait(timeout * TIME_FACTOR)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
                 raise Failure(f"{self.name} did not stop on SIGTERM")
-        self.thread.join(5)
+        self.thread.join(seconds(5))
         self.log.close()
         return self.proc.returncode
 
@@ -227,7 +316,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        self.thread.join(5)
+        self.thread.join(seconds(5))
 
 
 def check_emulator():
@@ -304,9 +393,9 @@ class World:
         cert = cert or self.path("pki", "server.crt")
         key = key or self.path("pki", "server.key")
         conf = self.path("cloud.conf")
-        timing = timing or """PingSec=5
-DeviceTimeoutSec=15
-CallTimeoutSec=5"""
+        timing = timing or f"""PingSec=5
+DeviceTimeoutSec={whole_seconds(15)}
+CallTimeoutSec={whole_seconds(5)}"""
         with open(conf, "w") as f:
             f.write(f"""[Cloud]
 Listen={listen}
@@ -345,10 +434,10 @@ Directory={state_dir or self.path('cloud-state')}
         conf = self.path(f"{name}.conf")
         state_dir = state_dir or self.path(f"{name}-state")
         connection = connection or f"""KeepaliveSec=5
-KeepaliveTimeoutSec=3
+KeepaliveTimeoutSec={seconds(3)}
 ReconnectMinSec=0.2
 ReconnectMaxSec=2
-ConnectTimeoutSec={5 * SLOW}"""
+ConnectTimeoutSec={seconds(5)}"""
         with open(conf, "w") as f:
             f.write(f"""[Cloud]
 Host={host}
@@ -426,7 +515,7 @@ IntervalSec=0
     def tether(self, *args, check=True, timeout=30, token=None):
         env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=token or self.token)
         r = subprocess.run(EMULATOR + [TETHER, *args], capture_output=True, text=True, env=env,
-                           timeout=timeout * SLOW)
+                           timeout=timeout * TIME_FACTOR)
         if check and r.returncode != 0:
             raise Failure(f"tether {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
@@ -446,7 +535,7 @@ IntervalSec=0
         argv = EMULATOR + [TETHERCTL, "--socket", agent.socket, *args]
         if user:
             argv = ["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups", *argv]
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * SLOW)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout * TIME_FACTOR)
         if check and r.returncode != 0:
             raise Failure(f"tetherctl {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
@@ -497,7 +586,7 @@ class Subscriber:
 
     def wait_ready(self, timeout=10):
         """tether subscribe says so on stderr once the stream is open."""
-        deadline = time.monotonic() + timeout * SLOW
+        deadline = time.monotonic() + timeout * TIME_FACTOR
         with self.cond:
             while not any("ubscribed" in line for line in self.errors):
                 if self.proc.poll() is not None:
@@ -522,7 +611,7 @@ class Subscriber:
 
     def wait_until(self, cond, timeout=10, what="events"):
         """Wait until cond(list of all events so far) is true."""
-        deadline = time.monotonic() + timeout * SLOW
+        deadline = time.monotonic() + timeout * TIME_FACTOR
         with self.cond:
             while not cond(self.events):
                 if self.proc.poll() is not None:
@@ -537,7 +626,7 @@ class Subscriber:
             return list(self.events)
 
     def wait(self, pred, timeout=10, what="event"):
-        deadline = time.monotonic() + timeout * SLOW
+        deadline = time.monotonic() + timeout * TIME_FACTOR
         with self.cond:
             while True:
                 for ev in self.events:
@@ -551,35 +640,61 @@ class Subscriber:
                 self.cond.wait(min(left, 0.5))
 
     def wait_exit(self, timeout=10, what="tether subscribe to exit"):
-        """Wait for the process to end on its own; returns its exit code."""
+        """Wait for the process to end on its own; returns its exit code
+        once everything it wrote to stdout and stderr is in events and
+        errors."""
+        deadline = time.monotonic() + timeout * TIME_FACTOR
         try:
-            return self.proc.wait(timeout * SLOW)
+            rc = self.proc.wait(timeout * TIME_FACTOR)
         except subprocess.TimeoutExpired:
             raise Failure(f"timed out waiting for {what}; got {self.snapshot()}") from None
+        self._join(deadline)
+        return rc
+
+    def _join(self, deadline):
+        """The readers end at EOF: once the process and anything that
+        inherited its pipes are gone."""
+        for th in (self.thread, self.err_thread):
+            th.join(max(deadline - time.monotonic(), 0.1))
+            if th.is_alive():
+                raise Failure("tether subscribe exited but its output did not end")
 
     def close(self):
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(5)
+                self.proc.wait(seconds(5))
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._join(time.monotonic() + seconds(5))
 
 
 def run(tests, emulated=""):
     """Run test functions, each with a fresh World; TAP-ish output. A test
     may raise Skip(reason); if every test skipped, the exit status is 77.
+    Names on the command line run only those test functions (in the
+    file's order); an unknown name is an error.
 
     Under the cross-build emulator (TETHER_TEST_EMULATOR) a file runs only
     if it passes emulated="ok"; otherwise emulated names why it is left to
     the native run (timing bounds a 3-10x slower emulator breaks, host-only
     tools, LD_PRELOAD into qemu itself)."""
+    wanted = sys.argv[1:]
+    if wanted:
+        names = [t.__name__ for t in tests]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            print(f"{sys.argv[0]}: no test function {', '.join(unknown)}; the file has: {' '.join(names)}",
+                  file=sys.stderr)
+            return 99
+        tests = [t for t in tests if t.__name__ in wanted]
     if EMULATOR and emulated != "ok":
         skip(f"not run under {EMULATOR[0]}: {emulated or 'left to the native run'}")
     check_emulator()
     failed = skipped = 0
     print(f"1..{len(tests)}")
+    print(f"# TIME_FACTOR={TIME_FACTOR:g}")
     for i, t in enumerate(tests, 1):
         w = None
         try:

@@ -8,12 +8,13 @@ self-update).
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 import urllib.request
 
-from harness import BUILD, PLUGINS, TEST_PLUGINS, TETHER, Daemon, Failure, skip
+from harness import BUILD, PLUGINS, TEST_PLUGINS, Daemon, Failure, seconds, skip, whole_seconds
 
 HELPER = os.path.join(BUILD, "agent", "tether-ota-helper")
 PLUGIN_DIR = "usr/lib/tether/plugins"
@@ -139,7 +140,7 @@ Launcher=exec
 Helper={HELPER}
 DpkgRoot={self.root}
 TrialSec=1
-HealthTimeoutSec=15
+HealthTimeoutSec={whole_seconds(15)}
 LockTimeoutSec=2
 LowSpeedSec=5
 ProgressIntervalSec=0.2
@@ -203,7 +204,7 @@ MinFreeMB=1
                                               "Content-Type": "application/json"},
                                      data=json.dumps(body).encode() if body is not None else None)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=seconds(timeout)) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
@@ -231,7 +232,7 @@ MinFreeMB=1
 
     def wait_job(self, job, pred=lambda j: j["final"], timeout=60, what="a final state"):
         """Long-poll the cloud until pred(job) holds."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + seconds(timeout)
         j = self.job(job)
         while not pred(j):
             if time.monotonic() > deadline:
@@ -275,11 +276,42 @@ MinFreeMB=1
         try:
             p = select.poll()
             p.register(fd, select.POLLIN)
-            if not p.poll(timeout * 1000):
+            if not p.poll(int(seconds(timeout) * 1000)):
                 raise Failure(f"nothing came through {path} in {timeout} s")
             return os.read(fd, 100).decode().strip()
         finally:
             os.close(fd)
+
+
+# Every state of a committed update, from the cloud's first.
+COMMIT_PATH = ["sent", "accepted", "downloading", "downloaded", "installing", "installed", "trial", "committed"]
+
+
+def reported_in_order(reported, path):
+    """The cloud hears the state the device is in whenever it can send a
+    report: states the device passed while a report was in flight are not
+    reported one by one (report_state() in agent/ota.c). So what it heard
+    is path with some states left out, in path's order, each once."""
+    it = iter(path)
+    return all(s in it for s in reported)
+
+
+def device_path(agent, job, final):
+    """The states the device itself went through for job, from the
+    transitions tetherd and tether-ota-helper log, once one of them logged
+    the one to final (the helper may say so after the cloud has it)."""
+    path = []
+    head = r"^(?:tetherd: OTA job|tether-ota-helper: Job) %s: " % job
+    agent.wait_line(head + r"[a-z-]+ -> %s(?!.* \(helper\)$)" % final)
+    rx = re.compile(head + r"([a-z-]+) -> ([a-z-]+)(.*)$")
+    for line in list(agent.lines):
+        m = rx.match(line)
+        if not m or m.group(3).endswith(" (helper)"):  # tetherd seeing what the helper wrote
+            continue
+        if not path:
+            path.append(m.group(1))
+        path.append(m.group(2))
+    return path
 
 
 def blocking_script(phase_args, signal_fifo, word):

@@ -15,7 +15,7 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SLOW, Failure, expect, run  # noqa: E402
+from harness import SLOW, Failure, expect, run, seconds, whole_seconds  # noqa: E402
 from fakedev import (CHANGED, CONTENT, CREATED, DEFAULT_DESCRIBE, GET, OBSERVE, PING, PONG, POST, Device,  # noqa: E402
                      code, codestr, connect, frame, memory_checks, path_opts, rss_kb, tls_context)
 
@@ -93,8 +93,10 @@ def wait_eof(d, timeout=10):
 def test_stalled_device_costs_bounded_memory(w):
     """A subscribed device that stops reading: events for it are dropped
     past MaxQueuedBytes instead of piling up in the cloud, calls to it get
-    503, and it gets everything again once it reads."""
-    w.start_cloud()
+    503, and it gets everything again once it reads. The device answers
+    nothing while the flood lasts, however long the machine takes for it:
+    DeviceTimeoutSec is not what is tested here."""
+    w.start_cloud(timing=f"PingSec=5\nDeviceTimeoutSec={whole_seconds(120)}\nCallTimeoutSec={whole_seconds(5)}")
     d, dev = connect(w, rcvbuf=4096)
     d.subscribe("")
     api = Api(w)
@@ -132,7 +134,8 @@ def test_own_pings_do_not_keep_a_device_alive(w):
     """Only Pongs to the cloud's Pings (and answers to its requests) prove
     life: a device that only sends is closed after DeviceTimeoutSec; one
     that answers stays."""
-    w.start_cloud(extra="[Cloud]\nPingSec=1\nDeviceTimeoutSec=3\n")
+    timeout = whole_seconds(3)
+    w.start_cloud(extra=f"[Cloud]\nPingSec=1\nDeviceTimeoutSec={timeout}\n")
     good, good_id = connect(w)
     stop = threading.Event()
 
@@ -151,11 +154,12 @@ def test_own_pings_do_not_keep_a_device_alive(w):
     mute.auto_pong = False
     mark = w.notify.mark()
     t0 = time.monotonic()
-    ended = "the 10 s limit"
+    limit = 3 * timeout
+    ended = f"the {limit} s limit"
     # Busy but deaf: its own Pings (answered by the cloud) and publishes,
     # while it waits for the cloud to give up on it.
     try:
-        while time.monotonic() - t0 < 10 * SLOW:
+        while time.monotonic() - t0 < limit:
             mute.send(frame(PING))
             mute.wait_for(lambda m: m.code == PONG, timeout=5)
             mute.publish("mute/alive", b"1")
@@ -166,11 +170,11 @@ def test_own_pings_do_not_keep_a_device_alive(w):
     except (EOFError, ConnectionError, ssl.SSLError) as e:
         ended = repr(e)
     took = time.monotonic() - t0
-    w.cloud.wait_line(r"Device '%s' answered nothing for 3s" % mute_id)
+    w.cloud.wait_line(r"Device '%s' answered nothing for %ds" % (mute_id, timeout))
     w.notify.wait(lambda m: m.get("X_TETHER_OFFLINE") == mute_id, 5,
                   f"mute device offline (its loop ended after {took:.1f} s: {ended})", mark)
-    print(f"# a device that sends but never answers was closed after {took:.1f} s (DeviceTimeoutSec=3)")
-    expect(took < 6 * SLOW, f"closing the mute device took {took:.1f} s")
+    print(f"# a device that sends but never answers was closed after {took:.1f} s (DeviceTimeoutSec={timeout})")
+    expect(took < 2 * timeout, f"closing the mute device took {took:.1f} s")
 
     devices = {x["id"]: x for x in json.loads(w.tether("list", "--json").stdout)}
     expect(devices[good_id]["connected"], "the device that answers Pings was dropped")
@@ -264,7 +268,8 @@ def test_busy_device_that_reads_stays(w):
 def test_handshake_deadline_and_cap(w):
     """Idle or half-open connections are closed after HandshakeTimeoutSec;
     beyond MaxHandshakes the oldest go first; real devices still get in."""
-    w.start_cloud(extra="[Cloud]\nHandshakeTimeoutSec=4\nMaxHandshakes=50\n")
+    timeout = whole_seconds(4)
+    w.start_cloud(extra=f"[Cloud]\nHandshakeTimeoutSec={timeout}\nMaxHandshakes=50\n")
     pid = w.cloud.proc.pid
     base = nfds(pid)
     socks = []
@@ -283,9 +288,9 @@ def test_handshake_deadline_and_cap(w):
             return False
         except OSError:
             return True
-    # The oldest 150 are closed to make room (not after the deadline).
+    # The oldest 150 are closed to make room (well before the deadline).
     for s in socks[:150]:
-        expect(closed(s, max(0.1, t0 + 3 * SLOW - time.monotonic())), "an evicted connection stayed open")
+        expect(closed(s, max(0.1, t0 + seconds(3) - time.monotonic())), "an evicted connection stayed open")
     held = nfds(pid) - base
     print(f"# 200 idle connections, MaxHandshakes=50: the cloud holds {held} of them")
     expect(held <= 50 + 2, f"the cloud holds {held} unauthenticated connections")
@@ -297,11 +302,12 @@ def test_handshake_deadline_and_cap(w):
 
     # The rest are closed by the deadline.
     for s in socks[150:]:
-        expect(closed(s, max(0.1, t0 + 7 * SLOW - time.monotonic())), "connection open past HandshakeTimeoutSec")
+        expect(closed(s, max(0.1, t0 + timeout + seconds(3) - time.monotonic())),
+               "connection open past HandshakeTimeoutSec")
     took = time.monotonic() - t0
-    print(f"# the last idle connection was closed after {took:.1f} s (HandshakeTimeoutSec=4)")
-    expect(took > 3, f"idle connections closed after {took:.1f} s, before HandshakeTimeoutSec=4")
-    w.cloud.wait_line(r"did not complete the TLS handshake within HandshakeTimeoutSec=4")
+    print(f"# the last idle connection was closed after {took:.1f} s (HandshakeTimeoutSec={timeout})")
+    expect(took > timeout - 1, f"idle connections closed after {took:.1f} s, before HandshakeTimeoutSec={timeout}")
+    w.cloud.wait_line(r"did not complete the TLS handshake within HandshakeTimeoutSec=%d" % timeout)
     expect(nfds(pid) <= base + 2, f"fds: {nfds(pid)} now, {base} before")
     for s in socks:
         s.close()
@@ -473,13 +479,14 @@ def test_oversize_for_device_max_message_size_logged_once(w):
 # --- calls ----------------------------------------------------------------------
 
 def test_call_timeout_and_offline(w):
-    w.start_cloud(extra="[Cloud]\nCallTimeoutSec=2\n")
+    timeout = whole_seconds(2)
+    w.start_cloud(extra=f"[Cloud]\nCallTimeoutSec={timeout}\n")
     d, dev = connect(w)
     wait = call_async(w, f"/v1/devices/{dev}/f", {"arg": "1"})
     d.wait_for(lambda m: m.code == POST and m.path == "f/f", what="POST /f/f")
     st, j, t = wait()
     expect(st == 504 and j["ok"] is False and "Timed out" in j["error"], f"unanswered call: {st} {j}")
-    expect(t >= 1.5, f"504 after {t:.1f} s, CallTimeoutSec=2")
+    expect(t >= timeout - 0.5, f"504 after {t:.1f} s, CallTimeoutSec={timeout}")
 
     wait = call_async(w, f"/v1/devices/{dev}/v")
     d.wait_for(lambda m: m.code == GET and m.path == "v/v", what="GET /v/v")
@@ -487,7 +494,7 @@ def test_call_timeout_and_offline(w):
     st, j, t = wait()
     print(f"# device disconnected during a call: HTTP {st} after {t:.2f} s")
     expect(st == 503 and "went offline" in j["error"], f"call to a device that left: {st} {j}")
-    expect(t < 1.5, f"503 only after {t:.1f} s")
+    expect(t < timeout - 0.5, f"503 only after {t:.1f} s, CallTimeoutSec={timeout}")
 
 
 def test_session_replaced_by_same_device(w):

@@ -13,6 +13,7 @@ order. Counts go to the log; the last line sums them up."""
 
 import datetime
 import http.client
+import json
 import os
 import re
 import signal
@@ -21,30 +22,31 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (BUILD, SLOW, TEST_PLUGINS, TETHER, WRAPPER, EventStream, Failure, NetNs,  # noqa: E402
-                     Skip, expect, run)
+from harness import (BUILD, SLOWDOWN, TEST_PLUGINS, TETHER, WRAPPER, EventStream, Failure, NetNs,  # noqa: E402
+                     Skip, expect, poll, run, seconds, server_connections, wait_request_read, whole_seconds)
 
-# Under valgrind (TETHER_TEST_WRAPPER) or an emulator (cross builds) the
-# daemons run many times slower: timings SLOW times longer, 1/SLOW of the
-# events; under valgrind no timing or memory figures are checked.
-SCALE = SLOW
+# Timings are harness.TIME_FACTOR times longer than the smallest that work
+# on an idle machine (seconds()); under valgrind (TETHER_TEST_WRAPPER) or an
+# emulator (cross builds) the daemons run many times slower: 1/SLOWDOWN of
+# the events; under valgrind no timing or memory figures are checked.
 
 # Small timings so that many faults fit in a CI run.
-AGENT_FAST = f"""KeepaliveSec={0.5 * SCALE}
-KeepaliveTimeoutSec={0.5 * SCALE}
-ConnectTimeoutSec={1 * SCALE}
-ReconnectMinSec=0.1
-ReconnectMaxSec={0.5 * SCALE}
-StableSec={2 * SCALE}"""
-CLOUD_FAST = f"""PingSec={1 * SCALE}
-DeviceTimeoutSec={3 * SCALE}
-CallTimeoutSec={2 * SCALE}"""
-CALL_TIMEOUT = 2 * SCALE
+RECONNECT_MIN, RECONNECT_MAX, STABLE = 0.1, seconds(0.5), seconds(2)
+AGENT_FAST = f"""KeepaliveSec={seconds(0.5)}
+KeepaliveTimeoutSec={seconds(0.5)}
+ConnectTimeoutSec={seconds(1)}
+ReconnectMinSec={RECONNECT_MIN}
+ReconnectMaxSec={RECONNECT_MAX}
+StableSec={STABLE}"""
+CALL_TIMEOUT = whole_seconds(2)
+CLOUD_FAST = f"""PingSec={whole_seconds(1)}
+DeviceTimeoutSec={whole_seconds(3)}
+CallTimeoutSec={CALL_TIMEOUT}"""
 
 
 def scaled(count):
     """An event count or rate, scaled down under valgrind."""
-    return max(count // SCALE, 50)
+    return max(count // SLOWDOWN, 50)
 
 TOTALS = {"published": 0, "received": 0, "cloud_restarts": 0, "cloud_stops": 0, "drops": 0,
           "agent_kills": 0, "duplicates_dropped": 0}
@@ -95,10 +97,15 @@ def new_subscriber(w, dev):
     return w.subscribe("pump/", "--device", dev, "--resume").wait_ready()
 
 
-def tether_bg(w, *args):
+def tether_bg(w, *args, reached=False):
+    """Start tether in the background; with reached, return once the cloud
+    has read its request (and, single-threaded, acted on it)."""
     env = dict(os.environ, TETHER_API=w.api, TETHER_TOKEN=w.token)
+    before = server_connections(w.api_port) if reached else None
     p = subprocess.Popen([TETHER, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     p.started = time.monotonic()
+    if reached:
+        wait_request_read(w.api_port, before, what=f"tether {' '.join(args)}")
     return p
 
 
@@ -135,8 +142,7 @@ def test_cloud_sigkill_restarts(w):
             # A call waiting for the (stopped) device when the cloud dies:
             # its HTTP client must get an error at once, not hang.
             a.signal(signal.SIGSTOP)
-            pending = tether_bg(w, "get", device[0], "next")
-            time.sleep(0.3)  # let the request reach the cloud; no event to wait for
+            pending = tether_bg(w, "get", device[0], "next", reached=True)
         w.cloud.kill()
         if pending:
             rc, err, t = wait_proc(pending, CALL_TIMEOUT * 3)
@@ -163,7 +169,7 @@ RETRY = re.compile(r"retrying in ([0-9.]+) s")
 
 def wait_retries(agent, start, n, timeout=10):
     """The first n backoff delays the agent logged from line start on."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds(timeout)
     with agent.cond:
         while True:
             delays = [float(m.group(1)) for m in map(RETRY.search, agent.lines[start:]) if m]
@@ -177,11 +183,11 @@ def wait_retries(agent, start, n, timeout=10):
 
 def sse_lines(w, path, last_event_id, until, timeout=10):
     """Read an event stream with a Last-Event-ID until a line matches."""
-    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=timeout)
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=seconds(timeout))
     conn.request("GET", path, headers={"Authorization": f"Bearer {w.token}", "Last-Event-ID": last_event_id})
     r = conn.getresponse()
     expect(r.status == 200, f"stream answered {r.status}")
-    lines, deadline = [], time.monotonic() + timeout
+    lines, deadline = [], time.monotonic() + seconds(timeout)
     while time.monotonic() < deadline:
         line = r.fp.readline().decode().rstrip("\n")
         lines.append(line)
@@ -226,10 +232,10 @@ def test_journal_replay(w):
 def test_backoff(w):
     """Reconnect delays grow exponentially with jitter in [1/2, 1], stop at
     ReconnectMaxSec, and start small again only after a connection held
-    for StableSec (AGENT_FAST: 0.1 s, 0.5 s, 2 s)."""
+    for StableSec (AGENT_FAST)."""
     if WRAPPER:
         raise Skip("a timing test: not under valgrind")
-    base, cap, stable = 0.1, 0.5, 2.0
+    base, cap, stable = RECONNECT_MIN, RECONNECT_MAX, STABLE
     w.start_cloud(timing=CLOUD_FAST)
     coap, api = w.coap_port, w.api_port
     a = w.start_agent(connection=AGENT_FAST)
@@ -247,8 +253,10 @@ def test_backoff(w):
         d = min(base * 2 ** (first_n + i), cap)
         return d / 2 - 0.05, d + 0.05  # logged with one decimal
 
-    # Connected long enough before: the first retry is back at the base.
-    time.sleep(stable + 0.5)  # the stable period is a duration, not an event
+    # Connected long enough before (the agent says how long it has been
+    # connected): the first retry is back at the base.
+    poll(lambda: json.loads(w.tetherctl(a, "status", "--json").stdout)["connected_sec"] >= stable, stable + 10,
+         f"the agent to be connected for StableSec={stable}", interval=0.1)
     delays = outage(7)
     print(f"# backoff after a stable connection: {delays}")
     for i, d in enumerate(delays):
@@ -312,7 +320,7 @@ def test_silent_network_drops(w):
         call = tether_bg(w, "get", device[0], "next")
         a.wait_line("keepalive timed out", timeout=5, start=mark)
         detected = time.monotonic() - t0
-        rc, err, t = wait_proc(call, CALL_TIMEOUT + 5)
+        rc, err, t = wait_proc(call, CALL_TIMEOUT + seconds(5))
         expect(rc in (4, 6), f"a call during a silent drop ended with exit {rc}: {err}")
         print(f"# drop {i + 1}: dead peer noticed after {detected:.2f} s; call in flight: exit {rc} "
               f"after {t:.2f} s ({err})")
@@ -353,8 +361,7 @@ def test_agent_sigkill(w):
         else:
             # The extra kill: the agent stopped with a call waiting for it.
             a.signal(signal.SIGSTOP)
-            call = tether_bg(w, "get", device[0], "next")
-            time.sleep(0.3)  # let the request reach the cloud; no event to wait for
+            call = tether_bg(w, "get", device[0], "next", reached=True)
             a.kill()
             rc, err, t = wait_proc(call, CALL_TIMEOUT * 3)
             print(f"# call in flight when the agent died: exit {rc} after {t:.2f} s: {err}")
@@ -582,6 +589,8 @@ def test_clock_steps(w):
 
 def summary(w):
     """Not a test of its own: the sums of the tests above, for the log."""
+    if not TOTALS["published"]:
+        raise Skip("sums up the tests before it, and none of them counted events")
     print(f"# TOTAL: {TOTALS['published']} events published, {TOTALS['received']} received exactly once "
           f"in order, across {TOTALS['cloud_restarts']} cloud SIGKILL restarts, {TOTALS['cloud_stops']} cloud "
           f"SIGSTOPs, {TOTALS['drops']} silent network drops, {TOTALS['agent_kills']} agent SIGKILLs; "

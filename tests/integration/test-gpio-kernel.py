@@ -11,7 +11,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Failure, run, skip  # noqa: E402
+from harness import Failure, poll, run, skip  # noqa: E402
 from gpio_scenarios import SCENARIOS, bind  # noqa: E402
 
 CONFIGFS = "/sys/kernel/config/gpio-sim"
@@ -83,11 +83,8 @@ class KernelSim:
     def wait(self, off, level, timeout=10, chip=None):
         # gpio-sim's value attribute cannot be poll()ed: check it until the
         # deadline (this only ever runs on a kernel with gpio-sim).
-        deadline = time.monotonic() + timeout
-        while self.level(off, chip) != level:
-            if time.monotonic() > deadline:
-                raise Failure(f"gpio-sim line {off} did not reach level {level}")
-            time.sleep(0.01)
+        poll(lambda: self.level(off, chip) == level, timeout, f"gpio-sim line {off} to reach level {level}",
+             interval=0.01)
 
     def requested(self, off):
         # The chardev's line info, as gpioinfo (Debian package gpiod) prints

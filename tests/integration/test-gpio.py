@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BUILT_PLUGINS, GPIOSIM_LIB, expect, run  # noqa: E402
+from harness import BUILT_PLUGINS, GPIOSIM_LIB, expect, run, seconds  # noqa: E402
 from gpio_scenarios import SCENARIOS, bind  # noqa: E402
 
 
@@ -28,7 +28,7 @@ class FakeSim:
         return self.ctl.get(self.chip, off)["level"]
 
     def wait(self, off, level, timeout=10, chip=None):
-        self.ctl.wait(chip or self.chip, off, level, timeout)
+        self.ctl.wait(chip or self.chip, off, level, seconds(timeout))
 
     def requested(self, off):
         return bool(self.ctl.get(self.chip, off)["requested"])

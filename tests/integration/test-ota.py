@@ -16,7 +16,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Skip, expect, needs_fault_injection, run  # noqa: E402
-from otakit import OtaWorld, blocking_script, broken_plugin, build_deb, native_arch, plugin_deb  # noqa: E402
+from otakit import (COMMIT_PATH, OtaWorld, blocking_script, broken_plugin, build_deb, device_path,  # noqa: E402
+                    native_arch, plugin_deb, reported_in_order)
 
 
 def setup(w, **kw):
@@ -49,8 +50,9 @@ def test_plugin_update_commits(w):
     job = json.loads(r.stdout.strip().splitlines()[-1])
     expect(job["state"] == "committed", f"job ended {job['state']}")
     states = [h["state"] for h in job["history"]]
-    for s in ("sent", "accepted", "downloading", "downloaded", "installing", "installed", "trial", "committed"):
-        expect(s in states, f"state {s} missing from the history {states}")
+    expect(reported_in_order(states, COMMIT_PATH) and states[0] == "sent", f"history {states}")
+    went = device_path(o.agent, job["job"], "committed")
+    expect(went == COMMIT_PATH[1:], f"the device went through {went}")
     expect(o.installed() == "2.0 ii", f"dpkg says {o.installed()}")
     # the agent learns the cloud has it from the cloud's answer: after the CLI did
     o.agent.wait_line(r"the cloud has the final state 'committed'")
@@ -114,7 +116,10 @@ def test_plugin_fails_to_load_rolls_back(w):
     job = json.loads(r.stdout.strip().splitlines()[-1])
     expect_v1_back(o, job, "plugin")
     states = [h["state"] for h in job["history"]]
-    expect(states[-3:] == ["trial", "rolling-back", "rolled-back"], f"history {states}")
+    expect(reported_in_order(states, COMMIT_PATH[:-1] + ["rolling-back", "rolled-back"]) and
+           states[-1] == "rolled-back", f"history {states}")
+    went = device_path(o.agent, job["job"], "rolled-back")
+    expect(went[-3:] == ["trial", "rolling-back", "rolled-back"], f"the device went through {went}")
 
 
 def test_rejected_before_touching_anything(w):

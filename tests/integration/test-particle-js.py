@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SRC, Failure, expect, run, skip  # noqa: E402
+from harness import SRC, Failure, expect, run, seconds, skip  # noqa: E402
 
 JS = os.path.join(SRC, "tests", "js")
 
@@ -19,7 +19,7 @@ def test_particle_api_js(w):
                TETHER_FUNCTION="add", TETHER_ARG="20,22", TETHER_EXPECT_RESULT="42",
                TETHER_VARIABLE="counter")
     r = subprocess.run(["node", os.path.join(JS, "particle-compat.mjs")], env=env, capture_output=True,
-                       text=True, timeout=60)
+                       text=True, timeout=seconds(60))
     for line in r.stdout.splitlines():
         print(f"# js: {line}")
     if r.returncode != 0:

@@ -127,18 +127,21 @@ def main():
                 if now >= end:
                     break
             if now >= next_break:
-                # Break the connection for longer than keepalive + timeout.
+                # Break the connection until the agent notices (keepalive
+                # and its timeout).
+                mark = a.mark()
                 if ns:
                     ns.drop(True)
                 else:
                     w.cloud.signal(signal.SIGSTOP)
-                time.sleep(3)  # the fault's duration, not a wait for an event
+                a.wait_line("keepalive timed out", timeout=10, start=mark)
                 if ns:
                     ns.drop(False)
                 else:
                     w.cloud.signal(signal.SIGCONT)
                 breaks += 1
                 next_break = time.monotonic() + opts.reconnect_every
+            # The soak's own schedule: until the next report or break.
             time.sleep(min(1.0, max(0.0, min(next_report, next_break, end) - time.monotonic())))
 
         calls.stop.set()
