@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tetherd configuration: a keyfile (/etc/tether/tetherd.conf) plus drop-ins
  * (tetherd.conf.d/\*.conf, in lexical order, later keys win). Unknown keys
  * warn with FILE:LINE; bad values fail the load with FILE:LINE. */

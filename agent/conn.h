@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The agent's one connection to the cloud: libcoap client session over
  * TLS/TCP, driven by the agent's sd-event loop; keepalive, reconnect with
  * backoff and jitter, the requests the cloud sends us (describe, call,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The agent's local API, used by tetherctl: a unix stream socket
  * (default /run/tether/tetherd.sock) carrying one JSON request and one
  * JSON response per connection (README.md, "tetherctl"). Callers are

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tetherd: the device agent. One sd-event loop drives the cloud
  * connection, the plugins' fds and timers, and signals. */
 #include <coap3/coap.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* One OTA artifact download with libcurl's multi interface on the agent's
  * sd-event loop: HTTPS only, the configured CA only, the device
  * certificate presented, resumable. Nothing here blocks the loop for

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tether-ota-helper: the privileged half of OTA (docs/ota.md).
  *
  *   tether-ota-helper run [--config FILE]        continue the journaled job

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The install helper's state machine (docs/ota.md), over operations the
  * caller supplies: tether-ota-helper passes the real ones (dpkg, the
  * health verdict file, systemd), the unit tests pass fakes and crash the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 #include <coap3/coap.h>
 #include <curl/curl.h>
 #include <errno.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tetherd's side of OTA updates (docs/ota.md): takes jobs the cloud sends
  * (POST /o/JOB), verifies the signed manifest before it answers, journals
  * the job, downloads the .deb (ota-download.c), checks it, hands it to the

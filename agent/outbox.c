@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The persistent outbox (outbox.h). The file is a sequence of records
  * (lib/record.h), each starting with a type byte:
  *

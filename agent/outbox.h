@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The outbox: the agent's bounded, persistent queue of events for the
  * cloud. An event is written to the file DIR/outbox before outbox_append()
  * returns, so what a producer was told is accepted survives a crash of the

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unloading: a plugin's init() may add sources to the agent's loop through
  * the raw sd_event* the host API hands out, so the host cannot see or
  * remove them. A plugin that forgets one in fini() would have the loop call

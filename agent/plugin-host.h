@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Loads plugins (dlopen of *.so in the plugin directory), checks their
  * ABI, gives each a tether_host handle and unloads them again. A plugin
  * that fails to load or init is logged and skipped. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What the device offers the cloud (functions, variables, event names) and
  * what it wants from it (subscriptions), each entry tagged with the plugin
  * that registered it so a plugin's entries go away with it. No logging:

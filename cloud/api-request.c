@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Parsing and routing of HTTP API requests (cloud.h, "api-request.c"):
  * pure functions of the request's method, URL, a few headers and body,
  * so they can be fuzzed without a server. api.c acts on the result. */

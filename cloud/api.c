@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The HTTP API: libmicrohttpd in external epoll mode on the sd-event loop,
  * Particle Cloud API shapes (docs/protocol.md, docs/cloud.md). Requests
  * waiting for a device and idle event streams are suspended, and resumed

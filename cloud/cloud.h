@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tether-cloudd: the reference device cloud. Modules and their prefixes:
  *   config.c   cloud_config_  keyfile, command line, API tokens
  *   devices.c  devices_  libcoap server, device registry, requests to devices

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tether-cloudd configuration: keyfile (inih), command line, token file. */
 #include "config.h"
 

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The device side of tether-cloudd: the libcoap TLS server on the sd-event
  * loop, the device registry, and requests from the cloud to devices.
  * See docs/design/libcoap.md for the libcoap 4.3.1 behaviour relied on here:

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Events: device publishes (POST /e/{name}), device subscriptions
  * (GET /e/{prefix} with Observe) and the router that feeds SSE clients and
  * subscribed devices. Notifications are PDUs we build ourselves: libcoap's

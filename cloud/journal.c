@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The event journal (cloud.h): an append-only file of every routed event,
  * in lib/record.h frames. Record types (first payload byte):
  *

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tether-cloudd: one sd-event loop serving devices (CoAP over TLS) and
  * users (HTTP API). */
 #include "config.h"

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* OTA in tether-cloudd (docs/ota.md, docs/cloud.md):
  *   - jobs: PUT /v1/devices/ID with a signed manifest sends POST /o/JOB to
  *     the device; its answer and its status reports (POST /o/JOB from the

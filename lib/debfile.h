@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A .deb file on disk: its control fields (read by dpkg-deb, never by a
  * parser of ours) and its SHA-256. The blocking helpers are for the CLI
  * and the install helper; the agent runs dpkg-deb as a child of its event

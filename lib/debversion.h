@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Debian package versions ([epoch:]upstream[-revision]) compared the way
  * dpkg compares them (deb-version(7)). Pure functions, no allocation. */
 #pragma once

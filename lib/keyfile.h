@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Keyfile reading ("[Section]", "Key=Value", like systemd units) shared by
  * tetherd's and tether-cloudd's configuration: inih with line numbers,
  * value parsers, tables of keys stored by offset, and the first error as

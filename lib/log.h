@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Logging for tether daemons and tools. Messages go to stderr; when
  * stderr is connected to the journal (JOURNAL_STREAM matches it) each line
  * carries a "<N>" priority prefix that journald parses, otherwise a plain

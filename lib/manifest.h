@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Signed OTA manifests (docs/ota.md is the reference) and the keyring of
  * trusted update keys.
  *

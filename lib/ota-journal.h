@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The OTA job journal and state machine, shared by tetherd (accept,
  * download, report, health) and tether-ota-helper (install, trial,
  * rollback). docs/ota.md describes states, owners and resume rules.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The tether wire protocol between tetherd and tether-cloudd: constants,
  * name rules and payload codecs (docs/protocol.md is the reference).
  * Pure functions: no logging, no I/O; negative errno on failure and

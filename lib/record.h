@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Framed, checksummed records for append-only state files: the agent's
  * outbox and the cloud's event journal. The codec is pure (no I/O, no
  * logging); record_file_replace() is the one helper that touches the disk.

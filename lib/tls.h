@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* TLS setup shared by tetherd and tether-cloudd on top of libcoap's PKI
  * support, plus the checks libcoap 4.3.1 leaves to us (docs/design/libcoap.md):
  * the cloud's host name, the device identity, TCP_NODELAY. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Small helpers shared by every tether program: cleanup attributes and
  * the negative-errno conventions of HACKING.md. Header only. */
 #pragma once

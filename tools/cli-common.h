@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What every tether command-line tool (tether, tetherctl, tether-pki)
  * shares: how a bad command line is reported. Each tool keeps its own
  * wording of the reasons. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* What the parts of the tether CLI share: the command line, the HTTP
  * client on one libcurl easy handle, and the error reporting of
  * docs/cli.md (one "tether: reason" line, exit codes by errno). */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* "tether ota": make update keys, sign manifests for .deb packages, upload
  * artifacts to the cloud, start update jobs on devices and follow them to
  * their end (docs/cli.md, docs/ota.md). The private update key stays on

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tether-pki: the development and test PKI (CA, cloud server certificate,
  * device certificates, API tokens), written against OpenSSL 3's API.
  * EC P-256 keys, SHA-256 signatures, random 128-bit serials. Private keys

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tether: the user CLI for tether-cloudd's HTTP API (Particle Cloud API
  * shapes, docs/protocol.md). One libcurl easy handle per run, jansson for
  * JSON. docs/cli.md is the user's reference, including the exit codes.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* tetherctl: the device-side CLI. Talks to tetherd over its local socket
  * (one JSON request, one JSON response per connection; agent/local-api.h)
  * and makes the device key and certificate request for enrollment.

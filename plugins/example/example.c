@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The example plugin: the SDK sample and the plugin the tests drive.
  *
  *   functions  echo(arg)   returns the argument's length and publishes it

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* gpio backend on libgpiod 1.x (gpio-backend.h). The only file of the gpio
  * plugin that includes <gpiod.h>: port this one to libgpiod 2 and the
  * rest of the plugin stays as it is.

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The one seam between the gpio plugin and libgpiod.
  *
  * gpio-backend-v1.c implements it on libgpiod 1.x, the API Debian 12 and

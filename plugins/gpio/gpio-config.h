@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The gpio plugin's line definitions: a keyfile of "[Line NAME]" sections
  * (docs/plugins/gpio.md), parsed with inih. Library-like: no logging;
  * errors come back as "FILE:LINE: reason", warnings through a callback. */

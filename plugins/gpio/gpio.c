@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The gpio plugin: named GPIO lines as cloud functions, variables and
  * events (docs/plugins/gpio.md).
  *

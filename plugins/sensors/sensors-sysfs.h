@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Finding sensors in sysfs and turning what their files say into SI values.
  * Library-like: no logging, no plugin API; errors are negative errno, and
  * what discovery skips is reported through a callback. The sysfs root is a

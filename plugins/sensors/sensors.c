@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The sensors plugin: hwmon, thermal zones, IIO and 1-Wire temperature
  * sensors from sysfs as typed variables with SI units, published
  * periodically and on change (docs/plugins/sensors.md).

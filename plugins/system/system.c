@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The system plugin: the gateway's own state as cloud variables, and the
  * two privileged actions a remote operator needs, both off by default
  * (docs/plugins/system.md).

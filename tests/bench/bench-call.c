@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* bench-call: round trips of a device function call through the cloud's
  * HTTP API (POST /v1/devices/{id}/{fn}), on ONE kept-alive HTTP connection
  * with TCP_NODELAY, timed with CLOCK_MONOTONIC. Prints figures (median,

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Edge -> `tether subscribe` latency, and the agent's memory with the
 gpio, sensors and system plugins loaded. Prints figures; passes or fails
 nothing.

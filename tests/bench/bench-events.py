@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """bench-events: events per second from one device to the cloud, end to
 end: the pump test plugin publishes as fast as the agent accepts, the
 agent writes each event to its outbox and sends it, the cloud journals and

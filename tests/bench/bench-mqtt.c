@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* The peer figure for a function call: an MQTT v5 request/response through
  * a Mosquitto broker (docs/design/benchmarks.md). A responder client answers
  * every message on "tether/bench/req" on the request's Response Topic with its

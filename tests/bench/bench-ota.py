@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """OTA timing figures (not a test): N updates of a plugin package of SIZE MB
 through the real cloud, agent, helper and dpkg in a scratch root, as in
 tests/integration/test-ota.py. Prints, per phase, the median and the maximum

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* bench-outbox: events per second through the agent's outbox
  * (agent/outbox.c), written to disk with fsync batched as tetherd does it,
  * against the same without the disk.

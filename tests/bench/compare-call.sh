@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # Side by side in one run (docs/design/benchmarks.md): a tether function
 # call through tether-cloudd's HTTP API to tetherd and back, against an MQTT
 # v5 request/response through Mosquitto (QoS 0 and 1), all on loopback with

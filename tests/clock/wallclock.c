@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* LD_PRELOAD shim for tests: steps the wall clock of one process without
  * touching the machine's. CLOCK_REALTIME (and gettimeofday(), time()) are
  * shifted by the number of seconds in the file named by

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Run by the integration harness under TEST_EMULATOR (cross builds): can
  * the emulator run a program that creates a thread? tetherd's name lookup
  * (getaddrinfo_a) and libcurl's resolver in tether both do. If it cannot,

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: tetherd's configuration parser (agent/agent-config.c) on a
  * keyfile of arbitrary content. Warnings are silenced; errors must come
  * back as -EINVAL with a message, never crash. */

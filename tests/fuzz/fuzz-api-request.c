@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: the HTTP API's request parsing and routing
  * (cloud/api-request.c). The input is the request's parts separated by
  * newlines: method, URL, Content-Type, Authorization, access_token,

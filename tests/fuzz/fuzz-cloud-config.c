@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: tether-cloudd's configuration parser (cloud/config.c)
  * on a keyfile of arbitrary content (the token file it names is read too,
  * when the path exists). */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: the payload codecs a device or cloud reads from the
  * other side (lib/proto.c): event notifications, describe documents,
  * variable values, function results. The first byte picks the codec. */

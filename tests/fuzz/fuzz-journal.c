@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: the cloud's event journal (cloud/journal.c) opened
  * from a file of arbitrary content, read back through a cursor, and
  * appended to. */

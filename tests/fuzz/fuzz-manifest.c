@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target for the OTA manifest parsers: the envelope split and
  * the JSON body, the two things an attacker controls before and after the
  * signature check. */

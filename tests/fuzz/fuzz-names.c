@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: name rules, prefix matching, UTF-8 checks and the
  * Uri-Query options of a publish (lib/proto.c), all of which the cloud
  * applies to what devices send. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* libFuzzer target: outbox recovery (agent/outbox.c) from a file of
  * arbitrary content, as a crash, a bad disk or another program might
  * leave it; then every recovered event is read back and one appended. */

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Write the binary seed files of the fuzz corpora for the outbox and the
 event journal (tests/fuzz/corpus/fuzz-{outbox,journal}/): small valid
 files in the formats of agent/outbox.c and cloud/journal.c (both

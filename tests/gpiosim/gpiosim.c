@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* gpiosim: a simulated GPIO chip at the libgpiod v1 boundary.
  *
  * Loaded with LD_PRELOAD into tetherd, this library defines the libgpiod 1.x

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Client for the simulated GPIO chip (tests/gpiosim/gpiosim.c).
 
 As a module: GpioSim(directory) with set(chip, offset, level),

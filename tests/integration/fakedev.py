@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """A scriptable device for protocol-level tests of tether-cloudd: CoAP over
 TLS over TCP (RFC 8323) written out by hand with Python's ssl module, so a
 test can do what tetherd never would (stop reading, send garbage, answer

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """GPIO behaviours through the real cloud and agent, run against a simulated
 chip: the libgpiod-boundary simulator (test-gpio.py, always) and the kernel's
 gpio-sim (test-gpio-kernel.py, where the kernel has it). A "sim" here is an

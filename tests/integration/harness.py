@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """Integration test harness: real tether-cloudd and tetherd processes, real
 TLS on loopback, free ports, a development PKI made with tether-pki.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 """OTA test kit: real .deb packages made with dpkg-deb, a scratch dpkg root
 (dpkg --root), an update key pair, and an agent whose OTA helper runs as a
 detached process (Launcher=exec) against that root. The cloud, the agent,

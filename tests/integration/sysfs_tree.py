@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """A generated sysfs tree of sensors for the sensors plugin (its SysfsRoot=
 setting), laid out as the kernel does: class/hwmon/hwmonN, class/thermal/
 thermal_zoneN, bus/iio/devices/iio:deviceN, bus/w1/devices/FF-ID. Some files

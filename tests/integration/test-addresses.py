@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The agent tries every address its cloud's host name resolves to, in
 getaddrinfo's order, before it backs off.
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """tether-cloudd's HTTP API at the byte level: authentication in all its
 places, what is read before the token is checked, body limits, parameter
 validation and the event stream's fields (docs/cloud.md)."""

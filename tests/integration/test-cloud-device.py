@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """tether-cloudd against a scripted device (fakedev.py): the device side of
 docs/protocol.md, including devices that misbehave — stop reading, never
 answer, flood, lie about liveness — and the memory they may cost."""

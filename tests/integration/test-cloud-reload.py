@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """SIGHUP makes tether-cloudd read its token file again (docs/cloud.md,
 "Reload"): new tokens work, removed ones get 401, a bad file keeps the
 tokens it had; event streams opened with a removed token end, device

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """tools/dev's command line, without starting anything: --dir is taken in
 any position (before or after the command and its arguments, and as
 --dir=DIR), the advice it prints repeats that --dir, TETHER_DEV_DIR (which

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """End to end through the real cloud and agent: calls, variables, events in
 both directions, error paths, plugin failures and reload."""
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Event times (docs/protocol.md, "Event time"): an event published while
 the device is offline keeps its publish time in published_at, across an
 agent restart, and received_at says when the cloud got it; device clocks

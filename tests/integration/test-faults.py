@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Fault injection: the agent keeps its promise (every accepted event
 delivered once, in order) and comes back by itself while the cloud is
 killed and restarted, stopped, cut off by a silent network, while the agent

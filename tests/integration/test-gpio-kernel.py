@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The gpio scenarios of test-gpio.py on the kernel's own simulator,
 gpio-sim (configfs), with the real libgpiod. Needs root, configfs and the
 gpio-sim module; exits 77 saying which is missing otherwise."""

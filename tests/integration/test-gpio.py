@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The gpio plugin end to end (cloud API -> agent -> plugin -> "hardware")
 on the simulated chip at the libgpiod v1 boundary (tests/gpiosim): the
 shipped gpio.so runs unchanged with the simulator preloaded in place of

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The agent's resumable download against servers that misbehave: a
 connection dropped mid-way (resume with Range), a server that ignores Range,
 an artifact whose ETag changed (If-Range), a 416, a stall (low-speed

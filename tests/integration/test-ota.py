@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """OTA end to end in the integration tier: the real cloud hosts the .deb over
 HTTPS with client certificates, the real agent verifies, downloads and
 reports, the real tether-ota-helper installs with real dpkg into a scratch

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The real npm particle-api-js client, unmodified, against tether-cloudd."""
 
 import os

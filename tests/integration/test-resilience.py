@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The agent comes back by itself when the cloud goes away, and connects
 by itself once its certificate files appear."""
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The plugin SDK from outside the tree: `make install` puts the header and
 tether-plugin.pc into a scratch root; plugins/example/example.c and the
 smallest plugin of docs/plugins.md are compiled with nothing but

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The sensors plugin end to end against a generated sysfs tree
 (sysfs_tree.py, its SysfsRoot=): discovery, SI values and units through the
 cloud, malformed files as clear errors, on-change and periodic events,

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """system.restart over the real system bus: the agent asks systemd (sd-bus,
 Manager.RestartUnit) to restart an allow-listed transient unit, and the
 unit's invocation changes; an allow-listed unit that does not exist comes

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """The system plugin through the cloud: variables against this machine's
 own /proc, statvfs and os-release, and against a fake proc root with
 malformed files; restart and reboot off by default, the allow-list's

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """tetherctl against a real tetherd: status, publish reaching a `tether
 subscribe` client through the real cloud, access control by peer
 credentials, bad requests on the raw socket, and enrollment (genkey, csr,

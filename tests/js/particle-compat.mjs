@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0
 // particle-compat.mjs: the official Particle JavaScript client
 // (particle-api-js) driving a tether cloud. Proves the HTTP API keeps the
 // Particle Cloud API shapes that existing clients depend on.

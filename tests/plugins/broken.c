@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Plugins that misbehave on purpose, for the integration tests.
  * Built twice: "failing" registers a function and then fails init (the
  * agent must drop the function and keep serving); with

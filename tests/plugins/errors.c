@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A plugin whose function "fail" returns the negative errno named by its
  * argument ("ENOENT", "EBUSY", ...), and whose variable "broken" fails to
  * read with -EIO: the integration tests check how each reaches the API. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A plugin that forgets its sources on purpose: init() adds a repeating
  * timer and an io source on a pipe to the agent's loop, fini() removes
  * neither. The timer writes a byte into the pipe, the io source reads it

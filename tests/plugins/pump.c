@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* A test plugin that publishes numbered events at a steady pace, for the
  * fault-injection tests. Each number is published until publish() accepts
  * it, then never again: what the subscriber must see is 1, 2, 3, ... with

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
 """Soak: a cloud and an agent under steady load and forced reconnects for a
 given time, printing memory, open fds and event counts of both at intervals
 so that growth shows. Not part of CI.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: Apache-2.0
 # What the system tests share (sourced, not run): logging, waits, and a
 # Debian root made with mmdebstrap (cached), booted with
 #   systemd-nspawn -b --register=no --keep-unit --private-network

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # System test: OTA updates of the built packages under real dpkg and real
 # systemd, in a Debian 12 booted with systemd-nspawn (the conventions of
 # tests/system/test-packages.sh: a cached mmdebstrap root, nsenter into the

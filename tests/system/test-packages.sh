@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
 # System test: the built .deb packages in a real Debian 12 booted with
 # systemd-nspawn.
 #

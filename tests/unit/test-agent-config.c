@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for tetherd's configuration parser (agent/agent-config.c). */
 #include <setjmp.h>
 #include <stdarg.h>

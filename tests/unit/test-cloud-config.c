@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for tether-cloudd's configuration (cloud/config.c): keyfile
  * values and limits, the API token file, the command line. */
 #include <setjmp.h>

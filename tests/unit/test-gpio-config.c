@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests of the gpio plugin's lines-file parser (plugins/gpio/gpio-config.c). */
 #include <errno.h>
 #include <setjmp.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for lib/log.c's structured messages: the journal fields
  * log_fields_format() builds (order, omitted fields, values from peers
  * cleaned and cut), and log_struct()'s choice of way out: the journal

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for signed OTA manifests, the keyring and Debian version
  * order (lib/manifest.c, lib/debversion.c). Keys are made fresh with
  * OpenSSL for every run. */

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for the OTA journal and state machine (lib/ota-journal.c,
  * agent/ota-install.c): atomic saves, the transition limit, and a whole job
  * driven through the real state machine with fake effects (dpkg is a file

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for the persistent outbox (agent/outbox.c): order, limits,
  * overflow policies, compaction, recovery after a crash in the middle
  * of a write (a child process dies inside the write, the parent reopens),

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for the wire codecs and name rules (lib/proto.c). */
 #include <setjmp.h>
 #include <stdarg.h>

@@ -1,3 +1,4 @@
+/* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests of the sensors plugin's sysfs module: value parsing (numbers,
  * w1_slave, scale/offset/divisor) and discovery on small generated trees. */
 #include <errno.h>
