@@ -55,24 +55,39 @@ static void log_write(int level, const char *buf) {
                 fprintf(stderr, "%s: %s\n", log_program, buf);
 }
 
-int log_internal(int level, int error, const char *fmt, ...) {
+static int log_send_journal(int level, const LogFields *fields, const char *message);
+
+/* Format and write one message; fields (may be NULL) go to the journal's
+ * native socket when stderr is the journal. errno is preserved, and set to
+ * error while fmt is formatted (for %m). */
+__attribute__((format(printf, 4, 0)))
+static int log_emit(int level, int error, const LogFields *fields, const char *fmt, va_list ap) {
         int saved = errno;
         char buf[2048];
-        va_list ap;
 
         if (error < 0)
                 error = -error;
-        if (level > log_max_level)
-                goto out;
-
-        errno = error;
-        va_start(ap, fmt);
-        vsnprintf(buf, sizeof(buf), fmt, ap);
-        va_end(ap);
-        log_write(level, buf);
-out:
+        if (level <= log_max_level) {
+                errno = error;
+                vsnprintf(buf, sizeof(buf), fmt, ap);
+                /* The stream and the native socket are two ways into the
+                 * same journal; whatever the socket refuses still gets
+                 * there as text. */
+                if (!fields || !log_journal || !log_journal_send || log_send_journal(level, fields, buf) < 0)
+                        log_write(level, buf);
+        }
         errno = saved;
         return error ? -error : 0;
+}
+
+int log_internal(int level, int error, const char *fmt, ...) {
+        va_list ap;
+        int r;
+
+        va_start(ap, fmt);
+        r = log_emit(level, error, NULL, fmt, ap);
+        va_end(ap);
+        return r;
 }
 
 static char *field_new(const char *key, const char *value, bool clean) {
@@ -147,24 +162,11 @@ static int log_send_journal(int level, const LogFields *f, const char *message) 
 }
 
 int log_struct_internal(int level, int error, const LogFields *fields, const char *fmt, ...) {
-        int saved = errno;
-        char buf[2048];
         va_list ap;
+        int r;
 
-        if (error < 0)
-                error = -error;
-        if (level > log_max_level)
-                goto out;
-
-        errno = error;
         va_start(ap, fmt);
-        vsnprintf(buf, sizeof(buf), fmt, ap);
+        r = log_emit(level, error, fields, fmt, ap);
         va_end(ap);
-        /* The stream and the native socket are two ways into the same
-         * journal; whatever the socket refuses still gets there as text. */
-        if (!log_journal || !log_journal_send || log_send_journal(level, fields, buf) < 0)
-                log_write(level, buf);
-out:
-        errno = saved;
-        return error ? -error : 0;
+        return r;
 }
