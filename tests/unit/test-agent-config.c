@@ -260,7 +260,7 @@ static void test_local_api(void **state) {
         assert_non_null(strstr(error, "[Local] Socket= must be an absolute path"));
 }
 
-int main(void) {
+int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
                 cmocka_unit_test(test_values_and_plugins),
@@ -272,5 +272,8 @@ int main(void) {
                 cmocka_unit_test(test_cloud_changed),
                 cmocka_unit_test(test_local_api),
         };
+        /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
+        if (argc > 1)
+                cmocka_set_test_filter(argv[1]);
         return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -325,7 +325,7 @@ static void test_resolve_address(void **state) {
         assert_int_equal(ss.ss_family, AF_INET6);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
                 cmocka_unit_test(test_values),
@@ -341,5 +341,8 @@ int main(void) {
                 cmocka_unit_test(test_resolve_address),
         };
 
+        /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
+        if (argc > 1)
+                cmocka_set_test_filter(argv[1]);
         return cmocka_run_group_tests(tests, setup, teardown);
 }

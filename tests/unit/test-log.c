@@ -186,12 +186,15 @@ static void test_catalogs_cover_ids(void **state) {
         }
 }
 
-int main(void) {
+int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_format_all),
                 cmocka_unit_test(test_format_omits_and_cleans),
                 cmocka_unit_test(test_struct_ways_out),
                 cmocka_unit_test(test_catalogs_cover_ids),
         };
+        /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
+        if (argc > 1)
+                cmocka_set_test_filter(argv[1]);
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

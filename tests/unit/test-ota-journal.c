@@ -452,7 +452,7 @@ static void test_table(void **state) {
         assert_int_equal(ota_state_from_string("bogus"), _OTA_STATE_MAX);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_table),
                 cmocka_unit_test(test_journal_roundtrip),
@@ -464,6 +464,9 @@ int main(void) {
         };
         int r;
 
+        /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
+        if (argc > 1)
+                cmocka_set_test_filter(argv[1]);
         r = cmocka_run_group_tests_name("journal", tests, NULL, NULL);
         if (r != 0)
                 return 1;

@@ -318,7 +318,7 @@ static void test_types(void **state) {
         assert_int_equal(proto_type_from_string(NULL), 0);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_names),  cmocka_unit_test(test_utf8),  cmocka_unit_test(test_result),
                 cmocka_unit_test(test_values), cmocka_unit_test(test_events), cmocka_unit_test(test_describe),
@@ -329,5 +329,8 @@ int main(void) {
                 cmocka_unit_test(test_timestamps),
                 cmocka_unit_test(test_publish_time_rules),
         };
+        /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
+        if (argc > 1)
+                cmocka_set_test_filter(argv[1]);
         return cmocka_run_group_tests(tests, NULL, NULL);
 }

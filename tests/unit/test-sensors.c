@@ -181,7 +181,7 @@ static void test_no_tree(void **state) {
         sensors_specs_free(s, n);
 }
 
-int main(void) {
+int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_numbers),
                 cmocka_unit_test(test_conversion),
@@ -189,5 +189,8 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_discovery, setup_tree, teardown_tree),
                 cmocka_unit_test(test_no_tree),
         };
+        /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
+        if (argc > 1)
+                cmocka_set_test_filter(argv[1]);
         return cmocka_run_group_tests(tests, NULL, NULL);
 }
