@@ -27,10 +27,10 @@
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "outbox.h"
+#include "proto.h"
 #include "record.h"
 #include "util.h"
 
@@ -175,15 +175,6 @@ static size_t ring_find(const Outbox *o, uint64_t seq) {
 }
 
 /* ---- writing ------------------------------------------------------------ */
-
-/* 0 (unknown) for a clock before 1970. */
-static uint64_t wall_clock_ms(void) {
-        struct timespec ts;
-
-        if (clock_gettime(CLOCK_REALTIME, &ts) < 0 || ts.tv_sec < 0)
-                return 0;
-        return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 static int buf_reserve(Outbox *o, size_t n) {
         uint8_t *b;
@@ -558,7 +549,7 @@ int outbox_append(Outbox *o, const char *name, const char *data, size_t data_len
         record_put_u32(&w, flags);
         record_put_bytes(&w, name, name_len);
         record_put_bytes(&w, data, data_len);
-        record_put_u64(&w, wall_clock_ms());
+        record_put_u64(&w, proto_time_now_ms()); /* 0 (unknown) before 1970 */
         if (w.overflow)
                 return -E2BIG;
         record_seal(OUTBOX_MAGIC, o->buf + ack, w.len);
