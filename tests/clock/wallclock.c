@@ -2,8 +2,9 @@
 /* LD_PRELOAD shim for tests: steps the wall clock of one process without
  * touching the machine's. CLOCK_REALTIME (and gettimeofday(), time()) are
  * shifted by the number of seconds in the file named by
- * TETHER_TEST_CLOCK_FILE, read again at most every 10 ms, so a test steps
- * the clock by rewriting the file. CLOCK_MONOTONIC and timers are left
+ * TETHER_TEST_CLOCK_FILE. The file is read again whenever it was replaced
+ * or changed (a stat() per call), so a test steps the clock by replacing
+ * the file (rename), and every clock read after that sees the step. CLOCK_MONOTONIC and timers are left
  * alone, as on a machine whose NTP client steps the time.
  *
  * (libfaketime 0.9.10 cannot do this for sd-event programs: it rewrites
@@ -12,30 +13,32 @@
 #include <dlfcn.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 
 static int (*real_clock_gettime)(clockid_t, struct timespec *);
 static long long offset_sec;
-static struct timespec checked;
+static struct stat seen; /* the file as last read */
 
 static void refresh(void) {
         const char *path = getenv("TETHER_TEST_CLOCK_FILE");
-        struct timespec now;
+        struct stat st;
         long long v;
         FILE *f;
 
-        if (!path || real_clock_gettime(CLOCK_MONOTONIC_COARSE, &now) < 0)
+        if (!path || stat(path, &st) < 0)
                 return;
-        if ((checked.tv_sec || checked.tv_nsec) &&
-            (now.tv_sec - checked.tv_sec) * 1000000000LL + (now.tv_nsec - checked.tv_nsec) < 10000000LL)
+        if (st.st_ino == seen.st_ino && st.st_dev == seen.st_dev && st.st_size == seen.st_size &&
+            st.st_mtim.tv_sec == seen.st_mtim.tv_sec && st.st_mtim.tv_nsec == seen.st_mtim.tv_nsec)
                 return;
-        checked = now;
         f = fopen(path, "re");
         if (!f)
                 return;
-        if (fscanf(f, "%lld", &v) == 1)
+        if (fscanf(f, "%lld", &v) == 1) {
                 offset_sec = v;
+                seen = st;
+        }
         fclose(f);
 }
 
