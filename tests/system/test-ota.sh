@@ -95,26 +95,12 @@ for d in "$debdir"/tether-cloud_*.deb "$debdir"/tether-cli_*.deb; do
 done
 ok "$(dpkg-deb -f "$base" Package Version Architecture | tr '\n' ' ')"
 
-# crash_points DEB...: the programs and libraries (ELF files) in the
-# packages that carry the crash-point switch, one a line. Documentation
-# may name it; a program must not.
-crash_points() {
-    local x f found=""
-    x=$(mktemp -d "$scratch/unpacked.XXXXXX")
-    for f in "$@"; do dpkg-deb -x "$f" "$x" || fail "dpkg-deb -x $f failed"; done
-    # grep -l prints each matching file once; no pipe, so no SIGPIPE.
-    while IFS= read -r -d '' f; do
-        [ "$(head -c 4 "$f" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] && found+="${f#"$x"}"$'\n'
-    done < <(grep -rlaFZ TETHER_OTA_CRASH_AT "$x")
-    rm -rf "$x"
-    printf '%s' "$found"
-}
 step "crash points: none in the ${#shipped[@]} shipped packages, in both programs of the test variant"
-found=$(crash_points "${shipped[@]}")
+found=$("$top/tools/crash-points" "${shipped[@]}") || fail "cannot unpack the packages in $debdir"
 [ -z "$found" ] || fail "the shipped packages in $debdir contain the crash points (TETHER_OTA_CRASH_AT) in:
 $found"
 ok "no program in the ${#shipped[@]} packages in $debdir has them"
-found=$(crash_points "$fi_base")
+found=$("$top/tools/crash-points" "$fi_base") || fail "cannot unpack $fi_base"
 for p in /usr/sbin/tetherd /usr/libexec/tether/tether-ota-helper; do
     printf '%s\n' "$found" | grep -x "$p" >/dev/null || fail "$fi_base is not a fault-injection build: no crash points in $p"
 done
