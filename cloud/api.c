@@ -75,6 +75,7 @@ typedef struct ApiRequest {
 static struct {
         sd_event *event;
         const CloudConfig *config;
+        Journal *journal;
         struct MHD_Daemon *daemon;
         sd_event_source *io, *timer, *defer, *keepalive;
         ApiRequest *requests;
@@ -386,7 +387,7 @@ static void api_publish(ApiRequest *req, json_t *params) {
                 .published_at = published_at,
                 .coreid = (char *)"api",
         };
-        r = journal_append(&e, 0, 0, &id);
+        r = journal_append(api.journal, &e, 0, 0, &id);
         if (r < 0) {
                 log_warning_errno(r, "Failed to store an event from the API: %m");
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot store the event now: %s", strerror(-r));
@@ -504,7 +505,7 @@ static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
         json_decref(j);
         if (!json)
                 return -ENOMEM;
-        n = asprintf(ret, "id: %016" PRIx64 "-%" PRIu64 "\nevent: %s\ndata: %s\n\n", journal_epoch(), id, e->name,
+        n = asprintf(ret, "id: %016" PRIx64 "-%" PRIu64 "\nevent: %s\ndata: %s\n\n", journal_epoch(api.journal), id, e->name,
                      json);
         return n < 0 ? -ENOMEM : n;
 }
@@ -611,8 +612,8 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                 return MHD_NO;
         if (api_sse_append(req, ":ok\n\n", 5) < 0)
                 return MHD_NO;
-        if (p->has_last_event_id && p->last_epoch == journal_epoch()) {
-                journal_cursor_init(&req->cursor, p->last_id);
+        if (p->has_last_event_id && p->last_epoch == journal_epoch(api.journal)) {
+                journal_cursor_init(&req->cursor, api.journal, p->last_id);
                 req->catching_up = true;
         } else {
                 _cleanup_free_ char *here = NULL;
@@ -623,7 +624,7 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                  * the first event, a reconnect still misses nothing. */
                 n = asprintf(&here, "%sid: %016" PRIx64 "-%" PRIu64 "\n\n",
                              p->has_last_event_id ? ":Last-Event-ID is from another journal\n" : "",
-                             journal_epoch(), journal_last_id());
+                             journal_epoch(api.journal), journal_last_id(api.journal));
                 if (n < 0 || api_sse_append(req, here, (size_t)n) < 0)
                         return MHD_NO;
         }
@@ -890,7 +891,7 @@ static void api_mhd_log(void *cls, const char *fmt, va_list ap) {
         api_log_mhd(api.running, "", fmt, ap);
 }
 
-int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
+int api_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port) {
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
         socklen_t sl;
@@ -899,6 +900,7 @@ int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
 
         api.event = event;
         api.config = config;
+        api.journal = journal;
         /* Room for a MaxPayload argument even when every byte is escaped. */
         api.body_max = (size_t)config->max_payload * 3 + 4096;
 

@@ -19,90 +19,12 @@
 #include <sys/socket.h>
 #include <systemd/sd-event.h>
 
+#include "cloud-config.h"
+#include "journal.h"
 #include "proto.h"
 
 struct MHD_Connection;
 
-#define CLOUD_PROGRAM "tether-cloudd"
-#define CLOUD_DEFAULT_CONFIG SYSCONFDIR "/tether/tether-cloudd.conf"
-#define CLOUD_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether-cloud"
-#define CONFIG_TOKEN_DIGEST_SIZE 32 /* SHA-256 */
-
-/* ---- config.c ------------------------------------------------------- */
-
-typedef struct CloudConfig {
-        char *path; /* the file read */
-
-        /* [Cloud] */
-        char *coap_listen;
-        unsigned coap_port;
-        char *ca_file;
-        char *cert_file;
-        char *key_file;
-        unsigned max_payload;
-        unsigned max_subscriptions;
-        unsigned ping_sec;
-        unsigned device_timeout_sec;
-        unsigned call_timeout_sec;
-        unsigned handshake_timeout_sec; /* accept to bound device */
-        unsigned max_handshakes;        /* sessions not yet bound to a device */
-        unsigned max_queued_bytes;      /* sent to a device, not known to be read */
-
-        /* [API] */
-        char *api_listen;
-        unsigned api_port;
-        char *token_file;
-        unsigned max_connections_per_ip; /* 0: no limit */
-
-        /* [State] */
-        char *state_dir;
-        /* [Events] */
-        unsigned journal_max_bytes;
-        unsigned journal_sync_ms; /* 0: fsync every event */
-
-        /* [OTA]: artifact hosting is on when ota_dir is set */
-        char *ota_dir;
-        char *ota_listen; /* NULL: [Cloud] Listen= */
-        unsigned ota_port;
-        char *ota_public_url; /* NULL: https://LISTEN:PORT */
-        unsigned ota_max_artifact_mb;
-
-        /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
-        uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
-        size_t n_tokens;
-} CloudConfig;
-
-/* Parse the command line. Returns 0 and sets *ret_path (pointing into argv
- * or to the default) to run; 1 if --help/--version was handled and the
- * program should exit successfully; -EINVAL on a usage error (logged). */
-int cloud_config_parse_argv(int argc, char *argv[], const char **ret_path);
-
-/* Read the keyfile at path and the token file it names. Logs every
- * problem as "FILE:LINE: ..." and returns a negative errno on the first
- * bad value. *ret is owned by the caller (cloud_config_free). */
-int cloud_config_load(const char *path, CloudConfig **ret);
-CloudConfig *cloud_config_free(CloudConfig *c);
-static inline void cloud_config_freep(CloudConfig **c) { cloud_config_free(*c); }
-
-/* Read TokenFile again (the path from the configuration loaded at start)
- * and replace the tokens with its. On failure (logged, like at start) the
- * tokens stay as they were. */
-int cloud_config_reload_tokens(CloudConfig *c);
-
-/* True if token (NUL-terminated) is one of the configured tokens;
- * constant time in the token's content. */
-bool cloud_config_token_valid(const CloudConfig *c, const char *token);
-
-/* The SHA-256 of token (NUL-terminated), what is kept to check it again
- * later (cloud_config_token_digest_valid()) without keeping the token itself.
- * -EINVAL for a NULL or empty token, -EIO if hashing failed. */
-int cloud_config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]);
-/* True if digest is one of the configured tokens' (constant time). */
-bool cloud_config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]);
-
-/* Resolve a numeric or host-name listen address plus port. */
-int cloud_config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
-                           socklen_t *ret_len);
 
 /* ---- devices.c ------------------------------------------------------ */
 
@@ -165,7 +87,7 @@ void device_event_undeliverable(Device *d, const char *name, size_t len, int err
 
 /* ---- events.c ------------------------------------------------------- */
 
-void events_init(const CloudConfig *config);
+void events_init(const CloudConfig *config, Journal *journal);
 void events_stop(void);
 
 /* Handle a device request on /e/... (path = the Uri-Path segments after
@@ -179,47 +101,6 @@ void events_device_gone(const Device *d);
  * the publishing device (it does not get its own event) or NULL; id is
  * its journal id (journal_append()). */
 void events_route(const ProtoEvent *e, const Device *source, uint64_t id);
-
-/* ---- journal.c ------------------------------------------------------ */
-
-/* Every event the cloud routes is first appended to the journal file
- * StateDirectory/events.journal, with an id that grows by one per event.
- * The journal knows, per device and epoch, the highest sequence number
- * delivered (docs/protocol.md, "Delivery"), and SSE streams read it back
- * to replay what a client missed (Last-Event-ID). Bounded by
- * JournalMaxBytes: the oldest events are dropped when it is rewritten. */
-int journal_open(sd_event *event, const CloudConfig *config);
-/* Syncs and closes. */
-void journal_close(void);
-/* Whether this device's event (epoch, seq) was delivered already. */
-bool journal_seen(const char *device, uint64_t epoch, uint64_t seq);
-/* The highest seq delivered for the device in this epoch, 0 if none. */
-uint64_t journal_last_seq(const char *device, uint64_t epoch);
-/* Append e (seq 0: no sequence number, not de-duplicated). *ret_id is
- * its id. A negative errno (-ENOSPC...) when it could not be written:
- * then nothing changed. */
-int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *ret_id);
-/* The journal's epoch: random, made with the file; ids from a journal with
- * another epoch mean nothing here. */
-uint64_t journal_epoch(void);
-/* The id of the last event appended (0: none yet). */
-uint64_t journal_last_id(void);
-
-/* Reading the journal in order, from after a given id. */
-typedef struct JournalCursor {
-        uint64_t generation; /* of the file the offset is in; 0: seek */
-        uint64_t offset;
-        uint64_t last_id;
-        uint8_t *buf; /* a window of the file */
-        uint64_t buf_off;
-        size_t buf_len, buf_cap;
-} JournalCursor;
-
-void journal_cursor_init(JournalCursor *c, uint64_t after_id);
-void journal_cursor_done(JournalCursor *c);
-/* 1 and the next event (the caller proto_event_done()s it) with its id;
- * 0 at the end of the journal; negative errno on a read error. */
-int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id);
 
 /* ---- api-request.c -------------------------------------------------- */
 
@@ -303,7 +184,7 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
 
 /* ---- api.c ---------------------------------------------------------- */
 
-int api_start(sd_event *event, const CloudConfig *config, unsigned *ret_port);
+int api_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port);
 /* Answer or drop every open request and stop the HTTP server. */
 void api_stop(void);
 /* Queue an event (journal id) for every matching SSE client that is not
@@ -328,7 +209,7 @@ typedef struct OtaRequest OtaRequest;
 
 /* Start artifact hosting (HTTPS with client certificates) when
  * [OTA] ArtifactDirectory= is set; *ret_port is its port, 0 when off. */
-int ota_server_start(sd_event *event, const CloudConfig *config, unsigned *ret_port);
+int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port);
 void ota_server_stop(void);
 /* Whether the API request for url belongs to ota.c (/v1/ota/...). */
 bool ota_api_owns(const char *url);

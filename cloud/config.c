@@ -8,7 +8,8 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
-#include "cloud.h"
+#include "cloud-config.h"
+#include "proto.h"
 #include "keyfile.h"
 #include "log.h"
 #include "util.h"

@@ -26,6 +26,7 @@ typedef struct Subscription {
 
 static struct {
         const CloudConfig *config;
+        Journal *journal;
         Subscription *head;
         unsigned routing; /* events_route() on the stack */
         bool need_sweep;
@@ -33,7 +34,10 @@ static struct {
         uint64_t clock_unlogged;  /* insane times since that line */
 } events;
 
-void events_init(const CloudConfig *config) { events.config = config; }
+void events_init(const CloudConfig *config, Journal *journal) {
+        events.config = config;
+        events.journal = journal;
+}
 
 static void subscription_free(Subscription *s) {
         if (s->prev)
@@ -158,7 +162,7 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 events_reply(response, COAP_RESPONSE_CODE(400), "invalid seq=, epoch= or time=");
                 return;
         }
-        if (q.has_seq && journal_seen(device_id(d), q.epoch, q.seq)) {
+        if (q.has_seq && journal_seen(events.journal, device_id(d), q.epoch, q.seq)) {
                 /* A resend of what we already delivered (its receipt was
                  * lost with a connection): the receipt again, no routing. */
                 log_info("Device '%s' resent event %" PRIu64 " (epoch %016" PRIx64 "), already delivered.",
@@ -199,7 +203,7 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 e.ttl = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
 
         if (q.has_seq) {
-                uint64_t last = journal_last_seq(device_id(d), q.epoch);
+                uint64_t last = journal_last_seq(events.journal, device_id(d), q.epoch);
 
                 /* Numbers the device never sent: its outbox dropped them
                  * (Overflow=drop-oldest) or we refused them. */
@@ -208,7 +212,7 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                                  "): dropped by the device or refused.",
                                  device_id(d), last + 1, q.seq - 1, q.epoch);
         }
-        r = journal_append(&e, q.epoch, q.has_seq ? q.seq : 0, &id);
+        r = journal_append(events.journal, &e, q.epoch, q.has_seq ? q.seq : 0, &id);
         if (r < 0) {
                 /* Not stored, not routed: the device keeps it and sends it
                  * again. Nothing later on this session may overtake it. */

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* The event journal (cloud.h): an append-only file of every routed event,
+/* The event journal (journal.h): an append-only file of every routed event,
  * in lib/record.h frames. Record types (first payload byte):
  *
  *   'H' version u8, epoch u64, next_id u64          first record of a file
@@ -30,7 +30,7 @@
 #include <sys/random.h>
 #include <sys/stat.h>
 
-#include "cloud.h"
+#include "journal.h"
 #include "log.h"
 #include "record.h"
 #include "util.h"
@@ -54,7 +54,7 @@ typedef struct DeviceState {
         struct DeviceState *next;
 } DeviceState;
 
-static struct {
+struct Journal {
         const CloudConfig *config;
         int dir_fd, lock_fd, fd;
         uint64_t epoch;
@@ -69,7 +69,7 @@ static struct {
 
         uint8_t *buf;
         size_t buf_cap;
-} journal = { .dir_fd = -1, .lock_fd = -1, .fd = -1 };
+};
 
 /* ---- device states ------------------------------------------------------- */
 
@@ -81,39 +81,39 @@ static uint64_t hash_string(const char *s, size_t n) {
         return h;
 }
 
-static DeviceState *state_find(const char *id, size_t n) {
-        if (journal.nbuckets == 0)
+static DeviceState *state_find(Journal *j, const char *id, size_t n) {
+        if (j->nbuckets == 0)
                 return NULL;
-        for (DeviceState *s = journal.buckets[hash_string(id, n) & (journal.nbuckets - 1)]; s; s = s->next)
+        for (DeviceState *s = j->buckets[hash_string(id, n) & (j->nbuckets - 1)]; s; s = s->next)
                 if (strlen(s->id) == n && memcmp(s->id, id, n) == 0)
                         return s;
         return NULL;
 }
 
-static int state_grow(void) {
-        size_t n = journal.nbuckets ? journal.nbuckets * 2 : 64;
+static int state_grow(Journal *j) {
+        size_t n = j->nbuckets ? j->nbuckets * 2 : 64;
         DeviceState **b = calloc(n, sizeof(*b));
 
         if (!b)
                 return -ENOMEM;
-        for (size_t k = 0; k < journal.nbuckets; k++)
-                for (DeviceState *s = journal.buckets[k], *next; s; s = next) {
+        for (size_t k = 0; k < j->nbuckets; k++)
+                for (DeviceState *s = j->buckets[k], *next; s; s = next) {
                         size_t i = hash_string(s->id, strlen(s->id)) & (n - 1);
 
                         next = s->next;
                         s->next = b[i];
                         b[i] = s;
                 }
-        free(journal.buckets);
-        journal.buckets = b;
-        journal.nbuckets = n;
+        free(j->buckets);
+        j->buckets = b;
+        j->nbuckets = n;
         return 0;
 }
 
 /* The device delivered (epoch, seq): remember the highest per epoch. A
  * new epoch (a wiped outbox) starts over. */
-static int state_update(const char *id, size_t n, uint64_t epoch, uint64_t seq) {
-        DeviceState *s = state_find(id, n);
+static int state_update(Journal *j, const char *id, size_t n, uint64_t epoch, uint64_t seq) {
+        DeviceState *s = state_find(j, id, n);
         size_t i;
 
         if (s) {
@@ -124,7 +124,7 @@ static int state_update(const char *id, size_t n, uint64_t epoch, uint64_t seq) 
                         s->last_seq = seq;
                 return 0;
         }
-        if (journal.n_states >= journal.nbuckets && state_grow() < 0)
+        if (j->n_states >= j->nbuckets && state_grow(j) < 0)
                 return -ENOMEM;
         s = calloc(1, sizeof(*s));
         if (!s || !(s->id = strndup(id, n))) {
@@ -133,40 +133,40 @@ static int state_update(const char *id, size_t n, uint64_t epoch, uint64_t seq) 
         }
         s->epoch = epoch;
         s->last_seq = seq;
-        i = hash_string(id, n) & (journal.nbuckets - 1);
-        s->next = journal.buckets[i];
-        journal.buckets[i] = s;
-        journal.n_states++;
+        i = hash_string(id, n) & (j->nbuckets - 1);
+        s->next = j->buckets[i];
+        j->buckets[i] = s;
+        j->n_states++;
         return 0;
 }
 
-static void states_free(void) {
-        for (size_t k = 0; k < journal.nbuckets; k++)
-                for (DeviceState *s = journal.buckets[k], *next; s; s = next) {
+static void states_free(Journal *j) {
+        for (size_t k = 0; k < j->nbuckets; k++)
+                for (DeviceState *s = j->buckets[k], *next; s; s = next) {
                         next = s->next;
                         free(s->id);
                         free(s);
                 }
-        free(journal.buckets);
-        journal.buckets = NULL;
-        journal.nbuckets = journal.n_states = 0;
+        free(j->buckets);
+        j->buckets = NULL;
+        j->nbuckets = j->n_states = 0;
 }
 
-bool journal_seen(const char *device, uint64_t epoch, uint64_t seq) {
-        DeviceState *s = state_find(device, strlen(device));
+bool journal_seen(Journal *j, const char *device, uint64_t epoch, uint64_t seq) {
+        DeviceState *s = state_find(j, device, strlen(device));
 
         return s && s->epoch == epoch && seq <= s->last_seq;
 }
 
-uint64_t journal_last_seq(const char *device, uint64_t epoch) {
-        DeviceState *s = state_find(device, strlen(device));
+uint64_t journal_last_seq(Journal *j, const char *device, uint64_t epoch) {
+        DeviceState *s = state_find(j, device, strlen(device));
 
         return s && s->epoch == epoch ? s->last_seq : 0;
 }
 
-uint64_t journal_epoch(void) { return journal.epoch; }
+uint64_t journal_epoch(Journal *j) { return j->epoch; }
 
-uint64_t journal_last_id(void) { return journal.next_id - 1; }
+uint64_t journal_last_id(Journal *j) { return j->next_id - 1; }
 
 /* ---- records --------------------------------------------------------------- */
 
@@ -224,16 +224,16 @@ static int event_from_view(const EventView *v, ProtoEvent *ret) {
         return 0;
 }
 
-static int buf_reserve(size_t n) {
+static int buf_reserve(Journal *j, size_t n) {
         uint8_t *b;
 
-        if (n <= journal.buf_cap)
+        if (n <= j->buf_cap)
                 return 0;
-        b = realloc(journal.buf, n);
+        b = realloc(j->buf, n);
         if (!b)
                 return -ENOMEM;
-        journal.buf = b;
-        journal.buf_cap = n;
+        j->buf = b;
+        j->buf_cap = n;
         return 0;
 }
 
@@ -291,7 +291,7 @@ static int copy_event(const uint8_t *payload, size_t len, size_t offset, void *u
 
 /* Write a new file: header, device states, and the valid events of
  * old[from..old_len) (old may be NULL). */
-static int journal_rewrite(const uint8_t *old, size_t old_len, size_t from) {
+static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_t from) {
         _cleanup_free_ uint8_t *pending = malloc(JOURNAL_WINDOW);
         Copy c = { .fd = -1, .pending = pending };
         uint8_t rec[RECORD_HEADER_SIZE + 64 + PROTO_DEVICE_ID_MAX];
@@ -300,18 +300,18 @@ static int journal_rewrite(const uint8_t *old, size_t old_len, size_t from) {
 
         if (!pending)
                 return -ENOMEM;
-        r = record_file_begin(journal.dir_fd, JOURNAL_FILE, &c.fd);
+        r = record_file_begin(j->dir_fd, JOURNAL_FILE, &c.fd);
         if (r < 0)
                 return r;
         w = (RecordWriter){ .buf = rec + RECORD_HEADER_SIZE, .cap = sizeof(rec) - RECORD_HEADER_SIZE };
         record_put_u8(&w, REC_HEADER);
         record_put_u8(&w, JOURNAL_VERSION);
-        record_put_u64(&w, journal.epoch);
-        record_put_u64(&w, journal.next_id);
+        record_put_u64(&w, j->epoch);
+        record_put_u64(&w, j->next_id);
         record_seal(JOURNAL_MAGIC, rec, w.len);
         r = copy_bytes(&c, rec, record_size(w.len));
-        for (size_t k = 0; r >= 0 && k < journal.nbuckets; k++)
-                for (DeviceState *s = journal.buckets[k]; r >= 0 && s; s = s->next) {
+        for (size_t k = 0; r >= 0 && k < j->nbuckets; k++)
+                for (DeviceState *s = j->buckets[k]; r >= 0 && s; s = s->next) {
                         w = (RecordWriter){ .buf = rec + RECORD_HEADER_SIZE, .cap = sizeof(rec) - RECORD_HEADER_SIZE };
                         record_put_u8(&w, REC_STATE);
                         record_put_bytes(&w, s->id, strlen(s->id));
@@ -328,17 +328,17 @@ static int journal_rewrite(const uint8_t *old, size_t old_len, size_t from) {
         if (r >= 0)
                 r = copy_flush(&c);
         if (r >= 0)
-                r = record_file_commit(journal.dir_fd, JOURNAL_FILE, c.fd);
+                r = record_file_commit(j->dir_fd, JOURNAL_FILE, c.fd);
         if (r < 0) {
-                record_file_abort(journal.dir_fd, JOURNAL_FILE, c.fd);
+                record_file_abort(j->dir_fd, JOURNAL_FILE, c.fd);
                 return r;
         }
-        if (journal.fd >= 0)
-                close(journal.fd);
-        journal.fd = c.fd;
-        journal.end = c.off;
-        journal.generation++;
-        journal.unsynced = false;
+        if (j->fd >= 0)
+                close(j->fd);
+        j->fd = c.fd;
+        j->end = c.off;
+        j->generation++;
+        j->unsynced = false;
         return 0;
 }
 
@@ -358,17 +358,17 @@ static int find_cut(const uint8_t *payload, size_t len, size_t offset, void *use
 }
 
 /* Keep the newer half of the events. */
-static int journal_compact(void) {
-        Cut cut = { .want = (size_t)(journal.end - journal.config->journal_max_bytes / 2) };
-        size_t len = (size_t)journal.end;
+static int journal_compact(Journal *j) {
+        Cut cut = { .want = (size_t)(j->end - j->config->journal_max_bytes / 2) };
+        size_t len = (size_t)j->end;
         void *map;
         int r;
 
-        map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, journal.fd, 0);
+        map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, j->fd, 0);
         if (map == MAP_FAILED)
                 return -errno;
         (void)record_scan(JOURNAL_MAGIC, map, len, find_cut, &cut, NULL, NULL, NULL);
-        r = journal_rewrite(map, len, cut.found ? cut.at : len);
+        r = journal_rewrite(j, map, len, cut.found ? cut.at : len);
         munmap(map, len);
         return r;
 }
@@ -376,6 +376,7 @@ static int journal_compact(void) {
 /* ---- recovery ------------------------------------------------------------- */
 
 typedef struct Recovery {
+        Journal *journal;
         bool header;
         uint8_t version;
         size_t header_end; /* events before the header are not ours */
@@ -385,6 +386,7 @@ typedef struct Recovery {
 
 static int recover_record(const uint8_t *payload, size_t len, size_t offset, void *userdata) {
         Recovery *rc = userdata;
+        Journal *j = rc->journal;
         RecordReader r = { .p = payload, .left = len };
         uint8_t type = 0, version;
 
@@ -392,12 +394,12 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
         if (type == REC_HEADER) {
                 if (!rc->header && record_get_u8(&r, &version) == 0 &&
                     version >= JOURNAL_VERSION_NO_RECEIVED && version <= JOURNAL_VERSION &&
-                    record_get_u64(&r, &journal.epoch) == 0 && record_get_u64(&r, &journal.next_id) == 0) {
+                    record_get_u64(&r, &j->epoch) == 0 && record_get_u64(&r, &j->next_id) == 0) {
                         rc->header = true;
                         rc->version = version;
                         rc->header_end = offset + record_size(len);
-                        if (journal.next_id == 0 || journal.next_id == UINT64_MAX)
-                                journal.next_id = 1;
+                        if (j->next_id == 0 || j->next_id == UINT64_MAX)
+                                j->next_id = 1;
                 }
                 return 0;
         }
@@ -413,7 +415,7 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
                 if (record_get_bytes(&r, PROTO_DEVICE_ID_MAX, &id, &n) < 0 || n == 0 ||
                     record_get_u64(&r, &epoch) < 0 || record_get_u64(&r, &seq) < 0)
                         return 0;
-                return rc->error = state_update((const char *)id, n, epoch, seq);
+                return rc->error = state_update(j, (const char *)id, n, epoch, seq);
         }
         if (type == REC_EVENT) {
                 EventView v;
@@ -423,40 +425,40 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
                         return 0;
                 rc->last_id = v.id;
                 rc->events++;
-                if (v.id >= journal.next_id)
-                        journal.next_id = v.id + 1;
+                if (v.id >= j->next_id)
+                        j->next_id = v.id + 1;
                 if (v.seq > 0)
-                        return rc->error = state_update((const char *)v.coreid, v.coreid_len, v.epoch, v.seq);
+                        return rc->error = state_update(j, (const char *)v.coreid, v.coreid_len, v.epoch, v.seq);
         }
         return 0;
 }
 
-static int create_fresh(void) {
+static int create_fresh(Journal *j) {
         uint64_t e = 0;
 
         while (e == 0)
                 if (getrandom(&e, sizeof(e), 0) != sizeof(e))
                         return errno > 0 ? -errno : -EIO;
-        journal.epoch = e;
-        journal.next_id = 1;
-        states_free();
-        return journal_rewrite(NULL, 0, 0);
+        j->epoch = e;
+        j->next_id = 1;
+        states_free(j);
+        return journal_rewrite(j, NULL, 0, 0);
 }
 
-static int journal_recover(void) {
-        const char *dir = journal.config->state_dir;
-        Recovery rc = {};
+static int journal_recover(Journal *j) {
+        const char *dir = j->config->state_dir;
+        Recovery rc = { .journal = j };
         size_t skipped = 0, places = 0, first = 0;
         struct stat st;
         int64_t end;
         void *map;
         int r;
 
-        if (fstat(journal.fd, &st) < 0)
+        if (fstat(j->fd, &st) < 0)
                 return -errno;
         if (st.st_size == 0)
-                return create_fresh();
-        map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, journal.fd, 0);
+                return create_fresh(j);
+        map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, j->fd, 0);
         if (map == MAP_FAILED)
                 return -errno;
         end = record_scan(JOURNAL_MAGIC, map, (size_t)st.st_size, recover_record, &rc, &skipped, &places, &first);
@@ -468,11 +470,11 @@ static int journal_recover(void) {
                 munmap(map, (size_t)st.st_size);
                 log_error("The event journal '%s/%s' is unreadable; kept it as '%s' and started a new one.", dir,
                           JOURNAL_FILE, JOURNAL_CORRUPT_FILE);
-                if (renameat(journal.dir_fd, JOURNAL_FILE, journal.dir_fd, JOURNAL_CORRUPT_FILE) < 0)
+                if (renameat(j->dir_fd, JOURNAL_FILE, j->dir_fd, JOURNAL_CORRUPT_FILE) < 0)
                         return -errno;
-                return create_fresh();
+                return create_fresh(j);
         }
-        journal.end = (uint64_t)end;
+        j->end = (uint64_t)end;
         if (skipped > 0 || rc.version < JOURNAL_VERSION) {
                 if (skipped > 0)
                         log_warning("Event journal '%s/%s': skipped %zu damaged byte(s) in %zu place(s), the "
@@ -481,11 +483,11 @@ static int journal_recover(void) {
                 else
                         log_info("Event journal '%s/%s': upgrading from version %u to %u.", dir, JOURNAL_FILE,
                                  rc.version, JOURNAL_VERSION);
-                r = journal_rewrite(map, (size_t)st.st_size, rc.header_end);
+                r = journal_rewrite(j, map, (size_t)st.st_size, rc.header_end);
                 if (r < 0) {
                         log_warning_errno(r, "Failed to rewrite the event journal: %m");
                         /* Appending after the last good record is still fine. */
-                        if (ftruncate(journal.fd, (off_t)journal.end) < 0)
+                        if (ftruncate(j->fd, (off_t)j->end) < 0)
                                 r = -errno;
                         else
                                 r = 0;
@@ -496,38 +498,40 @@ static int journal_recover(void) {
         } else
                 munmap(map, (size_t)st.st_size);
         log_info("Event journal '%s/%s': %" PRIu64 " event(s), %zu device(s), next id %" PRIu64 ".", dir,
-                 JOURNAL_FILE, rc.events, journal.n_states, journal.next_id);
+                 JOURNAL_FILE, rc.events, j->n_states, j->next_id);
         return 0;
 }
 
 /* ---- appending and syncing ------------------------------------------------- */
 
 static int journal_sync_cb(sd_event_source *s, uint64_t usec, void *userdata) {
-        if (journal.unsynced && journal.fd >= 0) {
-                if (fdatasync(journal.fd) < 0)
+        Journal *j = userdata;
+
+        if (j->unsynced && j->fd >= 0) {
+                if (fdatasync(j->fd) < 0)
                         log_warning_errno(errno, "Failed to sync the event journal: %m");
-                journal.unsynced = false;
+                j->unsynced = false;
         }
         return 0;
 }
 
-int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *ret_id) {
+int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *ret_id) {
         size_t name_len = strlen(e->name), data_len = e->data ? strlen(e->data) : 0,
                coreid_len = e->coreid ? strlen(e->coreid) : 0,
                at_len = e->published_at ? strlen(e->published_at) : 0;
         const char *received = e->received_at ?: e->published_at ?: "";
         size_t received_len = strlen(received);
         size_t cap = 64 + name_len + data_len + coreid_len + at_len + received_len;
-        uint64_t id = journal.next_id;
+        uint64_t id = j->next_id;
         RecordWriter w;
         int r;
 
-        if (journal.fd < 0)
+        if (j->fd < 0)
                 return -EBADF;
-        r = buf_reserve(RECORD_HEADER_SIZE + cap);
+        r = buf_reserve(j, RECORD_HEADER_SIZE + cap);
         if (r < 0)
                 return r;
-        w = (RecordWriter){ .buf = journal.buf + RECORD_HEADER_SIZE, .cap = cap };
+        w = (RecordWriter){ .buf = j->buf + RECORD_HEADER_SIZE, .cap = cap };
         record_put_u8(&w, REC_EVENT);
         record_put_u64(&w, id);
         record_put_bytes(&w, e->coreid ?: "", coreid_len);
@@ -542,35 +546,35 @@ int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *
         record_put_bytes(&w, received, received_len);
         if (w.overflow || w.len > RECORD_PAYLOAD_MAX)
                 return -E2BIG;
-        record_seal(JOURNAL_MAGIC, journal.buf, w.len);
-        r = record_pwrite_all(journal.fd, journal.buf, record_size(w.len), journal.end);
+        record_seal(JOURNAL_MAGIC, j->buf, w.len);
+        r = record_pwrite_all(j->fd, j->buf, record_size(w.len), j->end);
         if (r < 0) {
-                (void)ftruncate(journal.fd, (off_t)journal.end);
+                (void)ftruncate(j->fd, (off_t)j->end);
                 return r;
         }
         if (seq > 0 && coreid_len > 0) {
-                r = state_update(e->coreid, coreid_len, epoch, seq);
+                r = state_update(j, e->coreid, coreid_len, epoch, seq);
                 if (r < 0) {
-                        (void)ftruncate(journal.fd, (off_t)journal.end);
+                        (void)ftruncate(j->fd, (off_t)j->end);
                         return r;
                 }
         }
-        journal.end += record_size(w.len);
-        journal.next_id++;
-        if (journal.config->journal_sync_ms == 0) {
-                if (fdatasync(journal.fd) < 0)
+        j->end += record_size(w.len);
+        j->next_id++;
+        if (j->config->journal_sync_ms == 0) {
+                if (fdatasync(j->fd) < 0)
                         log_warning_errno(errno, "Failed to sync the event journal: %m");
-        } else if (!journal.unsynced) {
-                journal.unsynced = true;
-                (void)sd_event_source_set_time_relative(journal.sync_timer,
-                                                        (uint64_t)journal.config->journal_sync_ms * 1000);
-                (void)sd_event_source_set_enabled(journal.sync_timer, SD_EVENT_ONESHOT);
+        } else if (!j->unsynced) {
+                j->unsynced = true;
+                (void)sd_event_source_set_time_relative(j->sync_timer,
+                                                        (uint64_t)j->config->journal_sync_ms * 1000);
+                (void)sd_event_source_set_enabled(j->sync_timer, SD_EVENT_ONESHOT);
         }
-        if (journal.end > journal.config->journal_max_bytes) {
-                r = journal_compact();
+        if (j->end > j->config->journal_max_bytes) {
+                r = journal_compact(j);
                 if (r < 0)
                         log_warning_errno(r, "Failed to rewrite the event journal (%" PRIu64 " bytes): %m",
-                                          journal.end);
+                                          j->end);
         }
         *ret_id = id;
         return 0;
@@ -578,8 +582,8 @@ int journal_append(const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *
 
 /* ---- reading ------------------------------------------------------------- */
 
-void journal_cursor_init(JournalCursor *c, uint64_t after_id) {
-        *c = (JournalCursor){ .last_id = after_id };
+void journal_cursor_init(JournalCursor *c, Journal *j, uint64_t after_id) {
+        *c = (JournalCursor){ .journal = j, .last_id = after_id };
 }
 
 void journal_cursor_done(JournalCursor *c) {
@@ -603,7 +607,8 @@ static int cursor_record(JournalCursor *c, uint64_t off, const uint8_t **ret_pay
                                 return r;
                 }
                 {
-                        uint64_t left = journal.end - off;
+                        Journal *j = c->journal;
+                        uint64_t left = j->end - off;
                         size_t want = JOURNAL_WINDOW, n;
                         ssize_t k;
 
@@ -624,7 +629,7 @@ static int cursor_record(JournalCursor *c, uint64_t off, const uint8_t **ret_pay
                                 c->buf = b;
                                 c->buf_cap = n;
                         }
-                        k = pread(journal.fd, c->buf, n, (off_t)off);
+                        k = pread(j->fd, c->buf, n, (off_t)off);
                         if (k < 0)
                                 return -errno;
                         c->buf_off = off;
@@ -635,15 +640,17 @@ static int cursor_record(JournalCursor *c, uint64_t off, const uint8_t **ret_pay
 }
 
 int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id) {
-        if (journal.fd < 0)
+        Journal *j = c->journal;
+
+        if (!j || j->fd < 0)
                 return 0;
-        if (c->generation != journal.generation) {
+        if (c->generation != j->generation) {
                 /* New cursor or the file was rewritten: find our place by id. */
-                c->generation = journal.generation;
+                c->generation = j->generation;
                 c->offset = 0;
                 c->buf_len = 0;
         }
-        while (c->offset < journal.end) {
+        while (c->offset < j->end) {
                 const uint8_t *payload;
                 size_t len, size;
                 EventView v;
@@ -667,49 +674,56 @@ int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id) {
 
 /* ---- open and close --------------------------------------------------------- */
 
-int journal_open(sd_event *event, const CloudConfig *config) {
+Journal *journal_free(Journal *j) {
+        if (!j)
+                return NULL;
+        if (j->fd >= 0) {
+                if (j->unsynced && fdatasync(j->fd) < 0)
+                        log_warning_errno(errno, "Failed to sync the event journal: %m");
+                close(j->fd);
+        }
+        if (j->lock_fd >= 0)
+                close(j->lock_fd);
+        if (j->dir_fd >= 0)
+                close(j->dir_fd);
+        sd_event_source_disable_unref(j->sync_timer);
+        states_free(j);
+        free(j->buf);
+        free(j);
+        return NULL;
+}
+
+int journal_new(sd_event *event, const CloudConfig *config, Journal **ret) {
+        _cleanup_(journal_freep) Journal *j = NULL;
         const char *dir = config->state_dir;
         int r;
 
-        journal.config = config;
-        journal.generation = 1;
+        j = calloc(1, sizeof(*j));
+        if (!j)
+                return log_error_errno(-ENOMEM, "Out of memory opening the event journal.");
+        *j = (Journal){ .config = config, .generation = 1, .dir_fd = -1, .lock_fd = -1, .fd = -1 };
         if (mkdir(dir, 0700) < 0 && errno != EEXIST)
                 return log_error_errno(errno, "Failed to create the state directory '%s': %m", dir);
-        journal.dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (journal.dir_fd < 0)
+        j->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (j->dir_fd < 0)
                 return log_error_errno(errno, "Failed to open the state directory '%s': %m", dir);
-        journal.lock_fd = openat(journal.dir_fd, JOURNAL_LOCK_FILE, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
-        if (journal.lock_fd < 0)
+        j->lock_fd = openat(j->dir_fd, JOURNAL_LOCK_FILE, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+        if (j->lock_fd < 0)
                 return log_error_errno(errno, "Failed to create '%s/%s': %m", dir, JOURNAL_LOCK_FILE);
-        if (flock(journal.lock_fd, LOCK_EX | LOCK_NB) < 0)
+        if (flock(j->lock_fd, LOCK_EX | LOCK_NB) < 0)
                 return log_error_errno(errno == EWOULDBLOCK ? -EBUSY : errno,
                                        "The event journal in '%s' is in use by another tether-cloudd: %m", dir);
-        journal.fd = openat(journal.dir_fd, JOURNAL_FILE, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-        if (journal.fd < 0 && errno != ENOENT)
+        j->fd = openat(j->dir_fd, JOURNAL_FILE, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+        if (j->fd < 0 && errno != ENOENT)
                 return log_error_errno(errno, "Failed to open '%s/%s': %m", dir, JOURNAL_FILE);
-        r = journal.fd < 0 ? create_fresh() : journal_recover();
+        r = j->fd < 0 ? create_fresh(j) : journal_recover(j);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event journal in '%s': %m", dir);
-        r = sd_event_add_time(event, &journal.sync_timer, CLOCK_MONOTONIC, 0, 10000, journal_sync_cb, NULL);
+        r = sd_event_add_time(event, &j->sync_timer, CLOCK_MONOTONIC, 0, 10000, journal_sync_cb, j);
         if (r >= 0)
-                r = sd_event_source_set_enabled(journal.sync_timer, SD_EVENT_OFF);
+                r = sd_event_source_set_enabled(j->sync_timer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the journal timer: %m");
+        *ret = TAKE_PTR(j);
         return 0;
-}
-
-void journal_close(void) {
-        if (journal.fd >= 0) {
-                if (journal.unsynced && fdatasync(journal.fd) < 0)
-                        log_warning_errno(errno, "Failed to sync the event journal: %m");
-                close(journal.fd);
-        }
-        if (journal.lock_fd >= 0)
-                close(journal.lock_fd);
-        if (journal.dir_fd >= 0)
-                close(journal.dir_fd);
-        journal.sync_timer = sd_event_source_disable_unref(journal.sync_timer);
-        states_free();
-        free(journal.buf);
-        journal = (typeof(journal)){ .dir_fd = -1, .lock_fd = -1, .fd = -1 };
 }

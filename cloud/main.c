@@ -49,6 +49,7 @@ static void main_raise_nofile(void) {
 
 static int run(int argc, char *argv[]) {
         _cleanup_(cloud_config_freep) CloudConfig *config = NULL;
+        _cleanup_(journal_freep) Journal *journal = NULL;
         sd_event *event = NULL;
         const char *path;
         unsigned coap_port = 0, api_port = 0, ota_port = 0;
@@ -86,17 +87,17 @@ static int run(int argc, char *argv[]) {
                 goto out;
         }
 
-        events_init(config);
-        r = journal_open(event, config);
+        r = journal_new(event, config, &journal);
         if (r < 0)
                 goto out;
+        events_init(config, journal);
         r = devices_start(event, config, &coap_port);
         if (r < 0)
                 goto out;
-        r = api_start(event, config, &api_port);
+        r = api_start(event, config, journal, &api_port);
         if (r < 0)
                 goto out;
-        r = ota_server_start(event, config, &ota_port);
+        r = ota_server_start(event, config, journal, &ota_port);
         if (r < 0)
                 goto out;
 
@@ -119,7 +120,7 @@ out:
         ota_server_stop();
         devices_stop();
         events_stop();
-        journal_close();
+        journal = journal_free(journal);
         sd_event_unref(event);
         return r < 0 ? r : 0;
 }

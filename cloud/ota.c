@@ -90,6 +90,7 @@ struct OtaRequest {
 static struct {
         sd_event *event;
         const CloudConfig *config;
+        Journal *journal;
         struct MHD_Daemon *daemon; /* artifact server */
         sd_event_source *io, *timer, *defer;
         char *key_pem, *cert_pem, *ca_pem;
@@ -293,7 +294,7 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
         /* Journaled like every routed event, so that subscribers that
          * resume (Last-Event-ID) see every state. The job's own record
          * does not depend on it. */
-        r = journal_append(&e, 0, 0, &id);
+        r = journal_append(ota.journal, &e, 0, 0, &id);
         if (r < 0) {
                 log_warning_errno(r, "Failed to store the event for job %s (%s), not routing it: %m", j->id, state);
                 return;
@@ -1017,7 +1018,7 @@ static int make_dir(const char *path) {
         return 0;
 }
 
-int ota_server_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
+int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port) {
         const char *listen_addr = config->ota_listen ? config->ota_listen : config->coap_listen;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
@@ -1027,6 +1028,7 @@ int ota_server_start(sd_event *event, const CloudConfig *config, unsigned *ret_p
 
         ota.event = event;
         ota.config = config;
+        ota.journal = journal;
         ota.running = true;
         *ret_port = 0;
         if (!config->ota_dir)

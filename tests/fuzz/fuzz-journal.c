@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#include "cloud/cloud.h"
+#include "cloud/journal.h"
 #include "log.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -30,6 +30,7 @@ static void remove_dir(void) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         static CloudConfig config = { .journal_max_bytes = 1 << 20, .journal_sync_ms = 1000 };
         static sd_event *event;
+        Journal *j = NULL;
         JournalCursor c;
         ProtoEvent e;
         uint64_t id, last = 0;
@@ -50,11 +51,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         if (fd < 0 || write(fd, data, size) != (ssize_t)size)
                 abort();
         close(fd);
-        if (journal_open(event, &config) < 0) {
-                journal_close();
+        if (journal_new(event, &config, &j) < 0)
                 return 0;
-        }
-        journal_cursor_init(&c, 0);
+        journal_cursor_init(&c, j, 0);
         while ((r = journal_cursor_next(&c, &e, &id)) > 0) {
                 if (id <= last)
                         abort();
@@ -64,8 +63,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         journal_cursor_done(&c);
         e = (ProtoEvent){ .name = (char *)"fuzz/after", .data = (char *)"x", .ttl = 60,
                           .published_at = (char *)"2026-01-01T00:00:00.000Z", .coreid = (char *)"dev" };
-        if (journal_append(&e, 1, 1, &id) == 0 && (id <= last || !journal_seen("dev", 1, 1)))
+        if (journal_append(j, &e, 1, 1, &id) == 0 && (id <= last || !journal_seen(j, "dev", 1, 1)))
                 abort();
-        journal_close();
+        journal_free(j);
         return 0;
 }

@@ -8,9 +8,10 @@
 #include <cmocka.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <netinet/in.h>
 #include <unistd.h>
 
-#include "cloud/cloud.h"
+#include "cloud/cloud-config.h"
 #include "util.h"
 
 static char dir[] = "/tmp/tether-cloud-config-test-XXXXXX";

@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* tether-cloudd's configuration (config.c, prefix cloud_config_): the
+ * keyfile, the command line and the API tokens. (Not config.h: that name
+ * is autotools' generated header.) Depends on no other cloud module and
+ * keeps no state outside the CloudConfig its caller owns. Problems with
+ * the configuration are logged as "FILE:LINE: ..."; errors are negative
+ * errno values; ret_* parameters are untouched on failure. */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#define CLOUD_PROGRAM "tether-cloudd"
+#define CLOUD_DEFAULT_CONFIG SYSCONFDIR "/tether/tether-cloudd.conf"
+#define CLOUD_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether-cloud"
+#define CONFIG_TOKEN_DIGEST_SIZE 32 /* SHA-256 */
+
+typedef struct CloudConfig {
+        char *path; /* the file read */
+
+        /* [Cloud] */
+        char *coap_listen;
+        unsigned coap_port;
+        char *ca_file;
+        char *cert_file;
+        char *key_file;
+        unsigned max_payload;
+        unsigned max_subscriptions;
+        unsigned ping_sec;
+        unsigned device_timeout_sec;
+        unsigned call_timeout_sec;
+        unsigned handshake_timeout_sec; /* accept to bound device */
+        unsigned max_handshakes;        /* sessions not yet bound to a device */
+        unsigned max_queued_bytes;      /* sent to a device, not known to be read */
+
+        /* [API] */
+        char *api_listen;
+        unsigned api_port;
+        char *token_file;
+        unsigned max_connections_per_ip; /* 0: no limit */
+
+        /* [State] */
+        char *state_dir;
+        /* [Events] */
+        unsigned journal_max_bytes;
+        unsigned journal_sync_ms; /* 0: fsync every event */
+
+        /* [OTA]: artifact hosting is on when ota_dir is set */
+        char *ota_dir;
+        char *ota_listen; /* NULL: [Cloud] Listen= */
+        unsigned ota_port;
+        char *ota_public_url; /* NULL: https://LISTEN:PORT */
+        unsigned ota_max_artifact_mb;
+
+        /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
+        uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
+        size_t n_tokens;
+} CloudConfig;
+
+/* Parse the command line. Returns 0 and sets *ret_path (pointing into argv
+ * or to the default) to run; 1 if --help/--version was handled and the
+ * program should exit successfully; -EINVAL on a usage error (logged). */
+int cloud_config_parse_argv(int argc, char *argv[], const char **ret_path);
+
+/* Read the keyfile at path and the token file it names. Logs every
+ * problem as "FILE:LINE: ..." and returns a negative errno on the first
+ * bad value. *ret is owned by the caller (cloud_config_free). */
+int cloud_config_load(const char *path, CloudConfig **ret);
+CloudConfig *cloud_config_free(CloudConfig *c);
+static inline void cloud_config_freep(CloudConfig **c) { cloud_config_free(*c); }
+
+/* Read TokenFile again (the path from the configuration loaded at start)
+ * and replace the tokens with its. On failure (logged, like at start) the
+ * tokens stay as they were. */
+int cloud_config_reload_tokens(CloudConfig *c);
+
+/* True if token (NUL-terminated) is one of the configured tokens;
+ * constant time in the token's content. */
+bool cloud_config_token_valid(const CloudConfig *c, const char *token);
+
+/* The SHA-256 of token (NUL-terminated), what is kept to check it again
+ * later (cloud_config_token_digest_valid()) without keeping the token itself.
+ * -EINVAL for a NULL or empty token, -EIO if hashing failed. */
+int cloud_config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]);
+/* True if digest is one of the configured tokens' (constant time). */
+bool cloud_config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]);
+
+/* Resolve a numeric or host-name listen address plus port. */
+int cloud_config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,
+                           socklen_t *ret_len);
