@@ -76,6 +76,8 @@ static struct {
         sd_event *event;
         const CloudConfig *config;
         Journal *journal;
+        Devices *devices;
+        Events *events;
         struct MHD_Daemon *daemon;
         sd_event_source *io, *timer, *defer, *keepalive;
         ApiRequest *requests;
@@ -393,7 +395,7 @@ static void api_publish(ApiRequest *req, json_t *params) {
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot store the event now: %s", strerror(-r));
                 return;
         }
-        events_route(&e, NULL, id);
+        events_route(api.events, &e, NULL, id);
         api_set_json(req, MHD_HTTP_OK, json_pack("{s:b}", "ok", 1));
 }
 
@@ -696,7 +698,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_STREAM:
                 return api_stream(req, &p);
         case API_ROUTE_LIST:
-                api_set_json(req, MHD_HTTP_OK, devices_to_json());
+                api_set_json(req, MHD_HTTP_OK, devices_to_json(api.devices));
                 break;
         case API_ROUTE_PUBLISH:
                 api_publish(req, p.params);
@@ -705,7 +707,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_DEVICE_BAD_METHOD:
         case API_ROUTE_CALL:
         case API_ROUTE_READ:
-                d = devices_find(p.device);
+                d = devices_find(api.devices, p.device);
                 if (!d)
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 else if (p.route == API_ROUTE_DEVICE)
@@ -723,7 +725,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 json_t *body = NULL;
                 unsigned status;
 
-                d = devices_find(p.device);
+                d = devices_find(api.devices, p.device);
                 if (!d) {
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                         break;
@@ -891,7 +893,8 @@ static void api_mhd_log(void *cls, const char *fmt, va_list ap) {
         api_log_mhd(api.running, "", fmt, ap);
 }
 
-int api_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port) {
+int api_start(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
+              unsigned *ret_port) {
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
         socklen_t sl;
@@ -901,6 +904,8 @@ int api_start(sd_event *event, const CloudConfig *config, Journal *journal, unsi
         api.event = event;
         api.config = config;
         api.journal = journal;
+        api.devices = devices;
+        api.events = events;
         /* Room for a MaxPayload argument even when every byte is escaped. */
         api.body_max = (size_t)config->max_payload * 3 + 4096;
 

@@ -1,12 +1,24 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* tether-cloudd: the reference device cloud. Modules and their prefixes:
- *   config.c   cloud_config_  keyfile, command line, API tokens
- *   devices.c  devices_  libcoap server, device registry, requests to devices
- *   events.c   events_   device publish/subscribe and the event router
- *   journal.c  journal_  the event journal: de-duplication, SSE replay
+/* tether-cloudd: the reference device cloud. Modules, each one object
+ * created with *_new() and freed with *_free(), and their prefixes:
+ *   config.c   cloud_config_  keyfile, command line, API tokens (cloud-config.h)
+ *   journal.c  journal_  the event journal: de-duplication, SSE replay (journal.h)
+ *   events.c   events_   device publish/subscribe and the event router (events.h)
+ *   devices.c  devices_  libcoap server, device registry, requests to devices (devices.h)
  *   api.c      api_      HTTP API on libmicrohttpd (Particle Cloud API shapes)
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS
- *   main.c               sd-event loop, sd_notify, signals
+ *   cloud.c    cloud_    the Cloud object: the loop, signals, sd_notify, the wiring
+ *   main.c               command line, process setup
+ *
+ * Dependencies point one way (a -> b: a calls b directly); calls the other
+ * way go through hook structs that cloud.c implements:
+ *
+ *   Cloud ---owns---> Api, Ota, Devices, Events, Journal, CloudConfig
+ *   Api ----> Ota, Devices, Events, Journal
+ *   Ota ----> Devices, Events, Journal
+ *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)
+ *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone), Ota (/o)
+ *
  * Everything runs on one sd-event loop; no threads. Errors are negative
  * errno values; ret_* parameters are untouched on failure. */
 #pragma once
@@ -20,87 +32,28 @@
 #include <systemd/sd-event.h>
 
 #include "cloud-config.h"
+#include "devices.h"
+#include "events.h"
 #include "journal.h"
 #include "proto.h"
 
 struct MHD_Connection;
 
+/* ---- cloud.c ---------------------------------------------------------- */
 
-/* ---- devices.c ------------------------------------------------------ */
+typedef struct Cloud Cloud;
 
-typedef struct Device Device;
-typedef struct DeviceCall DeviceCall;
+/* Create the loop, start every module (listening sockets, journal) and
+ * wire them. Takes config (also on failure). Logs what failed. */
+int cloud_new(CloudConfig *config, Cloud **ret);
+/* Run the loop until SIGTERM or SIGINT; SIGHUP reloads the API tokens.
+ * Returns what sd_event_loop() returned. */
+int cloud_run(Cloud *c);
+/* Stops every module in order (users, devices, events, journal). NULL is
+ * fine; returns NULL. */
+Cloud *cloud_free(Cloud *c);
+static inline void cloud_freep(Cloud **c) { cloud_free(*c); }
 
-/* Start the CoAP/TLS server; *ret_port is the bound port. */
-int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port);
-/* Close every session and free everything (pending calls are cancelled
- * without their callbacks: call api_stop() first). */
-void devices_stop(void);
-
-/* Run libcoap soon from the loop: call after sending from outside a
- * libcoap callback (HTTP handlers, timers). */
-void devices_kick(void);
-
-/* Registry; Device objects live until devices_stop(). */
-Device *devices_find(const char *id);
-const char *device_id(const Device *d);
-bool device_connected(const Device *d);
-/* The device's session if it is ESTABLISHED, else NULL. */
-coap_session_t *device_session(const Device *d);
-/* Close the device's session now: requests still arriving on it are
- * refused (5.03), pending calls fail, the device reconnects. */
-void device_disconnect(Device *d, const char *reason);
-/* A new JSON object in the Particle device shape; with details, also
- * "functions" and "variables" from the describe cache. NULL on OOM. */
-json_t *device_to_json(const Device *d, bool details);
-/* A new JSON array of all known devices. */
-json_t *devices_to_json(void);
-unsigned devices_online_count(void);
-
-/* Completion of a request to a device. error is 0 with the response
- * code and payload (valid only during the call), or -ETIMEDOUT (no answer
- * within CallTimeoutSec), -ENOTCONN (the session closed) or -ECONNRESET
- * (the device connected again; the old session is gone). Never called
- * from within devices_call(). */
-typedef void (*device_call_fn)(int error, unsigned code, const uint8_t *data, size_t len,
-                               void *userdata);
-
-/* Send "METHOD /path0/name" with an optional payload to the device.
- * Returns -ENOTCONN if the device has no established session, -ENOBUFS if
- * it has not read MaxQueuedBytes sent to it, -E2BIG if the PDU cannot be
- * built within the session's limits. On success the
- * callback runs exactly once unless devices_call_cancel() is called
- * first; *ret_call (may be NULL) identifies the call until then. */
-int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
-                 const void *payload, size_t len, device_call_fn cb, void *userdata,
-                 DeviceCall **ret_call);
-/* Forget a pending call; its callback will not run. NULL is fine. */
-void devices_call_cancel(DeviceCall *call);
-
-/* Queue pdu (always taken) on the device's session, counting len payload
- * bytes against MaxQueuedBytes. -ENOTCONN, -ENOBUFS (the device has not
- * read MaxQueuedBytes: pdu dropped), -EIO. */
-int device_send(Device *d, coap_pdu_t *pdu, size_t len);
-/* An event (len bytes of JSON) could not be delivered to d for error (from
- * device_send, or -E2BIG): logged once per episode or connection. */
-void device_event_undeliverable(Device *d, const char *name, size_t len, int error);
-
-/* ---- events.c ------------------------------------------------------- */
-
-void events_init(const CloudConfig *config, Journal *journal);
-void events_stop(void);
-
-/* Handle a device request on /e/... (path = the Uri-Path segments after
- * "e" joined with '/'); fills response. */
-void events_handle_request(Device *d, coap_session_t *session, const coap_pdu_t *request,
-                           const char *path, coap_pdu_t *response);
-/* The device's session closed: its subscriptions die. */
-void events_device_gone(const Device *d);
-
-/* Route an event to SSE clients and to devices' subscriptions; source is
- * the publishing device (it does not get its own event) or NULL; id is
- * its journal id (journal_append()). */
-void events_route(const ProtoEvent *e, const Device *source, uint64_t id);
 
 /* ---- api-request.c -------------------------------------------------- */
 
@@ -184,7 +137,8 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
 
 /* ---- api.c ---------------------------------------------------------- */
 
-int api_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port);
+int api_start(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
+              unsigned *ret_port);
 /* Answer or drop every open request and stop the HTTP server. */
 void api_stop(void);
 /* Queue an event (journal id) for every matching SSE client that is not
@@ -209,7 +163,8 @@ typedef struct OtaRequest OtaRequest;
 
 /* Start artifact hosting (HTTPS with client certificates) when
  * [OTA] ArtifactDirectory= is set; *ret_port is its port, 0 when off. */
-int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port);
+int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices,
+                     Events *events, unsigned *ret_port);
 void ota_server_stop(void);
 /* Whether the API request for url belongs to ota.c (/v1/ota/...). */
 bool ota_api_owns(const char *url);

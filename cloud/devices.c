@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* The device side of tether-cloudd: the libcoap TLS server on the sd-event
- * loop, the device registry, and requests from the cloud to devices.
+ * loop, the device registry, and requests from the cloud to devs->
  * See docs/design/libcoap.md for the libcoap 4.3.1 behaviour relied on here:
  * server sessions are freed by libcoap only once nobody holds a reference
  * and their state is NONE; over TCP responses are matched by token only and
@@ -23,7 +23,8 @@
 #include <openssl/ssl.h>
 #include <systemd/sd-daemon.h>
 
-#include "cloud.h"
+#include "devices.h"
+#include "proto.h"
 #include "log.h"
 #include "tls.h"
 #include "util.h"
@@ -51,6 +52,7 @@ struct DeviceCall {
 };
 
 struct Device {
+        Devices *devices; /* the registry it is in */
         char *id;
         Session *conn;       /* bound connection, NULL while offline */
         json_t *describe; /* last GET /d answer, or NULL */
@@ -77,6 +79,7 @@ struct Device {
 
 /* One per libcoap server session, from SERVER_SESSION_NEW to _DEL. */
 struct Session {
+        Devices *devices;
         coap_session_t *session;
         Device *device;  /* set once established and bound */
         bool referenced; /* we hold a coap_session_reference() */
@@ -94,9 +97,10 @@ typedef struct WarnLimit {
         uint64_t suppressed;
 } WarnLimit;
 
-static struct {
+struct Devices {
         sd_event *event;
         const CloudConfig *config;
+        DevicesHooks hooks;
         coap_context_t *ctx;
         coap_dtls_pki_t pki;
         TlsFiles tls_files;
@@ -121,7 +125,7 @@ static struct {
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
 
         uint64_t next_token;
-} devices;
+};
 
 /* ---- small helpers --------------------------------------------------- */
 
@@ -176,67 +180,68 @@ static uint64_t hash_pointer(const void *p) {
 
 /* ---- registry: devices by id, connections by session ----------------- */
 
-static int dev_table_grow(void) {
-        size_t n = devices.dev_nbuckets ? devices.dev_nbuckets * 2 : 64;
+static int dev_table_grow(Devices *devs) {
+        size_t n = devs->dev_nbuckets ? devs->dev_nbuckets * 2 : 64;
         Device **b = calloc(n, sizeof(*b));
 
         if (!b)
                 return -ENOMEM;
-        for (Device *d = devices.dev_head; d; d = d->list_next) {
+        for (Device *d = devs->dev_head; d; d = d->list_next) {
                 size_t i = hash_string(d->id) & (n - 1);
                 d->hash_next = b[i];
                 b[i] = d;
         }
-        free(devices.dev_buckets);
-        devices.dev_buckets = b;
-        devices.dev_nbuckets = n;
+        free(devs->dev_buckets);
+        devs->dev_buckets = b;
+        devs->dev_nbuckets = n;
         return 0;
 }
 
-Device *devices_find(const char *id) {
-        if (!id || devices.dev_nbuckets == 0)
+Device *devices_find(Devices *devs, const char *id) {
+        if (!id || devs->dev_nbuckets == 0)
                 return NULL;
-        for (Device *d = devices.dev_buckets[hash_string(id) & (devices.dev_nbuckets - 1)]; d;
+        for (Device *d = devs->dev_buckets[hash_string(id) & (devs->dev_nbuckets - 1)]; d;
              d = d->hash_next)
                 if (streq(d->id, id))
                         return d;
         return NULL;
 }
 
-static Device *device_new(const char *id) {
+static Device *device_new(Devices *devs, const char *id) {
         Device *d;
         size_t i;
 
-        if (devices.n_devices >= devices.dev_nbuckets && dev_table_grow() < 0)
+        if (devs->n_devices >= devs->dev_nbuckets && dev_table_grow(devs) < 0)
                 return NULL;
         d = calloc(1, sizeof(*d));
         if (!d)
                 return NULL;
+        d->devices = devs;
         d->id = strdup(id);
         if (!d->id) {
                 free(d);
                 return NULL;
         }
-        i = hash_string(id) & (devices.dev_nbuckets - 1);
-        d->hash_next = devices.dev_buckets[i];
-        devices.dev_buckets[i] = d;
-        if (devices.dev_tail)
-                devices.dev_tail->list_next = d;
+        i = hash_string(id) & (devs->dev_nbuckets - 1);
+        d->hash_next = devs->dev_buckets[i];
+        devs->dev_buckets[i] = d;
+        if (devs->dev_tail)
+                devs->dev_tail->list_next = d;
         else
-                devices.dev_head = d;
-        devices.dev_tail = d;
-        devices.n_devices++;
+                devs->dev_head = d;
+        devs->dev_tail = d;
+        devs->n_devices++;
         return d;
 }
 
-static int session_table_grow(void) {
-        size_t n = devices.conn_nbuckets ? devices.conn_nbuckets * 2 : 64;
+static int session_table_grow(Devices *devs) {
+        size_t n = devs->conn_nbuckets ? devs->conn_nbuckets * 2 : 64;
         Session **b = calloc(n, sizeof(*b));
 
         if (!b)
                 return -ENOMEM;
-        for (size_t k = 0; k < devices.conn_nbuckets; k++) {
-                Session *c = devices.conn_buckets[k], *next;
+        for (size_t k = 0; k < devs->conn_nbuckets; k++) {
+                Session *c = devs->conn_buckets[k], *next;
                 for (; c; c = next) {
                         size_t i = hash_pointer(c->session) & (n - 1);
                         next = c->hash_next;
@@ -244,87 +249,92 @@ static int session_table_grow(void) {
                         b[i] = c;
                 }
         }
-        free(devices.conn_buckets);
-        devices.conn_buckets = b;
-        devices.conn_nbuckets = n;
+        free(devs->conn_buckets);
+        devs->conn_buckets = b;
+        devs->conn_nbuckets = n;
         return 0;
 }
 
-static Session *session_find(const coap_session_t *session) {
-        if (devices.conn_nbuckets == 0)
+static Session *session_find(Devices *devs, const coap_session_t *session) {
+        if (devs->conn_nbuckets == 0)
                 return NULL;
-        for (Session *c = devices.conn_buckets[hash_pointer(session) & (devices.conn_nbuckets - 1)]; c;
+        for (Session *c = devs->conn_buckets[hash_pointer(session) & (devs->conn_nbuckets - 1)]; c;
              c = c->hash_next)
                 if (c->session == session)
                         return c;
         return NULL;
 }
 
-static Session *session_new(coap_session_t *session) {
+static Session *session_new(Devices *devs, coap_session_t *session) {
         Session *c;
         size_t i;
 
-        if (devices.n_conns >= devices.conn_nbuckets && session_table_grow() < 0)
+        if (devs->n_conns >= devs->conn_nbuckets && session_table_grow(devs) < 0)
                 return NULL;
         c = calloc(1, sizeof(*c));
         if (!c)
                 return NULL;
+        c->devices = devs;
         c->session = session;
-        i = hash_pointer(session) & (devices.conn_nbuckets - 1);
-        c->hash_next = devices.conn_buckets[i];
-        devices.conn_buckets[i] = c;
-        devices.n_conns++;
+        i = hash_pointer(session) & (devs->conn_nbuckets - 1);
+        c->hash_next = devs->conn_buckets[i];
+        devs->conn_buckets[i] = c;
+        devs->n_conns++;
         return c;
 }
 
 static void session_unbound_remove(Session *c) {
+        Devices *devs = c->devices;
         if (!c->unbound)
                 return;
         if (c->unbound_prev)
                 c->unbound_prev->unbound_next = c->unbound_next;
         else
-                devices.unbound_head = c->unbound_next;
+                devs->unbound_head = c->unbound_next;
         if (c->unbound_next)
                 c->unbound_next->unbound_prev = c->unbound_prev;
         else
-                devices.unbound_tail = c->unbound_prev;
+                devs->unbound_tail = c->unbound_prev;
         c->unbound_prev = c->unbound_next = NULL;
         c->unbound = false;
-        devices.n_unbound--;
+        devs->n_unbound--;
 }
 
 static void session_unbound_add(Session *c) {
+        Devices *devs = c->devices;
         c->accepted = now_usec();
         c->unbound = true;
-        c->unbound_prev = devices.unbound_tail;
-        if (devices.unbound_tail)
-                devices.unbound_tail->unbound_next = c;
+        c->unbound_prev = devs->unbound_tail;
+        if (devs->unbound_tail)
+                devs->unbound_tail->unbound_next = c;
         else
-                devices.unbound_head = c;
-        devices.unbound_tail = c;
-        devices.n_unbound++;
+                devs->unbound_head = c;
+        devs->unbound_tail = c;
+        devs->n_unbound++;
 }
 
 /* Unlink and free; the caller has dealt with the session reference. */
 static void session_free(Session *c) {
+        Devices *devs;
         Session **p;
 
         if (!c)
                 return;
+        devs = c->devices;
         session_unbound_remove(c);
-        for (p = &devices.conn_buckets[hash_pointer(c->session) & (devices.conn_nbuckets - 1)]; *p;
+        for (p = &devs->conn_buckets[hash_pointer(c->session) & (devs->conn_nbuckets - 1)]; *p;
              p = &(*p)->hash_next)
                 if (*p == c) {
                         *p = c->hash_next;
                         break;
                 }
         if (c->closing)
-                for (p = &devices.close_queue; *p; p = &(*p)->close_next)
+                for (p = &devs->close_queue; *p; p = &(*p)->close_next)
                         if (*p == c) {
                                 *p = c->close_next;
                                 break;
                         }
-        devices.n_conns--;
+        devs->n_conns--;
         free(c);
 }
 
@@ -338,7 +348,7 @@ coap_session_t *device_session(const Device *d) {
         return d->conn->session;
 }
 
-unsigned devices_online_count(void) { return devices.n_online; }
+unsigned devices_online_count(Devices *devs) { return devs->n_online; }
 
 json_t *device_to_json(const Device *d, bool details) {
         char heard[32];
@@ -366,12 +376,12 @@ json_t *device_to_json(const Device *d, bool details) {
         return j;
 }
 
-json_t *devices_to_json(void) {
+json_t *devices_to_json(Devices *devs) {
         json_t *a = json_array();
 
         if (!a)
                 return NULL;
-        for (Device *d = devices.dev_head; d; d = d->list_next)
+        for (Device *d = devs->dev_head; d; d = d->list_next)
                 if (json_array_append_new(a, device_to_json(d, false)) < 0) {
                         json_decref(a);
                         return NULL;
@@ -381,47 +391,50 @@ json_t *devices_to_json(void) {
 
 /* ---- the libcoap loop on sd-event ------------------------------------ */
 
-static void devices_arm_timer(void) {
+static void devices_arm_timer(Devices *devs) {
         coap_tick_t now;
         unsigned ms;
 
         /* libcoap's own timerfd sits in the epoll fd we watch; this timer
          * only makes sure nothing is missed after we act from outside. */
         coap_ticks(&now);
-        ms = coap_io_prepare_epoll(devices.ctx, now);
+        ms = coap_io_prepare_epoll(devs->ctx, now);
         if (ms > 0) {
-                (void)sd_event_source_set_time_relative(devices.timer, (uint64_t)ms * USEC_PER_MSEC);
-                (void)sd_event_source_set_enabled(devices.timer, SD_EVENT_ONESHOT);
+                (void)sd_event_source_set_time_relative(devs->timer, (uint64_t)ms * USEC_PER_MSEC);
+                (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_ONESHOT);
         } else
-                (void)sd_event_source_set_enabled(devices.timer, SD_EVENT_OFF);
+                (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_OFF);
 }
 
 static int devices_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        coap_io_process(devices.ctx, COAP_IO_NO_WAIT);
+        Devices *devs = userdata;
+        coap_io_process(devs->ctx, COAP_IO_NO_WAIT);
         return 0;
 }
 
 static int devices_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
-        coap_io_process(devices.ctx, COAP_IO_NO_WAIT);
-        devices_arm_timer();
+        Devices *devs = userdata;
+        coap_io_process(devs->ctx, COAP_IO_NO_WAIT);
+        devices_arm_timer(devs);
         return 0;
 }
 
 static int devices_kick_cb(sd_event_source *s, void *userdata) {
-        coap_io_process(devices.ctx, COAP_IO_NO_WAIT);
-        devices_arm_timer();
+        Devices *devs = userdata;
+        coap_io_process(devs->ctx, COAP_IO_NO_WAIT);
+        devices_arm_timer(devs);
         return 0;
 }
 
-void devices_kick(void) {
-        if (devices.kick)
-                (void)sd_event_source_set_enabled(devices.kick, SD_EVENT_ONESHOT);
+void devices_kick(Devices *devs) {
+        if (devs->kick)
+                (void)sd_event_source_set_enabled(devs->kick, SD_EVENT_ONESHOT);
 }
 
 /* ---- what a device has read, and whether it is alive -------------------- */
 
-static void devices_notify_status(const char *key, const char *id) {
-        (void)sd_notifyf(0, "STATUS=%u devices online\n%s=%s", devices.n_online, key, id);
+static void devices_notify_status(Devices *devs, const char *key, const char *id) {
+        (void)sd_notifyf(0, "STATUS=%u devices online\n%s=%s", devs->n_online, key, id);
 }
 
 /* One warning per DEVICES_WARN_INTERVAL; *ret_suppressed is how many were
@@ -451,11 +464,12 @@ static void device_heard(Device *d) {
 /* A Pong to our Ping or an answer to our request: the device is alive
  * and has read every byte up to mark. */
 static void device_alive(Device *d, uint64_t mark) {
+        Devices *devs = d->devices;
         d->last_alive = now_usec();
         device_heard(d);
         if (mark > d->tx_read)
                 d->tx_read = mark;
-        if (d->dropped_events > 0 && device_unread(d) < devices.config->max_queued_bytes) {
+        if (d->dropped_events > 0 && device_unread(d) < devs->config->max_queued_bytes) {
                 log_info("Device '%s' reads again; %" PRIu64 " events were not delivered to it.", d->id,
                          d->dropped_events);
                 d->dropped_events = 0;
@@ -463,7 +477,8 @@ static void device_alive(Device *d, uint64_t mark) {
 }
 
 static void device_arm_ping(Device *d) {
-        uint64_t deadline = d->last_alive + (uint64_t)devices.config->device_timeout_sec * USEC_PER_SEC;
+        Devices *devs = d->devices;
+        uint64_t deadline = d->last_alive + (uint64_t)devs->config->device_timeout_sec * USEC_PER_SEC;
         uint64_t next = d->ping_outstanding || d->next_ping > deadline ? deadline : d->next_ping;
 
         (void)sd_event_source_set_time(d->ping_timer, next);
@@ -474,11 +489,12 @@ static void device_arm_ping(Device *d) {
  * everything sent before it. Not from within a libcoap callback for the
  * device's own session. */
 static void device_ping(Device *d) {
+        Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
 
         if (d->ping_outstanding || !session)
                 return;
-        d->next_ping = now_usec() + (uint64_t)devices.config->ping_sec * USEC_PER_SEC;
+        d->next_ping = now_usec() + (uint64_t)devs->config->ping_sec * USEC_PER_SEC;
         d->tx_bytes += DEVICES_MSG_OVERHEAD;
         if (coap_session_send_ping(session) != COAP_INVALID_MID && d->conn) {
                 d->ping_mark = d->tx_bytes;
@@ -486,23 +502,25 @@ static void device_ping(Device *d) {
         }
         if (d->conn)
                 device_arm_ping(d);
-        devices_kick();
+        devices_kick(devs);
 }
 
 /* Count a message of n payload bytes just queued for the device; returns
  * the count up to and including it. Asks for proof of reading at half of
  * MaxQueuedBytes, so that a device that reads is never held back. */
 static uint64_t device_account(Device *d, size_t n) {
+        Devices *devs = d->devices;
         uint64_t mark;
 
         d->tx_bytes += n + DEVICES_MSG_OVERHEAD;
         mark = d->tx_bytes;
-        if (device_unread(d) >= devices.config->max_queued_bytes / 2)
+        if (device_unread(d) >= devs->config->max_queued_bytes / 2)
                 device_ping(d);
         return mark;
 }
 
 static int device_send_pdu(Device *d, coap_pdu_t *pdu, size_t len, uint64_t *ret_mark) {
+        Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
         uint64_t mark;
 
@@ -510,26 +528,46 @@ static int device_send_pdu(Device *d, coap_pdu_t *pdu, size_t len, uint64_t *ret
                 coap_delete_pdu(pdu);
                 return -ENOTCONN;
         }
-        if (device_unread(d) >= devices.config->max_queued_bytes) {
+        if (device_unread(d) >= devs->config->max_queued_bytes) {
                 coap_delete_pdu(pdu);
                 return -ENOBUFS;
         }
         if (coap_send(session, pdu) == COAP_INVALID_MID) {
-                devices_kick();
+                devices_kick(devs);
                 return -EIO;
         }
         mark = device_account(d, len);
-        devices_kick();
+        devices_kick(devs);
         if (ret_mark)
                 *ret_mark = mark;
         return 0;
 }
 
-int device_send(Device *d, coap_pdu_t *pdu, size_t len) {
+int device_notify(Device *d, const uint8_t *token, size_t token_len, uint32_t observe, const char *json,
+                  size_t len) {
+        coap_session_t *session = device_session(d);
+        uint8_t buf[4];
+        coap_pdu_t *pdu;
+
+        if (!session)
+                return -ENOTCONN;
+        pdu = coap_pdu_init(COAP_MESSAGE_NON, COAP_RESPONSE_CODE(205), coap_new_message_id(session),
+                            coap_session_max_pdu_size(session));
+        if (!pdu)
+                return -ENOMEM;
+        if (!coap_add_token(pdu, token_len, token) ||
+            !coap_add_option(pdu, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf), observe), buf) ||
+            !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
+                             coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_JSON), buf) ||
+            !coap_add_data(pdu, len, (const uint8_t *)json)) {
+                coap_delete_pdu(pdu);
+                return -E2BIG;
+        }
         return device_send_pdu(d, pdu, len, NULL);
 }
 
 void device_event_undeliverable(Device *d, const char *name, size_t len, int error) {
+        Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
 
         switch (error) {
@@ -537,7 +575,7 @@ void device_event_undeliverable(Device *d, const char *name, size_t len, int err
                 if (d->dropped_events++ == 0)
                         log_warning("Device '%s' has not read %" PRIu64 " bytes sent to it (MaxQueuedBytes=%u): "
                                     "events for it are dropped until it reads.",
-                                    d->id, device_unread(d), devices.config->max_queued_bytes);
+                                    d->id, device_unread(d), devs->config->max_queued_bytes);
                 break;
         case -E2BIG:
                 if (d->warned_too_big)
@@ -592,6 +630,7 @@ static int call_timeout_cb(sd_event_source *s, uint64_t usec, void *userdata) {
 int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
                  const void *payload, size_t len, device_call_fn cb, void *userdata,
                  DeviceCall **ret_call) {
+        Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
         Session *conn = d->conn;
         uint8_t token[8];
@@ -602,7 +641,7 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
 
         if (!session)
                 return -ENOTCONN;
-        if (device_unread(d) >= devices.config->max_queued_bytes)
+        if (device_unread(d) >= devs->config->max_queued_bytes)
                 return -ENOBUFS;
         c = calloc(1, sizeof(*c));
         if (!c)
@@ -610,7 +649,7 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
         c->device = d;
         c->cb = cb;
         c->userdata = userdata;
-        c->token = ++devices.next_token;
+        c->token = ++devs->next_token;
         token_len = coap_encode_var_safe8(token, sizeof(token), c->token);
 
         pdu = coap_pdu_init(COAP_MESSAGE_CON, method, coap_new_message_id(session),
@@ -627,8 +666,8 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
                 free(c);
                 return -E2BIG;
         }
-        r = sd_event_add_time_relative(devices.event, &c->timer, CLOCK_MONOTONIC,
-                                       (uint64_t)devices.config->call_timeout_sec * USEC_PER_SEC,
+        r = sd_event_add_time_relative(devs->event, &c->timer, CLOCK_MONOTONIC,
+                                       (uint64_t)devs->config->call_timeout_sec * USEC_PER_SEC,
                                        10 * USEC_PER_MSEC, call_timeout_cb, c);
         if (r < 0) {
                 coap_delete_pdu(pdu);
@@ -656,12 +695,13 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
 /* ---- device lifecycle -------------------------------------------------- */
 
 static void session_queue_close(Session *c) {
+        Devices *devs = c->devices;
         if (c->closing)
                 return;
         c->closing = true;
-        c->close_next = devices.close_queue;
-        devices.close_queue = c;
-        (void)sd_event_source_set_enabled(devices.close_defer, SD_EVENT_ONESHOT);
+        c->close_next = devs->close_queue;
+        devs->close_queue = c;
+        (void)sd_event_source_set_enabled(devs->close_defer, SD_EVENT_ONESHOT);
 }
 
 /* The device's session is gone or replaced: answer its pending calls with
@@ -669,22 +709,23 @@ static void session_queue_close(Session *c) {
  * its subscriptions, report it offline. The session reference stays with
  * the Session (released when libcoap reports the close). */
 static void device_unbind(Device *d, const char *reason, int error) {
+        Devices *devs = d->devices;
         Session *c = d->conn;
 
         if (!c)
                 return;
         d->conn = NULL;
         c->device = NULL;
-        devices.n_online--;
+        devs->n_online--;
         d->ping_timer = sd_event_source_disable_unref(d->ping_timer);
         d->describe_defer = sd_event_source_disable_unref(d->describe_defer);
-        events_device_gone(d);
+        devs->hooks.device_gone(devs->hooks.userdata, d);
         if (d->dropped_events > 0)
                 log_info("Device '%s': %" PRIu64 " events were not delivered to it.", d->id, d->dropped_events);
         log_struct(LOG_INFO,
                    &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_DISCONNECTED, .device_id = d->id, .peer = d->last_addr },
                    "Device '%s' disconnected (%s).", d->id, reason);
-        devices_notify_status("X_TETHER_OFFLINE", d->id);
+        devices_notify_status(devs, "X_TETHER_OFFLINE", d->id);
         /* Callbacks may start new calls on this device: they fail at once. */
         while (d->calls)
                 call_complete(d->calls, error, 0, NULL, 0);
@@ -694,12 +735,13 @@ static void device_unbind(Device *d, const char *reason, int error) {
 /* Close the device's session from the loop (not from a libcoap callback
  * for that session). */
 static void device_close(Device *d, const char *reason) {
+        Devices *devs = d->devices;
         coap_session_t *session = d->conn->session;
 
         device_unbind(d, reason, -ENOTCONN);
         if (coap_session_get_state(session) != COAP_SESSION_STATE_NONE)
                 coap_session_disconnected(session, COAP_NACK_NOT_DELIVERABLE);
-        devices_kick();
+        devices_kick(devs);
 }
 
 void device_disconnect(Device *d, const char *reason) {
@@ -715,13 +757,14 @@ void device_disconnect(Device *d, const char *reason) {
 
 static int device_ping_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Device *d = userdata;
+        Devices *devs = d->devices;
         uint64_t now = now_usec();
 
         if (!d->conn)
                 return 0;
-        if (now >= d->last_alive + (uint64_t)devices.config->device_timeout_sec * USEC_PER_SEC) {
+        if (now >= d->last_alive + (uint64_t)devs->config->device_timeout_sec * USEC_PER_SEC) {
                 log_warning("Device '%s' answered nothing for %us (no Pong, no response), closing its session.",
-                            d->id, devices.config->device_timeout_sec);
+                            d->id, devs->config->device_timeout_sec);
                 device_close(d, "timed out");
                 return 0;
         }
@@ -736,6 +779,7 @@ static int describe_defer_cb(sd_event_source *s, void *userdata);
 
 static void describe_done(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
         Device *d = userdata;
+        Devices *devs = d->devices;
         json_t *j = NULL;
         int r;
 
@@ -757,17 +801,18 @@ static void describe_done(int error, unsigned code, const uint8_t *data, size_t 
         }
         if (!d->conn)
                 return;
-        devices_notify_status("X_TETHER_ONLINE", d->id);
+        devices_notify_status(devs, "X_TETHER_ONLINE", d->id);
         /* POST /d arrived while this GET /d was out: the answer may be stale. */
         if (d->describe_again && !d->describe_defer) {
                 d->describe_again = false;
-                if (sd_event_add_defer(devices.event, &d->describe_defer, describe_defer_cb, d) < 0)
+                if (sd_event_add_defer(devs->event, &d->describe_defer, describe_defer_cb, d) < 0)
                         log_warning("Cannot schedule GET /d for device '%s'.", d->id);
         }
 }
 
 static int describe_defer_cb(sd_event_source *s, void *userdata) {
         Device *d = userdata;
+        Devices *devs = d->devices;
         int r;
 
         d->describe_defer = sd_event_source_disable_unref(d->describe_defer);
@@ -776,7 +821,7 @@ static int describe_defer_cb(sd_event_source *s, void *userdata) {
         if (r < 0) {
                 log_warning_errno(r, "Failed to send GET /d to device '%s': %m", d->id);
                 if (d->conn)
-                        devices_notify_status("X_TETHER_ONLINE", d->id);
+                        devices_notify_status(devs, "X_TETHER_ONLINE", d->id);
         }
         return 0;
 }
@@ -784,6 +829,7 @@ static int describe_defer_cb(sd_event_source *s, void *userdata) {
 /* COAP_EVENT_SESSION_CONNECTED: TLS and CSM done, the peer is known. No
  * PDU is built here (docs/design/libcoap.md, trap B); GET /d goes out from a defer. */
 static void session_bind(Session *c) {
+        Devices *devs = c->devices;
         const char *id = tls_session_peer_id(c->session);
         char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
         Device *d;
@@ -797,7 +843,7 @@ static void session_bind(Session *c) {
                 session_queue_close(c);
                 return;
         }
-        d = devices_find(id) ?: device_new(id);
+        d = devices_find(devs, id) ?: device_new(devs, id);
         if (!d) {
                 log_error("Out of memory registering device '%s'.", id);
                 session_queue_close(c);
@@ -809,10 +855,10 @@ static void session_bind(Session *c) {
                 device_unbind(d, "replaced by a new session", -ECONNRESET);
                 session_queue_close(old);
         }
-        r = sd_event_add_time(devices.event, &d->ping_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
+        r = sd_event_add_time(devs->event, &d->ping_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
                               device_ping_cb, d);
         if (r >= 0)
-                r = sd_event_add_defer(devices.event, &d->describe_defer, describe_defer_cb, d);
+                r = sd_event_add_defer(devs->event, &d->describe_defer, describe_defer_cb, d);
         if (r < 0) {
                 log_error_errno(r, "Failed to set up device '%s': %m", id);
                 d->ping_timer = sd_event_source_disable_unref(d->ping_timer);
@@ -823,7 +869,7 @@ static void session_bind(Session *c) {
         c->referenced = true;
         c->device = d;
         d->conn = c;
-        devices.n_online++;
+        devs->n_online++;
         snprintf(d->last_ip, sizeof(d->last_ip), "%s", ip);
         d->tx_bytes = d->tx_read = d->ping_mark = 0;
         d->ping_outstanding = false;
@@ -831,19 +877,20 @@ static void session_bind(Session *c) {
         d->dropped_events = 0;
         d->describe_again = false;
         device_alive(d, 0);
-        d->next_ping = d->last_alive + (uint64_t)devices.config->ping_sec * USEC_PER_SEC;
+        d->next_ping = d->last_alive + (uint64_t)devs->config->ping_sec * USEC_PER_SEC;
         device_arm_ping(d);
         snprintf(d->last_addr, sizeof(d->last_addr), "%s", addr);
         log_struct(LOG_INFO, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_CONNECTED, .device_id = d->id, .peer = addr },
                    "Device '%s' connected from %s.", d->id, addr);
-        (void)sd_notifyf(0, "STATUS=%u devices online", devices.n_online);
+        (void)sd_notifyf(0, "STATUS=%u devices online", devs->n_online);
 }
 
 static int devices_close_cb(sd_event_source *s, void *userdata) {
-        while (devices.close_queue) {
-                Session *c = devices.close_queue;
+        Devices *devs = userdata;
+        while (devs->close_queue) {
+                Session *c = devs->close_queue;
 
-                devices.close_queue = c->close_next;
+                devs->close_queue = c->close_next;
                 c->closing = false;
                 session_unbound_remove(c);
                 if (c->device)
@@ -856,25 +903,26 @@ static int devices_close_cb(sd_event_source *s, void *userdata) {
                         coap_session_release(c->session);
                 }
         }
-        devices_kick();
+        devices_kick(devs);
         return 0;
 }
 
 /* Sessions that have not become a device within HandshakeTimeoutSec. */
 static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
-        uint64_t timeout = (uint64_t)devices.config->handshake_timeout_sec * USEC_PER_SEC;
+        Devices *devs = userdata;
+        uint64_t timeout = (uint64_t)devs->config->handshake_timeout_sec * USEC_PER_SEC;
         uint64_t now = now_usec(), n = 0, suppressed;
         Session *c;
 
-        while ((c = devices.unbound_head) && c->accepted + timeout <= now) {
+        while ((c = devs->unbound_head) && c->accepted + timeout <= now) {
                 session_unbound_remove(c);
                 session_queue_close(c);
                 n++;
         }
-        if (n > 0 && warn_limit(&devices.warn_handshake_timeout, &suppressed))
+        if (n > 0 && warn_limit(&devs->warn_handshake_timeout, &suppressed))
                 log_warning("Closed %" PRIu64 " sessions that did not complete the TLS handshake within "
                             "HandshakeTimeoutSec=%us (and %" PRIu64 " unreported before).",
-                            n + suppressed, devices.config->handshake_timeout_sec, suppressed);
+                            n + suppressed, devs->config->handshake_timeout_sec, suppressed);
         if (c) {
                 (void)sd_event_source_set_time(s, c->accepted + timeout);
                 (void)sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -886,28 +934,29 @@ static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *u
  * waiting one is closed (a flood of idle connections cannot lock devices
  * out for longer than a handshake takes). */
 static void session_wait_handshake(Session *c) {
+        Devices *devs = c->devices;
         uint64_t suppressed;
 
         session_unbound_add(c);
-        if (devices.unbound_head == c) {
-                (void)sd_event_source_set_time(devices.handshake_timer,
+        if (devs->unbound_head == c) {
+                (void)sd_event_source_set_time(devs->handshake_timer,
                                                c->accepted +
-                                                       (uint64_t)devices.config->handshake_timeout_sec * USEC_PER_SEC);
-                (void)sd_event_source_set_enabled(devices.handshake_timer, SD_EVENT_ONESHOT);
+                                                       (uint64_t)devs->config->handshake_timeout_sec * USEC_PER_SEC);
+                (void)sd_event_source_set_enabled(devs->handshake_timer, SD_EVENT_ONESHOT);
         }
-        if (devices.n_unbound > devices.config->max_handshakes) {
-                Session *oldest = devices.unbound_head;
+        if (devs->n_unbound > devs->config->max_handshakes) {
+                Session *oldest = devs->unbound_head;
 
                 session_unbound_remove(oldest);
                 session_queue_close(oldest);
-                if (warn_limit(&devices.warn_handshake_evicted, &suppressed))
+                if (warn_limit(&devs->warn_handshake_evicted, &suppressed))
                         log_warning("More than MaxHandshakes=%u sessions in the TLS handshake: closed the "
                                     "oldest (%" PRIu64 " closed so since the last report).",
-                                    devices.config->max_handshakes, suppressed + 1);
+                                    devs->config->max_handshakes, suppressed + 1);
         }
 }
 
-static void session_setup_socket(coap_session_t *session) {
+static void session_setup_socket(Devices *devs, coap_session_t *session) {
         coap_tls_library_t lib;
         void *tls = coap_session_get_tls(session, &lib);
         int r;
@@ -933,18 +982,18 @@ static void session_setup_socket(coap_session_t *session) {
         }
         /* Accepted sockets inherit TCP_NODELAY from the listener when we could
          * set it there; otherwise find this socket (costs a /proc scan). */
-        if (!devices.listener_nodelay && (r = tls_session_set_nodelay(session)) < 0)
+        if (!devs->listener_nodelay && (r = tls_session_set_nodelay(session)) < 0)
                 log_debug_errno(r, "Failed to set TCP_NODELAY: %m");
 }
 
 /* A TLS handshake that failed: the peer's certificate was not accepted
  * (or it spoke no TLS). Rate-limited like the other per-session warnings:
  * anyone can connect. */
-static void session_refused(coap_session_t *session) {
+static void session_refused(Devices *devs, coap_session_t *session) {
         char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
         uint64_t suppressed;
 
-        if (!warn_limit(&devices.warn_refused, &suppressed))
+        if (!warn_limit(&devs->warn_refused, &suppressed))
                 return;
         format_address(coap_session_get_addr_remote(session), ip, addr);
         log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
@@ -953,20 +1002,21 @@ static void session_refused(coap_session_t *session) {
 }
 
 static int devices_event_handler(coap_session_t *session, const coap_event_t event) {
+        Devices *devs = coap_get_app_data(coap_session_get_context(session));
         Session *c;
 
         switch (event) {
         case COAP_EVENT_SERVER_SESSION_NEW:
-                c = session_new(session);
+                c = session_new(devs, session);
                 if (!c) {
                         log_error("Out of memory accepting a session.");
                         return 0;
                 }
-                session_setup_socket(session);
+                session_setup_socket(devs, session);
                 session_wait_handshake(c);
                 break;
         case COAP_EVENT_SESSION_CONNECTED:
-                c = session_find(session);
+                c = session_find(devs, session);
                 if (c && !c->device && !c->closing)
                         session_bind(c);
                 break;
@@ -976,11 +1026,11 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
         case COAP_EVENT_TCP_FAILED:
         case COAP_EVENT_SESSION_CLOSED:
         case COAP_EVENT_SESSION_FAILED:
-                c = session_find(session);
+                c = session_find(devs, session);
                 if (!c)
                         break;
                 if (event == COAP_EVENT_DTLS_ERROR && !c->device && !c->closing)
-                        session_refused(session);
+                        session_refused(devs, session);
                 if (c->device)
                         device_unbind(c->device, event == COAP_EVENT_DTLS_ERROR ? "TLS error" : "connection closed",
                                       -ENOTCONN);
@@ -992,7 +1042,7 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 }
                 break;
         case COAP_EVENT_SERVER_SESSION_DEL:
-                c = session_find(session);
+                c = session_find(devs, session);
                 if (c && c->device)
                         device_unbind(c->device, "session deleted", -ENOTCONN);
                 session_free(c);
@@ -1031,14 +1081,15 @@ static void devices_reply(coap_pdu_t *response, coap_pdu_code_t code, const char
  * libcoap queues if the device does not read: count it, and disconnect a
  * device that keeps sending without reading. */
 static bool device_answer_fits(Session *c, Device *d) {
+        Devices *devs = d->devices;
         d->tx_bytes += DEVICES_MSG_OVERHEAD;
-        if (device_unread(d) >= devices.config->max_queued_bytes / 2 && !d->ping_outstanding && d->next_ping > 0) {
+        if (device_unread(d) >= devs->config->max_queued_bytes / 2 && !d->ping_outstanding && d->next_ping > 0) {
                 /* A busy device that reads gets its Ping soon (from the
                  * loop, not inside libcoap's handling of its session). */
                 d->next_ping = 0;
                 device_arm_ping(d);
         }
-        if (device_unread(d) < devices.hard_queue_limit)
+        if (device_unread(d) < devs->hard_queue_limit)
                 return true;
         if (!c->closing)
                 log_warning("Device '%s' keeps sending but has not read %" PRIu64 " bytes sent to it, "
@@ -1051,6 +1102,7 @@ static bool device_answer_fits(Session *c, Device *d) {
 static void devices_request_handler(coap_resource_t *resource, coap_session_t *session,
                                     const coap_pdu_t *request, const coap_string_t *query,
                                     coap_pdu_t *response) {
+        Devices *devs = coap_get_app_data(coap_session_get_context(session));
         char first[16] = "", rest[TETHER_EVENT_NAME_MAX + 2] = "";
         size_t rest_len = 0;
         coap_opt_iterator_t it;
@@ -1058,7 +1110,7 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
         coap_opt_t *opt;
         unsigned nseg = 0;
         bool too_long = false;
-        Session *c = session_find(session);
+        Session *c = session_find(devs, session);
         Device *d = c ? c->device : NULL;
 
         if (!d) {
@@ -1105,7 +1157,7 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
                 if (d->describe_call)
                         d->describe_again = true;
                 else if (!d->describe_defer &&
-                         sd_event_add_defer(devices.event, &d->describe_defer, describe_defer_cb, d) < 0) {
+                         sd_event_add_defer(devs->event, &d->describe_defer, describe_defer_cb, d) < 0) {
                         devices_reply(response, COAP_RESPONSE_CODE(500), "cannot schedule describe");
                         return;
                 }
@@ -1120,7 +1172,7 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
                 switch (coap_pdu_get_code(request)) {
                 case COAP_REQUEST_CODE_GET:
                 case COAP_REQUEST_CODE_POST:
-                        events_handle_request(d, session, request, rest, response);
+                        devs->hooks.event_request(devs->hooks.userdata, d, request, rest, response);
                         return;
                 default:
                         devices_reply(response, COAP_RESPONSE_CODE(405), "method not allowed");
@@ -1130,14 +1182,15 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
         if (streq(first, PROTO_PATH_EVENT))
                 devices_reply(response, COAP_RESPONSE_CODE(400), "name too long");
         else if (streq(first, PROTO_PATH_OTA) && nseg == 2 && !too_long)
-                ota_device_request(d, request, rest, response);
+                devs->hooks.ota_request(devs->hooks.userdata, d, request, rest, response);
         else
                 devices_reply(response, COAP_RESPONSE_CODE(404), "unknown resource");
 }
 
 static coap_response_t devices_response_handler(coap_session_t *session, const coap_pdu_t *sent,
                                                 const coap_pdu_t *received, const coap_mid_t mid) {
-        Session *c = session_find(session);
+        Devices *devs = coap_get_app_data(coap_session_get_context(session));
+        Session *c = session_find(devs, session);
         Device *d = c ? c->device : NULL;
         coap_bin_const_t token = coap_pdu_get_token(received);
         const uint8_t *data = NULL;
@@ -1163,7 +1216,8 @@ static coap_response_t devices_response_handler(coap_session_t *session, const c
 }
 
 static void devices_pong_handler(coap_session_t *session, const coap_pdu_t *received, const coap_mid_t mid) {
-        Session *c = session_find(session);
+        Devices *devs = coap_get_app_data(coap_session_get_context(session));
+        Session *c = session_find(devs, session);
         Device *d = c ? c->device : NULL;
 
         if (!d)
@@ -1178,7 +1232,7 @@ static void devices_pong_handler(coap_session_t *session, const coap_pdu_t *rece
         d->ping_outstanding = false;
         device_alive(d, d->ping_mark);
         /* More than half of MaxQueuedBytes still unread: ask again soon. */
-        if (device_unread(d) >= devices.config->max_queued_bytes / 2)
+        if (device_unread(d) >= devs->config->max_queued_bytes / 2)
                 d->next_ping = 0;
         device_arm_ping(d);
 }
@@ -1186,7 +1240,8 @@ static void devices_pong_handler(coap_session_t *session, const coap_pdu_t *rece
 /* The device's own Ping: libcoap answers it with a Pong we must count; it
  * is not proof that the device reads what we send. */
 static void devices_ping_handler(coap_session_t *session, const coap_pdu_t *received, const coap_mid_t mid) {
-        Session *c = session_find(session);
+        Devices *devs = coap_get_app_data(coap_session_get_context(session));
+        Session *c = session_find(devs, session);
 
         if (c && c->device) {
                 device_heard(c->device);
@@ -1236,7 +1291,7 @@ static int devices_find_listener(const struct sockaddr_storage *want, unsigned p
         return found;
 }
 
-int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port) {
+static int devices_start(Devices *devs, sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         struct sockaddr_storage ss;
         socklen_t sl;
         coap_address_t addr;
@@ -1245,14 +1300,11 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         const char *bad = NULL;
         int r, fd, one = 1;
 
-        devices.event = event;
-        devices.config = config;
-        devices.next_token = 0;
         /* Past MaxQueuedBytes a device gets no events or calls; only its own
          * requests (each costs an answer) can push it further. */
-        devices.hard_queue_limit = 2 * (uint64_t)config->max_queued_bytes + config->max_payload + 1024;
-        devices.tls_files = (TlsFiles){ config->ca_file, config->cert_file, config->key_file };
-        r = tls_files_check(&devices.tls_files, &bad);
+        devs->hard_queue_limit = 2 * (uint64_t)config->max_queued_bytes + config->max_payload + 1024;
+        devs->tls_files = (TlsFiles){ config->ca_file, config->cert_file, config->key_file };
+        r = tls_files_check(&devs->tls_files, &bad);
         if (r < 0)
                 return log_error_errno(r, "Cannot read TLS file '%s': %m", bad);
 
@@ -1263,21 +1315,22 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         if (!coap_tls_is_supported())
                 return log_error_errno(-EOPNOTSUPP, "libcoap was built without TLS support.");
 
-        devices.ctx = coap_new_context(NULL);
-        if (!devices.ctx)
+        devs->ctx = coap_new_context(NULL);
+        if (!devs->ctx)
                 return log_error_errno(-ENOMEM, "Failed to create the CoAP context.");
-        tls_pki_init(&devices.pki, &devices.tls_files, NULL);
-        if (!coap_context_set_pki(devices.ctx, &devices.pki))
+        coap_set_app_data(devs->ctx, devs);
+        tls_pki_init(&devs->pki, &devs->tls_files, NULL);
+        if (!coap_context_set_pki(devs->ctx, &devs->pki))
                 return log_error_errno(-EINVAL, "Failed to load the server certificate '%s', key '%s' or CA '%s'.",
                                        config->cert_file, config->key_file, config->ca_file);
-        coap_register_event_handler(devices.ctx, devices_event_handler);
-        coap_register_response_handler(devices.ctx, devices_response_handler);
-        coap_register_pong_handler(devices.ctx, devices_pong_handler);
-        coap_register_ping_handler(devices.ctx, devices_ping_handler);
+        coap_register_event_handler(devs->ctx, devices_event_handler);
+        coap_register_response_handler(devs->ctx, devices_response_handler);
+        coap_register_pong_handler(devs->ctx, devices_pong_handler);
+        coap_register_ping_handler(devs->ctx, devices_ping_handler);
         /* libcoap frees sessions nobody references (not yet a device) after
          * this long idle (default 300 s): a backstop behind our own
          * handshake deadline (which also catches trickling peers). */
-        coap_context_set_session_timeout(devices.ctx, config->handshake_timeout_sec + 1);
+        coap_context_set_session_timeout(devs->ctx, config->handshake_timeout_sec + 1);
 
         res = coap_resource_unknown_init(devices_request_handler);
         if (!res)
@@ -1285,7 +1338,7 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         coap_register_request_handler(res, COAP_REQUEST_GET, devices_request_handler);
         coap_register_request_handler(res, COAP_REQUEST_POST, devices_request_handler);
         coap_register_request_handler(res, COAP_REQUEST_DELETE, devices_request_handler);
-        coap_add_resource(devices.ctx, res);
+        coap_add_resource(devs->ctx, res);
 
         r = cloud_config_resolve_address(config->coap_listen, config->coap_port, &ss, &sl);
         if (r < 0)
@@ -1293,7 +1346,7 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         coap_address_init(&addr);
         memcpy(&addr.addr, &ss, sl);
         addr.size = sl;
-        ep = coap_new_endpoint(devices.ctx, &addr, COAP_PROTO_TLS);
+        ep = coap_new_endpoint(devs->ctx, &addr, COAP_PROTO_TLS);
         if (!ep)
                 return log_error_errno(-EADDRNOTAVAIL, "Failed to listen on '%s' port %u.", config->coap_listen,
                                        config->coap_port);
@@ -1304,58 +1357,80 @@ int devices_start(sd_event *event, const CloudConfig *config, unsigned *ret_port
         /* libcoap listens with a backlog of 5: connect storms overflow it. */
         if (listen(fd, DEVICES_LISTEN_BACKLOG) < 0)
                 log_warning_errno(errno, "Failed to raise the listen backlog: %m");
-        devices.listener_nodelay = setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0;
+        devs->listener_nodelay = setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0;
         sl = sizeof(ss);
         if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
                 return log_error_errno(errno, "getsockname() failed: %m");
         *ret_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
                                                    : ((struct sockaddr_in *)&ss)->sin_port);
 
-        r = sd_event_add_io(event, &devices.io, coap_context_get_coap_fd(devices.ctx), EPOLLIN, devices_io_cb,
-                            NULL);
+        r = sd_event_add_io(event, &devs->io, coap_context_get_coap_fd(devs->ctx), EPOLLIN, devices_io_cb,
+                            devs);
         if (r >= 0)
-                r = sd_event_add_time(event, &devices.timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC,
-                                      devices_timer_cb, NULL);
+                r = sd_event_add_time(event, &devs->timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC,
+                                      devices_timer_cb, devs);
         if (r >= 0)
-                r = sd_event_source_set_enabled(devices.timer, SD_EVENT_OFF);
+                r = sd_event_source_set_enabled(devs->timer, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_defer(event, &devices.kick, devices_kick_cb, NULL);
+                r = sd_event_add_defer(event, &devs->kick, devices_kick_cb, devs);
         if (r >= 0)
-                r = sd_event_source_set_enabled(devices.kick, SD_EVENT_OFF);
+                r = sd_event_source_set_enabled(devs->kick, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_defer(event, &devices.close_defer, devices_close_cb, NULL);
+                r = sd_event_add_defer(event, &devs->close_defer, devices_close_cb, devs);
         if (r >= 0)
-                r = sd_event_source_set_enabled(devices.close_defer, SD_EVENT_OFF);
+                r = sd_event_source_set_enabled(devs->close_defer, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_time(event, &devices.handshake_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
-                                      devices_handshake_timer_cb, NULL);
+                r = sd_event_add_time(event, &devs->handshake_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
+                                      devices_handshake_timer_cb, devs);
         if (r >= 0)
-                r = sd_event_source_set_enabled(devices.handshake_timer, SD_EVENT_OFF);
+                r = sd_event_source_set_enabled(devs->handshake_timer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add CoAP event sources: %m");
         return 0;
 }
 
-void devices_stop(void) {
+int devices_new(sd_event *event, const CloudConfig *config, const DevicesHooks *hooks, unsigned *ret_port,
+                Devices **ret) {
+        _cleanup_(devices_freep) Devices *devs = NULL;
+        unsigned port = 0;
+        int r;
+
+        devs = calloc(1, sizeof(*devs));
+        if (!devs)
+                return log_error_errno(-ENOMEM, "Out of memory starting the device server.");
+        devs->event = event;
+        devs->config = config;
+        devs->hooks = *hooks;
+        r = devices_start(devs, event, config, &port);
+        if (r < 0)
+                return r;
+        *ret_port = port;
+        *ret = TAKE_PTR(devs);
+        return 0;
+}
+
+Devices *devices_free(Devices *devs) {
         Device *d, *next_d;
+        bool started;
 
-        if (!devices.event)
-                return;
+        if (!devs)
+                return NULL;
+        started = devs->ctx != NULL;
 
-        for (d = devices.dev_head; d; d = d->list_next) {
+        for (d = devs->dev_head; d; d = d->list_next) {
                 while (d->calls)
                         devices_call_cancel(d->calls);
                 if (d->conn) {
                         d->conn->device = NULL;
                         d->conn = NULL;
-                        events_device_gone(d);
+                        devs->hooks.device_gone(devs->hooks.userdata, d);
                 }
         }
-        if (devices.ctx)
-                coap_register_event_handler(devices.ctx, NULL);
-        for (size_t k = 0; k < devices.conn_nbuckets; k++)
-                while (devices.conn_buckets[k]) {
-                        Session *c = devices.conn_buckets[k];
+        if (devs->ctx)
+                coap_register_event_handler(devs->ctx, NULL);
+        for (size_t k = 0; k < devs->conn_nbuckets; k++)
+                while (devs->conn_buckets[k]) {
+                        Session *c = devs->conn_buckets[k];
 
                         if (c->referenced)
                                 coap_session_release(c->session);
@@ -1363,8 +1438,8 @@ void devices_stop(void) {
                         c->closing = false;
                         session_free(c);
                 }
-        devices.close_queue = NULL;
-        for (d = devices.dev_head; d; d = next_d) {
+        devs->close_queue = NULL;
+        for (d = devs->dev_head; d; d = next_d) {
                 next_d = d->list_next;
                 sd_event_source_disable_unref(d->ping_timer);
                 sd_event_source_disable_unref(d->describe_defer);
@@ -1372,15 +1447,17 @@ void devices_stop(void) {
                 free(d->id);
                 free(d);
         }
-        free(devices.dev_buckets);
-        free(devices.conn_buckets);
-        devices.io = sd_event_source_disable_unref(devices.io);
-        devices.timer = sd_event_source_disable_unref(devices.timer);
-        devices.kick = sd_event_source_disable_unref(devices.kick);
-        devices.close_defer = sd_event_source_disable_unref(devices.close_defer);
-        devices.handshake_timer = sd_event_source_disable_unref(devices.handshake_timer);
-        if (devices.ctx)
-                coap_free_context(devices.ctx);
-        coap_cleanup();
-        memset(&devices, 0, sizeof(devices));
+        free(devs->dev_buckets);
+        free(devs->conn_buckets);
+        devs->io = sd_event_source_disable_unref(devs->io);
+        devs->timer = sd_event_source_disable_unref(devs->timer);
+        devs->kick = sd_event_source_disable_unref(devs->kick);
+        devs->close_defer = sd_event_source_disable_unref(devs->close_defer);
+        devs->handshake_timer = sd_event_source_disable_unref(devs->handshake_timer);
+        if (devs->ctx)
+                coap_free_context(devs->ctx);
+        if (started)
+                coap_cleanup();
+        free(devs);
+        return NULL;
 }

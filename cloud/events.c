@@ -1,13 +1,13 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Events: device publishes (POST /e/{name}), device subscriptions
- * (GET /e/{prefix} with Observe) and the router that feeds SSE clients and
- * subscribed devices. Notifications are PDUs we build ourselves: libcoap's
+/* Events (events.h): device publishes (POST /e/{name}), device
+ * subscriptions (GET /e/{prefix} with Observe) and the router that feeds
+ * SSE clients and subscribed devices, both through EventsHooks. Notifications are PDUs we build ourselves: libcoap's
  * observe machinery coalesces notifications and would lose events. */
 #include "config.h"
 
 #include <inttypes.h>
 
-#include "cloud.h"
+#include "events.h"
 #include "log.h"
 #include "util.h"
 
@@ -24,62 +24,78 @@ typedef struct Subscription {
 /* At most one line about devices' insane clocks this often. */
 #define EVENTS_CLOCK_LOG_USEC (60ULL * 1000000)
 
-static struct {
+struct Events {
         const CloudConfig *config;
         Journal *journal;
+        EventsHooks hooks;
         Subscription *head;
         unsigned routing; /* events_route() on the stack */
         bool need_sweep;
         uint64_t clock_logged_at; /* CLOCK_MONOTONIC */
         uint64_t clock_unlogged;  /* insane times since that line */
-} events;
+};
 
-void events_init(const CloudConfig *config, Journal *journal) {
-        events.config = config;
-        events.journal = journal;
+int events_new(const CloudConfig *config, Journal *journal, const EventsHooks *hooks, Events **ret) {
+        Events *ev = calloc(1, sizeof(*ev));
+
+        if (!ev)
+                return -ENOMEM;
+        ev->config = config;
+        ev->journal = journal;
+        ev->hooks = *hooks;
+        *ret = ev;
+        return 0;
 }
 
-static void subscription_free(Subscription *s) {
+static const char *device_id(Events *ev, const Device *d) {
+        return ev->hooks.device_id(ev->hooks.userdata, d);
+}
+
+static void subscription_free(Events *ev, Subscription *s) {
         if (s->prev)
                 s->prev->next = s->next;
         else
-                events.head = s->next;
+                ev->head = s->next;
         if (s->next)
                 s->next->prev = s->prev;
         free(s->prefix);
         free(s);
 }
 
-void events_device_gone(const Device *d) {
+void events_device_gone(Events *ev, const Device *d) {
         Subscription *s, *next;
 
-        for (s = events.head; s; s = next) {
+        for (s = ev->head; s; s = next) {
                 next = s->next;
                 if (s->device != d)
                         continue;
-                if (events.routing > 0) {
+                if (ev->routing > 0) {
                         s->dead = true;
                         s->device = NULL;
-                        events.need_sweep = true;
+                        ev->need_sweep = true;
                 } else
-                        subscription_free(s);
+                        subscription_free(ev, s);
         }
 }
 
-static void events_sweep(void) {
+static void events_sweep(Events *ev) {
         Subscription *s, *next;
 
-        events.need_sweep = false;
-        for (s = events.head; s; s = next) {
+        ev->need_sweep = false;
+        for (s = ev->head; s; s = next) {
                 next = s->next;
                 if (s->dead)
-                        subscription_free(s);
+                        subscription_free(ev, s);
         }
 }
 
-void events_stop(void) {
-        while (events.head)
-                subscription_free(events.head);
+Events *events_free(Events *ev) {
+        if (!ev)
+                return NULL;
+        while (ev->head)
+                subscription_free(ev, ev->head);
+        free(ev);
+        return NULL;
 }
 
 static void events_reply(coap_pdu_t *response, coap_pdu_code_t code, const char *text) {
@@ -114,8 +130,8 @@ static int events_query(const coap_pdu_t *request, ProtoPublishQuery *ret) {
 /* When the event happened: the device's publish time if it sent one and
  * it is sane, else the time it arrived (now_ms, also received_at).
  * docs/protocol.md, "Event time". */
-static void events_time(Device *d, const ProtoPublishQuery *q, uint64_t now_ms, char published_at[static 32],
-                        char received_at[static 32]) {
+static void events_time(Events *ev, const Device *d, const ProtoPublishQuery *q, uint64_t now_ms,
+                        char published_at[static 32], char received_at[static 32]) {
         const char *problem;
         uint64_t now;
 
@@ -129,18 +145,19 @@ static void events_time(Device *d, const ProtoPublishQuery *q, uint64_t now_ms, 
                 return;
         /* A device with a bad clock stamps every event with it: say so
          * now and then, not for each event. */
-        events.clock_unlogged++;
+        ev->clock_unlogged++;
         now = now_usec();
-        if (events.clock_logged_at != 0 && now - events.clock_logged_at < EVENTS_CLOCK_LOG_USEC)
+        if (ev->clock_logged_at != 0 && now - ev->clock_logged_at < EVENTS_CLOCK_LOG_USEC)
                 return;
         log_notice("Device '%s' published an event with time=%" PRIu64 " (ms), %s: using the time it arrived "
                    "instead (%" PRIu64 " such event(s) since the last message).",
-                   device_id(d), q->time_ms, problem ?: "out of range", events.clock_unlogged);
-        events.clock_logged_at = now;
-        events.clock_unlogged = 0;
+                   device_id(ev, d), q->time_ms, problem ?: "out of range", ev->clock_unlogged);
+        ev->clock_logged_at = now;
+        ev->clock_unlogged = 0;
 }
 
-static void events_publish(Device *d, const coap_pdu_t *request, const char *name, coap_pdu_t *response) {
+static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, const char *name,
+                           coap_pdu_t *response) {
         _cleanup_free_ char *data = NULL;
         char published_at[32], received_at[32];
         const uint8_t *payload = NULL;
@@ -162,16 +179,16 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 events_reply(response, COAP_RESPONSE_CODE(400), "invalid seq=, epoch= or time=");
                 return;
         }
-        if (q.has_seq && journal_seen(events.journal, device_id(d), q.epoch, q.seq)) {
+        if (q.has_seq && journal_seen(ev->journal, device_id(ev, d), q.epoch, q.seq)) {
                 /* A resend of what we already delivered (its receipt was
                  * lost with a connection): the receipt again, no routing. */
                 log_info("Device '%s' resent event %" PRIu64 " (epoch %016" PRIx64 "), already delivered.",
-                         device_id(d), q.seq, q.epoch);
+                         device_id(ev, d), q.seq, q.epoch);
                 events_reply(response, COAP_RESPONSE_CODE(201), "duplicate");
                 return;
         }
         (void)coap_get_data(request, &len, &payload);
-        if (len > events.config->max_payload) {
+        if (len > ev->config->max_payload) {
                 events_reply(response, COAP_RESPONSE_CODE(413), "event data too large");
                 return;
         }
@@ -188,14 +205,14 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 memcpy(data, payload, len);
         data[len] = 0;
 
-        events_time(d, &q, proto_time_now_ms(), published_at, received_at);
+        events_time(ev, d, &q, proto_time_now_ms(), published_at, received_at);
         e = (ProtoEvent){
                 .name = (char *)name,
                 .data = data,
                 .ttl = PROTO_DEFAULT_TTL,
                 .private_ = q.private_,
                 .published_at = published_at,
-                .coreid = (char *)device_id(d),
+                .coreid = (char *)device_id(ev, d),
                 .received_at = received_at,
         };
         opt = coap_check_option(request, COAP_OPTION_MAXAGE, &it);
@@ -203,38 +220,39 @@ static void events_publish(Device *d, const coap_pdu_t *request, const char *nam
                 e.ttl = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
 
         if (q.has_seq) {
-                uint64_t last = journal_last_seq(events.journal, device_id(d), q.epoch);
+                uint64_t last = journal_last_seq(ev->journal, device_id(ev, d), q.epoch);
 
                 /* Numbers the device never sent: its outbox dropped them
                  * (Overflow=drop-oldest) or we refused them. */
                 if (last > 0 && q.seq > last + 1)
                         log_info("Device '%s' skipped event(s) %" PRIu64 "..%" PRIu64 " (epoch %016" PRIx64
                                  "): dropped by the device or refused.",
-                                 device_id(d), last + 1, q.seq - 1, q.epoch);
+                                 device_id(ev, d), last + 1, q.seq - 1, q.epoch);
         }
-        r = journal_append(events.journal, &e, q.epoch, q.has_seq ? q.seq : 0, &id);
+        r = journal_append(ev->journal, &e, q.epoch, q.has_seq ? q.seq : 0, &id);
         if (r < 0) {
                 /* Not stored, not routed: the device keeps it and sends it
                  * again. Nothing later on this session may overtake it. */
                 log_warning_errno(r, "Failed to store an event from device '%s', closing its session: %m",
-                                  device_id(d));
+                                  device_id(ev, d));
                 events_reply(response, COAP_RESPONSE_CODE(503), "cannot store the event now");
-                device_disconnect(d, "event journal write failed");
+                ev->hooks.disconnect(ev->hooks.userdata, d, "event journal write failed");
                 return;
         }
-        events_route(&e, d, id);
+        events_route(ev, &e, d, id);
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(201));
 }
 
-static Subscription *events_find(const Device *d, coap_bin_const_t token) {
-        for (Subscription *s = events.head; s; s = s->next)
+static Subscription *events_find(Events *ev, const Device *d, coap_bin_const_t token) {
+        for (Subscription *s = ev->head; s; s = s->next)
                 if (s->device == d && s->token_len == token.length &&
                     memcmp(s->token, token.s, token.length) == 0)
                         return s;
         return NULL;
 }
 
-static void events_subscribe(Device *d, const coap_pdu_t *request, const char *prefix, coap_pdu_t *response) {
+static void events_subscribe(Events *ev, Device *d, const coap_pdu_t *request, const char *prefix,
+                             coap_pdu_t *response) {
         coap_bin_const_t token = coap_pdu_get_token(request);
         coap_opt_iterator_t it;
         coap_opt_t *opt;
@@ -250,10 +268,10 @@ static void events_subscribe(Device *d, const coap_pdu_t *request, const char *p
         }
         action = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
         if (action == COAP_OBSERVE_CANCEL) {
-                s = events_find(d, token);
+                s = events_find(ev, d, token);
                 if (s) {
-                        log_debug("Device '%s' unsubscribed from '%s'.", device_id(d), s->prefix);
-                        subscription_free(s);
+                        log_debug("Device '%s' unsubscribed from '%s'.", device_id(ev, d), s->prefix);
+                        subscription_free(ev, s);
                 }
                 coap_pdu_set_code(response, COAP_RESPONSE_CODE(205));
                 return;
@@ -275,15 +293,15 @@ static void events_subscribe(Device *d, const coap_pdu_t *request, const char *p
                 events_reply(response, COAP_RESPONSE_CODE(500), "out of memory");
                 return;
         }
-        s = events_find(d, token);
+        s = events_find(ev, d, token);
         if (s) {
                 /* Same token again: the subscription now has this prefix. */
                 free(s->prefix);
                 s->prefix = p;
         } else {
-                for (Subscription *i = events.head; i; i = i->next)
+                for (Subscription *i = ev->head; i; i = i->next)
                         count += i->device == d;
-                if (count >= events.config->max_subscriptions) {
+                if (count >= ev->config->max_subscriptions) {
                         free(p);
                         events_reply(response, COAP_RESPONSE_CODE(403), "subscription limit reached");
                         return;
@@ -298,65 +316,44 @@ static void events_subscribe(Device *d, const coap_pdu_t *request, const char *p
                 s->prefix = p;
                 s->token_len = token.length;
                 memcpy(s->token, token.s, token.length);
-                s->next = events.head;
-                if (events.head)
-                        events.head->prev = s;
-                events.head = s;
+                s->next = ev->head;
+                if (ev->head)
+                        ev->head->prev = s;
+                ev->head = s;
         }
         s->seq = (s->seq + 1) & 0xffffff;
-        log_debug("Device '%s' subscribed to '%s'.", device_id(d), s->prefix);
+        log_debug("Device '%s' subscribed to '%s'.", device_id(ev, d), s->prefix);
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(205));
         coap_add_option(response, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf), s->seq), buf);
 }
 
-void events_handle_request(Device *d, coap_session_t *session, const coap_pdu_t *request,
-                           const char *path, coap_pdu_t *response) {
+void events_handle_request(Events *ev, Device *d, const coap_pdu_t *request, const char *path,
+                           coap_pdu_t *response) {
         if (coap_pdu_get_code(request) == COAP_REQUEST_CODE_POST)
-                events_publish(d, request, path, response);
+                events_publish(ev, d, request, path, response);
         else
-                events_subscribe(d, request, path, response);
+                events_subscribe(ev, d, request, path, response);
 }
 
-static int events_notify(Subscription *s, coap_session_t *session, const char *json, size_t len) {
-        uint8_t buf[4];
-        coap_pdu_t *pdu;
-
-        pdu = coap_pdu_init(COAP_MESSAGE_NON, COAP_RESPONSE_CODE(205), coap_new_message_id(session),
-                            coap_session_max_pdu_size(session));
-        if (!pdu)
-                return -ENOMEM;
-        s->seq = (s->seq + 1) & 0xffffff;
-        if (!coap_add_token(pdu, s->token_len, s->token) ||
-            !coap_add_option(pdu, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf), s->seq), buf) ||
-            !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
-                             coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_JSON), buf) ||
-            !coap_add_data(pdu, len, (const uint8_t *)json)) {
-                coap_delete_pdu(pdu);
-                return -E2BIG;
-        }
-        return device_send(s->device, pdu, len);
-}
-
-void events_route(const ProtoEvent *e, const Device *source, uint64_t id) {
+void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_t id) {
         _cleanup_free_ char *json = NULL;
         Subscription *s, *next;
         bool sent = false;
         size_t len = 0;
         int r;
 
-        api_deliver_event(e, id);
+        if (ev->hooks.deliver_to_streams)
+                ev->hooks.deliver_to_streams(ev->hooks.userdata, e, id);
 
         /* Sending can close a session, whose subscriptions then die:
          * they are only marked while we walk the list. */
-        events.routing++;
-        for (s = events.head; s; s = next) {
-                coap_session_t *session;
+        ev->routing++;
+        for (s = ev->head; s; s = next) {
+                uint32_t seq = (s->seq + 1) & 0xffffff;
+                Device *d;
 
                 next = s->next;
                 if (s->dead || s->device == source || !proto_prefix_match(s->prefix, e->name))
-                        continue;
-                session = device_session(s->device);
-                if (!session)
                         continue;
                 if (!json) {
                         r = proto_event_encode(e, &json, &len);
@@ -365,13 +362,19 @@ void events_route(const ProtoEvent *e, const Device *source, uint64_t id) {
                                 break;
                         }
                 }
-                r = events_notify(s, session, json, len);
-                if (r < 0)
-                        device_event_undeliverable(s->device, e->name, len, r);
+                /* notify may close the device's session, which marks s dead
+                 * and clears s->device: d stays valid (devices.h). */
+                d = s->device;
+                r = ev->hooks.notify(ev->hooks.userdata, d, s->token, s->token_len, seq, json, len);
+                if (r == -ENOTCONN)
+                        continue; /* no established session (yet): nothing sent */
+                s->seq = seq;
+                if (r < 0 && ev->hooks.undeliverable)
+                        ev->hooks.undeliverable(ev->hooks.userdata, d, e->name, len, r);
                 sent = true;
         }
-        if (--events.routing == 0 && events.need_sweep)
-                events_sweep();
-        if (sent)
-                devices_kick();
+        if (--ev->routing == 0 && ev->need_sweep)
+                events_sweep(ev);
+        if (sent && ev->hooks.flush)
+                ev->hooks.flush(ev->hooks.userdata);
 }

@@ -91,6 +91,8 @@ static struct {
         sd_event *event;
         const CloudConfig *config;
         Journal *journal;
+        Devices *devices;
+        Events *events;
         struct MHD_Daemon *daemon; /* artifact server */
         sd_event_source *io, *timer, *defer;
         char *key_pem, *cert_pem, *ca_pem;
@@ -299,7 +301,7 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
                 log_warning_errno(r, "Failed to store the event for job %s (%s), not routing it: %m", j->id, state);
                 return;
         }
-        events_route(&e, devices_find(j->device), id);
+        events_route(ota.events, &e, devices_find(ota.devices, j->device), id);
 }
 
 /* The device's answer to POST /o/JOB. */
@@ -1018,7 +1020,8 @@ static int make_dir(const char *path) {
         return 0;
 }
 
-int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journal, unsigned *ret_port) {
+int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices,
+                     Events *events, unsigned *ret_port) {
         const char *listen_addr = config->ota_listen ? config->ota_listen : config->coap_listen;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
@@ -1029,6 +1032,8 @@ int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journa
         ota.event = event;
         ota.config = config;
         ota.journal = journal;
+        ota.devices = devices;
+        ota.events = events;
         ota.running = true;
         *ret_port = 0;
         if (!config->ota_dir)

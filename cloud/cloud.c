@@ -1,0 +1,198 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The Cloud object (cloud.h): owns the sd-event loop, the configuration
+ * and every module object, and wires them together through the modules'
+ * hook structs, so that no module calls back into one above it. */
+#include "config.h"
+
+#include <signal.h>
+#include <systemd/sd-daemon.h>
+
+#include "cloud.h"
+#include "log.h"
+#include "util.h"
+
+struct Cloud {
+        CloudConfig *config;
+        sd_event *event;
+        Journal *journal;
+        Events *events;
+        Devices *devices;
+        bool api_started, ota_started;
+        unsigned coap_port, api_port, ota_port;
+};
+
+/* ---- DevicesHooks: devices towards events and OTA ----------------------- */
+
+static void cloud_event_request(void *userdata, Device *d, const coap_pdu_t *request, const char *path,
+                                coap_pdu_t *response) {
+        Cloud *c = userdata;
+
+        events_handle_request(c->events, d, request, path, response);
+}
+
+static void cloud_ota_request(void *userdata, Device *d, const coap_pdu_t *request, const char *job,
+                              coap_pdu_t *response) {
+        ota_device_request(d, request, job, response);
+}
+
+static void cloud_device_gone(void *userdata, const Device *d) {
+        Cloud *c = userdata;
+
+        events_device_gone(c->events, d);
+}
+
+/* ---- EventsHooks: events towards devices and event streams ---------------- */
+
+static const char *cloud_device_id(void *userdata, const Device *d) {
+        return device_id(d);
+}
+
+static int cloud_notify(void *userdata, Device *d, const uint8_t *token, size_t token_len, uint32_t observe,
+                        const char *json, size_t len) {
+        return device_notify(d, token, token_len, observe, json, len);
+}
+
+static void cloud_undeliverable(void *userdata, Device *d, const char *name, size_t len, int error) {
+        device_event_undeliverable(d, name, len, error);
+}
+
+static void cloud_disconnect(void *userdata, Device *d, const char *reason) {
+        device_disconnect(d, reason);
+}
+
+static void cloud_deliver_to_streams(void *userdata, const ProtoEvent *e, uint64_t id) {
+        api_deliver_event(e, id);
+}
+
+static void cloud_flush(void *userdata) {
+        Cloud *c = userdata;
+
+        devices_kick(c->devices);
+}
+
+/* ---- signals -------------------------------------------------------------- */
+
+static int cloud_signal_cb(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        log_info("Received %s, stopping.", strsignal((int)si->ssi_signo));
+        return sd_event_exit(sd_event_source_get_event(s), 0);
+}
+
+/* SIGHUP: read the API tokens again. Event streams opened with a token
+ * that is gone end; device sessions, calls in flight and the other event
+ * streams go on as they were. */
+static int cloud_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        Cloud *c = userdata;
+        size_t before = c->config->n_tokens;
+
+        (void)sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%llu", now_usec());
+        if (cloud_config_reload_tokens(c->config) < 0)
+                log_error("Reload failed, keeping the %zu API token(s) loaded before.", before);
+        else {
+                log_info("Reloaded %zu API token(s) from '%s'.", c->config->n_tokens, c->config->token_file);
+                log_info("Closed %u event stream(s) whose token was removed.", api_end_revoked_streams());
+        }
+        (void)sd_notify(0, "READY=1");
+        return 0;
+}
+
+/* ---- the object ------------------------------------------------------------- */
+
+Cloud *cloud_free(Cloud *c) {
+        if (!c)
+                return NULL;
+        /* Users first (they hold calls to devices), then devices (whose
+         * sessions hold subscriptions), then events and the journal. */
+        if (c->api_started)
+                api_stop();
+        if (c->ota_started)
+                ota_server_stop();
+        c->devices = devices_free(c->devices);
+        c->events = events_free(c->events);
+        c->journal = journal_free(c->journal);
+        sd_event_unref(c->event);
+        cloud_config_free(c->config);
+        free(c);
+        return NULL;
+}
+
+int cloud_new(CloudConfig *config, Cloud **ret) {
+        _cleanup_(cloud_freep) Cloud *c = NULL;
+        DevicesHooks dh;
+        EventsHooks eh;
+        int r;
+
+        c = calloc(1, sizeof(*c));
+        if (!c) {
+                cloud_config_free(config);
+                return log_error_errno(-ENOMEM, "Out of memory.");
+        }
+        c->config = config;
+        dh = (DevicesHooks){
+                .userdata = c,
+                .event_request = cloud_event_request,
+                .ota_request = cloud_ota_request,
+                .device_gone = cloud_device_gone,
+        };
+        eh = (EventsHooks){
+                .userdata = c,
+                .device_id = cloud_device_id,
+                .notify = cloud_notify,
+                .undeliverable = cloud_undeliverable,
+                .disconnect = cloud_disconnect,
+                .deliver_to_streams = cloud_deliver_to_streams,
+                .flush = cloud_flush,
+        };
+
+        r = sd_event_default(&c->event);
+        if (r < 0)
+                return log_error_errno(r, "Failed to create the event loop: %m");
+        r = sd_event_add_signal(c->event, NULL, SIGTERM, cloud_signal_cb, NULL);
+        if (r >= 0)
+                r = sd_event_add_signal(c->event, NULL, SIGINT, cloud_signal_cb, NULL);
+        if (r >= 0)
+                r = sd_event_add_signal(c->event, NULL, SIGHUP, cloud_reload_cb, c);
+        if (r >= 0)
+                r = sd_event_set_watchdog(c->event, true);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the event loop: %m");
+
+        r = journal_new(c->event, config, &c->journal);
+        if (r < 0)
+                return r;
+        r = events_new(config, c->journal, &eh, &c->events);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the event router: %m");
+        r = devices_new(c->event, config, &dh, &c->coap_port, &c->devices);
+        if (r < 0)
+                return r;
+        c->api_started = true;
+        r = api_start(c->event, config, c->journal, c->devices, c->events, &c->api_port);
+        if (r < 0)
+                return r;
+        c->ota_started = true;
+        r = ota_server_start(c->event, config, c->journal, c->devices, c->events, &c->ota_port);
+        if (r < 0)
+                return r;
+        *ret = TAKE_PTR(c);
+        return 0;
+}
+
+int cloud_run(Cloud *c) {
+        int r;
+
+        log_info("Listening for devices on %s port %u, HTTP API on %s port %u.", c->config->coap_listen,
+                 c->coap_port, c->config->api_listen, c->api_port);
+        (void)sd_notifyf(0,
+                         "READY=1\n"
+                         "STATUS=Listening: devices on port %u, API on port %u; 0 devices online\n"
+                         "X_COAP_PORT=%u\n"
+                         "X_API_PORT=%u\n"
+                         "X_OTA_PORT=%u",
+                         c->coap_port, c->api_port, c->coap_port, c->api_port, c->ota_port);
+
+        r = sd_event_loop(c->event);
+        if (r < 0)
+                log_error_errno(r, "Event loop failed: %m");
+        (void)sd_notify(0, "STOPPING=1\nSTATUS=Stopping");
+        return r;
+}

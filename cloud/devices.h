@@ -1,0 +1,104 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Devices (devices.c, prefixes devices_ and device_): the libcoap TLS
+ * server on the sd-event loop, the device registry (who is online, the
+ * describe cache, last seen) and requests from the cloud to devices.
+ *
+ * A Devices object owns the libcoap context, every session and every
+ * Device; Device pointers stay valid until devices_free(). What devices
+ * ask of the cloud (requests on /e/... and /o/...) and the end of a
+ * device's session go out through DevicesHooks, which the Cloud object
+ * implements (cloud.c) by forwarding to Events and Ota: this module
+ * includes no other module's header but the configuration's. Errors are
+ * negative errno values; ret_* parameters are untouched on failure. */
+#pragma once
+
+#include <coap3/coap.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#include "cloud-config.h"
+
+typedef struct Devices Devices;
+typedef struct Device Device;
+typedef struct DeviceCall DeviceCall;
+
+typedef struct DevicesHooks {
+        void *userdata;
+        /* A device's request on /e/... (path = the Uri-Path segments after
+         * "e" joined with '/', GET or POST): fill response. Runs inside
+         * libcoap's handling of the device's session. */
+        void (*event_request)(void *userdata, Device *d, const coap_pdu_t *request, const char *path,
+                              coap_pdu_t *response);
+        /* A device's request on /o/JOB: fill response. */
+        void (*ota_request)(void *userdata, Device *d, const coap_pdu_t *request, const char *job,
+                            coap_pdu_t *response);
+        /* The device's session closed or was replaced (also from
+         * devices_free()): what belongs to that session must go. */
+        void (*device_gone)(void *userdata, const Device *d);
+} DevicesHooks;
+
+/* Start the CoAP/TLS server; *ret_port is the bound port. event and config
+ * are borrowed and must outlive the Devices; hooks is copied (every hook
+ * is required). Logs what failed. */
+int devices_new(sd_event *event, const CloudConfig *config, const DevicesHooks *hooks, unsigned *ret_port,
+                Devices **ret);
+/* Close every session and free everything (pending calls are cancelled
+ * without their callbacks: free the Api first). device_gone runs for each
+ * device still online. NULL is fine; returns NULL. */
+Devices *devices_free(Devices *devs);
+static inline void devices_freep(Devices **devs) { devices_free(*devs); }
+
+/* Run libcoap soon from the loop: call after sending from outside a
+ * libcoap callback (HTTP handlers, timers). */
+void devices_kick(Devices *devs);
+
+/* Registry; Device objects live until devices_free(). */
+Device *devices_find(Devices *devs, const char *id);
+const char *device_id(const Device *d);
+bool device_connected(const Device *d);
+/* The device's session if it is ESTABLISHED, else NULL. */
+coap_session_t *device_session(const Device *d);
+/* Close the device's session now: requests still arriving on it are
+ * refused (5.03), pending calls fail, the device reconnects. */
+void device_disconnect(Device *d, const char *reason);
+/* A new JSON object in the Particle device shape; with details, also
+ * "functions" and "variables" from the describe cache. NULL on OOM. */
+json_t *device_to_json(const Device *d, bool details);
+/* A new JSON array of all known devices. */
+json_t *devices_to_json(Devices *devs);
+unsigned devices_online_count(Devices *devs);
+
+/* Completion of a request to a device. error is 0 with the response
+ * code and payload (valid only during the call), or -ETIMEDOUT (no answer
+ * within CallTimeoutSec), -ENOTCONN (the session closed) or -ECONNRESET
+ * (the device connected again; the old session is gone). Never called
+ * from within devices_call(). */
+typedef void (*device_call_fn)(int error, unsigned code, const uint8_t *data, size_t len,
+                               void *userdata);
+
+/* Send "METHOD /path0/name" with an optional payload to the device.
+ * Returns -ENOTCONN if the device has no established session, -ENOBUFS if
+ * it has not read MaxQueuedBytes sent to it, -E2BIG if the PDU cannot be
+ * built within the session's limits. On success the
+ * callback runs exactly once unless devices_call_cancel() is called
+ * first; *ret_call (may be NULL) identifies the call until then. */
+int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
+                 const void *payload, size_t len, device_call_fn cb, void *userdata,
+                 DeviceCall **ret_call);
+/* Forget a pending call; its callback will not run. NULL is fine. */
+void devices_call_cancel(DeviceCall *call);
+
+/* Queue pdu (always taken) on the device's session, counting len payload
+ * bytes against MaxQueuedBytes. -ENOTCONN, -ENOBUFS (the device has not
+ * read MaxQueuedBytes: pdu dropped), -EIO. */
+int device_send(Device *d, coap_pdu_t *pdu, size_t len);
+/* Queue an event notification for a subscription: a NON 2.05 with token,
+ * Observe observe and the JSON payload (len bytes, copied). Errors as
+ * device_send(), and -ENOMEM, -E2BIG (larger than the device takes). */
+int device_notify(Device *d, const uint8_t *token, size_t token_len, uint32_t observe, const char *json,
+                  size_t len);
+/* An event (len bytes of JSON) could not be delivered to d for error (from
+ * device_send, or -E2BIG): logged once per episode or connection. */
+void device_event_undeliverable(Device *d, const char *name, size_t len, int error);

@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Events (events.c, prefix events_): device publishes (POST /e/{name}),
+ * device subscriptions (GET /e/{prefix} with Observe), and the router that
+ * hands every event to the event streams and to the subscribed devices.
+ *
+ * An Events object knows devices only as opaque Device pointers: what it
+ * needs from them (their id, sending a notification, closing a session)
+ * and the way to the event streams go through EventsHooks, which the
+ * Cloud object implements (cloud.c). It calls the Journal directly
+ * (journal.h), the one module below it. Nothing here blocks or logs per
+ * event except what is said below; errors are negative errno values. */
+#pragma once
+
+#include <coap3/coap.h>
+#include <stdint.h>
+
+#include "cloud-config.h"
+#include "journal.h"
+#include "proto.h"
+
+typedef struct Device Device; /* the device registry's (devices.h) */
+typedef struct Events Events;
+
+typedef struct EventsHooks {
+        void *userdata;
+        /* The device's id; borrowed, valid as long as the device. */
+        const char *(*device_id)(void *userdata, const Device *d);
+        /* Send one notification to device d: a 2.05 with the subscription's
+         * token and Observe value observe, payload json (len bytes, copied).
+         * Returns 0; -ENOTCONN if d has no established session (nothing
+         * was sent, not an error); or another negative errno (-ENOBUFS,
+         * -E2BIG, ...) passed on to undeliverable. May close d's session
+         * (then on_device_gone may run inside this call). */
+        int (*notify)(void *userdata, Device *d, const uint8_t *token, size_t token_len, uint32_t observe,
+                      const char *json, size_t len);
+        /* An event of len bytes could not be delivered to d (error from
+         * notify). May be NULL. */
+        void (*undeliverable)(void *userdata, Device *d, const char *name, size_t len, int error);
+        /* Close d's session (it published an event that could not be
+         * stored); called from within events_handle_request(). */
+        void (*disconnect)(void *userdata, Device *d, const char *reason);
+        /* Hand e (journal id id) to the event streams. May be NULL. */
+        void (*deliver_to_streams)(void *userdata, const ProtoEvent *e, uint64_t id);
+        /* Routing sent at least one notification: get it on the wire
+         * soon. May be NULL. */
+        void (*flush)(void *userdata);
+} EventsHooks;
+
+/* config and journal are borrowed and must outlive the Events; hooks is
+ * copied (device_id, notify and disconnect are required). -ENOMEM. */
+int events_new(const CloudConfig *config, Journal *journal, const EventsHooks *hooks, Events **ret);
+/* Drops every subscription. NULL is fine; returns NULL. */
+Events *events_free(Events *ev);
+static inline void events_freep(Events **ev) { events_free(*ev); }
+
+/* Handle a device request on /e/... (path = the Uri-Path segments after
+ * "e" joined with '/'): POST publishes, GET with Observe subscribes or
+ * cancels. Fills response. */
+void events_handle_request(Events *ev, Device *d, const coap_pdu_t *request, const char *path,
+                           coap_pdu_t *response);
+/* The device's session closed: its subscriptions die (safe while
+ * events_route() is on the stack). */
+void events_device_gone(Events *ev, const Device *d);
+
+/* Route an event to the streams and to devices' subscriptions; source is
+ * the publishing device (it does not get its own event) or NULL; id is
+ * its journal id (journal_append()). */
+void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_t id);
