@@ -122,6 +122,7 @@ struct Conn {
         uint64_t logged_dropped, logged_rejected, logged_write_errors, logged_refused;
         int last_write_error;
         uint64_t refused; /* events the cloud refused for good (4.xx) */
+        ConnStats stats;
 
         Subscription *subs;
         size_t n_subs;
@@ -354,6 +355,7 @@ int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint
                 report_outbox(c, false);
                 return r;
         }
+        c->stats.events_published++;
         report_outbox(c, false);
         schedule_sync(c);
         queue_changed(c);
@@ -364,6 +366,39 @@ int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint
 
 size_t conn_queued(Conn *c) {
         return outbox_count(c->outbox);
+}
+
+const ConnStats *conn_stats(Conn *c) {
+        return &c->stats;
+}
+
+uint64_t conn_connected_ms(Conn *c) {
+        return c->stats.connected_ms + (c->state == CONN_CONNECTED ? now_ms() - c->connected_at : 0);
+}
+
+const char *conn_served_name(ConnServed s) {
+        static const char *const names[_CONN_SERVED_MAX] = {
+                [CONN_SERVED_OK] = "ok",
+                [CONN_SERVED_NOT_FOUND] = "not_found",
+                [CONN_SERVED_REJECTED] = "rejected",
+                [CONN_SERVED_BUSY] = "busy",
+                [CONN_SERVED_ERROR] = "error",
+        };
+
+        return s < _CONN_SERVED_MAX ? names[s] : NULL;
+}
+
+/* Count a function call or variable read answered with resp's code. */
+static void count_served(Conn *c, bool function, const coap_pdu_t *resp) {
+        coap_pdu_code_t code = coap_pdu_get_code(resp);
+        unsigned cls = COAP_RESPONSE_CLASS(code);
+        ConnServed s = cls == 2                                     ? CONN_SERVED_OK
+                       : code == COAP_RESPONSE_CODE_NOT_FOUND         ? CONN_SERVED_NOT_FOUND
+                       : cls == 4                                     ? CONN_SERVED_REJECTED
+                       : code == COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE ? CONN_SERVED_BUSY
+                                                                      : CONN_SERVED_ERROR;
+
+        (function ? c->stats.calls : c->stats.reads)[s]++;
 }
 
 static int on_sync(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -585,7 +620,9 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                         log_warning("Cloud refused event '%s' with %d.%02d: %.*s", known ? e.name : "?",
                                     COAP_RESPONSE_CLASS(code), code & 0x1f, (int)len, (const char *)data);
                         c->refused++;
-                }
+                        c->stats.events_refused++;
+                } else
+                        c->stats.events_acked++;
                 (void)outbox_ack(c->outbox, seq);
                 schedule_sync(c);
                 queue_changed(c);
@@ -762,16 +799,17 @@ static void on_request(coap_resource_t *resource, coap_session_t *session, const
 
                 name = p + 2;
                 if (proto_name_check(name, strlen(name), PROTO_NAME_FUNCTION) < 0)
-                        return respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "invalid name '%.64s'", name);
-                if (is_fn)
-                        return method == COAP_REQUEST_CODE_POST
-                                       ? handle_call(c, name, req, resp)
-                                       : respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED,
-                                                      "use POST to call a function");
-                return method == COAP_REQUEST_CODE_GET
-                               ? handle_read(c, name, resp)
-                               : respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED,
-                                              "use GET to read a variable");
+                        respond_text(resp, COAP_RESPONSE_CODE_BAD_REQUEST, "invalid name '%.64s'", name);
+                else if (is_fn && method == COAP_REQUEST_CODE_POST)
+                        handle_call(c, name, req, resp);
+                else if (is_fn)
+                        respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED, "use POST to call a function");
+                else if (method == COAP_REQUEST_CODE_GET)
+                        handle_read(c, name, resp);
+                else
+                        respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED, "use GET to read a variable");
+                count_served(c, is_fn, resp);
+                return;
         }
         respond_text(resp, COAP_RESPONSE_CODE_NOT_FOUND, "no resource '%.64s'", p);
 }
@@ -819,6 +857,7 @@ static int on_flush(sd_event_source *s, void *userdata) {
             coap_session_get_state(c->session) != COAP_SESSION_STATE_ESTABLISHED)
                 return 0;
         c->connected_at = c->last_rx = now_ms();
+        c->stats.handshakes_completed++;
         c->ping_sent = 0;
         addrs_free(c);
         if (streq(c->host, c->address_ip))
@@ -1022,6 +1061,7 @@ static int begin_connect(Conn *c) {
          * through conn_teardown() and the backoff, which ignores failures
          * in CONN_IDLE and CONN_BACKOFF (the states we are called in). */
         set_state(c, CONN_RESOLVING, NULL);
+        c->stats.connect_attempts++;
         r = tls_files_check(&c->files, &path);
         if (r < 0) {
                 char reason[512];
@@ -1100,6 +1140,11 @@ static int on_teardown(sd_event_source *s, void *userdata) {
 
         if (c->state == CONN_CONNECTED && now_ms() - c->connected_at >= c->config->stable_ms)
                 c->failures = 0;
+        if (was_connected) {
+                c->stats.reconnects++;
+                c->stats.connected_ms += now_ms() - c->connected_at;
+        } else if (c->state == CONN_CONNECTING)
+                c->stats.handshakes_failed++;
         /* A lookup that timed out must not write into the next one's request. */
         resolve_cancel(c);
         if (c->state != CONN_CONNECTING)

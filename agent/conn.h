@@ -16,6 +16,31 @@
 
 typedef struct Conn Conn;
 
+/* Requests from the cloud served, by outcome (the response code). */
+typedef enum ConnServed {
+        CONN_SERVED_OK,        /* 2.xx */
+        CONN_SERVED_NOT_FOUND, /* 4.04: no such function or variable */
+        CONN_SERVED_REJECTED,  /* another 4.xx (bad name, argument refused, too large) */
+        CONN_SERVED_BUSY,      /* 5.03 */
+        CONN_SERVED_ERROR,     /* another 5.xx */
+        _CONN_SERVED_MAX,
+} ConnServed;
+
+/* Counters since the agent started (tetherctl status --json, "counters";
+ * docs/cli.md). */
+typedef struct ConnStats {
+        uint64_t connect_attempts;     /* name lookups started (each may try several addresses) */
+        uint64_t handshakes_completed; /* TLS and CSM done: connected */
+        uint64_t handshakes_failed;    /* an address that failed before connecting (TCP, TLS, timeout) */
+        uint64_t reconnects;           /* connections lost once established */
+        uint64_t connected_ms;         /* time connected in connections that ended */
+        uint64_t calls[_CONN_SERVED_MAX];
+        uint64_t reads[_CONN_SERVED_MAX];
+        uint64_t events_published; /* accepted into the outbox */
+        uint64_t events_acked;     /* acknowledged by the cloud (2.xx) */
+        uint64_t events_refused;   /* refused by the cloud for good (4.xx), dropped */
+} ConnStats;
+
 /* Signal used to learn that an asynchronous name lookup finished. The
  * caller must block it (with the other signals sd-event handles) before
  * conn_new(). */
@@ -77,3 +102,9 @@ bool conn_is_connected(Conn *c);
 const char *conn_device_id(Conn *c);
 /* Events queued and not yet acknowledged by the cloud. */
 size_t conn_queued(Conn *c);
+/* The counters; valid while c lives. */
+const ConnStats *conn_stats(Conn *c);
+/* Milliseconds connected, the current connection included. */
+uint64_t conn_connected_ms(Conn *c);
+/* The name of a ConnServed value ("ok", "not_found", ...). */
+const char *conn_served_name(ConnServed s);

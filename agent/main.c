@@ -13,6 +13,7 @@
 #include "conn.h"
 #include "local-api.h"
 #include "log.h"
+#include "loop-probe.h"
 #include "outbox.h"
 #include "ota.h"
 #include "plugin-host.h"
@@ -37,6 +38,7 @@ typedef struct Agent {
         size_t queued, queued_notified;
         bool queued_known;
         Ota *ota;
+        LoopProbe *probe;
 } Agent;
 
 #define AGENT_NOTIFY_OUTBOX_USEC 100000
@@ -144,6 +146,25 @@ static void agent_state_changed(void *userdata, bool connected, const char *stat
                 ota_connection_changed(a->ota, connected);
 }
 
+/* The "counters" of tetherctl status --json (docs/cli.md). */
+static json_t *agent_counters(Agent *a) {
+        const ConnStats *cs = conn_stats(a->conn);
+        json_t *calls = json_object(), *reads = json_object();
+
+        for (ConnServed i = 0; calls && reads && i < _CONN_SERVED_MAX; i++)
+                if (json_object_set_new(calls, conn_served_name(i), json_integer((json_int_t)cs->calls[i])) < 0 ||
+                    json_object_set_new(reads, conn_served_name(i), json_integer((json_int_t)cs->reads[i])) < 0)
+                        break;
+        return json_pack("{s:I, s:I, s:I, s:I, s:f, s:o, s:o, s:{s:I, s:I, s:I, s:I}, s:o}", "connect_attempts",
+                         (json_int_t)cs->connect_attempts, "handshakes_completed",
+                         (json_int_t)cs->handshakes_completed, "handshakes_failed",
+                         (json_int_t)cs->handshakes_failed, "reconnects", (json_int_t)cs->reconnects,
+                         "connected_sec_total", conn_connected_ms(a->conn) / 1e3, "calls", calls, "reads", reads,
+                         "events", "published", (json_int_t)cs->events_published, "acked",
+                         (json_int_t)cs->events_acked, "refused", (json_int_t)cs->events_refused, "queued",
+                         (json_int_t)conn_queued(a->conn), "loop_delay", loop_probe_to_json(a->probe));
+}
+
 /* What "tetherctl status" shows: the describe document plus the state of
  * the connection. */
 static json_t *agent_status(void *userdata) {
@@ -171,14 +192,14 @@ static json_t *agent_status(void *userdata) {
                         (void)proto_value_decode((const uint8_t *)v, vlen, &value, &(uint32_t){ 0 });
                 json_object_set_new(values, name, value ? value : json_null());
         }
-        if (json_object_update_new(st, json_pack("{s:b, s:s, s:s, s:i, s:f, s:f, s:I, s:o}", "connected",
+        if (json_object_update_new(st, json_pack("{s:b, s:s, s:s, s:i, s:f, s:f, s:I, s:o, s:o}", "connected",
                                              conn_is_connected(a->conn), "state", a->status ? a->status : "",
                                              "cloud_host", a->config->cloud_host, "cloud_port",
                                              (int)a->config->cloud_port, "uptime_sec",
                                              (now - a->started_usec) / 1e6, "connected_sec",
                                              a->connected_usec ? (now - a->connected_usec) / 1e6 : 0.0,
                                              "queued_events", (json_int_t)conn_queued(a->conn), "values",
-                                             values)) < 0) {
+                                             values, "counters", agent_counters(a))) < 0) {
                 json_decref(st);
                 return NULL;
         }
@@ -301,6 +322,7 @@ static void agent_done(Agent *a) {
         outbox_free(a->outbox);
         sd_event_source_disable_unref(a->notify_source);
         ota_free(a->ota);
+        loop_probe_free(a->probe);
         registry_free(a->registry);
         config_free(a->config);
         sd_event_unref(a->event);
@@ -375,6 +397,9 @@ int main(int argc, char *argv[]) {
         if (r < 0)
                 return log_error_errno(r, "Failed to create the event loop: %m"), 1;
         (void)sd_event_set_watchdog(a.event, true);
+        r = loop_probe_new(a.event, &a.probe);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add the loop delay probe: %m"), 1;
         if (sd_event_add_signal(a.event, NULL, SIGTERM, on_signal, &a) < 0 ||
             sd_event_add_signal(a.event, NULL, SIGINT, on_signal, &a) < 0 ||
             sd_event_add_signal(a.event, NULL, SIGHUP, on_signal, &a) < 0)

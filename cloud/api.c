@@ -12,6 +12,7 @@
 
 #include "cloud.h"
 #include "log.h"
+#include "stats.h"
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
@@ -49,6 +50,7 @@ typedef struct ApiRequest {
         Device *device;
         char *name;
         bool is_function;
+        uint64_t call_started; /* CLOCK_MONOTONIC µs, for its latency */
 
         /* an event stream */
         bool sse;
@@ -254,6 +256,7 @@ static void api_call_done(int error, unsigned code, const uint8_t *data, size_t 
         int r;
 
         req->call = NULL;
+        stats_call_done(req->is_function, error, code, req->call_started);
         api_copy_diag(data, len, diag);
         if (error == -ETIMEDOUT)
                 api_set_errorf(req, MHD_HTTP_GATEWAY_TIMEOUT, "Timed out waiting for device '%s'", id);
@@ -340,9 +343,12 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                 return;
         req->device = d;
         req->is_function = function;
+        req->call_started = now_usec();
         r = devices_call(d, function ? COAP_REQUEST_CODE_POST : COAP_REQUEST_CODE_GET,
                          function ? PROTO_PATH_FUNCTION : PROTO_PATH_VARIABLE, name, arg, arg_len, api_call_done,
                          req, &req->call);
+        if (r < 0)
+                stats_call_done(function, r, 0, 0);
         if (r == -ENOTCONN)
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' is offline", device_id(d));
         else if (r == -ENOBUFS)
@@ -392,9 +398,11 @@ static void api_publish(ApiRequest *req, json_t *params) {
         r = journal_append(api.journal, &e, 0, 0, &id);
         if (r < 0) {
                 log_warning_errno(r, "Failed to store an event from the API: %m");
+                stats_event_dropped(STATS_DROPPED_STORE_FAILED);
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot store the event now: %s", strerror(-r));
                 return;
         }
+        stats_event_in(STATS_FROM_API);
         events_route(api.events, &e, NULL, id);
         api_set_json(req, MHD_HTTP_OK, json_pack("{s:b}", "ok", 1));
 }
@@ -476,6 +484,7 @@ static void api_sse_push(ApiRequest *req, const char *s, size_t n) {
                                           host, sizeof(host), NULL, 0, NI_NUMERICHOST);
                 log_warning("Event stream client %s fell more than %u bytes behind, dropping it.", host,
                             API_SSE_QUEUE_MAX);
+                stats_event_dropped(STATS_DROPPED_STREAM_BEHIND);
                 req->dropped = true;
         }
         api_resume(req);
@@ -548,6 +557,8 @@ static void api_sse_catch_up(ApiRequest *req) {
                 proto_event_done(&e);
                 if (n > 0 && api_sse_append(req, msg, (size_t)n) < 0)
                         req->dropped = true;
+                else if (n > 0)
+                        stats_event_out(STATS_TO_STREAM);
         }
 }
 
@@ -565,6 +576,8 @@ void api_deliver_event(const ProtoEvent *e, uint64_t id) {
                         return;
                 }
                 api_sse_push(req, msg, (size_t)n);
+                if (!req->dropped)
+                        stats_event_out(STATS_TO_STREAM);
         }
 }
 
@@ -641,6 +654,7 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
         if (ret == MHD_YES) {
                 req->sse = true;
                 api.n_streams++;
+                stats_stream_opened(1);
         }
         return ret;
 }
@@ -654,7 +668,21 @@ static void api_body_free(ApiRequest *req) {
         req->body_len = 0;
 }
 
-static enum MHD_Result api_unauthorized(ApiRequest *req) {
+/* token: the one the request carried, NULL to look outside the body. A
+ * token that may only read /metrics is good but not here: 403. */
+static enum MHD_Result api_unauthorized(ApiRequest *req, const char *token) {
+        ApiInput in = {};
+
+        if (!token) {
+                api_input_token(req->connection, &in);
+                (void)api_outside_token(&in, &token);
+        }
+        if (token && cloud_config_metrics_token_valid(api.config, token)) {
+                api_set_json(req, MHD_HTTP_FORBIDDEN,
+                             json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "insufficient_scope",
+                                       "error_description", "This access token may only read /metrics"));
+                return api_queue(req);
+        }
         api_set_json(req, MHD_HTTP_UNAUTHORIZED,
                      json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
                                "The access token was not found or is invalid"));
@@ -690,7 +718,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         /* Parsed: a call may now wait for its device without the body. */
         api_body_free(req);
         if (!req->authorized && !cloud_config_token_valid(api.config, p.token))
-                return api_unauthorized(req);
+                return api_unauthorized(req, p.token);
         switch (p.route) {
         case API_ROUTE_BAD_BODY:
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Body is not a JSON object", NULL);
@@ -745,6 +773,40 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         return api_queue(req);
 }
 
+/* GET /metrics (docs/cloud.md, "Metrics"): any API token, or one from
+ * MetricsTokenFile=, in the header or the query. */
+static enum MHD_Result api_metrics(ApiRequest *req, const char *method) {
+        struct MHD_Response *resp;
+        ApiInput in = {};
+        const char *token;
+        uint64_t lag = 0;
+        char *text;
+        size_t len;
+
+        api_input_token(req->connection, &in);
+        if (!api_outside_token(&in, &token) ||
+            (!cloud_config_token_valid(api.config, token) && !cloud_config_metrics_token_valid(api.config, token)))
+                return api_unauthorized(req, NULL);
+        if (!streq(method, "GET") && !streq(method, "HEAD")) {
+                api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
+                return api_queue(req);
+        }
+        for (ApiRequest *r = api.requests; r; r = r->next)
+                if (r->sse && r->buf_len - r->buf_off > lag)
+                        lag = r->buf_len - r->buf_off;
+        if (stats_render(lag, &text, &len) < 0)
+                return MHD_NO;
+        resp = MHD_create_response_from_buffer(len, text, MHD_RESPMEM_MUST_FREE);
+        if (!resp) {
+                free(text);
+                return MHD_NO;
+        }
+        (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+        req->response = resp;
+        req->status = MHD_HTTP_OK;
+        return api_queue(req);
+}
+
 static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection, const char *url,
                                    const char *method, const char *version, const char *upload_data,
                                    size_t *upload_data_size, void **con_cls) {
@@ -767,17 +829,19 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         /* Artifact uploads stream to disk: no body limit here. */
                         req->ota = true;
                         if (!api_connection_authorized(connection))
-                                        return api_unauthorized(req);
+                                        return api_unauthorized(req, NULL);
                         return (enum MHD_Result)ota_api_handler(connection, url, method, upload_data,
                                                                 upload_data_size, &req->ota_state);
                 }
+                if (streq(url, "/metrics"))
+                        return api_metrics(req, method);
                 /* A token in the header or the query is checked before a
                  * byte of the body is read; only a request whose token can
                  * only be in its body has the body buffered first. */
                 api_input_token(connection, &in);
                 if (api_outside_token(&in, &token)) {
                         if (!cloud_config_token_valid(api.config, token))
-                                return api_unauthorized(req);
+                                return api_unauthorized(req, token);
                         req->authorized = true;
                 }
                 /* Refuse a declared oversize body before it is sent. */
@@ -848,8 +912,10 @@ static void api_request_free(ApiRequest *req) {
                 api.requests = req->next;
         if (req->next)
                 req->next->prev = req->prev;
-        if (req->sse)
+        if (req->sse) {
                 api.n_streams--;
+                stats_stream_opened(-1);
+        }
         devices_call_cancel(req->call);
         journal_cursor_done(&req->cursor);
         ota_api_request_free(req->ota_state);

@@ -39,6 +39,7 @@ typedef struct CloudConfig {
         char *api_listen;
         unsigned api_port;
         char *token_file;
+        char *metrics_token_file; /* NULL: none */
         unsigned max_connections_per_ip; /* 0: no limit */
 
         /* [State] */
@@ -57,6 +58,9 @@ typedef struct CloudConfig {
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
         size_t n_tokens;
+        /* The same for MetricsTokenFile: tokens that may read /metrics only. */
+        uint8_t (*metrics_token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
+        size_t n_metrics_tokens;
 } CloudConfig;
 
 /* Parse the command line. Returns 0 and sets *ret_path (pointing into argv
@@ -71,14 +75,16 @@ int cloud_config_load(const char *path, CloudConfig **ret);
 CloudConfig *cloud_config_free(CloudConfig *c);
 static inline void cloud_config_freep(CloudConfig **c) { cloud_config_free(*c); }
 
-/* Read TokenFile again (the path from the configuration loaded at start)
- * and replace the tokens with its. On failure (logged, like at start) the
- * tokens stay as they were. */
+/* Read TokenFile (and MetricsTokenFile, if set) again (the paths from the
+ * configuration loaded at start) and replace the tokens with theirs. On
+ * failure of either (logged, like at start) all tokens stay as they were. */
 int cloud_config_reload_tokens(CloudConfig *c);
 
 /* True if token (NUL-terminated) is one of the configured tokens;
  * constant time in the token's content. */
 bool cloud_config_token_valid(const CloudConfig *c, const char *token);
+/* The same for the tokens of MetricsTokenFile (false for NULL). */
+bool cloud_config_metrics_token_valid(const CloudConfig *c, const char *token);
 
 /* The SHA-256 of token (NUL-terminated), what is kept to check it again
  * later (cloud_config_token_digest_valid()) without keeping the token itself.

@@ -9,6 +9,7 @@
 
 #include "cloud.h"
 #include "log.h"
+#include "stats.h"
 #include "util.h"
 
 struct Cloud {
@@ -89,6 +90,9 @@ static int cloud_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si
                 log_error("Reload failed, keeping the %zu API token(s) loaded before.", before);
         else {
                 log_info("Reloaded %zu API token(s) from '%s'.", c->config->n_tokens, c->config->token_file);
+                if (c->config->metrics_token_file)
+                        log_info("Reloaded %zu metrics token(s) from '%s'.", c->config->n_metrics_tokens,
+                                 c->config->metrics_token_file);
                 log_info("Closed %u event stream(s) whose token was removed.", api_end_revoked_streams());
         }
         (void)sd_notify(0, "READY=1");
@@ -109,6 +113,7 @@ Cloud *cloud_free(Cloud *c) {
         c->devices = devices_free(c->devices);
         c->events = events_free(c->events);
         c->journal = journal_free(c->journal);
+        stats_done();
         sd_event_unref(c->event);
         cloud_config_free(c->config);
         free(c);
@@ -156,6 +161,11 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event loop: %m");
 
+        r = stats_init();
+        if (r >= 0)
+                r = stats_loop_probe_start(c->event, 0);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the metrics: %m");
         r = journal_new(c->event, config, &c->journal);
         if (r < 0)
                 return r;

@@ -68,6 +68,7 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         free(c->key_file);
         free(c->api_listen);
         free(c->token_file);
+        free(c->metrics_token_file);
         free(c->state_dir);
         free(c->ota_listen);
         free(c->ota_dir);
@@ -75,6 +76,9 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         if (c->token_digests)
                 OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
         free(c->token_digests);
+        if (c->metrics_token_digests)
+                OPENSSL_cleanse(c->metrics_token_digests, c->n_metrics_tokens * CONFIG_TOKEN_DIGEST_SIZE);
+        free(c->metrics_token_digests);
         free(c);
         return NULL;
 }
@@ -99,6 +103,7 @@ static const KeyfileKey config_keys[] = {
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
         STR_KEY("API", "TokenFile", token_file),
+        STR_KEY("API", "MetricsTokenFile", metrics_token_file),
         STR_KEY("State", "Directory", state_dir),
         UINT_KEY("Events", "JournalMaxBytes", journal_max_bytes, 65536, 1u << 31),
         UINT_KEY("Events", "SyncIntervalMsec", journal_sync_ms, 0, 60000),
@@ -169,16 +174,30 @@ static int token_digest(const char *token, size_t len, uint8_t out[static CONFIG
         return 0;
 }
 
-static int cloud_config_load_tokens(CloudConfig *c) {
+typedef struct TokenSet {
+        uint8_t (*digests)[CONFIG_TOKEN_DIGEST_SIZE];
+        size_t n;
+} TokenSet;
+
+static void token_set_clear(TokenSet *t) {
+        if (t->digests)
+                OPENSSL_cleanse(t->digests, t->n * CONFIG_TOKEN_DIGEST_SIZE);
+        free(t->digests);
+        *t = (TokenSet){};
+}
+
+/* Read the tokens of path (what names the key, for the log) into *t,
+ * which starts empty and is the caller's to clear even on failure. */
+static int cloud_config_read_tokens(const char *path, const char *what, TokenSet *t) {
         _cleanup_fclose_ FILE *f = NULL;
         _cleanup_free_ char *line = NULL;
         size_t cap = 0;
         unsigned lineno = 0;
         ssize_t n;
 
-        f = fopen(c->token_file, "re");
+        f = fopen(path, "re");
         if (!f)
-                return log_error_errno(errno, "Failed to open TokenFile '%s': %m", c->token_file);
+                return log_error_errno(errno, "Failed to open %s '%s': %m", what, path);
         while ((n = getline(&line, &cap, f)) >= 0) {
                 char *s = line, *e = line + n;
                 void *m;
@@ -194,27 +213,49 @@ static int cloud_config_load_tokens(CloudConfig *c) {
                         if (*q <= ' ' || *q == 0x7f) {
                                 OPENSSL_cleanse(line, cap);
                                 return log_error_errno(-EINVAL, "%s:%u: Token contains whitespace or control characters.",
-                                                       c->token_file, lineno);
+                                                       path, lineno);
                         }
-                if (c->n_tokens >= CONFIG_MAX_TOKENS) {
+                if (t->n >= CONFIG_MAX_TOKENS) {
                         OPENSSL_cleanse(line, cap);
-                        return log_error_errno(-E2BIG, "%s:%u: More than %u tokens.", c->token_file, lineno,
+                        return log_error_errno(-E2BIG, "%s:%u: More than %u tokens.", path, lineno,
                                                CONFIG_MAX_TOKENS);
                 }
-                m = reallocarray(c->token_digests, c->n_tokens + 1, CONFIG_TOKEN_DIGEST_SIZE);
+                m = reallocarray(t->digests, t->n + 1, CONFIG_TOKEN_DIGEST_SIZE);
                 if (!m)
                         return log_error_errno(-ENOMEM, "Out of memory.");
-                c->token_digests = m;
-                if (token_digest(s, e - s, c->token_digests[c->n_tokens]) < 0)
+                t->digests = m;
+                if (token_digest(s, e - s, t->digests[t->n]) < 0)
                         return log_error_errno(-EIO, "Failed to hash a token.");
-                c->n_tokens++;
+                t->n++;
         }
         if (line)
                 OPENSSL_cleanse(line, cap);
         if (ferror(f))
-                return log_error_errno(-EIO, "Failed to read TokenFile '%s'.", c->token_file);
-        if (c->n_tokens == 0)
+                return log_error_errno(-EIO, "Failed to read %s '%s'.", what, path);
+        return 0;
+}
+
+/* TokenFile and MetricsTokenFile into c, both or neither. */
+static int cloud_config_load_tokens(CloudConfig *c) {
+        TokenSet api = {}, metrics = {};
+        int r;
+
+        r = cloud_config_read_tokens(c->token_file, "TokenFile", &api);
+        if (r >= 0 && c->metrics_token_file)
+                r = cloud_config_read_tokens(c->metrics_token_file, "MetricsTokenFile", &metrics);
+        if (r < 0) {
+                token_set_clear(&api);
+                token_set_clear(&metrics);
+                return r;
+        }
+        if (api.n == 0)
                 log_warning("TokenFile '%s' holds no tokens: every API request will be refused.", c->token_file);
+        token_set_clear(&(TokenSet){ c->token_digests, c->n_tokens });
+        token_set_clear(&(TokenSet){ c->metrics_token_digests, c->n_metrics_tokens });
+        c->token_digests = api.digests;
+        c->n_tokens = api.n;
+        c->metrics_token_digests = metrics.digests;
+        c->n_metrics_tokens = metrics.n;
         return 0;
 }
 
@@ -241,23 +282,19 @@ bool cloud_config_token_valid(const CloudConfig *c, const char *token) {
         return cloud_config_token_digest_valid(c, digest);
 }
 
-int cloud_config_reload_tokens(CloudConfig *c) {
-        CloudConfig next = { .token_file = c->token_file };
-        int r;
+bool cloud_config_metrics_token_valid(const CloudConfig *c, const char *token) {
+        uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
+        bool ok = false;
 
-        r = cloud_config_load_tokens(&next);
-        if (r < 0) {
-                if (next.token_digests)
-                        OPENSSL_cleanse(next.token_digests, next.n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
-                free(next.token_digests);
-                return r;
-        }
-        if (c->token_digests)
-                OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
-        free(c->token_digests);
-        c->token_digests = next.token_digests;
-        c->n_tokens = next.n_tokens;
-        return 0;
+        if (cloud_config_token_digest(token, digest) < 0)
+                return false;
+        for (size_t i = 0; i < c->n_metrics_tokens; i++)
+                ok |= CRYPTO_memcmp(digest, c->metrics_token_digests[i], CONFIG_TOKEN_DIGEST_SIZE) == 0;
+        return ok;
+}
+
+int cloud_config_reload_tokens(CloudConfig *c) {
+        return cloud_config_load_tokens(c);
 }
 
 int cloud_config_load(const char *path, CloudConfig **ret) {

@@ -26,6 +26,7 @@
 #include "devices.h"
 #include "proto.h"
 #include "log.h"
+#include "stats.h"
 #include "tls.h"
 #include "util.h"
 
@@ -570,6 +571,7 @@ void device_event_undeliverable(Device *d, const char *name, size_t len, int err
         Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
 
+        stats_event_undeliverable(error);
         switch (error) {
         case -ENOBUFS:
                 if (d->dropped_events++ == 0)
@@ -717,6 +719,7 @@ static void device_unbind(Device *d, const char *reason, int error) {
         d->conn = NULL;
         c->device = NULL;
         devs->n_online--;
+        stats_device_connected(-1);
         d->ping_timer = sd_event_source_disable_unref(d->ping_timer);
         d->describe_defer = sd_event_source_disable_unref(d->describe_defer);
         devs->hooks.device_gone(devs->hooks.userdata, d);
@@ -840,6 +843,7 @@ static void session_bind(Session *c) {
         if (!id) {
                 log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
                            "Session from %s has no device identity, closing it.", addr);
+                stats_handshake_refused(STATS_REFUSED_NO_IDENTITY);
                 session_queue_close(c);
                 return;
         }
@@ -870,6 +874,8 @@ static void session_bind(Session *c) {
         c->device = d;
         d->conn = c;
         devs->n_online++;
+        stats_device_connected(1);
+        stats_handshake_completed();
         snprintf(d->last_ip, sizeof(d->last_ip), "%s", ip);
         d->tx_bytes = d->tx_read = d->ping_mark = 0;
         d->ping_outstanding = false;
@@ -917,6 +923,7 @@ static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *u
         while ((c = devs->unbound_head) && c->accepted + timeout <= now) {
                 session_unbound_remove(c);
                 session_queue_close(c);
+                stats_handshake_refused(STATS_REFUSED_TIMEOUT);
                 n++;
         }
         if (n > 0 && warn_limit(&devs->warn_handshake_timeout, &suppressed))
@@ -949,6 +956,7 @@ static void session_wait_handshake(Session *c) {
 
                 session_unbound_remove(oldest);
                 session_queue_close(oldest);
+                stats_handshake_refused(STATS_REFUSED_EVICTED);
                 if (warn_limit(&devs->warn_handshake_evicted, &suppressed))
                         log_warning("More than MaxHandshakes=%u sessions in the TLS handshake: closed the "
                                     "oldest (%" PRIu64 " closed so since the last report).",
@@ -993,6 +1001,7 @@ static void session_refused(Devices *devs, coap_session_t *session) {
         char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
         uint64_t suppressed;
 
+        stats_handshake_refused(STATS_REFUSED_TLS);
         if (!warn_limit(&devs->warn_refused, &suppressed))
                 return;
         format_address(coap_session_get_addr_remote(session), ip, addr);
@@ -1012,6 +1021,7 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                         log_error("Out of memory accepting a session.");
                         return 0;
                 }
+                stats_handshake_started();
                 session_setup_socket(devs, session);
                 session_wait_handshake(c);
                 break;

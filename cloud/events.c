@@ -9,6 +9,7 @@
 
 #include "events.h"
 #include "log.h"
+#include "stats.h"
 #include "util.h"
 
 typedef struct Subscription {
@@ -184,6 +185,7 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
                  * lost with a connection): the receipt again, no routing. */
                 log_info("Device '%s' resent event %" PRIu64 " (epoch %016" PRIx64 "), already delivered.",
                          device_id(ev, d), q.seq, q.epoch);
+                stats_event_dropped(STATS_DROPPED_DUPLICATE);
                 events_reply(response, COAP_RESPONSE_CODE(201), "duplicate");
                 return;
         }
@@ -235,10 +237,12 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
                  * again. Nothing later on this session may overtake it. */
                 log_warning_errno(r, "Failed to store an event from device '%s', closing its session: %m",
                                   device_id(ev, d));
+                stats_event_dropped(STATS_DROPPED_STORE_FAILED);
                 events_reply(response, COAP_RESPONSE_CODE(503), "cannot store the event now");
                 ev->hooks.disconnect(ev->hooks.userdata, d, "event journal write failed");
                 return;
         }
+        stats_event_in(STATS_FROM_DEVICE);
         events_route(ev, &e, d, id);
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(201));
 }
@@ -371,6 +375,8 @@ void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_
                 s->seq = seq;
                 if (r < 0 && ev->hooks.undeliverable)
                         ev->hooks.undeliverable(ev->hooks.userdata, d, e->name, len, r);
+                else if (r >= 0)
+                        stats_event_out(STATS_TO_DEVICE);
                 sent = true;
         }
         if (--ev->routing == 0 && ev->need_sweep)

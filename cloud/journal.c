@@ -33,6 +33,7 @@
 #include "journal.h"
 #include "log.h"
 #include "record.h"
+#include "stats.h"
 #include "util.h"
 
 #define JOURNAL_FILE "events.journal"
@@ -339,6 +340,7 @@ static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_
         j->end = c.off;
         j->generation++;
         j->unsynced = false;
+        stats_journal_synced(0);
         return 0;
 }
 
@@ -508,9 +510,12 @@ static int journal_sync_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Journal *j = userdata;
 
         if (j->unsynced && j->fd >= 0) {
+                uint64_t started = now_usec();
+
                 if (fdatasync(j->fd) < 0)
                         log_warning_errno(errno, "Failed to sync the event journal: %m");
                 j->unsynced = false;
+                stats_journal_synced(started);
         }
         return 0;
 }
@@ -561,9 +566,13 @@ int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq
         }
         j->end += record_size(w.len);
         j->next_id++;
+        stats_journal_appended(record_size(w.len));
         if (j->config->journal_sync_ms == 0) {
+                uint64_t started = now_usec();
+
                 if (fdatasync(j->fd) < 0)
                         log_warning_errno(errno, "Failed to sync the event journal: %m");
+                stats_journal_synced(started);
         } else if (!j->unsynced) {
                 j->unsynced = true;
                 (void)sd_event_source_set_time_relative(j->sync_timer,

@@ -9,6 +9,7 @@
 
 #include "cloud.h"
 #include "log.h"
+#include "stats.h"
 #include "util.h"
 
 /* One file descriptor per device session: take the hard limit. */

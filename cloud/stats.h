@@ -1,0 +1,81 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* tether-cloudd's own metrics (docs/cloud.md, "Metrics"): which series
+ * exist, the one-line hooks the other modules call when something
+ * happens, the event-loop delay probe, and the /metrics text.
+ *
+ * The series are process-wide, like the process they describe: one
+ * registry, made by stats_init() before the loop starts. Every hook is
+ * safe from any thread (metrics.h) and does nothing before stats_init()
+ * or after stats_done(), so modules can be used without it (unit tests). */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+typedef enum StatsRefused {
+        STATS_REFUSED_TLS,         /* the TLS handshake failed (certificate, not TLS) */
+        STATS_REFUSED_TIMEOUT,     /* no device within HandshakeTimeoutSec */
+        STATS_REFUSED_EVICTED,     /* closed for a newer one past MaxHandshakes */
+        STATS_REFUSED_NO_IDENTITY, /* a certificate without a device id */
+        _STATS_REFUSED_MAX,
+} StatsRefused;
+
+typedef enum StatsSource {
+        STATS_FROM_DEVICE,
+        STATS_FROM_API,
+        _STATS_FROM_MAX,
+} StatsSource;
+
+typedef enum StatsSink {
+        STATS_TO_STREAM, /* one event written into one SSE stream (live or replayed) */
+        STATS_TO_DEVICE, /* one event sent to one subscribed device */
+        _STATS_TO_MAX,
+} StatsSink;
+
+typedef enum StatsDropped {
+        STATS_DROPPED_DUPLICATE,          /* a device resent what was delivered */
+        STATS_DROPPED_STORE_FAILED,       /* the journal could not take it (refused) */
+        STATS_DROPPED_STREAM_BEHIND,      /* an SSE stream fell too far behind */
+        STATS_DROPPED_DEVICE_BACKLOGGED,  /* a subscribed device is not reading */
+        STATS_DROPPED_DEVICE_TOO_SMALL,   /* larger than the device's Max-Message-Size */
+        STATS_DROPPED_DEVICE_SEND_FAILED, /* any other send error */
+        _STATS_DROPPED_MAX,
+} StatsDropped;
+
+/* Register every series. 0, -ENOMEM. */
+int stats_init(void);
+/* Stops the loop probe and frees everything; safe to call twice. */
+void stats_done(void);
+/* Measure event's lateness: a timer every STATS_LOOP_PROBE_USEC observes
+ * how late it ran, as tether_cloud_loop_delay_seconds{worker=...}. */
+int stats_loop_probe_start(sd_event *event, unsigned worker);
+
+void stats_device_connected(int delta);
+void stats_handshake_started(void);
+void stats_handshake_completed(void);
+void stats_handshake_refused(StatsRefused reason);
+
+/* A call (function) or read (variable) from the API ended: error and code
+ * as device_call_fn gives them, or the error of devices_call() when it was
+ * not sent (then started_usec is 0). started_usec (CLOCK_MONOTONIC) is
+ * when it was sent: its latency is observed. */
+void stats_call_done(bool function, int error, unsigned code, uint64_t started_usec);
+
+void stats_event_in(StatsSource source);
+void stats_event_out(StatsSink sink);
+void stats_event_dropped(StatsDropped reason);
+/* Map device_event_undeliverable()'s error to a reason and count it. */
+void stats_event_undeliverable(int error);
+void stats_stream_opened(int delta);
+
+/* Journal: bytes appended and not yet synced; a sync that began at
+ * started_usec (CLOCK_MONOTONIC; 0: not timed) has just finished. */
+void stats_journal_appended(size_t bytes);
+void stats_journal_synced(uint64_t started_usec);
+
+/* The /metrics text (NUL-terminated, the caller frees it); max_lag_bytes
+ * is the largest backlog of any SSE stream now. -ENOMEM, -ENODEV before
+ * stats_init(). */
+int stats_render(uint64_t max_lag_bytes, char **ret, size_t *ret_len);
