@@ -78,9 +78,10 @@ static int cloud_signal_cb(sd_event_source *s, const struct signalfd_siginfo *si
         return sd_event_exit(sd_event_source_get_event(s), 0);
 }
 
-/* SIGHUP: read the API tokens again. Event streams opened with a token
- * that is gone end; device sessions, calls in flight and the other event
- * streams go on as they were. */
+/* SIGHUP: read the API tokens and the TLS files again. Event streams
+ * opened with a token that is gone end; device sessions, calls in flight
+ * and the other event streams go on as they were; new device sessions
+ * use the new TLS files (a bad one keeps those loaded before). */
 static int cloud_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
         Cloud *c = userdata;
         size_t before = c->config->n_tokens;
@@ -95,6 +96,7 @@ static int cloud_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si
                                  c->config->metrics_token_file);
                 log_info("Closed %u event stream(s) whose token was removed.", api_end_revoked_streams());
         }
+        (void)devices_reload_tls(c->devices);
         (void)sd_notify(0, "READY=1");
         return 0;
 }

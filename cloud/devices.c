@@ -105,6 +105,7 @@ struct Devices {
         coap_context_t *ctx;
         coap_dtls_pki_t pki;
         TlsFiles tls_files;
+        TlsServerKeys *tls_keys; /* what devs->pki points into */
         bool listener_nodelay;
         sd_event_source *io, *kick, *timer, *close_defer;
 
@@ -1314,9 +1315,9 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
          * requests (each costs an answer) can push it further. */
         devs->hard_queue_limit = 2 * (uint64_t)config->max_queued_bytes + config->max_payload + 1024;
         devs->tls_files = (TlsFiles){ config->ca_file, config->cert_file, config->key_file };
-        r = tls_files_check(&devs->tls_files, &bad);
+        r = tls_server_keys_load(&devs->tls_files, &devs->tls_keys, &bad);
         if (r < 0)
-                return log_error_errno(r, "Cannot read TLS file '%s': %m", bad);
+                return log_error_errno(r, "Cannot load TLS file '%s': %m", bad);
 
         coap_startup();
         coap_set_log_handler(devices_coap_log);
@@ -1329,10 +1330,10 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
         if (!devs->ctx)
                 return log_error_errno(-ENOMEM, "Failed to create the CoAP context.");
         coap_set_app_data(devs->ctx, devs);
-        tls_pki_init(&devs->pki, &devs->tls_files, NULL);
+        tls_server_pki_init(&devs->pki, devs->tls_keys);
         if (!coap_context_set_pki(devs->ctx, &devs->pki))
-                return log_error_errno(-EINVAL, "Failed to load the server certificate '%s', key '%s' or CA '%s'.",
-                                       config->cert_file, config->key_file, config->ca_file);
+                return log_error_errno(-EINVAL, "Failed to set up TLS with the server certificate '%s', key '%s' "
+                                       "and CA '%s'.", config->cert_file, config->key_file, config->ca_file);
         coap_register_event_handler(devs->ctx, devices_event_handler);
         coap_register_response_handler(devs->ctx, devices_response_handler);
         coap_register_pong_handler(devs->ctx, devices_pong_handler);
@@ -1419,6 +1420,33 @@ int devices_new(sd_event *event, const CloudConfig *config, const DevicesHooks *
         return 0;
 }
 
+int devices_reload_tls(Devices *devs) {
+        TlsServerKeys *keys = NULL;
+        coap_dtls_pki_t pki;
+        const char *bad = NULL;
+        int r;
+
+        if (!devs || !devs->ctx)
+                return -ESRCH;
+        r = tls_server_keys_load(&devs->tls_files, &keys, &bad);
+        if (r < 0)
+                return log_error_errno(r, "Cannot load TLS file '%s', keeping the certificates loaded before: %m",
+                                       bad);
+        /* libcoap copies the setup and reads the keys only while it handles
+         * a ClientHello: the old ones are unused once this returns. */
+        tls_server_pki_init(&pki, keys);
+        if (!coap_context_set_pki(devs->ctx, &pki)) {
+                tls_server_keys_free(keys);
+                return log_error_errno(-EINVAL, "Failed to set up TLS again, keeping the certificates loaded before.");
+        }
+        devs->pki = pki;
+        tls_server_keys_free(devs->tls_keys);
+        devs->tls_keys = keys;
+        log_info("Reloaded the TLS certificate '%s', key '%s' and CA '%s' for new device sessions.",
+                 devs->config->cert_file, devs->config->key_file, devs->config->ca_file);
+        return 0;
+}
+
 Devices *devices_free(Devices *devs) {
         Device *d, *next_d;
         bool started;
@@ -1466,6 +1494,7 @@ Devices *devices_free(Devices *devs) {
         devs->handshake_timer = sd_event_source_disable_unref(devs->handshake_timer);
         if (devs->ctx)
                 coap_free_context(devs->ctx);
+        tls_server_keys_free(devs->tls_keys);
         if (started)
                 coap_cleanup();
         free(devs);

@@ -49,6 +49,9 @@ int devices_new(sd_event *event, const CloudConfig *config, const DevicesHooks *
  * device still online. NULL is fine; returns NULL. */
 Devices *devices_free(Devices *devs);
 static inline void devices_freep(Devices **devs) { devices_free(*devs); }
+/* Read the TLS certificate, key and CA files again for new device
+ * sessions; on failure (logged) the ones loaded before stay. */
+int devices_reload_tls(Devices *devs);
 
 /* Run libcoap soon from the loop: call after sending from outside a
  * libcoap callback (HTTP handlers, timers). */

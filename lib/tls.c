@@ -3,6 +3,8 @@
 #include <dirent.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <sys/socket.h>
@@ -65,19 +67,193 @@ static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
         return 1;
 }
 
-/* Server side, called by libcoap with the SSL while it handles the
- * ClientHello, before any ticket could be sent. libcoap sets no session id
- * context, so OpenSSL would refuse every resumption with an internal-error
- * alert: issue no tickets at all, and clients do full handshakes (which
- * also run the certificate checks that identify the device). */
-static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
-        SSL *ssl = tls_session;
+struct TlsServerKeys {
+        uint8_t *cert_der, *key_der;
+        size_t cert_len, key_len;
+        coap_asn1_privatekey_type_t key_type;
+        X509_STORE *store;                /* the CA certificates */
+        STACK_OF(X509_NAME) *ca_names;    /* sent in the CertificateRequest */
+};
 
-        if (ssl) {
-                SSL_set_options(ssl, SSL_OP_NO_TICKET);
-                SSL_set_num_tickets(ssl, 0);
+TlsServerKeys *tls_server_keys_free(TlsServerKeys *k) {
+        if (!k)
+                return NULL;
+        OPENSSL_free(k->cert_der);
+        if (k->key_der)
+                OPENSSL_clear_free(k->key_der, k->key_len);
+        X509_STORE_free(k->store);
+        sk_X509_NAME_pop_free(k->ca_names, X509_NAME_free);
+        free(k);
+        return NULL;
+}
+
+static int tls_bio_open(const char *path, BIO **ret) {
+        FILE *f = fopen(path, "re");
+        BIO *b;
+
+        if (!f)
+                return -errno;
+        b = BIO_new_fp(f, BIO_CLOSE);
+        if (!b) {
+                fclose(f);
+                return -ENOMEM;
         }
+        *ret = b;
+        return 0;
+}
+
+/* Every certificate in the CA file into the store and the name list. */
+static int tls_load_ca(TlsServerKeys *k, const char *path) {
+        BIO *b = NULL;
+        X509 *x;
+        int r, n = 0;
+
+        r = tls_bio_open(path, &b);
+        if (r < 0)
+                return r;
+        k->store = X509_STORE_new();
+        k->ca_names = sk_X509_NAME_new_null();
+        r = k->store && k->ca_names ? 0 : -ENOMEM;
+        while (r == 0 && (x = PEM_read_bio_X509(b, NULL, NULL, NULL))) {
+                X509_NAME *name = X509_NAME_dup(X509_get_subject_name(x));
+
+                if (!name || !X509_STORE_add_cert(k->store, x) || !sk_X509_NAME_push(k->ca_names, name)) {
+                        X509_NAME_free(name);
+                        r = -EBADMSG;
+                }
+                X509_free(x);
+                n++;
+        }
+        BIO_free(b);
+        ERR_clear_error();
+        if (r == 0 && n == 0)
+                r = -EBADMSG;
+        return r;
+}
+
+int tls_server_keys_load(const TlsFiles *files, TlsServerKeys **ret_keys, const char **ret_path) {
+        TlsServerKeys *k = calloc(1, sizeof(*k));
+        X509 *cert = NULL;
+        EVP_PKEY *key = NULL;
+        BIO *b = NULL;
+        unsigned char *p = NULL;
+        int r, len;
+
+        if (!k)
+                return -ENOMEM;
+        *ret_path = files->ca_file;
+        r = tls_load_ca(k, files->ca_file);
+        if (r < 0)
+                goto fail;
+
+        *ret_path = files->cert_file;
+        r = tls_bio_open(files->cert_file, &b);
+        if (r < 0)
+                goto fail;
+        cert = PEM_read_bio_X509(b, NULL, NULL, NULL);
+        BIO_free(b);
+        len = cert ? i2d_X509(cert, &p) : -1;
+        if (len <= 0) {
+                r = -EBADMSG;
+                goto fail;
+        }
+        k->cert_der = TAKE_PTR(p);
+        k->cert_len = (size_t)len;
+
+        *ret_path = files->key_file;
+        r = tls_bio_open(files->key_file, &b);
+        if (r < 0)
+                goto fail;
+        key = PEM_read_bio_PrivateKey(b, NULL, NULL, NULL);
+        BIO_free(b);
+        if (!key) {
+                r = -EBADMSG;
+                goto fail;
+        }
+        /* The types libcoap 4.3.1 can take as DER (its map_key_type()). */
+        switch (EVP_PKEY_get_base_id(key)) {
+        case EVP_PKEY_EC:
+                k->key_type = COAP_ASN1_PKEY_EC;
+                break;
+        case EVP_PKEY_RSA:
+                k->key_type = COAP_ASN1_PKEY_RSA;
+                break;
+        default:
+                r = -EOPNOTSUPP;
+                goto fail;
+        }
+        if (X509_check_private_key(cert, key) != 1) {
+                r = -EKEYREJECTED;
+                goto fail;
+        }
+        len = i2d_PrivateKey(key, &p);
+        if (len <= 0) {
+                r = -EBADMSG;
+                goto fail;
+        }
+        k->key_der = TAKE_PTR(p);
+        k->key_len = (size_t)len;
+        X509_free(cert);
+        EVP_PKEY_free(key);
+        ERR_clear_error();
+        *ret_keys = k;
+        return 0;
+fail:
+        ERR_clear_error();
+        X509_free(cert);
+        EVP_PKEY_free(key);
+        tls_server_keys_free(k);
+        return r;
+}
+
+/* Server side, called by libcoap with the SSL while it handles the
+ * ClientHello, after it set our certificate and key from the DER buffers.
+ * The CA comes from the store loaded once: libcoap would add a CA to the
+ * SSL_CTX's store for good, so a CA removed by a reload would stay
+ * trusted.
+ *
+ * libcoap sets no session id context, so OpenSSL would refuse every
+ * resumption with an internal-error alert: issue no tickets at all, and
+ * clients do full handshakes (which also run the certificate checks that
+ * identify the device). */
+static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
+        TlsServerKeys *k = setup_data->cn_call_back_arg;
+        SSL *ssl = tls_session;
+        STACK_OF(X509_NAME) *names;
+
+        if (!ssl || !k)
+                return 0;
+        SSL_set_options(ssl, SSL_OP_NO_TICKET);
+        SSL_set_num_tickets(ssl, 0);
+        names = SSL_dup_CA_list(k->ca_names);
+        if (!names || !SSL_set1_verify_cert_store(ssl, k->store)) {
+                sk_X509_NAME_pop_free(names, X509_NAME_free);
+                return 0;
+        }
+        SSL_set_client_CA_list(ssl, names);
         return 1;
+}
+
+void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys) {
+        coap_dtls_pki_t pki = {
+                .version = COAP_DTLS_PKI_SETUP_VERSION,
+                .verify_peer_cert = 1,
+                .check_common_ca = 1,
+                .allow_self_signed = 0,
+                .allow_expired_certs = 0,
+                .cert_chain_validation = 1,
+                .cert_chain_verify_depth = 3,
+                .validate_cn_call_back = server_cn_cb,
+                .cn_call_back_arg = keys,
+                .additional_tls_setup_call_back = server_tls_setup,
+                .pki_key.key_type = COAP_PKI_KEY_ASN1,
+                .pki_key.key.asn1.public_cert = keys->cert_der,
+                .pki_key.key.asn1.public_cert_len = keys->cert_len,
+                .pki_key.key.asn1.private_key = keys->key_der,
+                .pki_key.key.asn1.private_key_len = keys->key_len,
+                .pki_key.key.asn1.private_key_type = keys->key_type,
+        };
+        *ret_pki = pki;
 }
 
 void tls_pki_init(coap_dtls_pki_t *ret_pki, const TlsFiles *files, TlsHostCheck *check) {
@@ -91,9 +267,8 @@ void tls_pki_init(coap_dtls_pki_t *ret_pki, const TlsFiles *files, TlsHostCheck 
                 .allow_expired_certs = 0,
                 .cert_chain_validation = 1,
                 .cert_chain_verify_depth = 3,
-                .validate_cn_call_back = check ? client_cn_cb : server_cn_cb,
+                .validate_cn_call_back = client_cn_cb,
                 .cn_call_back_arg = check,
-                .additional_tls_setup_call_back = check ? NULL : server_tls_setup,
                 .client_sni = (char *)expected_host,
                 .pki_key.key_type = COAP_PKI_KEY_PEM,
                 .pki_key.key.pem.ca_file = files->ca_file,

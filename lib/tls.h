@@ -21,14 +21,35 @@ typedef struct TlsHostCheck {
         char failure[256];
 } TlsHostCheck;
 
-/* Fill *ret_pki for mutual TLS. libcoap keeps the pointers: the TlsFiles
- * strings and *check must outlive every session made with it. For a
- * client, check->host is the cloud's name (checked against the leaf
- * certificate with X509_check_host, or X509_check_ip_asc for a literal
- * address) and is also sent as SNI; for a server pass NULL: the peer's
- * identity (certificate CN) is then stored on the session, see
- * tls_session_peer_id(). */
+/* Fill *ret_pki for a mutual TLS client. libcoap keeps the pointers: the
+ * TlsFiles strings and *check must outlive every session made with it.
+ * check->host is the cloud's name (checked against the leaf certificate
+ * with X509_check_host, or X509_check_ip_asc for a literal address) and is
+ * also sent as SNI; check may be NULL (no host name check). */
 void tls_pki_init(coap_dtls_pki_t *ret_pki, const TlsFiles *files, TlsHostCheck *check);
+
+/* A server's certificate, key and CA, read once. libcoap 4.3.1 reads PEM
+ * files again for every handshake (docs/design/libcoap.md); with these it
+ * parses the DER certificate and key from memory and the CA store is
+ * shared by reference. */
+typedef struct TlsServerKeys TlsServerKeys;
+
+/* Read and check the three files: every certificate of the CA file, the
+ * first certificate of cert_file and the key of key_file, which must be
+ * an EC or RSA key that matches the certificate. 0, or -errno for a file
+ * that cannot be opened, -EBADMSG for one without what it should hold,
+ * -EOPNOTSUPP for another key type, -EKEYREJECTED for a key that is not
+ * the certificate's; *ret_path then names the file at fault. The caller
+ * owns *ret_keys. */
+int tls_server_keys_load(const TlsFiles *files, TlsServerKeys **ret_keys, const char **ret_path);
+TlsServerKeys *tls_server_keys_free(TlsServerKeys *keys);
+
+/* Fill *ret_pki for the server side of mutual TLS with keys, which must
+ * stay alive while libcoap uses *ret_pki: until coap_context_set_pki() is
+ * called with another one (libcoap reads the keys only while it handles
+ * a ClientHello) or the context is freed. The peer's identity
+ * (certificate CN) is stored on the session, see tls_session_peer_id(). */
+void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys);
 
 /* The device id of a server session (the client certificate's CN), or
  * NULL. Owned by the session; freed by tls_session_forget(). */

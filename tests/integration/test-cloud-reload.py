@@ -3,17 +3,21 @@
 """SIGHUP makes tether-cloudd read its token file again (docs/cloud.md,
 "Reload"): new tokens work, removed ones get 401, a bad file keeps the
 tokens it had; event streams opened with a removed token end, device
-sessions and the other event streams stay up throughout."""
+sessions and the other event streams stay up throughout. It reads its TLS
+files again too: a new CA file decides who may open new sessions, a bad
+one keeps the CA it had, and sessions already open stay."""
 
 import json
 import os
 import signal
+import ssl
 import sys
 import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SLOW, expect, run  # noqa: E402
+from harness import SLOW, Failure, expect, run  # noqa: E402
+import fakedev  # noqa: E402
 
 
 def status(w, token):
@@ -149,5 +153,72 @@ def test_bad_token_file_keeps_tokens(w):
     stayed_connected(w, a, a.device_id, notify_mark, cloud_mark)
 
 
+
+def write_file(path, data):
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.rename(path + ".tmp", path)
+
+
+def online(w, device, server_ca):
+    """A fake device with this certificate gets online."""
+    mark = w.notify.mark()
+    d = fakedev.Device(w.coap_port, device[1], device[2], server_ca)
+    d.handshake()
+    w.wait_online(device[0], mark)
+    return d
+
+
+def refused(w, device, server_ca):
+    """The cloud closes a session with this device's certificate (TLS 1.3:
+    the client finishes first and then reads the cloud's alert or EOF)."""
+    try:
+        d = fakedev.Device(w.coap_port, device[1], device[2], server_ca)
+        try:
+            d.handshake()
+        finally:
+            d.close()
+    except ssl.SSLCertVerificationError as e:
+        raise Failure(f"the device did not trust the cloud: {e}")
+    except (OSError, EOFError):
+        return True
+    except Failure:
+        return False
+    return False
+
+
+def test_sighup_reloads_ca(w):
+    w.pki("ca", w.path("new"))
+    ca_path = w.path("pki", "ca.crt")
+    old_ca = open(ca_path, "rb").read()
+    new_ca = open(w.path("new", "ca.crt"), "rb").read()
+    server_ca = w.path("server-ca.crt")
+    write_file(server_ca, old_ca)
+    w.start_cloud()
+    old_dev, old_dev2, old_dev3 = w.new_device(), w.new_device(), w.new_device()
+    new_dev = w.new_device(w.path("new"))
+    kept = online(w, old_dev, server_ca)
+    expect(refused(w, new_dev, server_ca), "a device of a CA not in CAFile was accepted")
+
+    # Both CAs: the new CA's devices get in, the open session stays.
+    write_file(ca_path, old_ca + new_ca)
+    reload(w, r"Reloaded the TLS certificate .* for new device sessions")
+    online(w, new_dev, server_ca).close()
+
+    # Only the new CA: the old CA's devices are refused from now on.
+    write_file(ca_path, new_ca)
+    reload(w, r"Reloaded the TLS certificate")
+    expect(refused(w, old_dev2, server_ca), "a device of the removed CA was accepted after SIGHUP")
+    online(w, new_dev, server_ca).close()
+
+    # A bad file keeps the CA loaded before.
+    write_file(ca_path, b"not a certificate\n")
+    reload(w, r"Cannot load TLS file '.*ca\.crt', keeping the certificates loaded before")
+    online(w, new_dev, server_ca).close()
+    expect(refused(w, old_dev3, server_ca), "a bad CA file let the removed CA back in")
+    expect(w.cloud.count(rf"Device '{old_dev[0]}' disconnected") == 0,
+           "a session opened before the reloads was closed")
+    kept.close()
+
 if __name__ == "__main__":
-    sys.exit(run([test_sighup_reloads_tokens, test_bad_token_file_keeps_tokens], emulated="ok"))
+    sys.exit(run([test_sighup_reloads_tokens, test_bad_token_file_keeps_tokens, test_sighup_reloads_ca], emulated="ok"))
