@@ -24,6 +24,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "devices.h"
+#include "listener.h"
 #include "proto.h"
 #include "log.h"
 #include "stats.h"
@@ -107,6 +108,8 @@ struct Devices {
         TlsFiles tls_files;
         TlsServerKeys *tls_keys; /* what devs->pki points into */
         bool listener_nodelay;
+        ListenerPause listener; /* accept paused at MaxHandshakes */
+        bool listener_pausable;
         sd_event_source *io, *kick, *timer, *close_defer;
 
         Device **dev_buckets;
@@ -123,7 +126,7 @@ struct Devices {
         Session *unbound_head, *unbound_tail;
         size_t n_unbound;
         sd_event_source *handshake_timer;
-        WarnLimit warn_handshake_timeout, warn_handshake_evicted, warn_refused;
+        WarnLimit warn_handshake_timeout, warn_handshake_full, warn_refused;
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
 
         uint64_t next_token;
@@ -300,6 +303,8 @@ static void session_unbound_remove(Session *c) {
         c->unbound_prev = c->unbound_next = NULL;
         c->unbound = false;
         devs->n_unbound--;
+        if (devs->listener.paused && devs->n_unbound < devs->config->max_handshakes)
+                (void)listener_pause_set(&devs->listener, false);
 }
 
 static void session_unbound_add(Session *c) {
@@ -938,12 +943,16 @@ static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *u
         return 0;
 }
 
-/* A new session waits for its handshake; beyond MaxHandshakes the oldest
- * waiting one is closed (a flood of idle connections cannot lock devices
- * out for longer than a handshake takes). */
+/* A new session waits for its handshake. At MaxHandshakes the cloud stops
+ * accepting until one of them ends (bound, failed or timed out): the next
+ * connections wait in the listen backlog and are served in order, where
+ * closing the oldest made a storm's clients time out and start over.
+ * Where accept cannot be paused, a session beyond MaxHandshakes is closed
+ * at once, so its client retries soon. */
 static void session_wait_handshake(Session *c) {
         Devices *devs = c->devices;
         uint64_t suppressed;
+        int r;
 
         session_unbound_add(c);
         if (devs->unbound_head == c) {
@@ -952,15 +961,26 @@ static void session_wait_handshake(Session *c) {
                                                        (uint64_t)devs->config->handshake_timeout_sec * USEC_PER_SEC);
                 (void)sd_event_source_set_enabled(devs->handshake_timer, SD_EVENT_ONESHOT);
         }
+        if (devs->n_unbound < devs->config->max_handshakes)
+                return;
+        if (devs->listener_pausable && (r = listener_pause_set(&devs->listener, true)) < 0) {
+                log_warning_errno(r, "Cannot pause accepting device connections, closing new ones instead: %m");
+                devs->listener_pausable = false;
+        }
+        if (devs->listener_pausable) {
+                if (warn_limit(&devs->warn_handshake_full, &suppressed))
+                        log_warning("MaxHandshakes=%u sessions in the TLS handshake: not accepting new "
+                                    "connections until one ends (%" PRIu64 " times since the last report).",
+                                    devs->config->max_handshakes, suppressed + 1);
+                return;
+        }
         if (devs->n_unbound > devs->config->max_handshakes) {
-                Session *oldest = devs->unbound_head;
-
-                session_unbound_remove(oldest);
-                session_queue_close(oldest);
+                session_unbound_remove(c);
+                session_queue_close(c);
                 stats_handshake_refused(STATS_REFUSED_EVICTED);
-                if (warn_limit(&devs->warn_handshake_evicted, &suppressed))
+                if (warn_limit(&devs->warn_handshake_full, &suppressed))
                         log_warning("More than MaxHandshakes=%u sessions in the TLS handshake: closed the "
-                                    "oldest (%" PRIu64 " closed so since the last report).",
+                                    "newest (%" PRIu64 " closed so since the last report).",
                                     devs->config->max_handshakes, suppressed + 1);
         }
 }
@@ -1368,7 +1388,21 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
         /* libcoap listens with a backlog of 5: connect storms overflow it. */
         if (listen(fd, DEVICES_LISTEN_BACKLOG) < 0)
                 log_warning_errno(errno, "Failed to raise the listen backlog: %m");
+        else {
+                /* The kernel silently caps the backlog at somaxconn. */
+                _cleanup_fclose_ FILE *f = fopen("/proc/sys/net/core/somaxconn", "re");
+                unsigned cap = 0;
+
+                if (f && fscanf(f, "%u", &cap) == 1 && cap < DEVICES_LISTEN_BACKLOG)
+                        log_notice("net.core.somaxconn=%u caps the device listen backlog below %u: raise it for "
+                                   "connect storms.", cap, DEVICES_LISTEN_BACKLOG);
+        }
         devs->listener_nodelay = setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0;
+        r = listener_pause_init(coap_context_get_coap_fd(devs->ctx), fd, &devs->listener);
+        if (r < 0)
+                log_warning_errno(r, "Cannot find the CoAP listening socket in libcoap's epoll set (%m): "
+                                  "beyond MaxHandshakes new connections are closed at once.");
+        devs->listener_pausable = r >= 0;
         sl = sizeof(ss);
         if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
                 return log_error_errno(errno, "getsockname() failed: %m");
