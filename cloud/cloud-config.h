@@ -33,6 +33,7 @@ typedef struct CloudConfig {
         unsigned call_timeout_sec;
         unsigned handshake_timeout_sec; /* accept to bound device */
         unsigned max_handshakes;        /* sessions not yet bound to a device */
+        unsigned handshake_grace_sec;   /* at MaxHandshakes, the oldest may be closed after this */
         unsigned max_queued_bytes;      /* sent to a device, not known to be read */
 
         /* [API] */

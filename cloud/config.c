@@ -99,6 +99,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Cloud", "CallTimeoutSec", call_timeout_sec, 1, 3600),
         UINT_KEY("Cloud", "HandshakeTimeoutSec", handshake_timeout_sec, 1, 3600),
         UINT_KEY("Cloud", "MaxHandshakes", max_handshakes, 1, 1000000),
+        UINT_KEY("Cloud", "HandshakeGraceSec", handshake_grace_sec, 0, 3600),
         UINT_KEY("Cloud", "MaxQueuedBytes", max_queued_bytes, 1024, 1U << 30),
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
@@ -318,6 +319,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->call_timeout_sec = 10;
         c->handshake_timeout_sec = 15;
         c->max_handshakes = 1024;
+        c->handshake_grace_sec = 2;
         c->max_queued_bytes = 1024 * 1024;
         c->api_port = 8080;
         c->journal_max_bytes = 16 * 1024 * 1024;

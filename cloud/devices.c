@@ -126,7 +126,9 @@ struct Devices {
         Session *unbound_head, *unbound_tail;
         size_t n_unbound;
         sd_event_source *handshake_timer;
-        WarnLimit warn_handshake_timeout, warn_handshake_full, warn_refused;
+        sd_event_source *admission_timer; /* when the oldest may be displaced */
+        uint64_t bind_usec_avg;           /* accept to bound, recent devices */
+        WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted, warn_refused;
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
 
         uint64_t next_token;
@@ -303,8 +305,10 @@ static void session_unbound_remove(Session *c) {
         c->unbound_prev = c->unbound_next = NULL;
         c->unbound = false;
         devs->n_unbound--;
-        if (devs->listener.paused && devs->n_unbound < devs->config->max_handshakes)
+        if (devs->listener.paused && devs->n_unbound < devs->config->max_handshakes) {
                 (void)listener_pause_set(&devs->listener, false);
+                (void)sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_OFF);
+        }
 }
 
 static void session_unbound_add(Session *c) {
@@ -841,10 +845,12 @@ static void session_bind(Session *c) {
         Devices *devs = c->devices;
         const char *id = tls_session_peer_id(c->session);
         char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+        int64_t took = (int64_t)(now_usec() - c->accepted);
         Device *d;
         int r;
 
         session_unbound_remove(c);
+        devs->bind_usec_avg += (took - (int64_t)devs->bind_usec_avg) / 8;
         format_address(coap_session_get_addr_remote(c->session), ip, addr);
         if (!id) {
                 log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
@@ -919,6 +925,76 @@ static int devices_close_cb(sd_event_source *s, void *userdata) {
         return 0;
 }
 
+/* How long the oldest unbound session keeps its place against a new
+ * connection: HandshakeGraceSec, or twice what recent devices took from
+ * accept to bound when a storm's queue makes that longer, at most
+ * HandshakeTimeoutSec (docs/design/libcoap.md, "Admission"). */
+static uint64_t admission_grace(const Devices *devs) {
+        uint64_t grace = (uint64_t)devs->config->handshake_grace_sec * USEC_PER_SEC;
+        uint64_t timeout = (uint64_t)devs->config->handshake_timeout_sec * USEC_PER_SEC;
+
+        if (grace < 2 * devs->bind_usec_avg)
+                grace = 2 * devs->bind_usec_avg;
+        return grace < timeout ? grace : timeout;
+}
+
+/* At MaxHandshakes unbound sessions: if the oldest has had its grace, keep
+ * accepting and let the next connection displace it; else stop accepting
+ * (the next connections wait in the listen backlog) until one ends or the
+ * oldest's grace runs out. Where accept cannot be paused, a connection
+ * beyond MaxHandshakes displaces the oldest if it may, else is closed. */
+static void devices_admission_check(Devices *devs) {
+        uint64_t now = now_usec(), grace = admission_grace(devs), suppressed;
+        Session *c;
+        int r;
+
+        while (devs->n_unbound > devs->config->max_handshakes) {
+                bool oldest = devs->unbound_head->accepted + grace <= now;
+
+                c = oldest ? devs->unbound_head : devs->unbound_tail;
+                session_unbound_remove(c);
+                session_queue_close(c);
+                stats_handshake_refused(STATS_REFUSED_EVICTED);
+                if (oldest && warn_limit(&devs->warn_handshake_evicted, &suppressed))
+                        log_warning("MaxHandshakes=%u sessions in the TLS handshake: closed the oldest, "
+                                    "unbound after %" PRIu64 " ms, to accept a new connection (%" PRIu64
+                                    " closed so since the last report).",
+                                    devs->config->max_handshakes, (uint64_t)((now - c->accepted) / USEC_PER_MSEC),
+                                    suppressed + 1);
+                else if (!oldest && warn_limit(&devs->warn_handshake_full, &suppressed))
+                        log_warning("More than MaxHandshakes=%u sessions in the TLS handshake: closed the "
+                                    "newest (%" PRIu64 " closed so since the last report).",
+                                    devs->config->max_handshakes, suppressed + 1);
+        }
+        c = devs->unbound_head;
+        if (devs->n_unbound < devs->config->max_handshakes || !c || c->accepted + grace <= now) {
+                (void)sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_OFF);
+                (void)listener_pause_set(&devs->listener, false);
+                return;
+        }
+        if (!devs->listener_pausable)
+                return;
+        r = listener_pause_set(&devs->listener, true);
+        if (r < 0) {
+                log_warning_errno(r, "Cannot pause accepting device connections, closing new ones instead: %m");
+                devs->listener_pausable = false;
+                return;
+        }
+        (void)sd_event_source_set_time(devs->admission_timer, c->accepted + grace);
+        (void)sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_ONESHOT);
+        if (warn_limit(&devs->warn_handshake_full, &suppressed))
+                log_warning("MaxHandshakes=%u sessions in the TLS handshake: not accepting new connections "
+                            "for up to %" PRIu64 " ms, until one ends or the oldest has had %" PRIu64
+                            " ms (%" PRIu64 " times since the last report).",
+                            devs->config->max_handshakes, (uint64_t)((c->accepted + grace - now) / USEC_PER_MSEC),
+                            (uint64_t)(grace / USEC_PER_MSEC), suppressed + 1);
+}
+
+static int devices_admission_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        devices_admission_check(userdata);
+        return 0;
+}
+
 /* Sessions that have not become a device within HandshakeTimeoutSec. */
 static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Devices *devs = userdata;
@@ -943,16 +1019,10 @@ static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *u
         return 0;
 }
 
-/* A new session waits for its handshake. At MaxHandshakes the cloud stops
- * accepting until one of them ends (bound, failed or timed out): the next
- * connections wait in the listen backlog and are served in order, where
- * closing the oldest made a storm's clients time out and start over.
- * Where accept cannot be paused, a session beyond MaxHandshakes is closed
- * at once, so its client retries soon. */
+/* A new session waits for its handshake, at most MaxHandshakes at a time
+ * (devices_admission_check()). */
 static void session_wait_handshake(Session *c) {
         Devices *devs = c->devices;
-        uint64_t suppressed;
-        int r;
 
         session_unbound_add(c);
         if (devs->unbound_head == c) {
@@ -961,28 +1031,8 @@ static void session_wait_handshake(Session *c) {
                                                        (uint64_t)devs->config->handshake_timeout_sec * USEC_PER_SEC);
                 (void)sd_event_source_set_enabled(devs->handshake_timer, SD_EVENT_ONESHOT);
         }
-        if (devs->n_unbound < devs->config->max_handshakes)
-                return;
-        if (devs->listener_pausable && (r = listener_pause_set(&devs->listener, true)) < 0) {
-                log_warning_errno(r, "Cannot pause accepting device connections, closing new ones instead: %m");
-                devs->listener_pausable = false;
-        }
-        if (devs->listener_pausable) {
-                if (warn_limit(&devs->warn_handshake_full, &suppressed))
-                        log_warning("MaxHandshakes=%u sessions in the TLS handshake: not accepting new "
-                                    "connections until one ends (%" PRIu64 " times since the last report).",
-                                    devs->config->max_handshakes, suppressed + 1);
-                return;
-        }
-        if (devs->n_unbound > devs->config->max_handshakes) {
-                session_unbound_remove(c);
-                session_queue_close(c);
-                stats_handshake_refused(STATS_REFUSED_EVICTED);
-                if (warn_limit(&devs->warn_handshake_full, &suppressed))
-                        log_warning("More than MaxHandshakes=%u sessions in the TLS handshake: closed the "
-                                    "newest (%" PRIu64 " closed so since the last report).",
-                                    devs->config->max_handshakes, suppressed + 1);
-        }
+        if (devs->n_unbound >= devs->config->max_handshakes)
+                devices_admission_check(devs);
 }
 
 static void session_setup_socket(Devices *devs, coap_session_t *session) {
@@ -1429,6 +1479,11 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
                                       devices_handshake_timer_cb, devs);
         if (r >= 0)
                 r = sd_event_source_set_enabled(devs->handshake_timer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_time(event, &devs->admission_timer, CLOCK_MONOTONIC, 0, 10 * USEC_PER_MSEC,
+                                      devices_admission_timer_cb, devs);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add CoAP event sources: %m");
         return 0;
@@ -1526,6 +1581,7 @@ Devices *devices_free(Devices *devs) {
         devs->kick = sd_event_source_disable_unref(devs->kick);
         devs->close_defer = sd_event_source_disable_unref(devs->close_defer);
         devs->handshake_timer = sd_event_source_disable_unref(devs->handshake_timer);
+        devs->admission_timer = sd_event_source_disable_unref(devs->admission_timer);
         if (devs->ctx)
                 coap_free_context(devs->ctx);
         tls_server_keys_free(devs->tls_keys);

@@ -266,39 +266,61 @@ def test_busy_device_that_reads_stays(w):
 
 # --- sessions that never become devices (finding 2) -----------------------------
 
-def test_handshake_deadline_and_cap(w):
-    """Idle or half-open connections are closed after HandshakeTimeoutSec;
-    at MaxHandshakes the cloud stops accepting (the rest wait in the
-    listen backlog) and goes on when one ends; a real device still gets
-    in, after the idle ones ahead of it."""
-    timeout = whole_seconds(4)
-    w.start_cloud(extra=f"[Cloud]\nHandshakeTimeoutSec={timeout}\nMaxHandshakes=50\n")
-    pid = w.cloud.proc.pid
-    base = nfds(pid)
+def closed(s, timeout):
+    """Whether the peer closed socket s within timeout seconds."""
+    s.settimeout(max(0.1, timeout))
+    try:
+        return s.recv(4096) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
+
+
+def idle_connections(w, n):
+    """n TCP connections to the device port that never finish a TLS
+    handshake (every other one sends half a ClientHello)."""
     socks = []
-    for i in range(100):
+    for i in range(n):
         s = socket.create_connection(("127.0.0.1", w.coap_port))
         if i % 2:
             s.sendall(b"\x16\x03\x01\x00\xc8\x01\x00\x00\xc4\x03\x03")  # a ClientHello that never ends
         socks.append(s)
+    return socks
+
+
+def test_handshake_deadline_and_cap(w):
+    """Idle or half-open connections: at most MaxHandshakes are held; at
+    that cap the cloud stops accepting until the oldest has had
+    HandshakeGraceSec, then each new connection displaces the oldest; the
+    rest are closed after HandshakeTimeoutSec; a real device gets in."""
+    timeout, grace = whole_seconds(4), 1
+    w.start_cloud(extra=f"[Cloud]\nHandshakeTimeoutSec={timeout}\nMaxHandshakes=50\nHandshakeGraceSec={grace}\n")
+    pid = w.cloud.proc.pid
+    base = nfds(pid)
+    socks = idle_connections(w, 100)
     t0 = time.monotonic()
     w.cloud.wait_line(r"MaxHandshakes=50 sessions in the TLS handshake: not accepting new connections")
     held = nfds(pid) - base
     print(f"# 100 idle connections, MaxHandshakes=50: the cloud holds {held} of them")
     expect(held <= 50 + 2, f"the cloud holds {held} unauthenticated connections")
 
-    def closed(s, timeout):
-        s.settimeout(timeout)
-        try:
-            return s.recv(4096) == b""
-        except socket.timeout:
-            return False
-        except OSError:
-            return True
-    # Two rounds of HandshakeTimeoutSec, each closing the 50 it accepted.
-    for s in socks:
-        expect(closed(s, max(0.1, t0 + 2 * timeout + seconds(3) - time.monotonic())),
-               "connection open past its turn and HandshakeTimeoutSec")
+    # The first 50 make room for the next 50 once they have had their grace,
+    # before HandshakeTimeoutSec.
+    for s in socks[:50]:
+        expect(closed(s, t0 + timeout - 0.5 - time.monotonic()), "an idle connection kept its place past "
+               "HandshakeGraceSec while others waited")
+    took = time.monotonic() - t0
+    print(f"# the first 50 were displaced after {took:.1f} s (HandshakeGraceSec={grace})")
+    expect(took > grace - 0.5, f"idle connections displaced after {took:.1f} s, before HandshakeGraceSec={grace}")
+    w.cloud.wait_line(r"MaxHandshakes=50 sessions in the TLS handshake: closed the oldest")
+    held = nfds(pid) - base
+    expect(held <= 50 + 2, f"the cloud holds {held} unauthenticated connections")
+
+    # The rest are closed by HandshakeTimeoutSec, nobody waiting behind them.
+    for s in socks[50:]:
+        expect(closed(s, t0 + grace + timeout + seconds(3) - time.monotonic()),
+               "connection open past HandshakeTimeoutSec")
     took = time.monotonic() - t0
     print(f"# the last idle connection was closed after {took:.1f} s (HandshakeTimeoutSec={timeout})")
     expect(took > timeout - 1, f"idle connections closed after {took:.1f} s, before HandshakeTimeoutSec={timeout}")
@@ -314,10 +336,35 @@ def test_handshake_deadline_and_cap(w):
     expect(json.loads(w.tether("describe", dev, "--json").stdout)["connected"], "the device was dropped")
 
 
+def test_idle_flood_does_not_hold_the_door(w):
+    """MaxHandshakes idle connections opened first cannot keep a real
+    device out for HandshakeTimeoutSec: it is online once the oldest has
+    had HandshakeGraceSec (default 2 s), on its first connection."""
+    timeout, n = whole_seconds(20), 8
+    w.start_cloud(extra=f"[Cloud]\nHandshakeTimeoutSec={timeout}\nMaxHandshakes={n}\n")
+    socks = idle_connections(w, n)
+    w.cloud.wait_line(rf"MaxHandshakes={n} sessions in the TLS handshake: not accepting new connections")
+    deadline = 2 + seconds(5)
+    expect(deadline < timeout, "the test cannot tell the grace from the timeout")
+    t0 = time.monotonic()
+    d, dev = connect(w, timeout=deadline / SLOW)
+    took = time.monotonic() - t0
+    print(f"# behind {n} idle connections (MaxHandshakes={n}, HandshakeTimeoutSec={timeout}): "
+          f"the device was online after {took:.1f} s")
+    expect(took < deadline, f"the device took {took:.1f} s behind {n} idle connections")
+    w.cloud.wait_line(rf"MaxHandshakes={n} sessions in the TLS handshake: closed the oldest")
+    expect(closed(socks[0], 1), "the oldest idle connection is still open")
+    for s in socks:
+        s.close()
+    d.close()
+
+
 def test_handshake_storm_all_bind(w):
     """Many devices connecting at once with MaxHandshakes=4: every one gets
     online on its first connection (none closed, none timed out)."""
-    w.start_cloud(extra="[Cloud]\nMaxHandshakes=4\n")
+    # A handshake here takes milliseconds; HandshakeGraceSec scaled like
+    # every time window, so that a busy machine does not displace them.
+    w.start_cloud(extra=f"[Cloud]\nMaxHandshakes=4\nHandshakeGraceSec={whole_seconds(2)}\n")
     n = 60
     devs = [w.new_device() for _ in range(n)]
     mark = w.notify.mark()
@@ -341,6 +388,7 @@ def test_handshake_storm_all_bind(w):
                   len(online) == n, 30, f"{n} devices online", mark)
     w.cloud.wait_line(r"MaxHandshakes=4 sessions in the TLS handshake: not accepting")
     expect(w.cloud.count(r"disconnected") == 0, "a device was disconnected during the storm")
+    expect(w.cloud.count(r"closed the oldest") == 0, "a device's handshake was displaced during the storm")
     print(f"# {n} devices at once, MaxHandshakes=4: {len(online)} online, 0 retries")
     for d in socks:
         d.close()
@@ -577,7 +625,8 @@ if __name__ == "__main__":
     sys.exit(run([test_stalled_device_costs_bounded_memory, test_own_pings_do_not_keep_a_device_alive,
                   test_unasked_pong_closes_session, test_device_that_sends_without_reading_is_closed,
                   test_busy_device_that_reads_stays,
-                  test_handshake_deadline_and_cap, test_handshake_storm_all_bind,
+                  test_handshake_deadline_and_cap, test_idle_flood_does_not_hold_the_door,
+                  test_handshake_storm_all_bind,
                   test_tls_resumption_attempt_gets_full_handshake,
                   test_post_d_flood_one_describe_at_a_time, test_bad_describe_documents,
                   test_publish_errors_and_private, test_subscription_limit_and_unsubscribe,
