@@ -182,6 +182,7 @@ static const KeyfileKey keys[] = {
         { "Connection", "ReconnectMinSec", KEYFILE_SECONDS, F(reconnect_min_ms), 10, 0 },
         { "Connection", "ReconnectMaxSec", KEYFILE_SECONDS, F(reconnect_max_ms), 10, 0 },
         { "Connection", "StableSec", KEYFILE_SECONDS, F(stable_ms), 0, 0 },
+        { "Connection", "StartJitterSec", KEYFILE_SECONDS, F(start_jitter_ms), 0, 0 },
         { "Limits", "MaxPayload", KEYFILE_SIZE, F(max_payload), 64, PROTO_HARD_PAYLOAD_MAX },
         { "Limits", "MaxSubscriptions", KEYFILE_UINT, F(max_subscriptions), 0, 1024 },
         { "State", "Directory", KEYFILE_STRING, F(state_dir), 0, 0 },

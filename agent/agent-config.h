@@ -68,6 +68,7 @@ typedef struct Config {
         uint64_t reconnect_min_ms;
         uint64_t reconnect_max_ms;
         uint64_t stable_ms;
+        uint64_t start_jitter_ms; /* first connect after start: random 0..this */
         /* [Limits] */
         size_t max_payload;
         unsigned max_subscriptions;

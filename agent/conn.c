@@ -9,6 +9,7 @@
 #include <openssl/x509.h>
 #include <signal.h>
 
+#include "backoff.h"
 #include "conn.h"
 #include "log.h"
 #include "outbox.h"
@@ -1090,17 +1091,6 @@ static int begin_connect(Conn *c) {
         return 0;
 }
 
-/* Equal jitter: half the exponential delay fixed, half random. */
-static uint64_t backoff_ms(Conn *c) {
-        uint64_t base = c->config->reconnect_min_ms, max = c->config->reconnect_max_ms;
-        unsigned n = c->failures < 30 ? c->failures : 30;
-        uint64_t d = base << n;
-
-        if (d > max || d < base)
-                d = max;
-        return d / 2 + (uint64_t)((double)(d / 2) * ((double)random() / RAND_MAX));
-}
-
 /* Answer every request still waiting: the connection they went out on is
  * gone. Callbacks may start new requests; those fail at once. */
 static void fail_pending(Conn *c) {
@@ -1165,7 +1155,8 @@ static int on_teardown(sd_event_source *s, void *userdata) {
         }
         drop_session(c);
         addrs_free(c);
-        delay = backoff_ms(c);
+        delay = backoff_delay_ms(c->config->reconnect_min_ms, c->config->reconnect_max_ms, c->failures,
+                                 (uint32_t)random());
         c->failures++;
         snprintf(status, sizeof(status), "Disconnected from %s:%u (%s); retrying in %.1f s", c->host,
                  c->config->cloud_port, reason, delay / 1000.0);
@@ -1329,9 +1320,22 @@ int conn_new(sd_event *event, Registry *reg, Outbox *outbox, const Config *cfg, 
         return 0;
 }
 
+/* The first connect waits a random part of StartJitterSec, so that devices
+ * powered on together (a site's power cut) do not all connect at once. */
 int conn_start(Conn *c) {
+        uint64_t delay = backoff_start_delay_ms(c->config->start_jitter_ms, (uint32_t)random());
+        char status[512];
+
         c->state = CONN_IDLE;
-        conn_schedule(c);
+        if (delay == 0) {
+                conn_schedule(c);
+                return 0;
+        }
+        snprintf(status, sizeof(status), "Connecting to %s:%u in %.1f s (StartJitterSec=%.1f)", c->host,
+                 c->config->cloud_port, delay / 1000.0, c->config->start_jitter_ms / 1000.0);
+        log_info("%s", status);
+        set_state(c, CONN_IDLE, status);
+        arm_timer(c, now_ms() + delay);
         return 0;
 }
 

@@ -5,6 +5,7 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
+#include <sys/random.h>
 #include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 #include <systemd/sd-journal.h>
@@ -341,6 +342,7 @@ int main(int argc, char *argv[]) {
         _cleanup_(agent_done) Agent a = {};
         _cleanup_free_ char *error = NULL, *status = NULL;
         bool check_only = false;
+        unsigned seed;
         sigset_t mask;
         int r, c;
 
@@ -383,7 +385,10 @@ int main(int argc, char *argv[]) {
                 printf("%s: OK\n", a.config_path);
                 return 0;
         }
-        srandom((unsigned)now_usec() ^ (unsigned)getpid());
+        /* Reconnect and start jitter: devices booted together must differ. */
+        if (getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != sizeof(seed))
+                seed = (unsigned)now_usec() ^ (unsigned)getpid();
+        srandom(seed);
 
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);

@@ -205,6 +205,7 @@ Key=/etc/tether/device.key
 [Connection]
 ReconnectMinSec=0.2
 ReconnectMaxSec=1
+StartJitterSec=0
 [OTA]
 Keyring=/etc/tether/ota-keys
 TrialSec=3
