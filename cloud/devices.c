@@ -21,6 +21,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/ssl.h>
+#include <sys/epoll.h>
 #include <systemd/sd-daemon.h>
 
 #include "devices.h"
@@ -111,6 +112,8 @@ struct Devices {
         ListenerPause listener; /* accept paused at MaxHandshakes */
         bool listener_pausable;
         sd_event_source *io, *kick, *timer, *close_defer;
+        uint64_t last_scan; /* CLOCK_MONOTONIC µs of the last coap_io_prepare_epoll() */
+        bool scan_due;      /* something happened that the next scan must see */
 
         Device **dev_buckets;
         size_t dev_nbuckets, n_devices;
@@ -402,38 +405,93 @@ json_t *devices_to_json(Devices *devs) {
 
 /* ---- the libcoap loop on sd-event ------------------------------------ */
 
-static void devices_arm_timer(Devices *devs) {
+/* libcoap's coap_io_process() starts with coap_io_prepare_epoll(), which
+ * walks every session of the context (idle timeouts, freeing closed
+ * sessions, block-transfer timers) before it looks at the one socket that
+ * is ready: with 10,000 sessions that walk, not the request, was most of
+ * the cost of a call (docs/design/libcoap.md, "The session scan"). So the
+ * cloud drives the two halves itself: I/O is dispatched with
+ * coap_io_do_epoll() on exactly the sockets epoll reports, and the walk
+ * (the "scan") runs when libcoap's own timer asks for it, or once after
+ * activity, but at most every DEVICES_SCAN_INTERVAL. Nothing the scan does
+ * for a TLS-over-TCP server is urgent: TCP has no retransmissions, closed
+ * sessions are only freed a little later, and idle timeouts are seconds. */
+#define DEVICES_SCAN_INTERVAL (100 * USEC_PER_MSEC)
+#define DEVICES_EPOLL_BATCH 64
+
+static void devices_scan(Devices *devs) {
         coap_tick_t now;
         unsigned ms;
 
-        /* libcoap's own timerfd sits in the epoll fd we watch; this timer
-         * only makes sure nothing is missed after we act from outside. */
         coap_ticks(&now);
         ms = coap_io_prepare_epoll(devs->ctx, now);
+        devs->last_scan = now_usec();
+        devs->scan_due = false;
+        /* libcoap armed its timerfd (in the epoll set we watch) for ms;
+         * our timer is a backstop for that wakeup. */
         if (ms > 0) {
-                (void)sd_event_source_set_time_relative(devs->timer, (uint64_t)ms * USEC_PER_MSEC);
+                (void)sd_event_source_set_time(devs->timer, devs->last_scan + (uint64_t)ms * USEC_PER_MSEC);
                 (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_ONESHOT);
         } else
                 (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_OFF);
 }
 
+/* Scan now if the last one is old enough, else arm the timer for when it is. */
+static void devices_scan_soon(Devices *devs) {
+        uint64_t now = now_usec(), at = devs->last_scan + DEVICES_SCAN_INTERVAL, cur;
+        int enabled = SD_EVENT_OFF;
+
+        if (now >= at) {
+                devices_scan(devs);
+                return;
+        }
+        devs->scan_due = true;
+        (void)sd_event_source_get_enabled(devs->timer, &enabled);
+        if (enabled != SD_EVENT_OFF && sd_event_source_get_time(devs->timer, &cur) >= 0 && cur <= at)
+                return;
+        (void)sd_event_source_set_time(devs->timer, at);
+        (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_ONESHOT);
+}
+
+/* Dispatch what epoll reports ready, without waiting. */
+static void devices_dispatch(Devices *devs) {
+        struct epoll_event events[DEVICES_EPOLL_BATCH];
+        int fd = coap_context_get_coap_fd(devs->ctx), n;
+        bool activity = false;
+
+        do {
+                n = epoll_wait(fd, events, DEVICES_EPOLL_BATCH, 0);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        log_warning_errno(errno, "epoll_wait() on libcoap's descriptor failed: %m");
+                        break;
+                }
+                if (n > 0) {
+                        /* A NULL pointer is libcoap's timerfd: a scan is asked for. */
+                        activity = true;
+                        coap_io_do_epoll(devs->ctx, events, (size_t)n);
+                }
+        } while (n == DEVICES_EPOLL_BATCH);
+        if (activity || devs->scan_due)
+                devices_scan_soon(devs);
+}
+
 static int devices_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        Devices *devs = userdata;
-        coap_io_process(devs->ctx, COAP_IO_NO_WAIT);
+        devices_dispatch(userdata);
         return 0;
 }
 
 static int devices_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Devices *devs = userdata;
-        coap_io_process(devs->ctx, COAP_IO_NO_WAIT);
-        devices_arm_timer(devs);
+
+        devices_dispatch(devs);
+        devices_scan_soon(devs);
         return 0;
 }
 
 static int devices_kick_cb(sd_event_source *s, void *userdata) {
-        Devices *devs = userdata;
-        coap_io_process(devs->ctx, COAP_IO_NO_WAIT);
-        devices_arm_timer(devs);
+        devices_dispatch(userdata);
         return 0;
 }
 
