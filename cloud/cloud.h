@@ -5,6 +5,7 @@
  *   journal.c  journal_  the event journal: de-duplication, SSE replay (journal.h)
  *   events.c   events_   device publish/subscribe and the event router (events.h)
  *   devices.c  devices_  libcoap server, device registry, requests to devices (devices.h)
+ *   subscriptions.c sub_ the index of subscriptions by prefix (subscriptions.h)
  *   api.c      api_      HTTP API on libmicrohttpd (Particle Cloud API shapes)
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS
  *   cloud.c    cloud_    the Cloud object: the loop, signals, sd_notify, the wiring

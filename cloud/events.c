@@ -10,16 +10,18 @@
 #include "events.h"
 #include "log.h"
 #include "stats.h"
+#include "subscriptions.h"
 #include "util.h"
 
+/* One device subscription; its prefix and owner (the device) are in the
+ * index (subscriptions.h), whose userdata it is: the index frees it, after
+ * the routing on the stack if there is one. */
 typedef struct Subscription {
         Device *device;
+        Sub *sub;
         uint8_t token[8];
         size_t token_len;
         uint32_t seq; /* Observe sequence, 24 bits */
-        char *prefix;
-        bool dead; /* device gone while routing; freed after */
-        struct Subscription *prev, *next;
 } Subscription;
 
 /* At most one line about devices' insane clocks this often. */
@@ -29,9 +31,7 @@ struct Events {
         const CloudConfig *config;
         Journal *journal;
         EventsHooks hooks;
-        Subscription *head;
-        unsigned routing; /* events_route() on the stack */
-        bool need_sweep;
+        SubIndex *subs; /* device subscriptions by prefix */
         uint64_t clock_logged_at; /* CLOCK_MONOTONIC */
         uint64_t clock_unlogged;  /* insane times since that line */
 };
@@ -44,6 +44,11 @@ int events_new(const CloudConfig *config, Journal *journal, const EventsHooks *h
         ev->config = config;
         ev->journal = journal;
         ev->hooks = *hooks;
+        ev->subs = sub_index_new(free);
+        if (!ev->subs) {
+                free(ev);
+                return -ENOMEM;
+        }
         *ret = ev;
         return 0;
 }
@@ -52,49 +57,15 @@ static const char *device_id(Events *ev, const Device *d) {
         return ev->hooks.device_id(ev->hooks.userdata, d);
 }
 
-static void subscription_free(Events *ev, Subscription *s) {
-        if (s->prev)
-                s->prev->next = s->next;
-        else
-                ev->head = s->next;
-        if (s->next)
-                s->next->prev = s->prev;
-        free(s->prefix);
-        free(s);
-}
-
 void events_device_gone(Events *ev, const Device *d) {
-        Subscription *s, *next;
-
-        for (s = ev->head; s; s = next) {
-                next = s->next;
-                if (s->device != d)
-                        continue;
-                if (ev->routing > 0) {
-                        s->dead = true;
-                        s->device = NULL;
-                        ev->need_sweep = true;
-                } else
-                        subscription_free(ev, s);
-        }
-}
-
-static void events_sweep(Events *ev) {
-        Subscription *s, *next;
-
-        ev->need_sweep = false;
-        for (s = ev->head; s; s = next) {
-                next = s->next;
-                if (s->dead)
-                        subscription_free(ev, s);
-        }
+        /* Safe while routing: the index frees them after. */
+        (void)sub_index_remove_owner(ev->subs, d);
 }
 
 Events *events_free(Events *ev) {
         if (!ev)
                 return NULL;
-        while (ev->head)
-                subscription_free(ev, ev->head);
+        sub_index_free(ev->subs);
         free(ev);
         return NULL;
 }
@@ -247,11 +218,15 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(201));
 }
 
+/* The device's subscription with this token: among its own (at most
+ * MaxSubscriptions), not among everyone's. */
 static Subscription *events_find(Events *ev, const Device *d, coap_bin_const_t token) {
-        for (Subscription *s = ev->head; s; s = s->next)
-                if (s->device == d && s->token_len == token.length &&
-                    memcmp(s->token, token.s, token.length) == 0)
+        for (Sub *i = sub_index_owner_first(ev->subs, d); i; i = sub_owner_next(i)) {
+                Subscription *s = sub_userdata(i);
+
+                if (s->token_len == token.length && memcmp(s->token, token.s, token.length) == 0)
                         return s;
+        }
         return NULL;
 }
 
@@ -260,10 +235,9 @@ static void events_subscribe(Events *ev, Device *d, const coap_pdu_t *request, c
         coap_bin_const_t token = coap_pdu_get_token(request);
         coap_opt_iterator_t it;
         coap_opt_t *opt;
-        Subscription *s;
-        unsigned action, count = 0;
+        Subscription *s, *old;
+        unsigned action;
         uint8_t buf[4];
-        char *p;
 
         opt = coap_check_option(request, COAP_OPTION_OBSERVE, &it);
         if (!opt) {
@@ -274,8 +248,8 @@ static void events_subscribe(Events *ev, Device *d, const coap_pdu_t *request, c
         if (action == COAP_OBSERVE_CANCEL) {
                 s = events_find(ev, d, token);
                 if (s) {
-                        log_debug("Device '%s' unsubscribed from '%s'.", device_id(ev, d), s->prefix);
-                        subscription_free(ev, s);
+                        log_debug("Device '%s' unsubscribed from '%s'.", device_id(ev, d), sub_prefix(s->sub));
+                        sub_index_remove(ev->subs, s->sub);
                 }
                 coap_pdu_set_code(response, COAP_RESPONSE_CODE(205));
                 return;
@@ -292,41 +266,31 @@ static void events_subscribe(Events *ev, Device *d, const coap_pdu_t *request, c
                 events_reply(response, COAP_RESPONSE_CODE(400), "bad token");
                 return;
         }
-        p = strdup(prefix);
-        if (!p) {
+        /* Same token again: the subscription now has this prefix (a new
+         * one in its place, with its Observe sequence). */
+        old = events_find(ev, d, token);
+        if (!old && sub_index_count(ev->subs, d) >= ev->config->max_subscriptions) {
+                events_reply(response, COAP_RESPONSE_CODE(403), "subscription limit reached");
+                return;
+        }
+        s = calloc(1, sizeof(*s));
+        if (!s) {
                 events_reply(response, COAP_RESPONSE_CODE(500), "out of memory");
                 return;
         }
-        s = events_find(ev, d, token);
-        if (s) {
-                /* Same token again: the subscription now has this prefix. */
-                free(s->prefix);
-                s->prefix = p;
-        } else {
-                for (Subscription *i = ev->head; i; i = i->next)
-                        count += i->device == d;
-                if (count >= ev->config->max_subscriptions) {
-                        free(p);
-                        events_reply(response, COAP_RESPONSE_CODE(403), "subscription limit reached");
-                        return;
-                }
-                s = calloc(1, sizeof(*s));
-                if (!s) {
-                        free(p);
-                        events_reply(response, COAP_RESPONSE_CODE(500), "out of memory");
-                        return;
-                }
-                s->device = d;
-                s->prefix = p;
-                s->token_len = token.length;
-                memcpy(s->token, token.s, token.length);
-                s->next = ev->head;
-                if (ev->head)
-                        ev->head->prev = s;
-                ev->head = s;
+        s->device = d;
+        s->token_len = token.length;
+        memcpy(s->token, token.s, token.length);
+        s->seq = old ? old->seq : 0;
+        if (sub_index_add(ev->subs, d, NULL, prefix, s, &s->sub) < 0) {
+                free(s);
+                events_reply(response, COAP_RESPONSE_CODE(500), "out of memory");
+                return;
         }
+        if (old)
+                sub_index_remove(ev->subs, old->sub);
         s->seq = (s->seq + 1) & 0xffffff;
-        log_debug("Device '%s' subscribed to '%s'.", device_id(ev, d), s->prefix);
+        log_debug("Device '%s' subscribed to '%s'.", device_id(ev, d), prefix);
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(205));
         coap_add_option(response, COAP_OPTION_OBSERVE, coap_encode_var_safe(buf, sizeof(buf), s->seq), buf);
 }
@@ -339,48 +303,56 @@ void events_handle_request(Events *ev, Device *d, const coap_pdu_t *request, con
                 events_subscribe(ev, d, request, path, response);
 }
 
-void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_t id) {
-        _cleanup_free_ char *json = NULL;
-        Subscription *s, *next;
-        bool sent = false;
-        size_t len = 0;
+typedef struct EventsRouting {
+        Events *ev;
+        const ProtoEvent *e;
+        const Device *source;
+        char *json; /* encoded once, for the first match */
+        size_t len;
+        bool sent;
+} EventsRouting;
+
+static bool events_route_one(Sub *sub, void *userdata, void *ctx) {
+        EventsRouting *ro = ctx;
+        Events *ev = ro->ev;
+        Subscription *s = userdata;
+        uint32_t seq = (s->seq + 1) & 0xffffff;
+        Device *d = s->device;
         int r;
+
+        if (d == ro->source)
+                return true;
+        if (!ro->json) {
+                r = proto_event_encode(ro->e, &ro->json, &ro->len);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to encode event '%s': %m", ro->e->name);
+                        return false;
+                }
+        }
+        /* notify may close the device's session, which removes its
+         * subscriptions: s stays valid until the match is over (the index
+         * frees it then), d for as long as the registry (devices.h). */
+        r = ev->hooks.notify(ev->hooks.userdata, d, s->token, s->token_len, seq, ro->json, ro->len);
+        if (r == -ENOTCONN)
+                return true; /* no established session (yet): nothing sent */
+        s->seq = seq;
+        if (r < 0 && ev->hooks.undeliverable)
+                ev->hooks.undeliverable(ev->hooks.userdata, d, ro->e->name, ro->len, r);
+        else if (r >= 0)
+                stats_event_out(STATS_TO_DEVICE);
+        ro->sent = true;
+        return true;
+}
+
+void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_t id) {
+        EventsRouting ro = { .ev = ev, .e = e, .source = source };
 
         if (ev->hooks.deliver_to_streams)
                 ev->hooks.deliver_to_streams(ev->hooks.userdata, e, id);
 
-        /* Sending can close a session, whose subscriptions then die:
-         * they are only marked while we walk the list. */
-        ev->routing++;
-        for (s = ev->head; s; s = next) {
-                uint32_t seq = (s->seq + 1) & 0xffffff;
-                Device *d;
-
-                next = s->next;
-                if (s->dead || s->device == source || !proto_prefix_match(s->prefix, e->name))
-                        continue;
-                if (!json) {
-                        r = proto_event_encode(e, &json, &len);
-                        if (r < 0) {
-                                log_error_errno(r, "Failed to encode event '%s': %m", e->name);
-                                break;
-                        }
-                }
-                /* notify may close the device's session, which marks s dead
-                 * and clears s->device: d stays valid (devices.h). */
-                d = s->device;
-                r = ev->hooks.notify(ev->hooks.userdata, d, s->token, s->token_len, seq, json, len);
-                if (r == -ENOTCONN)
-                        continue; /* no established session (yet): nothing sent */
-                s->seq = seq;
-                if (r < 0 && ev->hooks.undeliverable)
-                        ev->hooks.undeliverable(ev->hooks.userdata, d, e->name, len, r);
-                else if (r >= 0)
-                        stats_event_out(STATS_TO_DEVICE);
-                sent = true;
-        }
-        if (--ev->routing == 0 && ev->need_sweep)
-                events_sweep(ev);
-        if (sent && ev->hooks.flush)
+        /* The matching subscriptions only (subscriptions.h). */
+        (void)sub_index_match(ev->subs, NULL, e->name, events_route_one, &ro);
+        free(ro.json);
+        if (ro.sent && ev->hooks.flush)
                 ev->hooks.flush(ev->hooks.userdata);
 }
