@@ -13,13 +13,16 @@
 #include "cloud.h"
 #include "log.h"
 #include "stats.h"
+#include "subscriptions.h"
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
 #define USEC_PER_MSEC 1000ULL
 /* particle-api-js drops an event stream after 15 s without data. */
 #define API_SSE_KEEPALIVE_USEC (10 * USEC_PER_SEC)
-#define API_SSE_QUEUE_MAX (1024 * 1024) /* bytes queued per stream before we drop it */
+/* Bytes queued per live stream; past this it catches up from the journal
+ * at its own pace (docs/cloud.md, "Slow subscribers"). */
+#define API_SSE_QUEUE_MAX (1024 * 1024)
 #define API_SSE_BLOCK 16384
 /* Idle time before MHD closes a connection (event streams send a comment
  * every 10 s; suspended requests do not time out). */
@@ -61,12 +64,17 @@ typedef struct ApiRequest {
         uint8_t token_digest[CONFIG_TOKEN_DIGEST_SIZE];
         char *prefix;
         char *filter_id; /* only events from this device */
+        Sub *sub;        /* in api.streams, once the stream is open */
         char *buf;
         size_t buf_off, buf_len, buf_cap;
-        /* Replaying the journal after Last-Event-ID: live events are not
-         * pushed until the cursor reaches the end. */
+        /* Every event up to this journal id is queued or does not match. */
+        uint64_t last_id;
+        /* Replaying the journal (after Last-Event-ID, or because the
+         * stream fell behind): live events are not pushed until the
+         * cursor reaches the end. */
         bool catching_up;
         bool replay_started;
+        bool resumed; /* catching up from a client's Last-Event-ID */
         JournalCursor cursor;
 
         /* /v1/ota/...: handled by ota.c */
@@ -83,6 +91,7 @@ static struct {
         struct MHD_Daemon *daemon;
         sd_event_source *io, *timer, *defer, *keepalive;
         ApiRequest *requests;
+        SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
         size_t body_total; /* bytes in all requests' body buffers */
         unsigned n_streams;
@@ -469,25 +478,56 @@ static ssize_t api_sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
         return (ssize_t)n;
 }
 
+static void api_sse_client(ApiRequest *req, char host[static NI_MAXHOST]) {
+        const union MHD_ConnectionInfo *ci =
+                MHD_get_connection_info(req->connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+
+        strcpy(host, "?");
+        if (ci && ci->client_addr)
+                (void)getnameinfo(ci->client_addr,
+                                  ci->client_addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                                                         : sizeof(struct sockaddr_in),
+                                  host, NI_MAXHOST, NULL, 0, NI_NUMERICHOST);
+}
+
+/* Queue a comment (keep-alive) for the stream. */
 static void api_sse_push(ApiRequest *req, const char *s, size_t n) {
         if (req->dropped)
                 return;
-        if (req->buf_len - req->buf_off + n > API_SSE_QUEUE_MAX || api_sse_append(req, s, n) < 0) {
-                const union MHD_ConnectionInfo *ci =
-                        MHD_get_connection_info(req->connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-                char host[NI_MAXHOST] = "?";
-
-                if (ci && ci->client_addr)
-                        (void)getnameinfo(ci->client_addr,
-                                          ci->client_addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
-                                                                                 : sizeof(struct sockaddr_in),
-                                          host, sizeof(host), NULL, 0, NI_NUMERICHOST);
-                log_warning("Event stream client %s fell more than %u bytes behind, dropping it.", host,
-                            API_SSE_QUEUE_MAX);
-                stats_event_dropped(STATS_DROPPED_STREAM_BEHIND);
+        if (api_sse_append(req, s, n) < 0)
                 req->dropped = true;
+        api_resume(req);
+}
+
+/* Queue event id (msg, n bytes) for a live stream. A stream that has not
+ * read API_SSE_QUEUE_MAX bytes already gets nothing more queued: it
+ * catches up from the journal after the last event it was given, as fast
+ * as it reads, and then goes live again. */
+static bool api_sse_push_event(ApiRequest *req, const char *msg, size_t n, uint64_t id) {
+        char host[NI_MAXHOST];
+        bool queued = false;
+
+        if (req->dropped)
+                return false;
+        if (req->buf_len - req->buf_off + n > API_SSE_QUEUE_MAX) {
+                api_sse_client(req, host);
+                log_notice("Event stream client %s fell more than %u bytes behind: it reads from the event "
+                           "journal after id %" PRIu64 " until it catches up.",
+                           host, API_SSE_QUEUE_MAX, req->last_id);
+                journal_cursor_init(&req->cursor, api.journal, req->last_id);
+                req->catching_up = true;
+                req->replay_started = false;
+                req->resumed = false;
+        } else if (api_sse_append(req, msg, n) < 0) {
+                api_sse_client(req, host);
+                log_warning("Out of memory for event stream client %s, dropping it.", host);
+                req->dropped = true;
+        } else {
+                req->last_id = id;
+                queued = true;
         }
         api_resume(req);
+        return queued;
 }
 
 static bool api_sse_matches(const ApiRequest *req, const ProtoEvent *e) {
@@ -521,22 +561,41 @@ static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
         return n < 0 ? -ENOMEM : n;
 }
 
+/* The explicit notice that events this stream should have had are gone
+ * from the journal: how many, and the id of the first one still there
+ * (docs/cloud.md, "Slow subscribers"). No id: line, so a client's
+ * Last-Event-ID stays at the last event it got. */
+static int api_sse_lost(ApiRequest *req, uint64_t lost, uint64_t first_id) {
+        char msg[160];
+        int n = snprintf(msg, sizeof(msg),
+                         "event: tether/stream/lost\ndata: {\"lost\":%" PRIu64 ",\"first_id\":\"%016" PRIx64
+                         "-%" PRIu64 "\"}\n\n",
+                         lost, journal_epoch(api.journal), first_id);
+
+        return api_sse_append(req, msg, (size_t)n);
+}
+
 /* Fill the stream's buffer from the journal; at its end, go live. */
 static void api_sse_catch_up(ApiRequest *req) {
         while (req->catching_up && req->buf_len - req->buf_off < API_SSE_BLOCK) {
                 _cleanup_free_ char *msg = NULL;
+                uint64_t want = req->cursor.last_id + 1, id;
                 ProtoEvent e;
-                uint64_t id;
                 int n, r;
 
-                uint64_t want = req->cursor.last_id + 1;
-
                 r = journal_cursor_next(&req->cursor, &e, &id);
-                if (r > 0 && !req->replay_started) {
-                        req->replay_started = true;
-                        /* The journal keeps the newest events only: say so
-                         * when some the client asked for are gone. */
-                        if (id > want) {
+                if (r <= 0) {
+                        if (r < 0)
+                                log_warning_errno(r, "Failed to read the event journal for a stream: %m");
+                        req->last_id = req->cursor.last_id;
+                        req->catching_up = false;
+                        journal_cursor_done(&req->cursor);
+                        return;
+                }
+                /* Ids grow by one per event: a gap is events the journal
+                 * dropped (JournalMaxBytes) before this stream read them. */
+                if (id > want) {
+                        if (!req->replay_started && req->resumed) {
                                 char note[96];
                                 int k = snprintf(note, sizeof(note),
                                                  ":%" PRIu64 " event(s) before this are no longer in the journal\n\n",
@@ -545,14 +604,11 @@ static void api_sse_catch_up(ApiRequest *req) {
                                 if (api_sse_append(req, note, (size_t)k) < 0)
                                         req->dropped = true;
                         }
+                        if (api_sse_lost(req, id - want, id) < 0)
+                                req->dropped = true;
+                        stats_event_dropped(STATS_DROPPED_STREAM_BEHIND);
                 }
-                if (r <= 0) {
-                        if (r < 0)
-                                log_warning_errno(r, "Failed to read the event journal for a stream: %m");
-                        req->catching_up = false;
-                        journal_cursor_done(&req->cursor);
-                        return;
-                }
+                req->replay_started = true;
                 n = api_sse_matches(req, &e) ? api_sse_format(&e, id, &msg) : 0;
                 proto_event_done(&e);
                 if (n > 0 && api_sse_append(req, msg, (size_t)n) < 0)
@@ -562,23 +618,38 @@ static void api_sse_catch_up(ApiRequest *req) {
         }
 }
 
-void api_deliver_event(const ProtoEvent *e, uint64_t id) {
-        _cleanup_free_ char *msg = NULL;
-        int n = 0;
+typedef struct ApiDelivery {
+        const ProtoEvent *e;
+        uint64_t id;
+        char *msg; /* formatted once, for the first stream */
+        int n;
+} ApiDelivery;
 
-        if (api.n_streams == 0)
-                return;
-        for (ApiRequest *req = api.requests; req; req = req->next) {
-                if (!req->sse || req->ending || req->catching_up || !api_sse_matches(req, e))
-                        continue;
-                if (!msg && (n = api_sse_format(e, id, &msg)) < 0) {
-                        msg = NULL;
-                        return;
-                }
-                api_sse_push(req, msg, (size_t)n);
-                if (!req->dropped)
-                        stats_event_out(STATS_TO_STREAM);
+static bool api_deliver_one(Sub *sub, void *userdata, void *ctx) {
+        ApiDelivery *dl = ctx;
+        ApiRequest *req = userdata;
+
+        if (req->ending || req->catching_up)
+                return true;
+        if (!dl->msg && (dl->n = api_sse_format(dl->e, dl->id, &dl->msg)) < 0) {
+                dl->msg = NULL;
+                return false;
         }
+        if (api_sse_push_event(req, dl->msg, (size_t)dl->n, dl->id))
+                stats_event_out(STATS_TO_STREAM);
+        return true;
+}
+
+void api_deliver_event(const ProtoEvent *e, uint64_t id) {
+        ApiDelivery dl = { .e = e, .id = id };
+
+        if (!api.streams)
+                return;
+        /* The streams whose prefix matches, unfiltered or filtered on the
+         * publishing device (API events have no device). */
+        (void)sub_index_match(api.streams, e->coreid && !streq(e->coreid, "api") ? e->coreid : NULL, e->name,
+                              api_deliver_one, &dl);
+        free(dl.msg);
 }
 
 unsigned api_end_revoked_streams(void) {
@@ -630,6 +701,7 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
         if (p->has_last_event_id && p->last_epoch == journal_epoch(api.journal)) {
                 journal_cursor_init(&req->cursor, api.journal, p->last_id);
                 req->catching_up = true;
+                req->resumed = true;
         } else {
                 _cleanup_free_ char *here = NULL;
                 int n;
@@ -642,6 +714,7 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                              journal_epoch(api.journal), journal_last_id(api.journal));
                 if (n < 0 || api_sse_append(req, here, (size_t)n) < 0)
                         return MHD_NO;
+                req->last_id = journal_last_id(api.journal);
         }
         resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, API_SSE_BLOCK, api_sse_reader, req, NULL);
         if (!resp)
@@ -655,6 +728,8 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                 req->sse = true;
                 api.n_streams++;
                 stats_stream_opened(1);
+                if (sub_index_add(api.streams, req, req->filter_id, req->prefix, req, &req->sub) < 0)
+                        return MHD_NO;
         }
         return ret;
 }
@@ -916,6 +991,8 @@ static void api_request_free(ApiRequest *req) {
                 api.n_streams--;
                 stats_stream_opened(-1);
         }
+        if (req->sub)
+                sub_index_remove(api.streams, req->sub);
         devices_call_cancel(req->call);
         journal_cursor_done(&req->cursor);
         ota_api_request_free(req->ota_state);
@@ -974,6 +1051,9 @@ int api_start(sd_event *event, const CloudConfig *config, Journal *journal, Devi
         api.events = events;
         /* Room for a MaxPayload argument even when every byte is escaped. */
         api.body_max = (size_t)config->max_payload * 3 + 4096;
+        api.streams = sub_index_new(NULL);
+        if (!api.streams)
+                return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
 
         r = cloud_config_resolve_address(config->api_listen, config->api_port, &ss, &sl);
         if (r < 0)
@@ -1040,6 +1120,7 @@ void api_stop(void) {
                 MHD_stop_daemon(api.daemon);
                 api.daemon = NULL;
         }
+        api.streams = sub_index_free(api.streams);
         api.io = sd_event_source_disable_unref(api.io);
         api.timer = sd_event_source_disable_unref(api.timer);
         api.defer = sd_event_source_disable_unref(api.defer);

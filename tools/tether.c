@@ -731,6 +731,19 @@ static void stream_dispatch(Stream *s) {
                             ev ? "not a JSON object" : jerr.text);
                 goto out;
         }
+        if (streq(name, "tether/stream/lost")) {
+                /* The cloud's notice that events for this stream are gone
+                 * from its journal (docs/cloud.md, "Slow subscribers"): not
+                 * an event, a warning. */
+                json_t *lost = json_object_get(ev, "lost");
+
+                log_warning("Warning: missed %" JSON_INTEGER_FORMAT " event(s) that are no longer in the cloud's "
+                            "journal; the stream goes on from event %s",
+                            json_is_integer(lost) ? json_integer_value(lost) : (json_int_t)0,
+                            json_string_or(ev, "first_id", "?"));
+                json_decref(ev);
+                goto out;
+        }
         data = json_object_get(ev, "data");
         ttl = json_object_get(ev, "ttl");
         priv = json_object_get(ev, "private");

@@ -346,7 +346,189 @@ def test_ota_artifacts_not_enabled(w):
                f"tether {' '.join(args[:2])}: {r.stderr}")
 
 
+FLOOD_DATA = "x" * 4000
+
+
+class RawStream:
+    """An event stream read by hand, from a socket with a small receive
+    buffer, so that a reader that stops reading is behind soon."""
+
+    def __init__(self, w, path):
+        self.s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.s.connect(("127.0.0.1", w.api_port))
+        self.s.sendall(req("GET", path, [f"Authorization: Bearer {w.token}"]))
+        self.buf = b""
+        self.head_done = False
+
+    def messages(self, until, timeout=60):
+        """Read SSE messages (dicts of their fields) until until(msgs) holds."""
+        msgs, deadline = [], time.monotonic() + timeout * SLOW
+        while not until(msgs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Failure(f"stream: timed out after {len(msgs)} messages; last {msgs[-3:]}")
+            self.s.settimeout(left)
+            try:
+                d = self.s.recv(65536)
+            except socket.timeout:
+                continue
+            if not d:
+                raise Failure(f"stream closed after {len(msgs)} messages")
+            self.buf += d
+            if not self.head_done:
+                head, sep, rest = self.buf.partition(b"\r\n\r\n")
+                if not sep:
+                    continue
+                expect(b" 200 " in head.split(b"\r\n")[0], f"stream: {head[:200]!r}")
+                self.head_done, self.buf = True, rest
+            # Chunked: take the chunks' bytes as they are complete.
+            while True:
+                size, sep, rest = self.buf.partition(b"\r\n")
+                if not sep:
+                    break
+                n = int(size, 16)
+                if len(rest) < n + 2:
+                    break
+                self.text = getattr(self, "text", b"") + rest[:n]
+                self.buf = rest[n + 2:]
+            while b"\n\n" in getattr(self, "text", b""):
+                block, _, self.text = self.text.partition(b"\n\n")
+                fields = {}
+                for line in block.decode().split("\n"):
+                    if line.startswith(":"):
+                        continue
+                    k, _, v = line.partition(": ")
+                    fields[k] = v
+                if fields:
+                    msgs.append(fields)
+        return msgs
+
+    def close(self):
+        self.s.close()
+
+
+def flood_until_behind(w, conn, prefix, first=0, limit=20000, streams=1):
+    """Publish prefix/N events until the cloud says that many streams fell
+    behind; returns how many were published."""
+    mark = w.cloud.mark()
+    n = first
+    while w.cloud.count("fell more than .* bytes behind", mark) < streams:
+        expect(n < limit, f"no stream fell behind after {n} events")
+        conn.request("POST", "/v1/devices/events", body=form(name=f"{prefix}/{n}", data=FLOOD_DATA),
+                     headers={"Authorization": f"Bearer {w.token}", "Content-Type": FORM.split(": ")[1]})
+        r = conn.getresponse()
+        r.read()
+        expect(r.status == 200, f"publish {n}: {r.status}")
+        n += 1
+    return n
+
+
+def publish_more(w, conn, prefix, first, count):
+    for n in range(first, first + count):
+        conn.request("POST", "/v1/devices/events", body=form(name=f"{prefix}/{n}", data=FLOOD_DATA),
+                     headers={"Authorization": f"Bearer {w.token}", "Content-Type": FORM.split(": ")[1]})
+        r = conn.getresponse()
+        r.read()
+        expect(r.status == 200, f"publish {n}: {r.status}")
+    return first + count
+
+
+def other_client_answered(w):
+    t0 = time.monotonic()
+    r = exchange(w.api_port, req("GET", "/v1/devices", [f"Authorization: Bearer {w.token}"]), timeout=5)
+    expect(r.status == 200, f"GET /v1/devices during the flood: {r}")
+    return time.monotonic() - t0
+
+
+def test_slow_stream_catches_up(w):
+    """Issue 11, item 6: a stream that stops reading during a flood is not
+    dropped: it falls behind, reads the journal at its own pace and gets
+    every event in order, then live ones; another client is answered
+    meanwhile."""
+    import http.client
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=134217728")
+    slow = RawStream(w, "/v1/events/flood/")
+    slow.messages(lambda m: any("id" in x for x in m))  # opened: the stream's position
+    other = RawStream(w, "/v1/events/other/")
+    other.messages(lambda m: any("id" in x for x in m))
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10 * SLOW)
+    n = flood_until_behind(w, conn, "flood")
+    took = other_client_answered(w)
+    n = publish_more(w, conn, "flood", n, 200)
+    # A stream that keeps reading is live all along.
+    conn.request("POST", "/v1/devices/events", body=form(name="other/1", data="x"),
+                 headers={"Authorization": f"Bearer {w.token}", "Content-Type": FORM.split(": ")[1]})
+    expect(conn.getresponse().read() is not None, "publish other/1")
+    got = other.messages(lambda m: any(x.get("event") == "other/1" for x in m))
+    expect(not any(x.get("event", "").startswith("flood/") for x in got), f"other stream got flood events")
+    # The slow reader now reads: everything, in order, nothing lost.
+    msgs = slow.messages(lambda m: any(x.get("event") == f"flood/{n - 1}" for x in m))
+    events = [x for x in msgs if "event" in x]
+    names = [x["event"] for x in events]
+    expect(names == [f"flood/{i}" for i in range(n)],
+           f"slow stream: {len(names)} events, expected {n} in order; lost notices "
+           f"{[x for x in events if x['event'] == 'tether/stream/lost']}")
+    ids = [int(x["id"].split("-")[1]) for x in events]
+    expect(ids == list(range(ids[0], ids[0] + n)), "slow stream: ids not consecutive")
+    # Live again: the next event arrives as it is published.
+    publish_more(w, conn, "flood", n, 1)
+    slow.messages(lambda m: any(x.get("event") == f"flood/{n}" for x in m), timeout=10)
+    print(f"# {n} events of {len(FLOOD_DATA)} bytes; the stream fell behind and caught up; "
+          f"another client's call took {took * 1000:.1f} ms during the flood")
+    slow.close()
+    other.close()
+    conn.close()
+
+
+def test_slow_stream_told_what_it_lost(w):
+    """Issue 11, item 6: when the journal no longer holds what a slow
+    stream missed, it gets an explicit tether/stream/lost event (how many,
+    the first id still there) before the events that follow, and tether
+    subscribe reports it on stderr."""
+    import http.client
+    import signal
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=65536")
+    slow = RawStream(w, "/v1/events/flood/")
+    slow.messages(lambda m: any("id" in x for x in m))
+    sub = w.subscribe("flood/").wait_ready()
+    sub.proc.send_signal(signal.SIGSTOP)  # tether subscribe stops reading too
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10 * SLOW)
+    n = flood_until_behind(w, conn, "flood", streams=2)
+    took = other_client_answered(w)
+    n = publish_more(w, conn, "flood", n, 100)
+    sub.proc.send_signal(signal.SIGCONT)
+    msgs = slow.messages(lambda m: any(x.get("event") == f"flood/{n - 1}" for x in m))
+    events = [x for x in msgs if "event" in x]
+    lost = [i for i, x in enumerate(events) if x["event"] == "tether/stream/lost"]
+    expect(len(lost) == 1, f"expected one lost notice, got {len(lost)}")
+    notice = events[lost[0]]
+    expect("id" not in notice, f"the notice carries no id: {notice}")
+    info = json.loads(notice["data"])
+    before, after = events[:lost[0]], events[lost[0] + 1:]
+    expect(info["lost"] > 0 and after and info["first_id"] == after[0]["id"], f"notice {info}, next {after[:1]}")
+    names = [x["event"] for x in before + after]
+    expect(len(names) + info["lost"] == n, f"{len(names)} received + {info['lost']} lost != {n} published")
+    nums = [int(x.split("/")[1]) for x in names]
+    expect(nums == sorted(nums) and nums[-1] == n - 1, "events out of order")
+    ids = [int(x["id"].split("-")[1]) for x in before + after]
+    expect(ids[len(before)] - (ids[len(before) - 1] if before else ids[0] - info["lost"] - 1) == info["lost"] + 1,
+           "the gap in ids is not what the notice says")
+    # tether subscribe was behind too: it says what it missed on stderr,
+    # and prints the events (never the notice) on stdout.
+    sub.wait_until(lambda evs: any(e.get("name") == f"flood/{n - 1}" for e in evs), timeout=60)
+    got = [e["name"] for e in sub.snapshot()]
+    warned = [line for line in sub.errors if "missed" in line and "no longer in the cloud's journal" in line]
+    expect(len(warned) == 1 and len(got) < n, f"tether subscribe: {len(got)} of {n} events, warnings {warned}")
+    expect(all(x.startswith("flood/") for x in got), "tether subscribe printed the notice as an event")
+    print(f"# {n} events; {info['lost']} lost to the slow stream and said so; another client's call took "
+          f"{took * 1000:.1f} ms during the flood")
+    slow.close()
+    conn.close()
+
+
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
-                  test_stream_fields, test_ota_artifacts_not_enabled], emulated="ok"))
+                  test_stream_fields, test_ota_artifacts_not_enabled, test_slow_stream_catches_up,
+                  test_slow_stream_told_what_it_lost], emulated="ok"))
