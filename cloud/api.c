@@ -764,6 +764,17 @@ static enum MHD_Result api_unauthorized(ApiRequest *req, const char *token) {
         return api_queue(req);
 }
 
+/* A query parameter: NULL when absent, "" when it has no value or one
+ * with a NUL byte (never valid where this is used). */
+static const char *api_query_arg(ApiRequest *req, const char *key) {
+        const char *v = NULL;
+        size_t n = 0;
+
+        if (MHD_lookup_connection_value_n(req->connection, MHD_GET_ARGUMENT_KIND, key, strlen(key), &v, &n) != MHD_YES)
+                return NULL;
+        return v && strlen(v) == n ? v : "";
+}
+
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
         _cleanup_(api_parsed_done) ApiParsed p = {};
         ApiInput in = {
@@ -800,9 +811,16 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 break;
         case API_ROUTE_STREAM:
                 return api_stream(req, &p);
-        case API_ROUTE_LIST:
-                api_set_json(req, MHD_HTTP_OK, devices_to_json(api.devices));
+        case API_ROUTE_LIST: {
+                const char *error;
+                ApiPage page;
+
+                if (api_parse_page(api_query_arg(req, "page"), api_query_arg(req, "per_page"), &page, &error) < 0)
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
+                else
+                        api_set_json(req, MHD_HTTP_OK, api_devices_list(api.devices, &page));
                 break;
+        }
         case API_ROUTE_PUBLISH:
                 api_publish(req, p.params);
                 break;

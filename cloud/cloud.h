@@ -7,6 +7,7 @@
  *   devices.c  devices_  libcoap server, device registry, requests to devices (devices.h)
  *   subscriptions.c sub_ the index of subscriptions by prefix (subscriptions.h)
  *   api.c      api_      HTTP API on libmicrohttpd (Particle Cloud API shapes)
+ *   api-list.c api_      GET /v1/devices, whole or by page
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS
  *   cloud.c    cloud_    the Cloud object: the loop, signals, sd_notify, the wiring
  *   main.c               command line, process setup
@@ -119,6 +120,23 @@ int api_param_text(json_t *params, const char *key, const char **ret, size_t *re
  * is unusable: another scheme, NUL bytes), false if the token can only be
  * in the body. */
 bool api_outside_token(const ApiInput *in, const char **ret_token);
+/* GET /v1/devices?page=N&per_page=M (Particle's product device list):
+ * either present asks for a page. */
+#define API_PAGE_DEFAULT_PER_PAGE 25
+#define API_PAGE_MAX_PER_PAGE 1000
+#define API_PAGE_MAX 1000000000
+typedef struct ApiPage {
+        bool paged;
+        size_t page;     /* 1 first */
+        size_t per_page;
+} ApiPage;
+/* page and per_page as given (NULL: absent). 0, or -EINVAL with a message
+ * for the client (a static string). */
+int api_parse_page(const char *page, const char *per_page, ApiPage *ret, const char **ret_error);
+/* The response to GET /v1/devices (api-list.c): the plain array of every
+ * device unless p->paged, else one page and its meta. NULL on OOM. */
+json_t *api_devices_list(Devices *devs, const ApiPage *p);
+
 /* An SSE id "EPOCH-ID" (hex, decimal): 0 or -EINVAL. */
 int api_parse_last_event_id(const char *s, uint64_t *ret_epoch, uint64_t *ret_id);
 

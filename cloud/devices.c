@@ -118,6 +118,10 @@ struct Devices {
         Device **dev_buckets;
         size_t dev_nbuckets, n_devices;
         Device *dev_head, *dev_tail;
+        /* Every device in the order first seen (devices live until
+         * devices_free()): a page of the listing is a slice of it. */
+        Device **dev_order;
+        size_t dev_order_cap;
         unsigned n_online;
 
         Session **conn_buckets;
@@ -223,6 +227,15 @@ static Device *device_new(Devices *devs, const char *id) {
 
         if (devs->n_devices >= devs->dev_nbuckets && dev_table_grow(devs) < 0)
                 return NULL;
+        if (devs->n_devices >= devs->dev_order_cap) {
+                size_t cap = devs->dev_order_cap ? devs->dev_order_cap * 2 : 64;
+                Device **o = reallocarray(devs->dev_order, cap, sizeof(*o));
+
+                if (!o)
+                        return NULL;
+                devs->dev_order = o;
+                devs->dev_order_cap = cap;
+        }
         d = calloc(1, sizeof(*d));
         if (!d)
                 return NULL;
@@ -240,7 +253,7 @@ static Device *device_new(Devices *devs, const char *id) {
         else
                 devs->dev_head = d;
         devs->dev_tail = d;
-        devs->n_devices++;
+        devs->dev_order[devs->n_devices++] = d;
         return d;
 }
 
@@ -397,6 +410,21 @@ json_t *devices_to_json(Devices *devs) {
                 return NULL;
         for (Device *d = devs->dev_head; d; d = d->list_next)
                 if (json_array_append_new(a, device_to_json(d, false)) < 0) {
+                        json_decref(a);
+                        return NULL;
+                }
+        return a;
+}
+
+size_t devices_count(Devices *devs) { return devs->n_devices; }
+
+json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit) {
+        json_t *a = json_array();
+
+        if (!a)
+                return NULL;
+        for (size_t i = offset; i < devs->n_devices && i - offset < limit; i++)
+                if (json_array_append_new(a, device_to_json(devs->dev_order[i], false)) < 0) {
                         json_decref(a);
                         return NULL;
                 }
@@ -1633,6 +1661,7 @@ Devices *devices_free(Devices *devs) {
                 free(d);
         }
         free(devs->dev_buckets);
+        free(devs->dev_order);
         free(devs->conn_buckets);
         devs->io = sd_event_source_disable_unref(devs->io);
         devs->timer = sd_event_source_disable_unref(devs->timer);

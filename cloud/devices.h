@@ -71,6 +71,12 @@ void device_disconnect(Device *d, const char *reason);
 json_t *device_to_json(const Device *d, bool details);
 /* A new JSON array of all known devices. */
 json_t *devices_to_json(Devices *devs);
+/* How many devices are known (online or not). */
+size_t devices_count(Devices *devs);
+/* A new JSON array of at most limit devices from the offset'th (0 first)
+ * in the order they were first seen; costs the devices returned. NULL on
+ * OOM. */
+json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit);
 unsigned devices_online_count(Devices *devs);
 
 /* Completion of a request to a device. error is 0 with the response

@@ -346,6 +346,52 @@ def test_ota_artifacts_not_enabled(w):
                f"tether {' '.join(args[:2])}: {r.stderr}")
 
 
+def test_device_list_pages(w):
+    """Issue 11, item 3: GET /v1/devices?page=N&per_page=M as Particle's
+    product device list ({"devices","meta":{"total_pages"}}), in the order
+    devices were first seen; without them the plain array as before; bad
+    values are 400 with a message."""
+    w.start_cloud()
+    T = f"Authorization: Bearer {w.token}"
+    ids = []
+    for _ in range(7):
+        d, dev_id = connect(w)
+        ids.append(dev_id)
+        d.close()
+
+    def get(path):
+        r = exchange(w.api_port, req("GET", path, [T]))
+        return r, (r.json() if r.body else None)
+
+    r, plain = get("/v1/devices")
+    expect(r.status == 200 and isinstance(plain, list) and [d["id"] for d in plain] == ids, f"plain list: {r}")
+    seen = []
+    for page in (1, 2, 3):
+        r, j = get(f"/v1/devices?page={page}&per_page=3")
+        expect(r.status == 200 and j["meta"] == {"total_pages": 3, "page": page, "per_page": 3, "total": 7},
+               f"page {page}: {r}")
+        expect(len(j["devices"]) == (1 if page == 3 else 3), f"page {page}: {len(j['devices'])} devices")
+        expect(all(set(d) >= {"id", "connected", "last_heard"} for d in j["devices"]), f"page {page} shape")
+        seen += [d["id"] for d in j["devices"]]
+    expect(seen == ids, f"pages {seen} != {ids}")
+    r, j = get("/v1/devices?page=4&per_page=3")
+    expect(r.status == 200 and j["devices"] == [] and j["meta"]["total_pages"] == 3, f"past the end: {r}")
+    r, j = get("/v1/devices?page=1")
+    expect(r.status == 200 and j["meta"]["per_page"] == 25 and len(j["devices"]) == 7, f"default per_page: {r}")
+    r, j = get("/v1/devices?per_page=5")
+    expect(r.status == 200 and j["meta"]["page"] == 1 and len(j["devices"]) == 5, f"default page: {r}")
+    for q, word in (("page=0", "page"), ("page=-1", "page"), ("page=abc", "page"), ("page=", "page"),
+                    ("page", "page"), ("page=1%00", "page"), ("page=01", "page"), ("page=1000000001", "page"),
+                    ("page=99999999999999999999999", "page"), ("per_page=0", "per_page"),
+                    ("per_page=1001", "per_page"), ("page=1&per_page=x", "per_page"), ("per_page=+3", "per_page")):
+        r, j = get(f"/v1/devices?{q}")
+        expect(r.status == 400 and j["ok"] is False and j["error"].startswith(word + " must be"),
+               f"?{q}: {r}")
+    # The largest page number is an empty page, not an overflow.
+    r, j = get("/v1/devices?page=1000000000&per_page=1000")
+    expect(r.status == 200 and j["devices"] == [], f"last possible page: {r}")
+
+
 FLOOD_DATA = "x" * 4000
 
 
@@ -530,5 +576,6 @@ def test_slow_stream_told_what_it_lost(w):
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
-                  test_stream_fields, test_ota_artifacts_not_enabled, test_slow_stream_catches_up,
+                  test_stream_fields, test_ota_artifacts_not_enabled, test_device_list_pages,
+                  test_slow_stream_catches_up,
                   test_slow_stream_told_what_it_lost], emulated="ok"))
