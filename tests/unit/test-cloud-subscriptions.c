@@ -151,7 +151,6 @@ static void test_owner_iteration(void **state) {
 
 typedef struct Reentry {
         SubIndex *x;
-        Sub *victim;
         int visits;
 } Reentry;
 
