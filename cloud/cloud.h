@@ -3,6 +3,7 @@
  * created with *_new() and freed with *_free(), and their prefixes:
  *   config.c   cloud_config_  keyfile, command line, API tokens (cloud-config.h)
  *   journal.c  journal_  the event journal: de-duplication, SSE replay (journal.h)
+ *   journal-seek.c journal_seek_ where to start reading the journal for an id
  *   events.c   events_   device publish/subscribe and the event router (events.h)
  *   devices.c  devices_  libcoap server, device registry, requests to devices (devices.h)
  *   subscriptions.c sub_ the index of subscriptions by prefix (subscriptions.h)

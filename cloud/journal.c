@@ -31,6 +31,7 @@
 #include <sys/stat.h>
 
 #include "journal.h"
+#include "journal-seek.h"
 #include "log.h"
 #include "record.h"
 #include "stats.h"
@@ -62,6 +63,7 @@ struct Journal {
         uint64_t next_id;
         uint64_t end;
         uint64_t generation; /* bumped when the file is replaced */
+        JournalSeek seek;    /* where cursors start looking for an id */
         bool unsynced;
         sd_event_source *sync_timer;
 
@@ -247,6 +249,7 @@ typedef struct Copy {
         size_t len;
         int error;
         uint64_t last_id; /* events are copied only with growing ids */
+        JournalSeek seek; /* of the new file */
 } Copy;
 
 static int copy_flush(Copy *c) {
@@ -286,8 +289,11 @@ static int copy_event(const uint8_t *payload, size_t len, size_t offset, void *u
             v.id == UINT64_MAX)
                 return 0;
         c->last_id = v.id;
-        /* Its bytes go over as they are. */
-        return copy_bytes(c, payload - RECORD_HEADER_SIZE, record_size(len));
+        /* Its bytes go over as they are, and end at c->off + c->len. */
+        if (copy_bytes(c, payload - RECORD_HEADER_SIZE, record_size(len)) < 0)
+                return c->error;
+        journal_seek_note(&c->seek, v.id, c->off + c->len - record_size(len));
+        return 0;
 }
 
 /* Write a new file: header, device states, and the valid events of
@@ -332,8 +338,11 @@ static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_
                 r = record_file_commit(j->dir_fd, JOURNAL_FILE, c.fd);
         if (r < 0) {
                 record_file_abort(j->dir_fd, JOURNAL_FILE, c.fd);
+                journal_seek_clear(&c.seek);
                 return r;
         }
+        journal_seek_clear(&j->seek);
+        j->seek = c.seek;
         if (j->fd >= 0)
                 close(j->fd);
         j->fd = c.fd;
@@ -427,6 +436,7 @@ static int recover_record(const uint8_t *payload, size_t len, size_t offset, voi
                         return 0;
                 rc->last_id = v.id;
                 rc->events++;
+                journal_seek_note(&j->seek, v.id, offset);
                 if (v.id >= j->next_id)
                         j->next_id = v.id + 1;
                 if (v.seq > 0)
@@ -564,6 +574,7 @@ int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq
                         return r;
                 }
         }
+        journal_seek_note(&j->seek, id, j->end);
         j->end += record_size(w.len);
         j->next_id++;
         stats_journal_appended(record_size(w.len));
@@ -656,7 +667,7 @@ int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id) {
         if (c->generation != j->generation) {
                 /* New cursor or the file was rewritten: find our place by id. */
                 c->generation = j->generation;
-                c->offset = 0;
+                c->offset = journal_seek_find(&j->seek, c->last_id);
                 c->buf_len = 0;
         }
         while (c->offset < j->end) {
@@ -698,6 +709,7 @@ Journal *journal_free(Journal *j) {
         sd_event_source_disable_unref(j->sync_timer);
         states_free(j);
         free(j->buf);
+        journal_seek_clear(&j->seek);
         free(j);
         return NULL;
 }
