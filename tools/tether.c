@@ -430,6 +430,53 @@ static void format_double(double v, char *buf, size_t size) {
 
 /* ---- commands ------------------------------------------------------------- */
 
+/* Devices per request of tether list: each response stays far below
+ * TETHER_RESPONSE_MAX however many devices the cloud knows. */
+#define LIST_PER_PAGE 1000
+
+/* Every device, page by page (docs/cloud.md); a cloud that answers the
+ * paged request with the plain array (it does not page) is taken at its
+ * word. *ret is a new array. */
+static int list_devices(Api *a, json_t **ret) {
+        _cleanup_(json_decrefp) json_t *all = json_array();
+
+        if (!all)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        for (unsigned long page = 1;; page++) {
+                char path[64];
+                json_t *j, *devices, *meta;
+                json_int_t total_pages;
+                int r;
+
+                snprintf(path, sizeof(path), "/v1/devices?page=%lu&per_page=%u", page, LIST_PER_PAGE);
+                r = api_request(a, path, NULL, &j);
+                if (r < 0)
+                        return r;
+                if (json_is_array(j) && page == 1) {
+                        *ret = j;
+                        return 0;
+                }
+                devices = json_object_get(j, "devices");
+                meta = json_object_get(j, "meta");
+                if (!json_is_array(devices) || !json_is_integer(json_object_get(meta, "total_pages"))) {
+                        json_decref(j);
+                        log_error("Malformed response from %s: expected a list of devices", a->base);
+                        return -EBADMSG;
+                }
+                total_pages = json_integer_value(json_object_get(meta, "total_pages"));
+                if (json_array_extend(all, devices) < 0) {
+                        json_decref(j);
+                        return log_error_errno(-ENOMEM, "Out of memory");
+                }
+                r = json_array_size(devices) == 0 || (json_int_t)page >= total_pages;
+                json_decref(j);
+                if (r)
+                        break;
+        }
+        *ret = TAKE_PTR(all);
+        return 0;
+}
+
 static int cmd_list(Api *a, char **args, int n) {
         json_t *devices, *d;
         size_t i, w = 2;
@@ -437,7 +484,7 @@ static int cmd_list(Api *a, char **args, int n) {
 
         if (n != 0)
                 return cli_usage_error("'list' takes no arguments");
-        r = api_request(a, "/v1/devices", NULL, &devices);
+        r = list_devices(a, &devices);
         if (r < 0)
                 return r;
         if (!json_is_array(devices)) {
@@ -446,8 +493,14 @@ static int cmd_list(Api *a, char **args, int n) {
                 return -EBADMSG;
         }
         if (arg.json) {
+                char *text = json_dumps(devices, JSON_COMPACT | JSON_REAL_PRECISION(17));
+
                 json_decref(devices);
-                return print_raw_body(a);
+                if (!text)
+                        return log_error_errno(-ENOMEM, "Out of memory");
+                printf("%s\n", text);
+                free(text);
+                return 0;
         }
 
         json_array_foreach(devices, i, d) {

@@ -387,6 +387,13 @@ def test_device_list_pages(w):
         r, j = get(f"/v1/devices?{q}")
         expect(r.status == 400 and j["ok"] is False and j["error"].startswith(word + " must be"),
                f"?{q}: {r}")
+    # tether list reads it by page and prints the same as before.
+    r = w.tether("list", "--json")
+    expect(json.loads(r.stdout) == get("/v1/devices")[1],
+           f"tether list --json: {r.stdout[:300]}")
+    lines = w.tether("list").stdout.splitlines()
+    expect(lines[0].split() == ["ID", "STATUS", "LAST", "HEARD"] and [x.split()[0] for x in lines[1:]] == ids,
+           f"tether list: {lines}")
     # The largest page number is an empty page, not an overflow.
     r, j = get("/v1/devices?page=1000000000&per_page=1000")
     expect(r.status == 200 and j["devices"] == [], f"last possible page: {r}")
