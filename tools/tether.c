@@ -432,7 +432,7 @@ static void format_double(double v, char *buf, size_t size) {
 
 /* Devices per request of tether list: each response stays far below
  * TETHER_RESPONSE_MAX however many devices the cloud knows. */
-#define LIST_PER_PAGE 1000
+#define LIST_PER_PAGE 1000u
 
 /* Every device, page by page (docs/cloud.md); a cloud that answers the
  * paged request with the plain array (it does not page) is taken at its
