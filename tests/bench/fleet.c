@@ -63,7 +63,7 @@
 #define FLEET_CONNECT_BATCH 64 /* new sessions per loop turn, so I/O goes on */
 #define FLEET_EVENT_NAME "fleet/tick"
 
-typedef enum Mode { MODE_STORM, MODE_HOLD, MODE_PUBLISH, MODE_SUBSCRIBE } Mode;
+typedef enum Mode { MODE_STORM, MODE_HOLD, MODE_PUBLISH, MODE_SUBSCRIBE, MODE_MINT } Mode;
 
 static struct {
         Mode mode;
@@ -76,6 +76,7 @@ static struct {
         unsigned port;
         bool mqtt;
         int mqtt_version;
+        int sub_qos;
         double rate, seconds, timeout;
         double connect_timeout, reconnect_min, reconnect_max;
 } arg = {
@@ -706,8 +707,9 @@ static void mq_watch(Device *d) {
                 return;
         if (mosquitto_want_write(d->mq))
                 ev.events |= EPOLLOUT;
-        if (epoll_ctl(w.ep, fd == d->fd ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) < 0 &&
-            epoll_ctl(w.ep, EPOLL_CTL_MOD, fd, &ev) < 0)
+        /* A new socket may reuse the number of the last one, which
+         * closing removed from the epoll set. */
+        if (epoll_ctl(w.ep, EPOLL_CTL_MOD, fd, &ev) < 0 && epoll_ctl(w.ep, EPOLL_CTL_ADD, fd, &ev) < 0)
                 return;
         d->fd = fd;
 }
@@ -838,9 +840,13 @@ static void publish_tick(uint64_t now) {
                         w.cursor = (w.cursor + 1) % w.n;
                         if (d->state != DEV_ONLINE || d->closing || d->in_flight >= FLEET_WINDOW)
                                 continue;
-                        if (!device_publish(d))
-                                continue;
+                        /* Counted before sending: the receipt may be
+                         * read before device_publish() returns. */
                         d->in_flight++;
+                        if (!device_publish(d)) {
+                                d->in_flight--;
+                                continue;
+                        }
                         w.st.pub_sent++;
                         sent = true;
                 }
@@ -874,6 +880,10 @@ static void handle_command(const Command *c) {
                 w.pub_seconds = c->seconds;
                 w.pub_start = c->start;
                 w.pub_due_sent = 0;
+                /* Receipts still missing after the last step's drain
+                 * will not come: free the windows. */
+                for (size_t i = 0; i < w.n; i++)
+                        w.dev[i].in_flight = 0;
                 w.st.pub_sent = w.st.pub_acked = w.st.pub_errors = w.st.pub_skipped = 0;
                 break;
         case FLEET_CMD_QUIT:
@@ -1001,11 +1011,11 @@ static void sub_on_connect(struct mosquitto *m, void *userdata, int rc) {
                 quit_requested = 1;
                 return;
         }
-        mosquitto_subscribe(m, NULL, "#", 1);
+        mosquitto_subscribe(m, NULL, "#", arg.sub_qos);
 }
 
 static void sub_on_subscribe(struct mosquitto *m, void *userdata, int mid, int n, const int *granted) {
-        printf("subscribed topic=#\n");
+        printf("subscribed topic=# qos=%d\n", n > 0 ? granted[0] : -1);
         fflush(stdout);
 }
 
@@ -1277,7 +1287,7 @@ static int parent_loop(int report_fd) {
 }
 
 static void help(void) {
-        printf("Usage: fleet [OPTIONS] storm|hold|publish RATE|subscribe\n"
+        printf("Usage: fleet [OPTIONS] storm|hold|publish RATE|subscribe|mint\n"
                "\n"
                "Simulate many tether devices (or MQTT clients), each with its own certificate.\n"
                "\n"
@@ -1286,12 +1296,15 @@ static void help(void) {
                "                    'publish RATE SECONDS', 'stats', 'quit' (or end of input)\n"
                "  publish RATE      connect all, then publish RATE events/s spread over the devices\n"
                "                    for --seconds; count receipts\n"
+               "  mint              only make the certificates of devices [0, --first + N) in --cache\n"
                "  subscribe         (--mqtt only) one client on '#' with device --first's certificate,\n"
                "                    printing how many messages it received\n"
                "\n"
                "  --cloud HOST:PORT     tether-cloudd's CoAP endpoint (IP address)\n"
                "  --mqtt HOST:PORT      an MQTT broker instead (TLS, client certificates)\n"
                "  --mqtt-version 5|311  MQTT protocol version (default: 5)\n"
+               "  --qos 0|1             QoS of the subscriber's subscription (default: 0, like an\n"
+               "                        event stream; devices always publish at QoS 1)\n"
                "  --server-name NAME    name checked in the server certificate (default: HOST)\n"
                "  --ca-cert FILE        CA certificate that signs the devices (and the server)\n"
                "  --ca-key FILE         its key, to mint device certificates\n"
@@ -1346,7 +1359,7 @@ static bool parse_endpoint(const char *s) {
 static int parse_argv(int argc, char **argv) {
         enum { OPT_CLOUD = 0x100, OPT_MQTT, OPT_MQTT_VERSION, OPT_SERVER_NAME, OPT_CA_CERT, OPT_CA_KEY,
                OPT_SERVER_CA, OPT_CACHE, OPT_FIRST, OPT_SECONDS, OPT_TIMEOUT, OPT_CONNECT_TIMEOUT,
-               OPT_RECONNECT_MIN, OPT_RECONNECT_MAX };
+               OPT_RECONNECT_MIN, OPT_RECONNECT_MAX, OPT_QOS };
         static const struct option options[] = {
                 { "cloud", required_argument, NULL, OPT_CLOUD },
                 { "mqtt", required_argument, NULL, OPT_MQTT },
@@ -1364,6 +1377,7 @@ static int parse_argv(int argc, char **argv) {
                 { "connect-timeout", required_argument, NULL, OPT_CONNECT_TIMEOUT },
                 { "reconnect-min", required_argument, NULL, OPT_RECONNECT_MIN },
                 { "reconnect-max", required_argument, NULL, OPT_RECONNECT_MAX },
+                { "qos", required_argument, NULL, OPT_QOS },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
@@ -1387,6 +1401,11 @@ static int parse_argv(int argc, char **argv) {
                         if (!streq(optarg, "5") && !streq(optarg, "311"))
                                 goto bad;
                         arg.mqtt_version = atoi(optarg);
+                        break;
+                case OPT_QOS:
+                        if (!streq(optarg, "0") && !streq(optarg, "1"))
+                                goto bad;
+                        arg.sub_qos = atoi(optarg);
                         break;
                 case OPT_SERVER_NAME:
                         if (strlen(optarg) >= sizeof(arg.server_name))
@@ -1449,7 +1468,9 @@ static int parse_argv(int argc, char **argv) {
                 fprintf(stderr, "fleet: say storm, hold, publish RATE or subscribe (see --help)\n");
                 return -EINVAL;
         }
-        if (streq(argv[optind], "storm") && optind + 1 == argc)
+        if (streq(argv[optind], "mint") && optind + 1 == argc)
+                arg.mode = MODE_MINT;
+        else if (streq(argv[optind], "storm") && optind + 1 == argc)
                 arg.mode = MODE_STORM;
         else if (streq(argv[optind], "hold") && optind + 1 == argc)
                 arg.mode = MODE_HOLD;
@@ -1465,7 +1486,7 @@ static int parse_argv(int argc, char **argv) {
                 fprintf(stderr, "fleet: unexpected arguments from '%s' on (see --help)\n", argv[optind]);
                 return -EINVAL;
         }
-        if (!have_endpoint || !arg.ca_cert || !arg.cache) {
+        if ((!have_endpoint && arg.mode != MODE_MINT) || !arg.ca_cert || !arg.cache) {
                 fprintf(stderr, "fleet: --cloud or --mqtt, --ca-cert and --cache are required\n");
                 return -EINVAL;
         }
@@ -1505,6 +1526,10 @@ int main(int argc, char **argv) {
         r = load_devices(arg.first + (arg.mode == MODE_SUBSCRIBE ? 1 : arg.devices), &all);
         if (r < 0)
                 return 1;
+        if (arg.mode == MODE_MINT) {
+                printf("minted devices=%lu cache=%s\n", arg.first + arg.devices, arg.cache);
+                return 0;
+        }
         all += arg.first;
         sigaction(SIGINT, &sa, NULL);
         sigaction(SIGTERM, &sa, NULL);
