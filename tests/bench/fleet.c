@@ -942,7 +942,7 @@ static int worker_main(unsigned id, Device *dev, size_t n, int cmd_fd, int repor
 
         while (!quit_requested) {
                 uint64_t now = now_us();
-                int timeout = w.publishing ? 1 : FLEET_SCAN_USEC / 1000, k;
+                int timeout = w.started && w.next_connect < n ? 0 : w.publishing ? 1 : FLEET_SCAN_USEC / 1000, k;
 
                 k = epoll_wait(w.ep, evs, ELEMENTSOF(evs), timeout);
                 if (k < 0 && errno != EINTR)
