@@ -30,7 +30,6 @@ mosquitto. Usage:
 """
 
 import argparse
-import http.client
 import os
 import re
 import resource
@@ -249,7 +248,7 @@ def bench_call(opts, api_port, token, device, n):
     return None
 
 
-def run_tether(opts, tmp, rep, log):
+def run_tether(opts, tmp, rep, log, cloudd=None):
     coap, api = free_port(), free_port()
     state = os.path.join(tmp, f"cloud-state-{rep}")
     conf = os.path.join(tmp, "cloud.conf")
@@ -270,7 +269,7 @@ Directory={state}
 [Events]
 JournalMaxBytes=2147483648
 """)
-    cloud = subprocess.Popen([opts.cloudd, "--config", conf], stderr=log, stdout=log,
+    cloud = subprocess.Popen([cloudd or opts.cloudd, "--config", conf], stderr=log, stdout=log,
                              env=dict(os.environ, TETHER_LOG_LEVEL="warning"))
     res = {}
     try:
@@ -417,6 +416,9 @@ def main():
     ap.add_argument("--qos", type=int, choices=(0, 1), default=0,
                     help="QoS of the Mosquitto subscriber (default 0: like an event stream, no per-message ack)")
     ap.add_argument("--no-compare-call", action="store_true", help="skip the one-device comparison")
+    ap.add_argument("--before", metavar="CLOUDD",
+                    help="also run this tether-cloudd binary (an older build) in each repetition, "
+                         "for a before/after column")
     opts = ap.parse_args()
     opts.rates = [int(r) for r in opts.rates.split(",")]
     build = os.path.abspath(opts.build)
@@ -457,10 +459,13 @@ def main():
     # The certificates first (minted once, then cached), outside any timing.
     subprocess.run([opts.fleet, "--ca-cert", opts.ca, "--ca-key", opts.ca_key, "--cache", opts.certs,
                     "--devices", str(opts.devices + 1), "mint"], check=True, stdout=subprocess.DEVNULL)
-    tether, mosq = [], []
+    tether, mosq, before = [], [], []
     try:
         for rep in range(opts.reps):
             order = [("tether", run_tether, tether), ("mosquitto", run_mosquitto, mosq)]
+            if opts.before:
+                order.insert(1, ("tether before", lambda o, t, r, lg: run_tether(o, t, r, lg, opts.before),
+                                 before))
             if rep % 2:
                 order.reverse()
             for name, fn, results in order:
@@ -483,21 +488,31 @@ def main():
     load1 = os.getloadavg()
 
     n = opts.devices
+    # The optional "before" column sits between tether and Mosquitto.
+    def row(label, cur, mq, old=None):
+        print(f"| {label} | {cur} | " + (f"{old} | " if opts.before else "") + f"{mq} |")
+
+    def calls(runs):
+        one = [r.get("one") for r in runs if r.get("one")]
+        return (f"p50 {mmm([o['median'] for o in one], '{:.3f}')}; "
+                f"p99 {mmm([o['p99'] for o in one], '{:.3f}')}")
+
     print()
-    print(f"| figure | tether, {n:,} devices | Mosquitto, {n:,} clients |")
-    print("|---|---|---|")
-    print(f"| all online after starting at once (min / median / max) | {storm_cell(tether)} | {storm_cell(mosq)} |")
-    print(f"| server CPU during the storm (s) | {mmm([r.get('cpu') for r in tether])} | "
-          f"{mmm([r.get('cpu') for r in mosq])} |")
+    row("figure", f"tether, {n:,} devices", f"Mosquitto, {n:,} clients", f"tether before, {n:,} devices")
+    print("|---|---|---|" + ("---|" if opts.before else ""))
+    row("all online after starting at once (min / median / max)", storm_cell(tether), storm_cell(mosq),
+        storm_cell(before))
+    row("server CPU during the storm (s)", mmm([r.get('cpu') for r in tether]), mmm([r.get('cpu') for r in mosq]),
+        mmm([r.get('cpu') for r in before]))
     for k in ("VmRSS", "RssAnon"):
-        print(f"| memory per connected device, {k} (KiB) | {mmm([r.get('mem', {}).get(k) for r in tether], '{:.1f}')} "
-              f"| {mmm([r.get('mem', {}).get(k) for r in mosq], '{:.1f}')} |")
-    one = [r.get("one") for r in tether if r.get("one")]
-    print(f"| call p50 / p99 (ms), one kept-alive HTTP client, {n:,} connected | "
-          f"p50 {mmm([o['median'] for o in one], '{:.3f}')}; p99 {mmm([o['p99'] for o in one], '{:.3f}')} | — |")
-    print(f"| calls/s, 4 concurrent HTTP clients | {mmm([r.get('four') for r in tether], '{:.0f}')} | — |")
-    print(f"| events/s from all devices to one subscriber, nothing lost | {events_cell(tether, opts.seconds)} "
-          f"| {events_cell(mosq, opts.seconds)} |")
+        row(f"memory per connected device, {k} (KiB)", mmm([r.get('mem', {}).get(k) for r in tether], '{:.1f}'),
+            mmm([r.get('mem', {}).get(k) for r in mosq], '{:.1f}'),
+            mmm([r.get('mem', {}).get(k) for r in before], '{:.1f}'))
+    row(f"call p50 / p99 (ms), one kept-alive HTTP client, {n:,} connected", calls(tether), "—", calls(before))
+    row("calls/s, 4 concurrent HTTP clients", mmm([r.get('four') for r in tether], '{:.0f}'), "—",
+        mmm([r.get('four') for r in before], '{:.0f}'))
+    row("events/s from all devices to one subscriber, nothing lost", events_cell(tether, opts.seconds),
+        events_cell(mosq, opts.seconds), events_cell(before, opts.seconds))
     if compare:
         med = {}
         for line in compare.splitlines():
