@@ -9,7 +9,7 @@
 #include <errno.h>
 #include <limits.h>
 
-#include "cloud.h"
+#include "api.h"
 
 /* A whole number from 1 to max in plain decimal: no sign, no spaces, no
  * leading zeros beyond the number itself. */

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Parsing and routing of HTTP API requests (cloud.h, "api-request.c"):
+/* Parsing and routing of HTTP API requests (api-request.h):
  * pure functions of the request's method, URL, a few headers and body,
  * so they can be fuzzed without a server. api.c acts on the result. */
 #include "config.h"
@@ -7,7 +7,7 @@
 #include <inttypes.h>
 #include <microhttpd.h>
 
-#include "cloud.h"
+#include "api-request.h"
 #include "util.h"
 
 static int hexval(char c) {

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* The HTTP API: libmicrohttpd in external epoll mode on the sd-event loop,
- * Particle Cloud API shapes (docs/protocol.md, docs/cloud.md). Requests
- * waiting for a device and idle event streams are suspended, and resumed
- * when the answer, a timeout or an event arrives. */
+/* The HTTP API (api.h): libmicrohttpd in external epoll mode on the
+ * sd-event loop, Particle Cloud API shapes (docs/protocol.md,
+ * docs/cloud.md). Requests waiting for a device and idle event streams are
+ * suspended, and resumed when the answer, a timeout or an event arrives. */
 #include "config.h"
 
 #include <inttypes.h>
@@ -10,8 +10,10 @@
 #include <netdb.h>
 #include <stdarg.h>
 
-#include "cloud.h"
+#include "api-request.h"
+#include "api.h"
 #include "log.h"
+#include "mhd-log.h"
 #include "stats.h"
 #include "subscriptions.h"
 #include "util.h"
@@ -34,6 +36,7 @@
 #define API_DIAG_MAX 256
 
 typedef struct ApiRequest {
+        Api *api;
         struct MHD_Connection *connection;
         struct ApiRequest *prev, *next;
 
@@ -64,7 +67,7 @@ typedef struct ApiRequest {
         uint8_t token_digest[CONFIG_TOKEN_DIGEST_SIZE];
         char *prefix;
         char *filter_id; /* only events from this device */
-        Sub *sub;        /* in api.streams, once the stream is open */
+        Sub *sub;        /* in the Api's streams, once the stream is open */
         char *buf;
         size_t buf_off, buf_len, buf_cap;
         /* Every event up to this journal id is queued or does not match. */
@@ -82,12 +85,13 @@ typedef struct ApiRequest {
         OtaRequest *ota_state;
 } ApiRequest;
 
-static struct {
+struct Api {
         sd_event *event;
         const CloudConfig *config;
         Journal *journal;
         Devices *devices;
         Events *events;
+        Ota *ota;
         struct MHD_Daemon *daemon;
         sd_event_source *io, *timer, *defer, *keepalive;
         ApiRequest *requests;
@@ -97,55 +101,55 @@ static struct {
         unsigned n_streams;
         bool running;
         bool stopping;
-} api;
+};
 
 /* ---- loop integration --------------------------------------------------- */
 
-static void api_update_timer(void) {
+static void api_update_timer(Api *api) {
         MHD_UNSIGNED_LONG_LONG ms;
 
-        if (MHD_get_timeout(api.daemon, &ms) != MHD_YES)
-                (void)sd_event_source_set_enabled(api.timer, SD_EVENT_OFF);
+        if (MHD_get_timeout(api->daemon, &ms) != MHD_YES)
+                (void)sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
         else if (ms == 0) {
                 /* MHD has work now (e.g. the next request on a kept-alive
                  * connection): a timer, even with 1 ms accuracy, adds up to
                  * a millisecond per round. */
-                (void)sd_event_source_set_enabled(api.timer, SD_EVENT_OFF);
-                (void)sd_event_source_set_enabled(api.defer, SD_EVENT_ONESHOT);
+                (void)sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
+                (void)sd_event_source_set_enabled(api->defer, SD_EVENT_ONESHOT);
         } else {
-                (void)sd_event_source_set_time_relative(api.timer, (uint64_t)ms * USEC_PER_MSEC);
-                (void)sd_event_source_set_enabled(api.timer, SD_EVENT_ONESHOT);
+                (void)sd_event_source_set_time_relative(api->timer, (uint64_t)ms * USEC_PER_MSEC);
+                (void)sd_event_source_set_enabled(api->timer, SD_EVENT_ONESHOT);
         }
 }
 
-static void api_run(void) {
-        (void)MHD_run(api.daemon);
-        api_update_timer();
+static void api_run(Api *api) {
+        (void)MHD_run(api->daemon);
+        api_update_timer(api);
 }
 
 static int api_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        api_run();
+        api_run(userdata);
         return 0;
 }
 
 static int api_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
-        api_run();
+        api_run(userdata);
         return 0;
 }
 
 static int api_defer_cb(sd_event_source *s, void *userdata) {
-        api_run();
+        api_run(userdata);
         return 0;
 }
 
 /* MHD must run after a resume, not only when a socket wakes it. */
-static void api_schedule(void) {
-        (void)sd_event_source_set_enabled(api.defer, SD_EVENT_ONESHOT);
+static void api_schedule(Api *api) {
+        (void)sd_event_source_set_enabled(api->defer, SD_EVENT_ONESHOT);
 }
 
-void api_kick(void) {
-        if (api.defer)
-                api_schedule();
+void api_kick(Api *api) {
+        if (api && api->defer)
+                api_schedule(api);
 }
 
 static void api_resume(ApiRequest *req) {
@@ -153,7 +157,7 @@ static void api_resume(ApiRequest *req) {
                 return;
         req->suspended = false;
         MHD_resume_connection(req->connection);
-        api_schedule();
+        api_schedule(req->api);
 }
 
 /* ---- responses ----------------------------------------------------------- */
@@ -227,12 +231,14 @@ static void api_input_token(struct MHD_Connection *connection, ApiInput *in) {
                                                                 &in->query_token_len) == MHD_YES;
 }
 
-bool api_connection_authorized(struct MHD_Connection *connection) {
+/* Whether the request carries a valid token in the Authorization header
+ * or the access_token query parameter. */
+static bool api_connection_authorized(Api *api, struct MHD_Connection *connection) {
         ApiInput in = {};
         const char *token;
 
         api_input_token(connection, &in);
-        return api_outside_token(&in, &token) && cloud_config_token_valid(api.config, token);
+        return api_outside_token(&in, &token) && cloud_config_token_valid(api->config, token);
 }
 
 /* ---- device calls --------------------------------------------------------- */
@@ -319,6 +325,7 @@ static void api_call_done(int error, unsigned code, const uint8_t *data, size_t 
 }
 
 static void api_device_call(ApiRequest *req, Device *d, const char *name, bool function, json_t *params) {
+        Api *api = req->api;
         const char *arg = "";
         size_t arg_len = 0;
         char buf[32];
@@ -338,9 +345,9 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                         return;
                 }
         }
-        if (arg_len > api.config->max_payload) {
+        if (arg_len > api->config->max_payload) {
                 api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Argument longer than %u bytes",
-                               api.config->max_payload);
+                               api->config->max_payload);
                 return;
         }
         if (proto_utf8_check(arg, arg_len) < 0) {
@@ -377,6 +384,7 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
 /* ---- publish ----------------------------------------------------------------- */
 
 static void api_publish(ApiRequest *req, json_t *params) {
+        Api *api = req->api;
         _cleanup_free_ char *data = NULL;
         char published_at[32];
         const char *error;
@@ -386,9 +394,9 @@ static void api_publish(ApiRequest *req, json_t *params) {
         uint64_t id;
         int r;
 
-        if (api_parse_publish(params, api.config->max_payload, &in, &status, &error) < 0) {
+        if (api_parse_publish(params, api->config->max_payload, &in, &status, &error) < 0) {
                 if (status == MHD_HTTP_CONTENT_TOO_LARGE)
-                        api_set_errorf(req, status, "Event data longer than %u bytes", api.config->max_payload);
+                        api_set_errorf(req, status, "Event data longer than %u bytes", api->config->max_payload);
                 else
                         api_set_error(req, status, error, NULL);
                 return;
@@ -404,7 +412,7 @@ static void api_publish(ApiRequest *req, json_t *params) {
                 .published_at = published_at,
                 .coreid = (char *)"api",
         };
-        r = journal_append(api.journal, &e, 0, 0, &id);
+        r = journal_append(api->journal, &e, 0, 0, &id);
         if (r < 0) {
                 log_warning_errno(r, "Failed to store an event from the API: %m");
                 stats_event_dropped(STATS_DROPPED_STORE_FAILED);
@@ -412,7 +420,7 @@ static void api_publish(ApiRequest *req, json_t *params) {
                 return;
         }
         stats_event_in(STATS_FROM_API);
-        events_route(api.events, &e, NULL, id);
+        events_route(api->events, &e, NULL, id);
         api_set_json(req, MHD_HTTP_OK, json_pack("{s:b}", "ok", 1));
 }
 
@@ -504,6 +512,7 @@ static void api_sse_push(ApiRequest *req, const char *s, size_t n) {
  * catches up from the journal after the last event it was given, as fast
  * as it reads, and then goes live again. */
 static bool api_sse_push_event(ApiRequest *req, const char *msg, size_t n, uint64_t id) {
+        Api *api = req->api;
         char host[NI_MAXHOST];
         bool queued = false;
 
@@ -514,7 +523,7 @@ static bool api_sse_push_event(ApiRequest *req, const char *msg, size_t n, uint6
                 log_notice("Event stream client %s fell more than %u bytes behind: it reads from the event "
                            "journal after id %" PRIu64 " until it catches up.",
                            host, API_SSE_QUEUE_MAX, req->last_id);
-                journal_cursor_init(&req->cursor, api.journal, req->last_id);
+                journal_cursor_init(&req->cursor, api->journal, req->last_id);
                 req->catching_up = true;
                 req->replay_started = false;
                 req->resumed = false;
@@ -537,7 +546,7 @@ static bool api_sse_matches(const ApiRequest *req, const ProtoEvent *e) {
 }
 
 /* One SSE message; the id lets a client resume (Last-Event-ID). */
-static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
+static int api_sse_format(Api *api, const ProtoEvent *e, uint64_t id, char **ret) {
         _cleanup_free_ char *json = NULL;
         json_t *j;
         int n;
@@ -556,8 +565,8 @@ static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
         json_decref(j);
         if (!json)
                 return -ENOMEM;
-        n = asprintf(ret, "id: %016" PRIx64 "-%" PRIu64 "\nevent: %s\ndata: %s\n\n", journal_epoch(api.journal), id, e->name,
-                     json);
+        n = asprintf(ret, "id: %016" PRIx64 "-%" PRIu64 "\nevent: %s\ndata: %s\n\n", journal_epoch(api->journal), id,
+                     e->name, json);
         return n < 0 ? -ENOMEM : n;
 }
 
@@ -566,17 +575,20 @@ static int api_sse_format(const ProtoEvent *e, uint64_t id, char **ret) {
  * (docs/cloud.md, "Slow subscribers"). No id: line, so a client's
  * Last-Event-ID stays at the last event it got. */
 static int api_sse_lost(ApiRequest *req, uint64_t lost, uint64_t first_id) {
+        Api *api = req->api;
         char msg[160];
         int n = snprintf(msg, sizeof(msg),
                          "event: tether/stream/lost\ndata: {\"lost\":%" PRIu64 ",\"first_id\":\"%016" PRIx64
                          "-%" PRIu64 "\"}\n\n",
-                         lost, journal_epoch(api.journal), first_id);
+                         lost, journal_epoch(api->journal), first_id);
 
         return api_sse_append(req, msg, (size_t)n);
 }
 
 /* Fill the stream's buffer from the journal; at its end, go live. */
 static void api_sse_catch_up(ApiRequest *req) {
+        Api *api = req->api;
+
         while (req->catching_up && req->buf_len - req->buf_off < API_SSE_BLOCK) {
                 _cleanup_free_ char *msg = NULL;
                 uint64_t want = req->cursor.last_id + 1, id;
@@ -609,7 +621,7 @@ static void api_sse_catch_up(ApiRequest *req) {
                         stats_event_dropped(STATS_DROPPED_STREAM_BEHIND);
                 }
                 req->replay_started = true;
-                n = api_sse_matches(req, &e) ? api_sse_format(&e, id, &msg) : 0;
+                n = api_sse_matches(req, &e) ? api_sse_format(api, &e, id, &msg) : 0;
                 proto_event_done(&e);
                 if (n > 0 && api_sse_append(req, msg, (size_t)n) < 0)
                         req->dropped = true;
@@ -619,6 +631,7 @@ static void api_sse_catch_up(ApiRequest *req) {
 }
 
 typedef struct ApiDelivery {
+        Api *api;
         const ProtoEvent *e;
         uint64_t id;
         char *msg; /* formatted once, for the first stream */
@@ -631,7 +644,7 @@ static bool api_deliver_one(Sub *sub, void *userdata, void *ctx) {
 
         if (req->ending || req->catching_up)
                 return true;
-        if (!dl->msg && (dl->n = api_sse_format(dl->e, dl->id, &dl->msg)) < 0) {
+        if (!dl->msg && (dl->n = api_sse_format(dl->api, dl->e, dl->id, &dl->msg)) < 0) {
                 dl->msg = NULL;
                 return false;
         }
@@ -640,24 +653,24 @@ static bool api_deliver_one(Sub *sub, void *userdata, void *ctx) {
         return true;
 }
 
-void api_deliver_event(const ProtoEvent *e, uint64_t id) {
-        ApiDelivery dl = { .e = e, .id = id };
+void api_deliver_event(Api *api, const ProtoEvent *e, uint64_t id) {
+        ApiDelivery dl = { .api = api, .e = e, .id = id };
 
-        if (!api.streams)
+        if (!api || !api->streams)
                 return;
         /* The streams whose prefix matches, unfiltered or filtered on the
          * publishing device (API events have no device). */
-        (void)sub_index_match(api.streams, e->coreid && !streq(e->coreid, "api") ? e->coreid : NULL, e->name,
+        (void)sub_index_match(api->streams, e->coreid && !streq(e->coreid, "api") ? e->coreid : NULL, e->name,
                               api_deliver_one, &dl);
         free(dl.msg);
 }
 
-unsigned api_end_revoked_streams(void) {
+unsigned api_end_revoked_streams(Api *api) {
         unsigned n = 0;
 
-        for (ApiRequest *req = api.requests; req; req = req->next) {
+        for (ApiRequest *req = api->requests; req; req = req->next) {
                 if (!req->sse || req->ending || req->dropped ||
-                    cloud_config_token_digest_valid(api.config, req->token_digest))
+                    cloud_config_token_digest_valid(api->config, req->token_digest))
                         continue;
                 /* What is queued already goes out, then the end of the
                  * stream; nothing new is queued (api_deliver_event()). */
@@ -673,7 +686,9 @@ unsigned api_end_revoked_streams(void) {
 }
 
 static int api_keepalive_cb(sd_event_source *s, uint64_t usec, void *userdata) {
-        for (ApiRequest *req = api.requests; req; req = req->next)
+        Api *api = userdata;
+
+        for (ApiRequest *req = api->requests; req; req = req->next)
                 if (req->sse && !req->ending && req->buf_len == req->buf_off)
                         api_sse_push(req, ":\n\n", 3);
         (void)sd_event_source_set_time_relative(s, API_SSE_KEEPALIVE_USEC);
@@ -681,6 +696,7 @@ static int api_keepalive_cb(sd_event_source *s, uint64_t usec, void *userdata) {
 }
 
 static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
+        Api *api = req->api;
         const char *prefix = p->prefix, *device = p->stream_device ? p->device : NULL;
         struct MHD_Response *resp;
         enum MHD_Result ret;
@@ -698,8 +714,8 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                 return MHD_NO;
         if (api_sse_append(req, ":ok\n\n", 5) < 0)
                 return MHD_NO;
-        if (p->has_last_event_id && p->last_epoch == journal_epoch(api.journal)) {
-                journal_cursor_init(&req->cursor, api.journal, p->last_id);
+        if (p->has_last_event_id && p->last_epoch == journal_epoch(api->journal)) {
+                journal_cursor_init(&req->cursor, api->journal, p->last_id);
                 req->catching_up = true;
                 req->resumed = true;
         } else {
@@ -711,10 +727,10 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                  * the first event, a reconnect still misses nothing. */
                 n = asprintf(&here, "%sid: %016" PRIx64 "-%" PRIu64 "\n\n",
                              p->has_last_event_id ? ":Last-Event-ID is from another journal\n" : "",
-                             journal_epoch(api.journal), journal_last_id(api.journal));
+                             journal_epoch(api->journal), journal_last_id(api->journal));
                 if (n < 0 || api_sse_append(req, here, (size_t)n) < 0)
                         return MHD_NO;
-                req->last_id = journal_last_id(api.journal);
+                req->last_id = journal_last_id(api->journal);
         }
         resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, API_SSE_BLOCK, api_sse_reader, req, NULL);
         if (!resp)
@@ -726,9 +742,9 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
         MHD_destroy_response(resp);
         if (ret == MHD_YES) {
                 req->sse = true;
-                api.n_streams++;
+                api->n_streams++;
                 stats_stream_opened(1);
-                if (sub_index_add(api.streams, req, req->filter_id, req->prefix, req, &req->sub) < 0)
+                if (sub_index_add(api->streams, req, req->filter_id, req->prefix, req, &req->sub) < 0)
                         return MHD_NO;
         }
         return ret;
@@ -737,7 +753,9 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
 /* ---- routing --------------------------------------------------------------------- */
 
 static void api_body_free(ApiRequest *req) {
-        api.body_total -= req->body_len;
+        Api *api = req->api;
+
+        api->body_total -= req->body_len;
         free(req->body);
         req->body = NULL;
         req->body_len = 0;
@@ -746,13 +764,14 @@ static void api_body_free(ApiRequest *req) {
 /* token: the one the request carried, NULL to look outside the body. A
  * token that may only read /metrics is good but not here: 403. */
 static enum MHD_Result api_unauthorized(ApiRequest *req, const char *token) {
+        Api *api = req->api;
         ApiInput in = {};
 
         if (!token) {
                 api_input_token(req->connection, &in);
                 (void)api_outside_token(&in, &token);
         }
-        if (token && cloud_config_metrics_token_valid(api.config, token)) {
+        if (token && cloud_config_metrics_token_valid(api->config, token)) {
                 api_set_json(req, MHD_HTTP_FORBIDDEN,
                              json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "insufficient_scope",
                                        "error_description", "This access token may only read /metrics"));
@@ -776,6 +795,7 @@ static const char *api_query_arg(ApiRequest *req, const char *key) {
 }
 
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
+        Api *api = req->api;
         _cleanup_(api_parsed_done) ApiParsed p = {};
         ApiInput in = {
                 .method = method,
@@ -789,7 +809,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         Device *d;
 
         if (req->body_too_large) {
-                api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes", api.body_max);
+                api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes", api->body_max);
                 return api_queue(req);
         }
         if (req->body_overload) {
@@ -803,7 +823,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 return MHD_NO;
         /* Parsed: a call may now wait for its device without the body. */
         api_body_free(req);
-        if (!req->authorized && !cloud_config_token_valid(api.config, p.token))
+        if (!req->authorized && !cloud_config_token_valid(api->config, p.token))
                 return api_unauthorized(req, p.token);
         switch (p.route) {
         case API_ROUTE_BAD_BODY:
@@ -818,7 +838,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 if (api_parse_page(api_query_arg(req, "page"), api_query_arg(req, "per_page"), &page, &error) < 0)
                         api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
                 else
-                        api_set_json(req, MHD_HTTP_OK, api_devices_list(api.devices, &page));
+                        api_set_json(req, MHD_HTTP_OK, api_devices_list(api->devices, &page));
                 break;
         }
         case API_ROUTE_PUBLISH:
@@ -828,7 +848,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_DEVICE_BAD_METHOD:
         case API_ROUTE_CALL:
         case API_ROUTE_READ:
-                d = devices_find(api.devices, p.device);
+                d = devices_find(api->devices, p.device);
                 if (!d)
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 else if (p.route == API_ROUTE_DEVICE)
@@ -846,12 +866,12 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 json_t *body = NULL;
                 unsigned status;
 
-                d = devices_find(api.devices, p.device);
+                d = devices_find(api->devices, p.device);
                 if (!d) {
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                         break;
                 }
-                status = ota_api_start_job(d, p.params, &body);
+                status = ota_api_start_job(api->ota, d, p.params, &body);
                 api_set_json(req, status, body);
                 break;
         }
@@ -869,6 +889,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
 /* GET /metrics (docs/cloud.md, "Metrics"): any API token, or one from
  * MetricsTokenFile=, in the header or the query. */
 static enum MHD_Result api_metrics(ApiRequest *req, const char *method) {
+        Api *api = req->api;
         struct MHD_Response *resp;
         ApiInput in = {};
         const char *token;
@@ -878,13 +899,13 @@ static enum MHD_Result api_metrics(ApiRequest *req, const char *method) {
 
         api_input_token(req->connection, &in);
         if (!api_outside_token(&in, &token) ||
-            (!cloud_config_token_valid(api.config, token) && !cloud_config_metrics_token_valid(api.config, token)))
+            (!cloud_config_token_valid(api->config, token) && !cloud_config_metrics_token_valid(api->config, token)))
                 return api_unauthorized(req, NULL);
         if (!streq(method, "GET") && !streq(method, "HEAD")) {
                 api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
                 return api_queue(req);
         }
-        for (ApiRequest *r = api.requests; r; r = r->next)
+        for (ApiRequest *r = api->requests; r; r = r->next)
                 if (r->sse && r->buf_len - r->buf_off > lag)
                         lag = r->buf_len - r->buf_off;
         if (stats_render(lag, &text, &len) < 0)
@@ -903,6 +924,7 @@ static enum MHD_Result api_metrics(ApiRequest *req, const char *method) {
 static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection, const char *url,
                                    const char *method, const char *version, const char *upload_data,
                                    size_t *upload_data_size, void **con_cls) {
+        Api *api = cls;
         ApiRequest *req = *con_cls;
 
         if (!req) {
@@ -912,18 +934,19 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 req = calloc(1, sizeof(*req));
                 if (!req)
                         return MHD_NO;
+                req->api = api;
                 req->connection = connection;
-                req->next = api.requests;
-                if (api.requests)
-                        api.requests->prev = req;
-                api.requests = req;
+                req->next = api->requests;
+                if (api->requests)
+                        api->requests->prev = req;
+                api->requests = req;
                 *con_cls = req;
                 if (ota_api_owns(url)) {
                         /* Artifact uploads stream to disk: no body limit here. */
                         req->ota = true;
-                        if (!api_connection_authorized(connection))
+                        if (!api_connection_authorized(api, connection))
                                         return api_unauthorized(req, NULL);
-                        return (enum MHD_Result)ota_api_handler(connection, url, method, upload_data,
+                        return (enum MHD_Result)ota_api_handler(api->ota, connection, url, method, upload_data,
                                                                 upload_data_size, &req->ota_state);
                 }
                 if (streq(url, "/metrics"))
@@ -933,22 +956,22 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                  * only be in its body has the body buffered first. */
                 api_input_token(connection, &in);
                 if (api_outside_token(&in, &token)) {
-                        if (!cloud_config_token_valid(api.config, token))
+                        if (!cloud_config_token_valid(api->config, token))
                                 return api_unauthorized(req, token);
                         req->authorized = true;
                 }
                 /* Refuse a declared oversize body before it is sent. */
                 cl = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-                if (cl && strtoull(cl, NULL, 10) > api.body_max) {
+                if (cl && strtoull(cl, NULL, 10) > api->body_max) {
                         api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes",
-                                       api.body_max);
+                                       api->body_max);
                         return api_queue(req);
                 }
                 return MHD_YES;
         }
         if (req->ota)
                 return req->response ? api_queue(req)
-                                     : (enum MHD_Result)ota_api_handler(connection, url, method, upload_data,
+                                     : (enum MHD_Result)ota_api_handler(api->ota, connection, url, method, upload_data,
                                                                         upload_data_size, &req->ota_state);
         if (*upload_data_size > 0) {
                 size_t n = *upload_data_size;
@@ -956,16 +979,16 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 *upload_data_size = 0;
                 if (req->body_too_large || req->body_overload)
                         return MHD_YES;
-                if (req->body_len + n > api.body_max) {
+                if (req->body_len + n > api->body_max) {
                         /* Keep reading, keep nothing; 413 once it is over. */
                         req->body_too_large = true;
                         api_body_free(req);
                         return MHD_YES;
                 }
-                if (api.body_total + n > API_BODY_TOTAL_MAX) {
+                if (api->body_total + n > API_BODY_TOTAL_MAX) {
                         /* Keep reading, keep nothing; 503 once it is over. */
                         if (!req->body_overload)
-                                log_warning("Request bodies in progress hold %zu bytes; answering 503.", api.body_total);
+                                log_warning("Request bodies in progress hold %zu bytes; answering 503.", api->body_total);
                         req->body_overload = true;
                         api_body_free(req);
                         return MHD_YES;
@@ -978,7 +1001,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         memcpy(b + req->body_len, upload_data, n);
                         req->body = b;
                         req->body_len += n;
-                        api.body_total += n;
+                        api->body_total += n;
                         b[req->body_len] = 0;
                 }
                 return MHD_YES;
@@ -990,7 +1013,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
         if (req->dispatched)
                 return MHD_NO; /* the answer could not be built (OOM) */
         req->dispatched = true;
-        if (api.stopping) {
+        if (api->stopping) {
                 /* Nothing may be suspended once MHD_stop_daemon() runs. */
                 api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Shutting down", NULL);
                 return api_queue(req);
@@ -999,18 +1022,20 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
 }
 
 static void api_request_free(ApiRequest *req) {
+        Api *api = req->api;
+
         if (req->prev)
                 req->prev->next = req->next;
         else
-                api.requests = req->next;
+                api->requests = req->next;
         if (req->next)
                 req->next->prev = req->prev;
         if (req->sse) {
-                api.n_streams--;
+                api->n_streams--;
                 stats_stream_opened(-1);
         }
         if (req->sub)
-                sub_index_remove(api.streams, req->sub);
+                sub_index_remove(api->streams, req->sub);
         devices_call_cancel(req->call);
         journal_cursor_done(&req->cursor);
         ota_api_request_free(req->ota_state);
@@ -1034,98 +1059,20 @@ static void api_completed(void *cls, struct MHD_Connection *connection, void **c
         api_request_free(req);
 }
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wformat-nonliteral"
-void api_log_mhd(bool running, const char *server, const char *fmt, va_list ap) {
-        char buf[512];
-        size_t n;
-
-        vsnprintf(buf, sizeof(buf), fmt, ap);
-        n = strlen(buf);
-        while (n > 0 && buf[n - 1] == '\n')
-                buf[--n] = 0;
-        /* Once running, MHD mostly reports clients that went away or
-         * failed their TLS handshake: not worth a warning each. */
-        log_internal(running ? LOG_DEBUG : LOG_WARNING, 0, "libmicrohttpd%s: %s", server, buf);
-}
-#pragma GCC diagnostic pop
-
 static void api_mhd_log(void *cls, const char *fmt, va_list ap) {
-        api_log_mhd(api.running, "", fmt, ap);
+        Api *api = cls;
+
+        mhd_log(api->running, "", fmt, ap);
 }
 
-int api_start(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
-              unsigned *ret_port) {
-        const union MHD_DaemonInfo *info;
-        struct sockaddr_storage ss;
-        socklen_t sl;
-        unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
-        int r, fd;
-
-        api.event = event;
-        api.config = config;
-        api.journal = journal;
-        api.devices = devices;
-        api.events = events;
-        /* Room for a MaxPayload argument even when every byte is escaped. */
-        api.body_max = (size_t)config->max_payload * 3 + 4096;
-        api.streams = sub_index_new(NULL);
-        if (!api.streams)
-                return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
-
-        r = cloud_config_resolve_address(config->api_listen, config->api_port, &ss, &sl);
-        if (r < 0)
-                return log_error_errno(r, "Invalid [API] Listen= address '%s'.", config->api_listen);
-        if (ss.ss_family == AF_INET6)
-                flags |= MHD_USE_DUAL_STACK;
-        api.daemon = MHD_start_daemon(flags, (uint16_t)config->api_port, NULL, NULL, api_handler, NULL,
-                                      MHD_OPTION_EXTERNAL_LOGGER, api_mhd_log, NULL,
-                                      MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
-                                      MHD_OPTION_NOTIFY_COMPLETED, api_completed, NULL,
-                                      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONNECTION_TIMEOUT_SEC,
-                                      MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
-                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT,
-                                      MHD_OPTION_PER_IP_CONNECTION_LIMIT, config->max_connections_per_ip,
-                                      MHD_OPTION_END);
-        if (!api.daemon)
-                return log_error_errno(-EADDRNOTAVAIL, "Failed to start the HTTP API on '%s' port %u.",
-                                       config->api_listen, config->api_port);
-        info = MHD_get_daemon_info(api.daemon, MHD_DAEMON_INFO_BIND_PORT);
-        if (!info)
-                return log_error_errno(-EIO, "Cannot get the HTTP API port.");
-        *ret_port = info->port;
-        info = MHD_get_daemon_info(api.daemon, MHD_DAEMON_INFO_EPOLL_FD);
-        if (!info)
-                return log_error_errno(-EIO, "Cannot get the HTTP API epoll fd.");
-        fd = info->epoll_fd;
-
-        r = sd_event_add_io(event, &api.io, fd, EPOLLIN, api_io_cb, NULL);
-        if (r >= 0)
-                r = sd_event_add_time(event, &api.timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC, api_timer_cb, NULL);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(api.timer, SD_EVENT_OFF);
-        if (r >= 0)
-                r = sd_event_add_defer(event, &api.defer, api_defer_cb, NULL);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(api.defer, SD_EVENT_OFF);
-        if (r >= 0)
-                r = sd_event_add_time_relative(event, &api.keepalive, CLOCK_MONOTONIC, API_SSE_KEEPALIVE_USEC,
-                                               100 * USEC_PER_MSEC, api_keepalive_cb, NULL);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(api.keepalive, SD_EVENT_ON);
-        if (r < 0)
-                return log_error_errno(r, "Failed to add HTTP event sources: %m");
-        api_update_timer();
-        api.running = true;
-        return 0;
-}
-
-void api_stop(void) {
-        if (api.daemon) {
-                api.stopping = true;
-                ota_api_shutdown();
+Api *api_free(Api *api) {
+        if (!api)
+                return NULL;
+        if (api->daemon) {
+                api->stopping = true;
+                ota_api_shutdown(api->ota);
                 /* MHD must not be stopped with suspended connections. */
-                for (ApiRequest *req = api.requests; req; req = req->next) {
+                for (ApiRequest *req = api->requests; req; req = req->next) {
                         devices_call_cancel(req->call);
                         req->call = NULL;
                         if (req->sse)
@@ -1134,13 +1081,89 @@ void api_stop(void) {
                                 api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Shutting down", NULL);
                         api_resume(req);
                 }
-                (void)MHD_run(api.daemon);
-                MHD_stop_daemon(api.daemon);
-                api.daemon = NULL;
+                (void)MHD_run(api->daemon);
+                MHD_stop_daemon(api->daemon);
+                api->daemon = NULL;
         }
-        api.streams = sub_index_free(api.streams);
-        api.io = sd_event_source_disable_unref(api.io);
-        api.timer = sd_event_source_disable_unref(api.timer);
-        api.defer = sd_event_source_disable_unref(api.defer);
-        api.keepalive = sd_event_source_disable_unref(api.keepalive);
+        api->streams = sub_index_free(api->streams);
+        api->io = sd_event_source_disable_unref(api->io);
+        api->timer = sd_event_source_disable_unref(api->timer);
+        api->defer = sd_event_source_disable_unref(api->defer);
+        api->keepalive = sd_event_source_disable_unref(api->keepalive);
+        free(api);
+        return NULL;
+}
+
+int api_new(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
+            Ota *ota, unsigned *ret_port, Api **ret) {
+        _cleanup_(api_freep) Api *api = NULL;
+        const union MHD_DaemonInfo *info;
+        struct sockaddr_storage ss;
+        socklen_t sl;
+        unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+        unsigned port;
+        int r, fd;
+
+        api = calloc(1, sizeof(*api));
+        if (!api)
+                return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
+        api->event = event;
+        api->config = config;
+        api->journal = journal;
+        api->devices = devices;
+        api->events = events;
+        api->ota = ota;
+        /* Room for a MaxPayload argument even when every byte is escaped. */
+        api->body_max = (size_t)config->max_payload * 3 + 4096;
+        api->streams = sub_index_new(NULL);
+        if (!api->streams)
+                return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
+
+        r = cloud_config_resolve_address(config->api_listen, config->api_port, &ss, &sl);
+        if (r < 0)
+                return log_error_errno(r, "Invalid [API] Listen= address '%s'.", config->api_listen);
+        if (ss.ss_family == AF_INET6)
+                flags |= MHD_USE_DUAL_STACK;
+        api->daemon = MHD_start_daemon(flags, (uint16_t)config->api_port, NULL, NULL, api_handler, api,
+                                      MHD_OPTION_EXTERNAL_LOGGER, api_mhd_log, api,
+                                      MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
+                                      MHD_OPTION_NOTIFY_COMPLETED, api_completed, api,
+                                      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONNECTION_TIMEOUT_SEC,
+                                      MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
+                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT,
+                                      MHD_OPTION_PER_IP_CONNECTION_LIMIT, config->max_connections_per_ip,
+                                      MHD_OPTION_END);
+        if (!api->daemon)
+                return log_error_errno(-EADDRNOTAVAIL, "Failed to start the HTTP API on '%s' port %u.",
+                                       config->api_listen, config->api_port);
+        info = MHD_get_daemon_info(api->daemon, MHD_DAEMON_INFO_BIND_PORT);
+        if (!info)
+                return log_error_errno(-EIO, "Cannot get the HTTP API port.");
+        port = info->port;
+        info = MHD_get_daemon_info(api->daemon, MHD_DAEMON_INFO_EPOLL_FD);
+        if (!info)
+                return log_error_errno(-EIO, "Cannot get the HTTP API epoll fd.");
+        fd = info->epoll_fd;
+
+        r = sd_event_add_io(event, &api->io, fd, EPOLLIN, api_io_cb, api);
+        if (r >= 0)
+                r = sd_event_add_time(event, &api->timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC, api_timer_cb, api);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &api->defer, api_defer_cb, api);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(api->defer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_time_relative(event, &api->keepalive, CLOCK_MONOTONIC, API_SSE_KEEPALIVE_USEC,
+                                               100 * USEC_PER_MSEC, api_keepalive_cb, api);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(api->keepalive, SD_EVENT_ON);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add HTTP event sources: %m");
+        api_update_timer(api);
+        api->running = true;
+        *ret_port = port;
+        *ret = TAKE_PTR(api);
+        return 0;
 }

@@ -7,8 +7,13 @@
 #include <signal.h>
 #include <systemd/sd-daemon.h>
 
+#include "api.h"
 #include "cloud.h"
+#include "devices.h"
+#include "events.h"
+#include "journal.h"
 #include "log.h"
+#include "ota.h"
 #include "stats.h"
 #include "util.h"
 
@@ -18,7 +23,8 @@ struct Cloud {
         Journal *journal;
         Events *events;
         Devices *devices;
-        bool api_started, ota_started;
+        Ota *ota;
+        Api *api;
         unsigned coap_port, api_port, ota_port;
 };
 
@@ -33,7 +39,9 @@ static void cloud_event_request(void *userdata, Device *d, const coap_pdu_t *req
 
 static void cloud_ota_request(void *userdata, Device *d, const coap_pdu_t *request, const char *job,
                               coap_pdu_t *response) {
-        ota_device_request(d, request, job, response);
+        Cloud *c = userdata;
+
+        ota_device_request(c->ota, d, request, job, response);
 }
 
 static void cloud_device_gone(void *userdata, const Device *d) {
@@ -62,13 +70,24 @@ static void cloud_disconnect(void *userdata, Device *d, const char *reason) {
 }
 
 static void cloud_deliver_to_streams(void *userdata, const ProtoEvent *e, uint64_t id) {
-        api_deliver_event(e, id);
+        Cloud *c = userdata;
+
+        api_deliver_event(c->api, e, id);
 }
 
 static void cloud_flush(void *userdata) {
         Cloud *c = userdata;
 
         devices_kick(c->devices);
+}
+
+/* ---- OtaHooks: OTA towards the HTTP API ------------------------------------ */
+
+/* NULL while the Api is not made yet or gone: then it has nothing to run. */
+static void cloud_kick_api(void *userdata) {
+        Cloud *c = userdata;
+
+        api_kick(c->api);
 }
 
 /* ---- signals -------------------------------------------------------------- */
@@ -94,7 +113,7 @@ static int cloud_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si
                 if (c->config->metrics_token_file)
                         log_info("Reloaded %zu metrics token(s) from '%s'.", c->config->n_metrics_tokens,
                                  c->config->metrics_token_file);
-                log_info("Closed %u event stream(s) whose token was removed.", api_end_revoked_streams());
+                log_info("Closed %u event stream(s) whose token was removed.", api_end_revoked_streams(c->api));
         }
         (void)devices_reload_tls(c->devices);
         (void)sd_notify(0, "READY=1");
@@ -106,12 +125,11 @@ static int cloud_reload_cb(sd_event_source *s, const struct signalfd_siginfo *si
 Cloud *cloud_free(Cloud *c) {
         if (!c)
                 return NULL;
-        /* Users first (they hold calls to devices), then devices (whose
-         * sessions hold subscriptions), then events and the journal. */
-        if (c->api_started)
-                api_stop();
-        if (c->ota_started)
-                ota_server_stop();
+        /* Users first (they hold calls to devices; the Api's requests hold
+         * the Ota's), then devices (whose sessions hold subscriptions), then
+         * events and the journal. */
+        c->api = api_free(c->api);
+        c->ota = ota_free(c->ota);
         c->devices = devices_free(c->devices);
         c->events = events_free(c->events);
         c->journal = journal_free(c->journal);
@@ -126,6 +144,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         _cleanup_(cloud_freep) Cloud *c = NULL;
         DevicesHooks dh;
         EventsHooks eh;
+        OtaHooks oh;
         int r;
 
         c = calloc(1, sizeof(*c));
@@ -148,6 +167,10 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .disconnect = cloud_disconnect,
                 .deliver_to_streams = cloud_deliver_to_streams,
                 .flush = cloud_flush,
+        };
+        oh = (OtaHooks){
+                .userdata = c,
+                .kick_api = cloud_kick_api,
         };
 
         r = sd_event_default(&c->event);
@@ -177,12 +200,10 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = devices_new(c->event, config, &dh, &c->coap_port, &c->devices);
         if (r < 0)
                 return r;
-        c->api_started = true;
-        r = api_start(c->event, config, c->journal, c->devices, c->events, &c->api_port);
+        r = ota_new(c->event, config, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
         if (r < 0)
                 return r;
-        c->ota_started = true;
-        r = ota_server_start(c->event, config, c->journal, c->devices, c->events, &c->ota_port);
+        r = api_new(c->event, config, c->journal, c->devices, c->events, c->ota, &c->api_port, &c->api);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(c);

@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* OTA in tether-cloudd (docs/ota.md, docs/cloud.md):
+/* OTA in tether-cloudd (ota.h; docs/ota.md, docs/cloud.md):
  *   - jobs: PUT /v1/devices/ID with a signed manifest sends POST /o/JOB to
  *     the device; its answer and its status reports (POST /o/JOB from the
  *     device) move the job; the API serves jobs, with long polling, and
@@ -25,10 +25,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "cloud.h"
 #include "log.h"
 #include "manifest.h"
+#include "mhd-log.h"
 #include "ota-journal.h"
+#include "ota.h"
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
@@ -41,6 +42,7 @@
 #define OTA_PEM_MAX (256 * 1024)
 
 typedef struct OtaJob {
+        Ota *ota;
         char id[OTA_JOB_ID_LEN + 1];
         char *device;
         char *package;
@@ -53,6 +55,7 @@ typedef struct OtaJob {
         uint64_t device_seq; /* last state report applied (reports are de-duplicated) */
         json_t *history;     /* [{"state","at"[,"code","reason"]}] */
         char created[32], updated[32];
+        DeviceCall *call; /* POST /o/JOB to the device, until it answers */
         struct OtaJob *next;
 } OtaJob;
 
@@ -65,6 +68,7 @@ typedef enum OtaRequestKind {
 } OtaRequestKind;
 
 struct OtaRequest {
+        Ota *ota;
         OtaRequestKind kind;
         struct MHD_Connection *connection;
         unsigned status; /* a response decided early (0: none) */
@@ -87,12 +91,13 @@ struct OtaRequest {
         struct OtaRequest *wait_prev, *wait_next;
 };
 
-static struct {
+struct Ota {
         sd_event *event;
         const CloudConfig *config;
         Journal *journal;
         Devices *devices;
         Events *events;
+        OtaHooks hooks;
         struct MHD_Daemon *daemon; /* artifact server */
         sd_event_source *io, *timer, *defer;
         char *key_pem, *cert_pem, *ca_pem;
@@ -101,8 +106,8 @@ static struct {
         OtaJob *jobs;
         size_t n_jobs;
         OtaRequest *waiters;
-        bool running; /* between ota_server_start() and ota_server_stop() */
-} ota = { .port = 0 };
+        bool running; /* from the start of ota_new() to the start of ota_free() */
+};
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -156,14 +161,15 @@ static bool state_known(const char *s) {
 
 /* ---- jobs ----------------------------------------------------------------- */
 
-static OtaJob *job_find(const char *id) {
-        for (OtaJob *j = ota.jobs; j; j = j->next)
+static OtaJob *job_find(Ota *ota, const char *id) {
+        for (OtaJob *j = ota->jobs; j; j = j->next)
                 if (streq(j->id, id))
                         return j;
         return NULL;
 }
 
 static void job_free(OtaJob *j) {
+        devices_call_cancel(j->call);
         free(j->device);
         free(j->package);
         free(j->version);
@@ -175,12 +181,12 @@ static void job_free(OtaJob *j) {
 }
 
 /* Keep the table bounded: forget the oldest finished job. */
-static void jobs_prune(void) {
+static void jobs_prune(Ota *ota) {
         OtaJob **victim = NULL;
 
-        if (ota.n_jobs < OTA_JOBS_MAX)
+        if (ota->n_jobs < OTA_JOBS_MAX)
                 return;
-        for (OtaJob **p = &ota.jobs; *p; p = &(*p)->next)
+        for (OtaJob **p = &ota->jobs; *p; p = &(*p)->next)
                 if (state_final((*p)->state))
                         victim = p; /* the list is newest first: the last one wins */
         if (!victim)
@@ -189,15 +195,16 @@ static void jobs_prune(void) {
                 OtaJob *j = *victim;
                 *victim = j->next;
                 job_free(j);
-                ota.n_jobs--;
+                ota->n_jobs--;
         }
 }
 
-static OtaJob *job_new(const char *id, const char *device, const char *package, const char *version) {
+static OtaJob *job_new(Ota *ota, const char *id, const char *device, const char *package, const char *version) {
         OtaJob *j = calloc(1, sizeof(*j));
 
         if (!j)
                 return NULL;
+        j->ota = ota;
         snprintf(j->id, sizeof(j->id), "%s", id);
         j->device = strdup(device);
         j->package = package ? strdup(package) : NULL;
@@ -209,10 +216,10 @@ static OtaJob *job_new(const char *id, const char *device, const char *package, 
         }
         timestamp(j->created);
         memcpy(j->updated, j->created, sizeof(j->created));
-        jobs_prune();
-        j->next = ota.jobs;
-        ota.jobs = j;
-        ota.n_jobs++;
+        jobs_prune(ota);
+        j->next = ota->jobs;
+        ota->jobs = j;
+        ota->n_jobs++;
         return j;
 }
 
@@ -247,6 +254,7 @@ static int set_str(char **dst, const char *v) {
 /* Move a job to state (with optional code and reason), remember it in the
  * history, tell API waiters and event streams. */
 static void job_set_state(OtaJob *j, const char *state, const char *code, const char *reason) {
+        Ota *ota = j->ota;
         bool changed = !j->state || !streq(j->state, state);
         ProtoEvent e;
         _cleanup_free_ char *data = NULL;
@@ -296,23 +304,22 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
         /* Journaled like every routed event, so that subscribers that
          * resume (Last-Event-ID) see every state. The job's own record
          * does not depend on it. */
-        r = journal_append(ota.journal, &e, 0, 0, &id);
+        r = journal_append(ota->journal, &e, 0, 0, &id);
         if (r < 0) {
                 log_warning_errno(r, "Failed to store the event for job %s (%s), not routing it: %m", j->id, state);
                 return;
         }
-        events_route(ota.events, &e, devices_find(ota.devices, j->device), id);
+        events_route(ota->events, &e, devices_find(ota->devices, j->device), id);
 }
 
 /* The device's answer to POST /o/JOB. */
 static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
-        _cleanup_free_ char *id = userdata, *text = NULL;
-        OtaJob *j = job_find(id);
+        _cleanup_free_ char *text = NULL;
+        OtaJob *j = userdata;
         const char *colon;
         char rcode[32] = "";
 
-        if (!j)
-                return;
+        j->call = NULL;
         if (error == -ETIMEDOUT) {
                 /* It may still have taken the job: its reports would say so. */
                 if (j->state && streq(j->state, "sent"))
@@ -346,7 +353,7 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
                 job_set_state(j, "rejected", code == COAP_RESPONSE_CODE(503) ? "busy" : "refused", text);
 }
 
-unsigned ota_api_start_job(Device *d, json_t *params, json_t **ret_body) {
+unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body) {
         json_t *m = json_object_get(params, "manifest");
         char id[OTA_JOB_ID_LEN + 1];
         uint8_t rnd[OTA_JOB_ID_LEN / 2];
@@ -355,7 +362,6 @@ unsigned ota_api_start_job(Device *d, json_t *params, json_t **ret_body) {
         const char *text, *err = NULL;
         size_t len;
         OtaJob *j;
-        char *cb_id;
         int r;
 
         if (!json_is_string(m)) {
@@ -394,19 +400,16 @@ unsigned ota_api_start_job(Device *d, json_t *params, json_t **ret_body) {
                         id[2 * i + 1] = digits[rnd[i] & 15];
                 }
                 id[OTA_JOB_ID_LEN] = 0;
-        } while (job_find(id));
+        } while (job_find(ota, id));
 
-        j = job_new(id, device_id(d), man.package, man.version);
+        j = job_new(ota, id, device_id(d), man.package, man.version);
         manifest_done(&man);
-        cb_id = strdup(id);
-        if (!j || !cb_id) {
-                free(cb_id);
+        if (!j) {
                 *ret_body = NULL;
                 return MHD_HTTP_INTERNAL_SERVER_ERROR;
         }
-        r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, id, text, len, job_sent, cb_id, NULL);
+        r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, id, text, len, job_sent, j, &j->call);
         if (r < 0) {
-                free(cb_id);
                 job_set_state(j, "failed", "offline", "the update request could not be sent");
                 *ret_body = json_pack("{s:b, s:s, s:o}", "ok", 0, "error",
                                       r == -ENOTCONN ? "Device is offline" : "Failed to send the update request",
@@ -438,7 +441,7 @@ static const char *json_str(json_t *o, const char *key) {
         return json_string_value(v);
 }
 
-void ota_device_request(Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response) {
+void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response) {
         const uint8_t *data = NULL;
         size_t len = 0;
         json_t *o, *seqv;
@@ -458,14 +461,14 @@ void ota_device_request(Device *d, const coap_pdu_t *request, const char *job, c
                 json_decref(o);
                 return reply_text(response, COAP_RESPONSE_CODE(400), "malformed report");
         }
-        j = job_find(job);
+        j = job_find(ota, job);
         if (j && !streq(j->device, device_id(d))) {
                 json_decref(o);
                 return reply_text(response, COAP_RESPONSE_CODE(403), "job belongs to another device");
         }
         if (!j) {
                 /* A job from before this cloud started: learn it from the report. */
-                j = job_new(job, device_id(d), json_str(o, "package"), json_str(o, "version"));
+                j = job_new(ota, job, device_id(d), json_str(o, "package"), json_str(o, "version"));
                 if (!j) {
                         json_decref(o);
                         return reply_text(response, COAP_RESPONSE_CODE(500), "out of memory");
@@ -504,7 +507,7 @@ static void waiter_unlink(OtaRequest *r) {
         if (r->wait_prev)
                 r->wait_prev->wait_next = r->wait_next;
         else
-                ota.waiters = r->wait_next;
+                r->ota->waiters = r->wait_next;
         if (r->wait_next)
                 r->wait_next->wait_prev = r->wait_prev;
         r->wait_prev = r->wait_next = NULL;
@@ -517,11 +520,11 @@ static void waiter_resume(OtaRequest *r) {
         waiter_unlink(r);
         r->suspended = false;
         MHD_resume_connection(r->connection);
-        api_kick();
+        r->ota->hooks.kick_api(r->ota->hooks.userdata);
 }
 
 static void waiters_wake(const OtaJob *j) {
-        for (OtaRequest *r = ota.waiters, *next; r; r = next) {
+        for (OtaRequest *r = j->ota->waiters, *next; r; r = next) {
                 next = r->wait_next;
                 if (streq(r->job, j->id))
                         waiter_resume(r);
@@ -536,10 +539,10 @@ static int waiter_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-void ota_api_shutdown(void) {
-        while (ota.waiters) {
-                ota.waiters->expired = true;
-                waiter_resume(ota.waiters);
+void ota_api_shutdown(Ota *ota) {
+        while (ota->waiters) {
+                ota->waiters->expired = true;
+                waiter_resume(ota->waiters);
         }
 }
 
@@ -587,20 +590,20 @@ static enum MHD_Result queue_error(struct MHD_Connection *c, unsigned status, co
         return queue_json(c, status, json_pack("{s:b, s:s}", "ok", 0, "error", error));
 }
 
-static char *artifact_url(const char *sha256) {
+static char *artifact_url(Ota *ota, const char *sha256) {
         char *u;
 
-        if (asprintf(&u, "%s/ota/%s.deb", ota.public_url, sha256) < 0)
+        if (asprintf(&u, "%s/ota/%s.deb", ota->public_url, sha256) < 0)
                 return NULL;
         return u;
 }
 
-static int artifact_path(const char *sha256, char **ret) {
-        return asprintf(ret, "%s/%s.deb", ota.config->ota_dir, sha256) < 0 ? -ENOMEM : 0;
+static int artifact_path(Ota *ota, const char *sha256, char **ret) {
+        return asprintf(ret, "%s/%s.deb", ota->config->ota_dir, sha256) < 0 ? -ENOMEM : 0;
 }
 
-static json_t *artifact_json(const char *sha256, uint64_t size) {
-        _cleanup_free_ char *url = artifact_url(sha256);
+static json_t *artifact_json(Ota *ota, const char *sha256, uint64_t size) {
+        _cleanup_free_ char *url = artifact_url(ota, sha256);
 
         return url ? json_pack("{s:b, s:s, s:I, s:s}", "ok", 1, "sha256", sha256, "size", (json_int_t)size, "url",
                                url)
@@ -612,9 +615,10 @@ bool ota_api_owns(const char *url) {
 }
 
 static int upload_begin(OtaRequest *r) {
+        Ota *ota = r->ota;
         const char *cl = MHD_lookup_connection_value(r->connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         _cleanup_free_ char *final = NULL;
-        uint64_t max = (uint64_t)ota.config->ota_max_artifact_mb << 20;
+        uint64_t max = (uint64_t)ota->config->ota_max_artifact_mb << 20;
         struct stat st;
         char *end;
 
@@ -632,13 +636,13 @@ static int upload_begin(OtaRequest *r) {
                 r->status = MHD_HTTP_CONTENT_TOO_LARGE;
                 return 0;
         }
-        if (artifact_path(r->sha256, &final) < 0)
+        if (artifact_path(r->ota, r->sha256, &final) < 0)
                 return -ENOMEM;
         if (stat(final, &st) == 0) {
                 r->exists = true; /* read and drop the body */
                 return 0;
         }
-        if (asprintf(&r->tmp_path, "%s/.upload-%s-XXXXXX", ota.config->ota_dir, r->sha256) < 0) {
+        if (asprintf(&r->tmp_path, "%s/.upload-%s-XXXXXX", ota->config->ota_dir, r->sha256) < 0) {
                 r->tmp_path = NULL;
                 return -ENOMEM;
         }
@@ -692,9 +696,9 @@ static enum MHD_Result upload_end(OtaRequest *r) {
         if (r->exists) {
                 struct stat st;
 
-                if (artifact_path(r->sha256, &final) < 0 || stat(final, &st) < 0)
+                if (artifact_path(r->ota, r->sha256, &final) < 0 || stat(final, &st) < 0)
                         return queue_error(r->connection, MHD_HTTP_INTERNAL_SERVER_ERROR, "Artifact vanished");
-                return queue_json(r->connection, MHD_HTTP_OK, artifact_json(r->sha256, (uint64_t)st.st_size));
+                return queue_json(r->connection, MHD_HTTP_OK, artifact_json(r->ota, r->sha256, (uint64_t)st.st_size));
         }
         if (r->status == 0 && r->received != r->expected)
                 r->status = MHD_HTTP_BAD_REQUEST;
@@ -712,7 +716,7 @@ static enum MHD_Result upload_end(OtaRequest *r) {
                 return queue_json(r->connection, MHD_HTTP_BAD_REQUEST,
                                   json_pack("{s:b, s:s, s:s}", "ok", 0, "error",
                                             "The upload does not match its SHA-256", "info", hex));
-        if (artifact_path(r->sha256, &final) < 0)
+        if (artifact_path(r->ota, r->sha256, &final) < 0)
                 return MHD_NO;
         /* tmp -> fsync -> rename -> fsync(dir): all or nothing after a crash. */
         if (fsync(r->fd) < 0 || rename(r->tmp_path, final) < 0) {
@@ -721,28 +725,29 @@ static enum MHD_Result upload_end(OtaRequest *r) {
         }
         free(r->tmp_path);
         r->tmp_path = NULL;
-        dfd = open(ota.config->ota_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        dfd = open(r->ota->config->ota_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dfd >= 0)
                 (void)fsync(dfd);
         log_info("Stored OTA artifact %s (%" PRIu64 " bytes).", r->sha256, r->received);
-        return queue_json(r->connection, MHD_HTTP_CREATED, artifact_json(r->sha256, r->received));
+        return queue_json(r->connection, MHD_HTTP_CREATED, artifact_json(r->ota, r->sha256, r->received));
 }
 
 static enum MHD_Result job_answer(OtaRequest *r) {
-        OtaJob *j = job_find(r->job);
+        Ota *ota = r->ota;
+        OtaJob *j = job_find(ota, r->job);
 
         if (!j)
                 return queue_error(r->connection, MHD_HTTP_NOT_FOUND, "No such job");
         /* Long polling: hold the request until the job changes or time is up. */
-        if (r->wait_seq >= 0 && j->seq <= (uint64_t)r->wait_seq && !r->expired && ota.running) {
-                int k = sd_event_add_time_relative(ota.event, &r->timer, CLOCK_MONOTONIC, OTA_WAIT_USEC,
+        if (r->wait_seq >= 0 && j->seq <= (uint64_t)r->wait_seq && !r->expired && ota->running) {
+                int k = sd_event_add_time_relative(ota->event, &r->timer, CLOCK_MONOTONIC, OTA_WAIT_USEC,
                                                    100 * USEC_PER_MSEC, waiter_timeout, r);
                 if (k >= 0) {
                         r->suspended = true;
-                        r->wait_next = ota.waiters;
-                        if (ota.waiters)
-                                ota.waiters->wait_prev = r;
-                        ota.waiters = r;
+                        r->wait_next = ota->waiters;
+                        if (ota->waiters)
+                                ota->waiters->wait_prev = r;
+                        ota->waiters = r;
                         MHD_suspend_connection(r->connection);
                         return MHD_YES;
                 }
@@ -751,9 +756,10 @@ static enum MHD_Result job_answer(OtaRequest *r) {
 }
 
 static enum MHD_Result jobs_answer(OtaRequest *r) {
+        Ota *ota = r->ota;
         json_t *a = json_array();
 
-        for (OtaJob *j = ota.jobs; a && j; j = j->next)
+        for (OtaJob *j = ota->jobs; a && j; j = j->next)
                 if (json_array_append_new(a, job_to_json(j)) < 0) {
                         json_decref(a);
                         a = NULL;
@@ -761,7 +767,7 @@ static enum MHD_Result jobs_answer(OtaRequest *r) {
         return queue_json(r->connection, MHD_HTTP_OK, a);
 }
 
-int ota_api_handler(struct MHD_Connection *connection, const char *url, const char *method,
+int ota_api_handler(Ota *ota, struct MHD_Connection *connection, const char *url, const char *method,
                     const char *upload_data, size_t *upload_data_size, OtaRequest **state) {
         OtaRequest *r = *state;
         bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
@@ -771,6 +777,7 @@ int ota_api_handler(struct MHD_Connection *connection, const char *url, const ch
                 r = calloc(1, sizeof(*r));
                 if (!r)
                         return MHD_NO;
+                r->ota = ota;
                 r->connection = connection;
                 r->fd = -1;
                 r->wait_seq = -1;
@@ -780,7 +787,7 @@ int ota_api_handler(struct MHD_Connection *connection, const char *url, const ch
                         memcpy(r->sha256, rest + 11, 65);
                         /* Not 503: the cloud's configuration is the cause, not
                          * a device or a load that may change by itself. */
-                        if (!ota.config->ota_dir)
+                        if (!ota->config->ota_dir)
                                 r->status = MHD_HTTP_NOT_IMPLEMENTED;
                         else if (streq(method, MHD_HTTP_METHOD_PUT)) {
                                 r->kind = OTA_REQ_UPLOAD;
@@ -821,11 +828,11 @@ int ota_api_handler(struct MHD_Connection *connection, const char *url, const ch
                 _cleanup_free_ char *path = NULL;
                 struct stat st;
 
-                if (artifact_path(r->sha256, &path) < 0)
+                if (artifact_path(r->ota, r->sha256, &path) < 0)
                         return MHD_NO;
                 if (stat(path, &st) < 0)
                         return queue_error(connection, MHD_HTTP_NOT_FOUND, "No such artifact");
-                return queue_json(connection, MHD_HTTP_OK, artifact_json(r->sha256, (uint64_t)st.st_size));
+                return queue_json(connection, MHD_HTTP_OK, artifact_json(r->ota, r->sha256, (uint64_t)st.st_size));
         }
         case OTA_REQ_JOB:
                 return job_answer(r);
@@ -911,6 +918,7 @@ static bool parse_range(const char *h, uint64_t size, uint64_t *ret_from, uint64
 static enum MHD_Result artifact_handler(void *cls, struct MHD_Connection *c, const char *url, const char *method,
                                         const char *version, const char *upload_data, size_t *upload_data_size,
                                         void **con_cls) {
+        Ota *ota = cls;
         char id[PROTO_DEVICE_ID_MAX + 1] = "", sha[65], etag[70], cr[96];
         _cleanup_free_ char *path = NULL;
         const char *range, *if_range;
@@ -937,7 +945,7 @@ static enum MHD_Result artifact_handler(void *cls, struct MHD_Connection *c, con
                 return queue_text(c, MHD_HTTP_NOT_FOUND, "no such artifact\n");
         memcpy(sha, url + 5, 64);
         sha[64] = 0;
-        if (!manifest_sha256_valid(sha) || artifact_path(sha, &path) < 0)
+        if (!manifest_sha256_valid(sha) || artifact_path(ota, sha, &path) < 0)
                 return queue_text(c, MHD_HTTP_NOT_FOUND, "no such artifact\n");
         fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0 || fstat(fd, &st) < 0) {
@@ -982,23 +990,25 @@ static enum MHD_Result artifact_handler(void *cls, struct MHD_Connection *c, con
         return ret;
 }
 
-static void ota_update_timer(void) {
+static void ota_update_timer(Ota *ota) {
         MHD_UNSIGNED_LONG_LONG ms;
 
-        if (MHD_get_timeout(ota.daemon, &ms) != MHD_YES)
-                (void)sd_event_source_set_enabled(ota.timer, SD_EVENT_OFF);
+        if (MHD_get_timeout(ota->daemon, &ms) != MHD_YES)
+                (void)sd_event_source_set_enabled(ota->timer, SD_EVENT_OFF);
         else if (ms == 0) {
-                (void)sd_event_source_set_enabled(ota.timer, SD_EVENT_OFF);
-                (void)sd_event_source_set_enabled(ota.defer, SD_EVENT_ONESHOT);
+                (void)sd_event_source_set_enabled(ota->timer, SD_EVENT_OFF);
+                (void)sd_event_source_set_enabled(ota->defer, SD_EVENT_ONESHOT);
         } else {
-                (void)sd_event_source_set_time_relative(ota.timer, (uint64_t)ms * USEC_PER_MSEC);
-                (void)sd_event_source_set_enabled(ota.timer, SD_EVENT_ONESHOT);
+                (void)sd_event_source_set_time_relative(ota->timer, (uint64_t)ms * USEC_PER_MSEC);
+                (void)sd_event_source_set_enabled(ota->timer, SD_EVENT_ONESHOT);
         }
 }
 
 static int ota_run_cb(sd_event_source *s, void *userdata) {
-        (void)MHD_run(ota.daemon);
-        ota_update_timer();
+        Ota *ota = userdata;
+
+        (void)MHD_run(ota->daemon);
+        ota_update_timer(ota);
         return 0;
 }
 
@@ -1011,7 +1021,9 @@ static int ota_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
 }
 
 static void ota_mhd_log(void *cls, const char *fmt, va_list ap) {
-        api_log_mhd(ota.running, " (OTA)", fmt, ap);
+        Ota *ota = cls;
+
+        mhd_log(ota->running, " (OTA)", fmt, ap);
 }
 
 static int make_dir(const char *path) {
@@ -1020,100 +1032,108 @@ static int make_dir(const char *path) {
         return 0;
 }
 
-int ota_server_start(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices,
-                     Events *events, unsigned *ret_port) {
+Ota *ota_free(Ota *ota) {
+        if (!ota)
+                return NULL;
+        ota->running = false;
+        ota_api_shutdown(ota);
+        if (ota->daemon)
+                MHD_stop_daemon(ota->daemon);
+        sd_event_source_disable_unref(ota->io);
+        sd_event_source_disable_unref(ota->timer);
+        sd_event_source_disable_unref(ota->defer);
+        while (ota->jobs) {
+                OtaJob *j = ota->jobs;
+                ota->jobs = j->next;
+                job_free(j);
+        }
+        free(ota->key_pem);
+        free(ota->cert_pem);
+        free(ota->ca_pem);
+        free(ota->public_url);
+        free(ota);
+        return NULL;
+}
+
+int ota_new(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
+            const OtaHooks *hooks, unsigned *ret_port, Ota **ret) {
         const char *listen_addr = config->ota_listen ? config->ota_listen : config->coap_listen;
+        _cleanup_(ota_freep) Ota *ota = NULL;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
         socklen_t sl;
         unsigned flags = MHD_USE_EPOLL | MHD_USE_TLS | MHD_USE_ERROR_LOG;
         int r;
 
-        ota.event = event;
-        ota.config = config;
-        ota.journal = journal;
-        ota.devices = devices;
-        ota.events = events;
-        ota.running = true;
-        *ret_port = 0;
-        if (!config->ota_dir)
+        ota = calloc(1, sizeof(*ota));
+        if (!ota)
+                return log_error_errno(-ENOMEM, "Out of memory.");
+        ota->event = event;
+        ota->config = config;
+        ota->journal = journal;
+        ota->devices = devices;
+        ota->events = events;
+        ota->hooks = *hooks;
+        ota->running = true;
+        if (!config->ota_dir) {
+                *ret_port = 0;
+                *ret = TAKE_PTR(ota);
                 return 0;
+        }
         r = make_dir(config->ota_dir);
         if (r < 0)
                 return log_error_errno(r, "Cannot create [OTA] ArtifactDirectory= '%s': %m", config->ota_dir);
         if (!MHD_is_feature_supported(MHD_FEATURE_TLS))
                 return log_error_errno(-EOPNOTSUPP, "libmicrohttpd was built without TLS: cannot serve OTA artifacts.");
-        if ((r = read_pem(config->key_file, &ota.key_pem)) < 0 || (r = read_pem(config->cert_file, &ota.cert_pem)) < 0 ||
-            (r = read_pem(config->ca_file, &ota.ca_pem)) < 0)
+        if ((r = read_pem(config->key_file, &ota->key_pem)) < 0 || (r = read_pem(config->cert_file, &ota->cert_pem)) < 0 ||
+            (r = read_pem(config->ca_file, &ota->ca_pem)) < 0)
                 return log_error_errno(r, "Cannot read the cloud's TLS files for the OTA server: %m");
         r = cloud_config_resolve_address(listen_addr, config->ota_port, &ss, &sl);
         if (r < 0)
                 return log_error_errno(r, "Invalid [OTA] Listen= address '%s'.", listen_addr);
         if (ss.ss_family == AF_INET6)
                 flags |= MHD_USE_DUAL_STACK;
-        ota.daemon = MHD_start_daemon(flags, (uint16_t)config->ota_port, NULL, NULL, artifact_handler, NULL,
-                                      MHD_OPTION_EXTERNAL_LOGGER, ota_mhd_log, NULL, MHD_OPTION_SOCK_ADDR,
-                                      (struct sockaddr *)&ss, MHD_OPTION_HTTPS_MEM_KEY, ota.key_pem,
-                                      MHD_OPTION_HTTPS_MEM_CERT, ota.cert_pem, MHD_OPTION_HTTPS_MEM_TRUST, ota.ca_pem,
-                                      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120, MHD_OPTION_CONNECTION_LIMIT,
-                                      (unsigned)1024, MHD_OPTION_END);
-        if (!ota.daemon)
+        ota->daemon = MHD_start_daemon(flags, (uint16_t)config->ota_port, NULL, NULL, artifact_handler, ota,
+                                       MHD_OPTION_EXTERNAL_LOGGER, ota_mhd_log, ota, MHD_OPTION_SOCK_ADDR,
+                                       (struct sockaddr *)&ss, MHD_OPTION_HTTPS_MEM_KEY, ota->key_pem,
+                                       MHD_OPTION_HTTPS_MEM_CERT, ota->cert_pem, MHD_OPTION_HTTPS_MEM_TRUST, ota->ca_pem,
+                                       MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120, MHD_OPTION_CONNECTION_LIMIT,
+                                       (unsigned)1024, MHD_OPTION_END);
+        if (!ota->daemon)
                 return log_error_errno(-EADDRNOTAVAIL, "Failed to start the OTA artifact server on '%s' port %u.",
                                        listen_addr, config->ota_port);
-        info = MHD_get_daemon_info(ota.daemon, MHD_DAEMON_INFO_BIND_PORT);
+        info = MHD_get_daemon_info(ota->daemon, MHD_DAEMON_INFO_BIND_PORT);
         if (!info)
                 return log_error_errno(-EIO, "Cannot get the OTA server's port.");
-        ota.port = info->port;
+        ota->port = info->port;
         if (config->ota_public_url)
-                ota.public_url = strdup(config->ota_public_url);
+                ota->public_url = strdup(config->ota_public_url);
         else if (strchr(listen_addr, ':'))
-                r = asprintf(&ota.public_url, "https://[%s]:%u", listen_addr, ota.port);
+                r = asprintf(&ota->public_url, "https://[%s]:%u", listen_addr, ota->port);
         else
-                r = asprintf(&ota.public_url, "https://%s:%u", listen_addr, ota.port);
-        if (!ota.public_url || r < 0)
+                r = asprintf(&ota->public_url, "https://%s:%u", listen_addr, ota->port);
+        if (!ota->public_url || r < 0)
                 return log_error_errno(-ENOMEM, "Out of memory.");
         /* no trailing slash */
-        for (size_t n = strlen(ota.public_url); n > 0 && ota.public_url[n - 1] == '/'; n--)
-                ota.public_url[n - 1] = 0;
-        info = MHD_get_daemon_info(ota.daemon, MHD_DAEMON_INFO_EPOLL_FD);
+        for (size_t n = strlen(ota->public_url); n > 0 && ota->public_url[n - 1] == '/'; n--)
+                ota->public_url[n - 1] = 0;
+        info = MHD_get_daemon_info(ota->daemon, MHD_DAEMON_INFO_EPOLL_FD);
         if (!info)
                 return log_error_errno(-EIO, "Cannot get the OTA server's epoll fd.");
-        r = sd_event_add_io(event, &ota.io, info->epoll_fd, EPOLLIN, ota_io_cb, NULL);
+        r = sd_event_add_io(event, &ota->io, info->epoll_fd, EPOLLIN, ota_io_cb, ota);
         if (r >= 0)
-                r = sd_event_add_time(event, &ota.timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC, ota_timer_cb, NULL);
+                r = sd_event_add_time(event, &ota->timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC, ota_timer_cb, ota);
         if (r >= 0)
-                r = sd_event_source_set_enabled(ota.timer, SD_EVENT_OFF);
+                r = sd_event_source_set_enabled(ota->timer, SD_EVENT_OFF);
         if (r >= 0)
-                r = sd_event_add_defer(event, &ota.defer, ota_run_cb, NULL);
+                r = sd_event_add_defer(event, &ota->defer, ota_run_cb, ota);
         if (r >= 0)
-                r = sd_event_source_set_enabled(ota.defer, SD_EVENT_OFF);
+                r = sd_event_source_set_enabled(ota->defer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add OTA event sources: %m");
-        ota_update_timer();
-        log_info("Serving OTA artifacts from '%s' at %s/ota/.", config->ota_dir, ota.public_url);
-        *ret_port = ota.port;
+        ota_update_timer(ota);
+        log_info("Serving OTA artifacts from '%s' at %s/ota/.", config->ota_dir, ota->public_url);
+        *ret_port = ota->port;
+        *ret = TAKE_PTR(ota);
         return 0;
-}
-
-void ota_server_stop(void) {
-        ota.running = false;
-        ota_api_shutdown();
-        if (ota.daemon) {
-                MHD_stop_daemon(ota.daemon);
-                ota.daemon = NULL;
-        }
-        ota.io = sd_event_source_disable_unref(ota.io);
-        ota.timer = sd_event_source_disable_unref(ota.timer);
-        ota.defer = sd_event_source_disable_unref(ota.defer);
-        while (ota.jobs) {
-                OtaJob *j = ota.jobs;
-                ota.jobs = j->next;
-                job_free(j);
-        }
-        ota.n_jobs = 0;
-        free(ota.key_pem);
-        free(ota.cert_pem);
-        free(ota.ca_pem);
-        free(ota.public_url);
-        ota.key_pem = ota.cert_pem = ota.ca_pem = ota.public_url = NULL;
 }

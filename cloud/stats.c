@@ -1,7 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* tether-cloudd's metrics (stats.h): the series, the hooks, the loop
  * probe. Names and meanings are documented in docs/cloud.md, "Metrics";
- * a change here changes that table. */
+ * a change here changes that table. The registry below is the one piece
+ * of file-level mutable state in cloud/, on purpose: the metrics describe
+ * the process, like the log, and every module reports to them without
+ * being handed an object. */
 #include "config.h"
 
 #include <coap3/coap.h>

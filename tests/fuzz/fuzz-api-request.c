@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cloud/cloud.h"
+#include "cloud/api-request.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 

@@ -1,0 +1,95 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Parsing and routing of HTTP API requests (api-request.c, prefix api_):
+ * pure functions of the request's method, URL, a few headers and the body,
+ * so they can be fuzzed without a server (tests/fuzz/fuzz-api-request.c).
+ * They neither log nor touch the loop; the Api (api.h) acts on the
+ * result. Everything the client got wrong is a route or -EINVAL with a
+ * message for it; only -ENOMEM is the cloud's failure. Strings returned
+ * point into the input (or its params) and live as long as it does. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proto.h"
+
+/* What api_parse_request() looks at: the request line, three headers
+ * (NULL when absent), the access_token query parameter (which may hold NUL
+ * bytes: query_token_len is its real length) and the body. */
+typedef struct ApiInput {
+        const char *method;
+        const char *url;
+        const char *content_type;
+        const char *authorization;
+        const char *query_token;
+        size_t query_token_len;
+        bool query_token_present;
+        const char *last_event_id;
+        const char *body;
+        size_t body_len;
+} ApiInput;
+
+typedef enum ApiRoute {
+        API_ROUTE_NOT_FOUND,
+        API_ROUTE_BAD_BODY,          /* Content-Type JSON but not an object */
+        API_ROUTE_STREAM,            /* GET .../events[/PREFIX] */
+        API_ROUTE_LIST,              /* GET /v1/devices */
+        API_ROUTE_PUBLISH,           /* POST /v1/devices/events */
+        API_ROUTE_NO_DEVICE,         /* a device ID that cannot exist */
+        API_ROUTE_DEVICE,            /* GET /v1/devices/ID */
+        API_ROUTE_UPDATE,            /* PUT /v1/devices/ID (an OTA job) */
+        API_ROUTE_DEVICE_BAD_METHOD, /* anything else on /v1/devices/ID[/X] */
+        API_ROUTE_CALL,              /* POST /v1/devices/ID/FN */
+        API_ROUTE_READ,              /* GET /v1/devices/ID/VAR */
+} ApiRoute;
+
+typedef struct ApiParsed {
+        ApiRoute route;
+        json_t *params; /* form or JSON body as an object, or NULL; owned */
+        const char *token; /* into the input or params; NULL if none */
+        char device[PROTO_DEVICE_ID_MAX + 1];
+        bool stream_device; /* STREAM: only events from device */
+        const char *prefix; /* STREAM: into the URL */
+        const char *name;   /* CALL, READ: into the URL, not checked yet */
+        bool has_last_event_id;
+        uint64_t last_epoch, last_id;
+} ApiParsed;
+
+/* Parse and route a request. Only -ENOMEM fails; everything the client
+ * got wrong is a route. *ret is the caller's (api_parsed_done()). */
+int api_parse_request(const ApiInput *in, ApiParsed *ret);
+void api_parsed_done(ApiParsed *p);
+
+/* application/x-www-form-urlencoded into a JSON object of strings (not
+ * checked for UTF-8 here: every use checks). NULL on OOM. */
+json_t *api_parse_form(const char *body, size_t len);
+/* A parameter as text: strings as they are (they may hold NUL bytes: check
+ * *ret_len), numbers and booleans in their JSON spelling (written to buf).
+ * Returns 1, 0 if absent or null, -EINVAL for an array or object. */
+int api_param(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]);
+/* The same for a parameter that must be plain text (no NUL byte). */
+int api_param_text(json_t *params, const char *key, const char **ret, size_t *ret_len, char buf[static 32]);
+/* The token from the Authorization header or the query string. Returns
+ * true if either is present (then *ret_token is the token, or NULL if it
+ * is unusable: another scheme, NUL bytes), false if the token can only be
+ * in the body. */
+bool api_outside_token(const ApiInput *in, const char **ret_token);
+
+/* An SSE id "EPOCH-ID" (hex, decimal): 0 or -EINVAL. */
+int api_parse_last_event_id(const char *s, uint64_t *ret_epoch, uint64_t *ret_id);
+
+/* POST /v1/devices/events parameters; strings point into params. */
+typedef struct ApiPublish {
+        char name[TETHER_EVENT_NAME_MAX + 1];
+        const char *data; /* NULL: no data */
+        size_t data_len;
+        char data_buf[32];
+        bool private_;
+        uint32_t ttl;
+} ApiPublish;
+
+/* 0, or -EINVAL with the HTTP status and a message for the client. */
+int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, unsigned *ret_status,
+                      const char **ret_error);

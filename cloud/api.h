@@ -1,0 +1,72 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The HTTP API (api.c, api-list.c; prefix api_): libmicrohttpd in
+ * external epoll mode on the sd-event loop, Particle Cloud API shapes
+ * (docs/protocol.md, docs/cloud.md): device calls, publishes, event
+ * streams (SSE, replayed from the journal after Last-Event-ID), the
+ * device list, /metrics, and OTA's /v1/ota/... requests handed to the Ota.
+ * Requests waiting for a device and idle event streams are suspended, and
+ * resumed when the answer, a timeout or an event arrives. The parsing of
+ * requests is pure and lives in api-request.h.
+ *
+ * An Api object owns the HTTP daemon, its event sources, every request
+ * and the index of open event streams. It calls Devices, Events, the
+ * Journal and the Ota directly; nothing calls back into it but the Cloud
+ * object (cloud.c), which forwards events to the streams and Ota's kicks.
+ * Errors are negative errno values; ret_* parameters are untouched on
+ * failure. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#include "cloud-config.h"
+#include "devices.h"
+#include "events.h"
+#include "journal.h"
+#include "ota.h"
+#include "proto.h"
+
+typedef struct Api Api;
+
+/* Start the HTTP API; *ret_port is the bound port. event, config,
+ * journal, devices, events and ota are borrowed and must outlive the Api.
+ * Logs what failed; *ret is the caller's (api_free()). */
+int api_new(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
+            Ota *ota, unsigned *ret_port, Api **ret);
+/* Answer or drop every open request (pending device calls are cancelled,
+ * event streams end cleanly, Ota's waiting requests are resumed) and stop
+ * the HTTP server. NULL is fine; returns NULL. */
+Api *api_free(Api *api);
+static inline void api_freep(Api **api) { api_free(*api); }
+
+/* Queue an event (journal id) for every matching SSE client that is not
+ * catching up from the journal. */
+void api_deliver_event(Api *api, const ProtoEvent *e, uint64_t id);
+/* End every event stream whose token is no longer valid (after a reload
+ * of the tokens): cleanly, after what is already queued for it. Returns
+ * how many were ended. */
+unsigned api_end_revoked_streams(Api *api);
+/* Run the HTTP server soon (after resuming a connection from outside). */
+void api_kick(Api *api);
+
+/* ---- api-list.c ---------------------------------------------------------- */
+
+/* GET /v1/devices?page=N&per_page=M (Particle's product device list):
+ * either present asks for a page. */
+#define API_PAGE_DEFAULT_PER_PAGE 25
+#define API_PAGE_MAX_PER_PAGE 1000
+#define API_PAGE_MAX 1000000000
+typedef struct ApiPage {
+        bool paged;
+        size_t page;     /* 1 first */
+        size_t per_page;
+} ApiPage;
+/* page and per_page as given (NULL: absent). 0, or -EINVAL with a message
+ * for the client (a static string). */
+int api_parse_page(const char *page, const char *per_page, ApiPage *ret, const char **ret_error);
+/* The response to GET /v1/devices (api-list.c): the plain array of every
+ * device unless p->paged, else one page and its meta. NULL on OOM. */
+json_t *api_devices_list(Devices *devs, const ApiPage *p);

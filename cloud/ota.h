@@ -1,0 +1,72 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* OTA in tether-cloudd (ota.c, prefixes ota_, ota_api_, ota_device_;
+ * docs/ota.md, docs/cloud.md): the jobs (started from the API, moved by
+ * the device's answer and its status reports on /o/JOB, each change also
+ * an event "tether/ota/JOB" from the device), the API's /v1/ota/...
+ * requests (artifact uploads, job status with long polling), and, when
+ * [OTA] ArtifactDirectory= is set, the HTTPS artifact server for devices
+ * (a second libmicrohttpd daemon, client certificates from the device CA).
+ *
+ * An Ota object owns its jobs, the artifact server with its event
+ * sources and TLS material, and the timers of waiting requests. It calls
+ * Devices, Events and the Journal directly; the one thing it needs from
+ * the HTTP API (run it after resuming one of its requests) goes through
+ * OtaHooks, which the Cloud object implements (cloud.c), so it does not
+ * include api.h. Errors are negative errno values; ret_* parameters are
+ * untouched on failure. */
+#pragma once
+
+#include <coap3/coap.h>
+#include <jansson.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <systemd/sd-event.h>
+
+#include "cloud-config.h"
+#include "devices.h"
+#include "events.h"
+#include "journal.h"
+
+struct MHD_Connection;
+
+typedef struct Ota Ota;
+typedef struct OtaRequest OtaRequest;
+
+typedef struct OtaHooks {
+        void *userdata;
+        /* One of Ota's API requests was resumed (MHD_resume_connection()
+         * on the API's daemon): run that daemon soon. Also called while
+         * the API is being freed (ota_api_shutdown()). Required. */
+        void (*kick_api)(void *userdata);
+} OtaHooks;
+
+/* Make the OTA object and, when [OTA] ArtifactDirectory= is set, start
+ * artifact hosting (HTTPS with client certificates); *ret_port is its
+ * port, 0 when off. event, config, journal, devices and events are
+ * borrowed and must outlive the Ota; hooks is copied. Logs what failed;
+ * *ret is the caller's (ota_free()). */
+int ota_new(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
+            const OtaHooks *hooks, unsigned *ret_port, Ota **ret);
+/* Resume every waiting request, stop the artifact server and forget every
+ * job (a device call still pending for a job is cancelled). Free the Api
+ * first: its requests hold OtaRequests. NULL is fine; returns NULL. */
+Ota *ota_free(Ota *ota);
+static inline void ota_freep(Ota **ota) { ota_free(*ota); }
+
+/* Whether the API request for url belongs to the Ota (/v1/ota/...). */
+bool ota_api_owns(const char *url);
+/* MHD access handler for those requests (the token is checked by the
+ * Api); *state is the Ota's, freed by ota_api_request_free() before the
+ * Ota is freed. Returns an enum MHD_Result. */
+int ota_api_handler(Ota *ota, struct MHD_Connection *connection, const char *url, const char *method,
+                    const char *upload_data, size_t *upload_data_size, OtaRequest **state);
+/* NULL is fine; returns NULL. */
+OtaRequest *ota_api_request_free(OtaRequest *state);
+/* Resume every waiting request (before the API server stops). */
+void ota_api_shutdown(Ota *ota);
+/* PUT /v1/devices/ID with "manifest": start a job. Returns the HTTP
+ * status and sets *ret_body (a new JSON object, the caller's; NULL on
+ * OOM). */
+unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body);
+/* A device's request on /o/JOB (a status report): fills response. */
+void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response);
