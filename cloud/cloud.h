@@ -25,7 +25,9 @@
  *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)
  *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone), Ota (/o)
  *
- * Everything runs on one sd-event loop; no threads. Errors are negative
+ * Everything runs on one sd-event loop; the one other thread is the
+ * journal's fdatasync() (journal-sync.h), which never calls back into
+ * these modules (it only updates the process-wide stats). Errors are negative
  * errno values; ret_* parameters are untouched on failure. */
 #pragma once
 

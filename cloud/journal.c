@@ -32,6 +32,7 @@
 
 #include "journal.h"
 #include "journal-seek.h"
+#include "journal-sync.h"
 #include "log.h"
 #include "record.h"
 #include "stats.h"
@@ -64,8 +65,10 @@ struct Journal {
         uint64_t end;
         uint64_t generation; /* bumped when the file is replaced */
         JournalSeek seek;    /* where cursors start looking for an id */
-        bool unsynced;
+        bool unsynced;       /* appended since the last sync was asked for */
+        uint64_t unsynced_events, unsynced_bytes;
         sd_event_source *sync_timer;
+        JournalSyncer *syncer; /* NULL: SyncIntervalMsec=0, every append syncs inline */
 
         DeviceState **buckets;
         size_t nbuckets, n_states;
@@ -349,7 +352,9 @@ static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_
         j->end = c.off;
         j->generation++;
         j->unsynced = false;
-        stats_journal_synced(0);
+        /* The new file was synced before it replaced the old one. */
+        stats_journal_synced(0, j->unsynced_events, j->unsynced_bytes);
+        j->unsynced_events = j->unsynced_bytes = 0;
         return 0;
 }
 
@@ -521,11 +526,18 @@ static int journal_sync_cb(sd_event_source *s, uint64_t usec, void *userdata) {
 
         if (j->unsynced && j->fd >= 0) {
                 uint64_t started = now_usec();
+                int r = -ENODEV;
 
-                if (fdatasync(j->fd) < 0)
-                        log_warning_errno(errno, "Failed to sync the event journal: %m");
+                /* The disk is the sync thread's wait, not the loop's. */
+                if (j->syncer)
+                        r = journal_syncer_request(j->syncer, j->fd, j->unsynced_events, j->unsynced_bytes);
+                if (r < 0) {
+                        if (fdatasync(j->fd) < 0)
+                                log_warning_errno(errno, "Failed to sync the event journal: %m");
+                        stats_journal_synced(started, j->unsynced_events, j->unsynced_bytes);
+                }
                 j->unsynced = false;
-                stats_journal_synced(started);
+                j->unsynced_events = j->unsynced_bytes = 0;
         }
         return 0;
 }
@@ -583,12 +595,16 @@ int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq
 
                 if (fdatasync(j->fd) < 0)
                         log_warning_errno(errno, "Failed to sync the event journal: %m");
-                stats_journal_synced(started);
-        } else if (!j->unsynced) {
-                j->unsynced = true;
-                (void)sd_event_source_set_time_relative(j->sync_timer,
-                                                        (uint64_t)j->config->journal_sync_ms * 1000);
-                (void)sd_event_source_set_enabled(j->sync_timer, SD_EVENT_ONESHOT);
+                stats_journal_synced(started, 1, record_size(w.len));
+        } else {
+                j->unsynced_events++;
+                j->unsynced_bytes += record_size(w.len);
+                if (!j->unsynced) {
+                        j->unsynced = true;
+                        (void)sd_event_source_set_time_relative(j->sync_timer,
+                                                                (uint64_t)j->config->journal_sync_ms * 1000);
+                        (void)sd_event_source_set_enabled(j->sync_timer, SD_EVENT_ONESHOT);
+                }
         }
         if (j->end > j->config->journal_max_bytes) {
                 r = journal_compact(j);
@@ -697,9 +713,13 @@ int journal_cursor_next(JournalCursor *c, ProtoEvent *ret, uint64_t *ret_id) {
 Journal *journal_free(Journal *j) {
         if (!j)
                 return NULL;
+        /* Waits for the sync running and the one asked for. */
+        j->syncer = journal_syncer_free(j->syncer);
         if (j->fd >= 0) {
                 if (j->unsynced && fdatasync(j->fd) < 0)
                         log_warning_errno(errno, "Failed to sync the event journal: %m");
+                if (j->unsynced)
+                        stats_journal_synced(0, j->unsynced_events, j->unsynced_bytes);
                 close(j->fd);
         }
         if (j->lock_fd >= 0)
@@ -740,6 +760,11 @@ int journal_new(sd_event *event, const CloudConfig *config, Journal **ret) {
         r = j->fd < 0 ? create_fresh(j) : journal_recover(j);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event journal in '%s': %m", dir);
+        if (config->journal_sync_ms > 0) {
+                r = journal_syncer_new(&j->syncer);
+                if (r < 0)
+                        return log_error_errno(r, "Failed to start the event journal's sync thread: %m");
+        }
         r = sd_event_add_time(event, &j->sync_timer, CLOCK_MONOTONIC, 0, 10000, journal_sync_cb, j);
         if (r >= 0)
                 r = sd_event_source_set_enabled(j->sync_timer, SD_EVENT_OFF);

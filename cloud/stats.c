@@ -298,11 +298,11 @@ void stats_journal_appended(size_t bytes) {
         metrics_add(stats.journal_unsynced_bytes, (int64_t)bytes);
 }
 
-void stats_journal_synced(uint64_t started_usec) {
+void stats_journal_synced(uint64_t started_usec, uint64_t events, uint64_t bytes) {
         uint64_t now;
 
-        metrics_set(stats.journal_unsynced_events, 0);
-        metrics_set(stats.journal_unsynced_bytes, 0);
+        metrics_add(stats.journal_unsynced_events, -(int64_t)events);
+        metrics_add(stats.journal_unsynced_bytes, -(int64_t)bytes);
         if (started_usec == 0 || !stats.registry)
                 return;
         now = now_usec();

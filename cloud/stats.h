@@ -70,10 +70,11 @@ void stats_event_dropped(StatsDropped reason);
 void stats_event_undeliverable(int error);
 void stats_stream_opened(int delta);
 
-/* Journal: bytes appended and not yet synced; a sync that began at
- * started_usec (CLOCK_MONOTONIC; 0: not timed) has just finished. */
+/* Journal: an event of bytes appended and not yet synced; a sync that
+ * began at started_usec (CLOCK_MONOTONIC; 0: not timed) has just finished
+ * and covered events and bytes appended before it (safe from any thread). */
 void stats_journal_appended(size_t bytes);
-void stats_journal_synced(uint64_t started_usec);
+void stats_journal_synced(uint64_t started_usec, uint64_t events, uint64_t bytes);
 
 /* The /metrics text (NUL-terminated, the caller frees it); max_lag_bytes
  * is the largest backlog of any SSE stream now. -ENOMEM, -ENODEV before

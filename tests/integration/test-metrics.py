@@ -144,7 +144,16 @@ def test_metrics(w):
            == value(s0, "tether_cloud_events_in_total", source="api") + 1, "events_in{api} did not move by one")
     expect(value(s1, "tether_cloud_events_out_total", sink="stream")
            >= value(s0, "tether_cloud_events_out_total", sink="stream") + 1, "events_out{stream} did not move")
-    expect(value(s1, "tether_cloud_journal_unsynced_events") >= 0, "journal depth missing")
+    # The event reaches the disk through the journal's sync thread within
+    # SyncIntervalMsec (100 ms): the depth goes back to 0 and one more sync is timed.
+    fsyncs = value(s0, "tether_cloud_journal_fsync_duration_seconds_count")
+
+    def synced():
+        s = scrape(w, w.token)
+        return (value(s, "tether_cloud_journal_unsynced_events") == 0
+                and value(s, "tether_cloud_journal_unsynced_bytes") == 0
+                and value(s, "tether_cloud_journal_fsync_duration_seconds_count") > fsyncs)
+    poll(synced, 10, "the journal's sync thread to sync the event")
 
     # The scraper's token: /metrics only; no token and a bad one: 401.
     expect(scrape(w, scraper), "the metrics token cannot scrape")
