@@ -43,6 +43,7 @@
 #define DEVICES_WARN_INTERVAL (10 * USEC_PER_SEC)
 
 typedef struct Session Session;
+typedef struct Describe Describe;
 
 struct DeviceCall {
         Device *device;
@@ -58,7 +59,7 @@ struct Device {
         Devices *devices; /* the registry it is in */
         char *id;
         Session *conn;       /* bound connection, NULL while offline */
-        json_t *describe; /* last GET /d answer, or NULL */
+        Describe *describe; /* last GET /d answer (shared), or NULL */
         uint64_t last_heard; /* CLOCK_REALTIME µs of the last message */
         uint64_t last_alive; /* CLOCK_MONOTONIC µs of the last Pong or answer to us */
         uint64_t next_ping;  /* CLOCK_MONOTONIC µs */
@@ -139,6 +140,10 @@ struct Devices {
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
 
         uint64_t next_token;
+
+        /* Describe documents, one copy per distinct content. */
+        Describe **describe_buckets;
+        size_t describe_nbuckets, n_describes;
 };
 
 /* ---- small helpers --------------------------------------------------- */
@@ -190,6 +195,80 @@ static uint64_t hash_pointer(const void *p) {
         h *= 0xff51afd7ed558ccdULL;
         h ^= h >> 33;
         return h;
+}
+
+/* ---- describe documents, shared between devices ----------------------- */
+
+/* A fleet runs few distinct agent setups, so most devices send the same
+ * describe document: devices whose documents are equal (same JSON, keys
+ * sorted) share one parsed copy, counted here. */
+struct Describe {
+        json_t *doc;
+        char *key; /* the compact, key-sorted text */
+        uint64_t hash;
+        size_t users;
+        Describe *next;
+};
+
+static int describe_table_grow(Devices *devs) {
+        size_t n = devs->describe_nbuckets ? devs->describe_nbuckets * 2 : 16;
+        Describe **b = calloc(n, sizeof(*b));
+
+        if (!b)
+                return -ENOMEM;
+        for (size_t i = 0; i < devs->describe_nbuckets; i++)
+                for (Describe *ds = devs->describe_buckets[i], *next; ds; ds = next) {
+                        next = ds->next;
+                        ds->next = b[ds->hash & (n - 1)];
+                        b[ds->hash & (n - 1)] = ds;
+                }
+        free(devs->describe_buckets);
+        devs->describe_buckets = b;
+        devs->describe_nbuckets = n;
+        return 0;
+}
+
+/* The shared copy of doc (taken, also on failure); NULL on OOM. */
+static Describe *describe_intern(Devices *devs, json_t *doc) {
+        _cleanup_free_ char *key = json_dumps(doc, JSON_COMPACT | JSON_SORT_KEYS);
+        Describe *ds;
+        uint64_t h;
+
+        if (!key || (devs->n_describes >= devs->describe_nbuckets && describe_table_grow(devs) < 0)) {
+                json_decref(doc);
+                return NULL;
+        }
+        h = hash_string(key);
+        for (ds = devs->describe_buckets[h & (devs->describe_nbuckets - 1)]; ds; ds = ds->next)
+                if (ds->hash == h && streq(ds->key, key)) {
+                        json_decref(doc);
+                        ds->users++;
+                        return ds;
+                }
+        ds = calloc(1, sizeof(*ds));
+        if (!ds) {
+                json_decref(doc);
+                return NULL;
+        }
+        *ds = (Describe){ .doc = doc, .key = TAKE_PTR(key), .hash = h, .users = 1 };
+        ds->next = devs->describe_buckets[h & (devs->describe_nbuckets - 1)];
+        devs->describe_buckets[h & (devs->describe_nbuckets - 1)] = ds;
+        devs->n_describes++;
+        return ds;
+}
+
+static void describe_release(Devices *devs, Describe *ds) {
+        Describe **p;
+
+        if (!ds || --ds->users > 0)
+                return;
+        for (p = &devs->describe_buckets[ds->hash & (devs->describe_nbuckets - 1)]; *p != ds; p = &(*p)->next)
+                ;
+        *p = ds->next;
+        devs->n_describes--;
+        json_decref(ds->doc);
+        free(ds->key);
+        free(ds);
 }
 
 /* ---- registry: devices by id, connections by session ----------------- */
@@ -389,9 +468,10 @@ json_t *device_to_json(const Device *d, bool details) {
         if (!j || !details)
                 return j;
         {
-                json_t *f = d->describe ? json_object_get(d->describe, "functions") : NULL;
-                json_t *v = d->describe ? json_object_get(d->describe, "variables") : NULL;
-                json_t *u = d->describe ? json_object_get(d->describe, "units") : NULL;
+                json_t *doc = d->describe ? d->describe->doc : NULL;
+                json_t *f = doc ? json_object_get(doc, "functions") : NULL;
+                json_t *v = doc ? json_object_get(doc, "variables") : NULL;
+                json_t *u = doc ? json_object_get(doc, "units") : NULL;
 
                 if (json_object_set_new(j, "functions", f ? json_deep_copy(f) : json_array()) < 0 ||
                     json_object_set_new(j, "variables", v ? json_deep_copy(v) : json_object()) < 0 ||
@@ -892,11 +972,18 @@ static void describe_done(int error, unsigned code, const uint8_t *data, size_t 
         else if ((r = proto_describe_decode(data, len, &j)) < 0)
                 log_warning_errno(r, "Device '%s' sent an invalid describe document: %m", d->id);
         else {
-                json_decref(d->describe);
-                d->describe = j;
-                log_debug("Device '%s' describe cached (%zu functions, %zu variables).", d->id,
-                          json_array_size(json_object_get(j, "functions")),
-                          json_object_size(json_object_get(j, "variables")));
+                size_t nf = json_array_size(json_object_get(j, "functions"));
+                size_t nv = json_object_size(json_object_get(j, "variables"));
+                Describe *ds = describe_intern(devs, j);
+
+                if (!ds)
+                        log_warning("Out of memory keeping device '%s''s describe document.", d->id);
+                else {
+                        describe_release(devs, d->describe);
+                        d->describe = ds;
+                        log_debug("Device '%s' describe cached (%zu functions, %zu variables; %zu "
+                                  "distinct documents).", d->id, nf, nv, devs->n_describes);
+                }
         }
         if (!d->conn)
                 return;
@@ -1656,11 +1743,12 @@ Devices *devices_free(Devices *devs) {
                 next_d = d->list_next;
                 sd_event_source_disable_unref(d->ping_timer);
                 sd_event_source_disable_unref(d->describe_defer);
-                json_decref(d->describe);
+                describe_release(devs, d->describe);
                 free(d->id);
                 free(d);
         }
         free(devs->dev_buckets);
+        free(devs->describe_buckets);
         free(devs->dev_order);
         free(devs->conn_buckets);
         devs->io = sd_event_source_disable_unref(devs->io);
