@@ -714,19 +714,26 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                 return MHD_NO;
         if (api_sse_append(req, ":ok\n\n", 5) < 0)
                 return MHD_NO;
-        if (p->has_last_event_id && p->last_epoch == journal_epoch(api->journal)) {
+        /* An id past the journal's last one was never given: it is no
+         * place in the journal (a cursor would read it all for nothing). */
+        if (p->has_last_event_id && p->last_epoch == journal_epoch(api->journal) &&
+            p->last_id <= journal_last_id(api->journal)) {
                 journal_cursor_init(&req->cursor, api->journal, p->last_id);
                 req->catching_up = true;
                 req->resumed = true;
         } else {
                 _cleanup_free_ char *here = NULL;
+                const char *note = "";
                 int n;
 
                 /* An id without data moves the client's Last-Event-ID to
                  * "now" (WHATWG SSE dispatch): if this stream breaks before
                  * the first event, a reconnect still misses nothing. */
-                n = asprintf(&here, "%sid: %016" PRIx64 "-%" PRIu64 "\n\n",
-                             p->has_last_event_id ? ":Last-Event-ID is from another journal\n" : "",
+                if (p->has_last_event_id)
+                        note = p->last_epoch != journal_epoch(api->journal)
+                                       ? ":Last-Event-ID is from another journal\n"
+                                       : ":Last-Event-ID is past the end of the journal\n";
+                n = asprintf(&here, "%sid: %016" PRIx64 "-%" PRIu64 "\n\n", note,
                              journal_epoch(api->journal), journal_last_id(api->journal));
                 if (n < 0 || api_sse_append(req, here, (size_t)n) < 0)
                         return MHD_NO;

@@ -580,9 +580,86 @@ def test_slow_stream_told_what_it_lost(w):
     conn.close()
 
 
+def fill_journal(w, prefix, count, data):
+    """Publish prefix/N events quickly: requests pipelined on one
+    connection, answers counted."""
+    s = socket.create_connection(("127.0.0.1", w.api_port))
+    body = form(name=f"{prefix}/0", data=data)
+    one = (f"POST /v1/devices/events HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {w.token}\r\n"
+           f"{FORM}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    done = 0
+    while done < count:
+        batch = min(200, count - done)
+        s.sendall(one * batch)
+        got, buf = 0, b""
+        s.settimeout(30 * SLOW)
+        while got < batch:
+            d = s.recv(65536)
+            expect(d, f"publish connection closed after {done + got} events")
+            buf += d
+            got = buf.count(b"HTTP/1.1 ")
+        expect(buf.count(b"HTTP/1.1 200 ") == batch, f"publish: {buf[:300]!r}")
+        done += batch
+    s.close()
+
+
+def stream_head(w, path, last_event_id):
+    """An event stream opened with Last-Event-ID; returns the socket and
+    what came with its head (at least the first message)."""
+    s = socket.create_connection(("127.0.0.1", w.api_port))
+    s.sendall(req("GET", path, [f"Authorization: Bearer {w.token}", f"Last-Event-ID: {last_event_id}"]))
+    buf, deadline = b"", time.monotonic() + 10 * SLOW
+    while b"\n\n" not in buf.partition(b"\r\n\r\n")[2]:
+        left = deadline - time.monotonic()
+        expect(left > 0, f"stream {path}: no first message; got {buf[:300]!r}")
+        s.settimeout(left)
+        d = s.recv(65536)
+        expect(d, f"stream {path} closed: {buf[:300]!r}")
+        buf += d
+    expect(b" 200 " in buf.split(b"\r\n")[0], f"stream {path}: {buf[:200]!r}")
+    return s, buf
+
+
+def journal_epoch_and_last(w):
+    s, buf = stream_head(w, "/v1/events/nothing/", "0-0")
+    s.close()
+    m = [line for line in buf.decode(errors="replace").split("\n") if line.startswith("id: ")]
+    expect(m, f"no id line: {buf!r}")
+    epoch, _, last = m[-1][4:].strip().partition("-")
+    return epoch, int(last)
+
+
+def test_last_event_id_past_the_end(w):
+    """A Last-Event-ID of this journal's epoch but an id it never gave
+    (past its last one, up to 2^64-1) is not a place in the journal: the
+    stream says so and starts live, at the journal's real end, instead of
+    scanning the whole journal for nothing and then missing the events
+    that came meanwhile."""
+    w.start_cloud()
+    fill_journal(w, "f", 20, "x")
+    epoch, last = journal_epoch_and_last(w)
+    for bogus in (last + 1000, 2**64 - 1):
+        s, buf = stream_head(w, "/v1/events/f/", f"{epoch}-{bogus}")
+        text = buf.partition(b"\r\n\r\n")[2].decode(errors="replace")
+        expect(f"id: {epoch}-{last}" in text and "Last-Event-ID is past the end of the journal" in text,
+               f"Last-Event-ID {bogus}: {text!r}")
+        # Live from here: the next event comes.
+        r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {w.token}", FORM],
+                                     form(name="f/next", data="y")))
+        expect(r.status == 200, f"publish: {r}")
+        s.settimeout(10 * SLOW)
+        while b"event: f/next" not in buf:
+            d = s.recv(65536)
+            expect(d, f"stream closed: {buf[-300:]!r}")
+            buf += d
+        s.close()
+        last += 1
+
+
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
                   test_stream_fields, test_ota_artifacts_not_enabled, test_device_list_pages,
                   test_slow_stream_catches_up,
-                  test_slow_stream_told_what_it_lost], emulated="ok"))
+                  test_slow_stream_told_what_it_lost, test_last_event_id_past_the_end],
+                 emulated="ok"))
