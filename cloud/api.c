@@ -26,6 +26,10 @@
  * at its own pace (docs/cloud.md, "Slow subscribers"). */
 #define API_SSE_QUEUE_MAX (1024 * 1024)
 #define API_SSE_BLOCK 16384
+/* Journal bytes a stream catching up reads in one turn, matching or not:
+ * a stream that matches little does not hold the loop for the whole
+ * journal (JournalMaxBytes may be 2 GiB). */
+#define API_SSE_CATCH_UP_TURN (256 * 1024)
 /* Idle time before MHD closes a connection (event streams send a comment
  * every 10 s; suspended requests do not time out). */
 #define API_CONNECTION_TIMEOUT_SEC 30
@@ -467,6 +471,15 @@ static ssize_t api_sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                 if (req->dropped)
                         return MHD_CONTENT_READER_END_WITH_ERROR;
                 n = req->buf_len - req->buf_off;
+                if (n == 0 && req->catching_up) {
+                        /* Its turn read nothing it wants: the other sources
+                         * of the loop go first, then the next turn (MHD
+                         * runs again from the defer source). */
+                        MHD_suspend_connection(req->connection);
+                        req->suspended = true;
+                        api_resume(req);
+                        return 0;
+                }
         }
         if (n == 0) {
                 if (req->ending)
@@ -585,17 +598,25 @@ static int api_sse_lost(ApiRequest *req, uint64_t lost, uint64_t first_id) {
         return api_sse_append(req, msg, (size_t)n);
 }
 
-/* Fill the stream's buffer from the journal; at its end, go live. */
+/* Fill the stream's buffer from the journal, reading at most about
+ * API_SSE_CATCH_UP_TURN bytes of it; at its end, go live. */
 static void api_sse_catch_up(ApiRequest *req) {
         Api *api = req->api;
+        uint64_t read = 0;
 
-        while (req->catching_up && req->buf_len - req->buf_off < API_SSE_BLOCK) {
+        while (req->catching_up && req->buf_len - req->buf_off < API_SSE_BLOCK && read < API_SSE_CATCH_UP_TURN) {
                 _cleanup_free_ char *msg = NULL;
                 uint64_t want = req->cursor.last_id + 1, id;
+                uint64_t generation = req->cursor.generation, offset = req->cursor.offset;
                 ProtoEvent e;
                 int n, r;
 
                 r = journal_cursor_next(&req->cursor, &e, &id);
+                /* After a seek (a new cursor, a rewrite) the offset moved
+                 * by the seek, not by reading: count a record then. */
+                read += req->cursor.generation == generation && req->cursor.offset > offset
+                                ? req->cursor.offset - offset
+                                : 1;
                 if (r <= 0) {
                         if (r < 0)
                                 log_warning_errno(r, "Failed to read the event journal for a stream: %m");

@@ -656,10 +656,48 @@ def test_last_event_id_past_the_end(w):
         last += 1
 
 
+def test_narrow_replay_takes_turns(w):
+    """A stream replaying the journal (Last-Event-ID) with a prefix that
+    matches little reads it in turns, like one that matches much: another
+    client is answered before the stream has scanned to the end (its
+    one matching event, the last in the journal, comes after)."""
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=134217728")
+    fill_journal(w, "fill", 12000, "z" * 8000)
+    r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {w.token}", FORM],
+                                 form(name="rare/1", data="y")))
+    expect(r.status == 200, f"publish: {r}")
+    epoch, _ = journal_epoch_and_last(w)
+    s, buf = stream_head(w, "/v1/events/rare/", f"{epoch}-0")
+    other = socket.create_connection(("127.0.0.1", w.api_port))
+    other.sendall(req("GET", "/v1/devices", [f"Authorization: Bearer {w.token}"]))
+    # Whichever comes first: the other client's answer, or the stream's event.
+    order, obuf = [], b""
+    deadline = time.monotonic() + 60 * SLOW
+    while len(order) < 2:
+        left = deadline - time.monotonic()
+        expect(left > 0, f"timed out; order {order}")
+        ready, _, _ = select.select([s, other] if "other" not in order else [s], [], [], left)
+        if s in ready and "stream" not in order:
+            d = s.recv(65536)
+            expect(d, f"stream closed: {buf[-300:]!r}")
+            buf += d
+            if b"event: rare/1" in buf:
+                order.append("stream")
+        if other in ready and "other" not in order:
+            d = other.recv(65536)
+            obuf += d
+            if not d or b"\r\n\r\n" in obuf:
+                expect(b" 200 " in obuf.split(b"\r\n")[0], f"other client: {obuf[:200]!r}")
+                order.append("other")
+    expect(order == ["other", "stream"], f"the other client waited for the whole scan: {order}")
+    s.close()
+    other.close()
+
+
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
                   test_stream_fields, test_ota_artifacts_not_enabled, test_device_list_pages,
                   test_slow_stream_catches_up,
-                  test_slow_stream_told_what_it_lost, test_last_event_id_past_the_end],
-                 emulated="ok"))
+                  test_slow_stream_told_what_it_lost, test_last_event_id_past_the_end,
+                  test_narrow_replay_takes_turns], emulated="ok"))
