@@ -471,7 +471,7 @@ static ssize_t api_sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                 if (req->dropped)
                         return MHD_CONTENT_READER_END_WITH_ERROR;
                 n = req->buf_len - req->buf_off;
-                if (n == 0 && req->catching_up) {
+                if (n == 0 && req->catching_up && !req->api->stopping) {
                         /* Its turn read nothing it wants: the other sources
                          * of the loop go first, then the next turn (MHD
                          * runs again from the defer source). */
@@ -1103,9 +1103,15 @@ Api *api_free(Api *api) {
                 for (ApiRequest *req = api->requests; req; req = req->next) {
                         devices_call_cancel(req->call);
                         req->call = NULL;
-                        if (req->sse)
+                        if (req->sse) {
+                                /* A replay would take turns, suspended
+                                 * between them: it ends here. */
                                 req->ending = true;
-                        else if (req->suspended && !req->response)
+                                if (req->catching_up) {
+                                        req->catching_up = false;
+                                        journal_cursor_done(&req->cursor);
+                                }
+                        } else if (req->suspended && !req->response)
                                 api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Shutting down", NULL);
                         api_resume(req);
                 }

@@ -692,6 +692,12 @@ def test_narrow_replay_takes_turns(w):
     expect(order == ["other", "stream"], f"the other client waited for the whole scan: {order}")
     s.close()
     other.close()
+    # Stopped in the middle of such a replay (suspended between turns):
+    # a clean exit, not an abort in MHD_stop_daemon().
+    s, _ = stream_head(w, "/v1/events/rare/", f"{epoch}-0")
+    rc = w.cloud.stop()
+    expect(rc == 0, f"tether-cloudd exited with {rc} when stopped during a replay")
+    s.close()
 
 
 if __name__ == "__main__":
