@@ -382,7 +382,8 @@ def test_device_list_pages(w):
     expect(r.status == 200 and j["meta"]["page"] == 1 and len(j["devices"]) == 5, f"default page: {r}")
     for q, word in (("page=0", "page"), ("page=-1", "page"), ("page=abc", "page"), ("page=", "page"),
                     ("page", "page"), ("page=1%00", "page"), ("page=01", "page"), ("page=1000000001", "page"),
-                    ("page=99999999999999999999999", "page"), ("per_page=0", "per_page"),
+                    ("page=99999999999999999999999", "page"), ("page=4294967296", "page"),
+                    ("page=4294967297", "page"), ("per_page=0", "per_page"),
                     ("per_page=1001", "per_page"), ("page=1&per_page=x", "per_page"), ("per_page=+3", "per_page")):
         r, j = get(f"/v1/devices?{q}")
         expect(r.status == 400 and j["ok"] is False and j["error"].startswith(word + " must be"),
@@ -397,6 +398,10 @@ def test_device_list_pages(w):
     # The largest page number is an empty page, not an overflow.
     r, j = get("/v1/devices?page=1000000000&per_page=1000")
     expect(r.status == 200 and j["devices"] == [], f"last possible page: {r}")
+    # Where (page - 1) * per_page is 2^32 * 125: no wrap to the first page
+    # where size_t has 32 bits.
+    r, j = get("/v1/devices?page=536870913&per_page=1000")
+    expect(r.status == 200 and j["devices"] == [], f"page 536870913: {r}")
 
 
 FLOOD_DATA = "x" * 4000
