@@ -532,6 +532,11 @@ static bool api_sse_push_event(ApiRequest *req, const char *msg, size_t n, uint6
         if (req->dropped)
                 return false;
         if (req->buf_len - req->buf_off + n > API_SSE_QUEUE_MAX) {
+                /* Events come in id order, and every one since last_id
+                 * that matched was queued: those before this one did not
+                 * match. Reading from last_id would count them as lost if
+                 * the journal dropped them meanwhile. */
+                req->last_id = id - 1;
                 api_sse_client(req, host);
                 log_notice("Event stream client %s fell more than %u bytes behind: it reads from the event "
                            "journal after id %" PRIu64 " until it catches up.",

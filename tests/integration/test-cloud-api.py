@@ -705,10 +705,53 @@ def test_narrow_replay_takes_turns(w):
     s.close()
 
 
+def stream_lag(w):
+    r = exchange(w.api_port, req("GET", "/metrics", [f"Authorization: Bearer {w.token}"]))
+    expect(r.status == 200, f"/metrics: {r}")
+    for line in r.body.decode().split("\n"):
+        if line.startswith("tether_cloud_stream_lag_bytes "):
+            return int(line.split()[1])
+    raise Failure("no tether_cloud_stream_lag_bytes")
+
+
+def test_behind_after_a_quiet_spell_lost_nothing(w):
+    """A stream that stopped reading with its queue almost full, then
+    falls behind on its next event after the journal dropped its last one
+    (other events filled it), lost nothing that matched it: no
+    tether/stream/lost notice, every one of its events, in order."""
+    import http.client
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=4194304")
+    slow = RawStream(w, "/v1/events/rare/")
+    slow.messages(lambda m: any("id" in x for x in m))
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10 * SLOW)
+    # Queue rare events until the next, a little larger, will not fit.
+    n, lag, step = 0, 0, 0
+    while lag + step + 64 <= 1024 * 1024:
+        n = publish_more(w, conn, "rare", n, 1)
+        lag, step = stream_lag(w), stream_lag(w) - lag
+        expect(n < 2000, "the stream's queue does not grow")
+    mark = w.cloud.mark()
+    # Other events push the queued ones out of the journal.
+    fill_journal(w, "fill", 1500, FLOOD_DATA)
+    expect(w.cloud.count("fell more than", mark) == 0, "fell behind on events it does not match")
+    r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {w.token}", FORM],
+                                 form(name=f"rare/{n}", data=FLOOD_DATA + "y" * 128)))
+    expect(r.status == 200, f"publish: {r}")
+    n += 1
+    w.cloud.wait_line("fell more than", start=mark)
+    msgs = slow.messages(lambda m: any(x.get("event") == f"rare/{n - 1}" for x in m))
+    names = [x["event"] for x in msgs if "event" in x]
+    expect("tether/stream/lost" not in names, f"lost notice for a stream that lost nothing: "
+           f"{[x for x in msgs if x.get('event') == 'tether/stream/lost']}")
+    expect(names == [f"rare/{i}" for i in range(n)], f"{len(names)} events, expected {n} in order")
+    slow.close()
+    conn.close()
+
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
                   test_stream_fields, test_ota_artifacts_not_enabled, test_device_list_pages,
                   test_slow_stream_catches_up,
                   test_slow_stream_told_what_it_lost, test_last_event_id_past_the_end,
-                  test_narrow_replay_takes_turns], emulated="ok"))
+                  test_narrow_replay_takes_turns, test_behind_after_a_quiet_spell_lost_nothing],
+                 emulated="ok"))
