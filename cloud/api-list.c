@@ -19,11 +19,15 @@ static int api_page_number(const char *s, size_t max, size_t *ret) {
         if (!s || !*s || *s == '0')
                 return -EINVAL;
         for (; *s; s++) {
+                size_t d = (size_t)(*s - '0');
+
                 if (*s < '0' || *s > '9')
                         return -EINVAL;
-                v = v * 10 + (size_t)(*s - '0');
-                if (v > max)
+                /* Checked before it is computed: 10 * 10^9 wraps a 32-bit
+                 * size_t. */
+                if (v > (max - d) / 10)
                         return -ERANGE;
+                v = v * 10 + d;
         }
         *ret = v;
         return 0;
@@ -51,8 +55,9 @@ json_t *api_devices_list(Devices *devs, const ApiPage *p) {
 
         if (!p->paged)
                 return devices_to_json(devs); /* particle-cli reads the plain array */
-        /* page <= 10^9 and per_page <= 1000: no overflow. */
-        offset = (p->page - 1) * p->per_page;
+        /* (page - 1) * per_page may not fit a 32-bit size_t: a page that
+         * starts past the end is empty without computing where. */
+        offset = p->page - 1 > n / p->per_page ? n : (p->page - 1) * p->per_page;
         devices = devices_page_to_json(devs, offset, p->per_page);
         if (!devices)
                 return NULL;

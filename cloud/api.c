@@ -26,6 +26,10 @@
  * at its own pace (docs/cloud.md, "Slow subscribers"). */
 #define API_SSE_QUEUE_MAX (1024 * 1024)
 #define API_SSE_BLOCK 16384
+/* Journal bytes a stream catching up reads in one turn, matching or not:
+ * a stream that matches little does not hold the loop for the whole
+ * journal (JournalMaxBytes may be 2 GiB). */
+#define API_SSE_CATCH_UP_TURN (256 * 1024)
 /* Idle time before MHD closes a connection (event streams send a comment
  * every 10 s; suspended requests do not time out). */
 #define API_CONNECTION_TIMEOUT_SEC 30
@@ -467,6 +471,15 @@ static ssize_t api_sse_reader(void *cls, uint64_t pos, char *buf, size_t max) {
                 if (req->dropped)
                         return MHD_CONTENT_READER_END_WITH_ERROR;
                 n = req->buf_len - req->buf_off;
+                if (n == 0 && req->catching_up && !req->api->stopping) {
+                        /* Its turn read nothing it wants: the other sources
+                         * of the loop go first, then the next turn (MHD
+                         * runs again from the defer source). */
+                        MHD_suspend_connection(req->connection);
+                        req->suspended = true;
+                        api_resume(req);
+                        return 0;
+                }
         }
         if (n == 0) {
                 if (req->ending)
@@ -519,6 +532,11 @@ static bool api_sse_push_event(ApiRequest *req, const char *msg, size_t n, uint6
         if (req->dropped)
                 return false;
         if (req->buf_len - req->buf_off + n > API_SSE_QUEUE_MAX) {
+                /* Events come in id order, and every one since last_id
+                 * that matched was queued: those before this one did not
+                 * match. Reading from last_id would count them as lost if
+                 * the journal dropped them meanwhile. */
+                req->last_id = id - 1;
                 api_sse_client(req, host);
                 log_notice("Event stream client %s fell more than %u bytes behind: it reads from the event "
                            "journal after id %" PRIu64 " until it catches up.",
@@ -585,17 +603,25 @@ static int api_sse_lost(ApiRequest *req, uint64_t lost, uint64_t first_id) {
         return api_sse_append(req, msg, (size_t)n);
 }
 
-/* Fill the stream's buffer from the journal; at its end, go live. */
+/* Fill the stream's buffer from the journal, reading at most about
+ * API_SSE_CATCH_UP_TURN bytes of it; at its end, go live. */
 static void api_sse_catch_up(ApiRequest *req) {
         Api *api = req->api;
+        uint64_t read = 0;
 
-        while (req->catching_up && req->buf_len - req->buf_off < API_SSE_BLOCK) {
+        while (req->catching_up && req->buf_len - req->buf_off < API_SSE_BLOCK && read < API_SSE_CATCH_UP_TURN) {
                 _cleanup_free_ char *msg = NULL;
                 uint64_t want = req->cursor.last_id + 1, id;
+                uint64_t generation = req->cursor.generation, offset = req->cursor.offset;
                 ProtoEvent e;
                 int n, r;
 
                 r = journal_cursor_next(&req->cursor, &e, &id);
+                /* After a seek (a new cursor, a rewrite) the offset moved
+                 * by the seek, not by reading: count a record then. */
+                read += req->cursor.generation == generation && req->cursor.offset > offset
+                                ? req->cursor.offset - offset
+                                : 1;
                 if (r <= 0) {
                         if (r < 0)
                                 log_warning_errno(r, "Failed to read the event journal for a stream: %m");
@@ -714,19 +740,26 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                 return MHD_NO;
         if (api_sse_append(req, ":ok\n\n", 5) < 0)
                 return MHD_NO;
-        if (p->has_last_event_id && p->last_epoch == journal_epoch(api->journal)) {
+        /* An id past the journal's last one was never given: it is no
+         * place in the journal (a cursor would read it all for nothing). */
+        if (p->has_last_event_id && p->last_epoch == journal_epoch(api->journal) &&
+            p->last_id <= journal_last_id(api->journal)) {
                 journal_cursor_init(&req->cursor, api->journal, p->last_id);
                 req->catching_up = true;
                 req->resumed = true;
         } else {
                 _cleanup_free_ char *here = NULL;
+                const char *note = "";
                 int n;
 
                 /* An id without data moves the client's Last-Event-ID to
                  * "now" (WHATWG SSE dispatch): if this stream breaks before
                  * the first event, a reconnect still misses nothing. */
-                n = asprintf(&here, "%sid: %016" PRIx64 "-%" PRIu64 "\n\n",
-                             p->has_last_event_id ? ":Last-Event-ID is from another journal\n" : "",
+                if (p->has_last_event_id)
+                        note = p->last_epoch != journal_epoch(api->journal)
+                                       ? ":Last-Event-ID is from another journal\n"
+                                       : ":Last-Event-ID is past the end of the journal\n";
+                n = asprintf(&here, "%sid: %016" PRIx64 "-%" PRIu64 "\n\n", note,
                              journal_epoch(api->journal), journal_last_id(api->journal));
                 if (n < 0 || api_sse_append(req, here, (size_t)n) < 0)
                         return MHD_NO;
@@ -1075,9 +1108,15 @@ Api *api_free(Api *api) {
                 for (ApiRequest *req = api->requests; req; req = req->next) {
                         devices_call_cancel(req->call);
                         req->call = NULL;
-                        if (req->sse)
+                        if (req->sse) {
+                                /* A replay would take turns, suspended
+                                 * between them: it ends here. */
                                 req->ending = true;
-                        else if (req->suspended && !req->response)
+                                if (req->catching_up) {
+                                        req->catching_up = false;
+                                        journal_cursor_done(&req->cursor);
+                                }
+                        } else if (req->suspended && !req->response)
                                 api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Shutting down", NULL);
                         api_resume(req);
                 }

@@ -382,7 +382,8 @@ def test_device_list_pages(w):
     expect(r.status == 200 and j["meta"]["page"] == 1 and len(j["devices"]) == 5, f"default page: {r}")
     for q, word in (("page=0", "page"), ("page=-1", "page"), ("page=abc", "page"), ("page=", "page"),
                     ("page", "page"), ("page=1%00", "page"), ("page=01", "page"), ("page=1000000001", "page"),
-                    ("page=99999999999999999999999", "page"), ("per_page=0", "per_page"),
+                    ("page=99999999999999999999999", "page"), ("page=4294967296", "page"),
+                    ("page=4294967297", "page"), ("per_page=0", "per_page"),
                     ("per_page=1001", "per_page"), ("page=1&per_page=x", "per_page"), ("per_page=+3", "per_page")):
         r, j = get(f"/v1/devices?{q}")
         expect(r.status == 400 and j["ok"] is False and j["error"].startswith(word + " must be"),
@@ -397,6 +398,10 @@ def test_device_list_pages(w):
     # The largest page number is an empty page, not an overflow.
     r, j = get("/v1/devices?page=1000000000&per_page=1000")
     expect(r.status == 200 and j["devices"] == [], f"last possible page: {r}")
+    # Where (page - 1) * per_page is 2^32 * 125: no wrap to the first page
+    # where size_t has 32 bits.
+    r, j = get("/v1/devices?page=536870913&per_page=1000")
+    expect(r.status == 200 and j["devices"] == [], f"page 536870913: {r}")
 
 
 FLOOD_DATA = "x" * 4000
@@ -580,9 +585,173 @@ def test_slow_stream_told_what_it_lost(w):
     conn.close()
 
 
+def fill_journal(w, prefix, count, data):
+    """Publish prefix/N events quickly: requests pipelined on one
+    connection, answers counted."""
+    s = socket.create_connection(("127.0.0.1", w.api_port))
+    body = form(name=f"{prefix}/0", data=data)
+    one = (f"POST /v1/devices/events HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {w.token}\r\n"
+           f"{FORM}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    done = 0
+    while done < count:
+        batch = min(200, count - done)
+        s.sendall(one * batch)
+        got, buf = 0, b""
+        s.settimeout(30 * SLOW)
+        while got < batch:
+            d = s.recv(65536)
+            expect(d, f"publish connection closed after {done + got} events")
+            buf += d
+            got = buf.count(b"HTTP/1.1 ")
+        expect(buf.count(b"HTTP/1.1 200 ") == batch, f"publish: {buf[:300]!r}")
+        done += batch
+    s.close()
+
+
+def stream_head(w, path, last_event_id):
+    """An event stream opened with Last-Event-ID; returns the socket and
+    what came with its head (at least the first message)."""
+    s = socket.create_connection(("127.0.0.1", w.api_port))
+    s.sendall(req("GET", path, [f"Authorization: Bearer {w.token}", f"Last-Event-ID: {last_event_id}"]))
+    buf, deadline = b"", time.monotonic() + 10 * SLOW
+    while b"\n\n" not in buf.partition(b"\r\n\r\n")[2]:
+        left = deadline - time.monotonic()
+        expect(left > 0, f"stream {path}: no first message; got {buf[:300]!r}")
+        s.settimeout(left)
+        d = s.recv(65536)
+        expect(d, f"stream {path} closed: {buf[:300]!r}")
+        buf += d
+    expect(b" 200 " in buf.split(b"\r\n")[0], f"stream {path}: {buf[:200]!r}")
+    return s, buf
+
+
+def journal_epoch_and_last(w):
+    s, buf = stream_head(w, "/v1/events/nothing/", "0-0")
+    s.close()
+    m = [line for line in buf.decode(errors="replace").split("\n") if line.startswith("id: ")]
+    expect(m, f"no id line: {buf!r}")
+    epoch, _, last = m[-1][4:].strip().partition("-")
+    return epoch, int(last)
+
+
+def test_last_event_id_past_the_end(w):
+    """A Last-Event-ID of this journal's epoch but an id it never gave
+    (past its last one, up to 2^64-1) is not a place in the journal: the
+    stream says so and starts live, at the journal's real end, instead of
+    scanning the whole journal for nothing and then missing the events
+    that came meanwhile."""
+    w.start_cloud()
+    fill_journal(w, "f", 20, "x")
+    epoch, last = journal_epoch_and_last(w)
+    for bogus in (last + 1000, 2**64 - 1):
+        s, buf = stream_head(w, "/v1/events/f/", f"{epoch}-{bogus}")
+        text = buf.partition(b"\r\n\r\n")[2].decode(errors="replace")
+        expect(f"id: {epoch}-{last}" in text and "Last-Event-ID is past the end of the journal" in text,
+               f"Last-Event-ID {bogus}: {text!r}")
+        # Live from here: the next event comes.
+        r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {w.token}", FORM],
+                                     form(name="f/next", data="y")))
+        expect(r.status == 200, f"publish: {r}")
+        s.settimeout(10 * SLOW)
+        while b"event: f/next" not in buf:
+            d = s.recv(65536)
+            expect(d, f"stream closed: {buf[-300:]!r}")
+            buf += d
+        s.close()
+        last += 1
+
+
+def test_narrow_replay_takes_turns(w):
+    """A stream replaying the journal (Last-Event-ID) with a prefix that
+    matches little reads it in turns, like one that matches much: another
+    client is answered before the stream has scanned to the end (its
+    one matching event, the last in the journal, comes after)."""
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=134217728")
+    fill_journal(w, "fill", 12000, "z" * 8000)
+    r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {w.token}", FORM],
+                                 form(name="rare/1", data="y")))
+    expect(r.status == 200, f"publish: {r}")
+    epoch, _ = journal_epoch_and_last(w)
+    s, buf = stream_head(w, "/v1/events/rare/", f"{epoch}-0")
+    other = socket.create_connection(("127.0.0.1", w.api_port))
+    other.sendall(req("GET", "/v1/devices", [f"Authorization: Bearer {w.token}"]))
+    # Whichever comes first: the other client's answer, or the stream's event.
+    order, obuf = [], b""
+    deadline = time.monotonic() + 60 * SLOW
+    while len(order) < 2:
+        left = deadline - time.monotonic()
+        expect(left > 0, f"timed out; order {order}")
+        ready, _, _ = select.select([s, other] if "other" not in order else [s], [], [], left)
+        if s in ready and "stream" not in order:
+            d = s.recv(65536)
+            expect(d, f"stream closed: {buf[-300:]!r}")
+            buf += d
+            if b"event: rare/1" in buf:
+                order.append("stream")
+        if other in ready and "other" not in order:
+            d = other.recv(65536)
+            obuf += d
+            if not d or b"\r\n\r\n" in obuf:
+                expect(b" 200 " in obuf.split(b"\r\n")[0], f"other client: {obuf[:200]!r}")
+                order.append("other")
+    expect(order == ["other", "stream"], f"the other client waited for the whole scan: {order}")
+    s.close()
+    other.close()
+    # Stopped in the middle of such a replay (suspended between turns):
+    # a clean exit, not an abort in MHD_stop_daemon().
+    s, _ = stream_head(w, "/v1/events/rare/", f"{epoch}-0")
+    rc = w.cloud.stop()
+    expect(rc == 0, f"tether-cloudd exited with {rc} when stopped during a replay")
+    s.close()
+
+
+def stream_lag(w):
+    r = exchange(w.api_port, req("GET", "/metrics", [f"Authorization: Bearer {w.token}"]))
+    expect(r.status == 200, f"/metrics: {r}")
+    for line in r.body.decode().split("\n"):
+        if line.startswith("tether_cloud_stream_lag_bytes "):
+            return int(line.split()[1])
+    raise Failure("no tether_cloud_stream_lag_bytes")
+
+
+def test_behind_after_a_quiet_spell_lost_nothing(w):
+    """A stream that stopped reading with its queue almost full, then
+    falls behind on its next event after the journal dropped its last one
+    (other events filled it), lost nothing that matched it: no
+    tether/stream/lost notice, every one of its events, in order."""
+    import http.client
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=4194304")
+    slow = RawStream(w, "/v1/events/rare/")
+    slow.messages(lambda m: any("id" in x for x in m))
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10 * SLOW)
+    # Queue rare events until the next, a little larger, will not fit.
+    n, lag, step = 0, 0, 0
+    while lag + step + 64 <= 1024 * 1024:
+        n = publish_more(w, conn, "rare", n, 1)
+        lag, step = stream_lag(w), stream_lag(w) - lag
+        expect(n < 2000, "the stream's queue does not grow")
+    mark = w.cloud.mark()
+    # Other events push the queued ones out of the journal.
+    fill_journal(w, "fill", 1500, FLOOD_DATA)
+    expect(w.cloud.count("fell more than", mark) == 0, "fell behind on events it does not match")
+    r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {w.token}", FORM],
+                                 form(name=f"rare/{n}", data=FLOOD_DATA + "y" * 128)))
+    expect(r.status == 200, f"publish: {r}")
+    n += 1
+    w.cloud.wait_line("fell more than", start=mark)
+    msgs = slow.messages(lambda m: any(x.get("event") == f"rare/{n - 1}" for x in m))
+    names = [x["event"] for x in msgs if "event" in x]
+    expect("tether/stream/lost" not in names, f"lost notice for a stream that lost nothing: "
+           f"{[x for x in msgs if x.get('event') == 'tether/stream/lost']}")
+    expect(names == [f"rare/{i}" for i in range(n)], f"{len(names)} events, expected {n} in order")
+    slow.close()
+    conn.close()
+
 if __name__ == "__main__":
     sys.exit(run([test_auth_matrix, test_token_checked_before_the_body,
                   test_unauthenticated_bodies_cost_bounded_memory, test_bodies_and_parameters,
                   test_stream_fields, test_ota_artifacts_not_enabled, test_device_list_pages,
                   test_slow_stream_catches_up,
-                  test_slow_stream_told_what_it_lost], emulated="ok"))
+                  test_slow_stream_told_what_it_lost, test_last_event_id_past_the_end,
+                  test_narrow_replay_takes_turns, test_behind_after_a_quiet_spell_lost_nothing],
+                 emulated="ok"))
