@@ -71,6 +71,8 @@ struct TlsServerKeys {
         uint8_t *cert_der, *key_der;
         size_t cert_len, key_len;
         coap_asn1_privatekey_type_t key_type;
+        X509 *cert;                       /* the same certificate and key, parsed */
+        EVP_PKEY *key;
         X509_STORE *store;                /* the CA certificates */
         STACK_OF(X509_NAME) *ca_names;    /* sent in the CertificateRequest */
 };
@@ -81,6 +83,8 @@ TlsServerKeys *tls_server_keys_free(TlsServerKeys *k) {
         OPENSSL_free(k->cert_der);
         if (k->key_der)
                 OPENSSL_clear_free(k->key_der, k->key_len);
+        X509_free(k->cert);
+        EVP_PKEY_free(k->key);
         X509_STORE_free(k->store);
         sk_X509_NAME_pop_free(k->ca_names, X509_NAME_free);
         free(k);
@@ -193,8 +197,8 @@ int tls_server_keys_load(const TlsFiles *files, TlsServerKeys **ret_keys, const 
         }
         k->key_der = TAKE_PTR(p);
         k->key_len = (size_t)len;
-        X509_free(cert);
-        EVP_PKEY_free(key);
+        k->cert = TAKE_PTR(cert);
+        k->key = TAKE_PTR(key);
         ERR_clear_error();
         *ret_keys = k;
         return 0;
@@ -210,7 +214,9 @@ fail:
  * ClientHello, after it set our certificate and key from the DER buffers.
  * The CA comes from the store loaded once: libcoap would add a CA to the
  * SSL_CTX's store for good, so a CA removed by a reload would stay
- * trusted.
+ * trusted. libcoap parsed the certificate and key into copies of this
+ * SSL's own; they are replaced with the ones parsed at load, shared by
+ * every session (counted references), which saves a few KiB per device.
  *
  * libcoap sets no session id context, so OpenSSL would refuse every
  * resumption with an internal-error alert: issue no tickets at all, and
@@ -222,6 +228,8 @@ static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
         STACK_OF(X509_NAME) *names;
 
         if (!ssl || !k)
+                return 0;
+        if (SSL_use_certificate(ssl, k->cert) != 1 || SSL_use_PrivateKey(ssl, k->key) != 1)
                 return 0;
         SSL_set_options(ssl, SSL_OP_NO_TICKET);
         SSL_set_num_tickets(ssl, 0);
