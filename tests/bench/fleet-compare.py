@@ -259,7 +259,6 @@ Port={coap}
 CAFile={opts.ca}
 Certificate={opts.pki}/server.crt
 Key={opts.pki}/server.key
-MaxHandshakes={max(1024, opts.devices)}
 [API]
 Listen=127.0.0.1
 Port={api}
