@@ -1,8 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <sys/epoll.h>
+#include <unistd.h>
 
 #include "listener.h"
 #include "util.h"
@@ -41,5 +43,19 @@ int listener_pause_set(ListenerPause *p, bool paused) {
         if (epoll_ctl(p->epfd, paused ? EPOLL_CTL_DEL : EPOLL_CTL_ADD, p->fd, &ev) < 0)
                 return -errno;
         p->paused = paused;
+        return 0;
+}
+
+int listener_replace(ListenerPause *p, int fd) {
+        struct epoll_event ev = { .events = p->events, .data.u64 = p->data };
+
+        if (p->paused || fd == p->fd)
+                return -EINVAL;
+        /* Closes the old socket: its last reference, so it leaves the
+         * epoll set; the new file at the same number is not in it yet. */
+        if (dup3(fd, p->fd, O_CLOEXEC) < 0)
+                return -errno;
+        if (epoll_ctl(p->epfd, EPOLL_CTL_ADD, p->fd, &ev) < 0)
+                return -errno;
         return 0;
 }
