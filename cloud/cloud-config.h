@@ -35,6 +35,7 @@ typedef struct CloudConfig {
         unsigned max_handshakes;        /* sessions not yet bound to a device */
         unsigned handshake_grace_sec;   /* at MaxHandshakes, the oldest may be closed after this */
         unsigned max_queued_bytes;      /* sent to a device, not known to be read */
+        unsigned session_shards;        /* libcoap contexts device sessions are spread over */
 
         /* [API] */
         char *api_listen;

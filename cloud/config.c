@@ -101,6 +101,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Cloud", "MaxHandshakes", max_handshakes, 1, 1000000),
         UINT_KEY("Cloud", "HandshakeGraceSec", handshake_grace_sec, 0, 3600),
         UINT_KEY("Cloud", "MaxQueuedBytes", max_queued_bytes, 1024, 1U << 30),
+        UINT_KEY("Cloud", "SessionShards", session_shards, 1, 256),
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
         STR_KEY("API", "TokenFile", token_file),
@@ -321,6 +322,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->max_handshakes = 1024;
         c->handshake_grace_sec = 2;
         c->max_queued_bytes = 1024 * 1024;
+        c->session_shards = 16;
         c->api_port = 8080;
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;

@@ -1,6 +1,13 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* The device side of tether-cloudd: the libcoap TLS server on the sd-event
- * loop, the device registry, and requests from the cloud to devs->
+ * loop, the device registry, and requests from the cloud to devices.
+ * Sessions are spread over SessionShards libcoap contexts (Shard), all in
+ * this one thread and loop, all listening on the same address and port
+ * with SO_REUSEPORT (our sockets dup'ed in the place of libcoap's), so
+ * libcoap's walk over every session of a context on each wakeup covers a
+ * share of them; the registry, admission and calls are global, and every
+ * context's app data is the Devices ("Session shards" in the document
+ * below). With SessionShards=1 the one context keeps libcoap's listener.
  * See docs/design/libcoap.md for the libcoap 4.3.1 behaviour relied on here:
  * server sessions are freed by libcoap only once nobody holds a reference
  * and their state is NONE; over TCP responses are matched by token only and
@@ -44,6 +51,7 @@
 
 typedef struct Session Session;
 typedef struct Describe Describe;
+typedef struct Shard Shard;
 
 struct DeviceCall {
         Device *device;
@@ -84,6 +92,7 @@ struct Device {
 /* One per libcoap server session, from SERVER_SESSION_NEW to _DEL. */
 struct Session {
         Devices *devices;
+        Shard *shard; /* whose context holds the session */
         coap_session_t *session;
         Device *device;  /* set once established and bound */
         bool referenced; /* we hold a coap_session_reference() */
@@ -101,20 +110,35 @@ typedef struct WarnLimit {
         uint64_t suppressed;
 } WarnLimit;
 
+/* One libcoap context with its own listener (all on the same address and
+ * port with SO_REUSEPORT when there are several), epoll fd and session
+ * scan: libcoap walks only the sessions of one shard. */
+struct Shard {
+        Devices *devices;
+        unsigned index;
+        coap_context_t *ctx;
+        ListenerPause listener; /* accept paused at MaxHandshakes */
+        sd_event_source *io, *timer;
+        uint64_t last_scan; /* CLOCK_MONOTONIC µs of the last coap_io_prepare_epoll() */
+        bool scan_due;      /* something happened that the next scan must see */
+        bool kick_due;      /* dispatch from devs->kick */
+        size_t n_sessions;
+};
+
 struct Devices {
         sd_event *event;
         const CloudConfig *config;
         DevicesHooks hooks;
-        coap_context_t *ctx;
+        Shard *shards; /* SessionShards of them; all share this Devices as app data */
+        unsigned n_shards;
         coap_dtls_pki_t pki;
         TlsFiles tls_files;
         TlsServerKeys *tls_keys; /* what devs->pki points into */
         bool listener_nodelay;
-        ListenerPause listener; /* accept paused at MaxHandshakes */
-        bool listener_pausable;
-        sd_event_source *io, *kick, *timer, *close_defer;
-        uint64_t last_scan; /* CLOCK_MONOTONIC µs of the last coap_io_prepare_epoll() */
-        bool scan_due;      /* something happened that the next scan must see */
+        bool coap_started;      /* coap_startup() was called */
+        bool listener_pausable; /* every shard's listener can be paused */
+        bool listener_paused;
+        sd_event_source *kick, *close_defer;
 
         Device **dev_buckets;
         size_t dev_nbuckets, n_devices;
@@ -367,7 +391,7 @@ static Session *session_find(Devices *devs, const coap_session_t *session) {
         return NULL;
 }
 
-static Session *session_new(Devices *devs, coap_session_t *session) {
+static Session *session_new(Devices *devs, Shard *shard, coap_session_t *session) {
         Session *c;
         size_t i;
 
@@ -377,12 +401,35 @@ static Session *session_new(Devices *devs, coap_session_t *session) {
         if (!c)
                 return NULL;
         c->devices = devs;
+        c->shard = shard;
         c->session = session;
         i = hash_pointer(session) & (devs->conn_nbuckets - 1);
         c->hash_next = devs->conn_buckets[i];
         devs->conn_buckets[i] = c;
         devs->n_conns++;
+        shard->n_sessions++;
+        stats_shard_sessions(shard->index, 1);
         return c;
+}
+
+/* Stop (paused=true) or resume accepting on every shard's listener. On a
+ * failure to pause, all are resumed again. 0 or -errno. */
+static int devices_listeners_pause(Devices *devs, bool paused) {
+        int r = 0;
+
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                int k = listener_pause_set(&devs->shards[i].listener, paused);
+
+                if (k < 0 && r == 0)
+                        r = k;
+        }
+        if (r < 0 && paused) {
+                for (unsigned i = 0; i < devs->n_shards; i++)
+                        (void)listener_pause_set(&devs->shards[i].listener, false);
+                paused = false;
+        }
+        devs->listener_paused = paused;
+        return r;
 }
 
 static void session_unbound_remove(Session *c) {
@@ -400,8 +447,8 @@ static void session_unbound_remove(Session *c) {
         c->unbound_prev = c->unbound_next = NULL;
         c->unbound = false;
         devs->n_unbound--;
-        if (devs->listener.paused && devs->n_unbound < devs->config->max_handshakes) {
-                (void)listener_pause_set(&devs->listener, false);
+        if (devs->listener_paused && devs->n_unbound < devs->config->max_handshakes) {
+                (void)devices_listeners_pause(devs, false);
                 (void)sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_OFF);
         }
 }
@@ -441,6 +488,8 @@ static void session_free(Session *c) {
                                 break;
                         }
         devs->n_conns--;
+        c->shard->n_sessions--;
+        stats_shard_sessions(c->shard->index, -1);
         free(c);
 }
 
@@ -518,7 +567,7 @@ json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit) {
  * sessions, block-transfer timers) before it looks at the one socket that
  * is ready: with 10,000 sessions that walk, not the request, was most of
  * the cost of a call (docs/design/libcoap.md, "The session scan"). So the
- * cloud drives the two halves itself: I/O is dispatched with
+ * cloud drives the two halves itself, for each shard: I/O is dispatched with
  * coap_io_do_epoll() on exactly the sockets epoll reports, and the walk
  * (the "scan") runs when libcoap's own timer asks for it, or once after
  * activity, but at most every DEVICES_SCAN_INTERVAL. Nothing the scan does
@@ -527,44 +576,44 @@ json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit) {
 #define DEVICES_SCAN_INTERVAL (100 * USEC_PER_MSEC)
 #define DEVICES_EPOLL_BATCH 64
 
-static void devices_scan(Devices *devs) {
+static void shard_scan(Shard *sh) {
         coap_tick_t now;
         unsigned ms;
 
         coap_ticks(&now);
-        ms = coap_io_prepare_epoll(devs->ctx, now);
-        devs->last_scan = now_usec();
-        devs->scan_due = false;
+        ms = coap_io_prepare_epoll(sh->ctx, now);
+        sh->last_scan = now_usec();
+        sh->scan_due = false;
         /* libcoap armed its timerfd (in the epoll set we watch) for ms;
          * our timer is a backstop for that wakeup. */
         if (ms > 0) {
-                (void)sd_event_source_set_time(devs->timer, devs->last_scan + (uint64_t)ms * USEC_PER_MSEC);
-                (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_ONESHOT);
+                (void)sd_event_source_set_time(sh->timer, sh->last_scan + (uint64_t)ms * USEC_PER_MSEC);
+                (void)sd_event_source_set_enabled(sh->timer, SD_EVENT_ONESHOT);
         } else
-                (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_OFF);
+                (void)sd_event_source_set_enabled(sh->timer, SD_EVENT_OFF);
 }
 
 /* Scan now if the last one is old enough, else arm the timer for when it is. */
-static void devices_scan_soon(Devices *devs) {
-        uint64_t now = now_usec(), at = devs->last_scan + DEVICES_SCAN_INTERVAL, cur;
+static void shard_scan_soon(Shard *sh) {
+        uint64_t now = now_usec(), at = sh->last_scan + DEVICES_SCAN_INTERVAL, cur;
         int enabled = SD_EVENT_OFF;
 
         if (now >= at) {
-                devices_scan(devs);
+                shard_scan(sh);
                 return;
         }
-        devs->scan_due = true;
-        (void)sd_event_source_get_enabled(devs->timer, &enabled);
-        if (enabled != SD_EVENT_OFF && sd_event_source_get_time(devs->timer, &cur) >= 0 && cur <= at)
+        sh->scan_due = true;
+        (void)sd_event_source_get_enabled(sh->timer, &enabled);
+        if (enabled != SD_EVENT_OFF && sd_event_source_get_time(sh->timer, &cur) >= 0 && cur <= at)
                 return;
-        (void)sd_event_source_set_time(devs->timer, at);
-        (void)sd_event_source_set_enabled(devs->timer, SD_EVENT_ONESHOT);
+        (void)sd_event_source_set_time(sh->timer, at);
+        (void)sd_event_source_set_enabled(sh->timer, SD_EVENT_ONESHOT);
 }
 
-/* Dispatch what epoll reports ready, without waiting. */
-static void devices_dispatch(Devices *devs) {
+/* Dispatch what epoll reports ready on the shard, without waiting. */
+static void shard_dispatch(Shard *sh) {
         struct epoll_event events[DEVICES_EPOLL_BATCH];
-        int fd = coap_context_get_coap_fd(devs->ctx), n;
+        int fd = coap_context_get_coap_fd(sh->ctx), n;
         bool activity = false;
 
         do {
@@ -578,32 +627,50 @@ static void devices_dispatch(Devices *devs) {
                 if (n > 0) {
                         /* A NULL pointer is libcoap's timerfd: a scan is asked for. */
                         activity = true;
-                        coap_io_do_epoll(devs->ctx, events, (size_t)n);
+                        coap_io_do_epoll(sh->ctx, events, (size_t)n);
                 }
         } while (n == DEVICES_EPOLL_BATCH);
-        if (activity || devs->scan_due)
-                devices_scan_soon(devs);
+        if (activity || sh->scan_due)
+                shard_scan_soon(sh);
 }
 
-static int devices_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        devices_dispatch(userdata);
+static int shard_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        shard_dispatch(userdata);
         return 0;
 }
 
-static int devices_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
-        Devices *devs = userdata;
+static int shard_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Shard *sh = userdata;
 
-        devices_dispatch(devs);
-        devices_scan_soon(devs);
+        shard_dispatch(sh);
+        shard_scan_soon(sh);
         return 0;
 }
 
 static int devices_kick_cb(sd_event_source *s, void *userdata) {
-        devices_dispatch(userdata);
+        Devices *devs = userdata;
+
+        for (unsigned i = 0; i < devs->n_shards; i++)
+                if (devs->shards[i].kick_due) {
+                        devs->shards[i].kick_due = false;
+                        shard_dispatch(&devs->shards[i]);
+                }
         return 0;
 }
 
+/* Dispatch the shard once the current handler returns: what was queued
+ * outside libcoap's own loop gets written. */
+static void shard_kick(Shard *sh) {
+        Devices *devs = sh->devices;
+
+        sh->kick_due = true;
+        if (devs->kick)
+                (void)sd_event_source_set_enabled(devs->kick, SD_EVENT_ONESHOT);
+}
+
 void devices_kick(Devices *devs) {
+        for (unsigned i = 0; i < devs->n_shards; i++)
+                devs->shards[i].kick_due = true;
         if (devs->kick)
                 (void)sd_event_source_set_enabled(devs->kick, SD_EVENT_ONESHOT);
 }
@@ -668,9 +735,11 @@ static void device_arm_ping(Device *d) {
 static void device_ping(Device *d) {
         Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
+        Shard *sh;
 
         if (d->ping_outstanding || !session)
                 return;
+        sh = d->conn->shard;
         d->next_ping = now_usec() + (uint64_t)devs->config->ping_sec * USEC_PER_SEC;
         d->tx_bytes += DEVICES_MSG_OVERHEAD;
         if (coap_session_send_ping(session) != COAP_INVALID_MID && d->conn) {
@@ -679,7 +748,7 @@ static void device_ping(Device *d) {
         }
         if (d->conn)
                 device_arm_ping(d);
-        devices_kick(devs);
+        shard_kick(sh);
 }
 
 /* Count a message of n payload bytes just queued for the device; returns
@@ -700,21 +769,23 @@ static int device_send_pdu(Device *d, coap_pdu_t *pdu, size_t len, uint64_t *ret
         Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
         uint64_t mark;
+        Shard *sh;
 
         if (!session) {
                 coap_delete_pdu(pdu);
                 return -ENOTCONN;
         }
+        sh = d->conn->shard;
         if (device_unread(d) >= devs->config->max_queued_bytes) {
                 coap_delete_pdu(pdu);
                 return -ENOBUFS;
         }
         if (coap_send(session, pdu) == COAP_INVALID_MID) {
-                devices_kick(devs);
+                shard_kick(sh);
                 return -EIO;
         }
         mark = device_account(d, len);
-        devices_kick(devs);
+        shard_kick(sh);
         if (ret_mark)
                 *ret_mark = mark;
         return 0;
@@ -914,13 +985,13 @@ static void device_unbind(Device *d, const char *reason, int error) {
 /* Close the device's session from the loop (not from a libcoap callback
  * for that session). */
 static void device_close(Device *d, const char *reason) {
-        Devices *devs = d->devices;
         coap_session_t *session = d->conn->session;
+        Shard *sh = d->conn->shard;
 
         device_unbind(d, reason, -ENOTCONN);
         if (coap_session_get_state(session) != COAP_SESSION_STATE_NONE)
                 coap_session_disconnected(session, COAP_NACK_NOT_DELIVERABLE);
-        devices_kick(devs);
+        shard_kick(sh);
 }
 
 void device_disconnect(Device *d, const char *reason) {
@@ -1083,6 +1154,7 @@ static int devices_close_cb(sd_event_source *s, void *userdata) {
 
                 devs->close_queue = c->close_next;
                 c->closing = false;
+                shard_kick(c->shard);
                 session_unbound_remove(c);
                 if (c->device)
                         device_unbind(c->device, "closed", -ENOTCONN);
@@ -1094,7 +1166,6 @@ static int devices_close_cb(sd_event_source *s, void *userdata) {
                         coap_session_release(c->session);
                 }
         }
-        devices_kick(devs);
         return 0;
 }
 
@@ -1142,12 +1213,13 @@ static void devices_admission_check(Devices *devs) {
         c = devs->unbound_head;
         if (devs->n_unbound < devs->config->max_handshakes || !c || c->accepted + grace <= now) {
                 (void)sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_OFF);
-                (void)listener_pause_set(&devs->listener, false);
+                if (devs->listener_paused)
+                        (void)devices_listeners_pause(devs, false);
                 return;
         }
         if (!devs->listener_pausable)
                 return;
-        r = listener_pause_set(&devs->listener, true);
+        r = devices_listeners_pause(devs, true);
         if (r < 0) {
                 log_warning_errno(r, "Cannot pause accepting device connections, closing new ones instead: %m");
                 devs->listener_pausable = false;
@@ -1254,13 +1326,24 @@ static void session_refused(Devices *devs, coap_session_t *session) {
                    suppressed);
 }
 
+/* The shard whose context is ctx (once per accepted connection). */
+static Shard *devices_shard_of(Devices *devs, const coap_context_t *ctx) {
+        for (unsigned i = 0; i < devs->n_shards; i++)
+                if (devs->shards[i].ctx == ctx)
+                        return &devs->shards[i];
+        return NULL;
+}
+
 static int devices_event_handler(coap_session_t *session, const coap_event_t event) {
-        Devices *devs = coap_get_app_data(coap_session_get_context(session));
+        coap_context_t *ctx = coap_session_get_context(session);
+        Devices *devs = coap_get_app_data(ctx);
+        Shard *sh;
         Session *c;
 
         switch (event) {
         case COAP_EVENT_SERVER_SESSION_NEW:
-                c = session_new(devs, session);
+                sh = devices_shard_of(devs, ctx);
+                c = sh ? session_new(devs, sh, session) : NULL;
                 if (!c) {
                         log_error("Out of memory accepting a session.");
                         return 0;
@@ -1545,14 +1628,215 @@ static int devices_find_listener(const struct sockaddr_storage *want, unsigned p
         return found;
 }
 
+/* One shard's context: the same TLS setup, handlers, resource, app data
+ * (devs) and session timeout as every other shard; no endpoint yet. */
+static int shard_init(Devices *devs, Shard *sh, unsigned index) {
+        const CloudConfig *config = devs->config;
+        coap_resource_t *res;
+
+        sh->devices = devs;
+        sh->index = index;
+        sh->listener = (ListenerPause){ .fd = -1 };
+        sh->ctx = coap_new_context(NULL);
+        if (!sh->ctx)
+                return log_error_errno(-ENOMEM, "Failed to create the CoAP context.");
+        coap_set_app_data(sh->ctx, devs);
+        if (!coap_context_set_pki(sh->ctx, &devs->pki))
+                return log_error_errno(-EINVAL, "Failed to set up TLS with the server certificate '%s', key '%s' "
+                                       "and CA '%s'.", config->cert_file, config->key_file, config->ca_file);
+        coap_register_event_handler(sh->ctx, devices_event_handler);
+        coap_register_response_handler(sh->ctx, devices_response_handler);
+        coap_register_pong_handler(sh->ctx, devices_pong_handler);
+        coap_register_ping_handler(sh->ctx, devices_ping_handler);
+        /* libcoap frees sessions nobody references (not yet a device) after
+         * this long idle (default 300 s): a backstop behind our own
+         * handshake deadline (which also catches trickling peers). */
+        coap_context_set_session_timeout(sh->ctx, config->handshake_timeout_sec + 1);
+
+        res = coap_resource_unknown_init(devices_request_handler);
+        if (!res)
+                return log_error_errno(-ENOMEM, "Failed to create the CoAP resource.");
+        coap_register_request_handler(res, COAP_REQUEST_GET, devices_request_handler);
+        coap_register_request_handler(res, COAP_REQUEST_POST, devices_request_handler);
+        coap_register_request_handler(res, COAP_REQUEST_DELETE, devices_request_handler);
+        coap_add_resource(sh->ctx, res);
+        return 0;
+}
+
+static int shard_add_sources(Shard *sh, sd_event *event) {
+        int r;
+
+        r = sd_event_add_io(event, &sh->io, coap_context_get_coap_fd(sh->ctx), EPOLLIN, shard_io_cb, sh);
+        if (r >= 0)
+                r = sd_event_add_time(event, &sh->timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC, shard_timer_cb, sh);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(sh->timer, SD_EVENT_OFF);
+        return r;
+}
+
+static unsigned sockaddr_port(const struct sockaddr_storage *ss) {
+        return ntohs(ss->ss_family == AF_INET6 ? ((const struct sockaddr_in6 *)ss)->sin6_port
+                                               : ((const struct sockaddr_in *)ss)->sin_port);
+}
+
+static void sockaddr_set_port(struct sockaddr_storage *ss, unsigned port) {
+        if (ss->ss_family == AF_INET6)
+                ((struct sockaddr_in6 *)ss)->sin6_port = htons(port);
+        else
+                ((struct sockaddr_in *)ss)->sin_port = htons(port);
+}
+
+/* The kernel silently caps the backlog at somaxconn. */
+static void devices_check_somaxconn(void) {
+        _cleanup_fclose_ FILE *f = fopen("/proc/sys/net/core/somaxconn", "re");
+        unsigned cap = 0;
+
+        if (f && fscanf(f, "%u", &cap) == 1 && cap < DEVICES_LISTEN_BACKLOG)
+                log_notice("net.core.somaxconn=%u caps the device listen backlog below %u: raise it for "
+                           "connect storms.", cap, DEVICES_LISTEN_BACKLOG);
+}
+
+/* SessionShards=1: libcoap's own listener on the configured address. */
+static int devices_listen_single(Devices *devs, const struct sockaddr_storage *ss, socklen_t sl) {
+        const CloudConfig *config = devs->config;
+        Shard *sh = &devs->shards[0];
+        coap_address_t addr;
+        int r, fd, one = 1;
+
+        coap_address_init(&addr);
+        memcpy(&addr.addr, ss, sl);
+        addr.size = sl;
+        if (!coap_new_endpoint(sh->ctx, &addr, COAP_PROTO_TLS))
+                return log_error_errno(-EADDRNOTAVAIL, "Failed to listen on '%s' port %u.", config->coap_listen,
+                                       config->coap_port);
+
+        fd = devices_find_listener(ss, config->coap_port);
+        if (fd < 0)
+                return log_error_errno(fd, "Cannot find the CoAP listening socket: %m");
+        /* libcoap listens with a backlog of 5: connect storms overflow it. */
+        if (listen(fd, DEVICES_LISTEN_BACKLOG) < 0)
+                log_warning_errno(errno, "Failed to raise the listen backlog: %m");
+        else
+                devices_check_somaxconn();
+        devs->listener_nodelay = setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0;
+        r = listener_pause_init(coap_context_get_coap_fd(sh->ctx), fd, &sh->listener);
+        if (r < 0)
+                log_warning_errno(r, "Cannot find the CoAP listening socket in libcoap's epoll set (%m): "
+                                  "beyond MaxHandshakes new connections are closed at once.");
+        devs->listener_pausable = r >= 0;
+        return fd;
+}
+
+/* A listening socket on *ss with SO_REUSEPORT, set up as libcoap sets up
+ * its own (coap_socket_bind_tcp() in its src/coap_tcp.c: non-blocking,
+ * SO_KEEPALIVE, SO_REUSEADDR, dual-stack for IPv6) plus TCP_NODELAY (which
+ * accepted sockets inherit) and our backlog. Port 0 in *ss: a free port,
+ * written back to *ss. Returns the fd or -errno. */
+static int devices_reuseport_listener(struct sockaddr_storage *ss, socklen_t sl) {
+        _cleanup_close_ int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        int one = 1, off = 0, r;
+
+        if (fd < 0)
+                return -errno;
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
+            setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0 ||
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
+                return -errno;
+        if (ss->ss_family == AF_INET6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off)) < 0)
+                return -errno;
+        if (bind(fd, (const struct sockaddr *)ss, sl) < 0 || listen(fd, DEVICES_LISTEN_BACKLOG) < 0)
+                return -errno;
+        if (sockaddr_port(ss) == 0) {
+                struct sockaddr_storage bound = {};
+                socklen_t bl = sizeof(bound);
+
+                if (getsockname(fd, (struct sockaddr *)&bound, &bl) < 0)
+                        return -errno;
+                sockaddr_set_port(ss, sockaddr_port(&bound));
+        }
+        r = fd;
+        fd = -EBADF;
+        return r;
+}
+
+/* The port libcoap bound an endpoint to, from its "ADDRESS:PORT ..." name
+ * (4.3.1 has no accessor for the endpoint's address or socket). */
+static int endpoint_port(const coap_endpoint_t *ep, unsigned *ret) {
+        const char *name = coap_endpoint_str(ep), *end = strchrnul(name, ' '), *colon = NULL;
+        unsigned port = 0;
+
+        for (const char *p = name; p < end; p++)
+                if (*p == ':')
+                        colon = p;
+        if (!colon || colon + 1 == end)
+                return -EINVAL;
+        for (const char *p = colon + 1; p < end; p++) {
+                if (*p < '0' || *p > '9' || port > 65535)
+                        return -EINVAL;
+                port = port * 10 + (unsigned)(*p - '0');
+        }
+        if (port == 0 || port > 65535)
+                return -EINVAL;
+        *ret = port;
+        return 0;
+}
+
+/* SessionShards>1: every shard listens on the same address and port with
+ * SO_REUSEPORT and the kernel spreads new connections over them. libcoap
+ * cannot set that option, so each shard's endpoint is bound to a free port
+ * and its socket then replaced by one of ours (docs/design/libcoap.md,
+ * "Session shards"). *ss is the configured address; with port 0 the first
+ * shard picks it. */
+static int devices_listen_shared(Devices *devs, struct sockaddr_storage *ss, socklen_t sl) {
+        const CloudConfig *config = devs->config;
+        struct sockaddr_storage any = *ss;
+        coap_address_t addr;
+
+        sockaddr_set_port(&any, 0);
+        coap_address_init(&addr);
+        memcpy(&addr.addr, &any, sl);
+        addr.size = sl;
+        devs->listener_nodelay = true;
+        devs->listener_pausable = true;
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                Shard *sh = &devs->shards[i];
+                _cleanup_close_ int fd = devices_reuseport_listener(ss, sl);
+                coap_endpoint_t *ep;
+                unsigned port;
+                int r, lfd;
+
+                if (fd < 0)
+                        return log_error_errno(fd, "Failed to listen on '%s' port %u with SO_REUSEPORT: %m",
+                                               config->coap_listen, sockaddr_port(ss));
+                ep = coap_new_endpoint(sh->ctx, &addr, COAP_PROTO_TLS);
+                if (!ep)
+                        return log_error_errno(-EADDRNOTAVAIL, "Failed to listen on '%s' port 0.",
+                                               config->coap_listen);
+                r = endpoint_port(ep, &port);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot tell the port of the CoAP endpoint '%s'.",
+                                               coap_endpoint_str(ep));
+                lfd = devices_find_listener(&any, port);
+                if (lfd < 0)
+                        return log_error_errno(lfd, "Cannot find the CoAP listening socket: %m");
+                r = listener_pause_init(coap_context_get_coap_fd(sh->ctx), lfd, &sh->listener);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot find the CoAP listening socket in libcoap's epoll set "
+                                               "(%m): use SessionShards=1.");
+                r = listener_replace(&sh->listener, fd);
+                if (r < 0)
+                        return log_error_errno(r, "Failed to put the shared listening socket in place: %m");
+        }
+        devices_check_somaxconn();
+        return devs->shards[0].listener.fd;
+}
+
 static int devices_start(Devices *devs, sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         struct sockaddr_storage ss;
         socklen_t sl;
-        coap_address_t addr;
-        coap_endpoint_t *ep;
-        coap_resource_t *res;
         const char *bad = NULL;
-        int r, fd, one = 1;
+        int r, fd;
 
         /* Past MaxQueuedBytes a device gets no events or calls; only its own
          * requests (each costs an answer) can push it further. */
@@ -1563,84 +1847,44 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
                 return log_error_errno(r, "Cannot load TLS file '%s': %m", bad);
 
         coap_startup();
+        devs->coap_started = true;
         coap_set_log_handler(devices_coap_log);
         coap_set_log_level(log_get_max_level() >= LOG_DEBUG ? LOG_INFO : LOG_WARNING);
         coap_dtls_set_log_level(log_get_max_level() >= LOG_DEBUG ? LOG_INFO : LOG_WARNING);
         if (!coap_tls_is_supported())
                 return log_error_errno(-EOPNOTSUPP, "libcoap was built without TLS support.");
 
-        devs->ctx = coap_new_context(NULL);
-        if (!devs->ctx)
-                return log_error_errno(-ENOMEM, "Failed to create the CoAP context.");
-        coap_set_app_data(devs->ctx, devs);
         tls_server_pki_init(&devs->pki, devs->tls_keys);
-        if (!coap_context_set_pki(devs->ctx, &devs->pki))
-                return log_error_errno(-EINVAL, "Failed to set up TLS with the server certificate '%s', key '%s' "
-                                       "and CA '%s'.", config->cert_file, config->key_file, config->ca_file);
-        coap_register_event_handler(devs->ctx, devices_event_handler);
-        coap_register_response_handler(devs->ctx, devices_response_handler);
-        coap_register_pong_handler(devs->ctx, devices_pong_handler);
-        coap_register_ping_handler(devs->ctx, devices_ping_handler);
-        /* libcoap frees sessions nobody references (not yet a device) after
-         * this long idle (default 300 s): a backstop behind our own
-         * handshake deadline (which also catches trickling peers). */
-        coap_context_set_session_timeout(devs->ctx, config->handshake_timeout_sec + 1);
-
-        res = coap_resource_unknown_init(devices_request_handler);
-        if (!res)
-                return log_error_errno(-ENOMEM, "Failed to create the CoAP resource.");
-        coap_register_request_handler(res, COAP_REQUEST_GET, devices_request_handler);
-        coap_register_request_handler(res, COAP_REQUEST_POST, devices_request_handler);
-        coap_register_request_handler(res, COAP_REQUEST_DELETE, devices_request_handler);
-        coap_add_resource(devs->ctx, res);
+        devs->n_shards = config->session_shards > 0 ? config->session_shards : 1;
+        devs->shards = calloc(devs->n_shards, sizeof(*devs->shards));
+        if (!devs->shards)
+                return log_error_errno(-ENOMEM, "Out of memory starting the device server.");
+        r = stats_shards(devs->n_shards);
+        if (r < 0)
+                log_warning_errno(r, "Cannot count sessions per shard in the metrics: %m");
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                r = shard_init(devs, &devs->shards[i], i);
+                if (r < 0)
+                        return r;
+        }
 
         r = cloud_config_resolve_address(config->coap_listen, config->coap_port, &ss, &sl);
         if (r < 0)
                 return log_error_errno(r, "Invalid [Cloud] Listen= address '%s'.", config->coap_listen);
-        coap_address_init(&addr);
-        memcpy(&addr.addr, &ss, sl);
-        addr.size = sl;
-        ep = coap_new_endpoint(devs->ctx, &addr, COAP_PROTO_TLS);
-        if (!ep)
-                return log_error_errno(-EADDRNOTAVAIL, "Failed to listen on '%s' port %u.", config->coap_listen,
-                                       config->coap_port);
-
-        fd = devices_find_listener(&ss, config->coap_port);
+        fd = devs->n_shards == 1 ? devices_listen_single(devs, &ss, sl) : devices_listen_shared(devs, &ss, sl);
         if (fd < 0)
-                return log_error_errno(fd, "Cannot find the CoAP listening socket: %m");
-        /* libcoap listens with a backlog of 5: connect storms overflow it. */
-        if (listen(fd, DEVICES_LISTEN_BACKLOG) < 0)
-                log_warning_errno(errno, "Failed to raise the listen backlog: %m");
-        else {
-                /* The kernel silently caps the backlog at somaxconn. */
-                _cleanup_fclose_ FILE *f = fopen("/proc/sys/net/core/somaxconn", "re");
-                unsigned cap = 0;
-
-                if (f && fscanf(f, "%u", &cap) == 1 && cap < DEVICES_LISTEN_BACKLOG)
-                        log_notice("net.core.somaxconn=%u caps the device listen backlog below %u: raise it for "
-                                   "connect storms.", cap, DEVICES_LISTEN_BACKLOG);
-        }
-        devs->listener_nodelay = setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0;
-        r = listener_pause_init(coap_context_get_coap_fd(devs->ctx), fd, &devs->listener);
-        if (r < 0)
-                log_warning_errno(r, "Cannot find the CoAP listening socket in libcoap's epoll set (%m): "
-                                  "beyond MaxHandshakes new connections are closed at once.");
-        devs->listener_pausable = r >= 0;
+                return fd;
         sl = sizeof(ss);
         if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
                 return log_error_errno(errno, "getsockname() failed: %m");
-        *ret_port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                                                   : ((struct sockaddr_in *)&ss)->sin_port);
+        *ret_port = sockaddr_port(&ss);
 
-        r = sd_event_add_io(event, &devs->io, coap_context_get_coap_fd(devs->ctx), EPOLLIN, devices_io_cb,
-                            devs);
-        if (r >= 0)
-                r = sd_event_add_time(event, &devs->timer, CLOCK_MONOTONIC, 0, USEC_PER_MSEC,
-                                      devices_timer_cb, devs);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(devs->timer, SD_EVENT_OFF);
-        if (r >= 0)
-                r = sd_event_add_defer(event, &devs->kick, devices_kick_cb, devs);
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                r = shard_add_sources(&devs->shards[i], event);
+                if (r < 0)
+                        return log_error_errno(r, "Failed to add CoAP event sources: %m");
+        }
+        r = sd_event_add_defer(event, &devs->kick, devices_kick_cb, devs);
         if (r >= 0)
                 r = sd_event_source_set_enabled(devs->kick, SD_EVENT_OFF);
         if (r >= 0)
@@ -1659,6 +1903,7 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
                 r = sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add CoAP event sources: %m");
+        log_debug("Device sessions are spread over %u libcoap contexts on port %u.", devs->n_shards, *ret_port);
         return 0;
 }
 
@@ -1688,16 +1933,21 @@ int devices_reload_tls(Devices *devs) {
         const char *bad = NULL;
         int r;
 
-        if (!devs || !devs->ctx)
+        if (!devs || !devs->shards)
                 return -ESRCH;
         r = tls_server_keys_load(&devs->tls_files, &keys, &bad);
         if (r < 0)
                 return log_error_errno(r, "Cannot load TLS file '%s', keeping the certificates loaded before: %m",
                                        bad);
         /* libcoap copies the setup and reads the keys only while it handles
-         * a ClientHello: the old ones are unused once this returns. */
+         * a ClientHello: the old ones are unused once every shard has the
+         * new ones. On a failure the shards done go back to the old ones. */
         tls_server_pki_init(&pki, keys);
-        if (!coap_context_set_pki(devs->ctx, &pki)) {
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                if (coap_context_set_pki(devs->shards[i].ctx, &pki))
+                        continue;
+                for (unsigned j = 0; j < i; j++)
+                        (void)coap_context_set_pki(devs->shards[j].ctx, &devs->pki);
                 tls_server_keys_free(keys);
                 return log_error_errno(-EINVAL, "Failed to set up TLS again, keeping the certificates loaded before.");
         }
@@ -1711,11 +1961,9 @@ int devices_reload_tls(Devices *devs) {
 
 Devices *devices_free(Devices *devs) {
         Device *d, *next_d;
-        bool started;
 
         if (!devs)
                 return NULL;
-        started = devs->ctx != NULL;
 
         for (d = devs->dev_head; d; d = d->list_next) {
                 while (d->calls)
@@ -1726,8 +1974,12 @@ Devices *devices_free(Devices *devs) {
                         devs->hooks.device_gone(devs->hooks.userdata, d);
                 }
         }
-        if (devs->ctx)
-                coap_register_event_handler(devs->ctx, NULL);
+        /* A paused listener is not in libcoap's epoll set, where it
+         * expects to remove it from. */
+        (void)devices_listeners_pause(devs, false);
+        for (unsigned i = 0; i < devs->n_shards; i++)
+                if (devs->shards[i].ctx)
+                        coap_register_event_handler(devs->shards[i].ctx, NULL);
         for (size_t k = 0; k < devs->conn_nbuckets; k++)
                 while (devs->conn_buckets[k]) {
                         Session *c = devs->conn_buckets[k];
@@ -1751,16 +2003,21 @@ Devices *devices_free(Devices *devs) {
         free(devs->describe_buckets);
         free(devs->dev_order);
         free(devs->conn_buckets);
-        devs->io = sd_event_source_disable_unref(devs->io);
-        devs->timer = sd_event_source_disable_unref(devs->timer);
         devs->kick = sd_event_source_disable_unref(devs->kick);
         devs->close_defer = sd_event_source_disable_unref(devs->close_defer);
         devs->handshake_timer = sd_event_source_disable_unref(devs->handshake_timer);
         devs->admission_timer = sd_event_source_disable_unref(devs->admission_timer);
-        if (devs->ctx)
-                coap_free_context(devs->ctx);
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                Shard *sh = &devs->shards[i];
+
+                sh->io = sd_event_source_disable_unref(sh->io);
+                sh->timer = sd_event_source_disable_unref(sh->timer);
+                if (sh->ctx)
+                        coap_free_context(sh->ctx);
+        }
+        free(devs->shards);
         tls_server_keys_free(devs->tls_keys);
-        if (started)
+        if (devs->coap_started)
                 coap_cleanup();
         free(devs);
         return NULL;

@@ -86,6 +86,8 @@ static struct {
         MetricSeries *streams_open, *stream_lag;
         MetricSeries *loop_delay; /* worker 0; workers add theirs */
         MetricSeries *journal_unsynced_events, *journal_unsynced_bytes, *journal_fsync;
+        MetricSeries **shard_sessions; /* [n_shards] */
+        unsigned n_shards;
         sd_event_source *probe;
 } stats;
 
@@ -202,6 +204,7 @@ int stats_init(void) {
 
 void stats_done(void) {
         stats.probe = sd_event_source_disable_unref(stats.probe);
+        free(stats.shard_sessions);
         metrics_free(stats.registry);
         stats = (typeof(stats)){};
 }
@@ -228,6 +231,40 @@ int stats_loop_probe_start(sd_event *event, unsigned worker) {
         if (r < 0)
                 stats.probe = sd_event_source_disable_unref(stats.probe);
         return r;
+}
+
+int stats_shards(unsigned n) {
+        MetricFamily *f;
+        MetricSeries **series;
+        int r;
+
+        if (!stats.registry || stats.shard_sessions)
+                return 0;
+        series = calloc(n, sizeof(*series));
+        if (!series)
+                return -ENOMEM;
+        r = metrics_add_family(stats.registry, METRIC_GAUGE, "tether_cloud_shard_sessions",
+                               "Device sessions (accepted connections) in each libcoap context, by shard.", NULL,
+                               0, 0, &f);
+        for (unsigned i = 0; r >= 0 && i < n; i++) {
+                char value[12];
+
+                snprintf(value, sizeof(value), "%u", i);
+                r = metrics_add_series(f, (const char *const[]){ "shard", value, NULL }, &series[i]);
+        }
+        if (r < 0) {
+                /* Series already added stay in the registry, at 0. */
+                free(series);
+                return r;
+        }
+        stats.shard_sessions = series;
+        stats.n_shards = n;
+        return 0;
+}
+
+void stats_shard_sessions(unsigned shard, int delta) {
+        if (shard < stats.n_shards)
+                metrics_add(stats.shard_sessions[shard], delta);
 }
 
 void stats_device_connected(int delta) { metrics_add(stats.devices_connected, delta); }

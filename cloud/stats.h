@@ -52,6 +52,12 @@ void stats_done(void);
  * how late it ran, as tether_cloud_loop_delay_seconds{worker=...}. */
 int stats_loop_probe_start(sd_event *event, unsigned worker);
 
+/* Add the series tether_cloud_shard_sessions{shard="0".."n-1"} (once;
+ * later calls and calls before stats_init() do nothing). 0, -ENOMEM. */
+int stats_shards(unsigned n);
+/* Sessions (accepted connections, bound to a device or not) in a shard. */
+void stats_shard_sessions(unsigned shard, int delta);
+
 void stats_device_connected(int delta);
 void stats_handshake_started(void);
 void stats_handshake_completed(void);

@@ -70,6 +70,7 @@ static void test_defaults(void **state) {
         assert_int_equal(c->handshake_timeout_sec, 15);
         assert_int_equal(c->max_handshakes, 1024);
         assert_int_equal(c->max_queued_bytes, 1024 * 1024);
+        assert_int_equal(c->session_shards, 16);
         assert_string_equal(c->api_listen, "127.0.0.1");
         assert_int_equal(c->api_port, 8080);
         assert_int_equal(c->max_connections_per_ip, 0);
@@ -81,7 +82,8 @@ static void test_values(void **state) {
 
         assert_int_equal(load("[Cloud]\nListen=::\nPort=0\nMaxPayload=65536\nMaxSubscriptions=0\nPingSec=1\n"
                               "DeviceTimeoutSec=2\nCallTimeoutSec=3600\nHandshakeTimeoutSec=4\nMaxHandshakes=5\n"
-                              "MaxQueuedBytes=1024\n[API]\nListen=::1\nPort=65535\nMaxConnectionsPerIP=7\n",
+                              "MaxQueuedBytes=1024\nSessionShards=256\n[API]\nListen=::1\nPort=65535\n"
+                              "MaxConnectionsPerIP=7\n",
                               &c),
                          0);
         assert_string_equal(c->coap_listen, "::");
@@ -94,6 +96,7 @@ static void test_values(void **state) {
         assert_int_equal(c->handshake_timeout_sec, 4);
         assert_int_equal(c->max_handshakes, 5);
         assert_int_equal(c->max_queued_bytes, 1024);
+        assert_int_equal(c->session_shards, 256);
         assert_string_equal(c->api_listen, "::1");
         assert_int_equal(c->api_port, 65535);
         assert_int_equal(c->max_connections_per_ip, 7);
@@ -116,7 +119,8 @@ static void test_bad_values(void **state) {
                 "[Cloud]\nMaxQueuedBytes=1023\n", "[Cloud]\nMaxHandshakes=0\n",
                 "[Cloud]\nHandshakeTimeoutSec=0\n", "[Cloud]\nCAFile=\n",
                 "[API]\nPort=99999999999999999999\n", "[API]\nMaxConnectionsPerIP=x\n",
-                "[Cloud\nPort=1\n",
+                "[Cloud\nPort=1\n",              "[Cloud]\nSessionShards=0\n",
+                "[Cloud]\nSessionShards=257\n",
         };
 
         for (size_t i = 0; i < ELEMENTSOF(bad); i++)
