@@ -6,12 +6,15 @@ session each, as tetherd has) start at once. Counts, not timings: every
 device is online per GET /v1/devices, fleet saw no failed handshake, and
 calls to a few of them work. Deadlines are generous and scaled by
 TIME_FACTOR, so a loaded machine passes; a storm that does not converge
-fails."""
+fails. Then the session shards (docs/cloud.md, SessionShards=): with 4,
+a few dozen devices land in more than one of them (tether_cloud_shard_sessions
+in /metrics) and every one answers a call; with 1, all are in shard 0."""
 
 import http.client
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -102,6 +105,62 @@ def api(w, method, path, body=None):
     return json.loads(data)
 
 
+def shard_sessions(w):
+    """tether_cloud_shard_sessions from GET /metrics, as {shard: count}."""
+    c = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=seconds(30))
+    c.request("GET", "/metrics", headers={"Authorization": f"Bearer {w.token}"})
+    r = c.getresponse()
+    text = r.read().decode()
+    c.close()
+    expect(r.status == 200, f"GET /metrics: HTTP {r.status}")
+    found = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r'tether_cloud_shard_sessions\{shard="(\d+)"\} (\d+)', line)
+        if m:
+            found[int(m[1])] = int(m[2])
+    return found
+
+
+def shards_hold_fleet(w, shards, n):
+    """n devices with SessionShards=shards: all online, each session in one
+    shard, every device answers a call. Returns the sessions per shard."""
+    w.start_cloud(extra=f"[Cloud]\nSessionShards={shards}\nHandshakeTimeoutSec={whole_seconds(30)}\n")
+    fleet = Fleet(w, n)
+    fleet.cache = w.path("fleet")
+    online = fleet.wait("online", 120)
+    expect(int(online["ever_online"]) == n, f"fleet: {online}")
+    ids = sorted(set(fleet.ids(n)))
+    expect(len(ids) == n, f"the certificate cache holds {len(ids)} devices, not {n}")
+
+    def all_connected():
+        connected = {d["id"] for d in api(w, "GET", "/v1/devices") if d.get("connected")}
+        return connected if connected >= set(ids) else None
+    poll(all_connected, 30, f"GET /v1/devices to list all {n} devices as connected")
+    per_shard = shard_sessions(w)
+    print(f"# SessionShards={shards}, {n} devices: sessions per shard {per_shard}")
+    expect(sorted(per_shard) == list(range(shards)), f"/metrics has shards {sorted(per_shard)}, not 0..{shards - 1}")
+    expect(sum(per_shard.values()) == n, f"{sum(per_shard.values())} sessions in the shards for {n} devices")
+
+    for i, dev in enumerate(ids):
+        r = api(w, "POST", f"/v1/devices/{dev}/add", {"arg": f"{i},7"})
+        expect(r.get("return_value") == i + 7, f"call to {dev}: {r}")
+    fleet.command("quit")
+    final = fleet.wait("final", 60)
+    expect(final["tls_failures"] == "0" and final["calls"] == str(n), f"fleet: {final}")
+    return per_shard
+
+
+def test_shards_spread(w):
+    per_shard = shards_hold_fleet(w, 4, 40)
+    used = [k for k, v in per_shard.items() if v > 0]
+    expect(len(used) > 1, f"all 40 sessions in shard {used}: the kernel did not spread them")
+
+
+def test_one_shard(w):
+    per_shard = shards_hold_fleet(w, 1, 10)
+    expect(per_shard == {0: 10}, f"sessions per shard: {per_shard}")
+
+
 def test_storm(w):
     # Room for the whole storm at once, and handshakes that may be slow.
     w.start_cloud(extra=f"[Cloud]\nMaxHandshakes=1024\nHandshakeTimeoutSec={whole_seconds(30)}\n")
@@ -141,4 +200,4 @@ def test_storm(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_storm], emulated="300 TLS sessions under qemu-user measure the emulator, not the cloud"))
+    sys.exit(run([test_storm, test_shards_spread, test_one_shard], emulated="300 TLS sessions under qemu-user measure the emulator, not the cloud"))
