@@ -1730,9 +1730,8 @@ static int devices_listen_single(Devices *devs, const struct sockaddr_storage *s
 /* A listening socket on *ss with SO_REUSEPORT, set up as libcoap sets up
  * its own (coap_socket_bind_tcp() in its src/coap_tcp.c: non-blocking,
  * SO_KEEPALIVE, SO_REUSEADDR, dual-stack for IPv6) plus TCP_NODELAY (which
- * accepted sockets inherit) and our backlog. Port 0 in *ss: a free port,
- * written back to *ss. Returns the fd or -errno. */
-static int devices_reuseport_listener(struct sockaddr_storage *ss, socklen_t sl) {
+ * accepted sockets inherit) and our backlog. Returns the fd or -errno. */
+static int devices_reuseport_listener(const struct sockaddr_storage *ss, socklen_t sl) {
         _cleanup_close_ int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         int one = 1, off = 0, r;
 
@@ -1747,17 +1746,34 @@ static int devices_reuseport_listener(struct sockaddr_storage *ss, socklen_t sl)
                 return -errno;
         if (bind(fd, (const struct sockaddr *)ss, sl) < 0 || listen(fd, DEVICES_LISTEN_BACKLOG) < 0)
                 return -errno;
-        if (sockaddr_port(ss) == 0) {
-                struct sockaddr_storage bound = {};
-                socklen_t bl = sizeof(bound);
-
-                if (getsockname(fd, (struct sockaddr *)&bound, &bl) < 0)
-                        return -errno;
-                sockaddr_set_port(ss, sockaddr_port(&bound));
-        }
         r = fd;
         fd = -EBADF;
         return r;
+}
+
+/* Whether the address and port are free, as a plain bind() (libcoap's,
+ * without SO_REUSEPORT) sees them: a second cloud, or any other listener,
+ * on them fails it, where our SO_REUSEPORT sockets would quietly join
+ * another such group of the same user. Port 0 in *ss: a free port is
+ * picked and written back. 0 or -errno. */
+static int devices_probe_port(struct sockaddr_storage *ss, socklen_t sl) {
+        _cleanup_close_ int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        struct sockaddr_storage bound = {};
+        socklen_t bl = sizeof(bound);
+        int one = 1, off = 0;
+
+        if (fd < 0)
+                return -errno;
+        if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0)
+                return -errno;
+        if (ss->ss_family == AF_INET6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &off, sizeof(off)) < 0)
+                return -errno;
+        if (bind(fd, (const struct sockaddr *)ss, sl) < 0)
+                return -errno;
+        if (getsockname(fd, (struct sockaddr *)&bound, &bl) < 0)
+                return -errno;
+        sockaddr_set_port(ss, sockaddr_port(&bound));
+        return 0;
 }
 
 /* The port libcoap bound an endpoint to, from its "ADDRESS:PORT ..." name
@@ -1786,13 +1802,20 @@ static int endpoint_port(const coap_endpoint_t *ep, unsigned *ret) {
  * SO_REUSEPORT and the kernel spreads new connections over them. libcoap
  * cannot set that option, so each shard's endpoint is bound to a free port
  * and its socket then replaced by one of ours (docs/design/libcoap.md,
- * "Session shards"). *ss is the configured address; with port 0 the first
- * shard picks it. */
+ * "Session shards"). *ss is the configured address; port 0 is replaced
+ * with the free port picked. */
 static int devices_listen_shared(Devices *devs, struct sockaddr_storage *ss, socklen_t sl) {
         const CloudConfig *config = devs->config;
         struct sockaddr_storage any = *ss;
         coap_address_t addr;
+        int r;
 
+        /* The port is ours only if nothing listens on it now; it is then
+         * bound again at once (Port=0: the port picked here). */
+        r = devices_probe_port(ss, sl);
+        if (r < 0)
+                return log_error_errno(r, "Failed to listen on '%s' port %u: %m", config->coap_listen,
+                                       config->coap_port);
         sockaddr_set_port(&any, 0);
         coap_address_init(&addr);
         memcpy(&addr.addr, &any, sl);
@@ -1804,7 +1827,7 @@ static int devices_listen_shared(Devices *devs, struct sockaddr_storage *ss, soc
                 _cleanup_close_ int fd = devices_reuseport_listener(ss, sl);
                 coap_endpoint_t *ep;
                 unsigned port;
-                int r, lfd;
+                int lfd;
 
                 if (fd < 0)
                         return log_error_errno(fd, "Failed to listen on '%s' port %u with SO_REUSEPORT: %m",

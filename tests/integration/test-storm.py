@@ -8,7 +8,9 @@ calls to a few of them work. Deadlines are generous and scaled by
 TIME_FACTOR, so a loaded machine passes; a storm that does not converge
 fails. Then the session shards (docs/cloud.md, SessionShards=): with 4,
 a few dozen devices land in more than one of them (tether_cloud_shard_sessions
-in /metrics) and every one answers a call; with 1, all are in shard 0."""
+in /metrics) and every one answers a call; with 1, all are in shard 0; a
+second cloud on a port in use fails to start, with one shard or many
+(SO_REUSEPORT must not let it share the port)."""
 
 import http.client
 import json
@@ -22,7 +24,7 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BUILD, EMULATOR, Failure, expect, poll, run, seconds, whole_seconds  # noqa: E402
+from harness import BUILD, CLOUDD, EMULATOR, Daemon, Failure, expect, poll, run, seconds, whole_seconds  # noqa: E402
 
 FLEET = os.path.join(BUILD, "tests", "bench", "fleet")
 DEVICES = 300
@@ -161,6 +163,26 @@ def test_one_shard(w):
     expect(per_shard == {0: 10}, f"sessions per shard: {per_shard}")
 
 
+def test_port_in_use(w):
+    w.start_cloud()
+    with open(w.path("cloud.conf")) as f:
+        conf = f.read()
+    expect("\nPort=0\n" in conf, "the test's cloud.conf has no device Port=0 line")
+    for shards in (16, 1):
+        path = w.path(f"cloud-{shards}.conf")
+        with open(path, "w") as f:
+            f.write(conf.replace("\nPort=0\n", f"\nPort={w.coap_port}\n", 1)
+                    .replace(w.path("cloud-state"), w.path(f"state-{shards}"))
+                    + f"[Cloud]\nSessionShards={shards}\n")
+        second = Daemon(f"cloud-{shards}", [CLOUDD, "--config", path], w.env(notify=False), w.dir)
+        w.daemons.append(second)
+        second.wait_line(rf"Failed to listen on '127\.0\.0\.1' port {w.coap_port}", 20)
+        rc = second.proc.wait(seconds(20))
+        second.killed = True  # its exit status is checked here
+        expect(rc != 0, f"a second cloud with SessionShards={shards} on port {w.coap_port} exited {rc}")
+        print(f"# SessionShards={shards}: a second cloud on the port in use exited {rc}")
+
+
 def test_storm(w):
     # Room for the whole storm at once, and handshakes that may be slow.
     w.start_cloud(extra=f"[Cloud]\nMaxHandshakes=1024\nHandshakeTimeoutSec={whole_seconds(30)}\n")
@@ -200,4 +222,4 @@ def test_storm(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_storm, test_shards_spread, test_one_shard], emulated="300 TLS sessions under qemu-user measure the emulator, not the cloud"))
+    sys.exit(run([test_storm, test_shards_spread, test_one_shard, test_port_in_use], emulated="300 TLS sessions under qemu-user measure the emulator, not the cloud"))
