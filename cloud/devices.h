@@ -3,8 +3,9 @@
  * server on the sd-event loop, the device registry (who is online, the
  * describe cache, last seen) and requests from the cloud to devices.
  *
- * A Devices object owns the libcoap context, every session and every
- * Device; Device pointers stay valid until devices_free(). What devices
+ * A Devices object owns the libcoap contexts ([Cloud] SessionShards=, all
+ * on the same loop, each with the Devices as its app data), every session
+ * and every Device; Device pointers stay valid until devices_free(). What devices
  * ask of the cloud (requests on /e/... and /o/...) and the end of a
  * device's session go out through DevicesHooks, which the Cloud object
  * implements (cloud.c) by forwarding to Events and Ota: this module
@@ -53,8 +54,9 @@ static inline void devices_freep(Devices **devs) { devices_free(*devs); }
  * sessions; on failure (logged) the ones loaded before stay. */
 int devices_reload_tls(Devices *devs);
 
-/* Run libcoap soon from the loop: call after sending from outside a
- * libcoap callback (HTTP handlers, timers). */
+/* Run libcoap soon from the loop, for every context: call after sending
+ * from outside a libcoap callback (HTTP handlers, timers). Sends through
+ * this module already do it for their own context. */
 void devices_kick(Devices *devs);
 
 /* Registry; Device objects live until devices_free(). */
