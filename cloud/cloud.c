@@ -75,12 +75,6 @@ static void cloud_deliver_to_streams(void *userdata, const ProtoEvent *e, uint64
         api_deliver_event(c->api, e, id);
 }
 
-static void cloud_flush(void *userdata) {
-        Cloud *c = userdata;
-
-        devices_kick(c->devices);
-}
-
 /* ---- OtaHooks: OTA towards the HTTP API ------------------------------------ */
 
 /* NULL while the Api is not made yet or gone: then it has nothing to run. */
@@ -166,7 +160,9 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .undeliverable = cloud_undeliverable,
                 .disconnect = cloud_disconnect,
                 .deliver_to_streams = cloud_deliver_to_streams,
-                .flush = cloud_flush,
+                /* No flush: device_notify() already wakes the shard of
+                 * each device it sent to; waking all of them per event
+                 * was work on the hot path for nothing. */
         };
         oh = (OtaHooks){
                 .userdata = c,

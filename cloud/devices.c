@@ -120,7 +120,6 @@ struct Shard {
         ListenerPause listener; /* accept paused at MaxHandshakes */
         sd_event_source *io, *timer;
         uint64_t last_scan; /* CLOCK_MONOTONIC µs of the last coap_io_prepare_epoll() */
-        bool scan_due;      /* something happened that the next scan must see */
         bool kick_due;      /* dispatch from devs->kick */
         size_t n_sessions;
 };
@@ -570,7 +569,9 @@ json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit) {
  * cloud drives the two halves itself, for each shard: I/O is dispatched with
  * coap_io_do_epoll() on exactly the sockets epoll reports, and the walk
  * (the "scan") runs when libcoap's own timer asks for it, or once after
- * activity, but at most every DEVICES_SCAN_INTERVAL. Nothing the scan does
+ * activity, but at most every DEVICES_SCAN_INTERVAL. coap_io_do_epoll()
+ * still ends with the same walk of its own context on every call, which
+ * is why sessions are spread over shards. Nothing the scan does
  * for a TLS-over-TCP server is urgent: TCP has no retransmissions, closed
  * sessions are only freed a little later, and idle timeouts are seconds. */
 #define DEVICES_SCAN_INTERVAL (100 * USEC_PER_MSEC)
@@ -583,7 +584,6 @@ static void shard_scan(Shard *sh) {
         coap_ticks(&now);
         ms = coap_io_prepare_epoll(sh->ctx, now);
         sh->last_scan = now_usec();
-        sh->scan_due = false;
         /* libcoap armed its timerfd (in the epoll set we watch) for ms;
          * our timer is a backstop for that wakeup. */
         if (ms > 0) {
@@ -602,7 +602,6 @@ static void shard_scan_soon(Shard *sh) {
                 shard_scan(sh);
                 return;
         }
-        sh->scan_due = true;
         (void)sd_event_source_get_enabled(sh->timer, &enabled);
         if (enabled != SD_EVENT_OFF && sd_event_source_get_time(sh->timer, &cur) >= 0 && cur <= at)
                 return;
@@ -630,7 +629,8 @@ static void shard_dispatch(Shard *sh) {
                         coap_io_do_epoll(sh->ctx, events, (size_t)n);
                 }
         } while (n == DEVICES_EPOLL_BATCH);
-        if (activity || sh->scan_due)
+        /* A scan already due has its timer armed (shard_scan_soon()). */
+        if (activity)
                 shard_scan_soon(sh);
 }
 
@@ -664,13 +664,6 @@ static void shard_kick(Shard *sh) {
         Devices *devs = sh->devices;
 
         sh->kick_due = true;
-        if (devs->kick)
-                (void)sd_event_source_set_enabled(devs->kick, SD_EVENT_ONESHOT);
-}
-
-void devices_kick(Devices *devs) {
-        for (unsigned i = 0; i < devs->n_shards; i++)
-                devs->shards[i].kick_due = true;
         if (devs->kick)
                 (void)sd_event_source_set_enabled(devs->kick, SD_EVENT_ONESHOT);
 }

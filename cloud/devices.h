@@ -54,10 +54,6 @@ static inline void devices_freep(Devices **devs) { devices_free(*devs); }
  * sessions; on failure (logged) the ones loaded before stay. */
 int devices_reload_tls(Devices *devs);
 
-/* Run libcoap soon from the loop, for every context: call after sending
- * from outside a libcoap callback (HTTP handlers, timers). Sends through
- * this module already do it for their own context. */
-void devices_kick(Devices *devs);
 
 /* Registry; Device objects live until devices_free(). */
 Device *devices_find(Devices *devs, const char *id);
