@@ -92,6 +92,7 @@ typedef struct ApiRequest {
 struct Api {
         sd_event *event;
         const CloudConfig *config;
+        Store *store;
         Journal *journal;
         Devices *devices;
         Events *events;
@@ -1133,8 +1134,8 @@ Api *api_free(Api *api) {
         return NULL;
 }
 
-int api_new(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
-            Ota *ota, unsigned *ret_port, Api **ret) {
+int api_new(sd_event *event, const CloudConfig *config, Store *store, Journal *journal, Devices *devices,
+            Events *events, Ota *ota, unsigned *ret_port, Api **ret) {
         _cleanup_(api_freep) Api *api = NULL;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
@@ -1148,6 +1149,7 @@ int api_new(sd_event *event, const CloudConfig *config, Journal *journal, Device
                 return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
         api->event = event;
         api->config = config;
+        api->store = store;
         api->journal = journal;
         api->devices = devices;
         api->events = events;

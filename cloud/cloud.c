@@ -15,11 +15,13 @@
 #include "log.h"
 #include "ota.h"
 #include "stats.h"
+#include "store.h"
 #include "util.h"
 
 struct Cloud {
         CloudConfig *config;
         sd_event *event;
+        Store *store;
         Journal *journal;
         Events *events;
         Devices *devices;
@@ -127,6 +129,7 @@ Cloud *cloud_free(Cloud *c) {
         c->devices = devices_free(c->devices);
         c->events = events_free(c->events);
         c->journal = journal_free(c->journal);
+        c->store = store_free(c->store);
         stats_done();
         sd_event_unref(c->event);
         cloud_config_free(c->config);
@@ -190,6 +193,11 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = journal_new(c->event, config, &c->journal);
         if (r < 0)
                 return r;
+        /* After the journal, whose lock on the state directory keeps a
+         * second tether-cloudd out of the database too. */
+        r = store_open(c->event, config->state_dir, &c->store);
+        if (r < 0)
+                return r;
         r = events_new(config, c->journal, &eh, &c->events);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event router: %m");
@@ -199,7 +207,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = ota_new(c->event, config, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
         if (r < 0)
                 return r;
-        r = api_new(c->event, config, c->journal, c->devices, c->events, c->ota, &c->api_port, &c->api);
+        r = api_new(c->event, config, c->store, c->journal, c->devices, c->events, c->ota, &c->api_port, &c->api);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(c);

@@ -13,14 +13,15 @@
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS (ota.h)
  *   mhd-log.c  mhd_log   libmicrohttpd's messages, for api.c and ota.c (mhd-log.h)
  *   stats.c    stats_    the process-wide metrics registry (stats.h)
+ *   store.c    store_    the SQLite database: schema steps, batched commits, audit log (store.h)
  *   cloud.c    cloud_    the Cloud object: the loop, signals, sd_notify, the wiring
  *   main.c               command line, process setup
  *
  * Dependencies point one way (a -> b: a calls b directly); calls the other
  * way go through hook structs that cloud.c implements:
  *
- *   Cloud ---owns---> Api, Ota, Devices, Events, Journal, CloudConfig
- *   Api ----> Ota, Devices, Events, Journal
+ *   Cloud ---owns---> Api, Ota, Devices, Events, Journal, Store, CloudConfig
+ *   Api ----> Ota, Devices, Events, Journal, Store
  *   Ota ----> Devices, Events, Journal;  OtaHooks -> Api (kick)
  *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)
  *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone), Ota (/o)
