@@ -96,6 +96,8 @@ struct Session {
         coap_session_t *session;
         Device *device;  /* set once established and bound */
         bool referenced; /* we hold a coap_session_reference() */
+        bool refused;    /* its failed handshake was counted (session_refused()) */
+        bool settled;    /* bound to a device once, or closed by the cloud */
         bool closing;    /* queued for closing from the loop */
         bool unbound;    /* on the unbound list (accepted, no device yet) */
         uint64_t accepted; /* CLOCK_MONOTONIC µs */
@@ -103,6 +105,15 @@ struct Session {
         Session *close_next;
         Session *unbound_prev, *unbound_next; /* oldest first */
 };
+
+/* Refused handshakes, logged per address (session_refused()). */
+#define DEVICES_REFUSAL_SLOTS 256
+#define DEVICES_REFUSAL_INTERVAL (60 * USEC_PER_SEC)
+#define DEVICES_REFUSAL_BURST 20
+typedef struct RefusalSlot {
+        char ip[INET6_ADDRSTRLEN];
+        uint64_t key, logged, suppressed;
+} RefusalSlot;
 
 /* Counts events of one kind and logs them at most every DEVICES_WARN_INTERVAL. */
 typedef struct WarnLimit {
@@ -159,7 +170,9 @@ struct Devices {
         sd_event_source *handshake_timer;
         sd_event_source *admission_timer; /* when the oldest may be displaced */
         uint64_t bind_usec_avg;           /* accept to bound, recent devices */
-        WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted, warn_refused;
+        WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted, warn_coap;
+        RefusalSlot refusals[DEVICES_REFUSAL_SLOTS];
+        uint64_t refusal_window, refusal_logged, refusal_unlogged;
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
 
         uint64_t next_token;
@@ -941,6 +954,7 @@ static void session_queue_close(Session *c) {
         if (c->closing)
                 return;
         c->closing = true;
+        c->settled = true;
         c->close_next = devs->close_queue;
         devs->close_queue = c;
         (void)sd_event_source_set_enabled(devs->close_defer, SD_EVENT_ONESHOT);
@@ -1120,6 +1134,7 @@ static void session_bind(Session *c) {
         }
         coap_session_reference(c->session);
         c->referenced = true;
+        c->settled = true;
         c->device = d;
         d->conn = c;
         devs->n_online++;
@@ -1304,19 +1319,59 @@ static void session_setup_socket(Devices *devs, coap_session_t *session) {
 }
 
 /* A TLS handshake that failed: the peer's certificate was not accepted
- * (or it spoke no TLS). Rate-limited like the other per-session warnings:
- * anyone can connect. */
+ * (or it spoke no TLS). Anyone can connect, so each address is logged at
+ * most once per DEVICES_REFUSAL_INTERVAL (a slot per address hash), and
+ * all addresses together at most DEVICES_REFUSAL_BURST times per
+ * DEVICES_WARN_INTERVAL; what is not logged is counted in the next line. */
 static void session_refused(Devices *devs, coap_session_t *session) {
-        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
-        uint64_t suppressed;
+        const TlsPeer *peer = tls_session_peer(session);
+        const char *verify = tls_session_verify_error(session);
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8], why[256];
+        uint64_t now = now_usec(), suppressed, key;
+        RefusalSlot *slot;
 
         stats_handshake_refused(STATS_REFUSED_TLS);
-        if (!warn_limit(&devs->warn_refused, &suppressed))
-                return;
         format_address(coap_session_get_addr_remote(session), ip, addr);
-        log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
-                   "Refused a session from %s: the TLS handshake failed (%" PRIu64 " more not logged).", addr,
-                   suppressed);
+        /* One slot per address and certificate: a flood of one is one
+         * line, while different certificates from one address (a gateway
+         * behind NAT with a neighbour) are each told. */
+        key = hash_string(ip) ^ (peer ? hash_string(peer->fingerprint) : 0);
+        slot = &devs->refusals[key % DEVICES_REFUSAL_SLOTS];
+        if (slot->key == key && streq(slot->ip, ip) && now < slot->logged + DEVICES_REFUSAL_INTERVAL) {
+                slot->suppressed++;
+                return;
+        }
+        if (now >= devs->refusal_window + DEVICES_WARN_INTERVAL) {
+                devs->refusal_window = now;
+                devs->refusal_logged = 0;
+        }
+        if (devs->refusal_logged >= DEVICES_REFUSAL_BURST) {
+                devs->refusal_unlogged++;
+                return;
+        }
+        devs->refusal_logged++;
+        suppressed = slot->key == key && streq(slot->ip, ip) ? slot->suppressed : 0;
+        slot->key = key;
+        snprintf(slot->ip, sizeof(slot->ip), "%s", ip);
+        slot->logged = now;
+        slot->suppressed = 0;
+
+        if (peer && peer->reason[0])
+                snprintf(why, sizeof(why), "%s", peer->reason);
+        else if (verify)
+                snprintf(why, sizeof(why), "the certificate was not verified: %s", verify);
+        else if (!peer)
+                snprintf(why, sizeof(why), "the TLS handshake did not complete (no client certificate, or no TLS)");
+        else
+                snprintf(why, sizeof(why), "the TLS handshake failed");
+        log_struct(LOG_WARNING,
+                   &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr,
+                                 .device_id = peer && peer->id[0] ? peer->id : NULL },
+                   "Refused a session from %s: %s; certificate subject '%s', issuer '%s', serial %s "
+                   "(%" PRIu64 " more from this address and %" PRIu64 " from others not logged).",
+                   addr, why, peer ? peer->subject : "", peer ? peer->issuer : "",
+                   peer && peer->serial[0] ? peer->serial : "-", suppressed, devs->refusal_unlogged);
+        devs->refusal_unlogged = 0;
 }
 
 /* The shard whose context is ctx (once per accepted connection). */
@@ -1359,8 +1414,12 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 c = session_find(devs, session);
                 if (!c)
                         break;
-                if (event == COAP_EVENT_DTLS_ERROR && !c->device && !c->closing)
+                /* A session that closes before it is bound and that we
+                 * did not close ourselves failed its handshake. */
+                if (!c->settled && !c->refused) {
+                        c->refused = true;
                         session_refused(devs, session);
+                }
                 if (c->device)
                         device_unbind(c->device, event == COAP_EVENT_DTLS_ERROR ? "TLS error" : "connection closed",
                                       -ENOTCONN);
@@ -1373,6 +1432,10 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 break;
         case COAP_EVENT_SERVER_SESSION_DEL:
                 c = session_find(devs, session);
+                /* A session whose TLS accept failed at once was never
+                 * announced (no SERVER_SESSION_NEW): libcoap only deletes it. */
+                if (!c || (!c->settled && !c->refused))
+                        session_refused(devs, session);
                 if (c && c->device)
                         device_unbind(c->device, "session deleted", -ENOTCONN);
                 session_free(c);
@@ -1866,7 +1929,9 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
         devs->coap_started = true;
         coap_set_log_handler(devices_coap_log);
         coap_set_log_level(log_get_max_level() >= LOG_DEBUG ? LOG_INFO : LOG_WARNING);
-        coap_dtls_set_log_level(log_get_max_level() >= LOG_DEBUG ? LOG_INFO : LOG_WARNING);
+        /* Refused handshakes are logged by session_refused(), per address and
+         * with the reason; libcoap would log each one, unthrottled. */
+        coap_dtls_set_log_level(log_get_max_level() >= LOG_DEBUG ? LOG_INFO : LOG_ERR);
         if (!coap_tls_is_supported())
                 return log_error_errno(-EOPNOTSUPP, "libcoap was built without TLS support.");
 

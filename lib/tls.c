@@ -48,25 +48,6 @@ static int client_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
         return ok;
 }
 
-/* Server side: the device is who its certificate says; keep the CN. */
-static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap_session_t *session,
-                        unsigned depth, int validated, void *arg) {
-        char *id;
-
-        if (!validated)
-                return 0;
-        if (depth > 0)
-                return 1;
-        if (!cn || proto_name_check(cn, strlen(cn), PROTO_NAME_DEVICE) < 0)
-                return 0;
-        id = strdup(cn);
-        if (!id)
-                return 0;
-        free(coap_session_get_app_data(session));
-        coap_session_set_app_data(session, id);
-        return 1;
-}
-
 struct TlsServerKeys {
         uint8_t *cert_der, *key_der;
         size_t cert_len, key_len;
@@ -75,7 +56,153 @@ struct TlsServerKeys {
         EVP_PKEY *key;
         X509_STORE *store;                /* the CA certificates */
         STACK_OF(X509_NAME) *ca_names;    /* sent in the CertificateRequest */
+        TlsPeerCheck check;
+        void *check_userdata;
 };
+
+void tls_server_keys_set_peer_check(TlsServerKeys *k, TlsPeerCheck check, void *userdata) {
+        k->check = check;
+        k->check_userdata = userdata;
+}
+
+/* The TlsPeer of a server session, made on its first certificate. */
+static TlsPeer *session_peer(coap_session_t *session) {
+        TlsPeer *p = coap_session_get_app_data(session);
+
+        if (!p) {
+                p = calloc(1, sizeof(*p));
+                if (p)
+                        coap_session_set_app_data(session, p);
+        }
+        return p;
+}
+
+static void name_oneline(const X509_NAME *name, char *buf, size_t size) {
+        BIO *b = BIO_new(BIO_s_mem());
+        char *data;
+        long n;
+
+        buf[0] = 0;
+        if (!b)
+                return;
+        if (X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB) >= 0) {
+                n = BIO_get_mem_data(b, &data);
+                if (n > 0)
+                        snprintf(buf, size, "%.*s", (int)n, data);
+        }
+        BIO_free(b);
+}
+
+static void cert_describe(X509 *x, TlsPeer *p) {
+        const ASN1_INTEGER *serial = X509_get0_serialNumber(x);
+        BIGNUM *bn = serial ? ASN1_INTEGER_to_BN(serial, NULL) : NULL;
+        char *hex = bn ? BN_bn2hex(bn) : NULL;
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned n = 0;
+        struct tm tm;
+
+        name_oneline(X509_get_subject_name(x), p->subject, sizeof(p->subject));
+        name_oneline(X509_get_issuer_name(x), p->issuer, sizeof(p->issuer));
+        snprintf(p->serial, sizeof(p->serial), "%s", hex ? hex : "");
+        OPENSSL_free(hex);
+        BN_free(bn);
+        p->fingerprint[0] = 0;
+        if (X509_digest(x, EVP_sha256(), md, &n) == 1)
+                for (unsigned i = 0; i < n && 2 * i + 2 < sizeof(p->fingerprint); i++)
+                        snprintf(p->fingerprint + 2 * i, 3, "%02x", md[i]);
+        p->not_after = 0;
+        if (ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm) == 1)
+                p->not_after = (int64_t)timegm(&tm);
+}
+
+/* The device ID of a verified leaf: exactly one commonName, a valid
+ * device name, and no DNS subjectAltName but the CN itself. 0, or -EPERM
+ * with the reason in p->reason. */
+static int leaf_identity(X509 *x, TlsPeer *p) {
+        const X509_NAME *subject = X509_get_subject_name(x);
+        GENERAL_NAMES *sans;
+        unsigned char *utf8 = NULL;
+        int i, n, len;
+
+        i = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+        if (i < 0) {
+                snprintf(p->reason, sizeof(p->reason), "the certificate has no commonName");
+                return -EPERM;
+        }
+        if (X509_NAME_get_index_by_NID(subject, NID_commonName, i) >= 0) {
+                snprintf(p->reason, sizeof(p->reason), "the certificate has more than one commonName");
+                return -EPERM;
+        }
+        len = ASN1_STRING_to_UTF8(&utf8, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, i)));
+        if (len <= 0 || (size_t)len >= sizeof(p->id) || memchr(utf8, 0, (size_t)len) ||
+            proto_name_check((const char *)utf8, (size_t)len, PROTO_NAME_DEVICE) < 0) {
+                OPENSSL_free(utf8);
+                snprintf(p->reason, sizeof(p->reason), "the commonName is not a valid device ID");
+                return -EPERM;
+        }
+        memcpy(p->id, utf8, (size_t)len);
+        p->id[len] = 0;
+        OPENSSL_free(utf8);
+
+        sans = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+        n = sans ? sk_GENERAL_NAME_num(sans) : 0;
+        for (i = 0; i < n; i++) {
+                const GENERAL_NAME *g = sk_GENERAL_NAME_value(sans, i);
+                const ASN1_IA5STRING *dns;
+
+                if (g->type != GEN_DNS)
+                        continue;
+                dns = g->d.dNSName;
+                if ((size_t)ASN1_STRING_length(dns) != strlen(p->id) ||
+                    memcmp(ASN1_STRING_get0_data(dns), p->id, strlen(p->id)) != 0) {
+                        snprintf(p->reason, sizeof(p->reason),
+                                 "a DNS subjectAltName differs from the commonName '%s'", p->id);
+                        p->id[0] = 0;
+                        GENERAL_NAMES_free(sans);
+                        return -EPERM;
+                }
+        }
+        GENERAL_NAMES_free(sans);
+        return 0;
+}
+
+/* Server side, once per certificate of the client's chain (root first,
+ * the leaf last, at depth 0). libcoap's cn is not used: the identity is
+ * read from the leaf here (see TlsPeer). */
+static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap_session_t *session,
+                        unsigned depth, int validated, void *arg) {
+        TlsServerKeys *k = arg;
+        const unsigned char *q = der;
+        TlsPeer *p = session_peer(session);
+        X509 *x;
+        int ok = 0;
+
+        if (!p)
+                return 0;
+        if (validated && depth > 0)
+                return 1;
+        x = d2i_X509(NULL, &q, (long)der_len);
+        if (!x) {
+                p->refused = true;
+                snprintf(p->reason, sizeof(p->reason), "the certificate cannot be parsed");
+                return 0;
+        }
+        cert_describe(x, p);
+        if (!validated) {
+                /* OpenSSL's reason is read after the handshake failed
+                 * (tls_session_verify_error()). */
+                p->refused = true;
+        } else if (leaf_identity(x, p) < 0)
+                p->refused = true;
+        else if (k && k->check && k->check(k->check_userdata, p, p->reason, sizeof(p->reason)) < 0) {
+                p->refused = true;
+                if (!p->reason[0])
+                        snprintf(p->reason, sizeof(p->reason), "refused by the cloud");
+        } else
+                ok = 1;
+        X509_free(x);
+        return ok;
+}
 
 TlsServerKeys *tls_server_keys_free(TlsServerKeys *k) {
         if (!k)
@@ -291,8 +418,25 @@ void tls_pki_init(coap_dtls_pki_t *ret_pki, const TlsFiles *files, TlsHostCheck 
         *ret_pki = pki;
 }
 
-const char *tls_session_peer_id(coap_session_t *session) {
+const TlsPeer *tls_session_peer(coap_session_t *session) {
         return coap_session_get_app_data(session);
+}
+
+const char *tls_session_peer_id(coap_session_t *session) {
+        const TlsPeer *p = coap_session_get_app_data(session);
+
+        return p && !p->refused && p->id[0] ? p->id : NULL;
+}
+
+const char *tls_session_verify_error(coap_session_t *session) {
+        coap_tls_library_t lib;
+        void *tls = coap_session_get_tls(session, &lib);
+        long v;
+
+        if (!tls || lib != COAP_TLS_LIBRARY_OPENSSL)
+                return NULL;
+        v = SSL_get_verify_result(tls);
+        return v == X509_V_OK ? NULL : X509_verify_cert_error_string(v);
 }
 
 void tls_session_forget(coap_session_t *session) {

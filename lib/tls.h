@@ -6,6 +6,8 @@
 
 #include <coap3/coap.h>
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
 
 typedef struct TlsFiles {
         const char *ca_file;   /* PEM CA that signs the peer */
@@ -44,19 +46,57 @@ typedef struct TlsServerKeys TlsServerKeys;
 int tls_server_keys_load(const TlsFiles *files, TlsServerKeys **ret_keys, const char **ret_path);
 TlsServerKeys *tls_server_keys_free(TlsServerKeys *keys);
 
+/* What a server learned of a client's certificate during the handshake.
+ * id is the device ID: the single commonName of the verified leaf
+ * certificate, read with OpenSSL after the chain was verified (never
+ * libcoap's guess, which takes a DNS subjectAltName first or "CN=" text
+ * anywhere in the subject). A leaf with no or several CNs, a CN that is
+ * not a valid device ID, or a DNS subjectAltName other than the CN is
+ * refused. refused is set with a reason when the handshake was refused
+ * by these checks, the chain verification or the TlsPeerCheck; subject,
+ * issuer and serial are then those of the certificate at fault (when one
+ * was seen). */
+typedef struct TlsPeer {
+        char id[128];          /* "" until the leaf passed */
+        char subject[256];     /* RFC 2253 one-line, UTF-8 */
+        char issuer[256];
+        char serial[80];       /* hex, upper case */
+        char fingerprint[65];  /* SHA-256 of the leaf's DER, hex */
+        int64_t not_after;     /* the leaf's expiry, seconds since the epoch */
+        bool refused;
+        char reason[192];
+} TlsPeer;
+
+/* The server's own decision on a leaf that passed the identity checks
+ * (e.g. a revoked device): 0 to accept, or a negative errno with a reason
+ * written to reason (reason_size bytes). Runs inside the handshake, on the
+ * thread that runs libcoap. */
+typedef int (*TlsPeerCheck)(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size);
+
+/* Consult check (may be NULL) for every client certificate these keys
+ * serve from now on. */
+void tls_server_keys_set_peer_check(TlsServerKeys *keys, TlsPeerCheck check, void *userdata);
+
 /* Fill *ret_pki for the server side of mutual TLS with keys, which must
  * stay alive while libcoap uses *ret_pki: until coap_context_set_pki() is
  * called with another one (libcoap reads the keys only while it handles
- * a ClientHello) or the context is freed. The peer's identity
- * (certificate CN) is stored on the session, see tls_session_peer_id(). */
+ * a ClientHello) or the context is freed. What the handshake learned of
+ * the peer is kept on the session, see tls_session_peer(). */
 void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys);
 
-/* The device id of a server session (the client certificate's CN), or
- * NULL. Owned by the session; freed by tls_session_forget(). */
+/* What the handshake of a server session learned of the peer (NULL if it
+ * got no certificate). Owned by the session; freed by tls_session_forget(). */
+const TlsPeer *tls_session_peer(coap_session_t *session);
+/* The device ID of a server session whose peer passed every check, or
+ * NULL. */
 const char *tls_session_peer_id(coap_session_t *session);
 /* Free what tls_pki_init's callback attached; call on
  * COAP_EVENT_SERVER_SESSION_DEL. */
 void tls_session_forget(coap_session_t *session);
+
+/* Why OpenSSL refused the peer's certificate chain on this session (its
+ * verify result), or NULL if it did not. */
+const char *tls_session_verify_error(coap_session_t *session);
 
 /* Set TCP_NODELAY on the session's socket (docs/design/libcoap.md: Nagle
  * plus delayed ACK add ~20 ms to the handshake). 0 or negative errno. */
