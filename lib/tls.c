@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 
 #include "proto.h"
+#include "tls-framing.h"
 #include "tls.h"
 #include "util.h"
 
@@ -21,18 +22,26 @@ static bool host_is_ip(const char *host) {
 }
 
 /* Client side: libcoap has verified the chain; we check the leaf against
- * the configured host name, which libcoap 4.3.1 never does. */
+ * the configured host name, which libcoap 4.3.1 never does. The cloud
+ * cannot have sent application data yet, so this is where the session's
+ * reads get framed (tls-framing.h). */
 static int client_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap_session_t *session,
                         unsigned depth, int validated, void *arg) {
         TlsHostCheck *check = arg;
         const char *host = check ? check->host : NULL;
         const unsigned char *p = der;
+        SSL *ssl;
         X509 *x;
         int ok;
 
         if (!validated)
                 return 0;
-        if (depth > 0 || !host)
+        if (depth > 0)
+                return 1;
+        ssl = coap_session_get_tls(session, NULL);
+        if (ssl && tls_framing_attach(ssl) < 0)
+                return 0;
+        if (!host)
                 return 1;
         x = d2i_X509(NULL, &p, (long)der_len);
         if (!x)
@@ -348,7 +357,9 @@ fail:
  * libcoap sets no session id context, so OpenSSL would refuse every
  * resumption with an internal-error alert: issue no tickets at all, and
  * clients do full handshakes (which also run the certificate checks that
- * identify the device). */
+ * identify the device).
+ *
+ * Reads of the session are framed from here on (tls-framing.h). */
 static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
         TlsServerKeys *k = setup_data->cn_call_back_arg;
         SSL *ssl = tls_session;
@@ -366,7 +377,7 @@ static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
                 return 0;
         }
         SSL_set_client_CA_list(ssl, names);
-        return 1;
+        return tls_framing_attach(ssl) == 0;
 }
 
 void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys) {

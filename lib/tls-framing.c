@@ -1,0 +1,182 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "tls-framing.h"
+
+/* The header's size from its first byte, as libcoap counts it
+ * (coap_pdu_parse_header_size()): Len/TKL byte, extended length, code. */
+static size_t header_size(uint8_t b0) {
+        switch (b0 >> 4) {
+        case 13:
+                return 3;
+        case 14:
+                return 4;
+        case 15:
+                return 6;
+        default:
+                return 2;
+        }
+}
+
+/* The bytes after a whole header h: token and options plus payload (as
+ * libcoap's coap_pdu_parse_size() counts them). */
+static uint64_t body_size(const uint8_t *h) {
+        uint64_t len = h[0] >> 4;
+
+        if (len == 13)
+                len = 13 + (uint64_t)h[1];
+        else if (len == 14)
+                len = 269 + ((uint64_t)h[1] << 8 | h[2]);
+        else if (len == 15)
+                len = 65805 + ((uint64_t)h[1] << 24 | (uint64_t)h[2] << 16 | (uint64_t)h[3] << 8 | h[4]);
+        return len + (h[0] & 0x0f);
+}
+
+size_t tls_framing_scan(TlsFraming *f, const uint8_t *p, size_t n, int full) {
+        uint8_t h[TLS_FRAMING_HEADER_MAX];
+        size_t i = 0, hs;
+
+        for (;;) {
+                if (f->body > 0) {
+                        uint64_t k = f->body < n - i ? f->body : n - i;
+
+                        i += k;
+                        f->body -= k;
+                        if (f->body > 0)
+                                return n;
+                }
+                if (i == n)
+                        return n;
+                if (f->split) {
+                        /* The rest of the header whose byte 0 went alone: all of it in this read, or none. */
+                        hs = header_size(f->first);
+                        if (n - i < hs - 1)
+                                return i;
+                        h[0] = f->first;
+                        memcpy(h + 1, p + i, hs - 1);
+                        f->body = body_size(h);
+                        f->split = 0;
+                        i += hs - 1;
+                        continue;
+                }
+                hs = header_size(p[i]);
+                if (n - i >= hs) {
+                        f->body = body_size(p + i);
+                        i += hs;
+                        continue;
+                }
+                if (full && n - i == 1) {
+                        f->first = p[i];
+                        f->split = 1;
+                        return n;
+                }
+                return i;
+        }
+}
+
+static int framing_index = -1;
+static int (*libssl_read)(SSL *ssl, void *buf, int num);
+
+static void framing_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) {
+        (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+        free(ptr);
+}
+
+/* libssl's SSL_read(): the next definition after this program's. */
+static int real_read(SSL *ssl, void *buf, int num) {
+        int (*fn)(SSL *, void *, int) = __atomic_load_n(&libssl_read, __ATOMIC_RELAXED);
+        size_t got;
+
+        if (!fn) {
+                *(void **)&fn = dlsym(RTLD_NEXT, "SSL_read");
+                if (!fn)
+                        /* Not found (no libssl after us): the same through the other entry point. */
+                        return SSL_read_ex(ssl, buf, num < 0 ? 0 : (size_t)num, &got) == 1 ? (int)got : -1;
+                __atomic_store_n(&libssl_read, fn, __ATOMIC_RELAXED);
+        }
+        return fn(ssl, buf, num);
+}
+
+static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num) {
+        size_t n, safe;
+        int r = 1;
+
+        if (num < TLS_FRAMING_HEADER_MAX) {
+                /* libcoap never reads less. Such a reader gets the kept bytes in order, then plain reads. */
+                if (f->n_head > 0) {
+                        n = num < f->n_head ? num : f->n_head;
+                        memcpy(buf, f->head, n);
+                        memmove(f->head, f->head + n, f->n_head - n);
+                        f->n_head -= (uint8_t)n;
+                        return (int)n;
+                }
+                SSL_set_ex_data(ssl, framing_index, NULL);
+                free(f);
+                return real_read(ssl, buf, (int)num);
+        }
+        memcpy(buf, f->head, f->n_head);
+        n = f->n_head;
+        f->n_head = 0;
+        for (;;) {
+                TlsFraming t = *f;
+
+                if (n < num) {
+                        r = real_read(ssl, buf + n, (int)(num - n));
+                        if (r > 0)
+                                n += (size_t)r;
+                }
+                safe = tls_framing_scan(&t, buf, n, n == num);
+                if (safe > 0 || r <= 0 || n == num) {
+                        *f = t;
+                        break;
+                }
+                /* Only the start of a header so far: see whether the rest is already there. */
+        }
+        if (n - safe > sizeof(f->head))
+                safe = n; /* cannot happen (num >= TLS_FRAMING_HEADER_MAX); never lose bytes */
+        memcpy(f->head, buf + safe, n - safe);
+        f->n_head = (uint8_t)(n - safe);
+        /* Nothing to hand on: the last read's result, so SSL_get_error() tells the caller why. */
+        return safe > 0 ? (int)safe : r;
+}
+
+__attribute__((visibility("default"))) int SSL_read(SSL *ssl, void *buf, int num) {
+        TlsFraming *f = ssl && framing_index >= 0 ? SSL_get_ex_data(ssl, framing_index) : NULL;
+
+        if (!f || num <= 0)
+                return real_read(ssl, buf, num);
+        return framing_read(f, ssl, buf, (size_t)num);
+}
+
+int tls_framing_attach(SSL *ssl) {
+        static bool checked;
+        TlsFraming *f;
+
+        if (framing_index < 0) {
+                framing_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, framing_free);
+                if (framing_index < 0)
+                        return -ENOMEM;
+        }
+        if (!checked) {
+                checked = true;
+                if (dlsym(RTLD_DEFAULT, "SSL_read") != (void *)SSL_read)
+                        log_warning("SSL_read() is not this program's: a CoAP header split over TLS records "
+                                    "will desynchronise the session (docs/design/libcoap.md, \"Trap C\").");
+        }
+        if (SSL_get_ex_data(ssl, framing_index))
+                return 0;
+        f = calloc(1, sizeof(*f));
+        if (!f)
+                return -ENOMEM;
+        if (!SSL_set_ex_data(ssl, framing_index, f)) {
+                free(f);
+                return -ENOMEM;
+        }
+        return 0;
+}
