@@ -695,6 +695,17 @@ static OtaOutcome h_prepare(void *userdata, OtaJournal *j, char **code, char **r
                 set(reason, "%s %s is installed already", m.package, m.version);
                 return OTA_REJECT;
         }
+        if (r > 0) {
+                _cleanup_free_ char *why = NULL;
+
+                /* dpkg's word on the installed version, not the agent's. */
+                rej = manifest_check_installed(&m, prev, &why);
+                if (rej != MANIFEST_OK) {
+                        set(code, "%s", manifest_reject_to_string(rej));
+                        set(reason, "helper: %s", why ? why : "refused");
+                        return OTA_REJECT;
+                }
+        }
         h->job = strdup(j->job);
         h->manifest = strdup(j->manifest);
         h->package = strdup(m.package);

@@ -853,13 +853,40 @@ unsigned ota_handle_request(Ota *o, const char *job, const uint8_t *data, size_t
                              rej == MANIFEST_MALFORMED ? COAP_RESPONSE_CODE_BAD_REQUEST : COAP_RESPONSE_CODE_FORBIDDEN,
                              "%s: %s", manifest_reject_to_string(rej), err);
         }
-        {
+        /* Meant for this device? This agent knows no tags of its own yet
+         * (docs/ota.md, "Targets"): only its id can match. */
+        rej = manifest_check_target(&m, conn_device_id(o->conn), NULL, 0, &why);
+        if (rej == MANIFEST_OK) {
                 _cleanup_free_ char *floor = ota_floor_for(o->config->ota.cache_dir, m.package);
 
                 rej = manifest_check(&m, (int64_t)time(NULL), o->arch, floor, &why);
         }
         if (rej == MANIFEST_OK)
                 rej = space_check(o, &m, &why);
+        if (rej == MANIFEST_OK) {
+                _cleanup_free_ char *before = NULL;
+                unsigned dropped = 0;
+
+                /* Once per nonce, recorded before the job is journaled: a
+                 * crash in between costs this manifest, never a replay. */
+                r = ota_nonce_claim(o->config->ota.state_dir, m.nonce, job, m.expires, (int64_t)time(NULL), &dropped,
+                                    &before);
+                if (r == -EEXIST) {
+                        rej = MANIFEST_REPLAY;
+                        if (asprintf(&why, "this manifest (nonce %s) was accepted before, as job %s", m.nonce,
+                                     before ? before : "?") < 0)
+                                why = NULL;
+                } else if (r < 0) {
+                        log_error_errno(r, "Cannot record the OTA job nonce in '%s/%s': %m", o->config->ota.state_dir,
+                                        OTA_NONCES_FILE);
+                        manifest_done(&m);
+                        return reply(text, text_size, COAP_RESPONSE_CODE_INTERNAL_ERROR,
+                                     "failed: cannot record the job nonce: %s",
+                                     r == -EBADMSG ? "the nonce record is unreadable" : strerror(-r));
+                } else if (dropped > 0)
+                        log_warning("The OTA nonce record is full: forgot the %u nonce(s) that expire soonest",
+                                    dropped);
+        }
         if (rej != MANIFEST_OK) {
                 log_warning("Refusing OTA job %s (%s %s): %s: %s", job, m.package, m.version,
                             manifest_reject_to_string(rej), why ? why : "");

@@ -12,7 +12,9 @@
  * libmicrohttpd is built with GnuTLS in Debian, so the artifact server's
  * TLS is GnuTLS: MHD requests a client certificate (MHD_OPTION_HTTPS_MEM_TRUST)
  * and we verify it per request with gnutls_certificate_verify_peers2(),
- * refusing with 403 what does not chain to the device CA. The cloud never
+ * refusing with 403 what does not chain to the device CA or whose leaf
+ * lacks the clientAuth extended key usage; TLS below 1.2 is not offered
+ * (OTA_TLS_PRIORITIES). The cloud never
  * verifies manifest signatures (it has no keyring): devices do. */
 #include "config.h"
 
@@ -40,6 +42,8 @@
 #define OTA_REPORT_MAX 4096
 #define OTA_WAIT_USEC (25 * USEC_PER_SEC)
 #define OTA_PEM_MAX (256 * 1024)
+/* GnuTLS priorities of the artifact server: TLS 1.2 and 1.3 only. */
+#define OTA_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
 
 typedef struct OtaJob {
         Ota *ota;
@@ -376,8 +380,14 @@ unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_bod
         text = json_string_value(m);
         len = json_string_length(m);
         /* Shape only: the device verifies the signature, we cannot. */
-        if (manifest_envelope_split((const uint8_t *)text, len, &env) < 0 ||
-            manifest_body_parse(env.body, env.body_len, &man, &err) < 0) {
+        r = manifest_envelope_split((const uint8_t *)text, len, &env);
+        if (r == -EPROTONOSUPPORT) {
+                *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error",
+                                      "Manifest format 1 is no longer accepted (it names no devices and can be "
+                                      "replayed): sign it again with this version's 'tether ota sign' (docs/ota.md)");
+                return MHD_HTTP_BAD_REQUEST;
+        }
+        if (r < 0 || manifest_body_parse(env.body, env.body_len, &man, &err) < 0) {
                 *ret_body = json_pack("{s:b, s:s, s:s?}", "ok", 0, "error", "Not a signed tether manifest", "info",
                                       err);
                 return MHD_HTTP_BAD_REQUEST;
@@ -853,6 +863,25 @@ error:
 
 /* ---- the artifact server (HTTPS, client certificates) --------------------------- */
 
+/* Whether the leaf names TLS client authentication among its extended key
+ * usages. A certificate without the extension is refused too: every
+ * device certificate of tether-pki carries it (docs/pki.md), and a server
+ * certificate or any other leaf from the same CA is no device's. */
+static bool client_auth_purpose(gnutls_x509_crt_t crt) {
+        for (unsigned i = 0;; i++) {
+                char oid[128];
+                size_t n = sizeof(oid);
+                int r = gnutls_x509_crt_get_key_purpose_oid(crt, i, oid, &n, NULL);
+
+                if (r == GNUTLS_E_SHORT_MEMORY_BUFFER)
+                        continue; /* not clientAuth's short OID */
+                if (r < 0)
+                        return false; /* the end, or no extension */
+                if (streq(oid, GNUTLS_KP_TLS_WWW_CLIENT))
+                        return true;
+        }
+}
+
 /* The device ID of a verified client certificate, or NULL. */
 static bool client_verified(struct MHD_Connection *c, char id[static PROTO_DEVICE_ID_MAX + 1]) {
         const union MHD_ConnectionInfo *ci = MHD_get_connection_info(c, MHD_CONNECTION_INFO_GNUTLS_SESSION);
@@ -869,6 +898,7 @@ static bool client_verified(struct MHD_Connection *c, char id[static PROTO_DEVIC
         if (!peers || n == 0 || gnutls_x509_crt_init(&crt) != GNUTLS_E_SUCCESS)
                 return false;
         ok = gnutls_x509_crt_import(crt, &peers[0], GNUTLS_X509_FMT_DER) == GNUTLS_E_SUCCESS &&
+             client_auth_purpose(crt) &&
              gnutls_x509_crt_get_dn_by_oid(crt, GNUTLS_OID_X520_COMMON_NAME, 0, 0, id, &len) == GNUTLS_E_SUCCESS &&
              proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) == 0;
         gnutls_x509_crt_deinit(crt);
@@ -1097,6 +1127,7 @@ int ota_new(sd_event *event, const CloudConfig *config, Journal *journal, Device
                                        MHD_OPTION_EXTERNAL_LOGGER, ota_mhd_log, ota, MHD_OPTION_SOCK_ADDR,
                                        (struct sockaddr *)&ss, MHD_OPTION_HTTPS_MEM_KEY, ota->key_pem,
                                        MHD_OPTION_HTTPS_MEM_CERT, ota->cert_pem, MHD_OPTION_HTTPS_MEM_TRUST, ota->ca_pem,
+                                       MHD_OPTION_HTTPS_PRIORITIES, OTA_TLS_PRIORITIES,
                                        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120, MHD_OPTION_CONNECTION_LIMIT,
                                        (unsigned)1024, MHD_OPTION_END);
         if (!ota->daemon)

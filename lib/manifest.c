@@ -14,6 +14,7 @@
 
 #include "debversion.h"
 #include "manifest.h"
+#include "proto.h"
 #include "util.h"
 
 #define KEYRING_MAX 64
@@ -32,6 +33,10 @@ static const char *const reject_names[_MANIFEST_REJECT_MAX] = {
         [MANIFEST_CHECKSUM] = "checksum",
         [MANIFEST_CONTROL] = "control",
         [MANIFEST_BUSY] = "busy",
+        [MANIFEST_OLD_FORMAT] = "old-format",
+        [MANIFEST_NOT_TARGETED] = "not-targeted",
+        [MANIFEST_REPLAY] = "replay",
+        [MANIFEST_DOWNGRADE] = "downgrade",
 };
 
 const char *manifest_reject_to_string(ManifestReject r) {
@@ -78,7 +83,7 @@ static int take_hex_line(const uint8_t **p, const uint8_t *end, const char *pref
 }
 
 int manifest_envelope_split(const uint8_t *buf, size_t len, ManifestEnvelope *ret) {
-        static const char magic[] = MANIFEST_FORMAT "\n";
+        static const char magic[] = MANIFEST_FORMAT "\n", old[] = MANIFEST_FORMAT_OLD "\n";
         const uint8_t *p, *end;
         ManifestEnvelope env = {};
 
@@ -88,6 +93,8 @@ int manifest_envelope_split(const uint8_t *buf, size_t len, ManifestEnvelope *re
         end = buf + len;
         if (len > MANIFEST_MAX)
                 return -E2BIG;
+        if (len >= sizeof(old) - 1 && memcmp(p, old, sizeof(old) - 1) == 0)
+                return -EPROTONOSUPPORT;
         if (len < sizeof(magic) - 1 || memcmp(p, magic, sizeof(magic) - 1) != 0)
                 return -EBADMSG;
         p += sizeof(magic) - 1;
@@ -112,6 +119,28 @@ bool manifest_sha256_valid(const char *s) {
                 return false;
         for (const char *p = s; *p; p++)
                 if (unhex(*p) < 0)
+                        return false;
+        return true;
+}
+
+bool manifest_nonce_valid(const char *s) {
+        if (!s || strlen(s) != MANIFEST_NONCE_LEN)
+                return false;
+        for (const char *p = s; *p; p++)
+                if (unhex(*p) < 0)
+                        return false;
+        return true;
+}
+
+/* [A-Za-z0-9_.-]{1,MANIFEST_TAG_MAX} */
+static bool tag_valid(const char *s) {
+        size_t n = s ? strlen(s) : 0;
+
+        if (n == 0 || n > MANIFEST_TAG_MAX)
+                return false;
+        for (const char *p = s; *p; p++)
+                if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') ||
+                      strchr("_.-", *p)))
                         return false;
         return true;
 }
@@ -176,6 +205,13 @@ void manifest_done(Manifest *m) {
         free(m->key_id);
         free(m->min_version);
         free(m->plugin);
+        free(m->nonce);
+        for (size_t i = 0; i < m->n_devices; i++)
+                free(m->devices[i]);
+        free(m->devices);
+        for (size_t i = 0; i < m->n_tags; i++)
+                free(m->tags[i]);
+        free(m->tags);
         *m = (Manifest){};
 }
 
@@ -213,6 +249,67 @@ static int get_uint(json_t *o, const char *key, bool required, json_int_t max, u
         return 0;
 }
 
+static int get_bool(json_t *o, const char *key, bool *ret) {
+        json_t *v = json_object_get(o, key);
+
+        if (!v) {
+                *ret = false;
+                return 0;
+        }
+        if (!json_is_boolean(v))
+                return -EBADMSG;
+        *ret = json_is_true(v);
+        return 0;
+}
+
+/* An optional array of distinct strings that pass valid(); *ret_n may be 0. */
+static int get_string_list(json_t *o, const char *key, bool (*valid)(const char *), char ***ret, size_t *ret_n) {
+        json_t *v = json_object_get(o, key), *e;
+        char **list;
+        size_t i, n;
+
+        *ret = NULL;
+        *ret_n = 0;
+        if (!v)
+                return 0;
+        n = json_is_array(v) ? json_array_size(v) : 0;
+        if (!json_is_array(v) || n > MANIFEST_TARGETS_MAX)
+                return -EBADMSG;
+        if (n == 0)
+                return 0;
+        list = calloc(n, sizeof(char *));
+        if (!list)
+                return -ENOMEM;
+        json_array_foreach(v, i, e) {
+                const char *s = json_string_value(e);
+
+                if (!s || strlen(s) != json_string_length(e) || !valid(s))
+                        goto bad;
+                for (size_t k = 0; k < i; k++)
+                        if (streq(list[k], s))
+                                goto bad; /* one spelling per manifest */
+                list[i] = strdup(s);
+                if (!list[i]) {
+                        for (size_t k = 0; k < i; k++)
+                                free(list[k]);
+                        free(list);
+                        return -ENOMEM;
+                }
+        }
+        *ret = list;
+        *ret_n = n;
+        return 0;
+bad:
+        for (size_t k = 0; k < n; k++)
+                free(list[k]);
+        free(list);
+        return -EBADMSG;
+}
+
+static bool device_id_valid(const char *s) {
+        return proto_name_check(s, strlen(s), PROTO_NAME_DEVICE) == 0;
+}
+
 int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const char **ret_error) {
         _cleanup_(manifest_done) Manifest m = {};
         const char *error = "the manifest is not a JSON object";
@@ -239,6 +336,10 @@ int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const ch
                 }                      \
         } while (0)
         STEP(get_string(o, "format", true, &format), "missing or invalid \"format\"");
+        if (streq(format, MANIFEST_FORMAT_OLD)) {
+                error = "manifest format 1 (no target devices, no nonce) is no longer accepted: sign it again";
+                goto bad;
+        }
         if (!streq(format, MANIFEST_FORMAT)) {
                 error = "unsupported manifest format";
                 goto bad;
@@ -255,6 +356,12 @@ int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const ch
         STEP(get_uint(o, "installed_size", false, (json_int_t)MANIFEST_SIZE_MAX, &m.installed_size),
              "invalid \"installed_size\"");
         STEP(get_uint(o, "expires", true, (json_int_t)INT64_MAX, &expires), "missing or invalid \"expires\"");
+        STEP(get_string(o, "nonce", true, &m.nonce), "missing or invalid \"nonce\"");
+        STEP(get_string_list(o, "devices", device_id_valid, &m.devices, &m.n_devices),
+             "invalid \"devices\" (an array of distinct device ids)");
+        STEP(get_string_list(o, "tags", tag_valid, &m.tags, &m.n_tags),
+             "invalid \"tags\" (an array of distinct tags, [A-Za-z0-9_.-]{1,64})");
+        STEP(get_bool(o, "allow_downgrade", &m.allow_downgrade), "invalid \"allow_downgrade\" (true or false)");
 #undef STEP
         json_decref(o);
         o = NULL;
@@ -278,6 +385,12 @@ int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const ch
                 error = "\"size\" is 0";
         else if (m.plugin && !plugin_valid(m.plugin))
                 error = "\"plugin\" is not a plugin name";
+        else if (!manifest_nonce_valid(m.nonce))
+                error = "\"nonce\" is not 32 lowercase hex digits";
+        else if (m.n_devices + m.n_tags == 0)
+                error = "the manifest names no target: \"devices\" or \"tags\" is required";
+        else if (m.n_devices + m.n_tags > MANIFEST_TARGETS_MAX)
+                error = "too many targets in \"devices\" and \"tags\"";
         else {
                 *ret = m;
                 /* cppcheck-suppress unreadVariable ; moved to *ret; the _cleanup_ handler reads it */
@@ -297,26 +410,39 @@ oom:
 }
 
 int manifest_body_format(const Manifest *m, char **ret) {
-        json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:I}", "format", MANIFEST_FORMAT, "key",
+        json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:s?}", "format", MANIFEST_FORMAT, "key",
                               m->key_id, "package", m->package, "version", m->version, "architecture",
                               m->architecture, "sha256", m->sha256, "url", m->url, "size", (json_int_t)m->size,
-                              "expires", (json_int_t)m->expires);
+                              "expires", (json_int_t)m->expires, "nonce", m->nonce);
+        json_t *devices = NULL, *tags = NULL;
         char *s;
 
         if (!o)
                 return -EINVAL;
         if ((m->installed_size && json_object_set_new(o, "installed_size", json_integer((json_int_t)m->installed_size)) < 0) ||
             (m->min_version && json_object_set_new(o, "min_version", json_string(m->min_version)) < 0) ||
-            (m->plugin && json_object_set_new(o, "plugin", json_string(m->plugin)) < 0)) {
-                json_decref(o);
-                return -ENOMEM;
-        }
+            (m->plugin && json_object_set_new(o, "plugin", json_string(m->plugin)) < 0) ||
+            (m->allow_downgrade && json_object_set_new(o, "allow_downgrade", json_true()) < 0))
+                goto oom;
+        if (m->n_devices > 0 && (!(devices = json_array()) || json_object_set_new(o, "devices", devices) < 0))
+                goto oom;
+        for (size_t i = 0; i < m->n_devices; i++)
+                if (json_array_append_new(devices, json_string(m->devices[i])) < 0)
+                        goto oom;
+        if (m->n_tags > 0 && (!(tags = json_array()) || json_object_set_new(o, "tags", tags) < 0))
+                goto oom;
+        for (size_t i = 0; i < m->n_tags; i++)
+                if (json_array_append_new(tags, json_string(m->tags[i])) < 0)
+                        goto oom;
         s = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
         json_decref(o);
         if (!s)
                 return -ENOMEM;
         *ret = s;
         return 0;
+oom:
+        json_decref(o);
+        return -ENOMEM;
 }
 
 /* ---- keys ----------------------------------------------------------- */
@@ -503,6 +629,11 @@ int manifest_open(const Keyring *k, const uint8_t *buf, size_t len, Manifest *re
         int r;
 
         r = manifest_envelope_split(buf, len, &env);
+        if (r == -EPROTONOSUPPORT) {
+                why = MANIFEST_OLD_FORMAT;
+                error = "manifest format 1 (no target devices, no nonce) is no longer accepted: sign it again";
+                goto fail;
+        }
         if (r < 0) {
                 why = MANIFEST_MALFORMED;
                 error = r == -E2BIG ? "the signed manifest is too large" : "not a signed tether manifest";
@@ -619,4 +750,32 @@ ManifestReject manifest_check(const Manifest *m, int64_t now, const char *arch, 
                 return MANIFEST_BELOW_MINIMUM;
         }
         return MANIFEST_OK;
+}
+
+ManifestReject manifest_check_target(const Manifest *m, const char *device_id, char *const *tags, size_t n_tags,
+                                     char **ret_text) {
+        *ret_text = NULL;
+        for (size_t i = 0; device_id && i < m->n_devices; i++)
+                if (streq(m->devices[i], device_id))
+                        return MANIFEST_OK;
+        for (size_t i = 0; i < m->n_tags; i++)
+                for (size_t k = 0; k < n_tags; k++)
+                        if (streq(m->tags[i], tags[k]))
+                                return MANIFEST_OK;
+        if (asprintf(ret_text, "the manifest is for %zu other device(s)%s, not for '%s'%s", m->n_devices,
+                     m->n_tags ? " and tags this device does not carry" : "", device_id ? device_id : "?",
+                     m->n_tags && n_tags == 0 ? " (this agent knows no tags of its own)" : "") < 0)
+                *ret_text = NULL;
+        return MANIFEST_NOT_TARGETED;
+}
+
+ManifestReject manifest_check_installed(const Manifest *m, const char *installed, char **ret_text) {
+        *ret_text = NULL;
+        if (!installed || m->allow_downgrade || debversion_check(installed) < 0 ||
+            debversion_compare(m->version, installed) >= 0)
+                return MANIFEST_OK;
+        if (asprintf(ret_text, "version %s of %s is below the installed %s and the manifest does not allow a downgrade",
+                     m->version, m->package, installed) < 0)
+                *ret_text = NULL;
+        return MANIFEST_DOWNGRADE;
 }

@@ -4,7 +4,7 @@
  *
  * A signed manifest ("envelope") is text:
  *
- *     tether-ota-manifest/1\n
+ *     tether-ota-manifest/2\n
  *     key=<16 hex digits: the signing key's id>\n
  *     signature=<128 hex digits: Ed25519 signature of BODY>\n
  *     \n
@@ -15,6 +15,10 @@
  * verify the signature over the exact body bytes (keyring_verify), and only
  * then parse the body (manifest_body_parse). manifest_open() does all three.
  *
+ * Format 2 added the target devices and tags, the job nonce and
+ * allow_downgrade to the body; format 1 manifests (which name no device
+ * and can be replayed) are refused with MANIFEST_OLD_FORMAT.
+ *
  * Library code: no logging; negative errno; ret_* untouched on failure. */
 #pragma once
 
@@ -22,12 +26,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define MANIFEST_FORMAT "tether-ota-manifest/1"
+#define MANIFEST_FORMAT "tether-ota-manifest/2"
+#define MANIFEST_FORMAT_OLD "tether-ota-manifest/1" /* refused: no targets, no nonce */
 #define MANIFEST_BODY_MAX 4096u     /* bytes of the JSON body */
 #define MANIFEST_MAX (MANIFEST_BODY_MAX + 256u) /* whole envelope */
 #define MANIFEST_KEY_ID_LEN 16      /* hex digits */
 #define MANIFEST_SIGNATURE_LEN 64   /* Ed25519 */
 #define MANIFEST_SIZE_MAX (1ULL << 36) /* 64 GiB: sanity bound on "size" */
+#define MANIFEST_NONCE_LEN 32       /* hex digits: 128 random bits */
+#define MANIFEST_TARGETS_MAX 256    /* entries in "devices" plus "tags" */
+#define MANIFEST_TAG_MAX 64         /* bytes of a tag */
 
 /* Why a manifest or its artifact was refused; reported to the cloud as
  * "code" next to a human "reason" (docs/protocol.md). */
@@ -44,6 +52,10 @@ typedef enum ManifestReject {
         MANIFEST_CHECKSUM,      /* "checksum": artifact sha256 differs */
         MANIFEST_CONTROL,       /* "control": the .deb's control fields differ */
         MANIFEST_BUSY,          /* "busy": another job runs */
+        MANIFEST_OLD_FORMAT,    /* "old-format": tether-ota-manifest/1 */
+        MANIFEST_NOT_TARGETED,  /* "not-targeted": names neither this device nor one of its tags */
+        MANIFEST_REPLAY,        /* "replay": this nonce was accepted before */
+        MANIFEST_DOWNGRADE,     /* "downgrade": below the installed version, not allowed */
         _MANIFEST_REJECT_MAX,
 } ManifestReject;
 
@@ -58,7 +70,8 @@ typedef struct ManifestEnvelope {
 } ManifestEnvelope;
 
 /* Split the fixed header off. -EBADMSG if malformed, -E2BIG if over
- * MANIFEST_MAX. Touches nothing but *ret (body points into buf). */
+ * MANIFEST_MAX, -EPROTONOSUPPORT for a format 1 envelope. Touches nothing
+ * but *ret (body points into buf). */
 int manifest_envelope_split(const uint8_t *buf, size_t len, ManifestEnvelope *ret);
 
 typedef struct Manifest {
@@ -70,6 +83,11 @@ typedef struct Manifest {
         char *key_id;       /* must equal the envelope's key */
         char *min_version;  /* optional: versions below are refused from now on */
         char *plugin;       /* optional: plugin that must load after install */
+        char *nonce;        /* MANIFEST_NONCE_LEN lowercase hex digits, unique per job */
+        char **devices;     /* target device ids (n_devices, may be 0 if n_tags > 0) */
+        char **tags;        /* target tags (n_tags) */
+        size_t n_devices, n_tags;
+        bool allow_downgrade; /* optional: may install below the installed version */
         uint64_t size;           /* bytes of the .deb */
         uint64_t installed_size; /* KiB (control field Installed-Size), 0 if unknown */
         int64_t expires;         /* Unix time (UTC seconds) */
@@ -131,6 +149,20 @@ int manifest_sign(const char *key_pem, size_t key_len, const char *body, size_t 
 ManifestReject manifest_check(const Manifest *m, int64_t now, const char *arch, const char *floor,
                               char **ret_text);
 
+/* Whether m is meant for this device: its id is in m->devices, or one of
+ * its tags (n_tags of them; an agent that knows none passes 0) is in
+ * m->tags. device_id NULL (unknown) matches no id. MANIFEST_OK or
+ * MANIFEST_NOT_TARGETED with a human text in ret_text, as manifest_check(). */
+ManifestReject manifest_check_target(const Manifest *m, const char *device_id, char *const *tags, size_t n_tags,
+                                     char **ret_text);
+
+/* Against the version of m->package installed now (NULL: not installed):
+ * a lower version is MANIFEST_DOWNGRADE unless m->allow_downgrade. Text as
+ * manifest_check(). */
+ManifestReject manifest_check_installed(const Manifest *m, const char *installed, char **ret_text);
+
+/* Whether s is MANIFEST_NONCE_LEN lowercase hex digits. */
+bool manifest_nonce_valid(const char *s);
 /* Whether s is 64 lowercase hex digits. */
 bool manifest_sha256_valid(const char *s);
 /* Debian package name: [a-z0-9][a-z0-9+.-]+, at most 128 bytes. */

@@ -147,6 +147,100 @@ char *ota_floor_for(const char *cache_dir, const char *package) {
         return v;
 }
 
+static int nonce_entry_expires(json_t *e, int64_t *ret) {
+        json_t *x = json_object_get(e, "expires");
+
+        if (!json_is_string(json_object_get(e, "nonce")) || !json_is_string(json_object_get(e, "job")) ||
+            !json_is_integer(x))
+                return -EBADMSG;
+        *ret = json_integer_value(x);
+        return 0;
+}
+
+int ota_nonce_claim(const char *dir, const char *nonce, const char *job, int64_t expires, int64_t now,
+                    unsigned *ret_dropped, char **ret_job) {
+        _cleanup_free_ char *path = NULL, *text = NULL, *out = NULL;
+        json_t *root = NULL, *list, *e, *keep = NULL;
+        unsigned dropped = 0;
+        size_t i;
+        int r;
+
+        if (asprintf(&path, "%s/" OTA_NONCES_FILE, dir) < 0)
+                return -ENOMEM;
+        r = ota_read_file(path, 1024 * 1024, &text, NULL);
+        if (r == -ENOENT)
+                root = json_pack("{s:i, s:[]}", "version", 1, "nonces");
+        else if (r < 0)
+                return r == -EFBIG ? -EBADMSG : r;
+        else
+                root = json_loads(text, JSON_REJECT_DUPLICATES, NULL);
+        list = json_object_get(root, "nonces");
+        if (!json_is_array(list)) {
+                r = root ? -EBADMSG : -ENOMEM;
+                goto out;
+        }
+        json_array_foreach(list, i, e) {
+                int64_t x;
+
+                if (nonce_entry_expires(e, &x) < 0) {
+                        r = -EBADMSG;
+                        goto out;
+                }
+                if (streq(json_string_value(json_object_get(e, "nonce")), nonce)) {
+                        if (ret_job && !(*ret_job = strdup(json_string_value(json_object_get(e, "job"))))) {
+                                r = -ENOMEM;
+                                goto out;
+                        }
+                        r = -EEXIST;
+                        goto out;
+                }
+        }
+        /* New: keep what has not expired (with grace), drop the soonest to
+         * expire while full, add it. */
+        keep = json_array();
+        if (!keep) {
+                r = -ENOMEM;
+                goto out;
+        }
+        json_array_foreach(list, i, e) {
+                int64_t x = 0;
+
+                (void)nonce_entry_expires(e, &x);
+                if (x > INT64_MAX - OTA_NONCE_GRACE_SEC || x + OTA_NONCE_GRACE_SEC > now)
+                        json_array_append(keep, e);
+        }
+        while (json_array_size(keep) >= OTA_NONCES_MAX) {
+                size_t min_i = 0;
+                int64_t min_x = INT64_MAX, x = 0;
+
+                json_array_foreach(keep, i, e)
+                        if (nonce_entry_expires(e, &x) >= 0 && x < min_x) {
+                                min_x = x;
+                                min_i = i;
+                        }
+                json_array_remove(keep, min_i);
+                dropped++;
+        }
+        if (json_array_append_new(keep, json_pack("{s:s, s:s, s:I}", "nonce", nonce, "job", job, "expires",
+                                                  (json_int_t)expires)) < 0 ||
+            json_object_set(root, "nonces", keep) < 0) {
+                r = -ENOMEM;
+                goto out;
+        }
+        out = json_dumps(root, JSON_COMPACT);
+        if (!out) {
+                r = -ENOMEM;
+                goto out;
+        }
+        r = ota_write_file_atomic(dir, OTA_NONCES_FILE, out, strlen(out), 0640, (uid_t)-1, (gid_t)-1);
+        if (r >= 0 && ret_dropped)
+                *ret_dropped = dropped;
+out:
+        json_decref(keep);
+        json_decref(root);
+        return r;
+}
+
 int ota_mkdir_p(const char *path, mode_t mode) {
         _cleanup_free_ char *p = strdup(path);
 

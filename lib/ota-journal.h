@@ -135,6 +135,21 @@ static inline void ota_crash_point(const char *name) {
 /* The version floor for package (CACHE_DIR/floors.json, raised by the
  * helper on commits): a new string, or NULL when there is none. */
 char *ota_floor_for(const char *cache_dir, const char *package);
+/* The job nonces this device has accepted (DIR/nonces.json), so that a
+ * signed manifest is accepted once: ota_nonce_claim() records nonce for
+ * job, written atomically before it returns 0. -EEXIST: the nonce is on
+ * record already (a replay; even under the same job id, which a retry of
+ * the journaled job never reaches), and *ret_job (may be NULL; caller
+ * frees) is the job that claimed it. A nonce is kept until OTA_NONCE_GRACE_SEC after its manifest expires
+ * (by now); past OTA_NONCES_MAX unexpired nonces, those that expire
+ * soonest are forgotten (*ret_dropped counts them, may be NULL).
+ * -EBADMSG: the file is unreadable (the caller refuses: it cannot tell a
+ * replay). */
+#define OTA_NONCES_FILE "nonces.json"
+#define OTA_NONCES_MAX 1024
+#define OTA_NONCE_GRACE_SEC 86400
+int ota_nonce_claim(const char *dir, const char *nonce, const char *job, int64_t expires, int64_t now,
+                    unsigned *ret_dropped, char **ret_job);
 /* Whether s[0..n) is a job id: exactly OTA_JOB_ID_MAX lowercase hex digits. */
 bool ota_job_id_valid(const char *s, size_t n);
 /* mkdir -p: missing parents 0755, the directory itself with mode. */

@@ -29,6 +29,8 @@ enum {
         EXIT_NOT_ENABLED = 9, /* HTTP 501: the cloud's configuration does not enable it */
 };
 
+#define CLI_OTA_TARGETS_MAX 256 /* MANIFEST_TARGETS_MAX */
+
 typedef struct CliArgs {
         const char *api;
         const char *token;
@@ -50,6 +52,11 @@ typedef struct CliArgs {
         long long ota_expires;    /* --expires (Unix time), -1: --valid-for */
         long long ota_valid_for;  /* --valid-for seconds, 0: default */
         bool ota_no_wait;
+        bool ota_allow_downgrade;               /* --allow-downgrade */
+        const char *ota_devices[CLI_OTA_TARGETS_MAX]; /* --device, repeatable (ota sign) */
+        size_t n_ota_devices;
+        const char *ota_tags[CLI_OTA_TARGETS_MAX]; /* --tag, repeatable */
+        size_t n_ota_tags;
 } CliArgs;
 
 extern CliArgs arg;

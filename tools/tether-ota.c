@@ -8,6 +8,7 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <signal.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -32,7 +33,7 @@ void ota_help(void) {
                "                                  until it is committed or given up\n"
                "  ota DEVICE FILE.deb --manifest M  the same with a manifest signed beforehand\n"
                "  ota start DEVICE FILE.deb ...   the same (for a device named like a command)\n"
-               "  ota sign FILE.deb --key KEY --url URL   print a signed manifest\n"
+               "  ota sign FILE.deb --key KEY --url URL --device ID   print a signed manifest\n"
                "  ota keygen PRIVATE.pem PUBLIC.pem       make an Ed25519 update key pair\n"
                "  ota keyid KEY.pem                        print a key's id\n"
                "  ota upload FILE.deb                      upload only; print the artifact URL\n"
@@ -48,6 +49,10 @@ void ota_help(void) {
                "  --expires T         ... or at Unix time T\n"
                "  --min-version V     devices refuse versions below V from now on\n"
                "  --plugin NAME       the plugin this package provides; it must load\n"
+               "  --device ID         a device the manifest is for (sign; repeatable; 'ota DEVICE'\n"
+               "                      adds DEVICE itself)\n"
+               "  --tag TAG           devices carrying TAG may install it (repeatable)\n"
+               "  --allow-downgrade   devices may install it below their installed version\n"
                "  --no-wait           start the job and print its id, do not follow it\n"
                "  --timeout S         give up following after S seconds (default 3600)\n"
                "  --json              print the job as JSON\n"
@@ -196,14 +201,50 @@ static int deb_info(const char *path, DebInfo *ret) {
         return 0;
 }
 
-static int make_manifest(const DebInfo *deb, const char *url, char **ret, size_t *ret_len) {
+/* The targets: device (may be NULL) and every --device, without repeats. */
+static int manifest_targets(const char *device, char **devices, size_t *ret_n) {
+        size_t n = 0;
+
+        if (device)
+                devices[n++] = (char *)device;
+        for (size_t i = 0; i < arg.n_ota_devices; i++) {
+                bool seen = false;
+
+                if (proto_name_check(arg.ota_devices[i], strlen(arg.ota_devices[i]), PROTO_NAME_DEVICE) < 0)
+                        return cli_usage_error("Invalid --device '%s': not a device id", arg.ota_devices[i]);
+                for (size_t k = 0; k < n; k++)
+                        seen = seen || streq(devices[k], arg.ota_devices[i]);
+                if (!seen)
+                        devices[n++] = (char *)arg.ota_devices[i];
+        }
+        if (n + arg.n_ota_tags > MANIFEST_TARGETS_MAX)
+                return cli_usage_error("Too many targets: at most %d --device and --tag together", MANIFEST_TARGETS_MAX);
+        if (n + arg.n_ota_tags == 0)
+                return cli_usage_error("Name the devices the manifest is for: --device ID or --tag TAG");
+        *ret_n = n;
+        return 0;
+}
+
+/* Sign a manifest for deb at url; device (may be NULL) is a target besides
+ * the --device and --tag options. */
+static int make_manifest(const DebInfo *deb, const char *url, const char *device, char **ret, size_t *ret_len) {
         _cleanup_free_ char *pem = NULL, *body = NULL;
-        char id[MANIFEST_KEY_ID_LEN + 1];
+        char id[MANIFEST_KEY_ID_LEN + 1], nonce[MANIFEST_NONCE_LEN + 1];
+        char *devices[MANIFEST_TARGETS_MAX + 1];
+        uint8_t rnd[MANIFEST_NONCE_LEN / 2];
         const char *kp = key_path();
+        size_t n_devices = 0;
         Manifest m;
         size_t len;
         int r;
 
+        r = manifest_targets(device, devices, &n_devices);
+        if (r < 0)
+                return r;
+        if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+                return log_error_errno(-EIO, "No randomness for the manifest's nonce");
+        for (size_t i = 0; i < sizeof(rnd); i++)
+                snprintf(nonce + 2 * i, 3, "%02x", rnd[i]);
         if (!kp)
                 return cli_usage_error("No update key: give --key FILE or set TETHER_OTA_KEY (or --manifest)");
         if (arg.ota_min_version && debversion_check(arg.ota_min_version) < 0)
@@ -224,6 +265,12 @@ static int make_manifest(const DebInfo *deb, const char *url, char **ret, size_t
                 .key_id = id,
                 .min_version = (char *)arg.ota_min_version,
                 .plugin = (char *)arg.ota_plugin,
+                .nonce = nonce,
+                .devices = devices,
+                .n_devices = n_devices,
+                .tags = (char **)arg.ota_tags,
+                .n_tags = arg.n_ota_tags,
+                .allow_downgrade = arg.ota_allow_downgrade,
                 .size = deb->size,
                 .installed_size = deb->control.installed_size,
                 .expires = arg.ota_expires >= 0
@@ -264,7 +311,7 @@ static int ota_sign(char **args, int n) {
         r = deb_info(args[0], &deb);
         if (r < 0)
                 return r;
-        r = make_manifest(&deb, arg.ota_url, &env, &len);
+        r = make_manifest(&deb, arg.ota_url, NULL, &env, &len);
         if (r < 0)
                 return r;
         if (arg.ota_output) {
@@ -608,12 +655,22 @@ static int ota_job_start(Api *a, const char *device, const char *path) {
                     manifest_body_parse(env.body, env.body_len, &m, &err) < 0)
                         return log_error_errno(-EINVAL, "'%s' is not a signed manifest", arg.ota_manifest);
                 r = streq(m.sha256, deb.sha256) ? 0 : -EINVAL;
+                if (r == 0) {
+                        _cleanup_free_ char *why = NULL;
+
+                        /* With tags only the device can tell. */
+                        if (m.n_tags == 0 && manifest_check_target(&m, device, NULL, 0, &why) != MANIFEST_OK) {
+                                manifest_done(&m);
+                                return log_error_errno(-EINVAL, "'%s': %s", arg.ota_manifest,
+                                                       why ? why : "not for this device");
+                        }
+                }
                 manifest_done(&m);
                 if (r < 0)
                         return log_error_errno(r, "The manifest '%s' is for another file than '%s'",
                                                arg.ota_manifest, path);
         } else {
-                r = make_manifest(&deb, url, &manifest, &len);
+                r = make_manifest(&deb, url, device, &manifest, &len);
                 if (r < 0)
                         return r;
         }

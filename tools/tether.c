@@ -1189,6 +1189,8 @@ enum {
         OPT_EXPIRES,
         OPT_VALID_FOR,
         OPT_NO_WAIT,
+        OPT_TAG,
+        OPT_ALLOW_DOWNGRADE,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1225,6 +1227,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "expires", required_argument, NULL, OPT_EXPIRES },
                 { "valid-for", required_argument, NULL, OPT_VALID_FOR },
                 { "no-wait", no_argument, NULL, OPT_NO_WAIT },
+                { "tag", required_argument, NULL, OPT_TAG },
+                { "allow-downgrade", no_argument, NULL, OPT_ALLOW_DOWNGRADE },
                 {},
         };
         const char *cmd;
@@ -1276,6 +1280,10 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         break;
                 case OPT_DEVICE:
                         arg.device = optarg;
+                        /* ota sign: each --device is a target */
+                        if (arg.n_ota_devices >= CLI_OTA_TARGETS_MAX)
+                                return cli_usage_error("Too many --device options (at most %d)", CLI_OTA_TARGETS_MAX);
+                        arg.ota_devices[arg.n_ota_devices++] = optarg;
                         break;
                 case OPT_COUNT: {
                         errno = 0;
@@ -1339,6 +1347,16 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         arg.ota_no_wait = true;
                         ota_opts = true;
                         break;
+                case OPT_TAG:
+                        if (arg.n_ota_tags >= CLI_OTA_TARGETS_MAX)
+                                return cli_usage_error("Too many --tag options (at most %d)", CLI_OTA_TARGETS_MAX);
+                        arg.ota_tags[arg.n_ota_tags++] = optarg;
+                        ota_opts = true;
+                        break;
+                case OPT_ALLOW_DOWNGRADE:
+                        arg.ota_allow_downgrade = true;
+                        ota_opts = true;
+                        break;
                 case ':':
                         return cli_usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
@@ -1371,11 +1389,15 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
 
         if ((arg.private_ || arg.ttl >= 0) && !streq(cmd, "publish"))
                 return cli_usage_error("--private and --ttl are options of 'publish'");
-        if ((arg.device || arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
-                return cli_usage_error("--device, --count and --resume are options of 'subscribe'");
+        if (arg.device && !streq(cmd, "subscribe") && !streq(cmd, "ota"))
+                return cli_usage_error("--device is an option of 'subscribe' and 'ota'");
+        if (arg.n_ota_devices > 1 && !streq(cmd, "ota"))
+                return cli_usage_error("--device may be given once for 'subscribe'");
+        if ((arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
+                return cli_usage_error("--count and --resume are options of 'subscribe'");
         if (ota_opts && !streq(cmd, "ota"))
                 return cli_usage_error("--key, --url, --manifest, --output, --min-version, --plugin, --expires, "
-                                       "--valid-for and --no-wait are options of 'ota'");
+                                       "--valid-for, --tag, --allow-downgrade and --no-wait are options of 'ota'");
 
         *ret_optind = optind + 1;
         return 1;

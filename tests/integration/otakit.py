@@ -214,7 +214,11 @@ MinFreeMB=1
         return self.tether("ota", "upload", deb).stdout.strip()
 
     def sign(self, deb, url, *opts, key=None):
+        """tether ota sign; the manifest is for this world's agent unless
+        opts name other targets (--device, --tag)."""
         out = self.w.path(f"manifest-{os.path.basename(deb)}-{time.monotonic_ns()}")
+        if "--device" not in opts and "--tag" not in opts:
+            opts = ("--device", self.agent.device_id) + tuple(opts)
         self.tether("ota", "sign", deb, "--key", key or self.key, "--url", url, "--output", out, *opts)
         with open(out) as f:
             return f.read()

@@ -376,7 +376,7 @@ reject() { # WHY CODE MANIFEST
     [ "$(dpkg_status)" = "$before" ] || fail "$1: dpkg's status file changed"
     log "    $1: rejected/$2: $(field reason)"
 }
-sign() { rm -f "$scratch/m"; "$host_build/tools/tether" ota sign "$@" --output "$scratch/m" >/dev/null || fail "tether ota sign $*"; }
+sign() { rm -f "$scratch/m"; "$host_build/tools/tether" ota sign "$@" --device "$dev" --output "$scratch/m" >/dev/null || fail "tether ota sign $*"; }
 sign "$good" --key "$scratch/root/root/update.key" --url "$url"
 sed -i 's/"version":"2.1"/"version":"3.1"/' "$scratch/m"
 reject "bad signature" bad-signature "$scratch/m"

@@ -50,8 +50,14 @@ static void keypair_done(KeyPair *kp) {
         free(kp->pub);
 }
 
+static char *sample_devices[] = { (char *)"gw-1", (char *)"gw-2" };
+#define SAMPLE_NONCE "00112233445566778899aabbccddeeff"
+
 static Manifest sample(const char *key_id) {
         return (Manifest){
+                .nonce = (char *)SAMPLE_NONCE,
+                .devices = sample_devices,
+                .n_devices = ELEMENTSOF(sample_devices),
                 .package = (char *)"tether-agent",
                 .version = (char *)"0.2.0-1",
                 .architecture = (char *)"amd64",
@@ -97,7 +103,7 @@ static void test_sign_open(void **state) {
 
         in = sample(kp.id);
         env = signed_envelope(&kp, &in, &len);
-        assert_true(startswith(env, "tether-ota-manifest/1\nkey="));
+        assert_true(startswith(env, "tether-ota-manifest/2\nkey="));
         assert_int_equal(manifest_open(k, (const uint8_t *)env, len, &out, &why, &err), 0);
         assert_string_equal(out.package, "tether-agent");
         assert_string_equal(out.version, "0.2.0-1");
@@ -109,10 +115,16 @@ static void test_sign_open(void **state) {
         assert_int_equal(out.size, 10485760);
         assert_int_equal(out.installed_size, 20480);
         assert_int_equal(out.expires, 4102444800);
+        assert_string_equal(out.nonce, SAMPLE_NONCE);
+        assert_int_equal(out.n_devices, 2);
+        assert_string_equal(out.devices[0], "gw-1");
+        assert_string_equal(out.devices[1], "gw-2");
+        assert_int_equal(out.n_tags, 0);
+        assert_false(out.allow_downgrade);
         manifest_done(&out);
 
         /* Every single flipped bit of the body or signature is refused. */
-        for (size_t i = strlen("tether-ota-manifest/1\nkey=") + MANIFEST_KEY_ID_LEN + 1; i < len; i++) {
+        for (size_t i = strlen("tether-ota-manifest/2\nkey=") + MANIFEST_KEY_ID_LEN + 1; i < len; i++) {
                 char saved = env[i];
 
                 if (env[i] == '\n')
@@ -181,7 +193,7 @@ static void test_unknown_key_and_rotation(void **state) {
         /* The header names a trusted key the signature is not from. */
         m = sample(cur.id);
         env = signed_envelope(&stranger, &m, &len);
-        memcpy(env + strlen("tether-ota-manifest/1\nkey="), cur.id, MANIFEST_KEY_ID_LEN);
+        memcpy(env + strlen("tether-ota-manifest/2\nkey="), cur.id, MANIFEST_KEY_ID_LEN);
         assert_int_equal(manifest_open(k, (const uint8_t *)env, len, &out, &why, &err), -EKEYREJECTED);
         assert_int_equal(why, MANIFEST_BAD_SIGNATURE);
         free(env);
@@ -195,11 +207,11 @@ static void test_unknown_key_and_rotation(void **state) {
 static void test_envelope_malformed(void **state) {
         static const char *const bad[] = {
                 "",
-                "tether-ota-manifest/1\n",
+                "tether-ota-manifest/3\n",
                 "tether-ota-manifest/2\nkey=0123456789abcdef\nsignature=",
-                "tether-ota-manifest/1\nkey=0123456789ABCDEF\n",
-                "tether-ota-manifest/1\nkey=0123456789abcde\n",
-                "tether-ota-manifest/1 \nkey=0123456789abcdef\n",
+                "tether-ota-manifest/2\nkey=0123456789ABCDEF\n",
+                "tether-ota-manifest/2\nkey=0123456789abcde\n",
+                "tether-ota-manifest/2 \nkey=0123456789abcdef\n",
         };
         char sig[200], buf[600];
         ManifestEnvelope env;
@@ -208,7 +220,7 @@ static void test_envelope_malformed(void **state) {
                 assert_int_equal(manifest_envelope_split((const uint8_t *)bad[i], strlen(bad[i]), &env), -EBADMSG);
         memset(sig, 'a', 128);
         sig[128] = 0;
-        snprintf(buf, sizeof(buf), "tether-ota-manifest/1\nkey=0123456789abcdef\nsignature=%s\n\n{}", sig);
+        snprintf(buf, sizeof(buf), "tether-ota-manifest/2\nkey=0123456789abcdef\nsignature=%s\n\n{}", sig);
         assert_int_equal(manifest_envelope_split((const uint8_t *)buf, strlen(buf), &env), 0);
         assert_string_equal(env.key_id, "0123456789abcdef");
         assert_int_equal(env.signature[0], 0xaa);
@@ -217,11 +229,11 @@ static void test_envelope_malformed(void **state) {
         /* no body */
         assert_int_equal(manifest_envelope_split((const uint8_t *)buf, strlen(buf) - 2, &env), -EBADMSG);
         /* no blank line */
-        snprintf(buf, sizeof(buf), "tether-ota-manifest/1\nkey=0123456789abcdef\nsignature=%s\n{}", sig);
+        snprintf(buf, sizeof(buf), "tether-ota-manifest/2\nkey=0123456789abcdef\nsignature=%s\n{}", sig);
         assert_int_equal(manifest_envelope_split((const uint8_t *)buf, strlen(buf), &env), -EBADMSG);
         /* short signature */
         sig[127] = 0;
-        snprintf(buf, sizeof(buf), "tether-ota-manifest/1\nkey=0123456789abcdef\nsignature=%s\n\n{}", sig);
+        snprintf(buf, sizeof(buf), "tether-ota-manifest/2\nkey=0123456789abcdef\nsignature=%s\n\n{}", sig);
         assert_int_equal(manifest_envelope_split((const uint8_t *)buf, strlen(buf), &env), -EBADMSG);
         {
                 size_t n = MANIFEST_MAX + 1;
@@ -242,7 +254,8 @@ static void expect_body_error(const char *body, const char *what) {
         assert_null(m.package);
 }
 
-#define GOOD_HEAD "{\"format\":\"tether-ota-manifest/1\",\"key\":\"0123456789abcdef\",\"package\":\"tether-agent\","
+#define GOOD_TARGET "\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[\"gw-1\"],"
+#define GOOD_HEAD "{\"format\":\"tether-ota-manifest/2\"," GOOD_TARGET "\"key\":\"0123456789abcdef\",\"package\":\"tether-agent\","
 #define GOOD_SHA "\"sha256\":\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\","
 
 static void test_body(void **state) {
@@ -288,7 +301,7 @@ static void test_body(void **state) {
         expect_body_error(GOOD_HEAD "\"version\":\"1.0\",\"architecture\":\"amd64\"," GOOD_SHA
                                     "\"url\":\"https://h/x\",\"size\":5,\"expires\":1,\"plugin\":\"../x\"}",
                           "plugin");
-        expect_body_error("{\"format\":\"tether-ota-manifest/1\",\"key\":\"0123456789abcdef\",\"package\":\"Bad\","
+        expect_body_error("{\"format\":\"tether-ota-manifest/2\"," GOOD_TARGET "\"key\":\"0123456789abcdef\",\"package\":\"Bad\","
                           "\"version\":\"1.0\",\"architecture\":\"amd64\"," GOOD_SHA
                           "\"url\":\"https://h/x\",\"size\":5,\"expires\":1}",
                           "package");
@@ -323,6 +336,134 @@ static void test_check(void **state) {
         m.min_version = (char *)"1:0";
         assert_int_equal(manifest_check(&m, 1000, "arm64", NULL, &text), MANIFEST_BELOW_MINIMUM);
         free(text);
+}
+
+static void test_old_format(void **state) {
+        static const char body1[] = "{\"format\":\"tether-ota-manifest/1\",\"key\":\"0123456789abcdef\"}";
+        char sig[129], buf[600];
+        ManifestEnvelope env;
+        ManifestReject why = MANIFEST_OK;
+        const char *err = NULL;
+        Manifest m = {};
+        Keyring *k = keyring_new();
+
+        memset(sig, 'a', 128);
+        sig[128] = 0;
+        snprintf(buf, sizeof(buf), "tether-ota-manifest/1\nkey=0123456789abcdef\nsignature=%s\n\n%s", sig, body1);
+        assert_int_equal(manifest_envelope_split((const uint8_t *)buf, strlen(buf), &env), -EPROTONOSUPPORT);
+        assert_int_equal(manifest_open(k, (const uint8_t *)buf, strlen(buf), &m, &why, &err), -EPROTONOSUPPORT);
+        assert_int_equal(why, MANIFEST_OLD_FORMAT);
+        assert_string_equal(manifest_reject_to_string(why), "old-format");
+        assert_non_null(strstr(err, "sign it again"));
+        expect_body_error(body1, "format 1");
+        keyring_free(k);
+}
+
+#define BODY_REST "\"version\":\"1.0\",\"architecture\":\"amd64\"," GOOD_SHA "\"url\":\"https://h/x\",\"size\":5,\"expires\":1"
+#define BODY_START "{\"format\":\"tether-ota-manifest/2\",\"key\":\"0123456789abcdef\",\"package\":\"tether-agent\","
+
+static void test_targets_nonce_body(void **state) {
+        const char *good = BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"tags\":[\"site-a\",\"x.y_z-1\"],"
+                           "\"devices\":[],\"allow_downgrade\":true}";
+        _cleanup_free_ char *many = NULL, *body = NULL;
+        Manifest m = {};
+        const char *err = NULL;
+        size_t len;
+        FILE *f;
+
+        assert_int_equal(manifest_body_parse((const uint8_t *)good, strlen(good), &m, &err), 0);
+        assert_int_equal(m.n_devices, 0);
+        assert_int_equal(m.n_tags, 2);
+        assert_string_equal(m.tags[1], "x.y_z-1");
+        assert_true(m.allow_downgrade);
+        /* what manifest_body_format() writes parses back the same */
+        assert_int_equal(manifest_body_format(&m, &body), 0);
+        assert_non_null(strstr(body, "\"allow_downgrade\":true"));
+        assert_non_null(strstr(body, "\"tags\":[\"site-a\",\"x.y_z-1\"]"));
+        assert_null(strstr(body, "\"devices\""));
+        manifest_done(&m);
+
+        expect_body_error(BODY_START BODY_REST ",\"devices\":[\"gw\"]}", "nonce");
+        expect_body_error(BODY_START BODY_REST ",\"devices\":[\"gw\"],\"nonce\":\"00112233445566778899AABBCCDDEEFF\"}",
+                          "nonce");
+        expect_body_error(BODY_START BODY_REST ",\"devices\":[\"gw\"],\"nonce\":\"0011\"}", "nonce");
+        expect_body_error(BODY_START BODY_REST ",\"devices\":[\"gw\"],\"nonce\":7}", "nonce");
+        expect_body_error(BODY_START "\"nonce\":\"" SAMPLE_NONCE "\"," BODY_REST "}", "no target");
+        expect_body_error(BODY_START "\"nonce\":\"" SAMPLE_NONCE "\"," BODY_REST ",\"devices\":[],\"tags\":[]}",
+                          "no target");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[\"gw\",\"gw\"]}", "devices");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[\"a/b\"]}", "devices");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[\"api\"]}", "devices");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":\"gw\"}", "devices");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[1]}", "devices");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"tags\":[\"a b\"]}", "tags");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"tags\":[\"\"]}", "tags");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[\"gw\"],"
+                                                "\"allow_downgrade\":\"yes\"}",
+                          "allow_downgrade");
+        expect_body_error(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[\"gw\"],"
+                                                "\"allow_downgrade\":1}",
+                          "allow_downgrade");
+        /* 257 targets (short ids so that it fits in the body) */
+        f = open_memstream(&many, &len);
+        assert_non_null(f);
+        fputs(BODY_START BODY_REST ",\"nonce\":\"" SAMPLE_NONCE "\",\"devices\":[", f);
+        for (int i = 0; i < 200; i++)
+                fprintf(f, "%s\"%x\"", i ? "," : "", i);
+        fputs("],\"tags\":[", f);
+        for (int i = 0; i < 57; i++)
+                fprintf(f, "%s\"%x\"", i ? "," : "", i);
+        fputs("]}", f);
+        fclose(f);
+        assert_true(len <= MANIFEST_BODY_MAX);
+        expect_body_error(many, "too many targets");
+}
+
+static void test_check_target(void **state) {
+        Manifest m = sample("0123456789abcdef");
+        char *tags_here[] = { (char *)"site-b", (char *)"site-a" }, *tags_m[] = { (char *)"site-a" };
+        char *text = NULL;
+
+        assert_int_equal(manifest_check_target(&m, "gw-2", NULL, 0, &text), MANIFEST_OK);
+        assert_null(text);
+        assert_int_equal(manifest_check_target(&m, "gw-3", NULL, 0, &text), MANIFEST_NOT_TARGETED);
+        assert_string_equal(manifest_reject_to_string(MANIFEST_NOT_TARGETED), "not-targeted");
+        assert_non_null(strstr(text, "'gw-3'"));
+        free(text);
+        assert_int_equal(manifest_check_target(&m, NULL, NULL, 0, &text), MANIFEST_NOT_TARGETED);
+        free(text);
+        /* prefixes are not matches */
+        assert_int_equal(manifest_check_target(&m, "gw-", NULL, 0, &text), MANIFEST_NOT_TARGETED);
+        free(text);
+        /* tags: a match only with a tag the device carries */
+        m.tags = tags_m;
+        m.n_tags = 1;
+        assert_int_equal(manifest_check_target(&m, "gw-3", NULL, 0, &text), MANIFEST_NOT_TARGETED);
+        assert_non_null(strstr(text, "knows no tags"));
+        free(text);
+        assert_int_equal(manifest_check_target(&m, "gw-3", tags_here, 1, &text), MANIFEST_NOT_TARGETED);
+        free(text);
+        assert_int_equal(manifest_check_target(&m, "gw-3", tags_here, 2, &text), MANIFEST_OK);
+        assert_null(text);
+}
+
+static void test_check_installed(void **state) {
+        Manifest m = sample("0123456789abcdef"); /* 0.2.0-1 */
+        char *text = NULL;
+
+        assert_int_equal(manifest_check_installed(&m, NULL, &text), MANIFEST_OK);
+        assert_int_equal(manifest_check_installed(&m, "0.1.9", &text), MANIFEST_OK);
+        assert_int_equal(manifest_check_installed(&m, "0.2.0-1", &text), MANIFEST_OK);
+        assert_null(text);
+        assert_int_equal(manifest_check_installed(&m, "0.2.0-2", &text), MANIFEST_DOWNGRADE);
+        assert_string_equal(manifest_reject_to_string(MANIFEST_DOWNGRADE), "downgrade");
+        assert_non_null(strstr(text, "0.2.0-2"));
+        free(text);
+        assert_int_equal(manifest_check_installed(&m, "1:0.1", &text), MANIFEST_DOWNGRADE);
+        free(text);
+        m.allow_downgrade = true;
+        assert_int_equal(manifest_check_installed(&m, "1:0.1", &text), MANIFEST_OK);
+        assert_null(text);
 }
 
 static void bad_file(const char *path, int error, void *userdata) {
@@ -445,6 +586,8 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_envelope_malformed), cmocka_unit_test(test_body),
                 cmocka_unit_test(test_check),          cmocka_unit_test(test_keyring_dir),
                 cmocka_unit_test(test_versions),       cmocka_unit_test(test_control_parse),
+                cmocka_unit_test(test_old_format),     cmocka_unit_test(test_targets_nonce_body),
+                cmocka_unit_test(test_check_target),   cmocka_unit_test(test_check_installed),
         };
         /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
         if (argc > 1)

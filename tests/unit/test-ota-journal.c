@@ -16,6 +16,7 @@
 #include <sys/wait.h>
 
 #include "ota-install.h"
+#include "manifest.h"
 #include "ota-journal.h"
 #include "util.h"
 
@@ -393,7 +394,7 @@ static void test_journal_roundtrip(void **state) {
         world_init(&w, &scenarios[0]);
         assert_int_equal(ota_journal_load(w.dir, &k), -ENOENT);
         snprintf(j.job, sizeof(j.job), "00ff00ff00ff00ff");
-        j.manifest = strdup("tether-ota-manifest/1\nkey=…");
+        j.manifest = strdup("tether-ota-manifest/2\nkey=…");
         j.package = strdup("tether-plugin-x");
         j.plugin = strdup("x");
         j.dl_offset = 1234;
@@ -452,9 +453,66 @@ static void test_table(void **state) {
         assert_int_equal(ota_state_from_string("bogus"), _OTA_STATE_MAX);
 }
 
+static void test_nonces(void **state) {
+        World w;
+        char nonce[MANIFEST_NONCE_LEN + 1], job[OTA_JOB_ID_MAX + 1], *before = NULL, *text = NULL;
+        unsigned dropped = 99;
+        FILE *f;
+
+        world_init(&w, &scenarios[0]);
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000001", "000000000000000a", 5000, 1000,
+                                         &dropped, &before),
+                         0);
+        assert_int_equal(dropped, 0);
+        /* the same nonce again: a replay, under any job id */
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000001", "000000000000000b", 5000, 1000,
+                                         NULL, &before),
+                         -EEXIST);
+        assert_string_equal(before, "000000000000000a");
+        free(before);
+        before = NULL;
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000001", "000000000000000a", 5000, 1000,
+                                         NULL, NULL),
+                         -EEXIST);
+        /* kept through the grace period after the manifest expired, then forgotten */
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000002", "000000000000000c", 9000,
+                                         5000 + OTA_NONCE_GRACE_SEC - 1, NULL, NULL),
+                         0);
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000001", "000000000000000d", 9000,
+                                         5000 + OTA_NONCE_GRACE_SEC - 1, NULL, NULL),
+                         -EEXIST);
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000003", "000000000000000e", 9000,
+                                         5000 + OTA_NONCE_GRACE_SEC, NULL, NULL),
+                         0);
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000001", "000000000000000f", 9000,
+                                         5000 + OTA_NONCE_GRACE_SEC, NULL, NULL),
+                         0);
+        /* bounded: past OTA_NONCES_MAX the soonest to expire goes */
+        for (unsigned i = 0; i < OTA_NONCES_MAX + 2; i++) {
+                snprintf(nonce, sizeof(nonce), "%032x", 0x1000 + i);
+                snprintf(job, sizeof(job), "%016x", i);
+                assert_int_equal(ota_nonce_claim(w.dir, nonce, job, 100000 + i, 1000, &dropped, NULL), 0);
+        }
+        assert_int_equal(dropped, 1);
+        snprintf(nonce, sizeof(nonce), "%032x", 0x1000 + OTA_NONCES_MAX + 1);
+        assert_int_equal(ota_nonce_claim(w.dir, nonce, "0000000000000001", 100000, 1000, NULL, NULL), -EEXIST);
+        /* an unreadable record refuses (it cannot tell a replay) */
+        assert_int_equal(asprintf(&text, "%s/%s", w.dir, OTA_NONCES_FILE) > 0, true);
+        f = fopen(text, "we");
+        assert_non_null(f);
+        fputs("{\"nonces\":[{\"nonce\":1}]}", f);
+        fclose(f);
+        free(text);
+        assert_int_equal(ota_nonce_claim(w.dir, "00000000000000000000000000000009", "0000000000000009", 9000, 1000,
+                                         NULL, NULL),
+                         -EBADMSG);
+        world_done(&w);
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_table),
+                cmocka_unit_test(test_nonces),
                 cmocka_unit_test(test_journal_roundtrip),
                 cmocka_unit_test(test_scenarios_uninterrupted),
         };
