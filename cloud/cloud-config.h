@@ -94,6 +94,9 @@ bool cloud_config_metrics_token_valid(const CloudConfig *c, const char *token);
 int cloud_config_token_digest(const char *token, uint8_t ret[static CONFIG_TOKEN_DIGEST_SIZE]);
 /* True if digest is one of the configured tokens' (constant time). */
 bool cloud_config_token_digest_valid(const CloudConfig *c, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]);
+/* The same for the tokens of MetricsTokenFile. */
+bool cloud_config_metrics_token_digest_valid(const CloudConfig *c,
+                                             const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]);
 
 /* Resolve a numeric or host-name listen address plus port. */
 int cloud_config_resolve_address(const char *host, unsigned port, struct sockaddr_storage *ret,

@@ -284,15 +284,21 @@ bool cloud_config_token_valid(const CloudConfig *c, const char *token) {
         return cloud_config_token_digest_valid(c, digest);
 }
 
-bool cloud_config_metrics_token_valid(const CloudConfig *c, const char *token) {
-        uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
+bool cloud_config_metrics_token_digest_valid(const CloudConfig *c,
+                                             const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]) {
         bool ok = false;
 
-        if (cloud_config_token_digest(token, digest) < 0)
-                return false;
         for (size_t i = 0; i < c->n_metrics_tokens; i++)
                 ok |= CRYPTO_memcmp(digest, c->metrics_token_digests[i], CONFIG_TOKEN_DIGEST_SIZE) == 0;
         return ok;
+}
+
+bool cloud_config_metrics_token_valid(const CloudConfig *c, const char *token) {
+        uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
+
+        if (cloud_config_token_digest(token, digest) < 0)
+                return false;
+        return cloud_config_metrics_token_digest_valid(c, digest);
 }
 
 int cloud_config_reload_tokens(CloudConfig *c) {
