@@ -208,6 +208,15 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
         if (!startswith(in->url, "/v1/"))
                 goto done;
         rest = in->url + 4;
+        if (streq(rest, "tokens") || streq(rest, "audit")) {
+                p.route = streq(rest, "audit") ? API_ROUTE_AUDIT : API_ROUTE_TOKENS;
+                goto done;
+        }
+        if (startswith(rest, "tokens/") && rest[7] && !strchr(rest + 7, '/')) {
+                p.route = API_ROUTE_TOKEN;
+                p.name = rest + 7;
+                goto done;
+        }
         if (match_events(rest, &prefix)) {
                 if (get) {
                         p.route = API_ROUTE_STREAM;
@@ -260,6 +269,33 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
 done:
         *ret = p;
         return 0;
+}
+
+unsigned api_route_scope(ApiRoute route) {
+        switch (route) {
+        case API_ROUTE_LIST:
+        case API_ROUTE_DEVICE:
+        case API_ROUTE_READ:
+                return SCOPE_DEVICES_READ;
+        case API_ROUTE_CALL:
+                return SCOPE_FUNCTIONS_CALL;
+        case API_ROUTE_STREAM:
+                return SCOPE_EVENTS_READ;
+        case API_ROUTE_PUBLISH:
+                return SCOPE_EVENTS_PUBLISH;
+        case API_ROUTE_UPDATE:
+                return SCOPE_OTA_WRITE;
+        case API_ROUTE_TOKENS:
+        case API_ROUTE_TOKEN:
+        case API_ROUTE_AUDIT:
+                return SCOPE_ADMIN;
+        case API_ROUTE_NOT_FOUND:
+        case API_ROUTE_BAD_BODY:
+        case API_ROUTE_NO_DEVICE:
+        case API_ROUTE_DEVICE_BAD_METHOD:
+        default:
+                return 0;
+        }
 }
 
 int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, unsigned *ret_status,

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "proto.h"
+#include "scopes.h"
 
 /* What api_parse_request() looks at: the request line, three headers
  * (NULL when absent), the access_token query parameter (which may hold NUL
@@ -43,6 +44,9 @@ typedef enum ApiRoute {
         API_ROUTE_DEVICE_BAD_METHOD, /* anything else on /v1/devices/ID[/X] */
         API_ROUTE_CALL,              /* POST /v1/devices/ID/FN */
         API_ROUTE_READ,              /* GET /v1/devices/ID/VAR */
+        API_ROUTE_TOKENS,            /* GET (list), POST (create) /v1/tokens; others: 405 */
+        API_ROUTE_TOKEN,             /* DELETE /v1/tokens/ID (revoke); others: 405 */
+        API_ROUTE_AUDIT,             /* GET /v1/audit; others: 405 */
 } ApiRoute;
 
 typedef struct ApiParsed {
@@ -52,7 +56,7 @@ typedef struct ApiParsed {
         char device[PROTO_DEVICE_ID_MAX + 1];
         bool stream_device; /* STREAM: only events from device */
         const char *prefix; /* STREAM: into the URL */
-        const char *name;   /* CALL, READ: into the URL, not checked yet */
+        const char *name;   /* CALL, READ: into the URL, not checked yet; TOKEN: the id */
         bool has_last_event_id;
         uint64_t last_epoch, last_id;
 } ApiParsed;
@@ -61,6 +65,10 @@ typedef struct ApiParsed {
  * got wrong is a route. *ret is the caller's (api_parsed_done()). */
 int api_parse_request(const ApiInput *in, ApiParsed *ret);
 void api_parsed_done(ApiParsed *p);
+
+/* The scope (scopes.h) a request on route needs: 0 for routes any valid
+ * token may reach (they answer 400 or 404 whatever the token). */
+unsigned api_route_scope(ApiRoute route);
 
 /* application/x-www-form-urlencoded into a JSON object of strings (not
  * checked for UTF-8 here: every use checks). NULL on OOM. */

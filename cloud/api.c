@@ -49,6 +49,12 @@ typedef struct ApiRequest {
         bool body_too_large;
         bool body_overload; /* API_BODY_TOTAL_MAX reached while it came in */
         bool authorized;    /* token from the header or query checked and good */
+        TokenAuth auth;     /* who it is, once authorized */
+        /* A mutating request (POST, PUT, DELETE) goes to the audit log
+         * when it completes (api_audit()): what and to what. */
+        const char *audit_action;
+        char *audit_target;
+        json_t *audit_detail;
 
         bool dispatched;
         bool suspended;
@@ -66,9 +72,8 @@ typedef struct ApiRequest {
         bool sse;
         bool dropped; /* end the stream with an error */
         bool ending;  /* end the stream cleanly (shutdown, token revoked) */
-        /* SHA-256 of the token it was opened with, checked again after a
-         * reload (api_end_revoked_streams()); never the token itself. */
-        uint8_t token_digest[CONFIG_TOKEN_DIGEST_SIZE];
+        /* auth is checked again after a reload, a revocation and every
+         * keep-alive (api_end_revoked_streams()). */
         char *prefix;
         char *filter_id; /* only events from this device */
         Sub *sub;        /* in the Api's streams, once the stream is open */
@@ -93,6 +98,7 @@ struct Api {
         sd_event *event;
         const CloudConfig *config;
         Store *store;
+        Tokens *tokens;
         Journal *journal;
         Devices *devices;
         Events *events;
@@ -236,14 +242,17 @@ static void api_input_token(struct MHD_Connection *connection, ApiInput *in) {
                                                                 &in->query_token_len) == MHD_YES;
 }
 
-/* Whether the request carries a valid token in the Authorization header
- * or the access_token query parameter. */
-static bool api_connection_authorized(Api *api, struct MHD_Connection *connection) {
+/* Who the token in the Authorization header or the access_token query
+ * parameter is (req->auth): 0, or what tokens_check() says (-ENOKEY also
+ * for no token there). */
+static int api_connection_authenticate(ApiRequest *req) {
         ApiInput in = {};
         const char *token;
 
-        api_input_token(connection, &in);
-        return api_outside_token(&in, &token) && cloud_config_token_valid(api->config, token);
+        api_input_token(req->connection, &in);
+        if (!api_outside_token(&in, &token))
+                return -ENOKEY;
+        return tokens_check(req->api->tokens, token, &req->auth);
 }
 
 /* ---- device calls --------------------------------------------------------- */
@@ -561,6 +570,9 @@ static bool api_sse_push_event(ApiRequest *req, const char *msg, size_t n, uint6
 static bool api_sse_matches(const ApiRequest *req, const ProtoEvent *e) {
         if (!proto_prefix_match(req->prefix, e->name))
                 return false;
+        /* A token restricted to devices sees their events only. */
+        if (tokens_restricted(&req->auth) && !tokens_may_reach(&req->auth, e->coreid))
+                return false;
         return !req->filter_id || (e->coreid && streq(req->filter_id, e->coreid) && !streq(e->coreid, "api"));
 }
 
@@ -671,6 +683,8 @@ static bool api_deliver_one(Sub *sub, void *userdata, void *ctx) {
 
         if (req->ending || req->catching_up)
                 return true;
+        if (tokens_restricted(&req->auth) && !tokens_may_reach(&req->auth, dl->e->coreid))
+                return true;
         if (!dl->msg && (dl->n = api_sse_format(dl->api, dl->e, dl->id, &dl->msg)) < 0) {
                 dl->msg = NULL;
                 return false;
@@ -696,8 +710,7 @@ unsigned api_end_revoked_streams(Api *api) {
         unsigned n = 0;
 
         for (ApiRequest *req = api->requests; req; req = req->next) {
-                if (!req->sse || req->ending || req->dropped ||
-                    cloud_config_token_digest_valid(api->config, req->token_digest))
+                if (!req->sse || req->ending || req->dropped || tokens_recheck(api->tokens, &req->auth) == 0)
                         continue;
                 /* What is queued already goes out, then the end of the
                  * stream; nothing new is queued (api_deliver_event()). */
@@ -714,7 +727,12 @@ unsigned api_end_revoked_streams(Api *api) {
 
 static int api_keepalive_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Api *api = userdata;
+        unsigned n;
 
+        /* A token that expired since the last round ends its streams. */
+        n = api_end_revoked_streams(api);
+        if (n > 0)
+                log_info("Closed %u event stream(s) whose token expired.", n);
         for (ApiRequest *req = api->requests; req; req = req->next)
                 if (req->sse && !req->ending && req->buf_len == req->buf_off)
                         api_sse_push(req, ":\n\n", 3);
@@ -732,10 +750,6 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid event prefix", NULL);
                 return api_queue(req);
         }
-        /* The token was checked: keep its digest to check it again when
-         * the tokens are reloaded. */
-        if (cloud_config_token_digest(p->token, req->token_digest) < 0)
-                return MHD_NO;
         req->prefix = strdup(prefix);
         if (!req->prefix || (device && !(req->filter_id = strdup(device))))
                 return MHD_NO;
@@ -795,26 +809,73 @@ static void api_body_free(ApiRequest *req) {
         req->body_len = 0;
 }
 
-/* token: the one the request carried, NULL to look outside the body. A
- * token that may only read /metrics is good but not here: 403. */
-static enum MHD_Result api_unauthorized(ApiRequest *req, const char *token) {
-        Api *api = req->api;
-        ApiInput in = {};
-
-        if (!token) {
-                api_input_token(req->connection, &in);
-                (void)api_outside_token(&in, &token);
-        }
-        if (token && cloud_config_metrics_token_valid(api->config, token)) {
-                api_set_json(req, MHD_HTTP_FORBIDDEN,
-                             json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "insufficient_scope",
-                                       "error_description", "This access token may only read /metrics"));
-                return api_queue(req);
-        }
+/* 401 for what tokens_check() said (r). */
+static enum MHD_Result api_unauthorized(ApiRequest *req, int r) {
         api_set_json(req, MHD_HTTP_UNAUTHORIZED,
                      json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
-                               "The access token was not found or is invalid"));
+                               r == -EKEYEXPIRED   ? "The access token has expired"
+                               : r == -EKEYREVOKED ? "The access token has been revoked"
+                                                   : "The access token was not found or is invalid"));
         return api_queue(req);
+}
+
+/* Sets a 403 and returns false unless the request's token holds need. */
+static bool api_allowed(ApiRequest *req, unsigned need) {
+        char text[96];
+
+        if (scope_allows(req->auth.scopes, need))
+                return true;
+        snprintf(text, sizeof(text), "This access token lacks the scope '%s'", scope_name(need));
+        api_set_json(req, MHD_HTTP_FORBIDDEN,
+                     json_pack("{s:b, s:s, s:s, s:s}", "ok", 0, "error", "insufficient_scope", "error_description",
+                               text, "scope", scope_name(need)));
+        return false;
+}
+
+/* Sets a 403 and returns false unless the request's token may reach the
+ * device. Before looking the device up: the answer says nothing of
+ * whether it exists. */
+static bool api_may_reach(ApiRequest *req, const char *device) {
+        if (tokens_may_reach(&req->auth, device))
+                return true;
+        api_set_json(req, MHD_HTTP_FORBIDDEN,
+                     json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "insufficient_scope", "error_description",
+                               "This access token is restricted to other devices"));
+        return false;
+}
+
+static bool api_mutating(const char *method) {
+        return !streq(method, MHD_HTTP_METHOD_GET) && !streq(method, MHD_HTTP_METHOD_HEAD) &&
+               !streq(method, MHD_HTTP_METHOD_OPTIONS);
+}
+
+/* Note an authorized mutating request for the audit log: action (static),
+ * target (copied, cut to 256 bytes; may be NULL), detail (taken; may be
+ * NULL). Written with its status when it completes. */
+static void api_audit_begin(ApiRequest *req, const char *action, const char *target, json_t *detail) {
+        req->audit_action = action;
+        free(req->audit_target);
+        req->audit_target = target ? strndup(target, 256) : NULL;
+        json_decref(req->audit_detail);
+        req->audit_detail = detail;
+}
+
+/* The audit record of a request noted by api_audit_begin(), with the
+ * status it was answered (0: none, the connection ended first). */
+static void api_audit(ApiRequest *req) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(req->connection, MHD_CONNECTION_INFO_HTTP_STATUS);
+        unsigned status = ci ? ci->http_status : 0;
+        char actor[TOKENS_ID_MAX + 8], host[NI_MAXHOST];
+        json_t *detail = req->audit_detail ?: json_object();
+
+        req->audit_detail = NULL;
+        snprintf(actor, sizeof(actor), "token:%s", req->auth.id);
+        api_sse_client(req, host);
+        if (detail)
+                (void)json_object_set_new(detail, "status", json_integer(status));
+        (void)store_audit(req->api->store, actor, req->audit_action, req->audit_target, detail, host);
+        json_decref(detail);
+        req->audit_action = NULL;
 }
 
 /* A query parameter: NULL when absent, "" when it has no value or one
@@ -826,6 +887,74 @@ static const char *api_query_arg(ApiRequest *req, const char *key) {
         if (MHD_lookup_connection_value_n(req->connection, MHD_GET_ARGUMENT_KIND, key, strlen(key), &v, &n) != MHD_YES)
                 return NULL;
         return v && strlen(v) == n ? v : "";
+}
+
+/* What a mutating request is, for the audit log. */
+static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url, const char *method) {
+        json_t *name = p->params ? json_object_get(p->params, "name") : NULL;
+
+        switch (p->route) {
+        case API_ROUTE_CALL:
+                api_audit_begin(req, "device.call", p->device, json_pack("{s:s}", "function", p->name));
+                break;
+        case API_ROUTE_UPDATE:
+                api_audit_begin(req, "ota.job", p->device, NULL);
+                break;
+        case API_ROUTE_PUBLISH:
+                api_audit_begin(req, "event.publish", json_is_string(name) ? json_string_value(name) : NULL, NULL);
+                break;
+        case API_ROUTE_TOKENS:
+                api_audit_begin(req, "token.create", NULL, NULL);
+                break;
+        case API_ROUTE_TOKEN:
+                api_audit_begin(req, "token.revoke", p->name, NULL);
+                break;
+        default:
+                api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
+                break;
+        }
+}
+
+/* /v1/tokens[/ID] and /v1/audit (admin, checked). */
+static void api_admin(ApiRequest *req, const ApiParsed *p, const char *method) {
+        bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
+        Api *api = req->api;
+        json_t *body = NULL;
+        unsigned status;
+
+        if (p->route == API_ROUTE_AUDIT && get)
+                status = api_audit_query(api->store, api_query_arg(req, "after"), api_query_arg(req, "limit"),
+                                         api_query_arg(req, "action"), api_query_arg(req, "target"), &body);
+        else if (p->route == API_ROUTE_TOKENS && get)
+                status = api_tokens_list(api->tokens, &body);
+        else if (p->route == API_ROUTE_TOKENS && streq(method, MHD_HTTP_METHOD_POST)) {
+                char actor[TOKENS_ID_MAX + 8], id[TOKENS_ID_MAX + 1] = "";
+                json_t *none = NULL;
+
+                snprintf(actor, sizeof(actor), "token:%s", req->auth.id);
+                if (!p->params && !(none = json_object()))
+                        return;
+                status = api_tokens_create(api->tokens, p->params ?: none, actor, id, &body);
+                json_decref(none);
+                if (status == MHD_HTTP_OK) {
+                        api_audit_begin(req, "token.create", id,
+                                        json_pack("{s:O?, s:O?, s:O?}", "scopes", json_object_get(body, "scopes"),
+                                                  "expires_at", json_object_get(body, "expires_at"), "devices",
+                                                  json_object_get(body, "devices")));
+                }
+        } else if (p->route == API_ROUTE_TOKEN && streq(method, MHD_HTTP_METHOD_DELETE)) {
+                status = api_tokens_revoke(api->tokens, p->name, &body);
+                if (status == MHD_HTTP_OK) {
+                        unsigned n = api_end_revoked_streams(api);
+
+                        log_info("API token '%s' revoked by 'token:%s'; closed %u event stream(s) opened with it.",
+                                 p->name, req->auth.id, n);
+                }
+        } else {
+                api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
+                return;
+        }
+        api_set_json(req, status, body);
 }
 
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
@@ -857,8 +986,22 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 return MHD_NO;
         /* Parsed: a call may now wait for its device without the body. */
         api_body_free(req);
-        if (!req->authorized && !cloud_config_token_valid(api->config, p.token))
-                return api_unauthorized(req, p.token);
+        if (!req->authorized) {
+                int r = tokens_check(api->tokens, p.token, &req->auth);
+
+                if (r < 0)
+                        return api_unauthorized(req, r);
+                req->authorized = true;
+        }
+        if (api_mutating(method))
+                api_audit_route(req, &p, url, method);
+        if (!api_allowed(req, api_route_scope(p.route)))
+                return api_queue(req);
+        if ((p.route == API_ROUTE_STREAM && p.stream_device) || p.route == API_ROUTE_DEVICE ||
+            p.route == API_ROUTE_CALL || p.route == API_ROUTE_READ || p.route == API_ROUTE_UPDATE) {
+                if (!api_may_reach(req, p.device))
+                        return api_queue(req);
+        }
         switch (p.route) {
         case API_ROUTE_BAD_BODY:
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Body is not a JSON object", NULL);
@@ -871,6 +1014,8 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
 
                 if (api_parse_page(api_query_arg(req, "page"), api_query_arg(req, "per_page"), &page, &error) < 0)
                         api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
+                else if (tokens_restricted(&req->auth))
+                        api_set_json(req, MHD_HTTP_OK, api_devices_list_restricted(api->devices, &req->auth, &page));
                 else
                         api_set_json(req, MHD_HTTP_OK, api_devices_list(api->devices, &page));
                 break;
@@ -912,6 +1057,11 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_NO_DEVICE:
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 break;
+        case API_ROUTE_TOKENS:
+        case API_ROUTE_TOKEN:
+        case API_ROUTE_AUDIT:
+                api_admin(req, &p, method);
+                break;
         case API_ROUTE_NOT_FOUND:
         default:
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
@@ -920,21 +1070,22 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         return api_queue(req);
 }
 
-/* GET /metrics (docs/cloud.md, "Metrics"): any API token, or one from
- * MetricsTokenFile=, in the header or the query. */
+/* GET /metrics (docs/cloud.md, "Metrics"): a token with metrics:read (a
+ * TokenFile= token is admin, a MetricsTokenFile= one has metrics:read),
+ * in the header or the query. */
 static enum MHD_Result api_metrics(ApiRequest *req, const char *method) {
         Api *api = req->api;
         struct MHD_Response *resp;
-        ApiInput in = {};
-        const char *token;
         uint64_t lag = 0;
         char *text;
         size_t len;
+        int k;
 
-        api_input_token(req->connection, &in);
-        if (!api_outside_token(&in, &token) ||
-            (!cloud_config_token_valid(api->config, token) && !cloud_config_metrics_token_valid(api->config, token)))
-                return api_unauthorized(req, NULL);
+        k = api_connection_authenticate(req);
+        if (k < 0)
+                return api_unauthorized(req, k);
+        if (!api_allowed(req, SCOPE_METRICS_READ))
+                return api_queue(req);
         if (!streq(method, "GET") && !streq(method, "HEAD")) {
                 api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
                 return api_queue(req);
@@ -976,10 +1127,24 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 api->requests = req;
                 *con_cls = req;
                 if (ota_api_owns(url)) {
+                        int r;
+
                         /* Artifact uploads stream to disk: no body limit here. */
                         req->ota = true;
-                        if (!api_connection_authorized(api, connection))
-                                        return api_unauthorized(req, NULL);
+                        r = api_connection_authenticate(req);
+                        if (r < 0)
+                                return api_unauthorized(req, r);
+                        if (api_mutating(method))
+                                api_audit_begin(req, startswith(url, "/v1/ota/artifacts/") ? "ota.upload" : "api.request",
+                                                url, json_pack("{s:s}", "method", method));
+                        if (!api_allowed(req, SCOPE_OTA_WRITE))
+                                return api_queue(req);
+                        /* The job list names every device's jobs. */
+                        if (tokens_restricted(&req->auth) && (streq(url, "/v1/ota/jobs") || streq(url, "/v1/ota"))) {
+                                api_set_error(req, MHD_HTTP_FORBIDDEN,
+                                              "A token restricted to devices may not list OTA jobs", NULL);
+                                return api_queue(req);
+                        }
                         return (enum MHD_Result)ota_api_handler(api->ota, connection, url, method, upload_data,
                                                                 upload_data_size, &req->ota_state);
                 }
@@ -990,8 +1155,10 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                  * only be in its body has the body buffered first. */
                 api_input_token(connection, &in);
                 if (api_outside_token(&in, &token)) {
-                        if (!cloud_config_token_valid(api->config, token))
-                                return api_unauthorized(req, token);
+                        int r = tokens_check(api->tokens, token, &req->auth);
+
+                        if (r < 0)
+                                return api_unauthorized(req, r);
                         req->authorized = true;
                 }
                 /* Refuse a declared oversize body before it is sent. */
@@ -1058,6 +1225,9 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
 static void api_request_free(ApiRequest *req) {
         Api *api = req->api;
 
+        if (req->audit_action)
+                api_audit(req);
+
         if (req->prev)
                 req->prev->next = req->next;
         else
@@ -1080,6 +1250,8 @@ static void api_request_free(ApiRequest *req) {
         free(req->prefix);
         free(req->filter_id);
         free(req->buf);
+        free(req->audit_target);
+        json_decref(req->audit_detail);
         free(req);
 }
 
@@ -1126,6 +1298,7 @@ Api *api_free(Api *api) {
                 api->daemon = NULL;
         }
         api->streams = sub_index_free(api->streams);
+        api->tokens = tokens_free(api->tokens);
         api->io = sd_event_source_disable_unref(api->io);
         api->timer = sd_event_source_disable_unref(api->timer);
         api->defer = sd_event_source_disable_unref(api->defer);
@@ -1159,6 +1332,9 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Journal *j
         api->streams = sub_index_new(NULL);
         if (!api->streams)
                 return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
+        r = tokens_open(store, config, &api->tokens);
+        if (r < 0)
+                return r;
 
         r = cloud_config_resolve_address(config->api_listen, config->api_port, &ss, &sl);
         if (r < 0)

@@ -29,6 +29,7 @@
 #include "ota.h"
 #include "proto.h"
 #include "store.h"
+#include "tokens.h"
 
 typedef struct Api Api;
 
@@ -47,8 +48,8 @@ static inline void api_freep(Api **api) { api_free(*api); }
  * catching up from the journal. */
 void api_deliver_event(Api *api, const ProtoEvent *e, uint64_t id);
 /* End every event stream whose token is no longer valid (after a reload
- * of the tokens): cleanly, after what is already queued for it. Returns
- * how many were ended. */
+ * of the token files, a revocation through the API, its expiry): cleanly,
+ * after what is already queued for it. Returns how many were ended. */
 unsigned api_end_revoked_streams(Api *api);
 /* Run the HTTP server soon (after resuming a connection from outside). */
 void api_kick(Api *api);
@@ -71,3 +72,24 @@ int api_parse_page(const char *page, const char *per_page, ApiPage *ret, const c
 /* The response to GET /v1/devices (api-list.c): the plain array of every
  * device unless p->paged, else one page and its meta. NULL on OOM. */
 json_t *api_devices_list(Devices *devs, const ApiPage *p);
+
+/* ---- api-admin.c ---------------------------------------------------------- */
+
+/* The admin requests; each returns the HTTP status and sets *ret_body (a
+ * new JSON value, the caller's; NULL on OOM). */
+/* POST /v1/tokens: params (borrowed) name the token; actor is who asks
+ * ("token:ID"); on success ret_id is the new token's id. */
+unsigned api_tokens_create(Tokens *t, json_t *params, const char *actor, char ret_id[static TOKENS_ID_MAX + 1],
+                           json_t **ret_body);
+/* GET /v1/tokens */
+unsigned api_tokens_list(Tokens *t, json_t **ret_body);
+/* DELETE /v1/tokens/ID */
+unsigned api_tokens_revoke(Tokens *t, const char *id, json_t **ret_body);
+/* GET /v1/audit?after=ID&limit=N&action=PREFIX&target=X: the query
+ * parameters as given (NULL: absent). */
+unsigned api_audit_query(Store *s, const char *after, const char *limit, const char *action, const char *target,
+                         json_t **ret_body);
+/* GET /v1/devices for a token restricted to devices: the devices it
+ * lists that the cloud knows, in the token's order; the shapes of
+ * api_devices_list(). NULL on OOM. */
+json_t *api_devices_list_restricted(Devices *devs, const TokenAuth *auth, const ApiPage *p);
