@@ -57,6 +57,15 @@ typedef struct CliArgs {
         size_t n_ota_devices;
         const char *ota_tags[CLI_OTA_TARGETS_MAX]; /* --tag, repeatable */
         size_t n_ota_tags;
+        /* tokens create (also --device and --tag above) */
+        const char *scopes[16];
+        size_t n_scopes;
+        const char *token_name;
+        long long token_expires; /* --expires seconds, 0: never */
+        /* audit */
+        bool audit_follow;
+        const char *audit_action, *audit_target;
+        long long audit_after;
 } CliArgs;
 
 extern CliArgs arg;
@@ -93,6 +102,10 @@ int api_request(Api *a, const char *path, const char *form, json_t **ret);
 int print_raw_body(const Api *a);
 char *form_field(Api *a, const char *name, const char *value);
 const char *json_string_or(json_t *o, const char *key, const char *fallback);
+
+/* tether-admin.c: "tether tokens ...", "tether audit" */
+int cmd_tokens(Api *a, char **args, int n);
+int cmd_audit(Api *a, char **args, int n);
 
 /* tether-ota.c: "tether ota ..." */
 int cmd_ota(Api *a, char **args, int n);

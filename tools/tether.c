@@ -157,9 +157,9 @@ static void one_line(const char *in, char *out, size_t size) {
         out[j] = '\0';
 }
 
-/* The server's diagnostic: "error" (plus "info", the device's own text,
- * when there is one), else "error_description" or "message", else the
- * body itself if it is not JSON. */
+/* The server's diagnostic: "error_description" (401 and 403), else
+ * "error" (plus "info", the device's own text, when there is one), else
+ * "message", else the body itself if it is not JSON. */
 void error_text(const Buffer *body, char *out, size_t size) {
         const char *e = NULL, *info = NULL;
         _cleanup_free_ char *joined = NULL;
@@ -174,10 +174,12 @@ void error_text(const Buffer *body, char *out, size_t size) {
                 return;
         }
         if (json_is_object(j)) {
-                e = json_string_value(json_object_get(j, "error"));
-                if (e)
+                /* OAuth's error is a code ("invalid_token"): its
+                 * description says more (expired, revoked, which scope). */
+                e = json_string_value(json_object_get(j, "error_description"));
+                if (!e && (e = json_string_value(json_object_get(j, "error"))))
                         info = json_string_value(json_object_get(j, "info"));
-                else if (!(e = json_string_value(json_object_get(j, "error_description"))))
+                else if (!e)
                         e = json_string_value(json_object_get(j, "message"));
         }
         if (e && info && *info && !streq(e, info) && asprintf(&joined, "%s: %s", e, info) >= 0)
@@ -1152,6 +1154,17 @@ static void help(void) {
                "        --resume                  reconnect when the stream ends and resume\n"
                "                                  after the last event (Last-Event-ID)\n"
                "  ota ...                       signed package updates ('tether ota --help')\n"
+               "  tokens create --scope S...    make an API token (admin); shows it once\n"
+               "        --scope SCOPE             devices:read, functions:call, events:read,\n"
+               "                                  events:publish, ota:write, metrics:read, admin\n"
+               "        --expires DURATION        e.g. 3600, 90m, 12h, 30d (default: never)\n"
+               "        --name NAME               what it is for\n"
+               "        --device DEVICE, --tag TAG  only these devices (repeatable)\n"
+               "  tokens list                   list API tokens (admin), never their secrets\n"
+               "  tokens revoke ID              revoke a token (admin); its event streams end\n"
+               "  audit                         print the audit log (admin)\n"
+               "        --follow                  keep printing new records\n"
+               "        --action PREFIX, --target TARGET, --after ID  filter\n"
                "\n"
                "Options:\n"
                "  --api URL         API base URL (default: $TETHER_API, else " TETHER_DEFAULT_API ")\n"
@@ -1191,6 +1204,12 @@ enum {
         OPT_NO_WAIT,
         OPT_TAG,
         OPT_ALLOW_DOWNGRADE,
+        OPT_SCOPE,
+        OPT_NAME,
+        OPT_FOLLOW,
+        OPT_ACTION,
+        OPT_TARGET,
+        OPT_AFTER,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1201,7 +1220,7 @@ static const struct {
 } commands[] = {
         { "list", cmd_list },       { "describe", cmd_describe }, { "call", cmd_call },
         { "get", cmd_get },         { "publish", cmd_publish },   { "subscribe", cmd_subscribe },
-        { "ota", cmd_ota },
+        { "ota", cmd_ota },         { "tokens", cmd_tokens },     { "audit", cmd_audit },
 };
 
 static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
@@ -1229,10 +1248,16 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "no-wait", no_argument, NULL, OPT_NO_WAIT },
                 { "tag", required_argument, NULL, OPT_TAG },
                 { "allow-downgrade", no_argument, NULL, OPT_ALLOW_DOWNGRADE },
+                { "scope", required_argument, NULL, OPT_SCOPE },
+                { "name", required_argument, NULL, OPT_NAME },
+                { "follow", no_argument, NULL, OPT_FOLLOW },
+                { "action", required_argument, NULL, OPT_ACTION },
+                { "target", required_argument, NULL, OPT_TARGET },
+                { "after", required_argument, NULL, OPT_AFTER },
                 {},
         };
-        const char *cmd;
-        bool ota_opts = false, help_seen = false;
+        const char *cmd, *expires = NULL;
+        bool ota_opts = false, help_seen = false, token_opts = false, audit_opts = false;
         char *end;
         int c;
 
@@ -1280,10 +1305,38 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         break;
                 case OPT_DEVICE:
                         arg.device = optarg;
-                        /* ota sign: each --device is a target */
+                        /* ota sign: each --device is a target; tokens create: a restriction */
                         if (arg.n_ota_devices >= CLI_OTA_TARGETS_MAX)
                                 return cli_usage_error("Too many --device options (at most %d)", CLI_OTA_TARGETS_MAX);
                         arg.ota_devices[arg.n_ota_devices++] = optarg;
+                        break;
+                case OPT_SCOPE:
+                        if (arg.n_scopes >= ELEMENTSOF(arg.scopes))
+                                return cli_usage_error("At most %zu --scope options", ELEMENTSOF(arg.scopes));
+                        arg.scopes[arg.n_scopes++] = optarg;
+                        token_opts = true;
+                        break;
+                case OPT_NAME:
+                        arg.token_name = optarg;
+                        token_opts = true;
+                        break;
+                case OPT_FOLLOW:
+                        arg.audit_follow = audit_opts = true;
+                        break;
+                case OPT_ACTION:
+                        arg.audit_action = optarg;
+                        audit_opts = true;
+                        break;
+                case OPT_TARGET:
+                        arg.audit_target = optarg;
+                        audit_opts = true;
+                        break;
+                case OPT_AFTER:
+                        errno = 0;
+                        arg.audit_after = strtoll(optarg, &end, 10);
+                        if (errno || end == optarg || *end || arg.audit_after < 0)
+                                return cli_usage_error("Invalid --after '%s': expected an audit record ID", optarg);
+                        audit_opts = true;
                         break;
                 case OPT_COUNT: {
                         errno = 0;
@@ -1321,11 +1374,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         ota_opts = true;
                         break;
                 case OPT_EXPIRES:
-                        errno = 0;
-                        arg.ota_expires = strtoll(optarg, &end, 10);
-                        if (errno || end == optarg || *end || arg.ota_expires < 0)
-                                return cli_usage_error("Invalid --expires '%s': expected Unix time in seconds", optarg);
-                        ota_opts = true;
+                        /* ota: a Unix time; tokens create: a duration. */
+                        expires = optarg;
                         break;
                 case OPT_VALID_FOR: {
                         long long mult = 1;
@@ -1350,8 +1400,7 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 case OPT_TAG:
                         if (arg.n_ota_tags >= CLI_OTA_TARGETS_MAX)
                                 return cli_usage_error("Too many --tag options (at most %d)", CLI_OTA_TARGETS_MAX);
-                        arg.ota_tags[arg.n_ota_tags++] = optarg;
-                        ota_opts = true;
+                        arg.ota_tags[arg.n_ota_tags++] = optarg; /* ota sign or tokens create: below */
                         break;
                 case OPT_ALLOW_DOWNGRADE:
                         arg.ota_allow_downgrade = true;
@@ -1389,12 +1438,42 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
 
         if ((arg.private_ || arg.ttl >= 0) && !streq(cmd, "publish"))
                 return cli_usage_error("--private and --ttl are options of 'publish'");
-        if (arg.device && !streq(cmd, "subscribe") && !streq(cmd, "ota"))
-                return cli_usage_error("--device is an option of 'subscribe' and 'ota'");
-        if (arg.n_ota_devices > 1 && !streq(cmd, "ota"))
+        if (expires && streq(cmd, "ota")) {
+                errno = 0;
+                arg.ota_expires = strtoll(expires, &end, 10);
+                if (errno || end == expires || *end || arg.ota_expires < 0)
+                        return cli_usage_error("Invalid --expires '%s': expected Unix time in seconds", expires);
+                ota_opts = true;
+        } else if (expires && streq(cmd, "tokens")) {
+                long long mult = 1;
+
+                errno = 0;
+                arg.token_expires = strtoll(expires, &end, 10);
+                if (*end == 'd' || *end == 'h' || *end == 'm' || *end == 's') {
+                        mult = *end == 'd' ? 86400 : *end == 'h' ? 3600 : *end == 'm' ? 60 : 1;
+                        end++;
+                }
+                if (errno || end == expires || *end || arg.token_expires <= 0 ||
+                    arg.token_expires > 3650LL * 86400 / mult)
+                        return cli_usage_error("Invalid --expires '%s': expected a duration like 3600, 90m, 12h or 30d",
+                                               expires);
+                arg.token_expires *= mult;
+        } else if (expires)
+                return cli_usage_error("--expires is an option of 'ota' and 'tokens create'");
+        if (arg.device && !streq(cmd, "subscribe") && !streq(cmd, "ota") && !streq(cmd, "tokens"))
+                return cli_usage_error("--device is an option of 'subscribe', 'ota' and 'tokens create'");
+        if (arg.n_ota_devices > 1 && streq(cmd, "subscribe"))
                 return cli_usage_error("--device may be given once for 'subscribe'");
+        if (arg.n_ota_tags > 0 && streq(cmd, "ota"))
+                ota_opts = true;
+        else if (arg.n_ota_tags > 0 && !streq(cmd, "tokens"))
+                return cli_usage_error("--tag is an option of 'ota' and 'tokens create'");
         if ((arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
                 return cli_usage_error("--count and --resume are options of 'subscribe'");
+        if (token_opts && !streq(cmd, "tokens"))
+                return cli_usage_error("--scope, --name and --tag are options of 'tokens create'");
+        if (audit_opts && !streq(cmd, "audit"))
+                return cli_usage_error("--follow, --action, --target and --after are options of 'audit'");
         if (ota_opts && !streq(cmd, "ota"))
                 return cli_usage_error("--key, --url, --manifest, --output, --min-version, --plugin, --expires, "
                                        "--valid-for, --tag, --allow-downgrade and --no-wait are options of 'ota'");
