@@ -38,6 +38,7 @@
  * request is answered 503 and its body is read and dropped. */
 #define API_BODY_TOTAL_MAX (8 * 1024 * 1024)
 #define API_DIAG_MAX 256
+#define API_AUDIT_TARGET_MAX 256 /* bytes of a URL or name kept in the audit log */
 
 typedef struct ApiRequest {
         Api *api;
@@ -850,12 +851,23 @@ static bool api_mutating(const char *method) {
 }
 
 /* Note an authorized mutating request for the audit log: action (static),
- * target (copied, cut to 256 bytes; may be NULL), detail (taken; may be
- * NULL). Written with its status when it completes. */
+ * target (copied, cut to API_AUDIT_TARGET_MAX bytes; may be NULL), detail
+ * (taken; may be NULL). Written with its status when it completes. */
 static void api_audit_begin(ApiRequest *req, const char *action, const char *target, json_t *detail) {
+        size_t len = target ? strlen(target) : 0;
+
         req->audit_action = action;
         free(req->audit_target);
-        req->audit_target = target ? strndup(target, 256) : NULL;
+        /* Clean UTF-8 or nothing: the log is read back as JSON. A URL or a
+         * form field may hold any bytes. */
+        if (len > API_AUDIT_TARGET_MAX) {
+                len = API_AUDIT_TARGET_MAX;
+                for (size_t k = 0; k < 3 && len > 0 && ((unsigned char)target[len] & 0xc0) == 0x80; k++)
+                        len--;
+        }
+        req->audit_target = !target                                 ? NULL
+                             : proto_utf8_check(target, len) == 0 ? strndup(target, len)
+                                                                    : strdup("(not UTF-8)");
         json_decref(req->audit_detail);
         req->audit_detail = detail;
 }

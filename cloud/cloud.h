@@ -10,6 +10,9 @@
  *   api.c      api_      HTTP API on libmicrohttpd (Particle Cloud API shapes) (api.h)
  *   api-request.c api_   parsing and routing of API requests, pure (api-request.h)
  *   api-list.c api_      GET /v1/devices, whole or by page (api.h)
+ *   api-admin.c api_     /v1/tokens, /v1/audit, a restricted token's device list (api.h)
+ *   tokens.c   tokens_   API tokens: the token files' and cloud.db's, scopes, expiry (tokens.h)
+ *   scopes.c   scope_    token scopes and their names, pure (scopes.h)
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS (ota.h)
  *   mhd-log.c  mhd_log   libmicrohttpd's messages, for api.c and ota.c (mhd-log.h)
  *   stats.c    stats_    the process-wide metrics registry (stats.h)
@@ -21,7 +24,8 @@
  * way go through hook structs that cloud.c implements:
  *
  *   Cloud ---owns---> Api, Ota, Devices, Events, Journal, Store, CloudConfig
- *   Api ----> Ota, Devices, Events, Journal, Store
+ *   Api ----> Ota, Devices, Events, Journal, Store, Tokens (owned by the Api)
+ *   Tokens -> Store, CloudConfig (the token files)
  *   Ota ----> Devices, Events, Journal;  OtaHooks -> Api (kick)
  *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)
  *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone), Ota (/o)

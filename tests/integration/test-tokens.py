@@ -295,6 +295,19 @@ def test_audit_log(w):
     human = w.tether("audit").stdout.splitlines()
     expect(human[0].split()[:4] == ["ID", "TIME", "ACTOR", "ACTION"] and len(human) == len(recs) + 2,
            f"tether audit: {human}")
+    # A name that is not UTF-8 (a form field may hold any bytes) is refused
+    # and recorded without its bytes: the log still reads back as JSON.
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10 * SLOW)
+    conn.request("POST", "/v1/devices/events", body="name=%FF%FEx&data=1",
+                 headers={"Authorization": f"Bearer {pub['token']}",
+                          "Content-Type": "application/x-www-form-urlencoded"})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    expect(r.status == 400, f"a name that is not UTF-8: {r.status}")
+    status, last, _ = api(w, "GET", "/v1/audit?action=event.", w.token)
+    expect(status == 200 and last[-1]["target"] == "(not UTF-8)" and last[-1]["detail"]["status"] == 400,
+           f"the audit log after it: {status} {last}")
 
 
 if __name__ == "__main__":
