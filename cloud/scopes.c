@@ -29,11 +29,11 @@ int scope_parse(const char *name, size_t len, unsigned *ret) {
 }
 
 static int scope_unknown(const char *name, size_t len, char err[static SCOPE_ERROR_MAX]) {
-        size_t n = len > 64 ? 64 : len;
+        size_t n = 0;
 
         /* Only printable ASCII of the client's text goes back to it. */
-        for (size_t i = 0; i < n; i++)
-                if ((unsigned char)name[i] < 0x20 || (unsigned char)name[i] >= 0x7f) {
+        for (; n < len && n < 64; n++)
+                if ((unsigned char)name[n] < 0x20 || (unsigned char)name[n] >= 0x7f) {
                         snprintf(err, SCOPE_ERROR_MAX, "Unknown scope");
                         return -EINVAL;
                 }
