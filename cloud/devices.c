@@ -170,7 +170,7 @@ struct Devices {
         sd_event_source *handshake_timer;
         sd_event_source *admission_timer; /* when the oldest may be displaced */
         uint64_t bind_usec_avg;           /* accept to bound, recent devices */
-        WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted, warn_coap;
+        WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted;
         RefusalSlot refusals[DEVICES_REFUSAL_SLOTS];
         uint64_t refusal_window, refusal_logged, refusal_unlogged;
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */

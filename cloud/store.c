@@ -187,7 +187,7 @@ int store_audit(Store *s, const char *actor, const char *action, const char *tar
         sqlite3_clear_bindings(st);
         if (rc != SQLITE_OK)
                 return store_error(s, rc, "writing the audit log");
-        return store_commit(s);
+        return 0;
 }
 
 static json_t *column_json(sqlite3_stmt *st, int i) {

@@ -11,8 +11,7 @@
  * Writes on the hot path (a device connecting, during a storm of ten
  * thousand) go through store_batch(): they join one open transaction that
  * is committed within STORE_BATCH_MSEC, or at once by store_commit() (which
- * mutations that must be on disk before an answer use: revocation, tokens,
- * the audit log). Durability is SQLite's synchronous=NORMAL in WAL mode:
+ * mutations that must be on disk before an answer use: revocation, tokens). Durability is SQLite's synchronous=NORMAL in WAL mode:
  * a committed transaction survives the process crashing; a power cut may
  * lose the last commits before a checkpoint, never corrupt the file.
  * Errors are negative errno values (-EIO for an SQLite error, logged with
@@ -57,7 +56,9 @@ int store_error(Store *s, int sqlite_code, const char *what);
 /* The audit log: who (actor: "token:NAME", "device:ID", "cloud") did what
  * (action: "device.revoke", "token.create", ...) to what (target, may be
  * NULL), with detail (a JSON object, borrowed, may be NULL) and the peer's
- * address (may be NULL). Committed before it returns. */
+ * address (may be NULL). Joins the batch (a record per function call must
+ * not cost a commit each): on disk within STORE_BATCH_MSEC, or at once
+ * with the caller's store_commit(). */
 int store_audit(Store *s, const char *actor, const char *action, const char *target, json_t *detail,
                 const char *address);
 /* Audit records with id > after_id, oldest first, at most limit, where
