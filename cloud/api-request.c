@@ -320,6 +320,8 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
                 FAIL(MHD_HTTP_BAD_REQUEST, "Invalid event name");
         memcpy(out.name, name, name_len);
         out.name[name_len] = 0;
+        if (proto_event_name_reserved(out.name, false))
+                FAIL(MHD_HTTP_FORBIDDEN, "Event names under " PROTO_EVENT_CLOUD_PREFIX " are reserved for the cloud");
         r = api_param(params, "data", &data, &data_len, buf);
         if (r < 0)
                 FAIL(MHD_HTTP_BAD_REQUEST, "Event data must be text, a number or a boolean");

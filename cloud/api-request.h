@@ -98,6 +98,7 @@ typedef struct ApiPublish {
         uint32_t ttl;
 } ApiPublish;
 
-/* 0, or -EINVAL with the HTTP status and a message for the client. */
+/* 0, or -EINVAL with the HTTP status and a message for the client (403 for
+ * a name under "tether/", the cloud's: proto_event_name_reserved()). */
 int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, unsigned *ret_status,
                       const char **ret_error);

@@ -147,6 +147,16 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
                              r == -ENAMETOOLONG ? "event name too long" : "invalid event name");
                 return;
         }
+        if (proto_event_name_reserved(name, true)) {
+                /* tether/ota/JOB and the like would pass for the cloud's
+                 * own: refused for good, nothing stored or routed. */
+                log_debug("Device '%s' published '%s', a name reserved for the cloud: refused.", device_id(ev, d),
+                          name);
+                stats_event_dropped(STATS_DROPPED_RESERVED_NAME);
+                events_reply(response, COAP_RESPONSE_CODE(403),
+                             "event names under " PROTO_EVENT_CLOUD_PREFIX " are reserved for the cloud");
+                return;
+        }
         if (events_query(request, &q) < 0) {
                 events_reply(response, COAP_RESPONSE_CODE(400), "invalid seq=, epoch= or time=");
                 return;
@@ -350,6 +360,11 @@ void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_
         if (ev->hooks.deliver_to_streams)
                 ev->hooks.deliver_to_streams(ev->hooks.userdata, e, id);
 
+        /* A device's private event is for the owner's API streams only:
+         * no other device gets it (docs/protocol.md, "Events"). Private
+         * events from the API (the owner's) go to every device. */
+        if (e->private_ && source)
+                return;
         /* The matching subscriptions only (subscriptions.h). */
         (void)sub_index_match(ev->subs, NULL, e->name, events_route_one, &ro);
         free(ro.json);

@@ -471,18 +471,21 @@ void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const ch
                 json_decref(o);
                 return reply_text(response, COAP_RESPONSE_CODE(400), "malformed report");
         }
+        /* Only the device's own jobs, the ones this cloud made: a report
+         * never creates a job, so no device can push real jobs out of the
+         * table (OTA_JOBS_MAX) with made-up ids. The agent takes a 4.xx
+         * as final and stops sending that report. */
         j = job_find(ota, job);
-        if (j && !streq(j->device, device_id(d))) {
-                json_decref(o);
-                return reply_text(response, COAP_RESPONSE_CODE(403), "job belongs to another device");
-        }
         if (!j) {
-                /* A job from before this cloud started: learn it from the report. */
-                j = job_new(ota, job, device_id(d), json_str(o, "package"), json_str(o, "version"));
-                if (!j) {
-                        json_decref(o);
-                        return reply_text(response, COAP_RESPONSE_CODE(500), "out of memory");
-                }
+                json_decref(o);
+                log_debug("Device '%s' reported on job %s, which this cloud does not know: refused.",
+                          device_id(d), job);
+                return reply_text(response, COAP_RESPONSE_CODE(404), "unknown job");
+        }
+        if (!streq(j->device, device_id(d))) {
+                json_decref(o);
+                log_debug("Device '%s' reported on job %s of device '%s': refused.", device_id(d), job, j->device);
+                return reply_text(response, COAP_RESPONSE_CODE(403), "job belongs to another device");
         }
         seqv = json_object_get(o, "seq");
         if (json_is_integer(seqv)) {

@@ -68,5 +68,7 @@ void ota_api_shutdown(Ota *ota);
  * status and sets *ret_body (a new JSON object, the caller's; NULL on
  * OOM). */
 unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body);
-/* A device's request on /o/JOB (a status report): fills response. */
+/* A device's request on /o/JOB (a status report): fills response. Only
+ * for an existing job of that device (4.04 unknown, 4.03 another
+ * device's: nothing changes, no job is made or forgotten). */
 void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response);

@@ -41,6 +41,7 @@ typedef enum StatsDropped {
         STATS_DROPPED_DEVICE_BACKLOGGED,  /* a subscribed device is not reading */
         STATS_DROPPED_DEVICE_TOO_SMALL,   /* larger than the device's Max-Message-Size */
         STATS_DROPPED_DEVICE_SEND_FAILED, /* any other send error */
+        STATS_DROPPED_RESERVED_NAME,      /* a device published under tether/ (4.03) */
         _STATS_DROPPED_MAX,
 } StatsDropped;
 

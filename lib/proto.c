@@ -50,6 +50,12 @@ int proto_name_check(const char *name, size_t len, ProtoNameKind kind) {
         return 0;
 }
 
+bool proto_event_name_reserved(const char *name, bool device) {
+        if (strncmp(name, PROTO_EVENT_CLOUD_PREFIX, strlen(PROTO_EVENT_CLOUD_PREFIX)) != 0)
+                return false;
+        return !device || strncmp(name, PROTO_EVENT_AGENT_PREFIX, strlen(PROTO_EVENT_AGENT_PREFIX)) != 0;
+}
+
 const char *proto_device_id_problem(int error) {
         _Static_assert(PROTO_DEVICE_ID_MAX == 64, "the pattern below names the limit");
 

@@ -68,6 +68,16 @@ int proto_name_check(const char *name, size_t len, ProtoNameKind kind);
  * pattern. A static string. */
 const char *proto_device_id_problem(int error);
 
+/* Event names under PROTO_EVENT_CLOUD_PREFIX are the cloud's own
+ * (tether/ota/JOB, tether/stream/lost), except those under
+ * PROTO_EVENT_AGENT_PREFIX, where the agent publishes the changes of its
+ * variables (docs/plugins.md). True if a device (device=true) or an API
+ * client (device=false) may not publish name: a device anything under
+ * "tether/" but "tether/var/", an API client anything under "tether/". */
+#define PROTO_EVENT_CLOUD_PREFIX "tether/"
+#define PROTO_EVENT_AGENT_PREFIX "tether/var/"
+bool proto_event_name_reserved(const char *name, bool device);
+
 /* True if name starts with prefix (the empty prefix matches all). */
 bool proto_prefix_match(const char *prefix, const char *name);
 

@@ -1,0 +1,164 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Issue 12, item 5: what one device may do to others through the cloud.
+Each test plays the attack from the issue with simulated devices
+(fakedev.py) or a real tetherd and shows that it now fails: another
+device's private events, event names under tether/, OTA reports on jobs
+that are not the device's, floods past the per-device rate limits, and a
+device's share of the event journal."""
+
+import json
+import os
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import EventStream, expect, run, seconds  # noqa: E402
+from fakedev import CHANGED, CONTENT, CREATED, POST, code, codestr, connect, frame, \
+    path_opts  # noqa: E402
+
+FORBIDDEN, NOT_FOUND, TOO_MANY = code(4, 3), code(4, 4), code(4, 29)
+
+
+def api(w, method, path, body=None):
+    req = urllib.request.Request(w.api + path, method=method,
+                                 headers={"Authorization": f"Bearer {w.token}", "Content-Type": "application/json"},
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=seconds(30)) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def notifications(d, token, until, timeout=10):
+    """Event notifications on subscription token until one named until;
+    returns their event names, in order."""
+    seen = []
+    d.wait_for(lambda m: m.token == token and m.code == CONTENT and m.payload and m.json()["name"] == until,
+               timeout, f"notification '{until}'", seen)
+    return [m.json()["name"] for m in seen if m.token == token and m.payload] + [until]
+
+
+def test_private_events_stay_with_their_device(w):
+    """Before: a device observing GET /e got every device's private
+    events. Now it gets public events and the owner's (API) private
+    ones; another device's private events reach the API streams only."""
+    w.start_cloud()
+    stream = EventStream(w, "")
+    stream.wait_first_id()
+    a, _ = connect(w)
+    b, _ = connect(w)
+    r, tok = b.subscribe("")
+    expect(r.code == CONTENT, f"subscribe: {r}")
+    expect(a.publish("secret/pin", b"1234", private=True).code == CREATED, "private publish refused")
+    expect(a.publish("open/temp", b"21").code == CREATED, "public publish refused")
+    st, body = api(w, "POST", "/v1/devices/events", {"name": "owner/cmd", "data": "x", "private": True})
+    expect(st == 200, f"API private publish: {st} {body}")
+    names = notifications(b, tok, "owner/cmd")
+    print(f"# device B got {names}")
+    expect(names == ["open/temp", "owner/cmd"], f"device B got {names}")
+    got = stream.named("owner/cmd")
+    expect(stream.named("secret/pin")["data"].get("private") is True, "the owner's stream lost the private event")
+    expect(got["data"].get("private") is True, f"API private event {got}")
+
+
+def test_tether_names_are_the_clouds(w):
+    """Before: a device published tether/ota/JOB and the fake OTA status
+    reached subscribers. Now: 4.03 with a reason, nothing journaled or
+    delivered; the API refuses tether/ names too (403); tether/var/ stays
+    the agent's."""
+    w.start_cloud()
+    stream = EventStream(w, "")
+    first = stream.wait_first_id()
+    a, _ = connect(w)
+    b, _ = connect(w)
+    r, tok = b.subscribe("tether/")
+    expect(r.code == CONTENT, f"subscribe: {r}")
+    fake = json.dumps({"job": "0123456789abcdef", "state": "committed", "final": True}).encode()
+    for name in ("tether/ota/0123456789abcdef", "tether/stream/lost", "tether/x"):
+        r = a.publish(name, fake)
+        print(f"# device publishes '{name}': {codestr(r.code)} {r.payload.decode()!r}")
+        expect(r.code == FORBIDDEN and b"reserved" in r.payload, f"'{name}': {r}")
+    st, body = api(w, "POST", "/v1/devices/events", {"name": "tether/ota/0123456789abcdef", "data": "x"})
+    print(f"# API publishes 'tether/ota/…': {st} {body}")
+    expect(st == 403 and "reserved" in body.get("error", ""), f"API: {st} {body}")
+    expect(a.publish("tether/var/level", b"3", private=True).code == CREATED, "tether/var/ refused")
+    expect(a.publish("tether/var/marker", b"").code == CREATED, "marker refused")
+    stream.named("tether/var/marker")
+    names = [m["event"] for m in stream.messages]
+    expect(names == ["tether/var/level", "tether/var/marker"], f"stream got {names}")
+    # Nothing journaled either: a stream resuming from the start reads the same.
+    again = EventStream(w, "", last_event_id=first)
+    again.named("tether/var/marker")
+    names = [m["event"] for m in again.messages]
+    expect(names == ["tether/var/level", "tether/var/marker"], f"replay got {names}")
+    # B (subscribed to tether/) saw no fake OTA status, nor A's private
+    # tether/var/level: only the public marker.
+    got = notifications(b, tok, "tether/var/marker")
+    expect(got == ["tether/var/marker"], f"device B got {got}")
+
+
+def sign_manifest(w):
+    """A signed manifest (the cloud checks its shape only)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from otakit import build_deb
+    os.makedirs(w.path("debs"), exist_ok=True)
+    deb = build_deb(w.path("debs"), "tether-authz-test", "1.0")
+    w.tether("ota", "keygen", w.path("update.key"), w.path("update.pem"))
+    w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--url", "https://127.0.0.1/x.deb",
+             "--output", w.path("manifest"))
+    with open(w.path("manifest")) as f:
+        return f.read()
+
+
+def test_ota_reports_only_for_own_jobs(w):
+    """Before: 4,200 reports on made-up job ids were answered 2.04 and
+    evicted the real jobs from the 4,096-entry table. Now a report on a
+    job the cloud does not know gets 4.04, on another device's job 4.03,
+    and no job is made, changed or forgotten."""
+    manifest = sign_manifest(w)
+    w.start_cloud()
+    a, a_id = connect(w)
+    b, _ = connect(w)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=api(w, "PUT", f"/v1/devices/{a_id}", {"manifest": manifest})))
+    t.start()
+    req = a.wait_for(lambda m: m.code == POST and m.path.startswith("o/"), what="POST /o/JOB")
+    a.answer(req, CHANGED)
+    t.join(seconds(30))
+    st, body = out["r"]
+    expect(st == 200, f"PUT manifest: {st} {body}")
+    job = body["job"]["job"]
+    before = api(w, "GET", f"/v1/ota/jobs/{job}")[1]
+    print(f"# device A's job {job}: {before['state']}, seq {before['seq']}")
+
+    n, window, codes = 4200, 32, {}
+    for first in range(0, n, window):
+        b.send(b"".join(frame(POST, i.to_bytes(2, "big"), path_opts(f"o/{i:016x}"),
+                              json.dumps({"state": "committed", "seq": 1}).encode())
+                        for i in range(first, min(first + window, n))))
+        for _ in range(first, min(first + window, n)):
+            m = b.wait_for(lambda m: m.code >> 5 in (2, 4, 5), what="report answers")
+            codes[codestr(m.code)] = codes.get(codestr(m.code), 0) + 1
+    print(f"# {n} reports on made-up job ids: {codes}")
+    expect(codes == {"4.04": n}, f"answers {codes}")
+    t = b.request(POST, f"o/{job}", json.dumps({"state": "failed", "seq": 99}).encode())
+    r = b.response(t)
+    print(f"# B's report on A's job: {codestr(r.code)} {r.payload.decode()!r}")
+    expect(r.code == FORBIDDEN, f"report on another device's job: {r}")
+    st, jobs = api(w, "GET", "/v1/ota/jobs")
+    expect(st == 200 and [j["job"] for j in jobs] == [job], f"jobs now: {[j['job'] for j in jobs]}")
+    after = api(w, "GET", f"/v1/ota/jobs/{job}")[1]
+    expect(after == before, f"the job changed: {before} -> {after}")
+    # The owner's own report still moves it.
+    t = a.request(POST, f"o/{job}", json.dumps({"state": "downloading", "seq": 1}).encode())
+    expect(a.response(t).code == CHANGED, "device A's own report refused")
+    expect(api(w, "GET", f"/v1/ota/jobs/{job}")[1]["state"] == "downloading", "own report not applied")
+
+
+if __name__ == "__main__":
+    sys.exit(run([test_private_events_stay_with_their_device, test_tether_names_are_the_clouds,
+                  test_ota_reports_only_for_own_jobs], emulated="ok"))
