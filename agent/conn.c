@@ -118,6 +118,11 @@ struct Conn {
         size_t n_in_flight;
         uint64_t sent_through; /* highest seq sent on this session */
         sd_event_source *sync_source; /* timer: outbox_sync() */
+        /* The cloud answered 4.29 (too many requests) to event hold_seq (0:
+         * none): nothing more is sent until hold_source fires, Max-Age
+         * seconds later; then hold_seq and what followed it go again. */
+        uint64_t hold_seq;
+        sd_event_source *hold_source;
         /* What has been said in the log about a full or failing outbox. */
         uint64_t outbox_logged_at;
         uint64_t logged_dropped, logged_rejected, logged_write_errors, logged_refused;
@@ -247,13 +252,15 @@ static void in_flight_clear(Conn *c) {
         memset(c->in_flight, 0, sizeof(c->in_flight));
         c->n_in_flight = 0;
         c->sent_through = 0;
+        c->hold_seq = 0;
+        sd_event_source_set_enabled(c->hold_source, SD_EVENT_OFF);
 }
 
 /* Send queued events, oldest first, until the window is full. */
 static void flush_queue(Conn *c) {
         size_t slot = 0;
 
-        if (c->state != CONN_CONNECTED)
+        if (c->state != CONN_CONNECTED || c->hold_seq != 0)
                 return;
         while (c->n_in_flight < CONN_WINDOW) {
                 OutboxEvent e;
@@ -298,6 +305,47 @@ static void schedule_sync(Conn *c) {
                 return;
         sd_event_source_set_time(c->sync_source, (now_ms() + ms) * 1000);
         sd_event_source_set_enabled(c->sync_source, SD_EVENT_ONESHOT);
+}
+
+/* The cloud said 4.29 to event seq: wait max_age seconds, then send it
+ * and what followed it again (the cloud refuses what follows a refused
+ * event until it comes again, so nothing overtakes it; docs/protocol.md,
+ * "Publish"). */
+static void hold_events(Conn *c, uint64_t seq, uint32_t max_age, const uint8_t *data, size_t len) {
+        uint64_t until = now_usec() + (uint64_t)max_age * 1000000, at = 0;
+        int enabled = SD_EVENT_OFF;
+
+        if (c->hold_seq == 0)
+                log_notice("Cloud asked to slow down (4.29: %.*s): event %" PRIu64 " and later wait %" PRIu32 " s",
+                           (int)len, (const char *)data, seq, max_age);
+        if (c->hold_seq == 0 || seq < c->hold_seq)
+                c->hold_seq = seq;
+        c->stats.events_held++;
+        (void)sd_event_source_get_enabled(c->hold_source, &enabled);
+        (void)sd_event_source_get_time(c->hold_source, &at);
+        if (enabled == SD_EVENT_OFF || at < until) {
+                sd_event_source_set_time(c->hold_source, until);
+                sd_event_source_set_enabled(c->hold_source, SD_EVENT_ONESHOT);
+        }
+}
+
+static int on_hold(sd_event_source *s, uint64_t usec, void *userdata) {
+        Conn *c = userdata;
+
+        if (c->hold_seq == 0)
+                return 0;
+        /* What is still out from hold_seq on goes again: a late answer to
+         * it finds no slot and is ignored (a 2.01 means the cloud has it,
+         * and the resend is answered as a duplicate). */
+        for (size_t i = 0; i < CONN_WINDOW; i++)
+                if (c->in_flight[i].seq >= c->hold_seq) {
+                        c->in_flight[i].seq = 0;
+                        c->n_in_flight--;
+                }
+        c->sent_through = c->hold_seq - 1;
+        c->hold_seq = 0;
+        flush_queue(c);
+        return 0;
 }
 
 /* One line, now and then, about events the outbox could not keep: never
@@ -602,6 +650,19 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                 /* After a 5.xx nothing later on this session counts: the
                  * event it refused must go first on the next one. */
                 if (c->closing)
+                        return COAP_RESPONSE_OK;
+                if (code == COAP_RESPONSE_CODE(429)) {
+                        coap_opt_iterator_t it;
+                        coap_opt_t *opt = coap_check_option(rcvd, COAP_OPTION_MAXAGE, &it);
+                        /* RFC 8516: retry after Max-Age (absent: 60 s). */
+                        uint32_t max_age = opt ? coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt))
+                                               : 60;
+
+                        hold_events(c, seq, max_age < 1 ? 1 : max_age > 3600 ? 3600 : max_age, data, len);
+                        return COAP_RESPONSE_OK;
+                }
+                if (c->hold_seq != 0 && seq > c->hold_seq)
+                        /* Sent after the one held back: goes again after it. */
                         return COAP_RESPONSE_OK;
                 if (COAP_RESPONSE_CLASS(code) == 5) {
                         /* The cloud could not store it (its disk, say): the
@@ -1303,9 +1364,12 @@ int conn_new(sd_event *event, Registry *reg, Outbox *outbox, const Config *cfg, 
                 r = sd_event_add_time(event, &c->timer_source, CLOCK_MONOTONIC, 0, 1000, on_timer, c);
         if (r >= 0)
                 r = sd_event_add_time(event, &c->sync_source, CLOCK_MONOTONIC, 0, 1000, on_sync, c);
+        if (r >= 0)
+                r = sd_event_add_time(event, &c->hold_source, CLOCK_MONOTONIC, 0, 100000, on_hold, c);
         if (r < 0)
                 return r;
         sd_event_source_set_enabled(c->sync_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(c->hold_source, SD_EVENT_OFF);
         sd_event_source_set_enabled(c->kick_source, SD_EVENT_OFF);
         sd_event_source_set_enabled(c->flush_source, SD_EVENT_OFF);
         sd_event_source_set_enabled(c->teardown_source, SD_EVENT_OFF);
@@ -1381,6 +1445,7 @@ Conn *conn_free(Conn *c) {
         sd_event_source_disable_unref(c->teardown_source);
         sd_event_source_disable_unref(c->timer_source);
         sd_event_source_disable_unref(c->sync_source);
+        sd_event_source_disable_unref(c->hold_source);
         if (c->outbox) {
                 int r = outbox_sync(c->outbox);
                 if (r < 0)

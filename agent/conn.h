@@ -39,6 +39,7 @@ typedef struct ConnStats {
         uint64_t events_published; /* accepted into the outbox */
         uint64_t events_acked;     /* acknowledged by the cloud (2.xx) */
         uint64_t events_refused;   /* refused by the cloud for good (4.xx), dropped */
+        uint64_t events_held;      /* answered 4.29 (too many requests): kept, sent again later */
 } ConnStats;
 
 /* Signal used to learn that an asynchronous name lookup finished. The

@@ -49,6 +49,11 @@ typedef struct CloudConfig {
         /* [Events] */
         unsigned journal_max_bytes;
         unsigned journal_sync_ms; /* 0: fsync every event */
+        /* Per-device limits on publishing (token buckets; a rate of 0: no limit) */
+        unsigned device_event_rate;  /* events/s */
+        unsigned device_event_burst; /* events */
+        unsigned device_byte_rate;   /* bytes/s (name + data) */
+        unsigned device_byte_burst;  /* bytes */
 
         /* [OTA]: artifact hosting is on when ota_dir is set */
         char *ota_dir;

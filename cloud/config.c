@@ -109,6 +109,10 @@ static const KeyfileKey config_keys[] = {
         STR_KEY("State", "Directory", state_dir),
         UINT_KEY("Events", "JournalMaxBytes", journal_max_bytes, 65536, 1u << 31),
         UINT_KEY("Events", "SyncIntervalMsec", journal_sync_ms, 0, 60000),
+        UINT_KEY("Events", "DeviceEventRate", device_event_rate, 0, 1000000),
+        UINT_KEY("Events", "DeviceEventBurst", device_event_burst, 1, 100000000),
+        UINT_KEY("Events", "DeviceByteRate", device_byte_rate, 0, 1u << 31),
+        UINT_KEY("Events", "DeviceByteBurst", device_byte_burst, 1, 1u << 31),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
         STR_KEY("OTA", "ArtifactDirectory", ota_dir),
         STR_KEY("OTA", "Listen", ota_listen),
@@ -332,6 +336,10 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->api_port = 8080;
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;
+        c->device_event_rate = 100;
+        c->device_event_burst = 1000;
+        c->device_byte_rate = 256 * 1024;
+        c->device_byte_burst = 4 * 1024 * 1024;
         c->ota_port = 5685;
         c->ota_max_artifact_mb = 1024;
 
@@ -348,6 +356,11 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         if (c->device_timeout_sec <= c->ping_sec)
                 log_warning("%s: DeviceTimeoutSec=%u is not above PingSec=%u: idle devices will be dropped.",
                             path, c->device_timeout_sec, c->ping_sec);
+        if (c->device_byte_rate > 0 && c->device_byte_burst < c->max_payload + TETHER_EVENT_NAME_MAX)
+                return log_error_errno(-EINVAL,
+                                       "%s: [Events] DeviceByteBurst=%u is below MaxPayload=%u plus the longest "
+                                       "event name (%u): the largest event could never be published.",
+                                       path, c->device_byte_burst, c->max_payload, TETHER_EVENT_NAME_MAX);
         r = cloud_config_load_tokens(c);
         if (r < 0)
                 return r;

@@ -26,6 +26,27 @@ typedef struct Subscription {
 
 /* At most one line about devices' insane clocks this often. */
 #define EVENTS_CLOCK_LOG_USEC (60ULL * 1000000)
+/* At most one line per device about its rate limits this often. */
+#define EVENTS_QUOTA_LOG_USEC (60ULL * 1000000)
+/* The longest retry time a 4.29 names. */
+#define EVENTS_QUOTA_WAIT_MAX_SEC 3600
+
+/* A device's publishing limits ([Events] DeviceEventRate= and the like):
+ * two token buckets, events and bytes, kept for as long as the Events (a
+ * reconnect does not refill them). When an event with a sequence number
+ * is refused (4.29), later ones of the same epoch are refused too until
+ * it comes again: the journal keeps the highest seq delivered
+ * (journal_seen()), so letting a later one through first would make the
+ * refused one a "duplicate" when it is resent. */
+typedef struct EventsQuota {
+        const Device *device;
+        double events, bytes; /* tokens */
+        uint64_t at;          /* CLOCK_MONOTONIC of the last refill */
+        uint64_t held_epoch, held_seq;
+        bool held;
+        uint64_t logged_at, refused; /* refusals since the last log line */
+        struct EventsQuota *next;
+} EventsQuota;
 
 struct Events {
         const CloudConfig *config;
@@ -34,6 +55,8 @@ struct Events {
         SubIndex *subs; /* device subscriptions by prefix */
         uint64_t clock_logged_at; /* CLOCK_MONOTONIC */
         uint64_t clock_unlogged;  /* insane times since that line */
+        EventsQuota **quotas;     /* by device pointer; nquotas buckets, a power of two */
+        size_t nquotas, n_quotas;
 };
 
 int events_new(const CloudConfig *config, Journal *journal, const EventsHooks *hooks, Events **ret) {
@@ -65,6 +88,12 @@ void events_device_gone(Events *ev, const Device *d) {
 Events *events_free(Events *ev) {
         if (!ev)
                 return NULL;
+        for (size_t k = 0; k < ev->nquotas; k++)
+                for (EventsQuota *q = ev->quotas[k], *next; q; q = next) {
+                        next = q->next;
+                        free(q);
+                }
+        free(ev->quotas);
         sub_index_free(ev->subs);
         free(ev);
         return NULL;
@@ -79,6 +108,115 @@ static void events_reply(coap_pdu_t *response, coap_pdu_code_t code, const char 
         coap_add_option(response, COAP_OPTION_CONTENT_FORMAT,
                         coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_TEXT), buf);
         coap_add_data(response, strlen(text), (const uint8_t *)text);
+}
+
+/* ---- per-device limits ------------------------------------------------- */
+
+static size_t quota_hash(const Device *d, size_t n) {
+        return (size_t)(((uintptr_t)d >> 4) * UINT64_C(0x9E3779B97F4A7C15) >> 17) & (n - 1);
+}
+
+static EventsQuota *quota_get(Events *ev, const Device *d) {
+        EventsQuota *q;
+        size_t i;
+
+        if (ev->nquotas > 0)
+                for (q = ev->quotas[quota_hash(d, ev->nquotas)]; q; q = q->next)
+                        if (q->device == d)
+                                return q;
+        if (ev->n_quotas >= ev->nquotas) {
+                size_t n = ev->nquotas ? ev->nquotas * 2 : 64;
+                EventsQuota **b = calloc(n, sizeof(*b));
+
+                if (!b)
+                        return NULL;
+                for (size_t k = 0; k < ev->nquotas; k++)
+                        for (EventsQuota *p = ev->quotas[k], *next; p; p = next) {
+                                next = p->next;
+                                i = quota_hash(p->device, n);
+                                p->next = b[i];
+                                b[i] = p;
+                        }
+                free(ev->quotas);
+                ev->quotas = b;
+                ev->nquotas = n;
+        }
+        q = calloc(1, sizeof(*q));
+        if (!q)
+                return NULL;
+        /* A device starts with full buckets. */
+        *q = (EventsQuota){ .device = d, .events = ev->config->device_event_burst,
+                            .bytes = ev->config->device_byte_burst, .at = now_usec() };
+        i = quota_hash(d, ev->nquotas);
+        q->next = ev->quotas[i];
+        ev->quotas[i] = q;
+        ev->n_quotas++;
+        return q;
+}
+
+/* Seconds until a bucket holding have tokens (rate per second) holds
+ * need; 0 if it does now. */
+static double quota_wait(double have, double need, unsigned rate) {
+        return rate == 0 || have >= need ? 0 : (need - have) / rate;
+}
+
+/* May device d publish an event of cost bytes (sequence number seq of
+ * epoch, if has_seq) now? 0 and the tokens are taken, or the seconds it
+ * should wait (at least 1) and nothing is taken. Out of memory lets the
+ * event through: a limit is no reason to lose it. */
+static unsigned events_quota_take(Events *ev, const Device *d, bool has_seq, uint64_t epoch, uint64_t seq,
+                                  size_t cost) {
+        const CloudConfig *cfg = ev->config;
+        double wait;
+        uint64_t now;
+        unsigned sec;
+        EventsQuota *q;
+
+        if (cfg->device_event_rate == 0 && cfg->device_byte_rate == 0)
+                return 0;
+        q = quota_get(ev, d);
+        if (!q)
+                return 0;
+        now = now_usec();
+        if (now > q->at) {
+                double dt = (double)(now - q->at) / 1e6;
+
+                q->events += dt * cfg->device_event_rate;
+                if (cfg->device_event_rate == 0 || q->events > cfg->device_event_burst)
+                        q->events = cfg->device_event_burst;
+                q->bytes += dt * cfg->device_byte_rate;
+                if (cfg->device_byte_rate == 0 || q->bytes > cfg->device_byte_burst)
+                        q->bytes = cfg->device_byte_burst;
+                q->at = now;
+        }
+        if (q->held && (!has_seq || epoch != q->held_epoch))
+                q->held = false; /* another outbox: nothing of the old one can overtake */
+        wait = quota_wait(q->events, 1, cfg->device_event_rate);
+        if (quota_wait(q->bytes, (double)cost, cfg->device_byte_rate) > wait)
+                wait = quota_wait(q->bytes, (double)cost, cfg->device_byte_rate);
+        if (wait <= 0 && !(q->held && seq > q->held_seq)) {
+                if (cfg->device_event_rate > 0)
+                        q->events -= 1;
+                if (cfg->device_byte_rate > 0)
+                        q->bytes -= (double)cost;
+                q->held = false;
+                return 0;
+        }
+        sec = wait >= EVENTS_QUOTA_WAIT_MAX_SEC ? EVENTS_QUOTA_WAIT_MAX_SEC : (unsigned)wait + 1;
+        if (has_seq && (!q->held || seq < q->held_seq)) {
+                q->held = true;
+                q->held_epoch = epoch;
+                q->held_seq = seq;
+        }
+        q->refused++;
+        if (q->logged_at == 0 || now - q->logged_at >= EVENTS_QUOTA_LOG_USEC) {
+                log_notice("Device '%s' is past its publishing limits (%u events/s, %u bytes/s): refused %" PRIu64
+                           " event(s) with 4.29 since the last message, retry in %u s.",
+                           device_id(ev, d), cfg->device_event_rate, cfg->device_byte_rate, q->refused, sec);
+                q->logged_at = now;
+                q->refused = 0;
+        }
+        return sec;
 }
 
 static int events_query(const coap_pdu_t *request, ProtoPublishQuery *ret) {
@@ -138,6 +276,7 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
         coap_opt_t *opt;
         uint64_t id;
         size_t len = 0;
+        unsigned wait;
         ProtoEvent e;
         int r;
 
@@ -177,6 +316,21 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
         }
         if (proto_utf8_check((const char *)payload, len) < 0) {
                 events_reply(response, COAP_RESPONSE_CODE(400), "event data is not UTF-8 text");
+                return;
+        }
+        wait = events_quota_take(ev, d, q.has_seq, q.epoch, q.seq, len + strlen(name));
+        if (wait > 0) {
+                /* RFC 8516: retry after Max-Age seconds. The agent keeps the
+                 * event and sends it again then (agent/conn.c). */
+                uint8_t buf[4];
+
+                stats_event_dropped(STATS_DROPPED_RATE_LIMITED);
+                coap_pdu_set_code(response, COAP_RESPONSE_CODE(429));
+                coap_add_option(response, COAP_OPTION_CONTENT_FORMAT,
+                                coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_TEXT), buf);
+                coap_add_option(response, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), wait), buf);
+                coap_add_data(response, strlen("publishing too fast: retry later"),
+                              (const uint8_t *)"publishing too fast: retry later");
                 return;
         }
         data = malloc(len + 1);

@@ -68,6 +68,7 @@ static const char *const dropped_names[_STATS_DROPPED_MAX] = {
         [STATS_DROPPED_DEVICE_TOO_SMALL] = "device_too_small",
         [STATS_DROPPED_DEVICE_SEND_FAILED] = "device_send_failed",
         [STATS_DROPPED_RESERVED_NAME] = "reserved_name",
+        [STATS_DROPPED_RATE_LIMITED] = "rate_limited",
 };
 
 /* Upper bounds in microseconds: 0.25 ms .. 10 s. */

@@ -42,6 +42,7 @@ typedef enum StatsDropped {
         STATS_DROPPED_DEVICE_TOO_SMALL,   /* larger than the device's Max-Message-Size */
         STATS_DROPPED_DEVICE_SEND_FAILED, /* any other send error */
         STATS_DROPPED_RESERVED_NAME,      /* a device published under tether/ (4.03) */
+        STATS_DROPPED_RATE_LIMITED,       /* past the device's rate limits (4.29, it retries) */
         _STATS_DROPPED_MAX,
 } StatsDropped;
 

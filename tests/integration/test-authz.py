@@ -9,14 +9,16 @@ device's share of the event journal."""
 
 import json
 import os
+import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import EventStream, expect, run, seconds  # noqa: E402
-from fakedev import CHANGED, CONTENT, CREATED, POST, code, codestr, connect, frame, \
+from fakedev import CHANGED, CONTENT, CREATED, MAX_AGE, POST, code, codestr, connect, frame, \
     path_opts  # noqa: E402
 
 FORBIDDEN, NOT_FOUND, TOO_MANY = code(4, 3), code(4, 4), code(4, 29)
@@ -159,6 +161,93 @@ def test_ota_reports_only_for_own_jobs(w):
     expect(api(w, "GET", f"/v1/ota/jobs/{job}")[1]["state"] == "downloading", "own report not applied")
 
 
+def local_publish(agent, name, data):
+    """One publish through the agent's local API socket (what tetherctl
+    does, without a process per event)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(seconds(10))
+        s.connect(agent.socket)
+        s.sendall(json.dumps({"method": "publish", "name": name, "data": data}).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    r = json.loads(answer)
+    expect(r.get("ok"), f"publish {name}: {r}")
+
+
+def metric(w, name):
+    with urllib.request.urlopen(urllib.request.Request(w.api + "/metrics",
+                                                       headers={"Authorization": f"Bearer {w.token}"}),
+                                timeout=seconds(10)) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+LIMITS = "[Events]\nDeviceEventRate=20\nDeviceEventBurst=20\n"
+
+
+def test_rate_limits_answer_429_with_a_retry_time(w):
+    """Before: no limit at all. Now a device past DeviceEventRate= and
+    DeviceEventBurst= gets 4.29 with Max-Age (seconds to retry) and the
+    event is not stored; another device's bucket is its own; after the
+    wait the device may publish again."""
+    w.start_cloud(extra=LIMITS)
+    stream = EventStream(w, "")
+    stream.wait_first_id()
+    a, _ = connect(w)
+    b, _ = connect(w)
+    n, answers, t0 = 200, [], time.monotonic()
+    for first in range(0, n, 20):
+        a.send(b"".join(frame(POST, i.to_bytes(2, "big"), path_opts(f"e/flood/{i}")) for i in range(first, first + 20)))
+        for _ in range(20):
+            answers.append(a.wait_for(lambda m: m.code >> 5 in (2, 4, 5), what="publish answers"))
+    took = time.monotonic() - t0
+    ok = [m for m in answers if m.code == CREATED]
+    slow = [m for m in answers if m.code == TOO_MANY]
+    print(f"# {n} events from one device in {took:.2f} s: {len(ok)} x 2.01, {len(slow)} x 4.29 "
+          f"(Max-Age {sorted(set(int.from_bytes(m.opt(MAX_AGE)[0], 'big') for m in slow))}, "
+          f"{slow[0].payload.decode()!r})")
+    expect(len(ok) + len(slow) == n, f"other answers: {[m for m in answers if m.code not in (CREATED, TOO_MANY)]}")
+    expect(20 <= len(ok) <= 20 + 20 * took + 1, f"{len(ok)} accepted in {took:.2f} s")
+    expect(all(m.opt(MAX_AGE) and int.from_bytes(m.opt(MAX_AGE)[0], "big") >= 1 for m in slow), "4.29 without Max-Age")
+    expect(b.publish("other/1").code == CREATED, "another device was limited too")
+    stream.named("other/1")
+    flood = [m for m in stream.messages if m["event"].startswith("flood/")]
+    expect(len(flood) == len(ok), f"{len(flood)} flood events delivered, {len(ok)} accepted")
+    expect(metric(w, 'tether_cloud_events_dropped_total{reason="rate_limited"}') == len(slow), "metric")
+    wait = max(int.from_bytes(m.opt(MAX_AGE)[0], "big") for m in slow)
+    time.sleep(wait)  # the retry time the cloud named, not a synchronisation
+    expect(a.publish("flood/again").code == CREATED, f"still refused after Max-Age {wait} s")
+
+
+def test_agent_backs_off_and_loses_nothing(w):
+    """A real tetherd publishing faster than its limits: it takes the
+    4.29s, waits Max-Age, and sends again; every event arrives once, in
+    order, and none is dropped as refused."""
+    w.start_cloud(extra=LIMITS)
+    stream = EventStream(w, "burst/")
+    stream.wait_first_id()
+    agent = w.start_agent()
+    n = 120
+    for i in range(n):
+        local_publish(agent, f"burst/{i}", str(i))
+    stream.wait(lambda m: m["event"] == f"burst/{n - 1}", timeout=60, what=f"burst/{n - 1}")
+    names = [m["event"] for m in stream.messages]
+    expect(names == [f"burst/{i}" for i in range(n)], f"{len(names)} events: {names[:5]}...")
+    agent.wait_line(r"Cloud asked to slow down \(4\.29")
+    st = json.loads(w.tetherctl(agent, "status", "--json").stdout)
+    limited = metric(w, 'tether_cloud_events_dropped_total{reason="rate_limited"}')
+    ev = st["counters"]["events"]
+    print(f"# {n} events through the agent with 20/s, burst 20: all delivered in order; {limited:.0f} answered "
+          f"4.29; agent's counters {ev}")
+    expect(limited > 0 and ev["held"] > 0, "never limited")
+    expect(ev["refused"] == 0 and ev["acked"] == n and ev["queued"] == 0, f"agent: {ev}")
+
+
 if __name__ == "__main__":
     sys.exit(run([test_private_events_stay_with_their_device, test_tether_names_are_the_clouds,
-                  test_ota_reports_only_for_own_jobs], emulated="ok"))
+                  test_ota_reports_only_for_own_jobs, test_rate_limits_answer_429_with_a_retry_time,
+                  test_agent_backs_off_and_loses_nothing], emulated="ok"))
