@@ -113,6 +113,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Events", "DeviceEventBurst", device_event_burst, 1, 100000000),
         UINT_KEY("Events", "DeviceByteRate", device_byte_rate, 0, 1u << 31),
         UINT_KEY("Events", "DeviceByteBurst", device_byte_burst, 1, 1u << 31),
+        UINT_KEY("Events", "DeviceJournalShare", device_journal_share, 1, 100),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
         STR_KEY("OTA", "ArtifactDirectory", ota_dir),
         STR_KEY("OTA", "Listen", ota_listen),
@@ -340,6 +341,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->device_event_burst = 1000;
         c->device_byte_rate = 256 * 1024;
         c->device_byte_burst = 4 * 1024 * 1024;
+        c->device_journal_share = 25;
         c->ota_port = 5685;
         c->ota_max_artifact_mb = 1024;
 

@@ -20,7 +20,8 @@
  * kernel before the event is routed and acknowledged, so a crash of the
  * cloud cannot lose an acknowledged event; fdatasync() is batched
  * (SyncIntervalMsec=). When the file grows past JournalMaxBytes it is
- * rewritten with the device states and its newer half. */
+ * rewritten with the device states and about half of that of the newest
+ * events, each device's share bounded (journal_compact()). */
 #include "config.h"
 
 #include <fcntl.h>
@@ -253,6 +254,11 @@ typedef struct Copy {
         int error;
         uint64_t last_id; /* events are copied only with growing ids */
         JournalSeek seek; /* of the new file */
+        /* If keep is set: only the events at these offsets of the old
+         * file (growing), the others are left out. */
+        const uint64_t *keep;
+        size_t n_keep, next_keep;
+        size_t base; /* offset in the old file of the scanned buffer */
 } Copy;
 
 static int copy_flush(Copy *c) {
@@ -291,6 +297,12 @@ static int copy_event(const uint8_t *payload, size_t len, size_t offset, void *u
         if (len == 0 || payload[0] != REC_EVENT || event_view(payload, len, &v) < 0 || v.id <= c->last_id ||
             v.id == UINT64_MAX)
                 return 0;
+        if (c->keep) {
+                while (c->next_keep < c->n_keep && c->keep[c->next_keep] < c->base + offset)
+                        c->next_keep++;
+                if (c->next_keep >= c->n_keep || c->keep[c->next_keep] != c->base + offset)
+                        return 0;
+        }
         c->last_id = v.id;
         /* Its bytes go over as they are, and end at c->off + c->len. */
         if (copy_bytes(c, payload - RECORD_HEADER_SIZE, record_size(len)) < 0)
@@ -300,10 +312,12 @@ static int copy_event(const uint8_t *payload, size_t len, size_t offset, void *u
 }
 
 /* Write a new file: header, device states, and the valid events of
- * old[from..old_len) (old may be NULL). */
-static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_t from) {
+ * old[from..old_len) (old may be NULL); with keep (n_keep growing
+ * offsets in old), only the events there. */
+static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_t from, const uint64_t *keep,
+                           size_t n_keep) {
         _cleanup_free_ uint8_t *pending = malloc(JOURNAL_WINDOW);
-        Copy c = { .fd = -1, .pending = pending };
+        Copy c = { .fd = -1, .pending = pending, .keep = keep, .n_keep = n_keep, .base = from };
         uint8_t rec[RECORD_HEADER_SIZE + 64 + PROTO_DEVICE_ID_MAX];
         RecordWriter w;
         int r;
@@ -358,34 +372,126 @@ static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_
         return 0;
 }
 
-typedef struct Cut {
-        size_t want, at;
-        bool found;
-} Cut;
+/* One event of the file being compacted: where, how big, whose
+ * (a hash of its coreid, then the index of that among the holders). */
+typedef struct CompactEvent {
+        uint64_t offset, size, holder;
+} CompactEvent;
 
-static int find_cut(const uint8_t *payload, size_t len, size_t offset, void *userdata) {
-        Cut *c = userdata;
+typedef struct Compact {
+        CompactEvent *v;
+        size_t n, cap;
+        int error;
+} Compact;
 
-        if (!c->found && offset >= c->want && len > 0 && payload[0] == REC_EVENT) {
-                c->at = offset;
-                c->found = true;
+static int compact_note(const uint8_t *payload, size_t len, size_t offset, void *userdata) {
+        Compact *c = userdata;
+        EventView v;
+
+        if (c->error < 0 || len == 0 || payload[0] != REC_EVENT || event_view(payload, len, &v) < 0)
+                return 0;
+        if (c->n == c->cap) {
+                size_t cap = c->cap ? c->cap * 2 : 1024;
+                CompactEvent *b = realloc(c->v, cap * sizeof(*b));
+
+                if (!b)
+                        return c->error = -ENOMEM;
+                c->v = b;
+                c->cap = cap;
         }
+        c->v[c->n++] = (CompactEvent){ .offset = offset, .size = record_size(len),
+                                       .holder = hash_string((const char *)v.coreid, v.coreid_len) };
         return 0;
 }
 
-/* Keep the newer half of the events. */
+static int cmp_u64(const void *a, const void *b) {
+        uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+        return x < y ? -1 : x > y;
+}
+
+/* Keep about half of JournalMaxBytes of events, the newest, but no
+ * device's (coreid's) more than DeviceJournalShare= percent of that
+ * while others' fit: first every holder gets the newest of its events up
+ * to its share, then what room is left goes to the newest of the rest.
+ * Each holder keeps a run of its newest events (no holes in one device's
+ * events); a device that floods loses its own older events first, not
+ * the others'. */
 static int journal_compact(Journal *j) {
-        Cut cut = { .want = (size_t)(j->end - j->config->journal_max_bytes / 2) };
-        size_t len = (size_t)j->end;
+        uint64_t budget = j->config->journal_max_bytes / 2, share, total = 0, dropped = 0;
+        _cleanup_free_ uint64_t *holders = NULL, *kept_bytes = NULL, *keep = NULL;
+        _cleanup_free_ bool *kept = NULL, *closed = NULL;
+        Compact c = {};
+        size_t len = (size_t)j->end, n_holders = 0, n_keep = 0;
         void *map;
         int r;
 
+        share = budget * (j->config->device_journal_share ?: 100) / 100;
         map = mmap(NULL, len, PROT_READ, MAP_PRIVATE, j->fd, 0);
         if (map == MAP_FAILED)
                 return -errno;
-        (void)record_scan(JOURNAL_MAGIC, map, len, find_cut, &cut, NULL, NULL, NULL);
-        r = journal_rewrite(j, map, len, cut.found ? cut.at : len);
+        (void)record_scan(JOURNAL_MAGIC, map, len, compact_note, &c, NULL, NULL, NULL);
+        r = c.error;
+        if (r >= 0 && c.n > 0) {
+                holders = malloc(c.n * sizeof(*holders));
+                kept = calloc(c.n, sizeof(*kept));
+                keep = malloc(c.n * sizeof(*keep));
+                if (!holders || !kept || !keep)
+                        r = -ENOMEM;
+        }
+        if (r >= 0 && c.n > 0) {
+                for (size_t i = 0; i < c.n; i++)
+                        holders[i] = c.v[i].holder;
+                qsort(holders, c.n, sizeof(*holders), cmp_u64);
+                for (size_t i = 0; i < c.n; i++)
+                        if (n_holders == 0 || holders[n_holders - 1] != holders[i])
+                                holders[n_holders++] = holders[i];
+                for (size_t i = 0; i < c.n; i++)
+                        c.v[i].holder = (uint64_t *)bsearch(&c.v[i].holder, holders, n_holders, sizeof(*holders),
+                                                            cmp_u64) - holders;
+                kept_bytes = calloc(n_holders, sizeof(*kept_bytes));
+                closed = calloc(n_holders, sizeof(*closed));
+                if (!kept_bytes || !closed)
+                        r = -ENOMEM;
+        }
+        if (r >= 0 && c.n > 0) {
+                /* Each holder's newest, up to its share. */
+                for (size_t i = c.n; i-- > 0;) {
+                        CompactEvent *e = &c.v[i];
+
+                        if (total + e->size > budget)
+                                break; /* full: the newest events, as without shares */
+                        if (closed[e->holder])
+                                continue;
+                        if (kept_bytes[e->holder] + e->size > share) {
+                                closed[e->holder] = true;
+                                continue;
+                        }
+                        kept_bytes[e->holder] += e->size;
+                        total += e->size;
+                        kept[i] = true;
+                }
+                /* The room left: the newest of the rest, whoever's. */
+                for (size_t i = c.n; i-- > 0;) {
+                        if (kept[i])
+                                continue;
+                        if (total + c.v[i].size > budget)
+                                break;
+                        total += c.v[i].size;
+                        kept[i] = true;
+                }
+                for (size_t i = 0; i < c.n; i++)
+                        if (kept[i])
+                                keep[n_keep++] = c.v[i].offset;
+                        else if (n_keep > 0)
+                                dropped++; /* newer than one kept: left out for its device's share */
+        }
+        if (r >= 0)
+                r = journal_rewrite(j, map, len, 0, keep ?: (const uint64_t[]){ UINT64_MAX }, n_keep);
         munmap(map, len);
+        free(c.v);
+        if (r >= 0)
+                stats_journal_share_dropped(dropped);
         return r;
 }
 
@@ -459,7 +565,7 @@ static int create_fresh(Journal *j) {
         j->epoch = e;
         j->next_id = 1;
         states_free(j);
-        return journal_rewrite(j, NULL, 0, 0);
+        return journal_rewrite(j, NULL, 0, 0, NULL, 0);
 }
 
 static int journal_recover(Journal *j) {
@@ -500,7 +606,7 @@ static int journal_recover(Journal *j) {
                 else
                         log_info("Event journal '%s/%s': upgrading from version %u to %u.", dir, JOURNAL_FILE,
                                  rc.version, JOURNAL_VERSION);
-                r = journal_rewrite(j, map, (size_t)st.st_size, rc.header_end);
+                r = journal_rewrite(j, map, (size_t)st.st_size, rc.header_end, NULL, 0);
                 if (r < 0) {
                         log_warning_errno(r, "Failed to rewrite the event journal: %m");
                         /* Appending after the last good record is still fine. */

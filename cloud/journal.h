@@ -4,8 +4,10 @@
  * an id that grows by one per event. The journal knows, per device and
  * epoch, the highest sequence number delivered (docs/protocol.md,
  * "Delivery"), and SSE streams read it back to replay what a client missed
- * (Last-Event-ID). Bounded by JournalMaxBytes: the oldest events are
- * dropped when it is rewritten.
+ * (Last-Event-ID). Bounded by JournalMaxBytes: when it is rewritten the
+ * newest events are kept, but no device's beyond DeviceJournalShare=
+ * percent while others' fit (a flooding device's older events go first;
+ * journal.c, journal_compact()).
  *
  * A Journal depends on no other cloud module: it owns its files (and their
  * lock, so one cloud uses a state directory at a time) and one timer on the

@@ -69,6 +69,7 @@ static const char *const dropped_names[_STATS_DROPPED_MAX] = {
         [STATS_DROPPED_DEVICE_SEND_FAILED] = "device_send_failed",
         [STATS_DROPPED_RESERVED_NAME] = "reserved_name",
         [STATS_DROPPED_RATE_LIMITED] = "rate_limited",
+        [STATS_DROPPED_JOURNAL_SHARE] = "journal_share",
 };
 
 /* Upper bounds in microseconds: 0.25 ms .. 10 s. */
@@ -322,6 +323,11 @@ void stats_event_out(StatsSink sink) {
 void stats_event_dropped(StatsDropped reason) {
         if (reason < _STATS_DROPPED_MAX)
                 metrics_inc(stats.events_dropped[reason]);
+}
+
+void stats_journal_share_dropped(uint64_t n) {
+        if (n > 0)
+                metrics_add(stats.events_dropped[STATS_DROPPED_JOURNAL_SHARE], (int64_t)n);
 }
 
 void stats_event_undeliverable(int error) {

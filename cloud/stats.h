@@ -43,6 +43,7 @@ typedef enum StatsDropped {
         STATS_DROPPED_DEVICE_SEND_FAILED, /* any other send error */
         STATS_DROPPED_RESERVED_NAME,      /* a device published under tether/ (4.03) */
         STATS_DROPPED_RATE_LIMITED,       /* past the device's rate limits (4.29, it retries) */
+        STATS_DROPPED_JOURNAL_SHARE,      /* left out of the journal at a rewrite, over its device's share */
         _STATS_DROPPED_MAX,
 } StatsDropped;
 
@@ -74,6 +75,8 @@ void stats_call_done(bool function, int error, unsigned code, uint64_t started_u
 void stats_event_in(StatsSource source);
 void stats_event_out(StatsSink sink);
 void stats_event_dropped(StatsDropped reason);
+/* n events left out of the journal at a rewrite for their device's share. */
+void stats_journal_share_dropped(uint64_t n);
 /* Map device_event_undeliverable()'s error to a reason and count it. */
 void stats_event_undeliverable(int error);
 void stats_stream_opened(int delta);

@@ -247,7 +247,54 @@ def test_agent_backs_off_and_loses_nothing(w):
     expect(ev["refused"] == 0 and ev["acked"] == n and ev["queued"] == 0, f"agent: {ev}")
 
 
+def flood_and_resume(w, share):
+    """Device B publishes 20 small events, then device A 1,500 of 16 KB
+    into a 1 MiB journal; returns the names a stream resuming from
+    before B's events reads back, and the number of A's events there."""
+    w.start_cloud(extra=f"[Events]\nJournalMaxBytes=1048576\nDeviceJournalShare={share}\n"
+                        "DeviceEventRate=0\nDeviceByteRate=0\n")
+    first = EventStream(w, "").wait_first_id()
+    a, _ = connect(w)
+    b, _ = connect(w)
+    for i in range(20):
+        expect(b.publish(f"victim/{i}", b"x" * 100).code == CREATED, "victim publish")
+    data, n, window = b"f" * 16000, 1500, 8
+    for start in range(0, n, window):
+        for i in range(start, start + window):
+            a.send(frame(POST, i.to_bytes(2, "big"), path_opts(f"e/flood/{i}"), data))
+        for _ in range(window):
+            m = a.wait_for(lambda m: m.code >> 5 in (2, 4, 5), what="flood answers")
+            expect(m.code == CREATED, f"flood: {m}")
+    stream = EventStream(w, "", last_event_id=first)
+    stream.named(f"flood/{n - 1}", timeout=30)
+    names = [m["event"] for m in stream.messages if m["event"] != "tether/stream/lost"]
+    return [x for x in names if x.startswith("victim/")], sum(x.startswith("flood/") for x in names)
+
+
+def test_journal_share_keeps_others_resumable(w):
+    """Before (and with DeviceJournalShare=100): one device publishing
+    1,500 events of 16 KB rewrote the journal and pushed every other
+    device's events out of the resume window. With the share (default
+    25%), the flooding device loses its own older events first: the
+    other device's events are still read back with Last-Event-ID."""
+    victims, floods = flood_and_resume(w, 25)
+    left_out = metric(w, 'tether_cloud_events_dropped_total{reason="journal_share"}')
+    print(f"# DeviceJournalShare=25: a resuming stream reads {len(victims)} of the 20 victim events and "
+          f"{floods} flood events; {left_out:.0f} events left out for the share")
+    expect(victims == [f"victim/{i}" for i in range(20)], f"victim events after the flood: {victims}")
+    expect(floods > 0, "nothing of the flood is resumable")
+
+
+def test_journal_without_share_loses_others(w):
+    """The control: with DeviceJournalShare=100 (no share, the rewrite of
+    before) the same flood leaves none of the other device's events."""
+    victims, floods = flood_and_resume(w, 100)
+    print(f"# DeviceJournalShare=100: {len(victims)} victim events and {floods} flood events resumable")
+    expect(victims == [], f"victim events survived without a share: {victims}")
+
+
 if __name__ == "__main__":
     sys.exit(run([test_private_events_stay_with_their_device, test_tether_names_are_the_clouds,
                   test_ota_reports_only_for_own_jobs, test_rate_limits_answer_429_with_a_retry_time,
-                  test_agent_backs_off_and_loses_nothing], emulated="ok"))
+                  test_agent_backs_off_and_loses_nothing, test_journal_share_keeps_others_resumable,
+                  test_journal_without_share_loses_others], emulated="ok"))
