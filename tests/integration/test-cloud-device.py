@@ -220,7 +220,9 @@ def test_busy_device_that_reads_stays(w):
     can but reads its answers (and Pings), and a subscriber that reads, are
     never held back or dropped. Periodic Pings are far off: only the flow
     control's own Pings keep them going."""
-    w.start_cloud(extra="[Cloud]\nMaxQueuedBytes=262144\nPingSec=60\nDeviceTimeoutSec=120\n")
+    # Flow control, not the per-device limits (test-authz.py): those off.
+    w.start_cloud(extra="[Cloud]\nMaxQueuedBytes=262144\nPingSec=60\nDeviceTimeoutSec=120\n"
+                        "[Events]\nDeviceEventRate=0\nDeviceByteRate=0\n")
     d, dev = connect(w)
     other, _ = connect(w)
     other.subscribe("busy/")
@@ -512,9 +514,13 @@ def test_publish_errors_and_private(w):
     ev = sub.wait(lambda e: e.get("name") == "p/ok", what="p/ok on the event stream")
     expect(ev.get("private") is True, f"SSE lost the private flag: {ev}")
     expect(ev.get("ttl") == 3000000000, f"SSE ttl: {ev.get('ttl')}")
+    # Another device's private event reaches the streams only; the next
+    # notification the subscribed device gets is the public one.
+    r = d.publish("p/public", b"y", ttl=3000000000)
+    expect(r.code == CREATED, f"public publish: {codestr(r.code)}")
     m = other.wait_for(lambda m: m.code == CONTENT and m.payload, what="notification")
     j = m.json()
-    expect(j["name"] == "p/ok" and j.get("private") is True and j["ttl"] == 3000000000 and j["coreid"] == dev,
+    expect(j["name"] == "p/public" and "private" not in j and j["ttl"] == 3000000000 and j["coreid"] == dev,
            f"notification {j}")
     sub.close()
 
