@@ -103,15 +103,15 @@ def test_tether_names_are_the_clouds(w):
     expect(got == ["tether/var/marker"], f"device B got {got}")
 
 
-def sign_manifest(w):
-    """A signed manifest (the cloud checks its shape only)."""
+def sign_manifest(w, device):
+    """A signed manifest for device (the cloud checks its shape only)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from otakit import build_deb
     os.makedirs(w.path("debs"), exist_ok=True)
     deb = build_deb(w.path("debs"), "tether-authz-test", "1.0")
     w.tether("ota", "keygen", w.path("update.key"), w.path("update.pem"))
     w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--url", "https://127.0.0.1/x.deb",
-             "--output", w.path("manifest"))
+             "--device", device, "--output", w.path("manifest"))
     with open(w.path("manifest")) as f:
         return f.read()
 
@@ -121,9 +121,10 @@ def test_ota_reports_only_for_own_jobs(w):
     evicted the real jobs from the 4,096-entry table. Now a report on a
     job the cloud does not know gets 4.04, on another device's job 4.03,
     and no job is made, changed or forgotten."""
-    manifest = sign_manifest(w)
+    device_a = w.new_device()
+    manifest = sign_manifest(w, device_a[0])
     w.start_cloud()
-    a, a_id = connect(w)
+    a, a_id = connect(w, device_a)
     b, _ = connect(w)
     out = {}
     t = threading.Thread(target=lambda: out.update(r=api(w, "PUT", f"/v1/devices/{a_id}", {"manifest": manifest})))
