@@ -177,6 +177,7 @@ void api_parsed_done(ApiParsed *p) {
 int api_parse_request(const ApiInput *in, ApiParsed *ret) {
         bool get = streq(in->method, MHD_HTTP_METHOD_GET) || streq(in->method, MHD_HTTP_METHOD_HEAD);
         bool post = streq(in->method, MHD_HTTP_METHOD_POST), put = streq(in->method, MHD_HTTP_METHOD_PUT);
+        bool delete = streq(in->method, MHD_HTTP_METHOD_DELETE);
         ApiParsed p = { .route = API_ROUTE_NOT_FOUND };
         const char *rest, *prefix, *slash;
         size_t n;
@@ -227,6 +228,8 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
         if (streq(rest, "devices")) {
                 if (get)
                         p.route = API_ROUTE_LIST;
+                else if (post)
+                        p.route = API_ROUTE_REGISTER;
                 goto done;
         }
         if (!startswith(rest, "devices/"))
@@ -260,6 +263,13 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 p.route = get ? API_ROUTE_DEVICE : put ? API_ROUTE_UPDATE : API_ROUTE_DEVICE_BAD_METHOD;
                 goto done;
         }
+        /* Tether's own: PUT and DELETE are no Particle call or read. */
+        if (streq(rest, "revocation") && (put || delete)) {
+                p.route = proto_name_check(p.device, n, PROTO_NAME_DEVICE) < 0 ? API_ROUTE_NO_DEVICE
+                          : put                                              ? API_ROUTE_REVOKE
+                                                                             : API_ROUTE_UNREVOKE;
+                goto done;
+        }
         if (strchr(rest, '/') || (!get && !post)) {
                 p.route = API_ROUTE_DEVICE_BAD_METHOD;
                 goto done;
@@ -288,6 +298,9 @@ unsigned api_route_scope(ApiRoute route) {
         case API_ROUTE_TOKENS:
         case API_ROUTE_TOKEN:
         case API_ROUTE_AUDIT:
+        case API_ROUTE_REGISTER:
+        case API_ROUTE_REVOKE:
+        case API_ROUTE_UNREVOKE:
                 return SCOPE_ADMIN;
         case API_ROUTE_NOT_FOUND:
         case API_ROUTE_BAD_BODY:
@@ -296,6 +309,38 @@ unsigned api_route_scope(ApiRoute route) {
         default:
                 return 0;
         }
+}
+
+int api_parse_reason(json_t *params, const char **ret, const char **ret_error) {
+        json_t *v = params ? json_object_get(params, "reason") : NULL;
+        const char *s;
+        size_t len;
+
+        if (!v || json_is_null(v)) {
+                *ret = NULL;
+                return 0;
+        }
+        if (!json_is_string(v)) {
+                *ret_error = "reason must be text";
+                return -EINVAL;
+        }
+        s = json_string_value(v);
+        len = json_string_length(v);
+        if (len > API_REASON_MAX) {
+                *ret_error = "reason is longer than 160 bytes";
+                return -EINVAL;
+        }
+        if (proto_utf8_check(s, len) < 0) {
+                *ret_error = "reason must be UTF-8 text";
+                return -EINVAL;
+        }
+        for (size_t i = 0; i < len; i++)
+                if ((uint8_t)s[i] < 0x20 || s[i] == 0x7f) {
+                        *ret_error = "reason must not hold control characters";
+                        return -EINVAL;
+                }
+        *ret = len > 0 ? s : NULL;
+        return 0;
 }
 
 int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, unsigned *ret_status,

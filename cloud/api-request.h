@@ -47,6 +47,9 @@ typedef enum ApiRoute {
         API_ROUTE_TOKENS,            /* GET (list), POST (create) /v1/tokens; others: 405 */
         API_ROUTE_TOKEN,             /* DELETE /v1/tokens/ID (revoke); others: 405 */
         API_ROUTE_AUDIT,             /* GET /v1/audit; others: 405 */
+        API_ROUTE_REGISTER,          /* POST /v1/devices {"id": ID} */
+        API_ROUTE_REVOKE,            /* PUT /v1/devices/ID/revocation [{"reason": TEXT}] */
+        API_ROUTE_UNREVOKE,          /* DELETE /v1/devices/ID/revocation */
 } ApiRoute;
 
 typedef struct ApiParsed {
@@ -87,6 +90,12 @@ bool api_outside_token(const ApiInput *in, const char **ret_token);
 
 /* An SSE id "EPOCH-ID" (hex, decimal): 0 or -EINVAL. */
 int api_parse_last_event_id(const char *s, uint64_t *ret_epoch, uint64_t *ret_id);
+
+/* The reason of a revocation (may be absent: *ret NULL): at most
+ * API_REASON_MAX bytes of UTF-8 text without control characters. 0, or
+ * -EINVAL with a message for the client. */
+#define API_REASON_MAX 160
+int api_parse_reason(json_t *params, const char **ret, const char **ret_error);
 
 /* POST /v1/devices/events parameters; strings point into params. */
 typedef struct ApiPublish {

@@ -100,6 +100,7 @@ struct Api {
         const CloudConfig *config;
         Store *store;
         Tokens *tokens;
+        Registry *registry;
         Journal *journal;
         Devices *devices;
         Events *events;
@@ -921,6 +922,25 @@ static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url
         case API_ROUTE_TOKEN:
                 api_audit_begin(req, "token.revoke", p->name, NULL);
                 break;
+        case API_ROUTE_REGISTER: {
+                json_t *id = p->params ? json_object_get(p->params, "id") : NULL;
+
+                api_audit_begin(req, "device.register", json_is_string(id) ? json_string_value(id) : NULL, NULL);
+                break;
+        }
+        case API_ROUTE_REVOKE: {
+                json_t *reason = p->params ? json_object_get(p->params, "reason") : NULL;
+
+                api_audit_begin(req, "device.revoke", p->device,
+                                json_is_string(reason) && proto_utf8_check(json_string_value(reason),
+                                                                           json_string_length(reason)) == 0
+                                        ? json_pack("{s:O}", "reason", reason)
+                                        : NULL);
+                break;
+        }
+        case API_ROUTE_UNREVOKE:
+                api_audit_begin(req, "device.unrevoke", p->device, NULL);
+                break;
         default:
                 api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
                 break;
@@ -967,6 +987,90 @@ static void api_admin(ApiRequest *req, const ApiParsed *p, const char *method) {
                 return;
         }
         api_set_json(req, status, body);
+}
+
+/* ---- the device registry ------------------------------------------------------ */
+
+/* Who makes the request, as the audit log names it. */
+static const char *api_actor(const ApiRequest *req, char buf[static TOKENS_ID_MAX + 8]) {
+        snprintf(buf, TOKENS_ID_MAX + 8, "token:%s", req->auth.id);
+        return buf;
+}
+
+/* Add the registry's fields to a device object, or to each device of a
+ * list (an array, or a page {"devices": [...]}). NULL on OOM (j freed). */
+static json_t *api_registry_fields(Api *api, json_t *j, bool details) {
+        json_t *list = json_is_array(j) ? j : json_object_get(j, "devices"), *d;
+        size_t i;
+
+        if (!j)
+                return NULL;
+        if (!list) {
+                if (registry_device_json(api->registry, json_string_value(json_object_get(j, "id")), j, details) < 0)
+                        goto fail;
+                return j;
+        }
+        json_array_foreach(list, i, d)
+                if (registry_device_json(api->registry, json_string_value(json_object_get(d, "id")), d, details) < 0)
+                        goto fail;
+        return j;
+fail:
+        json_decref(j);
+        return NULL;
+}
+
+/* POST /v1/devices {"id": ID}: what Registration=enrolled admits. */
+static void api_register(ApiRequest *req, json_t *params) {
+        Api *api = req->api;
+        char actor[TOKENS_ID_MAX + 8], buf[32];
+        const char *id = NULL;
+        size_t len = 0;
+        bool created = false;
+        int r;
+
+        r = api_param_text(params, "id", &id, &len, buf);
+        if (r == 0) {
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Device id is required", NULL);
+                return;
+        }
+        if (r < 0 || id == buf || proto_name_check(id, len, PROTO_NAME_DEVICE) < 0) {
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid device id", NULL);
+                return;
+        }
+        r = registry_register(api->registry, id, api_actor(req, actor), &created);
+        if (r < 0) {
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot register the device now: %s", strerror(-r));
+                return;
+        }
+        api_set_json(req, created ? MHD_HTTP_CREATED : MHD_HTTP_OK,
+                     json_pack("{s:b, s:s, s:b}", "ok", 1, "id", id, "created", created));
+}
+
+/* PUT (revoke) or DELETE (unrevoke) /v1/devices/ID/revocation. */
+static void api_revocation(ApiRequest *req, const char *id, bool revoke, json_t *params) {
+        Api *api = req->api;
+        const char *reason = NULL, *error;
+        char actor[TOKENS_ID_MAX + 8];
+        bool changed = false;
+        int r;
+
+        if (revoke && api_parse_reason(params, &reason, &error) < 0) {
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
+                return;
+        }
+        r = revoke ? registry_revoke(api->registry, id, reason, api_actor(req, actor), &changed)
+                   : registry_unrevoke(api->registry, id, api_actor(req, actor), &changed);
+        if (r == -ENOENT) {
+                api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
+                return;
+        }
+        if (r < 0) {
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot %s the device now: %s",
+                               revoke ? "revoke" : "unrevoke", strerror(-r));
+                return;
+        }
+        api_set_json(req, MHD_HTTP_OK,
+                     json_pack("{s:b, s:s, s:b, s:b}", "ok", 1, "id", id, "revoked", revoke, "changed", changed));
 }
 
 static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char *method) {
@@ -1027,11 +1131,22 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 if (api_parse_page(api_query_arg(req, "page"), api_query_arg(req, "per_page"), &page, &error) < 0)
                         api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
                 else if (tokens_restricted(&req->auth))
-                        api_set_json(req, MHD_HTTP_OK, api_devices_list_restricted(api->devices, &req->auth, &page));
+                        api_set_json(req, MHD_HTTP_OK,
+                                     api_registry_fields(api, api_devices_list_restricted(api->devices, &req->auth,
+                                                                                          &page),
+                                                         false));
                 else
-                        api_set_json(req, MHD_HTTP_OK, api_devices_list(api->devices, &page));
+                        api_set_json(req, MHD_HTTP_OK,
+                                     api_registry_fields(api, api_devices_list(api->devices, &page), false));
                 break;
         }
+        case API_ROUTE_REGISTER:
+                api_register(req, p.params);
+                break;
+        case API_ROUTE_REVOKE:
+        case API_ROUTE_UNREVOKE:
+                api_revocation(req, p.device, p.route == API_ROUTE_REVOKE, p.params);
+                break;
         case API_ROUTE_PUBLISH:
                 api_publish(req, p.params);
                 break;
@@ -1043,7 +1158,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 if (!d)
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 else if (p.route == API_ROUTE_DEVICE)
-                        api_set_json(req, MHD_HTTP_OK, device_to_json(d, true));
+                        api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, device_to_json(d, true), true));
                 else if (p.route == API_ROUTE_DEVICE_BAD_METHOD)
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
                 else {
@@ -1319,8 +1434,8 @@ Api *api_free(Api *api) {
         return NULL;
 }
 
-int api_new(sd_event *event, const CloudConfig *config, Store *store, Journal *journal, Devices *devices,
-            Events *events, Ota *ota, unsigned *ret_port, Api **ret) {
+int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *registry, Journal *journal,
+            Devices *devices, Events *events, Ota *ota, unsigned *ret_port, Api **ret) {
         _cleanup_(api_freep) Api *api = NULL;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
@@ -1335,6 +1450,7 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Journal *j
         api->event = event;
         api->config = config;
         api->store = store;
+        api->registry = registry;
         api->journal = journal;
         api->devices = devices;
         api->events = events;

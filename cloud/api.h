@@ -28,16 +28,17 @@
 #include "journal.h"
 #include "ota.h"
 #include "proto.h"
+#include "registry.h"
 #include "store.h"
 #include "tokens.h"
 
 typedef struct Api Api;
 
 /* Start the HTTP API; *ret_port is the bound port. event, config, store,
- * journal, devices, events and ota are borrowed and must outlive the Api.
- * Logs what failed; *ret is the caller's (api_free()). */
-int api_new(sd_event *event, const CloudConfig *config, Store *store, Journal *journal, Devices *devices,
-            Events *events, Ota *ota, unsigned *ret_port, Api **ret);
+ * registry, journal, devices, events and ota are borrowed and must outlive
+ * the Api. Logs what failed; *ret is the caller's (api_free()). */
+int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *registry, Journal *journal,
+            Devices *devices, Events *events, Ota *ota, unsigned *ret_port, Api **ret);
 /* Answer or drop every open request (pending device calls are cancelled,
  * event streams end cleanly, Ota's waiting requests are resumed) and stop
  * the HTTP server. NULL is fine; returns NULL. */

@@ -14,6 +14,7 @@
 #include "journal.h"
 #include "log.h"
 #include "ota.h"
+#include "registry.h"
 #include "stats.h"
 #include "store.h"
 #include "util.h"
@@ -22,6 +23,7 @@ struct Cloud {
         CloudConfig *config;
         sd_event *event;
         Store *store;
+        Registry *registry;
         Journal *journal;
         Events *events;
         Devices *devices;
@@ -50,6 +52,87 @@ static void cloud_device_gone(void *userdata, const Device *d) {
         Cloud *c = userdata;
 
         events_device_gone(c->events, d);
+        (void)registry_disconnected(c->registry, device_id(d), device_last_heard(d));
+}
+
+/* The cloud's own events about a device (tether/device/...): journaled
+ * and routed like every event, private, from the device's ID. Takes data. */
+static void cloud_publish(Cloud *c, const char *name, const char *device, json_t *data) {
+        _cleanup_free_ char *text = data ? json_dumps(data, JSON_COMPACT) : NULL;
+        char at[32];
+        ProtoEvent e;
+        uint64_t id;
+        int r;
+
+        json_decref(data);
+        if (!text) {
+                log_warning("Out of memory publishing '%s' for device '%s'.", name, device);
+                return;
+        }
+        proto_timestamp_now(at);
+        e = (ProtoEvent){ .name = (char *)name, .data = text, .ttl = PROTO_DEFAULT_TTL, .private_ = true,
+                          .published_at = at, .coreid = (char *)device };
+        r = journal_append(c->journal, &e, 0, 0, &id);
+        if (r < 0) {
+                log_warning_errno(r, "Failed to store the event '%s' for device '%s', not routing it: %m", name, device);
+                return;
+        }
+        events_route(c->events, &e, NULL, id);
+}
+
+static int cloud_peer_check(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size) {
+        Cloud *c = userdata;
+
+        return registry_check(c->registry, peer, reason, reason_size);
+}
+
+static void cloud_device_bound(void *userdata, Device *d, const TlsPeer *peer) {
+        Cloud *c = userdata;
+
+        (void)registry_connected(c->registry, peer, device_last_ip(d));
+}
+
+static void cloud_device_conflict(void *userdata, Device *d, const char *established, const char *newcomer,
+                                  const char *outcome) {
+        Cloud *c = userdata;
+
+        cloud_publish(c, "tether/device/conflict", device_id(d),
+                      json_pack("{s:s, s:s, s:s, s:s}", "device", device_id(d), "established", established,
+                                "newcomer", newcomer, "outcome", outcome));
+}
+
+/* ---- RegistryHooks: the registry towards devices and events ------------------ */
+
+static void cloud_device_revoked(void *userdata, const char *id, const char *reason, const char *actor) {
+        Cloud *c = userdata;
+        Device *d = devices_find(c->devices, id);
+
+        log_notice("Device '%s' revoked by %s%s%s%s.", id, actor, reason ? " (" : "", reason ?: "", reason ? ")" : "");
+        if (d && device_connected(d))
+                device_disconnect(d, "revoked");
+        cloud_publish(c, "tether/device/revoked", id,
+                      json_pack("{s:s, s:s?, s:s}", "device", id, "reason", reason, "actor", actor));
+}
+
+static void cloud_device_unrevoked(void *userdata, const char *id, const char *actor) {
+        Cloud *c = userdata;
+
+        log_notice("Device '%s' unrevoked by %s.", id, actor);
+        cloud_publish(c, "tether/device/unrevoked", id, json_pack("{s:s, s:s}", "device", id, "actor", actor));
+}
+
+static void cloud_device_added(void *userdata, const char *id) {
+        Cloud *c = userdata;
+
+        if (!devices_add(c->devices, id, 0, NULL))
+                log_warning("Out of memory listing device '%s'.", id);
+}
+
+static void cloud_known_device(void *userdata, const char *id, uint64_t last_heard_usec, const char *last_address) {
+        Cloud *c = userdata;
+
+        if (!devices_add(c->devices, id, last_heard_usec, last_address))
+                log_warning("Out of memory listing device '%s'.", id);
 }
 
 /* ---- EventsHooks: events towards devices and event streams ---------------- */
@@ -127,6 +210,7 @@ Cloud *cloud_free(Cloud *c) {
         c->api = api_free(c->api);
         c->ota = ota_free(c->ota);
         c->devices = devices_free(c->devices);
+        c->registry = registry_free(c->registry);
         c->events = events_free(c->events);
         c->journal = journal_free(c->journal);
         c->store = store_free(c->store);
@@ -140,6 +224,7 @@ Cloud *cloud_free(Cloud *c) {
 int cloud_new(CloudConfig *config, Cloud **ret) {
         _cleanup_(cloud_freep) Cloud *c = NULL;
         DevicesHooks dh;
+        RegistryHooks rh;
         EventsHooks eh;
         OtaHooks oh;
         int r;
@@ -155,6 +240,15 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .event_request = cloud_event_request,
                 .ota_request = cloud_ota_request,
                 .device_gone = cloud_device_gone,
+                .peer_check = cloud_peer_check,
+                .device_bound = cloud_device_bound,
+                .device_conflict = cloud_device_conflict,
+        };
+        rh = (RegistryHooks){
+                .userdata = c,
+                .revoked = cloud_device_revoked,
+                .unrevoked = cloud_device_unrevoked,
+                .added = cloud_device_added,
         };
         eh = (EventsHooks){
                 .userdata = c,
@@ -198,16 +292,25 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = store_open(c->event, config->state_dir, &c->store);
         if (r < 0)
                 return r;
+        r = registry_new(c->store, config->registration_enrolled ? REGISTRY_ENROLLED : REGISTRY_OPEN, &rh,
+                         &c->registry);
+        if (r < 0)
+                return r;
         r = events_new(config, c->journal, &eh, &c->events);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event router: %m");
         r = devices_new(c->event, config, &dh, &c->coap_port, &c->devices);
         if (r < 0)
                 return r;
+        /* Known devices are listed, offline, before any connects. */
+        r = registry_foreach(c->registry, cloud_known_device, c);
+        if (r < 0)
+                return log_error_errno(r, "Cannot read the device registry.");
         r = ota_new(c->event, config, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
         if (r < 0)
                 return r;
-        r = api_new(c->event, config, c->store, c->journal, c->devices, c->events, c->ota, &c->api_port, &c->api);
+        r = api_new(c->event, config, c->store, c->registry, c->journal, c->devices, c->events, c->ota, &c->api_port,
+                    &c->api);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(c);

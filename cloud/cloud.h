@@ -17,18 +17,21 @@
  *   mhd-log.c  mhd_log   libmicrohttpd's messages, for api.c and ota.c (mhd-log.h)
  *   stats.c    stats_    the process-wide metrics registry (stats.h)
  *   store.c    store_    the SQLite database: schema steps, batched commits, audit log (store.h)
+ *   registry.c registry_ the persistent device registry: policy, revocation (registry.h)
  *   cloud.c    cloud_    the Cloud object: the loop, signals, sd_notify, the wiring
  *   main.c               command line, process setup
  *
  * Dependencies point one way (a -> b: a calls b directly); calls the other
  * way go through hook structs that cloud.c implements:
  *
- *   Cloud ---owns---> Api, Ota, Devices, Events, Journal, Store, CloudConfig
- *   Api ----> Ota, Devices, Events, Journal, Store, Tokens (owned by the Api)
+ *   Cloud ---owns---> Api, Ota, Devices, Registry, Events, Journal, Store, CloudConfig
+ *   Api ----> Ota, Devices, Registry, Events, Journal, Store, Tokens (owned by the Api)
  *   Tokens -> Store, CloudConfig (the token files)
+ *   Registry -> Store;  RegistryHooks -> Devices (close), Events (revoked)
  *   Ota ----> Devices, Events, Journal;  OtaHooks -> Api (kick)
  *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)
- *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone), Ota (/o)
+ *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone, conflicts),
+ *                       Ota (/o), Registry (peer check, bound, gone)
  *
  * Everything runs on one sd-event loop; the one other thread is the
  * journal's fdatasync() (journal-sync.h), which never calls back into

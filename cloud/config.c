@@ -66,6 +66,7 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         free(c->ca_file);
         free(c->cert_file);
         free(c->key_file);
+        free(c->registration);
         free(c->api_listen);
         free(c->token_file);
         free(c->metrics_token_file);
@@ -102,6 +103,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Cloud", "HandshakeGraceSec", handshake_grace_sec, 0, 3600),
         UINT_KEY("Cloud", "MaxQueuedBytes", max_queued_bytes, 1024, 1U << 30),
         UINT_KEY("Cloud", "SessionShards", session_shards, 1, 256),
+        STR_KEY("Cloud", "Registration", registration),
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
         STR_KEY("API", "TokenFile", token_file),
@@ -353,6 +355,10 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
                 return log_error_errno(-EINVAL, "%s: [Cloud] CAFile=, Certificate= and Key= are required.", path);
         if (!c->token_file)
                 return log_error_errno(-EINVAL, "%s: [API] TokenFile= is required.", path);
+        if (c->registration && !streq(c->registration, "open") && !streq(c->registration, "enrolled"))
+                return log_error_errno(-EINVAL, "%s: [Cloud] Registration= must be 'open' or 'enrolled', not '%s'.",
+                                       path, c->registration);
+        c->registration_enrolled = c->registration && streq(c->registration, "enrolled");
         if (c->ota_public_url && !startswith(c->ota_public_url, "https://"))
                 return log_error_errno(-EINVAL, "%s: [OTA] PublicURL= must start with https://.", path);
         if (c->device_timeout_sec <= c->ping_sec)

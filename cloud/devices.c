@@ -85,6 +85,13 @@ struct Device {
         DeviceCall *describe_call; /* the GET /d in flight, or NULL */
         bool describe_again;       /* POST /d while it was in flight */
         DeviceCall *calls; /* pending requests to this device */
+        /* Another session for this ID while one is bound (device_conflict()). */
+        Session *contender;        /* waiting for the liveness check, or NULL */
+        uint64_t check_since;      /* CLOCK_MONOTONIC µs the check began; 0: none runs */
+        sd_event_source *check_timer;
+        uint64_t conflict_window;  /* CLOCK_MONOTONIC µs the counting window began */
+        unsigned conflicts;        /* in the window */
+        uint64_t conflicts_quiet;  /* not logged in the window (damping) */
         Device *hash_next;
         Device *list_next;
 };
@@ -100,6 +107,8 @@ struct Session {
         bool settled;    /* bound to a device once, or closed by the cloud */
         bool closing;    /* queued for closing from the loop */
         bool unbound;    /* on the unbound list (accepted, no device yet) */
+        bool refused_request; /* a request arrived while it was a contender */
+        Device *contends; /* the device whose ID it waits for (Device.contender) */
         uint64_t accepted; /* CLOCK_MONOTONIC µs */
         Session *hash_next;
         Session *close_next;
@@ -372,6 +381,20 @@ static Device *device_new(Devices *devs, const char *id) {
         return d;
 }
 
+Device *devices_add(Devices *devs, const char *id, uint64_t last_heard_usec, const char *last_ip) {
+        Device *d = devices_find(devs, id);
+
+        if (d)
+                return d;
+        d = device_new(devs, id);
+        if (!d)
+                return NULL;
+        d->last_heard = last_heard_usec;
+        if (last_ip)
+                snprintf(d->last_ip, sizeof(d->last_ip), "%s", last_ip);
+        return d;
+}
+
 static int session_table_grow(Devices *devs) {
         size_t n = devs->conn_nbuckets ? devs->conn_nbuckets * 2 : 64;
         Session **b = calloc(n, sizeof(*b));
@@ -487,6 +510,12 @@ static void session_free(Session *c) {
                 return;
         devs = c->devices;
         session_unbound_remove(c);
+        if (c->contends) {
+                /* The check goes on: a session that does not answer it is
+                 * closed even when its contender is gone. */
+                c->contends->contender = NULL;
+                c->contends = NULL;
+        }
         for (p = &devs->conn_buckets[hash_pointer(c->session) & (devs->conn_nbuckets - 1)]; *p;
              p = &(*p)->hash_next)
                 if (*p == c) {
@@ -507,6 +536,10 @@ static void session_free(Session *c) {
 
 const char *device_id(const Device *d) { return d->id; }
 
+uint64_t device_last_heard(const Device *d) { return d->last_heard; }
+
+const char *device_last_ip(const Device *d) { return d->last_ip; }
+
 bool device_connected(const Device *d) { return d->conn != NULL; }
 
 coap_session_t *device_session(const Device *d) {
@@ -522,8 +555,10 @@ json_t *device_to_json(const Device *d, bool details) {
         json_t *j;
 
         format_timestamp(d->last_heard, heard);
-        j = json_pack("{s:s, s:s, s:n, s:s?, s:s, s:i, s:b, s:b, s:i, s:b, s:n, s:s}", "id", d->id, "name", d->id,
-                      "last_app", "last_ip_address", d->last_ip[0] ? d->last_ip : NULL, "last_heard", heard,
+        /* A device known from the registry may never have been heard. */
+        j = json_pack("{s:s, s:s, s:n, s:s?, s:s?, s:i, s:b, s:b, s:i, s:b, s:n, s:s}", "id", d->id, "name", d->id,
+                      "last_app", "last_ip_address", d->last_ip[0] ? d->last_ip : NULL, "last_heard",
+                      d->last_heard ? heard : NULL,
                       "product_id", 0, "online", d->conn != NULL, "connected", d->conn != NULL,
                       "platform_id", 0, "cellular", 0, "notes", "status", "normal");
         if (!j || !details)
@@ -711,12 +746,22 @@ static void device_heard(Device *d) {
         d->last_heard = realtime_usec();
 }
 
+/* Decide a running liveness check (device_check_cb()) from the loop, now. */
+static void device_check_soon(Device *d) {
+        if (!d->check_timer)
+                return;
+        (void)sd_event_source_set_time(d->check_timer, 0);
+        (void)sd_event_source_set_enabled(d->check_timer, SD_EVENT_ONESHOT);
+}
+
 /* A Pong to our Ping or an answer to our request: the device is alive
  * and has read every byte up to mark. */
 static void device_alive(Device *d, uint64_t mark) {
         Devices *devs = d->devices;
         d->last_alive = now_usec();
         device_heard(d);
+        if (d->check_since)
+                device_check_soon(d);
         if (mark > d->tx_read)
                 d->tx_read = mark;
         if (d->dropped_events > 0 && device_unread(d) < devs->config->max_queued_bytes) {
@@ -977,6 +1022,9 @@ static void device_unbind(Device *d, const char *reason, int error) {
         d->ping_timer = sd_event_source_disable_unref(d->ping_timer);
         d->describe_defer = sd_event_source_disable_unref(d->describe_defer);
         devs->hooks.device_gone(devs->hooks.userdata, d);
+        /* A session waiting for this ID may have it now. */
+        if (d->check_since)
+                device_check_soon(d);
         if (d->dropped_events > 0)
                 log_info("Device '%s': %" PRIu64 " events were not delivered to it.", d->id, d->dropped_events);
         log_struct(LOG_INFO,
@@ -1090,44 +1138,30 @@ static int describe_defer_cb(sd_event_source *s, void *userdata) {
         return 0;
 }
 
-/* COAP_EVENT_SESSION_CONNECTED: TLS and CSM done, the peer is known. No
- * PDU is built here (docs/design/libcoap.md, trap B); GET /d goes out from a defer. */
-static void session_bind(Session *c) {
-        Devices *devs = c->devices;
-        const char *id = tls_session_peer_id(c->session);
-        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
-        int64_t took = (int64_t)(now_usec() - c->accepted);
-        Device *d;
+/* Bind session c to device d, which has no session now, after asking
+ * the peer check again (the device may have been revoked since its
+ * handshake, or while c waited for a liveness check). */
+static void device_bind(Device *d, Session *c) {
+        Devices *devs = d->devices;
+        const TlsPeer *peer = tls_session_peer(c->session);
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8], reason[192] = "";
         int r;
 
-        session_unbound_remove(c);
-        devs->bind_usec_avg += (took - (int64_t)devs->bind_usec_avg) / 8;
         format_address(coap_session_get_addr_remote(c->session), ip, addr);
-        if (!id) {
-                log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
-                           "Session from %s has no device identity, closing it.", addr);
-                stats_handshake_refused(STATS_REFUSED_NO_IDENTITY);
+        if (!peer || devs->hooks.peer_check(devs->hooks.userdata, peer, reason, sizeof(reason)) < 0) {
+                log_struct(LOG_WARNING,
+                           &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .device_id = d->id, .peer = addr },
+                           "Refused device '%s' from %s: %s.", d->id, addr, reason[0] ? reason : "no certificate");
+                stats_handshake_refused(STATS_REFUSED_TLS);
                 session_queue_close(c);
                 return;
-        }
-        d = devices_find(devs, id) ?: device_new(devs, id);
-        if (!d) {
-                log_error("Out of memory registering device '%s'.", id);
-                session_queue_close(c);
-                return;
-        }
-        if (d->conn) {
-                Session *old = d->conn;
-
-                device_unbind(d, "replaced by a new session", -ECONNRESET);
-                session_queue_close(old);
         }
         r = sd_event_add_time(devs->event, &d->ping_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
                               device_ping_cb, d);
         if (r >= 0)
                 r = sd_event_add_defer(devs->event, &d->describe_defer, describe_defer_cb, d);
         if (r < 0) {
-                log_error_errno(r, "Failed to set up device '%s': %m", id);
+                log_error_errno(r, "Failed to set up device '%s': %m", d->id);
                 d->ping_timer = sd_event_source_disable_unref(d->ping_timer);
                 session_queue_close(c);
                 return;
@@ -1153,6 +1187,179 @@ static void session_bind(Session *c) {
         log_struct(LOG_INFO, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_CONNECTED, .device_id = d->id, .peer = addr },
                    "Device '%s' connected from %s.", d->id, addr);
         (void)sd_notifyf(0, "STATUS=%u devices online", devs->n_online);
+        devs->hooks.device_bound(devs->hooks.userdata, d, peer);
+}
+
+/* Log and publish a conflict while the device is under
+ * DEVICES_CONFLICT_BURST of them in the window; count it otherwise. */
+static void device_conflict_report(Device *d, const char *newcomer, const char *outcome, const char *what) {
+        Devices *devs = d->devices;
+
+        if (d->conflicts > DEVICES_CONFLICT_BURST) {
+                d->conflicts_quiet++;
+                return;
+        }
+        log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .device_id = d->id, .peer = newcomer },
+                   "Device '%s': a second session from %s while the one from %s is bound: %s.", d->id, newcomer,
+                   d->last_addr, what);
+        devs->hooks.device_conflict(devs->hooks.userdata, d, d->last_addr, newcomer, outcome);
+        if (d->conflicts == DEVICES_CONFLICT_BURST)
+                log_warning("Device '%s': %u duplicate sessions within %us: damping until that window ends; a new "
+                            "session is refused at once while the established one answered within %us, and "
+                            "conflicts are counted, not logged or published.",
+                            d->id, DEVICES_CONFLICT_BURST, DEVICES_CONFLICT_WINDOW_SEC, DEVICES_CONFLICT_FRESH_SEC);
+}
+
+static void device_contender_drop(Device *d) {
+        if (!d->contender)
+                return;
+        d->contender->contends = NULL;
+        d->contender = NULL;
+}
+
+/* The liveness check of the established session (device_conflict()):
+ * runs when it answered, when it ended, and at its deadline. */
+static int device_check_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Device *d = userdata;
+        Session *c = d->contender;
+        uint64_t now = now_usec(), deadline = d->check_since + DEVICES_CHECK_MSEC * USEC_PER_MSEC;
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8] = "-";
+
+        if (!d->check_since)
+                return 0;
+        if (c)
+                format_address(coap_session_get_addr_remote(c->session), ip, addr);
+        if (d->conn && d->last_alive >= d->check_since) {
+                d->check_since = 0;
+                if (c) {
+                        device_contender_drop(d);
+                        session_queue_close(c);
+                        device_conflict_report(d, addr, "kept",
+                                               "the established session answered a liveness check and keeps the "
+                                               "ID, the new one is closed");
+                }
+                return 0;
+        }
+        if (d->conn && now < deadline) {
+                (void)sd_event_source_set_time(s, deadline);
+                (void)sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                return 0;
+        }
+        d->check_since = 0;
+        if (d->conn) {
+                Session *old = d->conn;
+
+                device_conflict_report(d, addr, "replaced",
+                                       "the established session did not answer a liveness check in time and is "
+                                       "closed");
+                device_unbind(d, "replaced: it did not answer a liveness check while another session waited",
+                              -ECONNRESET);
+                session_queue_close(old);
+        }
+        if (!c)
+                return 0;
+        device_contender_drop(d);
+        if (c->closing || coap_session_get_state(c->session) != COAP_SESSION_STATE_ESTABLISHED)
+                return 0;
+        if (c->refused_request) {
+                /* What it asked while it waited was refused (5.03): a new
+                 * session starts clean, and binds at once. */
+                log_info("Device '%s': closing the session from %s that waited for the ID, as requests on it "
+                         "were refused meanwhile; it will connect again.", d->id, addr);
+                session_queue_close(c);
+                return 0;
+        }
+        device_bind(d, c);
+        return 0;
+}
+
+/* Session c (passed every check) is for d, which has a bound session. */
+static void device_conflict(Device *d, Session *c) {
+        Devices *devs = d->devices;
+        uint64_t now = now_usec();
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+        int r;
+
+        c->settled = true;
+        format_address(coap_session_get_addr_remote(c->session), ip, addr);
+        if (now >= d->conflict_window + DEVICES_CONFLICT_WINDOW_SEC * USEC_PER_SEC) {
+                if (d->conflicts_quiet > 0)
+                        log_warning("Device '%s': %" PRIu64 " more duplicate sessions were refused in the last "
+                                    "window of %us without a log line each.",
+                                    d->id, d->conflicts_quiet, DEVICES_CONFLICT_WINDOW_SEC);
+                d->conflict_window = now;
+                d->conflicts = 0;
+                d->conflicts_quiet = 0;
+        }
+        d->conflicts++;
+        if (d->contender) {
+                session_queue_close(c);
+                device_conflict_report(d, addr, "kept", "another new session already waits for the ID, closing this one");
+                return;
+        }
+        if (d->conflicts > DEVICES_CONFLICT_BURST && d->last_alive + DEVICES_CONFLICT_FRESH_SEC * USEC_PER_SEC > now) {
+                session_queue_close(c);
+                device_conflict_report(d, addr, "kept", "damped");
+                /* Keep the proof fresh: a session that stops answering
+                 * gets a real check at the next newcomer. */
+                if (!d->ping_outstanding && d->last_alive + USEC_PER_SEC <= now) {
+                        d->next_ping = 0;
+                        device_arm_ping(d);
+                }
+                return;
+        }
+        if (!d->check_timer) {
+                r = sd_event_add_time(devs->event, &d->check_timer, CLOCK_MONOTONIC, 0, 10 * USEC_PER_MSEC,
+                                      device_check_cb, d);
+                if (r < 0) {
+                        log_error_errno(r, "Failed to check device '%s''s established session, refusing the new one: %m",
+                                        d->id);
+                        session_queue_close(c);
+                        return;
+                }
+        }
+        d->contender = c;
+        c->contends = d;
+        if (!d->check_since) {
+                /* A Pong to a Ping already out counts too: it comes after now. */
+                d->check_since = now;
+                d->next_ping = 0;
+                device_arm_ping(d);
+        }
+        (void)sd_event_source_set_time(d->check_timer, d->check_since + DEVICES_CHECK_MSEC * USEC_PER_MSEC);
+        (void)sd_event_source_set_enabled(d->check_timer, SD_EVENT_ONESHOT);
+}
+
+/* COAP_EVENT_SESSION_CONNECTED: TLS and CSM done, the peer is known. No
+ * PDU is built here (docs/design/libcoap.md, trap B): GET /d goes out from
+ * a defer, the Ping of a liveness check from the device's ping timer. */
+static void session_bind(Session *c) {
+        Devices *devs = c->devices;
+        const char *id = tls_session_peer_id(c->session);
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+        int64_t took = (int64_t)(now_usec() - c->accepted);
+        Device *d;
+
+        session_unbound_remove(c);
+        devs->bind_usec_avg += (took - (int64_t)devs->bind_usec_avg) / 8;
+        if (!id) {
+                format_address(coap_session_get_addr_remote(c->session), ip, addr);
+                log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
+                           "Session from %s has no device identity, closing it.", addr);
+                stats_handshake_refused(STATS_REFUSED_NO_IDENTITY);
+                session_queue_close(c);
+                return;
+        }
+        d = devices_find(devs, id) ?: device_new(devs, id);
+        if (!d) {
+                log_error("Out of memory registering device '%s'.", id);
+                session_queue_close(c);
+                return;
+        }
+        if (d->conn)
+                device_conflict(d, c);
+        else
+                device_bind(d, c);
 }
 
 static int devices_close_cb(sd_event_source *s, void *userdata) {
@@ -1423,6 +1630,8 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 if (c->device)
                         device_unbind(c->device, event == COAP_EVENT_DTLS_ERROR ? "TLS error" : "connection closed",
                                       -ENOTCONN);
+                if (c->contends)
+                        device_contender_drop(c->contends);
                 if (c->referenced && coap_session_get_state(session) == COAP_SESSION_STATE_NONE) {
                         /* libcoap frees server sessions only from its own
                          * loop, so releasing here is safe. */
@@ -1507,7 +1716,11 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
         Device *d = c ? c->device : NULL;
 
         if (!d) {
-                devices_reply(response, COAP_RESPONSE_CODE(503), "session not ready");
+                if (c && c->contends) {
+                        c->refused_request = true;
+                        devices_reply(response, COAP_RESPONSE_CODE(503), "another session holds this device ID");
+                } else
+                        devices_reply(response, COAP_RESPONSE_CODE(503), "session not ready");
                 return;
         }
         device_heard(d);
@@ -1911,6 +2124,13 @@ static int devices_listen_shared(Devices *devs, struct sockaddr_storage *ss, soc
         return devs->shards[0].listener.fd;
 }
 
+/* The TlsPeerCheck of every TLS handshake: the Cloud's. */
+static int devices_peer_check(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size) {
+        Devices *devs = userdata;
+
+        return devs->hooks.peer_check(devs->hooks.userdata, peer, reason, reason_size);
+}
+
 static int devices_start(Devices *devs, sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         struct sockaddr_storage ss;
         socklen_t sl;
@@ -1924,6 +2144,7 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
         r = tls_server_keys_load(&devs->tls_files, &devs->tls_keys, &bad);
         if (r < 0)
                 return log_error_errno(r, "Cannot load TLS file '%s': %m", bad);
+        tls_server_keys_set_peer_check(devs->tls_keys, devices_peer_check, devs);
 
         coap_startup();
         devs->coap_started = true;
@@ -2020,6 +2241,7 @@ int devices_reload_tls(Devices *devs) {
         if (r < 0)
                 return log_error_errno(r, "Cannot load TLS file '%s', keeping the certificates loaded before: %m",
                                        bad);
+        tls_server_keys_set_peer_check(keys, devices_peer_check, devs);
         /* libcoap copies the setup and reads the keys only while it handles
          * a ClientHello: the old ones are unused once every shard has the
          * new ones. On a failure the shards done go back to the old ones. */
@@ -2076,6 +2298,7 @@ Devices *devices_free(Devices *devs) {
                 next_d = d->list_next;
                 sd_event_source_disable_unref(d->ping_timer);
                 sd_event_source_disable_unref(d->describe_defer);
+                sd_event_source_disable_unref(d->check_timer);
                 describe_release(devs, d->describe);
                 free(d->id);
                 free(d);

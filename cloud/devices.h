@@ -20,6 +20,7 @@
 #include <systemd/sd-event.h>
 
 #include "cloud-config.h"
+#include "tls.h"
 
 typedef struct Devices Devices;
 typedef struct Device Device;
@@ -38,7 +39,35 @@ typedef struct DevicesHooks {
         /* The device's session closed or was replaced (also from
          * devices_free()): what belongs to that session must go. */
         void (*device_gone)(void *userdata, const Device *d);
+        /* May the device of peer (which passed the identity checks)
+         * connect? A TlsPeerCheck: 0, or a negative errno with the reason
+         * written. Runs inside every TLS handshake (on the keys loaded at
+         * start and on those of devices_reload_tls()) and again just
+         * before a session is bound to its device. */
+        int (*peer_check)(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size);
+        /* d's new session (whose peer is peer) is bound: d is online. */
+        void (*device_bound)(void *userdata, Device *d, const TlsPeer *peer);
+        /* A second session for d's ID while one is bound (docs/cloud.md,
+         * "Duplicate identity"): established and newcomer are the two
+         * peers' "ADDRESS:PORT", outcome "kept" (the newcomer was refused)
+         * or "replaced" (the established session did not answer and was
+         * closed). Called at most DEVICES_CONFLICT_BURST times per device
+         * and DEVICES_CONFLICT_WINDOW_SEC, from the loop. */
+        void (*device_conflict)(void *userdata, Device *d, const char *established, const char *newcomer,
+                                const char *outcome);
 } DevicesHooks;
+
+/* The duplicate identity policy (devices.c, device_conflict()): a new
+ * session for an ID that has one waits while the established session is
+ * sent a Ping; if that session answers within DEVICES_CHECK_MSEC it keeps
+ * the ID and the newcomer is closed, else it is closed and the newcomer
+ * bound. Past DEVICES_CONFLICT_BURST conflicts in DEVICES_CONFLICT_WINDOW_SEC
+ * a newcomer is closed at once while the established session answered in
+ * the last DEVICES_CONFLICT_FRESH_SEC, and conflicts are only counted. */
+#define DEVICES_CHECK_MSEC 2000
+#define DEVICES_CONFLICT_BURST 3
+#define DEVICES_CONFLICT_WINDOW_SEC 60
+#define DEVICES_CONFLICT_FRESH_SEC 5
 
 /* Start the CoAP/TLS server; *ret_port is the bound port. event and config
  * are borrowed and must outlive the Devices; hooks is copied (every hook
@@ -57,7 +86,15 @@ int devices_reload_tls(Devices *devs);
 
 /* Registry; Device objects live until devices_free(). */
 Device *devices_find(Devices *devs, const char *id);
+/* The device id, offline, known from before (the persistent registry):
+ * last heard at last_heard_usec (CLOCK_REALTIME µs, 0: never) from
+ * last_ip (may be NULL). The existing one if id is known. NULL on OOM. */
+Device *devices_add(Devices *devs, const char *id, uint64_t last_heard_usec, const char *last_ip);
 const char *device_id(const Device *d);
+/* CLOCK_REALTIME µs of the last message from the device (0: never). */
+uint64_t device_last_heard(const Device *d);
+/* The IP address of its last session ("" if none). */
+const char *device_last_ip(const Device *d);
 bool device_connected(const Device *d);
 /* The device's session if it is ESTABLISHED, else NULL. */
 coap_session_t *device_session(const Device *d);

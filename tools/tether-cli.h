@@ -36,6 +36,7 @@ typedef struct CliArgs {
         const char *token;
         const char *cacert;
         const char *device; /* subscribe --device */
+        const char *reason; /* revoke --reason */
         long timeout_ms;    /* -1: the command's default */
         long long ttl;      /* -1: not given */
         unsigned long count;

@@ -513,7 +513,9 @@ static int cmd_list(Api *a, char **args, int n) {
         printf("%-*s  %-7s  %s\n", (int)w, "ID", "STATUS", "LAST HEARD");
         json_array_foreach(devices, i, d) {
                 printf("%-*s  %-7s  %s\n", (int)w, json_string_or(d, "id", "?"),
-                       json_is_true(json_object_get(d, "connected")) ? "online" : "offline",
+                       json_is_true(json_object_get(d, "revoked"))     ? "revoked"
+                       : json_is_true(json_object_get(d, "connected")) ? "online"
+                                                                       : "offline",
                        json_string_or(d, "last_heard", "never"));
         }
         json_decref(devices);
@@ -552,6 +554,11 @@ static int cmd_describe(Api *a, char **args, int n) {
                 printf("name:       %s\n", json_string_or(dev, "name", ""));
         printf("status:     %s\n", json_is_true(json_object_get(dev, "connected")) ? "online" : "offline");
         printf("last heard: %s\n", json_string_or(dev, "last_heard", "never"));
+        if (json_is_true(json_object_get(dev, "revoked")))
+                printf("revoked:    %s by %s%s%s%s\n", json_string_or(dev, "revoked_at", "?"),
+                       json_string_or(dev, "revoked_by", "?"), json_string_value(json_object_get(dev, "revoked_reason")) ? " (" : "",
+                       json_string_or(dev, "revoked_reason", ""),
+                       json_string_value(json_object_get(dev, "revoked_reason")) ? ")" : "");
 
         fns = json_object_get(dev, "functions");
         if (!json_is_array(fns))
@@ -675,6 +682,86 @@ static int cmd_get(Api *a, char **args, int n) {
         }
         json_decref(res);
         return 0;
+}
+
+/* A request with another method than GET or POST (form: its body). */
+static int api_request_method(Api *a, const char *method, const char *path, const char *form, json_t **ret) {
+        int r;
+
+        curl_easy_setopt(a->curl, CURLOPT_CUSTOMREQUEST, method);
+        r = api_request(a, path, form, ret);
+        curl_easy_setopt(a->curl, CURLOPT_CUSTOMREQUEST, NULL);
+        return r;
+}
+
+static int cmd_register(Api *a, char **args, int n) {
+        _cleanup_free_ char *form = NULL;
+        json_t *res;
+        int r;
+
+        if (n != 1)
+                return cli_usage_error("'register' takes one argument, DEVICE");
+        r = name_check(args[0], PROTO_NAME_DEVICE);
+        if (r < 0)
+                return r;
+        form = form_field(a, "id", args[0]);
+        if (!form)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        r = api_request(a, "/v1/devices", form, &res);
+        if (r < 0)
+                return r;
+        if (arg.json)
+                print_raw_body(a);
+        else
+                printf("%s %s\n", args[0],
+                       json_is_true(json_object_get(res, "created")) ? "registered" : "was registered already");
+        json_decref(res);
+        return 0;
+}
+
+/* revoke (with an optional --reason) or unrevoke. */
+static int revocation(Api *a, char **args, int n, bool revoke) {
+        _cleanup_free_ char *path = NULL, *form = NULL;
+        json_t *res;
+        int r;
+
+        if (n != 1)
+                return cli_usage_error("'%s' takes one argument, DEVICE", revoke ? "revoke" : "unrevoke");
+        r = name_check(args[0], PROTO_NAME_DEVICE);
+        if (r < 0)
+                return r;
+        if (arg.reason) {
+                r = payload_check(arg.reason, "reason");
+                if (r < 0)
+                        return r;
+                if (strlen(arg.reason) > 160)
+                        return cli_usage_error("The reason is longer than 160 bytes");
+                form = form_field(a, "reason", arg.reason);
+                if (!form)
+                        return log_error_errno(-ENOMEM, "Out of memory");
+        }
+        if (asprintf(&path, "/v1/devices/%s/revocation", args[0]) < 0)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        a->what_400 = "The cloud refused the request";
+        r = api_request_method(a, revoke ? "PUT" : "DELETE", path, form, &res);
+        if (r < 0)
+                return r;
+        if (arg.json)
+                print_raw_body(a);
+        else if (json_is_true(json_object_get(res, "changed")))
+                printf("%s %s\n", args[0], revoke ? "revoked" : "unrevoked");
+        else
+                printf("%s was %s already\n", args[0], revoke ? "revoked" : "not revoked");
+        json_decref(res);
+        return 0;
+}
+
+static int cmd_revoke(Api *a, char **args, int n) {
+        return revocation(a, args, n, true);
+}
+
+static int cmd_unrevoke(Api *a, char **args, int n) {
+        return revocation(a, args, n, false);
 }
 
 static int cmd_publish(Api *a, char **args, int n) {
@@ -1141,7 +1228,7 @@ static void help(void) {
                "Drive a tether cloud through its HTTP API.\n"
                "\n"
                "Commands:\n"
-               "  list                          list devices: ID, online/offline, last heard\n"
+               "  list                          list devices: ID, online/offline/revoked, last heard\n"
                "  describe DEVICE               show a device's functions and variables\n"
                "  call DEVICE FUNCTION [ARG]    call a function, print its return value\n"
                "  get DEVICE VARIABLE           read a variable, print its value\n"
@@ -1153,6 +1240,10 @@ static void help(void) {
                "        --count N                 exit 0 after N events\n"
                "        --resume                  reconnect when the stream ends and resume\n"
                "                                  after the last event (Last-Event-ID)\n"
+               "  register DEVICE               add a device to the registry (Registration=enrolled)\n"
+               "  revoke DEVICE                 close its session and refuse it from now on\n"
+               "        --reason TEXT             why, for the audit log and the event\n"
+               "  unrevoke DEVICE               let a revoked device connect again\n"
                "  ota ...                       signed package updates ('tether ota --help')\n"
                "  tokens create --scope S...    make an API token (admin); shows it once\n"
                "        --scope SCOPE             devices:read, functions:call, events:read,\n"
@@ -1210,6 +1301,7 @@ enum {
         OPT_ACTION,
         OPT_TARGET,
         OPT_AFTER,
+        OPT_REASON,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1221,6 +1313,7 @@ static const struct {
         { "list", cmd_list },       { "describe", cmd_describe }, { "call", cmd_call },
         { "get", cmd_get },         { "publish", cmd_publish },   { "subscribe", cmd_subscribe },
         { "ota", cmd_ota },         { "tokens", cmd_tokens },     { "audit", cmd_audit },
+        { "register", cmd_register }, { "revoke", cmd_revoke },    { "unrevoke", cmd_unrevoke },
 };
 
 static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
@@ -1254,6 +1347,7 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "action", required_argument, NULL, OPT_ACTION },
                 { "target", required_argument, NULL, OPT_TARGET },
                 { "after", required_argument, NULL, OPT_AFTER },
+                { "reason", required_argument, NULL, OPT_REASON },
                 {},
         };
         const char *cmd, *expires = NULL;
@@ -1406,6 +1500,9 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         arg.ota_allow_downgrade = true;
                         ota_opts = true;
                         break;
+                case OPT_REASON:
+                        arg.reason = optarg;
+                        break;
                 case ':':
                         return cli_usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
@@ -1474,6 +1571,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 return cli_usage_error("--scope, --name and --tag are options of 'tokens create'");
         if (audit_opts && !streq(cmd, "audit"))
                 return cli_usage_error("--follow, --action, --target and --after are options of 'audit'");
+        if (arg.reason && !streq(cmd, "revoke"))
+                return cli_usage_error("--reason is an option of 'revoke'");
         if (ota_opts && !streq(cmd, "ota"))
                 return cli_usage_error("--key, --url, --manifest, --output, --min-version, --plugin, --expires, "
                                        "--valid-for, --tag, --allow-downgrade and --no-wait are options of 'ota'");

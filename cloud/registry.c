@@ -1,0 +1,407 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The persistent device registry (registry.h). */
+#include "config.h"
+
+#include <inttypes.h>
+#include <time.h>
+
+#include "log.h"
+#include "proto.h"
+#include "registry.h"
+#include "util.h"
+
+/* One step per schema version, never edited once released. A row exists
+ * for every device that connected, was registered or was revoked;
+ * registered_usec is what Registration=enrolled admits. */
+static const char *const registry_schema[] = {
+        "CREATE TABLE devices ("
+        "  id TEXT PRIMARY KEY NOT NULL,"
+        "  added_usec INTEGER NOT NULL,"
+        "  registered_usec INTEGER,"
+        "  registered_by TEXT,"
+        "  first_connected_usec INTEGER,"
+        "  last_connected_usec INTEGER,"
+        "  last_heard_usec INTEGER,"
+        "  last_address TEXT,"
+        "  cert_serial TEXT,"
+        "  cert_fingerprint TEXT,"
+        "  cert_not_after INTEGER,"
+        "  revoked_usec INTEGER,"
+        "  revoked_reason TEXT,"
+        "  revoked_by TEXT);",
+};
+
+enum {
+        STMT_GET,
+        STMT_CONNECTED,
+        STMT_DISCONNECTED,
+        STMT_REGISTER,
+        STMT_REVOKE,
+        STMT_UNREVOKE,
+        _STMT_MAX,
+};
+
+static const char *const registry_sql[_STMT_MAX] = {
+        [STMT_GET] = "SELECT registered_usec, registered_by, first_connected_usec, last_connected_usec, "
+                     "cert_serial, cert_fingerprint, cert_not_after, revoked_usec, revoked_reason, revoked_by "
+                     "FROM devices WHERE id = ?1",
+        [STMT_CONNECTED] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by, first_connected_usec, "
+                           "last_connected_usec, last_heard_usec, last_address, cert_serial, cert_fingerprint, "
+                           "cert_not_after) VALUES (?1, ?2, ?2, 'self', ?2, ?2, ?2, ?3, ?4, ?5, ?6) "
+                           "ON CONFLICT (id) DO UPDATE SET "
+                           "registered_usec = coalesce(registered_usec, excluded.registered_usec), "
+                           "registered_by = coalesce(registered_by, excluded.registered_by), "
+                           "first_connected_usec = coalesce(first_connected_usec, excluded.first_connected_usec), "
+                           "last_connected_usec = excluded.last_connected_usec, "
+                           "last_heard_usec = excluded.last_heard_usec, last_address = excluded.last_address, "
+                           "cert_serial = excluded.cert_serial, cert_fingerprint = excluded.cert_fingerprint, "
+                           "cert_not_after = excluded.cert_not_after",
+        [STMT_DISCONNECTED] = "UPDATE devices SET last_heard_usec = ?2 WHERE id = ?1",
+        [STMT_REGISTER] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by) "
+                          "VALUES (?1, ?2, ?2, ?3) ON CONFLICT (id) DO UPDATE SET "
+                          "registered_usec = coalesce(registered_usec, excluded.registered_usec), "
+                          "registered_by = coalesce(registered_by, excluded.registered_by)",
+        [STMT_REVOKE] = "INSERT INTO devices (id, added_usec, revoked_usec, revoked_reason, revoked_by) "
+                        "VALUES (?1, ?2, ?2, ?3, ?4) ON CONFLICT (id) DO UPDATE SET "
+                        "revoked_usec = excluded.revoked_usec, revoked_reason = excluded.revoked_reason, "
+                        "revoked_by = excluded.revoked_by",
+        [STMT_UNREVOKE] = "UPDATE devices SET revoked_usec = NULL, revoked_reason = NULL, revoked_by = NULL "
+                          "WHERE id = ?1",
+};
+
+struct Registry {
+        Store *store;
+        RegistryPolicy policy;
+        RegistryHooks hooks;
+        sqlite3_stmt *stmt[_STMT_MAX];
+};
+
+/* What STMT_GET reads of one device. */
+typedef struct RegistryRow {
+        bool registered, revoked;
+        char reason[192];
+} RegistryRow;
+
+static uint64_t realtime_usec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (uint64_t)ts.tv_sec * 1000000ULL + (uint64_t)ts.tv_nsec / 1000ULL;
+}
+
+static int bind_text(sqlite3_stmt *st, int i, const char *s) {
+        return s ? sqlite3_bind_text(st, i, s, -1, SQLITE_STATIC) : sqlite3_bind_null(st, i);
+}
+
+/* Run a statement that returns no rows; the bindings are cleared. */
+static int registry_step(Registry *reg, sqlite3_stmt *st, int rc, const char *what) {
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(store_db(reg->store));
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        return rc == SQLITE_OK ? 0 : store_error(reg->store, rc, what);
+}
+
+/* STMT_GET for id, positioned on its row: 1 (the caller resets it), 0 if
+ * there is none (reset here), or a negative errno. */
+static int registry_get(Registry *reg, const char *id) {
+        sqlite3_stmt *st = reg->stmt[STMT_GET];
+        int rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+
+        if (rc == SQLITE_OK) {
+                rc = sqlite3_step(st);
+                if (rc == SQLITE_ROW)
+                        return 1;
+        }
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        return rc == SQLITE_DONE ? 0 : store_error(reg->store, rc, "reading the device registry");
+}
+
+static void registry_get_done(Registry *reg) {
+        sqlite3_reset(reg->stmt[STMT_GET]);
+        sqlite3_clear_bindings(reg->stmt[STMT_GET]);
+}
+
+/* 1 and *ret for a known device, 0 for an unknown one, or -errno. */
+static int registry_row(Registry *reg, const char *id, RegistryRow *ret) {
+        sqlite3_stmt *st = reg->stmt[STMT_GET];
+        RegistryRow row = {};
+        int r = registry_get(reg, id);
+
+        if (r <= 0)
+                return r;
+        row.registered = sqlite3_column_type(st, 0) != SQLITE_NULL;
+        row.revoked = sqlite3_column_type(st, 7) != SQLITE_NULL;
+        snprintf(row.reason, sizeof(row.reason), "%s", (const char *)sqlite3_column_text(st, 8) ?: "");
+        registry_get_done(reg);
+        *ret = row;
+        return 1;
+}
+
+int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reason_size) {
+        RegistryRow row;
+        int r = registry_row(reg, peer->id, &row);
+
+        if (r < 0) {
+                snprintf(reason, reason_size, "the device registry cannot be read");
+                return r;
+        }
+        if (r > 0 && row.revoked) {
+                snprintf(reason, reason_size, "device '%s' is revoked%s%s%s", peer->id, row.reason[0] ? " (" : "",
+                         row.reason, row.reason[0] ? ")" : "");
+                return -EPERM;
+        }
+        if (reg->policy == REGISTRY_ENROLLED && (r == 0 || !row.registered)) {
+                snprintf(reason, reason_size, "device '%s' is not registered (Registration=enrolled)", peer->id);
+                return -EPERM;
+        }
+        return 0;
+}
+
+int registry_connected(Registry *reg, const TlsPeer *peer, const char *address) {
+        sqlite3_stmt *st = reg->stmt[STMT_CONNECTED];
+        int rc, r;
+
+        r = store_batch(reg->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, peer->id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 2, (sqlite3_int64)realtime_usec());
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 3, address);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 4, peer->serial[0] ? peer->serial : NULL);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 5, peer->fingerprint[0] ? peer->fingerprint : NULL);
+        if (rc == SQLITE_OK)
+                rc = peer->not_after ? sqlite3_bind_int64(st, 6, peer->not_after) : sqlite3_bind_null(st, 6);
+        return registry_step(reg, st, rc, "recording a connection in the device registry");
+}
+
+int registry_disconnected(Registry *reg, const char *id, uint64_t last_heard_usec) {
+        sqlite3_stmt *st = reg->stmt[STMT_DISCONNECTED];
+        int rc, r;
+
+        r = store_batch(reg->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 2, (sqlite3_int64)last_heard_usec);
+        return registry_step(reg, st, rc, "recording a disconnection in the device registry");
+}
+
+static bool registry_id_valid(const char *id) {
+        return id && proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) == 0;
+}
+
+int registry_register(Registry *reg, const char *id, const char *actor, bool *ret_created) {
+        sqlite3_stmt *st = reg->stmt[STMT_REGISTER];
+        RegistryRow row = {};
+        int rc, r, known;
+
+        if (!registry_id_valid(id))
+                return -EINVAL;
+        known = registry_row(reg, id, &row);
+        if (known < 0)
+                return known;
+        r = store_batch(reg->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 2, (sqlite3_int64)realtime_usec());
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 3, actor, -1, SQLITE_STATIC);
+        r = registry_step(reg, st, rc, "registering a device");
+        if (r >= 0)
+                r = store_commit(reg->store);
+        if (r < 0)
+                return r;
+        if (!known)
+                reg->hooks.added(reg->hooks.userdata, id);
+        if (ret_created)
+                *ret_created = !known || !row.registered;
+        return 0;
+}
+
+int registry_revoke(Registry *reg, const char *id, const char *reason, const char *actor, bool *ret_changed) {
+        sqlite3_stmt *st = reg->stmt[STMT_REVOKE];
+        RegistryRow row = {};
+        int rc, r, known;
+
+        if (!registry_id_valid(id))
+                return -EINVAL;
+        known = registry_row(reg, id, &row);
+        if (known < 0)
+                return known;
+        if (known && row.revoked) {
+                if (ret_changed)
+                        *ret_changed = false;
+                return 0;
+        }
+        r = store_batch(reg->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 2, (sqlite3_int64)realtime_usec());
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 3, reason);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 4, actor, -1, SQLITE_STATIC);
+        r = registry_step(reg, st, rc, "revoking a device");
+        if (r >= 0)
+                r = store_commit(reg->store);
+        if (r < 0)
+                return r;
+        if (!known)
+                reg->hooks.added(reg->hooks.userdata, id);
+        reg->hooks.revoked(reg->hooks.userdata, id, reason, actor);
+        if (ret_changed)
+                *ret_changed = true;
+        return 0;
+}
+
+int registry_unrevoke(Registry *reg, const char *id, const char *actor, bool *ret_changed) {
+        sqlite3_stmt *st = reg->stmt[STMT_UNREVOKE];
+        RegistryRow row = {};
+        int rc, r, known;
+
+        if (!registry_id_valid(id))
+                return -EINVAL;
+        known = registry_row(reg, id, &row);
+        if (known < 0)
+                return known;
+        if (!known)
+                return -ENOENT;
+        if (!row.revoked) {
+                if (ret_changed)
+                        *ret_changed = false;
+                return 0;
+        }
+        r = store_batch(reg->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        r = registry_step(reg, st, rc, "unrevoking a device");
+        if (r >= 0)
+                r = store_commit(reg->store);
+        if (r < 0)
+                return r;
+        reg->hooks.unrevoked(reg->hooks.userdata, id, actor);
+        if (ret_changed)
+                *ret_changed = true;
+        return 0;
+}
+
+/* A time column as RFC 3339 UTC text, or JSON null. */
+static json_t *column_time(sqlite3_stmt *st, int i) {
+        uint64_t usec;
+        time_t t;
+        struct tm tm;
+        char buf[64];
+
+        if (sqlite3_column_type(st, i) == SQLITE_NULL)
+                return json_null();
+        usec = (uint64_t)sqlite3_column_int64(st, i);
+        t = (time_t)(usec / 1000000ULL);
+        gmtime_r(&t, &tm);
+        snprintf(buf, sizeof(buf), "%04d-%02d-%02dT%02d:%02d:%02d.%03uZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (unsigned)(usec % 1000000ULL / 1000U));
+        return json_string(buf);
+}
+
+static json_t *column_text(sqlite3_stmt *st, int i) {
+        const char *t = (const char *)sqlite3_column_text(st, i);
+
+        return t ? json_string(t) : json_null();
+}
+
+int registry_device_json(Registry *reg, const char *id, json_t *j, bool details) {
+        sqlite3_stmt *st = reg->stmt[STMT_GET];
+        json_t *cert = NULL;
+        bool revoked;
+        int r = registry_get(reg, id), k = 0;
+
+        if (r < 0)
+                return r;
+        revoked = r > 0 && sqlite3_column_type(st, 7) != SQLITE_NULL;
+        k |= json_object_set_new(j, "status", json_string(revoked ? "revoked" : "normal"));
+        k |= json_object_set_new(j, "revoked", json_boolean(revoked));
+        if (r > 0 && details) {
+                k |= json_object_set_new(j, "registered_at", column_time(st, 0));
+                k |= json_object_set_new(j, "registered_by", column_text(st, 1));
+                k |= json_object_set_new(j, "first_connected", column_time(st, 2));
+                k |= json_object_set_new(j, "last_connected", column_time(st, 3));
+                if (sqlite3_column_type(st, 5) != SQLITE_NULL) {
+                        time_t t = (time_t)sqlite3_column_int64(st, 6);
+                        struct tm tm;
+                        char when[32] = "";
+
+                        if (t > 0 && gmtime_r(&t, &tm))
+                                strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
+                        cert = json_pack("{s:o, s:o, s:s?}", "serial", column_text(st, 4), "fingerprint",
+                                         column_text(st, 5), "not_after", when[0] ? when : NULL);
+                        k |= cert ? json_object_set_new(j, "certificate", cert) : -1;
+                }
+                if (revoked) {
+                        k |= json_object_set_new(j, "revoked_at", column_time(st, 7));
+                        k |= json_object_set_new(j, "revoked_reason", column_text(st, 8));
+                        k |= json_object_set_new(j, "revoked_by", column_text(st, 9));
+                }
+        }
+        if (r > 0)
+                registry_get_done(reg);
+        return k ? -ENOMEM : 0;
+}
+
+int registry_foreach(Registry *reg, registry_foreach_fn fn, void *userdata) {
+        sqlite3_stmt *st = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(store_db(reg->store),
+                                "SELECT id, last_heard_usec, last_address FROM devices ORDER BY rowid", -1, &st, NULL);
+        while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                fn(userdata, (const char *)sqlite3_column_text(st, 0), (uint64_t)sqlite3_column_int64(st, 1),
+                   (const char *)sqlite3_column_text(st, 2));
+                rc = SQLITE_OK;
+        }
+        sqlite3_finalize(st);
+        return rc == SQLITE_DONE ? 0 : store_error(reg->store, rc, "reading the device registry");
+}
+
+Registry *registry_free(Registry *reg) {
+        if (!reg)
+                return NULL;
+        for (size_t i = 0; i < _STMT_MAX; i++)
+                sqlite3_finalize(reg->stmt[i]);
+        free(reg);
+        return NULL;
+}
+
+int registry_new(Store *store, RegistryPolicy policy, const RegistryHooks *hooks, Registry **ret) {
+        _cleanup_(registry_freep) Registry *reg = NULL;
+        int r;
+
+        reg = calloc(1, sizeof(*reg));
+        if (!reg)
+                return log_error_errno(-ENOMEM, "Out of memory.");
+        reg->store = store;
+        reg->policy = policy;
+        reg->hooks = *hooks;
+        r = store_migrate(store, "registry", registry_schema, ELEMENTSOF(registry_schema));
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the device registry in the cloud database.");
+        for (size_t i = 0; i < _STMT_MAX; i++) {
+                int rc = sqlite3_prepare_v3(store_db(store), registry_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+                                            &reg->stmt[i], NULL);
+
+                if (rc != SQLITE_OK)
+                        return store_error(store, rc, "preparing the device registry's statements");
+        }
+        *ret = TAKE_PTR(reg);
+        return 0;
+}

@@ -1,0 +1,97 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The persistent device registry (registry.c, prefix registry_): every
+ * device the cloud knows, in the Store's table "devices" (its own schema
+ * steps, store_migrate()): when it was registered and by whom, its first
+ * and last connection, its last address and when it was last heard, the
+ * serial, SHA-256 fingerprint and expiry of the certificate it last
+ * connected with, and its status (active, or revoked with reason, time
+ * and actor).
+ *
+ * The registry decides who may connect (registry_check(), run inside the
+ * TLS handshake through the Devices' peer check): a revoked device never,
+ * an unknown one only under [Cloud] Registration=open, where a device
+ * registers itself on its first connection. Connections and disconnections
+ * are written in the Store's batch (store_batch(): a storm of connects is
+ * one commit per STORE_BATCH_MSEC, not one per device); registration,
+ * revocation and unrevocation are committed before the call returns (with
+ * whatever else the batch holds, such as the caller's audit record), and
+ * then reported through RegistryHooks (the Cloud closes the session,
+ * publishes the event). The registry knows no
+ * other module but the Store; it never logs per connection. Errors are
+ * negative errno values (-EIO for the database, logged by the Store);
+ * ret_* parameters are untouched on failure. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "store.h"
+#include "tls.h"
+
+typedef struct Registry Registry;
+
+typedef enum RegistryPolicy {
+        REGISTRY_OPEN,     /* any certificate from the CA registers itself */
+        REGISTRY_ENROLLED, /* only devices registered beforehand */
+} RegistryPolicy;
+
+typedef struct RegistryHooks {
+        void *userdata;
+        /* id was revoked (its session must close) or unrevoked; actor as
+         * given to registry_revoke()/registry_unrevoke(). reason may be NULL. */
+        void (*revoked)(void *userdata, const char *id, const char *reason, const char *actor);
+        void (*unrevoked)(void *userdata, const char *id, const char *actor);
+        /* id is new in the registry (registry_register(), or revoked
+         * before it was ever seen). */
+        void (*added)(void *userdata, const char *id);
+} RegistryHooks;
+
+/* Create or upgrade the tables in store (borrowed; must outlive the
+ * Registry); hooks is copied (every hook is required). Logs what failed. */
+int registry_new(Store *store, RegistryPolicy policy, const RegistryHooks *hooks, Registry **ret);
+Registry *registry_free(Registry *reg);
+static inline void registry_freep(Registry **reg) { registry_free(*reg); }
+
+/* Whether the device of peer (its id passed the identity checks) may
+ * connect: 0, or -EPERM with the reason written to reason (revoked; or
+ * unknown under Registration=enrolled), -EIO if the database cannot tell
+ * (refused too). The TlsPeerCheck's shape, so it can be one. */
+int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reason_size);
+
+/* The device connected (its session is bound) from address (the peer's IP
+ * text): record the time, address and certificate, registering it if it
+ * is new. Joins the Store's batch. */
+int registry_connected(Registry *reg, const TlsPeer *peer, const char *address);
+/* The device's session ended; it was last heard at last_heard_usec
+ * (CLOCK_REALTIME µs). Joins the batch. */
+int registry_disconnected(Registry *reg, const char *id, uint64_t last_heard_usec);
+
+/* Register id (what Registration=enrolled admits), by actor (e.g.
+ * "token:ID", kept as registered_by): committed. *ret_created (may be
+ * NULL) tells whether it was new to the registry or not registered yet.
+ * -EINVAL for an invalid id. Auditing is the caller's (the Api's). */
+int registry_register(Registry *reg, const char *id, const char *actor, bool *ret_created);
+/* Revoke id (known or not: an unknown id is added, revoked, but not
+ * registered) with an optional reason: committed, then the hook revoked
+ * runs. Revoking a revoked device keeps its first revocation
+ * (*ret_changed false, no hook). */
+int registry_revoke(Registry *reg, const char *id, const char *reason, const char *actor, bool *ret_changed);
+/* Lift a revocation: -ENOENT for an id the registry does not know; a
+ * device that is not revoked is left as it is (*ret_changed false). */
+int registry_unrevoke(Registry *reg, const char *id, const char *actor, bool *ret_changed);
+
+/* Add the registry's fields for id to the device object j: "status"
+ * ("revoked" or "normal") and "revoked" always; with details also
+ * "registered_at", "registered_by", "first_connected", "last_connected",
+ * "certificate" {serial, fingerprint, not_after} and the revocation's
+ * "revoked_at", "revoked_by", "revoked_reason". A device the registry
+ * does not know gets status "normal". 0, -ENOMEM or -EIO. */
+int registry_device_json(Registry *reg, const char *id, json_t *j, bool details);
+
+/* Every device in the registry, in the order they were added: id, when
+ * it was last heard (CLOCK_REALTIME µs, 0 if never) and its last address
+ * (NULL if none); the strings are valid during the call only. */
+typedef void (*registry_foreach_fn)(void *userdata, const char *id, uint64_t last_heard_usec,
+                                    const char *last_address);
+int registry_foreach(Registry *reg, registry_foreach_fn fn, void *userdata);
