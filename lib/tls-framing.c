@@ -107,13 +107,16 @@ static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num) {
         size_t n, safe;
         int r = 1;
 
-        if (num < TLS_FRAMING_HEADER_MAX) {
-                /* libcoap never reads less. Such a reader gets the kept bytes in order, then plain reads. */
+        if (num < TLS_FRAMING_HEADER_MAX || f->plain) {
+                /* libcoap never reads less. Such a reader gets the kept bytes in order, then plain reads,
+                 * whatever it asks for next: once kept bytes went on here, the state no longer matches
+                 * the stream and would keep back bytes of it (held until the peer sends more). */
                 if (f->n_head > 0) {
                         n = num < f->n_head ? num : f->n_head;
                         memcpy(buf, f->head, n);
                         memmove(f->head, f->head + n, f->n_head - n);
                         f->n_head -= (uint8_t)n;
+                        f->plain = 1;
                         return (int)n;
                 }
                 SSL_set_ex_data(ssl, framing_index, NULL);
