@@ -387,8 +387,10 @@ static int source_read(Source *src, uint8_t *buf, size_t num) {
 
         if (src->pos >= src->avail)
                 return -1; /* SSL_ERROR_WANT_READ */
-        while (src->ends[src->rec] <= src->pos)
+        while (src->ends[src->rec] <= src->pos) {
                 src->rec++;
+                assert_true(src->rec < src->n_ends);
+        }
         k = src->ends[src->rec] - src->pos;
         if (k > num)
                 k = num;
