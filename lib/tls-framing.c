@@ -2,6 +2,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,7 +81,11 @@ size_t tls_framing_scan(TlsFraming *f, const uint8_t *p, size_t n, int full) {
         }
 }
 
+/* SSL_read() runs on every thread that reads TLS (libcurl's too): the
+ * index is published once, atomically, and made under a lock so that
+ * sessions attached on several threads share one index. */
 static int framing_index = -1;
+static pthread_mutex_t framing_lock = PTHREAD_MUTEX_INITIALIZER;
 static int (*libssl_read)(SSL *ssl, void *buf, int num);
 
 static void framing_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) {
@@ -107,16 +112,19 @@ static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num) {
         size_t n, safe;
         int r = 1;
 
-        if (num < TLS_FRAMING_HEADER_MAX) {
-                /* libcoap never reads less. Such a reader gets the kept bytes in order, then plain reads. */
+        if (num < TLS_FRAMING_HEADER_MAX || f->plain) {
+                /* libcoap never reads less. Such a reader gets the kept bytes in order, then plain reads,
+                 * whatever it asks for next: once kept bytes went on here, the state no longer matches
+                 * the stream and would keep back bytes of it (held until the peer sends more). */
                 if (f->n_head > 0) {
                         n = num < f->n_head ? num : f->n_head;
                         memcpy(buf, f->head, n);
                         memmove(f->head, f->head + n, f->n_head - n);
                         f->n_head -= (uint8_t)n;
+                        f->plain = 1;
                         return (int)n;
                 }
-                SSL_set_ex_data(ssl, framing_index, NULL);
+                SSL_set_ex_data(ssl, __atomic_load_n(&framing_index, __ATOMIC_RELAXED), NULL);
                 free(f);
                 return real_read(ssl, buf, (int)num);
         }
@@ -147,34 +155,48 @@ static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num) {
 }
 
 __attribute__((visibility("default"))) int SSL_read(SSL *ssl, void *buf, int num) {
-        TlsFraming *f = ssl && framing_index >= 0 ? SSL_get_ex_data(ssl, framing_index) : NULL;
+        int idx = __atomic_load_n(&framing_index, __ATOMIC_ACQUIRE);
+        TlsFraming *f = ssl && idx >= 0 ? SSL_get_ex_data(ssl, idx) : NULL;
 
         if (!f || num <= 0)
                 return real_read(ssl, buf, num);
         return framing_read(f, ssl, buf, (size_t)num);
 }
 
+/* The ex data index, made on first use (retried after a failure); -1: none. */
+static int framing_index_get(void) {
+        int idx = __atomic_load_n(&framing_index, __ATOMIC_ACQUIRE);
+
+        if (idx >= 0)
+                return idx;
+        pthread_mutex_lock(&framing_lock);
+        idx = framing_index;
+        if (idx < 0) {
+                idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, framing_free);
+                if (idx >= 0) {
+                        __atomic_store_n(&framing_index, idx, __ATOMIC_RELEASE);
+                        if (dlsym(RTLD_DEFAULT, "SSL_read") != (void *)SSL_read)
+                                log_warning("SSL_read() is not this program's: a CoAP header split over TLS "
+                                            "records will desynchronise the session (docs/design/libcoap.md, "
+                                            "\"Trap C\").");
+                }
+        }
+        pthread_mutex_unlock(&framing_lock);
+        return idx;
+}
+
 int tls_framing_attach(SSL *ssl) {
-        static bool checked;
+        int idx = framing_index_get();
         TlsFraming *f;
 
-        if (framing_index < 0) {
-                framing_index = SSL_get_ex_new_index(0, NULL, NULL, NULL, framing_free);
-                if (framing_index < 0)
-                        return -ENOMEM;
-        }
-        if (!checked) {
-                checked = true;
-                if (dlsym(RTLD_DEFAULT, "SSL_read") != (void *)SSL_read)
-                        log_warning("SSL_read() is not this program's: a CoAP header split over TLS records "
-                                    "will desynchronise the session (docs/design/libcoap.md, \"Trap C\").");
-        }
-        if (SSL_get_ex_data(ssl, framing_index))
+        if (idx < 0)
+                return -ENOMEM;
+        if (SSL_get_ex_data(ssl, idx))
                 return 0;
         f = calloc(1, sizeof(*f));
         if (!f)
                 return -ENOMEM;
-        if (!SSL_set_ex_data(ssl, framing_index, f)) {
+        if (!SSL_set_ex_data(ssl, idx, f)) {
                 free(f);
                 return -ENOMEM;
         }

@@ -28,6 +28,7 @@ typedef struct TlsFraming {
         uint8_t n_head;
         uint8_t first;                            /* byte 0 of a header handed on alone (split) */
         uint8_t split;                            /* 1: byte 0 was handed on, the rest must follow in one read */
+        uint8_t plain;                            /* 1: a short read took kept bytes; plain reads once they are out */
 } TlsFraming;
 
 /* Mark ssl, before it has read any application data, so that every read
