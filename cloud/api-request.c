@@ -121,6 +121,81 @@ bool api_outside_token(const ApiInput *in, const char **ret_token) {
         return false;
 }
 
+/* Where the PREFIX of an event stream's path starts in the raw path (its
+ * literal slashes), or NULL if it is no stream path. */
+static const char *raw_stream_prefix(const char *path) {
+        const char *rest, *slash;
+
+        if (startswith(path, "/v1/events/"))
+                return path + strlen("/v1/events/");
+        if (startswith(path, "/v1/devices/events/"))
+                return path + strlen("/v1/devices/events/");
+        if (!startswith(path, "/v1/devices/"))
+                return NULL;
+        rest = path + strlen("/v1/devices/");
+        slash = strchr(rest, '/');
+        if (!slash || memchr(rest, '%', slash - rest) || !startswith(slash, "/events/"))
+                return NULL;
+        return slash + strlen("/events/");
+}
+
+const char *api_bad_escape(const char *path) {
+        const char *prefix = NULL;
+        bool prefix_known = false;
+
+        for (const char *p = strchr(path, '%'); p; p = strchr(p + 1, '%')) {
+                if (p[1] == '0' && p[2] == '0')
+                        return "%00";
+                if (p[1] != '2' || (p[2] != 'F' && p[2] != 'f'))
+                        continue;
+                if (!prefix_known) {
+                        prefix = raw_stream_prefix(path);
+                        prefix_known = true;
+                }
+                if (!prefix || p < prefix)
+                        return p[2] == 'F' ? "%2F" : "%2f";
+        }
+        return NULL;
+}
+
+/* What jansson found wrong with a JSON body, for the client: its text
+ * (which may quote the body: cut to printable ASCII) and where. */
+static void json_body_error(const json_error_t *e, char *out, size_t size) {
+        char text[JSON_ERROR_TEXT_LENGTH];
+        size_t i;
+
+        if (json_error_code(e) == json_error_null_character) {
+                snprintf(out, size,
+                         "Invalid JSON body: a string holds a NUL character (\\u0000), which no parameter may "
+                         "hold (line %d, column %d)",
+                         e->line, e->column);
+                return;
+        }
+        for (i = 0; e->text[i] && i < sizeof(text) - 1; i++)
+                text[i] = e->text[i] >= 0x20 && e->text[i] < 0x7f ? e->text[i] : '?';
+        text[i] = 0;
+        snprintf(out, size, "Invalid JSON body: %s (line %d, column %d)", text, e->line, e->column);
+}
+
+static const char *json_type_name(const json_t *j) {
+        switch (json_typeof(j)) {
+        case JSON_ARRAY:
+                return "an array";
+        case JSON_STRING:
+                return "a string";
+        case JSON_INTEGER:
+        case JSON_REAL:
+                return "a number";
+        case JSON_TRUE:
+        case JSON_FALSE:
+                return "a boolean";
+        case JSON_NULL:
+                return "null";
+        default:
+                return "not an object";
+        }
+}
+
 static bool parse_bool(const char *s, bool *ret) {
         if (streq(s, "true") || streq(s, "1") || streq(s, "yes")) {
                 *ret = true;
@@ -184,8 +259,16 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
 
         if (in->body_len > 0) {
                 if (in->content_type && strncasecmp(in->content_type, "application/json", 16) == 0) {
-                        p.params = json_loadb(in->body, in->body_len, JSON_REJECT_DUPLICATES, NULL);
-                        if (!json_is_object(p.params)) {
+                        json_error_t e;
+
+                        p.params = json_loadb(in->body, in->body_len, JSON_REJECT_DUPLICATES, &e);
+                        if (!p.params) {
+                                json_body_error(&e, p.body_error, sizeof(p.body_error));
+                                p.route = API_ROUTE_BAD_BODY;
+                        } else if (!json_is_object(p.params)) {
+                                snprintf(p.body_error, sizeof(p.body_error),
+                                         "The JSON body must be an object of parameters, not %s",
+                                         json_type_name(p.params));
                                 json_decref(p.params);
                                 p.params = NULL;
                                 p.route = API_ROUTE_BAD_BODY;

@@ -34,7 +34,7 @@ typedef struct ApiInput {
 
 typedef enum ApiRoute {
         API_ROUTE_NOT_FOUND,
-        API_ROUTE_BAD_BODY,          /* Content-Type JSON but not an object */
+        API_ROUTE_BAD_BODY,          /* Content-Type JSON but not an object: body_error says why */
         API_ROUTE_STREAM,            /* GET .../events[/PREFIX] */
         API_ROUTE_LIST,              /* GET /v1/devices */
         API_ROUTE_PUBLISH,           /* POST /v1/devices/events */
@@ -52,6 +52,8 @@ typedef enum ApiRoute {
         API_ROUTE_UNREVOKE,          /* DELETE /v1/devices/ID/revocation */
 } ApiRoute;
 
+#define API_BODY_ERROR_MAX 256
+
 typedef struct ApiParsed {
         ApiRoute route;
         json_t *params; /* form or JSON body as an object, or NULL; owned */
@@ -62,6 +64,7 @@ typedef struct ApiParsed {
         const char *name;   /* CALL, READ: into the URL, not checked yet; TOKEN: the id */
         bool has_last_event_id;
         uint64_t last_epoch, last_id;
+        char body_error[API_BODY_ERROR_MAX]; /* BAD_BODY: what is wrong, printable ASCII */
 } ApiParsed;
 
 /* Parse and route a request. Only -ENOMEM fails; everything the client
@@ -87,6 +90,16 @@ int api_param_text(json_t *params, const char *key, const char **ret, size_t *re
  * is unusable: another scheme, NUL bytes), false if the token can only be
  * in the body. */
 bool api_outside_token(const ApiInput *in, const char **ret_token);
+
+/* Whether path, a URL path before unescaping, holds an escape no API path
+ * may hold: %00 anywhere (decoded, it would cut the path short), %2F or
+ * %2f (an encoded '/') anywhere but in the PREFIX of an event stream's
+ * path (/v1/events/PREFIX, /v1/devices/events/PREFIX,
+ * /v1/devices/ID/events/PREFIX), where '/' is part of the event name and
+ * clients such as particle-api-js encode it. Elsewhere a decoded '/'
+ * would split a name into segments of another route. Returns the escape as
+ * written, or NULL. */
+const char *api_bad_escape(const char *path);
 
 /* An SSE id "EPOCH-ID" (hex, decimal): 0 or -EINVAL. */
 int api_parse_last_event_id(const char *s, uint64_t *ret_epoch, uint64_t *ret_id);

@@ -40,6 +40,19 @@
 #define API_DIAG_MAX 256
 #define API_AUDIT_TARGET_MAX 256 /* bytes of a URL or name kept in the audit log */
 
+/* One TCP connection (MHD's socket context), alive from accept to close,
+ * across the requests it carries. */
+typedef struct ApiConn {
+        Api *api;
+        /* The lowest string MHD unescaped in the current request that held
+         * %00 or %2F, and that escape: the path is below its arguments in
+         * MHD's buffer, so the path was bad if this is the URL. Cleared by
+         * api_handler() for each request (MHD answers a request it could
+         * not parse itself and closes the connection). */
+        const char *bad_escape_at;
+        const char *bad_escape;
+} ApiConn;
+
 typedef struct ApiRequest {
         Api *api;
         struct MHD_Connection *connection;
@@ -171,6 +184,46 @@ static void api_resume(ApiRequest *req) {
         req->suspended = false;
         MHD_resume_connection(req->connection);
         api_schedule(req->api);
+}
+
+/* ---- connections ------------------------------------------------------- */
+
+static ApiConn *api_conn(struct MHD_Connection *connection) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+
+        return ci ? ci->socket_context : NULL;
+}
+
+static void api_notify_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
+                                  enum MHD_ConnectionNotificationCode code) {
+        Api *api = cls;
+        ApiConn *conn = *socket_context;
+
+        if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+                /* Without one (OOM) the connection works, unchecked for
+                 * escapes: api_handler() then refuses its requests. */
+                conn = calloc(1, sizeof(*conn));
+                if (conn)
+                        conn->api = api;
+                *socket_context = conn;
+        } else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+                free(conn);
+                *socket_context = NULL;
+        }
+}
+
+/* MHD decodes the path before the router sees it: "%2F" would become a
+ * segment separator and "%00" would end the path early. MHD's own decoding
+ * (MHD_http_unescape()), noting where such escapes were. */
+static size_t api_unescape(void *cls, struct MHD_Connection *connection, char *s) {
+        ApiConn *conn = api_conn(connection);
+        const char *bad = api_bad_escape(s);
+
+        if (conn && bad && (!conn->bad_escape_at || s < conn->bad_escape_at)) {
+                conn->bad_escape_at = s;
+                conn->bad_escape = bad;
+        }
+        return MHD_http_unescape(s);
 }
 
 /* ---- responses ----------------------------------------------------------- */
@@ -1120,7 +1173,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         }
         switch (p.route) {
         case API_ROUTE_BAD_BODY:
-                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Body is not a JSON object", NULL);
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, p.body_error, NULL);
                 break;
         case API_ROUTE_STREAM:
                 return api_stream(req, &p);
@@ -1242,6 +1295,8 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
         if (!req) {
                 const char *cl, *token;
                 ApiInput in = {};
+                ApiConn *conn;
+                bool bad_path;
 
                 req = calloc(1, sizeof(*req));
                 if (!req)
@@ -1253,6 +1308,19 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         api->requests->prev = req;
                 api->requests = req;
                 *con_cls = req;
+                conn = api_conn(connection);
+                if (!conn) {
+                        api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Out of memory; try again", NULL);
+                        return api_queue(req);
+                }
+                bad_path = conn->bad_escape_at == url;
+                conn->bad_escape_at = NULL;
+                if (bad_path) {
+                        api_set_errorf(req, MHD_HTTP_BAD_REQUEST,
+                                       "The path holds '%s', an encoded %s, which no API path may hold", conn->bad_escape,
+                                       streq(conn->bad_escape, "%00") ? "NUL byte" : "'/'");
+                        return api_queue(req);
+                }
                 if (ota_api_owns(url)) {
                         int r;
 
@@ -1473,6 +1541,8 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                                       MHD_OPTION_EXTERNAL_LOGGER, api_mhd_log, api,
                                       MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
                                       MHD_OPTION_NOTIFY_COMPLETED, api_completed, api,
+                                      MHD_OPTION_NOTIFY_CONNECTION, api_notify_connection, api,
+                                      MHD_OPTION_UNESCAPE_CALLBACK, api_unescape, api,
                                       MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONNECTION_TIMEOUT_SEC,
                                       MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
                                       MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT,

@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "cloud/api-request.h"
+#include "util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -47,7 +48,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 .body = p,
                 .body_len = (size_t)(buf + size - p),
         };
+        {
+                const char *esc = api_bad_escape(in.url);
+
+                if (esc && !streq(esc, "%00") && !streq(esc, "%2F") && !streq(esc, "%2f"))
+                        abort();
+        }
         if (api_parse_request(&in, &parsed) == 0) {
+                if (parsed.route == API_ROUTE_BAD_BODY && (!parsed.body_error[0] ||
+                                                           strlen(parsed.body_error) >= sizeof(parsed.body_error)))
+                        abort();
+                for (const char *c = parsed.body_error; *c; c++)
+                        if (*c < 0x20 || *c >= 0x7f)
+                                abort();
                 if (parsed.route == API_ROUTE_CALL || parsed.route == API_ROUTE_READ) {
                         const char *arg;
                         size_t len;

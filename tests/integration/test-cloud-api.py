@@ -262,9 +262,11 @@ def test_bodies_and_parameters(w):
 
     def post(path, body, ctype=FORM):
         return exchange(P, req("POST", path, [auth, ctype], body))
-    for body in (b"[1,2]", b'"text"', b"{broken"):
+    for body, error in ((b"[1,2]", "The JSON body must be an object of parameters, not an array"),
+                        (b'"text"', "Invalid JSON body: '[' or '{' expected near '\"text\"' (line 1, column 6)"),
+                        (b"{broken", "Invalid JSON body: string or '}' expected near 'broken' (line 1, column 7)")):
         r = post("/v1/devices/events", body, JSON)
-        expect(r.status == 400 and r.json()["error"] == "Body is not a JSON object", f"{body!r}: {r}")
+        expect(r.status == 400 and r.json()["error"] == error, f"{body!r}: {r}")
     r = exchange(P, req("POST", "/v1/devices/events", [JSON], b"[1]"))
     expect(r.status == 401, f"not an object, no token: {r}")
 
