@@ -30,10 +30,8 @@
  * a stream that matches little does not hold the loop for the whole
  * journal (JournalMaxBytes may be 2 GiB). */
 #define API_SSE_CATCH_UP_TURN (256 * 1024)
-/* Idle time before MHD closes a connection (event streams send a comment
- * every 10 s; suspended requests do not time out). */
-#define API_CONNECTION_TIMEOUT_SEC 30
-#define API_CONNECTION_LIMIT 4096 /* MHD's default is FD_SETSIZE - 4 */
+/* Connections closed for a late header are logged at most this often. */
+#define API_HEADER_LOG_USEC (10 * USEC_PER_SEC)
 /* Request bodies held at once, all connections together: past this a
  * request is answered 503 and its body is read and dropped. */
 #define API_BODY_TOTAL_MAX (8 * 1024 * 1024)
@@ -44,6 +42,14 @@
  * across the requests it carries. */
 typedef struct ApiConn {
         Api *api;
+        int fd;
+        /* Waiting for a request's header, in one of the Api's two lists
+         * (each in deadline order): the first request's (HeaderTimeoutSec
+         * from accept) or a later one's on a kept-alive connection
+         * (IdleTimeoutSec + HeaderTimeoutSec from the last answer). */
+        struct ApiConn *prev, *next;
+        int wait_list; /* -1: not waiting */
+        uint64_t deadline; /* CLOCK_MONOTONIC µs */
         /* The lowest string MHD unescaped in the current request that held
          * %00 or %2F, and that escape: the path is below its arguments in
          * MHD's buffer, so the path was bad if this is the URL. Cleared by
@@ -120,6 +126,12 @@ struct Api {
         Ota *ota;
         struct MHD_Daemon *daemon;
         sd_event_source *io, *timer, *defer, *keepalive;
+        /* Connections waiting for a request's header (ApiConn), oldest
+         * deadline first: [0] new ones, [1] kept alive after an answer. */
+        ApiConn *waiting[2], *waiting_tail[2];
+        sd_event_source *header_timer;
+        unsigned header_closed; /* since the last log line */
+        uint64_t header_logged; /* when that was */
         ApiRequest *requests;
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
@@ -194,19 +206,107 @@ static ApiConn *api_conn(struct MHD_Connection *connection) {
         return ci ? ci->socket_context : NULL;
 }
 
+static void api_header_timer_update(Api *api) {
+        uint64_t next = UINT64_MAX;
+
+        for (int k = 0; k < 2; k++)
+                if (api->waiting[k] && api->waiting[k]->deadline < next)
+                        next = api->waiting[k]->deadline;
+        if (next == UINT64_MAX) {
+                (void)sd_event_source_set_enabled(api->header_timer, SD_EVENT_OFF);
+                return;
+        }
+        (void)sd_event_source_set_time(api->header_timer, next);
+        (void)sd_event_source_set_enabled(api->header_timer, SD_EVENT_ONESHOT);
+}
+
+static void api_conn_unwait(ApiConn *conn) {
+        Api *api = conn->api;
+        int k = conn->wait_list;
+
+        if (k < 0)
+                return;
+        if (conn->prev)
+                conn->prev->next = conn->next;
+        else
+                api->waiting[k] = conn->next;
+        if (conn->next)
+                conn->next->prev = conn->prev;
+        else
+                api->waiting_tail[k] = conn->prev;
+        conn->prev = conn->next = NULL;
+        conn->wait_list = -1;
+}
+
+/* Wait for a request's header until now + timeout_sec, at the tail of list
+ * k (every entry there was given the same timeout, so it stays in order). */
+static void api_conn_wait(ApiConn *conn, int k, unsigned timeout_sec) {
+        Api *api = conn->api;
+
+        api_conn_unwait(conn);
+        conn->deadline = now_usec() + (uint64_t)timeout_sec * USEC_PER_SEC;
+        conn->wait_list = k;
+        conn->prev = api->waiting_tail[k];
+        if (conn->prev)
+                conn->prev->next = conn;
+        else
+                api->waiting[k] = conn;
+        api->waiting_tail[k] = conn;
+        if (conn == api->waiting[k])
+                api_header_timer_update(api);
+}
+
+/* A connection past its header deadline: shut its socket down, and MHD
+ * closes it when it next reads (end of file). MHD's own timeout is one of
+ * idleness, which a client sending a byte now and then never reaches. */
+static int api_header_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Api *api = userdata;
+        uint64_t now = now_usec();
+
+        for (int k = 0; k < 2; k++)
+                while (api->waiting[k] && api->waiting[k]->deadline <= now) {
+                        ApiConn *conn = api->waiting[k];
+
+                        api_conn_unwait(conn);
+                        (void)shutdown(conn->fd, SHUT_RDWR);
+                        api->header_closed++;
+                        stats_api_refused(STATS_API_HEADER_TIMEOUT);
+                }
+        if (api->header_closed > 0 && now - api->header_logged >= API_HEADER_LOG_USEC) {
+                log_notice("Closed %u API connection(s) that sent no complete request header within "
+                           "HeaderTimeoutSec=%u s.",
+                           api->header_closed, api->config->header_timeout_sec);
+                api->header_closed = 0;
+                api->header_logged = now;
+        }
+        api_header_timer_update(api);
+        api_schedule(api);
+        return 0;
+}
+
 static void api_notify_connection(void *cls, struct MHD_Connection *connection, void **socket_context,
                                   enum MHD_ConnectionNotificationCode code) {
         Api *api = cls;
         ApiConn *conn = *socket_context;
 
         if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+                const union MHD_ConnectionInfo *ci =
+                        MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+
                 /* Without one (OOM) the connection works, unchecked for
                  * escapes: api_handler() then refuses its requests. */
                 conn = calloc(1, sizeof(*conn));
-                if (conn)
+                if (conn) {
                         conn->api = api;
+                        conn->fd = ci ? ci->connect_fd : -1;
+                        conn->wait_list = -1;
+                        if (conn->fd >= 0)
+                                api_conn_wait(conn, 0, api->config->header_timeout_sec);
+                }
                 *socket_context = conn;
         } else if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+                if (conn)
+                        api_conn_unwait(conn);
                 free(conn);
                 *socket_context = NULL;
         }
@@ -1313,9 +1413,11 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Out of memory; try again", NULL);
                         return api_queue(req);
                 }
+                api_conn_unwait(conn);
                 bad_path = conn->bad_escape_at == url;
                 conn->bad_escape_at = NULL;
                 if (bad_path) {
+                        stats_api_refused(STATS_API_BAD_PATH);
                         api_set_errorf(req, MHD_HTTP_BAD_REQUEST,
                                        "The path holds '%s', an encoded %s, which no API path may hold", conn->bad_escape,
                                        streq(conn->bad_escape, "%00") ? "NUL byte" : "'/'");
@@ -1454,6 +1556,12 @@ static void api_completed(void *cls, struct MHD_Connection *connection, void **c
                           enum MHD_RequestTerminationCode toe) {
         ApiRequest *req = *con_cls;
 
+        ApiConn *conn = api_conn(connection);
+        Api *api = cls;
+
+        /* A kept-alive connection's next request: idle, then its header. */
+        if (conn && conn->fd >= 0 && toe == MHD_REQUEST_TERMINATED_COMPLETED_OK && !api->stopping)
+                api_conn_wait(conn, 1, api->config->idle_timeout_sec + api->config->header_timeout_sec);
         if (!req)
                 return;
         *con_cls = NULL;
@@ -1498,6 +1606,7 @@ Api *api_free(Api *api) {
         api->timer = sd_event_source_disable_unref(api->timer);
         api->defer = sd_event_source_disable_unref(api->defer);
         api->keepalive = sd_event_source_disable_unref(api->keepalive);
+        api->header_timer = sd_event_source_disable_unref(api->header_timer);
         free(api);
         return NULL;
 }
@@ -1543,9 +1652,9 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                                       MHD_OPTION_NOTIFY_COMPLETED, api_completed, api,
                                       MHD_OPTION_NOTIFY_CONNECTION, api_notify_connection, api,
                                       MHD_OPTION_UNESCAPE_CALLBACK, api_unescape, api,
-                                      MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)API_CONNECTION_TIMEOUT_SEC,
+                                      MHD_OPTION_CONNECTION_TIMEOUT, config->idle_timeout_sec,
                                       MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
-                                      MHD_OPTION_CONNECTION_LIMIT, (unsigned)API_CONNECTION_LIMIT,
+                                      MHD_OPTION_CONNECTION_LIMIT, config->max_connections,
                                       MHD_OPTION_PER_IP_CONNECTION_LIMIT, config->max_connections_per_ip,
                                       MHD_OPTION_END);
         if (!api->daemon)
@@ -1574,6 +1683,11 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                                                100 * USEC_PER_MSEC, api_keepalive_cb, api);
         if (r >= 0)
                 r = sd_event_source_set_enabled(api->keepalive, SD_EVENT_ON);
+        if (r >= 0)
+                r = sd_event_add_time(event, &api->header_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
+                                      api_header_timer_cb, api);
+        if (r >= 0)
+                api_header_timer_update(api);
         if (r < 0)
                 return log_error_errno(r, "Failed to add HTTP event sources: %m");
         api_update_timer(api);

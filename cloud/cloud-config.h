@@ -45,6 +45,9 @@ typedef struct CloudConfig {
         char *token_file;
         char *metrics_token_file; /* NULL: none */
         unsigned max_connections_per_ip; /* 0: no limit */
+        unsigned max_connections;        /* all addresses together */
+        unsigned idle_timeout_sec;       /* a connection without traffic is closed */
+        unsigned header_timeout_sec;     /* a request's header must be in this soon */
 
         /* [State] */
         char *state_dir;

@@ -117,6 +117,9 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Events", "DeviceByteBurst", device_byte_burst, 1, 1u << 31),
         UINT_KEY("Events", "DeviceJournalShare", device_journal_share, 1, 100),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
+        UINT_KEY("API", "MaxConnections", max_connections, 1, 1000000),
+        UINT_KEY("API", "IdleTimeoutSec", idle_timeout_sec, 1, 86400),
+        UINT_KEY("API", "HeaderTimeoutSec", header_timeout_sec, 1, 3600),
         STR_KEY("OTA", "ArtifactDirectory", ota_dir),
         STR_KEY("OTA", "Listen", ota_listen),
         UINT_KEY("OTA", "Port", ota_port, 0, 65535),
@@ -337,6 +340,10 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->max_queued_bytes = 1024 * 1024;
         c->session_shards = 16;
         c->api_port = 8080;
+        c->max_connections_per_ip = 64;
+        c->max_connections = 4096;
+        c->idle_timeout_sec = 30;
+        c->header_timeout_sec = 10;
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;
         c->device_event_rate = 100;

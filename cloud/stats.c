@@ -72,6 +72,13 @@ static const char *const dropped_names[_STATS_DROPPED_MAX] = {
         [STATS_DROPPED_JOURNAL_SHARE] = "journal_share",
 };
 
+static const char *const api_refused_names[_STATS_API_REFUSED_MAX] = {
+        [STATS_API_HEADER_TIMEOUT] = "header_timeout",
+        [STATS_API_RATE_ADDRESS] = "rate_address",
+        [STATS_API_RATE_TOKEN] = "rate_token",
+        [STATS_API_BAD_PATH] = "bad_path",
+};
+
 /* Upper bounds in microseconds: 0.25 ms .. 10 s. */
 static const uint64_t latency_buckets[] = { 250,    500,    1000,   2500,    5000,    10000,   25000,   50000,
                                             100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000 };
@@ -87,6 +94,7 @@ static struct {
         MetricSeries *call_latency[2];
         MetricSeries *events_in[_STATS_FROM_MAX], *events_out[_STATS_TO_MAX], *events_dropped[_STATS_DROPPED_MAX];
         MetricSeries *streams_open, *stream_lag;
+        MetricSeries *api_refused[_STATS_API_REFUSED_MAX];
         MetricSeries *loop_delay; /* worker 0; workers add theirs */
         MetricSeries *journal_unsynced_events, *journal_unsynced_bytes, *journal_fsync;
         MetricSeries **shard_sessions; /* [n_shards] */
@@ -167,6 +175,10 @@ static int stats_register(void) {
         if (r >= 0)
                 r = stats_family(METRIC_GAUGE, "tether_cloud_streams_open", "Event streams (SSE) open.", NULL,
                                  NULL, 0, &stats.streams_open, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_COUNTER, "tether_cloud_api_refused_total",
+                                 "API connections closed or requests refused by the API's limits, by reason.",
+                                 "reason", api_refused_names, _STATS_API_REFUSED_MAX, stats.api_refused, NULL, 0);
         if (r >= 0)
                 r = stats_family(METRIC_GAUGE, "tether_cloud_stream_lag_bytes",
                                  "Bytes queued for the event stream furthest behind, at the scrape.", NULL, NULL,
@@ -337,6 +349,11 @@ void stats_event_undeliverable(int error) {
 }
 
 void stats_stream_opened(int delta) { metrics_add(stats.streams_open, delta); }
+
+void stats_api_refused(StatsApiRefused reason) {
+        if (reason < _STATS_API_REFUSED_MAX)
+                metrics_inc(stats.api_refused[reason]);
+}
 
 void stats_journal_appended(size_t bytes) {
         metrics_inc(stats.journal_unsynced_events);

@@ -47,6 +47,14 @@ typedef enum StatsDropped {
         _STATS_DROPPED_MAX,
 } StatsDropped;
 
+typedef enum StatsApiRefused {
+        STATS_API_HEADER_TIMEOUT, /* no complete request header within HeaderTimeoutSec */
+        STATS_API_RATE_ADDRESS,   /* 429: RateLimitPerAddress */
+        STATS_API_RATE_TOKEN,     /* 429: RateLimitPerToken */
+        STATS_API_BAD_PATH,       /* 400: %00 or %2F in the path */
+        _STATS_API_REFUSED_MAX,
+} StatsApiRefused;
+
 /* Register every series. 0, -ENOMEM. */
 int stats_init(void);
 /* Stops the loop probe and frees everything; safe to call twice. */
@@ -80,6 +88,8 @@ void stats_journal_share_dropped(uint64_t n);
 /* Map device_event_undeliverable()'s error to a reason and count it. */
 void stats_event_undeliverable(int error);
 void stats_stream_opened(int delta);
+/* An API connection closed or request refused by the API's limits. */
+void stats_api_refused(StatsApiRefused reason);
 
 /* Journal: an event of bytes appended and not yet synced; a sync that
  * began at started_usec (CLOCK_MONOTONIC; 0: not timed) has just finished

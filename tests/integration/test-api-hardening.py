@@ -7,6 +7,8 @@ requests with wrong or good tokens, and HTTPS."""
 
 import json
 import os
+import resource
+import select
 import socket
 import sys
 import time
@@ -141,5 +143,134 @@ def test_json_errors_say_what_is_wrong(w):
     expect(r.status == 200, f"a good body: {r}")
 
 
+def open_half(port, n, source="127.0.0.1"):
+    """n connections from source, each with half a request line sent."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 200), hard))
+    expect(resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= n + 100, f"cannot open {n} sockets")
+    socks = []
+    for _ in range(n):
+        s = connect(port, source)
+        try:
+            s.sendall(b"GET /v1/devi")
+        except OSError:
+            pass  # closed by the cloud already
+        socks.append(s)
+    return socks
+
+
+def still_open(socks):
+    """Those of socks the cloud has not closed (no EOF or reset yet)."""
+    p = select.poll()
+    by_fd = {s.fileno(): s for s in socks}
+    for fd in by_fd:
+        p.register(fd, select.POLLIN)
+    readable = {fd for fd, _ in p.poll(0)}
+    out = []
+    for fd, s in by_fd.items():
+        if fd not in readable:
+            out.append(s)
+            continue
+        try:
+            if s.recv(1, socket.MSG_PEEK):
+                out.append(s)
+        except OSError:
+            pass
+    return out
+
+
+def metric(w, name):
+    r = exchange(w.api_port, req("GET", "/metrics", [f"Authorization: Bearer {w.token}"]), source="127.0.0.9")
+    for line in r.body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise Failure(f"no metric {name}")
+
+
+def test_half_open_connections_from_one_address(w):
+    """The issue's attack: about 4,100 connections from one address, each
+    with half a request line, used to fill MHD's 4,096 and lock everyone
+    out. Now one address holds at most MaxConnectionsPerIP (64 by
+    default) and a client from another address is answered at once; the
+    held ones are closed HeaderTimeoutSec (10 s by default) after they
+    opened, and then that address is answered again."""
+    w.start_cloud()
+    auth = f"Authorization: Bearer {w.token}"
+    started = time.monotonic()
+    socks = open_half(w.api_port, 4200)
+    try:
+        t = time.monotonic()
+        r = exchange(w.api_port, req("GET", "/v1/devices", [auth]), source="127.0.0.2")
+        t = time.monotonic() - t
+        expect(r.status == 200, f"another address during the flood: {r}")
+        # Not only once HeaderTimeoutSec closed the flood (10 s).
+        expect(t < 5, f"another address was answered after {t:.1f} s")
+        kept = poll(lambda: (lambda k: k if len(k) <= 64 else None)(still_open(socks)), 20,
+                    "the cloud to close connections past MaxConnectionsPerIP")
+        expect(len(kept) == 64, f"{len(kept)} connections held from one address, expected 64")
+        # The flooding address itself gets nothing more while it holds 64.
+        if time.monotonic() - started < 8:
+            s = connect(w.api_port)
+            s.sendall(req("GET", "/v1/devices", [auth]))
+            try:
+                got = s.recv(100)
+            except ConnectionResetError:
+                got = b""
+            s.close()
+            expect(got == b"", f"a 65th connection from the address was answered: {got!r}")
+        # HeaderTimeoutSec: the held connections are closed, sending nothing.
+        poll(lambda: not still_open(kept), 25, "the cloud to close the half-open connections")
+        elapsed = time.monotonic() - started
+        expect(elapsed >= 9.5, f"half-open connections closed after {elapsed:.1f} s, before HeaderTimeoutSec")
+        r = exchange(w.api_port, req("GET", "/v1/devices", [auth]))
+        expect(r.status == 200, f"the address after its connections were closed: {r}")
+        expect(metric(w, 'tether_cloud_api_refused_total{reason="header_timeout"}') == 64,
+               "header timeouts counted")
+        w.cloud.wait_line(r"Closed 64 API connection\(s\) that sent no complete request header within "
+                          r"HeaderTimeoutSec=10 s\.")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_header_timeout_is_not_reset_by_trickling(w):
+    """MHD's own timeout is one of idleness: a client sending a byte every
+    second kept its connection forever. HeaderTimeoutSec bounds the whole
+    header; a kept-alive connection's next request gets IdleTimeoutSec
+    plus HeaderTimeoutSec after the previous answer."""
+    w.start_cloud(extra="[API]\nHeaderTimeoutSec=2\nIdleTimeoutSec=3\n")
+    s = connect(w.api_port)
+    started = time.monotonic()
+    closed = None
+    line = b"GET /v1/devices HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 200
+    for b in line:
+        try:
+            s.sendall(bytes([b]))
+        except OSError:
+            closed = time.monotonic() - started
+            break
+        r, _, _ = select.select([s], [], [], 0.2)
+        if r and s.recv(1) == b"":
+            closed = time.monotonic() - started
+            break
+    s.close()
+    expect(closed is not None, "a trickled header was never cut off")
+    expect(1.5 <= closed <= 2 + 3 * SLOW, f"trickled header closed after {closed:.1f} s (HeaderTimeoutSec=2)")
+    # A kept-alive connection: answered, then idle, closed by IdleTimeoutSec.
+    s = connect(w.api_port)
+    s.sendall(f"GET /v1/devices HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w.token}\r\n\r\n".encode())
+    r = read_reply(s)
+    expect(r.status == 200, f"keep-alive request: {r}")
+    started = time.monotonic()
+    s.settimeout(20 * SLOW)
+    expect(s.recv(1) == b"", "the idle connection got data")
+    idle = time.monotonic() - started
+    expect(2.5 <= idle <= 3 + 3 * SLOW, f"idle connection closed after {idle:.1f} s (IdleTimeoutSec=3)")
+    s.close()
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_encoded_slash_and_nul_in_paths, test_json_errors_say_what_is_wrong], emulated="ok"))
+    sys.exit(run([test_encoded_slash_and_nul_in_paths, test_json_errors_say_what_is_wrong,
+                  test_half_open_connections_from_one_address, test_header_timeout_is_not_reset_by_trickling],
+                 emulated="ok"))

@@ -73,7 +73,10 @@ static void test_defaults(void **state) {
         assert_int_equal(c->session_shards, 16);
         assert_string_equal(c->api_listen, "127.0.0.1");
         assert_int_equal(c->api_port, 8080);
-        assert_int_equal(c->max_connections_per_ip, 0);
+        assert_int_equal(c->max_connections_per_ip, 64);
+        assert_int_equal(c->max_connections, 4096);
+        assert_int_equal(c->idle_timeout_sec, 30);
+        assert_int_equal(c->header_timeout_sec, 10);
         assert_int_equal(c->n_tokens, 1);
 }
 
@@ -83,7 +86,7 @@ static void test_values(void **state) {
         assert_int_equal(load("[Cloud]\nListen=::\nPort=0\nMaxPayload=65536\nMaxSubscriptions=0\nPingSec=1\n"
                               "DeviceTimeoutSec=2\nCallTimeoutSec=3600\nHandshakeTimeoutSec=4\nMaxHandshakes=5\n"
                               "MaxQueuedBytes=1024\nSessionShards=256\n[API]\nListen=::1\nPort=65535\n"
-                              "MaxConnectionsPerIP=7\n",
+                              "MaxConnectionsPerIP=7\nMaxConnections=9\nIdleTimeoutSec=11\nHeaderTimeoutSec=12\n",
                               &c),
                          0);
         assert_string_equal(c->coap_listen, "::");
@@ -100,6 +103,9 @@ static void test_values(void **state) {
         assert_string_equal(c->api_listen, "::1");
         assert_int_equal(c->api_port, 65535);
         assert_int_equal(c->max_connections_per_ip, 7);
+        assert_int_equal(c->max_connections, 9);
+        assert_int_equal(c->idle_timeout_sec, 11);
+        assert_int_equal(c->header_timeout_sec, 12);
 }
 
 static void expect_invalid(const char *extra) {
@@ -120,7 +126,8 @@ static void test_bad_values(void **state) {
                 "[Cloud]\nHandshakeTimeoutSec=0\n", "[Cloud]\nCAFile=\n",
                 "[API]\nPort=99999999999999999999\n", "[API]\nMaxConnectionsPerIP=x\n",
                 "[Cloud\nPort=1\n",              "[Cloud]\nSessionShards=0\n",
-                "[Cloud]\nSessionShards=257\n",
+                "[Cloud]\nSessionShards=257\n", "[API]\nMaxConnections=0\n",
+                "[API]\nIdleTimeoutSec=0\n",     "[API]\nHeaderTimeoutSec=0\n",
         };
 
         for (size_t i = 0; i < ELEMENTSOF(bad); i++)
