@@ -14,6 +14,7 @@
 #include "api.h"
 #include "log.h"
 #include "mhd-log.h"
+#include "ratelimit.h"
 #include "stats.h"
 #include "subscriptions.h"
 #include "util.h"
@@ -30,8 +31,12 @@
  * a stream that matches little does not hold the loop for the whole
  * journal (JournalMaxBytes may be 2 GiB). */
 #define API_SSE_CATCH_UP_TURN (256 * 1024)
-/* Connections closed for a late header are logged at most this often. */
+/* Connections closed for a late header, and requests answered 429, are
+ * logged at most this often. */
 #define API_HEADER_LOG_USEC (10 * USEC_PER_SEC)
+#define API_RATE_LOG_USEC (10 * USEC_PER_SEC)
+/* Client addresses (or tokens) with a bucket at once, per limit. */
+#define API_RATE_KEYS_MAX 65536
 /* Request bodies held at once, all connections together: past this a
  * request is answered 503 and its body is read and dropped. */
 #define API_BODY_TOTAL_MAX (8 * 1024 * 1024)
@@ -132,6 +137,11 @@ struct Api {
         sd_event_source *header_timer;
         unsigned header_closed; /* since the last log line */
         uint64_t header_logged; /* when that was */
+        /* Rate limits (NULL: off): requests by address and by token, 401s
+         * by address. */
+        RateLimit *rate_address, *rate_token, *rate_auth_failures;
+        unsigned rate_refused; /* since the last log line */
+        uint64_t rate_logged;
         ApiRequest *requests;
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
@@ -953,6 +963,113 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
         return ret;
 }
 
+/* ---- rate limits ------------------------------------------------------------ */
+
+/* The key a client address is limited by: an IPv4 address (also when
+ * mapped into IPv6), or an IPv6 address's /64, what one host usually has
+ * to itself. 0 if there is no address (a Unix socket). */
+static size_t api_address_key(struct MHD_Connection *connection, uint8_t key[static 16]) {
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+        const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+
+        if (sa && sa->sa_family == AF_INET) {
+                memcpy(key, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+                return 4;
+        }
+        if (sa && sa->sa_family == AF_INET6) {
+                const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+
+                if (IN6_IS_ADDR_V4MAPPED(a)) {
+                        memcpy(key, a->s6_addr + 12, 4);
+                        return 4;
+                }
+                memcpy(key, a->s6_addr, 8);
+                return 8;
+        }
+        return 0;
+}
+
+/* Answer 429 with Retry-After (whole seconds, at least 1) and count it. */
+static enum MHD_Result api_too_many(ApiRequest *req, StatsApiRefused reason, uint64_t wait_usec, const char *what) {
+        Api *api = req->api;
+        uint64_t sec = (wait_usec + USEC_PER_SEC - 1) / USEC_PER_SEC, now = now_usec();
+        char retry[24];
+
+        if (sec == 0)
+                sec = 1;
+        stats_api_refused(reason);
+        api->rate_refused++;
+        if (now - api->rate_logged >= API_RATE_LOG_USEC) {
+                char host[NI_MAXHOST];
+
+                api_sse_client(req, host);
+                log_notice("Answered %u API request(s) 429 Too Many Requests (rate limits in [API]); the last: %s "
+                           "from %s.",
+                           api->rate_refused, what, host);
+                api->rate_refused = 0;
+                api->rate_logged = now;
+        }
+        api_set_json(req, MHD_HTTP_TOO_MANY_REQUESTS,
+                     json_pack("{s:b, s:s, s:s, s:I}", "ok", 0, "error", "rate_limited", "error_description", what,
+                               "retry_after", (json_int_t)sec));
+        if (!req->response)
+                return MHD_NO;
+        snprintf(retry, sizeof(retry), "%" PRIu64, sec);
+        (void)MHD_add_response_header(req->response, MHD_HTTP_HEADER_RETRY_AFTER, retry);
+        return api_queue(req);
+}
+
+/* The limits a request meets before anything else: its address's bucket
+ * (every request) and, for a valid token in the header or query, the
+ * token's bucket. MHD_YES to go on (*ret_done false), else the answer is
+ * queued and *ret_done is true. */
+static enum MHD_Result api_rate_limit(ApiRequest *req, bool *ret_done) {
+        Api *api = req->api;
+        uint8_t key[16], digest[CONFIG_TOKEN_DIGEST_SIZE];
+        size_t len = api_address_key(req->connection, key);
+        uint64_t now = now_usec(), wait;
+        const char *token;
+        ApiInput in = {};
+
+        *ret_done = true;
+        if (len > 0 && api->rate_address && (wait = ratelimit_take(api->rate_address, key, len, now)) > 0)
+                return api_too_many(req, STATS_API_RATE_ADDRESS, wait, "Too many requests from this address");
+        /* By the token's digest, before it is looked up: a wrong token
+         * has a bucket too, but AuthFailuresPerAddress stops it first. */
+        api_input_token(req->connection, &in);
+        if (api->rate_token && api_outside_token(&in, &token) && cloud_config_token_digest(token, digest) == 0 &&
+            (wait = ratelimit_take(api->rate_token, digest, sizeof(digest), now)) > 0)
+                return api_too_many(req, STATS_API_RATE_TOKEN, wait, "Too many requests with this token");
+        *ret_done = false;
+        return MHD_YES;
+}
+
+/* A token that could only be in the body, found good (req->auth): its
+ * bucket. True if the request is answered 429 (*ret). */
+static bool api_rate_limit_body_token(ApiRequest *req, enum MHD_Result *ret) {
+        Api *api = req->api;
+        uint64_t wait;
+
+        if (!api->rate_token ||
+            (wait = ratelimit_take(api->rate_token, req->auth.digest, sizeof(req->auth.digest), now_usec())) == 0)
+                return false;
+        *ret = api_too_many(req, STATS_API_RATE_TOKEN, wait, "Too many requests with this token");
+        return true;
+}
+
+/* A request about to be answered 401: one from its address's 401 bucket.
+ * 0, or the µs until the bucket has one again (answer 429 instead). */
+static uint64_t api_rate_auth_failed(ApiRequest *req) {
+        Api *api = req->api;
+        uint8_t key[16];
+        size_t len;
+
+        if (!api->rate_auth_failures)
+                return 0;
+        len = api_address_key(req->connection, key);
+        return len > 0 ? ratelimit_take(api->rate_auth_failures, key, len, now_usec()) : 0;
+}
+
 /* ---- routing --------------------------------------------------------------------- */
 
 static void api_body_free(ApiRequest *req) {
@@ -966,6 +1083,14 @@ static void api_body_free(ApiRequest *req) {
 
 /* 401 for what tokens_check() said (r). */
 static enum MHD_Result api_unauthorized(ApiRequest *req, int r) {
+        uint64_t wait;
+
+        /* Past AuthFailuresPerAddress, 429: guessing tokens is slowed
+         * down, valid tokens from the same address are not. */
+        wait = api_rate_auth_failed(req);
+        if (wait > 0)
+                return api_too_many(req, STATS_API_RATE_AUTH, wait,
+                                    "Too many requests with a missing or invalid token from this address");
         api_set_json(req, MHD_HTTP_UNAUTHORIZED,
                      json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "invalid_token", "error_description",
                                r == -EKEYEXPIRED   ? "The access token has expired"
@@ -1238,6 +1363,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 .body = req->body,
                 .body_len = req->body_len,
         };
+        enum MHD_Result ret;
         Device *d;
 
         if (req->body_too_large) {
@@ -1261,6 +1387,9 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 if (r < 0)
                         return api_unauthorized(req, r);
                 req->authorized = true;
+                /* A token in the body: its bucket, now it is known. */
+                if (api_rate_limit_body_token(req, &ret))
+                        return ret;
         }
         if (api_mutating(method))
                 api_audit_route(req, &p, url, method);
@@ -1396,7 +1525,8 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 const char *cl, *token;
                 ApiInput in = {};
                 ApiConn *conn;
-                bool bad_path;
+                enum MHD_Result ret;
+                bool bad_path, done;
 
                 req = calloc(1, sizeof(*req));
                 if (!req)
@@ -1414,6 +1544,11 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         return api_queue(req);
                 }
                 api_conn_unwait(conn);
+                ret = api_rate_limit(req, &done);
+                if (done) {
+                        conn->bad_escape_at = NULL;
+                        return ret;
+                }
                 bad_path = conn->bad_escape_at == url;
                 conn->bad_escape_at = NULL;
                 if (bad_path) {
@@ -1607,6 +1742,9 @@ Api *api_free(Api *api) {
         api->defer = sd_event_source_disable_unref(api->defer);
         api->keepalive = sd_event_source_disable_unref(api->keepalive);
         api->header_timer = sd_event_source_disable_unref(api->header_timer);
+        ratelimit_free(api->rate_address);
+        ratelimit_free(api->rate_token);
+        ratelimit_free(api->rate_auth_failures);
         free(api);
         return NULL;
 }
@@ -1640,6 +1778,17 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
         r = tokens_open(store, config, &api->tokens);
         if (r < 0)
                 return r;
+        r = 0;
+        if (config->rate_address > 0)
+                r = ratelimit_new(config->rate_address, config->rate_address_burst, API_RATE_KEYS_MAX,
+                                  &api->rate_address);
+        if (r >= 0 && config->rate_token > 0)
+                r = ratelimit_new(config->rate_token, config->rate_token_burst, API_RATE_KEYS_MAX, &api->rate_token);
+        if (r >= 0 && config->rate_auth_failures > 0)
+                r = ratelimit_new(config->rate_auth_failures, config->rate_auth_failures_burst, API_RATE_KEYS_MAX,
+                                  &api->rate_auth_failures);
+        if (r < 0)
+                return log_error_errno(r, "Failed to start the HTTP API: %m");
 
         r = cloud_config_resolve_address(config->api_listen, config->api_port, &ss, &sl);
         if (r < 0)

@@ -48,6 +48,10 @@ typedef struct CloudConfig {
         unsigned max_connections;        /* all addresses together */
         unsigned idle_timeout_sec;       /* a connection without traffic is closed */
         unsigned header_timeout_sec;     /* a request's header must be in this soon */
+        /* Token buckets, requests per second and burst (rate 0: off). */
+        unsigned rate_address, rate_address_burst;             /* every request, by client address */
+        unsigned rate_token, rate_token_burst;                 /* requests with a valid token, by token */
+        unsigned rate_auth_failures, rate_auth_failures_burst; /* 401s, by client address */
 
         /* [State] */
         char *state_dir;

@@ -120,6 +120,12 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("API", "MaxConnections", max_connections, 1, 1000000),
         UINT_KEY("API", "IdleTimeoutSec", idle_timeout_sec, 1, 86400),
         UINT_KEY("API", "HeaderTimeoutSec", header_timeout_sec, 1, 3600),
+        UINT_KEY("API", "RateLimitPerAddress", rate_address, 0, 1000000),
+        UINT_KEY("API", "RateLimitPerAddressBurst", rate_address_burst, 1, 1000000),
+        UINT_KEY("API", "RateLimitPerToken", rate_token, 0, 1000000),
+        UINT_KEY("API", "RateLimitPerTokenBurst", rate_token_burst, 1, 1000000),
+        UINT_KEY("API", "AuthFailuresPerAddress", rate_auth_failures, 0, 1000000),
+        UINT_KEY("API", "AuthFailuresPerAddressBurst", rate_auth_failures_burst, 1, 1000000),
         STR_KEY("OTA", "ArtifactDirectory", ota_dir),
         STR_KEY("OTA", "Listen", ota_listen),
         UINT_KEY("OTA", "Port", ota_port, 0, 65535),
@@ -344,6 +350,12 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->max_connections = 4096;
         c->idle_timeout_sec = 30;
         c->header_timeout_sec = 10;
+        c->rate_address = 500;
+        c->rate_address_burst = 1000;
+        c->rate_token = 500;
+        c->rate_token_burst = 1000;
+        c->rate_auth_failures = 10;
+        c->rate_auth_failures_burst = 100;
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;
         c->device_event_rate = 100;

@@ -76,6 +76,7 @@ static const char *const api_refused_names[_STATS_API_REFUSED_MAX] = {
         [STATS_API_HEADER_TIMEOUT] = "header_timeout",
         [STATS_API_RATE_ADDRESS] = "rate_address",
         [STATS_API_RATE_TOKEN] = "rate_token",
+        [STATS_API_RATE_AUTH] = "rate_auth_failures",
         [STATS_API_BAD_PATH] = "bad_path",
 };
 

@@ -51,6 +51,7 @@ typedef enum StatsApiRefused {
         STATS_API_HEADER_TIMEOUT, /* no complete request header within HeaderTimeoutSec */
         STATS_API_RATE_ADDRESS,   /* 429: RateLimitPerAddress */
         STATS_API_RATE_TOKEN,     /* 429: RateLimitPerToken */
+        STATS_API_RATE_AUTH,      /* 429: AuthFailuresPerAddress */
         STATS_API_BAD_PATH,       /* 400: %00 or %2F in the path */
         _STATS_API_REFUSED_MAX,
 } StatsApiRefused;

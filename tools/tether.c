@@ -217,6 +217,20 @@ int http_error(Api *a, const char *what) {
         case 413:
                 log_error("Too large (HTTP 413)%s", detail);
                 return -EMSGSIZE;
+        case 429: {
+                /* The cloud's rate limits (docs/cloud.md): which, and when to
+                 * try again. */
+                json_t *j = a->body.data ? json_loadb(a->body.data, a->body.len, 0, NULL) : NULL;
+                const char *why = json_string_value(json_object_get(j, "error_description"));
+                json_int_t after = json_integer_value(json_object_get(j, "retry_after"));
+
+                if (why)
+                        one_line(why, text, sizeof(text));
+                log_error("Rate limited by the cloud (HTTP 429)%s%s; retry in %lld s", why ? ": " : "",
+                          why ? text : "", (long long)(after > 0 ? after : 1));
+                json_decref(j);
+                return -EAGAIN;
+        }
         case 501:
                 /* A feature the cloud's configuration leaves off, not a
                  * device problem: say so, with the cloud's own hint. */

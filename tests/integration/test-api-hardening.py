@@ -225,8 +225,8 @@ def test_half_open_connections_from_one_address(w):
         expect(elapsed >= 9.5, f"half-open connections closed after {elapsed:.1f} s, before HeaderTimeoutSec")
         r = exchange(w.api_port, req("GET", "/v1/devices", [auth]))
         expect(r.status == 200, f"the address after its connections were closed: {r}")
-        expect(metric(w, 'tether_cloud_api_refused_total{reason="header_timeout"}') == 64,
-               "header timeouts counted")
+        m = metric(w, 'tether_cloud_api_refused_total{reason="header_timeout"}')
+        expect(m == 64, f"{m:g} header timeouts counted")
         w.cloud.wait_line(r"Closed 64 API connection\(s\) that sent no complete request header within "
                           r"HeaderTimeoutSec=10 s\.")
     finally:
@@ -270,7 +270,118 @@ def test_header_timeout_is_not_reset_by_trickling(w):
     s.close()
 
 
+def burst(port, one, n, source="127.0.0.1", width=50):
+    """Send request bytes `one` n times, each on its own connection, width
+    connections at a time (under MaxConnectionsPerIP); the replies."""
+    replies = []
+    while len(replies) < n:
+        socks = [connect(port, source) for _ in range(min(width, n - len(replies)))]
+        for s in socks:
+            s.sendall(one)
+        for s in socks:
+            try:
+                replies.append(read_reply(s, 30))
+            finally:
+                s.close()
+    return replies
+
+
+def test_wrong_token_flood_gets_429(w):
+    """The issue's figure: 2,000 wrong-token requests in 0.5 s were all
+    answered 401. Now an address gets AuthFailuresPerAddressBurst (100)
+    401s plus AuthFailuresPerAddress (10) a second, then 429 with
+    Retry-After; a valid token from the same address is not held back,
+    and another address has its own budget."""
+    w.start_cloud()
+    bad = req("GET", "/v1/devices", ["Authorization: Bearer wrong-token-0123456789"])
+    t = time.monotonic()
+    replies = burst(w.api_port, bad, 2000)
+    t = time.monotonic() - t
+    codes = [r.status for r in replies]
+    n401, n429 = codes.count(401), codes.count(429)
+    print(f"# 2000 wrong-token requests in {t:.2f} s: {n401} answered 401, {n429} answered 429")
+    expect(len(replies) == 2000 and n401 + n429 == 2000, f"answers {set(codes)}, {len(replies)} of 2000")
+    expect(100 <= n401 <= 100 + 10 * t + 2, f"{n401} 401s in {t:.2f} s")
+    r429 = next(r for r in replies if r.status == 429)
+    body = r429.json()
+    expect(r429.headers.get("retry-after") == "1" and body["retry_after"] == 1 and
+           body["error"] == "rate_limited" and "missing or invalid token" in body["error_description"],
+           f"429: {r429.headers} {body}")
+    r = exchange(w.api_port, req("GET", "/v1/devices", [f"Authorization: Bearer {w.token}"]))
+    expect(r.status == 200, f"a valid token from the flooding address: {r}")
+    r = exchange(w.api_port, req("GET", "/v1/devices", ["Authorization: Bearer wrong"]), source="127.0.0.3")
+    expect(r.status == 401, f"a wrong token from another address: {r}")
+    # Past RateLimitPerAddressBurst (1000) the address limit answers first.
+    m = metric(w, 'tether_cloud_api_refused_total{reason="rate_auth_failures"}')
+    m2 = metric(w, 'tether_cloud_api_refused_total{reason="rate_address"}')
+    print(f"# 429s: {m:g} for AuthFailuresPerAddress, {m2:g} for RateLimitPerAddress")
+    expect(m + m2 == n429 and m >= 800, f"{m:g} + {m2:g} 429s counted, {n429} seen")
+    w.cloud.wait_line(r"Answered \d+ API request\(s\) 429 Too Many Requests")
+    # After Retry-After, one more wrong token is answered 401 again.
+    time.sleep(1.1)
+    r = exchange(w.api_port, req("GET", "/v1/devices", ["Authorization: Bearer wrong"]))
+    expect(r.status == 401, f"a wrong token after Retry-After: {r}")
+
+
+def test_rate_limits_per_address_and_per_token(w):
+    """RateLimitPerAddress: every request from an address, good token or
+    none, takes from its bucket; RateLimitPerToken: a valid token's
+    requests from any address. Past either, 429 with Retry-After and the
+    limit named; other addresses and other tokens go on."""
+    with open(w.path("tokens"), "a") as f:
+        f.write("second-token-abcdefghijklmnopqrstuvwxyz\n")
+    w.start_cloud(extra="[API]\nRateLimitPerAddress=20\nRateLimitPerAddressBurst=50\n"
+                  "RateLimitPerToken=20\nRateLimitPerTokenBurst=80\n")
+    good = req("GET", "/v1/devices", [f"Authorization: Bearer {w.token}"])
+    t = time.monotonic()
+    codes = [r.status for r in burst(w.api_port, good, 300)]
+    t = time.monotonic() - t
+    n200 = codes.count(200)
+    expect(codes.count(200) + codes.count(429) == 300, f"answers {set(codes)}")
+    expect(50 <= n200 <= 50 + 20 * t + 2, f"{n200} answered from one address in {t:.2f} s (burst 50, 20/s)")
+    r = exchange(w.api_port, req("GET", "/v1/devices", [f"Authorization: Bearer {w.token}"]))
+    expect(r.status == 429 and r.json()["error_description"] == "Too many requests from this address" and
+           int(r.headers["retry-after"]) >= 1, f"the address over its limit: {r} {r.headers}")
+    # The token has 30 more in its burst: from other addresses, then 429.
+    t = time.monotonic()
+    codes = []
+    for i in range(4, 8):
+        codes += [r.status for r in burst(w.api_port, good, 20, source=f"127.0.0.{i}")]
+    t = time.monotonic() - t
+    n200 = codes.count(200)
+    expect(80 - 50 - 20 * 1 <= n200 <= 80 - 50 + 20 * t + 20 * 0.5 + 2 and codes.count(429) > 0,
+           f"the token from other addresses: {n200} answered, {codes.count(429)} 429")
+    r = exchange(w.api_port, req("GET", "/v1/devices", [f"Authorization: Bearer {w.token}"]), source="127.0.0.9")
+    expect(r.status == 429 and r.json()["error_description"] == "Too many requests with this token",
+           f"the token over its limit: {r}")
+    # Another token from a fresh address is not held back.
+    r = exchange(w.api_port, req("GET", "/v1/devices",
+                                 ["Authorization: Bearer second-token-abcdefghijklmnopqrstuvwxyz"]),
+                 source="127.0.0.10")
+    expect(r.status == 200, f"another token: {r}")
+    # A token in the body counts against the token too.
+    r = exchange(w.api_port, req("POST", "/v1/devices/events", [FORM],
+                                 f"name=x&access_token={w.token}".encode()), source="127.0.0.11")
+    expect(r.status == 429 and r.json()["error_description"] == "Too many requests with this token",
+           f"the token in the body: {r}")
+
+
+def test_cli_says_when_to_retry(w):
+    """tether prints the 429's reason and Retry-After, and exits 1."""
+    w.start_cloud(extra="[API]\nAuthFailuresPerAddress=1\nAuthFailuresPerAddressBurst=1\n")
+    bad = req("GET", "/v1/devices", ["Authorization: Bearer wrong"])
+    for _ in range(5):
+        burst(w.api_port, bad, 5)
+        r = w.tether("list", check=False, token="wrong")
+        if "HTTP 429" in r.stderr:
+            break
+    expect(r.returncode == 1 and r.stderr.strip() == "tether: Rate limited by the cloud (HTTP 429): Too many "
+           "requests with a missing or invalid token from this address; retry in 1 s", f"tether: {r.stderr!r}")
+
+
 if __name__ == "__main__":
     sys.exit(run([test_encoded_slash_and_nul_in_paths, test_json_errors_say_what_is_wrong,
-                  test_half_open_connections_from_one_address, test_header_timeout_is_not_reset_by_trickling],
+                  test_half_open_connections_from_one_address, test_header_timeout_is_not_reset_by_trickling,
+                  test_wrong_token_flood_gets_429, test_rate_limits_per_address_and_per_token,
+                  test_cli_says_when_to_retry],
                  emulated="ok"))

@@ -99,6 +99,9 @@ def form(**kw):
     return urllib.parse.urlencode(kw).encode()
 
 
+# For tests that publish thousands of events as fast as they can: no rate
+# limits (docs/cloud.md, "Limits on API clients").
+UNLIMITED = "[API]\nRateLimitPerAddress=0\nRateLimitPerToken=0\n"
 FORM = "Content-Type: application/x-www-form-urlencoded"
 JSON = "Content-Type: application/json"
 
@@ -181,7 +184,7 @@ def test_unauthenticated_bodies_cost_bounded_memory(w):
     which it must: no body can end before the test sends its last bytes,
     and the bodies hold far more than the cap. The 1,000 connections come
     from one address: the per-address limits are off."""
-    w.start_cloud(extra="[API]\nMaxConnectionsPerIP=0\n")
+    w.start_cloud(extra="[API]\nMaxConnectionsPerIP=0\nRateLimitPerAddress=0\nAuthFailuresPerAddress=0\n")
     P = w.api_port
     pid = w.cloud.proc.pid
     n_conn, size, last = 1000, 53000, 1000
@@ -508,7 +511,7 @@ def test_slow_stream_catches_up(w):
     every event in order, then live ones; another client is answered
     meanwhile."""
     import http.client
-    w.start_cloud(extra="[Events]\nJournalMaxBytes=134217728")
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=134217728\n" + UNLIMITED)
     slow = RawStream(w, "/v1/events/flood/")
     slow.messages(lambda m: any("id" in x for x in m))  # opened: the stream's position
     other = RawStream(w, "/v1/events/other/")
@@ -549,7 +552,7 @@ def test_slow_stream_told_what_it_lost(w):
     subscribe reports it on stderr."""
     import http.client
     import signal
-    w.start_cloud(extra="[Events]\nJournalMaxBytes=65536")
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=65536\n" + UNLIMITED)
     slow = RawStream(w, "/v1/events/flood/")
     slow.messages(lambda m: any("id" in x for x in m))
     sub = w.subscribe("flood/").wait_ready()
@@ -676,7 +679,7 @@ def test_narrow_replay_takes_turns(w):
     matches little reads it in turns, like one that matches much: another
     client is answered before the stream has scanned to the end (its
     one matching event, the last in the journal, comes after)."""
-    w.start_cloud(extra="[Events]\nJournalMaxBytes=134217728")
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=134217728\n" + UNLIMITED)
     fill_journal(w, "fill", 12000, "z" * 8000)
     r = exchange(w.api_port, req("POST", "/v1/devices/events", [f"Authorization: Bearer {w.token}", FORM],
                                  form(name="rare/1", data="y")))
@@ -730,7 +733,7 @@ def test_behind_after_a_quiet_spell_lost_nothing(w):
     (other events filled it), lost nothing that matched it: no
     tether/stream/lost notice, every one of its events, in order."""
     import http.client
-    w.start_cloud(extra="[Events]\nJournalMaxBytes=4194304")
+    w.start_cloud(extra="[Events]\nJournalMaxBytes=4194304\n" + UNLIMITED)
     slow = RawStream(w, "/v1/events/rare/")
     slow.messages(lambda m: any("id" in x for x in m))
     conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10 * SLOW)

@@ -77,6 +77,12 @@ static void test_defaults(void **state) {
         assert_int_equal(c->max_connections, 4096);
         assert_int_equal(c->idle_timeout_sec, 30);
         assert_int_equal(c->header_timeout_sec, 10);
+        assert_int_equal(c->rate_address, 500);
+        assert_int_equal(c->rate_address_burst, 1000);
+        assert_int_equal(c->rate_token, 500);
+        assert_int_equal(c->rate_token_burst, 1000);
+        assert_int_equal(c->rate_auth_failures, 10);
+        assert_int_equal(c->rate_auth_failures_burst, 100);
         assert_int_equal(c->n_tokens, 1);
 }
 
@@ -86,7 +92,9 @@ static void test_values(void **state) {
         assert_int_equal(load("[Cloud]\nListen=::\nPort=0\nMaxPayload=65536\nMaxSubscriptions=0\nPingSec=1\n"
                               "DeviceTimeoutSec=2\nCallTimeoutSec=3600\nHandshakeTimeoutSec=4\nMaxHandshakes=5\n"
                               "MaxQueuedBytes=1024\nSessionShards=256\n[API]\nListen=::1\nPort=65535\n"
-                              "MaxConnectionsPerIP=7\nMaxConnections=9\nIdleTimeoutSec=11\nHeaderTimeoutSec=12\n",
+                              "MaxConnectionsPerIP=7\nMaxConnections=9\nIdleTimeoutSec=11\nHeaderTimeoutSec=12\n"
+                              "RateLimitPerAddress=0\nRateLimitPerAddressBurst=1\nRateLimitPerToken=13\n"
+                              "RateLimitPerTokenBurst=14\nAuthFailuresPerAddress=15\nAuthFailuresPerAddressBurst=16\n",
                               &c),
                          0);
         assert_string_equal(c->coap_listen, "::");
@@ -106,6 +114,12 @@ static void test_values(void **state) {
         assert_int_equal(c->max_connections, 9);
         assert_int_equal(c->idle_timeout_sec, 11);
         assert_int_equal(c->header_timeout_sec, 12);
+        assert_int_equal(c->rate_address, 0);
+        assert_int_equal(c->rate_address_burst, 1);
+        assert_int_equal(c->rate_token, 13);
+        assert_int_equal(c->rate_token_burst, 14);
+        assert_int_equal(c->rate_auth_failures, 15);
+        assert_int_equal(c->rate_auth_failures_burst, 16);
 }
 
 static void expect_invalid(const char *extra) {
@@ -128,6 +142,7 @@ static void test_bad_values(void **state) {
                 "[Cloud\nPort=1\n",              "[Cloud]\nSessionShards=0\n",
                 "[Cloud]\nSessionShards=257\n", "[API]\nMaxConnections=0\n",
                 "[API]\nIdleTimeoutSec=0\n",     "[API]\nHeaderTimeoutSec=0\n",
+                "[API]\nRateLimitPerTokenBurst=0\n", "[API]\nRateLimitPerAddress=-1\n",
         };
 
         for (size_t i = 0; i < ELEMENTSOF(bad); i++)
