@@ -14,6 +14,7 @@
 #include "api.h"
 #include "log.h"
 #include "mhd-log.h"
+#include "ota-journal.h"
 #include "ratelimit.h"
 #include "stats.h"
 #include "subscriptions.h"
@@ -35,6 +36,10 @@
  * logged at most this often. */
 #define API_HEADER_LOG_USEC (10 * USEC_PER_SEC)
 #define API_RATE_LOG_USEC (10 * USEC_PER_SEC)
+/* HTTPS: TLS 1.2 and 1.3 only (GnuTLS priority string; libmicrohttpd in
+ * Debian uses GnuTLS), and how large the PEM files may be. */
+#define API_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+#define API_PEM_MAX (1024 * 1024)
 /* Client addresses (or tokens) with a bucket at once, per limit. */
 #define API_RATE_KEYS_MAX 65536
 /* Request bodies held at once, all connections together: past this a
@@ -140,6 +145,10 @@ struct Api {
         /* Rate limits (NULL: off): requests by address and by token, 401s
          * by address. */
         RateLimit *rate_address, *rate_token, *rate_auth_failures;
+        /* HTTPS: [API] Certificate= and Key=, read at start; MHD keeps
+         * pointers to them. */
+        char *cert_pem, *key_pem;
+        size_t key_pem_len;
         unsigned rate_refused; /* since the last log line */
         uint64_t rate_logged;
         ApiRequest *requests;
@@ -1745,6 +1754,10 @@ Api *api_free(Api *api) {
         ratelimit_free(api->rate_address);
         ratelimit_free(api->rate_token);
         ratelimit_free(api->rate_auth_failures);
+        free(api->cert_pem);
+        if (api->key_pem)
+                explicit_bzero(api->key_pem, api->key_pem_len);
+        free(api->key_pem);
         free(api);
         return NULL;
 }
@@ -1756,6 +1769,7 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
         struct sockaddr_storage ss;
         socklen_t sl;
         unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+        struct MHD_OptionItem tls[4] = { { MHD_OPTION_END, 0, NULL } };
         unsigned port;
         int r, fd;
 
@@ -1795,6 +1809,24 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                 return log_error_errno(r, "Invalid [API] Listen= address '%s'.", config->api_listen);
         if (ss.ss_family == AF_INET6)
                 flags |= MHD_USE_DUAL_STACK;
+        if (config->api_cert_file) {
+                size_t len;
+
+                if (!MHD_is_feature_supported(MHD_FEATURE_TLS))
+                        return log_error_errno(-EOPNOTSUPP, "libmicrohttpd was built without TLS: cannot serve the "
+                                                            "API over HTTPS ([API] Certificate=).");
+                r = ota_read_file(config->api_cert_file, API_PEM_MAX, &api->cert_pem, &len);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot read [API] Certificate= '%s': %m", config->api_cert_file);
+                r = ota_read_file(config->api_key_file, API_PEM_MAX, &api->key_pem, &api->key_pem_len);
+                if (r < 0)
+                        return log_error_errno(r, "Cannot read [API] Key= '%s': %m", config->api_key_file);
+                tls[0] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_CERT, 0, api->cert_pem };
+                tls[1] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_MEM_KEY, 0, api->key_pem };
+                tls[2] = (struct MHD_OptionItem){ MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)API_TLS_PRIORITIES };
+                tls[3] = (struct MHD_OptionItem){ MHD_OPTION_END, 0, NULL };
+                flags |= MHD_USE_TLS;
+        }
         api->daemon = MHD_start_daemon(flags, (uint16_t)config->api_port, NULL, NULL, api_handler, api,
                                       MHD_OPTION_EXTERNAL_LOGGER, api_mhd_log, api,
                                       MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&ss,
@@ -1805,7 +1837,14 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                                       MHD_OPTION_LISTEN_BACKLOG_SIZE, (unsigned)1024,
                                       MHD_OPTION_CONNECTION_LIMIT, config->max_connections,
                                       MHD_OPTION_PER_IP_CONNECTION_LIMIT, config->max_connections_per_ip,
-                                      MHD_OPTION_END);
+                                      MHD_OPTION_ARRAY, tls, MHD_OPTION_END);
+        if (!api->daemon && config->api_cert_file)
+                /* libmicrohttpd logged why (the key, the certificate). */
+                return log_error_errno(-EADDRNOTAVAIL,
+                                       "Failed to start the HTTPS API on '%s' port %u with certificate '%s' and key "
+                                       "'%s'.",
+                                       config->api_listen, config->api_port, config->api_cert_file,
+                                       config->api_key_file);
         if (!api->daemon)
                 return log_error_errno(-EADDRNOTAVAIL, "Failed to start the HTTP API on '%s' port %u.",
                                        config->api_listen, config->api_port);

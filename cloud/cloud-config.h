@@ -44,6 +44,8 @@ typedef struct CloudConfig {
         unsigned api_port;
         char *token_file;
         char *metrics_token_file; /* NULL: none */
+        char *api_cert_file; /* PEM; with api_key_file: HTTPS (NULL: plain HTTP) */
+        char *api_key_file;
         unsigned max_connections_per_ip; /* 0: no limit */
         unsigned max_connections;        /* all addresses together */
         unsigned idle_timeout_sec;       /* a connection without traffic is closed */

@@ -320,8 +320,8 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
 int cloud_run(Cloud *c) {
         int r;
 
-        log_info("Listening for devices on %s port %u, HTTP API on %s port %u.", c->config->coap_listen,
-                 c->coap_port, c->config->api_listen, c->api_port);
+        log_info("Listening for devices on %s port %u, %s API on %s port %u.", c->config->coap_listen,
+                 c->coap_port, c->config->api_cert_file ? "HTTPS" : "HTTP", c->config->api_listen, c->api_port);
         (void)sd_notifyf(0,
                          "READY=1\n"
                          "STATUS=Listening: devices on port %u, API on port %u; 0 devices online\n"

@@ -70,6 +70,8 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         free(c->api_listen);
         free(c->token_file);
         free(c->metrics_token_file);
+        free(c->api_cert_file);
+        free(c->api_key_file);
         free(c->state_dir);
         free(c->ota_listen);
         free(c->ota_dir);
@@ -117,6 +119,8 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Events", "DeviceByteBurst", device_byte_burst, 1, 1u << 31),
         UINT_KEY("Events", "DeviceJournalShare", device_journal_share, 1, 100),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
+        STR_KEY("API", "Certificate", api_cert_file),
+        STR_KEY("API", "Key", api_key_file),
         UINT_KEY("API", "MaxConnections", max_connections, 1, 1000000),
         UINT_KEY("API", "IdleTimeoutSec", idle_timeout_sec, 1, 86400),
         UINT_KEY("API", "HeaderTimeoutSec", header_timeout_sec, 1, 3600),
@@ -378,6 +382,9 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
                 return log_error_errno(-EINVAL, "%s: [Cloud] Registration= must be 'open' or 'enrolled', not '%s'.",
                                        path, c->registration);
         c->registration_enrolled = c->registration && streq(c->registration, "enrolled");
+        if (!c->api_cert_file != !c->api_key_file)
+                return log_error_errno(-EINVAL, "%s: [API] Certificate= and Key= go together (HTTPS) or not at all.",
+                                       path);
         if (c->ota_public_url && !startswith(c->ota_public_url, "https://"))
                 return log_error_errno(-EINVAL, "%s: [OTA] PublicURL= must start with https://.", path);
         if (c->device_timeout_sec <= c->ping_sec)

@@ -265,12 +265,25 @@ int curl_error(Api *a, CURLcode c) {
         case CURLE_OPERATION_TIMEDOUT:
                 log_error("Request to %s timed out: %s", a->base, why);
                 return -ETIMEDOUT;
-        case CURLE_SSL_CONNECT_ERROR:
         case CURLE_PEER_FAILED_VERIFICATION:
+        case CURLE_SSL_ISSUER_ERROR:
+                /* The usual cause: a cloud with a certificate from its own
+                 * CA (tether-pki), not one the system trusts. */
+                if (arg.cacert)
+                        log_error("TLS error talking to %s: %s (trusting the CA certificate(s) in '%s')", a->base,
+                                  why, arg.cacert);
+                else
+                        log_error("TLS error talking to %s: %s; if the cloud's certificate is from its own CA, "
+                                  "give that CA with --cacert FILE or TETHER_CACERT",
+                                  a->base, why);
+                return -ECONNABORTED;
         case CURLE_SSL_CACERT_BADFILE:
+                log_error("Cannot use the CA certificate(s) in '%s' for %s: %s", arg.cacert ?: "(system)", a->base,
+                          why);
+                return -ECONNABORTED;
+        case CURLE_SSL_CONNECT_ERROR:
         case CURLE_SSL_CERTPROBLEM:
         case CURLE_SSL_CIPHER:
-        case CURLE_SSL_ISSUER_ERROR:
                 log_error("TLS error talking to %s: %s", a->base, why);
                 return -ECONNABORTED;
         case CURLE_UNSUPPORTED_PROTOCOL:
@@ -281,7 +294,13 @@ int curl_error(Api *a, CURLcode c) {
         case CURLE_RECV_ERROR:
         case CURLE_SEND_ERROR:
         case CURLE_PARTIAL_FILE:
-                log_error("Connection to %s lost: %s", a->base, why);
+        case CURLE_WEIRD_SERVER_REPLY:
+                /* What plain HTTP to an HTTPS API looks like. */
+                if (startswith(a->base, "http://"))
+                        log_error("Connection to %s lost: %s (if the API serves HTTPS, use an https:// URL)", a->base,
+                                  why);
+                else
+                        log_error("Connection to %s lost: %s", a->base, why);
                 return -ECONNRESET;
         default:
                 log_error("Request to %s failed: %s", a->base, why);
@@ -317,6 +336,11 @@ static int api_open(Api *a) {
                 const char *t = getenv("TETHER_TOKEN");
                 if (t && *t)
                         arg.token = t;
+        }
+        if (!arg.cacert) {
+                const char *t = getenv("TETHER_CACERT");
+                if (t && *t)
+                        arg.cacert = t;
         }
         if (arg.token) {
                 if (strpbrk(arg.token, "\r\n"))
@@ -1274,7 +1298,8 @@ static void help(void) {
                "Options:\n"
                "  --api URL         API base URL (default: $TETHER_API, else " TETHER_DEFAULT_API ")\n"
                "  --token TOKEN     bearer token (default: $TETHER_TOKEN)\n"
-               "  --cacert FILE     CA certificate(s) to verify an https:// API\n"
+               "  --cacert FILE     CA certificate(s) to verify an https:// API (default:\n"
+               "                    $TETHER_CACERT, else the system's)\n"
                "  --json            print the cloud's JSON (subscribe: one object per line)\n"
                "  --timeout SECONDS give up after this long (default 30; subscribe: none)\n"
                "  -h, --help        show this help\n"

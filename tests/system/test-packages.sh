@@ -130,9 +130,16 @@ ctr sh -ec 'install -m 0644 /etc/tether/pki/ca.crt /etc/tether/ca.crt
     tether-pki token /etc/tether/api-tokens > /etc/tether/token
     chgrp tether-cloud /etc/tether/api-tokens; chmod 0640 /etc/tether/api-tokens'
 token=$(ctr cat /etc/tether/token | tail -n1)
+# The packaged configuration serves the API over HTTPS with cloud.crt.
+api_env=(TETHER_API=https://127.0.0.1:8080 TETHER_CACERT=/etc/tether/ca.crt)
 ctr systemctl enable --now tether-cloudd.service 2>&1 | sed 's/^/    /'
 [ "$(ctr systemctl is-active tether-cloudd)" = active ] || fail "tether-cloudd is $(ctr systemctl is-active tether-cloudd)"
 ok "tether-cloudd active: $(ctr systemctl show -p StatusText --value tether-cloudd)"
+wait_for 10 "the HTTPS API" ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list ||
+    fail "the packaged API does not answer over HTTPS: $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list 2>&1)"
+ctr env TETHER_API=http://127.0.0.1:8080 TETHER_TOKEN="$token" tether list >/dev/null 2>&1 &&
+    fail "the packaged API answered plain HTTP"
+ok "the API answers over HTTPS (CA /etc/tether/ca.crt) and not over plain HTTP"
 
 step "enroll the device: tetherctl csr -> tether-pki sign"
 ctr systemctl stop tetherd.service
@@ -147,10 +154,10 @@ step "systemctl start tetherd: active, and online in the cloud"
 ctr systemctl start tetherd.service || fail "systemctl start tetherd failed"
 [ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd)"
 ok "tetherd.service active (Type=notify: READY=1 received)"
-online() { ctr env TETHER_TOKEN="$token" tether list | awk -v d="$dev" '$1 == d && $2 == "online" { f = 1 } END { exit !f }'; }
-wait_for 30 "device online" online || fail "device $dev not online in the cloud: $(ctr env TETHER_TOKEN="$token" tether list 2>&1)"
-ok "$(ctr env TETHER_TOKEN="$token" tether list | sed -n 2p)"
-ctr env TETHER_TOKEN="$token" tether list | sed 's/^/    /'
+online() { ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list | awk -v d="$dev" '$1 == d && $2 == "online" { f = 1 } END { exit !f }'; }
+wait_for 30 "device online" online || fail "device $dev not online in the cloud: $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list 2>&1)"
+ok "$(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list | sed -n 2p)"
+ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list | sed 's/^/    /'
 
 step "systemctl status shows the STATUS line naming the cloud"
 ctr systemctl status --no-pager tetherd >"$scratch/status.txt" 2>&1
@@ -241,13 +248,13 @@ cloud_pid=$(ctr systemctl show -p MainPID --value tether-cloudd)
 since=$(cursor)
 new_token=$(ctr tether-pki token /etc/tether/api-tokens 2>/dev/null | tail -n 1)
 [ -n "$new_token" ] || fail "tether-pki token made no token"
-ctr env TETHER_TOKEN="$new_token" tether list >/dev/null 2>&1 && fail "a token not loaded yet was accepted"
+ctr env "${api_env[@]}" TETHER_TOKEN="$new_token" tether list >/dev/null 2>&1 && fail "a token not loaded yet was accepted"
 ctr systemctl reload tether-cloudd || fail "systemctl reload tether-cloudd failed"
 cloud_reloaded() { ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep 'Reloaded 2 API token(s)' >/dev/null; }
 wait_for 10 "cloud reload logged" cloud_reloaded || fail "no 'Reloaded 2 API token(s)' in the cloud's journal"
 [ "$(ctr systemctl show -p MainPID --value tether-cloudd)" = "$cloud_pid" ] || fail "tether-cloudd's MainPID changed on reload"
 [ "$(ctr systemctl is-active tether-cloudd)" = active ] || fail "tether-cloudd is $(ctr systemctl is-active tether-cloudd) after reload"
-ctr env TETHER_TOKEN="$new_token" tether list >/dev/null || fail "the new token is refused after the reload"
+ctr env "${api_env[@]}" TETHER_TOKEN="$new_token" tether list >/dev/null || fail "the new token is refused after the reload"
 online || fail "device $dev not online after the cloud's reload"
 ctr journalctl -u tetherd --after-cursor "$since" -o cat | grep Disconnected >/dev/null && fail "the agent reconnected on the cloud's reload"
 ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep "$dev.*disconnected" >/dev/null && fail "the cloud dropped the device on reload"
@@ -318,10 +325,10 @@ if [ ${#plugin_debs[@]} -eq 3 ]; then
     # The drop-ins change the sandbox, which needs a restart, not a reload.
     ctr systemctl restart tetherd
     wait_for 30 "device online with the plugins" online || fail "device not online after installing plugins"
-    have_uptime() { ctr env TETHER_TOKEN="$token" tether get "$dev" system.uptime >/dev/null 2>&1; }
+    have_uptime() { ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether get "$dev" system.uptime >/dev/null 2>&1; }
     wait_for 30 "system.uptime readable through the cloud" have_uptime ||
-        fail "system.uptime not readable: $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.uptime 2>&1)"
-    ok "system.uptime = $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.uptime) s, system.load1 = $(ctr env TETHER_TOKEN="$token" tether get "$dev" system.load1)"
+        fail "system.uptime not readable: $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether get "$dev" system.uptime 2>&1)"
+    ok "system.uptime = $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether get "$dev" system.uptime) s, system.load1 = $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether get "$dev" system.load1)"
     ctr journalctl -u tetherd -o cat | grep -E "Loaded plugin" | tail -n 3 | sed 's/^/    | /'
     for p in gpio sensors system; do
         ctr journalctl -u tetherd -o cat | grep "Loaded plugin '$p'" >/dev/null || fail "plugin '$p' did not load in the sandbox"

@@ -74,6 +74,8 @@ static void test_defaults(void **state) {
         assert_string_equal(c->api_listen, "127.0.0.1");
         assert_int_equal(c->api_port, 8080);
         assert_int_equal(c->max_connections_per_ip, 64);
+        assert_null(c->api_cert_file);
+        assert_null(c->api_key_file);
         assert_int_equal(c->max_connections, 4096);
         assert_int_equal(c->idle_timeout_sec, 30);
         assert_int_equal(c->header_timeout_sec, 10);
@@ -94,7 +96,8 @@ static void test_values(void **state) {
                               "MaxQueuedBytes=1024\nSessionShards=256\n[API]\nListen=::1\nPort=65535\n"
                               "MaxConnectionsPerIP=7\nMaxConnections=9\nIdleTimeoutSec=11\nHeaderTimeoutSec=12\n"
                               "RateLimitPerAddress=0\nRateLimitPerAddressBurst=1\nRateLimitPerToken=13\n"
-                              "RateLimitPerTokenBurst=14\nAuthFailuresPerAddress=15\nAuthFailuresPerAddressBurst=16\n",
+                              "RateLimitPerTokenBurst=14\nAuthFailuresPerAddress=15\nAuthFailuresPerAddressBurst=16\n"
+                              "Certificate=/api.crt\nKey=/api.key\n",
                               &c),
                          0);
         assert_string_equal(c->coap_listen, "::");
@@ -120,6 +123,8 @@ static void test_values(void **state) {
         assert_int_equal(c->rate_token_burst, 14);
         assert_int_equal(c->rate_auth_failures, 15);
         assert_int_equal(c->rate_auth_failures_burst, 16);
+        assert_string_equal(c->api_cert_file, "/api.crt");
+        assert_string_equal(c->api_key_file, "/api.key");
 }
 
 static void expect_invalid(const char *extra) {
@@ -143,6 +148,7 @@ static void test_bad_values(void **state) {
                 "[Cloud]\nSessionShards=257\n", "[API]\nMaxConnections=0\n",
                 "[API]\nIdleTimeoutSec=0\n",     "[API]\nHeaderTimeoutSec=0\n",
                 "[API]\nRateLimitPerTokenBurst=0\n", "[API]\nRateLimitPerAddress=-1\n",
+                "[API]\nCertificate=/api.crt\n",   "[API]\nKey=/api.key\n",
         };
 
         for (size_t i = 0; i < ELEMENTSOF(bad); i++)
