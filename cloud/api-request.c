@@ -171,7 +171,7 @@ static void json_body_error(const json_error_t *e, char *out, size_t size) {
                          e->line, e->column);
                 return;
         }
-        for (i = 0; e->text[i] && i < sizeof(text) - 1; i++)
+        for (i = 0; i < sizeof(text) - 1 && e->text[i]; i++)
                 text[i] = e->text[i] >= 0x20 && e->text[i] < 0x7f ? e->text[i] : '?';
         text[i] = 0;
         snprintf(out, size, "Invalid JSON body: %s (line %d, column %d)", text, e->line, e->column);
