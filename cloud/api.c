@@ -145,12 +145,12 @@ struct Api {
         /* Rate limits (NULL: off): requests by address and by token, 401s
          * by address. */
         RateLimit *rate_address, *rate_token, *rate_auth_failures;
+        unsigned rate_refused; /* since the last log line */
+        uint64_t rate_logged;
         /* HTTPS: [API] Certificate= and Key=, read at start; MHD keeps
          * pointers to them. */
         char *cert_pem, *key_pem;
         size_t key_pem_len;
-        unsigned rate_refused; /* since the last log line */
-        uint64_t rate_logged;
         ApiRequest *requests;
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;

@@ -12,6 +12,7 @@
  *   api-list.c api_      GET /v1/devices, whole or by page (api.h)
  *   api-admin.c api_     /v1/tokens, /v1/audit, a restricted token's device list (api.h)
  *   tokens.c   tokens_   API tokens: the token files' and cloud.db's, scopes, expiry (tokens.h)
+ *   ratelimit.c ratelimit_ token buckets by key, for the API's rate limits (ratelimit.h)
  *   scopes.c   scope_    token scopes and their names, pure (scopes.h)
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS (ota.h)
  *   mhd-log.c  mhd_log   libmicrohttpd's messages, for api.c and ota.c (mhd-log.h)
