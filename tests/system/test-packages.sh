@@ -264,19 +264,19 @@ ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | sed 's/^/    | 
 # ---------------------------------------------------------------------------
 step "tether revoke: the packaged agent's session ends and its certificate is refused; tether unrevoke lets it back"
 since=$(cursor)
-ctr env TETHER_TOKEN="$token" tether revoke "$dev" --reason "system test" >/dev/null || fail "tether revoke failed"
-listed_revoked() { ctr env TETHER_TOKEN="$token" tether list | awk -v d="$dev" '$1 == d && $2 == "revoked" { f = 1 } END { exit !f }'; }
-wait_for 10 "device listed revoked" listed_revoked || fail "device $dev not listed revoked: $(ctr env TETHER_TOKEN="$token" tether list 2>&1)"
+ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether revoke "$dev" --reason "system test" >/dev/null || fail "tether revoke failed"
+listed_revoked() { ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list | awk -v d="$dev" '$1 == d && $2 == "revoked" { f = 1 } END { exit !f }'; }
+wait_for 10 "device listed revoked" listed_revoked || fail "device $dev not listed revoked: $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list 2>&1)"
 refused_revoked() { ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep "Refused a session from .*device '$dev' is revoked (system test)" >/dev/null; }
 wait_for 60 "the agent's next handshake refused" refused_revoked ||
     fail "no refusal of the revoked device in the cloud's journal: $(ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | tail -n 5)"
 [ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd) while revoked"
-audited() { ctr env TETHER_TOKEN="$token" tether audit --action device.revoke --json | grep -q "\"$dev\""; }
+audited() { ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether audit --action device.revoke --json | grep -q "\"$dev\""; }
 audited || fail "no device.revoke record in tether audit"
 ok "revoked: listed as revoked, its reconnect refused at the handshake, in the audit log; tetherd keeps retrying"
 ctr journalctl -u tether-cloudd --after-cursor "$since" -o cat | grep -E "revoked|Refused" | head -n 3 | sed 's/^/    | /'
-ctr env TETHER_TOKEN="$token" tether unrevoke "$dev" >/dev/null || fail "tether unrevoke failed"
-wait_for 90 "device online again after unrevoke" online || fail "device $dev not online after unrevoke: $(ctr env TETHER_TOKEN="$token" tether list 2>&1)"
+ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether unrevoke "$dev" >/dev/null || fail "tether unrevoke failed"
+wait_for 90 "device online again after unrevoke" online || fail "device $dev not online after unrevoke: $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list 2>&1)"
 ok "unrevoked: $dev online again, without a restart of tetherd"
 
 # ---------------------------------------------------------------------------
