@@ -1090,7 +1090,8 @@ static void api_body_free(ApiRequest *req) {
         req->body_len = 0;
 }
 
-/* 401 for what tokens_check() said (r). */
+/* 401 for what tokens_check() said (r), or 429 once the address is past
+ * AuthFailuresPerAddress. */
 static enum MHD_Result api_unauthorized(ApiRequest *req, int r) {
         uint64_t wait;
 
