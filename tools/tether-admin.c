@@ -210,7 +210,7 @@ static void audit_print(json_t *rec) {
         }
         if (json_is_integer(st))
                 snprintf(status, sizeof(status), "%" JSON_INTEGER_FORMAT, json_integer_value(st));
-        printf("%-6" JSON_INTEGER_FORMAT "  %-24s  %-22s  %-14s  %-3s  %-15s  %s\n",
+        printf("%-6" JSON_INTEGER_FORMAT "  %-24s  %-22s  %-16s  %-3s  %-15s  %s\n",
                json_integer_value(json_object_get(rec, "id")), json_string_or(rec, "time", "?"),
                json_string_or(rec, "actor", "?"), json_string_or(rec, "action", "?"), status,
                json_string_or(rec, "address", "-"), json_string_or(rec, "target", "-"));
@@ -258,7 +258,7 @@ int cmd_audit(Api *a, char **args, int n) {
         if (n != 0)
                 return cli_usage_error("'audit' takes no arguments, only options");
         if (!arg.json)
-                printf("%-6s  %-24s  %-22s  %-14s  %-3s  %-15s  %s\n", "ID", "TIME", "ACTOR", "ACTION", "ST",
+                printf("%-6s  %-24s  %-22s  %-16s  %-3s  %-15s  %s\n", "ID", "TIME", "ACTOR", "ACTION", "ST",
                        "ADDRESS", "TARGET");
         /* Everything there is now, page after page. */
         while ((r = audit_page(a, &after)) == AUDIT_PAGE)
