@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 #include <errno.h>
 #include <grp.h>
+#include <inttypes.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -16,6 +17,9 @@
 /* A client must send its request and read the answer within this. */
 #define LOCAL_API_CLIENT_TIMEOUT_USEC (5 * 1000000ULL)
 #define LOCAL_API_MAX_GROUPS 256
+/* Refused clients are logged at most once per interval: any local user can
+ * connect as often as it likes. */
+#define LOCAL_API_REFUSED_LOG_USEC (10 * 1000000ULL)
 
 typedef struct Client Client;
 
@@ -30,6 +34,8 @@ struct LocalApi {
         size_t max_request;
         Client *clients;
         unsigned n_clients;
+        uint64_t refused_logged;     /* CLOCK_MONOTONIC µs of the last refusal logged */
+        uint64_t refused_unlogged;   /* refusals since, not logged */
 };
 
 struct Client {
@@ -312,9 +318,17 @@ static int client_new(LocalApi *api, int fd) {
                 return r;
         }
         if (!peer_allowed(api, fd, &cred)) {
-                log_notice("Local API: refused a request from uid %u (pid %d): not root, not the agent's user, "
-                           "not in the permitted group",
-                           (unsigned)cred.uid, (int)cred.pid);
+                uint64_t now = now_usec();
+
+                if (api->refused_logged == 0 || now >= api->refused_logged + LOCAL_API_REFUSED_LOG_USEC) {
+                        log_notice("Local API: refused a request from uid %u (pid %d): not root, not the agent's "
+                                   "user, not in the permitted group (%" PRIu64 " more refused since the last "
+                                   "report, not logged).",
+                                   (unsigned)cred.uid, (int)cred.pid, api->refused_unlogged);
+                        api->refused_logged = now;
+                        api->refused_unlogged = 0;
+                } else
+                        api->refused_unlogged++;
                 client_respond(c, error_reply(EACCES, "permission denied: uid %u is not allowed to use tetherd "
                                                       "(root or members of the configured group only)",
                                               (unsigned)cred.uid));

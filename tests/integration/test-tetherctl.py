@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EMULATOR, PKI, TETHERCTL, Skip, expect, run  # noqa: E402
+from harness import EMULATOR, PKI, TETHERCTL, TIME_FACTOR, Skip, expect, run  # noqa: E402
 
 
 def raw_request(agent, payload, shut=True):
@@ -101,6 +101,22 @@ def test_access_control(w):
     r = w.tetherctl(a, "status", check=False, user=user)
     expect(r.returncode == 3 and "permission denied" in r.stderr, f"nobody allowed: {r.returncode} {r.stderr!r}")
     a.wait_line(rf"refused a request from uid {nobody.pw_uid}", start=mark)
+    # A flood of refused connections is not a flood of log lines.
+    flood = ("import socket, sys\n"
+             "for _ in range(300):\n"
+             "    s = socket.socket(socket.AF_UNIX)\n"
+             "    s.connect(sys.argv[1])\n"
+             "    s.sendall(b'{\"method\": \"status\"}\\n')\n"
+             "    s.recv(4096)\n"
+             "    s.close()\n")
+    r = subprocess.run(["setpriv", f"--reuid={user[0]}", f"--regid={user[1]}", "--clear-groups",
+                        sys.executable, "-c", flood, a.socket], capture_output=True, text=True,
+                       timeout=60 * TIME_FACTOR)
+    expect(r.returncode == 0, f"the flood failed: {r.stderr.strip()}")
+    r = w.tetherctl(a, "status", check=False, user=user)
+    expect(r.returncode == 3, f"nobody allowed after the flood: {r.returncode}")
+    n = a.count(rf"refused a request from uid {nobody.pw_uid}", start=mark)
+    expect(n <= 3, f"{n} log lines for 302 refused requests")  # one per 10 s
     sub = w.subscribe("denied/").wait_ready()
     r = w.tetherctl(a, "publish", "denied/x", "y", check=False, user=user)
     expect(r.returncode == 3, f"nobody could publish: {r.returncode} {r.stderr!r}")
