@@ -515,9 +515,12 @@ void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_
                 ev->hooks.deliver_to_streams(ev->hooks.userdata, e, id);
 
         /* A device's private event is for the owner's API streams only:
-         * no other device gets it (docs/protocol.md, "Events"). Private
-         * events from the API (the owner's) go to every device. */
-        if (e->private_ && source)
+         * no other device gets it (docs/protocol.md, "Events"); nor do the
+         * cloud's own private events about a device (tether/device/...,
+         * published with that device's coreid and no source). Private
+         * events from the API (the owner's, coreid "api") go to every
+         * device. */
+        if (e->private_ && (source || !e->coreid || !streq(e->coreid, "api")))
                 return;
         /* The matching subscriptions only (subscriptions.h). */
         (void)sub_index_match(ev->subs, NULL, e->name, events_route_one, &ro);

@@ -64,6 +64,8 @@ void events_device_gone(Events *ev, const Device *d);
 
 /* Route an event to the streams and to devices' subscriptions; source is
  * the publishing device (it does not get its own event) or NULL; id is
- * its journal id (journal_append()). A private event with a source goes
- * to the streams only: no device gets another device's private events. */
+ * its journal id (journal_append()). A private event goes to the
+ * streams only, unless the API published it (coreid "api"): no device
+ * gets another device's private events, nor the cloud's private events
+ * about a device. */
 void events_route(Events *ev, const ProtoEvent *e, const Device *source, uint64_t id);
