@@ -331,9 +331,21 @@ static void hold_events(Conn *c, uint64_t seq, uint32_t max_age, const uint8_t *
 
 static int on_hold(sd_event_source *s, uint64_t usec, void *userdata) {
         Conn *c = userdata;
+        OutboxEvent e;
 
         if (c->hold_seq == 0)
                 return 0;
+        if (outbox_next(c->outbox, c->hold_seq - 1, &e) < 0 || e.seq != c->hold_seq) {
+                /* Dropped while it waited (Overflow=drop-oldest): the cloud
+                 * refuses what follows it on this session until it comes,
+                 * so go on on a new one, where the first event ends that
+                 * (docs/protocol.md, "Publish"). */
+                log_notice("Event %" PRIu64 ", held back after a 4.29, left the outbox meanwhile: reconnecting "
+                           "so that the cloud takes the events after it",
+                           c->hold_seq);
+                conn_teardown(c, "the event the cloud waits for was dropped from the outbox");
+                return 0;
+        }
         /* What is still out from hold_seq on goes again: a late answer to
          * it finds no slot and is ignored (a 2.01 means the cloud has it,
          * and the resend is answered as a duplicate). */

@@ -37,13 +37,17 @@ typedef struct Subscription {
  * is refused (4.29), later ones of the same epoch are refused too until
  * it comes again: the journal keeps the highest seq delivered
  * (journal_seen()), so letting a later one through first would make the
- * refused one a "duplicate" when it is resent. */
+ * refused one a "duplicate" when it is resent. A device sends the oldest
+ * event it has first on a new session, so one past the held event there
+ * means that it gave the held one up (an agent's Overflow=drop-oldest):
+ * the hold ends, else the device would be refused for good. */
 typedef struct EventsQuota {
         const Device *device;
         double events, bytes; /* tokens */
         uint64_t at;          /* CLOCK_MONOTONIC of the last refill */
         uint64_t held_epoch, held_seq;
         bool held;
+        bool held_reconnected; /* the device's session ended while held */
         uint64_t logged_at, refused; /* refusals since the last log line */
         struct EventsQuota *next;
 } EventsQuota;
@@ -80,9 +84,15 @@ static const char *device_id(Events *ev, const Device *d) {
         return ev->hooks.device_id(ev->hooks.userdata, d);
 }
 
+static EventsQuota *quota_find(Events *ev, const Device *d);
+
 void events_device_gone(Events *ev, const Device *d) {
+        EventsQuota *q = quota_find(ev, d);
+
         /* Safe while routing: the index frees them after. */
         (void)sub_index_remove_owner(ev->subs, d);
+        if (q && q->held)
+                q->held_reconnected = true;
 }
 
 Events *events_free(Events *ev) {
@@ -116,14 +126,20 @@ static size_t quota_hash(const Device *d, size_t n) {
         return (size_t)(((uintptr_t)d >> 4) * UINT64_C(0x9E3779B97F4A7C15) >> 17) & (n - 1);
 }
 
-static EventsQuota *quota_get(Events *ev, const Device *d) {
-        EventsQuota *q;
-        size_t i;
-
+static EventsQuota *quota_find(Events *ev, const Device *d) {
         if (ev->nquotas > 0)
-                for (q = ev->quotas[quota_hash(d, ev->nquotas)]; q; q = q->next)
+                for (EventsQuota *q = ev->quotas[quota_hash(d, ev->nquotas)]; q; q = q->next)
                         if (q->device == d)
                                 return q;
+        return NULL;
+}
+
+static EventsQuota *quota_get(Events *ev, const Device *d) {
+        EventsQuota *q = quota_find(ev, d);
+        size_t i;
+
+        if (q)
+                return q;
         if (ev->n_quotas >= ev->nquotas) {
                 size_t n = ev->nquotas ? ev->nquotas * 2 : 64;
                 EventsQuota **b = calloc(n, sizeof(*b));
@@ -191,6 +207,17 @@ static unsigned events_quota_take(Events *ev, const Device *d, bool has_seq, uin
         }
         if (q->held && (!has_seq || epoch != q->held_epoch))
                 q->held = false; /* another outbox: nothing of the old one can overtake */
+        if (q->held && q->held_reconnected) {
+                /* The first event of a new session is the oldest the device has. */
+                q->held_reconnected = false;
+                if (seq > q->held_seq) {
+                        log_info("Device '%s' went on with event %" PRIu64 " (epoch %016" PRIx64 ") on a new "
+                                 "session: it no longer has event %" PRIu64 ", which was refused with 4.29; "
+                                 "later events are no longer held back for it.",
+                                 device_id(ev, d), seq, epoch, q->held_seq);
+                        q->held = false;
+                }
+        }
         wait = quota_wait(q->events, 1, cfg->device_event_rate);
         if (quota_wait(q->bytes, (double)cost, cfg->device_byte_rate) > wait)
                 wait = quota_wait(q->bytes, (double)cost, cfg->device_byte_rate);

@@ -4,17 +4,19 @@
 "A malicious device"), each found by playing it against the merged
 cloud: a device reading other devices' private events that the cloud
 itself publishes (conflicts, revocations), and a device whose events the
-cloud held back for good after a 4.29 whose event it no longer had."""
+cloud held back for good after a 4.29 whose event it no longer had (a
+fake device, and tetherd with Overflow=drop-oldest)."""
 
 import json
 import os
+import socket
 import sys
 import time
 import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Failure, expect, run, seconds  # noqa: E402
+from harness import EventStream, Failure, expect, run, seconds  # noqa: E402
 from fakedev import CONTENT, CREATED, CSM, MAX_AGE, POST, Device, code, codestr, connect, frame  # noqa: E402
 
 TOO_MANY = code(4, 29)
@@ -116,6 +118,45 @@ def test_held_event_given_up_does_not_wedge(w):
     expect(publish(d, 2).code == CREATED, "event 2 again (a resend of what was given up) is not acknowledged")
 
 
+def local_publish(agent, name, data):
+    """One publish through the agent's local API socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(seconds(10))
+        s.connect(agent.socket)
+        s.sendall(json.dumps({"method": "publish", "name": name, "data": data}).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    r = json.loads(answer)
+    expect(r.get("ok"), f"publish {name}: {r}")
+
+
+def test_agent_drop_oldest_does_not_wedge(w):
+    """The same with a real tetherd, [Outbox] Overflow=drop-oldest and a
+    small outbox: a big event is refused with a long Max-Age, small
+    events pile up meanwhile and push it out of the outbox. Before: the
+    agent sent the newer ones after Max-Age and got 4.29 for each, every
+    second, for good. Now it reconnects, and the cloud takes them."""
+    w.start_cloud("[Cloud]\nMaxPayload=1024\n[Events]\nDeviceByteRate=100\nDeviceByteBurst=1152\n")
+    stream = EventStream(w, "")
+    stream.wait_first_id()
+    agent = w.start_agent(extra="[Outbox]\nMaxEvents=4\nOverflow=drop-oldest\n")
+    mark = w.cloud.mark()
+    local_publish(agent, "big/1", "x" * 1000)
+    local_publish(agent, "big/2", "x" * 1000)
+    agent.wait_line(r"Cloud asked to slow down \(4\.29")
+    for i in range(3, 21):
+        local_publish(agent, f"small/{i}", "x")
+    stream.wait(lambda m: m["event"] == "small/20", timeout=60, what="small/20")
+    names = [m["event"] for m in stream.messages]
+    print(f"# delivered: {names}")
+    agent.wait_line("left the outbox meanwhile: reconnecting")
+    w.cloud.wait_line(f"Device '{agent.device_id}' went on with event", start=mark)
+    expect(names == ["big/1", "small/17", "small/18", "small/19", "small/20"], f"delivered {names}")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_clouds_private_events_stay_off_devices, test_held_event_given_up_does_not_wedge],
+    sys.exit(run([test_clouds_private_events_stay_off_devices, test_held_event_given_up_does_not_wedge,
+                  test_agent_drop_oldest_does_not_wedge],
                  emulated="ok"))
