@@ -360,13 +360,45 @@ fail:
  * identify the device).
  *
  * Reads of the session are framed from here on (tls-framing.h). */
+/* libcoap's verify callback, which server_verify_cb() wraps: the same
+ * function for every SSL (a constant of the library, found at run time). */
+static SSL_verify_cb libcoap_verify_cb;
+
+/* libcoap calls validate_cn_call_back only for certificates OpenSSL
+ * verified; for one it did not (another CA, expired, not a CA where one
+ * is needed) keep what the refusal log needs here, then let libcoap
+ * decide as before. */
+static int server_verify_cb(int ok, X509_STORE_CTX *ctx) {
+        SSL *ssl = X509_STORE_CTX_get_ex_data(ctx, SSL_get_ex_data_X509_STORE_CTX_idx());
+        coap_session_t *session = ssl ? SSL_get_app_data(ssl) : NULL;
+        X509 *x = X509_STORE_CTX_get_current_cert(ctx);
+        int r = libcoap_verify_cb ? libcoap_verify_cb(ok, ctx) : ok;
+        TlsPeer *p;
+
+        if (ok || r || !session || !x || !(p = session_peer(session)))
+                return r;
+        cert_describe(x, p);
+        p->id[0] = 0;
+        p->refused = true;
+        snprintf(p->reason, sizeof(p->reason), "the certificate was not verified: %s (depth %d)",
+                 X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx)), X509_STORE_CTX_get_error_depth(ctx));
+        return r;
+}
+
 static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
         TlsServerKeys *k = setup_data->cn_call_back_arg;
         SSL *ssl = tls_session;
         STACK_OF(X509_NAME) *names;
+        SSL_verify_cb cb;
 
         if (!ssl || !k)
                 return 0;
+        /* libcoap set its callback on this SSL just before calling us. */
+        cb = SSL_get_verify_callback(ssl);
+        if (cb && cb != server_verify_cb) {
+                libcoap_verify_cb = cb;
+                SSL_set_verify(ssl, SSL_get_verify_mode(ssl), server_verify_cb);
+        }
         if (SSL_use_certificate(ssl, k->cert) != 1 || SSL_use_PrivateKey(ssl, k->key) != 1)
                 return 0;
         SSL_set_options(ssl, SSL_OP_NO_TICKET);

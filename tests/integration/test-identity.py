@@ -105,6 +105,32 @@ def test_san_equal_to_cn_accepted(w):
     d.close()
 
 
+def test_unverified_chain_named(w):
+    """A certificate the chain check refuses (another CA) is logged with its
+    subject, issuer, serial and OpenSSL's reason, like the others."""
+    w.start_cloud()
+    victim, victim_id = connect(w)
+    d = w.path("other-ca")
+    os.makedirs(d)
+    for argv in (["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                  "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.crt", "-subj", "/CN=rogue CA", "-days", "2"],
+                 ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                  "-keyout", f"{d}/leaf.key", "-out", f"{d}/leaf.csr", "-subj", f"/CN={victim_id}"],
+                 ["openssl", "x509", "-req", "-in", f"{d}/leaf.csr", "-CA", f"{d}/ca.crt", "-CAkey", f"{d}/ca.key",
+                  "-set_serial", "0xbadca", "-days", "2", "-out", f"{d}/leaf.crt"]):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise Failure(f"{' '.join(argv[:2])}: {r.stderr.strip()}")
+    mark = w.cloud.mark()
+    expect(refused(w, f"{d}/leaf.crt", f"{d}/leaf.key"), "a certificate from another CA was accepted")
+    line = w.cloud.wait_line(r"Refused a session from 127\.0\.0\.1", timeout=10, start=mark)
+    for want in ("the certificate was not verified: unable to get local issuer certificate",
+                 f"subject 'CN={victim_id}'", "issuer 'CN=rogue CA'", "serial 0BADCA"):
+        expect(want in line, f"'{want}' not in: {line}")
+    expect(w.cloud.count(f"Device '{victim_id}' connected") == 1, "the victim was kicked")
+    victim.close()
+
+
 def test_refusals_rate_limited(w):
     """Many refused handshakes from one address: one log line names the
     first, the rest are counted, not logged one by one."""
@@ -136,4 +162,4 @@ def test_refusals_rate_limited(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_forged_identities_refused, test_cn_beside_ou_text, test_san_equal_to_cn_accepted,
-                  test_refusals_rate_limited]))
+                  test_unverified_chain_named, test_refusals_rate_limited]))
