@@ -1460,7 +1460,6 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 api_publish(req, p.params);
                 break;
         case API_ROUTE_DEVICE:
-        case API_ROUTE_DEVICE_BAD_METHOD:
         case API_ROUTE_CALL:
         case API_ROUTE_READ:
                 d = devices_find(api->devices, p.device);
@@ -1468,8 +1467,6 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 else if (p.route == API_ROUTE_DEVICE)
                         api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, device_to_json(d, true), true));
-                else if (p.route == API_ROUTE_DEVICE_BAD_METHOD)
-                        api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
                 else {
                         api_device_call(req, d, p.name, p.route == API_ROUTE_CALL, p.params);
                         if (req->suspended)
@@ -1498,6 +1495,10 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_AUDIT:
                 api_admin(req, &p, method);
                 break;
+        case API_ROUTE_DEVICE_BAD_METHOD:
+                /* Without looking the device up: any good token reaches
+                 * this route (a restricted one, one without devices:read),
+                 * and the answer must not say whether the device exists. */
         case API_ROUTE_NOT_FOUND:
         default:
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);

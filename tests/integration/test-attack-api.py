@@ -2,8 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Attacks on the HTTP API found after issue 12 (docs/security.md), each
 now ending safely: a TLS record cut short does not stall the cloud, the
-answers to a token tell nothing about devices it may not reach, and the
-audit log holds no control characters a client sent."""
+answers to a token tell nothing about devices it may not reach."""
 
 import http.client
 import json
@@ -107,8 +106,38 @@ def test_cut_tls_record_on_the_artifact_server(w):
     cut_tls_record(w, port, "artifact server")
 
 
+def create_token(w, **params):
+    status, body = api(w, "POST", "/v1/tokens", body=params)
+    expect(status == 200 and body.get("token"), f"POST /v1/tokens {params}: {status} {body}")
+    return body["token"]
+
+
+def test_other_methods_tell_nothing_of_devices(w):
+    """A request on /v1/devices/ID with a method or a path no route has
+    (DELETE, PATCH, OPTIONS, /ID/a/b) reaches no device and needs no
+    scope. Before, it looked the device up: "Not found" for a device the
+    cloud knows, "Device not found" for one it does not, so a token
+    restricted to other devices (or one with events:read only) learned
+    which devices exist. Now both answer the same."""
+    w.start_cloud()
+    dev, known = fakedev.connect(w)
+    unknown = "0123456789abcdef01234567"
+    restricted = create_token(w, scopes=["devices:read", "functions:call", "events:read"],
+                              devices=["fedcba9876543210fedcba98"])
+    events_only = create_token(w, scopes=["events:read"])
+    for token, who in ((restricted, "a token restricted to another device"), (events_only, "an events:read token"),
+                       (w.token, "an admin token")):
+        for method, tail in (("DELETE", ""), ("PATCH", ""), ("OPTIONS", ""), ("GET", "/a/b"), ("POST", "/a/b"),
+                             ("OPTIONS", "/fn")):
+            a = api(w, method, f"/v1/devices/{known}{tail}", token)
+            b = api(w, method, f"/v1/devices/{unknown}{tail}", token)
+            expect(a == b, f"{method} /v1/devices/ID{tail} with {who}: a known device {a}, an unknown one {b}")
+    dev.close()
+
+
 if __name__ == "__main__":
     sys.exit(run([
         test_cut_tls_record_on_the_https_api,
         test_cut_tls_record_on_the_artifact_server,
+        test_other_methods_tell_nothing_of_devices,
     ]))
