@@ -1159,6 +1159,32 @@ static bool api_mutating(const char *method) {
 /* Note an authorized mutating request for the audit log: action (static),
  * target (copied, cut to API_AUDIT_TARGET_MAX bytes; may be NULL), detail
  * (taken; may be NULL). Written with its status when it completes. */
+/* The first len bytes of target, clean UTF-8, with every control
+ * character (C0, DEL, C1) written as its UTF-8 bytes in %XX escapes, as in
+ * a URL: a client chooses the target (the URL, a name in the body), and
+ * "tether audit" prints it as it is, so a newline would make a record of
+ * its own and an escape sequence would reach the operator's terminal. */
+static char *api_audit_text(const char *target, size_t len) {
+        char *out = malloc(len * 3 + 1), *o = out;
+
+        if (!out)
+                return NULL;
+        for (size_t i = 0; i < len; i++) {
+                unsigned char c = (unsigned char)target[i];
+                bool c1 = c == 0xc2 && i + 1 < len && (unsigned char)target[i + 1] >= 0x80 &&
+                          (unsigned char)target[i + 1] <= 0x9f;
+
+                if (c < 0x20 || c == 0x7f || c1) {
+                        o += sprintf(o, "%%%02X", c);
+                        if (c1)
+                                o += sprintf(o, "%%%02X", (unsigned char)target[++i]);
+                } else
+                        *o++ = (char)c;
+        }
+        *o = 0;
+        return out;
+}
+
 static void api_audit_begin(ApiRequest *req, const char *action, const char *target, json_t *detail) {
         size_t len = target ? strlen(target) : 0;
 
@@ -1172,7 +1198,7 @@ static void api_audit_begin(ApiRequest *req, const char *action, const char *tar
                         len--;
         }
         req->audit_target = !target                                 ? NULL
-                             : proto_utf8_check(target, len) == 0 ? strndup(target, len)
+                             : proto_utf8_check(target, len) == 0 ? api_audit_text(target, len)
                                                                     : strdup("(not UTF-8)");
         json_decref(req->audit_detail);
         req->audit_detail = detail;

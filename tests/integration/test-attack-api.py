@@ -2,13 +2,15 @@
 # SPDX-License-Identifier: Apache-2.0
 """Attacks on the HTTP API found after issue 12 (docs/security.md), each
 now ending safely: a TLS record cut short does not stall the cloud, the
-answers to a token tell nothing about devices it may not reach."""
+answers to a token tell nothing about devices it may not reach, and the
+audit log holds no control characters a client sent."""
 
 import http.client
 import json
 import os
 import re
 import socket
+import subprocess
 import sys
 import time
 
@@ -135,9 +137,36 @@ def test_other_methods_tell_nothing_of_devices(w):
     dev.close()
 
 
+def test_audit_targets_hold_no_control_characters(w):
+    """The audit log's target is the client's (the URL, a name in the
+    body), and any good token writes records (a 404 is audited too).
+    Before, a newline or an escape sequence went into the record as it
+    was, and "tether audit" printed it: a fake record on a line of its own,
+    a terminal's escape sequences. Now control characters are written as
+    %XX escapes."""
+    w.start_cloud()
+    events_only = create_token(w, scopes=["events:read"])
+    api(w, "POST", "/v1/x%0a99%20token:file-0000%20token.revoke%1b[2J%c2%85", events_only)
+    api(w, "POST", "/v1/devices", body={"id": "a\nb\u001b[31m\u0085c"})
+    api(w, "DELETE", "/v1/tokens/ab%0Dcd")
+    api(w, "POST", "/v1/devices/a%09b/fn", body={"arg": "1"})
+    status, records = api(w, "GET", "/v1/audit")
+    expect(status == 200, f"GET /v1/audit: {status} {records}")
+    targets = [r["target"] for r in records if r["action"] != "token.create"]
+    print(f"# targets: {targets}")
+    expect(targets == ["/v1/x%0A99 token:file-0000 token.revoke%1B[2J%C2%85", "a%0Ab%1B[31m%C2%85c",
+                       "ab%0Dcd", "a%09b"], f"audit targets: {targets}")
+    out = subprocess.run([TETHER, "--api", w.api, "--token", w.token, "audit"], capture_output=True, text=True,
+                         timeout=30 * SLOW)
+    lines = out.stdout.splitlines()
+    expect(out.returncode == 0 and len(lines) == 1 + len(records) and "\x1b" not in out.stdout
+           and "\r" not in out.stdout, f"tether audit printed: {out.stdout!r}")
+
+
 if __name__ == "__main__":
     sys.exit(run([
         test_cut_tls_record_on_the_https_api,
         test_cut_tls_record_on_the_artifact_server,
         test_other_methods_tell_nothing_of_devices,
+        test_audit_targets_hold_no_control_characters,
     ]))
