@@ -15,7 +15,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SLOW, TETHER, Failure, expect, poll, run  # noqa: E402
+from harness import SLOW, TETHER, expect, run  # noqa: E402
 import fakedev  # noqa: E402
 
 
