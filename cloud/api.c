@@ -46,6 +46,9 @@
  * request is answered 503 and its body is read and dropped. */
 #define API_BODY_TOTAL_MAX (8 * 1024 * 1024)
 #define API_DIAG_MAX 256
+/* Rounds in a row that MHD may be run at once, without I/O in between,
+ * before it waits a millisecond (api_update_timer()). */
+#define API_BUSY_ROUNDS_MAX 64
 #define API_AUDIT_TARGET_MAX 256 /* bytes of a URL or name kept in the audit log */
 
 /* One TCP connection (MHD's socket context), alive from accept to close,
@@ -136,6 +139,7 @@ struct Api {
         Ota *ota;
         struct MHD_Daemon *daemon;
         sd_event_source *io, *timer, *defer, *keepalive;
+        unsigned busy_rounds; /* MHD run at once in a row (api_update_timer()) */
         /* Connections waiting for a request's header (ApiConn), oldest
          * deadline first: [0] new ones, [1] kept alive after an answer. */
         ApiConn *waiting[2], *waiting_tail[2];
@@ -165,15 +169,25 @@ struct Api {
 static void api_update_timer(Api *api) {
         MHD_UNSIGNED_LONG_LONG ms;
 
-        if (MHD_get_timeout(api->daemon, &ms) != MHD_YES)
+        if (MHD_get_timeout(api->daemon, &ms) != MHD_YES) {
+                api->busy_rounds = 0;
                 (void)sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
-        else if (ms == 0) {
+        } else if (ms == 0 && api->busy_rounds++ < API_BUSY_ROUNDS_MAX) {
                 /* MHD has work now (e.g. the next request on a kept-alive
                  * connection): a timer, even with 1 ms accuracy, adds up to
                  * a millisecond per round. */
                 (void)sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
                 (void)sd_event_source_set_enabled(api->defer, SD_EVENT_ONESHOT);
         } else {
+                /* MHD 0.9.75 also says "now", round after round, for a TLS
+                 * connection whose first record came in part (it keeps the
+                 * socket marked ready after reading nothing): past
+                 * API_BUSY_ROUNDS_MAX rounds without I/O, a millisecond's
+                 * wait rather than a loop that takes a CPU. */
+                if (ms == 0)
+                        ms = 1;
+                else
+                        api->busy_rounds = 0;
                 (void)sd_event_source_set_time_relative(api->timer, (uint64_t)ms * USEC_PER_MSEC);
                 (void)sd_event_source_set_enabled(api->timer, SD_EVENT_ONESHOT);
         }
@@ -185,7 +199,10 @@ static void api_run(Api *api) {
 }
 
 static int api_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        api_run(userdata);
+        Api *api = userdata;
+
+        api->busy_rounds = 0;
+        api_run(api);
         return 0;
 }
 
@@ -1142,6 +1159,32 @@ static bool api_mutating(const char *method) {
 /* Note an authorized mutating request for the audit log: action (static),
  * target (copied, cut to API_AUDIT_TARGET_MAX bytes; may be NULL), detail
  * (taken; may be NULL). Written with its status when it completes. */
+/* The first len bytes of target, clean UTF-8, with every control
+ * character (C0, DEL, C1) written as its UTF-8 bytes in %XX escapes, as in
+ * a URL: a client chooses the target (the URL, a name in the body), and
+ * "tether audit" prints it as it is, so a newline would make a record of
+ * its own and an escape sequence would reach the operator's terminal. */
+static char *api_audit_text(const char *target, size_t len) {
+        char *out = malloc(len * 3 + 1), *o = out;
+
+        if (!out)
+                return NULL;
+        for (size_t i = 0; i < len; i++) {
+                unsigned char c = (unsigned char)target[i];
+                bool c1 = c == 0xc2 && i + 1 < len && (unsigned char)target[i + 1] >= 0x80 &&
+                          (unsigned char)target[i + 1] <= 0x9f;
+
+                if (c < 0x20 || c == 0x7f || c1) {
+                        o += sprintf(o, "%%%02X", c);
+                        if (c1)
+                                o += sprintf(o, "%%%02X", (unsigned char)target[++i]);
+                } else
+                        *o++ = (char)c;
+        }
+        *o = 0;
+        return out;
+}
+
 static void api_audit_begin(ApiRequest *req, const char *action, const char *target, json_t *detail) {
         size_t len = target ? strlen(target) : 0;
 
@@ -1155,7 +1198,7 @@ static void api_audit_begin(ApiRequest *req, const char *action, const char *tar
                         len--;
         }
         req->audit_target = !target                                 ? NULL
-                             : proto_utf8_check(target, len) == 0 ? strndup(target, len)
+                             : proto_utf8_check(target, len) == 0 ? api_audit_text(target, len)
                                                                     : strdup("(not UTF-8)");
         json_decref(req->audit_detail);
         req->audit_detail = detail;
@@ -1443,7 +1486,6 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 api_publish(req, p.params);
                 break;
         case API_ROUTE_DEVICE:
-        case API_ROUTE_DEVICE_BAD_METHOD:
         case API_ROUTE_CALL:
         case API_ROUTE_READ:
                 d = devices_find(api->devices, p.device);
@@ -1451,8 +1493,6 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 else if (p.route == API_ROUTE_DEVICE)
                         api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, device_to_json(d, true), true));
-                else if (p.route == API_ROUTE_DEVICE_BAD_METHOD)
-                        api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
                 else {
                         api_device_call(req, d, p.name, p.route == API_ROUTE_CALL, p.params);
                         if (req->suspended)
@@ -1481,6 +1521,10 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_AUDIT:
                 api_admin(req, &p, method);
                 break;
+        case API_ROUTE_DEVICE_BAD_METHOD:
+                /* Without looking the device up: any good token reaches
+                 * this route (a restricted one, one without devices:read),
+                 * and the answer must not say whether the device exists. */
         case API_ROUTE_NOT_FOUND:
         default:
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
@@ -1865,6 +1909,13 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                 r = sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
         if (r >= 0)
                 r = sd_event_add_defer(event, &api->defer, api_defer_cb, api);
+        /* Below the loop's other sources: sd-event dispatches the oldest
+         * pending source of the best priority, and a defer source that
+         * enables itself again while it runs is always as old as any I/O
+         * or timer, so at one priority it could run alone round after
+         * round (devices unheard, timers late). */
+        if (r >= 0)
+                r = sd_event_source_set_priority(api->defer, SD_EVENT_PRIORITY_IDLE);
         if (r >= 0)
                 r = sd_event_source_set_enabled(api->defer, SD_EVENT_OFF);
         if (r >= 0)

@@ -41,6 +41,9 @@
 #define OTA_HISTORY_MAX 64
 #define OTA_REPORT_MAX 4096
 #define OTA_WAIT_USEC (25 * USEC_PER_SEC)
+/* Rounds in a row the artifact server may be run at once, without I/O in
+ * between, before it waits a millisecond (ota_update_timer()). */
+#define OTA_BUSY_ROUNDS_MAX 64
 #define OTA_PEM_MAX (256 * 1024)
 /* GnuTLS priorities of the artifact server: TLS 1.2 and 1.3 only. */
 #define OTA_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
@@ -104,6 +107,7 @@ struct Ota {
         OtaHooks hooks;
         struct MHD_Daemon *daemon; /* artifact server */
         sd_event_source *io, *timer, *defer;
+        unsigned busy_rounds; /* MHD run at once in a row (ota_update_timer()) */
         char *key_pem, *cert_pem, *ca_pem;
         char *public_url;
         unsigned port;
@@ -1026,12 +1030,21 @@ static enum MHD_Result artifact_handler(void *cls, struct MHD_Connection *c, con
 static void ota_update_timer(Ota *ota) {
         MHD_UNSIGNED_LONG_LONG ms;
 
-        if (MHD_get_timeout(ota->daemon, &ms) != MHD_YES)
+        if (MHD_get_timeout(ota->daemon, &ms) != MHD_YES) {
+                ota->busy_rounds = 0;
                 (void)sd_event_source_set_enabled(ota->timer, SD_EVENT_OFF);
-        else if (ms == 0) {
+        } else if (ms == 0 && ota->busy_rounds++ < OTA_BUSY_ROUNDS_MAX) {
                 (void)sd_event_source_set_enabled(ota->timer, SD_EVENT_OFF);
                 (void)sd_event_source_set_enabled(ota->defer, SD_EVENT_ONESHOT);
         } else {
+                /* As the API (api.c, api_update_timer()): MHD 0.9.75 says
+                 * "now" round after round for a TLS connection whose first
+                 * record came in part; past OTA_BUSY_ROUNDS_MAX rounds
+                 * without I/O, wait a millisecond. */
+                if (ms == 0)
+                        ms = 1;
+                else
+                        ota->busy_rounds = 0;
                 (void)sd_event_source_set_time_relative(ota->timer, (uint64_t)ms * USEC_PER_MSEC);
                 (void)sd_event_source_set_enabled(ota->timer, SD_EVENT_ONESHOT);
         }
@@ -1046,7 +1059,10 @@ static int ota_run_cb(sd_event_source *s, void *userdata) {
 }
 
 static int ota_io_cb(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        return ota_run_cb(s, userdata);
+        Ota *ota = userdata;
+
+        ota->busy_rounds = 0;
+        return ota_run_cb(s, ota);
 }
 
 static int ota_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -1161,6 +1177,9 @@ int ota_new(sd_event *event, const CloudConfig *config, Journal *journal, Device
                 r = sd_event_source_set_enabled(ota->timer, SD_EVENT_OFF);
         if (r >= 0)
                 r = sd_event_add_defer(event, &ota->defer, ota_run_cb, ota);
+        /* Below the other sources, as the API's (api.c, api_new()). */
+        if (r >= 0)
+                r = sd_event_source_set_priority(ota->defer, SD_EVENT_PRIORITY_IDLE);
         if (r >= 0)
                 r = sd_event_source_set_enabled(ota->defer, SD_EVENT_OFF);
         if (r < 0)
