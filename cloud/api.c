@@ -1272,6 +1272,12 @@ static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url
         case API_ROUTE_UNREVOKE:
                 api_audit_begin(req, "device.unrevoke", p->device, NULL);
                 break;
+        case API_ROUTE_NOT_FOUND:
+        case API_ROUTE_DEVICE_BAD_METHOD:
+        case API_ROUTE_NO_DEVICE:
+                /* Matched nothing, so changed nothing: not audited, or any
+                 * token could fill the log with made-up paths. */
+                break;
         default:
                 api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
                 break;

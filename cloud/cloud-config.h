@@ -57,6 +57,8 @@ typedef struct CloudConfig {
 
         /* [State] */
         char *state_dir;
+        unsigned audit_max_records;  /* 0: no limit */
+        unsigned audit_max_age_days; /* 0: no limit */
         /* [Events] */
         unsigned journal_max_bytes;
         unsigned journal_sync_ms; /* 0: fsync every event */

@@ -292,6 +292,8 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = store_open(c->event, config->state_dir, &c->store);
         if (r < 0)
                 return r;
+        store_audit_set_retention(c->store, config->audit_max_records, config->audit_max_age_days);
+        (void)store_audit_prune(c->store);
         r = registry_new(c->store, config->registration_enrolled ? REGISTRY_ENROLLED : REGISTRY_OPEN, &rh,
                          &c->registry);
         if (r < 0)

@@ -111,6 +111,8 @@ static const KeyfileKey config_keys[] = {
         STR_KEY("API", "TokenFile", token_file),
         STR_KEY("API", "MetricsTokenFile", metrics_token_file),
         STR_KEY("State", "Directory", state_dir),
+        UINT_KEY("State", "AuditMaxRecords", audit_max_records, 0, 1u << 31),
+        UINT_KEY("State", "AuditMaxAgeDays", audit_max_age_days, 0, 36500),
         UINT_KEY("Events", "JournalMaxBytes", journal_max_bytes, 65536, 1u << 31),
         UINT_KEY("Events", "SyncIntervalMsec", journal_sync_ms, 0, 60000),
         UINT_KEY("Events", "DeviceEventRate", device_event_rate, 0, 1000000),
@@ -362,6 +364,8 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->rate_auth_failures_burst = 100;
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;
+        c->audit_max_records = 1000000;
+        c->audit_max_age_days = 400;
         c->device_event_rate = 100;
         c->device_event_burst = 1000;
         c->device_byte_rate = 256 * 1024;

@@ -15,7 +15,12 @@ struct Store {
         sd_event_source *batch_timer;
         bool in_batch;
         sqlite3_stmt *audit_insert;
+        sd_event_source *prune_timer;
+        uint64_t audit_max_records;
+        unsigned audit_max_days;
 };
+
+#define STORE_PRUNE_USEC (60 * 1000000ULL)
 
 int store_error(Store *s, int code, const char *what) {
         int r;
@@ -254,6 +259,60 @@ int store_audit_query(Store *s, int64_t after_id, unsigned limit, const char *ac
         return 0;
 }
 
+static int64_t store_delete(Store *s, const char *sql, int64_t arg, const char *what) {
+        sqlite3_stmt *st = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(s->db, sql, -1, &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 1, arg);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(s->db);
+        sqlite3_finalize(st);
+        if (rc != SQLITE_OK)
+                return store_error(s, rc, what);
+        return sqlite3_changes64(s->db);
+}
+
+int64_t store_audit_prune(Store *s) {
+        int64_t by_count = 0, by_age = 0;
+        int r;
+
+        r = store_batch(s);
+        if (r < 0)
+                return r;
+        if (s->audit_max_records > 0)
+                by_count = store_delete(s, "DELETE FROM audit WHERE id <= (SELECT max(id) FROM audit) - ?1",
+                                        (int64_t)s->audit_max_records, "pruning the audit log");
+        if (by_count >= 0 && s->audit_max_days > 0)
+                by_age = store_delete(s, "DELETE FROM audit WHERE time_usec < ?1",
+                                      (int64_t)(realtime_usec() - (uint64_t)s->audit_max_days * 86400ULL * 1000000ULL),
+                                      "pruning the audit log");
+        if (by_count < 0 || by_age < 0)
+                return by_count < 0 ? by_count : by_age;
+        r = store_commit(s);
+        if (r < 0)
+                return r;
+        if (by_count > 0)
+                log_warning("Audit log: deleted the %" PRId64 " oldest record(s) beyond AuditMaxRecords=%" PRIu64 ".",
+                            by_count, s->audit_max_records);
+        return by_count + by_age;
+}
+
+static int store_prune_cb(sd_event_source *src, uint64_t usec, void *userdata) {
+        (void)store_audit_prune(userdata);
+        (void)sd_event_source_set_time_relative(src, STORE_PRUNE_USEC);
+        return 0;
+}
+
+void store_audit_set_retention(Store *s, uint64_t max_records, unsigned max_days) {
+        s->audit_max_records = max_records;
+        s->audit_max_days = max_days;
+        (void)sd_event_source_set_time_relative(s->prune_timer, STORE_PRUNE_USEC);
+        (void)sd_event_source_set_enabled(s->prune_timer,
+                                          max_records > 0 || max_days > 0 ? SD_EVENT_ON : SD_EVENT_OFF);
+}
+
 Store *store_free(Store *s) {
         if (!s)
                 return NULL;
@@ -261,6 +320,7 @@ Store *store_free(Store *s) {
                 (void)store_commit(s);
         sqlite3_finalize(s->audit_insert);
         sd_event_source_disable_unref(s->batch_timer);
+        sd_event_source_disable_unref(s->prune_timer);
         if (s->db)
                 (void)sqlite3_close_v2(s->db);
         free(s);
@@ -313,6 +373,11 @@ int store_open(sd_event *event, const char *dir, Store **ret) {
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the cloud database's commit timer: %m");
         (void)sd_event_source_set_enabled(s->batch_timer, SD_EVENT_OFF);
+        r = sd_event_add_time_relative(event, &s->prune_timer, CLOCK_MONOTONIC, STORE_PRUNE_USEC, 1000000ULL,
+                                       store_prune_cb, s);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the audit log's pruning: %m");
+        (void)sd_event_source_set_enabled(s->prune_timer, SD_EVENT_OFF);
         *ret = TAKE_PTR(s);
         return 0;
 }

@@ -61,6 +61,14 @@ int store_error(Store *s, int sqlite_code, const char *what);
  * with the caller's store_commit(). */
 int store_audit(Store *s, const char *actor, const char *action, const char *target, json_t *detail,
                 const char *address);
+/* Keep at most max_records audit records and none older than max_days
+ * (0: no such limit): from now on, the oldest beyond either are deleted
+ * once a minute, and a warning says how many went for the count (a flood
+ * of requests pushing older records out is itself in the log). */
+void store_audit_set_retention(Store *s, uint64_t max_records, unsigned max_days);
+/* Delete what the retention allows now; the number deleted. */
+int64_t store_audit_prune(Store *s);
+
 /* Audit records with id > after_id, oldest first, at most limit, where
  * action starts with action_prefix and target equals target (either may be
  * NULL: any): a new JSON array of {"id", "time", "actor", "action",

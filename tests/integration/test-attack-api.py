@@ -139,14 +139,17 @@ def test_other_methods_tell_nothing_of_devices(w):
 
 def test_audit_targets_hold_no_control_characters(w):
     """The audit log's target is the client's (the URL, a name in the
-    body), and any good token writes records (a 404 is audited too).
-    Before, a newline or an escape sequence went into the record as it
-    was, and "tether audit" printed it: a fake record on a line of its own,
-    a terminal's escape sequences. Now control characters are written as
-    %XX escapes."""
+    body), and any good token writes records (a refusal for want of a
+    scope is audited too). Before, a newline or an escape sequence went
+    into the record as it was, and "tether audit" printed it: a fake record
+    on a line of its own, a terminal's escape sequences. Now control
+    characters are written as %XX escapes. A request that matches no route
+    changes nothing and is not audited (any token could fill the log)."""
     w.start_cloud()
     events_only = create_token(w, scopes=["events:read"])
     api(w, "POST", "/v1/x%0a99%20token:file-0000%20token.revoke%1b[2J%c2%85", events_only)
+    api(w, "POST", "/v1/devices/events", events_only,
+        body={"name": "x\n99 token:file-0000 token.revoke\u001b[2J\u0085"})
     api(w, "POST", "/v1/devices", body={"id": "a\nb\u001b[31m\u0085c"})
     api(w, "DELETE", "/v1/tokens/ab%0Dcd")
     api(w, "POST", "/v1/devices/a%09b/fn", body={"arg": "1"})
@@ -154,7 +157,7 @@ def test_audit_targets_hold_no_control_characters(w):
     expect(status == 200, f"GET /v1/audit: {status} {records}")
     targets = [r["target"] for r in records if r["action"] != "token.create"]
     print(f"# targets: {targets}")
-    expect(targets == ["/v1/x%0A99 token:file-0000 token.revoke%1B[2J%C2%85", "a%0Ab%1B[31m%C2%85c",
+    expect(targets == ["x%0A99 token:file-0000 token.revoke%1B[2J%C2%85", "a%0Ab%1B[31m%C2%85c",
                        "ab%0Dcd", "a%09b"], f"audit targets: {targets}")
     out = subprocess.run([TETHER, "--api", w.api, "--token", w.token, "audit"], capture_output=True, text=True,
                          timeout=30 * SLOW)

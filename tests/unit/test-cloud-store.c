@@ -153,6 +153,33 @@ static void test_audit(void **state) {
         store_free(s);
 }
 
+static void test_audit_retention(void **state) {
+        Fixture *f = *state;
+        json_t *a = NULL;
+        Store *s = NULL;
+
+        assert_int_equal(store_open(f->event, f->dir, &s), 0);
+        for (int i = 0; i < 25; i++)
+                assert_int_equal(store_audit(s, "token:t", "device.call", "gw1", NULL, NULL), 0);
+        /* No limits: nothing goes. */
+        store_audit_set_retention(s, 0, 0);
+        assert_int_equal(store_audit_prune(s), 0);
+        /* The newest 10 stay. */
+        store_audit_set_retention(s, 10, 0);
+        assert_int_equal(store_audit_prune(s), 15);
+        assert_int_equal(store_audit_query(s, 0, 100, NULL, NULL, &a), 0);
+        assert_int_equal(json_array_size(a), 10);
+        assert_int_equal(json_integer_value(json_object_get(json_array_get(a, 0), "id")), 16);
+        json_decref(a);
+        /* By age: a record from 1970 goes, today's stay. */
+        assert_int_equal(sqlite3_exec(store_db(s), "UPDATE audit SET time_usec = 1 WHERE id = 16", NULL, NULL, NULL),
+                         SQLITE_OK);
+        store_audit_set_retention(s, 0, 1);
+        assert_int_equal(store_audit_prune(s), 1);
+        assert_int_equal(count(s, "SELECT count(*) FROM audit"), 9);
+        store_free(s);
+}
+
 static void test_unwritable(void **state) {
         Store *s = NULL;
 
@@ -165,6 +192,7 @@ int main(void) {
                 cmocka_unit_test_setup_teardown(test_migrate, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_batch, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_audit, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_audit_retention, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_unwritable, setup, teardown),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
