@@ -1637,6 +1637,16 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                                               "A token restricted to devices may not list OTA jobs", NULL);
                                 return api_queue(req);
                         }
+                        /* A job of another device answers as a job that
+                         * does not exist would (an id no job has: job ids
+                         * are random), telling nothing of it. */
+                        if (tokens_restricted(&req->auth) && startswith(url, "/v1/ota/jobs/")) {
+                                const char *owner = ota_job_device(api->ota, url + strlen("/v1/ota/jobs/"));
+                                static char none[] = "/v1/ota/jobs/" OTA_JOB_ID_NONE;
+
+                                if (owner && !tokens_may_reach(&req->auth, owner))
+                                        url = none;
+                        }
                         return (enum MHD_Result)ota_api_handler(api->ota, connection, url, method, upload_data,
                                                                 upload_data_size, &req->ota_state);
                 }

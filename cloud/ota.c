@@ -176,6 +176,12 @@ static OtaJob *job_find(Ota *ota, const char *id) {
         return NULL;
 }
 
+const char *ota_job_device(Ota *ota, const char *id) {
+        const OtaJob *j = job_find(ota, id);
+
+        return j ? j->device : NULL;
+}
+
 static void job_free(OtaJob *j) {
         devices_call_cancel(j->call);
         free(j->device);

@@ -62,6 +62,10 @@ int ota_api_handler(Ota *ota, struct MHD_Connection *connection, const char *url
                     const char *upload_data, size_t *upload_data_size, OtaRequest **state);
 /* NULL is fine; returns NULL. */
 OtaRequest *ota_api_request_free(OtaRequest *state);
+/* The device of OTA job id, or NULL if there is no such job (for the
+ * Api's check of tokens restricted to devices). Valid until the job is
+ * forgotten: use it at once. */
+const char *ota_job_device(Ota *ota, const char *id);
 /* Resume every waiting request (before the API server stops). */
 void ota_api_shutdown(Ota *ota);
 /* PUT /v1/devices/ID with "manifest": start a job. Returns the HTTP

@@ -23,6 +23,8 @@
 #define OTA_DOWNLOAD_FILE "download.part"
 /* A job id is the cloud's: 16 lowercase hex digits (docs/protocol.md). */
 #define OTA_JOB_ID_MAX 16
+/* A well-formed job id that no job is given (ids are random). */
+#define OTA_JOB_ID_NONE "0000000000000000"
 #define OTA_DEFAULT_MAX_TRANSITIONS 64
 /* Room above the limit so that a job stopped by it can still roll back
  * (and give up on that too). */

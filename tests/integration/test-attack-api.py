@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -166,10 +167,50 @@ def test_audit_targets_hold_no_control_characters(w):
            and "\r" not in out.stdout, f"tether audit printed: {out.stdout!r}")
 
 
+def test_restricted_token_sees_no_other_devices_job(w):
+    """A token restricted to device B, with ota:write, asking for device
+    A's OTA job by its id: before, it got the job (its device, package and
+    history); now the same 404 as a job that does not exist. Its own
+    device's job it still reads."""
+    w.start_cloud()
+    a, a_id = fakedev.connect(w)
+    b, b_id = fakedev.connect(w)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from otakit import build_deb
+    os.makedirs(w.path("debs"), exist_ok=True)
+    deb = build_deb(w.path("debs"), "tether-attack-test", "1.0")
+    w.tether("ota", "keygen", w.path("update.key"), w.path("update.pem"))
+    jobs = {}
+    for dev, dev_id in ((a, a_id), (b, b_id)):
+        w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--url", "https://127.0.0.1/x.deb",
+                 "--device", dev_id, "--output", w.path(f"manifest-{dev_id}"))
+        with open(w.path(f"manifest-{dev_id}")) as f:
+            manifest = f.read()
+        out = {}
+        t = threading.Thread(target=lambda: out.update(r=api(w, "PUT", f"/v1/devices/{dev_id}",
+                                                             body={"manifest": manifest})))
+        t.start()
+        req = dev.wait_for(lambda m: m.code == fakedev.POST and m.path.startswith("o/"), what="POST /o/JOB")
+        dev.answer(req, fakedev.CHANGED)
+        t.join(30 * SLOW)
+        status, body = out["r"]
+        expect(status == 200, f"PUT manifest: {status} {body}")
+        jobs[dev_id] = body["job"]["job"]
+    only_b = create_token(w, scopes=["ota:write"], devices=[b_id])
+    status, body = api(w, "GET", f"/v1/ota/jobs/{jobs[a_id]}", only_b)
+    none = api(w, "GET", "/v1/ota/jobs/0123456789abcdef", only_b)
+    expect((status, body) == none and status == 404, f"A's job through B's token: {status} {body} (none: {none})")
+    status, body = api(w, "GET", f"/v1/ota/jobs/{jobs[b_id]}", only_b)
+    expect(status == 200 and body.get("device") == b_id, f"B's own job: {status} {body}")
+    a.close()
+    b.close()
+
+
 if __name__ == "__main__":
     sys.exit(run([
         test_cut_tls_record_on_the_https_api,
         test_cut_tls_record_on_the_artifact_server,
         test_other_methods_tell_nothing_of_devices,
         test_audit_targets_hold_no_control_characters,
+        test_restricted_token_sees_no_other_devices_job,
     ]))
