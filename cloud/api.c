@@ -931,6 +931,8 @@ static int api_keepalive_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
+static enum MHD_Result api_too_many(ApiRequest *req, StatsApiRefused reason, uint64_t wait_usec, const char *what);
+
 static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
         Api *api = req->api;
         const char *prefix = p->prefix, *device = p->stream_device ? p->device : NULL;
@@ -940,6 +942,22 @@ static enum MHD_Result api_stream(ApiRequest *req, const ApiParsed *p) {
         if (proto_name_check(prefix, strlen(prefix), PROTO_NAME_PREFIX) < 0) {
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Invalid event prefix", NULL);
                 return api_queue(req);
+        }
+        /* One token cannot hold every connection with streams opened from
+         * many addresses. A scan, but only when a stream opens. */
+        if (api->config->max_streams_per_token > 0) {
+                unsigned open = 0;
+
+                for (ApiRequest *r = api->requests; r; r = r->next)
+                        if (r->sse && !r->ending && !r->dropped && streq(r->auth.id, req->auth.id))
+                                open++;
+                if (open >= api->config->max_streams_per_token) {
+                        char what[128];
+
+                        snprintf(what, sizeof(what), "Too many event streams open with this token (MaxStreamsPerToken=%u)",
+                                 api->config->max_streams_per_token);
+                        return api_too_many(req, STATS_API_STREAMS_TOKEN, API_SSE_KEEPALIVE_USEC, what);
+                }
         }
         req->prefix = strdup(prefix);
         if (!req->prefix || (device && !(req->filter_id = strdup(device))))

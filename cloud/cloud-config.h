@@ -47,6 +47,7 @@ typedef struct CloudConfig {
         char *api_cert_file; /* PEM; with api_key_file: HTTPS (NULL: plain HTTP) */
         char *api_key_file;
         unsigned max_connections_per_ip; /* 0: no limit */
+        unsigned max_streams_per_token;  /* open event streams per token; 0: no limit */
         unsigned max_connections;        /* all addresses together */
         unsigned idle_timeout_sec;       /* a connection without traffic is closed */
         unsigned header_timeout_sec;     /* a request's header must be in this soon */

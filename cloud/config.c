@@ -124,6 +124,7 @@ static const KeyfileKey config_keys[] = {
         STR_KEY("API", "Certificate", api_cert_file),
         STR_KEY("API", "Key", api_key_file),
         UINT_KEY("API", "MaxConnections", max_connections, 1, 1000000),
+        UINT_KEY("API", "MaxStreamsPerToken", max_streams_per_token, 0, 1000000),
         UINT_KEY("API", "IdleTimeoutSec", idle_timeout_sec, 1, 86400),
         UINT_KEY("API", "HeaderTimeoutSec", header_timeout_sec, 1, 3600),
         UINT_KEY("API", "RateLimitPerAddress", rate_address, 0, 1000000),
@@ -365,6 +366,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->journal_max_bytes = 16 * 1024 * 1024;
         c->journal_sync_ms = 100;
         c->audit_max_records = 1000000;
+        c->max_streams_per_token = 64;
         c->audit_max_age_days = 400;
         c->device_event_rate = 100;
         c->device_event_burst = 1000;

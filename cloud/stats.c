@@ -78,6 +78,7 @@ static const char *const api_refused_names[_STATS_API_REFUSED_MAX] = {
         [STATS_API_RATE_TOKEN] = "rate_token",
         [STATS_API_RATE_AUTH] = "rate_auth_failures",
         [STATS_API_BAD_PATH] = "bad_path",
+        [STATS_API_STREAMS_TOKEN] = "streams_token",
 };
 
 /* Upper bounds in microseconds: 0.25 ms .. 10 s. */

@@ -53,6 +53,7 @@ typedef enum StatsApiRefused {
         STATS_API_RATE_TOKEN,     /* 429: RateLimitPerToken */
         STATS_API_RATE_AUTH,      /* 429: AuthFailuresPerAddress */
         STATS_API_BAD_PATH,       /* 400: %00 or %2F in the path */
+        STATS_API_STREAMS_TOKEN,  /* 429: MaxStreamsPerToken */
         _STATS_API_REFUSED_MAX,
 } StatsApiRefused;
 

@@ -206,6 +206,52 @@ def test_restricted_token_sees_no_other_devices_job(w):
     b.close()
 
 
+def open_stream(w, token, source="127.0.0.1"):
+    """An event stream on a raw socket from source: (socket, status, head)."""
+    s = socket.create_connection(("127.0.0.1", w.api_port), timeout=10 * SLOW, source_address=(source, 0))
+    s.sendall(f"GET /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data or (data.startswith(b"HTTP/1.1 200") and b":ok" not in data):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    head = data.split(b"\r\n\r\n")[0].decode()
+    return s, int(head.split()[1]), head
+
+
+def test_streams_per_token_capped(w):
+    """One token opening event streams from many addresses: before, each
+    address was held to MaxConnectionsPerIP but the token could take every
+    connection the cloud has. Now MaxStreamsPerToken= streams per token,
+    then 429 with Retry-After; other tokens are not affected and a closed
+    stream frees its place."""
+    w.start_cloud(extra="[API]\nMaxStreamsPerToken=3\n")
+    reader = create_token(w, scopes=["events:read"])
+    streams = []
+    for i in range(3):
+        s, status, head = open_stream(w, reader, f"127.0.0.{10 + i}")
+        expect(status == 200, f"stream {i}: {head}")
+        streams.append(s)
+    s, status, head = open_stream(w, reader, "127.0.0.20")
+    expect(status == 429 and "Retry-After:" in head, f"a 4th stream: {head}")
+    s.close()
+    s, status, head = open_stream(w, w.token, "127.0.0.21")
+    expect(status == 200, f"another token's stream: {head}")
+    s.close()
+    streams.pop().close()
+    deadline = time.monotonic() + 10 * SLOW
+    while True:
+        s, status, head = open_stream(w, reader, "127.0.0.22")
+        s.close()
+        if status == 200:
+            break
+        expect(time.monotonic() < deadline, f"no place after a stream closed: {head}")
+        time.sleep(0.1)
+    for s in streams:
+        s.close()
+
+
 if __name__ == "__main__":
     sys.exit(run([
         test_cut_tls_record_on_the_https_api,
@@ -213,4 +259,5 @@ if __name__ == "__main__":
         test_other_methods_tell_nothing_of_devices,
         test_audit_targets_hold_no_control_characters,
         test_restricted_token_sees_no_other_devices_job,
+        test_streams_per_token_capped,
     ]))
