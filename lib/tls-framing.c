@@ -108,10 +108,15 @@ static int real_read(SSL *ssl, void *buf, int num) {
         return fn(ssl, buf, num);
 }
 
-static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num) {
+/* pre: bytes already in buf, read unframed (see SSL_read()); 0 otherwise. */
+static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num, size_t pre) {
         size_t n, safe;
         int r = 1;
 
+        if (pre > 0 && (num < TLS_FRAMING_HEADER_MAX || f->plain)) {
+                f->plain = 1;
+                return (int)pre;
+        }
         if (num < TLS_FRAMING_HEADER_MAX || f->plain) {
                 /* libcoap never reads less. Such a reader gets the kept bytes in order, then plain reads,
                  * whatever it asks for next: once kept bytes went on here, the state no longer matches
@@ -128,23 +133,34 @@ static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num) {
                 free(f);
                 return real_read(ssl, buf, (int)num);
         }
-        memcpy(buf, f->head, f->n_head);
-        n = f->n_head;
-        f->n_head = 0;
+        if (pre > 0) {
+                /* Attached during that read: nothing kept yet. */
+                n = pre;
+                r = (int)pre;
+        } else {
+                memcpy(buf, f->head, f->n_head);
+                n = f->n_head;
+                f->n_head = 0;
+        }
         for (;;) {
                 TlsFraming t = *f;
 
-                if (n < num) {
+                if (n < num && !pre) {
                         r = real_read(ssl, buf + n, (int)(num - n));
                         if (r > 0)
                                 n += (size_t)r;
                 }
+                pre = 0;
                 safe = tls_framing_scan(&t, buf, n, n == num);
-                if (safe > 0 || r <= 0 || n == num) {
+                /* Go on while nothing can be handed on yet (only the start
+                 * of a header: the rest may be there already), and while
+                 * OpenSSL holds more that it read from the socket: libcoap
+                 * reads again at once only after a full buffer, else it
+                 * waits for the socket, which then has nothing to say. */
+                if (r <= 0 || n == num || (safe > 0 && !SSL_has_pending(ssl))) {
                         *f = t;
                         break;
                 }
-                /* Only the start of a header so far: see whether the rest is already there. */
         }
         if (n - safe > sizeof(f->head))
                 safe = n; /* cannot happen (num >= TLS_FRAMING_HEADER_MAX); never lose bytes */
@@ -158,9 +174,20 @@ __attribute__((visibility("default"))) int SSL_read(SSL *ssl, void *buf, int num
         int idx = __atomic_load_n(&framing_index, __ATOMIC_ACQUIRE);
         TlsFraming *f = ssl && idx >= 0 ? SSL_get_ex_data(ssl, idx) : NULL;
 
-        if (!f || num <= 0)
-                return real_read(ssl, buf, num);
-        return framing_read(f, ssl, buf, (size_t)num);
+        int r;
+
+        if (f && num > 0)
+                return framing_read(f, ssl, buf, (size_t)num, 0);
+        r = real_read(ssl, buf, num);
+        if (f || r <= 0 || num <= 0 || !ssl)
+                return r;
+        /* The read that completes a handshake also returns the first
+         * application data when it is there, and the framing was attached
+         * inside it (at the ClientHello, or at the certificate check): what
+         * it returned is the start of the stream, and must be framed. */
+        idx = __atomic_load_n(&framing_index, __ATOMIC_ACQUIRE);
+        f = idx >= 0 ? SSL_get_ex_data(ssl, idx) : NULL;
+        return f ? framing_read(f, ssl, buf, (size_t)num, (size_t)r) : r;
 }
 
 /* The ex data index, made on first use (retried after a failure); -1: none. */
