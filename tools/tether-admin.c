@@ -260,14 +260,18 @@ int cmd_audit(Api *a, char **args, int n) {
         if (!arg.json)
                 printf("%-6s  %-24s  %-22s  %-16s  %-3s  %-15s  %s\n", "ID", "TIME", "ACTOR", "ACTION", "ST",
                        "ADDRESS", "TARGET");
+        /* Before the first page: a SIGINT while it is read still ends a
+         * --follow cleanly (and one inherited as ignored is ours again). */
+        if (arg.audit_follow) {
+                sigemptyset(&sa.sa_mask);
+                sigaction(SIGINT, &sa, NULL);
+                sigaction(SIGTERM, &sa, NULL);
+        }
         /* Everything there is now, page after page. */
-        while ((r = audit_page(a, &after)) == AUDIT_PAGE)
+        while ((r = audit_page(a, &after)) == AUDIT_PAGE && !stop)
                 ;
         if (r < 0 || !arg.audit_follow)
                 return r < 0 ? r : 0;
-        sigemptyset(&sa.sa_mask);
-        sigaction(SIGINT, &sa, NULL);
-        sigaction(SIGTERM, &sa, NULL);
         while (!stop) {
                 struct timespec ts = { AUDIT_FOLLOW_MS / 1000, AUDIT_FOLLOW_MS % 1000 * 1000000L };
 
