@@ -574,7 +574,7 @@ static int on_request_timeout(sd_event_source *s, uint64_t usec, void *userdata)
                         break;
                 }
         sd_event_source_disable_unref(q->timer);
-        q->cb(-ETIMEDOUT, 0, NULL, 0, q->userdata);
+        q->cb(-ETIMEDOUT, 0, NULL, 0, 0, q->userdata);
         free(q);
         return 0;
 }
@@ -628,6 +628,16 @@ int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, 
 
 /* --- incoming ---------------------------------------------------------- */
 
+/* A 4.29's retry time: RFC 8516, after Max-Age seconds (absent: 60),
+ * kept within 1..3600. */
+static uint32_t retry_after(const coap_pdu_t *rcvd) {
+        coap_opt_iterator_t it;
+        coap_opt_t *opt = coap_check_option(rcvd, COAP_OPTION_MAXAGE, &it);
+        uint32_t max_age = opt ? coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt)) : 60;
+
+        return max_age < 1 ? 1 : max_age > 3600 ? 3600 : max_age;
+}
+
 static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *sent, const coap_pdu_t *rcvd,
                                    const coap_mid_t mid) {
         Conn *c = coap_session_get_app_data(session);
@@ -649,7 +659,7 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                         continue;
                 *p = q->next;
                 sd_event_source_disable_unref(q->timer);
-                q->cb(0, code, data, len, q->userdata);
+                q->cb(0, code, data, len, code == COAP_RESPONSE_CODE(429) ? retry_after(rcvd) : 0, q->userdata);
                 free(q);
                 return COAP_RESPONSE_OK;
         }
@@ -664,13 +674,7 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                 if (c->closing)
                         return COAP_RESPONSE_OK;
                 if (code == COAP_RESPONSE_CODE(429)) {
-                        coap_opt_iterator_t it;
-                        coap_opt_t *opt = coap_check_option(rcvd, COAP_OPTION_MAXAGE, &it);
-                        /* RFC 8516: retry after Max-Age (absent: 60 s). */
-                        uint32_t max_age = opt ? coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt))
-                                               : 60;
-
-                        hold_events(c, seq, max_age < 1 ? 1 : max_age > 3600 ? 3600 : max_age, data, len);
+                        hold_events(c, seq, retry_after(rcvd), data, len);
                         return COAP_RESPONSE_OK;
                 }
                 if (c->hold_seq != 0 && seq > c->hold_seq)
@@ -1174,7 +1178,7 @@ static void fail_pending(Conn *c) {
 
                 list = q->next;
                 sd_event_source_disable_unref(q->timer);
-                q->cb(-ENOTCONN, 0, NULL, 0, q->userdata);
+                q->cb(-ENOTCONN, 0, NULL, 0, 0, q->userdata);
                 free(q);
         }
 }

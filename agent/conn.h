@@ -63,8 +63,12 @@ typedef struct ConnHooks {
 
 /* The answer to conn_request(): error is 0 with the response code and
  * payload (valid during the call only), -ENOTCONN if the connection went
- * before an answer came, -ETIMEDOUT if none came in time. */
-typedef void (*conn_request_fn)(int error, unsigned code, const uint8_t *data, size_t len, void *userdata);
+ * before an answer came, -ETIMEDOUT if none came in time. retry_sec is,
+ * for a 4.29 (Too Many Requests), the seconds to wait before sending it
+ * again: the answer's Max-Age (60 without one, RFC 8516) kept within
+ * 1..3600; 0 otherwise. */
+typedef void (*conn_request_fn)(int error, unsigned code, const uint8_t *data, size_t len, uint32_t retry_sec,
+                                void *userdata);
 
 /* cfg is borrowed and must stay valid until conn_reconfigure() or
  * conn_free(); reg and outbox are borrowed for the life of the Conn (the

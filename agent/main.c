@@ -156,15 +156,16 @@ static json_t *agent_counters(Agent *a) {
                 if (json_object_set_new(calls, conn_served_name(i), json_integer((json_int_t)cs->calls[i])) < 0 ||
                     json_object_set_new(reads, conn_served_name(i), json_integer((json_int_t)cs->reads[i])) < 0)
                         break;
-        return json_pack("{s:I, s:I, s:I, s:I, s:f, s:o, s:o, s:{s:I, s:I, s:I, s:I, s:I}, s:o}", "connect_attempts",
-                         (json_int_t)cs->connect_attempts, "handshakes_completed",
+        return json_pack("{s:I, s:I, s:I, s:I, s:f, s:o, s:o, s:{s:I, s:I, s:I, s:I, s:I}, s:{s:I}, s:o}",
+                         "connect_attempts", (json_int_t)cs->connect_attempts, "handshakes_completed",
                          (json_int_t)cs->handshakes_completed, "handshakes_failed",
                          (json_int_t)cs->handshakes_failed, "reconnects", (json_int_t)cs->reconnects,
                          "connected_sec_total", conn_connected_ms(a->conn) / 1e3, "calls", calls, "reads", reads,
                          "events", "published", (json_int_t)cs->events_published, "acked",
                          (json_int_t)cs->events_acked, "refused", (json_int_t)cs->events_refused, "held",
-                         (json_int_t)cs->events_held, "queued",
-                         (json_int_t)conn_queued(a->conn), "loop_delay", loop_probe_to_json(a->probe));
+                         (json_int_t)cs->events_held, "queued", (json_int_t)conn_queued(a->conn), "ota", "held",
+                         (json_int_t)(a->ota ? ota_reports_held(a->ota) : 0), "loop_delay",
+                         loop_probe_to_json(a->probe));
 }
 
 /* What "tetherctl status" shows: the describe document plus the state of

@@ -63,6 +63,8 @@ struct Ota {
         uint64_t acked_seq;
         uint64_t sending_seq;
         bool report_inflight;
+        bool report_held;      /* answered 4.29: nothing is sent until report_retry */
+        uint64_t reports_held; /* 4.29 answers, for tetherctl status */
         sd_event_source *report_retry;
 
         /* the helper's journal writes */
@@ -240,7 +242,8 @@ static void save(Ota *o) {
 
 /* ---- reports -------------------------------------------------------------- */
 
-static void on_report_answer(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
+static void on_report_answer(int error, unsigned code, const uint8_t *data, size_t len, uint32_t retry_sec,
+                             void *userdata) {
         Ota *o = userdata;
         uint64_t seq = o->sending_seq;
 
@@ -249,6 +252,20 @@ static void on_report_answer(int error, unsigned code, const uint8_t *data, size
                 /* -ENOTCONN: the next connect sends it again. */
                 if (error == -ETIMEDOUT)
                         sd_event_source_set_enabled(o->report_retry, SD_EVENT_ONESHOT);
+                return;
+        }
+        if (code == COAP_RESPONSE_CODE(429)) {
+                /* Past this device's limits in the cloud, which took
+                 * nothing: keep the report, send nothing for retry_sec, then
+                 * the state the job is in then (this one, or a later one
+                 * that replaced it, as for any report in flight). */
+                log_notice("The cloud asked to slow down (4.29: %.*s): OTA report %" PRIu64 " of job %s goes again "
+                           "in %" PRIu32 " s",
+                           (int)len, (const char *)data, seq, o->have_job ? o->j.job : "?", retry_sec);
+                o->reports_held++;
+                o->report_held = true;
+                sd_event_source_set_time_relative(o->report_retry, (uint64_t)retry_sec * 1000000);
+                sd_event_source_set_enabled(o->report_retry, SD_EVENT_ONESHOT);
                 return;
         }
         if (COAP_RESPONSE_CLASS(code) != 2)
@@ -274,7 +291,10 @@ static void on_report_answer(int error, unsigned code, const uint8_t *data, size
 }
 
 static int on_report_retry(sd_event_source *s, uint64_t usec, void *userdata) {
-        report_state(userdata);
+        Ota *o = userdata;
+
+        o->report_held = false;
+        report_state(o);
         return 0;
 }
 
@@ -285,7 +305,7 @@ static void report_state(Ota *o) {
         json_t *r;
         int k;
 
-        if (!o->have_job || o->report_inflight || !o->connected || o->j.state == OTA_STATE_NONE)
+        if (!o->have_job || o->report_inflight || o->report_held || !o->connected || o->j.state == OTA_STATE_NONE)
                 return;
         if (o->j.seq <= o->acked_seq || o->j.delivered)
                 return;
@@ -311,7 +331,9 @@ static void report_state(Ota *o) {
         o->sending_seq = o->j.seq;
 }
 
-static void on_progress_answer(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
+/* Any answer, 4.29 too: progress is never sent again. */
+static void on_progress_answer(int error, unsigned code, const uint8_t *data, size_t len, uint32_t retry_sec,
+                               void *userdata) {
         Ota *o = userdata;
 
         o->progress_inflight = false;
@@ -825,6 +847,10 @@ static unsigned reply(char *text, size_t size, unsigned code, const char *fmt, .
         vsnprintf(text, size, fmt, ap);
         va_end(ap);
         return code;
+}
+
+uint64_t ota_reports_held(const Ota *o) {
+        return o->reports_held;
 }
 
 unsigned ota_handle_request(Ota *o, const char *job, const uint8_t *data, size_t len, char *text, size_t text_size) {

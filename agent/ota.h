@@ -42,5 +42,8 @@ int ota_start(Ota *o);
 void ota_reconfigure(Ota *o, const Config *cfg);
 /* The cloud connection came up or went down. */
 void ota_connection_changed(Ota *o, bool connected);
+/* Status reports the cloud answered 4.29 (past the device's limits): each
+ * kept and sent again after the cloud's Max-Age. */
+uint64_t ota_reports_held(const Ota *o);
 /* POST /o/{job} from the cloud: the ConnHooks.ota_request hook. */
 unsigned ota_handle_request(Ota *o, const char *job, const uint8_t *data, size_t len, char *text, size_t text_size);

@@ -176,24 +176,8 @@ static double quota_wait(double have, double need, unsigned rate) {
         return rate == 0 || have >= need ? 0 : (need - have) / rate;
 }
 
-/* May device d publish an event of cost bytes (sequence number seq of
- * epoch, if has_seq) now? 0 and the tokens are taken, or the seconds it
- * should wait (at least 1) and nothing is taken. Out of memory lets the
- * event through: a limit is no reason to lose it. */
-static unsigned events_quota_take(Events *ev, const Device *d, bool has_seq, uint64_t epoch, uint64_t seq,
-                                  size_t cost) {
-        const CloudConfig *cfg = ev->config;
-        double wait;
-        uint64_t now;
-        unsigned sec;
-        EventsQuota *q;
-
-        if (cfg->device_event_rate == 0 && cfg->device_byte_rate == 0)
-                return 0;
-        q = quota_get(ev, d);
-        if (!q)
-                return 0;
-        now = now_usec();
+/* Refill q's buckets for the time since the last refill. */
+static void quota_refill(const CloudConfig *cfg, EventsQuota *q, uint64_t now) {
         if (now > q->at) {
                 double dt = (double)(now - q->at) / 1e6;
 
@@ -205,6 +189,59 @@ static unsigned events_quota_take(Events *ev, const Device *d, bool has_seq, uin
                         q->bytes = cfg->device_byte_burst;
                 q->at = now;
         }
+}
+
+/* Seconds until q has one event and cost bytes; 0 if it has them now. */
+static double quota_need(const CloudConfig *cfg, const EventsQuota *q, size_t cost) {
+        double wait = quota_wait(q->events, 1, cfg->device_event_rate);
+
+        if (quota_wait(q->bytes, (double)cost, cfg->device_byte_rate) > wait)
+                wait = quota_wait(q->bytes, (double)cost, cfg->device_byte_rate);
+        return wait;
+}
+
+static void quota_charge(const CloudConfig *cfg, EventsQuota *q, size_t cost) {
+        if (cfg->device_event_rate > 0)
+                q->events -= 1;
+        if (cfg->device_byte_rate > 0)
+                q->bytes -= (double)cost;
+}
+
+/* A refusal after waiting wait seconds: count it, log one line per device
+ * and EVENTS_QUOTA_LOG_USEC, return the seconds for Max-Age (at least 1). */
+static unsigned quota_refuse(Events *ev, const Device *d, EventsQuota *q, uint64_t now, double wait) {
+        const CloudConfig *cfg = ev->config;
+        unsigned sec = wait >= EVENTS_QUOTA_WAIT_MAX_SEC ? EVENTS_QUOTA_WAIT_MAX_SEC : (unsigned)wait + 1;
+
+        q->refused++;
+        if (q->logged_at == 0 || now - q->logged_at >= EVENTS_QUOTA_LOG_USEC) {
+                log_notice("Device '%s' is past its publishing limits (%u events/s, %u bytes/s): refused %" PRIu64
+                           " event(s) or OTA report(s) with 4.29 since the last message, retry in %u s.",
+                           device_id(ev, d), cfg->device_event_rate, cfg->device_byte_rate, q->refused, sec);
+                q->logged_at = now;
+                q->refused = 0;
+        }
+        return sec;
+}
+
+/* May device d publish an event of cost bytes (sequence number seq of
+ * epoch, if has_seq) now? 0 and the tokens are taken, or the seconds it
+ * should wait (at least 1) and nothing is taken. Out of memory lets the
+ * event through: a limit is no reason to lose it. */
+static unsigned events_quota_take(Events *ev, const Device *d, bool has_seq, uint64_t epoch, uint64_t seq,
+                                  size_t cost) {
+        const CloudConfig *cfg = ev->config;
+        double wait;
+        uint64_t now;
+        EventsQuota *q;
+
+        if (cfg->device_event_rate == 0 && cfg->device_byte_rate == 0)
+                return 0;
+        q = quota_get(ev, d);
+        if (!q)
+                return 0;
+        now = now_usec();
+        quota_refill(cfg, q, now);
         if (q->held && (!has_seq || epoch != q->held_epoch))
                 q->held = false; /* another outbox: nothing of the old one can overtake */
         if (q->held && q->held_reconnected) {
@@ -218,32 +255,44 @@ static unsigned events_quota_take(Events *ev, const Device *d, bool has_seq, uin
                         q->held = false;
                 }
         }
-        wait = quota_wait(q->events, 1, cfg->device_event_rate);
-        if (quota_wait(q->bytes, (double)cost, cfg->device_byte_rate) > wait)
-                wait = quota_wait(q->bytes, (double)cost, cfg->device_byte_rate);
+        wait = quota_need(cfg, q, cost);
         if (wait <= 0 && !(q->held && seq > q->held_seq)) {
-                if (cfg->device_event_rate > 0)
-                        q->events -= 1;
-                if (cfg->device_byte_rate > 0)
-                        q->bytes -= (double)cost;
+                quota_charge(cfg, q, cost);
                 q->held = false;
                 return 0;
         }
-        sec = wait >= EVENTS_QUOTA_WAIT_MAX_SEC ? EVENTS_QUOTA_WAIT_MAX_SEC : (unsigned)wait + 1;
         if (has_seq && (!q->held || seq < q->held_seq)) {
                 q->held = true;
                 q->held_epoch = epoch;
                 q->held_seq = seq;
         }
-        q->refused++;
-        if (q->logged_at == 0 || now - q->logged_at >= EVENTS_QUOTA_LOG_USEC) {
-                log_notice("Device '%s' is past its publishing limits (%u events/s, %u bytes/s): refused %" PRIu64
-                           " event(s) with 4.29 since the last message, retry in %u s.",
-                           device_id(ev, d), cfg->device_event_rate, cfg->device_byte_rate, q->refused, sec);
-                q->logged_at = now;
-                q->refused = 0;
+        return quota_refuse(ev, d, q, now, wait);
+}
+
+unsigned events_device_charge(Events *ev, const Device *d, size_t cost) {
+        const CloudConfig *cfg = ev->config;
+        EventsQuota *q;
+        uint64_t now;
+        double wait;
+
+        if (cfg->device_event_rate == 0 && cfg->device_byte_rate == 0)
+                return 0;
+        q = quota_get(ev, d);
+        if (!q)
+                return 0;
+        /* More than a burst could never pass. */
+        if (cfg->device_byte_rate > 0 && cost > cfg->device_byte_burst)
+                cost = cfg->device_byte_burst;
+        now = now_usec();
+        quota_refill(cfg, q, now);
+        /* Not an event of the outbox: the hold (EventsQuota) is not its
+         * business, it neither waits for it nor ends it. */
+        wait = quota_need(cfg, q, cost);
+        if (wait <= 0) {
+                quota_charge(cfg, q, cost);
+                return 0;
         }
-        return sec;
+        return quota_refuse(ev, d, q, now, wait);
 }
 
 static int events_query(const coap_pdu_t *request, ProtoPublishQuery *ret) {

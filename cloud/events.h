@@ -62,6 +62,16 @@ void events_handle_request(Events *ev, Device *d, const coap_pdu_t *request, con
  * events_route() is on the stack). */
 void events_device_gone(Events *ev, const Device *d);
 
+/* Take one event and cost bytes from device d's publishing limits (the
+ * buckets of its events, [Events] DeviceEventRate= and the like) for
+ * something else it sends that the cloud journals and routes like an
+ * event: an OTA status report (ota.c). 0 and they are taken; or the
+ * seconds to wait (at least 1, for a 4.29's Max-Age) and nothing is
+ * taken. It does not wait for, nor end, the hold on d's refused events
+ * (events.c, EventsQuota). Out of memory lets it through. Logs one line
+ * per device and minute while d is past its limits. */
+unsigned events_device_charge(Events *ev, const Device *d, size_t cost);
+
 /* Route an event to the streams and to devices' subscriptions; source is
  * the publishing device (it does not get its own event) or NULL; id is
  * its journal id (journal_append()). A private event goes to the

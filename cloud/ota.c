@@ -60,6 +60,14 @@ typedef struct OtaJob {
         uint64_t bytes, total;
         uint64_t seq;        /* bumped on every change: long polling waits on it */
         uint64_t device_seq; /* last state report applied (reports are de-duplicated) */
+        /* The device said the job is over: a final state report (seq
+         * final_seq) or its answer refused the job (final_seq 0). From then
+         * on only that final report, sent again, is answered 2.04; any other
+         * report gets 4.09 and changes nothing. A job the cloud itself
+         * failed (no answer, offline) stays open: the device may have taken
+         * it, and its reports say so. */
+        bool closed;
+        uint64_t final_seq;
         json_t *history;     /* [{"state","at"[,"code","reason"]}] */
         char created[32], updated[32];
         DeviceCall *call; /* POST /o/JOB to the device, until it answers */
@@ -294,6 +302,11 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
                         json_array_append_new(j->history, h);
                 else
                         json_decref(h);
+                /* One line per change. A device cannot make many: each
+                 * change it reports takes an event from its limits
+                 * (ota_device_request()), and none comes after its final
+                 * report; so at most DeviceEventRate= lines a second (and
+                 * the burst), unless the operator turned the limits off. */
                 log_info("OTA job %s on device '%s': %s%s%s%s", j->id, j->device, state, reason ? " (" : "",
                          reason ? reason : "", reason ? ")" : "");
         }
@@ -365,6 +378,8 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
                 job_set_state(j, "rejected", rcode, colon + 2);
         } else
                 job_set_state(j, "rejected", code == COAP_RESPONSE_CODE(503) ? "busy" : "refused", text);
+        /* The device did not take it: it has nothing to report. */
+        j->closed = true;
 }
 
 unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body) {
@@ -431,6 +446,7 @@ unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_bod
         r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, id, text, len, job_sent, j, &j->call);
         if (r < 0) {
                 job_set_state(j, "failed", "offline", "the update request could not be sent");
+                j->closed = true; /* the device never saw it */
                 *ret_body = json_pack("{s:b, s:s, s:o}", "ok", 0, "error",
                                       r == -ENOTCONN ? "Device is offline" : "Failed to send the update request",
                                       "job", job_to_json(j));
@@ -452,6 +468,19 @@ static void reply_text(coap_pdu_t *response, coap_pdu_code_t code, const char *t
         coap_add_data(response, strlen(text), (const uint8_t *)text);
 }
 
+/* Past the device's limits (RFC 8516): retry after Max-Age seconds;
+ * tetherd keeps the report and sends it again then (agent/ota.c). */
+static void reply_too_many(coap_pdu_t *response, unsigned wait) {
+        static const char text[] = "reporting too fast: retry later";
+        uint8_t buf[4];
+
+        coap_pdu_set_code(response, COAP_RESPONSE_CODE(429));
+        coap_add_option(response, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_TEXT),
+                        buf);
+        coap_add_option(response, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), wait), buf);
+        coap_add_data(response, strlen(text), (const uint8_t *)text);
+}
+
 static const char *json_str(json_t *o, const char *key) {
         json_t *v = json_object_get(o, key);
 
@@ -464,8 +493,10 @@ static const char *json_str(json_t *o, const char *key) {
 void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response) {
         const uint8_t *data = NULL;
         size_t len = 0;
+        json_int_t seq;
         json_t *o, *seqv;
         const char *state;
+        bool apply;
         OtaJob *j;
 
         if (coap_pdu_get_code(request) != COAP_REQUEST_CODE_POST)
@@ -484,7 +515,7 @@ void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const ch
         /* Only the device's own jobs, the ones this cloud made: a report
          * never creates a job, so no device can push real jobs out of the
          * table (OTA_JOBS_MAX) with made-up ids. The agent takes a 4.xx
-         * as final and stops sending that report. */
+         * but 4.29 as final and stops sending that report. */
         j = job_find(ota, job);
         if (!j) {
                 json_decref(o);
@@ -498,20 +529,57 @@ void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const ch
                 return reply_text(response, COAP_RESPONSE_CODE(403), "job belongs to another device");
         }
         seqv = json_object_get(o, "seq");
-        if (json_is_integer(seqv)) {
-                /* A state report: each applied once, however often it is sent. */
-                json_int_t seq = json_integer_value(seqv);
+        seq = json_is_integer(seqv) ? json_integer_value(seqv) : 0;
+        if (j->closed) {
+                char text[160];
 
-                if (seq > 0 && (uint64_t)seq > j->device_seq) {
-                        j->device_seq = (uint64_t)seq;
-                        if (json_is_integer(json_object_get(o, "total"))) {
-                                j->total = (uint64_t)json_integer_value(json_object_get(o, "total"));
-                                j->bytes = (uint64_t)json_integer_value(json_object_get(o, "bytes"));
-                        }
-                        job_set_state(j, state, json_str(o, "code"), json_str(o, "reason"));
+                if (j->final_seq > 0 && seq == (json_int_t)j->final_seq && j->state && streq(state, j->state)) {
+                        /* The final report again (its answer was lost): the
+                         * same answer, nothing new. */
+                        json_decref(o);
+                        coap_pdu_set_code(response, COAP_RESPONSE_CODE(204));
+                        return;
                 }
-        } else if (streq(state, "downloading") && j->state && streq(j->state, "downloading")) {
+                json_decref(o);
+                log_debug("Device '%s' reported on job %s, which is over (%s): refused.", device_id(d), job,
+                          j->state ? j->state : "?");
+                if (j->final_seq > 0)
+                        snprintf(text, sizeof(text),
+                                 "job is over: the device reported '%s' as seq %" PRIu64 "; nothing changes",
+                                 j->state ? j->state : "?", j->final_seq);
+                else
+                        snprintf(text, sizeof(text), "job is over: '%s' before the device took it; nothing changes",
+                                 j->state ? j->state : "?");
+                return reply_text(response, COAP_RESPONSE_CODE(409), text);
+        }
+        if (json_is_integer(seqv))
+                /* A state report: each applied once, however often it is sent. */
+                apply = seq > 0 && (uint64_t)seq > j->device_seq;
+        else
                 /* Progress: best effort, only while downloading. */
+                apply = streq(state, "downloading") && j->state && streq(j->state, "downloading");
+        if (apply) {
+                /* Each applied report is journaled, routed and maybe logged
+                 * like an event: it takes one from the device's limits. */
+                unsigned wait = events_device_charge(ota->events, d, len + strlen("tether/ota/") + strlen(job));
+
+                if (wait > 0) {
+                        json_decref(o);
+                        return reply_too_many(response, wait);
+                }
+        }
+        if (apply && json_is_integer(seqv)) {
+                j->device_seq = (uint64_t)seq;
+                if (json_is_integer(json_object_get(o, "total"))) {
+                        j->total = (uint64_t)json_integer_value(json_object_get(o, "total"));
+                        j->bytes = (uint64_t)json_integer_value(json_object_get(o, "bytes"));
+                }
+                job_set_state(j, state, json_str(o, "code"), json_str(o, "reason"));
+                if (j->state && state_final(j->state)) {
+                        j->closed = true;
+                        j->final_seq = (uint64_t)seq;
+                }
+        } else if (apply) {
                 j->bytes = (uint64_t)json_integer_value(json_object_get(o, "bytes"));
                 j->total = (uint64_t)json_integer_value(json_object_get(o, "total"));
                 timestamp(j->updated);

@@ -74,5 +74,10 @@ void ota_api_shutdown(Ota *ota);
 unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body);
 /* A device's request on /o/JOB (a status report): fills response. Only
  * for an existing job of that device (4.04 unknown, 4.03 another
- * device's: nothing changes, no job is made or forgotten). */
+ * device's: nothing changes, no job is made or forgotten). A report that
+ * changes the job takes an event from the device's limits
+ * (events_device_charge()): past them 4.29 with Max-Age and nothing
+ * changes. Once the device said the job is over (its final report, or its
+ * answer refused the job), its final report sent again gets 2.04 and
+ * anything else 4.09; neither changes anything. */
 void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response);
