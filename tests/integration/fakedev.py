@@ -277,6 +277,20 @@ def connect(w, device=None, describe=None, **kw):
     return d, dev_id
 
 
+def notifications(d, token, until, timeout=10):
+    """Event notifications on subscription token until one named until;
+    returns their event names, in order."""
+    seen = []
+    d.wait_for(lambda m: m.token == token and m.code == CONTENT and m.payload and m.json()["name"] == until,
+               timeout, f"notification '{until}'", seen)
+    return [m.json()["name"] for m in seen if m.token == token and m.payload] + [until]
+
+
+def max_age(m):
+    """A response's Max-Age in seconds (0 when it has none)."""
+    return int.from_bytes(m.opt(MAX_AGE)[0], "big") if m.opt(MAX_AGE) else 0
+
+
 def rss_kb(pid, field="VmRSS"):
     """Resident memory of a process, kB; field="VmHWM": its peak so far."""
     with open(f"/proc/{pid}/status") as f:

@@ -32,6 +32,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 
 BUILD = os.environ.get("top_builddir") or os.path.abspath(
     os.path.join(os.path.dirname(__file__), "..", "..", "build"))
@@ -904,3 +906,32 @@ class EventStream:
             self.conn.close()
         except OSError:
             pass
+
+
+def api_json(w, method, path, body=None, token=None):
+    """(status, parsed JSON answer) of one API request with a JSON body to
+    the cloud of World w, with w's token unless another is given."""
+    req = urllib.request.Request(w.api + path, method=method,
+                                 headers={"Authorization": f"Bearer {token or w.token}",
+                                          "Content-Type": "application/json"},
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=seconds(30)) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def local_publish(agent, name, data):
+    """One publish through the agent's local API socket (what tetherctl
+    does, without a process per event)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(seconds(10))
+        s.connect(agent.socket)
+        s.sendall(json.dumps({"method": "publish", "name": name, "data": data}).encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+    r = json.loads(answer)
+    expect(r.get("ok"), f"publish {name}: {r}")

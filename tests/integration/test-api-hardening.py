@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""The HTTP API against a hostile client (issue 12, item 7; docs/cloud.md,
+"""The HTTP API against a hostile client (docs/cloud.md,
 "Limits on API clients"): paths with encoded '/' or NUL bytes, JSON bodies
 with NUL characters, half-open connections from one address, floods of
 requests with wrong or good tokens, and HTTPS."""

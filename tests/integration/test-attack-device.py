@@ -1,49 +1,24 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: Apache-2.0
-"""Attacks from the device side on what issue 12 built (docs/security.md,
+"""Attacks from the device side on device identity, authorization and limits (docs/security.md,
 "A malicious device"), each found by playing it against the merged
 cloud: a device reading other devices' private events that the cloud
 itself publishes (conflicts, revocations), and a device whose events the
 cloud held back for good after a 4.29 whose event it no longer had (a
 fake device, and tetherd with Overflow=drop-oldest)."""
 
-import json
 import os
-import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import EventStream, Failure, expect, run, seconds  # noqa: E402
-from fakedev import CONTENT, CREATED, CSM, MAX_AGE, POST, Device, code, codestr, connect, frame  # noqa: E402
+from fakedev import CONTENT, CREATED, CSM, POST, Device, code, codestr, connect, frame  # noqa: E402
+from harness import api_json as api  # noqa: E402
+from harness import local_publish  # noqa: E402
+from fakedev import notifications, max_age  # noqa: E402
 
 TOO_MANY = code(4, 29)
-
-
-def api(w, method, path, body=None):
-    req = urllib.request.Request(w.api + path, method=method,
-                                 headers={"Authorization": f"Bearer {w.token}", "Content-Type": "application/json"},
-                                 data=json.dumps(body).encode() if body is not None else None)
-    try:
-        with urllib.request.urlopen(req, timeout=seconds(30)) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def notifications(d, token, until, timeout=10):
-    """Event notifications on subscription token until one named until;
-    returns their event names, in order."""
-    seen = []
-    d.wait_for(lambda m: m.token == token and m.code == CONTENT and m.payload and m.json()["name"] == until,
-               timeout, f"notification '{until}'", seen)
-    return [m.json()["name"] for m in seen if m.token == token and m.payload] + [until]
-
-
-def max_age(r):
-    return int.from_bytes((r.opt(MAX_AGE) or [b"\x01"])[0], "big")
 
 
 def test_clouds_private_events_stay_off_devices(w):
@@ -116,20 +91,6 @@ def test_held_event_given_up_does_not_wedge(w):
         expect(time.monotonic() < deadline, "event 3 still refused on a new session: the device is wedged")
         time.sleep(max_age(r))
     expect(publish(d, 2).code == CREATED, "event 2 again (a resend of what was given up) is not acknowledged")
-
-
-def local_publish(agent, name, data):
-    """One publish through the agent's local API socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(seconds(10))
-        s.connect(agent.socket)
-        s.sendall(json.dumps({"method": "publish", "name": name, "data": data}).encode() + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(4096):
-            answer += chunk
-    r = json.loads(answer)
-    expect(r.get("ok"), f"publish {name}: {r}")
 
 
 def test_agent_drop_oldest_does_not_wedge(w):

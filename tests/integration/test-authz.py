@@ -9,7 +9,6 @@ device's share of the event journal."""
 
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -20,28 +19,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import EventStream, expect, run, seconds  # noqa: E402
 from fakedev import CHANGED, CONTENT, CREATED, MAX_AGE, POST, code, codestr, connect, frame, \
     path_opts  # noqa: E402
+from harness import api_json as api  # noqa: E402
+from harness import local_publish  # noqa: E402
+from fakedev import notifications  # noqa: E402
+from otakit import sign_manifest  # noqa: E402
 
 FORBIDDEN, NOT_FOUND, TOO_MANY = code(4, 3), code(4, 4), code(4, 29)
-
-
-def api(w, method, path, body=None):
-    req = urllib.request.Request(w.api + path, method=method,
-                                 headers={"Authorization": f"Bearer {w.token}", "Content-Type": "application/json"},
-                                 data=json.dumps(body).encode() if body is not None else None)
-    try:
-        with urllib.request.urlopen(req, timeout=seconds(30)) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def notifications(d, token, until, timeout=10):
-    """Event notifications on subscription token until one named until;
-    returns their event names, in order."""
-    seen = []
-    d.wait_for(lambda m: m.token == token and m.code == CONTENT and m.payload and m.json()["name"] == until,
-               timeout, f"notification '{until}'", seen)
-    return [m.json()["name"] for m in seen if m.token == token and m.payload] + [until]
 
 
 def test_private_events_stay_with_their_device(w):
@@ -103,19 +86,6 @@ def test_tether_names_are_the_clouds(w):
     expect(got == ["tether/var/marker"], f"device B got {got}")
 
 
-def sign_manifest(w, device):
-    """A signed manifest for device (the cloud checks its shape only)."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from otakit import build_deb
-    os.makedirs(w.path("debs"), exist_ok=True)
-    deb = build_deb(w.path("debs"), "tether-authz-test", "1.0")
-    w.tether("ota", "keygen", w.path("update.key"), w.path("update.pem"))
-    w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--url", "https://127.0.0.1/x.deb",
-             "--device", device, "--output", w.path("manifest"))
-    with open(w.path("manifest")) as f:
-        return f.read()
-
-
 def test_ota_reports_only_for_own_jobs(w):
     """Before: 4,200 reports on made-up job ids were answered 2.04 and
     evicted the real jobs from the 4,096-entry table. Now a report on a
@@ -160,21 +130,6 @@ def test_ota_reports_only_for_own_jobs(w):
     t = a.request(POST, f"o/{job}", json.dumps({"state": "downloading", "seq": 1}).encode())
     expect(a.response(t).code == CHANGED, "device A's own report refused")
     expect(api(w, "GET", f"/v1/ota/jobs/{job}")[1]["state"] == "downloading", "own report not applied")
-
-
-def local_publish(agent, name, data):
-    """One publish through the agent's local API socket (what tetherctl
-    does, without a process per event)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(seconds(10))
-        s.connect(agent.socket)
-        s.sendall(json.dumps({"method": "publish", "name": name, "data": data}).encode() + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(4096):
-            answer += chunk
-    r = json.loads(answer)
-    expect(r.get("ok"), f"publish {name}: {r}")
 
 
 def metric(w, name):

@@ -12,51 +12,25 @@ keeps its report, sends it again after Max-Age and the job still commits."""
 import json
 import os
 import re
-import socket
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import EventStream, expect, run, seconds  # noqa: E402
-from fakedev import CHANGED, CREATED, MAX_AGE, POST, code, codestr, connect, frame, path_opts  # noqa: E402
+from fakedev import CHANGED, CREATED, POST, code, codestr, connect, frame, path_opts  # noqa: E402
+from harness import api_json as api  # noqa: E402
+from harness import local_publish  # noqa: E402
+from fakedev import max_age  # noqa: E402
+from otakit import sign_manifest  # noqa: E402
 
 CONFLICT, TOO_MANY = code(4, 9), code(4, 29)
 RATE, BURST = 2, 10
 
 
-def api(w, method, path, body=None):
-    req = urllib.request.Request(w.api + path, method=method,
-                                 headers={"Authorization": f"Bearer {w.token}", "Content-Type": "application/json"},
-                                 data=json.dumps(body).encode() if body is not None else None)
-    try:
-        with urllib.request.urlopen(req, timeout=seconds(30)) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def sign_manifest(w, device):
-    """A signed manifest for device (the cloud checks its shape only)."""
-    from otakit import build_deb
-    os.makedirs(w.path("debs"), exist_ok=True)
-    deb = build_deb(w.path("debs"), "tether-limits-test", "1.0")
-    w.tether("ota", "keygen", w.path("update.key"), w.path("update.pem"))
-    w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--url", "https://127.0.0.1/x.deb",
-             "--device", device, "--output", w.path("manifest"))
-    with open(w.path("manifest")) as f:
-        return f.read()
-
-
 def ota_states(stream, job):
     return [json.loads(m["data"]["data"])["state"] for m in stream.messages
             if m.get("event") == f"tether/ota/{job}"]
-
-
-def max_age(m):
-    return int.from_bytes(m.opt(MAX_AGE)[0], "big") if m.opt(MAX_AGE) else 0
 
 
 def report(d, job, body):
@@ -159,19 +133,6 @@ def test_fake_device_floods_its_own_job(w):
     replay = EventStream(w, "", last_event_id=stream.first_id)
     replay.named("marker/2", timeout=30)
     expect(ota_states(replay, job) == ota_states(stream, job), "the journal differs from the live stream")
-
-
-def local_publish(agent, name, data):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(seconds(10))
-        s.connect(agent.socket)
-        s.sendall(json.dumps({"method": "publish", "name": name, "data": data}).encode() + b"\n")
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(4096):
-            answer += chunk
-    r = json.loads(answer)
-    expect(r.get("ok"), f"publish {name}: {r}")
 
 
 def test_agent_report_answered_429_commits(w):
