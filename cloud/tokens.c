@@ -242,8 +242,10 @@ static int tokens_load(Tokens *t) {
                 return log_error_errno(r, "Failed to load the API tokens: %m");
         if (rc != SQLITE_DONE)
                 return store_error(t->store, rc, "reading the API tokens");
-        /* Digests are unique in the table: the order is total. */
-        qsort(t->by_digest, t->n, sizeof(Token *), digest_cmp);
+        /* Digests are unique in the table: the order is total. (No array
+         * at all while there are no tokens: qsort() must not see NULL.) */
+        if (t->n > 1)
+                qsort(t->by_digest, t->n, sizeof(Token *), digest_cmp);
         return 0;
 }
 
