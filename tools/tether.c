@@ -278,8 +278,13 @@ int curl_error(Api *a, CURLcode c) {
                                   a->base, why);
                 return -ECONNABORTED;
         case CURLE_SSL_CACERT_BADFILE:
-                log_error("Cannot use the CA certificate(s) in '%s' for %s: %s", arg.cacert ?: "(system)", a->base,
-                          why);
+                if (arg.cacert)
+                        log_error("Cannot use the CA certificate(s) in '%s' for %s: %s", arg.cacert, a->base, why);
+                else
+                        /* A system without a CA bundle (no ca-certificates). */
+                        log_error("Cannot use the system's CA certificates for %s: %s; give the cloud's CA with "
+                                  "--cacert FILE or TETHER_CACERT",
+                                  a->base, why);
                 return -ECONNABORTED;
         case CURLE_SSL_CONNECT_ERROR:
         case CURLE_SSL_CERTPROBLEM:

@@ -178,4 +178,5 @@ def test_agent_report_answered_429_commits(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_fake_device_floods_its_own_job, test_agent_report_answered_429_commits], emulated="ok"))
+    sys.exit(run([test_fake_device_floods_its_own_job, test_agent_report_answered_429_commits],
+                 emulated="the agent starts its OTA helper, a binary of the target, without the emulator"))
