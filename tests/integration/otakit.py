@@ -350,3 +350,22 @@ def sign_manifest(w, device, package="tether-test"):
              "--device", device, "--output", out)
     with open(out) as f:
         return f.read()
+
+
+def push_job(w, device, dev_id, manifest, answer):
+    """PUT the manifest to fake device dev_id (a fakedev.Device), which
+    answers the cloud's POST /o/JOB with code answer; returns the job id."""
+    import threading
+    from harness import api_json
+    from fakedev import POST
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=api_json(w, "PUT", f"/v1/devices/{dev_id}",
+                                                              {"manifest": manifest})))
+    t.start()
+    req = device.wait_for(lambda m: m.code == POST and m.path.startswith("o/"), what="POST /o/JOB")
+    device.answer(req, answer)
+    t.join(seconds(30))
+    status, body = out.get("r", (None, None))
+    if status != 200:
+        raise Failure(f"PUT manifest: {status} {body}")
+    return body["job"]["job"]

@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -175,20 +174,9 @@ def test_restricted_token_sees_no_other_devices_job(w):
     w.start_cloud()
     a, a_id = fakedev.connect(w)
     b, b_id = fakedev.connect(w)
-    from otakit import sign_manifest
-    jobs = {}
-    for dev, dev_id in ((a, a_id), (b, b_id)):
-        manifest = sign_manifest(w, dev_id)
-        out = {}
-        t = threading.Thread(target=lambda: out.update(r=api(w, "PUT", f"/v1/devices/{dev_id}",
-                                                             body={"manifest": manifest})))
-        t.start()
-        req = dev.wait_for(lambda m: m.code == fakedev.POST and m.path.startswith("o/"), what="POST /o/JOB")
-        dev.answer(req, fakedev.CHANGED)
-        t.join(30 * SLOW)
-        status, body = out["r"]
-        expect(status == 200, f"PUT manifest: {status} {body}")
-        jobs[dev_id] = body["job"]["job"]
+    from otakit import push_job, sign_manifest
+    jobs = {dev_id: push_job(w, dev, dev_id, sign_manifest(w, dev_id), fakedev.CHANGED)
+            for dev, dev_id in ((a, a_id), (b, b_id))}
     only_b = create_token(w, scopes=["ota:write"], devices=[b_id])
     status, body = api(w, "GET", f"/v1/ota/jobs/{jobs[a_id]}", only_b)
     none = api(w, "GET", "/v1/ota/jobs/0123456789abcdef", only_b)

@@ -10,7 +10,6 @@ device's share of the event journal."""
 import json
 import os
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,7 +21,7 @@ from fakedev import CHANGED, CONTENT, CREATED, MAX_AGE, POST, code, codestr, con
 from harness import api_json as api  # noqa: E402
 from harness import local_publish  # noqa: E402
 from fakedev import notifications  # noqa: E402
-from otakit import sign_manifest  # noqa: E402
+from otakit import push_job, sign_manifest  # noqa: E402
 
 FORBIDDEN, NOT_FOUND, TOO_MANY = code(4, 3), code(4, 4), code(4, 29)
 
@@ -96,15 +95,7 @@ def test_ota_reports_only_for_own_jobs(w):
     w.start_cloud()
     a, a_id = connect(w, device_a)
     b, _ = connect(w)
-    out = {}
-    t = threading.Thread(target=lambda: out.update(r=api(w, "PUT", f"/v1/devices/{a_id}", {"manifest": manifest})))
-    t.start()
-    req = a.wait_for(lambda m: m.code == POST and m.path.startswith("o/"), what="POST /o/JOB")
-    a.answer(req, CHANGED)
-    t.join(seconds(30))
-    st, body = out["r"]
-    expect(st == 200, f"PUT manifest: {st} {body}")
-    job = body["job"]["job"]
+    job = push_job(w, a, a_id, manifest, CHANGED)
     before = api(w, "GET", f"/v1/ota/jobs/{job}")[1]
     print(f"# device A's job {job}: {before['state']}, seq {before['seq']}")
 

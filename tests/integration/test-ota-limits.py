@@ -13,7 +13,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +21,7 @@ from fakedev import CHANGED, CREATED, POST, code, codestr, connect, frame, path_
 from harness import api_json as api  # noqa: E402
 from harness import local_publish  # noqa: E402
 from fakedev import max_age  # noqa: E402
-from otakit import sign_manifest  # noqa: E402
+from otakit import push_job, sign_manifest  # noqa: E402
 
 CONFLICT, TOO_MANY = code(4, 9), code(4, 29)
 RATE, BURST = 2, 10
@@ -54,15 +53,7 @@ def test_fake_device_floods_its_own_job(w):
     d, dev_id = connect(w, device)
     other, _ = connect(w)
 
-    out = {}
-    t = threading.Thread(target=lambda: out.update(r=api(w, "PUT", f"/v1/devices/{dev_id}", {"manifest": manifest})))
-    t.start()
-    req = d.wait_for(lambda m: m.code == POST and m.path.startswith("o/"), what="POST /o/JOB")
-    d.answer(req, CREATED)
-    t.join(seconds(30))
-    st, body = out["r"]
-    expect(st == 200, f"PUT manifest: {st} {body}")
-    job = body["job"]["job"]
+    job = push_job(w, d, dev_id, manifest, CREATED)
     stream.wait(lambda m: ota_states(stream, job)[-1:] == ["accepted"], 30, "the job accepted")
     before = len(ota_states(stream, job))
     logged_before = sum(1 for line in w.cloud.lines if f"OTA job {job} on device" in line)
