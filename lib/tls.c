@@ -67,7 +67,12 @@ struct TlsServerKeys {
         STACK_OF(X509_NAME) *ca_names;    /* sent in the CertificateRequest */
         TlsPeerCheck check;
         void *check_userdata;
+        bool allow_anonymous;             /* no client certificate: an enrollment session */
 };
+
+void tls_server_keys_allow_anonymous(TlsServerKeys *k, bool allow) {
+        k->allow_anonymous = allow;
+}
 
 void tls_server_keys_set_peer_check(TlsServerKeys *k, TlsPeerCheck check, void *userdata) {
         k->check = check;
@@ -395,10 +400,16 @@ static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
                 return 0;
         /* libcoap set its callback on this SSL just before calling us. */
         cb = SSL_get_verify_callback(ssl);
-        if (cb && cb != server_verify_cb) {
+        if (cb && cb != server_verify_cb)
                 libcoap_verify_cb = cb;
-                SSL_set_verify(ssl, SSL_get_verify_mode(ssl), server_verify_cb);
-        }
+        /* libcoap asks for a certificate and fails the handshake without
+         * one; a client that sends none may go on when anonymous sessions
+         * are allowed (the caller then lets it do nothing but enroll). A
+         * certificate that is sent is verified as before. */
+        SSL_set_verify(ssl,
+                       k->allow_anonymous ? SSL_get_verify_mode(ssl) & ~SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+                                          : SSL_get_verify_mode(ssl),
+                       server_verify_cb);
         if (SSL_use_certificate(ssl, k->cert) != 1 || SSL_use_PrivateKey(ssl, k->key) != 1)
                 return 0;
         SSL_set_options(ssl, SSL_OP_NO_TICKET);
@@ -453,12 +464,28 @@ void tls_pki_init(coap_dtls_pki_t *ret_pki, const TlsFiles *files, TlsHostCheck 
                 .pki_key.key.pem.public_cert = files->cert_file,
                 .pki_key.key.pem.private_key = files->key_file,
         };
+        /* Anonymous (enrollment): no certificate of our own. */
+        if (!files->cert_file || !*files->cert_file) {
+                pki.pki_key.key.pem.public_cert = NULL;
+                pki.pki_key.key.pem.private_key = NULL;
+        }
         /* SNI must not be an IP literal (RFC 6066). */
         if (expected_host && host_is_ip(expected_host))
                 pki.client_sni = NULL;
         if (check)
                 check->failure[0] = 0;
         *ret_pki = pki;
+}
+
+bool tls_session_anonymous(coap_session_t *session) {
+        coap_tls_library_t lib;
+        void *tls = coap_session_get_tls(session, &lib);
+        X509 *x;
+
+        if (!tls || lib != COAP_TLS_LIBRARY_OPENSSL || !SSL_is_init_finished(tls))
+                return false;
+        x = SSL_get0_peer_certificate(tls);
+        return !x && !coap_session_get_app_data(session);
 }
 
 const TlsPeer *tls_session_peer(coap_session_t *session) {

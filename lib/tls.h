@@ -23,7 +23,9 @@ typedef struct TlsHostCheck {
         char failure[256];
 } TlsHostCheck;
 
-/* Fill *ret_pki for a mutual TLS client. libcoap keeps the pointers: the
+/* Fill *ret_pki for a mutual TLS client. A files->cert_file that is NULL
+ * or "" makes an anonymous client (the server's certificate is still
+ * checked; used to enroll, when the device has no certificate yet). libcoap keeps the pointers: the
  * TlsFiles strings and *check must outlive every session made with it.
  * check->host is the cloud's name (checked against the leaf certificate
  * with X509_check_host, or X509_check_ip_asc for a literal address) and is
@@ -73,6 +75,11 @@ typedef struct TlsPeer {
  * thread that runs libcoap. */
 typedef int (*TlsPeerCheck)(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size);
 
+/* Let clients that send no certificate complete the handshake (default:
+ * refused). Such a session has no TlsPeer; tls_session_anonymous() tells
+ * it apart. A certificate that is sent is still verified. */
+void tls_server_keys_allow_anonymous(TlsServerKeys *keys, bool allow);
+
 /* Consult check (may be NULL) for every client certificate these keys
  * serve from now on. */
 void tls_server_keys_set_peer_check(TlsServerKeys *keys, TlsPeerCheck check, void *userdata);
@@ -80,13 +87,17 @@ void tls_server_keys_set_peer_check(TlsServerKeys *keys, TlsPeerCheck check, voi
 /* Fill *ret_pki for the server side of mutual TLS with keys, which must
  * stay alive while libcoap uses *ret_pki: until coap_context_set_pki() is
  * called with another one (libcoap reads the keys only while it handles
- * a ClientHello) or the context is freed. What the handshake learned of
+ * a ClientHello) or the context is freed. Clients must send a certificate
+ * unless tls_server_keys_allow_anonymous() said otherwise. What the handshake learned of
  * the peer is kept on the session, see tls_session_peer(). */
 void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys);
 
 /* What the handshake of a server session learned of the peer (NULL if it
  * got no certificate). Owned by the session; freed by tls_session_forget(). */
 const TlsPeer *tls_session_peer(coap_session_t *session);
+/* Whether a server session finished its handshake without any client
+ * certificate (see tls_server_keys_allow_anonymous()). */
+bool tls_session_anonymous(coap_session_t *session);
 /* The device ID of a server session whose peer passed every check, or
  * NULL. */
 const char *tls_session_peer_id(coap_session_t *session);
