@@ -223,6 +223,11 @@ unsigned api_tokens_create(Tokens *t, json_t *params, const char *actor, char re
         if ((spec.scopes & SCOPE_ADMIN) && (spec.n_devices || spec.n_tags))
                 return api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
                                 "An admin token cannot be restricted to devices or tags");
+        /* Nor one that lets new devices in: it is refused on
+         * /v1/provision, say so now. */
+        if ((spec.scopes & SCOPE_PROVISION_WRITE) && (spec.n_devices || spec.n_tags))
+                return api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
+                                "A provision:write token cannot be restricted to devices or tags");
         r = tokens_create(t, &spec, &secret, &j);
         if (r == -EUSERS)
                 return api_fail(ret_body, MHD_HTTP_CONFLICT,

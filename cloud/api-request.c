@@ -301,6 +301,15 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 p.name = rest + 7;
                 goto done;
         }
+        if (streq(rest, "provision")) {
+                p.route = API_ROUTE_PROVISIONS;
+                goto done;
+        }
+        if (startswith(rest, "provision/") && rest[10] && !strchr(rest + 10, '/')) {
+                p.route = API_ROUTE_PROVISION;
+                p.name = rest + 10;
+                goto done;
+        }
         if (match_events(rest, &prefix)) {
                 if (get) {
                         p.route = API_ROUTE_STREAM;
@@ -385,6 +394,9 @@ unsigned api_route_scope(ApiRoute route) {
         case API_ROUTE_REVOKE:
         case API_ROUTE_UNREVOKE:
                 return SCOPE_ADMIN;
+        case API_ROUTE_PROVISIONS:
+        case API_ROUTE_PROVISION:
+                return SCOPE_PROVISION_WRITE;
         case API_ROUTE_NOT_FOUND:
         case API_ROUTE_BAD_BODY:
         case API_ROUTE_NO_DEVICE:

@@ -133,6 +133,7 @@ struct Api {
         Store *store;
         Tokens *tokens;
         Registry *registry;
+        Provision *provision;
         Journal *journal;
         Devices *devices;
         Events *events;
@@ -1290,6 +1291,12 @@ static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url
         case API_ROUTE_UNREVOKE:
                 api_audit_begin(req, "device.unrevoke", p->device, NULL);
                 break;
+        case API_ROUTE_PROVISIONS:
+                api_audit_begin(req, "provision.create", NULL, NULL);
+                break;
+        case API_ROUTE_PROVISION:
+                api_audit_begin(req, "provision.revoke", p->name, NULL);
+                break;
         case API_ROUTE_NOT_FOUND:
         case API_ROUTE_DEVICE_BAD_METHOD:
         case API_ROUTE_NO_DEVICE:
@@ -1337,6 +1344,53 @@ static void api_admin(ApiRequest *req, const ApiParsed *p, const char *method) {
                         log_info("API token '%s' revoked by 'token:%s'; closed %u event stream(s) opened with it.",
                                  p->name, req->auth.id, n);
                 }
+        } else {
+                api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
+                return;
+        }
+        api_set_json(req, status, body);
+}
+
+/* /v1/provision[/ID] (provision:write or admin, checked). */
+static void api_provision(ApiRequest *req, const ApiParsed *p, const char *method) {
+        bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
+        char actor[TOKENS_ID_MAX + 8];
+        Api *api = req->api;
+        json_t *body = NULL;
+        unsigned status;
+
+        /* A token restricted to some devices must not make tokens that
+         * let new devices in (with tags of its choosing). */
+        if (tokens_restricted(&req->auth)) {
+                api_set_error(req, MHD_HTTP_FORBIDDEN,
+                              "A token restricted to devices may not manage provisioning tokens", NULL);
+                return;
+        }
+        snprintf(actor, sizeof(actor), "token:%s", req->auth.id);
+        if (p->route == API_ROUTE_PROVISIONS && get)
+                status = api_provision_list(api->provision, &body);
+        else if (p->route == API_ROUTE_PROVISIONS && streq(method, MHD_HTTP_METHOD_POST)) {
+                char id[PROVISION_ID_MAX + 1] = "";
+                json_t *none = NULL;
+
+                if (!p->params && !(none = json_object()))
+                        return;
+                status = api_provision_create(api->provision, p->params ?: none, actor, id, &body);
+                json_decref(none);
+                /* What the token allows, never the token. */
+                if (status == MHD_HTTP_CREATED)
+                        api_audit_begin(req, "provision.create", id,
+                                        json_pack("{s:O?, s:O?, s:O?, s:O?}", "uses_max",
+                                                  json_object_get(body, "uses_max"), "expires_at",
+                                                  json_object_get(body, "expires_at"), "tags",
+                                                  json_object_get(body, "tags"), "name",
+                                                  json_object_get(body, "name")));
+        } else if (p->route == API_ROUTE_PROVISION && get)
+                status = api_provision_get(api->provision, p->name, &body);
+        else if (p->route == API_ROUTE_PROVISION && streq(method, MHD_HTTP_METHOD_DELETE)) {
+                status = api_provision_revoke(api->provision, p->name, actor, &body);
+                if (status == MHD_HTTP_OK)
+                        log_info("Provisioning token '%s' revoked by '%s'.", p->name, actor);
         } else {
                 api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
                 return;
@@ -1544,6 +1598,10 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_TOKEN:
         case API_ROUTE_AUDIT:
                 api_admin(req, &p, method);
+                break;
+        case API_ROUTE_PROVISIONS:
+        case API_ROUTE_PROVISION:
+                api_provision(req, &p, method);
                 break;
         case API_ROUTE_DEVICE_BAD_METHOD:
                 /* Without looking the device up: any good token reaches
@@ -1841,8 +1899,8 @@ Api *api_free(Api *api) {
         return NULL;
 }
 
-int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *registry, Journal *journal,
-            Devices *devices, Events *events, Ota *ota, unsigned *ret_port, Api **ret) {
+int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *registry, Provision *provision,
+            Journal *journal, Devices *devices, Events *events, Ota *ota, unsigned *ret_port, Api **ret) {
         _cleanup_(api_freep) Api *api = NULL;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
@@ -1859,6 +1917,7 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
         api->config = config;
         api->store = store;
         api->registry = registry;
+        api->provision = provision;
         api->journal = journal;
         api->devices = devices;
         api->events = events;

@@ -28,6 +28,7 @@
 #include "journal.h"
 #include "ota.h"
 #include "proto.h"
+#include "provision.h"
 #include "registry.h"
 #include "store.h"
 #include "tokens.h"
@@ -35,10 +36,11 @@
 typedef struct Api Api;
 
 /* Start the HTTP API; *ret_port is the bound port. event, config, store,
- * registry, journal, devices, events and ota are borrowed and must outlive
- * the Api. Logs what failed; *ret is the caller's (api_free()). */
-int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *registry, Journal *journal,
-            Devices *devices, Events *events, Ota *ota, unsigned *ret_port, Api **ret);
+ * registry, provision, journal, devices, events and ota are borrowed and
+ * must outlive the Api. Logs what failed; *ret is the caller's
+ * (api_free()). */
+int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *registry, Provision *provision,
+            Journal *journal, Devices *devices, Events *events, Ota *ota, unsigned *ret_port, Api **ret);
 /* Answer or drop every open request (pending device calls are cancelled,
  * event streams end cleanly, Ota's waiting requests are resumed) and stop
  * the HTTP server. NULL is fine; returns NULL. */
@@ -90,6 +92,20 @@ unsigned api_tokens_revoke(Tokens *t, const char *id, json_t **ret_body);
  * parameters as given (NULL: absent). */
 unsigned api_audit_query(Store *s, const char *after, const char *limit, const char *action, const char *target,
                          json_t **ret_body);
+/* ---- api-provision.c ------------------------------------------------------ */
+
+/* The provisioning token requests, each as the admin requests above.
+ * POST /v1/provision: params (borrowed), actor who asks ("token:ID"); on
+ * success (201) ret_id is the new token's id. */
+unsigned api_provision_create(Provision *p, json_t *params, const char *actor,
+                              char ret_id[static PROVISION_ID_MAX + 1], json_t **ret_body);
+/* GET /v1/provision */
+unsigned api_provision_list(Provision *p, json_t **ret_body);
+/* GET /v1/provision/ID */
+unsigned api_provision_get(Provision *p, const char *id, json_t **ret_body);
+/* DELETE /v1/provision/ID */
+unsigned api_provision_revoke(Provision *p, const char *id, const char *actor, json_t **ret_body);
+
 /* GET /v1/devices for a token restricted to devices: the devices it
  * lists that the cloud knows, in the token's order; the shapes of
  * api_devices_list(). NULL on OOM. */

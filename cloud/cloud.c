@@ -14,6 +14,7 @@
 #include "journal.h"
 #include "log.h"
 #include "ota.h"
+#include "provision.h"
 #include "registry.h"
 #include "stats.h"
 #include "store.h"
@@ -24,6 +25,9 @@ struct Cloud {
         sd_event *event;
         Store *store;
         Registry *registry;
+        /* Provisioning tokens: the Api manages them, enrollment uses
+         * them (both borrow this one). */
+        Provision *provision;
         Journal *journal;
         Events *events;
         Devices *devices;
@@ -211,6 +215,7 @@ Cloud *cloud_free(Cloud *c) {
         c->ota = ota_free(c->ota);
         c->devices = devices_free(c->devices);
         c->registry = registry_free(c->registry);
+        c->provision = provision_free(c->provision);
         c->events = events_free(c->events);
         c->journal = journal_free(c->journal);
         c->store = store_free(c->store);
@@ -298,6 +303,9 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                          &c->registry);
         if (r < 0)
                 return r;
+        r = provision_open(c->store, &c->provision);
+        if (r < 0)
+                return r;
         r = events_new(config, c->journal, &eh, &c->events);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event router: %m");
@@ -311,8 +319,8 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = ota_new(c->event, config, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
         if (r < 0)
                 return r;
-        r = api_new(c->event, config, c->store, c->registry, c->journal, c->devices, c->events, c->ota, &c->api_port,
-                    &c->api);
+        r = api_new(c->event, config, c->store, c->registry, c->provision, c->journal, c->devices, c->events, c->ota,
+                    &c->api_port, &c->api);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(c);

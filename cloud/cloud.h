@@ -11,7 +11,9 @@
  *   api-request.c api_   parsing and routing of API requests, pure (api-request.h)
  *   api-list.c api_      GET /v1/devices, whole or by page (api.h)
  *   api-admin.c api_     /v1/tokens, /v1/audit, a restricted token's device list (api.h)
+ *   api-provision.c api_ /v1/provision[/ID]: provisioning tokens through the API (api.h)
  *   tokens.c   tokens_   API tokens: the token files' and cloud.db's, scopes, expiry (tokens.h)
+ *   provision.c provision_ provisioning tokens: what lets a device enroll (provision.h)
  *   ratelimit.c ratelimit_ token buckets by key, for the API's rate limits (ratelimit.h)
  *   scopes.c   scope_    token scopes and their names, pure (scopes.h)
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS (ota.h)
@@ -25,9 +27,10 @@
  * Dependencies point one way (a -> b: a calls b directly); calls the other
  * way go through hook structs that cloud.c implements:
  *
- *   Cloud ---owns---> Api, Ota, Devices, Registry, Events, Journal, Store, CloudConfig
- *   Api ----> Ota, Devices, Registry, Events, Journal, Store, Tokens (owned by the Api)
+ *   Cloud ---owns---> Api, Ota, Devices, Registry, Provision, Events, Journal, Store, CloudConfig
+ *   Api ----> Ota, Devices, Registry, Provision, Events, Journal, Store, Tokens (owned by the Api)
  *   Tokens -> Store, CloudConfig (the token files)
+ *   Provision -> Store
  *   Registry -> Store;  RegistryHooks -> Devices (close), Events (revoked)
  *   Ota ----> Devices, Events, Journal;  OtaHooks -> Api (kick)
  *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)

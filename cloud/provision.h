@@ -11,8 +11,12 @@
  * A use is consumed by provision_consume() and committed (store_commit())
  * before it returns: under any concurrency exactly uses_max enrollments
  * succeed (the Provision is used from the loop's thread only, so checks
- * and updates do not interleave). Errors are negative errno values; ret_*
- * parameters are untouched on failure. No logging but the Store's. */
+ * and updates do not interleave, and the UPDATE that takes a use states
+ * the conditions again). Nothing is cached: every call reads the table,
+ * so what it says is what is committed. Errors are negative errno values
+ * (-EIO, -ENOMEM, -EBUSY: the database's, see store_error()); ret_*
+ * parameters are untouched on failure unless said otherwise. No logging
+ * but the Store's. */
 #pragma once
 
 #include <jansson.h>
@@ -32,6 +36,7 @@
 #define PROVISION_LIFETIME_DEFAULT (7LL * 86400)
 #define PROVISION_LIFETIME_MAX (10LL * 366 * 86400)
 #define PROVISION_REASON_MAX 160
+#define PROVISION_LIVE_MAX 10000    /* tokens neither revoked, used up nor expired */
 
 typedef struct Provision Provision;
 
@@ -56,7 +61,8 @@ int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]);
 /* Make a token: committed. *ret_secret is the token (freed by the caller
  * with OPENSSL_clear_free()), *ret_json its description (the shape of
  * provision_to_json()'s elements). -EINVAL for a spec that breaks the
- * limits above. */
+ * limits above (the caller checks them first, to say which), -EUSERS
+ * with PROVISION_LIVE_MAX live tokens already. */
 int provision_create(Provision *p, const ProvisionSpec *spec, char **ret_secret, json_t **ret_json);
 /* Revoke by id, by actor: committed. -ENOENT unknown, -EALREADY revoked. */
 int provision_revoke(Provision *p, const char *id, const char *actor);
@@ -66,11 +72,15 @@ int provision_revoke(Provision *p, const char *id, const char *actor);
  * -ENOKEY unknown (or malformed), -EKEYEXPIRED, -EUSERS used up,
  * -EKEYREVOKED; reason (PROVISION_REASON_MAX bytes) then says so in words
  * a device shows its user ("provisioning token used up (5 of 5 uses)"),
- * and ret_id is filled where the token is known. ret_tags may be NULL. */
+ * and ret_id is filled where the token is known. ret_tags may be NULL.
+ * Other errors are the database's (reason not filled): the caller answers
+ * "try again later", not a refusal. */
 int provision_check(Provision *p, const char *token, char ret_id[static PROVISION_ID_MAX + 1],
                     json_t **ret_tags, char reason[static PROVISION_REASON_MAX]);
-/* provision_check(), then use one of its uses for device_id: committed
- * before it returns. */
+/* provision_check(), then use one of its uses for device_id (who used
+ * it is the caller's audit record, device.enroll): committed before it
+ * returns. On an error of the database the use may or may not be on disk
+ * (never handed out twice: at worst one use is lost). */
 int provision_consume(Provision *p, const char *token, const char *device_id,
                       char ret_id[static PROVISION_ID_MAX + 1], json_t **ret_tags,
                       char reason[static PROVISION_REASON_MAX]);

@@ -22,9 +22,10 @@ typedef enum Scope {
         SCOPE_OTA_WRITE = 1u << 4,      /* /v1/ota/..., PUT /v1/devices/ID */
         SCOPE_METRICS_READ = 1u << 5,   /* GET /metrics */
         SCOPE_ADMIN = 1u << 6,          /* everything, tokens and the audit log too */
+        SCOPE_PROVISION_WRITE = 1u << 7, /* /v1/provision[/ID]: provisioning tokens, and nothing else */
 } Scope;
 
-#define SCOPE_ALL 0x7fu
+#define SCOPE_ALL 0xffu
 #define SCOPE_NAME_MAX 16
 
 /* The name of one scope bit; NULL for anything else. */

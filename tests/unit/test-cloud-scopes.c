@@ -24,7 +24,7 @@ static void test_names_round_trip(void **state) {
                 assert_int_equal(back, bit);
                 n++;
         }
-        assert_int_equal(n, 7);
+        assert_int_equal(n, 8);
         assert_null(scope_name(0));
         assert_null(scope_name(SCOPE_DEVICES_READ | SCOPE_ADMIN));
         assert_null(scope_name(SCOPE_ALL + 1));
@@ -99,9 +99,10 @@ static void test_text_and_json(void **state) {
         /* Never half a name. */
         assert_string_equal(scope_to_text(SCOPE_DEVICES_READ | SCOPE_EVENTS_READ, buf, 20), "devices:read");
         j = scope_to_json(SCOPE_ALL);
-        assert_int_equal(json_array_size(j), 7);
+        assert_int_equal(json_array_size(j), 8);
         assert_string_equal(json_string_value(json_array_get(j, 0)), "devices:read");
         assert_string_equal(json_string_value(json_array_get(j, 6)), "admin");
+        assert_string_equal(json_string_value(json_array_get(j, 7)), "provision:write");
         json_decref(j);
 }
 
@@ -117,6 +118,10 @@ static void test_allows(void **state) {
         assert_false(scope_allows(SCOPE_DEVICES_READ, SCOPE_DEVICES_READ | SCOPE_EVENTS_READ));
         assert_true(scope_allows(SCOPE_DEVICES_READ | SCOPE_EVENTS_READ, SCOPE_DEVICES_READ | SCOPE_EVENTS_READ));
         assert_false(scope_allows(0, SCOPE_METRICS_READ));
+        /* provision:write gives nothing else, and admin gives it. */
+        assert_true(scope_allows(SCOPE_ADMIN, SCOPE_PROVISION_WRITE));
+        assert_false(scope_allows(SCOPE_PROVISION_WRITE, SCOPE_ADMIN));
+        assert_false(scope_allows(SCOPE_PROVISION_WRITE, SCOPE_DEVICES_READ));
 }
 
 int main(void) {
