@@ -1292,10 +1292,14 @@ static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url
                 api_audit_begin(req, "device.unrevoke", p->device, NULL);
                 break;
         case API_ROUTE_PROVISIONS:
-                api_audit_begin(req, "provision.create", NULL, NULL);
-                break;
         case API_ROUTE_PROVISION:
-                api_audit_begin(req, "provision.revoke", p->name, NULL);
+                /* Another method (405) creates or revokes nothing. */
+                if (p->route == API_ROUTE_PROVISIONS && streq(method, MHD_HTTP_METHOD_POST))
+                        api_audit_begin(req, "provision.create", NULL, NULL);
+                else if (p->route == API_ROUTE_PROVISION && streq(method, MHD_HTTP_METHOD_DELETE))
+                        api_audit_begin(req, "provision.revoke", p->name, NULL);
+                else
+                        api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
                 break;
         case API_ROUTE_NOT_FOUND:
         case API_ROUTE_DEVICE_BAD_METHOD:

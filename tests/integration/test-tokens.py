@@ -23,7 +23,7 @@ from harness import EMULATOR, SLOW, TETHER, Failure, expect, poll, run  # noqa: 
 import fakedev  # noqa: E402
 
 SCOPES = ("devices:read", "functions:call", "events:read", "events:publish", "ota:write", "metrics:read",
-          "admin")
+          "admin", "provision:write")
 SHA = "0" * 64
 
 
@@ -80,6 +80,10 @@ ROUTES = [
     ("admin", "POST", "/v1/tokens", {"scopes": ["devices:read"], "name": "made by the table"}),
     ("admin", "DELETE", "/v1/tokens/0123456789abcdef", None),
     ("admin", "GET", "/v1/audit", None),
+    ("provision:write", "GET", "/v1/provision", None),
+    ("provision:write", "POST", "/v1/provision", {"uses": 1}),
+    ("provision:write", "GET", "/v1/provision/prov-00000000", None),
+    ("provision:write", "DELETE", "/v1/provision/prov-00000000", None),
 ]
 
 
