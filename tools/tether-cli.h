@@ -63,6 +63,9 @@ typedef struct CliArgs {
         size_t n_scopes;
         const char *token_name;
         long long token_expires; /* --expires seconds, 0: never */
+        /* provision create (also --name, --tag above) */
+        long long provision_uses;    /* --uses, 0: not given */
+        long long provision_expires; /* --expires seconds, 0: not given */
         /* audit */
         bool audit_follow;
         const char *audit_action, *audit_target;
@@ -107,6 +110,13 @@ const char *json_string_or(json_t *o, const char *key, const char *fallback);
 /* tether-admin.c: "tether tokens ...", "tether audit" */
 int cmd_tokens(Api *a, char **args, int n);
 int cmd_audit(Api *a, char **args, int n);
+
+/* tether-provision.c: "tether provision ..." */
+int cmd_provision(Api *a, char **args, int n);
+/* A --expires DURATION: whole seconds, or a number with one of the
+ * suffixes s, m, h, d, w; 1 s to 10 years. 0, -EINVAL (malformed) or
+ * -ERANGE. */
+int provision_duration_parse(const char *s, long long *ret);
 
 /* tether-ota.c: "tether ota ..." */
 int cmd_ota(Api *a, char **args, int n);

@@ -1296,6 +1296,14 @@ static void help(void) {
                "        --device DEVICE, --tag TAG  only these devices (repeatable)\n"
                "  tokens list                   list API tokens (admin), never their secrets\n"
                "  tokens revoke ID              revoke a token (admin); its event streams end\n"
+               "  provision create              make a provisioning token (admin or provision:write);\n"
+               "                                  prints only the token, details on stderr\n"
+               "        --uses N                  devices that may enroll with it (default 1)\n"
+               "        --expires DURATION        90s, 30m, 12h, 7d, 52w or seconds (default 7d)\n"
+               "        --tag NAME=VALUE          every device enrolled with it gets it (repeatable)\n"
+               "        --name NAME               what it is for\n"
+               "  provision list                list provisioning tokens, never the tokens\n"
+               "  provision revoke ID           revoke a provisioning token\n"
                "  audit                         print the audit log (admin)\n"
                "        --follow                  keep printing new records\n"
                "        --action PREFIX, --target TARGET, --after ID  filter\n"
@@ -1346,6 +1354,7 @@ enum {
         OPT_TARGET,
         OPT_AFTER,
         OPT_REASON,
+        OPT_USES,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1358,6 +1367,7 @@ static const struct {
         { "get", cmd_get },         { "publish", cmd_publish },   { "subscribe", cmd_subscribe },
         { "ota", cmd_ota },         { "tokens", cmd_tokens },     { "audit", cmd_audit },
         { "register", cmd_register }, { "revoke", cmd_revoke },    { "unrevoke", cmd_unrevoke },
+        { "provision", cmd_provision },
 };
 
 static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
@@ -1392,6 +1402,7 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "target", required_argument, NULL, OPT_TARGET },
                 { "after", required_argument, NULL, OPT_AFTER },
                 { "reason", required_argument, NULL, OPT_REASON },
+                { "uses", required_argument, NULL, OPT_USES },
                 {},
         };
         const char *cmd, *expires = NULL;
@@ -1547,6 +1558,14 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 case OPT_REASON:
                         arg.reason = optarg;
                         break;
+                case OPT_USES:
+                        errno = 0;
+                        arg.provision_uses = strtoll(optarg, &end, 10);
+                        if (errno || !(optarg[0] >= '0' && optarg[0] <= '9') || *end || arg.provision_uses < 1 ||
+                            arg.provision_uses > 1000000)
+                                return cli_usage_error("Invalid --uses '%s': expected a whole number from 1 to 1000000",
+                                                       optarg);
+                        break;
                 case ':':
                         return cli_usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
@@ -1599,20 +1618,33 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                         return cli_usage_error("Invalid --expires '%s': expected a duration like 3600, 90m, 12h or 30d",
                                                expires);
                 arg.token_expires *= mult;
+        } else if (expires && streq(cmd, "provision")) {
+                int k = provision_duration_parse(expires, &arg.provision_expires);
+
+                if (k == -ERANGE)
+                        return cli_usage_error("Invalid --expires '%s': a duration from 1 second to 10 years", expires);
+                if (k < 0)
+                        return cli_usage_error("Invalid --expires '%s': expected seconds or a number with s, m, h, d "
+                                               "or w (90s, 30m, 12h, 7d, 52w)",
+                                               expires);
         } else if (expires)
-                return cli_usage_error("--expires is an option of 'ota' and 'tokens create'");
+                return cli_usage_error("--expires is an option of 'ota', 'tokens create' and 'provision create'");
         if (arg.device && !streq(cmd, "subscribe") && !streq(cmd, "ota") && !streq(cmd, "tokens"))
                 return cli_usage_error("--device is an option of 'subscribe', 'ota' and 'tokens create'");
         if (arg.n_ota_devices > 1 && streq(cmd, "subscribe"))
                 return cli_usage_error("--device may be given once for 'subscribe'");
         if (arg.n_ota_tags > 0 && streq(cmd, "ota"))
                 ota_opts = true;
-        else if (arg.n_ota_tags > 0 && !streq(cmd, "tokens"))
-                return cli_usage_error("--tag is an option of 'ota' and 'tokens create'");
+        else if (arg.n_ota_tags > 0 && !streq(cmd, "tokens") && !streq(cmd, "provision"))
+                return cli_usage_error("--tag is an option of 'ota', 'tokens create' and 'provision create'");
         if ((arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
                 return cli_usage_error("--count and --resume are options of 'subscribe'");
-        if (token_opts && !streq(cmd, "tokens"))
-                return cli_usage_error("--scope, --name and --tag are options of 'tokens create'");
+        if (arg.n_scopes > 0 && !streq(cmd, "tokens"))
+                return cli_usage_error("--scope is an option of 'tokens create'");
+        if (token_opts && !streq(cmd, "tokens") && !streq(cmd, "provision"))
+                return cli_usage_error("--name is an option of 'tokens create' and 'provision create'");
+        if (arg.provision_uses > 0 && !streq(cmd, "provision"))
+                return cli_usage_error("--uses is an option of 'provision create'");
         if (audit_opts && !streq(cmd, "audit"))
                 return cli_usage_error("--follow, --action, --target and --after are options of 'audit'");
         if (arg.reason && !streq(cmd, "revoke"))
