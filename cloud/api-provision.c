@@ -157,7 +157,8 @@ unsigned api_provision_create(Provision *p, json_t *params, const char *actor,
                                         "\"expires_at\" must be an RFC 3339 time such as \"2030-01-31T12:00:00Z\"");
                 if (spec.expires_at <= now || spec.expires_at > now + PROVISION_LIFETIME_MAX)
                         return api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
-                                        "\"expires_at\" must be in the future, at most %lld seconds (10 years) from now",
+                                        "\"expires_at\" must be in the future, at most %lld seconds (10 years) "
+                                        "from now",
                                         PROVISION_LIFETIME_MAX);
         }
         v = json_object_get(params, "tags");

@@ -219,8 +219,9 @@ static void test_expiry(void **state) {
 
         assert_int_equal(provision_check(f->p, secret, id, NULL, reason), 0);
         /* Time passes: the row says it expired a second ago. */
-        assert_int_equal(sqlite3_exec(store_db(f->store), "UPDATE provision_tokens SET expires_at = strftime('%s','now') - 1",
-                                      NULL, NULL, NULL),
+        assert_int_equal(sqlite3_exec(store_db(f->store),
+                                      "UPDATE provision_tokens SET expires_at = strftime('%s','now') - 1", NULL, NULL,
+                                      NULL),
                          SQLITE_OK);
         assert_int_equal(provision_check(f->p, secret, id, NULL, reason), -EKEYEXPIRED);
         assert_string_equal(reason, "provisioning token expired");
