@@ -124,9 +124,30 @@ static void cert_describe(X509 *x, TlsPeer *p) {
         if (X509_digest(x, EVP_sha256(), md, &n) == 1)
                 for (unsigned i = 0; i < n && 2 * i + 2 < sizeof(p->fingerprint); i++)
                         snprintf(p->fingerprint + 2 * i, 3, "%02x", md[i]);
-        p->not_after = 0;
+        p->not_after = p->not_before = 0;
         if (ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm) == 1)
                 p->not_after = (int64_t)timegm(&tm);
+        if (ASN1_TIME_to_tm(X509_get0_notBefore(x), &tm) == 1)
+                p->not_before = (int64_t)timegm(&tm);
+        if (!X509_get0_pubkey(x) || tls_pubkey_sha256(X509_get0_pubkey(x), p->pubkey) < 0)
+                p->pubkey[0] = 0;
+}
+
+int tls_pubkey_sha256(EVP_PKEY *key, char ret[static 65]) {
+        unsigned char *der = NULL, md[EVP_MAX_MD_SIZE];
+        unsigned n = 0;
+        int len = i2d_PUBKEY(key, &der);
+
+        if (len <= 0)
+                return -EIO;
+        if (!EVP_Digest(der, (size_t)len, md, &n, EVP_sha256(), NULL) || n != 32) {
+                OPENSSL_free(der);
+                return -EIO;
+        }
+        OPENSSL_free(der);
+        for (unsigned i = 0; i < n; i++)
+                snprintf(ret + 2 * i, 3, "%02x", md[i]);
+        return 0;
 }
 
 /* The device ID of a verified leaf: exactly one commonName, a valid

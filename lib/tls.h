@@ -64,7 +64,9 @@ typedef struct TlsPeer {
         char issuer[256];
         char serial[80];       /* hex, upper case */
         char fingerprint[65];  /* SHA-256 of the leaf's DER, hex */
+        int64_t not_before;    /* the leaf's validity, seconds since the epoch */
         int64_t not_after;     /* the leaf's expiry, seconds since the epoch */
+        char pubkey[65];       /* SHA-256 of the leaf's public key (DER SubjectPublicKeyInfo), hex */
         bool refused;
         char reason[192];
 } TlsPeer;
@@ -112,6 +114,12 @@ const char *tls_session_verify_error(coap_session_t *session);
 /* Set TCP_NODELAY on the session's socket (docs/design/libcoap.md: Nagle
  * plus delayed ACK add ~20 ms to the handshake). 0 or negative errno. */
 int tls_session_set_nodelay(coap_session_t *session);
+
+/* The SHA-256 of key's DER SubjectPublicKeyInfo in lower-case hex: what
+ * TlsPeer.pubkey holds, so a CSR's key can be compared with a peer's.
+ * 0, or -EIO. */
+struct evp_pkey_st;
+int tls_pubkey_sha256(struct evp_pkey_st *key, char ret[static 65]);
 
 /* Check that every file exists and is readable; -errno and *ret_path
  * set to the failing path otherwise. */
