@@ -77,6 +77,17 @@ typedef struct CloudConfig {
         char *ota_public_url; /* NULL: https://LISTEN:PORT */
         unsigned ota_max_artifact_mb;
 
+        /* [Enroll]: enrollment and renewal are on when one signer is set
+         * (docs/enrollment.md): the built-in one (enroll_ca_cert and
+         * enroll_ca_key, both or neither) or an external command. */
+        char *enroll_ca_cert;
+        char *enroll_ca_key;
+        char *sign_command;             /* absolute path, then arguments split on blanks */
+        unsigned sign_timeout_sec;      /* the command is killed after this */
+        unsigned sign_concurrency;      /* commands running at once */
+        unsigned cert_validity_sec;     /* lifetime of issued certificates */
+        bool enroll_enabled;            /* a signer is configured */
+
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
         size_t n_tokens;

@@ -76,6 +76,9 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         free(c->ota_listen);
         free(c->ota_dir);
         free(c->ota_public_url);
+        free(c->enroll_ca_cert);
+        free(c->enroll_ca_key);
+        free(c->sign_command);
         if (c->token_digests)
                 OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
         free(c->token_digests);
@@ -138,6 +141,12 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("OTA", "Port", ota_port, 0, 65535),
         STR_KEY("OTA", "PublicURL", ota_public_url),
         UINT_KEY("OTA", "MaxArtifactMB", ota_max_artifact_mb, 1, 1048576),
+        STR_KEY("Enroll", "CACertificate", enroll_ca_cert),
+        STR_KEY("Enroll", "CAKey", enroll_ca_key),
+        STR_KEY("Enroll", "SignCommand", sign_command),
+        UINT_KEY("Enroll", "SignTimeoutSec", sign_timeout_sec, 1, 3600),
+        UINT_KEY("Enroll", "SignConcurrency", sign_concurrency, 1, 256),
+        UINT_KEY("Enroll", "CertificateValiditySec", cert_validity_sec, 300, 315360000),
 };
 
 /* Every bad value is logged, not only the first. */
@@ -163,7 +172,7 @@ static int cloud_config_handler(KeyfileParser *p, const char *section, const cha
                 return 1;
         }
         if (!streq(section, "Cloud") && !streq(section, "API") && !streq(section, "State") &&
-            !streq(section, "Events") && !streq(section, "OTA"))
+            !streq(section, "Events") && !streq(section, "OTA") && !streq(section, "Enroll"))
                 log_warning("%s:%u: Unknown section [%s], ignoring %s=.", p->path, p->line, section, name);
         else
                 log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", p->path, p->line, name, section);
@@ -328,6 +337,27 @@ int cloud_config_reload_tokens(CloudConfig *c) {
         return cloud_config_load_tokens(c);
 }
 
+/* [Enroll]: what can be told without reading the files (the Signer reads
+ * and checks them at start). */
+static int cloud_config_check_enroll(CloudConfig *c, const char *path) {
+        if (!c->enroll_ca_cert != !c->enroll_ca_key)
+                return log_error_errno(-EINVAL, "%s: [Enroll] CACertificate= and CAKey= go together.", path);
+        if (c->enroll_ca_cert && c->sign_command)
+                return log_error_errno(-EINVAL,
+                                       "%s: [Enroll] CACertificate= and SignCommand= exclude each other: "
+                                       "choose the built-in signer or an external command.",
+                                       path);
+        if (c->sign_command) {
+                const char *s = c->sign_command + strspn(c->sign_command, " \t");
+
+                if (*s != '/')
+                        return log_error_errno(-EINVAL, "%s: [Enroll] SignCommand= must start with an absolute path, "
+                                               "not '%s'.", path, c->sign_command);
+        }
+        c->enroll_enabled = c->enroll_ca_cert || c->sign_command;
+        return 0;
+}
+
 int cloud_config_load(const char *path, CloudConfig **ret) {
         _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
         int r;
@@ -375,6 +405,9 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->device_journal_share = 25;
         c->ota_port = 5685;
         c->ota_max_artifact_mb = 1024;
+        c->sign_timeout_sec = 30;
+        c->sign_concurrency = 4;
+        c->cert_validity_sec = 30 * 86400;
 
         r = cloud_config_parse_keyfile(c, path);
         if (r < 0)
@@ -401,6 +434,9 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
                                        "%s: [Events] DeviceByteBurst=%u is below MaxPayload=%u plus the longest "
                                        "event name (%u): the largest event could never be published.",
                                        path, c->device_byte_burst, c->max_payload, TETHER_EVENT_NAME_MAX);
+        r = cloud_config_check_enroll(c, path);
+        if (r < 0)
+                return r;
         r = cloud_config_load_tokens(c);
         if (r < 0)
                 return r;

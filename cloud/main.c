@@ -43,6 +43,7 @@ static int run(int argc, char *argv[]) {
         sigaddset(&mask, SIGTERM);
         sigaddset(&mask, SIGINT);
         sigaddset(&mask, SIGHUP);
+        sigaddset(&mask, SIGCHLD); /* the signing command (signer.c) */
         if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0) {
                 cloud_config_free(config);
                 return log_error_errno(errno, "Failed to block signals: %m");
