@@ -29,6 +29,16 @@ static const char *const registry_schema[] = {
         "  revoked_usec INTEGER,"
         "  revoked_reason TEXT,"
         "  revoked_by TEXT);",
+        /* Enrollment (enroll.h): the tags of the provisioning token, and the
+         * certificate the cloud issued or the device last connected with:
+         * its validity, when and how it was issued, and its public key
+         * (tls_pubkey_sha256(); '' once unrevoke cleared it, NULL when not
+         * known, as for a device last seen before this step). */
+        "ALTER TABLE devices ADD COLUMN tags TEXT;"
+        "ALTER TABLE devices ADD COLUMN cert_not_before INTEGER;"
+        "ALTER TABLE devices ADD COLUMN cert_issued_usec INTEGER;"
+        "ALTER TABLE devices ADD COLUMN cert_issued_how TEXT;"
+        "ALTER TABLE devices ADD COLUMN cert_pubkey TEXT;",
 };
 
 enum {
@@ -38,17 +48,27 @@ enum {
         STMT_REGISTER,
         STMT_REVOKE,
         STMT_UNREVOKE,
+        STMT_ENROLLED,
+        STMT_RENEWED,
         _STMT_MAX,
 };
 
 static const char *const registry_sql[_STMT_MAX] = {
         [STMT_GET] = "SELECT registered_usec, registered_by, first_connected_usec, last_connected_usec, "
-                     "cert_serial, cert_fingerprint, cert_not_after, revoked_usec, revoked_reason, revoked_by "
+                     "cert_serial, cert_fingerprint, cert_not_after, revoked_usec, revoked_reason, revoked_by, "
+                     "tags, cert_not_before, cert_issued_usec, cert_issued_how, cert_pubkey "
                      "FROM devices WHERE id = ?1",
         [STMT_CONNECTED] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by, first_connected_usec, "
                            "last_connected_usec, last_heard_usec, last_address, cert_serial, cert_fingerprint, "
-                           "cert_not_after) VALUES (?1, ?2, ?2, 'self', ?2, ?2, ?2, ?3, ?4, ?5, ?6) "
+                           "cert_not_after, cert_not_before, cert_pubkey) "
+                           "VALUES (?1, ?2, ?2, 'self', ?2, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
                            "ON CONFLICT (id) DO UPDATE SET "
+                           /* Issued by the cloud: only while it is the same certificate. */
+                           "cert_issued_usec = CASE WHEN cert_fingerprint IS excluded.cert_fingerprint "
+                           "THEN cert_issued_usec END, "
+                           "cert_issued_how = CASE WHEN cert_fingerprint IS excluded.cert_fingerprint "
+                           "THEN cert_issued_how END, "
+                           "cert_not_before = excluded.cert_not_before, cert_pubkey = excluded.cert_pubkey, "
                            "registered_usec = coalesce(registered_usec, excluded.registered_usec), "
                            "registered_by = coalesce(registered_by, excluded.registered_by), "
                            "first_connected_usec = coalesce(first_connected_usec, excluded.first_connected_usec), "
@@ -65,8 +85,23 @@ static const char *const registry_sql[_STMT_MAX] = {
                         "VALUES (?1, ?2, ?2, ?3, ?4) ON CONFLICT (id) DO UPDATE SET "
                         "revoked_usec = excluded.revoked_usec, revoked_reason = excluded.revoked_reason, "
                         "revoked_by = excluded.revoked_by",
-        [STMT_UNREVOKE] = "UPDATE devices SET revoked_usec = NULL, revoked_reason = NULL, revoked_by = NULL "
-                          "WHERE id = ?1",
+        /* The recorded key goes too (docs/security.md, "Enrollment"): the
+         * operator's way to let a reflashed device enroll again under its ID. */
+        [STMT_UNREVOKE] = "UPDATE devices SET revoked_usec = NULL, revoked_reason = NULL, revoked_by = NULL, "
+                          "cert_pubkey = '' WHERE id = ?1",
+        [STMT_ENROLLED] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by, tags, cert_serial, "
+                          "cert_fingerprint, cert_not_before, cert_not_after, cert_issued_usec, cert_issued_how, "
+                          "cert_pubkey) VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2, ?9, ?10) "
+                          "ON CONFLICT (id) DO UPDATE SET "
+                          "registered_usec = coalesce(registered_usec, excluded.registered_usec), "
+                          "registered_by = coalesce(registered_by, excluded.registered_by), "
+                          "tags = excluded.tags, cert_serial = excluded.cert_serial, "
+                          "cert_fingerprint = excluded.cert_fingerprint, cert_not_before = excluded.cert_not_before, "
+                          "cert_not_after = excluded.cert_not_after, cert_issued_usec = excluded.cert_issued_usec, "
+                          "cert_issued_how = excluded.cert_issued_how, cert_pubkey = excluded.cert_pubkey",
+        [STMT_RENEWED] = "UPDATE devices SET cert_serial = ?5, cert_fingerprint = ?6, cert_not_before = ?7, "
+                         "cert_not_after = ?8, cert_issued_usec = ?2, cert_issued_how = ?9, cert_pubkey = ?10 "
+                         "WHERE id = ?1",
 };
 
 struct Registry {
@@ -177,6 +212,10 @@ int registry_connected(Registry *reg, const TlsPeer *peer, const char *address) 
                 rc = bind_text(st, 5, peer->fingerprint[0] ? peer->fingerprint : NULL);
         if (rc == SQLITE_OK)
                 rc = peer->not_after ? sqlite3_bind_int64(st, 6, peer->not_after) : sqlite3_bind_null(st, 6);
+        if (rc == SQLITE_OK)
+                rc = peer->not_before ? sqlite3_bind_int64(st, 7, peer->not_before) : sqlite3_bind_null(st, 7);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 8, peer->pubkey[0] ? peer->pubkey : NULL);
         return registry_step(reg, st, rc, "recording a connection in the device registry");
 }
 
@@ -297,6 +336,106 @@ int registry_unrevoke(Registry *reg, const char *id, const char *actor, bool *re
         return 0;
 }
 
+int registry_identity(Registry *reg, const char *id, RegistryIdentity *ret) {
+        sqlite3_stmt *st = reg->stmt[STMT_GET];
+        RegistryIdentity ident = {};
+        int r = registry_get(reg, id);
+
+        if (r < 0)
+                return r;
+        if (r > 0) {
+                const char *key = (const char *)sqlite3_column_text(st, 14);
+
+                ident.known = true;
+                ident.registered = sqlite3_column_type(st, 0) != SQLITE_NULL;
+                snprintf(ident.registered_by, sizeof(ident.registered_by), "%s",
+                         (const char *)sqlite3_column_text(st, 1) ?: "");
+                ident.revoked = sqlite3_column_type(st, 7) != SQLITE_NULL;
+                snprintf(ident.revoked_reason, sizeof(ident.revoked_reason), "%s",
+                         (const char *)sqlite3_column_text(st, 8) ?: "");
+                if (key)
+                        snprintf(ident.pubkey, sizeof(ident.pubkey), "%s", key);
+                /* A certificate seen before keys were recorded counts as
+                 * another key: nobody can prove it is theirs. */
+                ident.has_key = key ? key[0] != 0 : sqlite3_column_type(st, 5) != SQLITE_NULL;
+                registry_get_done(reg);
+        }
+        *ret = ident;
+        return 0;
+}
+
+int registry_issued(Registry *reg, const char *id, const RegistryCert *cert, bool enroll, const char *actor,
+                    json_t *tags) {
+        sqlite3_stmt *st = reg->stmt[enroll ? STMT_ENROLLED : STMT_RENEWED];
+        _cleanup_free_ char *tags_text = NULL;
+        RegistryRow row = {};
+        int rc, r, known;
+
+        if (!registry_id_valid(id))
+                return -EINVAL;
+        if (enroll && tags && json_object_size(tags) > 0) {
+                tags_text = json_dumps(tags, JSON_COMPACT | JSON_SORT_KEYS);
+                if (!tags_text)
+                        return -ENOMEM;
+        }
+        known = registry_row(reg, id, &row);
+        if (known < 0)
+                return known;
+        if (!enroll && !known)
+                return -ENOENT;
+        r = store_batch(reg->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 2, (sqlite3_int64)realtime_usec());
+        if (rc == SQLITE_OK && enroll)
+                rc = bind_text(st, 3, actor);
+        if (rc == SQLITE_OK && enroll)
+                rc = bind_text(st, 4, tags_text);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 5, cert->serial);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 6, cert->fingerprint);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 7, cert->not_before);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 8, cert->not_after);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 9, cert->how);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 10, cert->pubkey);
+        r = registry_step(reg, st, rc, enroll ? "recording an enrollment" : "recording a renewal");
+        if (r >= 0)
+                r = store_commit(reg->store);
+        if (r < 0)
+                return r;
+        if (!known)
+                reg->hooks.added(reg->hooks.userdata, id);
+        return 0;
+}
+
+int64_t registry_renew_after(int64_t not_before, int64_t not_after) {
+        return not_before + (not_after - not_before) / 3 * 2;
+}
+
+const char *registry_cert_state(int64_t not_before, int64_t not_after, int64_t now) {
+        if (now >= not_after)
+                return "expired";
+        if (not_before > 0 && now >= registry_renew_after(not_before, not_after))
+                return "renew-due";
+        return "valid";
+}
+
+static void unix_time_text(int64_t t, char buf[static 32]) {
+        time_t tt = (time_t)t;
+        struct tm tm;
+
+        buf[0] = 0;
+        if (t > 0 && gmtime_r(&tt, &tm))
+                strftime(buf, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
 /* A time column as RFC 3339 UTC text, or JSON null. */
 static json_t *column_time(sqlite3_stmt *st, int i) {
         uint64_t usec;
@@ -331,22 +470,33 @@ int registry_device_json(Registry *reg, const char *id, json_t *j, bool details)
         revoked = r > 0 && sqlite3_column_type(st, 7) != SQLITE_NULL;
         k |= json_object_set_new(j, "status", json_string(revoked ? "revoked" : "normal"));
         k |= json_object_set_new(j, "revoked", json_boolean(revoked));
+        if (r > 0 && sqlite3_column_type(st, 5) != SQLITE_NULL) {
+                int64_t nb = sqlite3_column_int64(st, 11), na = sqlite3_column_int64(st, 6);
+                const char *state = na > 0 ? registry_cert_state(nb, na, (int64_t)time(NULL)) : NULL;
+                char t_nb[32], t_na[32], t_ra[32];
+
+                unix_time_text(nb, t_nb);
+                unix_time_text(na, t_na);
+                unix_time_text(nb > 0 && na > 0 ? registry_renew_after(nb, na) : 0, t_ra);
+                if (details)
+                        cert = json_pack("{s:o, s:o, s:s?, s:s?, s:s?, s:o, s:o, s:s?}", "serial", column_text(st, 4),
+                                         "fingerprint", column_text(st, 5), "not_before", t_nb[0] ? t_nb : NULL,
+                                         "not_after", t_na[0] ? t_na : NULL, "renew_after", t_ra[0] ? t_ra : NULL,
+                                         "issued_at", column_time(st, 12), "issued_by", column_text(st, 13), "state",
+                                         state);
+                else
+                        cert = json_pack("{s:s?, s:s?}", "not_after", t_na[0] ? t_na : NULL, "state", state);
+                k |= cert ? json_object_set_new(j, "certificate", cert) : -1;
+        }
         if (r > 0 && details) {
+                const char *tags = (const char *)sqlite3_column_text(st, 10);
+                json_t *t = tags ? json_loads(tags, 0, NULL) : NULL;
+
+                k |= json_object_set_new(j, "tags", json_is_object(t) ? t : (json_decref(t), json_object()));
                 k |= json_object_set_new(j, "registered_at", column_time(st, 0));
                 k |= json_object_set_new(j, "registered_by", column_text(st, 1));
                 k |= json_object_set_new(j, "first_connected", column_time(st, 2));
                 k |= json_object_set_new(j, "last_connected", column_time(st, 3));
-                if (sqlite3_column_type(st, 5) != SQLITE_NULL) {
-                        time_t t = (time_t)sqlite3_column_int64(st, 6);
-                        struct tm tm;
-                        char when[32] = "";
-
-                        if (t > 0 && gmtime_r(&t, &tm))
-                                strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%SZ", &tm);
-                        cert = json_pack("{s:o, s:o, s:s?}", "serial", column_text(st, 4), "fingerprint",
-                                         column_text(st, 5), "not_after", when[0] ? when : NULL);
-                        k |= cert ? json_object_set_new(j, "certificate", cert) : -1;
-                }
                 if (revoked) {
                         k |= json_object_set_new(j, "revoked_at", column_time(st, 7));
                         k |= json_object_set_new(j, "revoked_reason", column_text(st, 8));

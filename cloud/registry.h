@@ -77,16 +77,54 @@ int registry_register(Registry *reg, const char *id, const char *actor, bool *re
  * runs. Revoking a revoked device keeps its first revocation
  * (*ret_changed false, no hook). */
 int registry_revoke(Registry *reg, const char *id, const char *reason, const char *actor, bool *ret_changed);
-/* Lift a revocation: -ENOENT for an id the registry does not know; a
- * device that is not revoked is left as it is (*ret_changed false). */
+/* Lift a revocation and forget the key recorded for id (so that a
+ * reflashed device may enroll again under its ID): -ENOENT for an id the
+ * registry does not know; a device that is not revoked is left as it is
+ * (*ret_changed false). */
 int registry_unrevoke(Registry *reg, const char *id, const char *actor, bool *ret_changed);
 
+/* What enrollment needs to know of id (registry_identity()). */
+typedef struct RegistryIdentity {
+        bool known, registered, revoked;
+        /* A certificate is recorded for it (issued, or connected with)
+         * whose key is pubkey (tls_pubkey_sha256(); "" when the key of a
+         * certificate seen before keys were recorded is unknown). False
+         * after registry_unrevoke(). */
+        bool has_key;
+        char pubkey[65];
+        char registered_by[128];
+        char revoked_reason[192];
+} RegistryIdentity;
+/* 0 and *ret (all false for an unknown id), or -EIO. */
+int registry_identity(Registry *reg, const char *id, RegistryIdentity *ret);
+
+/* A certificate the cloud issued. */
+typedef struct RegistryCert {
+        const char *serial, *fingerprint, *pubkey;
+        int64_t not_before, not_after; /* Unix seconds */
+        const char *how;               /* "enroll", "renew" */
+} RegistryCert;
+/* Record cert as id's, issued now: committed. enroll: the device is
+ * registered (if it was not, by actor, e.g. "provision:ID"), with tags (a
+ * JSON object, borrowed, may be NULL) replacing its tags, and the hook
+ * added runs if it was new; else a renewal (-ENOENT for an unknown id). */
+int registry_issued(Registry *reg, const char *id, const RegistryCert *cert, bool enroll, const char *actor,
+                    json_t *tags);
+/* When a certificate valid from not_before to not_after should be
+ * renewed: after 2/3 of its lifetime. */
+int64_t registry_renew_after(int64_t not_before, int64_t not_after);
+/* "valid", "renew-due" (past registry_renew_after(); never when
+ * not_before is 0, unknown) or "expired" at now. */
+const char *registry_cert_state(int64_t not_before, int64_t not_after, int64_t now);
+
 /* Add the registry's fields for id to the device object j: "status"
- * ("revoked" or "normal") and "revoked" always; with details also
+ * ("revoked" or "normal") and "revoked" always, and "certificate"
+ * {not_after, state} when one is known; with details also "tags",
  * "registered_at", "registered_by", "first_connected", "last_connected",
- * "certificate" {serial, fingerprint, not_after} and the revocation's
- * "revoked_at", "revoked_by", "revoked_reason". A device the registry
- * does not know gets status "normal". 0, -ENOMEM or -EIO. */
+ * "certificate" {serial, fingerprint, not_before, not_after, renew_after,
+ * issued_at, issued_by, state} and the revocation's "revoked_at",
+ * "revoked_by", "revoked_reason". A device the registry does not know
+ * gets status "normal". 0, -ENOMEM or -EIO. */
 int registry_device_json(Registry *reg, const char *id, json_t *j, bool details);
 
 /* Every device in the registry, in the order they were added: id, when
