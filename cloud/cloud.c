@@ -10,6 +10,7 @@
 #include "api.h"
 #include "cloud.h"
 #include "devices.h"
+#include "enroll.h"
 #include "events.h"
 #include "journal.h"
 #include "log.h"
@@ -28,6 +29,7 @@ struct Cloud {
         /* Provisioning tokens: the Api manages them, enrollment uses
          * them (both borrow this one). */
         Provision *provision;
+        Enroll *enroll; /* NULL unless [Enroll] is configured */
         Journal *journal;
         Events *events;
         Devices *devices;
@@ -103,6 +105,31 @@ static void cloud_device_conflict(void *userdata, Device *d, const char *establi
         cloud_publish(c, "tether/device/conflict", device_id(d),
                       json_pack("{s:s, s:s, s:s, s:s}", "device", device_id(d), "established", established,
                                 "newcomer", newcomer, "outcome", outcome));
+}
+
+static void cloud_enroll_request(void *userdata, const char *address, const coap_pdu_t *request,
+                                 coap_pdu_t *response) {
+        Cloud *c = userdata;
+
+        enroll_request(c->enroll, address, request, response);
+}
+
+static void cloud_cert_request(void *userdata, Device *d, const TlsPeer *peer, const char *address,
+                               const coap_pdu_t *request, coap_pdu_t *response) {
+        Cloud *c = userdata;
+
+        enroll_cert_request(c->enroll, device_id(d), peer->pubkey[0] ? peer->pubkey : NULL, address, request,
+                            response);
+}
+
+/* ---- EnrollHooks: enrollment towards devices ------------------------------------ */
+
+static void cloud_cert_renewed(void *userdata, const char *id, int64_t not_after) {
+        Cloud *c = userdata;
+        Device *d = devices_find(c->devices, id);
+
+        if (d)
+                device_cert_renewed(d, not_after);
 }
 
 /* ---- RegistryHooks: the registry towards devices and events ------------------ */
@@ -214,6 +241,7 @@ Cloud *cloud_free(Cloud *c) {
         c->api = api_free(c->api);
         c->ota = ota_free(c->ota);
         c->devices = devices_free(c->devices);
+        c->enroll = enroll_free(c->enroll);
         c->registry = registry_free(c->registry);
         c->provision = provision_free(c->provision);
         c->events = events_free(c->events);
@@ -248,6 +276,8 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .peer_check = cloud_peer_check,
                 .device_bound = cloud_device_bound,
                 .device_conflict = cloud_device_conflict,
+                .enroll_request = cloud_enroll_request,
+                .cert_request = cloud_cert_request,
         };
         rh = (RegistryHooks){
                 .userdata = c,
@@ -306,6 +336,12 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = provision_open(c->store, &c->provision);
         if (r < 0)
                 return r;
+        if (config->enroll_enabled) {
+                r = enroll_new(c->event, config, c->store, c->registry, c->provision,
+                               &(EnrollHooks){ .userdata = c, .renewed = cloud_cert_renewed }, &c->enroll);
+                if (r < 0)
+                        return r;
+        }
         r = events_new(config, c->journal, &eh, &c->events);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event router: %m");

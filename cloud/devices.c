@@ -80,6 +80,7 @@ struct Device {
         uint64_t dropped_events; /* since it stopped reading */
         char last_ip[INET6_ADDRSTRLEN];
         char last_addr[INET6_ADDRSTRLEN + 8]; /* with the port, for the log */
+        int64_t cert_not_after; /* the bound session's certificate (Unix seconds; 0: unknown) */
         sd_event_source *ping_timer;
         sd_event_source *describe_defer;
         DeviceCall *describe_call; /* the GET /d in flight, or NULL */
@@ -108,6 +109,8 @@ struct Session {
         bool closing;    /* queued for closing from the loop */
         bool unbound;    /* on the unbound list (accepted, no device yet) */
         bool refused_request; /* a request arrived while it was a contender */
+        bool anonymous;  /* an enrollment session: no certificate, never a device */
+        unsigned requests; /* requests on an enrollment session */
         Device *contends; /* the device whose ID it waits for (Device.contender) */
         uint64_t accepted; /* CLOCK_MONOTONIC µs */
         Session *hash_next;
@@ -178,6 +181,8 @@ struct Devices {
         size_t n_unbound;
         sd_event_source *handshake_timer;
         sd_event_source *admission_timer; /* when the oldest may be displaced */
+        sd_event_source *expiry_timer;    /* closes sessions whose certificate expired */
+        size_t n_enrolling;               /* enrollment sessions open */
         uint64_t bind_usec_avg;           /* accept to bound, recent devices */
         WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted;
         RefusalSlot refusals[DEVICES_REFUSAL_SLOTS];
@@ -510,6 +515,10 @@ static void session_free(Session *c) {
                 return;
         devs = c->devices;
         session_unbound_remove(c);
+        if (c->anonymous) {
+                devs->n_enrolling--;
+                stats_enrollment_sessions(-1);
+        }
         if (c->contends) {
                 /* The check goes on: a session that does not answer it is
                  * closed even when its contender is gone. */
@@ -1060,6 +1069,25 @@ void device_disconnect(Device *d, const char *reason) {
         session_queue_close(c);
 }
 
+void device_cert_renewed(Device *d, int64_t not_after) {
+        if (d->conn)
+                d->cert_not_after = not_after;
+}
+
+/* Close the sessions whose certificate expired (each is logged). */
+static int devices_expiry_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Devices *devs = userdata;
+        int64_t now = (int64_t)(realtime_usec() / USEC_PER_SEC);
+
+        for (Device *d = devs->dev_head; d; d = d->list_next)
+                if (d->conn && d->cert_not_after > 0 && d->cert_not_after <= now) {
+                        log_notice("Device '%s': the certificate of its session expired, closing it.", d->id);
+                        device_disconnect(d, "its certificate expired");
+                }
+        (void)sd_event_source_set_time(s, usec + DEVICES_EXPIRY_CHECK_SEC * USEC_PER_SEC);
+        return 0;
+}
+
 static int device_ping_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Device *d = userdata;
         Devices *devs = d->devices;
@@ -1180,6 +1208,7 @@ static void device_bind(Device *d, Session *c) {
         d->warned_too_big = false;
         d->dropped_events = 0;
         d->describe_again = false;
+        d->cert_not_after = peer->not_after;
         device_alive(d, 0);
         d->next_ping = d->last_alive + (uint64_t)devs->config->ping_sec * USEC_PER_SEC;
         device_arm_ping(d);
@@ -1340,6 +1369,15 @@ static void session_bind(Session *c) {
         int64_t took = (int64_t)(now_usec() - c->accepted);
         Device *d;
 
+        if (!id && devs->config->enroll_enabled && tls_session_anonymous(c->session)) {
+                /* An enrollment session: it stays on the unbound list, so
+                 * HandshakeTimeoutSec from accept closes it and it counts
+                 * against MaxHandshakes. Not logged (anyone can connect). */
+                c->anonymous = true;
+                devs->n_enrolling++;
+                stats_enrollment_sessions(1);
+                return;
+        }
         session_unbound_remove(c);
         devs->bind_usec_avg += (took - (int64_t)devs->bind_usec_avg) / 8;
         if (!id) {
@@ -1465,6 +1503,8 @@ static int devices_handshake_timer_cb(sd_event_source *s, uint64_t usec, void *u
         while ((c = devs->unbound_head) && c->accepted + timeout <= now) {
                 session_unbound_remove(c);
                 session_queue_close(c);
+                if (c->anonymous)
+                        continue; /* an enrollment session's time is up: expected */
                 stats_handshake_refused(STATS_REFUSED_TIMEOUT);
                 n++;
         }
@@ -1701,6 +1741,38 @@ static bool device_answer_fits(Session *c, Device *d) {
         return false;
 }
 
+/* A request on an enrollment session: `POST /enroll` and nothing else,
+ * at most DEVICES_ENROLL_REQUESTS_MAX of them, then it is closed. */
+static void devices_enroll_request(Session *c, const coap_pdu_t *request, coap_pdu_t *response) {
+        Devices *devs = c->devices;
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+        coap_opt_iterator_t it;
+        coap_opt_filter_t filter;
+        coap_opt_t *opt;
+        unsigned nseg = 0;
+        bool enroll = false;
+
+        if (c->closing || ++c->requests > DEVICES_ENROLL_REQUESTS_MAX) {
+                devices_reply(response, COAP_RESPONSE_CODE(503), "this enrollment session is closing");
+                session_queue_close(c);
+                return;
+        }
+        if (c->requests == DEVICES_ENROLL_REQUESTS_MAX)
+                session_queue_close(c);
+        coap_option_filter_clear(&filter);
+        coap_option_filter_set(&filter, COAP_OPTION_URI_PATH);
+        coap_option_iterator_init(request, &it, &filter);
+        while ((opt = coap_option_next(&it)))
+                enroll = nseg++ == 0 && coap_opt_length(opt) == strlen(PROTO_PATH_ENROLL) &&
+                         memcmp(coap_opt_value(opt), PROTO_PATH_ENROLL, strlen(PROTO_PATH_ENROLL)) == 0;
+        if (!enroll || nseg != 1 || coap_pdu_get_code(request) != COAP_REQUEST_CODE_POST) {
+                devices_reply(response, COAP_RESPONSE_CODE(401), "not enrolled: this session may only POST /enroll");
+                return;
+        }
+        format_address(coap_session_get_addr_remote(c->session), ip, addr);
+        devs->hooks.enroll_request(devs->hooks.userdata, ip, request, response);
+}
+
 static void devices_request_handler(coap_resource_t *resource, coap_session_t *session,
                                     const coap_pdu_t *request, const coap_string_t *query,
                                     coap_pdu_t *response) {
@@ -1715,6 +1787,10 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
         Session *c = session_find(devs, session);
         Device *d = c ? c->device : NULL;
 
+        if (c && c->anonymous) {
+                devices_enroll_request(c, request, response);
+                return;
+        }
         if (!d) {
                 if (c && c->contends) {
                         c->refused_request = true;
@@ -1789,7 +1865,21 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
                 devices_reply(response, COAP_RESPONSE_CODE(400), "name too long");
         else if (streq(first, PROTO_PATH_OTA) && nseg == 2 && !too_long)
                 devs->hooks.ota_request(devs->hooks.userdata, d, request, rest, response);
-        else
+        else if (streq(first, PROTO_PATH_CERT) && nseg == 1) {
+                char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+
+                if (!devs->config->enroll_enabled)
+                        devices_reply(response, COAP_RESPONSE_CODE(404), "renewal is not configured");
+                else if (coap_pdu_get_code(request) != COAP_REQUEST_CODE_POST)
+                        devices_reply(response, COAP_RESPONSE_CODE(405), "use POST on /cert");
+                else if (!tls_session_peer(session))
+                        devices_reply(response, COAP_RESPONSE_CODE(401), "no certificate on this session");
+                else {
+                        format_address(coap_session_get_addr_remote(session), ip, addr);
+                        devs->hooks.cert_request(devs->hooks.userdata, d, tls_session_peer(session), ip, request,
+                                                 response);
+                }
+        } else
                 devices_reply(response, COAP_RESPONSE_CODE(404), "unknown resource");
 }
 
@@ -2145,6 +2235,7 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
         if (r < 0)
                 return log_error_errno(r, "Cannot load TLS file '%s': %m", bad);
         tls_server_keys_set_peer_check(devs->tls_keys, devices_peer_check, devs);
+        tls_server_keys_allow_anonymous(devs->tls_keys, config->enroll_enabled);
 
         coap_startup();
         devs->coap_started = true;
@@ -2203,6 +2294,12 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
                                       devices_admission_timer_cb, devs);
         if (r >= 0)
                 r = sd_event_source_set_enabled(devs->admission_timer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_time_relative(event, &devs->expiry_timer, CLOCK_MONOTONIC,
+                                               DEVICES_EXPIRY_CHECK_SEC * USEC_PER_SEC, USEC_PER_SEC,
+                                               devices_expiry_cb, devs);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(devs->expiry_timer, SD_EVENT_ON);
         if (r < 0)
                 return log_error_errno(r, "Failed to add CoAP event sources: %m");
         log_debug("Device sessions are spread over %u libcoap contexts on port %u.", devs->n_shards, *ret_port);
@@ -2242,6 +2339,7 @@ int devices_reload_tls(Devices *devs) {
                 return log_error_errno(r, "Cannot load TLS file '%s', keeping the certificates loaded before: %m",
                                        bad);
         tls_server_keys_set_peer_check(keys, devices_peer_check, devs);
+        tls_server_keys_allow_anonymous(keys, devs->config->enroll_enabled);
         /* libcoap copies the setup and reads the keys only while it handles
          * a ClientHello: the old ones are unused once every shard has the
          * new ones. On a failure the shards done go back to the old ones. */
@@ -2311,6 +2409,7 @@ Devices *devices_free(Devices *devs) {
         devs->close_defer = sd_event_source_disable_unref(devs->close_defer);
         devs->handshake_timer = sd_event_source_disable_unref(devs->handshake_timer);
         devs->admission_timer = sd_event_source_disable_unref(devs->admission_timer);
+        devs->expiry_timer = sd_event_source_disable_unref(devs->expiry_timer);
         for (unsigned i = 0; i < devs->n_shards; i++) {
                 Shard *sh = &devs->shards[i];
 

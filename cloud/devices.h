@@ -55,7 +55,23 @@ typedef struct DevicesHooks {
          * and DEVICES_CONFLICT_WINDOW_SEC, from the loop. */
         void (*device_conflict)(void *userdata, Device *d, const char *established, const char *newcomer,
                                 const char *outcome);
+        /* With [Enroll] configured: `POST /enroll` on an anonymous session
+         * (one without a client certificate) from address (IP text), and
+         * `POST /cert` on d's own session, whose peer is peer: fill
+         * response. Never called when enrollment is off. */
+        void (*enroll_request)(void *userdata, const char *address, const coap_pdu_t *request,
+                               coap_pdu_t *response);
+        void (*cert_request)(void *userdata, Device *d, const TlsPeer *peer, const char *address,
+                             const coap_pdu_t *request, coap_pdu_t *response);
 } DevicesHooks;
+
+/* Enrollment sessions (anonymous TLS sessions, only with [Enroll]
+ * configured) may send this many requests (`POST /enroll`) before the
+ * cloud closes them; they are closed HandshakeTimeoutSec after accept at
+ * the latest, count against MaxHandshakes, and are never a device. */
+#define DEVICES_ENROLL_REQUESTS_MAX 2
+/* How often sessions whose certificate expired are looked for and closed. */
+#define DEVICES_EXPIRY_CHECK_SEC 60
 
 /* The duplicate identity policy (devices.c, device_conflict()): a new
  * session for an ID that has one waits while the established session is
@@ -143,6 +159,11 @@ int device_send(Device *d, coap_pdu_t *pdu, size_t len);
  * device_send(), and -ENOMEM, -E2BIG (larger than the device takes). */
 int device_notify(Device *d, const uint8_t *token, size_t token_len, uint32_t observe, const char *json,
                   size_t len);
+/* d's certificate was renewed: its session's certificate counts as
+ * valid until not_after (Unix seconds) from now on. Sessions whose
+ * certificate expired are closed (checked every DEVICES_EXPIRY_CHECK_SEC). */
+void device_cert_renewed(Device *d, int64_t not_after);
+
 /* An event (len bytes of JSON) could not be delivered to d for error (from
  * device_send, or -E2BIG): logged once per episode or connection. */
 void device_event_undeliverable(Device *d, const char *name, size_t len, int error);

@@ -95,7 +95,7 @@ static const char *const registry_sql[_STMT_MAX] = {
                           "ON CONFLICT (id) DO UPDATE SET "
                           "registered_usec = coalesce(registered_usec, excluded.registered_usec), "
                           "registered_by = coalesce(registered_by, excluded.registered_by), "
-                          "tags = excluded.tags, cert_serial = excluded.cert_serial, "
+                          "tags = coalesce(excluded.tags, tags), cert_serial = excluded.cert_serial, "
                           "cert_fingerprint = excluded.cert_fingerprint, cert_not_before = excluded.cert_not_before, "
                           "cert_not_after = excluded.cert_not_after, cert_issued_usec = excluded.cert_issued_usec, "
                           "cert_issued_how = excluded.cert_issued_how, cert_pubkey = excluded.cert_pubkey",

@@ -106,7 +106,7 @@ typedef struct RegistryCert {
 } RegistryCert;
 /* Record cert as id's, issued now: committed. enroll: the device is
  * registered (if it was not, by actor, e.g. "provision:ID"), with tags (a
- * JSON object, borrowed, may be NULL) replacing its tags, and the hook
+ * JSON object, borrowed; NULL or empty keeps those it has) replacing its tags, and the hook
  * added runs if it was new; else a renewal (-ENOENT for an unknown id). */
 int registry_issued(Registry *reg, const char *id, const RegistryCert *cert, bool enroll, const char *actor,
                     json_t *tags);

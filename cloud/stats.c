@@ -91,6 +91,7 @@ static const uint64_t delay_buckets[] = { 100,    250,    500,    1000,    2500,
 static struct {
         Metrics *registry;
         MetricSeries *devices_connected;
+        MetricSeries *enrollment_sessions, *certificates_issued[2]; /* [renew] */
         MetricSeries *handshakes_started, *handshakes_completed, *handshakes_refused[_STATS_REFUSED_MAX];
         MetricSeries *calls[2][_STATS_CALL_MAX]; /* [function][outcome] */
         MetricSeries *call_latency[2];
@@ -132,6 +133,14 @@ static int stats_register(void) {
 
         r = stats_family(METRIC_GAUGE, "tether_cloud_devices_connected", "Devices with an established session.",
                          NULL, NULL, 0, &stats.devices_connected, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_GAUGE, "tether_cloud_enrollment_sessions",
+                                 "Enrollment sessions (TLS without a client certificate) open.", NULL, NULL, 0,
+                                 &stats.enrollment_sessions, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_COUNTER, "tether_cloud_certificates_issued_total",
+                                 "Device certificates issued, by reason.", "reason",
+                                 (const char *const[]){ "enroll", "renew" }, 2, stats.certificates_issued, NULL, 0);
         if (r >= 0)
                 r = stats_family(METRIC_COUNTER, "tether_cloud_handshakes_started_total",
                                  "Device connections accepted (TLS handshakes begun).", NULL, NULL, 0,
@@ -285,6 +294,8 @@ void stats_shard_sessions(unsigned shard, int delta) {
 }
 
 void stats_device_connected(int delta) { metrics_add(stats.devices_connected, delta); }
+void stats_enrollment_sessions(int delta) { metrics_add(stats.enrollment_sessions, delta); }
+void stats_certificate_issued(bool renew) { metrics_inc(stats.certificates_issued[renew ? 1 : 0]); }
 void stats_handshake_started(void) { metrics_inc(stats.handshakes_started); }
 void stats_handshake_completed(void) { metrics_inc(stats.handshakes_completed); }
 

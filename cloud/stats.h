@@ -72,6 +72,10 @@ int stats_shards(unsigned n);
 void stats_shard_sessions(unsigned shard, int delta);
 
 void stats_device_connected(int delta);
+/* Enrollment sessions (anonymous, no device) open. */
+void stats_enrollment_sessions(int delta);
+/* A certificate was issued: renew false for an enrollment. */
+void stats_certificate_issued(bool renew);
 void stats_handshake_started(void);
 void stats_handshake_completed(void);
 void stats_handshake_refused(StatsRefused reason);

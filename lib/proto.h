@@ -25,6 +25,8 @@
 #define PROTO_PATH_VARIABLE "v"
 #define PROTO_PATH_EVENT "e"
 #define PROTO_PATH_OTA "o"
+#define PROTO_PATH_ENROLL "enroll" /* POST, on an anonymous session (docs/protocol.md) */
+#define PROTO_PATH_CERT "cert"     /* POST, renewal on a device's session */
 
 /* Uri-Query flag marking a published event private. */
 #define PROTO_QUERY_PRIVATE "private"
