@@ -103,7 +103,8 @@ class Msg:
 def tls_context(cert, key, ca, max_version=None):
     ctx = ssl.create_default_context(cafile=ca)
     ctx.check_hostname = False
-    ctx.load_cert_chain(cert, key)
+    if cert:  # none: an anonymous client (enrollment)
+        ctx.load_cert_chain(cert, key)
     if max_version:
         ctx.maximum_version = max_version
     return ctx

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""The cloud side of enrollment and renewal (docs/enrollment.md): POST
+/enroll on an anonymous TLS session with a provisioning token and a CSR,
+POST /cert on a device's session; the built-in signer and an external
+SignCommand; the refusals of docs/protocol.md."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fakedev import POST, CREATED, GET, Device, codestr, connect, max_age  # noqa: E402
+from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds  # noqa: E402
+
+BUILTIN = "[Enroll]\nCACertificate={ca}\nCAKey={key}\n"
+
+
+def start(w, extra=None, timeout=None):
+    conf = extra if extra is not None else BUILTIN.format(ca=w.path("pki", "ca.crt"), key=w.path("pki", "ca.key"))
+    timing = None
+    if timeout:
+        timing = f"PingSec=5\nDeviceTimeoutSec=30\nCallTimeoutSec=5\nHandshakeTimeoutSec={timeout}"
+    w.start_cloud(extra=conf, timing=timing)
+
+
+def token(w, uses=1, **kw):
+    st, j = api_json(w, "POST", "/v1/provision", {"uses": uses, **kw})
+    expect(st == 201, f"POST /v1/provision: {st} {j}")
+    return j["token"], j["id"]
+
+
+def key_csr(w, name, dev_id):
+    key = w.path(name + ".key")
+    subprocess.run(EMULATOR + [TETHERCTL, "genkey", key], check=True, capture_output=True)
+    r = subprocess.run(EMULATOR + [TETHERCTL, "csr", "--key", key, "--id", dev_id], check=True,
+                       capture_output=True, text=True)
+    return key, r.stdout
+
+
+def session(w):
+    from fakedev import CSM, CSM_MAX_MESSAGE_SIZE, frame, uint
+    d = Device(w.coap_port, None, None, w.path("pki", "ca.crt"))
+    d.send(frame(CSM, b"", [(CSM_MAX_MESSAGE_SIZE, uint(1 << 20))]))
+    return d
+
+
+def enroll(w, tok, csr, d=None):
+    d = d or session(w)
+    from fakedev import CONTENT_FORMAT, uint
+    t = d.request(POST, "enroll", json.dumps({"token": tok, "csr": csr}).encode(), [(CONTENT_FORMAT, uint(50))])
+    m = d.response(t, timeout=seconds(20))
+    return m, d
+
+
+def ok_cert(w, m, name, dev_id, key):
+    expect(m.code == CREATED, f"enroll: {codestr(m.code)} {m.payload!r}")
+    j = m.json()
+    expect(j["device_id"] == dev_id and j["renew_after"] > j["not_before"] and j["not_after"] > j["renew_after"],
+           f"answer: {j}")
+    crt = w.path(name + ".crt")
+    with open(crt, "w") as f:
+        f.write(j["certificate"])
+    return crt, j
+
+
+def text(m):
+    return m.payload.decode(errors="replace")
+
+
+def test_enroll_then_connect(w):
+    start(w)
+    tok, pid = token(w, tags={"site": "lab"})
+    key, csr = key_csr(w, "a", "dev-a")
+    m, d = enroll(w, tok, csr)
+    crt, j = ok_cert(w, m, "a", "dev-a", key)
+    d.close()
+    dev, _ = connect(w, ("dev-a", crt, key))
+    st, desc = api_json(w, "GET", "/v1/devices/dev-a")
+    expect(st == 200 and desc["tags"] == {"site": "lab"}, f"describe: {desc}")
+    c = desc["certificate"]
+    expect(c["state"] == "valid" and c["issued_by"] == "enroll" and c["renew_after"], f"cert: {c}")
+    st, audit = api_json(w, "GET", "/v1/audit?action=device.enroll")
+    recs = audit if isinstance(audit, list) else audit.get("records", audit.get("audit", []))
+    expect(any(r["target"] == "dev-a" and r["actor"] == "provision:" + pid for r in recs), f"audit: {audit}")
+    # The same key again: the same ID, no use consumed (the token is single-use).
+    m, d2 = enroll(w, tok, csr)
+    expect(m.code == CREATED, f"idempotent retry: {codestr(m.code)} {m.payload!r}")
+    # Another key for the same ID: refused.
+    _, csr2 = key_csr(w, "a2", "dev-a")
+    tok2, _ = token(w)
+    m, _ = enroll(w, tok2, csr2)
+    expect(m.code == (4 << 5 | 3) and "another key" in text(m), f"takeover: {codestr(m.code)} {text(m)}")
+    dev.close()
+
+
+def test_refused_tokens(w):
+    start(w)
+    _, csr = key_csr(w, "r", "dev-r")
+    m, _ = enroll(w, "tprov_" + "0" * 40, csr)
+    expect(m.code == (4 << 5 | 1) and text(m) == "provisioning token unknown", f"unknown: {text(m)}")
+    tok, _ = token(w)
+    _, csr_other = key_csr(w, "o", "dev-o")
+    m, _ = enroll(w, tok, csr_other)
+    expect(m.code == CREATED, f"first use: {codestr(m.code)}")
+    m, _ = enroll(w, tok, csr)
+    expect(m.code == (4 << 5 | 1) and "used up" in text(m), f"used up: {text(m)}")
+    tok, pid = token(w)
+    st, _ = api_json(w, "DELETE", "/v1/provision/" + pid)
+    expect(st in (200, 204), f"revoke: {st}")
+    m, _ = enroll(w, tok, csr)
+    expect(m.code == (4 << 5 | 1) and "revoked" in text(m), f"revoked: {text(m)}")
+    m, _ = enroll(w, "x", csr)
+    expect(m.code == (4 << 5 | 1), f"malformed token: {codestr(m.code)}")
+    m, _ = enroll(w, tok, "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n")
+    expect(m.code == (4 << 5 | 0), f"bad CSR: {codestr(m.code)}")
+
+
+def test_race_single_use(w):
+    start(w)
+    tok, _ = token(w)
+    csrs = [key_csr(w, f"race{i}", f"race-{i}")[1] for i in range(6)]
+    results = [None] * len(csrs)
+
+    def go(i):
+        results[i] = enroll(w, tok, csrs[i])[0].code
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(csrs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expect(results.count(CREATED) == 1, f"exactly one winner: {[codestr(c) for c in results]}")
+
+
+def test_revoked_device(w):
+    start(w)
+    key, csr = key_csr(w, "v", "dev-v")
+    w.tether("revoke", "dev-v")
+    tok, _ = token(w, uses=5)
+    m, _ = enroll(w, tok, csr)
+    expect(m.code == (4 << 5 | 3) and text(m) == "device 'dev-v' is revoked", f"revoked: {text(m)}")
+    w.tether("unrevoke", "dev-v")
+    m, _ = enroll(w, tok, csr)
+    expect(m.code == CREATED, f"after unrevoke: {codestr(m.code)} {text(m)}")
+
+
+def test_anonymous_limits(w):
+    start(w, timeout=3)
+    d = session(w)
+    for method, path in ((GET, "e/x"), (POST, "e/x")):
+        t = d.request(method, path)
+        m = d.response(t)
+        expect(m.code == (4 << 5 | 1) and "may only POST /enroll" in text(m), f"{path}: {codestr(m.code)}")
+    # Two requests: the session is closed.
+    d.s.settimeout(seconds(10))
+    expect(d.s.recv(100) == b"", "closed after two requests")
+    d = session(w)
+    t = d.request(POST, "o/job")
+    expect(d.response(t).code == (4 << 5 | 1), "/o refused")
+    # Then the timeout from accept closes it.
+    d.s.settimeout(seconds(10))
+    expect(d.s.recv(100) == b"", "closed at HandshakeTimeoutSec")
+
+
+def test_renew(w):
+    start(w)
+    tok, _ = token(w)
+    key, csr = key_csr(w, "n", "dev-n")
+    m, d = enroll(w, tok, csr)
+    crt, j = ok_cert(w, m, "n", "dev-n", key)
+    dev, _ = connect(w, ("dev-n", crt, key))
+    from fakedev import CONTENT_FORMAT, uint
+    # Same key as the session: refused; other device's CN: 4.03.
+    t = dev.request(POST, "cert", json.dumps({"csr": csr}).encode(), [(CONTENT_FORMAT, uint(50))])
+    expect(dev.response(t).code == (4 << 5 | 0), "same key refused")
+    _, csr_other = key_csr(w, "x", "other-dev")
+    t = dev.request(POST, "cert", json.dumps({"csr": csr_other}).encode(), [(CONTENT_FORMAT, uint(50))])
+    m = dev.response(t)
+    expect(m.code == (4 << 5 | 3) and text(m) == "the CSR's commonName is not this device's ID", f"CN: {text(m)}")
+    key2, csr2 = key_csr(w, "n2", "dev-n")
+    t = dev.request(POST, "cert", json.dumps({"csr": csr2}).encode(), [(CONTENT_FORMAT, uint(50))])
+    m = dev.response(t)
+    crt2, j2 = ok_cert(w, m, "n2", "dev-n", key2)
+    st, desc = api_json(w, "GET", "/v1/devices/dev-n")
+    expect(desc["certificate"]["issued_by"] == "renew", f"describe: {desc['certificate']}")
+    dev.close()
+    dev2, _ = connect(w, ("dev-n", crt2, key2))
+    dev2.close()
+
+
+SCRIPT = """#!/bin/sh
+set -e
+case "$TETHER_DEVICE_ID" in
+fail-*) echo "no such luck" >&2; echo more >&2; exit 3 ;;
+slow-*) exec sleep 60 ;;
+wrong-*) cat {wrong} ; exit 0 ;;
+esac
+out=$(mktemp -d)
+{pki} sign {dir} - --out "$out/c" >/dev/null
+cat "$out/c.crt"
+rm -r "$out"
+"""
+
+
+def external(w, timeout=2):
+    wrong_id, wrong_crt, _ = w.new_device()
+    script = w.path("sign.sh")
+    with open(script, "w") as f:
+        f.write(SCRIPT.format(pki=PKI, dir=w.path("pki"), wrong=wrong_crt))
+    os.chmod(script, stat.S_IRWXU)
+    start(w, f"[Enroll]\nSignCommand={script}\nSignTimeoutSec={timeout}\n")
+
+
+def enroll_wait(w, tok, csr):
+    """Retry as told by 5.03 Max-Age until an answer."""
+    seen = []
+
+    def once():
+        m, d = enroll(w, tok, csr)
+        d.close()
+        if m.code == (5 << 5 | 3):
+            expect(max_age(m) >= 1, "5.03 carries Max-Age")
+            seen.append(m)
+            return None
+        return m
+    res = []
+    poll(lambda: res.append(once()) or res[-1] is not None, seconds(30), "a signed answer", interval=0.5)
+    expect(seen, "the first answer was 5.03 (pending)")
+    return res[-1]
+
+
+def test_external(w):
+    external(w)
+    tok, _ = token(w)
+    key, csr = key_csr(w, "e", "ext-1")
+    m = enroll_wait(w, tok, csr)
+    crt, _ = ok_cert(w, m, "e", "ext-1", key)
+    connect(w, ("ext-1", crt, key))[0].close()
+    # Failing, slow and wrong commands: 5.00 with the reason; no use consumed.
+    for dev_id, want in (("fail-1", "exited with status 3: no such luck"), ("slow-1", "did not finish"),
+                         ("wrong-1", "is for")):
+        _, csr = key_csr(w, dev_id, dev_id)
+        tok, _ = token(w)
+        m = enroll_wait(w, tok, csr)
+        expect(m.code == (5 << 5 | 0) and want in text(m), f"{dev_id}: {codestr(m.code)} {text(m)}")
+        st, j = api_json(w, "GET", "/v1/provision")
+        expect(st == 200, "provision list")
+
+
+if __name__ == "__main__":
+    sys.exit(run([test_enroll_then_connect, test_refused_tokens, test_race_single_use, test_revoked_device,
+                  test_anonymous_limits, test_renew, test_external], emulated="ok"))
