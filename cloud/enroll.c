@@ -201,10 +201,11 @@ static void audit_issued(Enroll *e, bool renew, const char *id, const char *prov
                          ").", id, address ?: "-", prov_id ?: "-", cert->serial, cert->not_after);
 }
 
-/* The registry's rules at the time of issuing: 0, or the code and reason
- * of the refusal. *ret_reissue: the registry holds this key already. */
-static unsigned identity_check(Enroll *e, const char *id, const char *pubkey, RegistryIdentity *ret_ident,
-                               char reason[static SIGNER_REASON_MAX]) {
+/* The registry's rules at the time of issuing: 0 and *ret_ident, or the
+ * code and reason of the refusal. A renewal (its key is new by design)
+ * is refused only for a revoked device. */
+static unsigned identity_check(Enroll *e, bool renew, const char *id, const char *pubkey,
+                               RegistryIdentity *ret_ident, char reason[static SIGNER_REASON_MAX]) {
         RegistryIdentity ident;
 
         if (registry_identity(e->registry, id, &ident) < 0) {
@@ -215,7 +216,7 @@ static unsigned identity_check(Enroll *e, const char *id, const char *pubkey, Re
                 snprintf(reason, SIGNER_REASON_MAX, "device '%s' is revoked", id);
                 return COAP_RESPONSE_CODE(403);
         }
-        if (ident.has_key && !streq(ident.pubkey, pubkey)) {
+        if (!renew && ident.has_key && !streq(ident.pubkey, pubkey)) {
                 snprintf(reason, SIGNER_REASON_MAX, "device '%s' is already enrolled with another key", id);
                 return COAP_RESPONSE_CODE(403);
         }
@@ -283,7 +284,7 @@ static void signed_cb(void *userdata, int error, SignerCert *cert, const char *r
                 return;
         }
         /* Revoked, or another key recorded, while it was signed. */
-        code = identity_check(e, res->id, res->pubkey, &ident, why);
+        code = identity_check(e, res->renew, res->id, res->pubkey, &ident, why);
         if (code == 0)
                 code = issue(e, res->renew, res->id, res->token, res->reissue, res->address, cert, why);
         if (code != 0) {
@@ -412,9 +413,12 @@ static bool request_csr(json_t *j, SignerCsr *ret, coap_pdu_t *response) {
         return true;
 }
 
+/* The rate limits' key of address: an IPv4 address, or an IPv6
+ * address's /64 (one host usually has the whole /64 to pick from, as in
+ * the API's limits, cloud/api.c). */
 static size_t address_key(const char *address, uint8_t key[static 16]) {
         if (inet_pton(AF_INET6, address, key) == 1)
-                return 16;
+                return 8;
         if (inet_pton(AF_INET, address, key) == 1)
                 return 4;
         return 0;
@@ -486,7 +490,7 @@ void enroll_request(Enroll *e, const char *address, const coap_pdu_t *request, c
                             "the provisioning tokens cannot be read now: try again later");
                 return;
         }
-        code = identity_check(e, csr.id, csr.pubkey, &ident, reason);
+        code = identity_check(e, false, csr.id, csr.pubkey, &ident, reason);
         if (code != 0) {
                 json_decref(j);
                 reply_text(response, code, reason);

@@ -238,7 +238,21 @@ def test_external(w):
     key, csr = key_csr(w, "e", "ext-1")
     m = enroll_wait(w, tok, csr)
     crt, _ = ok_cert(w, m, "e", "ext-1", key)
-    connect(w, ("ext-1", crt, key))[0].close()
+    dev, _ = connect(w, ("ext-1", crt, key))
+    # Renewal through the command: 5.03 until signed, then the new key's
+    # certificate (not "another key").
+    from fakedev import CONTENT_FORMAT, uint
+    key2, csr2 = key_csr(w, "e2", "ext-1")
+    answers = []
+
+    def renew_once():
+        t = dev.request(POST, "cert", json.dumps({"csr": csr2}).encode(), [(CONTENT_FORMAT, uint(50))])
+        answers.append(dev.response(t, timeout=seconds(20)))
+        return answers[-1].code != (5 << 5 | 3)
+    poll(renew_once, seconds(30), "a renewal signed by the command", interval=0.5)
+    ok_cert(w, answers[-1], "e2", "ext-1", key2)
+    expect(answers[0].code == (5 << 5 | 3), f"renewal first pending: {codestr(answers[0].code)}")
+    dev.close()
     # Failing, slow and wrong commands: 5.00 with the reason; no use consumed.
     for dev_id, want in (("fail-1", "exited with status 3: no such luck"), ("slow-1", "did not finish"),
                          ("wrong-1", "is for")):
