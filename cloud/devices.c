@@ -111,6 +111,7 @@ struct Session {
         bool refused_request; /* a request arrived while it was a contender */
         bool anonymous;  /* an enrollment session: no certificate, never a device */
         unsigned requests; /* requests on an enrollment session */
+        unsigned pings;    /* Pings on an enrollment session */
         Device *contends; /* the device whose ID it waits for (Device.contender) */
         uint64_t accepted; /* CLOCK_MONOTONIC µs */
         Session *hash_next;
@@ -1742,7 +1743,19 @@ static bool device_answer_fits(Session *c, Device *d) {
 }
 
 /* A request on an enrollment session: `POST /enroll` and nothing else,
- * at most DEVICES_ENROLL_REQUESTS_MAX of them, then it is closed. */
+ * at most DEVICES_ENROLL_REQUESTS_MAX of them; one more closes it.
+ *
+ * The cloud does not close the session right after its last answer:
+ * libcoap writes an answer after this handler returns and keeps what the
+ * socket does not take in its delay queue, which closing the session
+ * drops (coap_session_disconnected()), and libcoap 4.3.1 cannot tell
+ * when that queue is empty. A device reading slowly would lose its
+ * certificate (a retry with the same key gets it again, but only with a
+ * token that still has a use or the key recorded). So after its last
+ * answer the session stays until the device closes it or
+ * HandshakeTimeoutSec from accept (the unbound list), which bounds it
+ * anyway; a request beyond the limit breaks the protocol, is answered
+ * 5.03 and closes the session at once, whatever is still queued. */
 static void devices_enroll_request(Session *c, const coap_pdu_t *request, coap_pdu_t *response) {
         Devices *devs = c->devices;
         char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
@@ -1757,8 +1770,6 @@ static void devices_enroll_request(Session *c, const coap_pdu_t *request, coap_p
                 session_queue_close(c);
                 return;
         }
-        if (c->requests == DEVICES_ENROLL_REQUESTS_MAX)
-                session_queue_close(c);
         coap_option_filter_clear(&filter);
         coap_option_filter_set(&filter, COAP_OPTION_URI_PATH);
         coap_option_iterator_init(request, &it, &filter);
@@ -1942,6 +1953,10 @@ static void devices_ping_handler(coap_session_t *session, const coap_pdu_t *rece
         if (c && c->device) {
                 device_heard(c->device);
                 (void)device_answer_fits(c, c->device);
+        } else if (c && c->anonymous && ++c->pings > DEVICES_ENROLL_PINGS_MAX) {
+                /* Each Pong waits in libcoap's queue if the client does not
+                 * read: anyone may open an enrollment session. */
+                session_queue_close(c);
         }
 }
 

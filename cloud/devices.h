@@ -66,10 +66,13 @@ typedef struct DevicesHooks {
 } DevicesHooks;
 
 /* Enrollment sessions (anonymous TLS sessions, only with [Enroll]
- * configured) may send this many requests (`POST /enroll`) before the
- * cloud closes them; they are closed HandshakeTimeoutSec after accept at
- * the latest, count against MaxHandshakes, and are never a device. */
+ * configured) may send this many requests (`POST /enroll`) and this many
+ * Pings; one more closes them. They are closed HandshakeTimeoutSec after
+ * accept at the latest (not after their last answer, which could still
+ * wait in libcoap's queue), count against MaxHandshakes, and are never a
+ * device. */
 #define DEVICES_ENROLL_REQUESTS_MAX 2
+#define DEVICES_ENROLL_PINGS_MAX 4
 /* How often sessions whose certificate expired are looked for and closed. */
 #define DEVICES_EXPIRY_CHECK_SEC 60
 

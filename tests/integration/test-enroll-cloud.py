@@ -13,7 +13,7 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fakedev import POST, CREATED, GET, Device, codestr, connect, max_age  # noqa: E402
+from fakedev import PING, PONG, POST, CREATED, GET, Device, codestr, connect, frame, max_age  # noqa: E402
 from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds  # noqa: E402
 
 BUILTIN = "[Enroll]\nCACertificate={ca}\nCAKey={key}\n"
@@ -154,9 +154,24 @@ def test_anonymous_limits(w):
         t = d.request(method, path)
         m = d.response(t)
         expect(m.code == (4 << 5 | 1) and "may only POST /enroll" in text(m), f"{path}: {codestr(m.code)}")
-    # Two requests: the session is closed.
+    # Two requests answered; the session stays (its last answer could still
+    # be queued) until a third request, which is refused and closes it.
+    t = d.request(POST, "enroll")
+    m = d.response(t)
+    expect(m.code == (5 << 5 | 3) and "closing" in text(m), f"third request: {codestr(m.code)} {text(m)}")
     d.s.settimeout(seconds(10))
-    expect(d.s.recv(100) == b"", "closed after two requests")
+    expect(d.s.recv(100) == b"", "closed after a third request")
+    # Pings beyond the limit close it too (their Pongs would queue).
+    d = session(w)
+    pongs = 0
+    try:
+        for _ in range(10):
+            d.send(frame(PING))
+        while True:
+            pongs += d.recv_raw(timeout=10).code == PONG
+    except (EOFError, OSError):  # closed, possibly with a reset
+        pass
+    expect(pongs <= 5, f"closed after the Pings allowed: {pongs} Pongs")
     d = session(w)
     t = d.request(POST, "o/job")
     expect(d.response(t).code == (4 << 5 | 1), "/o refused")
