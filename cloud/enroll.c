@@ -253,6 +253,7 @@ static unsigned issue(Enroll *e, bool renew, const char *id, const char *token, 
         }
         snprintf(actor, sizeof(actor), "provision:%s", prov_id);
         rc = (RegistryCert){ .serial = cert->serial, .fingerprint = cert->fingerprint, .pubkey = cert->pubkey,
+                             .issuer = cert->issuer,
                              .not_before = cert->not_before, .not_after = cert->not_after,
                              .how = renew ? "renew" : "enroll" };
         r = registry_issued(e->registry, id, &rc, !renew, actor, tags);

@@ -31,14 +31,17 @@ static const char *const registry_schema[] = {
         "  revoked_by TEXT);",
         /* Enrollment (enroll.h): the tags of the provisioning token, and the
          * certificate the cloud issued or the device last connected with:
-         * its validity, when and how it was issued, and its public key
+         * its validity, when and how it was issued, its public key
          * (tls_pubkey_sha256(); '' once unrevoke cleared it, NULL when not
-         * known, as for a device last seen before this step). */
+         * known, as for a device last seen before this step) and its
+         * issuer (RFC 2253 text, as TlsPeer.issuer: which CA, for a CA
+         * rollover). */
         "ALTER TABLE devices ADD COLUMN tags TEXT;"
         "ALTER TABLE devices ADD COLUMN cert_not_before INTEGER;"
         "ALTER TABLE devices ADD COLUMN cert_issued_usec INTEGER;"
         "ALTER TABLE devices ADD COLUMN cert_issued_how TEXT;"
-        "ALTER TABLE devices ADD COLUMN cert_pubkey TEXT;",
+        "ALTER TABLE devices ADD COLUMN cert_pubkey TEXT;"
+        "ALTER TABLE devices ADD COLUMN cert_issuer TEXT;",
 };
 
 enum {
@@ -56,12 +59,12 @@ enum {
 static const char *const registry_sql[_STMT_MAX] = {
         [STMT_GET] = "SELECT registered_usec, registered_by, first_connected_usec, last_connected_usec, "
                      "cert_serial, cert_fingerprint, cert_not_after, revoked_usec, revoked_reason, revoked_by, "
-                     "tags, cert_not_before, cert_issued_usec, cert_issued_how, cert_pubkey "
+                     "tags, cert_not_before, cert_issued_usec, cert_issued_how, cert_pubkey, cert_issuer "
                      "FROM devices WHERE id = ?1",
         [STMT_CONNECTED] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by, first_connected_usec, "
                            "last_connected_usec, last_heard_usec, last_address, cert_serial, cert_fingerprint, "
-                           "cert_not_after, cert_not_before, cert_pubkey) "
-                           "VALUES (?1, ?2, ?2, 'self', ?2, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
+                           "cert_not_after, cert_not_before, cert_pubkey, cert_issuer) "
+                           "VALUES (?1, ?2, ?2, 'self', ?2, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) "
                            "ON CONFLICT (id) DO UPDATE SET "
                            /* Issued by the cloud: only while it is the same certificate. */
                            "cert_issued_usec = CASE WHEN cert_fingerprint IS excluded.cert_fingerprint "
@@ -69,6 +72,7 @@ static const char *const registry_sql[_STMT_MAX] = {
                            "cert_issued_how = CASE WHEN cert_fingerprint IS excluded.cert_fingerprint "
                            "THEN cert_issued_how END, "
                            "cert_not_before = excluded.cert_not_before, cert_pubkey = excluded.cert_pubkey, "
+                           "cert_issuer = excluded.cert_issuer, "
                            "registered_usec = coalesce(registered_usec, excluded.registered_usec), "
                            "registered_by = coalesce(registered_by, excluded.registered_by), "
                            "first_connected_usec = coalesce(first_connected_usec, excluded.first_connected_usec), "
@@ -91,16 +95,17 @@ static const char *const registry_sql[_STMT_MAX] = {
                           "cert_pubkey = '' WHERE id = ?1",
         [STMT_ENROLLED] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by, tags, cert_serial, "
                           "cert_fingerprint, cert_not_before, cert_not_after, cert_issued_usec, cert_issued_how, "
-                          "cert_pubkey) VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2, ?9, ?10) "
+                          "cert_pubkey, cert_issuer) VALUES (?1, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2, ?9, ?10, ?11) "
                           "ON CONFLICT (id) DO UPDATE SET "
                           "registered_usec = coalesce(registered_usec, excluded.registered_usec), "
                           "registered_by = coalesce(registered_by, excluded.registered_by), "
                           "tags = coalesce(excluded.tags, tags), cert_serial = excluded.cert_serial, "
                           "cert_fingerprint = excluded.cert_fingerprint, cert_not_before = excluded.cert_not_before, "
                           "cert_not_after = excluded.cert_not_after, cert_issued_usec = excluded.cert_issued_usec, "
-                          "cert_issued_how = excluded.cert_issued_how, cert_pubkey = excluded.cert_pubkey",
+                          "cert_issued_how = excluded.cert_issued_how, cert_pubkey = excluded.cert_pubkey, "
+                          "cert_issuer = excluded.cert_issuer",
         [STMT_RENEWED] = "UPDATE devices SET cert_serial = ?5, cert_fingerprint = ?6, cert_not_before = ?7, "
-                         "cert_not_after = ?8, cert_issued_usec = ?2, cert_issued_how = ?9, cert_pubkey = ?10 "
+                         "cert_not_after = ?8, cert_issued_usec = ?2, cert_issued_how = ?9, cert_pubkey = ?10, cert_issuer = ?11 "
                          "WHERE id = ?1",
 };
 
@@ -216,6 +221,8 @@ int registry_connected(Registry *reg, const TlsPeer *peer, const char *address) 
                 rc = peer->not_before ? sqlite3_bind_int64(st, 7, peer->not_before) : sqlite3_bind_null(st, 7);
         if (rc == SQLITE_OK)
                 rc = bind_text(st, 8, peer->pubkey[0] ? peer->pubkey : NULL);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 9, peer->issuer[0] ? peer->issuer : NULL);
         return registry_step(reg, st, rc, "recording a connection in the device registry");
 }
 
@@ -405,6 +412,8 @@ int registry_issued(Registry *reg, const char *id, const RegistryCert *cert, boo
                 rc = bind_text(st, 9, cert->how);
         if (rc == SQLITE_OK)
                 rc = bind_text(st, 10, cert->pubkey);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 11, cert->issuer && cert->issuer[0] ? cert->issuer : NULL);
         r = registry_step(reg, st, rc, enroll ? "recording an enrollment" : "recording a renewal");
         if (r >= 0)
                 r = store_commit(reg->store);
@@ -479,11 +488,11 @@ int registry_device_json(Registry *reg, const char *id, json_t *j, bool details)
                 unix_time_text(na, t_na);
                 unix_time_text(nb > 0 && na > 0 ? registry_renew_after(nb, na) : 0, t_ra);
                 if (details)
-                        cert = json_pack("{s:o, s:o, s:s?, s:s?, s:s?, s:o, s:o, s:s?}", "serial", column_text(st, 4),
-                                         "fingerprint", column_text(st, 5), "not_before", t_nb[0] ? t_nb : NULL,
-                                         "not_after", t_na[0] ? t_na : NULL, "renew_after", t_ra[0] ? t_ra : NULL,
-                                         "issued_at", column_time(st, 12), "issued_by", column_text(st, 13), "state",
-                                         state);
+                        cert = json_pack("{s:o, s:o, s:o, s:s?, s:s?, s:s?, s:o, s:o, s:s?}", "serial",
+                                         column_text(st, 4), "fingerprint", column_text(st, 5), "issuer",
+                                         column_text(st, 15), "not_before", t_nb[0] ? t_nb : NULL, "not_after",
+                                         t_na[0] ? t_na : NULL, "renew_after", t_ra[0] ? t_ra : NULL, "issued_at",
+                                         column_time(st, 12), "issued_by", column_text(st, 13), "state", state);
                 else
                         cert = json_pack("{s:s?, s:s?}", "not_after", t_na[0] ? t_na : NULL, "state", state);
                 k |= cert ? json_object_set_new(j, "certificate", cert) : -1;

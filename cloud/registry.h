@@ -101,6 +101,7 @@ int registry_identity(Registry *reg, const char *id, RegistryIdentity *ret);
 /* A certificate the cloud issued. */
 typedef struct RegistryCert {
         const char *serial, *fingerprint, *pubkey;
+        const char *issuer; /* RFC 2253, as TlsPeer.issuer; NULL: unknown */
         int64_t not_before, not_after; /* Unix seconds */
         const char *how;               /* "enroll", "renew" */
 } RegistryCert;
@@ -121,8 +122,8 @@ const char *registry_cert_state(int64_t not_before, int64_t not_after, int64_t n
  * ("revoked" or "normal") and "revoked" always, and "certificate"
  * {not_after, state} when one is known; with details also "tags",
  * "registered_at", "registered_by", "first_connected", "last_connected",
- * "certificate" {serial, fingerprint, not_before, not_after, renew_after,
- * issued_at, issued_by, state} and the revocation's "revoked_at",
+ * "certificate" {serial, fingerprint, issuer, not_before, not_after,
+ * renew_after, issued_at, issued_by, state} and the revocation's "revoked_at",
  * "revoked_by", "revoked_reason". A device the registry does not know
  * gets status "normal". 0, -ENOMEM or -EIO. */
 int registry_device_json(Registry *reg, const char *id, json_t *j, bool details);

@@ -209,6 +209,7 @@ static int cert_fill(X509 *leaf, STACK_OF(X509) *chain, SignerCert *ret) {
                 ok = PEM_write_bio_X509(b, sk_X509_value(chain, i)) == 1;
         if (ok) {
                 snprintf(c.serial, sizeof(c.serial), "%s", hex);
+                tls_name_text(X509_get_issuer_name(leaf), c.issuer, sizeof(c.issuer));
                 for (unsigned i = 0; i < n && i < 32; i++)
                         snprintf(c.fingerprint + 2 * i, 3, "%02x", md[i]);
                 c.not_before = asn1_time_unix(X509_get0_notBefore(leaf));

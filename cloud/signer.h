@@ -63,6 +63,7 @@ typedef struct SignerCert {
         char serial[80];       /* hex, upper case */
         char fingerprint[65];  /* SHA-256 of the leaf's DER, hex */
         char pubkey[65];
+        char issuer[256];      /* RFC 2253, as TlsPeer.issuer */
         int64_t not_before, not_after; /* Unix seconds */
 } SignerCert;
 void signer_cert_done(SignerCert *cert);

@@ -91,7 +91,7 @@ static TlsPeer *session_peer(coap_session_t *session) {
         return p;
 }
 
-static void name_oneline(const X509_NAME *name, char *buf, size_t size) {
+void tls_name_text(const X509_NAME *name, char *buf, size_t size) {
         BIO *b = BIO_new(BIO_s_mem());
         char *data;
         long n;
@@ -115,8 +115,8 @@ static void cert_describe(X509 *x, TlsPeer *p) {
         unsigned n = 0;
         struct tm tm;
 
-        name_oneline(X509_get_subject_name(x), p->subject, sizeof(p->subject));
-        name_oneline(X509_get_issuer_name(x), p->issuer, sizeof(p->issuer));
+        tls_name_text(X509_get_subject_name(x), p->subject, sizeof(p->subject));
+        tls_name_text(X509_get_issuer_name(x), p->issuer, sizeof(p->issuer));
         snprintf(p->serial, sizeof(p->serial), "%s", hex ? hex : "");
         OPENSSL_free(hex);
         BN_free(bn);

@@ -120,6 +120,10 @@ int tls_session_set_nodelay(coap_session_t *session);
  * 0, or -EIO. */
 struct evp_pkey_st;
 int tls_pubkey_sha256(struct evp_pkey_st *key, char ret[static 65]);
+/* name as RFC 2253 text (UTF-8 left as it is), cut to size: what
+ * TlsPeer.subject and .issuer hold. "" when it cannot be printed. */
+struct X509_name_st;
+void tls_name_text(const struct X509_name_st *name, char *buf, size_t size);
 
 /* Check that every file exists and is readable; -errno and *ret_path
  * set to the failing path otherwise. */

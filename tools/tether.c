@@ -11,6 +11,7 @@
 #include <jansson.h>
 #include <limits.h>
 #include <signal.h>
+#include <time.h>
 
 #include "log.h"
 #include "proto.h"
@@ -522,9 +523,43 @@ static int list_devices(Api *a, json_t **ret) {
         return 0;
 }
 
+/* t ("2026-11-25T23:59:59Z", what the cloud gives, fractions allowed) as
+ * Unix seconds, or -1. */
+static int64_t parse_utc(const char *t) {
+        struct tm tm = {};
+        const char *end = t ? strptime(t, "%Y-%m-%dT%H:%M:%S", &tm) : NULL;
+
+        if (!end)
+                return -1;
+        if (*end == '.')
+                end += 1 + strspn(end + 1, "0123456789");
+        if (!streq(end, "Z"))
+                return -1;
+        return (int64_t)timegm(&tm);
+}
+
+/* How long device d's certificate has left, for tether list: "29d", "3h",
+ * "12m", "expired", or "-" when the cloud knows none. */
+static void cert_left(json_t *d, char buf[static 24]) {
+        json_t *cert = json_object_get(d, "certificate");
+        int64_t na = parse_utc(json_string_value(json_object_get(cert, "not_after")));
+        int64_t left = na - (int64_t)time(NULL);
+
+        if (!json_is_object(cert) || na < 0)
+                snprintf(buf, 24, "-");
+        else if (left <= 0 || streq(json_string_or(cert, "state", ""), "expired"))
+                snprintf(buf, 24, "expired");
+        else if (left >= 86400)
+                snprintf(buf, 24, "%" PRId64 "d", left / 86400);
+        else if (left >= 3600)
+                snprintf(buf, 24, "%" PRId64 "h", left / 3600);
+        else
+                snprintf(buf, 24, "%" PRId64 "m", (left + 59) / 60);
+}
+
 static int cmd_list(Api *a, char **args, int n) {
         json_t *devices, *d;
-        size_t i, w = 2;
+        size_t i, w = 2, wh = strlen("LAST HEARD");
         int r;
 
         if (n != 0)
@@ -549,20 +584,55 @@ static int cmd_list(Api *a, char **args, int n) {
         }
 
         json_array_foreach(devices, i, d) {
-                size_t l = strlen(json_string_or(d, "id", "?"));
+                size_t l = strlen(json_string_or(d, "id", "?")), lh = strlen(json_string_or(d, "last_heard", "never"));
                 if (l > w)
                         w = l;
+                if (lh > wh)
+                        wh = lh;
         }
-        printf("%-*s  %-7s  %s\n", (int)w, "ID", "STATUS", "LAST HEARD");
+        /* New columns go last: scripts read the first ones by position. */
+        printf("%-*s  %-7s  %-*s  %s\n", (int)w, "ID", "STATUS", (int)wh, "LAST HEARD", "CERT");
         json_array_foreach(devices, i, d) {
-                printf("%-*s  %-7s  %s\n", (int)w, json_string_or(d, "id", "?"),
+                char left[24];
+
+                cert_left(d, left);
+                printf("%-*s  %-7s  %-*s  %s\n", (int)w, json_string_or(d, "id", "?"),
                        json_is_true(json_object_get(d, "revoked"))     ? "revoked"
                        : json_is_true(json_object_get(d, "connected")) ? "online"
                                                                        : "offline",
-                       json_string_or(d, "last_heard", "never"));
+                       (int)wh, json_string_or(d, "last_heard", "never"), left);
         }
         json_decref(devices);
         return 0;
+}
+
+/* tether describe's "tags:" and "certificate:" (what the registry knows). */
+static void describe_tags_cert(json_t *dev) {
+        json_t *tags = json_object_get(dev, "tags"), *cert = json_object_get(dev, "certificate"), *v;
+        const char *key;
+
+        if (json_is_object(tags) && json_object_size(tags) > 0) {
+                printf("tags:\n");
+                json_object_foreach(tags, key, v)
+                        printf("  %s=%s\n", key, json_is_string(v) ? json_string_value(v) : "?");
+        } else if (json_is_object(tags))
+                printf("tags:       (none)\n");
+        if (!json_is_object(cert)) {
+                printf("certificate: (none known)\n");
+                return;
+        }
+        printf("certificate:\n");
+        printf("  state:       %s\n", json_string_or(cert, "state", "?"));
+        printf("  not after:   %s\n", json_string_or(cert, "not_after", "?"));
+        if (json_string_value(json_object_get(cert, "renew_after")))
+                printf("  renew after: %s\n", json_string_or(cert, "renew_after", ""));
+        if (json_string_value(json_object_get(cert, "issued_by")))
+                printf("  issued by:   %s at %s\n", json_string_or(cert, "issued_by", ""),
+                       json_string_or(cert, "issued_at", "?"));
+        else
+                printf("  issued by:   (not by this cloud)\n");
+        printf("  issuer:      %s\n", json_string_or(cert, "issuer", "?"));
+        printf("  serial:      %s\n", json_string_or(cert, "serial", "?"));
 }
 
 static int cmd_describe(Api *a, char **args, int n) {
@@ -602,6 +672,7 @@ static int cmd_describe(Api *a, char **args, int n) {
                        json_string_or(dev, "revoked_by", "?"), json_string_value(json_object_get(dev, "revoked_reason")) ? " (" : "",
                        json_string_or(dev, "revoked_reason", ""),
                        json_string_value(json_object_get(dev, "revoked_reason")) ? ")" : "");
+        describe_tags_cert(dev);
 
         fns = json_object_get(dev, "functions");
         if (!json_is_array(fns))

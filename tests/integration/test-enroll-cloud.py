@@ -83,6 +83,15 @@ def test_enroll_then_connect(w):
     expect(st == 200 and desc["tags"] == {"site": "lab"}, f"describe: {desc}")
     c = desc["certificate"]
     expect(c["state"] == "valid" and c["issued_by"] == "enroll" and c["renew_after"], f"cert: {c}")
+    expect(c["issuer"] and c["issuer"].startswith("CN="), f"issuer: {c}")
+    # tether list: CERT last, days left; describe: tags and the certificate.
+    rows = [line.split() for line in w.tether("list").stdout.splitlines()]
+    expect(rows[0][-1] == "CERT" and any(r[0] == "dev-a" and r[1] == "online" and r[-1] in ("29d", "30d")
+                                         for r in rows[1:]), f"tether list: {rows}")
+    out = w.tether("describe", "dev-a").stdout
+    for want in ("  site=lab", "  state:       valid", "  issued by:   enroll at ", "  issuer:      " + c["issuer"],
+                 "  serial:      " + c["serial"]):
+        expect(want in out, f"tether describe lacks {want!r}: {out}")
     st, audit = api_json(w, "GET", "/v1/audit?action=device.enroll")
     recs = audit if isinstance(audit, list) else audit.get("records", audit.get("audit", []))
     expect(any(r["target"] == "dev-a" and r["actor"] == "provision:" + pid for r in recs), f"audit: {audit}")
