@@ -391,7 +391,7 @@ bool tokens_may_reach(const TokenAuth *auth, const char *id) {
         for (size_t i = 0; i < auth->token->n_devices; i++)
                 if (streq(auth->token->devices[i], id))
                         return true;
-        /* Tags: devices carry none yet (docs/cloud.md). */
+        /* Tags: a token's do not match the tags enrolled devices carry yet (docs/cloud.md). */
         return false;
 }
 
