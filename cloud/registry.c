@@ -105,7 +105,8 @@ static const char *const registry_sql[_STMT_MAX] = {
                           "cert_issued_how = excluded.cert_issued_how, cert_pubkey = excluded.cert_pubkey, "
                           "cert_issuer = excluded.cert_issuer",
         [STMT_RENEWED] = "UPDATE devices SET cert_serial = ?5, cert_fingerprint = ?6, cert_not_before = ?7, "
-                         "cert_not_after = ?8, cert_issued_usec = ?2, cert_issued_how = ?9, cert_pubkey = ?10, cert_issuer = ?11 "
+                         "cert_not_after = ?8, cert_issued_usec = ?2, cert_issued_how = ?9, cert_pubkey = ?10, "
+                         "cert_issuer = ?11 "
                          "WHERE id = ?1",
 };
 
