@@ -14,12 +14,10 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 
-#include <openssl/err.h>
 #include <openssl/evp.h>
-#include <openssl/pem.h>
-#include <openssl/x509.h>
 
 #include "cli-common.h"
+#include "csr.h"
 #include "log.h"
 #include "proto.h"
 #include "util.h"
@@ -28,9 +26,6 @@
 #define TETHERCTL_DEFAULT_KEY LOCALSTATEDIR "/lib/tether/device.key"
 #define TETHERCTL_TIMEOUT_MS 10000
 #define TETHERCTL_RESPONSE_MAX (4u << 20)
-/* The default device ID: this many bytes of SHA-256 over the public key,
- * in hex (24 digits, like a Particle device ID). */
-#define TETHERCTL_ID_BYTES 12
 
 enum {
         EXIT_USAGE = CLI_EXIT_USAGE,
@@ -253,110 +248,42 @@ static int cmd_publish(const char *name, const char *data) {
 
 /* --- enrollment ------------------------------------------------------------ */
 
-static int ssl_error(const char *what) {
-        unsigned long e = ERR_get_error();
-        char buf[256] = "";
-
-        if (e)
-                ERR_error_string_n(e, buf, sizeof(buf));
-        ERR_clear_error();
-        log_error("%s%s%s", what, *buf ? ": " : "", buf);
-        return 1;
-}
-
-/* Write the key so that it never exists with a wider mode, is never half
- * written under its final name, and never replaces an existing file. */
+/* The key never exists with a wider mode, is never half written under
+ * its final name, and never replaces an existing file (csr_key_write_new). */
 static int cmd_genkey(const char *path) {
-        _cleanup_free_ char *tmp = NULL, *dir = NULL;
-        _cleanup_close_ int fd = -1;
         EVP_PKEY *key = NULL;
-        BIO *mem = NULL;
-        char *data, *slash;
-        long len;
-        int r = 1;
+        int r;
 
         if (access(path, F_OK) == 0)
                 return log_error("'%s' already exists; not replacing a device key", path), 1;
-        if (asprintf(&tmp, "%s.tmp-XXXXXX", path) < 0 || !(dir = strdup(path)))
-                return log_error("Out of memory"), 1;
-        slash = strrchr(dir, '/');
-        if (slash)
-                *(slash == dir ? slash + 1 : slash) = '\0';
-        else
-                strcpy(dir, ".");
-
-        key = EVP_EC_gen("P-256");
-        mem = BIO_new(BIO_s_mem());
-        if (!key || !mem || !PEM_write_bio_PrivateKey(mem, key, NULL, NULL, 0, NULL, NULL)) {
-                r = ssl_error("Failed to generate an EC P-256 key");
-                goto out;
-        }
-        len = BIO_get_mem_data(mem, &data);
-        fd = mkostemp(tmp, O_CLOEXEC); /* mode 0600 */
-        if (fd < 0) {
-                log_error_errno(errno, "Failed to create '%s': %m", tmp);
-                goto out;
-        }
-        if (write(fd, data, (size_t)len) != len || fsync(fd) < 0) {
-                log_error_errno(errno ? errno : EIO, "Failed to write '%s': %m", tmp);
-                goto unlink;
-        }
-        if (link(tmp, path) < 0) {
-                log_error_errno(errno, errno == EEXIST ? "'%s' already exists; not replacing a device key"
-                                                       : "Failed to create '%s': %m",
-                                path);
-                goto unlink;
-        }
-        (void)unlink(tmp);
-        {
-                _cleanup_close_ int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-                if (dfd >= 0)
-                        (void)fsync(dfd);
-        }
-        fprintf(stderr, "Wrote a new EC P-256 device key to '%s'\n", path);
-        r = 0;
-        goto out;
-unlink:
-        (void)unlink(tmp);
-out:
-        BIO_free(mem);
+        r = csr_key_generate(&key);
+        if (r < 0)
+                return log_error("Failed to generate an EC P-256 key"), 1;
+        r = csr_key_write_new(key, path);
         EVP_PKEY_free(key);
-        return r;
-}
-
-static int key_load(const char *path, EVP_PKEY **ret) {
-        _cleanup_fclose_ FILE *f = fopen(path, "re");
-
-        if (!f)
-                return log_error_errno(errno, "Cannot open the device key '%s': %m", path), 1;
-        *ret = PEM_read_PrivateKey(f, NULL, NULL, NULL);
-        if (!*ret)
-                return ssl_error("Cannot read the device key");
+        if (r == -EEXIST)
+                return log_error("'%s' already exists; not replacing a device key", path), 1;
+        if (r < 0)
+                return log_error_errno(r, "Failed to create '%s': %m", path), 1;
+        fprintf(stderr, "Wrote a new EC P-256 device key to '%s'\n", path);
         return 0;
 }
 
-/* The default device ID: derived from the public key, so the same key
- * always asks for the same ID. */
-static int key_id(EVP_PKEY *key, char ret[static TETHERCTL_ID_BYTES * 2 + 1]) {
-        unsigned char *der = NULL, md[EVP_MAX_MD_SIZE];
-        unsigned md_len = 0;
-        int len = i2d_PUBKEY(key, &der);
+static int key_load(const char *path, EVP_PKEY **ret) {
+        int r = csr_key_load(path, ret);
 
-        if (len <= 0 || !EVP_Digest(der, (size_t)len, md, &md_len, EVP_sha256(), NULL)) {
-                OPENSSL_free(der);
-                return ssl_error("Cannot hash the public key");
-        }
-        OPENSSL_free(der);
-        for (size_t i = 0; i < TETHERCTL_ID_BYTES; i++)
-                sprintf(ret + 2 * i, "%02x", md[i]);
+        if (r == -EBADMSG)
+                return log_error("Cannot read the device key '%s': no PEM private key in it", path), 1;
+        if (r < 0)
+                return log_error_errno(r, "Cannot open the device key '%s': %m", path), 1;
         return 0;
 }
 
 static int cmd_csr(void) {
-        char idbuf[TETHERCTL_ID_BYTES * 2 + 1];
+        char idbuf[CSR_ID_SIZE];
+        _cleanup_free_ char *pem = NULL;
         const char *id = arg.id;
         EVP_PKEY *key = NULL;
-        X509_REQ *req = NULL;
         int r;
 
         if (id) {
@@ -369,26 +296,19 @@ static int cmd_csr(void) {
         if (r != 0)
                 return r;
         if (!id) {
-                r = key_id(key, idbuf);
-                if (r != 0)
-                        goto out;
+                if (csr_key_id(key, idbuf) < 0) {
+                        EVP_PKEY_free(key);
+                        return log_error("Cannot hash the public key"), 1;
+                }
                 id = idbuf;
         }
-        req = X509_REQ_new();
-        if (!req || !X509_REQ_set_version(req, X509_REQ_VERSION_1) ||
-            !X509_NAME_add_entry_by_NID(X509_REQ_get_subject_name(req), NID_commonName, MBSTRING_ASC,
-                                        (const unsigned char *)id, -1, -1, 0) ||
-            !X509_REQ_set_pubkey(req, key) || X509_REQ_sign(req, key, EVP_sha256()) <= 0 ||
-            !PEM_write_X509_REQ(stdout, req)) {
-                r = ssl_error("Failed to make the certificate request");
-                goto out;
-        }
-        fprintf(stderr, "Certificate request for device ID %s\n", id);
-        r = 0;
-out:
-        X509_REQ_free(req);
+        r = csr_make(key, id, &pem);
         EVP_PKEY_free(key);
-        return r;
+        if (r < 0)
+                return log_error("Failed to make the certificate request"), 1;
+        fputs(pem, stdout);
+        fprintf(stderr, "Certificate request for device ID %s\n", id);
+        return 0;
 }
 
 /* --- command line ---------------------------------------------------------- */
