@@ -56,6 +56,7 @@ Config *config_new(void) {
         c->ota.progress_interval_ms = 1000;
         c->ota.min_free_mb = 16;
         c->ota.max_transitions = 64;
+        c->enroll_renew = true;
         if (!c->plugin_dir || !c->state_dir || !c->local_socket || !c->local_group || !c->ota.keyring ||
             !c->ota.state_dir || !c->ota.cache_dir || !c->ota.launcher || !c->ota.helper || !c->ota.agent_package ||
             !c->ota.agent_unit || !c->ota.dpkg_root)
@@ -94,6 +95,8 @@ Config *config_free(Config *c) {
         free(c->ota.agent_package);
         free(c->ota.agent_unit);
         free(c->ota.dpkg_root);
+        free(c->enroll_token_file);
+        free(c->enroll_device_id);
         free(c);
         return NULL;
 }
@@ -167,6 +170,8 @@ static int plugin_set(PluginSection *p, const char *key, const char *value) {
 enum {
         KEY_WORDS = KEYFILE_TYPE_OWN, /* char **, words split at blanks and commas */
         KEY_OVERFLOW,                 /* ConfigOverflow */
+        KEY_BOOL,                     /* bool: yes/no, true/false, on/off, 1/0 */
+        KEY_DEVICE_ID,                /* char *, a valid device ID */
 };
 
 #define F(m) offsetof(Config, m)
@@ -215,6 +220,10 @@ static const KeyfileKey keys[] = {
         { "OTA", "ProgressIntervalSec", KEYFILE_SECONDS, F(ota.progress_interval_ms), 100, 0 },
         { "OTA", "MinFreeMB", KEYFILE_UINT, F(ota.min_free_mb), 0, 1u << 20 },
         { "OTA", "MaxTransitions", KEYFILE_UINT, F(ota.max_transitions), 4, 10000 },
+        { "Enroll", "TokenFile", KEYFILE_STRING, F(enroll_token_file), 0, 0 },
+        { "Enroll", "DeviceID", KEY_DEVICE_ID, F(enroll_device_id), 0, 0 },
+        { "Enroll", "Renew", KEY_BOOL, F(enroll_renew), 0, 0 },
+        { "Enroll", "RenewAfterPercent", KEYFILE_UINT, F(enroll_renew_percent), 1, 99 },
 };
 #undef F
 
@@ -231,6 +240,22 @@ static int apply_key(KeyfileParser *p, const KeyfileKey *k, const char *value) {
                 else
                         return keyfile_fail(p, -EINVAL, "invalid value '%s' for %s= (reject or drop-oldest)", value,
                                             k->name);
+                return 1;
+        case KEY_BOOL:
+                if (streq(value, "yes") || streq(value, "true") || streq(value, "on") || streq(value, "1"))
+                        *(bool *)field = true;
+                else if (streq(value, "no") || streq(value, "false") || streq(value, "off") || streq(value, "0"))
+                        *(bool *)field = false;
+                else
+                        return keyfile_fail(p, -EINVAL, "invalid value '%s' for %s= (yes or no)", value, k->name);
+                return 1;
+        case KEY_DEVICE_ID:
+                r = proto_name_check(value, strlen(value), PROTO_NAME_DEVICE);
+                if (r < 0)
+                        return keyfile_fail(p, -EINVAL, "invalid device ID '%s' for %s=: %s", value, k->name,
+                                            proto_device_id_problem(r));
+                if (keyfile_set_string((char **)field, value) < 0)
+                        return keyfile_fail(p, -EINVAL, "out of memory");
                 return 1;
         case KEY_WORDS: {
                 char **v = split_words(value);

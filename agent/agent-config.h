@@ -89,6 +89,11 @@ typedef struct Config {
         char *local_socket;
         char *local_group; /* "" = root and the agent's user only */
         OtaConfig ota;
+        /* [Enroll] (docs/enrollment.md) */
+        char *enroll_token_file;  /* a provisioning token to enroll with; NULL: none */
+        char *enroll_device_id;   /* the ID to ask for; NULL: from the certificate or the key */
+        bool enroll_renew;        /* renew the certificate over the connection */
+        unsigned enroll_renew_percent; /* renew at this % of the lifetime; 0: two thirds (the cloud's renew_after) */
 } Config;
 
 /* Load path and its ".d" drop-in directory. On a bad value returns

@@ -629,7 +629,8 @@ int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, 
 /* --- incoming ---------------------------------------------------------- */
 
 /* A 4.29's retry time: RFC 8516, after Max-Age seconds (absent: 60),
- * kept within 1..3600. */
+ * kept within 1..3600. The same for a 5.03 (RFC 7252: Max-Age, default
+ * 60, says when to try again). */
 static uint32_t retry_after(const coap_pdu_t *rcvd) {
         coap_opt_iterator_t it;
         coap_opt_t *opt = coap_check_option(rcvd, COAP_OPTION_MAXAGE, &it);
@@ -659,7 +660,9 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                         continue;
                 *p = q->next;
                 sd_event_source_disable_unref(q->timer);
-                q->cb(0, code, data, len, code == COAP_RESPONSE_CODE(429) ? retry_after(rcvd) : 0, q->userdata);
+                q->cb(0, code, data, len,
+                      code == COAP_RESPONSE_CODE(429) || code == COAP_RESPONSE_CODE(503) ? retry_after(rcvd) : 0,
+                      q->userdata);
                 free(q);
                 return COAP_RESPONSE_OK;
         }
@@ -1437,6 +1440,15 @@ int conn_reconfigure(Conn *c, const Config *cfg) {
         set_state(c, CONN_IDLE, "Reconnecting (configuration changed)");
         conn_schedule(c);
         return 0;
+}
+
+void conn_retry_now(Conn *c) {
+        if (c->state != CONN_IDLE && c->state != CONN_BACKOFF)
+                return;
+        c->failures = 0;
+        free(c->teardown_reason);
+        c->teardown_reason = NULL;
+        conn_schedule(c);
 }
 
 bool conn_is_connected(Conn *c) {

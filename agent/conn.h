@@ -66,7 +66,8 @@ typedef struct ConnHooks {
  * before an answer came, -ETIMEDOUT if none came in time. retry_sec is,
  * for a 4.29 (Too Many Requests), the seconds to wait before sending it
  * again: the answer's Max-Age (60 without one, RFC 8516) kept within
- * 1..3600; 0 otherwise. */
+ * 1..3600; for a 5.03 (Service Unavailable) the same from its Max-Age;
+ * 0 otherwise. */
 typedef void (*conn_request_fn)(int error, unsigned code, const uint8_t *data, size_t len, uint32_t retry_sec,
                                 void *userdata);
 
@@ -81,6 +82,10 @@ static inline void conn_freep(Conn **c) { conn_free(*c); }
 
 /* Start connecting (non-blocking). */
 int conn_start(Conn *c);
+/* Connect now if not connected or connecting: forget the backoff (the
+ * device was just enrolled, its certificate is in place). Also starts a
+ * Conn that conn_start() was not called for. */
+void conn_retry_now(Conn *c);
 /* Swap in a new config. Reconnects only when the cloud settings changed. */
 int conn_reconfigure(Conn *c, const Config *cfg);
 /* Accept an event for the cloud: the one entry point for every producer

@@ -168,6 +168,25 @@ static json_t *do_publish(Client *c, json_t *req) {
         return json_pack("{s:b}", "ok", 1);
 }
 
+/* Starts the enrollment and answers at once with its generation:
+ * tetherctl follows it through "status" (the answer may take minutes). */
+static json_t *do_enroll(Client *c, json_t *req) {
+        const char *token = NULL, *id = NULL;
+        int force = 0, r;
+        char error[512] = "";
+        json_error_t err;
+
+        if (!c->api->hooks.enroll)
+                return error_reply(EOPNOTSUPP, "enrollment is not supported");
+        if (json_unpack_ex(req, &err, JSON_STRICT, "{s:s, s:s, s?s, s?b}", "method", &(const char *){ NULL },
+                           "token", &token, "id", &id, "force", &force) < 0)
+                return error_reply(EINVAL, "bad enroll request: %s", err.text);
+        r = c->api->hooks.enroll(c->api->hooks.userdata, token, id, force, error, sizeof(error));
+        if (r < 0)
+                return error_reply(r, "%s", error[0] ? error : strerror(-r));
+        return json_pack("{s:b, s:i}", "ok", 1, "generation", r);
+}
+
 static void client_handle(Client *c) {
         json_error_t err;
         json_t *req, *reply;
@@ -188,6 +207,8 @@ static void client_handle(Client *c) {
                 reply = st ? json_pack("{s:b, s:o}", "ok", 1, "status", st) : error_reply(ENOMEM, "out of memory");
         } else if (streq(method, "publish"))
                 reply = do_publish(c, req);
+        else if (streq(method, "enroll"))
+                reply = do_enroll(c, req);
         else
                 reply = error_reply(EOPNOTSUPP, "unknown method '%.64s'", method);
         json_decref(req);

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <systemd/sd-event.h>
@@ -23,6 +24,11 @@ typedef struct LocalApiHooks {
         /* Publish an event as a plugin would; name and data borrowed.
          * Negative errno refuses it. */
         int (*publish)(void *userdata, const char *name, const char *data, uint32_t ttl, uint32_t flags);
+        /* Start enrolling with token (id NULL: the default). Returns the
+         * enrollment's generation (> 0), or a negative errno with the
+         * reason written to error. May be NULL: not supported. */
+        int (*enroll)(void *userdata, const char *token, const char *id, bool force, char *error,
+                      size_t error_size);
 } LocalApiHooks;
 
 /* Largest request accepted: the biggest event data plus room for JSON

@@ -12,6 +12,7 @@
 
 #include "agent-config.h"
 #include "conn.h"
+#include "enroll.h"
 #include "local-api.h"
 #include "log.h"
 #include "loop-probe.h"
@@ -30,6 +31,7 @@ typedef struct Agent {
         PluginHost *plugins;
         Outbox *outbox;
         Conn *conn;
+        Enroll *enroll;
         LocalApi *local;
         char *status;           /* last STATUS= line */
         uint64_t started_usec;  /* CLOCK_MONOTONIC */
@@ -145,6 +147,30 @@ static void agent_state_changed(void *userdata, bool connected, const char *stat
                 agent_set_status(a, status);
         if (a->ota)
                 ota_connection_changed(a->ota, connected);
+        if (a->enroll)
+                enroll_connection_changed(a->enroll, connected);
+}
+
+/* Enrolled: the certificate is in place, connect without waiting. */
+static void agent_enrolled(void *userdata, const char *device_id) {
+        Agent *a = userdata;
+        char status[512];
+
+        snprintf(status, sizeof(status), "Enrolled as '%s'; connecting to %s:%u", device_id, a->config->cloud_host,
+                 a->config->cloud_port);
+        agent_set_status(a, status);
+        conn_retry_now(a->conn);
+}
+
+static void agent_enroll_status(void *userdata, const char *status) {
+        agent_set_status(userdata, status);
+}
+
+static int agent_enroll(void *userdata, const char *token, const char *id, bool force, char *error,
+                        size_t error_size) {
+        Agent *a = userdata;
+
+        return enroll_request(a->enroll, token, id, force, error, error_size);
 }
 
 /* The "counters" of tetherctl status --json (docs/cli.md). */
@@ -202,7 +228,8 @@ static json_t *agent_status(void *userdata) {
                                              (now - a->started_usec) / 1e6, "connected_sec",
                                              a->connected_usec ? (now - a->connected_usec) / 1e6 : 0.0,
                                              "queued_events", (json_int_t)conn_queued(a->conn), "values",
-                                             values, "counters", agent_counters(a))) < 0) {
+                                             values, "counters", agent_counters(a))) < 0 ||
+            json_object_update_new(st, enroll_status(a->enroll)) < 0) {
                 json_decref(st);
                 return NULL;
         }
@@ -293,6 +320,7 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         r = conn_reconfigure(a->conn, next);
         if (r < 0)
                 log_error_errno(r, "Failed to apply the new cloud settings: %m");
+        enroll_reconfigure(a->enroll, next);
         config_free(a->config);
         a->config = TAKE_PTR(next);
         r = plugin_host_load(a->plugins, a->config);
@@ -320,6 +348,7 @@ static void help(void) {
 static void agent_done(Agent *a) {
         local_api_free(a->local);
         plugin_host_free(a->plugins);
+        enroll_free(a->enroll);
         /* The connection first: it answers OTA's open requests as it goes. */
         conn_free(a->conn);
         outbox_free(a->outbox);
@@ -397,6 +426,7 @@ int main(int argc, char *argv[]) {
         sigaddset(&mask, SIGINT);
         sigaddset(&mask, SIGHUP);
         sigaddset(&mask, CONN_RESOLVE_SIGNAL);
+        sigaddset(&mask, ENROLL_RESOLVE_SIGNAL);
         sigprocmask(SIG_BLOCK, &mask, NULL);
         signal(SIGPIPE, SIG_IGN);
 
@@ -430,13 +460,22 @@ int main(int argc, char *argv[]) {
                      &a.conn);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the cloud connection: %m"), 1;
+        r = enroll_new(a.event, a.conn, a.config,
+                       &(EnrollHooks){ .userdata = &a, .enrolled = agent_enrolled, .status = agent_enroll_status },
+                       &a.enroll);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up enrollment: %m"), 1;
         r = plugin_host_new(a.event, a.registry, &(PluginHostHooks){ .userdata = &a, .publish = agent_publish },
                             &a.plugins);
         if (r < 0)
                 return 1;
         r = plugin_host_load(a.plugins, a.config);
         a.started_usec = now_usec();
-        if (local_api_new(a.event, &(LocalApiHooks){ .userdata = &a, .status = agent_status, .publish = agent_publish },
+        if (local_api_new(a.event,
+                          &(LocalApiHooks){ .userdata = &a,
+                                            .status = agent_status,
+                                            .publish = agent_publish,
+                                            .enroll = agent_enroll },
                           &a.local) < 0)
                 return log_error("Out of memory"), 1;
         agent_local_api_configure(&a);
@@ -449,9 +488,13 @@ int main(int argc, char *argv[]) {
         (void)ota_start(a.ota);
         log_info("tetherd %s starting, %d plugin(s) running, cloud %s:%u", PACKAGE_VERSION, r < 0 ? 0 : r,
                  a.config->cloud_host, a.config->cloud_port);
-        conn_start(a.conn);
-        if (asprintf(&status, "Connecting to %s:%u", a.config->cloud_host, a.config->cloud_port) >= 0)
-                agent_set_status(&a, status);
+        /* Without a certificate: enroll first (TokenFile=) or wait for
+         * tetherctl enroll; no connect attempts meanwhile. */
+        if (enroll_start(a.enroll) > 0) {
+                conn_start(a.conn);
+                if (asprintf(&status, "Connecting to %s:%u", a.config->cloud_host, a.config->cloud_port) >= 0)
+                        agent_set_status(&a, status);
+        }
         a.queued = outbox_count(a.outbox);
         sd_notifyf(false, "READY=1\nX_TETHER_OUTBOX=%zu", a.queued);
         a.queued_notified = a.queued;

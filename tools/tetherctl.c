@@ -13,6 +13,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 
 #include <openssl/evp.h>
 
@@ -37,10 +38,16 @@ static struct {
         const char *socket;
         const char *key;
         const char *id;
+        const char *token;
+        const char *token_file;
         long long ttl;
         bool private_;
         bool json;
+        bool force;
+        bool no_wait;
+        long long wait_sec;
 } arg = {
+        .wait_sec = 120,
         .ttl = -1,
 };
 
@@ -176,6 +183,41 @@ static void print_list(const char *label, json_t *a) {
         printf("\n");
 }
 
+static void print_time(const char *label, json_t *t) {
+        time_t when = (time_t)json_integer_value(t);
+        struct tm tm;
+        char buf[64];
+
+        if (!json_is_integer(t) || !gmtime_r(&when, &tm) || !strftime(buf, sizeof(buf), "%Y-%m-%d %H:%M:%S UTC", &tm))
+                return;
+        printf("%s%s", label, buf);
+}
+
+/* The certificate and enrollment lines of status. */
+static void print_certificate(json_t *st) {
+        json_t *cert = json_object_get(st, "certificate"), *enr = json_object_get(st, "enrollment");
+        json_t *last = json_object_get(cert, "last_renewal");
+        const char *state = json_string_value(json_object_get(enr, "state"));
+
+        if (json_is_object(cert)) {
+                printf("%-12s%s\n", "Device ID:", json_string_value(json_object_get(cert, "device_id")));
+                print_time("Certificate: valid until ", json_object_get(cert, "not_after"));
+                if (json_is_true(json_object_get(cert, "renew")))
+                        print_time(", renewal from ", json_object_get(cert, "renew_at"));
+                printf("\n");
+                if (json_is_object(last)) {
+                        print_time("Renewed:    last attempt ", json_object_get(last, "at"));
+                        printf(": %s%s%s\n", json_string_value(json_object_get(last, "result")),
+                               json_object_get(last, "error") ? ": " : "",
+                               json_string_value(json_object_get(last, "error")) ?: "");
+                }
+        } else
+                printf("%-12s%s\n", "Certificate:", "(none: not enrolled)");
+        if (state && !streq(state, "none"))
+                printf("%-12s%s%s%s\n", "Enrollment:", state, json_object_get(enr, "error") ? ": " : "",
+                       json_string_value(json_object_get(enr, "error")) ?: "");
+}
+
 static int cmd_status(void) {
         json_t *resp = NULL, *st, *v, *values, *plugins;
         const char *name;
@@ -204,6 +246,7 @@ static int cmd_status(void) {
                 print_duration(json_number_value(json_object_get(st, "connected_sec")));
         }
         printf("\n%-12s%s\n", "Version:", json_string_value(json_object_get(st, "version")));
+        print_certificate(st);
         printf("%-12s%lld\n", "Queued:", (long long)json_integer_value(json_object_get(st, "queued_events")));
         plugins = json_object_get(st, "plugins");
         printf("%-12s", "Plugins:");
@@ -311,6 +354,119 @@ static int cmd_csr(void) {
         return 0;
 }
 
+/* The first line of path that is not blank or a comment, trimmed. */
+static int read_token_file(const char *path, char **ret) {
+        _cleanup_fclose_ FILE *f = fopen(path, "re");
+        char line[512];
+
+        if (!f)
+                return log_error_errno(errno, "Cannot read the token file '%s': %m", path), 1;
+        while (fgets(line, sizeof(line), f)) {
+                char *p = line + strspn(line, " \t\r\n");
+
+                p[strcspn(p, " \t\r\n")] = 0;
+                if (!*p || *p == '#')
+                        continue;
+                *ret = strdup(p);
+                return *ret ? 0 : (log_error("Out of memory"), 1);
+        }
+        return log_error("No token in '%s'", path), 1;
+}
+
+/* Ask tetherd for its status every 100 ms until done() says so (1 ok,
+ * -1 failed) or the deadline passes (0). *ret_status is the last one. */
+static int follow(long long deadline, int (*done)(json_t *st, void *userdata), void *userdata) {
+        for (;;) {
+                json_t *resp = NULL;
+                int r = request(json_pack("{s:s}", "method", "status"), &resp);
+
+                if (r != 0)
+                        return -1;
+                r = done(json_object_get(resp, "status"), userdata);
+                json_decref(resp);
+                if (r != 0)
+                        return r;
+                if ((long long)now_usec() >= deadline)
+                        return 0;
+                (void)poll(NULL, 0, 100);
+        }
+}
+
+static int enrolled_done(json_t *st, void *userdata) {
+        json_int_t generation = *(json_int_t *)userdata;
+        json_t *enr = json_object_get(st, "enrollment");
+        const char *state = json_string_value(json_object_get(enr, "state"));
+        const char *error = json_string_value(json_object_get(enr, "error"));
+
+        if (json_integer_value(json_object_get(enr, "generation")) != generation || !state)
+                return log_error("Another enrollment was started meanwhile"), -1;
+        if (streq(state, "enrolled")) {
+                printf("Enrolled as device %s\n", json_string_value(json_object_get(enr, "device_id")));
+                fflush(stdout);
+                return 1;
+        }
+        if (streq(state, "failed"))
+                return log_error("Enrollment failed: %s", error ? error : "unknown reason"), -1;
+        if (streq(state, "retrying")) {
+                json_int_t at = json_integer_value(json_object_get(enr, "retry_at"));
+                long long in = at - (long long)time(NULL);
+
+                log_error("Enrollment failed: %s (tetherd tries again in %lld s; 'tetherctl status' shows how it "
+                          "goes)",
+                          error ? error : "unknown reason", in > 0 ? in : 0);
+                return -1;
+        }
+        return 0;
+}
+
+static int online_done(json_t *st, void *userdata) {
+        return json_is_true(json_object_get(st, "connected")) ? 1 : 0;
+}
+
+static int cmd_enroll(void) {
+        _cleanup_free_ char *token = NULL;
+        long long start = (long long)now_usec(), deadline;
+        json_t *req, *resp = NULL;
+        json_int_t generation;
+        int r;
+
+        if (!!arg.token == !!arg.token_file)
+                return cli_usage_error("'enroll' needs one of --token TOKEN or --token-file PATH"), EXIT_USAGE;
+        if (arg.id && (r = proto_name_check(arg.id, strlen(arg.id), PROTO_NAME_DEVICE)) < 0)
+                return cli_usage_error("Invalid device ID '%s': %s", arg.id, proto_device_id_problem(r)), EXIT_USAGE;
+        if (arg.token_file) {
+                r = read_token_file(arg.token_file, &token);
+                if (r != 0)
+                        return r;
+        }
+        req = json_pack("{s:s, s:s, s:b}", "method", "enroll", "token", token ? token : arg.token, "force",
+                        arg.force);
+        if (req && arg.id && json_object_set_new(req, "id", json_string(arg.id)) < 0)
+                req = (json_decref(req), NULL);
+        r = request(req, &resp);
+        if (r != 0)
+                return r;
+        generation = json_integer_value(json_object_get(resp, "generation"));
+        json_decref(resp);
+        deadline = start + arg.wait_sec * 1000000LL;
+        r = follow(deadline, enrolled_done, &generation);
+        if (r < 0)
+                return 1;
+        if (r == 0)
+                return log_error("Not enrolled after %lld s; tetherd keeps trying ('tetherctl status')", arg.wait_sec),
+                       1;
+        if (arg.no_wait)
+                return 0;
+        r = follow(deadline, online_done, NULL);
+        if (r < 0)
+                return 1;
+        if (r == 0)
+                return log_error("Enrolled, but not online after %lld s ('tetherctl status' says why)", arg.wait_sec),
+                       1;
+        printf("Online after %.1f s\n", ((long long)now_usec() - start) / 1e6);
+        return 0;
+}
+
 /* --- command line ---------------------------------------------------------- */
 
 static void help(void) {
@@ -327,6 +483,9 @@ static void help(void) {
                "                              replaces an existing file (default %s)\n"
                "  csr [--key PATH] [--id ID]  print a PEM certificate request for the device key;\n"
                "                              the ID defaults to 24 hex digits of the key's hash\n"
+               "  enroll --token TOKEN | --token-file PATH [--id ID] [--force] [--no-wait]\n"
+               "                              have tetherd enroll with a provisioning token, then\n"
+               "                              wait until it is online (at most --wait SEC, 120)\n"
                "\n"
                "Options:\n"
                "  -s, --socket PATH   tetherd's socket (default $TETHER_SOCKET or %s)\n"
@@ -337,7 +496,19 @@ static void help(void) {
                TETHERCTL_DEFAULT_KEY, TETHERCTL_DEFAULT_SOCKET);
 }
 
-enum { OPT_TTL = 0x100, OPT_PRIVATE, OPT_JSON, OPT_KEY, OPT_ID, OPT_VERSION };
+enum {
+        OPT_TTL = 0x100,
+        OPT_PRIVATE,
+        OPT_JSON,
+        OPT_KEY,
+        OPT_ID,
+        OPT_VERSION,
+        OPT_TOKEN,
+        OPT_TOKEN_FILE,
+        OPT_FORCE,
+        OPT_NO_WAIT,
+        OPT_WAIT,
+};
 
 int main(int argc, char *argv[]) {
         static const struct option options[] = {
@@ -347,6 +518,11 @@ int main(int argc, char *argv[]) {
                 { "json", no_argument, NULL, OPT_JSON },
                 { "key", required_argument, NULL, OPT_KEY },
                 { "id", required_argument, NULL, OPT_ID },
+                { "token", required_argument, NULL, OPT_TOKEN },
+                { "token-file", required_argument, NULL, OPT_TOKEN_FILE },
+                { "force", no_argument, NULL, OPT_FORCE },
+                { "no-wait", no_argument, NULL, OPT_NO_WAIT },
+                { "wait", required_argument, NULL, OPT_WAIT },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, OPT_VERSION },
                 {},
@@ -386,6 +562,26 @@ int main(int argc, char *argv[]) {
                 case OPT_ID:
                         arg.id = optarg;
                         break;
+                case OPT_TOKEN:
+                        arg.token = optarg;
+                        break;
+                case OPT_TOKEN_FILE:
+                        arg.token_file = optarg;
+                        break;
+                case OPT_FORCE:
+                        arg.force = true;
+                        break;
+                case OPT_NO_WAIT:
+                        arg.no_wait = true;
+                        break;
+                case OPT_WAIT: {
+                        char *end;
+                        errno = 0;
+                        arg.wait_sec = strtoll(optarg, &end, 10);
+                        if (errno || end == optarg || *end || arg.wait_sec < 1 || arg.wait_sec > 86400)
+                                return cli_usage_error("Invalid --wait '%s' (seconds, 1..86400)", optarg), EXIT_USAGE;
+                        break;
+                }
                 case 'h':
                         help();
                         return 0;
@@ -420,6 +616,10 @@ int main(int argc, char *argv[]) {
                 if (n_pos != 0)
                         return cli_usage_error("'csr' takes no arguments"), EXIT_USAGE;
                 r = cmd_csr();
+        } else if (streq(cmd, "enroll")) {
+                if (n_pos != 0)
+                        return cli_usage_error("'enroll' takes no arguments"), EXIT_USAGE;
+                r = cmd_enroll();
         } else
                 return cli_usage_error("Unknown command '%s'", cmd), EXIT_USAGE;
         if (fflush(stdout) != 0) {

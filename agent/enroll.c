@@ -1,0 +1,1139 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+#include <arpa/inet.h>
+#include <coap3/coap.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <time.h>
+
+#include "backoff.h"
+#include "certfile.h"
+#include "csr.h"
+#include "enroll.h"
+#include "log.h"
+#include "proto.h"
+#include "tls.h"
+#include "util.h"
+
+#define ENROLL_PATH "enroll"
+#define ENROLL_RENEW_PATH "cert"
+/* The cloud's answer: a certificate chain in JSON. */
+#define ENROLL_ANSWER_MAX (64 * 1024)
+#define ENROLL_CHAIN_MAX 8
+/* One attempt (lookup, TCP, TLS, request, answer) takes at most this. */
+#define ENROLL_ATTEMPT_MS 60000
+#define ENROLL_RENEW_TIMEOUT_MS 60000
+/* Backoff after failures that may pass (transport, 5.xx). */
+#define ENROLL_RETRY_MIN_MS 1000
+#define ENROLL_RETRY_MAX_MS 300000
+#define ENROLL_RENEW_RETRY_MIN_MS 10000
+#define ENROLL_RENEW_RETRY_MAX_MS 3600000
+
+typedef enum EnrollState {
+        ENROLL_NONE,       /* enrolled, or not asked to */
+        ENROLL_WAITING,    /* not enrolled, no token: waits for tetherctl enroll */
+        ENROLL_RUNNING,    /* an attempt is under way */
+        ENROLL_RETRY,      /* an attempt failed; the next one is scheduled */
+        ENROLL_FAILED,     /* refused by the cloud (4.xx): waits for another token */
+        ENROLL_DONE,       /* enrolled by us */
+} EnrollState;
+
+typedef struct Lookup {
+        struct Lookup *next;
+        struct gaicb req;
+        struct addrinfo hints;
+        char host[];
+} Lookup;
+
+typedef struct Request {
+        EVP_PKEY *key;  /* the key the CSR is for */
+        bool key_is_new; /* renewal: the key is not on disk yet */
+        char *id;
+        char *body;     /* the JSON request, sent again unchanged after a 4.29/5.03 */
+} Request;
+
+struct Enroll {
+        sd_event *event;
+        Conn *conn;
+        const Config *config;
+        EnrollHooks hooks;
+
+        /* The certificate in place. */
+        bool have_cert;
+        CertInfo cert;
+        int64_t renew_after, renew_at;
+        uint32_t jitter; /* drawn once: renew_at stays put however often the file is read */
+
+        /* --- enrollment --- */
+        EnrollState state;
+        unsigned generation;
+        unsigned attempts;
+        char *token;
+        Request enroll_req;
+        char error[512];  /* the last failure, for tetherctl */
+        int64_t retry_at; /* CLOCK_REALTIME seconds of the next attempt (ENROLL_RETRY) */
+        unsigned failures;
+        coap_context_t *ctx;
+        coap_session_t *session;
+        TlsFiles files;
+        TlsHostCheck host_check;
+        coap_dtls_pki_t pki;
+        char *host;
+        Lookup *lookup, *stale;
+        struct addrinfo *addrs, *addr_next;
+        char address[INET6_ADDRSTRLEN + 8];
+        sd_event_source *resolve_source;
+        sd_event_source *io_source;
+        sd_event_source *send_source;     /* defer: send once the session is up (docs/design/libcoap.md, trap B) */
+        sd_event_source *finish_source;   /* defer: handle the answer or failure outside libcoap */
+        sd_event_source *timer_source;    /* attempt deadline, or the next attempt */
+        bool sent;
+        bool answered;
+        unsigned answer_code;
+        uint32_t answer_max_age;
+        char *answer;
+        size_t answer_len;
+        char *attempt_error; /* why the attempt failed, without an answer */
+
+        /* --- renewal --- */
+        sd_event_source *renew_source; /* CLOCK_REALTIME: renew_at, or the retry */
+        Request renew_req;
+        bool renew_due;       /* waiting for a connection */
+        bool renew_inflight;
+        unsigned renew_failures;
+        int64_t last_renewal_at;
+        bool last_renewal_ok;
+        char last_renewal_error[512];
+        int64_t renew_retry_at;
+};
+
+static void request_done(Request *r) {
+        EVP_PKEY_free(r->key);
+        free(r->id);
+        free(r->body);
+        *r = (Request){};
+}
+
+static int64_t now_sec(void) {
+        return (int64_t)time(NULL);
+}
+
+static void set_status(Enroll *e, const char *fmt, ...) _printf_(2, 3);
+static void set_status(Enroll *e, const char *fmt, ...) {
+        char buf[768];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        if (e->hooks.status)
+                e->hooks.status(e->hooks.userdata, buf);
+}
+
+/* --- the certificate in place, renewal time ------------------------------ */
+
+static void arm_renewal(Enroll *e);
+
+/* Read the certificate file; have_cert says whether it is a usable one. */
+static void read_cert(Enroll *e) {
+        CertInfo info;
+
+        e->have_cert = csr_cert_info(e->config->cert_file, &info) == 0;
+        if (!e->have_cert)
+                return;
+        e->cert = info;
+        e->renew_at = certfile_renew_at(info.not_before, info.not_after, e->config->enroll_renew_percent,
+                                        e->jitter, &e->renew_after);
+}
+
+/* A certificate that would let the device connect: present, for our key,
+ * not expired. */
+static bool cert_valid(Enroll *e, char *why, size_t why_size) {
+        int r;
+
+        read_cert(e);
+        if (!e->have_cert) {
+                snprintf(why, why_size, "no certificate in '%s'", e->config->cert_file);
+                return false;
+        }
+        if (e->cert.not_after <= now_sec()) {
+                snprintf(why, why_size, "the certificate in '%s' has expired", e->config->cert_file);
+                return false;
+        }
+        r = csr_pair_matches(e->config->cert_file, e->config->key_file);
+        if (r <= 0) {
+                snprintf(why, why_size, "the certificate in '%s' is not for the key in '%s'", e->config->cert_file,
+                         e->config->key_file);
+                return false;
+        }
+        return true;
+}
+
+/* --- the cloud's answer -------------------------------------------------- */
+
+/* Check a 2.01 answer for req and return the certificate chain as PEM
+ * (what gets installed) and its facts; the reason in error otherwise. */
+static int parse_issued(const Request *req, const char *data, size_t len, char **ret_pem, CertInfo *ret_info,
+                        char *error, size_t error_size) {
+        json_t *j = NULL;
+        const char *id = NULL, *pem = NULL;
+        BIO *in = NULL, *out = NULL;
+        X509 *x;
+        CertInfo info = {};
+        char *copy = NULL, *buf;
+        long n_out;
+        int r = -EBADMSG, n = 0;
+
+        j = json_loadb(data, len, JSON_REJECT_DUPLICATES, NULL);
+        if (!j || json_unpack(j, "{s:s, s:s}", "device_id", &id, "certificate", &pem) < 0) {
+                snprintf(error, error_size, "the cloud's answer is not the expected JSON");
+                goto out;
+        }
+        if (!streq(id, req->id)) {
+                snprintf(error, error_size, "the cloud issued a certificate for '%.64s', not '%s'", id, req->id);
+                goto out;
+        }
+        in = BIO_new_mem_buf(pem, -1);
+        out = BIO_new(BIO_s_mem());
+        if (!in || !out) {
+                r = -ENOMEM;
+                snprintf(error, error_size, "out of memory");
+                goto out;
+        }
+        while ((x = PEM_read_bio_X509(in, NULL, NULL, NULL))) {
+                if (n == 0) {
+                        csr_cert_info_x509(x, &info);
+                        if (EVP_PKEY_eq(X509_get0_pubkey(x), req->key) != 1) {
+                                snprintf(error, error_size, "the certificate is not for the key we sent");
+                                X509_free(x);
+                                goto out;
+                        }
+                }
+                if (++n > ENROLL_CHAIN_MAX || !PEM_write_bio_X509(out, x)) {
+                        snprintf(error, error_size, "the certificate chain is too long");
+                        X509_free(x);
+                        goto out;
+                }
+                X509_free(x);
+        }
+        if (n == 0) {
+                snprintf(error, error_size, "the answer holds no certificate");
+                goto out;
+        }
+        if (!streq(info.id, req->id)) {
+                snprintf(error, error_size, "the certificate's commonName is not '%s'", req->id);
+                goto out;
+        }
+        if (info.not_after <= now_sec()) {
+                snprintf(error, error_size, "the certificate has already expired");
+                goto out;
+        }
+        n_out = BIO_get_mem_data(out, &buf);
+        copy = n_out > 0 ? strndup(buf, (size_t)n_out) : NULL;
+        if (!copy) {
+                r = -ENOMEM;
+                snprintf(error, error_size, "out of memory");
+                goto out;
+        }
+        *ret_pem = copy;
+        *ret_info = info;
+        r = 0;
+out:
+        ERR_clear_error();
+        BIO_free(in);
+        BIO_free(out);
+        json_decref(j);
+        return r;
+}
+
+/* The text of an error answer, for the log and tetherctl: printable
+ * characters of at most 300 bytes. */
+static void answer_text(const char *data, size_t len, char *buf, size_t size) {
+        size_t k = 0;
+
+        for (size_t i = 0; i < len && i < 300 && k + 1 < size; i++)
+                buf[k++] = (unsigned char)data[i] >= 0x20 && data[i] != 0x7f ? data[i] : '?';
+        buf[k] = 0;
+}
+
+/* Make req: the key (loaded or new), the ID and the JSON body. */
+static int request_make(Request *req, EVP_PKEY *key, bool key_is_new, const char *id, const char *token) {
+        _cleanup_free_ char *csr = NULL;
+        json_t *j;
+        int r;
+
+        r = csr_make(key, id, &csr);
+        if (r < 0)
+                return r;
+        j = token ? json_pack("{s:s, s:s}", "token", token, "csr", csr) : json_pack("{s:s}", "csr", csr);
+        req->body = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        json_decref(j);
+        req->id = strdup(id);
+        if (!req->body || !req->id) {
+                request_done(req);
+                EVP_PKEY_free(key);
+                return -ENOMEM;
+        }
+        req->key = key;
+        req->key_is_new = key_is_new;
+        return 0;
+}
+
+/* --- enrollment: the anonymous session ----------------------------------- */
+
+static void attempt_fail(Enroll *e, const char *fmt, ...) _printf_(2, 3);
+
+static void lookup_free(Lookup *l) {
+        if (l->req.ar_result)
+                freeaddrinfo(l->req.ar_result);
+        free(l);
+}
+
+static void resolve_cancel(Enroll *e) {
+        Lookup *l = TAKE_PTR(e->lookup);
+
+        if (!l)
+                return;
+        if (gai_cancel(&l->req) == EAI_NOTCANCELED) {
+                l->next = e->stale;
+                e->stale = l;
+                return;
+        }
+        lookup_free(l);
+}
+
+static void reap_stale(Enroll *e) {
+        for (Lookup **p = &e->stale; *p;) {
+                Lookup *l = *p;
+
+                if (gai_error(&l->req) == EAI_INPROGRESS) {
+                        p = &l->next;
+                        continue;
+                }
+                *p = l->next;
+                lookup_free(l);
+        }
+}
+
+/* Drop the session and its context (never from inside libcoap). */
+static void session_close(Enroll *e) {
+        e->io_source = sd_event_source_disable_unref(e->io_source);
+        if (e->session) {
+                coap_session_set_app_data(e->session, NULL);
+                coap_session_release(e->session);
+                e->session = NULL;
+        }
+        if (e->ctx) {
+                coap_free_context(e->ctx);
+                e->ctx = NULL;
+        }
+        sd_event_source_set_enabled(e->send_source, SD_EVENT_OFF);
+        e->sent = e->answered = false;
+        free(e->answer);
+        e->answer = NULL;
+        e->answer_len = 0;
+}
+
+static void addrs_free(Enroll *e) {
+        if (e->addrs)
+                freeaddrinfo(e->addrs);
+        e->addrs = e->addr_next = NULL;
+}
+
+static void attempt_stop(Enroll *e) {
+        resolve_cancel(e);
+        session_close(e);
+        addrs_free(e);
+        sd_event_source_set_enabled(e->finish_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(e->timer_source, SD_EVENT_OFF);
+        free(e->attempt_error);
+        e->attempt_error = NULL;
+}
+
+static int on_enroll_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        Enroll *e = userdata;
+
+        if (e->ctx)
+                coap_io_process(e->ctx, COAP_IO_NO_WAIT);
+        return 0;
+}
+
+static coap_response_t on_enroll_response(coap_session_t *session, const coap_pdu_t *sent, const coap_pdu_t *rcvd,
+                                          const coap_mid_t mid) {
+        Enroll *e = coap_session_get_app_data(session);
+        const uint8_t *data = NULL;
+        size_t len = 0;
+        coap_opt_iterator_t it;
+        coap_opt_t *opt;
+
+        if (!e || session != e->session || e->answered)
+                return COAP_RESPONSE_OK;
+        (void)coap_get_data(rcvd, &len, &data);
+        if (len > ENROLL_ANSWER_MAX) {
+                attempt_fail(e, "the cloud's answer is larger than %u bytes", ENROLL_ANSWER_MAX);
+                return COAP_RESPONSE_OK;
+        }
+        e->answer = malloc(len + 1);
+        if (!e->answer) {
+                attempt_fail(e, "out of memory");
+                return COAP_RESPONSE_OK;
+        }
+        if (len)
+                memcpy(e->answer, data, len);
+        e->answer[len] = 0;
+        e->answer_len = len;
+        e->answer_code = coap_pdu_get_code(rcvd);
+        opt = coap_check_option(rcvd, COAP_OPTION_MAXAGE, &it);
+        e->answer_max_age = opt ? coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt)) : 60;
+        e->answered = true;
+        sd_event_source_set_enabled(e->finish_source, SD_EVENT_ONESHOT);
+        return COAP_RESPONSE_OK;
+}
+
+static int connect_next(Enroll *e);
+
+static int on_enroll_event(coap_session_t *session, const coap_event_t event) {
+        Enroll *e = coap_session_get_app_data(session);
+
+        if (!e || session != e->session)
+                return 0;
+        switch (event) {
+        case COAP_EVENT_TCP_CONNECTED:
+                (void)tls_session_set_nodelay(session);
+                break;
+        case COAP_EVENT_SESSION_CONNECTED:
+                sd_event_source_set_enabled(e->send_source, SD_EVENT_ONESHOT);
+                break;
+        case COAP_EVENT_DTLS_ERROR:
+                attempt_fail(e, "%s: %s", e->address,
+                             e->host_check.failure[0] ? e->host_check.failure
+                                                      : "TLS handshake failed (does the cloud allow enrollment?)");
+                break;
+        case COAP_EVENT_TCP_FAILED:
+                attempt_fail(e, "%s: TCP connection failed", e->address);
+                break;
+        case COAP_EVENT_TCP_CLOSED:
+        case COAP_EVENT_DTLS_CLOSED:
+        case COAP_EVENT_SESSION_CLOSED:
+        case COAP_EVENT_SESSION_FAILED:
+                if (!e->answered)
+                        attempt_fail(e, "%s: connection closed by the cloud", e->address);
+                break;
+        default:
+                break;
+        }
+        return 0;
+}
+
+static int on_send(sd_event_source *s, void *userdata) {
+        Enroll *e = userdata;
+        coap_pdu_t *pdu;
+        uint8_t cf[2], token[8];
+        size_t tlen = 0;
+        const char *body = e->enroll_req.body;
+
+        if (!e->session || e->sent || coap_session_get_state(e->session) != COAP_SESSION_STATE_ESTABLISHED)
+                return 0;
+        pdu = coap_new_pdu(COAP_MESSAGE_CON, COAP_REQUEST_CODE_POST, e->session);
+        if (!pdu) {
+                attempt_fail(e, "out of memory");
+                return 0;
+        }
+        coap_session_new_token(e->session, &tlen, token);
+        if (!coap_add_token(pdu, tlen, token) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_PATH, strlen(ENROLL_PATH), (const uint8_t *)ENROLL_PATH) ||
+            !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(cf, sizeof(cf), PROTO_CF_JSON),
+                             cf) ||
+            !coap_add_data(pdu, strlen(body), (const uint8_t *)body)) {
+                coap_delete_pdu(pdu);
+                attempt_fail(e, "cannot build the request");
+                return 0;
+        }
+        if (coap_send(e->session, pdu) == COAP_INVALID_MID) {
+                attempt_fail(e, "%s: cannot send the request", e->address);
+                return 0;
+        }
+        e->sent = true;
+        coap_io_process(e->ctx, COAP_IO_NO_WAIT);
+        return 0;
+}
+
+static int connect_to(Enroll *e, const struct addrinfo *ai) {
+        coap_address_t dst;
+        char ip[INET6_ADDRSTRLEN] = "?";
+
+        coap_address_init(&dst);
+        memcpy(&dst.addr, ai->ai_addr, ai->ai_addrlen);
+        dst.size = ai->ai_addrlen;
+        if (ai->ai_family == AF_INET) {
+                dst.addr.sin.sin_port = htons(e->config->cloud_port);
+                inet_ntop(AF_INET, &dst.addr.sin.sin_addr, ip, sizeof(ip));
+                snprintf(e->address, sizeof(e->address), "%s:%u", ip, e->config->cloud_port);
+        } else {
+                dst.addr.sin6.sin6_port = htons(e->config->cloud_port);
+                inet_ntop(AF_INET6, &dst.addr.sin6.sin6_addr, ip, sizeof(ip));
+                snprintf(e->address, sizeof(e->address), "[%s]:%u", ip, e->config->cloud_port);
+        }
+        e->ctx = coap_new_context(NULL);
+        if (!e->ctx)
+                return -ENOMEM;
+        coap_register_response_handler(e->ctx, on_enroll_response);
+        coap_register_event_handler(e->ctx, on_enroll_event);
+        if (sd_event_add_io(e->event, &e->io_source, coap_context_get_coap_fd(e->ctx), EPOLLIN, on_enroll_io, e) <
+            0)
+                return -ENOMEM;
+        /* Anonymous: only the CA file, to check the cloud. */
+        e->files = (TlsFiles){ .ca_file = e->config->ca_file };
+        e->host_check.host = e->host;
+        tls_pki_init(&e->pki, &e->files, &e->host_check);
+        e->session = coap_new_client_session_pki(e->ctx, NULL, &dst, COAP_PROTO_TLS, &e->pki);
+        if (!e->session)
+                return -ECONNREFUSED;
+        coap_session_set_app_data(e->session, e);
+        coap_io_process(e->ctx, COAP_IO_NO_WAIT);
+        return 0;
+}
+
+/* The next resolved address; -ENOENT when none is left. */
+static int connect_next(Enroll *e) {
+        while (e->addr_next) {
+                struct addrinfo *ai = e->addr_next;
+
+                e->addr_next = ai->ai_next;
+                if ((ai->ai_family != AF_INET && ai->ai_family != AF_INET6) ||
+                    ai->ai_addrlen > sizeof(((coap_address_t *)NULL)->addr))
+                        continue;
+                session_close(e);
+                if (connect_to(e, ai) == 0)
+                        return 0;
+        }
+        return -ENOENT;
+}
+
+static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        Enroll *e = userdata;
+        struct addrinfo *ai;
+        int ret;
+
+        reap_stale(e);
+        if (!e->lookup || gai_error(&e->lookup->req) == EAI_INPROGRESS)
+                return 0;
+        ret = gai_error(&e->lookup->req);
+        ai = TAKE_PTR(e->lookup->req.ar_result);
+        lookup_free(TAKE_PTR(e->lookup));
+        if (ret != 0 || !ai) {
+                if (ai)
+                        freeaddrinfo(ai);
+                attempt_fail(e, "cannot resolve '%s': %s", e->host, gai_strerror(ret));
+                return 0;
+        }
+        addrs_free(e);
+        e->addrs = e->addr_next = ai;
+        if (connect_next(e) < 0)
+                attempt_fail(e, "cannot connect to '%s'", e->host);
+        return 0;
+}
+
+static void attempt_begin(Enroll *e) {
+        struct sigevent sev = { .sigev_notify = SIGEV_SIGNAL, .sigev_signo = ENROLL_RESOLVE_SIGNAL };
+        struct gaicb *list[1];
+        Lookup *l;
+
+        attempt_stop(e);
+        e->state = ENROLL_RUNNING;
+        e->attempts++;
+        free(e->host);
+        e->host = strdup(e->config->cloud_host);
+        l = e->host ? calloc(1, sizeof(Lookup) + strlen(e->host) + 1) : NULL;
+        if (!l) {
+                attempt_fail(e, "out of memory");
+                return;
+        }
+        strcpy(l->host, e->host);
+        l->hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
+        l->req = (struct gaicb){ .ar_name = l->host, .ar_request = &l->hints };
+        list[0] = &l->req;
+        sd_event_source_set_time(e->timer_source, now_usec() + ENROLL_ATTEMPT_MS * 1000ULL);
+        sd_event_source_set_enabled(e->timer_source, SD_EVENT_ONESHOT);
+        if (getaddrinfo_a(GAI_NOWAIT, list, 1, &sev) != 0) {
+                free(l);
+                attempt_fail(e, "cannot start name resolution");
+                return;
+        }
+        e->lookup = l;
+        set_status(e, "Enrolling as '%s' at %s:%u (attempt %u)", e->enroll_req.id, e->config->cloud_host,
+                   e->config->cloud_port, e->attempts);
+}
+
+/* The attempt failed without an answer: try the next address, or finish. */
+static void attempt_fail(Enroll *e, const char *fmt, ...) {
+        char buf[512];
+        va_list ap;
+
+        if (e->state != ENROLL_RUNNING || e->attempt_error || e->answered)
+                return;
+        va_start(ap, fmt);
+        vsnprintf(buf, sizeof(buf), fmt, ap);
+        va_end(ap);
+        e->attempt_error = strdup(buf);
+        sd_event_source_set_enabled(e->finish_source, SD_EVENT_ONESHOT);
+}
+
+static void schedule_retry(Enroll *e, uint64_t delay_ms) {
+        e->state = ENROLL_RETRY;
+        e->retry_at = now_sec() + (int64_t)((delay_ms + 999) / 1000);
+        sd_event_source_set_time(e->timer_source, now_usec() + delay_ms * 1000);
+        sd_event_source_set_enabled(e->timer_source, SD_EVENT_ONESHOT);
+}
+
+static void enroll_failed(Enroll *e, bool retry, uint64_t delay_ms) {
+        if (!retry) {
+                e->state = ENROLL_FAILED;
+                log_struct(LOG_ERR, &(LogFields){ .device_id = e->enroll_req.id },
+                           "Enrollment as '%s' failed: %s", e->enroll_req.id, e->error);
+                set_status(e, "Not enrolled: enrollment as '%s' failed: %s", e->enroll_req.id, e->error);
+                return;
+        }
+        log_struct(LOG_WARNING, &(LogFields){ .device_id = e->enroll_req.id },
+                   "Enrollment as '%s' failed: %s; trying again in %.1f s", e->enroll_req.id, e->error,
+                   delay_ms / 1000.0);
+        set_status(e, "Not enrolled: enrollment as '%s' failed (%s); trying again in %.1f s", e->enroll_req.id,
+                   e->error, delay_ms / 1000.0);
+        schedule_retry(e, delay_ms);
+}
+
+static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
+        int r;
+
+        r = certfile_install(e->config->key_file, e->config->cert_file, NULL, pem);
+        if (r < 0) {
+                snprintf(e->error, sizeof(e->error), "cannot install the certificate as '%s': %s",
+                         e->config->cert_file, strerror(-r));
+                enroll_failed(e, true, backoff_delay_ms(ENROLL_RETRY_MIN_MS, ENROLL_RETRY_MAX_MS, e->failures++,
+                                                        (uint32_t)random()));
+                return;
+        }
+        e->state = ENROLL_DONE;
+        e->error[0] = 0;
+        e->failures = 0;
+        read_cert(e);
+        log_struct(LOG_NOTICE, &(LogFields){ .device_id = info->id },
+                   "Enrolled as device '%s': certificate valid until %" PRId64 ", installed as '%s'", info->id,
+                   info->not_after, e->config->cert_file);
+        free(e->token);
+        e->token = NULL;
+        arm_renewal(e);
+        if (e->hooks.enrolled)
+                e->hooks.enrolled(e->hooks.userdata, info->id);
+}
+
+static int on_finish(sd_event_source *s, void *userdata) {
+        Enroll *e = userdata;
+        unsigned code = e->answer_code, cls = code >> 5;
+        char text[320];
+        _cleanup_free_ char *pem = NULL;
+        CertInfo info;
+
+        if (e->state != ENROLL_RUNNING)
+                return 0;
+        if (!e->answered) {
+                /* Another address may do better. */
+                if (e->addr_next && e->attempt_error) {
+                        log_warning("Enrollment: %s, trying the next address", e->attempt_error);
+                        free(e->attempt_error);
+                        e->attempt_error = NULL;
+                        if (connect_next(e) == 0)
+                                return 0;
+                }
+                snprintf(e->error, sizeof(e->error), "%s", e->attempt_error ? e->attempt_error : "no answer");
+                attempt_stop(e);
+                enroll_failed(e, true, backoff_delay_ms(ENROLL_RETRY_MIN_MS, ENROLL_RETRY_MAX_MS, e->failures++,
+                                                        (uint32_t)random()));
+                return 0;
+        }
+        answer_text(e->answer, e->answer_len, text, sizeof(text));
+        if (code == COAP_RESPONSE_CODE(201)) {
+                int r = parse_issued(&e->enroll_req, e->answer, e->answer_len, &pem, &info, e->error,
+                                     sizeof(e->error));
+                attempt_stop(e);
+                if (r < 0)
+                        enroll_failed(e, false, 0);
+                else
+                        enroll_succeeded(e, pem, &info);
+                return 0;
+        }
+        snprintf(e->error, sizeof(e->error), "%u.%02u %s", cls, code & 0x1f, text[0] ? text : "(no reason given)");
+        attempt_stop(e);
+        if (code == COAP_RESPONSE_CODE(429) || code == COAP_RESPONSE_CODE(503)) {
+                uint32_t wait = e->answer_max_age < 1 ? 1 : e->answer_max_age > 3600 ? 3600 : e->answer_max_age;
+
+                /* The same request again: the cloud keeps its result for
+                 * this key, no token use is lost. */
+                log_struct(LOG_INFO, &(LogFields){ .device_id = e->enroll_req.id },
+                           "Enrollment as '%s': the cloud answered %s; asking again in %" PRIu32 " s",
+                           e->enroll_req.id, e->error, wait);
+                set_status(e, "Enrolling as '%s': %s; asking again in %" PRIu32 " s", e->enroll_req.id, e->error,
+                           wait);
+                schedule_retry(e, (uint64_t)wait * 1000);
+                return 0;
+        }
+        enroll_failed(e, cls == 5,
+                      backoff_delay_ms(ENROLL_RETRY_MIN_MS, ENROLL_RETRY_MAX_MS, e->failures++, (uint32_t)random()));
+        return 0;
+}
+
+static int on_enroll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        Enroll *e = userdata;
+
+        if (e->state == ENROLL_RETRY)
+                attempt_begin(e);
+        else if (e->state == ENROLL_RUNNING) {
+                if (!e->attempt_error && !e->answered)
+                        e->attempt_error = strdup(e->sent ? "no answer in time" : "connect timed out");
+                e->addr_next = NULL; /* the attempt's time is up */
+                sd_event_source_set_enabled(e->finish_source, SD_EVENT_ONESHOT);
+        }
+        return 0;
+}
+
+/* Read the token file: the first line that is not blank or a comment. */
+static int read_token(const char *path, char **ret) {
+        _cleanup_fclose_ FILE *f = fopen(path, "re");
+        char line[ENROLL_TOKEN_MAX + 2];
+
+        if (!f)
+                return -errno;
+        while (fgets(line, sizeof(line), f)) {
+                char *p = line, *end;
+
+                p += strspn(p, " \t\r\n");
+                end = p + strcspn(p, " \t\r\n");
+                *end = 0;
+                if (!*p || *p == '#')
+                        continue;
+                *ret = strdup(p);
+                return *ret ? 0 : -ENOMEM;
+        }
+        return -ENODATA;
+}
+
+static int token_check(const char *token) {
+        size_t n = strlen(token);
+
+        if (n == 0 || n > ENROLL_TOKEN_MAX)
+                return -EINVAL;
+        for (size_t i = 0; i < n; i++)
+                if (token[i] <= 0x20 || token[i] >= 0x7f)
+                        return -EINVAL;
+        return 0;
+}
+
+/* Prepare the request (key, ID, CSR) and start the first attempt. */
+static int enroll_begin(Enroll *e, const char *token, const char *id, char *error, size_t error_size) {
+        char idbuf[CSR_ID_SIZE];
+        EVP_PKEY *key = NULL;
+        CertInfo info;
+        int r;
+
+        attempt_stop(e);
+        request_done(&e->enroll_req);
+        r = csr_key_load(e->config->key_file, &key);
+        if (r == -ENOENT) {
+                /* On disk before we ask: a retry after a crash asks with
+                 * the same key, which the cloud answers without using the
+                 * token again. */
+                r = csr_key_generate(&key);
+                if (r == 0)
+                        r = csr_key_write_new(key, e->config->key_file);
+                if (r < 0) {
+                        EVP_PKEY_free(key);
+                        snprintf(error, error_size, "cannot make the device key '%s': %s", e->config->key_file,
+                                 strerror(-r));
+                        return r;
+                }
+                log_info("Made a new EC P-256 device key '%s'", e->config->key_file);
+        } else if (r < 0) {
+                snprintf(error, error_size, "cannot read the device key '%s': %s", e->config->key_file,
+                         r == -EBADMSG ? "no PEM private key in it" : strerror(-r));
+                return r;
+        }
+        if (!id)
+                id = e->config->enroll_device_id;
+        if (!id && csr_cert_info(e->config->cert_file, &info) == 0 && info.id[0])
+                id = strcpy(idbuf, info.id) ? idbuf : NULL; /* the ID this device had */
+        if (!id && csr_key_id(key, idbuf) == 0)
+                id = idbuf;
+        if (!id) {
+                EVP_PKEY_free(key);
+                snprintf(error, error_size, "cannot compute the device ID");
+                return -EIO;
+        }
+        r = request_make(&e->enroll_req, key, false, id, token);
+        if (r < 0) {
+                snprintf(error, error_size, "cannot make the certificate request: %s", strerror(-r));
+                return r;
+        }
+        e->generation++;
+        e->attempts = 0;
+        e->failures = 0;
+        e->error[0] = 0;
+        log_struct(LOG_INFO, &(LogFields){ .device_id = e->enroll_req.id }, "Enrolling as device '%s' at %s:%u",
+                   e->enroll_req.id, e->config->cloud_host, e->config->cloud_port);
+        attempt_begin(e);
+        return (int)e->generation;
+}
+
+int enroll_request(Enroll *e, const char *token, const char *id, bool force, char *error, size_t error_size) {
+        char why[512];
+        int r;
+
+        if (!token || token_check(token) < 0) {
+                snprintf(error, error_size, "the token is empty, longer than %d bytes or not printable ASCII",
+                         ENROLL_TOKEN_MAX);
+                return -EINVAL;
+        }
+        if (id && proto_name_check(id, strlen(id), PROTO_NAME_DEVICE) < 0) {
+                snprintf(error, error_size, "invalid device ID '%.64s'", id);
+                return -EINVAL;
+        }
+        if (!force && cert_valid(e, why, sizeof(why))) {
+                snprintf(error, error_size,
+                         "already enrolled as '%s' (certificate valid until %" PRId64 "); use --force to enroll again",
+                         e->cert.id, e->cert.not_after);
+                return -EEXIST;
+        }
+        r = enroll_begin(e, token, id, error, error_size);
+        if (r < 0)
+                return r;
+        free(e->token);
+        e->token = strdup(token);
+        return r;
+}
+
+/* --- renewal ------------------------------------------------------------- */
+
+static void renew_send(Enroll *e);
+
+static void renew_schedule(Enroll *e, int64_t at) {
+        e->renew_retry_at = at;
+        sd_event_source_set_time(e->renew_source, (uint64_t)(at > 0 ? at : 0) * 1000000ULL);
+        sd_event_source_set_enabled(e->renew_source, SD_EVENT_ONESHOT);
+}
+
+static void arm_renewal(Enroll *e) {
+        sd_event_source_set_enabled(e->renew_source, SD_EVENT_OFF);
+        e->renew_due = false;
+        if (!e->config->enroll_renew || !e->have_cert || e->renew_inflight)
+                return;
+        request_done(&e->renew_req);
+        e->renew_failures = 0;
+        renew_schedule(e, e->renew_at);
+        log_struct(LOG_INFO, &(LogFields){ .device_id = e->cert.id },
+                   "Certificate of '%s' valid until %" PRId64 "; renewal at %" PRId64 " (in %" PRId64 " s)",
+                   e->cert.id, e->cert.not_after, e->renew_at, e->renew_at - now_sec());
+}
+
+static void renew_retry(Enroll *e, uint32_t retry_sec) {
+        uint64_t delay_ms = retry_sec > 0 ? (uint64_t)retry_sec * 1000
+                                          : backoff_delay_ms(ENROLL_RENEW_RETRY_MIN_MS, ENROLL_RENEW_RETRY_MAX_MS,
+                                                             e->renew_failures, (uint32_t)random());
+
+        e->renew_failures++;
+        renew_schedule(e, now_sec() + (int64_t)((delay_ms + 999) / 1000));
+}
+
+static void on_renew_answer(int error, unsigned code, const uint8_t *data, size_t len, uint32_t retry_sec,
+                            void *userdata) {
+        Enroll *e = userdata;
+        const char *id = e->renew_req.id ? e->renew_req.id : "?";
+        _cleanup_free_ char *pem = NULL, *key_pem = NULL;
+        char text[320];
+        CertInfo info;
+        int r;
+
+        e->renew_inflight = false;
+        e->last_renewal_at = now_sec();
+        if (error == -ENOTCONN) {
+                /* The same request on the next connection. */
+                e->renew_due = true;
+                return;
+        }
+        if (error < 0) {
+                e->last_renewal_ok = false;
+                snprintf(e->last_renewal_error, sizeof(e->last_renewal_error), "no answer: %s", strerror(-error));
+                log_struct(LOG_WARNING, &(LogFields){ .device_id = id }, "Renewing the certificate of '%s' failed: %s",
+                           id, e->last_renewal_error);
+                renew_retry(e, 0);
+                return;
+        }
+        if (code == COAP_RESPONSE_CODE(201)) {
+                r = parse_issued(&e->renew_req, (const char *)data, len, &pem, &info, text, sizeof(text));
+                if (r == 0)
+                        r = csr_key_pem(e->renew_req.key, &key_pem);
+                if (r == 0) {
+                        r = certfile_install(e->config->key_file, e->config->cert_file, key_pem, pem);
+                        if (r < 0)
+                                snprintf(text, sizeof(text), "cannot install the new key and certificate: %s",
+                                         strerror(-r));
+                        explicit_bzero(key_pem, strlen(key_pem));
+                }
+                if (r < 0) {
+                        e->last_renewal_ok = false;
+                        snprintf(e->last_renewal_error, sizeof(e->last_renewal_error), "%s", text);
+                        log_struct(LOG_ERR, &(LogFields){ .device_id = id },
+                                   "Renewing the certificate of '%s' failed: %s", id, text);
+                        request_done(&e->renew_req);
+                        renew_retry(e, 0);
+                        return;
+                }
+                e->last_renewal_ok = true;
+                e->last_renewal_error[0] = 0;
+                log_struct(LOG_NOTICE, &(LogFields){ .device_id = id },
+                           "Renewed the certificate of '%s' with a new key: valid until %" PRId64
+                           "; the connection stays, the next one uses it",
+                           id, info.not_after);
+                request_done(&e->renew_req);
+                read_cert(e);
+                arm_renewal(e);
+                return;
+        }
+        answer_text((const char *)data, len, text, sizeof(text));
+        e->last_renewal_ok = false;
+        snprintf(e->last_renewal_error, sizeof(e->last_renewal_error), "%u.%02u %s", code >> 5, code & 0x1f,
+                 text[0] ? text : "(no reason given)");
+        if (code == COAP_RESPONSE_CODE(429) || code == COAP_RESPONSE_CODE(503)) {
+                /* Asked again unchanged: same key, same CSR. */
+                log_struct(LOG_INFO, &(LogFields){ .device_id = id },
+                           "Renewing the certificate of '%s': the cloud answered %s; asking again in %" PRIu32 " s",
+                           id, e->last_renewal_error, retry_sec);
+                e->renew_failures++;
+                renew_schedule(e, now_sec() + retry_sec);
+                return;
+        }
+        log_struct(LOG_WARNING, &(LogFields){ .device_id = id }, "Renewing the certificate of '%s' failed: %s", id,
+                   e->last_renewal_error);
+        request_done(&e->renew_req);
+        renew_retry(e, 0);
+}
+
+static void renew_send(Enroll *e) {
+        EVP_PKEY *key = NULL;
+        int r;
+
+        if (e->renew_inflight)
+                return;
+        if (!conn_is_connected(e->conn)) {
+                e->renew_due = true;
+                return;
+        }
+        e->renew_due = false;
+        if (!e->renew_req.body) {
+                read_cert(e);
+                if (!e->have_cert || !e->cert.id[0]) {
+                        log_warning("Cannot renew: no certificate with a device ID in '%s'", e->config->cert_file);
+                        return;
+                }
+                r = csr_key_generate(&key);
+                if (r == 0)
+                        r = request_make(&e->renew_req, key, true, e->cert.id, NULL);
+                if (r < 0) {
+                        log_error_errno(r, "Cannot make a certificate request to renew: %m");
+                        renew_retry(e, 0);
+                        return;
+                }
+                log_struct(LOG_INFO, &(LogFields){ .device_id = e->cert.id },
+                           "Renewing the certificate of '%s' (valid until %" PRId64 ") with a new key", e->cert.id,
+                           e->cert.not_after);
+        }
+        r = conn_request(e->conn, COAP_REQUEST_CODE_POST, ENROLL_RENEW_PATH, NULL, e->renew_req.body,
+                         strlen(e->renew_req.body), PROTO_CF_JSON, ENROLL_RENEW_TIMEOUT_MS, on_renew_answer, e);
+        if (r == -ENOTCONN) {
+                e->renew_due = true;
+                return;
+        }
+        if (r < 0) {
+                log_warning_errno(r, "Cannot send the renewal request: %m");
+                renew_retry(e, 0);
+                return;
+        }
+        e->renew_inflight = true;
+}
+
+static int on_renew_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        renew_send(userdata);
+        return 0;
+}
+
+void enroll_connection_changed(Enroll *e, bool connected) {
+        if (connected && e->renew_due && e->config->enroll_renew)
+                renew_send(e);
+}
+
+/* --- life ---------------------------------------------------------------- */
+
+int enroll_new(sd_event *event, Conn *conn, const Config *cfg, const EnrollHooks *hooks, Enroll **ret) {
+        _cleanup_(enroll_freep) Enroll *e = calloc(1, sizeof(Enroll));
+        int r;
+
+        if (!e)
+                return -ENOMEM;
+        e->event = sd_event_ref(event);
+        e->conn = conn;
+        e->config = cfg;
+        e->hooks = *hooks;
+        e->jitter = (uint32_t)random();
+        r = sd_event_add_signal(event, &e->resolve_source, ENROLL_RESOLVE_SIGNAL, on_resolved, e);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &e->send_source, on_send, e);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &e->finish_source, on_finish, e);
+        if (r >= 0)
+                r = sd_event_add_time(event, &e->timer_source, CLOCK_MONOTONIC, 0, 10000, on_enroll_timer, e);
+        if (r >= 0)
+                r = sd_event_add_time(event, &e->renew_source, CLOCK_REALTIME, 0, 1000000, on_renew_timer, e);
+        if (r < 0)
+                return r;
+        sd_event_source_set_enabled(e->send_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(e->finish_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(e->timer_source, SD_EVENT_OFF);
+        sd_event_source_set_enabled(e->renew_source, SD_EVENT_OFF);
+        /* libcoap's socket work before handling what it reported. */
+        sd_event_source_set_priority(e->finish_source, SD_EVENT_PRIORITY_IDLE);
+        *ret = TAKE_PTR(e);
+        return 0;
+}
+
+Enroll *enroll_free(Enroll *e) {
+        if (!e)
+                return NULL;
+        attempt_stop(e);
+        reap_stale(e);
+        sd_event_source_disable_unref(e->resolve_source);
+        sd_event_source_disable_unref(e->send_source);
+        sd_event_source_disable_unref(e->finish_source);
+        sd_event_source_disable_unref(e->timer_source);
+        sd_event_source_disable_unref(e->renew_source);
+        request_done(&e->enroll_req);
+        request_done(&e->renew_req);
+        if (e->token)
+                explicit_bzero(e->token, strlen(e->token));
+        free(e->token);
+        free(e->host);
+        sd_event_unref(e->event);
+        free(e);
+        return NULL;
+}
+
+int enroll_start(Enroll *e) {
+        CertfileRecovery rec = CERTFILE_NOTHING;
+        _cleanup_free_ char *token = NULL;
+        char error[512];
+        int r;
+
+        r = certfile_recover(e->config->key_file, e->config->cert_file, &rec);
+        if (r < 0)
+                log_warning_errno(r, "Cannot look for a key and certificate left by an interrupted install of '%s': %m",
+                                  e->config->cert_file);
+        else if (rec == CERTFILE_COMPLETED)
+                log_notice("Completed the install of a new key and certificate '%s' that was interrupted",
+                           e->config->cert_file);
+        else if (rec == CERTFILE_DISCARDED)
+                log_notice("Removed an incomplete new key or certificate next to '%s' (an interrupted install); "
+                           "the files in place are kept",
+                           e->config->cert_file);
+        read_cert(e);
+        if (e->have_cert || access(e->config->cert_file, F_OK) == 0) {
+                if (e->have_cert && e->cert.not_after <= now_sec())
+                        log_struct(LOG_WARNING, &(LogFields){ .device_id = e->cert.id },
+                                   "The certificate of '%s' in '%s' expired at %" PRId64
+                                   ": the cloud will refuse it; enroll again (tetherctl enroll --force)",
+                                   e->cert.id, e->config->cert_file, e->cert.not_after);
+                arm_renewal(e);
+                return 1;
+        }
+        if (e->config->enroll_token_file) {
+                r = read_token(e->config->enroll_token_file, &token);
+                if (r < 0 && r != -ENOENT)
+                        log_warning_errno(r == -ENODATA ? -EINVAL : r, "Cannot read a token from '%s': %s",
+                                          e->config->enroll_token_file,
+                                          r == -ENODATA ? "no token in it" : strerror(-r));
+                if (r == 0 && token_check(token) < 0)
+                        log_warning("The token in '%s' is not printable ASCII of at most %d bytes",
+                                    e->config->enroll_token_file, ENROLL_TOKEN_MAX);
+                else if (r == 0) {
+                        r = enroll_begin(e, token, NULL, error, sizeof(error));
+                        if (r > 0) {
+                                e->token = TAKE_PTR(token);
+                                return 0;
+                        }
+                        log_error("Cannot enroll: %s", error);
+                }
+        }
+        e->state = ENROLL_WAITING;
+        if (e->config->enroll_token_file)
+                set_status(e,
+                           "Not enrolled: no certificate '%s'; put a provisioning token in '%s' and restart, or run "
+                           "'tetherctl enroll --token TOKEN'",
+                           e->config->cert_file, e->config->enroll_token_file);
+        else
+                set_status(e,
+                           "Not enrolled: no certificate '%s'; run 'tetherctl enroll --token TOKEN' (or set [Enroll] "
+                           "TokenFile=)",
+                           e->config->cert_file);
+        log_notice("%s", "Not enrolled: waiting for a provisioning token (tetherctl enroll, [Enroll] TokenFile=)");
+        return 0;
+}
+
+void enroll_reconfigure(Enroll *e, const Config *cfg) {
+        e->config = cfg;
+        if (e->state == ENROLL_RUNNING || e->state == ENROLL_RETRY)
+                return;
+        read_cert(e);
+        if (!e->renew_inflight && !e->renew_req.body)
+                arm_renewal(e);
+}
+
+static const char *state_name(EnrollState s) {
+        switch (s) {
+        case ENROLL_WAITING:
+                return "not-enrolled";
+        case ENROLL_RUNNING:
+                return "enrolling";
+        case ENROLL_RETRY:
+                return "retrying";
+        case ENROLL_FAILED:
+                return "failed";
+        case ENROLL_DONE:
+                return "enrolled";
+        default:
+                return "none";
+        }
+}
+
+json_t *enroll_status(Enroll *e) {
+        json_t *cert = json_null(), *enr, *last = json_null();
+
+        if (e->last_renewal_at > 0)
+                last = json_pack("{s:I, s:s, s:s*}", "at", (json_int_t)e->last_renewal_at, "result",
+                                 e->last_renewal_ok ? "ok" : "failed", "error",
+                                 e->last_renewal_ok ? NULL : e->last_renewal_error);
+        if (e->have_cert)
+                cert = json_pack("{s:s, s:I, s:I, s:I, s:I, s:b, s:b, s:o*}", "device_id", e->cert.id, "not_before",
+                                 (json_int_t)e->cert.not_before, "not_after", (json_int_t)e->cert.not_after,
+                                 "renew_after", (json_int_t)e->renew_after, "renew_at",
+                                 (json_int_t)(e->renew_failures > 0 || e->renew_req.body ? e->renew_retry_at
+                                                                                         : e->renew_at),
+                                 "renew", e->config->enroll_renew, "renewing",
+                                 e->renew_inflight || e->renew_due, "last_renewal", last);
+        else
+                json_decref(last);
+        enr = json_pack("{s:s, s:i, s:i, s:s*, s:s*}", "state", state_name(e->state), "generation",
+                        (int)e->generation, "attempts", (int)e->attempts, "device_id", e->enroll_req.id, "error",
+                        e->error[0] ? e->error : NULL);
+        if (enr && e->state == ENROLL_RETRY)
+                json_object_set_new(enr, "retry_at", json_integer((json_int_t)e->retry_at));
+        return json_pack("{s:o, s:o}", "certificate", cert ? cert : json_null(), "enrollment",
+                         enr ? enr : json_null());
+}
