@@ -132,6 +132,16 @@ static void set_status(Enroll *e, const char *fmt, ...) {
                 e->hooks.status(e->hooks.userdata, buf);
 }
 
+/* A time for the log: "2025-01-31 12:00:00 UTC". Returns buf. */
+static const char *fmt_time(int64_t t, char buf[static 32]) {
+        time_t when = (time_t)t;
+        struct tm tm;
+
+        if (!gmtime_r(&when, &tm) || !strftime(buf, 32, "%Y-%m-%d %H:%M:%S UTC", &tm))
+                snprintf(buf, 32, "%" PRId64, t);
+        return buf;
+}
+
 /* --- the certificate in place, renewal time ------------------------------ */
 
 static void arm_renewal(Enroll *e);
@@ -620,8 +630,8 @@ static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
         e->failures = 0;
         read_cert(e);
         log_struct(LOG_NOTICE, &(LogFields){ .device_id = info->id },
-                   "Enrolled as device '%s': certificate valid until %" PRId64 ", installed as '%s'", info->id,
-                   info->not_after, e->config->cert_file);
+                   "Enrolled as device '%s': certificate valid until %s, installed as '%s'", info->id,
+                   fmt_time(info->not_after, (char[32]){}), e->config->cert_file);
         free(e->token);
         e->token = NULL;
         arm_renewal(e);
@@ -800,8 +810,8 @@ int enroll_request(Enroll *e, const char *token, const char *id, bool force, cha
         }
         if (!force && cert_valid(e, why, sizeof(why))) {
                 snprintf(error, error_size,
-                         "already enrolled as '%s' (certificate valid until %" PRId64 "); use --force to enroll again",
-                         e->cert.id, e->cert.not_after);
+                         "already enrolled as '%s' (certificate valid until %s); use --force to enroll again",
+                         e->cert.id, fmt_time(e->cert.not_after, (char[32]){}));
                 return -EEXIST;
         }
         r = enroll_begin(e, token, id, error, error_size);
@@ -831,8 +841,9 @@ static void arm_renewal(Enroll *e) {
         e->renew_failures = 0;
         renew_schedule(e, e->renew_at);
         log_struct(LOG_INFO, &(LogFields){ .device_id = e->cert.id },
-                   "Certificate of '%s' valid until %" PRId64 "; renewal at %" PRId64 " (in %" PRId64 " s)",
-                   e->cert.id, e->cert.not_after, e->renew_at, e->renew_at - now_sec());
+                   "Certificate of '%s' valid until %s; renewal at %s (in %" PRId64 " s)", e->cert.id,
+                   fmt_time(e->cert.not_after, (char[32]){}), fmt_time(e->renew_at, (char[32]){}),
+                   e->renew_at - now_sec());
 }
 
 static void renew_retry(Enroll *e, uint32_t retry_sec) {
@@ -891,9 +902,9 @@ static void on_renew_answer(int error, unsigned code, const uint8_t *data, size_
                 e->last_renewal_ok = true;
                 e->last_renewal_error[0] = 0;
                 log_struct(LOG_NOTICE, &(LogFields){ .device_id = id },
-                           "Renewed the certificate of '%s' with a new key: valid until %" PRId64
-                           "; the connection stays, the next one uses it",
-                           id, info.not_after);
+                           "Renewed the certificate of '%s' with a new key: valid until %s; the connection "
+                           "stays, the next one uses it",
+                           id, fmt_time(info.not_after, (char[32]){}));
                 request_done(&e->renew_req);
                 read_cert(e);
                 arm_renewal(e);
@@ -944,8 +955,8 @@ static void renew_send(Enroll *e) {
                         return;
                 }
                 log_struct(LOG_INFO, &(LogFields){ .device_id = e->cert.id },
-                           "Renewing the certificate of '%s' (valid until %" PRId64 ") with a new key", e->cert.id,
-                           e->cert.not_after);
+                           "Renewing the certificate of '%s' (valid until %s) with a new key", e->cert.id,
+                           fmt_time(e->cert.not_after, (char[32]){}));
         }
         r = conn_request(e->conn, COAP_REQUEST_CODE_POST, ENROLL_RENEW_PATH, NULL, e->renew_req.body,
                          strlen(e->renew_req.body), PROTO_CF_JSON, ENROLL_RENEW_TIMEOUT_MS, on_renew_answer, e);
@@ -1047,9 +1058,9 @@ int enroll_start(Enroll *e) {
         if (e->have_cert || access(e->config->cert_file, F_OK) == 0) {
                 if (e->have_cert && e->cert.not_after <= now_sec())
                         log_struct(LOG_WARNING, &(LogFields){ .device_id = e->cert.id },
-                                   "The certificate of '%s' in '%s' expired at %" PRId64
-                                   ": the cloud will refuse it; enroll again (tetherctl enroll --force)",
-                                   e->cert.id, e->config->cert_file, e->cert.not_after);
+                                   "The certificate of '%s' in '%s' expired at %s: the cloud will refuse it; "
+                                   "enroll again (tetherctl enroll --force)",
+                                   e->cert.id, e->config->cert_file, fmt_time(e->cert.not_after, (char[32]){}));
                 arm_renewal(e);
                 return 1;
         }

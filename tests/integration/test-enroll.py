@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""Enrollment and renewal, agent side against the real cloud: a device
+without a certificate waits without connect attempts; `tetherctl enroll`
+with a provisioning token brings it online without a restart; [Enroll]
+TokenFile= enrolls at start; a refused token's reason reaches the user;
+the certificate is renewed over the connection while calls run, and
+the renewed pair survives a restart; a key and certificate install
+interrupted between its renames is completed at the next start."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import EMULATOR, TETHERCTL, Failure, expect, run, seconds, skip  # noqa: E402
+
+
+def enroll_cloud(w, validity=None):
+    """A cloud with the built-in signer ([Enroll] of tether-cloudd.conf)."""
+    extra = f"""[Enroll]
+CACertificate={w.path('pki', 'ca.crt')}
+CAKey={w.path('pki', 'ca.key')}
+"""
+    if validity:
+        extra += f"CertificateValiditySec={validity}\n"
+    cloud = w.start_cloud(extra=extra)
+    if cloud.count(r"Unknown section \[Enroll\]"):
+        skip("this tether-cloudd has no enrollment ([Enroll] of tether-cloudd.conf)")
+
+
+def provision(w, *args):
+    return w.tether("provision", "create", *args).stdout.strip()
+
+
+def new_agent(w, name="agent", dev_id=None, token_file=None, renew=None):
+    """An agent without certificate; returns (daemon, cert, key)."""
+    cert = w.path(f"{name}.crt")
+    key = w.path(f"{name}.key")
+    extra = "[Enroll]\n"
+    if dev_id:
+        extra += f"DeviceID={dev_id}\n"
+    if token_file:
+        extra += f"TokenFile={token_file}\n"
+    if renew:
+        extra += f"RenewAfterPercent={renew}\n"
+    conf = w.agent_conf(name, cert, key, extra=extra)
+    return conf, cert, key
+
+
+def status(w, a):
+    return json.loads(w.tetherctl(a, "status", "--json").stdout)
+
+
+def test_not_enrolled_waits(w):
+    w.start_cloud()
+    conf, cert, key = new_agent(w)
+    mark = w.notify.mark()
+    a = w.run_agent("agent", conf, ("?", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "STATUS= Not enrolled",
+                  mark)
+    st = status(w, a)
+    expect(st["certificate"] is None, f"certificate: {st['certificate']}")
+    expect(st["enrollment"]["state"] == "not-enrolled", f"enrollment: {st['enrollment']}")
+    expect("tetherctl enroll" in st["state"], f"state line does not say how to enroll: {st['state']!r}")
+    expect(st["counters"]["connect_attempts"] == 0, f"connect attempts without a certificate: {st['counters']}")
+    expect(not os.path.exists(key), "a key was made before anyone asked to enroll")
+    # A token that cannot be one is refused by the agent itself.
+    r = w.tetherctl(a, "enroll", "--token", "bad token", check=False)
+    expect(r.returncode == 1 and "printable" in r.stderr, f"bad token: {r.returncode} {r.stderr}")
+    r = w.tetherctl(a, "enroll", check=False)
+    expect(r.returncode == 2, f"enroll without a token: {r.returncode} {r.stderr}")
+
+
+def test_tetherctl_enroll(w):
+    enroll_cloud(w)
+    token = provision(w, "--uses", "1")
+    conf, cert, key = new_agent(w, dev_id="gw-enroll-1")
+    a = w.run_agent("agent", conf, ("gw-enroll-1", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled")
+    r = w.tetherctl(a, "enroll", "--token", token, timeout=60)
+    expect("Enrolled as device gw-enroll-1" in r.stdout, f"enroll output: {r.stdout!r} {r.stderr!r}")
+    expect("Online after" in r.stdout, f"enroll did not wait for online: {r.stdout!r}")
+    expect(oct(os.stat(key).st_mode & 0o777) == "0o600", "the key made is not 0600")
+    out = w.tether("call", "gw-enroll-1", "echo", "hello").stdout.strip()
+    expect(out == "5", f"call after enrollment: {out!r}")
+    st = status(w, a)
+    expect(st["certificate"]["device_id"] == "gw-enroll-1", f"certificate: {st['certificate']}")
+    expect(st["certificate"]["renew_after"] < st["certificate"]["not_after"], f"renew_after: {st['certificate']}")
+    # Enrolled with a valid certificate: refused without --force.
+    token2 = provision(w)
+    r = w.tetherctl(a, "enroll", "--token", token2, check=False)
+    expect(r.returncode == 1 and "already enrolled" in r.stderr, f"second enroll: {r.returncode} {r.stderr}")
+
+
+def test_token_file_at_start(w):
+    enroll_cloud(w)
+    token_file = w.path("token")
+    with open(token_file, "w") as f:
+        f.write("# provisioning token\n\n" + provision(w) + "\n")
+    conf, cert, key = new_agent(w, dev_id="gw-tokenfile", token_file=token_file)
+    a = w.run_agent("agent", conf, ("gw-tokenfile", cert, key), wait_online=True)
+    a.wait_line("Enrolled as device 'gw-tokenfile'", timeout=seconds(5))
+    expect(os.path.exists(cert), "no certificate installed")
+
+
+def test_refused_token(w):
+    enroll_cloud(w)
+    conf, cert, key = new_agent(w)
+    a = w.run_agent("agent", conf, ("?", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled")
+    r = w.tetherctl(a, "enroll", "--token", "tprov_" + "0" * 40, check=False, timeout=60)
+    expect(r.returncode == 1, f"unknown token accepted: {r.returncode} {r.stdout} {r.stderr}")
+    expect("provisioning token unknown" in r.stderr, f"the cloud's reason is not shown: {r.stderr!r}")
+    st = status(w, a)
+    expect(st["enrollment"]["state"] == "failed", f"enrollment: {st['enrollment']}")
+    expect(st["counters"]["connect_attempts"] == 0, "connected after a refused enrollment")
+
+
+def test_renewal_during_traffic(w):
+    enroll_cloud(w, validity=300)
+    token = provision(w)
+    # Renew at 2% of 300 s: 6 s after notBefore, jitter below 0.75 s.
+    conf, cert, key = new_agent(w, dev_id="gw-renew", renew=2)
+    a = w.run_agent("agent", conf, ("gw-renew", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled")
+    w.tetherctl(a, "enroll", "--token", token, timeout=60)
+    first_cert, first_key = open(cert).read(), open(key).read()
+    reconnects = status(w, a)["counters"]["reconnects"]
+
+    failures, calls = [], [0]
+    stop = threading.Event()
+
+    def caller():
+        while not stop.is_set():
+            r = w.tether("call", "gw-renew", "echo", "hi", check=False)
+            calls[0] += 1
+            if r.returncode != 0 or r.stdout.strip() != "2":
+                failures.append(f"{r.returncode}: {r.stdout.strip()} {r.stderr.strip()}")
+
+    t = threading.Thread(target=caller, daemon=True)
+    t.start()
+    try:
+        a.wait_line("Renewed the certificate of 'gw-renew'", timeout=seconds(30))
+    finally:
+        stop.set()
+        t.join(seconds(30))
+    expect(not failures, f"{len(failures)} of {calls[0]} calls failed during renewal: {failures[:3]}")
+    expect(calls[0] > 0, "no call ran during the renewal")
+    expect(open(cert).read() != first_cert and open(key).read() != first_key, "the key or certificate did not change")
+    st = status(w, a)
+    expect(st["counters"]["reconnects"] == reconnects, "the session was dropped to renew")
+    expect(st["certificate"]["last_renewal"]["result"] == "ok", f"last renewal: {st['certificate']}")
+    expect(not [f for f in os.listdir(w.dir) if f.endswith(".new")], ".new files left behind")
+
+    # The renewed pair is what the next start connects with.
+    a.stop()
+    w.run_agent("agent2", conf, ("gw-renew", cert, key), wait_online=True)
+
+
+def test_crash_between_renames(w):
+    enroll_cloud(w)
+    conf, cert, key = new_agent(w, dev_id="gw-crash")
+    a = w.run_agent("agent", conf, ("gw-crash", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled")
+    w.tetherctl(a, "enroll", "--token", provision(w), timeout=60)
+    a.stop()
+
+    # What a crash between the two renames of an install leaves: the new
+    # key in place, the old certificate, and the new certificate as .new.
+    key2 = w.path("key2")
+    p = subprocess.run(EMULATOR + [TETHERCTL, "genkey", key2], capture_output=True, text=True)
+    expect(p.returncode == 0, p.stderr)
+    csr = subprocess.run(EMULATOR + [TETHERCTL, "csr", "--key", key2, "--id", "gw-crash"],
+                         capture_output=True, text=True)
+    with open(w.path("gw-crash.csr"), "w") as f:
+        f.write(csr.stdout)
+    os.makedirs(w.path("pki2"), exist_ok=True)
+    for f in ("ca.crt", "ca.key"):
+        os.link(w.path("pki", f), w.path("pki2", f))
+    w.pki("sign", w.path("pki2"), w.path("gw-crash.csr"))
+    new_cert = open(w.path("pki2", "devices", "gw-crash.crt")).read()
+    os.replace(key2, key)
+    with open(cert + ".new", "w") as f:
+        f.write(new_cert)
+
+    b = w.run_agent("agent", conf, ("gw-crash", cert, key), wait_online=True)
+    b.wait_line("Completed the install of a new key and certificate", timeout=seconds(5))
+    expect(open(cert).read() == new_cert, "the certificate was not completed")
+    expect(not os.path.exists(cert + ".new"), ".new left behind")
+
+
+def test_torn_new_files_discarded(w):
+    """A torn .new pair (crash while writing) is removed; the old pair connects."""
+    w.start_cloud()
+    device = w.new_device()
+    _, cert, key = device
+    conf = w.agent_conf("agent", cert, key)
+    with open(key + ".new", "w") as f:
+        f.write("-----BEGIN PRIVATE KEY-----\nMIGH")
+    with open(cert + ".new", "w") as f:
+        f.write("-----BEGIN CERT")
+    mark = w.notify.mark()
+    b = w.run_agent("agent", conf, device, wait_online=False)
+    w.wait_online(device[0], mark)
+    b.wait_line("Removed an incomplete new key or certificate", timeout=seconds(5))
+    expect(not os.path.exists(key + ".new") and not os.path.exists(cert + ".new"), ".new files kept")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(run([test_not_enrolled_waits, test_torn_new_files_discarded, test_tetherctl_enroll,
+                      test_token_file_at_start, test_refused_token, test_renewal_during_traffic,
+                      test_crash_between_renames], emulated="ok"))
+    except Failure as e:
+        print(f"Bail out! {e}")
+        sys.exit(1)
