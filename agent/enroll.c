@@ -144,7 +144,7 @@ static const char *fmt_time(int64_t t, char buf[static 32]) {
 
 /* --- the certificate in place, renewal time ------------------------------ */
 
-static void arm_renewal(Enroll *e);
+static void arm_renewal(Enroll *e, bool just_renewed);
 
 /* Read the certificate file; have_cert says whether it is a usable one. */
 static void read_cert(Enroll *e) {
@@ -634,7 +634,7 @@ static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
                    fmt_time(info->not_after, (char[32]){}), e->config->cert_file);
         free(e->token);
         e->token = NULL;
-        arm_renewal(e);
+        arm_renewal(e, true);
         if (e->hooks.enrolled)
                 e->hooks.enrolled(e->hooks.userdata, info->id);
 }
@@ -832,13 +832,22 @@ static void renew_schedule(Enroll *e, int64_t at) {
         sd_event_source_set_enabled(e->renew_source, SD_EVENT_ONESHOT);
 }
 
-static void arm_renewal(Enroll *e) {
+/* just_renewed: the certificate is the one a renewal just brought. The
+ * cloud backdates notBefore (clock skew), so with a short lifetime its
+ * renewal time may already have passed: then the next renewal waits the
+ * same share of the time left, never a loop of renewals. */
+static void arm_renewal(Enroll *e, bool just_renewed) {
+        int64_t now = now_sec();
+
         sd_event_source_set_enabled(e->renew_source, SD_EVENT_OFF);
         e->renew_due = false;
         if (!e->config->enroll_renew || !e->have_cert || e->renew_inflight)
                 return;
         request_done(&e->renew_req);
         e->renew_failures = 0;
+        if (just_renewed && e->renew_at <= now && e->cert.not_after > now)
+                e->renew_at = e->renew_after = certfile_renew_at(now, e->cert.not_after, e->config->enroll_renew_percent,
+                                                                 e->jitter, NULL);
         renew_schedule(e, e->renew_at);
         log_struct(LOG_INFO, &(LogFields){ .device_id = e->cert.id },
                    "Certificate of '%s' valid until %s; renewal at %s (in %" PRId64 " s)", e->cert.id,
@@ -907,7 +916,7 @@ static void on_renew_answer(int error, unsigned code, const uint8_t *data, size_
                            id, fmt_time(info.not_after, (char[32]){}));
                 request_done(&e->renew_req);
                 read_cert(e);
-                arm_renewal(e);
+                arm_renewal(e, true);
                 return;
         }
         answer_text((const char *)data, len, text, sizeof(text));
@@ -1061,7 +1070,7 @@ int enroll_start(Enroll *e) {
                                    "The certificate of '%s' in '%s' expired at %s: the cloud will refuse it; "
                                    "enroll again (tetherctl enroll --force)",
                                    e->cert.id, e->config->cert_file, fmt_time(e->cert.not_after, (char[32]){}));
-                arm_renewal(e);
+                arm_renewal(e, false);
                 return 1;
         }
         if (e->config->enroll_token_file) {
@@ -1103,7 +1112,7 @@ void enroll_reconfigure(Enroll *e, const Config *cfg) {
                 return;
         read_cert(e);
         if (!e->renew_inflight && !e->renew_req.body)
-                arm_renewal(e);
+                arm_renewal(e, false);
 }
 
 static const char *state_name(EnrollState s) {

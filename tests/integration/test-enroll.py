@@ -15,7 +15,7 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EMULATOR, TETHERCTL, Failure, expect, run, seconds, skip  # noqa: E402
+from harness import EMULATOR, TETHERCTL, Failure, api_json, expect, run, seconds, skip  # noqa: E402
 
 
 def enroll_cloud(w, validity=None):
@@ -31,8 +31,11 @@ CAKey={w.path('pki', 'ca.key')}
         skip("this tether-cloudd has no enrollment ([Enroll] of tether-cloudd.conf)")
 
 
-def provision(w, *args):
-    return w.tether("provision", "create", *args).stdout.strip()
+def provision(w, uses=1):
+    """A provisioning token, through the API (POST /v1/provision)."""
+    code, body = api_json(w, "POST", "/v1/provision", {"uses": uses})
+    expect(code == 201, f"POST /v1/provision: {code} {body}")
+    return body["token"]
 
 
 def new_agent(w, name="agent", dev_id=None, token_file=None, renew=None):
@@ -76,7 +79,7 @@ def test_not_enrolled_waits(w):
 
 def test_tetherctl_enroll(w):
     enroll_cloud(w)
-    token = provision(w, "--uses", "1")
+    token = provision(w, uses=1)
     conf, cert, key = new_agent(w, dev_id="gw-enroll-1")
     a = w.run_agent("agent", conf, ("gw-enroll-1", cert, key), wait_online=False)
     w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled")
