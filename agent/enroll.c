@@ -6,6 +6,7 @@
 #include <netdb.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
+#include <sys/inotify.h>
 #include <time.h>
 
 #include "backoff.h"
@@ -96,6 +97,8 @@ struct Enroll {
         char *answer;
         size_t answer_len;
         char *attempt_error; /* why the attempt failed, without an answer */
+
+        sd_event_source *token_watch; /* inotify on TokenFile='s directory while not enrolled */
 
         /* --- renewal --- */
         sd_event_source *renew_source; /* CLOCK_REALTIME: renew_at, or the retry */
@@ -628,6 +631,7 @@ static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
         e->state = ENROLL_DONE;
         e->error[0] = 0;
         e->failures = 0;
+        e->token_watch = sd_event_source_disable_unref(e->token_watch);
         read_cert(e);
         log_struct(LOG_NOTICE, &(LogFields){ .device_id = info->id },
                    "Enrolled as device '%s': certificate valid until %s, installed as '%s'", info->id,
@@ -1031,6 +1035,7 @@ Enroll *enroll_free(Enroll *e) {
         attempt_stop(e);
         reap_stale(e);
         sd_event_source_disable_unref(e->resolve_source);
+        sd_event_source_disable_unref(e->token_watch);
         sd_event_source_disable_unref(e->send_source);
         sd_event_source_disable_unref(e->finish_source);
         sd_event_source_disable_unref(e->timer_source);
@@ -1046,10 +1051,82 @@ Enroll *enroll_free(Enroll *e) {
         return NULL;
 }
 
-int enroll_start(Enroll *e) {
-        CertfileRecovery rec = CERTFILE_NOTHING;
+/* Enroll with the token of TokenFile= if there is one: 1 if an attempt
+ * began, 0 if not (no file, no token in it, or refused at once: said in
+ * the log). */
+static int enroll_from_token_file(Enroll *e) {
         _cleanup_free_ char *token = NULL;
         char error[512];
+        int r;
+
+        if (!e->config->enroll_token_file)
+                return 0;
+        r = read_token(e->config->enroll_token_file, &token);
+        if (r < 0 && r != -ENOENT)
+                log_warning_errno(r == -ENODATA ? -EINVAL : r, "Cannot read a token from '%s': %s",
+                                  e->config->enroll_token_file, r == -ENODATA ? "no token in it" : strerror(-r));
+        if (r < 0)
+                return 0;
+        if (token_check(token) < 0) {
+                log_warning("The token in '%s' is not printable ASCII of at most %d bytes",
+                            e->config->enroll_token_file, ENROLL_TOKEN_MAX);
+                return 0;
+        }
+        r = enroll_begin(e, token, NULL, error, sizeof(error));
+        if (r <= 0) {
+                log_error("Cannot enroll: %s", error);
+                return 0;
+        }
+        e->token = TAKE_PTR(token);
+        return 1;
+}
+
+static void token_watch_stop(Enroll *e) {
+        e->token_watch = sd_event_source_disable_unref(e->token_watch);
+}
+
+/* While not enrolled, a token written into TokenFile= (an image's first
+ * boot provisioning it late, an operator dropping it in) is used at once:
+ * the directory is watched for the file being written or moved in. */
+static int on_token_dir(sd_event_source *s, const struct inotify_event *ev, void *userdata) {
+        Enroll *e = userdata;
+        const char *name = strrchr(e->config->enroll_token_file, '/');
+
+        name = name ? name + 1 : e->config->enroll_token_file;
+        if (!(ev->mask & (IN_CLOSE_WRITE | IN_MOVED_TO)) || ev->len == 0 || !streq(ev->name, name))
+                return 0;
+        if (e->state != ENROLL_WAITING && e->state != ENROLL_FAILED)
+                return 0;
+        log_info("A provisioning token appeared in '%s'", e->config->enroll_token_file);
+        (void)enroll_from_token_file(e);
+        return 0;
+}
+
+static void token_watch_start(Enroll *e) {
+        _cleanup_free_ char *dir = NULL;
+        const char *slash = strrchr(e->config->enroll_token_file, '/');
+        int r;
+
+        token_watch_stop(e);
+        dir = slash ? strndup(e->config->enroll_token_file, (size_t)(slash - e->config->enroll_token_file))
+                    : strdup(".");
+        if (!dir)
+                return;
+        if (!*dir) {
+                free(dir);
+                dir = strdup("/");
+                if (!dir)
+                        return;
+        }
+        r = sd_event_add_inotify(e->event, &e->token_watch, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_ONLYDIR,
+                                 on_token_dir, e);
+        if (r < 0)
+                log_warning_errno(r, "Cannot watch '%s' for a provisioning token (restart tetherd once it is there): %m",
+                                  dir);
+}
+
+int enroll_start(Enroll *e) {
+        CertfileRecovery rec = CERTFILE_NOTHING;
         int r;
 
         r = certfile_recover(e->config->key_file, e->config->cert_file, &rec);
@@ -1073,31 +1150,17 @@ int enroll_start(Enroll *e) {
                 arm_renewal(e, false);
                 return 1;
         }
-        if (e->config->enroll_token_file) {
-                r = read_token(e->config->enroll_token_file, &token);
-                if (r < 0 && r != -ENOENT)
-                        log_warning_errno(r == -ENODATA ? -EINVAL : r, "Cannot read a token from '%s': %s",
-                                          e->config->enroll_token_file,
-                                          r == -ENODATA ? "no token in it" : strerror(-r));
-                if (r == 0 && token_check(token) < 0)
-                        log_warning("The token in '%s' is not printable ASCII of at most %d bytes",
-                                    e->config->enroll_token_file, ENROLL_TOKEN_MAX);
-                else if (r == 0) {
-                        r = enroll_begin(e, token, NULL, error, sizeof(error));
-                        if (r > 0) {
-                                e->token = TAKE_PTR(token);
-                                return 0;
-                        }
-                        log_error("Cannot enroll: %s", error);
-                }
-        }
-        e->state = ENROLL_WAITING;
         if (e->config->enroll_token_file)
+                token_watch_start(e);
+        if (enroll_from_token_file(e) > 0)
+                return 0;
+        e->state = ENROLL_WAITING;
+        if (e->config->enroll_token_file) {
                 set_status(e,
-                           "Not enrolled: no certificate '%s'; put a provisioning token in '%s' and restart, or run "
-                           "'tetherctl enroll --token TOKEN'",
+                           "Not enrolled: no certificate '%s'; put a provisioning token in '%s' (it is used as "
+                           "soon as it is there), or run 'tetherctl enroll --token TOKEN'",
                            e->config->cert_file, e->config->enroll_token_file);
-        else
+        } else
                 set_status(e,
                            "Not enrolled: no certificate '%s'; run 'tetherctl enroll --token TOKEN' (or set [Enroll] "
                            "TokenFile=)",

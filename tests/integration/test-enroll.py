@@ -109,6 +109,37 @@ def test_token_file_at_start(w):
     expect(os.path.exists(cert), "no certificate installed")
 
 
+def test_token_file_appears(w):
+    """An agent waiting for TokenFile= enrolls as soon as a token is
+    written there (an image provisioned after its first boot), without a
+    restart; a refused token there is reported, and a good one written
+    after it is used."""
+    enroll_cloud(w)
+    token_dir = w.path("enroll")
+    os.mkdir(token_dir)
+    token_file = os.path.join(token_dir, "provision-token")
+    conf, cert, key = new_agent(w, dev_id="gw-tokenlate", token_file=token_file)
+    mark = w.notify.mark()
+    a = w.run_agent("agent", conf, ("gw-tokenlate", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled", mark)
+
+    def drop(token):
+        tmp = token_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(token + "\n")
+        os.rename(tmp, token_file)
+
+    drop("tprov_" + "1" * 40)
+    a.wait_line("provisioning token unknown", timeout=seconds(20))
+    expect(status(w, a)["enrollment"]["state"] == "failed", "an unknown token did not fail the enrollment")
+    mark = w.notify.mark()
+    drop(provision(w))
+    w.wait_online("gw-tokenlate", mark)
+    a.wait_line("Enrolled as device 'gw-tokenlate'", timeout=seconds(5))
+    expect(os.path.exists(cert), "no certificate installed")
+    expect(a.proc.poll() is None, "the agent restarted")
+
+
 def test_refused_token(w):
     enroll_cloud(w)
     conf, cert, key = new_agent(w)
@@ -215,7 +246,7 @@ def test_torn_new_files_discarded(w):
 if __name__ == "__main__":
     try:
         sys.exit(run([test_not_enrolled_waits, test_torn_new_files_discarded, test_tetherctl_enroll,
-                      test_token_file_at_start, test_refused_token, test_renewal_during_traffic,
+                      test_token_file_at_start, test_token_file_appears, test_refused_token, test_renewal_during_traffic,
                       test_crash_between_renames], emulated="ok"))
     except Failure as e:
         print(f"Bail out! {e}")
