@@ -15,9 +15,11 @@
 # network: the cloud and the agent talk to each other inside it.
 #
 # Steps, each logged with "==> [N] ...": install the packages, check the
-# user, key and units, make a PKI and start tether-cloudd, enroll the
-# device (tetherctl csr -> tether-pki sign), systemctl start tetherd until
-# the device is online in the cloud, the STATUS line, the journal's
+# user, key and units, make a PKI and start tether-cloudd with the built-in
+# signer, enroll the device as a gateway image does (a provisioning token
+# in /etc/tether/provision-token, read by the packaged tetherd.conf at the
+# agent's start), systemctl start tetherd until the device is online in the
+# cloud, the STATUS line, the journal's
 # structured fields and message catalogs, reload (agent, then
 # cloud) keeping the connection, watchdog kill and restart of a stopped agent, apt-get remove
 # (state kept) and purge (nothing left behind).
@@ -118,7 +120,10 @@ done
 # Freshly installed, before enrollment, the agent is up (READY=1) and says
 # where it connects (it retries until its CA and certificate are there).
 [ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd) after install"
-ok "before enrollment: tetherd active, status: $(ctr systemctl show -p StatusText --value tetherd)"
+status_text=$(ctr systemctl show -p StatusText --value tetherd)
+[[ $status_text == "Not enrolled"*"/etc/tether/provision-token"* ]] ||
+    fail "before enrollment the status does not say how to enroll: $status_text"
+ok "before enrollment: tetherd active, status: $status_text"
 
 # ---------------------------------------------------------------------------
 step "cloud: PKI with tether-pki, systemctl enable --now tether-cloudd"
@@ -128,7 +133,9 @@ ctr sh -ec 'install -m 0644 /etc/tether/pki/ca.crt /etc/tether/ca.crt
     install -m 0644 /etc/tether/pki/server.crt /etc/tether/cloud.crt
     install -m 0640 -g tether-cloud /etc/tether/pki/server.key /etc/tether/cloud.key
     tether-pki token /etc/tether/api-tokens > /etc/tether/token
-    chgrp tether-cloud /etc/tether/api-tokens; chmod 0640 /etc/tether/api-tokens'
+    chgrp tether-cloud /etc/tether/api-tokens; chmod 0640 /etc/tether/api-tokens
+    chgrp tether-cloud /etc/tether/pki/ca.key; chmod 0640 /etc/tether/pki/ca.key
+    printf "\n[Enroll]\nCACertificate=/etc/tether/pki/ca.crt\nCAKey=/etc/tether/pki/ca.key\n" >> /etc/tether/tether-cloudd.conf'
 token=$(ctr cat /etc/tether/token | tail -n1)
 # The packaged configuration serves the API over HTTPS with cloud.crt.
 api_env=(TETHER_API=https://127.0.0.1:8080 TETHER_CACERT=/etc/tether/ca.crt)
@@ -141,13 +148,20 @@ ctr env TETHER_API=http://127.0.0.1:8080 TETHER_TOKEN="$token" tether list >/dev
     fail "the packaged API answered plain HTTP"
 ok "the API answers over HTTPS (CA /etc/tether/ca.crt) and not over plain HTTP"
 
-step "enroll the device: tetherctl csr -> tether-pki sign"
+step "enroll the device as a gateway image does: a provisioning token in /etc/tether/provision-token"
+# The image's first boot: the token is in place before the agent starts.
 ctr systemctl stop tetherd.service
-ctr sh -c 'tetherctl csr > /tmp/device.csr' 2>"$scratch/csr.err" || fail "tetherctl csr: $(cat "$scratch/csr.err")"
+ptoken=$(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether provision create --uses 1 --expires 1h \
+    --tag site=systest --name image-batch 2>"$scratch/provision.err") ||
+    fail "tether provision create: $(cat "$scratch/provision.err")"
+[[ $ptoken == tprov_* ]] || fail "tether provision create printed '$ptoken'"
+ctr sh -ec "umask 027; printf '# the image batch token\\n%s\\n' '$ptoken' > /etc/tether/provision-token
+    chgrp tether /etc/tether/provision-token"
+# The ID the device will ask for: derived from the key the package made.
+ctr sh -c 'tetherctl csr >/dev/null' 2>"$scratch/csr.err" || fail "tetherctl csr: $(cat "$scratch/csr.err")"
 dev=$(awk '{print $NF}' "$scratch/csr.err")
-signed=$(ctr tether-pki sign /etc/tether/pki /tmp/device.csr --out /var/lib/tether/device)
-[ "$signed" = "$dev" ] || fail "tether-pki signed '$signed', the CSR asked for '$dev'"
-ok "device $dev: /var/lib/tether/device.crt signed by the cloud's CA; the key never left the device"
+ctr test -e /var/lib/tether/device.crt && fail "a certificate exists before enrollment"
+ok "token $(cut -c1-10 <<<"$ptoken")... (1 use, 1 h, tag site=systest) in /etc/tether/provision-token (0640 root:tether); device $dev has no certificate"
 
 # ---------------------------------------------------------------------------
 step "systemctl start tetherd: active, and online in the cloud"
@@ -155,9 +169,19 @@ ctr systemctl start tetherd.service || fail "systemctl start tetherd failed"
 [ "$(ctr systemctl is-active tetherd)" = active ] || fail "tetherd is $(ctr systemctl is-active tetherd)"
 ok "tetherd.service active (Type=notify: READY=1 received)"
 online() { ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list | awk -v d="$dev" '$1 == d && $2 == "online" { f = 1 } END { exit !f }'; }
-wait_for 30 "device online" online || fail "device $dev not online in the cloud: $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list 2>&1)"
+wait_for 30 "device online" online || fail "device $dev not online in the cloud: $(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list 2>&1) $(ctr journalctl -u tetherd -o cat | tail -n 5)"
 ok "$(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list | sed -n 2p)"
 ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether list | sed 's/^/    /'
+enrolled() { ctr journalctl -u tetherd -o cat | grep "Enrolled as device '$dev'" >/dev/null; }
+enrolled || fail "the agent did not log its enrollment: $(ctr journalctl -u tetherd -o cat | tail -n 5)"
+[ "$(ctr stat -c '%U %a' /var/lib/tether/device.crt)" = "tether 644" ] ||
+    fail "device.crt is $(ctr stat -c '%U %a' /var/lib/tether/device.crt), not tether 644"
+describe=$(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether describe "$dev" 2>&1)
+grep -q 'site' <<<"$describe" && grep -q 'systest' <<<"$describe" || fail "tether describe shows no tag site=systest: $describe"
+state=$(ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether provision list 2>&1)
+grep -q 'used-up' <<<"$state" || fail "the single-use token is not used up: $state"
+ok "enrolled from the token file at start (journal: Enrolled as device '$dev'), device.crt owned by tether, tag site=systest, token used up"
+grep -iE 'cert|tag|site' <<<"$describe" | sed 's/^/    /'
 
 step "systemctl status shows the STATUS line naming the cloud"
 ctr systemctl status --no-pager tetherd >"$scratch/status.txt" 2>&1
@@ -364,6 +388,7 @@ ctr test -e /etc/tether/tetherd.conf && fail "/etc/tether/tetherd.conf left afte
 # What the test itself put there as the cloud's operator is the operator's to delete.
 log "    operator files the test made (not the packages'): $(ctr find /etc/tether -type f | sort | tr '\n' ' ')"
 ctr rm -rf /etc/tether/pki /etc/tether/ca.crt /etc/tether/cloud.crt /etc/tether/cloud.key /etc/tether/api-tokens \
+    /etc/tether/provision-token \
     /etc/tether/token /tmp/device.csr
 ctr rmdir /etc/tether 2>/dev/null
 snapshot >"$scratch/files-after"
