@@ -21,6 +21,14 @@
  * A device is "online" when the cloud has shown that it took the device:
  * its first request (GET /d) arrived; for MQTT, when the CONNACK arrived.
  *
+ * "enroll TOKEN" starts devices without a certificate: each one sends
+ * POST /enroll (a CSR of a new EC P-256 key, CN = its ID) over an
+ * anonymous TLS session, as the agent does, retries after Max-Age on 4.29
+ * and 5.03, then connects with the certificate it got. "renew" (and the
+ * "renew" command of hold) makes every online device send POST /cert with
+ * a new key's CSR over its session at once. Latencies travel to the
+ * parent as REPORT_SAMPLES.
+ *
  * Output on stdout, one line per result, "word key=value ...";
  * progress on stderr. It measures; it never judges. */
 #include <arpa/inet.h>
@@ -37,6 +45,8 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/x509v3.h>
+#include <jansson.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
@@ -63,7 +73,11 @@
 #define FLEET_CONNECT_BATCH 64 /* new sessions per loop turn, so I/O goes on */
 #define FLEET_EVENT_NAME "fleet/tick"
 
-typedef enum Mode { MODE_STORM, MODE_HOLD, MODE_PUBLISH, MODE_SUBSCRIBE, MODE_MINT } Mode;
+#define FLEET_PATH_ENROLL "enroll"
+#define FLEET_PATH_CERT "cert"
+#define FLEET_DEFAULT_MAX_AGE 60 /* RFC 7252 5.10.5, when a 4.29/5.03 has none */
+
+typedef enum Mode { MODE_STORM, MODE_HOLD, MODE_PUBLISH, MODE_SUBSCRIBE, MODE_MINT, MODE_ENROLL, MODE_RENEW } Mode;
 
 static struct {
         Mode mode;
@@ -79,6 +93,9 @@ static struct {
         int sub_qos;
         double rate, seconds, timeout;
         double connect_timeout, reconnect_min, reconnect_max;
+        const char *enroll_token;
+        double renew_delay;
+        pid_t cloud_pid;
 } arg = {
         .devices = 1000,
         .mqtt_version = 5,
@@ -87,6 +104,7 @@ static struct {
         .connect_timeout = 15,
         .reconnect_min = 1,
         .reconnect_max = 60,
+        .renew_delay = 1,
 };
 
 /* Counters of one worker; the parent sums them. */
@@ -102,16 +120,46 @@ typedef struct Stats {
         uint64_t calls, reads, describes;
         uint64_t pub_sent, pub_acked, pub_errors, pub_skipped;
         uint64_t all_online_at; /* CLOCK_MONOTONIC usec when all of the worker's devices were first online */
+        uint64_t last_online_at; /* usec when the last device was first online */
+        /* enroll */
+        uint64_t enroll_sent;     /* POST /enroll requests (anonymous sessions that got as far) */
+        uint64_t enrolled;        /* 2.01 */
+        uint64_t enroll_retries;  /* 4.29 or 5.03: tried again after Max-Age */
+        uint64_t enroll_gave_up;  /* refused for good (any other answer): never online */
+        /* renew */
+        uint64_t renew_sent;      /* POST /cert requests, retries included */
+        uint64_t renewed;         /* 2.01 with a certificate for the new key */
+        uint64_t renew_retries;   /* 4.29 or 5.03 */
+        uint64_t renew_failed;    /* any other answer, a bad certificate, or the session lost meanwhile */
+        uint64_t renew_pending;   /* renewals under way */
+        uint64_t renew_done_at;   /* usec when the worker's last renewal ended */
+        uint64_t renew_rounds;    /* renew commands taken */
+        uint64_t bad_answers;     /* neither 2.01 nor 4.xx/5.xx, or a 2.01 without a certificate for the CSR's key */
+        /* answers of class 4 and 5 to POST /enroll and /cert, by (class - 4) * 32 + detail */
+        uint32_t enroll_codes[64], renew_codes[64];
 } Stats;
 
-enum { REPORT_READY, REPORT_PROGRESS, REPORT_PUBLISHED, REPORT_FINAL };
+#define FLEET_SAMPLES 240
+enum { SAMPLES_ENROLL, SAMPLES_RENEW };
+typedef struct Samples {
+        uint32_t which; /* SAMPLES_* */
+        uint32_t n;
+        uint32_t usec[FLEET_SAMPLES];
+} Samples;
+
+enum { REPORT_READY, REPORT_PROGRESS, REPORT_PUBLISHED, REPORT_FINAL, REPORT_SAMPLES };
 typedef struct Report {
         uint32_t worker;
         uint32_t kind;
-        Stats st;
+        union {
+                Stats st;          /* every kind but REPORT_SAMPLES */
+                Samples samples;   /* REPORT_SAMPLES */
+        };
 } Report;
+/* One write() each, so that reports of several workers never interleave. */
+_Static_assert(sizeof(Report) <= PIPE_BUF, "a report must fit in one atomic pipe write");
 
-enum { FLEET_CMD_GO, FLEET_CMD_PUBLISH, FLEET_CMD_QUIT };
+enum { FLEET_CMD_GO, FLEET_CMD_PUBLISH, FLEET_CMD_QUIT, FLEET_CMD_RENEW };
 typedef struct Command {
         uint32_t op;
         double rate; /* events/s of this worker */
@@ -120,7 +168,20 @@ typedef struct Command {
 } Command;
 
 typedef enum DevState { DEV_IDLE, DEV_CONNECTING, DEV_ONLINE, DEV_BACKOFF } DevState;
-typedef enum CloseKind { CLOSE_NONE, CLOSE_TLS, CLOSE_TCP, CLOSE_PEER, CLOSE_TIMEOUT } CloseKind;
+/* CLOSE_ENROLLED: the anonymous session got its certificate, connect with it
+ * now; CLOSE_RETRY: enrollment answered 4.29/5.03, try again after Max-Age
+ * (deadline); CLOSE_REFUSED: enrollment refused for good. None of the three
+ * is a failure of the connection. */
+typedef enum CloseKind {
+        CLOSE_NONE,
+        CLOSE_TLS,
+        CLOSE_TCP,
+        CLOSE_PEER,
+        CLOSE_TIMEOUT,
+        CLOSE_ENROLLED,
+        CLOSE_RETRY,
+        CLOSE_REFUSED
+} CloseKind;
 
 typedef struct Device {
         char id[PROTO_DEVICE_ID_MAX + 1];
@@ -139,6 +200,18 @@ typedef struct Device {
         coap_dtls_pki_t pki;
         TlsFiles files;
         TlsHostCheck check;
+        /* enroll and renew */
+        EVP_PKEY *new_key; /* the key of the certificate asked for */
+        char *csr;         /* its CSR, PEM */
+        bool anonymous;    /* the session is an anonymous one, for POST /enroll */
+        bool enrolled;     /* has the certificate in cert/key */
+        bool renewing;     /* a renewal is under way */
+        bool csr_ready;    /* renew_all() made its CSR */
+        bool req_pending;  /* the request with req_token is unanswered */
+        uint8_t req_token[8];
+        size_t req_token_len;
+        uint64_t op_start; /* usec: start of this enrollment or renewal */
+        uint64_t retry_at; /* usec: renewal, send again (Max-Age) */
 #ifdef FLEET_MQTT
         struct mosquitto *mq;
         int fd;
@@ -162,6 +235,9 @@ static struct {
         double pub_rate, pub_seconds;
         uint64_t pub_start, pub_due_sent, pub_drain_until;
         size_t cursor;
+        /* latencies (usec) not yet sent to the parent, by SAMPLES_* */
+        uint32_t *pending[2];
+        size_t pending_n[2], pending_cap[2];
 } w;
 
 static volatile sig_atomic_t quit_requested;
@@ -278,6 +354,98 @@ static X509 *read_cert(const char *path) {
         return x;
 }
 
+/* A new EC P-256 key for d and a CSR for it (CN = d's ID, PEM), as the
+ * agent makes them to enroll and to renew. */
+static int make_csr(Device *d) {
+        EVP_PKEY *key = EVP_EC_gen("P-256");
+        X509_REQ *req = X509_REQ_new();
+        BIO *bio = BIO_new(BIO_s_mem());
+        char *pem = NULL;
+        long len;
+        int r = -EIO;
+
+        if (!key || !req || !bio || !X509_REQ_set_version(req, X509_REQ_VERSION_1) ||
+            !X509_NAME_add_entry_by_NID(X509_REQ_get_subject_name(req), NID_commonName, MBSTRING_UTF8,
+                                        (const unsigned char *)d->id, -1, -1, 0) ||
+            !X509_REQ_set_pubkey(req, key) || X509_REQ_sign(req, key, EVP_sha256()) <= 0 ||
+            !PEM_write_bio_X509_REQ(bio, req) || (len = BIO_get_mem_data(bio, &pem)) <= 0) {
+                fail_ssl("cannot make a CSR");
+                goto out;
+        }
+        free(d->csr);
+        d->csr = strndup(pem, (size_t)len);
+        if (!d->csr) {
+                r = -ENOMEM;
+                goto out;
+        }
+        EVP_PKEY_free(d->new_key);
+        d->new_key = TAKE_PTR(key);
+        r = 0;
+out:
+        BIO_free(bio);
+        X509_REQ_free(req);
+        EVP_PKEY_free(key);
+        return r;
+}
+
+/* Whether the first certificate of pem is for key. */
+static bool cert_matches(const char *pem, EVP_PKEY *key) {
+        BIO *bio = BIO_new_mem_buf(pem, -1);
+        X509 *x = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
+        bool ok = x && key && EVP_PKEY_eq(X509_get0_pubkey(x), key) == 1;
+
+        X509_free(x);
+        BIO_free(bio);
+        return ok;
+}
+
+/* Write an enrolled device's key, then its certificate (with any chain, as
+ * the cloud sent it), each through a temporary file and rename(). */
+static int store_enrolled(Device *d, const char *pem) {
+        _cleanup_free_ char *tmp = NULL;
+        size_t len = strlen(pem);
+        int fd, r;
+
+        r = write_pem(d->key, NULL, d->new_key);
+        if (r < 0)
+                return r;
+        if (asprintf(&tmp, "%s.tmp", d->cert) < 0)
+                return -ENOMEM;
+        fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0644);
+        if (fd < 0)
+                return -errno;
+        if (write(fd, pem, len) != (ssize_t)len) {
+                close(fd);
+                return -EIO;
+        }
+        if (close(fd) < 0)
+                return -errno;
+        return rename(tmp, d->cert) < 0 ? -errno : 0;
+}
+
+/* Devices that enroll: new random IDs (12 bytes, hex, like mint), their
+ * key and certificate to be written to DIR once enrolled. */
+static int enroll_devices(unsigned long n, const char *dir, Device **ret) {
+        Device *dev = calloc(n, sizeof(Device));
+
+        if (!dev)
+                return -ENOMEM;
+        for (unsigned long i = 0; i < n; i++) {
+                unsigned char b[12];
+                char *p = dev[i].id;
+
+                if (RAND_bytes(b, sizeof(b)) != 1)
+                        return fail_ssl("no random bytes");
+                for (size_t k = 0; k < sizeof(b); k++)
+                        p += sprintf(p, "%02x", b[k]);
+                if (asprintf(&dev[i].cert, "%s/%s.crt", dir, dev[i].id) < 0 ||
+                    asprintf(&dev[i].key, "%s/%s.key", dir, dev[i].id) < 0)
+                        return -ENOMEM; /* leaks: the program exits */
+        }
+        *ret = dev;
+        return 0;
+}
+
 /* The ids of devices [0, n) of the cache, minting what is missing. The
  * cache belongs to one CA: its fingerprint is kept in DIR/ca.sha256. */
 static int load_devices(unsigned long n, Device **ret) {
@@ -388,11 +556,47 @@ out:
 
 /* --- worker: common ------------------------------------------------------ */
 
+static void send_report(const Report *rep) {
+        if (write(w.report_fd, rep, sizeof(*rep)) != sizeof(*rep))
+                _exit(3); /* the parent is gone */
+}
+
+/* The latencies gathered so far, before any counters that include them. */
+static void flush_samples(void) {
+        for (uint32_t which = 0; which < ELEMENTSOF(w.pending); which++) {
+                for (size_t at = 0; at < w.pending_n[which];) {
+                        Report rep = { .worker = w.id, .kind = REPORT_SAMPLES, .samples.which = which };
+                        size_t k = w.pending_n[which] - at;
+
+                        if (k > FLEET_SAMPLES)
+                                k = FLEET_SAMPLES;
+                        rep.samples.n = (uint32_t)k;
+                        memcpy(rep.samples.usec, w.pending[which] + at, k * sizeof(uint32_t));
+                        send_report(&rep);
+                        at += k;
+                }
+                w.pending_n[which] = 0;
+        }
+}
+
+static void add_sample(uint32_t which, uint64_t usec) {
+        if (w.pending_n[which] == w.pending_cap[which]) {
+                size_t cap = w.pending_cap[which] ? 2 * w.pending_cap[which] : 256;
+                uint32_t *p = realloc(w.pending[which], cap * sizeof(uint32_t));
+
+                if (!p)
+                        return; /* a lost sample; the counters still count it */
+                w.pending[which] = p;
+                w.pending_cap[which] = cap;
+        }
+        w.pending[which][w.pending_n[which]++] = usec > UINT32_MAX ? UINT32_MAX : (uint32_t)usec;
+}
+
 static void report(uint32_t kind) {
         Report rep = { .worker = w.id, .kind = kind, .st = w.st };
 
-        if (write(w.report_fd, &rep, sizeof(rep)) != sizeof(rep))
-                _exit(3); /* the parent is gone */
+        flush_samples();
+        send_report(&rep);
 }
 
 static uint64_t backoff_us(Device *d) {
@@ -424,6 +628,7 @@ static void went_online(Device *d) {
         if (!d->ever_online) {
                 d->ever_online = true;
                 w.st.ever_online++;
+                w.st.last_online_at = now_us();
                 if (w.st.ever_online == w.n) {
                         w.st.all_online_at = now_us();
                         report(REPORT_PROGRESS);
@@ -431,7 +636,29 @@ static void went_online(Device *d) {
         }
 }
 
+static void renew_end(Device *d) {
+        if (!d->renewing)
+                return;
+        d->renewing = false;
+        if (--w.st.renew_pending == 0) {
+                w.st.renew_done_at = now_us();
+                report(REPORT_PROGRESS);
+        }
+}
+
 static void count_close(Device *d) {
+        d->req_pending = false;
+        d->anonymous = false;
+        if (d->closing == CLOSE_ENROLLED || d->closing == CLOSE_RETRY || d->closing == CLOSE_REFUSED) {
+                /* The deadline (when to connect again) was set with the mark. */
+                d->state = d->closing == CLOSE_REFUSED ? DEV_IDLE : DEV_BACKOFF;
+                d->closing = CLOSE_NONE;
+                return;
+        }
+        if (d->renewing) {
+                w.st.renew_failed++; /* the session was lost meanwhile */
+                renew_end(d);
+        }
         if (d->state == DEV_ONLINE) {
                 w.st.dropped++;
                 w.st.online--;
@@ -517,12 +744,136 @@ static void on_request(coap_resource_t *resource, coap_session_t *session, const
         respond(resp, COAP_RESPONSE_CODE_NOT_FOUND, PROTO_CF_TEXT, "no such resource", 16);
 }
 
-/* Publish receipts: a device sends no other requests. */
+/* POST JSON to path on d's session: POST /enroll or POST /cert, the
+ * request whose answer on_answer() takes. */
+static bool coap_post_json(Device *d, const char *path, json_t *body) {
+        _cleanup_free_ char *text = json_dumps(body, JSON_COMPACT);
+        uint8_t buf[4];
+        coap_pdu_t *pdu;
+
+        if (!text || !d->session)
+                return false;
+        pdu = coap_new_pdu(COAP_MESSAGE_CON, COAP_REQUEST_CODE_POST, d->session);
+        if (!pdu)
+                return false;
+        coap_session_new_token(d->session, &d->req_token_len, d->req_token);
+        if (!coap_add_token(pdu, d->req_token_len, d->req_token) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_PATH, strlen(path), (const uint8_t *)path) ||
+            !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_JSON),
+                             buf) ||
+            !coap_add_data(pdu, strlen(text), (const uint8_t *)text)) {
+                coap_delete_pdu(pdu);
+                return false;
+        }
+        /* Before coap_send(): the answer may be read within it. */
+        d->req_pending = true;
+        if (coap_send(d->session, pdu) == COAP_INVALID_MID) {
+                d->req_pending = false;
+                return false;
+        }
+        return true;
+}
+
+static bool send_enroll(Device *d) {
+        json_t *body = json_pack("{s:s, s:s}", "token", arg.enroll_token, "csr", d->csr);
+        bool ok = body && coap_post_json(d, FLEET_PATH_ENROLL, body);
+
+        json_decref(body);
+        if (ok)
+                w.st.enroll_sent++;
+        return ok;
+}
+
+static bool send_renew(Device *d) {
+        json_t *body = json_pack("{s:s}", "csr", d->csr);
+        bool ok = body && coap_post_json(d, FLEET_PATH_CERT, body);
+
+        json_decref(body);
+        if (ok)
+                w.st.renew_sent++;
+        return ok;
+}
+
+static unsigned max_age(const coap_pdu_t *pdu) {
+        coap_opt_iterator_t it;
+        coap_opt_t *opt = coap_check_option(pdu, COAP_OPTION_MAXAGE, &it);
+
+        return opt ? coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt)) : FLEET_DEFAULT_MAX_AGE;
+}
+
+/* The cloud's answer to POST /enroll (on the anonymous session) or POST
+ * /cert (on the device's own). */
+static void on_answer(Device *d, const coap_pdu_t *rcvd) {
+        coap_pdu_code_t code = coap_pdu_get_code(rcvd);
+        unsigned cls = COAP_RESPONSE_CLASS(code), detail = (unsigned)code & 0x1f;
+        bool enroll = d->anonymous, ok = false, retry = false;
+        uint64_t now = now_us();
+
+        if (code == COAP_RESPONSE_CODE_CREATED) {
+                const uint8_t *data = NULL;
+                size_t len = 0;
+                json_t *j = coap_get_data(rcvd, &len, &data) ? json_loadb((const char *)data, len, 0, NULL) : NULL;
+                const char *pem = json_string_value(json_object_get(j, "certificate"));
+
+                ok = pem && cert_matches(pem, d->new_key) && (!enroll || store_enrolled(d, pem) >= 0);
+                json_decref(j);
+                if (!ok)
+                        w.st.bad_answers++;
+        } else if (cls == 4 || cls == 5) {
+                uint32_t *codes = enroll ? w.st.enroll_codes : w.st.renew_codes;
+
+                codes[(cls - 4) * 32 + detail]++;
+                retry = code == COAP_RESPONSE_CODE_TOO_MANY_REQUESTS || code == COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE;
+        } else
+                w.st.bad_answers++;
+
+        if (enroll) {
+                if (ok) {
+                        w.st.enrolled++;
+                        add_sample(SAMPLES_ENROLL, now - d->op_start);
+                        d->enrolled = true;
+                        d->deadline = now;
+                        mark_close(d, CLOSE_ENROLLED);
+                } else if (retry) {
+                        w.st.enroll_retries++;
+                        d->deadline = now + (uint64_t)max_age(rcvd) * 1000000;
+                        mark_close(d, CLOSE_RETRY);
+                } else {
+                        w.st.enroll_gave_up++;
+                        mark_close(d, CLOSE_REFUSED);
+                }
+                return;
+        }
+        if (!d->renewing)
+                return;
+        if (ok) {
+                w.st.renewed++;
+                add_sample(SAMPLES_RENEW, now - d->op_start);
+                renew_end(d);
+        } else if (retry) {
+                /* The same request again after Max-Age, on the same session. */
+                w.st.renew_retries++;
+                d->retry_at = now + (uint64_t)max_age(rcvd) * 1000000;
+        } else {
+                w.st.renew_failed++;
+                renew_end(d);
+        }
+}
+
+/* Publish receipts, and the answers to POST /enroll and /cert. */
 static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *sent, const coap_pdu_t *rcvd,
                                    const coap_mid_t mid) {
         Device *d = coap_session_get_app_data(session);
+        coap_bin_const_t token = coap_pdu_get_token(rcvd);
 
-        if (!d || session != d->session || d->in_flight == 0)
+        if (!d || session != d->session)
+                return COAP_RESPONSE_OK;
+        if (d->req_pending && token.length == d->req_token_len && memcmp(token.s, d->req_token, token.length) == 0) {
+                d->req_pending = false;
+                on_answer(d, rcvd);
+                return COAP_RESPONSE_OK;
+        }
+        if (d->in_flight == 0)
                 return COAP_RESPONSE_OK;
         d->in_flight--;
         if (COAP_RESPONSE_CLASS(coap_pdu_get_code(rcvd)) == 2)
@@ -577,7 +928,12 @@ static int coap_prepare(Device *d) {
         coap_register_request_handler(unknown, COAP_REQUEST_GET, on_request);
         coap_register_request_handler(unknown, COAP_REQUEST_POST, on_request);
         coap_add_resource(d->ctx, unknown);
-        d->files = (TlsFiles){ .ca_file = arg.server_ca, .cert_file = d->cert, .key_file = d->key };
+        /* Without a certificate yet, the session is anonymous (to enroll). */
+        d->files = (TlsFiles){ .ca_file = arg.server_ca };
+        if (arg.mode != MODE_ENROLL || d->enrolled) {
+                d->files.cert_file = d->cert;
+                d->files.key_file = d->key;
+        }
         d->check.host = arg.server_name;
         tls_pki_init(&d->pki, &d->files, &d->check);
         d->epoch = ((uint64_t)random() << 32) ^ (uint64_t)random();
@@ -610,6 +966,14 @@ static void coap_connect(Device *d) {
                 return;
         }
         coap_session_set_app_data(d->session, d);
+        if (arg.mode == MODE_ENROLL && !d->enrolled) {
+                /* libcoap sends it once the session is up. */
+                d->anonymous = true;
+                if (!d->op_start)
+                        d->op_start = now_us();
+                if (!send_enroll(d))
+                        mark_close(d, CLOSE_PEER);
+        }
         coap_io_process(d->ctx, COAP_IO_NO_WAIT);
 }
 
@@ -797,8 +1161,55 @@ static void process_closes(void) {
                 } else
 #endif
                         coap_release(d);
+                if (d->closing == CLOSE_ENROLLED) {
+                        /* libcoap keeps a client's PKI on its context: a new
+                         * one with the certificate, and connect with it now. */
+                        count_close(d);
+                        coap_free_context(TAKE_PTR(d->ctx));
+                        if (coap_prepare(d) < 0) {
+                                fprintf(stderr, "fleet: cannot set up device %s again\n", d->id);
+                                d->state = DEV_IDLE;
+                                continue;
+                        }
+                        device_connect(d);
+                        continue;
+                }
                 count_close(d);
         }
+}
+
+/* Every online device asks for a certificate for a new key at once: the
+ * keys and CSRs first, then the requests. */
+static void renew_all(void) {
+        uint64_t now;
+
+        for (size_t i = 0; i < w.n; i++) {
+                Device *d = &w.dev[i];
+
+                d->csr_ready = d->state == DEV_ONLINE && !d->closing && !d->renewing && make_csr(d) >= 0;
+        }
+        now = now_us();
+        for (size_t i = 0; i < w.n; i++) {
+                Device *d = &w.dev[i];
+
+                if (!d->csr_ready || d->state != DEV_ONLINE || d->closing)
+                        continue;
+                d->csr_ready = false;
+                d->renewing = true;
+                d->op_start = now;
+                d->retry_at = 0;
+                w.st.renew_pending++;
+                if (!send_renew(d)) {
+                        w.st.renew_failed++;
+                        renew_end(d);
+                        continue;
+                }
+                coap_io_process(d->ctx, COAP_IO_NO_WAIT);
+        }
+        w.st.renew_rounds++;
+        if (w.st.renew_pending == 0)
+                w.st.renew_done_at = now_us();
+        report(REPORT_PROGRESS);
 }
 
 static void scan(uint64_t now) {
@@ -809,6 +1220,15 @@ static void scan(uint64_t now) {
                         mark_close(d, CLOSE_TIMEOUT);
                 else if (d->state == DEV_BACKOFF && now >= d->deadline)
                         device_connect(d);
+                else if (d->renewing && d->state == DEV_ONLINE && !d->closing && !d->req_pending &&
+                         now >= d->retry_at) {
+                        if (send_renew(d))
+                                coap_io_process(d->ctx, COAP_IO_NO_WAIT);
+                        else {
+                                w.st.renew_failed++;
+                                renew_end(d);
+                        }
+                }
 #ifdef FLEET_MQTT
                 else if (arg.mqtt && d->state == DEV_ONLINE && i % 50 == (now / FLEET_SCAN_USEC) % 50) {
                         if (mosquitto_loop_misc(d->mq) != MOSQ_ERR_SUCCESS)
@@ -889,6 +1309,10 @@ static void handle_command(const Command *c) {
         case FLEET_CMD_QUIT:
                 quit_requested = 1;
                 break;
+        case FLEET_CMD_RENEW:
+                if (!arg.mqtt)
+                        renew_all();
+                break;
         }
 }
 
@@ -933,6 +1357,9 @@ static int worker_main(unsigned id, Device *dev, size_t n, int cmd_fd, int repor
 #else
                 r = coap_prepare(&dev[i]);
 #endif
+                /* The key and CSR to enroll with, made before the clock runs. */
+                if (r >= 0 && arg.mode == MODE_ENROLL)
+                        r = make_csr(&dev[i]);
                 if (r < 0) {
                         fprintf(stderr, "fleet: worker %u: cannot set up device %zu: %s\n", id, i, strerror(-r));
                         return 1;
@@ -1096,8 +1523,149 @@ static Stats sum(void) {
                 s.pub_skipped += t->pub_skipped;
                 if (t->all_online_at > s.all_online_at)
                         s.all_online_at = t->all_online_at;
+                if (t->last_online_at > s.last_online_at)
+                        s.last_online_at = t->last_online_at;
+                if (t->renew_done_at > s.renew_done_at)
+                        s.renew_done_at = t->renew_done_at;
+                s.enroll_sent += t->enroll_sent;
+                s.enrolled += t->enrolled;
+                s.enroll_retries += t->enroll_retries;
+                s.enroll_gave_up += t->enroll_gave_up;
+                s.renew_sent += t->renew_sent;
+                s.renewed += t->renewed;
+                s.renew_retries += t->renew_retries;
+                s.renew_failed += t->renew_failed;
+                s.renew_pending += t->renew_pending;
+                s.bad_answers += t->bad_answers;
+                for (size_t k = 0; k < ELEMENTSOF(s.enroll_codes); k++) {
+                        s.enroll_codes[k] += t->enroll_codes[k];
+                        s.renew_codes[k] += t->renew_codes[k];
+                }
         }
         return s;
+}
+
+/* Latencies (usec) the workers sent, by SAMPLES_*. */
+static struct {
+        uint32_t *v;
+        size_t n, cap;
+} samples[2];
+
+static void take_samples(const Samples *sm) {
+        size_t n = sm->n < FLEET_SAMPLES ? sm->n : FLEET_SAMPLES;
+
+        if (sm->which >= ELEMENTSOF(samples))
+                return;
+        if (samples[sm->which].n + n > samples[sm->which].cap) {
+                size_t cap = 2 * (samples[sm->which].n + n);
+                uint32_t *p = realloc(samples[sm->which].v, cap * sizeof(uint32_t));
+
+                if (!p)
+                        return;
+                samples[sm->which].v = p;
+                samples[sm->which].cap = cap;
+        }
+        memcpy(samples[sm->which].v + samples[sm->which].n, sm->usec, n * sizeof(uint32_t));
+        samples[sm->which].n += n;
+}
+
+static int cmp_u32(const void *a, const void *b) {
+        uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+        return x < y ? -1 : x > y;
+}
+
+/* " latency_min_ms=... latency_median_ms=... latency_p99_ms=... latency_max_ms=..." (nearest rank). */
+static void format_latency(char *buf, size_t size, uint32_t which) {
+        uint32_t *v = samples[which].v;
+        size_t n = samples[which].n;
+
+        if (n == 0) {
+                snprintf(buf, size, " latency_samples=0");
+                return;
+        }
+        qsort(v, n, sizeof(uint32_t), cmp_u32);
+        snprintf(buf, size,
+                 " latency_samples=%zu latency_min_ms=%.1f latency_median_ms=%.1f latency_p99_ms=%.1f "
+                 "latency_max_ms=%.1f",
+                 n, v[0] / 1e3, v[(n - 1) / 2] / 1e3, v[(size_t)ceil(0.99 * (double)n) - 1] / 1e3, v[n - 1] / 1e3);
+}
+
+/* " codes=4.01:3,4.29:12" (every 4.xx/5.xx answer), or " codes=none". */
+static void format_codes(char *buf, size_t size, const uint32_t codes[64]) {
+        size_t at = (size_t)snprintf(buf, size, " codes=");
+
+        for (unsigned k = 0; k < 64 && at < size; k++)
+                if (codes[k])
+                        at += (size_t)snprintf(buf + at, size - at, "%s%u.%02u:%" PRIu32,
+                                               at > strlen(" codes=") ? "," : "", 4 + k / 32, k % 32, codes[k]);
+        if (at == strlen(" codes=") && at < size)
+                snprintf(buf + at, size - at, "none");
+}
+
+/* utime + stime of the cloud (--cloud-pid) in seconds, or -1. */
+static double cloud_cpu(void) {
+        char path[64], buf[1024], *p;
+        unsigned long long ut, st;
+        ssize_t len;
+        int fd;
+
+        if (arg.cloud_pid <= 0)
+                return -1;
+        snprintf(path, sizeof(path), "/proc/%d/stat", (int)arg.cloud_pid);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+                return -1;
+        len = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (len <= 0)
+                return -1;
+        buf[len] = 0;
+        /* After "pid (comm) ": state, ppid, ... utime is field 14, stime 15. */
+        p = strrchr(buf, ')');
+        if (!p || sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+                return -1;
+        return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static void format_cpu(char *buf, size_t size, double since) {
+        double now = cloud_cpu();
+
+        if (since < 0 || now < 0)
+                buf[0] = 0;
+        else
+                snprintf(buf, size, " cloud_cpu=%.2f", now - since);
+}
+
+static void print_enrolled(const char *word, const Stats *s, uint64_t t0, uint64_t t1, double cpu0) {
+        char lat[256], codes[1024], cpu[64];
+
+        format_latency(lat, sizeof(lat), SAMPLES_ENROLL);
+        format_codes(codes, sizeof(codes), s->enroll_codes);
+        format_cpu(cpu, sizeof(cpu), cpu0);
+        printf("%s devices=%lu seconds=%.3f online=%" PRIu64 " ever_online=%" PRIu64 " enrolled=%" PRIu64
+               " gave_up=%" PRIu64 " requests=%" PRIu64 " retries=%" PRIu64 " bad_answers=%" PRIu64
+               " attempts=%" PRIu64 " tls_failures=%" PRIu64 " tcp_failures=%" PRIu64 " closed_early=%" PRIu64
+               " timeouts=%" PRIu64 " dropped=%" PRIu64 "%s%s%s\n",
+               word, arg.devices, (double)(t1 - t0) / 1e6, s->online, s->ever_online, s->enrolled, s->enroll_gave_up,
+               s->enroll_sent, s->enroll_retries, s->bad_answers, s->attempts, s->tls_failures, s->tcp_failures,
+               s->closed_early, s->timeouts, s->dropped, codes, lat, cpu);
+        fflush(stdout);
+}
+
+static void print_renewed(const char *word, const Stats *s, uint64_t t0, uint64_t t1, double cpu0,
+                          uint64_t dropped0, uint64_t renewed0, uint64_t failed0) {
+        char lat[256], codes[1024], cpu[64];
+
+        format_latency(lat, sizeof(lat), SAMPLES_RENEW);
+        format_codes(codes, sizeof(codes), s->renew_codes);
+        format_cpu(cpu, sizeof(cpu), cpu0);
+        printf("%s devices=%lu seconds=%.3f online=%" PRIu64 " renewed=%" PRIu64 " failed=%" PRIu64
+               " pending=%" PRIu64 " requests=%" PRIu64 " retries=%" PRIu64 " bad_answers=%" PRIu64
+               " dropped=%" PRIu64 "%s%s%s\n",
+               word, arg.devices, (double)(t1 - t0) / 1e6, s->online, s->renewed - renewed0,
+               s->renew_failed - failed0, s->renew_pending, s->renew_sent, s->renew_retries, s->bad_answers,
+               s->dropped - dropped0, codes, lat, cpu);
+        fflush(stdout);
 }
 
 static void print_counts(const char *word, const Stats *s, const char *extra) {
@@ -1148,7 +1716,40 @@ static void print_published(double rate, double seconds) {
         fflush(stdout);
 }
 
-/* One line of stdin in hold mode; -1 to quit. */
+/* The renewal in progress (renew mode, the renew command). */
+static struct {
+        bool pending;
+        uint64_t round, t0, deadline;
+        double cpu0;
+        uint64_t dropped0, renewed0, failed0;
+} renew;
+
+static void start_renew(void) {
+        Command c = { .op = FLEET_CMD_RENEW };
+        Stats s = sum();
+
+        renew.pending = true;
+        renew.round++;
+        renew.t0 = now_us();
+        renew.deadline = renew.t0 + (uint64_t)(arg.timeout * 1e6);
+        renew.cpu0 = cloud_cpu();
+        renew.dropped0 = s.dropped;
+        renew.renewed0 = s.renewed;
+        renew.failed0 = s.renew_failed;
+        samples[SAMPLES_RENEW].n = 0;
+        send_all(&c);
+}
+
+/* Whether every worker took the renew command and has nothing pending. */
+static bool renew_done(void) {
+        for (unsigned long i = 0; i < arg.workers; i++)
+                if (workers[i].st.renew_rounds < renew.round || workers[i].st.renew_pending > 0)
+                        return false;
+        return true;
+}
+
+/* One line of stdin in hold mode; -1 to quit, 1 for a publish step, 2 for
+ * a renewal. */
 static int hold_command(char *line) {
         double rate, seconds;
 
@@ -1157,6 +1758,10 @@ static int hold_command(char *line) {
                 start_publish(rate, seconds);
                 return 1;
         }
+        if (streq(line, "renew") && !arg.mqtt) {
+                start_renew();
+                return 2;
+        }
         if (streq(line, "stats")) {
                 Stats s = sum();
                 print_counts("stats", &s, "");
@@ -1164,14 +1769,15 @@ static int hold_command(char *line) {
         }
         if (streq(line, "quit") || streq(line, ""))
                 return -1;
-        printf("error unknown command '%s' (publish RATE SECONDS, stats, quit)\n", line);
+        printf("error unknown command '%s' (publish RATE SECONDS, renew, stats, quit)\n", line);
         fflush(stdout);
         return 0;
 }
 
 static int parent_loop(int report_fd) {
-        uint64_t t0, deadline, last_progress = 0;
-        bool online_shown = false, publish_pending = false, quitting = false;
+        uint64_t t0, deadline, last_progress = 0, renew_at = 0;
+        bool online_shown = false, publish_pending = false, quitting = false, renewed_once = false;
+        double cpu0 = cloud_cpu();
         char line[256];
         size_t line_len = 0;
         int ret = 0;
@@ -1185,7 +1791,9 @@ static int parent_loop(int report_fd) {
         }
         for (;;) {
                 struct pollfd p[2] = { { .fd = report_fd, .events = POLLIN },
-                                       { .fd = arg.mode == MODE_HOLD && online_shown && !publish_pending && !quitting
+                                       { .fd = (arg.mode == MODE_HOLD || (arg.mode == MODE_RENEW && renewed_once)) &&
+                                                                       online_shown && !publish_pending &&
+                                                                       !renew.pending && !quitting
                                                        ? STDIN_FILENO
                                                        : -1,
                                          .events = POLLIN } };
@@ -1205,7 +1813,9 @@ static int parent_loop(int report_fd) {
 
                         if (got <= 0)
                                 break; /* every worker is gone */
-                        if (got == sizeof(rep) && rep.worker < arg.workers) {
+                        if (got == sizeof(rep) && rep.worker < arg.workers && rep.kind == REPORT_SAMPLES)
+                                take_samples(&rep.samples);
+                        else if (got == sizeof(rep) && rep.worker < arg.workers) {
                                 Worker *wk = &workers[rep.worker];
                                 wk->st = rep.st;
                                 if (rep.kind == REPORT_PUBLISHED)
@@ -1230,7 +1840,7 @@ static int parent_loop(int report_fd) {
                                         line_len = strlen(line);
                                         if (r < 0)
                                                 quit_requested = 1;
-                                        else if (r > 0)
+                                        else if (r == 1)
                                                 publish_pending = true;
                                         if (r != 0)
                                                 break;
@@ -1243,13 +1853,21 @@ static int parent_loop(int report_fd) {
                         break;
                 now = now_us();
                 s = sum();
-                if (!online_shown && s.ever_online == arg.devices) {
+                if (arg.mode == MODE_ENROLL && !online_shown && s.ever_online + s.enroll_gave_up == arg.devices) {
+                        /* Everyone online with the certificate it got, or refused for good. */
+                        print_enrolled("enrolled", &s, t0, s.ever_online ? s.last_online_at : now, cpu0);
+                        online_shown = true;
+                        quit_requested = 1;
+                }
+                if (arg.mode != MODE_ENROLL && !online_shown && s.ever_online == arg.devices) {
                         char extra[64];
                         snprintf(extra, sizeof(extra), " seconds=%.3f", (double)(s.all_online_at - t0) / 1e6);
                         print_counts("online", &s, extra);
                         online_shown = true;
                         if (arg.mode == MODE_STORM)
                                 quit_requested = 1;
+                        else if (arg.mode == MODE_RENEW)
+                                renew_at = now + (uint64_t)(arg.renew_delay * 1e6);
                         else if (arg.mode == MODE_PUBLISH) {
                                 start_publish(arg.rate, arg.seconds);
                                 publish_pending = true;
@@ -1258,10 +1876,32 @@ static int parent_loop(int report_fd) {
                                 fflush(stdout);
                         }
                 }
+                if (renew_at && now >= renew_at && !renew.pending && !quitting) {
+                        renew_at = 0;
+                        start_renew();
+                }
+                if (renew.pending && renew_done()) {
+                        renew.pending = false;
+                        if (!renewed_once && arg.mode == MODE_RENEW) {
+                                renewed_once = true;
+                                printf("ready commands: publish RATE SECONDS, renew, stats, quit\n");
+                        }
+                        print_renewed("renewed", &s, renew.t0, s.renew_done_at > renew.t0 ? s.renew_done_at : now,
+                                      renew.cpu0, renew.dropped0, renew.renewed0, renew.failed0);
+                } else if (renew.pending && now > renew.deadline && !quitting) {
+                        renew.pending = false;
+                        print_renewed("renew-incomplete", &s, renew.t0, now, renew.cpu0, renew.dropped0,
+                                      renew.renewed0, renew.failed0);
+                        ret = 1;
+                        quit_requested = 1;
+                }
                 if (!online_shown && now > deadline && !quitting) {
                         char extra[64];
                         snprintf(extra, sizeof(extra), " seconds=%.3f", (double)(now - t0) / 1e6);
-                        print_counts("incomplete", &s, extra);
+                        if (arg.mode == MODE_ENROLL)
+                                print_enrolled("incomplete", &s, t0, now, cpu0);
+                        else
+                                print_counts("incomplete", &s, extra);
                         ret = 1;
                         quit_requested = 1;
                 }
@@ -1287,13 +1927,20 @@ static int parent_loop(int report_fd) {
 }
 
 static void help(void) {
-        printf("Usage: fleet [OPTIONS] storm|hold|publish RATE|subscribe|mint\n"
+        printf("Usage: fleet [OPTIONS] storm|hold|publish RATE|enroll TOKEN|renew|subscribe|mint\n"
                "\n"
                "Simulate many tether devices (or MQTT clients), each with its own certificate.\n"
                "\n"
                "  storm             start every device at once; print when all are online, then exit\n"
                "  hold              connect all and stay, answering the cloud; commands on stdin:\n"
-               "                    'publish RATE SECONDS', 'stats', 'quit' (or end of input)\n"
+               "                    'publish RATE SECONDS', 'renew', 'stats', 'quit' (or end of input)\n"
+               "  enroll TOKEN      devices without a certificate (new IDs, keys in --cache/enroll-PID,\n"
+               "                    removed at exit) enroll with the provisioning token TOKEN over\n"
+               "                    anonymous sessions (POST /enroll), all at once, then connect with the\n"
+               "                    certificate they got; print when all are online, then exit\n"
+               "  renew             as hold, and once all are online (after --renew-delay) every device\n"
+               "                    asks for a certificate for a new key at once (POST /cert on its\n"
+               "                    session); then the commands of hold, 'renew' again among them\n"
                "  publish RATE      connect all, then publish RATE events/s spread over the devices\n"
                "                    for --seconds; count receipts\n"
                "  mint              only make the certificates of devices [0, --first + N) in --cache\n"
@@ -1316,12 +1963,14 @@ static void help(void) {
                "  --seconds S           publish for S seconds (default: 10)\n"
                "  --timeout S           give up on getting everyone online after S s (default: 600)\n"
                "  --connect-timeout S   per attempt, as ConnectTimeoutSec (default: 15)\n"
+               "  --renew-delay S       renew: wait S s after all are online (default: 1)\n"
+               "  --cloud-pid PID       enroll, renew: print the CPU time PID used meanwhile\n"
                "  --reconnect-min S, --reconnect-max S\n"
                "                        backoff after a failure, as the agent (default: 1, 60)\n"
                "  -h, --help            this help\n"
                "\n"
-               "Output: one line per result on stdout ('online ...', 'published ...', 'final ...'),\n"
-               "progress on stderr.\n");
+               "Output: one line per result on stdout ('online ...', 'published ...', 'enrolled ...',\n"
+               "'renewed ...', 'final ...'), progress on stderr.\n");
 }
 
 static bool parse_double(const char *s, double min, double max, double *ret) {
@@ -1359,7 +2008,7 @@ static bool parse_endpoint(const char *s) {
 static int parse_argv(int argc, char **argv) {
         enum { OPT_CLOUD = 0x100, OPT_MQTT, OPT_MQTT_VERSION, OPT_SERVER_NAME, OPT_CA_CERT, OPT_CA_KEY,
                OPT_SERVER_CA, OPT_CACHE, OPT_FIRST, OPT_SECONDS, OPT_TIMEOUT, OPT_CONNECT_TIMEOUT,
-               OPT_RECONNECT_MIN, OPT_RECONNECT_MAX, OPT_QOS };
+               OPT_RECONNECT_MIN, OPT_RECONNECT_MAX, OPT_QOS, OPT_RENEW_DELAY, OPT_CLOUD_PID };
         static const struct option options[] = {
                 { "cloud", required_argument, NULL, OPT_CLOUD },
                 { "mqtt", required_argument, NULL, OPT_MQTT },
@@ -1378,6 +2027,8 @@ static int parse_argv(int argc, char **argv) {
                 { "reconnect-min", required_argument, NULL, OPT_RECONNECT_MIN },
                 { "reconnect-max", required_argument, NULL, OPT_RECONNECT_MAX },
                 { "qos", required_argument, NULL, OPT_QOS },
+                { "renew-delay", required_argument, NULL, OPT_RENEW_DELAY },
+                { "cloud-pid", required_argument, NULL, OPT_CLOUD_PID },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
@@ -1459,13 +2110,22 @@ static int parse_argv(int argc, char **argv) {
                         if (!parse_double(optarg, 0.01, 3600, &arg.reconnect_max))
                                 goto bad;
                         break;
+                case OPT_RENEW_DELAY:
+                        if (!parse_double(optarg, 0, 86400, &arg.renew_delay))
+                                goto bad;
+                        break;
+                case OPT_CLOUD_PID:
+                        if (!parse_double(optarg, 1, INT_MAX, &v) || v != floor(v))
+                                goto bad;
+                        arg.cloud_pid = (pid_t)v;
+                        break;
                 default:
                         fprintf(stderr, "fleet: see --help\n");
                         return -EINVAL;
                 }
         }
         if (optind >= argc) {
-                fprintf(stderr, "fleet: say storm, hold, publish RATE or subscribe (see --help)\n");
+                fprintf(stderr, "fleet: say storm, hold, publish RATE, enroll TOKEN, renew or subscribe (see --help)\n");
                 return -EINVAL;
         }
         if (streq(argv[optind], "mint") && optind + 1 == argc)
@@ -1476,6 +2136,12 @@ static int parse_argv(int argc, char **argv) {
                 arg.mode = MODE_HOLD;
         else if (streq(argv[optind], "subscribe") && optind + 1 == argc)
                 arg.mode = MODE_SUBSCRIBE;
+        else if (streq(argv[optind], "renew") && optind + 1 == argc)
+                arg.mode = MODE_RENEW;
+        else if (streq(argv[optind], "enroll") && optind + 2 == argc) {
+                arg.mode = MODE_ENROLL;
+                arg.enroll_token = argv[optind + 1];
+        }
         else if (streq(argv[optind], "publish") && optind + 2 == argc) {
                 arg.mode = MODE_PUBLISH;
                 if (!parse_double(argv[optind + 1], 0.001, 1e9, &arg.rate)) {
@@ -1496,6 +2162,10 @@ static int parse_argv(int argc, char **argv) {
                 return -EOPNOTSUPP;
         }
 #endif
+        if ((arg.mode == MODE_ENROLL || arg.mode == MODE_RENEW) && arg.mqtt) {
+                fprintf(stderr, "fleet: enroll and renew are for tether-cloudd (--cloud)\n");
+                return -EINVAL;
+        }
         if (arg.mode == MODE_SUBSCRIBE && !arg.mqtt) {
                 fprintf(stderr, "fleet: subscribe is for --mqtt (tether's event stream is HTTP)\n");
                 return -EINVAL;
@@ -1514,6 +2184,7 @@ bad:
 
 int main(int argc, char **argv) {
         struct sigaction sa = { .sa_handler = on_signal };
+        _cleanup_free_ char *enroll_dir = NULL;
         Device *all = NULL;
         int report_pipe[2], r;
         unsigned long n_ready = 0;
@@ -1523,7 +2194,14 @@ int main(int argc, char **argv) {
         r = parse_argv(argc, argv);
         if (r <= 0)
                 return r < 0 ? 2 : 0;
-        r = load_devices(arg.first + (arg.mode == MODE_SUBSCRIBE ? 1 : arg.devices), &all);
+        if (arg.mode == MODE_ENROLL) {
+                /* Where enrolled devices keep their key and certificate. */
+                if ((mkdir(arg.cache, 0700) < 0 && errno != EEXIST) ||
+                    asprintf(&enroll_dir, "%s/enroll-%d", arg.cache, (int)getpid()) < 0 || mkdir(enroll_dir, 0700) < 0)
+                        return fprintf(stderr, "fleet: cannot create a directory in '%s': %m\n", arg.cache), 1;
+                r = enroll_devices(arg.first + arg.devices, enroll_dir, &all);
+        } else
+                r = load_devices(arg.first + (arg.mode == MODE_SUBSCRIBE ? 1 : arg.devices), &all);
         if (r < 0)
                 return 1;
         if (arg.mode == MODE_MINT) {
@@ -1598,6 +2276,14 @@ int main(int argc, char **argv) {
                         fprintf(stderr, "fleet: worker %lu failed (status %d)\n", i, status);
                         r = 1;
                 }
+        }
+        if (enroll_dir) {
+                for (unsigned long i = 0; i < arg.devices; i++) {
+                        (void)unlink(all[i].cert);
+                        (void)unlink(all[i].key);
+                }
+                if (rmdir(enroll_dir) < 0)
+                        fprintf(stderr, "fleet: cannot remove '%s': %m\n", enroll_dir);
         }
         return r;
 }
