@@ -204,6 +204,8 @@ typedef struct Device {
         EVP_PKEY *new_key; /* the key of the certificate asked for */
         char *csr;         /* its CSR, PEM */
         bool anonymous;    /* the session is an anonymous one, for POST /enroll */
+        bool enroll_due;   /* the anonymous session is up: send POST /enroll */
+        struct Device *next_enroll;
         bool enrolled;     /* has the certificate in cert/key */
         bool renewing;     /* a renewal is under way */
         bool csr_ready;    /* renew_all() made its CSR */
@@ -228,6 +230,7 @@ static struct {
         int cmd_fd, report_fd;
         Stats st;
         Device *closes;
+        Device *enrolls; /* anonymous sessions that are up, POST /enroll to send */
         size_t next_connect; /* devices [0, next_connect) have been started */
         bool started;
         /* the publish step in progress */
@@ -889,6 +892,16 @@ static int on_coap_event(coap_session_t *session, const coap_event_t event) {
         if (!d || session != d->session)
                 return 0;
         switch (event) {
+        case COAP_EVENT_SESSION_CONNECTED:
+                /* Not before: libcoap 4.3.1's coap_send() on a TCP session
+                 * whose CSM has not come blocks until it comes. Not from
+                 * here either: see process_enrolls(). */
+                if (d->anonymous && !d->enroll_due && !d->req_pending) {
+                        d->enroll_due = true;
+                        d->next_enroll = w.enrolls;
+                        w.enrolls = d;
+                }
+                break;
         case COAP_EVENT_DTLS_ERROR:
                 mark_close(d, CLOSE_TLS);
                 break;
@@ -967,12 +980,10 @@ static void coap_connect(Device *d) {
         }
         coap_session_set_app_data(d->session, d);
         if (arg.mode == MODE_ENROLL && !d->enrolled) {
-                /* libcoap sends it once the session is up. */
+                /* POST /enroll once the session is up (COAP_EVENT_SESSION_CONNECTED). */
                 d->anonymous = true;
                 if (!d->op_start)
                         d->op_start = now_us();
-                if (!send_enroll(d))
-                        mark_close(d, CLOSE_PEER);
         }
         coap_io_process(d->ctx, COAP_IO_NO_WAIT);
 }
@@ -1175,6 +1186,24 @@ static void process_closes(void) {
                         continue;
                 }
                 count_close(d);
+        }
+}
+
+/* POST /enroll on the anonymous sessions that came up, outside any
+ * library callback. */
+static void process_enrolls(void) {
+        while (w.enrolls) {
+                Device *d = w.enrolls;
+
+                w.enrolls = d->next_enroll;
+                d->next_enroll = NULL;
+                d->enroll_due = false;
+                if (d->state != DEV_CONNECTING || !d->anonymous || d->closing || d->req_pending)
+                        continue;
+                if (send_enroll(d))
+                        coap_io_process(d->ctx, COAP_IO_NO_WAIT);
+                else
+                        mark_close(d, CLOSE_PEER);
         }
 }
 
@@ -1394,6 +1423,7 @@ static int worker_main(unsigned id, Device *dev, size_t n, int cmd_fd, int repor
 #endif
                         coap_io_process(d->ctx, COAP_IO_NO_WAIT);
                 }
+                process_enrolls();
                 process_closes();
                 now = now_us();
                 if (w.started) {
@@ -1652,19 +1682,24 @@ static void print_enrolled(const char *word, const Stats *s, uint64_t t0, uint64
         fflush(stdout);
 }
 
-static void print_renewed(const char *word, const Stats *s, uint64_t t0, uint64_t t1, double cpu0,
-                          uint64_t dropped0, uint64_t renewed0, uint64_t failed0) {
+/* The renewal round's figures: the counters of s since base. */
+static void print_renewed(const char *word, const Stats *s, const Stats *base, uint64_t t0, uint64_t t1,
+                          double cpu0) {
         char lat[256], codes[1024], cpu[64];
+        uint32_t round_codes[64];
 
+        for (size_t k = 0; k < ELEMENTSOF(round_codes); k++)
+                round_codes[k] = s->renew_codes[k] - base->renew_codes[k];
         format_latency(lat, sizeof(lat), SAMPLES_RENEW);
-        format_codes(codes, sizeof(codes), s->renew_codes);
+        format_codes(codes, sizeof(codes), round_codes);
         format_cpu(cpu, sizeof(cpu), cpu0);
         printf("%s devices=%lu seconds=%.3f online=%" PRIu64 " renewed=%" PRIu64 " failed=%" PRIu64
                " pending=%" PRIu64 " requests=%" PRIu64 " retries=%" PRIu64 " bad_answers=%" PRIu64
                " dropped=%" PRIu64 "%s%s%s\n",
-               word, arg.devices, (double)(t1 - t0) / 1e6, s->online, s->renewed - renewed0,
-               s->renew_failed - failed0, s->renew_pending, s->renew_sent, s->renew_retries, s->bad_answers,
-               s->dropped - dropped0, codes, lat, cpu);
+               word, arg.devices, (double)(t1 - t0) / 1e6, s->online, s->renewed - base->renewed,
+               s->renew_failed - base->renew_failed, s->renew_pending, s->renew_sent - base->renew_sent,
+               s->renew_retries - base->renew_retries, s->bad_answers - base->bad_answers,
+               s->dropped - base->dropped, codes, lat, cpu);
         fflush(stdout);
 }
 
@@ -1721,21 +1756,18 @@ static struct {
         bool pending;
         uint64_t round, t0, deadline;
         double cpu0;
-        uint64_t dropped0, renewed0, failed0;
+        Stats base; /* the counters when it started */
 } renew;
 
 static void start_renew(void) {
         Command c = { .op = FLEET_CMD_RENEW };
-        Stats s = sum();
 
         renew.pending = true;
         renew.round++;
         renew.t0 = now_us();
         renew.deadline = renew.t0 + (uint64_t)(arg.timeout * 1e6);
         renew.cpu0 = cloud_cpu();
-        renew.dropped0 = s.dropped;
-        renew.renewed0 = s.renewed;
-        renew.failed0 = s.renew_failed;
+        renew.base = sum();
         samples[SAMPLES_RENEW].n = 0;
         send_all(&c);
 }
@@ -1882,16 +1914,16 @@ static int parent_loop(int report_fd) {
                 }
                 if (renew.pending && renew_done()) {
                         renew.pending = false;
+                        print_renewed("renewed", &s, &renew.base, renew.t0,
+                                      s.renew_done_at > renew.t0 ? s.renew_done_at : now, renew.cpu0);
                         if (!renewed_once && arg.mode == MODE_RENEW) {
                                 renewed_once = true;
                                 printf("ready commands: publish RATE SECONDS, renew, stats, quit\n");
+                                fflush(stdout);
                         }
-                        print_renewed("renewed", &s, renew.t0, s.renew_done_at > renew.t0 ? s.renew_done_at : now,
-                                      renew.cpu0, renew.dropped0, renew.renewed0, renew.failed0);
                 } else if (renew.pending && now > renew.deadline && !quitting) {
                         renew.pending = false;
-                        print_renewed("renew-incomplete", &s, renew.t0, now, renew.cpu0, renew.dropped0,
-                                      renew.renewed0, renew.failed0);
+                        print_renewed("renew-incomplete", &s, &renew.base, renew.t0, now, renew.cpu0);
                         ret = 1;
                         quit_requested = 1;
                 }
