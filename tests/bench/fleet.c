@@ -825,7 +825,16 @@ static void on_answer(Device *d, const coap_pdu_t *rcvd) {
         } else if (cls == 4 || cls == 5) {
                 uint32_t *codes = enroll ? w.st.enroll_codes : w.st.renew_codes;
 
-                codes[(cls - 4) * 32 + detail]++;
+                if (codes[(cls - 4) * 32 + detail]++ == 0) {
+                        /* The cloud's reason, once per code and worker, on stderr. */
+                        const uint8_t *data = NULL;
+                        size_t len = 0;
+
+                        (void)coap_get_data(rcvd, &len, &data);
+                        fprintf(stderr, "fleet: POST /%s answered %u.%02u: %.*s\n",
+                                enroll ? FLEET_PATH_ENROLL : FLEET_PATH_CERT, cls, detail,
+                                (int)(len < 200 ? len : 200), data ? (const char *)data : "");
+                }
                 retry = code == COAP_RESPONSE_CODE_TOO_MANY_REQUESTS || code == COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE;
         } else
                 w.st.bad_answers++;
