@@ -373,9 +373,12 @@ static int read_token_file(const char *path, char **ret) {
         return log_error("No token in '%s'", path), 1;
 }
 
-/* Ask tetherd for its status every 100 ms until done() says so (1 ok,
- * -1 failed) or the deadline passes (0). *ret_status is the last one. */
+/* Ask tetherd for its status until done() says so (1 ok, -1 failed) or
+ * the deadline passes (0): every 10 ms for the first 2 s (an enrollment
+ * usually takes tens of milliseconds), then every 100 ms. */
 static int follow(long long deadline, int (*done)(json_t *st, void *userdata), void *userdata) {
+        long long start = (long long)now_usec();
+
         for (;;) {
                 json_t *resp = NULL;
                 int r = request(json_pack("{s:s}", "method", "status"), &resp);
@@ -388,7 +391,7 @@ static int follow(long long deadline, int (*done)(json_t *st, void *userdata), v
                         return r;
                 if ((long long)now_usec() >= deadline)
                         return 0;
-                (void)poll(NULL, 0, 100);
+                (void)poll(NULL, 0, (long long)now_usec() - start < 2000000 ? 10 : 100);
         }
 }
 
