@@ -191,7 +191,8 @@ static void audit_issued(Enroll *e, bool renew, const char *id, const char *prov
                            "not_after", (json_int_t)cert->not_after, "address", address);
         (void)store_audit(e->store, actor, renew ? "device.renew" : "device.enroll", id, detail, address);
         json_decref(detail);
-        (void)store_commit(e->store);
+        if (!renew)
+                (void)store_commit(e->store);
         stats_certificate_issued(renew);
         if (renew)
                 log_info("Device '%s' renewed its certificate (serial %s, valid until %" PRId64 ").", id, cert->serial,

@@ -416,7 +416,11 @@ int registry_issued(Registry *reg, const char *id, const RegistryCert *cert, boo
         if (rc == SQLITE_OK)
                 rc = bind_text(st, 11, cert->issuer && cert->issuer[0] ? cert->issuer : NULL);
         r = registry_step(reg, st, rc, enroll ? "recording an enrollment" : "recording a renewal");
-        if (r >= 0)
+        /* An enrollment is on disk before its certificate is handed out;
+         * a renewal joins the batch (a fleet renewing at once is one
+         * commit per STORE_BATCH_MSEC; lost in a crash, the record comes
+         * back when the device connects with the new certificate). */
+        if (r >= 0 && enroll)
                 r = store_commit(reg->store);
         if (r < 0)
                 return r;

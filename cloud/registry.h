@@ -105,7 +105,8 @@ typedef struct RegistryCert {
         int64_t not_before, not_after; /* Unix seconds */
         const char *how;               /* "enroll", "renew" */
 } RegistryCert;
-/* Record cert as id's, issued now: committed. enroll: the device is
+/* Record cert as id's, issued now: committed for an enrollment, in the
+ * Store's batch for a renewal. enroll: the device is
  * registered (if it was not, by actor, e.g. "provision:ID"), with tags (a
  * JSON object, borrowed; NULL or empty keeps those it has) replacing its tags, and the hook
  * added runs if it was new; else a renewal (-ENOENT for an unknown id). */
