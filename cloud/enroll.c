@@ -250,7 +250,10 @@ static unsigned issue(Enroll *e, bool renew, const char *id, const char *token, 
         } else if (!renew) {
                 char why[PROVISION_REASON_MAX];
 
-                (void)provision_check(e->provision, token, prov_id, &tags, why);
+                /* The same key again (a lost answer): the device keeps the
+                 * tags it enrolled with. This token is not used up, so its
+                 * tags must not pass to a device that merely holds it. */
+                (void)provision_check(e->provision, token, prov_id, NULL, why);
         }
         snprintf(actor, sizeof(actor), "provision:%s", prov_id);
         rc = (RegistryCert){ .serial = cert->serial, .fingerprint = cert->fingerprint, .pubkey = cert->pubkey,
