@@ -2250,7 +2250,7 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
         if (r < 0)
                 return log_error_errno(r, "Cannot load TLS file '%s': %m", bad);
         tls_server_keys_set_peer_check(devs->tls_keys, devices_peer_check, devs);
-        tls_server_keys_allow_anonymous(devs->tls_keys, config->enroll_enabled);
+        tls_server_keys_allow_anonymous(devs->tls_keys, config->enroll_enabled, DEVICES_ENROLL_MESSAGE_MAX);
 
         coap_startup();
         devs->coap_started = true;
@@ -2354,7 +2354,7 @@ int devices_reload_tls(Devices *devs) {
                 return log_error_errno(r, "Cannot load TLS file '%s', keeping the certificates loaded before: %m",
                                        bad);
         tls_server_keys_set_peer_check(keys, devices_peer_check, devs);
-        tls_server_keys_allow_anonymous(keys, devs->config->enroll_enabled);
+        tls_server_keys_allow_anonymous(keys, devs->config->enroll_enabled, DEVICES_ENROLL_MESSAGE_MAX);
         /* libcoap copies the setup and reads the keys only while it handles
          * a ClientHello: the old ones are unused once every shard has the
          * new ones. On a failure the shards done go back to the old ones. */

@@ -73,6 +73,13 @@ typedef struct DevicesHooks {
  * device. */
 #define DEVICES_ENROLL_REQUESTS_MAX 2
 #define DEVICES_ENROLL_PINGS_MAX 4
+/* The longest message an enrollment session may send (the bytes after
+ * its RFC 8323 header: token, options, payload): a `POST /enroll` body of
+ * up to 17408 bytes (cloud/enroll.c) and room for its options. A longer
+ * one closes the session before libcoap buffers it (lib/tls-framing.h):
+ * libcoap takes up to 8 MiB per message, which anyone could otherwise
+ * make the cloud hold on every enrollment session. */
+#define DEVICES_ENROLL_MESSAGE_MAX 20480
 /* How often sessions whose certificate expired are looked for and closed. */
 #define DEVICES_EXPIRY_CHECK_SEC 60
 

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <openssl/err.h>
+
 #include "log.h"
 #include "tls-framing.h"
 
@@ -61,6 +63,10 @@ size_t tls_framing_scan(TlsFraming *f, const uint8_t *p, size_t n, int full) {
                                 return i;
                         h[0] = f->first;
                         memcpy(h + 1, p + i, hs - 1);
+                        if (f->max_body && body_size(h) > f->max_body) {
+                                f->too_big = 1;
+                                return i;
+                        }
                         f->body = body_size(h);
                         f->split = 0;
                         i += hs - 1;
@@ -68,6 +74,10 @@ size_t tls_framing_scan(TlsFraming *f, const uint8_t *p, size_t n, int full) {
                 }
                 hs = header_size(p[i]);
                 if (n - i >= hs) {
+                        if (f->max_body && body_size(p + i) > f->max_body) {
+                                f->too_big = 1;
+                                return i;
+                        }
                         f->body = body_size(p + i);
                         i += hs;
                         continue;
@@ -113,6 +123,12 @@ static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num, size_
         size_t n, safe;
         int r = 1;
 
+        if (f->too_big)
+                goto too_big;
+        /* Application data comes after the handshake: whether the peer
+         * sent a certificate is settled. */
+        if (f->anonymous_max && !f->max_body && SSL_is_init_finished(ssl) && !SSL_get0_peer_certificate(ssl))
+                f->max_body = f->anonymous_max;
         if (pre > 0 && (num < TLS_FRAMING_HEADER_MAX || f->plain)) {
                 f->plain = 1;
                 return (int)pre;
@@ -157,17 +173,25 @@ static int framing_read(TlsFraming *f, SSL *ssl, uint8_t *buf, size_t num, size_
                  * OpenSSL holds more that it read from the socket: libcoap
                  * reads again at once only after a full buffer, else it
                  * waits for the socket, which then has nothing to say. */
-                if (r <= 0 || n == num || (safe > 0 && !SSL_has_pending(ssl))) {
+                if (r <= 0 || n == num || t.too_big || (safe > 0 && !SSL_has_pending(ssl))) {
                         *f = t;
                         break;
                 }
         }
+        if (f->too_big)
+                goto too_big;
         if (n - safe > sizeof(f->head))
                 safe = n; /* cannot happen (num >= TLS_FRAMING_HEADER_MAX); never lose bytes */
         memcpy(f->head, buf + safe, n - safe);
         f->n_head = (uint8_t)(n - safe);
         /* Nothing to hand on: the last read's result, so SSL_get_error() tells the caller why. */
         return safe > 0 ? (int)safe : r;
+too_big:
+        /* Nothing more of this stream is handed on: an error on the
+         * queue makes SSL_get_error() say SSL_ERROR_SSL. */
+        ERR_raise_data(ERR_LIB_SSL, SSL_R_EXCESSIVE_MESSAGE_SIZE, "a CoAP message of more than %llu bytes",
+                       (unsigned long long)f->max_body);
+        return -1;
 }
 
 __attribute__((visibility("default"))) int SSL_read(SSL *ssl, void *buf, int num) {
@@ -227,5 +251,15 @@ int tls_framing_attach(SSL *ssl) {
                 free(f);
                 return -ENOMEM;
         }
+        return 0;
+}
+
+int tls_framing_limit_anonymous(SSL *ssl, uint64_t max) {
+        int idx = __atomic_load_n(&framing_index, __ATOMIC_ACQUIRE);
+        TlsFraming *f = idx >= 0 ? SSL_get_ex_data(ssl, idx) : NULL;
+
+        if (!f)
+                return -ENOENT;
+        f->anonymous_max = max;
         return 0;
 }

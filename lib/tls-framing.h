@@ -29,6 +29,10 @@ typedef struct TlsFraming {
         uint8_t first;                            /* byte 0 of a header handed on alone (split) */
         uint8_t split;                            /* 1: byte 0 was handed on, the rest must follow in one read */
         uint8_t plain;                            /* 1: a short read took kept bytes; plain reads once they are out */
+        uint8_t too_big;                          /* 1: a header announced more than max_body */
+        uint64_t max_body;                        /* 0, or the most a message may have after its header */
+        uint64_t anonymous_max;                   /* 0, or max_body once the handshake ended without a peer
+                                                   * certificate (tls_framing_limit_anonymous()) */
 } TlsFraming;
 
 /* Mark ssl, before it has read any application data, so that every read
@@ -37,11 +41,22 @@ typedef struct TlsFraming {
  * the one the dynamic linker binds (then reads are not framed). */
 int tls_framing_attach(SSL *ssl);
 
+/* Bound the messages ssl (attached) reads once its handshake has ended
+ * without a certificate from the peer: a header announcing more than max
+ * bytes after it fails that read (SSL_ERROR_SSL, and libcoap closes the
+ * session) before libcoap allocates or buffers its body. libcoap 4.3.1
+ * takes messages of up to 8 MiB over TCP, and a peer without a
+ * certificate (an enrollment session) must not make the server hold that
+ * much. 0 or -ENOENT (not attached). */
+int tls_framing_limit_anonymous(SSL *ssl, uint64_t max);
+
 /* How many of p[0..n) may be handed on, the rest (at most
  * TLS_FRAMING_HEADER_MAX - 1 bytes, the start of a header) being kept for
  * the next read, and the state advanced over what is handed on. p[0] is
  * where f left off. full: n is all the reader asked for, so it reads again
  * at once; the first byte of a header may then end the read (libcoap
  * resumes there, provided the next read has the rest of that header,
- * which this function then ensures). Pure; exposed for the unit test. */
+ * which this function then ensures). A header announcing more than
+ * f->max_body (when not 0) sets f->too_big and ends the scan before it.
+ * Pure; exposed for the unit test. */
 size_t tls_framing_scan(TlsFraming *f, const uint8_t *p, size_t n, int full);

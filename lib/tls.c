@@ -68,10 +68,12 @@ struct TlsServerKeys {
         TlsPeerCheck check;
         void *check_userdata;
         bool allow_anonymous;             /* no client certificate: an enrollment session */
+        size_t anonymous_max;             /* its longest message after the header */
 };
 
-void tls_server_keys_allow_anonymous(TlsServerKeys *k, bool allow) {
+void tls_server_keys_allow_anonymous(TlsServerKeys *k, bool allow, size_t max_message) {
         k->allow_anonymous = allow;
+        k->anonymous_max = max_message;
 }
 
 void tls_server_keys_set_peer_check(TlsServerKeys *k, TlsPeerCheck check, void *userdata) {
@@ -441,7 +443,9 @@ static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
                 return 0;
         }
         SSL_set_client_CA_list(ssl, names);
-        return tls_framing_attach(ssl) == 0;
+        if (tls_framing_attach(ssl) < 0)
+                return 0;
+        return !k->allow_anonymous || tls_framing_limit_anonymous(ssl, k->anonymous_max) == 0;
 }
 
 void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys) {

@@ -79,8 +79,10 @@ typedef int (*TlsPeerCheck)(void *userdata, const TlsPeer *peer, char *reason, s
 
 /* Let clients that send no certificate complete the handshake (default:
  * refused). Such a session has no TlsPeer; tls_session_anonymous() tells
- * it apart. A certificate that is sent is still verified. */
-void tls_server_keys_allow_anonymous(TlsServerKeys *keys, bool allow);
+ * it apart. A certificate that is sent is still verified. Such a client's
+ * messages may have at most max_message bytes after their header: a
+ * longer one closes its session (tls_framing_limit_anonymous()). */
+void tls_server_keys_allow_anonymous(TlsServerKeys *keys, bool allow, size_t max_message);
 
 /* Consult check (may be NULL) for every client certificate these keys
  * serve from now on. */

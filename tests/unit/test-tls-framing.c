@@ -344,6 +344,27 @@ static void test_scan_edges(void **state) {
 }
 
 /* The largest body: counted down over many reads, then the next header. */
+/* max_body: a header announcing more stops the scan before it, also
+ * when its first byte came alone (split); one at the limit passes. */
+static void test_scan_max_body(void **state) {
+        (void)state;
+        TlsFraming f = { .max_body = 300 };
+        /* Len 14 (2 bytes + 269), TKL 1: 269 + 30 + 1 = 300 after the header; then 301. */
+        uint8_t ok[] = { 0xe1, 0x00, 30, 0x02 }, big[] = { 0xe1, 0x00, 31, 0x02 };
+        uint8_t buf[4 + 300 + 4];
+
+        memcpy(buf, ok, 4);
+        memset(buf + 4, 0, 300);
+        memcpy(buf + 304, big, 4);
+        assert_int_equal(tls_framing_scan(&f, buf, sizeof(buf), 0), 304);
+        assert_int_equal(f.too_big, 1);
+        f = (TlsFraming){ .max_body = 300 };
+        assert_int_equal(tls_framing_scan(&f, big, 1, 1), 1);
+        assert_int_equal(f.too_big, 0);
+        assert_int_equal(tls_framing_scan(&f, big + 1, 3, 0), 0);
+        assert_int_equal(f.too_big, 1);
+}
+
 static void test_scan_huge_body(void **state) {
         (void)state;
         TlsFraming f = { 0 };
@@ -762,6 +783,7 @@ int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_scan_edges),
                 cmocka_unit_test(test_scan_huge_body),
+                cmocka_unit_test(test_scan_max_body),
                 cmocka_unit_test(test_scan_every_cut),
                 cmocka_unit_test(test_model_every_cut),
                 cmocka_unit_test(test_model_random_records),
