@@ -99,6 +99,7 @@ struct Enroll {
         char *attempt_error; /* why the attempt failed, without an answer */
 
         sd_event_source *token_watch; /* inotify on TokenFile='s directory while not enrolled */
+        sd_event_source *cert_watch;  /* inotify on Certificate='s directory while not enrolled */
 
         /* --- renewal --- */
         sd_event_source *renew_source; /* CLOCK_REALTIME: renew_at, or the retry */
@@ -111,6 +112,8 @@ struct Enroll {
         char last_renewal_error[512];
         int64_t renew_retry_at;
 };
+
+static void watches_stop(Enroll *e);
 
 static void request_done(Request *r) {
         EVP_PKEY_free(r->key);
@@ -631,7 +634,7 @@ static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
         e->state = ENROLL_DONE;
         e->error[0] = 0;
         e->failures = 0;
-        e->token_watch = sd_event_source_disable_unref(e->token_watch);
+        watches_stop(e);
         read_cert(e);
         log_struct(LOG_NOTICE, &(LogFields){ .device_id = info->id },
                    "Enrolled as device '%s': certificate valid until %s, installed as '%s'", info->id,
@@ -1035,7 +1038,7 @@ Enroll *enroll_free(Enroll *e) {
         attempt_stop(e);
         reap_stale(e);
         sd_event_source_disable_unref(e->resolve_source);
-        sd_event_source_disable_unref(e->token_watch);
+        watches_stop(e);
         sd_event_source_disable_unref(e->send_source);
         sd_event_source_disable_unref(e->finish_source);
         sd_event_source_disable_unref(e->timer_source);
@@ -1081,8 +1084,16 @@ static int enroll_from_token_file(Enroll *e) {
         return 1;
 }
 
-static void token_watch_stop(Enroll *e) {
+static void watches_stop(Enroll *e) {
         e->token_watch = sd_event_source_disable_unref(e->token_watch);
+        e->cert_watch = sd_event_source_disable_unref(e->cert_watch);
+}
+
+static bool event_names(const struct inotify_event *ev, const char *path) {
+        const char *name = strrchr(path, '/');
+
+        name = name ? name + 1 : path;
+        return (ev->mask & (IN_CLOSE_WRITE | IN_MOVED_TO)) && ev->len > 0 && streq(ev->name, name);
 }
 
 /* While not enrolled, a token written into TokenFile= (an image's first
@@ -1090,10 +1101,8 @@ static void token_watch_stop(Enroll *e) {
  * the directory is watched for the file being written or moved in. */
 static int on_token_dir(sd_event_source *s, const struct inotify_event *ev, void *userdata) {
         Enroll *e = userdata;
-        const char *name = strrchr(e->config->enroll_token_file, '/');
 
-        name = name ? name + 1 : e->config->enroll_token_file;
-        if (!(ev->mask & (IN_CLOSE_WRITE | IN_MOVED_TO)) || ev->len == 0 || !streq(ev->name, name))
+        if (!event_names(ev, e->config->enroll_token_file))
                 return 0;
         if (e->state != ENROLL_WAITING && e->state != ENROLL_FAILED)
                 return 0;
@@ -1102,14 +1111,38 @@ static int on_token_dir(sd_event_source *s, const struct inotify_event *ev, void
         return 0;
 }
 
-static void token_watch_start(Enroll *e) {
+/* Likewise a certificate installed by hand (README.md, "Enrollment": the
+ * operator's CA signed the device's CSR): connect with it at once. */
+static int on_cert_dir(sd_event_source *s, const struct inotify_event *ev, void *userdata) {
+        Enroll *e = userdata;
+
+        if (!event_names(ev, e->config->cert_file))
+                return 0;
+        if (e->state != ENROLL_WAITING && e->state != ENROLL_FAILED)
+                return 0;
+        read_cert(e);
+        if (!e->have_cert)
+                return 0;
+        log_struct(LOG_NOTICE, &(LogFields){ .device_id = e->cert.id },
+                   "A certificate for device '%s' appeared in '%s'; connecting with it", e->cert.id,
+                   e->config->cert_file);
+        e->state = ENROLL_NONE;
+        watches_stop(e);
+        arm_renewal(e, false);
+        if (e->hooks.enrolled)
+                e->hooks.enrolled(e->hooks.userdata, e->cert.id);
+        return 0;
+}
+
+/* Watch the directory of path for it being written or moved in. */
+static void dir_watch(Enroll *e, const char *path, sd_event_source **ret,
+                      sd_event_inotify_handler_t handler, const char *what) {
         _cleanup_free_ char *dir = NULL;
-        const char *slash = strrchr(e->config->enroll_token_file, '/');
+        const char *slash = strrchr(path, '/');
         int r;
 
-        token_watch_stop(e);
-        dir = slash ? strndup(e->config->enroll_token_file, (size_t)(slash - e->config->enroll_token_file))
-                    : strdup(".");
+        *ret = sd_event_source_disable_unref(*ret);
+        dir = slash ? strndup(path, (size_t)(slash - path)) : strdup(".");
         if (!dir)
                 return;
         if (!*dir) {
@@ -1118,11 +1151,9 @@ static void token_watch_start(Enroll *e) {
                 if (!dir)
                         return;
         }
-        r = sd_event_add_inotify(e->event, &e->token_watch, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_ONLYDIR,
-                                 on_token_dir, e);
+        r = sd_event_add_inotify(e->event, ret, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_ONLYDIR, handler, e);
         if (r < 0)
-                log_warning_errno(r, "Cannot watch '%s' for a provisioning token (restart tetherd once it is there): %m",
-                                  dir);
+                log_warning_errno(r, "Cannot watch '%s' for %s (restart tetherd once it is there): %m", dir, what);
 }
 
 int enroll_start(Enroll *e) {
@@ -1151,7 +1182,8 @@ int enroll_start(Enroll *e) {
                 return 1;
         }
         if (e->config->enroll_token_file)
-                token_watch_start(e);
+                dir_watch(e, e->config->enroll_token_file, &e->token_watch, on_token_dir, "a provisioning token");
+        dir_watch(e, e->config->cert_file, &e->cert_watch, on_cert_dir, "a certificate");
         if (enroll_from_token_file(e) > 0)
                 return 0;
         e->state = ENROLL_WAITING;

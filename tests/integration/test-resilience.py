@@ -35,8 +35,9 @@ def test_cloud_restart(w):
 
 def missing_at_start(w, which):
     """Start the agent with one of its TLS files missing: it must say so,
-    keep retrying with its backoff, and connect once the file is there,
-    with no restart or reload."""
+    keep retrying with its backoff (the CA, the key), or wait, not
+    enrolled, without trying (the certificate), and connect once the file
+    is there, with no restart or reload."""
     w.start_cloud()
     device = w.new_device()
     files = {"ca": w.path("pki", "ca.crt"), "cert": device[1], "key": device[2]}
@@ -44,14 +45,19 @@ def missing_at_start(w, which):
     files[which] = late
     os.makedirs(w.path("late"))
     a = w.start_agent(device=(device[0], files["cert"], files["key"]), ca=files["ca"], wait_online=False)
-    failure = rf"cannot read '{re.escape(late)}': No such file or directory\); retrying in"
-    a.wait_line(failure)
-    a.wait_line(failure, start=a.mark())  # and again, after its backoff
+    if which == "cert":
+        a.wait_line("Not enrolled: waiting for a provisioning token")
+    else:
+        failure = rf"cannot read '{re.escape(late)}': No such file or directory\); retrying in"
+        a.wait_line(failure)
+        a.wait_line(failure, start=a.mark())  # and again, after its backoff
     mark = w.notify.mark()
     src = w.path("pki", "ca.crt") if which == "ca" else device[1] if which == "cert" else device[2]
     shutil.copy(src, late + ".tmp")
     os.rename(late + ".tmp", late)
     w.wait_online(device[0], mark)
+    if which == "cert":
+        a.wait_line(f"A certificate for device '{device[0]}' appeared")
     r = w.tether("call", device[0], "add", "2,3")
     expect(r.stdout.strip() == "5", f"call returned {r.stdout!r}")
 
