@@ -78,10 +78,17 @@ struct Enroll {
         unsigned failures;
         coap_context_t *ctx;
         coap_session_t *session;
+        /* Strings libcoap keeps pointers to while a session lives (it reads
+         * the CA file when the TLS session is set up, after TCP connected):
+         * our own copies, so that a SIGHUP freeing the old Config during an
+         * attempt cannot leave it a dangling pointer. Replaced only between
+         * sessions (attempt_begin()). */
+        char *host;
+        char *ca_file;
+        uint16_t port;
         TlsFiles files;
         TlsHostCheck host_check;
         coap_dtls_pki_t pki;
-        char *host;
         Lookup *lookup, *stale;
         struct addrinfo *addrs, *addr_next;
         char address[INET6_ADDRSTRLEN + 8];
@@ -481,13 +488,13 @@ static int connect_to(Enroll *e, const struct addrinfo *ai) {
         memcpy(&dst.addr, ai->ai_addr, ai->ai_addrlen);
         dst.size = ai->ai_addrlen;
         if (ai->ai_family == AF_INET) {
-                dst.addr.sin.sin_port = htons(e->config->cloud_port);
+                dst.addr.sin.sin_port = htons(e->port);
                 inet_ntop(AF_INET, &dst.addr.sin.sin_addr, ip, sizeof(ip));
-                snprintf(e->address, sizeof(e->address), "%s:%u", ip, e->config->cloud_port);
+                snprintf(e->address, sizeof(e->address), "%s:%u", ip, e->port);
         } else {
-                dst.addr.sin6.sin6_port = htons(e->config->cloud_port);
+                dst.addr.sin6.sin6_port = htons(e->port);
                 inet_ntop(AF_INET6, &dst.addr.sin6.sin6_addr, ip, sizeof(ip));
-                snprintf(e->address, sizeof(e->address), "[%s]:%u", ip, e->config->cloud_port);
+                snprintf(e->address, sizeof(e->address), "[%s]:%u", ip, e->port);
         }
         e->ctx = coap_new_context(NULL);
         if (!e->ctx)
@@ -498,7 +505,7 @@ static int connect_to(Enroll *e, const struct addrinfo *ai) {
             0)
                 return -ENOMEM;
         /* Anonymous: only the CA file, to check the cloud. */
-        e->files = (TlsFiles){ .ca_file = e->config->ca_file };
+        e->files = (TlsFiles){ .ca_file = e->ca_file };
         e->host_check.host = e->host;
         tls_pki_init(&e->pki, &e->files, &e->host_check);
         e->session = coap_new_client_session_pki(e->ctx, NULL, &dst, COAP_PROTO_TLS, &e->pki);
@@ -558,8 +565,11 @@ static void attempt_begin(Enroll *e) {
         e->state = ENROLL_RUNNING;
         e->attempts++;
         free(e->host);
+        free(e->ca_file);
         e->host = strdup(e->config->cloud_host);
-        l = e->host ? calloc(1, sizeof(Lookup) + strlen(e->host) + 1) : NULL;
+        e->ca_file = strdup(e->config->ca_file);
+        e->port = e->config->cloud_port;
+        l = e->host && e->ca_file ? calloc(1, sizeof(Lookup) + strlen(e->host) + 1) : NULL;
         if (!l) {
                 attempt_fail(e, "out of memory");
                 return;
@@ -576,8 +586,8 @@ static void attempt_begin(Enroll *e) {
                 return;
         }
         e->lookup = l;
-        set_status(e, "Enrolling as '%s' at %s:%u (attempt %u)", e->enroll_req.id, e->config->cloud_host,
-                   e->config->cloud_port, e->attempts);
+        set_status(e, "Enrolling as '%s' at %s:%u (attempt %u)", e->enroll_req.id, e->host,
+                   e->port, e->attempts);
 }
 
 /* The attempt failed without an answer: try the next address, or finish. */
@@ -1046,6 +1056,7 @@ Enroll *enroll_free(Enroll *e) {
                 explicit_bzero(e->token, strlen(e->token));
         free(e->token);
         free(e->host);
+        free(e->ca_file);
         sd_event_unref(e->event);
         free(e);
         return NULL;
