@@ -1101,8 +1101,11 @@ static void token_watch_stop(Enroll *e) {
  * the directory is watched for the file being written or moved in. */
 static int on_token_dir(sd_event_source *s, const struct inotify_event *ev, void *userdata) {
         Enroll *e = userdata;
-        const char *name = strrchr(e->config->enroll_token_file, '/');
+        const char *name;
 
+        if (!e->config->enroll_token_file)
+                return 0;
+        name = strrchr(e->config->enroll_token_file, '/');
         name = name ? name + 1 : e->config->enroll_token_file;
         if (!(ev->mask & (IN_CLOSE_WRITE | IN_MOVED_TO)) || ev->len == 0 || !streq(ev->name, name))
                 return 0;
@@ -1181,7 +1184,20 @@ int enroll_start(Enroll *e) {
 }
 
 void enroll_reconfigure(Enroll *e, const Config *cfg) {
+        bool waiting = e->state == ENROLL_WAITING;
+
         e->config = cfg;
+        /* The watch follows TokenFile= (on_token_dir() takes the file's
+         * name from the config): to its new directory, or away. A device
+         * waiting for a token uses one already in the new file. */
+        if (e->token_watch || waiting) {
+                if (cfg->enroll_token_file)
+                        token_watch_start(e);
+                else
+                        token_watch_stop(e);
+        }
+        if (waiting && cfg->enroll_token_file && enroll_from_token_file(e) > 0)
+                return;
         if (e->state == ENROLL_RUNNING || e->state == ENROLL_RETRY)
                 return;
         read_cert(e);
