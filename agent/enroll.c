@@ -75,6 +75,11 @@ struct Enroll {
         Request enroll_req;
         char error[512];  /* the last failure, for tetherctl */
         int64_t retry_at; /* CLOCK_REALTIME seconds of the next attempt (ENROLL_RETRY) */
+        /* ENROLL_RETRY because the cloud asked for the same request again
+         * (4.29, 5.03: an external signer at work, a rate limit), not
+         * because an attempt failed: status says "enrolling", and
+         * tetherctl enroll keeps waiting. */
+        bool asked_again;
         unsigned failures;
         coap_context_t *ctx;
         coap_session_t *session;
@@ -604,8 +609,9 @@ static void attempt_fail(Enroll *e, const char *fmt, ...) {
         sd_event_source_set_enabled(e->finish_source, SD_EVENT_ONESHOT);
 }
 
-static void schedule_retry(Enroll *e, uint64_t delay_ms) {
+static void schedule_retry(Enroll *e, uint64_t delay_ms, bool asked_again) {
         e->state = ENROLL_RETRY;
+        e->asked_again = asked_again;
         e->retry_at = now_sec() + (int64_t)((delay_ms + 999) / 1000);
         sd_event_source_set_time(e->timer_source, now_usec() + delay_ms * 1000);
         sd_event_source_set_enabled(e->timer_source, SD_EVENT_ONESHOT);
@@ -624,7 +630,7 @@ static void enroll_failed(Enroll *e, bool retry, uint64_t delay_ms) {
                    delay_ms / 1000.0);
         set_status(e, "Not enrolled: enrollment as '%s' failed (%s); trying again in %.1f s", e->enroll_req.id,
                    e->error, delay_ms / 1000.0);
-        schedule_retry(e, delay_ms);
+        schedule_retry(e, delay_ms, false);
 }
 
 static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
@@ -700,7 +706,7 @@ static int on_finish(sd_event_source *s, void *userdata) {
                            e->enroll_req.id, e->error, wait);
                 set_status(e, "Enrolling as '%s': %s; asking again in %" PRIu32 " s", e->enroll_req.id, e->error,
                            wait);
-                schedule_retry(e, (uint64_t)wait * 1000);
+                schedule_retry(e, (uint64_t)wait * 1000, true);
                 return 0;
         }
         enroll_failed(e, cls == 5,
@@ -1205,14 +1211,14 @@ void enroll_reconfigure(Enroll *e, const Config *cfg) {
                 arm_renewal(e, false);
 }
 
-static const char *state_name(EnrollState s) {
-        switch (s) {
+static const char *state_name(const Enroll *e) {
+        switch (e->state) {
         case ENROLL_WAITING:
                 return "not-enrolled";
         case ENROLL_RUNNING:
                 return "enrolling";
         case ENROLL_RETRY:
-                return "retrying";
+                return e->asked_again ? "enrolling" : "retrying";
         case ENROLL_FAILED:
                 return "failed";
         case ENROLL_DONE:
@@ -1239,7 +1245,7 @@ json_t *enroll_status(Enroll *e) {
                                  e->renew_inflight || e->renew_due, "last_renewal", last);
         else
                 json_decref(last);
-        enr = json_pack("{s:s, s:i, s:i, s:s*, s:s*}", "state", state_name(e->state), "generation",
+        enr = json_pack("{s:s, s:i, s:i, s:s*, s:s*}", "state", state_name(e), "generation",
                         (int)e->generation, "attempts", (int)e->attempts, "device_id", e->enroll_req.id, "error",
                         e->error[0] ? e->error : NULL);
         if (enr && e->state == ENROLL_RETRY)
