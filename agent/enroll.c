@@ -117,6 +117,7 @@ struct Enroll {
         Request renew_req;
         bool renew_due;       /* waiting for a connection */
         bool renew_inflight;
+        bool renew_discard;   /* an enrollment replaced the pair meanwhile: drop the answer in flight */
         unsigned renew_failures;
         int64_t last_renewal_at;
         bool last_renewal_ok;
@@ -634,9 +635,22 @@ static void enroll_failed(Enroll *e, bool retry, uint64_t delay_ms) {
 }
 
 static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
+        _cleanup_free_ char *key_pem = NULL;
+        EVP_PKEY *on_disk = NULL;
         int r;
 
-        r = certfile_install(e->config->key_file, e->config->cert_file, NULL, pem);
+        /* The certificate is for the key we loaded; a renewal that ended
+         * while we enrolled (tetherctl enroll --force) may have put
+         * another key in its place: then ours goes back with it. */
+        if (csr_key_load(e->config->key_file, &on_disk) < 0 || EVP_PKEY_eq(on_disk, e->enroll_req.key) != 1)
+                r = csr_key_pem(e->enroll_req.key, &key_pem);
+        else
+                r = 0;
+        EVP_PKEY_free(on_disk);
+        if (r == 0)
+                r = certfile_install(e->config->key_file, e->config->cert_file, key_pem, pem);
+        if (key_pem)
+                explicit_bzero(key_pem, strlen(key_pem));
         if (r < 0) {
                 snprintf(e->error, sizeof(e->error), "cannot install the certificate as '%s': %s",
                          e->config->cert_file, strerror(-r));
@@ -654,6 +668,8 @@ static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
                    fmt_time(info->not_after, (char[32]){}), e->config->cert_file);
         free(e->token);
         e->token = NULL;
+        /* A renewal in flight was for the pair just replaced. */
+        e->renew_discard = e->renew_inflight;
         arm_renewal(e, true);
         if (e->hooks.enrolled)
                 e->hooks.enrolled(e->hooks.userdata, info->id);
@@ -894,6 +910,14 @@ static void on_renew_answer(int error, unsigned code, const uint8_t *data, size_
         int r;
 
         e->renew_inflight = false;
+        if (e->renew_discard) {
+                e->renew_discard = false;
+                log_struct(LOG_INFO, &(LogFields){ .device_id = id },
+                           "Dropped the answer to a renewal of '%s' sent before the device enrolled again", id);
+                request_done(&e->renew_req);
+                arm_renewal(e, false);
+                return;
+        }
         e->last_renewal_at = now_sec();
         if (error == -ENOTCONN) {
                 /* The same request on the next connection. */
