@@ -125,10 +125,20 @@ struct Enroll {
         int64_t renew_retry_at;
 };
 
+/* Free a secret string, erased first. */
+static void secret_free(char *s) {
+        if (s)
+                explicit_bzero(s, strlen(s));
+        free(s);
+}
+static void secret_freep(char **s) {
+        secret_free(*s);
+}
+
 static void request_done(Request *r) {
         EVP_PKEY_free(r->key);
         free(r->id);
-        free(r->body);
+        secret_free(r->body); /* may hold the provisioning token */
         *r = (Request){};
 }
 
@@ -666,8 +676,7 @@ static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
         log_struct(LOG_NOTICE, &(LogFields){ .device_id = info->id },
                    "Enrolled as device '%s': certificate valid until %s, installed as '%s'", info->id,
                    fmt_time(info->not_after, (char[32]){}), e->config->cert_file);
-        free(e->token);
-        e->token = NULL;
+        secret_free(TAKE_PTR(e->token));
         /* A renewal in flight was for the pair just replaced. */
         e->renew_discard = e->renew_inflight;
         arm_renewal(e, true);
@@ -853,7 +862,7 @@ int enroll_request(Enroll *e, const char *token, const char *id, bool force, cha
         r = enroll_begin(e, token, id, error, error_size);
         if (r < 0)
                 return r;
-        free(e->token);
+        secret_free(e->token);
         e->token = strdup(token);
         return r;
 }
@@ -1082,9 +1091,7 @@ Enroll *enroll_free(Enroll *e) {
         sd_event_source_disable_unref(e->renew_source);
         request_done(&e->enroll_req);
         request_done(&e->renew_req);
-        if (e->token)
-                explicit_bzero(e->token, strlen(e->token));
-        free(e->token);
+        secret_free(e->token);
         free(e->host);
         free(e->ca_file);
         sd_event_unref(e->event);
@@ -1096,7 +1103,7 @@ Enroll *enroll_free(Enroll *e) {
  * began, 0 if not (no file, no token in it, or refused at once: said in
  * the log). */
 static int enroll_from_token_file(Enroll *e) {
-        _cleanup_free_ char *token = NULL;
+        _cleanup_(secret_freep) char *token = NULL;
         char error[512];
         int r;
 
@@ -1118,6 +1125,7 @@ static int enroll_from_token_file(Enroll *e) {
                 log_error("Cannot enroll: %s", error);
                 return 0;
         }
+        secret_free(e->token); /* a token refused before, or the one of an attempt this one replaced */
         e->token = TAKE_PTR(token);
         return 1;
 }
