@@ -1239,7 +1239,20 @@ void enroll_reconfigure(Enroll *e, const Config *cfg) {
         if (e->state == ENROLL_RUNNING || e->state == ENROLL_RETRY)
                 return;
         read_cert(e);
-        if (!e->renew_inflight && !e->renew_req.body)
+        if (!cfg->enroll_renew) {
+                /* Renew=no: nothing more is sent (an answer in flight is
+                 * still installed). */
+                sd_event_source_set_enabled(e->renew_source, SD_EVENT_OFF);
+                e->renew_due = false;
+                e->renew_failures = 0;
+                if (!e->renew_inflight)
+                        request_done(&e->renew_req);
+                return;
+        }
+        /* A renewal under way (in flight, waiting for Max-Age or for its
+         * backoff after a failure) keeps its schedule: arming again would
+         * send at once at every reload and forget the backoff. */
+        if (!e->renew_inflight && !e->renew_req.body && e->renew_failures == 0)
                 arm_renewal(e, false);
 }
 
