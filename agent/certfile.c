@@ -73,18 +73,23 @@ int certfile_install(const char *key_path, const char *cert_path, const char *ke
                 goto fail;
         /* Both .new files are on disk: from here on the new pair wins. */
         fsync_dir_of(cert_new);
-        if (key_pem && rename(key_new, key_path) < 0) {
-                r = -errno;
-                goto fail;
+        if (key_pem) {
+                if (rename(key_new, key_path) < 0) {
+                        r = -errno;
+                        goto fail;
+                }
+                /* The key's rename is on disk before the certificate's is
+                 * made: else a crash could keep the certificate's (its
+                 * directory may be another, or the file system may not
+                 * keep the order) and lose the key's, leaving the new
+                 * certificate with the old key and no CERT.new to
+                 * recover from. */
+                fsync_dir_of(key_path);
         }
-        if (rename(cert_new, cert_path) < 0) {
+        if (rename(cert_new, cert_path) < 0)
                 /* The new key is in place: CERT.new stays for
                  * certfile_recover() to complete. */
-                r = -errno;
-                fsync_dir_of(key_path);
-                return r;
-        }
-        fsync_dir_of(key_path);
+                return -errno;
         fsync_dir_of(cert_path);
         return 0;
 fail:
@@ -117,11 +122,13 @@ int certfile_recover(const char *key_path, const char *cert_path, CertfileRecove
                 if (r < 0 && r != -ENOENT)
                         return r;
                 if (r > 0) {
-                        if (have_key_new && rename(key_new, key_path) < 0)
-                                return -errno;
+                        if (have_key_new) {
+                                if (rename(key_new, key_path) < 0)
+                                        return -errno;
+                                fsync_dir_of(key_path); /* before the certificate's: see certfile_install() */
+                        }
                         if (rename(cert_new, cert_path) < 0)
                                 return -errno;
-                        fsync_dir_of(key_path);
                         fsync_dir_of(cert_path);
                         *ret = CERTFILE_COMPLETED;
                         return 0;

@@ -3,9 +3,11 @@
  * crash at any point leaves a pair that works (the old one or the new
  * one), completing an install a crash interrupted, and when to renew.
  *
- * Install: KEY.new and CERT.new are written and fsync'd, then KEY.new is
- * renamed over KEY, then CERT.new over CERT, then the directories are
- * fsync'd. A crash before the first rename leaves the old pair (and a
+ * Install: KEY.new and CERT.new are written and fsync'd (and CERT.new's
+ * directory), then KEY.new is renamed over KEY and KEY's directory
+ * fsync'd, then CERT.new is renamed over CERT and its directory fsync'd:
+ * the renames reach the disk in that order, whether the two files share a
+ * directory or not. A crash before the first rename leaves the old pair (and a
  * .new pair); between the renames, the new key with the old certificate
  * and CERT.new, which certfile_recover() completes at the next start.
  * File I/O and OpenSSL only: no logging, no event loop. Errors are

@@ -78,6 +78,9 @@ struct Conn {
         coap_context_t *ctx;
         coap_session_t *session;
         ConnState state;
+        /* conn_start() or conn_retry_now() was called: until then (a device
+         * not enrolled yet) nothing, a reload included, starts a connect. */
+        bool started;
 
         /* Strings libcoap keeps pointers to while a session lives. */
         char *host;
@@ -1410,6 +1413,7 @@ int conn_start(Conn *c) {
         char status[512];
 
         c->state = CONN_IDLE;
+        c->started = true;
         if (delay == 0) {
                 conn_schedule(c);
                 return 0;
@@ -1429,7 +1433,8 @@ int conn_reconfigure(Conn *c, const Config *cfg) {
         c->config = cfg;
         if (!changed)
                 return 0;
-        log_info("Cloud settings changed, reconnecting to %s:%u", cfg->cloud_host, cfg->cloud_port);
+        if (c->started)
+                log_info("Cloud settings changed, reconnecting to %s:%u", cfg->cloud_host, cfg->cloud_port);
         resolve_cancel(c);
         drop_session(c);
         addrs_free(c);
@@ -1437,6 +1442,8 @@ int conn_reconfigure(Conn *c, const Config *cfg) {
         if (r < 0)
                 return r;
         c->failures = 0;
+        if (!c->started)
+                return 0; /* not enrolled: the new settings wait for conn_retry_now() */
         set_state(c, CONN_IDLE, "Reconnecting (configuration changed)");
         conn_schedule(c);
         return 0;
@@ -1445,6 +1452,7 @@ int conn_reconfigure(Conn *c, const Config *cfg) {
 void conn_retry_now(Conn *c) {
         if (c->state != CONN_IDLE && c->state != CONN_BACKOFF)
                 return;
+        c->started = true;
         c->failures = 0;
         free(c->teardown_reason);
         c->teardown_reason = NULL;

@@ -86,7 +86,8 @@ int conn_start(Conn *c);
  * device was just enrolled, its certificate is in place). Also starts a
  * Conn that conn_start() was not called for. */
 void conn_retry_now(Conn *c);
-/* Swap in a new config. Reconnects only when the cloud settings changed. */
+/* Swap in a new config. Reconnects only when the cloud settings changed,
+ * and only a Conn that was started (never one waiting for enrollment). */
 int conn_reconfigure(Conn *c, const Config *cfg);
 /* Accept an event for the cloud: the one entry point for every producer
  * (plugins, the local API). Returns only once the event is in the outbox

@@ -75,13 +75,25 @@ struct Enroll {
         Request enroll_req;
         char error[512];  /* the last failure, for tetherctl */
         int64_t retry_at; /* CLOCK_REALTIME seconds of the next attempt (ENROLL_RETRY) */
+        /* ENROLL_RETRY because the cloud asked for the same request again
+         * (4.29, 5.03: an external signer at work, a rate limit), not
+         * because an attempt failed: status says "enrolling", and
+         * tetherctl enroll keeps waiting. */
+        bool asked_again;
         unsigned failures;
         coap_context_t *ctx;
         coap_session_t *session;
+        /* Strings libcoap keeps pointers to while a session lives (it reads
+         * the CA file when the TLS session is set up, after TCP connected):
+         * our own copies, so that a SIGHUP freeing the old Config during an
+         * attempt cannot leave it a dangling pointer. Replaced only between
+         * sessions (attempt_begin()). */
+        char *host;
+        char *ca_file;
+        uint16_t port;
         TlsFiles files;
         TlsHostCheck host_check;
         coap_dtls_pki_t pki;
-        char *host;
         Lookup *lookup, *stale;
         struct addrinfo *addrs, *addr_next;
         char address[INET6_ADDRSTRLEN + 8];
@@ -106,6 +118,7 @@ struct Enroll {
         Request renew_req;
         bool renew_due;       /* waiting for a connection */
         bool renew_inflight;
+        bool renew_discard;   /* an enrollment replaced the pair meanwhile: drop the answer in flight */
         unsigned renew_failures;
         int64_t last_renewal_at;
         bool last_renewal_ok;
@@ -115,10 +128,20 @@ struct Enroll {
 
 static void watches_stop(Enroll *e);
 
+/* Free a secret string, erased first. */
+static void secret_free(char *s) {
+        if (s)
+                explicit_bzero(s, strlen(s));
+        free(s);
+}
+static void secret_freep(char **s) {
+        secret_free(*s);
+}
+
 static void request_done(Request *r) {
         EVP_PKEY_free(r->key);
         free(r->id);
-        free(r->body);
+        secret_free(r->body); /* may hold the provisioning token */
         *r = (Request){};
 }
 
@@ -484,13 +507,13 @@ static int connect_to(Enroll *e, const struct addrinfo *ai) {
         memcpy(&dst.addr, ai->ai_addr, ai->ai_addrlen);
         dst.size = ai->ai_addrlen;
         if (ai->ai_family == AF_INET) {
-                dst.addr.sin.sin_port = htons(e->config->cloud_port);
+                dst.addr.sin.sin_port = htons(e->port);
                 inet_ntop(AF_INET, &dst.addr.sin.sin_addr, ip, sizeof(ip));
-                snprintf(e->address, sizeof(e->address), "%s:%u", ip, e->config->cloud_port);
+                snprintf(e->address, sizeof(e->address), "%s:%u", ip, e->port);
         } else {
-                dst.addr.sin6.sin6_port = htons(e->config->cloud_port);
+                dst.addr.sin6.sin6_port = htons(e->port);
                 inet_ntop(AF_INET6, &dst.addr.sin6.sin6_addr, ip, sizeof(ip));
-                snprintf(e->address, sizeof(e->address), "[%s]:%u", ip, e->config->cloud_port);
+                snprintf(e->address, sizeof(e->address), "[%s]:%u", ip, e->port);
         }
         e->ctx = coap_new_context(NULL);
         if (!e->ctx)
@@ -501,7 +524,7 @@ static int connect_to(Enroll *e, const struct addrinfo *ai) {
             0)
                 return -ENOMEM;
         /* Anonymous: only the CA file, to check the cloud. */
-        e->files = (TlsFiles){ .ca_file = e->config->ca_file };
+        e->files = (TlsFiles){ .ca_file = e->ca_file };
         e->host_check.host = e->host;
         tls_pki_init(&e->pki, &e->files, &e->host_check);
         e->session = coap_new_client_session_pki(e->ctx, NULL, &dst, COAP_PROTO_TLS, &e->pki);
@@ -561,8 +584,11 @@ static void attempt_begin(Enroll *e) {
         e->state = ENROLL_RUNNING;
         e->attempts++;
         free(e->host);
+        free(e->ca_file);
         e->host = strdup(e->config->cloud_host);
-        l = e->host ? calloc(1, sizeof(Lookup) + strlen(e->host) + 1) : NULL;
+        e->ca_file = strdup(e->config->ca_file);
+        e->port = e->config->cloud_port;
+        l = e->host && e->ca_file ? calloc(1, sizeof(Lookup) + strlen(e->host) + 1) : NULL;
         if (!l) {
                 attempt_fail(e, "out of memory");
                 return;
@@ -579,8 +605,8 @@ static void attempt_begin(Enroll *e) {
                 return;
         }
         e->lookup = l;
-        set_status(e, "Enrolling as '%s' at %s:%u (attempt %u)", e->enroll_req.id, e->config->cloud_host,
-                   e->config->cloud_port, e->attempts);
+        set_status(e, "Enrolling as '%s' at %s:%u (attempt %u)", e->enroll_req.id, e->host,
+                   e->port, e->attempts);
 }
 
 /* The attempt failed without an answer: try the next address, or finish. */
@@ -597,8 +623,9 @@ static void attempt_fail(Enroll *e, const char *fmt, ...) {
         sd_event_source_set_enabled(e->finish_source, SD_EVENT_ONESHOT);
 }
 
-static void schedule_retry(Enroll *e, uint64_t delay_ms) {
+static void schedule_retry(Enroll *e, uint64_t delay_ms, bool asked_again) {
         e->state = ENROLL_RETRY;
+        e->asked_again = asked_again;
         e->retry_at = now_sec() + (int64_t)((delay_ms + 999) / 1000);
         sd_event_source_set_time(e->timer_source, now_usec() + delay_ms * 1000);
         sd_event_source_set_enabled(e->timer_source, SD_EVENT_ONESHOT);
@@ -617,13 +644,26 @@ static void enroll_failed(Enroll *e, bool retry, uint64_t delay_ms) {
                    delay_ms / 1000.0);
         set_status(e, "Not enrolled: enrollment as '%s' failed (%s); trying again in %.1f s", e->enroll_req.id,
                    e->error, delay_ms / 1000.0);
-        schedule_retry(e, delay_ms);
+        schedule_retry(e, delay_ms, false);
 }
 
 static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
+        _cleanup_free_ char *key_pem = NULL;
+        EVP_PKEY *on_disk = NULL;
         int r;
 
-        r = certfile_install(e->config->key_file, e->config->cert_file, NULL, pem);
+        /* The certificate is for the key we loaded; a renewal that ended
+         * while we enrolled (tetherctl enroll --force) may have put
+         * another key in its place: then ours goes back with it. */
+        if (csr_key_load(e->config->key_file, &on_disk) < 0 || EVP_PKEY_eq(on_disk, e->enroll_req.key) != 1)
+                r = csr_key_pem(e->enroll_req.key, &key_pem);
+        else
+                r = 0;
+        EVP_PKEY_free(on_disk);
+        if (r == 0)
+                r = certfile_install(e->config->key_file, e->config->cert_file, key_pem, pem);
+        if (key_pem)
+                explicit_bzero(key_pem, strlen(key_pem));
         if (r < 0) {
                 snprintf(e->error, sizeof(e->error), "cannot install the certificate as '%s': %s",
                          e->config->cert_file, strerror(-r));
@@ -639,8 +679,9 @@ static void enroll_succeeded(Enroll *e, const char *pem, const CertInfo *info) {
         log_struct(LOG_NOTICE, &(LogFields){ .device_id = info->id },
                    "Enrolled as device '%s': certificate valid until %s, installed as '%s'", info->id,
                    fmt_time(info->not_after, (char[32]){}), e->config->cert_file);
-        free(e->token);
-        e->token = NULL;
+        secret_free(TAKE_PTR(e->token));
+        /* A renewal in flight was for the pair just replaced. */
+        e->renew_discard = e->renew_inflight;
         arm_renewal(e, true);
         if (e->hooks.enrolled)
                 e->hooks.enrolled(e->hooks.userdata, info->id);
@@ -693,7 +734,7 @@ static int on_finish(sd_event_source *s, void *userdata) {
                            e->enroll_req.id, e->error, wait);
                 set_status(e, "Enrolling as '%s': %s; asking again in %" PRIu32 " s", e->enroll_req.id, e->error,
                            wait);
-                schedule_retry(e, (uint64_t)wait * 1000);
+                schedule_retry(e, (uint64_t)wait * 1000, true);
                 return 0;
         }
         enroll_failed(e, cls == 5,
@@ -824,7 +865,7 @@ int enroll_request(Enroll *e, const char *token, const char *id, bool force, cha
         r = enroll_begin(e, token, id, error, error_size);
         if (r < 0)
                 return r;
-        free(e->token);
+        secret_free(e->token);
         e->token = strdup(token);
         return r;
 }
@@ -881,6 +922,14 @@ static void on_renew_answer(int error, unsigned code, const uint8_t *data, size_
         int r;
 
         e->renew_inflight = false;
+        if (e->renew_discard) {
+                e->renew_discard = false;
+                log_struct(LOG_INFO, &(LogFields){ .device_id = id },
+                           "Dropped the answer to a renewal of '%s' sent before the device enrolled again", id);
+                request_done(&e->renew_req);
+                arm_renewal(e, false);
+                return;
+        }
         e->last_renewal_at = now_sec();
         if (error == -ENOTCONN) {
                 /* The same request on the next connection. */
@@ -1045,10 +1094,9 @@ Enroll *enroll_free(Enroll *e) {
         sd_event_source_disable_unref(e->renew_source);
         request_done(&e->enroll_req);
         request_done(&e->renew_req);
-        if (e->token)
-                explicit_bzero(e->token, strlen(e->token));
-        free(e->token);
+        secret_free(e->token);
         free(e->host);
+        free(e->ca_file);
         sd_event_unref(e->event);
         free(e);
         return NULL;
@@ -1058,7 +1106,7 @@ Enroll *enroll_free(Enroll *e) {
  * began, 0 if not (no file, no token in it, or refused at once: said in
  * the log). */
 static int enroll_from_token_file(Enroll *e) {
-        _cleanup_free_ char *token = NULL;
+        _cleanup_(secret_freep) char *token = NULL;
         char error[512];
         int r;
 
@@ -1080,6 +1128,7 @@ static int enroll_from_token_file(Enroll *e) {
                 log_error("Cannot enroll: %s", error);
                 return 0;
         }
+        secret_free(e->token); /* a token refused before, or the one of an attempt this one replaced */
         e->token = TAKE_PTR(token);
         return 1;
 }
@@ -1102,7 +1151,9 @@ static bool event_names(const struct inotify_event *ev, const char *path) {
 static int on_token_dir(sd_event_source *s, const struct inotify_event *ev, void *userdata) {
         Enroll *e = userdata;
 
-        if (!event_names(ev, e->config->enroll_token_file))
+        /* The name comes from the config of now (a reload may have
+         * changed or removed TokenFile=). */
+        if (!e->config->enroll_token_file || !event_names(ev, e->config->enroll_token_file))
                 return 0;
         if (e->state != ENROLL_WAITING && e->state != ENROLL_FAILED)
                 return 0;
@@ -1202,22 +1253,50 @@ int enroll_start(Enroll *e) {
 }
 
 void enroll_reconfigure(Enroll *e, const Config *cfg) {
+        bool waiting = e->state == ENROLL_WAITING;
+
         e->config = cfg;
+        /* The watch follows TokenFile= (on_token_dir() takes the file's
+         * name from the config): to its new directory, or away. A device
+         * waiting for a token uses one already in the new file. */
+        if (e->token_watch || waiting) {
+                if (cfg->enroll_token_file)
+                        dir_watch(e, cfg->enroll_token_file, &e->token_watch, on_token_dir, "a provisioning token");
+                else
+                        e->token_watch = sd_event_source_disable_unref(e->token_watch);
+        }
+        if (e->cert_watch || waiting)
+                dir_watch(e, cfg->cert_file, &e->cert_watch, on_cert_dir, "a certificate");
+        if (waiting && cfg->enroll_token_file && enroll_from_token_file(e) > 0)
+                return;
         if (e->state == ENROLL_RUNNING || e->state == ENROLL_RETRY)
                 return;
         read_cert(e);
-        if (!e->renew_inflight && !e->renew_req.body)
+        if (!cfg->enroll_renew) {
+                /* Renew=no: nothing more is sent (an answer in flight is
+                 * still installed). */
+                sd_event_source_set_enabled(e->renew_source, SD_EVENT_OFF);
+                e->renew_due = false;
+                e->renew_failures = 0;
+                if (!e->renew_inflight)
+                        request_done(&e->renew_req);
+                return;
+        }
+        /* A renewal under way (in flight, waiting for Max-Age or for its
+         * backoff after a failure) keeps its schedule: arming again would
+         * send at once at every reload and forget the backoff. */
+        if (!e->renew_inflight && !e->renew_req.body && e->renew_failures == 0)
                 arm_renewal(e, false);
 }
 
-static const char *state_name(EnrollState s) {
-        switch (s) {
+static const char *state_name(const Enroll *e) {
+        switch (e->state) {
         case ENROLL_WAITING:
                 return "not-enrolled";
         case ENROLL_RUNNING:
                 return "enrolling";
         case ENROLL_RETRY:
-                return "retrying";
+                return e->asked_again ? "enrolling" : "retrying";
         case ENROLL_FAILED:
                 return "failed";
         case ENROLL_DONE:
@@ -1244,7 +1323,7 @@ json_t *enroll_status(Enroll *e) {
                                  e->renew_inflight || e->renew_due, "last_renewal", last);
         else
                 json_decref(last);
-        enr = json_pack("{s:s, s:i, s:i, s:s*, s:s*}", "state", state_name(e->state), "generation",
+        enr = json_pack("{s:s, s:i, s:i, s:s*, s:s*}", "state", state_name(e), "generation",
                         (int)e->generation, "attempts", (int)e->attempts, "device_id", e->enroll_req.id, "error",
                         e->error[0] ? e->error : NULL);
         if (enr && e->state == ENROLL_RETRY)

@@ -76,7 +76,10 @@ int enroll_request(Enroll *e, const char *token, const char *id, bool force, cha
 /* The Conn connected or lost its connection: a renewal that was due or
  * waiting for a connection goes now. */
 void enroll_connection_changed(Enroll *e, bool connected);
-/* A new configuration (SIGHUP); the renewal timer is armed again. */
+/* A new configuration (SIGHUP); the renewal timer is armed again, unless
+ * a renewal is under way (it keeps its retry and backoff); Renew=no stops
+ * renewing. While not enrolled, the TokenFile= watch moves with the
+ * setting (and a token already in a new TokenFile= is used). */
 void enroll_reconfigure(Enroll *e, const Config *cfg);
 
 /* The "certificate" and "enrollment" objects of tetherctl status (see

@@ -348,9 +348,12 @@ static void help(void) {
 static void agent_done(Agent *a) {
         local_api_free(a->local);
         plugin_host_free(a->plugins);
-        enroll_free(a->enroll);
-        /* The connection first: it answers OTA's open requests as it goes. */
+        /* The connection first: it answers OTA's and enrollment's open
+         * requests (a renewal in flight) as it goes, so both must still be
+         * there. */
         conn_free(a->conn);
+        a->conn = NULL;
+        a->enroll = enroll_free(a->enroll);
         outbox_free(a->outbox);
         sd_event_source_disable_unref(a->notify_source);
         ota_free(a->ota);

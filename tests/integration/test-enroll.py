@@ -10,12 +10,14 @@ interrupted between its renames is completed at the next start."""
 
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EMULATOR, TETHERCTL, Failure, api_json, expect, run, seconds, skip  # noqa: E402
+from harness import EMULATOR, PKI, TETHERCTL, Failure, api_json, expect, run, seconds, skip  # noqa: E402
 
 
 def enroll_cloud(w, validity=None):
@@ -140,6 +142,74 @@ def test_token_file_appears(w):
     expect(a.proc.poll() is None, "the agent restarted")
 
 
+def test_reload_while_not_enrolled(w):
+    """SIGHUP while waiting for a token: the cloud settings changed, yet
+    nothing tries to connect without a certificate; the TokenFile= watch
+    goes away with the setting and moves to the new file's directory."""
+    enroll_cloud(w)
+    dirs = [w.path("tok1"), w.path("tok2")]
+    for d in dirs:
+        os.mkdir(d)
+    files = [os.path.join(d, "provision-token") for d in dirs]
+    conf, cert, key = new_agent(w, dev_id="gw-reload", token_file=files[0])
+    mark = w.notify.mark()
+    a = w.run_agent("agent", conf, ("gw-reload", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled", mark)
+
+    def reload(extra):
+        m = a.mark()
+        w.agent_conf("agent", cert, key, host="127.0.0.1", extra="[Enroll]\nDeviceID=gw-reload\n" + extra)
+        a.signal(signal.SIGHUP)
+        a.wait_line("Reloaded configuration", timeout=seconds(10), start=m)
+
+    def drop(path, token):
+        with open(path + ".tmp", "w") as f:
+            f.write(token + "\n")
+        os.rename(path + ".tmp", path)
+
+    reload("")  # no TokenFile= any more
+    drop(files[0], "tprov_" + "2" * 40)  # not watched now
+    reload(f"TokenFile={files[1]}\n")
+    mark = w.notify.mark()
+    drop(files[1], provision(w))
+    w.wait_online("gw-reload", mark)
+    a.wait_line("Enrolled as device 'gw-reload'", timeout=seconds(5))
+    expect(a.proc.poll() is None, "the agent died")
+    st = status(w, a)
+    expect(st["counters"]["connect_attempts"] == 1,
+           f"connect attempts before the certificate was there: {st['counters']['connect_attempts']}")
+    expect(a.count("provisioning token unknown") == 0, "the token of a file no longer configured was used")
+
+
+SIGN_SCRIPT = """#!/bin/sh
+set -e
+out=$(mktemp -d)
+{pki} sign {dir} - --out "$out/c" >/dev/null
+cat "$out/c.crt"
+rm -r "$out"
+"""
+
+
+def test_external_signer(w):
+    """With an external SignCommand the cloud first answers 5.03 (being
+    signed, send it again after Max-Age): tetherctl enroll waits through
+    it instead of reporting a failure."""
+    script = w.path("sign.sh")
+    with open(script, "w") as f:
+        f.write(SIGN_SCRIPT.format(pki=PKI, dir=w.path("pki")))
+    os.chmod(script, stat.S_IRWXU)
+    cloud = w.start_cloud(extra=f"[Enroll]\nSignCommand={script}\n")
+    if cloud.count(r"Unknown section \[Enroll\]"):
+        skip("this tether-cloudd has no enrollment ([Enroll] of tether-cloudd.conf)")
+    conf, cert, key = new_agent(w, dev_id="gw-external")
+    a = w.run_agent("agent", conf, ("gw-external", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled")
+    r = w.tetherctl(a, "enroll", "--token", provision(w), check=False, timeout=60)
+    expect(r.returncode == 0 and "Enrolled as device gw-external" in r.stdout,
+           f"enroll with an external signer: {r.returncode} {r.stdout!r} {r.stderr!r}")
+    expect(a.count("the certificate is being signed") >= 1, "the cloud never answered 5.03 (pending)")
+
+
 def test_refused_token(w):
     enroll_cloud(w)
     conf, cert, key = new_agent(w)
@@ -246,7 +316,8 @@ def test_torn_new_files_discarded(w):
 if __name__ == "__main__":
     try:
         sys.exit(run([test_not_enrolled_waits, test_torn_new_files_discarded, test_tetherctl_enroll,
-                      test_token_file_at_start, test_token_file_appears, test_refused_token, test_renewal_during_traffic,
+                      test_token_file_at_start, test_token_file_appears, test_reload_while_not_enrolled,
+                      test_external_signer, test_refused_token, test_renewal_during_traffic,
                       test_crash_between_renames], emulated="ok"))
     except Failure as e:
         print(f"Bail out! {e}")

@@ -137,6 +137,57 @@ static void test_install_keeps_key(void **state) {
         pairs_done(&p);
 }
 
+static void expect_modes(void) {
+        struct stat st;
+
+        assert_int_equal(stat(key_path, &st), 0);
+        assert_int_equal(st.st_mode & 0777, 0600);
+        assert_int_equal(stat(cert_path, &st), 0);
+        assert_int_equal(st.st_mode & 0777, 0644);
+}
+
+/* The key and the certificate in two directories (install and recovery
+ * rename in each), and the modes whatever the umask. */
+static void test_install_two_directories(void **state) {
+        char saved[4][128];
+        Pairs p = {};
+        CertfileRecovery rec;
+        mode_t old_umask;
+
+        memcpy(saved[0], key_path, sizeof(key_path)), memcpy(saved[1], cert_path, sizeof(cert_path));
+        memcpy(saved[2], key_new, sizeof(key_new)), memcpy(saved[3], cert_new, sizeof(cert_new));
+        snprintf(key_path, sizeof(key_path), "%s/keys", dir);
+        assert_int_equal(mkdir(key_path, 0700), 0);
+        snprintf(cert_path, sizeof(cert_path), "%s/certs", dir);
+        assert_int_equal(mkdir(cert_path, 0755), 0);
+        snprintf(key_path, sizeof(key_path), "%s/keys/device.key", dir);
+        snprintf(cert_path, sizeof(cert_path), "%s/certs/device.crt", dir);
+        snprintf(key_new, sizeof(key_new), "%s.new", key_path);
+        snprintf(cert_new, sizeof(cert_new), "%s.new", cert_path);
+
+        pairs_make(&p);
+        old_umask = umask(0);
+        assert_int_equal(certfile_install(key_path, cert_path, p.b_key, p.b_cert), 0);
+        expect_files(p.b_key, p.b_cert);
+        expect_modes();
+        umask(077);
+        assert_int_equal(certfile_install(key_path, cert_path, p.a_key, p.a_cert), 0);
+        expect_files(p.a_key, p.a_cert);
+        expect_modes();
+        umask(old_umask);
+
+        /* A crash between the renames, across the two directories. */
+        write_text(key_path, p.b_key, strlen(p.b_key));
+        write_text(cert_new, p.b_cert, strlen(p.b_cert));
+        assert_int_equal(certfile_recover(key_path, cert_path, &rec), 0);
+        assert_int_equal(rec, CERTFILE_COMPLETED);
+        expect_files(p.b_key, p.b_cert);
+        pairs_done(&p);
+
+        memcpy(key_path, saved[0], sizeof(key_path)), memcpy(cert_path, saved[1], sizeof(cert_path));
+        memcpy(key_new, saved[2], sizeof(key_new)), memcpy(cert_new, saved[3], sizeof(cert_new));
+}
+
 static void test_install_refuses_one_path(void **state) {
         Pairs p = {};
 
@@ -281,6 +332,7 @@ int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_install_new_pair),
                 cmocka_unit_test(test_install_keeps_key),
+                cmocka_unit_test(test_install_two_directories),
                 cmocka_unit_test(test_install_refuses_one_path),
                 cmocka_unit_test(test_recover_nothing),
                 cmocka_unit_test(test_recover_before_renames),
