@@ -153,7 +153,7 @@ int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]) {
         }
         if (json_object_size(tags) > PROVISION_TAGS_MAX) {
                 snprintf(err, PROVISION_REASON_MAX, "\"tags\" holds %zu tags, at most %u are allowed",
-                         json_object_size(tags), PROVISION_TAGS_MAX);
+                         json_object_size(tags), (unsigned)PROVISION_TAGS_MAX);
                 return -EINVAL;
         }
         json_object_foreach(tags, key, v) {
@@ -161,7 +161,8 @@ int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]) {
 
                 if (klen > PROVISION_TAG_KEY_MAX || proto_name_check(key, klen, PROTO_NAME_FUNCTION) < 0) {
                         snprintf(err, PROVISION_REASON_MAX,
-                                 "Invalid tag name in \"tags\": names are [A-Za-z0-9_.-]{1,%u}", PROVISION_TAG_KEY_MAX);
+                                 "Invalid tag name in \"tags\": names are [A-Za-z0-9_.-]{1,%u}",
+                                 (unsigned)PROVISION_TAG_KEY_MAX);
                         return -EINVAL;
                 }
                 if (!json_is_string(v)) {
@@ -170,7 +171,7 @@ int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]) {
                 }
                 if (json_string_length(v) > PROVISION_TAG_VALUE_MAX) {
                         snprintf(err, PROVISION_REASON_MAX, "The value of tag '%s' is longer than %u bytes", key,
-                                 PROVISION_TAG_VALUE_MAX);
+                                 (unsigned)PROVISION_TAG_VALUE_MAX);
                         return -EINVAL;
                 }
                 if (!text_clean(json_string_value(v), json_string_length(v))) {
@@ -307,7 +308,7 @@ json_t *provision_get_json(Provision *p, const char *id) {
 json_t *provision_to_json(Provision *p) {
         sqlite3_stmt *st = NULL;
         json_t *a = json_array();
-        int rc, r = -ENOMEM;
+        int rc, r;
 
         if (!a)
                 return NULL;

@@ -141,7 +141,7 @@ int signer_csr_parse(const char *pem, size_t len, SignerCsr *ret, char reason[st
         int r;
 
         if (len > SIGNER_CSR_MAX) {
-                snprintf(reason, SIGNER_REASON_MAX, "the CSR is larger than %u bytes", SIGNER_CSR_MAX);
+                snprintf(reason, SIGNER_REASON_MAX, "the CSR is larger than %u bytes", (unsigned)SIGNER_CSR_MAX);
                 return -E2BIG;
         }
         if (memchr(pem, 0, len)) {
@@ -504,7 +504,7 @@ static int job_child_cb(sd_event_source *src, const siginfo_t *si, void *userdat
         }
         if (j->out_too_big) {
                 snprintf(reason, sizeof(reason), "the signing command printed more than %u bytes",
-                         SIGNER_OUTPUT_MAX);
+                         (unsigned)SIGNER_OUTPUT_MAX);
                 job_finish(j, -EPROTO, NULL, reason);
                 return 0;
         }

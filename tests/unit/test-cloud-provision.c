@@ -327,7 +327,7 @@ static void test_tags_check(void **state) {
 /* Whether needle is anywhere in the file. */
 static bool file_holds(const char *path, const char *needle) {
         _cleanup_fclose_ FILE *fp = fopen(path, "re");
-        size_t n = strlen(needle), len = 0, cap = 0;
+        size_t n = strlen(needle), len = 0;
         _cleanup_free_ char *buf = NULL;
         char chunk[65536];
         size_t k;
@@ -335,7 +335,7 @@ static bool file_holds(const char *path, const char *needle) {
         if (!fp)
                 return false;
         while ((k = fread(chunk, 1, sizeof(chunk), fp)) > 0) {
-                char *b = realloc(buf, (cap = len + k));
+                char *b = realloc(buf, len + k);
 
                 assert_non_null(b);
                 buf = b;
