@@ -35,13 +35,17 @@ static const char *const registry_schema[] = {
          * (tls_pubkey_sha256(); '' once unrevoke cleared it, NULL when not
          * known, as for a device last seen before this step) and its
          * issuer (RFC 2253 text, as TlsPeer.issuer: which CA, for a CA
-         * rollover). */
+         * rollover). cert_newest_not_before: the latest notBefore of a
+         * certificate the device connected with; an older certificate of
+         * the device is refused (a copied key whose certificate the real
+         * device has renewed and used since). */
         "ALTER TABLE devices ADD COLUMN tags TEXT;"
         "ALTER TABLE devices ADD COLUMN cert_not_before INTEGER;"
         "ALTER TABLE devices ADD COLUMN cert_issued_usec INTEGER;"
         "ALTER TABLE devices ADD COLUMN cert_issued_how TEXT;"
         "ALTER TABLE devices ADD COLUMN cert_pubkey TEXT;"
-        "ALTER TABLE devices ADD COLUMN cert_issuer TEXT;",
+        "ALTER TABLE devices ADD COLUMN cert_issuer TEXT;"
+        "ALTER TABLE devices ADD COLUMN cert_newest_not_before INTEGER;",
 };
 
 enum {
@@ -59,13 +63,15 @@ enum {
 static const char *const registry_sql[_STMT_MAX] = {
         [STMT_GET] = "SELECT registered_usec, registered_by, first_connected_usec, last_connected_usec, "
                      "cert_serial, cert_fingerprint, cert_not_after, revoked_usec, revoked_reason, revoked_by, "
-                     "tags, cert_not_before, cert_issued_usec, cert_issued_how, cert_pubkey, cert_issuer "
-                     "FROM devices WHERE id = ?1",
+                     "tags, cert_not_before, cert_issued_usec, cert_issued_how, cert_pubkey, cert_issuer, "
+                     "cert_newest_not_before FROM devices WHERE id = ?1",
         [STMT_CONNECTED] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by, first_connected_usec, "
                            "last_connected_usec, last_heard_usec, last_address, cert_serial, cert_fingerprint, "
-                           "cert_not_after, cert_not_before, cert_pubkey, cert_issuer) "
-                           "VALUES (?1, ?2, ?2, 'self', ?2, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) "
+                           "cert_not_after, cert_not_before, cert_pubkey, cert_issuer, cert_newest_not_before) "
+                           "VALUES (?1, ?2, ?2, 'self', ?2, ?2, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?7) "
                            "ON CONFLICT (id) DO UPDATE SET "
+                           "cert_newest_not_before = max(coalesce(cert_newest_not_before, 0), "
+                           "coalesce(excluded.cert_not_before, 0)), "
                            /* Issued by the cloud: only while it is the same certificate. */
                            "cert_issued_usec = CASE WHEN cert_fingerprint IS excluded.cert_fingerprint "
                            "THEN cert_issued_usec END, "
@@ -121,6 +127,7 @@ struct Registry {
 typedef struct RegistryRow {
         bool registered, revoked;
         char reason[192];
+        int64_t newest_not_before; /* 0: none known */
 } RegistryRow;
 
 static uint64_t realtime_usec(void) {
@@ -175,6 +182,7 @@ static int registry_row(Registry *reg, const char *id, RegistryRow *ret) {
         row.registered = sqlite3_column_type(st, 0) != SQLITE_NULL;
         row.revoked = sqlite3_column_type(st, 7) != SQLITE_NULL;
         snprintf(row.reason, sizeof(row.reason), "%s", (const char *)sqlite3_column_text(st, 8) ?: "");
+        row.newest_not_before = sqlite3_column_int64(st, 16);
         registry_get_done(reg);
         *ret = row;
         return 1;
@@ -191,6 +199,18 @@ int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reas
         if (r > 0 && row.revoked) {
                 snprintf(reason, reason_size, "device '%s' is revoked%s%s%s", peer->id, row.reason[0] ? " (" : "",
                          row.reason, row.reason[0] ? ")" : "");
+                return -EPERM;
+        }
+        /* A certificate older than one the device has connected with: the
+         * device renewed (with a new key) and uses the new one; whoever
+         * still has the old key is not the device. A renewal whose answer
+         * was lost leaves the old certificate usable: the new one was
+         * never connected with. */
+        if (r > 0 && peer->not_before > 0 && peer->not_before < row.newest_not_before) {
+                snprintf(reason, reason_size,
+                         "device '%s' has connected with a newer certificate since this one (valid from %" PRId64
+                         ") was issued: it is superseded",
+                         peer->id, peer->not_before);
                 return -EPERM;
         }
         if (reg->policy == REGISTRY_ENROLLED && (r == 0 || !row.registered)) {

@@ -7,24 +7,42 @@ SignCommand; the refusals of docs/protocol.md."""
 
 import json
 import os
+import ssl
 import stat
 import subprocess
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakedev import PING, PONG, POST, CREATED, GET, Device, codestr, connect, frame, max_age  # noqa: E402
-from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds  # noqa: E402
+from harness import EMULATOR, PKI, TETHERCTL, Failure, api_json, expect, poll, run, seconds  # noqa: E402
 
 BUILTIN = "[Enroll]\nCACertificate={ca}\nCAKey={key}\n"
 
 
-def start(w, extra=None, timeout=None):
+def refused(w, cert, key):
+    """Try a session with cert; True if the cloud refused it (TLS 1.3:
+    the refusal arrives after the client's side of the handshake)."""
+    try:
+        d = Device(w.coap_port, cert, key, w.path("pki", "ca.crt"))
+    except (ssl.SSLError, ConnectionError, OSError):
+        return True
+    try:
+        d.handshake()
+        return False
+    except (ssl.SSLError, EOFError, ConnectionError, OSError, Failure):
+        return True
+    finally:
+        d.close()
+
+
+def start(w, extra=None, timeout=None, **kw):
     conf = extra if extra is not None else BUILTIN.format(ca=w.path("pki", "ca.crt"), key=w.path("pki", "ca.key"))
     timing = None
     if timeout:
         timing = f"PingSec=5\nDeviceTimeoutSec=30\nCallTimeoutSec=5\nHandshakeTimeoutSec={timeout}"
-    w.start_cloud(extra=conf, timing=timing)
+    w.start_cloud(extra=conf, timing=timing, **kw)
 
 
 def token(w, uses=1, **kw):
@@ -205,6 +223,10 @@ def test_renew(w):
     m = dev.response(t)
     expect(m.code == (4 << 5 | 3) and text(m) == "the CSR's commonName is not this device's ID", f"CN: {text(m)}")
     key2, csr2 = key_csr(w, "n2", "dev-n")
+    # Certificates are dated to the second: let the renewed one be newer.
+    issued = int(time.time())
+    while int(time.time()) == issued:
+        time.sleep(0.05)
     t = dev.request(POST, "cert", json.dumps({"csr": csr2}).encode(), [(CONTENT_FORMAT, uint(50))])
     m = dev.response(t)
     crt2, j2 = ok_cert(w, m, "n2", "dev-n", key2)
@@ -213,6 +235,17 @@ def test_renew(w):
     dev.close()
     dev2, _ = connect(w, ("dev-n", crt2, key2))
     dev2.close()
+    # The device has connected with the renewed certificate: the old one
+    # (a copied key) is refused from now on, across a restart.
+    for restart in (False, True):
+        if restart:
+            w.cloud.stop()
+            start(w, port=w.coap_port, api_port=w.api_port)
+        mark = w.cloud.mark()
+        expect(refused(w, crt, key), "the superseded certificate connected")
+        w.cloud.wait_line("has connected with a newer certificate since this one", start=mark)
+    dev3, _ = connect(w, ("dev-n", crt2, key2))
+    dev3.close()
 
 
 SCRIPT = """#!/bin/sh
