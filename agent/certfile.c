@@ -13,22 +13,6 @@ static int new_path(const char *path, char **ret) {
         return asprintf(ret, "%s" CERTFILE_NEW_SUFFIX, path) < 0 ? -ENOMEM : 0;
 }
 
-static void fsync_dir_of(const char *path) {
-        _cleanup_free_ char *dir = strdup(path);
-        char *slash = dir ? strrchr(dir, '/') : NULL;
-        _cleanup_close_ int fd = -1;
-
-        if (!dir)
-                return;
-        if (slash)
-                *(slash == dir ? slash + 1 : slash) = '\0';
-        else
-                strcpy(dir, ".");
-        fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (fd >= 0)
-                (void)fsync(fd);
-}
-
 /* path with data, fsync'd; replaces a leftover file of that name. */
 static int write_file(const char *path, const char *data, mode_t mode) {
         _cleanup_close_ int fd = -1;
@@ -72,7 +56,7 @@ int certfile_install(const char *key_path, const char *cert_path, const char *ke
         if (r < 0)
                 goto fail;
         /* Both .new files are on disk: from here on the new pair wins. */
-        fsync_dir_of(cert_new);
+        csr_fsync_dir_of(cert_new);
         if (key_pem) {
                 if (rename(key_new, key_path) < 0) {
                         r = -errno;
@@ -84,13 +68,13 @@ int certfile_install(const char *key_path, const char *cert_path, const char *ke
                  * keep the order) and lose the key's, leaving the new
                  * certificate with the old key and no CERT.new to
                  * recover from. */
-                fsync_dir_of(key_path);
+                csr_fsync_dir_of(key_path);
         }
         if (rename(cert_new, cert_path) < 0)
                 /* The new key is in place: CERT.new stays for
                  * certfile_recover() to complete. */
                 return -errno;
-        fsync_dir_of(cert_path);
+        csr_fsync_dir_of(cert_path);
         return 0;
 fail:
         (void)unlink(key_new);
@@ -125,11 +109,11 @@ int certfile_recover(const char *key_path, const char *cert_path, CertfileRecove
                         if (have_key_new) {
                                 if (rename(key_new, key_path) < 0)
                                         return -errno;
-                                fsync_dir_of(key_path); /* before the certificate's: see certfile_install() */
+                                csr_fsync_dir_of(key_path); /* before the certificate's: see certfile_install() */
                         }
                         if (rename(cert_new, cert_path) < 0)
                                 return -errno;
-                        fsync_dir_of(cert_path);
+                        csr_fsync_dir_of(cert_path);
                         *ret = CERTFILE_COMPLETED;
                         return 0;
                 }
@@ -137,8 +121,8 @@ int certfile_recover(const char *key_path, const char *cert_path, CertfileRecove
         if ((have_key_new && unlink(key_new) < 0 && errno != ENOENT) ||
             (have_cert_new && unlink(cert_new) < 0 && errno != ENOENT))
                 return -errno;
-        fsync_dir_of(key_path);
-        fsync_dir_of(cert_path);
+        csr_fsync_dir_of(key_path);
+        csr_fsync_dir_of(cert_path);
         *ret = CERTFILE_DISCARDED;
         return 0;
 }

@@ -14,6 +14,7 @@
 #include "log.h"
 #include "outbox.h"
 #include "proto.h"
+#include "resolver.h"
 #include "tls.h"
 #include "util.h"
 
@@ -45,13 +46,6 @@ typedef struct InFlight {
         uint64_t seq; /* 0: free slot */
         Token token;
 } InFlight;
-
-typedef struct Lookup {
-        struct Lookup *next;
-        struct gaicb req;
-        struct addrinfo hints;
-        char host[];
-} Lookup;
 
 /* A request of ours waiting for its answer (conn_request()). */
 typedef struct Pending {
@@ -93,13 +87,9 @@ struct Conn {
         sd_event_source *flush_source;    /* defer: start sending after connect (Trap B) */
         sd_event_source *teardown_source; /* defer: drop a dead session outside libcoap */
         sd_event_source *timer_source;    /* connect timeout, keepalive, backoff */
-        /* Name resolution runs in glibc's getaddrinfo_a() helper and
-         * signals completion with CONN_RESOLVE_SIGNAL on our loop. A lookup
-         * that could not be cancelled stays on "stale" until glibc is done
-         * with it. */
-        Lookup *lookup;
-        Lookup *stale;
-        sd_event_source *resolve_source;
+        /* Name resolution (agent/resolver.h), signalled with
+         * CONN_RESOLVE_SIGNAL. */
+        Resolver *resolver;
         /* What the lookup returned, in getaddrinfo's order. A failure to
          * connect to one address (TCP, TLS, CSM or the connect timeout)
          * moves on to addr_next; only when none is left do we back off. */
@@ -1068,61 +1058,19 @@ static int connect_next(Conn *c) {
         return -ENOENT;
 }
 
-static void lookup_free(Lookup *l) {
-        if (l->req.ar_result)
-                freeaddrinfo(l->req.ar_result);
-        free(l);
-}
-
-/* Stop caring about the current lookup. glibc may still be writing into
- * it, so a lookup it could not cancel is kept until it completes. */
-static void resolve_cancel(Conn *c) {
-        Lookup *l = TAKE_PTR(c->lookup);
-
-        if (!l)
-                return;
-        if (gai_cancel(&l->req) == EAI_NOTCANCELED) {
-                l->next = c->stale;
-                c->stale = l;
-                return;
-        }
-        lookup_free(l);
-}
-
-static void reap_stale(Conn *c) {
-        for (Lookup **p = &c->stale; *p;) {
-                Lookup *l = *p;
-
-                if (gai_error(&l->req) == EAI_INPROGRESS) {
-                        p = &l->next;
-                        continue;
-                }
-                *p = l->next;
-                lookup_free(l);
-        }
-}
-
-static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+static void on_resolved(void *userdata, int ret, struct addrinfo *ai) {
         Conn *c = userdata;
-        struct addrinfo *ai;
         char reason[300];
-        int ret;
 
-        reap_stale(c);
-        if (!c->lookup || gai_error(&c->lookup->req) == EAI_INPROGRESS)
-                return 0;
-        ret = gai_error(&c->lookup->req);
-        ai = TAKE_PTR(c->lookup->req.ar_result);
-        lookup_free(TAKE_PTR(c->lookup));
         if (c->state != CONN_RESOLVING) {
                 if (ai)
                         freeaddrinfo(ai);
-                return 0;
+                return;
         }
-        if (ret != 0 || !ai) {
+        if (ret != 0) {
                 snprintf(reason, sizeof(reason), "cannot resolve '%s': %s", c->host, gai_strerror(ret));
                 conn_teardown(c, reason);
-                return 0;
+                return;
         }
         addrs_free(c);
         c->addrs = c->addr_next = ai;
@@ -1131,14 +1079,10 @@ static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, vo
                 snprintf(reason, sizeof(reason), "%s: cannot create a session", c->address);
                 conn_teardown(c, reason);
         }
-        return 0;
 }
 
 static int begin_connect(Conn *c) {
-        struct sigevent sev = { .sigev_notify = SIGEV_SIGNAL, .sigev_signo = CONN_RESOLVE_SIGNAL };
-        struct gaicb *list[1];
         const char *path;
-        Lookup *l;
         int r;
 
         /* An attempt has begun from here on: every failure below goes
@@ -1153,24 +1097,12 @@ static int begin_connect(Conn *c) {
                 conn_teardown(c, reason);
                 return r;
         }
-        resolve_cancel(c);
-        l = calloc(1, sizeof(Lookup) + strlen(c->host) + 1);
-        if (!l) {
-                conn_teardown(c, "out of memory");
-                return -ENOMEM;
-        }
-        strcpy(l->host, c->host);
-        l->hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
-        l->req = (struct gaicb){ .ar_name = l->host, .ar_request = &l->hints };
-        list[0] = &l->req;
         arm_timer(c, now_ms() + c->config->connect_timeout_ms);
-        r = getaddrinfo_a(GAI_NOWAIT, list, 1, &sev);
-        if (r != 0) {
-                free(l);
-                conn_teardown(c, "cannot start name resolution");
-                return -EAGAIN;
+        r = resolver_start(c->resolver, c->host);
+        if (r < 0) {
+                conn_teardown(c, r == -ENOMEM ? "out of memory" : "cannot start name resolution");
+                return r;
         }
-        c->lookup = l;
         return 0;
 }
 
@@ -1219,7 +1151,7 @@ static int on_teardown(sd_event_source *s, void *userdata) {
         } else if (c->state == CONN_CONNECTING)
                 c->stats.handshakes_failed++;
         /* A lookup that timed out must not write into the next one's request. */
-        resolve_cancel(c);
+        resolver_cancel(c->resolver);
         if (c->state != CONN_CONNECTING)
                 snprintf(reason, sizeof(reason), "%s", why);
         else if (!c->addr_next)
@@ -1399,7 +1331,7 @@ int conn_new(sd_event *event, Registry *reg, Outbox *outbox, const Config *cfg, 
         /* Let libcoap's socket work come before deferred work. */
         sd_event_source_set_priority(c->teardown_source, SD_EVENT_PRIORITY_IDLE);
 
-        r = sd_event_add_signal(event, &c->resolve_source, CONN_RESOLVE_SIGNAL, on_resolved, c);
+        r = resolver_new(event, CONN_RESOLVE_SIGNAL, on_resolved, c, &c->resolver);
         if (r < 0)
                 return r;
         *ret = TAKE_PTR(c);
@@ -1435,7 +1367,7 @@ int conn_reconfigure(Conn *c, const Config *cfg) {
                 return 0;
         if (c->started)
                 log_info("Cloud settings changed, reconnecting to %s:%u", cfg->cloud_host, cfg->cloud_port);
-        resolve_cancel(c);
+        resolver_cancel(c->resolver);
         drop_session(c);
         addrs_free(c);
         r = copy_settings(c, cfg);
@@ -1466,11 +1398,7 @@ bool conn_is_connected(Conn *c) {
 Conn *conn_free(Conn *c) {
         if (!c)
                 return NULL;
-        resolve_cancel(c);
-        reap_stale(c);
-        /* Lookups still running belong to glibc's worker until they end:
-         * leaving them allocated at exit is safer than freeing them. */
-        sd_event_source_disable_unref(c->resolve_source);
+        resolver_free(c->resolver);
         drop_session(c);
         addrs_free(c);
         if (c->ctx)

@@ -15,6 +15,7 @@
 #include "enroll.h"
 #include "log.h"
 #include "proto.h"
+#include "resolver.h"
 #include "tls.h"
 #include "util.h"
 
@@ -40,13 +41,6 @@ typedef enum EnrollState {
         ENROLL_FAILED,     /* refused by the cloud (4.xx): waits for another token */
         ENROLL_DONE,       /* enrolled by us */
 } EnrollState;
-
-typedef struct Lookup {
-        struct Lookup *next;
-        struct gaicb req;
-        struct addrinfo hints;
-        char host[];
-} Lookup;
 
 typedef struct Request {
         EVP_PKEY *key;  /* the key the CSR is for */
@@ -94,10 +88,9 @@ struct Enroll {
         TlsFiles files;
         TlsHostCheck host_check;
         coap_dtls_pki_t pki;
-        Lookup *lookup, *stale;
+        Resolver *resolver; /* ENROLL_RESOLVE_SIGNAL */
         struct addrinfo *addrs, *addr_next;
         char address[INET6_ADDRSTRLEN + 8];
-        sd_event_source *resolve_source;
         sd_event_source *io_source;
         sd_event_source *send_source;     /* defer: send once the session is up (docs/design/libcoap.md, trap B) */
         sd_event_source *finish_source;   /* defer: handle the answer or failure outside libcoap */
@@ -324,38 +317,6 @@ static int request_make(Request *req, EVP_PKEY *key, bool key_is_new, const char
 
 static void attempt_fail(Enroll *e, const char *fmt, ...) _printf_(2, 3);
 
-static void lookup_free(Lookup *l) {
-        if (l->req.ar_result)
-                freeaddrinfo(l->req.ar_result);
-        free(l);
-}
-
-static void resolve_cancel(Enroll *e) {
-        Lookup *l = TAKE_PTR(e->lookup);
-
-        if (!l)
-                return;
-        if (gai_cancel(&l->req) == EAI_NOTCANCELED) {
-                l->next = e->stale;
-                e->stale = l;
-                return;
-        }
-        lookup_free(l);
-}
-
-static void reap_stale(Enroll *e) {
-        for (Lookup **p = &e->stale; *p;) {
-                Lookup *l = *p;
-
-                if (gai_error(&l->req) == EAI_INPROGRESS) {
-                        p = &l->next;
-                        continue;
-                }
-                *p = l->next;
-                lookup_free(l);
-        }
-}
-
 /* Drop the session and its context (never from inside libcoap). */
 static void session_close(Enroll *e) {
         e->io_source = sd_event_source_disable_unref(e->io_source);
@@ -382,7 +343,7 @@ static void addrs_free(Enroll *e) {
 }
 
 static void attempt_stop(Enroll *e) {
-        resolve_cancel(e);
+        resolver_cancel(e->resolver);
         session_close(e);
         addrs_free(e);
         sd_event_source_set_enabled(e->finish_source, SD_EVENT_OFF);
@@ -551,34 +512,21 @@ static int connect_next(Enroll *e) {
         return -ENOENT;
 }
 
-static int on_resolved(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+static void on_resolved(void *userdata, int ret, struct addrinfo *ai) {
         Enroll *e = userdata;
-        struct addrinfo *ai;
-        int ret;
 
-        reap_stale(e);
-        if (!e->lookup || gai_error(&e->lookup->req) == EAI_INPROGRESS)
-                return 0;
-        ret = gai_error(&e->lookup->req);
-        ai = TAKE_PTR(e->lookup->req.ar_result);
-        lookup_free(TAKE_PTR(e->lookup));
-        if (ret != 0 || !ai) {
-                if (ai)
-                        freeaddrinfo(ai);
+        if (ret != 0) {
                 attempt_fail(e, "cannot resolve '%s': %s", e->host, gai_strerror(ret));
-                return 0;
+                return;
         }
         addrs_free(e);
         e->addrs = e->addr_next = ai;
         if (connect_next(e) < 0)
                 attempt_fail(e, "cannot connect to '%s'", e->host);
-        return 0;
 }
 
 static void attempt_begin(Enroll *e) {
-        struct sigevent sev = { .sigev_notify = SIGEV_SIGNAL, .sigev_signo = ENROLL_RESOLVE_SIGNAL };
-        struct gaicb *list[1];
-        Lookup *l;
+        int r;
 
         attempt_stop(e);
         e->state = ENROLL_RUNNING;
@@ -588,23 +536,17 @@ static void attempt_begin(Enroll *e) {
         e->host = strdup(e->config->cloud_host);
         e->ca_file = strdup(e->config->ca_file);
         e->port = e->config->cloud_port;
-        l = e->host && e->ca_file ? calloc(1, sizeof(Lookup) + strlen(e->host) + 1) : NULL;
-        if (!l) {
+        if (!e->host || !e->ca_file) {
                 attempt_fail(e, "out of memory");
                 return;
         }
-        strcpy(l->host, e->host);
-        l->hints = (struct addrinfo){ .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM };
-        l->req = (struct gaicb){ .ar_name = l->host, .ar_request = &l->hints };
-        list[0] = &l->req;
         sd_event_source_set_time(e->timer_source, now_usec() + ENROLL_ATTEMPT_MS * 1000ULL);
         sd_event_source_set_enabled(e->timer_source, SD_EVENT_ONESHOT);
-        if (getaddrinfo_a(GAI_NOWAIT, list, 1, &sev) != 0) {
-                free(l);
-                attempt_fail(e, "cannot start name resolution");
+        r = resolver_start(e->resolver, e->host);
+        if (r < 0) {
+                attempt_fail(e, "%s", r == -ENOMEM ? "out of memory" : "cannot start name resolution");
                 return;
         }
-        e->lookup = l;
         set_status(e, "Enrolling as '%s' at %s:%u (attempt %u)", e->enroll_req.id, e->host,
                    e->port, e->attempts);
 }
@@ -1060,7 +1002,7 @@ int enroll_new(sd_event *event, Conn *conn, const Config *cfg, const EnrollHooks
         e->config = cfg;
         e->hooks = *hooks;
         e->jitter = (uint32_t)random();
-        r = sd_event_add_signal(event, &e->resolve_source, ENROLL_RESOLVE_SIGNAL, on_resolved, e);
+        r = resolver_new(event, ENROLL_RESOLVE_SIGNAL, on_resolved, e, &e->resolver);
         if (r >= 0)
                 r = sd_event_add_defer(event, &e->send_source, on_send, e);
         if (r >= 0)
@@ -1085,8 +1027,7 @@ Enroll *enroll_free(Enroll *e) {
         if (!e)
                 return NULL;
         attempt_stop(e);
-        reap_stale(e);
-        sd_event_source_disable_unref(e->resolve_source);
+        resolver_free(e->resolver);
         watches_stop(e);
         sd_event_source_disable_unref(e->send_source);
         sd_event_source_disable_unref(e->finish_source);

@@ -57,7 +57,7 @@ int csr_key_pem(EVP_PKEY *key, char **ret) {
         return 0;
 }
 
-static void fsync_dir_of(const char *path) {
+void csr_fsync_dir_of(const char *path) {
         _cleanup_free_ char *dir = strdup(path);
         char *slash = dir ? strrchr(dir, '/') : NULL;
         _cleanup_close_ int fd = -1;
@@ -100,7 +100,7 @@ int csr_key_write_new(EVP_PKEY *key, const char *path) {
         }
         (void)unlink(tmp);
         explicit_bzero(pem, len);
-        fsync_dir_of(path);
+        csr_fsync_dir_of(path);
         return 0;
 fail:
         (void)unlink(tmp);

@@ -33,6 +33,12 @@ int csr_key_pem(EVP_PKEY *key, char **ret);
  * (-EEXIST); the directory is fsync'd. */
 int csr_key_write_new(EVP_PKEY *key, const char *path);
 
+/* fsync the directory holding path (its parent; "." for a bare name), so
+ * that a rename or link made there is on disk. Best effort: errors are
+ * ignored (a file system that cannot sync a directory keeps what it
+ * keeps). Also used by agent/certfile.c for the pair's renames. */
+void csr_fsync_dir_of(const char *path);
+
 /* The default device ID of a key (see CSR_ID_BYTES). */
 int csr_key_id(EVP_PKEY *key, char ret[static CSR_ID_SIZE]);
 
