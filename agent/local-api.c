@@ -42,6 +42,7 @@ struct Client {
         LocalApi *api;
         Client *next, *prev;
         int fd;
+        uid_t uid; /* the peer's, from SO_PEERCRED */
         sd_event_source *io_source;
         sd_event_source *timer_source;
         char *in;
@@ -178,6 +179,13 @@ static json_t *do_enroll(Client *c, json_t *req) {
 
         if (!c->api->hooks.enroll)
                 return error_reply(EOPNOTSUPP, "enrollment is not supported");
+        /* Enrolling replaces the device's identity (--force, --id): not for
+         * members of [Local] Group=, who may only read status and publish. */
+        if (c->uid != 0 && c->uid != geteuid())
+                return error_reply(EACCES,
+                                   "permission denied: only root or tetherd's own user (uid %u) may enroll, not "
+                                   "uid %u",
+                                   (unsigned)geteuid(), (unsigned)c->uid);
         if (json_unpack_ex(req, &err, JSON_STRICT, "{s:s, s:s, s?s, s?b}", "method", &(const char *){ NULL },
                            "token", &token, "id", &id, "force", &force) < 0)
                 return error_reply(EINVAL, "bad enroll request: %s", err.text);
@@ -338,7 +346,10 @@ static int client_new(LocalApi *api, int fd) {
                 client_free(c);
                 return r;
         }
-        if (!peer_allowed(api, fd, &cred)) {
+        c->uid = (uid_t)-1;
+        if (peer_allowed(api, fd, &cred))
+                c->uid = cred.uid;
+        else {
                 uint64_t now = now_usec();
 
                 if (api->refused_logged == 0 || now >= api->refused_logged + LOCAL_API_REFUSED_LOG_USEC) {

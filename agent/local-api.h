@@ -3,7 +3,8 @@
  * (default /run/tether/tetherd.sock) carrying one JSON request and one
  * JSON response per connection (README.md, "tetherctl"). Callers are
  * checked with SO_PEERCRED/SO_PEERGROUPS: root, the agent's own user, or
- * members of the configured group. Served from the agent's sd-event
+ * members of the configured group; "enroll" (which replaces the device's
+ * identity) only root and the agent's own user. Served from the agent's sd-event
  * loop; never blocks it: every socket is non-blocking, requests are
  * bounded in size and time. */
 #pragma once

@@ -133,6 +133,13 @@ def test_access_control(w):
     sub.wait(lambda e: e.get("name") == "denied/now-allowed", what="event from a group member")
     expect(not any(e.get("name") == "denied/x" for e in sub.events), "refused publish got through")
     sub.close()
+    # A group member may not enroll (it would replace the device's identity).
+    r = w.tetherctl(a, "enroll", "--force", "--token", "tprov_" + "0" * 40, "--id", "someone-else", "--no-wait",
+                    check=False, user=user)
+    expect(r.returncode == 3 and "only root or tetherd's own user" in r.stderr,
+           f"a group member could enroll: {r.returncode} {r.stderr!r}")
+    st = json.loads(w.tetherctl(a, "status", "--json").stdout)
+    expect(st["enrollment"]["generation"] == 0 and st["connected"], f"enrollment started: {st['enrollment']}")
 
     # An unknown group: warned about, root still allowed, nobody not.
     with open(a.conf, "a") as f:
