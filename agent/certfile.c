@@ -70,10 +70,18 @@ int certfile_install(const char *key_path, const char *cert_path, const char *ke
                  * recover from. */
                 csr_fsync_dir_of(key_path);
         }
-        if (rename(cert_new, cert_path) < 0)
-                /* The new key is in place: CERT.new stays for
-                 * certfile_recover() to complete. */
-                return -errno;
+        if (rename(cert_new, cert_path) < 0) {
+                CertfileRecovery rec;
+
+                /* The new key is in place with the old certificate, a
+                 * pair that cannot connect: complete the install at once
+                 * as a start would (a failure that passed), else CERT.new
+                 * stays for certfile_recover() at the next start. */
+                r = -errno;
+                if (certfile_recover(key_path, cert_path, &rec) == 0 && rec == CERTFILE_COMPLETED)
+                        return 0;
+                return r;
+        }
         csr_fsync_dir_of(cert_path);
         return 0;
 fail:

@@ -23,7 +23,11 @@
  * cert_path and key_path, in the order above. The key file is created
  * with mode 0600, the certificate 0644. -EINVAL if the two paths are the
  * same. On failure before the first rename the old pair is untouched and
- * the .new files are removed. */
+ * the .new files are removed. When the certificate's rename fails after
+ * the key's, certfile_recover() runs at once (it renames CERT.new again);
+ * if that fails too, the error is returned and the new key is in place
+ * with the old certificate and CERT.new, for certfile_recover() at the
+ * next start. */
 int certfile_install(const char *key_path, const char *cert_path, const char *key_pem, const char *cert_pem);
 
 /* What certfile_recover() found. */

@@ -75,6 +75,21 @@ static bool exists(const char *path) {
         return access(path, F_OK) == 0;
 }
 
+/* certfile.c's rename() (linked with --wrap=rename): the next
+ * fail_cert_renames renames onto cert_path fail with EIO. */
+int __real_rename(const char *from, const char *to);
+int __wrap_rename(const char *from, const char *to);
+static unsigned fail_cert_renames;
+
+int __wrap_rename(const char *from, const char *to) {
+        if (fail_cert_renames > 0 && streq(to, cert_path)) {
+                fail_cert_renames--;
+                errno = EIO;
+                return -1;
+        }
+        return __real_rename(from, to);
+}
+
 /* The old pair in place: key A, certificate for A. */
 typedef struct Pairs {
         EVP_PKEY *a, *b;
@@ -237,6 +252,35 @@ static void test_recover_between_renames(void **state) {
         pairs_done(&p);
 }
 
+/* The certificate's rename fails once after the key's: the install is
+ * completed at once, not left to the next start. */
+static void test_install_cert_rename_fails_once(void **state) {
+        Pairs p = {};
+
+        pairs_make(&p);
+        fail_cert_renames = 1;
+        assert_int_equal(certfile_install(key_path, cert_path, p.b_key, p.b_cert), 0);
+        assert_int_equal(fail_cert_renames, 0);
+        expect_files(p.b_key, p.b_cert);
+        pairs_done(&p);
+}
+
+/* It keeps failing: an error, and CERT.new for the next start. */
+static void test_install_cert_rename_fails(void **state) {
+        Pairs p = {};
+        CertfileRecovery rec;
+
+        pairs_make(&p);
+        fail_cert_renames = 2;
+        assert_int_equal(certfile_install(key_path, cert_path, p.b_key, p.b_cert), -EIO);
+        assert_int_equal(fail_cert_renames, 0);
+        assert_true(exists(cert_new));
+        assert_int_equal(certfile_recover(key_path, cert_path, &rec), 0);
+        assert_int_equal(rec, CERTFILE_COMPLETED);
+        expect_files(p.b_key, p.b_cert);
+        pairs_done(&p);
+}
+
 /* Crash while writing KEY.new, or CERT.new (torn): the old pair stays. */
 static void test_recover_torn(void **state) {
         Pairs p = {};
@@ -334,6 +378,8 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_install_keeps_key),
                 cmocka_unit_test(test_install_two_directories),
                 cmocka_unit_test(test_install_refuses_one_path),
+                cmocka_unit_test(test_install_cert_rename_fails_once),
+                cmocka_unit_test(test_install_cert_rename_fails),
                 cmocka_unit_test(test_recover_nothing),
                 cmocka_unit_test(test_recover_before_renames),
                 cmocka_unit_test(test_recover_between_renames),
