@@ -756,7 +756,7 @@ static int enroll_begin(Enroll *e, const char *token, const char *id, char *erro
                 log_info("Made a new EC P-256 device key '%s'", e->config->key_file);
         } else if (r < 0) {
                 snprintf(error, error_size, "cannot read the device key '%s': %s", e->config->key_file,
-                         r == -EBADMSG ? "no PEM private key in it" : strerror(-r));
+                         csr_key_load_problem(r));
                 return r;
         }
         if (!id)

@@ -23,17 +23,35 @@ int csr_key_generate(EVP_PKEY **ret) {
         return 0;
 }
 
+/* OpenSSL asks for a passphrase only for an encrypted key: none is
+ * given (OpenSSL's default would prompt on the terminal), and the
+ * question is noted. */
+static int no_passphrase(char *buf, int size, int rwflag, void *userdata) {
+        *(bool *)userdata = true;
+        return -1;
+}
+
 int csr_key_load(const char *path, EVP_PKEY **ret) {
         _cleanup_fclose_ FILE *f = fopen(path, "re");
+        bool encrypted = false;
         EVP_PKEY *key;
 
         if (!f)
                 return -errno;
-        key = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+        key = PEM_read_PrivateKey(f, NULL, no_passphrase, &encrypted);
         if (!key)
-                return ssl_fail(-EBADMSG);
+                return ssl_fail(encrypted ? -ENOKEY : -EBADMSG);
         *ret = key;
         return 0;
+}
+
+const char *csr_key_load_problem(int r) {
+        if (r == -EBADMSG)
+                return "no PEM private key in it";
+        if (r == -ENOKEY)
+                return "it is encrypted (a passphrase-protected PEM key); tether needs an unencrypted key: "
+                       "'openssl pkey -in KEY -out KEY.plain', then replace it";
+        return strerror(-r);
 }
 
 int csr_key_pem(EVP_PKEY *key, char **ret) {
@@ -220,7 +238,7 @@ int csr_pair_matches(const char *cert_path, const char *key_path) {
         r = csr_key_load(key_path, &key);
         if (r == 0)
                 r = EVP_PKEY_eq(X509_get0_pubkey(x), key) == 1;
-        else if (r == -EBADMSG)
+        else if (r == -EBADMSG || r == -ENOKEY)
                 r = 0;
         X509_free(x);
         EVP_PKEY_free(key);

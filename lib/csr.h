@@ -23,8 +23,13 @@
 
 /* A new EC P-256 key. The caller owns *ret. */
 int csr_key_generate(EVP_PKEY **ret);
-/* Read the PEM private key at path. */
+/* Read the PEM private key at path. -ENOKEY if it is encrypted
+ * ("Proc-Type: 4,ENCRYPTED", or PKCS#8 "ENCRYPTED PRIVATE KEY"): nobody is
+ * asked for a passphrase, the key must be unencrypted. */
 int csr_key_load(const char *path, EVP_PKEY **ret);
+/* Why csr_key_load() failed, for a message: "no PEM private key in it",
+ * "it is encrypted ...", or strerror(). */
+const char *csr_key_load_problem(int r);
 /* The key as PEM (PKCS#8, unencrypted): malloc'd, NUL-terminated. */
 int csr_key_pem(EVP_PKEY *key, char **ret);
 /* Write the key to path as a new file of mode 0600: through a temporary

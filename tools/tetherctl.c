@@ -315,8 +315,8 @@ static int cmd_genkey(const char *path) {
 static int key_load(const char *path, EVP_PKEY **ret) {
         int r = csr_key_load(path, ret);
 
-        if (r == -EBADMSG)
-                return log_error("Cannot read the device key '%s': no PEM private key in it", path), 1;
+        if (r == -EBADMSG || r == -ENOKEY)
+                return log_error("Cannot read the device key '%s': %s", path, csr_key_load_problem(r)), 1;
         if (r < 0)
                 return log_error_errno(r, "Cannot open the device key '%s': %m", path), 1;
         return 0;

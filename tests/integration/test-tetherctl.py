@@ -229,6 +229,16 @@ def test_enrollment(w):
                                    w.path("pki"), w.path("bad.csr")], capture_output=True, text=True)
     expect(r.returncode == 1, f"garbage CSR accepted: {r.stdout}")
 
+    # An encrypted key is named as such (and nobody is asked for a passphrase).
+    for name, extra in (("pkcs8", []), ("traditional", ["-traditional"])):
+        enc = w.path(f"encrypted-{name}.key")
+        subprocess.run(["openssl", "pkey", "-in", key, *extra, "-aes256", "-passout", "pass:secret", "-out", enc],
+                       check=True, capture_output=True)
+        r = subprocess.run(EMULATOR + [TETHERCTL, "csr", "--key", enc], capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=30 * TIME_FACTOR)
+        expect(r.returncode == 1 and "it is encrypted" in r.stderr and "unencrypted key" in r.stderr,
+               f"csr with an encrypted {name} key: {r.returncode} {r.stderr!r}")
+
     # A bad device ID says why: a reserved one is not a bad pattern.
     reserved = "'api' and 'events' are reserved by the API"
     pattern = "must match [A-Za-z0-9_-]{1,64}"
