@@ -7,6 +7,7 @@
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <sys/inotify.h>
+#include <sys/stat.h>
 #include <time.h>
 
 #include "backoff.h"
@@ -105,6 +106,7 @@ struct Enroll {
 
         sd_event_source *token_watch; /* inotify on TokenFile='s directory while not enrolled */
         sd_event_source *cert_watch;  /* inotify on Certificate='s directory while not enrolled */
+        bool token_mode_warned;       /* TokenFile= readable by others: said once */
 
         /* --- renewal --- */
         sd_event_source *renew_source; /* CLOCK_REALTIME: renew_at, or the retry */
@@ -698,13 +700,16 @@ static int on_enroll_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-/* Read the token file: the first line that is not blank or a comment. */
-static int read_token(const char *path, char **ret) {
+/* Read the token file: the first line that is not blank or a comment.
+ * *ret_mode: the file's mode. */
+static int read_token(const char *path, char **ret, mode_t *ret_mode) {
         _cleanup_fclose_ FILE *f = fopen(path, "re");
         char line[ENROLL_TOKEN_MAX + 2];
+        struct stat st;
 
         if (!f)
                 return -errno;
+        *ret_mode = fstat(fileno(f), &st) == 0 ? st.st_mode : 0;
         while (fgets(line, sizeof(line), f)) {
                 char *p = line, *end;
 
@@ -1049,11 +1054,20 @@ Enroll *enroll_free(Enroll *e) {
 static int enroll_from_token_file(Enroll *e) {
         _cleanup_(secret_freep) char *token = NULL;
         char error[512];
+        mode_t mode = 0;
         int r;
 
         if (!e->config->enroll_token_file)
                 return 0;
-        r = read_token(e->config->enroll_token_file, &token);
+        r = read_token(e->config->enroll_token_file, &token, &mode);
+        if (r != -ENOENT && (mode & S_IROTH) && !e->token_mode_warned) {
+                /* Once: the agent does not change files in /etc. */
+                log_warning("The provisioning token file '%s' is readable by every user (mode %04o): it is a "
+                            "secret that can enroll devices; chmod o-r it (the packaged way: install -m 0640 -g "
+                            "tether)",
+                            e->config->enroll_token_file, (unsigned)(mode & 07777));
+                e->token_mode_warned = true;
+        }
         if (r < 0 && r != -ENOENT)
                 log_warning_errno(r == -ENODATA ? -EINVAL : r, "Cannot read a token from '%s': %s",
                                   e->config->enroll_token_file, r == -ENODATA ? "no token in it" : strerror(-r));

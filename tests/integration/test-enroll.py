@@ -3,7 +3,8 @@
 """Enrollment and renewal, agent side against the real cloud: a device
 without a certificate waits without connect attempts; `tetherctl enroll`
 with a provisioning token brings it online without a restart; [Enroll]
-TokenFile= enrolls at start; a refused token's reason reaches the user;
+TokenFile= enrolls at start (a token file others can read is warned
+about once); a refused token's reason reaches the user;
 the certificate is renewed over the connection while calls run, and
 the renewed pair survives a restart; a key and certificate install
 interrupted between its renames is completed at the next start."""
@@ -106,9 +107,11 @@ def test_token_file_at_start(w):
     with open(token_file, "w") as f:
         f.write("# provisioning token\n\n" + provision(w) + "\n")
     conf, cert, key = new_agent(w, dev_id="gw-tokenfile", token_file=token_file)
+    os.chmod(token_file, 0o640)
     a = w.run_agent("agent", conf, ("gw-tokenfile", cert, key), wait_online=True)
     a.wait_line("Enrolled as device 'gw-tokenfile'", timeout=seconds(5))
     expect(os.path.exists(cert), "no certificate installed")
+    expect(a.count("readable by every user") == 0, "a token file of mode 0640 was warned about")
 
 
 def test_token_file_appears(w):
@@ -129,6 +132,7 @@ def test_token_file_appears(w):
         tmp = token_file + ".tmp"
         with open(tmp, "w") as f:
             f.write(token + "\n")
+        os.chmod(tmp, 0o644)
         os.rename(tmp, token_file)
 
     drop("tprov_" + "1" * 40)
@@ -140,6 +144,9 @@ def test_token_file_appears(w):
     a.wait_line("Enrolled as device 'gw-tokenlate'", timeout=seconds(5))
     expect(os.path.exists(cert), "no certificate installed")
     expect(a.proc.poll() is None, "the agent restarted")
+    # Both tokens were in a file others can read (mode 0644): said once.
+    n = a.count(r"provisioning token file '.*' is readable by every user \(mode 0644\)")
+    expect(n == 1, f"{n} warnings about the token file's mode")
 
 
 def test_reload_while_not_enrolled(w):
