@@ -97,6 +97,7 @@ Config *config_free(Config *c) {
         free(c->ota.dpkg_root);
         free(c->enroll_token_file);
         free(c->enroll_device_id);
+        free(c->enroll_device_ca_file);
         free(c);
         return NULL;
 }
@@ -222,6 +223,7 @@ static const KeyfileKey keys[] = {
         { "OTA", "MaxTransitions", KEYFILE_UINT, F(ota.max_transitions), 4, 10000 },
         { "Enroll", "TokenFile", KEYFILE_STRING, F(enroll_token_file), 0, 0 },
         { "Enroll", "DeviceID", KEY_DEVICE_ID, F(enroll_device_id), 0, 0 },
+        { "Enroll", "DeviceCAFile", KEYFILE_STRING, F(enroll_device_ca_file), 0, 0 },
         { "Enroll", "Renew", KEY_BOOL, F(enroll_renew), 0, 0 },
         { "Enroll", "RenewAfterPercent", KEYFILE_UINT, F(enroll_renew_percent), 1, 99 },
 };

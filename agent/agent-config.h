@@ -92,6 +92,7 @@ typedef struct Config {
         /* [Enroll] (docs/enrollment.md) */
         char *enroll_token_file;  /* a provisioning token to enroll with; NULL: none */
         char *enroll_device_id;   /* the ID to ask for; NULL: from the certificate or the key */
+        char *enroll_device_ca_file; /* an issued certificate must verify against it; NULL: not checked */
         bool enroll_renew;        /* renew the certificate over the connection */
         unsigned enroll_renew_percent; /* renew at this % of the lifetime; 0: two thirds (the cloud's renew_after) */
 } Config;

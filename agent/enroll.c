@@ -6,6 +6,7 @@
 #include <netdb.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
+#include <openssl/x509v3.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -25,6 +26,9 @@
 /* The cloud's answer: a certificate chain in JSON. */
 #define ENROLL_ANSWER_MAX (64 * 1024)
 #define ENROLL_CHAIN_MAX 8
+/* An issued certificate may start this far in the future by our clock
+ * (the cloud backdates its own by 5 minutes for the same reason). */
+#define ENROLL_SKEW_SEC 300
 /* One attempt (lookup, TCP, TLS, request, answer) takes at most this. */
 #define ENROLL_ATTEMPT_MS 60000
 #define ENROLL_RENEW_TIMEOUT_MS 60000
@@ -207,13 +211,67 @@ static bool cert_valid(Enroll *e, char *why, size_t why_size) {
 
 /* --- the cloud's answer -------------------------------------------------- */
 
+/* The leaf's notBefore may be ahead of our clock by the skew allowed,
+ * which parse_issued() checked already. */
+static int verify_skew_cb(int ok, X509_STORE_CTX *ctx) {
+        if (!ok && X509_STORE_CTX_get_error(ctx) == X509_V_ERR_CERT_NOT_YET_VALID &&
+            X509_STORE_CTX_get_error_depth(ctx) == 0)
+                return 1;
+        return ok;
+}
+
+/* Whether the chain (the leaf first, then what the cloud sent with it)
+ * verifies against ca_file for a TLS client, now (the leaf's notBefore
+ * within the skew allowed); 0, or -EBADMSG with the reason. */
+static int verify_chain(STACK_OF(X509) *chain, const char *ca_file, char *error, size_t error_size) {
+        X509_STORE *trust = X509_STORE_new();
+        X509_STORE_CTX *ctx = X509_STORE_CTX_new();
+        STACK_OF(X509) *untrusted = NULL;
+        int r = -ENOMEM;
+
+        if (!trust || !ctx)
+                goto out;
+        if (X509_STORE_load_file(trust, ca_file) != 1) {
+                snprintf(error, error_size, "cannot read a CA certificate from [Enroll] DeviceCAFile='%s'", ca_file);
+                r = -EIO;
+                goto out;
+        }
+        untrusted = sk_X509_dup(chain);
+        if (!untrusted)
+                goto out;
+        (void)sk_X509_shift(untrusted); /* the leaf */
+        if (X509_STORE_CTX_init(ctx, trust, sk_X509_value(chain, 0), untrusted) != 1)
+                goto out;
+        X509_STORE_CTX_set_purpose(ctx, X509_PURPOSE_SSL_CLIENT);
+        X509_STORE_CTX_set_verify_cb(ctx, verify_skew_cb);
+        if (X509_verify_cert(ctx) != 1) {
+                snprintf(error, error_size, "the certificate does not verify against [Enroll] DeviceCAFile='%s': %s",
+                         ca_file, X509_verify_cert_error_string(X509_STORE_CTX_get_error(ctx)));
+                r = -EBADMSG;
+                goto out;
+        }
+        r = 0;
+out:
+        if (r == -ENOMEM)
+                snprintf(error, error_size, "out of memory");
+        sk_X509_free(untrusted);
+        X509_STORE_CTX_free(ctx);
+        X509_STORE_free(trust);
+        ERR_clear_error();
+        return r;
+}
+
 /* Check a 2.01 answer for req and return the certificate chain as PEM
- * (what gets installed) and its facts; the reason in error otherwise. */
-static int parse_issued(const Request *req, const char *data, size_t len, char **ret_pem, CertInfo *ret_info,
-                        char *error, size_t error_size) {
+ * (what gets installed) and its facts; the reason in error otherwise:
+ * -EAGAIN when asking again later may do (a notBefore ahead of our clock),
+ * else -EBADMSG (-ENOMEM, -EIO). With device_ca_file, the chain must
+ * verify against it. */
+static int parse_issued(const Request *req, const char *device_ca_file, const char *data, size_t len,
+                        char **ret_pem, CertInfo *ret_info, char *error, size_t error_size) {
         json_t *j = NULL;
         const char *id = NULL, *pem = NULL;
         BIO *in = NULL, *out = NULL;
+        STACK_OF(X509) *chain = NULL;
         X509 *x;
         CertInfo info = {};
         char *copy = NULL, *buf;
@@ -231,7 +289,8 @@ static int parse_issued(const Request *req, const char *data, size_t len, char *
         }
         in = BIO_new_mem_buf(pem, -1);
         out = BIO_new(BIO_s_mem());
-        if (!in || !out) {
+        chain = sk_X509_new_null();
+        if (!in || !out || !chain) {
                 r = -ENOMEM;
                 snprintf(error, error_size, "out of memory");
                 goto out;
@@ -250,7 +309,12 @@ static int parse_issued(const Request *req, const char *data, size_t len, char *
                         X509_free(x);
                         goto out;
                 }
-                X509_free(x);
+                if (!sk_X509_push(chain, x)) {
+                        X509_free(x);
+                        r = -ENOMEM;
+                        snprintf(error, error_size, "out of memory");
+                        goto out;
+                }
         }
         if (n == 0) {
                 snprintf(error, error_size, "the answer holds no certificate");
@@ -264,6 +328,22 @@ static int parse_issued(const Request *req, const char *data, size_t len, char *
                 snprintf(error, error_size, "the certificate has already expired");
                 goto out;
         }
+        if (info.not_before > now_sec() + ENROLL_SKEW_SEC) {
+                /* Not installed: the cloud would refuse it until then, and
+                 * it would replace a pair that works. */
+                snprintf(error, error_size,
+                         "the certificate is valid only from %s, more than %d minutes ahead of this device's clock "
+                         "(is the clock right?)",
+                         fmt_time(info.not_before, (char[32]){}), ENROLL_SKEW_SEC / 60);
+                r = -EAGAIN;
+                goto out;
+        }
+        if (device_ca_file) {
+                r = verify_chain(chain, device_ca_file, error, error_size);
+                if (r < 0)
+                        goto out;
+                r = -EBADMSG;
+        }
         n_out = BIO_get_mem_data(out, &buf);
         copy = n_out > 0 ? strndup(buf, (size_t)n_out) : NULL;
         if (!copy) {
@@ -276,6 +356,7 @@ static int parse_issued(const Request *req, const char *data, size_t len, char *
         r = 0;
 out:
         ERR_clear_error();
+        sk_X509_pop_free(chain, X509_free);
         BIO_free(in);
         BIO_free(out);
         json_decref(j);
@@ -657,11 +738,16 @@ static int on_finish(sd_event_source *s, void *userdata) {
         }
         answer_text(e->answer, e->answer_len, text, sizeof(text));
         if (code == COAP_RESPONSE_CODE(201)) {
-                int r = parse_issued(&e->enroll_req, e->answer, e->answer_len, &pem, &info, e->error,
-                                     sizeof(e->error));
+                int r = parse_issued(&e->enroll_req, e->config->enroll_device_ca_file, e->answer, e->answer_len, &pem,
+                                     &info, e->error, sizeof(e->error));
                 attempt_stop(e);
                 if (r < 0)
-                        enroll_failed(e, false, 0);
+                        /* A notBefore ahead of our clock (-EAGAIN) is asked
+                         * for again after a backoff, the clock may catch up;
+                         * any other fault would come again the same way. */
+                        enroll_failed(e, r == -EAGAIN,
+                                      backoff_delay_ms(ENROLL_RETRY_MIN_MS, ENROLL_RETRY_MAX_MS, e->failures++,
+                                                       (uint32_t)random()));
                 else
                         enroll_succeeded(e, pem, &info);
                 return 0;
@@ -892,7 +978,8 @@ static void on_renew_answer(int error, unsigned code, const uint8_t *data, size_
                 return;
         }
         if (code == COAP_RESPONSE_CODE(201)) {
-                r = parse_issued(&e->renew_req, (const char *)data, len, &pem, &info, text, sizeof(text));
+                r = parse_issued(&e->renew_req, e->config->enroll_device_ca_file, (const char *)data, len, &pem,
+                                 &info, text, sizeof(text));
                 if (r == 0)
                         r = csr_key_pem(e->renew_req.key, &key_pem);
                 if (r == 0) {

@@ -271,6 +271,54 @@ def test_renewal_during_traffic(w):
     w.run_agent("agent2", conf, ("gw-renew", cert, key), wait_online=True)
 
 
+def test_device_ca_file(w):
+    """[Enroll] DeviceCAFile=: a certificate that does not verify against
+    it is not installed, at enrollment (no certificate, the cloud's reason
+    shown) nor at renewal (the working pair stays)."""
+    enroll_cloud(w, validity=300)
+    w.pki("ca", w.path("other-pki"))
+    other_ca = w.path("other-pki", "ca.crt")
+
+    conf, cert, key = new_agent(w, name="bad", dev_id="gw-devca-bad")
+    with open(conf, "a") as f:
+        f.write(f"DeviceCAFile={other_ca}\n")
+    a = w.run_agent("bad", conf, ("gw-devca-bad", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled")
+    r = w.tetherctl(a, "enroll", "--token", provision(w), check=False, timeout=60)
+    expect(r.returncode == 1 and "does not verify against [Enroll] DeviceCAFile" in r.stderr,
+           f"enrolled with a certificate outside DeviceCAFile: {r.returncode} {r.stdout!r} {r.stderr!r}")
+    expect(not os.path.exists(cert), "a certificate outside DeviceCAFile was installed")
+    expect(status(w, a)["enrollment"]["state"] == "failed", "the enrollment did not fail")
+    a.stop()
+
+    # The right CA: enrolled; then DeviceCAFile holds another CA and a
+    # renewal is refused, the pair in place kept.
+    device_ca = w.path("device-ca.crt")
+    with open(device_ca, "w") as f:
+        f.write(open(w.path("pki", "ca.crt")).read())
+    conf, cert, key = new_agent(w, dev_id="gw-devca", renew=2)
+    with open(conf, "a") as f:
+        f.write(f"DeviceCAFile={device_ca}\nRenew=no\n")
+    mark = w.notify.mark()
+    a = w.run_agent("agent", conf, ("gw-devca", cert, key), wait_online=False)
+    w.notify.wait(lambda m: m.get("STATUS", "").startswith("Not enrolled"), seconds(10), "not enrolled", mark)
+    w.tetherctl(a, "enroll", "--token", provision(w), timeout=60)
+    first_cert, first_key = open(cert).read(), open(key).read()
+    with open(device_ca, "w") as f:
+        f.write(open(other_ca).read())
+    with open(conf) as f:
+        text = f.read()
+    with open(conf, "w") as f:
+        f.write(text.replace("Renew=no\n", "Renew=yes\n"))
+    mark = a.mark()
+    a.signal(signal.SIGHUP)
+    a.wait_line(r"Renewing the certificate of 'gw-devca' failed: the certificate does not verify against "
+                r"\[Enroll\] DeviceCAFile", start=mark, timeout=seconds(30))
+    expect(open(cert).read() == first_cert and open(key).read() == first_key, "the pair in place was replaced")
+    st = status(w, a)
+    expect(st["connected"] and st["certificate"]["last_renewal"]["result"] == "failed", f"status: {st}")
+
+
 def test_crash_between_renames(w):
     enroll_cloud(w)
     conf, cert, key = new_agent(w, dev_id="gw-crash")
@@ -325,7 +373,7 @@ if __name__ == "__main__":
         sys.exit(run([test_not_enrolled_waits, test_torn_new_files_discarded, test_tetherctl_enroll,
                       test_token_file_at_start, test_token_file_appears, test_reload_while_not_enrolled,
                       test_external_signer, test_refused_token, test_renewal_during_traffic,
-                      test_crash_between_renames], emulated="ok"))
+                      test_device_ca_file, test_crash_between_renames], emulated="ok"))
     except Failure as e:
         print(f"Bail out! {e}")
         sys.exit(1)
