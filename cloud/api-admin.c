@@ -60,8 +60,9 @@ static int api_seconds(json_t *v, int64_t *ret) {
         return api_number(json_string_value(v), json_string_length(v), ret);
 }
 
-/* A list of names (device IDs or tags) from a JSON array of strings or a
- * string of names separated by commas and/or blanks; the strings are
+/* A list of names (device IDs or tag restrictions) from a JSON array of
+ * strings, one name each, or a string of names (what a form holds)
+ * separated by any of seps, blanks around each dropped; the strings are
  * copied into *pool (one NUL-separated buffer) and *ret points into it. */
 typedef struct NameList {
         char *pool;
@@ -73,10 +74,44 @@ static void name_list_done(NameList *l) {
         free(l->pool);
 }
 
-static int name_list_parse(json_t *v, ProtoNameKind kind, const char *what, NameList *l, json_t **ret_body,
-                           unsigned *ret_status) {
+static bool device_id_valid(const char *s, size_t len) {
+        return proto_name_check(s, len, PROTO_NAME_DEVICE) == 0;
+}
+
+/* NAME or NAME=VALUE (tokens.h): the name and the value of a
+ * provisioning token's tag (provision.h). */
+static bool tag_restriction_valid(const char *s, size_t len) {
+        const char *eq = memchr(s, '=', len);
+        size_t n = eq ? (size_t)(eq - s) : len;
+
+        if (n > PROVISION_TAG_KEY_MAX || proto_name_check(s, n, PROTO_NAME_FUNCTION) < 0)
+                return false;
+        return !eq || provision_tag_value_valid(eq + 1, len - n - 1);
+}
+
+static int name_list_add(NameList *l, size_t *used, const char *s, size_t len, bool (*valid)(const char *, size_t),
+                         const char *what, const char *rule, json_t **ret_body, unsigned *ret_status) {
+        if (!valid(s, len)) {
+                *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST, "Invalid entry in \"%s\": %s", what, rule);
+                return -EINVAL;
+        }
+        if (l->n >= TOKENS_RESTRICT_MAX) {
+                *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST, "At most %u entries in \"%s\"",
+                                       TOKENS_RESTRICT_MAX, what);
+                return -EINVAL;
+        }
+        memcpy(l->pool + *used, s, len);
+        l->pool[*used + len] = 0;
+        l->v[l->n++] = l->pool + *used;
+        *used += len + 1;
+        return 0;
+}
+
+static int name_list_parse(json_t *v, const char *seps, bool (*valid)(const char *, size_t), const char *what,
+                           const char *rule, NameList *l, json_t **ret_body, unsigned *ret_status) {
         size_t cap = 0, used = 0, i;
         json_t *x;
+        int r;
 
         if (!v || json_is_null(v))
                 return 0;
@@ -87,65 +122,47 @@ static int name_list_parse(json_t *v, ProtoNameKind kind, const char *what, Name
                 json_array_foreach(v, i, x) {
                         if (!json_is_string(x)) {
                                 *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
-                                                       "\"%s\" must be an array of names", what);
+                                                       "\"%s\" must be an array of strings", what);
                                 return -EINVAL;
                         }
                         cap += json_string_length(x) + 1;
                 }
         } else {
                 *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
-                                       "\"%s\" must be an array of names or a string of names separated by commas",
+                                       "\"%s\" must be an array of strings or a string of them separated by commas",
                                        what);
                 return -EINVAL;
         }
         l->pool = malloc(cap + 1);
         if (!l->pool)
                 return -ENOMEM;
-        for (size_t k = 0;; k++) {
-                const char *s, *end;
-
-                if (json_is_string(v)) {
-                        if (k > 0)
-                                break;
-                        s = json_string_value(v);
-                        end = s + json_string_length(v);
-                } else {
-                        if (k >= json_array_size(v))
-                                break;
-                        x = json_array_get(v, k);
-                        s = json_string_value(x);
-                        end = s + json_string_length(x);
-                        if (proto_name_check(s, (size_t)(end - s), kind) < 0)
-                                goto bad;
+        if (json_is_array(v)) {
+                json_array_foreach(v, i, x) {
+                        r = name_list_add(l, &used, json_string_value(x), json_string_length(x), valid, what, rule,
+                                          ret_body, ret_status);
+                        if (r < 0)
+                                return r;
                 }
-                while (s < end) {
-                        const char *e = s;
+                return 0;
+        }
+        for (const char *s = json_string_value(v), *end = s + json_string_length(v); s < end;) {
+                const char *e = s, *next;
 
-                        while (e < end && *e != ',' && *e != ' ' && *e != '\t')
-                                e++;
-                        if (e > s) {
-                                if (proto_name_check(s, (size_t)(e - s), kind) < 0)
-                                        goto bad;
-                                if (l->n >= TOKENS_RESTRICT_MAX) {
-                                        *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
-                                                               "At most %u entries in \"%s\"", TOKENS_RESTRICT_MAX,
-                                                               what);
-                                        return -EINVAL;
-                                }
-                                memcpy(l->pool + used, s, (size_t)(e - s));
-                                l->pool[used + (size_t)(e - s)] = 0;
-                                l->v[l->n++] = l->pool + used;
-                                used += (size_t)(e - s) + 1;
-                        }
-                        s = e + 1;
+                while (e < end && !memchr(seps, *e, strlen(seps)))
+                        e++;
+                next = e + 1;
+                while (s < e && (*s == ' ' || *s == '\t'))
+                        s++;
+                while (e > s && (e[-1] == ' ' || e[-1] == '\t'))
+                        e--;
+                if (e > s) {
+                        r = name_list_add(l, &used, s, (size_t)(e - s), valid, what, rule, ret_body, ret_status);
+                        if (r < 0)
+                                return r;
                 }
+                s = next;
         }
         return 0;
-bad:
-        *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST, "Invalid name in \"%s\": %s", what,
-                               kind == PROTO_NAME_DEVICE ? "device IDs are [A-Za-z0-9_-]{1,64}"
-                                                         : "tags are [A-Za-z0-9_.-]{1,64}");
-        return -EINVAL;
 }
 
 unsigned api_tokens_create(Tokens *t, json_t *params, const char *actor, char ret_id[static TOKENS_ID_MAX + 1],
@@ -203,11 +220,13 @@ unsigned api_tokens_create(Tokens *t, json_t *params, const char *actor, char re
                                         TOKENS_LIFETIME_MAX);
                 spec.expires_at = n;
         }
-        r = name_list_parse(json_object_get(params, "devices"), PROTO_NAME_DEVICE, "devices", &devices, ret_body,
-                            &status);
+        r = name_list_parse(json_object_get(params, "devices"), ", \t", device_id_valid, "devices",
+                            "device IDs are [A-Za-z0-9_-]{1,64}", &devices, ret_body, &status);
         if (r == 0)
-                r = name_list_parse(json_object_get(params, "tags"), PROTO_NAME_FUNCTION, "tags", &tags, ret_body,
-                                    &status);
+                r = name_list_parse(json_object_get(params, "tags"), ",", tag_restriction_valid, "tags",
+                                    "a tag is NAME or NAME=VALUE, names [A-Za-z0-9_.-]{1,64}, values text of at "
+                                    "most 256 bytes without control characters",
+                                    &tags, ret_body, &status);
         if (r == -ENOMEM) {
                 *ret_body = NULL;
                 return MHD_HTTP_INTERNAL_SERVER_ERROR;
@@ -228,6 +247,12 @@ unsigned api_tokens_create(Tokens *t, json_t *params, const char *actor, char re
         if ((spec.scopes & SCOPE_PROVISION_WRITE) && (spec.n_devices || spec.n_tags))
                 return api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
                                 "A provision:write token cannot be restricted to devices or tags");
+        /* Nor one that publishes: an event from the API goes to every
+         * subscribed device, those it may not reach too. */
+        if ((spec.scopes & SCOPE_EVENTS_PUBLISH) && (spec.n_devices || spec.n_tags))
+                return api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
+                                "An events:publish token cannot be restricted to devices or tags (its events would "
+                                "reach every subscribed device)");
         r = tokens_create(t, &spec, &secret, &j);
         if (r == -EUSERS)
                 return api_fail(ret_body, MHD_HTTP_CONFLICT,
@@ -292,29 +317,74 @@ unsigned api_audit_query(Store *s, const char *after, const char *limit, const c
         return MHD_HTTP_OK;
 }
 
-json_t *api_devices_list_restricted(Devices *devs, const TokenAuth *auth, const ApiPage *p) {
-        const char *const *ids;
-        size_t n = tokens_devices(auth, &ids), total = 0, first, i;
-        json_t *a = json_array();
+/* The restricted device list being built: the devices of the page, and
+ * how many the token reaches in all. */
+typedef struct RestrictedList {
+        Devices *devs;
+        const ApiPage *page;
+        const char *const *ids; /* the token's device IDs */
+        size_t n_ids, first, total;
+        json_t *a;
+        bool failed; /* out of memory */
+} RestrictedList;
 
-        if (!a)
-                return NULL;
-        first = p->paged ? (p->page - 1 > n / p->per_page ? n : (p->page - 1) * p->per_page) : 0;
-        for (i = 0; i < n; i++) {
-                Device *d = devices_find(devs, ids[i]);
+static void restricted_add(RestrictedList *l, Device *d) {
+        if (l->total >= l->first && (!l->page->paged || l->total - l->first < l->page->per_page) && !l->failed &&
+            json_array_append_new(l->a, device_to_json(d, false)) < 0)
+                l->failed = true;
+        l->total++;
+}
 
-                if (!d)
-                        continue;
-                if (total >= first && (!p->paged || total - first < p->per_page) &&
-                    json_array_append_new(a, device_to_json(d, false)) < 0) {
-                        json_decref(a);
-                        return NULL;
-                }
-                total++;
+/* A device of the token's tags: unless it is listed by ID already. */
+static void restricted_tagged(void *userdata, const char *id) {
+        RestrictedList *l = userdata;
+        Device *d;
+
+        for (size_t i = 0; i < l->n_ids; i++)
+                if (streq(l->ids[i], id))
+                        return;
+        d = devices_find(l->devs, id);
+        if (d)
+                restricted_add(l, d);
+}
+
+int api_devices_list_restricted(Devices *devs, Registry *reg, const TokenAuth *auth, const ApiPage *p, json_t **ret) {
+        RestrictedList l = { .devs = devs, .page = p };
+        const char *match = tokens_tag_match(auth);
+        json_t *j;
+        int r = 0;
+
+        l.n_ids = tokens_devices(auth, &l.ids);
+        l.a = json_array();
+        if (!l.a)
+                return -ENOMEM;
+        /* Where the page starts, without computing (page - 1) * per_page
+         * when it cannot be reached (it may not fit a 32-bit size_t). */
+        l.first = p->paged ? (p->page - 1 > SIZE_MAX / p->per_page ? SIZE_MAX : (p->page - 1) * p->per_page) : 0;
+        for (size_t i = 0; i < l.n_ids; i++) {
+                Device *d = devices_find(devs, l.ids[i]);
+
+                if (d)
+                        restricted_add(&l, d);
         }
-        if (!p->paged)
-                return a;
-        return json_pack("{s:o, s:{s:I, s:I, s:I, s:I}}", "devices", a, "meta", "total_pages",
-                         (json_int_t)((total + p->per_page - 1) / p->per_page), "page", (json_int_t)p->page,
-                         "per_page", (json_int_t)p->per_page, "total", (json_int_t)total);
+        /* One query for the devices of its tags, however many there are. */
+        if (match)
+                r = registry_foreach_tagged(reg, match, restricted_tagged, &l);
+        if (r >= 0 && l.failed)
+                r = -ENOMEM;
+        if (r < 0) {
+                json_decref(l.a);
+                return r;
+        }
+        if (!p->paged) {
+                *ret = l.a;
+                return 0;
+        }
+        j = json_pack("{s:o, s:{s:I, s:I, s:I, s:I}}", "devices", l.a, "meta", "total_pages",
+                         (json_int_t)((l.total + p->per_page - 1) / p->per_page), "page", (json_int_t)p->page,
+                         "per_page", (json_int_t)p->per_page, "total", (json_int_t)l.total);
+        if (!j)
+                return -ENOMEM;
+        *ret = j;
+        return 0;
 }

@@ -600,6 +600,14 @@ static void api_publish(ApiRequest *req, json_t *params) {
         uint64_t id;
         int r;
 
+        /* An event from the API goes to every subscribed device: a token
+         * restricted to some may not publish (docs/cloud.md). */
+        if (tokens_restricted(&req->auth)) {
+                api_set_json(req, MHD_HTTP_FORBIDDEN,
+                             json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "insufficient_scope", "error_description",
+                                       "A token restricted to devices or tags may not publish events"));
+                return;
+        }
         if (api_parse_publish(params, api->config->max_payload, &in, &status, &error) < 0) {
                 if (status == MHD_HTTP_CONTENT_TOO_LARGE)
                         api_set_errorf(req, status, "Event data longer than %u bytes", api->config->max_payload);
@@ -759,13 +767,30 @@ static bool api_sse_push_event(ApiRequest *req, const char *msg, size_t n, uint6
         return queued;
 }
 
-static bool api_sse_matches(const ApiRequest *req, const ProtoEvent *e) {
+/* Whether a restricted token's stream may carry e: an event of a device
+ * it reaches now (its tags as they are: a device whose tags changed since
+ * the stream opened is judged by its new ones), never one from the API
+ * (coreid "api", which is no device ID). dev is e's device, its tags read
+ * once for all the streams e goes to. */
+static bool api_sse_reaches(ApiRequest *req, const ProtoEvent *e, TokenDevice *dev) {
+        if (!tokens_restricted(&req->auth))
+                return true;
+        if (!e->coreid || streq(e->coreid, "api"))
+                return false;
+        return tokens_may_reach_device(req->api->tokens, &req->auth, dev);
+}
+
+static bool api_sse_matches(ApiRequest *req, const ProtoEvent *e) {
+        TokenDevice dev = { .id = e->coreid };
+        bool r;
+
         if (!proto_prefix_match(req->prefix, e->name))
                 return false;
-        /* A token restricted to devices sees their events only. */
-        if (tokens_restricted(&req->auth) && !tokens_may_reach(&req->auth, e->coreid))
+        if (req->filter_id && !(e->coreid && streq(req->filter_id, e->coreid) && !streq(e->coreid, "api")))
                 return false;
-        return !req->filter_id || (e->coreid && streq(req->filter_id, e->coreid) && !streq(e->coreid, "api"));
+        r = api_sse_reaches(req, e, &dev);
+        token_device_done(&dev);
+        return r;
 }
 
 /* One SSE message; the id lets a client resume (Last-Event-ID). */
@@ -867,6 +892,7 @@ typedef struct ApiDelivery {
         uint64_t id;
         char *msg; /* formatted once, for the first stream */
         int n;
+        TokenDevice dev; /* its device's tags, read once */
 } ApiDelivery;
 
 static bool api_deliver_one(Sub *sub, void *userdata, void *ctx) {
@@ -875,7 +901,7 @@ static bool api_deliver_one(Sub *sub, void *userdata, void *ctx) {
 
         if (req->ending || req->catching_up)
                 return true;
-        if (tokens_restricted(&req->auth) && !tokens_may_reach(&req->auth, dl->e->coreid))
+        if (!api_sse_reaches(req, dl->e, &dl->dev))
                 return true;
         if (!dl->msg && (dl->n = api_sse_format(dl->api, dl->e, dl->id, &dl->msg)) < 0) {
                 dl->msg = NULL;
@@ -887,7 +913,7 @@ static bool api_deliver_one(Sub *sub, void *userdata, void *ctx) {
 }
 
 void api_deliver_event(Api *api, const ProtoEvent *e, uint64_t id) {
-        ApiDelivery dl = { .api = api, .e = e, .id = id };
+        ApiDelivery dl = { .api = api, .e = e, .id = id, .dev = { .id = e->coreid } };
 
         if (!api || !api->streams)
                 return;
@@ -896,6 +922,7 @@ void api_deliver_event(Api *api, const ProtoEvent *e, uint64_t id) {
         (void)sub_index_match(api->streams, e->coreid && !streq(e->coreid, "api") ? e->coreid : NULL, e->name,
                               api_deliver_one, &dl);
         free(dl.msg);
+        token_device_done(&dl.dev);
 }
 
 unsigned api_end_revoked_streams(Api *api) {
@@ -1159,10 +1186,11 @@ static bool api_allowed(ApiRequest *req, unsigned need) {
 }
 
 /* Sets a 403 and returns false unless the request's token may reach the
- * device. Before looking the device up: the answer says nothing of
- * whether it exists. */
+ * device. Before looking the device up (but for its tags, which an
+ * unknown device does not have): the answer says nothing of whether it
+ * exists. A registry that cannot be read reaches no device by its tags. */
 static bool api_may_reach(ApiRequest *req, const char *device) {
-        if (tokens_may_reach(&req->auth, device))
+        if (tokens_may_reach(req->api->tokens, &req->auth, device))
                 return true;
         api_set_json(req, MHD_HTTP_FORBIDDEN,
                      json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "insufficient_scope", "error_description",
@@ -1336,9 +1364,11 @@ static void api_admin(ApiRequest *req, const ApiParsed *p, const char *method) {
                 json_decref(none);
                 if (status == MHD_HTTP_OK) {
                         api_audit_begin(req, "token.create", id,
-                                        json_pack("{s:O?, s:O?, s:O?}", "scopes", json_object_get(body, "scopes"),
-                                                  "expires_at", json_object_get(body, "expires_at"), "devices",
-                                                  json_object_get(body, "devices")));
+                                        json_pack("{s:O?, s:O?, s:O?, s:O?}", "scopes",
+                                                  json_object_get(body, "scopes"), "expires_at",
+                                                  json_object_get(body, "expires_at"), "devices",
+                                                  json_object_get(body, "devices"), "tags",
+                                                  json_object_get(body, "tags")));
                 }
         } else if (p->route == API_ROUTE_TOKEN && streq(method, MHD_HTTP_METHOD_DELETE)) {
                 status = api_tokens_revoke(api->tokens, p->name, &body);
@@ -1547,12 +1577,16 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
 
                 if (api_parse_page(api_query_arg(req, "page"), api_query_arg(req, "per_page"), &page, &error) < 0)
                         api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
-                else if (tokens_restricted(&req->auth))
-                        api_set_json(req, MHD_HTTP_OK,
-                                     api_registry_fields(api, api_devices_list_restricted(api->devices, &req->auth,
-                                                                                          &page),
-                                                         false));
-                else
+                else if (tokens_restricted(&req->auth)) {
+                        json_t *list = NULL;
+                        int r = api_devices_list_restricted(api->devices, api->registry, &req->auth, &page, &list);
+
+                        if (r == -EIO)
+                                api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                              "Cannot read the device registry now", NULL);
+                        else if (r == 0)
+                                api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, list, false));
+                } else
                         api_set_json(req, MHD_HTTP_OK,
                                      api_registry_fields(api, api_devices_list(api->devices, &page), false));
                 break;
@@ -1724,7 +1758,7 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                                 const char *owner = ota_job_device(api->ota, url + strlen("/v1/ota/jobs/"));
                                 static char none[] = "/v1/ota/jobs/" OTA_JOB_ID_NONE;
 
-                                if (owner && !tokens_may_reach(&req->auth, owner))
+                                if (owner && !tokens_may_reach(api->tokens, &req->auth, owner))
                                         url = none;
                         }
                         return (enum MHD_Result)ota_api_handler(api->ota, connection, url, method, upload_data,
@@ -1903,6 +1937,13 @@ Api *api_free(Api *api) {
         return NULL;
 }
 
+/* TokensHooks.device_tags: the registry's. */
+static int api_device_tags(void *userdata, const char *id, json_t **ret) {
+        Api *api = userdata;
+
+        return registry_tags(api->registry, id, ret);
+}
+
 int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *registry, Provision *provision,
             Journal *journal, Devices *devices, Events *events, Ota *ota, unsigned *ret_port, Api **ret) {
         _cleanup_(api_freep) Api *api = NULL;
@@ -1931,7 +1972,8 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
         api->streams = sub_index_new(NULL);
         if (!api->streams)
                 return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
-        r = tokens_open(store, config, &api->tokens);
+        r = tokens_open(store, config, &(TokensHooks){ .userdata = api, .device_tags = api_device_tags },
+                        &api->tokens);
         if (r < 0)
                 return r;
         r = 0;

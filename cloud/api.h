@@ -106,7 +106,9 @@ unsigned api_provision_get(Provision *p, const char *id, json_t **ret_body);
 /* DELETE /v1/provision/ID */
 unsigned api_provision_revoke(Provision *p, const char *id, const char *actor, json_t **ret_body);
 
-/* GET /v1/devices for a token restricted to devices: the devices it
- * lists that the cloud knows, in the token's order; the shapes of
- * api_devices_list(). NULL on OOM. */
-json_t *api_devices_list_restricted(Devices *devs, const TokenAuth *auth, const ApiPage *p);
+/* GET /v1/devices for a restricted token: the devices it lists that the
+ * cloud knows, in the token's order, then those of its tags
+ * (registry_foreach_tagged(): one query), in the registry's order; the
+ * shapes of api_devices_list(). 0 and *ret; -ENOMEM, -EIO (the
+ * registry). */
+int api_devices_list_restricted(Devices *devs, Registry *reg, const TokenAuth *auth, const ApiPage *p, json_t **ret);

@@ -141,6 +141,10 @@ static bool text_clean(const char *s, size_t len) {
         return true;
 }
 
+bool provision_tag_value_valid(const char *s, size_t len) {
+        return len <= PROVISION_TAG_VALUE_MAX && text_clean(s, len);
+}
+
 int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]) {
         const char *key;
         json_t *v;

@@ -57,6 +57,10 @@ typedef struct ProvisionSpec {
 /* Check a tags object (NULL is fine): 0, or -EINVAL with what is wrong in
  * err. */
 int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]);
+/* Whether s (len bytes) may be a tag's value: at most
+ * PROVISION_TAG_VALUE_MAX bytes of UTF-8 text without control characters
+ * (C0, DEL, C1) or NUL. */
+bool provision_tag_value_valid(const char *s, size_t len);
 
 /* Make a token: committed. *ret_secret is the token (freed by the caller
  * with OPENSSL_clear_free()), *ret_json its description (the shape of

@@ -57,6 +57,8 @@ enum {
         STMT_UNREVOKE,
         STMT_ENROLLED,
         STMT_RENEWED,
+        STMT_TAGS,
+        STMT_TAGGED,
         _STMT_MAX,
 };
 
@@ -114,6 +116,15 @@ static const char *const registry_sql[_STMT_MAX] = {
                          "cert_not_after = ?8, cert_issued_usec = ?2, cert_issued_how = ?9, cert_pubkey = ?10, "
                          "cert_issuer = ?11 "
                          "WHERE id = ?1",
+        [STMT_TAGS] = "SELECT tags FROM devices WHERE id = ?1",
+        /* ?1: a JSON array of [name, value or null] pairs; a device whose
+         * tags hold any of them. A malformed tags column matches nothing
+         * (json_each() would fail the whole query). */
+        [STMT_TAGGED] = "SELECT d.id FROM devices AS d WHERE d.tags IS NOT NULL AND EXISTS ("
+                        "SELECT 1 FROM json_each(?1) AS m, "
+                        "json_each(CASE WHEN json_valid(d.tags) THEN d.tags ELSE '{}' END) AS t "
+                        "WHERE t.key = m.value ->> 0 AND t.type = 'text' "
+                        "AND (m.value ->> 1 IS NULL OR t.value = m.value ->> 1)) ORDER BY d.rowid",
 };
 
 struct Registry {
@@ -540,6 +551,47 @@ int registry_device_json(Registry *reg, const char *id, json_t *j, bool details)
         if (r > 0)
                 registry_get_done(reg);
         return k ? -ENOMEM : 0;
+}
+
+int registry_tags(Registry *reg, const char *id, json_t **ret) {
+        sqlite3_stmt *st = reg->stmt[STMT_TAGS];
+        json_t *tags = NULL;
+        int rc;
+
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *text = (const char *)sqlite3_column_text(st, 0);
+
+                tags = text ? json_loads(text, 0, NULL) : NULL;
+                if (tags && (!json_is_object(tags) || json_object_size(tags) == 0)) {
+                        json_decref(tags);
+                        tags = NULL;
+                }
+                rc = SQLITE_DONE;
+        }
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        if (rc != SQLITE_DONE)
+                return store_error(reg->store, rc, "reading a device's tags");
+        *ret = tags;
+        return 0;
+}
+
+int registry_foreach_tagged(Registry *reg, const char *match, registry_id_fn fn, void *userdata) {
+        sqlite3_stmt *st = reg->stmt[STMT_TAGGED];
+        int rc;
+
+        rc = sqlite3_bind_text(st, 1, match, -1, SQLITE_STATIC);
+        while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *id = (const char *)sqlite3_column_text(st, 0);
+
+                if (id)
+                        fn(userdata, id);
+                rc = SQLITE_OK;
+        }
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        return rc == SQLITE_DONE ? 0 : store_error(reg->store, rc, "reading the devices of some tags");
 }
 
 int registry_foreach(Registry *reg, registry_foreach_fn fn, void *userdata) {

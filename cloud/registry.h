@@ -129,6 +129,18 @@ const char *registry_cert_state(int64_t not_before, int64_t not_after, int64_t n
  * gets status "normal". 0, -ENOMEM or -EIO. */
 int registry_device_json(Registry *reg, const char *id, json_t *j, bool details);
 
+/* The tags of id (one lookup by its key): 0 and *ret, a new JSON object
+ * of names to strings, or NULL for a device without tags or unknown to
+ * the registry; -EIO. */
+int registry_tags(Registry *reg, const char *id, json_t **ret);
+
+/* Every device whose tags hold any of match, a JSON array of [name,
+ * value] pairs (value null: any value of that name), in the order they
+ * were added: one query, whatever the number of devices. The id is valid
+ * during the call only; fn must not use the registry. 0 or -EIO. */
+typedef void (*registry_id_fn)(void *userdata, const char *id);
+int registry_foreach_tagged(Registry *reg, const char *match, registry_id_fn fn, void *userdata);
+
 /* Every device in the registry, in the order they were added: id, when
  * it was last heard (CLOCK_REALTIME µs, 0 if never) and its last address
  * (NULL if none); the strings are valid during the call only. */

@@ -24,6 +24,7 @@ struct Token {
         unsigned scopes;
         char **devices, **tags;
         size_t n_devices, n_tags;
+        char *tag_match; /* tokens_tag_match(); NULL without tags */
         char *created_by;
         int64_t created, expires, last_used, last_used_stored, revoked; /* Unix seconds; 0: none */
 };
@@ -31,6 +32,7 @@ struct Token {
 struct Tokens {
         Store *store;
         const CloudConfig *config;
+        TokensHooks hooks;
         Token **all;       /* oldest first */
         Token **by_digest; /* the same, sorted by digest */
         size_t n;
@@ -68,6 +70,7 @@ static void token_free(Token *k) {
         free(k->created_by);
         strv_free(k->devices, k->n_devices);
         strv_free(k->tags, k->n_tags);
+        free(k->tag_match);
         OPENSSL_cleanse(k->digest, sizeof(k->digest));
         free(k);
 }
@@ -134,6 +137,35 @@ static json_t *strv_to_json(char **v, size_t n) {
                         return NULL;
                 }
         return a;
+}
+
+/* A tag restriction's name (its first len bytes) and value (NULL: any). */
+static const char *tag_split(const char *tag, size_t *ret_len) {
+        const char *eq = strchr(tag, '=');
+
+        *ret_len = eq ? (size_t)(eq - tag) : strlen(tag);
+        return eq ? eq + 1 : NULL;
+}
+
+/* k->tag_match from k->tags: [[name, value or null], ...]. */
+static int token_tag_match(Token *k) {
+        json_t *a;
+
+        if (k->n_tags == 0)
+                return 0;
+        a = json_array();
+        for (size_t i = 0; a && i < k->n_tags; i++) {
+                size_t len;
+                const char *value = tag_split(k->tags[i], &len);
+
+                if (json_array_append_new(a, json_pack("[s#, s?]", k->tags[i], len, value)) < 0) {
+                        json_decref(a);
+                        a = NULL;
+                }
+        }
+        k->tag_match = a ? json_dumps(a, JSON_COMPACT) : NULL;
+        json_decref(a);
+        return k->tag_match ? 0 : -ENOMEM;
 }
 
 static int digest_cmp(const void *a, const void *b) {
@@ -228,7 +260,8 @@ static int tokens_load(Tokens *t) {
                 k->revoked = column_time(st, 9);
                 if (!k->name || (by && !k->created_by) ||
                     strv_from_json_text((const char *)sqlite3_column_text(st, 4), &k->devices, &k->n_devices) < 0 ||
-                    strv_from_json_text((const char *)sqlite3_column_text(st, 5), &k->tags, &k->n_tags) < 0) {
+                    strv_from_json_text((const char *)sqlite3_column_text(st, 5), &k->tags, &k->n_tags) < 0 ||
+                    token_tag_match(k) < 0) {
                         token_free(k);
                         r = -ENOMEM;
                         break;
@@ -249,7 +282,7 @@ static int tokens_load(Tokens *t) {
         return 0;
 }
 
-int tokens_open(Store *store, const CloudConfig *config, Tokens **ret) {
+int tokens_open(Store *store, const CloudConfig *config, const TokensHooks *hooks, Tokens **ret) {
         _cleanup_(tokens_freep) Tokens *t = NULL;
         int r;
 
@@ -258,6 +291,7 @@ int tokens_open(Store *store, const CloudConfig *config, Tokens **ret) {
                 return log_error_errno(-ENOMEM, "Out of memory.");
         t->store = store;
         t->config = config;
+        t->hooks = *hooks;
         r = store_migrate(store, "tokens", tokens_schema, ELEMENTSOF(tokens_schema));
         if (r < 0)
                 return r;
@@ -383,16 +417,47 @@ bool tokens_restricted(const TokenAuth *auth) {
         return auth->token && (auth->token->n_devices > 0 || auth->token->n_tags > 0);
 }
 
-bool tokens_may_reach(const TokenAuth *auth, const char *id) {
+bool tokens_may_reach_device(Tokens *t, const TokenAuth *auth, TokenDevice *d) {
+        const Token *k = auth->token;
+
         if (!tokens_restricted(auth))
                 return true;
-        if (!id)
+        if (!d->id)
                 return false;
-        for (size_t i = 0; i < auth->token->n_devices; i++)
-                if (streq(auth->token->devices[i], id))
+        for (size_t i = 0; i < k->n_devices; i++)
+                if (streq(k->devices[i], d->id))
                         return true;
-        /* Tags: a token's do not match the tags enrolled devices carry yet (docs/cloud.md). */
+        if (k->n_tags == 0)
+                return false;
+        if (!d->tags_read) {
+                d->tags_read = true;
+                if (t->hooks.device_tags(t->hooks.userdata, d->id, &d->tags) < 0)
+                        d->tags = NULL;
+        }
+        if (!json_is_object(d->tags))
+                return false;
+        for (size_t i = 0; i < k->n_tags; i++) {
+                size_t len;
+                const char *value = tag_split(k->tags[i], &len);
+                json_t *v = json_object_getn(d->tags, k->tags[i], len);
+
+                /* Tags are strings (provision.h); anything else matches
+                 * nothing, not even NAME alone. */
+                if (!json_is_string(v))
+                        continue;
+                if (!value || (json_string_length(v) == strlen(value) &&
+                               memcmp(json_string_value(v), value, strlen(value)) == 0))
+                        return true;
+        }
         return false;
+}
+
+bool tokens_may_reach(Tokens *t, const TokenAuth *auth, const char *id) {
+        TokenDevice d = { .id = id };
+        bool r = tokens_may_reach_device(t, auth, &d);
+
+        token_device_done(&d);
+        return r;
 }
 
 size_t tokens_devices(const TokenAuth *auth, const char *const **ret) {
@@ -402,6 +467,10 @@ size_t tokens_devices(const TokenAuth *auth, const char *const **ret) {
         }
         *ret = (const char *const *)auth->token->devices;
         return auth->token->n_devices;
+}
+
+const char *tokens_tag_match(const TokenAuth *auth) {
+        return auth->token ? auth->token->tag_match : NULL;
 }
 
 static void format_time(int64_t sec, char out[static 32]) {
@@ -524,6 +593,10 @@ int tokens_create(Tokens *t, const TokenSpec *spec, char **ret_secret, json_t **
                 return -ENOMEM;
         }
         k->n_tags = spec->n_tags;
+        if (token_tag_match(k) < 0) {
+                token_free(k);
+                return -ENOMEM;
+        }
 
         r = store_batch(t->store);
         if (r < 0) {

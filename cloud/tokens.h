@@ -14,6 +14,14 @@
  *     SHA-256 of the token, never the token: it is shown once, by
  *     tokens_create().
  *
+ * A restricted token reaches a device it lists, or one whose tags (the
+ * device registry's, set at enrollment) match any of its tag
+ * restrictions: "NAME" (the device has the tag NAME, whatever its value)
+ * or "NAME=VALUE" (the device's tag NAME is exactly VALUE; VALUE is what
+ * follows the first '=' and may be empty). Tokens learns a device's tags
+ * through TokensHooks, at the time of asking: a device whose tags change
+ * is judged by its new ones from the next question on.
+ *
  * A Tokens object owns an in-memory copy of every database token
  * (revoked ones too, so a refusal can say "revoked"), sorted by digest
  * for the lookup of each request; a Token record stays at the same
@@ -35,7 +43,9 @@
 #define TOKENS_ID_MAX 24          /* "metrics-0123abcd", 16 hex digits */
 #define TOKENS_NAME_MAX 128
 #define TOKENS_RESTRICT_MAX 64    /* device IDs, tags */
-#define TOKENS_TAG_MAX 64
+/* A tag restriction: NAME=VALUE, both within a provisioning token's
+ * limits (provision.h), checked by the caller of tokens_create(). */
+#define TOKENS_TAG_MAX (64 + 1 + 256)
 #define TOKENS_LIVE_MAX 1000      /* tokens neither revoked nor expired */
 #define TOKENS_LIFETIME_MAX (10LL * 366 * 86400)
 #define TOKENS_PREFIX "tether_"   /* what a made token starts with */
@@ -51,10 +61,19 @@ typedef struct TokenAuth {
         uint8_t digest[CONFIG_TOKEN_DIGEST_SIZE];
 } TokenAuth;
 
+typedef struct TokensHooks {
+        void *userdata;
+        /* The tags of device id: 0 and *ret, a new JSON object of names to
+         * strings, or NULL for none (an unknown device); a negative errno
+         * if they cannot be read now (the device is then reached by its
+         * ID only). Required. */
+        int (*device_tags)(void *userdata, const char *id, json_t **ret);
+} TokensHooks;
+
 /* Create the tokens table if needed and load it. store and config are
  * borrowed and must outlive the Tokens (config's token files may be
- * reloaded meanwhile). Logs what failed. */
-int tokens_open(Store *store, const CloudConfig *config, Tokens **ret);
+ * reloaded meanwhile); hooks is copied. Logs what failed. */
+int tokens_open(Store *store, const CloudConfig *config, const TokensHooks *hooks, Tokens **ret);
 /* NULL is fine; returns NULL. */
 Tokens *tokens_free(Tokens *t);
 static inline void tokens_freep(Tokens **t) { tokens_free(*t); }
@@ -69,12 +88,32 @@ int tokens_check(Tokens *t, const char *token, TokenAuth *ret);
 int tokens_recheck(Tokens *t, const TokenAuth *auth);
 /* Whether auth is restricted to some devices (or tags). */
 bool tokens_restricted(const TokenAuth *auth);
-/* Whether auth may reach device id: unrestricted tokens reach every
- * device; restricted ones the device IDs they list (tags are kept but no
- * device carries one yet: they reach nothing). */
-bool tokens_may_reach(const TokenAuth *auth, const char *id);
+/* A device as tokens_may_reach_device() asks about it: its tags are read
+ * (TokensHooks.device_tags) the first time a token restricted by tags
+ * needs them, and kept for the next tokens asked about the same device
+ * (an event handed to many streams: one lookup). */
+typedef struct TokenDevice {
+        const char *id; /* NULL: no device (an event from the API) */
+        json_t *tags;
+        bool tags_read;
+} TokenDevice;
+static inline void token_device_done(TokenDevice *d) {
+        json_decref(d->tags);
+        d->tags = NULL;
+        d->tags_read = false;
+}
+/* Whether auth may reach device d: unrestricted tokens reach every
+ * device; restricted ones the device IDs they list and the devices whose
+ * tags match one of theirs (see above); none reaches a NULL id. */
+bool tokens_may_reach_device(Tokens *t, const TokenAuth *auth, TokenDevice *d);
+/* The same for one question about device id. */
+bool tokens_may_reach(Tokens *t, const TokenAuth *auth, const char *id);
 /* The device IDs a restricted token lists, for the device list. */
 size_t tokens_devices(const TokenAuth *auth, const char *const **ret);
+/* The tags a restricted token matches, for the device list: a JSON array
+ * of [name, value or null] pairs (registry_foreach_tagged()'s), or NULL
+ * when it has no tags; valid as long as the Tokens. */
+const char *tokens_tag_match(const TokenAuth *auth);
 
 typedef struct TokenSpec {
         const char *name;   /* "" allowed */

@@ -21,34 +21,6 @@ static void on_stop(int sig) {
         stop = 1;
 }
 
-/* Join names into "a,b,c" (each form-escaped by the caller's form_field). */
-static char *join(const char *const *v, size_t n) {
-        size_t len = 1;
-        char *s, *p;
-
-        for (size_t i = 0; i < n; i++)
-                len += strlen(v[i]) + 1;
-        s = p = malloc(len);
-        if (!s)
-                return NULL;
-        *p = 0;
-        for (size_t i = 0; i < n; i++)
-                p += sprintf(p, "%s%s", i ? "," : "", v[i]);
-        return s;
-}
-
-/* Append "&field=value" (escaped) to *form. */
-static int form_add(Api *a, char **form, const char *name, const char *value) {
-        _cleanup_free_ char *f = form_field(a, name, value);
-        char *s;
-
-        if (!f || asprintf(&s, "%s%s%s", *form ?: "", *form ? "&" : "", f) < 0)
-                return log_error_errno(-ENOMEM, "Out of memory");
-        free(*form);
-        *form = s;
-        return 0;
-}
-
 static int print_json(json_t *j) {
         char *text = json_dumps(j, JSON_COMPACT);
 
@@ -59,37 +31,56 @@ static int print_json(json_t *j) {
         return 0;
 }
 
+/* A JSON array of n strings, or NULL (out of memory, or a string that
+ * is not UTF-8: *ret_bad says which). */
+static json_t *strv_json(const char *const *v, size_t n, const char **ret_bad) {
+        json_t *a = json_array();
+
+        for (size_t i = 0; a && i < n; i++)
+                if (json_array_append_new(a, json_string(v[i])) < 0) {
+                        *ret_bad = v[i];
+                        json_decref(a);
+                        return NULL;
+                }
+        return a;
+}
+
 static int tokens_create(Api *a) {
-        _cleanup_free_ char *form = NULL, *scopes = NULL, *devices = NULL, *tags = NULL;
-        json_t *j = NULL;
-        char secs[32];
-        int r;
+        json_t *body = NULL, *j = NULL;
+        const char *bad = NULL;
+        int r = 0;
 
         if (arg.n_scopes == 0)
                 return cli_usage_error("'tokens create' needs at least one --scope");
         for (size_t i = 0; i < arg.n_ota_devices; i++)
                 if ((r = name_check(arg.ota_devices[i], PROTO_NAME_DEVICE)) < 0)
                         return r;
-        scopes = join(arg.scopes, arg.n_scopes);
-        devices = join(arg.ota_devices, arg.n_ota_devices);
-        tags = join(arg.ota_tags, arg.n_ota_tags);
-        if (!scopes || !devices || !tags)
-                return log_error_errno(-ENOMEM, "Out of memory");
-        r = form_add(a, &form, "scopes", scopes);
-        if (r >= 0 && arg.token_name)
-                r = form_add(a, &form, "name", arg.token_name);
-        if (r >= 0 && arg.token_expires > 0) {
-                snprintf(secs, sizeof(secs), "%lld", arg.token_expires);
-                r = form_add(a, &form, "expires_in", secs);
-        }
-        if (r >= 0 && arg.n_ota_devices)
-                r = form_add(a, &form, "devices", devices);
-        if (r >= 0 && arg.n_ota_tags)
-                r = form_add(a, &form, "tags", tags);
-        if (r < 0)
+        /* JSON, not a form: a tag's value may hold commas and blanks. */
+        body = json_object();
+        if (!body || json_object_set_new(body, "scopes", strv_json(arg.scopes, arg.n_scopes, &bad)) < 0)
+                r = -ENOMEM;
+        if (r >= 0 && arg.token_name && json_object_set_new(body, "name", json_string(arg.token_name)) < 0)
+                r = cli_usage_error("Invalid --name '%s': it must be UTF-8 text", arg.token_name);
+        if (r >= 0 && arg.token_expires > 0 &&
+            json_object_set_new(body, "expires_in", json_integer(arg.token_expires)) < 0)
+                r = -ENOMEM;
+        if (r >= 0 && arg.n_ota_devices &&
+            json_object_set_new(body, "devices", strv_json(arg.ota_devices, arg.n_ota_devices, &bad)) < 0)
+                r = -ENOMEM;
+        if (r >= 0 && arg.n_ota_tags &&
+            json_object_set_new(body, "tags", strv_json(arg.ota_tags, arg.n_ota_tags, &bad)) < 0)
+                r = -ENOMEM;
+        if (r == -ENOMEM && bad)
+                r = cli_usage_error("Invalid argument '%s': it must be UTF-8 text", bad);
+        else if (r == -ENOMEM)
+                r = log_error_errno(r, "Out of memory");
+        if (r < 0) {
+                json_decref(body);
                 return r;
+        }
         a->what_400 = "Invalid token request";
-        r = api_request(a, "/v1/tokens", form, &j);
+        r = request_json(a, "POST", "/v1/tokens", body, &j);
+        json_decref(body);
         if (r < 0)
                 return r;
         if (arg.json)

@@ -113,6 +113,9 @@ int cmd_audit(Api *a, char **args, int n);
 
 /* tether-provision.c: "tether provision ..." */
 int cmd_provision(Api *a, char **args, int n);
+/* A request with a JSON body (NULL: none) and method; *ret as
+ * api_request()'s. */
+int request_json(Api *a, const char *method, const char *path, json_t *body, json_t **ret);
 /* A --expires DURATION: whole seconds, or a number with one of the
  * suffixes s, m, h, d, w; 1 s to 10 years. 0, -EINVAL (malformed) or
  * -ERANGE. */

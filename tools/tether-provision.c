@@ -50,9 +50,7 @@ int provision_duration_parse(const char *s, long long *ret) {
         return 0;
 }
 
-/* A request with a JSON body (NULL: none) and method; *ret as
- * api_request()'s. */
-static int request_json(Api *a, const char *method, const char *path, json_t *body, json_t **ret) {
+int request_json(Api *a, const char *method, const char *path, json_t *body, json_t **ret) {
         _cleanup_free_ char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
         struct curl_slist *headers = NULL;
         int r;

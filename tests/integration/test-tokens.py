@@ -229,7 +229,7 @@ def test_device_restriction(w):
     sub.wait(lambda e: e.get("name") == "r/a", what="the event of its device")
     names = [e.get("name") for e in sub.snapshot()]
     expect(names == ["r/a"], f"a stream restricted to {a_id} got {names}")
-    # Tags: no device carries one yet, so a tag-restricted token reaches none.
+    # A tag no device carries reaches none (test-token-tags.py: tags that match).
     tag = create(w, scopes=["devices:read"], tags=["lab"])["token"]
     expect(api(w, "GET", "/v1/devices", tag)[1] == [], "a tag token lists devices")
     expect(api(w, "GET", f"/v1/devices/{a_id}", tag)[0] == 403, "a tag token reaches a device")
