@@ -18,6 +18,7 @@
 #include "provision.h"
 #include "util.h"
 
+#define PROVISION_DEAD_SLACK 100  /* dead tokens past PROVISION_DEAD_MAX before they are deleted */
 #define PROVISION_SECRET_BYTES 20 /* 160 bits, 40 hex digits */
 #define PROVISION_DIGEST_SIZE 32  /* SHA-256 */
 #define PROVISION_TOKEN_LEN (sizeof(PROVISION_PREFIX) - 1 + 2 * PROVISION_SECRET_BYTES)
@@ -331,22 +332,52 @@ json_t *provision_to_json(Provision *p) {
         return a;
 }
 
-static int provision_count_live(Provision *p, int64_t now, int64_t *ret) {
+/* The live tokens (neither revoked, used up nor expired) and all of them,
+ * in one scan. */
+static int provision_count(Provision *p, int64_t now, int64_t *ret_live, int64_t *ret_all) {
         sqlite3_stmt *st = NULL;
         int rc;
 
         rc = sqlite3_prepare_v2(store_db(p->store),
-                                "SELECT count(*) FROM provision_tokens WHERE revoked_at IS NULL AND uses < uses_max "
-                                "AND expires_at > ?",
+                                "SELECT count(*), total(revoked_at IS NULL AND uses < uses_max AND expires_at > ?) "
+                                "FROM provision_tokens",
                                 -1, &st, NULL);
         if (rc == SQLITE_OK)
                 rc = sqlite3_bind_int64(st, 1, now);
         if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-                *ret = sqlite3_column_int64(st, 0);
+                *ret_all = sqlite3_column_int64(st, 0);
+                *ret_live = sqlite3_column_int64(st, 1);
                 rc = SQLITE_OK;
         }
         sqlite3_finalize(st);
         return rc == SQLITE_OK ? 0 : store_error(p->store, rc, "counting the provisioning tokens");
+}
+
+/* Delete the dead tokens (revoked, used up, expired) but the newest
+ * PROVISION_DEAD_MAX. Tokens that die at once (expires_in 1, revoked,
+ * uses 1) cost their maker nothing, and kept for ever they would make
+ * every creation's count and every list read them all, on the loop: a
+ * provision:write holder, no admin, could stall the cloud. Called once
+ * PROVISION_DEAD_SLACK more have died (not a second scan per creation). A device
+ * refused with a deleted token is told "provisioning token unknown"; the
+ * audit log keeps what the token was. Inside the caller's batch. */
+static int provision_prune(Provision *p, int64_t now) {
+        sqlite3_stmt *st = NULL;
+        int rc;
+
+        rc = sqlite3_prepare_v2(store_db(p->store),
+                                "DELETE FROM provision_tokens WHERE rowid IN (SELECT rowid FROM provision_tokens "
+                                "WHERE revoked_at IS NOT NULL OR uses >= uses_max OR expires_at <= ?1 "
+                                "ORDER BY rowid DESC LIMIT -1 OFFSET ?2)",
+                                -1, &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 1, now);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 2, PROVISION_DEAD_MAX);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(store_db(p->store));
+        sqlite3_finalize(st);
+        return rc == SQLITE_OK ? 0 : store_error(p->store, rc, "deleting dead provisioning tokens");
 }
 
 static void clear_freep(char **s) {
@@ -359,7 +390,7 @@ int provision_create(Provision *p, const ProvisionSpec *spec, char **ret_secret,
         _cleanup_free_ char *tags = NULL;
         char err[PROVISION_REASON_MAX];
         const char *name = spec->name ?: "";
-        int64_t now = provision_now(), live = 0;
+        int64_t now = provision_now(), live = 0, all = 0;
         uint8_t rnd[PROVISION_SECRET_BYTES];
         ProvisionRow row = {};
         sqlite3_stmt *st = NULL;
@@ -370,7 +401,7 @@ int provision_create(Provision *p, const ProvisionSpec *spec, char **ret_secret,
             spec->expires_at > now + PROVISION_LIFETIME_MAX || strlen(name) > PROVISION_NAME_MAX ||
             !text_clean(name, strlen(name)) || provision_tags_check(spec->tags, err) < 0)
                 return -EINVAL;
-        r = provision_count_live(p, now, &live);
+        r = provision_count(p, now, &live, &all);
         if (r < 0)
                 return r;
         if (live >= PROVISION_LIVE_MAX)
@@ -383,6 +414,11 @@ int provision_create(Provision *p, const ProvisionSpec *spec, char **ret_secret,
         r = store_batch(p->store);
         if (r < 0)
                 return r;
+        if (all - live >= PROVISION_DEAD_MAX + PROVISION_DEAD_SLACK) {
+                r = provision_prune(p, now);
+                if (r < 0)
+                        return r;
+        }
         /* An id is 32 bits of the digest: a new token whose id (or digest)
          * is taken is drawn again. */
         for (unsigned attempt = 0;; attempt++) {

@@ -37,6 +37,8 @@
 #define PROVISION_LIFETIME_MAX (10LL * 366 * 86400)
 #define PROVISION_REASON_MAX 160
 #define PROVISION_LIVE_MAX 10000    /* tokens neither revoked, used up nor expired */
+#define PROVISION_DEAD_MAX 1000     /* dead (revoked, used-up, expired) tokens kept, the newest; up to 100 more
+                                     * until provision_create() deletes the oldest */
 
 typedef struct Provision Provision;
 
