@@ -95,6 +95,11 @@ static int name_list_add(NameList *l, size_t *used, const char *s, size_t len, b
                 *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST, "Invalid entry in \"%s\": %s", what, rule);
                 return -EINVAL;
         }
+        /* The same entry again is the same device or tag: once (a device
+         * listed twice would be listed, and counted, twice). */
+        for (size_t i = 0; i < l->n; i++)
+                if (strlen(l->v[i]) == len && memcmp(l->v[i], s, len) == 0)
+                        return 0;
         if (l->n >= TOKENS_RESTRICT_MAX) {
                 *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST, "At most %u entries in \"%s\"",
                                        TOKENS_RESTRICT_MAX, what);
@@ -165,6 +170,19 @@ static int name_list_parse(json_t *v, const char *seps, bool (*valid)(const char
         return 0;
 }
 
+/* A restriction given with no entry in it ([] or a string of separators:
+ * a form's field left empty, a script's empty variable) would make a
+ * token that reaches every device, the opposite of what was asked: 400. */
+static int name_list_nonempty(json_t *v, const NameList *l, const char *what, json_t **ret_body,
+                              unsigned *ret_status) {
+        if (!v || json_is_null(v) || l->n > 0)
+                return 0;
+        *ret_status = api_fail(ret_body, MHD_HTTP_BAD_REQUEST,
+                               "\"%s\" holds no entry: leave it out (or null) for a token not restricted to devices",
+                               what);
+        return -EINVAL;
+}
+
 unsigned api_tokens_create(Tokens *t, json_t *params, const char *actor, char ret_id[static TOKENS_ID_MAX + 1],
                            json_t **ret_body) {
         static const char *const known[] = { "name",    "scopes", "expires_in", "expires_at",
@@ -227,6 +245,10 @@ unsigned api_tokens_create(Tokens *t, json_t *params, const char *actor, char re
                                     "a tag is NAME or NAME=VALUE, names [A-Za-z0-9_.-]{1,64}, values text of at "
                                     "most 256 bytes without control characters",
                                     &tags, ret_body, &status);
+        if (r == 0)
+                r = name_list_nonempty(json_object_get(params, "devices"), &devices, "devices", ret_body, &status);
+        if (r == 0)
+                r = name_list_nonempty(json_object_get(params, "tags"), &tags, "tags", ret_body, &status);
         if (r == -ENOMEM) {
                 *ret_body = NULL;
                 return MHD_HTTP_INTERNAL_SERVER_ERROR;
@@ -363,8 +385,13 @@ int api_devices_list_restricted(Devices *devs, Registry *reg, const TokenAuth *a
         l.first = p->paged ? (p->page - 1 > SIZE_MAX / p->per_page ? SIZE_MAX : (p->page - 1) * p->per_page) : 0;
         for (size_t i = 0; i < l.n_ids; i++) {
                 Device *d = devices_find(devs, l.ids[i]);
+                bool again = false;
 
-                if (d)
+                /* Once, also for a token stored before duplicates were
+                 * dropped at its creation. */
+                for (size_t k = 0; k < i && !again; k++)
+                        again = streq(l.ids[k], l.ids[i]);
+                if (d && !again)
                         restricted_add(&l, d);
         }
         /* One query for the devices of its tags, however many there are. */

@@ -3,8 +3,9 @@
 """Attacks on the HTTP API's provisioning tokens and tag-restricted tokens
 (docs/cloud.md, "Tokens and scopes", "Provisioning tokens"): dead
 provisioning tokens piling up without bound (every create and list pays
-for them), and tag values with SQL and JSON specials (the list's SQL and
-the per-request check must agree on every one)."""
+for them), a restriction given but empty (it must not make an
+unrestricted token), a device ID listed twice, and tag values with SQL and JSON specials (the list's SQL and the
+per-request check must agree on every one)."""
 
 import hashlib
 import importlib.util
@@ -68,6 +69,37 @@ def test_dead_provisioning_tokens_bounded(w):
     expect(api(w, "GET", f"/v1/provision/{live}", pw)[0] == 200, "the live token by its id")
 
 
+def test_empty_restriction_refused(w):
+    """"devices" or "tags" given but holding no entry ([] or a string of
+    commas and blanks, as a form's empty field from a script's empty
+    variable) made a token that reaches every device: refused."""
+    w.start_cloud()
+    d, dev_id = connect(w)
+    for params in ({"devices": []}, {"tags": []}, {"devices": ""}, {"tags": ""}, {"tags": " , ,"},
+                   {"devices": " ,\t"}, {"devices": [], "tags": []}):
+        status, reply = api(w, "POST", "/v1/tokens", body={"scopes": ["devices:read"], **params})
+        expect(status == 400 and "no entry" in reply.get("error", ""), f"{params}: {status} {reply}")
+    for form in ("scopes=devices:read&tags=", "scopes=devices:read&devices=%20%2C"):
+        status, reply = api(w, "POST", "/v1/tokens", form=form)
+        expect(status == 400, f"form {form}: {status} {reply}")
+    # null is "not given": an unrestricted token, as without it.
+    k = tt.create(w, scopes=["devices:read"], devices=None, tags=None)
+    expect(ids(api(w, "GET", "/v1/devices", k["token"])[1]) == [dev_id], "null restrictions")
+    d.close()
+
+
+def test_device_listed_twice(w):
+    """A device ID given twice is one device: listed once, counted once."""
+    w.start_cloud()
+    d, dev_id = connect(w)
+    k = tt.create(w, scopes=["devices:read"], devices=[dev_id, dev_id, "other", "other"])
+    expect(k["devices"] == [dev_id, "other"], f"description: {k}")
+    expect(ids(api(w, "GET", "/v1/devices", k["token"])[1]) == [dev_id], "the list")
+    page = api(w, "GET", "/v1/devices?page=1&per_page=10", k["token"])[1]
+    expect(page["meta"]["total"] == 1, f"page: {page}")
+    d.close()
+
+
 def test_tag_specials(w):
     """Tag values with quotes, %, _, backslashes, '=', JSON text, blanks,
     non-ASCII and 256 bytes; names with dots: the list (SQL, json_each)
@@ -93,4 +125,5 @@ def test_tag_specials(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_dead_provisioning_tokens_bounded, test_tag_specials], emulated="ok"))
+    sys.exit(run([test_dead_provisioning_tokens_bounded, test_empty_restriction_refused, test_device_listed_twice,
+                  test_tag_specials], emulated="ok"))
