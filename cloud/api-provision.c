@@ -57,7 +57,7 @@ static int api_whole(json_t *v, int64_t *ret) {
 
 /* An RFC 3339 time ("2030-01-31T12:00:00Z", "...T12:00:00.5+02:00",
  * a lowercase t or z too) in Unix seconds (fractions dropped): 0 or
- * -EINVAL. */
+ * -EINVAL. A leap second (":60") is refused. */
 static int api_rfc3339(const char *s, size_t len, int64_t *ret) {
         struct tm tm = {}, check;
         const char *e;
@@ -66,6 +66,14 @@ static int api_rfc3339(const char *s, size_t len, int64_t *ret) {
 
         if (len != strlen(s) || len < 20 || len > 40 || (s[10] != 'T' && s[10] != 't'))
                 return -EINVAL;
+        /* Every field its two (four) digits: strptime() would also take
+         * blanks and single digits ("2030-01- 1T 0:00:00Z"). */
+        for (size_t i = 0; i < 19; i++) {
+                static const char shape[] = "0000-00-00T00:00:00"; /* 0: a digit; T checked above */
+
+                if (shape[i] == '0' ? !(s[i] >= '0' && s[i] <= '9') : i != 10 && s[i] != shape[i])
+                        return -EINVAL;
+        }
         e = strptime(s, "%Y-%m-%d", &tm);
         if (e != s + 10)
                 return -EINVAL;

@@ -4,7 +4,8 @@
 (docs/cloud.md, "Tokens and scopes", "Provisioning tokens"): dead
 provisioning tokens piling up without bound (every create and list pays
 for them), a restriction given but empty (it must not make an
-unrestricted token), a device ID listed twice, and tag values with SQL and JSON specials (the list's SQL and the
+unrestricted token), a device ID listed twice, RFC 3339 times with blanks
+in them, and tag values with SQL and JSON specials (the list's SQL and the
 per-request check must agree on every one)."""
 
 import hashlib
@@ -100,6 +101,21 @@ def test_device_listed_twice(w):
     d.close()
 
 
+def test_expires_at_strict(w):
+    """expires_at of a provisioning token is RFC 3339: every field its
+    digits (glibc's strptime() takes blanks and single digits)."""
+    w.start_cloud()
+    for bad in ("2030-01- 1T00:00:00Z", "2030-01-01T 0:00:00Z", "2030-01-01T00: 0:00Z", "2030- 1-01T00:00:00Z",
+                "2030-01-01T00:00:60Z", "2030-01-01T00:00:00+24:00", "2030-01-01T00:00:00.Z",
+                "+030-01-01T00:00:00Z", "2030-01-01T00:00:00+2:000"):
+        status, reply = api(w, "POST", "/v1/provision", body={"expires_at": bad})
+        expect(status == 400 and "expires_at" in reply.get("error", ""), f"{bad!r}: {status} {reply}")
+    for good, want in (("2030-01-01t00:00:00z", "2030-01-01T00:00:00Z"),
+                       ("2030-01-01T00:00:00.123456-23:59", "2030-01-01T23:59:00Z")):
+        status, reply = api(w, "POST", "/v1/provision", body={"expires_at": good})
+        expect(status == 201 and reply["expires_at"] == want, f"{good!r}: {status} {reply}")
+
+
 def test_tag_specials(w):
     """Tag values with quotes, %, _, backslashes, '=', JSON text, blanks,
     non-ASCII and 256 bytes; names with dots: the list (SQL, json_each)
@@ -126,4 +142,4 @@ def test_tag_specials(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_dead_provisioning_tokens_bounded, test_empty_restriction_refused, test_device_listed_twice,
-                  test_tag_specials], emulated="ok"))
+                  test_expires_at_strict, test_tag_specials], emulated="ok"))
