@@ -7,6 +7,7 @@ SignCommand; the refusals of docs/protocol.md."""
 
 import json
 import os
+import shlex
 import ssl
 import stat
 import subprocess
@@ -261,7 +262,7 @@ slow-*) exec sleep 60 ;;
 wrong-*) cat {wrong} ; exit 0 ;;
 esac
 out=$(mktemp -d)
-{pki} sign {dir} - --out "$out/c" >/dev/null
+{emu}{pki} sign {dir} - --out "$out/c" >/dev/null
 cat "$out/c.crt"
 rm -r "$out"
 """
@@ -271,7 +272,8 @@ def external(w, timeout=2):
     wrong_id, wrong_crt, _ = w.new_device()
     script = w.path("sign.sh")
     with open(script, "w") as f:
-        f.write(SCRIPT.format(pki=PKI, dir=w.path("pki"), wrong=wrong_crt))
+        f.write(SCRIPT.format(emu=shlex.join(EMULATOR) + " " if EMULATOR else "", pki=PKI, dir=w.path("pki"),
+                                 wrong=wrong_crt))
     os.chmod(script, stat.S_IRWXU)
     start(w, f"[Enroll]\nSignCommand={script}\nSignTimeoutSec={timeout}\n")
 

@@ -11,6 +11,7 @@ interrupted between its renames is completed at the next start."""
 
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -191,7 +192,7 @@ def test_reload_while_not_enrolled(w):
 SIGN_SCRIPT = """#!/bin/sh
 set -e
 out=$(mktemp -d)
-{pki} sign {dir} - --out "$out/c" >/dev/null
+{emu}{pki} sign {dir} - --out "$out/c" >/dev/null
 cat "$out/c.crt"
 rm -r "$out"
 """
@@ -203,7 +204,8 @@ def test_external_signer(w):
     it instead of reporting a failure."""
     script = w.path("sign.sh")
     with open(script, "w") as f:
-        f.write(SIGN_SCRIPT.format(pki=PKI, dir=w.path("pki")))
+        f.write(SIGN_SCRIPT.format(emu=shlex.join(EMULATOR) + " " if EMULATOR else "", pki=PKI,
+                                      dir=w.path("pki")))
     os.chmod(script, stat.S_IRWXU)
     cloud = w.start_cloud(extra=f"[Enroll]\nSignCommand={script}\n")
     if cloud.count(r"Unknown section \[Enroll\]"):
