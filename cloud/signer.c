@@ -174,7 +174,7 @@ int signer_csr_parse(const char *pem, size_t len, SignerCsr *ret, char reason[st
         r = name_device_id(X509_REQ_get_subject_name(req), csr.id, reason, "CSR");
         if (r < 0)
                 return r;
-        if (tls_pubkey_sha256(key, csr.pubkey) < 0) {
+        if (tls_spki_sha256(X509_REQ_get_X509_PUBKEY(req), csr.pubkey) < 0) {
                 ERR_clear_error();
                 snprintf(reason, SIGNER_REASON_MAX, "the CSR's public key cannot be encoded");
                 return -EBADMSG;
@@ -204,7 +204,7 @@ static int cert_fill(X509 *leaf, STACK_OF(X509) *chain, SignerCert *ret) {
 
         BN_free(bn);
         ok = b && hex && PEM_write_bio_X509(b, leaf) == 1 && X509_digest(leaf, EVP_sha256(), md, &n) == 1 &&
-             X509_get0_pubkey(leaf) && tls_pubkey_sha256(X509_get0_pubkey(leaf), c.pubkey) == 0;
+             tls_spki_sha256(X509_get_X509_PUBKEY(leaf), c.pubkey) == 0;
         for (int i = 0; ok && chain && i < sk_X509_num(chain); i++)
                 ok = PEM_write_bio_X509(b, sk_X509_value(chain, i)) == 1;
         if (ok) {
@@ -234,6 +234,29 @@ static int ext_add(X509 *cert, X509V3_CTX *ctx, int nid, const char *value) {
 
         X509_EXTENSION_free(ext);
         return ok ? 0 : -EIO;
+}
+
+/* The CSR's SubjectPublicKeyInfo into the certificate's, as it is:
+ * X509_set_pubkey() would encode the key and decode it again (OpenSSL
+ * 3.0 looks up its encoders and decoders for each). The CSR's key was
+ * decoded and checked (signer_csr_parse()). */
+static bool spki_copy(X509_PUBKEY *to, X509_PUBKEY *from) {
+        const unsigned char *bits;
+        unsigned char *copy;
+        X509_ALGOR *from_alg, *to_alg;
+        int len;
+
+        if (!to || !from || X509_PUBKEY_get0_param(NULL, &bits, &len, &from_alg, from) != 1 || len <= 0)
+                return false;
+        copy = OPENSSL_memdup(bits, (size_t)len);
+        if (!copy)
+                return false;
+        /* The algorithm is set from from's just below. */
+        if (X509_PUBKEY_set0_param(to, OBJ_nid2obj(NID_undef), V_ASN1_UNDEF, NULL, copy, len) != 1) {
+                OPENSSL_free(copy);
+                return false;
+        }
+        return X509_PUBKEY_get0_param(NULL, NULL, NULL, &to_alg, to) == 1 && X509_ALGOR_copy(to_alg, from_alg) == 1;
 }
 
 /* The device certificate of tools/tether-pki.c's leaf_make(LEAF_DEVICE),
@@ -268,7 +291,7 @@ int signer_sign(Signer *s, const SignerCsr *csr, SignerCert *ret, char reason[st
              X509_set_issuer_name(cert, X509_get_subject_name(s->ca)) &&
              X509_time_adj_ex(X509_getm_notBefore(cert), 0, -SIGNER_BACKDATE_SEC, &now) &&
              X509_time_adj_ex(X509_getm_notAfter(cert), 0, (long)s->config->cert_validity_sec, &now) &&
-             X509_set_pubkey(cert, X509_REQ_get0_pubkey(csr->req));
+             spki_copy(X509_get_X509_PUBKEY(cert), X509_REQ_get_X509_PUBKEY(csr->req));
         if (ok && ASN1_TIME_compare(X509_get0_notAfter(cert), X509_get0_notAfter(s->ca)) > 0)
                 ok = X509_set1_notAfter(cert, X509_get0_notAfter(s->ca));
         if (ok) {

@@ -131,17 +131,19 @@ static void cert_describe(X509 *x, TlsPeer *p) {
                 p->not_after = (int64_t)timegm(&tm);
         if (ASN1_TIME_to_tm(X509_get0_notBefore(x), &tm) == 1)
                 p->not_before = (int64_t)timegm(&tm);
-        if (!X509_get0_pubkey(x) || tls_pubkey_sha256(X509_get0_pubkey(x), p->pubkey) < 0)
+        if (tls_spki_sha256(X509_get_X509_PUBKEY(x), p->pubkey) < 0)
                 p->pubkey[0] = 0;
 }
 
-int tls_pubkey_sha256(EVP_PKEY *key, char ret[static 65]) {
-        unsigned char *der = NULL, md[EVP_MAX_MD_SIZE];
+/* The SHA-256 of len bytes of der (freed here) in hex. */
+static int der_sha256(unsigned char *der, int len, char ret[static 65]) {
+        unsigned char md[EVP_MAX_MD_SIZE];
         unsigned n = 0;
-        int len = i2d_PUBKEY(key, &der);
 
-        if (len <= 0)
+        if (len <= 0) {
+                OPENSSL_free(der);
                 return -EIO;
+        }
         if (!EVP_Digest(der, (size_t)len, md, &n, EVP_sha256(), NULL) || n != 32) {
                 OPENSSL_free(der);
                 return -EIO;
@@ -150,6 +152,20 @@ int tls_pubkey_sha256(EVP_PKEY *key, char ret[static 65]) {
         for (unsigned i = 0; i < n; i++)
                 snprintf(ret + 2 * i, 3, "%02x", md[i]);
         return 0;
+}
+
+int tls_pubkey_sha256(EVP_PKEY *key, char ret[static 65]) {
+        unsigned char *der = NULL;
+        int len = i2d_PUBKEY(key, &der);
+
+        return der_sha256(der, len, ret);
+}
+
+int tls_spki_sha256(const X509_PUBKEY *spki, char ret[static 65]) {
+        unsigned char *der = NULL;
+        int len = spki ? i2d_X509_PUBKEY(spki, &der) : -1;
+
+        return der_sha256(der, len, ret);
 }
 
 /* The device ID of a verified leaf: exactly one commonName, a valid
@@ -203,6 +219,10 @@ static int leaf_identity(X509 *x, TlsPeer *p) {
         return 0;
 }
 
+/* The certificate libcoap's verify callback is looking at, while
+ * server_verify_cb() calls it (one thread: the loop's). */
+static _Thread_local X509 *verifying_cert;
+
 /* Server side, once per certificate of the client's chain (root first,
  * the leaf last, at depth 0). libcoap's cn is not used: the identity is
  * read from the leaf here (see TlsPeer). */
@@ -218,7 +238,13 @@ static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
                 return 0;
         if (validated && depth > 0)
                 return 1;
-        x = d2i_X509(NULL, &q, (long)der_len);
+        /* libcoap made der from the certificate server_verify_cb() is
+         * given: that one, rather than parsing it again (its key too). */
+        if (verifying_cert) {
+                x = verifying_cert;
+                X509_up_ref(x);
+        } else
+                x = d2i_X509(NULL, &q, (long)der_len);
         if (!x) {
                 p->refused = true;
                 snprintf(p->reason, sizeof(p->reason), "the certificate cannot be parsed");
@@ -400,8 +426,12 @@ static int server_verify_cb(int ok, X509_STORE_CTX *ctx) {
         SSL *ssl = X509_STORE_CTX_get_ex_data(ctx, SSL_get_ex_data_X509_STORE_CTX_idx());
         coap_session_t *session = ssl ? SSL_get_app_data(ssl) : NULL;
         X509 *x = X509_STORE_CTX_get_current_cert(ctx);
-        int r = libcoap_verify_cb ? libcoap_verify_cb(ok, ctx) : ok;
         TlsPeer *p;
+        int r;
+
+        verifying_cert = x;
+        r = libcoap_verify_cb ? libcoap_verify_cb(ok, ctx) : ok;
+        verifying_cert = NULL;
 
         if (ok || r || !session || !x || !(p = session_peer(session)))
                 return r;

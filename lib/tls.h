@@ -122,6 +122,13 @@ int tls_session_set_nodelay(coap_session_t *session);
  * 0, or -EIO. */
 struct evp_pkey_st;
 int tls_pubkey_sha256(struct evp_pkey_st *key, char ret[static 65]);
+/* The same of a certificate's or CSR's SubjectPublicKeyInfo as it holds
+ * it (X509_get_X509_PUBKEY(), X509_REQ_get_X509_PUBKEY()): the same text
+ * as tls_pubkey_sha256() of its key, without decoding the key and
+ * encoding it again (OpenSSL 3.0 looks up its decoders and encoders for
+ * each, the larger part of a CSR check). 0, or -EIO. */
+struct X509_pubkey_st;
+int tls_spki_sha256(const struct X509_pubkey_st *spki, char ret[static 65]);
 /* name as RFC 2253 text (UTF-8 left as it is), cut to size: what
  * TlsPeer.subject and .issuer hold. "" when it cannot be printed. */
 struct X509_name_st;
