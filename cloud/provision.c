@@ -25,6 +25,9 @@
 
 struct Provision {
         Store *store;
+        /* Prepared once: an enrollment looks its token up twice and
+         * takes a use. */
+        sqlite3_stmt *find, *use;
 };
 
 static const char *const provision_schema[] = {
@@ -59,6 +62,10 @@ static int64_t provision_now(void) {
 }
 
 Provision *provision_free(Provision *p) {
+        if (!p)
+                return NULL;
+        sqlite3_finalize(p->find);
+        sqlite3_finalize(p->use);
         free(p);
         return NULL;
 }
@@ -86,6 +93,17 @@ int provision_open(Store *store, Provision **ret) {
                 return store_error(store, rc, "counting the provisioning tokens");
         if (n > 0)
                 log_info("The cloud database holds %" PRId64 " provisioning token(s).", n);
+        rc = sqlite3_prepare_v3(store_db(store), "SELECT " PROVISION_COLUMNS " FROM provision_tokens WHERE digest = ?",
+                                -1, SQLITE_PREPARE_PERSISTENT, &p->find, NULL);
+        /* The conditions again, in the statement: whatever ran since the
+         * check, a use is taken only while one is left. */
+        if (rc == SQLITE_OK)
+                rc = sqlite3_prepare_v3(store_db(store),
+                                        "UPDATE provision_tokens SET uses = uses + 1 WHERE id = ?1 AND uses < uses_max "
+                                        "AND revoked_at IS NULL AND expires_at > ?2",
+                                        -1, SQLITE_PREPARE_PERSISTENT, &p->use, NULL);
+        if (rc != SQLITE_OK)
+                return store_error(store, rc, "preparing the provisioning tokens' statements");
         *ret = TAKE_PTR(p);
         return 0;
 }
@@ -489,16 +507,17 @@ int provision_create(Provision *p, const ProvisionSpec *spec, char **ret_secret,
         return 0;
 }
 
-/* UPDATE or such by id: the number of rows changed, or a negative errno. */
-static int provision_update(Provision *p, const char *sql, const char *id, int64_t now, const char *actor,
-                            const char *what) {
-        sqlite3_stmt *st = NULL;
+/* UPDATE or such by id (sql, or the prepared statement prepared): the
+ * number of rows changed, or a negative errno. */
+static int provision_update(Provision *p, const char *sql, sqlite3_stmt *prepared, const char *id, int64_t now,
+                            const char *actor, const char *what) {
+        sqlite3_stmt *st = prepared;
         int rc, r;
 
         r = store_batch(p->store);
         if (r < 0)
                 return r;
-        rc = sqlite3_prepare_v2(store_db(p->store), sql, -1, &st, NULL);
+        rc = st ? SQLITE_OK : sqlite3_prepare_v2(store_db(p->store), sql, -1, &st, NULL);
         if (rc == SQLITE_OK)
                 rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
         if (rc == SQLITE_OK)
@@ -507,7 +526,11 @@ static int provision_update(Provision *p, const char *sql, const char *id, int64
                 rc = actor ? sqlite3_bind_text(st, 3, actor, -1, SQLITE_STATIC) : sqlite3_bind_null(st, 3);
         if (rc == SQLITE_OK)
                 rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(store_db(p->store));
-        sqlite3_finalize(st);
+        if (prepared) {
+                sqlite3_reset(st);
+                sqlite3_clear_bindings(st);
+        } else
+                sqlite3_finalize(st);
         if (rc != SQLITE_OK)
                 return store_error(p->store, rc, what);
         return sqlite3_changes(store_db(p->store));
@@ -527,7 +550,7 @@ int provision_revoke(Provision *p, const char *id, const char *actor) {
         r = provision_update(p,
                              "UPDATE provision_tokens SET revoked_at = ?2, revoked_by = ?3 WHERE id = ?1 AND "
                              "revoked_at IS NULL",
-                             id, provision_now(), actor, "revoking a provisioning token");
+                             NULL, id, provision_now(), actor, "revoking a provisioning token");
         if (r < 0)
                 return r;
         if (r == 0)
@@ -539,7 +562,7 @@ int provision_revoke(Provision *p, const char *id, const char *actor) {
  * negative errno. */
 static int provision_find(Provision *p, const char *token, ProvisionRow *ret, json_t **ret_tags) {
         uint8_t digest[PROVISION_DIGEST_SIZE];
-        sqlite3_stmt *st = NULL;
+        sqlite3_stmt *st = p->find;
         ProvisionRow row = {};
         int rc, r = 0;
 
@@ -548,10 +571,7 @@ static int provision_find(Provision *p, const char *token, ProvisionRow *ret, js
         r = sha256(token, strlen(token), digest);
         if (r < 0)
                 return r;
-        rc = sqlite3_prepare_v2(store_db(p->store),
-                                "SELECT " PROVISION_COLUMNS " FROM provision_tokens WHERE digest = ?", -1, &st, NULL);
-        if (rc == SQLITE_OK)
-                rc = sqlite3_bind_blob(st, 1, digest, sizeof(digest), SQLITE_STATIC);
+        rc = sqlite3_bind_blob(st, 1, digest, sizeof(digest), SQLITE_STATIC);
         if (rc == SQLITE_OK)
                 rc = sqlite3_step(st);
         if (rc == SQLITE_ROW) {
@@ -570,7 +590,8 @@ static int provision_find(Provision *p, const char *token, ProvisionRow *ret, js
                 }
         } else if (rc != SQLITE_DONE)
                 r = store_error(p->store, rc, "looking up a provisioning token");
-        sqlite3_finalize(st);
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
         OPENSSL_cleanse(digest, sizeof(digest));
         return r;
 }
@@ -630,12 +651,8 @@ int provision_consume(Provision *p, const char *token, const char *device_id,
                 memcpy(ret_id, id, sizeof(id));
         if (r < 0)
                 return r;
-        /* The conditions again, in the statement: whatever ran since the
-         * check, a use is taken only while one is left. */
-        r = provision_update(p,
-                             "UPDATE provision_tokens SET uses = uses + 1 WHERE id = ?1 AND uses < uses_max AND "
-                             "revoked_at IS NULL AND expires_at > ?2",
-                             id, provision_now(), NULL, "using a provisioning token");
+        /* p->use checks the conditions again. */
+        r = provision_update(p, NULL, p->use, id, provision_now(), NULL, "using a provisioning token");
         if (r == 0) {
                 /* Taken meanwhile: say why, from the row as it is now. */
                 json_decref(tags);
