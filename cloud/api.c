@@ -139,7 +139,7 @@ struct Api {
         Events *events;
         Ota *ota;
         struct MHD_Daemon *daemon;
-        sd_event_source *io, *timer, *defer, *keepalive;
+        sd_event_source *io, *timer, *defer, *resume, *keepalive;
         unsigned busy_rounds; /* MHD run at once in a row (api_update_timer()) */
         /* Connections waiting for a request's header (ApiConn), oldest
          * deadline first: [0] new ones, [1] kept alive after an answer. */
@@ -217,13 +217,18 @@ static int api_defer_cb(sd_event_source *s, void *userdata) {
         return 0;
 }
 
-/* MHD must run after a resume, not only when a socket wakes it. */
+/* MHD must run after a resume, not only when a socket wakes it: at the
+ * priority of the loop's other sources (api->resume), so that an answer
+ * from a device is sent in turn while devices keep the loop busy (a wave
+ * of renewals), not once nothing else is pending, as api->defer would.
+ * It is enabled only by what happens elsewhere (a device answered, an
+ * event), never by its own run, so it cannot hold the loop. */
 static void api_schedule(Api *api) {
-        (void)sd_event_source_set_enabled(api->defer, SD_EVENT_ONESHOT);
+        (void)sd_event_source_set_enabled(api->resume, SD_EVENT_ONESHOT);
 }
 
 void api_kick(Api *api) {
-        if (api && api->defer)
+        if (api && api->resume)
                 api_schedule(api);
 }
 
@@ -1924,6 +1929,7 @@ Api *api_free(Api *api) {
         api->io = sd_event_source_disable_unref(api->io);
         api->timer = sd_event_source_disable_unref(api->timer);
         api->defer = sd_event_source_disable_unref(api->defer);
+        api->resume = sd_event_source_disable_unref(api->resume);
         api->keepalive = sd_event_source_disable_unref(api->keepalive);
         api->header_timer = sd_event_source_disable_unref(api->header_timer);
         ratelimit_free(api->rate_address);
@@ -2057,6 +2063,10 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
                 r = sd_event_source_set_priority(api->defer, SD_EVENT_PRIORITY_IDLE);
         if (r >= 0)
                 r = sd_event_source_set_enabled(api->defer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &api->resume, api_defer_cb, api);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(api->resume, SD_EVENT_OFF);
         if (r >= 0)
                 r = sd_event_add_time_relative(event, &api->keepalive, CLOCK_MONOTONIC, API_SSE_KEEPALIVE_USEC,
                                                100 * USEC_PER_MSEC, api_keepalive_cb, api);

@@ -633,7 +633,19 @@ json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit) {
  * for a TLS-over-TCP server is urgent: TCP has no retransmissions, closed
  * sessions are only freed a little later, and idle timeouts are seconds. */
 #define DEVICES_SCAN_INTERVAL (100 * USEC_PER_MSEC)
+/* One dispatch of a shard stops after DEVICES_DISPATCH_USEC: a request
+ * on a session can cost a millisecond or more (a handshake, a renewal's
+ * signature), and during a wave of them the loop's other sources (the
+ * HTTP API and its answers, the other shards) get their turn in between.
+ * It takes what epoll reports DEVICES_EPOLL_FIRST sockets at a time, twice
+ * as many each time (up to DEVICES_EPOLL_BATCH) while that went quickly:
+ * every coap_io_do_epoll() ends with the walk, so cheap requests are
+ * handed over in large batches, costly ones in small ones. libcoap's
+ * epoll is level-triggered: what is left is reported again, and the
+ * shard's source is pending again at the next turn of the loop. */
+#define DEVICES_EPOLL_FIRST 8
 #define DEVICES_EPOLL_BATCH 64
+#define DEVICES_DISPATCH_USEC (4 * USEC_PER_MSEC)
 
 static void shard_scan(Shard *sh) {
         coap_tick_t now;
@@ -667,17 +679,19 @@ static void shard_scan_soon(Shard *sh) {
         (void)sd_event_source_set_enabled(sh->timer, SD_EVENT_ONESHOT);
 }
 
-/* Dispatch what epoll reports ready on the shard, without waiting. */
+/* Dispatch what epoll reports ready on the shard, without waiting, for
+ * about DEVICES_DISPATCH_USEC at most. */
 static void shard_dispatch(Shard *sh) {
         struct epoll_event events[DEVICES_EPOLL_BATCH];
-        int fd = coap_context_get_coap_fd(sh->ctx), n;
+        int fd = coap_context_get_coap_fd(sh->ctx), n, max = DEVICES_EPOLL_FIRST;
+        uint64_t start = now_usec(), spent;
         bool activity = false;
 
-        do {
-                n = epoll_wait(fd, events, DEVICES_EPOLL_BATCH, 0);
+        for (;;) {
+                n = epoll_wait(fd, events, max, 0);
+                if (n < 0 && errno == EINTR)
+                        continue;
                 if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
                         log_warning_errno(errno, "epoll_wait() on libcoap's descriptor failed: %m");
                         break;
                 }
@@ -686,7 +700,14 @@ static void shard_dispatch(Shard *sh) {
                         activity = true;
                         coap_io_do_epoll(sh->ctx, events, (size_t)n);
                 }
-        } while (n == DEVICES_EPOLL_BATCH);
+                if (n < max)
+                        break;
+                spent = now_usec() - start;
+                if (spent >= DEVICES_DISPATCH_USEC)
+                        break;
+                if (max < DEVICES_EPOLL_BATCH && spent < DEVICES_DISPATCH_USEC / 4)
+                        max *= 2;
+        }
         /* A scan already due has its timer armed (shard_scan_soon()). */
         if (activity)
                 shard_scan_soon(sh);
