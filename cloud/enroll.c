@@ -36,6 +36,9 @@ typedef struct Result {
         ResultState state;
         uint64_t created; /* CLOCK_MONOTONIC µs */
         SignerJob *job;   /* while pending */
+        bool queued;      /* renewal, pending: the built-in signer makes it from the queue */
+        SignerCsr csr;    /* while queued */
+        unsigned char csr_digest[32]; /* SHA-256 of the CSR's text: a renewal sent again */
         char *token;      /* enroll, while pending: consumed when signed */
         bool reissue;     /* the registry holds this key: consume nothing */
         char address[INET6_ADDRSTRLEN];
@@ -57,6 +60,13 @@ struct Enroll {
         RateLimit *rate_address, *rate_refused, *rate_renew;
         Result *head, *tail;
         size_t n_results;
+        /* Built-in signatures: how many were made in the loop's turn
+         * inline_turn (sd_event_get_iteration()); renewals queued beyond
+         * ENROLL_INLINE_PER_TURN, signed by queue_source. */
+        uint64_t inline_turn;
+        unsigned inline_n;
+        size_t n_queued;
+        sd_event_source *queue_source;
 };
 
 /* ---- answers --------------------------------------------------------------- */
@@ -118,6 +128,9 @@ static void result_free(Result *res) {
         else
                 e->tail = res->prev;
         e->n_results--;
+        if (res->queued)
+                e->n_queued--;
+        signer_csr_done(&res->csr);
         signer_cancel(res->job);
         if (res->token)
                 OPENSSL_clear_free(res->token, strlen(res->token));
@@ -138,6 +151,15 @@ static void results_expire(Enroll *e) {
 static Result *result_find(Enroll *e, bool renew, const char *id, const char *pubkey) {
         for (Result *res = e->head; res; res = res->next)
                 if (res->renew == renew && streq(res->id, id) && streq(res->pubkey, pubkey))
+                        return res;
+        return NULL;
+}
+
+/* id's renewal for the CSR whose text has this digest: the same request
+ * again, found without parsing and checking the CSR again. */
+static Result *result_find_renewal(Enroll *e, const char *id, const unsigned char digest[static 32]) {
+        for (Result *res = e->head; res; res = res->next)
+                if (res->renew && streq(res->id, id) && CRYPTO_memcmp(res->csr_digest, digest, 32) == 0)
                         return res;
         return NULL;
 }
@@ -165,7 +187,8 @@ static void result_reply(Result *res, coap_pdu_t *response) {
                 return;
         case RESULT_PENDING:
         default:
-                reply_retry(response, COAP_RESPONSE_CODE(503), ENROLL_PENDING_RETRY_SEC,
+                reply_retry(response, COAP_RESPONSE_CODE(503),
+                            res->queued ? ENROLL_QUEUED_RETRY_SEC : ENROLL_PENDING_RETRY_SEC,
                             "the certificate is being signed: send the same request again");
                 return;
         }
@@ -305,41 +328,25 @@ static void signed_cb(void *userdata, int error, SignerCert *cert, const char *r
         }
 }
 
-/* Sign csr (checks passed) and answer: at once with the built-in signer,
- * else start the command and answer 5.03. */
-static void sign_and_reply(Enroll *e, bool renew, const SignerCsr *csr, const char *token, bool reissue,
-                           const char *address, coap_pdu_t *response) {
-        char reason[SIGNER_REASON_MAX];
-        unsigned code;
+/* A pending result for csr, at the end of the list; NULL with the answer
+ * given. */
+static Result *result_new(Enroll *e, bool renew, const SignerCsr *csr, const char *token, bool reissue,
+                          const char *address, coap_pdu_t *response) {
+        unsigned n = 0;
         Result *res;
-        int r;
 
-        if (!signer_is_external(e->signer)) {
-                _cleanup_(signer_cert_done) SignerCert cert = {};
-
-                r = signer_sign(e->signer, csr, &cert, reason);
-                if (r < 0) {
-                        log_error("Failed to sign a certificate for device '%s': %s.", csr->id, reason);
-                        reply_text(response, COAP_RESPONSE_CODE(500), reason);
-                        return;
-                }
-                code = issue(e, renew, csr->id, token, reissue, address, &cert, reason);
-                if (code != 0)
-                        reply_text(response, code, reason);
-                else
-                        reply_cert(response, csr->id, &cert);
-                return;
-        }
         if (e->n_results >= ENROLL_RESULTS_MAX) {
                 reply_retry(response, COAP_RESPONSE_CODE(503), ENROLL_PENDING_RETRY_SEC * 5,
                             "too many certificates are being signed: try again later");
-                return;
+                return NULL;
         }
         res = calloc(1, sizeof(*res));
-        if (!res || (!renew && !(res->token = strdup(token)))) {
+        if (!res || (!renew && !(res->token = strdup(token))) ||
+            !EVP_Digest(csr->pem, strlen(csr->pem), res->csr_digest, &n, EVP_sha256(), NULL)) {
+                free(res ? res->token : NULL);
                 free(res);
                 reply_text(response, COAP_RESPONSE_CODE(500), "out of memory");
-                return;
+                return NULL;
         }
         res->enroll = e;
         res->renew = renew;
@@ -356,6 +363,107 @@ static void sign_and_reply(Enroll *e, bool renew, const SignerCsr *csr, const ch
                 e->head = res;
         e->tail = res;
         e->n_results++;
+        return res;
+}
+
+/* May the built-in signer sign now, inside this turn of the loop? Not
+ * past ENROLL_INLINE_PER_TURN signatures, nor while renewals wait in the
+ * queue (they go first). */
+static bool inline_allowed(Enroll *e) {
+        uint64_t turn = 0;
+
+        (void)sd_event_get_iteration(e->event, &turn);
+        if (turn != e->inline_turn) {
+                e->inline_turn = turn;
+                e->inline_n = 0;
+        }
+        return e->inline_n < ENROLL_INLINE_PER_TURN && e->n_queued == 0;
+}
+
+/* Sign queued renewals, oldest first, for ENROLL_QUEUE_USEC at most (at
+ * least one) per turn of the loop. */
+static int queue_cb(sd_event_source *s, void *userdata) {
+        Enroll *e = userdata;
+        uint64_t start = now_usec();
+        bool first = true;
+
+        for (Result *res = e->head, *next; res && e->n_queued > 0; res = next) {
+                _cleanup_(signer_cert_done) SignerCert cert = {};
+                char reason[SIGNER_REASON_MAX];
+                int r;
+
+                next = res->next;
+                if (!res->queued)
+                        continue;
+                if (!first && now_usec() - start >= ENROLL_QUEUE_USEC)
+                        break;
+                first = false;
+                res->queued = false;
+                e->n_queued--;
+                r = signer_sign(e->signer, &res->csr, &cert, reason);
+                signer_csr_done(&res->csr);
+                if (r < 0)
+                        log_error("Failed to sign a certificate for device '%s': %s.", res->id, reason);
+                /* Marks res issued or failed; frees nothing. */
+                signed_cb(res, r, r < 0 ? NULL : &cert, reason);
+        }
+        if (e->n_queued > 0)
+                (void)sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+/* Queue the renewal of csr (taken) for the built-in signer: 5.03 now, the
+ * certificate when the device asks again. */
+static void queue_renewal(Enroll *e, SignerCsr *csr, const char *address, coap_pdu_t *response) {
+        Result *res;
+        int r;
+
+        res = result_new(e, true, csr, NULL, false, address, response);
+        if (!res)
+                return;
+        r = sd_event_source_set_enabled(e->queue_source, SD_EVENT_ONESHOT);
+        if (r < 0) {
+                result_free(res);
+                reply_text(response, COAP_RESPONSE_CODE(500), "the renewal could not be queued");
+                return;
+        }
+        res->queued = true;
+        res->csr = *csr;
+        *csr = (SignerCsr){};
+        e->n_queued++;
+        reply_retry(response, COAP_RESPONSE_CODE(503), ENROLL_QUEUED_RETRY_SEC,
+                    "the certificate is being signed: send the same request again");
+}
+
+/* Sign csr (checks passed) and answer: at once with the built-in signer,
+ * else start the command and answer 5.03. */
+static void sign_and_reply(Enroll *e, bool renew, const SignerCsr *csr, const char *token, bool reissue,
+                           const char *address, coap_pdu_t *response) {
+        char reason[SIGNER_REASON_MAX];
+        unsigned code;
+        Result *res;
+        int r;
+
+        if (!signer_is_external(e->signer)) {
+                _cleanup_(signer_cert_done) SignerCert cert = {};
+
+                e->inline_n++;
+                r = signer_sign(e->signer, csr, &cert, reason);
+                if (r < 0) {
+                        log_error("Failed to sign a certificate for device '%s': %s.", csr->id, reason);
+                        reply_text(response, COAP_RESPONSE_CODE(500), reason);
+                        return;
+                }
+                code = issue(e, renew, csr->id, token, reissue, address, &cert, reason);
+                if (code != 0)
+                        reply_text(response, code, reason);
+                else
+                        reply_cert(response, csr->id, &cert);
+                return;
+        }
+        res = result_new(e, renew, csr, token, reissue, address, response);
+        if (!res)
+                return;
         r = signer_start(e->signer, csr, renew ? "renew" : "enroll", signed_cb, res, &res->job);
         if (r < 0) {
                 result_free(res);
@@ -521,6 +629,15 @@ void enroll_cert_request(Enroll *e, const char *id, const char *pubkey, const ch
         j = request_json(request, response);
         if (!j)
                 return;
+        /* The same request again (5.03 said so, or its answer got lost). */
+        if (json_is_string(json_object_get(j, "csr")) &&
+            EVP_Digest(json_string_value(json_object_get(j, "csr")), json_string_length(json_object_get(j, "csr")),
+                       digest, &n, EVP_sha256(), NULL) &&
+            (res = result_find_renewal(e, id, digest)) && !(pubkey && streq(res->pubkey, pubkey))) {
+                json_decref(j);
+                result_reply(res, response);
+                return;
+        }
         if (!request_csr(j, &csr, response)) {
                 json_decref(j);
                 return;
@@ -555,6 +672,14 @@ void enroll_cert_request(Enroll *e, const char *id, const char *pubkey, const ch
                 reply_text(response, COAP_RESPONSE_CODE(403), reason);
                 return;
         }
+        /* Renewals come in waves (a fleet's certificates were issued
+         * together): past ENROLL_INLINE_PER_TURN signatures in this turn
+         * of the loop the rest wait in a queue, so that the loop's other
+         * work (calls, events, handshakes) goes on in between. */
+        if (!signer_is_external(e->signer) && !inline_allowed(e)) {
+                queue_renewal(e, &csr, address, response);
+                return;
+        }
         sign_and_reply(e, true, &csr, NULL, false, address, response);
 }
 
@@ -565,6 +690,7 @@ Enroll *enroll_free(Enroll *e) {
                 return NULL;
         while (e->head)
                 result_free(e->head);
+        e->queue_source = sd_event_source_disable_unref(e->queue_source);
         signer_free(e->signer);
         ratelimit_free(e->rate_address);
         ratelimit_free(e->rate_refused);
@@ -590,6 +716,11 @@ int enroll_new(sd_event *event, const CloudConfig *config, Store *store, Registr
         r = signer_new(event, config, &e->signer);
         if (r < 0)
                 return r;
+        r = sd_event_add_defer(event, &e->queue_source, queue_cb, e);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(e->queue_source, SD_EVENT_OFF);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up the renewal queue: %m");
         r = ratelimit_new(ENROLL_RATE, ENROLL_BURST, ENROLL_RATE_KEYS, &e->rate_address);
         if (r >= 0)
                 r = ratelimit_new(ENROLL_REFUSED_RATE, ENROLL_REFUSED_BURST, ENROLL_RATE_KEYS, &e->rate_refused);

@@ -11,7 +11,8 @@
  * when a certificate is issued, after it is signed; a device whose
  * registry entry holds another public key, or that is revoked, gets none;
  * the same request again (same ID and public key) while an external
- * signature is pending, or after it was issued, gets the same answer and
+ * signature is pending or a renewal is queued, or after it was issued,
+ * gets the same answer and
  * consumes nothing (results kept ENROLL_RESULT_SEC, at most
  * ENROLL_RESULTS_MAX of them). Requests are limited per address
  * (ENROLL_RATE per second, ENROLL_BURST) and refused tokens tighter
@@ -43,6 +44,14 @@
 #define ENROLL_RESULT_SEC 600
 #define ENROLL_RESULTS_MAX 4096
 #define ENROLL_PENDING_RETRY_SEC 2 /* Max-Age of 5.03 while a signature is being made */
+/* The built-in signer signs a renewal at once, up to this many signatures
+ * in one turn of the loop; beyond, renewals are queued (5.03, Max-Age
+ * ENROLL_QUEUED_RETRY_SEC) and signed from the loop, ENROLL_QUEUE_USEC of
+ * them per turn, so that a fleet renewing at once does not hold the loop
+ * (calls, events) until the last one is signed. */
+#define ENROLL_INLINE_PER_TURN 2
+#define ENROLL_QUEUED_RETRY_SEC 1
+#define ENROLL_QUEUE_USEC 2000
 
 typedef struct Enroll Enroll;
 

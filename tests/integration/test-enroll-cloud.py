@@ -254,6 +254,44 @@ def test_renew(w):
     dev3.close()
 
 
+def test_renew_queue(w):
+    """Renewals arriving together: ENROLL_INLINE_PER_TURN of them are
+    signed at once, the rest queued (5.03 with Max-Age 1, nothing
+    consumed); sent again, each gets the certificate for its own key."""
+    start(w)
+    tok, _ = token(w)
+    key, csr = key_csr(w, "q", "dev-q")
+    m, d = enroll(w, tok, csr)
+    crt, _ = ok_cert(w, m, "q", "dev-q", key)
+    d.close()
+    dev, _ = connect(w, ("dev-q", crt, key))
+    from fakedev import CONTENT_FORMAT, path_opts, uint
+    pairs = [key_csr(w, f"q{i}", "dev-q") for i in range(4)]
+    bodies = [json.dumps({"csr": c}).encode() for _, c in pairs]
+    tokens = [dev.token() for _ in pairs]
+    # One write: the cloud reads the four requests in one turn of its loop.
+    dev.send(b"".join(frame(POST, t, path_opts("cert") + [(CONTENT_FORMAT, uint(50))], b)
+                      for t, b in zip(tokens, bodies)))
+    first = [dev.response(t, timeout=seconds(20)) for t in tokens]
+    codes = [codestr(m.code) for m in first]
+    queued = [i for i, m in enumerate(first) if m.code == (5 << 5 | 3)]
+    expect(queued and all(m.code in (CREATED, 5 << 5 | 3) for m in first), f"first answers: {codes}")
+    expect(all(max_age(first[i]) == 1 for i in queued), "a queued renewal's 5.03 has Max-Age 1")
+    answers = dict(enumerate(first))
+    for i in queued:
+        def again(i=i):
+            t = dev.request(POST, "cert", bodies[i], [(CONTENT_FORMAT, uint(50))])
+            answers[i] = dev.response(t, timeout=seconds(20))
+            return answers[i].code != (5 << 5 | 3)
+        poll(again, seconds(20), f"renewal {i} signed", interval=1)
+    for i, (k, _) in enumerate(pairs):
+        c, _ = ok_cert(w, answers[i], f"q{i}", "dev-q", k)
+        pub = subprocess.run(["openssl", "x509", "-noout", "-pubkey", "-in", c], check=True, capture_output=True).stdout
+        want = subprocess.run(["openssl", "pkey", "-pubout", "-in", k], check=True, capture_output=True).stdout
+        expect(pub == want, f"renewal {i}: the certificate is for its CSR's key")
+    dev.close()
+
+
 SCRIPT = """#!/bin/sh
 set -e
 case "$TETHER_DEVICE_ID" in
@@ -330,4 +368,4 @@ def test_external(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_enroll_then_connect, test_refused_tokens, test_race_single_use, test_revoked_device,
-                  test_anonymous_limits, test_renew, test_external], emulated="ok"))
+                  test_anonymous_limits, test_renew, test_renew_queue, test_external], emulated="ok"))
