@@ -280,6 +280,16 @@ class Callers:
             return len(self.calls)
 
 
+def cloud_cpu(pid):
+    """utime + stime of process pid (s), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def pct(values, q):
     if not values:
         return None
@@ -307,8 +317,10 @@ def part_c(opts, log):
             callers.start()
             # Warm up: every caller has made calls before the renewal starts.
             harness.poll(lambda: callers.count() >= 200, 60, "the callers' first calls")
+            cpu0 = cloud_cpu(w.cloud.proc.pid)
             time.sleep(1)
             t0 = time.monotonic()
+            cpu1 = cloud_cpu(w.cloud.proc.pid)
             before = callers.between(t0 - 1, t0)
             fleet.command("renew")
             word, ren = fleet.wait("renewed")
@@ -326,6 +338,10 @@ def part_c(opts, log):
             res["call_max"] = max((c[1] - c[0] for c in during), default=None)
             res["call_p50_before"] = pct([c[1] - c[0] for c in before], 50)
             res["calls_before"] = len(before)
+            res["cloud_cpu_before"] = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+            # The calls' share of the window's CPU, at the rate of the second before.
+            if res["cloud_cpu_before"] is not None and before and "cloud_cpu" in res:
+                res["cloud_cpu_renew"] = float(res["cloud_cpu"]) - res["cloud_cpu_before"] / len(before) * len(during)
             res["dropped_total"] = stats.get("dropped")
             print(f"#   (c) {word}: {ren.get('seconds', '?')} s, {ren.get('renewed', '?')} renewed, "
                   f"{ren.get('failed', '?')} failed, codes {ren.get('codes', '?')}, dropped {ren.get('dropped', '?')}; "
@@ -361,6 +377,9 @@ def table_c(opts, runs):
     print(f"| answers 4.xx/5.xx by code | {'; '.join(r.get('codes', '?') for r in runs)} |")
     print(f"| sessions dropped during the renewal (should be 0) | {mmm(col('dropped', int), '{:.0f}')} |")
     print(f"| cloud CPU during the renewal (s) | {mmm(col('cloud_cpu'))} |")
+    print(f"| cloud CPU in the second before it, calls alone (s) | {mmm(col('cloud_cpu_before'))} |")
+    print(f"| cloud CPU during the renewal less its calls at that rate (s; ms per renewal) | "
+          f"{mmm(col('cloud_cpu_renew'))}; {mmm([c / n * 1e3 for c in col('cloud_cpu_renew')])} |")
     print(f"| calls under way during the renewal / failed (failed should be 0) | "
           f"{mmm(col('calls', int), '{:.0f}')} / {mmm(col('calls_failed', int), '{:.0f}')} |")
     print(f"| call p50 / p99 / max during the renewal (ms) | {mmm(ms('call_p50'), '{:.2f}')} / "
