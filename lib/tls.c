@@ -1,12 +1,14 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <dlfcn.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
+#include <pthread.h>
 #include <sys/socket.h>
 
 #include "proto.h"
@@ -69,6 +71,7 @@ struct TlsServerKeys {
         void *check_userdata;
         bool allow_anonymous;             /* no client certificate: an enrollment session */
         size_t anonymous_max;             /* its longest message after the header */
+        TlsServerKeys *live_next;         /* in keys_live */
 };
 
 void tls_server_keys_allow_anonymous(TlsServerKeys *k, bool allow, size_t max_message) {
@@ -267,9 +270,115 @@ static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
         return ok;
 }
 
+/* ---- libcoap's per-session parse of the server's certificate and key -----
+ *
+ * libcoap 4.3.1 hands every new server session the certificate and key of
+ * its PKI setup as DER (setup_pki_ssl() in src/coap_openssl.c, from its
+ * client-hello callback), and libssl parses both again each time: with
+ * OpenSSL 3.0, which looks up its key decoders anew for every key, about
+ * 0.2 ms per handshake, a sixth of an enrollment's cost. This program
+ * defines the two functions (the dynamic linker binds libcoap's calls to
+ * them, as for SSL_read() in tls-framing.c): for the DER buffers of loaded
+ * TlsServerKeys (the very pointers libcoap was given) they set the
+ * certificate and key parsed at load, shared by reference, which is what
+ * server_tls_setup() sets right after anyway; anything else goes to
+ * libssl's. */
+static pthread_mutex_t keys_lock = PTHREAD_MUTEX_INITIALIZER;
+static TlsServerKeys *keys_live;
+
+static void keys_live_add(TlsServerKeys *k) {
+        pthread_mutex_lock(&keys_lock);
+        k->live_next = keys_live;
+        keys_live = k;
+        pthread_mutex_unlock(&keys_lock);
+}
+
+static void keys_live_remove(TlsServerKeys *k) {
+        pthread_mutex_lock(&keys_lock);
+        for (TlsServerKeys **p = &keys_live; *p; p = &(*p)->live_next)
+                if (*p == k) {
+                        *p = k->live_next;
+                        break;
+                }
+        pthread_mutex_unlock(&keys_lock);
+}
+
+/* The parsed certificate (cert) or key of the keys whose DER is d, len,
+ * with a reference taken; NULL if d is not one of theirs. */
+static void *keys_live_find(const unsigned char *d, long len, bool cert) {
+        void *found = NULL;
+
+        pthread_mutex_lock(&keys_lock);
+        for (TlsServerKeys *k = keys_live; k && !found; k = k->live_next)
+                if (cert && k->cert && d == k->cert_der && len >= 0 && (size_t)len == k->cert_len) {
+                        if (X509_up_ref(k->cert) == 1)
+                                found = k->cert;
+                } else if (!cert && k->key && d == k->key_der && len >= 0 && (size_t)len == k->key_len) {
+                        if (EVP_PKEY_up_ref(k->key) == 1)
+                                found = k->key;
+                }
+        pthread_mutex_unlock(&keys_lock);
+        return found;
+}
+
+__attribute__((visibility("default"))) int SSL_use_certificate_ASN1(SSL *ssl, const unsigned char *d, int len) {
+        static int (*libssl_fn)(SSL *, const unsigned char *, int);
+        int (*fn)(SSL *, const unsigned char *, int) = __atomic_load_n(&libssl_fn, __ATOMIC_RELAXED);
+        X509 *x = keys_live_find(d, len, true);
+        int r;
+
+        if (x) {
+                r = SSL_use_certificate(ssl, x);
+                X509_free(x);
+                return r;
+        }
+        if (!fn) {
+                *(void **)&fn = dlsym(RTLD_NEXT, "SSL_use_certificate_ASN1");
+                if (!fn) {
+                        /* No libssl after us: parse and set it here. */
+                        const unsigned char *q = d;
+
+                        x = d2i_X509(NULL, &q, len);
+                        r = x ? SSL_use_certificate(ssl, x) : 0;
+                        X509_free(x);
+                        return r;
+                }
+                __atomic_store_n(&libssl_fn, fn, __ATOMIC_RELAXED);
+        }
+        return fn(ssl, d, len);
+}
+
+__attribute__((visibility("default"))) int SSL_use_PrivateKey_ASN1(int type, SSL *ssl, const unsigned char *d,
+                                                                 long len) {
+        static int (*libssl_fn)(int, SSL *, const unsigned char *, long);
+        int (*fn)(int, SSL *, const unsigned char *, long) = __atomic_load_n(&libssl_fn, __ATOMIC_RELAXED);
+        EVP_PKEY *key = keys_live_find(d, len, false);
+        int r;
+
+        if (key) {
+                r = SSL_use_PrivateKey(ssl, key);
+                EVP_PKEY_free(key);
+                return r;
+        }
+        if (!fn) {
+                *(void **)&fn = dlsym(RTLD_NEXT, "SSL_use_PrivateKey_ASN1");
+                if (!fn) {
+                        const unsigned char *q = d;
+
+                        key = d2i_PrivateKey(type, NULL, &q, len);
+                        r = key ? SSL_use_PrivateKey(ssl, key) : 0;
+                        EVP_PKEY_free(key);
+                        return r;
+                }
+                __atomic_store_n(&libssl_fn, fn, __ATOMIC_RELAXED);
+        }
+        return fn(type, ssl, d, len);
+}
+
 TlsServerKeys *tls_server_keys_free(TlsServerKeys *k) {
         if (!k)
                 return NULL;
+        keys_live_remove(k);
         OPENSSL_free(k->cert_der);
         if (k->key_der)
                 OPENSSL_clear_free(k->key_der, k->key_len);
@@ -390,6 +499,7 @@ int tls_server_keys_load(const TlsFiles *files, TlsServerKeys **ret_keys, const 
         k->cert = TAKE_PTR(cert);
         k->key = TAKE_PTR(key);
         ERR_clear_error();
+        keys_live_add(k);
         *ret_keys = k;
         return 0;
 fail:
