@@ -278,6 +278,27 @@ def connect(w, device=None, describe=None, **kw):
     return d, dev_id
 
 
+# What a refused session raises, whichever side of the handshake sees it.
+REFUSALS = (ssl.SSLError, EOFError, ConnectionError, OSError, Failure)
+
+
+def refused(w, cert, key):
+    """Try a session with cert; True if the cloud refused it (TLS 1.3:
+    the refusal arrives after the client's side of the handshake, so it
+    may come only with the CSM)."""
+    try:
+        d = Device(w.coap_port, cert, key, w.path("pki", "ca.crt"))
+    except REFUSALS:
+        return True
+    try:
+        d.handshake()
+        return False
+    except REFUSALS:
+        return True
+    finally:
+        d.close()
+
+
 def notifications(d, token, until, timeout=10):
     """Event notifications on subscription token until one named until;
     returns their event names, in order."""

@@ -8,7 +8,6 @@ SignCommand; the refusals of docs/protocol.md."""
 import json
 import os
 import shlex
-import ssl
 import stat
 import subprocess
 import sys
@@ -16,26 +15,10 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fakedev import PING, PONG, POST, CREATED, GET, Device, codestr, connect, frame, max_age  # noqa: E402
-from harness import EMULATOR, PKI, TETHERCTL, Failure, api_json, expect, poll, run, seconds  # noqa: E402
+from fakedev import PING, PONG, POST, CREATED, GET, Device, codestr, connect, frame, max_age, refused  # noqa: E402
+from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds  # noqa: E402
 
 BUILTIN = "[Enroll]\nCACertificate={ca}\nCAKey={key}\n"
-
-
-def refused(w, cert, key):
-    """Try a session with cert; True if the cloud refused it (TLS 1.3:
-    the refusal arrives after the client's side of the handshake)."""
-    try:
-        d = Device(w.coap_port, cert, key, w.path("pki", "ca.crt"))
-    except (ssl.SSLError, ConnectionError, OSError):
-        return True
-    try:
-        d.handshake()
-        return False
-    except (ssl.SSLError, EOFError, ConnectionError, OSError, Failure):
-        return True
-    finally:
-        d.close()
 
 
 def start(w, extra=None, timeout=None, **kw):

@@ -7,13 +7,12 @@ session, and refusals are logged with the certificate's details, once per
 address and interval (docs/security.md)."""
 import os
 import socket
-import ssl
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Failure, expect, poll, run, seconds  # noqa: E402
-from fakedev import Device, connect  # noqa: E402
+from fakedev import connect, refused  # noqa: E402
 
 
 def make_cert(w, name, subject, san=None):
@@ -35,22 +34,6 @@ def make_cert(w, name, subject, san=None):
         if r.returncode != 0:
             raise Failure(f"{' '.join(argv[:2])}: {r.stderr.strip()}")
     return crt, key
-
-
-def refused(w, cert, key):
-    """Try a session with cert; True if the cloud refused it (TLS 1.3:
-    the refusal arrives after the client's side of the handshake)."""
-    try:
-        d = Device(w.coap_port, cert, key, w.path("pki", "ca.crt"))
-    except (ssl.SSLError, ConnectionError, OSError):
-        return True
-    try:
-        d.handshake()
-        return False
-    except (ssl.SSLError, EOFError, ConnectionError, OSError, Failure):
-        return True
-    finally:
-        d.close()
 
 
 def online(w, dev_id):

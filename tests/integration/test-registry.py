@@ -15,10 +15,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Failure, expect, poll, run, seconds  # noqa: E402
-from fakedev import Device, connect  # noqa: E402
-
-REFUSALS = (ssl.SSLError, EOFError, ConnectionError, OSError, Failure)
+from harness import expect, poll, run, seconds  # noqa: E402
+from fakedev import connect, refused  # noqa: E402
 
 
 def device_json(w, dev_id):
@@ -27,21 +25,6 @@ def device_json(w, dev_id):
 
 def listed(w):
     return {d["id"]: d for d in json.loads(w.tether("--json", "list").stdout)}
-
-
-def refused(w, cert, key):
-    """A session with cert that the cloud closes before it asks GET /d."""
-    try:
-        d = Device(w.coap_port, cert, key, w.path("pki", "ca.crt"))
-    except REFUSALS:
-        return True
-    try:
-        d.handshake()
-        return False
-    except REFUSALS:
-        return True
-    finally:
-        d.close()
 
 
 def audit(w, action):
