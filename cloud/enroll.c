@@ -20,6 +20,21 @@
 #define USEC_PER_SEC 1000000ULL
 #define ENROLL_BODY_MAX (SIGNER_CSR_MAX + 1024)
 
+/* What a certificate is signed for: an enrollment with a provisioning
+ * token, a renewal on the device's session, or a re-enrollment without a
+ * token by the key the registry holds for the device. */
+typedef enum Kind {
+        KIND_ENROLL,
+        KIND_RENEW,
+        KIND_REENROLL,
+} Kind;
+
+static const char *const kind_name[] = {
+        [KIND_ENROLL] = "enroll",
+        [KIND_RENEW] = "renew",
+        [KIND_REENROLL] = "reenroll",
+};
+
 typedef enum ResultState {
         RESULT_PENDING,
         RESULT_ISSUED,
@@ -30,7 +45,7 @@ typedef enum ResultState {
 typedef struct Result {
         Enroll *enroll;
         struct Result *prev, *next; /* oldest first */
-        bool renew;
+        Kind kind;
         char id[PROTO_DEVICE_ID_MAX + 1];
         char pubkey[65];
         ResultState state;
@@ -148,9 +163,11 @@ static void results_expire(Enroll *e) {
                 result_free(e->head);
 }
 
+/* A renewal's (renew), else an enrollment's or re-enrollment's (both
+ * on /enroll: the CSR proves the same key). */
 static Result *result_find(Enroll *e, bool renew, const char *id, const char *pubkey) {
         for (Result *res = e->head; res; res = res->next)
-                if (res->renew == renew && streq(res->id, id) && streq(res->pubkey, pubkey))
+                if ((res->kind == KIND_RENEW) == renew && streq(res->id, id) && streq(res->pubkey, pubkey))
                         return res;
         return NULL;
 }
@@ -159,7 +176,7 @@ static Result *result_find(Enroll *e, bool renew, const char *id, const char *pu
  * again, found without parsing and checking the CSR again. */
 static Result *result_find_renewal(Enroll *e, const char *id, const unsigned char digest[static 32]) {
         for (Result *res = e->head; res; res = res->next)
-                if (res->renew && streq(res->id, id) && CRYPTO_memcmp(res->csr_digest, digest, 32) == 0)
+                if (res->kind == KIND_RENEW && streq(res->id, id) && CRYPTO_memcmp(res->csr_digest, digest, 32) == 0)
                         return res;
         return NULL;
 }
@@ -201,25 +218,29 @@ static bool token_refused(int r) {
 
 /* ---- issuing ------------------------------------------------------------------- */
 
-static void audit_issued(Enroll *e, bool renew, const char *id, const char *prov_id, const SignerCert *cert,
+static void audit_issued(Enroll *e, Kind kind, const char *id, const char *prov_id, const SignerCert *cert,
                          const char *address) {
-        char actor[PROTO_DEVICE_ID_MAX + 16];
+        char actor[PROTO_DEVICE_ID_MAX + 16], action[32];
         json_t *detail;
 
-        if (renew)
+        if (kind != KIND_ENROLL)
                 snprintf(actor, sizeof(actor), "device:%s", id);
         else
                 snprintf(actor, sizeof(actor), "provision:%s", prov_id ? prov_id : "-");
-        detail = json_pack("{s:s?, s:s, s:I, s:s?}", "token", renew ? NULL : prov_id, "serial", cert->serial,
-                           "not_after", (json_int_t)cert->not_after, "address", address);
-        (void)store_audit(e->store, actor, renew ? "device.renew" : "device.enroll", id, detail, address);
+        snprintf(action, sizeof(action), "device.%s", kind_name[kind]);
+        detail = json_pack("{s:s?, s:s, s:I, s:s?}", "token", kind == KIND_ENROLL ? prov_id : NULL, "serial",
+                           cert->serial, "not_after", (json_int_t)cert->not_after, "address", address);
+        (void)store_audit(e->store, actor, action, id, detail, address);
         json_decref(detail);
-        if (!renew)
+        if (kind != KIND_RENEW)
                 (void)store_commit(e->store);
-        stats_certificate_issued(renew);
-        if (renew)
+        stats_certificate_issued(kind == KIND_RENEW);
+        if (kind == KIND_RENEW)
                 log_info("Device '%s' renewed its certificate (serial %s, valid until %" PRId64 ").", id, cert->serial,
                          cert->not_after);
+        else if (kind == KIND_REENROLL)
+                log_info("Device '%s' re-enrolled from %s with the key the registry holds for it (serial %s, "
+                         "valid until %" PRId64 ").", id, address ?: "-", cert->serial, cert->not_after);
         else
                 log_info("Device '%s' enrolled from %s with provisioning token %s (serial %s, valid until %" PRId64
                          ").", id, address ?: "-", prov_id ?: "-", cert->serial, cert->not_after);
@@ -227,8 +248,10 @@ static void audit_issued(Enroll *e, bool renew, const char *id, const char *prov
 
 /* The registry's rules at the time of issuing: 0 and *ret_ident, or the
  * code and reason of the refusal. A renewal (its key is new by design)
- * is refused only for a revoked device. */
-static unsigned identity_check(Enroll *e, bool renew, const char *id, const char *pubkey,
+ * is refused only for a revoked device. A re-enrollment needs the key the
+ * registry holds (4.01, checked first: whoever lacks the key learns
+ * nothing of the device), then a device that is not revoked. */
+static unsigned identity_check(Enroll *e, Kind kind, const char *id, const char *pubkey,
                                RegistryIdentity *ret_ident, char reason[static SIGNER_REASON_MAX]) {
         RegistryIdentity ident;
 
@@ -236,11 +259,15 @@ static unsigned identity_check(Enroll *e, bool renew, const char *id, const char
                 snprintf(reason, SIGNER_REASON_MAX, "the device registry cannot be read");
                 return COAP_RESPONSE_CODE(500);
         }
+        if (kind == KIND_REENROLL && !(ident.has_key && ident.pubkey[0] && streq(ident.pubkey, pubkey))) {
+                snprintf(reason, SIGNER_REASON_MAX, "a provisioning token is required");
+                return COAP_RESPONSE_CODE(401);
+        }
         if (ident.revoked) {
                 snprintf(reason, SIGNER_REASON_MAX, "device '%s' is revoked", id);
                 return COAP_RESPONSE_CODE(403);
         }
-        if (!renew && ident.has_key && !streq(ident.pubkey, pubkey)) {
+        if (kind == KIND_ENROLL && ident.has_key && !streq(ident.pubkey, pubkey)) {
                 snprintf(reason, SIGNER_REASON_MAX, "device '%s' is already enrolled with another key", id);
                 return COAP_RESPONSE_CODE(403);
         }
@@ -248,17 +275,17 @@ static unsigned identity_check(Enroll *e, bool renew, const char *id, const char
         return 0;
 }
 
-/* A certificate for id is signed: consume the token's use (unless
- * reissue), record it, audit. 0, or the code and reason why it may not be
- * handed out after all. */
-static unsigned issue(Enroll *e, bool renew, const char *id, const char *token, bool reissue, const char *address,
+/* A certificate for id is signed: consume the token's use (an
+ * enrollment, unless reissue), record it, audit. 0, or the code and
+ * reason why it may not be handed out after all. */
+static unsigned issue(Enroll *e, Kind kind, const char *id, const char *token, bool reissue, const char *address,
                       const SignerCert *cert, char reason[static SIGNER_REASON_MAX]) {
         char prov_id[PROVISION_ID_MAX + 1] = "", actor[PROVISION_ID_MAX + 16];
         json_t *tags = NULL;
         RegistryCert rc;
         int r;
 
-        if (!renew && !reissue) {
+        if (kind == KIND_ENROLL && !reissue) {
                 char why[PROVISION_REASON_MAX] = "";
 
                 r = provision_consume(e->provision, token, id, prov_id, &tags, why);
@@ -270,7 +297,7 @@ static unsigned issue(Enroll *e, bool renew, const char *id, const char *token, 
                         snprintf(reason, SIGNER_REASON_MAX, "%s", why[0] ? why : "provisioning token refused");
                         return COAP_RESPONSE_CODE(401);
                 }
-        } else if (!renew) {
+        } else if (kind == KIND_ENROLL) {
                 char why[PROVISION_REASON_MAX];
 
                 /* The same key again (a lost answer): the device keeps the
@@ -282,8 +309,10 @@ static unsigned issue(Enroll *e, bool renew, const char *id, const char *token, 
         rc = (RegistryCert){ .serial = cert->serial, .fingerprint = cert->fingerprint, .pubkey = cert->pubkey,
                              .issuer = cert->issuer,
                              .not_before = cert->not_before, .not_after = cert->not_after,
-                             .how = renew ? "renew" : "enroll" };
-        r = registry_issued(e->registry, id, &rc, !renew, actor, tags);
+                             .how = kind_name[kind] };
+        /* A re-enrollment is recorded as a renewal (the device is known:
+         * its key is), and committed at once by audit_issued(). */
+        r = registry_issued(e->registry, id, &rc, kind == KIND_ENROLL, actor, tags);
         json_decref(tags);
         if (r < 0) {
                 /* The token's use is gone; the device asks again with the
@@ -292,8 +321,8 @@ static unsigned issue(Enroll *e, bool renew, const char *id, const char *token, 
                 snprintf(reason, SIGNER_REASON_MAX, "the cloud failed to record the certificate");
                 return COAP_RESPONSE_CODE(500);
         }
-        audit_issued(e, renew, id, renew ? NULL : prov_id, cert, address);
-        if (renew)
+        audit_issued(e, kind, id, kind == KIND_ENROLL ? prov_id : NULL, cert, address);
+        if (kind == KIND_RENEW)
                 e->hooks.renewed(e->hooks.userdata, id, cert->not_after);
         return 0;
 }
@@ -312,9 +341,9 @@ static void signed_cb(void *userdata, int error, SignerCert *cert, const char *r
                 return;
         }
         /* Revoked, or another key recorded, while it was signed. */
-        code = identity_check(e, res->renew, res->id, res->pubkey, &ident, why);
+        code = identity_check(e, res->kind, res->id, res->pubkey, &ident, why);
         if (code == 0)
-                code = issue(e, res->renew, res->id, res->token, res->reissue, res->address, cert, why);
+                code = issue(e, res->kind, res->id, res->token, res->reissue, res->address, cert, why);
         if (code != 0) {
                 result_fail(res, code, why);
                 return;
@@ -330,7 +359,7 @@ static void signed_cb(void *userdata, int error, SignerCert *cert, const char *r
 
 /* A pending result for csr, at the end of the list; NULL with the answer
  * given. */
-static Result *result_new(Enroll *e, bool renew, const SignerCsr *csr, const char *token, bool reissue,
+static Result *result_new(Enroll *e, Kind kind, const SignerCsr *csr, const char *token, bool reissue,
                           const char *address, coap_pdu_t *response) {
         unsigned n = 0;
         Result *res;
@@ -341,7 +370,7 @@ static Result *result_new(Enroll *e, bool renew, const SignerCsr *csr, const cha
                 return NULL;
         }
         res = calloc(1, sizeof(*res));
-        if (!res || (!renew && !(res->token = strdup(token))) ||
+        if (!res || (kind == KIND_ENROLL && !(res->token = strdup(token))) ||
             !EVP_Digest(csr->pem, strlen(csr->pem), res->csr_digest, &n, EVP_sha256(), NULL)) {
                 free(res ? res->token : NULL);
                 free(res);
@@ -349,7 +378,7 @@ static Result *result_new(Enroll *e, bool renew, const SignerCsr *csr, const cha
                 return NULL;
         }
         res->enroll = e;
-        res->renew = renew;
+        res->kind = kind;
         res->reissue = reissue;
         res->state = RESULT_PENDING;
         res->created = now_usec();
@@ -418,7 +447,7 @@ static void queue_renewal(Enroll *e, SignerCsr *csr, const char *address, coap_p
         Result *res;
         int r;
 
-        res = result_new(e, true, csr, NULL, false, address, response);
+        res = result_new(e, KIND_RENEW, csr, NULL, false, address, response);
         if (!res)
                 return;
         r = sd_event_source_set_enabled(e->queue_source, SD_EVENT_ONESHOT);
@@ -437,7 +466,7 @@ static void queue_renewal(Enroll *e, SignerCsr *csr, const char *address, coap_p
 
 /* Sign csr (checks passed) and answer: at once with the built-in signer,
  * else start the command and answer 5.03. */
-static void sign_and_reply(Enroll *e, bool renew, const SignerCsr *csr, const char *token, bool reissue,
+static void sign_and_reply(Enroll *e, Kind kind, const SignerCsr *csr, const char *token, bool reissue,
                            const char *address, coap_pdu_t *response) {
         char reason[SIGNER_REASON_MAX];
         unsigned code;
@@ -454,17 +483,17 @@ static void sign_and_reply(Enroll *e, bool renew, const SignerCsr *csr, const ch
                         reply_text(response, COAP_RESPONSE_CODE(500), reason);
                         return;
                 }
-                code = issue(e, renew, csr->id, token, reissue, address, &cert, reason);
+                code = issue(e, kind, csr->id, token, reissue, address, &cert, reason);
                 if (code != 0)
                         reply_text(response, code, reason);
                 else
                         reply_cert(response, csr->id, &cert);
                 return;
         }
-        res = result_new(e, renew, csr, token, reissue, address, response);
+        res = result_new(e, kind, csr, token, reissue, address, response);
         if (!res)
                 return;
-        r = signer_start(e->signer, csr, renew ? "renew" : "enroll", signed_cb, res, &res->job);
+        r = signer_start(e->signer, csr, kind_name[kind], signed_cb, res, &res->job);
         if (r < 0) {
                 result_free(res);
                 if (r == -EBUSY)
@@ -537,6 +566,30 @@ static size_t address_key(const char *address, uint8_t key[static 16]) {
         return 0;
 }
 
+/* POST /enroll without a token for csr (checked), from address (its rate
+ * limits' key): a certificate for the key the registry holds for csr's
+ * device, or the refusal. Refusals count as refused tokens. */
+static void reenroll_request(Enroll *e, const SignerCsr *csr, const char *address, const uint8_t *key,
+                             size_t key_len, coap_pdu_t *response) {
+        char reason[SIGNER_REASON_MAX];
+        RegistryIdentity ident;
+        uint64_t wait;
+        unsigned code;
+
+        code = identity_check(e, KIND_REENROLL, csr->id, csr->pubkey, &ident, reason);
+        if (code == COAP_RESPONSE_CODE(401) && key_len > 0 &&
+            (wait = ratelimit_take(e->rate_refused, key, key_len, now_usec())) > 0) {
+                reply_retry(response, COAP_RESPONSE_CODE(429), (wait + USEC_PER_SEC - 1) / USEC_PER_SEC,
+                            "too many refused enrollment requests from this address");
+                return;
+        }
+        if (code != 0) {
+                reply_text(response, code, reason);
+                return;
+        }
+        sign_and_reply(e, KIND_REENROLL, csr, NULL, false, address, response);
+}
+
 void enroll_request(Enroll *e, const char *address, const coap_pdu_t *request, coap_pdu_t *response) {
         _cleanup_(signer_csr_done) SignerCsr csr = {};
         char prov_id[PROVISION_ID_MAX + 1] = "", why[PROVISION_REASON_MAX] = "", reason[SIGNER_REASON_MAX];
@@ -559,9 +612,10 @@ void enroll_request(Enroll *e, const char *address, const coap_pdu_t *request, c
         j = request_json(request, response);
         if (!j)
                 return;
+        /* No "token": a re-enrollment, by the key the registry holds. */
         token = json_object_get(j, "token");
-        if (!json_is_string(token) || json_string_length(token) == 0 ||
-            json_string_length(token) > 256 || strlen(json_string_value(token)) != json_string_length(token)) {
+        if (token && (!json_is_string(token) || json_string_length(token) == 0 || json_string_length(token) > 256 ||
+                      strlen(json_string_value(token)) != json_string_length(token))) {
                 json_decref(j);
                 reply_text(response, COAP_RESPONSE_CODE(400), "the request has no \"token\" string");
                 return;
@@ -575,6 +629,11 @@ void enroll_request(Enroll *e, const char *address, const coap_pdu_t *request, c
         if (res) {
                 json_decref(j);
                 result_reply(res, response);
+                return;
+        }
+        if (!token) {
+                json_decref(j);
+                reenroll_request(e, &csr, address, key, key_len, response);
                 return;
         }
         r = provision_check(e->provision, json_string_value(token), prov_id, NULL, why);
@@ -603,14 +662,14 @@ void enroll_request(Enroll *e, const char *address, const coap_pdu_t *request, c
                             "the provisioning tokens cannot be read now: try again later");
                 return;
         }
-        code = identity_check(e, false, csr.id, csr.pubkey, &ident, reason);
+        code = identity_check(e, KIND_ENROLL, csr.id, csr.pubkey, &ident, reason);
         if (code != 0) {
                 json_decref(j);
                 reply_text(response, code, reason);
                 return;
         }
         reissue = ident.has_key; /* and it is this key */
-        sign_and_reply(e, false, &csr, json_string_value(token), reissue, address, response);
+        sign_and_reply(e, KIND_ENROLL, &csr, json_string_value(token), reissue, address, response);
         json_decref(j);
 }
 
@@ -680,7 +739,7 @@ void enroll_cert_request(Enroll *e, const char *id, const char *pubkey, const ch
                 queue_renewal(e, &csr, address, response);
                 return;
         }
-        sign_and_reply(e, true, &csr, NULL, false, address, response);
+        sign_and_reply(e, KIND_RENEW, &csr, NULL, false, address, response);
 }
 
 /* ---- the object ---------------------------------------------------------------------- */

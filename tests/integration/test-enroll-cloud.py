@@ -51,9 +51,11 @@ def session(w):
 
 
 def enroll(w, tok, csr, d=None):
+    """POST /enroll; tok None: without a token (a re-enrollment)."""
     d = d or session(w)
     from fakedev import CONTENT_FORMAT, uint
-    t = d.request(POST, "enroll", json.dumps({"token": tok, "csr": csr}).encode(), [(CONTENT_FORMAT, uint(50))])
+    body = {"csr": csr} if tok is None else {"token": tok, "csr": csr}
+    t = d.request(POST, "enroll", json.dumps(body).encode(), [(CONTENT_FORMAT, uint(50))])
     m = d.response(t, timeout=seconds(20))
     return m, d
 
@@ -161,6 +163,68 @@ def test_revoked_device(w):
     w.tether("unrevoke", "dev-v")
     m, _ = enroll(w, tok, csr)
     expect(m.code == CREATED, f"after unrevoke: {codestr(m.code)} {text(m)}")
+
+
+def test_reenroll(w):
+    """POST /enroll without a token: a certificate for the key the registry
+    holds for the device, none for any other key or device."""
+    from fakedev import CONTENT_FORMAT, uint
+    start(w)
+    tok, pid = token(w, uses=2)
+    key, csr = key_csr(w, "k", "dev-k")
+    m, d = enroll(w, tok, csr)
+    ok_cert(w, m, "k", "dev-k", key)
+    d.close()
+    m, d = enroll(w, None, csr)
+    crt, j = ok_cert(w, m, "k2", "dev-k", key)
+    d.close()
+    dev, _ = connect(w, ("dev-k", crt, key))
+    st, desc = api_json(w, "GET", "/v1/devices/dev-k")
+    expect(desc["certificate"]["issued_by"] == "reenroll" and desc["certificate"]["serial"],
+           f"describe: {desc['certificate']}")
+    st, prov = api_json(w, "GET", "/v1/provision/" + pid)
+    expect(st == 200 and prov["uses"] == 1, f"no token use consumed: {prov}")
+    st, audit = api_json(w, "GET", "/v1/audit?action=device.reenroll")
+    recs = audit if isinstance(audit, list) else audit.get("records", audit.get("audit", []))
+    expect(any(r["target"] == "dev-k" and r["actor"] == "device:dev-k" for r in recs), f"audit: {audit}")
+    w.cloud.wait_line("Device 'dev-k' re-enrolled from ")
+    # A renewal replaces the key on record: the old key is refused, the new
+    # one accepted.
+    key_r, csr_r = key_csr(w, "kr", "dev-k")
+    t = dev.request(POST, "cert", json.dumps({"csr": csr_r}).encode(), [(CONTENT_FORMAT, uint(50))])
+    ok_cert(w, dev.response(t, timeout=seconds(20)), "kr", "dev-k", key_r)
+    dev.close()
+    m, _ = enroll(w, None, csr)
+    expect(m.code == (4 << 5 | 1), f"the key a renewal replaced: {codestr(m.code)} {text(m)}")
+    m, _ = enroll(w, None, csr_r)
+    ok_cert(w, m, "kr2", "dev-k", key_r)
+    csr = csr_r
+    # Another key for the ID, an unknown ID: a token is required.
+    _, csr_other = key_csr(w, "k3", "dev-k")
+    _, csr_unknown = key_csr(w, "k4", "dev-unknown")
+    for c in (csr_other, csr_unknown):
+        m, _ = enroll(w, None, c)
+        expect(m.code == (4 << 5 | 1) and text(m) == "a provisioning token is required",
+               f"without token: {codestr(m.code)} {text(m)}")
+    # A token that is not a string is still malformed.
+    d = session(w)
+    t = d.request(POST, "enroll", json.dumps({"token": 5, "csr": csr}).encode(), [(CONTENT_FORMAT, uint(50))])
+    m = d.response(t, timeout=seconds(20))
+    expect(m.code == (4 << 5 | 0) and "token" in text(m), f"token 5: {codestr(m.code)} {text(m)}")
+    d.close()
+    # Revoked: the key holder learns it (4.03); another key does not.
+    w.tether("revoke", "dev-k")
+    m, _ = enroll(w, None, csr)
+    expect(m.code == (4 << 5 | 3) and text(m) == "device 'dev-k' is revoked", f"revoked: {codestr(m.code)} {text(m)}")
+    m, _ = enroll(w, None, csr_other)
+    expect(m.code == (4 << 5 | 1), f"revoked, another key: {codestr(m.code)} {text(m)}")
+    # unrevoke forgets the key: a token is needed again.
+    w.tether("unrevoke", "dev-k")
+    m, _ = enroll(w, None, csr)
+    expect(m.code == (4 << 5 | 1) and text(m) == "a provisioning token is required",
+           f"after unrevoke: {codestr(m.code)} {text(m)}")
+    m, _ = enroll(w, tok, csr)
+    expect(m.code == CREATED, f"with a token after unrevoke: {codestr(m.code)} {text(m)}")
 
 
 def test_anonymous_limits(w):
@@ -340,6 +404,10 @@ def test_external(w):
     ok_cert(w, answers[-1], "e2", "ext-1", key2)
     expect(answers[0].code == (5 << 5 | 3), f"renewal first pending: {codestr(answers[0].code)}")
     dev.close()
+    # Re-enrollment through the command, with the renewed key (the one
+    # on record): 5.03 until signed.
+    m = enroll_wait(w, None, csr2)
+    ok_cert(w, m, "e3", "ext-1", key2)
     # Failing, slow and wrong commands: 5.00 with the reason; no use consumed.
     for dev_id, want in (("fail-1", "exited with status 3: no such luck"), ("slow-1", "did not finish"),
                          ("wrong-1", "is for")):
@@ -353,4 +421,4 @@ def test_external(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_enroll_then_connect, test_refused_tokens, test_race_single_use, test_revoked_device,
-                  test_anonymous_limits, test_renew, test_renew_queue, test_external], emulated="ok"))
+                  test_reenroll, test_anonymous_limits, test_renew, test_renew_queue, test_external], emulated="ok"))
