@@ -80,6 +80,9 @@ struct Enroll {
          * tetherctl enroll keeps waiting. */
         bool asked_again;
         unsigned failures;
+        /* This enrollment is a re-enrollment without a token: the
+         * certificate in place expired, its key asks again. */
+        bool reenroll;
         coap_context_t *ctx;
         coap_session_t *session;
         /* Strings libcoap keeps pointers to while a session lives (it reads
@@ -657,6 +660,18 @@ static void schedule_retry(Enroll *e, uint64_t delay_ms, bool asked_again) {
 }
 
 static void enroll_failed(Enroll *e, bool retry, uint64_t delay_ms) {
+        if (!retry && e->reenroll) {
+                e->state = ENROLL_FAILED;
+                log_struct(LOG_ERR, &(LogFields){ .device_id = e->enroll_req.id },
+                           "Re-enrollment as '%s' with the key of the expired certificate failed: %s; a provisioning "
+                           "token is needed: tetherctl enroll --force --token TOKEN",
+                           e->enroll_req.id, e->error);
+                set_status(e,
+                           "Not enrolled: the certificate of '%s' expired and re-enrollment failed (%s); a "
+                           "provisioning token is needed: tetherctl enroll --force --token TOKEN",
+                           e->enroll_req.id, e->error);
+                return;
+        }
         if (!retry) {
                 e->state = ENROLL_FAILED;
                 log_struct(LOG_ERR, &(LogFields){ .device_id = e->enroll_req.id },
@@ -821,7 +836,8 @@ static int token_check(const char *token) {
         return 0;
 }
 
-/* Prepare the request (key, ID, CSR) and start the first attempt. */
+/* Prepare the request (key, ID, CSR; token NULL: a re-enrollment by the
+ * key, which must exist) and start the first attempt. */
 static int enroll_begin(Enroll *e, const char *token, const char *id, char *error, size_t error_size) {
         char idbuf[CSR_ID_SIZE];
         EVP_PKEY *key = NULL;
@@ -831,7 +847,7 @@ static int enroll_begin(Enroll *e, const char *token, const char *id, char *erro
         attempt_stop(e);
         request_done(&e->enroll_req);
         r = csr_key_load(e->config->key_file, &key);
-        if (r == -ENOENT) {
+        if (r == -ENOENT && token) {
                 /* On disk before we ask: a retry after a crash asks with
                  * the same key, which the cloud answers without using the
                  * token again. */
@@ -870,8 +886,10 @@ static int enroll_begin(Enroll *e, const char *token, const char *id, char *erro
         e->attempts = 0;
         e->failures = 0;
         e->error[0] = 0;
-        log_struct(LOG_INFO, &(LogFields){ .device_id = e->enroll_req.id }, "Enrolling as device '%s' at %s:%u",
-                   e->enroll_req.id, e->config->cloud_host, e->config->cloud_port);
+        e->reenroll = !token;
+        log_struct(LOG_INFO, &(LogFields){ .device_id = e->enroll_req.id }, "%s as device '%s' at %s:%u",
+                   e->reenroll ? "Re-enrolling without a token" : "Enrolling", e->enroll_req.id,
+                   e->config->cloud_host, e->config->cloud_port);
         attempt_begin(e);
         return (int)e->generation;
 }
@@ -901,6 +919,40 @@ int enroll_request(Enroll *e, const char *token, const char *id, bool force, cha
         secret_free(e->token);
         e->token = strdup(token);
         return r;
+}
+
+/* The certificate in place has expired (the cloud refuses it; it cannot
+ * be renewed): ask for a new one for its key on an anonymous session,
+ * without a token (the cloud accepts the key it has on record for the
+ * device; docs/enrollment.md, "Renewal"). Not with Renew=no, nor while an
+ * enrollment is under way. 1 if an attempt began. */
+static int reenroll_begin(Enroll *e) {
+        char error[512], id[PROTO_DEVICE_ID_MAX + 1];
+        int r;
+
+        if (!e->config->enroll_renew || e->state == ENROLL_RUNNING || e->state == ENROLL_RETRY)
+                return 0;
+        read_cert(e);
+        if (!e->have_cert || !e->cert.id[0] || e->cert.not_after > now_sec())
+                return 0;
+        if (csr_pair_matches(e->config->cert_file, e->config->key_file) <= 0) {
+                log_struct(LOG_WARNING, &(LogFields){ .device_id = e->cert.id },
+                           "The certificate of '%s' expired and is not for the key in '%s': enroll again with a "
+                           "token (tetherctl enroll --force --token TOKEN)",
+                           e->cert.id, e->config->key_file);
+                return 0;
+        }
+        snprintf(id, sizeof(id), "%s", e->cert.id);
+        log_struct(LOG_NOTICE, &(LogFields){ .device_id = id },
+                   "The certificate of '%s' expired at %s: re-enrolling with its key, without a token", id,
+                   fmt_time(e->cert.not_after, (char[32]){}));
+        r = enroll_begin(e, NULL, id, error, sizeof(error));
+        if (r < 0) {
+                log_struct(LOG_ERR, &(LogFields){ .device_id = id }, "Cannot re-enroll: %s", error);
+                return 0;
+        }
+        secret_free(TAKE_PTR(e->token));
+        return 1;
 }
 
 /* --- renewal ------------------------------------------------------------- */
@@ -1034,8 +1086,20 @@ static void renew_send(Enroll *e) {
 
         if (e->renew_inflight)
                 return;
+        /* Too late to renew: re-enroll (at the renewal time of an expired
+         * certificate, or at its expiry, below). */
+        read_cert(e);
+        if (e->have_cert && e->cert.not_after <= now_sec()) {
+                e->renew_due = false;
+                (void)reenroll_begin(e);
+                return;
+        }
         if (!conn_is_connected(e->conn)) {
+                /* Sent once connected; if no connection comes before the
+                 * certificate expires, the timer re-enrolls then. */
                 e->renew_due = true;
+                if (e->have_cert)
+                        renew_schedule(e, e->cert.not_after);
                 return;
         }
         e->renew_due = false;
@@ -1266,12 +1330,15 @@ int enroll_start(Enroll *e) {
                            e->config->cert_file);
         read_cert(e);
         if (e->have_cert || access(e->config->cert_file, F_OK) == 0) {
-                if (e->have_cert && e->cert.not_after <= now_sec())
+                arm_renewal(e, false);
+                /* Expired: re-enroll by the key (the connection attempts
+                 * meanwhile are refused; hooks->enrolled() connects with
+                 * the new certificate). */
+                if (e->have_cert && e->cert.not_after <= now_sec() && reenroll_begin(e) == 0)
                         log_struct(LOG_WARNING, &(LogFields){ .device_id = e->cert.id },
                                    "The certificate of '%s' in '%s' expired at %s: the cloud will refuse it; "
-                                   "enroll again (tetherctl enroll --force)",
+                                   "enroll again (tetherctl enroll --force --token TOKEN)",
                                    e->cert.id, e->config->cert_file, fmt_time(e->cert.not_after, (char[32]){}));
-                arm_renewal(e, false);
                 return 1;
         }
         if (e->config->enroll_token_file)

@@ -19,6 +19,13 @@
  * connection uses the new pair. Failures back off (Max-Age honoured) and
  * try again; a success re-arms the timer from the new certificate.
  *
+ * Re-enrollment: a certificate found expired at start or when the
+ * renewal timer fires (also at notAfter while a renewal waits for a
+ * connection) is replaced by an enrollment without a token, for the key
+ * in place and the certificate's ID; the cloud grants it for the key it
+ * has on record. A refusal (4.xx) is logged with the advice to enroll
+ * with a token. Not with Renew=no.
+ *
  * Owns its libcoap context and session while enrolling, its timers and
  * name lookups; borrows the Conn and the Config. Logs what it does (with
  * the device ID) and reports a STATUS= line through hooks->status. */

@@ -6,8 +6,10 @@ with a provisioning token brings it online without a restart; [Enroll]
 TokenFile= enrolls at start (a token file others can read is warned
 about once); a refused token's reason reaches the user;
 the certificate is renewed over the connection while calls run, and
-the renewed pair survives a restart; a key and certificate install
-interrupted between its renames is completed at the next start."""
+the renewed pair survives a restart; a certificate that expired is
+replaced by re-enrolling with its key, without a token; a key and
+certificate install interrupted between its renames is completed at the
+next start."""
 
 import json
 import os
@@ -17,6 +19,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import EMULATOR, PKI, TETHERCTL, Failure, api_json, expect, run, seconds, skip  # noqa: E402
@@ -321,6 +324,62 @@ def test_device_ca_file(w):
     expect(st["connected"] and st["certificate"]["last_renewal"]["result"] == "failed", f"status: {st}")
 
 
+def expired_cert(w, key, dev_id, cert):
+    """Write cert: for key and dev_id, signed by the test CA, expired."""
+    csr = subprocess.run(EMULATOR + [TETHERCTL, "csr", "--key", key, "--id", dev_id], capture_output=True, text=True)
+    expect(csr.returncode == 0, csr.stderr)
+    with open(w.path(dev_id + ".csr"), "w") as f:
+        f.write(csr.stdout)
+    # -days -1: notAfter a day before notBefore (now), expired already.
+    p = subprocess.run(["openssl", "x509", "-req", "-in", w.path(dev_id + ".csr"), "-CA", w.path("pki", "ca.crt"),
+                        "-CAkey", w.path("pki", "ca.key"), "-set_serial", "0x7e57ed", "-days", "-1", "-out", cert],
+                       capture_output=True, text=True)
+    expect(p.returncode == 0, f"openssl x509: {p.stderr}")
+
+
+def test_reenroll_expired(w):
+    """An agent that comes back with an expired certificate re-enrolls by
+    itself with its key (the one the cloud has on record), no token; once
+    the cloud has forgotten the key (revoke and unrevoke), it says that a
+    token is needed."""
+    enroll_cloud(w)
+    token_file = w.path("token")
+    with open(token_file, "w") as f:
+        f.write(provision(w, uses=2) + "\n")
+    os.chmod(token_file, 0o600)
+    conf, cert, key = new_agent(w, dev_id="gw-expired", token_file=token_file)
+    a = w.run_agent("agent", conf, ("gw-expired", cert, key), wait_online=True)
+    a.stop()
+    first_key = open(key).read()
+    expired_cert(w, key, "gw-expired", cert)
+
+    b = w.run_agent("agent-b", conf, ("gw-expired", cert, key), wait_online=True)
+    b.wait_line("The certificate of 'gw-expired' expired at .*: re-enrolling with its key, without a token",
+                timeout=seconds(5))
+    b.wait_line("Enrolled as device 'gw-expired'", timeout=seconds(5))
+    w.cloud.wait_line("Device 'gw-expired' re-enrolled from ")
+    expect(open(key).read() == first_key, "the key changed")
+    st = status(w, b)
+    expect(st["certificate"]["not_after"] > time.time() + 3600, f"certificate: {st['certificate']}")
+    code, desc = api_json(w, "GET", "/v1/devices/gw-expired")
+    expect(desc["certificate"]["issued_by"] == "reenroll", f"describe: {desc['certificate']}")
+    code, toks = api_json(w, "GET", "/v1/provision")
+    toks = toks if isinstance(toks, list) else toks.get("tokens", toks.get("provision", []))
+    expect([t["uses"] for t in toks] == [1], f"a token use was spent: {toks}")
+    b.stop()
+
+    # The cloud forgets the key: a token is needed.
+    w.tether("revoke", "gw-expired")
+    w.tether("unrevoke", "gw-expired")
+    expired_cert(w, key, "gw-expired", cert)
+    c = w.run_agent("agent-c", conf, ("gw-expired", cert, key), wait_online=False)
+    c.wait_line("a provisioning token is required; a provisioning token is needed: tetherctl enroll --force --token",
+                timeout=seconds(20))
+    st = status(w, c)
+    expect(st["enrollment"]["state"] == "failed" and "a provisioning token is required" in st["enrollment"]["error"],
+           f"enrollment: {st['enrollment']}")
+
+
 def test_crash_between_renames(w):
     enroll_cloud(w)
     conf, cert, key = new_agent(w, dev_id="gw-crash")
@@ -375,7 +434,7 @@ if __name__ == "__main__":
         sys.exit(run([test_not_enrolled_waits, test_torn_new_files_discarded, test_tetherctl_enroll,
                       test_token_file_at_start, test_token_file_appears, test_reload_while_not_enrolled,
                       test_external_signer, test_refused_token, test_renewal_during_traffic,
-                      test_device_ca_file, test_crash_between_renames], emulated="ok"))
+                      test_device_ca_file, test_reenroll_expired, test_crash_between_renames], emulated="ok"))
     except Failure as e:
         print(f"Bail out! {e}")
         sys.exit(1)
