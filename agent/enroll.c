@@ -839,7 +839,7 @@ static int token_check(const char *token) {
 /* Prepare the request (key, ID, CSR; token NULL: a re-enrollment by the
  * key, which must exist) and start the first attempt. */
 static int enroll_begin(Enroll *e, const char *token, const char *id, char *error, size_t error_size) {
-        char idbuf[CSR_ID_SIZE];
+        char idbuf[PROTO_DEVICE_ID_MAX + 1]; /* a certificate's ID, or csr_key_id()'s */
         EVP_PKEY *key = NULL;
         CertInfo info;
         int r;
