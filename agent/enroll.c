@@ -345,7 +345,6 @@ static int parse_issued(const Request *req, const char *device_ca_file, const ch
                 r = verify_chain(chain, device_ca_file, error, error_size);
                 if (r < 0)
                         goto out;
-                r = -EBADMSG;
         }
         n_out = BIO_get_mem_data(out, &buf);
         copy = n_out > 0 ? strndup(buf, (size_t)n_out) : NULL;
