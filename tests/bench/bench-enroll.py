@@ -39,12 +39,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 import harness  # noqa: E402
 from harness import World  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fleetproc import FleetProcess, fields  # noqa: E402
 
 FLEET = os.path.join(harness.BUILD, "tests", "bench", "fleet")
-
-
-def fields(line):
-    return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
 
 
 def mmm(values, fmt="{:.2f}"):
@@ -201,36 +199,6 @@ def table_b(opts, runs):
 
 # --- (c) a fleet renewing at once, calls going on -----------------------------
 
-class Fleet:
-    """tests/bench/fleet hold, driven over stdin (as fleet-compare.py)."""
-
-    def __init__(self, argv, log):
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-
-    def wait(self, *words):
-        for line in self.proc.stdout:
-            word = line.split()[0] if line.split() else ""
-            if word in words or word in ("incomplete", "renew-incomplete"):
-                return word, fields(line)
-        return "exited", {}
-
-    def command(self, text):
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    def close(self):
-        try:
-            self.command("quit")
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 class Callers:
     """k threads, each calling `add 1,2` on its own device over one
     kept-alive HTTP connection, as fast as answers come; every call is
@@ -305,7 +273,7 @@ def part_c(opts, log):
         base = [FLEET, "--ca-cert", ca, "--ca-key", ca_key, "--cache", certs, "--devices", str(opts.devices)]
         # Certificates the cloud's CA signs, minted before anything is timed.
         subprocess.run(base + ["mint"], check=True, stdout=subprocess.DEVNULL, stderr=log)
-        fleet = Fleet(base[:1] + ["--cloud", f"127.0.0.1:{w.coap_port}", "--timeout", str(opts.timeout),
+        fleet = FleetProcess(base[:1] + ["--cloud", f"127.0.0.1:{w.coap_port}", "--timeout", str(opts.timeout),
                                   "--cloud-pid", str(w.cloud.proc.pid)] + base[1:] + ["hold"], log)
         try:
             word, on = fleet.wait("online")

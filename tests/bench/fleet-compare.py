@@ -42,6 +42,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fleetproc import FleetProcess  # noqa: E402
+
 TOP = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
@@ -77,11 +80,7 @@ def memory(pid):
     return out
 
 
-def fields(line):
-    return dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-
-
-class Fleet:
+class Fleet(FleetProcess):
     """tests/bench/fleet in hold mode, driven over stdin."""
 
     def __init__(self, opts, endpoint, log):
@@ -89,32 +88,7 @@ class Fleet:
                 "--cache", opts.certs, "--devices", str(opts.devices), "--timeout", str(opts.timeout), "hold"]
         if opts.workers:
             argv[1:1] = ["--workers", str(opts.workers)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-
-    def wait(self, *words):
-        for line in self.proc.stdout:
-            word = line.split()[0] if line.split() else ""
-            if word == "incomplete":
-                return word, fields(line)
-            if word in words:
-                return word, fields(line)
-        return "exited", {}
-
-    def command(self, text):
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    def close(self):
-        try:
-            self.command("quit")
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        super().__init__(argv, log)
 
 
 class Counter:
