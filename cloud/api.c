@@ -12,6 +12,7 @@
 
 #include "api-request.h"
 #include "api.h"
+#include "cluster.h"
 #include "log.h"
 #include "mhd-log.h"
 #include "ota-journal.h"
@@ -122,6 +123,13 @@ typedef struct ApiRequest {
         bool resumed; /* catching up from a client's Last-Event-ID */
         JournalCursor cursor;
 
+        /* A request for a device another cluster node holds, sent there. */
+        ClusterForward *forward;
+        /* A request from another cluster node (no MHD connection): the
+         * answer goes back through rpc (api_rpc()). */
+        ClusterRpc *rpc;
+        json_t *rpc_body;
+
         /* /v1/ota/...: handled by ota.c */
         bool ota;
         OtaRequest *ota_state;
@@ -157,6 +165,8 @@ struct Api {
         char *cert_pem, *key_pem;
         size_t key_pem_len;
         ApiRequest *requests;
+        ApiRequest *rpcs;  /* requests from other cluster nodes */
+        Cluster *cluster;  /* NULL: a single node */
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
         size_t body_total; /* bytes in all requests' body buffers */
@@ -232,10 +242,17 @@ void api_kick(Api *api) {
                 api_schedule(api);
 }
 
+static void api_rpc_finish(ApiRequest *req);
+static json_t *api_registry_fields(Api *api, json_t *j, bool details);
+
 static void api_resume(ApiRequest *req) {
         if (!req->suspended)
                 return;
         req->suspended = false;
+        if (req->rpc) {
+                api_rpc_finish(req);
+                return;
+        }
         MHD_resume_connection(req->connection);
         api_schedule(req->api);
 }
@@ -378,6 +395,12 @@ static void api_set_json(ApiRequest *req, unsigned status, json_t *j) {
 
         if (!j)
                 return;
+        if (req->rpc) {
+                json_decref(req->rpc_body);
+                req->rpc_body = j;
+                req->status = status;
+                return;
+        }
         s = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(17));
         json_decref(j);
         if (!s)
@@ -587,10 +610,131 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Failed to send the request to device '%s': %s",
                                device_id(d), strerror(-r));
         else {
-                MHD_suspend_connection(req->connection);
+                if (req->connection)
+                        MHD_suspend_connection(req->connection);
                 req->suspended = true;
         }
 }
+
+/* ---- cluster: requests for devices on other nodes ----------------------------- */
+
+static void api_forward_done(void *userdata, int error, unsigned status, json_t *body) {
+        ApiRequest *req = userdata;
+        const char *id = req->name ?: "";
+
+        req->forward = NULL;
+        if (error == 0)
+                api_set_json(req, status, json_incref(body));
+        else if (error == -ETIMEDOUT)
+                api_set_errorf(req, MHD_HTTP_GATEWAY_TIMEOUT, "Timed out waiting for device '%s'", id);
+        else if (error == -EHOSTUNREACH)
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' went offline", id);
+        else
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                               "Cannot reach the cluster node of device '%s': %s", id, strerror(-error));
+        api_resume(req);
+}
+
+/* The device is held by node: send the request there and answer what it
+ * answers (docs/cluster.md, "Requests"). */
+static void api_forward(ApiRequest *req, const char *node, const char *op, const char *device, const char *name,
+                        json_t *params) {
+        Api *api = req->api;
+        _cleanup_free_ char *arg_text = NULL;
+        const char *arg = NULL;
+        size_t arg_len = 0;
+        char buf[32];
+        int r;
+
+        if (streq(op, "call")) {
+                r = api_param(params, "args", &arg, &arg_len, buf);
+                if (r == 0)
+                        r = api_param(params, "arg", &arg, &arg_len, buf);
+                if (r < 0 || (arg && memchr(arg, 0, arg_len))) {
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST, "The argument must be text, a number or a boolean",
+                                      NULL);
+                        return;
+                }
+                if (arg && !(arg_text = strndup(arg, arg_len)))
+                        return;
+        }
+        /* The device's ID, for the error texts of api_forward_done(). */
+        free(req->name);
+        req->name = strdup(device);
+        if (!req->name)
+                return;
+        r = cluster_forward(api->cluster, node, op, device, name, arg_text, (api->config->call_timeout_sec + 2) * USEC_PER_SEC,
+                            api_forward_done, req, &req->forward);
+        if (r < 0) {
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot reach the cluster node of device '%s': %s",
+                               device, strerror(-r));
+                return;
+        }
+        MHD_suspend_connection(req->connection);
+        req->suspended = true;
+}
+
+/* The live node other than this one that holds the device, or NULL. */
+static const char *api_device_elsewhere(Api *api, const char *device, Device *d) {
+        if (!api->cluster || (d && device_connected(d)))
+                return NULL;
+        return cluster_device_node(api->cluster, device);
+}
+
+static void api_rpc_finish(ApiRequest *req) {
+        Api *api = req->api;
+
+        cluster_rpc_answer(req->rpc, req->status ?: MHD_HTTP_INTERNAL_SERVER_ERROR,
+                           req->rpc_body ?: json_pack("{s:b, s:s}", "ok", 0, "error", "Out of memory"));
+        req->rpc_body = NULL;
+        if (req->prev)
+                req->prev->next = req->next;
+        else
+                api->rpcs = req->next;
+        if (req->next)
+                req->next->prev = req->prev;
+        devices_call_cancel(req->call);
+        free(req->name);
+        free(req);
+}
+
+void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg) {
+        json_t *params = NULL;
+        ApiRequest *req;
+        Device *d;
+
+        req = calloc(1, sizeof(*req));
+        if (!req) {
+                cluster_rpc_answer(rpc, MHD_HTTP_SERVICE_UNAVAILABLE, json_pack("{s:b, s:s}", "ok", 0, "error",
+                                                                               "Out of memory; try again"));
+                return;
+        }
+        req->api = api;
+        req->rpc = rpc;
+        req->next = api->rpcs;
+        if (api->rpcs)
+                api->rpcs->prev = req;
+        api->rpcs = req;
+        d = devices_find(api->devices, device);
+        if (!d || !device_connected(d))
+                /* It left this node since the other one looked. */
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' is offline", device);
+        else if (streq(op, "device"))
+                api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, device_to_json(d, true), true));
+        else if (!name)
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, "Malformed cluster request", NULL);
+        else {
+                params = json_pack("{s:s?}", "arg", arg);
+                api_device_call(req, d, name, streq(op, "call"), params);
+                json_decref(params);
+        }
+        if (!req->suspended) {
+                req->suspended = true;
+                api_resume(req);
+        }
+}
+
+void api_set_cluster(Api *api, Cluster *cluster) { api->cluster = cluster; }
 
 /* ---- publish ----------------------------------------------------------------- */
 
@@ -1608,9 +1752,18 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 break;
         case API_ROUTE_DEVICE:
         case API_ROUTE_CALL:
-        case API_ROUTE_READ:
+        case API_ROUTE_READ: {
+                const char *node;
+
                 d = devices_find(api->devices, p.device);
-                if (!d)
+                node = api_device_elsewhere(api, p.device, d);
+                if (node) {
+                        api_forward(req, node,
+                                    p.route == API_ROUTE_DEVICE ? "device" : p.route == API_ROUTE_CALL ? "call" : "var",
+                                    p.device, p.name, p.params);
+                        if (req->suspended)
+                                return MHD_YES;
+                } else if (!d)
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 else if (p.route == API_ROUTE_DEVICE)
                         api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, device_to_json(d, true), true));
@@ -1620,6 +1773,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                                 return MHD_YES;
                 }
                 break;
+        }
         case API_ROUTE_UPDATE: {
                 /* Particle's "update the device": here, start an OTA job. */
                 json_t *body = NULL;
@@ -1862,6 +2016,7 @@ static void api_request_free(ApiRequest *req) {
         if (req->sub)
                 sub_index_remove(api->streams, req->sub);
         devices_call_cancel(req->call);
+        cluster_forward_cancel(req->forward);
         journal_cursor_done(&req->cursor);
         ota_api_request_free(req->ota_state);
         if (req->response)
@@ -1905,9 +2060,21 @@ Api *api_free(Api *api) {
                 api->stopping = true;
                 ota_api_shutdown(api->ota);
                 /* MHD must not be stopped with suspended connections. */
+                while (api->rpcs) {
+                        ApiRequest *req = api->rpcs;
+
+                        devices_call_cancel(req->call);
+                        req->call = NULL;
+                        if (!req->rpc_body)
+                                api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Shutting down", NULL);
+                        req->suspended = true;
+                        api_resume(req);
+                }
                 for (ApiRequest *req = api->requests; req; req = req->next) {
                         devices_call_cancel(req->call);
                         req->call = NULL;
+                        cluster_forward_cancel(req->forward);
+                        req->forward = NULL;
                         if (req->sse) {
                                 /* A replay would take turns, suspended
                                  * between them: it ends here. */

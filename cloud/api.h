@@ -57,6 +57,16 @@ unsigned api_end_revoked_streams(Api *api);
 /* Run the HTTP server soon (after resuming a connection from outside). */
 void api_kick(Api *api);
 
+/* Cluster mode (docs/cluster.md): requests for a device another node
+ * holds go there through cluster (borrowed; must outlive the Api, NULL:
+ * a single node), and api_rpc() runs such a request from another node on
+ * this one (op "call", "var" or "device"), answering it through rpc once
+ * done, exactly as this node's API would have answered it over HTTP. */
+typedef struct Cluster Cluster;
+typedef struct ClusterRpc ClusterRpc;
+void api_set_cluster(Api *api, Cluster *cluster);
+void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg);
+
 /* ---- api-list.c ---------------------------------------------------------- */
 
 /* GET /v1/devices?page=N&per_page=M (Particle's product device list):

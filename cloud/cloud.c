@@ -8,7 +8,9 @@
 #include <systemd/sd-daemon.h>
 
 #include "api.h"
+#include "bus.h"
 #include "cloud.h"
+#include "cluster.h"
 #include "devices.h"
 #include "enroll.h"
 #include "events.h"
@@ -35,6 +37,9 @@ struct Cloud {
         Devices *devices;
         Ota *ota;
         Api *api;
+        /* Cluster mode ([Cluster] NATS=): NULL on a single node. */
+        Bus *bus;
+        Cluster *cluster;
         unsigned coap_port, api_port, ota_port;
 };
 
@@ -59,6 +64,8 @@ static void cloud_device_gone(void *userdata, const Device *d) {
 
         events_device_gone(c->events, d);
         (void)registry_disconnected(c->registry, device_id(d), device_last_heard(d));
+        if (c->cluster)
+                cluster_device_gone(c->cluster, device_id(d));
 }
 
 /* The cloud's own events about a device (tether/device/...): journaled
@@ -96,6 +103,10 @@ static void cloud_device_bound(void *userdata, Device *d, const TlsPeer *peer) {
         Cloud *c = userdata;
 
         (void)registry_connected(c->registry, peer, device_last_ip(d));
+        if (c->cluster) {
+                (void)device_set_elsewhere(d, NULL);
+                cluster_device_bound(c->cluster, device_id(d), device_last_ip(d));
+        }
 }
 
 static void cloud_device_conflict(void *userdata, Device *d, const char *established, const char *newcomer,
@@ -191,6 +202,42 @@ static void cloud_deliver_to_streams(void *userdata, const ProtoEvent *e, uint64
         api_deliver_event(c->api, e, id);
 }
 
+/* ---- ClusterHooks: other nodes towards devices and the API ------------------- */
+
+static void cloud_presence(void *userdata, const char *id, const char *node) {
+        Cloud *c = userdata;
+        Device *d = devices_find(c->devices, id);
+
+        if (!d && !node)
+                return;
+        /* A device new to this node's registry copy is listed at once. */
+        if (!d && !(d = devices_add(c->devices, id, 0, NULL))) {
+                log_warning("Out of memory listing device '%s'.", id);
+                return;
+        }
+        if (device_connected(d))
+                return;
+        if (device_set_elsewhere(d, node) < 0)
+                log_warning("Out of memory recording where device '%s' is.", id);
+}
+
+static void cloud_superseded(void *userdata, const char *id, const char *node) {
+        Cloud *c = userdata;
+        Device *d = devices_find(c->devices, id);
+
+        if (d && device_connected(d)) {
+                log_notice("Device '%s' connected to cluster node '%s', ending its session here.", id, node);
+                device_disconnect(d, "connected to another node");
+        }
+}
+
+static void cloud_rpc(void *userdata, ClusterRpc *rpc, const char *op, const char *device, const char *name,
+                      const char *arg) {
+        Cloud *c = userdata;
+
+        api_rpc(c->api, rpc, op, device, name, arg);
+}
+
 /* ---- OtaHooks: OTA towards the HTTP API ------------------------------------ */
 
 /* NULL while the Api is not made yet or gone: then it has nothing to run. */
@@ -245,6 +292,8 @@ Cloud *cloud_free(Cloud *c) {
         c->registry = registry_free(c->registry);
         c->provision = provision_free(c->provision);
         c->events = events_free(c->events);
+        c->cluster = cluster_free(c->cluster);
+        c->bus = bus_free(c->bus);
         c->journal = journal_free(c->journal);
         c->store = store_free(c->store);
         stats_done();
@@ -252,6 +301,34 @@ Cloud *cloud_free(Cloud *c) {
         cloud_config_free(c->config);
         free(c);
         return NULL;
+}
+
+/* Cluster mode: connect to NATS and join (docs/cluster.md). */
+static int cloud_join_cluster(Cloud *c) {
+        const CloudConfig *config = c->config;
+        BusConfig bc = {
+                .servers = config->cluster_nats,
+                .name = config->cluster_node,
+                .user = config->cluster_user,
+                .password = config->cluster_password,
+                .ca_file = config->cluster_ca_file,
+        };
+        ClusterHooks ch = {
+                .userdata = c,
+                .presence = cloud_presence,
+                .superseded = cloud_superseded,
+                .rpc = cloud_rpc,
+        };
+        int r;
+
+        r = bus_new(c->event, &bc, &(BusHooks){ .userdata = c }, &c->bus);
+        if (r < 0)
+                return r;
+        r = cluster_new(c->event, config, c->bus, &ch, &c->cluster);
+        if (r < 0)
+                return r;
+        api_set_cluster(c->api, c->cluster);
+        return 0;
 }
 
 int cloud_new(CloudConfig *config, Cloud **ret) {
@@ -359,6 +436,11 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                     &c->api_port, &c->api);
         if (r < 0)
                 return r;
+        if (config->cluster_nats) {
+                r = cloud_join_cluster(c);
+                if (r < 0)
+                        return r;
+        }
         *ret = TAKE_PTR(c);
         return 0;
 }

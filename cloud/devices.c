@@ -67,6 +67,7 @@ struct Device {
         Devices *devices; /* the registry it is in */
         char *id;
         Session *conn;       /* bound connection, NULL while offline */
+        char *elsewhere;     /* the cluster node holding its session, or NULL */
         Describe *describe; /* last GET /d answer (shared), or NULL */
         uint64_t last_heard; /* CLOCK_REALTIME µs of the last message */
         uint64_t last_alive; /* CLOCK_MONOTONIC µs of the last Pong or answer to us */
@@ -569,7 +570,7 @@ json_t *device_to_json(const Device *d, bool details) {
         j = json_pack("{s:s, s:s, s:n, s:s?, s:s?, s:i, s:b, s:b, s:i, s:b, s:n, s:s}", "id", d->id, "name", d->id,
                       "last_app", "last_ip_address", d->last_ip[0] ? d->last_ip : NULL, "last_heard",
                       d->last_heard ? heard : NULL,
-                      "product_id", 0, "online", d->conn != NULL, "connected", d->conn != NULL,
+                      "product_id", 0, "online", d->conn || d->elsewhere, "connected", d->conn || d->elsewhere,
                       "platform_id", 0, "cellular", 0, "notes", "status", "normal");
         if (!j || !details)
                 return j;
@@ -588,6 +589,20 @@ json_t *device_to_json(const Device *d, bool details) {
         }
         return j;
 }
+
+int device_set_elsewhere(Device *d, const char *node) {
+        char *n = NULL;
+
+        if (node && d->elsewhere && streq(node, d->elsewhere))
+                return 0;
+        if (node && !(n = strdup(node)))
+                return -ENOMEM;
+        free(d->elsewhere);
+        d->elsewhere = n;
+        return 0;
+}
+
+const char *device_elsewhere(const Device *d) { return d->elsewhere; }
 
 json_t *devices_to_json(Devices *devs) {
         json_t *a = json_array();
@@ -2434,6 +2449,7 @@ Devices *devices_free(Devices *devs) {
                 sd_event_source_disable_unref(d->describe_defer);
                 sd_event_source_disable_unref(d->check_timer);
                 describe_release(devs, d->describe);
+                free(d->elsewhere);
                 free(d->id);
                 free(d);
         }

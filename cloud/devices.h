@@ -127,6 +127,10 @@ coap_session_t *device_session(const Device *d);
 /* Close the device's session now: requests still arriving on it are
  * refused (5.03), pending calls fail, the device reconnects. */
 void device_disconnect(Device *d, const char *reason);
+/* Cluster mode: the node holding d's session when another one does
+ * (NULL: none); device_to_json() counts such a device online. */
+int device_set_elsewhere(Device *d, const char *node);
+const char *device_elsewhere(const Device *d);
 /* A new JSON object in the Particle device shape; with details, also
  * "functions" and "variables" from the describe cache. NULL on OOM. */
 json_t *device_to_json(const Device *d, bool details);

@@ -388,14 +388,17 @@ class World:
         return e
 
     def start_cloud(self, extra="", cert=None, key=None, port=0, api_port=0, listen="127.0.0.1",
-                    timing=None, state_dir=None, env=None, prefix=()):
+                    timing=None, state_dir=None, env=None, prefix=(), name="cloud"):
         """Start tether-cloudd; a restart with the same state_dir (by
         default the test's cloud-state) keeps its event journal. timing
         replaces the PingSec/DeviceTimeoutSec/CallTimeoutSec lines;
-        prefix runs it inside a network namespace (NetNs.prefix)."""
+        prefix runs it inside a network namespace (NetNs.prefix). name
+        names its log and config (several clouds: cluster nodes); the
+        Daemon returned has coap_port, api_port and api, and the World's
+        coap_port, api_port and api are the last cloud started's."""
         cert = cert or self.path("pki", "server.crt")
         key = key or self.path("pki", "server.key")
-        conf = self.path("cloud.conf")
+        conf = self.path(f"{name}.conf")
         timing = timing or f"""PingSec=5
 DeviceTimeoutSec={whole_seconds(15)}
 CallTimeoutSec={whole_seconds(5)}"""
@@ -417,12 +420,14 @@ Directory={state_dir or self.path('cloud-state')}
         mark = self.notify.mark()
         e = self.env()
         e.update(env or {})
-        self.cloud = Daemon("cloud", [CLOUDD, "--config", conf], e, self.dir, prefix)
+        self.cloud = Daemon(name, [CLOUDD, "--config", conf], e, self.dir, prefix)
         self.daemons.append(self.cloud)
         m = self.notify.wait(lambda m: m.get("READY") == "1" and "X_COAP_PORT" in m, 20,
                              "tether-cloudd READY=1", mark)
         self.coap_port = int(m["X_COAP_PORT"])
         self.api_port = int(m["X_API_PORT"])
+        self.cloud.coap_port, self.cloud.api_port = self.coap_port, self.api_port
+        self.cloud.api = self.api
         return self.cloud
 
     @property
@@ -515,8 +520,8 @@ IntervalSec=0
         self.notify.wait(lambda m: m.get("X_TETHER_ONLINE") == dev_id, timeout,
                          f"device {dev_id} online", start)
 
-    def tether(self, *args, check=True, timeout=30, token=None):
-        env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=token or self.token)
+    def tether(self, *args, check=True, timeout=30, token=None, api=None):
+        env = dict(os.environ, TETHER_API=api or self.api, TETHER_TOKEN=token or self.token)
         r = subprocess.run(EMULATOR + [TETHER, *args], capture_output=True, text=True, env=env,
                            timeout=timeout * TIME_FACTOR)
         if check and r.returncode != 0:
@@ -908,10 +913,11 @@ class EventStream:
             pass
 
 
-def api_json(w, method, path, body=None, token=None):
+def api_json(w, method, path, body=None, token=None, api=None):
     """(status, parsed JSON answer) of one API request with a JSON body to
-    the cloud of World w, with w's token unless another is given."""
-    req = urllib.request.Request(w.api + path, method=method,
+    the cloud of World w (or the API at URL api), with w's token unless
+    another is given."""
+    req = urllib.request.Request((api or w.api) + path, method=method,
                                  headers={"Authorization": f"Bearer {token or w.token}",
                                           "Content-Type": "application/json"},
                                  data=json.dumps(body).encode() if body is not None else None)

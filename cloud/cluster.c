@@ -1,0 +1,567 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Presence, node liveness and request routing of a cluster (cluster.h). */
+#include "config.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cluster.h"
+#include "log.h"
+#include "util.h"
+
+#define USEC_PER_SEC 1000000ULL
+#define CLUSTER_NODES_TTL_SEC (CLUSTER_NODE_DEAD_SEC * 4)
+/* An RPC's request body: a call's argument and names fit easily. */
+#define CLUSTER_RPC_MAX (64 * 1024)
+
+static inline void json_decrefp(json_t **j) { json_decref(*j); }
+
+static uint64_t realtime_usec(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (uint64_t)ts.tv_sec * USEC_PER_SEC + (uint64_t)ts.tv_nsec / 1000;
+}
+
+typedef struct Presence {
+        struct Presence *next;
+        char node[CLUSTER_NODE_MAX + 1];
+        uint64_t revision;
+        char id[];
+} Presence;
+
+typedef struct Node {
+        char name[CLUSTER_NODE_MAX + 1];
+        char *api;
+        uint64_t heard; /* CLOCK_MONOTONIC µs of its last heartbeat here */
+        bool alive;     /* as last reported through the presence hooks */
+} Node;
+
+struct ClusterForward {
+        Cluster *cluster;
+        ClusterForward *prev, *next;
+        BusRequest *request;
+        cluster_reply_fn fn;
+        void *userdata;
+};
+
+struct ClusterRpc {
+        Cluster *cluster;
+        ClusterRpc *prev, *next;
+        char *reply; /* the requester's inbox */
+};
+
+struct Cluster {
+        sd_event *event;
+        const CloudConfig *config;
+        Bus *bus;
+        ClusterHooks hooks;
+        char node[CLUSTER_NODE_MAX + 1];
+        char rpc_subject[CLUSTER_NODE_MAX + 32];
+        uint64_t started;
+
+        Presence **buckets;
+        size_t n_buckets, n_presence;
+        Node *nodes;
+        size_t n_nodes;
+
+        BusSub *presence_watch, *nodes_watch, *rpc_sub;
+        sd_event_source *heartbeat;
+        ClusterForward *forwards;
+        ClusterRpc *rpcs;
+};
+
+/* ---- the presence map ---------------------------------------------------- */
+
+static size_t cluster_hash(const char *s) {
+        uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+
+        for (; *s; s++)
+                h = (h ^ (uint8_t)*s) * 1099511628211ULL;
+        return (size_t)h;
+}
+
+static Presence **presence_slot(Cluster *c, const char *id) {
+        Presence **p;
+
+        if (c->n_buckets == 0)
+                return NULL;
+        for (p = &c->buckets[cluster_hash(id) & (c->n_buckets - 1)]; *p; p = &(*p)->next)
+                if (streq((*p)->id, id))
+                        return p;
+        return p;
+}
+
+static Presence *presence_find(Cluster *c, const char *id) {
+        Presence **p = presence_slot(c, id);
+
+        return p ? *p : NULL;
+}
+
+static int presence_grow(Cluster *c) {
+        size_t n = c->n_buckets ? c->n_buckets * 2 : 256;
+        Presence **b = calloc(n, sizeof(*b));
+
+        if (!b)
+                return -ENOMEM;
+        for (size_t k = 0; k < c->n_buckets; k++)
+                for (Presence *p = c->buckets[k], *next; p; p = next) {
+                        size_t i = cluster_hash(p->id) & (n - 1);
+
+                        next = p->next;
+                        p->next = b[i];
+                        b[i] = p;
+                }
+        free(c->buckets);
+        c->buckets = b;
+        c->n_buckets = n;
+        return 0;
+}
+
+static Presence *presence_set(Cluster *c, const char *id, const char *node, uint64_t revision) {
+        Presence **slot, *p;
+        size_t len = strlen(id);
+
+        if (c->n_presence >= c->n_buckets && presence_grow(c) < 0)
+                return NULL;
+        slot = presence_slot(c, id);
+        if (*slot) {
+                p = *slot;
+        } else {
+                p = calloc(1, sizeof(*p) + len + 1);
+                if (!p)
+                        return NULL;
+                memcpy(p->id, id, len + 1);
+                *slot = p;
+                c->n_presence++;
+        }
+        snprintf(p->node, sizeof(p->node), "%s", node);
+        p->revision = revision;
+        return p;
+}
+
+static void presence_remove(Cluster *c, const char *id) {
+        Presence **slot = presence_slot(c, id), *p;
+
+        if (!slot || !*slot)
+                return;
+        p = *slot;
+        *slot = p->next;
+        free(p);
+        c->n_presence--;
+}
+
+/* ---- nodes ------------------------------------------------------------------- */
+
+static Node *node_find(Cluster *c, const char *name) {
+        for (size_t i = 0; i < c->n_nodes; i++)
+                if (streq(c->nodes[i].name, name))
+                        return &c->nodes[i];
+        return NULL;
+}
+
+static bool node_alive(Cluster *c, const char *name) {
+        Node *n;
+
+        if (streq(name, c->node))
+                return true;
+        n = node_find(c, name);
+        return n && n->heard + CLUSTER_NODE_DEAD_SEC * USEC_PER_SEC > now_usec();
+}
+
+/* The hooks' view of a presence entry: a live other node, or NULL. */
+static const char *presence_node(Cluster *c, const Presence *p) {
+        if (!p || streq(p->node, c->node) || !node_alive(c, p->node))
+                return NULL;
+        return p->node;
+}
+
+/* A node came alive or died: tell the Cloud about each of its devices. */
+static void node_liveness_changed(Cluster *c, Node *n) {
+        for (size_t k = 0; k < c->n_buckets; k++)
+                for (Presence *p = c->buckets[k]; p; p = p->next)
+                        if (streq(p->node, n->name))
+                                c->hooks.presence(c->hooks.userdata, p->id, n->alive ? n->name : NULL);
+}
+
+static void cluster_check_nodes(Cluster *c) {
+        for (size_t i = 0; i < c->n_nodes; i++) {
+                Node *n = &c->nodes[i];
+                bool alive = node_alive(c, n->name);
+
+                if (alive == n->alive)
+                        continue;
+                n->alive = alive;
+                if (!streq(n->name, c->node))
+                        log_notice("Cluster node '%s' %s.", n->name, alive ? "is up" : "is gone");
+                node_liveness_changed(c, n);
+        }
+}
+
+static void cluster_node_update(void *userdata, const char *key, const void *value, size_t len, uint64_t revision) {
+        Cluster *c = userdata;
+        _cleanup_(json_decrefp) json_t *j = NULL;
+        const char *api = NULL;
+        Node *n;
+
+        if (!key || !value || len == 0)
+                return; /* initial values done, or a node deleted its key (it stops: its heartbeat ends) */
+        if (strlen(key) > CLUSTER_NODE_MAX)
+                return;
+        j = json_loadb(value, len, 0, NULL);
+        if (j)
+                api = json_string_value(json_object_get(j, "api"));
+        n = node_find(c, key);
+        if (!n) {
+                Node *a = reallocarray(c->nodes, c->n_nodes + 1, sizeof(*a));
+
+                if (!a)
+                        return;
+                c->nodes = a;
+                n = &c->nodes[c->n_nodes++];
+                *n = (Node){ 0 };
+                snprintf(n->name, sizeof(n->name), "%s", key);
+        }
+        if (api && (!n->api || !streq(n->api, api))) {
+                free(n->api);
+                n->api = strdup(api);
+        }
+        n->heard = now_usec();
+        cluster_check_nodes(c);
+}
+
+static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) {
+        Cluster *c = userdata;
+        _cleanup_free_ char *text = NULL;
+        json_t *j;
+
+        j = json_pack("{s:s, s:s?, s:I}", "node", c->node, "api", c->config->cluster_node_api, "started",
+                      (json_int_t)c->started);
+        text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        json_decref(j);
+        if (text)
+                (void)bus_kv_put(c->bus, CLUSTER_NODES_BUCKET, c->node, text, strlen(text));
+        cluster_check_nodes(c);
+        return sd_event_source_set_time(s, usec + CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
+}
+
+/* ---- presence ----------------------------------------------------------------- */
+
+static void cluster_put_own(Cluster *c, const char *device, const char *address) {
+        _cleanup_free_ char *text = NULL;
+        json_t *j;
+
+        j = json_pack("{s:s, s:I, s:s?}", "node", c->node, "since", (json_int_t)realtime_usec(), "address", address);
+        text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        json_decref(j);
+        if (!text || bus_kv_put(c->bus, CLUSTER_PRESENCE_BUCKET, device, text, strlen(text)) < 0)
+                log_warning("Cannot record in the cluster that device '%s' is on this node.", device);
+        /* Ours at once: the watch confirms it later. */
+        (void)presence_set(c, device, c->node, 0);
+}
+
+static void cluster_presence_update(void *userdata, const char *key, const void *value, size_t len,
+                                    uint64_t revision) {
+        Cluster *c = userdata;
+        _cleanup_(json_decrefp) json_t *j = NULL;
+        const char *node = NULL;
+        Presence *before;
+        bool was_ours;
+
+        if (!key)
+                return;
+        before = presence_find(c, key);
+        was_ours = before && streq(before->node, c->node);
+        if (value && len > 0) {
+                j = json_loadb(value, len, 0, NULL);
+                node = j ? json_string_value(json_object_get(j, "node")) : NULL;
+        }
+        if (!node || strlen(node) > CLUSTER_NODE_MAX) {
+                /* Deleted (or unreadable). If the device is here, someone
+                 * removed our entry after it moved away and back: put it
+                 * again. */
+                if (was_ours) {
+                        cluster_put_own(c, key, NULL);
+                        return;
+                }
+                presence_remove(c, key);
+                c->hooks.presence(c->hooks.userdata, key, NULL);
+                return;
+        }
+        if (streq(node, c->node)) {
+                (void)presence_set(c, key, node, revision);
+                return;
+        }
+        if (!presence_set(c, key, node, revision)) {
+                log_warning("Out of memory recording where device '%s' is.", key);
+                return;
+        }
+        if (was_ours)
+                c->hooks.superseded(c->hooks.userdata, key, node);
+        c->hooks.presence(c->hooks.userdata, key, node_alive(c, node) ? node : NULL);
+}
+
+void cluster_device_bound(Cluster *c, const char *device, const char *address) {
+        cluster_put_own(c, device, address);
+}
+
+void cluster_device_gone(Cluster *c, const char *device) {
+        Presence *p = presence_find(c, device);
+
+        if (!p || !streq(p->node, c->node))
+                return; /* it is elsewhere now: that entry is not ours to delete */
+        presence_remove(c, device);
+        (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, device);
+}
+
+const char *cluster_device_node(Cluster *c, const char *device) {
+        return presence_node(c, presence_find(c, device));
+}
+
+void cluster_foreach_remote(Cluster *c, void (*fn)(void *userdata, const char *device, const char *node),
+                            void *userdata) {
+        for (size_t k = 0; k < c->n_buckets; k++)
+                for (Presence *p = c->buckets[k]; p; p = p->next) {
+                        const char *node = presence_node(c, p);
+
+                        if (node)
+                                fn(userdata, p->id, node);
+                }
+}
+
+json_t *cluster_nodes_json(Cluster *c) {
+        json_t *a = json_array();
+
+        if (!a)
+                return NULL;
+        for (size_t i = 0; i < c->n_nodes; i++) {
+                Node *n = &c->nodes[i];
+                json_int_t count = 0;
+
+                if (!node_alive(c, n->name))
+                        continue;
+                for (size_t k = 0; k < c->n_buckets; k++)
+                        for (Presence *p = c->buckets[k]; p; p = p->next)
+                                count += streq(p->node, n->name);
+                if (json_array_append_new(a, json_pack("{s:s, s:s?, s:I, s:b}", "node", n->name, "api", n->api,
+                                                       "devices", count, "self", streq(n->name, c->node))) < 0) {
+                        json_decref(a);
+                        return NULL;
+                }
+        }
+        return a;
+}
+
+const char *cluster_node(Cluster *c) { return c->node; }
+
+/* ---- requests to other nodes ---------------------------------------------------- */
+
+static void forward_unlink(ClusterForward *f) {
+        Cluster *c = f->cluster;
+
+        if (f->prev)
+                f->prev->next = f->next;
+        else
+                c->forwards = f->next;
+        if (f->next)
+                f->next->prev = f->prev;
+}
+
+static void forward_reply(void *userdata, int error, natsMsg *reply) {
+        ClusterForward *f = userdata;
+        _cleanup_(json_decrefp) json_t *j = NULL;
+        json_t *body;
+        json_int_t status;
+
+        forward_unlink(f);
+        if (error >= 0) {
+                j = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, NULL);
+                body = j ? json_object_get(j, "body") : NULL;
+                status = j ? json_integer_value(json_object_get(j, "status")) : 0;
+                if (!body || status < 100 || status > 599)
+                        error = -EPROTO;
+                else
+                        f->fn(f->userdata, 0, (unsigned)status, body);
+        }
+        if (error < 0)
+                f->fn(f->userdata, error, 0, NULL);
+        free(f);
+}
+
+int cluster_forward(Cluster *c, const char *node, const char *op, const char *device, const char *name,
+                    const char *arg, uint64_t timeout_usec, cluster_reply_fn fn, void *userdata,
+                    ClusterForward **ret) {
+        _cleanup_free_ char *text = NULL;
+        char subject[CLUSTER_NODE_MAX + 32];
+        ClusterForward *f;
+        json_t *j;
+        int r;
+
+        if (strlen(node) > CLUSTER_NODE_MAX)
+                return -EINVAL;
+        j = json_pack("{s:s, s:s, s:s?, s:s?}", "op", op, "device", device, "name", name, "arg", arg);
+        text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        json_decref(j);
+        if (!text)
+                return -ENOMEM;
+        f = calloc(1, sizeof(*f));
+        if (!f)
+                return -ENOMEM;
+        *f = (ClusterForward){ .cluster = c, .fn = fn, .userdata = userdata };
+        snprintf(subject, sizeof(subject), "tether.node.%s.rpc", node);
+        r = bus_request(c->bus, subject, NULL, text, strlen(text), timeout_usec, forward_reply, f, &f->request);
+        if (r < 0) {
+                free(f);
+                return r;
+        }
+        f->next = c->forwards;
+        if (f->next)
+                f->next->prev = f;
+        c->forwards = f;
+        if (ret)
+                *ret = f;
+        return 0;
+}
+
+void cluster_forward_cancel(ClusterForward *f) {
+        if (!f)
+                return;
+        bus_request_cancel(f->request);
+        forward_unlink(f);
+        free(f);
+}
+
+/* ---- requests from other nodes --------------------------------------------------- */
+
+static void rpc_unlink(ClusterRpc *rpc) {
+        Cluster *c = rpc->cluster;
+
+        if (rpc->prev)
+                rpc->prev->next = rpc->next;
+        else
+                c->rpcs = rpc->next;
+        if (rpc->next)
+                rpc->next->prev = rpc->prev;
+}
+
+static void rpc_free(ClusterRpc *rpc) {
+        rpc_unlink(rpc);
+        free(rpc->reply);
+        free(rpc);
+}
+
+void cluster_rpc_answer(ClusterRpc *rpc, unsigned status, json_t *body) {
+        Cluster *c = rpc->cluster;
+        _cleanup_free_ char *text = NULL;
+        json_t *j;
+
+        j = json_pack("{s:i, s:o}", "status", (int)status, "body", body ?: json_object());
+        text = j ? json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(17)) : NULL;
+        json_decref(j);
+        if (!text || bus_publish(c->bus, rpc->reply, NULL, text, strlen(text)) < 0)
+                log_warning("Cannot answer a request from another cluster node.");
+        rpc_free(rpc);
+}
+
+static void cluster_rpc_request(void *userdata, natsMsg *msg) {
+        Cluster *c = userdata;
+        _cleanup_(json_decrefp) json_t *j = NULL;
+        const char *reply = natsMsg_GetReply(msg), *op, *device, *name, *arg;
+        ClusterRpc *rpc;
+
+        if (!reply || natsMsg_GetDataLength(msg) > CLUSTER_RPC_MAX)
+                return;
+        j = json_loadb(natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg), 0, NULL);
+        op = j ? json_string_value(json_object_get(j, "op")) : NULL;
+        device = j ? json_string_value(json_object_get(j, "device")) : NULL;
+        name = j ? json_string_value(json_object_get(j, "name")) : NULL;
+        arg = j ? json_string_value(json_object_get(j, "arg")) : NULL;
+        rpc = calloc(1, sizeof(*rpc));
+        if (!rpc)
+                return;
+        rpc->cluster = c;
+        rpc->reply = strdup(reply);
+        if (!rpc->reply) {
+                free(rpc);
+                return;
+        }
+        rpc->next = c->rpcs;
+        if (rpc->next)
+                rpc->next->prev = rpc;
+        c->rpcs = rpc;
+        if (!op || !device || (!streq(op, "call") && !streq(op, "var") && !streq(op, "device"))) {
+                cluster_rpc_answer(rpc, 400, json_pack("{s:b, s:s}", "ok", 0, "error", "Malformed cluster request"));
+                return;
+        }
+        c->hooks.rpc(c->hooks.userdata, rpc, op, device, name, arg);
+}
+
+/* ---- the object ------------------------------------------------------------------ */
+
+Cluster *cluster_free(Cluster *c) {
+        if (!c)
+                return NULL;
+        c->rpc_sub = bus_sub_free(c->rpc_sub);
+        c->presence_watch = bus_sub_free(c->presence_watch);
+        c->nodes_watch = bus_sub_free(c->nodes_watch);
+        /* Leave: our devices' entries and our heartbeat go, so the others
+         * count them offline at once rather than after
+         * CLUSTER_NODE_DEAD_SEC. */
+        for (size_t k = 0; k < c->n_buckets; k++)
+                for (Presence *p = c->buckets[k], *next; p; p = next) {
+                        next = p->next;
+                        if (streq(p->node, c->node))
+                                (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, p->id);
+                        free(p);
+                }
+        free(c->buckets);
+        (void)bus_kv_delete(c->bus, CLUSTER_NODES_BUCKET, c->node);
+        while (c->forwards)
+                cluster_forward_cancel(c->forwards);
+        while (c->rpcs)
+                rpc_free(c->rpcs);
+        for (size_t i = 0; i < c->n_nodes; i++)
+                free(c->nodes[i].api);
+        free(c->nodes);
+        sd_event_source_disable_unref(c->heartbeat);
+        free(c);
+        return NULL;
+}
+
+int cluster_new(sd_event *event, const CloudConfig *config, Bus *bus, const ClusterHooks *hooks, Cluster **ret) {
+        _cleanup_(cluster_freep) Cluster *c = NULL;
+        unsigned replicas = config->cluster_replicas ?: 1;
+        int r;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return log_error_errno(-ENOMEM, "Out of memory.");
+        c->event = event;
+        c->config = config;
+        c->bus = bus;
+        c->hooks = *hooks;
+        c->started = realtime_usec();
+        snprintf(c->node, sizeof(c->node), "%s", config->cluster_node);
+        snprintf(c->rpc_subject, sizeof(c->rpc_subject), "tether.node.%s.rpc", c->node);
+
+        r = bus_kv_ensure(bus, CLUSTER_PRESENCE_BUCKET, replicas, 0);
+        if (r >= 0)
+                r = bus_kv_ensure(bus, CLUSTER_NODES_BUCKET, replicas, CLUSTER_NODES_TTL_SEC * USEC_PER_SEC);
+        if (r < 0)
+                return log_error_errno(r, "Cannot create the cluster's key-value buckets: %m");
+        r = bus_kv_watch(bus, CLUSTER_NODES_BUCKET, cluster_node_update, c, &c->nodes_watch);
+        if (r >= 0)
+                r = bus_kv_watch(bus, CLUSTER_PRESENCE_BUCKET, cluster_presence_update, c, &c->presence_watch);
+        if (r >= 0)
+                r = bus_subscribe(bus, c->rpc_subject, NULL, cluster_rpc_request, c, &c->rpc_sub);
+        if (r < 0)
+                return log_error_errno(r, "Cannot follow the cluster's state: %m");
+        r = sd_event_add_time(event, &c->heartbeat, CLOCK_MONOTONIC, 0, 0, cluster_heartbeat, c);
+        if (r < 0)
+                return log_error_errno(r, "Cannot start the cluster heartbeat: %m");
+        log_info("Cluster node '%s' joined.", c->node);
+        *ret = TAKE_PTR(c);
+        return 0;
+}

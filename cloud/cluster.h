@@ -1,0 +1,98 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The cluster's view of where devices are (cluster.c, prefix cluster_),
+ * for cluster mode (docs/cluster.md): which node holds each device's
+ * session (the key-value bucket TETHER_PRESENCE), which nodes are alive
+ * (TETHER_NODES, a heartbeat every CLUSTER_HEARTBEAT_SEC), and requests
+ * for a device routed to the node holding it (request/reply on
+ * tether.node.NODE.rpc).
+ *
+ * A Cluster borrows the Bus and runs on the loop's thread. It keeps every
+ * presence entry of the bucket in memory (a watch), so that finding a
+ * device's node costs no round trip. It writes only its own devices'
+ * entries: put when a session is bound, deleted when it ends if the entry
+ * still names this node, put again if another node deleted it while the
+ * device is still here. The newest entry wins: when an entry names
+ * another node for a device whose session is here, the device connected
+ * there after it did here, and the hook superseded tells the Cloud to end
+ * the session here.
+ *
+ * Requests from other nodes go to the hook rpc; the Cloud answers each
+ * exactly once with cluster_rpc_answer(). Anyone who can publish on NATS
+ * can send them: NATS's credentials are as sensitive as an admin token
+ * (docs/cluster.md, "Security"). Errors are negative errno values; ret_*
+ * parameters are untouched on failure. */
+#pragma once
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <systemd/sd-event.h>
+
+#include "bus.h"
+#include "cloud-config.h"
+
+#define CLUSTER_PRESENCE_BUCKET "TETHER_PRESENCE"
+#define CLUSTER_NODES_BUCKET "TETHER_NODES"
+#define CLUSTER_HEARTBEAT_SEC 5
+/* A node not heard for this long is taken for dead: its devices count as
+ * offline until they connect elsewhere. */
+#define CLUSTER_NODE_DEAD_SEC 15
+#define CLUSTER_NODE_MAX 32
+
+typedef struct Cluster Cluster;
+typedef struct ClusterRpc ClusterRpc;
+typedef struct ClusterForward ClusterForward;
+
+typedef struct ClusterHooks {
+        void *userdata;
+        /* device's presence changed: node is the live node that holds it
+         * now (never this one), or NULL (offline, or here). */
+        void (*presence)(void *userdata, const char *device, const char *node);
+        /* device, whose session is here, connected to node later: end the
+         * session here. */
+        void (*superseded)(void *userdata, const char *device, const char *node);
+        /* A request from another node for device: op "call" (function
+         * name with arg), "var" (variable name) or "device" (its
+         * description). Answer with cluster_rpc_answer(), now or later. */
+        void (*rpc)(void *userdata, ClusterRpc *rpc, const char *op, const char *device, const char *name,
+                    const char *arg);
+} ClusterHooks;
+
+/* Create the buckets (synchronous), start the heartbeat, the watches and
+ * the RPC subscription. bus, event and config are borrowed; hooks is
+ * copied (every hook is required). Logs what failed. */
+int cluster_new(sd_event *event, const CloudConfig *config, Bus *bus, const ClusterHooks *hooks, Cluster **ret);
+/* Delete this node's entries (best effort: a node that dies keeps them
+ * until its devices connect elsewhere), stop. Pending forwards and RPCs
+ * are dropped without callbacks. NULL is fine. */
+Cluster *cluster_free(Cluster *c);
+static inline void cluster_freep(Cluster **c) { cluster_free(*c); }
+
+const char *cluster_node(Cluster *c);
+
+/* A device's session was bound here (address: its IP text) or ended. */
+void cluster_device_bound(Cluster *c, const char *device, const char *address);
+void cluster_device_gone(Cluster *c, const char *device);
+
+/* The live node other than this one that holds device, or NULL. Valid
+ * until the loop runs again. */
+const char *cluster_device_node(Cluster *c, const char *device);
+/* Every device held by another live node: fn(userdata, device, node). */
+void cluster_foreach_remote(Cluster *c, void (*fn)(void *userdata, const char *device, const char *node),
+                            void *userdata);
+/* Live nodes (this one included) as a JSON array of {"node", "api", "devices"}. */
+json_t *cluster_nodes_json(Cluster *c);
+
+/* Send op for device to node and call fn once with the answer: error 0
+ * with the HTTP status and body (borrowed for the call) that node's API
+ * would have answered, or -ETIMEDOUT (no answer within timeout_usec),
+ * -EHOSTUNREACH (the node is gone), -ENOTCONN (no NATS), -EPROTO (a
+ * malformed answer). *ret (may be NULL) cancels; invalid after fn ran. */
+typedef void (*cluster_reply_fn)(void *userdata, int error, unsigned status, json_t *body);
+int cluster_forward(Cluster *c, const char *node, const char *op, const char *device, const char *name,
+                    const char *arg, uint64_t timeout_usec, cluster_reply_fn fn, void *userdata,
+                    ClusterForward **ret);
+void cluster_forward_cancel(ClusterForward *f);
+
+/* Answer an RPC (takes body; frees rpc). */
+void cluster_rpc_answer(ClusterRpc *rpc, unsigned status, json_t *body);
