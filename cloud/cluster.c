@@ -16,8 +16,6 @@
 /* An RPC's request body: a call's argument and names fit easily. */
 #define CLUSTER_RPC_MAX (64 * 1024)
 
-static inline void json_decrefp(json_t **j) { json_decref(*j); }
-
 static uint64_t realtime_usec(void) {
         struct timespec ts;
 
