@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""bench-cluster: what cluster mode costs and how fast it recovers
+(docs/cluster.md), on loopback, in one run:
+
+  * call latency (tests/bench/bench-call: one kept-alive HTTP connection)
+    to one device: a single node; a cluster node holding the device
+    ("same node"); the other node, which routes the call over NATS
+    ("cross node");
+  * failover: tether-cloudd holding the device killed with SIGKILL, until
+    the device is connected to the other node, and until a call through
+    that node answers; --failovers times, the killed node restarted
+    between them.
+
+    top_builddir=$PWD/build top_srcdir=$PWD tests/bench/bench-cluster.py [--calls N] [--reps R] [--failovers F]
+
+Prints figures (min / median / max); judges nothing."""
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
+from harness import World, poll  # noqa: E402
+from natskit import NatsCluster  # noqa: E402
+
+BUILD = os.environ.get("top_builddir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "build"))
+BENCH_CALL = os.path.join(BUILD, "tests", "bench", "bench-call")
+TIMING = "PingSec=2\nDeviceTimeoutSec=6\nCallTimeoutSec=5"
+
+
+def spread(xs, unit="", fmt="{:.3f}"):
+    return " / ".join(fmt.format(x) for x in (min(xs), statistics.median(xs), max(xs))) + unit
+
+
+def bench_call(api, token, device, calls, reps):
+    """[(median ms, p99 ms)] per repetition."""
+    r = subprocess.run([BENCH_CALL, "--api", api, "--token", token, "--device", device, "-n", str(calls),
+                        "--reps", str(reps), "--function", "add", "--arg", "1,2"],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench-call failed: {r.stderr.strip()}")
+    out = []
+    for line in r.stdout.splitlines():
+        m = re.match(r"^(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+", line)
+        if m:
+            out.append((float(m.group(2)), float(m.group(4))))
+    return out
+
+
+def start_node(w, nats, i, port=0, api_port=0):
+    d = w.start_cloud(name=f"cloud-{i}", port=port, api_port=api_port, timing=TIMING,
+                      state_dir=w.path(f"cloud-{i}-state"), extra=f"[Cluster]\nNATS={nats.url}\nNode=n{i}\n")
+    d.node = f"n{i}"
+    return d
+
+
+def connected_to(nodes, dev, marks):
+    for n in nodes:
+        if n.proc.poll() is None and n.count(rf"Device '{dev}' connected from", marks.get(n, 0)):
+            return n
+    return None
+
+
+def cluster_run(opts, servers):
+    w = World()
+    try:
+        nats = NatsCluster(w, servers)
+        nats.wait_ready()
+        nodes = [start_node(w, nats, 1), start_node(w, nats, 2)]
+        a = w.start_agent(host=" ".join(f"localhost:{n.coap_port}" for n in nodes))
+        dev = a.device_id
+        holder = []
+        poll(lambda: holder.append(connected_to(nodes, dev, {})) or holder[-1], 20, "device on a node")
+        here = holder[-1]
+        other = nodes[1] if here is nodes[0] else nodes[0]
+        same = bench_call(here.api, w.token, dev, opts.calls, opts.reps)
+        cross = bench_call(other.api, w.token, dev, opts.calls, opts.reps)
+        online, callable_ = [], []
+        for _ in range(opts.failovers):
+            here = last_holder(nodes, dev)
+            other = nodes[1] if here is nodes[0] else nodes[0]
+            marks = {other: other.mark()}
+            t0 = time.monotonic()
+            here.kill()
+            poll(lambda: connected_to([other], dev, marks), 60, "device on the other node", interval=0.01)
+            online.append(time.monotonic() - t0)
+            while True:
+                r = w.tether("call", dev, "add", "1,2", api=other.api, check=False)
+                if r.returncode == 0:
+                    break
+                time.sleep(0.01)
+            callable_.append(time.monotonic() - t0)
+            # Bring the killed node back on its ports, for the next round.
+            i = nodes.index(here)
+            nodes[i] = start_node(w, nats, i + 1, here.coap_port, here.api_port)
+        return same, cross, online, callable_
+    finally:
+        w.close()
+
+
+def last_holder(nodes, dev):
+    """The node whose newest connection line for dev is the latest one
+    logged (by wall clock order of the log files' modification)."""
+    live = [n for n in nodes if n.proc.poll() is None and n.count(rf"Device '{dev}' connected from")]
+    # A node that lost the device logs its disconnection after its
+    # connection; the holder's last line about it is a connection.
+    for n in live:
+        lines = [ln for ln in n.lines if f"Device '{dev}'" in ln]
+        if lines and "connected from" in lines[-1]:
+            return n
+    raise RuntimeError("no node holds the device")
+
+
+def single_run(opts):
+    w = World()
+    try:
+        w.start_cloud(timing=TIMING)
+        a = w.start_agent()
+        return bench_call(w.api, w.token, a.device_id, opts.calls, opts.reps)
+    finally:
+        w.close()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--failovers", type=int, default=10)
+    ap.add_argument("--servers", type=int, default=3, help="nats-server processes")
+    opts = ap.parse_args()
+    if not os.access(BENCH_CALL, os.X_OK):
+        sys.exit(f"{BENCH_CALL} is not built: make -C {BUILD} tests/bench/bench-call")
+    print(f"load average at start: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    single = single_run(opts)
+    same, cross, online, callable_ = cluster_run(opts, opts.servers)
+    print(f"\ncall latency, {opts.calls} calls x {opts.reps} repetitions on one kept-alive connection "
+          f"(min / median / max over repetitions):")
+    for label, rs in (("single node", single), ("cluster, same node", same), ("cluster, cross node", cross)):
+        print(f"  {label:22s} median {spread([m for m, _ in rs], ' ms')}   p99 {spread([p for _, p in rs], ' ms')}")
+    print(f"\nfailover ({len(online)} SIGKILLs of the node holding the device, {opts.servers} NATS servers):")
+    print(f"  device online on the other node  {spread(online, ' s')}")
+    print(f"  first call answered through it   {spread(callable_, ' s')}")
+    print(f"load average at end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+if __name__ == "__main__":
+    main()
