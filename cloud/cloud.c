@@ -107,6 +107,16 @@ static void cloud_device_bound(void *userdata, Device *d, const TlsPeer *peer) {
                 (void)device_set_elsewhere(d, NULL);
                 cluster_device_bound(c->cluster, device_id(d), device_last_ip(d));
         }
+        if (c->ota)
+                ota_device_online(c->ota, d);
+}
+
+static void cloud_device_described(void *userdata, Device *d, const char *doc) {
+        Cloud *c = userdata;
+
+        if (registry_described(c->registry, device_id(d), doc) == -E2BIG)
+                log_warning("Device '%s' describes itself in more than %u bytes: not keeping that across restarts.",
+                            device_id(d), (unsigned)REGISTRY_DESCRIBE_MAX);
 }
 
 static void cloud_device_conflict(void *userdata, Device *d, const char *established, const char *newcomer,
@@ -170,11 +180,19 @@ static void cloud_device_added(void *userdata, const char *id) {
                 log_warning("Out of memory listing device '%s'.", id);
 }
 
-static void cloud_known_device(void *userdata, const char *id, uint64_t last_heard_usec, const char *last_address) {
+static void cloud_known_device(void *userdata, const char *id, uint64_t last_heard_usec, const char *last_address,
+                               const char *describe) {
         Cloud *c = userdata;
+        Device *d = devices_add(c->devices, id, last_heard_usec, last_address);
+        int r;
 
-        if (!devices_add(c->devices, id, last_heard_usec, last_address))
+        if (!d) {
                 log_warning("Out of memory listing device '%s'.", id);
+                return;
+        }
+        if (describe && (r = device_restore_describe(d, describe)) < 0)
+                log_warning_errno(r, "Device '%s': its recorded describe document cannot be used, ignoring it: %m",
+                                  id);
 }
 
 /* ---- EventsHooks: events towards devices and event streams ---------------- */
@@ -352,6 +370,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .device_gone = cloud_device_gone,
                 .peer_check = cloud_peer_check,
                 .device_bound = cloud_device_bound,
+                .described = cloud_device_described,
                 .device_conflict = cloud_device_conflict,
                 .enroll_request = cloud_enroll_request,
                 .cert_request = cloud_cert_request,
@@ -429,7 +448,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = registry_foreach(c->registry, cloud_known_device, c);
         if (r < 0)
                 return log_error_errno(r, "Cannot read the device registry.");
-        r = ota_new(c->event, config, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
+        r = ota_new(c->event, config, c->store, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
         if (r < 0)
                 return r;
         r = api_new(c->event, config, c->store, c->registry, c->provision, c->journal, c->devices, c->events, c->ota,

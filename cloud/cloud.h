@@ -32,10 +32,10 @@
  *   Tokens -> Store, CloudConfig (the token files)
  *   Provision -> Store
  *   Registry -> Store;  RegistryHooks -> Devices (close), Events (revoked)
- *   Ota ----> Devices, Events, Journal;  OtaHooks -> Api (kick)
+ *   Ota ----> Devices, Events, Journal, Store;  OtaHooks -> Api (kick)
  *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)
  *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone, conflicts),
- *                       Ota (/o), Registry (peer check, bound, gone)
+ *                       Ota (/o, bound), Registry (peer check, bound, described, gone)
  *
  * Everything runs on one sd-event loop; the one other thread is the
  * journal's fdatasync() (journal-sync.h), which never calls back into

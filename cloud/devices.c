@@ -545,6 +545,23 @@ static void session_free(Session *c) {
         free(c);
 }
 
+int device_restore_describe(Device *d, const char *doc) {
+        Devices *devs = d->devices;
+        json_t *j = NULL;
+        Describe *ds;
+        int r;
+
+        r = proto_describe_decode((const uint8_t *)doc, strlen(doc), &j);
+        if (r < 0)
+                return r;
+        ds = describe_intern(devs, j);
+        if (!ds)
+                return -ENOMEM;
+        describe_release(devs, d->describe);
+        d->describe = ds;
+        return 0;
+}
+
 const char *device_id(const Device *d) { return d->id; }
 
 uint64_t device_last_heard(const Device *d) { return d->last_heard; }
@@ -1169,11 +1186,14 @@ static void describe_done(int error, unsigned code, const uint8_t *data, size_t 
 
                 if (!ds)
                         log_warning("Out of memory keeping device '%s''s describe document.", d->id);
+                else if (ds == d->describe)
+                        describe_release(devs, ds); /* as before: nothing to record */
                 else {
                         describe_release(devs, d->describe);
                         d->describe = ds;
                         log_debug("Device '%s' describe cached (%zu functions, %zu variables; %zu "
                                   "distinct documents).", d->id, nf, nv, devs->n_describes);
+                        devs->hooks.described(devs->hooks.userdata, d, ds->key);
                 }
         }
         if (!d->conn)

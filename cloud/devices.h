@@ -47,6 +47,12 @@ typedef struct DevicesHooks {
         int (*peer_check)(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size);
         /* d's new session (whose peer is peer) is bound: d is online. */
         void (*device_bound)(void *userdata, Device *d, const TlsPeer *peer);
+        /* d answered GET /d with a describe document other than the one
+         * it had (at start, the one device_restore_describe() gave it):
+         * doc is its compact JSON text with sorted keys, valid during the
+         * call; device_restore_describe() takes it back. Not called when a
+         * device describes itself as it did before. */
+        void (*described)(void *userdata, Device *d, const char *doc);
         /* A second session for d's ID while one is bound (docs/cloud.md,
          * "Duplicate identity"): established and newcomer are the two
          * peers' "ADDRESS:PORT", outcome "kept" (the newcomer was refused)
@@ -116,6 +122,12 @@ Device *devices_find(Devices *devs, const char *id);
  * last heard at last_heard_usec (CLOCK_REALTIME µs, 0: never) from
  * last_ip (may be NULL). The existing one if id is known. NULL on OOM. */
 Device *devices_add(Devices *devs, const char *id, uint64_t last_heard_usec, const char *last_ip);
+/* Give a device added with devices_add() the describe document it
+ * answered before (JSON text from the described hook, checked again with
+ * proto_describe_decode()), so that it shows its functions and variables
+ * while offline. -EBADMSG (nothing changes) for a document that does not
+ * pass, -ENOMEM. */
+int device_restore_describe(Device *d, const char *doc);
 const char *device_id(const Device *d);
 /* CLOCK_REALTIME µs of the last message from the device (0: never). */
 uint64_t device_last_heard(const Device *d);

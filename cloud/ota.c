@@ -18,6 +18,7 @@
  * verifies manifest signatures (it has no keyring): devices do. */
 #include "config.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
@@ -32,6 +33,7 @@
 #include "mhd-log.h"
 #include "ota-journal.h"
 #include "ota.h"
+#include "store.h"
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
@@ -71,6 +73,12 @@ typedef struct OtaJob {
         json_t *history;     /* [{"state","at"[,"code","reason"]}] */
         char created[32], updated[32];
         DeviceCall *call; /* POST /o/JOB to the device, until it answers */
+        /* The signed manifest while the job is "sent" (kept in the Store
+         * so that the request can be sent again after a restart), else NULL. */
+        char *manifest;
+        /* Loaded "sent" at start: the request goes out again when the
+         * device connects (ota_device_online()). */
+        bool resend;
         struct OtaJob *next;
 } OtaJob;
 
@@ -109,6 +117,10 @@ struct OtaRequest {
 struct Ota {
         sd_event *event;
         const CloudConfig *config;
+        Store *store;
+        sqlite3_stmt *stmt_save, *stmt_delete;
+        sd_event_source *resend_defer;
+        size_t n_resend; /* jobs with resend set */
         Journal *journal;
         Devices *devices;
         Events *events;
@@ -175,6 +187,109 @@ static bool state_known(const char *s) {
         return false;
 }
 
+/* ---- jobs in the Store ------------------------------------------------------ */
+
+/* One step per schema version, never edited once released. A row per job
+ * the cloud keeps (the OTA_JOBS_MAX newest); keys are the job id (random,
+ * made here) and the device id, nothing local to this machine. history is
+ * the job's JSON array as GET /v1/ota/jobs/ID shows it; manifest the
+ * signed manifest while the job is "sent". */
+static const char *const ota_schema[] = {
+        "CREATE TABLE ota_jobs ("
+        "  id TEXT PRIMARY KEY NOT NULL,"
+        "  device TEXT NOT NULL,"
+        "  package TEXT,"
+        "  version TEXT,"
+        "  state TEXT,"
+        "  code TEXT,"
+        "  reason TEXT,"
+        "  bytes INTEGER NOT NULL DEFAULT 0,"
+        "  total INTEGER NOT NULL DEFAULT 0,"
+        "  seq INTEGER NOT NULL DEFAULT 0,"
+        "  device_seq INTEGER NOT NULL DEFAULT 0,"
+        "  closed INTEGER NOT NULL DEFAULT 0,"
+        "  final_seq INTEGER NOT NULL DEFAULT 0,"
+        "  history TEXT NOT NULL DEFAULT '[]',"
+        "  created_at TEXT NOT NULL,"
+        "  updated_at TEXT NOT NULL,"
+        "  manifest TEXT);"
+        "CREATE INDEX ota_jobs_device ON ota_jobs (device);",
+};
+
+static int bind_text(sqlite3_stmt *st, int i, const char *v) {
+        return v ? sqlite3_bind_text(st, i, v, -1, SQLITE_TRANSIENT) : sqlite3_bind_null(st, i);
+}
+
+static int stmt_run(Ota *ota, sqlite3_stmt *st, int rc, const char *what) {
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(store_db(ota->store));
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        return rc == SQLITE_OK ? 0 : store_error(ota->store, rc, what);
+}
+
+/* Write the job as it is now in the Store's batch; with commit, commit
+ * the batch before returning (a job the API answered for, a final state
+ * the device is about to be told was recorded). Logged by the Store. */
+static int job_store(OtaJob *j, bool commit) {
+        Ota *ota = j->ota;
+        sqlite3_stmt *st = ota->stmt_save;
+        _cleanup_free_ char *history = json_dumps(j->history, JSON_COMPACT);
+        int rc, r;
+
+        if (!history)
+                return log_error_errno(-ENOMEM, "Out of memory recording OTA job %s.", j->id);
+        r = store_batch(ota->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, j->id, -1, SQLITE_TRANSIENT);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 2, j->device);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 3, j->package);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 4, j->version);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 5, j->state);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 6, j->code);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 7, j->reason);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 8, (sqlite3_int64)j->bytes);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 9, (sqlite3_int64)j->total);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 10, (sqlite3_int64)j->seq);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 11, (sqlite3_int64)j->device_seq);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int(st, 12, j->closed);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_int64(st, 13, (sqlite3_int64)j->final_seq);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 14, history, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 15, j->created, -1, SQLITE_TRANSIENT);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 16, j->updated, -1, SQLITE_TRANSIENT);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 17, j->manifest);
+        r = stmt_run(ota, st, rc, "recording an OTA job");
+        if (r >= 0 && commit)
+                r = store_commit(ota->store);
+        return r;
+}
+
+static int job_unstore(Ota *ota, const char *id) {
+        sqlite3_stmt *st = ota->stmt_delete;
+        int r = store_batch(ota->store);
+
+        if (r < 0)
+                return r;
+        return stmt_run(ota, st, sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT), "forgetting an OTA job");
+}
+
 /* ---- jobs ----------------------------------------------------------------- */
 
 static OtaJob *job_find(Ota *ota, const char *id) {
@@ -198,6 +313,7 @@ static void job_free(OtaJob *j) {
         free(j->state);
         free(j->code);
         free(j->reason);
+        free(j->manifest);
         json_decref(j->history);
         free(j);
 }
@@ -216,6 +332,9 @@ static void jobs_prune(Ota *ota) {
         {
                 OtaJob *j = *victim;
                 *victim = j->next;
+                (void)job_unstore(ota, j->id);
+                if (j->resend)
+                        ota->n_resend--;
                 job_free(j);
                 ota->n_jobs--;
         }
@@ -291,6 +410,14 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
         }
         timestamp(j->updated);
         j->seq++;
+        if (!streq(state, "sent")) {
+                free(j->manifest);
+                j->manifest = NULL;
+                if (j->resend) {
+                        j->resend = false;
+                        ota->n_resend--;
+                }
+        }
         if (changed) {
                 json_t *h = json_pack("{s:s, s:s}", "state", state, "at", j->updated);
 
@@ -349,19 +476,25 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
         j->call = NULL;
         if (error == -ETIMEDOUT) {
                 /* It may still have taken the job: its reports would say so. */
-                if (j->state && streq(j->state, "sent"))
+                if (j->state && streq(j->state, "sent")) {
                         job_set_state(j, "failed", "no-answer", "the device did not answer the update request");
+                        (void)job_store(j, true);
+                }
                 return;
         }
         if (error < 0) {
-                if (j->state && streq(j->state, "sent"))
+                if (j->state && streq(j->state, "sent")) {
                         job_set_state(j, "failed", "offline", "the device went offline before it answered");
+                        (void)job_store(j, true);
+                }
                 return;
         }
         if (code >> 5 == 2) {
                 /* Reports may have overtaken the answer. */
-                if (j->state && streq(j->state, "sent"))
+                if (j->state && streq(j->state, "sent")) {
                         job_set_state(j, "accepted", NULL, NULL);
+                        (void)job_store(j, false);
+                }
                 return;
         }
         /* "CODE: reason" text from the device */
@@ -380,6 +513,7 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
                 job_set_state(j, "rejected", code == COAP_RESPONSE_CODE(503) ? "busy" : "refused", text);
         /* The device did not take it: it has nothing to report. */
         j->closed = true;
+        (void)job_store(j, true);
 }
 
 unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body) {
@@ -443,18 +577,160 @@ unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_bod
                 *ret_body = NULL;
                 return MHD_HTTP_INTERNAL_SERVER_ERROR;
         }
+        j->manifest = strndup(text, len);
+        if (!j->manifest) {
+                job_set_state(j, "failed", "offline", "the update request could not be sent");
+                j->closed = true;
+                (void)job_store(j, true);
+                *ret_body = NULL;
+                return MHD_HTTP_INTERNAL_SERVER_ERROR;
+        }
         r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, id, text, len, job_sent, j, &j->call);
         if (r < 0) {
                 job_set_state(j, "failed", "offline", "the update request could not be sent");
                 j->closed = true; /* the device never saw it */
+                (void)job_store(j, true);
                 *ret_body = json_pack("{s:b, s:s, s:o}", "ok", 0, "error",
                                       r == -ENOTCONN ? "Device is offline" : "Failed to send the update request",
                                       "job", job_to_json(j));
                 return r == -ENOTCONN ? MHD_HTTP_SERVICE_UNAVAILABLE : MHD_HTTP_BAD_GATEWAY;
         }
         job_set_state(j, "sent", NULL, NULL);
+        /* On disk before the API answers: a job that was reported
+         * started is never forgotten, and after a crash the request goes
+         * out again when the device connects (ota_device_online()). */
+        (void)job_store(j, true);
         *ret_body = json_pack("{s:b, s:s, s:o}", "ok", 1, "id", device_id(d), "job", job_to_json(j));
         return MHD_HTTP_OK;
+}
+
+/* ---- jobs across restarts ------------------------------------------------------ */
+
+static char *column_strdup(sqlite3_stmt *st, int i, bool *oom) {
+        const char *t = (const char *)sqlite3_column_text(st, i);
+        char *c = t ? strdup(t) : NULL;
+
+        if (t && !c)
+                *oom = true;
+        return c;
+}
+
+/* Read the jobs of the Store, oldest first, so the list ends newest
+ * first. A row that is not a job this program could have written is
+ * skipped with a warning. */
+static int ota_load(Ota *ota) {
+        sqlite3_stmt *st = NULL;
+        size_t n = 0, skipped = 0;
+        int rc;
+
+        rc = sqlite3_prepare_v2(store_db(ota->store),
+                                "SELECT id, device, package, version, state, code, reason, bytes, total, seq, "
+                                "device_seq, closed, final_seq, history, created_at, updated_at, manifest "
+                                "FROM ota_jobs ORDER BY created_at, rowid",
+                                -1, &st, NULL);
+        while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *id = (const char *)sqlite3_column_text(st, 0);
+                const char *device = (const char *)sqlite3_column_text(st, 1);
+                const char *created = (const char *)sqlite3_column_text(st, 14);
+                const char *updated = (const char *)sqlite3_column_text(st, 15);
+                const char *history = (const char *)sqlite3_column_text(st, 13);
+                bool oom = false;
+                OtaJob *j;
+
+                rc = SQLITE_OK;
+                if (!id || !ota_job_id_valid(id, strlen(id)) || !device ||
+                    proto_name_check(device, strlen(device), PROTO_NAME_DEVICE) < 0 || !created || !updated ||
+                    strlen(created) >= sizeof(j->created) || strlen(updated) >= sizeof(j->updated) ||
+                    job_find(ota, id)) {
+                        skipped++;
+                        continue;
+                }
+                j = calloc(1, sizeof(*j));
+                if (!j)
+                        break;
+                j->ota = ota;
+                snprintf(j->id, sizeof(j->id), "%s", id);
+                j->device = column_strdup(st, 1, &oom);
+                j->package = column_strdup(st, 2, &oom);
+                j->version = column_strdup(st, 3, &oom);
+                j->state = column_strdup(st, 4, &oom);
+                j->code = column_strdup(st, 5, &oom);
+                j->reason = column_strdup(st, 6, &oom);
+                j->bytes = (uint64_t)sqlite3_column_int64(st, 7);
+                j->total = (uint64_t)sqlite3_column_int64(st, 8);
+                j->seq = (uint64_t)sqlite3_column_int64(st, 9);
+                j->device_seq = (uint64_t)sqlite3_column_int64(st, 10);
+                j->closed = sqlite3_column_int(st, 11) != 0;
+                j->final_seq = (uint64_t)sqlite3_column_int64(st, 12);
+                j->history = history ? json_loads(history, 0, NULL) : NULL;
+                if (!json_is_array(j->history)) {
+                        json_decref(j->history);
+                        j->history = json_array();
+                }
+                snprintf(j->created, sizeof(j->created), "%s", created);
+                snprintf(j->updated, sizeof(j->updated), "%s", updated);
+                j->manifest = column_strdup(st, 16, &oom);
+                if (oom || !j->history) {
+                        job_free(j);
+                        break;
+                }
+                /* Sent, and the cloud stopped before the device answered:
+                 * it may or may not have the request. Sending it again
+                 * settles that (tetherd answers a job it has as a retry). */
+                if (j->state && streq(j->state, "sent") && !j->closed && j->manifest) {
+                        j->resend = true;
+                        ota->n_resend++;
+                }
+                j->next = ota->jobs;
+                ota->jobs = j;
+                ota->n_jobs++;
+                n++;
+        }
+        sqlite3_finalize(st);
+        if (rc == SQLITE_ROW)
+                return log_error_errno(-ENOMEM, "Out of memory loading the OTA jobs.");
+        if (rc != SQLITE_DONE)
+                return store_error(ota->store, rc, "reading the OTA jobs");
+        if (skipped > 0)
+                log_warning("Skipped %zu OTA job record(s) in the cloud database that are not valid.", skipped);
+        if (n > 0)
+                log_info("Loaded %zu OTA job(s), %zu to be sent again when their device connects.", n,
+                         ota->n_resend);
+        return 0;
+}
+
+static int resend_defer_cb(sd_event_source *s, void *userdata) {
+        Ota *ota = userdata;
+
+        for (OtaJob *j = ota->jobs; j && ota->n_resend > 0; j = j->next) {
+                Device *d;
+                int r;
+
+                if (!j->resend || j->call)
+                        continue;
+                d = devices_find(ota->devices, j->device);
+                if (!d || !device_session(d))
+                        continue;
+                r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, j->id, j->manifest,
+                                 strlen(j->manifest), job_sent, j, &j->call);
+                if (r < 0) {
+                        /* Tried again on its next connection. */
+                        log_warning_errno(r, "OTA job %s: cannot send the update request to device '%s' again: %m",
+                                          j->id, j->device);
+                        continue;
+                }
+                j->resend = false;
+                ota->n_resend--;
+                log_info("OTA job %s: sent the update request to device '%s' again (the cloud stopped before "
+                         "it answered).", j->id, j->device);
+        }
+        return 0;
+}
+
+void ota_device_online(Ota *ota, Device *d) {
+        /* From the loop, not inside libcoap's handling of the session. */
+        if (ota->n_resend > 0 && ota->resend_defer)
+                (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
 }
 
 /* ---- device reports ------------------------------------------------------ */
@@ -579,12 +855,17 @@ void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const ch
                         j->closed = true;
                         j->final_seq = (uint64_t)seq;
                 }
+                /* A final state is committed before the device is told it
+                 * arrived (it stops sending it then); others join the
+                 * batch: one lost in a crash is followed by later ones. */
+                (void)job_store(j, j->closed);
         } else if (apply) {
                 j->bytes = (uint64_t)json_integer_value(json_object_get(o, "bytes"));
                 j->total = (uint64_t)json_integer_value(json_object_get(o, "total"));
                 timestamp(j->updated);
                 j->seq++;
                 waiters_wake(j);
+                (void)job_store(j, false);
         }
         json_decref(o);
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(204));
@@ -1155,6 +1436,40 @@ static int make_dir(const char *path) {
         return 0;
 }
 
+/* Uploads are written to ArtifactDirectory/.upload-SHA256-XXXXXX and
+ * removed when their request ends; a cloud killed during one leaves its
+ * file behind. Remove those nobody has written to for longer than an API
+ * connection may stay idle (a live upload, even of another cloud sharing
+ * the directory, writes more often); finished artifacts are never touched. */
+static void remove_stale_uploads(Ota *ota) {
+        DIR *dir = opendir(ota->config->ota_dir);
+        time_t limit = time(NULL) - (time_t)ota->config->idle_timeout_sec -
+                       (time_t)ota->config->header_timeout_sec - 60;
+        unsigned n = 0;
+        struct dirent *de;
+
+        if (!dir) {
+                log_warning_errno(errno, "Cannot read [OTA] ArtifactDirectory= '%s': %m", ota->config->ota_dir);
+                return;
+        }
+        while ((de = readdir(dir))) {
+                struct stat st;
+
+                if (!startswith(de->d_name, ".upload-") ||
+                    fstatat(dirfd(dir), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 || !S_ISREG(st.st_mode) ||
+                    st.st_mtime > limit)
+                        continue;
+                if (unlinkat(dirfd(dir), de->d_name, 0) < 0)
+                        log_warning_errno(errno, "Cannot remove the unfinished upload '%s/%s': %m",
+                                          ota->config->ota_dir, de->d_name);
+                else
+                        n++;
+        }
+        closedir(dir);
+        if (n > 0)
+                log_info("Removed %u unfinished upload(s) from '%s'.", n, ota->config->ota_dir);
+}
+
 Ota *ota_free(Ota *ota) {
         if (!ota)
                 return NULL;
@@ -1165,6 +1480,9 @@ Ota *ota_free(Ota *ota) {
         sd_event_source_disable_unref(ota->io);
         sd_event_source_disable_unref(ota->timer);
         sd_event_source_disable_unref(ota->defer);
+        sd_event_source_disable_unref(ota->resend_defer);
+        /* Calls still out are cancelled: their jobs stay "sent" in the
+         * Store and go out again after the restart. */
         while (ota->jobs) {
                 OtaJob *j = ota->jobs;
                 ota->jobs = j->next;
@@ -1174,30 +1492,59 @@ Ota *ota_free(Ota *ota) {
         free(ota->cert_pem);
         free(ota->ca_pem);
         free(ota->public_url);
+        sqlite3_finalize(ota->stmt_save);
+        sqlite3_finalize(ota->stmt_delete);
         free(ota);
         return NULL;
 }
 
-int ota_new(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
-            const OtaHooks *hooks, unsigned *ret_port, Ota **ret) {
+int ota_new(sd_event *event, const CloudConfig *config, Store *store, Journal *journal, Devices *devices,
+            Events *events, const OtaHooks *hooks, unsigned *ret_port, Ota **ret) {
         const char *listen_addr = config->ota_listen ? config->ota_listen : config->coap_listen;
         _cleanup_(ota_freep) Ota *ota = NULL;
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
         socklen_t sl;
         unsigned flags = MHD_USE_EPOLL | MHD_USE_TLS | MHD_USE_ERROR_LOG;
-        int r;
+        int r, rc;
 
         ota = calloc(1, sizeof(*ota));
         if (!ota)
                 return log_error_errno(-ENOMEM, "Out of memory.");
         ota->event = event;
         ota->config = config;
+        ota->store = store;
         ota->journal = journal;
         ota->devices = devices;
         ota->events = events;
         ota->hooks = *hooks;
         ota->running = true;
+        r = store_migrate(store, "ota", ota_schema, ELEMENTSOF(ota_schema));
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the OTA jobs in the cloud database.");
+        rc = sqlite3_prepare_v3(
+                store_db(store),
+                "INSERT INTO ota_jobs (id, device, package, version, state, code, reason, bytes, total, seq, "
+                "device_seq, closed, final_seq, history, created_at, updated_at, manifest) "
+                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, code = excluded.code, "
+                "reason = excluded.reason, bytes = excluded.bytes, total = excluded.total, seq = excluded.seq, "
+                "device_seq = excluded.device_seq, closed = excluded.closed, final_seq = excluded.final_seq, "
+                "history = excluded.history, updated_at = excluded.updated_at, manifest = excluded.manifest",
+                -1, SQLITE_PREPARE_PERSISTENT, &ota->stmt_save, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_prepare_v3(store_db(store), "DELETE FROM ota_jobs WHERE id = ?1", -1,
+                                        SQLITE_PREPARE_PERSISTENT, &ota->stmt_delete, NULL);
+        if (rc != SQLITE_OK)
+                return store_error(store, rc, "preparing the OTA jobs' statements");
+        r = ota_load(ota);
+        if (r < 0)
+                return r;
+        r = sd_event_add_defer(event, &ota->resend_defer, resend_defer_cb, ota);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_OFF);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add an OTA event source: %m");
         if (!config->ota_dir) {
                 *ret_port = 0;
                 *ret = TAKE_PTR(ota);
@@ -1206,6 +1553,7 @@ int ota_new(sd_event *event, const CloudConfig *config, Journal *journal, Device
         r = make_dir(config->ota_dir);
         if (r < 0)
                 return log_error_errno(r, "Cannot create [OTA] ArtifactDirectory= '%s': %m", config->ota_dir);
+        remove_stale_uploads(ota);
         if (!MHD_is_feature_supported(MHD_FEATURE_TLS))
                 return log_error_errno(-EOPNOTSUPP, "libmicrohttpd was built without TLS: cannot serve OTA artifacts.");
         if ((r = read_pem(config->key_file, &ota->key_pem)) < 0 || (r = read_pem(config->cert_file, &ota->cert_pem)) < 0 ||

@@ -7,9 +7,16 @@
  * [OTA] ArtifactDirectory= is set, the HTTPS artifact server for devices
  * (a second libmicrohttpd daemon, client certificates from the device CA).
  *
+ * Jobs persist in the Store (table ota_jobs): every change is written in
+ * the Store's batch; a new job is committed before the API answers and a
+ * final state before the device is told it arrived. After a restart the
+ * jobs are back with their history, reports go on where they were, and a
+ * job still "sent" (the device had not answered) is sent again when its
+ * device connects.
+ *
  * An Ota object owns its jobs, the artifact server with its event
  * sources and TLS material, and the timers of waiting requests. It calls
- * Devices, Events and the Journal directly; the one thing it needs from
+ * Devices, Events, the Journal and the Store directly; the one thing it needs from
  * the HTTP API (run it after resuming one of its requests) goes through
  * OtaHooks, which the Cloud object implements (cloud.c), so it does not
  * include api.h. Errors are negative errno values; ret_* parameters are
@@ -26,6 +33,7 @@
 #include "devices.h"
 #include "events.h"
 #include "journal.h"
+#include "store.h"
 
 struct MHD_Connection;
 
@@ -40,13 +48,15 @@ typedef struct OtaHooks {
         void (*kick_api)(void *userdata);
 } OtaHooks;
 
-/* Make the OTA object and, when [OTA] ArtifactDirectory= is set, start
- * artifact hosting (HTTPS with client certificates); *ret_port is its
- * port, 0 when off. event, config, journal, devices and events are
+/* Make the OTA object, with the jobs kept in store (its own tables,
+ * store_migrate() component "ota"), and, when [OTA] ArtifactDirectory= is
+ * set, start artifact hosting (HTTPS with client certificates) after
+ * removing uploads a stopped cloud left unfinished; *ret_port is its
+ * port, 0 when off. event, config, store, journal, devices and events are
  * borrowed and must outlive the Ota; hooks is copied. Logs what failed;
  * *ret is the caller's (ota_free()). */
-int ota_new(sd_event *event, const CloudConfig *config, Journal *journal, Devices *devices, Events *events,
-            const OtaHooks *hooks, unsigned *ret_port, Ota **ret);
+int ota_new(sd_event *event, const CloudConfig *config, Store *store, Journal *journal, Devices *devices,
+            Events *events, const OtaHooks *hooks, unsigned *ret_port, Ota **ret);
 /* Resume every waiting request, stop the artifact server and forget every
  * job (a device call still pending for a job is cancelled). Free the Api
  * first: its requests hold OtaRequests. NULL is fine; returns NULL. */
@@ -72,6 +82,10 @@ void ota_api_shutdown(Ota *ota);
  * status and sets *ret_body (a new JSON object, the caller's; NULL on
  * OOM). */
 unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body);
+/* d is online (its session is bound): the update request of a job that
+ * was "sent" when the cloud stopped, before the device answered, goes to
+ * it again (from a defer on the loop). */
+void ota_device_online(Ota *ota, Device *d);
 /* A device's request on /o/JOB (a status report): fills response. Only
  * for an existing job of that device (4.04 unknown, 4.03 another
  * device's: nothing changes, no job is made or forgotten). A report that

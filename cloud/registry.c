@@ -46,6 +46,11 @@ static const char *const registry_schema[] = {
         "ALTER TABLE devices ADD COLUMN cert_pubkey TEXT;"
         "ALTER TABLE devices ADD COLUMN cert_issuer TEXT;"
         "ALTER TABLE devices ADD COLUMN cert_newest_not_before INTEGER;",
+        /* The device's last describe document (its GET /d answer, compact
+         * JSON with sorted keys, as proto_describe_decode() accepted it),
+         * so that an offline device still shows what it offers after a
+         * restart; NULL until it answered one. */
+        "ALTER TABLE devices ADD COLUMN describe TEXT;",
 };
 
 enum {
@@ -59,6 +64,7 @@ enum {
         STMT_RENEWED,
         STMT_TAGS,
         STMT_TAGGED,
+        STMT_DESCRIBED,
         _STMT_MAX,
 };
 
@@ -125,6 +131,7 @@ static const char *const registry_sql[_STMT_MAX] = {
                         "json_each(CASE WHEN json_valid(d.tags) THEN d.tags ELSE '{}' END) AS t "
                         "WHERE t.key = m.value ->> 0 AND t.type = 'text' "
                         "AND (m.value ->> 1 IS NULL OR t.value = m.value ->> 1)) ORDER BY d.rowid",
+        [STMT_DESCRIBED] = "UPDATE devices SET describe = ?2 WHERE id = ?1",
 };
 
 struct Registry {
@@ -256,6 +263,21 @@ int registry_connected(Registry *reg, const TlsPeer *peer, const char *address) 
         if (rc == SQLITE_OK)
                 rc = bind_text(st, 9, peer->issuer[0] ? peer->issuer : NULL);
         return registry_step(reg, st, rc, "recording a connection in the device registry");
+}
+
+int registry_described(Registry *reg, const char *id, const char *describe) {
+        sqlite3_stmt *st = reg->stmt[STMT_DESCRIBED];
+        bool too_big = strlen(describe) > REGISTRY_DESCRIBE_MAX;
+        int rc, r;
+
+        r = store_batch(reg->store);
+        if (r < 0)
+                return r;
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 2, too_big ? NULL : describe);
+        r = registry_step(reg, st, rc, "recording a describe document in the device registry");
+        return r < 0 ? r : too_big ? -E2BIG : 0;
 }
 
 int registry_disconnected(Registry *reg, const char *id, uint64_t last_heard_usec) {
@@ -599,10 +621,11 @@ int registry_foreach(Registry *reg, registry_foreach_fn fn, void *userdata) {
         int rc;
 
         rc = sqlite3_prepare_v2(store_db(reg->store),
-                                "SELECT id, last_heard_usec, last_address FROM devices ORDER BY rowid", -1, &st, NULL);
+                                "SELECT id, last_heard_usec, last_address, describe FROM devices ORDER BY rowid", -1,
+                                &st, NULL);
         while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
                 fn(userdata, (const char *)sqlite3_column_text(st, 0), (uint64_t)sqlite3_column_int64(st, 1),
-                   (const char *)sqlite3_column_text(st, 2));
+                   (const char *)sqlite3_column_text(st, 2), (const char *)sqlite3_column_text(st, 3));
                 rc = SQLITE_OK;
         }
         sqlite3_finalize(st);

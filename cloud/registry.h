@@ -4,8 +4,8 @@
  * steps, store_migrate()): when it was registered and by whom, its first
  * and last connection, its last address and when it was last heard, the
  * serial, SHA-256 fingerprint and expiry of the certificate it last
- * connected with, and its status (active, or revoked with reason, time
- * and actor).
+ * connected with, its last describe document, and its status (active, or
+ * revoked with reason, time and actor).
  *
  * The registry decides who may connect (registry_check(), run inside the
  * TLS handshake through the Devices' peer check): a revoked device never,
@@ -63,6 +63,13 @@ int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reas
  * text): record the time, address and certificate, registering it if it
  * is new. Joins the Store's batch. */
 int registry_connected(Registry *reg, const TlsPeer *peer, const char *address);
+/* The device answered a describe document (JSON text) different from
+ * the one recorded: keep it (shown for the device while it is offline,
+ * also after a restart). Joins the batch. A document longer than
+ * REGISTRY_DESCRIBE_MAX bytes is not kept: the one recorded is cleared
+ * and -E2BIG returned. */
+#define REGISTRY_DESCRIBE_MAX (64 * 1024)
+int registry_described(Registry *reg, const char *id, const char *describe);
 /* The device's session ended; it was last heard at last_heard_usec
  * (CLOCK_REALTIME µs). Joins the batch. */
 int registry_disconnected(Registry *reg, const char *id, uint64_t last_heard_usec);
@@ -142,8 +149,10 @@ typedef void (*registry_id_fn)(void *userdata, const char *id);
 int registry_foreach_tagged(Registry *reg, const char *match, registry_id_fn fn, void *userdata);
 
 /* Every device in the registry, in the order they were added: id, when
- * it was last heard (CLOCK_REALTIME µs, 0 if never) and its last address
- * (NULL if none); the strings are valid during the call only. */
+ * it was last heard (CLOCK_REALTIME µs, 0 if never), its last address
+ * (NULL if none) and its last describe document (JSON text as given to
+ * registry_described(), NULL if none; read back from the database, so
+ * check it before use); the strings are valid during the call only. */
 typedef void (*registry_foreach_fn)(void *userdata, const char *id, uint64_t last_heard_usec,
-                                    const char *last_address);
+                                    const char *last_address, const char *describe);
 int registry_foreach(Registry *reg, registry_foreach_fn fn, void *userdata);
