@@ -354,7 +354,7 @@ void replica_kick(Replica *r) {
 
 typedef struct ApplyContext {
         Replica *r;
-        bool own, export;
+        bool own;
         uint64_t seq;
         /* Changes whose conflict showed that the row already is as the
          * change would make it (an own changeset coming back). */
@@ -419,12 +419,6 @@ static int replica_conflict(void *userdata, int type, sqlite3_changeset_iter *it
         case SQLITE_CHANGESET_CONFLICT:
                 if (change_is_present(it)) {
                         ctx->confirmed++;
-                        return SQLITE_CHANGESET_OMIT;
-                }
-                if (type == SQLITE_CHANGESET_CONFLICT && ctx->export) {
-                        /* An export adds what the cluster lacks; a row the
-                         * cluster has stays as it is. */
-                        ctx->r->stats.omitted++;
                         return SQLITE_CHANGESET_OMIT;
                 }
                 ctx->r->stats.replaced++;
@@ -512,7 +506,7 @@ static int replica_save_seq(Replica *r, uint64_t seq) {
 }
 
 static void replica_apply(Replica *r, const char *node, const void *data, int len, bool export, uint64_t seq) {
-        ApplyContext ctx = { .r = r, .own = streq(node, r->node), .export = export, .seq = seq };
+        ApplyContext ctx = { .r = r, .own = streq(node, r->node), .seq = seq };
         size_t changes = 0;
         int rc, k;
 
@@ -531,6 +525,9 @@ static void replica_apply(Replica *r, const char *node, const void *data, int le
                                             &ctx);
                 (void)sqlite3session_enable(r->session, 1);
         }
+        if (rc == SQLITE_OK && export && !ctx.own)
+                log_info("Cluster state: applied rows node '%s' held before it joined (stream sequence %" PRIu64 ").",
+                         node, seq);
         if (rc != SQLITE_OK) {
                 /* sqlite3changeset_apply() rolled its savepoint back. */
                 r->stats.failed++;

@@ -37,10 +37,11 @@
  * Joining. A database that holds rows of a replicated table the stream
  * never had from it (a single node becoming a cluster, a table newly
  * replicated, a stream that was deleted and made anew) publishes them once,
- * as an export: changesets of the rows as INSERTs, queued in the outbox in
- * the transaction that records the export, whose conflicts are resolved
- * the other way (a row the cluster has already stays as the cluster has
- * it).
+ * as an export (header Tether-Export: 1): changesets of the rows as
+ * INSERTs, queued in the outbox in the transaction that records the
+ * export. They are applied like any other changeset: where the cluster
+ * has a row of the same key, the exported row replaces it, on every node
+ * (the joining node too, once its export comes back from the stream).
  *
  * Used from the loop's thread only. Errors are negative errno values;
  * ret_* parameters are untouched on failure. */
