@@ -25,6 +25,7 @@ static const char *const replica_tables[] = {
         "devices",          /* registry.c */
         "tokens",           /* tokens.c */
         "provision_tokens", /* provision.c */
+        "ota_jobs",         /* ota.c */
 };
 
 /* A batch whose changeset may be larger is committed before more joins it

@@ -154,6 +154,7 @@ static const char *const test_schema[] = {
         "CREATE TABLE devices (id TEXT PRIMARY KEY NOT NULL, a TEXT, b TEXT, n INTEGER);"
         "CREATE TABLE tokens (id TEXT PRIMARY KEY, revoked INTEGER);"
         "CREATE TABLE provision_tokens (id TEXT PRIMARY KEY, uses INTEGER NOT NULL DEFAULT 0);"
+        "CREATE TABLE ota_jobs (id TEXT PRIMARY KEY NOT NULL, state TEXT);"
         "CREATE TABLE local_only (id TEXT PRIMARY KEY, v TEXT);",
 };
 
@@ -350,12 +351,22 @@ static void test_change_shows_elsewhere(void **state) {
         commit(b, "UPDATE tokens SET revoked = 42 WHERE id = 't1'");
         commit(b, "INSERT INTO provision_tokens (id) VALUES ('p1')");
         commit(b, "DELETE FROM provision_tokens WHERE id = 'p1'");
+        commit(b, "INSERT INTO ota_jobs (id, state) VALUES ('j1', 'sent')");
+        commit(b, "UPDATE ota_jobs SET state = 'done' WHERE id = 'j1'");
         settle(f);
-        assert_int_equal(stream_last_seq(f), 6);
+        assert_int_equal(stream_last_seq(f), 8);
+        assert_dump(a, "SELECT id, state FROM ota_jobs", "j1|done;");
+        assert_int_equal(a->applied, 7);
+        commit(b, "DELETE FROM provision_tokens WHERE id = 'none'"); /* nothing changed: nothing published */
+        commit(b, "UPDATE tokens SET revoked = 42 WHERE id = 't1'");
+        commit(b, "INSERT INTO provision_tokens (id) VALUES ('p2')");
+        commit(b, "DELETE FROM provision_tokens WHERE id = 'p2'");
+        settle(f);
+        assert_int_equal(stream_last_seq(f), 10);
         assert_dump(a, ALL_DEVICES, "d1|x|y|1;");
         assert_dump(a, "SELECT id, revoked FROM tokens", "t1|42;");
         assert_dump(a, "SELECT count(*) FROM provision_tokens", "0;");
-        assert_int_equal(a->applied, 5);
+        assert_int_equal(a->applied, 9);
         assert_string_equal(a->last_table, "provision_tokens");
         assert_int_equal(a->last_op, REPLICA_DELETE);
 
@@ -363,9 +374,9 @@ static void test_change_shows_elsewhere(void **state) {
         exec(a, "INSERT INTO devices (id, n) VALUES ('d2', 2)");
         exec(a, "INSERT INTO devices (id, n) VALUES ('d3', 3)");
         exec(a, "UPDATE devices SET n = 33 WHERE id = 'd3'");
-        wait_stream(f, 7); /* the batch timer commits */
+        wait_stream(f, 11); /* the batch timer commits */
         settle(f);
-        assert_int_equal(stream_last_seq(f), 7);
+        assert_int_equal(stream_last_seq(f), 11);
         assert_dump(b, ALL_DEVICES, "d1|x|y|1;d2|NULL|NULL|2;d3|NULL|NULL|33;");
 }
 
