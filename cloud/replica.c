@@ -923,13 +923,16 @@ static bool node_valid(const char *node) {
 Replica *replica_free(Replica *r) {
         if (!r)
                 return NULL;
+        /* Nothing is published from here on (the loop may be gone): an
+         * unacknowledged changeset stays in the outbox for the next run. */
+        bus_request_cancel(r->in_flight);
+        r->in_flight = NULL;
+        r->bus = NULL;
         if (r->attached) {
-                /* The last batch's changeset into the outbox: published by
-                 * the next run if not now. */
+                /* The last batch's changeset into the outbox. */
                 (void)store_commit(r->store);
                 store_set_hooks(r->store, NULL);
         }
-        bus_request_cancel(r->in_flight);
         bus_sub_free(r->follow);
         sd_event_source_disable_unref(r->retry);
         if (r->session)
