@@ -11,7 +11,8 @@
  * from before it joined exports them (and they replace the cluster's of
  * the same key, on every node); a changeset whose acknowledgement was lost (the Replica freed
  * with it in flight) is published again from the outbox and stored once;
- * changesets touching other tables are ignored. Exits 77 without
+ * changesets touching other tables are ignored; a batch larger than a
+ * changeset may be is committed in parts. Exits 77 without
  * nats-server. */
 /* The session extension's declarations, for a changeset made by hand. */
 #define SQLITE_ENABLE_SESSION 1
@@ -378,6 +379,19 @@ static void test_change_shows_elsewhere(void **state) {
         settle(f);
         assert_int_equal(stream_last_seq(f), 11);
         assert_dump(b, ALL_DEVICES, "d1|x|y|1;d2|NULL|NULL|2;d3|NULL|NULL|33;");
+
+        /* A batch that grows past the changeset limit is committed early:
+         * several changesets, each within NATS's max_payload. */
+        for (unsigned i = 0; i < 400; i++) {
+                char sql[128];
+
+                snprintf(sql, sizeof(sql), "INSERT INTO devices (id, a) VALUES ('big%u', hex(randomblob(512)))", i);
+                exec(a, sql);
+        }
+        assert_int_equal(store_commit(a->store), 0);
+        settle(f);
+        assert_true(stream_last_seq(f) >= 13);
+        assert_dump(b, "SELECT count(*) FROM devices WHERE id LIKE 'big%'", "400;");
 }
 
 static void test_concurrent(void **state) {
