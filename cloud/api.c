@@ -1093,6 +1093,18 @@ unsigned api_end_revoked_streams(Api *api) {
         return n;
 }
 
+void api_token_changed(Api *api, const char *id) {
+        unsigned n;
+        int r;
+
+        r = tokens_refresh(api->tokens, id);
+        if (r < 0)
+                log_warning_errno(r, "Cannot read the API token '%s' another node changed: %m", id);
+        n = api_end_revoked_streams(api);
+        if (n > 0)
+                log_info("Closed %u event stream(s) whose token was revoked on another node.", n);
+}
+
 static int api_keepalive_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Api *api = userdata;
         unsigned n;

@@ -54,6 +54,10 @@ void api_deliver_event(Api *api, const ProtoEvent *e, uint64_t id);
  * of the token files, a revocation through the API, its expiry): cleanly,
  * after what is already queued for it. Returns how many were ended. */
 unsigned api_end_revoked_streams(Api *api);
+/* The API token id changed in the database under the Api (another node of
+ * the cluster created, used or revoked it): the Api's tokens learn it, and
+ * event streams of a revoked one end. */
+void api_token_changed(Api *api, const char *id);
 /* Run the HTTP server soon (after resuming a connection from outside). */
 void api_kick(Api *api);
 

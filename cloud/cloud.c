@@ -19,6 +19,7 @@
 #include "ota.h"
 #include "provision.h"
 #include "registry.h"
+#include "replica.h"
 #include "stats.h"
 #include "store.h"
 #include "util.h"
@@ -40,6 +41,7 @@ struct Cloud {
         /* Cluster mode ([Cluster] NATS=): NULL on a single node. */
         Bus *bus;
         Cluster *cluster;
+        Replica *replica;
         unsigned coap_port, api_port, ota_port;
 };
 
@@ -265,6 +267,49 @@ static void cloud_kick_api(void *userdata) {
         api_kick(c->api);
 }
 
+/* ---- ReplicaHooks, BusHooks: the cluster's state towards the modules --------- */
+
+/* A device row another node changed: a revoked device's session here
+ * closes (its next handshake is refused by registry_check(), which reads
+ * the table); a new one is listed. The revoking node published the event. */
+static void cloud_device_replicated(Cloud *c, const char *id) {
+        RegistryIdentity ident;
+        Device *d;
+
+        if (registry_identity(c->registry, id, &ident) < 0 || !ident.known)
+                return;
+        d = devices_find(c->devices, id);
+        if (!d && !(d = devices_add(c->devices, id, 0, NULL))) {
+                log_warning("Out of memory listing device '%s'.", id);
+                return;
+        }
+        if (ident.revoked && device_connected(d)) {
+                log_notice("Device '%s' was revoked on another node%s%s%s; closing its session.", id,
+                           ident.revoked_reason[0] ? " (" : "", ident.revoked_reason,
+                           ident.revoked_reason[0] ? ")" : "");
+                device_disconnect(d, "revoked");
+        }
+}
+
+static void cloud_replica_applied(void *userdata, const char *table, ReplicaOp op, const char *key) {
+        Cloud *c = userdata;
+
+        if (streq(table, "devices"))
+                cloud_device_replicated(c, key);
+        else if (streq(table, "tokens"))
+                api_token_changed(c->api, key);
+        /* provision_tokens: read from the table on every use. ota_jobs:
+         * the Ota keeps its jobs in memory; a job changed on another node
+         * shows here after a restart. */
+}
+
+static void cloud_bus_connection(void *userdata, bool up) {
+        Cloud *c = userdata;
+
+        if (up && c->replica)
+                replica_kick(c->replica);
+}
+
 /* ---- signals -------------------------------------------------------------- */
 
 static int cloud_signal_cb(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
@@ -303,6 +348,7 @@ Cloud *cloud_free(Cloud *c) {
         /* Users first (they hold calls to devices; the Api's requests hold
          * the Ota's), then devices (whose sessions hold subscriptions), then
          * events and the journal. */
+        c->replica = replica_free(c->replica);
         c->api = api_free(c->api);
         c->ota = ota_free(c->ota);
         c->devices = devices_free(c->devices);
@@ -311,8 +357,8 @@ Cloud *cloud_free(Cloud *c) {
         c->provision = provision_free(c->provision);
         c->events = events_free(c->events);
         c->cluster = cluster_free(c->cluster);
-        c->bus = bus_free(c->bus);
         c->journal = journal_free(c->journal);
+        c->bus = bus_free(c->bus);
         c->store = store_free(c->store);
         stats_done();
         sd_event_unref(c->event);
@@ -339,7 +385,12 @@ static int cloud_join_cluster(Cloud *c) {
         };
         int r;
 
-        r = bus_new(c->event, &bc, &(BusHooks){ .userdata = c }, &c->bus);
+        r = bus_new(c->event, &bc, &(BusHooks){ .userdata = c, .connection = cloud_bus_connection }, &c->bus);
+        if (r < 0)
+                return r;
+        /* After every module made its tables. */
+        r = replica_new(c->event, c->store, c->bus, config->cluster_node, config->cluster_replicas,
+                        &(ReplicaHooks){ .userdata = c, .applied = cloud_replica_applied }, &c->replica);
         if (r < 0)
                 return r;
         r = cluster_new(c->event, config, c->bus, &ch, &c->cluster);

@@ -18,6 +18,7 @@ struct Store {
         sd_event_source *prune_timer;
         uint64_t audit_max_records;
         unsigned audit_max_days;
+        StoreHooks hooks;
 };
 
 #define STORE_PRUNE_USEC (60 * 1000000ULL)
@@ -49,12 +50,30 @@ static int store_exec(Store *s, const char *sql, const char *what) {
         return rc == SQLITE_OK ? 0 : store_error(s, rc, what);
 }
 
+void store_set_hooks(Store *s, const StoreHooks *hooks) {
+        s->hooks = hooks ? *hooks : (StoreHooks){};
+}
+
 int store_commit(Store *s) {
+        int r;
+
         if (!s->in_batch)
                 return 0;
+        if (s->hooks.committing) {
+                r = s->hooks.committing(s->hooks.userdata);
+                if (r < 0) {
+                        /* Open still: the timer tries again. */
+                        (void)sd_event_source_set_time_relative(s->batch_timer, STORE_BATCH_MSEC * 1000ULL);
+                        (void)sd_event_source_set_enabled(s->batch_timer, SD_EVENT_ONESHOT);
+                        return r;
+                }
+        }
         s->in_batch = false;
         (void)sd_event_source_set_enabled(s->batch_timer, SD_EVENT_OFF);
-        return store_exec(s, "COMMIT", "committing");
+        r = store_exec(s, "COMMIT", "committing");
+        if (s->hooks.committed)
+                s->hooks.committed(s->hooks.userdata, r);
+        return r;
 }
 
 static int store_batch_cb(sd_event_source *src, uint64_t usec, void *userdata) {
@@ -65,8 +84,13 @@ static int store_batch_cb(sd_event_source *src, uint64_t usec, void *userdata) {
 int store_batch(Store *s) {
         int r;
 
-        if (s->in_batch)
-                return 0;
+        if (s->in_batch) {
+                if (!s->hooks.batch_full || !s->hooks.batch_full(s->hooks.userdata))
+                        return 0;
+                r = store_commit(s);
+                if (r < 0)
+                        return r;
+        }
         r = store_exec(s, "BEGIN", "starting a transaction");
         if (r < 0)
                 return r;

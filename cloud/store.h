@@ -20,6 +20,7 @@
 
 #include <jansson.h>
 #include <sqlite3.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <systemd/sd-event.h>
 
@@ -49,6 +50,29 @@ int store_migrate(Store *s, const char *component, const char *const *steps, siz
 int store_batch(Store *s);
 /* Commit the batch now, if one is open. */
 int store_commit(Store *s);
+/* What a Store tells the one module that watches its commits (the
+ * Replica, replica.h: it records the changes of the replicated tables
+ * with a session object and queues each commit's changeset). */
+typedef struct StoreHooks {
+        void *userdata;
+        /* The batch is about to be committed (store_commit(), the batch
+         * timer): runs inside its transaction, so what it writes commits
+         * with it, atomically. A negative errno: nothing is committed now;
+         * the batch stays open and is committed by the next store_commit()
+         * or the timer. */
+        int (*committing)(void *userdata);
+        /* The COMMIT ran: result 0, or its error (SQLite may have rolled
+         * the transaction back: sqlite3_get_autocommit() tells). */
+        void (*committed)(void *userdata, int result);
+        /* Whether the open batch holds enough that it should be committed
+         * before more joins it: store_batch() then commits it and opens a
+         * new one (a statement that joins one batch after another such
+         * call is then in the next transaction). May be NULL. */
+        bool (*batch_full)(void *userdata);
+} StoreHooks;
+/* Attach hooks (copied), or detach them (NULL). */
+void store_set_hooks(Store *s, const StoreHooks *hooks);
+
 /* Log SQLite's message for a failed statement and return -EIO (-ENOMEM,
  * -ENOSPC, -EBUSY where SQLite says so). what names the statement. */
 int store_error(Store *s, int sqlite_code, const char *what);

@@ -208,64 +208,76 @@ static int64_t column_time(sqlite3_stmt *st, int i) {
         return sqlite3_column_type(st, i) == SQLITE_NULL ? 0 : (int64_t)sqlite3_column_int64(st, i);
 }
 
+#define TOKENS_COLUMNS "id, digest, name, scopes, devices, tags, created, expires, last_used, revoked, created_by"
+
+/* A Token from a row of TOKENS_COLUMNS: 0 and *ret, -EBADMSG for a
+ * malformed row (logged), -ENOMEM. */
+static int token_from_row(sqlite3_stmt *st, Token **ret) {
+        const char *id = (const char *)sqlite3_column_text(st, 0);
+        const void *digest = sqlite3_column_blob(st, 1);
+        const char *scopes = (const char *)sqlite3_column_text(st, 3);
+        const char *by = (const char *)sqlite3_column_text(st, 10);
+        Token *k;
+
+        if (!id || strlen(id) != TOKENS_ID_BYTES * 2 || !digest ||
+            sqlite3_column_bytes(st, 1) != CONFIG_TOKEN_DIGEST_SIZE) {
+                log_warning("Cloud database: skipping a malformed API token record.");
+                return -EBADMSG;
+        }
+        k = calloc(1, sizeof(*k));
+        if (!k)
+                return -ENOMEM;
+        memcpy(k->id, id, sizeof(k->id));
+        memcpy(k->digest, digest, CONFIG_TOKEN_DIGEST_SIZE);
+        k->name = strdup((const char *)sqlite3_column_text(st, 2) ?: "");
+        k->created_by = by ? strdup(by) : NULL;
+        /* Scopes by name: one this program does not know (a newer
+         * one wrote it) is not granted. */
+        for (const char *s = scopes ?: ""; *s;) {
+                size_t n = strcspn(s, " ");
+                unsigned bit;
+
+                if (n > 0 && scope_parse(s, n, &bit) == 0)
+                        k->scopes |= bit;
+                else if (n > 0)
+                        log_warning("Cloud database: API token '%s' has the unknown scope '%.*s'; "
+                                    "it is not granted.",
+                                    k->id, (int)n, s);
+                s += n;
+                s += strspn(s, " ");
+        }
+        k->created = column_time(st, 6);
+        k->expires = column_time(st, 7);
+        k->last_used = k->last_used_stored = column_time(st, 8);
+        k->revoked = column_time(st, 9);
+        if (!k->name || (by && !k->created_by) ||
+            strv_from_json_text((const char *)sqlite3_column_text(st, 4), &k->devices, &k->n_devices) < 0 ||
+            strv_from_json_text((const char *)sqlite3_column_text(st, 5), &k->tags, &k->n_tags) < 0 ||
+            token_tag_match(k) < 0) {
+                token_free(k);
+                return -ENOMEM;
+        }
+        *ret = k;
+        return 0;
+}
+
 static int tokens_load(Tokens *t) {
         sqlite3 *db = store_db(t->store);
         sqlite3_stmt *st = NULL;
         int rc, r = 0;
 
-        rc = sqlite3_prepare_v2(db,
-                                "SELECT id, digest, name, scopes, devices, tags, created, expires, last_used, "
-                                "revoked, created_by FROM tokens ORDER BY rowid",
-                                -1, &st, NULL);
+        rc = sqlite3_prepare_v2(db, "SELECT " TOKENS_COLUMNS " FROM tokens ORDER BY rowid", -1, &st, NULL);
         while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-                const char *id = (const char *)sqlite3_column_text(st, 0);
-                const void *digest = sqlite3_column_blob(st, 1);
-                const char *scopes = (const char *)sqlite3_column_text(st, 3);
-                const char *by = (const char *)sqlite3_column_text(st, 10);
                 Token *k;
 
                 rc = SQLITE_OK;
-                if (!id || strlen(id) != TOKENS_ID_BYTES * 2 || !digest ||
-                    sqlite3_column_bytes(st, 1) != CONFIG_TOKEN_DIGEST_SIZE) {
-                        log_warning("Cloud database: skipping a malformed API token record.");
+                r = token_from_row(st, &k);
+                if (r == -EBADMSG) {
+                        r = 0;
                         continue;
                 }
-                k = calloc(1, sizeof(*k));
-                if (!k) {
-                        r = -ENOMEM;
+                if (r < 0)
                         break;
-                }
-                memcpy(k->id, id, sizeof(k->id));
-                memcpy(k->digest, digest, CONFIG_TOKEN_DIGEST_SIZE);
-                k->name = strdup((const char *)sqlite3_column_text(st, 2) ?: "");
-                k->created_by = by ? strdup(by) : NULL;
-                /* Scopes by name: one this program does not know (a newer
-                 * one wrote it) is not granted. */
-                for (const char *s = scopes ?: ""; *s;) {
-                        size_t n = strcspn(s, " ");
-                        unsigned bit;
-
-                        if (n > 0 && scope_parse(s, n, &bit) == 0)
-                                k->scopes |= bit;
-                        else if (n > 0)
-                                log_warning("Cloud database: API token '%s' has the unknown scope '%.*s'; "
-                                            "it is not granted.",
-                                            k->id, (int)n, s);
-                        s += n;
-                        s += strspn(s, " ");
-                }
-                k->created = column_time(st, 6);
-                k->expires = column_time(st, 7);
-                k->last_used = k->last_used_stored = column_time(st, 8);
-                k->revoked = column_time(st, 9);
-                if (!k->name || (by && !k->created_by) ||
-                    strv_from_json_text((const char *)sqlite3_column_text(st, 4), &k->devices, &k->n_devices) < 0 ||
-                    strv_from_json_text((const char *)sqlite3_column_text(st, 5), &k->tags, &k->n_tags) < 0 ||
-                    token_tag_match(k) < 0) {
-                        token_free(k);
-                        r = -ENOMEM;
-                        break;
-                }
                 r = tokens_add(t, k);
                 if (r < 0)
                         break;
@@ -683,4 +695,44 @@ int tokens_revoke(Tokens *t, const char *id) {
          * with the next batch). */
         k->revoked = now;
         return store_commit(t->store);
+}
+
+int tokens_refresh(Tokens *t, const char *id) {
+        Token *k = tokens_find_id(t, id), *n = NULL;
+        sqlite3_stmt *st = NULL;
+        int rc, r = 0;
+
+        rc = sqlite3_prepare_v2(store_db(t->store), "SELECT " TOKENS_COLUMNS " FROM tokens WHERE id = ?", -1, &st,
+                                NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                rc = SQLITE_DONE;
+                if (k) {
+                        /* What may change of a token: the rest is fixed at
+                         * its creation (and borrowed by TokenAuths). */
+                        int64_t used = column_time(st, 8);
+
+                        k->revoked = column_time(st, 9);
+                        k->expires = column_time(st, 7);
+                        if (used > k->last_used)
+                                k->last_used = used;
+                        if (used > k->last_used_stored)
+                                k->last_used_stored = used;
+                } else {
+                        r = token_from_row(st, &n);
+                        if (r == 0 && tokens_find_digest(t, n->digest)) {
+                                token_free(n);
+                                r = -EEXIST;
+                        } else if (r == 0)
+                                r = tokens_add(t, n);
+                }
+        } else if (rc == SQLITE_DONE && k && !k->revoked)
+                /* Gone from the table: refused from now on (the record
+                 * stays, TokenAuths may point to it). */
+                k->revoked = tokens_now();
+        sqlite3_finalize(st);
+        if (rc != SQLITE_DONE)
+                return store_error(t->store, rc, "reading an API token");
+        return r == -EBADMSG || r == -EEXIST ? 0 : r;
 }

@@ -133,6 +133,12 @@ typedef struct TokenSpec {
 int tokens_create(Tokens *t, const TokenSpec *spec, char **ret_secret, json_t **ret_json);
 /* Revoke by id: 0; -ENOENT unknown; -EALREADY already revoked. */
 int tokens_revoke(Tokens *t, const char *id);
+/* The row of token id changed under the Tokens (another node of the
+ * cluster changed it, replica.h): take its revocation, expiry and last
+ * use, or load it if it is new here; a row that is gone counts as
+ * revoked. A TokenAuth of it sees the change at once (tokens_recheck()).
+ * 0, -ENOMEM or -EIO. */
+int tokens_refresh(Tokens *t, const char *id);
 /* Every database token, oldest first, without secrets or digests: a new
  * JSON array of {"id","name","scopes","devices","tags","created_at",
  * "expires_at","last_used_at","revoked_at","created_by","state"}. */
