@@ -110,4 +110,4 @@ def test_failover(w):
 
 
 if __name__ == "__main__":
-    run([test_call_through_other_node, test_failover])
+    sys.exit(run([test_call_through_other_node, test_failover]))
