@@ -26,7 +26,10 @@ static uint64_t realtime_usec(void) {
 typedef struct Presence {
         struct Presence *next;
         char node[CLUSTER_NODE_MAX + 1];
+        /* The bucket's revision of the entry, 0 for this node's own put
+         * before the watch brought it back. */
         uint64_t revision;
+        bool held; /* the device's session is on this node */
         char id[];
 } Presence;
 
@@ -249,6 +252,7 @@ static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) 
 
 static void cluster_put_own(Cluster *c, const char *device, const char *address) {
         _cleanup_free_ char *text = NULL;
+        Presence *p;
         json_t *j;
 
         j = json_pack("{s:s, s:I, s:s?}", "node", c->node, "since", (json_int_t)realtime_usec(), "address", address);
@@ -257,7 +261,11 @@ static void cluster_put_own(Cluster *c, const char *device, const char *address)
         if (!text || bus_kv_put(c->bus, CLUSTER_PRESENCE_BUCKET, device, text, strlen(text)) < 0)
                 log_warning("Cannot record in the cluster that device '%s' is on this node.", device);
         /* Ours at once: the watch confirms it later. */
-        (void)presence_set(c, device, c->node, 0);
+        p = presence_set(c, device, c->node, 0);
+        if (p)
+                p->held = true;
+        else
+                log_warning("Out of memory recording where device '%s' is.", device);
 }
 
 static void cluster_presence_update(void *userdata, const char *key, const void *value, size_t len,
@@ -266,21 +274,21 @@ static void cluster_presence_update(void *userdata, const char *key, const void 
         _cleanup_(json_decrefp) json_t *j = NULL;
         const char *node = NULL;
         Presence *before;
-        bool was_ours;
+        bool was_held;
 
         if (!key)
                 return;
         before = presence_find(c, key);
-        was_ours = before && streq(before->node, c->node);
+        was_held = before && before->held;
         if (value && len > 0) {
                 j = json_loadb(value, len, 0, NULL);
                 node = j ? json_string_value(json_object_get(j, "node")) : NULL;
         }
         if (!node || strlen(node) > CLUSTER_NODE_MAX) {
-                /* Deleted (or unreadable). If the device is here, someone
-                 * removed our entry after it moved away and back: put it
-                 * again. */
-                if (was_ours) {
+                /* Deleted (or unreadable). If the device is here, another
+                 * node removed an entry it thought its own after the
+                 * device moved here: put ours again. */
+                if (was_held) {
                         cluster_put_own(c, key, NULL);
                         return;
                 }
@@ -292,12 +300,18 @@ static void cluster_presence_update(void *userdata, const char *key, const void 
                 (void)presence_set(c, key, node, revision);
                 return;
         }
+        /* The watch brings entries in the bucket's order: another node's
+         * entry before our own put came back is older than ours. */
+        if (before && before->held && before->revision == 0)
+                return;
         if (!presence_set(c, key, node, revision)) {
                 log_warning("Out of memory recording where device '%s' is.", key);
                 return;
         }
-        if (was_ours)
+        if (was_held) {
+                presence_find(c, key)->held = false;
                 c->hooks.superseded(c->hooks.userdata, key, node);
+        }
         c->hooks.presence(c->hooks.userdata, key, node_alive(c, node) ? node : NULL);
 }
 
@@ -308,7 +322,10 @@ void cluster_device_bound(Cluster *c, const char *device, const char *address) {
 void cluster_device_gone(Cluster *c, const char *device) {
         Presence *p = presence_find(c, device);
 
-        if (!p || !streq(p->node, c->node))
+        if (!p)
+                return;
+        p->held = false;
+        if (!streq(p->node, c->node))
                 return; /* it is elsewhere now: that entry is not ours to delete */
         presence_remove(c, device);
         (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, device);
@@ -510,7 +527,7 @@ Cluster *cluster_free(Cluster *c) {
         for (size_t k = 0; k < c->n_buckets; k++)
                 for (Presence *p = c->buckets[k], *next; p; p = next) {
                         next = p->next;
-                        if (streq(p->node, c->node))
+                        if (p->held && streq(p->node, c->node))
                                 (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, p->id);
                         free(p);
                 }
