@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <limits.h>
@@ -173,11 +174,12 @@ enum {
         KEY_OVERFLOW,                 /* ConfigOverflow */
         KEY_BOOL,                     /* bool: yes/no, true/false, on/off, 1/0 */
         KEY_DEVICE_ID,                /* char *, a valid device ID */
+        KEY_HOSTS,                    /* char * as written, and Config's cloud_hosts (parse_hosts()) */
 };
 
 #define F(m) offsetof(Config, m)
 static const KeyfileKey keys[] = {
-        { "Cloud", "Host", KEYFILE_STRING, F(cloud_host), 0, 0 },
+        { "Cloud", "Host", KEY_HOSTS, F(cloud_host), 0, 0 },
         { "Cloud", "Port", KEYFILE_U16, F(cloud_port), 1, 65535 },
         { "Cloud", "CAFile", KEYFILE_STRING, F(ca_file), 0, 0 },
         { "Device", "Certificate", KEYFILE_STRING, F(cert_file), 0, 0 },
@@ -229,6 +231,114 @@ static const KeyfileKey keys[] = {
 };
 #undef F
 
+/* What a host name and an IPv6 zone may be made of. */
+#define HOST_CHARS "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._"
+
+/* An IPv6 address, with an optional "%zone" (an interface). */
+static bool is_ipv6(const char *s) {
+        const char *zone = strchr(s, '%');
+        size_t n = zone ? (size_t)(zone - s) : strlen(s);
+        char addr[64];
+        struct in6_addr a;
+
+        if (n >= sizeof(addr))
+                return false;
+        memcpy(addr, s, n);
+        addr[n] = 0;
+        if (inet_pton(AF_INET6, addr, &a) != 1)
+                return false;
+        return !zone || (zone[1] && strspn(zone + 1, HOST_CHARS) == strlen(zone + 1));
+}
+
+static int host_fail(KeyfileParser *p, const char *entry, const char *why) {
+        return keyfile_fail(p, -EINVAL,
+                            "invalid entry '%s' in Host=: %s (NAME, NAME:PORT, IPv4:PORT, [IPv6] or "
+                            "[IPv6]:PORT)",
+                            entry, why);
+}
+
+/* One entry of Host=: NAME, NAME:PORT, IPv4:PORT, [IPv6] or [IPv6]:PORT;
+ * also a bare IPv6 address when it is the only entry (alone), as Host=
+ * took before it could list several. Port 0: none given. 1, or
+ * keyfile_fail()'s 0 with the reason. */
+static int parse_host(KeyfileParser *p, const char *entry, bool alone, ConfigHost *ret) {
+        const char *name = entry, *port = NULL, *colon = strchr(entry, ':');
+        size_t n;
+        uint64_t v = 0;
+
+        if (entry[0] == '[') {
+                const char *end = strchr(entry, ']');
+
+                if (!end)
+                        return host_fail(p, entry, "'[' without ']'");
+                if (end[1] == ':')
+                        port = end + 2;
+                else if (end[1])
+                        return host_fail(p, entry, "only ':PORT' may follow ']'");
+                name = entry + 1;
+                n = (size_t)(end - name);
+                if (n > CONFIG_HOST_NAME_MAX)
+                        return host_fail(p, entry, "not an IPv6 address in brackets");
+                memcpy(ret->name, name, n);
+                ret->name[n] = 0;
+                if (!is_ipv6(ret->name))
+                        return host_fail(p, entry, "not an IPv6 address in brackets");
+        } else if (colon && strchr(colon + 1, ':')) {
+                if (!alone)
+                        return host_fail(p, entry,
+                                         "an IPv6 address goes in brackets when Host= lists several entries");
+                n = strlen(entry);
+                if (n > CONFIG_HOST_NAME_MAX || !is_ipv6(entry))
+                        return host_fail(p, entry, "neither a host name nor an IPv6 address");
+                memcpy(ret->name, entry, n + 1);
+        } else {
+                n = colon ? (size_t)(colon - entry) : strlen(entry);
+                if (colon)
+                        port = colon + 1;
+                if (n == 0)
+                        return host_fail(p, entry, "no host name");
+                if (n > CONFIG_HOST_NAME_MAX)
+                        return host_fail(p, entry, "a host name is at most 253 bytes long");
+                if (strspn(entry, HOST_CHARS) < n)
+                        return host_fail(p, entry, "a host name has only letters, digits, '-', '.' and '_'");
+                memcpy(ret->name, entry, n);
+                ret->name[n] = 0;
+        }
+        if (port && (keyfile_parse_uint(port, 65535, &v) < 0 || v == 0))
+                return keyfile_fail(p, -EINVAL, "invalid port '%s' in Host= entry '%s' (1..65535)", port, entry);
+        ret->port = (uint16_t)v;
+        return 1;
+}
+
+/* [Cloud] Host=: one or more entries, separated by blanks or commas. The
+ * Config changes only if every entry is good. */
+static int parse_hosts(KeyfileParser *p, const char *value) {
+        Config *c = p->userdata;
+        ConfigHost hosts[CONFIG_HOSTS_MAX] = {};
+        char **v = split_words(value);
+        size_t n = 0;
+        int r = 1;
+
+        if (!v)
+                return keyfile_fail(p, -EINVAL, "out of memory");
+        while (v[n])
+                n++;
+        if (n == 0)
+                r = keyfile_fail(p, -EINVAL, "Host= must not be empty");
+        else if (n > CONFIG_HOSTS_MAX)
+                r = keyfile_fail(p, -EINVAL, "too many entries in Host= (%zu, at most %d)", n, CONFIG_HOSTS_MAX);
+        for (size_t i = 0; r > 0 && i < n; i++)
+                r = parse_host(p, v[i], n == 1, &hosts[i]);
+        strv_free(v);
+        if (r <= 0)
+                return r;
+        if (keyfile_set_string(&c->cloud_host, value) < 0)
+                return keyfile_fail(p, -EINVAL, "out of memory");
+        memcpy(c->cloud_hosts, hosts, sizeof(hosts));
+        c->n_cloud_hosts = n;
+        return 1;
+}
+
 static int apply_key(KeyfileParser *p, const KeyfileKey *k, const char *value) {
         void *field = (uint8_t *)p->userdata + k->offset;
         int r;
@@ -259,6 +369,8 @@ static int apply_key(KeyfileParser *p, const KeyfileKey *k, const char *value) {
                 if (keyfile_set_string((char **)field, value) < 0)
                         return keyfile_fail(p, -EINVAL, "out of memory");
                 return 1;
+        case KEY_HOSTS:
+                return parse_hosts(p, value);
         case KEY_WORDS: {
                 char **v = split_words(value);
                 if (!v)
@@ -429,6 +541,10 @@ int config_load(const char *path, Config **ret, char **ret_error) {
         r = load_dropins(c, path, ret_error);
         if (r < 0)
                 return r;
+        /* Port= may come after Host=, or in a later drop-in. */
+        for (size_t i = 0; i < c->n_cloud_hosts; i++)
+                if (c->cloud_hosts[i].port == 0)
+                        c->cloud_hosts[i].port = c->cloud_port;
         r = config_validate(c, path, ret_error);
         if (r < 0)
                 return r;
@@ -438,6 +554,29 @@ int config_load(const char *path, Config **ret, char **ret_error) {
 
 static bool str_eq0(const char *a, const char *b) {
         return (!a && !b) || (a && b && streq(a, b));
+}
+
+const char *config_host_text(const ConfigHost *h, char buf[static CONFIG_HOST_TEXT_MAX]) {
+        snprintf(buf, CONFIG_HOST_TEXT_MAX, strchr(h->name, ':') ? "[%s]:%u" : "%s:%u", h->name, h->port);
+        return buf;
+}
+
+const char *config_hosts_text(const Config *c, char *buf, size_t size) {
+        size_t len = 0;
+
+        if (size == 0)
+                return buf;
+        buf[0] = 0;
+        for (size_t i = 0; i < c->n_cloud_hosts && len < size; i++) {
+                char one[CONFIG_HOST_TEXT_MAX];
+                int n = snprintf(buf + len, size - len, "%s%s", i ? ", " : "",
+                                 config_host_text(&c->cloud_hosts[i], one));
+
+                if (n < 0)
+                        break;
+                len += (size_t)n;
+        }
+        return buf;
 }
 
 bool config_cloud_changed(const Config *a, const Config *b) {

@@ -19,6 +19,21 @@ typedef enum ConfigOverflow {
         CONFIG_OVERFLOW_DROP_OLDEST,
 } ConfigOverflow;
 
+/* [Cloud] Host= lists at most this many entries. */
+#define CONFIG_HOSTS_MAX 8
+/* The longest name of an entry (a DNS name's limit). */
+#define CONFIG_HOST_NAME_MAX 253
+/* config_host_text()'s buffer: "[name]:65535" and the NUL. */
+#define CONFIG_HOST_TEXT_MAX (CONFIG_HOST_NAME_MAX + 9)
+
+/* One entry of [Cloud] Host=: a DNS name, an IPv4 address or an IPv6
+ * address (without brackets; with a zone after '%' if one was given), as
+ * the cloud's certificate must name it, and its port. */
+typedef struct ConfigHost {
+        char name[CONFIG_HOST_NAME_MAX + 1];
+        uint16_t port; /* 0 after config_parse_file() alone: [Cloud] Port=, which config_load() fills in */
+} ConfigHost;
+
 typedef struct ConfigPair {
         char *key;
         char *value;
@@ -55,8 +70,10 @@ typedef struct OtaConfig {
 
 typedef struct Config {
         /* [Cloud] */
-        char *cloud_host;
-        uint16_t cloud_port;
+        char *cloud_host;                         /* Host= as written */
+        uint16_t cloud_port;                      /* Port=: the port of an entry that names none */
+        ConfigHost cloud_hosts[CONFIG_HOSTS_MAX]; /* Host='s entries, in order: the order they are tried in */
+        size_t n_cloud_hosts;                     /* 0 only without Host= */
         char *ca_file;
         /* [Device] */
         char *cert_file;
@@ -105,6 +122,12 @@ int config_parse_file(Config *c, const char *path, char **ret_error);
 Config *config_new(void);
 Config *config_free(Config *c);
 static inline void config_freep(Config **c) { config_free(*c); }
+
+/* "name:port", or "[name]:port" for an IPv6 address, into buf; returns
+ * buf. */
+const char *config_host_text(const ConfigHost *h, char buf[static CONFIG_HOST_TEXT_MAX]);
+/* Every entry of Host=, "a:1, b:2", into buf (cut to size); returns buf. */
+const char *config_hosts_text(const Config *c, char *buf, size_t size);
 
 /* Whether two configs differ in anything that needs a new connection. */
 bool config_cloud_changed(const Config *a, const Config *b);

@@ -76,8 +76,20 @@ struct Conn {
          * not enrolled yet) nothing, a reload included, starts a connect. */
         bool started;
 
-        /* Strings libcoap keeps pointers to while a session lives. */
-        char *host;
+        /* Strings libcoap keeps pointers to while a session lives: our
+         * copies of [Cloud] Host='s entries (the name of the current one is
+         * the certificate's expected name and the SNI) and of the files. */
+        ConfigHost hosts[CONFIG_HOSTS_MAX];
+        size_t n_hosts;
+        /* The entry being tried, connected to, or tried last. Each attempt
+         * starts from the first: a device goes back to the preferred node
+         * whenever it connects again. Nothing about an entry or an address
+         * that worked is remembered across attempts. */
+        size_t host_index;
+        char host_text[CONFIG_HOST_TEXT_MAX]; /* "name:port" of hosts[host_index] */
+        /* This attempt failed for a reason no other entry changes (our own
+         * files): back off without trying the next. */
+        bool attempt_doomed;
         TlsFiles files;
         TlsHostCheck host_check;
         coap_dtls_pki_t pki;
@@ -90,9 +102,11 @@ struct Conn {
         /* Name resolution (agent/resolver.h), signalled with
          * CONN_RESOLVE_SIGNAL. */
         Resolver *resolver;
-        /* What the lookup returned, in getaddrinfo's order. A failure to
-         * connect to one address (TCP, TLS, CSM or the connect timeout)
-         * moves on to addr_next; only when none is left do we back off. */
+        /* What the current entry's lookup returned, in getaddrinfo's order.
+         * A failure to connect to one address (TCP, TLS, CSM or the connect
+         * timeout) moves on to addr_next; when none is left, to the next
+         * entry (its lookup); only when the last entry failed do we back
+         * off. */
         struct addrinfo *addrs;
         struct addrinfo *addr_next;
         char address_ip[INET6_ADDRSTRLEN]; /* the address being tried */
@@ -925,7 +939,7 @@ const char *conn_device_id(Conn *c) {
 
 static int on_flush(sd_event_source *s, void *userdata) {
         Conn *c = userdata;
-        char status[300];
+        char status[CONFIG_HOST_TEXT_MAX + INET6_ADDRSTRLEN + 32];
 
         if (c->state != CONN_CONNECTING || !c->session ||
             coap_session_get_state(c->session) != COAP_SESSION_STATE_ESTABLISHED)
@@ -934,11 +948,10 @@ static int on_flush(sd_event_source *s, void *userdata) {
         c->stats.handshakes_completed++;
         c->ping_sent = 0;
         addrs_free(c);
-        if (streq(c->host, c->address_ip))
-                snprintf(status, sizeof(status), "Connected to %s:%u", c->host, c->config->cloud_port);
+        if (streq(c->hosts[c->host_index].name, c->address_ip))
+                snprintf(status, sizeof(status), "Connected to %s", c->host_text);
         else
-                snprintf(status, sizeof(status), "Connected to %s:%u (%s)", c->host, c->config->cloud_port,
-                         c->address_ip);
+                snprintf(status, sizeof(status), "Connected to %s (%s)", c->host_text, c->address_ip);
         read_device_id(c);
         log_struct(LOG_INFO,
                    &(LogFields){ .message_id = LOG_MESSAGE_CLOUD_CONNECTED, .device_id = conn_device_id(c),
@@ -997,6 +1010,7 @@ static void addrs_free(Conn *c) {
 
 /* Remember which address we are connecting to, for the log. */
 static void set_address(Conn *c, const struct sockaddr *sa) {
+        uint16_t port = c->hosts[c->host_index].port;
         struct sockaddr_in6 sin6;
         struct sockaddr_in sin;
 
@@ -1004,12 +1018,12 @@ static void set_address(Conn *c, const struct sockaddr *sa) {
                 memcpy(&sin6, sa, sizeof(sin6));
                 if (!inet_ntop(AF_INET6, &sin6.sin6_addr, c->address_ip, sizeof(c->address_ip)))
                         strcpy(c->address_ip, "?");
-                snprintf(c->address, sizeof(c->address), "[%s]:%u", c->address_ip, c->config->cloud_port);
+                snprintf(c->address, sizeof(c->address), "[%s]:%u", c->address_ip, port);
         } else {
                 memcpy(&sin, sa, sizeof(sin));
                 if (!inet_ntop(AF_INET, &sin.sin_addr, c->address_ip, sizeof(c->address_ip)))
                         strcpy(c->address_ip, "?");
-                snprintf(c->address, sizeof(c->address), "%s:%u", c->address_ip, c->config->cloud_port);
+                snprintf(c->address, sizeof(c->address), "%s:%u", c->address_ip, port);
         }
 }
 
@@ -1020,11 +1034,12 @@ static int connect_to(Conn *c, const struct sockaddr *sa, socklen_t salen) {
         memcpy(&dst.addr, sa, salen);
         dst.size = salen;
         if (sa->sa_family == AF_INET)
-                dst.addr.sin.sin_port = htons(c->config->cloud_port);
+                dst.addr.sin.sin_port = htons(c->hosts[c->host_index].port);
         else
-                dst.addr.sin6.sin6_port = htons(c->config->cloud_port);
+                dst.addr.sin6.sin6_port = htons(c->hosts[c->host_index].port);
 
-        c->host_check.host = c->host;
+        /* The certificate must name the entry this address came from. */
+        c->host_check.host = c->hosts[c->host_index].name;
         tls_pki_init(&c->pki, &c->files, &c->host_check);
         c->session = coap_new_client_session_pki(c->ctx, NULL, &dst, COAP_PROTO_TLS, &c->pki);
         if (!c->session)
@@ -1051,9 +1066,9 @@ static int connect_next(Conn *c) {
                 if (connect_to(c, ai->ai_addr, ai->ai_addrlen) == 0)
                         return 0;
                 if (c->addr_next)
-                        log_warning("Failed to connect to %s:%u at %s (cannot create a session), trying the next "
+                        log_warning("Failed to connect to %s at %s (cannot create a session), trying the next "
                                     "address",
-                                    c->host, c->config->cloud_port, c->address);
+                                    c->host_text, c->address);
         }
         return -ENOENT;
 }
@@ -1068,7 +1083,8 @@ static void on_resolved(void *userdata, int ret, struct addrinfo *ai) {
                 return;
         }
         if (ret != 0) {
-                snprintf(reason, sizeof(reason), "cannot resolve '%s': %s", c->host, gai_strerror(ret));
+                snprintf(reason, sizeof(reason), "cannot resolve '%s': %s", c->hosts[c->host_index].name,
+                         gai_strerror(ret));
                 conn_teardown(c, reason);
                 return;
         }
@@ -1081,6 +1097,26 @@ static void on_resolved(void *userdata, int ret, struct addrinfo *ai) {
         }
 }
 
+static void set_host(Conn *c, size_t i) {
+        c->host_index = i;
+        config_host_text(&c->hosts[i], c->host_text);
+}
+
+/* Look up the current entry's name; a failure goes through
+ * conn_teardown(). */
+static int resolve_host(Conn *c) {
+        int r;
+
+        set_state(c, CONN_RESOLVING, NULL);
+        arm_timer(c, now_ms() + c->config->connect_timeout_ms);
+        r = resolver_start(c->resolver, c->hosts[c->host_index].name);
+        if (r < 0) {
+                conn_teardown(c, r == -ENOMEM ? "out of memory" : "cannot start name resolution");
+                return r;
+        }
+        return 0;
+}
+
 static int begin_connect(Conn *c) {
         const char *path;
         int r;
@@ -1090,20 +1126,17 @@ static int begin_connect(Conn *c) {
          * in CONN_IDLE and CONN_BACKOFF (the states we are called in). */
         set_state(c, CONN_RESOLVING, NULL);
         c->stats.connect_attempts++;
+        set_host(c, 0);
+        c->attempt_doomed = false;
         r = tls_files_check(&c->files, &path);
         if (r < 0) {
                 char reason[512];
                 snprintf(reason, sizeof(reason), "cannot read '%s': %s", path, strerror(-r));
+                c->attempt_doomed = true;
                 conn_teardown(c, reason);
                 return r;
         }
-        arm_timer(c, now_ms() + c->config->connect_timeout_ms);
-        r = resolver_start(c->resolver, c->host);
-        if (r < 0) {
-                conn_teardown(c, r == -ENOMEM ? "out of memory" : "cannot start name resolution");
-                return r;
-        }
-        return 0;
+        return resolve_host(c);
 }
 
 /* Answer every request still waiting: the connection they went out on is
@@ -1140,7 +1173,7 @@ static int on_teardown(sd_event_source *s, void *userdata) {
         Conn *c = userdata;
         const char *why = c->teardown_reason ? c->teardown_reason : "unknown reason";
         uint64_t delay;
-        char reason[512], status[768];
+        char reason[512], status[512 + 2 * CONFIG_HOST_TEXT_MAX + 64];
         bool was_connected = c->state == CONN_CONNECTED;
 
         if (c->state == CONN_CONNECTED && now_ms() - c->connected_at >= c->config->stable_ms)
@@ -1159,8 +1192,8 @@ static int on_teardown(sd_event_source *s, void *userdata) {
         else {
                 /* This address failed; the next one gets its own attempt
                  * (and ConnectTimeoutSec) right away, without a backoff. */
-                log_warning("Failed to connect to %s:%u at %s (%s), trying the next address", c->host,
-                            c->config->cloud_port, c->address, why);
+                log_warning("Failed to connect to %s at %s (%s), trying the next address", c->host_text, c->address,
+                            why);
                 drop_session(c);
                 free(c->teardown_reason);
                 c->teardown_reason = NULL;
@@ -1170,11 +1203,27 @@ static int on_teardown(sd_event_source *s, void *userdata) {
         }
         drop_session(c);
         addrs_free(c);
+        if ((c->state == CONN_RESOLVING || c->state == CONN_CONNECTING) && !c->attempt_doomed &&
+            c->host_index + 1 < c->n_hosts) {
+                /* This entry failed; the next one gets its lookup and its
+                 * addresses right away, without a backoff. */
+                char failed[CONFIG_HOST_TEXT_MAX];
+
+                free(c->teardown_reason);
+                c->teardown_reason = NULL;
+                memcpy(failed, c->host_text, sizeof(failed));
+                set_host(c, c->host_index + 1);
+                log_warning("Failed to connect to %s (%s), trying the next host, %s", failed, reason, c->host_text);
+                snprintf(status, sizeof(status), "Connecting to %s (%s failed: %s)", c->host_text, failed, reason);
+                set_state(c, CONN_RESOLVING, status);
+                resolve_host(c);
+                return 0;
+        }
         delay = backoff_delay_ms(c->config->reconnect_min_ms, c->config->reconnect_max_ms, c->failures,
                                  (uint32_t)random());
         c->failures++;
-        snprintf(status, sizeof(status), "Disconnected from %s:%u (%s); retrying in %.1f s", c->host,
-                 c->config->cloud_port, reason, delay / 1000.0);
+        snprintf(status, sizeof(status), "Disconnected from %s (%s); retrying in %.1f s", c->host_text, reason,
+                 delay / 1000.0);
         if (was_connected)
                 log_struct(LOG_WARNING,
                            &(LogFields){ .message_id = LOG_MESSAGE_CLOUD_DISCONNECTED, .device_id = conn_device_id(c),
@@ -1246,18 +1295,22 @@ static void conn_schedule(Conn *c) {
 }
 
 static int copy_settings(Conn *c, const Config *cfg) {
-        char *host = strdup(cfg->cloud_host), *ca = strdup(cfg->ca_file), *cert = strdup(cfg->cert_file),
-             *key = strdup(cfg->key_file);
+        char *ca = strdup(cfg->ca_file), *cert = strdup(cfg->cert_file), *key = strdup(cfg->key_file);
 
-        if (!host || !ca || !cert || !key) {
-                free(host), free(ca), free(cert), free(key);
+        if (cfg->n_cloud_hosts == 0 || cfg->n_cloud_hosts > CONFIG_HOSTS_MAX) {
+                free(ca), free(cert), free(key);
+                return -EINVAL;
+        }
+        if (!ca || !cert || !key) {
+                free(ca), free(cert), free(key);
                 return -ENOMEM;
         }
-        free(c->host);
         free((char *)c->files.ca_file);
         free((char *)c->files.cert_file);
         free((char *)c->files.key_file);
-        c->host = host;
+        memcpy(c->hosts, cfg->cloud_hosts, sizeof(c->hosts));
+        c->n_hosts = cfg->n_cloud_hosts;
+        set_host(c, 0);
         c->files = (TlsFiles){ .ca_file = ca, .cert_file = cert, .key_file = key };
         return 0;
 }
@@ -1350,8 +1403,8 @@ int conn_start(Conn *c) {
                 conn_schedule(c);
                 return 0;
         }
-        snprintf(status, sizeof(status), "Connecting to %s:%u in %.1f s (StartJitterSec=%.1f)", c->host,
-                 c->config->cloud_port, delay / 1000.0, c->config->start_jitter_ms / 1000.0);
+        snprintf(status, sizeof(status), "Connecting to %s in %.1f s (StartJitterSec=%.1f)", c->host_text,
+                 delay / 1000.0, c->config->start_jitter_ms / 1000.0);
         log_info("%s", status);
         set_state(c, CONN_IDLE, status);
         arm_timer(c, now_ms() + delay);
@@ -1360,13 +1413,15 @@ int conn_start(Conn *c) {
 
 int conn_reconfigure(Conn *c, const Config *cfg) {
         bool changed = config_cloud_changed(c->config, cfg);
+        char hosts[CONFIG_HOSTS_MAX * (CONFIG_HOST_TEXT_MAX + 2)];
         int r;
 
         c->config = cfg;
         if (!changed)
                 return 0;
         if (c->started)
-                log_info("Cloud settings changed, reconnecting to %s:%u", cfg->cloud_host, cfg->cloud_port);
+                log_info("Cloud settings changed, reconnecting to %s",
+                         config_hosts_text(cfg, hosts, sizeof(hosts)));
         resolver_cancel(c->resolver);
         drop_session(c);
         addrs_free(c);
@@ -1389,6 +1444,12 @@ void conn_retry_now(Conn *c) {
         free(c->teardown_reason);
         c->teardown_reason = NULL;
         conn_schedule(c);
+}
+
+const ConfigHost *conn_host(Conn *c, size_t *ret_index) {
+        if (ret_index)
+                *ret_index = c->host_index;
+        return &c->hosts[c->host_index];
 }
 
 bool conn_is_connected(Conn *c) {
@@ -1417,7 +1478,6 @@ Conn *conn_free(Conn *c) {
                 report_outbox(c, true);
         }
         subs_free(c);
-        free(c->host);
         free((char *)c->files.ca_file);
         free((char *)c->files.cert_file);
         free((char *)c->files.key_file);

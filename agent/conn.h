@@ -2,7 +2,11 @@
 /* The agent's one connection to the cloud: libcoap client session over
  * TLS/TCP, driven by the agent's sd-event loop; keepalive, reconnect with
  * backoff and jitter, the requests the cloud sends us (describe, call,
- * read), and the requests we send (publish, subscribe). */
+ * read), and the requests we send (publish, subscribe). Each attempt goes
+ * through [Cloud] Host='s entries in order, from the first, and within an
+ * entry through every address its name resolves to; the cloud's
+ * certificate is checked against the name of the entry being tried. The
+ * backoff comes only when the last entry failed. */
 #pragma once
 
 #include <signal.h>
@@ -107,6 +111,11 @@ int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, 
                  int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata);
 
 bool conn_is_connected(Conn *c);
+/* The [Cloud] Host= entry connected to, being tried, or (while backing
+ * off) tried last; the first one before any attempt. *ret_index (may be
+ * NULL) is its position in Host=. Owned by the Conn, valid until the next
+ * call into it. */
+const ConfigHost *conn_host(Conn *c, size_t *ret_index);
 /* Our device id (the CN of [Device] Certificate=), read at each connection
  * or on first use; NULL if the certificate has none that is valid. Owned by
  * the Conn. */

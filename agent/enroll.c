@@ -90,9 +90,11 @@ struct Enroll {
          * our own copies, so that a SIGHUP freeing the old Config during an
          * attempt cannot leave it a dangling pointer. Replaced only between
          * sessions (attempt_begin()). */
-        char *host;
+        ConfigHost hosts[CONFIG_HOSTS_MAX]; /* [Cloud] Host='s entries, tried in order */
+        size_t n_hosts;
+        size_t host_index; /* the one being tried */
+        char host_text[CONFIG_HOST_TEXT_MAX];
         char *ca_file;
-        uint16_t port;
         TlsFiles files;
         TlsHostCheck host_check;
         coap_dtls_pki_t pki;
@@ -546,6 +548,7 @@ static int on_send(sd_event_source *s, void *userdata) {
 }
 
 static int connect_to(Enroll *e, const struct addrinfo *ai) {
+        uint16_t port = e->hosts[e->host_index].port;
         coap_address_t dst;
         char ip[INET6_ADDRSTRLEN] = "?";
 
@@ -553,13 +556,13 @@ static int connect_to(Enroll *e, const struct addrinfo *ai) {
         memcpy(&dst.addr, ai->ai_addr, ai->ai_addrlen);
         dst.size = ai->ai_addrlen;
         if (ai->ai_family == AF_INET) {
-                dst.addr.sin.sin_port = htons(e->port);
+                dst.addr.sin.sin_port = htons(port);
                 inet_ntop(AF_INET, &dst.addr.sin.sin_addr, ip, sizeof(ip));
-                snprintf(e->address, sizeof(e->address), "%s:%u", ip, e->port);
+                snprintf(e->address, sizeof(e->address), "%s:%u", ip, port);
         } else {
-                dst.addr.sin6.sin6_port = htons(e->port);
+                dst.addr.sin6.sin6_port = htons(port);
                 inet_ntop(AF_INET6, &dst.addr.sin6.sin6_addr, ip, sizeof(ip));
-                snprintf(e->address, sizeof(e->address), "[%s]:%u", ip, e->port);
+                snprintf(e->address, sizeof(e->address), "[%s]:%u", ip, port);
         }
         e->ctx = coap_new_context(NULL);
         if (!e->ctx)
@@ -571,7 +574,8 @@ static int connect_to(Enroll *e, const struct addrinfo *ai) {
                 return -ENOMEM;
         /* Anonymous: only the CA file, to check the cloud. */
         e->files = (TlsFiles){ .ca_file = e->ca_file };
-        e->host_check.host = e->host;
+        /* The certificate must name the entry this address came from. */
+        e->host_check.host = e->hosts[e->host_index].name;
         tls_pki_init(&e->pki, &e->files, &e->host_check);
         e->session = coap_new_client_session_pki(e->ctx, NULL, &dst, COAP_PROTO_TLS, &e->pki);
         if (!e->session)
@@ -601,39 +605,49 @@ static void on_resolved(void *userdata, int ret, struct addrinfo *ai) {
         Enroll *e = userdata;
 
         if (ret != 0) {
-                attempt_fail(e, "cannot resolve '%s': %s", e->host, gai_strerror(ret));
+                attempt_fail(e, "cannot resolve '%s': %s", e->hosts[e->host_index].name, gai_strerror(ret));
                 return;
         }
         addrs_free(e);
         e->addrs = e->addr_next = ai;
         if (connect_next(e) < 0)
-                attempt_fail(e, "cannot connect to '%s'", e->host);
+                attempt_fail(e, "cannot connect to '%s'", e->hosts[e->host_index].name);
 }
 
-static void attempt_begin(Enroll *e) {
+/* Try entry i of Host=: look its name up, with ENROLL_ATTEMPT_MS of its
+ * own. */
+static void attempt_host(Enroll *e, size_t i) {
         int r;
 
-        attempt_stop(e);
-        e->state = ENROLL_RUNNING;
-        e->attempts++;
-        free(e->host);
-        free(e->ca_file);
-        e->host = strdup(e->config->cloud_host);
-        e->ca_file = strdup(e->config->ca_file);
-        e->port = e->config->cloud_port;
-        if (!e->host || !e->ca_file) {
-                attempt_fail(e, "out of memory");
-                return;
-        }
+        e->host_index = i;
+        config_host_text(&e->hosts[i], e->host_text);
         sd_event_source_set_time(e->timer_source, now_usec() + ENROLL_ATTEMPT_MS * 1000ULL);
         sd_event_source_set_enabled(e->timer_source, SD_EVENT_ONESHOT);
-        r = resolver_start(e->resolver, e->host);
+        r = resolver_start(e->resolver, e->hosts[i].name);
         if (r < 0) {
                 attempt_fail(e, "%s", r == -ENOMEM ? "out of memory" : "cannot start name resolution");
                 return;
         }
-        set_status(e, "Enrolling as '%s' at %s:%u (attempt %u)", e->enroll_req.id, e->host,
-                   e->port, e->attempts);
+        set_status(e, "Enrolling as '%s' at %s (attempt %u)", e->enroll_req.id, e->host_text, e->attempts);
+}
+
+/* An attempt goes through Host='s entries from the first, as the Conn's
+ * connections do. */
+static void attempt_begin(Enroll *e) {
+        attempt_stop(e);
+        e->state = ENROLL_RUNNING;
+        e->attempts++;
+        free(e->ca_file);
+        e->ca_file = strdup(e->config->ca_file);
+        memcpy(e->hosts, e->config->cloud_hosts, sizeof(e->hosts));
+        e->n_hosts = e->config->n_cloud_hosts;
+        e->host_index = 0;
+        config_host_text(&e->hosts[0], e->host_text);
+        if (!e->ca_file || e->n_hosts == 0) {
+                attempt_fail(e, "%s", e->ca_file ? "no [Cloud] Host=" : "out of memory");
+                return;
+        }
+        attempt_host(e, 0);
 }
 
 /* The attempt failed without an answer: try the next address, or finish. */
@@ -743,6 +757,21 @@ static int on_finish(sd_event_source *s, void *userdata) {
                         e->attempt_error = NULL;
                         if (connect_next(e) == 0)
                                 return 0;
+                        e->attempt_error = strdup("cannot connect to the next address");
+                }
+                /* Or another entry of Host=. */
+                if (e->attempt_error && !e->addr_next && e->host_index + 1 < e->n_hosts) {
+                        char next[CONFIG_HOST_TEXT_MAX];
+
+                        log_warning("Enrollment: %s, trying the next host, %s", e->attempt_error,
+                                    config_host_text(&e->hosts[e->host_index + 1], next));
+                        free(e->attempt_error);
+                        e->attempt_error = NULL;
+                        resolver_cancel(e->resolver);
+                        session_close(e);
+                        addrs_free(e);
+                        attempt_host(e, e->host_index + 1);
+                        return 0;
                 }
                 snprintf(e->error, sizeof(e->error), "%s", e->attempt_error ? e->attempt_error : "no answer");
                 attempt_stop(e);
@@ -839,6 +868,7 @@ static int token_check(const char *token) {
  * key, which must exist) and start the first attempt. */
 static int enroll_begin(Enroll *e, const char *token, const char *id, char *error, size_t error_size) {
         char idbuf[PROTO_DEVICE_ID_MAX + 1]; /* a certificate's ID, or csr_key_id()'s */
+        char hosts[CONFIG_HOSTS_MAX * (CONFIG_HOST_TEXT_MAX + 2)];
         EVP_PKEY *key = NULL;
         CertInfo info;
         int r;
@@ -886,9 +916,9 @@ static int enroll_begin(Enroll *e, const char *token, const char *id, char *erro
         e->failures = 0;
         e->error[0] = 0;
         e->reenroll = !token;
-        log_struct(LOG_INFO, &(LogFields){ .device_id = e->enroll_req.id }, "%s as device '%s' at %s:%u",
+        log_struct(LOG_INFO, &(LogFields){ .device_id = e->enroll_req.id }, "%s as device '%s' at %s",
                    e->reenroll ? "Re-enrolling without a token" : "Enrolling", e->enroll_req.id,
-                   e->config->cloud_host, e->config->cloud_port);
+                   config_hosts_text(e->config, hosts, sizeof(hosts)));
         attempt_begin(e);
         return (int)e->generation;
 }
@@ -1191,7 +1221,6 @@ Enroll *enroll_free(Enroll *e) {
         request_done(&e->enroll_req);
         request_done(&e->renew_req);
         secret_free(e->token);
-        free(e->host);
         free(e->ca_file);
         sd_event_unref(e->event);
         free(e);

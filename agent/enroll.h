@@ -6,11 +6,12 @@
  * made if missing: EC P-256, 0600, written before the request so that a
  * retry after a crash asks with the same key) and a CSR whose CN is the
  * device ID, POST /enroll over an anonymous TLS session of our own: a
- * short-lived libcoap context driven by the agent's loop, which checks
- * the cloud's certificate and host name as the Conn does. 4.29 and 5.03
- * send the same request again after Max-Age; transport failures and other
- * 5.xx back off and try again; another 4.xx ends the attempt with the
- * cloud's reason. The issued certificate is installed atomically
+ * short-lived libcoap context driven by the agent's loop, which goes
+ * through [Cloud] Host='s entries (each with a deadline of its own) and
+ * checks the cloud's certificate and host name as the Conn does. 4.29 and
+ * 5.03 send the same request again after Max-Age; transport failures and
+ * other 5.xx back off and try again; another 4.xx ends the attempt with
+ * the cloud's reason. The issued certificate is installed atomically
  * (agent/certfile.h), then hooks->enrolled() lets the owner connect.
  *
  * Renewal: at renew_after plus jitter of the certificate in place (read

@@ -154,10 +154,10 @@ static void agent_state_changed(void *userdata, bool connected, const char *stat
 /* Enrolled: the certificate is in place, connect without waiting. */
 static void agent_enrolled(void *userdata, const char *device_id) {
         Agent *a = userdata;
-        char status[512];
+        char status[256 + CONFIG_HOST_TEXT_MAX];
 
-        snprintf(status, sizeof(status), "Enrolled as '%s'; connecting to %s:%u", device_id, a->config->cloud_host,
-                 a->config->cloud_port);
+        snprintf(status, sizeof(status), "Enrolled as '%s'; connecting to %s", device_id,
+                 config_host_text(&a->config->cloud_hosts[0], (char[CONFIG_HOST_TEXT_MAX]){}));
         agent_set_status(a, status);
         conn_retry_now(a->conn);
 }
@@ -194,6 +194,17 @@ static json_t *agent_counters(Agent *a) {
                          loop_probe_to_json(a->probe));
 }
 
+/* Every entry of [Cloud] Host=, in order: [{"host": ..., "port": ...}]. */
+static json_t *agent_cloud_hosts(Agent *a) {
+        json_t *list = json_array();
+
+        for (size_t i = 0; list && i < a->config->n_cloud_hosts; i++)
+                if (json_array_append_new(list, json_pack("{s:s, s:i}", "host", a->config->cloud_hosts[i].name,
+                                                          "port", (int)a->config->cloud_hosts[i].port)) < 0)
+                        return json_decref(list), NULL;
+        return list;
+}
+
 /* What "tetherctl status" shows: the describe document plus the state of
  * the connection. */
 static json_t *agent_status(void *userdata) {
@@ -204,6 +215,7 @@ static json_t *agent_status(void *userdata) {
         json_t *type;
         size_t len;
         uint64_t now = now_usec();
+        const ConfigHost *host = conn_host(a->conn, NULL);
 
         if (agent_describe(a, &describe, &len) < 0)
                 return NULL;
@@ -221,14 +233,14 @@ static json_t *agent_status(void *userdata) {
                         (void)proto_value_decode((const uint8_t *)v, vlen, &value, &(uint32_t){ 0 });
                 json_object_set_new(values, name, value ? value : json_null());
         }
-        if (json_object_update_new(st, json_pack("{s:b, s:s, s:s, s:i, s:f, s:f, s:I, s:o, s:o}", "connected",
-                                             conn_is_connected(a->conn), "state", a->status ? a->status : "",
-                                             "cloud_host", a->config->cloud_host, "cloud_port",
-                                             (int)a->config->cloud_port, "uptime_sec",
-                                             (now - a->started_usec) / 1e6, "connected_sec",
-                                             a->connected_usec ? (now - a->connected_usec) / 1e6 : 0.0,
-                                             "queued_events", (json_int_t)conn_queued(a->conn), "values",
-                                             values, "counters", agent_counters(a))) < 0 ||
+        if (json_object_update_new(st, json_pack("{s:b, s:s, s:s, s:i, s:o, s:f, s:f, s:I, s:o, s:o}", "connected",
+                                                 conn_is_connected(a->conn), "state", a->status ? a->status : "",
+                                                 "cloud_host", host->name, "cloud_port", (int)host->port,
+                                                 "cloud_hosts", agent_cloud_hosts(a), "uptime_sec",
+                                                 (now - a->started_usec) / 1e6, "connected_sec",
+                                                 a->connected_usec ? (now - a->connected_usec) / 1e6 : 0.0,
+                                                 "queued_events", (json_int_t)conn_queued(a->conn), "values",
+                                                 values, "counters", agent_counters(a))) < 0 ||
             json_object_update_new(st, enroll_status(a->enroll)) < 0) {
                 json_decref(st);
                 return NULL;
@@ -375,6 +387,7 @@ int main(int argc, char *argv[]) {
         };
         _cleanup_(agent_done) Agent a = {};
         _cleanup_free_ char *error = NULL, *status = NULL;
+        char hosts[CONFIG_HOSTS_MAX * (CONFIG_HOST_TEXT_MAX + 2)];
         bool check_only = false;
         unsigned seed;
         sigset_t mask;
@@ -489,13 +502,14 @@ int main(int argc, char *argv[]) {
                     &a.ota) < 0)
                 return log_error("Failed to set up OTA"), 1;
         (void)ota_start(a.ota);
-        log_info("tetherd %s starting, %d plugin(s) running, cloud %s:%u", PACKAGE_VERSION, r < 0 ? 0 : r,
-                 a.config->cloud_host, a.config->cloud_port);
+        log_info("tetherd %s starting, %d plugin(s) running, cloud %s", PACKAGE_VERSION, r < 0 ? 0 : r,
+                 config_hosts_text(a.config, hosts, sizeof(hosts)));
         /* Without a certificate: enroll first (TokenFile=) or wait for
          * tetherctl enroll; no connect attempts meanwhile. */
         if (enroll_start(a.enroll) > 0) {
                 conn_start(a.conn);
-                if (asprintf(&status, "Connecting to %s:%u", a.config->cloud_host, a.config->cloud_port) >= 0)
+                if (asprintf(&status, "Connecting to %s",
+                             config_host_text(&a.config->cloud_hosts[0], (char[CONFIG_HOST_TEXT_MAX]){})) >= 0)
                         agent_set_status(&a, status);
         }
         a.queued = outbox_count(a.outbox);

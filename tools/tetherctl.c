@@ -218,6 +218,26 @@ static void print_certificate(json_t *st) {
                        json_string_value(json_object_get(enr, "error")) ?: "");
 }
 
+/* "Cloud: host:port", and which of several Host= entries it is. */
+static void print_cloud(json_t *st) {
+        const char *host = json_string_value(json_object_get(st, "cloud_host")) ?: "";
+        json_int_t port = json_integer_value(json_object_get(st, "cloud_port"));
+        json_t *hosts = json_object_get(st, "cloud_hosts"), *h;
+        size_t i;
+
+        printf(strchr(host, ':') ? "%-12s[%s]:%lld" : "%-12s%s:%lld", "Cloud:", host, (long long)port);
+        if (json_array_size(hosts) > 1)
+                json_array_foreach (hosts, i, h) {
+                        const char *name = json_string_value(json_object_get(h, "host"));
+
+                        if (name && streq(name, host) && json_integer_value(json_object_get(h, "port")) == port) {
+                                printf(" (entry %zu of %zu in Host=)", i + 1, json_array_size(hosts));
+                                break;
+                        }
+                }
+        printf("\n");
+}
+
 static int cmd_status(void) {
         json_t *resp = NULL, *st, *v, *values, *plugins;
         const char *name;
@@ -237,8 +257,7 @@ static int cmd_status(void) {
         }
         printf("%-12s%s\n", "State:", json_is_true(json_object_get(st, "connected")) ? "connected" : "not connected");
         printf("%-12s%s\n", "Status:", json_string_value(json_object_get(st, "state")));
-        printf("%-12s%s:%lld\n", "Cloud:", json_string_value(json_object_get(st, "cloud_host")),
-               (long long)json_integer_value(json_object_get(st, "cloud_port")));
+        print_cloud(st);
         printf("%-12s", "Uptime:");
         print_duration(json_number_value(json_object_get(st, "uptime_sec")));
         if (json_is_true(json_object_get(st, "connected"))) {

@@ -231,6 +231,145 @@ static void test_cloud_changed(void **state) {
         assert_true(config_cloud_changed(a, b));
 }
 
+/* [Cloud] Host= with value, after base (whose Host= it replaces), and
+ * Port= when port is not NULL. */
+static int load_hosts(const char *value, const char *port, Config **ret, char **ret_error) {
+        char text[1024];
+
+        snprintf(text, sizeof(text), "%s[Cloud]\n%s%s%sHost=%s\n", base, port ? "Port=" : "", port ?: "",
+                 port ? "\n" : "", value);
+        return load(text, ret, ret_error);
+}
+
+static void expect_host(const Config *c, size_t i, const char *name, unsigned port) {
+        assert_true(i < c->n_cloud_hosts);
+        assert_string_equal(c->cloud_hosts[i].name, name);
+        assert_int_equal(c->cloud_hosts[i].port, port);
+}
+
+static void test_hosts(void **state) {
+        static const char *const nine = "a b c d e f g h i";
+        char text[1024], buf[CONFIG_HOSTS_MAX * (CONFIG_HOST_TEXT_MAX + 2)];
+        Config *c = NULL;
+
+        /* One name, as before: Host= as written, one entry on Port=. */
+        assert_int_equal(load(base, &c, NULL), 0);
+        assert_int_equal(c->n_cloud_hosts, 1);
+        expect_host(c, 0, "cloud.example", 5684);
+        assert_string_equal(config_hosts_text(c, buf, sizeof(buf)), "cloud.example:5684");
+        c = config_free(c);
+
+        /* A bare IPv6 address is still one entry when it is alone. */
+        assert_int_equal(load_hosts("::1", "6000", &c, NULL), 0);
+        assert_int_equal(c->n_cloud_hosts, 1);
+        expect_host(c, 0, "::1", 6000);
+        assert_string_equal(c->cloud_host, "::1");
+        assert_string_equal(config_hosts_text(c, buf, sizeof(buf)), "[::1]:6000");
+        c = config_free(c);
+        assert_int_equal(load_hosts("fe80::1%eth0", NULL, &c, NULL), 0);
+        expect_host(c, 0, "fe80::1%eth0", 5684);
+        c = config_free(c);
+
+        /* Every form, separated by blanks and commas; entries without a
+         * port take Port=, even when it comes after Host=. */
+        snprintf(text, sizeof(text),
+                 "%s[Cloud]\nHost=a.example, b.example:6001  127.0.0.1:6002,[::1] ,[2001:db8::7]:6003\t"
+                 "192.0.2.1\nPort=7000\n",
+                 base);
+        assert_int_equal(load(text, &c, NULL), 0);
+        assert_int_equal(c->n_cloud_hosts, 6);
+        expect_host(c, 0, "a.example", 7000);
+        expect_host(c, 1, "b.example", 6001);
+        expect_host(c, 2, "127.0.0.1", 6002);
+        expect_host(c, 3, "::1", 7000);
+        expect_host(c, 4, "2001:db8::7", 6003);
+        expect_host(c, 5, "192.0.2.1", 7000);
+        assert_string_equal(config_hosts_text(c, buf, sizeof(buf)), "a.example:7000, b.example:6001, "
+                                                                    "127.0.0.1:6002, [::1]:7000, "
+                                                                    "[2001:db8::7]:6003, "
+                                                                    "192.0.2.1:7000");
+        /* A cut list stays a string. */
+        assert_string_equal(config_hosts_text(c, buf, 12), "a.example:7");
+        c = config_free(c);
+
+        /* The most entries; a later Host= (a drop-in) replaces them all. */
+        assert_int_equal(load_hosts("localhost:1 localhost:2 c d e f g h", NULL, &c, NULL), 0);
+        assert_int_equal(c->n_cloud_hosts, CONFIG_HOSTS_MAX);
+        expect_host(c, 0, "localhost", 1);
+        expect_host(c, 1, "localhost", 2);
+        expect_host(c, 7, "h", 5684);
+        c = config_free(c);
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=x:1 y:2\nHost=z\n", base);
+        assert_int_equal(load(text, &c, NULL), 0);
+        assert_int_equal(c->n_cloud_hosts, 1);
+        expect_host(c, 0, "z", 5684);
+        assert_string_equal(c->cloud_host, "z");
+        c = config_free(c);
+
+        /* Bad entries, each with the file and line of Host=. */
+        expect_error("[Cloud]\nCAFile=/ca\nHost=\n", "tetherd.conf:3: Host= must not be empty");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost= , ,\n", base);
+        expect_error(text, "tetherd.conf:8: Host= must not be empty");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=%s\n", base, nine);
+        expect_error(text, "tetherd.conf:8: too many entries in Host= (9, at most 8)");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=a:0\n", base);
+        expect_error(text, "tetherd.conf:8: invalid port '0' in Host= entry 'a:0' (1..65535)");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=a b:65536\n", base);
+        expect_error(text, "tetherd.conf:8: invalid port '65536' in Host= entry 'b:65536'");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=a:\n", base);
+        expect_error(text, "invalid port '' in Host= entry 'a:'");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=a:+80\n", base);
+        expect_error(text, "invalid port '+80' in Host= entry 'a:+80'");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=[::1]:x\n", base);
+        expect_error(text, "invalid port 'x' in Host= entry '[::1]:x'");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=::1 ::2\n", base);
+        expect_error(text, "tetherd.conf:8: invalid entry '::1' in Host=: an IPv6 address goes in brackets when "
+                           "Host= "
+                           "lists several entries");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=a [::1\n", base);
+        expect_error(text, "invalid entry '[::1' in Host=: '[' without ']'");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=[::1]x\n", base);
+        expect_error(text, "invalid entry '[::1]x' in Host=: only ':PORT' may follow ']'");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=[127.0.0.1]:80\n", base);
+        expect_error(text, "invalid entry '[127.0.0.1]:80' in Host=: not an IPv6 address in brackets");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=[]\n", base);
+        expect_error(text, "invalid entry '[]' in Host=: not an IPv6 address in brackets");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=[fe80::1%%]\n", base);
+        expect_error(text, "not an IPv6 address in brackets");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=not:an:address\n", base);
+        expect_error(text, "invalid entry 'not:an:address' in Host=: neither a host name nor an IPv6 address");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=:80\n", base);
+        expect_error(text, "invalid entry ':80' in Host=: no host name");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=a/b\n", base);
+        expect_error(text, "invalid entry 'a/b' in Host=: a host name has only letters, digits, '-', '.' and '_'");
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=user@a:80\n", base);
+        expect_error(text, "a host name has only letters");
+        /* A line is at most 199 bytes long, so a name (253 bytes in DNS)
+         * is shorter; the longest that fits is taken. */
+        snprintf(text, sizeof(text), "%s[Cloud]\nHost=a%0188d:1\n", base, 0);
+        assert_int_equal(load(text, &c, NULL), 0);
+        assert_int_equal(strlen(c->cloud_hosts[0].name), 189);
+        c = config_free(c);
+}
+
+/* Port= in a drop-in applies to the entries of the main file's Host=
+ * that have no port of their own. */
+static void test_hosts_port_in_dropin(void **state) {
+        _cleanup_(config_freep) Config *c = NULL;
+        char d[300], path[400];
+
+        snprintf(d, sizeof(d), "%s/tetherd.conf.d", dir);
+        assert_int_equal(mkdir(d, 0755), 0);
+        write_file("tetherd.conf.d/10-port.conf", "[Cloud]\nPort=7100\n");
+        assert_int_equal(load_hosts("a b:1", NULL, &c, NULL), 0);
+        assert_int_equal(c->n_cloud_hosts, 2);
+        expect_host(c, 0, "a", 7100);
+        expect_host(c, 1, "b", 1);
+        snprintf(path, sizeof(path), "%s/10-port.conf", d);
+        assert_int_equal(unlink(path), 0);
+        assert_int_equal(rmdir(d), 0);
+}
+
 static int setup(void **state) {
         return mkdtemp(dir) ? 0 : -1;
 }
@@ -270,6 +409,8 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_unknown_keys_only_warn),
                 cmocka_unit_test(test_dropins_in_order),
                 cmocka_unit_test(test_cloud_changed),
+                cmocka_unit_test(test_hosts),
+                cmocka_unit_test(test_hosts_port_in_dropin),
                 cmocka_unit_test(test_local_api),
         };
         /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
