@@ -353,6 +353,17 @@ void replica_kick(Replica *r) {
 
 /* ---- applying ----------------------------------------------------------------- */
 
+/* An INSERT of a row that is here already (replica_conflict()): its values,
+ * applied after the changeset as an update of the columns it gives a value
+ * (replica_merge()). */
+typedef struct Merge {
+        struct Merge *next;
+        const char *table; /* one of replica_tables */
+        int n;             /* columns in the changeset */
+        unsigned char *pk; /* n flags: part of the primary key */
+        sqlite3_value **v; /* n values (copies) */
+} Merge;
+
 typedef struct ApplyContext {
         Replica *r;
         bool own;
@@ -360,7 +371,29 @@ typedef struct ApplyContext {
         /* Changes whose conflict showed that the row already is as the
          * change would make it (an own changeset coming back). */
         size_t confirmed;
+        Merge *merges; /* in reverse order (it does not matter: one change per row) */
+        int error;     /* negative errno: the changeset is not applied now */
 } ApplyContext;
+
+static Merge *merge_free(Merge *m) {
+        if (!m)
+                return NULL;
+        for (int i = 0; m->v && i < m->n; i++)
+                sqlite3_value_free(m->v[i]);
+        free(m->v);
+        free(m->pk);
+        free(m);
+        return NULL;
+}
+
+static void merges_free(ApplyContext *ctx) {
+        while (ctx->merges) {
+                Merge *m = ctx->merges;
+
+                ctx->merges = m->next;
+                merge_free(m);
+        }
+}
 
 static int replica_filter(void *userdata, const char *table) {
         return replica_table_known(table);
@@ -389,7 +422,8 @@ static bool value_same(sqlite3_value *a, sqlite3_value *b) {
 }
 
 /* Whether the conflicting row already holds every new value of the change
- * (an INSERT or UPDATE): applying it would change nothing. */
+ * (an INSERT or UPDATE): applying it would change nothing. An INSERT's
+ * NULL is no value (replica_conflict()). */
 static bool change_is_present(sqlite3_changeset_iter *it) {
         const char *table;
         int n, op, indirect;
@@ -403,16 +437,55 @@ static bool change_is_present(sqlite3_changeset_iter *it) {
                         return false;
                 if (!nv) /* an UPDATE leaves this column as it is */
                         continue;
+                if (op == SQLITE_INSERT && sqlite3_value_type(nv) == SQLITE_NULL)
+                        continue;
                 if (sqlite3changeset_conflict(it, i, &cv) != SQLITE_OK || !cv || !value_same(nv, cv))
                         return false;
         }
         return true;
 }
 
+/* Keep the values of an INSERT whose row is here, for replica_merge(). */
+static int merge_add(ApplyContext *ctx, sqlite3_changeset_iter *it, const char *table, int n) {
+        Merge *m = NULL;
+        unsigned char *pk = NULL;
+        int npk = 0;
+
+        for (size_t i = 0; i < ELEMENTSOF(replica_tables); i++)
+                if (streq(replica_tables[i], table)) {
+                        m = calloc(1, sizeof(*m));
+                        if (!m)
+                                return -ENOMEM;
+                        m->table = replica_tables[i];
+                        break;
+                }
+        if (!m)
+                return -EINVAL; /* replica_filter() let no other table through */
+        m->n = n;
+        m->pk = calloc((size_t)n, 1);
+        m->v = calloc((size_t)n, sizeof(*m->v));
+        if (!m->pk || !m->v || sqlite3changeset_pk(it, &pk, &npk) != SQLITE_OK || npk != n) {
+                merge_free(m);
+                return -ENOMEM;
+        }
+        memcpy(m->pk, pk, (size_t)n);
+        for (int i = 0; i < n; i++) {
+                sqlite3_value *v = NULL;
+
+                if (sqlite3changeset_new(it, i, &v) != SQLITE_OK || !v || !(m->v[i] = sqlite3_value_dup(v))) {
+                        merge_free(m);
+                        return -ENOMEM;
+                }
+        }
+        m->next = ctx->merges;
+        ctx->merges = m;
+        return 0;
+}
+
 static int replica_conflict(void *userdata, int type, sqlite3_changeset_iter *it) {
         ApplyContext *ctx = userdata;
         const char *table = "?";
-        int n, op, indirect;
+        int n, op, indirect, k;
 
         (void)sqlite3changeset_op(it, &table, &n, &op, &indirect);
         switch (type) {
@@ -423,7 +496,23 @@ static int replica_conflict(void *userdata, int type, sqlite3_changeset_iter *it
                         return SQLITE_CHANGESET_OMIT;
                 }
                 ctx->r->stats.replaced++;
-                return SQLITE_CHANGESET_REPLACE;
+                if (op != SQLITE_INSERT)
+                        /* An UPDATE: only the columns it changed. */
+                        return SQLITE_CHANGESET_REPLACE;
+                /* An INSERT of a row that is here: its node did not have the
+                 * row when it made it, so it is concurrent with the change
+                 * that made the row here and with every change of it since.
+                 * Its NULLs are columns its node knew nothing of, not values
+                 * it chose: replacing the row would bring them back over
+                 * what an earlier change set (a device revoked on one node
+                 * while another registers it as it connects). Its values
+                 * replace the row's, column by column, as an UPDATE's do. */
+                k = merge_add(ctx, it, table, n);
+                if (k < 0) {
+                        ctx->error = k;
+                        return SQLITE_CHANGESET_ABORT;
+                }
+                return SQLITE_CHANGESET_OMIT;
         default:
                 log_debug("Cluster state: sequence %" PRIu64 ": a change of table '%s' is left out (%s).", ctx->seq,
                           table,
@@ -506,6 +595,56 @@ static int replica_save_seq(Replica *r, uint64_t seq) {
         return rc == SQLITE_OK ? 0 : store_error(r->store, rc, "recording the applied stream sequence");
 }
 
+/* Apply a Merge: UPDATE its table SET every column it has a value for
+ * (not NULL), WHERE its primary key. */
+static int replica_merge(Replica *r, const Merge *m) {
+        sqlite3 *db = store_db(r->store);
+        sqlite3_stmt *st = NULL;
+        char *sql = NULL, *set = NULL, *where = NULL;
+        int rc, cid = 0;
+
+        rc = sqlite3_prepare_v2(db, "SELECT name FROM pragma_table_info(?) ORDER BY cid", -1, &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 1, m->table, -1, SQLITE_STATIC);
+        while (rc == SQLITE_OK && cid < m->n && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *name = (const char *)sqlite3_column_text(st, 0);
+                char **part = m->pk[cid] ? &where : &set;
+                const char *sep;
+                char *p;
+
+                rc = SQLITE_OK;
+                if (!m->pk[cid] && sqlite3_value_type(m->v[cid]) == SQLITE_NULL) {
+                        cid++;
+                        continue;
+                }
+                sep = !*part ? "" : m->pk[cid] ? " AND " : ", ";
+                p = sqlite3_mprintf("%z%s\"%w\" = ?%d", *part, sep, name ?: "", cid + 1);
+                if (!p)
+                        rc = SQLITE_NOMEM;
+                *part = p;
+                cid++;
+        }
+        if (rc == SQLITE_DONE)
+                rc = cid == m->n ? SQLITE_OK : SQLITE_SCHEMA; /* fewer columns here than in the changeset */
+        sqlite3_finalize(st);
+        st = NULL;
+        if (rc == SQLITE_OK && set && where) {
+                sql = sqlite3_mprintf("UPDATE main.\"%w\" SET %s WHERE %s", m->table, set, where);
+                rc = sql ? sqlite3_prepare_v2(db, sql, -1, &st, NULL) : SQLITE_NOMEM;
+                for (int i = 0; rc == SQLITE_OK && i < m->n; i++)
+                        if (m->pk[i] || sqlite3_value_type(m->v[i]) != SQLITE_NULL)
+                                rc = sqlite3_bind_value(st, i + 1, m->v[i]);
+                if (rc == SQLITE_OK)
+                        rc = sqlite3_step(st) == SQLITE_DONE ? SQLITE_OK : sqlite3_errcode(db);
+                sqlite3_finalize(st);
+        } else if (rc == SQLITE_OK && !where)
+                rc = SQLITE_SCHEMA; /* no primary key column: not a table of ours */
+        sqlite3_free(sql);
+        sqlite3_free(set);
+        sqlite3_free(where);
+        return rc;
+}
+
 static void replica_apply(Replica *r, const char *node, const void *data, int len, bool export, uint64_t seq) {
         ApplyContext ctx = { .r = r, .own = streq(node, r->node), .seq = seq };
         size_t changes = 0;
@@ -515,22 +654,47 @@ static void replica_apply(Replica *r, const char *node, const void *data, int le
          * taken) first: the session must not hold a row the changeset
          * touches, or its next changeset would carry the applied values
          * as this node's own. */
-        (void)store_commit(r->store);
-        k = store_batch(r->store);
+        k = store_commit(r->store);
+        if (k >= 0)
+                k = store_batch(r->store);
         if (k < 0)
                 return; /* not recorded as applied: tried again after a restart */
         rc = changeset_count(data, len, &changes);
         if (rc == SQLITE_OK) {
+                sqlite3 *db = store_db(r->store);
+
                 (void)sqlite3session_enable(r->session, 0);
-                rc = sqlite3changeset_apply(store_db(r->store), len, (void *)data, replica_filter, replica_conflict,
-                                            &ctx);
+                /* The changeset and its merges as one: all or nothing. */
+                rc = sqlite3_exec(db, "SAVEPOINT replica_apply", NULL, NULL, NULL);
+                if (rc == SQLITE_OK)
+                        rc = sqlite3changeset_apply(db, len, (void *)data, replica_filter, replica_conflict, &ctx);
+                for (Merge *m = ctx.merges; rc == SQLITE_OK && m; m = m->next) {
+                        int mrc = replica_merge(r, m);
+
+                        if ((mrc & 0xff) == SQLITE_CONSTRAINT) {
+                                log_debug("Cluster state: sequence %" PRIu64 ": a change of table '%s' is left out "
+                                          "(a constraint fails).",
+                                          seq, m->table);
+                                r->stats.omitted++;
+                        } else
+                                rc = mrc;
+                }
+                if (rc != SQLITE_OK)
+                        (void)sqlite3_exec(db, "ROLLBACK TO replica_apply", NULL, NULL, NULL);
+                (void)sqlite3_exec(db, "RELEASE replica_apply", NULL, NULL, NULL);
                 (void)sqlite3session_enable(r->session, 1);
+        }
+        merges_free(&ctx);
+        if (ctx.error < 0) {
+                log_warning_errno(ctx.error, "Cluster state: cannot apply stream sequence %" PRIu64 " now: %m",
+                                  seq);
+                return;
         }
         if (rc == SQLITE_OK && export && !ctx.own)
                 log_info("Cluster state: applied rows node '%s' held before it joined (stream sequence %" PRIu64 ").",
                          node, seq);
         if (rc != SQLITE_OK) {
-                /* sqlite3changeset_apply() rolled its savepoint back. */
+                /* Rolled back to the savepoint replica_apply. */
                 r->stats.failed++;
                 log_warning("Cluster state: the change set at stream sequence %" PRIu64 " from node '%s' cannot be "
                             "applied (%s); skipped.",

@@ -23,7 +23,10 @@
  * Applying. The Replica follows the stream from the last sequence it
  * applied (kept in the Store, updated in the transaction that applies)
  * and applies every changeset in stream order, its own included, with
- * recording off: conflicts are resolved as data/conflict -> replace,
+ * recording off: conflicts are resolved as data -> replace (an UPDATE's
+ * changed columns), conflict -> the INSERT's values that are not NULL
+ * replace the row's (its node did not have the row: its NULLs are no
+ * values, and never undo what a concurrent change set),
  * not-found/constraint/foreign-key -> omit, so the stream's order decides
  * and every node that applied the stream up to a sequence holds the same
  * rows (a node's own changes show before their changeset is in the
@@ -40,8 +43,9 @@
  * as an export (header Tether-Export: 1): changesets of the rows as
  * INSERTs, queued in the outbox in the transaction that records the
  * export. They are applied like any other changeset: where the cluster
- * has a row of the same key, the exported row replaces it, on every node
- * (the joining node too, once its export comes back from the stream).
+ * has a row of the same key, the exported row's values (not NULL)
+ * replace the row's, on every node (the joining node too, once its export
+ * comes back from the stream).
  *
  * Used from the loop's thread only. Errors are negative errno values;
  * ret_* parameters are untouched on failure. */
@@ -105,7 +109,7 @@ typedef struct ReplicaStats {
         uint64_t applied_seq;   /* the last stream sequence applied */
         uint64_t applied;       /* changesets applied (own ones included) */
         uint64_t failed;        /* changesets that could not be applied (malformed, schema) */
-        uint64_t replaced;      /* conflicts resolved by taking the stream's row */
+        uint64_t replaced;      /* conflicts resolved by taking the stream's values */
         uint64_t omitted;       /* changes left out (not found, constraint, an export's row) */
         uint64_t published;     /* changesets JetStream acknowledged */
         uint64_t dropped;       /* changesets too large for NATS, logged and not published */

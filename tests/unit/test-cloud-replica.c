@@ -6,7 +6,8 @@
  * reported through ReplicaHooks.applied there, not on the node that made
  * it); concurrent changes of different columns of one row both survive;
  * concurrent changes of the same column end the same on every node (the
- * stream's order decides); what is applied is not published again; a
+ * stream's order decides); two nodes inserting the same row concurrently
+ * keep the values of both (a NULL of the later insert is no value); what is applied is not published again; a
  * fresh node replaying the stream holds the same rows; a node with rows
  * from before it joined exports them (and they replace the cluster's of
  * the same key, on every node); a changeset whose acknowledgement was lost (the Replica freed
@@ -438,6 +439,58 @@ static void test_concurrent(void **state) {
         assert_dump(b, ALL_DEVICES, "");
 }
 
+/* Wait, without running the loop, until the stream holds seq messages
+ * (what a node published went out on libnats's threads). */
+static void wait_stream_outside_loop(Fixture *f, uint64_t seq) {
+        uint64_t deadline = now_usec() + usec(10);
+
+        while (stream_last_seq(f) < seq) {
+                struct timespec ts = { 0, 5 * 1000 * 1000 };
+
+                assert_true(now_usec() < deadline);
+                nanosleep(&ts, NULL); /* polling the stream's state: no event to wait for off the loop */
+        }
+}
+
+/* Two nodes insert the same new row, neither having seen the other's: b's
+ * (a device revoked by ID before b heard of it) is first in the stream, a's
+ * (the device registering as it connects, written on a before b's arrived)
+ * second. a's NULLs must not bring back what b's set, on either node: a
+ * later INSERT of a row that exists sets the columns it has values for. */
+static void test_concurrent_inserts(void **state) {
+        Fixture *f = *state;
+        Node *a = &f->node[0], *b = &f->node[1];
+
+        node_start(f, 0);
+        node_start(f, 1);
+        /* a's row, in its open batch: not committed, not published. */
+        exec(a, "INSERT INTO devices (id, a, n) VALUES ('d1', 'registered', 1)");
+        /* b's, committed and published; in the stream before a commits. */
+        commit(b, "INSERT INTO devices (id, b, n) VALUES ('d1', 'revoked', 2)");
+        wait_stream_outside_loop(f, 1);
+        /* a applies b's (committing its own batch first: a's changeset is
+         * the stream's second), then its own comes back. */
+        settle(f);
+        assert_int_equal(stream_last_seq(f), 2);
+        assert_dump(a, ALL_DEVICES, "d1|registered|revoked|1;");
+        assert_dump(b, ALL_DEVICES, "d1|registered|revoked|1;");
+        assert_int_equal(b->applied, 1);
+        assert_int_equal(b->last_op, REPLICA_INSERT);
+
+        /* The same the other way round: a's NULL b is not a value either. */
+        exec(a, "INSERT INTO devices (id, a) VALUES ('d2', 'from-a')");
+        commit(b, "INSERT INTO devices (id, b, n) VALUES ('d2', 'from-b', 7)");
+        wait_stream_outside_loop(f, 3);
+        settle(f);
+        assert_dump(a, "SELECT id, a, b, n FROM devices WHERE id = 'd2'", "d2|from-a|from-b|7;");
+        assert_dump(b, "SELECT id, a, b, n FROM devices WHERE id = 'd2'", "d2|from-a|from-b|7;");
+
+        /* An UPDATE to NULL is a value: it clears the column everywhere. */
+        commit(a, "UPDATE devices SET b = NULL WHERE id = 'd1'");
+        settle(f);
+        assert_dump(b, ALL_DEVICES, "d1|registered|NULL|1;d2|from-a|from-b|7;");
+}
+
 static void test_replay(void **state) {
         Fixture *f = *state;
         Node *a = &f->node[0], *b = &f->node[1], *c = &f->node[2];
@@ -612,6 +665,7 @@ int main(int argc _unused_, char **argv _unused_) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_change_shows_elsewhere, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_concurrent, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_concurrent_inserts, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_replay, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_export, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_republish, setup, teardown),
