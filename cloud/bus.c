@@ -1191,6 +1191,11 @@ static int bus_options(Bus *b, const BusConfig *config, natsOptions **ret) {
         }
         if (s == NATS_OK)
                 s = natsOptions_SetTimeout(o, BUS_CONNECT_TIMEOUT_MS);
+        /* Write each message at once: libnats otherwise leaves it in its
+         * buffer for the flusher thread, which adds about a millisecond to
+         * every hop of a routed call. */
+        if (s == NATS_OK)
+                s = natsOptions_SetSendAsap(o, true);
         if (s == NATS_OK)
                 s = natsOptions_SetMaxReconnect(o, -1);
         if (s == NATS_OK)

@@ -12,13 +12,21 @@
     that node answers; --failovers times, the killed node restarted
     between them.
 
+  * with --fleet N: N simulated devices (tests/bench/fleet) spread over
+    the two nodes, half started at each at once: seconds until all are
+    online, memory per device on each node, and call latency to one of
+    them through either node.
+
     top_builddir=$PWD/build top_srcdir=$PWD tests/bench/bench-cluster.py [--calls N] [--reps R] [--failovers F]
+        [--fleet N]
 
 Prints figures (min / median / max); judges nothing."""
 
 import argparse
 import os
 import re
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +35,9 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 from harness import World, poll  # noqa: E402
 from natskit import NatsCluster  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fleetproc import FleetProcess  # noqa: E402
 
 BUILD = os.environ.get("top_builddir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "build"))
 BENCH_CALL = os.path.join(BUILD, "tests", "bench", "bench-call")
@@ -126,12 +137,82 @@ def single_run(opts):
         w.close()
 
 
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def fleet_run(opts):
+    """N fleet devices, half on each node, started at once."""
+    fleet = os.path.join(BUILD, "tests", "bench", "fleet")
+    pki = os.path.join(BUILD, "tools", "tether-pki")
+    if not os.access(fleet, os.X_OK):
+        sys.exit(f"{fleet} is not built: make -C {BUILD} bench")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    cache = os.path.join(BUILD, "tests", "bench", "fleet-cache")
+    fpki = os.path.join(cache, "pki")
+    if not os.path.exists(os.path.join(fpki, "server.crt")):
+        os.makedirs(cache, exist_ok=True)
+        subprocess.run([pki, "ca", fpki], check=True, capture_output=True)
+        subprocess.run([pki, "server", fpki, "localhost", "127.0.0.1"], check=True, capture_output=True)
+    ca, ca_key, certs = os.path.join(fpki, "ca.crt"), os.path.join(fpki, "ca.key"), os.path.join(cache, "devices")
+    subprocess.run([fleet, "--ca-cert", ca, "--ca-key", ca_key, "--cache", certs, "--devices", str(opts.fleet),
+                    "mint"], check=True, stdout=subprocess.DEVNULL)
+    ids = open(os.path.join(certs, "index")).read().split()
+    w = World()
+    log = open(w.path("fleet.log"), "w")
+    fleets = []
+    try:
+        nats = NatsCluster(w, opts.servers)
+        nats.wait_ready()
+        # The clouds trust the fleet's CA ([Cloud] CAFile= is the World's).
+        shutil.copy(ca, w.path("pki", "ca.crt"))
+        nodes = []
+        for i in (1, 2):
+            d = w.start_cloud(name=f"cloud-{i}", timing=TIMING, state_dir=w.path(f"cloud-{i}-state"),
+                              cert=os.path.join(fpki, "server.crt"), key=os.path.join(fpki, "server.key"),
+                              extra=f"[Cluster]\nNATS={nats.url}\nNode=n{i}\n"
+                                    f"[Events]\nJournalMaxBytes=1073741824\n",
+                              env={"TETHER_LOG_LEVEL": "warning"})
+            nodes.append(d)
+        idle = [rss_kib(n.proc.pid) for n in nodes]
+        half = opts.fleet // 2
+        t0 = time.monotonic()
+        for k, n in enumerate(nodes):
+            fleets.append(FleetProcess([fleet, "--cloud", f"127.0.0.1:{n.coap_port}", "--server-name", "127.0.0.1",
+                                        "--ca-cert", ca, "--ca-key", ca_key, "--cache", certs,
+                                        "--first", str(k * half), "--devices", str(half), "--timeout", "600",
+                                        "hold"], log))
+        online = []
+        for f in fleets:
+            word, on = f.wait("online")
+            online.append(on)
+        took = time.monotonic() - t0
+        time.sleep(1)
+        held = [rss_kib(n.proc.pid) for n in nodes]
+        per = [(h - i) / half for h, i in zip(held, idle)]
+        # A device of node 1's half, called through node 1 and through node 2.
+        same = bench_call(nodes[0].api, w.token, ids[0], opts.calls, 1)
+        cross = bench_call(nodes[1].api, w.token, ids[0], opts.calls, 1)
+        return took, online, per, same, cross
+    finally:
+        for f in fleets:
+            f.close()
+        log.close()
+        w.close()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--failovers", type=int, default=10)
     ap.add_argument("--servers", type=int, default=3, help="nats-server processes")
+    ap.add_argument("--fleet", type=int, default=0, help="also N simulated devices over both nodes")
     opts = ap.parse_args()
     if not os.access(BENCH_CALL, os.X_OK):
         sys.exit(f"{BENCH_CALL} is not built: make -C {BUILD} tests/bench/bench-call")
@@ -145,6 +226,14 @@ def main():
     print(f"\nfailover ({len(online)} SIGKILLs of the node holding the device, {opts.servers} NATS servers):")
     print(f"  device online on the other node  {spread(online, ' s')}")
     print(f"  first call answered through it   {spread(callable_, ' s')}")
+    if opts.fleet:
+        took, online, per, same, cross = fleet_run(opts)
+        print(f"\nfleet: {opts.fleet} devices, {opts.fleet // 2} started at once on each node:")
+        print(f"  all online after {took:.2f} s; per node: " +
+              "; ".join(f"{o.get('seconds', '?')} s, {o.get('attempts', '?')} attempts" for o in online))
+        print("  memory per connected device: " + ", ".join(f"node {i + 1} {p:.1f} KiB" for i, p in enumerate(per)))
+        print(f"  call to a device on node 1, {opts.calls} calls: through node 1 median {same[0][0]:.3f} ms "
+              f"p99 {same[0][1]:.3f} ms; through node 2 median {cross[0][0]:.3f} ms p99 {cross[0][1]:.3f} ms")
     print(f"load average at end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
 
 
