@@ -528,11 +528,12 @@ IntervalSec=0
             raise Failure(f"tether {' '.join(args)} failed ({r.returncode}): {r.stderr.strip()}")
         return r
 
-    def subscribe(self, *args, token=None):
+    def subscribe(self, *args, token=None, api=None):
         """Start `tether subscribe --json ...` (with token, by default the
-        World's); returns a Subscriber, which is closed with the World (or
-        the test process) at the latest."""
-        env = dict(os.environ, TETHER_API=self.api, TETHER_TOKEN=token or self.token)
+        World's, against the API at URL api, by default the last cloud's);
+        returns a Subscriber, which is closed with the World (or the test
+        process) at the latest."""
+        env = dict(os.environ, TETHER_API=api or self.api, TETHER_TOKEN=token or self.token)
         sub = Subscriber(EMULATOR + [TETHER, "subscribe", "--json", *args], env)
         self.cleanups.append(sub.close)
         return sub

@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import api_json, expect, poll, run, seconds  # noqa: E402
+from harness import TEST_PLUGINS, api_json, expect, poll, run, seconds  # noqa: E402
 from natskit import NatsCluster  # noqa: E402
 
 TIMING = f"""PingSec=2
@@ -109,5 +109,48 @@ def test_failover(w):
     print(f"  device online on {other.node} {took:.2f} s after {here.node} was killed")
 
 
+def pump_numbers(sub):
+    return [int(e["data"]) for e in sub.snapshot() if e.get("name") == "pump/n"]
+
+
+def exactly_once(sub, last, what):
+    got = pump_numbers(sub)
+    seen = set(got)
+    expect(got == list(range(1, last + 1)),
+           f"{what}: {len(got)} events for {last} published; {len(got) - len(seen)} twice, "
+           f"missing {sorted(set(range(1, last + 1)) - seen)[:10]}, "
+           f"out of order at {[i for i in range(1, len(got)) if got[i] <= got[i - 1]][:5]}")
+
+
+def test_events_across_failover(w):
+    """The pump publishes numbers while the node holding the device is
+    killed: a subscriber on the other node, and one on the killed node
+    that resumes (Last-Event-ID) once it is back, each get every number
+    once and in order."""
+    total, rate = 1500, 300
+    nats, nodes = start_nodes(w, servers=3)
+    a = w.start_agent(host=both(nodes), plugin_dir=TEST_PLUGINS,
+                      extra="[Plugins]\nEnable=pump\n[Outbox]\nMaxEvents=100000\n")
+    dev = a.device_id
+    here = holder(w, nodes, dev)
+    other = nodes[1] if here is nodes[0] else nodes[0]
+    live = w.subscribe("pump/", "--device", dev, "--resume", api=other.api).wait_ready()
+    resuming = w.subscribe("pump/", "--device", dev, "--resume", api=here.api).wait_ready()
+    w.tether("call", dev, "start", f"1,{total},{rate}", api=here.api)
+    live.wait_until(lambda evs: len(evs) >= total // 4, seconds(30), "a quarter of the numbers")
+    marks = {other: other.mark()}
+    here.kill()
+    holder(w, [other], dev, exclude=marks, timeout=seconds(30))
+    # The killed node comes back on its ports, with its state.
+    i = nodes.index(here)
+    nodes[i] = w.start_cloud(name=f"cloud-{i + 1}", port=here.coap_port, api_port=here.api_port, timing=TIMING,
+                             state_dir=w.path(f"cloud-{i + 1}-state"),
+                             extra=f"[Cluster]\nNATS={nats.url}\nNode={here.node}\n")
+    for sub, what in ((live, "the subscriber on the surviving node"), (resuming, "the resuming subscriber")):
+        sub.wait_until(lambda evs: len([e for e in evs if e.get("name") == "pump/n"]) >= total, seconds(60),
+                       f"{total} numbers at {what}")
+        exactly_once(sub, total, what)
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_call_through_other_node, test_failover]))
+    sys.exit(run([test_call_through_other_node, test_failover, test_events_across_failover]))
