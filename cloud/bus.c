@@ -1,0 +1,1441 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* The NATS connection on the sd-event loop (bus.h).
+ *
+ * Threads: libnats calls on_nats_msg() (each subscription's delivery
+ * thread), the connection callbacks (its callback thread) and the key-value
+ * watcher threads of this file (kv_watch_thread()) push Items on the
+ * Bus's queue under b->lock and write the eventfd; on_wake() pops them on
+ * the loop's thread and runs the callbacks. Everything else of the Bus is
+ * the loop thread's.
+ *
+ * Lifetimes across threads: a BusSub whose natsSubscription has a message
+ * handler stays allocated until libnats calls on_sub_complete() (after its
+ * last handler call), and the Bus until every such completion and the
+ * connection's closed callback ran (b->libnats_refs, waited for in
+ * bus_free()). A BusSub freed by its owner, or a Bus being freed, is marked
+ * under b->lock, so handlers still running drop what they got instead of
+ * queuing it, and what was queued already is dropped there too.
+ *
+ * Requests: one subscription to "_INBOX.<nuid>.*"; each request gets a
+ * token (the last subject token of its reply subject), a slot in
+ * b->requests and an sd-event timer. A reply whose token is no longer in the
+ * table (timed out, cancelled) is dropped. */
+#include "config.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bus.h"
+#include "log.h"
+#include "util.h"
+
+/* Per server on connect (libnats tries each once). */
+#define BUS_CONNECT_TIMEOUT_MS 2000
+#define BUS_RECONNECT_WAIT_MS 1000
+/* A dead server is noticed after about PING_INTERVAL * (MAX_PINGS_OUT + 1). */
+#define BUS_PING_INTERVAL_MS 4000
+#define BUS_MAX_PINGS_OUT 2
+/* Callbacks run per wake-up before the loop gets to other sources. */
+#define BUS_DISPATCH_BATCH 256
+#define BUS_REQUEST_BUCKETS 1024
+/* How long bus_free() waits for libnats to finish with the Bus. */
+#define BUS_CLOSE_WAIT_SEC 10
+/* The acknowledgement of bus_kv_put()/bus_kv_delete(). */
+#define BUS_KV_ACK_TIMEOUT_USEC (10ULL * 1000000ULL)
+/* The timers of requests: how late they may fire. */
+#define BUS_TIMER_ACCURACY_USEC 1000ULL
+/* kvWatcher_Next() wakes up this often while nothing changes. */
+#define BUS_KV_WAIT_MS (3600LL * 1000LL)
+#define BUS_SUBJECT_MAX 1024
+
+typedef enum SubKind {
+        SUB_CORE,
+        SUB_INBOX,
+        SUB_FOLLOW,
+        SUB_KV,
+} SubKind;
+
+typedef enum ItemKind {
+        ITEM_MSG,
+        ITEM_KV,
+        ITEM_CONNECTION,
+} ItemKind;
+
+typedef struct Item {
+        struct Item *next;
+        ItemKind kind;
+        BusSub *sub;    /* ITEM_MSG, ITEM_KV */
+        natsMsg *msg;   /* ITEM_MSG */
+        kvEntry *entry; /* ITEM_KV; NULL: the initial values are complete */
+        bool up;        /* ITEM_CONNECTION */
+} Item;
+
+struct BusSub {
+        Bus *bus;
+        SubKind kind;
+        bus_msg_fn msg_fn;
+        bus_kv_fn kv_fn;
+        void *userdata;
+        natsSubscription *sub;
+        kvWatcher *watcher;
+        pthread_t thread;
+        bool thread_started;
+        BusSub *prev, *next; /* b->subs */
+        /* Under b->lock: */
+        bool dead;
+        unsigned refs; /* the owner's, and libnats' until on_sub_complete() */
+};
+
+typedef enum RequestKind {
+        REQUEST_PLAIN,  /* bus_request() */
+        REQUEST_JS_ACK, /* bus_js_publish_async() */
+        REQUEST_KV,     /* bus_kv_put(), bus_kv_delete(): log failures */
+} RequestKind;
+
+struct BusRequest {
+        Bus *bus;
+        RequestKind kind;
+        uint64_t token;
+        BusRequest *prev, *next; /* b->requests[token % BUS_REQUEST_BUCKETS] */
+        sd_event_source *timer;
+        bus_reply_fn reply_fn;
+        bus_ack_fn ack_fn;
+        void *userdata;
+        char *subject;
+};
+
+typedef struct BusBucket {
+        struct BusBucket *next;
+        kvStore *kv;
+} BusBucket;
+
+struct Bus {
+        unsigned n_ref; /* the owner's, and on_wake()'s while it dispatches */
+        bool freed;
+        sd_event *event;
+        sd_event_source *wake;
+        int wake_fd;
+        BusHooks hooks;
+        char *servers;
+        natsConnection *nc;
+        jsCtx *js;
+        BusSub *subs;
+        BusSub *inbox;
+        char *inbox_prefix; /* "_INBOX.<nuid>." */
+        uint64_t next_token;
+        BusRequest *requests[BUS_REQUEST_BUCKETS];
+        BusBucket *buckets;
+
+        pthread_mutex_t lock;
+        pthread_cond_t cond;
+        /* Under lock: */
+        Item *head, *tail;
+        bool closing;
+        unsigned libnats_refs;
+};
+
+/* ---- errors ----------------------------------------------------------------- */
+
+static int errno_from_nats(natsStatus s) {
+        switch (s) {
+        case NATS_OK:
+                return 0;
+        case NATS_TIMEOUT:
+                return -ETIMEDOUT;
+        case NATS_NO_RESPONDERS:
+                return -EHOSTUNREACH;
+        case NATS_NO_MEMORY:
+                return -ENOMEM;
+        case NATS_INVALID_ARG:
+        case NATS_INVALID_SUBJECT:
+                return -EINVAL;
+        case NATS_MAX_PAYLOAD:
+                return -EMSGSIZE;
+        case NATS_CONNECTION_CLOSED:
+        case NATS_CONNECTION_DISCONNECTED:
+        case NATS_NOT_YET_CONNECTED:
+        case NATS_NO_SERVER:
+        case NATS_STALE_CONNECTION:
+                return -ENOTCONN;
+        default:
+                return -EIO;
+        }
+}
+
+/* The text of libnats' last error on this thread, for log lines. */
+static const char *nats_error_text(natsStatus s) {
+        natsStatus last = NATS_OK;
+        const char *text = nats_GetLastError(&last);
+
+        if (text && *text)
+                return text;
+        return natsStatus_GetText(s);
+}
+
+/* errno_from_nats(), and logs the errors that are not one of the expected
+ * ones (-EIO) with what. */
+static int bus_error(natsStatus s, const char *what, const char *name) {
+        int r = errno_from_nats(s);
+
+        if (r == -EIO)
+                log_warning("NATS: %s '%s' failed: %s", what, name, nats_error_text(s));
+        return r;
+}
+
+/* ---- the queue to the loop ---------------------------------------------------- */
+
+static void item_free(Item *it) {
+        if (!it)
+                return;
+        natsMsg_Destroy(it->msg);
+        kvEntry_Destroy(it->entry);
+        free(it);
+}
+
+static void wake_loop_locked(Bus *b) {
+        uint64_t one = 1;
+
+        /* Cannot fail short of an overflow of the counter, which a
+         * pending wake-up covers anyway. */
+        (void)!write(b->wake_fd, &one, sizeof(one));
+}
+
+/* Any thread. Takes msg and entry (destroyed when not queued). */
+static void queue_push(Bus *b, ItemKind kind, BusSub *s, natsMsg *msg, kvEntry *entry, bool up) {
+        Item *it = calloc(1, sizeof(*it));
+
+        if (!it) {
+                log_error("NATS: out of memory, a message was dropped");
+                natsMsg_Destroy(msg);
+                kvEntry_Destroy(entry);
+                return;
+        }
+        it->kind = kind;
+        it->sub = s;
+        it->msg = msg;
+        it->entry = entry;
+        it->up = up;
+
+        pthread_mutex_lock(&b->lock);
+        if (b->closing || (s && s->dead)) {
+                pthread_mutex_unlock(&b->lock);
+                item_free(it);
+                return;
+        }
+        if (b->tail)
+                b->tail->next = it;
+        else {
+                b->head = it;
+                wake_loop_locked(b);
+        }
+        b->tail = it;
+        pthread_mutex_unlock(&b->lock);
+}
+
+static Item *queue_pop(Bus *b) {
+        Item *it;
+
+        pthread_mutex_lock(&b->lock);
+        it = b->head;
+        if (it) {
+                b->head = it->next;
+                if (!b->head)
+                        b->tail = NULL;
+                it->next = NULL;
+        }
+        pthread_mutex_unlock(&b->lock);
+        return it;
+}
+
+/* Drop what is queued for s (NULL: everything). Under b->lock. */
+static void queue_drop_locked(Bus *b, BusSub *s) {
+        Item **p = &b->head, *last = NULL;
+
+        while (*p) {
+                Item *it = *p;
+
+                if (!s || it->sub == s) {
+                        *p = it->next;
+                        item_free(it);
+                } else {
+                        last = it;
+                        p = &it->next;
+                }
+        }
+        b->tail = last;
+}
+
+/* ---- libnats' threads --------------------------------------------------------- */
+
+static void on_nats_msg(natsConnection *nc _unused_, natsSubscription *sub _unused_, natsMsg *msg, void *closure) {
+        BusSub *s = closure;
+
+        queue_push(s->bus, ITEM_MSG, s, msg, NULL, false);
+}
+
+static void on_sub_complete(void *closure) {
+        BusSub *s = closure;
+        Bus *b = s->bus;
+        bool free_it;
+
+        pthread_mutex_lock(&b->lock);
+        free_it = --s->refs == 0;
+        if (--b->libnats_refs == 0)
+                pthread_cond_broadcast(&b->cond);
+        pthread_mutex_unlock(&b->lock);
+        /* b may be gone from here on. */
+        if (free_it)
+                free(s);
+}
+
+static void on_disconnected(natsConnection *nc _unused_, void *closure) {
+        queue_push(closure, ITEM_CONNECTION, NULL, NULL, NULL, false);
+}
+
+static void on_reconnected(natsConnection *nc _unused_, void *closure) {
+        queue_push(closure, ITEM_CONNECTION, NULL, NULL, NULL, true);
+}
+
+static void on_closed(natsConnection *nc _unused_, void *closure) {
+        Bus *b = closure;
+
+        /* Not from bus_free(): libnats gave up (it does after repeated
+         * authentication errors); tell the loop. */
+        queue_push(b, ITEM_CONNECTION, NULL, NULL, NULL, false);
+        pthread_mutex_lock(&b->lock);
+        if (--b->libnats_refs == 0)
+                pthread_cond_broadcast(&b->cond);
+        pthread_mutex_unlock(&b->lock);
+}
+
+static void on_nats_error(natsConnection *nc _unused_, natsSubscription *sub, natsStatus err, void *closure _unused_) {
+        /* log_*() is safe from any thread (one stdio call per line). */
+        log_warning("NATS: %s%s%s", natsStatus_GetText(err), sub ? " on subscription " : "",
+                    sub ? natsSubscription_GetSubject(sub) : "");
+}
+
+static void *kv_watch_thread(void *userdata) {
+        BusSub *s = userdata;
+
+        for (;;) {
+                kvEntry *e = NULL;
+                natsStatus st = kvWatcher_Next(&e, s->watcher, BUS_KV_WAIT_MS);
+                bool dead;
+
+                if (st == NATS_OK) {
+                        /* e NULL: the initial values are complete. */
+                        queue_push(s->bus, ITEM_KV, s, NULL, e, false);
+                        continue;
+                }
+                if (st == NATS_TIMEOUT)
+                        continue;
+                pthread_mutex_lock(&s->bus->lock);
+                dead = s->dead;
+                pthread_mutex_unlock(&s->bus->lock);
+                /* Stopped (bus_sub_free()), or the connection is closed
+                 * (bus_free()); anything else cost one malformed update. */
+                if (dead || st == NATS_ILLEGAL_STATE || st == NATS_INVALID_SUBSCRIPTION ||
+                    st == NATS_CONNECTION_CLOSED)
+                        break;
+        }
+        return NULL;
+}
+
+/* ---- requests ----------------------------------------------------------------- */
+
+static BusRequest **request_slot(Bus *b, uint64_t token) {
+        return &b->requests[token % BUS_REQUEST_BUCKETS];
+}
+
+static void request_unlink(BusRequest *r) {
+        Bus *b = r->bus;
+
+        if (r->prev)
+                r->prev->next = r->next;
+        else
+                *request_slot(b, r->token) = r->next;
+        if (r->next)
+                r->next->prev = r->prev;
+        r->prev = r->next = NULL;
+}
+
+static void request_free(BusRequest *r) {
+        sd_event_source_disable_unref(r->timer);
+        free(r->subject);
+        free(r);
+}
+
+void bus_request_cancel(BusRequest *r) {
+        if (!r)
+                return;
+        request_unlink(r);
+        request_free(r);
+}
+
+/* A JetStream publish acknowledgement: {"stream","seq","duplicate"} or
+ * {"error":{"code","err_code","description"}}. */
+static int parse_pub_ack(natsMsg *msg, const char *subject, uint64_t *ret_seq, bool *ret_duplicate) {
+        json_t *ack, *err, *seq;
+        json_error_t e;
+        int r = 0;
+
+        ack = json_loadb(natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg), 0, &e);
+        if (!json_is_object(ack)) {
+                log_warning("NATS: malformed JetStream acknowledgement for '%s'", subject);
+                json_decref(ack);
+                return -EIO;
+        }
+        err = json_object_get(ack, "error");
+        seq = json_object_get(ack, "seq");
+        if (err) {
+                const char *text = json_string_value(json_object_get(err, "description"));
+
+                log_warning("NATS: JetStream refused the message for '%s': %s (error %" JSON_INTEGER_FORMAT ")",
+                            subject, text ? text : "no description",
+                            json_integer_value(json_object_get(err, "err_code")));
+                r = -EIO;
+        } else if (!json_is_integer(seq) || json_integer_value(seq) <= 0 ||
+                   !json_is_string(json_object_get(ack, "stream"))) {
+                log_warning("NATS: malformed JetStream acknowledgement for '%s'", subject);
+                r = -EIO;
+        } else {
+                *ret_seq = (uint64_t)json_integer_value(seq);
+                *ret_duplicate = json_is_true(json_object_get(ack, "duplicate"));
+        }
+        json_decref(ack);
+        return r;
+}
+
+/* Take r out of the table and run what it was for; msg (error 0) is the
+ * reply, still the caller's. */
+static void request_complete(BusRequest *r, int error, natsMsg *msg) {
+        RequestKind kind = r->kind;
+        bus_reply_fn reply_fn = r->reply_fn;
+        bus_ack_fn ack_fn = r->ack_fn;
+        void *userdata = r->userdata;
+        uint64_t seq = 0;
+        bool duplicate = false;
+
+        request_unlink(r);
+        if (error == 0 && natsMsg_IsNoResponders(msg))
+                error = -EHOSTUNREACH;
+        if (error == 0 && kind != REQUEST_PLAIN)
+                error = parse_pub_ack(msg, r->subject, &seq, &duplicate);
+        if (error != 0 && kind == REQUEST_KV)
+                log_warning("NATS: key-value update '%s' failed: %s", r->subject, strerror(-error));
+        request_free(r);
+
+        switch (kind) {
+        case REQUEST_PLAIN:
+                reply_fn(userdata, error, error == 0 ? msg : NULL);
+                break;
+        case REQUEST_JS_ACK:
+                ack_fn(userdata, error, seq, duplicate);
+                break;
+        case REQUEST_KV:
+                break;
+        }
+}
+
+static int on_request_timer(sd_event_source *src _unused_, uint64_t usec _unused_, void *userdata) {
+        request_complete(userdata, -ETIMEDOUT, NULL);
+        return 0;
+}
+
+static void handle_reply(Bus *b, natsMsg *msg) {
+        const char *subject = natsMsg_GetSubject(msg), *p;
+        uint64_t token = 0;
+
+        if (!subject || !startswith(subject, b->inbox_prefix))
+                return;
+        p = subject + strlen(b->inbox_prefix);
+        if (*p < '0' || *p > '9')
+                return;
+        for (; *p; p++) {
+                if (*p < '0' || *p > '9' || token > (UINT64_MAX - 9) / 10)
+                        return;
+                token = token * 10 + (uint64_t)(*p - '0');
+        }
+        for (BusRequest *r = *request_slot(b, token); r; r = r->next)
+                if (r->token == token) {
+                        request_complete(r, 0, msg);
+                        return;
+                }
+        /* Timed out or cancelled already. */
+}
+
+/* The connection dropped: the replies of the requests sent until now are
+ * lost (a new connection has a new inbox interest only for new ones), so
+ * fail them now rather than at their timeouts. */
+static void requests_fail_all(Bus *b, int error) {
+        uint64_t limit = b->next_token;
+
+        for (size_t i = 0; i < BUS_REQUEST_BUCKETS && !b->freed; i++) {
+                BusRequest *r;
+
+                /* A callback may cancel or start requests: look again
+                 * after each. */
+                do {
+                        for (r = b->requests[i]; r && r->token >= limit; r = r->next)
+                                ;
+                        if (r)
+                                request_complete(r, error, NULL);
+                } while (r && !b->freed);
+        }
+}
+
+static int append_headers(natsMsg *m, const char *const *headers) {
+        for (size_t i = 0; headers && headers[i]; i += 2) {
+                natsStatus s;
+
+                if (!headers[i + 1])
+                        return -EINVAL;
+                s = natsMsgHeader_Add(m, headers[i], headers[i + 1]);
+                if (s != NATS_OK)
+                        return bus_error(s, "setting header", headers[i]);
+        }
+        return 0;
+}
+
+static int msg_new(const char *subject, const char *reply, const char *const *headers, const void *data,
+                   size_t len, natsMsg **ret) {
+        natsMsg *m = NULL;
+        natsStatus s;
+        int r;
+
+        if (len > INT_MAX || (!data && len > 0))
+                return -EINVAL;
+        s = natsMsg_Create(&m, subject, reply, data, (int)len);
+        if (s != NATS_OK)
+                return bus_error(s, "creating a message for", subject);
+        r = append_headers(m, headers);
+        if (r < 0) {
+                natsMsg_Destroy(m);
+                return r;
+        }
+        *ret = m;
+        return 0;
+}
+
+static int request_start(Bus *b, RequestKind kind, const char *subject, const char *const *headers,
+                         const void *data, size_t len, uint64_t timeout_usec, bus_reply_fn reply_fn,
+                         bus_ack_fn ack_fn, void *userdata, BusRequest **ret) {
+        char reply[128];
+        BusRequest *r;
+        natsMsg *m = NULL;
+        natsStatus s;
+        int k;
+
+        if (!bus_connected(b))
+                return -ENOTCONN;
+        r = calloc(1, sizeof(*r));
+        if (!r)
+                return -ENOMEM;
+        r->bus = b;
+        r->kind = kind;
+        r->token = b->next_token++;
+        r->reply_fn = reply_fn;
+        r->ack_fn = ack_fn;
+        r->userdata = userdata;
+        r->subject = strdup(subject);
+        if (!r->subject) {
+                free(r);
+                return -ENOMEM;
+        }
+        (void)snprintf(reply, sizeof(reply), "%s%" PRIu64, b->inbox_prefix, r->token);
+
+        k = sd_event_add_time_relative(b->event, &r->timer, CLOCK_MONOTONIC, timeout_usec, BUS_TIMER_ACCURACY_USEC,
+                                       on_request_timer, r);
+        if (k >= 0)
+                k = msg_new(subject, reply, headers, data, len, &m);
+        if (k >= 0) {
+                s = natsConnection_PublishMsg(b->nc, m);
+                natsMsg_Destroy(m);
+                k = bus_error(s, "publishing to", subject);
+        }
+        if (k < 0) {
+                request_free(r);
+                return k;
+        }
+
+        r->next = *request_slot(b, r->token);
+        if (r->next)
+                r->next->prev = r;
+        *request_slot(b, r->token) = r;
+        if (ret)
+                *ret = r;
+        return 0;
+}
+
+int bus_request(Bus *b, const char *subject, const char *const *headers, const void *data, size_t len,
+                uint64_t timeout_usec, bus_reply_fn fn, void *userdata, BusRequest **ret) {
+        if (!b || !subject || !fn)
+                return -EINVAL;
+        return request_start(b, REQUEST_PLAIN, subject, headers, data, len, timeout_usec, fn, NULL, userdata, ret);
+}
+
+int bus_js_publish_async(Bus *b, const char *subject, const char *const *headers, const void *data, size_t len,
+                         uint64_t timeout_usec, bus_ack_fn fn, void *userdata, BusRequest **ret) {
+        if (!b || !subject || !fn)
+                return -EINVAL;
+        return request_start(b, REQUEST_JS_ACK, subject, headers, data, len, timeout_usec, NULL, fn, userdata,
+                             ret);
+}
+
+/* ---- the loop's side -------------------------------------------------------- */
+
+static Bus *bus_unref(Bus *b);
+
+static void dispatch(Bus *b, Item *it) {
+        BusSub *s = it->sub;
+
+        switch (it->kind) {
+        case ITEM_CONNECTION:
+                if (!it->up) {
+                        log_warning("NATS: disconnected, reconnecting");
+                        requests_fail_all(b, -ENOTCONN);
+                } else {
+                        char url[256] = "";
+
+                        (void)natsConnection_GetConnectedUrl(b->nc, url, sizeof(url));
+                        log_notice("NATS: reconnected to %s", url);
+                }
+                if (!b->freed && b->hooks.connection)
+                        b->hooks.connection(b->hooks.userdata, it->up);
+                break;
+        case ITEM_MSG:
+                if (s->kind == SUB_INBOX)
+                        handle_reply(b, it->msg);
+                else
+                        s->msg_fn(s->userdata, it->msg);
+                break;
+        case ITEM_KV:
+                if (!it->entry)
+                        s->kv_fn(s->userdata, NULL, NULL, 0, 0);
+                else if (kvEntry_Operation(it->entry) == kvOp_Put)
+                        s->kv_fn(s->userdata, kvEntry_Key(it->entry), kvEntry_Value(it->entry),
+                                 (size_t)kvEntry_ValueLen(it->entry), kvEntry_Revision(it->entry));
+                else
+                        s->kv_fn(s->userdata, kvEntry_Key(it->entry), NULL, 0, kvEntry_Revision(it->entry));
+                break;
+        }
+}
+
+static int on_wake(sd_event_source *src _unused_, int fd _unused_, uint32_t revents _unused_, void *userdata) {
+        Bus *b = userdata;
+        uint64_t n;
+
+        (void)!read(b->wake_fd, &n, sizeof(n));
+        b->n_ref++;
+        for (unsigned i = 0; i < BUS_DISPATCH_BATCH && !b->freed; i++) {
+                Item *it = queue_pop(b);
+
+                if (!it)
+                        break;
+                dispatch(b, it);
+                item_free(it);
+        }
+        if (!b->freed) {
+                /* More than a batch: come back after the other sources. */
+                pthread_mutex_lock(&b->lock);
+                if (b->head)
+                        wake_loop_locked(b);
+                pthread_mutex_unlock(&b->lock);
+        }
+        bus_unref(b);
+        return 0;
+}
+
+/* ---- subscriptions ------------------------------------------------------------- */
+
+static BusSub *sub_new(Bus *b, SubKind kind, void *userdata) {
+        BusSub *s = calloc(1, sizeof(*s));
+
+        if (!s)
+                return NULL;
+        s->bus = b;
+        s->kind = kind;
+        s->userdata = userdata;
+        s->refs = 1;
+        return s;
+}
+
+/* After s->sub was created with on_nats_msg: libnats' reference. On
+ * failure s is left to libnats (dead, never freed: the case needs the
+ * connection closed under us, which only bus_free() does). */
+static int sub_attach(BusSub *s) {
+        Bus *b = s->bus;
+        natsStatus st;
+
+        pthread_mutex_lock(&b->lock);
+        s->refs++;
+        b->libnats_refs++;
+        pthread_mutex_unlock(&b->lock);
+        st = natsSubscription_SetOnCompleteCB(s->sub, on_sub_complete, s);
+        if (st != NATS_OK) {
+                pthread_mutex_lock(&b->lock);
+                s->dead = true;
+                b->libnats_refs--;
+                pthread_mutex_unlock(&b->lock);
+                (void)natsSubscription_Unsubscribe(s->sub);
+                natsSubscription_Destroy(s->sub);
+                return bus_error(st, "subscribing to", "a subject");
+        }
+        s->next = b->subs;
+        if (s->next)
+                s->next->prev = s;
+        b->subs = s;
+        return 0;
+}
+
+BusSub *bus_sub_free(BusSub *s) {
+        Bus *b;
+        bool free_it;
+
+        if (!s)
+                return NULL;
+        b = s->bus;
+        if (s->prev)
+                s->prev->next = s->next;
+        else if (b->subs == s)
+                b->subs = s->next;
+        if (s->next)
+                s->next->prev = s->prev;
+
+        pthread_mutex_lock(&b->lock);
+        s->dead = true;
+        queue_drop_locked(b, s);
+        pthread_mutex_unlock(&b->lock);
+
+        if (s->watcher) {
+                (void)kvWatcher_Stop(s->watcher);
+                if (s->thread_started)
+                        pthread_join(s->thread, NULL);
+                kvWatcher_Destroy(s->watcher);
+        }
+        if (s->sub) {
+                (void)natsSubscription_Unsubscribe(s->sub);
+                natsSubscription_Destroy(s->sub);
+        }
+
+        pthread_mutex_lock(&b->lock);
+        free_it = --s->refs == 0;
+        pthread_mutex_unlock(&b->lock);
+        if (free_it)
+                free(s);
+        return NULL;
+}
+
+int bus_subscribe(Bus *b, const char *subject, const char *queue, bus_msg_fn fn, void *userdata, BusSub **ret) {
+        BusSub *s;
+        natsStatus st;
+
+        if (!b || !subject || !fn || !ret)
+                return -EINVAL;
+        s = sub_new(b, SUB_CORE, userdata);
+        if (!s)
+                return -ENOMEM;
+        s->msg_fn = fn;
+        if (queue)
+                st = natsConnection_QueueSubscribe(&s->sub, b->nc, subject, queue, on_nats_msg, s);
+        else
+                st = natsConnection_Subscribe(&s->sub, b->nc, subject, on_nats_msg, s);
+        if (st != NATS_OK) {
+                free(s);
+                return bus_error(st, "subscribing to", subject);
+        }
+        /* Nothing is dropped between libnats and the Bus's queue. */
+        (void)natsSubscription_SetPendingLimits(s->sub, -1, -1);
+        st = sub_attach(s);
+        if (st < 0)
+                return st;
+        *ret = s;
+        return 0;
+}
+
+/* ---- publishing ----------------------------------------------------------------- */
+
+int bus_publish(Bus *b, const char *subject, const char *const *headers, const void *data, size_t len) {
+        natsMsg *m = NULL;
+        natsStatus s;
+        int r;
+
+        if (!b || !subject)
+                return -EINVAL;
+        r = msg_new(subject, NULL, headers, data, len, &m);
+        if (r < 0)
+                return r;
+        s = natsConnection_PublishMsg(b->nc, m);
+        natsMsg_Destroy(m);
+        return bus_error(s, "publishing to", subject);
+}
+
+int bus_respond(Bus *b, natsMsg *request, const void *data, size_t len) {
+        const char *reply;
+        natsStatus s;
+
+        if (!b || !request || len > INT_MAX || (!data && len > 0))
+                return -EINVAL;
+        reply = natsMsg_GetReply(request);
+        if (!reply || !*reply)
+                return -EINVAL;
+        s = natsConnection_Publish(b->nc, reply, data, (int)len);
+        return bus_error(s, "answering on", reply);
+}
+
+/* ---- JetStream ------------------------------------------------------------------- */
+
+int bus_stream_ensure(Bus *b, jsStreamConfig *config, int64_t *ret_created_ns) {
+        jsStreamInfo *si = NULL;
+        jsErrCode jerr = 0;
+        natsStatus s;
+
+        if (!b || !config || !config->Name)
+                return -EINVAL;
+        if (!bus_connected(b))
+                return -ENOTCONN;
+        s = js_AddStream(&si, b->js, config, NULL, &jerr);
+        if (s != NATS_OK && jerr == JSStreamNameExistErr) {
+                /* It exists with other settings: take ours. */
+                jerr = 0;
+                s = js_UpdateStream(&si, b->js, config, NULL, &jerr);
+        }
+        if (s != NATS_OK) {
+                int r = errno_from_nats(s);
+
+                log_error("NATS: cannot create or update stream '%s': %s", config->Name, nats_error_text(s));
+                return r == 0 ? -EIO : r;
+        }
+        if (ret_created_ns)
+                *ret_created_ns = si->Created;
+        jsStreamInfo_Destroy(si);
+        return 0;
+}
+
+int bus_js_publish(Bus *b, const char *subject, const char *const *headers, const void *data, size_t len,
+                   uint64_t timeout_usec, uint64_t *ret_seq, bool *ret_duplicate) {
+        jsPubOptions po;
+        jsPubAck *pa = NULL;
+        jsErrCode jerr = 0;
+        natsMsg *m = NULL;
+        natsStatus s;
+        int r;
+
+        if (!b || !subject)
+                return -EINVAL;
+        if (!bus_connected(b))
+                return -ENOTCONN;
+        r = msg_new(subject, NULL, headers, data, len, &m);
+        if (r < 0)
+                return r;
+        jsPubOptions_Init(&po);
+        po.MaxWait = (int64_t)((timeout_usec + 999) / 1000);
+        if (po.MaxWait <= 0)
+                po.MaxWait = 1;
+        s = js_PublishMsg(&pa, b->js, m, &po, &jerr);
+        natsMsg_Destroy(m);
+        if (s != NATS_OK) {
+                r = errno_from_nats(s);
+                if (r == -EIO)
+                        log_warning("NATS: JetStream publish to '%s' failed: %s (error %d)", subject,
+                                    nats_error_text(s), (int)jerr);
+                return r;
+        }
+        if (ret_seq)
+                *ret_seq = pa->Sequence;
+        if (ret_duplicate)
+                *ret_duplicate = pa->Duplicate;
+        jsPubAck_Destroy(pa);
+        return 0;
+}
+
+int bus_stream_follow(Bus *b, const char *stream, const char *filter, uint64_t start_seq, bus_msg_fn fn,
+                      void *userdata, BusSub **ret) {
+        jsSubOptions so;
+        jsErrCode jerr = 0;
+        BusSub *s;
+        natsStatus st;
+        int r;
+
+        if (!b || !stream || !fn || !ret)
+                return -EINVAL;
+        if (!bus_connected(b))
+                return -ENOTCONN;
+        s = sub_new(b, SUB_FOLLOW, userdata);
+        if (!s)
+                return -ENOMEM;
+        s->msg_fn = fn;
+        jsSubOptions_Init(&so);
+        so.Stream = stream;
+        so.Ordered = true;
+        so.Config.DeliverPolicy = js_DeliverByStartSequence;
+        so.Config.OptStartSeq = start_seq > 0 ? start_seq : 1;
+        st = js_Subscribe(&s->sub, b->js, filter ? filter : ">", on_nats_msg, s, NULL, &so, &jerr);
+        if (st != NATS_OK) {
+                free(s);
+                r = errno_from_nats(st);
+                log_error("NATS: cannot follow stream '%s': %s (error %d)", stream, nats_error_text(st), (int)jerr);
+                return r == 0 ? -EIO : r;
+        }
+        (void)natsSubscription_SetPendingLimits(s->sub, -1, -1);
+        r = sub_attach(s);
+        if (r < 0)
+                return r;
+        *ret = s;
+        return 0;
+}
+
+uint64_t bus_msg_seq(natsMsg *msg) {
+        jsMsgMetaData *meta = NULL;
+        uint64_t seq;
+
+        if (!msg)
+                return 0;
+        if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
+                seq = meta->Sequence.Stream;
+                jsMsgMetaData_Destroy(meta);
+                return seq;
+        }
+        /* A message got with js_GetMsg() and the like. */
+        return natsMsg_GetSequence(msg);
+}
+
+const char *bus_msg_header(natsMsg *msg, const char *name) {
+        const char *value = NULL;
+
+        if (!msg || !name || natsMsgHeader_Get(msg, name, &value) != NATS_OK)
+                return NULL;
+        return value;
+}
+
+/* ---- key-value buckets --------------------------------------------------------- */
+
+/* Bucket names and keys as the cloud uses them: [A-Za-z0-9_-]+ (a subset
+ * of what NATS allows, so a key is one subject token). */
+static bool bus_name_valid(const char *s) {
+        if (!s || !*s)
+                return false;
+        for (; *s; s++)
+                if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') || *s == '_' ||
+                      *s == '-'))
+                        return false;
+        return true;
+}
+
+static kvStore *bucket_find(Bus *b, const char *bucket) {
+        for (BusBucket *k = b->buckets; k; k = k->next)
+                if (streq(kvStore_Bucket(k->kv), bucket))
+                        return k->kv;
+        return NULL;
+}
+
+static int bucket_add(Bus *b, kvStore *kv) {
+        BusBucket *k = calloc(1, sizeof(*k));
+
+        if (!k) {
+                kvStore_Destroy(kv);
+                return -ENOMEM;
+        }
+        k->kv = kv;
+        k->next = b->buckets;
+        b->buckets = k;
+        return 0;
+}
+
+int bus_kv_ensure(Bus *b, const char *bucket, unsigned replicas, uint64_t ttl_usec) {
+        kvConfig c;
+        kvStore *kv = NULL;
+        natsStatus s;
+
+        if (!b || !bus_name_valid(bucket) || replicas > 5)
+                return -EINVAL;
+        if (!bus_connected(b))
+                return -ENOTCONN;
+        if (bucket_find(b, bucket))
+                return 0;
+        kvConfig_Init(&c);
+        c.Bucket = bucket;
+        c.History = 1;
+        c.TTL = (int64_t)(ttl_usec / 1000);
+        c.StorageType = js_FileStorage;
+        c.Replicas = replicas > 0 ? (int)replicas : 1;
+        s = js_CreateKeyValue(&kv, b->js, &c);
+        if (s != NATS_OK) {
+                natsStatus bind = js_KeyValue(&kv, b->js, bucket);
+
+                if (bind != NATS_OK) {
+                        int r = errno_from_nats(s);
+
+                        log_error("NATS: cannot create key-value bucket '%s': %s", bucket, nats_error_text(s));
+                        return r == 0 ? -EIO : r;
+                }
+                log_warning("NATS: key-value bucket '%s' exists with other settings, using it as it is", bucket);
+        }
+        return bucket_add(b, kv);
+}
+
+static int bus_kv_update(Bus *b, const char *bucket, const char *key, const char *const *headers, const void *value,
+                         size_t len) {
+        char subject[BUS_SUBJECT_MAX];
+
+        if (!b || !bus_name_valid(bucket) || !bus_name_valid(key))
+                return -EINVAL;
+        if ((size_t)snprintf(subject, sizeof(subject), "$KV.%s.%s", bucket, key) >= sizeof(subject))
+                return -EINVAL;
+        return request_start(b, REQUEST_KV, subject, headers, value, len, BUS_KV_ACK_TIMEOUT_USEC, NULL, NULL, NULL,
+                             NULL);
+}
+
+int bus_kv_put(Bus *b, const char *bucket, const char *key, const void *value, size_t len) {
+        return bus_kv_update(b, bucket, key, NULL, value, len);
+}
+
+int bus_kv_delete(Bus *b, const char *bucket, const char *key) {
+        static const char *const headers[] = { "KV-Operation", "DEL", NULL };
+
+        return bus_kv_update(b, bucket, key, headers, NULL, 0);
+}
+
+int bus_kv_watch(Bus *b, const char *bucket, bus_kv_fn fn, void *userdata, BusSub **ret) {
+        kvStore *kv;
+        BusSub *s;
+        natsStatus st;
+        int r;
+
+        if (!b || !bus_name_valid(bucket) || !fn || !ret)
+                return -EINVAL;
+        if (!bus_connected(b))
+                return -ENOTCONN;
+        kv = bucket_find(b, bucket);
+        if (!kv) {
+                st = js_KeyValue(&kv, b->js, bucket);
+                if (st != NATS_OK) {
+                        r = errno_from_nats(st);
+                        log_error("NATS: cannot open key-value bucket '%s': %s", bucket, nats_error_text(st));
+                        return r == 0 ? -EIO : r;
+                }
+                r = bucket_add(b, kv);
+                if (r < 0)
+                        return r;
+        }
+        s = sub_new(b, SUB_KV, userdata);
+        if (!s)
+                return -ENOMEM;
+        s->kv_fn = fn;
+        st = kvStore_WatchAll(&s->watcher, kv, NULL);
+        if (st != NATS_OK) {
+                free(s);
+                r = errno_from_nats(st);
+                log_error("NATS: cannot watch key-value bucket '%s': %s", bucket, nats_error_text(st));
+                return r == 0 ? -EIO : r;
+        }
+        r = -pthread_create(&s->thread, NULL, kv_watch_thread, s);
+        if (r < 0) {
+                kvWatcher_Destroy(s->watcher);
+                free(s);
+                return r;
+        }
+        s->thread_started = true;
+        s->next = b->subs;
+        if (s->next)
+                s->next->prev = s;
+        b->subs = s;
+        *ret = s;
+        return 0;
+}
+
+/* ---- the Bus ------------------------------------------------------------------------ */
+
+static Bus *bus_unref(Bus *b) {
+        if (!b || --b->n_ref > 0)
+                return NULL;
+        pthread_mutex_destroy(&b->lock);
+        pthread_cond_destroy(&b->cond);
+        free(b);
+        return NULL;
+}
+
+/* Close the connection and wait until libnats is done with the Bus.
+ * false: it was not within BUS_CLOSE_WAIT_SEC (the Bus must stay
+ * allocated). */
+static bool bus_close(Bus *b) {
+        struct timespec deadline;
+        bool done;
+
+        pthread_mutex_lock(&b->lock);
+        b->closing = true;
+        for (BusSub *s = b->subs; s; s = s->next)
+                s->dead = true;
+        queue_drop_locked(b, NULL);
+        pthread_mutex_unlock(&b->lock);
+
+        for (BusSub *s = b->subs; s; s = s->next)
+                if (s->watcher) {
+                        (void)kvWatcher_Stop(s->watcher);
+                        if (s->thread_started)
+                                pthread_join(s->thread, NULL);
+                        s->thread_started = false;
+                }
+        if (b->nc)
+                natsConnection_Close(b->nc);
+
+        clock_gettime(CLOCK_MONOTONIC, &deadline);
+        deadline.tv_sec += BUS_CLOSE_WAIT_SEC;
+        pthread_mutex_lock(&b->lock);
+        while (b->libnats_refs > 0)
+                if (pthread_cond_timedwait(&b->cond, &b->lock, &deadline) == ETIMEDOUT)
+                        break;
+        done = b->libnats_refs == 0;
+        queue_drop_locked(b, NULL);
+        pthread_mutex_unlock(&b->lock);
+        return done;
+}
+
+Bus *bus_free(Bus *b) {
+        if (!b || b->freed)
+                return NULL;
+        b->freed = true;
+
+        for (size_t i = 0; i < BUS_REQUEST_BUCKETS; i++)
+                while (b->requests[i])
+                        bus_request_cancel(b->requests[i]);
+        if (!bus_close(b)) {
+                /* Freeing what libnats may still touch would be worse. */
+                log_error("NATS: the client library did not let go of the connection, leaking it");
+                return NULL;
+        }
+
+        while (b->subs) {
+                BusSub *s = b->subs;
+
+                b->subs = s->next;
+                if (s->watcher)
+                        kvWatcher_Destroy(s->watcher);
+                natsSubscription_Destroy(s->sub);
+                /* Freed by on_sub_complete() when libnats held it. */
+                if (--s->refs == 0)
+                        free(s);
+        }
+        while (b->buckets) {
+                BusBucket *k = b->buckets;
+
+                b->buckets = k->next;
+                kvStore_Destroy(k->kv);
+                free(k);
+        }
+        jsCtx_Destroy(b->js);
+        natsConnection_Destroy(b->nc);
+        sd_event_source_disable_unref(b->wake);
+        if (b->wake_fd >= 0)
+                close(b->wake_fd);
+        free(b->inbox_prefix);
+        free(b->servers);
+        return bus_unref(b);
+}
+
+bool bus_connected(Bus *b) {
+        return b && b->nc && natsConnection_Status(b->nc) == NATS_CONN_STATUS_CONNECTED;
+}
+
+jsCtx *bus_js(Bus *b) {
+        return b ? b->js : NULL;
+}
+
+natsConnection *bus_connection(Bus *b) {
+        return b ? b->nc : NULL;
+}
+
+static int bus_options(Bus *b, const BusConfig *config, natsOptions **ret) {
+        _cleanup_free_ char *copy = NULL;
+        _cleanup_free_ const char **urls = NULL;
+        natsOptions *o = NULL;
+        size_t n = 0, max = 1;
+        char *save = NULL;
+        natsStatus s;
+
+        copy = strdup(config->servers);
+        if (!copy)
+                return -ENOMEM;
+        for (const char *p = copy; *p; p++)
+                max += *p == ',' || *p == ' ' || *p == '\t';
+        urls = calloc(max, sizeof(*urls));
+        if (!urls)
+                return -ENOMEM;
+        for (char *t = strtok_r(copy, ", \t", &save); t; t = strtok_r(NULL, ", \t", &save))
+                urls[n++] = t;
+        if (n == 0 || n > INT_MAX)
+                return -EINVAL;
+
+        s = natsOptions_Create(&o);
+        if (s == NATS_OK)
+                s = natsOptions_SetServers(o, urls, (int)n);
+        if (s == NATS_OK && config->name)
+                s = natsOptions_SetName(o, config->name);
+        if (s == NATS_OK && config->user)
+                s = natsOptions_SetUserInfo(o, config->user, config->password);
+        if (s == NATS_OK && config->ca_file) {
+                s = natsOptions_SetSecure(o, true);
+                if (s == NATS_OK)
+                        s = natsOptions_LoadCATrustedCertificates(o, config->ca_file);
+        }
+        if (s == NATS_OK)
+                s = natsOptions_SetTimeout(o, BUS_CONNECT_TIMEOUT_MS);
+        if (s == NATS_OK)
+                s = natsOptions_SetMaxReconnect(o, -1);
+        if (s == NATS_OK)
+                s = natsOptions_SetReconnectWait(o, BUS_RECONNECT_WAIT_MS);
+        if (s == NATS_OK)
+                s = natsOptions_SetPingInterval(o, BUS_PING_INTERVAL_MS);
+        if (s == NATS_OK)
+                s = natsOptions_SetMaxPingsOut(o, BUS_MAX_PINGS_OUT);
+        if (s == NATS_OK)
+                s = natsOptions_SetFailRequestsOnDisconnect(o, true);
+        if (s == NATS_OK)
+                s = natsOptions_SetDisconnectedCB(o, on_disconnected, b);
+        if (s == NATS_OK)
+                s = natsOptions_SetReconnectedCB(o, on_reconnected, b);
+        if (s == NATS_OK)
+                s = natsOptions_SetClosedCB(o, on_closed, b);
+        if (s == NATS_OK)
+                s = natsOptions_SetErrorHandler(o, on_nats_error, b);
+        if (s != NATS_OK) {
+                int r = errno_from_nats(s);
+
+                log_error("NATS: bad connection settings: %s", nats_error_text(s));
+                natsOptions_Destroy(o);
+                return r == 0 ? -EINVAL : r;
+        }
+        *ret = o;
+        return 0;
+}
+
+static int bus_inbox(Bus *b) {
+        natsInbox *inbox = NULL;
+        char subject[128];
+        BusSub *s;
+        natsStatus st;
+        int r;
+
+        st = natsInbox_Create(&inbox);
+        if (st != NATS_OK)
+                return bus_error(st, "creating", "an inbox");
+        r = asprintf(&b->inbox_prefix, "%s.", (const char *)inbox);
+        (void)snprintf(subject, sizeof(subject), "%s.*", (const char *)inbox);
+        natsInbox_Destroy(inbox);
+        if (r < 0) {
+                b->inbox_prefix = NULL;
+                return -ENOMEM;
+        }
+        s = sub_new(b, SUB_INBOX, b);
+        if (!s)
+                return -ENOMEM;
+        st = natsConnection_Subscribe(&s->sub, b->nc, subject, on_nats_msg, s);
+        if (st != NATS_OK) {
+                free(s);
+                return bus_error(st, "subscribing to", subject);
+        }
+        (void)natsSubscription_SetPendingLimits(s->sub, -1, -1);
+        r = sub_attach(s);
+        if (r < 0)
+                return r;
+        b->inbox = s;
+        return 0;
+}
+
+int bus_new(sd_event *event, const BusConfig *config, const BusHooks *hooks, Bus **ret) {
+        natsOptions *opts = NULL;
+        pthread_condattr_t ca;
+        natsStatus s;
+        Bus *b;
+        int r;
+
+        if (!event || !config || !config->servers || !ret)
+                return -EINVAL;
+        b = calloc(1, sizeof(*b));
+        if (!b)
+                return -ENOMEM;
+        b->n_ref = 1;
+        b->event = event;
+        b->wake_fd = -1;
+        if (hooks)
+                b->hooks = *hooks;
+        pthread_mutex_init(&b->lock, NULL);
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&b->cond, &ca);
+        pthread_condattr_destroy(&ca);
+
+        b->servers = strdup(config->servers);
+        if (!b->servers) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        b->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (b->wake_fd < 0) {
+                r = log_error_errno(errno, "NATS: eventfd: %m");
+                goto fail;
+        }
+        r = sd_event_add_io(event, &b->wake, b->wake_fd, EPOLLIN, on_wake, b);
+        if (r < 0)
+                goto fail;
+        (void)sd_event_source_set_description(b->wake, "bus-wake");
+
+        r = bus_options(b, config, &opts);
+        if (r < 0)
+                goto fail;
+        s = natsConnection_Connect(&b->nc, opts);
+        natsOptions_Destroy(opts);
+        if (s != NATS_OK) {
+                log_error("NATS: cannot connect to '%s': %s", config->servers, nats_error_text(s));
+                b->nc = NULL;
+                r = -ENOTCONN;
+                goto fail;
+        }
+        pthread_mutex_lock(&b->lock);
+        b->libnats_refs++; /* on_closed() */
+        pthread_mutex_unlock(&b->lock);
+
+        s = natsConnection_JetStream(&b->js, b->nc, NULL);
+        if (s != NATS_OK) {
+                r = bus_error(s, "opening JetStream on", config->servers);
+                goto fail;
+        }
+        r = bus_inbox(b);
+        if (r < 0)
+                goto fail;
+        *ret = b;
+        return 0;
+fail:
+        bus_free(b);
+        return r;
+}
+
+/* ---- subjects ------------------------------------------------------------------------- */
+
+static bool subject_byte_plain(unsigned char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+}
+
+int bus_subject_append_name(char *buf, size_t size, const char *name) {
+        static const char hex[] = "0123456789ABCDEF";
+        size_t start, need = 0;
+        bool part_empty = true;
+        char *p;
+
+        if (!buf || !name || size == 0)
+                return -EINVAL;
+        start = strnlen(buf, size);
+        if (start >= size)
+                return -EINVAL;
+        /* A separator after what is there unless it ends with one. */
+        if (start > 0 && buf[start - 1] != '.')
+                need++;
+        for (const unsigned char *c = (const unsigned char *)name;; c++) {
+                if (*c == '/' || *c == 0) {
+                        need += part_empty; /* "%" */
+                        if (*c == 0)
+                                break;
+                        need++; /* '.' */
+                        part_empty = true;
+                        continue;
+                }
+                part_empty = false;
+                need += subject_byte_plain(*c) ? 1 : 3;
+        }
+        if (need >= size - start)
+                return -ENOBUFS;
+
+        p = buf + start;
+        if (start > 0 && buf[start - 1] != '.')
+                *p++ = '.';
+        part_empty = true;
+        for (const unsigned char *c = (const unsigned char *)name;; c++) {
+                if (*c == '/' || *c == 0) {
+                        if (part_empty)
+                                *p++ = '%';
+                        if (*c == 0)
+                                break;
+                        *p++ = '.';
+                        part_empty = true;
+                        continue;
+                }
+                part_empty = false;
+                if (subject_byte_plain(*c))
+                        *p++ = (char)*c;
+                else {
+                        *p++ = '%';
+                        *p++ = hex[*c >> 4];
+                        *p++ = hex[*c & 15];
+                }
+        }
+        *p = 0;
+        return 0;
+}
+
+static int hex_digit(char c) {
+        if (c >= '0' && c <= '9')
+                return c - '0';
+        if (c >= 'A' && c <= 'F')
+                return c - 'A' + 10;
+        return -1; /* lower case too: one spelling per name */
+}
+
+int bus_subject_name(const char *subject, unsigned skip, char *buf, size_t size) {
+        const char *p = subject;
+        size_t n = 0;
+
+        if (!subject || !buf || size == 0)
+                return -EINVAL;
+        for (unsigned i = 0; i < skip; i++) {
+                p = strchr(p, '.');
+                if (!p)
+                        return -EINVAL;
+                p++;
+        }
+        for (;;) {
+                const char *end = strchrnul(p, '.');
+
+                if (end == p)
+                        return -EINVAL; /* an empty token */
+                if (end - p == 1 && *p == '%') {
+                        /* An empty part. */
+                } else
+                        for (const char *c = p; c < end; c++) {
+                                int hi, lo;
+                                unsigned char byte;
+
+                                if (subject_byte_plain((unsigned char)*c))
+                                        byte = (unsigned char)*c;
+                                else if (*c == '%' && end - c >= 3 && (hi = hex_digit(c[1])) >= 0 &&
+                                         (lo = hex_digit(c[2])) >= 0) {
+                                        byte = (unsigned char)(hi << 4 | lo);
+                                        /* Only what the encoding writes so. */
+                                        if (byte == 0 || byte == '/' || subject_byte_plain(byte))
+                                                return -EINVAL;
+                                        c += 2;
+                                } else
+                                        return -EINVAL;
+                                if (n + 1 >= size)
+                                        return -ENOBUFS;
+                                buf[n++] = (char)byte;
+                        }
+                if (*end == 0)
+                        break;
+                if (n + 1 >= size)
+                        return -ENOBUFS;
+                buf[n++] = '/';
+                p = end + 1;
+        }
+        buf[n] = 0;
+        return 0;
+}
