@@ -957,7 +957,7 @@ int bus_kv_ensure(Bus *b, const char *bucket, unsigned replicas, uint64_t ttl_us
         kvStore *kv = NULL;
         natsStatus s;
 
-        if (!b || !bus_name_valid(bucket) || replicas > 5)
+        if (!b || !bus_name_valid(bucket) || replicas > 5 || ttl_usec > (uint64_t)INT64_MAX / 1000)
                 return -EINVAL;
         if (!bus_connected(b))
                 return -ENOTCONN;
@@ -966,7 +966,8 @@ int bus_kv_ensure(Bus *b, const char *bucket, unsigned replicas, uint64_t ttl_us
         kvConfig_Init(&c);
         c.Bucket = bucket;
         c.History = 1;
-        c.TTL = (int64_t)(ttl_usec / 1000);
+        /* Nanoseconds (it becomes the stream's MaxAge), whatever the name says. */
+        c.TTL = (int64_t)(ttl_usec * 1000);
         c.StorageType = js_FileStorage;
         c.Replicas = replicas > 0 ? (int)replicas : 1;
         s = js_CreateKeyValue(&kv, b->js, &c);
