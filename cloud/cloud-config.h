@@ -16,6 +16,7 @@
 #define CLOUD_DEFAULT_CONFIG SYSCONFDIR "/tether/tether-cloudd.conf"
 #define CLOUD_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether-cloud"
 #define CONFIG_TOKEN_DIGEST_SIZE 32 /* SHA-256 */
+#define CLOUD_NODE_NAME_MAX 32
 
 typedef struct CloudConfig {
         char *path; /* the file read */
@@ -87,6 +88,16 @@ typedef struct CloudConfig {
         unsigned sign_concurrency;      /* commands running at once */
         unsigned cert_validity_sec;     /* lifetime of issued certificates */
         bool enroll_enabled;            /* a signer is configured */
+
+        /* [Cluster] (docs/cluster.md): cluster mode is on when cluster_nats
+         * is set; all NULL/0 when it is not. */
+        char *cluster_nats;         /* server URLs, comma or space separated */
+        char *cluster_node;         /* [A-Za-z0-9_-]{1,32}; default: the host name, sanitised */
+        unsigned cluster_replicas;  /* 1..5; default 3 with 3 or more URLs, else 1 */
+        char *cluster_user;         /* NULL: none (with cluster_password) */
+        char *cluster_password;
+        char *cluster_ca_file;      /* NULL: TLS only for tls:// URLs */
+        char *cluster_node_api;     /* NULL: none; http(s) URL, informational */
 
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];

@@ -79,6 +79,14 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         free(c->enroll_ca_cert);
         free(c->enroll_ca_key);
         free(c->sign_command);
+        free(c->cluster_nats);
+        free(c->cluster_node);
+        free(c->cluster_user);
+        if (c->cluster_password)
+                OPENSSL_cleanse(c->cluster_password, strlen(c->cluster_password));
+        free(c->cluster_password);
+        free(c->cluster_ca_file);
+        free(c->cluster_node_api);
         if (c->token_digests)
                 OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
         free(c->token_digests);
@@ -147,7 +155,74 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Enroll", "SignTimeoutSec", sign_timeout_sec, 1, 3600),
         UINT_KEY("Enroll", "SignConcurrency", sign_concurrency, 1, 256),
         UINT_KEY("Enroll", "CertificateValiditySec", cert_validity_sec, 300, 315360000),
+        STR_KEY("Cluster", "NATS", cluster_nats),
+        STR_KEY("Cluster", "Node", cluster_node),
+        UINT_KEY("Cluster", "Replicas", cluster_replicas, 1, 5),
+        STR_KEY("Cluster", "User", cluster_user),
+        STR_KEY("Cluster", "Password", cluster_password),
+        STR_KEY("Cluster", "CAFile", cluster_ca_file),
+        STR_KEY("Cluster", "NodeAPI", cluster_node_api),
 };
+
+static bool node_char(char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-';
+}
+
+static bool node_name_valid(const char *s) {
+        size_t n = strlen(s);
+
+        if (n == 0 || n > CLOUD_NODE_NAME_MAX)
+                return false;
+        for (; *s; s++)
+                if (!node_char(*s))
+                        return false;
+        return true;
+}
+
+/* NULL if every URL of the list is nats:// or tls:// with a host, else
+ * the first bad one (in buf). */
+static const char *nats_urls_check(const char *list, char *buf, size_t size, unsigned *ret_n) {
+        unsigned n = 0;
+
+        for (const char *p = list;;) {
+                size_t len;
+
+                p += strspn(p, ", \t");
+                if (!*p)
+                        break;
+                len = strcspn(p, ", \t");
+                snprintf(buf, size, "%.*s", (int)len, p);
+                p += len;
+                n++;
+                if (!(startswith(buf, "nats://") && buf[strlen("nats://")] &&
+                      buf[strlen("nats://")] != ':') &&
+                    !(startswith(buf, "tls://") && buf[strlen("tls://")] && buf[strlen("tls://")] != ':'))
+                        return buf;
+        }
+        if (ret_n)
+                *ret_n = n;
+        return n == 0 ? "" : NULL;
+}
+
+/* [Cluster]'s values that can be checked on their own, with their line. */
+static int cloud_config_check_cluster_key(KeyfileParser *p, const char *name, const char *value) {
+        char url[256];
+        const char *bad;
+
+        if (streq(name, "Node") && !node_name_valid(value))
+                return keyfile_fail(p, -EINVAL,
+                                    "Invalid node name '%s' for Node= in [Cluster] (expected 1 to %u of A-Z a-z 0-9 _ -).",
+                                    value, CLOUD_NODE_NAME_MAX);
+        if (streq(name, "NATS") && (bad = nats_urls_check(value, url, sizeof(url), NULL)))
+                return keyfile_fail(p, -EINVAL,
+                                    "Invalid server URL '%s' for NATS= in [Cluster] (expected nats://HOST:PORT or "
+                                    "tls://HOST:PORT, separated by commas or spaces).",
+                                    bad);
+        if (streq(name, "NodeAPI") && !startswith(value, "http://") && !startswith(value, "https://"))
+                return keyfile_fail(p, -EINVAL, "Invalid URL '%s' for NodeAPI= in [Cluster] (expected http:// or https://).",
+                                    value);
+        return 1;
+}
 
 /* Every bad value is logged, not only the first. */
 static void cloud_config_log_error(const char *message) {
@@ -169,10 +244,13 @@ static int cloud_config_handler(KeyfileParser *p, const char *section, const cha
                                             (unsigned long long)k->max);
                 if (r < 0)
                         return keyfile_fail(p, -EINVAL, "Empty value for %s= in [%s].", name, section);
+                if (streq(section, "Cluster"))
+                        return cloud_config_check_cluster_key(p, name, value);
                 return 1;
         }
         if (!streq(section, "Cloud") && !streq(section, "API") && !streq(section, "State") &&
-            !streq(section, "Events") && !streq(section, "OTA") && !streq(section, "Enroll"))
+            !streq(section, "Events") && !streq(section, "OTA") && !streq(section, "Enroll") &&
+            !streq(section, "Cluster"))
                 log_warning("%s:%u: Unknown section [%s], ignoring %s=.", p->path, p->line, section, name);
         else
                 log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", p->path, p->line, name, section);
@@ -358,6 +436,57 @@ static int cloud_config_check_enroll(CloudConfig *c, const char *path) {
         return 0;
 }
 
+/* The host name with every byte outside [A-Za-z0-9_-] as '-', cut at
+ * CLOUD_NODE_NAME_MAX bytes ("node" if there is none). */
+static char *default_node_name(void) {
+        char host[256] = "";
+        size_t n;
+
+        if (gethostname(host, sizeof(host) - 1) < 0 || !host[0])
+                return strdup("node");
+        n = strnlen(host, CLOUD_NODE_NAME_MAX);
+        host[n] = 0;
+        for (size_t i = 0; i < n; i++)
+                if (!node_char(host[i]))
+                        host[i] = '-';
+        return strdup(host);
+}
+
+/* [Cluster]: defaults and what goes together. */
+static int cloud_config_check_cluster(CloudConfig *c, const char *path) {
+        unsigned n_urls = 0;
+        char url[256];
+
+        if (!c->cluster_nats) {
+                if (c->cluster_node || c->cluster_replicas || c->cluster_user || c->cluster_password ||
+                    c->cluster_ca_file || c->cluster_node_api)
+                        log_warning("%s: [Cluster] without NATS= is ignored: running as a single node.", path);
+                free(c->cluster_node);
+                free(c->cluster_user);
+                if (c->cluster_password)
+                        OPENSSL_cleanse(c->cluster_password, strlen(c->cluster_password));
+                free(c->cluster_password);
+                free(c->cluster_ca_file);
+                free(c->cluster_node_api);
+                c->cluster_node = c->cluster_user = c->cluster_password = NULL;
+                c->cluster_ca_file = c->cluster_node_api = NULL;
+                c->cluster_replicas = 0;
+                return 0;
+        }
+        /* Checked with its line already; the count is what is wanted. */
+        (void)nats_urls_check(c->cluster_nats, url, sizeof(url), &n_urls);
+        if (!c->cluster_user != !c->cluster_password)
+                return log_error_errno(-EINVAL, "%s: [Cluster] User= and Password= go together.", path);
+        if (!c->cluster_node) {
+                c->cluster_node = default_node_name();
+                if (!c->cluster_node)
+                        return log_error_errno(-ENOMEM, "Out of memory.");
+        }
+        if (c->cluster_replicas == 0)
+                c->cluster_replicas = n_urls >= 3 ? 3 : 1;
+        return 0;
+}
+
 int cloud_config_load(const char *path, CloudConfig **ret) {
         _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
         int r;
@@ -435,6 +564,9 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
                                        "event name (%u): the largest event could never be published.",
                                        path, c->device_byte_burst, c->max_payload, TETHER_EVENT_NAME_MAX);
         r = cloud_config_check_enroll(c, path);
+        if (r < 0)
+                return r;
+        r = cloud_config_check_cluster(c, path);
         if (r < 0)
                 return r;
         r = cloud_config_load_tokens(c);

@@ -358,6 +358,65 @@ static void test_resolve_address(void **state) {
         assert_int_equal(ss.ss_family, AF_INET6);
 }
 
+/* [Cluster]: absent is a single node; the defaults follow NATS=; bad
+ * values are refused with their line. */
+static void test_cluster(void **state) {
+        CloudConfig *c = NULL;
+        char host[256] = "";
+
+        assert_int_equal(load("", &c), 0);
+        assert_null(c->cluster_nats);
+        assert_null(c->cluster_node);
+        assert_int_equal(c->cluster_replicas, 0);
+        c = cloud_config_free(c);
+
+        /* Without NATS= the rest is ignored (with a warning). */
+        assert_int_equal(load("[Cluster]\nNode=n1\nReplicas=3\n", &c), 0);
+        assert_null(c->cluster_nats);
+        assert_null(c->cluster_node);
+        assert_int_equal(c->cluster_replicas, 0);
+        c = cloud_config_free(c);
+
+        assert_int_equal(load("[Cluster]\nNATS=nats://127.0.0.1:4222\n", &c), 0);
+        assert_string_equal(c->cluster_nats, "nats://127.0.0.1:4222");
+        assert_int_equal(c->cluster_replicas, 1);
+        assert_non_null(c->cluster_node);
+        assert_true(strlen(c->cluster_node) >= 1 && strlen(c->cluster_node) <= CLOUD_NODE_NAME_MAX);
+        assert_true(strspn(c->cluster_node, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-") ==
+                    strlen(c->cluster_node));
+        assert_int_equal(gethostname(host, sizeof(host) - 1), 0);
+        assert_int_equal(strncmp(c->cluster_node, host, strcspn(host, ".")), 0);
+        assert_null(c->cluster_user);
+        assert_null(c->cluster_node_api);
+        c = cloud_config_free(c);
+
+        assert_int_equal(load("[Cluster]\nNATS=nats://a:4222, nats://b:4222 tls://c:4222\nNode=cloud-1_a\n"
+                              "User=tether\nPassword=pw\nCAFile=/nats-ca.crt\nNodeAPI=https://n1.example:8080\n",
+                              &c),
+                         0);
+        assert_int_equal(c->cluster_replicas, 3);
+        assert_string_equal(c->cluster_node, "cloud-1_a");
+        assert_string_equal(c->cluster_user, "tether");
+        assert_string_equal(c->cluster_password, "pw");
+        assert_string_equal(c->cluster_ca_file, "/nats-ca.crt");
+        assert_string_equal(c->cluster_node_api, "https://n1.example:8080");
+        c = cloud_config_free(c);
+
+        assert_int_equal(load("[Cluster]\nNATS=nats://a:1,nats://b:1,nats://c:1\nReplicas=2\n", &c), 0);
+        assert_int_equal(c->cluster_replicas, 2);
+        c = cloud_config_free(c);
+
+        expect_logged("[Cluster]\nNATS=nats://a:1\nNode=a.b\n", "cloud.conf:9: Invalid node name 'a.b'");
+        expect_logged("[Cluster]\nNATS=nats://a:1\nNode=123456789012345678901234567890123\n", "Node=");
+        expect_logged("[Cluster]\nNATS=http://a:1\n", "cloud.conf:8: Invalid server URL 'http://a:1'");
+        expect_logged("[Cluster]\nNATS=nats://a:1,nats://\n", "Invalid server URL 'nats://'");
+        expect_logged("[Cluster]\nNATS= , \n", "Invalid server URL ''");
+        expect_logged("[Cluster]\nNATS=nats://a:1\nReplicas=6\n", "cloud.conf:9: Invalid value '6' for Replicas=");
+        expect_logged("[Cluster]\nNATS=nats://a:1\nReplicas=0\n", "Replicas=");
+        expect_logged("[Cluster]\nNATS=nats://a:1\nUser=u\n", "User= and Password= go together");
+        expect_logged("[Cluster]\nNATS=nats://a:1\nNodeAPI=ftp://x\n", "Invalid URL 'ftp://x' for NodeAPI=");
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
@@ -372,6 +431,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_token_file_limit),
                 cmocka_unit_test(test_argv),
                 cmocka_unit_test(test_resolve_address),
+                cmocka_unit_test(test_cluster),
         };
 
         /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
