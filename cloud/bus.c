@@ -264,7 +264,7 @@ static Item *queue_pop(Bus *b) {
 }
 
 /* Drop what is queued for s (NULL: everything). Under b->lock. */
-static void queue_drop_locked(Bus *b, BusSub *s) {
+static void queue_drop_locked(Bus *b, const BusSub *s) {
         Item **p = &b->head, *last = NULL;
 
         while (*p) {
