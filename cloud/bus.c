@@ -177,8 +177,12 @@ static const char *nats_error_text(natsStatus s) {
         natsStatus last = NATS_OK;
         const char *text = nats_GetLastError(&last);
 
-        if (text && *text)
-                return text;
+        if (text && *text) {
+                /* "(conn.c:2088): No server available ...": the text only. */
+                const char *p = text[0] == '(' ? strstr(text, "): ") : NULL;
+
+                return p ? p + 3 : text;
+        }
         return natsStatus_GetText(s);
 }
 
@@ -191,6 +195,8 @@ static int bus_error(natsStatus s, const char *what, const char *name) {
                 log_warning("NATS: %s '%s' failed: %s", what, name, nats_error_text(s));
         return r;
 }
+
+static bool bus_name_valid(const char *s);
 
 /* ---- the queue to the loop ---------------------------------------------------- */
 
@@ -258,7 +264,7 @@ static Item *queue_pop(Bus *b) {
 }
 
 /* Drop what is queued for s (NULL: everything). Under b->lock. */
-static void queue_drop_locked(Bus *b, BusSub *s) {
+static void queue_drop_locked(Bus *b, const BusSub *s) {
         Item **p = &b->head, *last = NULL;
 
         while (*p) {
@@ -494,11 +500,51 @@ static void requests_fail_all(Bus *b, int error) {
         }
 }
 
+/* A subject to publish to: tokens of printable ASCII other than blanks,
+ * none empty; wildcard tokens only if wildcards. NATS' text protocol takes
+ * a blank for a field separator, so what is not checked here could forge
+ * a reply subject. */
+static bool subject_valid(const char *subject, bool wildcards) {
+        const char *p = subject;
+
+        if (!subject || !*subject || strlen(subject) >= BUS_SUBJECT_MAX)
+                return false;
+        for (;;) {
+                const char *end = strchrnul(p, '.');
+
+                if (end == p)
+                        return false;
+                for (const char *c = p; c < end; c++)
+                        if (*c <= ' ' || *c >= 127)
+                                return false;
+                if (!wildcards && end - p == 1 && (*p == '*' || *p == '>'))
+                        return false;
+                if (*p == '>' && end - p == 1 && *end)
+                        return false; /* '>' only last */
+                if (!*end)
+                        return true;
+                p = end + 1;
+        }
+}
+
+/* Header names are tokens without ':'; values have no line ends. */
+static bool header_valid(const char *name, const char *value) {
+        if (!name || !*name || !value)
+                return false;
+        for (const char *c = name; *c; c++)
+                if (*c <= ' ' || *c >= 127 || *c == ':')
+                        return false;
+        for (const char *c = value; *c; c++)
+                if (*c == '\r' || *c == '\n')
+                        return false;
+        return true;
+}
+
 static int append_headers(natsMsg *m, const char *const *headers) {
         for (size_t i = 0; headers && headers[i]; i += 2) {
                 natsStatus s;
 
-                if (!headers[i + 1])
+                if (!header_valid(headers[i], headers[i + 1]))
                         return -EINVAL;
                 s = natsMsgHeader_Add(m, headers[i], headers[i + 1]);
                 if (s != NATS_OK)
@@ -513,7 +559,7 @@ static int msg_new(const char *subject, const char *reply, const char *const *he
         natsStatus s;
         int r;
 
-        if (len > INT_MAX || (!data && len > 0))
+        if (len > INT_MAX || (!data && len > 0) || !subject_valid(subject, false))
                 return -EINVAL;
         s = natsMsg_Create(&m, subject, reply, data, (int)len);
         if (s != NATS_OK)
@@ -740,7 +786,7 @@ int bus_subscribe(Bus *b, const char *subject, const char *queue, bus_msg_fn fn,
         BusSub *s;
         natsStatus st;
 
-        if (!b || !subject || !fn || !ret)
+        if (!b || !subject_valid(subject, true) || (queue && !subject_valid(queue, false)) || !fn || !ret)
                 return -EINVAL;
         s = sub_new(b, SUB_CORE, userdata);
         if (!s)
@@ -787,7 +833,7 @@ int bus_respond(Bus *b, natsMsg *request, const void *data, size_t len) {
         if (!b || !request || len > INT_MAX || (!data && len > 0))
                 return -EINVAL;
         reply = natsMsg_GetReply(request);
-        if (!reply || !*reply)
+        if (!reply || !subject_valid(reply, false))
                 return -EINVAL;
         s = natsConnection_Publish(b->nc, reply, data, (int)len);
         return bus_error(s, "answering on", reply);
@@ -867,7 +913,7 @@ int bus_stream_follow(Bus *b, const char *stream, const char *filter, uint64_t s
         natsStatus st;
         int r;
 
-        if (!b || !stream || !fn || !ret)
+        if (!b || !bus_name_valid(stream) || (filter && !subject_valid(filter, true)) || !fn || !ret)
                 return -EINVAL;
         if (!bus_connected(b))
                 return -ENOTCONN;

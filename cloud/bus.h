@@ -13,8 +13,15 @@
  *
  * Errors are negative errno values: -ENOTCONN (no connection to any
  * server now), -ETIMEDOUT, -EHOSTUNREACH (no responders), -ENOMEM,
- * -EINVAL, -EIO (anything else NATS reports, logged with its text);
- * ret_* parameters are untouched on failure. */
+ * -EINVAL (also: a subject with a blank, a control byte or an empty token,
+ * a wildcard where one publishes, a header name with ':' or a value with
+ * a line end), -EMSGSIZE (above the servers' max_payload), -EIO (anything
+ * else NATS reports, logged with its text); ret_* parameters are
+ * untouched on failure.
+ *
+ * What is queued for the loop is not bounded: a loop that stops
+ * dispatching lets it grow (libnats' own per-subscription limits are
+ * lifted so that nothing is dropped between it and the Bus). */
 #pragma once
 
 #include <nats/nats.h>
@@ -42,13 +49,17 @@ typedef struct BusHooks {
         void (*connection)(void *userdata, bool up);
 } BusHooks;
 
-/* Connect (synchronous: tries every server, up to about 5 s), then keep
- * reconnecting forever in the background. event is borrowed and must
- * outlive the Bus; config's strings are copied; hooks is copied. Logs
+/* Connect (synchronous: tries every server once, up to 2 s each), then
+ * keep reconnecting forever in the background (every second; a dead
+ * server is noticed within about 12 s by pings). -ENOTCONN when no server
+ * could be reached. A CA file makes TLS required. event is borrowed and
+ * must outlive the Bus; config's strings are copied; hooks is copied. Logs
  * what failed. */
 int bus_new(sd_event *event, const BusConfig *config, const BusHooks *hooks, Bus **ret);
 /* Drain nothing: close the connection, drop what is queued for the loop,
- * cancel pending requests (their callbacks do not run). NULL is fine. */
+ * cancel pending requests (their callbacks do not run); waits (up to
+ * 10 s) until libnats' threads are done with the Bus. NULL is fine; so is
+ * a call from one of the Bus's callbacks (nothing of it runs after). */
 Bus *bus_free(Bus *b);
 static inline void bus_freep(Bus **b) { bus_free(*b); }
 
@@ -64,7 +75,10 @@ typedef void (*bus_msg_fn)(void *userdata, natsMsg *msg);
 /* Core NATS subscription to subject (wildcards allowed), in queue group
  * queue (NULL: none). *ret is the caller's (bus_sub_free()). */
 int bus_subscribe(Bus *b, const char *subject, const char *queue, bus_msg_fn fn, void *userdata, BusSub **ret);
-/* Unsubscribe; no callback of it runs after this returns. NULL is fine. */
+/* Unsubscribe; no callback of it runs after this returns (what was
+ * queued for it is dropped); fine from its own callback. A stream
+ * follow's consumer is deleted on the server (a request, bounded by
+ * JetStream's 5 s). NULL is fine. */
 BusSub *bus_sub_free(BusSub *s);
 
 /* Core NATS publish (no acknowledgement); headers: NULL-terminated
@@ -74,11 +88,14 @@ int bus_publish(Bus *b, const char *subject, const char *const *headers, const v
  * subject; -EINVAL if it has none. */
 int bus_respond(Bus *b, natsMsg *request, const void *data, size_t len);
 
-/* Asynchronous request/reply on one shared inbox subscription: fn runs
- * exactly once on the loop thread, with error 0 and the reply, or
- * -ETIMEDOUT after timeout_usec, or -EHOSTUNREACH when NATS says no one
- * listens, or -ENOTCONN; never before bus_request() returned. *ret (may
- * be NULL) lets the caller cancel; it is invalid once fn ran. */
+/* Asynchronous request/reply on one shared inbox subscription: when
+ * bus_request() returns 0, fn runs exactly once on the loop thread, with
+ * error 0 and the reply, or -ETIMEDOUT after timeout_usec, or
+ * -EHOSTUNREACH when NATS says no one listens, or -ENOTCONN when the
+ * connection dropped meanwhile (the reply would be lost); never before
+ * bus_request() returned, reply NULL unless error is 0. When it returns an
+ * error (-ENOTCONN while disconnected) fn never runs. *ret (may be NULL)
+ * lets the caller cancel; it is invalid once fn ran. */
 typedef void (*bus_reply_fn)(void *userdata, int error, natsMsg *reply);
 int bus_request(Bus *b, const char *subject, const char *const *headers, const void *data, size_t len,
                 uint64_t timeout_usec, bus_reply_fn fn, void *userdata, BusRequest **ret);
@@ -100,8 +117,11 @@ int bus_stream_ensure(Bus *b, jsStreamConfig *config, int64_t *ret_created_ns);
  * may be NULL. */
 int bus_js_publish(Bus *b, const char *subject, const char *const *headers, const void *data, size_t len,
                    uint64_t timeout_usec, uint64_t *ret_seq, bool *ret_duplicate);
-/* The same without blocking: fn runs once on the loop thread with the
- * acknowledgement (error 0, seq, duplicate) or an error. */
+/* The same without blocking (a core request with the headers, the
+ * acknowledgement parsed): fn runs once on the loop thread with the
+ * acknowledgement (error 0, seq, duplicate) or an error as
+ * bus_request()'s (-EIO when JetStream refused the message, logged);
+ * likewise never when this returns an error. */
 typedef void (*bus_ack_fn)(void *userdata, int error, uint64_t seq, bool duplicate);
 int bus_js_publish_async(Bus *b, const char *subject, const char *const *headers, const void *data, size_t len,
                          uint64_t timeout_usec, bus_ack_fn fn, void *userdata, BusRequest **ret);
@@ -121,27 +141,35 @@ const char *bus_msg_header(natsMsg *msg, const char *name);
 
 /* ---- Key-value buckets ---------------------------------------------------- */
 
-/* Create the bucket (history 1, ttl_usec 0: none) or bind to it;
- * synchronous. */
+/* Create the bucket (history 1, file storage, ttl_usec 0: none) or bind
+ * to it; synchronous. A bucket that exists with other settings is used
+ * as it is (logged). Bucket names and keys here are [A-Za-z0-9_-]+
+ * (-EINVAL otherwise). */
 int bus_kv_ensure(Bus *b, const char *bucket, unsigned replicas, uint64_t ttl_usec);
 /* Put or delete key without waiting (a JetStream publish to
- * $KV.bucket.key; a failure is logged). */
+ * $KV.bucket.key; a failure, or no acknowledgement within 10 s, is
+ * logged). -ENOTCONN while disconnected (nothing is buffered). */
 int bus_kv_put(Bus *b, const char *bucket, const char *key, const void *value, size_t len);
 int bus_kv_delete(Bus *b, const char *bucket, const char *key);
-/* Watch every key of bucket: fn runs for each current value first, then
- * for each change (value NULL, len 0 for a deletion or purge); initial
- * values are complete when fn runs with key NULL once. */
+/* Watch every key of bucket: fn runs for each current value first (in
+ * the order they were written; a deleted key as a deletion), then for
+ * each change (value NULL, len 0 for a deletion or purge); initial values
+ * are complete when fn runs with key NULL once (revision 0). A thread per
+ * watch waits on libnats' watcher. */
 typedef void (*bus_kv_fn)(void *userdata, const char *key, const void *value, size_t len, uint64_t revision);
 int bus_kv_watch(Bus *b, const char *bucket, bus_kv_fn fn, void *userdata, BusSub **ret);
 
 /* ---- Subjects --------------------------------------------------------------- */
 
-/* Append name's subject tokens to buf (docs/cluster.md, "Subjects"): one
- * token per '/'-separated part, bytes outside [A-Za-z0-9_-] as %XX, an
- * empty part as "%". 0, or -ENOBUFS if it does not fit (buf untouched
- * beyond its length then). */
+/* Append name's subject tokens to the string in buf (docs/cluster.md,
+ * "Subjects"), after a '.' unless buf is empty or ends with one: one
+ * token per '/'-separated part, bytes outside [A-Za-z0-9_-] as %XX
+ * (upper-case hex), an empty part as "%". 0, or -ENOBUFS if it does not
+ * fit (buf untouched then). */
 int bus_subject_append_name(char *buf, size_t size, const char *name);
 /* The inverse, for the tokens of subject from the first after skip
- * tokens: 0 and the name in buf, -EINVAL for a malformed token,
- * -ENOBUFS. */
+ * tokens: 0 and the name in buf, -EINVAL for a malformed token, -ENOBUFS.
+ * Only what bus_subject_append_name() writes is accepted, so a name has
+ * one subject: no lower-case hex, no %XX of a byte written as it is, of
+ * '/' or of NUL, no empty token, no wildcard. */
 int bus_subject_name(const char *subject, unsigned skip, char *buf, size_t size);
