@@ -418,7 +418,7 @@ int cluster_forward(Cluster *c, const char *node, const char *op, const char *de
                 return -EINVAL;
         if (params && !json_is_object(params))
                 return -EINVAL;
-        j = json_pack("{s:s, s:s, s:s?, s:s?, s:O?}", "op", op, "device", device, "name", name, "arg", arg, "params",
+        j = json_pack("{s:s, s:s, s:s*, s:s*, s:O*}", "op", op, "device", device, "name", name, "arg", arg, "params",
                       params);
         text = j ? json_dumps(j, JSON_COMPACT) : NULL;
         json_decref(j);
@@ -498,6 +498,8 @@ static void cluster_rpc_request(void *userdata, natsMsg *msg) {
         name = j ? json_string_value(json_object_get(j, "name")) : NULL;
         arg = j ? json_string_value(json_object_get(j, "arg")) : NULL;
         params = j ? json_object_get(j, "params") : NULL;
+        if (json_is_null(params))
+                params = NULL;
         rpc = calloc(1, sizeof(*rpc));
         if (!rpc)
                 return;
