@@ -641,12 +641,23 @@ static void api_forward(ApiRequest *req, const char *node, const char *op, const
                         json_t *params) {
         Api *api = req->api;
         _cleanup_free_ char *arg_text = NULL;
+        _cleanup_(json_decrefp) json_t *ota_params = NULL;
         const char *arg = NULL;
         size_t arg_len = 0;
         char buf[32];
         int r;
 
-        if (streq(op, "call")) {
+        if (streq(op, "ota")) {
+                /* Only what an OTA job is made of (ota_api_start_job()):
+                 * never a token that came in the body. */
+                ota_params = json_object();
+                if (!ota_params)
+                        return;
+                if (json_object_get(params, "manifest"))
+                        json_object_set(ota_params, "manifest", json_object_get(params, "manifest"));
+                if (json_object_get(params, "file"))
+                        json_object_set_new(ota_params, "file", json_true());
+        } else if (streq(op, "call")) {
                 r = api_param(params, "args", &arg, &arg_len, buf);
                 if (r == 0)
                         r = api_param(params, "arg", &arg, &arg_len, buf);
@@ -663,8 +674,8 @@ static void api_forward(ApiRequest *req, const char *node, const char *op, const
         req->name = strdup(device);
         if (!req->name)
                 return;
-        r = cluster_forward(api->cluster, node, op, device, name, arg_text, (api->config->call_timeout_sec + 2) * USEC_PER_SEC,
-                            api_forward_done, req, &req->forward);
+        r = cluster_forward(api->cluster, node, op, device, name, arg_text, ota_params,
+                            (api->config->call_timeout_sec + 2) * USEC_PER_SEC, api_forward_done, req, &req->forward);
         if (r < 0) {
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot reach the cluster node of device '%s': %s",
                                device, strerror(-r));
@@ -698,8 +709,9 @@ static void api_rpc_finish(ApiRequest *req) {
         free(req);
 }
 
-void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg) {
-        json_t *params = NULL;
+void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg,
+             json_t *params) {
+        json_t *call_params;
         ApiRequest *req;
         Device *d;
 
@@ -716,7 +728,14 @@ void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, cons
                 api->rpcs->prev = req;
         api->rpcs = req;
         d = devices_find(api->devices, device);
-        if (!d || !device_connected(d))
+        if (streq(op, "ota") && d) {
+                /* As PUT /v1/devices/ID here: ota_api_start_job() answers
+                 * for a device that left this node meanwhile too. */
+                json_t *body = NULL;
+                unsigned status = ota_api_start_job(api->ota, d, params, &body);
+
+                api_set_json(req, status, body);
+        } else if (!d || !device_connected(d))
                 /* It left this node since the other one looked. */
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' is offline", device);
         else if (streq(op, "device"))
@@ -724,9 +743,9 @@ void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, cons
         else if (!name)
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Malformed cluster request", NULL);
         else {
-                params = json_pack("{s:s?}", "arg", arg);
-                api_device_call(req, d, name, streq(op, "call"), params);
-                json_decref(params);
+                call_params = json_pack("{s:s?}", "arg", arg);
+                api_device_call(req, d, name, streq(op, "call"), call_params);
+                json_decref(call_params);
         }
         if (!req->suspended) {
                 req->suspended = true;
@@ -1789,9 +1808,19 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_UPDATE: {
                 /* Particle's "update the device": here, start an OTA job. */
                 json_t *body = NULL;
+                const char *node;
                 unsigned status;
 
                 d = devices_find(api->devices, p.device);
+                node = api_device_elsewhere(api, p.device, d);
+                if (node) {
+                        /* The node holding the device sends the job and
+                         * drives it; every node has it (ota.h). */
+                        api_forward(req, node, "ota", p.device, NULL, p.params);
+                        if (req->suspended)
+                                return MHD_YES;
+                        break;
+                }
                 if (!d) {
                         api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                         break;

@@ -64,12 +64,14 @@ void api_kick(Api *api);
 /* Cluster mode (docs/cluster.md): requests for a device another node
  * holds go there through cluster (borrowed; must outlive the Api, NULL:
  * a single node), and api_rpc() runs such a request from another node on
- * this one (op "call", "var" or "device"), answering it through rpc once
- * done, exactly as this node's API would have answered it over HTTP. */
+ * this one (op "call", "var", "device", or "ota" with the parameters of
+ * PUT /v1/devices/ID in params), answering it through rpc once done,
+ * exactly as this node's API would have answered it over HTTP. */
 typedef struct Cluster Cluster;
 typedef struct ClusterRpc ClusterRpc;
 void api_set_cluster(Api *api, Cluster *cluster);
-void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg);
+void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg,
+             json_t *params);
 
 /* ---- api-list.c ---------------------------------------------------------- */
 

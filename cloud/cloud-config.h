@@ -98,6 +98,7 @@ typedef struct CloudConfig {
         char *cluster_password;
         char *cluster_ca_file;      /* NULL: TLS only for tls:// URLs */
         char *cluster_node_api;     /* NULL: none; http(s) URL, informational */
+        unsigned cluster_artifact_max_mb; /* stream TETHER_ARTIFACTS' limit (MiB); 0: none of its own */
 
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];

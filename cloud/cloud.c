@@ -8,6 +8,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "api.h"
+#include "artifacts.h"
 #include "bus.h"
 #include "cloud.h"
 #include "cluster.h"
@@ -42,6 +43,7 @@ struct Cloud {
         Bus *bus;
         Cluster *cluster;
         Replica *replica;
+        Artifacts *artifacts; /* with [OTA] ArtifactDirectory= */
         unsigned coap_port, api_port, ota_port;
 };
 
@@ -252,10 +254,10 @@ static void cloud_superseded(void *userdata, const char *id, const char *node) {
 }
 
 static void cloud_rpc(void *userdata, ClusterRpc *rpc, const char *op, const char *device, const char *name,
-                      const char *arg) {
+                      const char *arg, json_t *params) {
         Cloud *c = userdata;
 
-        api_rpc(c->api, rpc, op, device, name, arg);
+        api_rpc(c->api, rpc, op, device, name, arg, params);
 }
 
 /* ---- OtaHooks: OTA towards the HTTP API ------------------------------------ */
@@ -298,9 +300,9 @@ static void cloud_replica_applied(void *userdata, const char *table, ReplicaOp o
                 cloud_device_replicated(c, key);
         else if (streq(table, "tokens"))
                 api_token_changed(c->api, key);
-        /* provision_tokens: read from the table on every use. ota_jobs:
-         * the Ota keeps its jobs in memory; a job changed on another node
-         * shows here after a restart. */
+        else if (streq(table, "ota_jobs"))
+                ota_job_changed(c->ota, key);
+        /* provision_tokens: read from the table on every use. */
 }
 
 static void cloud_bus_connection(void *userdata, bool up) {
@@ -351,6 +353,7 @@ Cloud *cloud_free(Cloud *c) {
         c->replica = replica_free(c->replica);
         c->api = api_free(c->api);
         c->ota = ota_free(c->ota);
+        c->artifacts = artifacts_free(c->artifacts);
         c->devices = devices_free(c->devices);
         c->enroll = enroll_free(c->enroll);
         c->registry = registry_free(c->registry);
@@ -397,6 +400,14 @@ static int cloud_join_cluster(Cloud *c) {
         if (r < 0)
                 return r;
         api_set_cluster(c->api, c->cluster);
+        if (config->ota_dir) {
+                r = artifacts_new(c->event, c->bus, config->ota_dir, config->cluster_node, config->cluster_replicas,
+                                  config->cluster_artifact_max_mb ? (uint64_t)config->cluster_artifact_max_mb << 20 : UINT64_MAX,
+                                  &c->artifacts);
+                if (r < 0)
+                        return r;
+        }
+        ota_set_cluster(c->ota, c->artifacts);
         return 0;
 }
 

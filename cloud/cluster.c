@@ -406,7 +406,7 @@ static void forward_reply(void *userdata, int error, natsMsg *reply) {
 }
 
 int cluster_forward(Cluster *c, const char *node, const char *op, const char *device, const char *name,
-                    const char *arg, uint64_t timeout_usec, cluster_reply_fn fn, void *userdata,
+                    const char *arg, json_t *params, uint64_t timeout_usec, cluster_reply_fn fn, void *userdata,
                     ClusterForward **ret) {
         _cleanup_free_ char *text = NULL;
         char subject[CLUSTER_NODE_MAX + 32];
@@ -416,7 +416,10 @@ int cluster_forward(Cluster *c, const char *node, const char *op, const char *de
 
         if (strlen(node) > CLUSTER_NODE_MAX)
                 return -EINVAL;
-        j = json_pack("{s:s, s:s, s:s?, s:s?}", "op", op, "device", device, "name", name, "arg", arg);
+        if (params && !json_is_object(params))
+                return -EINVAL;
+        j = json_pack("{s:s, s:s, s:s*, s:s*, s:O*}", "op", op, "device", device, "name", name, "arg", arg, "params",
+                      params);
         text = j ? json_dumps(j, JSON_COMPACT) : NULL;
         json_decref(j);
         if (!text)
@@ -484,6 +487,7 @@ static void cluster_rpc_request(void *userdata, natsMsg *msg) {
         Cluster *c = userdata;
         _cleanup_(json_decrefp) json_t *j = NULL;
         const char *reply = natsMsg_GetReply(msg), *op, *device, *name, *arg;
+        json_t *params;
         ClusterRpc *rpc;
 
         if (!reply || natsMsg_GetDataLength(msg) > CLUSTER_RPC_MAX)
@@ -493,6 +497,9 @@ static void cluster_rpc_request(void *userdata, natsMsg *msg) {
         device = j ? json_string_value(json_object_get(j, "device")) : NULL;
         name = j ? json_string_value(json_object_get(j, "name")) : NULL;
         arg = j ? json_string_value(json_object_get(j, "arg")) : NULL;
+        params = j ? json_object_get(j, "params") : NULL;
+        if (json_is_null(params))
+                params = NULL;
         rpc = calloc(1, sizeof(*rpc));
         if (!rpc)
                 return;
@@ -506,11 +513,12 @@ static void cluster_rpc_request(void *userdata, natsMsg *msg) {
         if (rpc->next)
                 rpc->next->prev = rpc;
         c->rpcs = rpc;
-        if (!op || !device || (!streq(op, "call") && !streq(op, "var") && !streq(op, "device"))) {
+        if (!op || !device || (params && !json_is_object(params)) ||
+            (!streq(op, "call") && !streq(op, "var") && !streq(op, "device") && !streq(op, "ota"))) {
                 cluster_rpc_answer(rpc, 400, json_pack("{s:b, s:s}", "ok", 0, "error", "Malformed cluster request"));
                 return;
         }
-        c->hooks.rpc(c->hooks.userdata, rpc, op, device, name, arg);
+        c->hooks.rpc(c->hooks.userdata, rpc, op, device, name, arg, params);
 }
 
 /* ---- the object ------------------------------------------------------------------ */

@@ -52,10 +52,13 @@ typedef struct ClusterHooks {
          * session here. */
         void (*superseded)(void *userdata, const char *device, const char *node);
         /* A request from another node for device: op "call" (function
-         * name with arg), "var" (variable name) or "device" (its
-         * description). Answer with cluster_rpc_answer(), now or later. */
+         * name with arg), "var" (variable name), "device" (its
+         * description) or "ota" (start an OTA job: params is the API
+         * request's parameters, a JSON object). params is borrowed for the
+         * call, NULL when the request has none. Answer with
+         * cluster_rpc_answer(), now or later. */
         void (*rpc)(void *userdata, ClusterRpc *rpc, const char *op, const char *device, const char *name,
-                    const char *arg);
+                    const char *arg, json_t *params);
 } ClusterHooks;
 
 /* Create the buckets (synchronous), start the heartbeat, the watches and
@@ -83,14 +86,15 @@ void cluster_foreach_remote(Cluster *c, void (*fn)(void *userdata, const char *d
 /* Live nodes (this one included) as a JSON array of {"node", "api", "devices"}. */
 json_t *cluster_nodes_json(Cluster *c);
 
-/* Send op for device to node and call fn once with the answer: error 0
+/* Send op for device to node (name, arg and params as ClusterHooks.rpc
+ * gets them; each may be NULL) and call fn once with the answer: error 0
  * with the HTTP status and body (borrowed for the call) that node's API
  * would have answered, or -ETIMEDOUT (no answer within timeout_usec),
  * -EHOSTUNREACH (the node is gone), -ENOTCONN (no NATS), -EPROTO (a
  * malformed answer). *ret (may be NULL) cancels; invalid after fn ran. */
 typedef void (*cluster_reply_fn)(void *userdata, int error, unsigned status, json_t *body);
 int cluster_forward(Cluster *c, const char *node, const char *op, const char *device, const char *name,
-                    const char *arg, uint64_t timeout_usec, cluster_reply_fn fn, void *userdata,
+                    const char *arg, json_t *params, uint64_t timeout_usec, cluster_reply_fn fn, void *userdata,
                     ClusterForward **ret);
 void cluster_forward_cancel(ClusterForward *f);
 

@@ -162,6 +162,7 @@ static const KeyfileKey config_keys[] = {
         STR_KEY("Cluster", "Password", cluster_password),
         STR_KEY("Cluster", "CAFile", cluster_ca_file),
         STR_KEY("Cluster", "NodeAPI", cluster_node_api),
+        UINT_KEY("Cluster", "ArtifactMaxMB", cluster_artifact_max_mb, 16, 1u << 24),
 };
 
 static bool node_char(char c) {
@@ -459,7 +460,7 @@ static int cloud_config_check_cluster(CloudConfig *c, const char *path) {
 
         if (!c->cluster_nats) {
                 if (c->cluster_node || c->cluster_replicas || c->cluster_user || c->cluster_password ||
-                    c->cluster_ca_file || c->cluster_node_api)
+                    c->cluster_ca_file || c->cluster_node_api || c->cluster_artifact_max_mb)
                         log_warning("%s: [Cluster] without NATS= is ignored: running as a single node.", path);
                 free(c->cluster_node);
                 free(c->cluster_user);
@@ -471,6 +472,7 @@ static int cloud_config_check_cluster(CloudConfig *c, const char *path) {
                 c->cluster_node = c->cluster_user = c->cluster_password = NULL;
                 c->cluster_ca_file = c->cluster_node_api = NULL;
                 c->cluster_replicas = 0;
+                c->cluster_artifact_max_mb = 0;
                 return 0;
         }
         /* Checked with its line already; the count is what is wanted. */

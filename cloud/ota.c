@@ -28,6 +28,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "artifacts.h"
 #include "log.h"
 #include "manifest.h"
 #include "mhd-log.h"
@@ -43,6 +44,7 @@
 #define OTA_HISTORY_MAX 64
 #define OTA_REPORT_MAX 4096
 #define OTA_WAIT_USEC (25 * USEC_PER_SEC)
+#define OTA_UNKNOWN_WAIT_USEC (5 * USEC_PER_SEC)
 /* Rounds in a row the artifact server may be run at once, without I/O in
  * between, before it waits a millisecond (ota_update_timer()). */
 #define OTA_BUSY_ROUNDS_MAX 64
@@ -104,10 +106,17 @@ struct OtaRequest {
         EVP_MD_CTX *md;
         uint64_t received, expected;
         bool exists;
+        /* Cluster mode: the stored artifact going into the stream; the
+         * request waits (suspended, among the waiters) until it is in. */
+        ArtifactPublish *publish;
+        int publish_fd;
+        bool published;
+        int publish_error;
 
         /* job status, long polling */
         char job[OTA_JOB_ID_LEN + 1];
         long long wait_seq; /* -1: answer at once */
+        bool waited_unknown; /* waited for a job not here yet (cluster mode) */
         bool suspended;
         bool expired;
         sd_event_source *timer;
@@ -134,6 +143,8 @@ struct Ota {
         OtaJob *jobs;
         size_t n_jobs;
         OtaRequest *waiters;
+        Artifacts *artifacts; /* cluster mode: uploads go into the stream too (NULL: single node) */
+        bool cluster;
         bool running; /* from the start of ota_new() to the start of ota_free() */
 };
 
@@ -615,6 +626,86 @@ static char *column_strdup(sqlite3_stmt *st, int i, bool *oom) {
         return c;
 }
 
+#define OTA_JOB_COLUMNS                                                                                           \
+        "id, device, package, version, state, code, reason, bytes, total, seq, device_seq, closed, final_seq, "  \
+        "history, created_at, updated_at, manifest"
+
+/* The job of a row of ota_jobs (its columns as OTA_JOB_COLUMNS), not in
+ * the list yet: -EINVAL for a row this program could not have written,
+ * -ENOMEM. */
+static int job_from_row(Ota *ota, sqlite3_stmt *st, OtaJob **ret) {
+        const char *id = (const char *)sqlite3_column_text(st, 0);
+        const char *device = (const char *)sqlite3_column_text(st, 1);
+        const char *created = (const char *)sqlite3_column_text(st, 14);
+        const char *updated = (const char *)sqlite3_column_text(st, 15);
+        const char *history = (const char *)sqlite3_column_text(st, 13);
+        bool oom = false;
+        OtaJob *j;
+
+        if (!id || !ota_job_id_valid(id, strlen(id)) || !device ||
+            proto_name_check(device, strlen(device), PROTO_NAME_DEVICE) < 0 || !created || !updated ||
+            strlen(created) >= sizeof(j->created) || strlen(updated) >= sizeof(j->updated))
+                return -EINVAL;
+        j = calloc(1, sizeof(*j));
+        if (!j)
+                return -ENOMEM;
+        j->ota = ota;
+        snprintf(j->id, sizeof(j->id), "%s", id);
+        j->device = column_strdup(st, 1, &oom);
+        j->package = column_strdup(st, 2, &oom);
+        j->version = column_strdup(st, 3, &oom);
+        j->state = column_strdup(st, 4, &oom);
+        j->code = column_strdup(st, 5, &oom);
+        j->reason = column_strdup(st, 6, &oom);
+        j->bytes = (uint64_t)sqlite3_column_int64(st, 7);
+        j->total = (uint64_t)sqlite3_column_int64(st, 8);
+        j->seq = (uint64_t)sqlite3_column_int64(st, 9);
+        j->device_seq = (uint64_t)sqlite3_column_int64(st, 10);
+        j->closed = sqlite3_column_int(st, 11) != 0;
+        j->final_seq = (uint64_t)sqlite3_column_int64(st, 12);
+        j->history = history ? json_loads(history, 0, NULL) : NULL;
+        if (!json_is_array(j->history)) {
+                json_decref(j->history);
+                j->history = json_array();
+        }
+        snprintf(j->created, sizeof(j->created), "%s", created);
+        snprintf(j->updated, sizeof(j->updated), "%s", updated);
+        j->manifest = column_strdup(st, 16, &oom);
+        if (oom || !j->history) {
+                job_free(j);
+                return -ENOMEM;
+        }
+        *ret = j;
+        return 0;
+}
+
+/* Sent, and the cloud stopped (or the node that sent it lost the
+ * device) before the device answered: it may or may not have the request.
+ * Sending it again settles that (tetherd answers a job it has as a
+ * retry). */
+static void job_update_resend(OtaJob *j) {
+        bool resend = j->state && streq(j->state, "sent") && !j->closed && j->manifest && !j->call;
+
+        if (resend != j->resend) {
+                j->resend = resend;
+                if (resend)
+                        j->ota->n_resend++;
+                else
+                        j->ota->n_resend--;
+        }
+}
+
+/* Put j in the list, which is newest first (by created_at). */
+static void job_link(Ota *ota, OtaJob *j) {
+        OtaJob **p = &ota->jobs;
+
+        while (*p && strcmp((*p)->created, j->created) > 0)
+                p = &(*p)->next;
+        j->next = *p;
+        *p = j;
+        ota->n_jobs++;
+}
+
 /* Read the jobs of the Store, oldest first, so the list ends newest
  * first. A row that is not a job this program could have written is
  * skipped with a warning. */
@@ -624,63 +715,23 @@ static int ota_load(Ota *ota) {
         int rc;
 
         rc = sqlite3_prepare_v2(store_db(ota->store),
-                                "SELECT id, device, package, version, state, code, reason, bytes, total, seq, "
-                                "device_seq, closed, final_seq, history, created_at, updated_at, manifest "
-                                "FROM ota_jobs ORDER BY created_at, rowid",
-                                -1, &st, NULL);
+                                "SELECT " OTA_JOB_COLUMNS " FROM ota_jobs ORDER BY created_at, rowid", -1, &st, NULL);
         while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
                 const char *id = (const char *)sqlite3_column_text(st, 0);
-                const char *device = (const char *)sqlite3_column_text(st, 1);
-                const char *created = (const char *)sqlite3_column_text(st, 14);
-                const char *updated = (const char *)sqlite3_column_text(st, 15);
-                const char *history = (const char *)sqlite3_column_text(st, 13);
-                bool oom = false;
-                OtaJob *j;
+                OtaJob *j = NULL;
+                int r;
 
                 rc = SQLITE_OK;
-                if (!id || !ota_job_id_valid(id, strlen(id)) || !device ||
-                    proto_name_check(device, strlen(device), PROTO_NAME_DEVICE) < 0 || !created || !updated ||
-                    strlen(created) >= sizeof(j->created) || strlen(updated) >= sizeof(j->updated) ||
-                    job_find(ota, id)) {
+                r = id && job_find(ota, id) ? -EINVAL : job_from_row(ota, st, &j);
+                if (r == -EINVAL) {
                         skipped++;
                         continue;
                 }
-                j = calloc(1, sizeof(*j));
-                if (!j)
-                        break;
-                j->ota = ota;
-                snprintf(j->id, sizeof(j->id), "%s", id);
-                j->device = column_strdup(st, 1, &oom);
-                j->package = column_strdup(st, 2, &oom);
-                j->version = column_strdup(st, 3, &oom);
-                j->state = column_strdup(st, 4, &oom);
-                j->code = column_strdup(st, 5, &oom);
-                j->reason = column_strdup(st, 6, &oom);
-                j->bytes = (uint64_t)sqlite3_column_int64(st, 7);
-                j->total = (uint64_t)sqlite3_column_int64(st, 8);
-                j->seq = (uint64_t)sqlite3_column_int64(st, 9);
-                j->device_seq = (uint64_t)sqlite3_column_int64(st, 10);
-                j->closed = sqlite3_column_int(st, 11) != 0;
-                j->final_seq = (uint64_t)sqlite3_column_int64(st, 12);
-                j->history = history ? json_loads(history, 0, NULL) : NULL;
-                if (!json_is_array(j->history)) {
-                        json_decref(j->history);
-                        j->history = json_array();
-                }
-                snprintf(j->created, sizeof(j->created), "%s", created);
-                snprintf(j->updated, sizeof(j->updated), "%s", updated);
-                j->manifest = column_strdup(st, 16, &oom);
-                if (oom || !j->history) {
-                        job_free(j);
+                if (r < 0) {
+                        rc = SQLITE_ROW;
                         break;
                 }
-                /* Sent, and the cloud stopped before the device answered:
-                 * it may or may not have the request. Sending it again
-                 * settles that (tetherd answers a job it has as a retry). */
-                if (j->state && streq(j->state, "sent") && !j->closed && j->manifest) {
-                        j->resend = true;
-                        ota->n_resend++;
-                }
+                job_update_resend(j);
                 j->next = ota->jobs;
                 ota->jobs = j;
                 ota->n_jobs++;
@@ -697,6 +748,155 @@ static int ota_load(Ota *ota) {
                 log_info("Loaded %zu OTA job(s), %zu to be sent again when their device connects.", n,
                          ota->n_resend);
         return 0;
+}
+
+/* ---- jobs changed by other cluster nodes ------------------------------------------ */
+
+#define SWAP_PTR(a, b)                                                                                            \
+        do {                                                                                                      \
+                __typeof__(a) _t = (a);                                                                           \
+                (a) = (b);                                                                                        \
+                (b) = _t;                                                                                         \
+        } while (0)
+
+static bool streq_ptr(const char *a, const char *b) {
+        return a == b || (a && b && streq(a, b));
+}
+
+/* Which of two copies of a job is further along: the device's own
+ * counter first (its reports are applied in order, each once), then
+ * whether it said the job is over, then the cloud's counter. */
+static int job_version_cmp(const OtaJob *a, const OtaJob *b) {
+        if (a->device_seq != b->device_seq)
+                return a->device_seq < b->device_seq ? -1 : 1;
+        if (a->closed != b->closed)
+                return a->closed ? 1 : -1;
+        if (a->seq != b->seq)
+                return a->seq < b->seq ? -1 : 1;
+        return 0;
+}
+
+static bool job_same(const OtaJob *a, const OtaJob *b) {
+        return job_version_cmp(a, b) == 0 && streq_ptr(a->state, b->state) && streq_ptr(a->code, b->code) &&
+               a->bytes == b->bytes && json_equal(a->history, b->history);
+}
+
+/* The device's session is on this node: this node drives its jobs. */
+static bool job_driven_here(Ota *ota, const OtaJob *j) {
+        Device *d = devices_find(ota->devices, j->device);
+
+        return d && device_connected(d);
+}
+
+/* Take the row's copy (from) into j: everything but what is this node's
+ * (the call in flight, the list). */
+static void job_take(OtaJob *j, OtaJob *from) {
+        SWAP_PTR(j->package, from->package);
+        SWAP_PTR(j->version, from->version);
+        SWAP_PTR(j->state, from->state);
+        SWAP_PTR(j->code, from->code);
+        SWAP_PTR(j->reason, from->reason);
+        SWAP_PTR(j->history, from->history);
+        SWAP_PTR(j->manifest, from->manifest);
+        j->bytes = from->bytes;
+        j->total = from->total;
+        j->seq = from->seq;
+        j->device_seq = from->device_seq;
+        j->closed = from->closed;
+        j->final_seq = from->final_seq;
+        memcpy(j->updated, from->updated, sizeof(j->updated));
+        job_update_resend(j);
+}
+
+void ota_set_cluster(Ota *ota, Artifacts *artifacts) {
+        ota->cluster = true;
+        ota->artifacts = artifacts;
+}
+
+void ota_job_changed(Ota *ota, const char *id) {
+        sqlite3_stmt *st = NULL;
+        OtaJob *j = job_find(ota, id), *row = NULL;
+        int rc, r;
+
+        rc = sqlite3_prepare_v2(store_db(ota->store), "SELECT " OTA_JOB_COLUMNS " FROM ota_jobs WHERE id = ?1", -1,
+                                &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st);
+        if (rc != SQLITE_ROW)
+                st = (sqlite3_finalize(st), NULL);
+        if (rc == SQLITE_DONE) {
+                /* Deleted elsewhere (the oldest finished jobs are pruned). A
+                 * job this node is sending stays, and goes back. */
+                if (!j)
+                        return;
+                if (job_driven_here(ota, j) && !state_final(j->state)) {
+                        (void)job_store(j, true);
+                        return;
+                }
+                for (OtaJob **p = &ota->jobs; *p; p = &(*p)->next)
+                        if (*p == j) {
+                                *p = j->next;
+                                break;
+                        }
+                if (j->resend)
+                        ota->n_resend--;
+                ota->n_jobs--;
+                job_free(j);
+                return;
+        }
+        if (rc != SQLITE_ROW) {
+                (void)store_error(ota->store, rc, "reading an OTA job another node changed");
+                return;
+        }
+        r = job_from_row(ota, st, &row);
+        sqlite3_finalize(st);
+        if (r < 0) {
+                log_warning_errno(r, "OTA job %s changed on another node cannot be read: %m", id);
+                return;
+        }
+        if (!j) {
+                /* Made on another node. */
+                jobs_prune(ota);
+                job_update_resend(row);
+                job_link(ota, row);
+                waiters_wake(row);
+                log_debug("OTA job %s on device '%s' made on another node: %s.", row->id, row->device,
+                          row->state ?: "?");
+                if (row->resend && job_driven_here(ota, row))
+                        (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
+                return;
+        }
+        if (job_same(row, j)) {
+                job_free(row);
+                return;
+        }
+        r = job_version_cmp(row, j);
+        if (r > 0 || (r == 0 && !job_driven_here(ota, j))) {
+                /* Further along (or as far, and another node drives it). */
+                job_take(j, row);
+                waiters_wake(j);
+                if (j->resend && job_driven_here(ota, j))
+                        (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
+        } else if (job_driven_here(ota, j)) {
+                /* An older copy came over this node's (its own change
+                 * coming back after a later one, or a node that lost the
+                 * device and wrote what it saw then): this node drives the
+                 * job, its copy goes back to every node. As far along but
+                 * different counts one more, so that no node keeps the
+                 * other copy as an equal. Not counted when older: the later
+                 * change is on its way already, and a bump would chase it. */
+                if (r == 0) {
+                        j->seq = (j->seq > row->seq ? j->seq : row->seq) + 1;
+                        timestamp(j->updated);
+                        waiters_wake(j);
+                }
+                (void)job_store(j, true);
+        }
+        /* Else older, and this node does not drive it: the node that does
+         * sends its copy again. */
+        job_free(row);
 }
 
 static int resend_defer_cb(sd_event_source *s, void *userdata) {
@@ -922,6 +1122,9 @@ OtaRequest *ota_api_request_free(OtaRequest *r) {
         if (!r)
                 return NULL;
         waiter_unlink(r);
+        artifacts_publish_cancel(r->publish);
+        if (r->publish_fd >= 0)
+                close(r->publish_fd);
         if (r->fd >= 0)
                 close(r->fd);
         if (r->tmp_path) {
@@ -1057,6 +1260,9 @@ static void upload_write(OtaRequest *r, const char *data, size_t n) {
         }
 }
 
+static enum MHD_Result upload_publish(OtaRequest *r, const char *final);
+static enum MHD_Result upload_answer_published(OtaRequest *r);
+
 static enum MHD_Result upload_end(OtaRequest *r) {
         static const char digits[] = "0123456789abcdef";
         _cleanup_free_ char *final = NULL;
@@ -1101,19 +1307,81 @@ static enum MHD_Result upload_end(OtaRequest *r) {
         if (dfd >= 0)
                 (void)fsync(dfd);
         log_info("Stored OTA artifact %s (%" PRIu64 " bytes).", r->sha256, r->received);
+        if (r->ota->artifacts)
+                return upload_publish(r, final);
         return queue_json(r->connection, MHD_HTTP_CREATED, artifact_json(r->ota, r->sha256, r->received));
+}
+
+static void upload_published(void *userdata, int error) {
+        OtaRequest *r = userdata;
+
+        r->publish = NULL;
+        r->published = true;
+        r->publish_error = error;
+        waiter_resume(r);
+}
+
+/* Cluster mode: answer once the artifact is in the stream, so that a node
+ * dying after the answer loses nothing; until then the request waits. */
+static enum MHD_Result upload_publish(OtaRequest *r, const char *final) {
+        Ota *ota = r->ota;
+        int k;
+
+        r->publish_fd = r->fd;
+        r->fd = -1;
+        k = artifacts_publish(ota->artifacts, r->sha256, r->publish_fd, r->received, upload_published, r, &r->publish);
+        if (k < 0) {
+                r->published = true;
+                r->publish_error = k;
+                return upload_answer_published(r);
+        }
+        r->suspended = true;
+        r->wait_next = ota->waiters;
+        if (ota->waiters)
+                ota->waiters->wait_prev = r;
+        ota->waiters = r;
+        MHD_suspend_connection(r->connection);
+        return MHD_YES;
+}
+
+static enum MHD_Result upload_answer_published(OtaRequest *r) {
+        _cleanup_free_ char *final = NULL;
+
+        if (r->publish) {
+                /* Resumed without an answer (the cloud stops). */
+                artifacts_publish_cancel(r->publish);
+                r->publish = NULL;
+                r->publish_error = -ECANCELED;
+        }
+        if (r->publish_error >= 0)
+                return queue_json(r->connection, MHD_HTTP_CREATED, artifact_json(r->ota, r->sha256, r->received));
+        /* Not in the cluster: not here either, so that an upload sent
+         * again goes into the stream. */
+        if (artifact_path(r->ota, r->sha256, &final) == 0)
+                (void)unlink(final);
+        return queue_json(r->connection, MHD_HTTP_SERVICE_UNAVAILABLE,
+                          json_pack("{s:b, s:s, s:s}", "ok", 0, "error",
+                                    "Cannot store the artifact in the cluster; try again", "info",
+                                    strerror(-r->publish_error)));
 }
 
 static enum MHD_Result job_answer(OtaRequest *r) {
         Ota *ota = r->ota;
         OtaJob *j = job_find(ota, r->job);
+        bool wait_unknown = !j && ota->cluster && !r->waited_unknown;
 
-        if (!j)
+        if (!j && !wait_unknown)
                 return queue_error(r->connection, MHD_HTTP_NOT_FOUND, "No such job");
-        /* Long polling: hold the request until the job changes or time is up. */
-        if (r->wait_seq >= 0 && j->seq <= (uint64_t)r->wait_seq && !r->expired && ota->running) {
-                int k = sd_event_add_time_relative(ota->event, &r->timer, CLOCK_MONOTONIC, OTA_WAIT_USEC,
+        /* Long polling: hold the request until the job changes or time is
+         * up. In a cluster, a job another node made a moment ago may not be
+         * here yet (its row comes through the stream): wait a little for it
+         * (OTA_UNKNOWN_WAIT_USEC), once. */
+        if ((wait_unknown || (r->wait_seq >= 0 && j->seq <= (uint64_t)r->wait_seq)) && !r->expired && ota->running) {
+                int k = sd_event_add_time_relative(ota->event, &r->timer, CLOCK_MONOTONIC,
+                                                   wait_unknown ? OTA_UNKNOWN_WAIT_USEC : OTA_WAIT_USEC,
                                                    100 * USEC_PER_MSEC, waiter_timeout, r);
+                if (wait_unknown)
+                        r->waited_unknown = true;
                 if (k >= 0) {
                         r->suspended = true;
                         r->wait_next = ota->waiters;
@@ -1124,6 +1392,8 @@ static enum MHD_Result job_answer(OtaRequest *r) {
                         return MHD_YES;
                 }
         }
+        if (!j)
+                return queue_error(r->connection, MHD_HTTP_NOT_FOUND, "No such job");
         return queue_json(r->connection, MHD_HTTP_OK, job_to_json(j));
 }
 
@@ -1152,6 +1422,7 @@ int ota_api_handler(Ota *ota, struct MHD_Connection *connection, const char *url
                 r->ota = ota;
                 r->connection = connection;
                 r->fd = -1;
+                r->publish_fd = -1;
                 r->wait_seq = -1;
                 r->kind = OTA_REQ_NONE;
                 *state = r;
@@ -1195,6 +1466,8 @@ int ota_api_handler(Ota *ota, struct MHD_Connection *connection, const char *url
                 goto error;
         switch (r->kind) {
         case OTA_REQ_UPLOAD:
+                if (r->publish || r->published)
+                        return upload_answer_published(r);
                 return upload_end(r);
         case OTA_REQ_ARTIFACT: {
                 _cleanup_free_ char *path = NULL;

@@ -82,6 +82,25 @@ void ota_api_shutdown(Ota *ota);
  * status and sets *ret_body (a new JSON object, the caller's; NULL on
  * OOM). */
 unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body);
+/* Cluster mode (docs/cluster.md, "OTA"): another node changed the row of
+ * job id in the Store (the replicated table ota_jobs). The Ota takes it
+ * into memory: a new job is listed; a copy further along (the device's
+ * report counter, then whether it is over, then the job's seq) replaces
+ * the one here and wakes the requests waiting for it. Only the node
+ * holding the device's session drives a job (sends it, applies the
+ * device's reports); when an older or conflicting copy comes over the copy
+ * of that node, it writes its own back, so that every node ends with it.
+ * A job still "sent" is sent again when its device is (or comes) online
+ * here, as after a restart. */
+void ota_job_changed(Ota *ota, const char *id);
+/* Cluster mode. GET /v1/ota/jobs/ID for a job not here waits up to 5 s
+ * for it (a job another node made a moment ago comes through the
+ * stream). With artifacts (NULL: this node hosts no artifacts), an
+ * upload is answered only once it is in the stream TETHER_ARTIFACTS too
+ * (artifacts.h); a failure to put it there answers 503 and removes it
+ * here. artifacts is borrowed and must outlive the Ota's requests. */
+typedef struct Artifacts Artifacts;
+void ota_set_cluster(Ota *ota, Artifacts *artifacts);
 /* d is online (its session is bound): the update request of a job that
  * was "sent" when the cloud stopped, before the device answered, goes to
  * it again (from a defer on the loop). */
