@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cloud/events.h"
 #include "log.h"
@@ -330,6 +331,58 @@ static void test_publish_checks(void **state) {
         assert_int_equal(a.disconnected, 0);
 }
 
+/* A journal that caches another's ids: journal_append_at() with gaps,
+ * ids that must grow, cursors and reopening keep them; journal_reset()
+ * starts afresh with a given epoch and sets the old file aside. */
+static void test_journal_append_at_and_reset(void **state) {
+        Fixture *f = *state;
+        ProtoEvent e = { .name = (char *)"n", .data = (char *)"d", .published_at = (char *)"2026-01-01T00:00:00.000Z",
+                         .coreid = (char *)"dev" }, got;
+        JournalCursor c;
+        uint64_t id;
+        char path[128];
+
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 1, 5), 0);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 2, 9), 0);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 3, 9), -EINVAL);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 3, 3), -EINVAL);
+        assert_int_equal(journal_last_id(f->journal), 9);
+        assert_true(journal_seen(f->journal, "dev", 9, 2));
+        assert_int_equal(journal_append(f->journal, &e, 0, 0, &id), 0);
+        assert_int_equal(id, 10);
+
+        journal_cursor_init(&c, f->journal, 0);
+        assert_int_equal(journal_cursor_next(&c, &got, &id), 1);
+        assert_int_equal(id, 5);
+        proto_event_done(&got);
+        assert_int_equal(journal_cursor_next(&c, &got, &id), 1);
+        assert_int_equal(id, 9);
+        proto_event_done(&got);
+        journal_cursor_done(&c);
+
+        /* Reopened: the same ids and states. */
+        f->journal = journal_free(f->journal);
+        assert_int_equal(journal_new(f->event, &f->config, &f->journal), 0);
+        assert_int_equal(journal_last_id(f->journal), 10);
+        assert_true(journal_seen(f->journal, "dev", 9, 2));
+
+        assert_int_equal(journal_reset(f->journal, 0x77), 0);
+        assert_int_equal(journal_epoch(f->journal), 0x77);
+        assert_int_equal(journal_last_id(f->journal), 0);
+        assert_false(journal_seen(f->journal, "dev", 9, 2));
+        snprintf(path, sizeof(path), "%s/events.journal.old", f->dir);
+        assert_int_equal(access(path, F_OK), 0);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 1, 100), 0);
+
+        f->journal = journal_free(f->journal);
+        assert_int_equal(journal_new(f->event, &f->config, &f->journal), 0);
+        assert_int_equal(journal_epoch(f->journal), 0x77);
+        assert_int_equal(journal_last_id(f->journal), 100);
+        /* Events need the journal they were made with. */
+        events_free(f->events);
+        f->events = NULL;
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_route_matching_only, setup, teardown),
@@ -340,6 +393,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test_setup_teardown(test_gone_while_routing, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_offline_not_counted, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_publish_checks, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_journal_append_at_and_reset, setup, teardown),
         };
 
         log_set_max_level(LOG_WARNING);
