@@ -67,7 +67,6 @@ static void cloud_publish(Cloud *c, const char *name, const char *device, json_t
         _cleanup_free_ char *text = data ? json_dumps(data, JSON_COMPACT) : NULL;
         char at[32];
         ProtoEvent e;
-        uint64_t id;
         int r;
 
         json_decref(data);
@@ -78,12 +77,9 @@ static void cloud_publish(Cloud *c, const char *name, const char *device, json_t
         proto_timestamp_now(at);
         e = (ProtoEvent){ .name = (char *)name, .data = text, .ttl = PROTO_DEFAULT_TTL, .private_ = true,
                           .published_at = at, .coreid = (char *)device };
-        r = journal_append(c->journal, &e, 0, 0, &id);
-        if (r < 0) {
+        r = events_store(c->events, &e, NULL, 0, 0, NULL);
+        if (r < 0)
                 log_warning_errno(r, "Failed to store the event '%s' for device '%s', not routing it: %m", name, device);
-                return;
-        }
-        events_route(c->events, &e, NULL, id);
 }
 
 static int cloud_peer_check(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size) {

@@ -42,6 +42,11 @@ typedef struct Fixture {
         unsigned streamed;
         uint64_t last_stream_id;
         unsigned flushes;
+        /* The store hook (setup_store()): what it got, what it answers. */
+        unsigned stored;
+        uint64_t stored_epoch, stored_seq;
+        int store_error;
+        bool store_duplicate;
 } Fixture;
 
 static const char *hook_device_id(void *userdata, const Device *d) {
@@ -86,7 +91,19 @@ static void hook_flush(void *userdata) {
         f->flushes++;
 }
 
-static int setup(void **state) {
+static int hook_store(void *userdata, const ProtoEvent *e, uint64_t epoch, uint64_t seq, bool *ret_duplicate) {
+        Fixture *f = userdata;
+
+        if (f->store_error < 0)
+                return f->store_error;
+        f->stored++;
+        f->stored_epoch = epoch;
+        f->stored_seq = seq;
+        *ret_duplicate = f->store_duplicate;
+        return 0;
+}
+
+static int setup_with(void **state, bool store) {
         Fixture *f = calloc(1, sizeof(*f));
         EventsHooks hooks = {
                 .userdata = f,
@@ -96,6 +113,7 @@ static int setup(void **state) {
                 .disconnect = hook_disconnect,
                 .deliver_to_streams = hook_streams,
                 .flush = hook_flush,
+                .store = store ? hook_store : NULL,
         };
 
         assert_non_null(f);
@@ -108,6 +126,15 @@ static int setup(void **state) {
         assert_int_equal(events_new(&f->config, f->journal, &hooks, &f->events), 0);
         *state = f;
         return 0;
+}
+
+static int setup(void **state) {
+        return setup_with(state, false);
+}
+
+/* Cluster mode: events go to the store hook, routing is not done here. */
+static int setup_store(void **state) {
+        return setup_with(state, true);
 }
 
 static int teardown(void **state) {
@@ -331,6 +358,41 @@ static void test_publish_checks(void **state) {
         assert_int_equal(a.disconnected, 0);
 }
 
+/* With a store hook: the hook stores (with the device's epoch and seq),
+ * nothing is routed or journaled here; a duplicate it reports is
+ * acknowledged; its failure answers 5.03 and closes the session. */
+static void test_store_hook(void **state) {
+        Fixture *f = *state;
+        Device a = { .id = "a" }, b = { .id = "b" };
+
+        assert_int_equal(subscribe(f, &b, "x", 1), COAP_RESPONSE_CODE(205));
+        assert_int_equal(publish(f, &a, "x", "1", 5), COAP_RESPONSE_CODE(201));
+        assert_int_equal(f->stored, 1);
+        assert_int_equal(f->stored_epoch, 0x1234);
+        assert_int_equal(f->stored_seq, 5);
+        assert_int_equal(f->streamed, 0);
+        assert_int_equal(b.notified, 0);
+        assert_int_equal(journal_last_id(f->journal), 0);
+
+        f->store_duplicate = true;
+        assert_int_equal(publish(f, &a, "x", "1", 5), COAP_RESPONSE_CODE(201));
+        assert_int_equal(f->stored, 2);
+        f->store_duplicate = false;
+
+        f->store_error = -ETIMEDOUT;
+        assert_int_equal(publish(f, &a, "x", "1", 6), COAP_RESPONSE_CODE(503));
+        assert_int_equal(a.disconnected, 1);
+        assert_int_equal(f->stored, 2);
+
+        /* The cloud's own events take the same way. */
+        f->store_error = 0;
+        assert_int_equal(events_store(f->events, &(ProtoEvent){ .name = (char *)"y", .coreid = (char *)"api" }, NULL,
+                                      0, 0, NULL),
+                         0);
+        assert_int_equal(f->stored, 3);
+        assert_int_equal(f->streamed, 0);
+}
+
 /* A journal that caches another's ids: journal_append_at() with gaps,
  * ids that must grow, cursors and reopening keep them; journal_reset()
  * starts afresh with a given epoch and sets the old file aside. */
@@ -393,6 +455,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test_setup_teardown(test_gone_while_routing, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_offline_not_counted, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_publish_checks, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_store_hook, setup_store, teardown),
                 cmocka_unit_test_setup_teardown(test_journal_append_at_and_reset, setup, teardown),
         };
 
