@@ -8,11 +8,13 @@
 #include <systemd/sd-daemon.h>
 
 #include "api.h"
+#include "bus.h"
 #include "cloud.h"
 #include "devices.h"
 #include "enroll.h"
 #include "events.h"
 #include "journal.h"
+#include "journal-nats.h"
 #include "log.h"
 #include "ota.h"
 #include "provision.h"
@@ -35,6 +37,9 @@ struct Cloud {
         Devices *devices;
         Ota *ota;
         Api *api;
+        /* Cluster mode ([Cluster] NATS=) only, else NULL. */
+        Bus *bus;
+        EventLog *eventlog;
         unsigned coap_port, api_port, ota_port;
 };
 
@@ -205,6 +210,47 @@ static void cloud_deliver_to_streams(void *userdata, const ProtoEvent *e, uint64
         api_deliver_event(c->api, e, id);
 }
 
+/* ---- cluster mode: the cluster's event journal (journal-nats.h) ----------- */
+
+/* EventsHooks.store: every event goes to the stream; it is routed when it
+ * comes back (cloud_eventlog_route()), on every node alike. */
+static int cloud_eventlog_store(void *userdata, const ProtoEvent *e, uint64_t epoch, uint64_t seq,
+                                bool *ret_duplicate) {
+        Cloud *c = userdata;
+
+        return eventlog_publish(c->eventlog, e, epoch, seq, ret_duplicate);
+}
+
+/* EventLogHooks.route: as events_store() routes on one node. The source
+ * (who does not get its own event back) is the device the coreid names,
+ * as events.c and ota.c pass it; the API and the MQTT inbox are none. */
+static void cloud_eventlog_route(void *userdata, const ProtoEvent *e, uint64_t id) {
+        Cloud *c = userdata;
+        const Device *source = NULL;
+
+        if (e->coreid && !streq(e->coreid, "api") && !streq(e->coreid, EVENTLOG_MQTT_SOURCE))
+                source = devices_find(c->devices, e->coreid);
+        events_route(c->events, e, source, id);
+}
+
+static int cloud_eventlog_start(Cloud *c) {
+        const CloudConfig *cfg = c->config;
+        BusConfig bc = {
+                .servers = cfg->cluster_nats,
+                .name = cfg->cluster_node,
+                .user = cfg->cluster_user,
+                .password = cfg->cluster_password,
+                .ca_file = cfg->cluster_ca_file,
+        };
+        int r;
+
+        r = bus_new(c->event, &bc, &(BusHooks){ .userdata = c }, &c->bus);
+        if (r < 0)
+                return r;
+        return eventlog_new(c->event, cfg, c->bus, c->journal, cfg->cluster_node,
+                            &(EventLogHooks){ .userdata = c, .route = cloud_eventlog_route }, &c->eventlog);
+}
+
 /* ---- OtaHooks: OTA towards the HTTP API ------------------------------------ */
 
 /* NULL while the Api is not made yet or gone: then it has nothing to run. */
@@ -252,6 +298,7 @@ Cloud *cloud_free(Cloud *c) {
         /* Users first (they hold calls to devices; the Api's requests hold
          * the Ota's), then devices (whose sessions hold subscriptions), then
          * events and the journal. */
+        c->eventlog = eventlog_free(c->eventlog); /* nothing comes from the stream */
         c->api = api_free(c->api);
         c->ota = ota_free(c->ota);
         c->devices = devices_free(c->devices);
@@ -259,6 +306,7 @@ Cloud *cloud_free(Cloud *c) {
         c->registry = registry_free(c->registry);
         c->provision = provision_free(c->provision);
         c->events = events_free(c->events);
+        c->bus = bus_free(c->bus);
         c->journal = journal_free(c->journal);
         c->store = store_free(c->store);
         stats_done();
@@ -351,6 +399,12 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = provision_open(c->store, &c->provision);
         if (r < 0)
                 return r;
+        if (config->cluster_nats) {
+                r = cloud_eventlog_start(c);
+                if (r < 0)
+                        return r;
+                eh.store = cloud_eventlog_store;
+        }
         if (config->enroll_enabled) {
                 r = enroll_new(c->event, config, c->store, c->registry, c->provision,
                                &(EnrollHooks){ .userdata = c, .renewed = cloud_cert_renewed }, &c->enroll);
