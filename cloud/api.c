@@ -765,7 +765,6 @@ static void api_publish(ApiRequest *req, json_t *params) {
         unsigned status;
         ApiPublish in;
         ProtoEvent e;
-        uint64_t id;
         int r;
 
         /* An event from the API goes to every subscribed device: a token
@@ -794,7 +793,7 @@ static void api_publish(ApiRequest *req, json_t *params) {
                 .published_at = published_at,
                 .coreid = (char *)"api",
         };
-        r = journal_append(api->journal, &e, 0, 0, &id);
+        r = events_store(api->events, &e, NULL, 0, 0, NULL);
         if (r < 0) {
                 log_warning_errno(r, "Failed to store an event from the API: %m");
                 stats_event_dropped(STATS_DROPPED_STORE_FAILED);
@@ -802,7 +801,6 @@ static void api_publish(ApiRequest *req, json_t *params) {
                 return;
         }
         stats_event_in(STATS_FROM_API);
-        events_route(api->events, &e, NULL, id);
         api_set_json(req, MHD_HTTP_OK, json_pack("{s:b}", "ok", 1));
 }
 

@@ -16,6 +16,7 @@
 #include "enroll.h"
 #include "events.h"
 #include "journal.h"
+#include "journal-nats.h"
 #include "log.h"
 #include "ota.h"
 #include "provision.h"
@@ -41,6 +42,7 @@ struct Cloud {
         Api *api;
         /* Cluster mode ([Cluster] NATS=): NULL on a single node. */
         Bus *bus;
+        EventLog *eventlog;
         Cluster *cluster;
         Replica *replica;
         Artifacts *artifacts; /* with [OTA] ArtifactDirectory= */
@@ -78,7 +80,6 @@ static void cloud_publish(Cloud *c, const char *name, const char *device, json_t
         _cleanup_free_ char *text = data ? json_dumps(data, JSON_COMPACT) : NULL;
         char at[32];
         ProtoEvent e;
-        uint64_t id;
         int r;
 
         json_decref(data);
@@ -89,12 +90,9 @@ static void cloud_publish(Cloud *c, const char *name, const char *device, json_t
         proto_timestamp_now(at);
         e = (ProtoEvent){ .name = (char *)name, .data = text, .ttl = PROTO_DEFAULT_TTL, .private_ = true,
                           .published_at = at, .coreid = (char *)device };
-        r = journal_append(c->journal, &e, 0, 0, &id);
-        if (r < 0) {
+        r = events_store(c->events, &e, NULL, 0, 0, NULL);
+        if (r < 0)
                 log_warning_errno(r, "Failed to store the event '%s' for device '%s', not routing it: %m", name, device);
-                return;
-        }
-        events_route(c->events, &e, NULL, id);
 }
 
 static int cloud_peer_check(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size) {
@@ -260,6 +258,51 @@ static void cloud_rpc(void *userdata, ClusterRpc *rpc, const char *op, const cha
         api_rpc(c->api, rpc, op, device, name, arg, params);
 }
 
+/* ---- cluster mode: the cluster's event journal (journal-nats.h) ----------- */
+
+/* EventsHooks.store: every event goes to the stream; it is routed when it
+ * comes back (cloud_eventlog_route()), on every node alike. */
+static int cloud_eventlog_store(void *userdata, const ProtoEvent *e, uint64_t epoch, uint64_t seq,
+                                bool *ret_duplicate) {
+        Cloud *c = userdata;
+
+        return eventlog_publish(c->eventlog, e, epoch, seq, ret_duplicate);
+}
+
+/* EventLogHooks.route: as events_store() routes on one node. The source
+ * (who does not get its own event back) is the device the coreid names,
+ * as events.c and ota.c pass it; the API and the MQTT inbox are none. */
+static void cloud_eventlog_route(void *userdata, const ProtoEvent *e, uint64_t id) {
+        Cloud *c = userdata;
+        const Device *source = NULL;
+
+        if (e->coreid && !streq(e->coreid, "api") && !streq(e->coreid, EVENTLOG_MQTT_SOURCE))
+                source = devices_find(c->devices, e->coreid);
+        events_route(c->events, e, source, id);
+}
+
+static void cloud_bus_connection(void *userdata, bool up);
+
+/* Cluster mode: connect to NATS and follow the cluster's event journal
+ * (before the Events exist: they store through it). */
+static int cloud_eventlog_start(Cloud *c) {
+        const CloudConfig *cfg = c->config;
+        BusConfig bc = {
+                .servers = cfg->cluster_nats,
+                .name = cfg->cluster_node,
+                .user = cfg->cluster_user,
+                .password = cfg->cluster_password,
+                .ca_file = cfg->cluster_ca_file,
+        };
+        int r;
+
+        r = bus_new(c->event, &bc, &(BusHooks){ .userdata = c, .connection = cloud_bus_connection }, &c->bus);
+        if (r < 0)
+                return r;
+        return eventlog_new(c->event, cfg, c->bus, c->journal, cfg->cluster_node,
+                            &(EventLogHooks){ .userdata = c, .route = cloud_eventlog_route }, &c->eventlog);
+}
+
 /* ---- OtaHooks: OTA towards the HTTP API ------------------------------------ */
 
 /* NULL while the Api is not made yet or gone: then it has nothing to run. */
@@ -350,6 +393,7 @@ Cloud *cloud_free(Cloud *c) {
         /* Users first (they hold calls to devices; the Api's requests hold
          * the Ota's), then devices (whose sessions hold subscriptions), then
          * events and the journal. */
+        c->eventlog = eventlog_free(c->eventlog); /* nothing comes from the stream */
         c->replica = replica_free(c->replica);
         c->api = api_free(c->api);
         c->ota = ota_free(c->ota);
@@ -370,16 +414,10 @@ Cloud *cloud_free(Cloud *c) {
         return NULL;
 }
 
-/* Cluster mode: connect to NATS and join (docs/cluster.md). */
+/* Cluster mode, once every module is made: the replicated state, presence
+ * and routing, artifacts (docs/cluster.md). */
 static int cloud_join_cluster(Cloud *c) {
         const CloudConfig *config = c->config;
-        BusConfig bc = {
-                .servers = config->cluster_nats,
-                .name = config->cluster_node,
-                .user = config->cluster_user,
-                .password = config->cluster_password,
-                .ca_file = config->cluster_ca_file,
-        };
         ClusterHooks ch = {
                 .userdata = c,
                 .presence = cloud_presence,
@@ -388,9 +426,6 @@ static int cloud_join_cluster(Cloud *c) {
         };
         int r;
 
-        r = bus_new(c->event, &bc, &(BusHooks){ .userdata = c, .connection = cloud_bus_connection }, &c->bus);
-        if (r < 0)
-                return r;
         /* After every module made its tables. */
         r = replica_new(c->event, c->store, c->bus, config->cluster_node, config->cluster_replicas,
                         &(ReplicaHooks){ .userdata = c, .applied = cloud_replica_applied }, &c->replica);
@@ -494,6 +529,12 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = provision_open(c->store, &c->provision);
         if (r < 0)
                 return r;
+        if (config->cluster_nats) {
+                r = cloud_eventlog_start(c);
+                if (r < 0)
+                        return r;
+                eh.store = cloud_eventlog_store;
+        }
         if (config->enroll_enabled) {
                 r = enroll_new(c->event, config, c->store, c->registry, c->provision,
                                &(EnrollHooks){ .userdata = c, .renewed = cloud_cert_renewed }, &c->enroll);

@@ -4,6 +4,7 @@
  *   config.c   cloud_config_  keyfile, command line, API tokens (cloud-config.h)
  *   journal.c  journal_  the event journal: de-duplication, SSE replay (journal.h)
  *   journal-seek.c journal_seek_ where to start reading the journal for an id
+ *   journal-nats.c eventlog_ cluster mode: the event journal on JetStream, the MQTT inbox (journal-nats.h)
  *   events.c   events_   device publish/subscribe and the event router (events.h)
  *   devices.c  devices_  libcoap server, device registry, requests to devices (devices.h)
  *   subscriptions.c sub_ the index of subscriptions by prefix (subscriptions.h)

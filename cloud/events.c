@@ -350,7 +350,7 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
         ProtoPublishQuery q;
         coap_opt_iterator_t it;
         coap_opt_t *opt;
-        uint64_t id;
+        bool duplicate = false;
         size_t len = 0;
         unsigned wait;
         ProtoEvent e;
@@ -432,7 +432,9 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
         if (opt)
                 e.ttl = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
 
-        if (q.has_seq) {
+        /* With a store of its own (cluster mode) the journal may lag
+         * behind what was stored: no such guess there. */
+        if (q.has_seq && !ev->hooks.store) {
                 uint64_t last = journal_last_seq(ev->journal, device_id(ev, d), q.epoch);
 
                 /* Numbers the device never sent: its outbox dropped them
@@ -442,7 +444,7 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
                                  "): dropped by the device or refused.",
                                  device_id(ev, d), last + 1, q.seq - 1, q.epoch);
         }
-        r = journal_append(ev->journal, &e, q.epoch, q.has_seq ? q.seq : 0, &id);
+        r = events_store(ev, &e, d, q.epoch, q.has_seq ? q.seq : 0, &duplicate);
         if (r < 0) {
                 /* Not stored, not routed: the device keeps it and sends it
                  * again. Nothing later on this session may overtake it. */
@@ -453,9 +455,38 @@ static void events_publish(Events *ev, Device *d, const coap_pdu_t *request, con
                 ev->hooks.disconnect(ev->hooks.userdata, d, "event journal write failed");
                 return;
         }
+        if (duplicate) {
+                /* The cluster's journal had it (stored through another
+                 * node, which the local copy did not show yet). */
+                log_info("Device '%s' resent event %" PRIu64 " (epoch %016" PRIx64 "), already delivered.",
+                         device_id(ev, d), q.seq, q.epoch);
+                stats_event_dropped(STATS_DROPPED_DUPLICATE);
+                events_reply(response, COAP_RESPONSE_CODE(201), "duplicate");
+                return;
+        }
         stats_event_in(STATS_FROM_DEVICE);
-        events_route(ev, &e, d, id);
         coap_pdu_set_code(response, COAP_RESPONSE_CODE(201));
+}
+
+int events_store(Events *ev, const ProtoEvent *e, const Device *source, uint64_t epoch, uint64_t seq,
+                 bool *ret_duplicate) {
+        bool duplicate = false;
+        uint64_t id;
+        int r;
+
+        if (ev->hooks.store) {
+                r = ev->hooks.store(ev->hooks.userdata, e, epoch, seq, &duplicate);
+                if (r < 0)
+                        return r;
+        } else {
+                r = journal_append(ev->journal, e, epoch, seq, &id);
+                if (r < 0)
+                        return r;
+                events_route(ev, e, source, id);
+        }
+        if (ret_duplicate)
+                *ret_duplicate = duplicate;
+        return 0;
 }
 
 /* The device's subscription with this token: among its own (at most

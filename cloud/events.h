@@ -12,6 +12,7 @@
 #pragma once
 
 #include <coap3/coap.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "cloud-config.h"
@@ -44,6 +45,15 @@ typedef struct EventsHooks {
         /* Routing sent at least one notification: get it on the wire
          * soon. May be NULL. */
         void (*flush)(void *userdata);
+        /* Store e somewhere else than the Journal (cluster mode: the
+         * cluster's journal, cloud/journal-nats.h), synchronously: 0 when
+         * it is stored for good (*ret_duplicate: it was already, a resend
+         * of device event (epoch, seq); seq 0: no sequence number), a
+         * negative errno when it is not. Routing is then not done here:
+         * the event comes back from there with its id and the owner
+         * routes it (events_route()). NULL: journal_append() and
+         * events_route() (one node). */
+        int (*store)(void *userdata, const ProtoEvent *e, uint64_t epoch, uint64_t seq, bool *ret_duplicate);
 } EventsHooks;
 
 /* config and journal are borrowed and must outlive the Events; hooks is
@@ -71,6 +81,15 @@ void events_device_gone(Events *ev, const Device *d);
  * (events.c, EventsQuota). Out of memory lets it through. Logs one line
  * per device and minute while d is past its limits. */
 unsigned events_device_charge(Events *ev, const Device *d, size_t cost);
+
+/* Store an event (journal_append(), or EventsHooks.store) and route it
+ * (now, or when it comes back through the store, see there): every event
+ * the cloud itself publishes (the API's, OTA's, the cloud's about
+ * devices) goes this way. source as events_route(); epoch and seq as
+ * journal_append(). 0, or the store's negative errno (nothing stored,
+ * nothing routed). *ret_duplicate (may be NULL): the store had it. */
+int events_store(Events *ev, const ProtoEvent *e, const Device *source, uint64_t epoch, uint64_t seq,
+                 bool *ret_duplicate);
 
 /* Route an event to the streams and to devices' subscriptions; source is
  * the publishing device (it does not get its own event) or NULL; id is

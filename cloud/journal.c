@@ -42,6 +42,7 @@
 #define JOURNAL_FILE "events.journal"
 #define JOURNAL_LOCK_FILE "events.journal.lock"
 #define JOURNAL_CORRUPT_FILE "events.journal.corrupt"
+#define JOURNAL_OLD_FILE "events.journal.old" /* what journal_reset() set aside */
 #define JOURNAL_MAGIC 0x314a4354u /* "TCJ1" on disk */
 #define JOURNAL_VERSION 2
 #define JOURNAL_VERSION_NO_RECEIVED 1 /* events without received_at */
@@ -649,18 +650,31 @@ static int journal_sync_cb(sd_event_source *s, uint64_t usec, void *userdata) {
 }
 
 int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *ret_id) {
+        uint64_t id = j->next_id;
+        int r = journal_append_at(j, e, epoch, seq, id);
+
+        if (r < 0)
+                return r;
+        *ret_id = id;
+        return 0;
+}
+
+int journal_append_at(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t id) {
         size_t name_len = strlen(e->name), data_len = e->data ? strlen(e->data) : 0,
                coreid_len = e->coreid ? strlen(e->coreid) : 0,
                at_len = e->published_at ? strlen(e->published_at) : 0;
         const char *received = e->received_at ?: e->published_at ?: "";
         size_t received_len = strlen(received);
         size_t cap = 64 + name_len + data_len + coreid_len + at_len + received_len;
-        uint64_t id = j->next_id;
         RecordWriter w;
         int r;
 
         if (j->fd < 0)
                 return -EBADF;
+        /* Ids only grow (recovery and cursors rely on it); UINT64_MAX is
+         * no id (journal_last_id() + 1 must exist). */
+        if (id < j->next_id || id == UINT64_MAX)
+                return -EINVAL;
         r = buf_reserve(j, RECORD_HEADER_SIZE + cap);
         if (r < 0)
                 return r;
@@ -694,7 +708,7 @@ int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq
         }
         journal_seek_note(&j->seek, id, j->end);
         j->end += record_size(w.len);
-        j->next_id++;
+        j->next_id = id + 1;
         stats_journal_appended(record_size(w.len));
         if (j->config->journal_sync_ms == 0) {
                 uint64_t started = now_usec();
@@ -718,7 +732,27 @@ int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq
                         log_warning_errno(r, "Failed to rewrite the event journal (%" PRIu64 " bytes): %m",
                                           j->end);
         }
-        *ret_id = id;
+        return 0;
+}
+
+int journal_reset(Journal *j, uint64_t epoch) {
+        int r;
+
+        if (j->fd < 0)
+                return -EBADF;
+        /* The events it had stay readable for a person, not for the cloud. */
+        if (j->next_id > 1 && renameat(j->dir_fd, JOURNAL_FILE, j->dir_fd, JOURNAL_OLD_FILE) < 0)
+                return -errno;
+        j->epoch = epoch;
+        j->next_id = 1;
+        states_free(j);
+        r = journal_rewrite(j, NULL, 0, 0, NULL, 0);
+        if (r < 0) {
+                /* No events and no device states, whatever is on disk. */
+                close(j->fd);
+                j->fd = -1;
+                return r;
+        }
         return 0;
 }
 

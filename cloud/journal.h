@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* The event journal (journal.c, prefix journal_): every event the cloud
  * routes is first appended to the file StateDirectory/events.journal, with
- * an id that grows by one per event. The journal knows, per device and
+ * an id that grows by one per event (in cluster mode: the id the cluster's
+ * stream gave it, journal_append_at()). The journal knows, per device and
  * epoch, the highest sequence number delivered (docs/protocol.md,
  * "Delivery"), and SSE streams read it back to replay what a client missed
  * (Last-Event-ID). Bounded by JournalMaxBytes: when it is rewritten the
@@ -40,11 +41,25 @@ uint64_t journal_last_seq(Journal *j, const char *device, uint64_t epoch);
  * its id. A negative errno (-ENOSPC...) when it could not be written:
  * then nothing changed. */
 int journal_append(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t *ret_id);
-/* The journal's epoch: random, made with the file; ids from a journal with
- * another epoch mean nothing here. */
+/* Append e with the id id, which must be above journal_last_id() (gaps
+ * are allowed: a cursor's reader sees them as events the journal no
+ * longer has); otherwise as journal_append(), and -EINVAL for an id
+ * that does not grow. For a journal that caches another's events with
+ * their ids (cluster mode, cloud/journal-nats.h). */
+int journal_append_at(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t seq, uint64_t id);
+/* The journal's epoch: random, made with the file (or the one given to
+ * journal_reset()); ids from a journal with another epoch mean nothing
+ * here. */
 uint64_t journal_epoch(Journal *j);
 /* The id of the last event appended (0: none yet). */
 uint64_t journal_last_id(Journal *j);
+/* Start afresh with this epoch: no events (the next id is 1), no device
+ * states; the file that had events is kept as events.journal.old (one
+ * such file, the last one), for people, never read again. Only while no
+ * cursor is open (cursors would skip the new ids): at startup. On
+ * failure the Journal takes no more appends (-EBADF) and has no events
+ * or device states; free it. */
+int journal_reset(Journal *j, uint64_t epoch);
 
 /* Reading the journal in order, from after a given id. A cursor borrows
  * its Journal: journal_cursor_done() it before journal_free(). */

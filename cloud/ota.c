@@ -411,7 +411,6 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
         ProtoEvent e;
         _cleanup_free_ char *data = NULL;
         char name[TETHER_EVENT_NAME_MAX + 1], at[32];
-        uint64_t id;
         json_t *ev;
         int r;
 
@@ -469,12 +468,9 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
         /* Journaled like every routed event, so that subscribers that
          * resume (Last-Event-ID) see every state. The job's own record
          * does not depend on it. */
-        r = journal_append(ota->journal, &e, 0, 0, &id);
-        if (r < 0) {
+        r = events_store(ota->events, &e, devices_find(ota->devices, j->device), 0, 0, NULL);
+        if (r < 0)
                 log_warning_errno(r, "Failed to store the event for job %s (%s), not routing it: %m", j->id, state);
-                return;
-        }
-        events_route(ota->events, &e, devices_find(ota->devices, j->device), id);
 }
 
 /* The device's answer to POST /o/JOB. */

@@ -53,6 +53,7 @@ static const char *const refused_names[_STATS_REFUSED_MAX] = {
 static const char *const source_names[_STATS_FROM_MAX] = {
         [STATS_FROM_DEVICE] = "device",
         [STATS_FROM_API] = "api",
+        [STATS_FROM_MQTT] = "mqtt",
 };
 
 static const char *const sink_names[_STATS_TO_MAX] = {
@@ -70,6 +71,8 @@ static const char *const dropped_names[_STATS_DROPPED_MAX] = {
         [STATS_DROPPED_RESERVED_NAME] = "reserved_name",
         [STATS_DROPPED_RATE_LIMITED] = "rate_limited",
         [STATS_DROPPED_JOURNAL_SHARE] = "journal_share",
+        [STATS_DROPPED_INBOX_INVALID] = "inbox_invalid",
+        [STATS_DROPPED_STREAM_INVALID] = "stream_invalid",
 };
 
 static const char *const api_refused_names[_STATS_API_REFUSED_MAX] = {

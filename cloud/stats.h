@@ -25,6 +25,7 @@ typedef enum StatsRefused {
 typedef enum StatsSource {
         STATS_FROM_DEVICE,
         STATS_FROM_API,
+        STATS_FROM_MQTT, /* the MQTT inbox (cluster mode) */
         _STATS_FROM_MAX,
 } StatsSource;
 
@@ -44,6 +45,8 @@ typedef enum StatsDropped {
         STATS_DROPPED_RESERVED_NAME,      /* a device published under tether/ (4.03) */
         STATS_DROPPED_RATE_LIMITED,       /* past the device's rate limits (4.29, it retries) */
         STATS_DROPPED_JOURNAL_SHARE,      /* left out of the journal at a rewrite, over its device's share */
+        STATS_DROPPED_INBOX_INVALID,      /* an MQTT inbox message that is no event (cluster mode) */
+        STATS_DROPPED_STREAM_INVALID,     /* a message of the cluster's journal that is no event */
         _STATS_DROPPED_MAX,
 } StatsDropped;
 

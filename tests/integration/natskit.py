@@ -17,8 +17,14 @@ leader) and, on server 1, MQTT (a CONNECT answered "accepted").
     nats = NatsCluster(w, 3)       # w: a harness.World (cleans up) or a directory
     nats.wait_ready()
     conf = f"[Cluster]\\nNATS={nats.url}\\n"
+
+users= makes the servers require a user (an authorization block, the same
+on every server): a list of (name, password, permissions), permissions
+None (everything) or {"publish": [subjects], "subscribe": [subjects]}, as
+nats-server's configuration has them; MQTT clients log in as these users.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -53,12 +59,19 @@ def free_ports(n):
             s.close()
 
 
-def _mqtt_accepts(port):
-    """An MQTT 3.1.1 CONNECT to port is answered CONNACK "accepted": the
-    listener is up and its JetStream streams exist (the server makes them
-    before it accepts the first client)."""
+def _mqtt_accepts(port, user=None):
+    """An MQTT 3.1.1 CONNECT to port (as user: (name, password), or none)
+    is answered CONNACK "accepted": the listener is up and its JetStream
+    streams exist (the server makes them before it accepts the first
+    client)."""
+    def field(b):
+        return len(b).to_bytes(2, "big") + b
     client_id = b"natskit-probe"
-    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    flags, payload = 0x02, field(client_id)
+    if user:
+        flags |= 0xC0
+        payload += field(user[0].encode()) + field(user[1].encode())
+    body = b"\x00\x04MQTT\x04" + bytes([flags]) + b"\x00\x3c" + payload
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=seconds(2)) as sock:
             sock.sendall(bytes([0x10, len(body)]) + body)
@@ -99,7 +112,7 @@ class NatsServer:
 
 
 class NatsCluster:
-    def __init__(self, world_or_dir, n=3, mqtt=True, cluster_name="tether-test"):
+    def __init__(self, world_or_dir, n=3, mqtt=True, cluster_name="tether-test", users=None):
         """Start n servers. world_or_dir: a harness.World (the servers live
         in its scratch directory under nats/ and are stopped with its
         cleanups) or a directory."""
@@ -112,6 +125,7 @@ class NatsCluster:
         else:
             self.dir = world_or_dir
         self.cluster_name = cluster_name
+        self.users = users or []
         ports = free_ports(4 * n)
         self.servers = []
         for i in range(n):
@@ -146,6 +160,15 @@ class NatsCluster:
             ]
         if s.mqtt_port:
             lines += ["mqtt {", f"  listen: 127.0.0.1:{s.mqtt_port}", "}"]
+        if self.users:
+            lines += ["authorization {", "  users = ["]
+            for name, password, perms in self.users:
+                entry = f'    {{user: {json.dumps(name)}, password: {json.dumps(password)}'
+                if perms is not None:
+                    entry += ", permissions: {" + ", ".join(
+                        f"{k}: {json.dumps(v)}" for k, v in perms.items()) + "}"
+                lines.append(entry + "}")
+            lines += ["  ]", "}"]
         with open(s.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -198,7 +221,7 @@ class NatsCluster:
                     return False
         except (urllib.error.URLError, OSError):
             return False  # not listening yet, or 503 until JetStream is current
-        return s.mqtt_port is None or _mqtt_accepts(s.mqtt_port)
+        return s.mqtt_port is None or _mqtt_accepts(s.mqtt_port, self.users[0][:2] if self.users else None)
 
     def wait_ready(self, timeout=30):
         """Until every running server answers /healthz with 200 (JetStream

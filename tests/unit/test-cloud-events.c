@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cloud/events.h"
 #include "log.h"
@@ -41,6 +42,11 @@ typedef struct Fixture {
         unsigned streamed;
         uint64_t last_stream_id;
         unsigned flushes;
+        /* The store hook (setup_store()): what it got, what it answers. */
+        unsigned stored;
+        uint64_t stored_epoch, stored_seq;
+        int store_error;
+        bool store_duplicate;
 } Fixture;
 
 static const char *hook_device_id(void *userdata, const Device *d) {
@@ -85,7 +91,19 @@ static void hook_flush(void *userdata) {
         f->flushes++;
 }
 
-static int setup(void **state) {
+static int hook_store(void *userdata, const ProtoEvent *e, uint64_t epoch, uint64_t seq, bool *ret_duplicate) {
+        Fixture *f = userdata;
+
+        if (f->store_error < 0)
+                return f->store_error;
+        f->stored++;
+        f->stored_epoch = epoch;
+        f->stored_seq = seq;
+        *ret_duplicate = f->store_duplicate;
+        return 0;
+}
+
+static int setup_with(void **state, bool store) {
         Fixture *f = calloc(1, sizeof(*f));
         EventsHooks hooks = {
                 .userdata = f,
@@ -95,6 +113,7 @@ static int setup(void **state) {
                 .disconnect = hook_disconnect,
                 .deliver_to_streams = hook_streams,
                 .flush = hook_flush,
+                .store = store ? hook_store : NULL,
         };
 
         assert_non_null(f);
@@ -107,6 +126,15 @@ static int setup(void **state) {
         assert_int_equal(events_new(&f->config, f->journal, &hooks, &f->events), 0);
         *state = f;
         return 0;
+}
+
+static int setup(void **state) {
+        return setup_with(state, false);
+}
+
+/* Cluster mode: events go to the store hook, routing is not done here. */
+static int setup_store(void **state) {
+        return setup_with(state, true);
 }
 
 static int teardown(void **state) {
@@ -330,6 +358,93 @@ static void test_publish_checks(void **state) {
         assert_int_equal(a.disconnected, 0);
 }
 
+/* With a store hook: the hook stores (with the device's epoch and seq),
+ * nothing is routed or journaled here; a duplicate it reports is
+ * acknowledged; its failure answers 5.03 and closes the session. */
+static void test_store_hook(void **state) {
+        Fixture *f = *state;
+        Device a = { .id = "a" }, b = { .id = "b" };
+
+        assert_int_equal(subscribe(f, &b, "x", 1), COAP_RESPONSE_CODE(205));
+        assert_int_equal(publish(f, &a, "x", "1", 5), COAP_RESPONSE_CODE(201));
+        assert_int_equal(f->stored, 1);
+        assert_int_equal(f->stored_epoch, 0x1234);
+        assert_int_equal(f->stored_seq, 5);
+        assert_int_equal(f->streamed, 0);
+        assert_int_equal(b.notified, 0);
+        assert_int_equal(journal_last_id(f->journal), 0);
+
+        f->store_duplicate = true;
+        assert_int_equal(publish(f, &a, "x", "1", 5), COAP_RESPONSE_CODE(201));
+        assert_int_equal(f->stored, 2);
+        f->store_duplicate = false;
+
+        f->store_error = -ETIMEDOUT;
+        assert_int_equal(publish(f, &a, "x", "1", 6), COAP_RESPONSE_CODE(503));
+        assert_int_equal(a.disconnected, 1);
+        assert_int_equal(f->stored, 2);
+
+        /* The cloud's own events take the same way. */
+        f->store_error = 0;
+        assert_int_equal(events_store(f->events, &(ProtoEvent){ .name = (char *)"y", .coreid = (char *)"api" }, NULL,
+                                      0, 0, NULL),
+                         0);
+        assert_int_equal(f->stored, 3);
+        assert_int_equal(f->streamed, 0);
+}
+
+/* A journal that caches another's ids: journal_append_at() with gaps,
+ * ids that must grow, cursors and reopening keep them; journal_reset()
+ * starts afresh with a given epoch and sets the old file aside. */
+static void test_journal_append_at_and_reset(void **state) {
+        Fixture *f = *state;
+        ProtoEvent e = { .name = (char *)"n", .data = (char *)"d", .published_at = (char *)"2026-01-01T00:00:00.000Z",
+                         .coreid = (char *)"dev" }, got;
+        JournalCursor c;
+        uint64_t id;
+        char path[128];
+
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 1, 5), 0);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 2, 9), 0);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 3, 9), -EINVAL);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 3, 3), -EINVAL);
+        assert_int_equal(journal_last_id(f->journal), 9);
+        assert_true(journal_seen(f->journal, "dev", 9, 2));
+        assert_int_equal(journal_append(f->journal, &e, 0, 0, &id), 0);
+        assert_int_equal(id, 10);
+
+        journal_cursor_init(&c, f->journal, 0);
+        assert_int_equal(journal_cursor_next(&c, &got, &id), 1);
+        assert_int_equal(id, 5);
+        proto_event_done(&got);
+        assert_int_equal(journal_cursor_next(&c, &got, &id), 1);
+        assert_int_equal(id, 9);
+        proto_event_done(&got);
+        journal_cursor_done(&c);
+
+        /* Reopened: the same ids and states. */
+        f->journal = journal_free(f->journal);
+        assert_int_equal(journal_new(f->event, &f->config, &f->journal), 0);
+        assert_int_equal(journal_last_id(f->journal), 10);
+        assert_true(journal_seen(f->journal, "dev", 9, 2));
+
+        assert_int_equal(journal_reset(f->journal, 0x77), 0);
+        assert_int_equal(journal_epoch(f->journal), 0x77);
+        assert_int_equal(journal_last_id(f->journal), 0);
+        assert_false(journal_seen(f->journal, "dev", 9, 2));
+        snprintf(path, sizeof(path), "%s/events.journal.old", f->dir);
+        assert_int_equal(access(path, F_OK), 0);
+        assert_int_equal(journal_append_at(f->journal, &e, 9, 1, 100), 0);
+
+        f->journal = journal_free(f->journal);
+        assert_int_equal(journal_new(f->event, &f->config, &f->journal), 0);
+        assert_int_equal(journal_epoch(f->journal), 0x77);
+        assert_int_equal(journal_last_id(f->journal), 100);
+        /* Events need the journal they were made with. */
+        events_free(f->events);
+        f->events = NULL;
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_route_matching_only, setup, teardown),
@@ -340,6 +455,8 @@ int main(int argc, char **argv) {
                 cmocka_unit_test_setup_teardown(test_gone_while_routing, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_offline_not_counted, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_publish_checks, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_store_hook, setup_store, teardown),
+                cmocka_unit_test_setup_teardown(test_journal_append_at_and_reset, setup, teardown),
         };
 
         log_set_max_level(LOG_WARNING);
