@@ -558,16 +558,19 @@ static void api_call_done(int error, unsigned code, const uint8_t *data, size_t 
         api_resume(req);
 }
 
-static void api_device_call(ApiRequest *req, Device *d, const char *name, bool function, json_t *params) {
+/* The checks of a call or variable read before it goes anywhere (here or
+ * to another node): 0 and the argument ("" for none; it points into
+ * params or buf), or -EINVAL with the answer set. */
+static int api_call_check(ApiRequest *req, const char *name, bool function, json_t *params, const char **ret_arg,
+                          size_t *ret_len, char buf[static 32]) {
         Api *api = req->api;
         const char *arg = "";
         size_t arg_len = 0;
-        char buf[32];
         int r;
 
         if (proto_name_check(name, strlen(name), PROTO_NAME_FUNCTION) < 0) {
                 api_set_errorf(req, MHD_HTTP_BAD_REQUEST, "Invalid %s name", function ? "function" : "variable");
-                return;
+                return -EINVAL;
         }
         if (function) {
                 r = api_param(params, "args", &arg, &arg_len, buf);
@@ -576,18 +579,35 @@ static void api_device_call(ApiRequest *req, Device *d, const char *name, bool f
                 if (r < 0) {
                         api_set_error(req, MHD_HTTP_BAD_REQUEST, "The argument must be text, a number or a boolean",
                                       NULL);
-                        return;
+                        return -EINVAL;
+                }
+                if (r == 0) {
+                        arg = "";
+                        arg_len = 0;
                 }
         }
         if (arg_len > api->config->max_payload) {
                 api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Argument longer than %u bytes",
                                api->config->max_payload);
-                return;
+                return -EINVAL;
         }
         if (proto_utf8_check(arg, arg_len) < 0) {
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Argument is not UTF-8 text", NULL);
-                return;
+                return -EINVAL;
         }
+        *ret_arg = arg;
+        *ret_len = arg_len;
+        return 0;
+}
+
+static void api_device_call(ApiRequest *req, Device *d, const char *name, bool function, json_t *params) {
+        const char *arg;
+        size_t arg_len;
+        char buf[32];
+        int r;
+
+        if (api_call_check(req, name, function, params, &arg, &arg_len, buf) < 0)
+                return;
         req->name = strdup(name);
         if (!req->name)
                 return;
@@ -657,16 +677,11 @@ static void api_forward(ApiRequest *req, const char *node, const char *op, const
                         json_object_set(ota_params, "manifest", json_object_get(params, "manifest"));
                 if (json_object_get(params, "file"))
                         json_object_set_new(ota_params, "file", json_true());
-        } else if (streq(op, "call")) {
-                r = api_param(params, "args", &arg, &arg_len, buf);
-                if (r == 0)
-                        r = api_param(params, "arg", &arg, &arg_len, buf);
-                if (r < 0 || (arg && memchr(arg, 0, arg_len))) {
-                        api_set_error(req, MHD_HTTP_BAD_REQUEST, "The argument must be text, a number or a boolean",
-                                      NULL);
+        } else if (streq(op, "call") || streq(op, "var")) {
+                /* As this node would check them: the same answers. */
+                if (api_call_check(req, name, streq(op, "call"), params, &arg, &arg_len, buf) < 0)
                         return;
-                }
-                if (arg && !(arg_text = strndup(arg, arg_len)))
+                if (streq(op, "call") && !(arg_text = strndup(arg, arg_len)))
                         return;
         }
         /* The device's ID, for the error texts of api_forward_done(). */
@@ -676,6 +691,10 @@ static void api_forward(ApiRequest *req, const char *node, const char *op, const
                 return;
         r = cluster_forward(api->cluster, node, op, device, name, arg_text, ota_params,
                             (api->config->call_timeout_sec + 2) * USEC_PER_SEC, api_forward_done, req, &req->forward);
+        if (r == -EMSGSIZE) {
+                api_set_error(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request too large to route to another node", NULL);
+                return;
+        }
         if (r < 0) {
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot reach the cluster node of device '%s': %s",
                                device, strerror(-r));
@@ -735,11 +754,15 @@ void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, cons
                 unsigned status = ota_api_start_job(api->ota, d, params, &body);
 
                 api_set_json(req, status, body);
-        } else if (!d || !device_connected(d))
+        } else if (!d)
+                api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
+        else if (streq(op, "device"))
+                /* What this node knows of it, online here or not: as a
+                 * GET /v1/devices/ID here would answer. */
+                api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, device_to_json(d, true), true));
+        else if (!device_connected(d))
                 /* It left this node since the other one looked. */
                 api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Device '%s' is offline", device);
-        else if (streq(op, "device"))
-                api_set_json(req, MHD_HTTP_OK, api_registry_fields(api, device_to_json(d, true), true));
         else if (!name)
                 api_set_error(req, MHD_HTTP_BAD_REQUEST, "Malformed cluster request", NULL);
         else {

@@ -228,9 +228,15 @@ static void cloud_presence(void *userdata, const char *id, const char *node) {
         Cloud *c = userdata;
         Device *d = devices_find(c->devices, id);
 
+        RegistryIdentity ident;
+
         if (!d && !node)
                 return;
-        /* A device new to this node's registry copy is listed at once. */
+        /* A device this node's registry copy has not seen yet: listed when
+         * its row comes (cloud_device_replicated()); an ID no registry
+         * knows is not listed at all (anyone on NATS can write the bucket). */
+        if (!d && (registry_identity(c->registry, id, &ident) < 0 || !ident.known))
+                return;
         if (!d && !(d = devices_add(c->devices, id, 0, NULL))) {
                 log_warning("Out of memory listing device '%s'.", id);
                 return;
@@ -328,6 +334,9 @@ static void cloud_device_replicated(Cloud *c, const char *id) {
                 log_warning("Out of memory listing device '%s'.", id);
                 return;
         }
+        /* Its presence may have come before its row. */
+        if (!device_connected(d) && c->cluster && device_set_elsewhere(d, cluster_device_node(c->cluster, id)) < 0)
+                log_warning("Out of memory recording where device '%s' is.", id);
         if (ident.revoked && device_connected(d)) {
                 log_notice("Device '%s' was revoked on another node%s%s%s; closing its session.", id,
                            ident.revoked_reason[0] ? " (" : "", ident.revoked_reason,
@@ -353,6 +362,8 @@ static void cloud_bus_connection(void *userdata, bool up) {
 
         if (up && c->replica)
                 replica_kick(c->replica);
+        if (up && c->cluster)
+                cluster_resync(c->cluster);
 }
 
 /* ---- signals -------------------------------------------------------------- */
@@ -394,7 +405,6 @@ Cloud *cloud_free(Cloud *c) {
          * the Ota's), then devices (whose sessions hold subscriptions), then
          * events and the journal. */
         c->eventlog = eventlog_free(c->eventlog); /* nothing comes from the stream */
-        c->replica = replica_free(c->replica);
         c->api = api_free(c->api);
         c->ota = ota_free(c->ota);
         c->artifacts = artifacts_free(c->artifacts);
@@ -403,6 +413,11 @@ Cloud *cloud_free(Cloud *c) {
         c->registry = registry_free(c->registry);
         c->provision = provision_free(c->provision);
         c->events = events_free(c->events);
+        /* What the modules wrote while they stopped (devices' last
+         * heard) is committed while the Replica still records it. */
+        if (c->store)
+                (void)store_commit(c->store);
+        c->replica = replica_free(c->replica);
         c->cluster = cluster_free(c->cluster);
         c->journal = journal_free(c->journal);
         c->bus = bus_free(c->bus);

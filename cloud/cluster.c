@@ -9,12 +9,19 @@
 
 #include "cluster.h"
 #include "log.h"
+#include "proto.h"
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
 #define CLUSTER_NODES_TTL_SEC (CLUSTER_NODE_DEAD_SEC * 4)
-/* An RPC's request body: a call's argument and names fit easily. */
-#define CLUSTER_RPC_MAX (64 * 1024)
+/* An RPC's request body: NATS's own default limit of a message. A bigger
+ * one is answered 413 (the requesting node refuses it first). */
+#define CLUSTER_RPC_MAX (1024 * 1024)
+/* Nodes this node keeps track of: a key in TETHER_NODES is one. */
+#define CLUSTER_NODES_MAX 256
+/* Our own presence entry not seen back from the bucket this long after it
+ * was put: put it again (a put lost to a NATS outage). */
+#define CLUSTER_REPUT_USEC (10 * USEC_PER_SEC)
 
 static uint64_t realtime_usec(void) {
         struct timespec ts;
@@ -30,6 +37,7 @@ typedef struct Presence {
          * before the watch brought it back. */
         uint64_t revision;
         bool held; /* the device's session is on this node */
+        uint64_t put_at; /* CLOCK_MONOTONIC µs of our last put of it */
         char id[];
 } Presence;
 
@@ -69,6 +77,8 @@ struct Cluster {
         size_t n_nodes;
 
         BusSub *presence_watch, *nodes_watch, *rpc_sub;
+        bool presence_loaded; /* the watch's initial values are in */
+        bool warned_nodes;
         sd_event_source *heartbeat;
         ClusterForward *forwards;
         ClusterRpc *rpcs;
@@ -156,6 +166,15 @@ static void presence_remove(Cluster *c, const char *id) {
 
 /* ---- nodes ------------------------------------------------------------------- */
 
+int cluster_node_name_check(const char *name) {
+        size_t n = strlen(name);
+
+        if (n == 0 || n > CLUSTER_NODE_MAX || strspn(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                     "0123456789_-") != n)
+                return -EINVAL;
+        return 0;
+}
+
 static Node *node_find(Cluster *c, const char *name) {
         for (size_t i = 0; i < c->n_nodes; i++)
                 if (streq(c->nodes[i].name, name))
@@ -209,14 +228,23 @@ static void cluster_node_update(void *userdata, const char *key, const void *val
 
         if (!key || !value || len == 0)
                 return; /* initial values done, or a node deleted its key (it stops: its heartbeat ends) */
-        if (strlen(key) > CLUSTER_NODE_MAX)
+        if (cluster_node_name_check(key) < 0)
                 return;
         j = json_loadb(value, len, 0, NULL);
         if (j)
                 api = json_string_value(json_object_get(j, "api"));
         n = node_find(c, key);
         if (!n) {
-                Node *a = reallocarray(c->nodes, c->n_nodes + 1, sizeof(*a));
+                Node *a;
+
+                if (c->n_nodes >= CLUSTER_NODES_MAX) {
+                        if (!c->warned_nodes)
+                                log_warning("More than %u cluster nodes announce themselves; ignoring '%s' and "
+                                            "any further ones.", CLUSTER_NODES_MAX, key);
+                        c->warned_nodes = true;
+                        return;
+                }
+                a = reallocarray(c->nodes, c->n_nodes + 1, sizeof(*a));
 
                 if (!a)
                         return;
@@ -233,6 +261,8 @@ static void cluster_node_update(void *userdata, const char *key, const void *val
         cluster_check_nodes(c);
 }
 
+static void cluster_put_own(Cluster *c, const char *device, const char *address);
+
 static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) {
         Cluster *c = userdata;
         _cleanup_free_ char *text = NULL;
@@ -245,6 +275,11 @@ static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) 
         if (text)
                 (void)bus_kv_put(c->bus, CLUSTER_NODES_BUCKET, c->node, text, strlen(text));
         cluster_check_nodes(c);
+        /* Our puts that never came back (NATS was away). */
+        for (size_t k = 0; k < c->n_buckets; k++)
+                for (Presence *p = c->buckets[k]; p; p = p->next)
+                        if (p->held && p->revision == 0 && p->put_at + CLUSTER_REPUT_USEC < now_usec())
+                                cluster_put_own(c, p->id, NULL);
         return sd_event_source_set_time(s, usec + CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
 }
 
@@ -262,9 +297,10 @@ static void cluster_put_own(Cluster *c, const char *device, const char *address)
                 log_warning("Cannot record in the cluster that device '%s' is on this node.", device);
         /* Ours at once: the watch confirms it later. */
         p = presence_set(c, device, c->node, 0);
-        if (p)
+        if (p) {
                 p->held = true;
-        else
+                p->put_at = now_usec();
+        } else
                 log_warning("Out of memory recording where device '%s' is.", device);
 }
 
@@ -276,15 +312,22 @@ static void cluster_presence_update(void *userdata, const char *key, const void 
         Presence *before;
         bool was_held;
 
-        if (!key)
+        if (!key) {
+                /* The bucket as it was when we joined is in: entries naming
+                 * this node from before (it crashed) are not ours any more. */
+                c->presence_loaded = true;
+                cluster_resync(c);
                 return;
+        }
+        if (proto_name_check(key, strlen(key), PROTO_NAME_DEVICE) < 0)
+                return; /* not a device ID: nothing any node would write */
         before = presence_find(c, key);
         was_held = before && before->held;
         if (value && len > 0) {
                 j = json_loadb(value, len, 0, NULL);
                 node = j ? json_string_value(json_object_get(j, "node")) : NULL;
         }
-        if (!node || strlen(node) > CLUSTER_NODE_MAX) {
+        if (!node || cluster_node_name_check(node) < 0) {
                 /* Deleted (or unreadable). If the device is here, another
                  * node removed an entry it thought its own after the
                  * device moved here: put ours again. */
@@ -313,6 +356,22 @@ static void cluster_presence_update(void *userdata, const char *key, const void 
                 c->hooks.superseded(c->hooks.userdata, key, node);
         }
         c->hooks.presence(c->hooks.userdata, key, node_alive(c, node) ? node : NULL);
+}
+
+void cluster_resync(Cluster *c) {
+        for (size_t k = 0; k < c->n_buckets; k++)
+                for (Presence *p = c->buckets[k], *next; p; p = next) {
+                        next = p->next;
+                        if (p->held) {
+                                /* Put again what the bucket may have missed,
+                                 * or lost to a deletion we did not see. */
+                                if (!streq(p->node, c->node) || p->revision == 0 || !c->presence_loaded)
+                                        cluster_put_own(c, p->id, NULL);
+                        } else if (streq(p->node, c->node)) {
+                                (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, p->id);
+                                presence_remove(c, p->id);
+                        }
+                }
 }
 
 void cluster_device_bound(Cluster *c, const char *device, const char *address) {
@@ -418,12 +477,18 @@ int cluster_forward(Cluster *c, const char *node, const char *op, const char *de
                 return -EINVAL;
         if (params && !json_is_object(params))
                 return -EINVAL;
+        /* json_pack() fails for text that is not UTF-8, too (the API
+         * checks names and arguments before): not the cloud's fault. */
         j = json_pack("{s:s, s:s, s:s*, s:s*, s:O*}", "op", op, "device", device, "name", name, "arg", arg, "params",
                       params);
-        text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        if (!j)
+                return -EINVAL;
+        text = json_dumps(j, JSON_COMPACT);
         json_decref(j);
         if (!text)
                 return -ENOMEM;
+        if (strlen(text) > CLUSTER_RPC_MAX)
+                return -EMSGSIZE;
         f = calloc(1, sizeof(*f));
         if (!f)
                 return -ENOMEM;
@@ -490,8 +555,14 @@ static void cluster_rpc_request(void *userdata, natsMsg *msg) {
         json_t *params;
         ClusterRpc *rpc;
 
-        if (!reply || natsMsg_GetDataLength(msg) > CLUSTER_RPC_MAX)
+        if (!reply)
                 return;
+        if (natsMsg_GetDataLength(msg) > CLUSTER_RPC_MAX) {
+                const char *too_big = "{\"status\":413,\"body\":{\"ok\":false,\"error\":\"Request too large\"}}";
+
+                (void)bus_publish(c->bus, reply, NULL, too_big, strlen(too_big));
+                return;
+        }
         j = json_loadb(natsMsg_GetData(msg), (size_t)natsMsg_GetDataLength(msg), 0, NULL);
         op = j ? json_string_value(json_object_get(j, "op")) : NULL;
         device = j ? json_string_value(json_object_get(j, "device")) : NULL;

@@ -73,6 +73,13 @@ static inline void cluster_freep(Cluster **c) { cluster_free(*c); }
 
 const char *cluster_node(Cluster *c);
 
+/* Make the bucket agree with this node again (after NATS was away, and
+ * once the bucket's initial values are in): put the entries of devices
+ * held here, delete entries naming this node for devices that are not. */
+void cluster_resync(Cluster *c);
+/* 0 for a valid node name ([A-Za-z0-9_-]{1,CLUSTER_NODE_MAX}), else -EINVAL. */
+int cluster_node_name_check(const char *name);
+
 /* A device's session was bound here (address: its IP text) or ended. */
 void cluster_device_bound(Cluster *c, const char *device, const char *address);
 void cluster_device_gone(Cluster *c, const char *device);
