@@ -262,7 +262,7 @@ static int host_fail(KeyfileParser *p, const char *entry, const char *why) {
  * took before it could list several. Port 0: none given. 1, or
  * keyfile_fail()'s 0 with the reason. */
 static int parse_host(KeyfileParser *p, const char *entry, bool alone, ConfigHost *ret) {
-        const char *name = entry, *port = NULL, *colon = strchr(entry, ':');
+        const char *name, *port = NULL, *colon = strchr(entry, ':');
         size_t n;
         uint64_t v = 0;
 

@@ -535,6 +535,7 @@ static void rpc_free(ClusterRpc *rpc) {
         free(rpc);
 }
 
+/* cppcheck-suppress constParameter ; json_pack() "o" takes the reference */
 void cluster_rpc_answer(ClusterRpc *rpc, unsigned status, json_t *body) {
         Cluster *c = rpc->cluster;
         _cleanup_free_ char *text = NULL;

@@ -192,6 +192,7 @@ int eventlog_decode(const char *subject, const void *data, size_t len, ProtoEven
         if (r < 0)
                 goto out;
         *ret = e;
+        /* cppcheck-suppress unreadVariable ; moved to *ret; the _cleanup_ handler reads it */
         e = (ProtoEvent){};
         *ret_epoch = epoch;
         *ret_seq = (uint64_t)seq;
