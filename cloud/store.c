@@ -2,6 +2,7 @@
 /* The cloud's SQLite database (store.h). */
 #include "config.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <time.h>
 
@@ -68,11 +69,32 @@ int store_commit(Store *s) {
                         return r;
                 }
         }
-        s->in_batch = false;
-        (void)sd_event_source_set_enabled(s->batch_timer, SD_EVENT_OFF);
         r = store_exec(s, "COMMIT", "committing");
+        if (r < 0 && !sqlite3_get_autocommit(s->db)) {
+                /* Not rolled back (SQLITE_BUSY): the batch is open still,
+                 * the timer tries again. */
+                (void)sd_event_source_set_time_relative(s->batch_timer, STORE_BATCH_MSEC * 1000ULL);
+                (void)sd_event_source_set_enabled(s->batch_timer, SD_EVENT_ONESHOT);
+        } else {
+                s->in_batch = false;
+                (void)sd_event_source_set_enabled(s->batch_timer, SD_EVENT_OFF);
+        }
         if (s->hooks.committed)
                 s->hooks.committed(s->hooks.userdata, r);
+        return r;
+}
+
+int store_rollback(Store *s) {
+        int r = 0;
+
+        if (!s->in_batch)
+                return 0;
+        s->in_batch = false;
+        (void)sd_event_source_set_enabled(s->batch_timer, SD_EVENT_OFF);
+        if (!sqlite3_get_autocommit(s->db))
+                r = store_exec(s, "ROLLBACK", "rolling back");
+        if (s->hooks.committed)
+                s->hooks.committed(s->hooks.userdata, -ECANCELED);
         return r;
 }
 

@@ -48,8 +48,15 @@ int store_migrate(Store *s, const char *component, const char *const *steps, siz
 /* Join the batch: after this, statements run inside one transaction that
  * is committed within STORE_BATCH_MSEC. */
 int store_batch(Store *s);
-/* Commit the batch now, if one is open. */
+/* Commit the batch now, if one is open. When the COMMIT fails and
+ * SQLite did not roll the transaction back (SQLITE_BUSY), the batch stays
+ * open and the timer commits it later. */
 int store_commit(Store *s);
+/* Roll the open batch back, if one is open: everything that joined it is
+ * lost (StoreHooks.committed runs with -ECANCELED). For a caller that
+ * committed the batch just before and knows it holds its own statements
+ * only. */
+int store_rollback(Store *s);
 /* What a Store tells the one module that watches its commits (the
  * Replica, replica.h: it records the changes of the replicated tables
  * with a session object and queues each commit's changeset). */
