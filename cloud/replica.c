@@ -87,6 +87,11 @@ struct Replica {
         bool failing; /* the last publish failed: logged once until one works */
 
         BusSub *follow;
+        /* A changeset could not be applied for a reason that may pass: the
+         * follow is stopped, the timer follows again from applied_seq + 1. */
+        bool follow_broken;
+        sd_event_source *follow_retry;
+        uint64_t follow_retry_usec;
         int64_t stream_created_ns;
         uint64_t applied_seq;
         uint64_t ready_seq; /* the stream's last sequence at replica_new() */
@@ -645,70 +650,164 @@ static int replica_merge(Replica *r, const Merge *m) {
         return rc;
 }
 
-static void replica_apply(Replica *r, const char *node, const void *data, int len, bool export, uint64_t seq) {
+/* Whether a failed SQLite call may succeed later with the same input (a
+ * lock, memory, the disk), rather than never (a malformed changeset, one
+ * that does not fit the schema). */
+static bool sqlite_transient(int rc) {
+        switch (rc & 0xff) {
+        case SQLITE_BUSY:
+        case SQLITE_LOCKED:
+        case SQLITE_NOMEM:
+        case SQLITE_IOERR:
+        case SQLITE_FULL:
+        case SQLITE_CANTOPEN:
+        case SQLITE_PROTOCOL:
+        case SQLITE_INTERRUPT:
+        case SQLITE_READONLY:
+                return true;
+        default:
+                return false;
+        }
+}
+
+/* Apply the changeset at stream sequence seq (len 0: nothing to apply)
+ * and record seq as applied, in one commit. 0 when seq is taken (applied,
+ * or skipped because it can never apply: logged, counted as failed); a
+ * negative errno when nothing of it was done and it must be tried again
+ * (logged by the caller). */
+static int replica_apply(Replica *r, const char *node, const void *data, int len, bool export, uint64_t seq) {
         ApplyContext ctx = { .r = r, .own = streq(node, r->node), .seq = seq };
+        sqlite3 *db = store_db(r->store);
         size_t changes = 0;
-        int rc, k;
+        int rc, failed = SQLITE_OK, k;
 
         /* What this node changed so far is committed (and its changeset
          * taken) first: the session must not hold a row the changeset
          * touches, or its next changeset would carry the applied values
-         * as this node's own. */
+         * as this node's own. The batch then holds what is done here
+         * only, so that it can be rolled back whole. */
         k = store_commit(r->store);
         if (k >= 0)
                 k = store_batch(r->store);
         if (k < 0)
-                return; /* not recorded as applied: tried again after a restart */
-        rc = changeset_count(data, len, &changes);
-        if (rc == SQLITE_OK) {
-                sqlite3 *db = store_db(r->store);
-
-                (void)sqlite3session_enable(r->session, 0);
-                /* The changeset and its merges as one: all or nothing. */
-                rc = sqlite3_exec(db, "SAVEPOINT replica_apply", NULL, NULL, NULL);
-                if (rc == SQLITE_OK)
-                        rc = sqlite3changeset_apply(db, len, (void *)data, replica_filter, replica_conflict, &ctx);
-                for (Merge *m = ctx.merges; rc == SQLITE_OK && m; m = m->next) {
-                        int mrc = replica_merge(r, m);
-
-                        if ((mrc & 0xff) == SQLITE_CONSTRAINT) {
-                                log_debug("Cluster state: sequence %" PRIu64 ": a change of table '%s' is left out "
-                                          "(a constraint fails).",
-                                          seq, m->table);
-                                r->stats.omitted++;
-                        } else
-                                rc = mrc;
+                return k;
+        if (len > 0) {
+                rc = changeset_count(data, len, &changes);
+                if (rc != SQLITE_OK && !sqlite_transient(rc)) {
+                        failed = rc; /* malformed: the sequence is taken all the same */
+                        rc = SQLITE_OK;
                 }
                 if (rc != SQLITE_OK)
+                        return store_error(r->store, rc, "reading a change set of the cluster");
+        }
+        (void)sqlite3session_enable(r->session, 0);
+        /* The changeset, its merges and the sequence as one: all or
+         * nothing. */
+        rc = sqlite3_exec(db, "SAVEPOINT replica_apply", NULL, NULL, NULL);
+        if (rc == SQLITE_OK) {
+                if (len > 0 && failed == SQLITE_OK) {
+                        rc = sqlite3changeset_apply(db, len, (void *)data, replica_filter, replica_conflict, &ctx);
+                        for (Merge *m = ctx.merges; rc == SQLITE_OK && m; m = m->next) {
+                                int mrc = replica_merge(r, m);
+
+                                if ((mrc & 0xff) == SQLITE_CONSTRAINT) {
+                                        log_debug("Cluster state: sequence %" PRIu64 ": a change of table '%s' is "
+                                                  "left out (a constraint fails).",
+                                                  seq, m->table);
+                                        r->stats.omitted++;
+                                } else
+                                        rc = mrc;
+                        }
+                        if (rc != SQLITE_OK && ctx.error == 0 && !sqlite_transient(rc)) {
+                                /* It never will apply: undo what of it was
+                                 * done, take the sequence. */
+                                (void)sqlite3_exec(db, "ROLLBACK TO replica_apply", NULL, NULL, NULL);
+                                failed = rc;
+                                rc = SQLITE_OK;
+                        }
+                }
+                if (ctx.error < 0)
+                        k = ctx.error;
+                else if (rc != SQLITE_OK)
+                        /* SQLite's message is gone with the changeset's own savepoint. */
+                        k = store_error(NULL, rc, "applying a change set of the cluster");
+                else
+                        k = replica_save_seq(r, seq);
+                if (k < 0)
                         (void)sqlite3_exec(db, "ROLLBACK TO replica_apply", NULL, NULL, NULL);
                 (void)sqlite3_exec(db, "RELEASE replica_apply", NULL, NULL, NULL);
-                (void)sqlite3session_enable(r->session, 1);
-        }
+        } else
+                k = store_error(r->store, rc, "applying a change set of the cluster");
+        (void)sqlite3session_enable(r->session, 1);
         merges_free(&ctx);
-        if (ctx.error < 0) {
-                log_warning_errno(ctx.error, "Cluster state: cannot apply stream sequence %" PRIu64 " now: %m",
-                                  seq);
-                return;
+        if (k < 0)
+                return k;
+        k = store_commit(r->store);
+        if (k < 0) {
+                /* Still open (the COMMIT was refused, not rolled back): it
+                 * holds this changeset only; try it again later. */
+                (void)store_rollback(r->store);
+                return k;
         }
-        if (rc == SQLITE_OK && export && !ctx.own)
-                log_info("Cluster state: applied rows node '%s' held before it joined (stream sequence %" PRIu64 ").",
-                         node, seq);
-        if (rc != SQLITE_OK) {
-                /* Rolled back to the savepoint replica_apply. */
+        r->applied_seq = seq;
+        r->stats.applied_seq = seq;
+        if (failed != SQLITE_OK) {
                 r->stats.failed++;
                 log_warning("Cluster state: the change set at stream sequence %" PRIu64 " from node '%s' cannot be "
                             "applied (%s); skipped.",
-                            seq, node, sqlite3_errstr(rc));
-        } else
-                r->stats.applied++;
-        if (replica_save_seq(r, seq) < 0 || store_commit(r->store) < 0)
-                return;
-        r->applied_seq = seq;
-        r->stats.applied_seq = seq;
+                            seq, node, sqlite3_errstr(failed));
+                return 0;
+        }
+        if (len == 0)
+                return 0;
+        r->stats.applied++;
+        if (export && !ctx.own)
+                log_info("Cluster state: applied rows node '%s' held before it joined (stream sequence %" PRIu64 ").",
+                         node, seq);
         /* An own changeset that only confirms what is here (the usual
          * case) changed nothing. */
-        if (rc == SQLITE_OK && !(ctx.own && ctx.confirmed == changes))
+        if (!(ctx.own && ctx.confirmed == changes))
                 replica_report(r, data, len);
+        return 0;
+}
+
+static int replica_follow_start(Replica *r);
+
+static int replica_follow_retry_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Replica *r = userdata;
+        int k;
+
+        r->follow = bus_sub_free(r->follow);
+        k = replica_follow_start(r);
+        if (k < 0) {
+                log_warning_errno(k, "Cluster state: cannot follow the stream %s again, retrying: %m",
+                                  REPLICA_STREAM);
+                r->follow_retry_usec = r->follow_retry_usec * 2 > REPLICA_RETRY_MAX_USEC ? REPLICA_RETRY_MAX_USEC
+                                                                                       : r->follow_retry_usec * 2;
+                (void)sd_event_source_set_time_relative(r->follow_retry, r->follow_retry_usec);
+                (void)sd_event_source_set_enabled(r->follow_retry, SD_EVENT_ONESHOT);
+                return 0;
+        }
+        r->follow_broken = false;
+        log_info("Cluster state: following the stream %s again from sequence %" PRIu64 ".", REPLICA_STREAM,
+                 r->applied_seq + 1);
+        return 0;
+}
+
+/* Nothing after seq may be applied before it: stop, and follow the stream
+ * again from it after a backoff. */
+static void replica_follow_later(Replica *r, uint64_t seq, int error) {
+        r->stats.retried++;
+        r->follow_broken = true;
+        r->follow_retry_usec = r->follow_retry_usec == 0                          ? REPLICA_RETRY_MIN_USEC
+                               : r->follow_retry_usec * 2 > REPLICA_RETRY_MAX_USEC ? REPLICA_RETRY_MAX_USEC
+                                                                                   : r->follow_retry_usec * 2;
+        log_warning_errno(error,
+                          "Cluster state: cannot apply stream sequence %" PRIu64 " now (%m); trying it again in "
+                          "%" PRIu64 " ms.",
+                          seq, r->follow_retry_usec / 1000);
+        (void)sd_event_source_set_time_relative(r->follow_retry, r->follow_retry_usec);
+        (void)sd_event_source_set_enabled(r->follow_retry, SD_EVENT_ONESHOT);
 }
 
 static void replica_msg_cb(void *userdata, natsMsg *msg) {
@@ -716,9 +815,9 @@ static void replica_msg_cb(void *userdata, natsMsg *msg) {
         uint64_t seq = bus_msg_seq(msg);
         const char *node = bus_msg_header(msg, "Tether-Node");
         const char *export = bus_msg_header(msg, "Tether-Export");
-        int len = natsMsg_GetDataLength(msg);
+        int len = natsMsg_GetDataLength(msg), k;
 
-        if (seq == 0 || seq <= r->applied_seq)
+        if (r->follow_broken || seq == 0 || seq <= r->applied_seq)
                 return;
         if (!node) {
                 const char *subject = natsMsg_GetSubject(msg) ?: "";
@@ -727,16 +826,21 @@ static void replica_msg_cb(void *userdata, natsMsg *msg) {
                                ? subject + strlen(REPLICA_SUBJECT_PREFIX)
                                : "?";
         }
-        if (len > 0)
-                replica_apply(r, node, natsMsg_GetData(msg), len, export && streq(export, "1"), seq);
-        else if (replica_save_seq(r, seq) >= 0) /* nothing to apply; the sequence is taken */
-                r->applied_seq = r->stats.applied_seq = seq;
+        k = replica_apply(r, node, len > 0 ? natsMsg_GetData(msg) : NULL, len > 0 ? len : 0,
+                          export && streq(export, "1"), seq);
+        if (k < 0)
+                return replica_follow_later(r, seq, k);
+        r->follow_retry_usec = 0;
         if (!r->ready && r->applied_seq >= r->ready_seq) {
                 r->ready = true;
                 log_info("Cluster state: caught up with the stream (sequence %" PRIu64 ").", r->applied_seq);
                 if (r->hooks.ready)
                         r->hooks.ready(r->hooks.userdata);
         }
+}
+
+static int replica_follow_start(Replica *r) {
+        return bus_stream_follow(r->bus, REPLICA_STREAM, NULL, r->applied_seq + 1, replica_msg_cb, r, &r->follow);
 }
 
 /* ---- joining ------------------------------------------------------------------- */
@@ -1098,6 +1202,7 @@ Replica *replica_free(Replica *r) {
                 store_set_hooks(r->store, NULL);
         }
         bus_sub_free(r->follow);
+        sd_event_source_disable_unref(r->follow_retry);
         sd_event_source_disable_unref(r->retry);
         if (r->session)
                 sqlite3session_delete(r->session);
@@ -1170,6 +1275,11 @@ int replica_new(sd_event *event, Store *store, Bus *bus, const char *node, unsig
         if (k < 0)
                 return log_error_errno(k, "Cluster state: cannot set up a timer: %m");
         (void)sd_event_source_set_enabled(r->retry, SD_EVENT_OFF);
+        k = sd_event_add_time(event, &r->follow_retry, CLOCK_MONOTONIC, UINT64_MAX, 100 * 1000ULL,
+                              replica_follow_retry_cb, r);
+        if (k < 0)
+                return log_error_errno(k, "Cluster state: cannot set up a timer: %m");
+        (void)sd_event_source_set_enabled(r->follow_retry, SD_EVENT_OFF);
 
         k = replica_stream_last_seq(r, &last);
         if (k < 0)
@@ -1181,7 +1291,7 @@ int replica_new(sd_event *event, Store *store, Bus *bus, const char *node, unsig
                 log_warning("Cluster state: this database applied the stream %s up to sequence %" PRIu64
                             ", beyond its end (%" PRIu64 "): were messages purged?",
                             REPLICA_STREAM, r->applied_seq, last);
-        k = bus_stream_follow(bus, REPLICA_STREAM, NULL, r->applied_seq + 1, replica_msg_cb, r, &r->follow);
+        k = replica_follow_start(r);
         if (k < 0)
                 return log_error_errno(k, "Cluster state: cannot follow the stream %s: %m", REPLICA_STREAM);
         log_info("Cluster state: node '%s' follows %s from sequence %" PRIu64 " (the stream is at %" PRIu64

@@ -108,7 +108,9 @@ void replica_kick(Replica *r);
 typedef struct ReplicaStats {
         uint64_t applied_seq;   /* the last stream sequence applied */
         uint64_t applied;       /* changesets applied (own ones included) */
-        uint64_t failed;        /* changesets that could not be applied (malformed, schema) */
+        uint64_t failed;        /* changesets that can never be applied (malformed, schema): skipped */
+        uint64_t retried;       /* times a changeset could not be applied for a reason that may pass
+                                 * (a lock, the disk): the stream is followed again from it */
         uint64_t replaced;      /* conflicts resolved by taking the stream's values */
         uint64_t omitted;       /* changes left out (not found, constraint, an export's row) */
         uint64_t published;     /* changesets JetStream acknowledged */

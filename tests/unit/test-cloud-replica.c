@@ -13,7 +13,9 @@
  * the same key, on every node); a changeset whose acknowledgement was lost (the Replica freed
  * with it in flight) is published again from the outbox and stored once;
  * changesets touching other tables are ignored; a batch larger than a
- * changeset may be is committed in parts. Exits 77 without
+ * changeset may be is committed in parts; a changeset that cannot be
+ * applied for a while (the database locked) is applied later, nothing
+ * after it first. Exits 77 without
  * nats-server. */
 /* The session extension's declarations, for a changeset made by hand. */
 #define SQLITE_ENABLE_SESSION 1
@@ -661,6 +663,51 @@ static void test_foreign_tables(void **state) {
         assert_dump(b, "SELECT id FROM tokens ORDER BY id", "after;ok;");
 }
 
+/* A changeset that cannot be applied for a while (another connection
+ * holds the database's write lock: SQLITE_BUSY) is not skipped: the node
+ * stops, follows the stream again from it and applies it, and the ones
+ * after it, once the lock is gone. */
+static void test_apply_retried(void **state) {
+        Fixture *f = *state;
+        Node *a = &f->node[0], *b = &f->node[1];
+        char path[128];
+        sqlite3 *lock = NULL;
+        ReplicaStats st;
+        uint64_t deadline;
+
+        node_start(f, 0);
+        node_start(f, 1);
+        commit(a, "INSERT INTO devices (id, a) VALUES ('d0', 'before')");
+        settle(f);
+
+        snprintf(path, sizeof(path), "%s/%s", b->dir, STORE_FILE);
+        assert_int_equal(sqlite3_open(path, &lock), SQLITE_OK);
+        assert_int_equal(sqlite3_exec(lock, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
+        commit(a, "INSERT INTO devices (id, a) VALUES ('d1', 'x')");
+        commit(a, "INSERT INTO devices (id, a) VALUES ('d2', 'y')");
+        /* b tries (each try waits out the Store's busy timeout) and stops. */
+        deadline = now_usec() + usec(20);
+        do {
+                assert_true(now_usec() < deadline);
+                assert_true(sd_event_run(f->event, 50 * 1000) >= 0);
+                replica_stats(b->replica, &st);
+        } while (st.retried == 0 || stream_last_seq(f) < 3);
+        assert_int_equal(st.applied_seq, 1);
+        assert_int_equal(sqlite3_exec(lock, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
+        sqlite3_close(lock);
+
+        settle(f);
+        replica_stats(b->replica, &st);
+        assert_int_equal(st.failed, 0);
+        assert_int_equal(st.applied_seq, 3);
+        assert_dump(b, "SELECT id, a FROM devices ORDER BY id", "d0|before;d1|x;d2|y;");
+        assert_dump(b, "SELECT applied_seq FROM replica_state", "3;");
+        /* And on from there. */
+        commit(a, "UPDATE devices SET a = 'z' WHERE id = 'd1'");
+        settle(f);
+        assert_dump(b, "SELECT a FROM devices WHERE id = 'd1'", "z;");
+}
+
 int main(int argc _unused_, char **argv _unused_) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_change_shows_elsewhere, setup, teardown),
@@ -670,6 +717,7 @@ int main(int argc _unused_, char **argv _unused_) {
                 cmocka_unit_test_setup_teardown(test_export, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_republish, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_foreign_tables, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_apply_retried, setup, teardown),
         };
 
         if (!have_program("nats-server")) {
