@@ -7,11 +7,13 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <limits.h>
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "artifacts.h"
@@ -32,6 +34,17 @@
 #define ARTIFACTS_END_MAX (4 * 1024 * 1024)
 #define ARTIFACTS_STATE_FILE ".cluster-artifacts"
 #define ARTIFACTS_TMP_PREFIX ".sync-"
+/* A chunk is fetched with a request to JetStream's API (the stream's
+ * leader answers), not with js_GetMsg(): the loop never waits for it. */
+#define ARTIFACTS_GET_SUBJECT "$JS.API.STREAM.MSG.GET." ARTIFACTS_STREAM
+#define ARTIFACTS_GET_TIMEOUT_USEC (5 * USEC_PER_SEC)
+/* JetStream's error code for "no message found". */
+#define ARTIFACTS_JS_NO_MESSAGE 10037
+/* The backoff of an artifact that could not be fetched or stored for now. */
+#define ARTIFACTS_RETRY_MIN_USEC USEC_PER_SEC
+#define ARTIFACTS_RETRY_MAX_USEC (60 * USEC_PER_SEC)
+/* work_step(): a chunk is being fetched, work_chunk_cb() goes on. */
+#define WORK_WAITING 2
 
 typedef struct Slot {
         ArtifactPublish *p;
@@ -72,9 +85,12 @@ struct Artifacts {
         char *dir, *node;
         int64_t stream_created_ns;
         uint64_t done_seq; /* every end message up to this sequence is handled */
+        uint64_t max_artifact; /* bytes; larger artifacts are not stored */
         BusSub *follow;
         sd_event_source *work_defer, *retry;
         Work *work, *work_tail;
+        BusRequest *get;     /* the head's chunk being fetched */
+        uint64_t retry_usec; /* the head's backoff; 0: it did not fail */
         ArtifactPublish *publishes;
 };
 
@@ -141,16 +157,26 @@ static bool artifact_present(Artifacts *a, const char *sha) {
 
 /* ---- assembling ------------------------------------------------------------- */
 
-static void work_free(Work *w) {
-        if (!w)
-                return;
+/* Back to nothing written: the temporary file removed. */
+static void work_reset(Work *w) {
         if (w->fd >= 0)
                 close(w->fd);
+        w->fd = -1;
         if (w->tmp_path) {
                 (void)unlink(w->tmp_path);
                 free(w->tmp_path);
+                w->tmp_path = NULL;
         }
         EVP_MD_CTX_free(w->md);
+        w->md = NULL;
+        w->next_chunk = 0;
+        w->written = 0;
+}
+
+static void work_free(Work *w) {
+        if (!w)
+                return;
+        work_reset(w);
         free(w->seqs);
         free(w);
 }
@@ -166,6 +192,8 @@ static void work_pop(Artifacts *a) {
         work_free(w);
 }
 
+/* -EBADMSG: what the stream has is wrong (discard it); another error is
+ * local (the disk): the work is reset, to be tried again. */
 static int work_finish(Artifacts *a, Work *w) {
         static const char digits[] = "0123456789abcdef";
         _cleanup_free_ char *final = NULL;
@@ -173,14 +201,17 @@ static int work_finish(Artifacts *a, Work *w) {
         uint8_t md[32];
         unsigned mdlen = sizeof(md);
         char hex[65];
+        int r;
 
         if (w->written != w->size) {
                 log_warning("OTA artifact %s from the cluster has %" PRIu64 " bytes, not %" PRIu64 ": discarded.",
                             w->sha, w->written, w->size);
                 return -EBADMSG;
         }
-        if (EVP_DigestFinal_ex(w->md, md, &mdlen) != 1)
-                return -EIO;
+        if (EVP_DigestFinal_ex(w->md, md, &mdlen) != 1) {
+                work_reset(w);
+                return -ENOMEM;
+        }
         for (unsigned i = 0; i < 32; i++) {
                 hex[2 * i] = digits[md[i] >> 4];
                 hex[2 * i + 1] = digits[md[i] & 15];
@@ -190,10 +221,15 @@ static int work_finish(Artifacts *a, Work *w) {
                 log_warning("OTA artifact %s from the cluster has the SHA-256 %s: discarded.", w->sha, hex);
                 return -EBADMSG;
         }
-        if (artifact_final_path(a, w->sha, &final) < 0)
+        if (artifact_final_path(a, w->sha, &final) < 0) {
+                work_reset(w);
                 return -ENOMEM;
-        if (fsync(w->fd) < 0 || rename(w->tmp_path, final) < 0)
-                return log_warning_errno(errno, "Cannot store OTA artifact '%s' from the cluster: %m", final);
+        }
+        if (fsync(w->fd) < 0 || rename(w->tmp_path, final) < 0) {
+                r = log_warning_errno(errno, "Cannot store OTA artifact '%s' from the cluster: %m", final);
+                work_reset(w);
+                return r;
+        }
         free(w->tmp_path);
         w->tmp_path = NULL;
         dfd = open(a->dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -203,97 +239,217 @@ static int work_finish(Artifacts *a, Work *w) {
         return 0;
 }
 
-/* One chunk of the head of the queue. */
+/* The temporary file of an artifact about to be assembled, if the
+ * directory has room for it. 1: it is here already. */
+static int work_open(Artifacts *a, Work *w) {
+        struct statvfs sv;
+        int r;
+
+        if (artifact_present(a, w->sha))
+                return 1; /* uploaded here, or assembled before */
+        if (statvfs(a->dir, &sv) < 0)
+                return log_warning_errno(errno, "Cannot read the free space of '%s': %m", a->dir);
+        if ((uint64_t)sv.f_bavail * sv.f_frsize < w->size) {
+                if (a->retry_usec == 0)
+                        log_warning("OTA artifact %s from the cluster has %" PRIu64 " bytes; '%s' has %" PRIu64
+                                    " bytes free.",
+                                    w->sha, w->size, a->dir, (uint64_t)sv.f_bavail * sv.f_frsize);
+                return -ENOSPC;
+        }
+        if (asprintf(&w->tmp_path, "%s/" ARTIFACTS_TMP_PREFIX "%s-XXXXXX", a->dir, w->sha) < 0) {
+                w->tmp_path = NULL;
+                return -ENOMEM;
+        }
+        w->fd = mkostemp(w->tmp_path, O_CLOEXEC);
+        if (w->fd < 0) {
+                r = log_warning_errno(errno, "Cannot create '%s': %m", w->tmp_path);
+                free(w->tmp_path);
+                w->tmp_path = NULL;
+                return r;
+        }
+        (void)fchmod(w->fd, 0644);
+        w->md = EVP_MD_CTX_new();
+        if (!w->md || EVP_DigestInit_ex(w->md, EVP_sha256(), NULL) != 1) {
+                work_reset(w);
+                return -ENOMEM;
+        }
+        return 0;
+}
+
+static void work_chunk_cb(void *userdata, int error, natsMsg *reply);
+
+/* The next step of the head of the queue: 1 done, WORK_WAITING (a chunk
+ * is being fetched), or an error as work_result() takes it. */
 static int work_step(Artifacts *a, Work *w) {
-        natsMsg *m = NULL;
-        char subject[sizeof(ARTIFACTS_SUBJECT) + 64], idx[16];
-        const char *chunk;
-        const uint8_t *data;
-        size_t len;
+        char body[64];
         int r;
 
         if (w->next_chunk == 0 && !w->tmp_path) {
-                if (artifact_present(a, w->sha))
-                        return 1; /* uploaded here, or assembled before */
-                if (asprintf(&w->tmp_path, "%s/" ARTIFACTS_TMP_PREFIX "%s-XXXXXX", a->dir, w->sha) < 0) {
-                        w->tmp_path = NULL;
-                        return -ENOMEM;
-                }
-                w->fd = mkostemp(w->tmp_path, O_CLOEXEC);
-                if (w->fd < 0) {
-                        r = log_warning_errno(errno, "Cannot create '%s': %m", w->tmp_path);
-                        free(w->tmp_path);
-                        w->tmp_path = NULL;
+                r = work_open(a, w);
+                if (r != 0)
                         return r;
+        }
+        if (w->next_chunk == w->n_chunks) {
+                r = work_finish(a, w);
+                return r < 0 ? r : 1;
+        }
+        snprintf(body, sizeof(body), "{\"seq\":%" PRIu64 "}", w->seqs[w->next_chunk]);
+        r = bus_request(a->bus, ARTIFACTS_GET_SUBJECT, NULL, body, strlen(body), ARTIFACTS_GET_TIMEOUT_USEC,
+                        work_chunk_cb, a, &a->get);
+        return r < 0 ? r : WORK_WAITING;
+}
+
+/* Standard base64 with padding (Go's encoding of []byte in JSON); *ret is
+ * the caller's. */
+static int base64_decode(const char *in, size_t len, uint8_t **ret, size_t *ret_len) {
+        EVP_ENCODE_CTX *ctx;
+        uint8_t *out;
+        int n = 0, m = 0;
+
+        if (len > INT_MAX / 2)
+                return -EBADMSG;
+        out = malloc(len / 4 * 3 + 4);
+        ctx = EVP_ENCODE_CTX_new();
+        if (!out || !ctx) {
+                free(out);
+                EVP_ENCODE_CTX_free(ctx);
+                return -ENOMEM;
+        }
+        EVP_DecodeInit(ctx);
+        if (EVP_DecodeUpdate(ctx, out, &n, (const unsigned char *)in, (int)len) < 0 ||
+            EVP_DecodeFinal(ctx, out + n, &m) != 1) {
+                free(out);
+                EVP_ENCODE_CTX_free(ctx);
+                return -EBADMSG;
+        }
+        EVP_ENCODE_CTX_free(ctx);
+        *ret = out;
+        *ret_len = (size_t)(n + m);
+        return 0;
+}
+
+/* Write the chunk in reply, the answer of $JS.API.STREAM.MSG.GET:
+ * {"message":{"subject","seq","hdrs","data"}} (hdrs, the message's header
+ * block, and data in base64) or {"error":{"code","err_code",
+ * "description"}}. -EBADMSG: the stream's message is not the chunk, or is
+ * gone; -EIO: JetStream could not answer now (no leader); a local error
+ * resets the work. */
+static int work_chunk(Artifacts *a, Work *w, natsMsg *reply) {
+        _cleanup_(json_decrefp) json_t *j = NULL;
+        _cleanup_free_ uint8_t *data = NULL, *hdrs = NULL;
+        char subject[sizeof(ARTIFACTS_SUBJECT) + 64], line[64];
+        uint64_t seq = w->seqs[w->next_chunk];
+        json_t *msg, *err;
+        const char *text;
+        size_t len = 0, hlen = 0;
+        const uint8_t *p;
+        int r;
+
+        j = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, NULL);
+        err = json_object_get(j, "error");
+        msg = json_object_get(j, "message");
+        if (err) {
+                if (json_integer_value(json_object_get(err, "err_code")) == ARTIFACTS_JS_NO_MESSAGE) {
+                        log_warning("OTA artifact %s: chunk %u is no longer in the stream %s (its limits): "
+                                    "discarded.",
+                                    w->sha, w->next_chunk, ARTIFACTS_STREAM);
+                        return -EBADMSG;
                 }
-                (void)fchmod(w->fd, 0644);
-                w->md = EVP_MD_CTX_new();
-                if (!w->md || EVP_DigestInit_ex(w->md, EVP_sha256(), NULL) != 1)
-                        return -ENOMEM;
+                text = json_string_value(json_object_get(err, "description"));
+                log_debug("OTA artifact %s: JetStream did not give chunk %u: %s (error %" JSON_INTEGER_FORMAT ").",
+                          w->sha, w->next_chunk, text ?: "no description",
+                          json_integer_value(json_object_get(err, "err_code")));
+                return -EIO;
         }
-        if (w->next_chunk == w->n_chunks)
-                return work_finish(a, w) < 0 ? -EBADMSG : 1;
-        r = bus_stream_get(a->bus, ARTIFACTS_STREAM, w->seqs[w->next_chunk], &m);
-        if (r == -ENOENT) {
-                log_warning("OTA artifact %s: chunk %u is no longer in the stream %s (its limits): discarded.",
-                            w->sha, w->next_chunk, ARTIFACTS_STREAM);
-                return -EBADMSG;
+        if (!json_is_object(msg)) {
+                log_debug("OTA artifact %s: malformed answer of JetStream for chunk %u.", w->sha, w->next_chunk);
+                return -EIO;
         }
-        if (r < 0)
-                return r;
         snprintf(subject, sizeof(subject), ARTIFACTS_SUBJECT "%s", w->sha);
-        snprintf(idx, sizeof(idx), "%u", w->next_chunk);
-        chunk = bus_msg_header(m, "Tether-Artifact-Chunk");
-        data = (const uint8_t *)natsMsg_GetData(m);
-        len = (size_t)natsMsg_GetDataLength(m);
-        if (!natsMsg_GetSubject(m) || !streq(natsMsg_GetSubject(m), subject) || !chunk || !streq(chunk, idx) ||
-            len == 0 || len > ARTIFACTS_CHUNK_MAX || w->written + len > w->size) {
-                natsMsg_Destroy(m);
+        /* The header block holds the line "Tether-Artifact-Chunk: N" (a
+         * header's value has no line end: only a header can match). */
+        snprintf(line, sizeof(line), "\r\nTether-Artifact-Chunk: %u\r\n", w->next_chunk);
+        text = json_string_value(json_object_get(msg, "hdrs"));
+        r = text ? base64_decode(text, strlen(text), &hdrs, &hlen) : -EBADMSG;
+        if (r == -ENOMEM)
+                return r;
+        text = json_string_value(json_object_get(msg, "data"));
+        if (r >= 0)
+                r = text && strlen(text) <= (ARTIFACTS_CHUNK_MAX + 2) / 3 * 4 + 4
+                            ? base64_decode(text, strlen(text), &data, &len)
+                            : -EBADMSG;
+        if (r == -ENOMEM)
+                return r;
+        text = json_string_value(json_object_get(msg, "subject"));
+        if (r < 0 || !text || !streq(text, subject) ||
+            (uint64_t)json_integer_value(json_object_get(msg, "seq")) != seq ||
+            !memmem(hdrs, hlen, line, strlen(line)) || len == 0 || len > ARTIFACTS_CHUNK_MAX ||
+            w->written + len > w->size) {
                 log_warning("OTA artifact %s: stream sequence %" PRIu64 " is not its chunk %u: discarded.", w->sha,
-                            w->seqs[w->next_chunk], w->next_chunk);
+                            seq, w->next_chunk);
                 return -EBADMSG;
         }
-        while (len > 0) {
-                ssize_t n = write(w->fd, data, len);
+        for (p = data; len > 0;) {
+                ssize_t n = write(w->fd, p, len);
 
                 if (n < 0 && errno == EINTR)
                         continue;
                 if (n < 0) {
                         r = log_warning_errno(errno, "Cannot write '%s': %m", w->tmp_path);
-                        natsMsg_Destroy(m);
+                        work_reset(w);
                         return r;
                 }
-                EVP_DigestUpdate(w->md, data, (size_t)n);
+                EVP_DigestUpdate(w->md, p, (size_t)n);
                 w->written += (uint64_t)n;
-                data += n;
+                p += n;
                 len -= (size_t)n;
         }
-        natsMsg_Destroy(m);
         w->next_chunk++;
         return 0;
 }
 
+/* What a step of the head of the queue came to: 0 a chunk written, 1
+ * done, -EBADMSG discarded (the stream's data is wrong or gone), another
+ * error: tried again after a backoff (NATS unreachable or without a
+ * quorum, the disk full or failing), the position not past it. */
+static void work_result(Artifacts *a, int r) {
+        Work *w = a->work;
+
+        if (r == WORK_WAITING)
+                return;
+        if (r == 0 || r == 1 || r == -EBADMSG) {
+                if (r != 0)
+                        work_pop(a);
+                a->retry_usec = 0;
+                (void)sd_event_source_set_enabled(a->work_defer, a->work ? SD_EVENT_ON : SD_EVENT_OFF);
+                return;
+        }
+        if (a->retry_usec == 0)
+                log_warning_errno(r, "OTA artifact %s from the cluster not stored yet (%m): trying again.", w->sha);
+        else
+                log_debug_errno(r, "OTA artifact %s from the cluster not stored yet (%m): trying again.", w->sha);
+        a->retry_usec = a->retry_usec == 0                            ? ARTIFACTS_RETRY_MIN_USEC
+                        : a->retry_usec * 2 > ARTIFACTS_RETRY_MAX_USEC ? ARTIFACTS_RETRY_MAX_USEC
+                                                                       : a->retry_usec * 2;
+        (void)sd_event_source_set_enabled(a->work_defer, SD_EVENT_OFF);
+        (void)sd_event_source_set_time_relative(a->retry, a->retry_usec);
+        (void)sd_event_source_set_enabled(a->retry, SD_EVENT_ONESHOT);
+}
+
+static void work_chunk_cb(void *userdata, int error, natsMsg *reply) {
+        Artifacts *a = userdata;
+
+        a->get = NULL;
+        work_result(a, error < 0 ? error : work_chunk(a, a->work, reply));
+}
+
 static int work_defer_cb(sd_event_source *s, void *userdata) {
         Artifacts *a = userdata;
-        Work *w = a->work;
-        int r;
 
-        if (!w)
-                return sd_event_source_set_enabled(s, SD_EVENT_OFF);
-        r = work_step(a, w);
-        if (r == -ENOTCONN || r == -ETIMEDOUT || r == -EIO) {
-                /* NATS is away: try again after a second (the stream keeps it). */
-                (void)sd_event_source_set_enabled(s, SD_EVENT_OFF);
-                (void)sd_event_source_set_time_relative(a->retry, USEC_PER_SEC);
-                (void)sd_event_source_set_enabled(a->retry, SD_EVENT_ONESHOT);
-                return 0;
-        }
-        if (r != 0) {
-                if (r < 0 && r != -EBADMSG)
-                        log_warning_errno(r, "OTA artifact %s from the cluster not stored: %m", w->sha);
-                work_pop(a);
-        }
-        return sd_event_source_set_enabled(s, a->work ? SD_EVENT_ON : SD_EVENT_OFF);
+        (void)sd_event_source_set_enabled(s, SD_EVENT_OFF);
+        if (a->work && !a->get)
+                work_result(a, work_step(a, a->work));
+        return 0;
 }
 
 static int retry_cb(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -331,6 +487,14 @@ static void artifacts_end_cb(void *userdata, natsMsg *msg) {
                         artifacts_save_position(a, seq);
                 return;
         }
+        if ((uint64_t)size > a->max_artifact) {
+                log_warning("OTA artifact %s from the cluster has %" PRIu64 " bytes, more than [OTA] MaxArtifactMB= "
+                            "allows here (%" PRIu64 " MiB): not stored.",
+                            sha, (uint64_t)size, a->max_artifact >> 20);
+                if (!a->work)
+                        artifacts_save_position(a, seq);
+                return;
+        }
         if (artifact_present(a, sha)) {
                 if (!a->work)
                         artifacts_save_position(a, seq);
@@ -364,7 +528,8 @@ static void artifacts_end_cb(void *userdata, natsMsg *msg) {
         else
                 a->work = w;
         a->work_tail = w;
-        (void)sd_event_source_set_enabled(a->work_defer, SD_EVENT_ON);
+        if (!a->get && a->retry_usec == 0)
+                (void)sd_event_source_set_enabled(a->work_defer, SD_EVENT_ON);
 }
 
 /* ---- publishing ---------------------------------------------------------------- */
@@ -538,6 +703,7 @@ Artifacts *artifacts_free(Artifacts *a) {
         if (!a)
                 return NULL;
         a->follow = bus_sub_free(a->follow);
+        bus_request_cancel(a->get);
         while (a->publishes)
                 publish_free(a->publishes);
         while (a->work) {
@@ -555,7 +721,7 @@ Artifacts *artifacts_free(Artifacts *a) {
 }
 
 int artifacts_new(sd_event *event, Bus *bus, const char *dir, const char *node, unsigned replicas,
-                  uint64_t max_bytes, Artifacts **ret) {
+                  uint64_t max_bytes, uint64_t max_artifact_bytes, Artifacts **ret) {
         _cleanup_(artifacts_freep) Artifacts *a = NULL;
         const char *subjects[] = { ARTIFACTS_SUBJECT ">" };
         jsStreamConfig cfg;
@@ -566,6 +732,7 @@ int artifacts_new(sd_event *event, Bus *bus, const char *dir, const char *node, 
                 return log_error_errno(-ENOMEM, "Out of memory.");
         a->event = event;
         a->bus = bus;
+        a->max_artifact = max_artifact_bytes;
         a->dir = strdup(dir);
         a->node = strdup(node);
         if (!a->dir || !a->node)

@@ -15,14 +15,22 @@
  * the stream exactly when its end message is there.
  *
  * Each node follows the end messages only (an ordered consumer, small
- * messages) and fetches the chunks one at a time (one per loop iteration,
- * at idle priority), writing them to a temporary file in the directory
- * while hashing: memory stays bounded by one chunk whatever the artifact's
- * size. The file is renamed to SHA256.deb after its size and SHA-256
- * matched and it was fsync'd (and the directory after the rename); an
- * incomplete or corrupt one is removed with a warning. The stream sequence
- * of the last end message handled is kept in ArtifactDirectory/.cluster-
- * artifacts, so a restart goes on from there.
+ * messages) and fetches the chunks one at a time, each with an
+ * asynchronous request to JetStream's API (the loop never waits for
+ * NATS), writing them to a temporary file in the directory while hashing:
+ * memory stays bounded by one chunk whatever the artifact's size. The
+ * file is renamed to SHA256.deb after its size and SHA-256 matched and it
+ * was fsync'd (and the directory after the rename); an incomplete or
+ * corrupt one, or one whose chunks left the stream, is removed with a
+ * warning, and one larger than the node's own upload limit is not
+ * fetched. What fails for a reason that may pass (NATS unreachable or
+ * without a quorum, too little free space in the directory for the whole
+ * artifact, a write or fsync failing) is tried again from its start or
+ * its last chunk, with a backoff of 1 s doubling up to 60 s; artifacts
+ * announced later wait behind it. The stream sequence of the last end
+ * message handled is kept in ArtifactDirectory/.cluster-artifacts, never
+ * past an artifact that is still to be stored, so a restart goes on from
+ * there.
  *
  * Used from the loop's thread only. Errors are negative errno values;
  * ret_* parameters are untouched on failure. */
@@ -41,11 +49,13 @@ typedef struct ArtifactPublish ArtifactPublish;
 
 /* Create (or update) the stream: file storage, replicas copies, at most
  * max_bytes (the oldest messages go first; UINT64_MAX: no limit of its
- * own), then follow it into dir.
+ * own), then follow it into dir, storing artifacts of at most
+ * max_artifact_bytes ([OTA] MaxArtifactMB=; larger ones are logged and
+ * not stored).
  * Synchronous. event and bus are borrowed and must outlive the Artifacts;
  * dir and node are copied. Logs what failed. */
 int artifacts_new(sd_event *event, Bus *bus, const char *dir, const char *node, unsigned replicas,
-                  uint64_t max_bytes, Artifacts **ret);
+                  uint64_t max_bytes, uint64_t max_artifact_bytes, Artifacts **ret);
 /* Stop following; uploads being published are cancelled (their
  * callbacks do not run). NULL is fine. */
 Artifacts *artifacts_free(Artifacts *a);

@@ -6,7 +6,9 @@ that knows both. An update started through the node that does not hold
 the device is sent by the one that does; every node lists the job with the
 same history and has the artifact; when the node holding the device is
 killed in the middle of a job, the device reconnects to the other one and
-the job ends there."""
+the job ends there. A node does not store an artifact beyond its own
+upload limit, and stores one it could not write for a while once it
+can."""
 
 import hashlib
 import json
@@ -148,5 +150,44 @@ def test_holder_killed_in_trial(w):
     expect(states[0] == "sent" and states[-1] == "committed", f"history {states}")
 
 
+def test_artifact_limit_and_retry(w):
+    """A node stores no artifact larger than its own [OTA] MaxArtifactMB=
+    and goes on with the next; one it cannot write for now (its directory
+    replaced by a file) is tried again and stored once it can."""
+    o = OtaWorld(w)
+    nats = NatsCluster(w, 1)
+    nats.wait_ready()
+    nodes = []
+    for i, limit in ((1, ""), (2, "MaxArtifactMB=1\n")):
+        d = w.path(f"artifacts-{i}")
+        os.makedirs(d, exist_ok=True)
+        extra = f"[Cluster]\nNATS={nats.url}\nNode=n{i}\n[OTA]\nArtifactDirectory={d}\nPort=0\n{limit}"
+        n = w.start_cloud(name=f"cloud-{i}", timing=TIMING, state_dir=w.path(f"cloud-{i}-state"), extra=extra)
+        n.node, n.artifacts = f"n{i}", d
+        nodes.append(n)
+    a, b = nodes
+
+    big = plugin_deb(o.debs, "2.0", filler=1536 * 1024)
+    w.tether("ota", "upload", big, api=a.api)
+    b.wait_line(rf"OTA artifact {sha256(big)} from the cluster has \d+ bytes, more than \[OTA\] MaxArtifactMB=",
+                timeout=20)
+
+    d = b.artifacts
+    os.rename(d, d + ".away")
+    open(d, "w").close()
+    small = plugin_deb(o.debs, "3.0")
+    digest = sha256(small)
+    mark = b.mark()
+    w.tether("ota", "upload", small, api=a.api)
+    b.wait_line(rf"OTA artifact {digest} from the cluster not stored yet", timeout=20, start=mark)
+    os.unlink(d)
+    os.rename(d + ".away", d)
+    p = os.path.join(d, digest + ".deb")
+    poll(lambda: os.path.exists(p), seconds(20), f"artifact in {b.node}'s directory once it is back")
+    expect(sha256(p) == digest, f"the artifact on {b.node} differs")
+    expect(not os.path.exists(os.path.join(d, sha256(big) + ".deb")), f"{b.node} stored an artifact beyond its limit")
+    expect(os.path.exists(os.path.join(a.artifacts, sha256(big) + ".deb")), f"{a.node} lost the large artifact")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_job_through_other_node, test_holder_killed_in_trial]))
+    sys.exit(run([test_job_through_other_node, test_holder_killed_in_trial, test_artifact_limit_and_retry]))
