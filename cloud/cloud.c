@@ -453,7 +453,7 @@ static int cloud_join_cluster(Cloud *c) {
         if (config->ota_dir) {
                 r = artifacts_new(c->event, c->bus, config->ota_dir, config->cluster_node, config->cluster_replicas,
                                   config->cluster_artifact_max_mb ? (uint64_t)config->cluster_artifact_max_mb << 20 : UINT64_MAX,
-                                  &c->artifacts);
+                                  (uint64_t)config->ota_max_artifact_mb << 20, &c->artifacts);
                 if (r < 0)
                         return r;
         }
