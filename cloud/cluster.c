@@ -19,9 +19,14 @@
 #define CLUSTER_RPC_MAX (1024 * 1024)
 /* Nodes this node keeps track of: a key in TETHER_NODES is one. */
 #define CLUSTER_NODES_MAX 256
-/* Our own presence entry not seen back from the bucket this long after it
- * was put: put it again (a put lost to a NATS outage). */
-#define CLUSTER_REPUT_USEC (10 * USEC_PER_SEC)
+/* Presence writes (puts and deletes of this node's entries) waiting for
+ * JetStream's acknowledgement at once: a storm of connecting devices
+ * queues the rest, instead of thousands of requests timing out together
+ * and being sent again together. */
+#define CLUSTER_WRITES_IN_FLIGHT 128
+#define CLUSTER_WRITE_TIMEOUT_USEC (10 * USEC_PER_SEC)
+/* A failed write is tried again after this (NATS away, no quorum). */
+#define CLUSTER_WRITE_RETRY_USEC (2 * USEC_PER_SEC)
 
 static uint64_t realtime_usec(void) {
         struct timespec ts;
@@ -37,9 +42,18 @@ typedef struct Presence {
          * before the watch brought it back. */
         uint64_t revision;
         bool held; /* the device's session is on this node */
-        uint64_t put_at; /* CLOCK_MONOTONIC µs of our last put of it */
         char id[];
 } Presence;
+
+/* A write of this node's presence entry for a device, queued or in flight. */
+typedef struct PresenceWrite {
+        Cluster *cluster;
+        struct PresenceWrite *next;
+        BusRequest *request; /* in flight, or NULL: queued */
+        bool del;
+        char *text; /* the value of a put */
+        char id[];
+} PresenceWrite;
 
 typedef struct Node {
         char name[CLUSTER_NODE_MAX + 1];
@@ -78,6 +92,12 @@ struct Cluster {
 
         BusSub *presence_watch, *nodes_watch, *rpc_sub;
         bool presence_loaded; /* the watch's initial values are in */
+        /* Presence writes: queued (FIFO), in flight (a list), and the
+         * timer that sends the queue again after a failure. */
+        PresenceWrite *queue, *queue_tail, *in_flight;
+        unsigned n_in_flight;
+        sd_event_source *write_retry;
+        bool write_failed_logged;
         bool warned_nodes;
         sd_event_source *heartbeat;
         ClusterForward *forwards;
@@ -275,12 +295,124 @@ static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) 
         if (text)
                 (void)bus_kv_put(c->bus, CLUSTER_NODES_BUCKET, c->node, text, strlen(text));
         cluster_check_nodes(c);
-        /* Our puts that never came back (NATS was away). */
-        for (size_t k = 0; k < c->n_buckets; k++)
-                for (Presence *p = c->buckets[k]; p; p = p->next)
-                        if (p->held && p->revision == 0 && p->put_at + CLUSTER_REPUT_USEC < now_usec())
-                                cluster_put_own(c, p->id, NULL);
         return sd_event_source_set_time(s, usec + CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
+}
+
+/* ---- presence writes ------------------------------------------------------------ */
+
+static void write_free(PresenceWrite *w) {
+        if (!w)
+                return;
+        bus_request_cancel(w->request);
+        free(w->text);
+        free(w);
+}
+
+static void write_enqueue(Cluster *c, PresenceWrite *w) {
+        w->next = NULL;
+        if (c->queue_tail)
+                c->queue_tail->next = w;
+        else
+                c->queue = w;
+        c->queue_tail = w;
+}
+
+static void writes_pump(Cluster *c);
+
+static void write_done(void *userdata, int error, uint64_t seq, bool duplicate) {
+        PresenceWrite *w = userdata, **pp;
+        Cluster *c = w->cluster;
+        Presence *p;
+        bool still;
+
+        w->request = NULL;
+        for (pp = &c->in_flight; *pp && *pp != w; pp = &(*pp)->next)
+                ;
+        if (*pp)
+                *pp = w->next;
+        c->n_in_flight--;
+        if (error >= 0) {
+                c->write_failed_logged = false;
+                write_free(w);
+                writes_pump(c);
+                return;
+        }
+        /* Still wanted? A put while the device is here, a delete while
+         * it is not and the entry (as far as we know) names this node. */
+        p = presence_find(c, w->id);
+        still = w->del ? !(p && p->held) : (p && p->held);
+        if (!still) {
+                write_free(w);
+                writes_pump(c);
+                return;
+        }
+        if (!c->write_failed_logged)
+                log_warning_errno(error, "Cannot write device '%s''s presence to the cluster, trying again: %m",
+                                  w->id);
+        c->write_failed_logged = true;
+        write_enqueue(c, w);
+        (void)sd_event_source_set_time_relative(c->write_retry, CLUSTER_WRITE_RETRY_USEC);
+        (void)sd_event_source_set_enabled(c->write_retry, SD_EVENT_ONESHOT);
+}
+
+static void writes_pump(Cluster *c) {
+        static const char *const del_headers[] = { "KV-Operation", "DEL", NULL };
+        char subject[sizeof("$KV." CLUSTER_PRESENCE_BUCKET ".") + PROTO_DEVICE_ID_MAX];
+        int enabled = SD_EVENT_OFF;
+
+        /* After a failure, the queue waits for the retry timer. */
+        if (sd_event_source_get_enabled(c->write_retry, &enabled) >= 0 && enabled != SD_EVENT_OFF)
+                return;
+        while (c->queue && c->n_in_flight < CLUSTER_WRITES_IN_FLIGHT) {
+                PresenceWrite *w = c->queue;
+                int r;
+
+                c->queue = w->next;
+                if (!c->queue)
+                        c->queue_tail = NULL;
+                snprintf(subject, sizeof(subject), "$KV." CLUSTER_PRESENCE_BUCKET ".%s", w->id);
+                r = bus_js_publish_async(c->bus, subject, w->del ? del_headers : NULL, w->text,
+                                         w->text ? strlen(w->text) : 0, CLUSTER_WRITE_TIMEOUT_USEC, write_done, w,
+                                         &w->request);
+                if (r < 0) {
+                        /* No connection: all of it waits (the reconnection
+                         * resyncs, the timer tries too). */
+                        w->next = c->queue;
+                        c->queue = w;
+                        if (!c->queue_tail)
+                                c->queue_tail = w;
+                        (void)sd_event_source_set_time_relative(c->write_retry, CLUSTER_WRITE_RETRY_USEC);
+                        (void)sd_event_source_set_enabled(c->write_retry, SD_EVENT_ONESHOT);
+                        return;
+                }
+                w->next = c->in_flight;
+                c->in_flight = w;
+                c->n_in_flight++;
+        }
+}
+
+static int write_retry_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Cluster *c = userdata;
+
+        (void)sd_event_source_set_enabled(s, SD_EVENT_OFF);
+        writes_pump(c);
+        return 0;
+}
+
+static void cluster_write(Cluster *c, const char *device, bool del, const char *text) {
+        size_t len = strlen(device);
+        PresenceWrite *w = calloc(1, sizeof(*w) + len + 1);
+
+        if (!w || (text && !(w->text = strdup(text)))) {
+                free(w);
+                log_warning("Out of memory writing device '%s''s presence to the cluster.", device);
+                return;
+        }
+        w->cluster = c;
+        w->del = del;
+        memcpy(w->id, device, len + 1);
+        write_enqueue(c, w);
+        writes_pump(c);
 }
 
 /* ---- presence ----------------------------------------------------------------- */
@@ -293,14 +425,16 @@ static void cluster_put_own(Cluster *c, const char *device, const char *address)
         j = json_pack("{s:s, s:I, s:s?}", "node", c->node, "since", (json_int_t)realtime_usec(), "address", address);
         text = j ? json_dumps(j, JSON_COMPACT) : NULL;
         json_decref(j);
-        if (!text || bus_kv_put(c->bus, CLUSTER_PRESENCE_BUCKET, device, text, strlen(text)) < 0)
-                log_warning("Cannot record in the cluster that device '%s' is on this node.", device);
+        if (!text) {
+                log_warning("Out of memory recording device '%s''s presence.", device);
+                return;
+        }
+        cluster_write(c, device, false, text);
         /* Ours at once: the watch confirms it later. */
         p = presence_set(c, device, c->node, 0);
-        if (p) {
+        if (p)
                 p->held = true;
-                p->put_at = now_usec();
-        } else
+        else
                 log_warning("Out of memory recording where device '%s' is.", device);
 }
 
@@ -368,7 +502,7 @@ void cluster_resync(Cluster *c) {
                                 if (!streq(p->node, c->node) || p->revision == 0 || !c->presence_loaded)
                                         cluster_put_own(c, p->id, NULL);
                         } else if (streq(p->node, c->node)) {
-                                (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, p->id);
+                                cluster_write(c, p->id, true, NULL);
                                 presence_remove(c, p->id);
                         }
                 }
@@ -387,7 +521,7 @@ void cluster_device_gone(Cluster *c, const char *device) {
         if (!streq(p->node, c->node))
                 return; /* it is elsewhere now: that entry is not ours to delete */
         presence_remove(c, device);
-        (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, device);
+        cluster_write(c, device, true, NULL);
 }
 
 const char *cluster_device_node(Cluster *c, const char *device) {
@@ -612,6 +746,23 @@ Cluster *cluster_free(Cluster *c) {
                         free(p);
                 }
         free(c->buckets);
+        /* Deletes still queued (devices_free() ended every session just
+         * before): sent without waiting for their acknowledgement. */
+        while (c->queue) {
+                PresenceWrite *w = c->queue;
+
+                c->queue = w->next;
+                if (w->del)
+                        (void)bus_kv_delete(c->bus, CLUSTER_PRESENCE_BUCKET, w->id);
+                write_free(w);
+        }
+        while (c->in_flight) {
+                PresenceWrite *w = c->in_flight;
+
+                c->in_flight = w->next;
+                write_free(w);
+        }
+        sd_event_source_disable_unref(c->write_retry);
         (void)bus_kv_delete(c->bus, CLUSTER_NODES_BUCKET, c->node);
         while (c->forwards)
                 cluster_forward_cancel(c->forwards);
@@ -654,6 +805,10 @@ int cluster_new(sd_event *event, const CloudConfig *config, Bus *bus, const Clus
         if (r < 0)
                 return log_error_errno(r, "Cannot follow the cluster's state: %m");
         r = sd_event_add_time(event, &c->heartbeat, CLOCK_MONOTONIC, 0, 0, cluster_heartbeat, c);
+        if (r >= 0)
+                r = sd_event_add_time(event, &c->write_retry, CLOCK_MONOTONIC, UINT64_MAX, 0, write_retry_cb, c);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->write_retry, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Cannot start the cluster heartbeat: %m");
         log_info("Cluster node '%s' joined.", c->node);

@@ -173,7 +173,10 @@ def fleet_run(opts):
         shutil.copy(ca, w.path("pki", "ca.crt"))
         nodes = []
         for i in (1, 2):
-            d = w.start_cloud(name=f"cloud-{i}", timing=TIMING, state_dir=w.path(f"cloud-{i}-state"),
+            # The cloud's default timing: thousands of devices on two cores
+            # do not answer a Ping within the tests' few seconds.
+            d = w.start_cloud(name=f"cloud-{i}", timing="PingSec=30\nDeviceTimeoutSec=90\nCallTimeoutSec=10",
+                              state_dir=w.path(f"cloud-{i}-state"),
                               cert=os.path.join(fpki, "server.crt"), key=os.path.join(fpki, "server.key"),
                               extra=f"[Cluster]\nNATS={nats.url}\nNode=n{i}\n"
                                     f"[Events]\nJournalMaxBytes=1073741824\n",
@@ -190,6 +193,8 @@ def fleet_run(opts):
         online = []
         for f in fleets:
             word, on = f.wait("online")
+            if word != "online":
+                raise RuntimeError(f"the storm did not complete: {word} {on}")
             online.append(on)
         took = time.monotonic() - t0
         time.sleep(1)
