@@ -80,6 +80,8 @@ typedef struct Item {
         bool up;        /* ITEM_CONNECTION */
 } Item;
 
+typedef struct BusFollow BusFollow;
+
 struct BusSub {
         Bus *bus;
         SubKind kind;
@@ -88,6 +90,7 @@ struct BusSub {
         void *userdata;
         natsSubscription *sub;
         kvWatcher *watcher;
+        BusFollow *follow; /* SUB_FOLLOW */
         pthread_t thread;
         bool thread_started;
         BusSub *prev, *next; /* b->subs */
@@ -143,6 +146,15 @@ struct Bus {
         bool closing;
         unsigned libnats_refs;
 };
+
+#ifndef MIN
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#endif
+
+static void follow_msg(BusSub *s, natsMsg *msg);
+static void follows_connection(Bus *b, bool up);
+static void follow_abandon(BusSub *s);
+static void follow_free(BusFollow *f, bool cancel);
 
 /* ---- errors ----------------------------------------------------------------- */
 
@@ -656,12 +668,16 @@ static void dispatch(Bus *b, Item *it) {
                         (void)natsConnection_GetConnectedUrl(b->nc, url, sizeof(url));
                         log_notice("NATS: reconnected to %s", url);
                 }
+                if (!b->freed)
+                        follows_connection(b, it->up);
                 if (!b->freed && b->hooks.connection)
                         b->hooks.connection(b->hooks.userdata, it->up);
                 break;
         case ITEM_MSG:
                 if (s->kind == SUB_INBOX)
                         handle_reply(b, it->msg);
+                else if (s->kind == SUB_FOLLOW)
+                        follow_msg(s, it->msg);
                 else
                         s->msg_fn(s->userdata, it->msg);
                 break;
@@ -772,6 +788,11 @@ BusSub *bus_sub_free(BusSub *s) {
         if (s->sub) {
                 (void)natsSubscription_Unsubscribe(s->sub);
                 natsSubscription_Destroy(s->sub);
+        }
+        if (s->follow) {
+                follow_abandon(s);
+                follow_free(s->follow, true);
+                s->follow = NULL;
         }
 
         pthread_mutex_lock(&b->lock);
@@ -905,40 +926,388 @@ int bus_js_publish(Bus *b, const char *subject, const char *const *headers, cons
         return 0;
 }
 
+/* ---- stream follows --------------------------------------------------------------
+ *
+ * An ephemeral pull consumer per follow, driven by the loop through the
+ * JetStream API over core NATS: created from the next expected stream
+ * sequence (f->next_seq) with $JS.API.CONSUMER.CREATE, then pulled with
+ * $JS.API.CONSUMER.MSG.NEXT, one pull of at most BUS_FOLLOW_BATCH messages
+ * outstanding, answered on "<the follow's inbox>.<pull number>" (answers
+ * to older pulls are dropped). Messages carry their consumer and stream
+ * sequences in their reply subject ($JS.ACK...): a consumer sequence that
+ * is not the next one (something was lost on the way) or a pull without
+ * an answer (the consumer's server is gone) abandons the consumer and
+ * creates a new one from f->next_seq; a stream sequence below it (a
+ * duplicate) is dropped. A status (404, 408: the pull expired) ends a
+ * pull; the next one is sent. A reconnect creates a new consumer too (a
+ * pull may have been lost). Abandoned consumers are deleted (best effort)
+ * and expire on the server after BUS_FOLLOW_INACTIVE_NS anyway. */
+
+/* Messages per pull (bounds what is queued for the loop per follow). */
+#define BUS_FOLLOW_BATCH 256
+/* A pull expires on the server after this; without any answer within it
+ * plus BUS_FOLLOW_GRACE_USEC the consumer is taken for lost. */
+#define BUS_FOLLOW_EXPIRES_USEC (3ULL * 1000000ULL)
+#define BUS_FOLLOW_GRACE_USEC (3ULL * 1000000ULL)
+#define BUS_FOLLOW_API_TIMEOUT_USEC (5ULL * 1000000ULL)
+#define BUS_FOLLOW_INACTIVE_NS (30LL * 1000000000LL)
+/* Retries after failures: from the first, doubled, up to the last. */
+#define BUS_FOLLOW_RETRY_MIN_USEC (100ULL * 1000ULL)
+#define BUS_FOLLOW_RETRY_MAX_USEC (5ULL * 1000000ULL)
+
+struct BusFollow {
+        char *stream;
+        char *filter;       /* NULL: all */
+        char *inbox;        /* "_INBOX.<nuid>"; pulls are answered on "<inbox>.<pull>" */
+        char *consumer;     /* the current consumer's name; NULL: none */
+        uint64_t next_seq;  /* the next stream sequence fn may get */
+        uint64_t cseq;      /* the consumer sequence of the last message of consumer */
+        uint64_t pull;      /* the number of the outstanding pull; 0: none */
+        unsigned pull_left; /* messages it may still bring */
+        unsigned failures;  /* in a row: the retry's backoff */
+        BusRequest *create;
+        sd_event_source *timer; /* the pull's deadline, or the next try to create */
+};
+
+static void follow_create(BusSub *s);
+
+static void sub_ref(BusSub *s) {
+        pthread_mutex_lock(&s->bus->lock);
+        s->refs++;
+        pthread_mutex_unlock(&s->bus->lock);
+}
+
+/* false: s is gone or being freed (bus_sub_free() ran). */
+static bool sub_unref(BusSub *s) {
+        bool free_it, dead;
+
+        pthread_mutex_lock(&s->bus->lock);
+        free_it = --s->refs == 0;
+        dead = s->dead;
+        pthread_mutex_unlock(&s->bus->lock);
+        if (free_it)
+                free(s);
+        return !free_it && !dead;
+}
+
+static void follow_delete_done(void *userdata _unused_, int error _unused_, natsMsg *reply _unused_) {
+}
+
+/* Forget the consumer (deleted on the server if we can say so) and
+ * whatever was under way with it. */
+static void follow_abandon(BusSub *s) {
+        BusFollow *f = s->follow;
+
+        f->create = (bus_request_cancel(f->create), NULL);
+        (void)sd_event_source_set_enabled(f->timer, SD_EVENT_OFF);
+        f->pull = 0;
+        if (f->consumer && bus_connected(s->bus)) {
+                char subject[BUS_SUBJECT_MAX];
+
+                (void)snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.DELETE.%s.%s", f->stream, f->consumer);
+                (void)bus_request(s->bus, subject, NULL, "", 0, BUS_FOLLOW_API_TIMEOUT_USEC, follow_delete_done, NULL,
+                                  NULL);
+        }
+        free(f->consumer);
+        f->consumer = NULL;
+}
+
+static void follow_timer_at(BusSub *s, uint64_t usec) {
+        (void)sd_event_source_set_time_relative(s->follow->timer, usec);
+        (void)sd_event_source_set_enabled(s->follow->timer, SD_EVENT_ONESHOT);
+}
+
+/* Start over from f->next_seq: at once, or after the backoff when it
+ * failed. While disconnected, the reconnect does (follows_reconnected()). */
+static void follow_restart(BusSub *s, bool failed) {
+        BusFollow *f = s->follow;
+
+        follow_abandon(s);
+        if (!failed) {
+                f->failures = 0;
+                if (bus_connected(s->bus))
+                        follow_create(s);
+                return;
+        }
+        uint64_t delay = BUS_FOLLOW_RETRY_MIN_USEC;
+
+        for (unsigned i = 0; i < f->failures && delay < BUS_FOLLOW_RETRY_MAX_USEC; i++)
+                delay *= 2;
+        if (f->failures < UINT_MAX)
+                f->failures++;
+        follow_timer_at(s, MIN(delay, BUS_FOLLOW_RETRY_MAX_USEC));
+}
+
+static void follow_pull(BusSub *s) {
+        BusFollow *f = s->follow;
+        char subject[BUS_SUBJECT_MAX], reply[128], body[96];
+        natsStatus st;
+        int n;
+
+        f->pull = s->bus->next_token++;
+        f->pull_left = BUS_FOLLOW_BATCH;
+        (void)snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.MSG.NEXT.%s.%s", f->stream, f->consumer);
+        (void)snprintf(reply, sizeof(reply), "%s.%" PRIu64, f->inbox, f->pull);
+        n = snprintf(body, sizeof(body), "{\"batch\":%u,\"expires\":%" PRIu64 "}", BUS_FOLLOW_BATCH,
+                     (uint64_t)(BUS_FOLLOW_EXPIRES_USEC * 1000ULL));
+        st = natsConnection_PublishRequest(s->bus->nc, subject, reply, body, n);
+        if (st != NATS_OK) {
+                log_debug("NATS: cannot pull from stream '%s': %s", f->stream, nats_error_text(st));
+                follow_restart(s, true);
+                return;
+        }
+        follow_timer_at(s, BUS_FOLLOW_EXPIRES_USEC + BUS_FOLLOW_GRACE_USEC);
+}
+
+static void follow_created(void *userdata, int error, natsMsg *reply) {
+        BusSub *s = userdata;
+        BusFollow *f = s->follow;
+        json_t *j = NULL, *err, *name;
+
+        f->create = NULL;
+        if (error < 0) {
+                if (error == -ENOTCONN)
+                        return; /* the reconnect starts over */
+                log_warning("NATS: cannot create a consumer on stream '%s': %s", f->stream, strerror(-error));
+                follow_restart(s, true);
+                return;
+        }
+        j = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, NULL);
+        err = json_object_get(j, "error");
+        name = json_object_get(j, "name");
+        if (err || !json_is_string(name) || !bus_name_valid(json_string_value(name)) ||
+            strlen(json_string_value(name)) > 64) {
+                const char *text = json_string_value(json_object_get(err, "description"));
+
+                log_warning("NATS: cannot create a consumer on stream '%s': %s", f->stream,
+                            text ? text : "malformed answer");
+                json_decref(j);
+                follow_restart(s, true);
+                return;
+        }
+        f->consumer = strdup(json_string_value(name));
+        json_decref(j);
+        if (!f->consumer) {
+                follow_restart(s, true);
+                return;
+        }
+        f->cseq = 0;
+        follow_pull(s);
+}
+
+static void follow_create(BusSub *s) {
+        BusFollow *f = s->follow;
+        char subject[BUS_SUBJECT_MAX];
+        _cleanup_free_ char *body = NULL;
+        json_t *config;
+        int r;
+
+        config = json_pack("{s:s, s:I, s:s, s:I, s:i, s:b}", "deliver_policy", "by_start_sequence", "opt_start_seq",
+                           (json_int_t)MIN(f->next_seq, (uint64_t)INT64_MAX), "ack_policy", "none",
+                           "inactive_threshold", (json_int_t)BUS_FOLLOW_INACTIVE_NS, "num_replicas", 1,
+                           "mem_storage", 1);
+        if (config && f->filter && json_object_set_new(config, "filter_subject", json_string(f->filter)) < 0)
+                config = (json_decref(config), NULL);
+        if (config)
+                body = json_dumps(json_pack("{s:s, s:o}", "stream_name", f->stream, "config", config), JSON_COMPACT);
+        if (!body) {
+                follow_restart(s, true);
+                return;
+        }
+        (void)snprintf(subject, sizeof(subject), "$JS.API.CONSUMER.CREATE.%s", f->stream);
+        r = bus_request(s->bus, subject, NULL, body, strlen(body), BUS_FOLLOW_API_TIMEOUT_USEC, follow_created, s,
+                        &f->create);
+        if (r < 0 && r != -ENOTCONN)
+                follow_restart(s, true);
+}
+
+static bool follow_queued(BusSub *s) {
+        bool queued = false;
+
+        pthread_mutex_lock(&s->bus->lock);
+        for (Item *it = s->bus->head; it && !queued; it = it->next)
+                queued = it->sub == s;
+        pthread_mutex_unlock(&s->bus->lock);
+        return queued;
+}
+
+static int on_follow_timer(sd_event_source *src _unused_, uint64_t usec _unused_, void *userdata) {
+        BusSub *s = userdata;
+        BusFollow *f = s->follow;
+
+        if (!f->consumer) {
+                if (bus_connected(s->bus))
+                        follow_create(s);
+                return 0;
+        }
+        if (follow_queued(s)) {
+                /* Answers are waiting for the loop: no verdict yet. */
+                follow_timer_at(s, BUS_FOLLOW_GRACE_USEC);
+                return 0;
+        }
+        log_notice("NATS: no answer from the consumer of stream '%s', creating a new one from %" PRIu64, f->stream,
+                   f->next_seq);
+        follow_restart(s, true);
+        return 0;
+}
+
+/* A message on the follow's inbox. */
+static void follow_msg(BusSub *s, natsMsg *msg) {
+        BusFollow *f = s->follow;
+        const char *subject = natsMsg_GetSubject(msg), *status = NULL;
+        jsMsgMetaData *meta = NULL;
+        uint64_t pull = 0, sseq, cseq;
+        size_t n = strlen(f->inbox);
+        bool ok;
+
+        if (f->pull == 0)
+                return;
+        if (natsMsgHeader_Get(msg, "Status", &status) == NATS_OK && status) {
+                /* On "<inbox>.<pull>": only about the outstanding pull. */
+                if (!subject || strncmp(subject, f->inbox, n) != 0 || subject[n] != '.')
+                        return;
+                for (const char *p = subject + n + 1; *p; p++) {
+                        if (*p < '0' || *p > '9' || pull > (UINT64_MAX - 9) / 10)
+                                return;
+                        pull = pull * 10 + (uint64_t)(*p - '0');
+                }
+                if (pull != f->pull)
+                        return;
+                if (streq(status, "404") || streq(status, "408")) {
+                        /* Expired, or nothing there: the next pull. */
+                        f->failures = 0;
+                        follow_pull(s);
+                } else if (streq(status, "100")) {
+                        /* A heartbeat. */
+                } else {
+                        const char *text = NULL;
+
+                        (void)natsMsgHeader_Get(msg, "Description", &text);
+                        log_notice("NATS: the consumer of stream '%s' answered %s %s, creating a new one from "
+                                   "%" PRIu64, f->stream, status, text ? text : "", f->next_seq);
+                        follow_restart(s, true);
+                }
+                return;
+        }
+
+        /* A message, with its own subject: its consumer tells whose. */
+        if (natsMsg_GetMetaData(&meta, msg) != NATS_OK)
+                return; /* not from JetStream; no one else knows this inbox */
+        ok = meta->Stream && streq(meta->Stream, f->stream) && meta->Consumer && f->consumer &&
+             streq(meta->Consumer, f->consumer);
+        sseq = meta->Sequence.Stream;
+        cseq = meta->Sequence.Consumer;
+        jsMsgMetaData_Destroy(meta);
+        if (!ok)
+                return;
+        if (cseq != f->cseq + 1) {
+                log_notice("NATS: message(s) of stream '%s' lost on the way, following again from %" PRIu64,
+                           f->stream, f->next_seq);
+                follow_restart(s, false);
+                return;
+        }
+        f->cseq = cseq;
+        if (f->pull_left > 0)
+                f->pull_left--;
+        if (sseq >= f->next_seq) {
+                f->next_seq = sseq + 1;
+                f->failures = 0;
+                sub_ref(s);
+                s->msg_fn(s->userdata, msg);
+                if (!sub_unref(s))
+                        return;
+        }
+        if (f->pull_left == 0)
+                follow_pull(s);
+}
+
+/* The connection is back (up) or gone: start over from f->next_seq. */
+static void follows_connection(Bus *b, bool up) {
+        for (BusSub *s = b->subs; s; s = s->next)
+                if (s->kind == SUB_FOLLOW) {
+                        if (up)
+                                follow_restart(s, false);
+                        else
+                                follow_abandon(s);
+                }
+}
+
+/* Without bus_request_cancel() of f->create when the requests are gone
+ * already (bus_free()). */
+static void follow_free(BusFollow *f, bool cancel) {
+        if (!f)
+                return;
+        if (cancel)
+                bus_request_cancel(f->create);
+        sd_event_source_disable_unref(f->timer);
+        free(f->stream);
+        free(f->filter);
+        free(f->inbox);
+        free(f->consumer);
+        free(f);
+}
+
 int bus_stream_follow(Bus *b, const char *stream, const char *filter, uint64_t start_seq, bus_msg_fn fn,
                       void *userdata, BusSub **ret) {
-        jsSubOptions so;
-        jsErrCode jerr = 0;
+        natsInbox *inbox = NULL;
+        _cleanup_free_ char *wild = NULL;
+        BusFollow *f;
         BusSub *s;
         natsStatus st;
         int r;
 
-        if (!b || !bus_name_valid(stream) || (filter && !subject_valid(filter, true)) || !fn || !ret)
+        if (!b || !bus_name_valid(stream) || strlen(stream) > 255 || (filter && !subject_valid(filter, true)) || !fn ||
+            !ret)
                 return -EINVAL;
         if (!bus_connected(b))
                 return -ENOTCONN;
         s = sub_new(b, SUB_FOLLOW, userdata);
-        if (!s)
-                return -ENOMEM;
-        s->msg_fn = fn;
-        jsSubOptions_Init(&so);
-        so.Stream = stream;
-        so.Ordered = true;
-        so.Config.DeliverPolicy = js_DeliverByStartSequence;
-        so.Config.OptStartSeq = start_seq > 0 ? start_seq : 1;
-        st = js_Subscribe(&s->sub, b->js, filter ? filter : ">", on_nats_msg, s, NULL, &so, &jerr);
-        if (st != NATS_OK) {
+        f = calloc(1, sizeof(*f));
+        if (!s || !f) {
                 free(s);
-                r = errno_from_nats(st);
-                log_error("NATS: cannot follow stream '%s': %s (error %d)", stream, nats_error_text(st), (int)jerr);
-                return r == 0 ? -EIO : r;
+                free(f);
+                return -ENOMEM;
+        }
+        s->msg_fn = fn;
+        s->follow = f;
+        f->next_seq = start_seq > 0 ? start_seq : 1;
+        f->stream = strdup(stream);
+        f->filter = filter ? strdup(filter) : NULL;
+        st = natsInbox_Create(&inbox);
+        if (st == NATS_OK) {
+                f->inbox = strdup((const char *)inbox);
+                natsInbox_Destroy(inbox);
+        }
+        if (!f->stream || (filter && !f->filter) || !f->inbox || asprintf(&wild, "%s.*", f->inbox) < 0) {
+                wild = NULL;
+                r = st != NATS_OK ? bus_error(st, "creating", "an inbox") : -ENOMEM;
+                goto fail;
+        }
+        r = sd_event_add_time(b->event, &f->timer, CLOCK_MONOTONIC, 0, BUS_TIMER_ACCURACY_USEC, on_follow_timer, s);
+        if (r < 0)
+                goto fail;
+        (void)sd_event_source_set_enabled(f->timer, SD_EVENT_OFF);
+        (void)sd_event_source_set_description(f->timer, "bus-follow");
+        st = natsConnection_Subscribe(&s->sub, b->nc, wild, on_nats_msg, s);
+        if (st != NATS_OK) {
+                r = bus_error(st, "subscribing to", wild);
+                goto fail;
         }
         (void)natsSubscription_SetPendingLimits(s->sub, -1, -1);
         r = sub_attach(s);
-        if (r < 0)
+        if (r < 0) {
+                /* s is libnats' now; f is not. */
+                s->follow = NULL;
+                follow_free(f, true);
                 return r;
+        }
+        follow_create(s);
         *ret = s;
         return 0;
+fail:
+        follow_free(f, true);
+        free(s);
+        return r;
 }
 
 int bus_stream_get(Bus *b, const char *stream, uint64_t seq, natsMsg **ret) {
@@ -1191,6 +1560,9 @@ Bus *bus_free(Bus *b) {
                 b->subs = s->next;
                 if (s->watcher)
                         kvWatcher_Destroy(s->watcher);
+                /* Its request was cancelled with the others. */
+                follow_free(s->follow, false);
+                s->follow = NULL;
                 natsSubscription_Destroy(s->sub);
                 /* Freed by on_sub_complete() when libnats held it. */
                 if (--s->refs == 0)

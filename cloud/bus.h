@@ -77,8 +77,8 @@ typedef void (*bus_msg_fn)(void *userdata, natsMsg *msg);
 int bus_subscribe(Bus *b, const char *subject, const char *queue, bus_msg_fn fn, void *userdata, BusSub **ret);
 /* Unsubscribe; no callback of it runs after this returns (what was
  * queued for it is dropped); fine from its own callback. A stream
- * follow's consumer is deleted on the server (a request, bounded by
- * JetStream's 5 s). NULL is fine. */
+ * follow's consumer is deleted on the server (a request the Bus does not
+ * wait for). NULL is fine. */
 BusSub *bus_sub_free(BusSub *s);
 
 /* Core NATS publish (no acknowledgement); headers: NULL-terminated
@@ -128,10 +128,16 @@ int bus_js_publish_async(Bus *b, const char *subject, const char *const *headers
 
 /* Follow stream in order from sequence start_seq (1: from the start; a
  * sequence below the stream's first starts at its first), messages whose
- * subject matches filter (NULL: all), with an ordered consumer (no state
- * on the server; re-created by libnats after a gap or a reconnect, so
- * nothing is skipped or repeated). fn gets each message;
- * bus_msg_seq() tells its stream sequence. */
+ * subject matches filter (NULL: all). fn gets each message once, in
+ * stream order, nothing skipped; bus_msg_seq() tells its stream sequence.
+ * Without blocking the loop: an ephemeral pull consumer (memory, one
+ * replica, gone 30 s after its last use) the Bus creates and pulls from
+ * asynchronously, at most 256 messages at a time; when it loses one (a
+ * gap), does not answer a pull (its server is gone) or the connection
+ * comes back, the Bus creates a new one from the sequence after the last
+ * one fn got, within seconds (failures are retried with a backoff up to
+ * 5 s, logged). -ENOTCONN while disconnected; once this returned 0 the
+ * follow recovers by itself. */
 int bus_stream_follow(Bus *b, const char *stream, const char *filter, uint64_t start_seq, bus_msg_fn fn,
                       void *userdata, BusSub **ret);
 /* Get the message at sequence seq of stream (synchronous, bounded by the

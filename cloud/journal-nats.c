@@ -25,8 +25,6 @@
 /* Tries to set up the streams at startup (each bounded by NATS's API
  * timeout). */
 #define EVENTLOG_SETUP_ATTEMPTS 4
-/* How often the follow's watchdog looks (follow_watch_cb()). */
-#define EVENTLOG_WATCH_USEC (5ULL * 1000000)
 /* At most one line about skipped messages this often. */
 #define EVENTLOG_LOG_USEC (60ULL * 1000000)
 /* subject: tether.priv.<coreid>.<name tokens, at worst 3 bytes a byte> */
@@ -43,12 +41,6 @@ struct EventLog {
         BusSub *follow;
         bool follow_broken;         /* the local journal refused a message: re-follow later */
         sd_event_source *follow_retry;
-        /* The watchdog of the follow (follow_watch_cb()): the stream's last
-         * sequence as last heard (our publishes' acks, stream info), the
-         * journal's last id at the previous tick, the info request. */
-        sd_event_source *follow_watch;
-        uint64_t stream_last_seq, watched_id;
-        BusRequest *info;
         uint64_t skipped, skipped_logged_at; /* messages that were no events, since the last line */
 
         char *pull_inbox;            /* where pulls are answered */
@@ -221,7 +213,6 @@ int eventlog_publish(EventLog *l, const ProtoEvent *e, uint64_t epoch, uint64_t 
         char subject[EVENTLOG_SUBJECT_MAX], msg_id[PROTO_DEVICE_ID_MAX + 48];
         const char *headers[5] = { "Tether-Node", l->node };
         bool duplicate = false;
-        uint64_t stream_seq = 0;
         size_t len;
         int r;
 
@@ -236,12 +227,10 @@ int eventlog_publish(EventLog *l, const ProtoEvent *e, uint64_t epoch, uint64_t 
                 headers[2] = "Nats-Msg-Id";
                 headers[3] = msg_id;
         }
-        r = bus_js_publish(l->bus, subject, headers, json, len, EVENTLOG_PUBLISH_TIMEOUT_USEC, &stream_seq,
+        r = bus_js_publish(l->bus, subject, headers, json, len, EVENTLOG_PUBLISH_TIMEOUT_USEC, NULL,
                            &duplicate);
         if (r < 0)
                 return r;
-        if (stream_seq > l->stream_last_seq)
-                l->stream_last_seq = stream_seq;
         if (ret_duplicate)
                 *ret_duplicate = duplicate;
         return 0;
@@ -264,52 +253,6 @@ static int follow_retry_cb(sd_event_source *s, uint64_t usec, void *userdata) {
                 (void)sd_event_source_set_time_relative(s, EVENTLOG_RETRY_USEC);
                 (void)sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
         }
-        return 0;
-}
-
-/* The stream's state, asked by the watchdog. */
-static void follow_info_cb(void *userdata, int error, natsMsg *reply) {
-        EventLog *l = userdata;
-        json_t *j, *last;
-
-        l->info = NULL;
-        if (error < 0)
-                return;
-        j = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, NULL);
-        last = json_object_get(json_object_get(j, "state"), "last_seq");
-        if (json_is_integer(last) && json_integer_value(last) > 0 &&
-            (uint64_t)json_integer_value(last) > l->stream_last_seq)
-                l->stream_last_seq = (uint64_t)json_integer_value(last);
-        json_decref(j);
-}
-
-/* libnats re-creates the ordered consumer behind the follow after a gap,
- * a reconnect or missed heartbeats; that can fail (the JetStream API is
- * slow while a server is gone) and then the follow stalls until the next
- * missed heartbeats, again and again. So: every EVENTLOG_WATCH_USEC, if
- * the stream has messages past the local journal and none came since the
- * last tick, follow again from the journal's end. What the stream has is
- * known from this node's publishes and, when it looks idle, from an
- * asynchronous stream info request. */
-static int follow_watch_cb(sd_event_source *s, uint64_t usec, void *userdata) {
-        EventLog *l = userdata;
-        uint64_t last = journal_last_id(l->journal);
-
-        (void)sd_event_source_set_time_relative(s, EVENTLOG_WATCH_USEC);
-        if (l->follow && !l->follow_broken && last == l->watched_id && l->stream_last_seq > last) {
-                log_notice("The stream " EVENTLOG_STREAM " is at %" PRIu64 " but nothing came since %" PRIu64
-                           ": following it again.",
-                           l->stream_last_seq, last);
-                l->follow = bus_sub_free(l->follow);
-                if (follow_start(l) < 0) {
-                        l->follow_broken = true;
-                        (void)sd_event_source_set_time_relative(l->follow_retry, EVENTLOG_RETRY_USEC);
-                        (void)sd_event_source_set_enabled(l->follow_retry, SD_EVENT_ONESHOT);
-                }
-        } else if (last == l->watched_id && !l->info)
-                (void)bus_request(l->bus, "$JS.API.STREAM.INFO." EVENTLOG_STREAM, NULL, "", 0,
-                                  EVENTLOG_WATCH_USEC, follow_info_cb, l, &l->info);
-        l->watched_id = last;
         return 0;
 }
 
@@ -670,14 +613,12 @@ EventLog *eventlog_free(EventLog *l) {
         if (!l)
                 return NULL;
         l->follow = bus_sub_free(l->follow);
-        bus_request_cancel(l->info);
         l->pull_sub = bus_sub_free(l->pull_sub);
         bus_request_cancel(l->storing);
         /* An inbox message being handled comes again after the ack wait. */
         free(l->inbox_ack);
         free(l->pull_inbox);
         sd_event_source_disable_unref(l->follow_retry);
-        sd_event_source_disable_unref(l->follow_watch);
         sd_event_source_disable_unref(l->pull_timer);
         free(l->node);
         free(l);
@@ -705,11 +646,6 @@ int eventlog_new(sd_event *event, const CloudConfig *config, Bus *bus, Journal *
                 r = sd_event_add_time(event, &l->pull_timer, CLOCK_MONOTONIC, 0, 0, pull_timer_cb, l);
         if (r >= 0)
                 r = sd_event_source_set_enabled(l->pull_timer, SD_EVENT_OFF);
-        if (r >= 0)
-                r = sd_event_add_time_relative(event, &l->follow_watch, CLOCK_MONOTONIC, EVENTLOG_WATCH_USEC, 0,
-                                               follow_watch_cb, l);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(l->follow_watch, SD_EVENT_ON);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the cluster journal's timers: %m");
 

@@ -111,6 +111,7 @@ def test_events_across_nodes(w):
     w.tether("call", a.device_id, "start", f"1,{total},200")
     sub2.wait_until(lambda evs: len(pump_numbers(evs)) >= total, 60, f"{total} pump events on node 2")
     s1.wait(lambda m: m["data"]["data"] == str(total), 30, "the last pump event on node 1")
+    s2.wait(lambda m: m["data"]["data"] == str(total), 30, "the last pump event on node 2")
     check_exactly_once(pump_numbers(sub2.snapshot()), total, "tether subscribe on node 2")
     m1, m2 = list(s1.messages), list(s2.messages)
     check_exactly_once(pump_numbers(m1), total, "event stream on node 1")

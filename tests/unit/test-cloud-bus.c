@@ -19,7 +19,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -55,6 +60,10 @@ typedef struct NatsServer {
         char dir[64];
         pid_t pid;
         int port;
+        /* In a cluster: */
+        const char *name;
+        int cluster_port;
+        char routes[128];
 } NatsServer;
 
 static NatsServer main_server = { .pid = -1 };
@@ -84,6 +93,14 @@ static int server_start(NatsServer *srv) {
                 if (null >= 0) {
                         dup2(null, STDOUT_FILENO);
                         dup2(null, STDERR_FILENO);
+                }
+                if (srv->name) {
+                        char cluster[64];
+
+                        snprintf(cluster, sizeof(cluster), "nats://127.0.0.1:%d", srv->cluster_port);
+                        execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", store, "-l",
+                               log, "-n", srv->name, "--cluster_name", "test", "--cluster", cluster, "--routes",
+                               srv->routes, (char *)NULL);
                 }
                 execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", store, "-l", log,
                        (char *)NULL);
@@ -693,9 +710,9 @@ static void test_reconnect(void **state _unused_) {
         assert_int_equal(bus_js_publish(f.bus, "tr.a", NULL, "2", 1, usec(5), &seq, NULL), 0);
         assert_int_equal(seq, 2);
         assert_int_equal(bus_kv_put(f.bus, "TEST_RC", "k", "v", 1), 0);
-        /* libnats notices the lost ordered consumers by their missing
-         * heartbeats (5 s) and makes new ones from the next sequence. */
-        assert_true(run_until(&f, &follow.done, 30));
+        /* The follow made a new consumer from the next sequence when the
+         * connection came back. */
+        assert_true(run_until(&f, &follow.done, 10));
         assert_true(kv_wait_for(&f, &kv, 2, 30));
         assert_int_equal(follow.n, 2);
         assert_string_equal(follow.data[1], "2");
@@ -709,6 +726,169 @@ static void test_reconnect(void **state _unused_) {
         bus_free(f.bus);
         sd_event_unref(f.event);
         server_free(&srv);
+}
+
+/* ---- a cluster losing a server ------------------------------------------------- */
+
+/* A loopback port free now (for a cluster's routes, which must be known
+ * before the servers start). */
+static int free_port(void) {
+        struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+        socklen_t len = sizeof(a);
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), port;
+
+        assert_true(fd >= 0);
+        assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+        assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+        port = ntohs(a.sin_port);
+        close(fd);
+        return port;
+}
+
+typedef struct InOrder {
+        unsigned n;       /* messages "1".."n" came, in order, sequences rising */
+        unsigned want;
+        uint64_t last_seq;
+        bool wrong, done;
+} InOrder;
+
+static void on_in_order(void *userdata, natsMsg *msg) {
+        InOrder *o = userdata;
+        char want[16];
+        uint64_t seq = bus_msg_seq(msg);
+
+        snprintf(want, sizeof(want), "%u", o->n + 1);
+        if ((size_t)natsMsg_GetDataLength(msg) != strlen(want) || memcmp(natsMsg_GetData(msg), want, strlen(want)) ||
+            seq <= o->last_seq) {
+                fprintf(stderr, "wanted %s after seq %" PRIu64 ", got '%.*s' seq %" PRIu64 "\n", want, o->last_seq,
+                        natsMsg_GetDataLength(msg), natsMsg_GetData(msg), seq);
+                o->wrong = true;
+        }
+        o->last_seq = seq;
+        o->n++;
+        o->done = o->wrong || o->n >= o->want;
+}
+
+/* Publish "i" (a Nats-Msg-Id: a retry is not stored twice), retrying
+ * while JetStream has no leader for the stream. */
+static void publish_retrying(Fixture *f, unsigned i) {
+        char data[16], id[32];
+        const char *headers[] = { "Nats-Msg-Id", id, NULL };
+        uint64_t deadline = now_usec() + usec(30);
+        int r;
+
+        snprintf(data, sizeof(data), "%u", i);
+        snprintf(id, sizeof(id), "tcl-%u", i);
+        do {
+                bool done = false;
+
+                r = bus_js_publish(f->bus, "tcl.a", headers, data, strlen(data), usec(2), NULL, NULL);
+                if (r < 0)
+                        (void)run_until(f, &done, 0.2); /* the loop runs meanwhile; nothing to wait for */
+        } while (r < 0 && now_usec() < deadline);
+        assert_int_equal(r, 0);
+}
+
+typedef struct Leader {
+        bool done;
+        char name[16];
+} Leader;
+
+static void on_consumer_list(void *userdata, int error, natsMsg *reply) {
+        Leader *l = userdata;
+        json_t *j, *leader;
+
+        l->done = true;
+        if (error < 0)
+                return;
+        j = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, NULL);
+        leader = json_object_get(json_object_get(json_array_get(json_object_get(j, "consumers"), 0), "cluster"),
+                                 "leader");
+        if (json_is_string(leader))
+                snprintf(l->name, sizeof(l->name), "%s", json_string_value(leader));
+        json_decref(j);
+}
+
+/* Three servers, a stream with three replicas: the server of the follow's
+ * consumer is killed; the follow goes on within seconds, nothing skipped
+ * or repeated. */
+static void test_cluster_follow(void **state _unused_) {
+        NatsServer srv[3] = { { .pid = -1, .name = "s0" }, { .pid = -1, .name = "s1" }, { .pid = -1, .name = "s2" } };
+        char url[256];
+        BusConfig c = { .servers = url, .name = "test" };
+        Fixture f = { 0 };
+        InOrder got = { .want = 20 };
+        Leader leader = { 0 };
+        jsStreamConfig sc;
+        const char *subjects[] = { "tcl.>" };
+        BusSub *fs = NULL;
+        uint64_t deadline;
+        int killed = -1, r;
+
+        for (int i = 0; i < 3; i++) {
+                srv[i].cluster_port = free_port();
+                srv[i].port = free_port();
+        }
+        for (int i = 0; i < 3; i++) {
+                snprintf(srv[i].routes, sizeof(srv[i].routes), "nats://127.0.0.1:%d,nats://127.0.0.1:%d",
+                         srv[(i + 1) % 3].cluster_port, srv[(i + 2) % 3].cluster_port);
+                snprintf(srv[i].dir, sizeof(srv[i].dir), "/tmp/test-cloud-bus-XXXXXX");
+                assert_non_null(mkdtemp(srv[i].dir));
+                assert_int_equal(server_start(&srv[i]), 0);
+        }
+        snprintf(url, sizeof(url), "nats://127.0.0.1:%d,nats://127.0.0.1:%d,nats://127.0.0.1:%d", srv[0].port,
+                 srv[1].port, srv[2].port);
+        assert_int_equal(sd_event_new(&f.event), 0);
+        assert_int_equal(bus_new(f.event, &c, NULL, &f.bus), 0);
+
+        /* Until JetStream's cluster has elected its leader. */
+        jsStreamConfig_Init(&sc);
+        sc.Name = "TEST_CLUSTER";
+        sc.Subjects = subjects;
+        sc.SubjectsLen = 1;
+        sc.Storage = js_FileStorage;
+        sc.Replicas = 3;
+        deadline = now_usec() + usec(30);
+        while ((r = bus_stream_ensure(f.bus, &sc, NULL)) < 0 && now_usec() < deadline) {
+                bool never = false;
+
+                (void)run_until(&f, &never, 0.5);
+        }
+        assert_int_equal(r, 0);
+
+        assert_int_equal(bus_stream_follow(f.bus, "TEST_CLUSTER", NULL, 1, on_in_order, &got, &fs), 0);
+        for (unsigned i = 1; i <= 20; i++)
+                publish_retrying(&f, i);
+        assert_true(run_until(&f, &got.done, 10));
+        assert_false(got.wrong);
+
+        /* The consumer's server goes. */
+        assert_int_equal(bus_request(f.bus, "$JS.API.CONSUMER.LIST.TEST_CLUSTER", NULL, "", 0, usec(5),
+                                     on_consumer_list, &leader, NULL),
+                         0);
+        assert_true(run_until(&f, &leader.done, 10));
+        for (int i = 0; i < 3; i++)
+                if (streq(leader.name, srv[i].name))
+                        killed = i;
+        assert_true(killed >= 0);
+        server_kill(&srv[killed], SIGKILL);
+        fprintf(stderr, "killed %s (the consumer's server)\n", srv[killed].name);
+        deadline = now_usec();
+
+        got.want = 40;
+        got.done = false;
+        for (unsigned i = 21; i <= 40; i++)
+                publish_retrying(&f, i);
+        assert_true(run_until(&f, &got.done, 20));
+        fprintf(stderr, "all there %.1f s after the kill\n", (double)(now_usec() - deadline) / 1e6);
+        assert_false(got.wrong);
+        assert_int_equal(got.n, 40);
+
+        bus_sub_free(fs);
+        bus_free(f.bus);
+        sd_event_unref(f.event);
+        for (int i = 0; i < 3; i++)
+                server_free(&srv[i]);
 }
 
 /* ---- subjects ---------------------------------------------------------------------- */
@@ -777,6 +957,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test_setup_teardown(test_kv, setup, teardown),
                 cmocka_unit_test(test_connect_refused),
                 cmocka_unit_test(test_reconnect),
+                cmocka_unit_test(test_cluster_follow),
         };
 
         if (!have_program("nats-server")) {
