@@ -871,6 +871,8 @@ static void test_cluster_follow(void **state _unused_) {
                 if (streq(leader.name, srv[i].name))
                         killed = i;
         assert_true(killed >= 0);
+        if (killed < 0) /* (for cppcheck, which does not know assert_true() returns no further) */
+                return;
         server_kill(&srv[killed], SIGKILL);
         fprintf(stderr, "killed %s (the consumer's server)\n", srv[killed].name);
         deadline = now_usec();
