@@ -91,6 +91,13 @@ struct BusSub {
         natsSubscription *sub;
         kvWatcher *watcher;
         BusFollow *follow; /* SUB_FOLLOW */
+        /* SUB_KV: the follow of the bucket's stream behind the watch, the
+         * stream info request that tells whether it is empty, the length
+         * of "$KV.BUCKET." and whether the initial values are in. */
+        BusSub *kv_follow;
+        BusRequest *kv_info;
+        size_t kv_prefix_len;
+        bool kv_loaded;
         pthread_t thread;
         bool thread_started;
         BusSub *prev, *next; /* b->subs */
@@ -98,6 +105,8 @@ struct BusSub {
         bool dead;
         unsigned refs; /* the owner's, and libnats' until on_sub_complete() */
 };
+
+#define BUS_KV_INFO_TIMEOUT_USEC (10 * 1000000ULL)
 
 typedef enum RequestKind {
         REQUEST_PLAIN,  /* bus_request() */
@@ -340,33 +349,6 @@ static void on_nats_error(natsConnection *nc _unused_, natsSubscription *sub, na
         /* log_*() is safe from any thread (one stdio call per line). */
         log_warning("NATS: %s%s%s", natsStatus_GetText(err), sub ? " on subscription " : "",
                     sub ? natsSubscription_GetSubject(sub) : "");
-}
-
-static void *kv_watch_thread(void *userdata) {
-        BusSub *s = userdata;
-
-        for (;;) {
-                kvEntry *e = NULL;
-                natsStatus st = kvWatcher_Next(&e, s->watcher, BUS_KV_WAIT_MS);
-                bool dead;
-
-                if (st == NATS_OK) {
-                        /* e NULL: the initial values are complete. */
-                        queue_push(s->bus, ITEM_KV, s, NULL, e, false);
-                        continue;
-                }
-                if (st == NATS_TIMEOUT)
-                        continue;
-                pthread_mutex_lock(&s->bus->lock);
-                dead = s->dead;
-                pthread_mutex_unlock(&s->bus->lock);
-                /* Stopped (bus_sub_free()), or the connection is closed
-                 * (bus_free()); anything else cost one malformed update. */
-                if (dead || st == NATS_ILLEGAL_STATE || st == NATS_INVALID_SUBSCRIPTION ||
-                    st == NATS_CONNECTION_CLOSED)
-                        break;
-        }
-        return NULL;
 }
 
 /* ---- requests ----------------------------------------------------------------- */
@@ -794,6 +776,9 @@ BusSub *bus_sub_free(BusSub *s) {
                 follow_free(s->follow, true);
                 s->follow = NULL;
         }
+        s->kv_follow = bus_sub_free(s->kv_follow);
+        bus_request_cancel(s->kv_info);
+        s->kv_info = NULL;
 
         pthread_mutex_lock(&b->lock);
         free_it = --s->refs == 0;
@@ -1445,46 +1430,81 @@ int bus_kv_delete(Bus *b, const char *bucket, const char *key) {
         return bus_kv_update(b, bucket, key, headers, NULL, 0);
 }
 
+/* The watch of a bucket is a follow of its stream ("KV_BUCKET", subjects
+ * "$KV.BUCKET.KEY"; a deletion or purge is a message with the header
+ * KV-Operation), so it recovers from a lost server as every follow does
+ * (libnats' own watcher rides on an ordered push consumer, which stalls
+ * for tens of seconds after one). The initial values are in when a
+ * message comes with nothing pending after it, or at once when the
+ * stream info says it is empty. */
+static void kv_loaded(BusSub *s) {
+        if (s->kv_loaded)
+                return;
+        s->kv_loaded = true;
+        s->kv_fn(s->userdata, NULL, NULL, 0, 0);
+}
+
+static void kv_follow_msg(void *userdata, natsMsg *msg) {
+        BusSub *s = userdata;
+        const char *subject = natsMsg_GetSubject(msg), *op = bus_msg_header(msg, "KV-Operation");
+        jsMsgMetaData *meta = NULL;
+        bool pending = true;
+
+        if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
+                pending = meta->NumPending > 0;
+                jsMsgMetaData_Destroy(meta);
+        }
+        if (subject && strlen(subject) > s->kv_prefix_len) {
+                if (op && (streq(op, "DEL") || streq(op, "PURGE")))
+                        s->kv_fn(s->userdata, subject + s->kv_prefix_len, NULL, 0, bus_msg_seq(msg));
+                else
+                        s->kv_fn(s->userdata, subject + s->kv_prefix_len, natsMsg_GetData(msg),
+                                 (size_t)natsMsg_GetDataLength(msg), bus_msg_seq(msg));
+        }
+        if (!pending)
+                kv_loaded(s);
+}
+
+static void kv_info_reply(void *userdata, int error, natsMsg *reply) {
+        BusSub *s = userdata;
+        json_t *j, *msgs;
+
+        s->kv_info = NULL;
+        if (error < 0)
+                return;
+        j = json_loadb(natsMsg_GetData(reply), (size_t)natsMsg_GetDataLength(reply), 0, NULL);
+        msgs = json_object_get(json_object_get(j, "state"), "messages");
+        if (json_is_integer(msgs) && json_integer_value(msgs) == 0)
+                kv_loaded(s);
+        json_decref(j);
+}
+
 int bus_kv_watch(Bus *b, const char *bucket, bus_kv_fn fn, void *userdata, BusSub **ret) {
-        kvStore *kv;
+        char stream[128], filter[128], info[160];
         BusSub *s;
-        natsStatus st;
         int r;
 
-        if (!b || !bus_name_valid(bucket) || !fn || !ret)
+        if (!b || !bus_name_valid(bucket) || !fn || !ret || strlen(bucket) > 64)
                 return -EINVAL;
         if (!bus_connected(b))
                 return -ENOTCONN;
-        kv = bucket_find(b, bucket);
-        if (!kv) {
-                st = js_KeyValue(&kv, b->js, bucket);
-                if (st != NATS_OK) {
-                        r = errno_from_nats(st);
-                        log_error("NATS: cannot open key-value bucket '%s': %s", bucket, nats_error_text(st));
-                        return r == 0 ? -EIO : r;
-                }
-                r = bucket_add(b, kv);
-                if (r < 0)
-                        return r;
-        }
+        snprintf(stream, sizeof(stream), "KV_%s", bucket);
+        snprintf(filter, sizeof(filter), "$KV.%s.>", bucket);
+        snprintf(info, sizeof(info), "$JS.API.STREAM.INFO.KV_%s", bucket);
         s = sub_new(b, SUB_KV, userdata);
         if (!s)
                 return -ENOMEM;
         s->kv_fn = fn;
-        st = kvStore_WatchAll(&s->watcher, kv, NULL);
-        if (st != NATS_OK) {
-                free(s);
-                r = errno_from_nats(st);
-                log_error("NATS: cannot watch key-value bucket '%s': %s", bucket, nats_error_text(st));
-                return r == 0 ? -EIO : r;
-        }
-        r = -pthread_create(&s->thread, NULL, kv_watch_thread, s);
+        s->kv_prefix_len = strlen(filter) - 1;
+        r = bus_stream_follow(b, stream, filter, 1, kv_follow_msg, s, &s->kv_follow);
+        if (r >= 0)
+                r = bus_request(b, info, NULL, "", 0, BUS_KV_INFO_TIMEOUT_USEC, kv_info_reply, s, &s->kv_info);
         if (r < 0) {
-                kvWatcher_Destroy(s->watcher);
+                s->kv_follow = bus_sub_free(s->kv_follow);
                 free(s);
+                log_error_errno(r, "NATS: cannot watch key-value bucket '%s': %m", bucket);
                 return r;
         }
-        s->thread_started = true;
         s->next = b->subs;
         if (s->next)
                 s->next->prev = s;

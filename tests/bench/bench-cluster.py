@@ -180,7 +180,7 @@ def fleet_run(opts):
                               cert=os.path.join(fpki, "server.crt"), key=os.path.join(fpki, "server.key"),
                               extra=f"[Cluster]\nNATS={nats.url}\nNode=n{i}\n"
                                     f"[Events]\nJournalMaxBytes=1073741824\n",
-                              env={"TETHER_LOG_LEVEL": "warning"})
+                              env={"TETHER_LOG_LEVEL": "notice"})
             nodes.append(d)
         idle = [rss_kib(n.proc.pid) for n in nodes]
         half = opts.fleet // 2
@@ -205,6 +205,11 @@ def fleet_run(opts):
         t1 = time.monotonic()
         while w.tether("call", ids[0], "add", "1,2", api=nodes[1].api, check=False).returncode != 0:
             if time.monotonic() - t1 > 120:
+                r = w.tether("describe", ids[0], "--json", api=nodes[1].api, check=False)
+                print(f"# node 2 on {ids[0]}: {r.returncode} {r.stdout[:300]} {r.stderr[:300]}")
+                for n in nodes:
+                    warn = [ln for ln in n.lines if "presence" in ln or "NATS" in ln or "Cluster" in ln]
+                    print(f"# {n.name}: {len(n.lines)} log lines; {warn[:5]} ... {warn[-5:]}")
                 raise RuntimeError(f"node 2 did not route to {ids[0]} within 120 s")
             time.sleep(0.1)
         visible = time.monotonic() - t1

@@ -914,14 +914,17 @@ class EventStream:
             pass
 
 
-def api_json(w, method, path, body=None, token=None, api=None):
-    """(status, parsed JSON answer) of one API request with a JSON body to
-    the cloud of World w (or the API at URL api), with w's token unless
-    another is given."""
+def api_json(w, method, path, body=None, token=None, api=None, form=None):
+    """(status, parsed JSON answer) of one API request with a JSON body (or
+    form, raw bytes sent as application/x-www-form-urlencoded) to the cloud
+    of World w (or the API at URL api), with w's token unless another is
+    given."""
+    data = form if form is not None else json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request((api or w.api) + path, method=method,
                                  headers={"Authorization": f"Bearer {token or w.token}",
-                                          "Content-Type": "application/json"},
-                                 data=json.dumps(body).encode() if body is not None else None)
+                                          "Content-Type": "application/x-www-form-urlencoded" if form is not None
+                                          else "application/json"},
+                                 data=data)
     try:
         with urllib.request.urlopen(req, timeout=seconds(30)) as r:
             return r.status, json.loads(r.read())

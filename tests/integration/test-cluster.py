@@ -11,8 +11,6 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import TEST_PLUGINS, api_json, expect, poll, run, seconds  # noqa: E402
@@ -33,7 +31,6 @@ def start_nodes(w, servers=1):
         extra = f"[Cluster]\nNATS={nats.url}\nNode=n{i}\n"
         d = w.start_cloud(name=f"cloud-{i}", timing=TIMING, state_dir=w.path(f"cloud-{i}-state"), extra=extra)
         d.node = f"n{i}"
-        d.token = w.token
         nodes.append(d)
     return nats, nodes
 
@@ -57,18 +54,6 @@ def holder(w, nodes, dev, exclude=None, timeout=20):
         return False
     poll(look, timeout, f"device {dev} connected to a node")
     return found[0]
-
-
-def form_post(node, path, body):
-    """(status, JSON answer) of a form-encoded POST (raw bytes)."""
-    req = urllib.request.Request(node.api + path, method="POST", data=body,
-                                 headers={"Authorization": f"Bearer {node.token}",
-                                          "Content-Type": "application/x-www-form-urlencoded"})
-    try:
-        with urllib.request.urlopen(req, timeout=seconds(30)) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def get_device(w, node, dev):
@@ -105,8 +90,9 @@ def test_call_through_other_node(w):
         # Form bodies: an argument that is not UTF-8, and one longer than
         # MaxPayload (checked where the request comes in, with the texts a
         # local call gets).
-        answers[-1 if node is other else 0] += [form_post(node, f"/v1/devices/{dev}/add", b"arg=%FF%FE"),
-                                                 form_post(node, f"/v1/devices/{dev}/add", b"arg=" + b"x" * 70000)]
+        path = f"/v1/devices/{dev}/add"
+        answers[-1 if node is other else 0] += [api_json(w, "POST", path, api=node.api, form=b"arg=%FF%FE"),
+                                                 api_json(w, "POST", path, api=node.api, form=b"arg=" + b"x" * 70000)]
     expect(answers[0] == answers[1], f"errors differ between the nodes: {answers}")
     expect(answers[0][3][0] == 400 and answers[0][4][0] == 413, f"bad arguments answered {answers[0][3:]}")
     expect(answers[0][0][0] == 404, f"unknown function answered {answers[0][0]}")
