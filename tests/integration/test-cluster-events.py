@@ -145,8 +145,9 @@ def test_events_across_nodes(w):
 def test_nats_server_killed(w):
     """SIGKILL of one of the three nats-servers under a steady publish
     load, then its restart: the subscriber on the other node sees every
-    event once, in order. (No MQTT: nats-server 2.9's health check stays
-    failing for a while on its own MQTT consumers after a SIGKILL.)"""
+    event once, in order, and the events published after the restart too.
+    (No MQTT: nats-server 2.9's health check stays failing for a while on
+    its own MQTT consumers after a SIGKILL.)"""
     nats, (n1, n2) = cluster(w, mqtt=False)
     rate = max(100 // SLOWDOWN, 20)
     total = rate * 12
@@ -155,7 +156,11 @@ def test_nats_server_killed(w):
     use(w, n1)
     a = w.start_agent(plugin_dir=TEST_PLUGINS, extra="[Plugins]\nEnable=pump\n")
     w.tether("call", a.device_id, "start", f"1,{total},{rate}")
-    for victim in (1, 2):
+    # One server at a time is what three replicas survive. A second kill
+    # right after the first server is back would also need that server to
+    # have caught up with every stream first (nats-server's /healthz says
+    # nothing about it), or the streams lose their quorum: not this test.
+    for victim in (1,):
         have = len(pump_numbers(sub.snapshot()))
         sub.wait_until(lambda evs: len(pump_numbers(evs)) >= have + rate, 30, "events before the kill")
         nats.kill(victim)
