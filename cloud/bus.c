@@ -1093,8 +1093,13 @@ static void follow_create(BusSub *s) {
                            "mem_storage", 1);
         if (config && f->filter && json_object_set_new(config, "filter_subject", json_string(f->filter)) < 0)
                 config = (json_decref(config), NULL);
-        if (config)
-                body = json_dumps(json_pack("{s:s, s:o}", "stream_name", f->stream, "config", config), JSON_COMPACT);
+        if (config) {
+                /* "o" takes config; the request object is ours to drop. */
+                json_t *req = json_pack("{s:s, s:o}", "stream_name", f->stream, "config", config);
+
+                body = req ? json_dumps(req, JSON_COMPACT) : NULL;
+                json_decref(req);
+        }
         if (!body) {
                 follow_restart(s, true);
                 return;
