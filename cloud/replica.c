@@ -173,15 +173,15 @@ static int replica_committing(void *userdata) {
                 sqlite3session_delete(next);
                 return store_error(r->store, rc, "taking the changeset of a commit");
         }
-        if (len > 0) {
-                k = replica_outbox_add(r, data, len, false, &id);
-                sqlite3_free(data);
-                if (k < 0) {
-                        sqlite3session_delete(next);
-                        return k;
-                }
-                r->pending_max = id;
+        /* An empty changeset may come in a buffer too: freed either way. */
+        k = len > 0 ? replica_outbox_add(r, data, len, false, &id) : 0;
+        sqlite3_free(data);
+        if (k < 0) {
+                sqlite3session_delete(next);
+                return k;
         }
+        if (len > 0)
+                r->pending_max = id;
         sqlite3session_delete(r->session);
         r->session = next;
         return 0;
