@@ -69,6 +69,7 @@ typedef struct CloudConfig {
         unsigned device_event_burst; /* events */
         unsigned device_byte_rate;   /* bytes/s (name + data) */
         unsigned device_byte_burst;  /* bytes */
+        unsigned backlog_max_mb;       /* the journal's backlog for the integrations (journal_retain()) */
         unsigned device_journal_share; /* percent of the journal one device keeps at a rewrite (0: 100) */
 
         /* [OTA]: artifact hosting is on when ota_dir is set */

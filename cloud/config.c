@@ -131,6 +131,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Events", "DeviceByteRate", device_byte_rate, 0, 1u << 31),
         UINT_KEY("Events", "DeviceByteBurst", device_byte_burst, 1, 1u << 31),
         UINT_KEY("Events", "DeviceJournalShare", device_journal_share, 1, 100),
+        UINT_KEY("Events", "BacklogMaxMB", backlog_max_mb, 1, 1048576),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
         STR_KEY("API", "Certificate", api_cert_file),
         STR_KEY("API", "Key", api_key_file),
@@ -534,6 +535,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->device_byte_rate = 256 * 1024;
         c->device_byte_burst = 4 * 1024 * 1024;
         c->device_journal_share = 25;
+        c->backlog_max_mb = 1024;
         c->ota_port = 5685;
         c->ota_max_artifact_mb = 1024;
         c->sign_timeout_sec = 30;
