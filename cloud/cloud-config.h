@@ -17,6 +17,9 @@
 #define CLOUD_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether-cloud"
 #define CONFIG_TOKEN_DIGEST_SIZE 32 /* SHA-256 */
 #define CLOUD_NODE_NAME_MAX 32
+#define CLOUD_INTEGRATIONS_MAX 64 /* [Webhook]/[MQTTBridge] sections and API-made webhooks together */
+
+struct IntegrationConfig; /* integrations.h */
 
 typedef struct CloudConfig {
         char *path; /* the file read */
@@ -100,6 +103,12 @@ typedef struct CloudConfig {
         char *cluster_ca_file;      /* NULL: TLS only for tls:// URLs */
         char *cluster_node_api;     /* NULL: none; http(s) URL, informational */
         unsigned cluster_artifact_max_mb; /* stream TETHER_ARTIFACTS' limit (MiB); 0: none of its own */
+
+        /* [Webhook NAME] and [MQTTBridge NAME] sections (integrations.h,
+         * docs/integrations.md), in the file's order, each checked with
+         * integration_config_check() and its defaults filled in. */
+        struct IntegrationConfig **integrations;
+        size_t n_integrations;
 
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];
