@@ -233,6 +233,14 @@ static int cloud_integration_publish(void *userdata, const ProtoEvent *e) {
         return events_store(c->events, e, NULL, 0, 0, NULL);
 }
 
+/* One node of a cluster runs the sinks; not before the cluster is joined
+ * and has heard the other nodes (cluster_leads()). */
+static bool cloud_integration_leads(void *userdata) {
+        Cloud *c = userdata;
+
+        return !c->config->cluster_nats || (c->cluster && cluster_leads(c->cluster));
+}
+
 static json_t *cloud_integration_tags(void *userdata, const char *device) {
         Cloud *c = userdata;
         json_t *tags = NULL;
@@ -582,7 +590,8 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = integrations_new(c->event, config, c->journal, c->store,
                              &(IntegrationsHooks){ .userdata = c,
                                                    .publish = cloud_integration_publish,
-                                                   .tags = cloud_integration_tags },
+                                                   .tags = cloud_integration_tags,
+                                                   .leads = config->cluster_nats ? cloud_integration_leads : NULL },
                              &c->integrations);
         if (r < 0)
                 return r;

@@ -228,11 +228,23 @@ static int integrations_save_cb(sd_event_source *source, uint64_t usec, void *us
         return 0;
 }
 
+/* The journal keeps, beyond JournalMaxBytes, what the slowest integration
+ * has not delivered yet (journal_retain()). */
+static void integrations_retain(Integrations *s) {
+        uint64_t floor = JOURNAL_RETAIN_NONE;
+
+        for (size_t i = 0; i < s->n_items; i++)
+                if (s->items[i]->floor < floor)
+                        floor = s->items[i]->floor;
+        journal_retain(s->journal, floor);
+}
+
 /* The floor moved: stored with the next batch. */
 static void integration_floor_moved(Integration *in) {
         Integrations *s = in->owner;
         int enabled = SD_EVENT_OFF;
 
+        integrations_retain(s);
         if (in->floor == in->saved)
                 return;
         (void)sd_event_source_get_enabled(s->save_timer, &enabled);
@@ -570,8 +582,8 @@ static void integration_check_gap(Integration *in, uint64_t id, bool at_end) {
                 return;
         in->lost += lost;
         integration_key(in->owner, at_end ? in->done : id, key);
-        log_warning("Integration '%s': %" PRIu64 " event(s) before %s are no longer in the journal (JournalMaxBytes=): "
-                    "lost for this integration.",
+        log_warning("Integration '%s': %" PRIu64 " event(s) before %s are no longer in the journal (past [Events] "
+                    "BacklogMaxMB=): lost for this integration.",
                     in->config->name, lost, key);
         integration_announce(in, "lost", json_pack("{s:I, s:s}", "lost", (json_int_t)lost, "before", key));
 }
@@ -799,6 +811,7 @@ static int integrations_append(Integrations *s, IntegrationConfig *config) {
         if (r < 0)
                 return r;
         s->items[s->n_items++] = in;
+        integrations_retain(s);
         if (s->leading)
                 integration_start(in);
         return 0;
@@ -835,6 +848,8 @@ Integrations *integrations_free(Integrations *s) {
                 (void)integrations_save_cb(NULL, 0, s);
         for (size_t i = 0; i < s->n_items; i++)
                 integration_free(s->items[i]);
+        if (s->n_items > 0)
+                journal_retain(s->journal, JOURNAL_RETAIN_NONE);
         free(s->items);
         sd_event_source_disable_unref(s->defer);
         sd_event_source_disable_unref(s->leads_timer);
@@ -942,6 +957,7 @@ int integrations_remove(Integrations *s, const char *name) {
         if (s->next >= s->n_items)
                 s->next = 0;
         integration_free(in);
+        integrations_retain(s);
         return 0;
 }
 

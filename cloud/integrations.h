@@ -27,6 +27,8 @@
  *   a delivery succeeds again). Events the journal no longer has when
  *   the cursor reaches them (the journal was compacted past them) are
  *   counted as lost, logged and published as "tether/integration/lost".
+ *   The journal keeps what the slowest integration has not delivered
+ *   (journal_retain(), up to [Events] BacklogMaxMB=).
  * - Every event once per idempotency key: the key is
  *   "<journal epoch, 16 hex digits>-<journal id>", the same on every node
  *   of a cluster and on every resend.
