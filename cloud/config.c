@@ -380,8 +380,9 @@ static int integration_handler(KeyfileParser *p, ConfigParse *cp, const char *se
                 else if (streq(value, "5"))
                         cp->current->protocol = 5;
                 else
-                        return keyfile_fail(p, -EINVAL, "Invalid value '%s' for Protocol= in [%s] (expected 3.1.1 or 5).",
-                                            value, section);
+                        return keyfile_fail(p, -EINVAL,
+                                            "Invalid value '%s' for Protocol= in [%s] (expected 3.1.1 or 5).", value,
+                                            section);
                 return 1;
         }
         r = keyfile_set(k, cp->current, value);

@@ -179,7 +179,8 @@ static int check_topic(const char *t, char err[static INTEGRATION_ERROR_MAX]) {
                 if (*p == '+' || *p == '#')
                         return fail(err, "Topic= must not hold the wildcards + or #.");
                 if (*p == '}')
-                        return fail(err, "Topic= has a '}' without '{': only {device}, {event} and {name} are replaced.");
+                        return fail(err, "Topic= has a '}' without '{': only {device}, {event} and {name} are "
+                                         "replaced.");
                 if (*p != '{') {
                         p++;
                         continue;

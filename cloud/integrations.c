@@ -154,7 +154,8 @@ static int cursor_save(Integrations *s, const char *name, uint64_t epoch, uint64
         else
                 rc = sqlite3_prepare_v2(store_db(s->store),
                                         "INSERT INTO integration_cursors (name, epoch, cursor) VALUES (?, ?, ?) "
-                                        "ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, cursor = excluded.cursor",
+                                        "ON CONFLICT (name) DO UPDATE SET epoch = excluded.epoch, "
+                                        "cursor = excluded.cursor",
                                         -1, &st, NULL);
         if (rc == SQLITE_OK)
                 rc = sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);

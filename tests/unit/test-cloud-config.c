@@ -440,7 +440,8 @@ static void test_integrations(void **state) {
                               "[MQTTBridge aws_iot]\nHost=broker.example.com\nCAFile=/ca.pem\nCertFile=/b.crt\n"
                               "KeyFile=/b.key\nQoS=0\nProtocol=5\nPrefix=temp\nTag=site=berlin\n"
                               "Subscribe=tether/to-devices/#\n"
-                              "[MQTTBridge local]\nHost=127.0.0.1\nUser=u\nPassword=p\nTopic=x/{name}/{device}/{event}\n"
+                              "[MQTTBridge local]\nHost=127.0.0.1\nUser=u\nPassword=p\n"
+                              "Topic=x/{name}/{device}/{event}\n"
                               "ClientID=me\nInboundPrefix=in/\nPort=1884\n",
                               &c),
                          0);
