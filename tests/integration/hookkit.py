@@ -62,7 +62,8 @@ class Request:
 class Receiver:
     """Records every request in .requests (in arrival order); answers
     .status (a number, or a function of the Request giving one). keep=False
-    stores no bodies (the benchmark): only .count and .delivered grow."""
+    stores no bodies (the benchmark): only .count and .delivered grow.
+    .gate cleared holds every request unanswered until it is set again."""
 
     def __init__(self, secret, cert=None, key=None, port=0, keep=True):
         self.secret = secret.encode()
@@ -71,6 +72,9 @@ class Receiver:
             self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.ctx.load_cert_chain(cert, key)
         self.keep = keep
+        # Cleared: requests wait (in flight, unanswered) until it is set.
+        self.gate = threading.Event()
+        self.gate.set()
         self.status = 200
         self.requests = []
         self.count = self.delivered = self.bad_signatures = 0
@@ -151,6 +155,7 @@ class Receiver:
         sig = h.headers.get("X-Tether-Signature", "")
         want = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
         sig_ok = hmac.compare_digest(sig, want)
+        self.gate.wait()
         with self.cond:
             status = self.status
         if callable(status):
