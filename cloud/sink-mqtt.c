@@ -379,8 +379,12 @@ static int on_io(sd_event_source *source, int fd, uint32_t revents, void *userda
         if (rc == MOSQ_ERR_SUCCESS && !s->broken && (revents & EPOLLOUT) && mosquitto_want_write(s->mosq))
                 rc = mosquitto_loop_write(s->mosq, 1);
         if (rc == MOSQ_ERR_SUCCESS && !s->broken && (revents & EPOLLHUP))
+                /* While connecting, a refused connect() often shows only
+                 * as a hang-up: the TLS handshake's first write took the
+                 * socket's error. */
                 conn_break(s, s->state == CONN_UP ? "connection closed by the broker"
-                                                  : (s->tls_error[0] ? s->tls_error : "connection closed by the broker"));
+                              : s->tls_error[0]   ? s->tls_error
+                                                  : "connection refused or closed before CONNACK");
         after_loop_call(s, rc);
         return 0;
 }
