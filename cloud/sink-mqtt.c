@@ -300,7 +300,7 @@ static void on_subscribe(struct mosquitto *mosq, void *userdata, int mid, int n,
                 log_limited(s, "the broker refused the subscription to '%s' (reason %d)", s->config->subscribe,
                             granted[0]);
         else
-                log_debug("Integration '%s': subscribed to '%s'.", sink_name(s), s->config->subscribe);
+                log_info("Integration '%s': subscribed to '%s'.", sink_name(s), s->config->subscribe);
 }
 
 /* The event name a message on topic gets (without InboundPrefix=): the
