@@ -310,6 +310,15 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 p.name = rest + 10;
                 goto done;
         }
+        if (streq(rest, "webhooks") || streq(rest, "integrations")) {
+                p.route = streq(rest, "webhooks") ? API_ROUTE_WEBHOOKS : API_ROUTE_INTEGRATIONS;
+                goto done;
+        }
+        if (startswith(rest, "webhooks/") && rest[9] && !strchr(rest + 9, '/')) {
+                p.route = API_ROUTE_WEBHOOK;
+                p.name = rest + 9;
+                goto done;
+        }
         if (match_events(rest, &prefix)) {
                 if (get) {
                         p.route = API_ROUTE_STREAM;
@@ -393,6 +402,9 @@ unsigned api_route_scope(ApiRoute route) {
         case API_ROUTE_REGISTER:
         case API_ROUTE_REVOKE:
         case API_ROUTE_UNREVOKE:
+        case API_ROUTE_WEBHOOKS:
+        case API_ROUTE_WEBHOOK:
+        case API_ROUTE_INTEGRATIONS:
                 return SCOPE_ADMIN;
         case API_ROUTE_PROVISIONS:
         case API_ROUTE_PROVISION:

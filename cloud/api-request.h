@@ -52,6 +52,9 @@ typedef enum ApiRoute {
         API_ROUTE_UNREVOKE,          /* DELETE /v1/devices/ID/revocation */
         API_ROUTE_PROVISIONS,        /* GET (list), POST (create) /v1/provision; others: 405 */
         API_ROUTE_PROVISION,         /* GET, DELETE (revoke) /v1/provision/ID; others: 405 */
+        API_ROUTE_WEBHOOKS,          /* GET (list), POST (create) /v1/webhooks; others: 405 */
+        API_ROUTE_WEBHOOK,           /* GET, DELETE /v1/webhooks/NAME; others: 405 */
+        API_ROUTE_INTEGRATIONS,      /* GET /v1/integrations; others: 405 */
 } ApiRoute;
 
 #define API_BODY_ERROR_MAX 256
@@ -63,7 +66,7 @@ typedef struct ApiParsed {
         char device[PROTO_DEVICE_ID_MAX + 1];
         bool stream_device; /* STREAM: only events from device */
         const char *prefix; /* STREAM: into the URL */
-        const char *name;   /* CALL, READ: into the URL, not checked yet; TOKEN, PROVISION: the id */
+        const char *name;   /* CALL, READ: into the URL, not checked yet; TOKEN, PROVISION: the id; WEBHOOK: the name */
         bool has_last_event_id;
         uint64_t last_epoch, last_id;
         char body_error[API_BODY_ERROR_MAX]; /* BAD_BODY: what is wrong, printable ASCII */

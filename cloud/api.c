@@ -1533,6 +1533,16 @@ static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url
                 else
                         api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
                 break;
+        case API_ROUTE_WEBHOOKS:
+        case API_ROUTE_WEBHOOK:
+                /* The name, once known (a created one may be generated). */
+                if (p->route == API_ROUTE_WEBHOOKS && streq(method, MHD_HTTP_METHOD_POST))
+                        api_audit_begin(req, "webhook.create", NULL, NULL);
+                else if (p->route == API_ROUTE_WEBHOOK && streq(method, MHD_HTTP_METHOD_DELETE))
+                        api_audit_begin(req, "webhook.delete", p->name, NULL);
+                else
+                        api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
+                break;
         case API_ROUTE_NOT_FOUND:
         case API_ROUTE_DEVICE_BAD_METHOD:
         case API_ROUTE_NO_DEVICE:
@@ -1629,6 +1639,48 @@ static void api_provision(ApiRequest *req, const ApiParsed *p, const char *metho
                 status = api_provision_revoke(api->provision, p->name, actor, &body);
                 if (status == MHD_HTTP_OK)
                         log_info("Provisioning token '%s' revoked by '%s'.", p->name, actor);
+        } else {
+                api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
+                return;
+        }
+        api_set_json(req, status, body);
+}
+
+/* /v1/webhooks[/NAME], /v1/integrations (admin, checked). */
+static void api_webhooks(ApiRequest *req, const ApiParsed *p, const char *method) {
+        bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
+        Api *api = req->api;
+        json_t *body = NULL;
+        unsigned status;
+
+        if (p->route == API_ROUTE_INTEGRATIONS && get)
+                status = api_integrations_list(api->integrations, api->store, NULL, &body);
+        else if (p->route == API_ROUTE_WEBHOOKS && get)
+                status = api_integrations_list(api->integrations, api->store, "webhook", &body);
+        else if (p->route == API_ROUTE_WEBHOOKS && streq(method, MHD_HTTP_METHOD_POST)) {
+                char actor[TOKENS_ID_MAX + 8], name[INTEGRATION_NAME_MAX + 1] = "";
+                json_t *none = NULL;
+
+                snprintf(actor, sizeof(actor), "token:%s", req->auth.id);
+                if (!p->params && !(none = json_object()))
+                        return;
+                status = api_webhooks_create(api->integrations, api->store, p->params ?: none, actor, name, &body);
+                json_decref(none);
+                /* What it sends where, never its secret; the URL as the
+                 * webhook shows it (without credentials). */
+                if (status == MHD_HTTP_CREATED) {
+                        api_audit_begin(req, "webhook.create", name,
+                                        json_pack("{s:O?, s:O?, s:O?}", "url", json_object_get(body, "url"), "prefix",
+                                                  json_object_get(body, "prefix"), "tag",
+                                                  json_object_get(body, "tag")));
+                        log_info("Webhook '%s' created by '%s'.", name, actor);
+                }
+        } else if (p->route == API_ROUTE_WEBHOOK && get)
+                status = api_webhook_get(api->integrations, api->store, p->name, &body);
+        else if (p->route == API_ROUTE_WEBHOOK && streq(method, MHD_HTTP_METHOD_DELETE)) {
+                status = api_webhooks_delete(api->integrations, api->store, p->name, &body);
+                if (status == MHD_HTTP_OK)
+                        log_info("Webhook '%s' deleted by 'token:%s'.", p->name, req->auth.id);
         } else {
                 api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
                 return;
@@ -1864,6 +1916,11 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_PROVISIONS:
         case API_ROUTE_PROVISION:
                 api_provision(req, &p, method);
+                break;
+        case API_ROUTE_WEBHOOKS:
+        case API_ROUTE_WEBHOOK:
+        case API_ROUTE_INTEGRATIONS:
+                api_webhooks(req, &p, method);
                 break;
         case API_ROUTE_DEVICE_BAD_METHOD:
                 /* Without looking the device up: any good token reaches

@@ -25,6 +25,7 @@
 #include "cloud-config.h"
 #include "devices.h"
 #include "events.h"
+#include "integrations.h"
 #include "journal.h"
 #include "ota.h"
 #include "proto.h"
@@ -125,6 +126,24 @@ unsigned api_provision_list(Provision *p, json_t **ret_body);
 unsigned api_provision_get(Provision *p, const char *id, json_t **ret_body);
 /* DELETE /v1/provision/ID */
 unsigned api_provision_revoke(Provision *p, const char *id, const char *actor, json_t **ret_body);
+
+/* ---- api-webhooks.c ------------------------------------------------------- */
+
+/* The webhook and integration requests (admin), each as the admin
+ * requests above; s may be NULL (no integrations: empty lists, 503 for a
+ * creation), store holds the table webhooks (webhooks.h).
+ * GET /v1/webhooks (kind "webhook"), GET /v1/integrations (kind NULL). */
+unsigned api_integrations_list(Integrations *s, Store *store, const char *kind, json_t **ret_body);
+/* GET /v1/webhooks/NAME */
+unsigned api_webhook_get(Integrations *s, Store *store, const char *name, json_t **ret_body);
+/* POST /v1/webhooks: params (borrowed), actor who asks ("token:ID"); on
+ * success (201, the only answer that holds the secret) ret_name is the
+ * new webhook's name. */
+unsigned api_webhooks_create(Integrations *s, Store *store, json_t *params, const char *actor,
+                             char ret_name[static INTEGRATION_NAME_MAX + 1], json_t **ret_body);
+/* DELETE /v1/webhooks/NAME: 200 {"ok":true,"name"}; 404; 409 for one of
+ * the configuration file. */
+unsigned api_webhooks_delete(Integrations *s, Store *store, const char *name, json_t **ret_body);
 
 /* GET /v1/devices for a restricted token: the devices it lists that the
  * cloud knows, in the token's order, then those of its tags

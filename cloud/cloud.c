@@ -26,6 +26,7 @@
 #include "stats.h"
 #include "store.h"
 #include "util.h"
+#include "webhooks.h"
 
 struct Cloud {
         CloudConfig *config;
@@ -371,6 +372,63 @@ static void cloud_device_replicated(Cloud *c, const char *id) {
         }
 }
 
+/* ---- the webhooks made through the API (webhooks.h) ------------------------ */
+
+/* webhooks_foreach() at start: each row runs (config taken). One that
+ * cannot is logged and left in the table (DELETE /v1/webhooks/NAME). */
+static int cloud_webhook_load(void *userdata, IntegrationConfig *config) {
+        Cloud *c = userdata;
+        char err[INTEGRATION_ERROR_MAX] = "", name[INTEGRATION_NAME_MAX + 1];
+        int r;
+
+        snprintf(name, sizeof(name), "%s", config->name);
+        r = integrations_add(c->integrations, config, err);
+        if (r == -EEXIST)
+                log_warning("Webhook '%s' of the API is not started: an integration of the configuration file has "
+                            "its name.", name);
+        else if (r < 0)
+                log_warning_errno(r, "Webhook '%s' of the API is not started: %s", name, err[0] ? err : "%m");
+        return r == -ENOMEM ? r : 0;
+}
+
+/* A row of the table webhooks another node changed: the webhook starts,
+ * stops, or starts again with what the row now says. */
+static void cloud_webhook_replicated(Cloud *c, ReplicaOp op, const char *name) {
+        _cleanup_(integration_config_freep) IntegrationConfig *config = NULL;
+        char err[INTEGRATION_ERROR_MAX] = "";
+        int r;
+
+        r = webhooks_get(c->store, name, &config);
+        if (r == -ENOENT) {
+                r = integrations_remove(c->integrations, name);
+                if (r == 0)
+                        log_info("Webhook '%s' was deleted on another node; stopped it.", name);
+                else if (r != -ENOENT)
+                        log_warning_errno(r, "Webhook '%s' was deleted on another node, but cannot stop here: %m",
+                                          name);
+                return;
+        }
+        if (r < 0) {
+                log_warning_errno(r, "Cannot read webhook '%s', which another node changed: %m", name);
+                return;
+        }
+        /* Changed (two nodes made it at once, the stream's order decided
+         * which values stay): again, with them. */
+        if (op == REPLICA_UPDATE && integrations_remove(c->integrations, name) == -EPERM) {
+                log_warning("Webhook '%s' made on another node is not started here: an integration of the "
+                            "configuration file has its name.", name);
+                return;
+        }
+        r = integrations_add(c->integrations, TAKE_PTR(config), err);
+        if (r == 0)
+                log_info("Webhook '%s' was made on another node; started it.", name);
+        else if (r == -EEXIST)
+                log_debug("Webhook '%s' changed on another node runs here already.", name);
+        else
+                log_warning_errno(r, "Webhook '%s' made on another node is not started here: %s", name,
+                                  err[0] ? err : "%m");
+}
+
 static void cloud_replica_applied(void *userdata, const char *table, ReplicaOp op, const char *key) {
         Cloud *c = userdata;
 
@@ -380,6 +438,8 @@ static void cloud_replica_applied(void *userdata, const char *table, ReplicaOp o
                 api_token_changed(c->api, key);
         else if (streq(table, "ota_jobs"))
                 ota_job_changed(c->ota, key);
+        else if (streq(table, "webhooks"))
+                cloud_webhook_replicated(c, op, key);
         /* provision_tokens: read from the table on every use. */
 }
 
@@ -572,6 +632,10 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = provision_open(c->store, &c->provision);
         if (r < 0)
                 return r;
+        /* Before the Replica, which records the table. */
+        r = webhooks_open(c->store);
+        if (r < 0)
+                return r;
         if (config->cluster_nats) {
                 r = cloud_eventlog_start(c);
                 if (r < 0)
@@ -605,6 +669,10 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = ota_new(c->event, config, c->store, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
         if (r < 0)
                 return r;
+        /* The webhooks made through the API, next to the file's. */
+        r = webhooks_foreach(c->store, cloud_webhook_load, c);
+        if (r < 0)
+                return log_error_errno(r, "Cannot read the webhooks made through the API: %m");
         r = api_new(c->event, config, c->store, c->registry, c->provision, c->journal, c->devices, c->events, c->ota,
                     &c->api_port, &c->api);
         if (r < 0)

@@ -26,6 +26,7 @@ static const char *const replica_tables[] = {
         "tokens",           /* tokens.c */
         "provision_tokens", /* provision.c */
         "ota_jobs",         /* ota.c */
+        "webhooks",         /* webhooks.c */
 };
 
 /* A batch whose changeset may be larger is committed before more joins it

@@ -66,6 +66,9 @@ typedef struct CliArgs {
         /* provision create (also --name, --tag above) */
         long long provision_uses;    /* --uses, 0: not given */
         long long provision_expires; /* --expires seconds, 0: not given */
+        /* webhooks create (also --name and --tag above) */
+        const char *webhook_prefix;
+        const char *webhook_secret;
         /* audit */
         bool audit_follow;
         const char *audit_action, *audit_target;
@@ -120,6 +123,10 @@ int request_json(Api *a, const char *method, const char *path, json_t *body, jso
  * suffixes s, m, h, d, w; 1 s to 10 years. 0, -EINVAL (malformed) or
  * -ERANGE. */
 int provision_duration_parse(const char *s, long long *ret);
+
+/* tether-webhooks.c: "tether webhooks ...", "tether integrations list" */
+int cmd_webhooks(Api *a, char **args, int n);
+int cmd_integrations(Api *a, char **args, int n);
 
 /* tether-ota.c: "tether ota ..." */
 int cmd_ota(Api *a, char **args, int n);

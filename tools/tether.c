@@ -1376,6 +1376,16 @@ static void help(void) {
                "        --name NAME               what it is for\n"
                "  provision list                list provisioning tokens, never the tokens\n"
                "  provision revoke ID           revoke a provisioning token\n"
+               "  webhooks create URL           make a webhook (admin); prints only its secret,\n"
+               "                                  shown this once, details on stderr\n"
+               "        --prefix PREFIX           only events whose name starts with it\n"
+               "        --tag NAME[=VALUE]        only devices with this tag (value)\n"
+               "        --name NAME               its name (default: generated)\n"
+               "        --secret SECRET           16-256 bytes (default: generated)\n"
+               "  webhooks list                 list webhooks and their state, never secrets\n"
+               "  webhooks delete NAME          delete a webhook made through the API\n"
+               "  integrations list             webhooks and MQTT bridges: state, backlog,\n"
+               "                                  delivered, failures, last error (admin)\n"
                "  audit                         print the audit log (admin)\n"
                "        --follow                  keep printing new records\n"
                "        --action PREFIX, --target TARGET, --after ID  filter\n"
@@ -1427,6 +1437,8 @@ enum {
         OPT_AFTER,
         OPT_REASON,
         OPT_USES,
+        OPT_PREFIX,
+        OPT_SECRET,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1439,7 +1451,7 @@ static const struct {
         { "get", cmd_get },         { "publish", cmd_publish },   { "subscribe", cmd_subscribe },
         { "ota", cmd_ota },         { "tokens", cmd_tokens },     { "audit", cmd_audit },
         { "register", cmd_register }, { "revoke", cmd_revoke },    { "unrevoke", cmd_unrevoke },
-        { "provision", cmd_provision },
+        { "provision", cmd_provision }, { "webhooks", cmd_webhooks }, { "integrations", cmd_integrations },
 };
 
 static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
@@ -1475,6 +1487,8 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "after", required_argument, NULL, OPT_AFTER },
                 { "reason", required_argument, NULL, OPT_REASON },
                 { "uses", required_argument, NULL, OPT_USES },
+                { "prefix", required_argument, NULL, OPT_PREFIX },
+                { "secret", required_argument, NULL, OPT_SECRET },
                 {},
         };
         const char *cmd, *expires = NULL;
@@ -1638,6 +1652,12 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                                 return cli_usage_error("Invalid --uses '%s': expected a whole number from 1 to 1000000",
                                                        optarg);
                         break;
+                case OPT_PREFIX:
+                        arg.webhook_prefix = optarg;
+                        break;
+                case OPT_SECRET:
+                        arg.webhook_secret = optarg;
+                        break;
                 case ':':
                         return cli_usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
@@ -1707,14 +1727,18 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 return cli_usage_error("--device may be given once for 'subscribe'");
         if (arg.n_ota_tags > 0 && streq(cmd, "ota"))
                 ota_opts = true;
-        else if (arg.n_ota_tags > 0 && !streq(cmd, "tokens") && !streq(cmd, "provision"))
-                return cli_usage_error("--tag is an option of 'ota', 'tokens create' and 'provision create'");
+        else if (arg.n_ota_tags > 0 && !streq(cmd, "tokens") && !streq(cmd, "provision") && !streq(cmd, "webhooks"))
+                return cli_usage_error("--tag is an option of 'ota', 'tokens create', 'provision create' and "
+                                       "'webhooks create'");
         if ((arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
                 return cli_usage_error("--count and --resume are options of 'subscribe'");
         if (arg.n_scopes > 0 && !streq(cmd, "tokens"))
                 return cli_usage_error("--scope is an option of 'tokens create'");
-        if (token_opts && !streq(cmd, "tokens") && !streq(cmd, "provision"))
-                return cli_usage_error("--name is an option of 'tokens create' and 'provision create'");
+        if (token_opts && !streq(cmd, "tokens") && !streq(cmd, "provision") && !streq(cmd, "webhooks"))
+                return cli_usage_error("--name is an option of 'tokens create', 'provision create' and 'webhooks "
+                                       "create'");
+        if ((arg.webhook_prefix || arg.webhook_secret) && !streq(cmd, "webhooks"))
+                return cli_usage_error("--prefix and --secret are options of 'webhooks create'");
         if (arg.provision_uses > 0 && !streq(cmd, "provision"))
                 return cli_usage_error("--uses is an option of 'provision create'");
         if (audit_opts && !streq(cmd, "audit"))

@@ -159,6 +159,7 @@ static const char *const test_schema[] = {
         "CREATE TABLE tokens (id TEXT PRIMARY KEY, revoked INTEGER);"
         "CREATE TABLE provision_tokens (id TEXT PRIMARY KEY, uses INTEGER NOT NULL DEFAULT 0);"
         "CREATE TABLE ota_jobs (id TEXT PRIMARY KEY NOT NULL, state TEXT);"
+        "CREATE TABLE webhooks (name TEXT PRIMARY KEY, url TEXT);"
         "CREATE TABLE local_only (id TEXT PRIMARY KEY, v TEXT);",
 };
 
