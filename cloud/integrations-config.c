@@ -251,8 +251,10 @@ static int check_mqtt(const IntegrationConfig *c, char err[static INTEGRATION_ER
         if ((c->cert_file && !text_valid(c->cert_file, INTEGRATION_TEXT_MAX)) ||
             (c->key_file && !text_valid(c->key_file, INTEGRATION_TEXT_MAX)))
                 return fail(err, "CertFile= and KeyFile= must be file names.");
-        if (!c->user != !c->password)
-                return fail(err, "User= and Password= go together.");
+        /* A user name alone is fine (Azure IoT Hub with X.509); MQTT has
+         * no password without a user name. */
+        if (c->password && !c->user)
+                return fail(err, "Password= needs User=.");
         if ((c->user && !text_valid(c->user, INTEGRATION_TEXT_MAX)) ||
             (c->password && !text_valid(c->password, INTEGRATION_TEXT_MAX)))
                 return fail(err, "User= and Password= must be 1 to %u bytes of text.", INTEGRATION_TEXT_MAX);

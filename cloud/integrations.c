@@ -724,6 +724,14 @@ void integration_sent(Integration *in, uint64_t id, int error, const char *why) 
         integrations_defer(in->owner);
 }
 
+void integration_ready(Integration *in) {
+        if (!in->retry_wait || in->retry_due)
+                return;
+        (void)sd_event_source_set_enabled(in->retry_timer, SD_EVENT_OFF);
+        in->retry_due = true;
+        integrations_defer(in->owner);
+}
+
 int integration_publish(Integration *in, const char *name, const char *data, size_t len) {
         Integrations *s = in->owner;
         _cleanup_free_ char *full = NULL, *text = NULL;

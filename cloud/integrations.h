@@ -136,6 +136,9 @@ extern const SinkOps sink_mqtt_ops;
  * short reason for people ("HTTP 500", "connection refused") when not.
  * May free nothing; safe to call from any sink callback on the loop. */
 void integration_sent(Integration *in, uint64_t id, int error, const char *why);
+/* The sink can deliver again (it reconnected): a retry that waits for
+ * its backoff happens now. Cheap; never calls the sink from within. */
+void integration_ready(Integration *in);
 /* A message the sink received (MQTT Subscribe=): published as a cloud
  * event named config->inbound_prefix + name (coreid "mqtt:NAME"), data
  * len bytes (not NUL-terminated; must be UTF-8). 0 or a negative errno

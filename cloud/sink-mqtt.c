@@ -254,6 +254,9 @@ static void on_connect(struct mosquitto *mosq, void *userdata, int rc, int flags
         s->last_log_usec = 0;
         log_info("Integration '%s': connected to the broker %s:%u as '%s'.", sink_name(s), s->config->host, s->port,
                  s->client_id);
+        /* Deliveries that failed while the broker was away go again now,
+         * not after the integration's backoff. */
+        integration_ready(s->owner);
         if (s->config->subscribe) {
                 r = mosquitto_subscribe(mosq, NULL, s->config->subscribe, 1);
                 if (r != MOSQ_ERR_SUCCESS)

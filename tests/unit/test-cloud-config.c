@@ -530,7 +530,16 @@ static void test_integrations_bad(void **state) {
                       "cloud.conf:9: Invalid value '3.1' for Protocol= in [MQTTBridge m] (expected 3.1.1 or 5)");
         expect_logged("[MQTTBridge m]\nHost=h\nCAFile=/ca\nCertFile=/c\n", "CertFile= and KeyFile= go together");
         expect_logged("[MQTTBridge m]\nHost=h\nCertFile=/c\nKeyFile=/k\n", "CertFile= needs CAFile=");
-        expect_logged("[MQTTBridge m]\nHost=h\nUser=u\n", "User= and Password= go together");
+        expect_logged("[MQTTBridge m]\nHost=h\nPassword=p\n", "Password= needs User=");
+        {
+                /* A user name alone: Azure IoT Hub with X.509. */
+                CloudConfig *c = NULL;
+
+                assert_int_equal(load("[MQTTBridge az]\nHost=h\nUser=hub/dev/?api-version=2021-04-12\n", &c), 0);
+                assert_int_equal(c->n_integrations, 1);
+                assert_null(c->integrations[0]->password);
+                c = cloud_config_free(c);
+        }
         expect_logged("[MQTTBridge m]\nHost=h\nTopic=a/{devices}\n", "Topic= may hold only {device}");
         expect_logged("[MQTTBridge m]\nHost=h\nTopic=a/+/b\n", "Topic= must not hold the wildcards");
         expect_logged("[MQTTBridge m]\nHost=h\nTopic=a/}\n", "Topic= has a '}'");
