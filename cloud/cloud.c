@@ -546,6 +546,11 @@ static int cloud_join_cluster(Cloud *c) {
                         return r;
         }
         ota_set_cluster(c->ota, c->artifacts);
+        if (c->integrations) {
+                r = integrations_share(c->integrations, c->bus, config->cluster_replicas);
+                if (r < 0)
+                        return r;
+        }
         return 0;
 }
 

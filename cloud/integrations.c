@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bus.h"
 #include "cloud-config.h"
 #include "integrations.h"
 #include "log.h"
@@ -68,6 +69,7 @@ struct Integration {
         bool cursor_open;
         uint64_t floor;    /* the cursor: everything up to it delivered or not selected */
         uint64_t saved;    /* the floor the Store has */
+        uint64_t shared;   /* the floor last put in INTEGRATIONS_BUCKET (cluster mode) */
         uint64_t done;     /* the last id read and taken care of (handed out, skipped) */
         uint64_t seen;     /* the highest id ever read: gaps below it were counted */
         ProtoEvent pending; /* read but not handed out yet (head of line, window full, -EAGAIN) */
@@ -97,6 +99,8 @@ struct Integrations {
         Store *store;
         IntegrationsHooks hooks;
         bool leading;
+        Bus *bus;       /* cluster mode: cursors shared through INTEGRATIONS_BUCKET */
+        BusSub *watch;
 
         Integration **items;
         size_t n_items;
@@ -216,12 +220,28 @@ static void integration_follow_cursor(Integration *in) {
                 in->seen = cursor;
 }
 
+/* Cluster mode: the leader's floor for the others (a JSON object
+ * {"epoch","cursor"} under the integration's name). Not waited for: a
+ * put that is lost is made good by the next one; a node that takes over
+ * from an older value resends a little (at least once). */
+static void cursor_share(Integrations *s, Integration *in) {
+        char text[96];
+
+        if (!s->bus || !in->running || in->floor == in->shared)
+                return;
+        snprintf(text, sizeof(text), "{\"epoch\":%" PRIu64 ",\"cursor\":%" PRIu64 "}", journal_epoch(s->journal),
+                 in->floor);
+        if (bus_kv_put(s->bus, INTEGRATIONS_BUCKET, in->config->name, text, strlen(text)) >= 0)
+                in->shared = in->floor;
+}
+
 static int integrations_save_cb(sd_event_source *source, uint64_t usec, void *userdata) {
         Integrations *s = userdata;
 
         for (size_t i = 0; i < s->n_items; i++) {
                 Integration *in = s->items[i];
 
+                cursor_share(s, in);
                 if (in->floor != in->saved &&
                     cursor_save(s, in->config->name, journal_epoch(s->journal), in->floor) >= 0)
                         in->saved = in->floor;
@@ -851,6 +871,7 @@ static int integrations_leads_cb(sd_event_source *source, uint64_t usec, void *u
 Integrations *integrations_free(Integrations *s) {
         if (!s)
                 return NULL;
+        s->watch = bus_sub_free(s->watch);
         for (size_t i = 0; i < s->n_items; i++)
                 integration_stop(s->items[i]);
         if (s->store)
@@ -952,6 +973,8 @@ int integrations_remove(Integrations *s, const char *name) {
         if (!in->config->from_api)
                 return -EPERM;
         integration_stop(in);
+        if (s->bus)
+                (void)bus_kv_delete(s->bus, INTEGRATIONS_BUCKET, name);
         r = cursor_save(s, name, 0, UINT64_MAX);
         if (r < 0) {
                 if (s->leading)
@@ -967,6 +990,53 @@ int integrations_remove(Integrations *s, const char *name) {
                 s->next = 0;
         integration_free(in);
         integrations_retain(s);
+        return 0;
+}
+
+/* ---- cluster mode: the leader's cursors -------------------------------------------- */
+
+/* A cursor the leader shared. On a node in standby it becomes this node's
+ * floor (stored, so that taking over starts there; the journal keeps only
+ * what is behind it); the leader itself hears its own puts and older
+ * values, and ignores them. Anyone on NATS can write the bucket: a value
+ * is taken only for a known integration, in this journal's epoch, within
+ * the journal's ids, and forward. */
+static void integrations_kv_cb(void *userdata, const char *key, const void *value, size_t len, uint64_t revision) {
+        Integrations *s = userdata;
+        _cleanup_(json_decrefp) json_t *j = NULL;
+        Integration *in;
+        json_int_t epoch, cursor;
+
+        if (!key || !value || len == 0)
+                return;
+        in = integrations_find(s, key);
+        if (!in || in->running)
+                return;
+        j = json_loadb(value, len, 0, NULL);
+        if (!j || json_unpack(j, "{s:I, s:I}", "epoch", &epoch, "cursor", &cursor) < 0 ||
+            (uint64_t)epoch != journal_epoch(s->journal) || cursor < 0 || (uint64_t)cursor <= in->floor ||
+            (uint64_t)cursor > journal_last_id(s->journal))
+                return;
+        in->floor = in->done = in->shared = (uint64_t)cursor;
+        if (in->seen < in->floor)
+                in->seen = in->floor;
+        if (cursor_save(s, in->config->name, (uint64_t)epoch, in->floor) >= 0)
+                in->saved = in->floor;
+        integrations_retain(s);
+}
+
+int integrations_share(Integrations *s, Bus *bus, unsigned replicas) {
+        int r;
+
+        r = bus_kv_ensure(bus, INTEGRATIONS_BUCKET, replicas, 0);
+        if (r < 0)
+                return log_error_errno(r, "Cannot set up the bucket %s: %m", INTEGRATIONS_BUCKET);
+        s->bus = bus;
+        r = bus_kv_watch(bus, INTEGRATIONS_BUCKET, integrations_kv_cb, s, &s->watch);
+        if (r < 0) {
+                s->bus = NULL;
+                return log_error_errno(r, "Cannot watch the bucket %s: %m", INTEGRATIONS_BUCKET);
+        }
         return 0;
 }
 

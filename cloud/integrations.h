@@ -12,8 +12,8 @@
  * - At least once: an event leaves the integration's backlog only when
  *   its sink said it was delivered (integration_sent() with 0). The
  *   acknowledged position (the cursor) is stored (StateDirectory/cloud.db,
- *   table integration_cursors; in cluster mode the bucket
- *   TETHER_INTEGRATIONS) so a restart resends at most what was delivered
+ *   table integration_cursors; in cluster mode also the bucket
+ *   TETHER_INTEGRATIONS, integrations_share()) so a restart resends at most what was delivered
  *   in the last batch (STORE_BATCH_MSEC), never skips.
  * - In order per device: an event is handed to the sink only when no
  *   earlier event of the same device (coreid) is in flight or failed.
@@ -174,6 +174,16 @@ int integrations_new(sd_event *event, const CloudConfig *config, Journal *journa
 /* Stores the cursors, frees every sink. NULL is fine; returns NULL. */
 Integrations *integrations_free(Integrations *s);
 static inline void integrations_freep(Integrations **s) { integrations_free(*s); }
+
+/* Cluster mode: the leader puts each integration's cursor in the bucket
+ * INTEGRATIONS_BUCKET (made here with replicas replicas, synchronously)
+ * as it stores it, and the nodes in standby follow it, so that a node
+ * that takes over resends at most what the last leader delivered in its
+ * last STORE_BATCH_MSEC. bus is borrowed and must outlive s. Logs what
+ * fails. */
+#define INTEGRATIONS_BUCKET "TETHER_INTEGRATIONS"
+typedef struct Bus Bus;
+int integrations_share(Integrations *s, Bus *bus, unsigned replicas);
 
 /* New events are in the journal (cheap; the reading happens later on the
  * loop). */
