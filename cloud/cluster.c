@@ -300,7 +300,9 @@ static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) 
         if (text)
                 (void)bus_kv_put(c->bus, CLUSTER_NODES_BUCKET, c->node, text, strlen(text));
         cluster_check_nodes(c);
-        return sd_event_source_set_time(s, usec + CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
+        /* A time source is off once it ran (SD_EVENT_ONESHOT): on again. */
+        (void)sd_event_source_set_time(s, usec + CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
 
 /* ---- presence writes ------------------------------------------------------------ */

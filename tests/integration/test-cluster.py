@@ -16,6 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import TEST_PLUGINS, api_json, expect, poll, run, seconds  # noqa: E402
 from natskit import NatsCluster  # noqa: E402
 
+# cloud/cluster.h: a node not heard for CLUSTER_NODE_DEAD_SEC is dead; each
+# sends a heartbeat every CLUSTER_HEARTBEAT_SEC.
+NODE_DEAD_SEC, HEARTBEAT_SEC = 15, 5
+
 TIMING = f"""PingSec=2
 DeviceTimeoutSec={seconds(6):.0f}
 CallTimeoutSec={seconds(5):.0f}"""
@@ -62,6 +66,7 @@ def get_device(w, node, dev):
 
 
 def test_call_through_other_node(w):
+    started = time.monotonic()
     nats, nodes = start_nodes(w)
     w.coap_port = nodes[0].coap_port
     a = w.start_agent()
@@ -99,6 +104,13 @@ def test_call_through_other_node(w):
     status, body = get_device(w, other, dev)
     expect(status == 200 and body["connected"] and "add" in body["functions"],
            f"GET /v1/devices/{dev} through {other.node}: {status} {body}")
+
+    # Long after the first heartbeats: each node still takes the other for
+    # alive (it keeps sending them) and routes to it.
+    time.sleep(max(0.0, started + NODE_DEAD_SEC + 2 * HEARTBEAT_SEC - time.monotonic()))
+    r = w.tether("call", dev, "add", "40,2", api=other.api, check=False)
+    expect(r.returncode == 0 and r.stdout.strip() == "42",
+           f"add 40,2 through {other.node} after {NODE_DEAD_SEC} s: {r.returncode} {r.stdout!r} {r.stderr!r}")
 
 
 def test_failover(w):
