@@ -9,6 +9,7 @@ other one."""
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -113,6 +114,33 @@ def test_call_through_other_node(w):
            f"add 40,2 through {other.node} after {NODE_DEAD_SEC} s: {r.returncode} {r.stdout!r} {r.stderr!r}")
 
 
+def test_paused_node(w):
+    """A node whose loop stood still for longer than a node's liveness
+    window (SIGSTOP: as a loop busy with thousands of devices, or a
+    machine swapping) judges the other node by the heartbeats the bucket
+    holds, not by when its watch delivers them: the other node stays
+    alive, and requests through it are routed at once."""
+    nats, nodes = start_nodes(w)
+    w.coap_port = nodes[0].coap_port
+    a = w.start_agent()
+    dev = a.device_id
+    here = holder(w, nodes, dev)
+    other = nodes[1] if here is nodes[0] else nodes[0]
+    poll(lambda: w.tether("call", dev, "add", "1,2", api=other.api, check=False).returncode == 0, seconds(10),
+         f"a call through {other.node}")
+    mark = other.mark()
+    os.kill(other.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(NODE_DEAD_SEC + HEARTBEAT_SEC)
+    finally:
+        os.kill(other.proc.pid, signal.SIGCONT)
+    r = w.tether("call", dev, "add", "40,2", api=other.api, check=False)
+    expect(r.returncode == 0 and r.stdout.strip() == "42",
+           f"add 40,2 through {other.node} right after its pause: {r.returncode} {r.stdout!r} {r.stderr!r}")
+    expect(other.count(rf"Cluster node '{here.node}' is gone", mark) == 0,
+           f"{other.node} took {here.node} for dead after its own pause")
+
+
 def test_failover(w):
     nats, nodes = start_nodes(w, servers=3)
     a = w.start_agent(host=both(nodes))
@@ -173,4 +201,4 @@ def test_events_across_failover(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_call_through_other_node, test_failover, test_events_across_failover]))
+    sys.exit(run([test_call_through_other_node, test_paused_node, test_failover, test_events_across_failover]))
