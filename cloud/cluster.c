@@ -245,8 +245,13 @@ static void cluster_check_nodes(Cluster *c) {
                 if (alive == n->alive)
                         continue;
                 n->alive = alive;
-                if (!streq(n->name, c->node))
-                        log_notice("Cluster node '%s' %s.", n->name, alive ? "is up" : "is gone");
+                if (alive && !streq(n->name, c->node))
+                        log_notice("Cluster node '%s' is up.", n->name);
+                else if (!alive && n->beat_ns == 0)
+                        log_notice("Cluster node '%s' is gone (it left).", n->name);
+                else if (!alive)
+                        log_notice("Cluster node '%s' is gone: TETHER_NODES holds heartbeats stored %.1f s "
+                                   "after its last one.", n->name, (double)(c->nodes_now_ns - n->beat_ns) / 1e9);
                 node_liveness_changed(c, n);
         }
 }
@@ -323,8 +328,10 @@ static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) 
         if (text)
                 (void)bus_kv_put(c->bus, CLUSTER_NODES_BUCKET, c->node, text, strlen(text));
         cluster_check_nodes(c);
-        /* A time source is off once it ran (SD_EVENT_ONESHOT): on again. */
-        (void)sd_event_source_set_time(s, usec + CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
+        /* From now, not from when it was due (the first was due at 0): a
+         * late loop sends one heartbeat, not the ones it missed. A time
+         * source is off once it ran (SD_EVENT_ONESHOT): on again. */
+        (void)sd_event_source_set_time_relative(s, CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import TEST_PLUGINS, api_json, expect, poll, run, seconds  # noqa: E402
@@ -38,6 +39,19 @@ def start_nodes(w, servers=1):
         d.node = f"n{i}"
         nodes.append(d)
     return nats, nodes
+
+
+def stream_last_seq(nats, stream):
+    """The last sequence of a JetStream stream, from the first server's
+    monitoring port (it holds a replica of every stream with one server)."""
+    url = f"http://127.0.0.1:{nats.servers[0].http_port}/jsz?accounts=true&streams=true"
+    with urllib.request.urlopen(url, timeout=seconds(10)) as r:
+        jsz = json.loads(r.read())
+    for account in jsz.get("account_details", []):
+        for st in account.get("stream_detail", []):
+            if st["name"] == stream:
+                return st["state"]["last_seq"]
+    raise AssertionError(f"no stream {stream} in {jsz}")
 
 
 def both(nodes):
@@ -112,6 +126,12 @@ def test_call_through_other_node(w):
     r = w.tether("call", dev, "add", "40,2", api=other.api, check=False)
     expect(r.returncode == 0 and r.stdout.strip() == "42",
            f"add 40,2 through {other.node} after {NODE_DEAD_SEC} s: {r.returncode} {r.stdout!r} {r.stderr!r}")
+    # One heartbeat per node every HEARTBEAT_SEC since they started (the
+    # bucket's stream sequence counts every one): none missed, no burst.
+    beats = stream_last_seq(nats, "KV_TETHER_NODES")
+    most = 2 * ((time.monotonic() - started) / HEARTBEAT_SEC + 2)
+    expect(2 * NODE_DEAD_SEC / HEARTBEAT_SEC <= beats <= most,
+           f"{beats} heartbeats of two nodes in {time.monotonic() - started:.0f} s")
 
 
 def test_paused_node(w):
