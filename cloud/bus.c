@@ -665,12 +665,14 @@ static void dispatch(Bus *b, Item *it) {
                 break;
         case ITEM_KV:
                 if (!it->entry)
-                        s->kv_fn(s->userdata, NULL, NULL, 0, 0);
+                        s->kv_fn(s->userdata, NULL, NULL, 0, 0, 0);
                 else if (kvEntry_Operation(it->entry) == kvOp_Put)
                         s->kv_fn(s->userdata, kvEntry_Key(it->entry), kvEntry_Value(it->entry),
-                                 (size_t)kvEntry_ValueLen(it->entry), kvEntry_Revision(it->entry));
+                                 (size_t)kvEntry_ValueLen(it->entry), kvEntry_Revision(it->entry),
+                                 kvEntry_Created(it->entry));
                 else
-                        s->kv_fn(s->userdata, kvEntry_Key(it->entry), NULL, 0, kvEntry_Revision(it->entry));
+                        s->kv_fn(s->userdata, kvEntry_Key(it->entry), NULL, 0, kvEntry_Revision(it->entry),
+                                 kvEntry_Created(it->entry));
                 break;
         }
 }
@@ -1446,7 +1448,7 @@ static void kv_loaded(BusSub *s) {
         if (s->kv_loaded)
                 return;
         s->kv_loaded = true;
-        s->kv_fn(s->userdata, NULL, NULL, 0, 0);
+        s->kv_fn(s->userdata, NULL, NULL, 0, 0, 0);
 }
 
 static void kv_follow_msg(void *userdata, natsMsg *msg) {
@@ -1454,17 +1456,19 @@ static void kv_follow_msg(void *userdata, natsMsg *msg) {
         const char *subject = natsMsg_GetSubject(msg), *op = bus_msg_header(msg, "KV-Operation");
         jsMsgMetaData *meta = NULL;
         bool pending = true;
+        int64_t time_ns = 0;
 
         if (natsMsg_GetMetaData(&meta, msg) == NATS_OK) {
                 pending = meta->NumPending > 0;
+                time_ns = meta->Timestamp > 0 ? meta->Timestamp : 0;
                 jsMsgMetaData_Destroy(meta);
         }
         if (subject && strlen(subject) > s->kv_prefix_len) {
                 if (op && (streq(op, "DEL") || streq(op, "PURGE")))
-                        s->kv_fn(s->userdata, subject + s->kv_prefix_len, NULL, 0, bus_msg_seq(msg));
+                        s->kv_fn(s->userdata, subject + s->kv_prefix_len, NULL, 0, bus_msg_seq(msg), time_ns);
                 else
                         s->kv_fn(s->userdata, subject + s->kv_prefix_len, natsMsg_GetData(msg),
-                                 (size_t)natsMsg_GetDataLength(msg), bus_msg_seq(msg));
+                                 (size_t)natsMsg_GetDataLength(msg), bus_msg_seq(msg), time_ns);
         }
         if (!pending)
                 kv_loaded(s);

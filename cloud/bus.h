@@ -165,10 +165,15 @@ int bus_kv_delete(Bus *b, const char *bucket, const char *key);
 /* Watch every key of bucket: fn runs for each current value first (in
  * the order they were written; a deleted key as a deletion), then for
  * each change (value NULL, len 0 for a deletion or purge); initial values
- * are complete when fn runs with key NULL once (revision 0). The watch
- * is a follow of the bucket's stream (bus_stream_follow()): it recovers
- * from a lost server as every follow does. */
-typedef void (*bus_kv_fn)(void *userdata, const char *key, const void *value, size_t len, uint64_t revision);
+ * are complete when fn runs with key NULL once (revision 0, time_ns 0).
+ * time_ns is when the bucket's stream stored the value (nanoseconds since
+ * the Unix epoch, by the clock of the NATS server that stored it; 0 if
+ * JetStream did not say): a time that does not depend on when the watch
+ * delivers it. The watch is a follow of the bucket's stream
+ * (bus_stream_follow()): it recovers from a lost server as every follow
+ * does. */
+typedef void (*bus_kv_fn)(void *userdata, const char *key, const void *value, size_t len, uint64_t revision,
+                          int64_t time_ns);
 int bus_kv_watch(Bus *b, const char *bucket, bus_kv_fn fn, void *userdata, BusSub **ret);
 
 /* ---- Subjects --------------------------------------------------------------- */

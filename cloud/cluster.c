@@ -13,6 +13,7 @@
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
+#define NSEC_PER_SEC 1000000000ULL
 #define CLUSTER_NODES_TTL_SEC (CLUSTER_NODE_DEAD_SEC * 4)
 /* An RPC's request body: NATS's own default limit of a message. A bigger
  * one is answered 413 (the requesting node refuses it first). */
@@ -58,7 +59,7 @@ typedef struct PresenceWrite {
 typedef struct Node {
         char name[CLUSTER_NODE_MAX + 1];
         char *api;
-        uint64_t heard; /* CLOCK_MONOTONIC µs of its last heartbeat here */
+        int64_t beat_ns; /* the stream's time of its last heartbeat; 0: none, or it left */
         bool alive;     /* as last reported through the presence hooks */
 } Node;
 
@@ -89,6 +90,9 @@ struct Cluster {
         size_t n_buckets, n_presence;
         Node *nodes;
         size_t n_nodes;
+        /* The newest time stamp the watch of TETHER_NODES brought: the
+         * "now" against which nodes' heartbeats are judged. */
+        int64_t nodes_now_ns;
 
         BusSub *presence_watch, *nodes_watch, *rpc_sub;
         bool presence_loaded; /* the watch's initial values are in */
@@ -203,13 +207,19 @@ static Node *node_find(Cluster *c, const char *name) {
         return NULL;
 }
 
+/* A node is dead when the bucket's stream holds heartbeats (this node's
+ * own every CLUSTER_HEARTBEAT_SEC among them) stored CLUSTER_NODE_DEAD_SEC
+ * after its last one. Both times are the stream's, in the order it keeps
+ * them: a watch that delivers late (a busy loop, thousands of presence
+ * changes queued before the heartbeats) delays the verdict, never makes
+ * a live node dead. */
 static bool node_alive(Cluster *c, const char *name) {
         Node *n;
 
         if (streq(name, c->node))
                 return true;
         n = node_find(c, name);
-        return n && n->heard + CLUSTER_NODE_DEAD_SEC * USEC_PER_SEC > now_usec();
+        return n && n->beat_ns > 0 && n->beat_ns + CLUSTER_NODE_DEAD_SEC * (int64_t)NSEC_PER_SEC > c->nodes_now_ns;
 }
 
 /* The hooks' view of a presence entry: a live other node, or NULL. */
@@ -235,13 +245,19 @@ static void cluster_check_nodes(Cluster *c) {
                 if (alive == n->alive)
                         continue;
                 n->alive = alive;
-                if (!streq(n->name, c->node))
-                        log_notice("Cluster node '%s' %s.", n->name, alive ? "is up" : "is gone");
+                if (alive && !streq(n->name, c->node))
+                        log_notice("Cluster node '%s' is up.", n->name);
+                else if (!alive && n->beat_ns == 0)
+                        log_notice("Cluster node '%s' is gone (it left).", n->name);
+                else if (!alive)
+                        log_notice("Cluster node '%s' is gone: TETHER_NODES holds heartbeats stored %.1f s "
+                                   "after its last one.", n->name, (double)(c->nodes_now_ns - n->beat_ns) / 1e9);
                 node_liveness_changed(c, n);
         }
 }
 
-static void cluster_node_update(void *userdata, const char *key, const void *value, size_t len, uint64_t revision) {
+static void cluster_node_update(void *userdata, const char *key, const void *value, size_t len, uint64_t revision,
+                                int64_t time_ns) {
         Cluster *c = userdata;
         _cleanup_(json_decrefp) json_t *j = NULL;
         const char *api = NULL;
@@ -251,10 +267,22 @@ static void cluster_node_update(void *userdata, const char *key, const void *val
                 c->nodes_loaded = true; /* the initial values are in */
                 return;
         }
-        if (!value || len == 0)
-                return; /* a node deleted its key (it stops: its heartbeat ends) */
-        if (cluster_node_name_check(key) < 0)
+        if (time_ns <= 0)
+                time_ns = (int64_t)realtime_usec() * 1000; /* JetStream did not say: when it came */
+        if (time_ns > c->nodes_now_ns)
+                c->nodes_now_ns = time_ns;
+        if (cluster_node_name_check(key) < 0) {
+                cluster_check_nodes(c);
                 return;
+        }
+        if (!value || len == 0) {
+                /* A node deleted its key: it left (cluster_free()). */
+                n = node_find(c, key);
+                if (n)
+                        n->beat_ns = 0;
+                cluster_check_nodes(c);
+                return;
+        }
         j = json_loadb(value, len, 0, NULL);
         if (j)
                 api = json_string_value(json_object_get(j, "api"));
@@ -282,7 +310,7 @@ static void cluster_node_update(void *userdata, const char *key, const void *val
                 free(n->api);
                 n->api = strdup(api);
         }
-        n->heard = now_usec();
+        n->beat_ns = time_ns;
         cluster_check_nodes(c);
 }
 
@@ -300,7 +328,11 @@ static int cluster_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) 
         if (text)
                 (void)bus_kv_put(c->bus, CLUSTER_NODES_BUCKET, c->node, text, strlen(text));
         cluster_check_nodes(c);
-        return sd_event_source_set_time(s, usec + CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
+        /* From now, not from when it was due (the first was due at 0): a
+         * late loop sends one heartbeat, not the ones it missed. A time
+         * source is off once it ran (SD_EVENT_ONESHOT): on again. */
+        (void)sd_event_source_set_time_relative(s, CLUSTER_HEARTBEAT_SEC * USEC_PER_SEC);
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
 
 /* ---- presence writes ------------------------------------------------------------ */
@@ -444,7 +476,7 @@ static void cluster_put_own(Cluster *c, const char *device, const char *address)
 }
 
 static void cluster_presence_update(void *userdata, const char *key, const void *value, size_t len,
-                                    uint64_t revision) {
+                                    uint64_t revision, int64_t time_ns _unused_) {
         Cluster *c = userdata;
         _cleanup_(json_decrefp) json_t *j = NULL;
         const char *node = NULL;

@@ -34,8 +34,11 @@
 #define CLUSTER_PRESENCE_BUCKET "TETHER_PRESENCE"
 #define CLUSTER_NODES_BUCKET "TETHER_NODES"
 #define CLUSTER_HEARTBEAT_SEC 5
-/* A node not heard for this long is taken for dead: its devices count as
- * offline until they connect elsewhere. */
+/* A node whose last heartbeat the bucket's stream stored this long before
+ * its newest message (this node's own heartbeats among them) is taken for
+ * dead: its devices count as offline until they connect elsewhere. Both
+ * times are the stream's, so a watch that delivers late judges no node
+ * dead; a node that deletes its key (it stops) is dead at once. */
 #define CLUSTER_NODE_DEAD_SEC 15
 #define CLUSTER_NODE_MAX 32
 

@@ -15,10 +15,13 @@
   * with --fleet N: N simulated devices (tests/bench/fleet) spread over
     the two nodes, half started at each at once: seconds until all are
     online, memory per device on each node, and call latency to one of
-    them through either node.
+    them through either node (--reps repetitions); --fleet-only skips
+    the single-device runs above.
 
     top_builddir=$PWD/build top_srcdir=$PWD tests/bench/bench-cluster.py [--calls N] [--reps R] [--failovers F]
-        [--fleet N]
+        [--fleet N [--fleet-only]]
+
+TETHER_TEST_KEEP=1 keeps the scratch directories (the clouds' logs).
 
 Prints figures (min / median / max); judges nothing."""
 
@@ -203,7 +206,12 @@ def fleet_run(opts):
         # A device of node 1's half, called through node 1 and through node
         # 2, once node 2 sees it (its presence written and read back).
         t1 = time.monotonic()
-        while w.tether("call", ids[0], "add", "1,2", api=nodes[1].api, check=False).returncode != 0:
+        last = None
+        while (call := w.tether("call", ids[0], "add", "1,2", api=nodes[1].api, check=False)).returncode != 0:
+            err = call.stderr.strip()[:200]
+            if err != last:
+                print(f"# {time.monotonic() - t1:.1f} s after all were online, through node 2: {err}", flush=True)
+                last = err
             if time.monotonic() - t1 > 120:
                 r = w.tether("describe", ids[0], "--json", api=nodes[1].api, check=False)
                 print(f"# node 2 on {ids[0]}: {r.returncode} {r.stdout[:300]} {r.stderr[:300]}")
@@ -213,8 +221,8 @@ def fleet_run(opts):
                 raise RuntimeError(f"node 2 did not route to {ids[0]} within 120 s")
             time.sleep(0.1)
         visible = time.monotonic() - t1
-        same = bench_call(nodes[0].api, w.token, ids[0], opts.calls, 1)
-        cross = bench_call(nodes[1].api, w.token, ids[0], opts.calls, 1)
+        same = bench_call(nodes[0].api, w.token, ids[0], opts.calls, opts.reps)
+        cross = bench_call(nodes[1].api, w.token, ids[0], opts.calls, opts.reps)
         return took, online, per, same, cross, visible
     finally:
         for f in fleets:
@@ -230,10 +238,19 @@ def main():
     ap.add_argument("--failovers", type=int, default=10)
     ap.add_argument("--servers", type=int, default=3, help="nats-server processes")
     ap.add_argument("--fleet", type=int, default=0, help="also N simulated devices over both nodes")
+    ap.add_argument("--fleet-only", action="store_true", help="with --fleet: skip the single-device runs")
     opts = ap.parse_args()
     if not os.access(BENCH_CALL, os.X_OK):
         sys.exit(f"{BENCH_CALL} is not built: make -C {BUILD} tests/bench/bench-call")
     print(f"load average at start: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+    if not (opts.fleet and opts.fleet_only):
+        cluster_figures(opts)
+    if opts.fleet:
+        fleet_figures(opts)
+    print(f"load average at end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+def cluster_figures(opts):
     single = single_run(opts)
     same, cross, online, callable_ = cluster_run(opts, opts.servers)
     print(f"\ncall latency, {opts.calls} calls x {opts.reps} repetitions on one kept-alive connection "
@@ -243,16 +260,18 @@ def main():
     print(f"\nfailover ({len(online)} SIGKILLs of the node holding the device, {opts.servers} NATS servers):")
     print(f"  device online on the other node  {spread(online, ' s')}")
     print(f"  first call answered through it   {spread(callable_, ' s')}")
-    if opts.fleet:
-        took, online, per, same, cross, visible = fleet_run(opts)
-        print(f"\nfleet: {opts.fleet} devices, {opts.fleet // 2} started at once on each node:")
-        print(f"  all online after {took:.2f} s; per node: " +
-              "; ".join(f"{o.get('seconds', '?')} s, {o.get('attempts', '?')} attempts" for o in online))
-        print(f"  node 2 routed a call to a device on node 1 {visible:.1f} s after all were online")
-        print("  memory per connected device: " + ", ".join(f"node {i + 1} {p:.1f} KiB" for i, p in enumerate(per)))
-        print(f"  call to a device on node 1, {opts.calls} calls: through node 1 median {same[0][0]:.3f} ms "
-              f"p99 {same[0][1]:.3f} ms; through node 2 median {cross[0][0]:.3f} ms p99 {cross[0][1]:.3f} ms")
-    print(f"load average at end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
+
+
+def fleet_figures(opts):
+    took, online, per, same, cross, visible = fleet_run(opts)
+    print(f"\nfleet: {opts.fleet} devices, {opts.fleet // 2} started at once on each node:")
+    print(f"  all online after {took:.2f} s; per node: " +
+          "; ".join(f"{o.get('seconds', '?')} s, {o.get('attempts', '?')} attempts" for o in online))
+    print(f"  node 2 routed a call to a device on node 1 {visible:.1f} s after all were online")
+    print("  memory per connected device: " + ", ".join(f"node {i + 1} {p:.1f} KiB" for i, p in enumerate(per)))
+    print(f"  call to a device on node 1, {opts.calls} calls x {opts.reps} repetitions (min / median / max):")
+    for label, rs in (("through node 1 (same)", same), ("through node 2 (cross)", cross)):
+        print(f"    {label:24s} median {spread([m for m, _ in rs], ' ms')}   p99 {spread([p for _, p in rs], ' ms')}")
 
 
 if __name__ == "__main__":

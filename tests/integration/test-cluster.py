@@ -9,12 +9,18 @@ other one."""
 
 import json
 import os
+import signal
 import sys
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import TEST_PLUGINS, api_json, expect, poll, run, seconds  # noqa: E402
 from natskit import NatsCluster  # noqa: E402
+
+# cloud/cluster.h: a node not heard for CLUSTER_NODE_DEAD_SEC is dead; each
+# sends a heartbeat every CLUSTER_HEARTBEAT_SEC.
+NODE_DEAD_SEC, HEARTBEAT_SEC = 15, 5
 
 TIMING = f"""PingSec=2
 DeviceTimeoutSec={seconds(6):.0f}
@@ -33,6 +39,19 @@ def start_nodes(w, servers=1):
         d.node = f"n{i}"
         nodes.append(d)
     return nats, nodes
+
+
+def stream_last_seq(nats, stream):
+    """The last sequence of a JetStream stream, from the first server's
+    monitoring port (it holds a replica of every stream with one server)."""
+    url = f"http://127.0.0.1:{nats.servers[0].http_port}/jsz?accounts=true&streams=true"
+    with urllib.request.urlopen(url, timeout=seconds(10)) as r:
+        jsz = json.loads(r.read())
+    for account in jsz.get("account_details", []):
+        for st in account.get("stream_detail", []):
+            if st["name"] == stream:
+                return st["state"]["last_seq"]
+    raise AssertionError(f"no stream {stream} in {jsz}")
 
 
 def both(nodes):
@@ -62,6 +81,7 @@ def get_device(w, node, dev):
 
 
 def test_call_through_other_node(w):
+    started = time.monotonic()
     nats, nodes = start_nodes(w)
     w.coap_port = nodes[0].coap_port
     a = w.start_agent()
@@ -99,6 +119,46 @@ def test_call_through_other_node(w):
     status, body = get_device(w, other, dev)
     expect(status == 200 and body["connected"] and "add" in body["functions"],
            f"GET /v1/devices/{dev} through {other.node}: {status} {body}")
+
+    # Long after the first heartbeats: each node still takes the other for
+    # alive (it keeps sending them) and routes to it.
+    time.sleep(max(0.0, started + NODE_DEAD_SEC + 2 * HEARTBEAT_SEC - time.monotonic()))
+    r = w.tether("call", dev, "add", "40,2", api=other.api, check=False)
+    expect(r.returncode == 0 and r.stdout.strip() == "42",
+           f"add 40,2 through {other.node} after {NODE_DEAD_SEC} s: {r.returncode} {r.stdout!r} {r.stderr!r}")
+    # One heartbeat per node every HEARTBEAT_SEC since they started (the
+    # bucket's stream sequence counts every one): none missed, no burst.
+    beats = stream_last_seq(nats, "KV_TETHER_NODES")
+    most = 2 * ((time.monotonic() - started) / HEARTBEAT_SEC + 2)
+    expect(2 * NODE_DEAD_SEC / HEARTBEAT_SEC <= beats <= most,
+           f"{beats} heartbeats of two nodes in {time.monotonic() - started:.0f} s")
+
+
+def test_paused_node(w):
+    """A node whose loop stood still for longer than a node's liveness
+    window (SIGSTOP: as a loop busy with thousands of devices, or a
+    machine swapping) judges the other node by the heartbeats the bucket
+    holds, not by when its watch delivers them: the other node stays
+    alive, and requests through it are routed at once."""
+    nats, nodes = start_nodes(w)
+    w.coap_port = nodes[0].coap_port
+    a = w.start_agent()
+    dev = a.device_id
+    here = holder(w, nodes, dev)
+    other = nodes[1] if here is nodes[0] else nodes[0]
+    poll(lambda: w.tether("call", dev, "add", "1,2", api=other.api, check=False).returncode == 0, seconds(10),
+         f"a call through {other.node}")
+    mark = other.mark()
+    os.kill(other.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(NODE_DEAD_SEC + HEARTBEAT_SEC)
+    finally:
+        os.kill(other.proc.pid, signal.SIGCONT)
+    r = w.tether("call", dev, "add", "40,2", api=other.api, check=False)
+    expect(r.returncode == 0 and r.stdout.strip() == "42",
+           f"add 40,2 through {other.node} right after its pause: {r.returncode} {r.stdout!r} {r.stderr!r}")
+    expect(other.count(rf"Cluster node '{here.node}' is gone", mark) == 0,
+           f"{other.node} took {here.node} for dead after its own pause")
 
 
 def test_failover(w):
@@ -161,4 +221,4 @@ def test_events_across_failover(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_call_through_other_node, test_failover, test_events_across_failover]))
+    sys.exit(run([test_call_through_other_node, test_paused_node, test_failover, test_events_across_failover]))

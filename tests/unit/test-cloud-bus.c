@@ -540,10 +540,19 @@ typedef struct KvLog {
         char lines[32][64];
 } KvLog;
 
-static void on_kv(void *userdata, const char *key, const void *value, size_t len, uint64_t revision) {
+static void on_kv(void *userdata, const char *key, const void *value, size_t len, uint64_t revision,
+                  int64_t time_ns) {
         KvLog *l = userdata;
+        struct timespec ts;
 
         assert_true(pthread_equal(pthread_self(), loop_thread));
+        /* Stamped by the server that stored it: this machine's clock. */
+        clock_gettime(CLOCK_REALTIME, &ts);
+        if (key)
+                assert_true(time_ns > 0 && llabs((int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec - time_ns) <
+                                                   600 * 1000000000LL);
+        else
+                assert_int_equal(time_ns, 0);
         if (l->n >= ELEMENTSOF(l->lines))
                 return;
         if (!key)
