@@ -1001,7 +1001,8 @@ int integrations_remove(Integrations *s, const char *name) {
  * values, and ignores them. Anyone on NATS can write the bucket: a value
  * is taken only for a known integration, in this journal's epoch, within
  * the journal's ids, and forward. */
-static void integrations_kv_cb(void *userdata, const char *key, const void *value, size_t len, uint64_t revision) {
+static void integrations_kv_cb(void *userdata, const char *key, const void *value, size_t len, uint64_t revision,
+                               int64_t time_ns) {
         Integrations *s = userdata;
         _cleanup_(json_decrefp) json_t *j = NULL;
         Integration *in;
