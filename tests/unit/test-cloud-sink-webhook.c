@@ -221,14 +221,19 @@ void integration_sent(Integration *in, uint64_t id, int error, const char *why) 
         n_sent++;
 }
 
-const char *integration_name(const Integration *in) { return "t"; }
+const char *integration_name(const Integration *in) {
+        return "t";
+}
 
-int integration_publish(Integration *in, const char *name, const char *data, size_t len) { return -ENOSYS; }
+int integration_publish(Integration *in, const char *name, const char *data, size_t len) {
+        return -ENOSYS;
+}
 
 static sd_event *event;
 static char url[128];
-static IntegrationConfig config = { .name = (char *)"t", .kind = INTEGRATION_WEBHOOK, .url = url,
-                                    .secret = (char *)SECRET, .timeout_sec = 10 };
+static IntegrationConfig config = {
+        .name = (char *)"t", .kind = INTEGRATION_WEBHOOK, .url = url, .secret = (char *)SECRET, .timeout_sec = 10
+};
 
 static int setup(void **state) {
         n_sent = 0;
