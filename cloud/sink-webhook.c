@@ -520,7 +520,10 @@ static int sink_webhook_new(sd_event *event, const IntegrationConfig *config, co
             curl_multi_setopt(w->multi, CURLMOPT_SOCKETDATA, w) != CURLM_OK ||
             curl_multi_setopt(w->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) != CURLM_OK ||
             curl_multi_setopt(w->multi, CURLMOPT_TIMERDATA, w) != CURLM_OK ||
-            curl_multi_setopt(w->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)WEBHOOK_WINDOW) != CURLM_OK)
+            curl_multi_setopt(w->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)WEBHOOK_WINDOW) != CURLM_OK ||
+            /* Keep the window's connections when the transfers end (by
+             * default the cache shrinks with the transfers). */
+            curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, (long)WEBHOOK_WINDOW) != CURLM_OK)
                 return log_error_errno(-EIO, "Webhook '%s': cannot set up libcurl.", config->name);
         r = sd_event_add_time(event, &w->timer, CLOCK_MONOTONIC, 0, 0, on_timer, w);
         if (r >= 0)
