@@ -167,6 +167,7 @@ struct Api {
         ApiRequest *requests;
         ApiRequest *rpcs;  /* requests from other cluster nodes */
         Cluster *cluster;  /* NULL: a single node */
+        Integrations *integrations; /* borrowed (api_set_integrations()) */
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
         size_t body_total; /* bytes in all requests' body buffers */
@@ -777,6 +778,8 @@ void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, cons
 }
 
 void api_set_cluster(Api *api, Cluster *cluster) { api->cluster = cluster; }
+
+void api_set_integrations(Api *api, Integrations *integrations) { api->integrations = integrations; }
 
 /* ---- publish ----------------------------------------------------------------- */
 

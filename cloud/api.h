@@ -70,6 +70,10 @@ void api_kick(Api *api);
 typedef struct Cluster Cluster;
 typedef struct ClusterRpc ClusterRpc;
 void api_set_cluster(Api *api, Cluster *cluster);
+/* The outbound integrations (integrations.h, borrowed: freed after the
+ * Api), for /v1/webhooks and /v1/integrations. */
+typedef struct Integrations Integrations;
+void api_set_integrations(Api *api, Integrations *integrations);
 void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg,
              json_t *params);
 

@@ -17,6 +17,9 @@
 #define CLOUD_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether-cloud"
 #define CONFIG_TOKEN_DIGEST_SIZE 32 /* SHA-256 */
 #define CLOUD_NODE_NAME_MAX 32
+#define CLOUD_INTEGRATIONS_MAX 64 /* [Webhook]/[MQTTBridge] sections and API-made webhooks together */
+
+struct IntegrationConfig; /* integrations.h */
 
 typedef struct CloudConfig {
         char *path; /* the file read */
@@ -69,6 +72,7 @@ typedef struct CloudConfig {
         unsigned device_event_burst; /* events */
         unsigned device_byte_rate;   /* bytes/s (name + data) */
         unsigned device_byte_burst;  /* bytes */
+        unsigned backlog_max_mb;       /* the journal's backlog for the integrations (journal_retain()) */
         unsigned device_journal_share; /* percent of the journal one device keeps at a rewrite (0: 100) */
 
         /* [OTA]: artifact hosting is on when ota_dir is set */
@@ -99,6 +103,12 @@ typedef struct CloudConfig {
         char *cluster_ca_file;      /* NULL: TLS only for tls:// URLs */
         char *cluster_node_api;     /* NULL: none; http(s) URL, informational */
         unsigned cluster_artifact_max_mb; /* stream TETHER_ARTIFACTS' limit (MiB); 0: none of its own */
+
+        /* [Webhook NAME] and [MQTTBridge NAME] sections (integrations.h,
+         * docs/integrations.md), in the file's order, each checked with
+         * integration_config_check() and its defaults filled in. */
+        struct IntegrationConfig **integrations;
+        size_t n_integrations;
 
         /* SHA-256 digests of the tokens in TokenFile (never the tokens). */
         uint8_t (*token_digests)[CONFIG_TOKEN_DIGEST_SIZE];

@@ -15,6 +15,7 @@
 #include "devices.h"
 #include "enroll.h"
 #include "events.h"
+#include "integrations.h"
 #include "journal.h"
 #include "journal-nats.h"
 #include "log.h"
@@ -37,6 +38,7 @@ struct Cloud {
         Enroll *enroll; /* NULL unless [Enroll] is configured */
         Journal *journal;
         Events *events;
+        Integrations *integrations; /* [Webhook]/[MQTTBridge] and the API's webhooks */
         Devices *devices;
         Ota *ota;
         Api *api;
@@ -220,6 +222,30 @@ static void cloud_deliver_to_streams(void *userdata, const ProtoEvent *e, uint64
         Cloud *c = userdata;
 
         api_deliver_event(c->api, e, id);
+        integrations_kick(c->integrations);
+}
+
+/* ---- IntegrationsHooks: the integrations towards events and the registry ------ */
+
+static int cloud_integration_publish(void *userdata, const ProtoEvent *e) {
+        Cloud *c = userdata;
+
+        return events_store(c->events, e, NULL, 0, 0, NULL);
+}
+
+/* One node of a cluster runs the sinks; not before the cluster is joined
+ * and has heard the other nodes (cluster_leads()). */
+static bool cloud_integration_leads(void *userdata) {
+        Cloud *c = userdata;
+
+        return !c->config->cluster_nats || (c->cluster && cluster_leads(c->cluster));
+}
+
+static json_t *cloud_integration_tags(void *userdata, const char *device) {
+        Cloud *c = userdata;
+        json_t *tags = NULL;
+
+        return registry_tags(c->registry, device, &tags) < 0 ? NULL : tags;
 }
 
 /* ---- ClusterHooks: other nodes towards devices and the API ------------------- */
@@ -412,6 +438,8 @@ Cloud *cloud_free(Cloud *c) {
         c->enroll = enroll_free(c->enroll);
         c->registry = registry_free(c->registry);
         c->provision = provision_free(c->provision);
+        /* Before events (they publish) and the journal (their cursors). */
+        c->integrations = integrations_free(c->integrations);
         c->events = events_free(c->events);
         /* What the modules wrote while they stopped (devices' last
          * heard) is committed while the Replica still records it. */
@@ -559,6 +587,14 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = events_new(config, c->journal, &eh, &c->events);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the event router: %m");
+        r = integrations_new(c->event, config, c->journal, c->store,
+                             &(IntegrationsHooks){ .userdata = c,
+                                                   .publish = cloud_integration_publish,
+                                                   .tags = cloud_integration_tags,
+                                                   .leads = config->cluster_nats ? cloud_integration_leads : NULL },
+                             &c->integrations);
+        if (r < 0)
+                return r;
         r = devices_new(c->event, config, &dh, &c->coap_port, &c->devices);
         if (r < 0)
                 return r;
@@ -573,6 +609,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                     &c->api_port, &c->api);
         if (r < 0)
                 return r;
+        api_set_integrations(c->api, c->integrations);
         if (config->cluster_nats) {
                 r = cloud_join_cluster(c);
                 if (r < 0)

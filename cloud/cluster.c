@@ -99,6 +99,7 @@ struct Cluster {
         sd_event_source *write_retry;
         bool write_failed_logged;
         bool warned_nodes;
+        bool nodes_loaded; /* the node watch's initial values are in */
         sd_event_source *heartbeat;
         ClusterForward *forwards;
         ClusterRpc *rpcs;
@@ -246,8 +247,12 @@ static void cluster_node_update(void *userdata, const char *key, const void *val
         const char *api = NULL;
         Node *n;
 
-        if (!key || !value || len == 0)
-                return; /* initial values done, or a node deleted its key (it stops: its heartbeat ends) */
+        if (!key) {
+                c->nodes_loaded = true; /* the initial values are in */
+                return;
+        }
+        if (!value || len == 0)
+                return; /* a node deleted its key (it stops: its heartbeat ends) */
         if (cluster_node_name_check(key) < 0)
                 return;
         j = json_loadb(value, len, 0, NULL);
@@ -537,6 +542,15 @@ void cluster_foreach_remote(Cluster *c, void (*fn)(void *userdata, const char *d
                         if (node)
                                 fn(userdata, p->id, node);
                 }
+}
+
+bool cluster_leads(Cluster *c) {
+        if (!c->nodes_loaded)
+                return false;
+        for (size_t i = 0; i < c->n_nodes; i++)
+                if (strcmp(c->nodes[i].name, c->node) < 0 && node_alive(c, c->nodes[i].name))
+                        return false;
+        return true;
 }
 
 json_t *cluster_nodes_json(Cluster *c) {

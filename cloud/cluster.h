@@ -91,6 +91,13 @@ const char *cluster_device_node(Cluster *c, const char *device);
 void cluster_foreach_remote(Cluster *c, void (*fn)(void *userdata, const char *device, const char *node),
                             void *userdata);
 /* Live nodes (this one included) as a JSON array of {"node", "api", "devices"}. */
+/* Whether this node leads the work done once for the whole cluster (the
+ * outbound integrations, integrations.h): it is the alive node with the
+ * smallest name. False until the node heartbeats were read once, so a
+ * node that starts does not take over from a leader it has not heard yet.
+ * Two nodes may both lead for up to CLUSTER_NODE_DEAD_SEC (a node that
+ * lost NATS, a leader that died): what they do must be safe to do twice. */
+bool cluster_leads(Cluster *c);
 json_t *cluster_nodes_json(Cluster *c);
 
 /* Send op for device to node (name, arg and params as ClusterHooks.rpc

@@ -9,12 +9,17 @@
 #include <openssl/evp.h>
 
 #include "cloud-config.h"
+#include "integrations.h"
 #include "proto.h"
 #include "keyfile.h"
 #include "log.h"
 #include "util.h"
 
 #define CONFIG_MAX_TOKENS 4096
+/* libinih keeps at most 49 bytes of a section's name (its MAX_SECTION,
+ * 50, is not configurable) and cuts the rest silently: a name that long
+ * may be cut, so an integration's section may not be. */
+#define CONFIG_SECTION_MAX 48
 
 static void help(void) {
         printf("%s [OPTIONS...]\n\n"
@@ -87,6 +92,9 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         free(c->cluster_password);
         free(c->cluster_ca_file);
         free(c->cluster_node_api);
+        for (size_t i = 0; i < c->n_integrations; i++)
+                integration_config_free(c->integrations[i]);
+        free(c->integrations);
         if (c->token_digests)
                 OPENSSL_cleanse(c->token_digests, c->n_tokens * CONFIG_TOKEN_DIGEST_SIZE);
         free(c->token_digests);
@@ -131,6 +139,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Events", "DeviceByteRate", device_byte_rate, 0, 1u << 31),
         UINT_KEY("Events", "DeviceByteBurst", device_byte_burst, 1, 1u << 31),
         UINT_KEY("Events", "DeviceJournalShare", device_journal_share, 1, 100),
+        UINT_KEY("Events", "BacklogMaxMB", backlog_max_mb, 1, 1048576),
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
         STR_KEY("API", "Certificate", api_cert_file),
         STR_KEY("API", "Key", api_key_file),
@@ -230,13 +239,218 @@ static void cloud_config_log_error(const char *message) {
         log_error("%s", message);
 }
 
-/* 1 to continue, 0 (keyfile_fail) marks this line as a failing one. */
-static int cloud_config_handler(KeyfileParser *p, const char *section, const char *name, const char *value) {
-        const KeyfileKey *k = keyfile_find_key(config_keys, ELEMENTSOF(config_keys), section, name);
+/* ---- [Webhook NAME], [MQTTBridge NAME] ---------------------------------------- */
+
+/* What the parser keeps between the handler's calls. */
+typedef struct ConfigParse {
+        CloudConfig *config;
+        char *section;              /* the section of the last key, to tell a new one */
+        IntegrationConfig *current; /* its integration; NULL: none (a bad section header) */
+        unsigned *lines;            /* [i]: the first line of config->integrations[i] */
+} ConfigParse;
+
+static void config_parse_done(ConfigParse *cp) {
+        free(cp->section);
+        free(cp->lines);
+}
+
+#define KEYFILE_PROTOCOL KEYFILE_TYPE_OWN /* "3.1.1" (4) or "5" */
+#define I_STR(sec, n, field) { sec, n, KEYFILE_STRING, offsetof(IntegrationConfig, field), 0, 0 }
+#define I_STR_EMPTY(sec, n, field) { sec, n, KEYFILE_STRING_EMPTY, offsetof(IntegrationConfig, field), 0, 0 }
+#define I_UINT(sec, n, field, lo, hi) { sec, n, KEYFILE_UINT, offsetof(IntegrationConfig, field), lo, hi }
+
+/* Sections by kind: "Webhook" and "MQTTBridge", the word before the name. */
+static const KeyfileKey integration_keys[] = {
+        I_STR("Webhook", "URL", url),
+        I_STR("Webhook", "Secret", secret),
+        I_STR_EMPTY("Webhook", "Prefix", prefix),
+        I_STR("Webhook", "Tag", tag),
+        I_STR("Webhook", "CAFile", ca_file),
+        I_UINT("Webhook", "Timeout", timeout_sec, 1, 300),
+        I_STR("MQTTBridge", "Host", host),
+        I_UINT("MQTTBridge", "Port", port, 1, 65535),
+        I_STR("MQTTBridge", "CAFile", ca_file),
+        I_STR("MQTTBridge", "CertFile", cert_file),
+        I_STR("MQTTBridge", "KeyFile", key_file),
+        I_STR("MQTTBridge", "ClientID", client_id),
+        I_STR("MQTTBridge", "User", user),
+        I_STR("MQTTBridge", "Password", password),
+        I_STR("MQTTBridge", "Topic", topic),
+        I_UINT("MQTTBridge", "QoS", qos, 0, 1),
+        { "MQTTBridge", "Protocol", KEYFILE_PROTOCOL, offsetof(IntegrationConfig, protocol), 0, 0 },
+        I_STR_EMPTY("MQTTBridge", "Prefix", prefix),
+        I_STR("MQTTBridge", "Tag", tag),
+        I_STR("MQTTBridge", "Subscribe", subscribe),
+        I_STR("MQTTBridge", "InboundPrefix", inbound_prefix),
+};
+
+/* The kind word of an integration section ("Webhook" of "Webhook NAME"),
+ * or NULL for another section; *ret_name: what follows the blanks. */
+static const char *integration_section(const char *section, IntegrationKind *ret_kind, const char **ret_name) {
+        static const struct {
+                const char *word;
+                IntegrationKind kind;
+        } kinds[] = { { "Webhook", INTEGRATION_WEBHOOK }, { "MQTTBridge", INTEGRATION_MQTT } };
+
+        for (size_t i = 0; i < ELEMENTSOF(kinds); i++) {
+                size_t n = strlen(kinds[i].word);
+
+                if (strncmp(section, kinds[i].word, n) != 0 || (section[n] && section[n] != ' ' && section[n] != '\t'))
+                        continue;
+                *ret_kind = kinds[i].kind;
+                *ret_name = section + n + strspn(section + n, " \t");
+                return kinds[i].word;
+        }
+        return NULL;
+}
+
+/* The first key of a section [KIND NAME]: a new IntegrationConfig (or,
+ * for a bad header, none: its keys are ignored, the error is logged). */
+static int integration_section_start(KeyfileParser *p, ConfigParse *cp, const char *section, const char *word,
+                                     IntegrationKind kind, const char *name) {
+        CloudConfig *c = cp->config;
+        _cleanup_(integration_config_freep) IntegrationConfig *ic = NULL;
+        IntegrationConfig **a;
+        unsigned *lines;
+
+        free(cp->section);
+        cp->section = strdup(section);
+        cp->current = NULL;
+        if (!cp->section)
+                return keyfile_fail(p, -ENOMEM, "Out of memory.");
+        if (!*name)
+                return keyfile_fail(p, -EINVAL, "[%s] needs a name: [%s NAME].", word, word);
+        if (strlen(section) > CONFIG_SECTION_MAX)
+                return keyfile_fail(p, -EINVAL,
+                                    "Section [%s...] is too long: the names of [%s] sections are at most %zu bytes "
+                                    "in this file.",
+                                    section, word, CONFIG_SECTION_MAX - (size_t)(name - section));
+        if (!integration_name_valid(name))
+                return keyfile_fail(p, -EINVAL, "Invalid name '%s' in [%s] (expected 1 to %u of A-Z a-z 0-9 _ -).",
+                                    name, section, INTEGRATION_NAME_MAX);
+        for (size_t i = 0; i < c->n_integrations; i++)
+                if (streq(c->integrations[i]->name, name))
+                        return keyfile_fail(p, -EINVAL,
+                                            "Duplicate integration name '%s' in [%s] (first at line %u): names are "
+                                            "unique across [Webhook] and [MQTTBridge].",
+                                            name, section, cp->lines[i]);
+        if (c->n_integrations >= CLOUD_INTEGRATIONS_MAX)
+                return keyfile_fail(p, -EINVAL, "More than %u integrations ([Webhook] and [MQTTBridge] sections).",
+                                    CLOUD_INTEGRATIONS_MAX);
+        ic = calloc(1, sizeof(*ic));
+        if (!ic || !(ic->name = strdup(name)))
+                return keyfile_fail(p, -ENOMEM, "Out of memory.");
+        ic->kind = kind;
+        /* Defaults that a key may set to 0 (the others after the file). */
+        ic->qos = 1;
+        ic->protocol = 4;
+        a = reallocarray(c->integrations, c->n_integrations + 1, sizeof(*a));
+        if (a)
+                c->integrations = a;
+        lines = reallocarray(cp->lines, c->n_integrations + 1, sizeof(*lines));
+        if (lines)
+                cp->lines = lines;
+        if (!a || !lines)
+                return keyfile_fail(p, -ENOMEM, "Out of memory.");
+        cp->lines[c->n_integrations] = p->line;
+        cp->current = c->integrations[c->n_integrations++] = TAKE_PTR(ic);
+        return 1;
+}
+
+static int integration_handler(KeyfileParser *p, ConfigParse *cp, const char *section, const char *word,
+                               IntegrationKind kind, const char *ident, const char *name, const char *value) {
+        const KeyfileKey *k;
         int r;
 
+        if (!cp->section || !streq(cp->section, section)) {
+                r = integration_section_start(p, cp, section, word, kind, ident);
+                if (r <= 0)
+                        return r;
+        }
+        if (!cp->current)
+                return 1; /* a bad header, said once */
+        k = keyfile_find_key(integration_keys, ELEMENTSOF(integration_keys), word, name);
+        if (!k) {
+                log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", p->path, p->line, name, section);
+                return 1;
+        }
+        if (k->type == KEYFILE_PROTOCOL) {
+                if (streq(value, "3.1.1"))
+                        cp->current->protocol = 4;
+                else if (streq(value, "5"))
+                        cp->current->protocol = 5;
+                else
+                        return keyfile_fail(p, -EINVAL,
+                                            "Invalid value '%s' for Protocol= in [%s] (expected 3.1.1 or 5).", value,
+                                            section);
+                return 1;
+        }
+        r = keyfile_set(k, cp->current, value);
+        if (r == -ENOMEM)
+                return keyfile_fail(p, r, "Out of memory.");
+        if (r < 0 && k->type == KEYFILE_UINT)
+                return keyfile_fail(p, -EINVAL, "Invalid value '%s' for %s= in [%s] (expected %llu..%llu).", value,
+                                    name, section, (unsigned long long)k->min, (unsigned long long)k->max);
+        if (r < 0)
+                return keyfile_fail(p, -EINVAL, "Empty value for %s= in [%s].", name, section);
+        return 1;
+}
+
+/* Defaults that depend on other keys, then integration_config_check(),
+ * each failure logged with the section's first line. */
+static int cloud_config_check_integrations(CloudConfig *c, const char *path, const unsigned *lines) {
+        int ret = 0;
+
+        for (size_t i = 0; i < c->n_integrations; i++) {
+                IntegrationConfig *ic = c->integrations[i];
+                const char *word = ic->kind == INTEGRATION_WEBHOOK ? "Webhook" : "MQTTBridge";
+                char err[INTEGRATION_ERROR_MAX];
+                int r;
+
+                if (ic->kind == INTEGRATION_WEBHOOK && ic->timeout_sec == 0)
+                        ic->timeout_sec = 10;
+                if (ic->kind == INTEGRATION_MQTT) {
+                        if (ic->port == 0)
+                                ic->port = ic->ca_file ? 8883 : 1883;
+                        if (!ic->topic && !(ic->topic = strdup("tether/{device}/{event}")))
+                                return log_error_errno(-ENOMEM, "Out of memory.");
+                        if (!ic->inbound_prefix && !(ic->inbound_prefix = strdup("mqtt/")))
+                                return log_error_errno(-ENOMEM, "Out of memory.");
+                        if (!ic->client_id &&
+                            asprintf(&ic->client_id, "tether-%s", c->cluster_node ?: "cloudd") < 0) {
+                                ic->client_id = NULL;
+                                return log_error_errno(-ENOMEM, "Out of memory.");
+                        }
+                }
+                r = integration_config_check(ic, err);
+                if (r == -ENOMEM)
+                        return log_error_errno(r, "Out of memory.");
+                if (r < 0) {
+                        log_error("%s:%u: [%s %s] %s", path, lines[i], word, ic->name, err);
+                        ret = -EINVAL;
+                }
+        }
+        return ret;
+}
+
+/* ---- the keyfile ----------------------------------------------------------------- */
+
+/* 1 to continue, 0 (keyfile_fail) marks this line as a failing one. */
+static int cloud_config_handler(KeyfileParser *p, const char *section, const char *name, const char *value) {
+        ConfigParse *cp = p->userdata;
+        const KeyfileKey *k = keyfile_find_key(config_keys, ELEMENTSOF(config_keys), section, name);
+        const char *word, *ident;
+        IntegrationKind kind;
+        int r;
+
+        if (!k && (word = integration_section(section, &kind, &ident)))
+                return integration_handler(p, cp, section, word, kind, ident, name, value);
+        /* Leaving a section [Webhook NAME]: that name again is a duplicate. */
+        free(cp->section);
+        cp->section = NULL;
+        cp->current = NULL;
         if (k) {
-                r = keyfile_set(k, p->userdata, value);
+                r = keyfile_set(k, cp->config, value);
                 if (r == -ENOMEM)
                         return keyfile_fail(p, r, "Out of memory.");
                 if (r < 0 && k->type == KEYFILE_UINT)
@@ -258,10 +472,10 @@ static int cloud_config_handler(KeyfileParser *p, const char *section, const cha
         return 1;
 }
 
-static int cloud_config_parse_keyfile(CloudConfig *c, const char *path) {
+static int cloud_config_parse_keyfile(CloudConfig *c, const char *path, ConfigParse *cp) {
         _cleanup_(keyfile_parser_done) KeyfileParser p = {
                 .path = path,
-                .userdata = c,
+                .userdata = cp,
                 .on_error = cloud_config_log_error,
         };
         _cleanup_fclose_ FILE *f = NULL;
@@ -491,6 +705,7 @@ static int cloud_config_check_cluster(CloudConfig *c, const char *path) {
 
 int cloud_config_load(const char *path, CloudConfig **ret) {
         _cleanup_(cloud_config_freep) CloudConfig *c = NULL;
+        _cleanup_(config_parse_done) ConfigParse cp = {};
         int r;
 
         c = calloc(1, sizeof(*c));
@@ -534,13 +749,15 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->device_byte_rate = 256 * 1024;
         c->device_byte_burst = 4 * 1024 * 1024;
         c->device_journal_share = 25;
+        c->backlog_max_mb = 1024;
         c->ota_port = 5685;
         c->ota_max_artifact_mb = 1024;
         c->sign_timeout_sec = 30;
         c->sign_concurrency = 4;
         c->cert_validity_sec = 30 * 86400;
 
-        r = cloud_config_parse_keyfile(c, path);
+        cp.config = c;
+        r = cloud_config_parse_keyfile(c, path, &cp);
         if (r < 0)
                 return r;
 
@@ -569,6 +786,9 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         if (r < 0)
                 return r;
         r = cloud_config_check_cluster(c, path);
+        if (r < 0)
+                return r;
+        r = cloud_config_check_integrations(c, path, cp.lines);
         if (r < 0)
                 return r;
         r = cloud_config_load_tokens(c);

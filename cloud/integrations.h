@@ -27,6 +27,8 @@
  *   a delivery succeeds again). Events the journal no longer has when
  *   the cursor reaches them (the journal was compacted past them) are
  *   counted as lost, logged and published as "tether/integration/lost".
+ *   The journal keeps what the slowest integration has not delivered
+ *   (journal_retain(), up to [Events] BacklogMaxMB=).
  * - Every event once per idempotency key: the key is
  *   "<journal epoch, 16 hex digits>-<journal id>", the same on every node
  *   of a cluster and on every resend.
@@ -90,12 +92,16 @@ typedef struct IntegrationConfig {
 } IntegrationConfig;
 
 IntegrationConfig *integration_config_free(IntegrationConfig *c);
+/* A copy of c: 0 and *ret, the caller's; -ENOMEM. */
+int integration_config_dup(const IntegrationConfig *c, IntegrationConfig **ret);
 static inline void integration_config_freep(IntegrationConfig **c) { integration_config_free(*c); }
 /* Check a whole configuration (required keys, what goes together, URL
  * schemes, lengths, the name): 0, or -EINVAL with a message for a person
  * in err ("URL= must be https://, or http:// to a loopback address"). The
  * same checks for the file and the API. */
 int integration_config_check(const IntegrationConfig *c, char err[static INTEGRATION_ERROR_MAX]);
+/* Whether name is an integration's name: [A-Za-z0-9_-]{1,64}. */
+bool integration_name_valid(const char *name);
 
 typedef struct Integration Integration;
 typedef struct Integrations Integrations;

@@ -66,6 +66,8 @@ struct Journal {
         uint64_t next_id;
         uint64_t end;
         uint64_t generation; /* bumped when the file is replaced */
+        uint64_t retain_after; /* journal_retain(): events above this id are a backlog (UINT64_MAX: none) */
+        uint64_t compact_at;   /* the size past which the file is compacted */
         JournalSeek seek;    /* where cursors start looking for an id */
         bool unsynced;       /* appended since the last sync was asked for */
         uint64_t unsynced_events, unsynced_bytes;
@@ -175,6 +177,14 @@ uint64_t journal_last_seq(Journal *j, const char *device, uint64_t epoch) {
 uint64_t journal_epoch(Journal *j) { return j->epoch; }
 
 uint64_t journal_last_id(Journal *j) { return j->next_id - 1; }
+
+static uint64_t journal_backlog_max(const Journal *j) {
+        return (uint64_t)(j->config->backlog_max_mb ?: 1024) << 20;
+}
+
+void journal_retain(Journal *j, uint64_t after_id) {
+        j->retain_after = after_id;
+}
 
 /* ---- records --------------------------------------------------------------- */
 
@@ -376,7 +386,7 @@ static int journal_rewrite(Journal *j, const uint8_t *old, size_t old_len, size_
 /* One event of the file being compacted: where, how big, whose
  * (a hash of its coreid, then the index of that among the holders). */
 typedef struct CompactEvent {
-        uint64_t offset, size, holder;
+        uint64_t offset, size, holder, id;
 } CompactEvent;
 
 typedef struct Compact {
@@ -400,7 +410,7 @@ static int compact_note(const uint8_t *payload, size_t len, size_t offset, void 
                 c->v = b;
                 c->cap = cap;
         }
-        c->v[c->n++] = (CompactEvent){ .offset = offset, .size = record_size(len),
+        c->v[c->n++] = (CompactEvent){ .offset = offset, .size = record_size(len), .id = v.id,
                                        .holder = hash_string((const char *)v.coreid, v.coreid_len) };
         return 0;
 }
@@ -417,9 +427,15 @@ static int cmp_u64(const void *a, const void *b) {
  * to its share, then what room is left goes to the newest of the rest.
  * Each holder keeps a run of its newest events (no holes in one device's
  * events); a device that floods loses its own older events first, not
- * the others'. */
+ * the others'.
+ *
+ * On top of that, the backlog (journal_retain()): every event above the
+ * retained id is kept, the newest first, up to BacklogMaxMB= of them. The
+ * next compaction then comes when the file has grown by another half of
+ * JournalMaxBytes, so a large backlog is not rewritten on every append. */
 static int journal_compact(Journal *j) {
-        uint64_t budget = j->config->journal_max_bytes / 2, share, total = 0, dropped = 0;
+        uint64_t budget = j->config->journal_max_bytes / 2, share, total = 0, dropped = 0, backlog = 0,
+                 backlog_max = journal_backlog_max(j);
         _cleanup_free_ uint64_t *holders = NULL, *kept_bytes = NULL, *keep = NULL;
         _cleanup_free_ bool *kept = NULL, *closed = NULL;
         Compact c = {};
@@ -481,6 +497,15 @@ static int journal_compact(Journal *j) {
                         total += c.v[i].size;
                         kept[i] = true;
                 }
+                /* The backlog, newest first, within its own limit. */
+                for (size_t i = c.n; j->retain_after != UINT64_MAX && i-- > 0;) {
+                        if (c.v[i].id <= j->retain_after || backlog + c.v[i].size > backlog_max)
+                                break;
+                        backlog += c.v[i].size;
+                        if (!kept[i])
+                                total += c.v[i].size;
+                        kept[i] = true;
+                }
                 for (size_t i = 0; i < c.n; i++)
                         if (kept[i])
                                 keep[n_keep++] = c.v[i].offset;
@@ -491,8 +516,12 @@ static int journal_compact(Journal *j) {
                 r = journal_rewrite(j, map, len, 0, keep ?: (const uint64_t[]){ UINT64_MAX }, n_keep);
         munmap(map, len);
         free(c.v);
-        if (r >= 0)
+        if (r >= 0) {
                 stats_journal_share_dropped(dropped);
+                j->compact_at = j->end + j->config->journal_max_bytes / 2;
+                if (j->compact_at < j->config->journal_max_bytes)
+                        j->compact_at = j->config->journal_max_bytes;
+        }
         return r;
 }
 
@@ -726,7 +755,7 @@ int journal_append_at(Journal *j, const ProtoEvent *e, uint64_t epoch, uint64_t 
                         (void)sd_event_source_set_enabled(j->sync_timer, SD_EVENT_ONESHOT);
                 }
         }
-        if (j->end > j->config->journal_max_bytes) {
+        if (j->end > j->compact_at) {
                 r = journal_compact(j);
                 if (r < 0)
                         log_warning_errno(r, "Failed to rewrite the event journal (%" PRIu64 " bytes): %m",
@@ -882,7 +911,8 @@ int journal_new(sd_event *event, const CloudConfig *config, Journal **ret) {
         j = calloc(1, sizeof(*j));
         if (!j)
                 return log_error_errno(-ENOMEM, "Out of memory opening the event journal.");
-        *j = (Journal){ .config = config, .generation = 1, .dir_fd = -1, .lock_fd = -1, .fd = -1 };
+        *j = (Journal){ .config = config, .generation = 1, .dir_fd = -1, .lock_fd = -1, .fd = -1,
+                        .retain_after = UINT64_MAX, .compact_at = config->journal_max_bytes };
         if (mkdir(dir, 0700) < 0 && errno != EEXIST)
                 return log_error_errno(errno, "Failed to create the state directory '%s': %m", dir);
         j->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);

@@ -61,6 +61,15 @@ uint64_t journal_last_id(Journal *j);
  * or device states; free it. */
 int journal_reset(Journal *j, uint64_t epoch);
 
+/* Keep the events above after_id when the file is compacted (a backlog
+ * that readers such as the outbound integrations, integrations.h, have
+ * not acknowledged yet), up to [Events] BacklogMaxMB= of them, the newest
+ * first: past that, the oldest go and a reader sees a gap in the ids.
+ * JOURNAL_RETAIN_NONE (the default): no backlog, the file is bounded by
+ * JournalMaxBytes alone. */
+#define JOURNAL_RETAIN_NONE UINT64_MAX
+void journal_retain(Journal *j, uint64_t after_id);
+
 /* Reading the journal in order, from after a given id. A cursor borrows
  * its Journal: journal_cursor_done() it before journal_free(). */
 typedef struct JournalCursor {

@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for tether-cloudd's configuration (cloud/config.c): keyfile
- * values and limits, the API token file, the command line. */
+ * values and limits, the API token file, the command line, the sections
+ * of the outbound integrations ([Webhook NAME], [MQTTBridge NAME]) and
+ * their checks (cloud/integrations-config.c). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -12,6 +14,7 @@
 #include <unistd.h>
 
 #include "cloud/cloud-config.h"
+#include "cloud/integrations.h"
 #include "util.h"
 
 static char dir[] = "/tmp/tether-cloud-config-test-XXXXXX";
@@ -210,7 +213,8 @@ static void expect_logged(const char *extra, const char *needle) {
         _cleanup_free_ char *log = NULL;
         CloudConfig *c = NULL;
 
-        assert_int_equal(load_logged(extra, &c, &log), -EINVAL);
+        if (load_logged(extra, &c, &log) != -EINVAL)
+                fail_msg("accepted: %s", extra);
         assert_null(c);
         if (!strstr(log, needle))
                 fail_msg("log '%s' does not contain '%s'", log, needle);
@@ -422,6 +426,195 @@ static void test_cluster(void **state) {
         expect_logged("[Cluster]\nNATS=nats://a:1\nNodeAPI=ftp://x\n", "Invalid URL 'ftp://x' for NodeAPI=");
 }
 
+#define SECRET "0123456789abcdef"
+
+static void test_integrations(void **state) {
+        CloudConfig *c = NULL;
+        IntegrationConfig *w, *m, *m2;
+
+        assert_int_equal(load("", &c), 0);
+        assert_int_equal(c->n_integrations, 0);
+        c = cloud_config_free(c);
+
+        assert_int_equal(load("[Webhook hook-1]\nURL=https://hooks.example.com/tether\nSecret=" SECRET "\n"
+                              "[MQTTBridge aws_iot]\nHost=broker.example.com\nCAFile=/ca.pem\nCertFile=/b.crt\n"
+                              "KeyFile=/b.key\nQoS=0\nProtocol=5\nPrefix=temp\nTag=site=berlin\n"
+                              "Subscribe=tether/to-devices/#\n"
+                              "[MQTTBridge local]\nHost=127.0.0.1\nUser=u\nPassword=p\n"
+                              "Topic=x/{name}/{device}/{event}\n"
+                              "ClientID=me\nInboundPrefix=in/\nPort=1884\n",
+                              &c),
+                         0);
+        assert_int_equal(c->n_integrations, 3);
+        w = c->integrations[0];
+        assert_string_equal(w->name, "hook-1");
+        assert_int_equal(w->kind, INTEGRATION_WEBHOOK);
+        assert_false(w->from_api);
+        assert_string_equal(w->url, "https://hooks.example.com/tether");
+        assert_string_equal(w->secret, SECRET);
+        assert_null(w->prefix);
+        assert_null(w->tag);
+        assert_null(w->ca_file);
+        assert_int_equal(w->timeout_sec, 10);
+        m = c->integrations[1];
+        assert_string_equal(m->name, "aws_iot");
+        assert_int_equal(m->kind, INTEGRATION_MQTT);
+        assert_int_equal(m->port, 8883); /* TLS */
+        assert_int_equal(m->qos, 0);
+        assert_int_equal(m->protocol, 5);
+        assert_string_equal(m->prefix, "temp");
+        assert_string_equal(m->tag, "site=berlin");
+        assert_string_equal(m->topic, "tether/{device}/{event}");
+        assert_string_equal(m->client_id, "tether-cloudd");
+        assert_string_equal(m->subscribe, "tether/to-devices/#");
+        assert_string_equal(m->inbound_prefix, "mqtt/");
+        m2 = c->integrations[2];
+        assert_int_equal(m2->port, 1884);
+        assert_int_equal(m2->qos, 1);
+        assert_int_equal(m2->protocol, 4);
+        assert_string_equal(m2->topic, "x/{name}/{device}/{event}");
+        assert_string_equal(m2->client_id, "me");
+        assert_string_equal(m2->inbound_prefix, "in/");
+        assert_string_equal(m2->user, "u");
+        assert_null(m2->subscribe);
+        c = cloud_config_free(c);
+
+        /* Defaults: 1883 without TLS; the client ID from the node's name. */
+        assert_int_equal(load("[Cluster]\nNATS=nats://a:1\nNode=n7\n[MQTTBridge b]\nHost=h\nPrefix=\n", &c), 0);
+        assert_int_equal(c->integrations[0]->port, 1883);
+        assert_string_equal(c->integrations[0]->client_id, "tether-n7");
+        assert_string_equal(c->integrations[0]->prefix, "");
+        c = cloud_config_free(c);
+
+        /* Loopback receivers may be plain HTTP. */
+        static const char *const loopback[] = { "http://127.0.0.1:8080/x", "http://127.9.8.7/", "http://[::1]:9/h",
+                                                "http://localhost/", "HTTP://LOCALHOST:1/", "https://[2001:db8::1]/" };
+        for (size_t i = 0; i < ELEMENTSOF(loopback); i++) {
+                char text[256];
+
+                snprintf(text, sizeof(text), "[Webhook w]\nURL=%s\nSecret=" SECRET "\n", loopback[i]);
+                assert_int_equal(load(text, &c), 0);
+                c = cloud_config_free(c);
+        }
+}
+
+static void test_integrations_bad(void **state) {
+        /* The base file has 6 lines: the first of "extra" is line 7. */
+        expect_logged("[Webhook]\nURL=https://a/\n", "cloud.conf:8: [Webhook] needs a name");
+        expect_logged("[Webhook a.b]\nURL=https://a/\n", "cloud.conf:8: Invalid name 'a.b' in [Webhook a.b]");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=" SECRET "\n[MQTTBridge a]\nHost=h\n",
+                      "cloud.conf:11: Duplicate integration name 'a' in [MQTTBridge a] (first at line 8)");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=" SECRET "\n[Cloud]\nPingSec=5\n[Webhook a]\nTimeout=3\n",
+                      "Duplicate integration name 'a'");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=" SECRET "\nTimeout=0\n",
+                      "cloud.conf:10: Invalid value '0' for Timeout= in [Webhook a] (expected 1..300)");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=" SECRET "\nTimeout=301\n", "Timeout=");
+        expect_logged("[Webhook a]\nURL=\n", "cloud.conf:8: Empty value for URL= in [Webhook a]");
+        expect_logged("[Webhook a]\nSecret=" SECRET "\n", "cloud.conf:8: [Webhook a] URL= is required");
+        expect_logged("[Webhook a]\nURL=https://a/\n", "cloud.conf:8: [Webhook a] Secret= is required");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=short\n", "Secret= must be 16 to 256 bytes, not 5");
+        expect_logged("[Webhook a]\nURL=http://example.com/\nSecret=" SECRET "\n",
+                      "[Webhook a] URL= must be https://, or http:// to a loopback address");
+        expect_logged("[Webhook a]\nURL=http://128.0.0.1/\nSecret=" SECRET "\n", "URL= must be https://");
+        expect_logged("[Webhook a]\nURL=http://localhost.example.com/\nSecret=" SECRET "\n", "URL= must be https://");
+        expect_logged("[Webhook a]\nURL=ftp://a/\nSecret=" SECRET "\n", "URL= must be https://");
+        expect_logged("[Webhook a]\nURL=not a url\nSecret=" SECRET "\n", "URL= is not a URL");
+        expect_logged("[Webhook a]\nURL=https://\nSecret=" SECRET "\n", "URL= is not a URL");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=" SECRET "\nTag==x\n", "Tag= must be KEY or KEY=VALUE");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=" SECRET "\nTag=a b\n", "Tag= must be KEY");
+        expect_logged("[Webhook a]\nURL=https://a/\nSecret=" SECRET "\nPrefix=a//b\n", "Prefix= must be");
+        expect_logged("[MQTTBridge m]\nPort=1\n", "cloud.conf:8: [MQTTBridge m] Host= is required");
+        expect_logged("[MQTTBridge m]\nHost=h\nPort=0\n", "Invalid value '0' for Port=");
+        expect_logged("[MQTTBridge m]\nHost=h\nQoS=2\n", "cloud.conf:9: Invalid value '2' for QoS=");
+        expect_logged("[MQTTBridge m]\nHost=h\nProtocol=3.1\n",
+                      "cloud.conf:9: Invalid value '3.1' for Protocol= in [MQTTBridge m] (expected 3.1.1 or 5)");
+        expect_logged("[MQTTBridge m]\nHost=h\nCAFile=/ca\nCertFile=/c\n", "CertFile= and KeyFile= go together");
+        expect_logged("[MQTTBridge m]\nHost=h\nCertFile=/c\nKeyFile=/k\n", "CertFile= needs CAFile=");
+        expect_logged("[MQTTBridge m]\nHost=h\nUser=u\n", "User= and Password= go together");
+        expect_logged("[MQTTBridge m]\nHost=h\nTopic=a/{devices}\n", "Topic= may hold only {device}");
+        expect_logged("[MQTTBridge m]\nHost=h\nTopic=a/+/b\n", "Topic= must not hold the wildcards");
+        expect_logged("[MQTTBridge m]\nHost=h\nTopic=a/}\n", "Topic= has a '}'");
+        expect_logged("[MQTTBridge m]\nHost=h\nSubscribe=a/#/b\n", "Subscribe= must be an MQTT topic filter");
+        expect_logged("[MQTTBridge m]\nHost=h\nSubscribe=a/b+\n", "Subscribe= must be an MQTT topic filter");
+        expect_logged("[MQTTBridge m]\nHost=h\nInboundPrefix=tether/x/\n", "InboundPrefix= must not be under");
+        /* libinih cuts section names at 49 bytes: refused, not cut. */
+        expect_logged("[MQTTBridge m1234567890123456789012345678901234567]\nHost=h\n",
+                      "cloud.conf:8: Section [MQTTBridge m1234567890123456789012345678901234567...] is too long: "
+                      "the names of [MQTTBridge] sections are at most 37 bytes");
+        /* A key of the other kind is unknown here: a warning. */
+        {
+                _cleanup_free_ char *log = NULL;
+                CloudConfig *c = NULL;
+
+                assert_int_equal(load_logged("[MQTTBridge m]\nHost=h\nURL=https://a/\n", &c, &log), 0);
+                assert_non_null(strstr(log, "cloud.conf:9: Unknown key URL= in [MQTTBridge m], ignoring."));
+                cloud_config_free(c);
+        }
+        /* Every bad section is logged, not only the first. */
+        expect_logged("[Webhook a]\nURL=https://a/\n[Webhook b]\nURL=https://b/\n", "[Webhook b] Secret= is required");
+}
+
+static void test_integrations_limit(void **state) {
+        _cleanup_free_ char *text = NULL;
+        CloudConfig *c = NULL;
+        size_t len = 0;
+        FILE *f = open_memstream(&text, &len);
+
+        assert_non_null(f);
+        for (unsigned i = 0; i < CLOUD_INTEGRATIONS_MAX; i++)
+                fprintf(f, "[MQTTBridge m%u]\nHost=h\n", i);
+        fflush(f);
+        assert_int_equal(load(text, &c), 0);
+        assert_int_equal(c->n_integrations, CLOUD_INTEGRATIONS_MAX);
+        c = cloud_config_free(c);
+        fprintf(f, "[MQTTBridge one-more]\nHost=h\n");
+        fclose(f);
+        expect_logged(text, "More than 64 integrations");
+}
+
+/* integration_config_check() as the API uses it. */
+static void test_integration_config_check(void **state) {
+        IntegrationConfig ic = {
+                .name = (char *)"api-hook",
+                .kind = INTEGRATION_WEBHOOK,
+                .from_api = true,
+                .url = (char *)"https://example.com/h",
+                .secret = (char *)SECRET,
+                .timeout_sec = 10,
+        };
+        char err[INTEGRATION_ERROR_MAX];
+        char long_secret[INTEGRATION_SECRET_MAX + 2];
+
+        assert_int_equal(integration_config_check(&ic, err), 0);
+        ic.name = (char *)"";
+        assert_int_equal(integration_config_check(&ic, err), -EINVAL);
+        assert_non_null(strstr(err, "Invalid integration name ''"));
+        ic.name = (char *)"x";
+        memset(long_secret, 's', sizeof(long_secret) - 1);
+        long_secret[sizeof(long_secret) - 1] = 0;
+        ic.secret = long_secret;
+        assert_int_equal(integration_config_check(&ic, err), -EINVAL);
+        assert_non_null(strstr(err, "Secret= must be 16 to 256 bytes, not 257"));
+        long_secret[INTEGRATION_SECRET_MAX] = 0;
+        assert_int_equal(integration_config_check(&ic, err), 0);
+        ic.host = (char *)"h";
+        assert_int_equal(integration_config_check(&ic, err), -EINVAL);
+        assert_non_null(strstr(err, "A webhook takes only"));
+        ic = (IntegrationConfig){ .name = (char *)"m1234567890123456789012345678901234567890123456789012345678",
+                                  .kind = INTEGRATION_MQTT, .host = (char *)"h", .port = 1883, .qos = 1,
+                                  .protocol = 4, .topic = (char *)"t/{device}", .client_id = (char *)"c",
+                                  .inbound_prefix = (char *)"mqtt/", .subscribe = (char *)"a/#" };
+        assert_int_equal(integration_config_check(&ic, err), 0);
+        ic.name = (char *)"m12345678901234567890123456789012345678901234567890123456789";
+        assert_int_equal(integration_config_check(&ic, err), -EINVAL);
+        assert_non_null(strstr(err, "With Subscribe=, the name must be at most 59 bytes"));
+        ic.subscribe = NULL;
+        assert_int_equal(integration_config_check(&ic, err), 0);
+        assert_true(integration_name_valid("A-z_09"));
+        assert_false(integration_name_valid("a b"));
+        assert_false(integration_name_valid(NULL));
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
@@ -437,6 +630,10 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_argv),
                 cmocka_unit_test(test_resolve_address),
                 cmocka_unit_test(test_cluster),
+                cmocka_unit_test(test_integrations),
+                cmocka_unit_test(test_integrations_bad),
+                cmocka_unit_test(test_integrations_limit),
+                cmocka_unit_test(test_integration_config_check),
         };
 
         /* One test, or those a glob matches: test-foo NAME (HACKING.md). */

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "cloud/events.h"
@@ -445,6 +446,67 @@ static void test_journal_append_at_and_reset(void **state) {
         f->events = NULL;
 }
 
+/* The backlog (journal_retain()): compaction keeps every event above the
+ * retained id, up to BacklogMaxMB=, then drops the oldest of them (a
+ * reader sees the gap); without a backlog the file stays near
+ * JournalMaxBytes. */
+static void test_journal_backlog(void **state) {
+        Fixture *f = *state;
+        char data[200];
+        ProtoEvent e = { .name = (char *)"n", .data = data, .published_at = (char *)"2026-01-01T00:00:00.000Z",
+                         .coreid = (char *)"dev" }, got;
+        JournalCursor c;
+        uint64_t id, expect, n = 0;
+        struct stat st;
+        char path[128];
+
+        memset(data, 'x', sizeof(data) - 1);
+        data[sizeof(data) - 1] = 0;
+        f->journal = journal_free(f->journal);
+        f->config.journal_max_bytes = 65536;
+        f->config.backlog_max_mb = 1;
+        assert_int_equal(journal_new(f->event, &f->config, &f->journal), 0);
+        snprintf(path, sizeof(path), "%s/events.journal", f->dir);
+
+        /* About 600 KiB of events after id 10: all kept. */
+        for (unsigned i = 0; i < 10; i++)
+                assert_int_equal(journal_append(f->journal, &e, 0, 0, &id), 0);
+        journal_retain(f->journal, 10);
+        for (unsigned i = 0; i < 2500; i++)
+                assert_int_equal(journal_append(f->journal, &e, 0, 0, &id), 0);
+        assert_int_equal(stat(path, &st), 0);
+        assert_true(st.st_size > 512 * 1024);
+        journal_cursor_init(&c, f->journal, 10);
+        for (expect = 11; journal_cursor_next(&c, &got, &id) == 1; expect++, n++) {
+                assert_int_equal(id, expect);
+                proto_event_done(&got);
+        }
+        journal_cursor_done(&c);
+        assert_int_equal(n, 2500);
+
+        /* Past 1 MiB of backlog: the oldest go, the file stays bounded. */
+        for (unsigned i = 0; i < 5000; i++)
+                assert_int_equal(journal_append(f->journal, &e, 0, 0, &id), 0);
+        assert_int_equal(stat(path, &st), 0);
+        assert_true(st.st_size <= (1 << 20) + 65536);
+        journal_cursor_init(&c, f->journal, 10);
+        assert_int_equal(journal_cursor_next(&c, &got, &id), 1);
+        assert_true(id > 11);
+        proto_event_done(&got);
+        journal_cursor_done(&c);
+
+        /* No backlog: back to JournalMaxBytes. */
+        journal_retain(f->journal, JOURNAL_RETAIN_NONE);
+        for (unsigned i = 0; i < 2000; i++)
+                assert_int_equal(journal_append(f->journal, &e, 0, 0, &id), 0);
+        assert_int_equal(stat(path, &st), 0);
+        assert_true(st.st_size <= (1 << 20) + 65536);
+        for (unsigned i = 0; i < 2000; i++)
+                assert_int_equal(journal_append(f->journal, &e, 0, 0, &id), 0);
+        assert_int_equal(stat(path, &st), 0);
+        assert_true(st.st_size <= 65536 + 1024);
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_route_matching_only, setup, teardown),
@@ -457,6 +519,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test_setup_teardown(test_publish_checks, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_store_hook, setup_store, teardown),
                 cmocka_unit_test_setup_teardown(test_journal_append_at_and_reset, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_journal_backlog, setup, teardown),
         };
 
         log_set_max_level(LOG_WARNING);
