@@ -59,7 +59,7 @@ typedef struct Request {
         bool busy;
         uint64_t id;
         struct curl_slist *headers;
-        size_t received;  /* bytes of the response body seen (and dropped) */
+        size_t received; /* bytes of the response body seen (and dropped) */
         bool too_large;
         char errbuf[CURL_ERROR_SIZE];
 } Request;
@@ -215,8 +215,7 @@ static int outcome(Webhook *w, Request *q, CURLcode result, char why[static INTE
 
                 curl_easy_getinfo(q->easy, CURLINFO_CONNECT_TIME_T, &connected);
                 if (connected == 0)
-                        say(why, "connecting timed out after %u s",
-                                 connect_timeout_sec(w));
+                        say(why, "connecting timed out after %u s", connect_timeout_sec(w));
                 else
                         say(why, "timed out after %u s", w->timeout_sec);
                 return -ETIMEDOUT;
@@ -296,8 +295,7 @@ static void finish_transfers(Webhook *w) {
                 w->in_flight--;
                 id = q->id;
                 if (r < 0)
-                        log_debug("Webhook '%s': event %" PRIu64 " failed: %s", w->config->name, id,
-                                  why);
+                        log_debug("Webhook '%s': event %" PRIu64 " failed: %s", w->config->name, id, why);
                 integration_sent(w->owner, id, r, r < 0 ? why : NULL);
         }
 }
@@ -331,10 +329,10 @@ static int request_setup(Webhook *w, Request *q) {
         q->easy = curl_easy_init();
         if (!q->easy)
                 return -ENOMEM;
-#define SET(opt, val)                                                   \
-        do {                                                            \
-                if (curl_easy_setopt(q->easy, opt, val) != CURLE_OK)    \
-                        return -EIO;                                    \
+#define SET(opt, val) \
+        do { \
+                if (curl_easy_setopt(q->easy, opt, val) != CURLE_OK) \
+                        return -EIO; \
         } while (0)
         SET(CURLOPT_URL, w->config->url);
         SET(CURLOPT_PROTOCOLS_STR, "http,https");
@@ -364,15 +362,15 @@ static struct curl_slist *request_headers(Webhook *w, const char *key, const cha
         char line[128 + INTEGRATION_NAME_MAX + WEBHOOK_KEY_MAX];
         struct curl_slist *h = NULL, *t;
 
-#define ADD(...)                                                        \
-        do {                                                            \
-                snprintf(line, sizeof(line), __VA_ARGS__);              \
-                t = curl_slist_append(h, line);                         \
-                if (!t) {                                               \
-                        curl_slist_free_all(h);                         \
-                        return NULL;                                    \
-                }                                                       \
-                h = t;                                                  \
+#define ADD(...) \
+        do { \
+                snprintf(line, sizeof(line), __VA_ARGS__); \
+                t = curl_slist_append(h, line); \
+                if (!t) { \
+                        curl_slist_free_all(h); \
+                        return NULL; \
+                } \
+                h = t; \
         } while (0)
         ADD("Content-Type: application/json");
         ADD("X-Tether-Webhook: %s", w->config->name);
@@ -471,7 +469,9 @@ static void sink_webhook_free(void *sink) {
         free(w);
 }
 
-static void webhook_freep(Webhook **w) { sink_webhook_free(*w); }
+static void webhook_freep(Webhook **w) {
+        sink_webhook_free(*w);
+}
 
 /* url without its user:password part, for people. */
 static int url_without_credentials(const char *url, char **ret) {
@@ -520,7 +520,10 @@ static int sink_webhook_new(sd_event *event, const IntegrationConfig *config, co
             curl_multi_setopt(w->multi, CURLMOPT_SOCKETDATA, w) != CURLM_OK ||
             curl_multi_setopt(w->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) != CURLM_OK ||
             curl_multi_setopt(w->multi, CURLMOPT_TIMERDATA, w) != CURLM_OK ||
-            curl_multi_setopt(w->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)WEBHOOK_WINDOW) != CURLM_OK)
+            curl_multi_setopt(w->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)WEBHOOK_WINDOW) != CURLM_OK ||
+            /* Keep the window's connections when the transfers end (by
+             * default the cache shrinks with the transfers). */
+            curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, (long)WEBHOOK_WINDOW) != CURLM_OK)
                 return log_error_errno(-EIO, "Webhook '%s': cannot set up libcurl.", config->name);
         r = sd_event_add_time(event, &w->timer, CLOCK_MONOTONIC, 0, 0, on_timer, w);
         if (r >= 0)
