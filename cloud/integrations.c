@@ -25,6 +25,7 @@
 #include "cloud-config.h"
 #include "integrations.h"
 #include "log.h"
+#include "stats.h"
 #include "store.h"
 #include "util.h"
 
@@ -429,6 +430,7 @@ static void integration_failed(Integration *in, const char *why) {
         (void)sd_event_source_set_enabled(in->retry_timer, SD_EVENT_ONESHOT);
         if (in->failures >= INTEGRATION_FAILING_AFTER && !in->failing) {
                 in->failing = true;
+                stats_integrations_failing(1);
                 proto_timestamp_now(in->failing_since);
                 log_error("Integration '%s' is failing: %u attempts in a row failed, the last with: %s. Retrying "
                           "every %u s at most; nothing is dropped.",
@@ -441,12 +443,14 @@ static void integration_failed(Integration *in, const char *why) {
 
 static void integration_succeeded(Integration *in) {
         in->delivered++;
+        stats_integration(STATS_INTEGRATION_DELIVERED, 1);
         proto_timestamp_now(in->last_delivered_at);
         if (in->retry_wait)
                 return; /* others of this round failed */
         in->failures = 0;
         if (in->failing) {
                 in->failing = false;
+                stats_integrations_failing(-1);
                 in->failing_since[0] = 0;
                 log_notice("Integration '%s' recovered: deliveries succeed again.", in->config->name);
                 integration_announce(in, "recovered", json_object());
@@ -522,6 +526,8 @@ static void integration_stop(Integration *in) {
                 in->saved = in->floor;
         in->retry_wait = in->retry_due = false;
         in->failures = 0;
+        if (in->failing)
+                stats_integrations_failing(-1);
         in->failing = false;
         in->failing_since[0] = 0;
         (void)sd_event_source_set_enabled(in->retry_timer, SD_EVENT_OFF);
@@ -602,6 +608,7 @@ static void integration_check_gap(Integration *in, uint64_t id, bool at_end) {
         if (lost == 0)
                 return;
         in->lost += lost;
+        stats_integration(STATS_INTEGRATION_LOST, lost);
         integration_key(in->owner, at_end ? in->done : id, key);
         log_warning("Integration '%s': %" PRIu64 " event(s) before %s are no longer in the journal (past [Events] "
                     "BacklogMaxMB=): lost for this integration.",
@@ -688,6 +695,7 @@ static void integration_pump(Integration *in, unsigned *budget) {
                         snprintf(why, sizeof(why), "%s", strerror(-r));
                         entry->state = ENTRY_FAILED;
                         in->failed++;
+                        stats_integration(STATS_INTEGRATION_FAILED, 1);
                         integration_failed(in, why);
                         break;
                 }
@@ -697,6 +705,16 @@ static void integration_pump(Integration *in, unsigned *budget) {
                 in->done = id;
         }
         integration_update_floor(in);
+}
+
+/* The metric: how far the integration furthest behind is. */
+static void integrations_backlog_stat(Integrations *s) {
+        uint64_t last = journal_last_id(s->journal), most = 0;
+
+        for (size_t i = 0; i < s->n_items; i++)
+                if (last > s->items[i]->floor && last - s->items[i]->floor > most)
+                        most = last - s->items[i]->floor;
+        stats_integrations_backlog(most);
 }
 
 static int integrations_defer_cb(sd_event_source *source, void *userdata) {
@@ -712,6 +730,7 @@ static int integrations_defer_cb(sd_event_source *source, void *userdata) {
                 s->next = (s->next + 1) % s->n_items;
         if (budget == 0)
                 integrations_defer(s); /* more next time round the loop */
+        integrations_backlog_stat(s);
         return 0;
 }
 
@@ -738,6 +757,7 @@ void integration_sent(Integration *in, uint64_t id, int error, const char *why) 
         } else {
                 e->state = ENTRY_FAILED;
                 in->failed++;
+                stats_integration(STATS_INTEGRATION_FAILED, 1);
                 integration_failed(in, why && why[0] ? why : strerror(error < 0 ? -error : error));
         }
         integration_update_floor(in);

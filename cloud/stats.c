@@ -84,6 +84,12 @@ static const char *const api_refused_names[_STATS_API_REFUSED_MAX] = {
         [STATS_API_STREAMS_TOKEN] = "streams_token",
 };
 
+static const char *const integration_names[_STATS_INTEGRATION_MAX] = {
+        [STATS_INTEGRATION_DELIVERED] = "delivered",
+        [STATS_INTEGRATION_FAILED] = "failed",
+        [STATS_INTEGRATION_LOST] = "lost",
+};
+
 /* Upper bounds in microseconds: 0.25 ms .. 10 s. */
 static const uint64_t latency_buckets[] = { 250,    500,    1000,   2500,    5000,    10000,   25000,   50000,
                                             100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000 };
@@ -101,6 +107,7 @@ static struct {
         MetricSeries *events_in[_STATS_FROM_MAX], *events_out[_STATS_TO_MAX], *events_dropped[_STATS_DROPPED_MAX];
         MetricSeries *streams_open, *stream_lag;
         MetricSeries *api_refused[_STATS_API_REFUSED_MAX];
+        MetricSeries *integration[_STATS_INTEGRATION_MAX], *integrations_failing, *integrations_backlog;
         MetricSeries *loop_delay; /* worker 0; workers add theirs */
         MetricSeries *journal_unsynced_events, *journal_unsynced_bytes, *journal_fsync;
         MetricSeries **shard_sessions; /* [n_shards] */
@@ -214,6 +221,20 @@ static int stats_register(void) {
                 r = stats_family(METRIC_HISTOGRAM, "tether_cloud_journal_fsync_duration_seconds",
                                  "Time to sync the event journal to disk.", NULL, NULL, 0, &stats.journal_fsync,
                                  delay_buckets, ELEMENTSOF(delay_buckets));
+        if (r >= 0)
+                r = stats_family(METRIC_COUNTER, "tether_cloud_integration_events_total",
+                                 "Events of the outbound integrations (webhooks, MQTT bridges), by outcome: "
+                                 "delivered, failed (retried), lost (dropped by the journal first).",
+                                 "outcome", integration_names, _STATS_INTEGRATION_MAX, stats.integration, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_GAUGE, "tether_cloud_integrations_failing",
+                                 "Outbound integrations failing now (5 or more failed attempts in a row).", NULL,
+                                 NULL, 0, &stats.integrations_failing, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_GAUGE, "tether_cloud_integration_backlog_events",
+                                 "Events in the journal after the cursor of the integration furthest behind "
+                                 "(an upper bound: it counts events its filter does not select).",
+                                 NULL, NULL, 0, &stats.integrations_backlog, NULL, 0);
         return r;
 }
 
@@ -295,6 +316,13 @@ void stats_shard_sessions(unsigned shard, int delta) {
         if (shard < stats.n_shards)
                 metrics_add(stats.shard_sessions[shard], delta);
 }
+
+void stats_integration(StatsIntegration outcome, uint64_t n) {
+        if (outcome < _STATS_INTEGRATION_MAX)
+                metrics_add(stats.integration[outcome], (int64_t)n);
+}
+void stats_integrations_failing(int delta) { metrics_add(stats.integrations_failing, delta); }
+void stats_integrations_backlog(uint64_t events) { metrics_set(stats.integrations_backlog, (int64_t)events); }
 
 void stats_device_connected(int delta) { metrics_add(stats.devices_connected, delta); }
 void stats_enrollment_sessions(int delta) { metrics_add(stats.enrollment_sessions, delta); }

@@ -60,6 +60,13 @@ typedef enum StatsApiRefused {
         _STATS_API_REFUSED_MAX,
 } StatsApiRefused;
 
+typedef enum StatsIntegration {
+        STATS_INTEGRATION_DELIVERED, /* a receiver or broker took an event */
+        STATS_INTEGRATION_FAILED,    /* a delivery failed (it is retried) */
+        STATS_INTEGRATION_LOST,      /* the journal dropped it before it was delivered */
+        _STATS_INTEGRATION_MAX,
+} StatsIntegration;
+
 /* Register every series. 0, -ENOMEM. */
 int stats_init(void);
 /* Stops the loop probe and frees everything; safe to call twice. */
@@ -103,6 +110,12 @@ void stats_api_refused(StatsApiRefused reason);
 /* Journal: an event of bytes appended and not yet synced; a sync that
  * began at started_usec (CLOCK_MONOTONIC; 0: not timed) has just finished
  * and covered events and bytes appended before it (safe from any thread). */
+/* Outbound integrations (integrations.h): n events of one outcome; the
+ * integrations failing now; the events the one furthest behind has left
+ * (an upper bound, as integrations_json()'s "backlog"). */
+void stats_integration(StatsIntegration outcome, uint64_t n);
+void stats_integrations_failing(int delta);
+void stats_integrations_backlog(uint64_t events);
 void stats_journal_appended(size_t bytes);
 void stats_journal_synced(uint64_t started_usec, uint64_t events, uint64_t bytes);
 

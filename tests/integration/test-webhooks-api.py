@@ -16,9 +16,10 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import CLOUDD, SLOW, expect, poll, run  # noqa: E402
+from harness import CLOUDD, SLOW, expect, poll, run, seconds  # noqa: E402
 
 SECRET_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^hook-[0-9a-f]{8}$")
@@ -319,6 +320,17 @@ def test_dead_receiver(w):
     r = w.tether("integrations", "list")
     row = [line.split() for line in r.stdout.splitlines() if line.startswith("dead ")]
     expect(row and row[0][2] in ("retrying", "failing") and int(row[0][3]) >= 3, f"integrations list: {r.stdout}")
+    # And in /metrics, for whoever watches the cloud with Prometheus.
+    with urllib.request.urlopen(urllib.request.Request(w.api + "/metrics",
+                                                       headers={"Authorization": f"Bearer {w.token}"}),
+                                timeout=seconds(10)) as resp:
+        metrics = dict(line.rsplit(" ", 1) for line in resp.read().decode().splitlines()
+                       if line and not line.startswith("#"))
+    failed = float(metrics.get('tether_cloud_integration_events_total{outcome="failed"}', 0))
+    delivered = float(metrics.get('tether_cloud_integration_events_total{outcome="delivered"}', -1))
+    backlog = float(metrics.get("tether_cloud_integration_backlog_events", 0))
+    expect(failed >= grown["failures"] and delivered == 0 and backlog >= 3,
+           f"metrics: failed {failed}, delivered {delivered}, backlog {backlog}")
 
 
 def test_restart(w):
