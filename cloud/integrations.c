@@ -974,7 +974,7 @@ int integrations_add(Integrations *s, IntegrationConfig *config, char err[static
         }
         if (s->n_items >= CLOUD_INTEGRATIONS_MAX) {
                 snprintf(err, INTEGRATION_ERROR_MAX, "At most %u integrations (the file's and the API's together).",
-                         CLOUD_INTEGRATIONS_MAX);
+                         (unsigned)CLOUD_INTEGRATIONS_MAX);
                 return -ENOSPC;
         }
         r = integrations_append(s, TAKE_PTR(c));
