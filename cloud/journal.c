@@ -502,8 +502,6 @@ static int journal_compact(Journal *j) {
                         if (c.v[i].id <= j->retain_after || backlog + c.v[i].size > backlog_max)
                                 break;
                         backlog += c.v[i].size;
-                        if (!kept[i])
-                                total += c.v[i].size;
                         kept[i] = true;
                 }
                 for (size_t i = 0; i < c.n; i++)
