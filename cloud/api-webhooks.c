@@ -279,6 +279,8 @@ unsigned api_webhooks_create(Integrations *s, Store *store, json_t *params, cons
                         return api_fail(ret_body, MHD_HTTP_CONFLICT, "An integration with this name exists already");
                 if (r == -EINVAL)
                         return api_fail(ret_body, MHD_HTTP_BAD_REQUEST, "%s", err[0] ? err : "Invalid webhook");
+                if (r == -ENOSPC)
+                        return api_fail(ret_body, MHD_HTTP_CONFLICT, "%s", err);
                 return api_fail(ret_body, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot start the webhook now: %s",
                                 strerror(-r));
         }

@@ -17,7 +17,7 @@
 #define CLOUD_DEFAULT_STATE_DIR LOCALSTATEDIR "/lib/tether-cloud"
 #define CONFIG_TOKEN_DIGEST_SIZE 32 /* SHA-256 */
 #define CLOUD_NODE_NAME_MAX 32
-#define CLOUD_INTEGRATIONS_MAX 64 /* [Webhook]/[MQTTBridge] sections and API-made webhooks together */
+#define CLOUD_INTEGRATIONS_MAX 64u /* [Webhook]/[MQTTBridge] sections and API-made webhooks together */
 
 struct IntegrationConfig; /* integrations.h */
 

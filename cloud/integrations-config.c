@@ -156,7 +156,9 @@ static int check_url(const char *url, char err[static INTEGRATION_ERROR_MAX]) {
         if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
             curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
             curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !host[0])
-                r = fail(err, "URL= is not a URL with a host: '%.80s'.", url);
+                /* Not echoed: it may hold a user:password, and the file's
+                 * errors are logged. */
+                r = fail(err, "URL= is not a URL with a host.");
         else if (strcasecmp(scheme, "https") != 0 && !(strcasecmp(scheme, "http") == 0 && host_loopback(host)))
                 r = fail(err, "%s.", rule);
         curl_free(scheme);

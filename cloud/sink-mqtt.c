@@ -24,10 +24,13 @@
  *   SINK_MQTT_CONNECT_TIMEOUT_USEC) ends the connection; the next attempt
  *   comes after 1 s, doubling to 60 s, back to 1 s after a CONNACK.
  * - Inbound (Subscribe=): subscribed at QoS 1 after every CONNACK; a
- *   message becomes integration_publish(). Messages that are not UTF-8 or
- *   that the core refuses (too big, bad name) are dropped and counted;
- *   their log lines are rate-limited to one per SINK_MQTT_LOG_INTERVAL_USEC
- *   per bridge.
+ *   message becomes integration_publish(). A broker cannot flood the
+ *   devices and the journal: at most SINK_MQTT_INBOUND_RATE messages a
+ *   second on average, SINK_MQTT_INBOUND_BURST at once, become events;
+ *   the others are dropped and counted (inbound_limited). Messages that
+ *   are not UTF-8 or that the core refuses (too big, bad name) are dropped
+ *   and counted too; every such log line is rate-limited to one per
+ *   SINK_MQTT_LOG_INTERVAL_USEC per bridge.
  *
  * Not done: libmosquitto 2.0.11's mosquitto_connect_async() resolves
  * Host= with a blocking getaddrinfo() (lib/net_mosq.c,
@@ -37,6 +40,7 @@
  * reads a whole packet into memory before handing it over (up to MQTT's
  * 256 MB): the broker is trusted not to send huge messages. */
 #include <errno.h>
+#include <inttypes.h>
 #include <mosquitto.h>
 #include <netdb.h>
 #include <stdarg.h>
@@ -58,6 +62,9 @@
 #define SINK_MQTT_LOG_INTERVAL_USEC (10 * SINK_MQTT_USEC_PER_SEC)
 #define SINK_MQTT_WHY_MAX 96
 #define SINK_MQTT_TOPIC_MAX 65535 /* MQTT's limit on a topic's length in bytes */
+#define SINK_MQTT_INBOUND_RATE 100  /* inbound messages a second that become events, on average */
+#define SINK_MQTT_INBOUND_BURST 200 /* ... and at once */
+#define SINK_MQTT_INBOUND_COST_USEC (SINK_MQTT_USEC_PER_SEC / SINK_MQTT_INBOUND_RATE)
 
 typedef enum SlotState {
         SLOT_FREE,
@@ -104,7 +111,10 @@ typedef struct SinkMqtt {
         Slot slots[SINK_MQTT_WINDOW];
         unsigned in_flight; /* slots not SLOT_FREE */
 
-        uint64_t inbound, inbound_dropped;
+        uint64_t inbound, inbound_dropped, inbound_limited;
+        /* The inbound rate's token bucket: the credit, in microseconds of
+         * SINK_MQTT_INBOUND_COST_USEC per message, as of inbound_at. */
+        uint64_t inbound_credit_usec, inbound_at;
         uint64_t last_log_usec;
         unsigned log_suppressed;
 } SinkMqtt;
@@ -326,6 +336,24 @@ static const char *inbound_name(const SinkMqtt *s, const char *topic) {
         return p;
 }
 
+/* Whether one more inbound message may become an event now (takes its
+ * share of the bucket if so). */
+static bool inbound_allowed(SinkMqtt *s) {
+        const uint64_t max = (uint64_t)SINK_MQTT_INBOUND_BURST * SINK_MQTT_INBOUND_COST_USEC;
+        uint64_t now = now_usec();
+
+        if (now > s->inbound_at) {
+                uint64_t gained = now - s->inbound_at;
+
+                s->inbound_credit_usec = gained >= max - s->inbound_credit_usec ? max : s->inbound_credit_usec + gained;
+                s->inbound_at = now;
+        }
+        if (s->inbound_credit_usec < SINK_MQTT_INBOUND_COST_USEC)
+                return false;
+        s->inbound_credit_usec -= SINK_MQTT_INBOUND_COST_USEC;
+        return true;
+}
+
 static void on_message(struct mosquitto *mosq, void *userdata, const struct mosquitto_message *m,
                        const mosquitto_property *props) {
         SinkMqtt *s = userdata;
@@ -333,6 +361,14 @@ static void on_message(struct mosquitto *mosq, void *userdata, const struct mosq
         int r;
 
         s->inbound++;
+        if (!inbound_allowed(s)) {
+                s->inbound_dropped++;
+                s->inbound_limited++;
+                log_limited(s, "the broker sends more than %u messages a second (%u at once): dropped the message "
+                            "on '%s' (%" PRIu64 " dropped so far for the rate)",
+                            SINK_MQTT_INBOUND_RATE, SINK_MQTT_INBOUND_BURST, m->topic, s->inbound_limited);
+                return;
+        }
         if (m->payloadlen < 0 ||
             (m->payloadlen > 0 && mosquitto_validate_utf8(m->payload, m->payloadlen) != MOSQ_ERR_SUCCESS)) {
                 s->inbound_dropped++;
@@ -567,6 +603,7 @@ static void sink_mqtt_describe(void *userdata, json_t *obj) {
         json_object_set_new(obj, "in_flight", json_integer(s->in_flight));
         json_object_set_new(obj, "inbound", json_integer((json_int_t)s->inbound));
         json_object_set_new(obj, "inbound_dropped", json_integer((json_int_t)s->inbound_dropped));
+        json_object_set_new(obj, "inbound_limited", json_integer((json_int_t)s->inbound_limited));
 }
 
 static int sink_mqtt_new(sd_event *event, const IntegrationConfig *config, const char *node, Integration *owner,
@@ -591,6 +628,8 @@ static int sink_mqtt_new(sd_event *event, const IntegrationConfig *config, const
         s->owner = owner;
         s->port = config->port ? config->port : config->ca_file ? 8883 : 1883;
         s->backoff_usec = SINK_MQTT_BACKOFF_MIN_USEC;
+        s->inbound_credit_usec = (uint64_t)SINK_MQTT_INBOUND_BURST * SINK_MQTT_INBOUND_COST_USEC;
+        s->inbound_at = now_usec();
         if (config->client_id)
                 s->client_id = strdup(config->client_id);
         else if (asprintf(&s->client_id, "tether-%s", node ? node : "cloudd") < 0)

@@ -15,7 +15,8 @@
  * -EAGAIN past that); integration_sent() exactly once per request taken,
  * always from a loop callback after libcurl returned, never from send()
  * or free(); a 2xx status is the only success; redirects are not
- * followed; only http and https; certificates are verified (CAFile= or
+ * followed; only http and https; http:// (loopback) never through a
+ * proxy; certificates are verified (CAFile= or
  * the system's CAs); the response body is read and dropped, at most
  * WEBHOOK_RESPONSE_MAX bytes of it (past that the connection is closed;
  * the status decides). The secret and the URL's user:password never
@@ -30,6 +31,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 
 #include "integrations.h"
@@ -337,6 +339,12 @@ static int request_setup(Webhook *w, Request *q) {
         SET(CURLOPT_URL, w->config->url);
         SET(CURLOPT_PROTOCOLS_STR, "http,https");
         SET(CURLOPT_FOLLOWLOCATION, 0L);
+        /* http:// is only for a receiver on this machine (loopback,
+         * integration_config_check()): never through a proxy of the
+         * environment, which would see the events and the URL's
+         * credentials in clear text. https:// may use one (CONNECT). */
+        if (strncasecmp(w->config->url, "http://", strlen("http://")) == 0)
+                SET(CURLOPT_PROXY, "");
         SET(CURLOPT_POST, 1L);
         SET(CURLOPT_NOSIGNAL, 1L);
         SET(CURLOPT_TIMEOUT, (long)w->timeout_sec);

@@ -10,6 +10,7 @@ persistent subscriber (clean session off, QoS 1, broker persistence on) sees
 every number of the pump plugin at least once; a message mosquitto_pub
 sends on the Subscribe= filter reaches a device subscribed to "mqtt/"."""
 
+import http.client
 import json
 import os
 import shutil
@@ -249,6 +250,41 @@ def test_broker_to_device(w):
     expect(names.count("mqtt/led/on") <= 1 and "mqtt/bad" not in names, f"device got {names}")
 
 
+def bridge_state(w):
+    conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=seconds(10))
+    try:
+        conn.request("GET", "/v1/integrations", headers={"Authorization": f"Bearer {w.token}"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+    finally:
+        conn.close()
+    expect(r.status == 200, f"GET /v1/integrations: {r.status} {body}")
+    return next(i for i in body if i["name"] == "b1")
+
+
+def test_inbound_rate(w):
+    """A broker that floods the Subscribe= filter cannot flood the devices
+    and the journal: at most 100 messages a second (200 at once) become
+    events, the others are dropped, counted and logged."""
+    broker = start(w)
+    n = 1000
+    started = time.monotonic()
+    subprocess.run(["mosquitto_pub", *broker.client_args(), "-q", "1", "-t", "tether/to-devices/flood", "-l"],
+                   input="x\n" * n, text=True, check=True, timeout=seconds(60))
+    w.cloud.wait_line(r"Integration 'b1': the broker sends more than 100 messages a second", 30)
+    deadline = time.monotonic() + seconds(30)
+    while True:
+        b = bridge_state(w)
+        if b["inbound"] >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    elapsed = time.monotonic() - started
+    accepted = b["inbound"] - b["inbound_dropped"]
+    expect(b["inbound_limited"] > 0 and b["inbound_dropped"] >= b["inbound_limited"], f"bridge {b}")
+    expect(accepted <= 200 + 100 * elapsed + 10, f"{accepted} events in {elapsed:.1f} s: {b}")
+    print(f"{b['inbound']} messages, {accepted} events, {b['inbound_limited']} over the rate in {elapsed:.1f} s")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_events_reach_the_broker, test_broker_restart, test_broker_to_device],
+    sys.exit(run([test_events_reach_the_broker, test_broker_restart, test_broker_to_device, test_inbound_rate],
                  emulated="mosquitto is a host binary"))

@@ -359,6 +359,29 @@ def test_restart(w):
     expect(status == 200, f"DELETE keep after the restart: {status} {ok}")
 
 
+def test_limit(w):
+    """At most 64 integrations, the file's and the API's together: the
+    65th is a 409 that says so, and leaves no row behind; a timeout that
+    overflows or is no whole number is a 400."""
+    start(w)
+    receiver = f"http://127.0.0.1:{dead_port()}/hook"
+    for timeout in (0, 301, -1, 4294967297, 2**63 - 1, 1.5, "10x", "0300", True, [10]):
+        status, err, _ = api(w, "POST", "/v1/webhooks", body={"url": receiver, "name": "t", "timeout": timeout})
+        expect(status == 400 and "Timeout=" in err.get("error", ""), f"timeout {timeout!r}: {status} {err}")
+    for i in range(63):
+        status, made, _ = api(w, "POST", "/v1/webhooks", body={"url": receiver, "name": f"n{i}",
+                                                               "prefix": "never/"})
+        expect(status == 201, f"webhook {i + 2} of 64: {status} {made}")
+    status, err, _ = api(w, "POST", "/v1/webhooks", body={"url": receiver, "name": "one-too-many"})
+    expect(status == 409 and "At most 64" in err.get("error", ""), f"the 65th: {status} {err}")
+    status, listing, _ = api(w, "GET", "/v1/webhooks")
+    expect(len(listing) == 64 and not by_name(listing, "one-too-many"), f"{len(listing)} listed")
+    status, _, _ = api(w, "DELETE", "/v1/webhooks/n0")
+    expect(status == 200, f"DELETE n0: {status}")
+    status, made, _ = api(w, "POST", "/v1/webhooks", body={"url": receiver, "name": "one-too-many"})
+    expect(status == 201, f"after a deletion: {status} {made}")
+
+
 if __name__ == "__main__":
     sys.exit(run([test_create_list_delete, test_cli, test_admin_only, test_validation, test_dead_receiver,
-                  test_restart], emulated="ok"))
+                  test_restart, test_limit], emulated="ok"))

@@ -606,6 +606,32 @@ static void test_integration_config_check(void **state) {
         assert_non_null(strstr(err, "Secret= must be 16 to 256 bytes, not 257"));
         long_secret[INTEGRATION_SECRET_MAX] = 0;
         assert_int_equal(integration_config_check(&ic, err), 0);
+        /* SSRF: only https://, or http:// to a loopback address named as
+         * such (no name that DNS could point anywhere), no other scheme. */
+        {
+                static const char *const refused[] = {
+                        "file:///etc/passwd", "gopher://127.0.0.1:25/x", "ftp://127.0.0.1/", "dict://127.0.0.1/",
+                        "http://10.0.0.1/", "http://169.254.169.254/latest/meta-data/",
+                        "http://127.0.0.1@evil.example/", "http://localhost.evil.example/",
+                        "http://evil.example/#@127.0.0.1/", "https://h/\r\nX-Evil: 1", "https://h/a b",
+                        "http://[::ffff:10.0.0.1]/",
+                };
+
+                for (size_t i = 0; i < ELEMENTSOF(refused); i++) {
+                        ic.url = (char *)refused[i];
+                        assert_int_equal(integration_config_check(&ic, err), -EINVAL);
+                }
+                ic.url = (char *)"http://127.0.0.2:8080/h";
+                assert_int_equal(integration_config_check(&ic, err), 0);
+                ic.url = (char *)"http://[::1]/h";
+                assert_int_equal(integration_config_check(&ic, err), 0);
+                /* A refused URL's credentials are not in the text (it is
+                 * logged for the file). */
+                ic.url = (char *)"https://user:hunter2-password@/h";
+                assert_int_equal(integration_config_check(&ic, err), -EINVAL);
+                assert_null(strstr(err, "hunter2"));
+                ic.url = (char *)"https://example.com/h";
+        }
         ic.host = (char *)"h";
         assert_int_equal(integration_config_check(&ic, err), -EINVAL);
         assert_non_null(strstr(err, "A webhook takes only"));

@@ -452,6 +452,25 @@ static void test_bad_key_and_url_shown(void **state) {
         sink_webhook_ops.free(sink);
 }
 
+/* http:// is for a receiver on this machine only: never through a proxy
+ * of the environment (which would see the events in clear text). */
+static void test_loopback_not_proxied(void **state) {
+        char proxy[64];
+        void *sink;
+
+        snprintf(proxy, sizeof(proxy), "http://127.0.0.1:%d", free_port());
+        assert_int_equal(setenv("http_proxy", proxy, 1), 0);
+        assert_int_equal(setenv("all_proxy", proxy, 1), 0);
+        sink = make_sink();
+        assert_int_equal(send_one(sink, 1), 0);
+        wait_sent(1);
+        unsetenv("http_proxy");
+        unsetenv("all_proxy");
+        assert_int_equal(sent[0].error, 0);
+        assert_int_equal(server_seen(), 1);
+        sink_webhook_ops.free(sink);
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test_setup_teardown(test_delivered_signed_window, setup, teardown),
@@ -461,6 +480,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test_setup_teardown(test_timeout, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_free_in_flight, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_bad_key_and_url_shown, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_loopback_not_proxied, setup, teardown),
         };
 
         if (argc > 1)
