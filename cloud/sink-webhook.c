@@ -158,13 +158,17 @@ static int on_curl_socket(CURL *easy, curl_socket_t sock, int what, void *userp,
 
 /* libcurl: call curl_multi_socket_action(CURL_SOCKET_TIMEOUT) in
  * timeout_ms (-1: never). Never from inside this callback: 0 fires on the
- * loop's next iteration. */
+ * loop's next iteration. libcurl rounds the time left down to whole
+ * milliseconds and calls this again only when its next deadline changes:
+ * a timer that fires before the deadline (0 for 0.4 ms left) finds
+ * nothing due, and nothing would ever arm it again. So it fires up to a
+ * millisecond late, never early. */
 static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp) {
         Webhook *w = userp;
 
         if (timeout_ms < 0)
                 return sd_event_source_set_enabled(w->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
-        if (sd_event_source_set_time_relative(w->timer, (uint64_t)timeout_ms * 1000) < 0 ||
+        if (sd_event_source_set_time_relative(w->timer, (uint64_t)timeout_ms * 1000 + 999) < 0 ||
             sd_event_source_set_enabled(w->timer, SD_EVENT_ONESHOT) < 0)
                 return -1;
         return 0;
@@ -533,7 +537,7 @@ static int sink_webhook_new(sd_event *event, const IntegrationConfig *config, co
              * default the cache shrinks with the transfers). */
             curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, (long)WEBHOOK_WINDOW) != CURLM_OK)
                 return log_error_errno(-EIO, "Webhook '%s': cannot set up libcurl.", config->name);
-        r = sd_event_add_time(event, &w->timer, CLOCK_MONOTONIC, 0, 0, on_timer, w);
+        r = sd_event_add_time(event, &w->timer, CLOCK_MONOTONIC, 0, 1, on_timer, w);
         if (r >= 0)
                 r = sd_event_source_set_enabled(w->timer, SD_EVENT_OFF);
         if (r < 0)
