@@ -93,6 +93,9 @@ class Receiver:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as libcurl wants it
+            # The answer goes out in two writes (header, body): with Nagle
+            # the second waits for the client's delayed ACK (40 ms).
+            disable_nagle_algorithm = True
 
             def do_POST(self):  # noqa: N802 - http.server's name
                 n = int(self.headers.get("Content-Length", "0"))
