@@ -277,7 +277,10 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp) {
 
         if (timeout_ms < 0)
                 return sd_event_source_set_enabled(d->timer_source, SD_EVENT_OFF) < 0 ? -1 : 0;
-        if (sd_event_source_set_time_relative(d->timer_source, (uint64_t)timeout_ms * 1000) < 0 ||
+        /* Never early: libcurl's deadline is finer than a millisecond, and
+         * a timer that runs before it does nothing and is not asked for
+         * again (the transfer would wait for its socket alone). */
+        if (sd_event_source_set_time_relative(d->timer_source, (uint64_t)timeout_ms * 1000 + 999) < 0 ||
             sd_event_source_set_enabled(d->timer_source, SD_EVENT_ONESHOT) < 0)
                 return -1;
         return 0;
@@ -503,7 +506,8 @@ int ota_download_start(sd_event *event, const OtaDownloadParams *p, const OtaDow
         curl_multi_setopt(d->multi, CURLMOPT_SOCKETDATA, d);
         curl_multi_setopt(d->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
         curl_multi_setopt(d->multi, CURLMOPT_TIMERDATA, d);
-        r = sd_event_add_time(event, &d->timer_source, CLOCK_MONOTONIC, 0, 0, on_timer, d);
+        /* Accuracy 1 µs: 0 would be sd-event's default of 250 ms. */
+        r = sd_event_add_time(event, &d->timer_source, CLOCK_MONOTONIC, 0, 1, on_timer, d);
         if (r >= 0)
                 r = sd_event_source_set_enabled(d->timer_source, SD_EVENT_OFF);
         if (r >= 0)
