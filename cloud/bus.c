@@ -2,9 +2,8 @@
 /* The NATS connection on the sd-event loop (bus.h).
  *
  * Threads: libnats calls on_nats_msg() (each subscription's delivery
- * thread), the connection callbacks (its callback thread) and the key-value
- * watcher threads of this file (kv_watch_thread()) push Items on the
- * Bus's queue under b->lock and write the eventfd; on_wake() pops them on
+ * thread) and the connection callbacks (its callback thread), which push
+ * Items on the Bus's queue under b->lock and write the eventfd; on_wake() pops them on
  * the loop's thread and runs the callbacks. Everything else of the Bus is
  * the loop thread's.
  *
@@ -54,8 +53,6 @@
 #define BUS_KV_ACK_TIMEOUT_USEC (10ULL * 1000000ULL)
 /* The timers of requests: how late they may fire. */
 #define BUS_TIMER_ACCURACY_USEC 1000ULL
-/* kvWatcher_Next() wakes up this often while nothing changes. */
-#define BUS_KV_WAIT_MS (3600LL * 1000LL)
 #define BUS_SUBJECT_MAX 1024
 
 typedef enum SubKind {
@@ -67,17 +64,15 @@ typedef enum SubKind {
 
 typedef enum ItemKind {
         ITEM_MSG,
-        ITEM_KV,
         ITEM_CONNECTION,
 } ItemKind;
 
 typedef struct Item {
         struct Item *next;
         ItemKind kind;
-        BusSub *sub;    /* ITEM_MSG, ITEM_KV */
-        natsMsg *msg;   /* ITEM_MSG */
-        kvEntry *entry; /* ITEM_KV; NULL: the initial values are complete */
-        bool up;        /* ITEM_CONNECTION */
+        BusSub *sub;  /* ITEM_MSG */
+        natsMsg *msg; /* ITEM_MSG */
+        bool up;      /* ITEM_CONNECTION */
 } Item;
 
 typedef struct BusFollow BusFollow;
@@ -89,7 +84,6 @@ struct BusSub {
         bus_kv_fn kv_fn;
         void *userdata;
         natsSubscription *sub;
-        kvWatcher *watcher;
         BusFollow *follow; /* SUB_FOLLOW */
         /* SUB_KV: the follow of the bucket's stream behind the watch, the
          * stream info request that tells whether it is empty, the length
@@ -98,8 +92,6 @@ struct BusSub {
         BusRequest *kv_info;
         size_t kv_prefix_len;
         bool kv_loaded;
-        pthread_t thread;
-        bool thread_started;
         BusSub *prev, *next; /* b->subs */
         /* Under b->lock: */
         bool dead;
@@ -225,7 +217,6 @@ static void item_free(Item *it) {
         if (!it)
                 return;
         natsMsg_Destroy(it->msg);
-        kvEntry_Destroy(it->entry);
         free(it);
 }
 
@@ -237,20 +228,18 @@ static void wake_loop_locked(Bus *b) {
         (void)!write(b->wake_fd, &one, sizeof(one));
 }
 
-/* Any thread. Takes msg and entry (destroyed when not queued). */
-static void queue_push(Bus *b, ItemKind kind, BusSub *s, natsMsg *msg, kvEntry *entry, bool up) {
+/* Any thread. Takes msg (destroyed when not queued). */
+static void queue_push(Bus *b, ItemKind kind, BusSub *s, natsMsg *msg, bool up) {
         Item *it = calloc(1, sizeof(*it));
 
         if (!it) {
                 log_error("NATS: out of memory, a message was dropped");
                 natsMsg_Destroy(msg);
-                kvEntry_Destroy(entry);
                 return;
         }
         it->kind = kind;
         it->sub = s;
         it->msg = msg;
-        it->entry = entry;
         it->up = up;
 
         pthread_mutex_lock(&b->lock);
@@ -307,7 +296,7 @@ static void queue_drop_locked(Bus *b, const BusSub *s) {
 static void on_nats_msg(natsConnection *nc _unused_, natsSubscription *sub _unused_, natsMsg *msg, void *closure) {
         BusSub *s = closure;
 
-        queue_push(s->bus, ITEM_MSG, s, msg, NULL, false);
+        queue_push(s->bus, ITEM_MSG, s, msg, false);
 }
 
 static void on_sub_complete(void *closure) {
@@ -326,11 +315,11 @@ static void on_sub_complete(void *closure) {
 }
 
 static void on_disconnected(natsConnection *nc _unused_, void *closure) {
-        queue_push(closure, ITEM_CONNECTION, NULL, NULL, NULL, false);
+        queue_push(closure, ITEM_CONNECTION, NULL, NULL, false);
 }
 
 static void on_reconnected(natsConnection *nc _unused_, void *closure) {
-        queue_push(closure, ITEM_CONNECTION, NULL, NULL, NULL, true);
+        queue_push(closure, ITEM_CONNECTION, NULL, NULL, true);
 }
 
 static void on_closed(natsConnection *nc _unused_, void *closure) {
@@ -338,7 +327,7 @@ static void on_closed(natsConnection *nc _unused_, void *closure) {
 
         /* Not from bus_free(): libnats gave up (it does after repeated
          * authentication errors); tell the loop. */
-        queue_push(b, ITEM_CONNECTION, NULL, NULL, NULL, false);
+        queue_push(b, ITEM_CONNECTION, NULL, NULL, false);
         pthread_mutex_lock(&b->lock);
         if (--b->libnats_refs == 0)
                 pthread_cond_broadcast(&b->cond);
@@ -663,17 +652,6 @@ static void dispatch(Bus *b, Item *it) {
                 else
                         s->msg_fn(s->userdata, it->msg);
                 break;
-        case ITEM_KV:
-                if (!it->entry)
-                        s->kv_fn(s->userdata, NULL, NULL, 0, 0, 0);
-                else if (kvEntry_Operation(it->entry) == kvOp_Put)
-                        s->kv_fn(s->userdata, kvEntry_Key(it->entry), kvEntry_Value(it->entry),
-                                 (size_t)kvEntry_ValueLen(it->entry), kvEntry_Revision(it->entry),
-                                 kvEntry_Created(it->entry));
-                else
-                        s->kv_fn(s->userdata, kvEntry_Key(it->entry), NULL, 0, kvEntry_Revision(it->entry),
-                                 kvEntry_Created(it->entry));
-                break;
         }
 }
 
@@ -763,12 +741,6 @@ BusSub *bus_sub_free(BusSub *s) {
         queue_drop_locked(b, s);
         pthread_mutex_unlock(&b->lock);
 
-        if (s->watcher) {
-                (void)kvWatcher_Stop(s->watcher);
-                if (s->thread_started)
-                        pthread_join(s->thread, NULL);
-                kvWatcher_Destroy(s->watcher);
-        }
         if (s->sub) {
                 (void)natsSubscription_Unsubscribe(s->sub);
                 natsSubscription_Destroy(s->sub);
@@ -1547,13 +1519,6 @@ static bool bus_close(Bus *b) {
         queue_drop_locked(b, NULL);
         pthread_mutex_unlock(&b->lock);
 
-        for (BusSub *s = b->subs; s; s = s->next)
-                if (s->watcher) {
-                        (void)kvWatcher_Stop(s->watcher);
-                        if (s->thread_started)
-                                pthread_join(s->thread, NULL);
-                        s->thread_started = false;
-                }
         if (b->nc)
                 natsConnection_Close(b->nc);
 
@@ -1587,8 +1552,6 @@ Bus *bus_free(Bus *b) {
                 BusSub *s = b->subs;
 
                 b->subs = s->next;
-                if (s->watcher)
-                        kvWatcher_Destroy(s->watcher);
                 /* Its request was cancelled with the others. */
                 follow_free(s->follow, false);
                 s->follow = NULL;
