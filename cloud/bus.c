@@ -1274,29 +1274,6 @@ fail:
         return r;
 }
 
-int bus_stream_get(Bus *b, const char *stream, uint64_t seq, natsMsg **ret) {
-        jsErrCode jerr = 0;
-        natsMsg *m = NULL;
-        natsStatus s;
-        int r;
-
-        if (!b || !stream || !ret)
-                return -EINVAL;
-        if (!bus_connected(b))
-                return -ENOTCONN;
-        s = js_GetMsg(&m, b->js, stream, seq, NULL, &jerr);
-        if (s == NATS_NOT_FOUND || jerr == JSNoMessageFoundErr)
-                return -ENOENT;
-        if (s != NATS_OK) {
-                r = errno_from_nats(s);
-                log_warning("NATS: cannot get message %" PRIu64 " of stream '%s': %s (error %d)", seq, stream,
-                            nats_error_text(s), (int)jerr);
-                return r == 0 ? -EIO : r;
-        }
-        *ret = m;
-        return 0;
-}
-
 uint64_t bus_msg_seq(natsMsg *msg) {
         jsMsgMetaData *meta = NULL;
         uint64_t seq;

@@ -140,11 +140,6 @@ int bus_js_publish_async(Bus *b, const char *subject, const char *const *headers
  * follow recovers by itself. */
 int bus_stream_follow(Bus *b, const char *stream, const char *filter, uint64_t start_seq, bus_msg_fn fn,
                       void *userdata, BusSub **ret);
-/* Get the message at sequence seq of stream (synchronous, bounded by the
- * JetStream context's timeout): *ret is the caller's (natsMsg_Destroy());
- * -ENOENT when the stream has no message there (deleted or past its
- * limits). */
-int bus_stream_get(Bus *b, const char *stream, uint64_t seq, natsMsg **ret);
 /* The stream sequence of a message delivered by JetStream, 0 if none. */
 uint64_t bus_msg_seq(natsMsg *msg);
 /* A header's value (valid while msg is), NULL if absent. */
