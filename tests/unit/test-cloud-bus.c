@@ -20,18 +20,16 @@
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "cloud/bus.h"
 #include "lib/util.h"
+#include "nats-test.h"
 
 static char server_url[64];
 static pthread_t loop_thread;
@@ -41,120 +39,7 @@ static uint64_t usec(double seconds) {
         return (uint64_t)(seconds * time_factor * 1e6);
 }
 
-static bool have_program(const char *name) {
-        const char *path = getenv("PATH");
-        _cleanup_free_ char *copy = strdup(path ? path : "/usr/bin:/bin");
-        char *save = NULL;
-
-        for (char *d = strtok_r(copy, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
-                char p[4096];
-
-                snprintf(p, sizeof(p), "%s/%s", d, name);
-                if (access(p, X_OK) == 0)
-                        return true;
-        }
-        return false;
-}
-
-typedef struct NatsServer {
-        char dir[64];
-        pid_t pid;
-        int port;
-        /* In a cluster: */
-        const char *name;
-        int cluster_port;
-        char routes[128];
-} NatsServer;
-
 static NatsServer main_server = { .pid = -1 };
-
-/* Start nats-server in srv->dir on srv->port (0: one it picks) and wait,
- * polling its log, until it is ready; the port it picked is in the log
- * too. */
-static int server_start(NatsServer *srv) {
-        char log[128], store[128], line[512], port[16];
-        uint64_t deadline;
-        int found = 0;
-        bool ready = false;
-
-        snprintf(log, sizeof(log), "%s/server.log", srv->dir);
-        snprintf(store, sizeof(store), "%s/js", srv->dir);
-        snprintf(port, sizeof(port), "%d", srv->port > 0 ? srv->port : -1);
-        (void)unlink(log);
-        srv->pid = fork();
-        if (srv->pid < 0)
-                return -errno;
-        if (srv->pid == 0) {
-                int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-
-                /* Not outliving a test that failed half-way; its log is in
-                 * the file, not on the test's output. */
-                (void)prctl(PR_SET_PDEATHSIG, SIGKILL);
-                if (null >= 0) {
-                        dup2(null, STDOUT_FILENO);
-                        dup2(null, STDERR_FILENO);
-                }
-                if (srv->name) {
-                        char cluster[64];
-
-                        snprintf(cluster, sizeof(cluster), "nats://127.0.0.1:%d", srv->cluster_port);
-                        execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", store, "-l",
-                               log, "-n", srv->name, "--cluster_name", "test", "--cluster", cluster, "--routes",
-                               srv->routes, (char *)NULL);
-                }
-                execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", port, "-js", "-sd", store, "-l", log,
-                       (char *)NULL);
-                _exit(127);
-        }
-        deadline = now_usec() + usec(10);
-        while (!ready && now_usec() < deadline) {
-                FILE *f = fopen(log, "re");
-                struct timespec ts = { 0, 20 * 1000 * 1000 };
-
-                while (f && fgets(line, sizeof(line), f)) {
-                        const char *p = strstr(line, "Listening for client connections on 127.0.0.1:");
-
-                        if (p)
-                                found = atoi(p + strlen("Listening for client connections on 127.0.0.1:"));
-                        if (strstr(line, "Server is ready"))
-                                ready = found > 0;
-                }
-                if (f)
-                        fclose(f);
-                if (!ready)
-                        nanosleep(&ts, NULL); /* polling the log for the event */
-        }
-        if (!ready)
-                return -ETIMEDOUT;
-        srv->port = found;
-        return 0;
-}
-
-static int server_new(NatsServer *srv) {
-        snprintf(srv->dir, sizeof(srv->dir), "/tmp/test-cloud-bus-XXXXXX");
-        if (!mkdtemp(srv->dir))
-                return -errno;
-        srv->port = 0;
-        return server_start(srv);
-}
-
-static void server_kill(NatsServer *srv, int sig) {
-        if (srv->pid > 0) {
-                kill(srv->pid, sig);
-                waitpid(srv->pid, NULL, 0);
-                srv->pid = -1;
-        }
-}
-
-static void server_free(NatsServer *srv) {
-        char cmd[128];
-
-        server_kill(srv, SIGTERM);
-        if (srv->dir[0] && !getenv("TETHER_TEST_KEEP")) {
-                snprintf(cmd, sizeof(cmd), "rm -rf '%s'", srv->dir);
-                (void)!system(cmd);
-        }
-}
 
 static int group_setup(void **state _unused_) {
         const char *tf = getenv("TETHER_TEST_TIME_FACTOR");
@@ -162,13 +47,13 @@ static int group_setup(void **state _unused_) {
         if (tf && atof(tf) >= 0.1)
                 time_factor = atof(tf);
         loop_thread = pthread_self();
-        assert_int_equal(server_new(&main_server), 0);
+        assert_int_equal(nats_server_new(&main_server, "test-cloud-bus", usec(10)), 0);
         snprintf(server_url, sizeof(server_url), "nats://127.0.0.1:%d", main_server.port);
         return 0;
 }
 
 static int group_teardown(void **state _unused_) {
-        server_free(&main_server);
+        nats_server_free(&main_server);
         return 0;
 }
 
@@ -652,9 +537,9 @@ static void test_connect_refused(void **state _unused_) {
         NatsServer gone = { .pid = -1 };
 
         /* A port nothing listens on (any more). */
-        assert_int_equal(server_new(&gone), 0);
+        assert_int_equal(nats_server_new(&gone, "test-cloud-bus", usec(10)), 0);
         snprintf(url, sizeof(url), "nats://127.0.0.1:%d , nats://127.0.0.1:%d", gone.port, gone.port);
-        server_free(&gone);
+        nats_server_free(&gone);
         assert_int_equal(sd_event_new(&event), 0);
         assert_int_equal(bus_new(event, &c, NULL, &b), -ENOTCONN);
         assert_null(b);
@@ -680,7 +565,7 @@ static void test_reconnect(void **state _unused_) {
         Reply pending = { 0 }, refused = { 0 };
         uint64_t seq = 0;
 
-        assert_int_equal(server_new(&srv), 0);
+        assert_int_equal(nats_server_new(&srv, "test-cloud-bus", usec(10)), 0);
         snprintf(url, sizeof(url), "nats://127.0.0.1:%d", srv.port);
         assert_int_equal(sd_event_new(&f.event), 0);
         assert_int_equal(bus_new(f.event, &c, &hooks, &f.bus), 0);
@@ -698,7 +583,7 @@ static void test_reconnect(void **state _unused_) {
         while (ignored.n == 0)
                 assert_true(sd_event_run(f.event, 100 * 1000) >= 0);
 
-        server_kill(&srv, SIGKILL);
+        nats_server_kill(&srv, SIGKILL);
         assert_true(run_until(&f, &conn.is_down, 10));
         assert_true(run_until(&f, &pending.done, 1));
         assert_int_equal(pending.error, -ENOTCONN);
@@ -708,7 +593,7 @@ static void test_reconnect(void **state _unused_) {
         assert_int_equal(bus_js_publish(f.bus, "tr.a", NULL, "x", 1, usec(5), NULL, NULL), -ENOTCONN);
         assert_int_equal(bus_kv_put(f.bus, "TEST_RC", "k", "v", 1), -ENOTCONN);
 
-        assert_int_equal(server_start(&srv), 0);
+        assert_int_equal(nats_server_start(&srv, usec(10)), 0);
         assert_true(run_until(&f, &conn.is_up, 10));
         assert_true(bus_connected(f.bus));
         assert_int_equal(conn.down, 1);
@@ -734,7 +619,7 @@ static void test_reconnect(void **state _unused_) {
         bus_sub_free(fs);
         bus_free(f.bus);
         sd_event_unref(f.event);
-        server_free(&srv);
+        nats_server_free(&srv);
 }
 
 /* ---- a cluster losing a server ------------------------------------------------- */
@@ -841,9 +726,7 @@ static void test_cluster_follow(void **state _unused_) {
         for (int i = 0; i < 3; i++) {
                 snprintf(srv[i].routes, sizeof(srv[i].routes), "nats://127.0.0.1:%d,nats://127.0.0.1:%d",
                          srv[(i + 1) % 3].cluster_port, srv[(i + 2) % 3].cluster_port);
-                snprintf(srv[i].dir, sizeof(srv[i].dir), "/tmp/test-cloud-bus-XXXXXX");
-                assert_non_null(mkdtemp(srv[i].dir));
-                assert_int_equal(server_start(&srv[i]), 0);
+                assert_int_equal(nats_server_new(&srv[i], "test-cloud-bus", usec(10)), 0);
         }
         snprintf(url, sizeof(url), "nats://127.0.0.1:%d,nats://127.0.0.1:%d,nats://127.0.0.1:%d", srv[0].port,
                  srv[1].port, srv[2].port);
@@ -882,7 +765,7 @@ static void test_cluster_follow(void **state _unused_) {
         assert_true(killed >= 0);
         if (killed < 0) /* (for cppcheck, which does not know assert_true() returns no further) */
                 return;
-        server_kill(&srv[killed], SIGKILL);
+        nats_server_kill(&srv[killed], SIGKILL);
         fprintf(stderr, "killed %s (the consumer's server)\n", srv[killed].name);
         deadline = now_usec();
 
@@ -899,7 +782,7 @@ static void test_cluster_follow(void **state _unused_) {
         bus_free(f.bus);
         sd_event_unref(f.event);
         for (int i = 0; i < 3; i++)
-                server_free(&srv[i]);
+                nats_server_free(&srv[i]);
 }
 
 /* ---- subjects ---------------------------------------------------------------------- */
@@ -971,7 +854,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_cluster_follow),
         };
 
-        if (!have_program("nats-server")) {
+        if (!nats_server_installed()) {
                 fprintf(stderr, "SKIP: nats-server is not installed (Debian package 'nats-server')\n");
                 return 77;
         }

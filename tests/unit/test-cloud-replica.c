@@ -32,80 +32,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "cloud/replica.h"
 #include "lib/util.h"
+#include "nats-test.h"
 
-static char server_dir[64];
+static NatsServer server = { .pid = -1 };
 static char server_url[64];
-static pid_t server_pid = -1;
 static double time_factor = 3;
 
 static uint64_t usec(double seconds) {
         return (uint64_t)(seconds * time_factor * 1e6);
-}
-
-static bool have_program(const char *name) {
-        const char *path = getenv("PATH");
-        _cleanup_free_ char *copy = strdup(path ? path : "/usr/bin:/bin");
-        char *save = NULL;
-
-        for (char *d = strtok_r(copy, ":", &save); d; d = strtok_r(NULL, ":", &save)) {
-                char p[4096];
-
-                snprintf(p, sizeof(p), "%s/%s", d, name);
-                if (access(p, X_OK) == 0)
-                        return true;
-        }
-        return false;
-}
-
-/* Start nats-server and wait (polling its log) until it is ready; the
- * port it picked is in the log too. */
-static int server_start(void) {
-        char log[128], store[128], line[512];
-        uint64_t deadline;
-        int port = 0;
-        bool ready = false;
-
-        snprintf(server_dir, sizeof(server_dir), "/tmp/test-cloud-replica-XXXXXX");
-        if (!mkdtemp(server_dir))
-                return -errno;
-        snprintf(log, sizeof(log), "%s/server.log", server_dir);
-        snprintf(store, sizeof(store), "%s/js", server_dir);
-        server_pid = fork();
-        if (server_pid < 0)
-                return -errno;
-        if (server_pid == 0) {
-                execlp("nats-server", "nats-server", "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", store, "-l", log,
-                       (char *)NULL);
-                _exit(127);
-        }
-        deadline = now_usec() + usec(10);
-        while (!ready && now_usec() < deadline) {
-                FILE *f = fopen(log, "re");
-                struct timespec ts = { 0, 20 * 1000 * 1000 };
-
-                while (f && fgets(line, sizeof(line), f)) {
-                        const char *p = strstr(line, "Listening for client connections on 127.0.0.1:");
-
-                        if (p)
-                                port = atoi(p + strlen("Listening for client connections on 127.0.0.1:"));
-                        if (strstr(line, "Server is ready"))
-                                ready = port > 0;
-                }
-                if (f)
-                        fclose(f);
-                if (!ready)
-                        nanosleep(&ts, NULL); /* polling the log for the event */
-        }
-        if (!ready)
-                return -ETIMEDOUT;
-        snprintf(server_url, sizeof(server_url), "nats://127.0.0.1:%d", port);
-        return 0;
 }
 
 static int group_setup(void **state _unused_) {
@@ -113,21 +52,13 @@ static int group_setup(void **state _unused_) {
 
         if (tf && atof(tf) >= 0.1)
                 time_factor = atof(tf);
-        assert_int_equal(server_start(), 0);
+        assert_int_equal(nats_server_new(&server, "test-cloud-replica", usec(10)), 0);
+        snprintf(server_url, sizeof(server_url), "nats://127.0.0.1:%d", server.port);
         return 0;
 }
 
 static int group_teardown(void **state _unused_) {
-        char cmd[128];
-
-        if (server_pid > 0) {
-                kill(server_pid, SIGTERM);
-                waitpid(server_pid, NULL, 0);
-        }
-        if (server_dir[0] && !getenv("TETHER_TEST_KEEP")) {
-                snprintf(cmd, sizeof(cmd), "rm -rf '%s'", server_dir);
-                (void)!system(cmd);
-        }
+        nats_server_free(&server);
         return 0;
 }
 
@@ -721,7 +652,7 @@ int main(int argc _unused_, char **argv _unused_) {
                 cmocka_unit_test_setup_teardown(test_apply_retried, setup, teardown),
         };
 
-        if (!have_program("nats-server")) {
+        if (!nats_server_installed()) {
                 fprintf(stderr, "SKIP: nats-server is not installed (Debian package 'nats-server')\n");
                 return 77;
         }
