@@ -19,7 +19,7 @@ import sys
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import CLOUDD, SLOW, expect, poll, run, seconds  # noqa: E402
+from harness import CLOUDD, EMULATOR, SLOW, expect, poll, run, seconds  # noqa: E402
 
 SECRET_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^hook-[0-9a-f]{8}$")
@@ -223,7 +223,8 @@ def config_error(w, section):
     with open(conf, "w") as f:
         f.write(text + section)
     env = w.env(notify=False)
-    p = subprocess.run([CLOUDD, "--config", conf], capture_output=True, text=True, env=env, timeout=30 * SLOW)
+    p = subprocess.run(EMULATOR + [CLOUDD, "--config", conf], capture_output=True, text=True, env=env,
+                       timeout=30 * SLOW)
     expect(p.returncode != 0, f"tether-cloudd started with {section!r}")
     return p.stderr
 
