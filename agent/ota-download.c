@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "curl-event.h"
 #include "ota-download.h"
 #include "util.h"
 
@@ -37,10 +38,9 @@ struct OtaDownload {
         Phase phase;
 
         sd_event_source *rehash_source;
-        sd_event_source *io[8]; /* libcurl's sockets, for cleanup */
-        sd_event_source *timer_source;
         sd_event_source *finish_source;
-        CURLM *multi;
+        CurlEvent *curl;
+        CURLM *multi; /* the CurlEvent's */
         CURL *easy;
         char errbuf[CURL_ERROR_SIZE];
 
@@ -231,85 +231,6 @@ static size_t on_write(char *buf, size_t size, size_t n, void *userdata) {
         return len;
 }
 
-/* libcurl tells us which sockets to watch ... */
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
-static void check_done(OtaDownload *d);
-
-static int on_curl_socket(CURL *easy, curl_socket_t sock, int what, void *userp, void *socketp) {
-        OtaDownload *d = userp;
-        sd_event_source *io = socketp;
-        uint32_t events = 0;
-
-        if (what == CURL_POLL_REMOVE) {
-                if (io) {
-                        for (size_t i = 0; i < ELEMENTSOF(d->io); i++)
-                                if (d->io[i] == io)
-                                        d->io[i] = NULL;
-                        sd_event_source_disable_unref(io);
-                        curl_multi_assign(d->multi, sock, NULL);
-                }
-                return 0;
-        }
-        if (what & CURL_POLL_IN)
-                events |= EPOLLIN;
-        if (what & CURL_POLL_OUT)
-                events |= EPOLLOUT;
-        if (io) {
-                if (sd_event_source_set_io_events(io, events) < 0 ||
-                    sd_event_source_set_enabled(io, SD_EVENT_ON) < 0)
-                        return -1;
-                return 0;
-        }
-        for (size_t i = 0; i < ELEMENTSOF(d->io); i++)
-                if (!d->io[i]) {
-                        if (sd_event_add_io(d->event, &io, sock, events, on_io, d) < 0)
-                                return -1;
-                        d->io[i] = io;
-                        curl_multi_assign(d->multi, sock, io);
-                        return 0;
-                }
-        return -1;
-}
-
-/* ... and when to call it back. */
-static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp) {
-        OtaDownload *d = userp;
-
-        if (timeout_ms < 0)
-                return sd_event_source_set_enabled(d->timer_source, SD_EVENT_OFF) < 0 ? -1 : 0;
-        /* Never early: libcurl's deadline is finer than a millisecond, and
-         * a timer that runs before it does nothing and is not asked for
-         * again (the transfer would wait for its socket alone). */
-        if (sd_event_source_set_time_relative(d->timer_source, (uint64_t)timeout_ms * 1000 + 999) < 0 ||
-            sd_event_source_set_enabled(d->timer_source, SD_EVENT_ONESHOT) < 0)
-                return -1;
-        return 0;
-}
-
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        OtaDownload *d = userdata;
-        int action = 0, running;
-
-        if (revents & EPOLLIN)
-                action |= CURL_CSELECT_IN;
-        if (revents & EPOLLOUT)
-                action |= CURL_CSELECT_OUT;
-        if (revents & (EPOLLERR | EPOLLHUP))
-                action |= CURL_CSELECT_ERR;
-        curl_multi_socket_action(d->multi, fd, action, &running);
-        check_done(d);
-        return 0;
-}
-
-static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        OtaDownload *d = userdata;
-        int running;
-
-        curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-        check_done(d);
-        return 0;
-}
-
 static void transfer_done(OtaDownload *d, CURLcode result) {
         if (d->phase != PHASE_TRANSFER)
                 return; /* we ended it ourselves */
@@ -345,7 +266,8 @@ static void transfer_done(OtaDownload *d, CURLcode result) {
         finish(d, 0, false, "complete");
 }
 
-static void check_done(OtaDownload *d) {
+static void check_done(void *userdata) {
+        OtaDownload *d = userdata;
         CURLMsg *msg;
         int left;
 
@@ -357,7 +279,6 @@ static void check_done(OtaDownload *d) {
 static int start_transfer(OtaDownload *d) {
         char range[48];
         struct curl_slist *h = NULL;
-        int running;
 
         d->easy = curl_easy_init();
         if (!d->easy)
@@ -403,8 +324,7 @@ static int start_transfer(OtaDownload *d) {
         d->phase = PHASE_TRANSFER;
         if (curl_multi_add_handle(d->multi, d->easy) != CURLM_OK)
                 return -EIO;
-        curl_multi_socket_action(d->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-        check_done(d);
+        curl_event_kick(d->curl);
         return 0;
 }
 
@@ -489,10 +409,13 @@ int ota_download_start(sd_event *event, const OtaDownloadParams *p, const OtaDow
         d->etag = p->etag ? strdup(p->etag) : NULL;
         d->want_prefix = p->prefix_sha256 ? strdup(p->prefix_sha256) : NULL;
         d->md = EVP_MD_CTX_new();
-        d->multi = curl_multi_init();
         if (!d->url || !d->path || !d->ca_file || !d->cert_file || !d->key_file || (p->etag && !d->etag) ||
-            !d->md || !d->multi || EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) != 1)
+            !d->md || EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) != 1)
                 return -ENOMEM;
+        r = curl_event_new(event, check_done, d, &d->curl);
+        if (r < 0)
+                return r;
+        d->multi = curl_event_multi(d->curl);
         d->fd = open(p->path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
         if (d->fd < 0 || fstat(d->fd, &st) < 0)
                 return -errno;
@@ -502,16 +425,7 @@ int ota_download_start(sd_event *event, const OtaDownloadParams *p, const OtaDow
                 d->resume_from = 0;
         if (ftruncate(d->fd, (off_t)d->resume_from) < 0)
                 return -errno;
-        curl_multi_setopt(d->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket);
-        curl_multi_setopt(d->multi, CURLMOPT_SOCKETDATA, d);
-        curl_multi_setopt(d->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer);
-        curl_multi_setopt(d->multi, CURLMOPT_TIMERDATA, d);
-        /* Accuracy 1 µs: 0 would be sd-event's default of 250 ms. */
-        r = sd_event_add_time(event, &d->timer_source, CLOCK_MONOTONIC, 0, 1, on_timer, d);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(d->timer_source, SD_EVENT_OFF);
-        if (r >= 0)
-                r = sd_event_add_defer(event, &d->finish_source, on_finish, d);
+        r = sd_event_add_defer(event, &d->finish_source, on_finish, d);
         if (r >= 0)
                 r = sd_event_source_set_enabled(d->finish_source, SD_EVENT_OFF);
         if (r >= 0)
@@ -540,11 +454,7 @@ OtaDownload *ota_download_free(OtaDownload *d) {
                 curl_easy_cleanup(d->easy);
                 curl_slist_free_all(h);
         }
-        if (d->multi)
-                curl_multi_cleanup(d->multi);
-        for (size_t i = 0; i < ELEMENTSOF(d->io); i++)
-                sd_event_source_disable_unref(d->io[i]);
-        sd_event_source_disable_unref(d->timer_source);
+        curl_event_free(d->curl);
         sd_event_source_disable_unref(d->finish_source);
         sd_event_source_disable_unref(d->rehash_source);
         if (d->fd >= 0)

@@ -3,11 +3,9 @@
  * docs/integrations.md): each event is one HTTP POST of its JSON body to
  * the integration's URL=, signed with HMAC-SHA256 under Secret=.
  *
- * libcurl's multi interface runs on the sd-event loop: libcurl says which
- * sockets to watch (on_curl_socket(), one IO source each) and when to call
- * it back (on_curl_timer(), one time source); each callback runs
- * curl_multi_socket_action() and then reports the finished transfers. The
- * multi handle keeps its connections alive between requests (at most
+ * libcurl's multi interface runs on the sd-event loop (lib/curl-event.h);
+ * after each curl_multi_socket_action() finish_transfers() reports the
+ * finished transfers. The multi handle keeps its connections alive between requests (at most
  * WEBHOOK_WINDOW to the receiver), so a steady flow of events costs one
  * TLS handshake, not one per event.
  *
@@ -32,8 +30,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/epoll.h>
 
+#include "curl-event.h"
 #include "integrations.h"
 #include "log.h"
 #include "util.h"
@@ -46,12 +44,6 @@
 #define WEBHOOK_SIGNATURE_PREFIX "sha256="
 
 typedef struct Webhook Webhook;
-
-/* One socket libcurl asked us to watch. */
-typedef struct Watch {
-        sd_event_source *source;
-        struct Watch *prev, *next;
-} Watch;
 
 /* One slot of the window: its easy handle is made once and reused, so
  * its options are set once too. */
@@ -67,12 +59,10 @@ typedef struct Request {
 } Request;
 
 struct Webhook {
-        sd_event *event;
         const IntegrationConfig *config;
         Integration *owner;
-        CURLM *multi;
-        sd_event_source *timer;
-        Watch *watches;
+        CurlEvent *curl;
+        CURLM *multi; /* the CurlEvent's */
         Request requests[WEBHOOK_WINDOW];
         unsigned in_flight;
         unsigned timeout_sec;
@@ -111,67 +101,6 @@ static bool key_ok(const char *key) {
                       (key[i] >= 'A' && key[i] <= 'Z') || key[i] == '-'))
                         return false;
         return true;
-}
-
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata);
-
-/* libcurl: watch sock for what (or stop watching it). */
-static int on_curl_socket(CURL *easy, curl_socket_t sock, int what, void *userp, void *socketp) {
-        Webhook *w = userp;
-        Watch *watch = socketp;
-        uint32_t events = 0;
-
-        if (what == CURL_POLL_REMOVE) {
-                if (watch) {
-                        if (watch->prev)
-                                watch->prev->next = watch->next;
-                        else
-                                w->watches = watch->next;
-                        if (watch->next)
-                                watch->next->prev = watch->prev;
-                        sd_event_source_disable_unref(watch->source);
-                        free(watch);
-                        curl_multi_assign(w->multi, sock, NULL);
-                }
-                return 0;
-        }
-        if (what & CURL_POLL_IN)
-                events |= EPOLLIN;
-        if (what & CURL_POLL_OUT)
-                events |= EPOLLOUT;
-        if (watch)
-                return sd_event_source_set_io_events(watch->source, events) < 0 ? -1 : 0;
-        watch = calloc(1, sizeof(Watch));
-        if (!watch)
-                return -1;
-        if (sd_event_add_io(w->event, &watch->source, sock, events, on_io, w) < 0) {
-                free(watch);
-                return -1;
-        }
-        watch->next = w->watches;
-        if (w->watches)
-                w->watches->prev = watch;
-        w->watches = watch;
-        curl_multi_assign(w->multi, sock, watch);
-        return 0;
-}
-
-/* libcurl: call curl_multi_socket_action(CURL_SOCKET_TIMEOUT) in
- * timeout_ms (-1: never). Never from inside this callback: 0 fires on the
- * loop's next iteration. libcurl rounds the time left down to whole
- * milliseconds and calls this again only when its next deadline changes:
- * a timer that fires before the deadline (0 for 0.4 ms left) finds
- * nothing due, and nothing would ever arm it again. So it fires up to a
- * millisecond late, never early. */
-static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp) {
-        Webhook *w = userp;
-
-        if (timeout_ms < 0)
-                return sd_event_source_set_enabled(w->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
-        if (sd_event_source_set_time_relative(w->timer, (uint64_t)timeout_ms * 1000 + 999) < 0 ||
-            sd_event_source_set_enabled(w->timer, SD_EVENT_ONESHOT) < 0)
-                return -1;
-        return 0;
 }
 
 /* The response body: counted and dropped. */
@@ -274,7 +203,8 @@ static int outcome(Webhook *w, Request *q, CURLcode result, char why[static INTE
 
 /* Report every finished transfer. Called after curl_multi_socket_action()
  * returned, so integration_sent() may make the core call send() again. */
-static void finish_transfers(Webhook *w) {
+static void finish_transfers(void *userdata) {
+        Webhook *w = userdata;
         CURLMsg *msg;
         int left;
 
@@ -304,30 +234,6 @@ static void finish_transfers(Webhook *w) {
                         log_debug("Webhook '%s': event %" PRIu64 " failed: %s", w->config->name, id, why);
                 integration_sent(w->owner, id, r, r < 0 ? why : NULL);
         }
-}
-
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        Webhook *w = userdata;
-        int action = 0, running;
-
-        if (revents & EPOLLIN)
-                action |= CURL_CSELECT_IN;
-        if (revents & EPOLLOUT)
-                action |= CURL_CSELECT_OUT;
-        if (revents & (EPOLLERR | EPOLLHUP))
-                action |= CURL_CSELECT_ERR;
-        curl_multi_socket_action(w->multi, fd, action, &running);
-        finish_transfers(w);
-        return 0;
-}
-
-static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        Webhook *w = userdata;
-        int running;
-
-        curl_multi_socket_action(w->multi, CURL_SOCKET_TIMEOUT, 0, &running);
-        finish_transfers(w);
-        return 0;
 }
 
 static int request_setup(Webhook *w, Request *q) {
@@ -462,19 +368,8 @@ static void sink_webhook_free(void *sink) {
                 }
                 curl_slist_free_all(q->headers);
         }
-        /* Closes the kept-alive connections; may still call
-         * on_curl_socket(), which needs w->watches and w->event. */
-        if (w->multi)
-                curl_multi_cleanup(w->multi);
-        while (w->watches) {
-                Watch *watch = w->watches;
-
-                w->watches = watch->next;
-                sd_event_source_disable_unref(watch->source);
-                free(watch);
-        }
-        sd_event_source_disable_unref(w->timer);
-        sd_event_unref(w->event);
+        /* Closes the kept-alive connections. */
+        curl_event_free(w->curl);
         if (w->curl_global)
                 curl_global_cleanup();
         free(w->url_shown);
@@ -515,7 +410,6 @@ static int sink_webhook_new(sd_event *event, const IntegrationConfig *config, co
         w = calloc(1, sizeof(Webhook));
         if (!w)
                 return log_error_errno(-ENOMEM, "Webhook '%s': out of memory.", config->name);
-        w->event = sd_event_ref(event);
         w->config = config;
         w->owner = owner;
         w->timeout_sec = config->timeout_sec > 0 ? config->timeout_sec : WEBHOOK_TIMEOUT_DEFAULT_SEC;
@@ -525,23 +419,15 @@ static int sink_webhook_new(sd_event *event, const IntegrationConfig *config, co
         r = url_without_credentials(config->url, &w->url_shown);
         if (r < 0)
                 return log_error_errno(r, "Webhook '%s': cannot parse URL=.", config->name);
-        w->multi = curl_multi_init();
-        if (!w->multi)
-                return log_error_errno(-ENOMEM, "Webhook '%s': out of memory.", config->name);
-        if (curl_multi_setopt(w->multi, CURLMOPT_SOCKETFUNCTION, on_curl_socket) != CURLM_OK ||
-            curl_multi_setopt(w->multi, CURLMOPT_SOCKETDATA, w) != CURLM_OK ||
-            curl_multi_setopt(w->multi, CURLMOPT_TIMERFUNCTION, on_curl_timer) != CURLM_OK ||
-            curl_multi_setopt(w->multi, CURLMOPT_TIMERDATA, w) != CURLM_OK ||
-            curl_multi_setopt(w->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)WEBHOOK_WINDOW) != CURLM_OK ||
+        r = curl_event_new(event, finish_transfers, w, &w->curl);
+        if (r < 0)
+                return log_error_errno(r, "Webhook '%s': cannot set up libcurl: %m", config->name);
+        w->multi = curl_event_multi(w->curl);
+        if (curl_multi_setopt(w->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long)WEBHOOK_WINDOW) != CURLM_OK ||
             /* Keep the window's connections when the transfers end (by
              * default the cache shrinks with the transfers). */
             curl_multi_setopt(w->multi, CURLMOPT_MAXCONNECTS, (long)WEBHOOK_WINDOW) != CURLM_OK)
                 return log_error_errno(-EIO, "Webhook '%s': cannot set up libcurl.", config->name);
-        r = sd_event_add_time(event, &w->timer, CLOCK_MONOTONIC, 0, 1, on_timer, w);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(w->timer, SD_EVENT_OFF);
-        if (r < 0)
-                return log_error_errno(r, "Webhook '%s': cannot add a timer: %m", config->name);
         for (size_t i = 0; i < ELEMENTSOF(w->requests); i++) {
                 r = request_setup(w, &w->requests[i]);
                 if (r < 0)
