@@ -21,18 +21,6 @@
 #define API_AUDIT_MAX_LIMIT 1000
 #define API_AUDIT_ARG_MAX 256
 
-static unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) _printf_(3, 4);
-static unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) {
-        char text[256];
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(text, sizeof(text), fmt, ap);
-        va_end(ap);
-        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", text);
-        return status;
-}
-
 /* A whole number in plain decimal (no sign, no blanks): 0 or -EINVAL. */
 static int api_number(const char *s, size_t len, int64_t *ret) {
         char *end;

@@ -10,26 +10,14 @@
 #include <errno.h>
 #include <microhttpd.h>
 #include <openssl/crypto.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
 
+#include "api-request.h"
 #include "api.h"
 #include "proto.h"
 #include "util.h"
-
-static unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) _printf_(3, 4);
-static unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) {
-        char text[256];
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(text, sizeof(text), fmt, ap);
-        va_end(ap);
-        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", text);
-        return status;
-}
 
 /* A whole number from a JSON integer or a plain decimal string (what a
  * form holds): 0 or -EINVAL. */

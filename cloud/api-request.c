@@ -6,6 +6,7 @@
 
 #include <inttypes.h>
 #include <microhttpd.h>
+#include <stdarg.h>
 
 #include "api-request.h"
 #include "util.h"
@@ -509,4 +510,15 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
 #undef FAIL
         *ret = out;
         return 0;
+}
+
+unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) {
+        char text[256];
+        va_list ap;
+
+        va_start(ap, fmt);
+        vsnprintf(text, sizeof(text), fmt, ap);
+        va_end(ap);
+        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", text);
+        return status;
 }

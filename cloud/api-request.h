@@ -15,6 +15,7 @@
 
 #include "proto.h"
 #include "scopes.h"
+#include "util.h"
 
 /* What api_parse_request() looks at: the request line, three headers
  * (NULL when absent), the access_token query parameter (which may hold NUL
@@ -129,3 +130,8 @@ typedef struct ApiPublish {
  * a name under "tether/", the cloud's: proto_event_name_reserved()). */
 int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, unsigned *ret_status,
                       const char **ret_error);
+
+/* A refusal: *ret_body becomes {"ok": false, "error": TEXT} (TEXT is fmt's
+ * output, cut to 255 bytes; *ret_body is NULL on OOM) and the status is
+ * returned, so that a handler can "return api_fail(...)". */
+unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) _printf_(3, 4);

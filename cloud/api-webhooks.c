@@ -13,7 +13,6 @@
 #include <microhttpd.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,18 +25,6 @@
 
 #define API_WEBHOOK_SECRET_BYTES 32 /* a generated secret: 64 hex digits */
 #define API_WEBHOOK_TIMEOUT_DEFAULT 10
-
-static unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) _printf_(3, 4);
-static unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) {
-        char text[256];
-        va_list ap;
-
-        va_start(ap, fmt);
-        vsnprintf(text, sizeof(text), fmt, ap);
-        va_end(ap);
-        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", text);
-        return status;
-}
 
 static void hex(const uint8_t *b, size_t n, char *out) {
         static const char digits[] = "0123456789abcdef";
