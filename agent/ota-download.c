@@ -59,7 +59,6 @@ struct OtaDownload {
 };
 
 static void hex_digest(EVP_MD_CTX *md, char out[static 65]) {
-        static const char digits[] = "0123456789abcdef";
         EVP_MD_CTX *copy = EVP_MD_CTX_new();
         uint8_t d[32];
         unsigned n = sizeof(d);
@@ -70,11 +69,7 @@ static void hex_digest(EVP_MD_CTX *md, char out[static 65]) {
                 return;
         }
         EVP_MD_CTX_free(copy);
-        for (unsigned i = 0; i < 32; i++) {
-                out[2 * i] = digits[d[i] >> 4];
-                out[2 * i + 1] = digits[d[i] & 15];
-        }
-        out[64] = 0;
+        hex_encode(d, 32, out);
 }
 
 /* Forget the data: empty file, empty hash. */

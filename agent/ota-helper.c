@@ -1056,7 +1056,6 @@ static void h_finished(void *userdata, OtaJournal *j) {
 }
 
 static char *h_token(void *userdata) {
-        static const char digits[] = "0123456789abcdef";
         uint8_t b[8];
         char *t = malloc(17);
 
@@ -1064,11 +1063,7 @@ static char *h_token(void *userdata) {
                 free(t);
                 return NULL;
         }
-        for (int i = 0; i < 8; i++) {
-                t[2 * i] = digits[b[i] >> 4];
-                t[2 * i + 1] = digits[b[i] & 15];
-        }
-        t[16] = 0;
+        hex_encode(b, 8, t);
         return t;
 }
 

@@ -26,16 +26,6 @@
 #define API_WEBHOOK_SECRET_BYTES 32 /* a generated secret: 64 hex digits */
 #define API_WEBHOOK_TIMEOUT_DEFAULT 10
 
-static void hex(const uint8_t *b, size_t n, char *out) {
-        static const char digits[] = "0123456789abcdef";
-
-        for (size_t i = 0; i < n; i++) {
-                out[2 * i] = digits[b[i] >> 4];
-                out[2 * i + 1] = digits[b[i] & 15];
-        }
-        out[2 * n] = 0;
-}
-
 /* The integrations of kind (NULL: all) named name (NULL: all), with the
  * rows' creation time and creator: a new array, NULL on OOM or when the
  * table cannot be read. */
@@ -153,7 +143,7 @@ static int api_webhook_name(Integrations *s, Store *store, char **ret) {
                 if (RAND_bytes(rnd, sizeof(rnd)) != 1)
                         return -EIO;
                 memcpy(name, "hook-", 5);
-                hex(rnd, sizeof(rnd), name + 5);
+                hex_encode(rnd, sizeof(rnd), name + 5);
                 r = api_integration_known(s, name, &config);
                 if (r < 0)
                         return r;
@@ -225,7 +215,7 @@ unsigned api_webhooks_create(Integrations *s, Store *store, json_t *params, cons
                         goto oom;
                 if (RAND_bytes(rnd, sizeof(rnd)) != 1)
                         return api_fail(ret_body, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot make a secret now");
-                hex(rnd, sizeof(rnd), c->secret);
+                hex_encode(rnd, sizeof(rnd), c->secret);
                 OPENSSL_cleanse(rnd, sizeof(rnd));
         }
         if (!c->name) {

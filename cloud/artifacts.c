@@ -195,7 +195,6 @@ static void work_pop(Artifacts *a) {
 /* -EBADMSG: what the stream has is wrong (discard it); another error is
  * local (the disk): the work is reset, to be tried again. */
 static int work_finish(Artifacts *a, Work *w) {
-        static const char digits[] = "0123456789abcdef";
         _cleanup_free_ char *final = NULL;
         _cleanup_close_ int dfd = -1;
         uint8_t md[32];
@@ -212,11 +211,7 @@ static int work_finish(Artifacts *a, Work *w) {
                 work_reset(w);
                 return -ENOMEM;
         }
-        for (unsigned i = 0; i < 32; i++) {
-                hex[2 * i] = digits[md[i] >> 4];
-                hex[2 * i + 1] = digits[md[i] & 15];
-        }
-        hex[64] = 0;
+        hex_encode(md, 32, hex);
         if (!streq(hex, w->sha)) {
                 log_warning("OTA artifact %s from the cluster has the SHA-256 %s: discarded.", w->sha, hex);
                 return -EBADMSG;

@@ -564,18 +564,12 @@ unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_bod
                 return MHD_HTTP_SERVICE_UNAVAILABLE;
         }
         do {
-                static const char digits[] = "0123456789abcdef";
-
                 if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) {
                         manifest_done(&man);
                         *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", "No randomness for a job id");
                         return MHD_HTTP_INTERNAL_SERVER_ERROR;
                 }
-                for (size_t i = 0; i < sizeof(rnd); i++) {
-                        id[2 * i] = digits[rnd[i] >> 4];
-                        id[2 * i + 1] = digits[rnd[i] & 15];
-                }
-                id[OTA_JOB_ID_LEN] = 0;
+                hex_encode(rnd, sizeof(rnd), id);
         } while (job_find(ota, id));
 
         j = job_new(ota, id, device_id(d), man.package, man.version);
@@ -1260,7 +1254,6 @@ static enum MHD_Result upload_publish(OtaRequest *r, const char *final);
 static enum MHD_Result upload_answer_published(OtaRequest *r);
 
 static enum MHD_Result upload_end(OtaRequest *r) {
-        static const char digits[] = "0123456789abcdef";
         _cleanup_free_ char *final = NULL;
         uint8_t md[32];
         unsigned mdlen = sizeof(md);
@@ -1281,11 +1274,7 @@ static enum MHD_Result upload_end(OtaRequest *r) {
                                    r->status == MHD_HTTP_INSUFFICIENT_STORAGE ? "No space left for the artifact"
                                                                               : "Upload failed");
         EVP_DigestFinal_ex(r->md, md, &mdlen);
-        for (unsigned i = 0; i < 32; i++) {
-                hex[2 * i] = digits[md[i] >> 4];
-                hex[2 * i + 1] = digits[md[i] & 15];
-        }
-        hex[64] = 0;
+        hex_encode(md, 32, hex);
         if (!streq(hex, r->sha256))
                 return queue_json(r->connection, MHD_HTTP_BAD_REQUEST,
                                   json_pack("{s:b, s:s, s:s}", "ok", 0, "error",

@@ -108,16 +108,6 @@ int provision_open(Store *store, Provision **ret) {
         return 0;
 }
 
-static void hex(const uint8_t *b, size_t n, char *out) {
-        static const char digits[] = "0123456789abcdef";
-
-        for (size_t i = 0; i < n; i++) {
-                out[2 * i] = digits[b[i] >> 4];
-                out[2 * i + 1] = digits[b[i] & 15];
-        }
-        out[2 * n] = 0;
-}
-
 static int sha256(const char *text, size_t len, uint8_t out[static PROVISION_DIGEST_SIZE]) {
         unsigned n = 0;
 
@@ -128,7 +118,7 @@ static int sha256(const char *text, size_t len, uint8_t out[static PROVISION_DIG
 
 static void id_of(const uint8_t digest[static PROVISION_DIGEST_SIZE], char out[static PROVISION_ID_MAX + 1]) {
         memcpy(out, "prov-", 5);
-        hex(digest, 4, out + 5);
+        hex_encode(digest, 4, out + 5);
 }
 
 /* Whether token has the shape of one: the prefix and 40 lowercase hex
@@ -447,7 +437,7 @@ int provision_create(Provision *p, const ProvisionSpec *spec, char **ret_secret,
                 if (RAND_bytes(rnd, sizeof(rnd)) != 1)
                         return -EIO;
                 strcpy(secret, PROVISION_PREFIX);
-                hex(rnd, sizeof(rnd), secret + strlen(PROVISION_PREFIX));
+                hex_encode(rnd, sizeof(rnd), secret + strlen(PROVISION_PREFIX));
                 OPENSSL_cleanse(rnd, sizeof(rnd));
                 r = sha256(secret, strlen(secret), row.digest);
                 if (r < 0)

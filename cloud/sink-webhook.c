@@ -76,17 +76,12 @@ static unsigned connect_timeout_sec(const Webhook *w) {
 
 /* HMAC-SHA256(secret, body) in lower-case hex. */
 static int webhook_sign(const char *secret, const char *body, size_t len, char out[static 65]) {
-        static const char digits[] = "0123456789abcdef";
         unsigned char mac[EVP_MAX_MD_SIZE];
         unsigned n = 0;
 
         if (!HMAC(EVP_sha256(), secret, (int)strlen(secret), (const unsigned char *)body, len, mac, &n) || n != 32)
                 return -EIO;
-        for (unsigned i = 0; i < 32; i++) {
-                out[2 * i] = digits[mac[i] >> 4];
-                out[2 * i + 1] = digits[mac[i] & 15];
-        }
-        out[64] = 0;
+        hex_encode(mac, 32, out);
         return 0;
 }
 

@@ -316,16 +316,6 @@ int tokens_open(Store *store, const CloudConfig *config, const TokensHooks *hook
         return 0;
 }
 
-static void hex(const uint8_t *p, size_t n, char *out) {
-        static const char digits[] = "0123456789abcdef";
-
-        for (size_t i = 0; i < n; i++) {
-                out[2 * i] = digits[p[i] >> 4];
-                out[2 * i + 1] = digits[p[i] & 15];
-        }
-        out[2 * n] = 0;
-}
-
 static Token *tokens_find_digest(Tokens *t, const uint8_t digest[static CONFIG_TOKEN_DIGEST_SIZE]) {
         size_t lo = 0, hi = t->n;
 
@@ -392,14 +382,14 @@ int tokens_check(Tokens *t, const char *token, TokenAuth *ret) {
                 return -ENOKEY;
         if (cloud_config_token_digest_valid(t->config, a.digest)) {
                 memcpy(a.id, "file-", 5);
-                hex(a.digest, 4, a.id + 5);
+                hex_encode(a.digest, 4, a.id + 5);
                 a.scopes = SCOPE_ADMIN;
                 *ret = a;
                 return 0;
         }
         if (cloud_config_metrics_token_digest_valid(t->config, a.digest)) {
                 memcpy(a.id, "metrics-", 8);
-                hex(a.digest, 4, a.id + 8);
+                hex_encode(a.digest, 4, a.id + 8);
                 a.scopes = SCOPE_METRICS_READ;
                 *ret = a;
                 return 0;
@@ -574,7 +564,7 @@ int tokens_create(Tokens *t, const TokenSpec *spec, char **ret_secret, json_t **
                         token_free(k);
                         return -EIO;
                 }
-                hex(id_bytes, sizeof(id_bytes), k->id);
+                hex_encode(id_bytes, sizeof(id_bytes), k->id);
         } while (tokens_find_id(t, k->id));
         secret = malloc(strlen(TOKENS_PREFIX) + 2 * sizeof(rnd) + 1);
         if (!secret || getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) {
@@ -582,7 +572,7 @@ int tokens_create(Tokens *t, const TokenSpec *spec, char **ret_secret, json_t **
                 return secret ? -EIO : -ENOMEM;
         }
         strcpy(secret, TOKENS_PREFIX);
-        hex(rnd, sizeof(rnd), secret + strlen(TOKENS_PREFIX));
+        hex_encode(rnd, sizeof(rnd), secret + strlen(TOKENS_PREFIX));
         OPENSSL_cleanse(rnd, sizeof(rnd));
         r = cloud_config_token_digest(secret, k->digest);
         if (r < 0) {

@@ -175,7 +175,6 @@ int debfile_control_read(const char *path, DebControl *ret) {
 }
 
 int debfile_sha256_fd(int fd, char ret_hex[static 65], uint64_t *ret_size) {
-        static const char digits[] = "0123456789abcdef";
         EVP_MD_CTX *ctx = EVP_MD_CTX_new();
         uint8_t md[32], buf[65536];
         unsigned mdlen = sizeof(md);
@@ -205,11 +204,7 @@ int debfile_sha256_fd(int fd, char ret_hex[static 65], uint64_t *ret_size) {
         EVP_MD_CTX_free(ctx);
         if (r < 0)
                 return r;
-        for (unsigned i = 0; i < 32; i++) {
-                ret_hex[2 * i] = digits[md[i] >> 4];
-                ret_hex[2 * i + 1] = digits[md[i] & 15];
-        }
-        ret_hex[64] = 0;
+        hex_encode(md, 32, ret_hex);
         if (ret_size)
                 *ret_size = size;
         return 0;

@@ -51,16 +51,6 @@ static int unhex(char c) {
         return -1; /* lowercase only: one spelling per signature */
 }
 
-static void hex(const uint8_t *in, size_t n, char *out) {
-        static const char digits[] = "0123456789abcdef";
-
-        for (size_t i = 0; i < n; i++) {
-                out[2 * i] = digits[in[i] >> 4];
-                out[2 * i + 1] = digits[in[i] & 15];
-        }
-        out[2 * n] = 0;
-}
-
 /* Expect exactly "prefix" + n lowercase hex digits + "\n" at *p. */
 static int take_hex_line(const uint8_t **p, const uint8_t *end, const char *prefix, size_t n, char *ret_text,
                          uint8_t *ret_bytes) {
@@ -479,7 +469,7 @@ static int key_id(EVP_PKEY *pkey, char ret[static MANIFEST_KEY_ID_LEN + 1]) {
                 return -EBADMSG;
         if (!EVP_Digest(raw, n, digest, &dn, EVP_sha256(), NULL))
                 return -EIO;
-        hex(digest, MANIFEST_KEY_ID_LEN / 2, ret);
+        hex_encode(digest, MANIFEST_KEY_ID_LEN / 2, ret);
         return 0;
 }
 
@@ -699,7 +689,7 @@ int manifest_sign(const char *key_pem, size_t key_len, const char *body, size_t 
                 r = -EIO;
                 goto out;
         }
-        hex(sig, sizeof(sig), sighex);
+        hex_encode(sig, sizeof(sig), sighex);
         n = asprintf(&out, "%s\nkey=%s\nsignature=%s\n\n%.*s", MANIFEST_FORMAT, id, sighex, (int)body_len, body);
         if (n < 0) {
                 r = -ENOMEM;

@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Small helpers shared by every tether program: cleanup attributes and
- * the negative-errno conventions of HACKING.md. Header only. */
+/* Small helpers shared by every tether program: cleanup attributes, the
+ * negative-errno conventions of HACKING.md, string helpers. Header only. */
 #pragma once
 
 #include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,6 +50,17 @@ static inline bool endswith(const char *s, const char *suffix) {
         size_t n = strlen(s), k = strlen(suffix);
 
         return n >= k && memcmp(s + n - k, suffix, k) == 0;
+}
+
+/* n bytes as 2n lowercase hex digits and a NUL: out holds 2n + 1 bytes. */
+static inline void hex_encode(const uint8_t *in, size_t n, char *out) {
+        static const char digits[] = "0123456789abcdef";
+
+        for (size_t i = 0; i < n; i++) {
+                out[2 * i] = digits[in[i] >> 4];
+                out[2 * i + 1] = digits[in[i] & 15];
+        }
+        out[2 * n] = 0;
 }
 
 /* Monotonic clock in microseconds, for deadlines. */
