@@ -1088,8 +1088,7 @@ static int replica_load_state(Replica *r) {
 
                 if (getrandom(b, sizeof(b), 0) != sizeof(b))
                         return -errno;
-                for (size_t i = 0; i < sizeof(b); i++)
-                        snprintf(r->incarnation + 2 * i, 3, "%02x", b[i]);
+                hex_encode(b, sizeof(b), r->incarnation);
         }
         k = replica_exec(r, "BEGIN IMMEDIATE", "resetting the cluster state's position");
         if (k < 0)

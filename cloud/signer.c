@@ -210,8 +210,7 @@ static int cert_fill(X509 *leaf, STACK_OF(X509) *chain, SignerCert *ret) {
         if (ok) {
                 snprintf(c.serial, sizeof(c.serial), "%s", hex);
                 tls_name_text(X509_get_issuer_name(leaf), c.issuer, sizeof(c.issuer));
-                for (unsigned i = 0; i < n && i < 32; i++)
-                        snprintf(c.fingerprint + 2 * i, 3, "%02x", md[i]);
+                hex_encode(md, n < 32 ? n : 32, c.fingerprint);
                 c.not_before = asn1_time_unix(X509_get0_notBefore(leaf));
                 c.not_after = asn1_time_unix(X509_get0_notAfter(leaf));
                 len = BIO_get_mem_data(b, &data);

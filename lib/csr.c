@@ -136,8 +136,7 @@ int csr_key_id(EVP_PKEY *key, char ret[static CSR_ID_SIZE]) {
                 return ssl_fail(-EIO);
         }
         OPENSSL_free(der);
-        for (size_t i = 0; i < CSR_ID_BYTES; i++)
-                snprintf(ret + 2 * i, 3, "%02x", md[i]);
+        hex_encode(md, CSR_ID_BYTES, ret);
         return 0;
 }
 

@@ -127,8 +127,7 @@ static void cert_describe(X509 *x, TlsPeer *p) {
         BN_free(bn);
         p->fingerprint[0] = 0;
         if (X509_digest(x, EVP_sha256(), md, &n) == 1)
-                for (unsigned i = 0; i < n && 2 * i + 2 < sizeof(p->fingerprint); i++)
-                        snprintf(p->fingerprint + 2 * i, 3, "%02x", md[i]);
+                hex_encode(md, n < 32 ? n : 32, p->fingerprint);
         p->not_after = p->not_before = 0;
         if (ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm) == 1)
                 p->not_after = (int64_t)timegm(&tm);
@@ -152,8 +151,7 @@ static int der_sha256(unsigned char *der, int len, char ret[static 65]) {
                 return -EIO;
         }
         OPENSSL_free(der);
-        for (unsigned i = 0; i < n; i++)
-                snprintf(ret + 2 * i, 3, "%02x", md[i]);
+        hex_encode(md, n, ret);
         return 0;
 }
 

@@ -243,8 +243,7 @@ static int make_manifest(const DebInfo *deb, const char *url, const char *device
                 return r;
         if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
                 return log_error_errno(-EIO, "No randomness for the manifest's nonce");
-        for (size_t i = 0; i < sizeof(rnd); i++)
-                snprintf(nonce + 2 * i, 3, "%02x", rnd[i]);
+        hex_encode(rnd, sizeof(rnd), nonce);
         if (!kp)
                 return cli_usage_error("No update key: give --key FILE or set TETHER_OTA_KEY (or --manifest)");
         if (arg.ota_min_version && debversion_check(arg.ota_min_version) < 0)

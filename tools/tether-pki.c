@@ -100,8 +100,7 @@ static int random_hex(size_t n_bytes, char **ret) {
         s = malloc(n_bytes * 2 + 1);
         if (!s)
                 return log_error_errno(-ENOMEM, "Out of memory");
-        for (size_t i = 0; i < n_bytes; i++)
-                sprintf(s + 2 * i, "%02x", buf[i]);
+        hex_encode(buf, n_bytes, s);
         OPENSSL_cleanse(buf, sizeof(buf));
         *ret = s;
         return 0;
