@@ -21,16 +21,6 @@ static void on_stop(int sig) {
         stop = 1;
 }
 
-static int print_json(json_t *j) {
-        char *text = json_dumps(j, JSON_COMPACT);
-
-        if (!text)
-                return log_error_errno(-ENOMEM, "Out of memory");
-        printf("%s\n", text);
-        free(text);
-        return 0;
-}
-
 /* A JSON array of n strings, or NULL (out of memory, or a string that
  * is not UTF-8: *ret_bad says which). */
 static json_t *strv_json(const char *const *v, size_t n, const char **ret_bad) {
@@ -117,14 +107,9 @@ static int tokens_list(Api *a) {
         size_t i;
         int r;
 
-        r = api_request(a, "/v1/tokens", NULL, &j);
+        r = request_list(a, "/v1/tokens", "tokens", &j);
         if (r < 0)
                 return r;
-        if (!json_is_array(j)) {
-                json_decref(j);
-                log_error("Malformed response from %s: expected a list of tokens", a->base);
-                return -EBADMSG;
-        }
         if (arg.json) {
                 r = print_json(j);
                 json_decref(j);

@@ -107,6 +107,11 @@ void api_set_timeouts(Api *a, long total_ms);
 /* GET (form == NULL) or POST a form; on 2xx *ret is the JSON body. */
 int api_request(Api *a, const char *path, const char *form, json_t **ret);
 int print_raw_body(const Api *a);
+/* j as one line of compact JSON on stdout: 0 or -ENOMEM (logged). */
+int print_json(json_t *j);
+/* GET path (request_json()): on success *ret is a JSON array; a body that
+ * is not one is logged ("expected a list of what") and -EBADMSG. */
+int request_list(Api *a, const char *path, const char *what, json_t **ret);
 char *form_field(Api *a, const char *name, const char *value);
 const char *json_string_or(json_t *o, const char *key, const char *fallback);
 

@@ -75,15 +75,6 @@ int request_json(Api *a, const char *method, const char *path, json_t *body, jso
         return r;
 }
 
-static int print_json(json_t *j) {
-        _cleanup_free_ char *text = json_dumps(j, JSON_COMPACT);
-
-        if (!text)
-                return log_error_errno(-ENOMEM, "Out of memory");
-        printf("%s\n", text);
-        return 0;
-}
-
 static int key_cmp(const void *x, const void *y) {
         return strcmp(*(const char *const *)x, *(const char *const *)y);
 }
@@ -189,14 +180,9 @@ static int provision_list(Api *a) {
         size_t i;
         int r;
 
-        r = request_json(a, "GET", "/v1/provision", NULL, &j);
+        r = request_list(a, "/v1/provision", "provisioning tokens", &j);
         if (r < 0)
                 return r;
-        if (!json_is_array(j)) {
-                json_decref(j);
-                log_error("Malformed response from %s: expected a list of provisioning tokens", a->base);
-                return -EBADMSG;
-        }
         if (arg.json) {
                 r = print_json(j);
                 json_decref(j);

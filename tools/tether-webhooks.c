@@ -34,15 +34,6 @@ static const char *clean(const char *s, const char *none, char *out, size_t size
         return out;
 }
 
-static int print_json(json_t *j) {
-        _cleanup_free_ char *text = json_dumps(j, JSON_COMPACT);
-
-        if (!text)
-                return log_error_errno(-ENOMEM, "Out of memory");
-        printf("%s\n", text);
-        return 0;
-}
-
 static bool name_valid(const char *s) {
         size_t n = strlen(s);
 
@@ -103,29 +94,12 @@ static int webhooks_create(Api *a, const char *url) {
         return r;
 }
 
-/* GET path: a JSON array, or -EBADMSG. */
-static int get_list(Api *a, const char *path, json_t **ret) {
-        json_t *j = NULL;
-        int r;
-
-        r = request_json(a, "GET", path, NULL, &j);
-        if (r < 0)
-                return r;
-        if (!json_is_array(j)) {
-                json_decref(j);
-                log_error("Malformed response from %s: expected a list", a->base);
-                return -EBADMSG;
-        }
-        *ret = j;
-        return 0;
-}
-
 static int webhooks_list(Api *a) {
         json_t *j = NULL, *w;
         size_t i;
         int r;
 
-        r = get_list(a, "/v1/webhooks", &j);
+        r = request_list(a, "/v1/webhooks", "webhooks", &j);
         if (r < 0)
                 return r;
         if (arg.json) {
@@ -200,7 +174,7 @@ int cmd_integrations(Api *a, char **args, int n) {
 
         if (n != 1 || !streq(args[0], "list"))
                 return cli_usage_error("'integrations' takes one subcommand: list");
-        r = get_list(a, "/v1/integrations", &j);
+        r = request_list(a, "/v1/integrations", "integrations", &j);
         if (r < 0)
                 return r;
         if (arg.json) {

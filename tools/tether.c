@@ -446,6 +446,31 @@ int print_raw_body(const Api *a) {
         return 0;
 }
 
+int print_json(json_t *j) {
+        _cleanup_free_ char *text = json_dumps(j, JSON_COMPACT);
+
+        if (!text)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        printf("%s\n", text);
+        return 0;
+}
+
+int request_list(Api *a, const char *path, const char *what, json_t **ret) {
+        json_t *j = NULL;
+        int r;
+
+        r = request_json(a, "GET", path, NULL, &j);
+        if (r < 0)
+                return r;
+        if (!json_is_array(j)) {
+                json_decref(j);
+                log_error("Malformed response from %s: expected a list of %s", a->base, what);
+                return -EBADMSG;
+        }
+        *ret = j;
+        return 0;
+}
+
 char *form_field(Api *a, const char *name, const char *value) {
         char *esc = curl_easy_escape(a->curl, value, (int)strlen(value)), *s = NULL;
 
