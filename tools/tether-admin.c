@@ -133,23 +133,13 @@ static int tokens_list(Api *a) {
 
 static int tokens_revoke(Api *a, const char *id) {
         _cleanup_free_ char *path = NULL;
-        json_t *j = NULL;
-        int r;
 
         for (const char *c = id; *c; c++)
                 if (!((*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') || *c == '-'))
                         return cli_usage_error("Invalid token ID '%s'", id);
         if (!*id || asprintf(&path, "/v1/tokens/%s", id) < 0)
                 return *id ? log_error_errno(-ENOMEM, "Out of memory") : cli_usage_error("Empty token ID");
-        curl_easy_setopt(a->curl, CURLOPT_CUSTOMREQUEST, "DELETE");
-        r = api_request(a, path, NULL, &j);
-        curl_easy_setopt(a->curl, CURLOPT_CUSTOMREQUEST, NULL);
-        if (r < 0)
-                return r;
-        if (arg.json)
-                r = print_json(j);
-        json_decref(j);
-        return r;
+        return request_delete(a, path);
 }
 
 int cmd_tokens(Api *a, char **args, int n) {

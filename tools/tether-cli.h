@@ -112,6 +112,9 @@ int print_json(json_t *j);
 /* GET path (request_json()): on success *ret is a JSON array; a body that
  * is not one is logged ("expected a list of what") and -EBADMSG. */
 int request_list(Api *a, const char *path, const char *what, json_t **ret);
+/* DELETE path (request_json()); with --json the answer is printed. 0 or
+ * negative errno (logged). */
+int request_delete(Api *a, const char *path);
 char *form_field(Api *a, const char *name, const char *value);
 const char *json_string_or(json_t *o, const char *key, const char *fallback);
 

@@ -205,20 +205,12 @@ static int provision_list(Api *a) {
 
 static int provision_revoke(Api *a, const char *id) {
         _cleanup_free_ char *path = NULL;
-        json_t *j = NULL;
-        int r;
 
         if (!startswith(id, "prov-") || strlen(id) != 13 || strspn(id + 5, "0123456789abcdef") != 8)
                 return cli_usage_error("Invalid provisioning token ID '%s': expected prov- and 8 hex digits", id);
         if (asprintf(&path, "/v1/provision/%s", id) < 0)
                 return log_error_errno(-ENOMEM, "Out of memory");
-        r = request_json(a, "DELETE", path, NULL, &j);
-        if (r < 0)
-                return r;
-        if (arg.json)
-                r = print_json(j);
-        json_decref(j);
-        return r;
+        return request_delete(a, path);
 }
 
 int cmd_provision(Api *a, char **args, int n) {

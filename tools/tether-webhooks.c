@@ -125,21 +125,13 @@ static int webhooks_list(Api *a) {
 
 static int webhooks_delete(Api *a, const char *name) {
         _cleanup_free_ char *path = NULL;
-        json_t *j = NULL;
-        int r;
 
         if (!name_valid(name))
                 return cli_usage_error("Invalid webhook name '%s': 1 to %d of A-Z a-z 0-9 _ -", name,
                                        WEBHOOK_NAME_MAX);
         if (asprintf(&path, "/v1/webhooks/%s", name) < 0)
                 return log_error_errno(-ENOMEM, "Out of memory");
-        r = request_json(a, "DELETE", path, NULL, &j);
-        if (r < 0)
-                return r;
-        if (arg.json)
-                r = print_json(j);
-        json_decref(j);
-        return r;
+        return request_delete(a, path);
 }
 
 int cmd_webhooks(Api *a, char **args, int n) {

@@ -471,6 +471,19 @@ int request_list(Api *a, const char *path, const char *what, json_t **ret) {
         return 0;
 }
 
+int request_delete(Api *a, const char *path) {
+        json_t *j = NULL;
+        int r;
+
+        r = request_json(a, "DELETE", path, NULL, &j);
+        if (r < 0)
+                return r;
+        if (arg.json)
+                r = print_json(j);
+        json_decref(j);
+        return r;
+}
+
 char *form_field(Api *a, const char *name, const char *value) {
         char *esc = curl_easy_escape(a->curl, value, (int)strlen(value)), *s = NULL;
 
