@@ -311,6 +311,14 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 p.name = rest + 10;
                 goto done;
         }
+        /* The rest of /v1/ota/... is the Ota's (ota.h): only this one
+         * reaches here (api.c), to be forwarded in cluster mode like
+         * PUT /v1/devices/ID. */
+        if (streq(rest, "ota/jobs")) {
+                if (post)
+                        p.route = API_ROUTE_OTA_JOB;
+                goto done;
+        }
         if (streq(rest, "webhooks") || streq(rest, "integrations")) {
                 p.route = streq(rest, "webhooks") ? API_ROUTE_WEBHOOKS : API_ROUTE_INTEGRATIONS;
                 goto done;
@@ -395,8 +403,12 @@ unsigned api_route_scope(ApiRoute route) {
                 return SCOPE_EVENTS_READ;
         case API_ROUTE_PUBLISH:
                 return SCOPE_EVENTS_PUBLISH;
-        case API_ROUTE_UPDATE:
+        case API_ROUTE_OTA_JOB:
                 return SCOPE_OTA_WRITE;
+        case API_ROUTE_UPDATE:
+                /* ota:write with "manifest", devices:write with name,
+                 * notes or tags: the Api checks once it knows which. */
+                return 0;
         case API_ROUTE_TOKENS:
         case API_ROUTE_TOKEN:
         case API_ROUTE_AUDIT:

@@ -41,7 +41,7 @@ typedef enum ApiRoute {
         API_ROUTE_PUBLISH,           /* POST /v1/devices/events */
         API_ROUTE_NO_DEVICE,         /* a device ID that cannot exist */
         API_ROUTE_DEVICE,            /* GET /v1/devices/ID */
-        API_ROUTE_UPDATE,            /* PUT /v1/devices/ID (an OTA job) */
+        API_ROUTE_UPDATE,            /* PUT /v1/devices/ID (name, notes, tags; or an OTA job) */
         API_ROUTE_DEVICE_BAD_METHOD, /* anything else on /v1/devices/ID[/X] */
         API_ROUTE_CALL,              /* POST /v1/devices/ID/FN */
         API_ROUTE_READ,              /* GET /v1/devices/ID/VAR */
@@ -56,6 +56,7 @@ typedef enum ApiRoute {
         API_ROUTE_WEBHOOKS,          /* GET (list), POST (create) /v1/webhooks; others: 405 */
         API_ROUTE_WEBHOOK,           /* GET, DELETE /v1/webhooks/NAME; others: 405 */
         API_ROUTE_INTEGRATIONS,      /* GET /v1/integrations; others: 405 */
+        API_ROUTE_OTA_JOB,           /* POST /v1/ota/jobs {"device","manifest"} */
 } ApiRoute;
 
 #define API_BODY_ERROR_MAX 256

@@ -1484,6 +1484,30 @@ static const char *api_query_arg(ApiRequest *req, const char *key) {
         return v && strlen(v) == n ? v : "";
 }
 
+/* Whether PUT /v1/devices/ID params ask for an OTA job (the compatible
+ * form of POST /v1/ota/jobs) rather than name, notes or tags. */
+static bool api_update_is_ota(json_t *params) {
+        return params && (json_object_get(params, "manifest") || json_object_get(params, "file"));
+}
+
+/* The filters of GET /v1/devices, from every query argument. */
+typedef struct ApiFilterArgs {
+        InventoryFilter f;
+        bool failed;
+        char err[INVENTORY_ERROR_MAX];
+} ApiFilterArgs;
+
+static enum MHD_Result api_filter_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+        ApiFilterArgs *fa = cls;
+
+        (void)kind;
+        if (!key || fa->failed)
+                return MHD_YES;
+        if (inventory_filter_add(&fa->f, key, value, fa->err) < 0)
+                fa->failed = true;
+        return MHD_YES;
+}
+
 /* What a mutating request is, for the audit log. */
 static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url, const char *method) {
         json_t *name = p->params ? json_object_get(p->params, "name") : NULL;
@@ -1493,8 +1517,15 @@ static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url
                 api_audit_begin(req, "device.call", p->device, json_pack("{s:s}", "function", p->name));
                 break;
         case API_ROUTE_UPDATE:
-                api_audit_begin(req, "ota.job", p->device, NULL);
+                /* device.update: its detail (the changed fields) once known. */
+                api_audit_begin(req, api_update_is_ota(p->params) ? "ota.job" : "device.update", p->device, NULL);
                 break;
+        case API_ROUTE_OTA_JOB: {
+                json_t *device = p->params ? json_object_get(p->params, "device") : NULL;
+
+                api_audit_begin(req, "ota.job", json_is_string(device) ? json_string_value(device) : NULL, NULL);
+                break;
+        }
         case API_ROUTE_PUBLISH:
                 api_audit_begin(req, "event.publish", json_is_string(name) ? json_string_value(name) : NULL, NULL);
                 break;
@@ -1718,6 +1749,78 @@ fail:
         return NULL;
 }
 
+/* Whether params hold one of the inventory fields. */
+static bool api_update_has_inventory(json_t *params) {
+        return params && (json_object_get(params, "name") || json_object_get(params, "notes") ||
+                          json_object_get(params, "tags"));
+}
+
+/* PUT /v1/devices/ID with name, notes or tags (docs/fleet.md): any node
+ * (the registry is replicated), online or not. */
+static void api_device_update(ApiRequest *req, const char *id, json_t *params) {
+        Api *api = req->api;
+        _cleanup_(json_decrefp) json_t *state = NULL;
+        char actor[TOKENS_ID_MAX + 8], err[INVENTORY_ERROR_MAX] = "";
+        InventoryUpdate u;
+        json_t *tags = params ? json_object_get(params, "tags") : NULL;
+        int r;
+
+        if (!api_allowed(req, SCOPE_DEVICES_WRITE))
+                return;
+        /* A form carries the merge patch as JSON text. */
+        if (json_is_string(tags)) {
+                json_t *t = json_loadb(json_string_value(tags), json_string_length(tags), JSON_REJECT_DUPLICATES, NULL);
+
+                if (!json_is_object(t)) {
+                        json_decref(t);
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST,
+                                      "\"tags\" must be a JSON object of names to a string (set) or null (remove)",
+                                      NULL);
+                        return;
+                }
+                if (json_object_set_new(params, "tags", t) < 0)
+                        return;
+        }
+        if (inventory_parse_update(params, &u, err) < 0) {
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, err, NULL);
+                return;
+        }
+        if (inventory_update_empty(&u)) {
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, "nothing to change: name, notes or tags", NULL);
+                return;
+        }
+        /* Tags decide what restricted tokens reach: a restricted token
+         * may not move devices into or out of anyone's reach. */
+        if (u.tags && tokens_restricted(&req->auth)) {
+                api_set_json(req, MHD_HTTP_FORBIDDEN,
+                             json_pack("{s:b, s:s, s:s}", "ok", 0, "error", "insufficient_scope", "error_description",
+                                       "A token restricted to devices may not change tags"));
+                return;
+        }
+        r = registry_update(api->registry, id, &u, api_actor(req, actor), &state, err);
+        if (r == -ENOENT)
+                api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
+        else if (r == -EEXIST)
+                api_set_error(req, MHD_HTTP_CONFLICT, err, NULL);
+        else if (r == -EINVAL)
+                api_set_error(req, MHD_HTTP_BAD_REQUEST, err, NULL);
+        else if (r < 0)
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot update the device now: %s", strerror(-r));
+        else {
+                json_t *changed = json_object_get(state, "changed");
+
+                api_audit_begin(req, "device.update", id, json_deep_copy(changed));
+                if (json_object_size(changed) > 0)
+                        log_info("Device '%s' updated by '%s'.", id, actor);
+                api_set_json(req, MHD_HTTP_OK,
+                             json_pack("{s:b, s:s, s:O, s:O, s:O, s:O}", "ok", 1, "id", id, "name",
+                                       json_object_get(state, "name") ?: json_null(), "notes",
+                                       json_object_get(state, "notes") ?: json_null(), "tags",
+                                       json_object_get(state, "tags"), "updated_at",
+                                       json_object_get(state, "updated_at") ?: json_null()));
+        }
+}
+
 /* POST /v1/devices {"id": ID}: what Registration=enrolled admits. */
 static void api_register(ApiRequest *req, json_t *params) {
         Api *api = req->api;
@@ -1816,7 +1919,19 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 api_audit_route(req, &p, url, method);
         if (!api_allowed(req, api_route_scope(p.route)))
                 return api_queue(req);
+        if (p.route == API_ROUTE_OTA_JOB) {
+                json_t *device = p.params ? json_object_get(p.params, "device") : NULL;
+
+                if (!json_is_string(device) || json_string_length(device) > PROTO_DEVICE_ID_MAX ||
+                    proto_name_check(json_string_value(device), json_string_length(device), PROTO_NAME_DEVICE) < 0) {
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST,
+                                      device ? "\"device\" must be a device ID" : "\"device\" is required", NULL);
+                        return api_queue(req);
+                }
+                memcpy(p.device, json_string_value(device), json_string_length(device) + 1);
+        }
         if ((p.route == API_ROUTE_STREAM && p.stream_device) || p.route == API_ROUTE_DEVICE ||
+            p.route == API_ROUTE_OTA_JOB ||
             p.route == API_ROUTE_CALL || p.route == API_ROUTE_READ || p.route == API_ROUTE_UPDATE) {
                 if (!api_may_reach(req, p.device))
                         return api_queue(req);
@@ -1828,12 +1943,27 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_STREAM:
                 return api_stream(req, &p);
         case API_ROUTE_LIST: {
+                ApiFilterArgs fa = { .err = "" };
                 const char *error;
                 ApiPage page;
 
+                inventory_filter_init(&fa.f);
+                (void)MHD_get_connection_values(req->connection, MHD_GET_ARGUMENT_KIND, api_filter_arg, &fa);
                 if (api_parse_page(api_query_arg(req, "page"), api_query_arg(req, "per_page"), &page, &error) < 0)
                         api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
-                else if (tokens_restricted(&req->auth)) {
+                else if (fa.failed)
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST, fa.err, NULL);
+                else if (fa.f.any) {
+                        json_t *list = NULL;
+                        int r = api_devices_list_filtered(api->devices, api->registry, &req->auth, &fa.f, &page,
+                                                          &list);
+
+                        if (r == -EIO)
+                                api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                              "Cannot read the device registry now", NULL);
+                        else if (r == 0)
+                                api_set_json(req, MHD_HTTP_OK, list);
+                } else if (tokens_restricted(&req->auth)) {
                         json_t *list = NULL;
                         int r = api_devices_list_restricted(api->devices, api->registry, &req->auth, &page, &list);
 
@@ -1881,12 +2011,27 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 }
                 break;
         }
-        case API_ROUTE_UPDATE: {
-                /* Particle's "update the device": here, start an OTA job. */
+        case API_ROUTE_UPDATE:
+        case API_ROUTE_OTA_JOB: {
+                /* Particle's "update the device": name, notes, tags; or
+                 * (compatible form of POST /v1/ota/jobs) an OTA job. */
                 json_t *body = NULL;
                 const char *node;
                 unsigned status;
 
+                if (p.route == API_ROUTE_UPDATE && !api_update_is_ota(p.params)) {
+                        api_device_update(req, p.device, p.params);
+                        break;
+                }
+                if (p.route == API_ROUTE_UPDATE && !api_allowed(req, SCOPE_OTA_WRITE))
+                        break;
+                if (p.route == API_ROUTE_UPDATE && api_update_has_inventory(p.params)) {
+                        api_set_error(req, MHD_HTTP_BAD_REQUEST,
+                                      "Send \"manifest\" alone: name, notes and tags are changed by a request of "
+                                      "their own",
+                                      NULL);
+                        break;
+                }
                 d = devices_find(api->devices, p.device);
                 node = api_device_elsewhere(api, p.device, d);
                 if (node) {
@@ -2013,7 +2158,9 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                                        streq(conn->bad_escape, "%00") ? "NUL byte" : "'/'");
                         return api_queue(req);
                 }
-                if (ota_api_owns(url)) {
+                /* POST /v1/ota/jobs is the Api's: like PUT /v1/devices/ID,
+                 * forwarded to the node of the device in cluster mode. */
+                if (ota_api_owns(url) && !(streq(url, "/v1/ota/jobs") && streq(method, MHD_HTTP_METHOD_POST))) {
                         int r;
 
                         /* Artifact uploads stream to disk: no body limit here. */

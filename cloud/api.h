@@ -26,6 +26,7 @@
 #include "devices.h"
 #include "events.h"
 #include "integrations.h"
+#include "inventory.h"
 #include "journal.h"
 #include "ota.h"
 #include "proto.h"
@@ -96,6 +97,14 @@ int api_parse_page(const char *page, const char *per_page, ApiPage *ret, const c
 /* The response to GET /v1/devices (api-list.c): the plain array of every
  * device unless p->paged, else one page and its meta. NULL on OOM. */
 json_t *api_devices_list(Devices *devs, const ApiPage *p);
+
+/* GET /v1/devices with filters (inventory.h; f->any): the devices that
+ * pass f, each with the registry's fields (registry_device_json()), in
+ * the order of the unfiltered list (a restricted token's: its list,
+ * api_devices_list_restricted()), whole or paged as api_devices_list().
+ * Costs every device the token lists. 0 and *ret; -ENOMEM, -EIO. */
+int api_devices_list_filtered(Devices *devs, Registry *reg, const TokenAuth *auth, const InventoryFilter *f,
+                              const ApiPage *p, json_t **ret);
 
 /* ---- api-admin.c ---------------------------------------------------------- */
 

@@ -178,6 +178,13 @@ static void cloud_device_unrevoked(void *userdata, const char *id, const char *a
         cloud_publish(c, "tether/device/unrevoked", id, json_pack("{s:s, s:s}", "device", id, "actor", actor));
 }
 
+static void cloud_device_updated(void *userdata, const char *id, json_t *changed, const char *actor) {
+        Cloud *c = userdata;
+
+        cloud_publish(c, "tether/device/updated", id,
+                      json_pack("{s:s, s:O, s:s}", "device", id, "changed", changed, "actor", actor));
+}
+
 static void cloud_device_added(void *userdata, const char *id) {
         Cloud *c = userdata;
 
@@ -585,6 +592,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .revoked = cloud_device_revoked,
                 .unrevoked = cloud_device_unrevoked,
                 .added = cloud_device_added,
+                .updated = cloud_device_updated,
         };
         eh = (EventsHooks){
                 .userdata = c,

@@ -589,7 +589,19 @@ json_t *device_to_json(const Device *d, bool details) {
                       d->last_heard ? heard : NULL,
                       "product_id", 0, "online", d->conn || d->elsewhere, "connected", d->conn || d->elsewhere,
                       "platform_id", 0, "cellular", 0, "notes", "status", "normal");
-        if (!j || !details)
+        if (!j)
+                return NULL;
+        /* What the agent runs on (its describe document's "system",
+         * checked by proto_describe_decode()), null until it said. */
+        {
+                json_t *sys = d->describe ? json_object_get(d->describe->doc, "system") : NULL;
+
+                if (json_object_set_new(j, "system", sys ? json_deep_copy(sys) : json_null()) < 0) {
+                        json_decref(j);
+                        return NULL;
+                }
+        }
+        if (!details)
                 return j;
         {
                 json_t *doc = d->describe ? d->describe->doc : NULL;
@@ -635,6 +647,8 @@ json_t *devices_to_json(Devices *devs) {
 }
 
 size_t devices_count(Devices *devs) { return devs->n_devices; }
+
+Device *devices_at(Devices *devs, size_t i) { return i < devs->n_devices ? devs->dev_order[i] : NULL; }
 
 json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit) {
         json_t *a = json_array();

@@ -150,6 +150,9 @@ json_t *device_to_json(const Device *d, bool details);
 json_t *devices_to_json(Devices *devs);
 /* How many devices are known (online or not). */
 size_t devices_count(Devices *devs);
+/* The i'th device (0 first) in the order they were first seen, NULL past
+ * the end. */
+Device *devices_at(Devices *devs, size_t i);
 /* A new JSON array of at most limit devices from the offset'th (0 first)
  * in the order they were first seen; costs the devices returned. NULL on
  * OOM. */

@@ -7,6 +7,7 @@
 
 #include "log.h"
 #include "proto.h"
+#include "inventory.h"
 #include "registry.h"
 #include "util.h"
 
@@ -51,6 +52,16 @@ static const char *const registry_schema[] = {
          * so that an offline device still shows what it offers after a
          * restart; NULL until it answered one. */
         "ALTER TABLE devices ADD COLUMN describe TEXT;",
+        /* Inventory (docs/fleet.md): the operator's name for the device
+         * (unique among devices, checked by registry_update() rather than
+         * by a UNIQUE index: in cluster mode a constraint that fails on
+         * one node but not another would leave the copies different), its
+         * notes, and when either or the tags last changed through the
+         * API. */
+        "ALTER TABLE devices ADD COLUMN name TEXT;"
+        "ALTER TABLE devices ADD COLUMN notes TEXT;"
+        "ALTER TABLE devices ADD COLUMN updated_usec INTEGER;"
+        "CREATE INDEX devices_name ON devices (name) WHERE name IS NOT NULL;",
 };
 
 enum {
@@ -65,6 +76,8 @@ enum {
         STMT_TAGS,
         STMT_TAGGED,
         STMT_DESCRIBED,
+        STMT_NAME_TAKEN,
+        STMT_UPDATE,
         _STMT_MAX,
 };
 
@@ -72,7 +85,7 @@ static const char *const registry_sql[_STMT_MAX] = {
         [STMT_GET] = "SELECT registered_usec, registered_by, first_connected_usec, last_connected_usec, "
                      "cert_serial, cert_fingerprint, cert_not_after, revoked_usec, revoked_reason, revoked_by, "
                      "tags, cert_not_before, cert_issued_usec, cert_issued_how, cert_pubkey, cert_issuer, "
-                     "cert_newest_not_before FROM devices WHERE id = ?1",
+                     "cert_newest_not_before, name, notes, updated_usec FROM devices WHERE id = ?1",
         [STMT_CONNECTED] = "INSERT INTO devices (id, added_usec, registered_usec, registered_by, first_connected_usec, "
                            "last_connected_usec, last_heard_usec, last_address, cert_serial, cert_fingerprint, "
                            "cert_not_after, cert_not_before, cert_pubkey, cert_issuer, cert_newest_not_before) "
@@ -132,6 +145,9 @@ static const char *const registry_sql[_STMT_MAX] = {
                         "WHERE t.key = m.value ->> 0 AND t.type = 'text' "
                         "AND (m.value ->> 1 IS NULL OR t.value = m.value ->> 1)) ORDER BY d.rowid",
         [STMT_DESCRIBED] = "UPDATE devices SET describe = ?2 WHERE id = ?1",
+        /* Another device whose name, or whose id, is ?1. */
+        [STMT_NAME_TAKEN] = "SELECT id FROM devices WHERE (name = ?1 OR id = ?1) AND id != ?2 LIMIT 1",
+        [STMT_UPDATE] = "UPDATE devices SET name = ?2, notes = ?3, tags = ?4, updated_usec = ?5 WHERE id = ?1",
 };
 
 struct Registry {
@@ -555,11 +571,17 @@ int registry_device_json(Registry *reg, const char *id, json_t *j, bool details)
                         cert = json_pack("{s:s?, s:s?}", "not_after", t_na[0] ? t_na : NULL, "state", state);
                 k |= cert ? json_object_set_new(j, "certificate", cert) : -1;
         }
-        if (r > 0 && details) {
-                const char *tags = (const char *)sqlite3_column_text(st, 10);
+        /* Inventory: for every device, known to the registry or not. */
+        {
+                const char *tags = r > 0 ? (const char *)sqlite3_column_text(st, 10) : NULL;
                 json_t *t = tags ? json_loads(tags, 0, NULL) : NULL;
 
                 k |= json_object_set_new(j, "tags", json_is_object(t) ? t : (json_decref(t), json_object()));
+                k |= json_object_set_new(j, "name", r > 0 ? column_text(st, 17) : json_null());
+                k |= json_object_set_new(j, "notes", r > 0 ? column_text(st, 18) : json_null());
+        }
+        if (r > 0 && details) {
+                k |= json_object_set_new(j, "updated_at", column_time(st, 19));
                 k |= json_object_set_new(j, "registered_at", column_time(st, 0));
                 k |= json_object_set_new(j, "registered_by", column_text(st, 1));
                 k |= json_object_set_new(j, "first_connected", column_time(st, 2));
@@ -573,6 +595,132 @@ int registry_device_json(Registry *reg, const char *id, json_t *j, bool details)
         if (r > 0)
                 registry_get_done(reg);
         return k ? -ENOMEM : 0;
+}
+
+/* Whether another device is named name or has it as its id: 1 and its
+ * id in holder, 0, or -EIO. */
+static int registry_name_taken(Registry *reg, const char *id, const char *name,
+                               char holder[static PROTO_DEVICE_ID_MAX + 1]) {
+        sqlite3_stmt *st = reg->stmt[STMT_NAME_TAKEN];
+        int rc, taken = 0;
+
+        rc = sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                snprintf(holder, PROTO_DEVICE_ID_MAX + 1, "%s", (const char *)sqlite3_column_text(st, 0) ?: "");
+                taken = 1;
+                rc = SQLITE_DONE;
+        }
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        return rc == SQLITE_DONE ? taken : store_error(reg->store, rc, "reading the device names");
+}
+
+static bool text_same(const char *a, const char *b) {
+        return a == b || (a && b && streq(a, b));
+}
+
+int registry_update(Registry *reg, const char *id, const InventoryUpdate *u, const char *actor, json_t **ret_state,
+                    char err[static INVENTORY_ERROR_MAX]) {
+        sqlite3_stmt *st = reg->stmt[STMT_GET];
+        _cleanup_free_ char *old_name = NULL, *old_notes = NULL, *tags_text = NULL;
+        _cleanup_(json_decrefp) json_t *old_tags = NULL, *new_tags = NULL, *changed = NULL, *state = NULL;
+        char holder[PROTO_DEVICE_ID_MAX + 1], updated[64];
+        const char *name, *notes;
+        uint64_t now = realtime_usec(), old_updated;
+        int rc, r;
+
+        r = registry_get(reg, id);
+        if (r <= 0)
+                return r < 0 ? r : -ENOENT;
+        if (sqlite3_column_type(st, 17) != SQLITE_NULL && !(old_name = strdup((const char *)sqlite3_column_text(st, 17))))
+                r = -ENOMEM;
+        if (sqlite3_column_type(st, 18) != SQLITE_NULL && !(old_notes = strdup((const char *)sqlite3_column_text(st, 18))))
+                r = -ENOMEM;
+        if (sqlite3_column_type(st, 10) != SQLITE_NULL)
+                old_tags = json_loads((const char *)sqlite3_column_text(st, 10), 0, NULL);
+        old_updated = (uint64_t)sqlite3_column_int64(st, 19);
+        registry_get_done(reg);
+        if (r < 0)
+                return r;
+        if (!json_is_object(old_tags)) {
+                json_decref(old_tags);
+                old_tags = json_object();
+                if (!old_tags)
+                        return -ENOMEM;
+        }
+        name = u->has_name ? u->name : old_name;
+        notes = u->has_notes ? u->notes : old_notes;
+        if (u->tags) {
+                r = inventory_tags_merge(old_tags, u->tags, &new_tags, err);
+                if (r < 0)
+                        return r;
+        } else
+                new_tags = json_incref(old_tags);
+        changed = json_object();
+        if (!changed)
+                return -ENOMEM;
+        if (!text_same(name, old_name)) {
+                if (name) {
+                        r = registry_name_taken(reg, id, name, holder);
+                        if (r < 0)
+                                return r;
+                        if (r > 0) {
+                                snprintf(err, INVENTORY_ERROR_MAX, "name '%s' is taken by device %s", name, holder);
+                                return -EEXIST;
+                        }
+                }
+                if (json_object_set_new(changed, "name", name ? json_string(name) : json_null()) < 0)
+                        return -ENOMEM;
+        }
+        if (!text_same(notes, old_notes) && json_object_set_new(changed, "notes", notes ? json_string(notes) : json_null()) < 0)
+                return -ENOMEM;
+        if (!json_equal(new_tags, old_tags) && json_object_set(changed, "tags", new_tags) < 0)
+                return -ENOMEM;
+        if (json_object_size(changed) > 0) {
+                st = reg->stmt[STMT_UPDATE];
+                if (json_object_size(new_tags) > 0 &&
+                    !(tags_text = json_dumps(new_tags, JSON_COMPACT | JSON_SORT_KEYS)))
+                        return -ENOMEM;
+                r = store_batch(reg->store);
+                if (r < 0)
+                        return r;
+                rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+                if (rc == SQLITE_OK)
+                        rc = bind_text(st, 2, name);
+                if (rc == SQLITE_OK)
+                        rc = bind_text(st, 3, notes);
+                if (rc == SQLITE_OK)
+                        rc = bind_text(st, 4, tags_text);
+                if (rc == SQLITE_OK)
+                        rc = sqlite3_bind_int64(st, 5, (sqlite3_int64)now);
+                r = registry_step(reg, st, rc, "updating a device's name, notes or tags");
+                if (r >= 0)
+                        r = store_commit(reg->store);
+                if (r < 0)
+                        return r;
+        }
+        if (json_object_size(changed) == 0)
+                now = old_updated;
+        updated[0] = 0;
+        if (now > 0) {
+                time_t t = (time_t)(now / 1000000ULL);
+                struct tm tm;
+
+                gmtime_r(&t, &tm);
+                snprintf(updated, sizeof(updated), "%04d-%02d-%02dT%02d:%02d:%02d.%03uZ", tm.tm_year + 1900,
+                         tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                         (unsigned)(now % 1000000ULL / 1000U));
+        }
+        state = json_pack("{s:s?, s:s?, s:O, s:O, s:s?}", "name", name, "notes", notes, "tags", new_tags, "changed",
+                          changed, "updated_at", updated[0] ? updated : NULL);
+        if (!state)
+                return -ENOMEM;
+        if (json_object_size(changed) > 0)
+                reg->hooks.updated(reg->hooks.userdata, id, changed, actor);
+        *ret_state = TAKE_PTR(state);
+        return 0;
 }
 
 int registry_tags(Registry *reg, const char *id, json_t **ret) {

@@ -26,6 +26,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "inventory.h"
 #include "store.h"
 #include "tls.h"
 
@@ -45,6 +46,9 @@ typedef struct RegistryHooks {
         /* id is new in the registry (registry_register(), or revoked
          * before it was ever seen). */
         void (*added)(void *userdata, const char *id);
+        /* id's name, notes or tags changed (registry_update()), committed:
+         * changed holds each changed field's new value (borrowed). */
+        void (*updated)(void *userdata, const char *id, json_t *changed, const char *actor);
 } RegistryHooks;
 
 /* Create or upgrade the tables in store (borrowed; must outlive the
@@ -127,14 +131,28 @@ int64_t registry_renew_after(int64_t not_before, int64_t not_after);
 const char *registry_cert_state(int64_t not_before, int64_t not_after, int64_t now);
 
 /* Add the registry's fields for id to the device object j: "status"
- * ("revoked" or "normal") and "revoked" always, and "certificate"
- * {not_after, state} when one is known; with details also "tags",
+ * ("revoked" or "normal"), "revoked", "name" and "notes" (null when none)
+ * and "tags" ({} when none) always, and "certificate"
+ * {not_after, state} when one is known; with details also "updated_at"
+ * (the last registry_update() that changed something, or null),
  * "registered_at", "registered_by", "first_connected", "last_connected",
  * "certificate" {serial, fingerprint, issuer, not_before, not_after,
  * renew_after, issued_at, issued_by, state} and the revocation's "revoked_at",
  * "revoked_by", "revoked_reason". A device the registry does not know
  * gets status "normal". 0, -ENOMEM or -EIO. */
 int registry_device_json(Registry *reg, const char *id, json_t *j, bool details);
+
+/* Change the name, notes or tags (a merge patch) of id, a device the
+ * registry knows (-ENOENT otherwise), by actor: committed, then the hook
+ * updated runs, only when something changed. A name is unique among
+ * devices and is no other device's id: -EEXIST with "name 'X' is taken
+ * by device ID" in err; tags that would be too many: -EINVAL with err.
+ * *ret_state: a new object {"name","notes","tags","changed","updated_at"}
+ * (null for no name or notes; changed: the fields that changed, with
+ * their new values; updated_at: now when something changed, else the
+ * last change, null if none). -ENOMEM, -EIO. */
+int registry_update(Registry *reg, const char *id, const InventoryUpdate *u, const char *actor, json_t **ret_state,
+                    char err[static INVENTORY_ERROR_MAX]);
 
 /* The tags of id (one lookup by its key): 0 and *ret, a new JSON object
  * of names to strings, or NULL for a device without tags or unknown to

@@ -23,9 +23,10 @@ typedef enum Scope {
         SCOPE_METRICS_READ = 1u << 5,   /* GET /metrics */
         SCOPE_ADMIN = 1u << 6,          /* everything, tokens and the audit log too */
         SCOPE_PROVISION_WRITE = 1u << 7, /* /v1/provision[/ID]: provisioning tokens, and nothing else */
+        SCOPE_DEVICES_WRITE = 1u << 8,   /* PUT /v1/devices/ID: name, notes, tags */
 } Scope;
 
-#define SCOPE_ALL 0xffu
+#define SCOPE_ALL 0x1ffu
 #define SCOPE_NAME_MAX 16
 
 /* The name of one scope bit; NULL for anything else. */

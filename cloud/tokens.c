@@ -541,7 +541,7 @@ int tokens_create(Tokens *t, const TokenSpec *spec, char **ret_secret, json_t **
         _cleanup_free_ char *devices = NULL, *tags = NULL;
         _cleanup_(clear_freep) char *secret = NULL;
         uint8_t id_bytes[TOKENS_ID_BYTES], rnd[TOKENS_SECRET_BYTES];
-        char scopes[128];
+        char scopes[192];
         int64_t now = tokens_now();
         size_t live = 0;
         sqlite3_stmt *st = NULL;

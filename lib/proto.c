@@ -309,6 +309,74 @@ static bool json_is_string_array(json_t *a) {
         return true;
 }
 
+bool proto_text_clean(const char *s, size_t len, size_t max) {
+        if (len > max || memchr(s, 0, len) || proto_utf8_check(s, len) < 0)
+                return false;
+        for (size_t i = 0; i < len; i++) {
+                unsigned char c = (unsigned char)s[i];
+
+                if (c < 0x20 || c == 0x7f)
+                        return false;
+                if (c == 0xc2 && i + 1 < len && (unsigned char)s[i + 1] >= 0x80 && (unsigned char)s[i + 1] <= 0x9f)
+                        return false;
+        }
+        return true;
+}
+
+bool proto_package_name_valid(const char *s, size_t len) {
+        if (len < 2 || len > PROTO_PACKAGE_NAME_MAX)
+                return false;
+        for (size_t i = 0; i < len; i++) {
+                char c = s[i];
+
+                if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || (i > 0 && strchr("+.-", c) && c)))
+                        return false;
+        }
+        return true;
+}
+
+bool proto_package_version_valid(const char *s, size_t len) {
+        if (len < 1 || len > PROTO_PACKAGE_VERSION_MAX)
+                return false;
+        for (size_t i = 0; i < len; i++) {
+                char c = s[i];
+
+                if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                      (strchr(".+~:-", c) && c)))
+                        return false;
+        }
+        return true;
+}
+
+/* The describe document's "system", checked: a new object holding what
+ * is well-formed of it, or NULL when it is not an object at all. */
+static json_t *describe_system(json_t *sys) {
+        static const char *const texts[] = { "os", "arch", "kernel" };
+        json_t *out, *pk, *v;
+        const char *key;
+
+        if (!json_is_object(sys) || !(out = json_object()))
+                return NULL;
+        for (size_t i = 0; i < sizeof(texts) / sizeof(texts[0]); i++) {
+                v = json_object_get(sys, texts[i]);
+                if (json_is_string(v) && proto_text_clean(json_string_value(v), json_string_length(v),
+                                                          PROTO_SYSTEM_TEXT_MAX))
+                        (void)json_object_set(out, texts[i], v);
+        }
+        pk = json_object_get(sys, "packages");
+        if (json_is_object(pk) && json_object_size(pk) <= PROTO_SYSTEM_PACKAGES_MAX) {
+                json_t *p = json_object();
+
+                json_object_foreach(pk, key, v)
+                        if (p && proto_package_name_valid(key, strlen(key)) && json_is_string(v) &&
+                            proto_package_version_valid(json_string_value(v), json_string_length(v)))
+                                (void)json_object_set(p, key, v);
+                if (p)
+                        (void)json_object_set_new(out, "packages", p);
+        }
+        return out;
+}
+
 int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
         json_t *j, *functions, *variables, *plugins, *events, *units, *v;
         const char *key;
@@ -353,6 +421,15 @@ int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
                             json_string_length(v) > PROTO_UNIT_MAX)
                                 goto bad;
                 }
+        }
+        /* Optional (inventory): what the agent runs on. */
+        if (json_object_get(j, "system")) {
+                json_t *sys = describe_system(json_object_get(j, "system"));
+
+                if (sys)
+                        (void)json_object_set_new(j, "system", sys);
+                else
+                        (void)json_object_del(j, "system");
         }
         *ret = j;
         return 0;

@@ -128,8 +128,28 @@ int proto_event_decode(const uint8_t *buf, size_t len, ProtoEvent *ret);
 /* Describe data (GET /d): validate a payload and return the parsed object.
  * Shape: {"agent":str,"version":str,"plugins":[{"name","version"}...],
  * "functions":[str...],"variables":{name:type...},"events":[str...],
- * "units":{variable:unit...}}; events and units are optional. */
+ * "units":{variable:unit...},"system":{...}}; events, units and system are
+ * optional. A "system" (docs/protocol.md, "Describe"; the agent's
+ * inventory) that is not {"os","arch","kernel": text of at most
+ * PROTO_SYSTEM_TEXT_MAX bytes without control characters, "packages":
+ * {Debian package name: version text of at most PROTO_PACKAGE_VERSION_MAX
+ * bytes}, at most PROTO_SYSTEM_PACKAGES_MAX of them}, each optional, is
+ * dropped from the document rather than refusing it: the functions and
+ * variables still count. Other members of system are dropped too. */
+#define PROTO_SYSTEM_TEXT_MAX 256
+#define PROTO_SYSTEM_PACKAGES_MAX 128
+#define PROTO_PACKAGE_NAME_MAX 128
+#define PROTO_PACKAGE_VERSION_MAX 128
 int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret);
+/* A Debian package name: [a-z0-9][a-z0-9+.-]+, at most
+ * PROTO_PACKAGE_NAME_MAX bytes. */
+bool proto_package_name_valid(const char *s, size_t len);
+/* A Debian version as text: [A-Za-z0-9.+~:-]{1,PROTO_PACKAGE_VERSION_MAX}
+ * (what dpkg accepts, without checking its order rules). */
+bool proto_package_version_valid(const char *s, size_t len);
+/* UTF-8 text of at most max bytes without NUL and control characters
+ * (C0, DEL, C1). */
+bool proto_text_clean(const char *s, size_t len, size_t max);
 
 /* The Uri-Query options of a publish (POST /e/{name}). */
 typedef struct ProtoPublishQuery {

@@ -23,7 +23,7 @@ from harness import EMULATOR, SLOW, TETHER, Failure, expect, poll, run  # noqa: 
 import fakedev  # noqa: E402
 
 SCOPES = ("devices:read", "functions:call", "events:read", "events:publish", "ota:write", "metrics:read",
-          "admin", "provision:write")
+          "admin", "provision:write", "devices:write")
 SHA = "0" * 64
 
 
@@ -73,6 +73,8 @@ ROUTES = [
     ("events:read", "GET", "/v1/devices/nosuchdev/events", None),
     ("events:publish", "POST", "/v1/devices/events", {"name": "scope-test/x", "data": "1"}),
     ("ota:write", "PUT", "/v1/devices/nosuchdev", {"manifest": "x"}),
+    ("ota:write", "POST", "/v1/ota/jobs", {"device": "nosuchdev", "manifest": "x"}),
+    ("devices:write", "PUT", "/v1/devices/nosuchdev", {"name": "x"}),
     ("ota:write", "GET", "/v1/ota/jobs", None),
     ("ota:write", "PUT", f"/v1/ota/artifacts/{SHA}", None),
     ("metrics:read", "GET", "/metrics", None),
@@ -107,7 +109,7 @@ def test_scopes_allow_exactly_their_routes(w):
             checked += 1
     print(f"# {checked} route x token pairs checked")
     # Scopes are named exactly; a bad request makes nothing.
-    for bad in ({"scopes": ["devices:write"]}, {"scopes": []}, {"scopes": "admin,nope"}, {},
+    for bad in ({"scopes": ["devices:writ"]}, {"scopes": []}, {"scopes": "admin,nope"}, {},
                 {"scopes": ["admin"], "devices": ["a"]}, {"scopes": ["devices:read"], "expires_in": 0},
                 {"scopes": ["devices:read"], "devices": ["bad id!"]}, {"scopes": ["devices:read"], "color": 1}):
         status, reply, _ = api(w, "POST", "/v1/tokens", w.token, bad)

@@ -24,14 +24,14 @@ static void test_names_round_trip(void **state) {
                 assert_int_equal(back, bit);
                 n++;
         }
-        assert_int_equal(n, 8);
+        assert_int_equal(n, 9);
         assert_null(scope_name(0));
         assert_null(scope_name(SCOPE_DEVICES_READ | SCOPE_ADMIN));
         assert_null(scope_name(SCOPE_ALL + 1));
 }
 
 static void test_parse_exact(void **state) {
-        static const char *const bad[] = { "", "Admin", "admin ", "devices", "devices:write", "devices:read:",
+        static const char *const bad[] = { "", "Admin", "admin ", "devices", "devices:Write", "devices:read:",
                                            "*", "adm" };
         unsigned v = 12345;
 
@@ -91,7 +91,7 @@ static void test_parse_json(void **state) {
 }
 
 static void test_text_and_json(void **state) {
-        char buf[128];
+        char buf[192];
         json_t *j;
 
         assert_string_equal(scope_to_text(SCOPE_ADMIN | SCOPE_DEVICES_READ, buf, sizeof(buf)), "devices:read admin");
@@ -99,11 +99,16 @@ static void test_text_and_json(void **state) {
         /* Never half a name. */
         assert_string_equal(scope_to_text(SCOPE_DEVICES_READ | SCOPE_EVENTS_READ, buf, 20), "devices:read");
         j = scope_to_json(SCOPE_ALL);
-        assert_int_equal(json_array_size(j), 8);
+        assert_int_equal(json_array_size(j), 9);
         assert_string_equal(json_string_value(json_array_get(j, 0)), "devices:read");
         assert_string_equal(json_string_value(json_array_get(j, 6)), "admin");
         assert_string_equal(json_string_value(json_array_get(j, 7)), "provision:write");
+        assert_string_equal(json_string_value(json_array_get(j, 8)), "devices:write");
         json_decref(j);
+        /* Every name fits the buffer the tokens table is written from. */
+        assert_string_equal(scope_to_text(SCOPE_ALL, buf, 192),
+                            "devices:read functions:call events:read events:publish ota:write metrics:read admin "
+                            "provision:write devices:write");
 }
 
 static void test_allows(void **state) {
@@ -122,6 +127,10 @@ static void test_allows(void **state) {
         assert_true(scope_allows(SCOPE_ADMIN, SCOPE_PROVISION_WRITE));
         assert_false(scope_allows(SCOPE_PROVISION_WRITE, SCOPE_ADMIN));
         assert_false(scope_allows(SCOPE_PROVISION_WRITE, SCOPE_DEVICES_READ));
+        /* devices:write is not ota:write, nor the other way round. */
+        assert_true(scope_allows(SCOPE_ADMIN, SCOPE_DEVICES_WRITE));
+        assert_false(scope_allows(SCOPE_OTA_WRITE, SCOPE_DEVICES_WRITE));
+        assert_false(scope_allows(SCOPE_DEVICES_WRITE, SCOPE_OTA_WRITE));
 }
 
 int main(void) {

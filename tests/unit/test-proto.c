@@ -309,6 +309,54 @@ static void test_describe_units(void **state) {
         assert_null(j);
 }
 
+/* "system" (the inventory): kept when well formed, what is not is
+ * dropped, and the document counts either way. */
+static void test_describe_system(void **state) {
+#define D(sys) "{\"agent\":\"t\",\"version\":\"1\",\"plugins\":[],\"functions\":[],\"variables\":{}" sys "}"
+        static const char good[] = D(",\"system\":{\"os\":\"Debian GNU/Linux 12 (bookworm)\",\"arch\":\"arm64\","
+                                     "\"kernel\":\"6.1.0-28-arm64\",\"packages\":{\"tether-agent\":\"0.9.0\","
+                                     "\"libc6\":\"2.36-9+deb12u4\",\"epoch\":\"1:2.0~rc1\"},\"extra\":1}");
+        static const char mixed[] = D(",\"system\":{\"os\":\"a\\nb\",\"arch\":5,\"kernel\":\"6.1\","
+                                      "\"packages\":{\"Bad\":\"1\",\"x\":\"1\",\"ok-pkg\":\"1 2\",\"good\":\"1\"}}");
+        static const char notobject[] = D(",\"system\":\"linux\"");
+#undef D
+        json_t *j = NULL, *sys, *pk;
+
+        assert_int_equal(proto_describe_decode((const uint8_t *)good, strlen(good), &j), 0);
+        sys = json_object_get(j, "system");
+        assert_string_equal(json_string_value(json_object_get(sys, "os")), "Debian GNU/Linux 12 (bookworm)");
+        assert_string_equal(json_string_value(json_object_get(sys, "arch")), "arm64");
+        assert_string_equal(json_string_value(json_object_get(sys, "kernel")), "6.1.0-28-arm64");
+        pk = json_object_get(sys, "packages");
+        assert_int_equal(json_object_size(pk), 3);
+        assert_string_equal(json_string_value(json_object_get(pk, "epoch")), "1:2.0~rc1");
+        assert_null(json_object_get(sys, "extra"));
+        json_decref(j);
+        assert_int_equal(proto_describe_decode((const uint8_t *)mixed, strlen(mixed), &j), 0);
+        sys = json_object_get(j, "system");
+        assert_null(json_object_get(sys, "os"));
+        assert_null(json_object_get(sys, "arch"));
+        assert_string_equal(json_string_value(json_object_get(sys, "kernel")), "6.1");
+        pk = json_object_get(sys, "packages");
+        assert_int_equal(json_object_size(pk), 1);
+        assert_string_equal(json_string_value(json_object_get(pk, "good")), "1");
+        json_decref(j);
+        assert_int_equal(proto_describe_decode((const uint8_t *)notobject, strlen(notobject), &j), 0);
+        assert_null(json_object_get(j, "system"));
+        json_decref(j);
+        assert_true(proto_package_name_valid("tether-plugin-gpio", 18));
+        assert_true(proto_package_name_valid("g++", 3));
+        assert_false(proto_package_name_valid("-x", 2));
+        assert_false(proto_package_name_valid("a", 1));
+        assert_false(proto_package_name_valid("a\0b", 3));
+        assert_false(proto_package_version_valid("", 0));
+        assert_false(proto_package_version_valid("1\0", 2));
+        assert_true(proto_text_clean("caf\u00e9", 5, 5));
+        assert_false(proto_text_clean("caf\u00e9", 5, 4));
+        assert_false(proto_text_clean("a\x7f", 2, 8));
+        assert_false(proto_text_clean("a\xc2\x85", 3, 8));
+}
+
 static void test_types(void **state) {
         assert_string_equal(proto_type_to_string(TETHER_TYPE_INT32), "int32");
         assert_null(proto_type_to_string(0));
@@ -323,6 +371,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_names),  cmocka_unit_test(test_utf8),  cmocka_unit_test(test_result),
                 cmocka_unit_test(test_values), cmocka_unit_test(test_events), cmocka_unit_test(test_describe),
                 cmocka_unit_test(test_describe_units),
+                cmocka_unit_test(test_describe_system),
                 cmocka_unit_test(test_types),
                 cmocka_unit_test(test_event_received_at),
                 cmocka_unit_test(test_publish_query),
