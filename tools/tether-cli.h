@@ -73,6 +73,11 @@ typedef struct CliArgs {
         bool audit_follow;
         const char *audit_action, *audit_target;
         long long audit_after;
+        /* list filters (also --tag above) */
+        int list_connected; /* -1: either */
+        const char *list_packages[16];
+        size_t n_list_packages;
+        long long list_heard_within, list_not_heard_within; /* seconds, -1: not given */
 } CliArgs;
 
 extern CliArgs arg;
@@ -135,6 +140,12 @@ int provision_duration_parse(const char *s, long long *ret);
 /* tether-webhooks.c: "tether webhooks ...", "tether integrations list" */
 int cmd_webhooks(Api *a, char **args, int n);
 int cmd_integrations(Api *a, char **args, int n);
+
+/* tether-inventory.c: "tether rename|notes|tag|untag" */
+int cmd_rename(Api *a, char **args, int n);
+int cmd_notes(Api *a, char **args, int n);
+int cmd_tag(Api *a, char **args, int n);
+int cmd_untag(Api *a, char **args, int n);
 
 /* tether-ota.c: "tether ota ..." */
 int cmd_ota(Api *a, char **args, int n);

@@ -571,7 +571,7 @@ static int follow(Api *a, const char *job, json_t *first) {
 
 static int start_job(Api *a, const char *device, const char *manifest, json_t **ret) {
         _cleanup_free_ char *url = NULL, *body = NULL;
-        json_t *req = json_pack("{s:s}", "manifest", manifest), *res;
+        json_t *req = json_pack("{s:s, s:s}", "device", device, "manifest", manifest), *res;
         struct curl_slist *headers = NULL;
         CURLcode c;
 
@@ -579,7 +579,7 @@ static int start_job(Api *a, const char *device, const char *manifest, json_t **
                 return -ENOMEM;
         body = json_dumps(req, JSON_COMPACT);
         json_decref(req);
-        if (!body || asprintf(&url, "%s/v1/devices/%s", a->base, device) < 0)
+        if (!body || asprintf(&url, "%s/v1/ota/jobs", a->base) < 0)
                 return log_error_errno(-ENOMEM, "Out of memory");
         for (struct curl_slist *h = a->headers; h; h = h->next)
                 headers = curl_slist_append(headers, h->data);
@@ -590,7 +590,6 @@ static int start_job(Api *a, const char *device, const char *manifest, json_t **
         a->body.max = TETHER_RESPONSE_MAX;
         a->errbuf[0] = 0;
         curl_easy_setopt(a->curl, CURLOPT_URL, url);
-        curl_easy_setopt(a->curl, CURLOPT_CUSTOMREQUEST, "PUT");
         curl_easy_setopt(a->curl, CURLOPT_POSTFIELDS, body);
         curl_easy_setopt(a->curl, CURLOPT_POSTFIELDSIZE, (long)strlen(body));
         curl_easy_setopt(a->curl, CURLOPT_HTTPHEADER, headers);

@@ -33,6 +33,9 @@ CliArgs arg = {
         .timeout_ms = -1,
         .ttl = -1,
         .ota_expires = -1,
+        .list_connected = -1,
+        .list_heard_within = -1,
+        .list_not_heard_within = -1,
 };
 
 static volatile sig_atomic_t interrupted;
@@ -521,18 +524,69 @@ static void format_double(double v, char *buf, size_t size) {
 /* Every device, page by page (docs/cloud.md); a cloud that answers the
  * paged request with the plain array (it does not page) is taken at its
  * word. *ret is a new array. */
+/* Append "&key=value" (value escaped) to *q. */
+static int query_add(Api *a, char **q, const char *key, const char *value) {
+        _cleanup_free_ char *old = *q;
+        char *v = curl_easy_escape(a->curl, value, 0);
+        int k;
+
+        if (!v)
+                return -ENOMEM;
+        k = asprintf(q, "%s&%s=%s", old ?: "", key, v);
+        curl_free(v);
+        if (k < 0) {
+                *q = TAKE_PTR(old);
+                return -ENOMEM;
+        }
+        return 0;
+}
+
+/* The list's filters (docs/fleet.md, "Finding devices") as query
+ * arguments, each starting with '&' ("" for none). */
+static int list_filters(Api *a, char **ret) {
+        _cleanup_free_ char *q = strdup("");
+        char num[32];
+        int r = q ? 0 : -ENOMEM;
+
+        for (size_t i = 0; r >= 0 && i < arg.n_ota_tags; i++)
+                r = query_add(a, &q, "tag", arg.ota_tags[i]);
+        for (size_t i = 0; r >= 0 && i < arg.n_list_packages; i++)
+                r = query_add(a, &q, "package", arg.list_packages[i]);
+        if (r >= 0 && arg.list_connected >= 0)
+                r = query_add(a, &q, "connected", arg.list_connected ? "true" : "false");
+        if (r >= 0 && arg.list_heard_within >= 0) {
+                snprintf(num, sizeof(num), "%lld", arg.list_heard_within);
+                r = query_add(a, &q, "heard_within", num);
+        }
+        if (r >= 0 && arg.list_not_heard_within >= 0) {
+                snprintf(num, sizeof(num), "%lld", arg.list_not_heard_within);
+                r = query_add(a, &q, "not_heard_within", num);
+        }
+        if (r < 0)
+                return log_error_errno(r, "Out of memory");
+        *ret = TAKE_PTR(q);
+        return 0;
+}
+
 static int list_devices(Api *a, json_t **ret) {
         _cleanup_(json_decrefp) json_t *all = json_array();
+        _cleanup_free_ char *filters = NULL;
+        int k;
 
         if (!all)
                 return log_error_errno(-ENOMEM, "Out of memory");
+        k = list_filters(a, &filters);
+        if (k < 0)
+                return k;
+        a->what_400 = "The cloud refused the list's filters";
         for (unsigned long page = 1;; page++) {
-                char path[64];
+                _cleanup_free_ char *path = NULL;
                 json_t *j, *devices, *meta;
                 json_int_t total_pages;
                 int r;
 
-                snprintf(path, sizeof(path), "/v1/devices?page=%lu&per_page=%u", page, LIST_PER_PAGE);
+                if (asprintf(&path, "/v1/devices?page=%lu&per_page=%u%s", page, LIST_PER_PAGE, filters) < 0)
+                        return log_error_errno(-ENOMEM, "Out of memory");
                 r = api_request(a, path, NULL, &j);
                 if (r < 0)
                         return r;
@@ -597,8 +651,8 @@ static void cert_left(json_t *d, char buf[static 24]) {
 
 static int cmd_list(Api *a, char **args, int n) {
         json_t *devices, *d;
-        size_t i, w = 2, wh = strlen("LAST HEARD");
-        int r;
+        size_t i, w = 2, wh = strlen("LAST HEARD"), wn = strlen("NAME"), wa = strlen("AGENT"), wo = strlen("OS/ARCH");
+        int r, k;
 
         if (n != 0)
                 return cli_usage_error("'list' takes no arguments");
@@ -623,25 +677,67 @@ static int cmd_list(Api *a, char **args, int n) {
 
         json_array_foreach(devices, i, d) {
                 size_t l = strlen(json_string_or(d, "id", "?")), lh = strlen(json_string_or(d, "last_heard", "never"));
-                if (l > w)
-                        w = l;
-                if (lh > wh)
-                        wh = lh;
+                size_t ln = strlen(json_string_or(d, "name", "-"));
+                json_t *sys = json_object_get(d, "system");
+                size_t la = strlen(json_string_or(json_object_get(sys, "packages"), "tether-agent", "-"));
+                size_t lo = strlen(json_string_or(sys, "os", "-")) + 1 + strlen(json_string_or(sys, "arch", "-"));
+
+                w = l > w ? l : w;
+                wh = lh > wh ? lh : wh;
+                wn = ln > wn ? ln : wn;
+                wa = la > wa ? la : wa;
+                wo = lo > wo ? lo : wo;
         }
         /* New columns go last: scripts read the first ones by position. */
-        printf("%-*s  %-7s  %-*s  %s\n", (int)w, "ID", "STATUS", (int)wh, "LAST HEARD", "CERT");
+        printf("%-*s  %-7s  %-*s  %-7s  %-*s  %-*s  %-*s  %s\n", (int)w, "ID", "STATUS", (int)wh, "LAST HEARD", "CERT",
+               (int)wn, "NAME", (int)wa, "AGENT", (int)wo, "OS/ARCH", "TAGS");
         json_array_foreach(devices, i, d) {
-                char left[24];
+                json_t *sys = json_object_get(d, "system"), *tags = json_object_get(d, "tags"), *v;
+                char left[24], osarch[600];
+                const char *key;
 
                 cert_left(d, left);
-                printf("%-*s  %-7s  %-*s  %s\n", (int)w, json_string_or(d, "id", "?"),
+                snprintf(osarch, sizeof(osarch), "%s/%s", json_string_or(sys, "os", "-"),
+                         json_string_or(sys, "arch", "-"));
+                printf("%-*s  %-7s  %-*s  %-7s  %-*s  %-*s  %-*s  ", (int)w, json_string_or(d, "id", "?"),
                        json_is_true(json_object_get(d, "revoked"))     ? "revoked"
                        : json_is_true(json_object_get(d, "connected")) ? "online"
                                                                        : "offline",
-                       (int)wh, json_string_or(d, "last_heard", "never"), left);
+                       (int)wh, json_string_or(d, "last_heard", "never"), left, (int)wn, json_string_or(d, "name", "-"),
+                       (int)wa, json_string_or(json_object_get(sys, "packages"), "tether-agent", "-"), (int)wo, osarch);
+                if (json_object_size(tags) == 0)
+                        printf("-");
+                k = 0;
+                json_object_foreach(tags, key, v)
+                        printf("%s%s=%s", k++ ? "," : "", key, json_is_string(v) ? json_string_value(v) : "?");
+                printf("\n");
         }
         json_decref(devices);
         return 0;
+}
+
+/* tether describe's "notes:" and "system:" (docs/fleet.md, "Inventory"). */
+static void describe_system(json_t *dev) {
+        json_t *sys = json_object_get(dev, "system"), *pk = json_object_get(sys, "packages"), *v;
+        const char *notes = json_string_value(json_object_get(dev, "notes")), *key;
+
+        if (notes) {
+                /* Notes may hold lines: each indented under the label. */
+                printf("notes:\n  ");
+                for (const char *p = notes; *p; p++)
+                        fputs(*p == '\n' ? "\n  " : (char[]){ *p, 0 }, stdout);
+                printf("\n");
+        }
+        if (!json_is_object(sys)) {
+                printf("system:     (unknown)\n");
+                return;
+        }
+        printf("system:\n");
+        printf("  os:        %s\n", json_string_or(sys, "os", "?"));
+        printf("  arch:      %s\n", json_string_or(sys, "arch", "?"));
+        printf("  kernel:    %s\n", json_string_or(sys, "kernel", "?"));
+        json_object_foreach(pk, key, v)
+                printf("  package:   %s %s\n", key, json_is_string(v) ? json_string_value(v) : "?");
 }
 
 /* tether describe's "tags:" and "certificate:" (what the registry knows). */
@@ -710,6 +806,7 @@ static int cmd_describe(Api *a, char **args, int n) {
                        json_string_or(dev, "revoked_by", "?"), json_string_value(json_object_get(dev, "revoked_reason")) ? " (" : "",
                        json_string_or(dev, "revoked_reason", ""),
                        json_string_value(json_object_get(dev, "revoked_reason")) ? ")" : "");
+        describe_system(dev);
         describe_tags_cert(dev);
 
         fns = json_object_get(dev, "functions");
@@ -1380,7 +1477,17 @@ static void help(void) {
                "Drive a tether cloud through its HTTP API.\n"
                "\n"
                "Commands:\n"
-               "  list                          list devices: ID, online/offline/revoked, last heard\n"
+               "  list                          list devices: ID, online/offline/revoked, last heard,\n"
+               "                                  certificate, name, agent version, OS/arch, tags\n"
+               "        --tag NAME[=VALUE]        only devices with this tag (value) (repeatable)\n"
+               "        --online, --offline       only devices (not) connected\n"
+               "        --package NAME[=VERSION]  only devices with this package (version) (repeatable)\n"
+               "        --heard-within DURATION   only devices heard within it (90s, 30m, 12h, 7d)\n"
+               "        --not-heard-within DURATION  only devices not heard within it\n"
+               "  rename DEVICE NAME            name a device (\"\" removes the name)\n"
+               "  notes DEVICE TEXT             set a device's notes (\"\" removes them)\n"
+               "  tag DEVICE NAME=VALUE...      set tags of a device\n"
+               "  untag DEVICE NAME...          remove tags of a device\n"
                "  describe DEVICE               show a device's functions and variables\n"
                "  call DEVICE FUNCTION [ARG]    call a function, print its return value\n"
                "  get DEVICE VARIABLE           read a variable, print its value\n"
@@ -1398,8 +1505,9 @@ static void help(void) {
                "  unrevoke DEVICE               let a revoked device connect again\n"
                "  ota ...                       signed package updates ('tether ota --help')\n"
                "  tokens create --scope S...    make an API token (admin); shows it once\n"
-               "        --scope SCOPE             devices:read, functions:call, events:read,\n"
-               "                                  events:publish, ota:write, metrics:read, admin\n"
+               "        --scope SCOPE             devices:read, devices:write, functions:call,\n"
+               "                                  events:read, events:publish, ota:write,\n"
+               "                                  metrics:read, admin, provision:write\n"
                "        --expires DURATION        e.g. 3600, 90m, 12h, 30d (default: never)\n"
                "        --name NAME               what it is for\n"
                "        --device DEVICE           only this device (repeatable)\n"
@@ -1477,6 +1585,11 @@ enum {
         OPT_USES,
         OPT_PREFIX,
         OPT_SECRET,
+        OPT_ONLINE,
+        OPT_OFFLINE,
+        OPT_PACKAGE,
+        OPT_HEARD_WITHIN,
+        OPT_NOT_HEARD_WITHIN,
 };
 
 typedef int (*CommandFunc)(Api *a, char **args, int n);
@@ -1490,6 +1603,8 @@ static const struct {
         { "ota", cmd_ota },         { "tokens", cmd_tokens },     { "audit", cmd_audit },
         { "register", cmd_register }, { "revoke", cmd_revoke },    { "unrevoke", cmd_unrevoke },
         { "provision", cmd_provision }, { "webhooks", cmd_webhooks }, { "integrations", cmd_integrations },
+        { "rename", cmd_rename },   { "notes", cmd_notes },       { "tag", cmd_tag },
+        { "untag", cmd_untag },
 };
 
 static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
@@ -1527,10 +1642,15 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 { "uses", required_argument, NULL, OPT_USES },
                 { "prefix", required_argument, NULL, OPT_PREFIX },
                 { "secret", required_argument, NULL, OPT_SECRET },
+                { "online", no_argument, NULL, OPT_ONLINE },
+                { "offline", no_argument, NULL, OPT_OFFLINE },
+                { "package", required_argument, NULL, OPT_PACKAGE },
+                { "heard-within", required_argument, NULL, OPT_HEARD_WITHIN },
+                { "not-heard-within", required_argument, NULL, OPT_NOT_HEARD_WITHIN },
                 {},
         };
         const char *cmd, *expires = NULL;
-        bool ota_opts = false, help_seen = false, token_opts = false, audit_opts = false;
+        bool ota_opts = false, help_seen = false, token_opts = false, audit_opts = false, list_opts = false;
         char *end;
         int c;
 
@@ -1696,6 +1816,31 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 case OPT_SECRET:
                         arg.webhook_secret = optarg;
                         break;
+                case OPT_ONLINE:
+                case OPT_OFFLINE:
+                        if (arg.list_connected >= 0 && arg.list_connected != (c == OPT_ONLINE))
+                                return cli_usage_error("--online and --offline exclude each other");
+                        arg.list_connected = c == OPT_ONLINE;
+                        list_opts = true;
+                        break;
+                case OPT_PACKAGE:
+                        if (arg.n_list_packages >= ELEMENTSOF(arg.list_packages))
+                                return cli_usage_error("At most %zu --package options", ELEMENTSOF(arg.list_packages));
+                        arg.list_packages[arg.n_list_packages++] = optarg;
+                        list_opts = true;
+                        break;
+                case OPT_HEARD_WITHIN:
+                case OPT_NOT_HEARD_WITHIN: {
+                        long long *t = c == OPT_HEARD_WITHIN ? &arg.list_heard_within : &arg.list_not_heard_within;
+
+                        if (provision_duration_parse(optarg, t) < 0)
+                                return cli_usage_error("Invalid --%s '%s': expected seconds or a number with s, m, h, "
+                                                       "d or w (90s, 30m, 12h, 7d, 52w)",
+                                                       c == OPT_HEARD_WITHIN ? "heard-within" : "not-heard-within",
+                                                       optarg);
+                        list_opts = true;
+                        break;
+                }
                 case ':':
                         return cli_usage_error("Option '%s' needs an argument", argv[optind - 1]);
                 default: {
@@ -1765,9 +1910,13 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 return cli_usage_error("--device may be given once for 'subscribe'");
         if (arg.n_ota_tags > 0 && streq(cmd, "ota"))
                 ota_opts = true;
-        else if (arg.n_ota_tags > 0 && !streq(cmd, "tokens") && !streq(cmd, "provision") && !streq(cmd, "webhooks"))
-                return cli_usage_error("--tag is an option of 'ota', 'tokens create', 'provision create' and "
+        else if (arg.n_ota_tags > 0 && !streq(cmd, "tokens") && !streq(cmd, "provision") && !streq(cmd, "webhooks") &&
+                 !streq(cmd, "list"))
+                return cli_usage_error("--tag is an option of 'list', 'ota', 'tokens create', 'provision create' and "
                                        "'webhooks create'");
+        if (list_opts && !streq(cmd, "list"))
+                return cli_usage_error("--online, --offline, --package, --heard-within and --not-heard-within are "
+                                       "options of 'list'");
         if ((arg.count > 0 || arg.resume) && !streq(cmd, "subscribe"))
                 return cli_usage_error("--count and --resume are options of 'subscribe'");
         if (arg.n_scopes > 0 && !streq(cmd, "tokens"))

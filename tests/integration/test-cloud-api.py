@@ -399,7 +399,8 @@ def test_device_list_pages(w):
     expect(json.loads(r.stdout) == get("/v1/devices")[1],
            f"tether list --json: {r.stdout[:300]}")
     lines = w.tether("list").stdout.splitlines()
-    expect(lines[0].split() == ["ID", "STATUS", "LAST", "HEARD", "CERT"] and [x.split()[0] for x in lines[1:]] == ids,
+    expect(lines[0].split() == ["ID", "STATUS", "LAST", "HEARD", "CERT", "NAME", "AGENT", "OS/ARCH", "TAGS"]
+           and [x.split()[0] for x in lines[1:]] == ids,
            f"tether list: {lines}")
     # The largest page number is an empty page, not an overflow.
     r, j = get("/v1/devices?page=1000000000&per_page=1000")

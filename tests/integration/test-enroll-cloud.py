@@ -88,10 +88,10 @@ def test_enroll_then_connect(w):
     c = desc["certificate"]
     expect(c["state"] == "valid" and c["issued_by"] == "enroll" and c["renew_after"], f"cert: {c}")
     expect(c["issuer"] and c["issuer"].startswith("CN="), f"issuer: {c}")
-    # tether list: CERT last, days left; describe: tags and the certificate.
+    # tether list: CERT fourth, days left; describe: tags and the certificate.
     rows = [line.split() for line in w.tether("list").stdout.splitlines()]
-    expect(rows[0][-1] == "CERT" and any(r[0] == "dev-a" and r[1] == "online" and r[-1] in ("29d", "30d")
-                                         for r in rows[1:]), f"tether list: {rows}")
+    expect(rows[0][4] == "CERT" and any(r[0] == "dev-a" and r[1] == "online" and r[3] in ("29d", "30d")
+                                        for r in rows[1:]), f"tether list: {rows}")
     out = w.tether("describe", "dev-a").stdout
     for want in ("  site=lab", "  state:       valid", "  issued by:   enroll at ", "  issuer:      " + c["issuer"],
                  "  serial:      " + c["serial"]):

@@ -232,5 +232,60 @@ def test_filters(w):
     expect(ids(listing(w, "?tag=group=a", tok=mine)) == ["dev-a"], "restricted, filtered")
 
 
+def test_cli(w):
+    w.start_cloud()
+    a = w.start_agent()
+    register(w, "dev-b")
+    dev = a.device_id
+    r = w.tether("rename", dev, "gate-1")
+    expect(r.stdout.strip() == f"{dev}: name 'gate-1', tags (none)", f"rename: {r.stdout!r}")
+    r = w.tether("tag", dev, "group=a", "ring=1", "note=a b,c")
+    out = r.stdout.strip()
+    expect(out.startswith(f"{dev}: name 'gate-1', tags ")
+           and sorted(out.split(", tags ")[1].replace("a b,c", "a_b,c").split()) == ["group=a", "note=a_b,c", "ring=1"],
+           f"tag: {r.stdout!r}")
+    r = w.tether("untag", dev, "note")
+    expect(sorted(r.stdout.strip().split(", tags ")[1].split()) == ["group=a", "ring=1"], f"untag: {r.stdout!r}")
+    r = w.tether("--json", "notes", dev, "rack 4\nshelf 2")
+    expect(json.loads(r.stdout)["notes"] == "rack 4\nshelf 2", f"notes: {r.stdout!r}")
+    r = w.tether("rename", "dev-b", "gate-1", check=False)
+    expect(r.returncode == 1 and "name 'gate-1' is taken by device " + dev in r.stderr, f"taken: {r.stderr!r}")
+    r = w.tether("tag", dev, "novalue", check=False)
+    expect(r.returncode == 2 and "expected NAME=VALUE" in r.stderr, f"tag without =: {r.stderr!r}")
+    r = w.tether("untag", dev, "a=b", check=False)
+    expect(r.returncode == 2, f"untag with =: {r.stderr!r}")
+    r = w.tether("tag", dev, "bad name=1", check=False)
+    expect(r.returncode == 1 and "Invalid tag name" in r.stderr, f"bad tag name: {r.stderr!r}")
+    r = w.tether("rename", "nosuch", "x", check=False)
+    expect(r.returncode == 3, f"unknown device: {r.returncode} {r.stderr!r}")
+    reader = token(w, ["devices:read"])
+    r = w.tether("rename", dev, "y", token=reader, check=False)
+    expect(r.returncode == 5 and "devices:write" in r.stderr, f"no scope: {r.returncode} {r.stderr!r}")
+
+    lines = w.tether("list").stdout.splitlines()
+    head = lines[0].split()
+    expect(head[:4] == ["ID", "STATUS", "LAST", "HEARD"] and head[-5:] == ["NAME", "AGENT", "OS/ARCH", "TAGS", ]
+           or head[-4:] == ["NAME", "AGENT", "OS/ARCH", "TAGS"], f"header: {lines[0]!r}")
+    row = [x for x in lines if x.startswith(dev)][0]
+    expect("gate-1" in row and sorted(row.split()[-1].split(",")) == ["group=a", "ring=1"] and " online " in row,
+           f"row: {row!r}")
+    rowb = [x for x in lines if x.startswith("dev-b")][0]
+    expect(rowb.endswith(" -"), f"row without tags: {rowb!r}")
+    ids_of = lambda *args: [x.split()[0] for x in w.tether("list", *args).stdout.splitlines()[1:]]  # noqa: E731
+    expect(ids_of("--tag", "group=a") == [dev], "list --tag")
+    expect(ids_of("--online") == [dev] and ids_of("--offline") == ["dev-b"], "--online/--offline")
+    expect(ids_of("--heard-within", "1h") == [dev], "--heard-within")
+    expect(ids_of("--not-heard-within", "1h") == ["dev-b"], "--not-heard-within")
+    expect(ids_of("--tag", "group", "--online") == [dev], "two filters")
+    r = w.tether("list", "--package", "Bad", check=False)
+    expect(r.returncode == 1 and "Malformed filter 'package'" in r.stderr, f"--package Bad: {r.stderr!r}")
+    r = w.tether("list", "--online", "--offline", check=False)
+    expect(r.returncode == 2, f"--online --offline: {r.stderr!r}")
+    r = w.tether("describe", dev, "--online", check=False)
+    expect(r.returncode == 2, f"--online elsewhere: {r.stderr!r}")
+    j = json.loads(w.tether("--json", "list", "--tag", "ring=1").stdout)
+    expect([d["id"] for d in j] == [dev] and j[0]["tags"] == {"group": "a", "ring": "1"}, f"--json: {j}")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_update_api, test_update_errors, test_update_scopes, test_filters], emulated="ok"))
+    sys.exit(run([test_update_api, test_update_errors, test_update_scopes, test_filters, test_cli], emulated="ok"))
