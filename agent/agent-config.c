@@ -78,6 +78,7 @@ Config *config_free(Config *c) {
         free(c->local_group);
         strv_free(c->plugin_enable);
         strv_free(c->plugin_disable);
+        strv_free(c->inventory_packages);
         for (size_t i = 0; i < c->n_plugins; i++) {
                 for (size_t k = 0; k < c->plugins[i].n_pairs; k++) {
                         free(c->plugins[i].pairs[k].key);
@@ -175,6 +176,7 @@ enum {
         KEY_BOOL,                     /* bool: yes/no, true/false, on/off, 1/0 */
         KEY_DEVICE_ID,                /* char *, a valid device ID */
         KEY_HOSTS,                    /* char * as written, and Config's cloud_hosts (parse_hosts()) */
+        KEY_PACKAGES,                 /* char **, Debian package names split at blanks and commas */
 };
 
 #define F(m) offsetof(Config, m)
@@ -223,6 +225,7 @@ static const KeyfileKey keys[] = {
         { "OTA", "ProgressIntervalSec", KEYFILE_SECONDS, F(ota.progress_interval_ms), 100, 0 },
         { "OTA", "MinFreeMB", KEYFILE_UINT, F(ota.min_free_mb), 0, 1u << 20 },
         { "OTA", "MaxTransitions", KEYFILE_UINT, F(ota.max_transitions), 4, 10000 },
+        { "Inventory", "Packages", KEY_PACKAGES, F(inventory_packages), 0, 0 },
         { "Enroll", "TokenFile", KEYFILE_STRING, F(enroll_token_file), 0, 0 },
         { "Enroll", "DeviceID", KEY_DEVICE_ID, F(enroll_device_id), 0, 0 },
         { "Enroll", "DeviceCAFile", KEYFILE_STRING, F(enroll_device_ca_file), 0, 0 },
@@ -371,6 +374,27 @@ static int apply_key(KeyfileParser *p, const KeyfileKey *k, const char *value) {
                 return 1;
         case KEY_HOSTS:
                 return parse_hosts(p, value);
+        case KEY_PACKAGES: {
+                char **v = split_words(value);
+                size_t n = 0;
+
+                if (!v)
+                        return keyfile_fail(p, -EINVAL, "out of memory");
+                for (; v[n]; n++)
+                        if (!proto_package_name_valid(v[n], strlen(v[n]))) {
+                                r = keyfile_fail(p, -EINVAL, "invalid package name '%s' in %s= ([a-z0-9][a-z0-9+.-]+)",
+                                                 v[n], k->name);
+                                strv_free(v);
+                                return r;
+                        }
+                if (n > 64) {
+                        strv_free(v);
+                        return keyfile_fail(p, -EINVAL, "%s= names %zu packages, at most 64 are allowed", k->name, n);
+                }
+                strv_free(*(char ***)field);
+                *(char ***)field = v;
+                return 1;
+        }
         case KEY_WORDS: {
                 char **v = split_words(value);
                 if (!v)

@@ -106,6 +106,10 @@ typedef struct Config {
         char *local_socket;
         char *local_group; /* "" = root and the agent's user only */
         OtaConfig ota;
+        /* [Inventory] (docs/fleet.md): packages whose versions the
+         * describe document's "system" carries besides tether's own;
+         * NULL-terminated Debian package names, NULL: none */
+        char **inventory_packages;
         /* [Enroll] (docs/enrollment.md) */
         char *enroll_token_file;  /* a provisioning token to enroll with; NULL: none */
         char *enroll_device_id;   /* the ID to ask for; NULL: from the certificate or the key */

@@ -571,6 +571,11 @@ void conn_registry_changed(Conn *c) {
         }
 }
 
+void conn_describe_changed(Conn *c) {
+        if (c->state == CONN_CONNECTED)
+                send_describe_changed(c);
+}
+
 static int on_request_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         Pending *q = userdata;
         Conn *c = q->conn;

@@ -103,6 +103,10 @@ int conn_publish(Conn *c, const char *name, const char *data, uint32_t ttl, uint
 /* The registry's subscriptions or describe data changed: bring the cloud
  * up to date (re-subscribe; ask it to fetch describe again). */
 void conn_registry_changed(Conn *c);
+/* Something else in the describe document changed (the inventory): ask
+ * the cloud to fetch it again (POST /d) if connected; a new session
+ * fetches it anyway. */
+void conn_describe_changed(Conn *c);
 
 /* Send METHOD /path0[/rest] with a payload (copied; content_format < 0:
  * none) to the cloud. Only while connected (-ENOTCONN otherwise); cb then

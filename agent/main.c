@@ -17,6 +17,7 @@
 #include "log.h"
 #include "loop-probe.h"
 #include "outbox.h"
+#include "inventory.h"
 #include "ota.h"
 #include "plugin-host.h"
 #include "proto.h"
@@ -41,6 +42,7 @@ typedef struct Agent {
         size_t queued, queued_notified;
         bool queued_known;
         Ota *ota;
+        Inventory *inventory;
         LoopProbe *probe;
 } Agent;
 
@@ -119,8 +121,8 @@ static int agent_describe(void *userdata, char **ret, size_t *ret_len) {
 
         if (!plugins)
                 return -ENOMEM;
-        r = registry_describe(a->registry, plugins, a->config->max_payload, a->config->max_subscriptions, ret,
-                              ret_len);
+        r = registry_describe(a->registry, plugins, a->inventory ? inventory_system(a->inventory) : NULL,
+                              a->config->max_payload, a->config->max_subscriptions, ret, ret_len);
         json_decref(plugins);
         return r;
 }
@@ -286,6 +288,20 @@ static void agent_reload_plugins(void *userdata) {
         conn_registry_changed(a->conn);
 }
 
+/* An OTA job ended: what is installed may have changed. */
+static void agent_ota_ended(void *userdata) {
+        Agent *a = userdata;
+
+        if (a->inventory)
+                (void)inventory_refresh(a->inventory);
+}
+
+static void agent_inventory_changed(void *userdata) {
+        Agent *a = userdata;
+
+        conn_describe_changed(a->conn);
+}
+
 static bool agent_plugin_running(void *userdata, const char *name) {
         Agent *a = userdata;
         json_t *list = plugin_host_describe(a->plugins), *p;
@@ -338,6 +354,10 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         r = plugin_host_load(a->plugins, a->config);
         agent_local_api_configure(a);
         ota_reconfigure(a->ota, a->config);
+        if (inventory_reconfigure(a->inventory, a->config->ota.dpkg_root, a->config->inventory_packages) < 0)
+                log_warning("Out of memory applying [Inventory] Packages=");
+        else
+                (void)inventory_refresh(a->inventory);
         log_info("Reloaded configuration, %d plugin(s) running", r < 0 ? 0 : r);
         conn_registry_changed(a->conn);
         sd_notify(false, "READY=1");
@@ -369,6 +389,7 @@ static void agent_done(Agent *a) {
         outbox_free(a->outbox);
         sd_event_source_disable_unref(a->notify_source);
         ota_free(a->ota);
+        inventory_free(a->inventory);
         loop_probe_free(a->probe);
         registry_free(a->registry);
         config_free(a->config);
@@ -498,9 +519,15 @@ int main(int argc, char *argv[]) {
         if (ota_new(a.event, a.conn, a.config, a.config_path,
                     &(OtaHooks){ .userdata = &a,
                                  .reload_plugins = agent_reload_plugins,
-                                 .plugin_running = agent_plugin_running },
+                                 .plugin_running = agent_plugin_running,
+                                 .job_ended = agent_ota_ended },
                     &a.ota) < 0)
                 return log_error("Failed to set up OTA"), 1;
+        /* After ota_new(): SIGCHLD is blocked for child sources. */
+        if (inventory_new(a.event, a.config->ota.dpkg_root, a.config->inventory_packages,
+                          &(InventoryHooks){ .userdata = &a, .changed = agent_inventory_changed }, &a.inventory) < 0)
+                return log_error("Out of memory"), 1;
+        (void)inventory_refresh(a.inventory);
         (void)ota_start(a.ota);
         log_info("tetherd %s starting, %d plugin(s) running, cloud %s", PACKAGE_VERSION, r < 0 ? 0 : r,
                  config_hosts_text(a.config, hosts, sizeof(hosts)));

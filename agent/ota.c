@@ -230,6 +230,8 @@ static int move(Ota *o, OtaState next, const char *code, const char *reason) {
                 return log_error_errno(r, "Cannot write the OTA journal in '%s': %m", o->config->ota.state_dir);
         log_transition(o, from, "");
         report_state(o);
+        if (ota_state_final(next) && !ota_state_final(from) && o->hooks.job_ended)
+                o->hooks.job_ended(o->hooks.userdata);
         return 0;
 }
 
@@ -604,6 +606,8 @@ static int on_inotify(sd_event_source *s, const struct inotify_event *ev, void *
                 log_transition(o, before, " (helper)");
         report_state(o);
         health_check(o);
+        if (ota_state_final(o->j.state) && !ota_state_final(before) && o->hooks.job_ended)
+                o->hooks.job_ended(o->hooks.userdata);
         return 0;
 }
 

@@ -24,6 +24,9 @@ typedef struct OtaHooks {
         void (*reload_plugins)(void *userdata);
         /* Whether a plugin of this name is running. */
         bool (*plugin_running)(void *userdata, const char *name);
+        /* The job reached a final state (committed, rolled back, rejected,
+         * failed, ...): what is installed may have changed. Optional. */
+        void (*job_ended)(void *userdata);
 } OtaHooks;
 
 /* conn and cfg are borrowed (cfg until ota_reconfigure()); config_path is

@@ -235,7 +235,7 @@ int registry_read(Registry *r, const char *name, char **ret, size_t *ret_len) {
         return proto_value_encode(&v, ret, ret_len);
 }
 
-int registry_describe(Registry *r, json_t *plugins, size_t max_payload, unsigned max_subscriptions,
+int registry_describe(Registry *r, json_t *plugins, json_t *system, size_t max_payload, unsigned max_subscriptions,
                       char **ret, size_t *ret_len) {
         json_t *d, *functions, *variables, *events, *units = NULL;
         char *s;
@@ -247,6 +247,8 @@ int registry_describe(Registry *r, json_t *plugins, size_t max_payload, unsigned
                       (json_int_t)max_subscriptions);
         if (!d)
                 return -ENOMEM;
+        if (system && json_object_set(d, "system", system) < 0)
+                goto out;
         functions = json_object_get(d, "functions");
         variables = json_object_get(d, "variables");
         events = json_object_get(d, "events");

@@ -48,8 +48,9 @@ int registry_read(Registry *r, const char *name, char **ret, size_t *ret_len);
 uint32_t registry_variable_type(Registry *r, const char *name);
 
 /* Describe JSON (docs/protocol.md). plugins: array of {"name","version"},
- * borrowed. Caller frees *ret. */
-int registry_describe(Registry *r, json_t *plugins, size_t max_payload, unsigned max_subscriptions,
+ * borrowed; system: the inventory (agent/inventory.h), borrowed, NULL:
+ * none. Caller frees *ret. */
+int registry_describe(Registry *r, json_t *plugins, json_t *system, size_t max_payload, unsigned max_subscriptions,
                       char **ret, size_t *ret_len);
 
 /* Distinct subscription prefixes, in registration order. The array and

@@ -12,6 +12,7 @@ form."""
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import urllib.parse
 
@@ -287,5 +288,54 @@ def test_cli(w):
     expect([d["id"] for d in j] == [dev] and j[0]["tags"] == {"group": "a", "ring": "1"}, f"--json: {j}")
 
 
+def test_agent_system(w):
+    """The agent reports what it runs on; [Inventory] Packages= adds a
+    package dpkg knows (dpkg itself, on any Debian); one not installed is
+    left out."""
+    w.start_cloud()
+    a = w.start_agent(extra="[Inventory]\nPackages=dpkg no-such-package-here\n")
+    dev = a.device_id
+
+    def system():
+        s, d = api_json(w, "GET", f"/v1/devices/{dev}")
+        sysobj = d.get("system") or {}
+        return sysobj if "arch" in sysobj or not os.path.exists("/usr/bin/dpkg") else None
+    sysobj = poll(system, 10, "the agent's system")
+    expect(sysobj.get("kernel") == os.uname().release, f"kernel: {sysobj}")
+    pretty = None
+    for path in ("/etc/os-release", "/usr/lib/os-release"):
+        if os.path.exists(path):
+            for line in open(path):
+                if line.startswith("PRETTY_NAME="):
+                    pretty = line.split("=", 1)[1].strip().strip('"')
+            break
+    expect(sysobj.get("os") == pretty, f"os: {sysobj} vs {pretty!r}")
+    if not os.path.exists("/usr/bin/dpkg"):
+        print("# no dpkg here: arch and packages are left out")
+        expect("packages" not in sysobj or sysobj["packages"] == {}, f"packages without dpkg: {sysobj}")
+        return
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "dpkg"], capture_output=True, text=True).stdout
+    expect(sysobj["arch"] == arch and sysobj["packages"].get("dpkg") == version
+           and "no-such-package-here" not in sysobj["packages"], f"system: {sysobj}")
+    expect(ids(listing(w, f"?package=dpkg={urllib.parse.quote(version)}")) == [dev], "package=dpkg=VERSION")
+    expect(ids(listing(w, "?package=dpkg")) == [dev], "package=dpkg")
+    expect(ids(listing(w, "?package=dpkg=0.0")) == [], "package=dpkg=0.0")
+    # The list and the CLI show it.
+    row = [x for x in w.tether("list").stdout.splitlines() if x.startswith(dev)][0]
+    expect(f"{pretty}/{arch}" in row, f"tether list: {row!r}")
+    out = w.tether("describe", dev).stdout
+    expect(f"  package:   dpkg {version}" in out and f"  arch:      {arch}" in out, f"describe: {out}")
+    # Kept by the cloud across its restart (the registry has the describe
+    # document), while the device is offline.
+    a.stop()
+    w.cloud.stop()
+    w.daemons.remove(w.cloud)
+    w.start_cloud()
+    s, d = api_json(w, "GET", f"/v1/devices/{dev}")
+    expect(d["connected"] is False and d["system"] == sysobj, f"after a restart: {d}")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_update_api, test_update_errors, test_update_scopes, test_filters, test_cli], emulated="ok"))
+    sys.exit(run([test_update_api, test_update_errors, test_update_scopes, test_filters, test_cli, test_agent_system],
+                 emulated="ok"))
