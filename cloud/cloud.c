@@ -371,6 +371,14 @@ static void cloud_device_replicated(Cloud *c, const char *id) {
         /* Its presence may have come before its row. */
         if (!device_connected(d) && c->cluster && device_set_elsewhere(d, cluster_device_node(c->cluster, id)) < 0)
                 log_warning("Out of memory recording where device '%s' is.", id);
+        /* What it offers and runs on, as the node that has it recorded:
+         * this node's device list shows it and filters by it too. */
+        if (!device_connected(d)) {
+                _cleanup_free_ char *doc = NULL;
+
+                if (registry_describe_doc(c->registry, id, &doc) == 0 && doc && device_restore_describe(d, doc) < 0)
+                        log_debug("Device '%s': the describe document another node recorded is not usable.", id);
+        }
         if (ident.revoked && device_connected(d)) {
                 log_notice("Device '%s' was revoked on another node%s%s%s; closing its session.", id,
                            ident.revoked_reason[0] ? " (" : "", ident.revoked_reason,

@@ -78,6 +78,7 @@ enum {
         STMT_DESCRIBED,
         STMT_NAME_TAKEN,
         STMT_UPDATE,
+        STMT_DESCRIBE_GET,
         _STMT_MAX,
 };
 
@@ -148,6 +149,7 @@ static const char *const registry_sql[_STMT_MAX] = {
         /* Another device whose name, or whose id, is ?1. */
         [STMT_NAME_TAKEN] = "SELECT id FROM devices WHERE (name = ?1 OR id = ?1) AND id != ?2 LIMIT 1",
         [STMT_UPDATE] = "UPDATE devices SET name = ?2, notes = ?3, tags = ?4, updated_usec = ?5 WHERE id = ?1",
+        [STMT_DESCRIBE_GET] = "SELECT describe FROM devices WHERE id = ?1",
 };
 
 struct Registry {
@@ -720,6 +722,27 @@ int registry_update(Registry *reg, const char *id, const InventoryUpdate *u, con
         if (json_object_size(changed) > 0)
                 reg->hooks.updated(reg->hooks.userdata, id, changed, actor);
         *ret_state = TAKE_PTR(state);
+        return 0;
+}
+
+int registry_describe_doc(Registry *reg, const char *id, char **ret) {
+        sqlite3_stmt *st = reg->stmt[STMT_DESCRIBE_GET];
+        char *doc = NULL;
+        int rc;
+
+        rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
+                const char *text = (const char *)sqlite3_column_text(st, 0);
+
+                rc = text && !(doc = strdup(text)) ? SQLITE_NOMEM : SQLITE_DONE;
+        }
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        if (rc == SQLITE_NOMEM)
+                return -ENOMEM;
+        if (rc != SQLITE_DONE)
+                return store_error(reg->store, rc, "reading a device's describe document");
+        *ret = doc;
         return 0;
 }
 

@@ -154,6 +154,10 @@ int registry_device_json(Registry *reg, const char *id, json_t *j, bool details)
 int registry_update(Registry *reg, const char *id, const InventoryUpdate *u, const char *actor, json_t **ret_state,
                     char err[static INVENTORY_ERROR_MAX]);
 
+/* The describe document recorded for id (registry_described()): 0 and
+ * *ret, a new string or NULL when none (or id is unknown); -ENOMEM, -EIO. */
+int registry_describe_doc(Registry *reg, const char *id, char **ret);
+
 /* The tags of id (one lookup by its key): 0 and *ret, a new JSON object
  * of names to strings, or NULL for a device without tags or unknown to
  * the registry; -EIO. */

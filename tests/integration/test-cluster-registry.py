@@ -8,7 +8,8 @@ at once; a device connected to node 1 is listed by node 2; a device revoked
 through node 2 is disconnected from node 1 and refused there; a node
 started later (empty database) learns all of it from the stream, and a
 node that was a single node before keeps its rows (they are published when
-it joins)."""
+it joins); a device's name, notes and tags changed on one node are the
+other's too."""
 import json
 import os
 import ssl
@@ -113,6 +114,44 @@ def test_devices(w):
     connect(n1.use(w), (dev_id, d.cert, d.key))
 
 
+def test_inventory(w):
+    """Names, notes and tags (docs/fleet.md) are the registry's: changed
+    on either node, for a device held by the other one too, seen by both;
+    a name taken through one node is refused by the other once the change
+    is there; the agent's system, recorded by the node it is connected to,
+    is in the other node's list and filters."""
+    nats, n1, n2 = start(w)
+    n1.use(w)
+    a = w.start_agent(extra="[Inventory]\nPackages=dpkg\n")
+    dev = a.device_id
+    w.tether("register", "dev-b")
+    poll(lambda: {dev, "dev-b"} <= set(listed(w, n2) or {}), 10, "node 2 to list both devices")
+    n2.use(w)
+    out = w.tether("rename", dev, "gate-1").stdout
+    expect("name 'gate-1'" in out, f"rename through node 2: {out!r}")
+    w.tether("tag", dev, "group=a")
+    w.tether("notes", "dev-b", "spare")
+    poll(lambda: (listed(w, n1) or {}).get(dev, {}).get("name") == "gate-1"
+         and listed(w, n1)[dev]["tags"] == {"group": "a"} and listed(w, n1)["dev-b"]["notes"] == "spare", 10,
+         "node 1 to see the changes made through node 2")
+    n1.use(w)
+    r = w.tether("rename", "dev-b", "gate-1", check=False)
+    expect(r.returncode == 1 and f"name 'gate-1' is taken by device {dev}" in r.stderr, f"taken: {r.stderr!r}")
+    ids = [x.split()[0] for x in w.tether("list", "--tag", "group=a").stdout.splitlines()[1:]]
+    expect(ids == [dev], f"node 1's filtered list: {ids}")
+    # The agent's system: node 1 has it from the device, node 2 from the
+    # registry's copy of the describe document.
+    if os.path.exists("/usr/bin/dpkg"):
+        def pkgs(node):
+            d = (listed(w, node) or {}).get(dev, {})
+            return ((d.get("system") or {}).get("packages") or {}).get("dpkg")
+        poll(lambda: pkgs(n1), 10, "node 1 to have the agent's packages")
+        poll(lambda: pkgs(n2) == pkgs(n1), 10, "node 2 to list the agent's packages")
+        n2.use(w)
+        ids = [x.split()[0] for x in w.tether("list", "--package", "dpkg", "--online").stdout.splitlines()[1:]]
+        expect(ids == [dev], f"node 2's list by package: {ids}")
+
+
 def test_single_node_joins(w):
     """A single node with a device and a token becomes node 1 of a cluster:
     node 2 learns both."""
@@ -133,4 +172,4 @@ def test_single_node_joins(w):
 
 if __name__ == "__main__":
     natskit.skip_unless_available()
-    sys.exit(run([test_tokens, test_devices, test_single_node_joins], emulated="ok"))
+    sys.exit(run([test_tokens, test_devices, test_inventory, test_single_node_joins], emulated="ok"))
