@@ -3,12 +3,15 @@
  * (cloud/api-request.c). The input is the request's parts separated by
  * newlines: method, URL, Content-Type, Authorization, access_token,
  * Last-Event-ID, then the body (the rest, newlines included). An empty
- * part is an absent header. */
+ * part is an absent header. The body's parameters also go through the
+ * inventory rules (cloud/inventory.c): as PUT /v1/devices/ID's fields,
+ * and each string parameter as a filter of GET /v1/devices. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "cloud/api-request.h"
+#include "cloud/inventory.h"
 #include "util.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -80,6 +83,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                             (proto_name_check(pub.name, strlen(pub.name), PROTO_NAME_EVENT) < 0 ||
                              pub.data_len > 16384))
                                 abort();
+                }
+                if (parsed.params) {
+                        char err[INVENTORY_ERROR_MAX];
+                        InventoryUpdate u;
+                        InventoryFilter f;
+                        json_t *merged = NULL, *v;
+                        const char *key;
+
+                        if (inventory_parse_update(parsed.params, &u, err) == 0) {
+                                if (u.name && !inventory_name_valid(u.name, strlen(u.name)))
+                                        abort();
+                                if (u.tags && inventory_tags_merge(NULL, u.tags, &merged, err) == 0) {
+                                        if (json_object_size(merged) > INVENTORY_TAGS_MAX)
+                                                abort();
+                                        json_decref(merged);
+                                }
+                        } else if (!err[0] || strlen(err) >= sizeof(err))
+                                abort();
+                        inventory_filter_init(&f);
+                        json_object_foreach(parsed.params, key, v)
+                                if (json_is_string(v) && inventory_filter_add(&f, key, json_string_value(v), err) < 0)
+                                        break;
+                        (void)inventory_filter_match(&f, parsed.params, 1, 2);
                 }
                 api_parsed_done(&parsed);
         }
