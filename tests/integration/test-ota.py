@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Skip, expect, needs_fault_injection, run  # noqa: E402
+from harness import Skip, expect, needs_fault_injection, poll, run  # noqa: E402
 from otakit import (COMMIT_PATH, OtaWorld, blocking_script, broken_plugin, build_deb, device_path,  # noqa: E402
                     native_arch, plugin_deb, reported_in_order)
 
@@ -39,11 +39,20 @@ def expect_v1_back(o, job, code):
     expect(r.stdout.strip() == "5", f"agent not serving the example plugin after the rollback: {r.stdout!r}")
 
 
+def plugin_version(w, dev):
+    """tether-plugin-example's version in the device's system, or None."""
+    d = json.loads(w.tether("--json", "describe", dev).stdout)
+    return ((d.get("system") or {}).get("packages") or {}).get("tether-plugin-example")
+
+
 def test_plugin_update_commits(w):
     """10 MB plugin package through the CLI: committed, reported, the floor
     is raised; a later manifest below it is refused."""
     o = setup(w)
     v2 = plugin_deb(o.debs, "2.0", filler=10 * 1024 * 1024)
+    # The agent's inventory (docs/fleet.md) has the plugin package of its
+    # dpkg root, and has the new version once the job ended.
+    poll(lambda: plugin_version(w, o.agent.device_id) == "1.0", 10, "the inventory to show version 1.0")
     start = time.monotonic()
     r = o.run_cli(v2, "--min-version", "2.0")
     took = time.monotonic() - start
@@ -68,6 +77,7 @@ def test_plugin_update_commits(w):
           f"(TrialSec=1); installed at {times.get('installed')}, committed at {times.get('committed')}")
     r = w.tether("call", o.agent.device_id, "add", "40,2")
     expect(r.stdout.strip() == "42", "agent not serving after the update")
+    poll(lambda: plugin_version(w, o.agent.device_id) == "2.0", 10, "the inventory to show version 2.0")
 
     # An old, validly signed manifest for a lower version is refused now.
     v15 = plugin_deb(o.debs, "1.5")
