@@ -722,10 +722,20 @@ static void describe_system(json_t *dev) {
         const char *notes = json_string_value(json_object_get(dev, "notes")), *key;
 
         if (notes) {
-                /* Notes may hold lines: each indented under the label. */
+                /* Notes may hold lines: each indented under the label. Any
+                 * other control character (C0, DEL, C1) is shown as \xNN:
+                 * whoever wrote the notes does not get to send escape
+                 * sequences to this terminal. */
                 printf("notes:\n  ");
-                for (const char *p = notes; *p; p++)
-                        fputs(*p == '\n' ? "\n  " : (char[]){ *p, 0 }, stdout);
+                for (const unsigned char *p = (const unsigned char *)notes; *p; p++)
+                        if (*p == '\n')
+                                fputs("\n  ", stdout);
+                        else if ((*p < 0x20 && *p != '\t') || *p == 0x7f)
+                                printf("\\x%02x", *p);
+                        else if (*p == 0xc2 && p[1] >= 0x80 && p[1] <= 0x9f)
+                                printf("\\x%02x", *++p);
+                        else
+                                putchar(*p);
                 printf("\n");
         }
         if (!json_is_object(sys)) {

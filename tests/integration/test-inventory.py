@@ -249,6 +249,11 @@ def test_cli(w):
     expect(sorted(r.stdout.strip().split(", tags ")[1].split()) == ["group=a", "ring=1"], f"untag: {r.stdout!r}")
     r = w.tether("--json", "notes", dev, "rack 4\nshelf 2")
     expect(json.loads(r.stdout)["notes"] == "rack 4\nshelf 2", f"notes: {r.stdout!r}")
+    # Notes are the writer's text, but not the writer's terminal escapes.
+    w.tether("notes", dev, "a\x1b[31mred\x07\u0085x\ttab\nline 2")
+    out = w.tether("describe", dev).stdout
+    expect("notes:\n  a\\x1b[31mred\\x07\\x85x\ttab\n  line 2\n" in out and "\x1b" not in out, f"describe: {out!r}")
+    w.tether("notes", dev, "rack 4\nshelf 2")
     r = w.tether("rename", "dev-b", "gate-1", check=False)
     expect(r.returncode == 1 and "name 'gate-1' is taken by device " + dev in r.stderr, f"taken: {r.stderr!r}")
     r = w.tether("tag", dev, "novalue", check=False)
