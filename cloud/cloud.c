@@ -181,6 +181,8 @@ static void cloud_device_unrevoked(void *userdata, const char *id, const char *a
 static void cloud_device_updated(void *userdata, const char *id, json_t *changed, const char *actor) {
         Cloud *c = userdata;
 
+        if (json_object_get(changed, "tags"))
+                integrations_tags_changed(c->integrations, id);
         cloud_publish(c, "tether/device/updated", id,
                       json_pack("{s:s, s:O, s:s}", "device", id, "changed", changed, "actor", actor));
 }
@@ -363,6 +365,7 @@ static void cloud_device_replicated(Cloud *c, const char *id) {
 
         if (registry_identity(c->registry, id, &ident) < 0 || !ident.known)
                 return;
+        integrations_tags_changed(c->integrations, id);
         d = devices_find(c->devices, id);
         if (!d && !(d = devices_add(c->devices, id, 0, NULL))) {
                 log_warning("Out of memory listing device '%s'.", id);

@@ -549,6 +549,11 @@ static json_t *integrations_tags(Integrations *s, const char *device) {
         return json_is_object(json_array_get(c, 1)) ? json_array_get(c, 1) : NULL;
 }
 
+void integrations_tags_changed(Integrations *s, const char *device) {
+        if (s)
+                (void)json_object_del(s->tags, device);
+}
+
 static bool integration_selects(Integration *in, const ProtoEvent *e) {
         const char *tag = in->config->tag, *eq;
         json_t *tags, *v;

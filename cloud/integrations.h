@@ -194,6 +194,10 @@ int integrations_add(Integrations *s, IntegrationConfig *config, char err[static
 /* Remove one made through the API, its cursor with it: 0; -ENOENT; -EPERM
  * for one from the configuration file. */
 int integrations_remove(Integrations *s, const char *name);
+/* The tags of device changed (PUT /v1/devices/ID, or its row came from
+ * another node): its cached tags are forgotten, the next event reads
+ * them anew. NULL s is fine. */
+void integrations_tags_changed(Integrations *s, const char *device);
 /* A JSON array of objects, kind NULL for all ("webhook", "mqtt" for those)
  * and name NULL for all: {"name","kind","source":"config"|"api","prefix",
  * "tag","state":"ok"|"retrying"|"failing"|"standby","backlog","delivered",

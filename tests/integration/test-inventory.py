@@ -14,10 +14,14 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EventStream, api_json, expect, poll, run  # noqa: E402
+from harness import EventStream, api_json, expect, local_publish, poll, run  # noqa: E402
+import hookkit  # noqa: E402
+
+SECRET = "inventory-test-secret-0123456789"
 
 
 def audit(w, action):
@@ -341,6 +345,29 @@ def test_agent_system(w):
     expect(d["connected"] is False and d["system"] == sysobj, f"after a restart: {d}")
 
 
+def test_webhook_sees_new_tags(w):
+    """A webhook with a tag selects a device by the tags it has now: a
+    change through the API counts for the next event (the integrations'
+    cache of tags is dropped), not some seconds later."""
+    w.start_cloud()
+    a = w.start_agent()
+    recv = hookkit.Receiver(SECRET)
+    w.cleanups.append(recv.close)
+    s, b = api_json(w, "POST", "/v1/webhooks", {"url": recv.url, "name": "tagged", "prefix": "inv/",
+                                                "tag": "group=x", "secret": SECRET})
+    expect(s == 201, f"webhook: {s} {b}")
+    local_publish(a, "inv/before", "1")  # not tagged: not sent (and its tags are cached)
+    local_publish(a, "inv/other", "1")
+    put(w, a.device_id, {"tags": {"group": "x"}})
+    t0 = time.monotonic()
+    local_publish(a, "inv/after", "2")
+    recv.wait(lambda reqs: any(r.json.get("event") == "inv/after" for r in reqs), 10, "the event after tagging")
+    took = time.monotonic() - t0
+    expect(took < 8, f"the webhook saw the new tag {took:.1f} s later (a stale cache?)")
+    got = [r.json.get("event") for r in recv.snapshot()]
+    expect(got == ["inv/after"], f"the webhook got {got}")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_update_api, test_update_errors, test_update_scopes, test_filters, test_cli, test_agent_system],
-                 emulated="ok"))
+    sys.exit(run([test_update_api, test_update_errors, test_update_scopes, test_filters, test_cli, test_agent_system,
+                  test_webhook_sees_new_tags], emulated="ok"))
