@@ -1497,13 +1497,15 @@ typedef struct ApiFilterArgs {
         char err[INVENTORY_ERROR_MAX];
 } ApiFilterArgs;
 
-static enum MHD_Result api_filter_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value) {
+static enum MHD_Result api_filter_arg(void *cls, enum MHD_ValueKind kind, const char *key, size_t key_size,
+                                     const char *value, size_t value_size) {
         ApiFilterArgs *fa = cls;
 
         (void)kind;
-        if (!key || fa->failed)
+        if (!key || fa->failed || strlen(key) != key_size)
                 return MHD_YES;
-        if (inventory_filter_add(&fa->f, key, value, fa->err) < 0)
+        /* A value holding a NUL byte is no filter's: "" is refused. */
+        if (inventory_filter_add(&fa->f, key, value && strlen(value) != value_size ? "" : value, fa->err) < 0)
                 fa->failed = true;
         return MHD_YES;
 }
@@ -1948,7 +1950,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
                 ApiPage page;
 
                 inventory_filter_init(&fa.f);
-                (void)MHD_get_connection_values(req->connection, MHD_GET_ARGUMENT_KIND, api_filter_arg, &fa);
+                (void)MHD_get_connection_values_n(req->connection, MHD_GET_ARGUMENT_KIND, api_filter_arg, &fa);
                 if (api_parse_page(api_query_arg(req, "page"), api_query_arg(req, "per_page"), &page, &error) < 0)
                         api_set_error(req, MHD_HTTP_BAD_REQUEST, error, NULL);
                 else if (fa.failed)

@@ -227,7 +227,8 @@ def test_filters(w):
            ("?connected=true&connected=false", "connected"), ("?heard_within=-1", "heard_within"),
            ("?heard_within=1e3", "heard_within"), ("?not_heard_within=", "not_heard_within"),
            ("?package=A", "package"), ("?package=x=1%202", "package"), ("?name=a'b", "name"),
-           ("?name=" + "n" * 65, "name"), ("?" + "&".join(["tag=k"] * 17), "tag")]
+           ("?name=" + "n" * 65, "name"), ("?" + "&".join(["tag=k"] * 17), "tag"), ("?tag=group%00x", "tag"),
+           ("?tag", "tag"), ("?name=alpha%27%20OR%201=1", "name"), ("?tag=group=%1B[31m", "tag")]
     for q, what in bad:
         s, b = api_json(w, "GET", "/v1/devices" + q)
         expect(s == 400 and b["error"].startswith(f"Malformed filter '{what}'"), f"{q}: {s} {b}")
