@@ -105,7 +105,7 @@ static struct {
         const char *enroll_token;
         double renew_delay;
         pid_t cloud_pid;
-        bool ota, ota_skip_download;
+        bool ota, ota_skip_download, ota_no_bert;
         double ota_fail_percent, ota_install_sec;
 } arg = {
         .devices = 1000,
@@ -1522,7 +1522,7 @@ static void ota_step(Device *d, uint64_t now) {
                         coap_block_b_t b;
                         uint8_t buf[4];
 
-                        o->bert = probe &&
+                        o->bert = !arg.ota_no_bert && probe &&
                                   coap_add_option(probe, COAP_OPTION_BLOCK2, coap_encode_var_safe(buf, sizeof(buf), 7),
                                                   buf) &&
                                   coap_get_block_b(d->session, probe, COAP_OPTION_BLOCK2, &b) == 1 && b.bert;
@@ -2603,6 +2603,7 @@ static void help(void) {
                "  --ota-fail-percent P  end P %% of the jobs rolled-back instead (default: 0)\n"
                "  --ota-install-sec S   from installing to the final state (default: 1)\n"
                "  --ota-skip-download   report the artifact downloaded at once (for a cloud without GET /a/)\n"
+               "  --ota-no-bert         1024-byte blocks even where BERT is allowed\n"
                "  -h, --help            this help\n"
                "\n"
                "Output: one line per result on stdout ('online ...', 'published ...', 'enrolled ...',\n"
@@ -2646,7 +2647,7 @@ static int parse_argv(int argc, char **argv) {
         enum { OPT_CLOUD = 0x100, OPT_MQTT, OPT_MQTT_VERSION, OPT_SERVER_NAME, OPT_CA_CERT, OPT_CA_KEY,
                OPT_SERVER_CA, OPT_CACHE, OPT_FIRST, OPT_SECONDS, OPT_TIMEOUT, OPT_CONNECT_TIMEOUT,
                OPT_RECONNECT_MIN, OPT_RECONNECT_MAX, OPT_QOS, OPT_RENEW_DELAY, OPT_CLOUD_PID, OPT_OTA,
-               OPT_OTA_FAIL_PERCENT, OPT_OTA_INSTALL_SEC, OPT_OTA_SKIP_DOWNLOAD };
+               OPT_OTA_FAIL_PERCENT, OPT_OTA_INSTALL_SEC, OPT_OTA_SKIP_DOWNLOAD, OPT_OTA_NO_BERT };
         static const struct option options[] = {
                 { "cloud", required_argument, NULL, OPT_CLOUD },
                 { "mqtt", required_argument, NULL, OPT_MQTT },
@@ -2671,6 +2672,7 @@ static int parse_argv(int argc, char **argv) {
                 { "ota-fail-percent", required_argument, NULL, OPT_OTA_FAIL_PERCENT },
                 { "ota-install-sec", required_argument, NULL, OPT_OTA_INSTALL_SEC },
                 { "ota-skip-download", no_argument, NULL, OPT_OTA_SKIP_DOWNLOAD },
+                { "ota-no-bert", no_argument, NULL, OPT_OTA_NO_BERT },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
@@ -2774,6 +2776,9 @@ static int parse_argv(int argc, char **argv) {
                         break;
                 case OPT_OTA_SKIP_DOWNLOAD:
                         arg.ota_skip_download = true;
+                        break;
+                case OPT_OTA_NO_BERT:
+                        arg.ota_no_bert = true;
                         break;
                 default:
                         fprintf(stderr, "fleet: see --help\n");
