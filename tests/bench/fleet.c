@@ -970,6 +970,9 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                 ota_due(d);
                 return COAP_RESPONSE_OK;
         }
+        /* A block the download dropped (ota_drain()): no publish receipt. */
+        if (arg.ota && coap_pdu_get_code(rcvd) == COAP_RESPONSE_CODE_CONTENT)
+                return COAP_RESPONSE_OK;
         if (d->req_pending && token.length == d->req_token_len && memcmp(token.s, d->req_token, token.length) == 0) {
                 d->req_pending = false;
                 on_answer(d, rcvd);
