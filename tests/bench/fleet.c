@@ -1215,8 +1215,7 @@ static void ota_downloaded(Device *d) {
         unsigned len = 0;
 
         if (o->md && EVP_DigestFinal_ex(o->md, md, &len) == 1) {
-                for (unsigned i = 0; i < len; i++)
-                        sprintf(hex + 2 * i, "%02x", md[i]);
+                hex_encode(md, len, hex);
                 if (!arg.ota_skip_download && (len != 32 || !streq(hex, o->sha256)))
                         return ota_end(d, "failed", "checksum", "the artifact's SHA-256 differs from the manifest's");
         }
@@ -1396,7 +1395,7 @@ static void ota_block(Device *d, OtaSlot *s, const coap_pdu_t *rcvd) {
         coap_block_b_t b;
         const uint8_t *data = NULL;
         size_t len = 0;
-        uint8_t want[8];
+        char etag_hex[2 * 8 + 1];
         uint64_t offset;
 
         if (code != COAP_RESPONSE_CODE_CONTENT) {
@@ -1410,10 +1409,10 @@ static void ota_block(Device *d, OtaSlot *s, const coap_pdu_t *rcvd) {
         }
         /* ETag: the first 8 bytes of the SHA-256; another one means another
          * artifact: start again from 0 (a few times at most). */
-        for (size_t i = 0; i < sizeof(want); i++)
-                sscanf(o->sha256 + 2 * i, "%2hhx", &want[i]);
         etag = coap_check_option(rcvd, COAP_OPTION_ETAG, &it);
-        if (etag && (coap_opt_length(etag) != sizeof(want) || memcmp(coap_opt_value(etag), want, sizeof(want)) != 0)) {
+        if (etag && coap_opt_length(etag) == 8)
+                hex_encode(coap_opt_value(etag), 8, etag_hex);
+        if (etag && (coap_opt_length(etag) != 8 || strncmp(etag_hex, o->sha256, 16) != 0)) {
                 if (++o->restarts > 3)
                         return ota_end(d, "failed", "download", "the artifact's ETag keeps changing");
                 w.st.ota_restarts++;
