@@ -156,6 +156,7 @@ typedef struct Stats {
         uint64_t ota_bytes, ota_blocks; /* artifact bytes hashed, block requests sent */
         uint64_t ota_bert;            /* downloads that used BERT */
         uint64_t ota_restarts;        /* downloads started again (another ETag) */
+        uint64_t ota_block_retries;   /* 5.03 to a block request: the window asked again after Max-Age */
         uint64_t ota_reports, ota_report_retries, ota_reports_refused, ota_reports_dropped;
 } Stats;
 
@@ -218,6 +219,7 @@ typedef struct Ota {
         unsigned restarts;
         OtaSlot slot[FLEET_OTA_WINDOW];
         uint64_t start, dl_start, last_progress, install_due; /* usec */
+        uint64_t block_retry_at; /* usec: after a 5.03, no block requests before */
 } Ota;
 
 /* --ota: reports to send, in order, one in flight; each names its job. */
@@ -1398,6 +1400,19 @@ static void ota_block(Device *d, OtaSlot *s, const coap_pdu_t *rcvd) {
         char etag_hex[2 * 8 + 1];
         uint64_t offset;
 
+        if (code == COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE) {
+                /* The cloud holds MaxQueuedBytes unread by this device: what
+                 * was asked is asked again after Max-Age (the agent's rule). */
+                coap_opt_t *age = coap_check_option(rcvd, COAP_OPTION_MAXAGE, &it);
+
+                w.st.ota_block_retries++;
+                ota_slots_clear(o);
+                o->next = o->done;
+                o->block_retry_at =
+                        now_us() + (age ? coap_decode_var_bytes(coap_opt_value(age), coap_opt_length(age)) : 1) *
+                                           1000000ULL;
+                return;
+        }
         if (code != COAP_RESPONSE_CODE_CONTENT) {
                 char reason[256];
                 (void)coap_get_data(rcvd, &len, &data);
@@ -1534,7 +1549,7 @@ static void ota_step(Device *d, uint64_t now) {
                         if (o->bert && o->done == 0 && o->next == 0)
                                 w.st.ota_bert++;
                 }
-                for (size_t i = 0; i < FLEET_OTA_WINDOW && o->next < o->size; i++) {
+                for (size_t i = 0; i < FLEET_OTA_WINDOW && o->next < o->size && now >= o->block_retry_at; i++) {
                         OtaSlot *s = &o->slot[i];
 
                         if (s->used)
@@ -2132,6 +2147,7 @@ static Stats sum(void) {
                 s.ota_blocks += t->ota_blocks;
                 s.ota_bert += t->ota_bert;
                 s.ota_restarts += t->ota_restarts;
+                s.ota_block_retries += t->ota_block_retries;
                 s.ota_reports += t->ota_reports;
                 s.ota_report_retries += t->ota_report_retries;
                 s.ota_reports_refused += t->ota_reports_refused;
@@ -2202,11 +2218,12 @@ static void print_ota(const char *word) {
         format_samples(dl, sizeof(dl), SAMPLES_OTA_DOWNLOAD, "download");
         format_samples(job, sizeof(job), SAMPLES_OTA_JOB, "job");
         printf("%s jobs=%" PRIu64 " downloaded=%" PRIu64 " committed=%" PRIu64 " rolled_back=%" PRIu64
-               " failed=%" PRIu64 " bytes=%" PRIu64 " blocks=%" PRIu64 " bert=%" PRIu64 " restarts=%" PRIu64
+               " failed=%" PRIu64 " bytes=%" PRIu64 " blocks=%" PRIu64 " block_retries=%" PRIu64 " bert=%" PRIu64
+               " restarts=%" PRIu64
                " reports=%" PRIu64 " report_retries=%" PRIu64 " reports_refused=%" PRIu64 " reports_dropped=%" PRIu64
                "%s%s\n",
                word, s.ota_jobs, s.ota_downloads, s.ota_committed, s.ota_rolled_back, s.ota_failed, s.ota_bytes,
-               s.ota_blocks, s.ota_bert, s.ota_restarts, s.ota_reports, s.ota_report_retries, s.ota_reports_refused,
+               s.ota_blocks, s.ota_block_retries, s.ota_bert, s.ota_restarts, s.ota_reports, s.ota_report_retries, s.ota_reports_refused,
                s.ota_reports_dropped, dl, job);
         fflush(stdout);
 }
