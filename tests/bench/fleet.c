@@ -1146,7 +1146,9 @@ static bool coap_publish(Device *d) {
  * as it comes, and reports accepted, downloading (and progress),
  * downloaded, installing, then committed, or rolled-back for
  * --ota-fail-percent of the jobs, after --ota-install-sec. It installs
- * nothing. After a lost session it goes on from the bytes it hashed. */
+ * nothing. After a lost session it goes on from the bytes it hashed; a
+ * 5.03 to a block (the cloud holds MaxQueuedBytes unread) is waited out
+ * for its Max-Age; a 4.29 to a report likewise. */
 
 /* Queue a report (JSON text); a progress report is dropped when others wait. */
 static void ota_queue(Device *d, json_t *j, bool progress) {
