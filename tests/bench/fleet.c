@@ -29,6 +29,10 @@
  * a new key's CSR over its session at once. Latencies travel to the
  * parent as REPORT_SAMPLES.
  *
+ * --ota makes the devices take update jobs (POST /o/JOB), download the
+ * artifact over their session (GET /a/SHA256, Block2) and report their
+ * states without installing anything ("worker: OTA" below).
+ *
  * Output on stdout, one line per result, "word key=value ...";
  * progress on stderr. It measures; it never judges. */
 #include <arpa/inet.h>
@@ -61,6 +65,8 @@
 #include <mqtt_protocol.h>
 #endif
 
+#include "manifest.h"
+#include "ota-journal.h"
 #include "proto.h"
 #include "tls.h"
 #include "util.h"
@@ -76,6 +82,9 @@
 #define FLEET_PATH_ENROLL "enroll"
 #define FLEET_PATH_CERT "cert"
 #define FLEET_DEFAULT_MAX_AGE 60 /* RFC 7252 5.10.5, when a 4.29/5.03 has none */
+#define FLEET_PATH_ARTIFACT "a"  /* GET /a/SHA256 (docs/protocol.md, Artifacts) */
+#define FLEET_OTA_WINDOW 4       /* block requests outstanding per device */
+#define FLEET_OTA_REPORTS 16     /* OTA reports queued per device */
 
 typedef enum Mode { MODE_STORM, MODE_HOLD, MODE_PUBLISH, MODE_SUBSCRIBE, MODE_MINT, MODE_ENROLL, MODE_RENEW } Mode;
 
@@ -96,6 +105,8 @@ static struct {
         const char *enroll_token;
         double renew_delay;
         pid_t cloud_pid;
+        bool ota, ota_skip_download, ota_no_bert;
+        double ota_fail_percent, ota_install_sec;
 } arg = {
         .devices = 1000,
         .mqtt_version = 5,
@@ -105,6 +116,7 @@ static struct {
         .reconnect_min = 1,
         .reconnect_max = 60,
         .renew_delay = 1,
+        .ota_install_sec = 1,
 };
 
 /* Counters of one worker; the parent sums them. */
@@ -137,10 +149,19 @@ typedef struct Stats {
         uint64_t bad_answers;     /* neither 2.01 nor 4.xx/5.xx, or a 2.01 without a certificate for the CSR's key */
         /* answers of class 4 and 5 to POST /enroll and /cert, by (class - 4) * 32 + detail */
         uint32_t enroll_codes[64], renew_codes[64];
+        /* --ota */
+        uint64_t ota_jobs;            /* jobs accepted */
+        uint64_t ota_downloads;       /* artifacts downloaded and checked */
+        uint64_t ota_committed, ota_rolled_back, ota_failed;
+        uint64_t ota_bytes, ota_blocks; /* artifact bytes hashed, block requests sent */
+        uint64_t ota_bert;            /* downloads that used BERT */
+        uint64_t ota_restarts;        /* downloads started again (another ETag) */
+        uint64_t ota_block_retries;   /* 5.03 to a block request: the window asked again after Max-Age */
+        uint64_t ota_reports, ota_report_retries, ota_reports_refused, ota_reports_dropped;
 } Stats;
 
 #define FLEET_SAMPLES 240
-enum { SAMPLES_ENROLL, SAMPLES_RENEW };
+enum { SAMPLES_ENROLL, SAMPLES_RENEW, SAMPLES_OTA_DOWNLOAD, SAMPLES_OTA_JOB, _SAMPLES_MAX };
 typedef struct Samples {
         uint32_t which; /* SAMPLES_* */
         uint32_t n;
@@ -168,6 +189,51 @@ typedef struct Command {
 } Command;
 
 typedef enum DevState { DEV_IDLE, DEV_CONNECTING, DEV_ONLINE, DEV_BACKOFF } DevState;
+
+/* --ota: one block request of the download window. */
+typedef struct OtaSlot {
+        bool used, have, more;
+        uint64_t offset;
+        uint8_t token[8];
+        size_t token_len;
+        uint8_t *data; /* the answer's payload, until it continues the prefix */
+        size_t len;
+} OtaSlot;
+
+typedef enum OtaPhase { OTA_NONE, OTA_DOWNLOADING, OTA_INSTALLING, OTA_DONE } OtaPhase;
+
+/* --ota: the device's update job (one at a time, as the agent). */
+typedef struct Ota {
+        OtaPhase phase;
+        char job[17];
+        char sha256[65], package[129], version[129];
+        uint64_t size;
+        uint64_t seq;   /* of the last state report */
+        bool fail;      /* this job ends rolled-back */
+        EVP_MD_CTX *md; /* SHA-256 of [0, done) */
+        uint64_t done;  /* bytes hashed: the prefix */
+        uint64_t next;  /* offset of the next block to ask for */
+        uint32_t chunk; /* bytes per block answer expected */
+        unsigned szx;   /* below 7: the block size asked for */
+        bool bert, bert_known;
+        unsigned restarts;
+        OtaSlot slot[FLEET_OTA_WINDOW];
+        uint64_t start, dl_start, last_progress, install_due; /* usec */
+        uint64_t block_retry_at; /* usec: after a 5.03, no block requests before */
+} Ota;
+
+/* --ota: reports to send, in order, one in flight; each names its job. */
+typedef struct OtaReports {
+        struct {
+                char job[17];
+                char *text;
+        } q[FLEET_OTA_REPORTS];
+        unsigned head, n;
+        bool pending;
+        uint8_t token[8];
+        size_t token_len;
+        uint64_t retry_at; /* usec: after a 4.29 (Max-Age) or 5.xx */
+} OtaReports;
 /* CLOSE_ENROLLED: the anonymous session got its certificate, connect with it
  * now; CLOSE_RETRY: enrollment answered 4.29/5.03, try again after Max-Age
  * (deadline); CLOSE_REFUSED: enrollment refused for good. None of the three
@@ -214,6 +280,11 @@ typedef struct Device {
         size_t req_token_len;
         uint64_t op_start; /* usec: start of this enrollment or renewal */
         uint64_t retry_at; /* usec: renewal, send again (Max-Age) */
+        /* --ota */
+        Ota ota;
+        OtaReports reports;
+        bool ota_due;
+        struct Device *next_ota;
 #ifdef FLEET_MQTT
         struct mosquitto *mq;
         int fd;
@@ -231,6 +302,7 @@ static struct {
         Stats st;
         Device *closes;
         Device *enrolls; /* anonymous sessions that are up, POST /enroll to send */
+        Device *ota_due; /* --ota: devices with something to send */
         size_t next_connect; /* devices [0, next_connect) have been started */
         bool started;
         /* the publish step in progress */
@@ -239,8 +311,8 @@ static struct {
         uint64_t pub_start, pub_due_sent, pub_drain_until;
         size_t cursor;
         /* latencies (usec) not yet sent to the parent, by SAMPLES_* */
-        uint32_t *pending[2];
-        size_t pending_n[2], pending_cap[2];
+        uint32_t *pending[_SAMPLES_MAX];
+        size_t pending_n[_SAMPLES_MAX], pending_cap[_SAMPLES_MAX];
 } w;
 
 static volatile sig_atomic_t quit_requested;
@@ -622,9 +694,14 @@ static void mark_close(Device *d, CloseKind kind) {
         w.closes = d;
 }
 
+static void ota_due(Device *d);
+static void ota_session_lost(Device *d);
+
 static void went_online(Device *d) {
         if (d->state != DEV_CONNECTING)
                 return;
+        if (arg.ota && (d->ota.phase != OTA_NONE || d->reports.n > 0))
+                ota_due(d); /* go on with the job */
         d->state = DEV_ONLINE;
         d->failures = 0;
         w.st.online++;
@@ -652,6 +729,8 @@ static void renew_end(Device *d) {
 static void count_close(Device *d) {
         d->req_pending = false;
         d->anonymous = false;
+        if (arg.ota)
+                ota_session_lost(d);
         if (d->closing == CLOSE_ENROLLED || d->closing == CLOSE_RETRY || d->closing == CLOSE_REFUSED) {
                 /* The deadline (when to connect again) was set with the mark. */
                 d->state = d->closing == CLOSE_REFUSED ? DEV_IDLE : DEV_BACKOFF;
@@ -686,6 +765,9 @@ static const char DESCRIBE[] = "{\"agent\":\"fleet\",\"version\":\"1\","
                                "\"plugins\":[{\"name\":\"fleet\",\"version\":\"1\"}],"
                                "\"functions\":[\"echo\",\"add\"],\"variables\":{\"counter\":\"int32\"},"
                                "\"events\":[\"" FLEET_EVENT_NAME "\"]}";
+
+static void ota_request(Device *d, const char *job, const uint8_t *data, size_t len, coap_pdu_t *resp);
+static bool ota_response(Device *d, const coap_pdu_t *rcvd);
 
 static void respond(coap_pdu_t *resp, coap_pdu_code_t code, unsigned cf, const char *data, size_t len) {
         uint8_t buf[2];
@@ -738,6 +820,12 @@ static void on_request(coap_resource_t *resource, coap_session_t *session, const
         }
         if (startswith(p, PROTO_PATH_FUNCTION "/") && method == COAP_REQUEST_CODE_POST)
                 return handle_call(p + 2, data, len, resp);
+        if (arg.ota && d && session == d->session && startswith(p, PROTO_PATH_OTA "/") &&
+            method == COAP_REQUEST_CODE_POST) {
+                ota_request(d, p + 2, data, len, resp);
+                ota_due(d);
+                return;
+        }
         if (streq(p, PROTO_PATH_VARIABLE "/counter") && method == COAP_REQUEST_CODE_GET) {
                 char v[24];
                 w.st.reads++;
@@ -879,6 +967,13 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
         coap_bin_const_t token = coap_pdu_get_token(rcvd);
 
         if (!d || session != d->session)
+                return COAP_RESPONSE_OK;
+        if (arg.ota && ota_response(d, rcvd)) {
+                ota_due(d);
+                return COAP_RESPONSE_OK;
+        }
+        /* A block the download dropped (ota_drain()): no publish receipt. */
+        if (arg.ota && coap_pdu_get_code(rcvd) == COAP_RESPONSE_CODE_CONTENT)
                 return COAP_RESPONSE_OK;
         if (d->req_pending && token.length == d->req_token_len && memcmp(token.s, d->req_token, token.length) == 0) {
                 d->req_pending = false;
@@ -1040,6 +1135,470 @@ static bool coap_publish(Device *d) {
         coap_io_process(d->ctx, COAP_IO_NO_WAIT);
         return true;
 }
+
+/* --- worker: OTA (--ota) -------------------------------------------------- */
+
+/* A simulated device takes the cloud's update job (POST /o/JOB: 2.01, the
+ * signature not checked, the body read for sha256, size, package and
+ * version), downloads the artifact over its session (GET /a/SHA256 with
+ * Block2, docs/protocol.md "Artifacts": BERT when libcoap says both CSMs
+ * allow it, else SZX 6; FLEET_OTA_WINDOW requests outstanding), hashes it
+ * as it comes, and reports accepted, downloading (and progress),
+ * downloaded, installing, then committed, or rolled-back for
+ * --ota-fail-percent of the jobs, after --ota-install-sec. It installs
+ * nothing. After a lost session it goes on from the bytes it hashed; a
+ * 5.03 to a block (the cloud holds MaxQueuedBytes unread) is waited out
+ * for its Max-Age; a 4.29 to a report likewise. */
+
+/* Queue a report (JSON text); a progress report is dropped when others wait. */
+static void ota_queue(Device *d, json_t *j, bool progress) {
+        OtaReports *r = &d->reports;
+        char *text;
+
+        if (!j)
+                return;
+        text = json_dumps(j, JSON_COMPACT);
+        json_decref(j);
+        if (!text)
+                return;
+        if ((progress && r->n > 0) || r->n == FLEET_OTA_REPORTS) {
+                if (!progress)
+                        w.st.ota_reports_dropped++;
+                free(text);
+                return;
+        }
+        r->q[(r->head + r->n) % FLEET_OTA_REPORTS].text = text;
+        strcpy(r->q[(r->head + r->n) % FLEET_OTA_REPORTS].job, d->ota.job);
+        r->n++;
+}
+
+/* A state report: seq grows with every state, as the agent's journal. */
+static void ota_state(Device *d, const char *state, const char *code, const char *reason) {
+        Ota *o = &d->ota;
+        json_t *j = json_pack("{s:I, s:s, s:s, s:s}", "seq", (json_int_t)++o->seq, "state", state, "package",
+                              o->package, "version", o->version);
+
+        if (j && code)
+                json_object_set_new(j, "code", json_string(code));
+        if (j && reason)
+                json_object_set_new(j, "reason", json_string(reason));
+        if (j && (streq(state, "downloading") || streq(state, "downloaded"))) {
+                json_object_set_new(j, "bytes", json_integer((json_int_t)o->done));
+                json_object_set_new(j, "total", json_integer((json_int_t)o->size));
+        }
+        ota_queue(d, j, false);
+}
+
+static void ota_slots_clear(Ota *o) {
+        for (size_t i = 0; i < FLEET_OTA_WINDOW; i++) {
+                free(o->slot[i].data);
+                o->slot[i] = (OtaSlot){};
+        }
+}
+
+static void ota_end(Device *d, const char *state, const char *code, const char *reason) {
+        Ota *o = &d->ota;
+
+        ota_slots_clear(o);
+        EVP_MD_CTX_free(TAKE_PTR(o->md));
+        ota_state(d, state, code, reason);
+        o->phase = OTA_DONE;
+        if (streq(state, "committed"))
+                w.st.ota_committed++;
+        else if (streq(state, "rolled-back"))
+                w.st.ota_rolled_back++;
+        else
+                w.st.ota_failed++;
+        add_sample(SAMPLES_OTA_JOB, now_us() - o->start);
+}
+
+static void ota_downloaded(Device *d) {
+        Ota *o = &d->ota;
+        unsigned char md[EVP_MAX_MD_SIZE];
+        char hex[2 * EVP_MAX_MD_SIZE + 1];
+        unsigned len = 0;
+
+        if (o->md && EVP_DigestFinal_ex(o->md, md, &len) == 1) {
+                hex_encode(md, len, hex);
+                if (!arg.ota_skip_download && (len != 32 || !streq(hex, o->sha256)))
+                        return ota_end(d, "failed", "checksum", "the artifact's SHA-256 differs from the manifest's");
+        }
+        w.st.ota_downloads++;
+        add_sample(SAMPLES_OTA_DOWNLOAD, now_us() - o->dl_start);
+        ota_slots_clear(o);
+        EVP_MD_CTX_free(TAKE_PTR(o->md));
+        ota_state(d, "downloaded", NULL, NULL);
+        ota_state(d, "installing", NULL, NULL);
+        o->phase = OTA_INSTALLING;
+        o->install_due = now_us() + (uint64_t)(arg.ota_install_sec * 1e6);
+}
+
+/* POST /o/JOB from the cloud. */
+static void ota_request(Device *d, const char *job, const uint8_t *data, size_t len, coap_pdu_t *resp) {
+        Ota *o = &d->ota;
+        ManifestEnvelope env;
+        json_t *body, *v;
+        const char *sha, *pkg, *ver;
+        json_int_t size;
+
+        if (!ota_job_id_valid(job, strlen(job)))
+                return respond(resp, COAP_RESPONSE_CODE_BAD_REQUEST, PROTO_CF_TEXT, "malformed: job id", 17);
+        if (o->phase != OTA_NONE && streq(o->job, job))
+                return respond(resp, COAP_RESPONSE_CODE_CREATED, PROTO_CF_TEXT, "", 0); /* a retry */
+        if (o->phase == OTA_DOWNLOADING || o->phase == OTA_INSTALLING) {
+                char text[64];
+                snprintf(text, sizeof(text), "busy: job %s is in progress", o->job);
+                return respond(resp, COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE, PROTO_CF_TEXT, text, strlen(text));
+        }
+        if (len > MANIFEST_MAX)
+                return respond(resp, COAP_RESPONSE_CODE_REQUEST_TOO_LARGE, PROTO_CF_TEXT, "malformed: too long", 19);
+        if (!data || manifest_envelope_split(data, len, &env) < 0)
+                return respond(resp, COAP_RESPONSE_CODE_BAD_REQUEST, PROTO_CF_TEXT, "malformed: envelope", 19);
+        /* What the simulation needs of the body; the signature is not checked. */
+        body = json_loadb((const char *)env.body, env.body_len, JSON_REJECT_DUPLICATES, NULL);
+        sha = json_string_value(json_object_get(body, "sha256"));
+        pkg = json_string_value(json_object_get(body, "package"));
+        ver = json_string_value(json_object_get(body, "version"));
+        v = json_object_get(body, "size");
+        size = json_is_integer(v) ? json_integer_value(v) : -1;
+        if (!sha || !manifest_sha256_valid(sha) || !pkg || !manifest_package_valid(pkg) || !ver ||
+            strlen(ver) >= sizeof(o->version) || size <= 0 || (uint64_t)size > MANIFEST_SIZE_MAX) {
+                json_decref(body);
+                return respond(resp, COAP_RESPONSE_CODE_BAD_REQUEST, PROTO_CF_TEXT, "malformed: body", 15);
+        }
+        ota_slots_clear(o);
+        EVP_MD_CTX_free(TAKE_PTR(o->md));
+        *o = (Ota){ .phase = OTA_DOWNLOADING, .size = (uint64_t)size, .start = now_us() };
+        strcpy(o->job, job);
+        strcpy(o->sha256, sha);
+        snprintf(o->package, sizeof(o->package), "%s", pkg);
+        strcpy(o->version, ver);
+        json_decref(body);
+        o->fail = (double)random() / RAND_MAX * 100 < arg.ota_fail_percent;
+        o->md = EVP_MD_CTX_new();
+        if (!o->md || EVP_DigestInit_ex(o->md, EVP_sha256(), NULL) != 1) {
+                o->phase = OTA_NONE;
+                return respond(resp, COAP_RESPONSE_CODE_INTERNAL_ERROR, PROTO_CF_TEXT, "failed: no memory", 17);
+        }
+        o->chunk = 1024;
+        o->szx = 6;
+        w.st.ota_jobs++;
+        ota_state(d, "accepted", NULL, NULL);
+        ota_state(d, "downloading", NULL, NULL);
+        o->dl_start = o->last_progress = now_us();
+        if (arg.ota_skip_download) {
+                o->done = o->size;
+                ota_downloaded(d);
+        }
+        respond(resp, COAP_RESPONSE_CODE_CREATED, PROTO_CF_TEXT, "", 0);
+}
+
+static bool ota_send_report(Device *d) {
+        OtaReports *r = &d->reports;
+        const char *text = r->q[r->head].text, *job = r->q[r->head].job;
+        uint8_t buf[4];
+        coap_pdu_t *pdu = coap_new_pdu(COAP_MESSAGE_CON, COAP_REQUEST_CODE_POST, d->session);
+
+        if (!pdu)
+                return false;
+        coap_session_new_token(d->session, &r->token_len, r->token);
+        if (!coap_add_token(pdu, r->token_len, r->token) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_PATH, 1, (const uint8_t *)PROTO_PATH_OTA) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_PATH, strlen(job), (const uint8_t *)job) ||
+            !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_JSON),
+                             buf) ||
+            !coap_add_data(pdu, strlen(text), (const uint8_t *)text)) {
+                coap_delete_pdu(pdu);
+                return false;
+        }
+        r->pending = true;
+        if (coap_send(d->session, pdu) == COAP_INVALID_MID) {
+                r->pending = false;
+                return false;
+        }
+        w.st.ota_reports++;
+        return true;
+}
+
+static bool ota_send_block(Device *d, OtaSlot *s) {
+        Ota *o = &d->ota;
+        uint8_t buf[4];
+        uint32_t unit = o->bert ? 1024 : 1u << (o->szx + 4);
+        coap_pdu_t *pdu = coap_new_pdu(COAP_MESSAGE_CON, COAP_REQUEST_CODE_GET, d->session);
+
+        if (!pdu)
+                return false;
+        s->offset = o->next;
+        coap_session_new_token(d->session, &s->token_len, s->token);
+        if (!coap_add_token(pdu, s->token_len, s->token) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_PATH, 1, (const uint8_t *)FLEET_PATH_ARTIFACT) ||
+            !coap_add_option(pdu, COAP_OPTION_URI_PATH, 64, (const uint8_t *)o->sha256) ||
+            !coap_add_option(pdu, COAP_OPTION_BLOCK2,
+                             coap_encode_var_safe(buf, sizeof(buf),
+                                                  (uint32_t)(s->offset / unit) << 4 | (o->bert ? 7u : o->szx)),
+                             buf)) {
+                coap_delete_pdu(pdu);
+                return false;
+        }
+        s->used = true;
+        s->have = false;
+        if (coap_send(d->session, pdu) == COAP_INVALID_MID) {
+                s->used = false;
+                return false;
+        }
+        o->next += o->chunk;
+        w.st.ota_blocks++;
+        return true;
+}
+
+/* Hash the blocks that continue the prefix; adapt to the block size the
+ * cloud answers with (a short block that is not the last, or a larger BERT
+ * one: the requests under way are dropped and asked again from there). */
+static void ota_drain(Device *d) {
+        Ota *o = &d->ota;
+        bool progress = true;
+
+        while (progress && o->phase == OTA_DOWNLOADING) {
+                progress = false;
+                for (size_t i = 0; i < FLEET_OTA_WINDOW; i++) {
+                        OtaSlot *s = &o->slot[i];
+
+                        if (!s->used || !s->have || s->offset != o->done)
+                                continue;
+                        if (EVP_DigestUpdate(o->md, s->data, s->len) != 1)
+                                return ota_end(d, "failed", "download", "cannot hash");
+                        o->done += s->len;
+                        w.st.ota_bytes += s->len;
+                        free(TAKE_PTR(s->data));
+                        s->used = s->have = false;
+                        progress = true;
+                        if (!s->more || o->done >= o->size) {
+                                if (o->done != o->size || s->more)
+                                        return ota_end(d, "failed", "size", "the artifact's size differs");
+                                return ota_downloaded(d);
+                        }
+                        if (s->len != o->chunk) {
+                                o->chunk = (uint32_t)s->len;
+                                for (size_t k = 0; k < FLEET_OTA_WINDOW; k++) {
+                                        free(o->slot[k].data);
+                                        o->slot[k] = (OtaSlot){};
+                                }
+                                o->next = o->done;
+                        }
+                        break;
+                }
+        }
+}
+
+/* An answer to GET /a/SHA256. */
+static void ota_block(Device *d, OtaSlot *s, const coap_pdu_t *rcvd) {
+        Ota *o = &d->ota;
+        coap_pdu_code_t code = coap_pdu_get_code(rcvd);
+        coap_opt_iterator_t it;
+        coap_opt_t *etag, *size2;
+        coap_block_b_t b;
+        const uint8_t *data = NULL;
+        size_t len = 0;
+        char etag_hex[2 * 8 + 1];
+        uint64_t offset;
+
+        if (code == COAP_RESPONSE_CODE_SERVICE_UNAVAILABLE) {
+                /* The cloud holds MaxQueuedBytes unread by this device: what
+                 * was asked is asked again after Max-Age (the agent's rule). */
+                coap_opt_t *age = coap_check_option(rcvd, COAP_OPTION_MAXAGE, &it);
+
+                w.st.ota_block_retries++;
+                ota_slots_clear(o);
+                o->next = o->done;
+                o->block_retry_at =
+                        now_us() + (age ? coap_decode_var_bytes(coap_opt_value(age), coap_opt_length(age)) : 1) *
+                                           1000000ULL;
+                return;
+        }
+        if (code != COAP_RESPONSE_CODE_CONTENT) {
+                char reason[256];
+                (void)coap_get_data(rcvd, &len, &data);
+                snprintf(reason, sizeof(reason), "GET /a/%.8s…: %u.%02u %.*s", o->sha256, COAP_RESPONSE_CLASS(code),
+                         (unsigned)code & 0x1f, (int)(len < 160 ? len : 160), data ? (const char *)data : "");
+                if (w.st.ota_failed == 0) /* the first, once per worker */
+                        fprintf(stderr, "fleet: %s\n", reason);
+                return ota_end(d, "failed", "download", reason);
+        }
+        /* ETag: the first 8 bytes of the SHA-256; another one means another
+         * artifact: start again from 0 (a few times at most). */
+        etag = coap_check_option(rcvd, COAP_OPTION_ETAG, &it);
+        if (etag && coap_opt_length(etag) == 8)
+                hex_encode(coap_opt_value(etag), 8, etag_hex);
+        if (etag && (coap_opt_length(etag) != 8 || strncmp(etag_hex, o->sha256, 16) != 0)) {
+                if (++o->restarts > 3)
+                        return ota_end(d, "failed", "download", "the artifact's ETag keeps changing");
+                w.st.ota_restarts++;
+                ota_slots_clear(o);
+                EVP_DigestInit_ex(o->md, EVP_sha256(), NULL);
+                o->done = o->next = 0;
+                return;
+        }
+        size2 = coap_check_option(rcvd, COAP_OPTION_SIZE2, &it);
+        if (size2 && coap_decode_var_bytes8(coap_opt_value(size2), coap_opt_length(size2)) != o->size)
+                return ota_end(d, "failed", "size", "Size2 differs from the manifest's size");
+        if (!coap_get_block_b(d->session, rcvd, COAP_OPTION_BLOCK2, &b))
+                return ota_end(d, "failed", "download", "an answer without a (usable) Block2 option");
+        (void)coap_get_data(rcvd, &len, &data);
+        offset = b.bert ? (uint64_t)b.num * 1024 : (uint64_t)b.num << (b.szx + 4);
+        if (offset != s->offset || (len == 0 && b.m) || (b.m && len % (b.bert ? 1024 : 1u << (b.szx + 4)) != 0) ||
+            offset + len > o->size)
+                return ota_end(d, "failed", "download", "a block that does not fit");
+        if (!b.bert && b.szx < o->szx && !o->bert) {
+                /* The cloud chose smaller blocks: ask for those from now on. */
+                o->szx = b.szx;
+        }
+        s->data = malloc(len ? len : 1);
+        if (!s->data)
+                return ota_end(d, "failed", "download", "no memory");
+        memcpy(s->data, data, len);
+        s->len = len;
+        s->more = b.m;
+        s->have = true;
+        ota_drain(d);
+}
+
+/* The cloud's answer to a report or a block request; false if not ours. */
+static bool ota_response(Device *d, const coap_pdu_t *rcvd) {
+        Ota *o = &d->ota;
+        OtaReports *r = &d->reports;
+        coap_bin_const_t token = coap_pdu_get_token(rcvd);
+        coap_pdu_code_t code;
+
+        if (r->pending && token.length == r->token_len && memcmp(token.s, r->token, token.length) == 0) {
+                r->pending = false;
+                code = coap_pdu_get_code(rcvd);
+                if (code == COAP_RESPONSE_CODE_TOO_MANY_REQUESTS) {
+                        w.st.ota_report_retries++;
+                        r->retry_at = now_us() + (uint64_t)max_age(rcvd) * 1000000;
+                        return true;
+                }
+                if (COAP_RESPONSE_CLASS(code) == 5) {
+                        r->retry_at = now_us() + 1000000;
+                        return true;
+                }
+                if (code != COAP_RESPONSE_CODE_CHANGED) {
+                        const uint8_t *data = NULL;
+                        size_t len = 0;
+
+                        (void)coap_get_data(rcvd, &len, &data);
+                        if (w.st.ota_reports_refused++ == 0)
+                                fprintf(stderr, "fleet: an OTA report answered %u.%02u: %.*s\n",
+                                        COAP_RESPONSE_CLASS(code), (unsigned)code & 0x1f, (int)(len < 200 ? len : 200),
+                                        data ? (const char *)data : "");
+                }
+                free(TAKE_PTR(r->q[r->head].text));
+                r->head = (r->head + 1) % FLEET_OTA_REPORTS;
+                r->n--;
+                return true;
+        }
+        for (size_t i = 0; i < FLEET_OTA_WINDOW; i++) {
+                OtaSlot *s = &o->slot[i];
+
+                if (s->used && !s->have && token.length == s->token_len &&
+                    memcmp(token.s, s->token, token.length) == 0) {
+                        if (o->phase == OTA_DOWNLOADING)
+                                ota_block(d, s, rcvd);
+                        return true;
+                }
+        }
+        return false;
+}
+
+/* The session is gone: what was in flight is asked again on the next one. */
+static void ota_session_lost(Device *d) {
+        Ota *o = &d->ota;
+
+        d->reports.pending = false;
+        o->bert_known = false;
+        for (size_t i = 0; i < FLEET_OTA_WINDOW; i++) {
+                free(o->slot[i].data);
+                o->slot[i] = (OtaSlot){};
+        }
+        o->next = o->done;
+}
+
+/* Send what is due, outside any library callback. */
+static void ota_step(Device *d, uint64_t now) {
+        Ota *o = &d->ota;
+        OtaReports *r = &d->reports;
+        bool sent = false;
+
+        d->ota_due = false;
+        if (d->state != DEV_ONLINE || d->closing || !d->session)
+                return;
+        if (!r->pending && r->n > 0 && now >= r->retry_at)
+                sent |= ota_send_report(d);
+        if (o->phase == OTA_DOWNLOADING) {
+                if (!o->bert_known) {
+                        /* Both CSMs carry the BERT option iff libcoap takes a
+                         * Block2 option with SZX 7 on this session. */
+                        coap_pdu_t *probe = coap_pdu_init(COAP_MESSAGE_CON, COAP_RESPONSE_CODE_CONTENT, 0, 64);
+                        coap_block_b_t b;
+                        uint8_t buf[4];
+
+                        o->bert = !arg.ota_no_bert && probe &&
+                                  coap_add_option(probe, COAP_OPTION_BLOCK2, coap_encode_var_safe(buf, sizeof(buf), 7),
+                                                  buf) &&
+                                  coap_get_block_b(d->session, probe, COAP_OPTION_BLOCK2, &b) == 1 && b.bert;
+                        if (probe)
+                                coap_delete_pdu(probe);
+                        o->bert_known = true;
+                        if (o->bert && o->done == 0 && o->next == 0)
+                                w.st.ota_bert++;
+                }
+                for (size_t i = 0; i < FLEET_OTA_WINDOW && o->next < o->size && now >= o->block_retry_at; i++) {
+                        OtaSlot *s = &o->slot[i];
+
+                        if (s->used)
+                                continue;
+                        /* BERT: the first block alone, its size tells the chunk. */
+                        if (o->bert && o->done == 0 && o->next > 0)
+                                break;
+                        if (!ota_send_block(d, s))
+                                break;
+                        sent = true;
+                }
+                if (now - o->last_progress >= 1000000 && o->done > 0) {
+                        o->last_progress = now;
+                        ota_queue(d, json_pack("{s:s, s:I, s:I}", "state", "downloading", "bytes", (json_int_t)o->done,
+                                               "total", (json_int_t)o->size),
+                                  true);
+                }
+        } else if (o->phase == OTA_INSTALLING && now >= o->install_due) {
+                if (o->fail)
+                        ota_end(d, "rolled-back", "health", "simulated failure (--ota-fail-percent)");
+                else
+                        ota_end(d, "committed", NULL, NULL);
+        }
+        if (sent)
+                coap_io_process(d->ctx, COAP_IO_NO_WAIT);
+}
+
+static void ota_due(Device *d) {
+        if (d->ota_due)
+                return;
+        d->ota_due = true;
+        d->next_ota = w.ota_due;
+        w.ota_due = d;
+}
+
+static void process_ota(void) {
+        uint64_t now = now_us();
+
+        while (w.ota_due) {
+                Device *d = w.ota_due;
+
+                w.ota_due = d->next_ota;
+                d->next_ota = NULL;
+                ota_step(d, now);
+        }
+}
+
 
 /* --- worker: MQTT -------------------------------------------------------- */
 
@@ -1254,6 +1813,10 @@ static void scan(uint64_t now) {
         for (size_t i = 0; i < w.next_connect; i++) {
                 Device *d = &w.dev[i];
 
+                if (arg.ota && d->state == DEV_ONLINE && (d->ota.phase == OTA_DOWNLOADING ||
+                                                          d->ota.phase == OTA_INSTALLING || d->reports.n > 0))
+                        ota_step(d, now); /* progress, the install timer, a report's retry */
+
                 if (d->state == DEV_CONNECTING && now > d->deadline)
                         mark_close(d, CLOSE_TIMEOUT);
                 else if (d->state == DEV_BACKOFF && now >= d->deadline)
@@ -1433,6 +1996,7 @@ static int worker_main(unsigned id, Device *dev, size_t n, int cmd_fd, int repor
                         coap_io_process(d->ctx, COAP_IO_NO_WAIT);
                 }
                 process_enrolls();
+                process_ota();
                 process_closes();
                 now = now_us();
                 if (w.started) {
@@ -1576,6 +2140,20 @@ static Stats sum(void) {
                 s.renew_failed += t->renew_failed;
                 s.renew_pending += t->renew_pending;
                 s.bad_answers += t->bad_answers;
+                s.ota_jobs += t->ota_jobs;
+                s.ota_downloads += t->ota_downloads;
+                s.ota_committed += t->ota_committed;
+                s.ota_rolled_back += t->ota_rolled_back;
+                s.ota_failed += t->ota_failed;
+                s.ota_bytes += t->ota_bytes;
+                s.ota_blocks += t->ota_blocks;
+                s.ota_bert += t->ota_bert;
+                s.ota_restarts += t->ota_restarts;
+                s.ota_block_retries += t->ota_block_retries;
+                s.ota_reports += t->ota_reports;
+                s.ota_report_retries += t->ota_report_retries;
+                s.ota_reports_refused += t->ota_reports_refused;
+                s.ota_reports_dropped += t->ota_reports_dropped;
                 for (size_t k = 0; k < ELEMENTSOF(s.enroll_codes); k++) {
                         s.enroll_codes[k] += t->enroll_codes[k];
                         s.renew_codes[k] += t->renew_codes[k];
@@ -1588,7 +2166,7 @@ static Stats sum(void) {
 static struct {
         uint32_t *v;
         size_t n, cap;
-} samples[2];
+} samples[_SAMPLES_MAX];
 
 static void take_samples(const Samples *sm) {
         size_t n = sm->n < FLEET_SAMPLES ? sm->n : FLEET_SAMPLES;
@@ -1613,20 +2191,43 @@ static int cmp_u32(const void *a, const void *b) {
         return x < y ? -1 : x > y;
 }
 
-/* " latency_min_ms=... latency_median_ms=... latency_p99_ms=... latency_max_ms=..." (nearest rank). */
-static void format_latency(char *buf, size_t size, uint32_t which) {
+/* " NAME_min_ms=... NAME_median_ms=... NAME_p99_ms=... NAME_max_ms=..." (nearest rank). */
+static void format_samples(char *buf, size_t size, uint32_t which, const char *name) {
         uint32_t *v = samples[which].v;
         size_t n = samples[which].n;
 
         if (n == 0) {
-                snprintf(buf, size, " latency_samples=0");
+                snprintf(buf, size, " %s_samples=0", name);
                 return;
         }
         qsort(v, n, sizeof(uint32_t), cmp_u32);
-        snprintf(buf, size,
-                 " latency_samples=%zu latency_min_ms=%.1f latency_median_ms=%.1f latency_p99_ms=%.1f "
-                 "latency_max_ms=%.1f",
-                 n, v[0] / 1e3, v[(n - 1) / 2] / 1e3, v[(size_t)ceil(0.99 * (double)n) - 1] / 1e3, v[n - 1] / 1e3);
+        snprintf(buf, size, " %s_samples=%zu %s_min_ms=%.1f %s_median_ms=%.1f %s_p99_ms=%.1f %s_max_ms=%.1f", name, n,
+                 name, v[0] / 1e3, name, v[(n - 1) / 2] / 1e3, name, v[(size_t)ceil(0.99 * (double)n) - 1] / 1e3,
+                 name, v[n - 1] / 1e3);
+}
+
+static void format_latency(char *buf, size_t size, uint32_t which) {
+        format_samples(buf, size, which, "latency");
+}
+
+/* --ota: what the devices did with their update jobs; download_* are the
+ * times from accepting a job to the artifact checked, job_* to the final
+ * report queued, per device. */
+static void print_ota(const char *word) {
+        Stats s = sum();
+        char dl[320], job[320];
+
+        format_samples(dl, sizeof(dl), SAMPLES_OTA_DOWNLOAD, "download");
+        format_samples(job, sizeof(job), SAMPLES_OTA_JOB, "job");
+        printf("%s jobs=%" PRIu64 " downloaded=%" PRIu64 " committed=%" PRIu64 " rolled_back=%" PRIu64
+               " failed=%" PRIu64 " bytes=%" PRIu64 " blocks=%" PRIu64 " block_retries=%" PRIu64 " bert=%" PRIu64
+               " restarts=%" PRIu64
+               " reports=%" PRIu64 " report_retries=%" PRIu64 " reports_refused=%" PRIu64 " reports_dropped=%" PRIu64
+               "%s%s\n",
+               word, s.ota_jobs, s.ota_downloads, s.ota_committed, s.ota_rolled_back, s.ota_failed, s.ota_bytes,
+               s.ota_blocks, s.ota_block_retries, s.ota_bert, s.ota_restarts, s.ota_reports, s.ota_report_retries, s.ota_reports_refused,
+               s.ota_reports_dropped, dl, job);
+        fflush(stdout);
 }
 
 /* " codes=4.01:3,4.29:12" (every 4.xx/5.xx answer), or " codes=none". */
@@ -1808,9 +2409,13 @@ static int hold_command(char *line) {
                 print_counts("stats", &s, "");
                 return 0;
         }
+        if (streq(line, "ota") && arg.ota) {
+                print_ota("ota");
+                return 0;
+        }
         if (streq(line, "quit") || streq(line, ""))
                 return -1;
-        printf("error unknown command '%s' (publish RATE SECONDS, renew, stats, quit)\n", line);
+        printf("error unknown command '%s' (publish RATE SECONDS, renew, stats, ota, quit)\n", line);
         fflush(stdout);
         return 0;
 }
@@ -1913,7 +2518,7 @@ static int parent_loop(int report_fd) {
                                 start_publish(arg.rate, arg.seconds);
                                 publish_pending = true;
                         } else {
-                                printf("ready commands: publish RATE SECONDS, stats, quit\n");
+                                printf("ready commands: publish RATE SECONDS, stats,%s quit\n", arg.ota ? " ota," : "");
                                 fflush(stdout);
                         }
                 }
@@ -1964,6 +2569,8 @@ static int parent_loop(int report_fd) {
                 Stats s = sum();
                 print_counts("final", &s, "");
         }
+        if (arg.ota)
+                print_ota("ota-final");
         return ret;
 }
 
@@ -2008,10 +2615,21 @@ static void help(void) {
                "  --cloud-pid PID       enroll, renew: print the CPU time PID used meanwhile\n"
                "  --reconnect-min S, --reconnect-max S\n"
                "                        backoff after a failure, as the agent (default: 1, 60)\n"
+               "  --ota                 the devices take update jobs: POST /o/JOB is accepted (2.01, the\n"
+               "                        signature not checked), the artifact downloaded over the session\n"
+               "                        (GET /a/SHA256, Block2: BERT if both CSMs allow it, else 1024-byte\n"
+               "                        blocks, %d outstanding) and hashed, the states reported (accepted,\n"
+               "                        downloading, downloaded, installing, committed); nothing installed.\n"
+               "                        Command 'ota' (hold) and the line 'ota-final' print the counts\n"
+               "  --ota-fail-percent P  end P %% of the jobs rolled-back instead (default: 0)\n"
+               "  --ota-install-sec S   from installing to the final state (default: 1)\n"
+               "  --ota-skip-download   report the artifact downloaded at once (for a cloud without GET /a/)\n"
+               "  --ota-no-bert         1024-byte blocks even where BERT is allowed\n"
                "  -h, --help            this help\n"
                "\n"
                "Output: one line per result on stdout ('online ...', 'published ...', 'enrolled ...',\n"
-               "'renewed ...', 'final ...'), progress on stderr.\n");
+               "'renewed ...', 'final ...', 'ota ...'), progress on stderr.\n",
+               FLEET_OTA_WINDOW);
 }
 
 static bool parse_double(const char *s, double min, double max, double *ret) {
@@ -2049,7 +2667,8 @@ static bool parse_endpoint(const char *s) {
 static int parse_argv(int argc, char **argv) {
         enum { OPT_CLOUD = 0x100, OPT_MQTT, OPT_MQTT_VERSION, OPT_SERVER_NAME, OPT_CA_CERT, OPT_CA_KEY,
                OPT_SERVER_CA, OPT_CACHE, OPT_FIRST, OPT_SECONDS, OPT_TIMEOUT, OPT_CONNECT_TIMEOUT,
-               OPT_RECONNECT_MIN, OPT_RECONNECT_MAX, OPT_QOS, OPT_RENEW_DELAY, OPT_CLOUD_PID };
+               OPT_RECONNECT_MIN, OPT_RECONNECT_MAX, OPT_QOS, OPT_RENEW_DELAY, OPT_CLOUD_PID, OPT_OTA,
+               OPT_OTA_FAIL_PERCENT, OPT_OTA_INSTALL_SEC, OPT_OTA_SKIP_DOWNLOAD, OPT_OTA_NO_BERT };
         static const struct option options[] = {
                 { "cloud", required_argument, NULL, OPT_CLOUD },
                 { "mqtt", required_argument, NULL, OPT_MQTT },
@@ -2070,6 +2689,11 @@ static int parse_argv(int argc, char **argv) {
                 { "qos", required_argument, NULL, OPT_QOS },
                 { "renew-delay", required_argument, NULL, OPT_RENEW_DELAY },
                 { "cloud-pid", required_argument, NULL, OPT_CLOUD_PID },
+                { "ota", no_argument, NULL, OPT_OTA },
+                { "ota-fail-percent", required_argument, NULL, OPT_OTA_FAIL_PERCENT },
+                { "ota-install-sec", required_argument, NULL, OPT_OTA_INSTALL_SEC },
+                { "ota-skip-download", no_argument, NULL, OPT_OTA_SKIP_DOWNLOAD },
+                { "ota-no-bert", no_argument, NULL, OPT_OTA_NO_BERT },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
@@ -2160,6 +2784,23 @@ static int parse_argv(int argc, char **argv) {
                                 goto bad;
                         arg.cloud_pid = (pid_t)v;
                         break;
+                case OPT_OTA:
+                        arg.ota = true;
+                        break;
+                case OPT_OTA_FAIL_PERCENT:
+                        if (!parse_double(optarg, 0, 100, &arg.ota_fail_percent))
+                                goto bad;
+                        break;
+                case OPT_OTA_INSTALL_SEC:
+                        if (!parse_double(optarg, 0, 3600, &arg.ota_install_sec))
+                                goto bad;
+                        break;
+                case OPT_OTA_SKIP_DOWNLOAD:
+                        arg.ota_skip_download = true;
+                        break;
+                case OPT_OTA_NO_BERT:
+                        arg.ota_no_bert = true;
+                        break;
                 default:
                         fprintf(stderr, "fleet: see --help\n");
                         return -EINVAL;
@@ -2205,6 +2846,10 @@ static int parse_argv(int argc, char **argv) {
 #endif
         if ((arg.mode == MODE_ENROLL || arg.mode == MODE_RENEW) && arg.mqtt) {
                 fprintf(stderr, "fleet: enroll and renew are for tether-cloudd (--cloud)\n");
+                return -EINVAL;
+        }
+        if (arg.ota && (arg.mqtt || (arg.mode != MODE_HOLD && arg.mode != MODE_RENEW && arg.mode != MODE_PUBLISH))) {
+                fprintf(stderr, "fleet: --ota is for tether-cloudd (--cloud) in hold, renew or publish\n");
                 return -EINVAL;
         }
         if (arg.mode == MODE_SUBSCRIBE && !arg.mqtt) {
