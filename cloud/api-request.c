@@ -320,6 +320,21 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 p.name = rest + 9;
                 goto done;
         }
+        if (streq(rest, "campaigns")) {
+                p.route = API_ROUTE_CAMPAIGNS;
+                goto done;
+        }
+        if (startswith(rest, "campaigns/") && rest[10]) {
+                const char *cslash = strchr(rest + 10, '/');
+
+                /* ID or ID/WORD, nothing deeper. */
+                if (!cslash || (cslash[1] && !strchr(cslash + 1, '/'))) {
+                        p.route = API_ROUTE_CAMPAIGN;
+                        p.name = rest + 10;
+                        p.sub = cslash ? cslash + 1 : NULL;
+                }
+                goto done;
+        }
         if (match_events(rest, &prefix)) {
                 if (get) {
                         p.route = API_ROUTE_STREAM;
@@ -396,6 +411,8 @@ unsigned api_route_scope(ApiRoute route) {
         case API_ROUTE_PUBLISH:
                 return SCOPE_EVENTS_PUBLISH;
         case API_ROUTE_UPDATE:
+        case API_ROUTE_CAMPAIGNS:
+        case API_ROUTE_CAMPAIGN:
                 return SCOPE_OTA_WRITE;
         case API_ROUTE_TOKENS:
         case API_ROUTE_TOKEN:
