@@ -28,6 +28,7 @@
 #define USEC_PER_SEC 1000000ULL
 #define CAMPAIGNS_KEPT_MAX 256          /* campaigns kept: the oldest over ones go first */
 #define CAMPAIGNS_OPEN_MAX 64           /* running or paused at once */
+#define CAMPAIGNS_DEVICES_TOTAL_MAX 1000000 /* devices of all campaigns kept (memory) */
 #define CAMPAIGN_NAME_MAX 128
 #define CAMPAIGN_TARGET_MAX 1024
 #define CAMPAIGN_PHASES_MAX 100
@@ -760,46 +761,58 @@ static void campaign_layout(Campaign *c) {
         }
 }
 
-/* Forget the oldest aborted or finished campaign past CAMPAIGNS_KEPT_MAX. */
-static void campaigns_prune(Campaigns *cs) {
-        Campaign **victim = NULL;
+/* Forget the oldest aborted or finished campaigns while there are
+ * CAMPAIGNS_KEPT_MAX or more, or their devices and need more would be over
+ * CAMPAIGNS_DEVICES_TOTAL_MAX. Whether there is room now. */
+static void campaign_forget(Campaigns *cs, Campaign **victim);
 
-        if (cs->n < CAMPAIGNS_KEPT_MAX)
-                return;
-        for (Campaign **p = &cs->list; *p; p = &(*p)->next)
-                if ((*p)->state == C_ABORTED || (*p)->state == C_FINISHED)
-                        victim = p;
-        if (!victim)
-                return;
-        {
-                Campaign *c = *victim;
-                sqlite3_stmt *st = NULL;
+static bool campaigns_prune(Campaigns *cs, size_t need) {
+        size_t total = 0;
 
-                *victim = c->next;
-                cs->n--;
-                if (store_batch(cs->store) >= 0 &&
-                    sqlite3_prepare_v2(store_db(cs->store),
-                                       "DELETE FROM campaign_devices WHERE campaign = ?1;", -1, &st, NULL) == SQLITE_OK) {
-                        (void)stmt_done(cs, st, sqlite3_bind_text(st, 1, c->id, -1, SQLITE_TRANSIENT),
-                                        "forgetting a campaign");
-                        sqlite3_finalize(st);
-                        st = NULL;
-                }
-                if (sqlite3_prepare_v2(store_db(cs->store), "DELETE FROM campaigns WHERE id = ?1;", -1, &st, NULL) ==
-                    SQLITE_OK) {
-                        (void)stmt_done(cs, st, sqlite3_bind_text(st, 1, c->id, -1, SQLITE_TRANSIENT),
-                                        "forgetting a campaign");
-                        sqlite3_finalize(st);
-                }
-                if (c->dirty) {
-                        for (Campaign **d = &cs->dirty; *d; d = &(*d)->dirty_next)
-                                if (*d == c) {
-                                        *d = c->dirty_next;
-                                        break;
-                                }
-                }
-                campaign_free(c);
+        for (Campaign *c = cs->list; c; c = c->next)
+                total += c->n_devices;
+        while (cs->n >= CAMPAIGNS_KEPT_MAX || total + need > CAMPAIGNS_DEVICES_TOTAL_MAX) {
+                Campaign **victim = NULL;
+
+                for (Campaign **p = &cs->list; *p; p = &(*p)->next)
+                        if ((*p)->state == C_ABORTED || (*p)->state == C_FINISHED)
+                                victim = p;
+                if (!victim)
+                        return false;
+                total -= (*victim)->n_devices;
+                campaign_forget(cs, victim);
         }
+        return true;
+}
+
+static void campaign_forget(Campaigns *cs, Campaign **victim) {
+        Campaign *c = *victim;
+        sqlite3_stmt *st = NULL;
+
+        *victim = c->next;
+        cs->n--;
+        if (store_batch(cs->store) >= 0 &&
+            sqlite3_prepare_v2(store_db(cs->store),
+                               "DELETE FROM campaign_devices WHERE campaign = ?1;", -1, &st, NULL) == SQLITE_OK) {
+                (void)stmt_done(cs, st, sqlite3_bind_text(st, 1, c->id, -1, SQLITE_TRANSIENT),
+                                "forgetting a campaign");
+                sqlite3_finalize(st);
+                st = NULL;
+        }
+        if (sqlite3_prepare_v2(store_db(cs->store), "DELETE FROM campaigns WHERE id = ?1;", -1, &st, NULL) ==
+            SQLITE_OK) {
+                (void)stmt_done(cs, st, sqlite3_bind_text(st, 1, c->id, -1, SQLITE_TRANSIENT),
+                                "forgetting a campaign");
+                sqlite3_finalize(st);
+        }
+        if (c->dirty) {
+                for (Campaign **d = &cs->dirty; *d; d = &(*d)->dirty_next)
+                        if (*d == c) {
+                                *d = c->dirty_next;
+                                break;
+                        }
+        }
+        campaign_free(c);
 }
 
 /* ---- the API --------------------------------------------------------------------- */
@@ -1049,22 +1062,23 @@ unsigned campaigns_api_create(Campaigns *cs, json_t *params, const char *actor, 
                 c->phases[c->devices[i].phase].counts[CS_PENDING]++;
 
         do {
-                static const char digits[] = "0123456789abcdef";
-
                 if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) {
                         status = fail(ret_body, MHD_HTTP_INTERNAL_SERVER_ERROR, "no randomness for an id");
                         goto out;
                 }
-                for (size_t k = 0; k < sizeof(rnd); k++) {
-                        c->id[2 * k] = digits[rnd[k] >> 4];
-                        c->id[2 * k + 1] = digits[rnd[k] & 15];
-                }
-                c->id[CAMPAIGN_ID_LEN] = 0;
+                hex_encode(rnd, sizeof(rnd), c->id);
         } while (campaign_find(cs, c->id));
         proto_timestamp_now(c->created);
         snprintf(c->created_by, sizeof(c->created_by), "%s", actor ?: "");
         c->state = C_RUNNING;
 
+        if (!campaigns_prune(cs, c->n_devices)) {
+                status = fail(ret_body, MHD_HTTP_CONFLICT,
+                              "the campaigns running or paused leave no room for %zu more devices (at most %d "
+                              "campaigns, %d devices kept): abort or finish some", c->n_devices, CAMPAIGNS_KEPT_MAX,
+                              CAMPAIGNS_DEVICES_TOTAL_MAX);
+                goto out;
+        }
         /* On disk, with every device, before anything starts. */
         if (campaign_save(c, false) < 0)
                 goto store_failed;
@@ -1073,7 +1087,6 @@ unsigned campaigns_api_create(Campaigns *cs, json_t *params, const char *actor, 
                         goto store_failed;
         if (store_commit(cs->store) < 0)
                 goto store_failed;
-        campaigns_prune(cs);
         c->next = cs->list;
         cs->list = c;
         cs->n++;

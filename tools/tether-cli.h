@@ -136,6 +136,10 @@ int provision_duration_parse(const char *s, long long *ret);
 int cmd_webhooks(Api *a, char **args, int n);
 int cmd_integrations(Api *a, char **args, int n);
 
+/* tether-campaign.c: "tether campaign ..." (its options follow the word) */
+int cmd_campaign(Api *a, char **args, int n);
+void campaign_help(void);
+
 /* tether-ota.c: "tether ota ..." */
 int cmd_ota(Api *a, char **args, int n);
 void ota_help(void);

@@ -158,10 +158,19 @@ def test_commits_everywhere(w):
     print(f"# figure: 20 agents with their own dpkg roots started in {time.monotonic() - t0:.1f} s")
     v2 = plugin_deb(f.debs, "2.0")
     t0 = time.monotonic()
-    c = f.create(v2, [n.id for n in nodes], [10, 50, 100], 5, name="good", target="test")
-    expect(c["state"] == "running" and c["devices"] == 20 and [p["devices"] for p in c["phases"]] == [2, 8, 10],
-           f"created: {c}")
-    c = f.wait(c["id"], lambda c: c["state"] == "finished", "the campaign finished", timeout=300)
+    # through the CLI: device targets (the union in order, each once),
+    # upload, signing, the campaign
+    targets = []
+    for n in nodes + nodes[:3]:
+        targets += ["--target", f"device:{n.id}"]
+    r = w.tether("campaign", "create", *targets, "--package", v2, "--key", f.key, "--phases", "10,50,100",
+                 "--max-failure-rate", "5", "--name", "good", "--no-follow")
+    cid = r.stdout.strip()
+    c = f.get(cid)
+    expect(c["state"] in ("running", "finished") and c["devices"] == 20 and c["name"] == "good" and
+           [p["devices"] for p in c["phases"]] == [2, 8, 10], f"created: {c}")
+    expect(list(f.devices(cid)) == [n.id for n in nodes], "device order")
+    c = f.wait(cid, lambda c: c["state"] == "finished", "the campaign finished", timeout=300)
     print(f"# figure: 20 devices, phases 10/50/100, created to finished in {time.monotonic() - t0:.1f} s")
     expect(c["counts"]["committed"] == 20, f"counts: {c['counts']}")
     expect([p["state"] for p in c["phases"]] == ["done"] * 3, f"phases: {c['phases']}")
@@ -176,6 +185,12 @@ def test_commits_everywhere(w):
     expect(ev["event"] == f"tether/campaign/{c['id']}", f"event name {ev['event']}")
     rec = [r for r in f.audit("campaign.create") if r.get("target") == c["id"]]
     expect(len(rec) == 1 and rec[0]["actor"].startswith("token:"), f"audit: {rec}")
+    out = w.tether("campaign", "show", cid, "--no-follow").stdout
+    expect("finished" in out and "20/20 committed" in out, f"campaign show: {out}")
+    out = w.tether("campaign", "list").stdout
+    expect(cid in out and "finished" in out, f"campaign list: {out}")
+    r = w.tether("campaign", "pause", cid, check=False)
+    expect(r.returncode != 0 and "finished" in r.stderr, f"pause of a finished campaign: {r.returncode} {r.stderr}")
 
 
 def test_failure_pauses_then_abort(w):
