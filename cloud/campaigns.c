@@ -1191,19 +1191,21 @@ unsigned campaigns_api_action(Campaigns *cs, const char *id, const char *action,
                         return fail(ret_body, MHD_HTTP_CONFLICT, "campaign %s is %s, not paused", c->id,
                                     c_names[c->state]);
                 campaign_set_state(c, C_RUNNING, NULL, NULL, NULL);
+                /* What pause held: queued jobs of devices online now, and
+                 * devices of started phases still without a job. */
+                ota_send_queued(cs->ota);
+                for (size_t i = 0; c->cur >= 0 && i < c->n_devices; i++)
+                        if ((int)c->devices[i].phase <= c->cur && !c->devices[i].job[0] &&
+                            !cs_final(c->devices[i].state))
+                                device_start(&c->devices[i]);
                 if (c->cur >= 0 && c->phases[c->cur].finished[0] && c->next_phase_at == 0)
                         /* Paused for its failure rate: the operator overrides. */
                         campaign_next(c);
                 else if (c->next_phase_at > 0)
                         arm_timer(c);
-                else if (c->cur >= 0) {
-                        const Phase *p = &c->phases[c->cur];
-
-                        for (uint32_t i = p->from; i < p->to; i++)
-                                device_start(&c->devices[i]);
-                        ota_send_queued(cs->ota);
+                else if (c->cur >= 0)
                         campaign_mark(c);
-                } else
+                else
                         campaign_next(c);
         } else if (streq(action, "abort")) {
                 if (c->state != C_RUNNING && c->state != C_PAUSED)

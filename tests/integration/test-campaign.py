@@ -238,7 +238,8 @@ def test_failure_pauses_then_abort(w):
 
 
 def test_pause_resume_offline_catch_up_restart(w):
-    """Pause holds a queued job of an offline device; resume lets it go.
+    """Pause holds a queued job of an offline device, also once it
+    connects; resume lets it go.
     A device offline for phase 1 does not hold the campaign up and
     catches up when it connects. The cloud restarted mid-campaign (during
     phase_wait) continues. A device never has two open jobs: a second
@@ -276,16 +277,27 @@ def test_pause_resume_offline_catch_up_restart(w):
     c = f.wait(cid, lambda c: c["state"] == "finished", "finished after the restart", timeout=180)
     expect(c["counts"]["committed"] == 4 and c["counts"]["offline"] == 1, f"counts: {c['counts']}")
 
-    # pause holds the queued job of the offline device; resume sends it
-    # (the campaign is finished: a third one to try pause on)
-    c3 = f.create(v3, [nodes[0].id, nodes[1].id], [50, 100], 0, phase_wait=3600)
-    c3 = f.wait(c3["id"], lambda c: c["phases"][0]["state"] == "waiting", "c3 phase 1 waiting")
+    # pause holds the queued job of an offline device even when it
+    # connects; resume sends it
+    off2 = f.add(1)[0]
+    off2.agent.stop()
+    poll(lambda: not f.api("GET", f"/v1/devices/{off2.id}")[1].get("connected"), 20, "the device offline")
+    c3 = f.create(v2, [off2.id, nodes[1].id], [50, 100], 0, phase_wait=3600)
+    c3 = f.wait(c3["id"], lambda c: c["phases"][0]["state"] == "waiting", "c3 phase 1 over (device offline)")
     st, b = f.api("POST", f"/v1/campaigns/{c3['id']}/pause")
     expect(st == 200 and b["campaign"]["state"] == "paused", f"pause: {st} {b}")
+    st, b = f.api("POST", f"/v1/campaigns/{c3['id']}/pause")
+    expect(st == 409, f"pause of a paused campaign: {st} {b}")
+    job3 = f.devices(c3["id"])[off2.id]["job"]
+    off2.start()
+    time.sleep(seconds(2))  # nothing to wait for: the job must not move
+    expect(f.base.job(job3)["state"] == "queued", f"paused, the job went out: {f.base.job(job3)}")
     st, b = f.api("POST", f"/v1/campaigns/{c3['id']}/resume")
     expect(st == 200 and b["campaign"]["state"] == "running", f"resume: {st} {b}")
     st, b = f.api("POST", f"/v1/campaigns/{c3['id']}/resume")
     expect(st == 409, f"resume of a running campaign: {st} {b}")
+    j = f.base.wait_job(job3, timeout=120)
+    expect(j["state"] == "committed", f"after resume: {j['state']} {j.get('reason')}")
     st, b = f.api("POST", f"/v1/campaigns/{c3['id']}/abort")
     expect(st == 200 and b["campaign"]["phases"][1]["counts"]["pending"] == 1, f"abort: {st} {b}")
 
