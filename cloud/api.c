@@ -2183,7 +2183,9 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         api_body_free(req);
                         return MHD_YES;
                 }
-                if (api->body_total + n > API_BODY_TOTAL_MAX + (req->body_limit > api->body_max ? CAMPAIGN_BODY_MAX : 0)) {
+                /* A campaign's larger body has room of its own. */
+                if (api->body_total + n >
+                    API_BODY_TOTAL_MAX + (req->body_limit > api->body_max ? CAMPAIGN_BODY_MAX : 0)) {
                         /* Keep reading, keep nothing; 503 once it is over. */
                         if (!req->body_overload)
                                 log_warning("Request bodies in progress hold %zu bytes; answering 503.", api->body_total);

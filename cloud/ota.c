@@ -1191,7 +1191,8 @@ const char *ota_job_state(Ota *ota, const char *id) {
         return j ? j->state : NULL;
 }
 
-int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len, char ret_id[static OTA_JOB_ID_MAX + 1],
+int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len,
+                  char ret_id[static OTA_JOB_ID_MAX + 1],
                   const char **ret_error) {
         char id[OTA_JOB_ID_LEN + 1];
         ManifestEnvelope env;
