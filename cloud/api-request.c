@@ -328,6 +328,21 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 p.name = rest + 9;
                 goto done;
         }
+        if (streq(rest, "campaigns")) {
+                p.route = API_ROUTE_CAMPAIGNS;
+                goto done;
+        }
+        if (startswith(rest, "campaigns/") && rest[10]) {
+                const char *cslash = strchr(rest + 10, '/');
+
+                /* ID or ID/WORD, nothing deeper. */
+                if (!cslash || (cslash[1] && !strchr(cslash + 1, '/'))) {
+                        p.route = API_ROUTE_CAMPAIGN;
+                        p.name = rest + 10;
+                        p.sub = cslash ? cslash + 1 : NULL;
+                }
+                goto done;
+        }
         if (match_events(rest, &prefix)) {
                 if (get) {
                         p.route = API_ROUTE_STREAM;
@@ -404,6 +419,8 @@ unsigned api_route_scope(ApiRoute route) {
         case API_ROUTE_PUBLISH:
                 return SCOPE_EVENTS_PUBLISH;
         case API_ROUTE_OTA_JOB:
+        case API_ROUTE_CAMPAIGNS:
+        case API_ROUTE_CAMPAIGN:
                 return SCOPE_OTA_WRITE;
         case API_ROUTE_UPDATE:
                 /* ota:write with "manifest", devices:write with name,

@@ -57,6 +57,8 @@ typedef enum ApiRoute {
         API_ROUTE_WEBHOOK,           /* GET, DELETE /v1/webhooks/NAME; others: 405 */
         API_ROUTE_INTEGRATIONS,      /* GET /v1/integrations; others: 405 */
         API_ROUTE_OTA_JOB,           /* POST /v1/ota/jobs {"device","manifest"} */
+        API_ROUTE_CAMPAIGNS,         /* GET (list), POST (create) /v1/campaigns; others: 405 */
+        API_ROUTE_CAMPAIGN,          /* GET /v1/campaigns/ID[/devices], POST /v1/campaigns/ID/ACTION */
 } ApiRoute;
 
 #define API_BODY_ERROR_MAX 256
@@ -68,7 +70,9 @@ typedef struct ApiParsed {
         char device[PROTO_DEVICE_ID_MAX + 1];
         bool stream_device; /* STREAM: only events from device */
         const char *prefix; /* STREAM: into the URL */
-        const char *name;   /* CALL, READ: into the URL, not checked yet; TOKEN, PROVISION: the id; WEBHOOK: the name */
+        const char *name;   /* CALL, READ: into the URL, not checked yet; TOKEN, PROVISION: the id; WEBHOOK: the name;
+                             CAMPAIGN: the id, up to '/' */
+        const char *sub;    /* CAMPAIGN: what follows "ID/" (NULL: nothing) */
         bool has_last_event_id;
         uint64_t last_epoch, last_id;
         char body_error[API_BODY_ERROR_MAX]; /* BAD_BODY: what is wrong, printable ASCII */

@@ -12,6 +12,7 @@
 
 #include "api-request.h"
 #include "api.h"
+#include "campaigns.h"
 #include "cluster.h"
 #include "log.h"
 #include "mhd-log.h"
@@ -81,6 +82,9 @@ typedef struct ApiRequest {
         char *body;
         size_t body_len;
         bool body_too_large;
+        /* Bytes its body may have: the Api's body_max, or more for a
+         * campaign from a token given outside the body (CAMPAIGN_BODY_MAX). */
+        size_t body_limit;
         bool body_overload; /* API_BODY_TOTAL_MAX reached while it came in */
         bool authorized;    /* token from the header or query checked and good */
         TokenAuth auth;     /* who it is, once authorized */
@@ -168,6 +172,7 @@ struct Api {
         ApiRequest *rpcs;  /* requests from other cluster nodes */
         Cluster *cluster;  /* NULL: a single node */
         Integrations *integrations; /* borrowed (api_set_integrations()) */
+        Campaigns *campaigns;       /* borrowed (api_set_campaigns()) */
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
         size_t body_total; /* bytes in all requests' body buffers */
@@ -780,6 +785,8 @@ void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, cons
 void api_set_cluster(Api *api, Cluster *cluster) { api->cluster = cluster; }
 
 void api_set_integrations(Api *api, Integrations *integrations) { api->integrations = integrations; }
+
+void api_set_campaigns(Api *api, Campaigns *campaigns) { api->campaigns = campaigns; }
 
 /* ---- publish ----------------------------------------------------------------- */
 
@@ -1576,6 +1583,20 @@ static void api_audit_route(ApiRequest *req, const ApiParsed *p, const char *url
                 else
                         api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
                 break;
+        case API_ROUTE_CAMPAIGNS:
+        case API_ROUTE_CAMPAIGN:
+                /* The id once known (api_campaigns()). */
+                if (p->route == API_ROUTE_CAMPAIGNS && streq(method, MHD_HTTP_METHOD_POST))
+                        api_audit_begin(req, "campaign.create", NULL, NULL);
+                else if (p->route == API_ROUTE_CAMPAIGN && p->sub && streq(method, MHD_HTTP_METHOD_POST) &&
+                         (streq(p->sub, "pause") || streq(p->sub, "resume") || streq(p->sub, "abort")))
+                        api_audit_begin(req, streq(p->sub, "pause")    ? "campaign.pause"
+                                             : streq(p->sub, "resume") ? "campaign.resume"
+                                                                       : "campaign.abort",
+                                        NULL, NULL);
+                else
+                        api_audit_begin(req, "api.request", url, json_pack("{s:s}", "method", method));
+                break;
         case API_ROUTE_NOT_FOUND:
         case API_ROUTE_DEVICE_BAD_METHOD:
         case API_ROUTE_NO_DEVICE:
@@ -1714,6 +1735,74 @@ static void api_webhooks(ApiRequest *req, const ApiParsed *p, const char *method
                 status = api_webhooks_delete(api->integrations, api->store, p->name, &body);
                 if (status == MHD_HTTP_OK)
                         log_info("Webhook '%s' deleted by 'token:%s'.", p->name, req->auth.id);
+        } else {
+                api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
+                return;
+        }
+        api_set_json(req, status, body);
+}
+
+/* /v1/campaigns[/ID[/devices|pause|resume|abort]] (ota:write, checked). A
+ * campaign reaches any device: tokens restricted to devices may not. */
+static void api_campaigns(ApiRequest *req, const ApiParsed *p, const char *method) {
+        bool get = streq(method, MHD_HTTP_METHOD_GET) || streq(method, MHD_HTTP_METHOD_HEAD);
+        bool post = streq(method, MHD_HTTP_METHOD_POST);
+        char actor[TOKENS_ID_MAX + 8], id[CAMPAIGN_ID_LEN + 2] = "";
+        Api *api = req->api;
+        json_t *body = NULL;
+        unsigned status;
+
+        snprintf(actor, sizeof(actor), "token:%s", req->auth.id);
+        if (tokens_restricted(&req->auth)) {
+                api_set_error(req, MHD_HTTP_FORBIDDEN, "A token restricted to devices may not use campaigns", NULL);
+                return;
+        }
+        if (!api->campaigns) {
+                api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE, "Campaigns are not available", NULL);
+                return;
+        }
+        if (p->route == API_ROUTE_CAMPAIGN) {
+                size_t n = strcspn(p->name, "/");
+
+                /* Longer than an id: no such campaign (404 below). */
+                snprintf(id, sizeof(id), "%.*s", (int)(n < sizeof(id) - 1 ? n : sizeof(id) - 1), p->name);
+                if (req->audit_action && !req->audit_target) {
+                        req->audit_target = api_audit_text(id, strlen(id));
+                }
+        }
+        if (p->route == API_ROUTE_CAMPAIGNS && get)
+                status = campaigns_api_list(api->campaigns, &body);
+        else if (p->route == API_ROUTE_CAMPAIGNS && post) {
+                char created[CAMPAIGN_ID_LEN + 1] = "";
+                json_t *none = NULL;
+
+                if (!p->params && !(none = json_object()))
+                        return;
+                status = campaigns_api_create(api->campaigns, p->params ?: none, actor, &body, created);
+                json_decref(none);
+                if (status == MHD_HTTP_CREATED) {
+                        json_t *c = json_object_get(body, "campaign");
+
+                        api_audit_begin(req, "campaign.create", created,
+                                        json_pack("{s:O?, s:O?, s:O?, s:O?, s:O?, s:O?}", "name",
+                                                  json_object_get(c, "name"), "target", json_object_get(c, "target"),
+                                                  "package", json_object_get(c, "package"), "version",
+                                                  json_object_get(c, "version"), "devices",
+                                                  json_object_get(c, "devices"), "max_failure_rate",
+                                                  json_object_get(c, "max_failure_rate")));
+                }
+        } else if (p->route == API_ROUTE_CAMPAIGN && get && !p->sub)
+                status = campaigns_api_get(api->campaigns, id, &body);
+        else if (p->route == API_ROUTE_CAMPAIGN && get && streq(p->sub, "devices"))
+                status = campaigns_api_devices(api->campaigns, id, api_query_arg(req, "page"),
+                                               api_query_arg(req, "per_page"), &body);
+        else if (p->route == API_ROUTE_CAMPAIGN && post && p->sub &&
+                 (streq(p->sub, "pause") || streq(p->sub, "resume") || streq(p->sub, "abort")))
+                status = campaigns_api_action(api->campaigns, id, p->sub, actor, &body);
+        else if (p->route == API_ROUTE_CAMPAIGN && p->sub && !streq(p->sub, "devices") && !streq(p->sub, "pause") &&
+                 !streq(p->sub, "resume") && !streq(p->sub, "abort")) {
+                api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
+                return;
         } else {
                 api_set_error(req, MHD_HTTP_METHOD_NOT_ALLOWED, "Method not allowed", NULL);
                 return;
@@ -1893,7 +1982,7 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         Device *d;
 
         if (req->body_too_large) {
-                api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes", api->body_max);
+                api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes", req->body_limit);
                 return api_queue(req);
         }
         if (req->body_overload) {
@@ -2069,6 +2158,10 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_INTEGRATIONS:
                 api_webhooks(req, &p, method);
                 break;
+        case API_ROUTE_CAMPAIGNS:
+        case API_ROUTE_CAMPAIGN:
+                api_campaigns(req, &p, method);
+                break;
         case API_ROUTE_DEVICE_BAD_METHOD:
                 /* Without looking the device up: any good token reaches
                  * this route (a restricted one, one without devices:read),
@@ -2207,11 +2300,18 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                                 return api_unauthorized(req, r);
                         req->authorized = true;
                 }
+                /* A campaign names up to CAMPAIGN_DEVICES_MAX devices in
+                 * its manifests: a larger body, only for a token that was
+                 * checked before it (and that may write OTA). */
+                req->body_limit = api->body_max;
+                if (req->authorized && streq(url, "/v1/campaigns") && streq(method, MHD_HTTP_METHOD_POST) &&
+                    scope_allows(req->auth.scopes, SCOPE_OTA_WRITE))
+                        req->body_limit = CAMPAIGN_BODY_MAX;
                 /* Refuse a declared oversize body before it is sent. */
                 cl = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-                if (cl && strtoull(cl, NULL, 10) > api->body_max) {
+                if (cl && strtoull(cl, NULL, 10) > req->body_limit) {
                         api_set_errorf(req, MHD_HTTP_CONTENT_TOO_LARGE, "Request body larger than %zu bytes",
-                                       api->body_max);
+                                       req->body_limit);
                         return api_queue(req);
                 }
                 return MHD_YES;
@@ -2226,13 +2326,15 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 *upload_data_size = 0;
                 if (req->body_too_large || req->body_overload)
                         return MHD_YES;
-                if (req->body_len + n > api->body_max) {
+                if (req->body_len + n > req->body_limit) {
                         /* Keep reading, keep nothing; 413 once it is over. */
                         req->body_too_large = true;
                         api_body_free(req);
                         return MHD_YES;
                 }
-                if (api->body_total + n > API_BODY_TOTAL_MAX) {
+                /* A campaign's larger body has room of its own. */
+                if (api->body_total + n >
+                    API_BODY_TOTAL_MAX + (req->body_limit > api->body_max ? CAMPAIGN_BODY_MAX : 0)) {
                         /* Keep reading, keep nothing; 503 once it is over. */
                         if (!req->body_overload)
                                 log_warning("Request bodies in progress hold %zu bytes; answering 503.", api->body_total);

@@ -76,6 +76,9 @@ void api_set_cluster(Api *api, Cluster *cluster);
  * Api), for /v1/webhooks and /v1/integrations. */
 typedef struct Integrations Integrations;
 void api_set_integrations(Api *api, Integrations *integrations);
+/* The Campaigns (borrowed, must outlive the Api), for /v1/campaigns. */
+typedef struct Campaigns Campaigns;
+void api_set_campaigns(Api *api, Campaigns *campaigns);
 void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg,
              json_t *params);
 

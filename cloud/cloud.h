@@ -18,6 +18,7 @@
  *   ratelimit.c ratelimit_ token buckets by key, for the API's rate limits (ratelimit.h)
  *   scopes.c   scope_    token scopes and their names, pure (scopes.h)
  *   ota.c      ota_      OTA jobs, status reports, artifact hosting over HTTPS (ota.h)
+ *   campaigns.c campaigns_ phased rollouts of one update to many devices, through Ota (campaigns.h)
  *   mhd-log.c  mhd_log   libmicrohttpd's messages, for api.c and ota.c (mhd-log.h)
  *   stats.c    stats_    the process-wide metrics registry (stats.h)
  *   store.c    store_    the SQLite database: schema steps, batched commits, audit log (store.h)
@@ -28,12 +29,13 @@
  * Dependencies point one way (a -> b: a calls b directly); calls the other
  * way go through hook structs that cloud.c implements:
  *
- *   Cloud ---owns---> Api, Ota, Devices, Registry, Provision, Events, Journal, Store, CloudConfig
- *   Api ----> Ota, Devices, Registry, Provision, Events, Journal, Store, Tokens (owned by the Api)
+ *   Cloud ---owns---> Api, Ota, Campaigns, Devices, Registry, Provision, Events, Journal, Store, CloudConfig
+ *   Api ----> Ota, Campaigns, Devices, Registry, Provision, Events, Journal, Store, Tokens (owned by the Api)
  *   Tokens -> Store, CloudConfig (the token files)
  *   Provision -> Store
  *   Registry -> Store;  RegistryHooks -> Devices (close), Events (revoked)
- *   Ota ----> Devices, Events, Journal, Store;  OtaHooks -> Api (kick)
+ *   Ota ----> Devices, Events, Journal, Store;  OtaHooks -> Api (kick);  OtaJobHooks -> Campaigns
+ *   Campaigns -> Ota, Devices, Events, Store (and api_parse_page(), pure)
  *   Events -> Journal;  EventsHooks -> Devices (notify, disconnect), Api (streams)
  *   Devices -> (none);  DevicesHooks -> Events (/e requests, device gone, conflicts),
  *                       Ota (/o, bound), Registry (peer check, bound, described, gone)

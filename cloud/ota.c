@@ -81,7 +81,14 @@ typedef struct OtaJob {
         /* Loaded "sent" at start: the request goes out again when the
          * device connects (ota_device_online()). */
         bool resend;
+        /* Made "queued" (ota_job_queue()): a failed send puts it back in
+         * the queue instead of failing it. */
+        bool from_queue;
         struct OtaJob *next;
+        struct OtaJob *id_next;   /* the index by id */
+        struct OtaJob *open_next; /* the index of open jobs by device, when in it */
+        struct OtaJob *send_next; /* to be sent from the defer, when in that list */
+        bool open_indexed, send_listed;
 } OtaJob;
 
 typedef enum OtaRequestKind {
@@ -142,6 +149,18 @@ struct Ota {
         unsigned port;
         OtaJob *jobs;
         size_t n_jobs;
+        /* Indexes (chained hash tables, power-of-two sizes, keyed hash):
+         * every job by id; the open (not final) jobs by device. */
+        OtaJob **id_buckets, **open_buckets;
+        size_t id_nbuckets, open_nbuckets, n_open;
+        uint64_t hash_key;
+        /* Jobs to send from resend_defer (a device came online), and
+         * whether the defer scans every job (after a restart, resume,
+         * another node's change). */
+        OtaJob *send_list;
+        bool send_scan;
+        bool index_incomplete; /* an index lacks a job (OOM): lookups also scan the list */
+        OtaJobHooks job_hooks;
         OtaRequest *waiters;
         Artifacts *artifacts; /* cluster mode: uploads go into the stream too (NULL: single node) */
         bool cluster;
@@ -301,10 +320,151 @@ static int job_unstore(Ota *ota, const char *id) {
         return stmt_run(ota, st, sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT), "forgetting an OTA job");
 }
 
+/* ---- indexes ------------------------------------------------------------- */
+
+static uint64_t ota_hash(const Ota *ota, const char *s) {
+        uint64_t h = 0xcbf29ce484222325ULL ^ ota->hash_key;
+
+        for (; *s; s++)
+                h = (h ^ (uint8_t)*s) * 0x100000001b3ULL;
+        h ^= h >> 33;
+        return h;
+}
+
+/* Grow a table of *nb buckets (0: none yet) to hold n entries at about
+ * one per bucket; next_off is the offset of the chain's pointer. */
+static int index_grow(Ota *ota, OtaJob ***buckets, size_t *nb, size_t n, size_t next_off, bool by_device) {
+        size_t want = *nb ? *nb : 64;
+        OtaJob **b;
+
+        while (want < n)
+                want *= 2;
+        if (want == *nb)
+                return 0;
+        b = calloc(want, sizeof(*b));
+        if (!b)
+                return -ENOMEM;
+        for (size_t i = 0; i < *nb; i++)
+                for (OtaJob *j = (*buckets)[i], *next; j; j = next) {
+                        OtaJob **link = (OtaJob **)((char *)j + next_off);
+                        size_t k = ota_hash(ota, by_device ? j->device : j->id) & (want - 1);
+
+                        next = *link;
+                        *link = b[k];
+                        b[k] = j;
+                }
+        free(*buckets);
+        *buckets = b;
+        *nb = want;
+        return 0;
+}
+
+/* Put j in the index by id (on OOM it is left out: job_find() then falls
+ * back to the list). */
+static void job_index_add(Ota *ota, OtaJob *j) {
+        size_t k;
+
+        if (index_grow(ota, &ota->id_buckets, &ota->id_nbuckets, ota->n_jobs + 1, offsetof(OtaJob, id_next),
+                       false) < 0) {
+                ota->index_incomplete = true;
+                return;
+        }
+        k = ota_hash(ota, j->id) & (ota->id_nbuckets - 1);
+        j->id_next = ota->id_buckets[k];
+        ota->id_buckets[k] = j;
+}
+
+static void job_index_remove(Ota *ota, OtaJob *j) {
+        if (!ota->id_nbuckets)
+                return;
+        for (OtaJob **p = &ota->id_buckets[ota_hash(ota, j->id) & (ota->id_nbuckets - 1)]; *p; p = &(*p)->id_next)
+                if (*p == j) {
+                        *p = j->id_next;
+                        break;
+                }
+        j->id_next = NULL;
+}
+
+static bool state_final(const char *s);
+
+static void job_open_remove(Ota *ota, OtaJob *j) {
+        for (OtaJob **p = &ota->open_buckets[ota_hash(ota, j->device) & (ota->open_nbuckets - 1)]; *p;
+             p = &(*p)->open_next)
+                if (*p == j) {
+                        *p = j->open_next;
+                        break;
+                }
+        j->open_next = NULL;
+        j->open_indexed = false;
+        ota->n_open--;
+}
+
+/* Keep j in the index of open jobs by device while it is open. */
+static void job_open_update(Ota *ota, OtaJob *j) {
+        bool open = !state_final(j->state);
+
+        if (open == j->open_indexed)
+                return;
+        if (open) {
+                size_t k;
+
+                if (index_grow(ota, &ota->open_buckets, &ota->open_nbuckets, ota->n_open + 1,
+                               offsetof(OtaJob, open_next), true) < 0) {
+                        ota->index_incomplete = true;
+                        return;
+                }
+                k = ota_hash(ota, j->device) & (ota->open_nbuckets - 1);
+                j->open_next = ota->open_buckets[k];
+                ota->open_buckets[k] = j;
+                ota->n_open++;
+                j->open_indexed = true;
+        } else
+                job_open_remove(ota, j);
+}
+
+/* The first open job of device, or NULL. */
+static OtaJob *job_open_of(Ota *ota, const char *device) {
+        if (ota->open_nbuckets)
+                for (OtaJob *j = ota->open_buckets[ota_hash(ota, device) & (ota->open_nbuckets - 1)]; j;
+                     j = j->open_next)
+                        if (streq(j->device, device))
+                                return j;
+        for (OtaJob *j = ota->index_incomplete ? ota->jobs : NULL; j; j = j->next)
+                if (streq(j->device, device) && !state_final(j->state))
+                        return j;
+        return NULL;
+}
+
+static void send_list_remove(Ota *ota, OtaJob *j) {
+        if (!j->send_listed)
+                return;
+        for (OtaJob **p = &ota->send_list; *p; p = &(*p)->send_next)
+                if (*p == j) {
+                        *p = j->send_next;
+                        break;
+                }
+        j->send_next = NULL;
+        j->send_listed = false;
+}
+
+/* j leaves the Ota: out of every index (not out of the list). */
+static void job_unindex(Ota *ota, OtaJob *j) {
+        job_index_remove(ota, j);
+        if (j->open_indexed)
+                job_open_remove(ota, j);
+        send_list_remove(ota, j);
+}
+
 /* ---- jobs ----------------------------------------------------------------- */
 
 static OtaJob *job_find(Ota *ota, const char *id) {
-        for (OtaJob *j = ota->jobs; j; j = j->next)
+        if (ota->id_nbuckets) {
+                for (OtaJob *j = ota->id_buckets[ota_hash(ota, id) & (ota->id_nbuckets - 1)]; j; j = j->id_next)
+                        if (streq(j->id, id))
+                                return j;
+        }
+        /* A job the index could not take (OOM): the list has it. */
+        for (OtaJob *j = ota->index_incomplete ? ota->jobs : NULL; j; j = j->next)
                 if (streq(j->id, id))
                         return j;
         return NULL;
@@ -329,23 +489,27 @@ static void job_free(OtaJob *j) {
         free(j);
 }
 
-/* Keep the table bounded: forget the oldest finished job. */
+/* Keep the table bounded: past OTA_JOBS_MAX finished jobs (and some
+ * slack, so that the scan is paid once per OTA_JOBS_MAX / 8 new jobs),
+ * forget the oldest finished ones down to OTA_JOBS_MAX. Open jobs stay:
+ * there is at most one per device (ota_job_queue(), ota_api_start_job()). */
 static void jobs_prune(Ota *ota) {
-        OtaJob **victim = NULL;
+        size_t finals = 0;
 
-        if (ota->n_jobs < OTA_JOBS_MAX)
+        if (ota->n_jobs - ota->n_open <= OTA_JOBS_MAX + OTA_JOBS_MAX / 8)
                 return;
-        for (OtaJob **p = &ota->jobs; *p; p = &(*p)->next)
-                if (state_final((*p)->state))
-                        victim = p; /* the list is newest first: the last one wins */
-        if (!victim)
-                return;
-        {
-                OtaJob *j = *victim;
-                *victim = j->next;
+        for (OtaJob **p = &ota->jobs; *p;) {
+                OtaJob *j = *p;
+
+                if (!state_final(j->state) || ++finals <= OTA_JOBS_MAX) {
+                        p = &j->next;
+                        continue;
+                }
+                *p = j->next; /* the list is newest first: these are the oldest */
                 (void)job_unstore(ota, j->id);
                 if (j->resend)
                         ota->n_resend--;
+                job_unindex(ota, j);
                 job_free(j);
                 ota->n_jobs--;
         }
@@ -371,7 +535,9 @@ static OtaJob *job_new(Ota *ota, const char *id, const char *device, const char 
         jobs_prune(ota);
         j->next = ota->jobs;
         ota->jobs = j;
+        job_index_add(ota, j);
         ota->n_jobs++;
+        job_open_update(ota, j);
         return j;
 }
 
@@ -392,6 +558,7 @@ static json_t *job_to_json(const OtaJob *j) {
 }
 
 static void waiters_wake(const OtaJob *j);
+static void job_update_resend(OtaJob *j);
 
 static int set_str(char **dst, const char *v) {
         char *c = NULL;
@@ -420,14 +587,16 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
         }
         timestamp(j->updated);
         j->seq++;
-        if (!streq(state, "sent")) {
+        if (!streq(state, "sent") && !streq(state, "queued")) {
                 free(j->manifest);
                 j->manifest = NULL;
                 if (j->resend) {
                         j->resend = false;
                         ota->n_resend--;
                 }
+                send_list_remove(ota, j);
         }
+        job_open_update(ota, j);
         if (changed) {
                 json_t *h = json_pack("{s:s, s:s}", "state", state, "at", j->updated);
 
@@ -471,6 +640,8 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
         r = events_store(ota->events, &e, devices_find(ota->devices, j->device), 0, 0, NULL);
         if (r < 0)
                 log_warning_errno(r, "Failed to store the event for job %s (%s), not routing it: %m", j->id, state);
+        if (changed && ota->job_hooks.job_changed)
+                ota->job_hooks.job_changed(ota->job_hooks.userdata, j->id, j->device, state);
 }
 
 /* The device's answer to POST /o/JOB. */
@@ -490,6 +661,15 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
                 return;
         }
         if (error < 0) {
+                if (j->state && streq(j->state, "sent") && j->from_queue && j->manifest && j->ota->running) {
+                        /* Queued for a device that may come and go: it goes
+                         * out again when the device is back (tetherd
+                         * answers a job it has already as a retry). */
+                        job_set_state(j, "queued", NULL, NULL);
+                        job_update_resend(j);
+                        (void)job_store(j, false);
+                        return;
+                }
                 if (j->state && streq(j->state, "sent")) {
                         job_set_state(j, "failed", "offline", "the device went offline before it answered");
                         (void)job_store(j, true);
@@ -523,10 +703,21 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
         (void)job_store(j, true);
 }
 
+/* A random job id no job here has. */
+static int job_new_id(Ota *ota, char id[static OTA_JOB_ID_LEN + 1]) {
+        uint8_t rnd[OTA_JOB_ID_LEN / 2];
+
+        do {
+                if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd))
+                        return -EIO;
+                hex_encode(rnd, sizeof(rnd), id);
+        } while (job_find(ota, id));
+        return 0;
+}
+
 unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_body) {
         json_t *m = json_object_get(params, "manifest");
         char id[OTA_JOB_ID_LEN + 1];
-        uint8_t rnd[OTA_JOB_ID_LEN / 2];
         ManifestEnvelope env;
         Manifest man = {};
         const char *text, *err = NULL;
@@ -558,19 +749,28 @@ unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_bod
                                       err);
                 return MHD_HTTP_BAD_REQUEST;
         }
+        {
+                const OtaJob *open = job_open_of(ota, device_id(d));
+
+                if (open) {
+                        char msg[128];
+
+                        manifest_done(&man);
+                        snprintf(msg, sizeof(msg), "device %s has an open job %s", device_id(d), open->id);
+                        *ret_body = json_pack("{s:b, s:s, s:s}", "ok", 0, "error", msg, "job", open->id);
+                        return MHD_HTTP_CONFLICT;
+                }
+        }
         if (!device_connected(d)) {
                 manifest_done(&man);
                 *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", "Device is offline");
                 return MHD_HTTP_SERVICE_UNAVAILABLE;
         }
-        do {
-                if (getrandom(rnd, sizeof(rnd), 0) != sizeof(rnd)) {
-                        manifest_done(&man);
-                        *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", "No randomness for a job id");
-                        return MHD_HTTP_INTERNAL_SERVER_ERROR;
-                }
-                hex_encode(rnd, sizeof(rnd), id);
-        } while (job_find(ota, id));
+        if (job_new_id(ota, id) < 0) {
+                manifest_done(&man);
+                *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", "No randomness for a job id");
+                return MHD_HTTP_INTERNAL_SERVER_ERROR;
+        }
 
         j = job_new(ota, id, device_id(d), man.package, man.version);
         manifest_done(&man);
@@ -674,7 +874,8 @@ static int job_from_row(Ota *ota, sqlite3_stmt *st, OtaJob **ret) {
  * Sending it again settles that (tetherd answers a job it has as a
  * retry). */
 static void job_update_resend(OtaJob *j) {
-        bool resend = j->state && streq(j->state, "sent") && !j->closed && j->manifest && !j->call;
+        bool resend = j->state && (streq(j->state, "sent") || streq(j->state, "queued")) && !j->closed &&
+                      j->manifest && !j->call;
 
         if (resend != j->resend) {
                 j->resend = resend;
@@ -693,7 +894,9 @@ static void job_link(Ota *ota, OtaJob *j) {
                 p = &(*p)->next;
         j->next = *p;
         *p = j;
+        job_index_add(ota, j);
         ota->n_jobs++;
+        job_open_update(ota, j);
 }
 
 /* Read the jobs of the Store, oldest first, so the list ends newest
@@ -724,7 +927,9 @@ static int ota_load(Ota *ota) {
                 job_update_resend(j);
                 j->next = ota->jobs;
                 ota->jobs = j;
+                job_index_add(ota, j);
                 ota->n_jobs++;
+                job_open_update(ota, j);
                 n++;
         }
         sqlite3_finalize(st);
@@ -796,6 +1001,7 @@ static void job_take(OtaJob *j, OtaJob *from) {
         j->final_seq = from->final_seq;
         memcpy(j->updated, from->updated, sizeof(j->updated));
         job_update_resend(j);
+        job_open_update(j->ota, j);
 }
 
 void ota_set_cluster(Ota *ota, Artifacts *artifacts) {
@@ -832,6 +1038,7 @@ void ota_job_changed(Ota *ota, const char *id) {
                         }
                 if (j->resend)
                         ota->n_resend--;
+                job_unindex(ota, j);
                 ota->n_jobs--;
                 job_free(j);
                 return;
@@ -855,7 +1062,7 @@ void ota_job_changed(Ota *ota, const char *id) {
                 log_debug("OTA job %s on device '%s' made on another node: %s.", row->id, row->device,
                           row->state ?: "?");
                 if (row->resend && job_driven_here(ota, row))
-                        (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
+                        ota_send_queued(ota);
                 return;
         }
         if (job_same(row, j)) {
@@ -868,7 +1075,7 @@ void ota_job_changed(Ota *ota, const char *id) {
                 job_take(j, row);
                 waiters_wake(j);
                 if (j->resend && job_driven_here(ota, j))
-                        (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
+                        ota_send_queued(ota);
         } else if (job_driven_here(ota, j)) {
                 /* An older copy came over this node's (its own change
                  * coming back after a later one, or a node that lost the
@@ -889,38 +1096,165 @@ void ota_job_changed(Ota *ota, const char *id) {
         job_free(row);
 }
 
+/* Send j's request (again) if its device has a session here and its
+ * owner lets it go now. */
+static void job_try_send(Ota *ota, OtaJob *j) {
+        bool queued = j->state && streq(j->state, "queued");
+        Device *d;
+        int r;
+
+        if (!j->resend || j->call)
+                return;
+        d = devices_find(ota->devices, j->device);
+        if (!d || !device_session(d))
+                return;
+        if (queued && ota->job_hooks.may_send && !ota->job_hooks.may_send(ota->job_hooks.userdata, j->id))
+                return;
+        r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, j->id, j->manifest, strlen(j->manifest), job_sent,
+                         j, &j->call);
+        if (r < 0) {
+                /* Tried again on its next connection. */
+                log_warning_errno(r, "OTA job %s: cannot send the update request to device '%s': %m", j->id,
+                                  j->device);
+                return;
+        }
+        j->resend = false;
+        ota->n_resend--;
+        if (queued) {
+                j->from_queue = true;
+                job_set_state(j, "sent", NULL, NULL);
+                (void)job_store(j, false);
+                log_info("OTA job %s: sent the queued update request to device '%s'.", j->id, j->device);
+        } else
+                log_info("OTA job %s: sent the update request to device '%s' again (the cloud stopped before "
+                         "it answered).", j->id, j->device);
+}
+
 static int resend_defer_cb(sd_event_source *s, void *userdata) {
         Ota *ota = userdata;
 
-        for (OtaJob *j = ota->jobs; j && ota->n_resend > 0; j = j->next) {
-                Device *d;
-                int r;
+        while (ota->send_list) {
+                OtaJob *j = ota->send_list;
 
-                if (!j->resend || j->call)
-                        continue;
-                d = devices_find(ota->devices, j->device);
-                if (!d || !device_session(d))
-                        continue;
-                r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, j->id, j->manifest,
-                                 strlen(j->manifest), job_sent, j, &j->call);
-                if (r < 0) {
-                        /* Tried again on its next connection. */
-                        log_warning_errno(r, "OTA job %s: cannot send the update request to device '%s' again: %m",
-                                          j->id, j->device);
-                        continue;
-                }
-                j->resend = false;
-                ota->n_resend--;
-                log_info("OTA job %s: sent the update request to device '%s' again (the cloud stopped before "
-                         "it answered).", j->id, j->device);
+                send_list_remove(ota, j);
+                job_try_send(ota, j);
+        }
+        if (ota->send_scan) {
+                ota->send_scan = false;
+                for (OtaJob *j = ota->jobs; j && ota->n_resend > 0; j = j->next)
+                        job_try_send(ota, j);
         }
         return 0;
 }
 
 void ota_device_online(Ota *ota, Device *d) {
-        /* From the loop, not inside libcoap's handling of the session. */
-        if (ota->n_resend > 0 && ota->resend_defer)
-                (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
+        OtaJob *j;
+
+        /* From the loop, not inside libcoap's handling of the session.
+         * The device's open jobs are in the index (at most one, unless
+         * the index lacks some: then every job is looked at). */
+        if (ota->n_resend == 0 || !ota->resend_defer)
+                return;
+        if (ota->index_incomplete)
+                ota->send_scan = true;
+        else if (ota->open_nbuckets)
+                for (j = ota->open_buckets[ota_hash(ota, device_id(d)) & (ota->open_nbuckets - 1)]; j;
+                     j = j->open_next)
+                        if (j->resend && !j->send_listed && streq(j->device, device_id(d))) {
+                                j->send_next = ota->send_list;
+                                ota->send_list = j;
+                                j->send_listed = true;
+                        }
+        (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
+}
+
+void ota_send_queued(Ota *ota) {
+        if (ota->n_resend == 0 || !ota->resend_defer)
+                return;
+        ota->send_scan = true;
+        (void)sd_event_source_set_enabled(ota->resend_defer, SD_EVENT_ONESHOT);
+}
+
+void ota_set_job_hooks(Ota *ota, const OtaJobHooks *hooks) {
+        ota->job_hooks = hooks ? *hooks : (OtaJobHooks){};
+}
+
+const char *ota_device_open_job(Ota *ota, const char *device) {
+        const OtaJob *j = job_open_of(ota, device);
+
+        return j ? j->id : NULL;
+}
+
+const char *ota_job_state(Ota *ota, const char *id) {
+        const OtaJob *j = job_find(ota, id);
+
+        return j ? j->state : NULL;
+}
+
+int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len,
+                  char ret_id[static OTA_JOB_ID_MAX + 1],
+                  const char **ret_error) {
+        char id[OTA_JOB_ID_LEN + 1];
+        ManifestEnvelope env;
+        Manifest man = {};
+        const char *err = NULL;
+        Device *d;
+        OtaJob *j;
+        int r;
+
+        if (proto_name_check(device, strlen(device), PROTO_NAME_DEVICE) < 0) {
+                *ret_error = "not a device id";
+                return -EINVAL;
+        }
+        r = manifest_envelope_split((const uint8_t *)manifest, len, &env);
+        if (r < 0 || manifest_body_parse(env.body, env.body_len, &man, &err) < 0) {
+                *ret_error = "not a signed tether manifest";
+                return -EINVAL;
+        }
+        if (job_open_of(ota, device)) {
+                manifest_done(&man);
+                *ret_error = "the device has an open job";
+                return -EBUSY;
+        }
+        if (job_new_id(ota, id) < 0) {
+                manifest_done(&man);
+                *ret_error = "no randomness for a job id";
+                return -EIO;
+        }
+        j = job_new(ota, id, device, man.package, man.version);
+        manifest_done(&man);
+        if (!j || !(j->manifest = strndup(manifest, len))) {
+                if (j) {
+                        job_set_state(j, "failed", "offline", "out of memory");
+                        j->closed = true;
+                        (void)job_store(j, false);
+                }
+                *ret_error = "out of memory";
+                return -ENOMEM;
+        }
+        j->from_queue = true;
+        job_set_state(j, "queued", NULL, NULL);
+        job_update_resend(j);
+        (void)job_store(j, false);
+        /* Online here: it goes out from the defer, as after a connect. */
+        d = devices_find(ota->devices, device);
+        if (d && device_session(d))
+                ota_device_online(ota, d);
+        memcpy(ret_id, id, OTA_JOB_ID_LEN + 1);
+        return 0;
+}
+
+int ota_job_cancel(Ota *ota, const char *id, const char *code, const char *reason) {
+        OtaJob *j = job_find(ota, id);
+
+        if (!j)
+                return -ENOENT;
+        if (!j->state || !streq(j->state, "queued") || j->call)
+                return -EBUSY;
+        job_set_state(j, "failed", code, reason);
+        j->closed = true; /* the device never saw it */
+        (void)job_store(j, false);
+        return 0;
 }
 
 /* ---- device reports ------------------------------------------------------ */
@@ -1746,6 +2080,8 @@ Ota *ota_free(Ota *ota) {
                 ota->jobs = j->next;
                 job_free(j);
         }
+        free(ota->id_buckets);
+        free(ota->open_buckets);
         free(ota->key_pem);
         free(ota->cert_pem);
         free(ota->ca_pem);
@@ -1777,6 +2113,8 @@ int ota_new(sd_event *event, const CloudConfig *config, Store *store, Journal *j
         ota->events = events;
         ota->hooks = *hooks;
         ota->running = true;
+        if (getrandom(&ota->hash_key, sizeof(ota->hash_key), GRND_NONBLOCK) != sizeof(ota->hash_key))
+                ota->hash_key = (uint64_t)(uintptr_t)ota ^ (uint64_t)getpid();
         r = store_migrate(store, "ota", ota_schema, ELEMENTSOF(ota_schema));
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the OTA jobs in the cloud database.");

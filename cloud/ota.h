@@ -33,6 +33,7 @@
 #include "devices.h"
 #include "events.h"
 #include "journal.h"
+#include "ota-journal.h"
 #include "store.h"
 
 struct MHD_Connection;
@@ -103,8 +104,47 @@ typedef struct Artifacts Artifacts;
 void ota_set_cluster(Ota *ota, Artifacts *artifacts);
 /* d is online (its session is bound): the update request of a job that
  * was "sent" when the cloud stopped, before the device answered, goes to
- * it again (from a defer on the loop). */
+ * it again, and a "queued" one goes to it (from a defer on the loop). */
 void ota_device_online(Ota *ota, Device *d);
+
+/* ---- jobs for devices that may be offline (campaigns.h) ----------------- */
+
+/* What Ota tells the one module that makes queued jobs (the Campaigns). */
+typedef struct OtaJobHooks {
+        void *userdata;
+        /* Job id of device moved to state (every change of state of every
+         * job, from the loop; the state is valid during the call only).
+         * May be NULL. */
+        void (*job_changed)(void *userdata, const char *id, const char *device, const char *state);
+        /* Whether the "queued" job id may be sent now that its device is
+         * online (false: it stays queued until ota_send_queued()). NULL:
+         * always. */
+        bool (*may_send)(void *userdata, const char *id);
+} OtaJobHooks;
+/* Attach hooks (copied), or detach them (NULL). */
+void ota_set_job_hooks(Ota *ota, const OtaJobHooks *hooks);
+/* Make a job for device (which may be offline, or not connected to this
+ * node) from a signed manifest (its shape is checked, not its signature):
+ * state "queued", the manifest kept in the Store; it is sent (state
+ * "sent", then as any job) when the device is online here and
+ * OtaJobHooks.may_send allows, also after a restart. A device has at most
+ * one open (not final) job: -EBUSY when it has one (ota_device_open_job()
+ * names it). -EINVAL for a manifest that is not one, -ENOMEM, -EIO (no
+ * randomness); *ret_error says which. The job joins the Store's batch. */
+int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len,
+                  char ret_id[static OTA_JOB_ID_MAX + 1], const char **ret_error);
+/* Cancel a job that is still "queued" (never sent): it becomes "failed"
+ * with code and reason, final. -ENOENT no such job, -EBUSY not queued
+ * (sent jobs go on). */
+int ota_job_cancel(Ota *ota, const char *id, const char *code, const char *reason);
+/* Look at the queued jobs again (OtaJobHooks.may_send changed its mind):
+ * those whose device is online here are sent, from a defer. */
+void ota_send_queued(Ota *ota);
+/* The open (not final) job of device, or NULL. Valid until the loop runs. */
+const char *ota_device_open_job(Ota *ota, const char *device);
+/* The state of job id, or NULL when there is no such job (pruned: the
+ * OTA_JOBS_MAX newest finished jobs are kept). Valid until the loop runs. */
+const char *ota_job_state(Ota *ota, const char *id);
 /* A device's request on /o/JOB (a status report): fills response. Only
  * for an existing job of that device (4.04 unknown, 4.03 another
  * device's: nothing changes, no job is made or forgotten). A report that

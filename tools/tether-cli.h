@@ -146,6 +146,9 @@ int cmd_rename(Api *a, char **args, int n);
 int cmd_notes(Api *a, char **args, int n);
 int cmd_tag(Api *a, char **args, int n);
 int cmd_untag(Api *a, char **args, int n);
+/* tether-campaign.c: "tether campaign ..." (its options follow the word) */
+int cmd_campaign(Api *a, char **args, int n);
+void campaign_help(void);
 
 /* tether-ota.c: "tether ota ..." */
 int cmd_ota(Api *a, char **args, int n);

@@ -18,8 +18,8 @@
 #include "manifest.h"
 #include "ota-journal.h"
 #include "tether-cli.h"
+#include "tether-ota-sign.h"
 
-#define OTA_DEFAULT_VALID_SEC (7 * 86400LL)
 #define OTA_POLL_SEC 25            /* the cloud holds a status request this long */
 #define OTA_DEFAULT_WAIT_MS (3600L * 1000L)
 
@@ -60,43 +60,6 @@ void ota_help(void) {
                "Exit status: 0 committed, 8 the update ended without being committed\n"
                "(rejected, deferred, rolled back, failed), 9 the cloud does not host OTA\n"
                "artifacts ([OTA] ArtifactDirectory= unset), otherwise as for other commands.\n");
-}
-
-static int read_file(const char *path, size_t max, char **ret, size_t *ret_len) {
-        _cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
-        _cleanup_free_ char *buf = NULL;
-        size_t len = 0;
-
-        if (fd < 0)
-                return log_error_errno(-errno, "Cannot open '%s': %m", path);
-        buf = malloc(max + 1);
-        if (!buf)
-                return log_error_errno(-ENOMEM, "Out of memory");
-        for (;;) {
-                ssize_t n = read(fd, buf + len, max + 1 - len);
-
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0)
-                        return log_error_errno(-errno, "Cannot read '%s': %m", path);
-                if (n == 0)
-                        break;
-                len += (size_t)n;
-                if (len > max)
-                        return log_error_errno(-EFBIG, "'%s' is larger than %zu bytes", path, max);
-        }
-        buf[len] = 0;
-        *ret = TAKE_PTR(buf);
-        *ret_len = len;
-        return 0;
-}
-
-static const char *key_path(void) {
-        const char *k = arg.ota_key;
-
-        if (!k || !*k)
-                k = getenv("TETHER_OTA_KEY");
-        return k && *k ? k : NULL;
 }
 
 /* ---- keys --------------------------------------------------------------- */
@@ -163,7 +126,7 @@ static int ota_keyid(char **args, int n) {
 
         if (n != 1)
                 return cli_usage_error("'ota keyid' takes KEY.pem");
-        r = read_file(args[0], 16384, &pem, &len);
+        r = cli_read_file(args[0], 16384, &pem, &len);
         if (r < 0)
                 return r;
         if (manifest_key_id_pem(pem, len, id) < 0)
@@ -173,33 +136,6 @@ static int ota_keyid(char **args, int n) {
 }
 
 /* ---- sign --------------------------------------------------------------- */
-
-/* The .deb's identity: control fields, size, SHA-256. */
-typedef struct DebInfo {
-        DebControl control;
-        char sha256[65];
-        uint64_t size;
-} DebInfo;
-
-static void deb_info_done(DebInfo *d) {
-        debfile_control_done(&d->control);
-}
-
-static int deb_info(const char *path, DebInfo *ret) {
-        int r = debfile_control_read(path, &ret->control);
-
-        if (r == -ENOENT && access(path, R_OK) == 0)
-                return log_error_errno(r, "Cannot read '%s': dpkg-deb is not installed", path);
-        if (r < 0)
-                return log_error_errno(r, "Cannot read the control fields of '%s': %s", path,
-                                       r == -EBADMSG ? "not a Debian package" : strerror(-r));
-        r = debfile_sha256(path, ret->sha256, &ret->size);
-        if (r < 0) {
-                debfile_control_done(&ret->control);
-                return log_error_errno(r, "Cannot read '%s': %m", path);
-        }
-        return 0;
-}
 
 /* The targets: device (may be NULL) and every --device, without repeats. */
 static int manifest_targets(const char *device, char **devices, size_t *ret_n) {
@@ -228,73 +164,15 @@ static int manifest_targets(const char *device, char **devices, size_t *ret_n) {
 /* Sign a manifest for deb at url; device (may be NULL) is a target besides
  * the --device and --tag options. */
 static int make_manifest(const DebInfo *deb, const char *url, const char *device, char **ret, size_t *ret_len) {
-        _cleanup_free_ char *pem = NULL, *body = NULL;
-        char id[MANIFEST_KEY_ID_LEN + 1], nonce[MANIFEST_NONCE_LEN + 1];
         char *devices[MANIFEST_TARGETS_MAX + 1];
-        uint8_t rnd[MANIFEST_NONCE_LEN / 2];
-        const char *kp = key_path();
         size_t n_devices = 0;
-        Manifest m;
-        size_t len;
         int r;
 
         r = manifest_targets(device, devices, &n_devices);
         if (r < 0)
                 return r;
-        if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
-                return log_error_errno(-EIO, "No randomness for the manifest's nonce");
-        hex_encode(rnd, sizeof(rnd), nonce);
-        if (!kp)
-                return cli_usage_error("No update key: give --key FILE or set TETHER_OTA_KEY (or --manifest)");
-        if (arg.ota_min_version && debversion_check(arg.ota_min_version) < 0)
-                return cli_usage_error("Invalid --min-version '%s': not a Debian version", arg.ota_min_version);
-        if (arg.ota_plugin && proto_name_check(arg.ota_plugin, strlen(arg.ota_plugin), PROTO_NAME_PLUGIN) < 0)
-                return cli_usage_error("Invalid --plugin '%s'", arg.ota_plugin);
-        r = read_file(kp, 16384, &pem, &len);
-        if (r < 0)
-                return r;
-        if (manifest_key_id_pem(pem, len, id) < 0)
-                return log_error_errno(-EBADMSG, "'%s' is not an Ed25519 private key", kp);
-        m = (Manifest){
-                .package = deb->control.package,
-                .version = deb->control.version,
-                .architecture = deb->control.architecture,
-                .sha256 = (char *)deb->sha256,
-                .url = (char *)url,
-                .key_id = id,
-                .min_version = (char *)arg.ota_min_version,
-                .plugin = (char *)arg.ota_plugin,
-                .nonce = nonce,
-                .devices = devices,
-                .n_devices = n_devices,
-                .tags = (char **)arg.ota_tags,
-                .n_tags = arg.n_ota_tags,
-                .allow_downgrade = arg.ota_allow_downgrade,
-                .size = deb->size,
-                .installed_size = deb->control.installed_size,
-                .expires = arg.ota_expires >= 0
-                                   ? arg.ota_expires
-                                   : (int64_t)time(NULL) + (arg.ota_valid_for > 0 ? arg.ota_valid_for
-                                                                                   : OTA_DEFAULT_VALID_SEC),
-        };
-        r = manifest_body_format(&m, &body);
-        if (r < 0)
-                return log_error_errno(r, "Failed to format the manifest: %m");
-        /* Whatever we sign must be something a device accepts. */
-        {
-                Manifest check = {};
-                const char *err = NULL;
-
-                if (manifest_body_parse((const uint8_t *)body, strlen(body), &check, &err) < 0)
-                        return log_error_errno(-EINVAL, "Cannot sign this package: %s", err ? err : "invalid");
-                manifest_done(&check);
-        }
-        r = manifest_sign(pem, len, body, strlen(body), ret, ret_len);
-        if (r == -EBADMSG)
-                return log_error_errno(r, "'%s' is not an Ed25519 private key", kp);
-        if (r < 0)
-                return log_error_errno(r, "Failed to sign the manifest: %m");
-        return 0;
+        return ota_sign_manifest(deb, url, (const char *const *)devices, n_devices, arg.ota_tags, arg.n_ota_tags,
+                                 ret, ret_len);
 }
 
 static int ota_sign(char **args, int n) {
@@ -326,128 +204,6 @@ static int ota_sign(char **args, int n) {
 
 /* ---- upload ------------------------------------------------------------- */
 
-typedef struct Upload {
-        FILE *f;
-        uint64_t size;
-        bool tty;
-        int last_pct;
-} Upload;
-
-static size_t upload_read(char *buf, size_t size, size_t n, void *userdata) {
-        Upload *u = userdata;
-
-        return fread(buf, 1, size * n, u->f);
-}
-
-static void bar(const char *what, uint64_t done, uint64_t total) {
-        int width = 30, fill = total ? (int)(done * (uint64_t)width / total) : 0, pct = total ? (int)(done * 100 / total) : 0;
-        char b[64];
-
-        for (int i = 0; i < width; i++)
-                b[i] = i < fill ? '#' : '.';
-        b[width] = 0;
-        fprintf(stderr, "\r%-12s [%s] %3d%% %.1f/%.1f MB ", what, b, pct, done / 1e6, total / 1e6);
-        fflush(stderr);
-}
-
-static int upload_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
-                           curl_off_t ulnow) {
-        Upload *u = userdata;
-        int pct = u->size ? (int)((uint64_t)ulnow * 100 / u->size) : 100;
-
-        if (u->tty && pct != u->last_pct)
-                bar("uploading", (uint64_t)ulnow, u->size);
-        u->last_pct = pct;
-        return 0;
-}
-
-static void curl_reset_method(Api *a) {
-        curl_easy_setopt(a->curl, CURLOPT_UPLOAD, 0L);
-        curl_easy_setopt(a->curl, CURLOPT_CUSTOMREQUEST, NULL);
-        curl_easy_setopt(a->curl, CURLOPT_NOPROGRESS, 1L);
-        curl_easy_setopt(a->curl, CURLOPT_POSTFIELDS, NULL);
-}
-
-/* The artifact's URL for the device; uploads the file unless the cloud has
- * it already. */
-static int upload(Api *a, const char *path, const DebInfo *deb, char **ret_url) {
-        _cleanup_free_ char *url = NULL;
-        Upload u = { .size = deb->size, .tty = isatty(STDERR_FILENO), .last_pct = -1 };
-        json_t *res = NULL;
-        CURLcode c;
-        char api_path[128];
-
-        snprintf(api_path, sizeof(api_path), "/v1/ota/artifacts/%s", deb->sha256);
-        if (asprintf(&url, "%s%s", a->base, api_path) < 0)
-                return -ENOMEM;
-        /* Does the cloud have it already? 404 is an answer here, not an error. */
-        buffer_done(&a->body);
-        a->body.max = TETHER_RESPONSE_MAX;
-        a->errbuf[0] = 0;
-        curl_easy_setopt(a->curl, CURLOPT_URL, url);
-        curl_easy_setopt(a->curl, CURLOPT_HTTPGET, 1L);
-        curl_easy_setopt(a->curl, CURLOPT_WRITEFUNCTION, body_write);
-        curl_easy_setopt(a->curl, CURLOPT_WRITEDATA, a);
-        api_set_timeouts(a, arg.timeout_ms > 0 ? arg.timeout_ms : 30000);
-        c = curl_easy_perform(a->curl);
-        if (c != CURLE_OK)
-                return curl_error(a, c);
-        curl_easy_getinfo(a->curl, CURLINFO_RESPONSE_CODE, &a->status);
-        if (a->status == 200) {
-                const char *s;
-
-                res = json_loadb(a->body.data ?: "", a->body.len, 0, NULL);
-                s = json_string_value(json_object_get(res, "url"));
-                if (!s) {
-                        json_decref(res);
-                        return log_error_errno(-EBADMSG, "Malformed response from %s: no \"url\"", a->base);
-                }
-                *ret_url = strdup(s);
-                json_decref(res);
-                log_info("The cloud has %s already", deb->sha256);
-                return *ret_url ? 0 : -ENOMEM;
-        }
-        if (a->status != 404)
-                return http_error(a, NULL);
-
-        u.f = fopen(path, "re");
-        if (!u.f)
-                return log_error_errno(-errno, "Cannot open '%s': %m", path);
-        buffer_done(&a->body);
-        a->body.max = TETHER_RESPONSE_MAX;
-        a->errbuf[0] = 0;
-        curl_easy_setopt(a->curl, CURLOPT_URL, url);
-        curl_easy_setopt(a->curl, CURLOPT_UPLOAD, 1L);
-        curl_easy_setopt(a->curl, CURLOPT_READFUNCTION, upload_read);
-        curl_easy_setopt(a->curl, CURLOPT_READDATA, &u);
-        curl_easy_setopt(a->curl, CURLOPT_INFILESIZE_LARGE, (curl_off_t)deb->size);
-        curl_easy_setopt(a->curl, CURLOPT_WRITEFUNCTION, body_write);
-        curl_easy_setopt(a->curl, CURLOPT_WRITEDATA, a);
-        curl_easy_setopt(a->curl, CURLOPT_NOPROGRESS, 0L);
-        curl_easy_setopt(a->curl, CURLOPT_XFERINFOFUNCTION, upload_progress);
-        curl_easy_setopt(a->curl, CURLOPT_XFERINFODATA, &u);
-        api_set_timeouts(a, arg.timeout_ms > 0 ? arg.timeout_ms : 0);
-        c = curl_easy_perform(a->curl);
-        fclose(u.f);
-        curl_reset_method(a);
-        if (u.tty)
-                fputc('\n', stderr);
-        if (c != CURLE_OK)
-                return curl_error(a, c);
-        curl_easy_getinfo(a->curl, CURLINFO_RESPONSE_CODE, &a->status);
-        if (a->status < 200 || a->status > 299)
-                return http_error(a, "The cloud refused the package");
-        res = json_loadb(a->body.data ?: "", a->body.len, 0, NULL);
-        if (!json_string_value(json_object_get(res, "url"))) {
-                json_decref(res);
-                return log_error_errno(-EBADMSG, "Malformed response from %s: no \"url\"", a->base);
-        }
-        *ret_url = strdup(json_string_value(json_object_get(res, "url")));
-        json_decref(res);
-        log_info("Uploaded %s (%" PRIu64 " bytes)", path, deb->size);
-        return *ret_url ? 0 : -ENOMEM;
-}
-
 static int ota_upload(Api *a, char **args, int n) {
         _cleanup_(deb_info_done) DebInfo deb = {};
         _cleanup_free_ char *url = NULL;
@@ -458,7 +214,7 @@ static int ota_upload(Api *a, char **args, int n) {
         r = deb_info(args[0], &deb);
         if (r < 0)
                 return r;
-        r = upload(a, args[0], &deb, &url);
+        r = ota_upload_artifact(a, args[0], &deb, &url);
         if (r < 0)
                 return r;
         printf("%s\n", url);
@@ -490,7 +246,7 @@ static void job_show(json_t *job, char **last_state, bool tty) {
         bool changed = !*last_state || !streq(*last_state, state);
 
         if (tty && streq(state, "downloading") && json_is_object(p)) {
-                bar("downloading", (uint64_t)json_integer_value(json_object_get(p, "bytes")),
+                ota_bar("downloading", (uint64_t)json_integer_value(json_object_get(p, "bytes")),
                     (uint64_t)json_integer_value(json_object_get(p, "total")));
                 if (changed) {
                         free(*last_state);
@@ -599,7 +355,7 @@ static int start_job(Api *a, const char *device, const char *manifest, json_t **
         c = curl_easy_perform(a->curl);
         curl_easy_setopt(a->curl, CURLOPT_HTTPHEADER, a->headers);
         curl_slist_free_all(headers);
-        curl_reset_method(a);
+        ota_curl_reset_method(a);
         if (c != CURLE_OK)
                 return curl_error(a, c);
         curl_easy_getinfo(a->curl, CURLINFO_RESPONSE_CODE, &a->status);
@@ -632,12 +388,12 @@ static int ota_job_start(Api *a, const char *device, const char *path) {
         r = name_check(device, PROTO_NAME_DEVICE);
         if (r < 0)
                 return r;
-        if (!arg.ota_manifest && !key_path())
+        if (!arg.ota_manifest && !ota_key_path())
                 return cli_usage_error("No update key: give --key FILE or set TETHER_OTA_KEY, or --manifest FILE");
         r = deb_info(path, &deb);
         if (r < 0)
                 return r;
-        r = upload(a, path, &deb, &url);
+        r = ota_upload_artifact(a, path, &deb, &url);
         if (r < 0)
                 return r;
         if (arg.ota_manifest) {
@@ -645,7 +401,7 @@ static int ota_job_start(Api *a, const char *device, const char *path) {
                 Manifest m = {};
                 const char *err;
 
-                r = read_file(arg.ota_manifest, MANIFEST_MAX, &manifest, &len);
+                r = cli_read_file(arg.ota_manifest, MANIFEST_MAX, &manifest, &len);
                 if (r < 0)
                         return r;
                 /* Catch the wrong file here rather than on the device. */

@@ -1514,6 +1514,7 @@ static void help(void) {
                "        --reason TEXT             why, for the audit log and the event\n"
                "  unrevoke DEVICE               let a revoked device connect again\n"
                "  ota ...                       signed package updates ('tether ota --help')\n"
+               "  campaign ...                  phased updates of many devices ('tether campaign --help')\n"
                "  tokens create --scope S...    make an API token (admin); shows it once\n"
                "        --scope SCOPE             devices:read, devices:write, functions:call,\n"
                "                                  events:read, events:publish, ota:write,\n"
@@ -1615,7 +1616,29 @@ static const struct {
         { "provision", cmd_provision }, { "webhooks", cmd_webhooks }, { "integrations", cmd_integrations },
         { "rename", cmd_rename },   { "notes", cmd_notes },       { "tag", cmd_tag },
         { "untag", cmd_untag },
+        { "campaign", cmd_campaign },
 };
+
+/* Where the command word is, when it is "campaign" (which parses its own
+ * options after it), else argc: the global options before it, each with
+ * its argument when it takes one. */
+static int campaign_word(int argc, char **argv) {
+        static const char *const with_arg[] = { "--api", "--token", "--cacert", "--timeout" };
+
+        for (int i = 1; i < argc; i++) {
+                bool takes = false;
+
+                if (streq(argv[i], "--"))
+                        return i + 1 < argc && streq(argv[i + 1], "campaign") ? i + 1 : argc;
+                if (argv[i][0] != '-')
+                        return streq(argv[i], "campaign") ? i : argc;
+                for (size_t k = 0; k < ELEMENTSOF(with_arg); k++)
+                        takes = takes || streq(argv[i], with_arg[k]);
+                if (takes)
+                        i++;
+        }
+        return argc;
+}
 
 static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_optind) {
         static const struct option options[] = {
@@ -1661,11 +1684,13 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
         };
         const char *cmd, *expires = NULL;
         bool ota_opts = false, help_seen = false, token_opts = false, audit_opts = false, list_opts = false;
+        int campaign;
         char *end;
         int c;
 
         opterr = 0;
-        while ((c = getopt_long(argc, argv, ":h", options, NULL)) >= 0) {
+        campaign = campaign_word(argc, argv);
+        while ((c = getopt_long(campaign, argv, ":h", options, NULL)) >= 0) {
                 switch (c) {
                 case 'h':
                         help_seen = true;
@@ -1864,6 +1889,19 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
                 }
         }
 
+        if (campaign < argc) {
+                if (help_seen) {
+                        campaign_help();
+                        return 0;
+                }
+                if (optind < campaign)
+                        return cli_usage_error("Unexpected argument '%s' before 'campaign'", argv[optind]);
+                if (ota_opts || token_opts || audit_opts || expires || arg.device || arg.n_ota_tags || arg.reason)
+                        return cli_usage_error("Give the options of 'campaign' after the word 'campaign'");
+                *ret_func = cmd_campaign;
+                *ret_optind = campaign + 1;
+                return 1;
+        }
         if (help_seen) {
                 if (optind < argc && streq(argv[optind], "ota"))
                         ota_help();

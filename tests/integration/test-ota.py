@@ -374,16 +374,17 @@ def test_final_report_exactly_once(w):
 
 
 def test_job_busy_and_retry(w):
-    """A second job while one runs is refused with 'busy'; the first ends."""
+    """A second job while one is open is refused by the cloud (409, naming
+    the open job), never sent; the first ends."""
     o = setup(w)
     sig = o.fifo("signal")
     o.fifo("hold")
     v2 = plugin_deb(o.debs, "2.0", scripts={"postinst": blocking_script(["configure"], sig, "configuring")})
     job = o.start_job(o.sign(v2, o.upload(v2)))
     o.wait_fifo(sig)
-    other = o.start_job(o.sign(v2, o.upload(v2)))
-    j = o.wait_job(other)
-    expect(j["state"] == "rejected" and j["code"] == "busy", f"second job: {j['state']}/{j.get('code')}")
+    st, body = o.api("PUT", f"/v1/devices/{o.agent.device_id}", {"manifest": o.sign(v2, o.upload(v2))})
+    want = f"device {o.agent.device_id} has an open job {job}"
+    expect(st == 409 and body.get("error") == want and body.get("job") == job, f"second job: HTTP {st} {body}")
     # unblock: kill the blocked postinst's dpkg run; the job rolls back
     o.kill_everything(o.agent)
     restart(o, o.agent, "agent2")
