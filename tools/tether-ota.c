@@ -33,16 +33,18 @@ void ota_help(void) {
                "                                  until it is committed or given up\n"
                "  ota DEVICE FILE.deb --manifest M  the same with a manifest signed beforehand\n"
                "  ota start DEVICE FILE.deb ...   the same (for a device named like a command)\n"
-               "  ota sign FILE.deb --key KEY --url URL --device ID   print a signed manifest\n"
+               "  ota sign FILE.deb --key KEY --device ID [--url URL]   print a signed manifest\n"
                "  ota keygen PRIVATE.pem PUBLIC.pem       make an Ed25519 update key pair\n"
                "  ota keyid KEY.pem                        print a key's id\n"
-               "  ota upload FILE.deb                      upload only; print the artifact URL\n"
+               "  ota upload FILE.deb                      upload only; print the artifact's HTTPS URL\n"
+               "                                           (or its SHA-256 without the HTTPS server)\n"
                "  ota status JOB                           show a job\n"
                "  ota jobs                                 list jobs\n"
                "\n"
                "Options:\n"
                "  --key FILE          Ed25519 private update key ($TETHER_OTA_KEY)\n"
-               "  --url URL           https:// URL the device downloads the .deb from (sign)\n"
+               "  --url URL           https:// URL the device downloads the .deb from (default:\n"
+               "                      none, the device fetches it from the cloud over its connection)\n"
                "  --manifest FILE     a signed manifest (instead of --key)\n"
                "  --output FILE       write the manifest there instead of stdout (sign)\n"
                "  --valid-for DUR     the manifest expires after DUR (3600, 12h, 7d; default 7d)\n"
@@ -305,8 +307,6 @@ static int ota_sign(char **args, int n) {
 
         if (n != 1)
                 return cli_usage_error("'ota sign' takes FILE.deb");
-        if (!arg.ota_url)
-                return cli_usage_error("'ota sign' needs --url URL (where devices download the package)");
         r = deb_info(args[0], &deb);
         if (r < 0)
                 return r;
@@ -368,8 +368,9 @@ static void curl_reset_method(Api *a) {
         curl_easy_setopt(a->curl, CURLOPT_POSTFIELDS, NULL);
 }
 
-/* The artifact's URL for the device; uploads the file unless the cloud has
- * it already. */
+/* Uploads the file unless the cloud has it already; *ret_url is the
+ * artifact's URL on the cloud's HTTPS artifact server, NULL when the cloud
+ * runs none (devices fetch it over their connection). */
 static int upload(Api *a, const char *path, const DebInfo *deb, char **ret_url) {
         _cleanup_free_ char *url = NULL;
         Upload u = { .size = deb->size, .tty = isatty(STDERR_FILENO), .last_pct = -1 };
@@ -397,15 +398,16 @@ static int upload(Api *a, const char *path, const DebInfo *deb, char **ret_url) 
                 const char *s;
 
                 res = json_loadb(a->body.data ?: "", a->body.len, 0, NULL);
-                s = json_string_value(json_object_get(res, "url"));
-                if (!s) {
+                if (!json_is_object(res)) {
                         json_decref(res);
-                        return log_error_errno(-EBADMSG, "Malformed response from %s: no \"url\"", a->base);
+                        return log_error_errno(-EBADMSG, "Malformed response from %s", a->base);
                 }
-                *ret_url = strdup(s);
+                /* No "url": the cloud serves it over the devices' connections only. */
+                s = json_string_value(json_object_get(res, "url"));
+                *ret_url = s ? strdup(s) : NULL;
                 json_decref(res);
                 log_info("The cloud has %s already", deb->sha256);
-                return *ret_url ? 0 : -ENOMEM;
+                return !s || *ret_url ? 0 : -ENOMEM;
         }
         if (a->status != 404)
                 return http_error(a, NULL);
@@ -438,14 +440,18 @@ static int upload(Api *a, const char *path, const DebInfo *deb, char **ret_url) 
         if (a->status < 200 || a->status > 299)
                 return http_error(a, "The cloud refused the package");
         res = json_loadb(a->body.data ?: "", a->body.len, 0, NULL);
-        if (!json_string_value(json_object_get(res, "url"))) {
+        if (!json_is_object(res)) {
                 json_decref(res);
-                return log_error_errno(-EBADMSG, "Malformed response from %s: no \"url\"", a->base);
+                return log_error_errno(-EBADMSG, "Malformed response from %s", a->base);
         }
-        *ret_url = strdup(json_string_value(json_object_get(res, "url")));
-        json_decref(res);
-        log_info("Uploaded %s (%" PRIu64 " bytes)", path, deb->size);
-        return *ret_url ? 0 : -ENOMEM;
+        {
+                const char *s = json_string_value(json_object_get(res, "url"));
+
+                *ret_url = s ? strdup(s) : NULL;
+                json_decref(res);
+                log_info("Uploaded %s (%" PRIu64 " bytes)", path, deb->size);
+                return !s || *ret_url ? 0 : -ENOMEM;
+        }
 }
 
 static int ota_upload(Api *a, char **args, int n) {
@@ -461,7 +467,7 @@ static int ota_upload(Api *a, char **args, int n) {
         r = upload(a, args[0], &deb, &url);
         if (r < 0)
                 return r;
-        printf("%s\n", url);
+        printf("%s\n", url ? url : deb.sha256);
         return 0;
 }
 
@@ -669,7 +675,9 @@ static int ota_job_start(Api *a, const char *device, const char *path) {
                         return log_error_errno(r, "The manifest '%s' is for another file than '%s'",
                                                arg.ota_manifest, path);
         } else {
-                r = make_manifest(&deb, url, device, &manifest, &len);
+                /* Over the device's connection unless --url names a server
+                 * (the cloud's own HTTPS artifact server or another). */
+                r = make_manifest(&deb, arg.ota_url, device, &manifest, &len);
                 if (r < 0)
                         return r;
         }
