@@ -54,6 +54,7 @@ typedef struct Pending {
         Token token;
         sd_event_source *timer;
         conn_request_fn cb;
+        conn_block_fn block_cb; /* instead of cb: conn_request_block2() */
         void *userdata;
 } Pending;
 
@@ -576,6 +577,15 @@ void conn_describe_changed(Conn *c) {
                 send_describe_changed(c);
 }
 
+/* Answer q with an error and free it. */
+static void pending_fail(Pending *q, int error) {
+        if (q->block_cb)
+                q->block_cb(error, 0, NULL, NULL, 0, 0, q->userdata);
+        else
+                q->cb(error, 0, NULL, 0, 0, q->userdata);
+        free(q);
+}
+
 static int on_request_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         Pending *q = userdata;
         Conn *c = q->conn;
@@ -586,16 +596,16 @@ static int on_request_timeout(sd_event_source *s, uint64_t usec, void *userdata)
                         break;
                 }
         sd_event_source_disable_unref(q->timer);
-        q->cb(-ETIMEDOUT, 0, NULL, 0, 0, q->userdata);
-        free(q);
+        pending_fail(q, -ETIMEDOUT);
         return 0;
 }
 
-int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload, size_t len,
-                 int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata) {
+static int request_send(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload,
+                        size_t len, int content_format, int64_t block2, uint64_t timeout_ms, conn_request_fn cb,
+                        conn_block_fn block_cb, void *userdata) {
         Pending *q;
         coap_pdu_t *pdu;
-        uint8_t cf[2];
+        uint8_t cf[2], b2[4];
         int r;
 
         if (c->state != CONN_CONNECTED || !c->session)
@@ -609,6 +619,8 @@ int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, 
                 return -ENOMEM;
         }
         if (add_path(pdu, path0, rest) < 0 ||
+            (block2 >= 0 &&
+             !coap_add_option(pdu, COAP_OPTION_BLOCK2, coap_encode_var_safe(b2, sizeof(b2), (unsigned)block2), b2)) ||
             (content_format >= 0 &&
              !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
                               coap_encode_var_safe(cf, sizeof(cf), (unsigned)content_format), cf)) ||
@@ -631,11 +643,52 @@ int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, 
         }
         q->conn = c;
         q->cb = cb;
+        q->block_cb = block_cb;
         q->userdata = userdata;
         q->next = c->pending;
         c->pending = q;
         kick(c);
         return 0;
+}
+
+int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload, size_t len,
+                 int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata) {
+        return request_send(c, method, path0, rest, payload, len, content_format, -1, timeout_ms, cb, NULL, userdata);
+}
+
+int conn_request_block2(Conn *c, const char *path0, const char *rest, uint32_t num, unsigned szx, uint64_t timeout_ms,
+                        conn_block_fn cb, void *userdata) {
+        if (szx > 7 || num >= (1u << 20))
+                return -EINVAL;
+        return request_send(c, COAP_REQUEST_CODE_GET, path0, rest, NULL, 0, -1, (int64_t)(num << 4 | szx), timeout_ms,
+                            NULL, cb, userdata);
+}
+
+/* The Block2, Size2 and ETag options of a response. */
+static void block_options(const coap_pdu_t *rcvd, ConnBlock *ret) {
+        coap_opt_iterator_t it;
+        coap_opt_t *opt;
+
+        *ret = (ConnBlock){};
+        opt = coap_check_option(rcvd, COAP_OPTION_BLOCK2, &it);
+        if (opt && coap_opt_length(opt) <= 3) {
+                unsigned v = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
+
+                ret->have_block2 = true;
+                ret->num = v >> 4;
+                ret->more = v & 8;
+                ret->szx = v & 7;
+        }
+        opt = coap_check_option(rcvd, COAP_OPTION_SIZE2, &it);
+        if (opt && coap_opt_length(opt) <= 8) {
+                ret->have_size2 = true;
+                ret->size2 = coap_decode_var_bytes8(coap_opt_value(opt), coap_opt_length(opt));
+        }
+        opt = coap_check_option(rcvd, COAP_OPTION_ETAG, &it);
+        if (opt && coap_opt_length(opt) <= sizeof(ret->etag)) {
+                ret->etag_len = coap_opt_length(opt);
+                memcpy(ret->etag, coap_opt_value(opt), ret->etag_len);
+        }
 }
 
 /* --- incoming ---------------------------------------------------------- */
@@ -658,6 +711,7 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
         coap_pdu_code_t code = coap_pdu_get_code(rcvd);
         const uint8_t *data = NULL;
         size_t len = 0;
+        uint32_t retry;
         InFlight *f;
 
         if (!c || session != c->session)
@@ -672,9 +726,14 @@ static coap_response_t on_response(coap_session_t *session, const coap_pdu_t *se
                         continue;
                 *p = q->next;
                 sd_event_source_disable_unref(q->timer);
-                q->cb(0, code, data, len,
-                      code == COAP_RESPONSE_CODE(429) || code == COAP_RESPONSE_CODE(503) ? retry_after(rcvd) : 0,
-                      q->userdata);
+                retry = code == COAP_RESPONSE_CODE(429) || code == COAP_RESPONSE_CODE(503) ? retry_after(rcvd) : 0;
+                if (q->block_cb) {
+                        ConnBlock b;
+
+                        block_options(rcvd, &b);
+                        q->block_cb(0, code, &b, data, len, retry, q->userdata);
+                } else
+                        q->cb(0, code, data, len, retry, q->userdata);
                 free(q);
                 return COAP_RESPONSE_OK;
         }
@@ -1154,8 +1213,7 @@ static void fail_pending(Conn *c) {
 
                 list = q->next;
                 sd_event_source_disable_unref(q->timer);
-                q->cb(-ENOTCONN, 0, NULL, 0, 0, q->userdata);
-                free(q);
+                pending_fail(q, -ENOTCONN);
         }
 }
 

@@ -114,6 +114,33 @@ void conn_describe_changed(Conn *c);
 int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload, size_t len,
                  int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata);
 
+/* What a response to conn_request_block2() said besides its code:
+ * Block2 (have_block2; num, more, szx: 7 is BERT, where num counts
+ * 1024-byte units), Size2 (have_size2) and the ETag (etag_len 0: none;
+ * at most 8 bytes). */
+typedef struct ConnBlock {
+        bool have_block2, more, have_size2;
+        uint32_t num;
+        unsigned szx;
+        uint64_t size2;
+        uint8_t etag[8];
+        size_t etag_len;
+} ConnBlock;
+
+/* The answer to conn_request_block2(): as conn_request_fn, with the
+ * response's block options in *block (NULL when error < 0); valid during
+ * the call only. */
+typedef void (*conn_block_fn)(int error, unsigned code, const ConnBlock *block, const uint8_t *data, size_t len,
+                              uint32_t retry_sec, void *userdata);
+
+/* GET /path0[/rest] with a Block2 option asking for block num of size szx
+ * (0..6: 16 << szx bytes; 7: BERT, RFC 8323), for a block-wise download
+ * (docs/protocol.md, "Artifacts"). As conn_request(): only while
+ * connected (-ENOTCONN otherwise); cb runs exactly once, never from
+ * within this call: -ENOTCONN when the connection goes first (also from
+ * conn_free()), -ETIMEDOUT after timeout_ms. */
+int conn_request_block2(Conn *c, const char *path0, const char *rest, uint32_t num, unsigned szx, uint64_t timeout_ms,
+                        conn_block_fn cb, void *userdata);
 bool conn_is_connected(Conn *c);
 /* The [Cloud] Host= entry connected to, being tried, or (while backing
  * off) tried last; the first one before any attempt. *ret_index (may be

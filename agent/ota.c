@@ -17,6 +17,7 @@
 #include "log.h"
 #include "manifest.h"
 #include "ota-download.h"
+#include "ota-download-coap.h"
 #include "ota-journal.h"
 #include "ota.h"
 #include "proto.h"
@@ -44,7 +45,9 @@ struct Ota {
         bool have_manifest;
 
         /* download */
-        OtaDownload *download;
+        OtaDownload *download;          /* HTTPS: the manifest has a url */
+        OtaCoapDownload *coap_download; /* over the connection: it has none */
+        bool dl_wait_connected;         /* a CoAP download waits for the connection */
         sd_event_source *retry_timer;
         uint64_t dl_bytes;
         uint64_t dl_reported;
@@ -347,7 +350,7 @@ static int on_progress_timer(sd_event_source *s, uint64_t usec, void *userdata) 
         char text[128];
 
         sd_event_source_set_time_relative(s, o->config->ota.progress_interval_ms * 1000);
-        if (!o->download || o->progress_inflight || !o->connected || o->dl_bytes == o->dl_reported ||
+        if ((!o->download && !o->coap_download) || o->progress_inflight || !o->connected || o->dl_bytes == o->dl_reported ||
             o->j.seq > o->acked_seq)
                 return 0;
         snprintf(text, sizeof(text), "{\"state\":\"downloading\",\"bytes\":%" PRIu64 ",\"total\":%" PRIu64 "}",
@@ -613,13 +616,25 @@ static int on_inotify(sd_event_source *s, const struct inotify_event *ev, void *
 
 /* ---- download and checks ----------------------------------------------------------- */
 
+static void download_stop(Ota *o) {
+        if (o->coap_download) {
+                const OtaCoapDownloadStats *st = ota_coap_download_stats(o->coap_download);
+
+                log_info("OTA job %s: %" PRIu64 " bytes in %" PRIu64 " block requests of %u bytes over the "
+                         "connection, from byte %" PRIu64,
+                         o->j.job, st->fetched, st->requests, st->block, st->resumed);
+        }
+        o->download = ota_download_free(o->download);
+        o->coap_download = ota_coap_download_free(o->coap_download);
+}
+
 static void download_failed(Ota *o, int error, const char *why_failed, bool restart) {
         char text[512];
         uint64_t delay;
 
         /* why_failed may point into the download: copy it before freeing. */
         snprintf(text, sizeof(text), "%s", why_failed ? why_failed : "unknown error");
-        o->download = ota_download_free(o->download);
+        download_stop(o);
         sd_event_source_set_enabled(o->progress_timer, SD_EVENT_OFF);
         if (restart) {
                 o->j.dl_offset = 0;
@@ -629,6 +644,13 @@ static void download_failed(Ota *o, int error, const char *why_failed, bool rest
         }
         if (error == -EFBIG) {
                 (void)move(o, OTA_STATE_REJECTED, "size", text);
+                remove_file(o, OTA_DOWNLOAD_FILE);
+                return;
+        }
+        if (error == -EPERM && !o->m.url) {
+                /* The cloud refused the artifact (4.03, 4.04): asking
+                 * again cannot help. */
+                (void)move(o, OTA_STATE_FAILED, "download", text);
                 remove_file(o, OTA_DOWNLOAD_FILE);
                 return;
         }
@@ -779,7 +801,7 @@ static void on_dl_done(void *userdata, int error, const char *sha256, const char
 
         if (error < 0)
                 return download_failed(o, error, text, restart);
-        o->download = ota_download_free(o->download);
+        download_stop(o);
         sd_event_source_set_enabled(o->progress_timer, SD_EVENT_OFF);
         o->dl_bytes = o->m.size;
         if (!streq(sha256, o->m.sha256)) {
@@ -794,15 +816,66 @@ static void on_dl_done(void *userdata, int error, const char *sha256, const char
         check_control(o);
 }
 
+static const OtaDownloadHooks download_hooks = {
+        .progress = on_dl_progress,
+        .checkpoint = on_dl_checkpoint,
+        .restarted = on_dl_restarted,
+        .done = on_dl_done,
+};
+
+/* No url in the manifest: GET /a/SHA256 over the connection, once it is
+ * up (ota_connection_changed() starts it then; a retry's backoff still
+ * comes first). */
+static void download_begin_coap(Ota *o, const char *path) {
+        OtaDownloadHooks hooks = download_hooks;
+        int r;
+
+        if (!o->connected) {
+                o->dl_wait_connected = true;
+                log_info("OTA job %s: the download waits for the connection to the cloud", o->j.job);
+                return;
+        }
+        o->dl_wait_connected = false;
+        hooks.userdata = o;
+        r = ota_coap_download_start(o->event, o->conn,
+                                    &(OtaCoapDownloadParams){
+                                            .sha256 = o->m.sha256,
+                                            .path = path,
+                                            .size = o->m.size,
+                                            .offset = o->j.dl_offset,
+                                            .prefix_sha256 = o->j.dl_sha256,
+                                            .etag = o->j.dl_etag,
+                                            .timeout_ms = o->config->ota.low_speed_ms,
+                                    },
+                                    &hooks, &o->coap_download);
+        if (r < 0) {
+                log_error_errno(r, "Cannot start the download of artifact %s: %m", o->m.sha256);
+                download_failed(o, r, "cannot start the download", false);
+                return;
+        }
+        if (!o->dl_started_usec)
+                o->dl_started_usec = now_usec();
+        o->dl_bytes = o->j.dl_offset;
+        log_info("OTA job %s: downloading artifact %s over the connection to the cloud%s", o->j.job, o->m.sha256,
+                 o->j.dl_offset ? " (resuming)" : "");
+        sd_event_source_set_time_relative(o->progress_timer, o->config->ota.progress_interval_ms * 1000);
+        sd_event_source_set_enabled(o->progress_timer, SD_EVENT_ON);
+}
+
 static void download_begin(Ota *o) {
         _cleanup_free_ char *path = NULL;
         OtaDownloadParams p;
         int r;
 
-        if (o->download || o->check_pid || !o->have_manifest || o->j.state != OTA_STATE_DOWNLOADING)
+        if (o->download || o->coap_download || o->check_pid || !o->have_manifest ||
+            o->j.state != OTA_STATE_DOWNLOADING)
                 return;
         if (state_path(o, OTA_DOWNLOAD_FILE, &path) < 0)
                 return;
+        if (!o->m.url) {
+                download_begin_coap(o, path);
+                return;
+        }
         p = (OtaDownloadParams){
                 .url = o->m.url,
                 .path = path,
@@ -816,13 +889,12 @@ static void download_begin(Ota *o) {
                 .low_speed_bytes = o->config->ota.low_speed_bytes,
                 .low_speed_ms = o->config->ota.low_speed_ms,
         };
-        r = ota_download_start(o->event, &p,
-                               &(OtaDownloadHooks){ .userdata = o,
-                                                    .progress = on_dl_progress,
-                                                    .checkpoint = on_dl_checkpoint,
-                                                    .restarted = on_dl_restarted,
-                                                    .done = on_dl_done },
-                               &o->download);
+        {
+                OtaDownloadHooks hooks = download_hooks;
+
+                hooks.userdata = o;
+                r = ota_download_start(o->event, &p, &hooks, &o->download);
+        }
         if (r < 0) {
                 log_error_errno(r, "Cannot start the download of '%s': %m", o->m.url);
                 download_failed(o, r, "cannot start the download", false);
@@ -1042,6 +1114,8 @@ void ota_connection_changed(Ota *o, bool connected) {
                 o->connected_since = now_usec();
                 report_state(o);
                 health_check(o);
+                if (o->dl_wait_connected && sd_event_source_get_enabled(o->retry_timer, NULL) <= 0)
+                        download_begin(o);
         } else {
                 sd_event_source_set_enabled(o->trial_timer, SD_EVENT_OFF);
                 o->report_inflight = o->progress_inflight = false;
@@ -1124,6 +1198,7 @@ Ota *ota_free(Ota *o) {
         if (!o)
                 return NULL;
         o->download = ota_download_free(o->download);
+        o->coap_download = ota_coap_download_free(o->coap_download);
         if (o->check_pid > 0) {
                 (void)kill(o->check_pid, SIGKILL);
                 (void)waitpid(o->check_pid, NULL, 0);

@@ -7,6 +7,12 @@
  * errno values; ret_* parameters are untouched on failure. */
 #pragma once
 
+#include <limits.h>
+
+/* [OTA] Port= not given: devices fetch artifacts over their CoAP
+ * connection only, and no HTTPS artifact server runs. */
+#define CLOUD_CONFIG_PORT_UNSET UINT_MAX
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -78,7 +84,7 @@ typedef struct CloudConfig {
         /* [OTA]: artifact hosting is on when ota_dir is set */
         char *ota_dir;
         char *ota_listen; /* NULL: [Cloud] Listen= */
-        unsigned ota_port;
+        unsigned ota_port;    /* CLOUD_CONFIG_PORT_UNSET: no HTTPS artifact server */
         char *ota_public_url; /* NULL: https://LISTEN:PORT */
         unsigned ota_max_artifact_mb;
 

@@ -70,6 +70,13 @@ static void cloud_ota_request(void *userdata, Device *d, const coap_pdu_t *reque
         ota_device_request(c->ota, d, request, job, response);
 }
 
+static void cloud_artifact_request(void *userdata, Device *d, const coap_pdu_t *request, const char *sha256,
+                                   coap_pdu_t *response) {
+        Cloud *c = userdata;
+
+        ota_device_artifact(c->ota, d, request, sha256, response);
+}
+
 static void cloud_device_gone(void *userdata, const Device *d) {
         Cloud *c = userdata;
 
@@ -609,6 +616,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .userdata = c,
                 .event_request = cloud_event_request,
                 .ota_request = cloud_ota_request,
+                .artifact_request = cloud_artifact_request,
                 .device_gone = cloud_device_gone,
                 .peer_check = cloud_peer_check,
                 .device_bound = cloud_device_bound,

@@ -750,7 +750,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->device_byte_burst = 4 * 1024 * 1024;
         c->device_journal_share = 25;
         c->backlog_max_mb = 1024;
-        c->ota_port = 5685;
+        c->ota_port = CLOUD_CONFIG_PORT_UNSET;
         c->ota_max_artifact_mb = 1024;
         c->sign_timeout_sec = 30;
         c->sign_concurrency = 4;
@@ -774,6 +774,10 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
                                        path);
         if (c->ota_public_url && !startswith(c->ota_public_url, "https://"))
                 return log_error_errno(-EINVAL, "%s: [OTA] PublicURL= must start with https://.", path);
+        if (c->ota_public_url && c->ota_port == CLOUD_CONFIG_PORT_UNSET)
+                log_warning("%s: [OTA] PublicURL= is set but Port= is not: no HTTPS artifact server runs, devices "
+                            "fetch artifacts over their connection.",
+                            path);
         if (c->device_timeout_sec <= c->ping_sec)
                 log_warning("%s: DeviceTimeoutSec=%u is not above PingSec=%u: idle devices will be dropped.",
                             path, c->device_timeout_sec, c->ping_sec);

@@ -1854,6 +1854,38 @@ static void devices_enroll_request(Session *c, const coap_pdu_t *request, coap_p
         devs->hooks.enroll_request(devs->hooks.userdata, ip, request, response);
 }
 
+/* GET /a/SHA256: blocks of an OTA artifact are the largest answers a
+ * device asks for, so they count against MaxQueuedBytes with their
+ * payload (not only DEVICES_MSG_OVERHEAD); a device that has that much
+ * unread is told to wait instead (it reads, or its Pongs stop). */
+static void devices_artifact_request(Devices *devs, Session *c, Device *d, const coap_pdu_t *request,
+                                     const char *sha256, coap_pdu_t *response) {
+        const uint8_t *data;
+        size_t len = 0;
+
+        if (!devs->hooks.artifact_request) {
+                devices_reply(response, COAP_RESPONSE_CODE(404), "unknown resource");
+                return;
+        }
+        if (device_unread(d) >= devs->config->max_queued_bytes) {
+                uint8_t buf[4];
+
+                coap_add_option(response, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), 1), buf);
+                devices_reply(response, COAP_RESPONSE_CODE(503), "not reading what is sent to it");
+                return;
+        }
+        devs->hooks.artifact_request(devs->hooks.userdata, d, request, sha256, response);
+        if (coap_get_data(response, &len, &data) && len > 0) {
+                d->tx_bytes += len;
+                if (device_unread(d) >= devs->config->max_queued_bytes / 2 && !d->ping_outstanding &&
+                    d->next_ping > 0) {
+                        /* Proof of reading soon, from the loop. */
+                        d->next_ping = 0;
+                        device_arm_ping(d);
+                }
+        }
+}
+
 static void devices_request_handler(coap_resource_t *resource, coap_session_t *session,
                                     const coap_pdu_t *request, const coap_string_t *query,
                                     coap_pdu_t *response) {
@@ -1946,6 +1978,8 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
                 devices_reply(response, COAP_RESPONSE_CODE(400), "name too long");
         else if (streq(first, PROTO_PATH_OTA) && nseg == 2 && !too_long)
                 devs->hooks.ota_request(devs->hooks.userdata, d, request, rest, response);
+        else if (streq(first, PROTO_PATH_ARTIFACT) && nseg == 2 && !too_long)
+                devices_artifact_request(devs, c, d, request, rest, response);
         else if (streq(first, PROTO_PATH_CERT) && nseg == 1) {
                 char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
 

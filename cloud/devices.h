@@ -36,6 +36,12 @@ typedef struct DevicesHooks {
         /* A device's request on /o/JOB: fill response. */
         void (*ota_request)(void *userdata, Device *d, const coap_pdu_t *request, const char *job,
                             coap_pdu_t *response);
+        /* A device's request on /a/SHA256 (an OTA artifact, Block2): fill
+         * response. The answer's payload counts against the device's
+         * MaxQueuedBytes; a device past it is answered 5.03 + Max-Age
+         * without calling this. */
+        void (*artifact_request)(void *userdata, Device *d, const coap_pdu_t *request, const char *sha256,
+                                 coap_pdu_t *response);
         /* The device's session closed or was replaced (also from
          * devices_free()): what belongs to that session must go. */
         void (*device_gone)(void *userdata, const Device *d);

@@ -51,6 +51,14 @@
 #define OTA_PEM_MAX (256 * 1024)
 /* GnuTLS priorities of the artifact server: TLS 1.2 and 1.3 only. */
 #define OTA_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+/* GET /a/SHA256 (docs/protocol.md, "Artifacts"): the largest BERT block,
+ * what the token and options need besides the payload, the ETag (the
+ * first bytes of the SHA-256), and Max-Age of a 5.03 while a cluster node
+ * waits for the artifact from the stream. */
+#define OTA_COAP_BERT_MAX (64 * 1024)
+#define OTA_COAP_OPTIONS_ROOM 64
+#define OTA_COAP_ETAG_LEN 8
+#define OTA_COAP_RETRY_SEC 5
 
 typedef struct OtaJob {
         Ota *ota;
@@ -78,6 +86,10 @@ typedef struct OtaJob {
         /* The signed manifest while the job is "sent" (kept in the Store
          * so that the request can be sent again after a restart), else NULL. */
         char *manifest;
+        /* The manifest's sha256: the artifact the device may fetch over
+         * its connection while the job is open (GET /a/SHA256). NULL for
+         * jobs made before it was kept. */
+        char *sha256;
         /* Loaded "sent" at start: the request goes out again when the
          * device connects (ota_device_online()). */
         bool resend;
@@ -165,6 +177,7 @@ struct Ota {
         Artifacts *artifacts; /* cluster mode: uploads go into the stream too (NULL: single node) */
         bool cluster;
         bool running; /* from the start of ota_new() to the start of ota_free() */
+        uint8_t block[OTA_COAP_BERT_MAX]; /* one block of GET /a/SHA256, read and copied into the answer */
 };
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -244,6 +257,9 @@ static const char *const ota_schema[] = {
         "  updated_at TEXT NOT NULL,"
         "  manifest TEXT);"
         "CREATE INDEX ota_jobs_device ON ota_jobs (device);",
+        /* 2: the artifact a job names, for GET /a/SHA256 on the device's
+         * connection (jobs made before have none). */
+        "ALTER TABLE ota_jobs ADD COLUMN sha256 TEXT;",
 };
 
 static int bind_text(sqlite3_stmt *st, int i, const char *v) {
@@ -305,6 +321,8 @@ static int job_store(OtaJob *j, bool commit) {
                 rc = sqlite3_bind_text(st, 16, j->updated, -1, SQLITE_TRANSIENT);
         if (rc == SQLITE_OK)
                 rc = bind_text(st, 17, j->manifest);
+        if (rc == SQLITE_OK)
+                rc = bind_text(st, 18, j->sha256);
         r = stmt_run(ota, st, rc, "recording an OTA job");
         if (r >= 0 && commit)
                 r = store_commit(ota->store);
@@ -485,6 +503,7 @@ static void job_free(OtaJob *j) {
         free(j->code);
         free(j->reason);
         free(j->manifest);
+        free(j->sha256);
         json_decref(j->history);
         free(j);
 }
@@ -773,6 +792,8 @@ unsigned ota_api_start_job(Ota *ota, Device *d, json_t *params, json_t **ret_bod
         }
 
         j = job_new(ota, id, device_id(d), man.package, man.version);
+        if (j)
+                j->sha256 = TAKE_PTR(man.sha256);
         manifest_done(&man);
         if (!j) {
                 *ret_body = NULL;
@@ -818,7 +839,7 @@ static char *column_strdup(sqlite3_stmt *st, int i, bool *oom) {
 
 #define OTA_JOB_COLUMNS                                                                                           \
         "id, device, package, version, state, code, reason, bytes, total, seq, device_seq, closed, final_seq, "  \
-        "history, created_at, updated_at, manifest"
+        "history, created_at, updated_at, manifest, sha256"
 
 /* The job of a row of ota_jobs (its columns as OTA_JOB_COLUMNS), not in
  * the list yet: -EINVAL for a row this program could not have written,
@@ -861,6 +882,11 @@ static int job_from_row(Ota *ota, sqlite3_stmt *st, OtaJob **ret) {
         snprintf(j->created, sizeof(j->created), "%s", created);
         snprintf(j->updated, sizeof(j->updated), "%s", updated);
         j->manifest = column_strdup(st, 16, &oom);
+        j->sha256 = column_strdup(st, 17, &oom);
+        if (j->sha256 && !manifest_sha256_valid(j->sha256)) {
+                free(j->sha256);
+                j->sha256 = NULL;
+        }
         if (oom || !j->history) {
                 job_free(j);
                 return -ENOMEM;
@@ -993,6 +1019,7 @@ static void job_take(OtaJob *j, OtaJob *from) {
         SWAP_PTR(j->reason, from->reason);
         SWAP_PTR(j->history, from->history);
         SWAP_PTR(j->manifest, from->manifest);
+        SWAP_PTR(j->sha256, from->sha256);
         j->bytes = from->bytes;
         j->total = from->total;
         j->seq = from->seq;
@@ -1397,6 +1424,159 @@ void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const ch
 
 /* ---- API: waiting for a job to change ----------------------------------------- */
 
+/* ---- artifacts over the device's connection (GET /a/SHA256) ---------------------- */
+
+/* Why a device may fetch sha256: an open job of its own names it. A job
+ * is open until the device ended it (its final report, or its answer
+ * refused the job); one the cloud failed itself stays open, as for the
+ * device's reports. *ret_known: some job, of any device, names it. */
+static bool artifact_allowed(Ota *ota, const Device *d, const char *sha256, bool *ret_known) {
+        bool known = false;
+
+        for (const OtaJob *j = ota->jobs; j; j = j->next) {
+                if (!j->sha256 || !streq(j->sha256, sha256))
+                        continue;
+                known = true;
+                if (!j->closed && streq(j->device, device_id(d))) {
+                        *ret_known = true;
+                        return true;
+                }
+        }
+        *ret_known = known;
+        return false;
+}
+
+static void artifact_reply(coap_pdu_t *response, coap_pdu_code_t code, unsigned max_age, const char *text) {
+        uint8_t buf[4];
+
+        coap_pdu_set_code(response, code);
+        coap_add_option(response, COAP_OPTION_CONTENT_FORMAT, coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_TEXT),
+                        buf);
+        if (max_age > 0)
+                coap_add_option(response, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), max_age), buf);
+        coap_add_data(response, strlen(text), (const uint8_t *)text);
+}
+
+static int artifact_path(Ota *ota, const char *sha256, char **ret);
+
+static uint8_t hex_nibble(char c) {
+        return (uint8_t)(c <= '9' ? c - '0' : c - 'a' + 10);
+}
+
+void ota_device_artifact(Ota *ota, Device *d, const coap_pdu_t *request, const char *sha256, coap_pdu_t *response) {
+        coap_session_t *session = device_session(d);
+        _cleanup_free_ char *path = NULL;
+        _cleanup_close_ int fd = -1;
+        coap_opt_iterator_t it;
+        coap_opt_t *opt;
+        uint8_t etag[OTA_COAP_ETAG_LEN], buf[8];
+        uint32_t v = 6; /* no Block2: the first 1024 bytes */
+        uint64_t unit, offset, len, max_pdu;
+        unsigned szx;
+        size_t done = 0;
+        struct stat st;
+        bool known;
+        char text[160];
+
+        if (coap_pdu_get_code(request) != COAP_REQUEST_CODE_GET)
+                return artifact_reply(response, COAP_RESPONSE_CODE(405), 0, "use GET on /a/SHA256");
+        if (!manifest_sha256_valid(sha256))
+                return artifact_reply(response, COAP_RESPONSE_CODE(404), 0, "no such artifact");
+        if (!artifact_allowed(ota, d, sha256, &known)) {
+                if (!known)
+                        return artifact_reply(response, COAP_RESPONSE_CODE(404), 0, "no such artifact");
+                log_debug("Device '%s' asked for artifact %s, which no open job of its own names: refused.",
+                          device_id(d), sha256);
+                return artifact_reply(response, COAP_RESPONSE_CODE(403), 0,
+                                      "no open update job of this device names this artifact");
+        }
+        opt = coap_check_option(request, COAP_OPTION_BLOCK2, &it);
+        if (opt) {
+                if (coap_opt_length(opt) > 3)
+                        return artifact_reply(response, COAP_RESPONSE_CODE(402), 0, "malformed Block2 option");
+                v = coap_decode_var_bytes(coap_opt_value(opt), coap_opt_length(opt));
+        }
+        szx = v & 7;
+        unit = szx == 7 ? 1024 : 1u << (szx + 4);
+        offset = (uint64_t)(v >> 4) * unit;
+        if (!ota->config->ota_dir || artifact_path(ota, sha256, &path) < 0)
+                return artifact_reply(response, COAP_RESPONSE_CODE(404), 0, "this cloud stores no artifacts");
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+                if (ota->cluster && ota->artifacts) {
+                        /* Uploaded to another node: it comes through the
+                         * stream (artifacts.c). */
+                        log_info("Device '%s' asked for artifact %s, which is not on this node yet.", device_id(d),
+                                 sha256);
+                        return artifact_reply(response, COAP_RESPONSE_CODE(503), OTA_COAP_RETRY_SEC,
+                                              "the artifact is not on this node yet: try again");
+                }
+                log_warning("Device '%s' asked for artifact %s of an open job, which is not stored in '%s'.",
+                            device_id(d), sha256, ota->config->ota_dir);
+                return artifact_reply(response, COAP_RESPONSE_CODE(404), 0, "the artifact is not stored here");
+        }
+        if (st.st_size <= 0 || offset >= (uint64_t)st.st_size) {
+                snprintf(text, sizeof(text), "block %" PRIu32 " (byte %" PRIu64 ") is beyond the artifact's %lld bytes",
+                         v >> 4, offset, (long long)st.st_size);
+                return artifact_reply(response, COAP_RESPONSE_CODE(402), 0, text);
+        }
+        /* Room for the token and options besides the payload; a device
+         * that takes smaller messages gets smaller blocks (RFC 7959 lets
+         * the server choose a smaller SZX; NUM follows). */
+        max_pdu = session ? coap_session_max_pdu_size(session) : 0;
+        if (szx == 7) {
+                len = max_pdu > OTA_COAP_OPTIONS_ROOM ? (max_pdu - OTA_COAP_OPTIONS_ROOM) / 1024 * 1024 : 0;
+                if (len > OTA_COAP_BERT_MAX)
+                        len = OTA_COAP_BERT_MAX;
+                if (len < 2048) {
+                        szx = 6;
+                        unit = 1024;
+                        len = 1024;
+                } else
+                        unit = 1024;
+        } else
+                len = unit;
+        while (szx > 0 && szx < 7 && unit + OTA_COAP_OPTIONS_ROOM > max_pdu) {
+                szx--;
+                unit >>= 1;
+                len = unit;
+        }
+        if (len > (uint64_t)st.st_size - offset)
+                len = (uint64_t)st.st_size - offset;
+        while (done < len) {
+                ssize_t n = pread(fd, ota->block + done, (size_t)(len - done), (off_t)(offset + done));
+
+                if (n < 0 && errno == EINTR)
+                        continue;
+                if (n <= 0) {
+                        log_error_errno(n < 0 ? errno : EIO, "Cannot read artifact '%s' at byte %" PRIu64 ": %m",
+                                        path, offset + done);
+                        return artifact_reply(response, COAP_RESPONSE_CODE(500), 0, "cannot read the artifact");
+                }
+                done += (size_t)n;
+        }
+        for (size_t i = 0; i < OTA_COAP_ETAG_LEN; i++)
+                etag[i] = (uint8_t)(hex_nibble(sha256[2 * i]) << 4 | hex_nibble(sha256[2 * i + 1]));
+        v = (uint32_t)(offset / unit) << 4 | (offset + len < (uint64_t)st.st_size ? 8u : 0u) | szx;
+        coap_pdu_set_code(response, COAP_RESPONSE_CODE(205));
+        /* In option number order. */
+        if (!coap_add_option(response, COAP_OPTION_ETAG, sizeof(etag), etag) ||
+            !coap_add_option(response, COAP_OPTION_CONTENT_FORMAT,
+                             coap_encode_var_safe(buf, sizeof(buf), PROTO_CF_OCTETS), buf) ||
+            !coap_add_option(response, COAP_OPTION_BLOCK2, coap_encode_var_safe(buf, sizeof(buf), v), buf) ||
+            !coap_add_option(response, COAP_OPTION_SIZE2,
+                             coap_encode_var_safe8(buf, sizeof(buf), (uint64_t)st.st_size), buf) ||
+            !coap_add_data(response, (size_t)len, ota->block)) {
+                coap_pdu_set_code(response, COAP_RESPONSE_CODE(500));
+                return;
+        }
+        if (offset == 0)
+                log_info("Device '%s' fetches artifact %s (%lld bytes) over its connection, %" PRIu64
+                         "-byte blocks.", device_id(d), sha256, (long long)st.st_size, len);
+        else
+                log_debug("Device '%s' fetches artifact %s from byte %" PRIu64 ".", device_id(d), sha256, offset);
+}
+
 static void waiter_unlink(OtaRequest *r) {
         if (!r->suspended)
                 return;
@@ -1489,24 +1669,20 @@ static enum MHD_Result queue_error(struct MHD_Connection *c, unsigned status, co
         return queue_json(c, status, json_pack("{s:b, s:s}", "ok", 0, "error", error));
 }
 
-static char *artifact_url(Ota *ota, const char *sha256) {
-        char *u;
 
-        if (asprintf(&u, "%s/ota/%s.deb", ota->public_url, sha256) < 0)
-                return NULL;
-        return u;
-}
 
 static int artifact_path(Ota *ota, const char *sha256, char **ret) {
         return asprintf(ret, "%s/%s.deb", ota->config->ota_dir, sha256) < 0 ? -ENOMEM : 0;
 }
 
+/* "url" only with the HTTPS artifact server ([OTA] Port=): without it
+ * devices fetch the artifact over their connection (GET /a/SHA256). */
 static json_t *artifact_json(Ota *ota, const char *sha256, uint64_t size) {
-        _cleanup_free_ char *url = artifact_url(ota, sha256);
+        _cleanup_free_ char *url = NULL;
 
-        return url ? json_pack("{s:b, s:s, s:I, s:s}", "ok", 1, "sha256", sha256, "size", (json_int_t)size, "url",
-                               url)
-                   : NULL;
+        if (ota->public_url && asprintf(&url, "%s/ota/%s.deb", ota->public_url, sha256) < 0)
+                return NULL;
+        return json_pack("{s:b, s:s, s:I, s:s*}", "ok", 1, "sha256", sha256, "size", (json_int_t)size, "url", url);
 }
 
 bool ota_api_owns(const char *url) {
@@ -2121,8 +2297,8 @@ int ota_new(sd_event *event, const CloudConfig *config, Store *store, Journal *j
         rc = sqlite3_prepare_v3(
                 store_db(store),
                 "INSERT INTO ota_jobs (id, device, package, version, state, code, reason, bytes, total, seq, "
-                "device_seq, closed, final_seq, history, created_at, updated_at, manifest) "
-                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) "
+                "device_seq, closed, final_seq, history, created_at, updated_at, manifest, sha256) "
+                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18) "
                 "ON CONFLICT (id) DO UPDATE SET state = excluded.state, code = excluded.code, "
                 "reason = excluded.reason, bytes = excluded.bytes, total = excluded.total, seq = excluded.seq, "
                 "device_seq = excluded.device_seq, closed = excluded.closed, final_seq = excluded.final_seq, "
@@ -2150,6 +2326,14 @@ int ota_new(sd_event *event, const CloudConfig *config, Store *store, Journal *j
         if (r < 0)
                 return log_error_errno(r, "Cannot create [OTA] ArtifactDirectory= '%s': %m", config->ota_dir);
         remove_stale_uploads(ota);
+        if (config->ota_port == CLOUD_CONFIG_PORT_UNSET) {
+                log_info("Storing OTA artifacts in '%s'; devices fetch them over their connection ([OTA] Port= "
+                         "is not set: no HTTPS artifact server).",
+                         config->ota_dir);
+                *ret_port = 0;
+                *ret = TAKE_PTR(ota);
+                return 0;
+        }
         if (!MHD_is_feature_supported(MHD_FEATURE_TLS))
                 return log_error_errno(-EOPNOTSUPP, "libmicrohttpd was built without TLS: cannot serve OTA artifacts.");
         if ((r = read_pem(config->key_file, &ota->key_pem)) < 0 || (r = read_pem(config->cert_file, &ota->cert_pem)) < 0 ||

@@ -154,3 +154,11 @@ const char *ota_job_state(Ota *ota, const char *id);
  * answer refused the job), its final report sent again gets 2.04 and
  * anything else 4.09; neither changes anything. */
 void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const char *job, coap_pdu_t *response);
+/* A device's GET /a/SHA256 with Block2 (docs/protocol.md, "Artifacts"):
+ * fills response with the block of ArtifactDirectory/SHA256.deb it asks
+ * for (read with pread, 2.05, ETag, Block2, Size2), only while an open
+ * job of that device names the artifact (4.03 otherwise; 4.04 for one no
+ * job names or that is not stored; in cluster mode 5.03 + Max-Age while
+ * the artifact has not come through the stream). Flow control is the
+ * caller's (devices.c counts the answer's bytes). */
+void ota_device_artifact(Ota *ota, Device *d, const coap_pdu_t *request, const char *sha256, coap_pdu_t *response);

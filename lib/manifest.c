@@ -339,7 +339,7 @@ int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const ch
         STEP(get_string(o, "version", true, &m.version), "missing or invalid \"version\"");
         STEP(get_string(o, "architecture", true, &m.architecture), "missing or invalid \"architecture\"");
         STEP(get_string(o, "sha256", true, &m.sha256), "missing or invalid \"sha256\"");
-        STEP(get_string(o, "url", true, &m.url), "missing or invalid \"url\"");
+        STEP(get_string(o, "url", false, &m.url), "invalid \"url\"");
         STEP(get_string(o, "min_version", false, &m.min_version), "invalid \"min_version\"");
         STEP(get_string(o, "plugin", false, &m.plugin), "invalid \"plugin\"");
         STEP(get_uint(o, "size", true, (json_int_t)MANIFEST_SIZE_MAX, &m.size), "missing or invalid \"size\"");
@@ -369,7 +369,7 @@ int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const ch
                 error = "\"min_version\" is not a Debian version";
         else if (!arch_valid(m.architecture))
                 error = "\"architecture\" is not a Debian architecture";
-        else if (!url_valid(m.url))
+        else if (m.url && !url_valid(m.url))
                 error = "\"url\" is not an https:// URL";
         else if (m.size == 0)
                 error = "\"size\" is 0";
@@ -400,16 +400,17 @@ oom:
 }
 
 int manifest_body_format(const Manifest *m, char **ret) {
-        json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:s?}", "format", MANIFEST_FORMAT, "key",
+        json_t *o = json_pack("{s:s, s:s, s:s, s:s, s:s, s:s, s:I, s:I, s:s?}", "format", MANIFEST_FORMAT, "key",
                               m->key_id, "package", m->package, "version", m->version, "architecture",
-                              m->architecture, "sha256", m->sha256, "url", m->url, "size", (json_int_t)m->size,
-                              "expires", (json_int_t)m->expires, "nonce", m->nonce);
+                              m->architecture, "sha256", m->sha256, "size", (json_int_t)m->size, "expires",
+                              (json_int_t)m->expires, "nonce", m->nonce);
         json_t *devices = NULL, *tags = NULL;
         char *s;
 
         if (!o)
                 return -EINVAL;
-        if ((m->installed_size && json_object_set_new(o, "installed_size", json_integer((json_int_t)m->installed_size)) < 0) ||
+        if ((m->url && json_object_set_new(o, "url", json_string(m->url)) < 0) ||
+            (m->installed_size && json_object_set_new(o, "installed_size", json_integer((json_int_t)m->installed_size)) < 0) ||
             (m->min_version && json_object_set_new(o, "min_version", json_string(m->min_version)) < 0) ||
             (m->plugin && json_object_set_new(o, "plugin", json_string(m->plugin)) < 0) ||
             (m->allow_downgrade && json_object_set_new(o, "allow_downgrade", json_true()) < 0))

@@ -79,7 +79,7 @@ typedef struct Manifest {
         char *version;      /* Debian version */
         char *architecture; /* dpkg architecture or "all" */
         char *sha256;       /* 64 lowercase hex digits of the .deb */
-        char *url;          /* https:// URL of the .deb */
+        char *url;          /* https:// URL of the .deb; NULL: download over the device's connection */
         char *key_id;       /* must equal the envelope's key */
         char *min_version;  /* optional: versions below are refused from now on */
         char *plugin;       /* optional: plugin that must load after install */

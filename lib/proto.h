@@ -25,6 +25,7 @@
 #define PROTO_PATH_VARIABLE "v"
 #define PROTO_PATH_EVENT "e"
 #define PROTO_PATH_OTA "o"
+#define PROTO_PATH_ARTIFACT "a" /* GET /a/SHA256 with Block2: an OTA artifact (docs/protocol.md, "Artifacts") */
 #define PROTO_PATH_ENROLL "enroll" /* POST, on an anonymous session (docs/protocol.md) */
 #define PROTO_PATH_CERT "cert"     /* POST, renewal on a device's session */
 
@@ -52,6 +53,7 @@
 /* CoAP Content-Format numbers used. */
 #define PROTO_CF_TEXT 0
 #define PROTO_CF_JSON 50
+#define PROTO_CF_OCTETS 42 /* application/octet-stream */
 
 typedef enum ProtoNameKind {
         PROTO_NAME_FUNCTION, /* [A-Za-z0-9_.-]{1,64} */

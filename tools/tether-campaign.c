@@ -352,14 +352,20 @@ static int campaign_create(Api *a, const CampaignArgs *ca) {
         r = deb_info(ca->package, &deb);
         if (r < 0)
                 goto out;
-        if (arg.ota_url)
+        if (arg.ota_url) {
                 url = strdup(arg.ota_url);
-        else
-                r = ota_upload_artifact(a, ca->package, &deb, &url);
-        if (r < 0)
-                goto out;
-        if (!url)
-                goto oom;
+                if (!url)
+                        goto oom;
+        } else {
+                /* Signed without url: the devices fetch it from the cloud
+                 * over their connections (its HTTPS URL, if it runs that
+                 * server, is not used). */
+                _cleanup_free_ char *https_url = NULL;
+
+                r = ota_upload_artifact(a, ca->package, &deb, &https_url);
+                if (r < 0)
+                        goto out;
+        }
         manifests = json_array();
         devs = json_array();
         for (size_t i = 0; devs && i < l.n; i++)

@@ -235,15 +235,16 @@ int ota_upload_artifact(Api *a, const char *path, const DebInfo *deb, char **ret
                 const char *s;
 
                 res = json_loadb(a->body.data ?: "", a->body.len, 0, NULL);
-                s = json_string_value(json_object_get(res, "url"));
-                if (!s) {
+                if (!json_is_object(res)) {
                         json_decref(res);
-                        return log_error_errno(-EBADMSG, "Malformed response from %s: no \"url\"", a->base);
+                        return log_error_errno(-EBADMSG, "Malformed response from %s", a->base);
                 }
-                *ret_url = strdup(s);
+                /* No "url": the cloud serves it over the devices' connections only. */
+                s = json_string_value(json_object_get(res, "url"));
+                *ret_url = s ? strdup(s) : NULL;
                 json_decref(res);
                 log_info("The cloud has %s already", deb->sha256);
-                return *ret_url ? 0 : -ENOMEM;
+                return !s || *ret_url ? 0 : -ENOMEM;
         }
         if (a->status != 404)
                 return http_error(a, NULL);
@@ -276,13 +277,17 @@ int ota_upload_artifact(Api *a, const char *path, const DebInfo *deb, char **ret
         if (a->status < 200 || a->status > 299)
                 return http_error(a, "The cloud refused the package");
         res = json_loadb(a->body.data ?: "", a->body.len, 0, NULL);
-        if (!json_string_value(json_object_get(res, "url"))) {
+        if (!json_is_object(res)) {
                 json_decref(res);
-                return log_error_errno(-EBADMSG, "Malformed response from %s: no \"url\"", a->base);
+                return log_error_errno(-EBADMSG, "Malformed response from %s", a->base);
         }
-        *ret_url = strdup(json_string_value(json_object_get(res, "url")));
-        json_decref(res);
-        log_info("Uploaded %s (%" PRIu64 " bytes)", path, deb->size);
-        return *ret_url ? 0 : -ENOMEM;
+        {
+                const char *s = json_string_value(json_object_get(res, "url"));
+
+                *ret_url = s ? strdup(s) : NULL;
+                json_decref(res);
+                log_info("Uploaded %s (%" PRIu64 " bytes)", path, deb->size);
+                return !s || *ret_url ? 0 : -ENOMEM;
+        }
 }
 

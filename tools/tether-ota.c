@@ -33,16 +33,18 @@ void ota_help(void) {
                "                                  until it is committed or given up\n"
                "  ota DEVICE FILE.deb --manifest M  the same with a manifest signed beforehand\n"
                "  ota start DEVICE FILE.deb ...   the same (for a device named like a command)\n"
-               "  ota sign FILE.deb --key KEY --url URL --device ID   print a signed manifest\n"
+               "  ota sign FILE.deb --key KEY --device ID [--url URL]   print a signed manifest\n"
                "  ota keygen PRIVATE.pem PUBLIC.pem       make an Ed25519 update key pair\n"
                "  ota keyid KEY.pem                        print a key's id\n"
-               "  ota upload FILE.deb                      upload only; print the artifact URL\n"
+               "  ota upload FILE.deb                      upload only; print the artifact's HTTPS URL\n"
+               "                                           (or its SHA-256 without the HTTPS server)\n"
                "  ota status JOB                           show a job\n"
                "  ota jobs                                 list jobs\n"
                "\n"
                "Options:\n"
                "  --key FILE          Ed25519 private update key ($TETHER_OTA_KEY)\n"
-               "  --url URL           https:// URL the device downloads the .deb from (sign)\n"
+               "  --url URL           https:// URL the device downloads the .deb from (default:\n"
+               "                      none, the device fetches it from the cloud over its connection)\n"
                "  --manifest FILE     a signed manifest (instead of --key)\n"
                "  --output FILE       write the manifest there instead of stdout (sign)\n"
                "  --valid-for DUR     the manifest expires after DUR (3600, 12h, 7d; default 7d)\n"
@@ -183,8 +185,6 @@ static int ota_sign(char **args, int n) {
 
         if (n != 1)
                 return cli_usage_error("'ota sign' takes FILE.deb");
-        if (!arg.ota_url)
-                return cli_usage_error("'ota sign' needs --url URL (where devices download the package)");
         r = deb_info(args[0], &deb);
         if (r < 0)
                 return r;
@@ -217,7 +217,7 @@ static int ota_upload(Api *a, char **args, int n) {
         r = ota_upload_artifact(a, args[0], &deb, &url);
         if (r < 0)
                 return r;
-        printf("%s\n", url);
+        printf("%s\n", url ? url : deb.sha256);
         return 0;
 }
 
@@ -424,7 +424,9 @@ static int ota_job_start(Api *a, const char *device, const char *path) {
                         return log_error_errno(r, "The manifest '%s' is for another file than '%s'",
                                                arg.ota_manifest, path);
         } else {
-                r = make_manifest(&deb, url, device, &manifest, &len);
+                /* Over the device's connection unless --url names a server
+                 * (the cloud's own HTTPS artifact server or another). */
+                r = make_manifest(&deb, arg.ota_url, device, &manifest, &len);
                 if (r < 0)
                         return r;
         }

@@ -215,11 +215,13 @@ MinFreeMB=1
 
     def sign(self, deb, url, *opts, key=None):
         """tether ota sign; the manifest is for this world's agent unless
-        opts name other targets (--device, --tag)."""
+        opts name other targets (--device, --tag). url None: a manifest
+        without url (the device fetches the artifact over its connection)."""
         out = self.w.path(f"manifest-{os.path.basename(deb)}-{time.monotonic_ns()}")
         if "--device" not in opts and "--tag" not in opts:
             opts = ("--device", self.agent.device_id) + tuple(opts)
-        self.tether("ota", "sign", deb, "--key", key or self.key, "--url", url, "--output", out, *opts)
+        url_opts = ("--url", url) if url else ()  # none: over the device's connection
+        self.tether("ota", "sign", deb, "--key", key or self.key, *url_opts, "--output", out, *opts)
         with open(out) as f:
             return f.read()
 

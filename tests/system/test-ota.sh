@@ -225,6 +225,9 @@ TokenFile=/etc/tether/api-tokens
 Directory=/root/cloud-state
 [OTA]
 ArtifactDirectory=/root/artifacts
+# The rejection steps sign manifests with the HTTPS artifact server's URL;
+# tether ota DEVICE signs without url (over the device's connection).
+Port=5685
 EOF
 cp "$scratch"/debs/*.deb "$scratch/root/root/"
 

@@ -148,6 +148,40 @@ static void test_sign_open(void **state) {
         keypair_done(&kp);
 }
 
+/* Without "url" the device fetches the artifact over its connection: the
+ * body leaves the key out, and parses back without one; a url that is
+ * there must still be https://. */
+static void test_no_url(void **state) {
+        KeyPair kp;
+        Keyring *k = keyring_new();
+        Manifest in, out = {};
+        ManifestReject why = MANIFEST_OK;
+        const char *err = NULL;
+        _cleanup_free_ char *body = NULL;
+        char *env;
+        size_t len;
+
+        keypair_make(&kp);
+        assert_int_equal(keyring_add_pem(k, kp.pub, strlen(kp.pub), NULL), 0);
+        in = sample(kp.id);
+        in.url = NULL;
+        assert_int_equal(manifest_body_format(&in, &body), 0);
+        assert_null(strstr(body, "\"url\""));
+        env = signed_envelope(&kp, &in, &len);
+        assert_int_equal(manifest_open(k, (const uint8_t *)env, len, &out, &why, &err), 0);
+        assert_null(out.url);
+        assert_string_equal(out.sha256, in.sha256);
+        manifest_done(&out);
+        free(env);
+        in.url = (char *)"http://cloud.example/x.deb";
+        env = signed_envelope(&kp, &in, &len);
+        assert_int_equal(manifest_open(k, (const uint8_t *)env, len, &out, &why, &err), -EBADMSG);
+        assert_int_equal(why, MANIFEST_MALFORMED);
+        free(env);
+        keyring_free(k);
+        keypair_done(&kp);
+}
+
 static void test_unknown_key_and_rotation(void **state) {
         KeyPair old, cur, stranger;
         Keyring *k = keyring_new();
@@ -582,7 +616,7 @@ static void test_control_parse(void **state) {
 
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
-                cmocka_unit_test(test_sign_open),      cmocka_unit_test(test_unknown_key_and_rotation),
+                cmocka_unit_test(test_sign_open),      cmocka_unit_test(test_no_url),      cmocka_unit_test(test_unknown_key_and_rotation),
                 cmocka_unit_test(test_envelope_malformed), cmocka_unit_test(test_body),
                 cmocka_unit_test(test_check),          cmocka_unit_test(test_keyring_dir),
                 cmocka_unit_test(test_versions),       cmocka_unit_test(test_control_parse),
