@@ -1249,6 +1249,8 @@ int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len
                 return -EIO;
         }
         j = job_new(ota, id, device, man.package, man.version);
+        if (j) /* the artifact the device may fetch over its connection */
+                j->sha256 = TAKE_PTR(man.sha256);
         manifest_done(&man);
         if (!j || !(j->manifest = strndup(manifest, len))) {
                 if (j) {
