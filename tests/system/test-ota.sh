@@ -39,7 +39,10 @@
 #     during the trial: the device ends on a healthy version and reports it;
 #   - the dpkg lock held by another process: deferred, the lock untouched;
 #   - Launcher=transient (tetherd as root): the helper runs as the transient
-#     tether-ota-install.service, whose name refuses a second start.
+#     tether-ota-install.service, whose name refuses a second start;
+#   - a campaign (tether campaign create --target tag:...) with the cloud
+#     restarted without [OTA] Port=: no second port listens, the device
+#     fetches the 10 MB package over its CoAP connection, committed.
 # Exit 77 (skip) with the reason when this machine cannot do it.
 set -uo pipefail
 
@@ -161,6 +164,7 @@ variant "$base" $A 2.5 'postinst=if [ "$1" = configure ]; then echo configuring 
 variant "$base" $A 2.6 'postinst=exit 1'
 variant "$base" $A 2.7
 variant "$base" $A 2.8
+variant "$base" $A 2.10 filler=$((10 * 1024 * 1024))
 variant "$base" $A 2.9 arch=$([ "$arch" = arm64 ] && echo amd64 || echo arm64)
 variant "$plugin_base" $P 2.0
 variant "$plugin_base" $P 3.0 so=4096
@@ -542,6 +546,36 @@ ctr chown -R tether:tether /var/lib/tether
 ctr systemctl daemon-reload
 ctr systemctl restart tetherd
 back_online 2.8
+
+step "campaign to tag:site=systest, the cloud without [OTA] Port=: fetched over the CoAP connection, committed"
+grep -v '^Port=5685$' "$scratch/root/root/cloud.conf" >"$scratch/root/root/cloud-noport.conf"
+ctr systemctl stop test-cloud
+ctr systemd-run --quiet --unit=test-cloud-noport --property=Type=notify /usr/sbin/tether-cloudd \
+    --config /root/cloud-noport.conf || fail "cannot start tether-cloudd without [OTA] Port="
+# 5685 = 0x1635: no socket of the container listens (state 0A) on it.
+listening() { ctr cat /proc/net/tcp /proc/net/tcp6 | awk '$2 ~ /:1635$/ && $4 == "0A" { f = 1 } END { exit !f }'; }
+listening && fail "something listens on 5685 with no [OTA] Port="
+wait_for 30 "device online again" online || fail "device not online after the cloud restart"
+tether_ctr tag "$dev" site=systest >/dev/null || fail "tether tag failed"
+t0=$(date +%s.%N)
+tether_ctr campaign create --target tag:site=systest --package /root/tether-agent_2.10.deb --key /root/update.key \
+    --phases 100 --max-failure-rate 0 --name systest --follow >"$scratch/campaign.out" 2>"$scratch/campaign.err" ||
+    { cat "$scratch/campaign.out" "$scratch/campaign.err"; fail "the campaign did not finish (exit $?)"; }
+took=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+camp=$(head -n1 "$scratch/campaign.out")
+camp_json=$(tether_ctr --json campaign show "$camp") || fail "tether campaign show $camp failed"
+printf '%s' "$camp_json" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)
+n = c["counts"]
+assert c["state"] == "finished" and n.get("committed") == 1 and sum(n.values()) == 1, c
+' || fail "campaign $camp did not end with the device committed: $camp_json"
+back_online 2.10
+ctr journalctl -u tetherd -o cat --no-pager | grep -E "downloading artifact [0-9a-f]{64} over the connection to the cloud" >/dev/null ||
+    fail "tetherd did not download over its connection"
+listening && fail "something listens on 5685 after the campaign"
+log "    figure: campaign of one device, 10 MB over the CoAP connection, created to finished in ${took} s"
+ok "campaign $camp finished, 1 committed; $(ctr journalctl -u tetherd -o cat --no-pager | grep -o '[0-9]* bytes in [0-9]* block requests of [0-9]* bytes' | tail -n1)"
 
 step "no job was left looping: the helper is idle, no request is pending"
 [ "$(ctr systemctl is-active tether-ota-helper.service)" != active ] || fail "the helper still runs"
