@@ -414,12 +414,18 @@ int proto_describe_decode(const uint8_t *buf, size_t len, json_t **ret) {
         /* Optional (ABI 1.1 agents): units of variables, {name: unit}. */
         units = json_object_get(j, "units");
         if (units) {
+                void *tmp;
+
                 if (!json_is_object(units))
                         goto bad;
-                json_object_foreach(units, key, v) {
+                json_object_foreach_safe(units, tmp, key, v) {
                         if (!json_object_get(variables, key) || !json_is_string(v) ||
                             json_string_length(v) > PROTO_UNIT_MAX)
                                 goto bad;
+                        /* Shown as they are (tether describe): a unit with
+                         * control characters or bad UTF-8 is left out. */
+                        if (!proto_text_clean(json_string_value(v), json_string_length(v), PROTO_UNIT_MAX))
+                                (void)json_object_del(units, key);
                 }
         }
         /* Optional (inventory): what the agent runs on. */

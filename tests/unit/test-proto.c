@@ -295,6 +295,8 @@ static void test_describe_units(void **state) {
         static const char notstring[] = D(",\"units\":{\"t\":5}");
         static const char toolong[] = D(",\"units\":{\"t\":\"12345678901234567\"}");
         static const char notobject[] = D(",\"units\":[]");
+        static const char escape[] = D(",\"units\":{\"t\":\"\\u001b[2J\"}");
+        static const char c1[] = D(",\"units\":{\"t\":\"\\u009b1m\"}");
 #undef D
         json_t *j = NULL;
 
@@ -307,6 +309,14 @@ static void test_describe_units(void **state) {
         assert_int_equal(proto_describe_decode((const uint8_t *)toolong, strlen(toolong), &j), -EBADMSG);
         assert_int_equal(proto_describe_decode((const uint8_t *)notobject, strlen(notobject), &j), -EBADMSG);
         assert_null(j);
+        /* Control characters (C0, C1): the unit is left out, the rest counts. */
+        assert_int_equal(proto_describe_decode((const uint8_t *)escape, strlen(escape), &j), 0);
+        assert_int_equal(json_object_size(json_object_get(j, "units")), 0);
+        json_decref(j);
+        j = NULL;
+        assert_int_equal(proto_describe_decode((const uint8_t *)c1, strlen(c1), &j), 0);
+        assert_int_equal(json_object_size(json_object_get(j, "units")), 0);
+        json_decref(j);
 }
 
 /* "system" (the inventory): kept when well formed, what is not is
