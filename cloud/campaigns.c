@@ -842,11 +842,9 @@ static int opt_text(json_t *params, const char *key, size_t max, const char **re
                 return -EINVAL;
         s = json_string_value(v);
         len = json_string_length(v);
-        if (len > max || strlen(s) != len || proto_utf8_check(s, len) < 0)
+        /* C0, DEL and C1 (U+0080..U+009F): tether campaign prints it. */
+        if (!proto_text_clean(s, len, max))
                 return -EINVAL;
-        for (size_t i = 0; i < len; i++)
-                if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
-                        return -EINVAL;
         *ret = len ? s : NULL;
         return 0;
 }

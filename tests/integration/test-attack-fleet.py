@@ -226,6 +226,7 @@ def test_campaign_bodies(w):
         ({"phase_wait": 2 ** 63 - 1}, "phase_wait"),
         ({"phase_wait": 2 ** 32}, "phase_wait"),
         ({"phase_wait": -1}, "phase_wait"),
+        ({"name": "x\u009b2J"}, "name"),
         ({"name": "x\x1b[2J"}, "name"),
         ({"target": "t" * 5000}, "target"),
         ({"manifests": [man] * 1001}, "manifests"),
