@@ -1891,6 +1891,9 @@ static void api_device_update(ApiRequest *req, const char *id, json_t *params) {
         r = registry_update(api->registry, id, &u, api_actor(req, actor), &state, err);
         if (r == -ENOENT)
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
+        else if (r == -EEXIST && tokens_restricted(&req->auth))
+                /* Not which device holds it: that one may be out of reach. */
+                api_set_errorf(req, MHD_HTTP_CONFLICT, "name '%s' is taken by another device", u.name ?: "");
         else if (r == -EEXIST)
                 api_set_error(req, MHD_HTTP_CONFLICT, err, NULL);
         else if (r == -EINVAL)

@@ -189,6 +189,9 @@ def test_restricted_tokens(w):
     # Taking a name from another device: the 409 must not leak what is out of reach.
     st, res = api(w, "PUT", f"/v1/devices/{id_b}", {"name": "bname"})
     expect(st == 200, f"admin rename: {st} {res}")
+    for taken in ("bname", id_b):
+        st, res = api(w, "PUT", f"/v1/devices/{id_a}", {"name": taken}, token=tok)
+        expect(st == 409 and res["error"] == f"name '{taken}' is taken by another device", f"taking {taken}: {st} {res}")
     st, res = api(w, "POST", "/v1/ota/jobs", {"device": id_b, "manifest": man}, token=tok)
     expect(st == 403, f"restricted token started a job out of reach: {st} {res}")
     st, res = api(w, "GET", "/v1/devices?name=bname&tag=site", token=tok)
