@@ -305,6 +305,45 @@ def test_pause_abort_race(w):
     expect(cloud.proc.poll() is None, "the cloud exited")
 
 
+def test_campaign_body_values(w):
+    """32 MiB of tiny JSON values (ota:write may send that much): parsed,
+    each is a jansson value many times its text; the cloud's peak memory
+    stays bounded."""
+    import http.client
+    cloud = w.start_cloud()
+    pid = cloud.proc.pid
+    if not memory_checks(pid):
+        skip("memory figures mean nothing under a wrapper or sanitizer")
+    before = rss_kb(pid, "VmHWM")
+    size = 32 * 1024 * 1024 - 100
+    form = "&".join(f"k{i:x}=" for i in range(size // 8))[:size]
+    for filler in ("0,", "{},", "[],", "form"):
+        n = size // len(filler)
+        if filler == "form":
+            body, ctype = form, "application/x-www-form-urlencoded"
+        else:
+            body = ('{"devices":[' + filler * n)[:-1] + '],"manifests":[],"phases":[100],"max_failure_rate":0}'
+            ctype = "application/json"
+        conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=seconds(120))
+        t0 = time.monotonic()
+        conn.request("POST", "/v1/campaigns", body=body, headers={"Authorization": f"Bearer {w.token}",
+                                                                   "Content-Type": ctype})
+        r = conn.getresponse()
+        text = r.read()[:200]
+        conn.close()
+        peak = rss_kb(pid, "VmHWM")
+        print(f"# {len(body)} bytes of {filler!r}: {r.status} {text!r} in {time.monotonic() - t0:.1f} s; peak VmRSS {peak} kB")
+        expect(r.status in (400, 413), f"{filler!r}: {r.status} {text!r}")
+        # The body itself (32 MiB) and what its values may take (65 MiB).
+        expect(peak - before < 160 * 1024, f"the cloud peaked {peak - before} kB over its start")
+    # The largest campaign the rules allow still parses (and fails later,
+    # on its unsigned manifests).
+    big = {"devices": [f"{i:024x}" for i in range(100000)], "manifests": ["x" * 4350] * 1000, "phases": [100],
+           "max_failure_rate": 0}
+    st, res = api(w, "POST", "/v1/campaigns", big)
+    expect(st == 400 and "manifest 1 is not a signed" in res["error"], f"largest campaign: {st} {res}")
+
+
 if __name__ == "__main__":
     run([test_artifact_blocks, test_hostile_describe, test_restricted_tokens, test_campaign_bodies,
-         test_pause_abort_race])
+         test_pause_abort_race, test_campaign_body_values])
