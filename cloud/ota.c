@@ -1543,6 +1543,13 @@ void ota_device_artifact(Ota *ota, Device *d, const coap_pdu_t *request, const c
                 unit >>= 1;
                 len = unit;
         }
+        /* Smaller blocks have larger numbers: past Block2's 20 bits the
+         * block cannot be named at a size this device takes. */
+        if (offset / unit > 0xFFFFF) {
+                snprintf(text, sizeof(text), "byte %" PRIu64 " is past what Block2 numbers in the %" PRIu64
+                         "-byte blocks this device's messages hold", offset, unit);
+                return artifact_reply(response, COAP_RESPONSE_CODE(402), 0, text);
+        }
         if (len > (uint64_t)st.st_size - offset)
                 len = (uint64_t)st.st_size - offset;
         while (done < len) {

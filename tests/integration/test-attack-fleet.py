@@ -344,6 +344,27 @@ def test_campaign_body_values(w):
     expect(st == 400 and "manifest 1 is not a signed" in res["error"], f"largest campaign: {st} {res}")
 
 
+def test_small_messages_far_block(w):
+    """A device whose CSM takes 80-byte messages asks for a block 16 MiB
+    in: the cloud's smaller blocks would number past Block2's 20 bits; it
+    answers with a Block2 option that is one (at most 3 bytes) or refuses."""
+    cloud, deb, sha = artifact_cloud(w, size=17 * 1024 * 1024)
+    d1, id1 = connect(w)
+    push_job(w, d1, id1, sign(w, deb, [id1]), CREATED)
+    d1.close()
+    d = Device(w.coap_port, d1.cert, d1.key, w.path("pki", "ca.crt"))
+    d.send(frame(CSM, b"", [(CSM_MAX_MESSAGE_SIZE, uint(80))]))
+    num = 16 * 1024 + 1
+    t = d.request(GET, f"a/{sha}", opts=[(BLOCK2, block2(num, 6))])
+    m = d.response(t, timeout=20)
+    opt = m.opt(BLOCK2)
+    print(f"# {codestr(m.code)}, Block2 {opt[0].hex() if opt else None}, {len(m.payload)} bytes")
+    expect(m.code in (CONTENT, code(4, 2)), f"{codestr(m.code)} {m.payload!r}")
+    expect(m.code != CONTENT or (opt and len(opt[0]) <= 3), f"a Block2 option of {opt}")
+    d.close()
+
+
 if __name__ == "__main__":
     run([test_artifact_blocks, test_hostile_describe, test_restricted_tokens, test_campaign_bodies,
-         test_pause_abort_race, test_campaign_body_values])
+         test_pause_abort_race, test_campaign_body_values,
+         test_small_messages_far_block])
