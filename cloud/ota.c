@@ -1310,12 +1310,36 @@ static void reply_too_many(coap_pdu_t *response, unsigned wait) {
         coap_add_data(response, strlen(text), (const uint8_t *)text);
 }
 
+/* A text of a device's report (code, reason): UTF-8 of at most 512 bytes,
+ * or NULL. Its control characters (C0, DEL, C1) become spaces: tether ota
+ * prints the reason, and the device does not get to send escape sequences
+ * to the operator's terminal. */
 static const char *json_str(json_t *o, const char *key) {
         json_t *v = json_object_get(o, key);
+        size_t len;
 
         if (!json_is_string(v) || strlen(json_string_value(v)) != json_string_length(v) ||
             proto_utf8_check(json_string_value(v), json_string_length(v)) < 0 || json_string_length(v) > 512)
                 return NULL;
+        len = json_string_length(v);
+        if (!proto_text_clean(json_string_value(v), len, 512)) {
+                char text[513];
+
+                memcpy(text, json_string_value(v), len);
+                for (size_t i = 0; i < len; i++) {
+                        unsigned char c = (unsigned char)text[i];
+
+                        if (c < 0x20 || c == 0x7f)
+                                text[i] = ' ';
+                        else if (c == 0xc2 && i + 1 < len && (unsigned char)text[i + 1] >= 0x80 &&
+                                 (unsigned char)text[i + 1] <= 0x9f) {
+                                text[i] = ' ';
+                                text[++i] = ' ';
+                        }
+                }
+                if (json_string_setn(v, text, len) < 0)
+                        return NULL;
+        }
         return json_string_value(v);
 }
 

@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Failure, expect, run, seconds, skip  # noqa: E402
 from harness import api_json as api  # noqa: E402
-from fakedev import CONTENT, CREATED, CSM, CSM_MAX_MESSAGE_SIZE, GET, Device, code, codestr, connect, frame, \
+from fakedev import CONTENT, CONTENT_FORMAT, CREATED, CSM, CSM_MAX_MESSAGE_SIZE, GET, POST, Device, code, codestr, connect, frame, \
     memory_checks, rss_kb, uint  # noqa: E402
 from otakit import build_deb, push_job  # noqa: E402
 
@@ -364,7 +364,25 @@ def test_small_messages_far_block(w):
     d.close()
 
 
+def test_job_reason_escapes(w):
+    """A device ends its job with escape sequences in code and reason:
+    the cloud keeps them as spaces, and tether ota prints none."""
+    cloud, deb, sha = artifact_cloud(w)
+    d, dev = connect(w)
+    job = push_job(w, d, dev, sign(w, deb, [dev]), CREATED)
+    t = d.request(POST, f"o/{job}", json.dumps({"seq": 5, "state": "failed", "code": "x\u001b[31m",
+                                                 "reason": "\u001b]0;pwned\u0007 disk\nfull \u009b2J",
+                                                 "package": "tether-test", "version": "1.0"}).encode(),
+                  opts=[(CONTENT_FORMAT, uint(50))])
+    expect(d.response(t).code == code(2, 4), "final report refused")
+    st, j = api(w, "GET", f"/v1/ota/jobs/{job}")
+    expect(st == 200 and j["reason"] == " ]0;pwned  disk full   2J" and j["code"] == "x [31m", f"job: {st} {j}")
+    for args in (("ota", "status", job), ("ota", "jobs")):
+        no_escapes(w.tether(*args).stdout, "tether " + " ".join(args[:2]))
+    d.close()
+
+
 if __name__ == "__main__":
     run([test_artifact_blocks, test_hostile_describe, test_restricted_tokens, test_campaign_bodies,
          test_pause_abort_race, test_campaign_body_values,
-         test_small_messages_far_block])
+         test_small_messages_far_block, test_job_reason_escapes])
