@@ -4,15 +4,17 @@
 "Artifacts"): a cloud without [OTA] Port= serves GET /a/SHA256 with Block2
 (and BERT) on the device port, only for an artifact an open job of the
 asking device names; tetherd downloads a manifest without url that way,
-resumes after a crash from its checkpoint instead of from byte 0, and
-installs."""
+resumes after a crash or a cut connection from its checkpoint instead of
+from byte 0, and installs."""
 
 import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import expect, needs_fault_injection, run, skip  # noqa: E402
@@ -203,6 +205,96 @@ def test_crash_resumes_from_checkpoint(w):
     print(f"# resumed at {offset} of {os.path.getsize(v2)} bytes, fetched {fetched} more")
 
 
+class CuttingProxy:
+    """A TCP relay between the agent and the cloud's device port that
+    closes the first connection once `cut_at` bytes went from the cloud to
+    the agent (TLS records, so a little more than the payload), as a lost
+    uplink would; later connections are relayed untouched."""
+
+    def __init__(self, w, upstream_port, cut_at):
+        self.upstream, self.cut_at, self.cut = upstream_port, cut_at, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks = []
+        w.cleanups.append(self.close)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            self.socks += [down, up]
+            cutting = not self.cut.is_set()
+            threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, cutting), daemon=True).start()
+
+    def _pump(self, src, dst, cutting):
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                sent += len(data)
+                if cutting and sent >= self.cut_at and not self.cut.is_set():
+                    self.cut.set()
+                    break
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        self.listener.close()
+        for s in self.socks:
+            s.close()
+
+
+def test_cut_connection_resumes(w):
+    """The connection cut (both directions closed, no crash) when half of
+    a 10 MB package has come over it: the agent reconnects, re-hashes its
+    last checkpoint and asks for the blocks after it; the download does not
+    start over and the job commits."""
+    o = OtaWorld(w)
+    cloud = w.start_cloud(extra=f"[OTA]\nArtifactDirectory={o.artifacts}\n")
+    o.install_v1()
+    v2 = plugin_deb(o.debs, "2.0", filler=10 * MB)
+    size = os.path.getsize(v2)
+    proxy = CuttingProxy(w, w.coap_port, size // 2)
+    w.coap_port = proxy.port  # the agent's [Cloud] Port=
+    try:
+        a = o.start_agent()
+    finally:
+        w.coap_port = cloud.coap_port
+    o.seed(o.v1)
+    o.upload(v2)
+    job = o.start_job(o.sign(v2, None))
+    j = o.wait_job(job)
+    expect(proxy.cut.is_set(), "the connection was never cut")
+    expect(j["state"] == "committed", f"ended {j['state']}: {j.get('reason')}")
+    pat = r"(\d+) bytes in (\d+) block requests of (\d+) bytes over the connection, from byte (\d+)"
+    a.wait_line(r"bytes over the connection, from byte [1-9]\d*$")  # the resumed transfer's
+    with a.cond:
+        attempts = [m for m in (re.search(pat, line) for line in a.lines) if m]
+    expect(len(attempts) == 2, f"expected two transfers (cut, resumed), saw {len(attempts)}")
+    first, second = (int(m.group(1)) for m in attempts), (int(m.group(4)) for m in attempts)
+    first, second = list(first), list(second)
+    expect(second[0] == 0 and second[1] >= 4 * MB, f"transfers started at bytes {second}")
+    expect(first[0] < size and first[1] == size - second[1],
+           f"fetched {first} bytes, package {size}, resumed at {second[1]}")
+    expect(a.count(r"starting the download over") == 0, "the download started over")
+    starts = cloud.count(r"fetches artifact [0-9a-f]{64} \(\d+ bytes\) over its connection")
+    expect(starts == 1, f"the cloud saw the download start from byte 0 {starts} times")
+    print(f"# cut after {first[0]} of {size} bytes; resumed at {second[1]}, fetched {first[1]} more")
+
+
 def test_refused_artifact_fails_the_job(w):
     """The cloud refuses the artifact (deleted from ArtifactDirectory:
     4.04): the job fails at once with the cloud's reason, no retries."""
@@ -219,5 +311,6 @@ def test_refused_artifact_fails_the_job(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_blocks_and_access, test_not_reading_waits, test_install_over_connection,
-                  test_crash_resumes_from_checkpoint, test_refused_artifact_fails_the_job],
+                  test_crash_resumes_from_checkpoint, test_cut_connection_resumes,
+                  test_refused_artifact_fails_the_job],
                  emulated="ok"))
