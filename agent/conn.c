@@ -1519,6 +1519,26 @@ bool conn_is_connected(Conn *c) {
         return c && c->state == CONN_CONNECTED;
 }
 
+bool conn_bert_allowed(Conn *c) {
+        coap_pdu_t *probe;
+        coap_block_b_t b;
+        uint8_t buf[4];
+        bool r;
+
+        if (!conn_is_connected(c) || !c->session)
+                return false;
+        /* libcoap 4.3.1 keeps what the CSMs said in the session and has no
+         * getter for it; coap_get_block_b() reads a Block2 option with
+         * SZX 7 as BERT exactly when both CSMs allowed it (0 otherwise). */
+        probe = coap_pdu_init(COAP_MESSAGE_CON, COAP_RESPONSE_CODE_CONTENT, 0, 16);
+        if (!probe)
+                return false;
+        r = coap_add_option(probe, COAP_OPTION_BLOCK2, coap_encode_var_safe(buf, sizeof(buf), 7), buf) &&
+            coap_get_block_b(c->session, probe, COAP_OPTION_BLOCK2, &b) == 1 && b.bert;
+        coap_delete_pdu(probe);
+        return r;
+}
+
 Conn *conn_free(Conn *c) {
         if (!c)
                 return NULL;

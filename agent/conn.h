@@ -142,6 +142,10 @@ typedef void (*conn_block_fn)(int error, unsigned code, const ConnBlock *block, 
 int conn_request_block2(Conn *c, const char *path0, const char *rest, uint32_t num, unsigned szx, uint64_t timeout_ms,
                         conn_block_fn cb, void *userdata);
 bool conn_is_connected(Conn *c);
+/* Whether both CSMs of the current session allow BERT (Block2 SZX 7,
+ * RFC 8323 section 6): each peer's carries Block-Wise-Transfer and a
+ * Max-Message-Size above 1152 bytes. False while not connected. */
+bool conn_bert_allowed(Conn *c);
 /* The [Cloud] Host= entry connected to, being tried, or (while backing
  * off) tried last; the first one before any attempt. *ret_index (may be
  * NULL) is its position in Host=. Owned by the Conn, valid until the next

@@ -6,6 +6,7 @@
 #include <openssl/evp.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -18,6 +19,13 @@
 /* Block requests in flight: enough to keep a fast link busy, few enough
  * that the cloud's cost per device stays small (docs/protocol.md). */
 #define WINDOW 8
+/* ... and at most this many bytes of answers out or kept: the cloud pings
+ * for proof of reading at half its MaxQueuedBytes (1 MiB by default) and
+ * answers 5.03 at all of it (docs/protocol.md, "Flow control"); 8 BERT
+ * blocks of 64 KiB in flight ran into that and waited out its Max-Age. */
+#define WINDOW_BYTES (256u * 1024)
+/* The largest BERT block the cloud may send (docs/protocol.md, "Artifacts"). */
+#define BERT_BLOCK_MAX (64u * 1024)
 #define ETAG_MAX 8
 
 typedef enum Phase {
@@ -193,14 +201,20 @@ static int send_slot(OtaCoapDownload *d, Slot *s) {
         return 0;
 }
 
-/* Ask for blocks until WINDOW are out or kept. Before the first answer
- * (which says how large BERT blocks are) only one. */
+/* Ask for blocks until WINDOW are out or kept, and at most WINDOW_BYTES
+ * of them. Before the first answer (which says how large BERT blocks are)
+ * only one. */
 static void fill(OtaCoapDownload *d) {
+        unsigned window = WINDOW, used = 0;
         int r;
 
         if (d->phase != PHASE_TRANSFER)
                 return;
-        for (unsigned i = 0; i < WINDOW && d->next < d->size; i++) {
+        if (d->stride > 0 && WINDOW_BYTES / d->stride < window)
+                window = WINDOW_BYTES / d->stride > 0 ? (unsigned)(WINDOW_BYTES / d->stride) : 1;
+        for (unsigned i = 0; i < WINDOW; i++)
+                used += d->slots[i].used;
+        for (unsigned i = 0; i < WINDOW && used < window && d->next < d->size; i++) {
                 Slot *s = &d->slots[i];
 
                 if (s->used)
@@ -218,6 +232,7 @@ static void fill(OtaCoapDownload *d) {
                                       strerror(-r));
                 }
                 d->next += d->stride ? d->stride : d->unit;
+                used++;
                 if (d->stride == 0)
                         return;
         }
@@ -322,8 +337,9 @@ static void on_block(int error, unsigned code, const ConnBlock *b, const uint8_t
         if (offset + len > d->size)
                 return finish(d, -EFBIG, true, "the artifact is larger than the %" PRIu64 " bytes the manifest says",
                               d->size);
-        if (b->more ? (len == 0 || len % unit != 0 || (b->szx != 7 && len != unit) || (d->stride && len != d->stride))
-                    : offset + len != d->size)
+        if (len > BERT_BLOCK_MAX ||
+            (b->more ? (len == 0 || len % unit != 0 || (b->szx != 7 && len != unit) || (d->stride && len != d->stride))
+                     : offset + len != d->size))
                 return finish(d, -EPROTO, false, "a block of %zu bytes at byte %" PRIu64 " (%s) does not fit", len,
                               offset, b->more ? "more follow" : "the last");
         if (d->stride == 0) {
@@ -332,6 +348,9 @@ static void on_block(int error, unsigned code, const ConnBlock *b, const uint8_t
                 d->unit = unit;
                 d->stride = b->more ? len : unit;
                 d->stats.block = (unsigned)d->stride;
+                /* fill() moved on by the unit asked for, before the size was known: the next request
+                 * starts after this block. */
+                d->next = s->offset + d->stride;
         }
         d->stats.fetched += len;
         if (s->offset == d->bytes) {
@@ -383,12 +402,11 @@ static int on_hold(sd_event_source *src, uint64_t usec, void *userdata) {
 
 static void start_transfer(OtaCoapDownload *d) {
         d->phase = PHASE_TRANSFER;
-        /* 1024-byte blocks: tetherd does not ask for BERT yet. With
-         * libcoap 4.3.1 its session was closed ("not deliverable") after a
-         * few BERT answers of 16 KiB and more, which the cloud serves to
-         * other clients (tests/integration/test-ota-coap.py); see
-         * docs/design/ota.md, "Downloads over the connection". */
-        d->szx = 6;
+        /* BERT (blocks of up to 64 KiB, as the cloud chooses within our
+         * Max-Message-Size) when both CSMs allow it, else 1024 bytes
+         * (also with TETHER_OTA_NO_BERT set: docs/man/tetherd.8). The
+         * first answer sets the stride (on_block()). */
+        d->szx = conn_bert_allowed(d->conn) && !getenv("TETHER_OTA_NO_BERT") ? 7 : 6;
         d->unit = 1024;
         d->stride = 0;
         d->next = d->bytes;

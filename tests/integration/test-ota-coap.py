@@ -172,7 +172,16 @@ def test_install_over_connection(w):
     a.wait_line(r"downloading artifact [0-9a-f]{64} over the connection to the cloud")
     line = a.wait_line(r"bytes in \d+ block requests of \d+ bytes over the connection, from byte 0")
     print("# " + line)
-    cloud.wait_line(r"fetches artifact [0-9a-f]{64} \(\d+ bytes\) over its connection")
+    m = re.search(r"(\d+) bytes in (\d+) block requests of (\d+) bytes", line)
+    fetched, requests, block = int(m.group(1)), int(m.group(2)), int(m.group(3))
+    # BERT: both CSMs allow it, so tetherd asks for SZX 7 and the cloud
+    # answers with blocks of many KiB (a multiple of 1024 bytes).
+    expect(block > 1024 and block % 1024 == 0, f"not BERT: {line}")
+    # One request per block: at most 256 KiB out, never 5.03 for MaxQueuedBytes.
+    expect(fetched == os.path.getsize(v2) and requests == -(-fetched // block), f"blocks: {line}")
+    cloud.wait_line(r"fetches artifact [0-9a-f]{64} \(\d+ bytes\) over its connection, \d+-byte blocks")
+    expect(cloud.count(r"fetches artifact [0-9a-f]{64} \(\d+ bytes\) over its connection, %d-byte blocks" % block) == 1,
+           "the cloud did not serve the blocks tetherd counted")
     expect(o.installed().startswith("2.0 ii"), f"installed: {o.installed()}")
 
 
@@ -196,8 +205,9 @@ def test_crash_resumes_from_checkpoint(w):
     expect(j["state"] == "committed", f"ended {j['state']}: {j.get('reason')}")
     line = a2.wait_line(r"bytes in \d+ block requests of \d+ bytes over the connection, from byte \d+")
     m = re.search(r"(\d+) bytes in (\d+) block requests of (\d+) bytes over the connection, from byte (\d+)", line)
-    fetched, start = int(m.group(1)), int(m.group(4))
+    fetched, start, block = int(m.group(1)), int(m.group(4)), int(m.group(3))
     expect(start == offset, f"resumed from {start}, the checkpoint was {offset}: {line}")
+    expect(block > 1024 and block % 1024 == 0, f"the resumed download did not use BERT: {line}")
     expect(fetched == os.path.getsize(v2) - offset, f"fetched {fetched} after the restart: {line}")
     expect(a2.count(r"starting the download over") == 0, "the download started over")
     starts = cloud.count(r"fetches artifact [0-9a-f]{64} \(\d+ bytes\) over its connection")
