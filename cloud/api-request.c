@@ -21,10 +21,12 @@
  * spent, so the parse fails instead of the cloud growing. The functions
  * wrap malloc and free: memory from before or after a budget is the same. */
 
-static _Thread_local struct {
+typedef struct ParseBudget {
         bool active, over;
         size_t used, limit;
-} budget;
+} ParseBudget;
+
+static __thread ParseBudget budget;
 
 static void *budget_malloc(size_t n) {
         void *p = malloc(n);

@@ -233,9 +233,13 @@ static int campaign_show(Api *a, const char *id, bool follow) {
                         return r;
                 if (tty && follow)
                         fputs("\033[H\033[J", stdout);
-                if (arg.json)
+                if (arg.json) {
                         r = print_json(json_incref(c));
-                else
+                        if (r < 0) {
+                                json_decref(c);
+                                return r;
+                        }
+                } else
                         campaign_print(c);
                 fflush(stdout);
                 state = json_string_or(c, "state", "");

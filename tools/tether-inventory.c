@@ -16,7 +16,7 @@
  * else "ID: name=…, tags …"). */
 static int update(Api *a, const char *device, json_t *body) {
         _cleanup_free_ char *path = NULL;
-        json_t *res = NULL, *tags, *v;
+        json_t *res = NULL, *tag_set, *v;
         const char *key;
         int r;
 
@@ -42,11 +42,11 @@ static int update(Api *a, const char *device, json_t *body) {
                 v = json_object_get(res, "name");
                 printf("%s: name %s%s%s", device, json_is_string(v) ? "'" : "",
                        json_is_string(v) ? json_string_value(v) : "(none)", json_is_string(v) ? "'" : "");
-                tags = json_object_get(res, "tags");
+                tag_set = json_object_get(res, "tags");
                 printf(", tags");
-                if (json_object_size(tags) == 0)
+                if (json_object_size(tag_set) == 0)
                         printf(" (none)");
-                json_object_foreach(tags, key, v)
+                json_object_foreach(tag_set, key, v)
                         printf(" %s=%s", key, json_is_string(v) ? json_string_value(v) : "?");
                 printf("\n");
         }
