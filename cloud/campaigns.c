@@ -34,6 +34,7 @@
 #define CAMPAIGN_PHASES_MAX 100
 #define CAMPAIGN_PHASE_WAIT_MAX (30 * 24 * 3600)
 #define CAMPAIGN_REASON_MAX 160
+#define CAMPAIGN_START_BATCH 256 /* devices looked at per loop iteration while starting */
 
 typedef enum CampState {
         CS_PENDING,
@@ -133,6 +134,10 @@ struct Campaign {
         CampDevice *devices;
         size_t n_devices;
         sd_event_source *timer;
+        /* Devices [start_next, start_to) of started phases still to be
+         * given their jobs (a few at a time, from the start defer);
+         * start_next == start_to: none. */
+        uint32_t start_next, start_to;
         bool dirty; /* in the Campaigns' dirty list */
         struct Campaign *next, *dirty_next;
 };
@@ -148,6 +153,7 @@ struct Campaigns {
         size_t n;
         Campaign *dirty;
         sd_event_source *defer;
+        sd_event_source *start_defer; /* on while a campaign has devices to start */
         sqlite3_stmt *stmt_save, *stmt_device;
         /* Indexes: campaign devices by job id, waiting ones by device. */
         CampDevice **job_b, **wait_b;
@@ -454,8 +460,10 @@ static void device_start(CampDevice *d) {
                 return;
         }
         wait_remove(cs, d);
+        /* The job has no copy of the manifest: campaigns_job_manifest()
+         * gives it when the job is sent. */
         text = json_string_value(json_array_get(c->manifests, d->manifest));
-        r = text ? ota_job_queue(cs->ota, d->device, text, strlen(text), id, &err) : -EINVAL;
+        r = text ? ota_job_queue_shared(cs->ota, d->device, c->package, c->version, c->sha256, id, &err) : -EINVAL;
         if (r < 0) {
                 log_warning("Campaign %s: no job for device '%s': %s.", c->id, d->device, err ?: "no manifest");
                 if (r == -EBUSY)
@@ -472,6 +480,52 @@ static void device_start(CampDevice *d) {
         (void)device_save(d);
 }
 
+/* Give the devices [from, to) of started phases without a job theirs,
+ * CAMPAIGN_START_BATCH at a time from the start defer, so that a phase
+ * of many devices does not hold the loop. Until then they count as
+ * pending (the phase is not over); a pause or abort stops it (resume
+ * starts it again). */
+static void campaign_start_devices(Campaign *c, uint32_t from, uint32_t to) {
+        if (c->start_next < c->start_to) {
+                c->start_next = from < c->start_next ? from : c->start_next;
+                c->start_to = to > c->start_to ? to : c->start_to;
+        } else {
+                c->start_next = from;
+                c->start_to = to;
+        }
+        if (c->start_next < c->start_to)
+                (void)sd_event_source_set_enabled(c->cs->start_defer, SD_EVENT_ON);
+}
+
+static int start_cb(sd_event_source *s, void *userdata) {
+        Campaigns *cs = userdata;
+        unsigned budget = CAMPAIGN_START_BATCH;
+        bool more = false;
+
+        for (Campaign *c = cs->list; c; c = c->next) {
+                if (c->start_next >= c->start_to)
+                        continue;
+                if (c->state != C_RUNNING) {
+                        c->start_next = c->start_to = 0;
+                        continue;
+                }
+                while (budget > 0 && c->start_next < c->start_to) {
+                        CampDevice *d = &c->devices[c->start_next++];
+
+                        if ((int)d->phase <= c->cur && !d->job[0] && !cs_final(d->state))
+                                device_start(d);
+                        budget--;
+                }
+                if (c->start_next < c->start_to)
+                        more = true;
+                else
+                        campaign_mark(c); /* the phase may be over now */
+        }
+        if (!more)
+                (void)sd_event_source_set_enabled(s, SD_EVENT_OFF);
+        return 0;
+}
+
 static void phase_start(Campaign *c, int k) {
         Phase *p = &c->phases[k];
 
@@ -481,8 +535,7 @@ static void phase_start(Campaign *c, int k) {
         log_info("Campaign %s: phase %d (%u%%, %u device(s)) starts.", c->id, k + 1, p->percent, p->to - p->from);
         (void)campaign_save(c, false);
         campaign_event(c, "phase-started", NULL);
-        for (uint32_t i = p->from; i < p->to; i++)
-                device_start(&c->devices[i]);
+        campaign_start_devices(c, p->from, p->to);
         campaign_mark(c);
 }
 
@@ -642,6 +695,21 @@ void campaigns_job_changed(Campaigns *cs, const char *job, const char *device, c
         }
 }
 
+int campaigns_job_manifest(Campaigns *cs, const char *job, const char *device, const char **ret_text,
+                           size_t *ret_len) {
+        CampDevice *d = cs ? job_lookup(cs, job) : NULL;
+        json_t *m;
+
+        if (!d || !streq(d->device, device))
+                return -ENOENT;
+        m = json_array_get(d->c->manifests, d->manifest);
+        if (!json_is_string(m))
+                return -ENOENT;
+        *ret_text = json_string_value(m);
+        *ret_len = json_string_length(m);
+        return 0;
+}
+
 bool campaigns_may_send(Campaigns *cs, const char *job) {
         CampDevice *d = cs ? job_lookup(cs, job) : NULL;
 
@@ -791,6 +859,17 @@ static void campaign_forget(Campaigns *cs, Campaign **victim) {
 
         *victim = c->next;
         cs->n--;
+        /* Its jobs that may still go out (queued for devices offline when
+         * it finished) take a copy of their manifest. */
+        for (size_t i = 0; i < c->n_devices; i++) {
+                const CampDevice *d = &c->devices[i];
+                json_t *m = json_array_get(c->manifests, d->manifest);
+
+                if (d->job[0] && !cs_final(d->state) && json_is_string(m) &&
+                    ota_job_adopt_manifest(cs->ota, d->job, json_string_value(m), json_string_length(m)) == -ENOMEM)
+                        log_error("Out of memory: job %s of forgotten campaign %s loses its manifest.", d->job,
+                                  c->id);
+        }
         if (store_batch(cs->store) >= 0 &&
             sqlite3_prepare_v2(store_db(cs->store),
                                "DELETE FROM campaign_devices WHERE campaign = ?1;", -1, &st, NULL) == SQLITE_OK) {
@@ -1192,10 +1271,8 @@ unsigned campaigns_api_action(Campaigns *cs, const char *id, const char *action,
                 /* What pause held: queued jobs of devices online now, and
                  * devices of started phases still without a job. */
                 ota_send_queued(cs->ota);
-                for (size_t i = 0; c->cur >= 0 && i < c->n_devices; i++)
-                        if ((int)c->devices[i].phase <= c->cur && !c->devices[i].job[0] &&
-                            !cs_final(c->devices[i].state))
-                                device_start(&c->devices[i]);
+                if (c->cur >= 0)
+                        campaign_start_devices(c, 0, c->phases[c->cur].to);
                 if (c->cur >= 0 && c->phases[c->cur].finished[0] && c->next_phase_at == 0)
                         /* Paused for its failure rate: the operator overrides. */
                         campaign_next(c);
@@ -1308,9 +1385,9 @@ static void campaign_resume_loaded(Campaign *c) {
                         /* The job is gone (pruned, or a crash lost it): the
                          * device's last known state is all there is. */
                         device_set(d, CS_FAILED);
-                if (!d->job[0] && (int)d->phase <= c->cur && c->state == C_RUNNING)
-                        device_start(d);
         }
+        if (c->cur >= 0 && c->state == C_RUNNING)
+                campaign_start_devices(c, 0, c->phases[c->cur].to);
         if (c->state == C_RUNNING && c->next_phase_at > 0)
                 arm_timer(c);
         campaign_mark(c);
@@ -1443,6 +1520,7 @@ Campaigns *campaigns_free(Campaigns *cs) {
                 campaign_free(c);
         }
         sd_event_source_disable_unref(cs->defer);
+        sd_event_source_disable_unref(cs->start_defer);
         sqlite3_finalize(cs->stmt_save);
         sqlite3_finalize(cs->stmt_device);
         free(cs->job_b);
@@ -1490,6 +1568,15 @@ int campaigns_new(sd_event *event, const CloudConfig *config, Store *store, Ota 
         r = sd_event_add_defer(event, &cs->defer, defer_cb, cs);
         if (r >= 0)
                 r = sd_event_source_set_enabled(cs->defer, SD_EVENT_OFF);
+        if (r >= 0)
+                r = sd_event_add_defer(event, &cs->start_defer, start_cb, cs);
+        /* Below the loop's other sources: a defer that stays on is always
+         * the oldest pending source of its priority, so at the same one it
+         * would run round after round alone (api.c's defer does the same). */
+        if (r >= 0)
+                r = sd_event_source_set_priority(cs->start_defer, SD_EVENT_PRIORITY_IDLE);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(cs->start_defer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the campaigns' event source: %m");
         r = campaigns_load(cs);

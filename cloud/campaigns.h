@@ -2,8 +2,9 @@
 /* Campaigns in tether-cloudd (campaigns.c, prefix campaigns_; docs/fleet.md
  * "Campaigns", docs/cloud.md): one signed update rolled out to a list of
  * devices in phases (cumulative percentages), each phase's jobs made
- * through the Ota (ota_job_queue(): a job waits "queued" while its device
- * is offline), the next phase started once every device of the phase is
+ * through the Ota (ota_job_queue_shared(): a job waits "queued" while its
+ * device is offline, the campaign keeps its manifest; a phase's jobs are
+ * made a few hundred per loop iteration), the next phase started once every device of the phase is
  * final or offline, unless the phase's failure rate is over the allowed
  * one: then the campaign pauses itself.
  *
@@ -52,9 +53,12 @@ static inline void campaigns_freep(Campaigns **c) { campaigns_free(*c); }
  * cluster mode, which campaigns do not support yet. */
 void campaigns_refuse(Campaigns *c, const char *text);
 
-/* OtaJobHooks.job_changed and .may_send. */
+/* OtaJobHooks.job_changed, .may_send and .manifest (a campaign's jobs
+ * hold no copy of its manifest: ota_job_queue_shared()). */
 void campaigns_job_changed(Campaigns *c, const char *job, const char *device, const char *state);
 bool campaigns_may_send(Campaigns *c, const char *job);
+int campaigns_job_manifest(Campaigns *c, const char *job, const char *device, const char **ret_text,
+                           size_t *ret_len);
 
 /* POST /v1/campaigns: params (borrowed) as docs/cloud.md; actor names who
  * asks (the audit log's words). 201 with the campaign; *ret_id (may be

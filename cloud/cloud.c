@@ -371,6 +371,12 @@ static void cloud_job_changed(void *userdata, const char *id, const char *device
         campaigns_job_changed(c->campaigns, id, device, state);
 }
 
+static int cloud_job_manifest(void *userdata, const char *id, const char *device, const char **text, size_t *len) {
+        Cloud *c = userdata;
+
+        return campaigns_job_manifest(c->campaigns, id, device, text, len);
+}
+
 static bool cloud_job_may_send(void *userdata, const char *id) {
         Cloud *c = userdata;
 
@@ -724,7 +730,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         if (r < 0)
                 return r;
         ota_set_job_hooks(c->ota, &(OtaJobHooks){ .userdata = c, .job_changed = cloud_job_changed,
-                                                  .may_send = cloud_job_may_send });
+                                                  .may_send = cloud_job_may_send, .manifest = cloud_job_manifest });
         /* The leader would drive them, with their tables replicated: not
          * done yet (docs/fleet.md, "Campaigns"). */
         if (config->cluster_nats)

@@ -84,7 +84,9 @@ typedef struct OtaJob {
         char created[32], updated[32];
         DeviceCall *call; /* POST /o/JOB to the device, until it answers */
         /* The signed manifest while the job is "sent" (kept in the Store
-         * so that the request can be sent again after a restart), else NULL. */
+         * so that the request can be sent again after a restart), else NULL.
+         * NULL also for a job whose maker keeps the manifest
+         * (ota_job_queue_shared(), job_manifest_shared()). */
         char *manifest;
         /* The manifest's sha256: the artifact the device may fetch over
          * its connection while the job is open (GET /a/SHA256). NULL for
@@ -680,7 +682,7 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
                 return;
         }
         if (error < 0) {
-                if (j->state && streq(j->state, "sent") && j->from_queue && j->manifest && j->ota->running) {
+                if (j->state && streq(j->state, "sent") && j->from_queue && j->ota->running) {
                         /* Queued for a device that may come and go: it goes
                          * out again when the device is back (tetherd
                          * answers a job it has already as a retry). */
@@ -895,13 +897,20 @@ static int job_from_row(Ota *ota, sqlite3_stmt *st, OtaJob **ret) {
         return 0;
 }
 
+/* Whether j is an open job without a manifest of its own: its maker
+ * (ota_job_queue_shared()) gives it through OtaJobHooks.manifest when it
+ * is sent. Every other job keeps its manifest while "queued" or "sent". */
+static bool job_manifest_shared(const OtaJob *j) {
+        return !j->manifest && j->state && (streq(j->state, "sent") || streq(j->state, "queued"));
+}
+
 /* Sent, and the cloud stopped (or the node that sent it lost the
  * device) before the device answered: it may or may not have the request.
  * Sending it again settles that (tetherd answers a job it has as a
  * retry). */
 static void job_update_resend(OtaJob *j) {
         bool resend = j->state && (streq(j->state, "sent") || streq(j->state, "queued")) && !j->closed &&
-                      j->manifest && !j->call;
+                      !j->call;
 
         if (resend != j->resend) {
                 j->resend = resend;
@@ -1127,6 +1136,8 @@ void ota_job_changed(Ota *ota, const char *id) {
  * owner lets it go now. */
 static void job_try_send(Ota *ota, OtaJob *j) {
         bool queued = j->state && streq(j->state, "queued");
+        const char *text = NULL;
+        size_t len = 0;
         Device *d;
         int r;
 
@@ -1137,8 +1148,25 @@ static void job_try_send(Ota *ota, OtaJob *j) {
                 return;
         if (queued && ota->job_hooks.may_send && !ota->job_hooks.may_send(ota->job_hooks.userdata, j->id))
                 return;
-        r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, j->id, j->manifest, strlen(j->manifest), job_sent,
-                         j, &j->call);
+        if (j->manifest) {
+                text = j->manifest;
+                len = strlen(j->manifest);
+        } else if (!ota->job_hooks.manifest ||
+                   ota->job_hooks.manifest(ota->job_hooks.userdata, j->id, j->device, &text, &len) < 0) {
+                /* Its maker no longer has it (a forgotten campaign hands
+                 * its manifests over first, so this is a job whose maker
+                 * is gone). */
+                log_warning("OTA job %s: no manifest to send to device '%s'.", j->id, j->device);
+                j->resend = false;
+                ota->n_resend--;
+                if (queued) {
+                        job_set_state(j, "failed", "no-manifest", "the manifest of the queued job is gone");
+                        j->closed = true; /* the device never saw it */
+                        (void)job_store(j, false);
+                }
+                return;
+        }
+        r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, j->id, text, len, job_sent, j, &j->call);
         if (r < 0) {
                 /* Tried again on its next connection. */
                 log_warning_errno(r, "OTA job %s: cannot send the update request to device '%s': %m", j->id,
@@ -1218,41 +1246,27 @@ const char *ota_job_state(Ota *ota, const char *id) {
         return j ? j->state : NULL;
 }
 
-int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len,
-                  char ret_id[static OTA_JOB_ID_MAX + 1],
-                  const char **ret_error) {
+/* A new "queued" job for device: with a copy of manifest (len bytes), or
+ * with none (NULL: its maker gives it when it is sent). */
+static int job_queue(Ota *ota, const char *device, const char *package, const char *version, const char *sha256,
+                     const char *manifest, size_t len, char ret_id[static OTA_JOB_ID_MAX + 1],
+                     const char **ret_error) {
         char id[OTA_JOB_ID_LEN + 1];
-        ManifestEnvelope env;
-        Manifest man = {};
-        const char *err = NULL;
         Device *d;
         OtaJob *j;
-        int r;
 
-        if (proto_name_check(device, strlen(device), PROTO_NAME_DEVICE) < 0) {
-                *ret_error = "not a device id";
-                return -EINVAL;
-        }
-        r = manifest_envelope_split((const uint8_t *)manifest, len, &env);
-        if (r < 0 || manifest_body_parse(env.body, env.body_len, &man, &err) < 0) {
-                *ret_error = "not a signed tether manifest";
-                return -EINVAL;
-        }
         if (job_open_of(ota, device)) {
-                manifest_done(&man);
                 *ret_error = "the device has an open job";
                 return -EBUSY;
         }
         if (job_new_id(ota, id) < 0) {
-                manifest_done(&man);
                 *ret_error = "no randomness for a job id";
                 return -EIO;
         }
-        j = job_new(ota, id, device, man.package, man.version);
-        if (j) /* the artifact the device may fetch over its connection */
-                j->sha256 = TAKE_PTR(man.sha256);
-        manifest_done(&man);
-        if (!j || !(j->manifest = strndup(manifest, len))) {
+        j = job_new(ota, id, device, package, version);
+        if (j && sha256) /* the artifact the device may fetch over its connection */
+                j->sha256 = strdup(sha256);
+        if (!j || (sha256 && !j->sha256) || (manifest && !(j->manifest = strndup(manifest, len)))) {
                 if (j) {
                         job_set_state(j, "failed", "offline", "out of memory");
                         j->closed = true;
@@ -1271,6 +1285,59 @@ int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len
                 ota_device_online(ota, d);
         memcpy(ret_id, id, OTA_JOB_ID_LEN + 1);
         return 0;
+}
+
+int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len,
+                  char ret_id[static OTA_JOB_ID_MAX + 1],
+                  const char **ret_error) {
+        ManifestEnvelope env;
+        Manifest man = {};
+        const char *err = NULL;
+        int r;
+
+        if (proto_name_check(device, strlen(device), PROTO_NAME_DEVICE) < 0) {
+                *ret_error = "not a device id";
+                return -EINVAL;
+        }
+        r = manifest_envelope_split((const uint8_t *)manifest, len, &env);
+        if (r < 0 || manifest_body_parse(env.body, env.body_len, &man, &err) < 0) {
+                *ret_error = "not a signed tether manifest";
+                return -EINVAL;
+        }
+        r = job_queue(ota, device, man.package, man.version, man.sha256, manifest, len, ret_id, ret_error);
+        manifest_done(&man);
+        return r;
+}
+
+int ota_job_queue_shared(Ota *ota, const char *device, const char *package, const char *version,
+                         const char *sha256, char ret_id[static OTA_JOB_ID_MAX + 1], const char **ret_error) {
+        if (proto_name_check(device, strlen(device), PROTO_NAME_DEVICE) < 0) {
+                *ret_error = "not a device id";
+                return -EINVAL;
+        }
+        if (!ota->job_hooks.manifest) {
+                *ret_error = "no maker of manifests";
+                return -EINVAL;
+        }
+        if (sha256 && !manifest_sha256_valid(sha256)) {
+                *ret_error = "not an artifact hash";
+                return -EINVAL;
+        }
+        return job_queue(ota, device, package, version, sha256, NULL, 0, ret_id, ret_error);
+}
+
+int ota_job_adopt_manifest(Ota *ota, const char *id, const char *manifest, size_t len) {
+        OtaJob *j = job_find(ota, id);
+
+        if (!j)
+                return -ENOENT;
+        if (!job_manifest_shared(j))
+                return 0;
+        j->manifest = strndup(manifest, len);
+        if (!j->manifest)
+                return -ENOMEM;
+        (void)job_store(j, false);
+        return 1;
 }
 
 int ota_job_cancel(Ota *ota, const char *id, const char *code, const char *reason) {

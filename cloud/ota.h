@@ -120,6 +120,12 @@ typedef struct OtaJobHooks {
          * online (false: it stays queued until ota_send_queued()). NULL:
          * always. */
         bool (*may_send)(void *userdata, const char *id);
+        /* The signed manifest of job id of device, made by
+         * ota_job_queue_shared(), now that it is sent (also again, after a
+         * restart): *text (len bytes) stays valid until the loop runs.
+         * Negative errno when the maker does not know the job: a queued job
+         * then fails ("no-manifest"). NULL: no shared jobs are made. */
+        int (*manifest)(void *userdata, const char *id, const char *device, const char **text, size_t *len);
 } OtaJobHooks;
 /* Attach hooks (copied), or detach them (NULL). */
 void ota_set_job_hooks(Ota *ota, const OtaJobHooks *hooks);
@@ -133,6 +139,18 @@ void ota_set_job_hooks(Ota *ota, const OtaJobHooks *hooks);
  * randomness); *ret_error says which. The job joins the Store's batch. */
 int ota_job_queue(Ota *ota, const char *device, const char *manifest, size_t len,
                   char ret_id[static OTA_JOB_ID_MAX + 1], const char **ret_error);
+/* As ota_job_queue(), for a maker that keeps the manifest itself and
+ * checked it (package, version and sha256 are the manifest's; sha256 may
+ * be NULL): the job holds no copy, in memory or in its row, and
+ * OtaJobHooks.manifest (required: -EINVAL without it) gives the text when
+ * the job is sent. */
+int ota_job_queue_shared(Ota *ota, const char *device, const char *package, const char *version,
+                         const char *sha256, char ret_id[static OTA_JOB_ID_MAX + 1], const char **ret_error);
+/* The maker of job id (ota_job_queue_shared()) is going away: the job
+ * takes a copy of its manifest (len bytes) if it may still be sent. 1
+ * taken, 0 not needed (sent with its own, or over), -ENOENT no such job,
+ * -ENOMEM. */
+int ota_job_adopt_manifest(Ota *ota, const char *id, const char *manifest, size_t len);
 /* Cancel a job that is still "queued" (never sent): it becomes "failed"
  * with code and reason, final. -ENOENT no such job, -EBUSY not queued
  * (sent jobs go on). */

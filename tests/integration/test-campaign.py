@@ -8,6 +8,7 @@ postinst refuses, so the helper rolls them back."""
 
 import json
 import os
+import sqlite3
 import sys
 import time
 import urllib.parse
@@ -142,6 +143,18 @@ class Fleet:
         return b if isinstance(b, list) else b.get("records", b.get("audit", []))
 
 
+def stored_manifest(w, job):
+    """The manifest column of job's row in cloud.db (read-only; the cloud
+    runs, WAL mode)."""
+    con = sqlite3.connect(f"file:{w.path('cloud-state', 'cloud.db')}?mode=ro", uri=True, timeout=10)
+    try:
+        row = con.execute("SELECT manifest FROM ota_jobs WHERE id = ?", (job,)).fetchone()
+    finally:
+        con.close()
+    expect(row is not None, f"job {job} is not in cloud.db")
+    return row[0]
+
+
 def evdata(m):
     """The data of a campaign event (SSE message: the Particle envelope)."""
     return json.loads(m["data"]["data"])
@@ -271,6 +284,9 @@ def test_pause_resume_offline_catch_up_restart(w):
     d2 = f.devices(c2["id"])[off.id]
     expect(d2["state"] == "pending" and d2["job"] is None, f"second campaign's device: {d2}")
 
+    # the queued job holds no copy of the manifest (the campaign keeps it
+    # once); it is still sent after the restart (below)
+    expect(stored_manifest(w, job_off) is None, "a campaign's queued job has its own manifest in cloud.db")
     # restart the cloud during phase_wait: the campaign goes on
     w.cloud.stop()
     f.start_cloud(port=w.coap_port, api_port=w.api_port, ota_port=f.ota_port)
@@ -307,6 +323,7 @@ def test_pause_resume_offline_catch_up_restart(w):
     off.start()
     j = f.base.wait_job(job_off, timeout=120)
     expect(j["state"] == "committed", f"catch-up job: {j['state']} {j.get('reason')}")
+    expect(stored_manifest(w, job_off) is None, f"job {job_off} over, with a manifest in cloud.db")
     c2 = f.wait(c2["id"], lambda c: c["state"] == "finished" and c["counts"]["committed"] == 1,
                 "the second campaign finished", timeout=180)
     d2 = f.devices(c2["id"])[off.id]
