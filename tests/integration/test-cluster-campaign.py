@@ -117,6 +117,10 @@ def test_campaign_across_nodes(w):
                                                  "max_failure_rate": 0, "phase_wait": PHASE_WAIT, "name": "split"})
     expect(st == 201, f"POST /v1/campaigns on n2: {st} {b}")
     cid = b["campaign"]["id"]
+    # A campaign's row must fit in one NATS message.
+    st, b = api(w, n1, "POST", "/v1/campaigns", {"manifests": ["x" * 600000], "phases": [100],
+                                                 "max_failure_rate": 0})
+    expect(st == 413 and "cluster mode" in b.get("error", ""), f"large manifests: {st} {b}")
 
     # The leader starts it; phase 1 commits on a device of each node.
     c = wait_campaign(w, n2, cid, lambda c: c["phases"][0]["state"] in ("waiting", "done"), "phase 1 done")
