@@ -129,6 +129,7 @@ typedef struct ApiRequest {
 
         /* A request for a device another cluster node holds, sent there. */
         ClusterForward *forward;
+        bool forward_leader;        /* to the node leading the campaigns, not a device's */
         /* A request from another cluster node (no MHD connection): the
          * answer goes back through rpc (api_rpc()). */
         ClusterRpc *rpc;
@@ -651,6 +652,10 @@ static void api_forward_done(void *userdata, int error, unsigned status, json_t 
         req->forward = NULL;
         if (error == 0)
                 api_set_json(req, status, json_incref(body));
+        else if (req->forward_leader)
+                api_set_errorf(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                               "Cannot reach the cluster node that leads the campaigns: %s; try again",
+                               strerror(-error));
         else if (error == -ETIMEDOUT)
                 api_set_errorf(req, MHD_HTTP_GATEWAY_TIMEOUT, "Timed out waiting for device '%s'", id);
         else if (error == -EHOSTUNREACH)
@@ -683,6 +688,13 @@ static void api_forward(ApiRequest *req, const char *node, const char *op, const
                         json_object_set(ota_params, "manifest", json_object_get(params, "manifest"));
                 if (json_object_get(params, "file"))
                         json_object_set_new(ota_params, "file", json_true());
+        } else if (streq(op, "campaign")) {
+                /* Who asked, for the audit of the campaign's events. */
+                if (asprintf(&arg_text, "token:%s", req->auth.id) < 0) {
+                        arg_text = NULL;
+                        return;
+                }
+                req->forward_leader = true;
         } else if (streq(op, "call") || streq(op, "var")) {
                 /* As this node would check them: the same answers. */
                 if (api_call_check(req, name, streq(op, "call"), params, &arg, &arg_len, buf) < 0)
@@ -753,7 +765,16 @@ void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, cons
                 api->rpcs->prev = req;
         api->rpcs = req;
         d = devices_find(api->devices, device);
-        if (streq(op, "ota") && d) {
+        if (streq(op, "campaign")) {
+                /* An action another node was asked for: this node leads
+                 * (campaigns_api_action() answers 503 if no longer). */
+                json_t *body = NULL;
+                unsigned status = api->campaigns ? campaigns_api_action(api->campaigns, device, name ?: "",
+                                                                        arg ?: "cluster", &body)
+                                                 : MHD_HTTP_SERVICE_UNAVAILABLE;
+
+                api_set_json(req, status, body);
+        } else if (streq(op, "ota") && d) {
                 /* As PUT /v1/devices/ID here: ota_api_start_job() answers
                  * for a device that left this node meanwhile too. */
                 json_t *body = NULL;
@@ -1797,8 +1818,22 @@ static void api_campaigns(ApiRequest *req, const ApiParsed *p, const char *metho
                 status = campaigns_api_devices(api->campaigns, id, api_query_arg(req, "page"),
                                                api_query_arg(req, "per_page"), &body);
         else if (p->route == API_ROUTE_CAMPAIGN && post && p->sub &&
-                 (streq(p->sub, "pause") || streq(p->sub, "resume") || streq(p->sub, "abort")))
+                 (streq(p->sub, "pause") || streq(p->sub, "resume") || streq(p->sub, "abort"))) {
+                /* In a cluster the node that leads the campaigns acts
+                 * (docs/cluster.md, "Campaigns"). */
+                const char *leader = api->cluster ? cluster_leader(api->cluster) : NULL;
+
+                if (api->cluster && !leader) {
+                        api_set_error(req, MHD_HTTP_SERVICE_UNAVAILABLE,
+                                      "No cluster node leads the campaigns yet; try again", NULL);
+                        return;
+                }
+                if (leader && !streq(leader, cluster_node(api->cluster))) {
+                        api_forward(req, leader, "campaign", id, p->sub, NULL);
+                        return;
+                }
                 status = campaigns_api_action(api->campaigns, id, p->sub, actor, &body);
+        }
         else if (p->route == API_ROUTE_CAMPAIGN && p->sub && !streq(p->sub, "devices") && !streq(p->sub, "pause") &&
                  !streq(p->sub, "resume") && !streq(p->sub, "abort")) {
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Not found", NULL);
@@ -2164,6 +2199,8 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_CAMPAIGNS:
         case API_ROUTE_CAMPAIGN:
                 api_campaigns(req, &p, method);
+                if (req->suspended)
+                        return MHD_YES; /* an action sent to the leader (api_forward()) */
                 break;
         case API_ROUTE_DEVICE_BAD_METHOD:
                 /* Without looking the device up: any good token reaches

@@ -35,6 +35,10 @@
 #define CAMPAIGN_PHASE_WAIT_MAX (30 * 24 * 3600)
 #define CAMPAIGN_REASON_MAX 160
 #define CAMPAIGN_START_BATCH 256 /* devices looked at per loop iteration while starting */
+/* Cluster mode: a campaign's row (its manifests) is one change of the
+ * replicated state, which must fit in one NATS message. */
+#define CAMPAIGN_CLUSTER_MANIFESTS_MAX (512u * 1024)
+#define CAMPAIGNS_LEADS_USEC (1000ULL * 1000ULL) /* how often leadership and changed rows are looked at */
 
 typedef enum CampState {
         CS_PENDING,
@@ -159,7 +163,13 @@ struct Campaigns {
         CampDevice **job_b, **wait_b;
         size_t job_nb, job_n, wait_nb, wait_n;
         uint64_t hash_key;
-        const char *refuse; /* 501 text for new campaigns, or NULL */
+        CampaignsHooks hooks;
+        /* Cluster mode: whether this node drives the campaigns (it leads);
+         * else its campaigns are a copy of the replicated rows, read again
+         * when they changed (the ids in stale) at the next tick. */
+        bool leading;
+        sd_event_source *tick;
+        json_t *stale;
 };
 
 /* ---- indexes ------------------------------------------------------------- */
@@ -460,10 +470,18 @@ static void device_start(CampDevice *d) {
                 return;
         }
         wait_remove(cs, d);
-        /* The job has no copy of the manifest: campaigns_job_manifest()
-         * gives it when the job is sent. */
+        /* On one node the job has no copy of the manifest:
+         * campaigns_job_manifest() gives it when the job is sent. In a
+         * cluster the job carries its own: the node that sends it may hold
+         * the job's replicated row before the campaign's rows that name it
+         * (its campaigns could not give the manifest yet). */
         text = json_string_value(json_array_get(c->manifests, d->manifest));
-        r = text ? ota_job_queue_shared(cs->ota, d->device, c->package, c->version, c->sha256, id, &err) : -EINVAL;
+        if (!text)
+                r = -EINVAL;
+        else if (cs->hooks.leads)
+                r = ota_job_queue(cs->ota, d->device, text, strlen(text), id, &err);
+        else
+                r = ota_job_queue_shared(cs->ota, d->device, c->package, c->version, c->sha256, id, &err);
         if (r < 0) {
                 log_warning("Campaign %s: no job for device '%s': %s.", c->id, d->device, err ?: "no manifest");
                 if (r == -EBUSY)
@@ -505,7 +523,7 @@ static int start_cb(sd_event_source *s, void *userdata) {
         for (Campaign *c = cs->list; c; c = c->next) {
                 if (c->start_next >= c->start_to)
                         continue;
-                if (c->state != C_RUNNING) {
+                if (c->state != C_RUNNING || !cs->leading) {
                         c->start_next = c->start_to = 0;
                         continue;
                 }
@@ -586,7 +604,7 @@ static int timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         Campaign *c = userdata;
 
         c->timer = sd_event_source_disable_unref(c->timer);
-        if (c->state == C_RUNNING && c->next_phase_at > 0)
+        if (c->cs->leading && c->state == C_RUNNING && c->next_phase_at > 0)
                 campaign_next(c);
         return 0;
 }
@@ -608,8 +626,8 @@ static bool phase_over(Campaign *c) {
                 if (d->state != CS_QUEUED)
                         continue;
                 dev = devices_find(c->cs->devices, d->device);
-                if (dev && device_session(dev))
-                        return false;
+                if (dev && (device_session(dev) || device_elsewhere(dev)))
+                        return false; /* online here, or on another cluster node that sends it */
         }
         return true;
 }
@@ -672,7 +690,8 @@ static int defer_cb(sd_event_source *s, void *userdata) {
                 cs->dirty = c->dirty_next;
                 c->dirty = false;
                 c->dirty_next = NULL;
-                campaign_evaluate(c);
+                if (cs->leading)
+                        campaign_evaluate(c);
         }
         return 0;
 }
@@ -681,7 +700,8 @@ void campaigns_job_changed(Campaigns *cs, const char *job, const char *device, c
         CampDevice *d = cs ? job_lookup(cs, job) : NULL;
         CampState s = cs_from_job(state);
 
-        if (!cs)
+        /* Only the leader counts and starts (its rows tell the others). */
+        if (!cs || !cs->leading)
                 return;
         if (d)
                 device_set(d, s);
@@ -944,8 +964,6 @@ unsigned campaigns_api_create(Campaigns *cs, json_t *params, const char *actor, 
         unsigned status = MHD_HTTP_BAD_REQUEST;
         uint8_t rnd[CAMPAIGN_ID_LEN / 2];
 
-        if (cs->refuse)
-                return fail(ret_body, MHD_HTTP_NOT_IMPLEMENTED, "%s", cs->refuse);
         if (!json_is_object(params))
                 return fail(ret_body, status, "send a JSON object");
         if (opt_text(params, "name", CAMPAIGN_NAME_MAX, &name) < 0)
@@ -990,6 +1008,17 @@ unsigned campaigns_api_create(Campaigns *cs, json_t *params, const char *actor, 
         if (n_open >= CAMPAIGNS_OPEN_MAX)
                 return fail(ret_body, MHD_HTTP_CONFLICT, "%zu campaigns are running or paused: abort or finish some",
                             n_open);
+        if (cs->hooks.leads) {
+                _cleanup_free_ char *text = json_dumps(manifests, JSON_COMPACT);
+
+                if (!text)
+                        return fail(ret_body, MHD_HTTP_INTERNAL_SERVER_ERROR, "out of memory");
+                if (strlen(text) > CAMPAIGN_CLUSTER_MANIFESTS_MAX)
+                        return fail(ret_body, MHD_HTTP_CONTENT_TOO_LARGE,
+                                    "in cluster mode a campaign's manifests are at most %u KiB together (these are "
+                                    "%zu KiB): split the campaign", CAMPAIGN_CLUSTER_MANIFESTS_MAX / 1024,
+                                    strlen(text) / 1024);
+        }
 
         /* The manifests: the same update, each naming its devices. */
         n_man = json_array_size(manifests);
@@ -1156,12 +1185,15 @@ unsigned campaigns_api_create(Campaigns *cs, json_t *params, const char *actor, 
                               CAMPAIGNS_DEVICES_TOTAL_MAX);
                 goto out;
         }
-        /* On disk, with every device, before anything starts. */
-        if (campaign_save(c, false) < 0)
-                goto store_failed;
+        /* On disk, with every device, before anything starts; the
+         * devices first: a large campaign takes several transactions
+         * (StoreHooks.batch_full), and a cluster node that has the row has
+         * its devices. */
         for (i = 0; i < n_devices; i++)
                 if (device_save(&c->devices[i]) < 0)
                         goto store_failed;
+        if (campaign_save(c, false) < 0)
+                goto store_failed;
         if (store_commit(cs->store) < 0)
                 goto store_failed;
         c->next = cs->list;
@@ -1170,7 +1202,9 @@ unsigned campaigns_api_create(Campaigns *cs, json_t *params, const char *actor, 
         log_info("Campaign %s created by %s: %s %s to %zu device(s) in %zu phase(s).", c->id, actor ?: "?",
                  c->package, c->version, c->n_devices, c->n_phases);
         campaign_event(c, "created", NULL);
-        campaign_next(c);
+        /* Else the leader starts it once the rows reach it. */
+        if (cs->leading)
+                campaign_next(c);
         memcpy(ret_id, c->id, CAMPAIGN_ID_LEN + 1);
         *ret_body = json_pack("{s:b, s:o}", "ok", 1, "campaign", campaign_json(c, true));
         status = MHD_HTTP_CREATED;
@@ -1255,6 +1289,11 @@ unsigned campaigns_api_action(Campaigns *cs, const char *id, const char *action,
                               json_t **ret_body) {
         Campaign *c = campaign_id_valid(id) ? campaign_find(cs, id) : NULL;
 
+        if (!cs->leading)
+                /* The Api sends actions to the leader; leadership moved
+                 * meanwhile. */
+                return fail(ret_body, MHD_HTTP_SERVICE_UNAVAILABLE,
+                            "this cluster node does not lead the campaigns (any more); try again");
         if (!c)
                 return fail(ret_body, MHD_HTTP_NOT_FOUND, "no such campaign");
         if (streq(action, "pause")) {
@@ -1303,10 +1342,6 @@ unsigned campaigns_api_action(Campaigns *cs, const char *id, const char *action,
         (void)actor;
         *ret_body = json_pack("{s:b, s:o}", "ok", 1, "campaign", campaign_json(c, true));
         return MHD_HTTP_OK;
-}
-
-void campaigns_refuse(Campaigns *cs, const char *text) {
-        cs->refuse = text;
 }
 
 /* ---- loading ------------------------------------------------------------------------ */
@@ -1368,17 +1403,24 @@ static int campaign_load_devices(Campaigns *cs, Campaign *c) {
         return rc == SQLITE_DONE ? 0 : store_error(cs->store, rc, "reading a campaign's devices");
 }
 
-/* A campaign as it was: the devices' states from their jobs now, then on. */
+/* A campaign as it was: its counts from its devices' states; when this node
+ * drives the campaigns, the devices' states from their jobs now, then on. */
 static void campaign_resume_loaded(Campaign *c) {
         Campaigns *cs = c->cs;
 
         for (size_t i = 0; i < c->n_devices; i++) {
                 CampDevice *d = &c->devices[i];
-                const char *js = d->job[0] ? ota_job_state(cs->ota, d->job) : NULL;
 
                 c->phases[d->phase].counts[d->state]++;
                 if (d->job[0] && job_index_add(cs, d) < 0)
                         log_error("Out of memory: campaign %s loses track of job %s.", c->id, d->job);
+        }
+        if (!cs->leading)
+                return;
+        for (size_t i = 0; i < c->n_devices; i++) {
+                CampDevice *d = &c->devices[i];
+                const char *js = d->job[0] ? ota_job_state(cs->ota, d->job) : NULL;
+
                 if (js)
                         device_set(d, cs_from_job(js));
                 else if (d->job[0] && !cs_final(d->state))
@@ -1386,118 +1428,132 @@ static void campaign_resume_loaded(Campaign *c) {
                          * device's last known state is all there is. */
                         device_set(d, CS_FAILED);
         }
-        if (c->cur >= 0 && c->state == C_RUNNING)
+        if (c->state == C_RUNNING && c->cur < 0)
+                /* Made on another node: it starts here. */
+                campaign_next(c);
+        else if (c->state == C_RUNNING)
                 campaign_start_devices(c, 0, c->phases[c->cur].to);
         if (c->state == C_RUNNING && c->next_phase_at > 0)
                 arm_timer(c);
         campaign_mark(c);
 }
 
+#define CAMPAIGN_COLUMNS                                                                                          \
+        "id, name, target, package, version, sha256, size, manifests, phases, max_failure_rate, phase_wait, "   \
+        "state, paused_reason, phase, next_phase_at, created_by, created_at, updated_at"
+
+/* The campaign of the row st is on, with its devices: -EINVAL for records
+ * that are not valid (logged), -ENOMEM. */
+static int campaign_from_row(Campaigns *cs, sqlite3_stmt *st, Campaign **ret) {
+        const char *id = (const char *)sqlite3_column_text(st, 0);
+        const char *state = (const char *)sqlite3_column_text(st, 11);
+        const char *created = (const char *)sqlite3_column_text(st, 16);
+        const char *updated = (const char *)sqlite3_column_text(st, 17);
+        const char *by = (const char *)sqlite3_column_text(st, 15);
+        json_t *ph;
+        bool oom = false;
+        Campaign *c;
+        int r, s = -1;
+
+        for (int k = 0; state && k < (int)ELEMENTSOF(c_names); k++)
+                if (streq(state, c_names[k]))
+                        s = k;
+        if (!id || !campaign_id_valid(id) || s < 0 || !created || strlen(created) >= 32 || !updated ||
+            strlen(updated) >= 32) {
+                log_warning("Skipped a campaign record that is not valid.");
+                return -EINVAL;
+        }
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        c->cs = cs;
+        snprintf(c->id, sizeof(c->id), "%s", id);
+        c->name = col_dup(st, 1, &oom);
+        c->target = col_dup(st, 2, &oom);
+        c->package = col_dup(st, 3, &oom);
+        c->version = col_dup(st, 4, &oom);
+        c->sha256 = col_dup(st, 5, &oom);
+        c->size = (uint64_t)sqlite3_column_int64(st, 6);
+        c->manifests = json_loads((const char *)sqlite3_column_text(st, 7) ?: "", 0, NULL);
+        ph = json_loads((const char *)sqlite3_column_text(st, 8) ?: "", 0, NULL);
+        c->max_failure_rate = sqlite3_column_double(st, 9);
+        c->phase_wait = (uint64_t)sqlite3_column_int64(st, 10);
+        c->state = (CampaignState)s;
+        c->paused_reason = col_dup(st, 12, &oom);
+        c->cur = sqlite3_column_int(st, 13);
+        c->next_phase_at = (uint64_t)sqlite3_column_int64(st, 14);
+        snprintf(c->created_by, sizeof(c->created_by), "%s", by ?: "");
+        snprintf(c->created, sizeof(c->created), "%s", created);
+        snprintf(c->updated, sizeof(c->updated), "%s", updated);
+        r = oom ? -ENOMEM : 0;
+        if (r == 0 && (!json_is_array(c->manifests) || !json_is_array(ph) || json_array_size(ph) == 0 ||
+                       json_array_size(ph) > CAMPAIGN_PHASES_MAX || c->cur < -1 ||
+                       c->cur >= (int)json_array_size(ph) || !c->package || !c->version || !c->sha256))
+                r = -EINVAL;
+        if (r == 0) {
+                size_t k;
+                json_t *p;
+
+                c->n_phases = json_array_size(ph);
+                c->phases = calloc(c->n_phases, sizeof(*c->phases));
+                if (!c->phases)
+                        r = -ENOMEM;
+                json_array_foreach(ph, k, p) {
+                        const char *sa = json_string_value(json_object_get(p, "started_at"));
+                        const char *fa = json_string_value(json_object_get(p, "finished_at"));
+
+                        if (!c->phases)
+                                break;
+                        c->phases[k].percent = (unsigned)json_integer_value(json_object_get(p, "percent"));
+                        if (sa)
+                                snprintf(c->phases[k].started, 32, "%s", sa);
+                        if (fa)
+                                snprintf(c->phases[k].finished, 32, "%s", fa);
+                        c->phases[k].failed = json_is_true(json_object_get(p, "failed"));
+                        if (c->phases[k].percent > 100)
+                                r = -EINVAL;
+                }
+        }
+        json_decref(ph);
+        if (r == 0)
+                r = campaign_load_devices(cs, c);
+        if (r == 0)
+                /* The bounds follow from N and the percentages. */
+                campaign_layout(c);
+        if (r < 0) {
+                if (r == -EINVAL)
+                        log_warning("Skipped campaign %s: its records are not valid.", c->id);
+                campaign_free(c);
+                return r;
+        }
+        *ret = c;
+        return 0;
+}
+
 static int campaigns_load(Campaigns *cs) {
         sqlite3_stmt *st = NULL;
-        int rc;
+        int rc, r = 0;
         size_t n = 0;
 
         rc = sqlite3_prepare_v2(store_db(cs->store),
-                                "SELECT id, name, target, package, version, sha256, size, manifests, phases, "
-                                "max_failure_rate, phase_wait, state, paused_reason, phase, next_phase_at, created_by, "
-                                "created_at, updated_at FROM campaigns ORDER BY created_at, rowid",
-                                -1, &st, NULL);
+                                "SELECT " CAMPAIGN_COLUMNS " FROM campaigns ORDER BY created_at, rowid", -1, &st,
+                                NULL);
         while (rc == SQLITE_OK && (rc = sqlite3_step(st)) == SQLITE_ROW) {
-                const char *id = (const char *)sqlite3_column_text(st, 0);
-                const char *state = (const char *)sqlite3_column_text(st, 11);
-                const char *created = (const char *)sqlite3_column_text(st, 16);
-                const char *updated = (const char *)sqlite3_column_text(st, 17);
-                const char *by = (const char *)sqlite3_column_text(st, 15);
-                json_t *ph;
-                bool oom = false;
                 Campaign *c;
-                int r, s = -1;
 
                 rc = SQLITE_OK;
-                for (int k = 0; state && k < (int)ELEMENTSOF(c_names); k++)
-                        if (streq(state, c_names[k]))
-                                s = k;
-                if (!id || !campaign_id_valid(id) || s < 0 || !created || strlen(created) >= 32 || !updated ||
-                    strlen(updated) >= 32) {
-                        log_warning("Skipped a campaign record that is not valid.");
+                r = campaign_from_row(cs, st, &c);
+                if (r == -EINVAL)
                         continue;
-                }
-                c = calloc(1, sizeof(*c));
-                if (!c) {
-                        rc = SQLITE_NOMEM;
+                if (r < 0)
                         break;
-                }
-                c->cs = cs;
-                snprintf(c->id, sizeof(c->id), "%s", id);
-                c->name = col_dup(st, 1, &oom);
-                c->target = col_dup(st, 2, &oom);
-                c->package = col_dup(st, 3, &oom);
-                c->version = col_dup(st, 4, &oom);
-                c->sha256 = col_dup(st, 5, &oom);
-                c->size = (uint64_t)sqlite3_column_int64(st, 6);
-                c->manifests = json_loads((const char *)sqlite3_column_text(st, 7) ?: "", 0, NULL);
-                ph = json_loads((const char *)sqlite3_column_text(st, 8) ?: "", 0, NULL);
-                c->max_failure_rate = sqlite3_column_double(st, 9);
-                c->phase_wait = (uint64_t)sqlite3_column_int64(st, 10);
-                c->state = (CampaignState)s;
-                c->paused_reason = col_dup(st, 12, &oom);
-                c->cur = sqlite3_column_int(st, 13);
-                c->next_phase_at = (uint64_t)sqlite3_column_int64(st, 14);
-                snprintf(c->created_by, sizeof(c->created_by), "%s", by ?: "");
-                snprintf(c->created, sizeof(c->created), "%s", created);
-                snprintf(c->updated, sizeof(c->updated), "%s", updated);
-                r = oom ? -ENOMEM : 0;
-                if (r == 0 && (!json_is_array(c->manifests) || !json_is_array(ph) || json_array_size(ph) == 0 ||
-                               json_array_size(ph) > CAMPAIGN_PHASES_MAX || c->cur < -1 ||
-                               c->cur >= (int)json_array_size(ph) || !c->package || !c->version || !c->sha256))
-                        r = -EINVAL;
-                if (r == 0) {
-                        size_t k;
-                        json_t *p;
-
-                        c->n_phases = json_array_size(ph);
-                        c->phases = calloc(c->n_phases, sizeof(*c->phases));
-                        if (!c->phases)
-                                r = -ENOMEM;
-                        json_array_foreach(ph, k, p) {
-                                const char *sa = json_string_value(json_object_get(p, "started_at"));
-                                const char *fa = json_string_value(json_object_get(p, "finished_at"));
-
-                                if (!c->phases)
-                                        break;
-                                c->phases[k].percent = (unsigned)json_integer_value(json_object_get(p, "percent"));
-                                if (sa)
-                                        snprintf(c->phases[k].started, 32, "%s", sa);
-                                if (fa)
-                                        snprintf(c->phases[k].finished, 32, "%s", fa);
-                                c->phases[k].failed = json_is_true(json_object_get(p, "failed"));
-                                if (c->phases[k].percent > 100)
-                                        r = -EINVAL;
-                        }
-                }
-                json_decref(ph);
-                if (r == 0)
-                        r = campaign_load_devices(cs, c);
-                if (r == 0)
-                        /* The bounds follow from N and the percentages. */
-                        campaign_layout(c);
-                if (r < 0) {
-                        campaign_free(c);
-                        if (r == -ENOMEM) {
-                                rc = SQLITE_NOMEM;
-                                break;
-                        }
-                        log_warning("Skipped campaign %s: its records are not valid.", id);
-                        continue;
-                }
                 c->next = cs->list;
                 cs->list = c;
                 cs->n++;
                 n++;
         }
         sqlite3_finalize(st);
-        if (rc == SQLITE_NOMEM)
+        if (r == -ENOMEM)
                 return log_error_errno(-ENOMEM, "Out of memory loading the campaigns.");
         if (rc != SQLITE_DONE)
                 return store_error(cs->store, rc, "reading the campaigns");
@@ -1508,17 +1564,149 @@ static int campaigns_load(Campaigns *cs) {
         return 0;
 }
 
+/* ---- cluster mode ----------------------------------------------------------------------- */
+
+static void campaign_undirty(Campaigns *cs, Campaign *c) {
+        if (!c->dirty)
+                return;
+        for (Campaign **d = &cs->dirty; *d; d = &(*d)->dirty_next)
+                if (*d == c) {
+                        *d = c->dirty_next;
+                        break;
+                }
+        c->dirty = false;
+}
+
+static void campaigns_drop_all(Campaigns *cs) {
+        while (cs->list) {
+                Campaign *c = cs->list;
+
+                cs->list = c->next;
+                campaign_undirty(cs, c);
+                campaign_free(c);
+        }
+        cs->n = 0;
+}
+
+/* Read campaign id from the Store again (its rows changed): *ret_was the
+ * state it had here before (-1: it was not here); -ENOENT when its row is
+ * gone (it is gone here too). */
+static int campaign_reload(Campaigns *cs, const char *id, int *ret_was) {
+        sqlite3_stmt *st = NULL;
+        Campaign **pp = &cs->list, *c = NULL;
+        int rc, r;
+
+        while (*pp && !streq((*pp)->id, id))
+                pp = &(*pp)->next;
+        *ret_was = *pp ? (int)(*pp)->state : -1;
+        rc = sqlite3_prepare_v2(store_db(cs->store), "SELECT " CAMPAIGN_COLUMNS " FROM campaigns WHERE id = ?1", -1,
+                                &st, NULL);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT);
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW)
+                r = campaign_from_row(cs, st, &c);
+        else if (rc == SQLITE_DONE)
+                r = -ENOENT;
+        else
+                r = store_error(cs->store, rc, "reading a campaign another node changed");
+        sqlite3_finalize(st);
+        if (r < 0 && r != -ENOENT)
+                return r;
+        if (*pp) {
+                Campaign *old = *pp;
+
+                *pp = old->next;
+                cs->n--;
+                campaign_undirty(cs, old);
+                campaign_free(old);
+        }
+        if (!c)
+                return r;
+        /* The list is newest first. */
+        for (pp = &cs->list; *pp && strcmp((*pp)->created, c->created) > 0; pp = &(*pp)->next)
+                ;
+        c->next = *pp;
+        *pp = c;
+        cs->n++;
+        campaign_resume_loaded(c);
+        return 0;
+}
+
+void campaigns_replicated(Campaigns *cs, const char *table, const char *id) {
+        int was;
+
+        if (!cs || !campaign_id_valid(id))
+                return;
+        if (!cs->leading) {
+                /* A copy: read again at the next tick (a leader writes a
+                 * campaign's devices many times a second). */
+                if (!cs->stale)
+                        cs->stale = json_object();
+                if (!cs->stale || json_object_set_new(cs->stale, id, json_true()) < 0)
+                        log_error("Out of memory: campaign %s changed on another node is not read again.", id);
+                return;
+        }
+        /* The leader's copies are the campaigns' state; another node makes
+         * campaigns (they start here once their row came, after their
+         * devices) and forgets finished ones. */
+        if (!streq(table, "campaigns"))
+                return;
+        if (campaign_find(cs, id)) {
+                sqlite3_stmt *st = NULL;
+                bool gone = false;
+
+                if (sqlite3_prepare_v2(store_db(cs->store), "SELECT 1 FROM campaigns WHERE id = ?1", -1, &st, NULL) ==
+                            SQLITE_OK &&
+                    sqlite3_bind_text(st, 1, id, -1, SQLITE_TRANSIENT) == SQLITE_OK)
+                        gone = sqlite3_step(st) == SQLITE_DONE;
+                sqlite3_finalize(st);
+                if (!gone)
+                        return;
+        }
+        if (campaign_reload(cs, id, &was) == 0 && was < 0)
+                log_info("Campaign %s made on another node: this node leads, it drives it.", id);
+}
+
+static int tick_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Campaigns *cs = userdata;
+        bool leading = cs->hooks.leads(cs->hooks.userdata);
+        const char *id;
+        json_t *v, *stale;
+
+        (void)sd_event_source_set_time(s, usec + CAMPAIGNS_LEADS_USEC);
+        if (leading != cs->leading) {
+                /* What the rows say now, driven from here on, or a copy. */
+                log_info("Campaigns: this node %s.", leading ? "leads: driving the campaigns" : "no longer leads");
+                cs->leading = leading;
+                json_decref(TAKE_PTR(cs->stale));
+                campaigns_drop_all(cs);
+                if (campaigns_load(cs) < 0)
+                        log_error("Campaigns: cannot read the campaigns again; they show when they change.");
+                return 0;
+        }
+        stale = TAKE_PTR(cs->stale);
+        json_object_foreach(stale, id, v) {
+                int was, r = campaign_reload(cs, id, &was);
+                Campaign *c = r == 0 ? campaign_find(cs, id) : NULL;
+
+                /* Resumed: the queued jobs of devices online here go out. */
+                if (c && was == C_PAUSED && c->state == C_RUNNING)
+                        ota_send_queued(cs->ota);
+        }
+        json_decref(stale);
+        return 0;
+}
+
 /* ---- the object ----------------------------------------------------------------------- */
 
 Campaigns *campaigns_free(Campaigns *cs) {
         if (!cs)
                 return NULL;
-        while (cs->list) {
-                Campaign *c = cs->list;
-
-                cs->list = c->next;
-                campaign_free(c);
-        }
+        campaigns_drop_all(cs);
+        sd_event_source_disable_unref(cs->tick);
+        json_decref(cs->stale);
         sd_event_source_disable_unref(cs->defer);
         sd_event_source_disable_unref(cs->start_defer);
         sqlite3_finalize(cs->stmt_save);
@@ -1530,7 +1718,7 @@ Campaigns *campaigns_free(Campaigns *cs) {
 }
 
 int campaigns_new(sd_event *event, const CloudConfig *config, Store *store, Ota *ota, Devices *devices,
-                  Events *events, Campaigns **ret) {
+                  Events *events, const CampaignsHooks *hooks, Campaigns **ret) {
         _cleanup_(campaigns_freep) Campaigns *cs = NULL;
         int r, rc;
 
@@ -1543,6 +1731,9 @@ int campaigns_new(sd_event *event, const CloudConfig *config, Store *store, Ota 
         cs->ota = ota;
         cs->devices = devices;
         cs->events = events;
+        if (hooks)
+                cs->hooks = *hooks;
+        cs->leading = !cs->hooks.leads;
         if (getrandom(&cs->hash_key, sizeof(cs->hash_key), GRND_NONBLOCK) != sizeof(cs->hash_key))
                 cs->hash_key = (uint64_t)(uintptr_t)cs;
         r = store_migrate(store, "campaigns", campaigns_schema, ELEMENTSOF(campaigns_schema));
@@ -1577,6 +1768,11 @@ int campaigns_new(sd_event *event, const CloudConfig *config, Store *store, Ota 
                 r = sd_event_source_set_priority(cs->start_defer, SD_EVENT_PRIORITY_IDLE);
         if (r >= 0)
                 r = sd_event_source_set_enabled(cs->start_defer, SD_EVENT_OFF);
+        if (r >= 0 && cs->hooks.leads)
+                r = sd_event_add_time(event, &cs->tick, CLOCK_MONOTONIC, now_usec() + CAMPAIGNS_LEADS_USEC,
+                                      CAMPAIGNS_LEADS_USEC / 10, tick_cb, cs);
+        if (r >= 0 && cs->tick)
+                r = sd_event_source_set_enabled(cs->tick, SD_EVENT_ON);
         if (r < 0)
                 return log_error_errno(r, "Failed to add the campaigns' event source: %m");
         r = campaigns_load(cs);

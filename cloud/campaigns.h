@@ -40,18 +40,34 @@
 
 typedef struct Campaigns Campaigns;
 
+typedef struct CampaignsHooks {
+        void *userdata;
+        /* Cluster mode (docs/cluster.md, "Campaigns"): whether this node
+         * drives the campaigns now (it leads, and its copy of the
+         * replicated state caught up), asked every second. NULL: a single
+         * node, which always does. A node that does not drive keeps a copy
+         * of the campaigns (campaigns_replicated()) for reads and for
+         * OtaJobHooks.may_send; it makes campaigns (their rows go to every
+         * node, the leader starts them) but acts on none; the Api sends
+         * pause, resume and abort to the leader. When a node starts or
+         * stops leading it reads every campaign from the Store again; a
+         * new leader goes on from the rows as after a restart. */
+        bool (*leads)(void *userdata);
+} CampaignsHooks;
+
 /* Make the object and load the campaigns of store (they continue where
  * they were: a phase in progress counts from its jobs' states now).
- * Everything is borrowed and must outlive the Campaigns. Logs what failed. */
+ * Everything is borrowed and must outlive the Campaigns; hooks (may be
+ * NULL) is copied. Logs what failed. */
 int campaigns_new(sd_event *event, const CloudConfig *config, Store *store, Ota *ota, Devices *devices,
-                  Events *events, Campaigns **ret);
+                  Events *events, const CampaignsHooks *hooks, Campaigns **ret);
 /* NULL is fine; returns NULL. */
 Campaigns *campaigns_free(Campaigns *c);
 static inline void campaigns_freep(Campaigns **c) { campaigns_free(*c); }
 
-/* Refuse to make campaigns, answering 501 with text (borrowed, static):
- * cluster mode, which campaigns do not support yet. */
-void campaigns_refuse(Campaigns *c, const char *text);
+/* Cluster mode: a row of table (campaigns or campaign_devices) of
+ * campaign id was changed by the replicated state (ReplicaHooks.applied). */
+void campaigns_replicated(Campaigns *c, const char *table, const char *id);
 
 /* OtaJobHooks.job_changed, .may_send and .manifest (a campaign's jobs
  * hold no copy of its manifest: ota_job_queue_shared()). */
@@ -72,6 +88,7 @@ unsigned campaigns_api_get(Campaigns *c, const char *id, json_t **ret_body);
 /* GET /v1/campaigns/ID/devices?page=&per_page= (either may be NULL) */
 unsigned campaigns_api_devices(Campaigns *c, const char *id, const char *page, const char *per_page,
                                json_t **ret_body);
-/* POST /v1/campaigns/ID/{pause,resume,abort} */
+/* POST /v1/campaigns/ID/{pause,resume,abort}; 503 on a cluster node that
+ * does not drive the campaigns. */
 unsigned campaigns_api_action(Campaigns *c, const char *id, const char *action, const char *actor,
                               json_t **ret_body);

@@ -383,6 +383,15 @@ static bool cloud_job_may_send(void *userdata, const char *id) {
         return campaigns_may_send(c->campaigns, id);
 }
 
+/* The node that leads drives the campaigns, once its copy of the
+ * replicated state caught up with the stream (docs/cluster.md,
+ * "Campaigns"). */
+static bool cloud_campaigns_lead(void *userdata) {
+        Cloud *c = userdata;
+
+        return c->cluster && c->replica && replica_ready(c->replica) && cluster_leads(c->cluster);
+}
+
 /* ---- ReplicaHooks, BusHooks: the cluster's state towards the modules --------- */
 
 /* A device row another node changed: a revoked device's session here
@@ -487,6 +496,8 @@ static void cloud_replica_applied(void *userdata, const char *table, ReplicaOp o
                 ota_job_changed(c->ota, key);
         else if (streq(table, "webhooks"))
                 cloud_webhook_replicated(c, op, key);
+        else if (streq(table, "campaigns") || streq(table, "campaign_devices"))
+                campaigns_replicated(c->campaigns, table, key);
         /* provision_tokens: read from the table on every use. */
 }
 
@@ -726,16 +737,14 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = ota_new(c->event, config, c->store, c->journal, c->devices, c->events, &oh, &c->ota_port, &c->ota);
         if (r < 0)
                 return r;
-        r = campaigns_new(c->event, config, c->store, c->ota, c->devices, c->events, &c->campaigns);
+        r = campaigns_new(c->event, config, c->store, c->ota, c->devices, c->events,
+                          &(CampaignsHooks){ .userdata = c,
+                                             .leads = config->cluster_nats ? cloud_campaigns_lead : NULL },
+                          &c->campaigns);
         if (r < 0)
                 return r;
         ota_set_job_hooks(c->ota, &(OtaJobHooks){ .userdata = c, .job_changed = cloud_job_changed,
                                                   .may_send = cloud_job_may_send, .manifest = cloud_job_manifest });
-        /* The leader would drive them, with their tables replicated: not
-         * done yet (docs/fleet.md, "Campaigns"). */
-        if (config->cluster_nats)
-                campaigns_refuse(c->campaigns, "Campaigns are not available in cluster mode yet: run the campaign "
-                                               "against a single-node cloud (docs/fleet.md, \"Campaigns\")");
         /* The webhooks made through the API, next to the file's. */
         r = webhooks_foreach(c->store, cloud_webhook_load, c);
         if (r < 0)

@@ -585,6 +585,17 @@ bool cluster_leads(Cluster *c) {
         return true;
 }
 
+const char *cluster_leader(Cluster *c) {
+        const char *leader = c->node;
+
+        if (!c->nodes_loaded)
+                return NULL;
+        for (size_t i = 0; i < c->n_nodes; i++)
+                if (strcmp(c->nodes[i].name, leader) < 0 && node_alive(c, c->nodes[i].name))
+                        leader = c->nodes[i].name;
+        return leader;
+}
+
 json_t *cluster_nodes_json(Cluster *c) {
         json_t *a = json_array();
 
@@ -766,7 +777,8 @@ static void cluster_rpc_request(void *userdata, natsMsg *msg) {
                 rpc->next->prev = rpc;
         c->rpcs = rpc;
         if (!op || !device || (params && !json_is_object(params)) ||
-            (!streq(op, "call") && !streq(op, "var") && !streq(op, "device") && !streq(op, "ota"))) {
+            (!streq(op, "call") && !streq(op, "var") && !streq(op, "device") && !streq(op, "ota") &&
+             !streq(op, "campaign"))) {
                 cluster_rpc_answer(rpc, 400, json_pack("{s:b, s:s}", "ok", 0, "error", "Malformed cluster request"));
                 return;
         }

@@ -58,7 +58,9 @@ typedef struct ClusterHooks {
          * name with arg), "var" (variable name), "device" (its
          * description) or "ota" (start an OTA job: params is the API
          * request's parameters, a JSON object). params is borrowed for the
-         * call, NULL when the request has none. Answer with
+         * call, NULL when the request has none. Op "campaign" is an
+         * action on a campaign for the node that leads: device is the
+         * campaign's id, name the action, arg who asked. Answer with
          * cluster_rpc_answer(), now or later. */
         void (*rpc)(void *userdata, ClusterRpc *rpc, const char *op, const char *device, const char *name,
                     const char *arg, json_t *params);
@@ -101,6 +103,10 @@ void cluster_foreach_remote(Cluster *c, void (*fn)(void *userdata, const char *d
  * Two nodes may both lead for up to CLUSTER_NODE_DEAD_SEC (a node that
  * lost NATS, a leader that died): what they do must be safe to do twice. */
 bool cluster_leads(Cluster *c);
+/* The node that leads as cluster_leads() judges it (this one's name when
+ * it leads), or NULL before the node heartbeats were read once. Valid
+ * until the loop runs again. */
+const char *cluster_leader(Cluster *c);
 json_t *cluster_nodes_json(Cluster *c);
 
 /* Send op for device to node (name, arg and params as ClusterHooks.rpc

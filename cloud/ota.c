@@ -1099,6 +1099,8 @@ void ota_job_changed(Ota *ota, const char *id) {
                           row->state ?: "?");
                 if (row->resend && job_driven_here(ota, row))
                         ota_send_queued(ota);
+                if (row->state && ota->job_hooks.job_changed)
+                        ota->job_hooks.job_changed(ota->job_hooks.userdata, row->id, row->device, row->state);
                 return;
         }
         if (job_same(row, j)) {
@@ -1108,10 +1110,15 @@ void ota_job_changed(Ota *ota, const char *id) {
         r = job_version_cmp(row, j);
         if (r > 0 || (r == 0 && !job_driven_here(ota, j))) {
                 /* Further along (or as far, and another node drives it). */
+                bool moved = !streq_ptr(j->state, row->state);
+
                 job_take(j, row);
                 waiters_wake(j);
                 if (j->resend && job_driven_here(ota, j))
                         ota_send_queued(ota);
+                /* The campaigns' leader counts jobs other nodes drive. */
+                if (moved && j->state && ota->job_hooks.job_changed)
+                        ota->job_hooks.job_changed(ota->job_hooks.userdata, j->id, j->device, j->state);
         } else if (job_driven_here(ota, j)) {
                 /* An older copy came over this node's (its own change
                  * coming back after a later one, or a node that lost the

@@ -113,8 +113,9 @@ void ota_device_online(Ota *ota, Device *d);
 typedef struct OtaJobHooks {
         void *userdata;
         /* Job id of device moved to state (every change of state of every
-         * job, from the loop; the state is valid during the call only).
-         * May be NULL. */
+         * job, from the loop; in cluster mode also the jobs other nodes
+         * made or moved, as their rows come: ota_job_changed()); the
+         * state is valid during the call only. May be NULL. */
         void (*job_changed)(void *userdata, const char *id, const char *device, const char *state);
         /* Whether the "queued" job id may be sent now that its device is
          * online (false: it stays queued until ota_send_queued()). NULL:

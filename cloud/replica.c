@@ -27,6 +27,10 @@ static const char *const replica_tables[] = {
         "provision_tokens", /* provision.c */
         "ota_jobs",         /* ota.c */
         "webhooks",         /* webhooks.c */
+        /* A campaign's devices before its row: a node that applies the row
+         * has its devices (campaigns.c writes them in that order too). */
+        "campaign_devices", /* campaigns.c */
+        "campaigns",        /* campaigns.c */
 };
 
 /* A batch whose changeset may be larger is committed before more joins it

@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* The cluster's shared state (replica.c, prefix replica_; docs/cluster.md,
  * "Shared state"): the tables every node must agree on (the device
- * registry, API tokens, provisioning tokens, OTA jobs; the list is
- * replica.c's) are replicated between tether-cloudd nodes through the
+ * registry, API tokens, provisioning tokens, OTA jobs, webhooks,
+ * campaigns; the list is replica.c's) are replicated between tether-cloudd nodes through the
  * JetStream stream TETHER_STATE, as SQLite changesets (the session
  * extension).
  *
@@ -72,7 +72,8 @@ typedef enum ReplicaOp {
 typedef struct ReplicaHooks {
         void *userdata;
         /* A row of table (the table's name in the Store) whose primary
-         * key is key (its text) was changed by the stream: op as the
+         * key is key (the text of its first column: for campaign_devices
+         * the campaign's id) was changed by the stream: op as the
          * changeset says; the row as it is now is committed in the Store.
          * May be NULL. */
         void (*applied)(void *userdata, const char *table, ReplicaOp op, const char *key);

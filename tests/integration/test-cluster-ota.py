@@ -120,12 +120,6 @@ def test_job_through_other_node(w):
         return a and b and a["state"] == b["state"] == "committed" and a["history"] == b["history"]
     poll(same_everywhere, seconds(10), "the job alike on both nodes")
 
-    # Campaigns are not available in cluster mode (docs/fleet.md): 501
-    # with a clear text, nothing made.
-    for n in nodes:
-        st, body = api(w, n, "POST", "/v1/campaigns", {"manifests": ["x"], "phases": [100], "max_failure_rate": 0})
-        expect(st == 501 and "cluster mode" in body.get("error", ""), f"campaign on {n.node}: {st} {body}")
-
     # The artifact is on both nodes.
     digest = sha256(v2)
     for n in nodes:
