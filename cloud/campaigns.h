@@ -25,18 +25,31 @@
 
 #include <jansson.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <systemd/sd-event.h>
 
 #include "cloud-config.h"
 #include "devices.h"
 #include "events.h"
+#include "manifest.h"
 #include "ota.h"
 #include "store.h"
 
 #define CAMPAIGN_ID_LEN 16
 #define CAMPAIGN_DEVICES_MAX 100000
-#define CAMPAIGN_MANIFESTS_MAX 1000
+/* A manifest's body holds at most MANIFEST_BODY_MAX bytes: about 55
+ * device IDs of 64 characters, fewer with a long url. 100,000 such
+ * devices take about 1850 manifests, 2500 with a url of 1000 bytes. */
+#define CAMPAIGN_MANIFESTS_MAX 4096
 #define CAMPAIGN_BODY_MAX (32u * 1024 * 1024)
+
+/* The largest campaign fits in the body: every manifest at MANIFEST_MAX
+ * with its quotes escaped (a target takes 2, the other fields about 60),
+ * the "devices" array of the longest IDs, and room for the rest. */
+_Static_assert((uint64_t)CAMPAIGN_MANIFESTS_MAX * (MANIFEST_MAX + 2 * (MANIFEST_TARGETS_MAX + 32) + 8) +
+                               (uint64_t)CAMPAIGN_DEVICES_MAX * (PROTO_DEVICE_ID_MAX + 4) + 1024 * 1024 <=
+                       CAMPAIGN_BODY_MAX,
+               "a campaign of CAMPAIGN_MANIFESTS_MAX full manifests does not fit in CAMPAIGN_BODY_MAX");
 
 typedef struct Campaigns Campaigns;
 

@@ -15,7 +15,8 @@
 #include "tether-ota-sign.h"
 
 #define CAMPAIGN_TARGETS_MAX 64
-#define CAMPAIGN_DEVICES_MAX 100000
+#define CAMPAIGN_DEVICES_MAX 100000  /* as cloud/campaigns.h */
+#define CAMPAIGN_MANIFESTS_MAX 4096  /* as cloud/campaigns.h */
 #define CAMPAIGN_PAGE 100
 
 void campaign_help(void) {
@@ -285,31 +286,53 @@ static int parse_phases(const char *s, json_t **ret) {
         return 0;
 }
 
-/* Sign manifests for l's devices, as many in each as fit in one body. */
+/* The end of the manifest that starts at device i: as many devices as fit
+ * in one body. */
+static int manifest_end(const DebInfo *deb, const char *url, const DeviceList *l, size_t i, size_t *ret) {
+        size_t base, body, k = i + 1;
+        int r = ota_manifest_body_size(deb, url, (const char *const *)l->ids + i, 1, &base);
+
+        if (r < 0)
+                return r;
+        /* Each further device adds ,"ID" to the array. */
+        for (body = base; k < l->n && k - i < MANIFEST_TARGETS_MAX; k++) {
+                size_t more = strlen(l->ids[k]) + 3;
+
+                if (body + more > MANIFEST_BODY_MAX)
+                        break;
+                body += more;
+        }
+        *ret = k;
+        return 0;
+}
+
+/* Sign manifests for l's devices, as many in each as fit in one body;
+ * first checks that the cloud takes that many. */
 static int sign_all(const DebInfo *deb, const char *url, const DeviceList *l, json_t *manifests) {
-        size_t i = 0;
+        size_t i, k, n = 0;
+        int r;
 
-        while (i < l->n) {
-                _cleanup_free_ char *env = NULL;
-                size_t base, body, k = i + 1, len;
-                int r = ota_manifest_body_size(deb, url, (const char *const *)l->ids + i, 1, &base);
-
+        for (i = 0; i < l->n; i = k, n++) {
+                r = manifest_end(deb, url, l, i, &k);
                 if (r < 0)
                         return r;
-                /* Each further device adds ,"ID" to the array. */
-                for (body = base; k < l->n && k - i < MANIFEST_TARGETS_MAX; k++) {
-                        size_t more = strlen(l->ids[k]) + 3;
+        }
+        if (n > CAMPAIGN_MANIFESTS_MAX)
+                return log_error_errno(-E2BIG, "%zu devices need %zu manifests (a manifest's body holds at most %u "
+                                       "bytes), a campaign takes at most %d: target fewer devices%s", l->n, n,
+                                       MANIFEST_BODY_MAX, CAMPAIGN_MANIFESTS_MAX, url ? " or give a shorter --url" : "");
+        for (i = 0; i < l->n; i = k) {
+                _cleanup_free_ char *env = NULL;
+                size_t len;
 
-                        if (body + more > MANIFEST_BODY_MAX)
-                                break;
-                        body += more;
-                }
+                r = manifest_end(deb, url, l, i, &k);
+                if (r < 0)
+                        return r;
                 r = ota_sign_manifest(deb, url, (const char *const *)l->ids + i, k - i, NULL, 0, &env, &len);
                 if (r < 0)
                         return r;
                 if (json_array_append_new(manifests, json_stringn(env, len)) < 0)
                         return log_error_errno(-ENOMEM, "Out of memory");
-                i = k;
         }
         return 0;
 }

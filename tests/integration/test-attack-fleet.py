@@ -232,7 +232,7 @@ def test_campaign_bodies(w):
         ({"name": "x\u009b2J"}, "name"),
         ({"name": "x\x1b[2J"}, "name"),
         ({"target": "t" * 5000}, "target"),
-        ({"manifests": [man] * 1001}, "manifests"),
+        ({"manifests": [man] * 4097}, "manifests"),
         ({"devices": ["../../etc"]}, "device"),
     ]
     for patch, word in cases:

@@ -367,7 +367,7 @@ def test_input_checks(w):
     post({**good, "manifests": [m, f.manifest(other, [b])]}, 400, "a campaign is one update")
     post({**good, "manifests": ["garbage"]}, 400, "not a signed tether manifest")
     post({**good, "manifests": []}, 400, "manifests")
-    post({**good, "manifests": [m] * 1001}, 400, "manifests")
+    post({**good, "manifests": [m] * 4097}, 400, "1 to 4096 signed manifests")
     post({**good, "name": "x" * 200}, 400, "name")
     post({**good, "name": "a\nb"}, 400, "name")
     st, r = f.api("GET", "/v1/campaigns")
@@ -402,6 +402,12 @@ def test_input_checks(w):
     except urllib.error.HTTPError as e:
         st = e.code
     expect(st == 413, f"large body with the token in it: {st}")
+    # as many manifests as 100,000 devices of 64-character IDs need (and
+    # more): taken
+    st, r = f.api("POST", "/v1/campaigns", {**good, "manifests": [m] * 4096, "name": "many-manifests"})
+    expect(st == 201 and r["campaign"]["devices"] == 2, f"4096 manifests: {st} {str(r)[:300]}")
+    st, r = f.api("POST", f"/v1/campaigns/{r['campaign']['id']}/abort")
+    expect(st == 200, f"abort: {st} {r}")
 
 
 if __name__ == "__main__":
