@@ -308,7 +308,12 @@ int manifest_body_parse(const uint8_t *body, size_t len, Manifest *ret, const ch
         uint64_t expires = 0;
         int r;
 
-        if (!body || len == 0 || len > MANIFEST_BODY_MAX)
+        if (len > MANIFEST_BODY_MAX) {
+                _Static_assert(MANIFEST_BODY_MAX == 4096, "the text below names MANIFEST_BODY_MAX");
+                error = "the manifest's body is larger than 4096 bytes";
+                goto bad_noobj;
+        }
+        if (!body || len == 0)
                 goto bad_noobj;
         o = json_loadb((const char *)body, len, JSON_REJECT_DUPLICATES, NULL);
         if (!json_is_object(o)) {

@@ -147,6 +147,25 @@ int ota_sign_manifest(const DebInfo *deb, const char *url, const char *const *de
         r = manifest_body_format(&m, &body);
         if (r < 0)
                 return log_error_errno(r, "Failed to format the manifest: %m");
+        if (strlen(body) > MANIFEST_BODY_MAX) {
+                /* How many of these devices fit: each after the first adds ,"ID". */
+                _cleanup_free_ char *one = NULL;
+                size_t fit = 0, len1;
+
+                m.n_devices = n_devices > 0 ? 1 : 0;
+                r = manifest_body_format(&m, &one);
+                if (r < 0)
+                        return log_error_errno(r, "Failed to format the manifest: %m");
+                len1 = strlen(one);
+                if (n_devices > 0 && len1 <= MANIFEST_BODY_MAX)
+                        for (fit = 1; fit < n_devices && len1 + strlen(devices[fit]) + 3 <= MANIFEST_BODY_MAX; fit++)
+                                len1 += strlen(devices[fit]) + 3;
+                return log_error_errno(-E2BIG, "Cannot sign this manifest: its body would be %zu bytes, a device "
+                                       "accepts at most %u; %zu of these %zu devices fit in one manifest%s (sign "
+                                       "several, or use 'tether campaign create', which does)", strlen(body),
+                                       MANIFEST_BODY_MAX, fit, n_devices,
+                                       n_tags > 0 || url ? " with these tags and url" : "");
+        }
         /* Whatever we sign must be something a device accepts. */
         {
                 Manifest check = {};

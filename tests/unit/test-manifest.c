@@ -307,6 +307,16 @@ static void test_body(void **state) {
         manifest_done(&m);
 
         expect_body_error("[]", "JSON object");
+        {
+                /* Too large says so, not "not a JSON object". */
+                char big[MANIFEST_BODY_MAX + 2];
+
+                memset(big, ' ', sizeof(big) - 1);
+                big[0] = '{';
+                big[sizeof(big) - 2] = '}';
+                big[sizeof(big) - 1] = 0;
+                expect_body_error(big, "larger than 4096 bytes");
+        }
         expect_body_error("{", "JSON object");
         expect_body_error("{\"format\":\"tether-ota-manifest/9\"}", "format");
         expect_body_error(GOOD_HEAD "\"version\":\"1.0\"}", "architecture");
