@@ -214,8 +214,31 @@ def test_artifact_server_wants_client_auth(w):
     expect(" 200 " in status + " ", f"clientAuth among other usages: {status}")
 
 
+def test_too_many_devices_for_one_manifest(w):
+    """tether ota sign with more --device than fit in a body of 4096
+    bytes: says so, and how many fit (not "not a JSON object")."""
+    d = w.path("debs")
+    os.makedirs(d, exist_ok=True)
+    deb = build_deb(d, "tether-test", "1.0")
+    w.tether("ota", "keygen", w.path("update.key"), w.path("update.pem"))
+    ids = [f"{i:064x}" for i in range(80)]
+    args = [a for i in ids for a in ("--device", i)]
+    r = w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--output", w.path("m"), *args, check=False)
+    expect(r.returncode != 0 and "a device accepts at most 4096" in r.stderr and
+           "of these 80 devices fit in one manifest" in r.stderr and "JSON object" not in r.stderr,
+           f"exit {r.returncode}: {r.stderr}")
+    fit = int(r.stderr.split(" of these 80 devices")[0].split()[-1])
+    expect(40 <= fit < 80, f"{fit} devices fit: {r.stderr}")
+    w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--output", w.path("m"),
+             *[a for i in ids[:fit] for a in ("--device", i)])
+    r = w.tether("ota", "sign", deb, "--key", w.path("update.key"), "--output", w.path("m2"),
+                 *[a for i in ids[:fit + 1] for a in ("--device", i)], check=False)
+    expect(r.returncode != 0 and "body would be" in r.stderr, f"{fit + 1} devices: {r.returncode} {r.stderr}")
+
+
 if __name__ == "__main__":
     sys.exit(run([test_other_device_refused, test_replay_refused, test_downgrade, test_old_format_refused,
-                  test_artifact_server_tls_versions, test_artifact_server_wants_client_auth],
+                  test_artifact_server_tls_versions, test_artifact_server_wants_client_auth,
+                  test_too_many_devices_for_one_manifest],
                  emulated="installs packages with the host's dpkg into a scratch root; its timing "
                  "bounds (trial, lock waits) are set for native speed"))
