@@ -1526,24 +1526,14 @@ void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const ch
 
 /* ---- artifacts over the device's connection (GET /a/SHA256) ---------------------- */
 
-/* Why a device may fetch sha256: an open job of its own names it. A job
- * is open until the device ended it (its final report, or its answer
- * refused the job); one the cloud failed itself stays open, as for the
- * device's reports. *ret_known: some job, of any device, names it. */
-static bool artifact_allowed(Ota *ota, const Device *d, const char *sha256, bool *ret_known) {
-        bool known = false;
+/* Why a device may fetch sha256: its open job names it. A device has at
+ * most one open job, found in the index by device: O(1) for every block.
+ * A job the cloud failed itself (no answer, offline) is not open here
+ * until the device's report on it opens it again. */
+static bool artifact_allowed(Ota *ota, const Device *d, const char *sha256) {
+        const OtaJob *j = job_open_of(ota, device_id(d));
 
-        for (const OtaJob *j = ota->jobs; j; j = j->next) {
-                if (!j->sha256 || !streq(j->sha256, sha256))
-                        continue;
-                known = true;
-                if (!j->closed && streq(j->device, device_id(d))) {
-                        *ret_known = true;
-                        return true;
-                }
-        }
-        *ret_known = known;
-        return false;
+        return j && !j->closed && j->sha256 && streq(j->sha256, sha256);
 }
 
 static void artifact_reply(coap_pdu_t *response, coap_pdu_code_t code, unsigned max_age, const char *text) {
@@ -1575,15 +1565,15 @@ void ota_device_artifact(Ota *ota, Device *d, const coap_pdu_t *request, const c
         unsigned szx;
         size_t done = 0;
         struct stat st;
-        bool known;
         char text[160];
 
         if (coap_pdu_get_code(request) != COAP_REQUEST_CODE_GET)
                 return artifact_reply(response, COAP_RESPONSE_CODE(405), 0, "use GET on /a/SHA256");
         if (!manifest_sha256_valid(sha256))
                 return artifact_reply(response, COAP_RESPONSE_CODE(404), 0, "no such artifact");
-        if (!artifact_allowed(ota, d, sha256, &known)) {
-                if (!known)
+        if (!artifact_allowed(ota, d, sha256)) {
+                /* Unknown: not stored here (one stat, only when refused). */
+                if (!ota->config->ota_dir || artifact_path(ota, sha256, &path) < 0 || stat(path, &st) < 0)
                         return artifact_reply(response, COAP_RESPONSE_CODE(404), 0, "no such artifact");
                 log_debug("Device '%s' asked for artifact %s, which no open job of its own names: refused.",
                           device_id(d), sha256);
