@@ -59,6 +59,9 @@
 #define OTA_COAP_OPTIONS_ROOM 64
 #define OTA_COAP_ETAG_LEN 8
 #define OTA_COAP_RETRY_SEC 5
+/* A request that could not be sent to a device online here goes again
+ * after 1, 2, 4 ... seconds, at most this long apart. */
+#define OTA_SEND_RETRY_MAX_USEC (60 * USEC_PER_SEC)
 
 typedef struct OtaJob {
         Ota *ota;
@@ -98,6 +101,10 @@ typedef struct OtaJob {
         /* Made "queued" (ota_job_queue()): a failed send puts it back in
          * the queue instead of failing it. */
         bool from_queue;
+        /* Sending failed while the device is online here: tried again from
+         * this timer (job_send_later()); sends in a row that failed. */
+        sd_event_source *retry_timer;
+        unsigned send_failures;
         struct OtaJob *next;
         struct OtaJob *id_next;   /* the index by id */
         struct OtaJob *open_next; /* the index of open jobs by device, when in it */
@@ -498,6 +505,7 @@ const char *ota_job_device(Ota *ota, const char *id) {
 
 static void job_free(OtaJob *j) {
         devices_call_cancel(j->call);
+        sd_event_source_disable_unref(j->retry_timer);
         free(j->device);
         free(j->package);
         free(j->version);
@@ -665,6 +673,46 @@ static void job_set_state(OtaJob *j, const char *state, const char *code, const 
                 ota->job_hooks.job_changed(ota->job_hooks.userdata, j->id, j->device, state);
 }
 
+static void job_try_send(Ota *ota, OtaJob *j);
+
+static int job_retry_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        OtaJob *j = userdata;
+
+        job_try_send(j->ota, j);
+        return 0;
+}
+
+/* j's request could not be sent although its device is online here (it
+ * does not read what is sent to it, or memory ran out): try again after a
+ * backoff while the device stays online, so that the job does not wait
+ * for the device's next connection (which sends it anyway). */
+static void job_send_later(Ota *ota, OtaJob *j, int error) {
+        unsigned n = j->send_failures < 6 ? j->send_failures : 6;
+        uint64_t delay = USEC_PER_SEC << n;
+        int r;
+
+        if (delay > OTA_SEND_RETRY_MAX_USEC)
+                delay = OTA_SEND_RETRY_MAX_USEC;
+        if (j->send_failures++ == 0)
+                log_warning_errno(error, "OTA job %s: cannot send the update request to device '%s' (%m): trying "
+                                  "again in %llu s.", j->id, j->device,
+                                  (unsigned long long)(delay / USEC_PER_SEC));
+        else
+                log_debug_errno(error, "OTA job %s: cannot send the update request to device '%s' (%m), %u times: "
+                                "trying again in %llu s.", j->id, j->device, j->send_failures,
+                                (unsigned long long)(delay / USEC_PER_SEC));
+        if (j->retry_timer) {
+                r = sd_event_source_set_time_relative(j->retry_timer, delay);
+                if (r >= 0)
+                        r = sd_event_source_set_enabled(j->retry_timer, SD_EVENT_ONESHOT);
+        } else
+                r = sd_event_add_time_relative(ota->event, &j->retry_timer, CLOCK_MONOTONIC, delay,
+                                               USEC_PER_SEC / 10, job_retry_cb, j);
+        if (r < 0)
+                log_warning_errno(r, "OTA job %s: cannot arm its retry, it is sent on the device's next "
+                                  "connection: %m", j->id);
+}
+
 /* The device's answer to POST /o/JOB. */
 static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
         _cleanup_free_ char *text = NULL;
@@ -686,9 +734,16 @@ static void job_sent(int error, unsigned code, const uint8_t *data, size_t len, 
                         /* Queued for a device that may come and go: it goes
                          * out again when the device is back (tetherd
                          * answers a job it has already as a retry). */
+                        Device *d = devices_find(j->ota->devices, j->device);
+
                         job_set_state(j, "queued", NULL, NULL);
                         job_update_resend(j);
                         (void)job_store(j, false);
+                        /* Online here all the same (a new session may
+                         * have replaced the one it went out on): again
+                         * soon, not only on the next connection. */
+                        if (d && device_session(d) && j->resend)
+                                job_send_later(j->ota, j, error);
                         return;
                 }
                 if (j->state && streq(j->state, "sent")) {
@@ -1174,12 +1229,17 @@ static void job_try_send(Ota *ota, OtaJob *j) {
                 return;
         }
         r = devices_call(d, COAP_REQUEST_CODE_POST, PROTO_PATH_OTA, j->id, text, len, job_sent, j, &j->call);
-        if (r < 0) {
-                /* Tried again on its next connection. */
-                log_warning_errno(r, "OTA job %s: cannot send the update request to device '%s': %m", j->id,
-                                  j->device);
+        if (r == -E2BIG) {
+                /* Not in this device's messages (its CSM), however often. */
+                job_set_state(j, "failed", "too-large",
+                              "the update request is larger than the device's messages (CSM Max-Message-Size)");
+                j->closed = true; /* the device never saw it */
+                (void)job_store(j, true);
                 return;
         }
+        if (r < 0)
+                return job_send_later(ota, j, r);
+        j->send_failures = 0;
         j->resend = false;
         ota->n_resend--;
         if (queued) {

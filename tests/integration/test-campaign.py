@@ -10,11 +10,13 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import EventStream, expect, poll, run, seconds  # noqa: E402
+from fakedev import CHANGED, CONTENT_FORMAT, CREATED, POST, code, connect, uint  # noqa: E402
 from otakit import OtaWorld, plugin_deb  # noqa: E402
 
 FAIL_POSTINST = """#!/bin/sh
@@ -74,11 +76,11 @@ class Fleet:
         self.v1 = self.base.v1
         self.nodes = []
 
-    def start_cloud(self, ota_port=0, **kw):
+    def start_cloud(self, ota_port=0, extra="", **kw):
         """A restart passes the ports of the first start (the manifests'
         URLs name the artifact server's)."""
         mark = self.w.notify.mark()
-        c = self.w.start_cloud(extra=f"[OTA]\nArtifactDirectory={self.artifacts}\nPort={ota_port}\n", **kw)
+        c = self.w.start_cloud(extra=f"{extra}[OTA]\nArtifactDirectory={self.artifacts}\nPort={ota_port}\n", **kw)
         m = self.w.notify.wait(lambda m: "X_OTA_PORT" in m, 5, "the OTA port", mark)
         self.ota_port = int(m["X_OTA_PORT"])
         return c
@@ -335,6 +337,55 @@ def test_pause_resume_offline_catch_up_restart(w):
     print(f"# figure: offline device caught up two campaigns in {time.time() - t_online:.1f} s")
 
 
+def test_send_retried_while_online(w):
+    """A queued job whose request cannot be sent although its device is
+    online (the device does not read what the cloud sends it: MaxQueuedBytes)
+    goes out once the device reads again, without a new connection, and
+    its campaign finishes."""
+    f = Fleet(w)
+    cloud = f.start_cloud(extra="[Cloud]\nMaxQueuedBytes=1024\n")
+    d, dev = connect(w)
+    d.auto_pong = False
+    # A function call of 2000 bytes the device does not read: the cloud
+    # then refuses to send it more (503) until it proves it read.
+    results = []
+
+    def call():
+        results.append(f.api("POST", f"/v1/devices/{dev}/fill", {"arg": "x" * 2000}, timeout=60)[0])
+
+    def backlogged():
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        t.join(seconds(1))
+        return 503 in results
+    poll(backlogged, 30, "the cloud holding back what it sends to the device")
+    v2 = plugin_deb(f.debs, "2.0")
+    mark = cloud.mark()
+    c = f.create(v2, [dev], [100], 0)
+    cloud.wait_line(rf"OTA job [0-9a-f]+: cannot send the update request to device '{dev}'", timeout=20,
+                    start=mark)
+    job = f.devices(c["id"])[dev]["job"]
+    expect(f.base.job(job)["state"] == "queued", f"job {f.base.job(job)}")
+    # The device reads again (answers the cloud's Ping and the call): the
+    # job goes out on the same session.
+    d.auto_pong = True
+    deadline = time.monotonic() + seconds(30)
+    while True:
+        m = d.recv(max(deadline - time.monotonic(), 0.1) / seconds(1))
+        if m.code == POST and m.path == f"o/{job}":
+            break
+        if m.code >> 5 == 0:  # another request (the call): answered
+            d.answer(m, code(4, 4))
+    d.answer(m, CREATED)
+    t = d.request(POST, f"o/{job}", json.dumps({"seq": 1, "state": "committed", "package": "tether-plugin-test",
+                                                 "version": "2.0"}).encode(), opts=[(CONTENT_FORMAT, uint(50))])
+    expect(d.response(t).code == CHANGED, "final report refused")
+    c = f.wait(c["id"], lambda c: c["state"] == "finished", "the campaign finished")
+    expect(c["counts"]["committed"] == 1, f"counts {c['counts']}")
+    cloud.wait_line(rf"OTA job {job}: sent the queued update request to device '{dev}'", timeout=5)
+    d.close()
+
+
 def test_input_checks(w):
     """Malformed, oversized and hostile campaign requests: 400/404/409/413
     with a message, nothing made."""
@@ -411,6 +462,6 @@ def test_input_checks(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_input_checks, test_commits_everywhere, test_failure_pauses_then_abort,
+    sys.exit(run([test_input_checks, test_send_retried_while_online, test_commits_everywhere, test_failure_pauses_then_abort,
                   test_pause_resume_offline_catch_up_restart],
                  emulated="runs up to 20 agents installing packages with the host's dpkg"))
