@@ -110,6 +110,7 @@ typedef struct OtaJob {
         struct OtaJob *open_next; /* the index of open jobs by device, when in it */
         struct OtaJob *send_next; /* to be sent from the defer, when in that list */
         bool open_indexed, send_listed;
+        bool live_counted; /* counted in Ota.n_live */
 } OtaJob;
 
 typedef enum OtaRequestKind {
@@ -171,9 +172,11 @@ struct Ota {
         OtaJob *jobs;
         size_t n_jobs;
         /* Indexes (chained hash tables, power-of-two sizes, keyed hash):
-         * every job by id; the open (not final) jobs by device. */
+         * every job by id; by device the open (not final) jobs and those
+         * the cloud failed itself (final, not closed: the device may have
+         * taken them), n_open of them; n_live jobs are not final. */
         OtaJob **id_buckets, **open_buckets;
-        size_t id_nbuckets, open_nbuckets, n_open;
+        size_t id_nbuckets, open_nbuckets, n_open, n_live;
         uint64_t hash_key;
         /* Jobs to send from resend_defer (a device came online), and
          * whether the defer scans every job (after a restart, resume,
@@ -283,6 +286,8 @@ static int stmt_run(Ota *ota, sqlite3_stmt *st, int rc, const char *what) {
         return rc == SQLITE_OK ? 0 : store_error(ota->store, rc, what);
 }
 
+static void job_open_update(Ota *ota, OtaJob *j);
+
 /* Write the job as it is now in the Store's batch; with commit, commit
  * the batch before returning (a job the API answered for, a final state
  * the device is about to be told was recorded). Logged by the Store. */
@@ -292,6 +297,8 @@ static int job_store(OtaJob *j, bool commit) {
         _cleanup_free_ char *history = json_dumps(j->history, JSON_COMPACT);
         int rc, r;
 
+        /* closed may have changed since the state did. */
+        job_open_update(ota, j);
         if (!history)
                 return log_error_errno(-ENOMEM, "Out of memory recording OTA job %s.", j->id);
         r = store_batch(ota->store);
@@ -426,10 +433,19 @@ static void job_open_remove(Ota *ota, OtaJob *j) {
         ota->n_open--;
 }
 
-/* Keep j in the index of open jobs by device while it is open. */
+/* Keep j in the index by device while it is open, or final but not
+ * closed (the cloud failed it itself: the device's reports and GET
+ * /a/SHA256 still count); count the jobs that are not final. */
 static void job_open_update(Ota *ota, OtaJob *j) {
-        bool open = !state_final(j->state);
+        bool live = !state_final(j->state), open = live || !j->closed;
 
+        if (live != j->live_counted) {
+                j->live_counted = live;
+                if (live)
+                        ota->n_live++;
+                else
+                        ota->n_live--;
+        }
         if (open == j->open_indexed)
                 return;
         if (open) {
@@ -449,12 +465,12 @@ static void job_open_update(Ota *ota, OtaJob *j) {
                 job_open_remove(ota, j);
 }
 
-/* The first open job of device, or NULL. */
+/* The first open (not final) job of device, or NULL. */
 static OtaJob *job_open_of(Ota *ota, const char *device) {
         if (ota->open_nbuckets)
                 for (OtaJob *j = ota->open_buckets[ota_hash(ota, device) & (ota->open_nbuckets - 1)]; j;
                      j = j->open_next)
-                        if (streq(j->device, device))
+                        if (streq(j->device, device) && !state_final(j->state))
                                 return j;
         for (OtaJob *j = ota->index_incomplete ? ota->jobs : NULL; j; j = j->next)
                 if (streq(j->device, device) && !state_final(j->state))
@@ -479,6 +495,10 @@ static void job_unindex(Ota *ota, OtaJob *j) {
         job_index_remove(ota, j);
         if (j->open_indexed)
                 job_open_remove(ota, j);
+        if (j->live_counted) {
+                j->live_counted = false;
+                ota->n_live--;
+        }
         send_list_remove(ota, j);
 }
 
@@ -525,7 +545,7 @@ static void job_free(OtaJob *j) {
 static void jobs_prune(Ota *ota) {
         size_t finals = 0;
 
-        if (ota->n_jobs - ota->n_open <= OTA_JOBS_MAX + OTA_JOBS_MAX / 8)
+        if (ota->n_jobs - ota->n_live <= OTA_JOBS_MAX + OTA_JOBS_MAX / 8)
                 return;
         for (OtaJob **p = &ota->jobs; *p;) {
                 OtaJob *j = *p;
@@ -1586,14 +1606,24 @@ void ota_device_request(Ota *ota, Device *d, const coap_pdu_t *request, const ch
 
 /* ---- artifacts over the device's connection (GET /a/SHA256) ---------------------- */
 
-/* Why a device may fetch sha256: its open job names it. A device has at
- * most one open job, found in the index by device: O(1) for every block.
- * A job the cloud failed itself (no answer, offline) is not open here
- * until the device's report on it opens it again. */
+/* Why a device may fetch sha256: a job of its own that is not over names
+ * it. Over: the device ended it (its final report, or its answer refused
+ * the job); one the cloud failed itself stays open, as for the device's
+ * reports. Those are the device's jobs in the index by device (one open,
+ * and the few the cloud failed), so a block does not cost a scan of
+ * every job. */
 static bool artifact_allowed(Ota *ota, const Device *d, const char *sha256) {
-        const OtaJob *j = job_open_of(ota, device_id(d));
+        const char *id = device_id(d);
 
-        return j && !j->closed && j->sha256 && streq(j->sha256, sha256);
+        if (ota->open_nbuckets)
+                for (const OtaJob *j = ota->open_buckets[ota_hash(ota, id) & (ota->open_nbuckets - 1)]; j;
+                     j = j->open_next)
+                        if (!j->closed && j->sha256 && streq(j->device, id) && streq(j->sha256, sha256))
+                                return true;
+        for (const OtaJob *j = ota->index_incomplete ? ota->jobs : NULL; j; j = j->next)
+                if (!j->closed && j->sha256 && streq(j->device, id) && streq(j->sha256, sha256))
+                        return true;
+        return false;
 }
 
 static void artifact_reply(coap_pdu_t *response, coap_pdu_code_t code, unsigned max_age, const char *text) {
