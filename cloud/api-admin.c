@@ -395,9 +395,7 @@ int api_devices_list_restricted(Devices *devs, Registry *reg, const TokenAuth *a
                 *ret = l.a;
                 return 0;
         }
-        j = json_pack("{s:o, s:{s:I, s:I, s:I, s:I}}", "devices", l.a, "meta", "total_pages",
-                         (json_int_t)((l.total + p->per_page - 1) / p->per_page), "page", (json_int_t)p->page,
-                         "per_page", (json_int_t)p->per_page, "total", (json_int_t)l.total);
+        j = api_page_json(l.a, l.total, p);
         if (!j)
                 return -ENOMEM;
         *ret = j;

@@ -67,9 +67,13 @@ json_t *api_devices_list(Devices *devs, const ApiPage *p) {
         devices = devices_page_to_json(devs, offset, p->per_page);
         if (!devices)
                 return NULL;
-        return json_pack("{s:o, s:{s:I, s:I, s:I, s:I}}", "devices", devices, "meta", "total_pages",
-                         (json_int_t)((n + p->per_page - 1) / p->per_page), "page", (json_int_t)p->page, "per_page",
-                         (json_int_t)p->per_page, "total", (json_int_t)n);
+        return api_page_json(devices, n, p);
+}
+
+json_t *api_page_json(json_t *page, size_t total, const ApiPage *p) {
+        return json_pack("{s:o, s:{s:I, s:I, s:I, s:I}}", "devices", page, "meta", "total_pages",
+                         (json_int_t)((total + p->per_page - 1) / p->per_page), "page", (json_int_t)p->page,
+                         "per_page", (json_int_t)p->per_page, "total", (json_int_t)total);
 }
 
 static uint64_t now_realtime_usec(void) {
@@ -160,9 +164,7 @@ int api_devices_list_filtered(Devices *devs, Registry *reg, const TokenAuth *aut
                 *ret = l.a;
                 return 0;
         }
-        j = json_pack("{s:o, s:{s:I, s:I, s:I, s:I}}", "devices", l.a, "meta", "total_pages",
-                      (json_int_t)((l.total + p->per_page - 1) / p->per_page), "page", (json_int_t)p->page,
-                      "per_page", (json_int_t)p->per_page, "total", (json_int_t)l.total);
+        j = api_page_json(l.a, l.total, p);
         if (!j)
                 return -ENOMEM;
         *ret = j;

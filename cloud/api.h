@@ -97,6 +97,10 @@ typedef struct ApiPage {
 /* page and per_page as given (NULL: absent). 0, or -EINVAL with a message
  * for the client (a static string). */
 int api_parse_page(const char *page, const char *per_page, ApiPage *ret, const char **ret_error);
+/* One page of devices as the paged GET /v1/devices answers it:
+ * {"devices": page, "meta": {total_pages, page, per_page, total}} of total
+ * devices in all. Takes page (also on failure). NULL on OOM. */
+json_t *api_page_json(json_t *page, size_t total, const ApiPage *p);
 /* The response to GET /v1/devices (api-list.c): the plain array of every
  * device unless p->paged, else one page and its meta. NULL on OOM. */
 json_t *api_devices_list(Devices *devs, const ApiPage *p);
