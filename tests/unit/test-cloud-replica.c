@@ -91,6 +91,8 @@ static const char *const test_schema[] = {
         "CREATE TABLE provision_tokens (id TEXT PRIMARY KEY, uses INTEGER NOT NULL DEFAULT 0);"
         "CREATE TABLE ota_jobs (id TEXT PRIMARY KEY NOT NULL, state TEXT);"
         "CREATE TABLE webhooks (name TEXT PRIMARY KEY, url TEXT);"
+        "CREATE TABLE campaign_devices (campaign TEXT NOT NULL, idx INTEGER NOT NULL, state TEXT, PRIMARY KEY (campaign, idx));"
+        "CREATE TABLE campaigns (id TEXT PRIMARY KEY NOT NULL, state TEXT);"
         "CREATE TABLE local_only (id TEXT PRIMARY KEY, v TEXT);",
 };
 
