@@ -216,15 +216,23 @@ def test_commits_everywhere(w):
 
 
 def test_failure_pauses_then_abort(w):
-    """A package that fails on 30 % of the devices: the campaign pauses
-    itself after phase 1 (reason, event, audit by "cloud"), phase 2 is
-    untouched; pause/resume conflicts; abort is final."""
+    """A package that fails on 30 % of the devices, a tagged subset: the
+    campaign pauses itself after phase 1 (reason, event, audit by "cloud"),
+    phase 2 is untouched; pause/resume conflicts; abort is final."""
     f = Fleet(w)
     f.start_cloud()
     stream = EventStream(w, "tether/campaign/")
     nodes = f.add(10)
     for n in nodes[:3]:
-        open(os.path.join(n.root, "fail-marker"), "w").close()
+        w.tether("tag", n.id, "fault=postinst")
+    # The package fails where the tag says: its postinst refuses a root
+    # with the marker, made for the devices the cloud lists for the tag.
+    st, tagged = f.api("GET", "/v1/devices?tag=fault=postinst")
+    expect(st == 200 and sorted(d["id"] for d in tagged) == sorted(n.id for n in nodes[:3]),
+           f"devices tagged fault=postinst: {st} {tagged}")
+    for n in nodes:
+        if n.id in {d["id"] for d in tagged}:
+            open(os.path.join(n.root, "fail-marker"), "w").close()
     v2 = plugin_deb(f.debs, "2.0", scripts={"postinst": FAIL_POSTINST})
     ids = [n.id for n in nodes]
     c = f.create(v2, ids, [60, 100], 5)
