@@ -15,6 +15,7 @@
 #include "inventory.h"
 #include "log.h"
 #include "proto.h"
+#include "spawn.h"
 #include "util.h"
 
 /* arch, then every package of the arguments dpkg knows, one per line:
@@ -208,8 +209,9 @@ static int on_exit_(sd_event_source *s, const siginfo_t *si, void *userdata) {
 
 static int start(Inventory *inv) {
         _cleanup_free_ const char **argv = NULL;
+        const char *step = NULL;
         size_t n = 0, k = 0;
-        int fds[2], r;
+        int fd, r;
         pid_t pid;
 
         while (inv->packages && inv->packages[n])
@@ -225,37 +227,11 @@ static int start(Inventory *inv) {
         argv[k++] = "tether-plugin-*";
         for (size_t i = 0; i < n; i++)
                 argv[k++] = inv->packages[i];
-        if (pipe2(fds, O_CLOEXEC) < 0)
-                return log_warning_errno(errno, "Cannot read the installed packages: %m");
-        if (fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0) {
-                r = -errno;
-                close(fds[0]);
-                close(fds[1]);
-                return log_warning_errno(r, "Cannot read the installed packages: %m");
-        }
-        pid = fork();
-        if (pid < 0) {
-                r = -errno;
-                close(fds[0]);
-                close(fds[1]);
-                return log_warning_errno(r, "Cannot start dpkg-query: %m");
-        }
-        if (pid == 0) {
-                sigset_t none;
-                int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-
-                sigemptyset(&none);
-                sigprocmask(SIG_SETMASK, &none, NULL);
-                dup2(fds[1], STDOUT_FILENO);
-                if (null >= 0) {
-                        dup2(null, STDIN_FILENO);
-                        dup2(null, STDERR_FILENO);
-                }
-                execv(argv[0], (char *const *)argv);
-                _exit(127);
-        }
-        close(fds[1]);
-        inv->fd = fds[0];
+        r = spawn_reader(argv, &pid, &fd, &step);
+        if (r < 0)
+                return streq(step, "fork") ? log_warning_errno(r, "Cannot start dpkg-query: %m")
+                                           : log_warning_errno(r, "Cannot read the installed packages: %m");
+        inv->fd = fd;
         inv->pid = pid;
         r = sd_event_add_io(inv->event, &inv->io_source, inv->fd, EPOLLIN, on_io, inv);
         if (r >= 0)

@@ -3,42 +3,24 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <openssl/evp.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "curl-event.h"
+#include "ota-download-file.h"
 #include "ota-download.h"
 #include "util.h"
 
-#define REHASH_CHUNK (1u << 20)
 #define CHECKPOINT_BYTES (4ull << 20)
 #define CONNECT_TIMEOUT_MS 30000L
 
-typedef enum Phase {
-        PHASE_REHASH,
-        PHASE_TRANSFER,
-        PHASE_DONE,
-} Phase;
-
 struct OtaDownload {
         sd_event *event;
-        OtaDownloadHooks hooks;
-        char *url, *path, *ca_file, *cert_file, *key_file, *etag, *want_prefix;
-        uint64_t size;
+        char *url, *ca_file, *cert_file, *key_file, *etag;
         unsigned low_speed_bytes;
         uint64_t low_speed_ms;
 
-        int fd;
-        EVP_MD_CTX *md;   /* hash of [0, bytes) */
-        uint64_t bytes;   /* in the file and in md */
-        uint64_t resume_from;
-        uint64_t last_checkpoint;
-        Phase phase;
-
-        sd_event_source *rehash_source;
-        sd_event_source *finish_source;
+        OtaDownloadFile *file; /* the file, its hash, the re-hash and the end */
         CurlEvent *curl;
         CURLM *multi; /* the CurlEvent's */
         CURL *easy;
@@ -51,78 +33,16 @@ struct OtaDownload {
         char *new_etag;
         uint64_t range_start;
         bool have_range;
-
-        /* the outcome, delivered from a defer source */
-        int error;
-        char text[CURL_ERROR_SIZE + 128];
-        bool restart;
 };
 
-static void hex_digest(EVP_MD_CTX *md, char out[static 65]) {
-        EVP_MD_CTX *copy = EVP_MD_CTX_new();
-        uint8_t d[32];
-        unsigned n = sizeof(d);
+_Static_assert(OTA_DOWNLOAD_TEXT_MAX >= CURL_ERROR_SIZE + 128, "room for libcurl's error");
 
-        out[0] = 0;
-        if (!copy || EVP_MD_CTX_copy_ex(copy, md) != 1 || EVP_DigestFinal_ex(copy, d, &n) != 1) {
-                EVP_MD_CTX_free(copy);
-                return;
-        }
-        EVP_MD_CTX_free(copy);
-        hex_encode(d, 32, out);
-}
-
-/* Forget the data: empty file, empty hash. */
-static int reset_data(OtaDownload *d, const char *why) {
-        if (ftruncate(d->fd, 0) < 0 || lseek(d->fd, 0, SEEK_SET) < 0)
-                return -errno;
-        if (EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) != 1)
-                return -EIO;
-        d->bytes = d->last_checkpoint = 0;
-        if (d->hooks.restarted)
-                d->hooks.restarted(d->hooks.userdata, why);
-        return 0;
-}
-
-/* End the download from a defer source, so that done() never runs inside
- * a libcurl callback. */
-static void finish(OtaDownload *d, int error, bool restart, const char *fmt, ...) _printf_(4, 5);
-static void finish(OtaDownload *d, int error, bool restart, const char *fmt, ...) {
-        va_list ap;
-
-        if (d->phase == PHASE_DONE)
-                return;
-        d->phase = PHASE_DONE;
-        d->error = error;
-        d->restart = restart;
-        va_start(ap, fmt);
-        vsnprintf(d->text, sizeof(d->text), fmt, ap);
-        va_end(ap);
-        sd_event_source_set_enabled(d->rehash_source, SD_EVENT_OFF);
-        sd_event_source_set_enabled(d->finish_source, SD_EVENT_ONESHOT);
-}
-
-static int on_finish(sd_event_source *s, void *userdata) {
-        OtaDownload *d = userdata;
-        char sha[65] = "";
-
-        if (d->error == 0)
-                hex_digest(d->md, sha);
-        d->hooks.done(d->hooks.userdata, d->error, sha, d->text, d->restart);
-        return 0;
-}
+/* End the download (from a defer source, so that done() never runs
+ * inside a libcurl callback). */
+#define finish(d, ...) ota_download_file_finish((d)->file, __VA_ARGS__)
 
 static void checkpoint(OtaDownload *d) {
-        char sha[65];
-
-        if (d->bytes == d->last_checkpoint)
-                return;
-        if (fdatasync(d->fd) < 0)
-                return;
-        hex_digest(d->md, sha);
-        d->last_checkpoint = d->bytes;
-        if (d->hooks.checkpoint)
-                d->hooks.checkpoint(d->hooks.userdata, d->bytes, sha, d->new_etag ? d->new_etag : d->etag);
+        ota_download_file_checkpoint(d->file, d->new_etag ? d->new_etag : d->etag);
 }
 
 /* ---- libcurl callbacks ------------------------------------------------ */
@@ -164,7 +84,7 @@ static int begin_body(OtaDownload *d) {
         curl_easy_getinfo(d->easy, CURLINFO_RESPONSE_CODE, &d->status);
         d->headers_done = true;
         if (d->status == 206) {
-                if (!d->have_range || d->range_start != d->bytes) {
+                if (!d->have_range || d->range_start != d->file->bytes) {
                         finish(d, -EPROTO, true, "the server answered a range request with another range");
                         return -1;
                 }
@@ -177,10 +97,12 @@ static int begin_body(OtaDownload *d) {
                 return 0;
         }
         if (d->status == 200) {
-                if (d->bytes > 0) {
+                if (d->file->bytes > 0) {
                         /* Range ignored or If-Range failed: this is the whole file. */
-                        if (reset_data(d, "the server sent the whole file (range ignored, or the ETag changed)") < 0) {
-                                finish(d, -EIO, true, "cannot truncate '%s': %m", d->path);
+                        if (ota_download_file_reset(d->file,
+                                                    "the server sent the whole file (range ignored, or the ETag changed)") <
+                            0) {
+                                finish(d, -EIO, true, "cannot truncate '%s': %m", d->file->path);
                                 return -1;
                         }
                         d->restarted = true;
@@ -192,42 +114,36 @@ static int begin_body(OtaDownload *d) {
 
 static size_t on_write(char *buf, size_t size, size_t n, void *userdata) {
         OtaDownload *d = userdata;
-        size_t len = size * n, left = len;
+        size_t len = size * n;
+        int r;
 
-        if (d->phase != PHASE_TRANSFER)
+        if (d->file->phase != OTA_DOWNLOAD_TRANSFER)
                 return 0;
         if (!d->headers_done && begin_body(d) < 0)
                 return 0;
         if (d->status != 200 && d->status != 206)
                 return len;
-        if (d->bytes + len > d->size) {
+        if (d->file->bytes + len > d->file->size) {
                 finish(d, -EFBIG, true, "the artifact is larger than the %" PRIu64 " bytes the manifest says",
-                       d->size);
+                       d->file->size);
                 return 0;
         }
-        while (left > 0) {
-                ssize_t w = write(d->fd, buf, left);
-
-                if (w < 0 && errno == EINTR)
-                        continue;
-                if (w < 0) {
-                        finish(d, -errno, false, "cannot write '%s': %m", d->path);
-                        return 0;
-                }
-                EVP_DigestUpdate(d->md, buf, (size_t)w);
-                d->bytes += (uint64_t)w;
-                buf += w;
-                left -= (size_t)w;
+        r = ota_download_file_append(d->file, buf, len);
+        if (r < 0) {
+                finish(d, r, false, "cannot write '%s': %s", d->file->path, strerror(-r));
+                return 0;
         }
-        if (d->hooks.progress)
-                d->hooks.progress(d->hooks.userdata, d->bytes);
-        if (d->bytes - d->last_checkpoint >= CHECKPOINT_BYTES)
+        if (d->file->hooks.progress)
+                d->file->hooks.progress(d->file->hooks.userdata, d->file->bytes);
+        if (d->file->bytes - d->file->last_checkpoint >= CHECKPOINT_BYTES)
                 checkpoint(d);
         return len;
 }
 
 static void transfer_done(OtaDownload *d, CURLcode result) {
-        if (d->phase != PHASE_TRANSFER)
+        const OtaDownloadFile *f = d->file;
+
+        if (f->phase != OTA_DOWNLOAD_TRANSFER)
                 return; /* we ended it ourselves */
         curl_easy_getinfo(d->easy, CURLINFO_RESPONSE_CODE, &d->status);
         if (result == CURLE_OPERATION_TIMEDOUT) {
@@ -245,19 +161,19 @@ static void transfer_done(OtaDownload *d, CURLcode result) {
         }
         if (d->status == 416) {
                 /* Nothing after our offset: complete already, or not ours. */
-                if (d->bytes == d->size)
+                if (f->bytes == f->size)
                         return finish(d, 0, false, "complete");
-                return finish(d, -ERANGE, true, "the server has no data after byte %" PRIu64, d->bytes);
+                return finish(d, -ERANGE, true, "the server has no data after byte %" PRIu64, f->bytes);
         }
         if (d->status != 200 && d->status != 206)
                 return finish(d, -EPROTO, false, "HTTP %ld from %s", d->status, d->url);
-        if (d->bytes != d->size) {
+        if (f->bytes != f->size) {
                 checkpoint(d);
                 return finish(d, -EPIPE, false, "the download ended after %" PRIu64 " of %" PRIu64 " bytes",
-                              d->bytes, d->size);
+                              f->bytes, f->size);
         }
-        if (fsync(d->fd) < 0)
-                return finish(d, -errno, false, "cannot sync '%s': %m", d->path);
+        if (fsync(f->fd) < 0)
+                return finish(d, -errno, false, "cannot sync '%s': %m", f->path);
         finish(d, 0, false, "complete");
 }
 
@@ -299,10 +215,10 @@ static int start_transfer(OtaDownload *d) {
         curl_easy_setopt(d->easy, CURLOPT_HEADERDATA, d);
         curl_easy_setopt(d->easy, CURLOPT_WRITEFUNCTION, on_write);
         curl_easy_setopt(d->easy, CURLOPT_WRITEDATA, d);
-        if (d->bytes > 0) {
+        if (d->file->bytes > 0) {
                 /* Not CURLOPT_RESUME_FROM: that turns a 200 into an error,
                  * and a 200 is a fine answer (we start over with it). */
-                snprintf(range, sizeof(range), "%" PRIu64 "-", d->bytes);
+                snprintf(range, sizeof(range), "%" PRIu64 "-", d->file->bytes);
                 curl_easy_setopt(d->easy, CURLOPT_RANGE, range);
                 if (d->etag) {
                         char *line = NULL;
@@ -315,124 +231,50 @@ static int start_transfer(OtaDownload *d) {
                         curl_easy_setopt(d->easy, CURLOPT_PRIVATE, h);
                 }
         }
-        d->resume_from = d->bytes;
-        d->phase = PHASE_TRANSFER;
         if (curl_multi_add_handle(d->multi, d->easy) != CURLM_OK)
                 return -EIO;
         curl_event_kick(d->curl);
         return 0;
 }
 
-/* Re-hash the kept prefix, 1 MiB per loop iteration. */
-static int on_rehash(sd_event_source *s, void *userdata) {
+/* The kept prefix is checked: ask for the rest. */
+static void on_rehashed(void *userdata, bool mismatch) {
         OtaDownload *d = userdata;
-        uint8_t *buf;
-        uint64_t want;
-        ssize_t n;
 
-        if (d->phase != PHASE_REHASH)
-                return 0;
-        want = d->resume_from - d->bytes;
-        if (want > REHASH_CHUNK)
-                want = REHASH_CHUNK;
-        if (want > 0) {
-                buf = malloc(REHASH_CHUNK);
-                if (!buf) {
-                        finish(d, -ENOMEM, false, "out of memory");
-                        return 0;
-                }
-                n = pread(d->fd, buf, (size_t)want, (off_t)d->bytes);
-                if (n > 0) {
-                        EVP_DigestUpdate(d->md, buf, (size_t)n);
-                        d->bytes += (uint64_t)n;
-                }
-                free(buf);
-                if (n <= 0) {
-                        /* shorter than the checkpoint: start over */
-                        if (reset_data(d, "the partial file is shorter than its checkpoint") < 0) {
-                                finish(d, -EIO, false, "cannot truncate '%s'", d->path);
-                                return 0;
-                        }
-                        d->resume_from = 0;
-                }
-                if (d->bytes < d->resume_from)
-                        return 0; /* more next time round */
-        }
-        sd_event_source_set_enabled(d->rehash_source, SD_EVENT_OFF);
-        if (d->bytes > 0) {
-                char sha[65];
-
-                hex_digest(d->md, sha);
-                if (!d->want_prefix || !streq(sha, d->want_prefix)) {
-                        /* The kept data is not what we checkpointed. */
-                        if (reset_data(d, "the partial file no longer matches its checkpointed SHA-256") < 0) {
-                                finish(d, -EIO, false, "cannot truncate '%s'", d->path);
-                                return 0;
-                        }
-                        free(d->etag);
-                        d->etag = NULL;
-                } else if (lseek(d->fd, (off_t)d->bytes, SEEK_SET) < 0) {
-                        finish(d, -errno, false, "cannot seek in '%s': %m", d->path);
-                        return 0;
-                }
-                d->last_checkpoint = d->bytes;
+        if (mismatch) {
+                /* The kept data is not what we checkpointed: its ETag neither. */
+                free(d->etag);
+                d->etag = NULL;
         }
         if (start_transfer(d) < 0)
                 finish(d, -ENOMEM, false, "cannot start the transfer");
-        return 0;
 }
 
 int ota_download_start(sd_event *event, const OtaDownloadParams *p, const OtaDownloadHooks *hooks,
                        OtaDownload **ret) {
         _cleanup_(ota_download_freep) OtaDownload *d = calloc(1, sizeof(OtaDownload));
-        struct stat st;
         int r;
 
         if (!d)
                 return -ENOMEM;
-        d->fd = -1;
         d->event = sd_event_ref(event);
-        d->hooks = *hooks;
-        d->size = p->size;
         d->low_speed_bytes = p->low_speed_bytes;
         d->low_speed_ms = p->low_speed_ms;
         d->url = strdup(p->url);
-        d->path = strdup(p->path);
         d->ca_file = strdup(p->ca_file);
         d->cert_file = strdup(p->cert_file);
         d->key_file = strdup(p->key_file);
         d->etag = p->etag ? strdup(p->etag) : NULL;
-        d->want_prefix = p->prefix_sha256 ? strdup(p->prefix_sha256) : NULL;
-        d->md = EVP_MD_CTX_new();
-        if (!d->url || !d->path || !d->ca_file || !d->cert_file || !d->key_file || (p->etag && !d->etag) ||
-            !d->md || EVP_DigestInit_ex(d->md, EVP_sha256(), NULL) != 1)
+        if (!d->url || !d->ca_file || !d->cert_file || !d->key_file || (p->etag && !d->etag))
                 return -ENOMEM;
         r = curl_event_new(event, check_done, d, &d->curl);
         if (r < 0)
                 return r;
         d->multi = curl_event_multi(d->curl);
-        d->fd = open(p->path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0640);
-        if (d->fd < 0 || fstat(d->fd, &st) < 0)
-                return -errno;
-        /* Keep the checkpointed prefix only; what came after it is unknown. */
-        d->resume_from = (uint64_t)st.st_size >= p->offset ? p->offset : 0;
-        if (d->resume_from > p->size)
-                d->resume_from = 0;
-        if (ftruncate(d->fd, (off_t)d->resume_from) < 0)
-                return -errno;
-        r = sd_event_add_defer(event, &d->finish_source, on_finish, d);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(d->finish_source, SD_EVENT_OFF);
-        if (r >= 0)
-                r = sd_event_add_defer(event, &d->rehash_source, on_rehash, d);
+        r = ota_download_file_new(event, p->path, p->size, p->offset, p->prefix_sha256, 1, hooks,
+                                  &(OtaDownloadFileOps){ .userdata = d, .rehashed = on_rehashed }, &d->file);
         if (r < 0)
                 return r;
-        /* Network and timers first; hashing when the loop is otherwise
-         * idle, 1 MiB per iteration until done (defers are one-shot by
-         * default). */
-        sd_event_source_set_priority(d->rehash_source, SD_EVENT_PRIORITY_IDLE);
-        sd_event_source_set_enabled(d->rehash_source, SD_EVENT_ON);
-        d->phase = PHASE_REHASH;
         *ret = TAKE_PTR(d);
         return 0;
 }
@@ -450,19 +292,13 @@ OtaDownload *ota_download_free(OtaDownload *d) {
                 curl_slist_free_all(h);
         }
         curl_event_free(d->curl);
-        sd_event_source_disable_unref(d->finish_source);
-        sd_event_source_disable_unref(d->rehash_source);
-        if (d->fd >= 0)
-                close(d->fd);
-        EVP_MD_CTX_free(d->md);
+        ota_download_file_free(d->file);
         free(d->url);
-        free(d->path);
         free(d->ca_file);
         free(d->cert_file);
         free(d->key_file);
         free(d->etag);
         free(d->new_etag);
-        free(d->want_prefix);
         sd_event_unref(d->event);
         free(d);
         return NULL;

@@ -21,6 +21,7 @@
 #include "ota-journal.h"
 #include "ota.h"
 #include "proto.h"
+#include "spawn.h"
 #include "util.h"
 
 #define OTA_PACKAGE_FILE "package.deb"
@@ -728,39 +729,22 @@ static int on_check_exit(sd_event_source *s, const siginfo_t *si, void *userdata
 /* dpkg-deb --field, as a child of the loop. */
 static void check_control(Ota *o) {
         _cleanup_free_ char *path = NULL;
-        const char *argv[8];
-        int fds[2], r;
+        const char *argv[8], *step = NULL;
+        int fd, r;
         pid_t pid;
 
-        if (state_path(o, OTA_DOWNLOAD_FILE, &path) < 0 || pipe2(fds, O_CLOEXEC) < 0 ||
-            fcntl(fds[0], F_SETFL, O_NONBLOCK) < 0) {
+        if (state_path(o, OTA_DOWNLOAD_FILE, &path) < 0) {
                 (void)move(o, OTA_STATE_FAILED, "io", "cannot check the package");
                 return;
         }
         debfile_control_argv(path, argv);
-        pid = fork();
-        if (pid < 0) {
-                close(fds[0]);
-                close(fds[1]);
-                (void)move(o, OTA_STATE_FAILED, "io", "cannot fork dpkg-deb");
+        r = spawn_reader(argv, &pid, &fd, &step);
+        if (r < 0) {
+                (void)move(o, OTA_STATE_FAILED, "io",
+                           streq(step, "fork") ? "cannot fork dpkg-deb" : "cannot check the package");
                 return;
         }
-        if (pid == 0) {
-                sigset_t none;
-                int null = open("/dev/null", O_RDWR | O_CLOEXEC);
-
-                sigemptyset(&none);
-                sigprocmask(SIG_SETMASK, &none, NULL);
-                dup2(fds[1], STDOUT_FILENO);
-                if (null >= 0) {
-                        dup2(null, STDIN_FILENO);
-                        dup2(null, STDERR_FILENO);
-                }
-                execvp(argv[0], (char *const *)argv);
-                _exit(127);
-        }
-        close(fds[1]);
-        o->check_fd = fds[0];
+        o->check_fd = fd;
         o->check_pid = pid;
         r = sd_event_add_child(o->event, &o->check_child, pid, WEXITED, on_check_exit, o);
         if (r < 0) {
