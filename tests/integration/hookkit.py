@@ -54,14 +54,23 @@ class Request:
         except ValueError:
             self.json = None
         self.key = headers.get("Idempotency-Key")
+        # Ticks of the receiver's clock (one counter for both): when the
+        # body was read, and when the answer was begun.
+        self.arrived = self.seq = 0
 
     def __repr__(self):
         return f"<{self.status} {self.key} {self.body[:120]!r}>"
 
 
 class Receiver:
-    """Records every request in .requests (in arrival order); answers
-    .status (a number, or a function of the Request giving one). keep=False
+    """Records every request answered in .requests, in the order the
+    answers were begun (not the order the handler threads get to record
+    them: a thread can be descheduled between sending its answer and
+    recording it, while the client already sent the next request on
+    another connection and that one was recorded); answers .status (a
+    number, or a function of the Request giving one). A request whose
+    answer could not be written (the connection closed) is not recorded.
+    keep=False
     stores no bodies (the benchmark): only .count and .delivered grow.
     .gate cleared holds every request unanswered until it is set again."""
 
@@ -77,7 +86,7 @@ class Receiver:
         self.gate.set()
         self.status = 200
         self.requests = []
-        self.count = self.delivered = self.bad_signatures = 0
+        self.count = self.delivered = self.bad_signatures = self.ticks = 0
         self.cond = threading.Condition()
         self.conns = set()
         self.server = None
@@ -159,12 +168,22 @@ class Receiver:
         sig = h.headers.get("X-Tether-Signature", "")
         want = "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
         sig_ok = hmac.compare_digest(sig, want)
+        with self.cond:
+            self.ticks += 1
+            arrived = self.ticks
         self.gate.wait()
         with self.cond:
             status = self.status
+            # The answer's place in .requests, taken before the answer
+            # goes out: the client can send what depends on this answer
+            # (the next event of a device) only after it, so its request
+            # gets a later place even if this thread records later.
+            self.ticks += 1
+            seq = self.ticks
         if callable(status):
             status = status(body)
         req = Request(h.path, dict(h.headers), body, status, sig_ok)
+        req.arrived, req.seq = arrived, seq
         h.send_response(status)
         h.send_header("Content-Length", "2")
         h.send_header("Content-Type", "text/plain")
@@ -177,7 +196,10 @@ class Receiver:
             if 200 <= status <= 299:
                 self.delivered += 1
             if self.keep:
-                self.requests.append(req)
+                i = len(self.requests)
+                while i > 0 and self.requests[i - 1].seq > seq:
+                    i -= 1
+                self.requests.insert(i, req)
             self.cond.notify_all()
 
     def set_status(self, status):

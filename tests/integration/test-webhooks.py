@@ -43,7 +43,7 @@ def receiver(w, **kw):
 
 
 def delivered(reqs):
-    """The requests answered 2xx, in the order they came."""
+    """The requests answered 2xx, in the order they were answered."""
     return [q for q in reqs if 200 <= q.status <= 299]
 
 
@@ -100,6 +100,22 @@ def check_in_order(got, devices, total, what, once=True):
                    f"{what}: device {d}: first deliveries {first[:8]}...{first[-8:]} of {total}")
 
 
+def check_one_at_a_time(reqs, name="pump/n"):
+    """docs/integrations.md: an event is sent only when no earlier event
+    of the same device is in flight or failed. So each request of a
+    device (answered 2xx or not) came after the receiver began answering
+    the device's previous one."""
+    last = {}
+    for q in sorted(reqs, key=lambda q: q.arrived):
+        if not (q.json and q.json.get("event") == name):
+            continue
+        d = q.json["coreid"]
+        p = last.get(d)
+        expect(p is None or q.arrived > p.seq,
+               f"device {d}: event {q.json['data']} sent while event {p.json['data'] if p else ''} was in flight")
+        last[d] = q
+
+
 def api_publish(w, conn, name, data):
     body = urllib.parse.urlencode({"name": name, "data": data}).encode()
     conn.request("POST", "/v1/devices/events", body=body,
@@ -137,6 +153,7 @@ def test_every_event_once_signed(w):
     keys = [q.key for q in reqs]
     expect(len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} events sent twice without a failure")
     expect(not any(q.json.get("event") == "other/x" for q in reqs), "an event outside Prefix= was sent")
+    check_one_at_a_time(reqs)
     check_in_order(numbers_by_device(reqs), devices, total, "steady flow")
     j = reqs[0].json
     expect(j["coreid"] in devices and j["data"] == "1" and j["public"] in (True, False), f"first body {j}")
@@ -169,6 +186,7 @@ def test_receiver_down_and_503(w):
     check_requests(reqs)
     ok = [q.key for q in delivered(reqs)]
     expect(len(ok) == len(set(ok)), f"{len(ok) - len(set(ok))} events delivered twice")
+    check_one_at_a_time(reqs)
     check_in_order(numbers_by_device(reqs), devices, total, "after an outage")
     # Each event refused with 503 came again with the same key and body.
     refused = {q.key for q in reqs if q.status == 503}
