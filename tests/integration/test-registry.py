@@ -163,6 +163,9 @@ def test_clone_refused(w):
     sub.wait_ready()
     agent = w.start_agent()
     dev_id, cert, key = agent.device
+    # Online by the notify socket; the cloud's log line of the session may
+    # be read a moment later (much later under load): count after it.
+    w.cloud.wait_line(rf"Device '{dev_id}' connected")
     mark = w.cloud.mark()
     attempts = admitted = calls = 0
     end = time.monotonic() + 10
