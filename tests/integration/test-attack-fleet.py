@@ -383,6 +383,6 @@ def test_job_reason_escapes(w):
 
 
 if __name__ == "__main__":
-    run([test_artifact_blocks, test_hostile_describe, test_restricted_tokens, test_campaign_bodies,
-         test_pause_abort_race, test_campaign_body_values,
-         test_small_messages_far_block, test_job_reason_escapes])
+    sys.exit(run([test_artifact_blocks, test_hostile_describe, test_restricted_tokens, test_campaign_bodies,
+                  test_pause_abort_race, test_campaign_body_values,
+                  test_small_messages_far_block, test_job_reason_escapes]))
