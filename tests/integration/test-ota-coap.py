@@ -323,4 +323,4 @@ if __name__ == "__main__":
     sys.exit(run([test_blocks_and_access, test_not_reading_waits, test_install_over_connection,
                   test_crash_resumes_from_checkpoint, test_cut_connection_resumes,
                   test_refused_artifact_fails_the_job],
-                 emulated="ok"))
+                 emulated="the install steps run tether-ota-helper and the host's dpkg directly, as test-ota does"))
