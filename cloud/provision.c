@@ -134,24 +134,8 @@ static bool token_well_formed(const char *token) {
         return true;
 }
 
-/* Text without control characters (C0, DEL, C1), valid UTF-8, no NUL
- * byte within len. */
-static bool text_clean(const char *s, size_t len) {
-        if (memchr(s, 0, len) || proto_utf8_check(s, len) < 0)
-                return false;
-        for (size_t i = 0; i < len; i++) {
-                unsigned char c = (unsigned char)s[i];
-
-                if (c < 0x20 || c == 0x7f)
-                        return false;
-                if (c == 0xc2 && i + 1 < len && (unsigned char)s[i + 1] >= 0x80 && (unsigned char)s[i + 1] <= 0x9f)
-                        return false;
-        }
-        return true;
-}
-
 bool provision_tag_value_valid(const char *s, size_t len) {
-        return len <= PROVISION_TAG_VALUE_MAX && text_clean(s, len);
+        return len <= PROVISION_TAG_VALUE_MAX && proto_text_clean(s, len, SIZE_MAX);
 }
 
 int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]) {
@@ -187,7 +171,7 @@ int provision_tags_check(json_t *tags, char err[static PROVISION_REASON_MAX]) {
                                  (unsigned)PROVISION_TAG_VALUE_MAX);
                         return -EINVAL;
                 }
-                if (!text_clean(json_string_value(v), json_string_length(v))) {
+                if (!proto_text_clean(json_string_value(v), json_string_length(v), SIZE_MAX)) {
                         snprintf(err, PROVISION_REASON_MAX,
                                  "The value of tag '%s' must be UTF-8 text without control characters", key);
                         return -EINVAL;
@@ -407,7 +391,7 @@ int provision_create(Provision *p, const ProvisionSpec *spec, char **ret_secret,
 
         if (spec->uses_max < 1 || spec->uses_max > PROVISION_USES_MAX || spec->expires_at <= now ||
             spec->expires_at > now + PROVISION_LIFETIME_MAX || strlen(name) > PROVISION_NAME_MAX ||
-            !text_clean(name, strlen(name)) || provision_tags_check(spec->tags, err) < 0)
+            !proto_text_clean(name, strlen(name), SIZE_MAX) || provision_tags_check(spec->tags, err) < 0)
                 return -EINVAL;
         r = provision_count(p, now, &live, &all);
         if (r < 0)
