@@ -139,6 +139,13 @@ struct Bus {
         uint64_t next_token;
         BusRequest *requests[BUS_REQUEST_BUCKETS];
         BusBucket *buckets;
+        /* Unsubscribed and not yet destroyed (sub_park()): libnats' reader
+         * thread may still hold a pointer to one without a reference. The
+         * first n_barrier of them were parked before barrier was sent. */
+        natsSubscription **parked;
+        size_t n_parked, n_barrier;
+        BusRequest *barrier;
+        sd_event_source *barrier_retry;
 
         pthread_mutex_t lock;
         pthread_cond_t cond;
@@ -680,6 +687,97 @@ static int on_wake(sd_event_source *src _unused_, int fd _unused_, uint32_t reve
         return 0;
 }
 
+/* ---- unsubscribed subscriptions -------------------------------------------------- */
+
+/* libnats 3.4.1's reader thread looks a message's subscription up under
+ * the connection's lock and locks the subscription only after dropping it
+ * (natsConn_processMsg() in its src/conn.c), holding no reference in
+ * between: natsSubscription_Destroy() right after Unsubscribe() can free
+ * it under that thread. So an unsubscribed one is parked, and destroyed
+ * once a request sent after it was answered: the reader thread handles
+ * what it reads in order, so by then it is done with every message it
+ * read before the answer. No one answers the barrier's subject; the
+ * server's "no responders" status is the answer. */
+#define BUS_BARRIER_TIMEOUT_USEC (5ULL * 1000000ULL)
+#define BUS_BARRIER_RETRY_USEC (1ULL * 1000000ULL)
+
+static void barrier_send(Bus *b);
+
+static void parked_destroy(Bus *b, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                natsSubscription_Destroy(b->parked[i]);
+        memmove(b->parked, b->parked + n, (b->n_parked - n) * sizeof(*b->parked));
+        b->n_parked -= n;
+}
+
+static void barrier_done(void *userdata, int error, natsMsg *reply _unused_) {
+        Bus *b = userdata;
+
+        b->barrier = NULL;
+        /* An answer of any kind went through the reader thread; a timeout
+         * or a lost connection proves nothing: try again later. */
+        if (error == 0 || error == -EHOSTUNREACH)
+                parked_destroy(b, b->n_barrier);
+        b->n_barrier = 0;
+        if (b->n_parked == 0 || b->freed)
+                return;
+        if (error == 0 || error == -EHOSTUNREACH)
+                barrier_send(b);
+        else
+                (void)sd_event_source_set_enabled(b->barrier_retry, SD_EVENT_ONESHOT);
+}
+
+static int barrier_retry_cb(sd_event_source *src _unused_, uint64_t usec _unused_, void *userdata) {
+        barrier_send(userdata);
+        return 0;
+}
+
+static void barrier_send(Bus *b) {
+        char subject[BUS_SUBJECT_MAX];
+        int r;
+
+        if (b->barrier || b->n_parked == 0 || b->freed)
+                return;
+        if (!b->barrier_retry) {
+                r = sd_event_add_time_relative(b->event, &b->barrier_retry, CLOCK_MONOTONIC, BUS_BARRIER_RETRY_USEC,
+                                               BUS_TIMER_ACCURACY_USEC, barrier_retry_cb, b);
+                if (r < 0)
+                        return; /* parked until bus_free() */
+                (void)sd_event_source_set_enabled(b->barrier_retry, SD_EVENT_OFF);
+        }
+        /* "_INBOX.<nuid>." -> "_TETHER.barrier.<nuid>": a subject of ours alone. */
+        (void)snprintf(subject, sizeof(subject), "_TETHER.barrier.%.*s", (int)strlen(b->inbox_prefix) - 8,
+                       b->inbox_prefix + 7);
+        b->n_barrier = b->n_parked;
+        r = bus_request(b, subject, NULL, "", 0, BUS_BARRIER_TIMEOUT_USEC, barrier_done, b, &b->barrier);
+        if (r < 0) {
+                b->barrier = NULL;
+                b->n_barrier = 0;
+                (void)sd_event_source_set_time_relative(b->barrier_retry, BUS_BARRIER_RETRY_USEC);
+                (void)sd_event_source_set_enabled(b->barrier_retry, SD_EVENT_ONESHOT);
+        }
+}
+
+/* Unsubscribe sub and destroy it once that is safe (above). On OOM it
+ * is left to libnats until bus_free() (a small leak beats a crash). */
+static void sub_park(Bus *b, natsSubscription *sub) {
+        natsSubscription **p;
+
+        (void)natsSubscription_Unsubscribe(sub);
+        p = realloc(b->parked, (b->n_parked + 1) * sizeof(*p));
+        if (!p) {
+                log_warning("NATS: out of memory; an unsubscribed subscription stays allocated");
+                return;
+        }
+        b->parked = p;
+        b->parked[b->n_parked++] = sub;
+        barrier_send(b);
+}
+
+size_t bus_parked(const Bus *b) {
+        return b ? b->n_parked : 0;
+}
+
 /* ---- subscriptions ------------------------------------------------------------- */
 
 static BusSub *sub_new(Bus *b, SubKind kind, void *userdata) {
@@ -711,8 +809,7 @@ static int sub_attach(BusSub *s) {
                 s->dead = true;
                 b->libnats_refs--;
                 pthread_mutex_unlock(&b->lock);
-                (void)natsSubscription_Unsubscribe(s->sub);
-                natsSubscription_Destroy(s->sub);
+                sub_park(b, s->sub);
                 return bus_error(st, "subscribing to", "a subject");
         }
         s->next = b->subs;
@@ -741,10 +838,8 @@ BusSub *bus_sub_free(BusSub *s) {
         queue_drop_locked(b, s);
         pthread_mutex_unlock(&b->lock);
 
-        if (s->sub) {
-                (void)natsSubscription_Unsubscribe(s->sub);
-                natsSubscription_Destroy(s->sub);
-        }
+        if (s->sub)
+                sub_park(b, s->sub);
         if (s->follow) {
                 follow_abandon(s);
                 follow_free(s->follow, true);
@@ -1537,6 +1632,12 @@ Bus *bus_free(Bus *b) {
                 if (--s->refs == 0)
                         free(s);
         }
+        /* The connection is closed: no reader thread is left. */
+        b->barrier = NULL; /* cancelled with the other requests */
+        b->n_barrier = 0;
+        parked_destroy(b, b->n_parked);
+        free(b->parked);
+        b->barrier_retry = sd_event_source_disable_unref(b->barrier_retry);
         while (b->buckets) {
                 BusBucket *k = b->buckets;
 

@@ -61,6 +61,9 @@ int bus_new(sd_event *event, const BusConfig *config, const BusHooks *hooks, Bus
  * 10 s) until libnats' threads are done with the Bus. NULL is fine; so is
  * a call from one of the Bus's callbacks (nothing of it runs after). */
 Bus *bus_free(Bus *b);
+/* Subscriptions unsubscribed and not yet destroyed: bus_sub_free() parks
+ * them until libnats' reader thread is done with them (bus.c). */
+size_t bus_parked(const Bus *b);
 static inline void bus_freep(Bus **b) { bus_free(*b); }
 
 bool bus_connected(Bus *b);

@@ -22,6 +22,7 @@
 #include <arpa/inet.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <limits.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -197,6 +198,33 @@ static void on_reply(void *userdata, int error, natsMsg *reply) {
                 bus_request_cancel(*r->cancel);
                 *r->cancel = NULL;
         }
+}
+
+/* Subscriptions freed while messages for them are in flight: libnats'
+ * reader thread may hold one without a reference (cloud/bus.c, "unsubscribed
+ * subscriptions"); they are destroyed only after a barrier, and all of
+ * them soon. A use after free here is what the sanitizer build and
+ * valgrind catch. */
+static void test_unsubscribe_under_traffic(void **state) {
+        Fixture *f = *state;
+        Received got = { .want = UINT_MAX };
+        uint64_t deadline;
+
+        for (unsigned i = 0; i < 400; i++) {
+                BusSub *s = NULL;
+
+                assert_int_equal(bus_subscribe(f->bus, "t.flood", NULL, on_msg, &got, &s), 0);
+                for (unsigned k = 0; k < 20; k++)
+                        assert_int_equal(bus_publish(f->bus, "t.flood", NULL, "x", 1), 0);
+                if (i % 4 == 0)
+                        assert_true(sd_event_run(f->event, 0) >= 0);
+                bus_sub_free(s);
+        }
+        assert_true(bus_parked(f->bus) > 0);
+        deadline = now_usec() + usec(10);
+        while (bus_parked(f->bus) > 0 && now_usec() < deadline)
+                assert_true(sd_event_run(f->event, 100 * 1000) >= 0);
+        assert_int_equal(bus_parked(f->bus), 0);
 }
 
 static void test_request(void **state) {
@@ -843,6 +871,7 @@ int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_subjects),
                 cmocka_unit_test_setup_teardown(test_publish_subscribe, setup, teardown),
+                cmocka_unit_test_setup_teardown(test_unsubscribe_under_traffic, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_request, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_request_cancel, setup, teardown),
                 cmocka_unit_test_setup_teardown(test_free_with_queued, setup, teardown),
