@@ -86,6 +86,7 @@ struct Device {
         sd_event_source *describe_defer;
         DeviceCall *describe_call; /* the GET /d in flight, or NULL */
         bool describe_again;       /* POST /d while it was in flight */
+        bool online_notified;      /* X_TETHER_ONLINE sent for this session */
         DeviceCall *calls; /* pending requests to this device */
         /* Another session for this ID while one is bound (device_conflict()). */
         Session *contender;        /* waiting for the liveness check, or NULL */
@@ -1112,6 +1113,7 @@ static void device_unbind(Device *d, const char *reason, int error) {
         while (d->calls)
                 call_complete(d->calls, error, 0, NULL, 0);
         d->describe_again = false;
+        d->online_notified = false;
 }
 
 /* Close the device's session from the loop (not from a libcoap callback
@@ -1178,6 +1180,19 @@ static int device_ping_cb(sd_event_source *s, uint64_t usec, void *userdata) {
 
 static int describe_defer_cb(sd_event_source *s, void *userdata);
 
+/* X_TETHER_ONLINE once per session, after its first GET /d (answered,
+ * failed or timed out); X_TETHER_DESCRIBED after each later one (the
+ * device asked to be described anew with POST /d, e.g. after its
+ * inventory changed). */
+static void device_notify_online(Device *d) {
+        if (d->online_notified) {
+                devices_notify_status(d->devices, "X_TETHER_DESCRIBED", d->id);
+                return;
+        }
+        d->online_notified = true;
+        devices_notify_status(d->devices, "X_TETHER_ONLINE", d->id);
+}
+
 static void describe_done(int error, unsigned code, const uint8_t *data, size_t len, void *userdata) {
         Device *d = userdata;
         Devices *devs = d->devices;
@@ -1212,7 +1227,7 @@ static void describe_done(int error, unsigned code, const uint8_t *data, size_t 
         }
         if (!d->conn)
                 return;
-        devices_notify_status(devs, "X_TETHER_ONLINE", d->id);
+        device_notify_online(d);
         /* POST /d arrived while this GET /d was out: the answer may be stale. */
         if (d->describe_again && !d->describe_defer) {
                 d->describe_again = false;
@@ -1223,7 +1238,6 @@ static void describe_done(int error, unsigned code, const uint8_t *data, size_t 
 
 static int describe_defer_cb(sd_event_source *s, void *userdata) {
         Device *d = userdata;
-        Devices *devs = d->devices;
         int r;
 
         d->describe_defer = sd_event_source_disable_unref(d->describe_defer);
@@ -1232,7 +1246,7 @@ static int describe_defer_cb(sd_event_source *s, void *userdata) {
         if (r < 0) {
                 log_warning_errno(r, "Failed to send GET /d to device '%s': %m", d->id);
                 if (d->conn)
-                        devices_notify_status(devs, "X_TETHER_ONLINE", d->id);
+                        device_notify_online(d);
         }
         return 0;
 }
@@ -1279,6 +1293,7 @@ static void device_bind(Device *d, Session *c) {
         d->warned_too_big = false;
         d->dropped_events = 0;
         d->describe_again = false;
+        d->online_notified = false;
         d->cert_not_after = peer->not_after;
         device_alive(d, 0);
         d->next_ping = d->last_alive + (uint64_t)devs->config->ping_sec * USEC_PER_SEC;

@@ -462,11 +462,11 @@ def test_post_d_flood_one_describe_at_a_time(w):
 
     mark = w.notify.mark()
     d.answer(first, CONTENT, json.dumps(dict(DEFAULT_DESCRIBE, functions=["old"])).encode(), cf=50)
-    w.notify.wait(lambda m: m.get("X_TETHER_ONLINE") == dev, 5, "describe done", mark)
+    w.notify.wait(lambda m: m.get("X_TETHER_DESCRIBED") == dev, 5, "describe done", mark)
     again = d.wait_for(lambda m: m.code == GET and m.path == "d", what="the GET /d asked for meanwhile")
     mark = w.notify.mark()
     d.answer(again, CONTENT, json.dumps(dict(DEFAULT_DESCRIBE, functions=["new"])).encode(), cf=50)
-    w.notify.wait(lambda m: m.get("X_TETHER_ONLINE") == dev, 5, "second describe done", mark)
+    w.notify.wait(lambda m: m.get("X_TETHER_DESCRIBED") == dev, 5, "second describe done", mark)
     st, j = Api(w).request("GET", f"/v1/devices/{dev}")
     expect(j["functions"] == ["new"], f"describe cache after the second GET /d: {j}")
     extra = barrier("new", 7)

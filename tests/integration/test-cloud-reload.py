@@ -66,9 +66,6 @@ def stayed_connected(w, agent, dev, notify_mark, cloud_mark):
     expect(agent.count("Disconnected from") == 0, "the agent lost its connection")
     expect(w.cloud.count(rf"Device '{dev}' (connected|disconnected)", cloud_mark) == 0,
            "the device's session was replaced")
-    # (X_TETHER_ONLINE alone is no reconnect: the cloud sends it again
-    # whenever it fetched the describe document anew, as after the agent's
-    # POST /d once its inventory is read.)
     expect(not any(m.get("X_TETHER_OFFLINE") == dev for m in w.notify.messages[notify_mark:]),
            "the cloud reported the device offline")
 
