@@ -256,8 +256,9 @@ def test_console_browser(w):
     for node in f.nodes:
         node.start()
     a, b = f.nodes
-    st, body = api_json(w, "PUT", f"/v1/devices/{b.id}", {"name": XSS})
-    expect(st == 200, f"name: {st} {body}")
+    # names are [A-Za-z0-9_.-]: markup goes in B's notes and a tag value
+    st, body = api_json(w, "PUT", f"/v1/devices/{b.id}", {"notes": XSS, "tags": {"note": XSS}})
+    expect(st == 200, f"notes: {st} {body}")
     v2 = plugin_deb(f.debs, "2.0")
     manifest = f.manifest(v2, [a.id, b.id])
     mpath = w.path("campaign-manifest.json")
