@@ -113,7 +113,8 @@ function apiTokens(ctx) {
                 h('input', { type: 'checkbox', value: s, 'data-test': 'tok-scope', checked: s === 'devices:read' }), ' ' + s));
         async function load() {
                 const l = await api('GET', '/v1/tokens');
-                replace(tbody, l.slice().reverse().map(t => h('tr', { 'data-test': 'tok-row', 'data-id': t.id },
+                replace(tbody, !l.length ? h('tr', {}, h('td', { colspan: 8, class: 'empty' }, 'No API tokens made through the API (TokenFile= tokens are not listed).'))
+                        : l.slice().reverse().map(t => h('tr', { 'data-test': 'tok-row', 'data-id': t.id },
                         h('td', { 'data-label': 'ID', class: 'mono' }, t.id),
                         h('td', { 'data-label': 'Name' }, t.name || ''),
                         h('td', { 'data-label': 'Scopes' }, (t.scopes || []).join(' ')),

@@ -89,7 +89,7 @@ function createForm(ctx) {
         const threshold = h('input', { type: 'number', 'data-test': 'campaign-threshold', min: 0, max: 100, step: 'any', value: '5' });
         const wait = h('input', { type: 'number', 'data-test': 'campaign-wait', min: 0, max: 2592000, value: '0' });
         const submit = h('button', { type: 'submit', class: 'primary', 'data-test': 'campaign-create' }, 'Start campaign');
-        return h('form', { class: 'card', 'data-test': 'campaign-form', onsubmit: async e => {
+        return h('form', { class: 'card grid', 'data-test': 'campaign-form', onsubmit: async e => {
                 e.preventDefault();
                 const manifests = await Promise.all([...files.files].map(f => f.text()));
                 const ids = devices.value.split(/[\s,]+/).filter(Boolean);
@@ -119,7 +119,7 @@ function createForm(ctx) {
                   'The package must be uploaded already unless the manifests carry a url.'),
                 field('Name', name),
                 field('Signed manifests', files, 'one or more files, all for the same update'),
-                field('Devices', devices, 'optional: the order and subset of the manifests\' devices'),
+                h('div', { class: 'wide' }, field('Devices', devices, 'optional: the order and subset of the manifests\' devices')),
                 field('Phases (%)', phases, 'cumulative percentages ending at 100'),
                 field('Max failure rate (%)', threshold, 'a phase failing more pauses the campaign'),
                 field('Phase wait (s)', wait),

@@ -2,7 +2,7 @@
 // #/device/ID: one device: its state, functions, variables, live events,
 // OTA jobs, tags, name and notes, and revocation.
 
-import { h, replace, append, relTime, setRelTime, tagChips, field, asText, fmtTime } from './dom.js';
+import { h, replace, relTime, setRelTime, tagChips, field, asText, fmtTime } from './dom.js';
 import { api, enc, can, restricted } from './api.js';
 import { eventJSON } from './events.js';
 import { agentVersion, osText, stateCell } from './fleet.js';
@@ -55,6 +55,7 @@ export async function render(main, ctx, id) {
                         return;
                 renderHeader();
                 renderTags();
+                renderRevocation();
         }
 
         // Functions: one form each.
@@ -198,12 +199,17 @@ export async function render(main, ctx, id) {
                 : null;
 
         // Revocation (admin).
+        const revokeBtn = h('button', { type: 'button', class: 'bad', 'data-test': 'revoke', onclick: revoke }, 'Revoke device…');
+        const unrevokeBtn = h('button', { type: 'button', 'data-test': 'unrevoke', onclick: unrevoke }, 'Unrevoke');
+        function renderRevocation() {
+                revokeBtn.hidden = !!d.revoked;
+                unrevokeBtn.hidden = !d.revoked;
+        }
+        renderRevocation();
         const revokeSection = can('admin') ? h('section', { class: 'danger', 'aria-labelledby': 'h-rev' },
                 h('h2', { id: 'h-rev' }, 'Revocation'),
                 h('p', { class: 'hint' }, 'A revoked device is disconnected and refused at every later connection until it is unrevoked.'),
-                h('button', { type: 'button', class: 'bad', 'data-test': 'revoke', onclick: revoke }, 'Revoke device…'),
-                ' ',
-                h('button', { type: 'button', 'data-test': 'unrevoke', onclick: unrevoke }, 'Unrevoke')) : null;
+                revokeBtn, unrevokeBtn) : null;
 
         async function revoke() {
                 if (!window.confirm('Revoke device ' + d.id + '? It is disconnected now and refused until unrevoked.'))
@@ -232,9 +238,12 @@ export async function render(main, ctx, id) {
 
         replace(main,
                 h('p', { class: 'crumbs' }, h('a', { href: '#/fleet' }, '← Fleet')),
-                title, facts, fnSection, varSection,
-                h('section', { 'aria-labelledby': 'h-ev' }, h('h2', { id: 'h-ev' }, 'Live events'), tailEmpty, tail),
-                otaSection, metaSection, revokeSection);
+                title, facts,
+                h('div', { class: 'device-grid' },
+                  h('div', {}, fnSection, varSection),
+                  h('div', {}, h('section', { 'aria-labelledby': 'h-ev' }, h('h2', { id: 'h-ev' }, 'Live events'), tailEmpty, tail),
+                    metaSection, otaSection)),
+                revokeSection);
         ctx.ready('device');
 
         // Live updates.

@@ -39,7 +39,7 @@ function row(d) {
                 h('td', { 'data-label': 'State' }, stateCell(d.connected),
                   d.revoked ? h('span', { class: 'badge warn' }, 'revoked') : null),
                 h('td', { 'data-label': 'Last heard', class: 'heard' }, relTime(d.last_heard)),
-                h('td', { 'data-label': 'Tags' }, tagChips(d.tags)),
+                h('td', { 'data-label': 'Tags' }, h('div', { class: 'chips' }, tagChips(d.tags))),
                 h('td', { 'data-label': 'Agent' }, agentVersion(d)),
                 h('td', { 'data-label': 'OS' }, osText(d)),
                 h('td', { 'data-label': 'Packages', class: 'small' }, otherPackages(d)));
