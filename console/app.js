@@ -76,7 +76,10 @@ function renderNav() {
                 A.can('admin') || A.can('provision:write') ? link('access', 'Access') : null,
                 h('span', { class: 'nav-who', title: 'Token ' + (who.id || '') }, who.name || who.id || 'token'),
                 h('span', { class: 'stream', id: 'stream-state', role: 'status' }, ''),
-                h('button', { type: 'button', 'data-test': 'logout', onclick: logoutNow }, 'Log out'));
+                h('button', { type: 'button', 'data-test': 'logout', onclick: () => {
+                        history.replaceState(null, '', '#/fleet');
+                        logoutNow();
+                } }, 'Log out'));
 }
 
 function renderLogin(msg) {

@@ -93,14 +93,19 @@ export async function render(main, ctx, id) {
                 el.classList.add('busy');
                 try {
                         const r = await api('GET', path + '/' + enc(name));
-                        el.textContent = asText(r.result);
+                        setValue(el, asText(r.result));
                         el.classList.remove('bad');
                 } catch (err) {
-                        el.textContent = 'Error: ' + err.message;
+                        setValue(el, 'Error: ' + err.message);
                         el.classList.add('bad');
                 } finally {
                         el.classList.remove('busy');
                 }
+        }
+        // One line each (the whole value in its title): rows keep their height.
+        function setValue(el, text) {
+                el.textContent = text;
+                el.title = text;
         }
         const varTypes = d.variables && typeof d.variables === 'object' ? d.variables : {};
         const units = d.units && typeof d.units === 'object' ? d.units : {};
@@ -198,7 +203,7 @@ export async function render(main, ctx, id) {
                       jobsBody)))
                 : null;
 
-        // Revocation (admin).
+        // Revocation (admin), in the header: nothing above it changes size later.
         const revokeBtn = h('button', { type: 'button', class: 'bad', 'data-test': 'revoke', onclick: revoke }, 'Revoke device…');
         const unrevokeBtn = h('button', { type: 'button', 'data-test': 'unrevoke', onclick: unrevoke }, 'Unrevoke');
         function renderRevocation() {
@@ -206,10 +211,6 @@ export async function render(main, ctx, id) {
                 unrevokeBtn.hidden = !d.revoked;
         }
         renderRevocation();
-        const revokeSection = can('admin') ? h('section', { class: 'danger', 'aria-labelledby': 'h-rev' },
-                h('h2', { id: 'h-rev' }, 'Revocation'),
-                h('p', { class: 'hint' }, 'A revoked device is disconnected and refused at every later connection until it is unrevoked.'),
-                revokeBtn, unrevokeBtn) : null;
 
         async function revoke() {
                 if (!window.confirm('Revoke device ' + d.id + '? It is disconnected now and refused until unrevoked.'))
@@ -238,12 +239,15 @@ export async function render(main, ctx, id) {
 
         replace(main,
                 h('p', { class: 'crumbs' }, h('a', { href: '#/fleet' }, '← Fleet')),
-                title, facts,
+                h('div', { class: 'title-row' }, title,
+                  can('admin') ? h('div', { class: 'row', title: 'A revoked device is disconnected and refused at every later connection until it is unrevoked.' },
+                    revokeBtn, unrevokeBtn) : null),
+                facts,
                 h('div', { class: 'device-grid' },
                   h('div', {}, fnSection, varSection),
-                  h('div', {}, h('section', { 'aria-labelledby': 'h-ev' }, h('h2', { id: 'h-ev' }, 'Live events'), tailEmpty, tail),
-                    metaSection, otaSection)),
-                revokeSection);
+                  h('div', {}, metaSection,
+                    h('section', { 'aria-labelledby': 'h-ev' }, h('h2', { id: 'h-ev' }, 'Live events'), tailEmpty, tail),
+                    otaSection)));
         ctx.ready('device');
 
         // Live updates.
@@ -263,11 +267,10 @@ export async function render(main, ctx, id) {
                 if (ev.name.startsWith('tether/var/') && live.checked) {
                         const el = vars.get(ev.name.slice('tether/var/'.length));
                         if (el)
-                                el.textContent = asText(ev.data);
+                                setValue(el, asText(ev.data));
                 }
                 if (ev.name.startsWith('tether/ota/') && otaSection)
                         loadJobs().catch(() => {});
-                tailEmpty.hidden = true;
                 const when = ev.published_at || ev.received_at;
                 tail.insertBefore(h('li', { 'data-test': 'event-row', class: 'event' },
                         h('span', { class: 'ev-time' }, relTime(when)),
