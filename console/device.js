@@ -163,7 +163,7 @@ export async function render(main, ctx, id) {
                                        placeholder: 'A-Z a-z 0-9 _ . - (empty: none)' });
         const nameStatus = h('span', { class: 'hint', role: 'status' });
         const notes = writable
-                ? h('textarea', { 'data-test': 'notes', rows: 4, maxlength: 4096, value: d.notes || '' })
+                ? h('textarea', { 'data-test': 'notes', rows: 4, maxlength: 4096 }, d.notes || '')
                 : h('p', { 'data-test': 'notes', class: 'notes' }, d.notes || '');
         const notesStatus = h('span', { class: 'hint', role: 'status' });
         const metaSection = h('section', { 'aria-labelledby': 'h-meta' }, h('h2', { id: 'h-meta' }, 'Tags and notes'),
