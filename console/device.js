@@ -280,6 +280,22 @@ export async function render(main, ctx, id) {
                         tail.removeChild(tail.lastChild);
         });
 
+        // The cloud publishes no event when a session ends: read the state again.
+        const timer = setInterval(async () => {
+                try {
+                        const n = await api('GET', path);
+                        if (!ctx.page.active || (n.connected === d.connected && n.revoked === d.revoked))
+                                return;
+                        Object.assign(d, { connected: n.connected, last_heard: n.last_heard, revoked: n.revoked,
+                                           revoked_at: n.revoked_at, revoked_reason: n.revoked_reason,
+                                           last_ip_address: n.last_ip_address });
+                        renderHeader();
+                        renderRevocation();
+                } catch {
+                        // the next round tries again; the banner is for what the user did
+                }
+        }, 15000);
+        ctx.onLeave(() => clearInterval(timer));
         if (otaSection)
                 loadJobs().catch(ctx.error);
         if (d.connected)

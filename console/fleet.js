@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // #/fleet: the device table, paged and filtered by the server
 // (GET /v1/devices?page&per_page=50&name&tag&package&connected), kept live
-// from the event stream and by reloading the page shown every 30 s.
+// from the event stream (a device's event shows it online, its revocation
+// offline; the cloud publishes no event when a session ends) and by reading
+// the page shown again every 15 s.
 
 import { h, replace, relTime, setRelTime, tagChips, deviceLink, field } from './dom.js';
 import { api, enc } from './api.js';
@@ -72,6 +74,7 @@ export async function render(main, ctx) {
         let total = 0;
         let pages = 1;
         let loading = 0;
+        let shown = [];
 
         const form = h('form', { class: 'filters', role: 'search', onsubmit: e => {
                 e.preventDefault();
@@ -119,8 +122,17 @@ export async function render(main, ctx) {
                         return;
                 total = res.meta.total ?? devices.length;
                 pages = Math.max(1, res.meta.total_pages || 1);
-                replace(tbody, devices.length ? devices.map(row)
-                        : h('tr', {}, h('td', { colspan: 8, class: 'empty' }, 'No devices match.')));
+                // A reload that changes only states and times updates the rows in
+                // place (no flicker, no lost focus); anything else redraws them.
+                const key = x => JSON.stringify({ ...x, connected: 0, online: 0, last_heard: 0, last_ip_address: 0 });
+                const keys = devices.map(key);
+                if (quiet && keys.length === shown.length && keys.every((k, i) => k === shown[i])) {
+                        devices.forEach((x, i) => setOnline(tbody.children[i], x.connected, x.last_heard));
+                } else {
+                        replace(tbody, devices.length ? devices.map(row)
+                                : h('tr', {}, h('td', { colspan: 8, class: 'empty' }, 'No devices match.')));
+                }
+                shown = keys;
                 info.textContent = 'Page ' + state.page + ' of ' + pages + ' · ' + total.toLocaleString('en') +
                                    ' device' + (total === 1 ? '' : 's');
                 prev.disabled = state.page <= 1;
@@ -163,7 +175,7 @@ export async function render(main, ctx) {
                 return null;
         }
 
-        const timer = setInterval(() => load(true).catch(() => {}), 30000);
+        const timer = setInterval(() => load(true).catch(() => {}), 15000);
         ctx.onLeave(() => clearInterval(timer));
         await load();
 }
