@@ -133,6 +133,7 @@ async function noHorizontalScroll(page, what) {
 async function shoot(page, name) {
         for (const [size, vp] of Object.entries(SIZES)) {
                 await page.setViewport(vp);
+                await page.evaluate(() => window.scrollTo(0, 0));
                 await new Promise(r => setTimeout(r, 150)); // layout after the resize: no event to wait for
                 if (size === 'phone')
                         await noHorizontalScroll(page, name);
