@@ -2264,7 +2264,8 @@ static enum MHD_Result api_metrics(ApiRequest *req, const char *method) {
 
 /* /console and below (console.h): public files, no token. */
 static enum MHD_Result api_console(ApiRequest *req, const char *url, const char *method) {
-        const char *inm = MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_IF_NONE_MATCH);
+        const char *inm =
+                MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_IF_NONE_MATCH);
         struct MHD_Response *resp;
         unsigned status;
 

@@ -87,8 +87,8 @@ bool console_name_ok(const char *name) {
         for (size_t i = 0; i < n; i++) {
                 char ch = name[i];
 
-                if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
-                      ch == '_' || ch == '-'))
+                if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                      ch == '.' || ch == '_' || ch == '-'))
                         return false;
         }
         return true;
