@@ -184,7 +184,13 @@ def test_access_token_current(w):
     """GET /v1/access_tokens/current: what the calling token may do,
     for a file token, a restricted one and one with an expiry; never the
     secret; 401 without a good token."""
-    w.start_cloud(extra="[API]\nConsole=\n")
+    metrics = "metrics-token-for-the-test-0123456789"
+    with open(w.path("metrics-tokens"), "w") as f:
+        f.write(metrics + "\n")
+    w.start_cloud(extra=f"[API]\nConsole=\nMetricsTokenFile={w.path('metrics-tokens')}\n")
+    st, b = api_json(w, "GET", "/v1/access_tokens/current", token=metrics)
+    expect(st == 200 and b["id"].startswith("metrics-") and b["scopes"] == ["metrics:read"] and
+           b["name"] == "[API] MetricsTokenFile=", f"metrics token: {st} {b}")
     st, b = api_json(w, "GET", "/v1/access_tokens/current")
     expect(st == 200 and b.get("ok") is True and b["id"].startswith("file-") and b["scopes"] == ["admin"] and
            b["expires_at"] is None and b["devices"] is None and b["tags"] is None, f"file token: {st} {b}")
