@@ -370,6 +370,11 @@ int api_parse_request(const ApiInput *in, ApiParsed *ret) {
                 p.route = streq(rest, "audit") ? API_ROUTE_AUDIT : API_ROUTE_TOKENS;
                 goto done;
         }
+        if (streq(rest, "access_tokens/current")) {
+                if (get)
+                        p.route = API_ROUTE_TOKEN_CURRENT;
+                goto done;
+        }
         if (startswith(rest, "tokens/") && rest[7] && !strchr(rest + 7, '/')) {
                 p.route = API_ROUTE_TOKEN;
                 p.name = rest + 7;
@@ -512,6 +517,7 @@ unsigned api_route_scope(ApiRoute route) {
         case API_ROUTE_PROVISIONS:
         case API_ROUTE_PROVISION:
                 return SCOPE_PROVISION_WRITE;
+        case API_ROUTE_TOKEN_CURRENT: /* any valid token may ask what it may do */
         case API_ROUTE_NOT_FOUND:
         case API_ROUTE_BAD_BODY:
         case API_ROUTE_NO_DEVICE:

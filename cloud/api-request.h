@@ -59,6 +59,7 @@ typedef enum ApiRoute {
         API_ROUTE_OTA_JOB,           /* POST /v1/ota/jobs {"device","manifest"} */
         API_ROUTE_CAMPAIGNS,         /* GET (list), POST (create) /v1/campaigns; others: 405 */
         API_ROUTE_CAMPAIGN,          /* GET /v1/campaigns/ID[/devices], POST /v1/campaigns/ID/ACTION */
+        API_ROUTE_TOKEN_CURRENT,     /* GET /v1/access_tokens/current: what the calling token may do */
 } ApiRoute;
 
 #define API_BODY_ERROR_MAX 256

@@ -14,6 +14,7 @@
 #include "api.h"
 #include "campaigns.h"
 #include "cluster.h"
+#include "console.h"
 #include "log.h"
 #include "mhd-log.h"
 #include "ota-journal.h"
@@ -174,6 +175,7 @@ struct Api {
         Cluster *cluster;  /* NULL: a single node */
         Integrations *integrations; /* borrowed (api_set_integrations()) */
         Campaigns *campaigns;       /* borrowed (api_set_campaigns()) */
+        Console *console;           /* NULL: [API] Console= is empty or cannot be opened */
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
         size_t body_total; /* bytes in all requests' body buffers */
@@ -2182,6 +2184,16 @@ static enum MHD_Result api_dispatch(ApiRequest *req, const char *url, const char
         case API_ROUTE_NO_DEVICE:
                 api_set_error(req, MHD_HTTP_NOT_FOUND, "Device not found", NULL);
                 break;
+        case API_ROUTE_TOKEN_CURRENT: {
+                json_t *j = tokens_auth_to_json(&req->auth);
+
+                if (j && json_object_set_new(j, "ok", json_true()) < 0) {
+                        json_decref(j);
+                        j = NULL;
+                }
+                api_set_json(req, MHD_HTTP_OK, j);
+                break;
+        }
         case API_ROUTE_TOKENS:
         case API_ROUTE_TOKEN:
         case API_ROUTE_AUDIT:
@@ -2247,6 +2259,20 @@ static enum MHD_Result api_metrics(ApiRequest *req, const char *method) {
         (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
         req->response = resp;
         req->status = MHD_HTTP_OK;
+        return api_queue(req);
+}
+
+/* /console and below (console.h): public files, no token. */
+static enum MHD_Result api_console(ApiRequest *req, const char *url, const char *method) {
+        const char *inm =
+                MHD_lookup_connection_value(req->connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_IF_NONE_MATCH);
+        struct MHD_Response *resp;
+        unsigned status;
+
+        if (console_respond(req->api->console, url, method, inm, &resp, &status) < 0)
+                return MHD_NO;
+        req->response = resp;
+        req->status = status;
         return api_queue(req);
 }
 
@@ -2329,6 +2355,8 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                 }
                 if (streq(url, "/metrics"))
                         return api_metrics(req, method);
+                if (console_owns(url))
+                        return api_console(req, url, method);
                 /* A token in the header or the query is checked before a
                  * byte of the body is read; only a request whose token can
                  * only be in its body has the body buffered first. */
@@ -2505,6 +2533,7 @@ Api *api_free(Api *api) {
                 api->daemon = NULL;
         }
         api->streams = sub_index_free(api->streams);
+        api->console = console_free(api->console);
         api->tokens = tokens_free(api->tokens);
         api->io = sd_event_source_disable_unref(api->io);
         api->timer = sd_event_source_disable_unref(api->timer);
@@ -2558,6 +2587,14 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
         api->streams = sub_index_new(NULL);
         if (!api->streams)
                 return log_error_errno(-ENOMEM, "Failed to start the HTTP API: %m");
+        r = console_new(config->console_dir, &api->console);
+        /* The API runs without it: the console is an extra (and a build
+         * run from its tree has none installed at the default place). */
+        if (r == -ENOENT && streq(config->console_dir, CONSOLEDIR))
+                log_info("No web console in '%s': /console/ answers 404.", config->console_dir);
+        else if (r < 0)
+                log_warning_errno(r, "Cannot open [API] Console= directory '%s', the web console is off: %m",
+                                  config->console_dir);
         r = tokens_open(store, config, &(TokensHooks){ .userdata = api, .device_tags = api_device_tags },
                         &api->tokens);
         if (r < 0)

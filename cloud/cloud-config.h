@@ -56,6 +56,7 @@ typedef struct CloudConfig {
         char *metrics_token_file; /* NULL: none */
         char *api_cert_file; /* PEM; with api_key_file: HTTPS (NULL: plain HTTP) */
         char *api_key_file;
+        char *console_dir;               /* the web console's files ("": off) */
         unsigned max_connections_per_ip; /* 0: no limit */
         unsigned max_streams_per_token;  /* open event streams per token; 0: no limit */
         unsigned max_connections;        /* all addresses together */

@@ -77,6 +77,7 @@ CloudConfig *cloud_config_free(CloudConfig *c) {
         free(c->metrics_token_file);
         free(c->api_cert_file);
         free(c->api_key_file);
+        free(c->console_dir);
         free(c->state_dir);
         free(c->ota_listen);
         free(c->ota_dir);
@@ -143,6 +144,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("API", "MaxConnectionsPerIP", max_connections_per_ip, 0, 1000000),
         STR_KEY("API", "Certificate", api_cert_file),
         STR_KEY("API", "Key", api_key_file),
+        { "API", "Console", KEYFILE_STRING_EMPTY, offsetof(CloudConfig, console_dir), 0, 0 },
         UINT_KEY("API", "MaxConnections", max_connections, 1, 1000000),
         UINT_KEY("API", "MaxStreamsPerToken", max_streams_per_token, 0, 1000000),
         UINT_KEY("API", "IdleTimeoutSec", idle_timeout_sec, 1, 86400),
@@ -715,7 +717,8 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->coap_listen = strdup("0.0.0.0");
         c->api_listen = strdup("127.0.0.1");
         c->state_dir = strdup(CLOUD_DEFAULT_STATE_DIR);
-        if (!c->path || !c->coap_listen || !c->api_listen || !c->state_dir)
+        c->console_dir = strdup(CONSOLEDIR);
+        if (!c->path || !c->coap_listen || !c->api_listen || !c->state_dir || !c->console_dir)
                 return log_error_errno(-ENOMEM, "Out of memory.");
         c->coap_port = PROTO_DEFAULT_PORT;
         c->max_payload = PROTO_DEFAULT_PAYLOAD_MAX;

@@ -515,6 +515,18 @@ json_t *tokens_to_json(Tokens *t) {
         return a;
 }
 
+json_t *tokens_auth_to_json(const TokenAuth *auth) {
+        const Token *k = auth->token;
+        const char *name = k                                  ? k->name
+                           : startswith(auth->id, "metrics-") ? "[API] MetricsTokenFile="
+                                                              : "[API] TokenFile=";
+
+        return json_pack("{s:s, s:s, s:o, s:o, s:o, s:o}", "id", auth->id, "name", name, "scopes",
+                         scope_to_json(auth->scopes), "expires_at", k ? time_json(k->expires) : json_null(),
+                         "devices", k && k->n_devices ? strv_to_json(k->devices, k->n_devices) : json_null(),
+                         "tags", k && k->n_tags ? strv_to_json(k->tags, k->n_tags) : json_null());
+}
+
 static char *strv_json_text(const char *const *v, size_t n) {
         json_t *a;
         char *s;

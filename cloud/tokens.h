@@ -143,3 +143,8 @@ int tokens_refresh(Tokens *t, const char *id);
  * JSON array of {"id","name","scopes","devices","tags","created_at",
  * "expires_at","last_used_at","revoked_at","created_by","state"}. */
 json_t *tokens_to_json(Tokens *t);
+/* What auth may do, for GET /v1/access_tokens/current: a new JSON object
+ * {"id","name","scopes","expires_at","devices","tags"} ("devices" and
+ * "tags" null when it is not restricted by them; a token file's token has
+ * the name of its setting and no expiry). Never the secret. NULL on OOM. */
+json_t *tokens_auth_to_json(const TokenAuth *auth);
