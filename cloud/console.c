@@ -139,12 +139,11 @@ static bool console_etag_matches(const char *list, const char *etag) {
  * bytes: 0 and *ret (malloc'd), *ret_len, *ret_st; -ENOENT for whatever
  * is not such a file (missing, a symlink, a directory, a device). */
 static int console_read(Console *c, const char *name, char **ret, size_t *ret_len, struct stat *ret_st) {
-        _cleanup_close_ int fd = -EBADF;
+        _cleanup_close_ int fd = openat(c->dirfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
         _cleanup_free_ char *buf = NULL;
         struct stat st;
         size_t len = 0;
 
-        fd = openat(c->dirfd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
         if (fd < 0)
                 return errno == ELOOP || errno == ENOTDIR || errno == EISDIR || errno == EACCES ? -ENOENT : -errno;
         if (fstat(fd, &st) < 0)

@@ -68,6 +68,14 @@ function watch(page, who) {
                 const u = r.url();
                 if (!u.startsWith('data:') && !u.startsWith('blob:'))
                         check(new URL(u).origin === ORIGIN, `${who}: a request to another origin: ${u}`);
+                // the token only ever in the Authorization header
+                for (const t of [env.TETHER_TOKEN, env.TETHER_TOKEN_RO])
+                        check(!u.includes(t), `${who}: the token in a URL: ${u.replace(t, 'TOKEN')}`);
+                if (new URL(u).pathname.startsWith('/v1/'))
+                        check(/^Bearer \S+$/.test(r.headers().authorization || ''),
+                              `${who}: ${r.method()} ${new URL(u).pathname} without a bearer token`);
+                else
+                        check(!r.headers().authorization, `${who}: a token sent with ${u}`);
         });
         page.on('pageerror', e => check(false, `${who}: page error: ${e.message}`));
         page.on('console', m => {
@@ -133,6 +141,7 @@ async function noHorizontalScroll(page, what) {
 async function shoot(page, name) {
         for (const [size, vp] of Object.entries(SIZES)) {
                 await page.setViewport(vp);
+                await page.evaluate(() => window.scrollTo(0, 0));
                 await new Promise(r => setTimeout(r, 150)); // layout after the resize: no event to wait for
                 if (size === 'phone')
                         await noHorizontalScroll(page, name);
@@ -230,6 +239,15 @@ async function admin(browser) {
         await waitText(page, '[data-test=event-tail] [data-test=event-row]', { includes: XSS },
                        'the live event from echo');
         log('call and live event seen');
+        // An event published through the API reaches the agent (the example
+        // plugin subscribes to example/cmd): its last_event variable
+        // changes, and the page shows the new value live, unasked.
+        const sent = `api ${Date.now()} ${XSS}`;
+        const pub = await api('POST', '/v1/devices/events', { name: 'example/cmd/console', data: sent });
+        check(pub.status === 200, `publish through the API: ${pub.status} ${JSON.stringify(pub.body)}`);
+        await waitText(page, '[data-test=var-row][data-name=last_event]', { includes: sent },
+                       'the API-published event, live in the last_event variable');
+        log('API-published event seen live');
         const label = '[data-test=var-row][data-name=label]';
         if (await page.$(`${label} [data-test=var-refresh]`)) {
                 await page.click(`${label} [data-test=var-refresh]`);

@@ -223,6 +223,14 @@ def test_console_static_check(w):
                 if bad.search(line):
                     found.append(f"{n}:{i}: {line.strip()}")
     expect(not found, "console code that builds HTML or evaluates strings:\n" + "\n".join(found))
+    # every file of console/ is installed (Makefile.am's dist_console_DATA)
+    with open(os.path.join(SRC, "Makefile.am")) as f:
+        m = re.search(r"^dist_console_DATA =((?:.*\\\n)*.*)$", f.read(), re.M)
+    expect(m, "no dist_console_DATA in Makefile.am")
+    listed = set(re.findall(r"console/([^\s\\]+)", m.group(1)))
+    present = set(n for n in os.listdir(CONSOLE_SRC) if not n.startswith("."))
+    expect(listed == present, f"dist_console_DATA lists {sorted(listed - present)} not in console/, "
+           f"and misses {sorted(present - listed)}")
 
 
 def browser_prerequisites():
