@@ -139,6 +139,7 @@ function route() {
                         onEvent: fn => page.cleanups.push(events.onEvent(fn)),
                 };
                 clear(main);
+                document.title = 'tether — ' + section;
                 const arg = m[1] !== undefined ? safeDecode(m[1]) : undefined;
                 Promise.resolve(fn(main, ctx, arg)).catch(e => {
                         if (ctx.page.active)
@@ -162,8 +163,9 @@ function started() {
         renderNav();
         if (A.can('events:read'))
                 events.start();
-        if (!location.hash || location.hash === '#' || location.hash === '#/')
-                location.replace('#/fleet');
+        const home = A.can('devices:read') || !(A.can('admin') || A.can('provision:write')) ? '#/fleet' : '#/access';
+        if (!location.hash || location.hash === '#' || location.hash === '#/' || (location.hash === '#/fleet' && home !== '#/fleet'))
+                history.replaceState(null, '', home);
         route();
 }
 

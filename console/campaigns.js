@@ -65,7 +65,9 @@ export async function renderList(main, ctx) {
                         h('td', { 'data-label': 'State' }, h('span', { class: 'cstate ' + c.state, 'data-test': 'campaign-state' }, c.state)),
                         h('td', { 'data-label': 'Phase' }, c.phase + ' of ' + (c.phases || []).length),
                         h('td', { 'data-label': 'Progress' }, bar((c.counts || {}).committed || 0, c.devices, 'committed'), ' ',
-                          progressText(c.counts, c.devices)),
+                          progressText(c.counts, c.devices),
+                          h('div', { class: 'small hint' }, (c.phases || []).map((p, i) =>
+                                  (i ? ' · ' : '') + p.percent + '%: ' + p.state + ' ' + ((p.counts || {}).committed || 0) + '/' + p.devices))),
                         h('td', { 'data-label': 'Created' }, relTime(c.created_at))))
                         : h('tr', {}, h('td', { colspan: 6, class: 'empty' }, 'No campaigns yet.')));
                 ctx.ready('campaigns');

@@ -21,7 +21,9 @@ export async function render(main, ctx, id) {
         const heard = relTime(d.last_heard);
         const facts = h('dl', { class: 'facts' });
         const tail = h('ul', { class: 'event-tail', 'data-test': 'event-tail', 'aria-live': 'off' });
-        const tailEmpty = h('p', { class: 'hint' }, 'Events this device publishes appear here as they arrive (newest first, at most ' + TAIL_MAX + ').');
+        const tailEmpty = h('p', { class: 'hint' }, can('events:read')
+                ? 'Events this device publishes appear here as they arrive (newest first, at most ' + TAIL_MAX + ').'
+                : 'This token may not read events (events:read).');
         const vars = new Map();   // name → value element
 
         function renderHeader() {
