@@ -259,7 +259,7 @@ int stream_open_parse(const uint8_t *data, size_t len, StreamOpen *ret, char *er
         memset(ret, 0, sizeof(*ret));
         if (len > STREAM_OPEN_MAX)
                 return open_fail(error, size, "%s", "open request too large");
-        j = json_loadb((const char *)data, len, JSON_REJECT_DUPLICATES, &e);
+        j = json_loadb(data ? (const char *)data : "", len, JSON_REJECT_DUPLICATES, &e);
         if (!json_is_object(j)) {
                 json_decref(j);
                 return open_fail(error, size, "%s", "malformed JSON");

@@ -185,9 +185,11 @@ static void on_answer(int error, unsigned code, const uint8_t *data, size_t len,
                 stream_destroy(st);
                 st = NULL;
         } else if (st && COAP_RESPONSE_CLASS(code) != 2) {
+                bool clean = len > 0 && proto_text_clean((const char *)data, len, 256);
+
                 log_warning("Stream %" PRIu32 " ended: the cloud refused a message with %d.%02d: %.*s", st->sid,
-                            COAP_RESPONSE_CLASS(code), code & 0x1f, (int)(len > 200 ? 200 : len),
-                            len ? (const char *)data : "");
+                            COAP_RESPONSE_CLASS(code), code & 0x1f, clean ? (int)len : 0,
+                            clean ? (const char *)data : "");
                 stream_destroy(st);
                 st = NULL;
         } else if (st && m->fin) {
@@ -682,7 +684,9 @@ static unsigned handle_data(Streams *s, uint32_t sid, const char *query, size_t 
                         return protocol_error(st, a, "data on a log stream");
                 if (st->fin_received)
                         return protocol_error(st, a, "data after fin");
-                if (len > PROTO_STREAM_CHUNK_MAX || st->received + len > st->ack_sent + st->window)
+                if (len > PROTO_STREAM_CHUNK_MAX)
+                        return protocol_error(st, a, "data message over 32768 bytes");
+                if (st->received + len > st->ack_sent + st->window)
                         return protocol_error(st, a, "window exceeded");
                 st->received += len;
                 s->stats.bytes_in += len;
@@ -734,10 +738,11 @@ unsigned streams_request(Streams *s, unsigned method, uint32_t sid, const char *
                 st = stream_find(s, sid);
                 if (!st || st->close_reason)
                         return ANSWER(a, "no stream %" PRIu32, sid), COAP_RESPONSE_CODE(404);
-                if (proto_utf8_check((const char *)data, len) < 0)
+                /* The reason goes to the log only if it is clean text. */
+                if (len > 0 && !proto_text_clean((const char *)data, len, 256))
                         len = 0;
                 log_info("Stream %" PRIu32 " (%s) closed by the cloud: %.*s", sid,
-                         st->kind == STREAM_TUNNEL ? st->what : "logs", (int)(len > 200 ? 200 : len),
+                         st->kind == STREAM_TUNNEL ? st->what : "logs", (int)len,
                          len ? (const char *)data : "no reason given");
                 stream_destroy(st);
                 return COAP_RESPONSE_CODE(202);
