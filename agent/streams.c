@@ -41,6 +41,7 @@ struct Stream {
         StreamAddr target;
         char **units; /* log: what was asked for (NULL-terminated; empty: the default set) */
         uint32_t window; /* ours, as announced at open */
+        uint64_t idle_usec; /* [Tunnel] IdleSec= at open */
 
         /* device → cloud */
         uint64_t sent;        /* payload bytes sent */
@@ -388,7 +389,7 @@ static void stream_connected(Stream *st) {
         st->open_sent = true;
         log_info("Stream %" PRIu32 ": connected to %s", st->sid, st->what);
         /* From now on the timer watches for idleness. */
-        sd_event_source_set_time(st->timer, st->last_activity + st->owner->config->tunnel_idle_ms * 1000);
+        sd_event_source_set_time(st->timer, st->last_activity + st->idle_usec);
         sd_event_source_set_enabled(st->timer, SD_EVENT_ONESHOT);
         if (stream_flush(st) < 0) {
                 stream_fail(st, "connection closed by %s", st->what);
@@ -470,7 +471,7 @@ static int on_socket(sd_event_source *src, int fd, uint32_t revents, void *userd
 
 static int on_timer(sd_event_source *src, uint64_t usec, void *userdata) {
         Stream *st = userdata;
-        uint64_t idle = st->owner->config->tunnel_idle_ms * 1000, now = now_usec();
+        uint64_t idle = st->idle_usec, now = now_usec();
 
         if (st->connecting) {
                 stream_fail(st, "connect to %s failed: %s", st->what, strerror(ETIMEDOUT));
@@ -539,6 +540,7 @@ static Stream *stream_new(Streams *s, uint32_t sid, const StreamOpen *o) {
         st->kind = o->kind;
         st->fd = -1;
         st->window = s->config->tunnel_window;
+        st->idle_usec = s->config->tunnel_idle_ms * 1000;
         st->peer_window = o->window;
         st->target = o->target;
         st->last_activity = now_usec();
