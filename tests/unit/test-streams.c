@@ -490,13 +490,13 @@ static void test_connection_lost(void **state) {
 #define JOURNAL_REMOTE "/usr/lib/systemd/systemd-journal-remote"
 
 /* Write entries in the journal export format into DIR/remote.journal. */
-static int make_journal(const char *dir, const char *export, size_t len) {
+static int make_journal(const char *dir, const char *name, const char *export, size_t len) {
         char out[512];
         int p[2];
         pid_t pid;
         int status;
 
-        snprintf(out, sizeof(out), "--output=%s/remote.journal", dir);
+        snprintf(out, sizeof(out), "--output=%s/%s", dir, name);
         if (pipe(p) < 0)
                 return -errno;
         pid = fork();
@@ -561,7 +561,7 @@ static void test_journal(void **state) {
         }
         /* Hostile bytes: control characters and invalid UTF-8. */
         p = export_entry(p, size - (size_t)(p - export), 20, "tetherd.service", "a\x1b[2J\xff\nz", 8);
-        if (make_journal(dir, export, (size_t)(p - export)) < 0) {
+        if (make_journal(dir, "remote.journal", export, (size_t)(p - export)) < 0) {
                 print_message("skipped: %s could not write a journal\n", JOURNAL_REMOTE);
                 free(export);
                 skip();
@@ -614,6 +614,26 @@ static void test_journal(void **state) {
                 assert_null(strstr((char *)m->data, "line 14"));
                 assert_null(strstr((char *)m->data, "line 17"));
         }
+        answer(find_msg(0, COAP_REQUEST_CODE_POST, "fin"), 0, COAP_RESPONSE_CODE(204));
+
+        /* Follow, nothing old: an entry in a journal file that appears
+         * later is streamed, and the stream does not end. */
+        msgs_reset();
+        assert_int_equal(put(w, 23, "{\"journal\":{\"lines\":0,\"follow\":true},\"window\":262144}", &a),
+                         COAP_RESPONSE_CODE(201));
+        run_idle(w);
+        assert_null(find_msg(0, COAP_REQUEST_CODE_POST, NULL));
+        p = export = malloc(size);
+        p = export_entry(p, size, 30, "tetherd.service", "appended later", 14);
+        assert_int_equal(make_journal(dir, "later.journal", export, (size_t)(p - export)), 0);
+        free(export);
+        {
+                Msg *m = wait_msg(w, 0, COAP_REQUEST_CODE_POST, NULL);
+
+                assert_non_null(strstr((char *)m->data, "\"message\":\"appended later\""));
+                assert_null(strstr(m->query, "fin"));
+        }
+        assert_int_equal(streams_stats(w->streams)->open, 1);
         {
                 char cmd[600];
                 snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
