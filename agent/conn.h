@@ -78,8 +78,9 @@ typedef struct ConnHooks {
          * Uri-Query options joined with '&' (query_len 0: none), data its
          * payload; both valid during the call only. Returns the response
          * code and fills *answer. Runs inside libcoap's request handler:
-         * it may call conn_request_query() (the request goes out after
-         * the answer). NULL: 4.04. */
+         * whatever it sends in return goes from the loop afterwards
+         * (agent/streams.c does so from a defer source), so that the
+         * answer is not overtaken. NULL: 4.04. */
         unsigned (*stream_request)(void *userdata, unsigned method, uint32_t sid, const char *query,
                                    size_t query_len, const uint8_t *data, size_t len, ConnStreamAnswer *answer);
 } ConnHooks;
