@@ -143,7 +143,8 @@ static void fail(JournalStream *js, int r) {
 
         snprintf(reason, sizeof(reason), "journal error: %s", strerror(-r));
         js->done = true;
-        sd_event_source_set_enabled(js->io, SD_EVENT_OFF);
+        if (js->io)
+                sd_event_source_set_enabled(js->io, SD_EVENT_OFF);
         sd_event_source_set_enabled(js->defer, SD_EVENT_OFF);
         js->hooks.failed(js->hooks.userdata, reason);
 }

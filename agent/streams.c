@@ -58,8 +58,7 @@ struct Stream {
         sd_event_source *io;
         sd_event_source *timer; /* connect timeout, then idle */
         uint64_t last_activity; /* CLOCK_MONOTONIC µs */
-        bool connecting, open_sent, local_eof, fin_sent, fin_received, shut_wr, fin_answered;
-        unsigned unanswered; /* our messages on this stream not answered yet */
+        bool connecting, open_sent, local_eof, fin_sent, fin_received, shut_wr;
 
         JournalStream *journal;
 
@@ -172,8 +171,6 @@ static void on_answer(int error, unsigned code, const uint8_t *data, size_t len,
         }
         s->inflight -= m->len < s->inflight ? m->len : s->inflight;
         st = stream_find(s, m->sid);
-        if (st && st->unanswered > 0)
-                st->unanswered--;
         if (st && error < 0) {
                 /* The session went (every stream goes with it) or the cloud
                  * stopped answering: drop our side. */
@@ -193,14 +190,11 @@ static void on_answer(int error, unsigned code, const uint8_t *data, size_t len,
                             clean ? (const char *)data : "");
                 stream_destroy(st);
                 st = NULL;
-        } else if (st && m->fin) {
-                st->fin_answered = true;
+        } else if (st && m->fin && st->kind == STREAM_LOG) {
                 /* A log stream is done once its last message is taken: the
                  * cloud has nothing to send on it. */
-                if (st->kind == STREAM_LOG) {
-                        stream_destroy(st);
-                        st = NULL;
-                }
+                stream_destroy(st);
+                st = NULL;
         }
         free(m);
         /* The link budget grew: streams that waited for it may go on. */
@@ -235,7 +229,6 @@ static int stream_send(Stream *st, const void *data, size_t len, bool fin, bool 
         }
         st->ack_sent = st->consumed;
         st->sent += len;
-        st->unanswered++;
         s->inflight += len;
         s->stats.bytes_out += len;
         if (fin)
