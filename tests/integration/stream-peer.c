@@ -108,7 +108,7 @@ static void on_request(coap_resource_t *r, coap_session_t *s, const coap_pdu_t *
                         seen[sid].fin++;
                 else if (strncmp(opt, "ack=", 4) == 0 && strtoull(opt + 4, NULL, 10) > seen[sid].ack)
                         seen[sid].ack = strtoull(opt + 4, NULL, 10);
-        if (seen[sid].bytes < sizeof(seen[sid].text) - 1) {
+        if (len > 0 && seen[sid].bytes < sizeof(seen[sid].text) - 1) {
                 size_t n = len < sizeof(seen[sid].text) - 1 - seen[sid].bytes ? len
                                                                                : sizeof(seen[sid].text) - 1 - seen[sid].bytes;
                 memcpy(seen[sid].text + seen[sid].bytes, data, n);
