@@ -58,6 +58,10 @@ Config *config_new(void) {
         c->ota.min_free_mb = 16;
         c->ota.max_transitions = 64;
         c->enroll_renew = true;
+        c->tunnel_max_streams = 8;
+        c->tunnel_idle_ms = 900000;
+        c->tunnel_window = PROTO_STREAM_WINDOW_DEFAULT;
+        c->logs_enabled = true;
         if (!c->plugin_dir || !c->state_dir || !c->local_socket || !c->local_group || !c->ota.keyring ||
             !c->ota.state_dir || !c->ota.cache_dir || !c->ota.launcher || !c->ota.helper || !c->ota.agent_package ||
             !c->ota.agent_unit || !c->ota.dpkg_root)
@@ -100,6 +104,10 @@ Config *config_free(Config *c) {
         free(c->enroll_token_file);
         free(c->enroll_device_id);
         free(c->enroll_device_ca_file);
+        free(c->tunnel_allow_text);
+        free(c->tunnel_allow);
+        strv_free(c->logs_units);
+        free(c->logs_directory);
         free(c);
         return NULL;
 }
@@ -177,6 +185,8 @@ enum {
         KEY_DEVICE_ID,                /* char *, a valid device ID */
         KEY_HOSTS,                    /* char * as written, and Config's cloud_hosts (parse_hosts()) */
         KEY_PACKAGES,                 /* char **, Debian package names split at blanks and commas */
+        KEY_TUNNEL_ALLOW,             /* char * as written, and Config's tunnel_allow (stream_allow_parse()) */
+        KEY_UNITS,                    /* char **, unit names or "*" split at blanks and commas */
 };
 
 #define F(m) offsetof(Config, m)
@@ -231,6 +241,13 @@ static const KeyfileKey keys[] = {
         { "Enroll", "DeviceCAFile", KEYFILE_STRING, F(enroll_device_ca_file), 0, 0 },
         { "Enroll", "Renew", KEY_BOOL, F(enroll_renew), 0, 0 },
         { "Enroll", "RenewAfterPercent", KEYFILE_UINT, F(enroll_renew_percent), 1, 99 },
+        { "Tunnel", "Allow", KEY_TUNNEL_ALLOW, F(tunnel_allow_text), 0, 0 },
+        { "Tunnel", "MaxStreams", KEYFILE_UINT, F(tunnel_max_streams), 0, 1024 },
+        { "Tunnel", "IdleSec", KEYFILE_SECONDS, F(tunnel_idle_ms), 1000, 0 },
+        { "Tunnel", "Window", KEYFILE_UINT, F(tunnel_window), PROTO_STREAM_WINDOW_MIN, PROTO_STREAM_WINDOW_MAX },
+        { "Logs", "Units", KEY_UNITS, F(logs_units), 0, 0 },
+        { "Logs", "Enabled", KEY_BOOL, F(logs_enabled), 0, 0 },
+        { "Logs", "Directory", KEYFILE_STRING_EMPTY, F(logs_directory), 0, 0 },
 };
 #undef F
 
@@ -374,6 +391,49 @@ static int apply_key(KeyfileParser *p, const KeyfileKey *k, const char *value) {
                 return 1;
         case KEY_HOSTS:
                 return parse_hosts(p, value);
+        case KEY_TUNNEL_ALLOW: {
+                Config *c = p->userdata;
+                StreamAddr *list = NULL;
+                char bad[64] = "";
+                size_t n = 0;
+
+                r = stream_allow_parse(value, &list, &n, bad);
+                if (r == -EINVAL)
+                        return keyfile_fail(p, -EINVAL,
+                                            "invalid entry '%s' in Allow= (IPV4:PORT, [IPV6]:PORT, IPV4:* or [IPV6]:*)",
+                                            bad);
+                if (r == -E2BIG)
+                        return keyfile_fail(p, -EINVAL, "too many entries in Allow= (at most %d)", STREAM_ALLOW_MAX);
+                if (r < 0 || keyfile_set_string(&c->tunnel_allow_text, value) < 0) {
+                        free(list);
+                        return keyfile_fail(p, -EINVAL, "out of memory");
+                }
+                free(c->tunnel_allow);
+                c->tunnel_allow = list;
+                c->n_tunnel_allow = n;
+                return 1;
+        }
+        case KEY_UNITS: {
+                char **v = split_words(value);
+                size_t n = 0;
+
+                if (!v)
+                        return keyfile_fail(p, -EINVAL, "out of memory");
+                for (; v[n]; n++)
+                        if (!streq(v[n], "*") && !stream_unit_name_valid(v[n])) {
+                                r = keyfile_fail(p, -EINVAL, "invalid unit name '%s' in %s= (NAME.service, or *)",
+                                                 v[n], k->name);
+                                strv_free(v);
+                                return r;
+                        }
+                if (n > 256) {
+                        strv_free(v);
+                        return keyfile_fail(p, -EINVAL, "%s= names %zu units, at most 256 are allowed", k->name, n);
+                }
+                strv_free(*(char ***)field);
+                *(char ***)field = v;
+                return 1;
+        }
         case KEY_PACKAGES: {
                 char **v = split_words(value);
                 size_t n = 0;

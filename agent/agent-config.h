@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "stream-proto.h"
+
 #define CONFIG_DEFAULT_PATH SYSCONFDIR "/tether/tetherd.conf"
 #define CONFIG_DEFAULT_SOCKET "/run/tether/tetherd.sock"
 #define CONFIG_DEFAULT_GROUP "tether"
@@ -116,6 +118,17 @@ typedef struct Config {
         char *enroll_device_ca_file; /* an issued certificate must verify against it; NULL: not checked */
         bool enroll_renew;        /* renew the certificate over the connection */
         unsigned enroll_renew_percent; /* renew at this % of the lifetime; 0: two thirds (the cloud's renew_after) */
+        /* [Tunnel] (docs/protocol.md, "Streams: tunnels and logs") */
+        char *tunnel_allow_text;  /* Allow= as written; NULL: empty */
+        StreamAddr *tunnel_allow; /* its entries (port 0: any); NULL: tunnels off */
+        size_t n_tunnel_allow;
+        unsigned tunnel_max_streams; /* tunnels and log streams open at once */
+        uint64_t tunnel_idle_ms;
+        unsigned tunnel_window; /* the receive window this device announces */
+        /* [Logs] */
+        char **logs_units;    /* readable besides the tether units; "*": all; NULL: none */
+        bool logs_enabled;
+        char *logs_directory; /* a journal directory instead of the system journal (tests); NULL: system */
 } Config;
 
 /* Load path and its ".d" drop-in directory. On a bad value returns

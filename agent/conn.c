@@ -600,9 +600,24 @@ static int on_request_timeout(sd_event_source *s, uint64_t usec, void *userdata)
         return 0;
 }
 
-static int request_send(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload,
-                        size_t len, int content_format, int64_t block2, uint64_t timeout_ms, conn_request_fn cb,
-                        conn_block_fn block_cb, void *userdata) {
+/* One Uri-Query option per '&'-separated part of query. */
+static int add_query(coap_pdu_t *pdu, const char *query) {
+        const char *p = query;
+
+        while (p && *p) {
+                const char *amp = strchr(p, '&');
+                size_t n = amp ? (size_t)(amp - p) : strlen(p);
+
+                if (n > 0 && !coap_add_option(pdu, COAP_OPTION_URI_QUERY, n, (const uint8_t *)p))
+                        return -ENOMEM;
+                p = amp ? amp + 1 : NULL;
+        }
+        return 0;
+}
+
+static int request_send(Conn *c, unsigned method, const char *path0, const char *rest, const char *query,
+                        const void *payload, size_t len, int content_format, int64_t block2, uint64_t timeout_ms,
+                        conn_request_fn cb, conn_block_fn block_cb, void *userdata) {
         Pending *q;
         coap_pdu_t *pdu;
         uint8_t cf[2], b2[4];
@@ -618,7 +633,7 @@ static int request_send(Conn *c, unsigned method, const char *path0, const char 
                 free(q);
                 return -ENOMEM;
         }
-        if (add_path(pdu, path0, rest) < 0 ||
+        if (add_path(pdu, path0, rest) < 0 || add_query(pdu, query) < 0 ||
             (block2 >= 0 &&
              !coap_add_option(pdu, COAP_OPTION_BLOCK2, coap_encode_var_safe(b2, sizeof(b2), (unsigned)block2), b2)) ||
             (content_format >= 0 &&
@@ -653,15 +668,23 @@ static int request_send(Conn *c, unsigned method, const char *path0, const char 
 
 int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload, size_t len,
                  int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata) {
-        return request_send(c, method, path0, rest, payload, len, content_format, -1, timeout_ms, cb, NULL, userdata);
+        return request_send(c, method, path0, rest, NULL, payload, len, content_format, -1, timeout_ms, cb, NULL,
+                            userdata);
+}
+
+int conn_request_query(Conn *c, unsigned method, const char *path0, const char *rest, const char *query,
+                       const void *payload, size_t len, int content_format, uint64_t timeout_ms, conn_request_fn cb,
+                       void *userdata) {
+        return request_send(c, method, path0, rest, query, payload, len, content_format, -1, timeout_ms, cb, NULL,
+                            userdata);
 }
 
 int conn_request_block2(Conn *c, const char *path0, const char *rest, uint32_t num, unsigned szx, uint64_t timeout_ms,
                         conn_block_fn cb, void *userdata) {
         if (szx > 7 || num >= (1u << 20))
                 return -EINVAL;
-        return request_send(c, COAP_REQUEST_CODE_GET, path0, rest, NULL, 0, -1, (int64_t)(num << 4 | szx), timeout_ms,
-                            NULL, cb, userdata);
+        return request_send(c, COAP_REQUEST_CODE_GET, path0, rest, NULL, NULL, 0, -1, (int64_t)(num << 4 | szx),
+                            timeout_ms, NULL, cb, userdata);
 }
 
 /* The Block2, Size2 and ETag options of a response. */
@@ -907,6 +930,48 @@ static void handle_describe(Conn *c, coap_pdu_t *resp) {
         respond_data(resp, COAP_RESPONSE_CODE_CONTENT, PROTO_CF_JSON, d, len);
 }
 
+/* The sid of "/t/{sid}": decimal 1..4294967295 without leading zeros; 0
+ * for anything else. */
+static uint32_t stream_sid(const char *s) {
+        uint64_t v = 0;
+        size_t n = strlen(s);
+
+        if (n == 0 || n > 10 || s[0] == '0' || strspn(s, "0123456789") != n)
+                return 0;
+        for (size_t i = 0; i < n; i++)
+                v = v * 10 + (uint64_t)(s[i] - '0');
+        return v > UINT32_MAX ? 0 : (uint32_t)v;
+}
+
+static void handle_stream(Conn *c, coap_pdu_code_t method, uint32_t sid, const coap_pdu_t *req,
+                          const coap_string_t *query, coap_pdu_t *resp) {
+        ConnStreamAnswer a = {};
+        const uint8_t *data = NULL;
+        size_t len = 0;
+        unsigned code;
+
+        if (method != COAP_REQUEST_CODE_PUT && method != COAP_REQUEST_CODE_POST && method != COAP_REQUEST_CODE_DELETE)
+                return respond_text(resp, COAP_RESPONSE_CODE_NOT_ALLOWED, "use PUT, POST or DELETE on /t/SID");
+        (void)coap_get_data(req, &len, &data);
+        code = c->hooks.stream_request(c->hooks.userdata, method, sid, query ? (const char *)query->s : NULL,
+                                       query ? query->length : 0, data, len, &a);
+        coap_pdu_set_code(resp, (coap_pdu_code_t)code);
+        /* Options in their numeric order: Content-Format (12), Max-Age (14). */
+        if (a.text[0]) {
+                uint8_t cf[2];
+
+                coap_add_option(resp, COAP_OPTION_CONTENT_FORMAT,
+                                coap_encode_var_safe(cf, sizeof(cf), a.json ? PROTO_CF_JSON : PROTO_CF_TEXT), cf);
+        }
+        if (a.max_age > 0) {
+                uint8_t buf[4];
+
+                coap_add_option(resp, COAP_OPTION_MAXAGE, coap_encode_var_safe(buf, sizeof(buf), a.max_age), buf);
+        }
+        if (a.text[0])
+                coap_add_data(resp, strnlen(a.text, sizeof(a.text)), (const uint8_t *)a.text);
+}
+
 static void on_request(coap_resource_t *resource, coap_session_t *session, const coap_pdu_t *req,
                        const coap_string_t *query, coap_pdu_t *resp) {
         Conn *c = coap_session_get_app_data(session);
@@ -946,6 +1011,12 @@ static void on_request(coap_resource_t *resource, coap_session_t *session, const
                 return;
         }
 
+        if (startswith(p, PROTO_PATH_STREAM "/")) {
+                uint32_t sid = stream_sid(p + strlen(PROTO_PATH_STREAM "/"));
+
+                if (sid != 0 && c->hooks.stream_request)
+                        return handle_stream(c, method, sid, req, query, resp);
+        }
         if (startswith(p, PROTO_PATH_FUNCTION "/") || startswith(p, PROTO_PATH_VARIABLE "/")) {
                 bool is_fn = p[0] == PROTO_PATH_FUNCTION[0];
 
@@ -1420,6 +1491,8 @@ int conn_new(sd_event *event, Registry *reg, Outbox *outbox, const Config *cfg, 
                 return -ENOMEM;
         coap_register_request_handler(unknown, COAP_REQUEST_GET, on_request);
         coap_register_request_handler(unknown, COAP_REQUEST_POST, on_request);
+        coap_register_request_handler(unknown, COAP_REQUEST_PUT, on_request);
+        coap_register_request_handler(unknown, COAP_REQUEST_DELETE, on_request);
         coap_add_resource(c->ctx, unknown);
 
         r = sd_event_add_io(event, &c->io_source, coap_context_get_coap_fd(c->ctx), EPOLLIN, on_coap_io, c);

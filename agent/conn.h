@@ -51,6 +51,15 @@ typedef struct ConnStats {
  * conn_new(). */
 #define CONN_RESOLVE_SIGNAL (SIGRTMIN + 1)
 
+/* What the stream_request hook answers besides its code: a text (CF 0)
+ * or, with json, a JSON body (CF 50); "" for no payload. max_age > 0 sets
+ * Max-Age (a 4.29's retry time). */
+typedef struct ConnStreamAnswer {
+        char text[256];
+        bool json;
+        uint32_t max_age;
+} ConnStreamAnswer;
+
 typedef struct ConnHooks {
         void *userdata;
         /* Connection state changed; status is a human line for STATUS=. */
@@ -63,6 +72,17 @@ typedef struct ConnHooks {
          * response code and writes a diagnostic into text. NULL: 4.04. */
         unsigned (*ota_request)(void *userdata, const char *job, const uint8_t *data, size_t len, char *text,
                                 size_t text_size);
+        /* PUT, POST or DELETE /t/{sid} from the cloud (docs/protocol.md,
+         * "Streams: tunnels and logs"); sid is 1..4294967295 (anything else
+         * under /t/ is answered 4.04 by the Conn). query is the request's
+         * Uri-Query options joined with '&' (query_len 0: none), data its
+         * payload; both valid during the call only. Returns the response
+         * code and fills *answer. Runs inside libcoap's request handler:
+         * whatever it sends in return goes from the loop afterwards
+         * (agent/streams.c does so from a defer source), so that the
+         * answer is not overtaken. NULL: 4.04. */
+        unsigned (*stream_request)(void *userdata, unsigned method, uint32_t sid, const char *query,
+                                   size_t query_len, const uint8_t *data, size_t len, ConnStreamAnswer *answer);
 } ConnHooks;
 
 /* The answer to conn_request(): error is 0 with the response code and
@@ -113,6 +133,11 @@ void conn_describe_changed(Conn *c);
  * runs exactly once, never from within this call. */
 int conn_request(Conn *c, unsigned method, const char *path0, const char *rest, const void *payload, size_t len,
                  int content_format, uint64_t timeout_ms, conn_request_fn cb, void *userdata);
+/* conn_request() with Uri-Query options: query (may be NULL or "") holds
+ * them separated by '&' ("ack=5&fin"), each sent as one option. */
+int conn_request_query(Conn *c, unsigned method, const char *path0, const char *rest, const char *query,
+                       const void *payload, size_t len, int content_format, uint64_t timeout_ms, conn_request_fn cb,
+                       void *userdata);
 
 /* What a response to conn_request_block2() said besides its code:
  * Block2 (have_block2; num, more, szx: 7 is BERT, where num counts

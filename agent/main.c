@@ -22,6 +22,7 @@
 #include "plugin-host.h"
 #include "proto.h"
 #include "registry.h"
+#include "streams.h"
 #include "util.h"
 
 typedef struct Agent {
@@ -44,6 +45,7 @@ typedef struct Agent {
         Ota *ota;
         Inventory *inventory;
         LoopProbe *probe;
+        Streams *streams;
 } Agent;
 
 #define AGENT_NOTIFY_OUTBOX_USEC 100000
@@ -151,6 +153,8 @@ static void agent_state_changed(void *userdata, bool connected, const char *stat
                 ota_connection_changed(a->ota, connected);
         if (a->enroll)
                 enroll_connection_changed(a->enroll, connected);
+        if (a->streams)
+                streams_connection_changed(a->streams, connected);
 }
 
 /* Enrolled: the certificate is in place, connect without waiting. */
@@ -178,13 +182,14 @@ static int agent_enroll(void *userdata, const char *token, const char *id, bool 
 /* The "counters" of tetherctl status --json (docs/cli.md). */
 static json_t *agent_counters(Agent *a) {
         const ConnStats *cs = conn_stats(a->conn);
-        json_t *calls = json_object(), *reads = json_object();
+        const StreamsStats *ss = streams_stats(a->streams);
+        json_t *calls = json_object(), *reads = json_object(), *counters;
 
         for (ConnServed i = 0; calls && reads && i < _CONN_SERVED_MAX; i++)
                 if (json_object_set_new(calls, conn_served_name(i), json_integer((json_int_t)cs->calls[i])) < 0 ||
                     json_object_set_new(reads, conn_served_name(i), json_integer((json_int_t)cs->reads[i])) < 0)
                         break;
-        return json_pack("{s:I, s:I, s:I, s:I, s:f, s:o, s:o, s:{s:I, s:I, s:I, s:I, s:I}, s:{s:I}, s:o}",
+        counters = json_pack("{s:I, s:I, s:I, s:I, s:f, s:o, s:o, s:{s:I, s:I, s:I, s:I, s:I}, s:{s:I}, s:o}",
                          "connect_attempts", (json_int_t)cs->connect_attempts, "handshakes_completed",
                          (json_int_t)cs->handshakes_completed, "handshakes_failed",
                          (json_int_t)cs->handshakes_failed, "reconnects", (json_int_t)cs->reconnects,
@@ -194,6 +199,15 @@ static json_t *agent_counters(Agent *a) {
                          (json_int_t)cs->events_held, "queued", (json_int_t)conn_queued(a->conn), "ota", "held",
                          (json_int_t)(a->ota ? ota_reports_held(a->ota) : 0), "loop_delay",
                          loop_probe_to_json(a->probe));
+        if (counters && json_object_update_new(counters,
+                                               json_pack("{s:I, s:I, s:{s:I, s:I, s:I}}", "streams_open",
+                                                         (json_int_t)ss->open, "streams_opened",
+                                                         (json_int_t)ss->opened, "streams", "refused",
+                                                         (json_int_t)ss->refused, "bytes_in",
+                                                         (json_int_t)ss->bytes_in, "bytes_out",
+                                                         (json_int_t)ss->bytes_out)) < 0)
+                counters = (json_decref(counters), NULL);
+        return counters;
 }
 
 /* Every entry of [Cloud] Host=, in order: [{"host": ..., "port": ...}]. */
@@ -277,6 +291,17 @@ static unsigned agent_ota_request(void *userdata, const char *job, const uint8_t
         return ota_handle_request(a->ota, job, data, len, text, text_size);
 }
 
+static unsigned agent_stream_request(void *userdata, unsigned method, uint32_t sid, const char *query,
+                                     size_t query_len, const uint8_t *data, size_t len, ConnStreamAnswer *answer) {
+        Agent *a = userdata;
+
+        if (!a->streams) {
+                snprintf(answer->text, sizeof(answer->text), "busy: starting up");
+                return COAP_RESPONSE_CODE(503);
+        }
+        return streams_request(a->streams, method, sid, query, query_len, data, len, answer);
+}
+
 /* For OTA plugin packages: load the plugins that are on disk now. */
 static void agent_reload_plugins(void *userdata) {
         Agent *a = userdata;
@@ -349,6 +374,7 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         if (r < 0)
                 log_error_errno(r, "Failed to apply the new cloud settings: %m");
         enroll_reconfigure(a->enroll, next);
+        streams_reconfigure(a->streams, next);
         config_free(a->config);
         a->config = TAKE_PTR(next);
         r = plugin_host_load(a->plugins, a->config);
@@ -385,6 +411,9 @@ static void agent_done(Agent *a) {
          * there. */
         conn_free(a->conn);
         a->conn = NULL;
+        /* After the connection: its requests still waiting are answered
+         * into the streams as it goes. */
+        a->streams = streams_free(a->streams);
         a->enroll = enroll_free(a->enroll);
         outbox_free(a->outbox);
         sd_event_source_disable_unref(a->notify_source);
@@ -493,10 +522,14 @@ int main(int argc, char *argv[]) {
                                    .state_changed = agent_state_changed,
                                    .describe = agent_describe,
                                    .queue_changed = agent_queue_changed,
-                                   .ota_request = agent_ota_request },
+                                   .ota_request = agent_ota_request,
+                                   .stream_request = agent_stream_request },
                      &a.conn);
         if (r < 0)
                 return log_error_errno(r, "Failed to set up the cloud connection: %m"), 1;
+        r = streams_new(a.event, a.conn, a.config, &a.streams);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up streams: %m"), 1;
         r = enroll_new(a.event, a.conn, a.config,
                        &(EnrollHooks){ .userdata = &a, .enrolled = agent_enrolled, .status = agent_enroll_status },
                        &a.enroll);

@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* Unit tests for tetherd's configuration parser (agent/agent-config.c). */
+#include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <cmocka.h>
 #include <sys/stat.h>
 
@@ -399,6 +401,53 @@ static void test_local_api(void **state) {
         assert_non_null(strstr(error, "[Local] Socket= must be an absolute path"));
 }
 
+static void test_tunnel_and_logs(void **state) {
+        _cleanup_(config_freep) Config *c = NULL, *d = NULL;
+        _cleanup_free_ char *error = NULL;
+        StreamAddr t;
+        char text[1024];
+
+        assert_int_equal(load(base, &c, NULL), 0);
+        assert_null(c->tunnel_allow);
+        assert_int_equal(c->n_tunnel_allow, 0);
+        assert_int_equal(c->tunnel_max_streams, 8);
+        assert_int_equal(c->tunnel_idle_ms, 900000);
+        assert_int_equal(c->tunnel_window, 262144);
+        assert_true(c->logs_enabled);
+        assert_null(c->logs_units);
+        assert_null(c->logs_directory);
+
+        snprintf(text, sizeof(text),
+                 "%s[Tunnel]\nAllow=127.0.0.1:22, [::1]:*\nMaxStreams=2\nIdleSec=30\nWindow=32768\n"
+                 "[Logs]\nUnits=foo.service *\nEnabled=no\nDirectory=/tmp/j\n",
+                 base);
+        assert_int_equal(load(text, &d, NULL), 0);
+        assert_int_equal(d->n_tunnel_allow, 2);
+        assert_string_equal(d->tunnel_allow_text, "127.0.0.1:22, [::1]:*");
+        assert_int_equal(stream_addr_parse("[::1]:8080", false, &t), 0);
+        assert_true(stream_addr_allowed(d->tunnel_allow, d->n_tunnel_allow, &t));
+        assert_int_equal(d->tunnel_max_streams, 2);
+        assert_int_equal(d->tunnel_idle_ms, 30000);
+        assert_int_equal(d->tunnel_window, 32768);
+        assert_string_equal(d->logs_units[0], "foo.service");
+        assert_string_equal(d->logs_units[1], "*");
+        assert_null(d->logs_units[2]);
+        assert_false(d->logs_enabled);
+        assert_string_equal(d->logs_directory, "/tmp/j");
+        config_free(TAKE_PTR(d));
+
+        snprintf(text, sizeof(text), "%s[Tunnel]\nAllow=localhost:22\n", base);
+        assert_int_equal(load(text, &d, &error), -EINVAL);
+        assert_non_null(strstr(error, "tetherd.conf:8: invalid entry 'localhost:22' in Allow="));
+        free(TAKE_PTR(error));
+        snprintf(text, sizeof(text), "%s[Tunnel]\nWindow=1000\n", base);
+        assert_int_equal(load(text, &d, &error), -EINVAL);
+        free(TAKE_PTR(error));
+        snprintf(text, sizeof(text), "%s[Logs]\nUnits=../etc\n", base);
+        assert_int_equal(load(text, &d, &error), -EINVAL);
+        assert_non_null(strstr(error, "invalid unit name '../etc'"));
+}
+
 int main(int argc, char **argv) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_defaults),
@@ -412,6 +461,7 @@ int main(int argc, char **argv) {
                 cmocka_unit_test(test_hosts),
                 cmocka_unit_test(test_hosts_port_in_dropin),
                 cmocka_unit_test(test_local_api),
+                cmocka_unit_test(test_tunnel_and_logs),
         };
         /* One test, or those a glob matches: test-foo NAME (HACKING.md). */
         if (argc > 1)
