@@ -28,6 +28,12 @@
 #define PROTO_PATH_ARTIFACT "a" /* GET /a/SHA256 with Block2: an OTA artifact (docs/protocol.md, "Artifacts") */
 #define PROTO_PATH_ENROLL "enroll" /* POST, on an anonymous session (docs/protocol.md) */
 #define PROTO_PATH_CERT "cert"     /* POST, renewal on a device's session */
+#define PROTO_PATH_STREAM "t"          /* /t/{sid}: tunnels and log streams */
+#define PROTO_STREAM_CHUNK_MAX 32768   /* payload bytes of one data message */
+#define PROTO_STREAM_WINDOW_DEFAULT 262144
+#define PROTO_STREAM_WINDOW_MIN 32768
+#define PROTO_STREAM_WINDOW_MAX 4194304
+#define PROTO_STREAM_INFLIGHT_MAX 131072 /* per session and direction: stream data sent and not yet answered */
 
 /* Uri-Query flag marking a published event private. */
 #define PROTO_QUERY_PRIVATE "private"
