@@ -483,6 +483,39 @@ def test_logs(w):
     d.close()
 
 
+def test_ends(w):
+    """Idleness, revocation and shutdown end streams with their reasons."""
+    w.start_cloud(extra="[Tunnel]\nIdleSec=2\n")
+    d, dev = connect(w)
+    p = Peer(d)
+    c, sid = open_tunnel(w, d, dev, w.token)
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE client idle", timeout=10)
+    expect(m.payload == b"client idle", f"idle reason {m.payload}")
+    c.read_eof()
+    c.close()
+    tok, tok_id = token(w, ["tunnels:open"])
+    c, sid = open_tunnel(w, d, dev, tok)
+    s, b = api_json(w, "DELETE", f"/v1/tokens/{tok_id}")
+    expect(s == 200, f"revoke: {s} {b}")
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE token revoked")
+    expect(m.payload == b"token revoked", f"revoked reason {m.payload}")
+    c.read_eof()
+    c.close()
+    c, sid = open_tunnel(w, d, dev, w.token)
+    w.cloud.stop()
+    # The DELETE is queued before the sessions close; whether libcoap
+    # writes it first is its affair: the device drops its streams with
+    # the session anyway.
+    try:
+        m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE shutting down")
+        expect(m.payload == b"shutting down", f"shutdown reason {m.payload}")
+    except EOFError:
+        pass
+    c.read_eof()
+    c.close()
+    d.close()
+
+
 if __name__ == "__main__":
     sys.exit(run([test_http_answers, test_relay_http, test_relay_https, test_refusals, test_hostile_device,
-                  test_logs]))
+                  test_logs, test_ends]))
