@@ -9,6 +9,7 @@
 #include <microhttpd.h>
 #include <pthread.h>
 #include <stdarg.h>
+#include <time.h>
 
 #include "api-request.h"
 #include "util.h"
@@ -629,4 +630,56 @@ unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) {
         va_end(ap);
         *ret_body = json_pack("{s:b, s:s}", "ok", 0, "error", text);
         return status;
+}
+
+/* An RFC 3339 time ("2030-01-31T12:00:00Z", "...T12:00:00.5+02:00",
+ * a lowercase t or z too) in Unix seconds (fractions dropped): 0 or
+ * -EINVAL. A leap second (":60") is refused. */
+int api_parse_rfc3339(const char *s, size_t len, int64_t *ret) {
+        struct tm tm = {}, check;
+        const char *e;
+        long offset = 0;
+        time_t t;
+
+        if (len != strlen(s) || len < 20 || len > 40 || (s[10] != 'T' && s[10] != 't'))
+                return -EINVAL;
+        /* Every field its two (four) digits: strptime() would also take
+         * blanks and single digits ("2030-01- 1T 0:00:00Z"). */
+        for (size_t i = 0; i < 19; i++) {
+                static const char shape[] = "0000-00-00T00:00:00"; /* 0: a digit; T checked above */
+
+                if (shape[i] == '0' ? !(s[i] >= '0' && s[i] <= '9') : i != 10 && s[i] != shape[i])
+                        return -EINVAL;
+        }
+        e = strptime(s, "%Y-%m-%d", &tm);
+        if (e != s + 10)
+                return -EINVAL;
+        e = strptime(s + 11, "%H:%M:%S", &tm);
+        if (e != s + 19 || tm.tm_year < 70 || tm.tm_year > 8099 - 1900)
+                return -EINVAL;
+        if (*e == '.') {
+                if (!(e[1] >= '0' && e[1] <= '9'))
+                        return -EINVAL;
+                for (e++; *e >= '0' && *e <= '9'; e++)
+                        ;
+        }
+        if ((*e == 'Z' || *e == 'z') && !e[1])
+                offset = 0;
+        else if ((*e == '+' || *e == '-') && strlen(e) == 6 && e[1] >= '0' && e[1] <= '2' && e[2] >= '0' &&
+                 e[2] <= '9' && e[3] == ':' && e[4] >= '0' && e[4] <= '5' && e[5] >= '0' && e[5] <= '9') {
+                offset = ((e[1] - '0') * 10 + (e[2] - '0')) * 3600L + ((e[4] - '0') * 10 + (e[5] - '0')) * 60L;
+                if (offset > 23 * 3600L + 59 * 60L)
+                        return -EINVAL;
+                if (*e == '-')
+                        offset = -offset;
+        } else
+                return -EINVAL;
+        check = tm;
+        t = timegm(&tm);
+        /* timegm() moves Feb 30 to March: a date that moved was none. */
+        if (t == (time_t)-1 || tm.tm_mday != check.tm_mday || tm.tm_mon != check.tm_mon ||
+            tm.tm_hour != check.tm_hour || tm.tm_min != check.tm_min || tm.tm_sec != check.tm_sec)
+                return -EINVAL;
+        *ret = (int64_t)t - offset;
+        return 0;
 }

@@ -145,3 +145,8 @@ int api_parse_publish(json_t *params, unsigned max_payload, ApiPublish *ret, uns
  * output, cut to 255 bytes; *ret_body is NULL on OOM) and the status is
  * returned, so that a handler can "return api_fail(...)". */
 unsigned api_fail(json_t **ret_body, unsigned status, const char *fmt, ...) _printf_(3, 4);
+
+/* An RFC 3339 time ("2030-01-31T12:00:00Z", "...T12:00:00.5+02:00",
+ * a lowercase t or z too; s is len bytes, NUL-terminated) in Unix seconds
+ * (fractions dropped): 0 or -EINVAL. A leap second (":60") is refused. */
+int api_parse_rfc3339(const char *s, size_t len, int64_t *ret);

@@ -21,6 +21,7 @@
 #include "ratelimit.h"
 #include "stats.h"
 #include "subscriptions.h"
+#include "tunnel.h"
 #include "util.h"
 
 #define USEC_PER_SEC 1000000ULL
@@ -139,6 +140,11 @@ typedef struct ApiRequest {
         /* /v1/ota/...: handled by ota.c */
         bool ota;
         OtaRequest *ota_state;
+
+        /* /v1/devices/ID/{tunnel,logs,tunnels}: handled by tunnel.c */
+        TunnelRoute tunnel_route;
+        char tunnel_device[PROTO_DEVICE_ID_MAX + 1];
+        TunnelStream *tunnel;
 } ApiRequest;
 
 struct Api {
@@ -176,6 +182,7 @@ struct Api {
         Integrations *integrations; /* borrowed (api_set_integrations()) */
         Campaigns *campaigns;       /* borrowed (api_set_campaigns()) */
         Console *console;           /* NULL: [API] Console= is empty or cannot be opened */
+        Tunnels *tunnels;           /* borrowed (api_set_tunnels()); NULL: none */
         SubIndex *streams; /* open event streams by prefix and device */
         size_t body_max;
         size_t body_total; /* bytes in all requests' body buffers */
@@ -811,6 +818,8 @@ void api_set_integrations(Api *api, Integrations *integrations) { api->integrati
 
 void api_set_campaigns(Api *api, Campaigns *campaigns) { api->campaigns = campaigns; }
 
+void api_set_tunnels(Api *api, Tunnels *tunnels) { api->tunnels = tunnels; }
+
 /* ---- publish ----------------------------------------------------------------- */
 
 static void api_publish(ApiRequest *req, json_t *params) {
@@ -1148,7 +1157,7 @@ void api_deliver_event(Api *api, const ProtoEvent *e, uint64_t id) {
 }
 
 unsigned api_end_revoked_streams(Api *api) {
-        unsigned n = 0;
+        unsigned n = tunnels_end_revoked(api->tunnels, api->tokens);
 
         for (ApiRequest *req = api->requests; req; req = req->next) {
                 if (!req->sse || req->ending || req->dropped || tokens_recheck(api->tokens, &req->auth) == 0)
@@ -2357,6 +2366,20 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         return api_metrics(req, method);
                 if (console_owns(url))
                         return api_console(req, url, method);
+                /* Tunnels and log streams: the token from the header (or
+                 * the query), its scope and device checked here, the rest
+                 * in tunnel.c (no body). */
+                if (api->tunnels && (req->tunnel_route = tunnel_route(url, req->tunnel_device)) != TUNNEL_ROUTE_NONE) {
+                        int r = api_connection_authenticate(req);
+
+                        if (r < 0)
+                                return api_unauthorized(req, r);
+                        req->authorized = true;
+                        if (!api_allowed(req, tunnel_route_scope(req->tunnel_route)) ||
+                            !api_may_reach(req, req->tunnel_device))
+                                return api_queue(req);
+                        return MHD_YES;
+                }
                 /* A token in the header or the query is checked before a
                  * byte of the body is read; only a request whose token can
                  * only be in its body has the body buffered first. */
@@ -2383,6 +2406,15 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         return api_queue(req);
                 }
                 return MHD_YES;
+        }
+        if (req->tunnel_route != TUNNEL_ROUTE_NONE) {
+                char host[NI_MAXHOST];
+
+                if (req->response)
+                        return api_queue(req);
+                api_sse_client(req, host);
+                return tunnel_api_handler(api->tunnels, connection, req->tunnel_route, req->tunnel_device, method,
+                                          &req->auth, host, upload_data_size, &req->tunnel);
         }
         if (req->ota)
                 return req->response ? api_queue(req)
@@ -2460,6 +2492,7 @@ static void api_request_free(ApiRequest *req) {
         cluster_forward_cancel(req->forward);
         journal_cursor_done(&req->cursor);
         ota_api_request_free(req->ota_state);
+        tunnel_api_request_free(req->tunnel);
         if (req->response)
                 MHD_destroy_response(req->response);
         api_body_free(req);
@@ -2500,6 +2533,8 @@ Api *api_free(Api *api) {
         if (api->daemon) {
                 api->stopping = true;
                 ota_api_shutdown(api->ota);
+                /* Upgraded connections close before MHD stops. */
+                tunnels_api_shutdown(api->tunnels);
                 /* MHD must not be stopped with suspended connections. */
                 while (api->rpcs) {
                         ApiRequest *req = api->rpcs;
@@ -2565,7 +2600,7 @@ int api_new(sd_event *event, const CloudConfig *config, Store *store, Registry *
         const union MHD_DaemonInfo *info;
         struct sockaddr_storage ss;
         socklen_t sl;
-        unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+        unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | MHD_ALLOW_UPGRADE;
         struct MHD_OptionItem tls[4] = { { MHD_OPTION_END, 0, NULL } };
         unsigned port;
         int r, fd;

@@ -79,6 +79,10 @@ void api_set_integrations(Api *api, Integrations *integrations);
 /* The Campaigns (borrowed, must outlive the Api), for /v1/campaigns. */
 typedef struct Campaigns Campaigns;
 void api_set_campaigns(Api *api, Campaigns *campaigns);
+/* The Tunnels (borrowed, must outlive the Api; NULL: none), for
+ * /v1/devices/ID/{tunnel,logs,tunnels}. */
+typedef struct Tunnels Tunnels;
+void api_set_tunnels(Api *api, Tunnels *tunnels);
 void api_rpc(Api *api, ClusterRpc *rpc, const char *op, const char *device, const char *name, const char *arg,
              json_t *params);
 

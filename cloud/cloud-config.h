@@ -59,6 +59,10 @@ typedef struct CloudConfig {
         char *console_dir;               /* the web console's files ("": off) */
         unsigned max_connections_per_ip; /* 0: no limit */
         unsigned max_streams_per_token;  /* open event streams per token; 0: no limit */
+        /* [Tunnel] (tunnel.h): tunnels and log streams to devices */
+        unsigned tunnel_max_per_device;  /* open streams per device */
+        unsigned tunnel_max_streams;     /* open streams, all devices */
+        unsigned tunnel_idle_sec;        /* a tunnel without a byte either way is closed */
         unsigned max_connections;        /* all addresses together */
         unsigned idle_timeout_sec;       /* a connection without traffic is closed */
         unsigned header_timeout_sec;     /* a request's header must be in this soon */

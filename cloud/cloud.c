@@ -26,6 +26,7 @@
 #include "replica.h"
 #include "stats.h"
 #include "store.h"
+#include "tunnel.h"
 #include "util.h"
 #include "webhooks.h"
 
@@ -45,6 +46,7 @@ struct Cloud {
         Ota *ota;
         Campaigns *campaigns;
         Api *api;
+        Tunnels *tunnels; /* tunnels and log streams, for the Api */
         /* Cluster mode ([Cluster] NATS=): NULL on a single node. */
         Bus *bus;
         EventLog *eventlog;
@@ -77,9 +79,21 @@ static void cloud_artifact_request(void *userdata, Device *d, const coap_pdu_t *
         ota_device_artifact(c->ota, d, request, sha256, response);
 }
 
+static void cloud_stream_request(void *userdata, Device *d, const coap_pdu_t *request, const char *sid,
+                                 coap_pdu_t *response) {
+        Cloud *c = userdata;
+
+        if (c->tunnels)
+                tunnels_device_request(c->tunnels, d, request, sid, response);
+        else
+                coap_pdu_set_code(response, COAP_RESPONSE_CODE(404));
+}
+
 static void cloud_device_gone(void *userdata, const Device *d) {
         Cloud *c = userdata;
 
+        if (c->tunnels)
+                tunnels_device_gone(c->tunnels, d);
         events_device_gone(c->events, d);
         (void)registry_disconnected(c->registry, device_id(d), device_last_heard(d));
         if (c->cluster)
@@ -105,6 +119,18 @@ static void cloud_publish(Cloud *c, const char *name, const char *device, json_t
         r = events_store(c->events, &e, NULL, 0, 0, NULL);
         if (r < 0)
                 log_warning_errno(r, "Failed to store the event '%s' for device '%s', not routing it: %m", name, device);
+}
+
+/* ---- TunnelsHooks -------------------------------------------------------------- */
+
+static void cloud_tunnel_publish(void *userdata, const char *name, const char *device, json_t *data) {
+        cloud_publish(userdata, name, device, data);
+}
+
+static void cloud_tunnel_kick(void *userdata) {
+        Cloud *c = userdata;
+
+        api_kick(c->api);
 }
 
 static int cloud_peer_check(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size) {
@@ -550,6 +576,9 @@ Cloud *cloud_free(Cloud *c) {
          * events and the journal. */
         c->eventlog = eventlog_free(c->eventlog); /* nothing comes from the stream */
         c->api = api_free(c->api);
+        /* After the Api (whose requests hold streams), before devices
+         * (streams hold calls to them). */
+        c->tunnels = tunnels_free(c->tunnels);
         if (c->ota)
                 ota_set_job_hooks(c->ota, NULL);
         c->campaigns = campaigns_free(c->campaigns);
@@ -634,6 +663,7 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .event_request = cloud_event_request,
                 .ota_request = cloud_ota_request,
                 .artifact_request = cloud_artifact_request,
+                .stream_request = cloud_stream_request,
                 .device_gone = cloud_device_gone,
                 .peer_check = cloud_peer_check,
                 .device_bound = cloud_device_bound,
@@ -749,10 +779,16 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         r = webhooks_foreach(c->store, cloud_webhook_load, c);
         if (r < 0)
                 return log_error_errno(r, "Cannot read the webhooks made through the API: %m");
+        r = tunnels_new(c->event, config, c->devices, c->store,
+                        &(TunnelsHooks){ .userdata = c, .publish = cloud_tunnel_publish, .kick_api = cloud_tunnel_kick },
+                        &c->tunnels);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up tunnels: %m");
         r = api_new(c->event, config, c->store, c->registry, c->provision, c->journal, c->devices, c->events, c->ota,
                     &c->api_port, &c->api);
         if (r < 0)
                 return r;
+        api_set_tunnels(c->api, c->tunnels);
         api_set_integrations(c->api, c->integrations);
         api_set_campaigns(c->api, c->campaigns);
         if (config->cluster_nats) {

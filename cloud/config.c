@@ -148,6 +148,9 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("API", "MaxConnections", max_connections, 1, 1000000),
         UINT_KEY("API", "MaxStreamsPerToken", max_streams_per_token, 0, 1000000),
         UINT_KEY("API", "IdleTimeoutSec", idle_timeout_sec, 1, 86400),
+        UINT_KEY("Tunnel", "MaxStreamsPerDevice", tunnel_max_per_device, 1, 1024),
+        UINT_KEY("Tunnel", "MaxStreams", tunnel_max_streams, 1, 65536),
+        UINT_KEY("Tunnel", "IdleSec", tunnel_idle_sec, 1, 604800),
         UINT_KEY("API", "HeaderTimeoutSec", header_timeout_sec, 1, 3600),
         UINT_KEY("API", "RateLimitPerAddress", rate_address, 0, 1000000),
         UINT_KEY("API", "RateLimitPerAddressBurst", rate_address_burst, 1, 1000000),
@@ -467,7 +470,7 @@ static int cloud_config_handler(KeyfileParser *p, const char *section, const cha
         }
         if (!streq(section, "Cloud") && !streq(section, "API") && !streq(section, "State") &&
             !streq(section, "Events") && !streq(section, "OTA") && !streq(section, "Enroll") &&
-            !streq(section, "Cluster"))
+            !streq(section, "Cluster") && !streq(section, "Tunnel"))
                 log_warning("%s:%u: Unknown section [%s], ignoring %s=.", p->path, p->line, section, name);
         else
                 log_warning("%s:%u: Unknown key %s= in [%s], ignoring.", p->path, p->line, name, section);
@@ -746,6 +749,9 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->journal_sync_ms = 100;
         c->audit_max_records = 1000000;
         c->max_streams_per_token = 64;
+        c->tunnel_max_per_device = 8;
+        c->tunnel_max_streams = 256;
+        c->tunnel_idle_sec = 900;
         c->audit_max_age_days = 400;
         c->device_event_rate = 100;
         c->device_event_burst = 1000;

@@ -1008,6 +1008,23 @@ static int call_timeout_cb(sd_event_source *s, uint64_t usec, void *userdata) {
 int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
                  const void *payload, size_t len, device_call_fn cb, void *userdata,
                  DeviceCall **ret_call) {
+        return devices_request(d, method, path0, name, NULL, -1, payload, len, cb, userdata, ret_call);
+}
+
+static bool devices_add_query(coap_pdu_t *pdu, const char *const *query) {
+        for (size_t i = 0; query && query[i]; i++) {
+                size_t n = strlen(query[i]);
+
+                if (n > 255 || !coap_add_option(pdu, COAP_OPTION_URI_QUERY, n, (const uint8_t *)query[i]))
+                        return false;
+        }
+        return true;
+}
+
+int devices_request(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
+                    const char *const *query, int cf, const void *payload, size_t len, device_call_fn cb,
+                    void *userdata, DeviceCall **ret_call) {
+        uint8_t cfbuf[4];
         Devices *devs = d->devices;
         coap_session_t *session = device_session(d);
         Session *conn = d->conn;
@@ -1039,7 +1056,9 @@ int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const cha
         if (!coap_add_token(pdu, token_len, token) ||
             !coap_add_option(pdu, COAP_OPTION_URI_PATH, strlen(path0), (const uint8_t *)path0) ||
             (name && !coap_add_option(pdu, COAP_OPTION_URI_PATH, strlen(name), (const uint8_t *)name)) ||
-            (len > 0 && !coap_add_data(pdu, len, payload))) {
+            (cf >= 0 && !coap_add_option(pdu, COAP_OPTION_CONTENT_FORMAT,
+                                         coap_encode_var_safe(cfbuf, sizeof(cfbuf), (unsigned)cf), cfbuf)) ||
+            !devices_add_query(pdu, query) || (len > 0 && !coap_add_data(pdu, len, payload))) {
                 coap_delete_pdu(pdu);
                 free(c);
                 return -E2BIG;
@@ -1995,6 +2014,11 @@ static void devices_request_handler(coap_resource_t *resource, coap_session_t *s
                 devs->hooks.ota_request(devs->hooks.userdata, d, request, rest, response);
         else if (streq(first, PROTO_PATH_ARTIFACT) && nseg == 2 && !too_long)
                 devices_artifact_request(devs, c, d, request, rest, response);
+        else if (streq(first, PROTO_PATH_STREAM) && nseg == 2 && !too_long && rest_len < 16 &&
+                 !memchr(rest, 0, rest_len))
+                devs->hooks.stream_request(devs->hooks.userdata, d, request, rest, response);
+        else if (streq(first, PROTO_PATH_STREAM))
+                devices_reply(response, COAP_RESPONSE_CODE(404), "no stream");
         else if (streq(first, PROTO_PATH_CERT) && nseg == 1) {
                 char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
 

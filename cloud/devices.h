@@ -42,6 +42,12 @@ typedef struct DevicesHooks {
          * without calling this. */
         void (*artifact_request)(void *userdata, Device *d, const coap_pdu_t *request, const char *sha256,
                                  coap_pdu_t *response);
+        /* A device's request on /t/SID (a tunnel's or log stream's data,
+         * credit or end: docs/protocol.md, "Streams: tunnels and logs";
+         * sid is the segment as sent, at most 15 bytes): fill response.
+         * Runs inside libcoap's handling of the device's session. */
+        void (*stream_request)(void *userdata, Device *d, const coap_pdu_t *request, const char *sid,
+                               coap_pdu_t *response);
         /* The device's session closed or was replaced (also from
          * devices_free()): what belongs to that session must go. */
         void (*device_gone)(void *userdata, const Device *d);
@@ -182,6 +188,12 @@ typedef void (*device_call_fn)(int error, unsigned code, const uint8_t *data, si
 int devices_call(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
                  const void *payload, size_t len, device_call_fn cb, void *userdata,
                  DeviceCall **ret_call);
+/* devices_call() with Uri-Query options and a Content-Format: query is
+ * NULL or a NULL-terminated array of options (each at most 255 bytes),
+ * cf the payload's Content-Format (-1: none). Errors as devices_call(). */
+int devices_request(Device *d, coap_pdu_code_t method, const char *path0, const char *name,
+                    const char *const *query, int cf, const void *payload, size_t len, device_call_fn cb,
+                    void *userdata, DeviceCall **ret_call);
 /* Forget a pending call; its callback will not run. NULL is fine. */
 void devices_call_cancel(DeviceCall *call);
 

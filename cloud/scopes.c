@@ -10,7 +10,7 @@
 
 static const char *const scope_names[] = {
         "devices:read", "functions:call", "events:read", "events:publish", "ota:write", "metrics:read", "admin",
-        "provision:write", "devices:write",
+        "provision:write", "devices:write", "tunnels:open", "logs:read",
 };
 
 const char *scope_name(unsigned scope) {
@@ -40,7 +40,7 @@ static int scope_unknown(const char *name, size_t len, char err[static SCOPE_ERR
                 }
         snprintf(err, SCOPE_ERROR_MAX,
                  "Unknown scope '%.*s' (known: devices:read, functions:call, events:read, events:publish, "
-                 "ota:write, metrics:read, admin, provision:write, devices:write)",
+                 "ota:write, metrics:read, admin, provision:write, devices:write, tunnels:open, logs:read)",
                  (int)n, name);
         return -EINVAL;
 }

@@ -24,16 +24,18 @@ typedef enum Scope {
         SCOPE_ADMIN = 1u << 6,          /* everything, tokens and the audit log too */
         SCOPE_PROVISION_WRITE = 1u << 7, /* /v1/provision[/ID]: provisioning tokens, and nothing else */
         SCOPE_DEVICES_WRITE = 1u << 8,   /* PUT /v1/devices/ID: name, notes, tags */
+        SCOPE_TUNNELS_OPEN = 1u << 9,    /* POST /v1/devices/ID/tunnel: TCP tunnels to devices */
+        SCOPE_LOGS_READ = 1u << 10,      /* GET /v1/devices/ID/logs: devices' journals */
 } Scope;
 
-#define SCOPE_ALL 0x1ffu
+#define SCOPE_ALL 0x7ffu
 #define SCOPE_NAME_MAX 16
 
 /* The name of one scope bit; NULL for anything else. */
 const char *scope_name(unsigned scope);
 /* One scope by its name (exact, case-sensitive): 0 or -EINVAL. */
 int scope_parse(const char *name, size_t len, unsigned *ret);
-#define SCOPE_ERROR_MAX 160
+#define SCOPE_ERROR_MAX 200
 /* Scopes from a JSON array of names or a string of names separated by
  * commas and/or blanks (what a form field holds). 0, or -EINVAL with a
  * message for the client in err: the wrong shape, no scope at all, or the

@@ -24,7 +24,7 @@ static void test_names_round_trip(void **state) {
                 assert_int_equal(back, bit);
                 n++;
         }
-        assert_int_equal(n, 9);
+        assert_int_equal(n, 11);
         assert_null(scope_name(0));
         assert_null(scope_name(SCOPE_DEVICES_READ | SCOPE_ADMIN));
         assert_null(scope_name(SCOPE_ALL + 1));
@@ -99,16 +99,18 @@ static void test_text_and_json(void **state) {
         /* Never half a name. */
         assert_string_equal(scope_to_text(SCOPE_DEVICES_READ | SCOPE_EVENTS_READ, buf, 20), "devices:read");
         j = scope_to_json(SCOPE_ALL);
-        assert_int_equal(json_array_size(j), 9);
+        assert_int_equal(json_array_size(j), 11);
         assert_string_equal(json_string_value(json_array_get(j, 0)), "devices:read");
         assert_string_equal(json_string_value(json_array_get(j, 6)), "admin");
         assert_string_equal(json_string_value(json_array_get(j, 7)), "provision:write");
         assert_string_equal(json_string_value(json_array_get(j, 8)), "devices:write");
+        assert_string_equal(json_string_value(json_array_get(j, 9)), "tunnels:open");
+        assert_string_equal(json_string_value(json_array_get(j, 10)), "logs:read");
         json_decref(j);
         /* Every name fits the buffer the tokens table is written from. */
         assert_string_equal(scope_to_text(SCOPE_ALL, buf, 192),
                             "devices:read functions:call events:read events:publish ota:write metrics:read admin "
-                            "provision:write devices:write");
+                            "provision:write devices:write tunnels:open logs:read");
 }
 
 static void test_allows(void **state) {
@@ -131,6 +133,13 @@ static void test_allows(void **state) {
         assert_true(scope_allows(SCOPE_ADMIN, SCOPE_DEVICES_WRITE));
         assert_false(scope_allows(SCOPE_OTA_WRITE, SCOPE_DEVICES_WRITE));
         assert_false(scope_allows(SCOPE_DEVICES_WRITE, SCOPE_OTA_WRITE));
+        /* Tunnels and logs: admin implies them, nothing else does. */
+        assert_int_equal(SCOPE_TUNNELS_OPEN, 1u << 9);
+        assert_int_equal(SCOPE_LOGS_READ, 1u << 10);
+        assert_true(scope_allows(SCOPE_ADMIN, SCOPE_TUNNELS_OPEN | SCOPE_LOGS_READ));
+        assert_false(scope_allows(SCOPE_FUNCTIONS_CALL | SCOPE_DEVICES_READ, SCOPE_TUNNELS_OPEN));
+        assert_false(scope_allows(SCOPE_EVENTS_READ | SCOPE_DEVICES_READ, SCOPE_LOGS_READ));
+        assert_false(scope_allows(SCOPE_TUNNELS_OPEN, SCOPE_LOGS_READ));
 }
 
 int main(void) {

@@ -1,0 +1,521 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""The cloud's side of tunnels and log streams (docs/protocol.md, "Streams:
+tunnels and logs"; docs/cloud.md, "Tunnels and logs") against a scripted
+device (fakedev.py): the HTTP answers, the 101 upgrade over HTTP and HTTPS
+and the bytes both ways, credit and fin, log streams, and devices that
+break the protocol."""
+
+import json
+import os
+import socket
+import ssl
+import sys
+import time
+import urllib.parse
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Failure, api_json, expect, run, seconds  # noqa: E402
+from fakedev import CHANGED, CREATED, POST, URI_QUERY, code, codestr, connect  # noqa: E402
+
+PUT, DELETE = code(0, 3), code(0, 4)
+DELETED = code(2, 2)
+CF = 12
+
+
+def token(w, scopes, devices=None):
+    body = {"name": "t-" + "-".join(scopes).replace(":", "."), "scopes": scopes}
+    if devices:
+        body["devices"] = devices
+    s, b = api_json(w, "POST", "/v1/tokens", body)
+    expect(s in (200, 201), f"token: {s} {b}")
+    return b["token"], b["id"]
+
+
+class Client:
+    """One raw HTTP(S) connection to the API, for the upgrade."""
+
+    def __init__(self, w, tls=False):
+        raw = socket.create_connection(("127.0.0.1", w.api_port), timeout=seconds(10))
+        if tls:
+            ctx = ssl.create_default_context(cafile=w.path("pki", "ca.crt"))
+            ctx.check_hostname = False
+            raw = ctx.wrap_socket(raw)
+        self.s = raw
+        self.buf = b""
+
+    def send_request(self, path, tok, upgrade=True, method="POST"):
+        head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {tok}\r\nContent-Length: 0\r\n"
+        if upgrade:
+            head += "Connection: Upgrade\r\nUpgrade: tether-tunnel\r\n"
+        self.s.sendall((head + "\r\n").encode())
+
+    def head(self):
+        while b"\r\n\r\n" not in self.buf:
+            d = self.s.recv(65536)
+            if not d:
+                raise Failure(f"API closed before the response head: {self.buf!r}")
+            self.buf += d
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        return status, headers
+
+    def body_json(self, headers):
+        n = int(headers.get("content-length", "0"))
+        while len(self.buf) < n:
+            d = self.s.recv(65536)
+            if not d:
+                break
+            self.buf += d
+        body, self.buf = self.buf[:n], self.buf[n:]
+        return json.loads(body or b"null")
+
+    def read(self, n):
+        """Exactly n bytes of the upgraded stream."""
+        while len(self.buf) < n:
+            d = self.s.recv(65536)
+            if not d:
+                raise Failure(f"tunnel closed after {len(self.buf)} of {n} bytes")
+            self.buf += d
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_eof(self):
+        """Everything until the cloud closes; returns it."""
+        while True:
+            try:
+                d = self.s.recv(65536)
+            except (ConnectionResetError, ssl.SSLError):
+                break
+            if not d:
+                break
+            self.buf += d
+        out, self.buf = self.buf, b""
+        return out
+
+    def close(self):
+        self.s.close()
+
+
+class Peer:
+    """A fakedev Device that answers the cloud's /t/ requests by itself
+    (POST 2.04, DELETE 2.02) and keeps them, in order, in inbox."""
+
+    def __init__(self, d):
+        self.d = d
+        self.inbox = []
+
+    def _take(self, m):
+        if os.environ.get("TUNDEBUG"):
+            print("#take", m, query(m), file=sys.stderr)
+        if m.path.startswith("t/") and m.code in (POST, DELETE):
+            self.d.answer(m, CHANGED if m.code == POST else DELETED)
+            self.inbox.append(m)
+            return True
+        return False
+
+    def call(self, method, path, payload=b"", query=(), opts=()):
+        t = self.d.request(method, path, payload, opts=opts, query=query)
+        seen = []
+        r = self.d.response(t, seen=seen)
+        for m in seen:
+            self._take(m)
+        return r
+
+    def expect_msg(self, pred, what, timeout=10):
+        """The first kept or next message that pred takes (removed from the inbox)."""
+        deadline = time.monotonic() + seconds(timeout)
+        while True:
+            for i, m in enumerate(self.inbox):
+                if pred(m):
+                    return self.inbox.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Failure(f"device: timed out waiting for {what}")
+            try:
+                m = self.d.recv(left)
+            except Failure:
+                continue
+            if not self._take(m) and pred(m):
+                return m
+
+    def drain(self, timeout=0.5):
+        """Take what the cloud sends for timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                m = self.d.recv(max(deadline - time.monotonic(), 0.01))
+            except Failure:
+                break
+            self._take(m)
+
+
+def query(m):
+    return [v.decode() for v in m.opt(URI_QUERY)]
+
+
+def ack_of(m):
+    for q in query(m):
+        if q.startswith("ack="):
+            return int(q[4:])
+    return None
+
+
+def wait_stream(d, method, what):
+    return d.wait_for(lambda m: m.code == method and m.path.startswith("t/"), what=what)
+
+
+def open_tunnel(w, d, dev, tok, tls=False, target="127.0.0.1:22", window=65536):
+    """A tunnel the device accepts: (client, sid) after the 101."""
+    c = Client(w, tls)
+    c.send_request(f"/v1/devices/{dev}/tunnel?target={target}", tok)
+    put = wait_stream(d, PUT, "PUT /t/SID")
+    sid = put.path.split("/")[1]
+    body = put.json()
+    expect(body == {"target": target, "window": 262144}, f"open body: {body}")
+    d.answer(put, CREATED, json.dumps({"window": window}).encode(), cf=50)
+    t = d.request(POST, f"t/{sid}", query=("open",))
+    expect(d.response(t).code == CHANGED, "open not answered 2.04")
+    status, headers = c.head()
+    expect(status == 101, f"upgrade: {status} {headers}")
+    expect(headers.get("upgrade") == "tether-tunnel" and headers.get("tether-stream") == sid,
+           f"101 headers: {headers}")
+    return c, sid
+
+
+def test_http_answers(w):
+    w.start_cloud()
+    d, dev = connect(w)
+    other, other_dev = connect(w)
+    # 426 without the Upgrade headers.
+    c = Client(w)
+    c.send_request(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22", w.token, upgrade=False)
+    status, headers = c.head()
+    body = c.body_json(headers)
+    expect(status == 426 and headers.get("upgrade") == "tether-tunnel" and body["ok"] is False,
+           f"no upgrade: {status} {headers} {body}")
+    c.close()
+
+    def answer(path, tok=None, upgrade=True, method="POST"):
+        c = Client(w)
+        c.send_request(path, tok or w.token, upgrade, method)
+        status, headers = c.head()
+        body = c.body_json(headers)
+        c.close()
+        return status, body
+
+    for bad in ("localhost:22", "127.0.0.1", "127.0.0.1:0", "[::1]22", "10.0.0.1:65536", ""):
+        s, b = answer(f"/v1/devices/{dev}/tunnel?target={urllib.parse.quote(bad)}")
+        expect(s == 400 and "target" in b["error"], f"target {bad!r}: {s} {b}")
+    s, b = answer(f"/v1/devices/{dev}/tunnel")
+    expect(s == 400, f"no target: {s} {b}")
+    s, b = answer(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22", tok="tether_nope")
+    expect(s == 401, f"bad token: {s} {b}")
+    reader, _ = token(w, ["devices:read", "functions:call"])
+    s, b = answer(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22", tok=reader)
+    expect(s == 403 and b.get("scope") == "tunnels:open", f"no scope: {s} {b}")
+    only_other, _ = token(w, ["tunnels:open", "logs:read", "devices:read"], devices=[other_dev])
+    s, b = answer(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22", tok=only_other)
+    expect(s == 403, f"restricted token, other device: {s} {b}")
+    s, b = answer(f"/v1/devices/{dev}/logs", tok=only_other, upgrade=False, method="GET")
+    expect(s == 403, f"restricted token, logs of another device: {s} {b}")
+    s, b = answer(f"/v1/devices/{dev}/logs", tok=reader, upgrade=False, method="GET")
+    expect(s == 403 and b.get("scope") == "logs:read", f"logs without the scope: {s} {b}")
+    s, b = answer("/v1/devices/nosuchdev/tunnel?target=127.0.0.1:22")
+    expect(s == 404, f"unknown device: {s} {b}")
+    s, b = answer(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22", method="GET")
+    expect(s == 405, f"GET tunnel: {s} {b}")
+    for q in ("since=yesterday", "lines=10001", "lines=-1", "unit=bad%0aname.service", "unit=nodot",
+              "follow=maybe", "&".join(f"unit=u{i}.service" for i in range(17))):
+        s, b = answer(f"/v1/devices/{dev}/logs?{q}", upgrade=False, method="GET")
+        expect(s == 400, f"logs?{q}: {s} {b}")
+    s, b = answer(f"/v1/devices/{dev}/tunnels", upgrade=False, method="GET")
+    expect(s == 200 and b["open"] == [] and b["closed"] == [], f"list: {s} {b}")
+    s, b = answer(f"/v1/devices/{dev}/tunnels", tok=only_other, upgrade=False, method="GET")
+    expect(s == 403, f"list, restricted token: {s} {b}")
+    # Offline: 409.
+    mark = w.notify.mark()
+    d.close()
+    w.notify.wait(lambda m: m.get("X_TETHER_OFFLINE") == dev, seconds(10), "device offline", mark)
+    s, b = answer(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22")
+    expect(s == 409 and "offline" in b["error"], f"offline: {s} {b}")
+    other.close()
+
+
+def get_json(w, path, tok, tls):
+    c = Client(w, tls)
+    c.send_request(path, tok, upgrade=False, method="GET")
+    status, headers = c.head()
+    body = c.body_json(headers)
+    c.close()
+    return status, body
+
+
+def relay(w, tls):
+    w.start_cloud(extra=f"[API]\nCertificate={w.path('pki', 'server.crt')}\nKey={w.path('pki', 'server.key')}\n"
+                  if tls else "")
+    d, dev = connect(w)
+    p = Peer(d)
+    tok = w.token
+    c, sid = open_tunnel(w, d, dev, tok, tls)
+    path = f"t/{sid}"
+    # client -> device, within the device's window (65536). Over HTTPS
+    # libmicrohttpd 0.9.75 forwards an upgraded connection through a
+    # buffer of a few bytes (docs/cloud.md, "Tunnels and logs"): less data.
+    data = os.urandom(2000 if tls else 200000)
+    first = 600 if tls else 60000
+    c.s.sendall(data[:first])
+    got = b""
+    while len(got) < first:
+        m = p.expect_msg(lambda m: m.code == POST and m.path == path and m.payload, "client data")
+        got += m.payload
+        expect(len(got) <= 65536, f"cloud sent {len(got)} bytes past the window")
+    expect(got == data[:first], "client data differs")
+    # device -> client, with an ack of what the device consumed
+    r = p.call(POST, path, b"hello from the device", query=(f"ack={len(got)}",))
+    expect(r.code == CHANGED, f"data answered {codestr(r.code)}")
+    expect(c.read(21) == b"hello from the device", "device data differs")
+    # the cloud acks what the client took (its buffer ran empty)
+    p.expect_msg(lambda m: m.code == POST and m.path == path and ack_of(m) == 21, "ack=21")
+    # the rest of the client's bytes, acked as they come, never past the credit
+    c.s.sendall(data[first:])
+    while len(got) < len(data):
+        m = p.expect_msg(lambda m: m.code == POST and m.path == path and m.payload, "client data")
+        got += m.payload
+        expect(len(got) <= ack + 65536 if (ack := len(got) - len(m.payload)) else True, "past the credit")
+        p.call(POST, path, query=(f"ack={len(got)}",))
+    expect(got == data, "client data differs")
+    if not tls:
+        # the client shuts down writing: fin
+        c.s.shutdown(socket.SHUT_WR)
+        p.expect_msg(lambda m: m.code == POST and m.path == path and "fin" in query(m), "fin")
+    r = p.call(POST, path, b"bye", query=("fin",))
+    expect(r.code == CHANGED, "fin not answered")
+    expect(c.read(3) == b"bye", "last bytes")
+    if tls:
+        # libmicrohttpd 0.9.75 passes no half-close through TLS: the
+        # device ends the stream.
+        expect(p.call(DELETE, path, b"closed", opts=[(CF, b"")]).code == DELETED, "DELETE")
+    expect(c.read_eof() == b"", "bytes after the end")
+    c.close()
+    # the list and the closed stream
+    deadline = time.monotonic() + seconds(5)
+    while True:
+        s, b = get_json(w, f"/v1/devices/{dev}/tunnels", tok, tls)
+        if b["closed"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    expect(s == 200 and b["open"] == [] and len(b["closed"]) == 1, f"list: {s} {b}")
+    cl = b["closed"][0]
+    expect(cl["sid"] == int(sid) and cl["kind"] == "tunnel" and cl["target"] == "127.0.0.1:22"
+           and cl["bytes_out"] == len(data) and cl["bytes_in"] == 24 and cl["token"].startswith("token:"),
+           f"closed: {cl}")
+    # audit records
+    s, recs = get_json(w, "/v1/audit?action=tunnel.", tok, tls)
+    acts = [(r["actor"], r["action"], r["target"]) for r in recs]
+    expect(acts == [(cl["token"], "tunnel.open", dev), (cl["token"], "tunnel.close", dev)], f"audit: {acts}")
+    expect(recs[1]["detail"]["bytes_out"] == len(data) and recs[1]["detail"]["reason"] in ("closed",),
+           f"close record: {recs[1]}")
+    d.close()
+
+
+def test_relay_http(w):
+    relay(w, False)
+
+
+def test_relay_https(w):
+    relay(w, True)
+
+
+def test_refusals(w):
+    w.start_cloud(extra="[Tunnel]\nMaxStreamsPerDevice=1\n")
+    d, dev = connect(w)
+
+    def attempt(answer_fn, target="127.0.0.1:22"):
+        c = Client(w)
+        c.send_request(f"/v1/devices/{dev}/tunnel?target={target}", w.token)
+        put = wait_stream(d, PUT, "PUT")
+        answer_fn(put)
+        status, headers = c.head()
+        body = c.body_json(headers)
+        c.close()
+        return status, body
+
+    text = b"target 10.0.0.5:22 is not in [Tunnel] Allow="
+    s, b = attempt(lambda p: d.answer(p, code(4, 3), text, cf=0), "10.0.0.5:22")
+    expect(s == 403 and b["error"] == text.decode(), f"refused: {s} {b}")
+    s, b = attempt(lambda p: d.answer(p, code(4, 4), b"no resource 't/1'", cf=0))
+    expect(s == 501 and "too old" in b["error"], f"old agent: {s} {b}")
+    s, b = attempt(lambda p: d.answer(p, code(4, 29), b"too many streams (MaxStreams=8)", cf=0))
+    expect(s == 429 and b["error"] == "too many streams (MaxStreams=8)", f"device limit: {s} {b}")
+
+    def connect_fails(p):
+        sid = p.path.split("/")[1]
+        d.answer(p, CREATED, b'{"window":65536}', cf=50)
+        t = d.request(DELETE, f"t/{sid}", b"connect to 127.0.0.1:22 failed: Connection refused", opts=[(CF, b"")])
+        expect(d.response(t).code == DELETED, "DELETE not answered 2.02")
+    s, b = attempt(connect_fails)
+    expect(s == 502 and b["error"] == "connect to 127.0.0.1:22 failed: Connection refused", f"connect: {s} {b}")
+    # the cloud's own limit: one stream per device here
+    c, sid = open_tunnel(w, d, dev, w.token)
+    c2 = Client(w)
+    c2.send_request(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22", w.token)
+    status, headers = c2.head()
+    body = c2.body_json(headers)
+    expect(status == 429 and "MaxStreamsPerDevice=1" in body["error"], f"cloud limit: {status} {body}")
+    c2.close()
+    # the device goes: the tunnel closes, the reason is in the list
+    d.close()
+    c.read_eof()
+    c.close()
+    s, b = api_json(w, "GET", f"/v1/devices/{dev}/tunnels")
+    expect(b["closed"][0]["reason"] == "device disconnected", f"reason: {b}")
+
+
+def test_hostile_device(w):
+    w.start_cloud()
+    d, dev = connect(w)
+    p = Peer(d)
+    # a stream the cloud never opened
+    r = p.call(POST, "t/77", b"x", query=("open",))
+    expect(r.code == code(4, 4) and b"no stream 77" in r.payload, f"unknown stream: {codestr(r.code)} {r.payload}")
+    for bad in ("t/0", "t/01", "t/99999999999", "t/x"):
+        expect(p.call(POST, bad, b"x").code == code(4, 4), f"{bad}")
+    # data past the window the cloud granted (262144)
+    c, sid = open_tunnel(w, d, dev, w.token)
+    path = f"t/{sid}"
+    chunk = b"z" * 32768
+    for i in range(8):
+        expect(p.call(POST, path, chunk).code == CHANGED, f"chunk {i}")
+    # The client reads nothing, but its socket buffers take some: the
+    # cloud acks what they took. One byte more than acked + window is
+    # refused.
+    received = 8 * 32768
+    for _ in range(1000):
+        p.drain(0.2)
+        acked = max([ack_of(m) or 0 for m in p.inbox if m.path == path] + [0])
+        n = min(32768, acked + 262144 - received + 1)
+        r = p.call(POST, path, b"y" * n)
+        if r.code != CHANGED:
+            break
+        received += n
+    expect(r.code == code(4, 0) and r.payload == b"window exceeded", f"past the window: {codestr(r.code)} {r.payload}")
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == path, "DELETE window exceeded")
+    expect(m.payload == b"window exceeded", f"DELETE reason {m.payload}")
+    c.read_eof()
+    c.close()
+    # data after the end: 4.04
+    expect(p.call(POST, path, b"late").code == code(4, 4), "data after DELETE")
+    # an option twice
+    c, sid = open_tunnel(w, d, dev, w.token)
+    r = p.call(POST, f"t/{sid}", query=("ack=1", "ack=2"))
+    expect(r.code == code(4, 0), f"ack twice: {codestr(r.code)}")
+    p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE after a bad query")
+    c.read_eof()
+    c.close()
+    # an ack of more than was sent
+    c, sid = open_tunnel(w, d, dev, w.token)
+    expect(p.call(POST, f"t/{sid}", query=("ack=1000",)).code == code(4, 0), "ack past what was sent")
+    c.read_eof()
+    c.close()
+    # many options
+    c, sid = open_tunnel(w, d, dev, w.token)
+    expect(p.call(POST, f"t/{sid}", query=[f"x{i}=1" for i in range(20)]).code == code(4, 0), "20 options")
+    c.read_eof()
+    c.close()
+    s, b = api_json(w, "GET", f"/v1/devices/{dev}/tunnels")
+    reasons = [x["reason"] for x in b["closed"]]
+    expect(reasons[:4] == ["malformed query", "bad ack", "malformed query", "window exceeded"], f"reasons: {reasons}")
+    d.close()
+
+
+def test_logs(w):
+    w.start_cloud()
+    d, dev = connect(w)
+    tok, tok_id = token(w, ["logs:read"])
+    c = Client(w)
+    c.send_request(f"/v1/devices/{dev}/logs?unit=tetherd.service&since=1765100000&lines=5", tok, upgrade=False,
+                   method="GET")
+    put = wait_stream(d, PUT, "PUT logs")
+    sid = put.path.split("/")[1]
+    expect(put.json() == {"journal": {"units": ["tetherd.service"], "since": 1765100000000000, "lines": 5,
+                                      "follow": False}, "window": 262144}, f"open: {put.json()}")
+    p = Peer(d)
+    d.answer(put, CREATED, b'{"window":65536}', cf=50)
+    fin = p.expect_msg(lambda m: m.code == POST and m.path == f"t/{sid}", "the cloud's fin")
+    expect("fin" in query(fin) and not fin.payload, f"cloud fin: {query(fin)}")
+    lines = b"".join(json.dumps({"realtime": i, "message": f"line {i}"}).encode() + b"\n" for i in range(5))
+    expect(p.call(POST, f"t/{sid}", lines, query=("fin",)).code == CHANGED, "log data")
+    status, headers = c.head()
+    expect(status == 200 and headers.get("content-type") == "application/x-ndjson", f"logs: {status} {headers}")
+    while not c.buf.endswith(b"\r\n0\r\n\r\n"):
+        more = c.s.recv(65536)
+        if not more:
+            break
+        c.buf += more
+    body = c.buf
+    # chunked: the lines are in it, in order
+    expect(all(f"line {i}".encode() in body for i in range(5)) and body.index(b"line 0") < body.index(b"line 4"),
+           f"body: {body!r}")
+    c.close()
+    s, recs = api_json(w, "GET", "/v1/audit?action=logs.")
+    expect([r["actor"] for r in recs] == [f"token:{tok_id}"], f"audit: {recs}")
+    # refused unit: 403 with the device's text
+    c = Client(w)
+    c.send_request(f"/v1/devices/{dev}/logs?unit=foo.service", tok, upgrade=False, method="GET")
+    put = wait_stream(d, PUT, "PUT logs")
+    d.answer(put, code(4, 3), b"unit foo.service is not in [Logs] Units=", cf=0)
+    status, headers = c.head()
+    body = c.body_json(headers)
+    expect(status == 403 and body["error"] == "unit foo.service is not in [Logs] Units=", f"{status} {body}")
+    c.close()
+    # open on a log stream is a protocol error
+    c = Client(w)
+    c.send_request(f"/v1/devices/{dev}/logs?follow=1", tok, upgrade=False, method="GET")
+    put = wait_stream(d, PUT, "PUT logs")
+    sid = put.path.split("/")[1]
+    d.answer(put, CREATED, b'{"window":65536}', cf=50)
+    r = p.call(POST, f"t/{sid}", query=("open",))
+    expect(r.code == code(4, 0) and r.payload == b"open on a log stream", f"open on logs: {codestr(r.code)}")
+    c.close()
+    d.close()
+
+
+def test_ends(w):
+    """Idleness, revocation and shutdown end streams with their reasons."""
+    w.start_cloud(extra="[Tunnel]\nIdleSec=2\n")
+    d, dev = connect(w)
+    p = Peer(d)
+    c, sid = open_tunnel(w, d, dev, w.token)
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE client idle", timeout=10)
+    expect(m.payload == b"client idle", f"idle reason {m.payload}")
+    c.read_eof()
+    c.close()
+    tok, tok_id = token(w, ["tunnels:open"])
+    c, sid = open_tunnel(w, d, dev, tok)
+    s, b = api_json(w, "DELETE", f"/v1/tokens/{tok_id}")
+    expect(s == 200, f"revoke: {s} {b}")
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE token revoked")
+    expect(m.payload == b"token revoked", f"revoked reason {m.payload}")
+    c.read_eof()
+    c.close()
+    c, sid = open_tunnel(w, d, dev, w.token)
+    w.cloud.stop()
+    # The DELETE is queued before the sessions close; whether libcoap
+    # writes it first is its affair: the device drops its streams with
+    # the session anyway.
+    try:
+        m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE shutting down")
+        expect(m.payload == b"shutting down", f"shutdown reason {m.payload}")
+    except EOFError:
+        pass
+    c.read_eof()
+    c.close()
+    d.close()
+
+
+if __name__ == "__main__":
+    sys.exit(run([test_http_answers, test_relay_http, test_relay_https, test_refusals, test_hostile_device,
+                  test_logs, test_ends]))
