@@ -28,16 +28,13 @@ DEV_TARGET_OFF = "127.0.0.1:1"  # never allowed
 
 
 class EchoServer:
-    """A TCP server on the device's side: echo (default), sink (reads and
-    counts), or source (writes until the client goes away)."""
+    """A TCP echo server on the device's side."""
 
-    def __init__(self, mode="echo"):
-        self.mode = mode
+    def __init__(self):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.received = 0
         self.clients = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -54,18 +51,11 @@ class EchoServer:
 
     def _serve(self, c):
         try:
-            if self.mode == "source":
-                chunk = os.urandom(65536)
-                while True:
-                    c.sendall(chunk)
             while True:
                 d = c.recv(65536)
                 if not d:
                     break
-                with self.lock:
-                    self.received += len(d)
-                if self.mode == "echo":
-                    c.sendall(d)
+                c.sendall(d)
             c.shutdown(socket.SHUT_WR)
         except OSError:
             pass
