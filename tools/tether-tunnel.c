@@ -674,7 +674,11 @@ static int tunnel_run(Tunnel *t) {
         r = tunnel_open(t);
         if (r < 0)
                 return r;
-        log_info("tunnel %" PRIu64 " open to %s on %s", t->sid, t->o->target, t->o->device);
+        /* Under ssh (--stdio) our stderr is the user's terminal: quiet. */
+        if (t->local_socket)
+                log_info("tunnel %" PRIu64 " open to %s on %s", t->sid, t->o->target, t->o->device);
+        else
+                log_debug("tunnel %" PRIu64 " open to %s on %s", t->sid, t->o->target, t->o->device);
         r = tunnel_relay(t);
         if (r == -EINTR)
                 return 0;
