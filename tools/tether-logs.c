@@ -264,14 +264,18 @@ int cmd_logs(Api *a, char **args, int n) {
 
                 if (lines >= 0)
                         snprintf(num, sizeof(num), "%lld", lines);
+                /* Every argument as "&k=v"; the first '&' becomes the '?'. */
                 if ((since && !v) ||
-                    asprintf(&url, "%s/v1/devices/%s/logs?%s%s%s%s%s%s", a->base, device, follow ? "follow=1" : "",
+                    asprintf(&url, "%s/v1/devices/%s/logs%s%s%s%s%s%s", a->base, device, follow ? "&follow=1" : "",
                              since ? "&since=" : "", v ?: "", num[0] ? "&lines=" : "", num, query) < 0) {
                         curl_free(v);
                         url = NULL;
                         return log_error_errno(-ENOMEM, "Out of memory");
                 }
                 curl_free(v);
+                end = strchr(url + strlen(a->base), '&');
+                if (end)
+                        *end = '?';
         }
 
         sigemptyset(&sa.sa_mask);
