@@ -22,7 +22,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EMULATOR, TETHER, Failure, Skip, api_json, expect, seconds, run, whole_seconds  # noqa: E402
+from harness import EMULATOR, TETHER, Failure, Skip, api_json, expect, poll, seconds, run, whole_seconds  # noqa: E402
 
 DEV_TARGET_OFF = "127.0.0.1:1"  # never allowed
 
@@ -206,10 +206,13 @@ def test_echo_events_audit(w):
            and "reason" in data and "stream" in data, f"closed event: {data}")
     expect(data.get("bytes_in") == 4, f"closed event: {data}")
     expect(event_data(opened).get("token") == data["token"], f"opened event: {opened}")
-    status, recs = api_json(w, "GET", "/v1/audit?action=tunnel.")
-    expect(status == 200, f"audit: {status} {recs}")
-    actions = [r["action"] for r in recs]
-    expect(actions.count("tunnel.open") == 5 and actions.count("tunnel.close") == 5, f"audit actions: {actions}")
+    def audited():
+        status, recs = api_json(w, "GET", "/v1/audit?action=tunnel.")
+        expect(status == 200, f"audit: {status} {recs}")
+        actions = [r["action"] for r in recs]
+        return recs if actions.count("tunnel.open") == 5 and actions.count("tunnel.close") == 5 else None
+
+    recs = poll(audited, 10, "5 tunnel.open and 5 tunnel.close audit records")
     expect(all(r["actor"].startswith("token:") and r["target"] == dev for r in recs), f"audit records: {recs}")
     expect(cli.close() == 0, "tether tunnel exit status after SIGTERM")
 
