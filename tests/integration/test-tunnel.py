@@ -416,15 +416,15 @@ def percentile(xs, p):
 
 
 def call_latencies(w, dev, n):
-    """n sequential calls of the example plugin's echo over one keep-alive
-    HTTP connection: each call's time in ms."""
+    """n sequential calls of the example plugin's add (no event, unlike
+    echo) over one keep-alive HTTP connection: each call's time in ms."""
     conn = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=seconds(30))
     headers = {"Authorization": f"Bearer {w.token}", "Content-Type": "application/x-www-form-urlencoded"}
     out = []
     try:
         for i in range(n):
             t0 = time.perf_counter()
-            conn.request("POST", f"/v1/devices/{dev}/echo", body=f"arg=x{i}", headers=headers)
+            conn.request("POST", f"/v1/devices/{dev}/add", body=f"arg={i},1", headers=headers)
             r = conn.getresponse()
             body = r.read()
             out.append((time.perf_counter() - t0) * 1000)
