@@ -22,6 +22,7 @@
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/ssl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -426,6 +427,26 @@ static int tunnel_open(Tunnel *t) {
         return 1;
 }
 
+/* Send TLS close_notify on the API connection and keep reading: a
+ * half-close that TLS 1.3 allows. libcurl has no call for it, so this
+ * reaches OpenSSL's SSL object through CURLINFO_TLS_SSL_PTR (the backend
+ * Debian's libcurl4-openssl-dev links). 0, -EAGAIN (call again when the
+ * socket is writable), or -EOPNOTSUPP with another TLS backend (then the
+ * device's side ends only with the tunnel). */
+static int tls_half_close(Tunnel *t) {
+        struct curl_tlssessioninfo *info = NULL;
+        int k;
+
+        if (curl_easy_getinfo(t->api.curl, CURLINFO_TLS_SSL_PTR, &info) != CURLE_OK || !info ||
+            info->backend != CURLSSLBACKEND_OPENSSL || !info->internals)
+                return -EOPNOTSUPP;
+        k = SSL_shutdown(info->internals);
+        if (k >= 0)
+                return 0;
+        k = SSL_get_error(info->internals, k);
+        return k == SSL_ERROR_WANT_WRITE || k == SSL_ERROR_WANT_READ ? -EAGAIN : -EIO;
+}
+
 /* Relay until both directions ended, either side failed, or quit. */
 static int tunnel_relay(Tunnel *t) {
         bool local_eof = false, remote_eof = false, remote_shut = false, local_shut = false;
@@ -502,13 +523,16 @@ static int tunnel_relay(Tunnel *t) {
                         }
                 } while (moved && !tunnel_interrupted);
 
-                /* Pass on an end of input: on plain HTTP as a half-close;
-                 * TLS through libcurl has none, so over https:// the
-                 * device's side ends only with the tunnel. */
+                /* Pass on an end of input as a half-close: on plain HTTP
+                 * of the socket; over https:// as TLS close_notify, which
+                 * libcurl has no call for (see tls_half_close()). */
                 if (local_eof && t->up_len == 0 && !remote_shut) {
-                        if (startswith(t->api.base, "http://"))
-                                (void)shutdown(t->rfd, SHUT_WR);
-                        remote_shut = true;
+                        int k = startswith(t->api.base, "http://") ? shutdown(t->rfd, SHUT_WR) : tls_half_close(t);
+
+                        if (k == -EAGAIN)
+                                r_out = false; /* again when writable */
+                        else
+                                remote_shut = true;
                 }
                 if (remote_eof && t->down_len == 0 && !local_shut) {
                         if (t->local_socket)
@@ -531,7 +555,7 @@ static int tunnel_relay(Tunnel *t) {
                         { .fd = t->down_len > 0 ? t->out_fd : -1, .events = POLLOUT },
                         { .fd = t->rfd,
                           .events = (short)((!remote_eof && t->down_len == 0 ? POLLIN : 0) |
-                                            (t->up_len > 0 ? POLLOUT : 0)) },
+                                            (t->up_len > 0 || (local_eof && !remote_shut) ? POLLOUT : 0)) },
                         { .fd = t->quit_fd, .events = POLLIN },
                 };
                 if (p[2].events == 0)
