@@ -900,6 +900,8 @@ int cmd_tunnel(Api *a, char **args, int n) {
         sigemptyset(&sa.sa_mask);
         sigaction(SIGINT, &sa, NULL);
         sigaction(SIGTERM, &sa, NULL);
+        /* ssh ends its ProxyCommand with SIGHUP. */
+        sigaction(SIGHUP, &sa, NULL);
 
         if (o.stdio) {
                 Tunnel t = { .main = a, .o = &o, .in_fd = STDIN_FILENO, .out_fd = STDOUT_FILENO,
@@ -915,6 +917,7 @@ int cmd_tunnel(Api *a, char **args, int n) {
 out:
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
+        signal(SIGHUP, SIG_DFL);
         if (quit_pipe[0] >= 0) {
                 close(quit_pipe[0]);
                 close(quit_pipe[1]);
