@@ -75,7 +75,7 @@ NOW = int(time.time() * 1e6)
 
 def base_entries():
     e = [("tetherd.service", "tetherd", 100 + i, f"tetherd line {i}", NOW - (60 - i) * 1_000_000) for i in range(30)]
-    e += [("tether-ota-install.service", "tether-ota", 7, "ota line", NOW - 20 * 1_000_000)]
+    e += [("tether-ota-install.service", "tether-ota", 7, "ota line", NOW - 33_500_000)]
     e += [("foo.service", "foo", 9, f"foo line {i}", NOW - (40 - i) * 1_000_000) for i in range(3)]
     e += [("secret.service", "secret", 10, "secret line", NOW - 10 * 1_000_000)]
     return sorted(e, key=lambda x: x[4])
