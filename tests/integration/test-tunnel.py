@@ -75,8 +75,10 @@ class EchoServer:
 class TunnelCli:
     """tether tunnel DEV TARGET --listen 127.0.0.1:0, its stderr collected."""
 
-    def __init__(self, w, dev, target, token=None, prefix=()):
-        env = dict(os.environ, TETHER_API=w.api, TETHER_TOKEN=token or w.token)
+    def __init__(self, w, dev, target, token=None, prefix=(), api=None, cacert=None):
+        env = dict(os.environ, TETHER_API=api or w.api, TETHER_TOKEN=token or w.token)
+        if cacert:
+            env["TETHER_CACERT"] = cacert
         self.proc = subprocess.Popen([*prefix, *EMULATOR, TETHER, "tunnel", dev, target, "--listen", "127.0.0.1:0"],
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
@@ -259,6 +261,24 @@ def test_refusals(w):
     a.stop()
     r = w.tether("tunnel", dev, target, "--stdio", check=False)
     expect(r.returncode == 1 and "refused" in r.stderr, f"offline device: {r.returncode} {r.stderr!r}")
+
+
+def test_https(w):
+    """Over an HTTPS API: the upgrade through TLS, and the end of the local
+    input passed on as TLS close_notify (the echo answers, then ends)."""
+    echo = EchoServer()
+    w.cleanups.append(echo.close)
+    w.start_cloud(extra=f"[API]\nCertificate={w.path('pki', 'server.crt')}\nKey={w.path('pki', 'server.key')}\n")
+    a = w.start_agent(extra=f"[Tunnel]\nAllow=127.0.0.1:{echo.port}\n")
+    api, ca = f"https://127.0.0.1:{w.api_port}", w.path("pki", "ca.crt")
+    cli = TunnelCli(w, a.device_id, f"127.0.0.1:{echo.port}", api=api, cacert=ca)
+    big = os.urandom(3 << 20)
+    expect(echo_round_trip(cli, big) == big, "3 MB echo over HTTPS differs")
+    cli.wait(r"tunnel \d+ closed: .*\(3145728 bytes in, 3145728 out\)")
+    r = subprocess.run(EMULATOR + [TETHER, "tunnel", a.device_id, str(echo.port), "--stdio"], input=b"over tls",
+                       capture_output=True, timeout=seconds(30),
+                       env=dict(os.environ, TETHER_API=api, TETHER_TOKEN=w.token, TETHER_CACERT=ca))
+    expect(r.returncode == 0 and r.stdout == b"over tls", f"--stdio over HTTPS: {r.returncode} {r.stderr!r}")
 
 
 def test_tunnels_off(w):
@@ -550,7 +570,7 @@ def test_call_latency_during_transfer(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_echo_events_audit, test_refusals, test_tunnels_off, test_max_streams, test_idle_timeout,
+    sys.exit(run([test_echo_events_audit, test_refusals, test_https, test_tunnels_off, test_max_streams, test_idle_timeout,
                   test_device_reconnect_ends_tunnel, test_scp_100mb_through_stdio,
                   test_call_latency_during_transfer],
                  emulated="the latency bound and 100 MB transfers are for the native run"))
