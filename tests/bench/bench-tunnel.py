@@ -194,7 +194,9 @@ def main():
         except harness.Skip as e:
             print(f"# ssh -L left out: {e}")
             sshd = None
-        w.start_cloud(extra=f"[Tunnel]\nMaxStreamsPerDevice={o.streams + 16}\nMaxStreams={o.streams + 16}\n")
+        # Every idle stream is an HTTP connection from 127.0.0.1.
+        w.start_cloud(extra=f"[API]\nMaxConnectionsPerIP=0\nRateLimitPerAddress=0\nRateLimitPerToken=0\n"
+                            f"[Tunnel]\nMaxStreamsPerDevice={o.streams + 16}\nMaxStreams={o.streams + 16}\n")
         a = w.start_agent(extra=f"[Tunnel]\nAllow=127.0.0.1:{sink.port} 127.0.0.1:{echo.port}\n"
                                 f"MaxStreams={o.streams + 16}\n")
         dev = a.device_id
