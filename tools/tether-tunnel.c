@@ -53,6 +53,7 @@ typedef struct Tunnel {
         const Api *main;
         const TunnelOpts *o;
         Api api; /* its own handle (curl_easy_duphandle of main's) */
+        CURL *report_curl; /* another, for tunnel_report() */
         int in_fd, out_fd; /* local side: one socket, or stdin and stdout */
         bool local_socket;
         int quit_fd; /* readable: stop */
@@ -327,9 +328,8 @@ static int tunnel_open(Tunnel *t) {
         int r;
 
         deadline = now_usec() + (unsigned long long)timeout_ms * 1000ULL;
-        t->api.curl = curl_easy_duphandle(t->main->curl);
         t->api.base = strdup(t->main->base);
-        if (!t->api.curl || !t->api.base)
+        if (!t->api.curl || !t->report_curl || !t->api.base)
                 return log_error_errno(-ENOMEM, "Out of memory");
         curl_easy_setopt(t->api.curl, CURLOPT_ERRORBUFFER, t->api.errbuf);
         curl_easy_setopt(t->api.curl, CURLOPT_URL, t->api.base);
@@ -638,10 +638,10 @@ static void tunnel_report(Tunnel *t) {
         char text[TETHER_ERROR_TEXT_MAX + 1] = "";
         bool known = false;
 
-        /* A fresh handle: the tunnel's one is a CONNECT_ONLY connection. */
+        /* The other handle: the tunnel's one is a CONNECT_ONLY connection. */
         if (t->api.curl)
                 curl_easy_cleanup(t->api.curl);
-        t->api.curl = curl_easy_duphandle(t->main->curl);
+        t->api.curl = TAKE_PTR(t->report_curl);
         if (!t->api.curl || asprintf(&url, "%s/v1/devices/%s/tunnels", t->api.base, t->o->device) < 0) {
                 url = NULL;
                 goto print;
@@ -677,6 +677,8 @@ print:
 static void tunnel_done(Tunnel *t) {
         if (t->api.curl)
                 curl_easy_cleanup(t->api.curl);
+        if (t->report_curl)
+                curl_easy_cleanup(t->report_curl);
         free(t->api.base);
         buffer_done(&t->api.body);
         free(t->up);
@@ -813,16 +815,22 @@ static int tunnel_listen(Api *a, const TunnelOpts *o) {
                 (void)setsockopt(cfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
                 c = calloc(1, sizeof(*c));
                 if (c) {
+                        /* libcurl handles are not to be shared between
+                         * threads: copies of a's are made here. */
                         c->l = &l;
                         c->t = (Tunnel){ .main = a, .o = o, .in_fd = cfd, .out_fd = cfd, .local_socket = true,
-                                         .quit_fd = quit_pipe[0] };
+                                         .quit_fd = quit_pipe[0], .api.curl = curl_easy_duphandle(a->curl),
+                                         .report_curl = curl_easy_duphandle(a->curl) };
                 }
                 pthread_attr_init(&attr);
                 pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
                 if (!c || pthread_create(&th, &attr, conn_thread, c) != 0) {
                         log_warning("Warning: cannot serve a connection: out of resources");
+                        if (c)
+                                tunnel_done(&c->t); /* closes cfd */
+                        else
+                                close(cfd);
                         free(c);
-                        close(cfd);
                         pthread_mutex_lock(&l.lock);
                         l.active--;
                         pthread_mutex_unlock(&l.lock);
@@ -905,7 +913,8 @@ int cmd_tunnel(Api *a, char **args, int n) {
 
         if (o.stdio) {
                 Tunnel t = { .main = a, .o = &o, .in_fd = STDIN_FILENO, .out_fd = STDOUT_FILENO,
-                             .quit_fd = quit_pipe[0] };
+                             .quit_fd = quit_pipe[0], .api.curl = curl_easy_duphandle(a->curl),
+                             .report_curl = curl_easy_duphandle(a->curl) };
 
                 r = tunnel_run(&t);
                 tunnel_done(&t);
