@@ -153,3 +153,11 @@ void campaign_help(void);
 /* tether-ota.c: "tether ota ..." */
 int cmd_ota(Api *a, char **args, int n);
 void ota_help(void);
+
+/* tether-tunnel.c: "tether tunnel ..." (its options follow the word) */
+int cmd_tunnel(Api *a, char **args, int n);
+void tunnel_help(void);
+
+/* tether-logs.c: "tether logs ..." (its options follow the word) */
+int cmd_logs(Api *a, char **args, int n);
+void logs_help(void);

@@ -1515,10 +1515,16 @@ static void help(void) {
                "  unrevoke DEVICE               let a revoked device connect again\n"
                "  ota ...                       signed package updates ('tether ota --help')\n"
                "  campaign ...                  phased updates of many devices ('tether campaign --help')\n"
+               "  tunnel DEVICE [HOST:]PORT     reach a TCP port of the device, like ssh -L\n"
+               "        --listen [ADDR:]PORT      on a local port (default address 127.0.0.1)\n"
+               "        --stdio                   on stdin/stdout (ssh ProxyCommand)\n"
+               "  logs DEVICE                   print the device's journal ('tether logs --help')\n"
+               "        --unit UNIT, --since TIME, -n LINES, -f, --json\n"
                "  tokens create --scope S...    make an API token (admin); shows it once\n"
                "        --scope SCOPE             devices:read, devices:write, functions:call,\n"
                "                                  events:read, events:publish, ota:write,\n"
-               "                                  metrics:read, admin, provision:write\n"
+               "                                  metrics:read, admin, provision:write,\n"
+               "                                  tunnels:open, logs:read\n"
                "        --expires DURATION        e.g. 3600, 90m, 12h, 30d (default: never)\n"
                "        --name NAME               what it is for\n"
                "        --device DEVICE           only this device (repeatable)\n"
@@ -1617,11 +1623,30 @@ static const struct {
         { "rename", cmd_rename },   { "notes", cmd_notes },       { "tag", cmd_tag },
         { "untag", cmd_untag },
         { "campaign", cmd_campaign },
+        { "tunnel", cmd_tunnel },   { "logs", cmd_logs },
 };
 
-/* Where the command word is, when it is "campaign" (which parses its own
- * options after it), else argc: the global options before it, each with
- * its argument when it takes one. */
+/* The commands that parse their own options, after their word. */
+static const struct {
+        const char *name;
+        CommandFunc func;
+        void (*help)(void);
+} own_options[] = {
+        { "campaign", cmd_campaign, campaign_help },
+        { "tunnel", cmd_tunnel, tunnel_help },
+        { "logs", cmd_logs, logs_help },
+};
+
+static bool own_options_word(const char *w) {
+        for (size_t i = 0; i < ELEMENTSOF(own_options); i++)
+                if (streq(w, own_options[i].name))
+                        return true;
+        return false;
+}
+
+/* Where the command word is, when it is one of own_options[] (which parse
+ * their own options after it), else argc: the global options before it,
+ * each with its argument when it takes one. */
 static int campaign_word(int argc, char **argv) {
         static const char *const with_arg[] = { "--api", "--token", "--cacert", "--timeout" };
 
@@ -1629,9 +1654,9 @@ static int campaign_word(int argc, char **argv) {
                 bool takes = false;
 
                 if (streq(argv[i], "--"))
-                        return i + 1 < argc && streq(argv[i + 1], "campaign") ? i + 1 : argc;
+                        return i + 1 < argc && own_options_word(argv[i + 1]) ? i + 1 : argc;
                 if (argv[i][0] != '-')
-                        return streq(argv[i], "campaign") ? i : argc;
+                        return own_options_word(argv[i]) ? i : argc;
                 for (size_t k = 0; k < ELEMENTSOF(with_arg); k++)
                         takes = takes || streq(argv[i], with_arg[k]);
                 if (takes)
@@ -1890,15 +1915,22 @@ static int parse_argv(int argc, char **argv, CommandFunc *ret_func, int *ret_opt
         }
 
         if (campaign < argc) {
+                size_t k = 0;
+
+                while (!streq(own_options[k].name, argv[campaign]))
+                        k++;
                 if (help_seen) {
-                        campaign_help();
+                        own_options[k].help();
                         return 0;
                 }
                 if (optind < campaign)
-                        return cli_usage_error("Unexpected argument '%s' before 'campaign'", argv[optind]);
-                if (ota_opts || token_opts || audit_opts || expires || arg.device || arg.n_ota_tags || arg.reason)
-                        return cli_usage_error("Give the options of 'campaign' after the word 'campaign'");
-                *ret_func = cmd_campaign;
+                        return cli_usage_error("Unexpected argument '%s' before '%s'", argv[optind], argv[campaign]);
+                if (ota_opts || token_opts || audit_opts || list_opts || expires || arg.device || arg.n_ota_tags ||
+                    arg.reason || arg.private_ || arg.ttl >= 0 || arg.count > 0 || arg.resume || arg.n_scopes > 0 ||
+                    arg.provision_uses > 0 || arg.webhook_prefix || arg.webhook_secret)
+                        return cli_usage_error("Give the options of '%s' after the word '%s'", argv[campaign],
+                                               argv[campaign]);
+                *ret_func = own_options[k].func;
                 *ret_optind = campaign + 1;
                 return 1;
         }

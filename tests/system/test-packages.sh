@@ -21,7 +21,8 @@
 # agent's start), systemctl start tetherd until the device is online in the
 # cloud, the STATUS line, the journal's
 # structured fields and message catalogs, reload (agent, then
-# cloud) keeping the connection, watchdog kill and restart of a stopped agent, apt-get remove
+# cloud) keeping the connection, watchdog kill and restart of a stopped agent,
+# `tether logs -f` showing a probe line within 1 s, apt-get remove
 # (state kept) and purge (nothing left behind).
 #
 # Exit 77 (skip) with the reason when this machine cannot boot a container.
@@ -335,6 +336,41 @@ wait_for 30 "device online after the restart" online || fail "device not online 
 ok "NRestarts=$(ctr systemctl show -p NRestarts --value tetherd), new MainPID $(ctr systemctl show -p MainPID --value tetherd), device online"
 ctr rm -rf /run/systemd/system/tetherd.service.d
 ctr systemctl daemon-reload
+
+# ---------------------------------------------------------------------------
+step "tether logs -f: a line written under a unit of [Logs] Units= reaches the CLI within 1 s"
+# The packaged agent reads the system journal (SupplementaryGroups=
+# systemd-journal); [Logs] Units= lets `tether logs --unit` read the probe's
+# unit, and a reload applies to new streams.
+since=$(cursor)
+ctr sh -c 'printf "\n[Logs]\nUnits=tether-probe.service\n" >>/etc/tether/tetherd.conf' || fail "cannot edit tetherd.conf"
+ctr systemctl reload tetherd || fail "systemctl reload tetherd failed"
+wait_for 10 "reload logged" reloaded || fail "no 'Reloaded configuration' after adding [Logs] Units="
+probe() { ctr systemd-run --unit=tether-probe --quiet --wait --collect sh -c "echo $1 | systemd-cat -t tether-probe"; }
+# Ends by itself (--timeout) so that nothing outlives the step.
+ctr env "${api_env[@]}" TETHER_TOKEN="$token" tether --timeout 60 logs "$dev" --unit tether-probe.service -n 0 -f --json \
+    >"$scratch/logs.out" 2>"$scratch/logs.err" &
+logs_pid=$!
+# The stream is open once a probe line comes through.
+streaming() { probe "ready-$RANDOM" && grep -q '"message":"ready-' "$scratch/logs.out"; }
+wait_for 30 "tether logs -f streaming" streaming ||
+    fail "tether logs -f printed no probe line: $(cat "$scratch/logs.err") $(ctr journalctl -u tetherd -o cat | tail -n 5)"
+nonce="probe-$$-$RANDOM"
+t0=$(date +%s%N)
+probe "$nonce" || fail "systemd-run of the probe failed"
+seen=""
+until seen=$(grep -m1 "\"message\":\"$nonce\"" "$scratch/logs.out"); [ -n "$seen" ]; do
+    [ $(( ($(date +%s%N) - t0) / 1000000 )) -lt 10000 ] || fail "tether logs -f did not print '$nonce' within 10 s: $(tail -n 3 "$scratch/logs.out")"
+    sleep 0.01
+done
+t1=$(date +%s%N)
+written_us=$(sed -n 's/.*"realtime":\([0-9]*\).*/\1/p' <<<"$seen")
+delay_ms=$(( (t1 / 1000 - written_us) / 1000 ))
+total_ms=$(( (t1 - t0) / 1000000 ))
+[ "$delay_ms" -le 1000 ] || fail "the probe line took $delay_ms ms from the journal to tether logs -f (bound 1000 ms)"
+ok "probe line printed $delay_ms ms after its journal timestamp ($total_ms ms after systemd-run started)"
+kill "$logs_pid" 2>/dev/null
+wait "$logs_pid" 2>/dev/null
 
 # ---------------------------------------------------------------------------
 step "plugin packages: tether-plugin-{gpio,sensors,system} load inside tetherd's sandbox"
