@@ -53,6 +53,8 @@
 /* Rounds in a row that MHD may be run at once, without I/O in between,
  * before it waits a millisecond (api_update_timer()). */
 #define API_BUSY_ROUNDS_MAX 64
+/* Of those, how many run at the loop's usual priority (api_update_timer()). */
+#define API_PROMPT_ROUNDS 4
 #define API_AUDIT_TARGET_MAX 256 /* bytes of a URL or name kept in the audit log */
 
 /* One TCP connection (MHD's socket context), alive from accept to close,
@@ -204,6 +206,14 @@ static void api_update_timer(Api *api) {
                  * connection): a timer, even with 1 ms accuracy, adds up to
                  * a millisecond per round. */
                 (void)sd_event_source_set_enabled(api->timer, SD_EVENT_OFF);
+                /* The first rounds at the loop's usual priority: the
+                 * answer to a call is sent in one of them, and at idle
+                 * priority it would wait until nothing else is pending,
+                 * which a busy tunnel or event stream makes never. Later
+                 * rounds at idle priority (api_new() says why). */
+                (void)sd_event_source_set_priority(api->defer, api->busy_rounds <= API_PROMPT_ROUNDS
+                                                                       ? SD_EVENT_PRIORITY_NORMAL
+                                                                       : SD_EVENT_PRIORITY_IDLE);
                 (void)sd_event_source_set_enabled(api->defer, SD_EVENT_ONESHOT);
         } else {
                 /* MHD 0.9.75 also says "now", round after round, for a TLS
