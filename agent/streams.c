@@ -71,7 +71,7 @@ struct Streams {
         Conn *conn;
         const Config *config;
         Stream *streams;
-        size_t inflight; /* stream payload bytes sent and not answered, this session */
+        size_t inflight; /* stream messages sent and not answered, this session: payload + PROTO_STREAM_MESSAGE_COST each */
         uint64_t epoch;  /* counts sessions: answers from an earlier one are ignored */
         sd_event_source *pump;
         uint8_t *rbuf; /* PROTO_STREAM_CHUNK_MAX, while any tunnel is open */
@@ -145,7 +145,9 @@ static void stream_destroy(Stream *st) {
 static size_t stream_room(Stream *st) {
         Streams *s = st->owner;
         uint64_t credit = st->peer_ack + st->peer_window - st->sent;
-        size_t link = s->inflight >= PROTO_STREAM_INFLIGHT_MAX ? 0 : PROTO_STREAM_INFLIGHT_MAX - s->inflight;
+        size_t link = s->inflight + PROTO_STREAM_MESSAGE_COST >= PROTO_STREAM_INFLIGHT_MAX
+                              ? 0
+                              : PROTO_STREAM_INFLIGHT_MAX - s->inflight - PROTO_STREAM_MESSAGE_COST;
         size_t room = credit < link ? (size_t)credit : link;
 
         if (s->inflight > 0 && link < STREAMS_READ_MIN && credit >= STREAMS_READ_MIN)
@@ -169,7 +171,8 @@ static void on_answer(int error, unsigned code, const uint8_t *data, size_t len,
                 free(m);
                 return;
         }
-        s->inflight -= m->len < s->inflight ? m->len : s->inflight;
+        s->inflight -= m->len + PROTO_STREAM_MESSAGE_COST < s->inflight ? m->len + PROTO_STREAM_MESSAGE_COST
+                                                                         : s->inflight;
         st = stream_find(s, m->sid);
         if (st && error < 0) {
                 /* The session went (every stream goes with it) or the cloud
@@ -229,7 +232,7 @@ static int stream_send(Stream *st, const void *data, size_t len, bool fin, bool 
         }
         st->ack_sent = st->consumed;
         st->sent += len;
-        s->inflight += len;
+        s->inflight += len + PROTO_STREAM_MESSAGE_COST;
         s->stats.bytes_out += len;
         if (fin)
                 st->fin_sent = true;

@@ -34,6 +34,10 @@
 #define PROTO_STREAM_WINDOW_MIN 32768
 #define PROTO_STREAM_WINDOW_MAX 4194304
 #define PROTO_STREAM_INFLIGHT_MAX 131072 /* per session and direction: stream data sent and not yet answered */
+/* What one stream message counts against PROTO_STREAM_INFLIGHT_MAX besides
+ * its payload: as much as the cloud counts per message against a device's
+ * MaxQueuedBytes, so that many small messages cannot fill that either. */
+#define PROTO_STREAM_MESSAGE_COST 128
 
 /* Uri-Query flag marking a published event private. */
 #define PROTO_QUERY_PRIVATE "private"

@@ -53,6 +53,10 @@ static Seen seen[8];
 
 /* The answer to our last request. */
 static int answer_code = -1;
+/* The token of the request request() waits for: answers to others (acks
+ * and data still in flight) are not its answer. */
+static uint8_t want_token[8];
+static size_t want_token_len;
 static unsigned answer_cf;
 static char answer_text[512];
 
@@ -123,7 +127,10 @@ static coap_response_t on_response(coap_session_t *s, const coap_pdu_t *sent, co
         coap_opt_t *cf = coap_check_option(rcvd, COAP_OPTION_CONTENT_FORMAT, &it);
         const uint8_t *data = NULL;
         size_t len = 0;
+        coap_bin_const_t tok = coap_pdu_get_token(rcvd);
 
+        if (tok.length != want_token_len || memcmp(tok.s, want_token, tok.length) != 0)
+                return COAP_RESPONSE_OK;
         (void)coap_get_data(rcvd, &len, &data);
         answer_code = coap_pdu_get_code(rcvd);
         answer_cf = cf ? coap_decode_var_bytes(coap_opt_value(cf), coap_opt_length(cf)) : 9999;
@@ -154,6 +161,8 @@ static void send_stream(coap_pdu_code_t code, unsigned sid, const char *query, c
         snprintf(s, sizeof(s), "%u", sid);
         coap_session_new_token(dev, &tl, token);
         coap_add_token(pdu, tl, token);
+        memcpy(want_token, token, tl);
+        want_token_len = tl;
         coap_add_option(pdu, COAP_OPTION_URI_PATH, 1, (const uint8_t *)"t");
         coap_add_option(pdu, COAP_OPTION_URI_PATH, strlen(s), (const uint8_t *)s);
         if (cf >= 0)
