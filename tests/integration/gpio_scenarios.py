@@ -254,7 +254,7 @@ def reload_keeps_outputs_and_releases_removed_lines(w, sim):
     a.signal(signal.SIGHUP)
     a.wait_line(r"Reloaded configuration", start=mark)
     a.wait_line(r"unknown section \[Unused plain\]", start=mark)
-    w.wait_online(dev, notified)  # the cloud has fetched the new describe data
+    w.wait_described(dev, notified)  # the cloud has fetched the new describe data
     expect(sim.level(1) == 1, "relay1 went back to its default on reload")
     expect(sim.requested(1), "relay1 not requested after reload")
     expect(get(w, dev, "gpio.relay1") == 1, "relay1 reads wrong after reload")
@@ -271,7 +271,7 @@ def reload_keeps_outputs_and_releases_removed_lines(w, sim):
     a.wait_line(r"gpio-lines\.conf:\d+: invalid Offset='banana'", start=mark)
     a.wait_line(r"Plugin 'gpio' failed to initialize", start=mark)
     a.wait_line(r"Reloaded configuration", start=mark)
-    w.wait_online(dev, notified)
+    w.wait_described(dev, notified)
     expect(not sim.requested(1), "lines still held by a plugin that failed to load")
     r = w.tether("describe", dev, "--json")
     expect("gpio.write" not in json.loads(r.stdout)["functions"], "failed plugin's functions still listed")

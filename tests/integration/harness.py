@@ -520,6 +520,13 @@ IntervalSec=0
         self.notify.wait(lambda m: m.get("X_TETHER_ONLINE") == dev_id, timeout,
                          f"device {dev_id} online", start)
 
+    def wait_described(self, dev_id, start=0, timeout=20):
+        """The cloud fetched dev_id's describe document since mark start:
+        in a new session (X_TETHER_ONLINE) or anew in the same one, as after
+        the agent's reload (X_TETHER_DESCRIBED)."""
+        self.notify.wait(lambda m: dev_id in (m.get("X_TETHER_ONLINE"), m.get("X_TETHER_DESCRIBED")), timeout,
+                         f"device {dev_id} described", start)
+
     def tether(self, *args, check=True, timeout=30, token=None, api=None):
         env = dict(os.environ, TETHER_API=api or self.api, TETHER_TOKEN=token or self.token)
         r = subprocess.run(EMULATOR + [TETHER, *args], capture_output=True, text=True, env=env,

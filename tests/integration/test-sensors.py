@@ -140,7 +140,7 @@ def test_appear_and_vanish_on_reload(w):
     a.signal(signal.SIGHUP)
     a.wait_line(r"Reloaded configuration", start=mark)
     a.wait_line(r"plugin sensors: first sample", start=mark)
-    w.wait_online(dev, notified)  # the cloud has fetched the new describe data
+    w.wait_described(dev, notified)  # the cloud has fetched the new describe data
     info = json.loads(w.tether("describe", dev, "--json").stdout)
     expect("hwmon.pwmfan.fan1" not in info["variables"], "vanished sensor still offered after reload")
     expect(info["units"].get("hwmon.nvme.temp1") == "°C", f"new sensor not offered: {info['variables']}")
