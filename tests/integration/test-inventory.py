@@ -357,8 +357,17 @@ def test_webhook_sees_new_tags(w):
     s, b = api_json(w, "POST", "/v1/webhooks", {"url": recv.url, "name": "tagged", "prefix": "inv/",
                                                 "tag": "group=x", "secret": SECRET})
     expect(s == 201, f"webhook: {s} {b}")
+    sub = w.subscribe("inv/").wait_ready()
     local_publish(a, "inv/before", "1")  # not tagged: not sent (and its tags are cached)
     local_publish(a, "inv/other", "1")
+    # Tag only once the webhook has read both: it judges an event by the
+    # tags the device has when it reads the event.
+    sub.wait(lambda e: e.get("name") == "inv/other", 10, "inv/other routed")
+
+    def read_all():
+        s, b = api_json(w, "GET", "/v1/webhooks/tagged")
+        return s == 200 and b.get("backlog") == 0
+    poll(read_all, 10, "the webhook to read both events")
     put(w, a.device_id, {"tags": {"group": "x"}})
     t0 = time.monotonic()
     local_publish(a, "inv/after", "2")
