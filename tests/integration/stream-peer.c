@@ -82,7 +82,7 @@ static void on_request(coap_resource_t *r, coap_session_t *s, const coap_pdu_t *
                        coap_pdu_t *resp) {
         coap_string_t *path = coap_get_uri_path(req);
         const uint8_t *data = NULL;
-        char p[64] = "", q[128] = "";
+        char p[64] = "", q[128] = "", *save = NULL;
         size_t len = 0;
         unsigned long sid;
 
@@ -105,7 +105,7 @@ static void on_request(coap_resource_t *r, coap_session_t *s, const coap_pdu_t *
                 coap_pdu_set_code(resp, COAP_RESPONSE_CODE(202));
                 return;
         }
-        for (char *opt = strtok(q, "&"); opt; opt = strtok(NULL, "&"))
+        for (char *opt = strtok_r(q, "&", &save); opt; opt = strtok_r(NULL, "&", &save))
                 if (strcmp(opt, "open") == 0)
                         seen[sid].open++;
                 else if (strcmp(opt, "fin") == 0)
@@ -191,7 +191,7 @@ static int request(coap_pdu_code_t code, unsigned sid, const char *query, const 
         return answer_code;
 }
 
-static void wait_until(int *flag, const char *what) {
+static void wait_until(const int *flag, const char *what) {
         double end = now_s() + 10;
 
         while (!*flag && now_s() < end)
