@@ -4,18 +4,21 @@
 "Tunnels and logs", docs/protocol.md "Streams: tunnels and logs"): other
 spellings of an allowed target (0.0.0.0, IPv4-mapped IPv6, short forms,
 ports 0 and 65536) are refused; a restricted token neither opens tunnels to
-nor lists the tunnels of a device out of its reach; and a tunnel opened
-with a tag-restricted token ends once the device's tags no longer match
-the token (as an event stream judges each event by the device's tags of
-the time)."""
+nor lists the tunnels of a device out of its reach; a tunnel opened with
+a tag-restricted token ends once the device's tags no longer match the
+token (as an event stream judges each event by the device's tags of the
+time); and tether tunnel prints a device's reason without its control
+characters."""
 
+import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Failure, api_json, expect, seconds, run  # noqa: E402
+from harness import EMULATOR, TETHER, Failure, api_json, expect, seconds, run  # noqa: E402
 
 
 def echo_server(w):
@@ -161,6 +164,58 @@ def test_tag_change_ends_tunnel(w):
     expect(ended, "the tunnel of a tag-restricted token outlived the device's tag change")
 
 
+def test_hostile_reason_printed_safely(w):
+    """The reason a tunnel ended is a device's text (its DELETE) as the
+    cloud keeps it: tether tunnel prints no control character of it, C1
+    (U+009B, CSI to some terminals) included. A stand-in API: the 101,
+    then GET .../tunnels with that reason."""
+    evil = "gone \u009b31m red \u0085 nl \x1b[2J esc \u00e9 kept"
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    w.cleanups.append(srv.close)
+
+    def one(c):
+        with c:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                d = c.recv(4096)
+                if not d:
+                    return
+                head += d
+            if head.startswith(b"POST "):
+                c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: tether-tunnel\r\nConnection: Upgrade\r\n"
+                          b"Tether-Stream: 7\r\n\r\n")
+                c.shutdown(socket.SHUT_WR)
+                while c.recv(4096):
+                    pass
+                return
+            body = json.dumps({"ok": True, "device": "dev1", "open": [],
+                               "closed": [{"sid": 7, "kind": "tunnel", "target": "127.0.0.1:22", "token": "token:x",
+                                           "opened_at": 1, "closed_at": 2, "bytes_in": 0, "bytes_out": 0,
+                                           "reason": evil}]}).encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def serve():
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=one, args=(c,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    env = dict(os.environ, TETHER_API=f"http://127.0.0.1:{srv.getsockname()[1]}", TETHER_TOKEN="x")
+    r = subprocess.run(EMULATOR + [TETHER, "tunnel", "dev1", "127.0.0.1:22", "--stdio"], env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=seconds(60))
+    err = r.stderr.decode("utf-8", errors="replace")
+    expect("red" in err and "\u00e9 kept" in err, f"tether tunnel did not print the reason: {r.returncode} {err!r}")
+    bad = [c for c in err.replace("\n", "") if ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f]
+    expect(not bad, f"control characters reached the terminal: {bad} in {err!r}")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_other_spellings_refused, test_restricted_token_other_device, test_tag_change_ends_tunnel],
+    sys.exit(run([test_other_spellings_refused, test_restricted_token_other_device, test_tag_change_ends_tunnel,
+                  test_hostile_reason_printed_safely],
                  emulated="ok"))
