@@ -8,17 +8,20 @@ nor lists the tunnels of a device out of its reach; a tunnel opened with
 a tag-restricted token ends once the device's tags no longer match the
 token (as an event stream judges each event by the device's tags of the
 time); and tether tunnel prints a device's reason without its control
-characters."""
+characters; and a follow log stream ends when its client goes away.
+"""
 
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import EMULATOR, TETHER, Failure, api_json, expect, seconds, run  # noqa: E402
+from harness import EMULATOR, TETHER, Failure, Skip, api_json, expect, poll, seconds, run  # noqa: E402
 
 
 def echo_server(w):
@@ -215,7 +218,69 @@ def test_hostile_reason_printed_safely(w):
     expect(not bad, f"control characters reached the terminal: {bad} in {err!r}")
 
 
+JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
+
+
+def quiet_journal(w):
+    """A journal directory with one tetherd.service entry (nothing new
+    follows: a quiet unit)."""
+    if not os.access(JOURNAL_REMOTE, os.X_OK):
+        raise Skip(f"no {JOURNAL_REMOTE} (package systemd-journal-remote)")
+    d = w.path("journal")
+    os.makedirs(d)
+    fields = {"MESSAGE": b"only line", "PRIORITY": b"6", "_SYSTEMD_UNIT": b"tetherd.service", "_PID": b"7"}
+    ts = int(time.time() * 1e6) - 5_000_000
+    data = b"__REALTIME_TIMESTAMP=%d\n__MONOTONIC_TIMESTAMP=1\n_BOOT_ID=0123456789abcdef0123456789abcdef\n" % ts
+    for k, v in fields.items():
+        data += k.encode() + b"\n" + struct.pack("<Q", len(v)) + v + b"\n"
+    src = w.path("q.export")
+    with open(src, "wb") as f:
+        f.write(data + b"\n")
+    r = subprocess.run([JOURNAL_REMOTE, f"--output={w.path('q.journal')}", src], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise Failure(f"systemd-journal-remote: {r.stderr}")
+    os.rename(w.path("q.journal"), os.path.join(d, "q.journal"))
+    return d
+
+
+def test_follow_client_gone(w):
+    """A client of GET .../logs?follow=1 that goes away while the unit is
+    quiet: its stream ends (it held a slot of MaxStreamsPerDevice= and of
+    the device's MaxStreams=, shared with tunnels, for as long as the unit
+    logged nothing: a few such clients and nobody reaches the device)."""
+    d = quiet_journal(w)
+    w.start_cloud(extra="[Tunnel]\nMaxStreamsPerDevice=2\n")
+    a = w.start_agent(extra=f"[Logs]\nDirectory={d}\n")
+    dev = a.device_id
+
+    def open_follow():
+        s = socket.create_connection(("127.0.0.1", w.api_port), timeout=seconds(30))
+        s.sendall((f"GET /v1/devices/{dev}/logs?follow=1&lines=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Authorization: Bearer {w.token}\r\n\r\n").encode())
+        got = b""
+        while b"only line" not in got:
+            chunk = s.recv(65536)
+            expect(chunk, f"log stream ended early: {got!r}")
+            got += chunk
+        expect(got.startswith(b"HTTP/1.1 200"), f"log stream: {got[:200]!r}")
+        return s
+
+    for _ in range(2):
+        open_follow().close()
+    # Both clients are gone: their streams must end, and a third open works.
+    def left():
+        st, body = api_json(w, "GET", f"/v1/devices/{dev}/tunnels")
+        expect(st == 200, f"list: {st} {body}")
+        return body["open"]
+
+    try:
+        poll(lambda: not left(), 15, "the end of log streams whose clients went away", interval=0.2)
+    except Failure:
+        raise Failure(f"log streams of clients that went away are still open: {left()}")
+    open_follow().close()
+
+
 if __name__ == "__main__":
     sys.exit(run([test_other_spellings_refused, test_restricted_token_other_device, test_tag_change_ends_tunnel,
-                  test_hostile_reason_printed_safely],
+                  test_hostile_reason_printed_safely, test_follow_client_gone],
                  emulated="ok"))
