@@ -82,6 +82,21 @@ export async function api(method, path, body, query) {
 
 export const enc = encodeURIComponent;
 
+// Whether /v1/devices/ID/NAME reaches a device's function (a POST) or
+// variable (read: a GET) from here. A device names its own functions and
+// variables ([A-Za-z0-9_.-]), and some of those names are no such path:
+// "." and ".." are dot segments fetch() removes (a call would go to
+// /v1/devices/ID/ or /v1/devices/), "tunnel", "logs" and "tunnels" are the
+// tunnel routes for every method, and a GET of "events" is the device's
+// event stream, which never ends (docs/cloud.md). The console offers no
+// request for those (tether call and tether get reach none of them either).
+export function deviceNameReachable(name, read) {
+        const n = String(name);
+        if (n === '.' || n === '..' || n === 'tunnel' || n === 'logs' || n === 'tunnels')
+                return false;
+        return !(read && n === 'events');
+}
+
 export async function login() {
         who = await api('GET', '/v1/access_tokens/current');
         return who;

@@ -3,7 +3,7 @@
 // OTA jobs, tags, name and notes, and revocation.
 
 import { h, replace, relTime, setRelTime, tagChips, field, asText, fmtTime } from './dom.js';
-import { api, enc, can, restricted } from './api.js';
+import { api, enc, can, restricted, deviceNameReachable } from './api.js';
 import { eventJSON } from './events.js';
 import { agentVersion, osText, stateCell } from './fleet.js';
 
@@ -61,7 +61,13 @@ export async function render(main, ctx, id) {
         }
 
         // Functions: one form each.
+        // A name the API keeps for itself (deviceNameReachable()): shown, not offered.
+        const unreachable = name => h('small', { class: 'hint', 'data-test': 'name-unreachable' },
+                ' (the API cannot reach a device\'s "' + name + '" from here)');
         function fnForm(name) {
+                if (!deviceNameReachable(name, false))
+                        return h('p', { class: 'fn', 'data-test': 'fn-form', 'data-name': name },
+                                 h('span', { class: 'fn-name mono' }, name), unreachable(name));
                 const arg = h('input', { type: 'text', 'data-test': 'fn-arg', autocomplete: 'off', 'aria-label': 'Argument for ' + name });
                 const out = h('output', { 'data-test': 'call-result', class: 'result', 'aria-live': 'polite' });
                 const btn = h('button', { type: 'submit', 'data-test': 'fn-call' }, 'Call');
@@ -113,13 +119,15 @@ export async function render(main, ctx, id) {
         const units = d.units && typeof d.units === 'object' ? d.units : {};
         const varRows = Object.entries(varTypes).map(([name, type]) => {
                 const val = h('span', { class: 'var-value mono', 'data-test': 'var-value' }, '—');
+                const reachable = deviceNameReachable(name, true);
                 vars.set(name, val);
                 return h('tr', { 'data-test': 'var-row', 'data-name': name },
                         h('td', { 'data-label': 'Variable', class: 'mono' }, name),
                         h('td', { 'data-label': 'Type' }, asText(type) + (units[name] ? ' (' + asText(units[name]) + ')' : '')),
                         h('td', { 'data-label': 'Value' }, val),
-                        h('td', {}, h('button', { type: 'button', 'data-test': 'var-refresh', 'aria-label': 'Refresh ' + name,
-                                                  onclick: () => readVar(name) }, 'Refresh')));
+                        h('td', {}, reachable ? h('button', { type: 'button', 'data-test': 'var-refresh', 'aria-label': 'Refresh ' + name,
+                                                              onclick: () => readVar(name) }, 'Refresh')
+                                             : unreachable(name)));
         });
         const varSection = h('section', { 'aria-labelledby': 'h-var' }, h('h2', { id: 'h-var' }, 'Variables'),
                 varRows.length ? [h('label', { class: 'inline' }, live, ' update live from the device\'s tether/var events'),
@@ -302,5 +310,6 @@ export async function render(main, ctx, id) {
                 loadJobs().catch(ctx.error);
         if (d.connected)
                 for (const name of vars.keys())
-                        readVar(name);
+                        if (deviceNameReachable(name, true))
+                                readVar(name);
 }

@@ -148,12 +148,21 @@ static int payload_check(const char *s, const char *what) {
         return 0;
 }
 
-/* Copy server text into one printable line of bounded length. */
+/* Copy server text into one printable line of bounded length: every
+ * control character (C0, DEL, and C1 as UTF-8, U+0080..U+009F: U+009B is
+ * CSI to some terminals) becomes a blank. The text may be a device's own
+ * (a refusal, the reason a stream ended): it does not get to send escape
+ * sequences to this terminal. */
 static void one_line(const char *in, char *out, size_t size) {
         size_t j = 0;
 
         for (size_t i = 0; in[i] && j + 1 < size; i++) {
                 unsigned char c = (unsigned char)in[i];
+
+                if (c == 0xc2 && (unsigned char)in[i + 1] >= 0x80 && (unsigned char)in[i + 1] <= 0x9f) {
+                        i++;
+                        c = ' ';
+                }
                 out[j++] = (c < 0x20 || c == 0x7f) ? ' ' : (char)c;
         }
         while (j > 0 && out[j - 1] == ' ')

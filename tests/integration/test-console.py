@@ -239,6 +239,45 @@ def test_console_static_check(w):
            f"and misses {sorted(present - listed)}")
 
 
+def test_console_unreachable_names(w):
+    """A device names its functions and variables: the console requests
+    none whose /v1/devices/ID/NAME is no such path (console/api.js
+    deviceNameReachable()): a browser drops the dot segments "." and "..",
+    and the API keeps tunnel, logs, tunnels (and a GET of events, a stream
+    that never ends) for itself. The routes checked on a real cloud, the
+    function in node."""
+    if not shutil.which("node"):
+        raise Skip("node is not installed")
+    w.start_cloud()
+    dev = w.new_device()[0]
+    for name, method, want in (("tunnel", "GET", 405), ("tunnels", "POST", 405), ("logs", "POST", 405)):
+        status, _, _ = fetch(w, method, f"/v1/devices/{dev}/{name}", {"Authorization": f"Bearer {w.token}"})
+        expect(status == want, f"{method} /v1/devices/ID/{name}: {status}, wanted {want}")
+    c = http.client.HTTPConnection("127.0.0.1", w.api_port, timeout=seconds(10))
+    c.request("GET", f"/v1/devices/{dev}/events", headers={"Authorization": f"Bearer {w.token}"})
+    r = c.getresponse()
+    expect(r.status == 200 and r.getheader("Content-Type", "").startswith("text/event-stream"),
+           f"GET /v1/devices/ID/events: {r.status} {r.getheader('Content-Type')}")
+    c.close()
+    script = ("import { deviceNameReachable as r } from " + json.dumps("file://" + os.path.join(CONSOLE_SRC, "api.js"))
+              + ";\nconst out = {};\nfor (const n of ['.', '..', 'tunnel', 'logs', 'tunnels', 'events', 'temp', "
+              "'...', '.x', 'log', 'events2'])\n  out[n] = [r(n, false), r(n, true)];\n"
+              "console.log(JSON.stringify(out));\n")
+    res = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True,
+                         timeout=seconds(30))
+    expect(res.returncode == 0, f"node: {res.stderr}")
+    got = json.loads(res.stdout)
+    want = {".": [False, False], "..": [False, False], "tunnel": [False, False], "logs": [False, False],
+            "tunnels": [False, False], "events": [True, False], "temp": [True, True], "...": [True, True],
+            ".x": [True, True], "log": [True, True], "events2": [True, True]}
+    expect(got == want, f"deviceNameReachable: {got}")
+    # device.js asks deviceNameReachable() before each request built from a name.
+    with open(os.path.join(CONSOLE_SRC, "device.js")) as f:
+        src = f.read()
+    expect(src.count("deviceNameReachable(name, false)") == 1 and src.count("deviceNameReachable(name, true)") == 2,
+           "console/device.js: a function or variable request without deviceNameReachable()")
+
+
 def browser_prerequisites():
     if not os.access(CHROMIUM, os.X_OK):
         raise Skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
@@ -297,4 +336,4 @@ def test_console_browser(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_console_files, test_console_off, test_access_token_current, test_console_static_check,
-                  test_console_browser], emulated="node and chromium are the build machine's"))
+                  test_console_unreachable_names, test_console_browser], emulated="node and chromium are the build machine's"))

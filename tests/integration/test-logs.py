@@ -4,7 +4,8 @@
 "Log stream payload"): the agent reads a journal made by
 systemd-journal-remote ([Logs] Directory=, the test hook); -n, --since,
 --unit filtering, a unit the device does not allow, hostile message bytes
-printed safely, and -f seeing an entry written later."""
+printed safely, a hostile refusal text printed safely, and -f seeing an
+entry written later."""
 
 import json
 import os
@@ -184,6 +185,38 @@ def test_follow_sees_new_entry(w):
     expect(p.wait(seconds(10)) == 0, f"tether logs -f exit status after SIGTERM: {p.returncode}")
 
 
+def test_hostile_error_text(w):
+    """A refusal's text may be a device's own (the cloud passes its 403
+    text and the reason a stream ended on): tether logs prints no control
+    character of it, C1 (U+009B, CSI to some terminals) included."""
+    import http.server
+
+    evil = "refused \u009b31m red \u0085 nl \x1b[2J esc \u00e9 kept"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"ok": False, "error": evil}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    w.cleanups.append(srv.shutdown)
+    env = dict(os.environ, TETHER_API=f"http://127.0.0.1:{srv.server_address[1]}", TETHER_TOKEN="x")
+    r = subprocess.run(EMULATOR + [TETHER, "logs", "dev1"], env=env, capture_output=True, timeout=seconds(30))
+    err = r.stderr.decode("utf-8", errors="replace")
+    expect(r.returncode != 0 and "refused" in err and "red" in err and "\u00e9 kept" in err,
+           f"tether logs: {r.returncode} {err!r}")
+    bad = [c for c in err.rstrip("\n") if ord(c) < 0x20 or 0x7f <= ord(c) <= 0x9f]
+    expect(not bad, f"control characters reached the terminal: {bad} in {err!r}")
+
+
 if __name__ == "__main__":
-    sys.exit(run([test_lines_since_units, test_hostile_messages, test_follow_sees_new_entry],
+    sys.exit(run([test_lines_since_units, test_hostile_messages, test_follow_sees_new_entry, test_hostile_error_text],
                  emulated="systemd-journal-remote is the host's"))
