@@ -688,15 +688,16 @@ print:
 
 /* The split transport (docs/cloud.md "Tunnels and logs"): over an HTTPS
  * API the upgrade is not usable, so a tunnel is three plain requests on
- * three connections: POST .../tunnel (201: the stream's id and key), then
+ * two connections: POST .../tunnel (201: the stream's id and key), then
  * at once GET .../tunnels/SID/down (the device's bytes, a chunked body
- * without end until the device's fin) on this thread and POST
- * .../tunnels/SID/up (our bytes, a chunked upload whose end is our fin) on
- * another. Each half has its own easy handle and blocks on the local side:
+ * without end until the device's fin; on the first request's connection)
+ * on this thread and POST .../tunnels/SID/up (our bytes, a chunked upload
+ * whose end is our fin) on another. Each half has its own easy handle and blocks on the local side:
  * a write to the local side that waits is the backpressure towards the
  * cloud, a read that waits holds the upload. The key travels only in the
- * Tether-Stream-Key header. Memory per tunnel: libcurl's buffers of three
- * handles and two bounded error bodies. */
+ * Tether-Stream-Key header. Memory per tunnel: libcurl's buffers of two
+ * handles (the report's third is used only at the end) and two bounded
+ * error bodies. */
 
 /* Wait until fd is ready for events (0), or until quit or stop (-EINTR). */
 static int split_wait(Tunnel *t, int fd, short events) {
@@ -834,6 +835,7 @@ static int split_setup(Tunnel *t, CURL *c, bool up) {
                 t->down_headers = h;
         curl_easy_setopt(c, CURLOPT_URL, url);
         curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, NULL);
         curl_easy_setopt(c, CURLOPT_ERRORBUFFER, up ? t->up_errbuf : t->down_errbuf);
         curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
         /* Chunked bodies of HTTP/1.1; a tunnel has no total time limit
@@ -849,7 +851,6 @@ static int split_setup(Tunnel *t, CURL *c, bool up) {
                  * (no size), sent at once: "Expect:" is among the main
                  * handle's headers, so no 100-continue round trip. */
                 curl_easy_setopt(c, CURLOPT_POST, 1L);
-                curl_easy_setopt(c, CURLOPT_POSTFIELDS, NULL);
                 curl_easy_setopt(c, CURLOPT_READFUNCTION, split_up_read);
                 curl_easy_setopt(c, CURLOPT_READDATA, t);
                 curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, split_up_answer);
@@ -879,11 +880,11 @@ static int split_open(Tunnel *t) {
         t->api.base = strdup(t->main->base);
         if (!t->api.curl || !t->report_curl || !t->api.base)
                 return log_error_errno(-ENOMEM, "Out of memory");
-        /* The halves' handles: clean copies, before this one's request. */
-        t->down_curl = curl_easy_duphandle(t->api.curl);
+        /* The up half's handle: a clean copy, before this one's request
+         * (whose connection the down half then reuses). */
         t->up_curl = curl_easy_duphandle(t->api.curl);
         target = curl_easy_escape(t->api.curl, o->target, 0);
-        if (!t->down_curl || !t->up_curl || !target ||
+        if (!t->up_curl || !target ||
             asprintf(&url, "%s/v1/devices/%s/tunnel?target=%s", t->api.base, o->device, target) < 0) {
                 url = NULL;
                 return log_error_errno(-ENOMEM, "Out of memory");
@@ -934,6 +935,8 @@ static int split_open(Tunnel *t) {
         t->sid = (uint64_t)json_integer_value(sid);
         memcpy(t->key, key, 65);
         json_decref(j);
+        /* The down half goes on on this connection (kept alive). */
+        t->down_curl = TAKE_PTR(t->api.curl);
         return 1;
 }
 
