@@ -2440,7 +2440,12 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         *upload_data_size = 0;
                         return MHD_YES;
                 }
-                api_sse_client(req, host);
+                /* Only a new stream records the client's address (not
+                 * every chunk of an up body). */
+                if (req->tunnel)
+                        strcpy(host, "?");
+                else
+                        api_sse_client(req, host);
                 return tunnel_api_handler(api->tunnels, connection, req->tunnel_route, req->tunnel_device,
                                           req->tunnel_sid, method, &req->auth, host, upload_data, upload_data_size,
                                           &req->tunnel);
