@@ -25,6 +25,11 @@
 #define TUNNEL_DOWN_BLOCK 65536
 #define TUNNEL_KEY_HEADER "Tether-Stream-Key"
 #define TUNNEL_KEY_BYTES 32
+/* An up body is sent on in messages of at least this much (or what MHD
+ * has): room freed a few bytes at a time would otherwise make messages of
+ * a few bytes, whose overhead fills the device's queue. A quarter of the
+ * smallest window: credit always grows to it. */
+#define TUNNEL_UP_MIN_SEND ((size_t)PROTO_STREAM_WINDOW_MIN / 4)
 
 static uint64_t now_realtime_usec(void) {
         struct timespec ts;
@@ -113,6 +118,7 @@ struct TunnelStream {
         bool down_done; /* the down body ended normally (after the device's fin) */
         bool up_done;   /* the up body ended: fin sent */
         uint64_t up_bytes;
+        size_t up_pending; /* bytes MHD holds for the suspended up request */
 
         /* cloud → device */
         uint32_t peer_window;
@@ -702,10 +708,17 @@ static void suspend_connection(TunnelStream *s, struct MHD_Connection *connectio
 /* A split stream's requests run again when they can make progress: the
  * down one with bytes to give, the device's fin or the stream's end; the
  * up one with room to send or the stream's end. */
+static size_t up_min_send(size_t pending) {
+        if (pending == 0)
+                return 1;
+        return pending < TUNNEL_UP_MIN_SEND ? pending : TUNNEL_UP_MIN_SEND;
+}
+
 static void stream_split_wake(TunnelStream *s) {
         if (s->down && s->down_suspended && (s->buf_len > 0 || s->fin_received || !s->link))
                 resume_connection(s, s->down, &s->down_suspended, &s->down_watch);
-        if (s->up && s->up_suspended && (!s->link || stream_send_room(s) > 0))
+        if (s->up && s->up_suspended &&
+            (!s->link || stream_send_room(s) >= up_min_send(s->up_pending)))
                 resume_connection(s, s->up, &s->up_suspended, &s->up_watch);
 }
 
@@ -952,7 +965,8 @@ static enum MHD_Result stream_up_data(TunnelStream *s, struct MHD_Connection *co
                 while (*size > 0 && s->link && !s->up_done) {
                         size_t n = stream_send_room(s);
 
-                        if (n == 0) {
+                        if (n < up_min_send(*size)) {
+                                s->up_pending = *size;
                                 suspend_connection(s, connection, &s->up_suspended, &s->up_watch);
                                 return MHD_YES;
                         }
@@ -976,6 +990,7 @@ static enum MHD_Result stream_up_data(TunnelStream *s, struct MHD_Connection *co
         /* The end of the body: fin, when it may be sent. */
         if (s->link && !s->up_done) {
                 if (stream_send_room(s) == 0) {
+                        s->up_pending = 0;
                         suspend_connection(s, connection, &s->up_suspended, &s->up_watch);
                         return MHD_YES;
                 }
