@@ -146,6 +146,7 @@ typedef struct ApiRequest {
         /* /v1/devices/ID/{tunnel,logs,tunnels}: handled by tunnel.c */
         TunnelRoute tunnel_route;
         char tunnel_device[PROTO_DEVICE_ID_MAX + 1];
+        uint32_t tunnel_sid; /* DOWN and UP: the stream (0: none) */
         TunnelStream *tunnel;
 } ApiRequest;
 
@@ -2378,8 +2379,9 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         return api_console(req, url, method);
                 /* Tunnels and log streams: the token from the header (or
                  * the query), its scope and device checked here, the rest
-                 * in tunnel.c (no body). */
-                if (api->tunnels && (req->tunnel_route = tunnel_route(url, req->tunnel_device)) != TUNNEL_ROUTE_NONE) {
+                 * in tunnel.c (which reads the body of an `up` itself). */
+                if (api->tunnels && (req->tunnel_route = tunnel_route(url, req->tunnel_device, &req->tunnel_sid)) !=
+                                            TUNNEL_ROUTE_NONE) {
                         int r = api_connection_authenticate(req);
 
                         if (r < 0)
@@ -2388,6 +2390,16 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
                         if (!api_allowed(req, tunnel_route_scope(req->tunnel_route)) ||
                             !api_may_reach(req, req->tunnel_device))
                                 return api_queue(req);
+                        if (req->tunnel_route == TUNNEL_ROUTE_DOWN || req->tunnel_route == TUNNEL_ROUTE_UP) {
+                                /* Attached now, before a byte of the body:
+                                 * a refusal can still be answered. */
+                                char host[NI_MAXHOST];
+
+                                api_sse_client(req, host);
+                                return tunnel_api_handler(api->tunnels, connection, req->tunnel_route,
+                                                          req->tunnel_device, req->tunnel_sid, method, &req->auth,
+                                                          host, upload_data, upload_data_size, &req->tunnel);
+                        }
                         return MHD_YES;
                 }
                 /* A token in the header or the query is checked before a
@@ -2422,9 +2434,21 @@ static enum MHD_Result api_handler(void *cls, struct MHD_Connection *connection,
 
                 if (req->response)
                         return api_queue(req);
-                api_sse_client(req, host);
-                return tunnel_api_handler(api->tunnels, connection, req->tunnel_route, req->tunnel_device, method,
-                                          &req->auth, host, upload_data_size, &req->tunnel);
+                if ((req->tunnel_route == TUNNEL_ROUTE_DOWN || req->tunnel_route == TUNNEL_ROUTE_UP) &&
+                    !req->tunnel) {
+                        /* Refused at the first call: its answer is queued. */
+                        *upload_data_size = 0;
+                        return MHD_YES;
+                }
+                /* Only a new stream records the client's address (not
+                 * every chunk of an up body). */
+                if (req->tunnel)
+                        strcpy(host, "?");
+                else
+                        api_sse_client(req, host);
+                return tunnel_api_handler(api->tunnels, connection, req->tunnel_route, req->tunnel_device,
+                                          req->tunnel_sid, method, &req->auth, host, upload_data, upload_data_size,
+                                          &req->tunnel);
         }
         if (req->ota)
                 return req->response ? api_queue(req)
@@ -2502,7 +2526,7 @@ static void api_request_free(ApiRequest *req) {
         cluster_forward_cancel(req->forward);
         journal_cursor_done(&req->cursor);
         ota_api_request_free(req->ota_state);
-        tunnel_api_request_free(req->tunnel);
+        tunnel_api_request_free(req->tunnel, req->connection);
         if (req->response)
                 MHD_destroy_response(req->response);
         api_body_free(req);

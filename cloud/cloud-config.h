@@ -63,6 +63,7 @@ typedef struct CloudConfig {
         unsigned tunnel_max_per_device;  /* open streams per device */
         unsigned tunnel_max_streams;     /* open streams, all devices */
         unsigned tunnel_idle_sec;        /* a tunnel without a byte either way is closed */
+        unsigned tunnel_attach_sec;      /* split transport: both halves attached within this */
         unsigned max_connections;        /* all addresses together */
         unsigned idle_timeout_sec;       /* a connection without traffic is closed */
         unsigned header_timeout_sec;     /* a request's header must be in this soon */

@@ -151,6 +151,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Tunnel", "MaxStreamsPerDevice", tunnel_max_per_device, 1, 1024),
         UINT_KEY("Tunnel", "MaxStreams", tunnel_max_streams, 1, 65536),
         UINT_KEY("Tunnel", "IdleSec", tunnel_idle_sec, 1, 604800),
+        UINT_KEY("Tunnel", "AttachSec", tunnel_attach_sec, 1, 3600),
         UINT_KEY("API", "HeaderTimeoutSec", header_timeout_sec, 1, 3600),
         UINT_KEY("API", "RateLimitPerAddress", rate_address, 0, 1000000),
         UINT_KEY("API", "RateLimitPerAddressBurst", rate_address_burst, 1, 1000000),
@@ -752,6 +753,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->tunnel_max_per_device = 8;
         c->tunnel_max_streams = 256;
         c->tunnel_idle_sec = 900;
+        c->tunnel_attach_sec = 30;
         c->audit_max_age_days = 400;
         c->device_event_rate = 100;
         c->device_event_burst = 1000;

@@ -38,7 +38,7 @@ static int tunnel_decimal(const char *s, size_t len, uint64_t max, uint64_t *ret
         return 0;
 }
 
-TunnelRoute tunnel_route(const char *url, char device[static 65]) {
+TunnelRoute tunnel_route(const char *url, char device[static 65], uint32_t *ret_sid) {
         static const char prefix[] = "/v1/devices/";
         const char *id, *slash;
         size_t n;
@@ -57,6 +57,30 @@ TunnelRoute tunnel_route(const char *url, char device[static 65]) {
                 return TUNNEL_ROUTE_LOGS;
         if (strcmp(slash, "/tunnels") == 0)
                 return TUNNEL_ROUTE_LIST;
+        if (strncmp(slash, "/tunnels/", strlen("/tunnels/")) == 0) {
+                const char *sid = slash + strlen("/tunnels/"), *end = strchr(sid, '/');
+                char text[16];
+                uint32_t v = 0;
+                TunnelRoute r;
+
+                if (!end)
+                        return TUNNEL_ROUTE_NONE;
+                if (strcmp(end, "/down") == 0)
+                        r = TUNNEL_ROUTE_DOWN;
+                else if (strcmp(end, "/up") == 0)
+                        r = TUNNEL_ROUTE_UP;
+                else
+                        return TUNNEL_ROUTE_NONE;
+                n = (size_t)(end - sid);
+                if (n > 0 && n < sizeof(text)) {
+                        memcpy(text, sid, n);
+                        text[n] = 0;
+                        if (tunnel_parse_sid(text, &v) < 0)
+                                v = 0;
+                }
+                *ret_sid = v;
+                return r;
+        }
         return TUNNEL_ROUTE_NONE;
 }
 

@@ -18,11 +18,14 @@ typedef enum TunnelRoute {
         TUNNEL_ROUTE_OPEN,  /* /v1/devices/ID/tunnel */
         TUNNEL_ROUTE_LOGS,  /* /v1/devices/ID/logs */
         TUNNEL_ROUTE_LIST,  /* /v1/devices/ID/tunnels */
+        TUNNEL_ROUTE_DOWN,  /* /v1/devices/ID/tunnels/SID/down (split transport) */
+        TUNNEL_ROUTE_UP,    /* /v1/devices/ID/tunnels/SID/up (split transport) */
 } TunnelRoute;
 /* Which one url (the decoded path) is, with the device ID segment in
- * device (any text of up to 64 bytes: the caller checks it). NONE for
- * every other path. */
-TunnelRoute tunnel_route(const char *url, char device[static 65]);
+ * device (any text of up to 64 bytes: the caller checks it) and, for
+ * DOWN and UP, the stream id in *ret_sid (0 when the segment is not a
+ * valid stream id: no stream has it). NONE for every other path. */
+TunnelRoute tunnel_route(const char *url, char device[static 65], uint32_t *ret_sid);
 
 /* "[" IPv6 "]:" 65535 and the NUL. */
 #define TUNNEL_TARGET_MAX 56

@@ -7,6 +7,8 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <netdb.h>
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
 #include <stdarg.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
@@ -20,6 +22,14 @@
 #define TUNNEL_HASH_SIZE 256
 #define TUNNEL_LOGS_BLOCK 16384
 #define TUNNEL_UPGRADE "tether-tunnel"
+#define TUNNEL_DOWN_BLOCK 65536
+#define TUNNEL_KEY_HEADER "Tether-Stream-Key"
+#define TUNNEL_KEY_BYTES 32
+/* An up body is sent on in messages of at least this much (or what MHD
+ * has): room freed a few bytes at a time would otherwise make messages of
+ * a few bytes, whose overhead fills the device's queue. A quarter of the
+ * smallest window: credit always grows to it. */
+#define TUNNEL_UP_MIN_SEND ((size_t)PROTO_STREAM_WINDOW_MIN / 4)
 
 static uint64_t now_realtime_usec(void) {
         struct timespec ts;
@@ -96,6 +106,19 @@ struct TunnelStream {
         bool shut_wr;
         char *extra;    /* bytes the client sent with the request head, not yet sent on */
         size_t extra_off, extra_len;
+        /* the split transport: two requests instead of an upgrade */
+        bool split;
+        char key[2 * TUNNEL_KEY_BYTES + 1]; /* lowercase hex, from the 201 on */
+        struct MHD_Connection *down, *up;  /* the attached requests, until MHD completes them */
+        bool down_attached, up_attached;   /* ever: one of each per stream */
+        bool down_suspended, up_suspended;
+        /* While suspended MHD does not poll a request's socket: these see
+         * the client go away. */
+        sd_event_source *down_watch, *up_watch;
+        bool down_done; /* the down body ended normally (after the device's fin) */
+        bool up_done;   /* the up body ended: fin sent */
+        uint64_t up_bytes;
+        size_t up_pending; /* bytes MHD holds for the suspended up request */
 
         /* cloud → device */
         uint32_t peer_window;
@@ -140,6 +163,7 @@ struct Tunnels {
 static void stream_end(TunnelStream *s, const char *reason, bool send_delete);
 static void stream_update_io(TunnelStream *s);
 static void stream_maybe_free(TunnelStream *s);
+static void stream_split_wake(TunnelStream *s);
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -503,7 +527,11 @@ static void stream_end(TunnelStream *s, const char *reason, bool send_delete) {
         }
         s->state = STREAM_ENDED;
 
-        /* The client's side. */
+        /* The client's side. A split stream's attached requests end: the
+         * down body cut short (unless it got everything), the up answered
+         * 410. */
+        if (s->split)
+                stream_split_wake(s);
         if (!s->connection)
                 return;
         if (!s->announced) {
@@ -516,6 +544,8 @@ static void stream_end(TunnelStream *s, const char *reason, bool send_delete) {
                 stream_resume(s); /* the reader ends the response */
                 return;
         }
+        if (s->split)
+                return; /* the open request has its 201 */
         /* A tunnel: what the device sent and the client has not read yet
          * is discarded, as the protocol says of data in flight. */
         stream_close_client(s);
@@ -524,7 +554,7 @@ static void stream_end(TunnelStream *s, const char *reason, bool send_delete) {
 static void stream_maybe_free(TunnelStream *s) {
         Tunnels *t = s->t;
 
-        if (s->link || s->connection || s->urh)
+        if (s->link || s->connection || s->urh || s->down || s->up)
                 return;
         if (s->all_prev)
                 s->all_prev->all_next = s->all_next;
@@ -534,6 +564,8 @@ static void stream_maybe_free(TunnelStream *s) {
                 s->all_next->all_prev = s->all_prev;
         if (s->response)
                 MHD_destroy_response(s->response);
+        (void)sd_event_source_disable_unref(s->down_watch);
+        (void)sd_event_source_disable_unref(s->up_watch);
         json_decref(s->units);
         free(s->extra);
         free(s->buf);
@@ -616,6 +648,10 @@ static void stream_deliver(TunnelStream *s, const uint8_t *data, size_t len) {
                 stream_resume(s);
                 return;
         }
+        if (s->split) {
+                stream_split_wake(s);
+                return;
+        }
         stream_flush_client(s);
         if (s->link)
                 stream_update_io(s);
@@ -636,9 +672,63 @@ static size_t stream_send_room(TunnelStream *s) {
         return room;
 }
 
+static void resume_connection(TunnelStream *s, struct MHD_Connection *connection, bool *suspended,
+                              sd_event_source **watch) {
+        *watch = sd_event_source_disable_unref(*watch);
+        if (!*suspended || !connection)
+                return;
+        *suspended = false;
+        MHD_resume_connection(connection);
+        s->t->hooks.kick_api(s->t->hooks.userdata);
+}
+
+static int stream_watch_cb(sd_event_source *es, int fd, uint32_t revents, void *userdata) {
+        TunnelStream *s = userdata;
+
+        if (s->link)
+                stream_end(s, s->t->stopping ? "shutting down" : "closed by the client", true);
+        return 0;
+}
+
+/* A split half waits (suspended) for bytes or room; its socket is watched
+ * for the client's end meanwhile. */
+static void suspend_connection(TunnelStream *s, struct MHD_Connection *connection, bool *suspended,
+                               sd_event_source **watch) {
+        const union MHD_ConnectionInfo *ci;
+
+        if (*suspended)
+                return;
+        ci = MHD_get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+        MHD_suspend_connection(connection);
+        *suspended = true;
+        if (ci && ci->connect_fd >= 0 && !*watch)
+                (void)sd_event_add_io(s->t->event, watch, ci->connect_fd, EPOLLRDHUP, stream_watch_cb, s);
+}
+
+/* A split stream's requests run again when they can make progress: the
+ * down one with bytes to give, the device's fin or the stream's end; the
+ * up one with room to send or the stream's end. */
+static size_t up_min_send(size_t pending) {
+        if (pending == 0)
+                return 1;
+        return pending < TUNNEL_UP_MIN_SEND ? pending : TUNNEL_UP_MIN_SEND;
+}
+
+static void stream_split_wake(TunnelStream *s) {
+        if (s->down && s->down_suspended && (s->buf_len > 0 || s->fin_received || !s->link))
+                resume_connection(s, s->down, &s->down_suspended, &s->down_watch);
+        if (s->up && s->up_suspended &&
+            (!s->link || stream_send_room(s) >= up_min_send(s->up_pending)))
+                resume_connection(s, s->up, &s->up_suspended, &s->up_watch);
+}
+
 static void stream_update_io(TunnelStream *s) {
         uint32_t events = 0;
 
+        if (s->split) {
+                stream_split_wake(s);
+                return;
+        }
         if (!s->io)
                 return;
         if (s->link && s->state == STREAM_OPEN && !s->client_eof && !s->fin_sent && stream_send_room(s) > 0)
@@ -772,10 +862,233 @@ static void stream_upgraded(void *cls, struct MHD_Connection *connection, void *
                 stream_update_io(s);
 }
 
+/* ---- the split transport ------------------------------------------------------ */
+
+static int stream_attach_timeout_cb(sd_event_source *es, uint64_t usec, void *userdata) {
+        TunnelStream *s = userdata;
+
+        s->timer = sd_event_source_disable_unref(s->timer);
+        stream_end(s, "client did not attach", true);
+        return 0;
+}
+
+/* The tunnel is connected on the device: the client gets its 201 with
+ * the key, and AttachSec to attach both halves. */
+static void stream_split_ready(TunnelStream *s) {
+        unsigned attach = s->t->config->tunnel_attach_sec;
+        uint8_t rnd[TUNNEL_KEY_BYTES];
+        struct MHD_Response *resp;
+        int r;
+
+        s->timer = sd_event_source_disable_unref(s->timer);
+        if (RAND_bytes(rnd, sizeof(rnd)) != 1) {
+                stream_set_error(s, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot make a stream key");
+                stream_end(s, "no random bytes", true);
+                return;
+        }
+        hex_encode(rnd, sizeof(rnd), s->key);
+        OPENSSL_cleanse(rnd, sizeof(rnd));
+        r = sd_event_add_time_relative(s->t->event, &s->timer, CLOCK_MONOTONIC, (uint64_t)attach * USEC_PER_SEC,
+                                       USEC_PER_SEC / 100, stream_attach_timeout_cb, s);
+        if (r < 0) {
+                stream_set_error(s, MHD_HTTP_SERVICE_UNAVAILABLE, "Cannot wait for the client");
+                stream_end(s, "cannot wait", true);
+                return;
+        }
+        resp = json_response(json_pack("{s:b, s:I, s:s, s:I}", "ok", 1, "stream", (json_int_t)s->sid, "key", s->key,
+                                       "attach_within", (json_int_t)attach));
+        if (!resp) {
+                stream_end(s, "out of memory", true);
+                return;
+        }
+        (void)MHD_add_response_header(resp, "Tether-Stream", s->sid_text);
+        (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+        if (s->response)
+                MHD_destroy_response(s->response);
+        s->response = resp;
+        s->status = MHD_HTTP_CREATED;
+        s->state = STREAM_OPEN;
+        stream_announce(s, MHD_HTTP_CREATED);
+        stream_resume(s);
+}
+
+/* Both halves are attached: from now on the idle timer. */
+static void stream_split_attached(TunnelStream *s) {
+        int r;
+
+        if (!s->link || !s->down_attached || !s->up_attached)
+                return;
+        s->timer = sd_event_source_disable_unref(s->timer);
+        s->last_active = now_usec();
+        r = sd_event_add_time(s->t->event, &s->timer, CLOCK_MONOTONIC,
+                              s->last_active + (uint64_t)s->t->config->tunnel_idle_sec * USEC_PER_SEC, USEC_PER_SEC,
+                              stream_idle_cb, s);
+        if (r < 0)
+                stream_end(s, "cannot arm the idle timer", true);
+}
+
+/* The down body: the device's bytes as MHD takes them (credit flows back
+ * from here); the end after the device's fin, cut short on a reset. */
+static ssize_t stream_down_reader(void *cls, uint64_t pos, char *out, size_t max) {
+        TunnelStream *s = cls;
+        size_t n = s->buf_len;
+
+        if (n == 0 && s->fin_received) {
+                s->down_done = true;
+                stream_check_done(s);
+                return MHD_CONTENT_READER_END_OF_STREAM;
+        }
+        /* Reset: what the client has not read yet is discarded. */
+        if (!s->link || s->t->stopping)
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+        if (n == 0) {
+                suspend_connection(s, s->down, &s->down_suspended, &s->down_watch);
+                return 0;
+        }
+        if (n > max)
+                n = max;
+        memcpy(out, s->buf + s->buf_off, n);
+        s->last_active = now_usec();
+        stream_consumed(s, n);
+        return (ssize_t)n;
+}
+
+/* The up body: bytes are taken only within the room to send (the
+ * device's credit, the link budget); otherwise the request waits
+ * suspended with the rest unconsumed in MHD's read buffer. After the
+ * stream's end the rest is read and dropped. */
+static enum MHD_Result stream_up_data(TunnelStream *s, struct MHD_Connection *connection, const char *data,
+                                      size_t *size) {
+        int r;
+
+        if (*size > 0) {
+                while (*size > 0 && s->link && !s->up_done) {
+                        size_t n = stream_send_room(s);
+
+                        if (n < up_min_send(*size)) {
+                                s->up_pending = *size;
+                                suspend_connection(s, connection, &s->up_suspended, &s->up_watch);
+                                return MHD_YES;
+                        }
+                        if (n > *size)
+                                n = *size;
+                        r = stream_send_data(s, data, n, false);
+                        if (r == -ENOBUFS)
+                                stream_end(s, "the device is not reading", true);
+                        else if (r < 0)
+                                stream_end(s, "cannot send to the device", false);
+                        if (r < 0)
+                                break;
+                        s->last_active = now_usec();
+                        s->up_bytes += n;
+                        data += n;
+                        *size -= n;
+                }
+                *size = 0;
+                return MHD_YES;
+        }
+        /* The end of the body: fin, when it may be sent. */
+        if (s->link && !s->up_done) {
+                if (stream_send_room(s) == 0) {
+                        s->up_pending = 0;
+                        suspend_connection(s, connection, &s->up_suspended, &s->up_watch);
+                        return MHD_YES;
+                }
+                r = stream_send_data(s, NULL, 0, true);
+                if (r == -ENOBUFS)
+                        stream_end(s, "the device is not reading", true);
+                else if (r < 0)
+                        stream_end(s, "cannot send to the device", false);
+                else {
+                        s->up_done = true;
+                        s->last_active = now_usec();
+                        stream_check_done(s);
+                }
+        }
+        if (s->up_done)
+                return queue_json(connection, MHD_HTTP_OK,
+                                  json_pack("{s:b, s:I}", "ok", 1, "bytes", (json_int_t)s->up_bytes));
+        return queue_error(connection, MHD_HTTP_GONE, "stream ended: %s", s->reason);
+}
+
+static const Closed *history_find(Tunnels *t, const char *device, uint32_t sid) {
+        for (size_t i = 0; i < t->history_len; i++) {
+                const Closed *c = &t->history[(t->history_next + TUNNEL_HISTORY_MAX - 1 - i) % TUNNEL_HISTORY_MAX];
+
+                if (c->sid == sid && streq(c->device, device))
+                        return c;
+        }
+        return NULL;
+}
+
+/* GET .../tunnels/SID/down or POST .../tunnels/SID/up: the checks, then
+ * the request is the stream's half. */
+static enum MHD_Result tunnel_attach(Tunnels *t, struct MHD_Connection *connection, TunnelRoute route,
+                                     const char *device, uint32_t sid, const char *method, const TokenAuth *auth,
+                                     TunnelStream **state) {
+        bool down = route == TUNNEL_ROUTE_DOWN;
+        const char *key = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, TUNNEL_KEY_HEADER);
+        char actor[TOKENS_ID_MAX + 8];
+        struct MHD_Response *resp;
+        TunnelStream *s = NULL;
+        enum MHD_Result ret;
+        Device *d;
+
+        if (!streq(method, down ? MHD_HTTP_METHOD_GET : MHD_HTTP_METHOD_POST))
+                return queue_error(connection, MHD_HTTP_METHOD_NOT_ALLOWED, down ? "Use GET" : "Use POST");
+        snprintf(actor, sizeof(actor), "token:%s", auth->id);
+        d = devices_find(t->devices, device);
+        if (d && sid > 0)
+                s = stream_find(t, d, sid);
+        if (!s || !s->split || !s->announced) {
+                /* Ended: its reason, for the token that opened it. */
+                const Closed *c = sid > 0 ? history_find(t, device, sid) : NULL;
+
+                if (c && streq(c->token, actor))
+                        return queue_error(connection, MHD_HTTP_GONE, "stream ended: %s", c->reason);
+                return queue_error(connection, MHD_HTTP_NOT_FOUND, "No stream %" PRIu32 " to device '%s' to attach to",
+                                   sid, device);
+        }
+        if (!streq(s->token, actor))
+                return queue_error(connection, MHD_HTTP_FORBIDDEN, "The stream was opened with another token");
+        if (!key || strlen(key) != strlen(s->key) || CRYPTO_memcmp(key, s->key, strlen(s->key)) != 0)
+                return queue_error(connection, MHD_HTTP_FORBIDDEN, "Wrong or missing " TUNNEL_KEY_HEADER);
+        if (down ? s->down_attached : s->up_attached)
+                return queue_error(connection, MHD_HTTP_CONFLICT, "The stream's %s is attached already",
+                                   down ? "down" : "up");
+        if (down) {
+                resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, TUNNEL_DOWN_BLOCK, stream_down_reader, s,
+                                                         NULL);
+                if (!resp)
+                        return MHD_NO;
+                (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
+                (void)MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+                (void)MHD_add_response_header(resp, "X-Accel-Buffering", "no");
+                (void)MHD_add_response_header(resp, "Tether-Stream", s->sid_text);
+                ret = MHD_queue_response(connection, MHD_HTTP_OK, resp);
+                MHD_destroy_response(resp);
+                if (ret != MHD_YES)
+                        return ret;
+                s->down = connection;
+                s->down_attached = true;
+        } else {
+                s->up = connection;
+                s->up_attached = true;
+        }
+        *state = s;
+        stream_split_attached(s);
+        return MHD_YES;
+}
+
 /* The tunnel is connected on the device: the client gets its 101. */
 static void stream_tunnel_ready(TunnelStream *s) {
-        struct MHD_Response *resp = MHD_create_response_for_upgrade(stream_upgraded, s);
+        struct MHD_Response *resp;
 
+        if (s->split) {
+                stream_split_ready(s);
+                return;
+        }
+        resp = MHD_create_response_for_upgrade(stream_upgraded, s);
         s->timer = sd_event_source_disable_unref(s->timer);
         if (!resp) {
                 stream_end(s, "out of memory", true);
@@ -1089,6 +1402,8 @@ void tunnels_device_gone(Tunnels *t, const Device *d) {
 unsigned tunnel_route_scope(TunnelRoute route) {
         switch (route) {
         case TUNNEL_ROUTE_OPEN:
+        case TUNNEL_ROUTE_DOWN:
+        case TUNNEL_ROUTE_UP:
                 return SCOPE_TUNNELS_OPEN;
         case TUNNEL_ROUTE_LOGS:
                 return SCOPE_LOGS_READ;
@@ -1248,7 +1563,7 @@ static TunnelStream *stream_new(Tunnels *t, Link *l, bool logs, const char *devi
 static enum MHD_Result tunnel_start(Tunnels *t, struct MHD_Connection *connection, TunnelRoute route,
                                     const char *device, const TokenAuth *auth, const char *host,
                                     TunnelStream **state) {
-        bool logs = route == TUNNEL_ROUTE_LOGS;
+        bool logs = route == TUNNEL_ROUTE_LOGS, split = false;
         char target[TUNNEL_TARGET_MAX] = "";
         _cleanup_(json_decrefp) json_t *body = NULL;
         json_t *units = NULL;
@@ -1263,9 +1578,14 @@ static enum MHD_Result tunnel_start(Tunnels *t, struct MHD_Connection *connectio
                 const char *upgrade = MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_UPGRADE);
                 const char *arg = query_arg(connection, "target");
 
-                if (!conn || !header_has_token(conn, "upgrade") || !upgrade || !header_has_token(upgrade, TUNNEL_UPGRADE))
+                /* With the Upgrade headers: the upgrade; with none: the
+                 * split transport; another upgrade: 426. */
+                split = !upgrade && !(conn && header_has_token(conn, "upgrade"));
+                if (!split && (!conn || !header_has_token(conn, "upgrade") || !upgrade ||
+                               !header_has_token(upgrade, TUNNEL_UPGRADE)))
                         return queue_error(connection, MHD_HTTP_UPGRADE_REQUIRED,
-                                           "A tunnel needs 'Connection: Upgrade' and 'Upgrade: " TUNNEL_UPGRADE "'");
+                                           "A tunnel upgrade needs 'Connection: Upgrade' and 'Upgrade: " TUNNEL_UPGRADE
+                                           "' (or neither, for two plain requests)");
                 if (!arg || !*arg)
                         return queue_error(connection, MHD_HTTP_BAD_REQUEST, "target=HOST:PORT is required");
                 if (tunnel_parse_target(arg, target) < 0)
@@ -1371,6 +1691,7 @@ static enum MHD_Result tunnel_start(Tunnels *t, struct MHD_Connection *connectio
                 return MHD_NO;
         }
         s->connection = connection;
+        s->split = split;
         s->units = units;
         memcpy(s->target, target, sizeof(target));
         text = json_dumps(body, JSON_COMPACT);
@@ -1401,10 +1722,17 @@ static enum MHD_Result tunnel_start(Tunnels *t, struct MHD_Connection *connectio
 }
 
 enum MHD_Result tunnel_api_handler(Tunnels *t, struct MHD_Connection *connection, TunnelRoute route,
-                                   const char *device, const char *method, const TokenAuth *auth, const char *host,
-                                   size_t *upload_data_size, TunnelStream **state) {
+                                   const char *device, uint32_t sid, const char *method, const TokenAuth *auth,
+                                   const char *host, const char *upload_data, size_t *upload_data_size,
+                                   TunnelStream **state) {
         TunnelStream *s = *state;
 
+        if (s && route == TUNNEL_ROUTE_UP)
+                return stream_up_data(s, connection, upload_data, upload_data_size);
+        if (s && route == TUNNEL_ROUTE_DOWN) {
+                *upload_data_size = 0;
+                return MHD_YES; /* its response is queued */
+        }
         if (*upload_data_size > 0) {
                 /* No route here takes a body: read and dropped. */
                 *upload_data_size = 0;
@@ -1433,23 +1761,43 @@ enum MHD_Result tunnel_api_handler(Tunnels *t, struct MHD_Connection *connection
                 return tunnel_list(t, connection, device);
         case TUNNEL_ROUTE_OPEN:
                 if (!streq(method, MHD_HTTP_METHOD_POST))
-                        return queue_error(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "Use POST with an Upgrade");
+                        return queue_error(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "Use POST");
                 return tunnel_start(t, connection, route, device, auth, host, state);
         case TUNNEL_ROUTE_LOGS:
                 if (!streq(method, MHD_HTTP_METHOD_GET))
                         return queue_error(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "Use GET");
                 return tunnel_start(t, connection, route, device, auth, host, state);
+        case TUNNEL_ROUTE_DOWN:
+        case TUNNEL_ROUTE_UP:
+                return tunnel_attach(t, connection, route, device, sid, method, auth, state);
         default:
                 return MHD_NO;
         }
 }
 
-void tunnel_api_request_free(TunnelStream *s) {
+void tunnel_api_request_free(TunnelStream *s, struct MHD_Connection *connection) {
+        bool done;
+
         if (!s)
                 return;
-        s->connection = NULL;
-        s->suspended = false;
-        if (s->link)
+        if (s->split && connection && connection == s->down) {
+                s->down = NULL;
+                s->down_suspended = false;
+                s->down_watch = sd_event_source_disable_unref(s->down_watch);
+                done = s->down_done;
+        } else if (s->split && connection && connection == s->up) {
+                s->up = NULL;
+                s->up_suspended = false;
+                s->up_watch = sd_event_source_disable_unref(s->up_watch);
+                done = s->up_done;
+        } else {
+                s->connection = NULL;
+                s->suspended = false;
+                /* A split stream's client has its 201: it attaches, or
+                 * the stream ends at the attach deadline. */
+                done = s->split && s->announced;
+        }
+        if (s->link && !done)
                 stream_end(s, s->t->stopping ? "shutting down" : "closed by the client", true);
         stream_close_client(s);
         stream_maybe_free(s);
@@ -1528,7 +1876,7 @@ Tunnels *tunnels_free(Tunnels *t) {
         while (t->all) {
                 TunnelStream *s = t->all;
 
-                s->connection = NULL;
+                s->connection = s->down = s->up = NULL;
                 stream_maybe_free(s);
         }
         for (size_t i = 0; i < TUNNEL_HISTORY_MAX; i++)

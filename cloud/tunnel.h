@@ -2,9 +2,19 @@
 /* Tunnels and log streams (tunnel.c, prefixes tunnels_ and tunnel_): the
  * cloud's side of the streams of docs/protocol.md, "Streams: tunnels and
  * logs", and their HTTP requests (docs/cloud.md, "Tunnels and logs"):
- * POST /v1/devices/ID/tunnel (101 and raw bytes both ways on the upgraded
- * connection), GET /v1/devices/ID/logs (NDJSON, streamed) and GET
+ * POST /v1/devices/ID/tunnel (with the Upgrade headers: 101 and raw bytes
+ * both ways on the upgraded connection; without: 201 and a stream key, then
+ * the split transport's GET .../tunnels/SID/down and POST
+ * .../tunnels/SID/up), GET /v1/devices/ID/logs (NDJSON, streamed) and GET
  * /v1/devices/ID/tunnels.
+ *
+ * Both tunnel transports are relays over one stream engine: the upgraded
+ * socket, or MHD's content reader (device → client, credit granted as MHD
+ * takes bytes) and upload handler (client → device: body bytes consumed
+ * only within the device's credit and the link budget, the connection
+ * suspended otherwise, so MHD's read buffer and TCP hold the rest). A split
+ * stream's halves must both attach within [Tunnel] AttachSec=, with the
+ * token id that opened it and its key (compared in constant time).
  *
  * A Tunnels object owns every stream, the messages of streams in flight
  * to devices, the upgraded client sockets' event sources and the history
@@ -86,12 +96,15 @@ unsigned tunnel_route_scope(TunnelRoute route);
  * the request's (NULL at first; tunnel_api_request_free() once MHD
  * completed it). Returns what the access handler returns. */
 enum MHD_Result tunnel_api_handler(Tunnels *t, struct MHD_Connection *connection, TunnelRoute route,
-                                   const char *device, const char *method, const TokenAuth *auth, const char *host,
-                                   size_t *upload_data_size, TunnelStream **state);
-/* MHD completed the request (the client went away, the answer or the
- * upgraded connection ended): its stream ends ("closed by the client")
- * if it had not. NULL is fine. */
-void tunnel_api_request_free(TunnelStream *s);
+                                   const char *device, uint32_t sid, const char *method, const TokenAuth *auth,
+                                   const char *host, const char *upload_data, size_t *upload_data_size,
+                                   TunnelStream **state);
+/* MHD completed the request on connection whose state is s (the client
+ * went away, the answer, the upgraded connection or a split stream's
+ * `down`/`up` ended): its stream ends ("closed by the client") unless it
+ * had or that request's part ended normally (the 201 of a split open, the
+ * `down` body after the device's fin, the `up` body). NULL is fine. */
+void tunnel_api_request_free(TunnelStream *s, struct MHD_Connection *connection);
 /* The Api stops: upgraded connections close, waiting requests are
  * answered 503, log streams end; what remains ends "shutting down". */
 void tunnels_api_shutdown(Tunnels *t);

@@ -3,7 +3,10 @@
  * tunnel API (docs/cli.md, docs/cloud.md), like `ssh -L` (--listen) or as
  * an ssh ProxyCommand (--stdio).
  *
- * Each local connection gets its own HTTP(S) connection to the API, made
+ * Two transports: "upgrade" (the default over http://) below, and
+ * "split" (the default over https://, see split_open()).
+ *
+ * Upgrade: each local connection gets its own HTTP(S) connection to the API, made
  * by libcurl with CURLOPT_CONNECT_ONLY so that TLS, the CA, and proxies
  * are handled as for every other command; the upgrade request and the
  * relayed bytes then go through curl_easy_send()/curl_easy_recv(). The
@@ -45,6 +48,7 @@ typedef struct TunnelOpts {
         char target[64];  /* "IPV4:PORT" or "[IPV6]:PORT" */
         char listen[64];  /* the same shape; port 0: any free one */
         bool stdio;
+        bool split;       /* the split transport (two plain requests), not the upgrade */
         char *host;       /* Host: header, from the API URL */
         char *path;       /* the API URL's path, without a trailing '/' */
 } TunnelOpts;
@@ -64,6 +68,14 @@ typedef struct Tunnel {
         size_t up_off, up_len;
         char *down; /* tunnel -> local */
         size_t down_off, down_len;
+        /* The split transport (split_run()) */
+        char key[65];            /* Tether-Stream-Key: 64 lowercase hex digits */
+        CURL *down_curl, *up_curl;
+        struct curl_slist *down_headers, *up_headers;
+        char down_errbuf[CURL_ERROR_SIZE], up_errbuf[CURL_ERROR_SIZE];
+        Buffer down_error, up_body; /* a refused down's body; the up's answer */
+        int stop_pipe[2];        /* readable: the other half ended badly, stop */
+        atomic_bool stop;
 } Tunnel;
 
 typedef struct Listener {
@@ -674,6 +686,329 @@ print:
                            t->bytes_out);
 }
 
+/* The split transport (docs/cloud.md "Tunnels and logs"): over an HTTPS
+ * API the upgrade is not usable, so a tunnel is three plain requests on
+ * two connections: POST .../tunnel (201: the stream's id and key), then
+ * at once GET .../tunnels/SID/down (the device's bytes, a chunked body
+ * without end until the device's fin; on the first request's connection)
+ * on this thread and POST .../tunnels/SID/up (our bytes, a chunked upload
+ * whose end is our fin) on another. Each half has its own easy handle and blocks on the local side:
+ * a write to the local side that waits is the backpressure towards the
+ * cloud, a read that waits holds the upload. The key travels only in the
+ * Tether-Stream-Key header. Memory per tunnel: libcurl's buffers of two
+ * handles (the report's third is used only at the end) and two bounded
+ * error bodies. */
+
+/* Wait until fd is ready for events (0), or until quit or stop (-EINTR). */
+static int split_wait(Tunnel *t, int fd, short events) {
+        for (;;) {
+                struct pollfd p[3] = { { .fd = fd, .events = events },
+                                       { .fd = t->quit_fd, .events = POLLIN },
+                                       { .fd = t->stop_pipe[0], .events = POLLIN } };
+                int k;
+
+                if (tunnel_interrupted || atomic_load(&t->stop))
+                        return -EINTR;
+                k = poll(p, ELEMENTSOF(p), -1);
+                if (k < 0 && errno == EINTR)
+                        continue;
+                if (k < 0)
+                        return -errno;
+                if (p[1].revents || p[2].revents)
+                        return -EINTR;
+                if (p[0].revents)
+                        return 0;
+        }
+}
+
+static void split_stop(Tunnel *t) {
+        if (!atomic_exchange(&t->stop, true))
+                (void)!write(t->stop_pipe[1], "x", 1);
+}
+
+/* Progress callback of both halves: a transfer waiting on the network
+ * learns of quit or stop here (libcurl calls it about once a second). */
+static int split_progress(void *userdata, curl_off_t dltotal, curl_off_t dlnow, curl_off_t ultotal,
+                          curl_off_t ulnow) {
+        Tunnel *t = userdata;
+
+        (void)dltotal, (void)dlnow, (void)ultotal, (void)ulnow;
+        return tunnel_interrupted || atomic_load(&t->stop) ? 1 : 0;
+}
+
+/* The down body to the local side; a refused down's body (not 200) into
+ * t->down_error, bounded. */
+static size_t split_down_write(char *p, size_t size, size_t n, void *userdata) {
+        Tunnel *t = userdata;
+        size_t len = size * n, done = 0;
+        long status = 0;
+
+        curl_easy_getinfo(t->down_curl, CURLINFO_RESPONSE_CODE, &status);
+        if (status != 200)
+                return buffer_append(&t->down_error, p, len) < 0 ? 0 : len;
+        while (done < len) {
+                ssize_t k;
+
+                if (t->local_socket)
+                        k = send(t->out_fd, p + done, len - done, MSG_NOSIGNAL);
+                else
+                        k = write(t->out_fd, p + done, len - done);
+                if (k < 0 && (errno == EAGAIN || errno == EINTR)) {
+                        if (split_wait(t, t->out_fd, POLLOUT) < 0)
+                                return 0;
+                        continue;
+                }
+                if (k < 0)
+                        return 0; /* the local side went away: the stream ends */
+                done += (size_t)k;
+                t->bytes_in += (uint64_t)k;
+        }
+        return len;
+}
+
+/* The up body from the local side: 0 at its end (the cloud sends fin). */
+static size_t split_up_read(char *p, size_t size, size_t n, void *userdata) {
+        Tunnel *t = userdata;
+
+        for (;;) {
+                ssize_t k;
+
+                if (split_wait(t, t->in_fd, POLLIN) < 0)
+                        return CURL_READFUNC_ABORT;
+                k = read(t->in_fd, p, size * n);
+                if (k < 0 && (errno == EAGAIN || errno == EINTR))
+                        continue;
+                if (k < 0)
+                        return CURL_READFUNC_ABORT; /* reset: the cloud resets the stream */
+                t->bytes_out += (uint64_t)k;
+                return (size_t)k;
+        }
+}
+
+static size_t split_up_answer(char *p, size_t size, size_t n, void *userdata) {
+        Tunnel *t = userdata;
+
+        return buffer_append(&t->up_body, p, size * n) < 0 ? 0 : size * n;
+}
+
+/* Headers of a half: the main handle's (token, no Expect:) and the key. */
+static struct curl_slist *split_headers(Tunnel *t, bool up) {
+        _cleanup_free_ char *key = NULL;
+        struct curl_slist *l = NULL, *n;
+
+        if (asprintf(&key, "Tether-Stream-Key: %s", t->key) < 0)
+                return NULL;
+        for (const struct curl_slist *h = t->main->headers; h; h = h->next)
+                if (!(n = curl_slist_append(l, h->data)))
+                        goto fail;
+                else
+                        l = n;
+        if (!(n = curl_slist_append(l, key)))
+                goto fail;
+        l = n;
+        if (up) {
+                if (!(n = curl_slist_append(l, "Transfer-Encoding: chunked")))
+                        goto fail;
+                l = n;
+                if (!(n = curl_slist_append(l, "Content-Type: application/octet-stream")))
+                        goto fail;
+                l = n;
+        }
+        return l;
+fail:
+        curl_slist_free_all(l);
+        return NULL;
+}
+
+static int split_setup(Tunnel *t, CURL *c, bool up) {
+        _cleanup_free_ char *url = NULL;
+        struct curl_slist *h = split_headers(t, up);
+
+        if (!h || asprintf(&url, "%s/v1/devices/%s/tunnels/%" PRIu64 "/%s", t->api.base, t->o->device, t->sid,
+                           up ? "up" : "down") < 0) {
+                curl_slist_free_all(h);
+                return log_error_errno(-ENOMEM, "Out of memory");
+        }
+        if (up)
+                t->up_headers = h;
+        else
+                t->down_headers = h;
+        curl_easy_setopt(c, CURLOPT_URL, url);
+        curl_easy_setopt(c, CURLOPT_HTTPHEADER, h);
+        curl_easy_setopt(c, CURLOPT_POSTFIELDS, NULL);
+        curl_easy_setopt(c, CURLOPT_ERRORBUFFER, up ? t->up_errbuf : t->down_errbuf);
+        curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
+        /* Chunked bodies of HTTP/1.1; a tunnel has no total time limit
+         * (the cloud's IdleSec= ends idle ones). */
+        curl_easy_setopt(c, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+        api_set_timeouts(&(Api){ .curl = c }, 0);
+        curl_easy_setopt(c, CURLOPT_TCP_KEEPALIVE, 1L);
+        curl_easy_setopt(c, CURLOPT_NOPROGRESS, 0L);
+        curl_easy_setopt(c, CURLOPT_XFERINFOFUNCTION, split_progress);
+        curl_easy_setopt(c, CURLOPT_XFERINFODATA, t);
+        if (up) {
+                /* A POST whose body comes from the read callback, chunked
+                 * (no size), sent at once: "Expect:" is among the main
+                 * handle's headers, so no 100-continue round trip. */
+                curl_easy_setopt(c, CURLOPT_POST, 1L);
+                curl_easy_setopt(c, CURLOPT_READFUNCTION, split_up_read);
+                curl_easy_setopt(c, CURLOPT_READDATA, t);
+                curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, split_up_answer);
+                curl_easy_setopt(c, CURLOPT_WRITEDATA, t);
+                t->up_body.max = TUNNEL_ERROR_BODY_MAX;
+        } else {
+                curl_easy_setopt(c, CURLOPT_HTTPGET, 1L);
+                curl_easy_setopt(c, CURLOPT_WRITEFUNCTION, split_down_write);
+                curl_easy_setopt(c, CURLOPT_WRITEDATA, t);
+                curl_easy_setopt(c, CURLOPT_BUFFERSIZE, (long)TUNNEL_BUF);
+                t->down_error.max = TUNNEL_ERROR_BODY_MAX;
+        }
+        return 0;
+}
+
+/* POST .../tunnel without the upgrade: 1 on 201 (t->sid, t->key set),
+ * negative errno otherwise (reported, as tunnel_open() words it). */
+static int split_open(Tunnel *t) {
+        const TunnelOpts *o = t->o;
+        _cleanup_free_ char *target = NULL, *url = NULL;
+        long timeout_ms = arg.timeout_ms > 0 ? arg.timeout_ms : TUNNEL_OPEN_TIMEOUT_MS;
+        char text[TETHER_ERROR_TEXT_MAX + 1];
+        const char *key;
+        json_t *j, *sid;
+        CURLcode c;
+
+        t->api.base = strdup(t->main->base);
+        if (!t->api.curl || !t->report_curl || !t->api.base)
+                return log_error_errno(-ENOMEM, "Out of memory");
+        /* The up half's handle: a clean copy, before this one's request
+         * (whose connection the down half then reuses). */
+        t->up_curl = curl_easy_duphandle(t->api.curl);
+        target = curl_easy_escape(t->api.curl, o->target, 0);
+        if (!t->up_curl || !target ||
+            asprintf(&url, "%s/v1/devices/%s/tunnel?target=%s", t->api.base, o->device, target) < 0) {
+                url = NULL;
+                return log_error_errno(-ENOMEM, "Out of memory");
+        }
+        buffer_done(&t->api.body);
+        t->api.body.max = TUNNEL_ERROR_BODY_MAX;
+        curl_easy_setopt(t->api.curl, CURLOPT_ERRORBUFFER, t->api.errbuf);
+        curl_easy_setopt(t->api.curl, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(t->api.curl, CURLOPT_URL, url);
+        curl_easy_setopt(t->api.curl, CURLOPT_POSTFIELDS, "");
+        curl_easy_setopt(t->api.curl, CURLOPT_POSTFIELDSIZE, 0L);
+        curl_easy_setopt(t->api.curl, CURLOPT_WRITEFUNCTION, body_write);
+        curl_easy_setopt(t->api.curl, CURLOPT_WRITEDATA, &t->api);
+        api_set_timeouts(&t->api, timeout_ms);
+        c = curl_easy_perform(t->api.curl);
+        if (c == CURLE_OPERATION_TIMEDOUT) {
+                log_error("tunnel to %s on %s: no answer within %ld s", o->target, o->device, timeout_ms / 1000);
+                return -ETIMEDOUT;
+        }
+        if (c == CURLE_WRITE_ERROR) {
+                log_error("The response from %s is larger than %u bytes", t->api.base, TUNNEL_ERROR_BODY_MAX);
+                return -EBADMSG;
+        }
+        if (c != CURLE_OK)
+                return curl_error(&t->api, c);
+        curl_easy_getinfo(t->api.curl, CURLINFO_RESPONSE_CODE, &t->api.status);
+        if (t->api.status != 201) {
+                error_text(&t->api.body, text, sizeof(text));
+                if (!text[0])
+                        snprintf(text, sizeof(text), "HTTP %ld", t->api.status);
+                log_error("tunnel to %s on %s refused: %s", o->target, o->device, text);
+                return t->api.status == 401 || t->api.status == 403 ? -EACCES
+                       : t->api.status == 404                       ? -ENOENT
+                       : t->api.status == 409                       ? -EHOSTDOWN
+                       : t->api.status == 504                       ? -ETIMEDOUT
+                                                                    : -EPROTO;
+        }
+        j = json_loadb(t->api.body.data ?: "", t->api.body.len, 0, NULL);
+        sid = json_object_get(j, "stream");
+        key = json_string_value(json_object_get(j, "key"));
+        /* The key goes into a header: exactly 64 lowercase hex digits. */
+        if (!json_is_integer(sid) || json_integer_value(sid) <= 0 || !key || strlen(key) != 64 ||
+            strspn(key, "0123456789abcdef") != 64) {
+                json_decref(j);
+                log_error("Malformed response from %s: 201 without a stream and its key", t->api.base);
+                return -EBADMSG;
+        }
+        t->sid = (uint64_t)json_integer_value(sid);
+        memcpy(t->key, key, 65);
+        json_decref(j);
+        /* The down half goes on on this connection (kept alive). */
+        t->down_curl = TAKE_PTR(t->api.curl);
+        return 1;
+}
+
+static void *split_up_thread(void *userdata) {
+        Tunnel *t = userdata;
+        CURLcode c = curl_easy_perform(t->up_curl);
+        long status = 0;
+
+        curl_easy_getinfo(t->up_curl, CURLINFO_RESPONSE_CODE, &status);
+        if (c != CURLE_OK || status != 200) {
+                /* Our own abort (stop, quit, a local reset) says nothing
+                 * new; anything else is the cloud's refusal. */
+                if (c == CURLE_OK && status != 410) {
+                        char text[TETHER_ERROR_TEXT_MAX + 1];
+
+                        error_text(&t->up_body, text, sizeof(text));
+                        log_error("tunnel %" PRIu64 ": sending refused: %s", t->sid, text[0] ? text : "no reason");
+                } else if (c != CURLE_OK && c != CURLE_ABORTED_BY_CALLBACK && !tunnel_interrupted &&
+                           !atomic_load(&t->stop))
+                        log_debug("tunnel %" PRIu64 ": sending ended: %s", t->sid,
+                                  t->up_errbuf[0] ? t->up_errbuf : curl_easy_strerror(c));
+                split_stop(t);
+        }
+        return NULL;
+}
+
+/* Relay one stream over the split transport until both halves ended. */
+static int split_relay(Tunnel *t) {
+        pthread_t up;
+        CURLcode c;
+        long status = 0;
+        int r;
+
+        r = split_setup(t, t->down_curl, false);
+        if (r >= 0)
+                r = split_setup(t, t->up_curl, true);
+        if (r < 0)
+                return r;
+        r = pthread_create(&up, NULL, split_up_thread, t);
+        if (r != 0)
+                return log_error_errno(-r, "Cannot start a thread: %m");
+        c = curl_easy_perform(t->down_curl);
+        curl_easy_getinfo(t->down_curl, CURLINFO_RESPONSE_CODE, &status);
+        if (c == CURLE_OK && status == 200) {
+                /* The device's fin, everything before it delivered. */
+                if (t->local_socket)
+                        (void)shutdown(t->out_fd, SHUT_WR);
+                else {
+                        close(t->out_fd); /* ssh (ProxyCommand) sees the end */
+                        t->out_fd = -1;
+                }
+        } else {
+                if (c == CURLE_OK) {
+                        char text[TETHER_ERROR_TEXT_MAX + 1];
+
+                        error_text(&t->down_error, text, sizeof(text));
+                        log_error("tunnel %" PRIu64 ": receiving refused: %s", t->sid, text[0] ? text : "no reason");
+                }
+                /* Cut short: the stream was reset. The local side sees
+                 * the end at once; the up half stops. */
+                if (t->local_socket)
+                        (void)shutdown(t->out_fd, SHUT_RDWR);
+                else if (t->out_fd >= 0) {
+                        close(t->out_fd);
+                        t->out_fd = -1;
+                }
+                split_stop(t);
+        }
+        pthread_join(up, NULL);
+        return tunnel_interrupted ? -EINTR : 0;
+}
+
 static void tunnel_done(Tunnel *t) {
         if (t->api.curl)
                 curl_easy_cleanup(t->api.curl);
@@ -683,9 +1018,20 @@ static void tunnel_done(Tunnel *t) {
         buffer_done(&t->api.body);
         free(t->up);
         free(t->down);
+        if (t->down_curl)
+                curl_easy_cleanup(t->down_curl);
+        if (t->up_curl)
+                curl_easy_cleanup(t->up_curl);
+        curl_slist_free_all(t->down_headers);
+        curl_slist_free_all(t->up_headers);
+        buffer_done(&t->down_error);
+        buffer_done(&t->up_body);
+        for (int i = 0; i < 2; i++)
+                if (t->stop_pipe[i] >= 0)
+                        close(t->stop_pipe[i]);
         if (t->local_socket && t->in_fd >= 0)
                 close(t->in_fd);
-        *t = (Tunnel){ .in_fd = -1, .out_fd = -1 };
+        *t = (Tunnel){ .in_fd = -1, .out_fd = -1, .stop_pipe = { -1, -1 } };
 }
 
 /* One local connection, start to end. 0 when a tunnel was relayed,
@@ -697,7 +1043,12 @@ static int tunnel_run(Tunnel *t) {
         t->down = malloc(TUNNEL_BUF);
         if (!t->up || !t->down)
                 return log_error_errno(-ENOMEM, "Out of memory");
-        r = tunnel_open(t);
+        if (t->o->split) {
+                if (pipe2(t->stop_pipe, O_CLOEXEC | O_NONBLOCK) < 0)
+                        return log_error_errno(-errno, "Failed to create a pipe: %m");
+                r = split_open(t);
+        } else
+                r = tunnel_open(t);
         if (r < 0)
                 return r;
         /* Under ssh (--stdio) our stderr is the user's terminal: quiet. */
@@ -705,7 +1056,7 @@ static int tunnel_run(Tunnel *t) {
                 log_info("tunnel %" PRIu64 " open to %s on %s", t->sid, t->o->target, t->o->device);
         else
                 log_debug("tunnel %" PRIu64 " open to %s on %s", t->sid, t->o->target, t->o->device);
-        r = tunnel_relay(t);
+        r = t->o->split ? split_relay(t) : tunnel_relay(t);
         if (r == -EINTR)
                 return 0;
         /* The cloud closed the connection or our side failed: either way
@@ -819,7 +1170,7 @@ static int tunnel_listen(Api *a, const TunnelOpts *o) {
                          * threads: copies of a's are made here. */
                         c->l = &l;
                         c->t = (Tunnel){ .main = a, .o = o, .in_fd = cfd, .out_fd = cfd, .local_socket = true,
-                                         .quit_fd = quit_pipe[0], .api.curl = curl_easy_duphandle(a->curl),
+                                         .quit_fd = quit_pipe[0], .stop_pipe = { -1, -1 }, .api.curl = curl_easy_duphandle(a->curl),
                                          .report_curl = curl_easy_duphandle(a->curl) };
                 }
                 pthread_attr_init(&attr);
@@ -849,12 +1200,13 @@ int cmd_tunnel(Api *a, char **args, int n) {
         static const struct option options[] = {
                 { "listen", required_argument, NULL, 'l' },
                 { "stdio", no_argument, NULL, 's' },
+                { "transport", required_argument, NULL, 't' },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
         struct sigaction sa = { .sa_handler = tunnel_signal };
         TunnelOpts o = {};
-        const char *listen_arg = NULL, *pos[2];
+        const char *listen_arg = NULL, *transport = NULL, *pos[2];
         int npos = 0, c, r;
 
         /* args[-1] is the word "tunnel": getopt's argv[0]. */
@@ -867,6 +1219,9 @@ int cmd_tunnel(Api *a, char **args, int n) {
                         break;
                 case 's':
                         o.stdio = true;
+                        break;
+                case 't':
+                        transport = optarg;
                         break;
                 case 'h':
                         tunnel_help();
@@ -898,6 +1253,14 @@ int cmd_tunnel(Api *a, char **args, int n) {
                 return cli_usage_error("Invalid --listen '%s': expected [ADDR:]PORT, ADDR an IPv4 address or an "
                                        "IPv6 address in brackets",
                                        listen_arg);
+        /* Over HTTPS the upgrade is not usable (docs/cloud.md "Tunnels and
+         * logs"); over HTTP it is the faster one. */
+        if (!transport)
+                o.split = startswith(a->base, "https://");
+        else if (streq(transport, "split"))
+                o.split = true;
+        else if (!streq(transport, "upgrade"))
+                return cli_usage_error("Invalid --transport '%s': expected upgrade or split", transport);
         r = api_url_parts(a, &o);
         if (r < 0)
                 goto out;
@@ -913,7 +1276,7 @@ int cmd_tunnel(Api *a, char **args, int n) {
 
         if (o.stdio) {
                 Tunnel t = { .main = a, .o = &o, .in_fd = STDIN_FILENO, .out_fd = STDOUT_FILENO,
-                             .quit_fd = quit_pipe[0], .api.curl = curl_easy_duphandle(a->curl),
+                             .quit_fd = quit_pipe[0], .stop_pipe = { -1, -1 }, .api.curl = curl_easy_duphandle(a->curl),
                              .report_curl = curl_easy_duphandle(a->curl) };
 
                 r = tunnel_run(&t);
@@ -939,6 +1302,7 @@ out:
 
 void tunnel_help(void) {
         printf("Usage: tether [OPTIONS] tunnel DEVICE [HOST:]PORT (--listen [ADDR:]PORT | --stdio)\n"
+               "                                  [--transport upgrade|split]\n"
                "\n"
                "Reach TCP port PORT of HOST (default 127.0.0.1) on the device through the cloud,\n"
                "like ssh -L. The device must allow the target ([Tunnel] Allow= in tetherd.conf).\n"
@@ -948,5 +1312,9 @@ void tunnel_help(void) {
                "                        interrupted\n"
                "  --stdio               one tunnel on standard input and output, as an ssh\n"
                "                        ProxyCommand:\n"
-               "                          ssh -o ProxyCommand='tether tunnel %%n 22 --stdio' root@DEVICE\n");
+               "                          ssh -o ProxyCommand='tether tunnel %%n 22 --stdio' root@DEVICE\n"
+               "  --transport upgrade|split\n"
+               "                        how the bytes travel to the cloud: one upgraded\n"
+               "                        connection (default over http://) or two plain\n"
+               "                        requests (default over https://)\n");
 }

@@ -8,10 +8,12 @@ we are root, an sshd of the benchmark's own.
 
 Per repetition, side by side:
 - throughput of a --size-mb transfer (client -> target, until the target
-  has it all) directly over TCP, through `tether tunnel --listen`, and
-  through `ssh -L` to the test sshd;
+  has it all) directly over TCP, through `tether tunnel --listen` over an
+  HTTP API (the upgrade transport), through it over an HTTPS API (the
+  split transport: a second cloud and agent of their own), and through
+  `ssh -L` to the test sshd;
 - round-trip time of a 1-byte ping-pong with the echo server (median of
-  --pings), direct, through the tunnel and through ssh -L;
+  --pings), direct, through both tunnels and through ssh -L;
 - the agent's VmRSS with no stream, then with --streams idle tunnels open
   (upgrade requests of our own, one byte echoed on each): the difference
   per stream.
@@ -187,6 +189,7 @@ def main():
     o = ap.parse_args()
 
     w = World()
+    w2 = None
     try:
         sink, echo = Sink(), tt.EchoServer()
         try:
@@ -206,21 +209,31 @@ def main():
             print(f"no tunnels here: {e}")
             return 77
         cli_echo = tt.TunnelCli(w, dev, f"127.0.0.1:{echo.port}")
+        # The split transport: the same over a cloud with an HTTPS API.
+        w2 = World()
+        w2.start_cloud(extra=f"[API]\nCertificate={w2.path('pki', 'server.crt')}\nKey={w2.path('pki', 'server.key')}\n"
+                             "MaxConnectionsPerIP=0\nRateLimitPerAddress=0\nRateLimitPerToken=0\n")
+        a2 = w2.start_agent(extra=f"[Tunnel]\nAllow=127.0.0.1:{sink.port} 127.0.0.1:{echo.port}\n")
+        api2, ca2 = f"https://127.0.0.1:{w2.api_port}", w2.path("pki", "ca.crt")
+        split_sink = tt.TunnelCli(w2, a2.device_id, f"127.0.0.1:{sink.port}", api=api2, cacert=ca2)
+        split_echo = tt.TunnelCli(w2, a2.device_id, f"127.0.0.1:{echo.port}", api=api2, cacert=ca2)
         ssh_sink = ssh_echo = None
         if sshd:
             ssh_sink = ssh_forward(sshd, w, sink.port)[1]
             ssh_echo = ssh_forward(sshd, w, echo.port)[1]
         size = o.size_mb << 20
-        res = {k: [] for k in ("tput_direct", "tput_tunnel", "tput_ssh", "rtt_direct", "rtt_tunnel", "rtt_ssh",
-                               "rss0", "rss_per")}
+        res = {k: [] for k in ("tput_direct", "tput_tunnel", "tput_split", "tput_ssh", "rtt_direct", "rtt_tunnel",
+                               "rtt_split", "rtt_ssh", "rss0", "rss_per")}
         load0 = os.getloadavg()
         for rep in range(o.reps):
             res["tput_direct"].append(o.size_mb / push(sink.port, size))
             res["tput_tunnel"].append(o.size_mb / push(cli_sink.port, size))
+            res["tput_split"].append(o.size_mb / push(split_sink.port, size))
             if ssh_sink:
                 res["tput_ssh"].append(o.size_mb / push(ssh_sink, size))
             res["rtt_direct"].append(ping_pong(echo.port, o.pings))
             res["rtt_tunnel"].append(ping_pong(cli_echo.port, o.pings))
+            res["rtt_split"].append(ping_pong(split_echo.port, o.pings))
             if ssh_echo:
                 res["rtt_ssh"].append(ping_pong(ssh_echo, o.pings))
             pid = a.proc.pid
@@ -236,25 +249,34 @@ def main():
 
         print(f"\n{o.size_mb} MB transfers, {o.pings} pings, {o.streams} idle streams; {o.reps} repetitions, "
               f"min / median / max; load average {load0[0]:.2f} -> {load1[0]:.2f}\n")
-        print(f"| {'':32} | {'direct TCP':24} | {'tether tunnel':24} | {'ssh -L':24} |")
-        print(f"|{'-' * 34}|{'-' * 26}|{'-' * 26}|{'-' * 26}|")
+        e = ""
+        print(f"| {e:32} | {'direct TCP':24} | {'tether tunnel, upgrade':24} | {'tether tunnel, split':24} | "
+              f"{'ssh -L':24} |")
+        print(f"|{'-' * 34}|{'-' * 26}|{'-' * 26}|{'-' * 26}|{'-' * 26}|")
         print(f"| {'throughput, MB/s':32} | {mmm(res['tput_direct'], '{:.0f}'):24} | "
-              f"{mmm(res['tput_tunnel'], '{:.1f}'):24} | {mmm(res['tput_ssh'], '{:.0f}'):24} |")
+              f"{mmm(res['tput_tunnel'], '{:.1f}'):24} | {mmm(res['tput_split'], '{:.1f}'):24} | "
+              f"{mmm(res['tput_ssh'], '{:.0f}'):24} |")
         print(f"| {'1-byte round trip, ms (median)':32} | {mmm(res['rtt_direct'], '{:.3f}'):24} | "
-              f"{mmm(res['rtt_tunnel'], '{:.3f}'):24} | {mmm(res['rtt_ssh'], '{:.3f}'):24} |")
+              f"{mmm(res['rtt_tunnel'], '{:.3f}'):24} | {mmm(res['rtt_split'], '{:.3f}'):24} | "
+              f"{mmm(res['rtt_ssh'], '{:.3f}'):24} |")
         added = [t - d for t, d in zip(res["rtt_tunnel"], res["rtt_direct"])]
-        print(f"| {'added round trip, ms':32} | {'':24} | {mmm(added, '{:.3f}'):24} | {'':24} |")
-        print(f"| {'agent VmRSS, no stream, KiB':32} | {'':24} | {mmm(res['rss0'], '{:.0f}'):24} | {'':24} |")
-        print(f"| {'agent VmRSS per idle stream, KiB':32} | {'':24} | {mmm(res['rss_per'], '{:.1f}'):24} | "
-              f"{'':24} |")
+        added_split = [t - d for t, d in zip(res["rtt_split"], res["rtt_direct"])]
+        print(f"| {'added round trip, ms':32} | {e:24} | {mmm(added, '{:.3f}'):24} | "
+              f"{mmm(added_split, '{:.3f}'):24} | {e:24} |")
+        print(f"| {'agent VmRSS, no stream, KiB':32} | {e:24} | {mmm(res['rss0'], '{:.0f}'):24} | {e:24} | {e:24} |")
+        print(f"| {'agent VmRSS per idle stream, KiB':32} | {e:24} | {mmm(res['rss_per'], '{:.1f}'):24} | {e:24} | "
+              f"{e:24} |")
+        w2.close()
+        w2 = None
         w.close()
         w = None
         return 0
     finally:
-        if w:
-            for d in w.daemons:
-                d.kill()
-            w.run_cleanups([])
+        for x in (w2, w):
+            if x:
+                for d in x.daemons:
+                    d.kill()
+                x.run_cleanups([])
 
 
 if __name__ == "__main__":

@@ -3,20 +3,25 @@
 """The cloud's side of tunnels and log streams (docs/protocol.md, "Streams:
 tunnels and logs"; docs/cloud.md, "Tunnels and logs") against a scripted
 device (fakedev.py): the HTTP answers, the 101 upgrade over HTTP and HTTPS
-and the bytes both ways, credit and fin, log streams, and devices that
-break the protocol."""
+and the bytes both ways, credit and fin, the split transport (201, then a
+`down` GET and an `up` POST) over HTTP and HTTPS, log streams, and devices
+that break the protocol."""
 
+import hashlib
 import json
 import os
+import re
 import socket
 import ssl
+import struct
 import sys
+import threading
 import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import Failure, api_json, expect, run, seconds  # noqa: E402
-from fakedev import CHANGED, CREATED, POST, URI_QUERY, code, codestr, connect  # noqa: E402
+from fakedev import CHANGED, CREATED, POST, URI_QUERY, code, codestr, connect, memory_checks, rss_kb  # noqa: E402
 
 PUT, DELETE = code(0, 3), code(0, 4)
 DELETED = code(2, 2)
@@ -94,6 +99,45 @@ class Client:
             self.buf += d
         out, self.buf = self.buf, b""
         return out
+
+    def _fill(self):
+        try:
+            d = self.s.recv(65536)
+        except (ConnectionResetError, ssl.SSLError, socket.timeout):
+            return False
+        self.buf += d
+        return bool(d)
+
+    def line(self):
+        """One CRLF-terminated line (without it), or None at the end."""
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                return None
+        out, self.buf = self.buf.split(b"\r\n", 1)
+        return out
+
+    def take(self, n):
+        """n bytes, or None at the end."""
+        while len(self.buf) < n:
+            if not self._fill():
+                return None
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_chunked(self, sink):
+        """A chunked body into sink(bytes): True at its end, False when it
+        is cut short."""
+        while True:
+            ln = self.line()
+            if ln is None:
+                return False
+            n = int(ln.split(b";")[0], 16)
+            if n == 0:
+                return self.line() == b""
+            data = self.take(n + 2)
+            if data is None or data[-2:] != b"\r\n":
+                return False
+            sink(data[:-2])
 
     def close(self):
         self.s.close()
@@ -189,13 +233,15 @@ def test_http_answers(w):
     w.start_cloud()
     d, dev = connect(w)
     other, other_dev = connect(w)
-    # 426 without the Upgrade headers.
+    # 426 for another upgrade (without any: the split transport).
     c = Client(w)
-    c.send_request(f"/v1/devices/{dev}/tunnel?target=127.0.0.1:22", w.token, upgrade=False)
+    c.s.sendall(f"POST /v1/devices/{dev}/tunnel?target=127.0.0.1:22 HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {w.token}\r\nContent-Length: 0\r\nConnection: Upgrade\r\n"
+                "Upgrade: websocket\r\n\r\n".encode())
     status, headers = c.head()
     body = c.body_json(headers)
     expect(status == 426 and headers.get("upgrade") == "tether-tunnel" and body["ok"] is False,
-           f"no upgrade: {status} {headers} {body}")
+           f"another upgrade: {status} {headers} {body}")
     c.close()
 
     def answer(path, tok=None, upgrade=True, method="POST"):
@@ -501,6 +547,25 @@ def test_ends(w):
     expect(m.payload == b"token revoked", f"revoked reason {m.payload}")
     c.read_eof()
     c.close()
+    # a split tunnel: its down is cut short, its up answered 410
+    tok, tok_id = token(w, ["tunnels:open"])
+    sid, key = split_open(w, d, dev, tok)
+    dc = attach(w, dev, sid, tok, key, "down")
+    expect(dc.head()[0] == 200, "down")
+    uc = attach(w, dev, sid, tok, key, "up")
+    send_chunk(uc, b"x")
+    p.expect_msg(lambda m: m.code == POST and m.path == f"t/{sid}" and m.payload, "up data")
+    s, b = api_json(w, "DELETE", f"/v1/tokens/{tok_id}")
+    expect(s == 200, f"revoke: {s} {b}")
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE token revoked")
+    expect(m.payload == b"token revoked", f"revoked reason {m.payload}")
+    expect(dc.read_chunked(lambda b: None) is False, "down body not cut short")
+    uc.s.sendall(b"0\r\n\r\n")
+    status, headers = uc.head()
+    body = uc.body_json(headers)
+    expect(status == 410 and body["error"] == "stream ended: token revoked", f"up: {status} {body}")
+    dc.close()
+    uc.close()
     c, sid = open_tunnel(w, d, dev, w.token)
     w.cloud.stop()
     # The DELETE is queued before the sessions close; whether libcoap
@@ -516,6 +581,329 @@ def test_ends(w):
     d.close()
 
 
+# ---- the split transport ---------------------------------------------------
+
+
+def split_open(w, d, dev, tok, tls=False, target="127.0.0.1:22", window=65536):
+    """A split tunnel the device accepts: (sid, key) after the 201."""
+    c = Client(w, tls)
+    c.send_request(f"/v1/devices/{dev}/tunnel?target={target}", tok, upgrade=False)
+    put = wait_stream(d, PUT, "PUT /t/SID")
+    sid = put.path.split("/")[1]
+    d.answer(put, CREATED, json.dumps({"window": window}).encode(), cf=50)
+    t = d.request(POST, f"t/{sid}", query=("open",))
+    expect(d.response(t).code == CHANGED, "open not answered 2.04")
+    status, headers = c.head()
+    body = c.body_json(headers)
+    c.close()
+    expect(status == 201 and headers.get("tether-stream") == sid and body["ok"] is True
+           and body["stream"] == int(sid) and re.fullmatch("[0-9a-f]{64}", body["key"])
+           and body["attach_within"] > 0, f"split open: {status} {headers} {body}")
+    return sid, body["key"]
+
+
+def attach(w, dev, sid, tok, key, half, tls=False, method=None):
+    """The request head of a `down` (GET) or `up` (POST, chunked) sent."""
+    c = Client(w, tls)
+    head = (f"{method or ('GET' if half == 'down' else 'POST')} /v1/devices/{dev}/tunnels/{sid}/{half} HTTP/1.1\r\n"
+            f"Host: x\r\nAuthorization: Bearer {tok}\r\n")
+    if key is not None:
+        head += f"Tether-Stream-Key: {key}\r\n"
+    head += "Transfer-Encoding: chunked\r\n" if half == "up" else ""
+    c.s.sendall((head + "\r\n").encode())
+    return c
+
+
+def refused(w, dev, sid, tok, key, half, tls=False, method=None):
+    """An attach the cloud refuses: (status, body)."""
+    c = attach(w, dev, sid, tok, key, half, tls, method)
+    if half == "up":
+        c.s.sendall(b"0\r\n\r\n")
+    status, headers = c.head()
+    body = c.body_json(headers)
+    c.close()
+    return status, body
+
+
+def send_chunk(c, data):
+    c.s.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+
+
+class Half(threading.Thread):
+    """A split stream's half run by a thread: result holds what it got."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn()
+        except Exception as e:  # reported by get()
+            self.error = e
+
+    def get(self, timeout=60):
+        self.join(seconds(timeout))
+        expect(not self.is_alive(), "client half still running")
+        if self.error:
+            raise self.error
+        return self.result
+
+
+def down_reader(c):
+    """The down body: (bytes, ended normally)."""
+    got = bytearray()
+    status, headers = c.head()
+    expect(status == 200 and headers.get("content-type") == "application/octet-stream"
+           and headers.get("transfer-encoding") == "chunked" and "content-length" not in headers,
+           f"down: {status} {headers}")
+    ok = c.read_chunked(got.extend)
+    return bytes(got), ok
+
+
+def up_sender(c, data, block=65536, end=True):
+    """The up body and its answer: (status, body)."""
+    for i in range(0, len(data), block):
+        send_chunk(c, data[i:i + block])
+    if not end:
+        return None
+    c.s.sendall(b"0\r\n\r\n")
+    status, headers = c.head()
+    return status, c.body_json(headers)
+
+
+def pump(p, path, out, window=262144, timeout=60):
+    """The device's side of a stream: sends out within the cloud's credit
+    and then fin, acks what comes, until fin both ways; returns what came."""
+    got = bytearray()
+    sent = cack = acked = 0
+    fin_in = fin_out = False
+    deadline = time.monotonic() + seconds(timeout)
+    while not (fin_in and fin_out):
+        expect(time.monotonic() < deadline, f"stream stalled: {sent} sent, {len(got)} received, fin {fin_in}")
+        for m in [m for m in p.inbox if m.path == path]:
+            p.inbox.remove(m)
+            expect(m.code == POST, f"stream reset: {m.payload}")
+            expect(not (fin_in and m.payload), "data after the cloud's fin")
+            got += m.payload
+            expect(len(got) <= acked + 65536, "the cloud sent past the device's window")
+            if ack_of(m) is not None:
+                cack = max(cack, ack_of(m))
+            fin_in = fin_in or "fin" in query(m)
+        # (Past both fins the stream is gone: no last ack.)
+        q = [f"ack={len(got)}"] if len(got) > acked and not fin_in else []
+        n = max(0, min(32768, len(out) - sent, cack + window - sent))
+        if sent + n == len(out) and not fin_out:
+            q.append("fin")
+        if n or q:
+            r = p.call(POST, path, out[sent:sent + n], query=tuple(q))
+            if r.code == code(4, 4) and fin_out and not n:
+                # An ack that crossed the cloud's fin: the stream is
+                # closed already.
+                acked = len(got)
+                continue
+            expect(r.code == CHANGED, f"data answered {codestr(r.code)} {r.payload}")
+            sent += n
+            acked = len(got)
+            fin_out = fin_out or "fin" in q
+            continue
+        try:
+            p._take(p.d.recv(0.2))
+        except Failure:
+            pass
+    return bytes(got)
+
+
+def closed_of(w, dev, sid, tok, tls):
+    """The closed stream sid in GET .../tunnels, waited for."""
+    deadline = time.monotonic() + seconds(10)
+    while True:
+        s, b = get_json(w, f"/v1/devices/{dev}/tunnels", tok, tls)
+        for c in b.get("closed", []):
+            if c["sid"] == int(sid):
+                return c
+        expect(time.monotonic() < deadline, f"stream {sid} not closed: {b}")
+        time.sleep(0.05)
+
+
+def split_relay(w, tls):
+    w.start_cloud(extra=f"[API]\nCertificate={w.path('pki', 'server.crt')}\nKey={w.path('pki', 'server.key')}\n"
+                  if tls else "")
+    d, dev = connect(w)
+    p = Peer(d)
+    sid, key = split_open(w, d, dev, w.token, tls)
+    up_data, down_data = os.urandom(2 << 20), os.urandom(2 << 20)
+    down = Half(lambda: down_reader(attach(w, dev, sid, w.token, key, "down", tls)))
+    up = Half(lambda: up_sender(attach(w, dev, sid, w.token, key, "up", tls), up_data))
+    got = pump(p, f"t/{sid}", down_data)
+    expect(hashlib.sha256(got).digest() == hashlib.sha256(up_data).digest(), f"up: {len(got)} bytes differ")
+    data, ended = down.get()
+    expect(ended and hashlib.sha256(data).digest() == hashlib.sha256(down_data).digest(),
+           f"down: {len(data)} bytes, ended normally: {ended}")
+    expect(up.get() == (200, {"ok": True, "bytes": len(up_data)}), f"up answer: {up.result}")
+    cl = closed_of(w, dev, sid, w.token, tls)
+    expect(cl["reason"] == "closed" and cl["bytes_out"] == len(up_data) and cl["bytes_in"] == len(down_data),
+           f"closed: {cl}")
+    s, recs = get_json(w, "/v1/audit?action=tunnel.", w.token, tls)
+    expect([r["action"] for r in recs] == ["tunnel.open", "tunnel.close"] and recs[0]["detail"]["status"] == 201,
+           f"audit: {recs}")
+    d.close()
+
+
+def test_split_http(w):
+    split_relay(w, False)
+
+
+def test_split_https(w):
+    split_relay(w, True)
+
+
+def tls_token(w, scopes):
+    """A token made over the HTTPS API."""
+    c = Client(w, True)
+    body = json.dumps({"name": "t-tls", "scopes": scopes}).encode()
+    c.s.sendall(f"POST /v1/tokens HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w.token}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    status, headers = c.head()
+    b = c.body_json(headers)
+    c.close()
+    expect(status in (200, 201), f"token: {status} {b}")
+    return b["token"]
+
+
+def test_split_attach(w):
+    """Who may attach, once each; a reset cuts the down body short and
+    answers the up 410 (over HTTPS)."""
+    w.start_cloud(extra=f"[API]\nCertificate={w.path('pki', 'server.crt')}\nKey={w.path('pki', 'server.key')}\n")
+    tls = True
+    d, dev = connect(w)
+    other, other_dev = connect(w)
+    p = Peer(d)
+    sid, key = split_open(w, d, dev, w.token, tls)
+    wrong = ("0" if key[0] != "0" else "1") + key[1:]
+    tok2 = tls_token(w, ["tunnels:open"])
+    for half in ("down", "up"):
+        for k, what in ((wrong, "wrong key"), (key.upper(), "upper-case key"), (None, "no key"), (key[:63], "short")):
+            s, b = refused(w, dev, sid, w.token, k, half, tls)
+            expect(s == 403 and "Tether-Stream-Key" in b["error"], f"{half}, {what}: {s} {b}")
+        s, b = refused(w, dev, sid, tok2, key, half, tls)
+        expect(s == 403 and "another token" in b["error"], f"{half}, other token: {s} {b}")
+        s, b = refused(w, other_dev, sid, w.token, key, half, tls)
+        expect(s == 404, f"{half}, other device: {s} {b}")
+        for bad in ("999", "0", "01", "x"):
+            s, b = refused(w, dev, bad, w.token, key, half, tls)
+            expect(s == 404, f"{half}, stream {bad}: {s} {b}")
+    s, b = refused(w, dev, sid, w.token, key, "down", tls, method="POST")
+    expect(s == 405, f"POST down: {s} {b}")
+    reader = tls_token(w, ["devices:read"])
+    s, b = refused(w, dev, sid, reader, key, "down", tls)
+    expect(s == 403 and b.get("scope") == "tunnels:open", f"down without the scope: {s} {b}")
+    # the halves, once each
+    dc = attach(w, dev, sid, w.token, key, "down", tls)
+    status, headers = dc.head()
+    expect(status == 200, f"down: {status}")
+    s, b = refused(w, dev, sid, w.token, key, "down", tls)
+    expect(s == 409, f"second down: {s} {b}")
+    uc = attach(w, dev, sid, w.token, key, "up", tls)
+    send_chunk(uc, b"ping")
+    m = p.expect_msg(lambda m: m.code == POST and m.path == f"t/{sid}" and m.payload, "up data")
+    expect(m.payload == b"ping", f"up data {m.payload}")
+    s, b = refused(w, dev, sid, w.token, key, "up", tls)
+    expect(s == 409, f"second up: {s} {b}")
+    # device data, then a reset mid-transfer: the down body is cut short
+    expect(p.call(POST, f"t/{sid}", b"x" * 30000, query=("ack=4",)).code == CHANGED, "device data")
+    got = bytearray()
+    while len(got) < 30000:
+        ln = dc.line()
+        expect(ln is not None, "down ended early")
+        got += dc.take(int(ln, 16) + 2)[:-2]
+    expect(p.call(DELETE, f"t/{sid}", b"boom", opts=[(CF, b"")]).code == DELETED, "DELETE")
+    expect(dc.read_chunked(lambda b: None) is False, "down body not cut short")
+    dc.close()
+    # the up takes the rest of its body, dropped, then 410
+    send_chunk(uc, b"y" * 100000)
+    uc.s.sendall(b"0\r\n\r\n")
+    status, headers = uc.head()
+    body = uc.body_json(headers)
+    expect(status == 410 and body == {"ok": False, "error": "stream ended: boom"}, f"up after the end: {status} {body}")
+    uc.close()
+    # attaching after the end: 410 with the reason
+    s, b = refused(w, dev, sid, w.token, key, "up", tls)
+    expect(s == 410 and b["error"] == "stream ended: boom", f"attach after the end: {s} {b}")
+    # a half that goes away resets the stream
+    sid, key = split_open(w, d, dev, w.token, tls)
+    dc = attach(w, dev, sid, w.token, key, "down", tls)
+    expect(dc.head()[0] == 200, "down")
+    dc.close()
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE closed by the client")
+    expect(m.payload == b"closed by the client", f"reason {m.payload}")
+    d.close()
+    other.close()
+
+
+def test_split_timeouts(w):
+    """Halves not attached in time end the stream; an upload the device
+    takes nothing of stays in the socket buffers, not in the cloud."""
+    w.start_cloud(extra="[Tunnel]\nAttachSec=1\n")
+    d, dev = connect(w)
+    p = Peer(d)
+    for halves in ((), ("down",)):
+        sid, key = split_open(w, d, dev, w.token)
+        cs = [attach(w, dev, sid, w.token, key, h) for h in halves]
+        m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE client did not attach")
+        expect(m.payload == b"client did not attach", f"reason {m.payload}")
+        for c in cs:
+            c.head()
+            expect(c.read_chunked(lambda b: None) is False, "down body not cut short")
+            c.close()
+    # An up of up to 256 MB to a device that acks nothing: the cloud
+    # sends the window (65536) and reads no more.
+    sid, key = split_open(w, d, dev, w.token, window=65536)
+    pid = w.cloud.proc.pid
+    base = rss_kb(pid)
+    dc = attach(w, dev, sid, w.token, key, "down")
+    uc = attach(w, dev, sid, w.token, key, "up")
+    uc.s.settimeout(seconds(2))
+    sent = [0]
+
+    def flood():
+        block = b"z" * 65536
+        try:
+            for _ in range(4096):
+                send_chunk(uc, block)
+                sent[0] += len(block)
+        except OSError:
+            pass
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    got = 0
+    deadline = time.monotonic() + seconds(3)
+    while time.monotonic() < deadline:
+        try:
+            p._take(p.d.recv(0.2))
+        except Failure:
+            pass
+        for m in [m for m in p.inbox if m.path == f"t/{sid}"]:
+            p.inbox.remove(m)
+            got += len(m.payload)
+    t.join(seconds(30))
+    expect(not t.is_alive(), "the upload never blocked")
+    expect(got == 65536, f"device got {got} bytes without acking")
+    expect(sent[0] < 64 << 20, f"the cloud took {sent[0]} bytes of upload")
+    if memory_checks(pid):
+        grown = rss_kb(pid) - base
+        expect(grown < 8192, f"cloud grew {grown} kB")
+    # The client goes away. (Its FIN would wait behind the bytes the
+    # cloud does not read: a reset, as when the process dies.)
+    uc.s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    uc.close()
+    m = p.expect_msg(lambda m: m.code == DELETE and m.path == f"t/{sid}", "DELETE closed by the client")
+    expect(m.payload == b"closed by the client", f"reason {m.payload}")
+    dc.close()
+    d.close()
+
+
 if __name__ == "__main__":
     sys.exit(run([test_http_answers, test_relay_http, test_relay_https, test_refusals, test_hostile_device,
-                  test_logs, test_ends]))
+                  test_logs, test_ends, test_split_http, test_split_https, test_split_attach, test_split_timeouts]))

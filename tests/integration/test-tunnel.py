@@ -3,7 +3,8 @@
 """tether tunnel through the real cloud and agent (docs/cli.md, docs/cloud.md,
 docs/protocol.md "Streams: tunnels and logs"): echo round trips through
 --listen, scp of 100 MB to a test sshd through --stdio as ssh's
-ProxyCommand, clear refusals (target not allowed, tunnels off, scopes,
+ProxyCommand over an HTTP API (the upgrade transport) and an HTTPS one (the
+split transport), the split transport forced over HTTP, clear refusals (target not allowed, tunnels off, scopes,
 MaxStreams), the reason a tunnel ended (device reconnect, idle), events
 and audit records, and the latency of calls while a tunnel saturates the
 device's connection."""
@@ -75,11 +76,13 @@ class EchoServer:
 class TunnelCli:
     """tether tunnel DEV TARGET --listen 127.0.0.1:0, its stderr collected."""
 
-    def __init__(self, w, dev, target, token=None, prefix=(), api=None, cacert=None):
+    def __init__(self, w, dev, target, token=None, prefix=(), api=None, cacert=None, transport=None):
         env = dict(os.environ, TETHER_API=api or w.api, TETHER_TOKEN=token or w.token)
         if cacert:
             env["TETHER_CACERT"] = cacert
-        self.proc = subprocess.Popen([*prefix, *EMULATOR, TETHER, "tunnel", dev, target, "--listen", "127.0.0.1:0"],
+        more = ["--transport", transport] if transport else []
+        self.proc = subprocess.Popen([*prefix, *EMULATOR, TETHER, "tunnel", dev, target, "--listen", "127.0.0.1:0",
+                                      *more],
                                      env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
         self.lines = []
@@ -263,15 +266,21 @@ def test_refusals(w):
     expect(r.returncode == 1 and "refused" in r.stderr, f"offline device: {r.returncode} {r.stderr!r}")
 
 
+def start_https_cloud(w, allow):
+    w.start_cloud(extra=f"[API]\nCertificate={w.path('pki', 'server.crt')}\nKey={w.path('pki', 'server.key')}\n")
+    a = w.start_agent(extra=f"[Tunnel]\nAllow={allow}\n")
+    return a, f"https://127.0.0.1:{w.api_port}", w.path("pki", "ca.crt")
+
+
 def test_https(w):
-    """Over an HTTPS API: the upgrade through TLS, and the end of the local
-    input passed on as TLS close_notify (the echo answers, then ends)."""
+    """Over an HTTPS API the split transport by default: an echo round
+    trip, the end of the local input passed on as the end of the up
+    request (the echo answers, then ends), and --stdio."""
     echo = EchoServer()
     w.cleanups.append(echo.close)
-    w.start_cloud(extra=f"[API]\nCertificate={w.path('pki', 'server.crt')}\nKey={w.path('pki', 'server.key')}\n")
-    a = w.start_agent(extra=f"[Tunnel]\nAllow=127.0.0.1:{echo.port}\n")
-    api, ca = f"https://127.0.0.1:{w.api_port}", w.path("pki", "ca.crt")
+    a, api, ca = start_https_cloud(w, f"127.0.0.1:{echo.port}")
     cli = TunnelCli(w, a.device_id, f"127.0.0.1:{echo.port}", api=api, cacert=ca)
+    expect(echo_round_trip(cli, b"ping") == b"ping", "a round trip over HTTPS")
     big = os.urandom(3 << 20)
     expect(echo_round_trip(cli, big) == big, "3 MB echo over HTTPS differs")
     cli.wait(r"tunnel \d+ closed: .*\(3145728 bytes in, 3145728 out\)")
@@ -329,21 +338,30 @@ def test_idle_timeout(w):
 
 
 def test_device_reconnect_ends_tunnel(w):
+    """The reason a tunnel ended, with both transports over HTTP (the
+    split one forced): the device's reconnect resets the stream."""
     echo = EchoServer()
     w.cleanups.append(echo.close)
     a = start(w, f"127.0.0.1:{echo.port}")
-    cli = TunnelCli(w, a.device_id, f"127.0.0.1:{echo.port}")
-    s = cli.connect()
-    s.sendall(b"x")
-    expect(s.recv(1) == b"x", "echo")
+    clis = [TunnelCli(w, a.device_id, f"127.0.0.1:{echo.port}"),
+            TunnelCli(w, a.device_id, f"127.0.0.1:{echo.port}", transport="split")]
+    socks = []
+    for cli in clis:
+        s = cli.connect()
+        s.sendall(b"x")
+        expect(s.recv(1) == b"x", "echo")
+        socks.append(s)
     a.stop()
-    expect(recv_all(s) == b"", "data after the device left")
-    s.close()
-    line = cli.wait(r"tunnel \d+ closed: .*disconnected")
-    expect(re.search(r"\(1 bytes in, 1 out\)", line), f"closed line: {line}")
-    # The agent back: a new tunnel works.
+    for s, cli in zip(socks, clis):
+        expect(recv_all(s) == b"", "data after the device left")
+        s.close()
+        line = cli.wait(r"tunnel \d+ closed: .*disconnected")
+        expect(re.search(r"\(1 bytes in, 1 out\)", line), f"closed line: {line}")
+    # The agent back: a new tunnel works, both ways, 1 MB.
     w.run_agent("agent", a.conf, a.device)
-    expect(echo_round_trip(cli, b"again") == b"again", "echo after the reconnect")
+    big = os.urandom(1 << 20)
+    for cli in clis:
+        expect(echo_round_trip(cli, big) == big, "echo after the reconnect")
 
 
 class Sshd:
@@ -388,8 +406,8 @@ Subsystem sftp internal-sftp
                     raise Failure(f"sshd did not start: {open(os.path.join(d, 'sshd.log')).read()}")
                 time.sleep(0.05)
 
-    def ssh_opts(self, w, dev):
-        proxy = " ".join(EMULATOR + [TETHER, "--api", w.api, "tunnel", dev, f"127.0.0.1:{self.port}", "--stdio"])
+    def ssh_opts(self, w, dev, api=None):
+        proxy = " ".join(EMULATOR + [TETHER, "--api", api or w.api, "tunnel", dev, f"127.0.0.1:{self.port}", "--stdio"])
         return ["-i", os.path.join(self.dir, "user"), "-o", "StrictHostKeyChecking=no", "-o",
                 f"UserKnownHostsFile={self.dir}/known_hosts", "-o", "BatchMode=yes", "-o", f"ProxyCommand={proxy}",
                 "-o", "LogLevel=ERROR"]
@@ -408,26 +426,38 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def test_scp_100mb_through_stdio(w):
-    sshd = Sshd(w)
-    a = start(w, f"127.0.0.1:{sshd.port}")
+def scp_100mb(w, sshd, dev, api=None, cacert=None, what="HTTP, upgrade"):
     src = w.path("100mb.bin")
     with open(src, "wb") as f:
         for _ in range(100):
             f.write(os.urandom(1 << 20))
     dst = w.path("100mb.copy")
     env = dict(os.environ, TETHER_TOKEN=w.token)
+    if cacert:
+        env["TETHER_CACERT"] = cacert
     t0 = time.monotonic()
-    r = subprocess.run(["scp", "-q", *sshd.ssh_opts(w, a.device_id), src, f"root@{a.device_id}:{dst}"], env=env,
+    r = subprocess.run(["scp", "-q", *sshd.ssh_opts(w, dev, api), src, f"root@{dev}:{dst}"], env=env,
                        capture_output=True, text=True, timeout=seconds(300))
     took = time.monotonic() - t0
     expect(r.returncode == 0, f"scp: {r.returncode} {r.stderr}")
     expect(sha256_file(dst) == sha256_file(src), "the copy's SHA-256 differs")
-    print(f"# scp of 100 MB through tether tunnel --stdio: {took:.1f} s, {100 / took:.1f} MB/s")
+    print(f"# scp of 100 MB through tether tunnel --stdio ({what}): {took:.1f} s, {100 / took:.1f} MB/s")
     # And a command: the end of the session ends the tunnel.
-    r = subprocess.run(["ssh", *sshd.ssh_opts(w, a.device_id), f"root@{a.device_id}", "echo", "tunnelled"],
+    r = subprocess.run(["ssh", *sshd.ssh_opts(w, dev, api), f"root@{dev}", "echo", "tunnelled"],
                        env=env, capture_output=True, text=True, timeout=seconds(60))
     expect(r.returncode == 0 and r.stdout.strip() == "tunnelled", f"ssh: {r.returncode} {r.stdout!r} {r.stderr!r}")
+
+
+def test_scp_100mb_through_stdio(w):
+    sshd = Sshd(w)
+    a = start(w, f"127.0.0.1:{sshd.port}")
+    scp_100mb(w, sshd, a.device_id)
+
+
+def test_scp_100mb_over_https(w):
+    sshd = Sshd(w)
+    a, api, ca = start_https_cloud(w, f"127.0.0.1:{sshd.port}")
+    scp_100mb(w, sshd, a.device_id, api, ca, "HTTPS, split")
 
 
 def percentile(xs, p):
@@ -572,5 +602,6 @@ def test_call_latency_during_transfer(w):
 if __name__ == "__main__":
     sys.exit(run([test_echo_events_audit, test_refusals, test_https, test_tunnels_off, test_max_streams, test_idle_timeout,
                   test_device_reconnect_ends_tunnel, test_scp_100mb_through_stdio,
+                  test_scp_100mb_over_https,
                   test_call_latency_during_transfer],
                  emulated="the latency bound and 100 MB transfers are for the native run"))

@@ -13,20 +13,36 @@
 
 static void test_route(void **state) {
         char dev[65];
+        uint32_t sid = 7;
 
-        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnel", dev), TUNNEL_ROUTE_OPEN);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnel", dev, &sid), TUNNEL_ROUTE_OPEN);
         assert_string_equal(dev, "gw-1");
-        assert_int_equal(tunnel_route("/v1/devices/gw-1/logs", dev), TUNNEL_ROUTE_LOGS);
-        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels", dev), TUNNEL_ROUTE_LIST);
-        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnel/", dev), TUNNEL_ROUTE_NONE);
-        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnelx", dev), TUNNEL_ROUTE_NONE);
-        assert_int_equal(tunnel_route("/v1/devices//tunnel", dev), TUNNEL_ROUTE_NONE);
-        assert_int_equal(tunnel_route("/v1/devices/gw-1", dev), TUNNEL_ROUTE_NONE);
-        assert_int_equal(tunnel_route("/v1/devices/a/b/tunnel", dev), TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/logs", dev, &sid), TUNNEL_ROUTE_LOGS);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels", dev, &sid), TUNNEL_ROUTE_LIST);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnel/", dev, &sid), TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnelx", dev, &sid), TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices//tunnel", dev, &sid), TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1", dev, &sid), TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices/a/b/tunnel", dev, &sid), TUNNEL_ROUTE_NONE);
         assert_int_equal(tunnel_route("/v1/devices/"
-                                      "01234567890123456789012345678901234567890123456789012345678901234/tunnel",
-                                      dev),
+                                      "01234567890123456789012345678901234567890123456789012345678901234/tunnel", dev, &sid),
                          TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels/12/down", dev, &sid), TUNNEL_ROUTE_DOWN);
+        assert_string_equal(dev, "gw-1");
+        assert_int_equal(sid, 12);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels/4294967295/up", dev, &sid), TUNNEL_ROUTE_UP);
+        assert_int_equal(sid, 4294967295u);
+        /* Not a stream id: the route, with no stream. */
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels/012/up", dev, &sid), TUNNEL_ROUTE_UP);
+        assert_int_equal(sid, 0);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels/99999999999999999999/down", dev, &sid),
+                         TUNNEL_ROUTE_DOWN);
+        assert_int_equal(sid, 0);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels//down", dev, &sid), TUNNEL_ROUTE_DOWN);
+        assert_int_equal(sid, 0);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels/12/sideways", dev, &sid), TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels/12", dev, &sid), TUNNEL_ROUTE_NONE);
+        assert_int_equal(tunnel_route("/v1/devices/gw-1/tunnels/12/down/", dev, &sid), TUNNEL_ROUTE_NONE);
 }
 
 static void test_target(void **state) {
