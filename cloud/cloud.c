@@ -216,8 +216,12 @@ static void cloud_device_unrevoked(void *userdata, const char *id, const char *a
 static void cloud_device_updated(void *userdata, const char *id, json_t *changed, const char *actor) {
         Cloud *c = userdata;
 
-        if (json_object_get(changed, "tags"))
+        if (json_object_get(changed, "tags")) {
                 integrations_tags_changed(c->integrations, id);
+                /* Tunnels and log streams of tokens restricted by tags
+                 * that no longer reach the device end. */
+                (void)api_end_revoked_streams(c->api);
+        }
         cloud_publish(c, "tether/device/updated", id,
                       json_pack("{s:s, s:O, s:s}", "device", id, "changed", changed, "actor", actor));
 }

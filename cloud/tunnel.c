@@ -56,7 +56,7 @@ struct Link {
         Device *device;
         TunnelStream *streams;
         unsigned n_streams;
-        size_t inflight; /* payload bytes sent on /t/..., not answered */
+        size_t inflight; /* messages sent on /t/..., not answered: payload + PROTO_STREAM_MESSAGE_COST each */
         Msg *msgs;
         Link *prev, *next;
 };
@@ -115,6 +115,7 @@ struct TunnelStream {
         /* While suspended MHD does not poll a request's socket: these see
          * the client go away. */
         sd_event_source *down_watch, *up_watch;
+        sd_event_source *logs_watch; /* a log stream's client, while its response waits for entries */
         bool down_done; /* the down body ended normally (after the device's fin) */
         bool up_done;   /* the up body ended: fin sent */
         uint64_t up_bytes;
@@ -214,8 +215,16 @@ static void copy_reason(const uint8_t *data, size_t len, char out[static TUNNEL_
         }
         if (proto_utf8_check((const char *)data, len) < 0)
                 return;
-        for (size_t i = 0; i < len; i++)
+        for (size_t i = 0; i < len; i++) {
+                /* C0, DEL and C1 (U+0080..U+009F, 0xC2 0x80..0x9F: CSI
+                 * is one of them) never reach an operator's terminal. */
+                if (data[i] == 0xc2 && i + 1 < len && data[i + 1] >= 0x80 && data[i + 1] <= 0x9f) {
+                        out[i] = out[i + 1] = ' ';
+                        i++;
+                        continue;
+                }
                 out[i] = data[i] < 0x20 || data[i] == 0x7f ? ' ' : (char)data[i];
+        }
         out[len] = 0;
 }
 
@@ -270,6 +279,7 @@ static enum MHD_Result queue_error(struct MHD_Connection *connection, unsigned s
 }
 
 static void stream_resume(TunnelStream *s) {
+        s->logs_watch = sd_event_source_disable_unref(s->logs_watch);
         if (!s->suspended || !s->connection)
                 return;
         s->suspended = false;
@@ -398,8 +408,8 @@ static void msg_done(int error, unsigned code, const uint8_t *data, size_t len, 
         link_maybe_free(l);
 }
 
-/* POST/DELETE /t/SID to the device; len payload bytes count against the
- * link budget until answered. */
+/* POST/DELETE /t/SID to the device; len payload bytes and
+ * PROTO_STREAM_MESSAGE_COST count against the link budget until answered. */
 static int stream_send(TunnelStream *s, coap_pdu_code_t method, const char *const *query, int cf, const void *data,
                        size_t len) {
         Link *l = s->link;
@@ -413,7 +423,7 @@ static int stream_send(TunnelStream *s, coap_pdu_code_t method, const char *cons
                 return -ENOMEM;
         m->link = l;
         m->stream = s;
-        m->len = len;
+        m->len = len + PROTO_STREAM_MESSAGE_COST;
         r = devices_request(l->device, method, PROTO_PATH_STREAM, s->sid_text, query, cf, data, len, msg_done, m,
                             &m->call);
         if (r < 0) {
@@ -424,7 +434,7 @@ static int stream_send(TunnelStream *s, coap_pdu_code_t method, const char *cons
         if (l->msgs)
                 l->msgs->prev = m;
         l->msgs = m;
-        l->inflight += len;
+        l->inflight += m->len;
         return 0;
 }
 
@@ -566,6 +576,7 @@ static void stream_maybe_free(TunnelStream *s) {
                 MHD_destroy_response(s->response);
         (void)sd_event_source_disable_unref(s->down_watch);
         (void)sd_event_source_disable_unref(s->up_watch);
+        (void)sd_event_source_disable_unref(s->logs_watch);
         json_decref(s->units);
         free(s->extra);
         free(s->buf);
@@ -663,10 +674,10 @@ static size_t stream_send_room(TunnelStream *s) {
         uint64_t credit = s->peer_ack + s->peer_window - s->sent;
         size_t room = PROTO_STREAM_CHUNK_MAX;
 
-        if (!s->link || s->link->inflight >= PROTO_STREAM_INFLIGHT_MAX)
+        if (!s->link || s->link->inflight + PROTO_STREAM_MESSAGE_COST >= PROTO_STREAM_INFLIGHT_MAX)
                 return 0;
-        if (room > PROTO_STREAM_INFLIGHT_MAX - s->link->inflight)
-                room = PROTO_STREAM_INFLIGHT_MAX - s->link->inflight;
+        if (room > PROTO_STREAM_INFLIGHT_MAX - s->link->inflight - PROTO_STREAM_MESSAGE_COST)
+                room = PROTO_STREAM_INFLIGHT_MAX - s->link->inflight - PROTO_STREAM_MESSAGE_COST;
         if (credit < room)
                 room = (size_t)credit;
         return room;
@@ -1119,10 +1130,10 @@ static ssize_t stream_logs_reader(void *cls, uint64_t pos, char *out, size_t max
                 }
                 if (!s->link || s->t->stopping)
                         return MHD_CONTENT_READER_END_WITH_ERROR;
-                if (!s->suspended) {
-                        MHD_suspend_connection(s->connection);
-                        s->suspended = true;
-                }
+                /* MHD polls no suspended connection: the client's
+                 * socket is watched meanwhile, so that one who left ends
+                 * a quiet follow stream (and frees its slot) at once. */
+                suspend_connection(s, s->connection, &s->suspended, &s->logs_watch);
                 return 0;
         }
         if (n > max)
@@ -1824,11 +1835,21 @@ unsigned tunnels_end_revoked(Tunnels *t, Tokens *tokens) {
                 return 0;
         for (TunnelStream *s = t->all, *next; s; s = next) {
                 next = s->all_next;
-                if (!s->link || tokens_recheck(tokens, &s->auth) == 0)
+                bool revoked;
+
+                if (!s->link)
+                        continue;
+                revoked = tokens_recheck(tokens, &s->auth) != 0;
+                /* A token restricted by tags reaches the device no more
+                 * once its tags changed: as for an open now, so for one
+                 * that is open. */
+                if (!revoked && tokens_may_reach(tokens, &s->auth, s->device))
                         continue;
                 if (!s->announced && s->connection && !s->response)
-                        stream_set_error(s, MHD_HTTP_UNAUTHORIZED, "The access token has been revoked");
-                stream_end(s, "token revoked", true);
+                        stream_set_error(s, revoked ? MHD_HTTP_UNAUTHORIZED : MHD_HTTP_FORBIDDEN,
+                                         revoked ? "The access token has been revoked"
+                                                 : "The access token no longer reaches the device");
+                stream_end(s, revoked ? "token revoked" : "token no longer reaches the device", true);
                 n++;
         }
         return n;

@@ -109,7 +109,9 @@ void tunnel_api_request_free(TunnelStream *s, struct MHD_Connection *connection)
  * answered 503, log streams end; what remains ends "shutting down". */
 void tunnels_api_shutdown(Tunnels *t);
 /* End every stream whose token tokens_recheck() no longer accepts
- * ("token revoked"). Returns how many ended. */
+ * ("token revoked") or, restricted by tags, no longer reaches its device
+ * ("token no longer reaches the device"; the Cloud calls this when a
+ * device's tags change). Returns how many ended. */
 unsigned tunnels_end_revoked(Tunnels *t, Tokens *tokens);
 /* Streams open now (for metrics and tests). */
 unsigned tunnels_count(Tunnels *t);

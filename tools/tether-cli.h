@@ -100,6 +100,10 @@ typedef struct Api {
         const char *what_400; /* how to word an HTTP 400 for this request */
 } Api;
 
+/* in as one line of text into out: C0, DEL and C1 controls (U+0080..U+009F)
+ * become spaces, trailing spaces go; cut to size. */
+void one_line(const char *in, char *out, size_t size);
+
 int name_check(const char *name, ProtoNameKind kind);
 int exit_code_from_errno(int r);
 /* The server's diagnostic from a JSON error body, on one line. */

@@ -153,7 +153,7 @@ static int payload_check(const char *s, const char *what) {
  * CSI to some terminals) becomes a blank. The text may be a device's own
  * (a refusal, the reason a stream ended): it does not get to send escape
  * sequences to this terminal. */
-static void one_line(const char *in, char *out, size_t size) {
+void one_line(const char *in, char *out, size_t size) {
         size_t j = 0;
 
         for (size_t i = 0; in[i] && j + 1 < size; i++) {
