@@ -1786,7 +1786,7 @@ enum MHD_Result tunnel_api_handler(Tunnels *t, struct MHD_Connection *connection
         }
 }
 
-void tunnel_api_request_free(TunnelStream *s, struct MHD_Connection *connection) {
+void tunnel_api_request_free(TunnelStream *s, const struct MHD_Connection *connection) {
         bool done;
 
         if (!s)

@@ -104,7 +104,7 @@ enum MHD_Result tunnel_api_handler(Tunnels *t, struct MHD_Connection *connection
  * `down`/`up` ended): its stream ends ("closed by the client") unless it
  * had or that request's part ended normally (the 201 of a split open, the
  * `down` body after the device's fin, the `up` body). NULL is fine. */
-void tunnel_api_request_free(TunnelStream *s, struct MHD_Connection *connection);
+void tunnel_api_request_free(TunnelStream *s, const struct MHD_Connection *connection);
 /* The Api stops: upgraded connections close, waiting requests are
  * answered 503, log streams end; what remains ends "shutting down". */
 void tunnels_api_shutdown(Tunnels *t);
