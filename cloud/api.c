@@ -298,6 +298,10 @@ static void api_header_timer_update(Api *api) {
         for (int k = 0; k < 2; k++)
                 if (api->waiting[k] && api->waiting[k]->deadline < next)
                         next = api->waiting[k]->deadline;
+        /* Closed ones not logged yet (one line per API_HEADER_LOG_USEC):
+         * logged then, even when no connection waits any more. */
+        if (api->header_closed > 0 && api->header_logged + API_HEADER_LOG_USEC < next)
+                next = api->header_logged + API_HEADER_LOG_USEC;
         if (next == UINT64_MAX) {
                 (void)sd_event_source_set_enabled(api->header_timer, SD_EVENT_OFF);
                 return;
