@@ -706,7 +706,8 @@ static void barrier_send(Bus *b);
 static void parked_destroy(Bus *b, size_t n) {
         for (size_t i = 0; i < n; i++)
                 natsSubscription_Destroy(b->parked[i]);
-        memmove(b->parked, b->parked + n, (b->n_parked - n) * sizeof(*b->parked));
+        if (n < b->n_parked)
+                memmove(b->parked, b->parked + n, (b->n_parked - n) * sizeof(*b->parked));
         b->n_parked -= n;
 }
 
