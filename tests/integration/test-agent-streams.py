@@ -15,7 +15,7 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BUILD, Skip, expect, run, seconds  # noqa: E402
+from harness import EMULATOR, BUILD, Skip, expect, run, seconds  # noqa: E402
 
 PEER = os.path.join(BUILD, "tests", "integration", "stream-peer")
 JOURNAL_REMOTE = "/usr/lib/systemd/systemd-journal-remote"
@@ -49,7 +49,7 @@ def start_peer(w, *args):
     if not os.access(PEER, os.X_OK):
         raise Skip(f"{PEER} is not built (make check builds it)")
     w.coap_port = free_port()
-    p = subprocess.Popen([PEER, str(w.coap_port), w.path("pki", "ca.crt"), w.path("pki", "server.crt"),
+    p = subprocess.Popen(EMULATOR + [PEER, str(w.coap_port), w.path("pki", "ca.crt"), w.path("pki", "server.crt"),
                           w.path("pki", "server.key"), *args], stdout=subprocess.PIPE, text=True)
     w.cleanups.append(lambda: p.poll() is None and p.kill())
     line = p.stdout.readline().strip()
