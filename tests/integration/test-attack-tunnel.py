@@ -69,13 +69,17 @@ def open_tunnel(w, dev, target, token=None):
     except (IndexError, ValueError):
         raise Failure(f"no HTTP answer to the tunnel open: {head!r}")
     if status != 101:
-        # The error body (Content-Length) after the head.
+        # The error body: Content-Length bytes after the head (the
+        # connection stays open, so reading to its end would wait).
+        length = 0
+        for line in text.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value.strip())
         s.settimeout(seconds(5))
         try:
-            while d := s.recv(4096):
+            while len(rest) < length and (d := s.recv(4096)):
                 rest += d
-                if b"}" in rest:
-                    break
         except OSError:
             pass
         s.close()
