@@ -102,6 +102,7 @@ static struct {
         MetricSeries *devices_connected;
         MetricSeries *enrollment_sessions, *certificates_issued[2]; /* [renew] */
         MetricSeries *handshakes_started, *handshakes_completed, *handshakes_refused[_STATS_REFUSED_MAX];
+        MetricSeries *session_walks[2]; /* done, skipped */
         MetricSeries *calls[2][_STATS_CALL_MAX]; /* [function][outcome] */
         MetricSeries *call_latency[2];
         MetricSeries *events_in[_STATS_FROM_MAX], *events_out[_STATS_TO_MAX], *events_dropped[_STATS_DROPPED_MAX];
@@ -163,6 +164,11 @@ static int stats_register(void) {
                 r = stats_family(METRIC_COUNTER, "tether_cloud_handshakes_refused_total",
                                  "Connections closed before a device was bound, by reason.", "reason",
                                  refused_names, _STATS_REFUSED_MAX, stats.handshakes_refused, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_COUNTER, "tether_cloud_session_walks_total",
+                                 "Walks over every session of a shard's libcoap context: done (the scan), or "
+                                 "skipped (the one libcoap starts after each dispatch).",
+                                 "kind", (const char *const[]){ "done", "skipped" }, 2, stats.session_walks, NULL, 0);
         if (r < 0)
                 return r;
 
@@ -328,6 +334,7 @@ void stats_device_connected(int delta) { metrics_add(stats.devices_connected, de
 void stats_enrollment_sessions(int delta) { metrics_add(stats.enrollment_sessions, delta); }
 void stats_certificate_issued(bool renew) { metrics_inc(stats.certificates_issued[renew ? 1 : 0]); }
 void stats_handshake_started(void) { metrics_inc(stats.handshakes_started); }
+void stats_session_walk(bool skipped) { metrics_inc(stats.session_walks[skipped ? 1 : 0]); }
 void stats_handshake_completed(void) { metrics_inc(stats.handshakes_completed); }
 
 void stats_handshake_refused(StatsRefused reason) {

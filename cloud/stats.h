@@ -89,6 +89,9 @@ void stats_certificate_issued(bool renew);
 void stats_handshake_started(void);
 void stats_handshake_completed(void);
 void stats_handshake_refused(StatsRefused reason);
+/* A walk over every session of a shard (cloud/devices.c, shard_scan()):
+ * done, or skipped (libcoap's own after a dispatch). */
+void stats_session_walk(bool skipped);
 
 /* A call (function) or read (variable) from the API ended: error and code
  * as device_call_fn gives them, or the error of devices_call() when it was

@@ -129,6 +129,12 @@ def test_metrics(w):
            > value(before, "tether_cloud_call_duration_seconds_sum", kind="function"), "latency sum did not grow")
     expect(value(after, "tether_cloud_calls_total", kind="variable", outcome="ok")
            == value(before, "tether_cloud_calls_total", kind="variable", outcome="ok"), "a read counted")
+    # The session walks: the cloud's scans ran, and the walk libcoap starts
+    # after each dispatch was left out (the call's answer was one).
+    expect(value(after, "tether_cloud_session_walks_total", kind="done") >= 1, "no session scan counted")
+    expect(value(after, "tether_cloud_session_walks_total", kind="skipped")
+           > value(before, "tether_cloud_session_walks_total", kind="skipped"),
+           "libcoap's walk after a dispatch was not skipped (coap_io_prepare_epoll() not interposed?)")
 
     # One event from the API, seen by one stream: in +1 (api), out to the stream +1.
     stream = EventStream(w, prefix="metrics/")
