@@ -94,6 +94,9 @@ struct Conn {
         TlsFiles files;
         TlsHostCheck host_check;
         coap_dtls_pki_t pki;
+        /* The last TLS session, in memory only, offered on the next connect
+         * to the same host:port with the same files (lib/tls.h). */
+        TlsResume *resume;
 
         sd_event_source *io_source;
         sd_event_source *kick_source;     /* defer: run libcoap after we queued output */
@@ -1081,6 +1084,9 @@ static int on_flush(sd_event_source *s, void *userdata) {
                 return 0;
         c->connected_at = c->last_rx = now_ms();
         c->stats.handshakes_completed++;
+        c->stats.resumed = tls_session_resumed(c->session);
+        if (c->stats.resumed)
+                c->stats.handshakes_resumed++;
         c->ping_sent = 0;
         addrs_free(c);
         if (streq(c->hosts[c->host_index].name, c->address_ip))
@@ -1175,6 +1181,7 @@ static int connect_to(Conn *c, const struct sockaddr *sa, socklen_t salen) {
 
         /* The certificate must name the entry this address came from. */
         c->host_check.host = c->hosts[c->host_index].name;
+        tls_resume_target(c->resume, c->host_text, &c->files);
         tls_pki_init(&c->pki, &c->files, &c->host_check);
         c->session = coap_new_client_session_pki(c->ctx, NULL, &dst, COAP_PROTO_TLS, &c->pki);
         if (!c->session)
@@ -1482,6 +1489,10 @@ int conn_new(sd_event *event, Registry *reg, Outbox *outbox, const Config *cfg, 
         c->ctx = coap_new_context(NULL);
         if (!c->ctx)
                 return -ENOMEM;
+        r = tls_resume_new(&c->resume);
+        if (r < 0)
+                return r;
+        (void)tls_resume_attach(c->resume, c->ctx);
         coap_register_response_handler(c->ctx, on_response);
         coap_register_event_handler(c->ctx, on_coap_event);
         coap_register_pong_handler(c->ctx, on_pong);
@@ -1620,6 +1631,7 @@ Conn *conn_free(Conn *c) {
         addrs_free(c);
         if (c->ctx)
                 coap_free_context(c->ctx);
+        tls_resume_free(c->resume); /* after the context, whose SSL_CTX points to it */
         sd_event_source_disable_unref(c->io_source);
         sd_event_source_disable_unref(c->kick_source);
         sd_event_source_disable_unref(c->flush_source);

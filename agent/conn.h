@@ -35,6 +35,8 @@ typedef enum ConnServed {
 typedef struct ConnStats {
         uint64_t connect_attempts;     /* name lookups started (each may try several addresses) */
         uint64_t handshakes_completed; /* TLS and CSM done: connected */
+        uint64_t handshakes_resumed;   /* of those, resumed a TLS session (lib/tls.h, TlsResume) */
+        bool resumed;                  /* the last connection's handshake resumed a session */
         uint64_t handshakes_failed;    /* an address that failed before connecting (TCP, TLS, timeout) */
         uint64_t reconnects;           /* connections lost once established */
         uint64_t connected_ms;         /* time connected in connections that ended */

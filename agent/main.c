@@ -257,6 +257,8 @@ static json_t *agent_status(void *userdata) {
                                                  a->connected_usec ? (now - a->connected_usec) / 1e6 : 0.0,
                                                  "queued_events", (json_int_t)conn_queued(a->conn), "values",
                                                  values, "counters", agent_counters(a))) < 0 ||
+            json_object_set_new(st, "tls_resumed",
+                                json_boolean(conn_is_connected(a->conn) && conn_stats(a->conn)->resumed)) < 0 ||
             json_object_update_new(st, enroll_status(a->enroll)) < 0) {
                 json_decref(st);
                 return NULL;

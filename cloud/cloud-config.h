@@ -43,6 +43,7 @@ typedef struct CloudConfig {
         unsigned call_timeout_sec;
         unsigned handshake_timeout_sec; /* accept to bound device */
         unsigned max_handshakes;        /* sessions not yet bound to a device */
+        unsigned ticket_key_sec;        /* TLS ticket key rotation; 0: no session resumption */
         unsigned handshake_grace_sec;   /* at MaxHandshakes, the oldest may be closed after this */
         unsigned max_queued_bytes;      /* sent to a device, not known to be read */
         unsigned session_shards;        /* libcoap contexts device sessions are spread over */

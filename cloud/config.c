@@ -122,6 +122,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Cloud", "CallTimeoutSec", call_timeout_sec, 1, 3600),
         UINT_KEY("Cloud", "HandshakeTimeoutSec", handshake_timeout_sec, 1, 3600),
         UINT_KEY("Cloud", "MaxHandshakes", max_handshakes, 1, 1000000),
+        UINT_KEY("Cloud", "TicketKeySec", ticket_key_sec, 0, 30 * 86400),
         UINT_KEY("Cloud", "HandshakeGraceSec", handshake_grace_sec, 0, 3600),
         UINT_KEY("Cloud", "MaxQueuedBytes", max_queued_bytes, 1024, 1U << 30),
         UINT_KEY("Cloud", "SessionShards", session_shards, 1, 256),
@@ -732,6 +733,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->call_timeout_sec = 10;
         c->handshake_timeout_sec = 15;
         c->max_handshakes = 1024;
+        c->ticket_key_sec = 43200;
         c->handshake_grace_sec = 2;
         c->max_queued_bytes = 1024 * 1024;
         c->session_shards = 16;

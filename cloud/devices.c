@@ -37,6 +37,7 @@
 #include "proto.h"
 #include "log.h"
 #include "stats.h"
+#include "ticket-keys.h"
 #include "tls.h"
 #include "util.h"
 
@@ -160,6 +161,9 @@ struct Devices {
         coap_dtls_pki_t pki;
         TlsFiles tls_files;
         TlsServerKeys *tls_keys; /* what devs->pki points into */
+        TicketKeys *tickets;     /* NULL: TicketKeySec=0, no resumption */
+        char *tickets_path;      /* StateDirectory/ticket-keys */
+        sd_event_source *tickets_timer;
         bool listener_nodelay;
         bool coap_started;      /* coap_startup() was called */
         bool listener_pausable; /* every shard's listener can be paused */
@@ -1344,6 +1348,8 @@ static void device_bind(Device *d, Session *c) {
         devs->n_online++;
         stats_device_connected(1);
         stats_handshake_completed();
+        if (tls_session_resumed(c->session))
+                stats_handshake_resumed();
         snprintf(d->last_ip, sizeof(d->last_ip), "%s", ip);
         d->tx_bytes = d->tx_read = d->ping_mark = 0;
         d->ping_outstanding = false;
@@ -1689,18 +1695,12 @@ static void session_setup_socket(Devices *devs, coap_session_t *session) {
 
                 /* Idle sessions then hold no OpenSSL read/write buffers. */
                 SSL_set_mode(ssl, SSL_MODE_RELEASE_BUFFERS);
-                /* libcoap sets no session id context, so OpenSSL refuses every
-                 * resumption with an internal-error alert: issue no tickets
-                 * and keep no session cache, and clients do full handshakes
-                 * (which also run the certificate checks that identify the
-                 * device). The context is shared: later sessions inherit it. */
-                SSL_set_options(ssl, SSL_OP_NO_TICKET);
-                SSL_set_num_tickets(ssl, 0);
-                if (ctx) {
-                        SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
-                        SSL_CTX_set_num_tickets(ctx, 0);
+                /* No stateful session cache: resumption is by stateless
+                 * tickets only, which lib/tls.c's server_tls_setup() turns on
+                 * with devs->tickets ([Cloud] TicketKeySec=) or off. The
+                 * context is shared: later sessions inherit it. */
+                if (ctx)
                         SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-                }
         }
         /* Accepted sockets inherit TCP_NODELAY from the listener when we could
          * set it there; otherwise find this socket (costs a /proc scan). */
@@ -2417,6 +2417,72 @@ static int devices_peer_check(void *userdata, const TlsPeer *peer, char *reason,
         return devs->hooks.peer_check(devs->hooks.userdata, peer, reason, reason_size);
 }
 
+/* ---- TLS session ticket keys ([Cloud] TicketKeySec=) ----
+ *
+ * Kept in StateDirectory/ticket-keys so that devices resume their
+ * sessions after a restart of the cloud (the reconnect storm that
+ * matters); rotated every TicketKeySec, the previous key still opening
+ * tickets for as long again. */
+
+static void devices_tickets_save(Devices *devs) {
+        int r = ticket_keys_save(devs->tickets, devs->tickets_path);
+
+        if (r < 0)
+                log_warning_errno(r, "Cannot save the TLS ticket keys to '%s' (devices will do full handshakes "
+                                  "after a restart): %m", devs->tickets_path);
+}
+
+static int devices_tickets_timer_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Devices *devs = userdata;
+        uint64_t period = (devs->config->ticket_key_sec < 60 ? (uint64_t)devs->config->ticket_key_sec : 60);
+
+        if (ticket_keys_rotate(devs->tickets, (uint64_t)time(NULL), false) > 0)
+                devices_tickets_save(devs);
+        (void)sd_event_source_set_time(s, usec + period * USEC_PER_SEC);
+        (void)sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+        return 0;
+}
+
+static int devices_tickets_start(Devices *devs, sd_event *event) {
+        const CloudConfig *config = devs->config;
+        uint64_t now = (uint64_t)time(NULL);
+        bool save = false;
+        int r;
+
+        if (config->ticket_key_sec == 0)
+                return 0;
+        if (asprintf(&devs->tickets_path, "%s/ticket-keys", config->state_dir) < 0) {
+                devs->tickets_path = NULL;
+                return log_error_errno(-ENOMEM, "Out of memory setting up TLS ticket keys.");
+        }
+        r = ticket_keys_new(config->ticket_key_sec, now, &devs->tickets);
+        if (r < 0)
+                return log_error_errno(r, "Cannot make TLS ticket keys: %m");
+        r = ticket_keys_load(devs->tickets, devs->tickets_path);
+        if (r == -ENOENT)
+                save = true;
+        else if (r < 0) {
+                log_warning_errno(r, "The TLS ticket keys in '%s' cannot be used, replacing them with new ones "
+                                  "(devices do full handshakes once): %m", devs->tickets_path);
+                save = true;
+        } else if (ticket_keys_created(devs->tickets) > now) {
+                log_warning("The TLS ticket keys in '%s' were made in the future, replacing them.",
+                            devs->tickets_path);
+                (void)ticket_keys_reset(devs->tickets, now);
+                save = true;
+        } else if (ticket_keys_rotate(devs->tickets, now, false) > 0)
+                save = true;
+        if (save)
+                devices_tickets_save(devs);
+        tls_server_keys_set_tickets(devs->tls_keys, devs->tickets);
+        r = sd_event_add_time_relative(event, &devs->tickets_timer, CLOCK_MONOTONIC,
+                                       (config->ticket_key_sec < 60 ? (uint64_t)config->ticket_key_sec : 60) * USEC_PER_SEC,
+                                       USEC_PER_SEC, devices_tickets_timer_cb, devs);
+        if (r < 0)
+                return log_error_errno(r, "Failed to add the ticket key timer: %m");
+        return 0;
+}
+
 static int devices_start(Devices *devs, sd_event *event, const CloudConfig *config, unsigned *ret_port) {
         struct sockaddr_storage ss;
         socklen_t sl;
@@ -2432,6 +2498,9 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
                 return log_error_errno(r, "Cannot load TLS file '%s': %m", bad);
         tls_server_keys_set_peer_check(devs->tls_keys, devices_peer_check, devs);
         tls_server_keys_allow_anonymous(devs->tls_keys, config->enroll_enabled, DEVICES_ENROLL_MESSAGE_MAX);
+        r = devices_tickets_start(devs, event);
+        if (r < 0)
+                return r;
 
         coap_startup();
         devs->coap_started = true;
@@ -2536,6 +2605,7 @@ int devices_reload_tls(Devices *devs) {
                                        bad);
         tls_server_keys_set_peer_check(keys, devices_peer_check, devs);
         tls_server_keys_allow_anonymous(keys, devs->config->enroll_enabled, DEVICES_ENROLL_MESSAGE_MAX);
+        tls_server_keys_set_tickets(keys, devs->tickets);
         /* libcoap copies the setup and reads the keys only while it handles
          * a ClientHello: the old ones are unused once every shard has the
          * new ones. On a failure the shards done go back to the old ones. */
@@ -2549,6 +2619,17 @@ int devices_reload_tls(Devices *devs) {
                 return log_error_errno(-EINVAL, "Failed to set up TLS again, keeping the certificates loaded before.");
         }
         devs->pki = pki;
+        /* No ticket outlives a change of trust: a session resumed after it
+         * would carry a certificate the new CA may not have signed. */
+        if (devs->tickets && !tls_server_keys_same_ca(devs->tls_keys, keys)) {
+                r = ticket_keys_reset(devs->tickets, (uint64_t)time(NULL));
+                if (r < 0)
+                        log_error_errno(r, "Cannot make new TLS ticket keys after the CA changed: %m");
+                else {
+                        devices_tickets_save(devs);
+                        log_info("The CA changed: TLS ticket keys replaced, devices do full handshakes once.");
+                }
+        }
         tls_server_keys_free(devs->tls_keys);
         devs->tls_keys = keys;
         log_info("Reloaded the TLS certificate '%s', key '%s' and CA '%s' for new device sessions.",
@@ -2617,6 +2698,9 @@ Devices *devices_free(Devices *devs) {
         }
         free(devs->shards);
         tls_server_keys_free(devs->tls_keys);
+        devs->tickets_timer = sd_event_source_disable_unref(devs->tickets_timer);
+        ticket_keys_free(devs->tickets);
+        free(devs->tickets_path);
         if (devs->coap_started)
                 coap_cleanup();
         free(devs);

@@ -101,7 +101,8 @@ static struct {
         Metrics *registry;
         MetricSeries *devices_connected;
         MetricSeries *enrollment_sessions, *certificates_issued[2]; /* [renew] */
-        MetricSeries *handshakes_started, *handshakes_completed, *handshakes_refused[_STATS_REFUSED_MAX];
+        MetricSeries *handshakes_started, *handshakes_completed, *handshakes_resumed,
+                *handshakes_refused[_STATS_REFUSED_MAX];
         MetricSeries *session_walks[2]; /* done, skipped */
         MetricSeries *calls[2][_STATS_CALL_MAX]; /* [function][outcome] */
         MetricSeries *call_latency[2];
@@ -160,6 +161,10 @@ static int stats_register(void) {
                 r = stats_family(METRIC_COUNTER, "tether_cloud_handshakes_completed_total",
                                  "Handshakes that ended with a device bound to its session.", NULL, NULL, 0,
                                  &stats.handshakes_completed, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_COUNTER, "tether_cloud_handshakes_resumed_total",
+                                 "Completed handshakes that resumed a TLS session (a ticket) instead of a full "
+                                 "handshake.", NULL, NULL, 0, &stats.handshakes_resumed, NULL, 0);
         if (r >= 0)
                 r = stats_family(METRIC_COUNTER, "tether_cloud_handshakes_refused_total",
                                  "Connections closed before a device was bound, by reason.", "reason",
@@ -336,6 +341,7 @@ void stats_certificate_issued(bool renew) { metrics_inc(stats.certificates_issue
 void stats_handshake_started(void) { metrics_inc(stats.handshakes_started); }
 void stats_session_walk(bool skipped) { metrics_inc(stats.session_walks[skipped ? 1 : 0]); }
 void stats_handshake_completed(void) { metrics_inc(stats.handshakes_completed); }
+void stats_handshake_resumed(void) { metrics_inc(stats.handshakes_resumed); }
 
 void stats_handshake_refused(StatsRefused reason) {
         if (reason < _STATS_REFUSED_MAX)

@@ -88,6 +88,8 @@ void stats_enrollment_sessions(int delta);
 void stats_certificate_issued(bool renew);
 void stats_handshake_started(void);
 void stats_handshake_completed(void);
+/* A completed handshake resumed a TLS session (counted with completed too). */
+void stats_handshake_resumed(void);
 void stats_handshake_refused(StatsRefused reason);
 /* A walk over every session of a shard (cloud/devices.c, shard_scan()):
  * done, or skipped (libcoap's own after a dispatch). */

@@ -10,9 +10,11 @@
 #include <openssl/x509v3.h>
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 
 #include "proto.h"
 #include "tls-framing.h"
+#include "ticket-keys.h"
 #include "tls.h"
 #include "util.h"
 
@@ -21,6 +23,226 @@ static bool host_is_ip(const char *host) {
         struct in_addr a4;
 
         return inet_pton(AF_INET, host, &a4) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
+}
+
+/* ---- Session resumption (TLS 1.3 tickets) ---- */
+
+static const unsigned char tls_sid_ctx[] = "tether-device-tls";
+static pthread_once_t ex_once = PTHREAD_ONCE_INIT;
+static int ex_ctx_tickets = -1; /* SSL_CTX: the TicketKeys its tickets are sealed with */
+static int ex_ssl_keys = -1;    /* SSL: its TlsServerKeys, while its ClientHello is handled */
+static int ex_ctx_resume = -1;  /* client SSL_CTX: its TlsResume (one session per context) */
+
+static void ex_init(void) {
+        ex_ctx_tickets = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+        ex_ssl_keys = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+        ex_ctx_resume = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+}
+
+
+/* ---- Client side of resumption (TlsResume) ---- */
+
+struct TlsResume {
+        SSL_SESSION *session;   /* NULL: none kept */
+        char *stamp;            /* target and files it was kept for */
+        bool offered;           /* offered on the handshake under way */
+        coap_context_t *ctx;    /* tls_resume_attach() */
+        TlsResume *live_next;   /* in resume_live */
+};
+
+/* Every attached TlsResume, found by its context when libcoap starts a
+ * handshake (SSL_connect() below). */
+static pthread_mutex_t resume_lock = PTHREAD_MUTEX_INITIALIZER;
+static TlsResume *resume_live;
+
+int tls_resume_attach(TlsResume *r, coap_context_t *ctx) {
+        pthread_mutex_lock(&resume_lock);
+        if (!r->ctx) {
+                r->live_next = resume_live;
+                resume_live = r;
+        }
+        r->ctx = ctx;
+        pthread_mutex_unlock(&resume_lock);
+        return 0;
+}
+
+static void resume_live_remove(TlsResume *r) {
+        pthread_mutex_lock(&resume_lock);
+        for (TlsResume **p = &resume_live; *p; p = &(*p)->live_next)
+                if (*p == r) {
+                        *p = r->live_next;
+                        break;
+                }
+        pthread_mutex_unlock(&resume_lock);
+}
+
+int tls_resume_new(TlsResume **ret) {
+        *ret = calloc(1, sizeof(TlsResume));
+        return *ret ? 0 : -ENOMEM;
+}
+
+void tls_resume_forget(TlsResume *r) {
+        if (!r)
+                return;
+        SSL_SESSION_free(r->session);
+        r->session = NULL;
+        r->offered = false;
+}
+
+TlsResume *tls_resume_free(TlsResume *r) {
+        if (!r)
+                return NULL;
+        resume_live_remove(r);
+        tls_resume_forget(r);
+        free(r->stamp);
+        free(r);
+        return NULL;
+}
+
+bool tls_resume_kept(const TlsResume *r) {
+        return r && r->session;
+}
+
+static void file_stamp(FILE *f, const char *path) {
+        struct stat st;
+
+        if (path && *path && stat(path, &st) == 0)
+                fprintf(f, "|%ju:%ju:%jd.%ld:%jd", (uintmax_t)st.st_dev, (uintmax_t)st.st_ino, (intmax_t)st.st_mtim.tv_sec,
+                        st.st_mtim.tv_nsec, (intmax_t)st.st_size);
+        else
+                fputs("|-", f);
+}
+
+void tls_resume_target(TlsResume *r, const char *target, const TlsFiles *files) {
+        char *stamp = NULL;
+        size_t n = 0;
+        FILE *f;
+
+        if (!r)
+                return;
+        f = open_memstream(&stamp, &n);
+        if (f) {
+                fputs(target ? target : "", f);
+                file_stamp(f, files->ca_file);
+                file_stamp(f, files->cert_file);
+                file_stamp(f, files->key_file);
+                if (fclose(f) != 0) {
+                        free(stamp);
+                        stamp = NULL;
+                }
+        }
+        if (!stamp || !r->stamp || !streq(stamp, r->stamp))
+                tls_resume_forget(r);
+        free(r->stamp);
+        r->stamp = stamp;
+        r->offered = false;
+}
+
+/* libcoap's info callback, which client_info_cb() wraps: a constant of
+ * the library, as libcoap_verify_cb. */
+static void (*libcoap_info_cb)(const SSL *ssl, int where, int ret);
+
+/* Client SSL_CTX info callback: drops the kept session when a handshake
+ * fails or the server declined it (a full handshake: its new ticket
+ * replaces it). */
+static void client_info_cb(const SSL *ssl, int where, int ret) {
+        TlsResume *r = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_ctx_resume);
+
+        if (libcoap_info_cb)
+                libcoap_info_cb(ssl, where, ret);
+        if (!r || SSL_is_server(ssl))
+                return;
+        if (where & SSL_CB_HANDSHAKE_DONE) {
+                if (r->offered && !SSL_session_reused(ssl)) {
+                        SSL_SESSION_free(r->session);
+                        r->session = NULL;
+                }
+                r->offered = false;
+        } else if (((where & SSL_CB_EXIT) && ret == 0) ||
+                   ((where & SSL_CB_ALERT) && (ret >> 8) == SSL3_AL_FATAL)) {
+                if (!SSL_is_init_finished(ssl))
+                        tls_resume_forget(r);
+        }
+}
+
+/* A ticket arrived: keep it (the reference is ours) for the next
+ * connection. */
+static int client_new_session_cb(SSL *ssl, SSL_SESSION *sess) {
+        TlsResume *r = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_ctx_resume);
+
+        if (!r || !SSL_SESSION_is_resumable(sess))
+                return 0;
+        SSL_SESSION_free(r->session);
+        r->session = sess;
+        return 1;
+}
+
+/* Before libcoap's first SSL_connect() of a client handshake of an
+ * attached context: keep its tickets (callbacks on libcoap's SSL_CTX,
+ * set once) and offer the kept session. libcoap 4.3.1 calls no setup
+ * hook of ours on the client side before the ClientHello
+ * (setup_client_ssl_session() in src/coap_openssl.c), so this is done
+ * from SSL_connect() below. Reads are framed from here on (a resumed
+ * handshake runs no client_cn_cb()). */
+static void client_resume_offer(SSL *ssl) {
+        SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+        BIO *b = SSL_get_rbio(ssl);
+        const char *meth = b ? BIO_method_name(b) : NULL;
+        coap_session_t *session;
+        coap_context_t *cctx;
+        TlsResume *r;
+        void (*cb)(const SSL *, int, int);
+
+        /* Only libcoap's TLS sessions: its BIO, whose SSL's app data is
+         * the coap_session_t (coap_tls_new_client_session()). Called from
+         * SSL_connect(): a client (SSL_is_server() is not set yet). */
+        if (!ctx || !meth || !streq(meth, "coapsock") || !SSL_in_before(ssl))
+                return;
+        session = SSL_get_app_data(ssl);
+        cctx = session ? coap_session_get_context(session) : NULL;
+        if (!cctx)
+                return;
+        pthread_mutex_lock(&resume_lock);
+        for (r = resume_live; r && r->ctx != cctx; r = r->live_next)
+                ;
+        pthread_mutex_unlock(&resume_lock);
+        if (!r)
+                return;
+        pthread_once(&ex_once, ex_init);
+        if (ex_ctx_resume < 0)
+                return;
+        if (SSL_CTX_get_ex_data(ctx, ex_ctx_resume) != r) {
+                if (!SSL_CTX_set_ex_data(ctx, ex_ctx_resume, r))
+                        return;
+                cb = SSL_CTX_get_info_callback(ctx);
+                if (cb && cb != client_info_cb)
+                        libcoap_info_cb = cb;
+                SSL_CTX_set_info_callback(ctx, client_info_cb);
+                SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+                SSL_CTX_sess_set_new_cb(ctx, client_new_session_cb);
+        }
+        if (tls_framing_attach(ssl) < 0)
+                return;
+        r->offered = false;
+        if (r->session && SSL_SESSION_is_resumable(r->session) && SSL_set_session(ssl, r->session) == 1)
+                r->offered = true;
+}
+
+__attribute__((visibility("default"))) int SSL_connect(SSL *ssl) {
+        static int (*libssl_fn)(SSL *);
+        int (*fn)(SSL *) = __atomic_load_n(&libssl_fn, __ATOMIC_RELAXED);
+
+        if (ssl)
+                client_resume_offer(ssl);
+        if (!fn) {
+                *(void **)&fn = dlsym(RTLD_NEXT, "SSL_connect");
+                if (!fn) {
+                        SSL_set_connect_state(ssl);
+                        return SSL_do_handshake(ssl);
+                }
+                __atomic_store_n(&libssl_fn, fn, __ATOMIC_RELAXED);
+        }
+        return fn(ssl);
 }
 
 /* Client side: libcoap has verified the chain; we check the leaf against
@@ -71,12 +293,22 @@ struct TlsServerKeys {
         void *check_userdata;
         bool allow_anonymous;             /* no client certificate: an enrollment session */
         size_t anonymous_max;             /* its longest message after the header */
+        TicketKeys *tickets;              /* borrowed; NULL: no session tickets (no resumption) */
+        unsigned char ca_sha256[32];      /* of the CA certificates' DER, in file order */
         TlsServerKeys *live_next;         /* in keys_live */
 };
 
 void tls_server_keys_allow_anonymous(TlsServerKeys *k, bool allow, size_t max_message) {
         k->allow_anonymous = allow;
         k->anonymous_max = max_message;
+}
+
+void tls_server_keys_set_tickets(TlsServerKeys *k, TicketKeys *tickets) {
+        k->tickets = tickets;
+}
+
+bool tls_server_keys_same_ca(const TlsServerKeys *a, const TlsServerKeys *b) {
+        return a && b && CRYPTO_memcmp(a->ca_sha256, b->ca_sha256, sizeof(a->ca_sha256)) == 0;
 }
 
 void tls_server_keys_set_peer_check(TlsServerKeys *k, TlsPeerCheck check, void *userdata) {
@@ -234,6 +466,7 @@ static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
         TlsPeer *p = session_peer(session);
         X509 *x;
         int ok = 0;
+        SSL *ssl;
 
         if (!p)
                 return 0;
@@ -265,6 +498,10 @@ static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
         } else
                 ok = 1;
         X509_free(x);
+        /* A device identified by a full handshake gets one ticket to
+         * resume with (server_tls_setup() issues none otherwise). */
+        if (ok && k && k->tickets && (ssl = coap_session_get_tls(session, NULL)))
+                SSL_set_num_tickets(ssl, 1);
         return ok;
 }
 
@@ -405,6 +642,7 @@ static int tls_bio_open(const char *path, BIO **ret) {
 
 /* Every certificate in the CA file into the store and the name list. */
 static int tls_load_ca(TlsServerKeys *k, const char *path) {
+        EVP_MD_CTX *md = NULL;
         BIO *b = NULL;
         X509 *x;
         int r, n = 0;
@@ -414,17 +652,25 @@ static int tls_load_ca(TlsServerKeys *k, const char *path) {
                 return r;
         k->store = X509_STORE_new();
         k->ca_names = sk_X509_NAME_new_null();
-        r = k->store && k->ca_names ? 0 : -ENOMEM;
+        md = EVP_MD_CTX_new();
+        r = k->store && k->ca_names && md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 ? 0 : -ENOMEM;
         while (r == 0 && (x = PEM_read_bio_X509(b, NULL, NULL, NULL))) {
                 X509_NAME *name = X509_NAME_dup(X509_get_subject_name(x));
+                unsigned char *der = NULL;
+                int len = i2d_X509(x, &der);
 
-                if (!name || !X509_STORE_add_cert(k->store, x) || !sk_X509_NAME_push(k->ca_names, name)) {
+                if (!name || len <= 0 || EVP_DigestUpdate(md, der, (size_t)len) != 1 ||
+                    !X509_STORE_add_cert(k->store, x) || !sk_X509_NAME_push(k->ca_names, name)) {
                         X509_NAME_free(name);
                         r = -EBADMSG;
                 }
+                OPENSSL_free(der);
                 X509_free(x);
                 n++;
         }
+        if (r == 0 && EVP_DigestFinal_ex(md, k->ca_sha256, NULL) != 1)
+                r = -EIO;
+        EVP_MD_CTX_free(md);
         BIO_free(b);
         ERR_clear_error();
         if (r == 0 && n == 0)
@@ -517,9 +763,13 @@ fail:
  * every session (counted references), which saves a few KiB per device.
  *
  * libcoap sets no session id context, so OpenSSL would refuse every
- * resumption with an internal-error alert: issue no tickets at all, and
- * clients do full handshakes (which also run the certificate checks that
- * identify the device).
+ * resumption with an internal-error alert: we set one. With TicketKeys
+ * (tls_server_keys_set_tickets()) TLS 1.3 tickets are sealed with those
+ * keys: none is issued here, one by server_cn_cb() once a certificate
+ * identified a device (so never to an anonymous session, and none after
+ * a resumption unless it used the previous key); no 0-RTT; the PSK needs
+ * (EC)DHE (OpenSSL's default, psk_dhe_ke) so forward secrecy holds.
+ * Without TicketKeys no tickets at all: clients do full handshakes.
  *
  * Reads of the session are framed from here on (tls-framing.h). */
 /* libcoap's verify callback, which server_verify_cb() wraps: the same
@@ -551,6 +801,115 @@ static int server_verify_cb(int ok, X509_STORE_CTX *ctx) {
         return r;
 }
 
+static int server_ticket_key_cb(SSL *ssl, unsigned char key_name[16], unsigned char *iv, EVP_CIPHER_CTX *cctx,
+                                EVP_MAC_CTX *hctx, int enc) {
+        TicketKeys *t = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_ctx_tickets);
+        int r;
+
+        if (!t)
+                return enc ? -1 : 0;
+        r = ticket_keys_crypt(t, key_name, iv, cctx, hctx, enc);
+        /* Opened with the previous key: a new ticket with the current one. */
+        if (r == 2)
+                SSL_set_num_tickets(ssl, 1);
+        return r;
+}
+
+/* The identity checks of a full handshake (server_cn_cb()) on the leaf a
+ * ticket carries, which was verified when the ticket was issued: one CN
+ * that is a valid device ID, the SAN rule, not expired, and check (may be
+ * NULL). 0, or -EPERM with p->refused and p->reason set. */
+static int resumed_peer_check(X509 *x, TlsPeer *p, TlsServerKeys *k) {
+        int64_t now = (int64_t)time(NULL);
+        size_t n;
+
+        memset(p, 0, sizeof(*p));
+        cert_describe(x, p);
+        if (leaf_identity(x, p) < 0)
+                goto refused;
+        if (p->not_after <= now || p->not_before > now) {
+                snprintf(p->reason, sizeof(p->reason), "the certificate (in a resumed session) is not valid now");
+                goto refused;
+        }
+        if (k && k->check && k->check(k->check_userdata, p, p->reason, sizeof(p->reason)) < 0) {
+                if (!p->reason[0])
+                        snprintf(p->reason, sizeof(p->reason), "refused by the cloud");
+                goto refused;
+        }
+        return 0;
+refused:
+        n = strlen(p->reason);
+        snprintf(p->reason + n, sizeof(p->reason) - n, " (resuming a session)");
+        p->id[0] = 0;
+        p->refused = true;
+        return -EPERM;
+}
+
+/* A ticket was opened (or not): resume only a session whose leaf passes
+ * every check of a full handshake now; a refused one ends the handshake
+ * as a full handshake's refusal does, with the reason on the session's
+ * TlsPeer for the log. A ticket without a leaf (none are issued to
+ * anonymous sessions) is ignored: a full handshake follows. The session's
+ * TlsPeer is filled only once the handshake is done (tls_session_peer()):
+ * OpenSSL may still decline the ticket and do a full handshake. */
+static SSL_TICKET_RETURN server_ticket_decrypted(SSL *ssl, SSL_SESSION *ss, const unsigned char *keyname,
+                                                 size_t keyname_len, SSL_TICKET_STATUS status, void *arg) {
+        TlsServerKeys *k = SSL_get_ex_data(ssl, ex_ssl_keys);
+        coap_session_t *session = SSL_get_app_data(ssl);
+        X509 *x = ss ? SSL_SESSION_get0_peer(ss) : NULL;
+        TlsPeer checked, *p;
+
+        (void)keyname;
+        (void)keyname_len;
+        (void)arg;
+        switch (status) {
+        case SSL_TICKET_SUCCESS:
+        case SSL_TICKET_SUCCESS_RENEW:
+                break;
+        case SSL_TICKET_EMPTY:
+        case SSL_TICKET_NONE:
+        case SSL_TICKET_NO_DECRYPT:
+                return SSL_TICKET_RETURN_IGNORE_RENEW;
+        default:
+                return SSL_TICKET_RETURN_ABORT;
+        }
+        if (!x || !k || !session)
+                return SSL_TICKET_RETURN_IGNORE;
+        if (resumed_peer_check(x, &checked, k) == 0)
+                return status == SSL_TICKET_SUCCESS_RENEW ? SSL_TICKET_RETURN_USE_RENEW : SSL_TICKET_RETURN_USE;
+        p = session_peer(session);
+        if (p)
+                *p = checked;
+        return SSL_TICKET_RETURN_ABORT;
+}
+
+/* Tickets on for ssl, sealed with k's TicketKeys; the callbacks are set
+ * on libcoap's SSL_CTX the first time (every session of a context shares
+ * it; it is read only after the ClientHello, so this session too). */
+static int server_tickets_setup(SSL *ssl, TlsServerKeys *k) {
+        SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
+
+        pthread_once(&ex_once, ex_init);
+        if (ex_ctx_tickets < 0 || ex_ssl_keys < 0 || !ctx)
+                return -ENOMEM;
+        if (SSL_CTX_get_ex_data(ctx, ex_ctx_tickets) != k->tickets) {
+                if (!SSL_CTX_set_ex_data(ctx, ex_ctx_tickets, k->tickets) ||
+                    !SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, server_ticket_key_cb) ||
+                    !SSL_CTX_set_session_ticket_cb(ctx, NULL, server_ticket_decrypted, NULL))
+                        return -ENOMEM;
+                SSL_CTX_set_timeout(ctx, (long)ticket_keys_lifetime(k->tickets));
+                SSL_CTX_set_max_early_data(ctx, 0);
+                SSL_CTX_set_recv_max_early_data(ctx, 0);
+        }
+        if (!SSL_set_ex_data(ssl, ex_ssl_keys, k) ||
+            !SSL_set_session_id_context(ssl, tls_sid_ctx, sizeof(tls_sid_ctx) - 1))
+                return -ENOMEM;
+        SSL_clear_options(ssl, SSL_OP_NO_TICKET | SSL_OP_ALLOW_NO_DHE_KEX);
+        SSL_set_max_early_data(ssl, 0);
+        SSL_set_recv_max_early_data(ssl, 0);
+        return 0;
+}
+
 static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
         TlsServerKeys *k = setup_data->cn_call_back_arg;
         SSL *ssl = tls_session;
@@ -573,8 +932,11 @@ static int server_tls_setup(void *tls_session, coap_dtls_pki_t *setup_data) {
                        server_verify_cb);
         if (SSL_use_certificate(ssl, k->cert) != 1 || SSL_use_PrivateKey(ssl, k->key) != 1)
                 return 0;
-        SSL_set_options(ssl, SSL_OP_NO_TICKET);
         SSL_set_num_tickets(ssl, 0);
+        if (!k->tickets)
+                SSL_set_options(ssl, SSL_OP_NO_TICKET);
+        else if (server_tickets_setup(ssl, k) < 0)
+                return 0;
         names = SSL_dup_CA_list(k->ca_names);
         if (!names || !SSL_set1_verify_cert_store(ssl, k->store)) {
                 sk_X509_NAME_pop_free(names, X509_NAME_free);
@@ -651,12 +1013,38 @@ bool tls_session_anonymous(coap_session_t *session) {
         return !x && !coap_session_get_app_data(session);
 }
 
+/* A resumed session ran no certificate callback: its TlsPeer is made
+ * from the leaf the ticket carried once the handshake is done, with the
+ * identity checks of a full one (server_ticket_decrypted() ran them and
+ * the TlsPeerCheck during the handshake). */
+static TlsPeer *resumed_peer(coap_session_t *session) {
+        coap_tls_library_t lib;
+        SSL *ssl = coap_session_get_tls(session, &lib);
+        X509 *x;
+        TlsPeer *p;
+
+        if (!ssl || lib != COAP_TLS_LIBRARY_OPENSSL || !SSL_is_server(ssl) || !SSL_is_init_finished(ssl) ||
+            !SSL_session_reused(ssl) || !(x = SSL_get0_peer_certificate(ssl)))
+                return NULL;
+        p = session_peer(session);
+        if (p)
+                (void)resumed_peer_check(x, p, NULL);
+        return p;
+}
+
 const TlsPeer *tls_session_peer(coap_session_t *session) {
-        return coap_session_get_app_data(session);
+        return coap_session_get_app_data(session) ?: resumed_peer(session);
+}
+
+bool tls_session_resumed(coap_session_t *session) {
+        coap_tls_library_t lib;
+        SSL *ssl = coap_session_get_tls(session, &lib);
+
+        return ssl && lib == COAP_TLS_LIBRARY_OPENSSL && SSL_is_init_finished(ssl) && SSL_session_reused(ssl);
 }
 
 const char *tls_session_peer_id(coap_session_t *session) {
-        const TlsPeer *p = coap_session_get_app_data(session);
+        const TlsPeer *p = tls_session_peer(session);
 
         return p && !p->refused && p->id[0] ? p->id : NULL;
 }

@@ -23,6 +23,32 @@ typedef struct TlsHostCheck {
         char failure[256];
 } TlsHostCheck;
 
+/* A TLS client's last session (its TLS 1.3 ticket), kept in memory only
+ * and offered on the next connection of the libcoap context it is
+ * attached to (one session at a time per context) when it goes to the
+ * same target with the same certificate and key files. libcoap 4.3.1
+ * calls no setup hook of ours on the client side before its ClientHello,
+ * so lib/tls.c defines SSL_connect() in the program (as tls-framing.h
+ * does SSL_read()): for an SSL of an attached context it sets the
+ * callbacks that keep tickets on libcoap's SSL_CTX and offers the kept
+ * session (docs/design/libcoap.md, "Session resumption"). A kept session
+ * is dropped when a handshake fails or when a server declines it. */
+typedef struct TlsResume TlsResume;
+int tls_resume_new(TlsResume **ret);
+/* Free after the context it is attached to. */
+TlsResume *tls_resume_free(TlsResume *r);
+/* Keep the tickets of ctx's client sessions in r and offer them. */
+int tls_resume_attach(TlsResume *r, coap_context_t *ctx);
+/* Call before each connection: target is "host:port", files the client's
+ * own. A session kept for another target, or before the certificate or
+ * key file changed (a renewal: the new certificate must be presented),
+ * is dropped. */
+void tls_resume_target(TlsResume *r, const char *target, const TlsFiles *files);
+/* Drop the kept session (a failed handshake, a change of trust). */
+void tls_resume_forget(TlsResume *r);
+/* Whether a session is kept. */
+bool tls_resume_kept(const TlsResume *r);
+
 /* Fill *ret_pki for a mutual TLS client. A files->cert_file that is NULL
  * or "" makes an anonymous client (the server's certificate is still
  * checked; used to enroll, when the device has no certificate yet). libcoap keeps the pointers: the
@@ -84,6 +110,16 @@ typedef int (*TlsPeerCheck)(void *userdata, const TlsPeer *peer, char *reason, s
  * longer one closes its session (tls_framing_limit_anonymous()). */
 void tls_server_keys_allow_anonymous(TlsServerKeys *keys, bool allow, size_t max_message);
 
+/* Seal TLS 1.3 session tickets with tickets (borrowed: it must outlive
+ * every context these keys are used with), so that devices can resume:
+ * one ticket per full handshake of an identified device, none for an
+ * anonymous one; a resumed session must pass the identity checks and the
+ * TlsPeerCheck again. NULL (the default): no tickets, no resumption. */
+struct TicketKeys;
+void tls_server_keys_set_tickets(TlsServerKeys *keys, struct TicketKeys *tickets);
+/* Whether both were loaded from the same CA certificates. */
+bool tls_server_keys_same_ca(const TlsServerKeys *a, const TlsServerKeys *b);
+
 /* Consult check (may be NULL) for every client certificate these keys
  * serve from now on. */
 void tls_server_keys_set_peer_check(TlsServerKeys *keys, TlsPeerCheck check, void *userdata);
@@ -97,8 +133,12 @@ void tls_server_keys_set_peer_check(TlsServerKeys *keys, TlsPeerCheck check, voi
 void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys);
 
 /* What the handshake of a server session learned of the peer (NULL if it
- * got no certificate). Owned by the session; freed by tls_session_forget(). */
+ * got no certificate). For a resumed session, the leaf the ticket carried
+ * after the checks of a full handshake. Owned by the session; freed by
+ * tls_session_forget(). */
 const TlsPeer *tls_session_peer(coap_session_t *session);
+/* Whether the session's (finished) handshake resumed a session. */
+bool tls_session_resumed(coap_session_t *session);
 /* Whether a server session finished its handshake without any client
  * certificate (see tls_server_keys_allow_anonymous()). */
 bool tls_session_anonymous(coap_session_t *session);

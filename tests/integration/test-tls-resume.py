@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""TLS session resumption (docs/security.md, "Session resumption"): after a
+restart of the cloud with the same state directory an agent resumes its
+TLS session with the ticket it kept, as the same device; a revoked device
+cannot get in by resuming; a renewed certificate is presented in a full
+handshake; TicketKeySec=0 turns resumption off; the ticket key file is
+private, a damaged one is replaced and other keys make agents fall back
+to a full handshake without an error."""
+import json
+import os
+import stat
+import sys
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import SLOW, expect, poll, run, seconds  # noqa: E402
+
+
+def metric(w, name):
+    req = urllib.request.Request(f"{w.api}/metrics", headers={"Authorization": f"Bearer {w.token}"})
+    with urllib.request.urlopen(req, timeout=10 * SLOW) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def status(w, agent):
+    return json.loads(w.tetherctl(agent, "status", "--json").stdout)
+
+
+def restart_cloud(w, agent, extra="", before_start=None):
+    """Stop the cloud, run before_start, start it again on the same ports
+    and state directory; wait for the agent to be online again."""
+    w.cloud.stop()
+    w.daemons.remove(w.cloud)
+    if before_start:
+        before_start()
+    mark = w.notify.mark()
+    w.start_cloud(extra, port=w.coap_port, api_port=w.api_port)
+    w.wait_online(agent.device_id, mark, timeout=seconds(30))
+
+
+def keys_path(w):
+    return w.path("cloud-state", "ticket-keys")
+
+
+def test_resumed_after_restart(w):
+    w.start_cloud()
+    agent = w.start_agent()
+    expect(status(w, agent)["tls_resumed"] is False, "the first connection cannot be resumed")
+    st = os.stat(keys_path(w))
+    expect(stat.S_IMODE(st.st_mode) == 0o600, f"ticket-keys mode {oct(st.st_mode)}")
+    restart_cloud(w, agent)
+    poll(lambda: status(w, agent).get("connected"), seconds(10), "the agent connected")
+    expect(status(w, agent)["tls_resumed"] is True, "the session was not resumed after the restart")
+    expect(metric(w, "tether_cloud_handshakes_resumed_total") == 1, "the cloud did not count the resumption")
+    # The same device, and calls work on the resumed session.
+    devices = json.loads(w.tether("list", "--json").stdout)
+    expect(any(d.get("id") == agent.device_id and d.get("connected") for d in devices),
+           f"device not connected: {devices}")
+    r = w.tether("call", agent.device_id, "add", "2,3")
+    expect(r.stdout.strip() == "5", f"call on the resumed session returned {r.stdout!r}")
+
+
+def test_revoked_cannot_resume(w):
+    w.start_cloud()
+    agent = w.start_agent()
+    mark = w.cloud.mark()
+    req = urllib.request.Request(f"{w.api}/v1/devices/{agent.device_id}/revocation",
+                                 data=json.dumps({"reason": "stolen key"}).encode(), method="PUT",
+                                 headers={"Authorization": f"Bearer {w.token}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10 * SLOW) as r:
+        expect(r.status == 200, f"revoke: {r.status}")
+    # The cloud closes the session; the agent comes back with its ticket.
+    w.cloud.wait_line(r"Refused a session from .*\(resuming a session\)", timeout=20, start=mark)
+    expect(metric(w, "tether_cloud_handshakes_resumed_total") == 0, "a revoked device resumed")
+    # Its next attempts (full handshakes: the refused session was dropped)
+    # are refused as before (logged once per address and certificate).
+    poll(lambda: metric(w, 'tether_cloud_handshakes_refused_total{reason="tls"}') >= 3, seconds(20),
+         "more refused handshakes")
+    expect(metric(w, "tether_cloud_handshakes_resumed_total") == 0, "a revoked device resumed")
+    devices = json.loads(w.tether("list", "--json").stdout)
+    expect(not any(d.get("id") == agent.device_id and d.get("connected") for d in devices),
+           f"the revoked device is connected: {devices}")
+
+
+def test_renewed_certificate_full_handshake(w):
+    w.start_cloud()
+    agent = w.start_agent()
+    new_id, new_crt, new_key = w.new_device()
+
+    def replace():
+        # Atomic replacement, as a renewal writes its files.
+        for src, dst in ((new_crt, agent.device[1]), (new_key, agent.device[2])):
+            with open(src, "rb") as f:
+                data = f.read()
+            with open(dst + ".new", "wb") as f:
+                f.write(data)
+            os.rename(dst + ".new", dst)
+    w.cloud.stop()
+    w.daemons.remove(w.cloud)
+    replace()
+    mark = w.notify.mark()
+    w.start_cloud(port=w.coap_port, api_port=w.api_port)
+    w.wait_online(new_id, mark, timeout=seconds(30))
+    expect(status(w, agent)["tls_resumed"] is False, "a session was resumed with a replaced certificate")
+    expect(metric(w, "tether_cloud_handshakes_resumed_total") == 0, "the cloud resumed a session")
+
+
+def test_ticket_keys_off(w):
+    w.start_cloud("[Cloud]\nTicketKeySec=0\n")
+    agent = w.start_agent()
+    expect(not os.path.exists(keys_path(w)), "TicketKeySec=0 wrote ticket keys")
+    restart_cloud(w, agent, "[Cloud]\nTicketKeySec=0\n")
+    expect(status(w, agent)["tls_resumed"] is False, "resumed with TicketKeySec=0")
+    expect(metric(w, "tether_cloud_handshakes_resumed_total") == 0, "the cloud counted a resumption")
+
+
+def test_damaged_or_other_keys(w):
+    w.start_cloud()
+    agent = w.start_agent()
+    amark = agent.mark()
+
+    def damage():
+        with open(keys_path(w), "wb") as f:
+            f.write(b"garbage")
+    restart_cloud(w, agent, before_start=damage)
+    w.cloud.wait_line(r"The TLS ticket keys in '.*ticket-keys' cannot be used, replacing them", timeout=5)
+    expect(os.path.getsize(keys_path(w)) > 7, "the damaged key file was not replaced")
+    expect(status(w, agent)["tls_resumed"] is False, "resumed with keys the cloud no longer has")
+    # Resumes with the new keys after the next restart...
+    restart_cloud(w, agent)
+    expect(status(w, agent)["tls_resumed"] is True, "not resumed with the replaced keys")
+    # ...and falls back to a full handshake when the keys are gone.
+    restart_cloud(w, agent, before_start=lambda: os.unlink(keys_path(w)))
+    expect(status(w, agent)["tls_resumed"] is False, "resumed with keys the cloud no longer has")
+    expect(agent.count("TLS handshake failed", start=amark) == 0, "the agent logged a failed handshake")
+
+
+if __name__ == "__main__":
+    sys.exit(run([test_resumed_after_restart, test_revoked_cannot_resume, test_renewed_certificate_full_handshake,
+                  test_ticket_keys_off, test_damaged_or_other_keys]))
