@@ -106,6 +106,7 @@ static struct {
         double renew_delay;
         pid_t cloud_pid;
         bool ota, ota_skip_download, ota_no_bert;
+        bool resume; /* --resume: keep each device's TLS session and offer it on reconnect */
         double ota_fail_percent, ota_install_sec;
 } arg = {
         .devices = 1000,
@@ -130,6 +131,7 @@ typedef struct Stats {
         uint64_t timeouts;     /* not online within the connect timeout */
         uint64_t dropped;      /* closed after being online */
         uint64_t calls, reads, describes;
+        uint64_t resumed;      /* connections whose TLS handshake resumed a session (--resume) */
         uint64_t pub_sent, pub_acked, pub_errors, pub_skipped;
         uint64_t all_online_at; /* CLOCK_MONOTONIC usec when all of the worker's devices were first online */
         uint64_t last_online_at; /* usec when the last device was first online */
@@ -252,6 +254,7 @@ typedef enum CloseKind {
 typedef struct Device {
         char id[PROTO_DEVICE_ID_MAX + 1];
         char *cert, *key;
+        TlsResume *resume; /* --resume: the last TLS session, kept across contexts made again */
         DevState state;
         bool ever_online;
         CloseKind closing;
@@ -705,6 +708,8 @@ static void went_online(Device *d) {
         d->state = DEV_ONLINE;
         d->failures = 0;
         w.st.online++;
+        if (d->session && tls_session_resumed(d->session))
+                w.st.resumed++;
         if (!d->ever_online) {
                 d->ever_online = true;
                 w.st.ever_online++;
@@ -1053,6 +1058,11 @@ static int coap_prepare(Device *d) {
         }
         d->check.host = arg.server_name;
         tls_pki_init(&d->pki, &d->files, &d->check);
+        if (arg.resume) {
+                if (!d->resume && tls_resume_new(&d->resume) < 0)
+                        return -ENOMEM;
+                (void)tls_resume_attach(d->resume, d->ctx);
+        }
         d->epoch = ((uint64_t)random() << 32) ^ (uint64_t)random();
         if (epoll_ctl(w.ep, EPOLL_CTL_ADD, coap_context_get_coap_fd(d->ctx), &ev) < 0)
                 return -errno;
@@ -1074,6 +1084,12 @@ static void coap_connect(Device *d) {
                 dst.size = sizeof(sin6);
         }
         w.st.attempts++;
+        if (d->resume) {
+                char target[300];
+
+                snprintf(target, sizeof(target), "%s:%u", arg.host, arg.port);
+                tls_resume_target(d->resume, target, &d->files);
+        }
         d->state = DEV_CONNECTING;
         d->deadline = now_us() + (uint64_t)(arg.connect_timeout * 1e6);
         d->session = coap_new_client_session_pki(d->ctx, NULL, &dst, COAP_PROTO_TLS, &d->pki);
@@ -2120,6 +2136,7 @@ static Stats sum(void) {
                 s.calls += t->calls;
                 s.reads += t->reads;
                 s.describes += t->describes;
+                s.resumed += t->resumed;
                 s.pub_sent += t->pub_sent;
                 s.pub_acked += t->pub_acked;
                 s.pub_errors += t->pub_errors;
@@ -2316,9 +2333,9 @@ static void print_renewed(const char *word, const Stats *s, const Stats *base, u
 static void print_counts(const char *word, const Stats *s, const char *extra) {
         printf("%s devices=%lu online=%" PRIu64 " ever_online=%" PRIu64 " attempts=%" PRIu64 " tls_failures=%" PRIu64
                " tcp_failures=%" PRIu64 " closed_early=%" PRIu64 " timeouts=%" PRIu64 " dropped=%" PRIu64
-               " calls=%" PRIu64 " reads=%" PRIu64 " describes=%" PRIu64 "%s\n",
+               " calls=%" PRIu64 " reads=%" PRIu64 " describes=%" PRIu64 " resumed=%" PRIu64 "%s\n",
                word, arg.devices, s->online, s->ever_online, s->attempts, s->tls_failures, s->tcp_failures,
-               s->closed_early, s->timeouts, s->dropped, s->calls, s->reads, s->describes, extra);
+               s->closed_early, s->timeouts, s->dropped, s->calls, s->reads, s->describes, s->resumed, extra);
         fflush(stdout);
 }
 
@@ -2625,6 +2642,8 @@ static void help(void) {
                "  --ota-install-sec S   from installing to the final state (default: 1)\n"
                "  --ota-skip-download   report the artifact downloaded at once (for a cloud without GET /a/)\n"
                "  --ota-no-bert         1024-byte blocks even where BERT is allowed\n"
+               "  --resume              keep each device's TLS session (ticket) in memory and offer it when it\n"
+               "                        connects again (docs/cloud.md, \"TLS session resumption\")\n"
                "  -h, --help            this help\n"
                "\n"
                "Output: one line per result on stdout ('online ...', 'published ...', 'enrolled ...',\n"
@@ -2668,7 +2687,7 @@ static int parse_argv(int argc, char **argv) {
         enum { OPT_CLOUD = 0x100, OPT_MQTT, OPT_MQTT_VERSION, OPT_SERVER_NAME, OPT_CA_CERT, OPT_CA_KEY,
                OPT_SERVER_CA, OPT_CACHE, OPT_FIRST, OPT_SECONDS, OPT_TIMEOUT, OPT_CONNECT_TIMEOUT,
                OPT_RECONNECT_MIN, OPT_RECONNECT_MAX, OPT_QOS, OPT_RENEW_DELAY, OPT_CLOUD_PID, OPT_OTA,
-               OPT_OTA_FAIL_PERCENT, OPT_OTA_INSTALL_SEC, OPT_OTA_SKIP_DOWNLOAD, OPT_OTA_NO_BERT };
+               OPT_OTA_FAIL_PERCENT, OPT_OTA_INSTALL_SEC, OPT_OTA_SKIP_DOWNLOAD, OPT_OTA_NO_BERT, OPT_RESUME };
         static const struct option options[] = {
                 { "cloud", required_argument, NULL, OPT_CLOUD },
                 { "mqtt", required_argument, NULL, OPT_MQTT },
@@ -2694,6 +2713,7 @@ static int parse_argv(int argc, char **argv) {
                 { "ota-install-sec", required_argument, NULL, OPT_OTA_INSTALL_SEC },
                 { "ota-skip-download", no_argument, NULL, OPT_OTA_SKIP_DOWNLOAD },
                 { "ota-no-bert", no_argument, NULL, OPT_OTA_NO_BERT },
+                { "resume", no_argument, NULL, OPT_RESUME },
                 { "help", no_argument, NULL, 'h' },
                 {},
         };
@@ -2797,6 +2817,9 @@ static int parse_argv(int argc, char **argv) {
                         break;
                 case OPT_OTA_SKIP_DOWNLOAD:
                         arg.ota_skip_download = true;
+                        break;
+                case OPT_RESUME:
+                        arg.resume = true;
                         break;
                 case OPT_OTA_NO_BERT:
                         arg.ota_no_bert = true;

@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0
+"""bench-reconnect: a reconnect storm after a restart of tether-cloudd,
+with and without TLS session resumption, side by side in one run
+(docs/design/benchmarks.md, "Reconnect storm"). tests/bench/fleet holds N
+devices; the cloud is stopped (SIGTERM) and started again with the same
+state directory (its ticket keys kept); measured until every device is
+online again:
+
+- seconds from starting the new cloud until all N are online;
+- the new cloud's CPU time (utime+stime) from its start until then;
+- its handshakes: resumed (tether_cloud_handshakes_resumed_total) and
+  full (completed minus resumed), and fleet's connection attempts.
+
+Each repetition runs both variants (fleet with and without --resume),
+in alternating order. Prints a Markdown table of min / median / max;
+figures, never pass/fail. Needs `make bench`. Usage:
+
+    tests/bench/bench-reconnect.py [--devices 1000] [--reps 3] [--build build]
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fleetproc import FleetProcess  # noqa: E402
+
+TOP = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, proc, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"bench-reconnect: {what} exited ({proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    sys.exit(f"bench-reconnect: {what} does not listen on port {port}")
+
+
+def cpu(pid):
+    """utime+stime of pid in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def metrics(api, token):
+    req = urllib.request.Request(f"http://127.0.0.1:{api}/metrics", headers={"Authorization": f"Bearer {token}"})
+    out = {}
+    with urllib.request.urlopen(req, timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+    return out
+
+
+def run_variant(opts, tmp, resume, log):
+    coap, api = free_port(), free_port()
+    state = tempfile.mkdtemp(prefix="cloud-state-", dir=tmp)
+    conf = os.path.join(tmp, "cloud.conf")
+    with open(conf, "w") as f:
+        f.write(f"""[Cloud]
+Listen=127.0.0.1
+Port={coap}
+CAFile={opts.ca}
+Certificate={opts.pki}/server.crt
+Key={opts.pki}/server.key
+[API]
+Listen=127.0.0.1
+Port={api}
+TokenFile={opts.tokens}
+RateLimitPerAddress=0
+RateLimitPerToken=0
+[State]
+Directory={state}
+""")
+    env = dict(os.environ, TETHER_LOG_LEVEL="warning")
+    argv = [opts.cloudd, "--config", conf]
+    cloud = subprocess.Popen(argv, stderr=log, stdout=log, env=env)
+    fleet = None
+    res = {}
+    try:
+        wait_port(api, cloud, "tether-cloudd")
+        fargv = [opts.fleet, "--cloud", f"127.0.0.1:{coap}", "--server-name", "127.0.0.1", "--ca-cert", opts.ca,
+                 "--ca-key", opts.ca_key, "--cache", opts.certs, "--devices", str(opts.devices),
+                 "--timeout", str(opts.timeout), "--reconnect-min", str(opts.reconnect_min),
+                 "--reconnect-max", str(opts.reconnect_max), "hold"]
+        if resume:
+            fargv[1:1] = ["--resume"]
+        if opts.workers:
+            fargv[1:1] = ["--workers", str(opts.workers)]
+        fleet = FleetProcess(fargv, log)
+        word, on = fleet.wait("online")
+        if word != "online":
+            res["error"] = f"first storm incomplete: {on}"
+            return res
+        fleet.command("stats")
+        before = fleet.wait("stats")[1]
+        # The restart: SIGTERM, then the same configuration and state.
+        cloud.terminate()
+        cloud.wait()
+        t0 = time.monotonic()
+        cloud = subprocess.Popen(argv, stderr=log, stdout=log, env=env)
+        wait_port(api, cloud, "tether-cloudd")
+        deadline = t0 + opts.timeout
+        while True:
+            fleet.command("stats")
+            st = fleet.wait("stats")[1]
+            if int(st.get("online", 0)) >= opts.devices:
+                break
+            if time.monotonic() > deadline:
+                res["error"] = f"not all online again after {opts.timeout} s: {st}"
+                return res
+            time.sleep(0.02)
+        res["seconds"] = time.monotonic() - t0
+        res["cpu"] = cpu(cloud.pid)
+        m = metrics(api, opts.token)
+        res["resumed"] = int(m.get("tether_cloud_handshakes_resumed_total", 0))
+        res["full"] = int(m.get("tether_cloud_handshakes_completed_total", 0)) - res["resumed"]
+        res["attempts"] = int(st["attempts"]) - int(before["attempts"])
+        res["tls_failures"] = int(st["tls_failures"]) - int(before["tls_failures"])
+    finally:
+        if fleet:
+            fleet.close()
+        cloud.terminate()
+        cloud.wait()
+        shutil.rmtree(state, ignore_errors=True)
+    return res
+
+
+def mmm(values, fmt="{:.2f}"):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--build", default=os.path.join(TOP, "build"))
+    ap.add_argument("--workers", type=int, default=0, help="fleet worker processes (default: cores)")
+    ap.add_argument("--timeout", type=float, default=600, help="give up on a storm after this long")
+    ap.add_argument("--reconnect-min", type=float, default=0.2, help="fleet's first reconnect delay")
+    ap.add_argument("--reconnect-max", type=float, default=2, help="fleet's longest reconnect delay")
+    ap.add_argument("--cache", help="PKI and device certificates, kept between runs "
+                    "(default: BUILD/tests/bench/fleet-cache)")
+    opts = ap.parse_args()
+    build = os.path.abspath(opts.build)
+    opts.fleet = os.path.join(build, "tests", "bench", "fleet")
+    opts.cloudd = os.path.join(build, "cloud", "tether-cloudd")
+    pki = os.path.join(build, "tools", "tether-pki")
+    for p in (opts.fleet, opts.cloudd, pki):
+        if not os.access(p, os.X_OK):
+            print(f"bench-reconnect: {p} is missing: run 'make bench' in {build}", file=sys.stderr)
+            return 77
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    cache = os.path.abspath(opts.cache or os.path.join(build, "tests", "bench", "fleet-cache"))
+    opts.pki = os.path.join(cache, "pki")
+    if not os.path.exists(os.path.join(opts.pki, "server.crt")):
+        os.makedirs(cache, exist_ok=True)
+        subprocess.run([pki, "ca", opts.pki], check=True, capture_output=True)
+        subprocess.run([pki, "server", opts.pki, "localhost", "127.0.0.1"], check=True, capture_output=True)
+    opts.ca, opts.ca_key = os.path.join(opts.pki, "ca.crt"), os.path.join(opts.pki, "ca.key")
+    opts.certs = os.path.join(cache, "devices")
+    tmp = tempfile.mkdtemp(prefix="tether-reconnect-")
+    opts.tokens = os.path.join(tmp, "tokens")
+    opts.token = subprocess.run([pki, "token", opts.tokens], check=True, capture_output=True,
+                                text=True).stdout.split()[-1]
+    subprocess.run([opts.fleet, "--ca-cert", opts.ca, "--ca-key", opts.ca_key, "--cache", opts.certs,
+                    "--devices", str(opts.devices), "mint"], check=True, stdout=subprocess.DEVNULL)
+    load0 = os.getloadavg()
+    print(f"# bench-reconnect: {opts.devices} devices, {opts.reps} repetitions; {os.cpu_count()} cores, "
+          f"{os.uname().release}; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
+    log = open(os.path.join(tmp, "servers.log"), "w")
+    runs = {False: [], True: []}
+    try:
+        for rep in range(opts.reps):
+            order = [False, True] if rep % 2 == 0 else [True, False]
+            for resume in order:
+                r = run_variant(opts, tmp, resume, log)
+                runs[resume].append(r)
+                name = "resume" if resume else "full"
+                print(f"# repetition {rep + 1}, {name}: " + json.dumps(r), flush=True)
+    finally:
+        log.close()
+    load1 = os.getloadavg()
+
+    def col(resume, key, fmt="{:.2f}"):
+        return mmm([r.get(key) for r in runs[resume]], fmt)
+
+    print()
+    print(f"| after a restart of the cloud, {opts.devices} devices (min / median / max of {opts.reps}) "
+          "| full handshakes | `fleet --resume` |")
+    print("|---|---|---|")
+    print(f"| seconds from the new cloud's start until all online | {col(False, 'seconds')} | {col(True, 'seconds')} |")
+    print(f"| cloud CPU seconds (from its start) | {col(False, 'cpu')} | {col(True, 'cpu')} |")
+    print(f"| handshakes resumed | {col(False, 'resumed', '{:.0f}')} | {col(True, 'resumed', '{:.0f}')} |")
+    print(f"| full handshakes | {col(False, 'full', '{:.0f}')} | {col(True, 'full', '{:.0f}')} |")
+    print(f"| connection attempts | {col(False, 'attempts', '{:.0f}')} | {col(True, 'attempts', '{:.0f}')} |")
+    print(f"| TLS failures | {col(False, 'tls_failures', '{:.0f}')} | {col(True, 'tls_failures', '{:.0f}')} |")
+    print(f"\n# load average at end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    errors = [r["error"] for rs in runs.values() for r in rs if "error" in r]
+    for e in errors:
+        print(f"# {e}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
