@@ -6,9 +6,12 @@ TLS session with the ticket it kept, as the same device; a revoked device
 cannot get in by resuming; a renewed certificate is presented in a full
 handshake; TicketKeySec=0 turns resumption off; the ticket key file is
 private, a damaged one is replaced and other keys make agents fall back
-to a full handshake without an error."""
+to a full handshake without an error; a reload with another CA replaces
+the keys."""
 import json
 import os
+import shutil
+import signal
 import stat
 import sys
 import urllib.request
@@ -140,6 +143,33 @@ def test_damaged_or_other_keys(w):
     expect(agent.count("TLS handshake failed", start=amark) == 0, "the agent logged a failed handshake")
 
 
+def test_new_ca_replaces_keys(w):
+    """A reload with another CA replaces the ticket keys: no ticket
+    outlives a change of trust. The agent keeps its own copy of the CA,
+    so only the cloud's change can make its next handshake a full one."""
+    agent_ca = w.path("agent-ca.crt")
+    shutil.copy(w.path("pki", "ca.crt"), agent_ca)
+    w.start_cloud()
+    agent = w.start_agent(ca=agent_ca)
+    before = open(keys_path(w), "rb").read()
+    # Another CA beside the first one in the cloud's CAFile.
+    w.pki("ca", w.path("pki2"))
+    with open(w.path("pki", "ca.crt"), "a") as f, open(w.path("pki2", "ca.crt")) as g:
+        f.write(g.read())
+    mark = w.cloud.mark()
+    w.cloud.signal(signal.SIGHUP)
+    w.cloud.wait_line(r"The CA changed: TLS ticket keys replaced", timeout=10, start=mark)
+    expect(open(keys_path(w), "rb").read() != before, "the ticket key file was not replaced")
+    restart_cloud(w, agent)
+    expect(status(w, agent)["tls_resumed"] is False, "a ticket outlived the change of CA")
+    # A reload with the same CA keeps them: the next restart resumes.
+    mark = w.cloud.mark()
+    w.cloud.signal(signal.SIGHUP)
+    w.cloud.wait_line(r"Reloaded the TLS certificate", timeout=10, start=mark)
+    restart_cloud(w, agent)
+    expect(status(w, agent)["tls_resumed"] is True, "not resumed after a reload with the same CA")
+
+
 if __name__ == "__main__":
     sys.exit(run([test_resumed_after_restart, test_revoked_cannot_resume, test_renewed_certificate_full_handshake,
-                  test_ticket_keys_off, test_damaged_or_other_keys]))
+                  test_ticket_keys_off, test_damaged_or_other_keys, test_new_ca_replaces_keys]))
