@@ -172,4 +172,4 @@ def test_new_ca_replaces_keys(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_resumed_after_restart, test_revoked_cannot_resume, test_renewed_certificate_full_handshake,
-                  test_ticket_keys_off, test_damaged_or_other_keys, test_new_ca_replaces_keys]))
+                  test_ticket_keys_off, test_damaged_or_other_keys, test_new_ca_replaces_keys], emulated="ok"))
