@@ -39,7 +39,6 @@ static void ex_init(void) {
         ex_ctx_resume = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
 }
 
-
 /* ---- Client side of resumption (TlsResume) ---- */
 
 struct TlsResume {
