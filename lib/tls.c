@@ -820,7 +820,6 @@ static int server_ticket_key_cb(SSL *ssl, unsigned char key_name[16], unsigned c
  * NULL). 0, or -EPERM with p->refused and p->reason set. */
 static int resumed_peer_check(X509 *x, TlsPeer *p, TlsServerKeys *k) {
         int64_t now = (int64_t)time(NULL);
-        size_t n;
 
         memset(p, 0, sizeof(*p));
         cert_describe(x, p);
@@ -837,26 +836,26 @@ static int resumed_peer_check(X509 *x, TlsPeer *p, TlsServerKeys *k) {
         }
         return 0;
 refused:
-        n = strlen(p->reason);
-        snprintf(p->reason + n, sizeof(p->reason) - n, " (resuming a session)");
         p->id[0] = 0;
         p->refused = true;
         return -EPERM;
 }
 
 /* A ticket was opened (or not): resume only a session whose leaf passes
- * every check of a full handshake now; a refused one ends the handshake
- * as a full handshake's refusal does, with the reason on the session's
- * TlsPeer for the log. A ticket without a leaf (none are issued to
- * anonymous sessions) is ignored: a full handshake follows. The session's
- * TlsPeer is filled only once the handshake is done (tls_session_peer()):
- * OpenSSL may still decline the ticket and do a full handshake. */
+ * every check of a full handshake now. A ticket whose leaf is refused
+ * (a revoked device, an expired certificate), or that has none (none are
+ * issued to anonymous sessions), is ignored: a full handshake follows,
+ * whose certificate checks refuse such a device and log it as always.
+ * Not SSL_TICKET_RETURN_ABORT: OpenSSL 3.0's tls_parse_ctos_psk() leaks
+ * the decrypted session (about 5 KiB) on it, which a device replaying a
+ * refused ticket could repeat at will. The session's TlsPeer is filled
+ * only once the handshake is done (tls_session_peer()): OpenSSL may still
+ * decline the ticket and do a full handshake. */
 static SSL_TICKET_RETURN server_ticket_decrypted(SSL *ssl, SSL_SESSION *ss, const unsigned char *keyname,
                                                  size_t keyname_len, SSL_TICKET_STATUS status, void *arg) {
         TlsServerKeys *k = SSL_get_ex_data(ssl, ex_ssl_keys);
-        coap_session_t *session = SSL_get_app_data(ssl);
         X509 *x = ss ? SSL_SESSION_get0_peer(ss) : NULL;
-        TlsPeer checked, *p;
+        TlsPeer checked;
 
         (void)keyname;
         (void)keyname_len;
@@ -872,14 +871,9 @@ static SSL_TICKET_RETURN server_ticket_decrypted(SSL *ssl, SSL_SESSION *ss, cons
         default:
                 return SSL_TICKET_RETURN_ABORT;
         }
-        if (!x || !k || !session)
+        if (!x || !k || resumed_peer_check(x, &checked, k) < 0)
                 return SSL_TICKET_RETURN_IGNORE;
-        if (resumed_peer_check(x, &checked, k) == 0)
-                return status == SSL_TICKET_SUCCESS_RENEW ? SSL_TICKET_RETURN_USE_RENEW : SSL_TICKET_RETURN_USE;
-        p = session_peer(session);
-        if (p)
-                *p = checked;
-        return SSL_TICKET_RETURN_ABORT;
+        return status == SSL_TICKET_SUCCESS_RENEW ? SSL_TICKET_RETURN_USE_RENEW : SSL_TICKET_RETURN_USE;
 }
 
 /* Tickets on for ssl, sealed with k's TicketKeys; the callbacks are set
