@@ -24,8 +24,6 @@ import json
 import os
 import resource
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,37 +31,9 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleetproc import FleetProcess  # noqa: E402
+from fleetproc import FleetProcess, cpu, free_port, mmm, wait_port  # noqa: E402
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port, proc, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"bench-reconnect: {what} exited ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.01)
-    sys.exit(f"bench-reconnect: {what} does not listen on port {port}")
-
-
-def cpu(pid):
-    """utime+stime of pid in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metrics(api, token):
@@ -149,13 +119,6 @@ Directory={state}
         cloud.wait()
         shutil.rmtree(state, ignore_errors=True)
     return res
-
-
-def mmm(values, fmt="{:.2f}"):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
 def main():

@@ -35,7 +35,6 @@ import re
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,30 +42,9 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleetproc import FleetProcess  # noqa: E402
+from fleetproc import FleetProcess, cpu, free_port, mmm, wait_port  # noqa: E402
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port, proc, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"fleet-compare: {what} exited ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"fleet-compare: {what} does not listen on port {port}")
 
 
 def memory(pid):
@@ -331,20 +309,6 @@ log_dest none
         broker.terminate()
         broker.wait()
     return res
-
-
-def cpu(pid):
-    """utime+stime of pid in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def mmm(values, fmt="{:.2f}"):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
 def storm_cell(runs):
