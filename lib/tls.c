@@ -807,6 +807,12 @@ static int server_ticket_key_cb(SSL *ssl, unsigned char key_name[16], unsigned c
 
         if (!t)
                 return enc ? -1 : 0;
+        /* TLS 1.3 only: a TLS 1.2 ticket carries the session's master
+         * secret and its resumption has no (EC)DHE, so whoever took the
+         * ticket keys could read the traffic they sealed. 0 here: a TLS 1.2
+         * client gets an empty ticket, and one it offers is not opened. */
+        if (SSL_version(ssl) < TLS1_3_VERSION)
+                return 0;
         r = ticket_keys_crypt(t, key_name, iv, cctx, hctx, enc);
         /* Opened with the previous key: a new ticket with the current one. */
         if (r == 2)
