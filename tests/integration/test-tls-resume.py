@@ -175,6 +175,31 @@ def test_new_ca_replaces_keys(w):
     expect(status(w, agent)["tls_resumed"] is True, "not resumed after a reload with the same CA")
 
 
+def test_new_ca_after_restart(w):
+    """A restart with another CA (the old one no longer trusted): no
+    ticket outlives the change of trust, although the ticket keys are
+    kept. The agent's certificate is from the old CA: refused."""
+    agent_ca = w.path("agent-ca.crt")
+    shutil.copy(w.path("pki", "ca.crt"), agent_ca)
+    w.start_cloud()
+    agent = w.start_agent(ca=agent_ca)
+    before = open(keys_path(w), "rb").read()
+    w.cloud.stop()
+    w.daemons.remove(w.cloud)
+    w.pki("ca", w.path("pki2"))
+    shutil.copy(w.path("pki2", "ca.crt"), w.path("pki", "ca.crt"))
+    w.start_cloud(port=w.coap_port, api_port=w.api_port)
+    poll(lambda: metric(w, 'tether_cloud_handshakes_refused_total{reason="tls"}') >= 1 or
+         metric(w, "tether_cloud_handshakes_resumed_total") >= 1, seconds(20), "the agent reconnected")
+    expect(metric(w, "tether_cloud_handshakes_resumed_total") == 0,
+           "a device of the CA no longer trusted resumed its session")
+    w.cloud.wait_line(r"Refused a session from .*not verified", timeout=seconds(20))
+    devices = json.loads(w.tether("list", "--json").stdout)
+    expect(not any(d.get("id") == agent.device_id and d.get("connected") for d in devices),
+           f"a device of the CA no longer trusted is connected: {devices}")
+    expect(open(keys_path(w), "rb").read()[:8] == before[:8], "the ticket key file changed format")
+
+
 def test_ticket_outlives_its_lifetime(w):
     """A ticket lives at most twice TicketKeySec=, also when the cloud was
     down longer than that: its keys, made before, are too old to open
@@ -309,5 +334,5 @@ def test_reload_during_handshake(w):
 if __name__ == "__main__":
     sys.exit(run([test_resumed_after_restart, test_revoked_cannot_resume, test_renewed_certificate_full_handshake,
                   test_ticket_keys_off, test_damaged_or_other_keys, test_new_ca_replaces_keys,
-                  test_ticket_outlives_its_lifetime, test_anonymous_gets_no_ticket,
+                  test_new_ca_after_restart, test_ticket_outlives_its_lifetime, test_anonymous_gets_no_ticket,
                   test_reload_during_handshake], emulated="ok"))
