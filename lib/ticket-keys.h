@@ -34,8 +34,9 @@ int ticket_keys_reset(TicketKeys *k, uint64_t now);
 
 /* Load keys saved by ticket_keys_save() from path, replacing these. 0;
  * -ENOENT when there is no file; -EBADMSG when it is damaged (wrong
- * size or magic, a key made in the future); another -errno when it
- * cannot be read. These keys are unchanged on error. */
+ * size or magic); another -errno when it cannot be read. These keys are
+ * unchanged on error. A key made in the future is loaded as it is: see
+ * ticket_keys_created(). */
 int ticket_keys_load(TicketKeys *k, const char *path);
 
 /* Save the keys to path atomically (a temporary file in the same
