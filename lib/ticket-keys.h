@@ -26,7 +26,9 @@ TicketKeys *ticket_keys_free(TicketKeys *k);
 
 /* Make a new current key (the current one becomes the previous one, the
  * previous one is dropped) if the current one is rotate_sec old at now.
- * force: rotate now. 1 if rotated, 0 if not, or -EIO. */
+ * A current key already 2 * rotate_sec old is dropped too (a rotation
+ * long overdue: the cloud was stopped). force: rotate now. 1 if rotated,
+ * 0 if not, or -EIO. */
 int ticket_keys_rotate(TicketKeys *k, uint64_t now, bool force);
 
 /* Drop both keys and start with a fresh one (a change of trust). */
