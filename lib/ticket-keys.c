@@ -69,8 +69,12 @@ int ticket_keys_rotate(TicketKeys *k, uint64_t now, bool force) {
         if (force || now >= k->created + k->rotate_sec || now < k->created) {
                 r = key_fresh(&fresh);
                 if (r == 0) {
+                        /* A key 2 * rotate_sec old opens nothing any more
+                         * (the cloud was stopped for that long). */
+                        k->have_prev = now < k->created + 2 * k->rotate_sec || now < k->created;
                         k->prev = k->cur;
-                        k->have_prev = true;
+                        if (!k->have_prev)
+                                OPENSSL_cleanse(&k->prev, sizeof(k->prev));
                         k->cur = fresh;
                         k->created = now;
                         r = 1;

@@ -26,7 +26,9 @@ TicketKeys *ticket_keys_free(TicketKeys *k);
 
 /* Make a new current key (the current one becomes the previous one, the
  * previous one is dropped) if the current one is rotate_sec old at now.
- * force: rotate now. 1 if rotated, 0 if not, or -EIO. */
+ * A current key already 2 * rotate_sec old is dropped too (a rotation
+ * long overdue: the cloud was stopped). force: rotate now. 1 if rotated,
+ * 0 if not, or -EIO. */
 int ticket_keys_rotate(TicketKeys *k, uint64_t now, bool force);
 
 /* Drop both keys and start with a fresh one (a change of trust). */
@@ -34,8 +36,9 @@ int ticket_keys_reset(TicketKeys *k, uint64_t now);
 
 /* Load keys saved by ticket_keys_save() from path, replacing these. 0;
  * -ENOENT when there is no file; -EBADMSG when it is damaged (wrong
- * size or magic, a key made in the future); another -errno when it
- * cannot be read. These keys are unchanged on error. */
+ * size or magic); another -errno when it cannot be read. These keys are
+ * unchanged on error. A key made in the future is loaded as it is: see
+ * ticket_keys_created(). */
 int ticket_keys_load(TicketKeys *k, const char *path);
 
 /* Save the keys to path atomically (a temporary file in the same

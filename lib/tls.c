@@ -847,8 +847,32 @@ refused:
         return -EPERM;
 }
 
+/* The leaf a ticket carries, verified again as OpenSSL verifies a
+ * client's chain (ssl's verification parameters: purpose, depth) against
+ * the CA certificates loaded now: a restart may have changed them since
+ * the ticket was issued, or the ticket keys may be another cloud's. A
+ * ticket keeps only the leaf, not the intermediates the device sent: a
+ * device whose chain needs those (not in the CA file) does full
+ * handshakes. */
+static bool resumed_leaf_verified(SSL *ssl, X509 *x, TlsServerKeys *k) {
+        X509_STORE_CTX *v = X509_STORE_CTX_new();
+        bool ok = false;
+
+        /* What ssl_verify_cert_chain() in libssl sets up. */
+        if (v && X509_STORE_CTX_init(v, k->store, x, NULL) == 1) {
+                X509_VERIFY_PARAM_set_auth_level(X509_STORE_CTX_get0_param(v), SSL_get_security_level(ssl));
+                ok = X509_STORE_CTX_set_default(v, "ssl_client") == 1 &&
+                     X509_VERIFY_PARAM_set1(X509_STORE_CTX_get0_param(v), SSL_get0_param(ssl)) == 1 &&
+                     X509_verify_cert(v) == 1;
+        }
+        X509_STORE_CTX_free(v);
+        ERR_clear_error();
+        return ok;
+}
+
 /* A ticket was opened (or not): resume only a session whose leaf passes
- * every check of a full handshake now. A ticket whose leaf is refused
+ * every check of a full handshake now, the chain's verification
+ * included. A ticket whose leaf is refused
  * (a revoked device, an expired certificate), or that has none (none are
  * issued to anonymous sessions), is ignored: a full handshake follows,
  * whose certificate checks refuse such a device and log it as always.
@@ -877,7 +901,7 @@ static SSL_TICKET_RETURN server_ticket_decrypted(SSL *ssl, SSL_SESSION *ss, cons
         default:
                 return SSL_TICKET_RETURN_ABORT;
         }
-        if (!x || !k || resumed_peer_check(x, &checked, k) < 0)
+        if (!x || !k || !k->store || !resumed_leaf_verified(ssl, x, k) || resumed_peer_check(x, &checked, k) < 0)
                 return SSL_TICKET_RETURN_IGNORE;
         return status == SSL_TICKET_SUCCESS_RENEW ? SSL_TICKET_RETURN_USE_RENEW : SSL_TICKET_RETURN_USE;
 }

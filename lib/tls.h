@@ -113,7 +113,8 @@ void tls_server_keys_allow_anonymous(TlsServerKeys *keys, bool allow, size_t max
 /* Seal TLS 1.3 session tickets with tickets (borrowed: it must outlive
  * every context these keys are used with), so that devices can resume:
  * one ticket per full handshake of an identified device, none for an
- * anonymous one; a resumed session must pass the identity checks and the
+ * anonymous one; a resumed session's certificate must verify against
+ * these keys' CA certificates and pass the identity checks and the
  * TlsPeerCheck again. NULL (the default): no tickets, no resumption. */
 struct TicketKeys;
 void tls_server_keys_set_tickets(TlsServerKeys *keys, struct TicketKeys *tickets);

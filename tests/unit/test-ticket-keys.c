@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* lib/ticket-keys.c: the current key seals and opens, the previous one
  * only opens and asks for a new ticket, an unknown name is refused, a
- * rotation happens when due, keys survive a save and load (mode 0600),
+ * rotation happens when due (and drops a key too old to open), keys survive a save and load (mode 0600),
  * and a damaged file is refused without touching the keys. */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -121,6 +121,26 @@ static void test_rotation(void **state) {
         ticket_keys_free(k);
 }
 
+/* A rotation long overdue (the cloud was stopped for longer than twice
+ * the rotation): the current key is too old even to open, so it does not
+ * become the previous one (it would open for as long again). */
+static void test_rotation_after_downtime(void **state) {
+        TicketKeys *k = NULL;
+        Sealed a, b;
+
+        (void)state;
+        assert_int_equal(ticket_keys_new(100, 1000, &k), 0);
+        seal(k, &a);
+        assert_int_equal(ticket_keys_rotate(k, 1199, false), 1);
+        assert_int_equal(open_sealed(k, &a), 2);
+        seal(k, &b);
+        assert_int_equal(ticket_keys_rotate(k, 1199 + 200, false), 1);
+        assert_int_equal(ticket_keys_created(k), 1399);
+        assert_int_equal(open_sealed(k, &a), 0);
+        assert_int_equal(open_sealed(k, &b), 0);
+        ticket_keys_free(k);
+}
+
 static void test_unknown_name(void **state) {
         TicketKeys *k = NULL, *other = NULL;
         Sealed a;
@@ -190,6 +210,7 @@ static void test_persistence(void **state) {
 int main(void) {
         const struct CMUnitTest tests[] = {
                 cmocka_unit_test(test_rotation),
+                cmocka_unit_test(test_rotation_after_downtime),
                 cmocka_unit_test(test_unknown_name),
                 cmocka_unit_test(test_persistence),
         };
