@@ -11,7 +11,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "ota-journal.h"
 #include "ticket-keys.h"
+#include "util.h"
 
 typedef struct TicketKey {
         unsigned char name[TICKET_KEY_NAME_SIZE];
@@ -134,14 +136,15 @@ int ticket_keys_load(TicketKeys *k, const char *path) {
 }
 
 int ticket_keys_save(TicketKeys *k, const char *path) {
+        _cleanup_free_ char *dir = NULL;
         unsigned char buf[TICKET_KEYS_FILE_SIZE];
-        char *tmp = NULL;
+        const char *slash = strrchr(path, '/'), *name = slash ? slash + 1 : path;
         uint64_t created;
-        ssize_t n;
-        int fd, r = 0;
+        int r;
 
-        if (asprintf(&tmp, "%s.XXXXXX", path) < 0)
-                return -ENOMEM;
+        dir = slash ? strndup(path, (size_t)(slash - path)) : strdup(".");
+        if (!dir || !*name)
+                return dir ? -EINVAL : -ENOMEM;
         pthread_mutex_lock(&k->lock);
         memcpy(buf, TICKET_KEYS_MAGIC, 8);
         created = k->created;
@@ -152,27 +155,12 @@ int ticket_keys_save(TicketKeys *k, const char *path) {
         memcpy(buf + 17 + sizeof(TicketKey), &k->prev, sizeof(TicketKey));
         pthread_mutex_unlock(&k->lock);
 
-        fd = mkostemp(tmp, O_CLOEXEC); /* mode 0600 */
-        if (fd < 0) {
-                r = -errno;
-                goto out;
-        }
-        n = write(fd, buf, sizeof(buf));
-        if (n != (ssize_t)sizeof(buf))
-                r = n < 0 ? -errno : -EIO;
-        if (r == 0 && fchmod(fd, 0600) < 0)
-                r = -errno;
-        if (r == 0 && fsync(fd) < 0)
-                r = -errno;
-        if (close(fd) < 0 && r == 0)
-                r = -errno;
-        if (r == 0 && rename(tmp, path) < 0)
-                r = -errno;
-        if (r < 0)
-                (void)unlink(tmp);
-out:
+        /* One temporary name (.NAME.tmp, not followed if a symlink): a
+         * save cut short by a crash leaves at most that file, which the
+         * next save overwrites, never a trail of files holding old keys. */
+        r = ota_write_file_atomic(*dir ? dir : "/", name, (const char *)buf, sizeof(buf), 0600, (uid_t)-1,
+                                  (gid_t)-1);
         OPENSSL_cleanse(buf, sizeof(buf));
-        free(tmp);
         return r;
 }
 

@@ -454,6 +454,11 @@ static int leaf_identity(X509 *x, TlsPeer *p) {
 /* The certificate libcoap's verify callback is looking at, while
  * server_verify_cb() calls it (one thread: the loop's). */
 static _Thread_local X509 *verifying_cert;
+/* The SSL whose certificate is being verified: libcoap sets the
+ * session's SSL (coap_session_get_tls()) only once its first
+ * SSL_accept() returned, and on a busy machine the client's whole second
+ * flight can be read and verified inside that call. */
+static _Thread_local SSL *verifying_ssl;
 
 /* Server side, once per certificate of the client's chain (root first,
  * the leaf last, at depth 0). libcoap's cn is not used: the identity is
@@ -499,7 +504,7 @@ static int server_cn_cb(const char *cn, const uint8_t *der, size_t der_len, coap
         X509_free(x);
         /* A device identified by a full handshake gets one ticket to
          * resume with (server_tls_setup() issues none otherwise). */
-        if (ok && k && k->tickets && (ssl = coap_session_get_tls(session, NULL)))
+        if (ok && k && k->tickets && ((ssl = coap_session_get_tls(session, NULL)) || (ssl = verifying_ssl)))
                 SSL_set_num_tickets(ssl, 1);
         return ok;
 }
@@ -787,8 +792,10 @@ static int server_verify_cb(int ok, X509_STORE_CTX *ctx) {
         int r;
 
         verifying_cert = x;
+        verifying_ssl = ssl;
         r = libcoap_verify_cb ? libcoap_verify_cb(ok, ctx) : ok;
         verifying_cert = NULL;
+        verifying_ssl = NULL;
 
         if (ok || r || !session || !x || !(p = session_peer(session)))
                 return r;
