@@ -197,6 +197,12 @@ static void client_resume_offer(SSL *ssl) {
          * SSL_connect(): a client (SSL_is_server() is not set yet). */
         if (!ctx || !meth || !streq(meth, "coapsock") || !SSL_in_before(ssl))
                 return;
+        /* Every session of libcoap's reads framed from the start: its
+         * client_cn_cb() cannot always do it (libcoap stores the SSL on
+         * the session only after this SSL_connect() returns, and the
+         * server's whole flight may be read inside it). */
+        if (tls_framing_attach(ssl) < 0)
+                return;
         session = SSL_get_app_data(ssl);
         cctx = session ? coap_session_get_context(session) : NULL;
         if (!cctx)
@@ -220,8 +226,6 @@ static void client_resume_offer(SSL *ssl) {
                 SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
                 SSL_CTX_sess_set_new_cb(ctx, client_new_session_cb);
         }
-        if (tls_framing_attach(ssl) < 0)
-                return;
         r->offered = false;
         if (r->session && SSL_SESSION_is_resumable(r->session) && SSL_set_session(ssl, r->session) == 1)
                 r->offered = true;
