@@ -566,8 +566,9 @@ def test_call_latency_during_transfer(w):
     niced (see NICE); tether-cloudd and tetherd do not. The calls come
     faster than RateLimitPerAddress= and RateLimitPerToken= (500/s): off here.
     A machine busy with other work can add its own delays to a run: a
-    direction passes when one of up to three runs keeps the bound (each
-    run is printed). Under a sanitizer or a wrapper the figures are only
+    direction passes when one of up to three runs keeps the bound, and
+    fails when the transfer moved no more than 1 MiB during the first 200
+    calls of every run (each run is printed). Under a sanitizer or a wrapper the figures are only
     printed."""
     sink, source = Speed(w, "sink"), Speed(w, "source")
     a = start(w, f"127.0.0.1:{sink.port} 127.0.0.1:{source.port}", cloud_extra="[API]\nRateLimitPerAddress=0\nRateLimitPerToken=0\n")
@@ -602,12 +603,17 @@ def test_call_latency_during_transfer(w):
                   f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, max {max(lat):.2f} ms; {moved / 1e6:.0f} MB in {took:.1f} s "
                   f"({moved / 1e6 / took:.1f} MB/s; {during / 1e6:.1f} MB during the first 200 calls)")
             expect(moved >= 100 << 20, f"only {moved / 1e6:.0f} MB moved {direction} in {took:.0f} s")
-            expect(during > 1 << 20, f"the transfer stalled during the calls ({during} bytes)")
-            runs.append(p99)
-            if p99 <= 10 or not bound:
+            # The transfer's ends run niced: on a machine busy with other
+            # work they can get no CPU for a while, which stalls it
+            # whatever the cloud does; such a run is tried again.
+            stalled = during <= 1 << 20
+            runs.append((p99, stalled))
+            if not stalled and (p99 <= 10 or not bound):
                 break
-        if bound and min(runs) > 10:
-            failures.append(f"{direction}: p99 " + ", ".join(f"{p:.2f}" for p in runs) + " ms, each > 10 ms")
+        if all(stalled for _, stalled in runs):
+            failures.append(f"{direction}: the transfer stalled during the first 200 calls in each of {len(runs)} runs")
+        elif bound and min(p for p, _ in runs) > 10:
+            failures.append(f"{direction}: p99 " + ", ".join(f"{p:.2f}" for p, _ in runs) + " ms, each > 10 ms")
     expect(not failures, "; ".join(failures))
 
 
