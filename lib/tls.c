@@ -28,15 +28,32 @@ static bool host_is_ip(const char *host) {
 /* ---- Session resumption (TLS 1.3 tickets) ---- */
 
 static const unsigned char tls_sid_ctx[] = "tether-device-tls";
+/* The longest chain below the root a server takes (libcoap's
+ * cert_chain_verify_depth, in tls_server_pki_init() too). */
+#define TLS_CHAIN_DEPTH 3
 static pthread_once_t ex_once = PTHREAD_ONCE_INIT;
 static int ex_ctx_tickets = -1; /* SSL_CTX: the TicketKeys its tickets are sealed with */
 static int ex_ssl_keys = -1;    /* SSL: its TlsServerKeys, while its ClientHello is handled */
 static int ex_ctx_resume = -1;  /* client SSL_CTX: its TlsResume (one session per context) */
+static int ex_ctx_own = -1;     /* SSL_CTX of tls_server_ctx_new(): its OwnCtx */
+static int ex_ssl_own_peer = -1; /* SSL of tls_server_ssl_new(): its OwnPeer */
+
+/* What tls_server_ctx_new() keeps on its SSL_CTX. */
+typedef struct OwnCtx {
+        TlsServerKeys *keys; /* a reference */
+        TlsPeerCheck check;  /* may be NULL; runs on the handshake's thread */
+        void *check_userdata;
+} OwnCtx;
+
+static void own_ctx_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp);
+static void own_peer_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp);
 
 static void ex_init(void) {
         ex_ctx_tickets = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
         ex_ssl_keys = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
         ex_ctx_resume = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+        ex_ctx_own = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, own_ctx_free);
+        ex_ssl_own_peer = SSL_get_ex_new_index(0, NULL, NULL, NULL, own_peer_free);
 }
 
 /* ---- Client side of resumption (TlsResume) ---- */
@@ -299,7 +316,14 @@ struct TlsServerKeys {
         TicketKeys *tickets;              /* borrowed; NULL: no session tickets (no resumption) */
         unsigned char ca_sha256[32];      /* of the CA certificates' DER, in file order */
         TlsServerKeys *live_next;         /* in keys_live */
+        unsigned n_ref;                   /* atomic: the owner's, and one per tls_server_ctx_new() context */
 };
+
+TlsServerKeys *tls_server_keys_ref(TlsServerKeys *k) {
+        if (k)
+                __atomic_add_fetch(&k->n_ref, 1, __ATOMIC_RELAXED);
+        return k;
+}
 
 void tls_server_keys_allow_anonymous(TlsServerKeys *k, bool allow, size_t max_message) {
         k->allow_anonymous = allow;
@@ -619,7 +643,7 @@ __attribute__((visibility("default"))) int SSL_use_PrivateKey_ASN1(int type, SSL
 }
 
 TlsServerKeys *tls_server_keys_free(TlsServerKeys *k) {
-        if (!k)
+        if (!k || __atomic_sub_fetch(&k->n_ref, 1, __ATOMIC_ACQ_REL) > 0)
                 return NULL;
         keys_live_remove(k);
         OPENSSL_free(k->cert_der);
@@ -696,6 +720,7 @@ int tls_server_keys_load(const TlsFiles *files, TlsServerKeys **ret_keys, const 
 
         if (!k)
                 return -ENOMEM;
+        k->n_ref = 1;
         *ret_path = files->ca_file;
         r = tls_load_ca(k, files->ca_file);
         if (r < 0)
@@ -835,7 +860,7 @@ static int server_ticket_key_cb(SSL *ssl, unsigned char key_name[16], unsigned c
  * ticket carries, which was verified when the ticket was issued: one CN
  * that is a valid device ID, the SAN rule, not expired, and check (may be
  * NULL). 0, or -EPERM with p->refused and p->reason set. */
-static int resumed_peer_check(X509 *x, TlsPeer *p, TlsServerKeys *k) {
+static int resumed_peer_check(X509 *x, TlsPeer *p, TlsPeerCheck check, void *check_userdata) {
         int64_t now = (int64_t)time(NULL);
 
         memset(p, 0, sizeof(*p));
@@ -846,7 +871,7 @@ static int resumed_peer_check(X509 *x, TlsPeer *p, TlsServerKeys *k) {
                 snprintf(p->reason, sizeof(p->reason), "the certificate (in a resumed session) is not valid now");
                 goto refused;
         }
-        if (k && k->check && k->check(k->check_userdata, p, p->reason, sizeof(p->reason)) < 0) {
+        if (check && check(check_userdata, p, p->reason, sizeof(p->reason)) < 0) {
                 if (!p->reason[0])
                         snprintf(p->reason, sizeof(p->reason), "refused by the cloud");
                 goto refused;
@@ -912,7 +937,16 @@ static SSL_TICKET_RETURN server_ticket_decrypted(SSL *ssl, SSL_SESSION *ss, cons
         default:
                 return SSL_TICKET_RETURN_ABORT;
         }
-        if (!x || !k || !k->store || !resumed_leaf_verified(ssl, x, k) || resumed_peer_check(x, &checked, k) < 0)
+        /* A handshake outside libcoap (tls_server_ssl_new()) asks its
+         * context's check, which may run on any thread. */
+        if (!x || !k || !k->store || !resumed_leaf_verified(ssl, x, k))
+                return SSL_TICKET_RETURN_IGNORE;
+        if (SSL_get_ex_data(ssl, ex_ssl_own_peer)) {
+                const OwnCtx *oc = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_ctx_own);
+
+                if (!oc || resumed_peer_check(x, &checked, oc->check, oc->check_userdata) < 0)
+                        return SSL_TICKET_RETURN_IGNORE;
+        } else if (resumed_peer_check(x, &checked, k->check, k->check_userdata) < 0)
                 return SSL_TICKET_RETURN_IGNORE;
         return status == SSL_TICKET_SUCCESS_RENEW ? SSL_TICKET_RETURN_USE_RENEW : SSL_TICKET_RETURN_USE;
 }
@@ -990,7 +1024,7 @@ void tls_server_pki_init(coap_dtls_pki_t *ret_pki, TlsServerKeys *keys) {
                 .allow_self_signed = 0,
                 .allow_expired_certs = 0,
                 .cert_chain_validation = 1,
-                .cert_chain_verify_depth = 3,
+                .cert_chain_verify_depth = TLS_CHAIN_DEPTH,
                 .validate_cn_call_back = server_cn_cb,
                 .cn_call_back_arg = keys,
                 .additional_tls_setup_call_back = server_tls_setup,
@@ -1062,12 +1096,20 @@ static TlsPeer *resumed_peer(coap_session_t *session) {
                 return NULL;
         p = session_peer(session);
         if (p)
-                (void)resumed_peer_check(x, p, NULL);
+                (void)resumed_peer_check(x, p, NULL, NULL);
         return p;
 }
 
+/* The TlsPeer a handshake outside libcoap left on the session's SSL. */
+static const TlsPeer *own_peer(coap_session_t *session) {
+        coap_tls_library_t lib;
+        SSL *ssl = coap_session_get_tls(session, &lib);
+
+        return ssl && lib == COAP_TLS_LIBRARY_OPENSSL ? tls_ssl_peer(ssl) : NULL;
+}
+
 const TlsPeer *tls_session_peer(coap_session_t *session) {
-        return coap_session_get_app_data(session) ?: resumed_peer(session);
+        return coap_session_get_app_data(session) ?: own_peer(session) ?: resumed_peer(session);
 }
 
 bool tls_session_resumed(coap_session_t *session) {
@@ -1156,4 +1198,277 @@ int tls_files_check(const TlsFiles *files, const char **ret_path) {
                 }
         }
         return 0;
+}
+
+/* ---- Handshakes outside libcoap (tls_server_ctx_new()) ----
+ *
+ * The same checks as a libcoap session's (tls_server_pki_init() with
+ * server_tls_setup(), server_verify_cb() and server_cn_cb()) on an
+ * SSL_CTX of our own, so that the handshake can run on any thread: the
+ * chain is verified against the keys' CA store, the leaf's identity is
+ * read as for libcoap's sessions, the context's own check (safe on that
+ * thread) stands in for the keys' TlsPeerCheck, and an identified device
+ * gets one ticket. */
+
+typedef struct OwnPeer {
+        TlsPeer peer;
+        bool described; /* peer holds a certificate's description */
+} OwnPeer;
+
+static void own_ctx_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) {
+        OwnCtx *oc = ptr;
+
+        (void)parent;
+        (void)ad;
+        (void)idx;
+        (void)argl;
+        (void)argp;
+        if (!oc)
+                return;
+        tls_server_keys_free(oc->keys);
+        free(oc);
+}
+
+static void own_peer_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp) {
+        (void)parent;
+        (void)ad;
+        (void)idx;
+        (void)argl;
+        (void)argp;
+        free(ptr);
+}
+
+/* libcoap's ALPN choice for a CoAP server over TLS: "coap" if offered. */
+static const unsigned char own_alpn[] = { 4, 'c', 'o', 'a', 'p' };
+
+static int own_alpn_cb(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                       unsigned int inlen, void *arg) {
+        unsigned char *sel = NULL;
+
+        (void)ssl;
+        (void)arg;
+        if (inlen == 0 || SSL_select_next_proto(&sel, outlen, own_alpn, sizeof(own_alpn), in, inlen) !=
+                                  OPENSSL_NPN_NEGOTIATED)
+                return SSL_TLSEXT_ERR_NOACK;
+        *out = sel;
+        return SSL_TLSEXT_ERR_OK;
+}
+
+/* Once per certificate of the client's chain, the leaf last (depth 0):
+ * what server_verify_cb() and server_cn_cb() do for libcoap's sessions,
+ * and the chain depth libcoap's own callback enforces. */
+static int own_verify_cb(int ok, X509_STORE_CTX *sctx) {
+        SSL *ssl = X509_STORE_CTX_get_ex_data(sctx, SSL_get_ex_data_X509_STORE_CTX_idx());
+        OwnPeer *o = ssl ? SSL_get_ex_data(ssl, ex_ssl_own_peer) : NULL;
+        TlsServerKeys *k = ssl ? SSL_get_ex_data(ssl, ex_ssl_keys) : NULL;
+        X509 *x = X509_STORE_CTX_get_current_cert(sctx);
+        int depth = X509_STORE_CTX_get_error_depth(sctx);
+        const OwnCtx *oc;
+        TlsPeer *p;
+
+        if (!o || !k || !x)
+                return 0;
+        p = &o->peer;
+        if (ok && depth > TLS_CHAIN_DEPTH + 1) {
+                ok = 0;
+                X509_STORE_CTX_set_error(sctx, X509_V_ERR_CERT_CHAIN_TOO_LONG);
+        }
+        if (!ok) {
+                memset(p, 0, sizeof(*p));
+                cert_describe(x, p);
+                o->described = true;
+                p->refused = true;
+                snprintf(p->reason, sizeof(p->reason), "the certificate was not verified: %s (depth %d)",
+                         X509_verify_cert_error_string(X509_STORE_CTX_get_error(sctx)), depth);
+                return 0;
+        }
+        if (depth > 0)
+                return 1;
+        memset(p, 0, sizeof(*p));
+        cert_describe(x, p);
+        o->described = true;
+        if (leaf_identity(x, p) < 0) {
+                p->refused = true;
+                X509_STORE_CTX_set_error(sctx, X509_V_ERR_CERT_REJECTED);
+                return 0;
+        }
+        oc = SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), ex_ctx_own);
+        if (oc && oc->check && oc->check(oc->check_userdata, p, p->reason, sizeof(p->reason)) < 0) {
+                p->id[0] = 0;
+                p->refused = true;
+                if (!p->reason[0])
+                        snprintf(p->reason, sizeof(p->reason), "refused by the cloud");
+                X509_STORE_CTX_set_error(sctx, X509_V_ERR_CERT_REJECTED);
+                return 0;
+        }
+        /* A device identified by a full handshake gets one ticket. */
+        if (k->tickets)
+                SSL_set_num_tickets(ssl, 1);
+        return 1;
+}
+
+int tls_server_ctx_new(TlsServerKeys *k, TlsPeerCheck check, void *check_userdata, SSL_CTX **ret) {
+        SSL_CTX *ctx = NULL;
+        STACK_OF(X509_NAME) *names = NULL;
+        OwnCtx *oc;
+
+        pthread_once(&ex_once, ex_init);
+        if (ex_ctx_own < 0 || ex_ssl_own_peer < 0 || ex_ssl_keys < 0 || ex_ctx_tickets < 0)
+                return -ENOMEM;
+        ctx = SSL_CTX_new(TLS_server_method());
+        oc = calloc(1, sizeof(*oc));
+        if (!ctx || !oc) {
+                free(oc);
+                goto fail;
+        }
+        *oc = (OwnCtx){ .keys = tls_server_keys_ref(k), .check = check, .check_userdata = check_userdata };
+        /* The OwnCtx first: SSL_CTX_free() frees it from now on. */
+        if (!SSL_CTX_set_ex_data(ctx, ex_ctx_own, oc)) {
+                tls_server_keys_free(oc->keys);
+                free(oc);
+                goto fail;
+        }
+        /* As libcoap 4.3.1 sets up its TLS server context (coap_set_user_prefs(),
+         * its ALPN callback), but at least TLS 1.2 where libcoap asks for
+         * 1.0 (Debian's OpenSSL configuration refuses below 1.2 anyway). */
+        if (SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) != 1 ||
+            SSL_CTX_set_cipher_list(ctx, "TLSv1.3:TLSv1.2:!NULL") != 1)
+                goto fail;
+        SSL_CTX_set_alpn_select_cb(ctx, own_alpn_cb, NULL);
+        SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION);
+        SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+        if (SSL_CTX_use_certificate(ctx, k->cert) != 1 || SSL_CTX_use_PrivateKey(ctx, k->key) != 1 ||
+            SSL_CTX_set1_verify_cert_store(ctx, k->store) != 1)
+                goto fail;
+        names = SSL_dup_CA_list(k->ca_names);
+        if (!names)
+                goto fail;
+        SSL_CTX_set_client_CA_list(ctx, names);
+        SSL_CTX_set_verify(ctx,
+                           SSL_VERIFY_PEER | SSL_VERIFY_CLIENT_ONCE |
+                                   (k->allow_anonymous ? 0 : SSL_VERIFY_FAIL_IF_NO_PEER_CERT),
+                           own_verify_cb);
+        SSL_CTX_set_verify_depth(ctx, TLS_CHAIN_DEPTH + 2);
+        SSL_CTX_set_num_tickets(ctx, 0);
+        if (!k->tickets)
+                SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+        else {
+                if (!SSL_CTX_set_ex_data(ctx, ex_ctx_tickets, k->tickets) ||
+                    !SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, server_ticket_key_cb) ||
+                    !SSL_CTX_set_session_ticket_cb(ctx, NULL, server_ticket_decrypted, NULL) ||
+                    !SSL_CTX_set_session_id_context(ctx, tls_sid_ctx, sizeof(tls_sid_ctx) - 1))
+                        goto fail;
+                SSL_CTX_set_timeout(ctx, (long)ticket_keys_lifetime(k->tickets));
+                SSL_CTX_clear_options(ctx, SSL_OP_NO_TICKET | SSL_OP_ALLOW_NO_DHE_KEX);
+                SSL_CTX_set_max_early_data(ctx, 0);
+                SSL_CTX_set_recv_max_early_data(ctx, 0);
+        }
+        ERR_clear_error();
+        *ret = ctx;
+        return 0;
+fail:
+        ERR_clear_error();
+        SSL_CTX_free(ctx);
+        return -ENOMEM;
+}
+
+SSL *tls_server_ssl_new(SSL_CTX *ctx, int fd) {
+        const OwnCtx *oc = SSL_CTX_get_ex_data(ctx, ex_ctx_own);
+        TlsServerKeys *k = oc ? oc->keys : NULL;
+        OwnPeer *o = calloc(1, sizeof(*o));
+        SSL *ssl = o && k ? SSL_new(ctx) : NULL;
+
+        if (!ssl) {
+                free(o);
+                return NULL;
+        }
+        if (!SSL_set_ex_data(ssl, ex_ssl_own_peer, o)) {
+                free(o);
+                SSL_free(ssl);
+                return NULL;
+        }
+        if (!SSL_set_ex_data(ssl, ex_ssl_keys, k) || SSL_set_fd(ssl, fd) != 1) {
+                SSL_free(ssl);
+                ERR_clear_error();
+                return NULL;
+        }
+        SSL_set_accept_state(ssl);
+        return ssl;
+}
+
+int tls_server_ssl_finish(SSL *ssl) {
+        OwnPeer *o = SSL_get_ex_data(ssl, ex_ssl_own_peer);
+        TlsServerKeys *k = SSL_get_ex_data(ssl, ex_ssl_keys);
+        X509 *x = SSL_get0_peer_certificate(ssl);
+
+        if (!o || !k || !SSL_is_init_finished(ssl))
+                return -EINVAL;
+        if (x && SSL_session_reused(ssl)) {
+                /* No certificate callback ran: the leaf the ticket carried,
+                 * checked as server_ticket_decrypted() did. */
+                o->described = true;
+                if (resumed_peer_check(x, &o->peer, NULL, NULL) < 0)
+                        return -EPERM;
+        } else if (x) {
+                if (!o->described || o->peer.refused || !o->peer.id[0])
+                        return -EPERM;
+        } else if (!k->allow_anonymous)
+                return -EPERM;
+        if (tls_framing_attach(ssl) < 0)
+                return -ENOMEM;
+        if (k->allow_anonymous && tls_framing_limit_anonymous(ssl, k->anonymous_max) < 0)
+                return -ENOMEM;
+        return 0;
+}
+
+bool tls_ssl_adopted(SSL *ssl) {
+        return ex_ssl_own_peer >= 0 && ssl && SSL_get_ex_data(ssl, ex_ssl_own_peer);
+}
+
+const TlsPeer *tls_ssl_peer(SSL *ssl) {
+        OwnPeer *o;
+
+        if (ex_ssl_own_peer < 0 || !ssl)
+                return NULL;
+        o = SSL_get_ex_data(ssl, ex_ssl_own_peer);
+        return o && o->described ? &o->peer : NULL;
+}
+
+/* libcoap 4.3.1 makes the SSL of a server session with SSL_new() right
+ * after it accepted the connection (coap_tls_new_server_session() in its
+ * src/coap_openssl.c), then sets its BIO and app data and calls
+ * SSL_accept(), which returns 1 at once for an SSL whose handshake is
+ * done. This program defines SSL_new() (the dynamic linker binds libcoap's
+ * call to it, as for SSL_read() in tls-framing.c): the SSL handed in with
+ * tls_adopt_next() on the same thread is returned instead of a new one. */
+static _Thread_local SSL *adopt_next;
+
+void tls_adopt_next(SSL *ssl) {
+        adopt_next = ssl;
+}
+
+SSL *tls_adopt_cancel(void) {
+        SSL *ssl = adopt_next;
+
+        adopt_next = NULL;
+        return ssl;
+}
+
+__attribute__((visibility("default"))) SSL *SSL_new(SSL_CTX *ctx) {
+        static SSL *(*libssl_fn)(SSL_CTX *);
+        SSL *(*fn)(SSL_CTX *) = __atomic_load_n(&libssl_fn, __ATOMIC_RELAXED);
+        SSL *ssl = adopt_next;
+
+        if (ssl) {
+                adopt_next = NULL;
+                return ssl;
+        }
+        if (!fn) {
+                *(void **)&fn = dlsym(RTLD_NEXT, "SSL_new");
+                if (!fn)
+                        abort();
+                __atomic_store_n(&libssl_fn, fn, __ATOMIC_RELAXED);
+        }
+        return fn(ctx);
 }

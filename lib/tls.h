@@ -72,6 +72,9 @@ typedef struct TlsServerKeys TlsServerKeys;
  * the certificate's; *ret_path then names the file at fault. The caller
  * owns *ret_keys. */
 int tls_server_keys_load(const TlsFiles *files, TlsServerKeys **ret_keys, const char **ret_path);
+/* Keys are counted references: _load() returns the caller's, _ref() takes
+ * another, _free() drops one (the last frees them). */
+TlsServerKeys *tls_server_keys_ref(TlsServerKeys *keys);
 TlsServerKeys *tls_server_keys_free(TlsServerKeys *keys);
 
 /* What a server learned of a client's certificate during the handshake.
@@ -153,6 +156,41 @@ void tls_session_forget(coap_session_t *session);
 /* Why OpenSSL refused the peer's certificate chain on this session (its
  * verify result), or NULL if it did not. */
 const char *tls_session_verify_error(coap_session_t *session);
+
+/* ---- TLS handshakes outside libcoap (cloud/handshakes.c) ----
+ *
+ * A server SSL_CTX with the checks of tls_server_pki_init() (the chain
+ * against keys' CA store, the leaf's identity, anonymous clients as
+ * tls_server_keys_allow_anonymous() said, one ticket per identified full
+ * handshake when keys have TicketKeys), usable from any thread; it holds a
+ * reference on keys. check (may be NULL) stands in for the keys'
+ * TlsPeerCheck (tls_server_keys_set_peer_check()) and runs on whatever
+ * thread drives the handshake, so it must be safe there. 0 or -ENOMEM. */
+typedef struct ssl_ctx_st SSL_CTX;
+typedef struct ssl_st SSL;
+int tls_server_ctx_new(TlsServerKeys *keys, TlsPeerCheck check, void *check_userdata, SSL_CTX **ret);
+/* A server SSL of such a context on the connected socket fd (not closed
+ * by SSL_free()); drive it with SSL_accept(). NULL when out of memory. */
+SSL *tls_server_ssl_new(SSL_CTX *ctx, int fd);
+/* After SSL_accept() returned 1: 0 if the session may go on (a device
+ * identified, a resumed session whose leaf passes the checks again, or an
+ * allowed anonymous client), with its reads framed (tls-framing.h);
+ * -EPERM if refused (tls_ssl_peer() says why), -ENOMEM. */
+int tls_server_ssl_finish(SSL *ssl);
+/* What such a handshake learned of the client's certificate (or why it
+ * refused it); NULL if it saw none, and for SSLs not made by
+ * tls_server_ssl_new(). Owned by ssl. tls_session_peer() finds it once
+ * libcoap has adopted ssl. */
+const TlsPeer *tls_ssl_peer(SSL *ssl);
+/* Whether ssl was made by tls_server_ssl_new(). */
+bool tls_ssl_adopted(SSL *ssl);
+/* The next SSL_new() on this thread returns ssl instead of a new SSL:
+ * how a finished handshake is given to libcoap, which calls SSL_new()
+ * right after it accepted the connection (lib/tls.c defines SSL_new() in
+ * the program for this). */
+void tls_adopt_next(SSL *ssl);
+/* The SSL given to tls_adopt_next() that no SSL_new() took, or NULL. */
+SSL *tls_adopt_cancel(void);
 
 /* Set TCP_NODELAY on the session's socket (docs/design/libcoap.md: Nagle
  * plus delayed ACK add ~20 ms to the handshake). 0 or negative errno. */
