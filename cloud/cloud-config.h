@@ -47,6 +47,7 @@ typedef struct CloudConfig {
         unsigned handshake_grace_sec;   /* at MaxHandshakes, the oldest may be closed after this */
         unsigned max_queued_bytes;      /* sent to a device, not known to be read */
         unsigned session_shards;        /* libcoap contexts device sessions are spread over */
+        unsigned handshake_threads;     /* TLS handshakes on this many threads; 0: in the event loop */
         char *registration;             /* "open" or "enrolled" (checked at load) */
         bool registration_enrolled;     /* Registration=enrolled: only registered devices connect */
 

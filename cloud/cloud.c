@@ -4,6 +4,8 @@
  * hook structs, so that no module calls back into one above it. */
 #include "config.h"
 
+#include <pthread.h>
+
 #include <signal.h>
 #include <systemd/sd-daemon.h>
 
@@ -137,6 +139,62 @@ static int cloud_peer_check(void *userdata, const TlsPeer *peer, char *reason, s
         Cloud *c = userdata;
 
         return registry_check(c->registry, peer, reason, reason_size);
+}
+
+/* Each handshake thread reads the registry through its own connection,
+ * closed when the thread ends (before the Registry is freed: the Devices
+ * stop their threads first). */
+static pthread_key_t cloud_reader_key;
+static pthread_once_t cloud_reader_once = PTHREAD_ONCE_INIT;
+static int cloud_reader_key_ok;
+
+static void cloud_reader_destroy(void *p) {
+        registry_reader_free(p);
+}
+
+static void cloud_reader_init(void) {
+        cloud_reader_key_ok = pthread_key_create(&cloud_reader_key, cloud_reader_destroy) == 0;
+}
+
+/* This thread's reader, opened on first use; NULL with r < 0. */
+static RegistryReader *cloud_reader(Cloud *c, int *ret) {
+        RegistryReader *rd;
+        int r;
+
+        pthread_once(&cloud_reader_once, cloud_reader_init);
+        if (!cloud_reader_key_ok) {
+                *ret = -ENOMEM;
+                return NULL;
+        }
+        rd = pthread_getspecific(cloud_reader_key);
+        if (rd)
+                return rd;
+        r = registry_reader_new(c->registry, &rd);
+        if (r >= 0 && pthread_setspecific(cloud_reader_key, rd) != 0) {
+                rd = registry_reader_free(rd);
+                r = -ENOMEM;
+        }
+        *ret = r;
+        return rd;
+}
+
+static void cloud_handshake_thread_start(void *userdata) {
+        int r;
+
+        if (!cloud_reader(userdata, &r))
+                log_warning_errno(r, "A TLS handshake thread cannot read the device registry (%m): its "
+                                     "handshakes refuse every device.");
+}
+
+static int cloud_peer_check_thread(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size) {
+        int r;
+        RegistryReader *rd = cloud_reader(userdata, &r);
+
+        if (!rd) {
+                snprintf(reason, reason_size, "the device registry cannot be read");
+                return r;
+        }
+        return registry_reader_check(rd, peer, reason, reason_size);
 }
 
 static void cloud_device_bound(void *userdata, Device *d, const TlsPeer *peer) {
@@ -670,6 +728,8 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                 .stream_request = cloud_stream_request,
                 .device_gone = cloud_device_gone,
                 .peer_check = cloud_peer_check,
+                .peer_check_thread = cloud_peer_check_thread,
+                .handshake_thread_start = cloud_handshake_thread_start,
                 .device_bound = cloud_device_bound,
                 .described = cloud_device_described,
                 .device_conflict = cloud_device_conflict,
@@ -731,6 +791,17 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
                          &c->registry);
         if (r < 0)
                 return r;
+        if (config->handshake_threads > 0) {
+                /* The handshake threads read the registry through their own
+                 * connections: fail here rather than refuse every device. */
+                RegistryReader *rd = NULL;
+
+                r = registry_reader_new(c->registry, &rd);
+                if (r < 0)
+                        return log_error_errno(r, "HandshakeThreads=%u: the handshake threads cannot read the "
+                                               "device registry: %m", config->handshake_threads);
+                registry_reader_free(rd);
+        }
         r = provision_open(c->store, &c->provision);
         if (r < 0)
                 return r;

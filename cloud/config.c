@@ -126,6 +126,7 @@ static const KeyfileKey config_keys[] = {
         UINT_KEY("Cloud", "HandshakeGraceSec", handshake_grace_sec, 0, 3600),
         UINT_KEY("Cloud", "MaxQueuedBytes", max_queued_bytes, 1024, 1U << 30),
         UINT_KEY("Cloud", "SessionShards", session_shards, 1, 256),
+        UINT_KEY("Cloud", "HandshakeThreads", handshake_threads, 0, 64),
         STR_KEY("Cloud", "Registration", registration),
         STR_KEY("API", "Listen", api_listen),
         UINT_KEY("API", "Port", api_port, 0, 65535),
@@ -737,6 +738,9 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->handshake_grace_sec = 2;
         c->max_queued_bytes = 1024 * 1024;
         c->session_shards = 16;
+        /* In the event loop: on the 2-core machines measured, threads did
+         * not bring a storm online sooner (docs/design/benchmarks.md). */
+        c->handshake_threads = 0;
         c->api_port = 8080;
         c->max_connections_per_ip = 64;
         c->max_connections = 4096;

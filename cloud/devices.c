@@ -29,10 +29,13 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/ssl.h>
+#include <pthread.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <systemd/sd-daemon.h>
 
 #include "devices.h"
+#include "handshakes.h"
 #include "listener.h"
 #include "proto.h"
 #include "log.h"
@@ -43,6 +46,7 @@
 
 #define USEC_PER_SEC 1000000ULL
 #define USEC_PER_MSEC 1000ULL
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define DEVICES_LISTEN_BACKLOG 4096
 #define DEVICES_DIAG_MAX 120
 /* Counted per message on top of its payload: header, token, options and
@@ -141,11 +145,29 @@ typedef struct WarnLimit {
 /* One libcoap context with its own listener (all on the same address and
  * port with SO_REUSEPORT when there are several), epoll fd and session
  * scan: libcoap walks only the sessions of one shard. */
+/* A connection whose TLS handshake a handshake thread finished, waiting
+ * for libcoap to accept it on its shard (HandshakeThreads=). */
+typedef struct Handoff Handoff;
+struct Handoff {
+        Handoff *next;
+        int fd;
+        SSL *ssl;
+        uint64_t accepted; /* CLOCK_MONOTONIC µs of the accept() */
+        struct sockaddr_storage peer;
+        socklen_t peer_len;
+};
+
 struct Shard {
         Devices *devices;
         unsigned index;
         coap_context_t *ctx;
-        ListenerPause listener; /* accept paused at MaxHandshakes */
+        /* accept paused at MaxHandshakes. With handshake threads, an
+         * eventfd stands in for the listening socket: readable while
+         * handoffs wait (under handoff_lock, with the list). */
+        ListenerPause listener;
+        pthread_mutex_t handoff_lock;
+        bool handoff_lock_init;
+        Handoff *handoff_head, *handoff_tail;
         sd_event_source *io, *timer;
         uint64_t last_scan; /* CLOCK_MONOTONIC µs of the last coap_io_prepare_epoll() */
         bool kick_due;      /* dispatch from devs->kick */
@@ -168,6 +190,11 @@ struct Devices {
         bool coap_started;      /* coap_startup() was called */
         bool listener_pausable; /* every shard's listener can be paused */
         bool listener_paused;
+        /* HandshakeThreads=: the listening socket and the threads accepting
+         * from it, which hand connections to the shards in turn. */
+        Handshakes *handshakes;
+        int hs_listen_fd;
+        unsigned handoff_next; /* atomic */
         sd_event_source *kick, *close_defer;
 
         Device **dev_buckets;
@@ -193,6 +220,7 @@ struct Devices {
         size_t n_enrolling;               /* enrollment sessions open */
         uint64_t bind_usec_avg;           /* accept to bound, recent devices */
         WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted;
+        pthread_mutex_t refusal_lock; /* the handshake threads log refusals too */
         RefusalSlot refusals[DEVICES_REFUSAL_SLOTS];
         uint64_t refusal_window, refusal_logged, refusal_unlogged;
         uint64_t hard_queue_limit; /* unread bytes at which a device is dropped */
@@ -503,7 +531,9 @@ static void session_unbound_remove(Session *c) {
 
 static void session_unbound_add(Session *c) {
         Devices *devs = c->devices;
-        c->accepted = now_usec();
+        /* Set already for a connection a handshake thread accepted. */
+        if (!c->accepted)
+                c->accepted = now_usec();
         c->unbound = true;
         c->unbound_prev = devs->unbound_tail;
         if (devs->unbound_tail)
@@ -710,6 +740,10 @@ json_t *devices_page_to_json(Devices *devs, size_t offset, size_t limit) {
  * when libcoap's timerfd fires. Any other caller gets libcoap's. */
 typedef unsigned int (*PrepareEpollFn)(coap_context_t *ctx, coap_tick_t now);
 static bool devices_dispatching;
+/* The shard coap_io_do_epoll() runs for, on the loop's thread (accept()). */
+static _Thread_local Shard *dispatching_shard;
+/* What accept() below handed to libcoap, for COAP_EVENT_SERVER_SESSION_NEW. */
+static _Thread_local uint64_t adopted_accepted;
 
 static PrepareEpollFn libcoap_prepare_epoll(void) {
         static PrepareEpollFn fn;
@@ -731,6 +765,124 @@ __attribute__((visibility("default"))) unsigned int coap_io_prepare_epoll(coap_c
                 return 0;
         }
         return libcoap_prepare_epoll()(ctx, now);
+}
+
+/* ---- Handshakes on threads (HandshakeThreads=) ----
+ *
+ * A handshake thread (cloud/handshakes.c) hands a finished connection to
+ * the shards in turn: it queues it and makes the shard's eventfd, which
+ * stands in libcoap's epoll set where its endpoint's listening socket
+ * was, readable. libcoap then calls accept() on it, which this program
+ * defines (libcoap calls it through its PLT, as coap_io_prepare_epoll()
+ * above): for that eventfd, during that shard's dispatch, it returns the
+ * queued socket and has lib/tls.c give libcoap the finished SSL at its
+ * next SSL_new() (tls_adopt_next()); libcoap's SSL_accept() on it
+ * returns at once and the session is connected (docs/design/libcoap.md,
+ * "Handshakes on worker threads"). Any other accept() is libc's. */
+
+static void devices_log_refusal(Devices *devs, const char *ip, const char *addr, const TlsPeer *peer,
+                                const char *verify);
+
+static int devices_handoff(void *userdata, int fd, SSL *ssl, const struct sockaddr_storage *peer,
+                           socklen_t peer_len, uint64_t accepted) {
+        Devices *devs = userdata;
+        unsigned i = __atomic_fetch_add(&devs->handoff_next, 1, __ATOMIC_RELAXED) % devs->n_shards;
+        Shard *sh = &devs->shards[i];
+        Handoff *o = calloc(1, sizeof(*o));
+
+        if (!o) {
+                log_error("Out of memory handing a device connection on.");
+                return -ENOMEM;
+        }
+        *o = (Handoff){ .fd = fd, .ssl = ssl, .accepted = accepted, .peer = *peer, .peer_len = peer_len };
+        pthread_mutex_lock(&sh->handoff_lock);
+        if (sh->handoff_tail)
+                sh->handoff_tail->next = o;
+        else {
+                sh->handoff_head = o;
+                (void)eventfd_write(sh->listener.fd, 1);
+        }
+        sh->handoff_tail = o;
+        pthread_mutex_unlock(&sh->handoff_lock);
+        return 0;
+}
+
+static void devices_handshake_refused(void *userdata, const struct sockaddr_storage *peer, socklen_t peer_len,
+                                      const TlsPeer *p, const char *verify_error) {
+        Devices *devs = userdata;
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+        coap_address_t a;
+
+        coap_address_init(&a);
+        memcpy(&a.addr, peer, MIN((size_t)peer_len, sizeof(a.addr)));
+        a.size = peer_len;
+        format_address(&a, ip, addr);
+        devices_log_refusal(devs, ip, addr, p, verify_error);
+}
+
+/* The next queued connection of sh, or NULL (the eventfd is then reset). */
+static Handoff *shard_handoff_pop(Shard *sh) {
+        Handoff *o;
+        eventfd_t v;
+
+        pthread_mutex_lock(&sh->handoff_lock);
+        o = sh->handoff_head;
+        if (o) {
+                sh->handoff_head = o->next;
+                if (!sh->handoff_head)
+                        sh->handoff_tail = NULL;
+        }
+        if (!sh->handoff_head)
+                (void)eventfd_read(sh->listener.fd, &v);
+        pthread_mutex_unlock(&sh->handoff_lock);
+        return o;
+}
+
+/* An SSL handed in by accept() that libcoap's SSL_new() did not take
+ * (libcoap failed in between): free it; libcoap closed the socket, and
+ * accept() already counted it as adopted. */
+static void shard_adopt_cancel(void) {
+        SSL_free(tls_adopt_cancel());
+        adopted_accepted = 0;
+}
+
+typedef int (*AcceptFn)(int, __SOCKADDR_ARG, socklen_t *__restrict);
+
+__attribute__((visibility("default"))) int accept(int fd, __SOCKADDR_ARG addr, socklen_t *__restrict len) {
+        static AcceptFn libc_fn;
+        AcceptFn fn = __atomic_load_n(&libc_fn, __ATOMIC_RELAXED);
+        Shard *sh = dispatching_shard;
+
+        if (sh && sh->devices->handshakes && fd == sh->listener.fd) {
+                Handoff *o = shard_handoff_pop(sh);
+                int r;
+
+                if (!o) {
+                        errno = EAGAIN;
+                        return -1;
+                }
+                if (addr.__sockaddr__ && len) {
+                        memcpy(addr.__sockaddr__, &o->peer, MIN((size_t)*len, (size_t)o->peer_len));
+                        *len = o->peer_len;
+                }
+                /* Taken by libcoap's SSL_new() for this connection, or
+                 * freed after the dispatch (shard_adopt_cancel()). */
+                tls_adopt_next(o->ssl);
+                adopted_accepted = o->accepted;
+                handshakes_adopted(sh->devices->handshakes);
+                r = o->fd;
+                free(o);
+                return r;
+        }
+        if (!fn) {
+                *(void **)&fn = dlsym(RTLD_NEXT, "accept");
+                if (!fn) {
+                        errno = ENOSYS;
+                        return -1;
+                }
+                __atomic_store_n(&libc_fn, fn, __ATOMIC_RELAXED);
+        }
+        return fn(fd, addr, len);
 }
 
 static void shard_scan(Shard *sh) {
@@ -786,8 +938,11 @@ static void shard_dispatch(Shard *sh) {
                         /* A NULL pointer is libcoap's timerfd: a scan is asked for. */
                         activity = true;
                         devices_dispatching = true;
+                        dispatching_shard = sh;
                         coap_io_do_epoll(sh->ctx, events, (size_t)n);
+                        dispatching_shard = NULL;
                         devices_dispatching = false;
+                        shard_adopt_cancel();
                 }
                 if (n < max)
                         break;
@@ -1508,6 +1663,8 @@ static void device_conflict(Device *d, Session *c) {
         (void)sd_event_source_set_enabled(d->check_timer, SD_EVENT_ONESHOT);
 }
 
+static uint64_t admission_grace(const Devices *devs);
+
 /* COAP_EVENT_SESSION_CONNECTED: TLS and CSM done, the peer is known. No
  * PDU is built here (docs/design/libcoap.md, trap B): GET /d goes out from
  * a defer, the Ping of a liveness check from the device's ping timer. */
@@ -1529,6 +1686,7 @@ static void session_bind(Session *c) {
         }
         session_unbound_remove(c);
         devs->bind_usec_avg += (took - (int64_t)devs->bind_usec_avg) / 8;
+        handshakes_set_grace(devs->handshakes, admission_grace(devs));
         if (!id) {
                 format_address(coap_session_get_addr_remote(c->session), ip, addr);
                 log_struct(LOG_WARNING, &(LogFields){ .message_id = LOG_MESSAGE_DEVICE_REFUSED, .peer = addr },
@@ -1689,7 +1847,9 @@ static void session_setup_socket(Devices *devs, coap_session_t *session) {
         void *tls = coap_session_get_tls(session, &lib);
         int r;
 
-        if (tls && lib == COAP_TLS_LIBRARY_OPENSSL) {
+        /* A handshake thread's SSL is set up already (tls_server_ctx_new()),
+         * and its SSL_CTX is the threads'. */
+        if (tls && lib == COAP_TLS_LIBRARY_OPENSSL && !tls_ssl_adopted(tls)) {
                 SSL *ssl = tls;
                 SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
 
@@ -1712,16 +1872,15 @@ static void session_setup_socket(Devices *devs, coap_session_t *session) {
  * (or it spoke no TLS). Anyone can connect, so each address is logged at
  * most once per DEVICES_REFUSAL_INTERVAL (a slot per address hash), and
  * all addresses together at most DEVICES_REFUSAL_BURST times per
- * DEVICES_WARN_INTERVAL; what is not logged is counted in the next line. */
-static void session_refused(Devices *devs, coap_session_t *session) {
-        const TlsPeer *peer = tls_session_peer(session);
-        const char *verify = tls_session_verify_error(session);
-        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8], why[256];
+ * DEVICES_WARN_INTERVAL; what is not logged is counted in the next line.
+ * Any thread (the handshake threads too). */
+static void devices_log_refusal(Devices *devs, const char *ip, const char *addr, const TlsPeer *peer,
+                                const char *verify) {
+        char why[256];
         uint64_t now = now_usec(), suppressed, key;
         RefusalSlot *slot;
 
-        stats_handshake_refused(STATS_REFUSED_TLS);
-        format_address(coap_session_get_addr_remote(session), ip, addr);
+        pthread_mutex_lock(&devs->refusal_lock);
         /* One slot per address and certificate: a flood of one is one
          * line, while different certificates from one address (a gateway
          * behind NAT with a neighbour) are each told. */
@@ -1729,7 +1888,7 @@ static void session_refused(Devices *devs, coap_session_t *session) {
         slot = &devs->refusals[key % DEVICES_REFUSAL_SLOTS];
         if (slot->key == key && streq(slot->ip, ip) && now < slot->logged + DEVICES_REFUSAL_INTERVAL) {
                 slot->suppressed++;
-                return;
+                goto out;
         }
         if (now >= devs->refusal_window + DEVICES_WARN_INTERVAL) {
                 devs->refusal_window = now;
@@ -1737,7 +1896,7 @@ static void session_refused(Devices *devs, coap_session_t *session) {
         }
         if (devs->refusal_logged >= DEVICES_REFUSAL_BURST) {
                 devs->refusal_unlogged++;
-                return;
+                goto out;
         }
         devs->refusal_logged++;
         suppressed = slot->key == key && streq(slot->ip, ip) ? slot->suppressed : 0;
@@ -1762,6 +1921,16 @@ static void session_refused(Devices *devs, coap_session_t *session) {
                    addr, why, peer ? peer->subject : "", peer ? peer->issuer : "",
                    peer && peer->serial[0] ? peer->serial : "-", suppressed, devs->refusal_unlogged);
         devs->refusal_unlogged = 0;
+out:
+        pthread_mutex_unlock(&devs->refusal_lock);
+}
+
+static void session_refused(Devices *devs, coap_session_t *session) {
+        char ip[INET6_ADDRSTRLEN], addr[INET6_ADDRSTRLEN + 8];
+
+        stats_handshake_refused(STATS_REFUSED_TLS);
+        format_address(coap_session_get_addr_remote(session), ip, addr);
+        devices_log_refusal(devs, ip, addr, tls_session_peer(session), tls_session_verify_error(session));
 }
 
 /* The shard whose context is ctx (once per accepted connection). */
@@ -1783,10 +1952,16 @@ static int devices_event_handler(coap_session_t *session, const coap_event_t eve
                 sh = devices_shard_of(devs, ctx);
                 c = sh ? session_new(devs, sh, session) : NULL;
                 if (!c) {
+                        adopted_accepted = 0;
                         log_error("Out of memory accepting a session.");
                         return 0;
                 }
-                stats_handshake_started();
+                /* A handshake thread's: counted at its accept(). */
+                if (adopted_accepted) {
+                        c->accepted = adopted_accepted;
+                        adopted_accepted = 0;
+                } else
+                        stats_handshake_started();
                 session_setup_socket(devs, session);
                 session_wait_handshake(c);
                 break;
@@ -2192,6 +2367,8 @@ static int shard_init(Devices *devs, Shard *sh, unsigned index) {
         sh->devices = devs;
         sh->index = index;
         sh->listener = (ListenerPause){ .fd = -1 };
+        pthread_mutex_init(&sh->handoff_lock, NULL);
+        sh->handoff_lock_init = true;
         sh->ctx = coap_new_context(NULL);
         if (!sh->ctx)
                 return log_error_errno(-ENOMEM, "Failed to create the CoAP context.");
@@ -2286,13 +2463,13 @@ static int devices_listen_single(Devices *devs, const struct sockaddr_storage *s
  * its own (coap_socket_bind_tcp() in its src/coap_tcp.c: non-blocking,
  * SO_KEEPALIVE, SO_REUSEADDR, dual-stack for IPv6) plus TCP_NODELAY (which
  * accepted sockets inherit) and our backlog. Returns the fd or -errno. */
-static int devices_reuseport_listener(const struct sockaddr_storage *ss, socklen_t sl) {
+static int devices_reuseport_listener(const struct sockaddr_storage *ss, socklen_t sl, bool reuseport) {
         _cleanup_close_ int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         int one = 1, off = 0, r;
 
         if (fd < 0)
                 return -errno;
-        if (setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0 ||
+        if ((reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) ||
             setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0 ||
             setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0 ||
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
@@ -2353,6 +2530,41 @@ static int endpoint_port(const coap_endpoint_t *ep, unsigned *ret) {
         return 0;
 }
 
+/* Give sh a libcoap endpoint on *any (port 0: a free port) and put fd in
+ * the place of its listening socket (listener_replace()): our own
+ * listener, or an eventfd. fd stays the caller's. otherwise names the
+ * configuration that does without this, for the error. 0 or -errno
+ * (logged). */
+static int shard_endpoint_replace(Shard *sh, const struct sockaddr_storage *any, socklen_t sl, int fd,
+                                  const char *otherwise) {
+        const CloudConfig *config = sh->devices->config;
+        coap_address_t addr;
+        coap_endpoint_t *ep;
+        unsigned port;
+        int r, lfd;
+
+        coap_address_init(&addr);
+        memcpy(&addr.addr, any, sl);
+        addr.size = sl;
+        ep = coap_new_endpoint(sh->ctx, &addr, COAP_PROTO_TLS);
+        if (!ep)
+                return log_error_errno(-EADDRNOTAVAIL, "Failed to listen on '%s' port 0.", config->coap_listen);
+        r = endpoint_port(ep, &port);
+        if (r < 0)
+                return log_error_errno(r, "Cannot tell the port of the CoAP endpoint '%s'.", coap_endpoint_str(ep));
+        lfd = devices_find_listener(any, port);
+        if (lfd < 0)
+                return log_error_errno(lfd, "Cannot find the CoAP listening socket: %m");
+        r = listener_pause_init(coap_context_get_coap_fd(sh->ctx), lfd, &sh->listener);
+        if (r < 0)
+                return log_error_errno(r, "Cannot find the CoAP listening socket in libcoap's epoll set (%m): use %s.",
+                                       otherwise);
+        r = listener_replace(&sh->listener, fd);
+        if (r < 0)
+                return log_error_errno(r, "Failed to put our socket in the place of libcoap's listener: %m");
+        return 0;
+}
+
 /* SessionShards>1: every shard listens on the same address and port with
  * SO_REUSEPORT and the kernel spreads new connections over them. libcoap
  * cannot set that option, so each shard's endpoint is bound to a free port
@@ -2362,7 +2574,6 @@ static int endpoint_port(const coap_endpoint_t *ep, unsigned *ret) {
 static int devices_listen_shared(Devices *devs, struct sockaddr_storage *ss, socklen_t sl) {
         const CloudConfig *config = devs->config;
         struct sockaddr_storage any = *ss;
-        coap_address_t addr;
         int r;
 
         /* The port is ours only if nothing listens on it now; it is then
@@ -2372,42 +2583,92 @@ static int devices_listen_shared(Devices *devs, struct sockaddr_storage *ss, soc
                 return log_error_errno(r, "Failed to listen on '%s' port %u: %m", config->coap_listen,
                                        config->coap_port);
         sockaddr_set_port(&any, 0);
-        coap_address_init(&addr);
-        memcpy(&addr.addr, &any, sl);
-        addr.size = sl;
         devs->listener_nodelay = true;
         devs->listener_pausable = true;
         for (unsigned i = 0; i < devs->n_shards; i++) {
-                Shard *sh = &devs->shards[i];
-                _cleanup_close_ int fd = devices_reuseport_listener(ss, sl);
-                coap_endpoint_t *ep;
-                unsigned port;
-                int lfd;
+                _cleanup_close_ int fd = devices_reuseport_listener(ss, sl, true);
 
                 if (fd < 0)
                         return log_error_errno(fd, "Failed to listen on '%s' port %u with SO_REUSEPORT: %m",
                                                config->coap_listen, sockaddr_port(ss));
-                ep = coap_new_endpoint(sh->ctx, &addr, COAP_PROTO_TLS);
-                if (!ep)
-                        return log_error_errno(-EADDRNOTAVAIL, "Failed to listen on '%s' port 0.",
-                                               config->coap_listen);
-                r = endpoint_port(ep, &port);
+                r = shard_endpoint_replace(&devs->shards[i], &any, sl, fd, "SessionShards=1");
                 if (r < 0)
-                        return log_error_errno(r, "Cannot tell the port of the CoAP endpoint '%s'.",
-                                               coap_endpoint_str(ep));
-                lfd = devices_find_listener(&any, port);
-                if (lfd < 0)
-                        return log_error_errno(lfd, "Cannot find the CoAP listening socket: %m");
-                r = listener_pause_init(coap_context_get_coap_fd(sh->ctx), lfd, &sh->listener);
-                if (r < 0)
-                        return log_error_errno(r, "Cannot find the CoAP listening socket in libcoap's epoll set "
-                                               "(%m): use SessionShards=1.");
-                r = listener_replace(&sh->listener, fd);
-                if (r < 0)
-                        return log_error_errno(r, "Failed to put the shared listening socket in place: %m");
+                        return r;
         }
         devices_check_somaxconn();
         return devs->shards[0].listener.fd;
+}
+
+/* HandshakeThreads>0: one listening socket on the configured address,
+ * accepted from by the handshake threads; each shard's endpoint is bound
+ * to a free port and its socket replaced by an eventfd that is readable
+ * while connections wait for it (devices_handoff()). Returns the
+ * listening socket (devs->hs_listen_fd) or -errno. */
+static int devices_listen_threads(Devices *devs, const struct sockaddr_storage *ss, socklen_t sl) {
+        const CloudConfig *config = devs->config;
+        struct sockaddr_storage any = *ss;
+        int r;
+
+        devs->hs_listen_fd = devices_reuseport_listener(ss, sl, false);
+        if (devs->hs_listen_fd < 0)
+                return log_error_errno(devs->hs_listen_fd, "Failed to listen on '%s' port %u: %m",
+                                       config->coap_listen, config->coap_port);
+        sockaddr_set_port(&any, 0);
+        devs->listener_nodelay = true;
+        devs->listener_pausable = true;
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                _cleanup_close_ int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+
+                if (efd < 0)
+                        return log_error_errno(errno, "Failed to make an eventfd: %m");
+                r = shard_endpoint_replace(&devs->shards[i], &any, sl, efd, "HandshakeThreads=0");
+                if (r < 0)
+                        return r;
+        }
+        devices_check_somaxconn();
+        return devs->hs_listen_fd;
+}
+
+static void devices_handshake_thread_start(void *userdata) {
+        Devices *devs = userdata;
+
+        if (devs->hooks.handshake_thread_start)
+                devs->hooks.handshake_thread_start(devs->hooks.userdata);
+}
+
+/* The TlsPeerCheck of the handshake threads. */
+static int devices_peer_check_thread(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size) {
+        Devices *devs = userdata;
+
+        return devs->hooks.peer_check_thread(devs->hooks.userdata, peer, reason, reason_size);
+}
+
+/* Start the handshake threads on devs->hs_listen_fd with the keys loaded. */
+static int devices_start_threads(Devices *devs) {
+        const CloudConfig *config = devs->config;
+        HandshakesLimits limits = {
+                .max_handshakes = config->max_handshakes,
+                .timeout_usec = (uint64_t)config->handshake_timeout_sec * USEC_PER_SEC,
+                .grace_usec = (uint64_t)config->handshake_grace_sec * USEC_PER_SEC,
+        };
+        HandshakesHooks hooks = {
+                .handoff = devices_handoff,
+                .refused = devices_handshake_refused,
+                .thread_start = devices_handshake_thread_start,
+                .userdata = devs,
+        };
+        SSL_CTX *ctx = NULL;
+        int r;
+
+        r = tls_server_ctx_new(devs->tls_keys, devs->hooks.peer_check_thread ? devices_peer_check_thread : NULL,
+                               devs, &ctx);
+        if (r < 0)
+                return log_error_errno(r, "Failed to set up TLS for the handshake threads: %m");
+        r = handshakes_new(config->handshake_threads, devs->hs_listen_fd, ctx, &limits, &hooks, &devs->handshakes);
+        SSL_CTX_free(ctx);
+        if (r < 0)
+                return log_error_errno(r, "Failed to start %u handshake threads: %m", config->handshake_threads);
+        return 0;
 }
 
 /* The TlsPeerCheck of every TLS handshake: the Cloud's. */
@@ -2529,7 +2790,9 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
         r = cloud_config_resolve_address(config->coap_listen, config->coap_port, &ss, &sl);
         if (r < 0)
                 return log_error_errno(r, "Invalid [Cloud] Listen= address '%s'.", config->coap_listen);
-        fd = devs->n_shards == 1 ? devices_listen_single(devs, &ss, sl) : devices_listen_shared(devs, &ss, sl);
+        fd = config->handshake_threads > 0 ? devices_listen_threads(devs, &ss, sl)
+             : devs->n_shards == 1          ? devices_listen_single(devs, &ss, sl)
+                                            : devices_listen_shared(devs, &ss, sl);
         if (fd < 0)
                 return fd;
         sl = sizeof(ss);
@@ -2567,7 +2830,13 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
                 r = sd_event_source_set_enabled(devs->expiry_timer, SD_EVENT_ON);
         if (r < 0)
                 return log_error_errno(r, "Failed to add CoAP event sources: %m");
-        log_debug("Device sessions are spread over %u libcoap contexts on port %u.", devs->n_shards, *ret_port);
+        if (config->handshake_threads > 0) {
+                r = devices_start_threads(devs);
+                if (r < 0)
+                        return r;
+        }
+        log_debug("Device sessions are spread over %u libcoap contexts on port %u, TLS handshakes on %u threads.",
+                  devs->n_shards, *ret_port, config->handshake_threads);
         return 0;
 }
 
@@ -2583,6 +2852,8 @@ int devices_new(sd_event *event, const CloudConfig *config, const DevicesHooks *
         devs->event = event;
         devs->config = config;
         devs->hooks = *hooks;
+        devs->hs_listen_fd = -EBADF;
+        pthread_mutex_init(&devs->refusal_lock, NULL);
         r = devices_start(devs, event, config, &port);
         if (r < 0)
                 return r;
@@ -2630,6 +2901,19 @@ int devices_reload_tls(Devices *devs) {
                         log_info("The CA changed: TLS ticket keys replaced, devices do full handshakes once.");
                 }
         }
+        if (devs->handshakes) {
+                SSL_CTX *ctx = NULL;
+
+                r = tls_server_ctx_new(keys, devs->hooks.peer_check_thread ? devices_peer_check_thread : NULL,
+                                       devs, &ctx);
+                if (r < 0)
+                        log_error_errno(r, "Cannot set up TLS for the handshake threads again, they keep the "
+                                           "certificates loaded before: %m");
+                else {
+                        handshakes_set_ctx(devs->handshakes, ctx);
+                        SSL_CTX_free(ctx);
+                }
+        }
         tls_server_keys_free(devs->tls_keys);
         devs->tls_keys = keys;
         log_info("Reloaded the TLS certificate '%s', key '%s' and CA '%s' for new device sessions.",
@@ -2642,6 +2926,24 @@ Devices *devices_free(Devices *devs) {
 
         if (!devs)
                 return NULL;
+
+        /* No handoff after this; what waits is closed. */
+        devs->handshakes = handshakes_free(devs->handshakes);
+        for (unsigned i = 0; i < devs->n_shards; i++) {
+                Shard *sh = &devs->shards[i];
+
+                for (Handoff *o = sh->handoff_head, *next; o; o = next) {
+                        next = o->next;
+                        SSL_free(o->ssl);
+                        close(o->fd);
+                        free(o);
+                }
+                sh->handoff_head = sh->handoff_tail = NULL;
+        }
+        if (devs->hs_listen_fd >= 0) {
+                close(devs->hs_listen_fd);
+                devs->hs_listen_fd = -EBADF;
+        }
 
         for (d = devs->dev_head; d; d = d->list_next) {
                 while (d->calls)
@@ -2695,8 +2997,11 @@ Devices *devices_free(Devices *devs) {
                 sh->timer = sd_event_source_disable_unref(sh->timer);
                 if (sh->ctx)
                         coap_free_context(sh->ctx);
+                if (sh->handoff_lock_init)
+                        pthread_mutex_destroy(&sh->handoff_lock);
         }
         free(devs->shards);
+        pthread_mutex_destroy(&devs->refusal_lock);
         tls_server_keys_free(devs->tls_keys);
         devs->tickets_timer = sd_event_source_disable_unref(devs->tickets_timer);
         ticket_keys_free(devs->tickets);

@@ -57,6 +57,16 @@ typedef struct DevicesHooks {
          * start and on those of devices_reload_tls()) and again just
          * before a session is bound to its device. */
         int (*peer_check)(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size);
+        /* The same decision on any thread: the TLS handshake threads
+         * ([Cloud] HandshakeThreads=) ask it inside their handshakes. It
+         * may lag behind peer_check for what is not yet committed, which
+         * peer_check then catches before the session is bound. NULL: the
+         * threads ask nothing and only that later check refuses. */
+        int (*peer_check_thread)(void *userdata, const TlsPeer *peer, char *reason, size_t reason_size);
+        /* Optional: each handshake thread calls this as it starts (what
+         * peer_check_thread needs per thread is opened then, not in the
+         * middle of a storm). */
+        void (*handshake_thread_start)(void *userdata);
         /* d's new session (whose peer is peer) is bound: d is online. */
         void (*device_bound)(void *userdata, Device *d, const TlsPeer *peer);
         /* d answered GET /d with a describe document other than the one

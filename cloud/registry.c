@@ -154,6 +154,7 @@ static const char *const registry_sql[_STMT_MAX] = {
 
 struct Registry {
         Store *store;
+        char *path; /* the database file, for RegistryReader; NULL in memory */
         RegistryPolicy policy;
         RegistryHooks hooks;
         sqlite3_stmt *stmt[_STMT_MAX];
@@ -224,9 +225,10 @@ static int registry_row(Registry *reg, const char *id, RegistryRow *ret) {
         return 1;
 }
 
-int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reason_size) {
-        RegistryRow row;
-        int r = registry_row(reg, peer->id, &row);
+/* registry_check() on what registry_row() returned (r, row). */
+static int registry_decide(RegistryPolicy policy, int r, const RegistryRow *row_, const TlsPeer *peer, char *reason,
+                           size_t reason_size) {
+        RegistryRow row = *row_;
 
         if (r < 0) {
                 snprintf(reason, reason_size, "the device registry cannot be read");
@@ -249,11 +251,81 @@ int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reas
                          peer->id, peer->not_before);
                 return -EPERM;
         }
-        if (reg->policy == REGISTRY_ENROLLED && (r == 0 || !row.registered)) {
+        if (policy == REGISTRY_ENROLLED && (r == 0 || !row.registered)) {
                 snprintf(reason, reason_size, "device '%s' is not registered (Registration=enrolled)", peer->id);
                 return -EPERM;
         }
         return 0;
+}
+
+int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reason_size) {
+        RegistryRow row = {};
+        int r = registry_row(reg, peer->id, &row);
+
+        return registry_decide(reg->policy, r, &row, peer, reason, reason_size);
+}
+
+/* ---- RegistryReader ---- */
+
+struct RegistryReader {
+        sqlite3 *db;
+        sqlite3_stmt *get;
+        RegistryPolicy policy;
+};
+
+int registry_reader_new(Registry *reg, RegistryReader **ret) {
+        const char *path = reg->path;
+        RegistryReader *rd;
+        int rc;
+
+        if (!path)
+                return -EOPNOTSUPP; /* a database in memory has no second connection */
+        rd = calloc(1, sizeof(*rd));
+        if (!rd)
+                return -ENOMEM;
+        rd->policy = reg->policy;
+        rc = sqlite3_open_v2(path, &rd->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+        if (rc == SQLITE_OK) {
+                (void)sqlite3_busy_timeout(rd->db, 2000);
+                rc = sqlite3_prepare_v3(rd->db, registry_sql[STMT_GET], -1, SQLITE_PREPARE_PERSISTENT, &rd->get,
+                                        NULL);
+        }
+        if (rc != SQLITE_OK) {
+                registry_reader_free(rd);
+                return -EIO;
+        }
+        *ret = rd;
+        return 0;
+}
+
+RegistryReader *registry_reader_free(RegistryReader *rd) {
+        if (!rd)
+                return NULL;
+        sqlite3_finalize(rd->get);
+        if (rd->db)
+                (void)sqlite3_close_v2(rd->db);
+        free(rd);
+        return NULL;
+}
+
+int registry_reader_check(RegistryReader *rd, const TlsPeer *peer, char *reason, size_t reason_size) {
+        sqlite3_stmt *st = rd->get;
+        RegistryRow row = {};
+        int rc = sqlite3_bind_text(st, 1, peer->id, -1, SQLITE_STATIC), r;
+
+        if (rc == SQLITE_OK)
+                rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW) {
+                row.registered = sqlite3_column_type(st, 0) != SQLITE_NULL;
+                row.revoked = sqlite3_column_type(st, 7) != SQLITE_NULL;
+                snprintf(row.reason, sizeof(row.reason), "%s", (const char *)sqlite3_column_text(st, 8) ?: "");
+                row.newest_not_before = sqlite3_column_int64(st, 16);
+                r = 1;
+        } else
+                r = rc == SQLITE_DONE ? 0 : -EIO;
+        sqlite3_reset(st);
+        sqlite3_clear_bindings(st);
+        return registry_decide(rd->policy, r, &row, peer, reason, reason_size);
 }
 
 int registry_connected(Registry *reg, const TlsPeer *peer, const char *address) {
@@ -808,6 +880,7 @@ Registry *registry_free(Registry *reg) {
                 return NULL;
         for (size_t i = 0; i < _STMT_MAX; i++)
                 sqlite3_finalize(reg->stmt[i]);
+        free(reg->path);
         free(reg);
         return NULL;
 }
@@ -822,6 +895,12 @@ int registry_new(Store *store, RegistryPolicy policy, const RegistryHooks *hooks
         reg->store = store;
         reg->policy = policy;
         reg->hooks = *hooks;
+        {
+                const char *path = sqlite3_db_filename(store_db(store), "main");
+
+                if (path && *path && !(reg->path = strdup(path)))
+                        return log_error_errno(-ENOMEM, "Out of memory.");
+        }
         r = store_migrate(store, "registry", registry_schema, ELEMENTSOF(registry_schema));
         if (r < 0)
                 return log_error_errno(r, "Cannot set up the device registry in the cloud database.");

@@ -63,6 +63,18 @@ static inline void registry_freep(Registry **reg) { registry_free(*reg); }
  * (refused too). The TlsPeerCheck's shape, so it can be one. */
 int registry_check(Registry *reg, const TlsPeer *peer, char *reason, size_t reason_size);
 
+/* registry_check() for another thread (the TLS handshake threads): its
+ * own read-only connection to the database, used by one thread at a time.
+ * It sees what is committed: revocations, registrations and
+ * unrevocations at once (they commit before their call returns), a
+ * connection's newer certificate once the batch commits (within
+ * STORE_BATCH_MSEC), so the loop's thread asks registry_check() again
+ * before it binds a device. -EOPNOTSUPP for a database in memory. */
+typedef struct RegistryReader RegistryReader;
+int registry_reader_new(Registry *reg, RegistryReader **ret);
+RegistryReader *registry_reader_free(RegistryReader *rd);
+int registry_reader_check(RegistryReader *rd, const TlsPeer *peer, char *reason, size_t reason_size);
+
 /* The device connected (its session is bound) from address (the peer's IP
  * text): record the time, address and certificate, registering it if it
  * is new. Joins the Store's batch. */

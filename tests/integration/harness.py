@@ -359,6 +359,8 @@ class World:
         self.cleanups = []  # run after the daemons stopped, pass or fail
         self.cloud = None
         self.coap_port = self.api_port = None
+        # [Cloud] lines every cloud of this World starts with (with_threads()).
+        self.cloud_tuning = os.environ.get("TETHER_TEST_CLOUD_TUNING", "").replace(";", "\n")
         self.pki("ca", self.path("pki"))
         self.pki("server", self.path("pki"), "localhost", "127.0.0.1")
         self.token = self.pki("token", self.path("tokens")).strip().split()[-1]
@@ -410,6 +412,7 @@ CAFile={self.path('pki', 'ca.crt')}
 Certificate={cert}
 Key={key}
 {timing}
+{self.cloud_tuning}
 [API]
 Listen=127.0.0.1
 Port={api_port}
@@ -684,6 +687,17 @@ class Subscriber:
                 self.proc.kill()
                 self.proc.wait()
         self._join(time.monotonic() + seconds(5))
+
+
+def with_threads(test, threads=2):
+    """test again with the TLS handshakes on threads ([Cloud]
+    HandshakeThreads=): named test_x_threads."""
+    def t(w):
+        w.cloud_tuning = f"HandshakeThreads={threads}"
+        return test(w)
+    t.__name__ = test.__name__ + "_threads"
+    t.__doc__ = test.__doc__
+    return t
 
 
 def run(tests, emulated=""):

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakedev import PING, PONG, POST, CREATED, GET, Device, codestr, connect, frame, max_age, refused  # noqa: E402
-from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds  # noqa: E402
+from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds, with_threads  # noqa: E402
 
 BUILTIN = "[Enroll]\nCACertificate={ca}\nCAKey={key}\n"
 
@@ -421,4 +421,6 @@ def test_external(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_enroll_then_connect, test_refused_tokens, test_race_single_use, test_revoked_device,
-                  test_reenroll, test_anonymous_limits, test_renew, test_renew_queue, test_external], emulated="ok"))
+                  test_reenroll, test_anonymous_limits, test_renew, test_renew_queue, test_external,
+                  with_threads(test_enroll_then_connect), with_threads(test_revoked_device),
+                  with_threads(test_anonymous_limits)], emulated="ok"))

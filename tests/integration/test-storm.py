@@ -24,7 +24,8 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BUILD, CLOUDD, EMULATOR, Daemon, Failure, expect, poll, run, seconds, whole_seconds  # noqa: E402
+from harness import (BUILD, CLOUDD, EMULATOR, Daemon, Failure, expect, poll, run, seconds,  # noqa: E402
+                     whole_seconds, with_threads)
 
 FLEET = os.path.join(BUILD, "tests", "bench", "fleet")
 DEVICES = 300
@@ -222,4 +223,5 @@ def test_storm(w):
 
 
 if __name__ == "__main__":
-    sys.exit(run([test_storm, test_shards_spread, test_one_shard, test_port_in_use], emulated="300 TLS sessions under qemu-user measure the emulator, not the cloud"))
+    sys.exit(run([test_storm, test_shards_spread, test_one_shard, test_port_in_use, with_threads(test_storm),
+                  with_threads(test_port_in_use)], emulated="300 TLS sessions under qemu-user measure the emulator, not the cloud"))
