@@ -22,7 +22,6 @@ figures, never pass/fail. Needs `make bench`. Usage:
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fleetproc import FleetProcess, cpu, free_port, mmm, wait_port  # noqa: E402
+from fleetproc import Bench, FleetProcess, cpu, free_port, mmm, wait_port  # noqa: E402
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
@@ -47,42 +46,25 @@ def metrics(api, token):
     return out
 
 
-def run_variant(opts, tmp, resume, log):
+def run_variant(opts, resume, log):
+    b = opts.b
     coap, api = free_port(), free_port()
-    state = tempfile.mkdtemp(prefix="cloud-state-", dir=tmp)
-    conf = os.path.join(tmp, "cloud.conf")
-    with open(conf, "w") as f:
-        f.write(f"""[Cloud]
-Listen=127.0.0.1
-Port={coap}
-CAFile={opts.ca}
-Certificate={opts.pki}/server.crt
-Key={opts.pki}/server.key
-[API]
-Listen=127.0.0.1
-Port={api}
-TokenFile={opts.tokens}
-RateLimitPerAddress=0
-RateLimitPerToken=0
-[State]
-Directory={state}
-""")
+    state = tempfile.mkdtemp(prefix="cloud-state-", dir=b.tmp)
+    conf = os.path.join(b.tmp, "cloud.conf")
+    b.cloud_conf(conf, coap, api, state, api_extra="RateLimitPerAddress=0\nRateLimitPerToken=0")
     env = dict(os.environ, TETHER_LOG_LEVEL="warning")
-    argv = [opts.cloudd, "--config", conf]
+    argv = [b.cloudd, "--config", conf]
     cloud = subprocess.Popen(argv, stderr=log, stdout=log, env=env)
     fleet = None
     res = {}
     try:
         wait_port(api, cloud, "tether-cloudd")
-        fargv = [opts.fleet, "--cloud", f"127.0.0.1:{coap}", "--server-name", "127.0.0.1", "--ca-cert", opts.ca,
-                 "--ca-key", opts.ca_key, "--cache", opts.certs, "--devices", str(opts.devices),
-                 "--timeout", str(opts.timeout), "--reconnect-min", str(opts.reconnect_min),
-                 "--reconnect-max", str(opts.reconnect_max), "hold"]
+        extra = ["--reconnect-min", str(opts.reconnect_min), "--reconnect-max", str(opts.reconnect_max)]
         if resume:
-            fargv[1:1] = ["--resume"]
+            extra += ["--resume"]
         if opts.workers:
-            fargv[1:1] = ["--workers", str(opts.workers)]
-        fleet = FleetProcess(fargv, log)
+            extra += ["--workers", str(opts.workers)]
+        fleet = FleetProcess(b.fleet_argv(coap, opts.devices, opts.timeout, *extra), log)
         word, on = fleet.wait("online")
         if word != "online":
             res["error"] = f"first storm incomplete: {on}"
@@ -107,7 +89,7 @@ Directory={state}
             time.sleep(0.02)
         res["seconds"] = time.monotonic() - t0
         res["cpu"] = cpu(cloud.pid)
-        m = metrics(api, opts.token)
+        m = metrics(api, b.token)
         res["resumed"] = int(m.get("tether_cloud_handshakes_resumed_total", 0))
         res["full"] = int(m.get("tether_cloud_handshakes_completed_total", 0)) - res["resumed"]
         res["attempts"] = int(st["attempts"]) - int(before["attempts"])
@@ -133,41 +115,17 @@ def main():
     ap.add_argument("--cache", help="PKI and device certificates, kept between runs "
                     "(default: BUILD/tests/bench/fleet-cache)")
     opts = ap.parse_args()
-    build = os.path.abspath(opts.build)
-    opts.fleet = os.path.join(build, "tests", "bench", "fleet")
-    opts.cloudd = os.path.join(build, "cloud", "tether-cloudd")
-    pki = os.path.join(build, "tools", "tether-pki")
-    for p in (opts.fleet, opts.cloudd, pki):
-        if not os.access(p, os.X_OK):
-            print(f"bench-reconnect: {p} is missing: run 'make bench' in {build}", file=sys.stderr)
-            return 77
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-    cache = os.path.abspath(opts.cache or os.path.join(build, "tests", "bench", "fleet-cache"))
-    opts.pki = os.path.join(cache, "pki")
-    if not os.path.exists(os.path.join(opts.pki, "server.crt")):
-        os.makedirs(cache, exist_ok=True)
-        subprocess.run([pki, "ca", opts.pki], check=True, capture_output=True)
-        subprocess.run([pki, "server", opts.pki, "localhost", "127.0.0.1"], check=True, capture_output=True)
-    opts.ca, opts.ca_key = os.path.join(opts.pki, "ca.crt"), os.path.join(opts.pki, "ca.key")
-    opts.certs = os.path.join(cache, "devices")
-    tmp = tempfile.mkdtemp(prefix="tether-reconnect-")
-    opts.tokens = os.path.join(tmp, "tokens")
-    opts.token = subprocess.run([pki, "token", opts.tokens], check=True, capture_output=True,
-                                text=True).stdout.split()[-1]
-    subprocess.run([opts.fleet, "--ca-cert", opts.ca, "--ca-key", opts.ca_key, "--cache", opts.certs,
-                    "--devices", str(opts.devices), "mint"], check=True, stdout=subprocess.DEVNULL)
+    opts.b = b = Bench("bench-reconnect", opts.build, opts.cache, opts.devices)
     load0 = os.getloadavg()
     print(f"# bench-reconnect: {opts.devices} devices, {opts.reps} repetitions; {os.cpu_count()} cores, "
           f"{os.uname().release}; load average at start {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
-    log = open(os.path.join(tmp, "servers.log"), "w")
+    log = open(os.path.join(b.tmp, "servers.log"), "w")
     runs = {False: [], True: []}
     try:
         for rep in range(opts.reps):
             order = [False, True] if rep % 2 == 0 else [True, False]
             for resume in order:
-                r = run_variant(opts, tmp, resume, log)
+                r = run_variant(opts, resume, log)
                 runs[resume].append(r)
                 name = "resume" if resume else "full"
                 print(f"# repetition {rep + 1}, {name}: " + json.dumps(r), flush=True)
@@ -192,7 +150,7 @@ def main():
     errors = [r["error"] for rs in runs.values() for r in rs if "error" in r]
     for e in errors:
         print(f"# {e}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(b.tmp, ignore_errors=True)
     return 0
 
 
