@@ -142,9 +142,6 @@ typedef struct WarnLimit {
         uint64_t suppressed;
 } WarnLimit;
 
-/* One libcoap context with its own listener (all on the same address and
- * port with SO_REUSEPORT when there are several), epoll fd and session
- * scan: libcoap walks only the sessions of one shard. */
 /* A connection whose TLS handshake a handshake thread finished, waiting
  * for libcoap to accept it on its shard (HandshakeThreads=). */
 typedef struct Handoff Handoff;
@@ -157,6 +154,10 @@ struct Handoff {
         socklen_t peer_len;
 };
 
+/* One libcoap context with its own listener (all on the same address and
+ * port with SO_REUSEPORT when there are several, or an eventfd with
+ * HandshakeThreads=), epoll fd and session scan: libcoap walks only the
+ * sessions of one shard. */
 struct Shard {
         Devices *devices;
         unsigned index;
@@ -778,7 +779,7 @@ __attribute__((visibility("default"))) unsigned int coap_io_prepare_epoll(coap_c
  * queued socket and has lib/tls.c give libcoap the finished SSL at its
  * next SSL_new() (tls_adopt_next()); libcoap's SSL_accept() on it
  * returns at once and the session is connected (docs/design/libcoap.md,
- * "Handshakes on worker threads"). Any other accept() is libc's. */
+ * "Handshakes on threads"). Any other accept() is libc's. */
 
 static void devices_log_refusal(Devices *devs, const char *ip, const char *addr, const TlsPeer *peer,
                                 const char *verify);

@@ -1,11 +1,12 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* TLS handshakes of device connections on worker threads ([Cloud]
- * HandshakeThreads=), so that a connect storm uses every core: each
- * worker accepts from the one listening socket, runs the server handshake
- * with an SSL_CTX of lib/tls.c (tls_server_ctx_new()) and hands the
- * finished connection (socket and SSL) to its owner through a hook; the
- * owner gives it to libcoap (docs/design/libcoap.md, "Handshakes on
- * worker threads").
+ * HandshakeThreads=), so that a connect storm can use more than the event
+ * loop's core: each worker accepts from the one listening socket, runs
+ * the server handshake with an SSL_CTX of lib/tls.c (tls_server_ctx_new())
+ * and hands the finished connection (socket and SSL) to its owner through
+ * a hook; the owner gives it to libcoap (docs/design/libcoap.md,
+ * "Handshakes on threads"). At most max_handshakes in all are accepted
+ * and not yet adopted: a place is reserved before each accept4().
  *
  * Guarantees: the workers touch nothing but the listening socket, the
  * connections they accepted, the SSL_CTX (replaced under a lock), the
