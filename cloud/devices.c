@@ -2928,6 +2928,19 @@ Devices *devices_free(Devices *devs) {
         if (!devs)
                 return NULL;
 
+        /* Sessions libcoap closed but has not freed yet (it frees them in
+         * its walk, which the cloud runs at most every DEVICES_SCAN_INTERVAL:
+         * e.g. one whose TLS accept failed at once) are freed now, through
+         * devices_event_handler(), so that what lib/tls.c attached to them
+         * goes too; coap_free_context() below would free them unannounced. */
+        for (unsigned i = 0; i < devs->n_shards; i++)
+                if (devs->shards[i].ctx) {
+                        coap_tick_t now;
+
+                        coap_ticks(&now);
+                        (void)libcoap_prepare_epoll()(devs->shards[i].ctx, now);
+                }
+
         /* No handoff after this; what waits is closed. */
         devs->handshakes = handshakes_free(devs->handshakes);
         for (unsigned i = 0; i < devs->n_shards; i++) {
