@@ -9,15 +9,21 @@ starts a fresh cloud per variant, in alternating order, and measures:
 
 - seconds until all N are online, fleet's connection attempts, TLS
   failures and connect timeouts;
-- the cloud's CPU time (utime+stime) over the storm;
+- the cloud's CPU time (utime+stime) over the storm, and the
+  simulator's (fleet's workers, which share the cores);
 - how busy the whole machine was over it (from /proc/stat), which says
   whether the storm was bound by the CPU the cloud and the simulator
   share.
 
+A variant "N:parse" runs HandshakeThreads=N with the simulator parsing
+each device's PEM files for every session (fleet --parse-per-session, what
+libcoap does by itself) instead of once before the clock: what that
+parsing adds to a storm on shared cores.
+
 Prints a Markdown table of min / median / max; figures, never pass/fail.
 Needs `make bench`. Usage:
 
-    tests/bench/bench-handshakes.py [--devices 1000] [--reps 3] [--threads 0,2] [--build build]
+    tests/bench/bench-handshakes.py [--devices 1000] [--reps 3] [--threads 0,2,0:parse] [--build build]
 """
 
 import argparse
@@ -41,7 +47,11 @@ def cpu_times():
     return sum(v) - idle, sum(v)
 
 
-def run_variant(b, opts, threads, log):
+def run_variant(b, opts, variant, log):
+    """variant: "N" (HandshakeThreads=N) or "N:parse" (the same with the
+    simulator parsing its PEM files for every session, as libcoap does by
+    itself)."""
+    threads, _, how = variant.partition(":")
     coap, api = free_port(), free_port()
     state = tempfile.mkdtemp(prefix="cloud-state-", dir=b.tmp)
     conf = os.path.join(b.tmp, "cloud.conf")
@@ -55,6 +65,8 @@ def run_variant(b, opts, threads, log):
         c0 = cpu(cloud.pid)
         b0, t0 = cpu_times()
         extra = ["--workers", str(opts.workers)] if opts.workers else []
+        if how == "parse":
+            extra.append("--parse-per-session")
         fleet = FleetProcess(b.fleet_argv(coap, opts.devices, opts.timeout, *extra), log)
         word, on = fleet.wait("online")
         b1, t1 = cpu_times()
@@ -64,6 +76,8 @@ def run_variant(b, opts, threads, log):
             res["error"] = f"storm incomplete: {on}"
             return res
         res["seconds"] = float(on["seconds"])
+        if "sim_cpu" in on:
+            res["sim_cpu"] = float(on["sim_cpu"])
         for k in ("attempts", "tls_failures", "timeouts"):
             res[k] = int(on.get(k, 0))
     finally:
@@ -75,18 +89,25 @@ def run_variant(b, opts, threads, log):
     return res
 
 
+def label(variant):
+    threads, _, how = variant.partition(":")
+    return f"HandshakeThreads={threads}" + (", simulator parses per session" if how == "parse" else "")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", default="0,2", help="HandshakeThreads= values to compare")
+    ap.add_argument("--threads", default="0,2",
+                    help="HandshakeThreads= values to compare; N:parse for N with the simulator parsing its "
+                    "PEM files for every session")
     ap.add_argument("--build", default=os.path.join(TOP, "build"))
     ap.add_argument("--workers", type=int, default=0, help="fleet worker processes (default: cores)")
     ap.add_argument("--timeout", type=float, default=600, help="give up on a storm after this long")
     ap.add_argument("--cache", help="PKI and device certificates, kept between runs "
                     "(default: BUILD/tests/bench/fleet-cache)")
     opts = ap.parse_args()
-    variants = [int(t) for t in opts.threads.split(",")]
+    variants = opts.threads.split(",")
     b = Bench("bench-handshakes", opts.build, opts.cache, opts.devices)
     load0 = os.getloadavg()
     print(f"# bench-handshakes: {opts.devices} devices, {opts.reps} repetitions, HandshakeThreads={opts.threads}; "
@@ -95,13 +116,14 @@ def main():
     log = open(os.path.join(b.tmp, "servers.log"), "w")
     try:
         runs = alternate(variants, opts.reps, lambda v: run_variant(b, opts, v, log),
-                         lambda v: f"HandshakeThreads={v}")
+                         label)
     finally:
         log.close()
     print_table(f"{opts.devices} devices at once (min / median / max of {opts.reps})", runs,
-                [(v, f"HandshakeThreads={v}") for v in variants],
+                [(v, label(v)) for v in variants],
                 [("seconds until all online", "seconds", "{:.2f}"),
                  ("cloud CPU seconds over the storm", "cpu", "{:.2f}"),
+                 ("simulator CPU seconds over the storm", "sim_cpu", "{:.2f}"),
                  ("machine busy over the storm (% of all cores)", "busy", "{:.0f}"),
                  ("connection attempts", "attempts", "{:.0f}"), ("TLS failures", "tls_failures", "{:.0f}"),
                  ("connect timeouts", "timeouts", "{:.0f}")])
