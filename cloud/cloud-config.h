@@ -27,6 +27,10 @@
 
 struct IntegrationConfig; /* integrations.h */
 
+/* [Cloud] HandshakeThreads= not set: one thread per CPU this process may
+ * run on, but one (the event loop's), at most 64 (cloud_new()). */
+#define CLOUD_HANDSHAKE_THREADS_AUTO UINT_MAX
+
 typedef struct CloudConfig {
         char *path; /* the file read */
 
@@ -47,7 +51,8 @@ typedef struct CloudConfig {
         unsigned handshake_grace_sec;   /* at MaxHandshakes, the oldest may be closed after this */
         unsigned max_queued_bytes;      /* sent to a device, not known to be read */
         unsigned session_shards;        /* libcoap contexts device sessions are spread over */
-        unsigned handshake_threads;     /* TLS handshakes on this many threads; 0: in the event loop */
+        unsigned handshake_threads;     /* TLS handshakes on this many threads; 0: in the event loop;
+                                         * CLOUD_HANDSHAKE_THREADS_AUTO until cloud_new() settles it */
         char *registration;             /* "open" or "enrolled" (checked at load) */
         bool registration_enrolled;     /* Registration=enrolled: only registered devices connect */
 

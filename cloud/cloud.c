@@ -5,6 +5,7 @@
 #include "config.h"
 
 #include <pthread.h>
+#include <sched.h>
 
 #include <signal.h>
 #include <systemd/sd-daemon.h>
@@ -706,6 +707,21 @@ static int cloud_join_cluster(Cloud *c) {
         return 0;
 }
 
+/* HandshakeThreads= unset: one thread per CPU this process may run on
+ * (its affinity mask, which a cpuset or systemd's CPUAffinity= narrows),
+ * less the event loop's; none on one CPU, at most 64. Measured in
+ * docs/design/benchmarks.md, "Handshakes on threads". */
+static unsigned cloud_default_handshake_threads(void) {
+        cpu_set_t set;
+        long n = 0;
+
+        if (sched_getaffinity(0, sizeof(set), &set) == 0)
+                n = CPU_COUNT(&set);
+        if (n <= 0)
+                n = sysconf(_SC_NPROCESSORS_ONLN);
+        return n <= 1 ? 0 : n - 1 > 64 ? 64 : (unsigned)(n - 1);
+}
+
 int cloud_new(CloudConfig *config, Cloud **ret) {
         _cleanup_(cloud_freep) Cloud *c = NULL;
         DevicesHooks dh;
@@ -794,10 +810,17 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
         if (config->handshake_threads > 0) {
                 /* The handshake threads read the registry through their own
                  * connections: fail here rather than refuse every device. */
+                bool chosen = config->handshake_threads == CLOUD_HANDSHAKE_THREADS_AUTO;
                 RegistryReader *rd = NULL;
 
-                r = registry_reader_new(c->registry, &rd);
-                if (r < 0)
+                if (chosen)
+                        config->handshake_threads = cloud_default_handshake_threads();
+                r = config->handshake_threads > 0 ? registry_reader_new(c->registry, &rd) : 0;
+                if (r < 0 && chosen) {
+                        log_internal(LOG_NOTICE, r, "The device registry cannot be read from other threads (%m): TLS "
+                                            "handshakes run in the event loop.");
+                        config->handshake_threads = 0;
+                } else if (r < 0)
                         return log_error_errno(r, "HandshakeThreads=%u: the handshake threads cannot read the "
                                                "device registry: %m", config->handshake_threads);
                 registry_reader_free(rd);
@@ -876,10 +899,15 @@ int cloud_new(CloudConfig *config, Cloud **ret) {
 }
 
 int cloud_run(Cloud *c) {
+        char handshakes[48] = "in the event loop";
         int r;
 
-        log_info("Listening for devices on %s port %u, %s API on %s port %u.", c->config->coap_listen,
-                 c->coap_port, c->config->api_cert_file ? "HTTPS" : "HTTP", c->config->api_listen, c->api_port);
+        if (c->config->handshake_threads > 0)
+                snprintf(handshakes, sizeof(handshakes), "on %u thread%s", c->config->handshake_threads,
+                         c->config->handshake_threads == 1 ? "" : "s");
+        log_info("Listening for devices on %s port %u (TLS handshakes %s), %s API on %s port %u.",
+                 c->config->coap_listen, c->coap_port, handshakes, c->config->api_cert_file ? "HTTPS" : "HTTP",
+                 c->config->api_listen, c->api_port);
         (void)sd_notifyf(0,
                          "READY=1\n"
                          "STATUS=Listening: devices on port %u, API on port %u; 0 devices online\n"

@@ -738,9 +738,7 @@ int cloud_config_load(const char *path, CloudConfig **ret) {
         c->handshake_grace_sec = 2;
         c->max_queued_bytes = 1024 * 1024;
         c->session_shards = 16;
-        /* In the event loop: on the 2-core machines measured, threads did
-         * not bring a storm online sooner (docs/design/benchmarks.md). */
-        c->handshake_threads = 0;
+        c->handshake_threads = CLOUD_HANDSHAKE_THREADS_AUTO;
         c->api_port = 8080;
         c->max_connections_per_ip = 64;
         c->max_connections = 4096;

@@ -690,13 +690,22 @@ class Subscriber:
 
 
 def with_threads(test, threads=2):
-    """test again with the TLS handshakes on threads ([Cloud]
-    HandshakeThreads=): named test_x_threads."""
+    """test again with the TLS handshakes on that many threads ([Cloud]
+    HandshakeThreads=; unset, the default, one per CPU but one): named
+    test_x_threads."""
     def t(w):
         w.cloud_tuning = f"HandshakeThreads={threads}"
         return test(w)
     t.__name__ = test.__name__ + "_threads"
     t.__doc__ = test.__doc__
+    return t
+
+
+def in_loop(test):
+    """test again with the TLS handshakes in the event loop, inside libcoap
+    ([Cloud] HandshakeThreads=0): named test_x_loop."""
+    t = with_threads(test, 0)
+    t.__name__ = test.__name__ + "_loop"
     return t
 
 

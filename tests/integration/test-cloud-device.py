@@ -16,7 +16,7 @@ import time
 import urllib.parse
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import SLOW, Failure, expect, run, seconds, whole_seconds, with_threads  # noqa: E402
+from harness import SLOW, Failure, expect, run, seconds, whole_seconds, with_threads, in_loop  # noqa: E402
 from fakedev import (CHANGED, CONTENT, CREATED, DEFAULT_DESCRIBE, GET, OBSERVE, PING, PONG, POST, Device,  # noqa: E402
                      code, codestr, connect, frame, memory_checks, path_opts, rss_kb, tls_context)
 
@@ -652,5 +652,7 @@ if __name__ == "__main__":
                   test_session_replaced_by_same_device, test_device_error_answers,
                   with_threads(test_handshake_deadline_and_cap), with_threads(test_idle_flood_does_not_hold_the_door),
                   with_threads(test_handshake_storm_all_bind),
-                  with_threads(test_tls_resumption_attempt_gets_full_handshake)],
+                  with_threads(test_tls_resumption_attempt_gets_full_handshake),
+                  in_loop(test_handshake_deadline_and_cap), in_loop(test_idle_flood_does_not_hold_the_door),
+                  in_loop(test_handshake_storm_all_bind), in_loop(test_tls_resumption_attempt_gets_full_handshake)],
                  emulated='its memory and timeout bounds are timed for native speed'))

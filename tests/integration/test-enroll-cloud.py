@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fakedev import PING, PONG, POST, CREATED, GET, Device, codestr, connect, frame, max_age, refused  # noqa: E402
-from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds, with_threads  # noqa: E402
+from harness import EMULATOR, PKI, TETHERCTL, api_json, expect, poll, run, seconds, with_threads, in_loop  # noqa: E402
 
 BUILTIN = "[Enroll]\nCACertificate={ca}\nCAKey={key}\n"
 
@@ -423,4 +423,5 @@ if __name__ == "__main__":
     sys.exit(run([test_enroll_then_connect, test_refused_tokens, test_race_single_use, test_revoked_device,
                   test_reenroll, test_anonymous_limits, test_renew, test_renew_queue, test_external,
                   with_threads(test_enroll_then_connect), with_threads(test_revoked_device),
-                  with_threads(test_anonymous_limits)], emulated="ok"))
+                  with_threads(test_anonymous_limits),
+                  in_loop(test_revoked_device), in_loop(test_anonymous_limits)], emulated="ok"))

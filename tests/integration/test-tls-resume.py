@@ -21,7 +21,7 @@ import sys
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import BUILD, SLOW, Skip, expect, poll, run, seconds, with_threads  # noqa: E402
+from harness import BUILD, SLOW, Skip, expect, poll, run, seconds, with_threads, in_loop  # noqa: E402
 
 WALLCLOCK = os.path.join(BUILD, "tests", "clock", ".libs", "wallclock.so")
 
@@ -336,7 +336,8 @@ if __name__ == "__main__":
                   test_ticket_keys_off, test_damaged_or_other_keys, test_new_ca_replaces_keys,
                   test_new_ca_after_restart, test_ticket_outlives_its_lifetime, test_anonymous_gets_no_ticket,
                   test_reload_during_handshake,
-                  # The same checks with the handshakes on threads.
+                  # The same checks with the handshakes on two threads and in the loop.
                   with_threads(test_resumed_after_restart), with_threads(test_revoked_cannot_resume),
-                  with_threads(test_anonymous_gets_no_ticket), with_threads(test_reload_during_handshake)],
+                  with_threads(test_anonymous_gets_no_ticket), with_threads(test_reload_during_handshake),
+                  in_loop(test_revoked_cannot_resume), in_loop(test_anonymous_gets_no_ticket)],
                  emulated="ok"))

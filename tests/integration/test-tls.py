@@ -7,7 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import expect, run, with_threads  # noqa: E402
+from harness import expect, run, with_threads, in_loop  # noqa: E402
 
 
 def device_listed(w, dev):
@@ -47,5 +47,6 @@ def test_cloud_from_unknown_ca_refused(w):
 
 if __name__ == "__main__":
     sys.exit(run([test_device_from_other_ca_refused, test_cloud_with_wrong_host_name_refused,
-                  test_cloud_from_unknown_ca_refused, with_threads(test_device_from_other_ca_refused)],
+                  test_cloud_from_unknown_ca_refused, with_threads(test_device_from_other_ca_refused),
+                  in_loop(test_device_from_other_ca_refused)],
                  emulated="ok"))
