@@ -25,6 +25,7 @@
 #include <dirent.h>
 #include <dlfcn.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -218,6 +219,9 @@ struct Devices {
         sd_event_source *handshake_timer;
         sd_event_source *admission_timer; /* when the oldest may be displaced */
         sd_event_source *expiry_timer;    /* closes sessions whose certificate expired */
+        sd_event_source *trim_timer;      /* devices_trim_cb() */
+        uint64_t churn;                   /* sessions bound or freed, ever */
+        uint64_t churn_seen, churn_trimmed;
         size_t n_enrolling;               /* enrollment sessions open */
         uint64_t bind_usec_avg;           /* accept to bound, recent devices */
         WarnLimit warn_handshake_timeout, warn_handshake_full, warn_handshake_evicted;
@@ -546,6 +550,56 @@ static void session_unbound_add(Session *c) {
 }
 
 /* Unlink and free; the caller has dealt with the session reference. */
+/* ---- Handing freed memory back ----
+ *
+ * A TLS handshake allocates several times what its connection keeps
+ * (OpenSSL's handshake buffers, key shares, certificate parsing), and in a
+ * storm thousands of them interleave: once it is over, the long-lived
+ * connections sit among free chunks that glibc keeps, so the process
+ * holds megabytes it no longer uses (measured: docs/design/benchmarks.md,
+ * "Memory per device"). Once connections have stopped coming and going
+ * for DEVICES_TRIM_QUIET_SEC, after at least DEVICES_TRIM_MIN_CHURN of
+ * them, malloc_trim() gives the free pages of every arena back. Never
+ * while a storm goes on, at most once per quiet spell. */
+#define DEVICES_TRIM_QUIET_SEC 2
+#define DEVICES_TRIM_MIN_CHURN 64
+
+static void devices_churn(Devices *devs) {
+        int on = SD_EVENT_OFF;
+
+        devs->churn++;
+        if (!devs->trim_timer || sd_event_source_get_enabled(devs->trim_timer, &on) < 0 || on != SD_EVENT_OFF)
+                return;
+        devs->churn_seen = devs->churn;
+        if (sd_event_source_set_time_relative(devs->trim_timer, DEVICES_TRIM_QUIET_SEC * USEC_PER_SEC) >= 0)
+                (void)sd_event_source_set_enabled(devs->trim_timer, SD_EVENT_ONESHOT);
+}
+
+static int devices_trim_cb(sd_event_source *s, uint64_t usec, void *userdata) {
+        Devices *devs = userdata;
+        uint64_t t0, n;
+        int released;
+
+        if (devs->churn != devs->churn_seen) {
+                /* Still coming and going: look again after a quiet spell. */
+                devs->churn_seen = devs->churn;
+                if (sd_event_source_set_time_relative(s, DEVICES_TRIM_QUIET_SEC * USEC_PER_SEC) >= 0)
+                        (void)sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+                return 0;
+        }
+        n = devs->churn - devs->churn_trimmed;
+        if (n < DEVICES_TRIM_MIN_CHURN)
+                return 0;
+        devs->churn_trimmed = devs->churn;
+        t0 = (uint64_t)now_usec();
+        released = malloc_trim(0);
+        stats_memory_trim();
+        log_debug("Handed the heap's free memory back to the system after %" PRIu64 " connections came or went "
+                  "(%s, %" PRIu64 " us).", n, released ? "some released" : "nothing to release",
+                  (uint64_t)now_usec() - t0);
+        return 0;
+}
+
 static void session_free(Session *c) {
         Devices *devs;
         Session **p;
@@ -580,6 +634,7 @@ static void session_free(Session *c) {
         c->shard->n_sessions--;
         stats_shard_sessions(c->shard->index, -1);
         free(c);
+        devices_churn(devs);
 }
 
 int device_restore_describe(Device *d, const char *doc) {
@@ -1686,6 +1741,7 @@ static void session_bind(Session *c) {
                 return;
         }
         session_unbound_remove(c);
+        devices_churn(devs);
         devs->bind_usec_avg += (took - (int64_t)devs->bind_usec_avg) / 8;
         handshakes_set_grace(devs->handshakes, admission_grace(devs));
         if (!id) {
@@ -2829,6 +2885,11 @@ static int devices_start(Devices *devs, sd_event *event, const CloudConfig *conf
                                                devices_expiry_cb, devs);
         if (r >= 0)
                 r = sd_event_source_set_enabled(devs->expiry_timer, SD_EVENT_ON);
+        if (r >= 0)
+                r = sd_event_add_time(event, &devs->trim_timer, CLOCK_MONOTONIC, 0, 100 * USEC_PER_MSEC,
+                                      devices_trim_cb, devs);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(devs->trim_timer, SD_EVENT_OFF);
         if (r < 0)
                 return log_error_errno(r, "Failed to add CoAP event sources: %m");
         if (config->handshake_threads > 0) {
@@ -3004,6 +3065,7 @@ Devices *devices_free(Devices *devs) {
         devs->handshake_timer = sd_event_source_disable_unref(devs->handshake_timer);
         devs->admission_timer = sd_event_source_disable_unref(devs->admission_timer);
         devs->expiry_timer = sd_event_source_disable_unref(devs->expiry_timer);
+        devs->trim_timer = sd_event_source_disable_unref(devs->trim_timer);
         for (unsigned i = 0; i < devs->n_shards; i++) {
                 Shard *sh = &devs->shards[i];
 

@@ -104,6 +104,7 @@ static struct {
         MetricSeries *handshakes_started, *handshakes_completed, *handshakes_resumed,
                 *handshakes_refused[_STATS_REFUSED_MAX];
         MetricSeries *session_walks[2]; /* done, skipped */
+        MetricSeries *memory_trims;
         MetricSeries *calls[2][_STATS_CALL_MAX]; /* [function][outcome] */
         MetricSeries *call_latency[2];
         MetricSeries *events_in[_STATS_FROM_MAX], *events_out[_STATS_TO_MAX], *events_dropped[_STATS_DROPPED_MAX];
@@ -174,6 +175,11 @@ static int stats_register(void) {
                                  "Walks over every session of a shard's libcoap context: done (the scan), or "
                                  "skipped (the one libcoap starts after each dispatch).",
                                  "kind", (const char *const[]){ "done", "skipped" }, 2, stats.session_walks, NULL, 0);
+        if (r >= 0)
+                r = stats_family(METRIC_COUNTER, "tether_cloud_memory_trims_total",
+                                 "Times the free memory of the heap went back to the system once connections "
+                                 "stopped coming and going.",
+                                 NULL, NULL, 0, &stats.memory_trims, NULL, 0);
         if (r < 0)
                 return r;
 
@@ -340,6 +346,7 @@ void stats_enrollment_sessions(int delta) { metrics_add(stats.enrollment_session
 void stats_certificate_issued(bool renew) { metrics_inc(stats.certificates_issued[renew ? 1 : 0]); }
 void stats_handshake_started(void) { metrics_inc(stats.handshakes_started); }
 void stats_session_walk(bool skipped) { metrics_inc(stats.session_walks[skipped ? 1 : 0]); }
+void stats_memory_trim(void) { metrics_inc(stats.memory_trims); }
 void stats_handshake_completed(void) { metrics_inc(stats.handshakes_completed); }
 void stats_handshake_resumed(void) { metrics_inc(stats.handshakes_resumed); }
 

@@ -94,6 +94,9 @@ void stats_handshake_refused(StatsRefused reason);
 /* A walk over every session of a shard (cloud/devices.c, shard_scan()):
  * done, or skipped (libcoap's own after a dispatch). */
 void stats_session_walk(bool skipped);
+/* The heap's free memory was handed back to the system after connections
+ * came and went (cloud/devices.c, devices_trim_cb()). */
+void stats_memory_trim(void);
 
 /* A call (function) or read (variable) from the API ended: error and code
  * as device_call_fn gives them, or the error of devices_call() when it was

@@ -210,6 +210,13 @@ def test_storm(w):
     connected = poll(all_connected, 30, f"GET /v1/devices to list all {DEVICES} devices as connected")
     expect(connected == ids, f"{len(connected - ids)} unexpected devices connected")
 
+    # Once the storm is over (2 s without a connection coming or going),
+    # the cloud hands the free memory its handshakes left back.
+    def trimmed():
+        m = re.search(r"^tether_cloud_memory_trims_total (\d+)$", metrics(w), re.M)
+        return int(m[1]) if m and int(m[1]) >= 1 else None
+    print(f"# memory trims after the storm: {poll(trimmed, 30, 'tether_cloud_memory_trims_total to count a trim')}")
+
     for i, dev in enumerate(sorted(ids)[:3]):
         r = api(w, "POST", f"/v1/devices/{dev}/add", {"arg": f"{i},40"})
         expect(r.get("return_value") == i + 40, f"call to {dev}: {r}")
