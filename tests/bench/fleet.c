@@ -2437,14 +2437,14 @@ static double cloud_cpu(void) {
 
 /* The CPU time of all workers, in seconds: what simulating costs. */
 static double workers_cpu(void) {
-        double sum = 0;
+        double total = 0;
 
         for (unsigned long i = 0; i < arg.workers; i++) {
                 double c = process_cpu(workers[i].pid);
                 if (c > 0)
-                        sum += c;
+                        total += c;
         }
-        return sum;
+        return total;
 }
 
 static void format_cpu(char *buf, size_t size, double since) {
