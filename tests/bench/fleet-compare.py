@@ -10,7 +10,10 @@ ports, interleaved, and measures:
   online (the cloud fetched its describe data / the broker sent CONNACK),
   with the attempts, failed handshakes, timeouts and early closes;
 - memory per connected device: VmRSS and RssAnon of the server with N
-  connected minus the same of the idle process, divided by N;
+  connected minus the same of the idle process, divided by N, read
+  SETTLE_SEC after all were online (for tether-cloudd, once it has also
+  counted the trim it makes 2 s after connections stop coming,
+  tether_cloud_memory_trims_total);
 - tether only: calls/s with 4 concurrent kept-alive HTTP clients (four
   tests/bench/bench-call at once, each calling its own device) and call
   p50/p99 with one client (bench-call), N devices connected;
@@ -30,6 +33,7 @@ mosquitto. Usage:
 """
 
 import argparse
+import http.client
 import os
 import re
 import resource
@@ -45,6 +49,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fleetproc import FleetProcess, cpu, free_port, mmm, wait_port  # noqa: E402
 
 TOP = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+# Seconds between "all online" and reading a server's memory: past the
+# cloud's trim after a storm (2 s without connections coming or going).
+SETTLE_SEC = 4
+
+
+def wait_trim(api, token, timeout=20):
+    """Until tether-cloudd's /metrics counts a memory trim (or timeout s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", api, timeout=10)
+            c.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+            text = c.getresponse().read().decode()
+            c.close()
+            m = re.search(r"^tether_cloud_memory_trims_total (\d+)$", text, re.M)
+            if m and int(m[1]) >= 1:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    print("#   tether: no memory trim counted; memory read without it", flush=True)
+    return False
 
 
 def memory(pid):
@@ -238,7 +266,8 @@ JournalMaxBytes=2147483648
         if word != "online":
             print(f"#   tether: storm incomplete: {on}", flush=True)
             return res
-        time.sleep(1)
+        time.sleep(SETTLE_SEC)
+        wait_trim(api, opts.token)
         held = memory(cloud.pid)
         res["mem"] = {k: (held[k] - idle[k]) / opts.devices for k in held}
         ids = open(os.path.join(opts.certs, "index")).read().split()[:opts.devices]
@@ -296,7 +325,7 @@ log_dest none
         if word != "online":
             print(f"#   mosquitto: storm incomplete: {on}", flush=True)
             return res
-        time.sleep(1)
+        time.sleep(SETTLE_SEC)
         held = memory(broker.pid)
         res["mem"] = {k: (held[k] - idle[k]) / opts.devices for k in held}
         counter = Counter()
