@@ -707,19 +707,48 @@ static int cloud_join_cluster(Cloud *c) {
         return 0;
 }
 
-/* HandshakeThreads= unset: one thread per CPU this process may run on
- * (its affinity mask, which a cpuset or systemd's CPUAffinity= narrows),
- * less the event loop's; none on one CPU, at most 64. Measured in
+/* The CPUs the cgroup v2 quota of this process's own cgroup allows
+ * (cpu.max "QUOTA PERIOD", rounded up), or 0 for no quota or none found. */
+static long cloud_cgroup_cpus(void) {
+        _cleanup_fclose_ FILE *f = fopen("/proc/self/cgroup", "re");
+        _cleanup_free_ char *line = NULL, *path = NULL;
+        size_t size = 0;
+        long long quota, period;
+        char max[32];
+
+        while (f && getline(&line, &size, f) > 0)
+                if (strncmp(line, "0::", 3) == 0) {
+                        line[strcspn(line, "\n")] = 0;
+                        if (asprintf(&path, "/sys/fs/cgroup%s/cpu.max", line + 3) < 0)
+                                path = NULL;
+                        break;
+                }
+        if (!path)
+                return 0;
+        fclose(TAKE_PTR(f));
+        f = fopen(path, "re");
+        if (!f || fscanf(f, "%31s %lld", max, &period) != 2 || streq(max, "max") || period <= 0)
+                return 0;
+        quota = strtoll(max, NULL, 10);
+        return quota > 0 ? (long)((quota + period - 1) / period) : 0;
+}
+
+/* HandshakeThreads= unset: one thread per CPU this process may use (its
+ * affinity mask, which a cpuset or systemd's CPUAffinity= narrows, and its
+ * cgroup's CPU quota, CPUQuota=), less the event loop's; none on one CPU,
+ * at most 16 (more is for an explicit setting). Measured in
  * docs/design/benchmarks.md, "Handshakes on threads". */
 static unsigned cloud_default_handshake_threads(void) {
         cpu_set_t set;
-        long n = 0;
+        long n = 0, quota = cloud_cgroup_cpus();
 
         if (sched_getaffinity(0, sizeof(set), &set) == 0)
                 n = CPU_COUNT(&set);
         if (n <= 0)
                 n = sysconf(_SC_NPROCESSORS_ONLN);
-        return n <= 1 ? 0 : n - 1 > 64 ? 64 : (unsigned)(n - 1);
+        if (quota > 0 && quota < n)
+                n = quota;
+        return n <= 1 ? 0 : n - 1 > 16 ? 16 : (unsigned)(n - 1);
 }
 
 int cloud_new(CloudConfig *config, Cloud **ret) {

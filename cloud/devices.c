@@ -549,7 +549,6 @@ static void session_unbound_add(Session *c) {
         devs->n_unbound++;
 }
 
-/* Unlink and free; the caller has dealt with the session reference. */
 /* ---- Handing freed memory back ----
  *
  * A TLS handshake allocates several times what its connection keeps
@@ -594,12 +593,16 @@ static int devices_trim_cb(sd_event_source *s, uint64_t usec, void *userdata) {
         t0 = (uint64_t)now_usec();
         released = malloc_trim(0);
         stats_memory_trim();
-        log_debug("Handed the heap's free memory back to the system after %" PRIu64 " connections came or went "
-                  "(%s, %" PRIu64 " us).", n, released ? "some released" : "nothing to release",
-                  (uint64_t)now_usec() - t0);
+        t0 = (uint64_t)now_usec() - t0;
+        /* Said where operators look when it held the loop up noticeably. */
+        log_internal(t0 >= 50 * USEC_PER_MSEC ? LOG_INFO : LOG_DEBUG, 0,
+                     "Handed the heap's free memory back to the system after %" PRIu64 " connections came or "
+                     "went (%s, %" PRIu64 " ms).", n, released ? "some released" : "nothing to release",
+                     t0 / (uint64_t)USEC_PER_MSEC);
         return 0;
 }
 
+/* Unlink and free; the caller has dealt with the session reference. */
 static void session_free(Session *c) {
         Devices *devs;
         Session **p;

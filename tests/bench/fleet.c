@@ -135,6 +135,7 @@ typedef struct Stats {
         uint64_t dropped;      /* closed after being online */
         uint64_t calls, reads, describes;
         uint64_t resumed;      /* connections whose TLS handshake resumed a session (--resume) */
+        uint64_t pem_parsed;   /* certificate files libssl parsed for a session (not preload()ed) */
         uint64_t pub_sent, pub_acked, pub_errors, pub_skipped;
         uint64_t all_online_at; /* CLOCK_MONOTONIC usec when all of the worker's devices were first online */
         uint64_t last_online_at; /* usec when the last device was first online */
@@ -1046,8 +1047,8 @@ static void coap_log_quiet(coap_log_t level, const char *message) {
  * on its own CPU. libcoap 4.3.1 parses the three PEM files again for every
  * client session (setup_pki_ssl() in its src/coap_openssl.c), which here
  * would put thousands of devices' start-up parsing inside a storm's clock,
- * on the cores the cloud under test shares (with OpenSSL 3.0, a fifth of
- * the simulator's CPU in a storm). So each device's certificate and key
+ * on the cores the cloud under test shares (with OpenSSL 3.0, a third of
+ * the simulator's CPU in a storm: docs/design/benchmarks.md). So each device's certificate and key
  * are parsed before the clock runs (preload()), and this program defines
  * SSL_use_certificate_file() and SSL_use_PrivateKey_file(), which libcoap
  * calls through its PLT: for those very paths (the pointers libcoap was
@@ -1152,6 +1153,9 @@ __attribute__((visibility("default"))) int SSL_use_certificate_file(SSL *ssl, co
 
         if (e && e->cert && type == SSL_FILETYPE_PEM)
                 return SSL_use_certificate(ssl, e->cert);
+        /* Counted, so that a run where this did not take (another libcoap)
+         * shows it: pem_parsed= on the result lines. */
+        w.st.pem_parsed++;
         if (!libssl_fn) {
                 *(void **)&libssl_fn = dlsym(RTLD_NEXT, "SSL_use_certificate_file");
                 if (!libssl_fn)
@@ -1787,7 +1791,51 @@ static void mq_on_publish(struct mosquitto *m, void *userdata, int mid) {
         }
 }
 
+/* The SSL_CTX libmosquitto 2.0 would make at connect (net__init_ssl_ctx():
+ * the CA, the certificate chain and the key read from their files then,
+ * inside the storm's clock), made now with what preload() parsed, so that
+ * an MQTT device parses its files as often as a CoAP one (once, before
+ * the clock; --parse-per-session: libmosquitto's own way). The same
+ * settings: TLS 1.2 or later, peer verified (chain and the server's name
+ * or address), released buffers. */
+static SSL_CTX *mq_ssl_ctx(Device *d) {
+        const Preloaded *c = preloaded_find(d->files.cert_file), *k = preloaded_find(d->files.key_file);
+        X509_VERIFY_PARAM *param;
+        X509 *ca = NULL;
+        SSL_CTX *ctx;
+        FILE *f;
+
+        if (!c || !k || !c->cert || !k->key)
+                return NULL;
+        if ((f = fopen(arg.server_ca, "re"))) {
+                ca = PEM_read_X509(f, NULL, NULL, NULL);
+                fclose(f);
+        }
+        ctx = ca ? SSL_CTX_new(TLS_client_method()) : NULL;
+        param = ctx ? SSL_CTX_get0_param(ctx) : NULL;
+        if (!ctx || !SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION) ||
+            X509_STORE_add_cert(SSL_CTX_get_cert_store(ctx), ca) != 1 ||
+            SSL_CTX_use_certificate(ctx, c->cert) != 1 || SSL_CTX_use_PrivateKey(ctx, k->key) != 1 ||
+            SSL_CTX_check_private_key(ctx) != 1 ||
+            /* An address, or else a name. */
+            (X509_VERIFY_PARAM_set1_ip_asc(param, arg.server_name) != 1 &&
+             X509_VERIFY_PARAM_set1_host(param, arg.server_name, 0) != 1)) {
+                X509_free(ca);
+                SSL_CTX_free(ctx);
+                ERR_clear_error();
+                return NULL;
+        }
+        X509_free(ca);
+        ERR_clear_error();
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
+        SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
+        SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION);
+        return ctx;
+}
+
 static int mq_prepare(Device *d) {
+        SSL_CTX *ctx = NULL;
+
         d->mq = mosquitto_new(d->id, true, d);
         d->fd = -1;
         if (!d->mq)
@@ -1795,7 +1843,21 @@ static int mq_prepare(Device *d) {
         mosquitto_int_option(d->mq, MOSQ_OPT_PROTOCOL_VERSION,
                              arg.mqtt_version == 5 ? MQTT_PROTOCOL_V5 : MQTT_PROTOCOL_V311);
         mosquitto_int_option(d->mq, MOSQ_OPT_TCP_NODELAY, 1);
-        if (mosquitto_tls_set(d->mq, arg.server_ca, NULL, d->cert, d->key, NULL) != MOSQ_ERR_SUCCESS)
+        if (!arg.parse_per_session) {
+                d->files = (TlsFiles){ .ca_file = arg.server_ca, .cert_file = d->cert, .key_file = d->key };
+                preload(d);
+                ctx = mq_ssl_ctx(d);
+        }
+        if (ctx) {
+                /* libmosquitto takes its own reference. */
+                int rc = mosquitto_int_option(d->mq, MOSQ_OPT_SSL_CTX_WITH_DEFAULTS, 0);
+
+                if (rc == MOSQ_ERR_SUCCESS)
+                        rc = mosquitto_void_option(d->mq, MOSQ_OPT_SSL_CTX, ctx);
+                SSL_CTX_free(ctx);
+                if (rc != MOSQ_ERR_SUCCESS)
+                        return -EINVAL;
+        } else if (mosquitto_tls_set(d->mq, arg.server_ca, NULL, d->cert, d->key, NULL) != MOSQ_ERR_SUCCESS)
                 return -EINVAL;
         mosquitto_connect_callback_set(d->mq, mq_on_connect);
         mosquitto_disconnect_callback_set(d->mq, mq_on_disconnect);
@@ -2283,6 +2345,7 @@ static Stats sum(void) {
                 s.reads += t->reads;
                 s.describes += t->describes;
                 s.resumed += t->resumed;
+                s.pem_parsed += t->pem_parsed;
                 s.pub_sent += t->pub_sent;
                 s.pub_acked += t->pub_acked;
                 s.pub_errors += t->pub_errors;
@@ -2405,7 +2468,6 @@ static void format_codes(char *buf, size_t size, const uint32_t codes[64]) {
                 snprintf(buf + at, size - at, "none");
 }
 
-/* utime + stime of the cloud (--cloud-pid) in seconds, or -1. */
 /* utime+stime of process pid in seconds, or -1. */
 static double process_cpu(pid_t pid) {
         char path[64], buf[1024], *p;
@@ -2431,6 +2493,7 @@ static double process_cpu(pid_t pid) {
         return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
+/* utime + stime of the cloud (--cloud-pid) in seconds, or -1. */
 static double cloud_cpu(void) {
         return process_cpu(arg.cloud_pid);
 }
@@ -2496,9 +2559,11 @@ static void print_renewed(const char *word, const Stats *s, const Stats *base, u
 static void print_counts(const char *word, const Stats *s, const char *extra) {
         printf("%s devices=%lu online=%" PRIu64 " ever_online=%" PRIu64 " attempts=%" PRIu64 " tls_failures=%" PRIu64
                " tcp_failures=%" PRIu64 " closed_early=%" PRIu64 " timeouts=%" PRIu64 " dropped=%" PRIu64
-               " calls=%" PRIu64 " reads=%" PRIu64 " describes=%" PRIu64 " resumed=%" PRIu64 "%s\n",
+               " calls=%" PRIu64 " reads=%" PRIu64 " describes=%" PRIu64 " resumed=%" PRIu64 " pem_parsed=%" PRIu64
+               "%s\n",
                word, arg.devices, s->online, s->ever_online, s->attempts, s->tls_failures, s->tcp_failures,
-               s->closed_early, s->timeouts, s->dropped, s->calls, s->reads, s->describes, s->resumed, extra);
+               s->closed_early, s->timeouts, s->dropped, s->calls, s->reads, s->describes, s->resumed, s->pem_parsed,
+               extra);
         fflush(stdout);
 }
 

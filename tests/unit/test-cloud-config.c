@@ -74,6 +74,8 @@ static void test_defaults(void **state) {
         assert_int_equal(c->max_handshakes, 1024);
         assert_int_equal(c->max_queued_bytes, 1024 * 1024);
         assert_int_equal(c->session_shards, 16);
+        /* Unset: cloud_new() chooses from the CPUs. */
+        assert_int_equal(c->handshake_threads, CLOUD_HANDSHAKE_THREADS_AUTO);
         assert_string_equal(c->api_listen, "127.0.0.1");
         assert_int_equal(c->api_port, 8080);
         assert_int_equal(c->max_connections_per_ip, 64);
@@ -96,7 +98,8 @@ static void test_values(void **state) {
 
         assert_int_equal(load("[Cloud]\nListen=::\nPort=0\nMaxPayload=65536\nMaxSubscriptions=0\nPingSec=1\n"
                               "DeviceTimeoutSec=2\nCallTimeoutSec=3600\nHandshakeTimeoutSec=4\nMaxHandshakes=5\n"
-                              "MaxQueuedBytes=1024\nSessionShards=256\n[API]\nListen=::1\nPort=65535\n"
+                              "MaxQueuedBytes=1024\nSessionShards=256\nHandshakeThreads=0\n[API]\nListen=::1\n"
+                              "Port=65535\n"
                               "MaxConnectionsPerIP=7\nMaxConnections=9\nIdleTimeoutSec=11\nHeaderTimeoutSec=12\n"
                               "RateLimitPerAddress=0\nRateLimitPerAddressBurst=1\nRateLimitPerToken=13\n"
                               "RateLimitPerTokenBurst=14\nAuthFailuresPerAddress=15\nAuthFailuresPerAddressBurst=16\n"
@@ -114,6 +117,7 @@ static void test_values(void **state) {
         assert_int_equal(c->max_handshakes, 5);
         assert_int_equal(c->max_queued_bytes, 1024);
         assert_int_equal(c->session_shards, 256);
+        assert_int_equal(c->handshake_threads, 0);
         assert_string_equal(c->api_listen, "::1");
         assert_int_equal(c->api_port, 65535);
         assert_int_equal(c->max_connections_per_ip, 7);
@@ -149,6 +153,7 @@ static void test_bad_values(void **state) {
                 "[API]\nPort=99999999999999999999\n", "[API]\nMaxConnectionsPerIP=x\n",
                 "[Cloud\nPort=1\n",              "[Cloud]\nSessionShards=0\n",
                 "[Cloud]\nSessionShards=257\n", "[API]\nMaxConnections=0\n",
+                "[Cloud]\nHandshakeThreads=65\n", "[Cloud]\nHandshakeThreads=auto\n",
                 "[API]\nIdleTimeoutSec=0\n",     "[API]\nHeaderTimeoutSec=0\n",
                 "[API]\nRateLimitPerTokenBurst=0\n", "[API]\nRateLimitPerAddress=-1\n",
                 "[API]\nCertificate=/api.crt\n",   "[API]\nKey=/api.key\n",
