@@ -562,7 +562,10 @@ def test_call_latency_during_transfer(w):
     """Calls while a tunnel saturates the device's connection: p99 of 200
     sequential calls at most 10 ms (the link cap keeps at most 128 KiB of
     stream data ahead of a call in each direction), in both directions,
-    each while more than 100 MB goes through. The transfer's ends run
+    each while more than 100 MB goes through; on a machine so busy that
+    calls over the idle link already have a p99 above a third of that,
+    at most three times the idle p99 (without the cap, calls wait behind
+    megabytes: hundreds of milliseconds). The transfer's ends run
     niced (see NICE); tether-cloudd and tetherd do not. The calls come
     faster than RateLimitPerAddress= and RateLimitPerToken= (500/s): off here.
     A machine busy with other work can add its own delays to a run: a
@@ -576,8 +579,9 @@ def test_call_latency_during_transfer(w):
     bound = memory_checks(w.cloud.proc.pid)
     call_latencies(w, dev, 20)  # warm up
     idle = call_latencies(w, dev, 200)
+    limit = max(10, 3 * percentile(idle, 99))
     print(f"# calls, idle link: p50 {statistics.median(idle):.2f} ms, p99 {percentile(idle, 99):.2f} ms, "
-          f"max {max(idle):.2f} ms")
+          f"max {max(idle):.2f} ms; bound during transfers: p99 {limit:.2f} ms")
     failures = []
     for mode, server in (("push", sink), ("pull", source)):
         direction = "client -> device" if mode == "push" else "device -> client"
@@ -608,12 +612,13 @@ def test_call_latency_during_transfer(w):
             # whatever the cloud does; such a run is tried again.
             stalled = during <= 1 << 20
             runs.append((p99, stalled))
-            if not stalled and (p99 <= 10 or not bound):
+            if not stalled and (p99 <= limit or not bound):
                 break
         if all(stalled for _, stalled in runs):
             failures.append(f"{direction}: the transfer stalled during the first 200 calls in each of {len(runs)} runs")
-        elif bound and min(p for p, _ in runs) > 10:
-            failures.append(f"{direction}: p99 " + ", ".join(f"{p:.2f}" for p, _ in runs) + " ms, each > 10 ms")
+        elif bound and min(p for p, _ in runs) > limit:
+            failures.append(f"{direction}: p99 " + ", ".join(f"{p:.2f}" for p, _ in runs) +
+                            f" ms, each > {limit:.2f} ms")
     expect(not failures, "; ".join(failures))
 
 
