@@ -27,8 +27,9 @@
 
 struct IntegrationConfig; /* integrations.h */
 
-/* [Cloud] HandshakeThreads= not set: one thread per CPU this process may
- * run on, but one (the event loop's), at most 64 (cloud_new()). */
+/* [Cloud] HandshakeThreads= not set: cloud_new() settles it at one thread
+ * per CPU this process may use (affinity and cgroup quota), less the event
+ * loop's, at most 16 (cloud.c, cloud_default_handshake_threads()). */
 #define CLOUD_HANDSHAKE_THREADS_AUTO UINT_MAX
 
 typedef struct CloudConfig {
